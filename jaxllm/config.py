@@ -1,0 +1,144 @@
+"""Configuration: one frozen dataclass each for the model and the engine, validated in one place.
+
+``ModelConfig`` is what the Flax model needs, read from an HF ``config.json`` (via transformers)
+or from GGUF metadata. ``EngineConfig`` is what a user passes to ``LLM(...)`` / ``jaxllm serve``;
+every argument is checked once in ``__post_init__`` with a message naming the argument and the
+allowed values, and nothing deeper re-validates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {
+    "bfloat16": jnp.bfloat16,
+    "bf16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "fp16": jnp.float16,
+    "half": jnp.float16,
+    "float32": jnp.float32,
+    "fp32": jnp.float32,
+    "float": jnp.float32,
+}
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    """Maps "bfloat16"/"float16"/"float32" (or a jnp dtype, or "auto" -> bfloat16) to a jnp dtype."""
+    if dtype is None or dtype == "auto":
+        return jnp.dtype(jnp.bfloat16)
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ValueError(
+                f"dtype={dtype!r} is not supported; choose one of 'auto', 'bfloat16', 'float16', 'float32'."
+            )
+        return jnp.dtype(DTYPES[dtype.lower()])
+    d = jnp.dtype(dtype)
+    if d not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"dtype={dtype!r} is not supported; choose bfloat16, float16 or float32.")
+    return d
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # HF rope scaling dict ({"rope_type": "llama3", "factor": ..., ...}) or None; stored as a tuple
+    # of items so the config stays hashable.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projection bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3)
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+# Defaults as in vLLM where they make sense on this project's machines.
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything ``LLM(...)`` and ``jaxllm serve`` accept; validated once, here."""
+
+    model: str | None = None  # None: the embedded default model (SmolLM2-135M-Instruct)
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: 8192 (chunked prefill), >= max_model_len without
+    page_size: int = 16
+    num_pages: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    seed: int = 0
+    max_logprobs: int = 20
+    attention_backend: str = "auto"  # "auto" | "reference" | "pallas"
+    # Compiled shape buckets; None derives powers of two up to the limits above.
+    token_buckets: tuple[int, ...] | None = None
+    seq_buckets: tuple[int, ...] | None = None
+    skip_compile_at_start: bool = False  # compile buckets lazily (tests); serving compiles all first
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+
+        resolve_dtype(self.dtype)
+        for name in ("max_num_seqs", "page_size", "tensor_parallel_size", "pipeline_parallel_size",
+                     "data_parallel_size", "max_logprobs"):
+            positive(name)
+        for name in ("max_model_len", "max_num_batched_tokens", "num_pages"):
+            if getattr(self, name) is not None:
+                positive(name)
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two (8, 16, 32, ...), got {self.page_size}.")
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.quantization not in (None, "fp8"):
+            raise ValueError(f"quantization={self.quantization!r} is not supported; choose None or 'fp8'.")
+        if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; choose 'auto' or 'fp8'.")
+        if self.attention_backend not in ("auto", "reference", "pallas"):
+            raise ValueError(
+                f"attention_backend={self.attention_backend!r} is not supported; "
+                "choose 'auto', 'reference' or 'pallas'.")
+        if (self.max_num_batched_tokens is not None and self.max_model_len is not None
+                and not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len):
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
+                f"({self.max_model_len}) with chunked prefill disabled: a long prompt could never be "
+                "scheduled. Raise max_num_batched_tokens or enable chunked prefill.")
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,59 @@
+"""The one attention interface the models call: write new K/V into pages, attend over pages.
+
+KV cache layout (fixed here; the kernels read it): a list with one ``(k_pages, v_pages)`` pair per
+layer, each ``[P, B, K, D]`` (pages, page size, kv heads, head dim) in the cache dtype. Page 0 is
+a scratch page that is never handed to a sequence: padding tokens write there and padding
+page-table entries point there. ``slot = page * B + offset``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+
+SCRATCH_PAGE = 0
+
+KVCache = list[tuple[jax.Array, jax.Array]]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Where the ragged batch's tokens sit. All int32.
+
+    slot_mapping:    [T]    cache slot each new token's K/V is written to (padding -> scratch slot)
+    query_start_loc: [S+1]  token offsets of the sequences (padded sequences: zero tokens)
+    seq_lens:        [S]    context length incl. the new tokens (padded sequences: 0)
+    page_table:      [S, M] page ids per sequence (padding: SCRATCH_PAGE)
+    num_seqs:        [1]    number of real sequences
+    """
+
+    slot_mapping: jax.Array
+    query_start_loc: jax.Array
+    seq_lens: jax.Array
+    page_table: jax.Array
+    num_seqs: jax.Array
+
+
+def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
+             slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scatters new k/v [T, K, D] into the pages at ``slot_mapping`` (in place when donated)."""
+    P, B, K, D = k_pages.shape
+    k_flat = k_pages.reshape(P * B, K, D).at[slot_mapping].set(k.astype(k_pages.dtype))
+    v_flat = v_pages.reshape(P * B, K, D).at[slot_mapping].set(v.astype(v_pages.dtype))
+    return k_flat.reshape(P, B, K, D), v_flat.reshape(P, B, K, D)
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: AttentionMetadata,
+                    *, sm_scale: float, sliding_window: int | None = None,
+                    soft_cap: float | None = None, backend: str = "reference") -> jax.Array:
+    """q: [T, H, D] -> [T, H, D]. ``backend`` picks the implementation; all share one contract."""
+    if backend == "reference":
+        return ragged_paged_attention_reference(
+            q, k_pages, v_pages, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,
+            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    raise ValueError(f"unknown attention backend {backend!r}; available: 'reference'")
