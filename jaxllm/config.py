@@ -61,9 +61,14 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v projection bias (Qwen2)
+    attention_bias: bool = False  # q/k/v projection bias (Qwen2; Llama's attention_bias)
+    o_proj_bias: bool = False  # output projection bias (Llama's attention_bias; not Qwen2)
+    mlp_bias: bool = False  # gate/up/down bias (Llama's mlp_bias)
     qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3)
     sliding_window: int | None = None
+    # Which layers use the sliding window (Qwen2/3 apply it from max_window_layers on);
+    # None: every layer does when sliding_window is set (Mistral).
+    sliding_window_layers: tuple[bool, ...] | None = None
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -71,6 +76,14 @@ class ModelConfig:
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
+
+    def layer_sliding_window(self, layer_idx: int) -> int | None:
+        """The sliding window of layer ``layer_idx`` (None: full attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_window_layers is not None and not self.sliding_window_layers[layer_idx]:
+            return None
+        return self.sliding_window
 
     @property
     def num_queries_per_kv(self) -> int:
