@@ -1,0 +1,59 @@
+"""What generation returns: RequestOutput -> CompletionOutput per sample, as in vLLM's outputs.py.
+
+Log-probs are a list with one entry per generated (or prompt) token; each entry maps token id ->
+Logprob and holds the chosen token plus the top-k most likely ones (rank 1 = most likely).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# One position's log-probs: token id -> Logprob.
+LogprobsDict = dict[int, "Logprob"]
+SampleLogprobs = list[LogprobsDict]
+PromptLogprobs = list[LogprobsDict | None]  # the first prompt token has none
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of a request.
+
+    finish_reason: None while running, else "stop" (EOS, stop token or stop string), "length"
+        (max_tokens / context length) or "abort".
+    stop_reason: the stop string or stop token id that ended it; None for EOS, length or running.
+    cumulative_logprob: sum of the sampled tokens' log-probs (None unless logprobs was asked).
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: SampleLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """All samples of one request, as streamed or at the end (see SamplingParams.output_kind)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    prompt_logprobs: PromptLogprobs | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int | None = None
+    metrics: Any | None = None
+    kv_transfer_params: dict[str, Any] | None = field(default=None, repr=False)

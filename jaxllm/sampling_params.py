@@ -1,0 +1,186 @@
+"""SamplingParams: how one request is sampled and when it stops (vLLM's names, defaults, errors).
+
+Validated once, on construction (``__post_init__``, so ``dataclasses.replace`` re-validates);
+every error names the field and the allowed range. Checks that need the model (vocab size for
+``logit_bias`` ids, the engine's ``max_logprobs``, ``max_model_len``) live in
+``SamplingParams.verify_for_model`` / the engine's request validation.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("jaxllm")
+
+# Below this temperature a row is greedy (argmax), as vLLM's _SAMPLING_EPS.
+SAMPLING_EPS = 1e-5
+# vLLM raises tiny non-zero temperatures to this (dividing logits by ~1e-5 overflows float32).
+MIN_NONZERO_TEMPERATURE = 1e-2
+
+
+class RequestOutputKind(enum.IntEnum):
+    CUMULATIVE = 0  # every output carries everything generated so far
+    DELTA = 1  # every output carries only what is new since the previous one
+    FINAL_ONLY = 2  # one output, when the request finishes
+
+
+@dataclass
+class SamplingParams:
+    """Sampling and stopping parameters of one request (vLLM-compatible).
+
+    temperature 0 (below 1e-5) means greedy; top_k 0 or -1 means off; seed None means the engine
+    picks one (reproducible given the engine's seed). max_tokens None means "up to the model's
+    context length" (the engine fills it in). logprobs=k returns the sampled token's log-prob and
+    the k most likely tokens' (raw model distribution, before temperature/penalties).
+    """
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    truncate_prompt_tokens: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    extra_args: dict[str, Any] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        # Normalize first (as vLLM does), then validate.
+        if self.seed == -1:
+            self.seed = None
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        if self.logprobs is True:
+            self.logprobs = 1
+        if self.prompt_logprobs is True:
+            self.prompt_logprobs = 1
+        if self.logit_bias is not None:
+            try:  # JSON object keys arrive as strings
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"logit_bias must map token ids (int) to biases (float), got {self.logit_bias!r}"
+                ) from e
+        if not isinstance(self.output_kind, RequestOutputKind):
+            self.output_kind = RequestOutputKind(self.output_kind)
+        self._verify_args()
+        if 0.0 < self.temperature < MIN_NONZERO_TEMPERATURE:
+            logger.warning("temperature %s is less than %s, which may cause numerical errors; "
+                           "setting it to %s", self.temperature, MIN_NONZERO_TEMPERATURE,
+                           MIN_NONZERO_TEMPERATURE)
+            self.temperature = max(self.temperature, MIN_NONZERO_TEMPERATURE)
+        if self.temperature < SAMPLING_EPS:
+            # Greedy: the truncation knobs cannot change an argmax; neutralize them as vLLM does.
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+
+    def _verify_args(self) -> None:
+        if not isinstance(self.n, int) or isinstance(self.n, bool):
+            raise ValueError(f"n must be an int, but is of type {type(self.n).__name__}")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}.")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(
+                f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
+            raise ValueError(f"top_k must be an integer, got {type(self.top_k).__name__}")
+        if self.top_k < -1:  # -1 is accepted as "off", like 0
+            raise ValueError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.min_tokens < 0:
+            raise ValueError(
+                f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be less than or equal to "
+                             f"max_tokens={self.max_tokens}, got {self.min_tokens}.")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and v != -1 and v < 0:  # -1: the whole vocabulary, as vLLM
+                raise ValueError(f"{name} must be non-negative (or -1 for all), got {v}.")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise ValueError(f"truncate_prompt_tokens must be >= 1, got "
+                             f"{self.truncate_prompt_tokens}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must contain only integers, got {self.stop_token_ids}.")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}.")
+        if any(not s for s in self.stop):
+            raise ValueError("stop cannot contain an empty string.")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings are only supported when detokenize is True. "
+                             "Set detokenize=True to use stop.")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}.")
+
+    def verify_for_model(self, vocab_size: int, max_logprobs: int | None = None) -> None:
+        """Checks that need the model: logit_bias / stop_token_ids ids in [0, vocab_size),
+        logprobs and prompt_logprobs <= the engine's max_logprobs."""
+        for name, ids in (("logit_bias", self.logit_bias or {}),
+                          ("stop_token_ids", self.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"token_id(s) {bad} in {name} contain out-of-vocab token ids; "
+                                 f"ids must be in [0, {vocab_size}).")
+        if max_logprobs is not None:
+            for name in ("logprobs", "prompt_logprobs"):
+                v = getattr(self, name)
+                if v is not None and (v == -1 and max_logprobs != -1 or v > max_logprobs):
+                    raise ValueError(f"Requested {name} of {v}, which is greater than max allowed: "
+                                     f"{max_logprobs}. Ask for fewer, or start the engine with a "
+                                     "larger max_logprobs.")
+
+    # -- derived --------------------------------------------------------------------------------
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    @property
+    def output_text_buffer_length(self) -> int:
+        """Characters vLLM holds back while streaming so a stop string can still be cut off.
+        (jaxllm holds back less: only a suffix that can start a stop string; see detokenizer.)"""
+        if self.stop and not self.include_stop_str_in_output:
+            return max(len(s) for s in self.stop) - 1
+        return 0
+
+    def clone(self) -> SamplingParams:
+        import copy
+
+        return copy.deepcopy(self)
