@@ -1,0 +1,181 @@
+"""AsyncEngine: the LLMEngine driven by a background step loop, for the server.
+
+The loop runs in its own thread, so a step (which blocks on the device) never blocks the asyncio
+event loop that serves HTTP. Requests and aborts are handed to the thread through a queue and
+applied between steps; each request's outputs come back through an ``asyncio.Queue`` owned by
+the caller's event loop (``call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jaxllm.config import EngineConfig
+from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxllm")
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop failed; the engine accepts no more requests."""
+
+
+class AsyncEngine:
+    """``async for out in engine.generate(prompt, params, request_id)``; ``await engine.abort(id)``.
+
+    Outputs follow ``params.output_kind`` (CUMULATIVE by default, DELTA for streaming deltas,
+    FINAL_ONLY for one output at the end).
+    """
+
+    def __init__(self, config: EngineConfig | None = None, *, engine: LLMEngine | None = None,
+                 **kwargs: Any):
+        self.engine = engine or LLMEngine(config or EngineConfig(**kwargs))
+        self._cv = threading.Condition()
+        self._pending: list[tuple[str, Any, Any]] = []  # ("add", ...) / ("abort", rid)
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._error: BaseException | None = None
+        self.last_step_time = 0.0
+        self._thread = threading.Thread(target=self._loop, name="jaxllm-step-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
+        return cls(config)
+
+    # -- what the server reads ----------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def model_config(self):
+        return self.engine.model_config
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return self.engine.config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._error is None and not self._stopped
+
+    @property
+    def errored(self) -> bool:
+        return self._error is not None
+
+    def get_stats(self) -> dict[str, Any]:
+        """Snapshot for /metrics: queue sizes, KV usage, token and prefix-cache counters."""
+        eng = self.engine
+        sched = eng.scheduler
+        return {"num_running": sched.num_running, "num_waiting": sched.num_waiting,
+                "kv_cache_usage": eng.page_pool.usage, **eng.stats}
+
+    # -- requests -----------------------------------------------------------------------------
+    async def generate(self, prompt: Any, sampling_params: SamplingParams | None,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Streams RequestOutputs for one request. Raises ValueError for a request that can never
+        run (before any output); a cancelled consumer aborts the request."""
+        if self._error is not None:
+            raise EngineDeadError(f"the engine loop has failed: {self._error!r}")
+        if self._stopped:
+            raise EngineDeadError("the engine has been shut down")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._cv:
+            if request_id in self._queues:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._queues[request_id] = (loop, queue)
+            self._pending.append(("add", request_id, (prompt, sampling_params)))
+            self._cv.notify()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._cv:
+                self._queues.pop(request_id, None)
+                if not finished:
+                    self._pending.append(("abort", request_id, None))
+                    self._cv.notify()
+
+    async def abort(self, request_id: str) -> None:
+        with self._cv:
+            self._pending.append(("abort", request_id, None))
+            self._cv.notify()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _deliver(self, request_id: str, item: Any) -> None:
+        entry = self._queues.get(request_id)
+        if entry is not None:
+            loop, queue = entry
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
+
+    def _loop(self) -> None:
+        eng = self.engine
+        try:
+            while True:
+                with self._cv:
+                    while not self._stopped and not self._pending and not eng.has_unfinished_requests():
+                        self._cv.wait()
+                    if self._stopped:
+                        break
+                    pending, self._pending = self._pending, []
+                for kind, rid, payload in pending:
+                    if kind == "add":
+                        prompt, params = payload
+                        try:
+                            eng.add_request(rid, prompt, params)
+                        except Exception as e:  # a bad request: its caller gets the error
+                            with self._cv:
+                                self._deliver(rid, e)
+                    else:
+                        out = eng.abort_request(rid)
+                        if out is not None:
+                            with self._cv:
+                                self._deliver(rid, out)
+                if not eng.has_unfinished_requests():
+                    continue
+                t0 = time.perf_counter()
+                outputs = eng.step()
+                self.last_step_time = time.perf_counter() - t0
+                with self._cv:
+                    for out in outputs:
+                        self._deliver(out.request_id, out)
+        except BaseException as e:  # the engine is broken: fail every waiter, accept nothing more
+            logger.exception("engine step loop failed")
+            self._error = e
+            with self._cv:
+                for rid in list(self._queues):
+                    self._deliver(rid, EngineDeadError(f"the engine loop has failed: {e!r}"))

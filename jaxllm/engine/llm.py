@@ -1,0 +1,121 @@
+"""``LLM``: the offline batch API, named and behaving like vLLM's ``vllm.LLM``."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Any, Sequence as TypingSequence
+
+from jaxllm.config import EngineConfig
+from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+
+PromptType = str | dict | list[int]
+
+
+class LLM:
+    """An engine for offline generation: ``LLM().generate(prompts, SamplingParams(...))``.
+
+    ``model=None`` loads the embedded default model (SmolLM2-135M-Instruct). Every keyword of
+    ``EngineConfig`` is accepted (max_model_len, max_num_seqs, max_num_batched_tokens, page_size,
+    num_pages, gpu_memory_utilization, enable_prefix_caching, tensor_parallel_size, ...).
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptType | TypingSequence[PromptType],
+                 sampling_params: SamplingParams | TypingSequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generates for every prompt; returns RequestOutputs in input order.
+
+        prompts: a str, a list of str, or ``{"prompt_token_ids": [...]}`` items (or a mix).
+        sampling_params: one for all prompts, or one per prompt.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} "
+                                 "prompts: pass one, or one per prompt.")
+        return self._run(prompts, params_list, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | TypingSequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Generates replies to one conversation or a list of them, with the tokenizer's chat
+        template (a conversation is a list of {"role", "content"} dicts)."""
+        if not messages:
+            raise ValueError("messages must not be empty")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        tok = self.get_tokenizer()
+        prompts = []
+        for conv in conversations:
+            ids = tok.apply_chat_template(
+                conv, chat_template=chat_template, tokenize=True,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            prompts.append({"prompt_token_ids": list(ids),
+                            "prompt": tok.decode(ids, skip_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, prompts: list[PromptType], params_list: list[SamplingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                if params.output_kind != RequestOutputKind.FINAL_ONLY:
+                    params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+                rid = str(next(self._counter))
+                engine.add_request(rid, prompt, params)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:  # nothing half-submitted stays in the engine
+                engine.abort_request(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        pbar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True,
+                        postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
+        t0 = time.perf_counter()
+        n_in = n_out = 0
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        if pbar is not None:
+                            n_in += len(out.prompt_token_ids)
+                            n_out += sum(len(c.token_ids) for c in out.outputs)
+                            dt = max(time.perf_counter() - t0, 1e-9)
+                            pbar.postfix = (f"est. speed input: {n_in / dt:.2f} toks/s, "
+                                            f"output: {n_out / dt:.2f} toks/s")
+                            pbar.update(1)
+        except BaseException:
+            for rid in ids:
+                engine.abort_request(rid)
+            raise
+        finally:
+            if pbar is not None:
+                pbar.close()
+        return [results[rid] for rid in ids]

