@@ -1,0 +1,144 @@
+"""HF-named tensors -> a Llama-family NNX model. Shared by the safetensors and GGUF loaders.
+
+A loader produces ``(hf_name, tensor)`` pairs in HF's naming and layout
+(``model.layers.3.self_attn.q_proj.weight`` as ``[out, in]``) and calls
+``load_params_from_tensors``; this module owns the one mapping from those names to the NNX
+params, the transposes, the dtype conversion and the error messages.
+
+Memory: tensors are consumed one at a time; each is converted to the target dtype on the host
+and placed on the device before the next one is read, so at most one tensor's host copies exist
+beside the model's device arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+
+# A tensor, or a zero-argument callable returning it (so unexpected tensors are never read).
+TensorLike = Union[np.ndarray, Callable[[], np.ndarray]]
+PathParts = tuple[Union[str, int], ...]
+
+# Buffers HF checkpoints sometimes carry that are recomputed here from the config.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+# HF Linear weights are [out, in]; nnx.Linear kernels are [in, out].
+_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def hf_name_to_path(name: str) -> tuple[PathParts, bool] | None:
+    """HF tensor name -> (NNX state path, needs transpose); None for names that map nowhere.
+
+    model.embed_tokens.weight                  -> (model, embed_tokens, embedding)
+    model.layers.N.self_attn.q_proj.weight     -> (model, layers, N, self_attn, q_proj, kernel), transposed
+    model.layers.N.self_attn.q_proj.bias       -> (..., q_proj, bias)
+    model.layers.N.input_layernorm.weight      -> (..., input_layernorm, weight)
+    lm_head.weight                             -> (lm_head, kernel), transposed
+    """
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in name.split(".")]
+    if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
+        return None
+    owner = parts[-2]
+    if parts[-1] == "bias":
+        return (tuple(parts), False) if owner in _LINEAR_NAMES else None
+    if owner == "embed_tokens":
+        return tuple(parts[:-1]) + ("embedding",), False
+    if owner in _LINEAR_NAMES:
+        return tuple(parts[:-1]) + ("kernel",), True
+    if isinstance(owner, str) and owner.endswith("norm"):
+        return tuple(parts), False
+    return None
+
+
+def path_to_hf_name(path: PathParts) -> str:
+    """Inverse of ``hf_name_to_path`` (for error messages)."""
+    *head, leaf = path
+    leaf = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
+    return ".".join(str(p) for p in (*head, leaf))
+
+
+def _abstract_model(config: ModelConfig, dtype) -> nnx.Module:
+    from jaxllm.models.registry import get_model_class
+
+    cls = get_model_class(config.architecture)
+    return nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def load_params_from_tensors(
+    model: nnx.Module | None,
+    config: ModelConfig,
+    named_tensors: Iterable[tuple[str, TensorLike]],
+    dtype: Any,
+    *,
+    place: Callable[[str, np.ndarray], jax.Array] | None = None,
+) -> nnx.Module:
+    """Builds the model with its params taken from HF-named tensors.
+
+    Args:
+      model: the model structure, usually abstract (``nnx.eval_shape(lambda: Cls(config, ...))``,
+        which allocates nothing); None builds it from ``config`` via the registry. Its param
+        values are replaced; it is not mutated.
+      config: the model's ModelConfig (for tied embeddings).
+      named_tensors: ``(hf_name, tensor)`` pairs in HF names and layouts (Linear weights
+        ``[out, in]``); ``tensor`` is a numpy array (any float dtype, incl. ml_dtypes bfloat16)
+        or a zero-argument callable returning one, called at most once, before the iterator
+        advances. Rotary ``inv_freq`` buffers are ignored, as is ``lm_head.weight`` when
+        embeddings are tied.
+      dtype: the params' dtype (e.g. jnp.bfloat16).
+      place: ``(hf_name, host_array) -> jax.Array`` puts one converted tensor on the device(s);
+        default ``jax.device_put`` (the hook for sharded placement).
+
+    Returns the concrete model. Raises ValueError naming the tensor for an unexpected name, a
+    shape mismatch (expected vs got, in HF layout) or a duplicate, and listing every missing one.
+    """
+    dtype = jnp.dtype(dtype)
+    if model is None:
+        model = _abstract_model(config, dtype)
+    place = place or (lambda _name, arr: jax.device_put(arr))
+    graphdef, state = nnx.split(model)
+    targets: dict[PathParts, Any] = {tuple(p): v for p, v in nnx.to_flat_state(state)}
+    loaded: dict[PathParts, jax.Array] = {}
+
+    for name, tensor in named_tensors:
+        if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        mapped = hf_name_to_path(name)
+        if mapped is None or mapped[0] not in targets:
+            raise ValueError(
+                f"Unexpected tensor {name!r}: the {config.architecture} model has no such parameter "
+                "(wrong architecture in config.json, or a checkpoint of a different model?).")
+        path, transpose = mapped
+        if path in loaded:
+            raise ValueError(f"Tensor {name!r} appears twice in the checkpoint.")
+        expected = tuple(targets[path].get_value().shape)
+        expected_hf = expected[::-1] if transpose else expected
+        arr = tensor() if callable(tensor) else tensor
+        arr = np.asarray(arr)
+        if tuple(arr.shape) != expected_hf:
+            raise ValueError(
+                f"Shape mismatch for tensor {name!r}: expected {expected_hf}, got {tuple(arr.shape)} "
+                "(does config.json match the weights?).")
+        if transpose:
+            arr = arr.T
+        # One host copy in the target dtype, contiguous, then onto the device; `arr` is dropped
+        # before the next tensor is read.
+        host = np.ascontiguousarray(arr, dtype=dtype)
+        del arr
+        loaded[path] = place(name, host)
+        del host
+
+    missing = [path_to_hf_name(p) for p in targets if p not in loaded]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        raise ValueError(f"Missing tensors in the checkpoint: {shown}.")
+
+    new_state = nnx.from_flat_state(
+        [(p, v.replace(loaded[p])) for p, v in nnx.to_flat_state(state)])
+    return nnx.merge(graphdef, new_state)

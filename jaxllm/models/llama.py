@@ -1,0 +1,239 @@
+"""Llama-family decoder in Flax NNX: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
+
+One class covers the family; the differences are switches on ``ModelConfig``:
+  - GQA (``num_key_value_heads < num_attention_heads``)
+  - rope scaling "default" / "linear" / "llama3" (others raise)
+  - q/k/v projection bias (Qwen2), o_proj and MLP bias (Llama configs that ask for them)
+  - per-head q/k RMSNorm before rope (Qwen3; head_dim may differ from E / H)
+  - sliding window attention (Mistral; Qwen2/3 on the layers their config selects)
+  - tied input/output embeddings (SmolLM2, Llama 3.2 1B/3B, small Qwens)
+
+Dimension keys: T tokens (ragged batch, padded), E hidden size, H query heads, K kv heads,
+D head dim, F intermediate size, V vocab, P pages, B page size, N rows to compute logits for.
+
+Parameter names mirror the HF checkpoint names (``model.layers[i].self_attn.q_proj.kernel`` for
+``model.layers.i.self_attn.q_proj.weight``) so the loaders map one to the other by rule;
+linear kernels are stored ``[in, out]`` (HF's transpose). Creating the model under
+``nnx.eval_shape`` allocates nothing, which is how the loaders build the structure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.attention import AttentionMetadata, KVCache, paged_attention, write_kv
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [D/2] float32, with the config's rope scaling applied (as HF does).
+
+    Computed in float32 numpy exactly like transformers' ``_compute_*_parameters`` so the angles
+    agree with the HF reference to the last bit or two.
+    """
+    D = config.head_dim
+    exponents = np.arange(0, D, 2, dtype=np.int64).astype(np.float32) / np.float32(D)
+    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    scaling = config.rope_scaling_dict or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if rope_type == "llama3":
+        factor = np.float32(scaling["factor"])
+        low_freq_factor = np.float32(scaling["low_freq_factor"])
+        high_freq_factor = np.float32(scaling["high_freq_factor"])
+        old_context_len = np.float32(scaling["original_max_position_embeddings"])
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        # Long wavelengths are interpolated by `factor`, short ones kept, the middle band blended.
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return np.where(is_medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(
+        f"rope_type={rope_type!r} is not supported; supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}.")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x: [T, N, D] (N heads), positions: [T] -> [T, N, D] in x's dtype.
+
+    HF's half-split (rotate_half) convention, not interleaved pairs. Angles and the rotation are
+    float32: cos/sin of large positions lose too much in bf16. Only [T, D/2] angles are built,
+    from the step's positions, so there is no [max_len, D] table to hold.
+    """
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos = jnp.cos(freqs)[:, None, :]
+    sin = jnp.sin(freqs)[:, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    # [x1, x2] * [cos, cos] + [-x2, x1] * [sin, sin]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, HF style: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype=dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+def _linear(in_features: int, out_features: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=dtype,
+                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype, rngs: nnx.Rngs,
+                 attention_backend: str):
+        E, H, K, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        if H % K:
+            raise ValueError(f"num_attention_heads ({H}) must be a multiple of num_key_value_heads ({K}).")
+        self.num_heads, self.num_kv_heads, self.head_dim = H, K, D
+        self.q_proj = _linear(E, H * D, config.attention_bias, dtype, rngs)
+        self.k_proj = _linear(E, K * D, config.attention_bias, dtype, rngs)
+        self.v_proj = _linear(E, K * D, config.attention_bias, dtype, rngs)
+        self.o_proj = _linear(H * D, E, config.o_proj_bias, dtype, rngs)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(D, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(D, config.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.sm_scale = D ** -0.5
+        self.sliding_window = config.layer_sliding_window(layer_idx)
+        self.attention_backend = attention_backend
+
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+                 kv_cache: tuple[jax.Array, jax.Array], md: AttentionMetadata
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x: [T, E] -> [T, E]; kv_cache: (k_pages, v_pages) each [P, B, K, D], returned updated."""
+        T = x.shape[0]
+        q = self.q_proj(x).reshape(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        k_pages, v_pages = write_kv(kv_cache[0], kv_cache[1], k, v, md.slot_mapping)
+        out = paged_attention(q, k_pages, v_pages, md, sm_scale=self.sm_scale,
+                              sliding_window=self.sliding_window, backend=self.attention_backend)
+        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim)), (k_pages, v_pages)
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        if config.hidden_act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; only 'silu' is.")
+        E, F = config.hidden_size, config.intermediate_size
+        self.gate_proj = _linear(E, F, config.mlp_bias, dtype, rngs)
+        self.up_proj = _linear(E, F, config.mlp_bias, dtype, rngs)
+        self.down_proj = _linear(F, E, config.mlp_bias, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [T, E] -> [T, E]."""
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype, rngs: nnx.Rngs, attention_backend: str):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(config, layer_idx, dtype, rngs, attention_backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(config, dtype, rngs)
+
+    def __call__(self, x, positions, inv_freq, kv_cache, md):
+        """x: [T, E] (the residual stream) -> [T, E]."""
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv_cache, md)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv_cache
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs, attention_backend: str):
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
+                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.layers = nnx.List([LlamaDecoderLayer(config, i, dtype, rngs, attention_backend)
+                                for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """The Llama family as one NNX module; see the module docstring for what it covers.
+
+    ``model(token_ids[T], positions[T], kv_caches, md) -> (hidden[T, E], kv_caches)``: one ragged
+    batch (prefill chunks and decode tokens together); each layer writes its new K/V into the
+    paged cache, then attends over the pages. ``compute_logits(hidden[N, E]) -> [N, V]`` float32,
+    called only on the rows that are sampled.
+    """
+
+    def __init__(self, config: ModelConfig, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None,
+                 attention_backend: str = "reference"):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.attention_backend = attention_backend
+        # Validated here so an unsupported rope type fails at construction, not at first trace.
+        # A tuple of floats, not an array: static module data must be hashable and array-free.
+        self.inv_freq = tuple(float(f) for f in rope_inv_freq(config))
+        self.model = LlamaModel(config, self.dtype, rngs, attention_backend)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = _linear(config.hidden_size, config.vocab_size, False, self.dtype, rngs)
+
+    def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: KVCache,
+                 md: AttentionMetadata) -> tuple[jax.Array, KVCache]:
+        """token_ids, positions: [T] int32; kv_caches: per layer (k, v) [P, B, K, D].
+
+        Returns hidden [T, E] after the final norm, and the caches with this step's K/V written.
+        """
+        if len(kv_caches) != len(self.model.layers):
+            raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model {len(self.model.layers)}.")
+        inv_freq = jnp.asarray(self.inv_freq, dtype=jnp.float32)  # [D/2]
+        x = self.model.embed_tokens(token_ids)
+        new_caches = []
+        for layer, kv in zip(self.model.layers, kv_caches):
+            x, kv = layer(x, positions, inv_freq, kv, md)
+            new_caches.append(kv)
+        return self.model.norm(x), new_caches
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden: [N, E] -> logits [N, V] float32 (lm_head, or the tied embedding)."""
+        if self.lm_head is None:
+            w = self.model.embed_tokens.embedding[...]  # [V, E]
+            return jnp.einsum("ne,ve->nv", hidden, w, preferred_element_type=jnp.float32)
+        w = self.lm_head.kernel[...]  # [E, V]
+        return jnp.einsum("ne,ev->nv", hidden, w, preferred_element_type=jnp.float32)
+
+
+def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.bfloat16) -> KVCache:
+    """Zeroed paged KV cache: one (k_pages, v_pages) pair per layer, each [P, B, K, D]."""
+    shape = (num_pages, page_size, config.num_key_value_heads, config.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)]

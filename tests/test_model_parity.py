@@ -1,0 +1,319 @@
+"""Our Llama-family model, loaded from an HF folder, gives HF transformers' logits.
+
+Each case builds a tiny random HF model (torch, float32) with every parameter randomised (norm
+weights and biases too, so a misplaced one shows), saves it as safetensors, loads it with
+``load_hf_folder`` and runs one ragged prefill of several sequences through a shuffled page
+table. Error measure: ``max|ours - hf| / max|hf|`` over every position's logits.
+
+Bounds: float32 < 1e-4 (the only differences are summation order). bfloat16 weights and
+activations vs HF float32: < 2e-2 (bf16 keeps 8 mantissa bits, ~4e-3 per rounding; two layers of
+rounded matmuls land at ~1e-2 on these shapes).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.loading.hf_config import model_config_from_hf
+from jaxllm.loading.safetensors_loader import iter_safetensors, load_hf_folder, safetensors_files
+from jaxllm.loading.weights import load_params_from_tensors
+from jaxllm.models.attention import AttentionMetadata
+from jaxllm.models.llama import LlamaForCausalLM, init_kv_cache
+from jaxllm.models.registry import MODEL_REGISTRY, get_model_class
+
+PAGE_SIZE = 4
+NUM_PAGES = 40
+T_PAD = 48  # token bucket: every step in these tests fits, so each model compiles once or twice
+S_PAD = 4
+M_PAD = 8  # max pages per sequence (32 tokens)
+SEQ_LENS = (5, 17, 11)
+
+F32_BOUND = 1e-4
+BF16_BOUND = 2e-2
+
+_SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rms_norm_eps=1e-5)
+
+# name -> (HF config class, overrides). Together they cover GQA, tied embeddings, rope scaling
+# (llama3, linear), sliding windows (all layers; selected layers), q/k/v bias and q/k norm.
+CASES = {
+    "llama_gqa": (transformers.LlamaConfig, dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "llama3_rope_tied_smollm2": (transformers.LlamaConfig, dict(
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64})),
+    "llama_linear_rope_bias": (transformers.LlamaConfig, dict(
+        attention_bias=True, mlp_bias=True, num_key_value_heads=4,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
+    "mistral_sliding_window": (transformers.MistralConfig, dict(sliding_window=6)),
+    "qwen2_qkv_bias": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
+    "qwen2_sliding_upper_layers": (transformers.Qwen2Config, dict(
+        use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "qwen3_qk_norm": (transformers.Qwen3Config, dict(head_dim=32)),
+}
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random (HF inits norms to 1 and biases to 0, which would hide mix-ups)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+
+
+def _tokens(seed: int, vocab: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=n).astype(np.int32) for n in SEQ_LENS]
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    """(name, folder, per-sequence token ids, per-sequence HF float32 logits [L, V])."""
+    name = request.param
+    cls, overrides = CASES[name]
+    hf_config = cls(**{**_SMALL, **overrides})
+    hf_config.architectures = [cls.__name__.replace("Config", "ForCausalLM")]
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
+    _randomise(hf_model, seed=len(name))
+    folder = tmp_path_factory.mktemp(name)
+    hf_model.save_pretrained(folder, safe_serialization=True)
+    seqs = _tokens(1, hf_config.vocab_size)
+    with torch.no_grad():
+        ref = [hf_model(torch.from_numpy(s[None].astype(np.int64))).logits[0].float().numpy() for s in seqs]
+    return name, folder, seqs, ref
+
+
+# ---------------------------------------------------------------------------------------------
+# Ragged-batch driver: builds AttentionMetadata the way the model runner will.
+
+
+class PagedSequences:
+    """Host-side page bookkeeping for a few sequences; pages handed out in a shuffled order."""
+
+    def __init__(self, num_seqs: int, seed: int = 0):
+        pages = np.random.default_rng(seed).permutation(np.arange(1, NUM_PAGES))  # page 0 = scratch
+        self.page_table = np.zeros((S_PAD, M_PAD), np.int32)
+        self.page_table[:num_seqs] = pages[: num_seqs * M_PAD].reshape(num_seqs, M_PAD)
+        self.lens = [0] * num_seqs
+
+    def step(self, chunks: list[tuple[int, np.ndarray]]):
+        """chunks: (seq index, new token ids). Returns jnp inputs padded to (T_PAD, S_PAD)."""
+        tok = np.zeros(T_PAD, np.int32)
+        pos = np.zeros(T_PAD, np.int32)
+        slot = np.arange(T_PAD, dtype=np.int32) % PAGE_SIZE  # padding -> scratch page 0
+        qsl = np.zeros(S_PAD + 1, np.int32)
+        seq_lens = np.zeros(S_PAD, np.int32)
+        table = np.zeros((S_PAD, M_PAD), np.int32)
+        t = 0
+        for i, (s, ids) in enumerate(chunks):
+            start = self.lens[s]
+            p = np.arange(start, start + len(ids), dtype=np.int32)
+            tok[t:t + len(ids)] = ids
+            pos[t:t + len(ids)] = p
+            slot[t:t + len(ids)] = self.page_table[s, p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE
+            t += len(ids)
+            qsl[i + 1] = t
+            seq_lens[i] = start + len(ids)
+            table[i] = self.page_table[s]
+            self.lens[s] += len(ids)
+        qsl[len(chunks) + 1:] = t
+        md = AttentionMetadata(slot_mapping=jnp.asarray(slot), query_start_loc=jnp.asarray(qsl),
+                               seq_lens=jnp.asarray(seq_lens), page_table=jnp.asarray(table),
+                               num_seqs=jnp.asarray([len(chunks)], jnp.int32))
+        return jnp.asarray(tok), jnp.asarray(pos), md, t
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, token_ids, positions, kv_caches, md):
+    model = nnx.merge(graphdef, state)
+    hidden, kv_caches = model(token_ids, positions, kv_caches, md)
+    return model.compute_logits(hidden), kv_caches
+
+
+def run_steps(model, config: ModelConfig, steps: list[list[tuple[int, np.ndarray]]], num_seqs: int):
+    """Runs ragged steps through one paged cache; returns per-sequence logits [L, V] float32."""
+    graphdef, state = nnx.split(model)
+    kv = init_kv_cache(config, NUM_PAGES, PAGE_SIZE, model.dtype)
+    seqs = PagedSequences(num_seqs)
+    out = [[] for _ in range(num_seqs)]
+    for chunks in steps:
+        tok, pos, md, _ = seqs.step(chunks)
+        logits, kv = _forward(graphdef, state, tok, pos, kv, md)
+        logits = np.asarray(logits)
+        t = 0
+        for s, ids in chunks:
+            out[s].append(logits[t:t + len(ids)])
+            t += len(ids)
+    return [np.concatenate(o) for o in out]
+
+
+def rel_err(ours: list[np.ndarray], ref: list[np.ndarray]) -> float:
+    """max|ours - ref| / max|ref| over every position of every sequence."""
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(ours, ref))
+    return diff / max(float(np.max(np.abs(b))) for b in ref)
+
+
+def one_prefill(seqs):
+    return [[(i, s) for i, s in enumerate(seqs)]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity
+
+
+@pytest.mark.parametrize("dtype,bound", [("float32", F32_BOUND), ("bfloat16", BF16_BOUND)])
+def test_ragged_prefill_logits_match_hf(case, dtype, bound):
+    name, folder, seqs, ref = case
+    config, model = load_hf_folder(folder, dtype)
+    ours = run_steps(model, config, one_prefill(seqs), len(seqs))
+    err = rel_err(ours, ref)
+    print(f"\n{name} {dtype}: max rel err {err:.2e}")
+    assert err < bound, f"{name} {dtype}: max relative error {err:.3e} >= {bound}"
+
+
+def test_chunked_prefill_and_decode_match_one_full_prefill(case):
+    name, folder, seqs, ref = case
+    config, model = load_hf_folder(folder, "float32")
+    full = run_steps(model, config, one_prefill(seqs), len(seqs))
+    # Seq 0 and 1 prefill in chunks, then all three decode token by token in one ragged batch
+    # while seq 2 is still mid-prefill in the first decode steps (mixed prefill + decode).
+    a, b, c = seqs
+    steps = [[(0, a[:3]), (1, b[:6])],
+             [(1, b[6:13]), (0, a[3:4]), (2, c[:2])],
+             [(0, a[4:5]), (1, b[13:14]), (2, c[2:9])]]
+    for i in range(max(len(b) - 14, len(c) - 9)):
+        steps.append([(s, seq[k:k + 1]) for s, seq, k in ((1, b, 14 + i), (2, c, 9 + i)) if k < len(seq)])
+    chunked = run_steps(model, config, steps, len(seqs))
+    assert [len(x) for x in chunked] == list(SEQ_LENS)
+    err = rel_err(chunked, full)
+    assert err < 1e-5, f"{name}: chunked vs full prefill relative error {err:.3e}"
+    assert rel_err(chunked, ref) < F32_BOUND
+
+
+def test_model_structure_builds_abstractly_without_allocating():
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128)
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves(nnx.state(abstract))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    n_params = sum(int(np.prod(x.shape)) for x in leaves)
+    assert 8.0e9 < n_params < 8.1e9  # Llama-3-8B
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    cls, overrides = CASES["llama_gqa"]
+    hf_config = cls(**{**_SMALL, **overrides}, architectures=["LlamaForCausalLM"])
+    model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    folder = tmp_path_factory.mktemp("llama_err")
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _tensors(folder):
+    return [(name, get()) for name, get in iter_safetensors(safetensors_files(folder))]
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        get_model_class("GPT2LMHeadModel")
+    cfg = transformers.LlamaConfig(**_SMALL, architectures=["FalconForCausalLM"])
+    with pytest.raises(ValueError, match="FalconForCausalLM.*Qwen3ForCausalLM"):
+        model_config_from_hf(cfg)
+    assert set(MODEL_REGISTRY) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                   "Qwen3ForCausalLM"}
+
+
+def test_unsupported_rope_type_is_rejected():
+    cfg = transformers.LlamaConfig(**_SMALL, architectures=["LlamaForCausalLM"],
+                                   rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(ValueError, match="rope_type='dynamic'.*llama3"):
+        model_config_from_hf(cfg)
+
+
+def test_missing_tensor_is_named(llama_folder):
+    _, config = load_hf_folder_config(llama_folder)
+    tensors = [(n, t) for n, t in _tensors(llama_folder) if n != "model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"Missing tensors.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_params_from_tensors(None, config, tensors, jnp.float32)
+
+
+def test_shape_mismatch_names_tensor_expected_and_got(llama_folder):
+    _, config = load_hf_folder_config(llama_folder)
+    tensors = [(n, t[:, :32] if n == "model.layers.0.self_attn.k_proj.weight" else t)
+               for n, t in _tensors(llama_folder)]
+    with pytest.raises(ValueError, match=r"k_proj\.weight.*expected \(32, 64\), got \(32, 32\)"):
+        load_params_from_tensors(None, config, tensors, jnp.float32)
+
+
+def test_unexpected_tensor_is_named_and_rotary_buffers_are_ignored(llama_folder):
+    _, config = load_hf_folder_config(llama_folder)
+    tensors = _tensors(llama_folder)
+    extra = [("model.layers.0.self_attn.rotary_emb.inv_freq", np.ones(8, np.float32))]
+    load_params_from_tensors(None, config, tensors + extra, jnp.float32)
+    with pytest.raises(ValueError, match=r"Unexpected tensor 'model\.layers\.0\.mlp\.experts\.weight'"):
+        load_params_from_tensors(None, config, tensors + [("model.layers.0.mlp.experts.weight",
+                                                           np.ones(4, np.float32))], jnp.float32)
+
+
+def test_missing_path_is_named(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(FileNotFoundError, match="no_such_model"):
+        load_hf_folder(missing, "float32")
+
+
+def test_folder_without_config_json_is_rejected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf_folder(tmp_path, "float32")
+
+
+def test_unknown_dtype_is_rejected(llama_folder):
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        load_hf_folder(llama_folder, "int8")
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(llama_folder, tmp_path):
+    from safetensors.numpy import save_file
+
+    tensors = _tensors(llama_folder)
+    half = len(tensors) // 2
+    weight_map = {}
+    for i, part in enumerate((tensors[:half], tensors[half:])):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file(dict(part), str(tmp_path / fname))
+        weight_map.update({n: fname for n, _ in part})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text((llama_folder / "config.json").read_text())
+    _, sharded = load_hf_folder(tmp_path, "float32")
+    _, single = load_hf_folder(llama_folder, "float32")
+    for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(single))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def load_hf_folder_config(folder):
+    from jaxllm.loading.safetensors_loader import load_hf_config
+
+    return load_hf_config(folder)
