@@ -1,0 +1,285 @@
+"""The on-device sampler: one jittable call turns a batch's logits into next tokens.
+
+Dimension keys: S sequences (rows, padded to a bucket), V vocabulary, NB sparse logit-bias
+entries per row, N penalty token ids per row.
+
+Host side (numpy, every step): ``build_sampling_tensors(rows, pad_to=S)`` -> SamplingTensors.
+Device side (pure jnp, jit): ``sample(logits[S, V], tensors, num_logprobs)`` -> SamplerOutput.
+
+Order of operations, as vLLM V1's Sampler:
+  1. logit_bias and bans (bans = -inf bias; the engine bans EOS/stop_token_ids until min_tokens)
+  2. penalties: repetition (prompt + output tokens, vLLM's divide-positive/multiply-negative
+     rule), then frequency (x count in output) and presence (x [count > 0] in output)
+  3. greedy rows (temperature < 1e-5) take the argmax of the result; the others go on:
+  4. temperature, 5. min_p (on the tempered probabilities), 6. top_k, 7. top_p,
+  8. one draw with the Gumbel-max trick from the row's own key (exact, like vLLM's
+     exponential race: argmax(log p + Gumbel) ~ Categorical(p)).
+
+Log-probs are of the *raw* model distribution (log_softmax of the logits before any of the
+above), vLLM V1's default ``logprobs_mode="raw_logprobs"``. rank = #tokens whose log-prob is
+>= the sampled token's (vLLM's batched_count_greater_than), so the argmax has rank 1.
+
+Reproducibility: a row's key is ``fold_in(key(seed), step)`` with step = number of tokens the
+sequence has generated so far, and its noise is drawn over [V] from that key alone, so a seeded
+sequence gets the same tokens whatever else is in the batch, wherever its row is, and after a
+recompute preemption.
+
+Cost: top_k/top_p need one descending sort of [S, V] (for V = 128k, O(S V log V)); it runs under
+a ``lax.cond`` taken only when some row in the batch uses top_k or top_p, so batches without
+them do no sort and nothing recompiles. Penalties scatter into dense [S, V] counts only when the
+penalty arrays are non-empty (N > 0): N is a static shape, so the engine's N bucket is 0 unless
+some row in the batch uses a penalty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.sampling_params import SAMPLING_EPS, SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingTensors:
+    """Per-row sampling inputs of one step. Padding rows (beyond the real batch) are greedy with
+    every knob neutral; their outputs are ignored.
+
+    temperature:       [S] f32   0 = greedy (rows below 1e-5 are greedy)
+    top_p:             [S] f32   1 = off
+    top_k:             [S] i32   0 = off (>= V also means off)
+    min_p:             [S] f32   0 = off
+    repetition_penalty:[S] f32   1 = off
+    presence_penalty:  [S] f32   0 = off
+    frequency_penalty: [S] f32   0 = off
+    seeds:             [S, 2] u32  raw threefry key of the row's seed: (seed >> 32, seed & 0xffffffff)
+                                   (= jax.random.PRNGKey(seed) for 64-bit seeds)
+    steps:             [S] i32   tokens generated so far; key = fold_in(key(seed), step)
+    bias_ids:          [S, NB] i32  token ids to bias (padding entries: id 0 with value 0.0)
+    bias_values:       [S, NB] f32  added to the logit; -inf bans the token
+    penalty_ids:       [S, N] i32  prompt + output token ids of rows with penalties (-1: padding)
+    penalty_is_output: [S, N] bool True where the id is a generated (output) token
+    """
+
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    seeds: jax.Array
+    steps: jax.Array
+    bias_ids: jax.Array
+    bias_values: jax.Array
+    penalty_ids: jax.Array
+    penalty_is_output: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    """token_ids [S] i32; logprobs [S] f32 (raw log-prob of the sampled token); ranks [S] i32;
+    topk_ids [S, k] i32 and topk_logprobs [S, k] f32 (k = num_logprobs, most likely first)."""
+
+    token_ids: jax.Array
+    logprobs: jax.Array
+    ranks: jax.Array
+    topk_ids: jax.Array
+    topk_logprobs: jax.Array
+
+
+class SamplingRow(NamedTuple):
+    """What the engine knows about one row, host side (a plain tuple works too)."""
+
+    params: SamplingParams
+    seed: int  # the user's seed or one the engine derived for this sequence
+    step: int  # number of tokens this sequence has generated so far
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    banned_token_ids: Sequence[int] = ()  # e.g. EOS + stop_token_ids while below min_tokens
+
+
+def bucket_size(n: int, minimum: int) -> int:
+    """0 for 0, else the next power of two >= max(n, minimum): few distinct static shapes."""
+    if n <= 0:
+        return 0
+    return max(minimum, 1 << (n - 1).bit_length())
+
+
+def build_sampling_tensors(rows: Sequence[SamplingRow | tuple], pad_to: int, *,
+                           bias_len: int | None = None,
+                           penalty_len: int | None = None) -> SamplingTensors:
+    """Builds the step's SamplingTensors (numpy) for ``rows`` padded to ``pad_to`` rows.
+
+    bias_len / penalty_len: the NB / N widths; by default bucketed (0 when no row needs them, else
+    a power of two >= 8 / >= 64) so the jitted step sees few shapes. Pass a fixed width to pin it.
+    """
+    S = pad_to
+    n = len(rows)
+    if n > S:
+        raise ValueError(f"{n} sampling rows do not fit pad_to={S}")
+    params = [r[0] for r in rows]
+
+    temperature = np.zeros(S, np.float32)
+    top_p = np.ones(S, np.float32)
+    top_k = np.zeros(S, np.int32)
+    min_p = np.zeros(S, np.float32)
+    rep = np.ones(S, np.float32)
+    pres = np.zeros(S, np.float32)
+    freq = np.zeros(S, np.float32)
+    seeds = np.zeros((S, 2), np.uint32)
+    steps = np.zeros(S, np.int32)
+    if n:
+        temperature[:n] = [p.temperature for p in params]
+        top_p[:n] = [p.top_p for p in params]
+        top_k[:n] = [max(p.top_k, 0) for p in params]
+        min_p[:n] = [p.min_p for p in params]
+        rep[:n] = [p.repetition_penalty for p in params]
+        pres[:n] = [p.presence_penalty for p in params]
+        freq[:n] = [p.frequency_penalty for p in params]
+        s64 = np.array([r[1] % (1 << 64) for r in rows], dtype=np.uint64)
+        seeds[:n, 0] = (s64 >> np.uint64(32)).astype(np.uint32)
+        seeds[:n, 1] = (s64 & np.uint64(_MASK32)).astype(np.uint32)
+        steps[:n] = [r[2] for r in rows]
+
+    # Sparse logit bias + bans.
+    bias_rows = []
+    for i, r in enumerate(rows):
+        lb = r[0].logit_bias
+        banned = r[5] if len(r) > 5 else ()
+        if lb or banned:
+            ids = list(lb.keys()) if lb else []
+            vals = list(lb.values()) if lb else []
+            ids.extend(banned)
+            vals.extend([-np.inf] * len(banned))
+            bias_rows.append((i, ids, vals))
+    need_nb = max((len(ids) for _, ids, _ in bias_rows), default=0)
+    NB = bucket_size(need_nb, 8) if bias_len is None else bias_len
+    if need_nb > NB:
+        raise ValueError(f"bias_len={NB} is smaller than the {need_nb} bias entries of a row")
+    bias_ids = np.zeros((S, NB), np.int32)
+    bias_values = np.zeros((S, NB), np.float32)
+    for i, ids, vals in bias_rows:
+        bias_ids[i, :len(ids)] = ids
+        bias_values[i, :len(vals)] = vals
+
+    # Penalty token lists, only for rows that use a penalty.
+    pen_rows = [i for i, p in enumerate(params) if p.uses_penalties]
+    need_n = max((len(rows[i][3]) + len(rows[i][4]) for i in pen_rows), default=0)
+    N = bucket_size(need_n, 64) if penalty_len is None else penalty_len
+    if need_n > N:
+        raise ValueError(f"penalty_len={N} is smaller than a row's {need_n} prompt+output tokens")
+    penalty_ids = np.full((S, N), -1, np.int32)
+    penalty_is_output = np.zeros((S, N), bool)
+    for i in pen_rows:
+        prompt, out = rows[i][3], rows[i][4]
+        lp, lo = len(prompt), len(out)
+        penalty_ids[i, :lp] = prompt
+        penalty_ids[i, lp:lp + lo] = out
+        penalty_is_output[i, lp:lp + lo] = True
+
+    return SamplingTensors(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
+        seeds=seeds, steps=steps, bias_ids=bias_ids, bias_values=bias_values,
+        penalty_ids=penalty_ids, penalty_is_output=penalty_is_output)
+
+
+# -- device side ------------------------------------------------------------------------------
+
+def apply_bias(x: jax.Array, t: SamplingTensors) -> jax.Array:
+    """x[S, V] + sparse bias (duplicates add; -inf bans). Padding entries add 0 to id 0."""
+    if t.bias_ids.shape[1] == 0:
+        return x
+    rows = jnp.arange(x.shape[0])[:, None]
+    return x.at[rows, t.bias_ids].add(t.bias_values, mode="drop")
+
+
+def apply_penalties(x: jax.Array, t: SamplingTensors) -> jax.Array:
+    """vLLM's apply_penalties: repetition over prompt+output, frequency/presence over output."""
+    if t.penalty_ids.shape[1] == 0:
+        return x
+    S, V = x.shape
+    rows = jnp.arange(S)[:, None]
+    ids = jnp.where(t.penalty_ids < 0, V, t.penalty_ids)  # V is out of range: dropped
+    counts = jnp.zeros((S, V), jnp.float32).at[rows, ids].add(
+        t.penalty_is_output.astype(jnp.float32), mode="drop")
+    seen = jnp.zeros((S, V), jnp.bool_).at[rows, ids].set(True, mode="drop")
+    rp = jnp.where(seen, t.repetition_penalty[:, None], 1.0)
+    x = jnp.where(x > 0, x / rp, x * rp)
+    x = x - t.frequency_penalty[:, None] * counts
+    x = x - t.presence_penalty[:, None] * (counts > 0).astype(jnp.float32)
+    return x
+
+
+def apply_min_p(x: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Drops tokens whose probability is below min_p * (the most likely token's probability)."""
+    probs = jax.nn.softmax(x, axis=-1)
+    thresh = min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(probs < thresh, -jnp.inf, x)
+
+
+def apply_top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keeps, per row, the top_k largest logits (ties with the k-th kept, as vLLM), then the
+    smallest prefix of the rest (by descending probability) whose mass reaches top_p: a token is
+    kept when the mass strictly before it is < top_p (vLLM's ``cumsum_ascending > 1 - p``).
+    Works by thresholds on one descending sort, so nothing is scattered back."""
+    S, V = x.shape
+    srt = -jnp.sort(-x, axis=-1)  # [S, V] descending
+    k = jnp.where((top_k <= 0) | (top_k > V), V, top_k)
+    kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)  # [S, 1]
+    srt = jnp.where(srt < kth, -jnp.inf, srt)
+    ps = jax.nn.softmax(srt, axis=-1)
+    before = jnp.cumsum(ps, axis=-1) - ps
+    keep = (before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    n_keep = jnp.sum(keep, axis=-1)
+    pth = jnp.take_along_axis(srt, (n_keep - 1)[:, None], axis=-1)
+    thresh = jnp.maximum(kth, pth)
+    return jnp.where(x < thresh, -jnp.inf, x)
+
+
+def row_keys(t: SamplingTensors) -> jax.Array:
+    """[S] PRNG keys: fold_in(key(seed), step), independent of the row's position."""
+    def one(kd, step):
+        return jax.random.fold_in(jax.random.wrap_key_data(kd, impl="threefry2x32"), step)
+
+    return jax.vmap(one)(t.seeds, t.steps)
+
+
+def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0) -> SamplerOutput:
+    """Samples one token per row of logits [S, V] (f32). num_logprobs (static): top-k width."""
+    logits = logits.astype(jnp.float32)
+    S, V = logits.shape
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+
+    x = apply_bias(logits, t)
+    x = apply_penalties(x, t)
+    greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    is_greedy = t.temperature < SAMPLING_EPS
+
+    x = x / jnp.where(is_greedy, 1.0, t.temperature)[:, None]
+    x = apply_min_p(x, t.min_p)
+    needs_sort = jnp.any(((t.top_k > 0) & (t.top_k < V)) | (t.top_p < 1.0))
+    x = jax.lax.cond(needs_sort, lambda y: apply_top_k_top_p(y, t.top_k, t.top_p),
+                     lambda y: y, x)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(row_keys(t))
+    random_ids = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
+    token_ids = jnp.where(is_greedy, greedy_ids, random_ids)
+
+    lp = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)  # [S, 1]
+    ranks = jnp.sum(raw_logprobs >= lp, axis=-1).astype(jnp.int32)
+    if num_logprobs > 0:
+        topk_lp, topk_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
+        topk_ids = topk_ids.astype(jnp.int32)
+    else:
+        topk_lp = jnp.zeros((S, 0), jnp.float32)
+        topk_ids = jnp.zeros((S, 0), jnp.int32)
+    return SamplerOutput(token_ids=token_ids, logprobs=lp[:, 0], ranks=ranks,
+                         topk_ids=topk_ids, topk_logprobs=topk_lp)
