@@ -58,8 +58,11 @@ def ragged_paged_attention_reference(
 
     k_ctx = k_pages[page_table].reshape(S, L, K, D)[seq_id]  # [T, L, K, D]
     v_ctx = v_pages[page_table].reshape(S, L, K, D)[seq_id]
-    qg = q.reshape(T, K, G, D).astype(jnp.float32)
-    scores = jnp.einsum("tkgd,tlkd->tkgl", qg, k_ctx.astype(jnp.float32)) * sm_scale
+    qg = q.reshape(T, K, G, D).astype(k_ctx.dtype)
+    # Inputs stay in the cache dtype with float32 accumulation: upcasting the gathered [T, L, K, D]
+    # context would double the largest buffer of the step.
+    scores = jnp.einsum("tkgd,tlkd->tkgl", qg, k_ctx,
+                        preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
     k_pos = jnp.arange(L, dtype=jnp.int32)
@@ -73,5 +76,6 @@ def ragged_paged_attention_reference(
     p = jnp.exp(scores - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0.0, 1.0, denom)
-    out = jnp.einsum("tkgl,tlkd->tkgd", p, v_ctx.astype(jnp.float32))
+    out = jnp.einsum("tkgl,tlkd->tkgd", p.astype(v_ctx.dtype), v_ctx,
+                     preferred_element_type=jnp.float32)
     return out.reshape(T, H, D).astype(q.dtype)

@@ -165,7 +165,7 @@ class ModelRunner:
         off = 0
         for i, s in enumerate(scheduled):
             n, start = s.num_new_tokens, s.start_pos
-            token_ids[off:off + n] = s.seq.token_slice(start, start + n)
+            token_ids[off:off + n] = s.seq.all_token_ids[start:start + n]
             positions[off:off + n] = np.arange(start, start + n, dtype=np.int32)
             seq_of_token[off:off + n] = i
             pages = s.seq.page_ids
