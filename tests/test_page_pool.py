@@ -79,7 +79,7 @@ def test_allocate_calls_the_evict_hook_but_acquire_keeps_a_free_page_valid():
     pool.check_invariants()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(num_pages=st.integers(2, 12), data=st.data())
 def test_random_allocate_incref_acquire_free_never_double_hands_out_a_page(num_pages, data):
     pool = PagePool(num_pages)

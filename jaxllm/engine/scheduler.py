@@ -1,0 +1,302 @@
+"""Continuous-batching scheduler: which sequences run this step, and how many tokens each.
+
+vLLM V1-like: there is no separate prefill and decode phase. Every step is one ragged batch of
+at most `max_num_batched_tokens` tokens from at most `max_num_seqs` sequences, in which a
+sequence contributes either its one decode token or a chunk of its prompt (chunked prefill).
+
+Order within a step:
+1. running sequences with exactly one token to compute (decodes), in admission order;
+2. running sequences still prefilling (continuing chunks), in admission order;
+3. waiting sequences, FCFS, while token budget, sequence slots and free pages allow; admission
+   never preempts, and nothing is admitted in a step that preempted (the pool is under pressure).
+Doing decodes first means a long prompt never starves decodes of the token budget.
+
+Pages: before a sequence is given `num_new` tokens it owns ceil((computed + num_new) / B) pages
+(B = page size). When the pool runs dry for a running sequence the scheduler preempts by
+recompute: the newest running sequence not yet scheduled this step (possibly the one asking)
+loses all its pages, goes back to `num_computed_tokens = 0` with its output tokens kept, and is
+put at the front of the waiting queue. A continuing prefill chunk is first shortened to the pages
+it can get, so a chunk never evicts another sequence when it can make progress without it.
+
+Length: no K/V is ever computed at a position >= max_model_len, and no token is sampled for a
+sequence that is already max_model_len long. Stop conditions (max_tokens, stop tokens, length)
+are the engine's: it calls `finish`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from jaxllm.engine.sequence import Sequence, SequenceStatus
+from jaxllm.kv_cache.page_pool import PagePool
+
+_RUNNING = SequenceStatus.RUNNING
+_WAITING = SequenceStatus.WAITING
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSeq:
+    """One sequence's share of a step.
+
+    The step computes K/V for tokens `seq.all_token_ids[start_pos : start_pos + num_new_tokens]`
+    at positions start_pos.. (its pages are already allocated). When `needs_sample`, the chunk
+    reaches the end of the known tokens and the logits of its last token are sampled.
+    """
+
+    seq: Sequence
+    num_new_tokens: int
+    start_pos: int  # seq.num_computed_tokens before the step
+    needs_sample: bool  # start_pos + num_new_tokens == seq.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The scheduler -> runner contract of one step.
+
+    scheduled: decodes first, then prefill chunks, then newly admitted sequences (S entries).
+    num_batched_tokens: sum of num_new_tokens (T before padding), <= max_num_batched_tokens.
+    preempted: sequences preempted by this step (now WAITING, pages freed, not in `scheduled`).
+    """
+
+    scheduled: list[ScheduledSeq]
+    num_batched_tokens: int
+    preempted: list[Sequence]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 page_size: int, page_pool: PagePool, enable_chunked_prefill: bool = True):
+        for name, value in (("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_model_len", max_model_len), ("page_size", page_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.page_size = page_size
+        self.page_pool = page_pool
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last one is the newest
+        self._requests: dict[str, list[Sequence]] = {}  # request_id -> its unfinished sequences
+        self.num_preemptions = 0  # total, for metrics
+
+    # ------------------------------------------------------------------ queue state
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ admission checks
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        """Could a sequence of `num_tokens` (prompt + max_tokens) run alone: max_model_len and pool."""
+        return (num_tokens <= self.max_model_len
+                and _cdiv(num_tokens, self.page_size) <= self.page_pool.num_usable_pages)
+
+    def fit_error(self, num_prompt_tokens: int, max_tokens: int | None) -> str | None:
+        """Why a request could never be served (a message naming what to change), or None."""
+        if num_prompt_tokens > self.max_model_len or (
+                max_tokens is not None and num_prompt_tokens + max_tokens > self.max_model_len):
+            return (f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                    f"you requested {num_prompt_tokens + (max_tokens or 0)} tokens "
+                    f"({num_prompt_tokens} in the prompt, {max_tokens or 0} for the completion). "
+                    "Reduce the prompt or max_tokens, or raise max_model_len.")
+        total = num_prompt_tokens + (max_tokens or 0)
+        if not self.can_ever_fit(total):
+            return (f"The request needs {_cdiv(total, self.page_size)} KV-cache pages of "
+                    f"{self.page_size} tokens ({total} tokens) but the cache has only "
+                    f"{self.page_pool.num_usable_pages}. Reduce the prompt or max_tokens, or raise "
+                    "num_pages / gpu_memory_utilization.")
+        if not self.enable_chunked_prefill and num_prompt_tokens > self.max_num_batched_tokens:
+            return (f"The prompt has {num_prompt_tokens} tokens but max_num_batched_tokens is "
+                    f"{self.max_num_batched_tokens} with chunked prefill disabled. Enable chunked "
+                    "prefill or raise max_num_batched_tokens.")
+        return None
+
+    # ------------------------------------------------------------------ public operations
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence (FCFS)."""
+        if seq.status is not _WAITING:
+            raise ValueError(f"sequence {seq.seq_id} is {seq.status.name}, expected WAITING")
+        if seq.num_tokens > self.max_model_len:
+            raise ValueError(
+                f"sequence {seq.seq_id} has {seq.num_tokens} tokens, more than max_model_len "
+                f"({self.max_model_len}); reject it at submission (see Scheduler.fit_error)")
+        self.waiting.append(seq)
+        self._requests.setdefault(seq.request_id, []).append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chunked = self.enable_chunked_prefill
+        pool = self.page_pool
+        scheduled: list[ScheduledSeq] = []
+        scheduled_seqs: set[Sequence] = set()  # protected from preemption this step
+        preempted: list[Sequence] = []
+
+        # 1+2. Running: decodes first so a long prompt never takes their budget, then chunks.
+        decodes, prefills = [], []
+        for seq in self.running:
+            (decodes if self._token_limit(seq) - seq.num_computed_tokens == 1
+             else prefills).append(seq)
+        for seq in decodes + prefills:
+            if budget == 0:
+                break
+            if seq.status is not _RUNNING:  # preempted earlier in this step
+                continue
+            remaining = self._token_limit(seq) - seq.num_computed_tokens
+            if remaining <= 0:  # at max_model_len, or awaiting its sampled token
+                continue
+            num_new = min(remaining, budget)
+            if num_new < remaining and not chunked:
+                continue
+            num_new = self._reserve_pages(seq, num_new, scheduled_seqs, preempted,
+                                          can_shorten=chunked and remaining > 1)
+            if num_new == 0:  # it was preempted itself
+                continue
+            scheduled.append(self._scheduled(seq, num_new))
+            scheduled_seqs.add(seq)
+            budget -= num_new
+
+        # 3. Admission, FCFS. Never preempts; skipped when this step had to preempt.
+        waiting, running = self.waiting, self.running
+        while (not preempted and waiting and budget > 0
+               and len(running) < self.max_num_seqs):
+            seq = waiting[0]
+            remaining = self._token_limit(seq) - seq.num_computed_tokens
+            num_new = min(remaining, budget)
+            if num_new < remaining and not chunked:
+                break  # the whole prompt must fit one step; it waits (head of line)
+            need = _cdiv(seq.num_computed_tokens + num_new, self.page_size) - len(seq.page_ids)
+            if need > pool.num_free_pages:
+                break
+            waiting.popleft()
+            seq.status = _RUNNING
+            running.append(seq)
+            if need > 0:
+                seq.page_ids.extend(pool.allocate(need))
+            if num_new > 0:
+                scheduled.append(self._scheduled(seq, num_new))
+                budget -= num_new
+
+        return SchedulerOutput(scheduled=scheduled,
+                               num_batched_tokens=self.max_num_batched_tokens - budget,
+                               preempted=preempted)
+
+    def update(self, out: SchedulerOutput, sampled: list[int | None]) -> None:
+        """Record a finished step: `sampled[i]` is the token of `out.scheduled[i]` (or None).
+
+        Sequences finished or aborted since `schedule` are skipped. A `needs_sample` entry given
+        None advances its computed tokens but appends nothing; it is not scheduled again until
+        a token is appended (`seq.append_token`).
+        """
+        if len(sampled) != len(out.scheduled):
+            raise ValueError(f"update got {len(sampled)} sampled tokens for "
+                             f"{len(out.scheduled)} scheduled sequences")
+        for s, token in zip(out.scheduled, sampled):
+            seq = s.seq
+            if seq.status is not _RUNNING:
+                continue
+            seq.num_computed_tokens = s.start_pos + s.num_new_tokens
+            if s.needs_sample and token is not None:
+                seq.append_token(token)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Mark `seq` finished with `status`, free its pages, drop it from the queues.
+
+        A no-op for a sequence that is already finished (e.g. aborted while its step ran).
+        """
+        if not status.is_finished:
+            raise ValueError(f"finish needs a FINISHED_* status, got {status.name}")
+        if seq.status.is_finished:
+            return
+        if seq.status is _RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._release_pages(seq)
+        seq.status = status
+        siblings = self._requests.get(seq.request_id)
+        if siblings is not None:
+            siblings.remove(seq)
+            if not siblings:
+                del self._requests[seq.request_id]
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finish every unfinished sequence of `request_id` as FINISHED_ABORTED; returns them."""
+        seqs = list(self._requests.get(request_id, ()))
+        for seq in seqs:
+            self.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        return seqs
+
+    # ------------------------------------------------------------------ internals
+    def _token_limit(self, seq: Sequence) -> int:
+        """How many of seq's tokens may have K/V computed.
+
+        All known tokens, except when the sequence is already max_model_len long: computing its
+        last token would sample token max_model_len + 1, so that one is left out.
+        """
+        n = seq.num_tokens
+        return n if n < self.max_model_len else self.max_model_len - 1
+
+    def _scheduled(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        return ScheduledSeq(seq, num_new, start, start + num_new == seq.num_tokens)
+
+    def _reserve_pages(self, seq: Sequence, num_new: int, protected: set[Sequence],
+                       preempted: list[Sequence], can_shorten: bool) -> int:
+        """Give running `seq` the pages for `num_new` more tokens; returns the tokens it got.
+
+        Shortens a prefill chunk to the pages available when that is > 0 tokens, else preempts
+        the newest running sequence not in `protected` until it fits. Returns 0 if `seq` itself
+        was preempted.
+        """
+        pool, page_size = self.page_pool, self.page_size
+        while True:
+            need = _cdiv(seq.num_computed_tokens + num_new, page_size) - len(seq.page_ids)
+            if need <= pool.num_free_pages:
+                break
+            if can_shorten:
+                fit = (len(seq.page_ids) + pool.num_free_pages) * page_size - seq.num_computed_tokens
+                if fit > 0:
+                    num_new = fit
+                    continue
+            victim = next(s for s in reversed(self.running) if s not in protected)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return 0
+        if need > 0:
+            seq.page_ids.extend(pool.allocate(need))
+        return num_new
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Preempt by recompute: free all pages, forget computed K/V, requeue at the front."""
+        self.running.remove(seq)
+        self._release_pages(seq)
+        seq.num_computed_tokens = 0
+        seq.num_cached_tokens = 0
+        seq.status = _WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release_pages(self, seq: Sequence) -> None:
+        # Tail first: with prefix caching the tail is the least shared, so it is evicted first.
+        self.page_pool.free(reversed(seq.page_ids))
+        seq.page_ids = []

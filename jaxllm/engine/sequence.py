@@ -1,0 +1,98 @@
+"""One generation stream: its tokens, its status and the KV pages it owns.
+
+A request with `n > 1` becomes n sequences that share `request_id` and differ in `index`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED_STOPPED = enum.auto()   # stop token / stop string
+    FINISHED_LENGTH = enum.auto()    # max_tokens or max_model_len reached
+    FINISHED_ABORTED = enum.auto()   # cancelled by the client
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+    @staticmethod
+    def finish_reason(status: SequenceStatus) -> str | None:
+        """OpenAI's finish_reason for a finished status ('stop', 'length', 'abort'), else None."""
+        return _FINISH_REASON.get(status)
+
+
+_FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+                       SequenceStatus.FINISHED_ABORTED})
+_FINISH_REASON = {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISHED_LENGTH: "length",
+                  SequenceStatus.FINISHED_ABORTED: "abort"}
+
+
+@dataclass(eq=False)  # identity semantics: sequences are hashable and `list.remove` is by identity
+class Sequence:
+    """Mutable per-sequence state shared by the scheduler, the runner and the engine.
+
+    Append generated tokens with `append_token` (not `output_token_ids.append`): it keeps the
+    prompt+output list `all_token_ids` up to date without rebuilding it every step.
+
+    num_computed_tokens: tokens at the front of `all_token_ids` whose K/V is in the cache (pages
+        `page_ids`); the next step computes from position num_computed_tokens on.
+    num_cached_tokens: of the computed tokens, how many came from the prefix cache at admission.
+    """
+
+    seq_id: int
+    request_id: str
+    index: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: Any  # opaque here; has .max_tokens (int or None)
+    arrival_time: float
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    page_ids: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+    _all_token_ids: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = list(self.prompt_token_ids)
+        self.output_token_ids = list(self.output_token_ids)
+        self._all_token_ids = self.prompt_token_ids + self.output_token_ids
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt + output tokens. The live list (no copy): do not mutate it."""
+        return self._all_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def last_token_id(self) -> int:
+        return self._all_token_ids[-1]
+
+    @property
+    def max_tokens(self) -> int | None:
+        return getattr(self.sampling_params, "max_tokens", None)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
