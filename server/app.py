@@ -1,0 +1,798 @@
+"""The OpenAI-compatible aiohttp application: routes, auth, limits, errors, SSE streaming.
+
+One ``OpenAIServer`` per app wraps an ``AsyncEngine`` (which steps the model in its own thread, so
+the event loop never waits on the device). Every generation request asks the engine for DELTA
+outputs, one per step, even when the client wants a single JSON answer: the server then sees each
+step, so it can time the first token, notice a client that went away within a step, and abort.
+
+Errors are always ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape); bad input
+is a 4xx, never a 500, and no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from jaxllm import RequestOutput, SamplingParams
+from jaxllm.sampling_params import RequestOutputKind
+from server import protocol as P
+from server.metrics import CONTENT_TYPE, ServerMetrics
+
+logger = logging.getLogger("jaxllm.server")
+
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_CONCURRENT_REQUESTS = 1024
+# Clients cannot encode -inf in JSON; OpenAI and vLLM clamp log-probs to this.
+MIN_LOGPROB = -9999.0
+# chat_template_kwargs must not override how the server itself calls the template.
+_RESERVED_TEMPLATE_KWARGS = {"conversation", "chat_template", "tokenize", "return_dict",
+                             "return_tensors", "padding", "truncation", "max_length",
+                             "add_generation_prompt", "continue_final_message", "tools",
+                             "documents", "tokenizer_kwargs", "return_assistant_tokens_mask"}
+
+
+# -- errors ---------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error the client caused or must handle; rendered in OpenAI's shape."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             405: "invalid_request_error", 413: "invalid_request_error",
+             429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or self.TYPES.get(status, "invalid_request_error")
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    errs = e.errors(include_url=False)
+    parts = []
+    for err in errs[:3]:
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown field '{loc}' (not supported by this server)")
+        elif err["type"] == "missing":
+            parts.append(f"missing required field '{loc}'")
+        else:
+            parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    if len(errs) > 3:
+        parts.append(f"(+{len(errs) - 3} more)")
+    param = str(errs[0]["loc"][0]) if errs and errs[0]["loc"] else None
+    return APIError(400, "Invalid request: " + "; ".join(parts), param=param)
+
+
+def _param_in(message: str, names) -> str | None:
+    """The request field an error message is about (SamplingParams names the field first)."""
+    m = re.match(r"\s*(\w+)", message)
+    if m and m.group(1) in names:
+        return m.group(1)
+    for name in names:
+        if re.search(rf"\b{name}\b", message):
+            return name
+    return None
+
+
+def _gone(request: web.Request) -> bool:
+    t = request.transport
+    return t is None or t.is_closing()
+
+
+# -- per-choice accumulation ----------------------------------------------------------------------
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    finish_sent: bool = False
+    started: bool = False  # streaming: the first chunk (role / echo) went out
+    t_first: float | None = None
+    t_last: float | None = None
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    text: str | None
+
+
+# -- the server -----------------------------------------------------------------------------------
+class OpenAIServer:
+    def __init__(self, engine: Any, *, api_key: str | None, served_model_names: list[str],
+                 max_request_bytes: int, max_concurrent_requests: int,
+                 log_stats_interval: float | None):
+        self.engine = engine
+        self.api_key = api_key
+        self.names = served_model_names
+        self.max_request_bytes = max_request_bytes
+        self.max_concurrent = max_concurrent_requests
+        self.log_stats_interval = log_stats_interval
+        self.inflight = 0
+        self.metrics = ServerMetrics(engine, served_model_names[0])
+        mc = getattr(engine, "model_config", None)
+        self.vocab_size = getattr(mc, "vocab_size", None) or len(engine.tokenizer)
+        cfg = getattr(engine, "engine_config", None)
+        self.max_logprobs = getattr(cfg, "max_logprobs", None)
+        from jaxllm import __version__
+
+        self.server_version = __version__
+        self._openapi = json.dumps(P.openapi_schema(__version__))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # -- middlewares --------------------------------------------------------------------------
+    @web.middleware
+    async def error_middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        try:
+            if (request.content_length or 0) > self.max_request_bytes:
+                raise APIError(413, f"The request body is {request.content_length} bytes; the "
+                               f"limit is {self.max_request_bytes}.", code="request_too_large")
+            return await handler(request)
+        except APIError as e:
+            return e.response()
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+            if e.status == 404:
+                msg, code = f"No route {request.method} {request.path}.", "not_found"
+            elif e.status == 405:
+                msg, code = (f"Method {request.method} is not allowed on {request.path}.",
+                             "method_not_allowed")
+            elif e.status == 413:
+                msg, code = (f"The request body is over the limit of {self.max_request_bytes} "
+                             "bytes.", "request_too_large")
+            else:
+                msg, code = e.reason, None
+            return APIError(e.status, msg, code=code, headers=headers).response()
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            logger.exception("unhandled error on %s %s", request.method, request.path)
+            return APIError(500, "Internal server error (details are in the server log).").response()
+
+    @web.middleware
+    async def auth_middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        if self.api_key is not None and request.path.startswith("/v1"):
+            got = request.headers.get("Authorization", "").encode()
+            want = f"Bearer {self.api_key}".encode()
+            if not hmac.compare_digest(got, want):
+                raise APIError(401, "Invalid or missing API key: send 'Authorization: Bearer "
+                               "<key>'.", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    # -- helpers ------------------------------------------------------------------------------
+    async def _parse(self, request: web.Request, model: type[BaseModel]) -> Any:
+        raw = await request.read()
+        try:
+            obj = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, f"The request body is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise APIError(400, "The request body must be a JSON object.")
+        try:
+            return model.model_validate(obj)
+        except ValidationError as e:
+            raise _validation_error(e) from None
+        except RecursionError:
+            raise APIError(400, "The request body is nested too deeply.") from None
+
+    def _model(self, name: str | None) -> str:
+        if name is None:
+            return self.names[0]
+        if name not in self.names:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves "
+                           f"{', '.join(self.names)}.", param="model", code="model_not_found")
+        return name
+
+    @contextlib.contextmanager
+    def _admit(self):
+        if self.inflight >= self.max_concurrent:
+            raise APIError(429, f"Too many requests in flight ({self.inflight}); retry shortly.",
+                           code="too_many_requests", headers={"Retry-After": "1"})
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    def _sampling_params(self, req: P._SamplingFields, *, max_tokens: int | None,
+                         logprobs: int | None, prompt_logprobs: int | None = None
+                         ) -> SamplingParams:
+        kw: dict[str, Any] = dict(
+            n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs, seed=req.seed, logit_bias=req.logit_bias,
+            skip_special_tokens=req.skip_special_tokens,
+            spaces_between_special_tokens=req.spaces_between_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            output_kind=RequestOutputKind.DELTA)
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
+                     "min_p", "repetition_penalty"):
+            v = getattr(req, name)
+            if v is not None:
+                kw[name] = v
+        try:
+            params = SamplingParams(**kw)
+            params.verify_for_model(self.vocab_size, self.max_logprobs)
+        except (ValueError, TypeError) as e:
+            param = _param_in(str(e), list(kw) + ["top_logprobs", "max_completion_tokens"])
+            if param == "logprobs" and isinstance(req, P.ChatCompletionRequest):
+                param = "top_logprobs"
+            raise APIError(400, str(e), param=param) from None
+        return params
+
+    def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _apply_chat_template(self, messages: list[P.ChatMessage], *,
+                             add_generation_prompt: bool, continue_final_message: bool = False,
+                             template_kwargs: dict | None = None) -> _Prompt:
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, "This model's tokenizer has no chat template; use "
+                           "/v1/completions.", param="messages")
+        kwargs = dict(template_kwargs or {})
+        bad = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
+        if bad:
+            raise APIError(400, f"chat_template_kwargs may not set {bad}.",
+                           param="chat_template_kwargs")
+        conv = []
+        for m in messages:
+            d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.name:
+                d["name"] = m.name
+            conv.append(d)
+        try:
+            text = tok.apply_chat_template(conv, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message,
+                                           **kwargs)
+        except Exception as e:  # jinja's raise_exception, bad roles, bad kwargs: the client's input
+            raise APIError(400, f"The chat template could not be applied to these messages: {e}",
+                           param="messages") from None
+        # The template already holds the special tokens (BOS ...): do not add them twice.
+        return _Prompt(self._tokenize(text, add_special_tokens=False), text)
+
+    async def _merge(self, prompts: list[_Prompt], params: SamplingParams, base_id: str
+                     ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Runs one engine request per prompt; yields (prompt index, delta output) as they come.
+        Closing this generator (client gone, error) cancels and so aborts every request."""
+        gens = [self.engine.generate({"prompt_token_ids": p.ids, "prompt": p.text}, params,
+                                     base_id if len(prompts) == 1 else f"{base_id}-{i}")
+                for i, p in enumerate(prompts)]
+        if len(gens) == 1:
+            async with contextlib.aclosing(gens[0]) as g:
+                async for out in g:
+                    yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, gen) -> None:
+            try:
+                async with contextlib.aclosing(gen) as g:
+                    async for out in g:
+                        queue.put_nowait((i, out, None))
+                queue.put_nowait((i, None, None))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:
+                queue.put_nowait((i, None, e))
+
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, out, err = await queue.get()
+                if err is not None:
+                    raise err
+                if out is None:
+                    remaining -= 1
+                    continue
+                yield i, out
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _engine_error(self, e: Exception) -> APIError:
+        if isinstance(e, ValueError):
+            msg = str(e)
+            param = "max_tokens" if "context length" in msg else _param_in(msg, ["prompt",
+                                                                                 "logprobs"])
+            return APIError(400, msg, param=param)
+        if getattr(self.engine, "errored", False) or not getattr(self.engine, "is_running", True):
+            return APIError(503, f"The engine is not available: {e}", code="engine_unavailable")
+        logger.exception("engine request failed", exc_info=e)
+        return APIError(500, "Internal server error (details are in the server log).")
+
+    def _record(self, choices: dict[tuple[int, int], _Choice], pi: int, n: int,
+                out: RequestOutput, now: float, t0: float) -> list[tuple[int, _Choice, Any]]:
+        """Folds one delta output into the per-choice state; returns (index, state, delta) for
+        each sample in it. Observes the latency metrics as samples start and finish."""
+        res = []
+        for c in out.outputs:
+            idx = pi * n + c.index
+            st = choices.setdefault((pi, c.index), _Choice())
+            if c.token_ids:
+                if st.t_first is None:
+                    st.t_first = now
+                    self.metrics.ttft.observe(now - t0)
+                st.t_last = now
+            st.text.append(c.text)
+            st.token_ids.extend(c.token_ids)
+            if c.logprobs:
+                st.logprobs.extend(c.logprobs)
+            if c.finish_reason is not None and st.finish_reason is None:
+                st.finish_reason, st.stop_reason = c.finish_reason, c.stop_reason
+                if len(st.token_ids) > 1 and st.t_first is not None:
+                    self.metrics.tpot.observe((st.t_last - st.t_first) / (len(st.token_ids) - 1))
+            res.append((idx, st, c))
+        if out.finished:
+            self.metrics.e2e.observe(now - t0)
+            self.metrics.request_finished(out.outputs[0].finish_reason if out.outputs else None)
+        return res
+
+    @staticmethod
+    def _usage(prompt_lens: dict[int, int], choices: dict[tuple[int, int], _Choice]) -> P.UsageInfo:
+        pt = sum(prompt_lens.values())
+        ct = sum(len(c.token_ids) for c in choices.values())
+        return P.UsageInfo(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
+
+    # -- logprobs formatting ------------------------------------------------------------------
+    def _token_str(self, tid: int, lp: Any) -> str:
+        return lp.decoded_token if lp is not None and lp.decoded_token is not None else (
+            self._decode_token(tid))
+
+    def _completion_logprobs(self, token_ids: list[int], logprobs: list[dict | None],
+                             offset: int) -> P.CompletionLogprobs:
+        """OpenAI's legacy shape; like vLLM, top_logprobs holds the top k plus the sampled token."""
+        out = P.CompletionLogprobs()
+        for tid, d in zip(token_ids, logprobs):
+            if d is None:  # the first prompt token has no log-prob
+                token = self._decode_token(tid)
+                out.tokens.append(token)
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+            else:
+                lp = d.get(tid)
+                token = self._token_str(tid, lp)
+                out.tokens.append(token)
+                out.token_logprobs.append(max(lp.logprob, MIN_LOGPROB) if lp else None)
+                out.top_logprobs.append({self._token_str(t, v): max(v.logprob, MIN_LOGPROB)
+                                         for t, v in d.items()})
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out
+
+    def _chat_logprobs(self, token_ids: list[int], logprobs: list[dict], k: int
+                       ) -> P.ChatLogprobs:
+        content = []
+        for tid, d in zip(token_ids, logprobs):
+            lp = d.get(tid)
+            token = self._token_str(tid, lp)
+            top = sorted(((v.rank, t, v) for t, v in d.items()
+                          if v.rank is not None and v.rank <= k), key=lambda x: x[0])
+            content.append(P.ChatLogprobToken(
+                token=token, logprob=max(lp.logprob, MIN_LOGPROB) if lp else MIN_LOGPROB,
+                bytes=list(token.encode("utf-8")),
+                top_logprobs=[P.TopLogprob(token=(s := self._token_str(t, v)),
+                                           logprob=max(v.logprob, MIN_LOGPROB),
+                                           bytes=list(s.encode("utf-8"))) for _, t, v in top]))
+        return P.ChatLogprobs(content=content)
+
+    # -- SSE ----------------------------------------------------------------------------------
+    async def _start_stream(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        return resp
+
+    @staticmethod
+    async def _send(resp: web.StreamResponse, payload: BaseModel | str) -> None:
+        data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=False)
+        await resp.write(f"data: {data}\n\n".encode())
+
+    async def _first(self, stream: AsyncIterator) -> tuple[int, RequestOutput] | None:
+        """The first output, so that a request the engine refuses is a plain 4xx response and
+        not a stream that starts and then fails."""
+        try:
+            return await anext(stream)
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise self._engine_error(e) from None
+
+    # -- routes: info -------------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        cards = [P.ModelCard(id=name, root=self.engine.model_name,
+                             max_model_len=self.engine.max_model_len) for name in self.names]
+        return web.json_response(P.ModelList(data=cards).model_dump())
+
+    async def health(self, request: web.Request) -> web.Response:
+        if getattr(self.engine, "errored", False) or not getattr(self.engine, "is_running", True):
+            raise APIError(503, "The engine is not running.", code="engine_unavailable")
+        return web.Response(status=200)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": self.server_version})
+
+    async def metrics_route(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(text=self._openapi, content_type="application/json")
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        req = await self._parse(request, P.TokenizeRequest)
+        self._model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "Give exactly one of 'prompt' or 'messages'.", param="prompt")
+        if req.messages is not None:
+            ids = self._apply_chat_template(req.messages,
+                                            add_generation_prompt=req.add_generation_prompt).ids
+        else:
+            ids = self._tokenize(req.prompt, add_special_tokens=req.add_special_tokens)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return web.json_response(P.TokenizeResponse(
+            count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids,
+            token_strs=strs).model_dump(exclude_none=True))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        req = await self._parse(request, P.DetokenizeRequest)
+        self._model(req.model)
+        bad = [t for t in req.tokens if t >= self.vocab_size]
+        if bad:
+            raise APIError(400, f"Token id {bad[0]} is out of vocabulary (vocab size "
+                           f"{self.vocab_size}).", param="tokens")
+        try:
+            text = self.tokenizer.decode(req.tokens)
+        except Exception as e:
+            raise APIError(400, f"These tokens cannot be decoded: {e}", param="tokens") from None
+        return web.json_response({"prompt": text})
+
+    # -- routes: generation -------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        with self._admit():
+            t0 = time.perf_counter()
+            req: P.CompletionRequest = await self._parse(request, P.CompletionRequest)
+            model = self._model(req.model)
+            if (u := req.unsupported()) is not None:
+                raise APIError(400, u[1], param=u[0])
+            prompts = self._completion_prompts(req.prompt)
+            echo_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
+            params = self._sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+                                           prompt_logprobs=echo_lp)
+            rid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
+            stream = self._merge(prompts, params, rid)
+            async with contextlib.aclosing(stream):
+                first = await self._first(stream)
+                if req.stream:
+                    return await self._stream_completion(request, req, model, rid, prompts,
+                                                         stream, first, t0)
+                return await self._full_completion(request, req, model, rid, prompts, stream,
+                                                   first, t0)
+
+    def _completion_prompts(self, prompt) -> list[_Prompt]:
+        if isinstance(prompt, str):
+            items: list = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        if not items:
+            raise APIError(400, "prompt must not be empty.", param="prompt")
+        out = []
+        for p in items:
+            if isinstance(p, str):
+                out.append(_Prompt(self._tokenize(p), p))
+            else:
+                out.append(_Prompt(list(p), None))
+        for p in out:
+            if not p.ids:
+                raise APIError(400, "The prompt cannot be empty.", param="prompt")
+        return out
+
+    def _prompt_text(self, p: _Prompt) -> str:
+        return p.text if p.text is not None else self.tokenizer.decode(p.ids)
+
+    async def _full_completion(self, request, req, model, rid, prompts, stream, first, t0):
+        n = req.n
+        choices: dict[tuple[int, int], _Choice] = {}
+        prompt_lens: dict[int, int] = {}
+        prompt_lps: dict[int, Any] = {}
+        item = first
+        try:
+            while item is not None:
+                pi, out = item
+                prompt_lens[pi] = len(out.prompt_token_ids or prompts[pi].ids)
+                if out.prompt_logprobs is not None:
+                    prompt_lps[pi] = out.prompt_logprobs
+                self._record(choices, pi, n, out, time.perf_counter(), t0)
+                if _gone(request):
+                    return web.Response(status=499)  # nobody reads it; the requests are aborted
+                item = await anext(stream, None)
+        except APIError:
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as e:
+            raise self._engine_error(e) from None
+        result = []
+        for (pi, ci), st in sorted(choices.items()):
+            text = "".join(st.text)
+            lps = None
+            if req.logprobs is not None:
+                ids, lp_list, offset = st.token_ids, st.logprobs, 0
+                if req.echo:
+                    p = prompts[pi]
+                    ids = p.ids + ids
+                    lp_list = list(prompt_lps.get(pi) or [None] * len(p.ids)) + lp_list
+                lps = self._completion_logprobs(ids, lp_list, offset)
+            if req.echo:
+                text = self._prompt_text(prompts[pi]) + text
+            result.append(P.CompletionChoice(index=pi * n + ci, text=text, logprobs=lps,
+                                             finish_reason=st.finish_reason,
+                                             stop_reason=st.stop_reason))
+        resp = P.CompletionResponse(id=rid, created=int(time.time()), model=model, choices=result,
+                                    usage=self._usage(prompt_lens, choices))
+        return web.json_response(resp.model_dump())
+
+    async def _stream_completion(self, request, req, model, rid, prompts, stream, first, t0):
+        n, created = req.n, int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        choices: dict[tuple[int, int], _Choice] = {}
+        prompt_lens: dict[int, int] = {}
+        resp = await self._start_stream(request)
+        item = first
+        try:
+            while item is not None:
+                pi, out = item
+                prompt_lens[pi] = len(out.prompt_token_ids or prompts[pi].ids)
+                chunk_choices = []
+                for idx, st, c in self._record(choices, pi, n, out, time.perf_counter(), t0):
+                    text, ids, lps = c.text, list(c.token_ids), list(c.logprobs or [])
+                    if req.echo and not st.started:
+                        p = prompts[pi]
+                        text = self._prompt_text(p) + text
+                        if req.logprobs is not None:
+                            plp = out.prompt_logprobs or [None] * len(p.ids)
+                            ids, lps = p.ids + ids, list(plp) + lps
+                    st.started = True
+                    new_finish = st.finish_reason is not None and not st.finish_sent
+                    if not text and not (req.logprobs is not None and ids) and not new_finish:
+                        continue
+                    st.finish_sent = st.finish_sent or new_finish
+                    chunk_choices.append(P.CompletionChoice(
+                        index=idx, text=text,
+                        logprobs=(self._completion_logprobs(ids, lps, 0)
+                                  if req.logprobs is not None else None),
+                        finish_reason=st.finish_reason if new_finish else None,
+                        stop_reason=st.stop_reason if new_finish else None))
+                if chunk_choices:
+                    await self._send(resp, P.CompletionStreamResponse(
+                        id=rid, created=created, model=model, choices=chunk_choices,
+                        usage=self._usage(prompt_lens, choices) if continuous else None))
+                if _gone(request):
+                    return resp
+                item = await anext(stream, None)
+            if include_usage:
+                await self._send(resp, P.CompletionStreamResponse(
+                    id=rid, created=created, model=model, choices=[],
+                    usage=self._usage(prompt_lens, choices)))
+            await self._send(resp, "[DONE]")
+        except ConnectionResetError:  # the client went away: closing the stream aborts
+            return resp
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            await self._send_stream_error(resp, e)
+        return resp
+
+    async def _send_stream_error(self, resp: web.StreamResponse, e: Exception) -> None:
+        err = e if isinstance(e, APIError) else self._engine_error(e)
+        with contextlib.suppress(ConnectionResetError):
+            await self._send(resp, json.dumps(err.body()))
+            await self._send(resp, "[DONE]")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        with self._admit():
+            t0 = time.perf_counter()
+            req: P.ChatCompletionRequest = await self._parse(request, P.ChatCompletionRequest)
+            model = self._model(req.model)
+            if (u := req.unsupported()) is not None:
+                raise APIError(400, u[1], param=u[0])
+            prompt = self._apply_chat_template(
+                req.messages, add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                template_kwargs=req.chat_template_kwargs)
+            max_tokens = (req.max_completion_tokens if req.max_completion_tokens is not None
+                          else req.max_tokens)
+            k = (req.top_logprobs or 0) if req.logprobs else None
+            params = self._sampling_params(req, max_tokens=max_tokens, logprobs=k)
+            rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
+            stream = self._merge([prompt], params, rid)
+            async with contextlib.aclosing(stream):
+                first = await self._first(stream)
+                if req.stream:
+                    return await self._stream_chat(request, req, model, rid, stream, first, t0, k)
+                return await self._full_chat(request, req, model, rid, prompt, stream, first, t0,
+                                             k)
+
+    async def _full_chat(self, request, req, model, rid, prompt, stream, first, t0, k):
+        choices: dict[tuple[int, int], _Choice] = {}
+        item = first
+        try:
+            while item is not None:
+                _, out = item
+                self._record(choices, 0, req.n, out, time.perf_counter(), t0)
+                if _gone(request):
+                    return web.Response(status=499)
+                item = await anext(stream, None)
+        except (APIError, asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as e:
+            raise self._engine_error(e) from None
+        result = [P.ChatChoice(
+            index=ci, message=P.ChatResponseMessage(content="".join(st.text)),
+            logprobs=self._chat_logprobs(st.token_ids, st.logprobs, k) if k is not None else None,
+            finish_reason=st.finish_reason, stop_reason=st.stop_reason)
+            for (_, ci), st in sorted(choices.items())]
+        resp = P.ChatCompletionResponse(id=rid, created=int(time.time()), model=model,
+                                        choices=result,
+                                        usage=self._usage({0: len(prompt.ids)}, choices))
+        return web.json_response(resp.model_dump())
+
+    async def _stream_chat(self, request, req, model, rid, stream, first, t0, k):
+        n, created = req.n, int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        choices: dict[tuple[int, int], _Choice] = {}
+        prompt_lens: dict[int, int] = {}
+        resp = await self._start_stream(request)
+
+        def chunk(cs, usage=None):
+            return P.ChatCompletionStreamResponse(id=rid, created=created, model=model,
+                                                  choices=cs, usage=usage)
+
+        try:
+            # OpenAI opens every choice with the role.
+            await self._send(resp, chunk([P.ChatStreamChoice(
+                index=i, delta=P.DeltaMessage(role="assistant", content=""))
+                for i in range(n)]))
+            item = first
+            while item is not None:
+                _, out = item
+                prompt_lens[0] = len(out.prompt_token_ids or [])
+                cs = []
+                for idx, st, c in self._record(choices, 0, n, out, time.perf_counter(), t0):
+                    new_finish = st.finish_reason is not None and not st.finish_sent
+                    if not c.text and not (k is not None and c.token_ids) and not new_finish:
+                        continue
+                    st.finish_sent = st.finish_sent or new_finish
+                    cs.append(P.ChatStreamChoice(
+                        index=idx, delta=P.DeltaMessage(content=c.text),
+                        logprobs=(self._chat_logprobs(list(c.token_ids), list(c.logprobs or []), k)
+                                  if k is not None else None),
+                        finish_reason=st.finish_reason if new_finish else None,
+                        stop_reason=st.stop_reason if new_finish else None))
+                if cs:
+                    await self._send(resp, chunk(cs, self._usage(prompt_lens, choices)
+                                                 if continuous else None))
+                if _gone(request):
+                    return resp
+                item = await anext(stream, None)
+            if include_usage:
+                await self._send(resp, chunk([], self._usage(prompt_lens, choices)))
+            await self._send(resp, "[DONE]")
+        except ConnectionResetError:
+            return resp
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            await self._send_stream_error(resp, e)
+        return resp
+
+    # -- periodic log -------------------------------------------------------------------------
+    async def _log_stats(self, app: web.Application):
+        task = None
+        if self.log_stats_interval:
+            task = asyncio.create_task(self._log_loop(self.log_stats_interval))
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _log_loop(self, interval: float) -> None:
+        last = self.engine.get_stats()
+        t_last = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            s, now = self.engine.get_stats(), time.monotonic()
+            dt = max(now - t_last, 1e-9)
+            prompt_tps = (s.get("prompt_tokens", 0) - last.get("prompt_tokens", 0)) / dt
+            gen_tps = (s.get("generation_tokens", 0) - last.get("generation_tokens", 0)) / dt
+            if prompt_tps or gen_tps or s["num_running"] or s["num_waiting"]:
+                q = s.get("prefix_cache_queries", 0)
+                hit = s.get("prefix_cache_hits", 0) / q if q else 0.0
+                logger.info("prompt %.1f tok/s, generation %.1f tok/s, running %d, waiting %d, "
+                            "KV cache %.1f%%, prefix cache hit rate %.1f%%", prompt_tps, gen_tps,
+                            s["num_running"], s["num_waiting"], 100 * s["kv_cache_usage"],
+                            100 * hit)
+            last, t_last = s, now
+
+
+def build_app(engine: Any, *, api_key: str | None = None,
+              served_model_name: str | list[str] | None = None,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+              log_stats_interval: float | None = 10.0) -> web.Application:
+    """The aiohttp app serving ``engine`` (an AsyncEngine). The engine is the caller's to shut
+    down; several apps may share one engine."""
+    if served_model_name is None:
+        names = [engine.model_name]
+    elif isinstance(served_model_name, str):
+        names = [served_model_name]
+    else:
+        names = list(served_model_name) or [engine.model_name]
+    srv = OpenAIServer(engine, api_key=api_key, served_model_names=names,
+                       max_request_bytes=max_request_bytes,
+                       max_concurrent_requests=max_concurrent_requests,
+                       log_stats_interval=log_stats_interval)
+    app = web.Application(client_max_size=max_request_bytes,
+                          middlewares=[srv.error_middleware, srv.auth_middleware])
+    app[SERVER_KEY] = srv
+    app.cleanup_ctx.append(srv._log_stats)
+    app.router.add_get("/v1/models", srv.models)
+    app.router.add_post("/v1/completions", srv.completions)
+    app.router.add_post("/v1/chat/completions", srv.chat_completions)
+    app.router.add_post("/tokenize", srv.tokenize)
+    app.router.add_post("/detokenize", srv.detokenize)
+    app.router.add_get("/health", srv.health)
+    app.router.add_get("/version", srv.version)
+    app.router.add_get("/metrics", srv.metrics_route)
+    app.router.add_get("/openapi.json", srv.openapi)
+    return app
+
+
+SERVER_KEY = web.AppKey("jaxllm_server", OpenAIServer)

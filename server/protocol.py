@@ -1,0 +1,373 @@
+"""Request and response models of the OpenAI-compatible API (pydantic v2), in OpenAI's shapes.
+
+Unknown fields: vLLM accepts any extra field and only logs that it was ignored. We are stricter,
+because a silently ignored field that changes semantics (``tools``, ``response_format``,
+``suffix`` ...) returns an answer the client did not ask for. So:
+
+- every model is ``extra="forbid"``: a misspelt or unknown field is a 400 naming it;
+- OpenAI fields that cannot change the tokens we produce (``user``, ``metadata``, ``store``,
+  ``service_tier``, ``parallel_tool_calls``, ``prediction``, ``reasoning_effort``, ...) are
+  declared and ignored, so the official SDKs and LangChain work unchanged;
+- OpenAI fields we do not implement are declared too, and a request that sets them to anything
+  but their neutral value gets a 400 that says so (``suffix``, ``tools``, ``response_format``
+  other than text, ``best_of`` != n, image/audio content parts ...), see ``unsupported()``.
+
+Ranges that SamplingParams checks (temperature, top_p, penalties ...) are checked there, once;
+here we bound only what must fit the engine's int32/int64 arrays, so no input reaches the device
+loop out of range.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
+Int32 = Annotated[int, Field(ge=-INT32_MAX, le=INT32_MAX)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# -- errors ---------------------------------------------------------------------------------------
+class ErrorInfo(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorInfo
+
+
+# -- shared pieces --------------------------------------------------------------------------------
+class StreamOptions(_Model):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage in every chunk
+
+
+class _SamplingFields(_Model):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM extras)."""
+
+    model: str | None = None  # None: the (first) served model
+    n: Annotated[int, Field(ge=1, le=128)] = 1  # OpenAI's bound; also bounds the work per request
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored (OpenAI uses it for abuse monitoring)
+    # vLLM's extras
+    top_k: Int32 | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[TokenId] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    request_id: str | None = None  # vLLM extra: used in the response id when given
+
+
+# -- /v1/completions ------------------------------------------------------------------------------
+class CompletionRequest(_SamplingFields):
+    prompt: (StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]]) = Field(
+        description="A string, a list of strings, a list of token ids or a list of such lists.")
+    max_tokens: Annotated[int, Field(le=INT32_MAX)] | None = 16  # OpenAI's default for completions
+    logprobs: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
+    echo: bool = False
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
+    suffix: str | None = None  # not supported: 400 when set
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for a set field we do not implement, else None."""
+        if self.suffix:
+            return "suffix", "suffix is not supported by this server (no fill-in-the-middle)."
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", "best_of different from n is not supported."
+        return None
+
+
+# -- /v1/chat/completions -------------------------------------------------------------------------
+class TextContentPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Annotated[int, Field(le=INT32_MAX)] | None = None  # deprecated by OpenAI
+    max_completion_tokens: Annotated[int, Field(le=INT32_MAX)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
+    # OpenAI fields that cannot change the tokens: accepted, ignored.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    modalities: list[str] | None = None
+    # OpenAI fields we do not implement: 400 unless neutral.
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    # vLLM extras for the template
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.response_format is not None and self.response_format.type != "text":
+            return ("response_format", f"response_format type {self.response_format.type!r} is "
+                    "not supported (no guided decoding); use 'text'.")
+        if self.tools:
+            return "tools", "tools (function calling) are not supported by this server."
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice", "tool_choice is not supported by this server."
+        if self.functions or self.function_call not in (None, "none"):
+            return "functions", "functions / function_call are not supported by this server."
+        if self.audio is not None:
+            return "audio", "audio output is not supported by this server."
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            return "modalities", "only the 'text' modality is supported."
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs=true."
+        if self.add_generation_prompt and self.continue_final_message:
+            return ("continue_final_message", "continue_final_message and add_generation_prompt "
+                    "cannot both be true.")
+        return None
+
+
+# -- /tokenize, /detokenize -----------------------------------------------------------------------
+class TokenizeRequest(_Model):
+    model: str | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Model):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
+
+# -- responses ------------------------------------------------------------------------------------
+class UsageInfo(_Response):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "jaxllm"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CompletionLogprobs(_Response):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM extra: the stop string / token that ended it
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobToken(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(_Response):
+    content: list[ChatLogprobToken] | None = None
+
+
+class ChatResponseMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(_Response):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(_Response):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionStreamResponse(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class VersionResponse(_Response):
+    version: str
+
+
+# -- OpenAPI --------------------------------------------------------------------------------------
+def openapi_schema(version: str) -> dict[str, Any]:
+    """An OpenAPI 3.1 document built from the models' JSON schemas."""
+    from pydantic.json_schema import models_json_schema
+
+    models = [CompletionRequest, CompletionResponse, CompletionStreamResponse,
+              ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse,
+              TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse,
+              ModelList, ErrorResponse, VersionResponse]
+    keyed, defs = models_json_schema([(m, "validation") for m in models],
+                                     ref_template="#/components/schemas/{model}")
+
+    def ref(m: type[BaseModel]) -> dict[str, str]:
+        return keyed[(m, "validation")]
+
+    def json_body(m):
+        return {"content": {"application/json": {"schema": ref(m)}}}
+
+    errors = {str(code): {"description": desc, **json_body(ErrorResponse)} for code, desc in (
+        (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
+        (413, "request body too large"), (429, "too many requests in flight"),
+        (503, "engine unavailable"))}
+
+    def post(req, resp, stream_resp=None, summary=""):
+        ok = json_body(resp)
+        if stream_resp is not None:
+            ok["content"]["text/event-stream"] = {"schema": ref(stream_resp)}
+        return {"post": {"summary": summary, "requestBody": {"required": True, **json_body(req)},
+                         "responses": {"200": {"description": "OK", **ok}, **errors}}}
+
+    def get(resp, summary=""):
+        ok = {"description": "OK"}
+        if resp is not None:
+            ok.update(json_body(resp))
+        return {"get": {"summary": summary, "responses": {"200": ok}}}
+
+    paths = {
+        "/v1/models": get(ModelList, "List the served models"),
+        "/v1/completions": post(CompletionRequest, CompletionResponse, CompletionStreamResponse,
+                                "Text completion"),
+        "/v1/chat/completions": post(ChatCompletionRequest, ChatCompletionResponse,
+                                     ChatCompletionStreamResponse, "Chat completion"),
+        "/tokenize": post(TokenizeRequest, TokenizeResponse, summary="Tokenize a prompt"),
+        "/detokenize": post(DetokenizeRequest, DetokenizeResponse, summary="Decode token ids"),
+        "/health": get(None, "200 when the engine runs, 503 when it has failed"),
+        "/version": get(VersionResponse, "Server version"),
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+            "description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+    }
+    return {"openapi": "3.1.0", "info": {"title": "jaxllm OpenAI-compatible API",
+                                         "version": version},
+            "paths": paths, "components": {"schemas": defs.get("$defs", {})}}

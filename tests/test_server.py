@@ -1,0 +1,461 @@
+"""The OpenAI-compatible server, driven over real HTTP on 127.0.0.1 by the official openai SDK (sync
+and async) and by raw aiohttp for the error cases.
+
+One AsyncEngine on a small random Llama serves every test (one compiled bucket, so start-up is
+quick); the apps run on an event loop in a background thread, as a deployed server would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from server.app import build_app
+
+from .helpers import small_llama_folder  # noqa: F401  (fixture)
+
+MODEL = "tiny-llama"
+API_KEY = "sk-test-key"
+
+
+class _Servers:
+    """aiohttp apps on free ports, served by an event loop in a background thread."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runners = []
+
+    def run(self, coro, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, app: web.Application) -> str:
+        async def go():
+            runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            self.runners.append(runner)
+            return runner.addresses[0][1]
+
+        return f"http://127.0.0.1:{self.run(go())}"
+
+    def close(self):
+        for r in self.runners:
+            self.run(r.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def engine(small_llama_folder):
+    from jaxllm import AsyncEngine
+
+    eng = AsyncEngine(model=str(small_llama_folder), dtype="float32", max_model_len=256,
+                      page_size=8, num_pages=128, max_num_batched_tokens=64, max_num_seqs=8,
+                      token_buckets=(64,), seq_buckets=(8,))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def servers(engine):
+    s = _Servers()
+    s.main = s.start(build_app(engine, served_model_name=MODEL))
+    # A second app on the same engine with tight limits and a key, for 401 / 413 / 429.
+    s.tight = s.start(build_app(engine, served_model_name=MODEL, api_key=API_KEY,
+                                max_request_bytes=4096, max_concurrent_requests=1))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(servers):
+    return openai.OpenAI(base_url=servers.main + "/v1", api_key="unused", max_retries=0)
+
+
+def _pool_full(engine) -> bool:
+    pool = engine.engine.page_pool
+    return pool.num_free_pages == pool.num_usable_pages
+
+
+def _wait_idle(engine, timeout=10.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = engine.get_stats()
+        if s["num_running"] == 0 and s["num_waiting"] == 0 and _pool_full(engine):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"engine not idle: {engine.get_stats()}")
+
+
+def _post(servers, path, body=None, *, base=None, data=None, headers=None, method="POST"):
+    """Raw HTTP: returns (status, headers, parsed JSON or text)."""
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            kw = {"json": body} if data is None else {"data": data}
+            async with s.request(method, (base or servers.main) + path, headers=headers,
+                                 **kw) as r:
+                text = await r.text()
+                try:
+                    return r.status, r.headers, json.loads(text)
+                except ValueError:
+                    return r.status, r.headers, text
+
+    return asyncio.run(go())
+
+
+# -- models, completions, chat --------------------------------------------------------------------
+def test_models_lists_the_served_name_with_its_context_length(client, engine):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].model_extra["max_model_len"] == engine.max_model_len
+
+
+def test_completion_reports_usage_and_length_finish(client, engine):
+    r = client.completions.create(model=MODEL, prompt="Hello, my name is", max_tokens=5,
+                                  temperature=0.0, extra_body={"ignore_eos": True})
+    n_prompt = len(engine.tokenizer("Hello, my name is").input_ids)
+    assert r.object == "text_completion" and len(r.choices) == 1
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == n_prompt
+    assert r.usage.completion_tokens == 5 and r.usage.total_tokens == n_prompt + 5
+    assert r.choices[0].text == engine.tokenizer.decode(
+        engine.tokenizer(r.choices[0].text, add_special_tokens=False).input_ids)
+
+
+def test_completion_accepts_token_ids_and_lists_of_prompts_with_echo(client):
+    r = client.completions.create(model=MODEL, prompt=[[5, 6, 7], [8, 9]], max_tokens=3,
+                                  temperature=0.0, extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 6
+    e = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=3, echo=True,
+                                  temperature=0.0, extra_body={"ignore_eos": True})
+    assert e.choices[0].text.startswith("The sky is")
+
+
+def test_chat_completion_applies_the_template_and_counts_usage(client, engine):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=4,
+                                       temperature=0.0, extra_body={"ignore_eos": True})
+    expected = engine.tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                    add_generation_prompt=True)
+    n_prompt = len(engine.tokenizer(expected, add_special_tokens=False).input_ids)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == n_prompt and r.usage.completion_tokens == 4
+    # max_tokens (deprecated) works too
+    r2 = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2,
+                                        temperature=0.0, extra_body={"ignore_eos": True})
+    assert r2.usage.completion_tokens == 2
+    assert r.choices[0].message.content.startswith(r2.choices[0].message.content)
+
+
+def test_stop_string_ends_the_completion_with_stop_reason(client):
+    base = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12,
+                                     temperature=0.0, extra_body={"ignore_eos": True})
+    text = base.choices[0].text
+    stop = text.strip()[:3] if len(text.strip()) >= 3 else None
+    if not stop:
+        pytest.skip("the random model produced too little text for a stop string")
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12,
+                                  temperature=0.0, stop=[stop], extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].model_extra["stop_reason"] == stop
+    assert stop not in r.choices[0].text
+    assert r.choices[0].text == text[:text.index(stop)]
+
+
+def test_n_and_seed_give_distinct_yet_reproducible_samples(client):
+    kw = dict(model=MODEL, prompt="Tell me", max_tokens=6, n=2, temperature=1.0, seed=42,
+              extra_body={"ignore_eos": True})
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.usage.completion_tokens == 12
+
+
+def test_completion_logprobs_have_one_entry_per_token(client):
+    r = client.completions.create(model=MODEL, prompt="Logprobs", max_tokens=4, logprobs=3,
+                                  temperature=0.0, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert len(lp.text_offset) == 4 and lp.text_offset[0] == 0
+    for tok, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert v <= 0.0 and 3 <= len(top) <= 4 and tok in top
+        assert abs(top[tok] - v) < 1e-6 and v >= max(top.values()) - 1e-5  # greedy: the argmax
+
+
+def test_chat_logprobs_have_top_logprobs_in_rank_order(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=3, logprobs=True, top_logprobs=2,
+                                       temperature=0.0, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.bytes == list(entry.token.encode())
+        assert entry.token == entry.top_logprobs[0].token  # greedy
+
+
+# -- streaming ------------------------------------------------------------------------------------
+def test_streamed_completion_matches_the_full_one_and_reports_usage(client):
+    kw = dict(model=MODEL, prompt="Streaming test", max_tokens=6, temperature=0.0,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True,
+                                            stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_streamed_chat_with_n_2_tags_chunks_by_index_and_ends_with_done(servers):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "n": 2, "temperature": 1.0, "seed": 3, "ignore_eos": True, "stream": True}
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            async with s.post(servers.main + "/v1/chat/completions", json=body) as r:
+                assert r.headers["Content-Type"].startswith("text/event-stream")
+                return (await r.text()).split("\n\n")
+
+    events = [e for e in asyncio.run(go()) if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    text = {0: "", 1: ""}
+    finishes = {0: [], 1: []}
+    for c in chunks:
+        assert c["object"] == "chat.completion.chunk"
+        for ch in c["choices"]:
+            text[ch["index"]] += ch["delta"].get("content") or ""
+            if ch["finish_reason"]:
+                finishes[ch["index"]].append(ch["finish_reason"])
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert finishes == {0: ["length"], 1: ["length"]}
+    assert text[0] and text[1]
+
+
+def test_async_client_streams_chat_deltas(servers):
+    async def go():
+        c = openai.AsyncOpenAI(base_url=servers.main + "/v1", api_key="x", max_retries=0)
+        parts = []
+        stream = await c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=5,
+            temperature=0.0, stream=True, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+        full = await c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=5,
+            temperature=0.0, extra_body={"ignore_eos": True})
+        await c.close()
+        return "".join(parts), full.choices[0].message.content
+
+    streamed, full = asyncio.run(go())
+    assert streamed == full
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_pages(servers, engine):
+    _wait_idle(engine)
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": "a long story", "max_tokens": 200,
+                    "ignore_eos": True, "stream": True}
+            resps = [await s.post(servers.main + "/v1/completions", json=body) for _ in range(3)]
+            for r in resps:  # read one chunk each, so the requests are surely running
+                await r.content.readline()
+            assert engine.get_stats()["num_running"] + engine.get_stats()["num_waiting"] >= 1
+            for r in resps:
+                r.close()  # drop the connection mid-stream
+
+    asyncio.run(go())
+    _wait_idle(engine, timeout=10)
+    assert engine.get_stats()["generation_tokens"] < 10_000  # sanity: it did not run to the end
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def _assert_error(status, body, expected_status, param=None):
+    assert status == expected_status, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    if param is not None:
+        assert body["error"]["param"] == param, body
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": MODEL}, "prompt"),  # missing field
+    ({"model": MODEL, "prompt": "x", "bogus": 1}, "bogus"),  # unknown field
+    ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, "max_tokens"),  # wrong type
+    ({"model": MODEL, "prompt": "x", "temperature": -1.0}, "temperature"),  # out of range
+    ({"model": MODEL, "prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"model": MODEL, "prompt": "x", "n": 0}, "n"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1.0}}, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "suffix": "after"}, "suffix"),  # unsupported, said clearly
+    ({"model": MODEL, "prompt": [999999]}, None),  # out-of-vocab prompt token
+    ({"model": MODEL, "prompt": "", "max_tokens": 3}, "prompt"),
+])
+def test_bad_completion_requests_are_400_in_openai_shape(servers, body, param):
+    status, _, resp = _post(servers, "/v1/completions", body)
+    _assert_error(status, resp, 400, param)
+
+
+def test_invalid_json_and_non_object_bodies_are_400(servers):
+    for data in (b"{not json", b"[1, 2]", b'{"prompt": NaN}'):
+        status, _, body = _post(servers, "/v1/completions", data=data,
+                                headers={"Content-Type": "application/json"})
+        _assert_error(status, body, 400)
+
+
+def test_prompt_plus_max_tokens_over_the_context_is_400_with_both_numbers(client, engine):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hello world", max_tokens=1000)
+    msg = e.value.body["message"]
+    assert str(engine.max_model_len) in msg and "1000" in msg
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       max_completion_tokens=5000)
+
+
+def test_unsupported_chat_features_are_400(servers):
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    for extra, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                         ({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"top_logprobs": 2}, "top_logprobs"),
+                         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+                         ({"messages": []}, "messages")):
+        status, _, body = _post(servers, "/v1/chat/completions", {**base, **extra})
+        _assert_error(status, body, 400, param)
+    # harmless OpenAI fields are accepted
+    status, _, body = _post(servers, "/v1/chat/completions",
+                            {**base, "max_tokens": 1, "user": "u1", "store": False,
+                             "metadata": {"k": "v"}})
+    assert status == 200, body
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    assert e.value.body["param"] == "model"
+
+
+def test_unknown_route_is_404_and_wrong_method_is_405_in_json(servers):
+    status, _, body = _post(servers, "/v1/nothing", {})
+    _assert_error(status, body, 404)
+    status, headers, body = _post(servers, "/v1/completions", method="GET")
+    _assert_error(status, body, 405)
+    assert "POST" in headers["Allow"]
+
+
+def test_api_key_guards_v1_routes_only(servers):
+    status, _, body = _post(servers, "/v1/models", method="GET", base=servers.tight)
+    _assert_error(status, body, 401)
+    status, _, body = _post(servers, "/v1/models", method="GET", base=servers.tight,
+                            headers={"Authorization": "Bearer wrong"})
+    _assert_error(status, body, 401)
+    c = openai.OpenAI(base_url=servers.tight + "/v1", api_key=API_KEY, max_retries=0)
+    assert c.models.list().data[0].id == MODEL
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=servers.tight + "/v1", api_key="nope",
+                      max_retries=0).models.list()
+    status, _, _ = _post(servers, "/health", method="GET", base=servers.tight)
+    assert status == 200
+
+
+def test_body_over_the_limit_is_413(servers):
+    body = {"model": MODEL, "prompt": "x" * 10_000}
+    status, _, resp = _post(servers, "/v1/completions", body, base=servers.tight,
+                            headers={"Authorization": f"Bearer {API_KEY}"})
+    _assert_error(status, resp, 413)
+
+
+def test_too_many_requests_in_flight_is_429_with_retry_after(servers, engine):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def go():
+        async with aiohttp.ClientSession(headers=auth) as s:
+            body = {"model": MODEL, "prompt": "hold", "max_tokens": 100, "ignore_eos": True,
+                    "stream": True}
+            held = await s.post(servers.tight + "/v1/completions", json=body)
+            await held.content.readline()
+            async with s.post(servers.tight + "/v1/completions",
+                              json={"model": MODEL, "prompt": "x", "max_tokens": 1}) as r:
+                out = r.status, r.headers.get("Retry-After"), await r.json()
+            held.close()
+            return out
+
+    status, retry_after, body = asyncio.run(go())
+    _assert_error(status, body, 429)
+    assert retry_after is not None and int(retry_after) >= 1
+    _wait_idle(engine)
+
+
+# -- utility routes -------------------------------------------------------------------------------
+def test_tokenize_and_detokenize_round_trip(servers, engine):
+    status, _, t = _post(servers, "/tokenize", {"prompt": "Hello world, round trip!"})
+    assert status == 200
+    assert t["tokens"] == engine.tokenizer("Hello world, round trip!").input_ids
+    assert t["count"] == len(t["tokens"]) and t["max_model_len"] == engine.max_model_len
+    status, _, d = _post(servers, "/detokenize", {"tokens": t["tokens"]})
+    assert status == 200 and d["prompt"] == "Hello world, round trip!"
+    status, _, c = _post(servers, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and c["count"] > 2
+    status, _, body = _post(servers, "/detokenize", {"tokens": [10**9]})
+    _assert_error(status, body, 400, "tokens")
+
+
+def test_health_version_and_openapi(servers):
+    status, _, _ = _post(servers, "/health", method="GET")
+    assert status == 200
+    status, _, v = _post(servers, "/version", method="GET")
+    assert status == 200 and v["version"]
+    status, _, spec = _post(servers, "/openapi.json", method="GET")
+    assert status == 200 and spec["openapi"].startswith("3.")
+    for path in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
+                 "/detokenize", "/health", "/metrics"):
+        assert path in spec["paths"]
+    ref = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]["$ref"]
+    assert ref.split("/")[-1] in spec["components"]["schemas"]
+
+
+def test_metrics_expose_vllm_names_and_counters_move(servers, client):
+    def scrape():
+        status, _, text = _post(servers, "/metrics", method="GET")
+        assert status == 200
+        vals = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, val = line.rpartition(" ")
+                vals[name.split("{")[0] if "_bucket" not in name else name] = float(val)
+        return text, vals
+
+    text, before = scrape()
+    for name in ("jaxllm:num_requests_running", "jaxllm:num_requests_waiting",
+                 "jaxllm:kv_cache_usage_perc", "jaxllm:prefix_cache_hits_total",
+                 "jaxllm:prefix_cache_queries_total", "jaxllm:prompt_tokens_total",
+                 "jaxllm:generation_tokens_total", "jaxllm:time_to_first_token_seconds_count",
+                 "jaxllm:time_per_output_token_seconds_count",
+                 "jaxllm:e2e_request_latency_seconds_count"):
+        assert name in text, name
+    client.completions.create(model=MODEL, prompt="count me", max_tokens=3, temperature=0.0,
+                              extra_body={"ignore_eos": True})
+    _, after = scrape()
+    assert after["jaxllm:generation_tokens_total"] >= before["jaxllm:generation_tokens_total"] + 3
+    assert after["jaxllm:prompt_tokens_total"] > before["jaxllm:prompt_tokens_total"]
+    assert (after["jaxllm:e2e_request_latency_seconds_count"]
+            == before["jaxllm:e2e_request_latency_seconds_count"] + 1)
+    assert (after["jaxllm:time_to_first_token_seconds_count"]
+            == before["jaxllm:time_to_first_token_seconds_count"] + 1)
