@@ -226,6 +226,19 @@ def test_a_preempted_sequence_later_completes_with_its_output_tokens_kept():
     assert sched.page_pool.num_free_pages == sched.page_pool.num_usable_pages
 
 
+def test_a_prefill_chunk_is_shortened_to_the_free_pages_before_anyone_is_preempted():
+    sched = make_scheduler(num_pages=12, page_size=4, max_num_batched_tokens=32)  # 11 pages
+    b, a = make_seq(0, 8), make_seq(1, 36)
+    sched.add(b)
+    sched.add(a)
+    assert new_tokens(step(sched)) == {0: 8, 1: 24}  # 2 + 6 pages, 3 free
+    out = step(sched)  # b's decode takes a page; a's 12 remaining tokens get the 2 pages left
+    assert new_tokens(out) == {0: 1, 1: 8} and out.preempted == []
+    out = step(sched)  # no page left at all: a (the newest) preempts itself, b goes on
+    assert out.preempted == [a] and new_tokens(out) == {0: 1}
+    assert sched.page_pool.num_free_pages == 8
+
+
 def test_admission_never_preempts_a_running_sequence():
     sched = make_scheduler(num_pages=4, page_size=4)  # 3 usable pages
     a = make_seq(0, 8)

@@ -273,8 +273,9 @@ class Scheduler:
                 break
             if can_shorten:
                 fit = (len(seq.page_ids) + pool.num_free_pages) * page_size - seq.num_computed_tokens
+                can_shorten = False  # once: after this it fits exactly (or we preempt)
                 if fit > 0:
-                    num_new = fit
+                    num_new = min(num_new, fit)
                     continue
             victim = next(s for s in reversed(self.running) if s not in protected)
             self._preempt(victim)
