@@ -150,26 +150,39 @@ class Scheduler:
         preempted: list[Sequence] = []
 
         # 1+2. Running: decodes first so a long prompt never takes their budget, then chunks.
-        decodes, prefills = [], []
+        # (This loop is per-step host time: locals, no helper calls on the decode fast path.)
+        max_model_len, page_size = self.max_model_len, self.page_size
+        decodes: list[Sequence] = []
+        prefills: list[Sequence] = []
         for seq in self.running:
-            (decodes if self._token_limit(seq) - seq.num_computed_tokens == 1
-             else prefills).append(seq)
-        for seq in decodes + prefills:
+            n = seq.num_tokens
+            limit = n if n < max_model_len else max_model_len - 1
+            (decodes if limit - seq.num_computed_tokens == 1 else prefills).append(seq)
+        if prefills:
+            decodes += prefills
+        for seq in decodes:
             if budget == 0:
                 break
             if seq.status is not _RUNNING:  # preempted earlier in this step
                 continue
-            remaining = self._token_limit(seq) - seq.num_computed_tokens
+            n = seq.num_tokens
+            computed = seq.num_computed_tokens
+            remaining = (n if n < max_model_len else max_model_len - 1) - computed
             if remaining <= 0:  # at max_model_len, or awaiting its sampled token
                 continue
-            num_new = min(remaining, budget)
+            num_new = remaining if remaining < budget else budget
             if num_new < remaining and not chunked:
                 continue
-            num_new = self._reserve_pages(seq, num_new, scheduled_seqs, preempted,
-                                          can_shorten=chunked and remaining > 1)
-            if num_new == 0:  # it was preempted itself
-                continue
-            scheduled.append(self._scheduled(seq, num_new))
+            need = -(-(computed + num_new) // page_size) - len(seq.page_ids)
+            if need > 0:
+                if need <= pool.num_free_pages:
+                    seq.page_ids.extend(pool.allocate(need))
+                else:
+                    num_new = self._reserve_pages(seq, num_new, scheduled_seqs, preempted,
+                                                  can_shorten=chunked and remaining > 1)
+                    if num_new == 0:  # it was preempted itself
+                        continue
+            scheduled.append(ScheduledSeq(seq, num_new, computed, computed + num_new == n))
             scheduled_seqs.add(seq)
             budget -= num_new
 
