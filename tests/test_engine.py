@@ -132,10 +132,23 @@ def test_no_compilation_after_startup(small_llm):
     assert before == len(engine.runner.token_buckets)
     vocab = engine.model_config.vocab_size
     small_llm.generate(_random_prompts(9, vocab, seed=4, hi=70),
-                       SamplingParams(temperature=0.8, top_k=5, max_tokens=5, logprobs=3,
-                                      presence_penalty=0.5, logit_bias={3: 2.0}),
-                       use_tqdm=False)
+                       SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05,
+                                      max_tokens=5, logprobs=3, seed=3), use_tqdm=False)
     assert engine.runner.num_compiles == before
+
+
+def test_penalty_and_bias_variants_compile_once_and_are_reused(small_llm):
+    # Penalties / logit_bias widen the sampling inputs: their variant compiles on first use per
+    # bucket (documented in docs/DESIGN_NOTES.md), then never again.
+    engine = small_llm.llm_engine
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0.8, max_tokens=4, presence_penalty=0.5,
+                            logit_bias={3: 2.0}, ignore_eos=True)
+    prompts = _random_prompts(5, vocab, seed=5, hi=60)
+    small_llm.generate(prompts, params, use_tqdm=False)
+    after_first = engine.runner.num_compiles
+    small_llm.generate(prompts, params, use_tqdm=False)
+    assert engine.runner.num_compiles == after_first
 
 
 def test_kv_cache_is_donated_and_updated_in_place(small_llm):

@@ -26,7 +26,7 @@ from jaxllm.engine.model_runner import ModelRunner, default_token_buckets, kv_pa
 from jaxllm.engine.scheduler import Scheduler, SchedulerOutput
 from jaxllm.engine.sequence import Sequence, SequenceStatus
 from jaxllm.kv_cache.page_pool import PagePool
-from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.outputs import Logprob, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("jaxllm")
@@ -46,8 +46,8 @@ class _Request:
     seqs: list[Sequence]
     processors: list[OutputProcessor]
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    # What the last DELTA output already reported, per sibling: (text length, token count, lps).
-    sent: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    # Tokens the last DELTA output already reported, per sibling.
+    sent: list[int] = dataclasses.field(default_factory=list)
     num_cached_tokens: int = 0
 
     @property
@@ -202,9 +202,8 @@ class LLMEngine:
                            arrival_time=now)
             seq.sample_seed = (seed * 1_000_003 + i) & 0x7FFFFFFF
             seqs.append(seq)
-            procs.append(OutputProcessor(self.tokenizer, ids, params, self.eos_token_ids))
-        req = _Request(request_id, text, list(ids), params, now, seqs, procs,
-                       sent=[(0, 0)] * params.n)
+            procs.append(OutputProcessor(self.tokenizer, ids, params, self.eos_token_ids, index=i))
+        req = _Request(request_id, text, list(ids), params, now, seqs, procs, sent=[0] * params.n)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         self._requests[request_id] = req
@@ -249,9 +248,11 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.abort(request_id)
-        for seq in req.seqs:
+        for seq, proc in zip(req.seqs, req.processors):
             if not seq.status.is_finished:
                 seq.status = SequenceStatus.FINISHED_ABORTED
+            if proc.status is None:
+                proc.status = SequenceStatus.FINISHED_ABORTED
         return self._make_output(req, final=True)
 
     def has_unfinished_requests(self) -> bool:
@@ -304,15 +305,11 @@ class LLMEngine:
         return outputs
 
     def _sampling_row(self, seq: Sequence) -> sampler_lib.SamplingRow:
-        params = seq.sampling_params
-        banned: list[int] = []
-        if seq.num_output_tokens < params.min_tokens:
-            banned = sorted(set(params.stop_token_ids or []) | (
-                set() if params.ignore_eos else self.eos_token_ids))
+        proc = self._requests[seq.request_id].processors[seq.index]
         return sampler_lib.SamplingRow(
-            params=params, seed=seq.sample_seed, step=seq.num_output_tokens,
+            params=seq.sampling_params, seed=seq.sample_seed, step=seq.num_output_tokens,
             prompt_token_ids=seq.prompt_token_ids, output_token_ids=seq.output_token_ids,
-            banned_token_ids=banned)
+            banned_token_ids=proc.banned_token_ids())
 
     def _prompt_next_ids(self, sched: SchedulerOutput) -> np.ndarray | None:
         want = False
@@ -371,25 +368,15 @@ class LLMEngine:
         if kind == RequestOutputKind.FINAL_ONLY and not final:
             return None
         completions = []
-        for i, (seq, proc) in enumerate(zip(req.seqs, req.processors)):
-            text, token_ids, logprobs = proc.output_text, list(seq.output_token_ids), proc.logprobs
-            if proc.held_back_text_len and not seq.status.is_finished:
-                text = text[:len(text) - proc.held_back_text_len]
+        for i, proc in enumerate(req.processors):
             if kind == RequestOutputKind.DELTA:
-                t0, n0 = req.sent[i]
-                req.sent[i] = (len(text), len(token_ids))
-                text, token_ids = text[t0:], token_ids[n0:]
-                logprobs = logprobs[n0:] if logprobs is not None else None
-            completions.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=token_ids,
-                cumulative_logprob=proc.cumulative_logprob, logprobs=logprobs,
-                finish_reason=_finish_reason(seq.status), stop_reason=proc.stop_reason))
+                c = proc.completion_output(delta=True, token_offset=req.sent[i])
+                req.sent[i] = proc.num_output_tokens
+            else:
+                c = proc.completion_output()
+            completions.append(c)
         return RequestOutput(
             request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
             prompt_logprobs=req.prompt_logprobs, outputs=completions, finished=final,
             num_cached_tokens=req.num_cached_tokens)
 
-
-def _finish_reason(status: SequenceStatus) -> str | None:
-    return {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISHED_LENGTH: "length",
-            SequenceStatus.FINISHED_ABORTED: "abort"}.get(status)
