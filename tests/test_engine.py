@@ -167,8 +167,9 @@ def test_logprobs_and_prompt_logprobs_agree_with_a_full_forward(small_llm):
     prompt = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28,
               29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41]  # longer than the 32-token budget
     out = small_llm.generate([{"prompt_token_ids": prompt}],
-                             SamplingParams(max_tokens=3, logprobs=2, prompt_logprobs=2,
-                                            ignore_eos=True), use_tqdm=False)[0]
+                             SamplingParams(temperature=0.0, max_tokens=3, logprobs=2,
+                                            prompt_logprobs=2, ignore_eos=True),
+                             use_tqdm=False)[0]
     ref = _full_forward_logprobs(engine, prompt + out.outputs[0].token_ids)
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
     for p in range(1, len(prompt)):
