@@ -1,0 +1,178 @@
+"""Offline throughput and batch-1 decode latency: jaxllm vs HF transformers, random weights.
+
+Random weights in a real shape (default Llama-3-8B: 32 layers, 4096 hidden, GQA 32/8, vocab
+128256) time like real ones. Each engine runs in its own process (JAX preallocates the GPU), so
+run the two sides one after the other and compare the JSON lines they print:
+
+    python benchmarks/offline_throughput.py --engine jaxllm  --out results.jsonl
+    python benchmarks/offline_throughput.py --engine hf      --out results.jsonl
+
+Workload (the engine issue's): 256 prompts of 512 random tokens, 128 generated tokens each
+(ignore_eos, greedy); batch-1 decode ms/token = (time for 1+N tokens - time for 1 token) / N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "llama3-8b": dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096,
+                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      max_position_embeddings=8192, tie_word_embeddings=False),
+    "tiny": dict(architecture="LlamaForCausalLM", vocab_size=1024, hidden_size=128,
+                 intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 max_position_embeddings=2048, tie_word_embeddings=False),
+}
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab, size=(n, length)).tolist()
+
+
+def run_jaxllm(args) -> dict:
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxllm.config import EngineConfig, ModelConfig
+    from jaxllm.engine.llm_engine import LLMEngine
+    from jaxllm.models.registry import get_model_class
+    from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+
+    mc = ModelConfig(**SHAPES[args.shape])
+    t0 = time.perf_counter()
+    model = get_model_class(mc.architecture)(mc, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    jax.block_until_ready(nnx.state(model))
+    init_s = time.perf_counter() - t0
+    loaded = types.SimpleNamespace(model_config=mc, model=model, tokenizer=None,
+                                   name=f"random-{args.shape}")
+    max_len = max(args.input_len + args.output_len, args.decode_context + args.decode_tokens + 1)
+    cfg = EngineConfig(model=None, dtype="bfloat16", max_model_len=max_len,
+                       max_num_seqs=args.num_prompts,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       token_buckets=tuple(sorted({8, args.num_prompts,
+                                                   args.max_num_batched_tokens})),
+                       enable_prefix_caching=False, gpu_memory_utilization=0.9)
+    t0 = time.perf_counter()
+    engine = LLMEngine(cfg, loaded=loaded)
+    start_s = time.perf_counter() - t0
+
+    def generate(prompts, max_tokens):
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{time.perf_counter_ns()}-{i}", {"prompt_token_ids": p}, params)
+        t = time.perf_counter()
+        n_out = 0
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                n_out += len(o.outputs[0].token_ids)
+        return time.perf_counter() - t, n_out
+
+    prompts = _prompts(args.num_prompts, args.input_len, mc.vocab_size)
+    generate(prompts[:8], 4)  # warm-up (all buckets are compiled already)
+    runs = [generate(prompts, args.output_len) for _ in range(args.repeats)]
+    secs = statistics.median(r[0] for r in runs)
+    n_out = runs[0][1]
+    one = _prompts(1, args.decode_context, mc.vocab_size, seed=1)
+    lat = []
+    for _ in range(args.repeats):
+        t1, _ = generate(one, 1)
+        tn, _ = generate(one, 1 + args.decode_tokens)
+        lat.append((tn - t1) / args.decode_tokens * 1e3)
+    return dict(engine="jaxllm", shape=args.shape, device=jax.devices()[0].device_kind,
+                num_prompts=args.num_prompts, input_len=args.input_len,
+                output_len=args.output_len, seconds=secs,
+                output_tok_s=n_out / secs,
+                total_tok_s=(n_out + args.num_prompts * args.input_len) / secs,
+                decode_ms_per_token_b1=statistics.median(lat), init_s=init_s,
+                startup_s=start_s, num_pages=engine.page_pool.num_usable_pages,
+                host_ms_per_step=engine.runner.last_host_time * 1e3)
+
+
+def run_hf(args) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SHAPES[args.shape]
+    cfg = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                      intermediate_size=s["intermediate_size"],
+                      num_hidden_layers=s["num_hidden_layers"],
+                      num_attention_heads=s["num_attention_heads"],
+                      num_key_value_heads=s["num_key_value_heads"], head_dim=s["head_dim"],
+                      rms_norm_eps=s["rms_norm_eps"], rope_theta=s["rope_theta"],
+                      max_position_embeddings=s["max_position_embeddings"])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+    def generate(prompts, max_tokens, batch):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        n_out = 0
+        for i in range(0, len(prompts), batch):
+            ids = torch.tensor(prompts[i:i + batch], device="cuda")
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                     do_sample=False, pad_token_id=0)
+            n_out += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+        torch.cuda.synchronize()
+        return time.perf_counter() - t, n_out
+
+    prompts = _prompts(args.num_prompts, args.input_len, s["vocab_size"])
+    generate(prompts[:2], 4, 2)
+    runs = [generate(prompts, args.output_len, args.hf_batch) for _ in range(args.repeats)]
+    secs = statistics.median(r[0] for r in runs)
+    n_out = runs[0][1]
+    one = _prompts(1, args.decode_context, s["vocab_size"], seed=1)
+    lat = []
+    for _ in range(args.repeats):
+        t1, _ = generate(one, 1, 1)
+        tn, _ = generate(one, 1 + args.decode_tokens, 1)
+        lat.append((tn - t1) / args.decode_tokens * 1e3)
+    return dict(engine="hf-transformers", shape=args.shape,
+                device=torch.cuda.get_device_name(), num_prompts=args.num_prompts,
+                input_len=args.input_len, output_len=args.output_len, seconds=secs,
+                output_tok_s=n_out / secs,
+                total_tok_s=(n_out + args.num_prompts * args.input_len) / secs,
+                decode_ms_per_token_b1=statistics.median(lat), hf_batch=args.hf_batch)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--engine", choices=["jaxllm", "hf"], required=True)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--hf-batch", type=int, default=64, help="HF generate batch size")
+    p.add_argument("--decode-context", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    res = run_jaxllm(args) if args.engine == "jaxllm" else run_hf(args)
+    line = json.dumps(res)
+    print(line, flush=True)
+    if args.out:
+        with args.out.open("a") as f:
+            f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
