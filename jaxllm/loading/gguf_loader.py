@@ -231,9 +231,37 @@ def load_gguf(path: str | os.PathLike, dtype: Any = "auto",
     return config, model, ckpt.hf_config
 
 
-def load_gguf_tokenizer(path: str | os.PathLike) -> Any:
-    """The HF tokenizer (with chat template) transformers builds from the GGUF's vocabulary."""
+def tokenizer_cache_dir() -> Path:
+    """Where converted GGUF tokenizers are kept: $JAXLLM_CACHE_DIR, else ~/.cache/jaxllm."""
+    root = os.environ.get("JAXLLM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxllm")
+    return Path(root) / "gguf_tokenizers"
+
+
+def load_gguf_tokenizer(path: str | os.PathLike, cache: bool = True) -> Any:
+    """The HF tokenizer (with chat template) transformers builds from the GGUF's vocabulary.
+
+    transformers rebuilds it from the file's token and merge arrays on every call (~17 s for
+    SmolLM2's 49k tokens here, more under load); with ``cache`` the result is saved once
+    (``save_pretrained``) under ``tokenizer_cache_dir()``, keyed by the file's name, size and
+    mtime, and later calls read that tokenizer.json instead (well under a second).
+    """
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    path = Path(path).resolve()
+    if not cache:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    st = path.stat()
+    key = f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+    cached = tokenizer_cache_dir() / key
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    try:
+        # Written beside, then renamed: a concurrent reader never sees a half-written folder.
+        tmp = cached.with_name(f"{key}.tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        tmp.rename(cached)
+    except OSError:
+        pass  # read-only or raced by another process: the cache is an optimisation only
+    return tok
