@@ -35,20 +35,43 @@ def ragged_paged_attention_reference(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    token_block: int = 128,
 ) -> jax.Array:
     """Plain-jnp ragged paged attention, float32 math; returns [T, H, D] in q's dtype.
 
-    Gathers every token's whole context ([T, L, K, D]): short enough to trust by reading, and
-    memory-hungry by design: it is the correctness reference, not the fast path.
+    Gathers each token's whole context ([T_blk, L, K, D]), a block of ``token_block`` tokens at a
+    time so memory stays bounded at long context: short enough to trust by reading; it is the
+    correctness reference, not the fast path.
     """
-    T, H, D = q.shape
+    T = q.shape[0]
+    blk = min(T, token_block)
+    if T == blk:
+        return _attend_tokens(q, jnp.arange(T, dtype=jnp.int32), k_pages, v_pages, seq_lens,
+                              page_table, query_start_loc, num_seqs, sm_scale, sliding_window,
+                              soft_cap)
+    n_blk = -(-T // blk)
+    q_pad = jnp.pad(q, ((0, n_blk * blk - T), (0, 0), (0, 0)))
+    t_idx = jnp.arange(n_blk * blk, dtype=jnp.int32)
+
+    def one(args):
+        qb, tb = args
+        return _attend_tokens(qb, tb, k_pages, v_pages, seq_lens, page_table, query_start_loc,
+                              num_seqs, sm_scale, sliding_window, soft_cap)
+
+    out = jax.lax.map(one, (q_pad.reshape(n_blk, blk, *q.shape[1:]), t_idx.reshape(n_blk, blk)))
+    return out.reshape(n_blk * blk, *q.shape[1:])[:T]
+
+
+def _attend_tokens(q, t, k_pages, v_pages, seq_lens, page_table, query_start_loc, num_seqs,
+                   sm_scale, sliding_window, soft_cap):
+    """Attention of the tokens with batch indices t [n] (queries q [n, H, D])."""
+    T, H, D = q.shape  # here T is the block's token count
     _, B, K, _ = k_pages.shape
     S, M = page_table.shape
     G = H // K
     L = M * B
     num_seqs = jnp.reshape(num_seqs, ())
 
-    t = jnp.arange(T, dtype=jnp.int32)
     # Sequence of token t: the number of sequence ends at or before t.
     seq_id = jnp.searchsorted(query_start_loc[1:], t, side="right").astype(jnp.int32)
     valid = t < query_start_loc[num_seqs]
@@ -56,8 +79,9 @@ def ragged_paged_attention_reference(
     q_end = query_start_loc[seq_id + 1]
     q_pos = seq_lens[seq_id] - (q_end - t)  # absolute position of each query token
 
-    k_ctx = k_pages[page_table].reshape(S, L, K, D)[seq_id]  # [T, L, K, D]
-    v_ctx = v_pages[page_table].reshape(S, L, K, D)[seq_id]
+    pages = page_table[seq_id]  # [T, M]
+    k_ctx = k_pages[pages].reshape(T, L, K, D)
+    v_ctx = v_pages[pages].reshape(T, L, K, D)
     qg = q.reshape(T, K, G, D).astype(k_ctx.dtype)
     # Inputs stay in the cache dtype with float32 accumulation: upcasting the gathered [T, L, K, D]
     # context would double the largest buffer of the step.
