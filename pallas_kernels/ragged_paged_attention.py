@@ -43,6 +43,8 @@ def ragged_paged_attention_reference(
     time so memory stays bounded at long context: short enough to trust by reading; it is the
     correctness reference, not the fast path.
     """
+    q, k_pages, v_pages, seq_lens, page_table, query_start_loc, num_seqs = map(
+        jnp.asarray, (q, k_pages, v_pages, seq_lens, page_table, query_start_loc, num_seqs))
     T = q.shape[0]
     blk = min(T, token_block)
     if T == blk:
