@@ -77,13 +77,14 @@ def _prompt_logprobs_step(graphdef, state, kv_caches: KVCache, inputs: StepInput
     return kv_caches, out, (next_lp, rank, top_ids, top_lp)
 
 
-def default_token_buckets(max_num_batched_tokens: int, smallest: int = 8) -> tuple[int, ...]:
-    """Powers of two from ``smallest`` up to (and always including) max_num_batched_tokens."""
+def default_token_buckets(max_num_batched_tokens: int, smallest: int = 8,
+                          growth: int = 2) -> tuple[int, ...]:
+    """smallest * growth**i up to (and always including) max_num_batched_tokens."""
     buckets = []
     b = smallest
     while b < max_num_batched_tokens:
         buckets.append(b)
-        b *= 2
+        b *= growth
     buckets.append(max_num_batched_tokens)
     return tuple(buckets)
 
