@@ -47,18 +47,20 @@ def ragged_paged_attention_reference(
         jnp.asarray, (q, k_pages, v_pages, seq_lens, page_table, query_start_loc, num_seqs))
     T = q.shape[0]
     blk = min(T, token_block)
-    if T == blk:
-        return _attend_tokens(q, jnp.arange(T, dtype=jnp.int32), k_pages, v_pages, seq_lens,
-                              page_table, query_start_loc, num_seqs, sm_scale, sliding_window,
-                              soft_cap)
     n_blk = -(-T // blk)
     q_pad = jnp.pad(q, ((0, n_blk * blk - T), (0, 0), (0, 0)))
     t_idx = jnp.arange(n_blk * blk, dtype=jnp.int32)
 
+    n_real = query_start_loc[jnp.reshape(num_seqs, ())]
+
     def one(args):
         qb, tb = args
-        return _attend_tokens(qb, tb, k_pages, v_pages, seq_lens, page_table, query_start_loc,
-                              num_seqs, sm_scale, sliding_window, soft_cap)
+        # Blocks made only of padding tokens skip the gather (start-up compiles run such batches).
+        return jax.lax.cond(
+            tb[0] < n_real,
+            lambda: _attend_tokens(qb, tb, k_pages, v_pages, seq_lens, page_table,
+                                   query_start_loc, num_seqs, sm_scale, sliding_window, soft_cap),
+            lambda: jnp.zeros_like(qb))
 
     out = jax.lax.map(one, (q_pad.reshape(n_blk, blk, *q.shape[1:]), t_idx.reshape(n_blk, blk)))
     return out.reshape(n_blk * blk, *q.shape[1:])[:T]
@@ -105,3 +107,253 @@ def _attend_tokens(q, t, k_pages, v_pages, seq_lens, page_table, query_start_loc
     out = jnp.einsum("tkgl,tlkd->tkgd", p.astype(v_ctx.dtype), v_ctx,
                      preferred_element_type=jnp.float32)
     return out.reshape(T, H, D).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pallas GPU kernel (Triton lowering).
+#
+# Design. One kernel body serves two launches of the same ragged batch:
+#   * decode launch: one program per (sequence with q_len == 1, kv head, split). The context is
+#     split into `num_splits` contiguous ranges (flash-decoding), each program writes its partial
+#     (acc, m, l) and a small jnp step combines them: long contexts fill the GPU at small batch.
+#   * prefill launch: one program per (query block, kv head); a query block is up to `block_q`
+#     consecutive new tokens of one sequence (chunked prefill or full prompt), mapped to its
+#     sequence on the device with searchsorted over the per-sequence block counts, so the grid has
+#     the static size min(T, cdiv(T, block_q) + S).
+# Rows of a program are (token, query head of the group) pairs: all G = H // K query heads of one
+# KV head share a program, so each K/V page is read once per KV head (GQA), and a decode program
+# has G rows padded to 16 for the tensor-core dot. K/V are read a block of `pages_per_block` pages
+# at a time through the page table (a gather of whole page rows), with online softmax in float32.
+# Views: q as [T*H, D] and out as [T*H + 1, D] (row t*H + head; the extra last row absorbs the
+# stores of masked rows), pages as [P*B, K*D] (row page*B + slot, columns of kv head h at h*D).
+# ----------------------------------------------------------------------------------------------
+
+import functools
+import math
+
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_NEG = -1e30  # finite "minus infinity": keeps exp(m_prev - m_new) free of inf - inf
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_table_ref,
+                 q_ref, k_ref, v_ref, *out_refs, block_q, rows, group, num_heads, head_dim,
+                 page_size, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap,
+                 dummy_row):
+    b = pl.program_id(0)
+    h = pl.program_id(1)
+    sp = pl.program_id(2)
+    G, H, D, B = group, num_heads, head_dim, page_size
+    bk = pages_per_block * B
+
+    seq = blk_seq_ref[b]
+    tok0 = blk_tok0_ref[b]
+    ntok = blk_ntok_ref[b]
+    pos0 = blk_pos0_ref[b]
+
+    r = jnp.arange(rows, dtype=jnp.int32)
+    r_tok = r // G
+    row_ok = (r < block_q * G) & (r_tok < ntok)
+    q_row = (tok0 + r_tok) * H + h * G + r % G
+    q_pos = pos0 + r_tok
+
+    d = jnp.arange(D, dtype=jnp.int32)
+    # Interpret mode discharges a gather only when every index is an array (no pl.ds mixed in),
+    # and Triton lowers the same [rows, D] index arrays to one pointer tensor: so arrays throughout.
+    q = plgpu.load(q_ref.at[jnp.where(row_ok, q_row, 0)[:, None], d[None, :]],
+                   mask=row_ok[:, None], other=0)
+    kv_dtype = k_ref.dtype
+    q = q.astype(kv_dtype)
+
+    # Context range [lo, hi) this block needs, in units of bk-sized key blocks, and this split's part.
+    hi = pos0 + ntok
+    lo = 0 if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
+    kb_lo = lo // bk
+    kb_hi = jnp.where(ntok > 0, (hi + bk - 1) // bk, kb_lo)
+    per_split = (kb_hi - kb_lo + num_splits - 1) // num_splits
+    kb_start = kb_lo + sp * per_split
+    kb_end = jnp.minimum(kb_start + per_split, kb_hi)
+
+    k_off = jnp.arange(bk, dtype=jnp.int32)
+
+    def body(kb, carry):
+        acc, m, l = carry
+        k_pos = kb * bk + k_off
+        pids = page_table_ref[jnp.full((bk,), seq, jnp.int32), k_pos // B]
+        kv_row = (pids * B + k_pos % B)[:, None]
+        k = k_ref[kv_row, h * D + d[None, :]]
+        v = v_ref[kv_row, h * D + d[None, :]]
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < hi)
+        if sliding_window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        s = jnp.where(mask, s, _NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        l = alpha * l + jnp.sum(p, axis=1)
+        acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v,
+                                             preferred_element_type=jnp.float32)
+        return acc, m_new, l
+
+    acc = jnp.zeros((rows, D), jnp.float32)
+    m = jnp.full((rows,), _NEG, jnp.float32)
+    l = jnp.zeros((rows,), jnp.float32)
+    acc, m, l = jax.lax.fori_loop(kb_start, kb_end, body, (acc, m, l))
+
+    o_row = jnp.where(row_ok, q_row, dummy_row)
+    if num_splits == 1:
+        (o_ref,) = out_refs
+        out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+        plgpu.store(o_ref.at[o_row[:, None], d[None, :]], out.astype(o_ref.dtype),
+                    mask=row_ok[:, None])
+    else:
+        acc_ref, m_ref, l_ref = out_refs
+        o_row = o_row + sp * (dummy_row + 1)
+        plgpu.store(acc_ref.at[o_row[:, None], d[None, :]], acc, mask=row_ok[:, None])
+        plgpu.store(m_ref.at[o_row], m, mask=row_ok)
+        plgpu.store(l_ref.at[o_row], l, mask=row_ok)
+
+
+def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T, H, K, D, B,
+            block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
+            num_stages, interpret, out_dtype):
+    """One pallas_call over len(blk_seq) query blocks; returns [T*H+1, D] rows (masked rows junk)."""
+    G = H // K
+    rows = max(16, _next_pow2(block_q * G))
+    nb = blk_seq.shape[0]
+    n_rows = T * H + 1
+    kernel = functools.partial(
+        _attn_kernel, block_q=block_q, rows=rows, group=G, num_heads=H, head_dim=D, page_size=B,
+        pages_per_block=pages_per_block, num_splits=num_splits, sm_scale=sm_scale,
+        sliding_window=sliding_window, soft_cap=soft_cap, dummy_row=n_rows - 1)
+    if num_splits == 1:
+        out_shape = jax.ShapeDtypeStruct((n_rows, D), out_dtype)
+    else:
+        n = num_splits * n_rows
+        out_shape = (jax.ShapeDtypeStruct((n, D), jnp.float32),
+                     jax.ShapeDtypeStruct((n,), jnp.float32),
+                     jax.ShapeDtypeStruct((n,), jnp.float32))
+    res = pl.pallas_call(
+        kernel,
+        grid=(nb, K, num_splits),
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"ragged_paged_attention_bq{block_q}_ppb{pages_per_block}_ns{num_splits}",
+    )(blk_seq, blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2, v2)
+    if num_splits == 1:
+        return res
+    acc, m, l = res
+    acc = acc.reshape(num_splits, n_rows, D)
+    m = m.reshape(num_splits, n_rows)
+    l = l.reshape(num_splits, n_rows)
+    # Flash-decoding combine: rescale every split's partial sums to the global max.
+    m_max = jnp.max(m, axis=0)
+    w = jnp.exp(m - m_max[None])
+    l_tot = jnp.sum(w * l, axis=0)
+    out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[:, None]
+    return out.astype(out_dtype)
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    seq_lens: jax.Array,
+    page_table: jax.Array,
+    query_start_loc: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    block_q: int | None = None,
+    pages_per_block: int = 8,
+    decode_pages_per_block: int | None = None,
+    decode_splits: int = 8,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    decode: bool = True,
+    prefill: bool = True,
+    interpret: bool = False,
+) -> jax.Array:
+    """Pallas (Triton) ragged paged attention; same contract and result as the reference.
+
+    Kernel knobs (all static): ``block_q`` new tokens per prefill program (default: 128 rows of
+    (token, head) pairs), ``pages_per_block`` pages per K/V step of the prefill launch,
+    ``decode_pages_per_block`` / ``decode_splits`` the same and the flash-decoding split count of
+    the decode launch. ``decode=False`` / ``prefill=False`` skip a launch when the caller knows
+    the batch has no decode (q_len == 1) or no longer sequences (e.g. a pure decode step); by
+    default both run and each skips the other's sequences.
+    """
+    T, H, D = q.shape
+    P, B, K, _ = k_pages.shape
+    S, M = page_table.shape
+    G = H // K
+    if H % K:
+        raise ValueError(f"num query heads {H} must be a multiple of num kv heads {K}")
+    if B & (B - 1) or D & (D - 1):
+        raise ValueError(f"page size {B} and head dim {D} must be powers of two (Triton blocks)")
+    if block_q is None:
+        block_q = max(1, 128 // _next_pow2(G))
+    dppb = pages_per_block if decode_pages_per_block is None else decode_pages_per_block
+    ns = jnp.reshape(num_seqs, ()).astype(jnp.int32)
+    seq_ids = jnp.arange(S, dtype=jnp.int32)
+    q_len = jnp.where(seq_ids < ns, query_start_loc[1:] - query_start_loc[:-1], 0)
+    is_decode = q_len == 1 if decode else jnp.zeros_like(q_len, bool)
+
+    # Pad the page table's columns so every K/V step reads inside it (the extra columns are
+    # masked by position anyway); any valid page id will do.
+    ppb_max = max(pages_per_block, dppb)
+    M_pad = -(-M // ppb_max) * ppb_max
+    pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, M_pad - M)))
+    q2 = q.reshape(T * H, D)
+    k2 = k_pages.reshape(P * B, K * D)
+    v2 = v_pages.reshape(P * B, K * D)
+    common = dict(T=T, H=H, K=K, D=D, B=B, sm_scale=sm_scale, sliding_window=sliding_window,
+                  soft_cap=soft_cap, num_warps=num_warps, num_stages=num_stages,
+                  interpret=interpret, out_dtype=q.dtype)
+
+    outs = []
+    if decode:
+        nd = min(S, T)
+        d_seq = seq_ids[:nd]
+        d_ntok = jnp.where(is_decode[:nd], 1, 0).astype(jnp.int32)
+        d_tok0 = query_start_loc[:nd].astype(jnp.int32)
+        d_pos0 = (seq_lens[:nd] - 1).astype(jnp.int32)
+        outs.append(_launch(q2, k2, v2, pt, d_seq, d_tok0, d_ntok, d_pos0, block_q=1,
+                            pages_per_block=dppb, num_splits=decode_splits, **common))
+    if prefill:
+        p_len = jnp.where(is_decode, 0, q_len)
+        n_blk = (p_len + block_q - 1) // block_q
+        cum = jnp.cumsum(n_blk)
+        nb = min(T, -(-T // block_q) + S)
+        b = jnp.arange(nb, dtype=jnp.int32)
+        bseq = jnp.minimum(jnp.searchsorted(cum, b, side="right"), S - 1).astype(jnp.int32)
+        j = b - (cum[bseq] - n_blk[bseq])
+        b_ntok = jnp.where(b < cum[-1], jnp.minimum(block_q, p_len[bseq] - j * block_q), 0)
+        b_tok0 = query_start_loc[bseq] + j * block_q
+        b_pos0 = seq_lens[bseq] - p_len[bseq] + j * block_q
+        outs.append(_launch(q2, k2, v2, pt, bseq, b_tok0.astype(jnp.int32),
+                            b_ntok.astype(jnp.int32), b_pos0.astype(jnp.int32),
+                            block_q=block_q, pages_per_block=pages_per_block, num_splits=1,
+                            **common))
+
+    # Token -> (decode?, padding?) so each output row comes from the launch that wrote it.
+    t = jnp.arange(T, dtype=jnp.int32)
+    t_seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], t, side="right"), S - 1)
+    t_valid = t < query_start_loc[ns]
+    rows = [o[: T * H].reshape(T, H, D) for o in outs]
+    if len(rows) == 2:
+        out = jnp.where(is_decode[t_seq][:, None, None], rows[0], rows[1])
+    else:
+        out = rows[0]
+    return jnp.where(t_valid[:, None, None], out, 0).astype(q.dtype)
