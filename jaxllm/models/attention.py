@@ -13,7 +13,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention import (
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+)
 
 SCRATCH_PAGE = 0
 
@@ -56,4 +59,10 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: At
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,
             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    raise ValueError(f"unknown attention backend {backend!r}; available: 'reference'")
+    if backend == "pallas":
+        # No GPU (CI, this CPU box): the same kernel runs through the Pallas interpreter.
+        return ragged_paged_attention(
+            q, k_pages, v_pages, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,
+            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+            interpret=jax.default_backend() != "gpu")
+    raise ValueError(f"unknown attention backend {backend!r}; available: 'reference', 'pallas'")

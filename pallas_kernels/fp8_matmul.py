@@ -1,0 +1,160 @@
+"""W8A8 FP8 (e4m3) matmul: quantizers, a Pallas (Triton) kernel, the XLA path and the reference.
+
+Dimension keys: M rows (tokens), K contraction (input features), N output features.
+
+  x: [M, K] activations, quantized per token (dynamic, one scale per row) or per tensor
+  w: [K, N] weights, quantized per output channel (one scale per column) or per tensor (the
+     format of pre-quantized checkpoints)
+  out[M, N] = (x_fp8 @ w_fp8) * x_scale[:, None] * w_scale[None, :], fp32 accumulation.
+
+Three implementations of one contract: ``fp8_matmul_reference`` (dequantize, fp32 matmul: the
+trusted one), ``fp8_matmul_xla`` (``dot_general`` on fp8 operands with an fp32 result, which XLA
+hands to cuBLASLt's fp8 GEMM on Hopper, then the scales) and ``fp8_matmul`` (Pallas kernel: tiles
+over M and N, a loop over K, the dot on the fp8 tensor cores, scales applied once on the fp32
+accumulator; optional split-K so decode shapes (small M) still spread over every SM).
+benchmarks/kernels.py decides which one the engine uses per shape.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+FP8 = jnp.float8_e4m3fn
+E4M3_MAX = float(jnp.finfo(FP8).max)  # 448
+
+
+def _quantize(x: jax.Array, amax: jax.Array) -> tuple[jax.Array, jax.Array]:
+    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0).astype(jnp.float32)
+    q = jnp.clip(x.astype(jnp.float32) / scale, -E4M3_MAX, E4M3_MAX).astype(FP8)
+    return q, scale
+
+
+def quantize_weight_per_channel(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """w [K, N] -> (w_fp8 [K, N], scale [N] fp32): each output column's absmax maps to 448."""
+    amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=0)
+    q, scale = _quantize(w, amax[None, :])
+    return q, scale[0]
+
+
+def quantize_activation_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] -> (x_fp8 [M, K], scale [M] fp32): dynamic, one scale per token row."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1)
+    q, scale = _quantize(x, amax[:, None])
+    return q, scale[:, 0]
+
+
+def quantize_weight_per_tensor(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """w [K, N] -> (w_fp8 [K, N], scale [] fp32)."""
+    return _quantize(w, jnp.max(jnp.abs(w.astype(jnp.float32))))
+
+
+def quantize_activation_per_tensor(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] -> (x_fp8 [M, K], scale [] fp32) (dynamic per-tensor)."""
+    return _quantize(x, jnp.max(jnp.abs(x.astype(jnp.float32))))
+
+
+def _scales(x_scale, w_scale, M, N):
+    xs = jnp.broadcast_to(jnp.asarray(x_scale, jnp.float32).reshape(-1), (M,)) \
+        if jnp.ndim(x_scale) == 0 else jnp.asarray(x_scale, jnp.float32)
+    ws = jnp.broadcast_to(jnp.asarray(w_scale, jnp.float32).reshape(-1), (N,)) \
+        if jnp.ndim(w_scale) == 0 else jnp.asarray(w_scale, jnp.float32)
+    return xs, ws
+
+
+def fp8_matmul_reference(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16) -> jax.Array:
+    """Dequantize both operands to fp32, fp32 matmul (HIGHEST precision), cast: [M, N]."""
+    M, N = x_fp8.shape[0], w_fp8.shape[1]
+    xs, ws = _scales(x_scale, w_scale, M, N)
+    x = x_fp8.astype(jnp.float32) * xs[:, None]
+    w = w_fp8.astype(jnp.float32) * ws[None, :]
+    return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST).astype(out_dtype)
+
+
+def fp8_matmul_xla(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16) -> jax.Array:
+    """fp8 x fp8 -> fp32 ``dot_general`` (cuBLASLt fp8 GEMM on Hopper), then the two scales."""
+    M, N = x_fp8.shape[0], w_fp8.shape[1]
+    xs, ws = _scales(x_scale, w_scale, M, N)
+    acc = jax.lax.dot_general(x_fp8, w_fp8, (((1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return (acc * xs[:, None] * ws[None, :]).astype(out_dtype)
+
+
+def _fp8_matmul_kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, *, M, N, K, block_m, block_n,
+                       block_k, k_per_split, split_k, w_transposed, M_pad):
+    i = pl.program_id(0)
+    j = pl.program_id(1)
+    sp = pl.program_id(2)
+    rm = i * block_m + jnp.arange(block_m, dtype=jnp.int32)
+    rn = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    m_ok = rm < M
+    n_ok = rn < N
+    rm_c = jnp.where(m_ok, rm, 0)
+    rn_c = jnp.where(n_ok, rn, 0)
+    k_off = jnp.arange(block_k, dtype=jnp.int32)
+    n_kb = k_per_split // block_k
+
+    def body(kb, acc):
+        rk = sp * k_per_split + kb * block_k + k_off
+        k_ok = rk < K
+        rk_c = jnp.where(k_ok, rk, 0)
+        x = plgpu.load(x_ref.at[rm_c[:, None], rk_c[None, :]],
+                       mask=m_ok[:, None] & k_ok[None, :], other=0)
+        if w_transposed:  # w stored [N, K]: K contiguous, the operand layout fp8 wgmma wants
+            w = plgpu.load(w_ref.at[rn_c[:, None], rk_c[None, :]],
+                           mask=n_ok[:, None] & k_ok[None, :], other=0).T
+        else:
+            w = plgpu.load(w_ref.at[rk_c[:, None], rn_c[None, :]],
+                           mask=k_ok[:, None] & n_ok[None, :], other=0)
+        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, n_kb, body, jnp.zeros((block_m, block_n), jnp.float32))
+    xs = plgpu.load(xs_ref.at[rm_c], mask=m_ok, other=0.0)
+    ws = plgpu.load(ws_ref.at[rn_c], mask=n_ok, other=0.0)
+    out = acc * xs[:, None] * ws[None, :]
+    # The output is padded to whole blocks, so edge tiles store unmasked at their own (distinct)
+    # indices: masked stores at clamped duplicate indices race in interpret mode's scatter.
+    rows = rm + sp * M_pad
+    plgpu.store(o_ref.at[rows[:, None], rn[None, :]], out.astype(o_ref.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "block_n", "block_k",
+                                             "split_k", "num_warps", "num_stages",
+                                             "w_transposed", "interpret"))
+def fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16, *, block_m: int = 64,
+               block_n: int = 128, block_k: int = 128, split_k: int = 1, num_warps: int = 4,
+               num_stages: int = 3, w_transposed: bool = False,
+               interpret: bool = False) -> jax.Array:
+    """Pallas W8A8 matmul: x_fp8 [M, K] e4m3, x_scale [M] or [], w_fp8 [K, N] (or [N, K] with
+    ``w_transposed``) e4m3, w_scale [N] or [] -> [M, N] ``out_dtype``; fp32 accumulation.
+
+    Blocks must be powers of two with block_m, block_n, block_k >= 16 (tensor-core dot). Edges
+    are masked, so M, N, K need not be multiples of the blocks. ``split_k`` > 1 splits K across
+    programs (fp32 partials summed by XLA): for small M, where M x N tiles alone cannot fill the
+    GPU.
+    """
+    M, K = x_fp8.shape
+    N = w_fp8.shape[0] if w_transposed else w_fp8.shape[1]
+    xs, ws = _scales(x_scale, w_scale, M, N)
+    M_pad = pl.cdiv(M, block_m) * block_m
+    N_pad = pl.cdiv(N, block_n) * block_n
+    k_per_split = pl.cdiv(pl.cdiv(K, split_k), block_k) * block_k
+    kernel = functools.partial(
+        _fp8_matmul_kernel, M=M, N=N, K=K, block_m=block_m, block_n=block_n, block_k=block_k,
+        k_per_split=k_per_split, split_k=split_k, w_transposed=w_transposed, M_pad=M_pad)
+    part_dtype = out_dtype if split_k == 1 else jnp.float32
+    out = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(M, block_m), pl.cdiv(N, block_n), split_k),
+        out_shape=jax.ShapeDtypeStruct((split_k * M_pad, N_pad), part_dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"fp8_matmul_{block_m}x{block_n}x{block_k}_s{split_k}",
+    )(x_fp8, w_fp8, xs, ws)
+    if split_k == 1:
+        return out[:M, :N]
+    return out.reshape(split_k, M_pad, N_pad)[:, :M, :N].sum(axis=0).astype(out_dtype)

@@ -1,0 +1,229 @@
+"""Pallas kernels against their jnp references, on CPU through the Pallas interpreter.
+
+Metric: ‖out − ref‖ / ‖ref‖ over the real tokens; padding tokens must be exactly zero.
+Tolerances: float32 inputs 1e-5 (both accumulate in float32; only the summation order differs);
+bf16 inputs 1e-2 (both round the softmax probabilities to bf16 for the P·V dot, but at different
+points of the online softmax, rescaled by different running maxima: ~2^-9 per term).
+Each configuration compiles once (interpretation compiles the whole grid loop: ~5-10 s here) and
+is then checked on several fresh random batches of the same static shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.fp8_matmul import (
+    E4M3_MAX,
+    fp8_matmul,
+    fp8_matmul_reference,
+    fp8_matmul_xla,
+    quantize_activation_per_tensor,
+    quantize_activation_per_token,
+    quantize_weight_per_channel,
+    quantize_weight_per_tensor,
+)
+from pallas_kernels.ragged_paged_attention import (
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+)
+
+
+def _rel_err(out, ref):
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(out))
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+def _random_batch(rng, *, kinds, T, S, M, B, P, H, K, D, dtype):
+    """A ragged batch of the given sequence kinds in fixed static shapes, pages in random order.
+
+    kinds: "decode" (q_len 1 after context), "prefill" (whole prompt), "chunk" (prefill chunk after
+    context). Unused page-table entries and unused pages hold random ids / random data, so any
+    read the masks fail to exclude shows up in the error.
+    """
+    L = M * B
+    q_lens, ctx_lens = [], []
+    budget = T
+    for kind in kinds:
+        if kind == "decode":
+            ql, c = 1, int(rng.integers(1, L + 1))
+        elif kind == "prefill":
+            ql = int(rng.integers(2, min(budget, L) + 1))
+            c = ql
+        else:
+            ql = int(rng.integers(2, min(budget, L - 1) + 1))
+            c = int(rng.integers(ql + 1, L + 1))
+        ql = min(ql, budget)
+        budget -= ql
+        q_lens.append(ql)
+        ctx_lens.append(max(c, ql))
+    n = len(kinds)
+    need = sum(-(-c // B) for c in ctx_lens)
+    assert need <= P - 1, "grow P"
+    pages = rng.permutation(np.arange(1, P))
+    page_table = rng.integers(0, P, (S, M)).astype(np.int32)
+    page_table[n:] = 0
+    used = 0
+    for s, c in enumerate(ctx_lens):
+        k = -(-c // B)
+        page_table[s, :k] = pages[used:used + k]
+        used += k
+    qsl = np.zeros(S + 1, np.int32)
+    qsl[1:n + 1] = np.cumsum(q_lens)
+    qsl[n + 1:] = qsl[n]
+    seq_lens = np.zeros(S, np.int32)
+    seq_lens[:n] = ctx_lens
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    k_pages = rng.standard_normal((P, B, K, D)).astype(np.float32)
+    v_pages = rng.standard_normal((P, B, K, D)).astype(np.float32)
+    cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    return (cast(q), cast(k_pages), cast(v_pages), jnp.asarray(seq_lens), jnp.asarray(page_table),
+            jnp.asarray(qsl), jnp.asarray([n], np.int32)), int(qsl[n])
+
+
+def _check_attention(seed, kinds_list, *, H, K, dtype, tol, T=24, S=6, M=6, B=8, D=32,
+                     sliding_window=None, soft_cap=None, **knobs):
+    P = S * M + 2
+    sm_scale = D ** -0.5
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    kernel = jax.jit(functools.partial(ragged_paged_attention, interpret=True, **kw, **knobs))
+    ref_fn = jax.jit(functools.partial(ragged_paged_attention_reference, **kw))
+    rng = np.random.default_rng(seed)
+    for kinds in kinds_list:
+        args, n_real = _random_batch(rng, kinds=kinds, T=T, S=S, M=M, B=B, P=P, H=H, K=K, D=D,
+                                     dtype=dtype)
+        out = np.asarray(kernel(*args).astype(jnp.float32))
+        ref = np.asarray(ref_fn(*args).astype(jnp.float32))
+        err = _rel_err(out[:n_real], ref[:n_real])
+        assert err < tol, (kinds, err)
+        assert np.all(out[n_real:] == 0.0), "padding tokens must produce zeros"
+
+
+MIXED = [("decode", "chunk", "decode", "prefill"), ("prefill", "decode"),
+         ("chunk", "chunk", "decode", "decode", "decode")]
+
+
+def test_mixed_ragged_batches_match_reference_f32_mha():
+    _check_attention(0, MIXED, H=4, K=4, dtype=jnp.float32, tol=1e-5, block_q=4,
+                     pages_per_block=2, decode_splits=3)
+
+
+def test_mixed_ragged_batches_match_reference_f32_gqa4_sliding_window():
+    _check_attention(1, MIXED, H=8, K=2, dtype=jnp.float32, tol=1e-5, sliding_window=11,
+                     block_q=4, pages_per_block=2, decode_splits=2)
+
+
+def test_soft_cap_and_bf16_inputs_match_reference_gqa4():
+    _check_attention(2, MIXED, H=8, K=2, dtype=jnp.bfloat16, tol=1e-2, soft_cap=5.0,
+                     block_q=8, pages_per_block=1, decode_splits=4)
+
+
+def test_decode_only_batches_with_split_context_match_reference():
+    decode = [("decode",) * 6, ("decode",) * 3]
+    _check_attention(3, decode, H=8, K=2, dtype=jnp.float32, tol=1e-5, prefill=False,
+                     pages_per_block=1, decode_splits=4)
+
+
+def test_prefill_and_chunked_prefill_only_batches_match_reference():
+    # decode=False: the prefill launch alone serves every sequence, q_len 1 included.
+    kinds = [("prefill", "prefill"), ("chunk", "chunk", "chunk"), ("chunk", "decode")]
+    _check_attention(4, kinds, H=8, K=2, dtype=jnp.float32, tol=1e-5, decode=False, block_q=2,
+                     pages_per_block=2)
+
+
+def test_paged_attention_pallas_backend_matches_reference_backend():
+    from jaxllm.models.attention import AttentionMetadata, paged_attention
+
+    rng = np.random.default_rng(5)
+    (q, kp, vp, sl, pt, qsl, ns), n_real = _random_batch(
+        rng, kinds=("chunk", "decode", "prefill"), T=24, S=6, M=6, B=8, P=40, H=8, K=2, D=32,
+        dtype=jnp.float32)
+    md = AttentionMetadata(slot_mapping=jnp.zeros(24, jnp.int32), query_start_loc=qsl,
+                           seq_lens=sl, page_table=pt, num_seqs=ns)
+    attend = jax.jit(paged_attention, static_argnames=("sm_scale", "backend"))
+    got = attend(q, kp, vp, md, sm_scale=0.2, backend="pallas")
+    want = attend(q, kp, vp, md, sm_scale=0.2, backend="reference")
+    assert _rel_err(got, want) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("H,K", [(4, 4), (8, 2), (12, 4)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("window,cap", [(None, None), (13, None), (None, 8.0), (7, 3.0)])
+def test_attention_sweep_matches_reference(H, K, dtype, tol, window, cap):
+    kinds = MIXED + [("decode",) * 5, ("prefill",), ("chunk",) * 4]
+    _check_attention(6, kinds, H=H, K=K, dtype=dtype, tol=tol, sliding_window=window,
+                     soft_cap=cap, T=40, S=8, M=8, B=8, block_q=4, pages_per_block=2,
+                     decode_splits=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 (e4m3) W8A8 matmul.
+# e4m3 keeps 3 mantissa bits: round-to-nearest leaves a relative error of at most 2^-4 per
+# element, uniformly spread, so a quantized tensor's ‖x_q − x‖/‖x‖ is ~2^-4/√3 ≈ 0.036 (< 0.05
+# checked). The product of two such tensors carries two independent errors: ≈ 0.05 relative on
+# random data; we bound it by 0.08 against the unquantized fp32 product. Against the reference
+# (same quantized inputs, dequantize-then-matmul in fp32) only summation order and the bf16
+# output rounding differ: < 1e-2 (bf16 output: 2^-9 relative per element).
+# ---------------------------------------------------------------------------------------------
+
+def test_quantize_round_trips_within_e4m3_precision():
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((33, 64)) * rng.uniform(0.1, 10, (33, 1)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 48)) * rng.uniform(0.1, 10, (1, 48)), jnp.float32)
+    xq, xs = quantize_activation_per_token(x)
+    wq, ws = quantize_weight_per_channel(w)
+    assert xq.dtype == jnp.float8_e4m3fn and xs.shape == (33,)
+    assert wq.dtype == jnp.float8_e4m3fn and ws.shape == (48,)
+    # Every row / column uses the full e4m3 range: its absmax maps to 448.
+    np.testing.assert_allclose(np.abs(np.asarray(xq, np.float32)).max(1), E4M3_MAX)
+    np.testing.assert_allclose(np.abs(np.asarray(wq, np.float32)).max(0), E4M3_MAX)
+    assert _rel_err(xq.astype(jnp.float32) * xs[:, None], x) < 0.05
+    assert _rel_err(wq.astype(jnp.float32) * ws[None, :], w) < 0.05
+    xq_t, xs_t = quantize_activation_per_tensor(x)
+    wq_t, ws_t = quantize_weight_per_tensor(w)
+    assert xs_t.shape == () and ws_t.shape == ()
+    # Per-tensor scaling wastes range on rows with small values: looser, still bounded.
+    assert _rel_err(wq_t.astype(jnp.float32) * ws_t, w) < 0.1
+    assert _rel_err(xq_t.astype(jnp.float32) * xs_t, x) < 0.1
+    # Zero rows do not divide by zero.
+    zq, zs = quantize_activation_per_token(jnp.zeros((2, 8)))
+    assert np.all(np.asarray(zq, np.float32) == 0) and np.all(np.isfinite(np.asarray(zs)))
+
+
+@pytest.mark.parametrize("M,K,N,bm,bn,bk", [
+    (1, 64, 32, 16, 32, 32), (40, 96, 80, 32, 32, 32),
+    pytest.param(128, 128, 64, 64, 64, 64, marks=pytest.mark.slow)])
+def test_fp8_matmul_kernel_and_xla_path_match_reference(M, K, N, bm, bn, bk):
+    rng = np.random.default_rng(M)
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((K, N)) * 0.05, jnp.bfloat16)
+    xq, xs = quantize_activation_per_token(x)
+    wq, ws = quantize_weight_per_channel(w)
+    ref = fp8_matmul_reference(xq, xs, wq, ws)
+    got = fp8_matmul(xq, xs, wq, ws, block_m=bm, block_n=bn, block_k=bk, interpret=True)
+    xla = fp8_matmul_xla(xq, xs, wq, ws)
+    assert got.shape == (M, N) and got.dtype == jnp.bfloat16
+    assert _rel_err(got, ref) < 1e-2
+    assert _rel_err(xla, ref) < 1e-2
+    exact = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+    assert _rel_err(ref, exact) < 0.08
+
+
+def test_fp8_matmul_accepts_per_tensor_scales():
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((20, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)
+    xq, xs = quantize_activation_per_tensor(x)
+    wq, ws = quantize_weight_per_tensor(w)
+    ref = fp8_matmul_reference(xq, xs, wq, ws, out_dtype=jnp.float32)
+    got = fp8_matmul(xq, xs, wq, ws, out_dtype=jnp.float32, block_m=16, block_n=16, block_k=32,
+                     interpret=True)
+    assert _rel_err(got, ref) < 1e-5
+    assert _rel_err(fp8_matmul_xla(xq, xs, wq, ws, out_dtype=jnp.float32), ref) < 1e-5
