@@ -1,0 +1,499 @@
+"""Kernel benchmark (issue 5): check each Pallas kernel against its reference on the GPU, then time
+it against its peers at Llama-3-8B shapes (32 q heads, 8 KV heads, head dim 128, page size 16).
+
+  python3 benchmarks/kernels.py --out $OUT/kernels.jsonl [--only decode,prefill,mixed,gemm]
+
+Sections (each row: median of 5 rounds of back-to-back calls after warm-up; inputs rotated among
+copies when one copy would sit in the 50 MB L2):
+  decode   batch {1,8,64,256} x context {512,4k,32k}: ours (block sweep) vs the jnp reference under
+           jit, JAX's shipped pallas.ops.gpu.paged_attention, cuDNN on pre-gathered contiguous KV.
+           GB/s = K/V bytes read / time, vs the measured 3.1 TB/s.
+  prefill  causal prompts (1x4096, 4x1024): ours (block sweep) vs reference and cuDNN; TFLOP/s.
+  mixed    one 2k prefill chunk after 2k context + 64 decodes at 4k: one call vs the sum of the
+           prefill-only and decode-only calls.
+  gemm     M {1,16,64,256,1024,4096} x (K,N) {(4096,6144),(4096,4096),(4096,28672),(14336,4096)}:
+           bf16 XLA dot, XLA fp8 dot (cuBLASLt), Pallas fp8 (block sweep); TFLOP/s and GB/s.
+A kernel that fails to compile or run prints its error and the script goes on. Every result is
+one JSON line in --out; the best config per shape is printed last (for the table in the module).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.fp8_matmul import (  # noqa: E402
+    fp8_matmul,
+    fp8_matmul_reference,
+    fp8_matmul_xla,
+    quantize_activation_per_token,
+    quantize_weight_per_channel,
+)
+from pallas_kernels.ragged_paged_attention import (  # noqa: E402
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+)
+
+H, KH, D, B = 32, 8, 128, 16
+SM = D ** -0.5
+PEAK_BW = 3.1e12  # measured read bandwidth of the H100 (DESIGN.md)
+PEAK_BF16 = 810e12  # measured bf16 GEMM
+PEAK_FP8 = 1600e12  # dense fp8 datasheet-ish; XLA/cuBLASLt measured 922
+L2_BYTES = 50 * 2**20
+
+# Shape lists; --smoke swaps in tiny ones and runs the kernels in interpret mode (a CPU check of
+# this script itself, not a measurement).
+DECODE_SHAPES = [(1, 512), (1, 4096), (1, 32768), (8, 512), (8, 4096), (8, 32768),
+                 (64, 512), (64, 4096), (64, 32768), (256, 512), (256, 4096)]
+PREFILL_SHAPES = [(1, 4096), (4, 1024)]
+MIXED = (2048, 64, 4096)  # prefill chunk, decodes, context
+GEMM_KN = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+GEMM_M = [1, 16, 64, 256, 1024, 4096]
+SMOKE = False
+
+
+def _smoke():
+    global H, KH, D, SM, DECODE_SHAPES, PREFILL_SHAPES, MIXED, GEMM_KN, GEMM_M, SMOKE
+    H, KH, D = 8, 2, 32
+    SM = D ** -0.5
+    DECODE_SHAPES = [(2, 512)]
+    PREFILL_SHAPES = [(1, 64)]
+    MIXED = (32, 4, 64)
+    GEMM_KN = [(256, 64)]
+    GEMM_M = [1, 64]
+    SMOKE = True
+
+
+def few(configs):
+    return configs[:2] if SMOKE else configs
+
+
+T0 = time.time()
+RESULTS: list[dict] = []
+OUT = None
+
+
+def emit(rec: dict) -> None:
+    RESULTS.append(rec)
+    if OUT is not None:
+        with open(OUT, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def bench(fn, arg_sets, rounds=5, min_round_s=3e-3):
+    """Median seconds per call. arg_sets: list of argument tuples cycled through (L2 rotation)."""
+    jax.block_until_ready(fn(*arg_sets[0]))  # compile + warm-up
+    for a in arg_sets:
+        jax.block_until_ready(fn(*a))
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*arg_sets[0]))
+    one = time.perf_counter() - t
+    n = int(min(200, max(1, math.ceil(min_round_s / max(one, 1e-6)))))
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        out = None
+        for i in range(n):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / n)
+    return statistics.median(times)
+
+
+def rel_err(out, ref):
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    if not np.all(np.isfinite(out)):
+        return float("nan")
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def short(e: BaseException) -> str:
+    s = f"{type(e).__name__}: {e}"
+    return s if len(s) < 400 else s[:400] + " ..."
+
+
+def run_case(section, shape, impl, config, fn, arg_sets, *, ref=None, bytes_=None, flops=None,
+             peak_flops=None, tol=None):
+    rec = dict(section=section, **shape, impl=impl, config=config)
+    try:
+        out = jax.block_until_ready(fn(*arg_sets[0]))
+        if ref is not None:
+            rec["rel_err"] = rel_err(out, ref)
+            rec["ok"] = bool(rec["rel_err"] < tol)
+        del out
+        t = bench(fn, arg_sets)
+        rec["time_us"] = t * 1e6
+        if bytes_:
+            rec["gbps"] = bytes_ / t / 1e9
+            rec["pct_bw"] = 100 * bytes_ / t / PEAK_BW
+        if flops:
+            rec["tflops"] = flops / t / 1e12
+            if peak_flops:
+                rec["pct_peak"] = 100 * flops / t / peak_flops
+    except Exception as e:  # noqa: BLE001 - a failing variant must not stop the sweep
+        rec["error"] = short(e)
+        print(f"  [{section} {shape} {impl} {config}] FAILED: {rec['error']}", flush=True)
+        if "--verbose" in sys.argv:
+            traceback.print_exc()
+    emit(rec)
+    line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in rec.items() if k not in ("section",))
+    print(f"  {section}: {line}", flush=True)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention inputs
+# ---------------------------------------------------------------------------------------------
+
+def make_batch(rng, q_lens, ctx_lens, dtype=jnp.bfloat16, n_copies=1):
+    """Ragged batch with pages scattered at random over a pool of n_copies disjoint page sets.
+
+    Returns (q, k_pages, v_pages, list of (seq_lens, page_table, qsl, num_seqs) per copy)."""
+    S = len(q_lens)
+    M = max(-(-c // B) for c in ctx_lens)
+    need = sum(-(-c // B) for c in ctx_lens)
+    P = 1 + need * n_copies
+    perm = rng.permutation(np.arange(1, P))
+    metas = []
+    for c in range(n_copies):
+        pt = np.zeros((S, M), np.int32)
+        used = c * need
+        for s, cl in enumerate(ctx_lens):
+            n = -(-cl // B)
+            pt[s, :n] = perm[used:used + n]
+            used += n
+        qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        metas.append((jnp.asarray(np.asarray(ctx_lens, np.int32)), jnp.asarray(pt),
+                      jnp.asarray(qsl), jnp.asarray([S], np.int32)))
+    T = int(sum(q_lens))
+    k1, k2, k3 = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 3)
+    q = jax.random.normal(k1, (T, H, D), dtype)
+    kp = jax.random.normal(k2, (P, B, KH, D), dtype)
+    vp = jax.random.normal(k3, (P, B, KH, D), dtype)
+    return q, kp, vp, metas
+
+
+def kv_bytes(ctx_lens, itemsize=2):
+    return sum(ctx_lens) * KH * D * itemsize * 2
+
+
+def causal_flops(q_lens, ctx_lens):
+    """4 * H * D per (query, attended key) pair (QK^T and PV)."""
+    pairs = sum(ql * (c - ql) + ql * (ql + 1) // 2 for ql, c in zip(q_lens, ctx_lens))
+    return 4 * H * D * pairs
+
+
+def ours_fn(**knobs):
+    f = functools.partial(ragged_paged_attention, sm_scale=SM, interpret=SMOKE, **knobs)
+    return jax.jit(lambda q, kp, vp, m: f(q, kp, vp, *m))
+
+
+def REF(q, kp, vp, m):
+    return _ref(q, kp, vp, m, SM)
+
+
+_ref = jax.jit(lambda q, kp, vp, m, sm: ragged_paged_attention_reference(q, kp, vp, *m,
+                                                                          sm_scale=sm),
+               static_argnums=4)
+
+
+def bench_decode(rng, budget_s):
+    print("== decode (q_len 1 per sequence) ==", flush=True)
+    for batch, ctx in DECODE_SHAPES:
+        shape = dict(batch=batch, ctx=ctx)
+        nbytes = kv_bytes([ctx] * batch)
+        n_copies = max(1, min(4, math.ceil(3 * L2_BYTES / nbytes)))
+        try:
+            q, kp, vp, metas = make_batch(rng, [1] * batch, [ctx] * batch, n_copies=n_copies)
+        except Exception as e:  # noqa: BLE001
+            print(f"  decode {shape}: cannot build inputs: {short(e)}")
+            continue
+        arg_sets = [(q, kp, vp, m) for m in metas]
+        ref = None
+        if nbytes <= 4 * 2**30:
+            ref = run_case("decode", shape, "reference_xla", "", REF, arg_sets, bytes_=nbytes)
+            ref = REF(*arg_sets[0]) if "error" not in ref else None
+        if ref is None:  # at huge contexts: check against the kernel without splits instead
+            ref = jax.block_until_ready(
+                ours_fn(prefill=False, decode_splits=1, decode_pages_per_block=8)(*arg_sets[0]))
+        # Splits so that batch * KV heads * splits covers the 132 SMs about twice.
+        auto = max(1, min(ctx // 256, math.ceil(264 / (batch * KH))))
+        configs = []
+        for ppb in (8, 16):
+            for ns in sorted({auto, max(1, min(ctx // (ppb * B), auto * 2))}):
+                configs.append(dict(decode_pages_per_block=ppb, decode_splits=ns, num_warps=4))
+        configs.append(dict(decode_pages_per_block=4, decode_splits=auto, num_warps=4))
+        for i, cfg in enumerate(few(configs)):
+            if i > 0 and time.time() - T0 > budget_s:
+                break
+            run_case("decode", shape, "pallas", cfg, ours_fn(prefill=False, num_stages=2, **cfg),
+                     arg_sets, ref=ref, bytes_=nbytes, tol=2e-2)
+        if (batch, ctx) == (64, 4096) or SMOKE:
+            run_case("decode", shape, "pallas_both_launches", configs[0],
+                     ours_fn(**configs[0]), arg_sets, ref=ref, bytes_=nbytes, tol=2e-2)
+        bench_jax_paged(shape, q, kp, vp, metas, ref, nbytes)
+        bench_cudnn_decode(shape, q, kp, vp, metas, ref, nbytes)
+        del q, kp, vp, metas, arg_sets, ref
+
+
+def bench_jax_paged(shape, q, kp, vp, metas, ref, nbytes):
+    """JAX's shipped Pallas paged attention: pages [K, P, B, D] (transposed once, not timed)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from jax.experimental.pallas.ops.gpu import paged_attention as jpa
+    except Exception as e:  # noqa: BLE001
+        print(f"  jax paged_attention unavailable: {short(e)}")
+        return
+    kt = jnp.transpose(kp, (2, 0, 1, 3))
+    vt = jnp.transpose(vp, (2, 0, 1, 3))
+    batch, ctx = shape["batch"], shape["ctx"]
+    for ppcb, ks in [(8, 16), (16, 8)]:
+        M = metas[0][1].shape[1]
+        if M % ks or (M // ks) % min(ppcb, M // ks):
+            continue
+        f = jax.jit(functools.partial(jpa.paged_attention, pages_per_compute_block=ppcb,
+                                      k_splits=ks, interpret=SMOKE))
+        sets = [(q * SM, kt, vt, m[1], m[0]) for m in metas]  # it has no sm_scale argument
+        run_case("decode", shape, "jax_pallas_paged_attention",
+                 dict(pages_per_compute_block=ppcb, k_splits=ks), f, sets, ref=ref,
+                 bytes_=nbytes, tol=2e-2)
+    del kt, vt
+
+
+def bench_cudnn_decode(shape, q, kp, vp, metas, ref, nbytes):
+    """cuDNN attention on KV gathered to contiguous [batch, L, K, D] beforehand (not timed)."""
+    batch, ctx = shape["batch"], shape["ctx"]
+    if nbytes > 8 * 2**30:
+        return
+    try:
+        sl, pt, _, _ = metas[0]
+        kc = kp[pt].reshape(batch, -1, KH, D)[:, :ctx]
+        vc = vp[pt].reshape(batch, -1, KH, D)[:, :ctx]
+        f = jax.jit(lambda q_, k_, v_: jax.nn.dot_product_attention(
+            q_[:, None], k_, v_, scale=SM, implementation="cudnn")[:, 0])
+        run_case("decode", shape, "cudnn_contiguous_kv", "", f, [(q, kc, vc)], ref=ref,
+                 bytes_=nbytes, tol=2e-2)
+    except Exception as e:  # noqa: BLE001
+        print(f"  cudnn decode {shape}: {short(e)}")
+
+
+def bench_prefill(rng, budget_s):
+    print("== prefill (causal prompts) ==", flush=True)
+    for n, L in PREFILL_SHAPES:
+        shape = dict(batch=n, q_len=L)
+        q, kp, vp, metas = make_batch(rng, [L] * n, [L] * n)
+        arg_sets = [(q, kp, vp, m) for m in metas]
+        flops = causal_flops([L] * n, [L] * n)
+        run_case("prefill", shape, "reference_xla", "", REF, arg_sets, flops=flops,
+                 peak_flops=PEAK_BF16)
+        ref = REF(*arg_sets[0])
+        configs = [dict(block_q=bq, pages_per_block=ppb, num_warps=w, num_stages=st)
+                   for bq, ppb, w, st in [(16, 4, 4, 2), (16, 8, 4, 2), (32, 4, 4, 2),
+                                          (32, 8, 8, 2), (32, 4, 8, 3), (16, 8, 4, 3),
+                                          (64 // 4, 16, 8, 2), (8, 8, 4, 2)]]
+        for i, cfg in enumerate(few(configs)):
+            if i > 0 and time.time() - T0 > budget_s:
+                break
+            run_case("prefill", shape, "pallas", cfg, ours_fn(decode=False, **cfg), arg_sets,
+                     ref=ref, flops=flops, peak_flops=PEAK_BF16, tol=2e-2)
+        try:
+            qc = q.reshape(n, L, H, D)
+            kc = kp[metas[0][1]].reshape(n, -1, KH, D)[:, :L]
+            vc = vp[metas[0][1]].reshape(n, -1, KH, D)[:, :L]
+            f = jax.jit(lambda q_, k_, v_: jax.nn.dot_product_attention(
+                q_, k_, v_, scale=SM, is_causal=True, implementation="cudnn").reshape(n * L, H, D))
+            run_case("prefill", shape, "cudnn_contiguous_kv", "", f, [(qc, kc, vc)], ref=ref,
+                     flops=flops, peak_flops=PEAK_BF16, tol=2e-2)
+        except Exception as e:  # noqa: BLE001
+            print(f"  cudnn prefill {shape}: {short(e)}")
+        del q, kp, vp, metas, arg_sets, ref
+
+
+def bench_mixed(rng, best_decode: dict, best_prefill: dict):
+    chunk, nd, c = MIXED
+    print(f"== mixed: one {chunk} prefill chunk + {nd} decodes, context {c} ==", flush=True)
+    q_lens = [chunk] + [1] * nd
+    ctx = [c] * (nd + 1)
+    q, kp, vp, metas = make_batch(rng, q_lens, ctx)
+    m = metas[0]
+    shape = dict(prefill_chunk=chunk, decodes=nd, ctx=c)
+    ref = REF(q, kp, vp, m)
+    knobs = {**best_prefill, **best_decode}
+    run_case("mixed", shape, "pallas_one_call", knobs, ours_fn(**knobs), [(q, kp, vp, m)],
+             ref=ref, bytes_=kv_bytes(ctx), flops=causal_flops(q_lens, ctx), tol=2e-2)
+    # The two parts alone: the prefill sequence, then the 64 decodes, as separate batches.
+    qp, kpp, vpp, mp = make_batch(rng, [chunk], [c])
+    qd, kpd, vpd, md = make_batch(rng, [1] * nd, [c] * nd)
+    run_case("mixed", shape, "pallas_prefill_part", best_prefill,
+             ours_fn(decode=False, **best_prefill), [(qp, kpp, vpp, mp[0])])
+    run_case("mixed", shape, "pallas_decode_part", best_decode,
+             ours_fn(prefill=False, **best_decode), [(qd, kpd, vpd, md[0])])
+    run_case("mixed", shape, "reference_xla", "", REF, [(q, kp, vp, m)])
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM
+# ---------------------------------------------------------------------------------------------
+
+def gemm_configs(M):
+    if M <= 16:
+        return [dict(block_m=16, block_n=64, block_k=256, split_k=1),
+                dict(block_m=16, block_n=64, block_k=256, split_k=4),
+                dict(block_m=16, block_n=32, block_k=256, split_k=2),
+                dict(block_m=16, block_n=128, block_k=128, split_k=4),
+                dict(block_m=16, block_n=64, block_k=256, split_k=4, w_transposed=True)]
+    if M <= 64:
+        return [dict(block_m=64, block_n=64, block_k=256, split_k=1),
+                dict(block_m=64, block_n=64, block_k=256, split_k=4),
+                dict(block_m=64, block_n=128, block_k=128, split_k=2),
+                dict(block_m=64, block_n=64, block_k=256, split_k=4, w_transposed=True)]
+    if M <= 256:
+        return [dict(block_m=64, block_n=128, block_k=128, split_k=1),
+                dict(block_m=128, block_n=128, block_k=128, split_k=1, num_warps=8),
+                dict(block_m=64, block_n=128, block_k=128, split_k=2),
+                dict(block_m=128, block_n=128, block_k=128, split_k=1, num_warps=8,
+                     w_transposed=True)]
+    return [dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
+            dict(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3),
+            dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4,
+                 w_transposed=True),
+            dict(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3,
+                 w_transposed=True),
+            dict(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)]
+
+
+def bench_gemm(budget_s):
+    print("== gemm: W8A8 e4m3 vs bf16 ==", flush=True)
+    bf16 = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
+                   .astype(jnp.bfloat16))
+    xla8 = jax.jit(fp8_matmul_xla)
+    for K, N in GEMM_KN:
+        key = jax.random.key(K * 7 + N)
+        w = jax.random.normal(key, (K, N), jnp.bfloat16) * 0.02
+        n_rot = max(1, min(4, math.ceil(3 * L2_BYTES / (K * N))))  # fp8 weight copies
+        ws = [w * (1 + 0.01 * i) for i in range(n_rot)]
+        wq = [quantize_weight_per_channel(wi) for wi in ws]
+        wq_t = [(jnp.asarray(q.T), s) for q, s in wq]  # [N, K] layout, prepared once
+        for M in GEMM_M:
+            shape = dict(M=M, K=K, N=N)
+            x = jax.random.normal(jax.random.key(M), (M, K), jnp.bfloat16)
+            xq, xs = quantize_activation_per_token(x)
+            flops = 2 * M * K * N
+            b16 = M * K * 2 + K * N * 2 + M * N * 2
+            b8 = M * K + K * N + M * N * 2
+            ref = fp8_matmul_reference(xq, xs, wq[0][0], wq[0][1])
+            run_case("gemm", shape, "xla_bf16", "", bf16, [(x, wi) for wi in ws], bytes_=b16,
+                     flops=flops, peak_flops=PEAK_BF16)
+            run_case("gemm", shape, "xla_fp8", "", xla8, [(xq, xs, q, s) for q, s in wq],
+                     ref=ref, bytes_=b8, flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
+            for i, cfg in enumerate(few(gemm_configs(M))):
+                if i > 0 and time.time() - T0 > budget_s:
+                    break
+                cfg = dict(cfg)
+                wt = cfg.get("w_transposed", False)
+                f = functools.partial(fp8_matmul, interpret=SMOKE, **cfg)
+                sets = [(xq, xs, q, s) for q, s in (wq_t if wt else wq)]
+                run_case("gemm", shape, "pallas_fp8", cfg, f, sets, ref=ref, bytes_=b8,
+                         flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
+            del x, xq, xs, ref
+        del w, ws, wq, wq_t
+
+
+def summarize():
+    print("\n== best per shape (time_us; GB/s or TFLOP/s) ==")
+    groups: dict[tuple, list[dict]] = {}
+    for r in RESULTS:
+        if "time_us" not in r:
+            continue
+        shape = tuple((k, r[k]) for k in ("batch", "ctx", "q_len", "prefill_chunk", "decodes",
+                                           "M", "K", "N") if k in r)
+        groups.setdefault((r["section"], shape), []).append(r)
+    for (section, shape), rs in groups.items():
+        by_impl: dict[str, dict] = {}
+        for r in rs:
+            if r.get("ok") is False:
+                continue
+            if r["impl"] not in by_impl or r["time_us"] < by_impl[r["impl"]]["time_us"]:
+                by_impl[r["impl"]] = r
+        cells = []
+        for impl, r in sorted(by_impl.items(), key=lambda kv: kv[1]["time_us"]):
+            perf = (f"{r['gbps']:.0f}GB/s({r['pct_bw']:.0f}%)" if section == "decode" or (
+                section == "gemm" and r.get("M", 9999) <= 64) else
+                f"{r.get('tflops', 0):.0f}TF/s")
+            cells.append(f"{impl}={r['time_us']:.1f}us {perf}")
+        print(f"{section:8s} {dict(shape)}: " + " | ".join(cells))
+        if "pallas" in by_impl or "pallas_fp8" in by_impl:
+            best = by_impl.get("pallas") or by_impl.get("pallas_fp8")
+            print(f"{'':8s}   best pallas config: {best['config']}")
+    bad = [r for r in RESULTS if r.get("ok") is False]
+    errs = [r for r in RESULTS if "error" in r]
+    print(f"\n{len(RESULTS)} cases, {len(bad)} over tolerance, {len(errs)} errors, "
+          f"{time.time() - T0:.0f}s")
+    for r in bad:
+        print(f"  OVER TOLERANCE: {r['section']} {r['impl']} {r['config']} rel_err={r['rel_err']}")
+
+
+def best_config(section, shape_filter, default):
+    rs = [r for r in RESULTS if r["section"] == section and r["impl"] == "pallas"
+          and r.get("ok") and all(r.get(k) == v for k, v in shape_filter.items())]
+    return min(rs, key=lambda r: r["time_us"])["config"] if rs else default
+
+
+def main():
+    global OUT
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
+    ap.add_argument("--only", default="decode,gemm,prefill,mixed")
+    ap.add_argument("--budget", type=float, default=300.0,
+                    help="seconds after which sweeps keep only their first config")
+    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    args = ap.parse_args()
+    if args.smoke:
+        _smoke()
+    OUT = args.out
+    if OUT:
+        Path(OUT).parent.mkdir(parents=True, exist_ok=True)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+    only = args.only.split(",")
+    rng = np.random.default_rng(0)
+    # Decode and GEMM first: they carry the targets; each section gets a share of the budget.
+    b = args.budget
+    if "decode" in only:
+        bench_decode(rng, b * 0.35)
+    if "gemm" in only:
+        bench_gemm(b * 0.7)
+    if "prefill" in only:
+        bench_prefill(rng, b * 0.9)
+    if "mixed" in only:
+        dec = best_config("decode", dict(batch=64, ctx=4096),
+                          dict(decode_pages_per_block=8, decode_splits=1, num_warps=4))
+        pre = best_config("prefill", dict(batch=4, q_len=1024),
+                          dict(block_q=16, pages_per_block=8, num_warps=4, num_stages=2))
+        dec = {k: v for k, v in dec.items() if k.startswith("decode_")}
+        try:
+            bench_mixed(rng, dec, pre)
+        except Exception as e:  # noqa: BLE001
+            print(f"  mixed: {short(e)}")
+    summarize()
+
+
+if __name__ == "__main__":
+    main()
