@@ -19,8 +19,12 @@ position seq_lens[s] - q_len + i and attends causally to positions <= its own.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 
 def ragged_paged_attention_reference(
@@ -127,12 +131,6 @@ def _attend_tokens(q, t, k_pages, v_pages, seq_lens, page_table, query_start_loc
 # Views: q as [T*H, D] and out as [T*H + 1, D] (row t*H + head; the extra last row absorbs the
 # stores of masked rows), pages as [P*B, K*D] (row page*B + slot, columns of kv head h at h*D).
 # ----------------------------------------------------------------------------------------------
-
-import functools
-import math
-
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 _NEG = -1e30  # finite "minus infinity": keeps exp(m_prev - m_new) free of inf - inf
 
@@ -292,7 +290,11 @@ def ragged_paged_attention(
     ``decode_pages_per_block`` / ``decode_splits`` the same and the flash-decoding split count of
     the decode launch. ``decode=False`` / ``prefill=False`` skip a launch when the caller knows
     the batch has no decode (q_len == 1) or no longer sequences (e.g. a pure decode step); by
-    default both run and each skips the other's sequences.
+    default both run and each skips the other's sequences. With ``prefill=False`` sequences of
+    q_len > 1 are not computed, so pass it only for batches of decodes.
+
+    The defaults are provisional: the H100 sweep of benchmarks/kernels.py picks them per shape
+    class (decode by batch x context, prefill by q_len) and its table goes here.
     """
     T, H, D = q.shape
     P, B, K, _ = k_pages.shape
