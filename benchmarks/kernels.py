@@ -57,8 +57,9 @@ L2_BYTES = 50 * 2**20
 
 # Shape lists; --smoke swaps in tiny ones and runs the kernels in interpret mode (a CPU check of
 # this script itself, not a measurement).
-DECODE_SHAPES = [(1, 512), (1, 4096), (1, 32768), (8, 512), (8, 4096), (8, 32768),
-                 (64, 512), (64, 4096), (64, 32768), (256, 512), (256, 4096)]
+# Target shapes first: sweeps past the time budget keep only their first config.
+DECODE_SHAPES = [(8, 4096), (64, 4096), (1, 32768), (256, 4096), (1, 4096), (8, 32768),
+                 (64, 32768), (1, 512), (8, 512), (64, 512), (256, 512)]
 PREFILL_SHAPES = [(1, 4096), (4, 1024)]
 MIXED = (2048, 64, 4096)  # prefill chunk, decodes, context
 GEMM_KN = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
