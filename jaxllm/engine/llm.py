@@ -30,6 +30,10 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Empties the prefix cache; False (nothing done) while requests are running, as vLLM."""
+        return self.llm_engine.reset_prefix_cache()
+
     def generate(self, prompts: PromptType | TypingSequence[PromptType],
                  sampling_params: SamplingParams | TypingSequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:

@@ -26,6 +26,7 @@ from jaxllm.engine.model_runner import ModelRunner, default_token_buckets, kv_pa
 from jaxllm.engine.scheduler import Scheduler, SchedulerOutput
 from jaxllm.engine.sequence import Sequence, SequenceStatus
 from jaxllm.kv_cache.page_pool import PagePool
+from jaxllm.kv_cache.prefix_cache import PrefixCache
 from jaxllm.outputs import Logprob, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -92,10 +93,15 @@ class LLMEngine:
             token_buckets=token_buckets, cache_dtype=self.cache_dtype, vocab_size=mc.vocab_size,
             max_logprobs=config.max_logprobs)
         self.page_pool = PagePool(num_pages)
+        # Engine-wide extra keys of the page hashes: what else determines the K/V of a page.
+        self.prefix_cache = PrefixCache(
+            self.page_pool, config.page_size, extra_keys=(self.model_name, str(self.cache_dtype))
+        ) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=mnbt,
             max_model_len=self.max_model_len, page_size=config.page_size,
-            page_pool=self.page_pool, enable_chunked_prefill=config.enable_chunked_prefill)
+            page_pool=self.page_pool, enable_chunked_prefill=config.enable_chunked_prefill,
+            prefix_cache=self.prefix_cache)
         pages_per_seq = math.ceil(self.max_model_len / config.page_size)
         logger.info("KV cache: %d pages of %d tokens (%s); max concurrency at max_model_len=%d: "
                     "%.2fx", num_pages - 1, config.page_size, self.cache_dtype, self.max_model_len,
@@ -255,6 +261,17 @@ class LLMEngine:
                 proc.status = SequenceStatus.FINISHED_ABORTED
         return self._make_output(req, final=True)
 
+    def reset_prefix_cache(self) -> bool:
+        """Empties the prefix cache. As vLLM: refused (False, with a warning) while requests hold
+        pages; True when emptied (or when prefix caching is off)."""
+        if self.prefix_cache is None:
+            return True
+        if not self.prefix_cache.reset():
+            logger.warning("reset_prefix_cache: refused, %d requests still hold KV pages",
+                           self.scheduler.num_running)
+            return False
+        return True
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
@@ -267,6 +284,9 @@ class LLMEngine:
         """Runs one scheduler step; returns outputs of requests that changed (per output_kind)."""
         sched: SchedulerOutput = self.scheduler.schedule()
         self.stats["num_preemptions"] += len(sched.preempted)
+        if self.prefix_cache is not None:
+            self.stats["prefix_cache_queries"] = self.prefix_cache.queries
+            self.stats["prefix_cache_hits"] = self.prefix_cache.hits
         if not sched.scheduled:
             return []
         rows = [self._sampling_row(s.seq) for s in sched.scheduled]
@@ -367,6 +387,7 @@ class LLMEngine:
         kind = req.params.output_kind
         if kind == RequestOutputKind.FINAL_ONLY and not final:
             return None
+        req.num_cached_tokens = req.seqs[0].num_cached_tokens  # the prompt's hit (first sibling)
         completions = []
         for i, proc in enumerate(req.processors):
             if kind == RequestOutputKind.DELTA:

@@ -18,6 +18,16 @@ loses all its pages, goes back to `num_computed_tokens = 0` with its output toke
 put at the front of the waiting queue. A continuing prefill chunk is first shortened to the pages
 it can get, so a chunk never evicts another sequence when it can make progress without it.
 
+Prefix caching (with a `PrefixCache`): on admission a waiting sequence takes the longest cached
+prefix of full pages (`PagePool.acquire`, ref +1) and starts with num_computed_tokens there; at
+least one token is always computed (so there are logits to sample: hits are capped at
+(token limit - 1) // B pages, i.e. a fully cached page-aligned prompt recomputes its last page,
+as vLLM). Pages are registered in the cache by `update` as soon as they are full of computed
+tokens (prompt or decode). Siblings of an n > 1 request wait while another sibling is still
+computing their shared prompt pages, then hit them (admission skips them meanwhile; later
+requests may go first). Sequences with prompt_logprobs do not look up (the cached positions
+would have no logits), as vLLM; their pages are still cached.
+
 Length: no K/V is ever computed at a position >= max_model_len, and no token is sampled for a
 sequence that is already max_model_len long. Stop conditions (max_tokens, stop tokens, length)
 are the engine's: it calls `finish`.
@@ -30,6 +40,7 @@ from dataclasses import dataclass
 
 from jaxllm.engine.sequence import Sequence, SequenceStatus
 from jaxllm.kv_cache.page_pool import PagePool
+from jaxllm.kv_cache.prefix_cache import PrefixCache
 
 _RUNNING = SequenceStatus.RUNNING
 _WAITING = SequenceStatus.WAITING
@@ -74,7 +85,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 page_size: int, page_pool: PagePool, enable_chunked_prefill: bool = True):
+                 page_size: int, page_pool: PagePool, enable_chunked_prefill: bool = True,
+                 prefix_cache: PrefixCache | None = None):
         for name, value in (("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens),
                             ("max_model_len", max_model_len), ("page_size", page_size)):
@@ -86,6 +98,10 @@ class Scheduler:
         self.page_size = page_size
         self.page_pool = page_pool
         self.enable_chunked_prefill = enable_chunked_prefill
+        if prefix_cache is not None and (prefix_cache.pool is not page_pool
+                                         or prefix_cache.page_size != page_size):
+            raise ValueError("the prefix cache must index this scheduler's page pool and page size")
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is the newest
         self._requests: dict[str, list[Sequence]] = {}  # request_id -> its unfinished sequences
@@ -187,25 +203,47 @@ class Scheduler:
             budget -= num_new
 
         # 3. Admission, FCFS. Never preempts; skipped when this step had to preempt.
-        waiting, running = self.waiting, self.running
+        waiting, running, cache = self.waiting, self.running, self.prefix_cache
+        deferred: list[Sequence] = []  # n > 1 siblings waiting for a sibling's prompt pages
         while (not preempted and waiting and budget > 0
                and len(running) < self.max_num_seqs):
             seq = waiting[0]
-            remaining = self._token_limit(seq) - seq.num_computed_tokens
+            limit = self._token_limit(seq)
+            hit: list[int] = []
+            lookup = cache is not None and getattr(seq.sampling_params, "prompt_logprobs",
+                                                   None) is None
+            if lookup:
+                if self._sibling_computing_prompt(seq, limit):
+                    deferred.append(waiting.popleft())
+                    continue
+                hit = cache.lookup(seq, limit - 1)
+            num_hit = len(hit) * page_size
+            remaining = limit - num_hit
             num_new = min(remaining, budget)
             if num_new < remaining and not chunked:
                 break  # the whole prompt must fit one step; it waits (head of line)
-            need = _cdiv(seq.num_computed_tokens + num_new, self.page_size) - len(seq.page_ids)
-            if need > pool.num_free_pages:
+            need = _cdiv(num_hit + num_new, page_size) - len(hit)
+            # Hit pages that are free (ref 0) leave the free list too.
+            if need + sum(1 for p in hit if pool.is_free(p)) > pool.num_free_pages:
                 break
             waiting.popleft()
             seq.status = _RUNNING
             running.append(seq)
+            if hit:
+                pool.acquire(hit)
+                seq.page_ids = hit
+                seq.num_registered_pages = len(hit)  # already indexed
+                seq.num_computed_tokens = num_hit
+            if lookup and seq.num_preemptions == 0:  # new requests only, as vLLM's counters
+                seq.num_cached_tokens = num_hit
+                cache.record(seq.num_tokens, num_hit)
             if need > 0:
                 seq.page_ids.extend(pool.allocate(need))
             if num_new > 0:
                 scheduled.append(self._scheduled(seq, num_new))
                 budget -= num_new
+        if deferred:
+            waiting.extendleft(reversed(deferred))
 
         return SchedulerOutput(scheduled=scheduled,
                                num_batched_tokens=self.max_num_batched_tokens - budget,
@@ -221,11 +259,15 @@ class Scheduler:
         if len(sampled) != len(out.scheduled):
             raise ValueError(f"update got {len(sampled)} sampled tokens for "
                              f"{len(out.scheduled)} scheduled sequences")
+        cache = self.prefix_cache
+        full_page = self.page_size
         for s, token in zip(out.scheduled, sampled):
             seq = s.seq
             if seq.status is not _RUNNING:
                 continue
-            seq.num_computed_tokens = s.start_pos + s.num_new_tokens
+            computed = seq.num_computed_tokens = s.start_pos + s.num_new_tokens
+            if cache is not None and computed >= (seq.num_registered_pages + 1) * full_page:
+                cache.register(seq)  # a page just became full of computed tokens
             if s.needs_sample and token is not None:
                 seq.append_token(token)
 
@@ -267,6 +309,17 @@ class Scheduler:
         n = seq.num_tokens
         return n if n < self.max_model_len else self.max_model_len - 1
 
+    def _sibling_computing_prompt(self, seq: Sequence, limit: int) -> bool:
+        """Whether a running sibling (same request, same prompt) is still computing pages seq
+        could hit: then seq waits a step or more and hits them instead of computing them again."""
+        siblings = self._requests.get(seq.request_id)
+        if siblings is None or len(siblings) == 1:
+            return False
+        cacheable = (limit - 1) // self.page_size * self.page_size
+        cacheable = min(cacheable, seq.num_prompt_tokens // self.page_size * self.page_size)
+        return any(s is not seq and s.status is _RUNNING and s.num_computed_tokens < cacheable
+                   for s in siblings)
+
     def _scheduled(self, seq: Sequence, num_new: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
         return ScheduledSeq(seq, num_new, start, start + num_new == seq.num_tokens)
@@ -304,7 +357,6 @@ class Scheduler:
         self.running.remove(seq)
         self._release_pages(seq)
         seq.num_computed_tokens = 0
-        seq.num_cached_tokens = 0
         seq.status = _WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -314,3 +366,4 @@ class Scheduler:
         # Tail first: with prefix caching the tail is the least shared, so it is evicted first.
         self.page_pool.free(reversed(seq.page_ids))
         seq.page_ids = []
+        seq.num_registered_pages = 0

@@ -42,7 +42,14 @@ class Sequence:
 
     num_computed_tokens: tokens at the front of `all_token_ids` whose K/V is in the cache (pages
         `page_ids`); the next step computes from position num_computed_tokens on.
-    num_cached_tokens: of the computed tokens, how many came from the prefix cache at admission.
+    num_cached_tokens: prompt tokens served from the prefix cache at the first admission (kept
+        across preemptions: it is what RequestOutput.num_cached_tokens reports).
+    page_hashes: prefix-cache hashes of the full pages of all_token_ids computed so far (memoized
+        by `PrefixCache.seq_page_hash`; tokens only grow, so they stay valid across preemption).
+    num_registered_pages: leading entries of page_ids already in the prefix-cache index (or
+        deliberately left out of it); reset when the pages are released.
+    cache_extra_keys: per-sequence extra keys folded into every page hash (anything besides the
+        tokens that changes the K/V, e.g. a LoRA id or a cache salt).
     """
 
     seq_id: int
@@ -57,6 +64,9 @@ class Sequence:
     page_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    page_hashes: list[bytes] = field(default_factory=list, repr=False)
+    num_registered_pages: int = 0
+    cache_extra_keys: tuple = ()
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -1,5 +1,6 @@
-"""Host-side KV-cache bookkeeping: page pool (free list, ref counts); prefix cache to come."""
+"""Host-side KV-cache bookkeeping: page pool (free lists, ref counts) and prefix cache (hashes)."""
 
 from jaxllm.kv_cache.page_pool import SCRATCH_PAGE, NoFreePagesError, PagePool
+from jaxllm.kv_cache.prefix_cache import PrefixCache
 
-__all__ = ["SCRATCH_PAGE", "NoFreePagesError", "PagePool"]
+__all__ = ["SCRATCH_PAGE", "NoFreePagesError", "PagePool", "PrefixCache"]
