@@ -9,7 +9,7 @@ import sys
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags with vLLM's names (``--max-model-len``, ``--page-size`` = vLLM's block size)."""
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16) | bfloat16 | float16 | float32")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)

@@ -27,9 +27,15 @@ DTYPES = {
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:
-    """Maps "bfloat16"/"float16"/"float32" (or a jnp dtype, or "auto" -> bfloat16) to a jnp dtype."""
+    """Maps "bfloat16"/"float16"/"float32" (or a jnp dtype) to a jnp dtype.
+
+    "auto" is bfloat16 on accelerators and float32 on CPU: XLA's CPU backend emulates bf16
+    matmuls (slower than f32), and the CPU runs small models where f32 costs little.
+    """
     if dtype is None or dtype == "auto":
-        return jnp.dtype(jnp.bfloat16)
+        import jax
+
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPES:
             raise ValueError(

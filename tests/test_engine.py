@@ -217,10 +217,10 @@ def test_async_engine_streams_deltas_and_aborts(small_llama_folder):
                          page_size=8, num_pages=24, max_num_batched_tokens=32, max_num_seqs=8)
     try:
         async def run():
-            params = SamplingParams(max_tokens=6, ignore_eos=True,
+            params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
                                     output_kind=RequestOutputKind.DELTA)
             deltas = [o async for o in engine.generate({"prompt_token_ids": [4, 5, 6]}, params, "a")]
-            final = SamplingParams(max_tokens=6, ignore_eos=True)
+            final = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
             cumulative = [o async for o in engine.generate({"prompt_token_ids": [4, 5, 6]}, final, "b")]
             assert sum(len(d.outputs[0].token_ids) for d in deltas) == 6
             joined = [t for d in deltas for t in d.outputs[0].token_ids]

@@ -34,7 +34,12 @@ logger = logging.getLogger("jaxllm")
 
 # Without an explicit num_pages on a host without memory stats (CPU), the pool gets this much.
 _CPU_KV_BUDGET_BYTES = 1 << 30
-_DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+# vLLM's default token budget with chunked prefill; on CPU (development, tests) a smaller budget
+# and buckets growing 4x keep start-up compiles to a handful of seconds each.
+_DEFAULT_MAX_NUM_BATCHED_TOKENS = {"gpu": 8192, "cpu": 1024}
+# The CPU is for development and tests: the reference attention reads max_model_len slots per
+# token, so the CPU default context is capped (an explicit max_model_len is honoured).
+_CPU_DEFAULT_MAX_MODEL_LEN = 2048
 
 
 @dataclasses.dataclass
@@ -71,16 +76,25 @@ class LLMEngine:
         self.model_name: str = loaded.name
         mc = self.model_config
 
-        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        on_cpu = jax.default_backend() == "cpu"
+        self.max_model_len = config.max_model_len or (
+            min(mc.max_position_embeddings, _CPU_DEFAULT_MAX_MODEL_LEN) if on_cpu
+            else mc.max_position_embeddings)
+        if on_cpu and not config.max_model_len and self.max_model_len < mc.max_position_embeddings:
+            logger.info("CPU: max_model_len defaults to %d (the model allows %d; pass "
+                        "max_model_len to raise it)", self.max_model_len,
+                        mc.max_position_embeddings)
         if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
             logger.warning("max_model_len=%d exceeds the model's max_position_embeddings=%d",
                            config.max_model_len, mc.max_position_embeddings)
-        mnbt = config.max_num_batched_tokens or _DEFAULT_MAX_NUM_BATCHED_TOKENS
+        mnbt = config.max_num_batched_tokens or _DEFAULT_MAX_NUM_BATCHED_TOKENS[
+            "cpu" if on_cpu else "gpu"]
         if not config.enable_chunked_prefill:
             mnbt = max(mnbt, self.max_model_len)
         self.max_num_batched_tokens = mnbt
         self.max_num_seqs = min(config.max_num_seqs, mnbt)
-        token_buckets = config.token_buckets or default_token_buckets(mnbt)
+        token_buckets = config.token_buckets or default_token_buckets(
+            mnbt, growth=4 if on_cpu else 2)
         if max(token_buckets) < mnbt:
             token_buckets = tuple(token_buckets) + (mnbt,)
 
