@@ -50,16 +50,16 @@ def _random_batch(rng, *, kinds, T, S, M, B, P, H, K, D, dtype):
     L = M * B
     q_lens, ctx_lens = [], []
     budget = T
-    for kind in kinds:
+    for i, kind in enumerate(kinds):
+        avail = budget - (len(kinds) - i - 1)  # leave a token for every later sequence
         if kind == "decode":
             ql, c = 1, int(rng.integers(1, L + 1))
         elif kind == "prefill":
-            ql = int(rng.integers(2, min(budget, L) + 1))
+            ql = int(rng.integers(min(2, avail), min(avail, L) + 1))
             c = ql
         else:
-            ql = int(rng.integers(2, min(budget, L - 1) + 1))
+            ql = int(rng.integers(min(2, avail), min(avail, L - 1) + 1))
             c = int(rng.integers(ql + 1, L + 1))
-        ql = min(ql, budget)
         budget -= ql
         q_lens.append(ql)
         ctx_lens.append(max(c, ql))
