@@ -86,3 +86,26 @@ def test_gguf_names_map_to_hf_names(gguf_name, hf_name):
 def test_unknown_gguf_tensor_name_is_an_error():
     with pytest.raises(ValueError, match="blk.0.ffn_gate_exps.weight"):
         gguf_to_hf_name("blk.0.ffn_gate_exps.weight")
+
+
+@pytest.mark.slow
+def test_cached_tokenizer_equals_the_one_converted_from_the_gguf(default_gguf_path, tmp_path, monkeypatch):
+    from jaxllm.loading.gguf_loader import load_gguf_tokenizer
+
+    monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
+    fresh = load_gguf_tokenizer(default_gguf_path, cache=False)
+    load_gguf_tokenizer(default_gguf_path)  # converts and writes the cache
+    cached = load_gguf_tokenizer(default_gguf_path)
+    assert any(tmp_path.rglob("tokenizer.json"))
+    for text in ["Hello world", "Ça va? 日本語 😀 émigré", "  spaces\n\nnew lines\t", "Hi , there . isn't it ?",
+                 "<|im_start|>user\nhi<|im_end|>"]:
+        ids = fresh.encode(text)
+        assert cached.encode(text) == ids, text
+        assert cached.decode(ids) == fresh.decode(ids), text
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]
+    for messages in (chat, chat[1:2]):
+        assert (cached.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                == fresh.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "all_special_ids"):
+        assert getattr(cached, attr) == getattr(fresh, attr), attr
