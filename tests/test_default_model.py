@@ -291,3 +291,10 @@ def test_checkpoint_dir_is_written_on_first_load_and_restored_on_the_second(defa
     b = dict(nnx.to_flat_state(nnx.state(second.model, nnx.Param)))
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k].get_value()), np.asarray(b[k].get_value()))
+
+
+def test_missing_tokenizer_path_names_the_tokenizer(tmp_path):
+    from jaxllm.loading import _load_tokenizer
+
+    with pytest.raises(FileNotFoundError, match="Tokenizer .*does not exist"):
+        _load_tokenizer(str(tmp_path / "no_tokenizer"))

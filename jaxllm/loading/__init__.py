@@ -35,8 +35,11 @@ class LoadedModel:
     source: Path  # the GGUF file or HF folder the weights came from
 
 
-def resolve_model_source(model: str | os.PathLike | None) -> tuple[str, Path]:
-    """(kind, path) with kind "gguf" or "hf_folder"; FileNotFoundError for anything else."""
+def resolve_model_source(model: str | os.PathLike | None, what: str = "Model") -> tuple[str, Path]:
+    """(kind, path) with kind "gguf" or "hf_folder"; FileNotFoundError for anything else.
+
+    ``what`` names the argument in error messages ("Model", "Tokenizer").
+    """
     if is_default_model(model if model is None else str(model)):
         return "gguf", default_gguf_path()
     path = Path(model).expanduser()
@@ -45,12 +48,12 @@ def resolve_model_source(model: str | os.PathLike | None) -> tuple[str, Path]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"Model folder {str(path)!r} has no config.json; expected an HF model folder "
+                f"{what} folder {str(path)!r} has no config.json; expected an HF model folder "
                 "(config.json + *.safetensors + tokenizer files) or a .gguf file.")
         return "hf_folder", path
-    what = "is not a .gguf file" if path.is_file() else "does not exist"
+    problem = "is not a .gguf file" if path.is_file() else "does not exist"
     raise FileNotFoundError(
-        f"Model {str(model)!r}: {str(path)!r} {what}. jaxllm loads models from local HF folders "
+        f"{what} {str(model)!r}: {str(path)!r} {problem}. jaxllm loads models from local HF folders "
         "(config.json + *.safetensors) or .gguf files and does not download from the Hugging Face "
         f"hub; pass a local path, or no model for the embedded default ({DEFAULT_MODEL_NAME}).")
 
@@ -58,7 +61,7 @@ def resolve_model_source(model: str | os.PathLike | None) -> tuple[str, Path]:
 def _load_tokenizer(source: str | os.PathLike) -> Any:
     from transformers import AutoTokenizer
 
-    kind, path = resolve_model_source(source)
+    kind, path = resolve_model_source(source, what="Tokenizer")
     if kind == "gguf":
         from jaxllm.loading.gguf_loader import load_gguf_tokenizer
 
