@@ -53,7 +53,8 @@ def run_jaxllm(args) -> dict:
 
     mc = ModelConfig(**SHAPES[args.shape])
     t0 = time.perf_counter()
-    model = get_model_class(mc.architecture)(mc, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    model = get_model_class(mc.architecture)(mc, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
+                                            attention_backend=args.attention)
     jax.block_until_ready(nnx.state(model))
     init_s = time.perf_counter() - t0
     loaded = types.SimpleNamespace(model_config=mc, model=model, tokenizer=None,
@@ -92,7 +93,7 @@ def run_jaxllm(args) -> dict:
         t1, _ = generate(one, 1)
         tn, _ = generate(one, 1 + args.decode_tokens)
         lat.append((tn - t1) / args.decode_tokens * 1e3)
-    return dict(engine="jaxllm", shape=args.shape, device=jax.devices()[0].device_kind,
+    return dict(engine=f"jaxllm ({args.attention} attention)", shape=args.shape, device=jax.devices()[0].device_kind,
                 num_prompts=args.num_prompts, input_len=args.input_len,
                 output_len=args.output_len, seconds=secs,
                 output_tok_s=n_out / secs,
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--attention", default="pallas", choices=["reference", "pallas"])
     p.add_argument("--hf-batch", type=int, default=64, help="HF generate batch size")
     p.add_argument("--decode-context", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=64)

@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     T = args.max_num_batched_tokens
     cfg = EngineConfig(dtype="bfloat16", max_model_len=max_len, max_num_seqs=args.num_requests,
                        max_num_batched_tokens=T,
-                       token_buckets=tuple(sorted({8, args.num_requests, T})),
+                       # The default powers-of-two buckets: a 100-token prefill after a hit
+                       # must not run in a 2048-token bucket.
                        enable_prefix_caching=args.caching == "on")
     engine = LLMEngine(cfg, loaded=loaded)
     rng = np.random.default_rng(0)
