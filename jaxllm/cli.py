@@ -9,6 +9,8 @@ import sys
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags with vLLM's names (``--max-model-len``, ``--page-size`` = vLLM's block size)."""
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="orbax cache of the converted params (restored if present, else written)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -26,7 +28,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+    return dict(checkpoint_dir=args.checkpoint_dir, dtype=args.dtype,
+                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
                 num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
                 enable_prefix_caching=args.enable_prefix_caching,

@@ -103,6 +103,8 @@ class EngineConfig:
 
     model: str | None = None  # None: the embedded default model (SmolLM2-135M-Instruct)
     tokenizer: str | None = None
+    # orbax cache of the converted params: restored when present, written after loading when not
+    checkpoint_dir: str | None = None
     dtype: str = "auto"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 256

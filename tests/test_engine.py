@@ -106,6 +106,20 @@ def test_request_larger_than_the_whole_pool_is_rejected(small_llama_folder):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
+def test_checkpoint_dir_round_trip_serves_the_same_tokens(small_llama_folder, tmp_path):
+    kwargs = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=16,
+                  max_num_batched_tokens=16, max_num_seqs=2, skip_compile_at_start=True,
+                  checkpoint_dir=str(tmp_path / "ckpt"))
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    prompt = [{"prompt_token_ids": [11, 12, 13, 14]}]
+    first = LLM(str(small_llama_folder), **kwargs)  # converts, then writes the checkpoint
+    assert (tmp_path / "ckpt").is_dir()
+    a = first.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    del first
+    second = LLM(str(small_llama_folder), **kwargs)  # restores it
+    assert second.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == a
+
+
 def test_no_page_leaks_after_finished_stopped_aborted_and_preempted_requests(small_llm):
     engine = small_llm.llm_engine
     vocab = engine.model_config.vocab_size

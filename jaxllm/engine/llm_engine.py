@@ -73,7 +73,7 @@ class LLMEngine:
             if backend == "auto":  # the Pallas kernel on GPUs (benchmarks/RESULTS.md), jnp on CPU
                 backend = "reference" if jax.default_backend() == "cpu" else "pallas"
             loaded = load_model(config.model, dtype=config.dtype, tokenizer=config.tokenizer,
-                                attention_backend=backend)
+                                checkpoint_dir=config.checkpoint_dir, attention_backend=backend)
         self.loaded = loaded
         self.model_config: ModelConfig = loaded.model_config
         self.tokenizer = loaded.tokenizer
