@@ -12,6 +12,7 @@ bucket of n). All buckets are compiled at start-up; nothing compiles while servi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -111,9 +112,12 @@ class ModelRunner:
         self.kv_caches: KVCache = [
             (jnp.zeros(shape, cache_dtype), jnp.zeros(shape, cache_dtype)) for _ in range(num_layers)
         ]
-        self._step = jax.jit(_step, static_argnums=(0, 4), donate_argnums=(2,))
-        self._prompt_step = jax.jit(_prompt_logprobs_step, static_argnums=(0, 5),
-                                    donate_argnums=(2,))
+        # The graphdef is closed over, not a static argument: hashing a static graphdef of a
+        # 32-layer model on every call cost ~2 ms per step (benchmarks/step_breakdown.py).
+        self._step = jax.jit(functools.partial(_step, self.graphdef), static_argnums=(3,),
+                             donate_argnums=(1,))
+        self._prompt_step = jax.jit(functools.partial(_prompt_logprobs_step, self.graphdef),
+                                    static_argnums=(4,), donate_argnums=(1,))
         self.last_host_time = 0.0
 
     # -- buckets ------------------------------------------------------------------------------
@@ -139,7 +143,7 @@ class ModelRunner:
         for T in tqdm(self.token_buckets, desc="Compiling step buckets", disable=not show_progress,
                       unit="bucket"):
             inputs = self.prepare([], [], T=T)
-            self.kv_caches, out = self._step(self.graphdef, self.state, self.kv_caches, inputs,
+            self.kv_caches, out = self._step(self.state, self.kv_caches, inputs,
                                              self.num_logprobs)
             jax.block_until_ready(out)
         return time.perf_counter() - t0
@@ -196,10 +200,9 @@ class ModelRunner:
             next_ids = np.full(inputs.token_ids.shape, -1, np.int32)
             next_ids[:len(prompt_next_ids)] = prompt_next_ids
             self.kv_caches, out, prompt_lp = self._prompt_step(
-                self.graphdef, self.state, self.kv_caches, inputs, next_ids, self.num_logprobs)
+                self.state, self.kv_caches, inputs, next_ids, self.num_logprobs)
             return jax.device_get(out), jax.device_get(prompt_lp)
-        self.kv_caches, out = self._step(self.graphdef, self.state, self.kv_caches, inputs,
-                                         self.num_logprobs)
+        self.kv_caches, out = self._step(self.state, self.kv_caches, inputs, self.num_logprobs)
         return jax.device_get(out), None
 
 
