@@ -31,3 +31,21 @@ def hf_default_model(default_gguf_path):
         str(default_gguf_path.parent), gguf_file=default_gguf_path.name, dtype=torch.float32,
         attn_implementation="eager", local_files_only=True)
     return model.eval()
+
+
+def _has_gpu() -> bool:
+    try:
+        import jax
+
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where JAX sees a GPU (CI has none: they are skipped)."""
+    if any("gpu" in item.keywords for item in items) and not _has_gpu():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (JAX sees none)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

