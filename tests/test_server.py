@@ -578,3 +578,55 @@ def test_serve_parser_reads_flags_and_the_api_key_from_the_environment(monkeypat
     assert (args.model, args.port, args.api_key, args.served_model_name) == (
         "/models/x", 9000, "from-env", ["m"])
     assert parser.parse_args(["serve"]).model is None
+
+
+def test_client_disconnect_mid_request_aborts_a_non_streamed_completion(servers, engine):
+    _wait_idle(engine)
+    before = engine.get_stats()["generation_tokens"]
+
+    async def go():
+        timeout = aiohttp.ClientTimeout(total=0.3)
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 240, "ignore_eos": True}
+            with pytest.raises(asyncio.TimeoutError):
+                async with s.post(servers.main + "/v1/completions", json=body) as r:
+                    await r.read()
+
+    asyncio.run(go())
+    _wait_idle(engine, timeout=20)  # aborted: nothing running, every page back
+    assert engine.get_stats()["generation_tokens"] - before < 240
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_real_server_process_gracefully_with_exit_0(small_llama_folder):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxllm.cli", "serve", str(small_llama_folder), "--port", str(port),
+         "--dtype", "float32", "--max-model-len", "64", "--max-num-batched-tokens", "16",
+         "--num-pages", "16", "--max-num-seqs", "4"],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        healthy = False
+        while time.time() < deadline and proc.poll() is None and not healthy:
+            try:
+                status, _, _ = _post(None, "/health", base=f"http://127.0.0.1:{port}",
+                                     method="GET")
+                healthy = status == 200
+            except aiohttp.ClientConnectionError:
+                time.sleep(0.5)
+        assert healthy, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
