@@ -630,3 +630,29 @@ def test_sigterm_stops_a_real_server_process_gracefully_with_exit_0(small_llama_
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_client_that_stops_reading_does_not_stall_other_streams(servers, engine, client):
+    _wait_idle(engine)
+
+    async def go():
+        # A: a streaming request whose client never reads a byte of the response.
+        host, port = servers.main.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        body = json.dumps({"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 200,
+                           "ignore_eos": True, "stream": True}).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        # B: another client's stream runs to the end meanwhile.
+        t0 = time.time()
+        out = await asyncio.to_thread(lambda: "".join(
+            c.choices[0].text for c in client.completions.create(
+                model=MODEL, prompt=[8, 9], max_tokens=20, stream=True, extra_body={
+                    "ignore_eos": True}) if c.choices))
+        assert out and time.time() - t0 < 60
+        writer.close()
+
+    asyncio.run(go())
+    _wait_idle(engine, timeout=20)
