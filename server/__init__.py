@@ -1,0 +1,1 @@
+"""The OpenAI-compatible aiohttp server (`server.app.build_app`, `jaxllm serve`)."""
