@@ -4,7 +4,11 @@ One process: random bf16 weights in a real shape, the aiohttp server on 127.0.0.
 aiohttp client sending streaming /v1/completions requests (token-id prompts, ignore_eos, greedy)
 at Poisson arrival rates. Per rate: request and output-token throughput, TTFT / TPOT / ITL / e2e
 p50 and p99, failures. Then the same prompts through the engine directly, all at once (offline),
-so server overhead = 1 - server(rate=inf) / offline output tok/s.
+so server overhead = 1 - server(rate=inf) / offline output tok/s. The offline pass does not
+detokenize (like offline_throughput.py), so the overhead includes the server's detokenization.
+
+A request counts as failed on a non-200 answer, a broken stream, an error event in the stream,
+or a stream that ends without [DONE] or without a usage chunk.
 
 The server detokenizes, so the vocabulary is the tokenizer's (SmolLM2's 49,152 ids instead of
 Llama-3's 128,256: the lm_head is ~3% of the 8B shape's weight bytes).
@@ -44,7 +48,7 @@ async def _one(session, url: str, model: str, prompt: list[int], max_tokens: int
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    res, last = Result(ok=False), None
+    res, last, done, error = Result(ok=False), None, False, False
     try:
         async with session.post(url, json=body) as r:
             if r.status != 200:
@@ -56,8 +60,11 @@ async def _one(session, url: str, model: str, prompt: list[int], max_tokens: int
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    done = True
                     break
                 chunk = json.loads(data)
+                if "error" in chunk:
+                    error = True
                 if chunk.get("usage"):
                     res.out_tokens = chunk["usage"]["completion_tokens"]
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
@@ -68,7 +75,7 @@ async def _one(session, url: str, model: str, prompt: list[int], max_tokens: int
                         res.itl.append(now - last)
                     last = now
         res.e2e = time.perf_counter() - t0
-        res.ok = last is not None
+        res.ok = done and not error and last is not None and res.out_tokens > 0
     except Exception:  # a broken stream counts as a failure, the run goes on
         res.ok = False
     return res
@@ -82,12 +89,20 @@ async def _run_rate(port: int, model: str, prompts, max_tokens: int, rate: float
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn,
                                      timeout=aiohttp.ClientTimeout(total=None)) as session:
+        # Arrival times: the first at 0, then exponential gaps (an absolute schedule, so event
+        # loop delays do not accumulate); rate=inf sends everything at once.
+        if math.isfinite(rate):
+            arrivals = np.concatenate([[0.0], np.cumsum(rng.exponential(1.0 / rate,
+                                                                        len(prompts) - 1))])
+        else:
+            arrivals = np.zeros(len(prompts))
         tasks = []
         t0 = time.perf_counter()
-        for p in prompts:
+        for p, at in zip(prompts, arrivals):
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(_one(session, url, model, p, max_tokens)))
-            if math.isfinite(rate):
-                await asyncio.sleep(rng.exponential(1.0 / rate))
         results = await asyncio.gather(*tasks)
         return results, time.perf_counter() - t0
 
@@ -107,8 +122,12 @@ def main(argv=None) -> int:
     p.add_argument("--request-rates", default="2,8,32,inf")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0, help="prompts and Poisson arrivals")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.input_len + args.output_len > args.max_model_len:
+        p.error("--input-len + --output-len must be <= --max-model-len")
 
     import dataclasses as dc
 
@@ -127,16 +146,20 @@ def main(argv=None) -> int:
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     mc = dc.replace(ModelConfig(**SHAPES[args.shape]), vocab_size=len(tok))
+    print(f"note: vocab_size is the tokenizer's {mc.vocab_size}, not the shape's "
+          f"{SHAPES[args.shape]['vocab_size']} (the server detokenizes); for llama3-8b the "
+          f"lm_head reads are ~3% of weight bytes, so figures are close to, not equal to, "
+          f"real Llama-3-8B", flush=True)
     model = get_model_class(mc.architecture)(mc, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
                                             attention_backend=args.attention)
     loaded = types.SimpleNamespace(model_config=mc, model=model, tokenizer=tok,
                                    name=f"random-{args.shape}")
     T = args.max_num_batched_tokens
-    cfg = EngineConfig(dtype="bfloat16", max_model_len=args.input_len + args.output_len + 8,
+    cfg = EngineConfig(dtype="bfloat16", max_model_len=args.max_model_len,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=T,
                        enable_prefix_caching=False)
     engine = LLMEngine(cfg, loaded=loaded)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     # Ids above 1,000 avoid the tokenizer's special tokens (a prompt of them would still work).
     prompts = rng.integers(1000, mc.vocab_size, (args.num_prompts, args.input_len)).tolist()
 
@@ -155,7 +178,8 @@ def main(argv=None) -> int:
             await _run_rate(port, loaded.name, prompts[:4], 8, float("inf"), 0)  # warm-up
             for rate_s in args.request_rates.split(","):
                 rate = float(rate_s)
-                res, secs = await _run_rate(port, loaded.name, prompts, args.output_len, rate, 1)
+                res, secs = await _run_rate(port, loaded.name, prompts, args.output_len, rate,
+                                               args.seed + 1)
                 ok = [r for r in res if r.ok]
                 ttft = [r.ttft for r in ok]
                 tpot = [(r.e2e - r.ttft) / (r.out_tokens - 1) for r in ok if r.out_tokens > 1]
@@ -178,7 +202,7 @@ def main(argv=None) -> int:
     rows = asyncio.run(serve_and_load())
 
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
+                            detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
     for i, pr in enumerate(prompts):
         engine.add_request(f"offline-{i}", {"prompt_token_ids": pr}, params)
     t0 = time.perf_counter()
@@ -208,6 +232,11 @@ def main(argv=None) -> int:
         with args.out.open("a") as f:
             for r in rows:
                 f.write(json.dumps(dict(r, device=device, shape=args.shape,
+                                        vocab_size=mc.vocab_size, attention=args.attention,
+                                        num_prompts=args.num_prompts, input_len=args.input_len,
+                                        output_len=args.output_len,
+                                        max_num_batched_tokens=T, max_model_len=args.max_model_len,
+                                        max_num_seqs=args.max_num_seqs,
                                         server_overhead=overhead)) + "\n")
     return 0
 
