@@ -32,6 +32,27 @@ SHAPES = {
 }
 
 
+def random_model(shape: str, attention: str, *, tokenizer=None, vocab_size: int | None = None):
+    """A LoadedModel-like namespace with random bf16 weights in SHAPES[shape] (no files): what
+    every benchmark here runs (random weights in a real shape time like real ones)."""
+    import dataclasses
+    import types
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxllm.config import ModelConfig
+    from jaxllm.models.registry import get_model_class
+
+    mc = ModelConfig(**SHAPES[shape])
+    if vocab_size is not None:
+        mc = dataclasses.replace(mc, vocab_size=vocab_size)
+    model = get_model_class(mc.architecture)(mc, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
+                                            attention_backend=attention)
+    return types.SimpleNamespace(model_config=mc, model=model, tokenizer=tokenizer,
+                                 name=f"random-{shape}")
+
+
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     import numpy as np
 
@@ -40,25 +61,18 @@ def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def run_jaxllm(args) -> dict:
-    import types
-
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
-    from jaxllm.config import EngineConfig, ModelConfig
+    from jaxllm.config import EngineConfig
     from jaxllm.engine.llm_engine import LLMEngine
-    from jaxllm.models.registry import get_model_class
     from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
-    mc = ModelConfig(**SHAPES[args.shape])
     t0 = time.perf_counter()
-    model = get_model_class(mc.architecture)(mc, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
-                                            attention_backend=args.attention)
-    jax.block_until_ready(nnx.state(model))
+    loaded = random_model(args.shape, args.attention)
+    mc = loaded.model_config
+    jax.block_until_ready(nnx.state(loaded.model))
     init_s = time.perf_counter() - t0
-    loaded = types.SimpleNamespace(model_config=mc, model=model, tokenizer=None,
-                                   name=f"random-{args.shape}")
     max_len = max(args.input_len + args.output_len, args.decode_context + args.decode_tokens + 1)
     cfg = EngineConfig(model=None, dtype="bfloat16", max_model_len=max_len,
                        max_num_seqs=args.num_prompts,

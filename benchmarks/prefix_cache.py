@@ -21,11 +21,10 @@ import json
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import SHAPES  # noqa: E402
+from offline_throughput import SHAPES, random_model  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -43,20 +42,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from jaxllm.config import EngineConfig, ModelConfig
+    from jaxllm.config import EngineConfig
     from jaxllm.engine.llm_engine import LLMEngine
-    from jaxllm.models.registry import get_model_class
     from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
-    mc = ModelConfig(**SHAPES[args.shape])
-    model = get_model_class(mc.architecture)(mc, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
-                                            attention_backend=args.attention)
-    loaded = types.SimpleNamespace(model_config=mc, model=model, tokenizer=None,
-                                   name=f"random-{args.shape}")
+    loaded = random_model(args.shape, args.attention)
+    mc = loaded.model_config
     max_len = args.system_len + args.question_len + args.output_len + 16
     T = args.max_num_batched_tokens
     cfg = EngineConfig(dtype="bfloat16", max_model_len=max_len, max_num_seqs=args.num_requests,

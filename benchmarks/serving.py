@@ -26,13 +26,12 @@ import math
 import socket
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import SHAPES  # noqa: E402
+from offline_throughput import SHAPES, random_model  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -129,31 +128,23 @@ def main(argv=None) -> int:
     if args.input_len + args.output_len > args.max_model_len:
         p.error("--input-len + --output-len must be <= --max-model-len")
 
-    import dataclasses as dc
-
     import jax
-    import jax.numpy as jnp
     from aiohttp import web
-    from flax import nnx
     from transformers import AutoTokenizer
 
-    from jaxllm.config import EngineConfig, ModelConfig
+    from jaxllm.config import EngineConfig
     from jaxllm.engine.async_engine import AsyncEngine
     from jaxllm.engine.llm_engine import LLMEngine
     from jaxllm.sampling_params import RequestOutputKind, SamplingParams
-    from jaxllm.models.registry import get_model_class
     from server.app import build_app
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    mc = dc.replace(ModelConfig(**SHAPES[args.shape]), vocab_size=len(tok))
+    loaded = random_model(args.shape, args.attention, tokenizer=tok, vocab_size=len(tok))
+    mc = loaded.model_config
     print(f"note: vocab_size is the tokenizer's {mc.vocab_size}, not the shape's "
           f"{SHAPES[args.shape]['vocab_size']} (the server detokenizes); for llama3-8b the "
           f"lm_head reads are ~3% of weight bytes, so figures are close to, not equal to, "
           f"real Llama-3-8B", flush=True)
-    model = get_model_class(mc.architecture)(mc, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
-                                            attention_backend=args.attention)
-    loaded = types.SimpleNamespace(model_config=mc, model=model, tokenizer=tok,
-                                   name=f"random-{args.shape}")
     T = args.max_num_batched_tokens
     cfg = EngineConfig(dtype="bfloat16", max_model_len=args.max_model_len,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=T,

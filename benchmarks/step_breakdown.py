@@ -19,11 +19,10 @@ import json
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import SHAPES  # noqa: E402
+from offline_throughput import SHAPES, random_model  # noqa: E402
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -49,22 +48,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from jaxllm.config import EngineConfig, ModelConfig
-    from jaxllm.engine import model_runner as mr
+    from jaxllm.config import EngineConfig
     from jaxllm.engine import sampler as sampler_lib
     from jaxllm.engine.llm_engine import LLMEngine
-    from jaxllm.models.registry import get_model_class
     from jaxllm.sampling_params import SamplingParams
 
-    mc = ModelConfig(**SHAPES[args.shape])
-    model = get_model_class(mc.architecture)(mc, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
-                                            attention_backend=args.attention)
-    n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
-    loaded = types.SimpleNamespace(model_config=mc, model=model, tokenizer=None, name="random")
+    loaded = random_model(args.shape, args.attention)
+    mc = loaded.model_config
+    n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(loaded.model)))
     max_b = max(args.batch)
     cfg = EngineConfig(dtype="bfloat16", max_model_len=args.context + 4 * args.repeats + 64,
                        max_num_seqs=max_b, max_num_batched_tokens=max(2048, max_b),

@@ -9,7 +9,7 @@ allowed values, and nothing deeper re-validates it.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax.numpy as jnp

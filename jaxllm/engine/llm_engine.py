@@ -14,7 +14,7 @@ import itertools
 import logging
 import math
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import numpy as np
