@@ -1,9 +1,14 @@
-"""The OpenAI-compatible aiohttp application: routes, auth, limits, errors, SSE streaming.
+"""The OpenAI-compatible routes, auth, limits, errors and SSE streaming, and the aiohttp app.
 
-One ``OpenAIServer`` per app wraps an ``AsyncEngine`` (which steps the model in its own thread, so
-the event loop never waits on the device). Every generation request asks the engine for DELTA
-outputs, one per step, even when the client wants a single JSON answer: the server then sees each
-step, so it can time the first token, notice a client that went away within a step, and abort.
+One ``OpenAIServer`` wraps an ``AsyncEngine`` (which steps the model in its own thread, so
+the event loop never waits on the device). Its routes are free of any web framework: they take a
+``Call`` (method, path, headers, body) and return a ``Reply`` (a JSON body, or an async iterator of
+SSE chunks), so two front ends serve the same code: ``build_app`` (aiohttp, below) and the Ray
+Serve deployment (``server/ray_serve.py``), which calls ``OpenAIServer.handle``.
+
+Every generation request asks the engine for DELTA outputs, one per step, even when the client
+wants a single JSON answer: the server then sees each step, so it can time the first token, notice
+a client that went away within a step, and abort.
 
 Errors are always ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape); bad input
 is a 4xx, never a 500, and no traceback ever reaches a client.
@@ -19,8 +24,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -64,8 +70,108 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
+    def reply(self) -> "Reply":
+        return Reply.json(self.body(), status=self.status, headers=self.headers)
+
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
+        return self.reply().to_aiohttp()
+
+
+def internal_error() -> APIError:
+    return APIError(500, "Internal server error (details are in the server log).")
+
+
+# -- the framework-free request and answer --------------------------------------------------------
+@dataclass
+class Call:
+    """One HTTP request as the routes see it. ``gone`` says the client went away (aiohttp); a
+    front end that cancels the handler instead (Ray Serve) leaves it False."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: bytes = b""
+    gone: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class Reply:
+    """A route's answer: ``body`` (str: JSON text), or ``stream``, the SSE chunks (bytes).
+
+    The front end must ``await reply.aclose()`` when done, sent or not: that closes the stream,
+    aborts its engine requests and releases its admission slot."""
+
+    status: int = 200
+    body: str | bytes = b""
+    content_type: str | None = None
+    headers: dict[str, str] | None = None
+    stream: AsyncIterator[bytes] | None = None
+    cleanup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    @classmethod
+    def json(cls, obj: Any, *, status: int = 200, headers: dict[str, str] | None = None
+             ) -> "Reply":
+        return cls(status=status, body=json.dumps(obj), content_type="application/json",
+                   headers=headers)
+
+    @classmethod
+    def sse(cls, stream: AsyncIterator[bytes]) -> "Reply":
+        return cls(stream=stream, content_type="text/event-stream",
+                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def all_headers(self) -> dict[str, str]:
+        h = dict(self.headers or {})
+        if self.content_type is not None:
+            h["Content-Type"] = (f"{self.content_type}; charset=utf-8" if isinstance(self.body, str)
+                                 and self.stream is None else self.content_type)
+        return h
+
+    async def aclose(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
+        while self.cleanup:
+            await self.cleanup.pop()()
+
+    def to_aiohttp(self) -> web.Response:
+        body = self.body.encode() if isinstance(self.body, str) else self.body
+        return web.Response(status=self.status, body=body, headers=self.all_headers())
+
+
+class _Lease:
+    """An admitted request's resources: its engine streams and admission slot. Released when the
+    route returns, unless handed to a streaming Reply, which releases them in ``aclose``."""
+
+    def __init__(self, release: Callable[[], None]):
+        self._release, self._streams, self.handed_off = release, [], False
+
+    def own(self, stream: AsyncIterator) -> AsyncIterator:
+        self._streams.append(stream)
+        return stream
+
+    async def close(self) -> None:
+        for s in self._streams:
+            await s.aclose()
+        self._streams = []
+        self._release()
+
+    def hand_off(self, reply: Reply) -> Reply:
+        self.handed_off = True
+        reply.cleanup.append(self.close)
+        return reply
+
+
+# Path -> {method: OpenAIServer route}; both front ends route by this one table.
+ROUTES: dict[str, dict[str, str]] = {
+    "/v1/models": {"GET": "models"},
+    "/v1/completions": {"POST": "completions"},
+    "/v1/chat/completions": {"POST": "chat_completions"},
+    "/tokenize": {"POST": "tokenize"},
+    "/detokenize": {"POST": "detokenize"},
+    "/health": {"GET": "health"},
+    "/version": {"GET": "version"},
+    "/metrics": {"GET": "metrics_route"},
+    "/openapi.json": {"GET": "openapi"},
+}
 
 
 def _reject_constant(name: str) -> Any:
@@ -151,13 +257,52 @@ class OpenAIServer:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    # -- middlewares --------------------------------------------------------------------------
+    # -- checks before routing (both front ends) ----------------------------------------------
+    def check_size(self, content_length: int | None) -> None:
+        if (content_length or 0) > self.max_request_bytes:
+            raise APIError(413, f"The request body is {content_length} bytes; the "
+                           f"limit is {self.max_request_bytes}.", code="request_too_large")
+
+    def check_auth(self, path: str, headers: Mapping[str, str]) -> None:
+        if self.api_key is not None and path.startswith("/v1"):
+            got = headers.get("Authorization", "").encode()
+            want = f"Bearer {self.api_key}".encode()
+            if not hmac.compare_digest(got, want):
+                raise APIError(401, "Invalid or missing API key: send 'Authorization: Bearer "
+                               "<key>'.", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+
+    @staticmethod
+    def no_route(method: str, path: str, allowed: list[str] | None) -> APIError:
+        """404 for an unknown path, 405 (with Allow) for a known path and another method."""
+        if not allowed:
+            return APIError(404, f"No route {method} {path}.", code="not_found")
+        return APIError(405, f"Method {method} is not allowed on {path}.",
+                        code="method_not_allowed", headers={"Allow": ",".join(allowed)})
+
+    async def handle(self, call: Call) -> Reply:
+        """The whole request path (limits, auth, routing, errors) for a front end without its
+        own router: Ray Serve. The caller must ``await reply.aclose()``."""
+        try:
+            self.check_size(len(call.body))
+            self.check_auth(call.path, call.headers)
+            methods = ROUTES.get(call.path, {})
+            if call.method not in methods:
+                raise self.no_route(call.method, call.path, list(methods))
+            return await getattr(self, methods[call.method])(call)
+        except APIError as e:
+            return e.reply()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("unhandled error on %s %s", call.method, call.path)
+            return internal_error().reply()
+
+    # -- aiohttp middlewares ------------------------------------------------------------------
     @web.middleware
     async def error_middleware(self, request: web.Request, handler) -> web.StreamResponse:
         try:
-            if (request.content_length or 0) > self.max_request_bytes:
-                raise APIError(413, f"The request body is {request.content_length} bytes; the "
-                               f"limit is {self.max_request_bytes}.", code="request_too_large")
+            self.check_size(request.content_length)
             return await handler(request)
         except APIError as e:
             return e.response()
@@ -165,12 +310,10 @@ class OpenAIServer:
             if e.status < 400:
                 raise
             headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
-            if e.status == 404:
-                msg, code = f"No route {request.method} {request.path}.", "not_found"
-            elif e.status == 405:
-                msg, code = (f"Method {request.method} is not allowed on {request.path}.",
-                             "method_not_allowed")
-            elif e.status == 413:
+            if e.status in (404, 405):
+                allowed = headers["Allow"].split(",") if headers else None
+                return self.no_route(request.method, request.path, allowed).response()
+            if e.status == 413:
                 msg, code = (f"The request body is over the limit of {self.max_request_bytes} "
                              "bytes.", "request_too_large")
             else:
@@ -180,24 +323,18 @@ class OpenAIServer:
             raise
         except Exception:
             logger.exception("unhandled error on %s %s", request.method, request.path)
-            return APIError(500, "Internal server error (details are in the server log).").response()
+            return internal_error().response()
 
     @web.middleware
     async def auth_middleware(self, request: web.Request, handler) -> web.StreamResponse:
-        if self.api_key is not None and request.path.startswith("/v1"):
-            got = request.headers.get("Authorization", "").encode()
-            want = f"Bearer {self.api_key}".encode()
-            if not hmac.compare_digest(got, want):
-                raise APIError(401, "Invalid or missing API key: send 'Authorization: Bearer "
-                               "<key>'.", code="invalid_api_key",
-                               headers={"WWW-Authenticate": "Bearer"})
+        self.check_auth(request.path, request.headers)
         return await handler(request)
 
     # -- helpers ------------------------------------------------------------------------------
-    async def _parse(self, request: web.Request, model: type[BaseModel]) -> Any:
-        raw = await request.read()
+    @staticmethod
+    def _parse(call: Call, model: type[BaseModel]) -> Any:
         try:
-            obj = json.loads(raw, parse_constant=_reject_constant)
+            obj = json.loads(call.body, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as e:
             raise APIError(400, f"The request body is not valid JSON: {e}") from None
         if not isinstance(obj, dict):
@@ -217,16 +354,28 @@ class OpenAIServer:
                            f"{', '.join(self.names)}.", param="model", code="model_not_found")
         return name
 
-    @contextlib.contextmanager
-    def _admit(self):
+    @contextlib.asynccontextmanager
+    async def _admit(self) -> AsyncIterator[_Lease]:
+        """Counts the request in flight (429 over the limit) until the route returns or, for a
+        stream, until its Reply is closed."""
         if self.inflight >= self.max_concurrent:
             raise APIError(429, f"Too many requests in flight ({self.inflight}); retry shortly.",
                            code="too_many_requests", headers={"Retry-After": "1"})
         self.inflight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.inflight -= 1
+
+        lease = _Lease(release)
         try:
-            yield
+            yield lease
         finally:
-            self.inflight -= 1
+            if not lease.handed_off:
+                await lease.close()
 
     def _sampling_params(self, req: P._SamplingFields, *, max_tokens: int | None,
                          logprobs: int | None, prompt_logprobs: int | None = None
@@ -339,7 +488,7 @@ class OpenAIServer:
         if getattr(self.engine, "errored", False) or not getattr(self.engine, "is_running", True):
             return APIError(503, f"The engine is not available: {e}", code="engine_unavailable")
         logger.exception("engine request failed", exc_info=e)
-        return APIError(500, "Internal server error (details are in the server log).")
+        return internal_error()
 
     def _record(self, choices: dict[tuple[int, int], _Choice], pi: int, n: int,
                 out: RequestOutput, now: float, t0: float) -> list[tuple[int, _Choice, Any]]:
@@ -417,17 +566,10 @@ class OpenAIServer:
         return P.ChatLogprobs(content=content)
 
     # -- SSE ----------------------------------------------------------------------------------
-    async def _start_stream(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
-        return resp
-
     @staticmethod
-    async def _send(resp: web.StreamResponse, payload: BaseModel | str) -> None:
+    def _event(payload: BaseModel | str) -> bytes:
         data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=False)
-        await resp.write(f"data: {data}\n\n".encode())
+        return f"data: {data}\n\n".encode()
 
     async def _first(self, stream: AsyncIterator) -> tuple[int, RequestOutput] | None:
         """The first output, so that a request the engine refuses is a plain 4xx response and
@@ -442,27 +584,27 @@ class OpenAIServer:
             raise self._engine_error(e) from None
 
     # -- routes: info -------------------------------------------------------------------------
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, call: Call) -> Reply:
         cards = [P.ModelCard(id=name, root=self.engine.model_name,
                              max_model_len=self.engine.max_model_len) for name in self.names]
-        return web.json_response(P.ModelList(data=cards).model_dump())
+        return Reply.json(P.ModelList(data=cards).model_dump())
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, call: Call) -> Reply:
         if getattr(self.engine, "errored", False) or not getattr(self.engine, "is_running", True):
             raise APIError(503, "The engine is not running.", code="engine_unavailable")
-        return web.Response(status=200)
+        return Reply(status=200)
 
-    async def version(self, request: web.Request) -> web.Response:
-        return web.json_response({"version": self.server_version})
+    async def version(self, call: Call) -> Reply:
+        return Reply.json({"version": self.server_version})
 
-    async def metrics_route(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    async def metrics_route(self, call: Call) -> Reply:
+        return Reply(body=self.metrics.render(), content_type=CONTENT_TYPE)
 
-    async def openapi(self, request: web.Request) -> web.Response:
-        return web.Response(text=self._openapi, content_type="application/json")
+    async def openapi(self, call: Call) -> Reply:
+        return Reply(body=self._openapi, content_type="application/json")
 
-    async def tokenize(self, request: web.Request) -> web.Response:
-        req = await self._parse(request, P.TokenizeRequest)
+    async def tokenize(self, call: Call) -> Reply:
+        req = self._parse(call, P.TokenizeRequest)
         self._model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "Give exactly one of 'prompt' or 'messages'.", param="prompt")
@@ -472,12 +614,12 @@ class OpenAIServer:
         else:
             ids = self._tokenize(req.prompt, add_special_tokens=req.add_special_tokens)
         strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-        return web.json_response(P.TokenizeResponse(
+        return Reply.json(P.TokenizeResponse(
             count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids,
             token_strs=strs).model_dump(exclude_none=True))
 
-    async def detokenize(self, request: web.Request) -> web.Response:
-        req = await self._parse(request, P.DetokenizeRequest)
+    async def detokenize(self, call: Call) -> Reply:
+        req = self._parse(call, P.DetokenizeRequest)
         self._model(req.model)
         bad = [t for t in req.tokens if t >= self.vocab_size]
         if bad:
@@ -487,13 +629,13 @@ class OpenAIServer:
             text = self.tokenizer.decode(req.tokens)
         except Exception as e:
             raise APIError(400, f"These tokens cannot be decoded: {e}", param="tokens") from None
-        return web.json_response({"prompt": text})
+        return Reply.json({"prompt": text})
 
     # -- routes: generation -------------------------------------------------------------------
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        with self._admit():
+    async def completions(self, call: Call) -> Reply:
+        async with self._admit() as lease:
             t0 = time.perf_counter()
-            req: P.CompletionRequest = await self._parse(request, P.CompletionRequest)
+            req: P.CompletionRequest = self._parse(call, P.CompletionRequest)
             model = self._model(req.model)
             if (u := req.unsupported()) is not None:
                 raise APIError(400, u[1], param=u[0])
@@ -502,14 +644,13 @@ class OpenAIServer:
             params = self._sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
                                            prompt_logprobs=echo_lp)
             rid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
-            stream = self._merge(prompts, params, rid)
-            async with contextlib.aclosing(stream):
-                first = await self._first(stream)
-                if req.stream:
-                    return await self._stream_completion(request, req, model, rid, prompts,
-                                                         stream, first, t0)
-                return await self._full_completion(request, req, model, rid, prompts, stream,
-                                                   first, t0)
+            stream = lease.own(self._merge(prompts, params, rid))
+            first = await self._first(stream)
+            if req.stream:
+                return lease.hand_off(Reply.sse(self._stream_completion(
+                    req, model, rid, prompts, stream, first, t0)))
+            return await self._full_completion(call, req, model, rid, prompts, stream, first,
+                                               t0)
 
     def _completion_prompts(self, prompt) -> list[_Prompt]:
         if isinstance(prompt, str):
@@ -534,7 +675,7 @@ class OpenAIServer:
     def _prompt_text(self, p: _Prompt) -> str:
         return p.text if p.text is not None else self.tokenizer.decode(p.ids)
 
-    async def _full_completion(self, request, req, model, rid, prompts, stream, first, t0):
+    async def _full_completion(self, call, req, model, rid, prompts, stream, first, t0):
         n = req.n
         choices: dict[tuple[int, int], _Choice] = {}
         prompt_lens: dict[int, int] = {}
@@ -547,8 +688,8 @@ class OpenAIServer:
                 if out.prompt_logprobs is not None:
                     prompt_lps[pi] = out.prompt_logprobs
                 self._record(choices, pi, n, out, time.perf_counter(), t0)
-                if _gone(request):
-                    return web.Response(status=499)  # nobody reads it; the requests are aborted
+                if call.gone():
+                    return Reply(status=499)  # nobody reads it; the requests are aborted
                 item = await anext(stream, None)
         except APIError:
             raise
@@ -574,15 +715,17 @@ class OpenAIServer:
                                              stop_reason=st.stop_reason))
         resp = P.CompletionResponse(id=rid, created=int(time.time()), model=model, choices=result,
                                     usage=self._usage(prompt_lens, choices))
-        return web.json_response(resp.model_dump())
+        return Reply.json(resp.model_dump())
 
-    async def _stream_completion(self, request, req, model, rid, prompts, stream, first, t0):
+    async def _stream_completion(self, req, model, rid, prompts, stream, first, t0
+                                 ) -> AsyncIterator[bytes]:
+        """The SSE events of a streamed completion; the front end stops iterating (and closes
+        the Reply) when the client goes away."""
         n, created = req.n, int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         choices: dict[tuple[int, int], _Choice] = {}
         prompt_lens: dict[int, int] = {}
-        resp = await self._start_stream(request)
         item = first
         try:
             while item is not None:
@@ -609,35 +752,27 @@ class OpenAIServer:
                         finish_reason=st.finish_reason if new_finish else None,
                         stop_reason=st.stop_reason if new_finish else None))
                 if chunk_choices:
-                    await self._send(resp, P.CompletionStreamResponse(
+                    yield self._event(P.CompletionStreamResponse(
                         id=rid, created=created, model=model, choices=chunk_choices,
                         usage=self._usage(prompt_lens, choices) if continuous else None))
-                if _gone(request):
-                    return resp
                 item = await anext(stream, None)
             if include_usage:
-                await self._send(resp, P.CompletionStreamResponse(
+                yield self._event(P.CompletionStreamResponse(
                     id=rid, created=created, model=model, choices=[],
                     usage=self._usage(prompt_lens, choices)))
-            await self._send(resp, "[DONE]")
-        except ConnectionResetError:  # the client went away: closing the stream aborts
-            return resp
-        except asyncio.CancelledError:
-            raise
+            yield self._event("[DONE]")
         except Exception as e:
-            await self._send_stream_error(resp, e)
-        return resp
+            for event in self._stream_error(e):
+                yield event
 
-    async def _send_stream_error(self, resp: web.StreamResponse, e: Exception) -> None:
+    def _stream_error(self, e: Exception) -> list[bytes]:
         err = e if isinstance(e, APIError) else self._engine_error(e)
-        with contextlib.suppress(ConnectionResetError):
-            await self._send(resp, json.dumps(err.body()))
-            await self._send(resp, "[DONE]")
+        return [self._event(json.dumps(err.body())), self._event("[DONE]")]
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        with self._admit():
+    async def chat_completions(self, call: Call) -> Reply:
+        async with self._admit() as lease:
             t0 = time.perf_counter()
-            req: P.ChatCompletionRequest = await self._parse(request, P.ChatCompletionRequest)
+            req: P.ChatCompletionRequest = self._parse(call, P.ChatCompletionRequest)
             model = self._model(req.model)
             if (u := req.unsupported()) is not None:
                 raise APIError(400, u[1], param=u[0])
@@ -650,23 +785,22 @@ class OpenAIServer:
             k = (req.top_logprobs or 0) if req.logprobs else None
             params = self._sampling_params(req, max_tokens=max_tokens, logprobs=k)
             rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
-            stream = self._merge([prompt], params, rid)
-            async with contextlib.aclosing(stream):
-                first = await self._first(stream)
-                if req.stream:
-                    return await self._stream_chat(request, req, model, rid, stream, first, t0, k)
-                return await self._full_chat(request, req, model, rid, prompt, stream, first, t0,
-                                             k)
+            stream = lease.own(self._merge([prompt], params, rid))
+            first = await self._first(stream)
+            if req.stream:
+                return lease.hand_off(Reply.sse(self._stream_chat(req, model, rid, stream, first,
+                                                                  t0, k)))
+            return await self._full_chat(call, req, model, rid, prompt, stream, first, t0, k)
 
-    async def _full_chat(self, request, req, model, rid, prompt, stream, first, t0, k):
+    async def _full_chat(self, call, req, model, rid, prompt, stream, first, t0, k):
         choices: dict[tuple[int, int], _Choice] = {}
         item = first
         try:
             while item is not None:
                 _, out = item
                 self._record(choices, 0, req.n, out, time.perf_counter(), t0)
-                if _gone(request):
-                    return web.Response(status=499)
+                if call.gone():
+                    return Reply(status=499)
                 item = await anext(stream, None)
         except (APIError, asyncio.CancelledError, ConnectionResetError):
             raise
@@ -680,15 +814,14 @@ class OpenAIServer:
         resp = P.ChatCompletionResponse(id=rid, created=int(time.time()), model=model,
                                         choices=result,
                                         usage=self._usage({0: len(prompt.ids)}, choices))
-        return web.json_response(resp.model_dump())
+        return Reply.json(resp.model_dump())
 
-    async def _stream_chat(self, request, req, model, rid, stream, first, t0, k):
+    async def _stream_chat(self, req, model, rid, stream, first, t0, k) -> AsyncIterator[bytes]:
         n, created = req.n, int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         choices: dict[tuple[int, int], _Choice] = {}
         prompt_lens: dict[int, int] = {}
-        resp = await self._start_stream(request)
 
         def chunk(cs, usage=None):
             return P.ChatCompletionStreamResponse(id=rid, created=created, model=model,
@@ -696,7 +829,7 @@ class OpenAIServer:
 
         try:
             # OpenAI opens every choice with the role.
-            await self._send(resp, chunk([P.ChatStreamChoice(
+            yield self._event(chunk([P.ChatStreamChoice(
                 index=i, delta=P.DeltaMessage(role="assistant", content=""))
                 for i in range(n)]))
             item = first
@@ -716,21 +849,15 @@ class OpenAIServer:
                         finish_reason=st.finish_reason if new_finish else None,
                         stop_reason=st.stop_reason if new_finish else None))
                 if cs:
-                    await self._send(resp, chunk(cs, self._usage(prompt_lens, choices)
-                                                 if continuous else None))
-                if _gone(request):
-                    return resp
+                    yield self._event(chunk(cs, self._usage(prompt_lens, choices)
+                                            if continuous else None))
                 item = await anext(stream, None)
             if include_usage:
-                await self._send(resp, chunk([], self._usage(prompt_lens, choices)))
-            await self._send(resp, "[DONE]")
-        except ConnectionResetError:
-            return resp
-        except asyncio.CancelledError:
-            raise
+                yield self._event(chunk([], self._usage(prompt_lens, choices)))
+            yield self._event("[DONE]")
         except Exception as e:
-            await self._send_stream_error(resp, e)
-        return resp
+            for event in self._stream_error(e):
+                yield event
 
     # -- periodic log -------------------------------------------------------------------------
     async def _log_stats(self, app: web.Application):
@@ -783,16 +910,35 @@ def build_app(engine: Any, *, api_key: str | None = None,
                           middlewares=[srv.error_middleware, srv.auth_middleware])
     app[SERVER_KEY] = srv
     app.cleanup_ctx.append(srv._log_stats)
-    app.router.add_get("/v1/models", srv.models)
-    app.router.add_post("/v1/completions", srv.completions)
-    app.router.add_post("/v1/chat/completions", srv.chat_completions)
-    app.router.add_post("/tokenize", srv.tokenize)
-    app.router.add_post("/detokenize", srv.detokenize)
-    app.router.add_get("/health", srv.health)
-    app.router.add_get("/version", srv.version)
-    app.router.add_get("/metrics", srv.metrics_route)
-    app.router.add_get("/openapi.json", srv.openapi)
+    for path, methods in ROUTES.items():
+        for method, name in methods.items():
+            add = app.router.add_get if method == "GET" else partial(app.router.add_route, method)
+            add(path, _aiohttp_route(getattr(srv, name)))  # add_get answers HEAD too
     return app
+
+
+def _aiohttp_route(route: Callable[[Call], Awaitable[Reply]]):
+    """Adapts an OpenAIServer route to aiohttp: reads the body, sends the Reply, streams SSE
+    until the client goes away, and always closes the Reply (aborting what is left)."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        call = Call(request.method, request.path, request.headers, await request.read(),
+                    gone=lambda: _gone(request))
+        reply = await route(call)
+        try:
+            if reply.stream is None:
+                return reply.to_aiohttp()
+            resp = web.StreamResponse(status=reply.status, headers=reply.all_headers())
+            await resp.prepare(request)
+            with contextlib.suppress(ConnectionResetError):  # the client went away
+                async for chunk in reply.stream:
+                    await resp.write(chunk)
+                    if _gone(request):
+                        break
+            return resp
+        finally:
+            await reply.aclose()
+
+    return handler
 
 
 SERVER_KEY = web.AppKey("jaxllm_server", OpenAIServer)
