@@ -14,7 +14,7 @@ decode at `--context` tokens, then times (median of --repeats, after warm-up):
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import json
 import statistics
 import sys
@@ -83,27 +83,22 @@ def main(argv=None) -> int:
         inputs = runner.prepare(sched.scheduled, srows)
         inputs = jax.device_put(inputs)
 
+        nl = sampler_lib.logprobs_width(srows, runner.num_logprobs)
+        sort = sampler_lib.needs_sort(srows, mc.vocab_size)
+
         def jitted():
-            runner.kv_caches, out = runner._step(runner.state, runner.kv_caches, inputs,
-                                                 runner.num_logprobs)
-            return out
+            return runner.run(inputs, nl, sort)
 
         step_ms = _median_ms(jitted, args.repeats)
-
-        @functools.partial(jax.jit, donate_argnums=1)  # the cache is most of the GPU: no copy
-        def fwd(state, kv, inp):
-            m = nnx.merge(runner.graphdef, state)
-            hidden, kv = m(inp.token_ids, inp.positions, kv, inp.md)
-            return m.compute_logits(hidden[inp.logits_indices]), kv
+        fwd_inputs = dataclasses.replace(inputs, sampling=None)
 
         def forward():
-            logits, runner.kv_caches = fwd(runner.state, runner.kv_caches, inputs)
+            runner.kv_caches, logits = runner._forward(runner._leaves, runner.kv_caches, fwd_inputs)
             return logits
 
         fwd_ms = _median_ms(forward, args.repeats)
         logits = forward()
-        samp = jax.jit(sampler_lib.sample, static_argnums=2)
-        samp_ms = _median_ms(lambda: samp(logits, inputs.sampling, runner.num_logprobs),
+        samp_ms = _median_ms(lambda: runner._sample(logits, inputs.sampling, nl, sort),
                              args.repeats)
         host_ms = _median_ms(lambda: runner.prepare(sched.scheduled, srows), args.repeats)
         for rid in [f"b{batch}-{i}" for i in range(batch)]:

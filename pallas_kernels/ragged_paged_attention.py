@@ -81,7 +81,10 @@ def _attend_tokens(q, t, k_pages, v_pages, seq_lens, page_table, query_start_loc
     num_seqs = jnp.reshape(num_seqs, ())
 
     # Sequence of token t: the number of sequence ends at or before t.
-    seq_id = jnp.searchsorted(query_start_loc[1:], t, side="right").astype(jnp.int32)
+    # compare_all, not the default binary search: that is a while loop, which on the GPU runs
+    # iteration by iteration from the host (a sync each), as the step profile showed.
+    seq_id = jnp.searchsorted(query_start_loc[1:], t, side="right",
+                              method="compare_all").astype(jnp.int32)
     valid = t < query_start_loc[num_seqs]
     seq_id = jnp.minimum(seq_id, S - 1)
     q_end = query_start_loc[seq_id + 1]
@@ -339,7 +342,9 @@ def ragged_paged_attention(
         cum = jnp.cumsum(n_blk)
         nb = min(T, -(-T // block_q) + S)
         b = jnp.arange(nb, dtype=jnp.int32)
-        bseq = jnp.minimum(jnp.searchsorted(cum, b, side="right"), S - 1).astype(jnp.int32)
+        # compare_all: the default binary search is a while loop, run from the host on the GPU.
+        bseq = jnp.minimum(jnp.searchsorted(cum, b, side="right", method="compare_all"),
+                           S - 1).astype(jnp.int32)
         j = b - (cum[bseq] - n_blk[bseq])
         b_ntok = jnp.where(b < cum[-1], jnp.minimum(block_q, p_len[bseq] - j * block_q), 0)
         b_tok0 = query_start_loc[bseq] + j * block_q
@@ -351,7 +356,8 @@ def ragged_paged_attention(
 
     # Token -> (decode?, padding?) so each output row comes from the launch that wrote it.
     t = jnp.arange(T, dtype=jnp.int32)
-    t_seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], t, side="right"), S - 1)
+    t_seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], t, side="right",
+                                          method="compare_all"), S - 1)
     t_valid = t < query_start_loc[ns]
     rows = [o[: T * H].reshape(T, H, D) for o in outs]
     if len(rows) == 2:

@@ -141,14 +141,20 @@ def test_no_page_leaks_after_finished_stopped_aborted_and_preempted_requests(sma
 
 
 def test_no_compilation_after_startup(small_llm):
-    engine = small_llm.llm_engine
-    before = engine.runner.num_compiles
-    assert before == len(engine.runner.token_buckets)
-    vocab = engine.model_config.vocab_size
+    # One forward per token bucket, and every start-up sampler variant (log-probs or not, sort or
+    # not) per sequence bucket, are compiled at start; serving any mix of them compiles nothing.
+    runner = small_llm.llm_engine.runner
+    seq_buckets = {runner.seq_bucket(T) for T in runner.token_buckets}
+    assert runner._forward._cache_size() == len(runner.token_buckets)
+    assert runner._sample._cache_size() >= len(seq_buckets) * len(runner.sampler_variants())
+    before = runner.num_compiles
+    vocab = small_llm.llm_engine.model_config.vocab_size
     small_llm.generate(_random_prompts(9, vocab, seed=4, hi=70),
                        SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05,
                                       max_tokens=5, logprobs=3, seed=3), use_tqdm=False)
-    assert engine.runner.num_compiles == before
+    small_llm.generate(_random_prompts(3, vocab, seed=6, hi=30),
+                       SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
+    assert runner.num_compiles == before
 
 
 def test_penalty_and_bias_variants_compile_once_and_are_reused(small_llm):

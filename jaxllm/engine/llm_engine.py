@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import EngineConfig, ModelConfig, resolve_dtype
@@ -165,7 +166,11 @@ class LLMEngine:
         return n + 1
 
     def _largest_step_temp_bytes(self) -> int:
-        # Lowers the step abstractly for the largest bucket with a one-page cache; allocates nothing.
+        # Lowers the forward and the sampler abstractly for the largest bucket with a one-page
+        # cache; allocates nothing. The sampler runs after the forward, but its [S, V] logits
+        # input lives across both, so the two figures are added (a safe over-estimate).
+        from flax import nnx
+
         from jaxllm.engine import model_runner as mr
 
         mc, cfg = self.model_config, self.config
@@ -178,13 +183,15 @@ class LLMEngine:
         shape = (2, cfg.page_size, mc.num_key_value_heads, mc.head_dim)
         kv = [(jax.ShapeDtypeStruct(shape, self.cache_dtype),) * 2
               for _ in range(mc.num_hidden_layers)]
-        from flax import nnx
-
         graphdef, state = nnx.split(self.loaded.model)
-        lowered = jax.jit(mr._step, static_argnums=(0, 4)).lower(
-            graphdef, state, kv, inputs, cfg.max_logprobs)
-        mem = lowered.compile().memory_analysis()
-        return int(getattr(mem, "temp_size_in_bytes", 0) or 0)
+        leaves, treedef = jax.tree.flatten(state)
+        fwd = jax.jit(mr._forward, static_argnums=(0, 1)).lower(
+            graphdef, treedef, leaves, kv, dataclasses.replace(inputs, sampling=None)).compile()
+        logits = jax.ShapeDtypeStruct((probe.seq_bucket(T), mc.vocab_size), jnp.float32)
+        samp = jax.jit(sampler_lib.sample, static_argnums=(2, 3)).lower(
+            logits, inputs.sampling, cfg.max_logprobs, True).compile()
+        return sum(int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0) or 0)
+                   for c in (fwd, samp))
 
     # -- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:

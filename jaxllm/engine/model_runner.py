@@ -3,10 +3,12 @@
 Dimension keys: T tokens (padded to a bucket), S sequences (padded), M max pages per sequence,
 B page size, V vocab, k logprobs per row.
 
-One compiled step per token bucket T; its sequence bucket is S = min(T, max_num_seqs), so the
-compile count is the number of token buckets (a decode batch of n sequences runs at T = S = the
-bucket of n). All buckets are compiled at start-up; nothing compiles while serving
-(``num_compiles`` lets tests check that).
+A step is two jitted calls dispatched back to back (no host sync between them): the forward,
+one compile per token bucket T, and the sampler on its [S, V] logits, where the sequence bucket
+is S = min(T, max_num_seqs) (a decode batch of n sequences runs at T = S = the bucket of n).
+The sampler's static variants (log-probs or not, top-k/top-p sort or not) are cheap to compile;
+all forward buckets and the common sampler variants are compiled at start-up, so nothing big
+compiles while serving (``num_compiles`` lets tests check that).
 """
 
 from __future__ import annotations
@@ -50,32 +52,34 @@ class StepInputs:
     sampling: Any
 
 
-def _step(graphdef, state, kv_caches: KVCache, inputs: StepInputs, num_logprobs: int):
-    model = nnx.merge(graphdef, state)
+def _model(graphdef, treedef, leaves) -> nnx.Module:
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def _forward(graphdef, treedef, leaves, kv_caches: KVCache, inputs: StepInputs):
+    """The model over the ragged batch; logits [S, V] float32 only at the sampled rows."""
+    model = _model(graphdef, treedef, leaves)
     hidden, kv_caches = model(inputs.token_ids, inputs.positions, kv_caches, inputs.md)
-    logits = model.compute_logits(hidden[inputs.logits_indices])  # [S, V] float32
-    out = sampler_lib.sample(logits, inputs.sampling, num_logprobs)
-    return kv_caches, out
+    return kv_caches, model.compute_logits(hidden[inputs.logits_indices])
 
 
-def _prompt_logprobs_step(graphdef, state, kv_caches: KVCache, inputs: StepInputs,
-                          next_ids: jax.Array, num_logprobs: int):
+def _prompt_logprobs_forward(graphdef, treedef, leaves, kv_caches: KVCache, inputs: StepInputs,
+                             next_ids: jax.Array, num_logprobs: int):
     """Variant for steps where some request asks for prompt_logprobs: log-probs at every row.
 
     The one exception to "logits only at sampled positions", so it is compiled on first use only.
     next_ids: [T] the token that follows each row's token in its prompt (-1: none/not needed).
     Returns, per row: logprob of next_ids [T], its rank [T] (1 = most likely), top-k ids/logprobs.
     """
-    model = nnx.merge(graphdef, state)
+    model = _model(graphdef, treedef, leaves)
     hidden, kv_caches = model(inputs.token_ids, inputs.positions, kv_caches, inputs.md)
     logits = model.compute_logits(hidden[inputs.logits_indices])
-    out = sampler_lib.sample(logits, inputs.sampling, num_logprobs)
     all_lp = jax.nn.log_softmax(model.compute_logits(hidden), axis=-1)  # [T, V]
     safe_ids = jnp.maximum(next_ids, 0)
     next_lp = jnp.take_along_axis(all_lp, safe_ids[:, None], axis=-1)[:, 0]
     rank = jnp.sum(all_lp > next_lp[:, None], axis=-1).astype(jnp.int32) + 1
     top_lp, top_ids = jax.lax.top_k(all_lp, max(num_logprobs, 1))
-    return kv_caches, out, (next_lp, rank, top_ids, top_lp)
+    return kv_caches, logits, (next_lp, rank, top_ids, top_lp)
 
 
 def default_token_buckets(max_num_batched_tokens: int, smallest: int = 8,
@@ -112,13 +116,29 @@ class ModelRunner:
         self.kv_caches: KVCache = [
             (jnp.zeros(shape, cache_dtype), jnp.zeros(shape, cache_dtype)) for _ in range(num_layers)
         ]
-        # The graphdef is closed over, not a static argument: hashing a static graphdef of a
-        # 32-layer model on every call cost ~2 ms per step (benchmarks/step_breakdown.py).
-        self._step = jax.jit(functools.partial(_step, self.graphdef), static_argnums=(3,),
-                             donate_argnums=(1,))
-        self._prompt_step = jax.jit(functools.partial(_prompt_logprobs_step, self.graphdef),
-                                    static_argnums=(4,), donate_argnums=(1,))
+        # The sampler is a jit of its own: its static variants (sort / log-probs / bias and
+        # penalty widths) compile in well under a second, the forward's in many seconds.
+        self._sample = jax.jit(sampler_lib.sample, static_argnums=(2, 3))
         self.last_host_time = 0.0
+
+    @property
+    def state(self) -> nnx.State:
+        """The model's parameters (nnx.State). Setting it re-flattens and re-jits the forward."""
+        return jax.tree.unflatten(self._treedef, self._leaves)
+
+    @state.setter
+    def state(self, state: nnx.State) -> None:
+        # The jitted forward takes the parameters as a flat list of arrays: flattening an
+        # nnx.State calls back into Python for every Variable (~300 for an 8B Llama), which cost
+        # ~1 ms of host time per step (benchmarks/profile_step.py); a list of arrays is parsed in
+        # C++. The graphdef and treedef are closed over, not static arguments: hashing them on
+        # every call cost ~2 ms per step.
+        self._leaves, self._treedef = jax.tree.flatten(state)
+        self._forward = jax.jit(functools.partial(_forward, self.graphdef, self._treedef),
+                                donate_argnums=(1,))
+        self._prompt_forward = jax.jit(
+            functools.partial(_prompt_logprobs_forward, self.graphdef, self._treedef),
+            static_argnums=(4,), donate_argnums=(1,))
 
     # -- buckets ------------------------------------------------------------------------------
     def token_bucket(self, num_tokens: int) -> int:
@@ -132,21 +152,35 @@ class ModelRunner:
 
     @property
     def num_compiles(self) -> int:
-        """Compiled step variants so far (tests assert this does not grow while serving)."""
-        return self._step._cache_size() + self._prompt_step._cache_size()
+        """Compiled forward and sampler variants so far (tests assert this does not grow while
+        serving)."""
+        return (self._forward._cache_size() + self._prompt_forward._cache_size()
+                + self._sample._cache_size())
+
+    def sampler_variants(self) -> list[tuple[int | None, bool]]:
+        """The (num_logprobs, sort) variants compiled at start-up for every sequence bucket."""
+        return [(nl, sort) for nl in (None, self.num_logprobs) for sort in (False, True)]
 
     def compile_all(self, show_progress: bool = True) -> float:
-        """Compiles the step for every token bucket by running it on an all-padding batch."""
+        """Compiles the forward for every token bucket (on an all-padding batch) and the sampler
+        variants of ``sampler_variants`` for every sequence bucket."""
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
         for T in tqdm(self.token_buckets, desc="Compiling step buckets", disable=not show_progress,
                       unit="bucket"):
             inputs = self.prepare([], [], T=T)
-            self.kv_caches, out = self._step(self.state, self.kv_caches, inputs,
-                                             self.num_logprobs)
+            for nl, sort in self.sampler_variants():
+                out = self.run(inputs, nl, sort)
             jax.block_until_ready(out)
         return time.perf_counter() - t0
+
+    def run(self, inputs: StepInputs, num_logprobs: int | None, sort: bool
+            ) -> sampler_lib.SamplerOutput:
+        """Dispatches the forward (updating the cache) and the sampler; returns device arrays."""
+        self.kv_caches, logits = self._forward(self._leaves, self.kv_caches,
+                                               dataclasses.replace(inputs, sampling=None))
+        return self._sample(logits, inputs.sampling, num_logprobs, sort)
 
     # -- host side ----------------------------------------------------------------------------
     def prepare(self, scheduled: list[ScheduledSeq], sampling_rows: list[sampler_lib.SamplingRow],
@@ -195,15 +229,18 @@ class ModelRunner:
         ``prompt_next_ids`` ([n_tokens] next prompt token per row, -1 where none) is given."""
         t0 = time.perf_counter()
         inputs = self.prepare(scheduled, sampling_rows)
+        nl = sampler_lib.logprobs_width(sampling_rows, self.num_logprobs)
+        sort = sampler_lib.needs_sort(sampling_rows, self.vocab_size)
         self.last_host_time = time.perf_counter() - t0
         if prompt_next_ids is not None:
             next_ids = np.full(inputs.token_ids.shape, -1, np.int32)
             next_ids[:len(prompt_next_ids)] = prompt_next_ids
-            self.kv_caches, out, prompt_lp = self._prompt_step(
-                self.state, self.kv_caches, inputs, next_ids, self.num_logprobs)
+            self.kv_caches, logits, prompt_lp = self._prompt_forward(
+                self._leaves, self.kv_caches, dataclasses.replace(inputs, sampling=None),
+                next_ids, self.num_logprobs)
+            out = self._sample(logits, inputs.sampling, nl, sort)
             return jax.device_get(out), jax.device_get(prompt_lp)
-        self.kv_caches, out = self._step(self.state, self.kv_caches, inputs, self.num_logprobs)
-        return jax.device_get(out), None
+        return jax.device_get(self.run(inputs, nl, sort)), None
 
 
 def kv_page_bytes(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,

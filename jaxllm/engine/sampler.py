@@ -4,7 +4,8 @@ Dimension keys: S sequences (rows, padded to a bucket), V vocabulary, NB sparse 
 entries per row, N penalty token ids per row.
 
 Host side (numpy, every step): ``build_sampling_tensors(rows, pad_to=S)`` -> SamplingTensors.
-Device side (pure jnp, jit): ``sample(logits[S, V], tensors, num_logprobs)`` -> SamplerOutput.
+Device side (pure jnp, jit): ``sample(logits[S, V], tensors, num_logprobs, sort)`` ->
+SamplerOutput, a jitted call of its own after the model's forward (see engine/model_runner.py).
 
 Order of operations, as vLLM V1's Sampler:
   1. logit_bias and bans (bans = -inf bias; the engine bans EOS/stop_token_ids until min_tokens)
@@ -24,9 +25,11 @@ sequence has generated so far, and its noise is drawn over [V] from that key alo
 sequence gets the same tokens whatever else is in the batch, wherever its row is, and after a
 recompute preemption.
 
-Cost: top_k/top_p need one descending sort of [S, V] (for V = 128k, O(S V log V)); it runs under
-a ``lax.cond`` taken only when some row in the batch uses top_k or top_p, so batches without
-them do no sort and nothing recompiles. Penalties scatter into dense [S, V] counts only when the
+Cost: top_k/top_p need one descending sort of [S, V] (for V = 128k, O(S V log V)), and log-probs
+a log_softmax and a top-k over [S, V]: both are static variants (``sort``, ``num_logprobs``) the
+host picks per batch (``needs_sort``, ``logprobs_width``), so a greedy batch without log-probs
+does neither. A device-side ``lax.cond`` was tried first: on the GPU it still cost the sort
+(benchmarks/RESULTS.md, step profile). Penalties scatter into dense [S, V] counts only when the
 penalty arrays are non-empty (N > 0): N is a static shape, so the engine's N bucket is 0 unless
 some row in the batch uses a penalty.
 """
@@ -253,11 +256,31 @@ def row_keys(t: SamplingTensors) -> jax.Array:
     return jax.vmap(one)(t.seeds, t.steps)
 
 
-def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0) -> SamplerOutput:
-    """Samples one token per row of logits [S, V] (f32). num_logprobs (static): top-k width."""
+def needs_sort(rows: list[SamplingRow], vocab_size: int) -> bool:
+    """Whether any row uses top_k or top_p: only then does the sampler sort [S, V] (host side,
+    so the choice is a static compile variant, not a device-side branch)."""
+    return any(0 < r[0].top_k < vocab_size or r[0].top_p < 1.0 for r in rows)
+
+
+def logprobs_width(rows: list[SamplingRow], max_logprobs: int) -> int | None:
+    """None when no row wants log-probs (the sampler then skips them), else max_logprobs: one
+    fixed top-k width, so a different k per request does not compile a new variant."""
+    return max_logprobs if any(r[0].logprobs is not None for r in rows) else None
+
+
+def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int | None = 0,
+           sort: bool = True) -> SamplerOutput:
+    """Samples one token per row of logits [S, V] (f32).
+
+    Static arguments (each value is its own compile variant):
+      num_logprobs  top-k width of the returned log-probs; None skips log-probs altogether
+                    (logprobs/ranks come back as zeros), for batches where nobody asked.
+      sort          apply top_k/top_p (one [S, V] sort); False skips it, for batches where no
+                    row uses them (see ``needs_sort``). With True, rows with top_k off and
+                    top_p = 1 are left unchanged.
+    """
     logits = logits.astype(jnp.float32)
     S, V = logits.shape
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
 
     x = apply_bias(logits, t)
     x = apply_penalties(x, t)
@@ -266,13 +289,18 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0) -> Samp
 
     x = x / jnp.where(is_greedy, 1.0, t.temperature)[:, None]
     x = apply_min_p(x, t.min_p)
-    needs_sort = jnp.any(((t.top_k > 0) & (t.top_k < V)) | (t.top_p < 1.0))
-    x = jax.lax.cond(needs_sort, lambda y: apply_top_k_top_p(y, t.top_k, t.top_p),
-                     lambda y: y, x)
+    if sort:
+        x = apply_top_k_top_p(x, t.top_k, t.top_p)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(row_keys(t))
     random_ids = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
     token_ids = jnp.where(is_greedy, greedy_ids, random_ids)
 
+    if num_logprobs is None:
+        zeros = jnp.zeros((S,), jnp.float32)
+        return SamplerOutput(token_ids=token_ids, logprobs=zeros, ranks=zeros.astype(jnp.int32),
+                             topk_ids=jnp.zeros((S, 0), jnp.int32),
+                             topk_logprobs=jnp.zeros((S, 0), jnp.float32))
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     lp = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)  # [S, 1]
     ranks = jnp.sum(raw_logprobs >= lp, axis=-1).astype(jnp.int32)
     if num_logprobs > 0:

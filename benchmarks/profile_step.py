@@ -1,0 +1,141 @@
+"""Profile decode steps: where the GPU time of one jitted step goes, and how idle the GPU is.
+
+Builds the engine on random weights (default Llama-3-8B shape), puts `--batch` sequences into
+decode at `--context` tokens, then records `--steps` engine steps under ``jax.profiler`` (a
+Perfetto trace, no TensorBoard needed) and reads the trace back:
+  wall_ms        median wall time of an engine step (host included)
+  gpu_busy_ms    union of GPU kernel/memcpy intervals per step
+  idle_pct       1 - busy / wall: the share of a step the GPU waits for the host
+  kernels        GPU ops per step
+and the top GPU ops by time (grouped by name with digits stripped).
+
+    python3 benchmarks/profile_step.py --batch 1 64 256 --context 1024 --out-dir /tmp/prof
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from offline_throughput import SHAPES, random_model  # noqa: E402
+
+
+def _gpu_events(trace_path: Path) -> tuple[list[tuple[str, float, float]], set[str]]:
+    """(name, start_us, dur_us) of the GPU stream events of a Perfetto/Chrome trace, and the
+    names of the GPU threads seen (streams, plus derived lines like "XLA Ops" that repeat them)."""
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
+    threads = {(e["pid"], e["tid"]): str(e.get("args", {}).get("name", "")) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu_pids}
+    streams = {k for k, v in threads.items() if v.lower().startswith("stream")}
+    keep = streams or set(threads)
+    out = [(e["name"], float(e["ts"]), float(e.get("dur", 0.0))) for e in events
+           if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in keep]
+    return out, set(threads.values())
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def summarize(trace_path: Path, num_steps: int, top: int) -> dict:
+    """Per-step GPU busy time (union of stream events), op count and the top ops by time."""
+    events, thread_names = _gpu_events(trace_path)
+    if not events:
+        raise RuntimeError(f"no GPU events in {trace_path}; GPU threads seen: {sorted(thread_names)}")
+    by_name = collections.Counter()
+    for name, _, d in events:
+        by_name[re.sub(r"\d+", "#", name)] += d
+    busy = _union_us([(s, s + d) for _, s, d in events])
+    return dict(gpu_busy_ms=busy / num_steps / 1e3, kernels_per_step=len(events) / num_steps,
+                gpu_threads=sorted(thread_names),
+                top=[(k, v / num_steps / 1e3) for k, v in by_name.most_common(top)])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--attention", default="pallas", choices=["reference", "pallas"])
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.llm_engine import LLMEngine
+    from jaxllm.sampling_params import SamplingParams
+
+    loaded = random_model(args.shape, args.attention)
+    mc = loaded.model_config
+    max_b = max(args.batch)
+    cfg = EngineConfig(dtype="bfloat16", max_model_len=args.context + 8 * args.steps + 64,
+                       max_num_seqs=max_b, max_num_batched_tokens=max(2048, max_b),
+                       enable_prefix_caching=False)
+    engine = LLMEngine(cfg, loaded=loaded)
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in args.batch:
+        params = SamplingParams(temperature=0.0, max_tokens=8 * args.steps + 16, ignore_eos=True,
+                                detokenize=False)
+        ids = [f"b{batch}-{i}" for i in range(batch)]
+        for rid in ids:
+            engine.add_request(rid, {"prompt_token_ids": rng.integers(
+                0, mc.vocab_size, args.context).tolist()}, params)
+        while any(s.num_computed_tokens < s.num_prompt_tokens
+                  for s in engine.scheduler.running) or engine.scheduler.num_waiting:
+            engine.step()
+        for _ in range(3):
+            engine.step()
+        log_dir = args.out_dir / f"b{batch}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        windows = []
+        with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
+            for _ in range(args.steps):
+                t = time.perf_counter()
+                engine.step()
+                windows.append((t, time.perf_counter()))
+        wall = statistics.median(e - s for s, e in windows) * 1e3
+        trace = next(log_dir.rglob("perfetto_trace.json.gz"))
+        summ = summarize(trace, args.steps, args.top)
+        for rid in ids:
+            engine.abort_request(rid)
+        row = dict(shape=args.shape, device=jax.devices()[0].device_kind, batch=batch,
+                   context=args.context, wall_ms=wall, **summ,
+                   idle_pct=100 * max(0.0, 1 - summ["gpu_busy_ms"] / wall))
+        rows.append(row)
+        print(f"batch {batch}: wall {wall:.2f} ms, GPU busy {summ['gpu_busy_ms']:.2f} ms "
+              f"(idle {row['idle_pct']:.1f}%), {summ['kernels_per_step']:.0f} GPU ops/step")
+        for name, ms in summ["top"]:
+            print(f"    {ms:8.3f} ms  {name[:110]}")
+    if args.out:
+        with args.out.open("a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
