@@ -232,7 +232,107 @@ class _Prompt:
 
 
 # -- the server -----------------------------------------------------------------------------------
-class OpenAIServer:
+class PromptRenderer:
+    """Request prompts -> token ids with a tokenizer (the chat template included). The server
+    renders with it, and the Ray ingress too, to route a request by its leading pages."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @staticmethod
+    def _parse(call: Call, model: type[BaseModel]) -> Any:
+        try:
+            obj = json.loads(call.body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, f"The request body is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise APIError(400, "The request body must be a JSON object.")
+        try:
+            return model.model_validate(obj)
+        except ValidationError as e:
+            raise _validation_error(e) from None
+        except RecursionError:
+            raise APIError(400, "The request body is nested too deeply.") from None
+
+    def first_prompt_ids(self, path: str, body: bytes) -> list[int] | None:
+        """The token ids of a completion's (first) or a chat request's prompt; None for other
+        routes and for a request the server will refuse (it answers that error itself)."""
+        try:
+            call = Call("POST", path, {}, body)
+            if path == "/v1/completions":
+                req = self._parse(call, P.CompletionRequest)
+                return self._completion_prompts(req.prompt)[0].ids
+            if path == "/v1/chat/completions":
+                req = self._parse(call, P.ChatCompletionRequest)
+                return self._apply_chat_template(
+                    req.messages, add_generation_prompt=req.add_generation_prompt,
+                    continue_final_message=req.continue_final_message,
+                    template_kwargs=req.chat_template_kwargs).ids
+        except APIError:
+            pass
+        return None
+
+    def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _apply_chat_template(self, messages: list[P.ChatMessage], *,
+                             add_generation_prompt: bool, continue_final_message: bool = False,
+                             template_kwargs: dict | None = None) -> _Prompt:
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, "This model's tokenizer has no chat template; use "
+                           "/v1/completions.", param="messages")
+        kwargs = dict(template_kwargs or {})
+        bad = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
+        if bad:
+            raise APIError(400, f"chat_template_kwargs may not set {bad}.",
+                           param="chat_template_kwargs")
+        conv = []
+        for m in messages:
+            d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.name:
+                d["name"] = m.name
+            conv.append(d)
+        try:
+            text = tok.apply_chat_template(conv, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message,
+                                           **kwargs)
+        except Exception as e:  # jinja's raise_exception, bad roles, bad kwargs: the client's input
+            raise APIError(400, f"The chat template could not be applied to these messages: {e}",
+                           param="messages") from None
+        # The template already holds the special tokens (BOS ...): do not add them twice.
+        return _Prompt(self._tokenize(text, add_special_tokens=False), text)
+
+    def _completion_prompts(self, prompt) -> list[_Prompt]:
+        if isinstance(prompt, str):
+            items: list = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        if not items:
+            raise APIError(400, "prompt must not be empty.", param="prompt")
+        out = []
+        for p in items:
+            if isinstance(p, str):
+                out.append(_Prompt(self._tokenize(p), p))
+            else:
+                out.append(_Prompt(list(p), None))
+        for p in out:
+            if not p.ids:
+                raise APIError(400, "The prompt cannot be empty.", param="prompt")
+        return out
+
+
+class OpenAIServer(PromptRenderer):
     def __init__(self, engine: Any, *, api_key: str | None, served_model_names: list[str],
                  max_request_bytes: int, max_concurrent_requests: int,
                  log_stats_interval: float | None):
@@ -331,21 +431,6 @@ class OpenAIServer:
         return await handler(request)
 
     # -- helpers ------------------------------------------------------------------------------
-    @staticmethod
-    def _parse(call: Call, model: type[BaseModel]) -> Any:
-        try:
-            obj = json.loads(call.body, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as e:
-            raise APIError(400, f"The request body is not valid JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise APIError(400, "The request body must be a JSON object.")
-        try:
-            return model.model_validate(obj)
-        except ValidationError as e:
-            raise _validation_error(e) from None
-        except RecursionError:
-            raise APIError(400, "The request body is nested too deeply.") from None
-
     def _model(self, name: str | None) -> str:
         if name is None:
             return self.names[0]
@@ -402,41 +487,6 @@ class OpenAIServer:
                 param = "top_logprobs"
             raise APIError(400, str(e), param=param) from None
         return params
-
-    def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
-
-    def _decode_token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
-    def _apply_chat_template(self, messages: list[P.ChatMessage], *,
-                             add_generation_prompt: bool, continue_final_message: bool = False,
-                             template_kwargs: dict | None = None) -> _Prompt:
-        tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise APIError(400, "This model's tokenizer has no chat template; use "
-                           "/v1/completions.", param="messages")
-        kwargs = dict(template_kwargs or {})
-        bad = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
-        if bad:
-            raise APIError(400, f"chat_template_kwargs may not set {bad}.",
-                           param="chat_template_kwargs")
-        conv = []
-        for m in messages:
-            d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            if m.name:
-                d["name"] = m.name
-            conv.append(d)
-        try:
-            text = tok.apply_chat_template(conv, tokenize=False,
-                                           add_generation_prompt=add_generation_prompt,
-                                           continue_final_message=continue_final_message,
-                                           **kwargs)
-        except Exception as e:  # jinja's raise_exception, bad roles, bad kwargs: the client's input
-            raise APIError(400, f"The chat template could not be applied to these messages: {e}",
-                           param="messages") from None
-        # The template already holds the special tokens (BOS ...): do not add them twice.
-        return _Prompt(self._tokenize(text, add_special_tokens=False), text)
 
     async def _merge(self, prompts: list[_Prompt], params: SamplingParams, base_id: str
                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -651,26 +701,6 @@ class OpenAIServer:
                     req, model, rid, prompts, stream, first, t0)))
             return await self._full_completion(call, req, model, rid, prompts, stream, first,
                                                t0)
-
-    def _completion_prompts(self, prompt) -> list[_Prompt]:
-        if isinstance(prompt, str):
-            items: list = [prompt]
-        elif prompt and isinstance(prompt[0], int):
-            items = [prompt]
-        else:
-            items = list(prompt)
-        if not items:
-            raise APIError(400, "prompt must not be empty.", param="prompt")
-        out = []
-        for p in items:
-            if isinstance(p, str):
-                out.append(_Prompt(self._tokenize(p), p))
-            else:
-                out.append(_Prompt(list(p), None))
-        for p in out:
-            if not p.ids:
-                raise APIError(400, "The prompt cannot be empty.", param="prompt")
-        return out
 
     def _prompt_text(self, p: _Prompt) -> str:
         return p.text if p.text is not None else self.tokenizer.decode(p.ids)

@@ -1,0 +1,260 @@
+"""The Ray Serve front end (server/ray_serve.py): two replicas of the default model behind Serve on
+a local Ray started here (2 CPUs), driven over HTTP by the openai SDK and by raw aiohttp (to read
+which replica answered, the X-Jaxllm-Replica header). One Serve app for the whole module.
+
+Replica outputs are checked against the engine run directly (greedy) on the same model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+import types
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'jaxllm[ray]')")
+serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed "
+                            "(pip install 'jaxllm[ray]')")
+
+import aiohttp  # noqa: E402
+import openai  # noqa: E402
+
+from server import prefix_routing  # noqa: E402
+from server.ray_serve import (ENGINE_DEPLOYMENT, REPLICA_HEADER, EngineServer,  # noqa: E402
+                              app_builder, build_app)
+
+APP = "jaxllm"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Short context and lazy compiles keep a replica's start-up short; the 16-token bucket keeps
+# decode steps cheap on two shared cores.
+ENGINE_ARGS = dict(max_model_len=256, skip_compile_at_start=True, max_num_seqs=8,
+                   max_num_batched_tokens=128, token_buckets=(16, 128))
+SYSTEM = ("You are a careful assistant for a travel agency. Answer in one short sentence, name "
+          "real places only, never invent prices, and say when you do not know something. ")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}})
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(ENGINE_ARGS, num_replicas=2, health_check_period_s=2.0), name=APP,
+                  route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(default_model_f32):
+    """Greedy texts from the engine itself, same model and engine arguments."""
+    from jaxllm import EngineConfig, SamplingParams
+    from jaxllm.engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(EngineConfig(**ENGINE_ARGS), loaded=default_model_f32)
+
+    def run(prompts: list[str], max_tokens: int) -> list[str]:
+        for i, p in enumerate(prompts):
+            eng.add_request(f"ref-{time.monotonic_ns()}-{i}", p,
+                            SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        texts: dict[str, str] = {}
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished:
+                    texts[out.request_id] = out.outputs[0].text
+        return [texts[k] for k in sorted(texts, key=lambda k: int(k.rsplit("-", 1)[1]))]
+
+    return run
+
+
+def _completions(url: str, prompts: list[str], max_tokens: int) -> list[tuple[int, str, str]]:
+    """Concurrent non-streamed greedy completions: (status, replica, text) per prompt."""
+    async def one(s, p):
+        body = {"prompt": p, "max_tokens": max_tokens, "temperature": 0.0}
+        async with s.post(url + "/v1/completions", json=body) as r:
+            data = await r.json(content_type=None)
+            text = data["choices"][0]["text"] if r.status == 200 else json.dumps(data)
+            return r.status, r.headers.get(REPLICA_HEADER), text
+
+    async def go():
+        timeout = aiohttp.ClientTimeout(total=240)
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            return await asyncio.gather(*(one(s, p) for p in prompts))
+
+    return asyncio.run(go())
+
+
+def _replica_actors() -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"SERVE_REPLICA::{APP}#{ENGINE_DEPLOYMENT}#"))
+
+
+def _running_replicas() -> int:
+    dep = serve.status().applications[APP].deployments[ENGINE_DEPLOYMENT]
+    return dep.replica_states.get("RUNNING", 0)
+
+
+# -- end to end -----------------------------------------------------------------------------------
+def test_openai_sdk_gets_the_engines_greedy_completions_and_streams(url, reference):
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=240)
+    prompt = "The three largest cities of France are"
+    want = reference([prompt], 12)[0]
+    r = client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=12,
+                                  temperature=0.0)
+    assert r.choices[0].text == want and r.usage.completion_tokens == 12
+    chunks = list(client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt,
+                                            max_tokens=12, temperature=0.0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    messages = [{"role": "user", "content": "Name a river in Germany."}]
+    full = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages,
+                                          max_tokens=10, temperature=0.0)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=messages, max_tokens=10, temperature=0.0,
+        stream=True) if c.choices)
+    assert full.choices[0].message.content and streamed == full.choices[0].message.content
+    assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+
+
+def test_errors_and_info_routes_come_from_the_shared_server_code(url):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": -1}) as r:
+                bad = r.status, await r.json()
+            async with s.get(url + "/v1/nope") as r:
+                missing = r.status, await r.json()
+            async with s.get(url + "/health") as r:
+                health = r.status
+            async with s.get(url + "/metrics") as r:
+                metrics = await r.text()
+            return bad, missing, health, metrics
+
+    bad, missing, health, metrics = asyncio.run(go())
+    assert bad[0] == 400 and "max_tokens" in bad[1]["error"]["message"]
+    assert missing == (404, {"error": {"message": "No route GET /v1/nope.",
+                                       "type": "not_found_error", "param": None,
+                                       "code": "not_found"}})
+    assert health == 200
+    assert "jaxllm:prompt_tokens" in metrics
+
+
+def test_load_spreads_over_both_replicas(url):
+    # Distinct prompts have distinct keys, which rendezvous hashing spreads evenly: all 12 on
+    # one replica happens with probability 2**-11.
+    prompts = [f"Item {i}: a short story about the number {i * 7919 % 1000} and a cat named "
+               f"{chr(65 + i)}{chr(97 + i)}" for i in range(12)]
+    res = _completions(url, prompts, 2)
+    assert all(status == 200 for status, _, _ in res), res
+    assert len({replica for _, replica, _ in res}) == 2
+
+
+def test_same_prefix_requests_land_on_one_replica(url):
+    questions = ["Where is the Louvre?", "What is Kyoto known for?", "Name a beach in Spain.",
+                 "Which city has the Colosseum?", "Where can I see fjords?"]
+    prompts = [SYSTEM + q for q in questions]
+    replicas = set()
+    for p in prompts:  # one at a time: load stays balanced, affinity alone decides
+        [(status, replica, _)] = _completions(url, [p], 2)
+        assert status == 200
+        replicas.add(replica)
+    assert len(replicas) == 1
+
+
+def test_killing_a_replica_mid_load_loses_no_request_and_it_comes_back(url, reference):
+    prompts = [f"Question {i}: what is {i} plus {i + 3}? Answer:" for i in range(8)]
+    want = reference(prompts, 16)
+    before = _replica_actors()
+    assert len(before) == 2
+
+    async def go():
+        task = asyncio.get_running_loop().run_in_executor(None, _completions, url, prompts, 16)
+        await asyncio.sleep(3.0)  # the requests are in the replicas, generating
+        ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+        return await task
+
+    res = asyncio.run(go())
+    assert [status for status, _, _ in res] == [200] * 8, res
+    assert [text for _, _, text in res] == want
+    deadline = time.time() + 180
+    while time.time() < deadline and not (_running_replicas() == 2
+                                          and len(_replica_actors()) == 2):
+        time.sleep(1.0)
+    after = _replica_actors()
+    assert len(after) == 2 and before[0] not in after and _running_replicas() == 2
+    res = _completions(url, prompts[:2], 2)  # and the new replica serves
+    assert [status for status, _, _ in res] == [200, 200]
+
+
+# -- pieces, without a cluster --------------------------------------------------------------------
+def test_check_health_raises_when_the_engine_loop_is_dead():
+    srv = EngineServer.__new__(EngineServer)
+    srv.replica_id = "r1"
+    srv.engine = types.SimpleNamespace(is_running=True, shutdown=lambda: None)
+    srv.check_health()
+    srv.engine = types.SimpleNamespace(is_running=False, shutdown=lambda: None)
+    with pytest.raises(RuntimeError, match="engine loop is not running"):
+        srv.check_health()
+
+
+def test_build_app_rejects_bad_arguments_naming_them():
+    with pytest.raises(ValueError, match="num_replicas or autoscaling_config"):
+        build_app({}, num_replicas=2, autoscaling_config={"max_replicas": 4})
+    with pytest.raises(ValueError, match="max_ongoing_requests must be an integer >= 1, got 0"):
+        build_app({}, max_ongoing_requests=0)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        build_app({"max_num_seqs": 0})
+    with pytest.raises(NotImplementedError, match="sharding"):
+        build_app({}, num_hosts_per_replica=2)
+
+
+def test_the_example_serve_config_builds_the_app():
+    import yaml
+
+    with open(os.path.join(ROOT, "server", "ray_serve.example.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    [app_cfg] = cfg["applications"]
+    assert app_cfg["import_path"] == "server.ray_serve:app_builder"
+    app = app_builder(app_cfg["args"])
+    assert isinstance(app, serve.Application)
+
+
+def test_prefix_key_hashes_only_the_leading_full_pages():
+    a = list(range(100))
+    assert prefix_routing.prefix_key(a[:15], 16) is None
+    assert prefix_routing.prefix_key(a, 16, 4) == prefix_routing.prefix_key(a[:64] + [7] * 9, 16, 4)
+    assert prefix_routing.prefix_key(a, 16, 4) != prefix_routing.prefix_key([1] + a[1:], 16, 4)
+    with pytest.raises(ValueError, match="page_size"):
+        prefix_routing.prefix_key(a, 0)
+
+
+def test_affinity_keeps_a_key_on_its_replica_until_it_is_overloaded():
+    ids = [f"replica-{i}" for i in range(4)]
+    keys = [prefix_routing.prefix_key([k] * 32, 16) for k in range(200)]
+    tops = [prefix_routing.choose_order(k, ids, {})[0] for k in keys]
+    assert {t: tops.count(t) for t in ids} == pytest.approx({t: 50 for t in ids}, abs=20)
+    k, top = keys[0], tops[0]
+    assert prefix_routing.choose_order(k, ids, {top: 16})[0] == top  # within the threshold
+    order = prefix_routing.choose_order(k, ids, {top: 17})
+    assert order[0] != top and order[-1] == top
+    # A replica leaving moves only its own keys.
+    rest = [i for i in ids if i != "replica-3"]
+    for key, t in zip(keys, tops):
+        if t != "replica-3":
+            assert prefix_routing.choose_order(key, rest, {})[0] == t
+    # No key: least loaded first.
+    assert prefix_routing.choose_order(None, ids, {"replica-0": 3, "replica-1": 1})[:2] == [
+        "replica-2", "replica-3"]
