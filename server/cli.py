@@ -3,6 +3,10 @@
 Shutdown: stop accepting connections, give in-flight requests ``--shutdown-timeout`` seconds to
 finish (aiohttp then cancels their handlers, which aborts their engine requests), stop the
 engine's loop, exit 0.
+
+``jaxllm serve --ray --num-replicas N``: the same API from N engine replicas under Ray Serve
+(server/ray_serve.py), on the Ray cluster this machine is part of (``ray start``), else on a
+local one started here; SIGTERM deletes the Serve app.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from typing import Any, Callable
 
 from server.app import DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_MAX_REQUEST_BYTES
@@ -38,8 +43,80 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
                    help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between throughput log lines (0: off)")
+    r = p.add_argument_group("Ray Serve (pip install 'jaxllm[ray]')")
+    r.add_argument("--ray", action="store_true",
+                   help="serve engine replicas under Ray Serve instead of one in-process engine")
+    r.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, a cluster started here with "
+                   "`ray start`, else a new local one)")
+    r.add_argument("--num-replicas", type=int, default=1,
+                   help="engine replicas (the minimum when --max-replicas autoscales)")
+    r.add_argument("--max-replicas", type=int, default=None,
+                   help="autoscale between --num-replicas and this on ongoing requests")
+    r.add_argument("--target-ongoing-requests", type=float, default=32.0,
+                   help="autoscaling target: ongoing requests per replica")
+    r.add_argument("--max-ongoing-requests", type=int, default=256,
+                   help="requests one replica holds before the router looks elsewhere")
+    r.add_argument("--num-gpus-per-replica", type=float, default=None,
+                   help="default: 1 when the cluster has GPUs, else 0")
+    r.add_argument("--prefix-routing-pages", type=int, default=4,
+                   help="leading prompt pages hashed for replica affinity (0: load only)")
     add_engine_args(p)
     return p
+
+
+def ray_app_kwargs(args: argparse.Namespace, engine_kwargs: dict, num_gpus: float
+                   ) -> dict[str, Any]:
+    """build_app's keyword arguments from ``jaxllm serve --ray`` flags."""
+    if args.num_replicas < 1:
+        raise ValueError(f"--num-replicas must be >= 1, got {args.num_replicas}.")
+    kw: dict[str, Any] = dict(
+        engine_args={"model": args.model, **engine_kwargs},
+        ray_actor_options={"num_cpus": 1, "num_gpus": num_gpus},
+        max_ongoing_requests=args.max_ongoing_requests, api_key=args.api_key,
+        served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
+        max_concurrent_requests=args.max_concurrent_requests,
+        prefix_routing_pages=args.prefix_routing_pages)
+    if args.max_replicas is not None:
+        if args.max_replicas < args.num_replicas:
+            raise ValueError(f"--max-replicas ({args.max_replicas}) must be >= --num-replicas "
+                             f"({args.num_replicas}).")
+        kw["autoscaling_config"] = {"min_replicas": args.num_replicas,
+                                    "initial_replicas": args.num_replicas,
+                                    "max_replicas": args.max_replicas,
+                                    "target_ongoing_requests": args.target_ongoing_requests}
+    else:
+        kw["num_replicas"] = args.num_replicas
+    return kw
+
+
+def run_ray_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    """``jaxllm serve --ray``: deploys the Serve app and waits for SIGTERM/SIGINT."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise ValueError("--ray needs Ray Serve: pip install 'jaxllm[ray]'") from None
+    from server.ray_serve import build_app
+
+    ray.init(address=args.ray_address)
+    gpus = args.num_gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU") else 0.0
+    app = build_app(**ray_app_kwargs(args, engine_kwargs, gpus))
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name="jaxllm", route_prefix="/")
+    logger.info("Ray Serve: %d replica(s) serving on http://%s:%d (OpenAI API under /v1)",
+                args.num_replicas, args.host, args.port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    logger.info("shutting down the Serve app")
+    serve.delete("jaxllm")
+    ray.shutdown()
+    return 0
 
 
 async def serve(engine: Any, *, host: str, port: int, shutdown_timeout: float = 30.0,
@@ -72,6 +149,8 @@ async def serve(engine: Any, *, host: str, port: int, shutdown_timeout: float = 
 
 
 def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    if args.ray:
+        return run_ray_serve(args, engine_kwargs)
     from jaxllm import AsyncEngine
 
     engine = AsyncEngine(model=args.model, **engine_kwargs)

@@ -84,8 +84,8 @@ class PrefixAffinityRouter(PowerOfTwoChoicesRequestRouter):
                     lens[r.replica_id.to_full_id_str()] = n
         order = prefix_routing.choose_order(key, list(by_id), lens, self._imbalanced_threshold)
         order = [r for r in order if r not in avoid] + [r for r in order if r in avoid]
-        # Every replica is in the ranking: if none accepts, back off before the next round.
-        pending_request.routing_context.should_backoff = True
+        if pending_request is not None:  # all replicas ranked: none accepting means back off
+            pending_request.routing_context.should_backoff = True
         return [[by_id[rid]] for rid in order]
 
 

@@ -29,10 +29,10 @@ from server.ray_serve import (ENGINE_DEPLOYMENT, REPLICA_HEADER, EngineServer,  
 
 APP = "jaxllm"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Short context and lazy compiles keep a replica's start-up short; the 16-token bucket keeps
-# decode steps cheap on two shared cores.
+# Short context, lazy compiles and one 16-token step bucket (prompts are prefilled in chunks of
+# 16) keep start-up and compiles short on two shared cores.
 ENGINE_ARGS = dict(max_model_len=256, skip_compile_at_start=True, max_num_seqs=8,
-                   max_num_batched_tokens=128, token_buckets=(16, 128))
+                   max_num_batched_tokens=16, token_buckets=(16,))
 SYSTEM = ("You are a careful assistant for a travel agency. Answer in one short sentence, name "
           "real places only, never invent prices, and say when you do not know something. ")
 
@@ -230,6 +230,27 @@ def test_the_example_serve_config_builds_the_app():
     assert app_cfg["import_path"] == "server.ray_serve:app_builder"
     app = app_builder(app_cfg["args"])
     assert isinstance(app, serve.Application)
+
+
+def test_jaxllm_serve_ray_flags_build_the_app():
+    import argparse
+
+    from jaxllm.cli import add_engine_args, engine_kwargs
+    from server.cli import add_serve_parser, ray_app_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"), add_engine_args)
+    args = parser.parse_args(["serve", "--ray", "--num-replicas", "2", "--max-replicas", "4",
+                              "--max-model-len", "512"])
+    kw = ray_app_kwargs(args, engine_kwargs(args), num_gpus=1.0)
+    assert kw["autoscaling_config"] == {"min_replicas": 2, "initial_replicas": 2,
+                                        "max_replicas": 4, "target_ongoing_requests": 32.0}
+    assert kw["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1.0}
+    assert kw["engine_args"]["max_model_len"] == 512 and kw["engine_args"]["model"] is None
+    assert isinstance(build_app(**kw), serve.Application)
+    args = parser.parse_args(["serve", "--ray", "--num-replicas", "3", "--max-replicas", "2"])
+    with pytest.raises(ValueError, match=r"--max-replicas \(2\) must be >= --num-replicas \(3\)"):
+        ray_app_kwargs(args, engine_kwargs(args), num_gpus=0.0)
 
 
 def test_prefix_key_hashes_only_the_leading_full_pages():
