@@ -57,7 +57,7 @@ def run_policy(name: str, policy, engines: list, prompts: list[list[int]], arriv
     pending, steps, t0 = list(enumerate(prompts)), 0, time.perf_counter()
     while pending or any(e.has_unfinished_requests() for e in engines):
         for i, p in pending[:arrivals]:
-            lens = {rid: e.num_unfinished_requests() for rid, e in zip(ids, engines)}
+            lens = {rid: e.num_unfinished_requests for rid, e in zip(ids, engines)}
             r = ids.index(policy.choose_order(prefix_key(p, page_size, routing_pages), ids,
                                               lens)[0])
             engines[r].add_request(f"{name}-{i}", p, params)
