@@ -1,8 +1,11 @@
 """The Ray Serve front end (server/ray_serve.py): two replicas of the default model behind Serve on
 a local Ray started here (2 CPUs), driven over HTTP by the openai SDK and by raw aiohttp (to read
-which replica answered, the X-Jaxllm-Replica header). One Serve app for the whole module.
+which replica answered, the X-Jaxllm-Replica header). One Serve app, with an API key, for the
+whole module.
 
-Replica outputs are checked against the engine run directly (greedy) on the same model.
+Replica outputs are checked against the engine run directly (greedy) on the same model. The test
+process converts the model once into an orbax checkpoint the replicas restore (~5 s instead of
+~25 s for the GGUF each, which matters most when a killed replica comes back).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from server.ray_serve import (ENGINE_DEPLOYMENT, REPLICA_HEADER, EngineServer,  
                               app_builder, build_app)
 
 APP = "jaxllm"
+API_KEY = "sk-ray-test"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Short context, lazy compiles and one 16-token step bucket (prompts are prefilled in chunks of
 # 16) keep start-up and compiles short on two shared cores.
@@ -44,14 +49,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def url():
+def loaded(tmp_path_factory):
+    """The default model in float32, also written as the orbax checkpoint the replicas restore."""
+    from jaxllm.loading import load_model
+
+    ckpt = str(tmp_path_factory.mktemp("ray_ckpt") / "smollm2")
+    return load_model(None, dtype="float32", checkpoint_dir=ckpt), ckpt
+
+
+@pytest.fixture(scope="module")
+def url(loaded):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}})
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(ENGINE_ARGS, num_replicas=2, health_check_period_s=2.0), name=APP,
-                  route_prefix="/")
+        serve.run(build_app({**ENGINE_ARGS, "checkpoint_dir": loaded[1]}, num_replicas=2,
+                            api_key=API_KEY, health_check_period_s=2.0),
+                  name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -59,12 +74,12 @@ def url():
 
 
 @pytest.fixture(scope="module")
-def reference(default_model_f32):
+def reference(loaded):
     """Greedy texts from the engine itself, same model and engine arguments."""
     from jaxllm import EngineConfig, SamplingParams
     from jaxllm.engine.llm_engine import LLMEngine
 
-    eng = LLMEngine(EngineConfig(**ENGINE_ARGS), loaded=default_model_f32)
+    eng = LLMEngine(EngineConfig(**ENGINE_ARGS), loaded=loaded[0])
 
     def run(prompts: list[str], max_tokens: int) -> list[str]:
         for i, p in enumerate(prompts):
@@ -84,7 +99,7 @@ def _completions(url: str, prompts: list[str], max_tokens: int) -> list[tuple[in
     """Concurrent non-streamed greedy completions: (status, replica, text) per prompt."""
     async def one(s, p):
         body = {"prompt": p, "max_tokens": max_tokens, "temperature": 0.0}
-        async with s.post(url + "/v1/completions", json=body) as r:
+        async with s.post(url + "/v1/completions", json=body, headers=AUTH) as r:
             data = await r.json(content_type=None)
             text = data["choices"][0]["text"] if r.status == 200 else json.dumps(data)
             return r.status, r.headers.get(REPLICA_HEADER), text
@@ -109,7 +124,7 @@ def _running_replicas() -> int:
 
 # -- end to end -----------------------------------------------------------------------------------
 def test_openai_sdk_gets_the_engines_greedy_completions_and_streams(url, reference):
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=240)
+    client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=240)
     prompt = "The three largest cities of France are"
     want = reference([prompt], 12)[0]
     r = client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=12,
@@ -132,18 +147,21 @@ def test_openai_sdk_gets_the_engines_greedy_completions_and_streams(url, referen
 
 def test_errors_and_info_routes_come_from_the_shared_server_code(url):
     async def go():
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(headers=AUTH) as s:
             async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": -1}) as r:
                 bad = r.status, await r.json()
             async with s.get(url + "/v1/nope") as r:
                 missing = r.status, await r.json()
+            async with s.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}) as r:
+                unauthorized = r.status, r.headers.get("WWW-Authenticate")
             async with s.get(url + "/health") as r:
                 health = r.status
             async with s.get(url + "/metrics") as r:
                 metrics = await r.text()
-            return bad, missing, health, metrics
+            return bad, missing, unauthorized, health, metrics
 
-    bad, missing, health, metrics = asyncio.run(go())
+    bad, missing, unauthorized, health, metrics = asyncio.run(go())
+    assert unauthorized == (401, "Bearer")
     assert bad[0] == 400 and "max_tokens" in bad[1]["error"]["message"]
     assert missing == (404, {"error": {"message": "No route GET /v1/nope.",
                                        "type": "not_found_error", "param": None,
