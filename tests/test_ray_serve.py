@@ -250,6 +250,97 @@ def test_the_example_serve_config_builds_the_app():
     assert isinstance(app, serve.Application)
 
 
+class _FakeEngineHandle:
+    """Stands in for the JaxLLMEngine handle: each call plays the next scripted replica answer
+    (an exception raised before or after the head, or a list of items)."""
+
+    def __init__(self, script):
+        self.script, self.calls = list(script), []
+
+    def options(self, stream: bool):
+        assert stream
+        return self
+
+    @property
+    def handle(self):
+        return self
+
+    def remote(self, method, path, headers, body, *, route_key, avoid):
+        self.calls.append(avoid)
+        step = self.script.pop(0)
+
+        class Gen:
+            def __init__(self):
+                self.items = iter(step if isinstance(step, list) else [])
+
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                if isinstance(step, BaseException):
+                    raise step
+                try:
+                    item = next(self.items)
+                except StopIteration:
+                    raise StopAsyncIteration from None
+                if isinstance(item, BaseException):
+                    raise item
+                return item
+
+            def cancel(self):
+                pass
+
+        return Gen()
+
+
+def _ingress_call(script, body: dict, max_retries: int = 3):
+    from starlette.requests import Request
+
+    from server.ray_serve import OpenAIIngress
+
+    ingress = OpenAIIngress(_FakeEngineHandle(script), prefix_routing_pages=0,
+                            max_retries=max_retries)
+    raw = json.dumps(body).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    async def go():
+        req = Request({"type": "http", "method": "POST", "path": "/v1/completions",
+                       "headers": [], "query_string": b""}, receive)
+        resp = await ingress(req)
+        if hasattr(resp, "body_iterator"):
+            return resp.status_code, b"".join([c async for c in resp.body_iterator])
+        return resp.status_code, resp.body
+
+    return (*asyncio.run(go()), ingress.engine.calls)
+
+
+def _head(status: int, replica: str, stream: bool = False) -> dict:
+    return {"status": status, "headers": {"Content-Type": "application/json"}, "stream": stream,
+            "replica": replica}
+
+
+def test_ingress_retries_a_lost_replica_and_a_dead_engine_before_any_byte_is_sent():
+    dead = ray.exceptions.ActorDiedError()
+    ok = [_head(200, "r3"), b'{"ok": true}']
+    status, body, calls = _ingress_call(
+        [dead, [_head(503, "r2"), b'{"error": {}}'], ok], {"prompt": "hi"})
+    assert (status, body) == (200, b'{"ok": true}')
+    assert calls == [(), (), ("r2",)]  # the dead-engine replica is ranked last on the retry
+    # A stream is retried until its first event, not after.
+    sse = [_head(200, "r1", stream=True), b"data: 1\n\n", dead]
+    status, body, calls = _ingress_call([[_head(200, "r0", stream=True), dead], sse],
+                                        {"prompt": "hi", "stream": True})
+    assert status == 200 and len(calls) == 2
+    assert body.startswith(b"data: 1\n\n") and b"engine_unavailable" in body
+    assert body.endswith(b"data: [DONE]\n\n")
+    # Retries run out: a 503 naming the failure, not a hang or a 500.
+    status, body, calls = _ingress_call([dead, dead], {"prompt": "hi"}, max_retries=1)
+    assert status == 503 and json.loads(body)["error"]["code"] == "engine_unavailable"
+    assert len(calls) == 2
+
+
 def test_jaxllm_serve_ray_flags_build_the_app():
     import argparse
 
