@@ -93,7 +93,8 @@ def main(argv=None) -> int:
         fwd_inputs = dataclasses.replace(inputs, sampling=None)
 
         def forward():
-            runner.kv_caches, logits = runner._forward(runner._leaves, runner.kv_caches, fwd_inputs)
+            runner.kv_caches, logits = runner._forward(runner._leaves, runner.kv_caches, fwd_inputs,
+                                                       runner._prev_tokens)
             return logits
 
         fwd_ms = _median_ms(forward, args.repeats)

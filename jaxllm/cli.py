@@ -25,6 +25,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None)
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="schedule step k+1 while step k runs on the device (default on)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -36,7 +38,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_chunked_prefill=args.enable_chunked_prefill,
                 tensor_parallel_size=args.tensor_parallel_size,
                 pipeline_parallel_size=args.pipeline_parallel_size,
-                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed)
+                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
+                async_scheduling=args.async_scheduling)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -126,6 +126,9 @@ class EngineConfig:
     token_buckets: tuple[int, ...] | None = None
     seq_buckets: tuple[int, ...] | None = None
     skip_compile_at_start: bool = False  # compile buckets lazily (tests); serving compiles all first
+    # Schedule and dispatch step k+1 while step k runs on the device (vLLM's --async-scheduling);
+    # False: every step waits for its results before the next is scheduled.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

@@ -54,6 +54,47 @@ def test_greedy_batch_with_chunked_prefill_and_preemption_equals_each_prompt_alo
         assert out.prompt_token_ids == prompt["prompt_token_ids"]
 
 
+def test_async_scheduling_gives_the_same_outputs_as_synchronous_steps(small_llm):
+    # Async scheduling runs step k+1's schedule with placeholders for step k's tokens; every
+    # user-visible result must equal the synchronous engine's: seeded sampling, penalties (read
+    # back before the next schedule), min_tokens bans, stop tokens, log-probs, n > 1, prefix-cache
+    # hits, under preemption (24 prompts over a 24-page pool).
+    engine = small_llm.llm_engine
+    vocab = engine.model_config.vocab_size
+    prompts = _random_prompts(24, vocab, seed=11)
+    prompts[5] = {"prompt_token_ids": prompts[4]["prompt_token_ids"][:40] + [1, 2, 3]}  # shared
+    kinds = [
+        SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_k=20, max_tokens=7, seed=5, ignore_eos=True),
+        SamplingParams(temperature=0.8, max_tokens=8, seed=6, presence_penalty=0.7,
+                       repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(temperature=1.0, max_tokens=10, seed=7, min_tokens=4,
+                       stop_token_ids=list(range(0, vocab, 3))),
+        SamplingParams(temperature=0.7, max_tokens=6, seed=8, logprobs=2, ignore_eos=True),
+        SamplingParams(n=2, temperature=1.0, max_tokens=5, seed=9, ignore_eos=True),
+    ]
+    params = [kinds[i % len(kinds)] for i in range(len(prompts))]
+
+    def run(async_scheduling):
+        engine.async_scheduling = async_scheduling
+        small_llm.reset_prefix_cache()
+        try:
+            outs = small_llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            engine.async_scheduling = True
+        assert _pool_is_full(small_llm)
+        return [[(c.token_ids, c.finish_reason, c.text,
+                  None if c.logprobs is None else [sorted(d) for d in c.logprobs])
+                 for c in o.outputs] for o in outs]
+
+    preempt_before = engine.stats["num_preemptions"]
+    sync = run(False)
+    assert run(True) == sync
+    assert engine.stats["num_preemptions"] > preempt_before
+    stopped = [o for o, p in zip(sync, params) if p.stop_token_ids]
+    assert any(c[1] == "stop" and len(c[0]) >= 4 for o in stopped for c in o)
+
+
 def test_seeded_sampling_is_reproducible_across_batch_mixes(small_llm):
     vocab = small_llm.llm_engine.model_config.vocab_size
     prompts = _random_prompts(6, vocab, seed=2, hi=40)

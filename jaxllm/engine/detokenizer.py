@@ -151,10 +151,12 @@ class OutputProcessor:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
-    def banned_token_ids(self) -> list[int]:
+    def banned_token_ids(self, num_output_tokens: int | None = None) -> list[int]:
         """Tokens the sampler must not pick now: EOS (unless ignore_eos) and stop_token_ids
-        while fewer than min_tokens tokens have been generated."""
-        if len(self.output_token_ids) >= self.params.min_tokens:
+        while fewer than min_tokens tokens have been generated. ``num_output_tokens``: the
+        engine's count when it is ahead of this processor (tokens still on the device)."""
+        n = len(self.output_token_ids) if num_output_tokens is None else num_output_tokens
+        if n >= self.params.min_tokens:
             return []
         banned = set(self.stop_token_ids)
         if not self.params.ignore_eos:

@@ -62,6 +62,17 @@ class _Request:
         return all(s.status.is_finished for s in self.seqs)
 
 
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step whose results are still on the device."""
+
+    sched: SchedulerOutput
+    output_indices: list[int | None]  # per scheduled entry: its placeholder's output index
+    out: Any  # sampler output (device arrays)
+    prompt_lp: Any  # prompt log-probs (device arrays) or None
+    read_before_next_schedule: bool
+
+
 class LLMEngine:
     """The synchronous engine. Not thread-safe: one driver (LLM or AsyncEngine's loop) at a time."""
 
@@ -129,6 +140,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self._requests: dict[str, _Request] = {}
+        self._inflight: _InFlight | None = None  # the dispatched step not read back yet
+        self.async_scheduling = config.async_scheduling  # may be switched between steps
         self._seq_counter = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0,
@@ -185,11 +198,13 @@ class LLMEngine:
               for _ in range(mc.num_hidden_layers)]
         graphdef, state = nnx.split(self.loaded.model)
         leaves, treedef = jax.tree.flatten(state)
+        prev_tokens = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32)
         fwd = jax.jit(mr._forward, static_argnums=(0, 1)).lower(
-            graphdef, treedef, leaves, kv, dataclasses.replace(inputs, sampling=None)).compile()
+            graphdef, treedef, leaves, kv, dataclasses.replace(inputs, sampling=None),
+            prev_tokens).compile()
         logits = jax.ShapeDtypeStruct((probe.seq_bucket(T), mc.vocab_size), jnp.float32)
-        samp = jax.jit(sampler_lib.sample, static_argnums=(2, 3)).lower(
-            logits, inputs.sampling, cfg.max_logprobs, True).compile()
+        samp = jax.jit(mr._sample_padded, static_argnums=(0, 3, 4)).lower(
+            self.max_num_seqs, logits, inputs.sampling, cfg.max_logprobs, True).compile()
         return sum(int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0) or 0)
                    for c in (fwd, samp))
 
@@ -306,34 +321,58 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduler step; returns outputs of requests that changed (per output_kind)."""
+        """Runs one scheduler step; returns outputs of requests that changed (per output_kind).
+
+        With ``async_scheduling`` (default) the step dispatched here runs on the device while the
+        host reads the previous step's results and turns them into outputs, so the outputs
+        returned are one step behind the dispatch: scheduling and input preparation of step k+1
+        overlap step k. Placeholders stand for the tokens still on the device (see
+        engine/scheduler.py). A step whose next schedule needs real token ids (a row with
+        penalties builds its token lists on the host) is read back before the next schedule.
+        """
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and self._inflight.read_before_next_schedule:
+            outputs = self._read_inflight()
         sched: SchedulerOutput = self.scheduler.schedule()
         self.stats["num_preemptions"] += len(sched.preempted)
         if self.prefix_cache is not None:
             self.stats["prefix_cache_queries"] = self.prefix_cache.queries
             self.stats["prefix_cache_hits"] = self.prefix_cache.hits
-        if not sched.scheduled:
-            return []
+        dispatched = self._dispatch(sched) if sched.scheduled else None
+        if self._inflight is not None:
+            outputs = self._read_inflight()
+        self._inflight = dispatched
+        if dispatched is not None and not self.async_scheduling:
+            outputs = self._read_inflight()
+        return outputs
+
+    def _dispatch(self, sched: SchedulerOutput) -> _InFlight:
         rows = [self._sampling_row(s.seq) for s in sched.scheduled]
         next_ids = self._prompt_next_ids(sched)
-        out, prompt_lp = self.runner.execute(sched.scheduled, rows, prompt_next_ids=next_ids)
+        out, prompt_lp = self.runner.dispatch(sched.scheduled, rows, prompt_next_ids=next_ids)
+        indices = self.scheduler.commit(sched)
+        read_first = any(r.params.uses_penalties for r, i in zip(rows, indices) if i is not None)
+        return _InFlight(sched, indices, out, prompt_lp, read_first)
+
+    def _read_inflight(self) -> list[RequestOutput]:
+        """Waits for the in-flight step, resolves its placeholders, runs the stop checks."""
+        inflight, self._inflight = self._inflight, None
+        out, prompt_lp = jax.device_get((inflight.out, inflight.prompt_lp))
+        sched = inflight.sched
         if prompt_lp is not None:
             self._collect_prompt_logprobs(sched, prompt_lp)
-        sampled = [int(out.token_ids[i]) if s.needs_sample else None
-                   for i, s in enumerate(sched.scheduled)]
-        self.scheduler.update(sched, sampled)
-
         touched: dict[str, _Request] = {}
-        for i, s in enumerate(sched.scheduled):
-            if not s.needs_sample:
-                continue
+        for i, (s, index) in enumerate(zip(sched.scheduled, inflight.output_indices)):
             seq = s.seq
-            req = self._requests[seq.request_id]
+            req = self._requests.get(seq.request_id)
+            if index is None or req is None or seq.status.is_finished:
+                continue  # no sample, or aborted / finished while the step ran
+            token = int(out.token_ids[i])
+            self.scheduler.resolve(seq, index, token)
             lp = None
             if req.params.logprobs is not None:
                 lp = self._sample_logprobs(out, i, req.params.logprobs)
-            proc = req.processors[seq.index]
-            finished, status = proc.process(sampled[i], lp, seq.num_output_tokens)
+            finished, status = req.processors[seq.index].process(token, lp, index + 1)
             self.stats["generation_tokens"] += 1
             if finished:
                 self.scheduler.finish(seq, status)
@@ -354,7 +393,7 @@ class LLMEngine:
         return sampler_lib.SamplingRow(
             params=seq.sampling_params, seed=seq.sample_seed, step=seq.num_output_tokens,
             prompt_token_ids=seq.prompt_token_ids, output_token_ids=seq.output_token_ids,
-            banned_token_ids=proc.banned_token_ids())
+            banned_token_ids=proc.banned_token_ids(seq.num_output_tokens))
 
     def _prompt_next_ids(self, sched: SchedulerOutput) -> np.ndarray | None:
         want = False
@@ -378,8 +417,8 @@ class LLMEngine:
         off = 0
         for s in sched.scheduled:
             seq, n, start = s.seq, s.num_new_tokens, s.start_pos
-            req = self._requests[seq.request_id]
-            if (req.params.prompt_logprobs is not None and seq.index == 0
+            req = self._requests.get(seq.request_id)  # None: aborted while the step ran
+            if (req is not None and req.params.prompt_logprobs is not None and seq.index == 0
                     and start < seq.num_prompt_tokens and req.prompt_logprobs is not None):
                 k = req.params.prompt_logprobs
                 hi = min(start + n, seq.num_prompt_tokens - 1)

@@ -42,6 +42,8 @@ class StepInputs:
     md:             attention metadata (slot_mapping [T], query_start_loc [S+1], seq_lens [S],
                     page_table [S, M], num_seqs [1])
     logits_indices: [S]  the token row whose logits are sampled for each sequence (padding: 0)
+    prev_rows:      [T]  async scheduling: row of the previous step's sampled tokens that is this
+                         slot's token (its id is not on the host yet); -1: use token_ids
     sampling:       per-row sampling parameters ([S]-leading arrays, see engine/sampler.py)
     """
 
@@ -49,6 +51,7 @@ class StepInputs:
     positions: jax.Array
     md: AttentionMetadata
     logits_indices: jax.Array
+    prev_rows: jax.Array
     sampling: Any
 
 
@@ -56,15 +59,32 @@ def _model(graphdef, treedef, leaves) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
-def _forward(graphdef, treedef, leaves, kv_caches: KVCache, inputs: StepInputs):
+def _token_ids(inputs: StepInputs, prev_tokens: jax.Array) -> jax.Array:
+    """The step's token ids: the host's, or the previous step's sampled token where prev_rows
+    says so (prev_tokens: [max_num_seqs] that step's sampled ids, padded)."""
+    from_prev = prev_tokens[jnp.maximum(inputs.prev_rows, 0)]
+    return jnp.where(inputs.prev_rows >= 0, from_prev, inputs.token_ids)
+
+
+def _forward(graphdef, treedef, leaves, kv_caches: KVCache, inputs: StepInputs,
+             prev_tokens: jax.Array):
     """The model over the ragged batch; logits [S, V] float32 only at the sampled rows."""
     model = _model(graphdef, treedef, leaves)
-    hidden, kv_caches = model(inputs.token_ids, inputs.positions, kv_caches, inputs.md)
+    hidden, kv_caches = model(_token_ids(inputs, prev_tokens), inputs.positions, kv_caches,
+                              inputs.md)
     return kv_caches, model.compute_logits(hidden[inputs.logits_indices])
 
 
+def _sample_padded(max_num_seqs: int, logits: jax.Array, sampling, num_logprobs: int | None,
+                   sort: bool):
+    """The sampler, plus its token ids padded to [max_num_seqs] (a fixed shape: the next step's
+    forward reads them, whatever this step's bucket was)."""
+    out = sampler_lib.sample(logits, sampling, num_logprobs, sort)
+    return out, jnp.pad(out.token_ids, (0, max_num_seqs - out.token_ids.shape[0]))
+
+
 def _prompt_logprobs_forward(graphdef, treedef, leaves, kv_caches: KVCache, inputs: StepInputs,
-                             next_ids: jax.Array, num_logprobs: int):
+                             prev_tokens: jax.Array, next_ids: jax.Array, num_logprobs: int):
     """Variant for steps where some request asks for prompt_logprobs: log-probs at every row.
 
     The one exception to "logits only at sampled positions", so it is compiled on first use only.
@@ -72,7 +92,8 @@ def _prompt_logprobs_forward(graphdef, treedef, leaves, kv_caches: KVCache, inpu
     Returns, per row: logprob of next_ids [T], its rank [T] (1 = most likely), top-k ids/logprobs.
     """
     model = _model(graphdef, treedef, leaves)
-    hidden, kv_caches = model(inputs.token_ids, inputs.positions, kv_caches, inputs.md)
+    hidden, kv_caches = model(_token_ids(inputs, prev_tokens), inputs.positions, kv_caches,
+                              inputs.md)
     logits = model.compute_logits(hidden[inputs.logits_indices])
     all_lp = jax.nn.log_softmax(model.compute_logits(hidden), axis=-1)  # [T, V]
     safe_ids = jnp.maximum(next_ids, 0)
@@ -118,7 +139,11 @@ class ModelRunner:
         ]
         # The sampler is a jit of its own: its static variants (sort / log-probs / bias and
         # penalty widths) compile in well under a second, the forward's in many seconds.
-        self._sample = jax.jit(sampler_lib.sample, static_argnums=(2, 3))
+        self._sample = jax.jit(functools.partial(_sample_padded, max_num_seqs),
+                               static_argnums=(2, 3))
+        # The last dispatched step's sampled ids, [max_num_seqs]: where async scheduling's
+        # placeholders (StepInputs.prev_rows) take their tokens from.
+        self._prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)
         self.last_host_time = 0.0
 
     @property
@@ -138,7 +163,7 @@ class ModelRunner:
                                 donate_argnums=(1,))
         self._prompt_forward = jax.jit(
             functools.partial(_prompt_logprobs_forward, self.graphdef, self._treedef),
-            static_argnums=(4,), donate_argnums=(1,))
+            static_argnums=(5,), donate_argnums=(1,))
 
     # -- buckets ------------------------------------------------------------------------------
     def token_bucket(self, num_tokens: int) -> int:
@@ -179,8 +204,10 @@ class ModelRunner:
             ) -> sampler_lib.SamplerOutput:
         """Dispatches the forward (updating the cache) and the sampler; returns device arrays."""
         self.kv_caches, logits = self._forward(self._leaves, self.kv_caches,
-                                               dataclasses.replace(inputs, sampling=None))
-        return self._sample(logits, inputs.sampling, num_logprobs, sort)
+                                               dataclasses.replace(inputs, sampling=None),
+                                               self._prev_tokens)
+        out, self._prev_tokens = self._sample(logits, inputs.sampling, num_logprobs, sort)
+        return out
 
     # -- host side ----------------------------------------------------------------------------
     def prepare(self, scheduled: list[ScheduledSeq], sampling_rows: list[sampler_lib.SamplingRow],
@@ -201,10 +228,16 @@ class ModelRunner:
         seq_lens = np.zeros(S, np.int32)
         page_table = np.full((S, M), SCRATCH_PAGE, np.int32)
         logits_indices = np.zeros(S, np.int32)
+        prev_rows = np.full(T, -1, np.int32)
         off = 0
         for i, s in enumerate(scheduled):
             n, start = s.num_new_tokens, s.start_pos
             token_ids[off:off + n] = s.seq.all_token_ids[start:start + n]
+            if s.seq.num_pending:  # its last token is still on the device (async scheduling)
+                last = s.seq.num_tokens - 1
+                if start <= last < start + n:
+                    token_ids[off + last - start] = 0
+                    prev_rows[off + last - start] = s.seq.pending_row
             positions[off:off + n] = np.arange(start, start + n, dtype=np.int32)
             seq_of_token[off:off + n] = i
             pages = s.seq.page_ids
@@ -221,26 +254,32 @@ class ModelRunner:
                                num_seqs=np.array([num_seqs], np.int32))
         sampling = sampler_lib.build_sampling_tensors(sampling_rows, pad_to=S)
         return StepInputs(token_ids=token_ids, positions=positions, md=md,
-                          logits_indices=logits_indices, sampling=sampling)
+                          logits_indices=logits_indices, prev_rows=prev_rows, sampling=sampling)
 
-    def execute(self, scheduled: list[ScheduledSeq], sampling_rows: list[sampler_lib.SamplingRow],
-                prompt_next_ids: np.ndarray | None = None):
-        """Runs one step; returns the sampler output as numpy, and prompt log-probs when
-        ``prompt_next_ids`` ([n_tokens] next prompt token per row, -1 where none) is given."""
+    def dispatch(self, scheduled: list[ScheduledSeq], sampling_rows: list[sampler_lib.SamplingRow],
+                 prompt_next_ids: np.ndarray | None = None):
+        """Dispatches one step without waiting for it: returns (sampler output, prompt log-probs
+        or None) as device arrays. ``prompt_next_ids``: [n_tokens] next prompt token per row
+        (-1 where none), when some request wants prompt log-probs."""
         t0 = time.perf_counter()
         inputs = self.prepare(scheduled, sampling_rows)
         nl = sampler_lib.logprobs_width(sampling_rows, self.num_logprobs)
         sort = sampler_lib.needs_sort(sampling_rows, self.vocab_size)
         self.last_host_time = time.perf_counter() - t0
-        if prompt_next_ids is not None:
-            next_ids = np.full(inputs.token_ids.shape, -1, np.int32)
-            next_ids[:len(prompt_next_ids)] = prompt_next_ids
-            self.kv_caches, logits, prompt_lp = self._prompt_forward(
-                self._leaves, self.kv_caches, dataclasses.replace(inputs, sampling=None),
-                next_ids, self.num_logprobs)
-            out = self._sample(logits, inputs.sampling, nl, sort)
-            return jax.device_get(out), jax.device_get(prompt_lp)
-        return jax.device_get(self.run(inputs, nl, sort)), None
+        if prompt_next_ids is None:
+            return self.run(inputs, nl, sort), None
+        next_ids = np.full(inputs.token_ids.shape, -1, np.int32)
+        next_ids[:len(prompt_next_ids)] = prompt_next_ids
+        self.kv_caches, logits, prompt_lp = self._prompt_forward(
+            self._leaves, self.kv_caches, dataclasses.replace(inputs, sampling=None),
+            self._prev_tokens, next_ids, self.num_logprobs)
+        out, self._prev_tokens = self._sample(logits, inputs.sampling, nl, sort)
+        return out, prompt_lp
+
+    def execute(self, scheduled: list[ScheduledSeq], sampling_rows: list[sampler_lib.SamplingRow],
+                prompt_next_ids: np.ndarray | None = None):
+        """``dispatch`` and wait: the sampler output and prompt log-probs as numpy."""
+        return jax.device_get(self.dispatch(scheduled, sampling_rows, prompt_next_ids))
 
 
 def kv_page_bytes(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,

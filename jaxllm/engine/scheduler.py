@@ -28,6 +28,16 @@ computing their shared prompt pages, then hit them (admission skips them meanwhi
 requests may go first). Sequences with prompt_logprobs do not look up (the cached positions
 would have no logits), as vLLM; their pages are still cached.
 
+Async scheduling (the engine's default): the engine schedules step k+1 while step k still runs
+on the device. It calls `commit` when it dispatches a step: computed counts advance and every
+sampling sequence gets a placeholder token (`Sequence.append_placeholder`), so the next schedule
+sees it as a decode whose input token the device supplies; `resolve` fills the real id in once the
+step's results are read. A sequence whose placeholder already reaches max_tokens is not scheduled
+again (it finishes when its token is resolved), waiting sequences never hold placeholders when
+admitted (a preempted one is resolved before the next schedule can admit it), and pages are
+registered in the prefix cache only as far as token ids are known. `update` is the synchronous
+path: commit and resolve at once.
+
 Length: no K/V is ever computed at a position >= max_model_len, and no token is sampled for a
 sequence that is already max_model_len long. Stop conditions (max_tokens, stop tokens, length)
 are the engine's: it calls `finish`.
@@ -186,6 +196,8 @@ class Scheduler:
             remaining = (n if n < max_model_len else max_model_len - 1) - computed
             if remaining <= 0:  # at max_model_len, or awaiting its sampled token
                 continue
+            if seq.num_pending and seq.num_output_tokens >= (seq.max_tokens or n + 1):
+                continue  # its pending token is its last: it finishes when that resolves
             num_new = remaining if remaining < budget else budget
             if num_new < remaining and not chunked:
                 continue
@@ -208,6 +220,8 @@ class Scheduler:
         while (not preempted and waiting and budget > 0
                and len(running) < self.max_num_seqs):
             seq = waiting[0]
+            if seq.num_pending:  # preempted with a token still on the device: next step
+                break
             limit = self._token_limit(seq)
             hit: list[int] = []
             lookup = cache is not None and getattr(seq.sampling_params, "prompt_logprobs",
@@ -254,22 +268,53 @@ class Scheduler:
 
         Sequences finished or aborted since `schedule` are skipped. A `needs_sample` entry given
         None advances its computed tokens but appends nothing; it is not scheduled again until
-        a token is appended (`seq.append_token`).
+        a token is appended (`seq.append_token`). The synchronous path; see `commit`/`resolve`.
         """
         if len(sampled) != len(out.scheduled):
             raise ValueError(f"update got {len(sampled)} sampled tokens for "
                              f"{len(out.scheduled)} scheduled sequences")
-        cache = self.prefix_cache
-        full_page = self.page_size
         for s, token in zip(out.scheduled, sampled):
             seq = s.seq
             if seq.status is not _RUNNING:
                 continue
-            computed = seq.num_computed_tokens = s.start_pos + s.num_new_tokens
-            if cache is not None and computed >= (seq.num_registered_pages + 1) * full_page:
-                cache.register(seq)  # a page just became full of computed tokens
+            seq.num_computed_tokens = s.start_pos + s.num_new_tokens
             if s.needs_sample and token is not None:
                 seq.append_token(token)
+            self._register(seq)
+
+    def commit(self, out: SchedulerOutput) -> list[int | None]:
+        """Record a step just dispatched (async scheduling): computed counts advance and each
+        sampling sequence gets a placeholder for the token in its row of the step's output.
+        Returns, per scheduled entry, the output index of its placeholder (None: no sample)."""
+        indices: list[int | None] = []
+        for row, s in enumerate(out.scheduled):
+            seq = s.seq
+            if seq.status is not _RUNNING or not s.needs_sample:
+                if seq.status is _RUNNING:
+                    seq.num_computed_tokens = s.start_pos + s.num_new_tokens
+                    self._register(seq)
+                indices.append(None)
+                continue
+            seq.num_computed_tokens = s.start_pos + s.num_new_tokens
+            indices.append(seq.num_output_tokens)
+            seq.append_placeholder(row)
+            self._register(seq)
+        return indices
+
+    def resolve(self, seq: Sequence, output_index: int, token_id: int) -> None:
+        """Fill in a committed placeholder with the sampled id (also for a sequence preempted
+        meanwhile: the token is valid and is recomputed with the rest). Finished ones: no-op."""
+        if seq.status.is_finished:
+            return
+        seq.resolve_token(output_index, token_id)
+        if seq.status is _RUNNING:
+            self._register(seq)
+
+    def _register(self, seq: Sequence) -> None:
+        cache = self.prefix_cache
+        if cache is not None and min(seq.num_computed_tokens, seq.num_known_tokens) >= (
+                seq.num_registered_pages + 1) * self.page_size:
+            cache.register(seq)  # a page just became full of computed, known tokens
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Mark `seq` finished with `status`, free its pages, drop it from the queues.

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+PLACEHOLDER_TOKEN = -1  # a token sampled by a step still on the device (see Sequence.num_pending)
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -50,6 +53,9 @@ class Sequence:
         deliberately left out of it); reset when the pages are released.
     cache_extra_keys: per-sequence extra keys folded into every page hash (anything besides the
         tokens that changes the K/V, e.g. a LoRA id or a cache salt).
+    num_pending: placeholder tokens at the end of the sequence (0 or 1): sampled by a step still
+        running on the device (async scheduling), so their ids are not known on the host yet;
+        ``pending_row`` is the row of that step's sampler output that holds the last one.
     """
 
     seq_id: int
@@ -67,6 +73,8 @@ class Sequence:
     page_hashes: list[bytes] = field(default_factory=list, repr=False)
     num_registered_pages: int = 0
     cache_extra_keys: tuple = ()
+    num_pending: int = 0
+    pending_row: int = -1
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +85,25 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)
+
+    def append_placeholder(self, row: int) -> None:
+        """Appends a token sampled on the device into output row ``row``, id not known yet."""
+        self.append_token(PLACEHOLDER_TOKEN)
+        self.num_pending += 1
+        self.pending_row = row
+
+    def resolve_token(self, output_index: int, token_id: int) -> None:
+        """Fills in the placeholder at ``output_token_ids[output_index]`` (oldest first)."""
+        if self.output_token_ids[output_index] != PLACEHOLDER_TOKEN:
+            raise RuntimeError(f"sequence {self.seq_id}: output token {output_index} is not pending")
+        self.output_token_ids[output_index] = token_id
+        self._all_token_ids[self.num_prompt_tokens + output_index] = token_id
+        self.num_pending -= 1
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host knows (all but the pending placeholders at the end)."""
+        return len(self._all_token_ids) - self.num_pending
 
     @property
     def all_token_ids(self) -> list[int]:

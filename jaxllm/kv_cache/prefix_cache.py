@@ -86,7 +86,7 @@ class PrefixCache:
     """Index of full, computed KV pages by chained content hash, on top of a PagePool.
 
     Works on `Sequence`-like objects with: all_token_ids, page_ids, num_computed_tokens,
-    page_hashes (list, filled lazily here), num_registered_pages, cache_extra_keys.
+    num_known_tokens, page_hashes (list, filled lazily here), num_registered_pages, cache_extra_keys.
     """
 
     def __init__(self, pool: PagePool, page_size: int, extra_keys: tuple = ()):
@@ -153,7 +153,9 @@ class PrefixCache:
         equal prompts admitted in one step) is not indexed: the first stays the cached copy and
         this one is freed as an ordinary page, as in vLLM.
         """
-        full = seq.num_computed_tokens // self.page_size
+        # Only tokens whose ids are known: with async scheduling the last token may still be a
+        # placeholder for a token the device has sampled but the host not yet read.
+        full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.page_size
         start = seq.num_registered_pages
         if full <= start:
             return
