@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# 8 virtual CPU devices for the sharding tests (tests/test_sharding.py); set before JAX starts.
+# Single-device tests are unaffected: they use the first (default) device only.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 import pytest
 
 

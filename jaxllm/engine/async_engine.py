@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from jaxllm.config import EngineConfig
+from jaxllm.engine.data_parallel import create_engine
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
@@ -36,7 +37,7 @@ class AsyncEngine:
 
     def __init__(self, config: EngineConfig | None = None, *, engine: LLMEngine | None = None,
                  **kwargs: Any):
-        self.engine = engine or LLMEngine(config or EngineConfig(**kwargs))
+        self.engine = engine or create_engine(config or EngineConfig(**kwargs))
         self._cv = threading.Condition()
         self._pending: list[tuple[str, Any, Any]] = []  # ("add", ...) / ("abort", rid)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

@@ -8,7 +8,7 @@ import time
 from typing import Any, Sequence as TypingSequence
 
 from jaxllm.config import EngineConfig
-from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.engine.data_parallel import create_engine
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -20,11 +20,12 @@ class LLM:
 
     ``model=None`` loads the embedded default model (SmolLM2-135M-Instruct). Every keyword of
     ``EngineConfig`` is accepted (max_model_len, max_num_seqs, max_num_batched_tokens, page_size,
-    num_pages, gpu_memory_utilization, enable_prefix_caching, tensor_parallel_size, ...).
+    num_pages, gpu_memory_utilization, enable_prefix_caching, tensor_parallel_size,
+    pipeline_parallel_size, data_parallel_size, ...).
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any):
-        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.llm_engine = create_engine(EngineConfig(model=model, **kwargs))
         self._counter = itertools.count()
 
     def get_tokenizer(self):

@@ -73,24 +73,52 @@ class _InFlight:
     read_before_next_schedule: bool
 
 
+def _place_loaded(loaded: Any, replica: Any) -> Any:
+    """A model already in memory (one device), re-placed on ``replica`` by the sharding rules,
+    through the loaders' own path (KV heads replicated where tp exceeds them)."""
+    from jaxllm.loading.weights import abstract_for, load_params_from_tensors, model_to_hf_tensors
+
+    model, mc = loaded.model, loaded.model_config
+    placed = load_params_from_tensors(
+        abstract_for(mc, model.dtype, model.attention_backend, replica), mc,
+        model_to_hf_tensors(model), model.dtype, parallel=replica)
+    return dataclasses.replace(loaded, model=placed)
+
+
 class LLMEngine:
     """The synchronous engine. Not thread-safe: one driver (LLM or AsyncEngine's loop) at a time."""
 
-    def __init__(self, config: EngineConfig, loaded: Any | None = None):
+    def __init__(self, config: EngineConfig, loaded: Any | None = None, replica: Any = None):
+        """replica: the ``sharding.mesh.ReplicaMesh`` ([pp, tp] devices) this engine runs on;
+        None: built from the config's tensor/pipeline_parallel_size over the first devices (one
+        device when both are 1, without any sharding)."""
         from jaxllm.loading import load_model
 
         self.config = config
+        tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+        if replica is None and tp * pp > 1:
+            from sharding.mesh import make_mesh, replica_meshes
+
+            replica = replica_meshes(make_mesh(1, pp, tp))[0]
+        self.replica = replica
+        if loaded is not None and replica is not None:
+            loaded = _place_loaded(loaded, replica)
         if loaded is None:
             backend = config.attention_backend
             if backend == "auto":  # the Pallas kernel on GPUs (benchmarks/RESULTS.md), jnp on CPU
                 backend = "reference" if jax.default_backend() == "cpu" else "pallas"
             loaded = load_model(config.model, dtype=config.dtype, tokenizer=config.tokenizer,
-                                checkpoint_dir=config.checkpoint_dir, attention_backend=backend)
+                                checkpoint_dir=config.checkpoint_dir, attention_backend=backend,
+                                parallel=replica)
         self.loaded = loaded
         self.model_config: ModelConfig = loaded.model_config
         self.tokenizer = loaded.tokenizer
         self.model_name: str = loaded.name
         mc = self.model_config
+        # The placement of params and KV cache (sharding/rules.py); None: one default device.
+        self.parallel = replica.for_config(mc) if replica is not None else None
+        self.num_kv_heads = (self.parallel.num_kv_heads if self.parallel is not None
+                             else mc.num_key_value_heads)
 
         on_cpu = jax.default_backend() == "cpu"
         self.max_model_len = config.max_model_len or (
@@ -116,12 +144,15 @@ class LLMEngine:
 
         self.cache_dtype = resolve_dtype(config.dtype)
         num_pages = self._determine_num_pages()
-        self.runner = ModelRunner(
-            loaded.model, num_layers=mc.num_hidden_layers, num_kv_heads=mc.num_key_value_heads,
+        runner_cls = ModelRunner
+        if self.parallel is not None and self.parallel.pp > 1:
+            from jaxllm.engine.pipeline_runner import PipelineRunner as runner_cls
+        self.runner = runner_cls(
+            loaded.model, num_layers=mc.num_hidden_layers, num_kv_heads=self.num_kv_heads,
             head_dim=mc.head_dim, num_pages=num_pages, page_size=config.page_size,
             max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
             token_buckets=token_buckets, cache_dtype=self.cache_dtype, vocab_size=mc.vocab_size,
-            max_logprobs=config.max_logprobs)
+            max_logprobs=config.max_logprobs, parallel=self.parallel)
         self.page_pool = PagePool(num_pages)
         # Engine-wide extra keys of the page hashes: what else determines the K/V of a page.
         self.prefix_cache = PrefixCache(
@@ -156,10 +187,14 @@ class LLMEngine:
         cfg, mc = self.config, self.model_config
         if cfg.num_pages is not None:
             return cfg.num_pages + 1
-        page_bytes = kv_page_bytes(mc.num_hidden_layers, cfg.page_size, mc.num_key_value_heads,
-                                   mc.head_dim, self.cache_dtype)
+        # Per device: a device holds its stage's layers and its 1/tp of the KV heads.
+        par = self.parallel
+        layers = max(len(st.layers) for st in par.stages) if par else mc.num_hidden_layers
+        heads = self.num_kv_heads // par.tp if par else mc.num_key_value_heads
+        page_bytes = kv_page_bytes(layers, cfg.page_size, heads, mc.head_dim, self.cache_dtype)
         pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
-        stats = jax.local_devices()[0].memory_stats()
+        device = par.stages[0].mesh.devices.flat[0] if par else jax.local_devices()[0]
+        stats = device.memory_stats()
         if not stats or "bytes_limit" not in stats:
             budget = _CPU_KV_BUDGET_BYTES
             want = pages_per_seq * self.max_num_seqs
@@ -193,11 +228,14 @@ class LLMEngine:
             self.max_model_len / cfg.page_size)
         probe.max_num_seqs, probe.token_buckets = self.max_num_seqs, (T,)
         inputs = probe.prepare([], [], T=T)
-        shape = (2, cfg.page_size, mc.num_key_value_heads, mc.head_dim)
+        shape = (2, cfg.page_size, self.num_kv_heads, mc.head_dim)
         kv = [(jax.ShapeDtypeStruct(shape, self.cache_dtype),) * 2
               for _ in range(mc.num_hidden_layers)]
         graphdef, state = nnx.split(self.loaded.model)
         leaves, treedef = jax.tree.flatten(state)
+        # Unplaced: with tp / pp this lowers the whole model for one device, an over-estimate
+        # of one shard's activations (safe).
+        leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
         prev_tokens = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32)
         fwd = jax.jit(mr._forward, static_argnums=(0, 1)).lower(
             graphdef, treedef, leaves, kv, dataclasses.replace(inputs, sampling=None),

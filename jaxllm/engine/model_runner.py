@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxllm.engine import sampler as sampler_lib
 from jaxllm.engine.scheduler import ScheduledSeq
-from jaxllm.models.attention import SCRATCH_PAGE, AttentionMetadata, KVCache
+from jaxllm.models.attention import SCRATCH_PAGE, AttentionMetadata, KVCache, heads_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,25 @@ def _prompt_logprobs_forward(graphdef, treedef, leaves, kv_caches: KVCache, inpu
     return kv_caches, logits, (next_lp, rank, top_ids, top_lp)
 
 
+def _traced_over_heads(mesh, fn):
+    """fn, traced with attention run per head shard of ``mesh`` (tensor parallelism)."""
+    if mesh is None:
+        return fn
+
+    def traced(*args):
+        with heads_sharded(mesh):
+            return fn(*args)
+    return traced
+
+
+def zeros_kv_cache(num_layers: int, shape: tuple[int, ...], dtype: Any,
+                   sharding: Any = None) -> KVCache:
+    """Zeroed per-layer (k, v) pages; with a sharding, each device allocates only its shard."""
+    make = (jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding) if sharding is not None
+            else lambda: jnp.zeros(shape, dtype))
+    return [(make(), make()) for _ in range(num_layers)]
+
+
 def default_token_buckets(max_num_batched_tokens: int, smallest: int = 8,
                           growth: int = 2) -> tuple[int, ...]:
     """smallest * growth**i up to (and always including) max_num_batched_tokens."""
@@ -121,7 +140,11 @@ class ModelRunner:
     def __init__(self, model: nnx.Module, *, num_layers: int, num_kv_heads: int, head_dim: int,
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  token_buckets: TypingSequence[int], cache_dtype: Any, vocab_size: int,
-                 max_logprobs: int):
+                 max_logprobs: int, parallel: Any = None):
+        # parallel: a sharding.rules.ModelSharding with one stage (tensor parallelism): the params
+        # are already in their shards; the KV cache is split by KV head, attention per shard.
+        self.parallel = parallel
+        self.mesh = parallel.stages[0].mesh if parallel is not None else None
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_model_len = max_model_len
@@ -134,9 +157,9 @@ class ModelRunner:
         self.num_logprobs = max_logprobs
         self.graphdef, self.state = nnx.split(model)
         shape = (num_pages, page_size, num_kv_heads, head_dim)
-        self.kv_caches: KVCache = [
-            (jnp.zeros(shape, cache_dtype), jnp.zeros(shape, cache_dtype)) for _ in range(num_layers)
-        ]
+        self.kv_caches: KVCache = zeros_kv_cache(
+            num_layers, shape, cache_dtype,
+            parallel.stages[0].kv_sharding if parallel is not None else None)
         # The sampler is a jit of its own: its static variants (sort / log-probs / bias and
         # penalty widths) compile in well under a second, the forward's in many seconds.
         self._sample = jax.jit(functools.partial(_sample_padded, max_num_seqs),
@@ -159,10 +182,12 @@ class ModelRunner:
         # C++. The graphdef and treedef are closed over, not static arguments: hashing them on
         # every call cost ~2 ms per step.
         self._leaves, self._treedef = jax.tree.flatten(state)
-        self._forward = jax.jit(functools.partial(_forward, self.graphdef, self._treedef),
-                                donate_argnums=(1,))
+        self._forward = jax.jit(
+            _traced_over_heads(self.mesh, functools.partial(_forward, self.graphdef, self._treedef)),
+            donate_argnums=(1,))
         self._prompt_forward = jax.jit(
-            functools.partial(_prompt_logprobs_forward, self.graphdef, self._treedef),
+            _traced_over_heads(self.mesh, functools.partial(
+                _prompt_logprobs_forward, self.graphdef, self._treedef)),
             static_argnums=(5,), donate_argnums=(1,))
 
     # -- buckets ------------------------------------------------------------------------------

@@ -72,13 +72,15 @@ def _load_tokenizer(source: str | os.PathLike) -> Any:
 def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
                tokenizer: str | os.PathLike | None = None, *,
                checkpoint_dir: str | os.PathLike | None = None,
-               attention_backend: str = "reference") -> LoadedModel:
+               attention_backend: str = "reference", parallel: Any = None) -> LoadedModel:
     """Loads weights, config and tokenizer from ``model`` (see the module docstring).
 
     dtype: "auto" (bfloat16), "bfloat16", "float16", "float32" (``jaxllm.config.resolve_dtype``).
     tokenizer: another source for the tokenizer (folder or .gguf); default: the model's own.
     checkpoint_dir: orbax cache of the converted params, keyed by source and dtype (a mismatch
       raises rather than serving other weights than asked for).
+    parallel: a ``sharding.rules.ModelSharding``: params are loaded straight into their shards
+      (each device receives only its slice), KV heads replicated when tp exceeds them.
     """
     from jaxllm.loading import checkpoint as ckpt
 
@@ -87,14 +89,26 @@ def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
     name = DEFAULT_MODEL_NAME if is_default_model(None if model is None else str(model)) else str(model)
     source_id = str(source.resolve())
 
+    def refuse_replicated_kv(config: ModelConfig) -> None:
+        # A checkpoint holds the original KV heads; the sharded model's replicated ones would
+        # not match it (either way round).
+        if parallel is not None and parallel.for_config(config).kv_replication > 1:
+            raise ValueError(
+                f"checkpoint_dir cannot be used when tensor_parallel_size ({parallel.tp}) exceeds "
+                f"the model's {config.num_key_value_heads} KV heads (they are replicated); drop "
+                "checkpoint_dir or use a tensor_parallel_size that divides the KV heads.")
+
     if checkpoint_dir is not None and ckpt.is_checkpoint(checkpoint_dir):
         meta = ckpt.read_metadata(checkpoint_dir)
         if meta.source != source_id or meta.dtype != jdtype.name:
             raise ValueError(
                 f"checkpoint_dir {str(checkpoint_dir)!r} holds {meta.dtype} params of {meta.source}, "
                 f"not {jdtype.name} params of {source_id}; use another checkpoint_dir (or delete it).")
-        model_obj = ckpt.restore_params(
-            ckpt.abstract_model(meta.model_config, jdtype, attention_backend), checkpoint_dir)
+        refuse_replicated_kv(meta.model_config)
+        abstract = ckpt.abstract_model(meta.model_config, jdtype, attention_backend)
+        if parallel is not None:  # restored straight into the shards
+            abstract = parallel.for_config(meta.model_config).annotate(abstract)
+        model_obj = ckpt.restore_params(abstract, checkpoint_dir)
         tok_dir = Path(checkpoint_dir) / ckpt.TOKENIZER_DIR
         if tokenizer is not None:
             tok = _load_tokenizer(tokenizer)
@@ -109,14 +123,17 @@ def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
     if kind == "gguf":
         from jaxllm.loading.gguf_loader import load_gguf
 
-        config, model_obj, _ = load_gguf(source, jdtype, attention_backend=attention_backend)
+        config, model_obj, _ = load_gguf(source, jdtype, attention_backend=attention_backend,
+                                         parallel=parallel)
     else:
         from jaxllm.loading.safetensors_loader import load_hf_folder
 
-        config, model_obj = load_hf_folder(source, jdtype, attention_backend=attention_backend)
+        config, model_obj = load_hf_folder(source, jdtype, attention_backend=attention_backend,
+                                           parallel=parallel)
     tok = _load_tokenizer(tokenizer if tokenizer is not None else source)
 
     if checkpoint_dir is not None:
+        refuse_replicated_kv(config)
         # The tokenizer first (rebuilding a GGUF's from its vocabulary costs more than the
         # weights); save_params writes the metadata last, which marks the folder complete.
         tok.save_pretrained(str(Path(checkpoint_dir) / ckpt.TOKENIZER_DIR))

@@ -212,22 +212,17 @@ def iter_hf_tensors(ckpt: GGUFCheckpoint) -> Iterator[tuple[str, Any]]:
 
 
 def load_gguf(path: str | os.PathLike, dtype: Any = "auto",
-              attention_backend: str = "reference") -> tuple[ModelConfig, Any, Any]:
+              attention_backend: str = "reference", parallel: Any = None
+              ) -> tuple[ModelConfig, Any, Any]:
     """Loads a GGUF file -> (ModelConfig, concrete NNX model with weights in ``dtype``, HF config)."""
-    from flax import nnx
-
     from jaxllm.loading.hf_config import model_config_from_hf
-    from jaxllm.loading.weights import load_params_from_tensors
-    from jaxllm.models.registry import get_model_class
+    from jaxllm.loading.weights import abstract_for, load_params_from_tensors
 
     dtype = resolve_dtype(dtype)
     ckpt = open_gguf(path)
     config = model_config_from_hf(ckpt.hf_config)
-    cls = get_model_class(config.architecture)
-    # Structure only: eval_shape runs the constructor abstractly, allocating no random weights.
-    abstract = nnx.eval_shape(
-        lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0), attention_backend=attention_backend))
-    model = load_params_from_tensors(abstract, config, iter_hf_tensors(ckpt), dtype)
+    model = load_params_from_tensors(abstract_for(config, dtype, attention_backend, parallel),
+                                     config, iter_hf_tensors(ckpt), dtype, parallel=parallel)
     return config, model, ckpt.hf_config
 
 

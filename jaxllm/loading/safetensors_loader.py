@@ -17,8 +17,7 @@ from safetensors import safe_open
 
 from jaxllm.config import ModelConfig, resolve_dtype
 from jaxllm.loading.hf_config import model_config_from_hf
-from jaxllm.loading.weights import TensorLike, load_params_from_tensors
-from jaxllm.models.registry import get_model_class
+from jaxllm.loading.weights import TensorLike, abstract_for, load_params_from_tensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -68,14 +67,16 @@ def load_hf_config(path: str | os.PathLike) -> tuple[Any, ModelConfig]:
 
 
 def load_hf_folder(path: str | os.PathLike, dtype: Any = "auto",
-                   attention_backend: str = "reference") -> tuple[ModelConfig, nnx.Module]:
-    """Loads a local HF folder -> (ModelConfig, concrete model with its weights in ``dtype``)."""
+                   attention_backend: str = "reference",
+                   parallel: Any = None) -> tuple[ModelConfig, nnx.Module]:
+    """Loads a local HF folder -> (ModelConfig, concrete model with its weights in ``dtype``).
+
+    parallel: a ``sharding.rules.ModelSharding``; each tensor goes straight into its shards.
+    """
     dtype = resolve_dtype(dtype)
     _, config = load_hf_config(path)
     files = safetensors_files(Path(path))
-    cls = get_model_class(config.architecture)
-    # Structure only: eval_shape runs the constructor abstractly, allocating no random weights.
-    abstract = nnx.eval_shape(
-        lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0), attention_backend=attention_backend))
-    model = load_params_from_tensors(abstract, config, iter_safetensors(files), dtype)
+    model = load_params_from_tensors(
+        abstract_for(config, dtype, attention_backend, parallel), config,
+        iter_safetensors(files), dtype, parallel=parallel)
     return config, model

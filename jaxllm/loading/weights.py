@@ -71,6 +71,35 @@ def _abstract_model(config: ModelConfig, dtype) -> nnx.Module:
     return nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
+def bind_parallel(parallel: Any, config: ModelConfig) -> Any:
+    """A ``sharding.mesh.ReplicaMesh`` (devices only) -> its ``ModelSharding`` for ``config``."""
+    return parallel.for_config(config) if parallel is not None else None
+
+
+def model_to_hf_tensors(model: nnx.Module):
+    """Yields an in-memory model's params as (HF name, host array in HF layout): the inverse of
+    the loaders' stream, so a model already in memory can be re-placed by ``parallel`` rules."""
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        path = tuple(path)
+        def get(v=v, transpose=path[-1] == "kernel"):
+            arr = np.asarray(jax.device_get(v.get_value()))
+            return arr.T if transpose else arr
+        yield path_to_hf_name(path), get
+
+
+def abstract_for(config: ModelConfig, dtype, attention_backend: str = "reference",
+                 parallel: Any = None) -> nnx.Module:
+    """The model's structure (eval_shape: allocates nothing), with the KV heads a sharded
+    model holds when ``parallel`` replicates them (sharding/rules.py)."""
+    from jaxllm.models.registry import get_model_class
+
+    parallel = bind_parallel(parallel, config)
+    built = parallel.adapt_config(config) if parallel is not None else config
+    cls = get_model_class(config.architecture)
+    return nnx.eval_shape(lambda: cls(built, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0),
+                                      attention_backend=attention_backend))
+
+
 def load_params_from_tensors(
     model: nnx.Module | None,
     config: ModelConfig,
@@ -78,6 +107,7 @@ def load_params_from_tensors(
     dtype: Any,
     *,
     place: Callable[[str, np.ndarray], jax.Array] | None = None,
+    parallel: Any = None,
 ) -> nnx.Module:
     """Builds the model with its params taken from HF-named tensors.
 
@@ -93,7 +123,9 @@ def load_params_from_tensors(
         embeddings are tied.
       dtype: the params' dtype (e.g. jnp.bfloat16).
       place: ``(hf_name, host_array) -> jax.Array`` puts one converted tensor on the device(s);
-        default ``jax.device_put`` (the hook for sharded placement).
+        default ``jax.device_put``.
+      parallel: a ``sharding.rules.ModelSharding``: tensors are adapted (KV heads replicated
+        when tp > KV heads) and placed into their shards by its rules (overrides ``place``).
 
     Returns the concrete model. Raises ValueError naming the tensor for an unexpected name, a
     shape mismatch (expected vs got, in HF layout) or a duplicate, and listing every missing one.
@@ -102,6 +134,10 @@ def load_params_from_tensors(
     if model is None:
         model = _abstract_model(config, dtype)
     place = place or (lambda _name, arr: jax.device_put(arr))
+    parallel = bind_parallel(parallel, config)
+    if parallel is not None:
+        named_tensors = parallel.adapt_tensors(named_tensors)
+        place = lambda name, arr: parallel.place(hf_name_to_path(name)[0], arr)  # noqa: E731
     graphdef, state = nnx.split(model)
     targets: dict[PathParts, Any] = {tuple(p): v for p, v in nnx.to_flat_state(state)}
     loaded: dict[PathParts, jax.Array] = {}

@@ -8,9 +8,12 @@ page-table entries point there. ``slot = page * B + offset``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention,
@@ -41,7 +44,49 @@ class AttentionMetadata:
     num_seqs: jax.Array
 
 
+# Tensor parallelism (sharding/rules.py): while a step is traced under ``heads_sharded(mesh)``,
+# the K/V write and the attention kernel run once per shard of the mesh's one axis on that shard's
+# heads (shard_map), so a kernel (Pallas included) never sees more than its own heads and no
+# collective is needed: each query head's KV head lives on the same shard.
+_HEAD_MESH: contextvars.ContextVar = contextvars.ContextVar("jaxllm_head_mesh", default=None)
+
+
+@contextlib.contextmanager
+def heads_sharded(mesh):
+    """Trace write_kv / paged_attention per head shard of ``mesh`` (a 1-D mesh; None: off)."""
+    token = _HEAD_MESH.set(mesh if mesh is not None and mesh.devices.size > 1 else None)
+    try:
+        yield
+    finally:
+        _HEAD_MESH.reset(token)
+
+
+def _per_head_shard(fn, num_page_args: int, num_token_args: int, returns_tokens: bool):
+    """shard_map ``fn(*pages, *tokens, *replicated)`` over heads, or ``fn`` itself when off.
+
+    pages [P, B, K, D] split on K, tokens [T, H, D] split on H, the rest replicated."""
+    mesh = _HEAD_MESH.get()
+    if mesh is None:
+        return fn
+    axis = mesh.axis_names[0]
+    pages, toks = P(None, None, axis, None), P(None, axis, None)
+
+    def wrapped(*args):
+        n_rep = len(args) - num_page_args - num_token_args
+        in_specs = (pages,) * num_page_args + (toks,) * num_token_args + (P(),) * n_rep
+        out_specs = toks if returns_tokens else (pages, pages)
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)(*args)
+    return wrapped
+
+
 def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
+             slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scatters new k/v [T, K, D] into the pages at ``slot_mapping`` (in place when donated)."""
+    return _per_head_shard(_write_kv, 2, 2, False)(k_pages, v_pages, k, v, slot_mapping)
+
+
+def _write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
              slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Scatters new k/v [T, K, D] into the pages at ``slot_mapping`` (in place when donated)."""
     P, B, K, D = k_pages.shape
@@ -54,6 +99,13 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: At
                     *, sm_scale: float, sliding_window: int | None = None,
                     soft_cap: float | None = None, backend: str = "reference") -> jax.Array:
     """q: [T, H, D] -> [T, H, D]. ``backend`` picks the implementation; all share one contract."""
+    def attend(k_pages, v_pages, q, md):
+        return _paged_attention(q, k_pages, v_pages, md, sm_scale=sm_scale,
+                                sliding_window=sliding_window, soft_cap=soft_cap, backend=backend)
+    return _per_head_shard(attend, 2, 1, True)(k_pages, v_pages, q, md)
+
+
+def _paged_attention(q, k_pages, v_pages, md, *, sm_scale, sliding_window, soft_cap, backend):
     if backend == "reference":
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,

@@ -1,0 +1,218 @@
+"""Pipeline parallelism: the model's layers in contiguous stages, one jitted program per stage.
+
+Dimension keys as in model_runner.py; E hidden size.
+
+Stage s runs on its own ``("tp",)`` mesh (sharding/mesh.py: row s of the replica's [pp, tp]
+devices) and holds only its layers' params and KV cache (sharding/rules.py places them there
+as they load); stage 0 also holds the embedding, the last stage the final norm and the lm_head
+(a tied embedding is copied to it). A step is:
+
+    stage 0:   token ids (the previous step's samples where prev_rows says) -> embed -> layers
+    stage s:   hidden [T, E] (copied from stage s-1's devices) -> its layers
+    last:      ... -> final norm -> logits at logits_indices [S, V]
+    sampler:   on the last stage's devices, as without pipelining
+
+Micro-batches: a step with several sequences is split into up to ``pp`` micro-batches of whole
+sequences (attention never crosses sequences, so each is an independent ragged batch). All
+(stage, micro-batch) programs are dispatched at once in micro-batch order; each stage's devices
+run their queue in order and start micro-batch m as soon as stage s-1 has handed it over, so
+during decode stage 0 computes micro-batch m+1 while stage 1 computes m. Their logits are
+gathered back into the step's row order for one sampler call.
+
+Why one program per stage driven by async dispatch, not one SPMD program over the whole mesh
+(a scan over stacked layers with ppermute between stages, as in MaxText / praxis): the engine's
+model is a plain list of layers with a per-layer KV cache and ragged micro-batches of
+different token buckets; stacked layers would change the model code and the cache layout, and
+the SPMD pipeline's bubble schedule fixes the micro-batch shape at compile time. Separate
+programs keep each stage's compile to its own layers, let each micro-batch use its own bucket,
+and JAX's async dispatch already gives the overlap. The price is one host dispatch per
+(stage, micro-batch) and no overlap across hosts (multi-host runs tensor parallelism only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.engine import sampler as sampler_lib
+from jaxllm.engine.model_runner import (ModelRunner, StepInputs, _sample_padded, _traced_over_heads,
+                                        zeros_kv_cache)
+
+
+def _stage_forward(treedef, graphdefs, inv_freq, first: bool, last: bool, tied: bool,
+                   leaves, kv_caches, h, positions, md, logits_indices, token_ids, prev_rows,
+                   prev_tokens):
+    """One stage over one micro-batch. Returns (kv_caches, hidden [T, E]) or, on the last
+    stage, (kv_caches, logits [S, V] float32)."""
+    params = jax.tree.unflatten(treedef, leaves)
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    if first:
+        from_prev = prev_tokens[jnp.maximum(prev_rows, 0)]
+        ids = jnp.where(prev_rows >= 0, from_prev, token_ids)
+        h = nnx.merge(graphdefs["embed"], params["embed"])(ids)
+    new_kv = []
+    for gd, p, kv in zip(graphdefs["layers"], params["layers"], kv_caches):
+        h, kv = nnx.merge(gd, p)(h, positions, inv_freq, kv, md)
+        new_kv.append(kv)
+    if not last:
+        return new_kv, h
+    h = nnx.merge(graphdefs["norm"], params["norm"])(h)[logits_indices]
+    w = params["head"]
+    if tied:  # [V, E]
+        return new_kv, jnp.einsum("ne,ve->nv", h, w, preferred_element_type=jnp.float32)
+    return new_kv, jnp.einsum("ne,ev->nv", h, w, preferred_element_type=jnp.float32)
+
+
+def _assemble(rows: jax.Array, *logits: jax.Array) -> jax.Array:
+    """The micro-batches' logits [S_m, V] -> the step's [S, V], row i from ``rows[i]`` of their
+    concatenation."""
+    return jnp.concatenate(logits, axis=0)[rows]
+
+
+class PipelineRunner(ModelRunner):
+    """ModelRunner with the forward split over ``parallel.pp`` stages (see module docstring)."""
+
+    def __init__(self, model: nnx.Module, *, num_layers: int, num_kv_heads: int, head_dim: int,
+                 num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
+                 token_buckets, cache_dtype: Any, vocab_size: int, max_logprobs: int,
+                 parallel: Any):
+        import math
+
+        self.parallel = parallel
+        self.mesh = None
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_pages_per_seq = math.ceil(max_model_len / page_size)
+        self.token_buckets = tuple(sorted(token_buckets))
+        self.vocab_size = vocab_size
+        self.num_logprobs = max_logprobs
+        self.stages = parallel.stages
+        self.pp = len(self.stages)
+        self.model = model
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        self.stage_kv = [zeros_kv_cache(len(st.layers), shape, cache_dtype, st.kv_sharding)
+                         for st in self.stages]
+        tied = model.config.tie_word_embeddings
+        self._fwd, self._stage_leaves = [], []
+        for s, st in enumerate(self.stages):
+            first, last = s == 0, s == self.pp - 1
+            gds: dict[str, Any] = {"layers": []}
+            params: dict[str, Any] = {"layers": []}
+            if first:
+                gds["embed"], params["embed"] = nnx.split(model.model.embed_tokens)
+            for i in st.layers:
+                gd, p = nnx.split(model.model.layers[i])
+                gds["layers"].append(gd)
+                params["layers"].append(p)
+            if last:
+                gds["norm"], params["norm"] = nnx.split(model.model.norm)
+                head = (model.model.embed_tokens.embedding if tied else model.lm_head.kernel)[...]
+                path = ("model", "embed_tokens", "embedding") if tied else ("lm_head", "kernel")
+                # A tied embedding lives on stage 0; the last stage gets its own copy.
+                params["head"] = jax.device_put(head, st.state_path_sharding(path, head.shape))
+            leaves, treedef = jax.tree.flatten(params)
+            self._stage_leaves.append(leaves)
+            fn = functools.partial(_stage_forward, treedef, gds, tuple(model.inv_freq), first,
+                                   last, tied)
+            self._fwd.append(jax.jit(_traced_over_heads(st.mesh, fn), donate_argnums=(1,)))
+        self._sample = jax.jit(functools.partial(_sample_padded, max_num_seqs),
+                               static_argnums=(2, 3))
+        self._assemble = jax.jit(_assemble)
+        self._prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)
+        self.last_host_time = 0.0
+
+    # -- what the engine and tests read ---------------------------------------------------------
+    @property
+    def state(self) -> nnx.State:
+        return nnx.state(self.model)
+
+    @property
+    def kv_caches(self):
+        """Every layer's (k, v) pages, in layer order (each on its stage's devices)."""
+        return [kv for stage in self.stage_kv for kv in stage]
+
+    @property
+    def num_compiles(self) -> int:
+        return (sum(f._cache_size() for f in self._fwd) + self._sample._cache_size()
+                + self._assemble._cache_size())
+
+    # -- the step -------------------------------------------------------------------------------
+    def _forward_microbatches(self, mbs: list[StepInputs], prev_tokens: jax.Array) -> list:
+        """Dispatches every (micro-batch, stage) program; returns each micro-batch's logits."""
+        first_devices = self.stages[0].replicated
+        prev = jax.device_put(prev_tokens, first_devices)
+        out = []
+        for mb in mbs:
+            h = None
+            for s, st in enumerate(self.stages):
+                if s > 0:
+                    h = jax.device_put(h, st.replicated)
+                # Only stage 0 reads the token inputs: a device array of another stage's
+                # devices must not reach this stage's program.
+                first = s == 0
+                self.stage_kv[s], h = self._fwd[s](
+                    self._stage_leaves[s], self.stage_kv[s], h, mb.positions, mb.md,
+                    mb.logits_indices, mb.token_ids if first else None,
+                    mb.prev_rows if first else None, prev if first else None)
+            out.append(h)
+        return out
+
+    def run(self, inputs: StepInputs, num_logprobs: int | None, sort: bool):
+        (logits,) = self._forward_microbatches([inputs], self._prev_tokens)
+        out, self._prev_tokens = self._sample(logits, inputs.sampling, num_logprobs, sort)
+        return out
+
+    def _split(self, scheduled: list) -> list[list]:
+        """Up to pp contiguous groups of whole sequences with about equal token counts."""
+        m = min(self.pp, len(scheduled))
+        if m <= 1:
+            return [scheduled]
+        total = sum(s.num_new_tokens for s in scheduled)
+        groups, cur, acc = [], [], 0
+        for i, s in enumerate(scheduled):
+            cur.append(s)
+            acc += s.num_new_tokens
+            left = len(scheduled) - i - 1
+            if len(groups) < m - 1 and (acc >= total * (len(groups) + 1) / m
+                                        or left == m - 1 - len(groups)):
+                groups.append(cur)
+                cur = []
+        if cur:
+            groups.append(cur)
+        return groups
+
+    def dispatch(self, scheduled, sampling_rows, prompt_next_ids: np.ndarray | None = None):
+        if prompt_next_ids is not None:
+            raise ValueError("prompt_logprobs is not supported with pipeline_parallel_size > 1.")
+        t0 = time.perf_counter()
+        full = self.prepare(scheduled, sampling_rows)
+        nl = sampler_lib.logprobs_width(sampling_rows, self.num_logprobs)
+        sort = sampler_lib.needs_sort(sampling_rows, self.vocab_size)
+        groups = self._split(scheduled)
+        if len(groups) == 1:
+            self.last_host_time = time.perf_counter() - t0
+            return self.run(full, nl, sort), None
+        mbs = [self.prepare(g, []) for g in groups]
+        # Row i of the step = row j of micro-batch m = row offset_m + j of the concatenation.
+        S = full.logits_indices.shape[0]
+        rows = np.zeros(S, np.int32)
+        i = off = 0
+        for g, mb in zip(groups, mbs):
+            rows[i:i + len(g)] = off + np.arange(len(g))
+            i += len(g)
+            off += mb.logits_indices.shape[0]
+        self.last_host_time = time.perf_counter() - t0
+        logits = self._assemble(jax.device_put(rows, self.stages[-1].replicated),
+                                *self._forward_microbatches(mbs, self._prev_tokens))
+        out, self._prev_tokens = self._sample(logits, full.sampling, nl, sort)
+        return out, None
+

@@ -1,0 +1,185 @@
+"""Tensor / pipeline / data parallelism on 8 virtual CPU devices (tests/conftest.py sets
+XLA_FLAGS before JAX starts): greedy tokens in float32 equal one device's, and the params and KV
+cache are really split."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.config import EngineConfig
+from jaxllm.engine.llm_engine import LLMEngine
+
+from .helpers import small_llama_folder  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
+
+# Small shapes: two buckets, a short context, few pages.
+ENGINE_KW = dict(dtype="float32", max_model_len=96, num_pages=24, max_num_seqs=4,
+                 token_buckets=(8, 32), skip_compile_at_start=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
+PROMPTS = [[1, 450, 7483, 310, 3444, 338], [1, 822, 5713, 29898, 29876], [1, 2]]
+
+
+def _llm(loaded=None, **kw) -> LLM:
+    llm = LLM.__new__(LLM)
+    llm.llm_engine = LLMEngine(EngineConfig(**{**ENGINE_KW, **kw}), loaded=loaded)
+    llm._counter = itertools.count()
+    return llm
+
+
+def _llm_dp(**kw) -> LLM:
+    from jaxllm.engine.data_parallel import create_engine
+
+    llm = LLM.__new__(LLM)
+    llm.llm_engine = create_engine(EngineConfig(**{**ENGINE_KW, **kw}))
+    llm._counter = itertools.count()
+    return llm
+
+
+def _greedy(llm: LLM, prompts=PROMPTS) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def _shard_shapes(arr) -> set[tuple[int, ...]]:
+    return {tuple(s.data.shape) for s in arr.addressable_shards}
+
+
+@pytest.fixture(scope="module")
+def small_reference(small_llama_folder):
+    return _greedy(_llm(model=str(small_llama_folder)))
+
+
+# -- mesh and rules -----------------------------------------------------------------------------
+
+def test_mesh_sizes_that_do_not_fit_the_devices_or_heads_say_which_numbers():
+    from sharding.mesh import make_mesh, stage_layers
+    from sharding.rules import kv_head_layout
+
+    assert make_mesh(2, 2, 2).devices.shape == (2, 2, 2)
+    with pytest.raises(ValueError, match=r"\(4\) x .*\(2\) x .*\(2\) = 16 devices, but only 8"):
+        make_mesh(4, 2, 2)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(2\) must divide num_attention_heads \(9\)"):
+        kv_head_layout(9, 3, 2)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(6\) and num_key_value_heads \(4\)"):
+        kv_head_layout(12, 4, 6)
+    assert kv_head_layout(9, 3, 3) == (3, 1)
+    assert kv_head_layout(8, 2, 4) == (4, 2)  # each KV head replicated twice
+    assert [list(r) for r in stage_layers(5, 2)] == [[0, 1, 2], [3, 4]]
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size \(3\) exceeds the model's 2 layers"):
+        stage_layers(2, 3)
+
+
+def test_engine_rejects_tp_that_does_not_divide_the_heads(small_llama_folder):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(3\) must divide num_attention_heads \(4\)"):
+        _llm(model=str(small_llama_folder), tensor_parallel_size=3)
+
+
+# -- tensor parallelism -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_greedy_matches_one_device_and_each_device_holds_its_slice(
+        small_llama_folder, small_reference, tp):
+    llm = _llm(model=str(small_llama_folder), tensor_parallel_size=tp)
+    eng = llm.llm_engine
+    model = eng.runner.state["model"]
+    layer = model["layers"][0]
+    E, H, K, D = 64, 4, 2, 16  # the small model (tests/helpers.py)
+    V, F = 49152, 128
+    # Column-parallel, row-parallel, vocab-parallel: each device holds 1/tp of each weight.
+    assert _shard_shapes(layer["self_attn"]["q_proj"]["kernel"][...]) == {(E, H * D // tp)}
+    assert _shard_shapes(layer["self_attn"]["o_proj"]["kernel"][...]) == {(H * D // tp, E)}
+    assert _shard_shapes(layer["mlp"]["gate_proj"]["kernel"][...]) == {(E, F // tp)}
+    assert _shard_shapes(layer["mlp"]["down_proj"]["kernel"][...]) == {(F // tp, E)}
+    assert _shard_shapes(model["embed_tokens"]["embedding"][...]) == {(V // tp, E)}
+    assert _shard_shapes(eng.runner.state["lm_head"]["kernel"][...]) == {(E, V // tp)}
+    assert _shard_shapes(layer["input_layernorm"]["weight"][...]) == {(E,)}  # replicated
+    # KV cache split by KV head: tp=4 > K=2 replicates each KV head, one per device.
+    k_pages = eng.runner.kv_caches[0][0]
+    assert len(k_pages.sharding.device_set) == tp
+    assert _shard_shapes(k_pages) == {(25, 16, max(K, tp) // tp, D)}
+    assert _shard_shapes(layer["self_attn"]["k_proj"]["kernel"][...]) == {(E, max(K, tp) * D // tp)}
+    assert _greedy(llm) == small_reference
+
+
+def test_tensor_parallel_step_has_one_all_reduce_per_block(small_llama_folder):
+    from jaxllm.engine import sampler as sampler_lib  # noqa: F401
+
+    llm = _llm(model=str(small_llama_folder), tensor_parallel_size=2)
+    r = llm.llm_engine.runner
+    inputs = r.prepare([], [], T=8)
+    import dataclasses
+    hlo = r._forward.lower(r._leaves, r.kv_caches, dataclasses.replace(inputs, sampling=None),
+                           r._prev_tokens).compile().as_text()
+    n = hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
+    # 2 layers x (attention, MLP) + the vocab-parallel embedding lookup.
+    assert n == 2 * 2 + 1, n
+
+
+def test_tp3_on_the_default_model_matches_one_device(default_model_f32):
+    # SmolLM2-135M: 9 query heads / 3 KV heads -> 3 + 1 per device.
+    prompts = [[1, 504, 3458, 282, 4649, 314], [1, 5248, 8806, 42, 198]]
+    ref = _greedy(_llm(loaded=default_model_f32), prompts)
+    llm = _llm(loaded=default_model_f32, tensor_parallel_size=3)
+    k_pages = llm.llm_engine.runner.kv_caches[0][0]
+    assert _shard_shapes(k_pages) == {(25, 16, 1, 64)}
+    q = llm.llm_engine.runner.state["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
+    assert _shard_shapes(q) == {(576, 3 * 64)}
+    assert _greedy(llm, prompts) == ref
+
+
+# -- pipeline parallelism -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("tp,pp", [(1, 2), (4, 2)])
+def test_pipeline_parallel_greedy_matches_one_device(small_llama_folder, small_reference, tp, pp):
+    llm = _llm(model=str(small_llama_folder), tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    runner = llm.llm_engine.runner
+    # Layer 0 lives on stage 0's devices, layer 1 on stage 1's: disjoint sets of tp devices.
+    kv = runner.kv_caches
+    d0, d1 = kv[0][0].sharding.device_set, kv[1][0].sharding.device_set
+    assert len(d0) == len(d1) == tp and not d0 & d1
+    state = runner.state["model"]["layers"]
+    assert state[0]["mlp"]["up_proj"]["kernel"][...].sharding.device_set == d0
+    assert state[1]["mlp"]["up_proj"]["kernel"][...].sharding.device_set == d1
+    assert _greedy(llm) == small_reference
+
+
+def test_pipeline_splits_a_batch_into_micro_batches_of_whole_sequences(small_llama_folder):
+    llm = _llm(model=str(small_llama_folder), pipeline_parallel_size=2)
+    runner = llm.llm_engine.runner
+
+    class S:  # a ScheduledSeq stand-in: only the token count matters to the split
+        def __init__(self, n):
+            self.num_new_tokens = n
+    groups = runner._split([S(1), S(1), S(1)])
+    assert [len(g) for g in groups] == [2, 1]
+    assert [len(g) for g in runner._split([S(5), S(1)])] == [1, 1]
+    assert [len(g) for g in runner._split([S(3)])] == [1]
+
+
+# -- data parallelism ---------------------------------------------------------------------------
+
+def test_data_parallel_replicas_on_disjoint_devices_match_one_device_and_share_the_load(
+        small_llama_folder, small_reference):
+    from jaxllm.engine.data_parallel import DataParallelEngine
+
+    llm = _llm_dp(model=str(small_llama_folder), data_parallel_size=2, tensor_parallel_size=2)
+    eng = llm.llm_engine
+    assert isinstance(eng, DataParallelEngine) and len(eng.engines) == 2
+    sets = [e.runner.kv_caches[0][0].sharding.device_set for e in eng.engines]
+    assert len(sets[0]) == len(sets[1]) == 2 and not sets[0] & sets[1]
+    # Work = prompt + max_tokens: r0 (6 + 10) -> replica 0, r1 (5 + 10) -> replica 1 (0 < 16),
+    # r2 (2 + 10) -> replica 1 again (15 < 16): the least outstanding work, not round-robin.
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(f"r{i}", {"prompt_token_ids": p}, GREEDY)
+    assert [sorted(e._requests) for e in eng.engines] == [["r0"], ["r1", "r2"]]
+    assert eng.outstanding_work == [16, 27]
+    for i in range(len(PROMPTS)):
+        eng.abort_request(f"r{i}")
+    assert eng.outstanding_work == [0, 0] and not eng.has_unfinished_requests()
+    assert _greedy(llm) == small_reference
