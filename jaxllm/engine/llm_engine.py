@@ -78,6 +78,8 @@ def _place_loaded(loaded: Any, replica: Any) -> Any:
     through the loaders' own path (KV heads replicated where tp exceeds them)."""
     from jaxllm.loading.weights import abstract_for, load_params_from_tensors, model_to_hf_tensors
 
+    if getattr(loaded, "placed_on", None) is replica:  # built in its shards already
+        return loaded
     model, mc = loaded.model, loaded.model_config
     placed = load_params_from_tensors(
         abstract_for(mc, model.dtype, model.attention_backend, replica), mc,
