@@ -43,6 +43,15 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
                    help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between throughput log lines (0: off)")
+    d = p.add_argument_group("Multi-host (jax.distributed; sharding/distributed.py)")
+    d.add_argument("--distributed", action="store_true",
+                   help="join a jax.distributed job: process 0 serves, the others follow its steps")
+    d.add_argument("--coordinator-address", default=None,
+                   help="host:port of process 0 (env JAXLLM_COORDINATOR_ADDRESS)")
+    d.add_argument("--num-processes", type=int, default=None,
+                   help="processes (hosts) in the job (env JAXLLM_NUM_PROCESSES)")
+    d.add_argument("--process-id", type=int, default=None,
+                   help="this process's rank, 0 = leader (env JAXLLM_PROCESS_ID)")
     r = p.add_argument_group("Ray Serve (pip install 'jaxllm[ray]')")
     r.add_argument("--ray", action="store_true",
                    help="serve engine replicas under Ray Serve instead of one in-process engine")
@@ -151,6 +160,15 @@ async def serve(engine: Any, *, host: str, port: int, shutdown_timeout: float = 
 def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
     if args.ray:
         return run_ray_serve(args, engine_kwargs)
+    if getattr(args, "distributed", False):
+        from sharding import distributed
+
+        addr, n, pid = distributed.resolve_args(args.coordinator_address, args.num_processes,
+                                                args.process_id)
+        if pid != 0:  # a follower: no server, the leader's steps until it exits
+            distributed.run_follower(addr, n, pid, dict(model=args.model, **engine_kwargs))
+            return 0
+        distributed.initialize(addr, n, pid)
     from jaxllm import AsyncEngine
 
     engine = AsyncEngine(model=args.model, **engine_kwargs)

@@ -267,6 +267,13 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
         from server.ray_multihost import require_distributed_entry_point
 
         require_distributed_entry_point()
+        # The entry point exists (sharding.distributed.run_follower); what is missing is the
+        # replica starting its followers in its placement group (ray_multihost.start_followers).
+        raise NotImplementedError(
+            f"num_hosts_per_replica={num_hosts_per_replica}: the multi-host engine exists "
+            "(sharding.distributed, `jaxllm serve --distributed` on each host), but Ray Serve "
+            "replicas do not start their followers yet; use num_hosts_per_replica=1, or start "
+            "each host with `jaxllm serve --distributed`.")
     options: dict[str, Any] = dict(
         name=ENGINE_DEPLOYMENT, max_ongoing_requests=max_ongoing_requests,
         max_queued_requests=max_queued_requests,

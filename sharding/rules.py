@@ -147,7 +147,7 @@ class TensorParallel:
     @property
     def kv_sharding(self) -> NamedSharding:
         """KV pages [P, B, K, D]: split on the KV heads."""
-        return self.sharding(P(None, None, TP, None))
+        return self.sharding(P(None, None, TP))  # as XLA writes it (no trailing None): one cache key
 
     def state_path_sharding(self, path: tuple, shape: tuple[int, ...]) -> NamedSharding:
         return self.sharding(param_spec(path, shape, self.tp))

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 EXPECTED = ["01_quickstart.ipynb", "02_serving.ipynb", "03_paged_kv_and_prefix_cache.ipynb",
-            "05_benchmarks.ipynb"]
+            "04_sharding.ipynb", "05_benchmarks.ipynb"]
 # Seconds for the whole notebook (and for any one cell) on this project's 2-core CPU machine.
 NOTEBOOK_TIME_LIMIT = 300
 KERNEL_NAME = "jaxllm-test-venv"

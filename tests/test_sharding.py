@@ -105,6 +105,8 @@ def test_tensor_parallel_greedy_matches_one_device_and_each_device_holds_its_sli
     assert _shard_shapes(k_pages) == {(25, 16, max(K, tp) // tp, D)}
     assert _shard_shapes(layer["self_attn"]["k_proj"]["kernel"][...]) == {(E, max(K, tp) * D // tp)}
     assert _greedy(llm) == small_reference
+    # One compile per bucket used, as on one device (the KV cache keeps one sharding).
+    assert eng.runner._forward._cache_size() <= len(eng.runner.token_buckets)
 
 
 def test_tensor_parallel_step_has_one_all_reduce_per_block(small_llama_folder):
@@ -183,3 +185,57 @@ def test_data_parallel_replicas_on_disjoint_devices_match_one_device_and_share_t
         eng.abort_request(f"r{i}")
     assert eng.outstanding_work == [0, 0] and not eng.has_unfinished_requests()
     assert _greedy(llm) == small_reference
+
+
+# -- multi-host ---------------------------------------------------------------------------------
+
+def test_distributed_args_come_from_flags_or_env_and_name_what_is_missing(monkeypatch):
+    from sharding.distributed import resolve_args
+
+    for k in ("JAXLLM_COORDINATOR_ADDRESS", "JAXLLM_NUM_PROCESSES", "JAXLLM_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ValueError, match="--num-processes, --process-id"):
+        resolve_args("10.0.0.1:8476", None, None)
+    monkeypatch.setenv("JAXLLM_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAXLLM_PROCESS_ID", "1")
+    assert resolve_args("10.0.0.1:8476", None, None) == ("10.0.0.1:8476", 2, 1)
+    with pytest.raises(ValueError, match="process_id=2, num_processes=2"):
+        resolve_args("10.0.0.1:8476", 2, 2)
+
+
+def test_two_processes_under_jax_distributed_produce_the_tokens_of_one(
+        small_llama_folder, small_reference):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kw = {**ENGINE_KW, "model": str(small_llama_folder), "tensor_parallel_size": 2}
+    root = Path(__file__).resolve().parent.parent
+    # One CPU device per process: the tp=2 mesh spans both processes.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "tests.multihost_worker", str(i), "2", str(port), json.dumps(kw),
+         json.dumps(PROMPTS)], cwd=root, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for i in (1, 0)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    follower, leader = outs
+    assert procs[1].returncode == 0, leader[-3000:]
+    assert procs[0].returncode == 0, follower[-3000:]
+    line = next(ln for ln in leader.splitlines() if ln.startswith("TOKENS "))
+    assert json.loads(line[len("TOKENS "):]) == small_reference
+    steps = int(next(ln for ln in follower.splitlines() if ln.startswith("FOLLOWED ")).split()[1])
+    assert steps >= 10  # it really launched the leader's steps (10 tokens, a prefill first)

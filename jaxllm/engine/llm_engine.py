@@ -103,6 +103,10 @@ class LLMEngine:
 
             replica = replica_meshes(make_mesh(1, pp, tp))[0]
         self.replica = replica
+        if jax.process_count() > 1 and pp > 1:
+            raise ValueError(
+                f"pipeline_parallel_size ({pp}) > 1 is not supported across {jax.process_count()} "
+                "processes (jax.distributed); use tensor parallelism over the hosts' devices.")
         if loaded is not None and replica is not None:
             loaded = _place_loaded(loaded, replica)
         if loaded is None:
@@ -182,10 +186,20 @@ class LLMEngine:
         if not config.skip_compile_at_start:
             secs = self.runner.compile_all()
             logger.info("compiled %d step buckets in %.1f s", len(token_buckets), secs)
+        if jax.process_count() > 1 and jax.process_index() == 0:
+            from sharding.distributed import attach_leader
+
+            attach_leader(self.runner)  # followers launch every step this engine launches
 
     # -- sizing -------------------------------------------------------------------------------
     def _determine_num_pages(self) -> int:
-        """Usable pages + 1 scratch page: explicit, or from free device memory after weights."""
+        """Usable pages + 1 scratch page: explicit, or from free device memory after weights.
+        Several processes (multi-host) all take the leader's figure."""
+        from sharding.distributed import agree
+
+        return agree("num_pages", self._local_num_pages())
+
+    def _local_num_pages(self) -> int:
         cfg, mc = self.config, self.model_config
         if cfg.num_pages is not None:
             return cfg.num_pages + 1
@@ -195,7 +209,9 @@ class LLMEngine:
         heads = self.num_kv_heads // par.tp if par else mc.num_key_value_heads
         page_bytes = kv_page_bytes(layers, cfg.page_size, heads, mc.head_dim, self.cache_dtype)
         pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
-        device = par.stages[0].mesh.devices.flat[0] if par else jax.local_devices()[0]
+        local = [d for d in (par.stages[0].mesh.devices.flat if par else ())
+                 if d.process_index == jax.process_index()]
+        device = local[0] if local else jax.local_devices()[0]
         stats = device.memory_stats()
         if not stats or "bytes_limit" not in stats:
             budget = _CPU_KV_BUDGET_BYTES
@@ -397,7 +413,7 @@ class LLMEngine:
     def _read_inflight(self) -> list[RequestOutput]:
         """Waits for the in-flight step, resolves its placeholders, runs the stop checks."""
         inflight, self._inflight = self._inflight, None
-        out, prompt_lp = jax.device_get((inflight.out, inflight.prompt_lp))
+        out, prompt_lp = self.runner.fetch((inflight.out, inflight.prompt_lp))
         sched = inflight.sched
         if prompt_lp is not None:
             self._collect_prompt_logprobs(sched, prompt_lp)

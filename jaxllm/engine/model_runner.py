@@ -162,11 +162,23 @@ class ModelRunner:
             parallel.stages[0].kv_sharding if parallel is not None else None)
         # The sampler is a jit of its own: its static variants (sort / log-probs / bias and
         # penalty widths) compile in well under a second, the forward's in many seconds.
+        # Sharded: the sampler's outputs are replicated (one fixed sharding, so the next step's
+        # forward never sees another; under several processes the leader reads them from its
+        # own devices, see fetch).
+        replicated = (jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+                      if self.mesh is not None else None)
         self._sample = jax.jit(functools.partial(_sample_padded, max_num_seqs),
-                               static_argnums=(2, 3))
+                               static_argnums=(2, 3), out_shardings=replicated)
+        self._replicate = (jax.jit(lambda x: x, out_shardings=replicated) if replicated is not None
+                           else (lambda x: x))
         # The last dispatched step's sampled ids, [max_num_seqs]: where async scheduling's
-        # placeholders (StepInputs.prev_rows) take their tokens from.
-        self._prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)
+        # placeholders (StepInputs.prev_rows) take their tokens from; placed as the sampler
+        # places them.
+        zeros = np.zeros((max_num_seqs,), np.int32)
+        self._prev_tokens = (jnp.asarray(zeros) if replicated is None else
+                             jax.make_array_from_callback(zeros.shape, replicated,
+                                                          lambda idx: zeros[idx]))
+        self.publisher = None  # multi-host leader: sharding.distributed publishes each step
         self.last_host_time = 0.0
 
     @property
@@ -290,16 +302,34 @@ class ModelRunner:
         inputs = self.prepare(scheduled, sampling_rows)
         nl = sampler_lib.logprobs_width(sampling_rows, self.num_logprobs)
         sort = sampler_lib.needs_sort(sampling_rows, self.vocab_size)
+        next_ids = None
+        if prompt_next_ids is not None:
+            next_ids = np.full(inputs.token_ids.shape, -1, np.int32)
+            next_ids[:len(prompt_next_ids)] = prompt_next_ids
         self.last_host_time = time.perf_counter() - t0
-        if prompt_next_ids is None:
+        if self.publisher is not None:  # multi-host leader: followers launch the same step
+            self.publisher(("step", inputs, nl, sort, next_ids))
+        return self.launch(inputs, nl, sort, next_ids)
+
+    def launch(self, inputs: StepInputs, nl: int | None, sort: bool,
+               next_ids: np.ndarray | None = None):
+        """Launches a prepared step (what a multi-host follower runs for each leader step)."""
+        if next_ids is None:
             return self.run(inputs, nl, sort), None
-        next_ids = np.full(inputs.token_ids.shape, -1, np.int32)
-        next_ids[:len(prompt_next_ids)] = prompt_next_ids
         self.kv_caches, logits, prompt_lp = self._prompt_forward(
             self._leaves, self.kv_caches, dataclasses.replace(inputs, sampling=None),
             self._prev_tokens, next_ids, self.num_logprobs)
         out, self._prev_tokens = self._sample(logits, inputs.sampling, nl, sort)
-        return out, prompt_lp
+        return out, self._replicate(prompt_lp)
+
+    def fetch(self, tree):
+        """Device results -> numpy. Under several processes an output spans other hosts'
+        devices; it is replicated, so this host's copy is the value."""
+        def local(x):
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                return np.asarray(x.addressable_data(0))
+            return x
+        return jax.device_get(jax.tree.map(local, tree))
 
     def execute(self, scheduled: list[ScheduledSeq], sampling_rows: list[sampler_lib.SamplingRow],
                 prompt_next_ids: np.ndarray | None = None):

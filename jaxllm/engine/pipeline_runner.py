@@ -127,8 +127,9 @@ class PipelineRunner(ModelRunner):
         self._sample = jax.jit(functools.partial(_sample_padded, max_num_seqs),
                                static_argnums=(2, 3))
         self._assemble = jax.jit(_assemble)
-        self._prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)
+        self._prev_tokens = np.zeros((max_num_seqs,), np.int32)
         self.last_host_time = 0.0
+        self.publisher = None
 
     # -- what the engine and tests read ---------------------------------------------------------
     @property
