@@ -46,6 +46,17 @@ def _greedy(llm: LLM, prompts=PROMPTS) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
+def _all_reduces(runner) -> int:
+    """all-reduce ops in the compiled forward of the smallest bucket."""
+    import dataclasses
+
+    inputs = runner.prepare([], [], T=runner.token_buckets[0])
+    hlo = runner._forward.lower(runner._leaves, runner.kv_caches,
+                                dataclasses.replace(inputs, sampling=None),
+                                runner._prev_tokens).compile().as_text()
+    return hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
+
+
 def _shard_shapes(arr) -> set[tuple[int, ...]]:
     return {tuple(s.data.shape) for s in arr.addressable_shards}
 
@@ -107,20 +118,31 @@ def test_tensor_parallel_greedy_matches_one_device_and_each_device_holds_its_sli
     assert _greedy(llm) == small_reference
     # One compile per bucket used, as on one device (the KV cache keeps one sharding).
     assert eng.runner._forward._cache_size() <= len(eng.runner.token_buckets)
+    # One all-reduce per block: 2 layers x (attention, MLP), + the vocab-parallel embedding.
+    assert _all_reduces(eng.runner) == 2 * 2 + 1
 
 
-def test_tensor_parallel_step_has_one_all_reduce_per_block(small_llama_folder):
-    from jaxllm.engine import sampler as sampler_lib  # noqa: F401
+def test_sharded_loading_reads_each_devices_slice_from_the_file(small_llama_folder, monkeypatch):
+    from jaxllm.loading import load_model
+    from jaxllm.loading.weights import LazyTensor
+    from sharding.mesh import make_mesh, replica_meshes
 
-    llm = _llm(model=str(small_llama_folder), tensor_parallel_size=2)
-    r = llm.llm_engine.runner
-    inputs = r.prepare([], [], T=8)
-    import dataclasses
-    hlo = r._forward.lower(r._leaves, r.kv_caches, dataclasses.replace(inputs, sampling=None),
-                           r._prev_tokens).compile().as_text()
-    n = hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
-    # 2 layers x (attention, MLP) + the vocab-parallel embedding lookup.
-    assert n == 2 * 2 + 1, n
+    reads = []
+    original = LazyTensor.__getitem__
+
+    def spy(self, idx):
+        out = original(self, idx)
+        reads.append(out.shape)
+        return out
+    monkeypatch.setattr(LazyTensor, "__getitem__", spy)
+    replica = replica_meshes(make_mesh(1, 1, 4))[0]
+    loaded = load_model(str(small_llama_folder), dtype="float32", parallel=replica)
+    # 4 devices, each read its quarter of the [E, V] lm_head and of the [E, F] gate_proj.
+    assert reads.count((64, 49152 // 4)) == 4
+    assert reads.count((64, 128 // 4)) == 2 * 2 * 4  # gate + up, 2 layers, 4 devices
+    assert (49152, 64) not in reads and (64, 49152) not in reads  # nothing big read whole
+    w = loaded.model.lm_head.kernel[...]
+    assert _shard_shapes(w) == {(64, 49152 // 4)}
 
 
 def test_tp3_on_the_default_model_matches_one_device(default_model_f32):

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from jaxllm.config import ModelConfig, resolve_dtype
 from jaxllm.loading.hf_config import model_config_from_hf
-from jaxllm.loading.weights import TensorLike, abstract_for, load_params_from_tensors
+from jaxllm.loading.weights import LazyTensor, TensorLike, abstract_for, load_params_from_tensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -41,12 +41,21 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, TensorLike]]:
-    """Yields ``(name, getter)`` per tensor; call the getter before advancing (the file closes after)."""
+def iter_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[str, TensorLike]]:
+    """Yields ``(name, getter)`` per tensor; call the getter before advancing (the file closes after).
+
+    lazy: the getter returns a ``LazyTensor`` that reads only the slices asked for (sharded
+    loading: each device's slice comes straight from the memory-mapped file)."""
     for path in files:
         with safe_open(str(path), framework="numpy") as f:
             for name in f.keys():
-                yield name, (lambda f=f, name=name: f.get_tensor(name))
+                if lazy:
+                    def get(f=f, name=name):
+                        sl = f.get_slice(name)
+                        return LazyTensor(sl, tuple(sl.get_shape()))
+                    yield name, get
+                else:
+                    yield name, (lambda f=f, name=name: f.get_tensor(name))
 
 
 def load_hf_config(path: str | os.PathLike) -> tuple[Any, ModelConfig]:
@@ -78,5 +87,5 @@ def load_hf_folder(path: str | os.PathLike, dtype: Any = "auto",
     files = safetensors_files(Path(path))
     model = load_params_from_tensors(
         abstract_for(config, dtype, attention_backend, parallel), config,
-        iter_safetensors(files), dtype, parallel=parallel)
+        iter_safetensors(files, lazy=parallel is not None), dtype, parallel=parallel)
     return config, model

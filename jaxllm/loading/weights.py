@@ -33,6 +33,44 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
+class LazyTensor:
+    """A tensor read on demand, one slice at a time (a memory-mapped safetensors entry).
+
+    ``reader[idx]`` reads only that block of the file (safetensors' ``get_slice``); ``.T`` and
+    ``.astype`` are lazy too, so a sharded placement reads each device's slice straight from the
+    file: no host copy of the whole tensor exists (sharding/rules.py, ``place``).
+    """
+
+    def __init__(self, reader: Any, shape: tuple[int, ...], transposed: bool = False,
+                 dtype: Any = None):
+        self._reader, self._base_shape = reader, tuple(shape)
+        self._transposed, self._dtype = transposed, dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._base_shape[::-1] if self._transposed else self._base_shape
+
+    @property
+    def T(self) -> "LazyTensor":
+        return LazyTensor(self._reader, self._base_shape, not self._transposed, self._dtype)
+
+    def astype(self, dtype: Any) -> "LazyTensor":
+        return LazyTensor(self._reader, self._base_shape, self._transposed, dtype)
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        idx = tuple(idx) + (slice(None),) * (len(self.shape) - len(idx))
+        if self._transposed:
+            out = np.asarray(self._reader[tuple(reversed(idx))]).T
+        else:
+            out = np.asarray(self._reader[idx])
+        return np.ascontiguousarray(out, dtype=self._dtype or out.dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[()]
+        return out if dtype is None else out.astype(dtype)
+
+
 def hf_name_to_path(name: str) -> tuple[PathParts, bool] | None:
     """HF tensor name -> (NNX state path, needs transpose); None for names that map nowhere.
 
@@ -156,13 +194,17 @@ def load_params_from_tensors(
         expected = tuple(targets[path].get_value().shape)
         expected_hf = expected[::-1] if transpose else expected
         arr = tensor() if callable(tensor) else tensor
-        arr = np.asarray(arr)
+        if not isinstance(arr, LazyTensor):
+            arr = np.asarray(arr)
         if tuple(arr.shape) != expected_hf:
             raise ValueError(
                 f"Shape mismatch for tensor {name!r}: expected {expected_hf}, got {tuple(arr.shape)} "
                 "(does config.json match the weights?).")
         if transpose:
             arr = arr.T
+        if isinstance(arr, LazyTensor):  # each shard read from the file as it is placed
+            loaded[path] = place(name, arr.astype(dtype))
+            continue
         # One host copy in the target dtype, contiguous, then onto the device; `arr` is dropped
         # before the next tensor is read.
         host = np.ascontiguousarray(arr, dtype=dtype)
