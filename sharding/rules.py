@@ -62,17 +62,21 @@ def kv_head_layout(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int
 def param_spec(path: tuple, shape: tuple[int, ...], tp: int) -> P:
     """PartitionSpec of the param at ``path`` (NNX state path, e.g. ('model', 'layers', 3,
     'self_attn', 'q_proj', 'kernel')) under tp shards."""
-    owner, leaf = path[-2], path[-1]
+    owner = path[-2]
     if tp == 1:
         return P()
-    if owner in COLUMN:
-        return P(None, TP) if leaf == "kernel" else P(TP)
-    if owner in ROW:
-        return P(TP, None) if leaf == "kernel" else P()
+    # By rank, not by leaf name, so extra per-layer leaves (a quantized kernel's per-channel
+    # scale [out], a scalar scale) follow their kernel's split or stay replicated.
+    if owner in COLUMN:  # kernel [E, out], bias / per-channel scale [out]
+        if len(shape) == 2:
+            return P(None, TP)
+        return P(TP) if len(shape) == 1 and shape[0] % tp == 0 else P()
+    if owner in ROW:  # kernel [in, E]; bias [E] replicated (added once, after the all-reduce)
+        return P(TP, None) if len(shape) == 2 else P()
     if owner == "embed_tokens":
-        return P(TP, None) if shape[0] % tp == 0 else P()
+        return P(TP, None) if len(shape) == 2 and shape[0] % tp == 0 else P()
     if owner == "lm_head":
-        return P(None, TP) if shape[-1] % tp == 0 else P()
+        return P(None, TP) if len(shape) == 2 and shape[-1] % tp == 0 else P()
     return P()  # norms, q_norm / k_norm
 
 

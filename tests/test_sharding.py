@@ -81,6 +81,17 @@ def test_mesh_sizes_that_do_not_fit_the_devices_or_heads_say_which_numbers():
         kv_head_layout(12, 4, 6)
     assert kv_head_layout(9, 3, 3) == (3, 1)
     assert kv_head_layout(8, 2, 4) == (4, 2)  # each KV head replicated twice
+    from jax.sharding import PartitionSpec as P
+
+    from sharding.rules import param_spec
+    attn = ("model", "layers", 0, "self_attn")
+    assert param_spec(attn + ("q_proj", "kernel"), (64, 64), 2) == P(None, "tp")  # column
+    assert param_spec(attn + ("q_proj", "bias"), (64,), 2) == P("tp")
+    assert param_spec(attn + ("q_proj", "kernel_scale"), (), 2) == P()  # a scalar stays whole
+    assert param_spec(attn + ("o_proj", "kernel"), (64, 64), 2) == P("tp", None)  # row
+    assert param_spec(attn + ("o_proj", "bias"), (64,), 2) == P()
+    assert param_spec(("model", "embed_tokens", "embedding"), (49152, 64), 3) == P("tp", None)
+    assert param_spec(("lm_head", "kernel"), (64, 49153), 2) == P()  # V % tp: replicated
     assert [list(r) for r in stage_layers(5, 2)] == [[0, 1, 2], [3, 4]]
     with pytest.raises(ValueError, match=r"pipeline_parallel_size \(3\) exceeds the model's 2 layers"):
         stage_layers(2, 3)
