@@ -198,6 +198,39 @@ def test_no_compilation_after_startup(small_llm):
     assert runner.num_compiles == before
 
 
+def test_startup_compiles_each_program_once(small_llama_folder):
+    # Start-up compiles every bucket's forward and sampler variants on a thread pool; the
+    # sequential warm-up calls that follow must reuse those executables, not compile again.
+    from jax import monitoring
+
+    from jaxllm.engine.model_runner import ModelRunner
+
+    compiles, marks = [], {}
+    monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name)
+        if name == "/jax/core/compile/backend_compile_duration" else None)
+    parallel = ModelRunner._compile_in_parallel
+
+    def spy(self):
+        marks["before"] = len(compiles)
+        parallel(self)
+        marks["after"] = len(compiles)
+    ModelRunner._compile_in_parallel = spy
+    try:
+        llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=64, page_size=8,
+                  num_pages=16, max_num_batched_tokens=32, max_num_seqs=4, seed=0)
+    finally:
+        ModelRunner._compile_in_parallel = parallel
+    runner = llm.llm_engine.runner
+    seq_buckets = {runner.seq_bucket(T) for T in runner.token_buckets}
+    programs = len(runner.token_buckets) + len(seq_buckets) * len(runner.sampler_variants())
+    assert marks["after"] - marks["before"] >= programs
+    # compile_all's loop ran after the parallel phase: only tiny helper jits (zeros, copies) may
+    # compile there, never a forward or sampler again.
+    assert len(compiles) - marks["after"] < len(runner.token_buckets)
+    assert runner._forward._cache_size() == len(runner.token_buckets)
+
+
 def test_penalty_and_bias_variants_compile_once_and_are_reused(small_llm):
     # Penalties / logit_bias widen the sampling inputs: their variant compiles on first use per
     # bucket (documented in docs/DESIGN_NOTES.md), then never again.

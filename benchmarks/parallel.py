@@ -5,8 +5,8 @@ device ever holds a whole model), for each parallel layout in its own process (J
 the GPU memory):
 
     export PYTHONPATH=$PWD
-    python benchmarks/sharding.py                       # tp1, tp2, pp2 on the first GPUs
-    python benchmarks/sharding.py --configs tp2 --out benchmarks/results/sharding.jsonl
+    python benchmarks/parallel.py                       # tp1, tp2, pp2 on the first GPUs
+    python benchmarks/parallel.py --configs tp2 --out benchmarks/results/sharding.jsonl
 
 Per layout: batch-1 decode ms/token = (time for 1+N tokens - time for 1 token) / N on a
 --decode-context prompt; offline throughput on --num-prompts prompts of --input-len random tokens,

@@ -1,0 +1,211 @@
+"""Latency: batch-1 decode ms/token over context length, and prefill TTFT over prompt length.
+
+jaxllm and HF transformers (torch, ``cache_implementation="static"``) on the same GPU, random
+weights in a real shape (default Llama-3-8B), each engine in its own process (JAX preallocates
+the GPU), so run the two sides one after the other:
+
+    python benchmarks/latency.py --engine jaxllm --out lat.jsonl
+    python benchmarks/latency.py --engine hf     --out lat.jsonl
+    python benchmarks/latency.py --plot lat.jsonl --png latency.png
+
+Definitions (the same for both engines):
+  decode ms/token at context c = (time(prompt c, 1+N tokens) - time(prompt c, 1 token)) / N
+  TTFT at prompt length L      = time from submitting one L-token prompt (max_tokens=1) to its
+                                 token, one request alone, whole prompt in one prefill chunk
+Median of ``--repeats``. The jaxllm run also measures the device's read bandwidth (a jitted
+sum over 4 GiB; JSON field ``copy_bandwidth_gbs``) and records the batch-1 roofline
+``roofline_ms`` = weight bytes / that bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from offline_throughput import SHAPES, _prompts, random_model  # noqa: E402
+
+CONTEXTS = [128, 512, 1024, 2048, 4096, 8192]
+PREFILLS = [512, 1024, 2048, 4096, 8192]
+
+
+def measure_bandwidth_gbs(nbytes: int = 4 << 30, repeats: int = 10) -> float:
+    """Device read bandwidth from a jitted sum over nbytes of bf16 (what decode does to the
+    weights: read them once). The first version timed ``x + 1`` (read + write) and got 2.8 TB/s
+    on an H200, below what the decode step itself reaches, so it was no ceiling."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 2 // 4096, 4096), jnp.bfloat16)
+    f = jax.jit(lambda a: jnp.sum(a, axis=0, dtype=jnp.float32))
+    f(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    del x
+    return nbytes / statistics.median(times) / 1e9
+
+
+def run_jaxllm(args) -> list[dict]:
+    import jax
+    from flax import nnx
+
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.llm_engine import LLMEngine
+    from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+
+    bw = measure_bandwidth_gbs()
+    loaded = random_model(args.shape, args.attention)
+    mc = loaded.model_config
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(loaded.model)))
+    max_prefill = max(args.prefill)
+    cfg = EngineConfig(model=None, dtype="bfloat16",
+                       max_model_len=max(max(args.contexts) + args.decode_tokens + 8,
+                                         max_prefill + 8),
+                       max_num_seqs=8, max_num_batched_tokens=max_prefill,
+                       token_buckets=tuple(sorted({8, *args.prefill})),
+                       enable_prefix_caching=False, async_scheduling=not args.sync)
+    t0 = time.perf_counter()
+    engine = LLMEngine(cfg, loaded=loaded)
+    startup_s = time.perf_counter() - t0
+
+    def one(prompt, max_tokens) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+        t = time.perf_counter()
+        engine.add_request(f"r{time.perf_counter_ns()}", {"prompt_token_ids": prompt}, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+        return time.perf_counter() - t
+
+    device = jax.devices()[0].device_kind
+    common = dict(engine="jaxllm" + (" (sync steps)" if args.sync else ""), shape=args.shape,
+                  device=device, copy_bandwidth_gbs=bw, weight_bytes=weight_bytes,
+                  roofline_ms=weight_bytes / (bw * 1e9) * 1e3, startup_s=startup_s)
+    one(_prompts(1, 64, mc.vocab_size, seed=9)[0], 4)  # warm-up
+    return _sweep(args, mc.vocab_size, one, common)
+
+
+def _sweep(args, vocab: int, one, common: dict) -> list[dict]:
+    rows = []
+    for c in args.contexts:
+        prompt = _prompts(1, c, vocab, seed=c)[0]
+        lat = []
+        for _ in range(args.repeats):
+            t1 = one(prompt, 1)
+            tn = one(prompt, 1 + args.decode_tokens)
+            lat.append((tn - t1) / args.decode_tokens * 1e3)
+        rows.append(dict(common, kind="decode", context=c, ms_per_token=statistics.median(lat)))
+        print(f"{common['engine']}: decode ctx {c}: {rows[-1]['ms_per_token']:.2f} ms/token",
+              flush=True)
+    for n in args.prefill:
+        prompt = _prompts(1, n, vocab, seed=n + 1)[0]
+        ttft = statistics.median(one(prompt, 1) for _ in range(args.repeats)) * 1e3
+        rows.append(dict(common, kind="ttft", prompt_len=n, ttft_ms=ttft))
+        print(f"{common['engine']}: TTFT {n}: {ttft:.1f} ms", flush=True)
+    return rows
+
+
+def run_hf(args) -> list[dict]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SHAPES[args.shape]
+    cfg = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                      intermediate_size=s["intermediate_size"],
+                      num_hidden_layers=s["num_hidden_layers"],
+                      num_attention_heads=s["num_attention_heads"],
+                      num_key_value_heads=s["num_key_value_heads"], head_dim=s["head_dim"],
+                      rms_norm_eps=s["rms_norm_eps"], rope_theta=s["rope_theta"],
+                      max_position_embeddings=max(s["max_position_embeddings"], 16384))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+    def one(prompt, max_tokens) -> float:
+        ids = torch.tensor([prompt], device="cuda")
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                           min_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+                           cache_implementation=(None if args.hf_cache == "dynamic"
+                                                 else args.hf_cache))
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    import transformers
+    common = dict(engine=f"hf-transformers {transformers.__version__} ({args.hf_cache} cache)",
+                  shape=args.shape, device=torch.cuda.get_device_name())
+    one(_prompts(1, 64, s["vocab_size"], seed=9)[0], 4)
+    return _sweep(args, s["vocab_size"], one, common)
+
+
+def plot(paths: list[Path], png: Path, bandwidth_gbs: float | None = None) -> None:
+    """Decode and TTFT curves; the roofline from ``bandwidth_gbs`` (default: the run's own)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line]
+    if bandwidth_gbs is None:
+        bandwidth_gbs = next((r["copy_bandwidth_gbs"] for r in rows if "copy_bandwidth_gbs" in r),
+                             None)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for eng in dict.fromkeys(r["engine"] for r in rows):
+        d = [r for r in rows if r["engine"] == eng and r["kind"] == "decode"]
+        a.plot([r["context"] for r in d], [r["ms_per_token"] for r in d], "o-", label=eng)
+        t = [r for r in rows if r["engine"] == eng and r["kind"] == "ttft"]
+        b.plot([r["prompt_len"] for r in t], [r["ttft_ms"] for r in t], "o-", label=eng)
+    weights = [r["weight_bytes"] for r in rows if "weight_bytes" in r]
+    if weights and bandwidth_gbs:
+        a.axhline(weights[0] / (bandwidth_gbs * 1e9) * 1e3, ls="--", c="gray",
+                  label=f"weights / {bandwidth_gbs / 1e3:.1f} TB/s")
+    a.set(xscale="log", xlabel="context (tokens)", ylabel="ms / token", title="batch-1 decode")
+    b.set(xscale="log", yscale="log", xlabel="prompt (tokens)", ylabel="ms", title="TTFT")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{rows[0]['shape']} on {rows[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--engine", choices=["jaxllm", "hf"])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    p.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
+    p.add_argument("--prefill", type=int, nargs="+", default=PREFILLS)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--attention", default="pallas", choices=["reference", "pallas"])
+    p.add_argument("--sync", action="store_true", help="jaxllm without async scheduling")
+    p.add_argument("--hf-cache", default="static", choices=["static", "dynamic"])
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--plot", type=Path, nargs="+", default=None, help="JSON lines to plot")
+    p.add_argument("--png", type=Path, default=Path("latency.png"))
+    p.add_argument("--bandwidth-gbs", type=float, default=None,
+                   help="roofline bandwidth for --plot (default: the one the run measured)")
+    args = p.parse_args(argv)
+    if args.plot:
+        plot(args.plot, args.png, args.bandwidth_gbs)
+        return 0
+    if args.engine is None:
+        p.error("--engine is required unless --plot is given")
+    rows = run_jaxllm(args) if args.engine == "jaxllm" else run_hf(args)
+    if args.out:
+        with args.out.open("a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
