@@ -24,8 +24,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="independent engine replicas, each on tp x pp devices")
-    p.add_argument("--quantization", default=None)
-    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
+                   help="fp8: e4m3 attention/MLP weights (per-channel scales) and per-token "
+                        "activations, quantized at load; pre-quantized fp8 checkpoints are "
+                        "detected from config.json without this flag")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="fp8: e4m3 KV pages (about twice the pages in the same memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="schedule step k+1 while step k runs on the device (default on)")

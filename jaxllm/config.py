@@ -78,6 +78,12 @@ class ModelConfig:
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # "fp8": the attention and MLP projections are jaxllm.models.fp8.Fp8Linear (e4m3 weights,
+    # per-channel scales); set by quantization="fp8" at load or by a pre-quantized checkpoint.
+    quantization: str | None = None
+    # fp8 activations: "dynamic" (per-token scales at run time) or "static" (the checkpoint's
+    # per-tensor input_scale).
+    activation_scheme: str = "dynamic"
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

@@ -66,8 +66,13 @@ def _scales(x_scale, w_scale, M, N):
     return xs, ws
 
 
-def fp8_matmul_reference(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16) -> jax.Array:
-    """Dequantize both operands to fp32, fp32 matmul (HIGHEST precision), cast: [M, N]."""
+def fp8_matmul_reference(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16, *,
+                         w_transposed: bool = False) -> jax.Array:
+    """Dequantize both operands to fp32, fp32 matmul (HIGHEST precision), cast: [M, N].
+
+    ``w_transposed``: w_fp8 is [N, K] (HF's Linear layout, K contiguous)."""
+    if w_transposed:
+        w_fp8 = w_fp8.T
     M, N = x_fp8.shape[0], w_fp8.shape[1]
     xs, ws = _scales(x_scale, w_scale, M, N)
     x = x_fp8.astype(jnp.float32) * xs[:, None]
@@ -75,11 +80,20 @@ def fp8_matmul_reference(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16)
     return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST).astype(out_dtype)
 
 
-def fp8_matmul_xla(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16) -> jax.Array:
-    """fp8 x fp8 -> fp32 ``dot_general`` (cuBLASLt fp8 GEMM on Hopper), then the two scales."""
-    M, N = x_fp8.shape[0], w_fp8.shape[1]
+def fp8_matmul_xla(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16, *,
+                   w_transposed: bool = False) -> jax.Array:
+    """fp8 x fp8 -> fp32 ``dot_general`` (cuBLASLt fp8 GEMM on Hopper), then the two scales.
+
+    ``w_transposed``: w_fp8 is [N, K]. cuBLASLt's fp8 GEMM takes only the "TN" layout (both
+    operands K-contiguous), so a [K, N] weight costs XLA a transpose of the whole weight per
+    call; the engine stores its fp8 weights [N, K] for that reason. On the CPU, XLA upcasts the
+    fp8 operands to fp32 first: the products of two e4m3 values are exact in fp32, so this path
+    equals the reference up to fp32 summation order.
+    """
+    M = x_fp8.shape[0]
+    N = w_fp8.shape[0] if w_transposed else w_fp8.shape[1]
     xs, ws = _scales(x_scale, w_scale, M, N)
-    acc = jax.lax.dot_general(x_fp8, w_fp8, (((1,), (0,)), ((), ())),
+    acc = jax.lax.dot_general(x_fp8, w_fp8, (((1,), (1 if w_transposed else 0,)), ((), ())),
                               preferred_element_type=jnp.float32)
     return (acc * xs[:, None] * ws[None, :]).astype(out_dtype)
 

@@ -93,6 +93,8 @@ def _attend_tokens(q, t, k_pages, v_pages, seq_lens, page_table, query_start_loc
     pages = page_table[seq_id]  # [T, M]
     k_ctx = k_pages[pages].reshape(T, L, K, D)
     v_ctx = v_pages[pages].reshape(T, L, K, D)
+    if k_ctx.dtype == jnp.float8_e4m3fn:  # an fp8 cache is read upcast to q's dtype
+        k_ctx, v_ctx = k_ctx.astype(q.dtype), v_ctx.astype(q.dtype)
     qg = q.reshape(T, K, G, D).astype(k_ctx.dtype)
     # Inputs stay in the cache dtype with float32 accumulation: upcasting the gathered [T, L, K, D]
     # context would double the largest buffer of the step.
@@ -168,7 +170,9 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
     # and Triton lowers the same [rows, D] index arrays to one pointer tensor: so arrays throughout.
     q = plgpu.load(q_ref.at[jnp.where(row_ok, q_row, 0)[:, None], d[None, :]],
                    mask=row_ok[:, None], other=0)
-    kv_dtype = k_ref.dtype
+    # The dots run in the cache dtype, except an fp8 cache, whose pages are upcast to q's dtype
+    # as they are loaded (an fp8 q would lose precision the cache never had to give up).
+    kv_dtype = q_ref.dtype if k_ref.dtype == jnp.float8_e4m3fn else k_ref.dtype
     q = q.astype(kv_dtype)
 
     # Context range [lo, hi) this block needs, in units of bk-sized key blocks, and this split's part.
@@ -187,8 +191,8 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
         k_pos = kb * bk + k_off
         pids = page_table_ref[jnp.full((bk,), seq, jnp.int32), k_pos // B]
         kv_row = (pids * B + k_pos % B)[:, None]
-        k = k_ref[kv_row, h * D + d[None, :]]
-        v = v_ref[kv_row, h * D + d[None, :]]
+        k = k_ref[kv_row, h * D + d[None, :]].astype(kv_dtype)
+        v = v_ref[kv_row, h * D + d[None, :]].astype(kv_dtype)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)

@@ -67,6 +67,8 @@ def param_spec(path: tuple, shape: tuple[int, ...], tp: int) -> P:
         return P()
     # By rank, not by leaf name, so extra per-layer leaves (a quantized kernel's per-channel
     # scale [out], a scalar scale) follow their kernel's split or stay replicated.
+    if path[-1] == "weight" and owner in COLUMN + ROW:  # fp8 weight: [out, in] (HF layout)
+        return P(TP, None) if owner in COLUMN else P(None, TP)
     if owner in COLUMN:  # kernel [E, out], bias / per-channel scale [out]
         if len(shape) == 2:
             return P(None, TP)

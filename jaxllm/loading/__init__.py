@@ -72,15 +72,18 @@ def _load_tokenizer(source: str | os.PathLike) -> Any:
 def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
                tokenizer: str | os.PathLike | None = None, *,
                checkpoint_dir: str | os.PathLike | None = None,
-               attention_backend: str = "reference", parallel: Any = None) -> LoadedModel:
+               attention_backend: str = "reference", parallel: Any = None,
+               quantization: str | None = None) -> LoadedModel:
     """Loads weights, config and tokenizer from ``model`` (see the module docstring).
 
     dtype: "auto" (bfloat16), "bfloat16", "float16", "float32" (``jaxllm.config.resolve_dtype``).
     tokenizer: another source for the tokenizer (folder or .gguf); default: the model's own.
-    checkpoint_dir: orbax cache of the converted params, keyed by source and dtype (a mismatch
-      raises rather than serving other weights than asked for).
+    checkpoint_dir: orbax cache of the converted params, keyed by source, dtype and quantization
+      (a mismatch raises rather than serving other weights than asked for).
     parallel: a ``sharding.rules.ModelSharding``: params are loaded straight into their shards
       (each device receives only its slice), KV heads replicated when tp exceeds them.
+    quantization: "fp8" quantizes the attention and MLP projections at load
+      (``jaxllm.models.fp8``); a pre-quantized fp8 checkpoint is loaded as fp8 whatever this says.
     """
     from jaxllm.loading import checkpoint as ckpt
 
@@ -100,11 +103,17 @@ def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
 
     if checkpoint_dir is not None and ckpt.is_checkpoint(checkpoint_dir):
         meta = ckpt.read_metadata(checkpoint_dir)
-        if meta.source != source_id or meta.dtype != jdtype.name:
+        if (meta.source != source_id or meta.dtype != jdtype.name
+                or meta.quantization != quantization):
             raise ValueError(
-                f"checkpoint_dir {str(checkpoint_dir)!r} holds {meta.dtype} params of {meta.source}, "
-                f"not {jdtype.name} params of {source_id}; use another checkpoint_dir (or delete it).")
+                f"checkpoint_dir {str(checkpoint_dir)!r} holds {meta.dtype} params of {meta.source} "
+                f"(quantization={meta.quantization!r}), not {jdtype.name} params of {source_id} "
+                f"(quantization={quantization!r}); use another checkpoint_dir (or delete it).")
         refuse_replicated_kv(meta.model_config)
+        if meta.model_config.quantization is not None:
+            from jaxllm.models.fp8 import check_fp8_supported
+
+            check_fp8_supported()
         abstract = ckpt.abstract_model(meta.model_config, jdtype, attention_backend)
         if parallel is not None:  # restored straight into the shards
             abstract = parallel.for_config(meta.model_config).annotate(abstract)
@@ -130,6 +139,15 @@ def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
 
         config, model_obj = load_hf_folder(source, jdtype, attention_backend=attention_backend,
                                            parallel=parallel)
+    if quantization == "fp8" or config.quantization is not None:
+        from jaxllm.models.fp8 import check_fp8_supported, quantize_model
+
+        check_fp8_supported()
+        if config.quantization is None:
+            model_obj = quantize_model(model_obj)
+            config = model_obj.config
+    elif quantization is not None:
+        raise ValueError(f"quantization={quantization!r} is not supported; choose None or 'fp8'.")
     tok = _load_tokenizer(tokenizer if tokenizer is not None else source)
 
     if checkpoint_dir is not None:
@@ -137,5 +155,6 @@ def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
         # The tokenizer first (rebuilding a GGUF's from its vocabulary costs more than the
         # weights); save_params writes the metadata last, which marks the folder complete.
         tok.save_pretrained(str(Path(checkpoint_dir) / ckpt.TOKENIZER_DIR))
-        ckpt.save_params(model_obj, checkpoint_dir, model_config=config, source=source_id, name=name)
+        ckpt.save_params(model_obj, checkpoint_dir, model_config=config, source=source_id, name=name,
+                         quantization=quantization)
     return LoadedModel(config, model_obj, tok, name, source)

@@ -40,6 +40,9 @@ class CheckpointMetadata:
     dtype: str  # e.g. "bfloat16"
     source: str  # the folder / GGUF the params were converted from
     name: str  # served model name
+    # the quantization asked for at conversion (None, "fp8"); model_config.quantization says
+    # what the params are (a pre-quantized checkpoint is fp8 either way)
+    quantization: str | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -80,8 +83,11 @@ def read_metadata(path: str | os.PathLike) -> CheckpointMetadata:
 
 
 def save_params(model: nnx.Module, path: str | os.PathLike, *, model_config: ModelConfig,
-                source: str = "", name: str = "") -> None:
-    """Writes the model's params (any dtype; all params share one) and the metadata to ``path``.
+                source: str = "", name: str = "", quantization: str | None = None) -> None:
+    """Writes the model's params and the metadata to ``path``.
+
+    The params share the model's dtype, except in an fp8 model: e4m3 projection weights with
+    float32 scales beside the model-dtype embeddings and norms (orbax stores each leaf's dtype).
 
     ``path`` must not hold a checkpoint already (orbax refuses to overwrite; delete it first).
     The metadata file is written after the params finish, so a crash never leaves a folder that
@@ -92,13 +98,15 @@ def save_params(model: nnx.Module, path: str | os.PathLike, *, model_config: Mod
     path = Path(path).absolute()
     state = nnx.state(model, nnx.Param)
     dtypes = {str(x.dtype) for x in jax.tree.leaves(state)}
-    if len(dtypes) != 1:
+    if model_config.quantization is None and len(dtypes) != 1:
         raise ValueError(f"expected one param dtype, found {sorted(dtypes)}")
+    dtype = jnp.dtype(getattr(model, "dtype", None) or dtypes.pop()).name
     path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / PARAMS_DIR, nnx.to_pure_dict(state))
         ckptr.wait_until_finished()
-    meta = CheckpointMetadata(model_config=model_config, dtype=dtypes.pop(), source=str(source), name=name)
+    meta = CheckpointMetadata(model_config=model_config, dtype=dtype, source=str(source), name=name,
+                              quantization=quantization)
     (path / METADATA_FILE).write_text(meta.to_json())
 
 

@@ -4,6 +4,12 @@ KV cache layout (fixed here; the kernels read it): a list with one ``(k_pages, v
 layer, each ``[P, B, K, D]`` (pages, page size, kv heads, head dim) in the cache dtype. Page 0 is
 a scratch page that is never handed to a sequence: padding tokens write there and padding
 page-table entries point there. ``slot = page * B + offset``.
+
+FP8 cache (``kv_cache_dtype="fp8"``): pages are float8_e4m3fn holding ``k / k_scale`` and
+``v / v_scale``, with one static float scale per layer for K and one for V (vLLM's scheme; 1.0
+unless a checkpoint gives them). A per-tensor scale folds out of the attention exactly:
+q.(k_scale k8) = k_scale (q.k8) goes into sm_scale, and sum p (v_scale v8) = v_scale (sum p v8)
+multiplies the output, so the kernels only upcast the pages they read; no scale arrays travel.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import contextvars
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.ragged_paged_attention import (
@@ -23,6 +30,20 @@ from pallas_kernels.ragged_paged_attention import (
 SCRATCH_PAGE = 0
 
 KVCache = list[tuple[jax.Array, jax.Array]]
+
+FP8_KV_DTYPE = jnp.float8_e4m3fn
+_E4M3_MAX = float(jnp.finfo(FP8_KV_DTYPE).max)
+
+
+def is_fp8(dtype) -> bool:
+    return jnp.dtype(dtype) == jnp.dtype(FP8_KV_DTYPE)
+
+
+def _to_cache(x: jax.Array, dtype, scale: float) -> jax.Array:
+    if is_fp8(dtype):
+        # e4m3fn has no infinity: an out-of-range value would become NaN, so clip first.
+        return jnp.clip(x.astype(jnp.float32) / scale, -_E4M3_MAX, _E4M3_MAX).astype(dtype)
+    return x.astype(dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -81,24 +102,35 @@ def _per_head_shard(fn, num_page_args: int, num_token_args: int, returns_tokens:
 
 
 def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
-             slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Scatters new k/v [T, K, D] into the pages at ``slot_mapping`` (in place when donated)."""
-    return _per_head_shard(_write_kv, 2, 2, False)(k_pages, v_pages, k, v, slot_mapping)
+             slot_mapping: jax.Array, k_scale: float = 1.0, v_scale: float = 1.0
+             ) -> tuple[jax.Array, jax.Array]:
+    """Scatters new k/v [T, K, D] into the pages at ``slot_mapping`` (in place when donated).
+    An fp8 cache stores k / k_scale and v / v_scale, clipped to the e4m3 range."""
+    def write(k_pages, v_pages, k, v, slot_mapping):
+        return _write_kv(k_pages, v_pages, k, v, slot_mapping, k_scale, v_scale)
+    return _per_head_shard(write, 2, 2, False)(k_pages, v_pages, k, v, slot_mapping)
 
 
 def _write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
-             slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Scatters new k/v [T, K, D] into the pages at ``slot_mapping`` (in place when donated)."""
+              slot_mapping: jax.Array, k_scale: float, v_scale: float
+              ) -> tuple[jax.Array, jax.Array]:
     P, B, K, D = k_pages.shape
-    k_flat = k_pages.reshape(P * B, K, D).at[slot_mapping].set(k.astype(k_pages.dtype))
-    v_flat = v_pages.reshape(P * B, K, D).at[slot_mapping].set(v.astype(v_pages.dtype))
+    k_flat = k_pages.reshape(P * B, K, D).at[slot_mapping].set(_to_cache(k, k_pages.dtype, k_scale))
+    v_flat = v_pages.reshape(P * B, K, D).at[slot_mapping].set(_to_cache(v, v_pages.dtype, v_scale))
     return k_flat.reshape(P, B, K, D), v_flat.reshape(P, B, K, D)
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: AttentionMetadata,
                     *, sm_scale: float, sliding_window: int | None = None,
-                    soft_cap: float | None = None, backend: str = "reference") -> jax.Array:
-    """q: [T, H, D] -> [T, H, D]. ``backend`` picks the implementation; all share one contract."""
+                    soft_cap: float | None = None, backend: str = "reference",
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> jax.Array:
+    """q: [T, H, D] -> [T, H, D]. ``backend`` picks the implementation; all share one contract.
+    ``k_scale`` / ``v_scale``: the fp8 cache's per-tensor scales (see the module docstring)."""
+    if is_fp8(k_pages.dtype) and (k_scale != 1.0 or v_scale != 1.0):
+        out = paged_attention(q, k_pages, v_pages, md, sm_scale=sm_scale * k_scale,
+                              sliding_window=sliding_window, soft_cap=soft_cap, backend=backend)
+        return (out.astype(jnp.float32) * v_scale).astype(q.dtype)
+
     def attend(k_pages, v_pages, q, md):
         return _paged_attention(q, k_pages, v_pages, md, sm_scale=sm_scale,
                                 sliding_window=sliding_window, soft_cap=soft_cap, backend=backend)

@@ -108,6 +108,17 @@ def _linear(in_features: int, out_features: int, bias: bool, dtype, rngs: nnx.Rn
                       kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
+def _proj(config: ModelConfig, in_features: int, out_features: int, bias: bool, dtype,
+          rngs: nnx.Rngs) -> nnx.Module:
+    """An attention or MLP projection: dense, or fp8 when the config is quantized."""
+    if config.quantization == "fp8":
+        from jaxllm.models.fp8 import Fp8Linear
+
+        return Fp8Linear(in_features, out_features, use_bias=bias, dtype=dtype,
+                         static_input_scale=config.activation_scheme == "static")
+    return _linear(in_features, out_features, bias, dtype, rngs)
+
+
 class LlamaAttention(nnx.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, dtype, rngs: nnx.Rngs,
                  attention_backend: str):
@@ -115,10 +126,10 @@ class LlamaAttention(nnx.Module):
         if H % K:
             raise ValueError(f"num_attention_heads ({H}) must be a multiple of num_key_value_heads ({K}).")
         self.num_heads, self.num_kv_heads, self.head_dim = H, K, D
-        self.q_proj = _linear(E, H * D, config.attention_bias, dtype, rngs)
-        self.k_proj = _linear(E, K * D, config.attention_bias, dtype, rngs)
-        self.v_proj = _linear(E, K * D, config.attention_bias, dtype, rngs)
-        self.o_proj = _linear(H * D, E, config.o_proj_bias, dtype, rngs)
+        self.q_proj = _proj(config, E, H * D, config.attention_bias, dtype, rngs)
+        self.k_proj = _proj(config, E, K * D, config.attention_bias, dtype, rngs)
+        self.v_proj = _proj(config, E, K * D, config.attention_bias, dtype, rngs)
+        self.o_proj = _proj(config, H * D, E, config.o_proj_bias, dtype, rngs)
         if config.qk_norm:
             self.q_norm = RMSNorm(D, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(D, config.rms_norm_eps, dtype)
@@ -127,6 +138,8 @@ class LlamaAttention(nnx.Module):
         self.sm_scale = D ** -0.5
         self.sliding_window = config.layer_sliding_window(layer_idx)
         self.attention_backend = attention_backend
+        # Per-tensor scales of an fp8 KV cache (jaxllm/models/attention.py); unused otherwise.
+        self.k_scale = self.v_scale = 1.0
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  kv_cache: tuple[jax.Array, jax.Array], md: AttentionMetadata
@@ -140,9 +153,11 @@ class LlamaAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        k_pages, v_pages = write_kv(kv_cache[0], kv_cache[1], k, v, md.slot_mapping)
+        k_pages, v_pages = write_kv(kv_cache[0], kv_cache[1], k, v, md.slot_mapping,
+                                    self.k_scale, self.v_scale)
         out = paged_attention(q, k_pages, v_pages, md, sm_scale=self.sm_scale,
-                              sliding_window=self.sliding_window, backend=self.attention_backend)
+                              sliding_window=self.sliding_window, backend=self.attention_backend,
+                              k_scale=self.k_scale, v_scale=self.v_scale)
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim)), (k_pages, v_pages)
 
 
@@ -151,9 +166,9 @@ class LlamaMLP(nnx.Module):
         if config.hidden_act not in ("silu", "swish"):
             raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; only 'silu' is.")
         E, F = config.hidden_size, config.intermediate_size
-        self.gate_proj = _linear(E, F, config.mlp_bias, dtype, rngs)
-        self.up_proj = _linear(E, F, config.mlp_bias, dtype, rngs)
-        self.down_proj = _linear(F, E, config.mlp_bias, dtype, rngs)
+        self.gate_proj = _proj(config, E, F, config.mlp_bias, dtype, rngs)
+        self.up_proj = _proj(config, E, F, config.mlp_bias, dtype, rngs)
+        self.down_proj = _proj(config, F, E, config.mlp_bias, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [T, E] -> [T, E]."""

@@ -1,0 +1,124 @@
+"""FP8 (e4m3) W8A8 linear layers, and the load-time conversion of a dense model to them.
+
+Dimension keys: T tokens, I input features, O output features.
+
+``Fp8Linear`` holds, under HF's own names so pre-quantized checkpoints map one to one:
+  weight        [O, I] float8_e4m3fn  (HF's Linear layout, I contiguous: the "TN" operand layout
+                                       cuBLASLt's fp8 GEMM takes without a transpose)
+  weight_scale  [O]    float32         per output channel (a per-tensor checkpoint scale is
+                                       broadcast to every channel at load)
+  input_scale   []     float32         only with static activation scales; None when dynamic
+  bias          [O]    model dtype     when the layer has one
+Activations are quantized per token at run time (dynamic), or with the static ``input_scale``;
+``pallas_kernels.fp8_matmul.fp8_matmul_xla`` runs the fp8 x fp8 -> fp32 dot and applies the
+scales once to the fp32 accumulator.
+
+Which layers: the attention projections and the MLP (``quantize_model``); embeddings, norms and
+the lm_head stay in the model dtype, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels.fp8_matmul import (E4M3_MAX, FP8, fp8_matmul_xla,
+                                       quantize_activation_per_token)
+
+logger = logging.getLogger("jaxllm")
+
+# The projections quantized by quantization="fp8".
+QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Ada (8.9) and Hopper (9.0) and later have fp8 tensor cores.
+_MIN_FP8_COMPUTE_CAPABILITY = (8, 9)
+
+
+class Fp8Linear(nnx.Module):
+    """y[T, O] = dequant(quant(x[T, I]) @ weight.T) + bias, fp32 accumulation, y in x's dtype."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype,
+                 static_input_scale: bool = False):
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nnx.Param(jnp.zeros((out_features, in_features), FP8))
+        self.weight_scale = nnx.Param(jnp.ones((out_features,), jnp.float32))
+        self.input_scale = nnx.Param(jnp.ones((), jnp.float32)) if static_input_scale else None
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.input_scale is None:
+            xq, xs = quantize_activation_per_token(x2)
+        else:
+            xs = self.input_scale[...]
+            xq = jnp.clip(x2.astype(jnp.float32) / xs, -E4M3_MAX, E4M3_MAX).astype(FP8)
+        y = fp8_matmul_xla(xq, xs, self.weight[...], self.weight_scale[...], out_dtype=x.dtype,
+                           w_transposed=True)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.reshape(*lead, self.out_features)
+
+
+@jax.jit
+def _quantize_kernel(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """nnx.Linear kernel [I, O] -> (weight [O, I] e4m3, scale [O] fp32): each output channel's
+    absmax maps to 448."""
+    w = kernel.astype(jnp.float32).T  # [O, I]
+    amax = jnp.max(jnp.abs(w), axis=1)
+    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+    q = jnp.clip(w / scale[:, None], -E4M3_MAX, E4M3_MAX).astype(FP8)
+    return q, scale
+
+
+def check_fp8_supported(what: str = "quantization='fp8'") -> None:
+    """Raises ValueError on a GPU without fp8 tensor cores; logs that the CPU emulates fp8."""
+    dev = jax.devices()[0]
+    if dev.platform == "gpu":
+        cc = getattr(dev, "compute_capability", None)
+        try:
+            major, minor = (int(p) for p in str(cc).split(".")[:2])
+        except ValueError:
+            return  # not an NVIDIA compute capability (ROCm): let XLA decide
+        if (major, minor) < _MIN_FP8_COMPUTE_CAPABILITY:
+            raise ValueError(
+                f"{what} needs a GPU with fp8 tensor cores (NVIDIA compute capability >= 8.9: "
+                f"Ada, Hopper or later); {dev.device_kind} has compute capability {cc}. Run "
+                "without it (quantization=None / kv_cache_dtype='auto', bf16 weights), or on an "
+                "H100/L40-class GPU.")
+    elif dev.platform == "cpu":
+        logger.warning("%s on the CPU: XLA emulates fp8 (operands upcast to float32), which is "
+                       "slow and meant for tests; the speed-up needs an fp8 GPU.", what)
+
+
+def quantize_model(model: nnx.Module) -> nnx.Module:
+    """A dense Llama-family model -> the same model with fp8 projections (dynamic activations).
+
+    Builds the fp8 structure abstractly (``config.quantization = "fp8"``), quantizes each
+    projection's kernel on the device one at a time and moves every other param over as is.
+    Peak memory: the dense model plus the fp8 weights (the dense kernels are freed only when the
+    caller drops ``model``).
+    """
+    config = model.config
+    if config.quantization is not None:
+        raise ValueError(f"the model is already quantized ({config.quantization!r}).")
+    fp8_config = dataclasses.replace(config, quantization="fp8", activation_scheme="dynamic")
+    cls = type(model)
+    abstract = nnx.eval_shape(lambda: cls(fp8_config, dtype=model.dtype, rngs=nnx.Rngs(0),
+                                          attention_backend=model.attention_backend))
+    src = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+    graphdef, state = nnx.split(abstract)
+    new, quantized = [], {}
+    for path, var in nnx.to_flat_state(state):
+        path = tuple(path)
+        owner, leaf = path[:-1], path[-1]
+        if owner and owner[-1] in QUANTIZED_LINEARS and leaf in ("weight", "weight_scale"):
+            if owner not in quantized:
+                quantized[owner] = _quantize_kernel(src[owner + ("kernel",)].get_value())
+            new.append((path, var.replace(quantized[owner][leaf == "weight_scale"])))
+        else:
+            new.append((path, var.replace(src[path].get_value())))
+    return nnx.merge(graphdef, nnx.from_flat_state(new))
