@@ -98,42 +98,40 @@ def fp8_matmul_xla(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16, *,
     return (acc * xs[:, None] * ws[None, :]).astype(out_dtype)
 
 
-def _fp8_matmul_kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, *, M, N, K, block_m, block_n,
-                       block_k, k_per_split, split_k, w_transposed, M_pad):
+def _fp8_matmul_kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, *, block_m, block_n, block_k,
+                       k_per_split, w_transposed, M_pad):
+    # Every operand is padded to whole blocks outside the kernel, so no load is masked: a masked
+    # fp8 load needs an fp8 `other` fill, which Triton fails to build (`cannot cast tt.splat i32
+    # -> f8E4M3FN`, every config on the H100).
     i = pl.program_id(0)
     j = pl.program_id(1)
     sp = pl.program_id(2)
     rm = i * block_m + jnp.arange(block_m, dtype=jnp.int32)
     rn = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
-    m_ok = rm < M
-    n_ok = rn < N
-    rm_c = jnp.where(m_ok, rm, 0)
-    rn_c = jnp.where(n_ok, rn, 0)
     k_off = jnp.arange(block_k, dtype=jnp.int32)
     n_kb = k_per_split // block_k
 
     def body(kb, acc):
         rk = sp * k_per_split + kb * block_k + k_off
-        k_ok = rk < K
-        rk_c = jnp.where(k_ok, rk, 0)
-        x = plgpu.load(x_ref.at[rm_c[:, None], rk_c[None, :]],
-                       mask=m_ok[:, None] & k_ok[None, :], other=0)
+        x = plgpu.load(x_ref.at[rm[:, None], rk[None, :]])
         if w_transposed:  # w stored [N, K]: K contiguous, the operand layout fp8 wgmma wants
-            w = plgpu.load(w_ref.at[rn_c[:, None], rk_c[None, :]],
-                           mask=n_ok[:, None] & k_ok[None, :], other=0).T
+            w = plgpu.load(w_ref.at[rn[:, None], rk[None, :]]).T
         else:
-            w = plgpu.load(w_ref.at[rk_c[:, None], rn_c[None, :]],
-                           mask=k_ok[:, None] & n_ok[None, :], other=0)
+            w = plgpu.load(w_ref.at[rk[:, None], rn[None, :]])
         return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, n_kb, body, jnp.zeros((block_m, block_n), jnp.float32))
-    xs = plgpu.load(xs_ref.at[rm_c], mask=m_ok, other=0.0)
-    ws = plgpu.load(ws_ref.at[rn_c], mask=n_ok, other=0.0)
+    xs = plgpu.load(xs_ref.at[rm])
+    ws = plgpu.load(ws_ref.at[rn])
     out = acc * xs[:, None] * ws[None, :]
-    # The output is padded to whole blocks, so edge tiles store unmasked at their own (distinct)
-    # indices: masked stores at clamped duplicate indices race in interpret mode's scatter.
     rows = rm + sp * M_pad
     plgpu.store(o_ref.at[rows[:, None], rn[None, :]], out.astype(o_ref.dtype))
+
+
+def _pad_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    if tuple(x.shape) == tuple(shape):
+        return x  # aligned shapes (every Llama projection at 128 blocks) copy nothing
+    return jnp.pad(x, [(0, n - d) for d, n in zip(x.shape, shape)])
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "block_n", "block_k",
@@ -146,10 +144,10 @@ def fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16, *, block_
     """Pallas W8A8 matmul: x_fp8 [M, K] e4m3, x_scale [M] or [], w_fp8 [K, N] (or [N, K] with
     ``w_transposed``) e4m3, w_scale [N] or [] -> [M, N] ``out_dtype``; fp32 accumulation.
 
-    Blocks must be powers of two with block_m, block_n, block_k >= 16 (tensor-core dot). Edges
-    are masked, so M, N, K need not be multiples of the blocks. ``split_k`` > 1 splits K across
-    programs (fp32 partials summed by XLA): for small M, where M x N tiles alone cannot fill the
-    GPU.
+    Blocks must be powers of two with block_m, block_n, block_k >= 16 (tensor-core dot). M, N, K
+    need not be multiples of the blocks: operands are zero-padded to whole blocks (zeros add
+    nothing to the dot) and the output sliced. ``split_k`` > 1 splits K across programs (fp32
+    partials summed by XLA): for small M, where M x N tiles alone cannot fill the GPU.
     """
     M, K = x_fp8.shape
     N = w_fp8.shape[0] if w_transposed else w_fp8.shape[1]
@@ -157,18 +155,23 @@ def fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16, *, block_
     M_pad = pl.cdiv(M, block_m) * block_m
     N_pad = pl.cdiv(N, block_n) * block_n
     k_per_split = pl.cdiv(pl.cdiv(K, split_k), block_k) * block_k
+    K_pad = k_per_split * split_k
+    x_p = _pad_to(x_fp8, (M_pad, K_pad))
+    w_p = _pad_to(w_fp8, (N_pad, K_pad) if w_transposed else (K_pad, N_pad))
+    xs_p = _pad_to(xs, (M_pad,))
+    ws_p = _pad_to(ws, (N_pad,))
     kernel = functools.partial(
-        _fp8_matmul_kernel, M=M, N=N, K=K, block_m=block_m, block_n=block_n, block_k=block_k,
-        k_per_split=k_per_split, split_k=split_k, w_transposed=w_transposed, M_pad=M_pad)
+        _fp8_matmul_kernel, block_m=block_m, block_n=block_n, block_k=block_k,
+        k_per_split=k_per_split, w_transposed=w_transposed, M_pad=M_pad)
     part_dtype = out_dtype if split_k == 1 else jnp.float32
     out = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(M, block_m), pl.cdiv(N, block_n), split_k),
+        grid=(M_pad // block_m, N_pad // block_n, split_k),
         out_shape=jax.ShapeDtypeStruct((split_k * M_pad, N_pad), part_dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"fp8_matmul_{block_m}x{block_n}x{block_k}_s{split_k}",
-    )(x_fp8, w_fp8, xs, ws)
+    )(x_p, w_p, xs_p, ws_p)
     if split_k == 1:
         return out[:M, :N]
     return out.reshape(split_k, M_pad, N_pad)[:, :M, :N].sum(axis=0).astype(out_dtype)

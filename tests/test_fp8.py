@@ -249,3 +249,22 @@ def test_fp8_pages_with_scales_attend_like_their_dequantized_values(backend):
     got = attend(q, k8, v8, md, sm_scale=0.2, backend=backend, k_scale=k_scale, v_scale=v_scale)
     want = attend(q, kd, vd, md, sm_scale=0.2, backend="reference")
     assert _rel_err(got[:n_real], want[:n_real]) < 1e-5
+
+
+@pytest.mark.parametrize("w_transposed,split_k", [(True, 1), (False, 2), (True, 3)])
+def test_fp8_matmul_kernel_pads_unaligned_shapes_and_splits_k(w_transposed, split_k):
+    """The Pallas kernel loads whole (zero-padded) blocks without masks; padding must not leak
+    into the result, in either weight layout and with split-K."""
+    from pallas_kernels.fp8_matmul import fp8_matmul, quantize_weight_per_channel
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((21, 100)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((100, 40)) * 0.05, jnp.float32)
+    xq, xs = quantize_activation_per_token(x)
+    wq, ws = quantize_weight_per_channel(w)
+    ref = fp8_matmul_reference(xq, xs, wq, ws, jnp.float32)
+    w_arg = wq.T if w_transposed else wq
+    got = fp8_matmul(xq, xs, w_arg, ws, jnp.float32, block_m=16, block_n=16, block_k=32,
+                     split_k=split_k, w_transposed=w_transposed, interpret=True)
+    assert got.shape == (21, 40)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
