@@ -163,17 +163,6 @@ class TensorParallel:
         sharding = self.state_path_sharding(path, host.shape)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
-    def shard_state(self, state: Any) -> Any:
-        """Reshards an already loaded nnx.State (e.g. a model built in memory) by the rules."""
-        from flax import nnx
-
-        flat = []
-        for path, v in nnx.to_flat_state(state):
-            arr = v.get_value()
-            flat.append((path, v.replace(jax.device_put(
-                arr, self.state_path_sharding(tuple(path), arr.shape)))))
-        return nnx.from_flat_state(flat)
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelSharding:
@@ -225,23 +214,8 @@ class ModelSharding:
             return 0
         return self.pp - 1  # final norm, lm_head
 
-    def stage_of_layer(self, layer: int) -> int:
-        return next(s for s, st in enumerate(self.stages) if layer in st.layers)
-
     def place(self, path: tuple, host: np.ndarray) -> jax.Array:
         return self.stages[self.stage_of_path(path)].place(path, host)
-
-    def shard_state(self, state: Any) -> Any:
-        """Places an in-memory nnx.State by the rules (stage by path, then tp rules)."""
-        from flax import nnx
-
-        flat = []
-        for path, v in nnx.to_flat_state(state):
-            path = tuple(path)
-            arr = v.get_value()
-            st = self.stages[self.stage_of_path(path)]
-            flat.append((path, v.replace(jax.device_put(arr, st.state_path_sharding(path, arr.shape)))))
-        return nnx.from_flat_state(flat)
 
     @property
     def kv_replication(self) -> int:
