@@ -123,6 +123,7 @@ def run_matmul(args) -> list[dict]:
                 rows.append(dict(bench="fp8_matmul", path=name, M=M, K=K, N=N, device=dev,
                                  us=s * 1e6, tflops=2 * M * K * N / s / 1e12,
                                  weight_gbs=w_bytes / s / 1e9))
+                print(json.dumps(rows[-1]), flush=True)  # as it goes: a killed run keeps them
     _table(rows, ["K", "N", "M"], "path", "us")
     return rows
 
