@@ -268,3 +268,33 @@ def test_fp8_matmul_kernel_pads_unaligned_shapes_and_splits_k(w_transposed, spli
                      split_k=split_k, w_transposed=w_transposed, interpret=True)
     assert got.shape == (21, 40)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_params_round_trip_through_an_orbax_checkpoint(small_llama_folder, tmp_path):
+    """Conversion is paid once: the second start restores e4m3 weights and scales as saved, and
+    a checkpoint of other quantization is refused rather than served."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.loading import load_model
+
+    ckpt = str(tmp_path / "ckpt")
+    kw = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=16,
+              max_num_batched_tokens=16, max_num_seqs=2, skip_compile_at_start=True,
+              checkpoint_dir=ckpt, quantization="fp8")
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    prompt = [{"prompt_token_ids": [11, 12, 13, 14]}]
+    first = LLM(str(small_llama_folder), **kw)
+    a = first.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    saved = nnx.state(first.llm_engine.loaded.model)
+    del first
+    restored = load_model(str(small_llama_folder), dtype="float32", checkpoint_dir=ckpt,
+                          quantization="fp8")
+    assert restored.model_config.quantization == "fp8"
+    lin = restored.model.model.layers[1].mlp.down_proj
+    assert isinstance(lin, Fp8Linear) and lin.weight.dtype == jnp.float8_e4m3fn
+    for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(nnx.state(restored.model))):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    second = LLM(str(small_llama_folder), **kw)
+    assert second.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == a
+    with pytest.raises(ValueError, match="quantization"):
+        load_model(str(small_llama_folder), dtype="float32", checkpoint_dir=ckpt)
