@@ -68,6 +68,9 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
                    help="requests one replica holds before the router looks elsewhere")
     r.add_argument("--num-gpus-per-replica", type=float, default=None,
                    help="default: 1 when the cluster has GPUs, else 0")
+    r.add_argument("--num-hosts-per-replica", type=int, default=1,
+                   help="nodes each replica spans (one jax.distributed process per node; size "
+                   "-tp to all their devices)")
     r.add_argument("--prefix-routing-pages", type=int, default=4,
                    help="leading prompt pages hashed for replica affinity (0: load only)")
     add_engine_args(p)
@@ -85,7 +88,8 @@ def ray_app_kwargs(args: argparse.Namespace, engine_kwargs: dict, num_gpus: floa
         max_ongoing_requests=args.max_ongoing_requests, api_key=args.api_key,
         served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
         max_concurrent_requests=args.max_concurrent_requests,
-        prefix_routing_pages=args.prefix_routing_pages)
+        prefix_routing_pages=args.prefix_routing_pages,
+        num_hosts_per_replica=args.num_hosts_per_replica)
     if args.max_replicas is not None:
         if args.max_replicas < args.num_replicas:
             raise ValueError(f"--max-replicas ({args.max_replicas}) must be >= --num-replicas "

@@ -7,7 +7,10 @@ Two deployments in one application:
   streaming back the Reply: a head (status, headers, which replica) then body or SSE chunks.
   Autoscaling follows ongoing requests (``autoscaling_config={"target_ongoing_requests": ...}``),
   ``max_ongoing_requests`` is the per-replica backpressure, and ``check_health`` raises once the
-  engine loop is dead, so Ray replaces the replica.
+  engine loop is dead, so Ray replaces the replica. Each replica records its engine figures in
+  ``ray.util.metrics`` (server/ray_metrics.py) for fleet-wide Prometheus queries. With
+  ``num_hosts_per_replica`` > 1 a replica leads a jax.distributed job over that many nodes
+  (server/ray_multihost.py).
 - ``OpenAIIngress`` (CPU only): takes the HTTP request, hashes the first pages of the tokenized
   prompt (server/prefix_routing.py) and calls the engine deployment, whose ``PrefixAffinityRouter``
   sends equal keys to one replica unless it is overloaded. A request that no client has seen a
@@ -93,7 +96,16 @@ class EngineServer:
     """One engine replica: an AsyncEngine and the OpenAI routes over it."""
 
     def __init__(self, engine_args: dict[str, Any], served_model_name: str | list[str] | None,
-                 api_key: str | None, max_request_bytes: int, max_concurrent_requests: int):
+                 api_key: str | None, max_request_bytes: int, max_concurrent_requests: int,
+                 num_hosts: int = 1, actor_options: dict[str, Any] | None = None,
+                 metrics_interval_s: float = 5.0):
+        self.followers: list[Any] = []
+        if num_hosts > 1:  # process 0 of a jax.distributed job: before anything touches JAX
+            from server.ray_multihost import start_followers
+            from sharding import distributed
+
+            leader, self.followers = start_followers(num_hosts, actor_options or {}, engine_args)
+            distributed.initialize(**leader)
         from jaxllm import AsyncEngine
 
         self.engine = AsyncEngine(**engine_args)
@@ -104,6 +116,10 @@ class EngineServer:
                                    max_concurrent_requests=max_concurrent_requests,
                                    log_stats_interval=None)
         self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
+        from server.ray_metrics import RayEngineMetrics
+
+        self.metrics = RayEngineMetrics(self.engine, names[0], self.replica_id)
+        self.metrics.start(metrics_interval_s)
 
     async def handle(self, method: str, path: str, headers: dict[str, str], body: bytes, *,
                      route_key: bytes | None = None, avoid: tuple[str, ...] = ()
@@ -130,16 +146,34 @@ class EngineServer:
 
     def stats(self) -> dict[str, Any]:
         """This replica's id and engine counters (prefix-cache hits included)."""
-        return {"replica": self.replica_id, **self.engine.get_stats()}
+        import jax
+
+        return {"replica": self.replica_id, "num_processes": jax.process_count(),
+                "num_devices": jax.device_count(), **self.engine.get_stats()}
+
+    def export_metrics(self) -> dict[str, float]:
+        """Records the engine figures in ``ray.util.metrics`` now (the thread does it every
+        ``metrics_interval_s``) and returns the values exported."""
+        return self.metrics.update()
 
     def check_health(self) -> None:
         if not self.engine.is_running:
             raise RuntimeError(f"replica {self.replica_id}: the engine loop is not running")
+        if self.followers:
+            from server.ray_multihost import followers_alive
+
+            if not followers_alive(self.followers):
+                raise RuntimeError(f"replica {self.replica_id}: a follower host's process ended; "
+                                   "the replica's collectives cannot complete")
 
     def __del__(self):
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        for ref in getattr(self, "followers", ()):
+            ray.cancel(ref, force=True)
 
 
 class OpenAIIngress:
@@ -237,8 +271,8 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
               prefix_routing_pages: int = prefix_routing.DEFAULT_ROUTING_PAGES,
               imbalanced_threshold: float = prefix_routing.DEFAULT_IMBALANCED_THRESHOLD,
               num_ingress_replicas: int = 1, max_retries: int = DEFAULT_MAX_RETRIES,
-              health_check_period_s: float = 10.0, num_hosts_per_replica: int = 1
-              ) -> serve.Application:
+              health_check_period_s: float = 10.0, num_hosts_per_replica: int = 1,
+              metrics_interval_s: float = 5.0) -> serve.Application:
     """The Serve application: ``serve.run(build_app(...))``.
 
     ``engine_args``: EngineConfig keywords (``{"model": "/path", "max_model_len": 4096}``).
@@ -248,6 +282,11 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
     ``max_ongoing_requests``: requests a replica holds before the router looks elsewhere;
     ``max_queued_requests`` (-1: unbounded) beyond which callers get 429.
     ``prefix_routing_pages``: leading pages hashed for affinity (0: load-only routing).
+    ``metrics_interval_s``: how often each replica records its engine figures in
+    ``ray.util.metrics`` (server/ray_metrics.py), which Ray's metrics agents export fleet-wide.
+    ``num_hosts_per_replica`` > 1: each replica is a jax.distributed job over that many nodes
+    (one placement-group bundle of ``ray_actor_options``' resources per node, STRICT_SPREAD;
+    server/ray_multihost.py); size ``tensor_parallel_size`` to all its hosts' devices.
     """
     engine_args = dict(engine_args or {})
     from jaxllm import EngineConfig
@@ -263,31 +302,32 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
                         ("num_hosts_per_replica", num_hosts_per_replica, 1)):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}.")
-    if num_hosts_per_replica > 1:
-        from server.ray_multihost import require_distributed_entry_point
-
-        require_distributed_entry_point()
-        # The entry point exists (sharding.distributed.run_follower); what is missing is the
-        # replica starting its followers in its placement group (ray_multihost.start_followers).
-        raise NotImplementedError(
-            f"num_hosts_per_replica={num_hosts_per_replica}: the multi-host engine exists "
-            "(sharding.distributed, `jaxllm serve --distributed` on each host), but Ray Serve "
-            "replicas do not start their followers yet; use num_hosts_per_replica=1, or start "
-            "each host with `jaxllm serve --distributed`.")
+    if not metrics_interval_s > 0:
+        raise ValueError(f"metrics_interval_s must be > 0, got {metrics_interval_s!r}.")
+    actor_options = dict(ray_actor_options or {"num_cpus": 1})
+    if num_hosts_per_replica > 1 and engine_args.get("pipeline_parallel_size", 1) > 1:
+        raise ValueError(f"num_hosts_per_replica={num_hosts_per_replica} needs "
+                         "pipeline_parallel_size=1 (got "
+                         f"{engine_args['pipeline_parallel_size']}): pipeline stages do not span "
+                         "hosts; use tensor_parallel_size over all hosts' devices.")
     options: dict[str, Any] = dict(
         name=ENGINE_DEPLOYMENT, max_ongoing_requests=max_ongoing_requests,
         max_queued_requests=max_queued_requests,
-        ray_actor_options=dict(ray_actor_options or {"num_cpus": 1}),
-        health_check_period_s=health_check_period_s,
+        ray_actor_options=actor_options, health_check_period_s=health_check_period_s,
         request_router_config=RequestRouterConfig(
             request_router_class=PrefixAffinityRouter,
             request_router_kwargs={"imbalanced_threshold": imbalanced_threshold}))
+    if num_hosts_per_replica > 1:
+        from server.ray_multihost import placement_options
+
+        options.update(placement_options(num_hosts_per_replica, actor_options))
     if autoscaling_config is not None:
         options["autoscaling_config"] = autoscaling_config
     else:
         options["num_replicas"] = 1 if num_replicas is None else num_replicas
     engine = serve.deployment(EngineServer).options(**options).bind(
-        engine_args, served_model_name, api_key, max_request_bytes, max_concurrent_requests)
+        engine_args, served_model_name, api_key, max_request_bytes, max_concurrent_requests,
+        num_hosts_per_replica, actor_options, metrics_interval_s)
     ingress = serve.deployment(OpenAIIngress).options(
         name=INGRESS_DEPLOYMENT, num_replicas=num_ingress_replicas,
         max_ongoing_requests=max(max_ongoing_requests * 4, 1024),

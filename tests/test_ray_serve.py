@@ -218,14 +218,22 @@ def test_killing_a_replica_mid_load_loses_no_request_and_it_comes_back(url, refe
 
 
 # -- pieces, without a cluster --------------------------------------------------------------------
-def test_check_health_raises_when_the_engine_loop_is_dead():
+def test_check_health_raises_when_the_engine_loop_or_a_follower_host_is_dead(monkeypatch):
+    from server import ray_multihost
+
     srv = EngineServer.__new__(EngineServer)
-    srv.replica_id = "r1"
+    srv.replica_id, srv.followers = "r1", []
     srv.engine = types.SimpleNamespace(is_running=True, shutdown=lambda: None)
     srv.check_health()
     srv.engine = types.SimpleNamespace(is_running=False, shutdown=lambda: None)
     with pytest.raises(RuntimeError, match="engine loop is not running"):
         srv.check_health()
+    srv.engine = types.SimpleNamespace(is_running=True, shutdown=lambda: None)
+    srv.followers = ["follower-ref"]
+    monkeypatch.setattr(ray_multihost, "followers_alive", lambda refs: refs != ["follower-ref"])
+    with pytest.raises(RuntimeError, match="a follower host's process ended"):
+        srv.check_health()
+    srv.followers = []  # nothing to cancel at __del__
 
 
 def test_build_app_rejects_bad_arguments_naming_them():
@@ -235,8 +243,9 @@ def test_build_app_rejects_bad_arguments_naming_them():
         build_app({}, max_ongoing_requests=0)
     with pytest.raises(ValueError, match="max_num_seqs"):
         build_app({"max_num_seqs": 0})
-    with pytest.raises(NotImplementedError, match="sharding"):
-        build_app({}, num_hosts_per_replica=2)
+    with pytest.raises(ValueError, match=r"num_hosts_per_replica=2 needs pipeline_parallel_size=1 "
+                       r"\(got 2\)"):
+        build_app({"pipeline_parallel_size": 2}, num_hosts_per_replica=2)
 
 
 def test_the_example_serve_config_builds_the_app():
@@ -356,6 +365,10 @@ def test_jaxllm_serve_ray_flags_build_the_app():
                                         "max_replicas": 4, "target_ongoing_requests": 32.0}
     assert kw["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1.0}
     assert kw["engine_args"]["max_model_len"] == 512 and kw["engine_args"]["model"] is None
+    assert isinstance(build_app(**kw), serve.Application)
+    args = parser.parse_args(["serve", "--ray", "--num-hosts-per-replica", "2", "-tp", "2"])
+    kw = ray_app_kwargs(args, engine_kwargs(args), num_gpus=1.0)
+    assert kw["num_hosts_per_replica"] == 2 and kw["engine_args"]["tensor_parallel_size"] == 2
     assert isinstance(build_app(**kw), serve.Application)
     args = parser.parse_args(["serve", "--ray", "--num-replicas", "3", "--max-replicas", "2"])
     with pytest.raises(ValueError, match=r"--max-replicas \(2\) must be >= --num-replicas \(3\)"):
