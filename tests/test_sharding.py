@@ -182,6 +182,9 @@ def test_pipeline_parallel_greedy_matches_one_device(small_llama_folder, small_r
     assert state[0]["mlp"]["up_proj"]["kernel"][...].sharding.device_set == d0
     assert state[1]["mlp"]["up_proj"]["kernel"][...].sharding.device_set == d1
     assert _greedy(llm) == small_reference
+    # Decode of 3 sequences in 2 micro-batches: each micro-batch of step N+1 took its tokens
+    # from its own micro-batch of step N (no wait for the whole step).
+    assert runner.num_prev_from_one_micro_batch >= 8
 
 
 def test_pipeline_splits_a_batch_into_micro_batches_of_whole_sequences(small_llama_folder):

@@ -13,11 +13,15 @@ as they load); stage 0 also holds the embedding, the last stage the final norm a
     sampler:   on the last stage's devices, as without pipelining
 
 Micro-batches: a step with several sequences is split into up to ``pp`` micro-batches of whole
-sequences (attention never crosses sequences, so each is an independent ragged batch). All
-(stage, micro-batch) programs are dispatched at once in micro-batch order; each stage's devices
-run their queue in order and start micro-batch m as soon as stage s-1 has handed it over, so
-during decode stage 0 computes micro-batch m+1 while stage 1 computes m. Their logits are
-gathered back into the step's row order for one sampler call.
+sequences (attention never crosses sequences, so each is an independent ragged batch), each
+run through every stage and sampled on its own. All programs are dispatched at once in
+micro-batch order; each stage's devices run their queue in order and start micro-batch m as
+soon as stage s-1 has handed it over, so stage 0 computes micro-batch m+1 while stage 1 computes
+m. Across steps too: when micro-batch m of step N+1 holds the sequences of micro-batch m of
+step N (steady decode), it takes its input tokens from that micro-batch's samples alone
+(``_prev_for``), so stage 0 starts step N+1 while the last stage finishes step N (vLLM's
+"virtual engines" effect, without separate schedulers). The micro-batches' outputs are joined
+in row order on the last stage for the host (nothing on stage 0 waits for that join).
 
 Why one program per stage driven by async dispatch, not one SPMD program over the whole mesh
 (a scan over stacked layers with ppermute between stages, as in MaxText / praxis): the engine's
@@ -70,10 +74,16 @@ def _stage_forward(treedef, graphdefs, inv_freq, first: bool, last: bool, tied: 
     return new_kv, jnp.einsum("ne,ev->nv", h, w, preferred_element_type=jnp.float32)
 
 
-def _assemble(rows: jax.Array, *logits: jax.Array) -> jax.Array:
-    """The micro-batches' logits [S_m, V] -> the step's [S, V], row i from ``rows[i]`` of their
-    concatenation."""
-    return jnp.concatenate(logits, axis=0)[rows]
+def _assemble(rows: jax.Array, max_num_seqs: int, outs: list, tokens: list):
+    """The micro-batches' sampler outputs -> the step's, row i from ``rows[i]`` of their
+    concatenation after padding each to max_num_seqs rows; and the step's sampled ids padded to
+    [max_num_seqs] (the next step's prev tokens)."""
+    def pad(x):
+        return jnp.pad(x, [(0, max_num_seqs - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+    out = jax.tree.map(lambda *xs: jnp.concatenate([pad(x) for x in xs], axis=0)[rows], *outs)
+    joined = jnp.concatenate(tokens, axis=0)[rows]
+    return out, jnp.pad(joined, (0, max_num_seqs - joined.shape[0]))
 
 
 class PipelineRunner(ModelRunner):
@@ -126,7 +136,11 @@ class PipelineRunner(ModelRunner):
             self._fwd.append(jax.jit(_traced_over_heads(st.mesh, fn), donate_argnums=(1,)))
         self._sample = jax.jit(functools.partial(_sample_padded, max_num_seqs),
                                static_argnums=(2, 3))
-        self._assemble = jax.jit(_assemble)
+        self._assemble = jax.jit(_assemble, static_argnums=(1,))
+        self._prev_parts = None  # last step's per-micro-batch (row start, stop, tokens)
+        self.num_prev_from_one_micro_batch = 0  # micro-batches that waited for one, not all
+        self._stage0_zeros = jax.device_put(np.zeros((max_num_seqs,), np.int32),
+                                            parallel.stages[0].replicated)
         self._prev_tokens = np.zeros((max_num_seqs,), np.int32)
         self.last_host_time = 0.0
         self.publisher = None
@@ -147,29 +161,48 @@ class PipelineRunner(ModelRunner):
                 + self._assemble._cache_size())
 
     # -- the step -------------------------------------------------------------------------------
-    def _forward_microbatches(self, mbs: list[StepInputs], prev_tokens: jax.Array) -> list:
-        """Dispatches every (micro-batch, stage) program; returns each micro-batch's logits."""
-        first_devices = self.stages[0].replicated
-        prev = jax.device_put(prev_tokens, first_devices)
-        out = []
-        for mb in mbs:
-            h = None
-            for s, st in enumerate(self.stages):
-                if s > 0:
-                    h = jax.device_put(h, st.replicated)
-                # Only stage 0 reads the token inputs: a device array of another stage's
-                # devices must not reach this stage's program.
-                first = s == 0
-                self.stage_kv[s], h = self._fwd[s](
-                    self._stage_leaves[s], self.stage_kv[s], h, mb.positions, mb.md,
-                    mb.logits_indices, mb.token_ids if first else None,
-                    mb.prev_rows if first else None, prev if first else None)
-            out.append(h)
-        return out
+    def _forward(self, mb: StepInputs, prev: jax.Array) -> jax.Array:
+        """Dispatches one micro-batch through every stage; returns its logits [S_m, V] on the
+        last stage. ``prev``: the tokens its prev_rows index, on stage 0's devices."""
+        h = None
+        for s, st in enumerate(self.stages):
+            if s > 0:
+                h = jax.device_put(h, st.replicated)
+            # Only stage 0 reads the token inputs: a device array of another stage's devices
+            # must not reach this stage's program.
+            first = s == 0
+            self.stage_kv[s], h = self._fwd[s](
+                self._stage_leaves[s], self.stage_kv[s], h, mb.positions, mb.md,
+                mb.logits_indices, mb.token_ids if first else None,
+                mb.prev_rows if first else None, prev if first else None)
+        return h
+
+    def _prev_for(self, mb: StepInputs) -> tuple[jax.Array, StepInputs]:
+        """The previous step's sampled tokens this micro-batch reads, on stage 0's devices.
+
+        When the rows it needs all come from one micro-batch of the previous step (decode with
+        the same groups), only that micro-batch's tokens are used, rows re-based: then this
+        micro-batch waits for that one alone, not for the whole previous step, and stage 0
+        starts step N+1 while the last stage still finishes step N.
+        """
+        need = mb.prev_rows[mb.prev_rows >= 0]
+        if need.size == 0:
+            return self._stage0_zeros, mb
+        if self._prev_parts is not None:
+            lo, hi = int(need.min()), int(need.max())
+            for start, stop, tokens in self._prev_parts:
+                if start <= lo and hi < stop:
+                    self.num_prev_from_one_micro_batch += 1
+                    rows = np.where(mb.prev_rows >= 0, mb.prev_rows - start, -1).astype(np.int32)
+                    return (jax.device_put(tokens, self.stages[0].replicated),
+                            dataclasses.replace(mb, prev_rows=rows))
+        return jax.device_put(self._prev_tokens, self.stages[0].replicated), mb
 
     def run(self, inputs: StepInputs, num_logprobs: int | None, sort: bool):
-        (logits,) = self._forward_microbatches([inputs], self._prev_tokens)
+        prev, inputs = self._prev_for(inputs)
+        logits = self._forward(inputs, prev)
         out, self._prev_tokens = self._sample(logits, inputs.sampling, num_logprobs, sort)
+        self._prev_parts = None
         return out
 
     def _split(self, scheduled: list) -> list[list]:
@@ -195,25 +228,37 @@ class PipelineRunner(ModelRunner):
         if prompt_next_ids is not None:
             raise ValueError("prompt_logprobs is not supported with pipeline_parallel_size > 1.")
         t0 = time.perf_counter()
-        full = self.prepare(scheduled, sampling_rows)
         nl = sampler_lib.logprobs_width(sampling_rows, self.num_logprobs)
         sort = sampler_lib.needs_sort(sampling_rows, self.vocab_size)
         groups = self._split(scheduled)
         if len(groups) == 1:
+            full = self.prepare(scheduled, sampling_rows)
             self.last_host_time = time.perf_counter() - t0
             return self.run(full, nl, sort), None
-        mbs = [self.prepare(g, []) for g in groups]
-        # Row i of the step = row j of micro-batch m = row offset_m + j of the concatenation.
-        S = full.logits_indices.shape[0]
-        rows = np.zeros(S, np.int32)
-        i = off = 0
-        for g, mb in zip(groups, mbs):
-            rows[i:i + len(g)] = off + np.arange(len(g))
+        # Each micro-batch is sampled on its own (its rows' sampling parameters), so the next
+        # step's micro-batch m depends on this step's micro-batch m only (see _prev_for).
+        mbs, bounds, i = [], [], 0
+        for g in groups:
+            mbs.append(self.prepare(g, sampling_rows[i:i + len(g)]))
+            bounds.append((i, i + len(g)))
             i += len(g)
-            off += mb.logits_indices.shape[0]
+        # Step row r = row j of micro-batch m = row m * max_num_seqs + j of the concatenation
+        # of the micro-batches' padded outputs.
+        S = self.seq_bucket(self.token_bucket(sum(s.num_new_tokens for s in scheduled)))
+        rows = np.zeros(S, np.int32)
+        for m, (a, b) in enumerate(bounds):
+            rows[a:b] = m * self.max_num_seqs + np.arange(b - a)
         self.last_host_time = time.perf_counter() - t0
-        logits = self._assemble(jax.device_put(rows, self.stages[-1].replicated),
-                                *self._forward_microbatches(mbs, self._prev_tokens))
-        out, self._prev_tokens = self._sample(logits, full.sampling, nl, sort)
+        outs, parts = [], []
+        for mb, (a, b) in zip(mbs, bounds):
+            prev, mb = self._prev_for(mb)
+            out, tokens = self._sample(self._forward(mb, prev), mb.sampling, nl, sort)
+            outs.append(out)
+            parts.append((a, b, tokens))
+        self._prev_parts = parts
+        rows_dev = jax.device_put(rows, self.stages[-1].replicated)
+        # The step's output in row order, and its tokens for a following step that is not
+        # split the same way: joins on the last stage, which stage 0 does not wait for.
+        out, self._prev_tokens = self._assemble(rows_dev, self.max_num_seqs, outs,
+                                                [t for _, _, t in parts])
         return out, None
-
