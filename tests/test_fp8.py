@@ -298,3 +298,88 @@ def test_fp8_params_round_trip_through_an_orbax_checkpoint(small_llama_folder, t
     assert second.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == a
     with pytest.raises(ValueError, match="quantization"):
         load_model(str(small_llama_folder), dtype="float32", checkpoint_dir=ckpt)
+
+
+# -- pre-quantized checkpoints --------------------------------------------------------------------
+
+def test_compressed_tensors_channel_checkpoint_loads_as_is_and_equals_load_time_quantization(
+        small_llama_folder, small_dense, tmp_path):
+    """A compressed-tensors float8 checkpoint (per-channel weight_scale [N, 1], dynamic per-token
+    activations) is detected from config.json and loaded without dequantizing: its e4m3 weights
+    and scales are exactly those of quantize_model (same absmax/448 rule), so the tokens match."""
+    import json
+
+    from jaxllm.loading import load_model
+    from jaxllm.loading.fp8_checkpoint import write_fp8_checkpoint
+
+    folder = write_fp8_checkpoint(small_llama_folder, tmp_path / "ct", fmt="compressed-tensors",
+                                  strategy="channel")
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        import torch
+
+        w = f.get_tensor("model.layers.0.self_attn.k_proj.weight")
+        s = f.get_tensor("model.layers.0.self_attn.k_proj.weight_scale")
+        assert w.dtype == torch.float8_e4m3fn and tuple(w.shape) == (32, 64)
+        assert s.dtype == torch.float32 and tuple(s.shape) == (32, 1)
+    loaded = load_model(str(folder), dtype="float32")  # no quantization flag: detected
+    assert loaded.model_config.quantization == "fp8"
+    assert loaded.model_config.activation_scheme == "dynamic"
+    ref = quantize_model(small_dense)
+    for x, y in zip(jax.tree.leaves(nnx.state(ref)), jax.tree.leaves(nnx.state(loaded.model))):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        # torch's amax / 448 and XLA's differ in the last bit of a scale now and then, which can
+        # move a weight that sits on a rounding boundary by one e4m3 step
+        np.testing.assert_allclose(x, y, rtol=0.07 if x.size > 128 else 1e-6)
+        assert np.mean(x != y) < (2e-3 if x.size > 128 else 1.0)
+    seqs = _random_seqs(n=3)
+    for a, b in zip(batch_logprobs(ref, seqs), batch_logprobs(loaded.model, seqs)):
+        np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+def test_fp8_format_per_tensor_static_checkpoint_loads_with_its_scales(small_llama_folder,
+                                                                      small_dense, tmp_path):
+    """The "fp8" quant_method with per-tensor weight scales and static input scales: the scalar
+    weight_scale is broadcast over the channels, input_scale becomes the static activation
+    scale, and the model's log-probs stay within the W8A8 bounds of the dense model."""
+    from jaxllm.loading import load_model
+    from jaxllm.loading.fp8_checkpoint import write_fp8_checkpoint
+
+    # calibrated static scales: absmax / 448 of each projection's input on the test prompts is
+    # what llm-compressor writes; 4 / 448 covers the normalised inputs of this model
+    scales = {f"model.layers.{i}.{m}.{p}": 4.0 / 448
+              for i in range(2) for m, ps in (("self_attn", ("q_proj", "k_proj", "v_proj",
+                                                              "o_proj")),
+                                              ("mlp", ("gate_proj", "up_proj", "down_proj")))
+              for p in ps}
+    folder = write_fp8_checkpoint(small_llama_folder, tmp_path / "fp8", fmt="fp8",
+                                  strategy="tensor", activation_scheme="static",
+                                  input_scales=scales)
+    loaded = load_model(str(folder), dtype="float32")
+    mc = loaded.model_config
+    assert (mc.quantization, mc.activation_scheme) == ("fp8", "static")
+    lin = loaded.model.model.layers[1].mlp.up_proj
+    assert float(lin.input_scale.get_value()) == pytest.approx(4.0 / 448)
+    ws = np.asarray(lin.weight_scale[...])
+    assert ws.shape == (128,) and np.all(ws == ws[0])  # one per-tensor scale, broadcast
+    err, agree = quality(small_dense, loaded.model, _random_seqs())
+    assert err < 0.14 and agree >= 0.85, (err, agree)
+
+
+def test_unsupported_quantization_configs_are_refused_with_the_reason():
+    from jaxllm.loading.fp8_checkpoint import fp8_scheme_from_hf
+
+    assert fp8_scheme_from_hf(None) is None
+    with pytest.raises(ValueError, match="weight_block_size"):
+        fp8_scheme_from_hf({"quant_method": "fp8", "weight_block_size": [128, 128]})
+    with pytest.raises(ValueError, match="awq"):
+        fp8_scheme_from_hf({"quant_method": "awq"})
+    with pytest.raises(ValueError, match="float 8-bit"):
+        fp8_scheme_from_hf({"quant_method": "compressed-tensors", "config_groups": {"g": {
+            "weights": {"type": "int", "num_bits": 4, "strategy": "group"}}}})
+    with pytest.raises(ValueError, match="only lm_head"):
+        fp8_scheme_from_hf({"quant_method": "fp8", "ignored_layers": ["model.layers.0.mlp"]})

@@ -91,6 +91,11 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
     eos = getattr(hf_config, "eos_token_id", None)
     eos_ids = () if eos is None else (tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),))
 
+    from jaxllm.loading.fp8_checkpoint import fp8_scheme_from_hf
+
+    # A pre-quantized fp8 checkpoint (compressed-tensors / fp8 quantization_config).
+    fp8_scheme = fp8_scheme_from_hf(getattr(hf_config, "quantization_config", None))
+
     return ModelConfig(
         architecture=arch,
         vocab_size=hf_config.vocab_size,
@@ -115,4 +120,6 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         hidden_act=getattr(hf_config, "hidden_act", "silu"),
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         eos_token_ids=eos_ids,
+        quantization="fp8" if fp8_scheme else None,
+        activation_scheme=fp8_scheme or "dynamic",
     )

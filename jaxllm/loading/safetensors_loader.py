@@ -85,7 +85,13 @@ def load_hf_folder(path: str | os.PathLike, dtype: Any = "auto",
     dtype = resolve_dtype(dtype)
     _, config = load_hf_config(path)
     files = safetensors_files(Path(path))
+    if config.quantization == "fp8":  # pre-quantized: e4m3 weights and their scales as they are
+        from jaxllm.loading.fp8_checkpoint import adapt_fp8_tensors, iter_safetensors_fp8
+
+        tensors = adapt_fp8_tensors(iter_safetensors_fp8(files), config)
+    else:
+        tensors = iter_safetensors(files, lazy=parallel is not None)
     model = load_params_from_tensors(
-        abstract_for(config, dtype, attention_backend, parallel), config,
-        iter_safetensors(files, lazy=parallel is not None), dtype, parallel=parallel)
+        abstract_for(config, dtype, attention_backend, parallel), config, tensors, dtype,
+        parallel=parallel)
     return config, model

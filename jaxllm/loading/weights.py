@@ -31,6 +31,9 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb
 
 # HF Linear weights are [out, in]; nnx.Linear kernels are [in, out].
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+# The projections of an fp8 model (jaxllm/models/fp8.py: weight [out, in] e4m3, weight_scale,
+# input_scale): mapped by their own names, with quantized=True.
+_FP8_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class LazyTensor:
@@ -71,7 +74,7 @@ class LazyTensor:
         return out if dtype is None else out.astype(dtype)
 
 
-def hf_name_to_path(name: str) -> tuple[PathParts, bool] | None:
+def hf_name_to_path(name: str, quantized: bool = False) -> tuple[PathParts, bool] | None:
     """HF tensor name -> (NNX state path, needs transpose); None for names that map nowhere.
 
     model.embed_tokens.weight                  -> (model, embed_tokens, embedding)
@@ -81,9 +84,14 @@ def hf_name_to_path(name: str) -> tuple[PathParts, bool] | None:
     lm_head.weight                             -> (lm_head, kernel), transposed
     """
     parts: list[Any] = [int(p) if p.isdigit() else p for p in name.split(".")]
-    if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
+    if len(parts) < 2:
         return None
     owner = parts[-2]
+    if quantized and owner in _FP8_LINEAR_NAMES and parts[-1] in (
+            "weight", "weight_scale", "input_scale"):
+        return tuple(parts), False  # Fp8Linear keeps HF's names and [out, in] layout
+    if parts[-1] not in ("weight", "bias"):
+        return None
     if parts[-1] == "bias":
         return (tuple(parts), False) if owner in _LINEAR_NAMES else None
     if owner == "embed_tokens":
@@ -175,7 +183,8 @@ def load_params_from_tensors(
     parallel = bind_parallel(parallel, config)
     if parallel is not None:
         named_tensors = parallel.adapt_tensors(named_tensors)
-        place = lambda name, arr: parallel.place(hf_name_to_path(name)[0], arr)  # noqa: E731
+        place = lambda name, arr: parallel.place(  # noqa: E731
+            hf_name_to_path(name, config.quantization is not None)[0], arr)
     graphdef, state = nnx.split(model)
     targets: dict[PathParts, Any] = {tuple(p): v for p, v in nnx.to_flat_state(state)}
     loaded: dict[PathParts, jax.Array] = {}
@@ -183,7 +192,7 @@ def load_params_from_tensors(
     for name, tensor in named_tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue
-        mapped = hf_name_to_path(name)
+        mapped = hf_name_to_path(name, quantized=config.quantization is not None)
         if mapped is None or mapped[0] not in targets:
             raise ValueError(
                 f"Unexpected tensor {name!r}: the {config.architecture} model has no such parameter "
@@ -206,8 +215,12 @@ def load_params_from_tensors(
             loaded[path] = place(name, arr.astype(dtype))
             continue
         # One host copy in the target dtype, contiguous, then onto the device; `arr` is dropped
-        # before the next tensor is read.
-        host = np.ascontiguousarray(arr, dtype=dtype)
+        # before the next tensor is read. The target dtype is the model's, except an fp8
+        # model's e4m3 weights and float32 scales, which keep their own.
+        leaf_dtype = targets[path].get_value().dtype
+        host = np.ascontiguousarray(
+            arr, dtype=leaf_dtype if config.quantization is not None else dtype
+        ).reshape(arr.shape)  # ascontiguousarray makes a 0-d scale 1-d
         del arr
         loaded[path] = place(name, host)
         del host

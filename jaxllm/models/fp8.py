@@ -54,7 +54,7 @@ class Fp8Linear(nnx.Module):
         if self.input_scale is None:
             xq, xs = quantize_activation_per_token(x2)
         else:
-            xs = self.input_scale[...]
+            xs = self.input_scale.get_value()  # [] (`[...]` of a 0-d Variable is [1])
             xq = jnp.clip(x2.astype(jnp.float32) / xs, -E4M3_MAX, E4M3_MAX).astype(FP8)
         y = fp8_matmul_xla(xq, xs, self.weight[...], self.weight_scale[...], out_dtype=x.dtype,
                            w_transposed=True)

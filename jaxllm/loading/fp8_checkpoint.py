@@ -1,0 +1,259 @@
+"""Pre-quantized FP8 checkpoints as published on the HF hub: detection, reading, and a writer.
+
+Two config.json formats are read (checked against vLLM's loaders; docs/DESIGN_NOTES.md "FP8"):
+
+  compressed-tensors (llm-compressor, e.g. RedHatAI/*-FP8-dynamic):
+    "quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
+      "config_groups": {"group_0": {"targets": ["Linear"],
+        "weights": {"type": "float", "num_bits": 8, "strategy": "channel" | "tensor", ...},
+        "input_activations": {"type": "float", "num_bits": 8, "strategy": "token" | "tensor",
+                              "dynamic": true | false} | null}},
+      "ignore": ["lm_head"]}
+  fp8 (vLLM / transformers FineGrainedFP8, e.g. AutoFP8 output):
+    "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic" | "static",
+                            "weight_block_size": [128, 128]?}
+
+Tensors per quantized projection (HF names, HF [out, in] layout):
+  <proj>.weight        float8_e4m3fn [N, K]
+  <proj>.weight_scale  float32 (or bf16) [N, 1] per channel, [] / [1] per tensor
+  <proj>.input_scale   float32 [] / [1], static activations only
+  (block-wise fp8 names its scale weight_scale_inv [ceil(N/bn), ceil(K/bk)]: refused for now)
+
+They load without dequantizing: the e4m3 weight goes into ``Fp8Linear.weight`` as is, a
+per-tensor scale is broadcast to the [N] per-channel vector (exact), an input scale becomes the
+layer's static activation scale. The numpy safetensors reader cannot return float8 arrays, so
+this module reads F8_E4M3 tensors from the file itself (a memory map of the raw bytes viewed as
+ml_dtypes.float8_e4m3fn).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("jaxllm")
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KV_SCALE_SUFFIXES = ("self_attn.k_scale", "self_attn.v_scale", "k_proj.output_scale",
+                      "v_proj.output_scale")
+
+
+def _ignored_ok(ignore: Iterable[str]) -> None:
+    bad = [x for x in ignore or () if "lm_head" not in x]
+    if bad:
+        raise ValueError(
+            f"this fp8 checkpoint leaves {bad[:3]} unquantized; jaxllm loads fp8 checkpoints "
+            "whose attention and MLP projections are all quantized (only lm_head ignored).")
+
+
+def fp8_scheme_from_hf(quantization_config: dict | None) -> str | None:
+    """config.json's quantization_config -> "dynamic" / "static" (the activation scheme), None
+    when the checkpoint is not quantized; ValueError naming what is unsupported."""
+    qc = quantization_config
+    if not qc:
+        return None
+    if not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc)
+    method = qc.get("quant_method")
+    if method == "fp8":
+        if qc.get("weight_block_size"):
+            raise ValueError(
+                f"fp8 checkpoints with weight_block_size={qc['weight_block_size']} (block-wise "
+                "scales) are not supported yet; use a per-tensor or per-channel fp8 checkpoint, "
+                "or the bf16 model with quantization='fp8'.")
+        _ignored_ok(qc.get("ignored_layers") or qc.get("modules_to_not_convert") or ())
+        scheme = qc.get("activation_scheme", "dynamic")
+        if scheme not in ("dynamic", "static"):
+            raise ValueError(f"fp8 activation_scheme={scheme!r}: expected 'dynamic' or 'static'.")
+        return scheme
+    if method == "compressed-tensors":
+        groups = list((qc.get("config_groups") or {}).values())
+        if not groups:
+            raise ValueError("compressed-tensors quantization_config has no config_groups.")
+        schemes = set()
+        for g in groups:
+            w = g.get("weights") or {}
+            if w.get("type") != "float" or w.get("num_bits") != 8:
+                raise ValueError(
+                    f"compressed-tensors weights {w.get('type')}/{w.get('num_bits')} bits: only "
+                    "float 8-bit (fp8 e4m3) is supported.")
+            if w.get("strategy") not in ("channel", "tensor"):
+                raise ValueError(
+                    f"compressed-tensors weight strategy {w.get('strategy')!r} is not supported; "
+                    "'channel' and 'tensor' are.")
+            a = g.get("input_activations")
+            if a is None:  # weight-only (W8A16): run it W8A8 with dynamic per-token scales
+                schemes.add("dynamic")
+            elif a.get("type") != "float" or a.get("num_bits") != 8:
+                raise ValueError("compressed-tensors input_activations must be float 8-bit.")
+            else:
+                schemes.add("dynamic" if a.get("dynamic") else "static")
+        if len(schemes) != 1:
+            raise ValueError("compressed-tensors groups mix static and dynamic activations.")
+        _ignored_ok(qc.get("ignore") or ())
+        return schemes.pop()
+    raise ValueError(
+        f"quantization_config quant_method={method!r} is not supported; jaxllm reads "
+        "'compressed-tensors' (float8) and 'fp8' checkpoints.")
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def _header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
+def has_fp8_tensors(files: list[Path]) -> bool:
+    return any(v.get("dtype") == "F8_E4M3" for p in files for k, v in _header(p)[0].items()
+               if k != "__metadata__")
+
+
+def iter_safetensors_fp8(files: list[Path]) -> Iterator[tuple[str, Any]]:
+    """Like ``safetensors_loader.iter_safetensors``, for files that hold F8_E4M3 tensors: those
+    come from a memory map viewed as float8_e4m3fn, the rest through safetensors."""
+    import ml_dtypes
+    from safetensors import safe_open
+
+    for path in files:
+        header, start = _header(path)
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                info = header[name]
+                if info["dtype"] == "F8_E4M3":
+                    def get(info=info, path=path):
+                        a, b = info["data_offsets"]
+                        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start + a,
+                                        shape=(b - a,))
+                        return raw.view(ml_dtypes.float8_e4m3fn).reshape(info["shape"])
+                    yield name, get
+                else:
+                    yield name, (lambda f=f, name=name: f.get_tensor(name))
+
+
+def _out_features(config: Any, proj: str) -> int:
+    H, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    return {"q_proj": H * D, "k_proj": K * D, "v_proj": K * D, "o_proj": config.hidden_size,
+            "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size,
+            "down_proj": config.hidden_size}[proj]
+
+
+def adapt_fp8_tensors(named_tensors: Iterable[tuple[str, Any]], config: Any
+                      ) -> Iterator[tuple[str, Any]]:
+    """Puts a pre-quantized checkpoint's scales in Fp8Linear's shapes: weight_scale -> [N]
+    float32 (a per-tensor scale broadcast), input_scale -> [] (dropped when dynamic); KV cache
+    scales are dropped (the fp8 KV cache uses 1.0, with a warning)."""
+    warned = False
+    for name, tensor in named_tensors:
+        parts = name.split(".")
+        if name.endswith(_KV_SCALE_SUFFIXES):
+            if not warned:
+                logger.warning("the checkpoint's KV cache scales (%s, ...) are not used: an fp8 "
+                               "KV cache runs with scale 1.0", name)
+                warned = True
+            continue
+        if len(parts) >= 2 and parts[-2] in PROJECTIONS and parts[-1] in ("weight_scale",
+                                                                           "input_scale"):
+            if parts[-1] == "input_scale" and config.activation_scheme != "static":
+                continue
+            n = _out_features(config, parts[-2])
+
+            def get(tensor=tensor, leaf=parts[-1], n=n, name=name):
+                arr = np.asarray(tensor() if callable(tensor) else tensor, np.float32)
+                if leaf == "input_scale":
+                    if arr.size != 1:
+                        raise ValueError(f"{name}: expected one static input scale, got shape "
+                                         f"{arr.shape}.")
+                    return arr.reshape(())
+                if arr.size == 1:
+                    return np.full((n,), arr.reshape(()), np.float32)
+                if arr.size != n:
+                    raise ValueError(f"{name}: expected {n} per-channel scales or one per-tensor "
+                                     f"scale, got shape {arr.shape}.")
+                return arr.reshape(n)
+            yield name, get
+            continue
+        yield name, tensor
+
+
+# ---- writing (tests, and converting a local bf16 folder once) ---------------------------------
+
+def write_fp8_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
+                         fmt: str = "compressed-tensors", strategy: str = "channel",
+                         activation_scheme: str = "dynamic",
+                         input_scales: dict[str, float] | None = None) -> Path:
+    """Quantizes the projections of the HF folder ``src`` into a pre-quantized fp8 folder ``dst``
+    in ``fmt`` ("compressed-tensors" or "fp8"), as llm-compressor / AutoFP8 publish them.
+
+    strategy: "channel" (weight_scale [N, 1]; compressed-tensors only) or "tensor" (scalar).
+    activation_scheme: "dynamic", or "static" with ``input_scales`` {projection HF prefix ->
+    scale}: a calibrated per-tensor input scale (absmax / 448) per projection; missing: 1.0.
+    Every other file (tokenizer, generation config) is copied. Uses torch (safetensors' float8
+    writer).
+    """
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from jaxllm.loading.safetensors_loader import safetensors_files
+
+    if fmt not in ("compressed-tensors", "fp8"):
+        raise ValueError(f"fmt={fmt!r}: choose 'compressed-tensors' or 'fp8'.")
+    if strategy not in ("channel", "tensor") or (fmt == "fp8" and strategy != "tensor"):
+        raise ValueError(f"strategy={strategy!r} is not written in the {fmt} format "
+                         "(fp8: 'tensor'; compressed-tensors: 'channel' or 'tensor').")
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.is_file() and not p.name.endswith(".safetensors") and p.name != "config.json" \
+                and not p.name.endswith(".index.json"):
+            shutil.copy(p, dst / p.name)
+    out: dict[str, torch.Tensor] = {}
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    for path in safetensors_files(src):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                parts = name.split(".")
+                if len(parts) >= 2 and parts[-2] in PROJECTIONS and parts[-1] == "weight":
+                    w = t.float()
+                    amax = w.abs().amax(dim=1, keepdim=True) if strategy == "channel" \
+                        else w.abs().amax()
+                    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+                    out[name] = (w / scale).clamp(-fmax, fmax).to(torch.float8_e4m3fn)
+                    out[name[:-len("weight")] + "weight_scale"] = scale.float().contiguous()
+                    if activation_scheme == "static":
+                        prefix = name[:-len(".weight")]
+                        s = (input_scales or {}).get(prefix, 1.0)
+                        out[prefix + ".input_scale"] = torch.tensor(s, dtype=torch.float32)
+                else:
+                    out[name] = t.contiguous()
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    if fmt == "fp8":
+        qc = {"quant_method": "fp8", "activation_scheme": activation_scheme}
+    else:
+        acts = {"type": "float", "num_bits": 8, "symmetric": True,
+                "strategy": "token" if activation_scheme == "dynamic" else "tensor",
+                "dynamic": activation_scheme == "dynamic"}
+        qc = {"quant_method": "compressed-tensors", "format": "float-quantized",
+              "quantization_status": "compressed",
+              "config_groups": {"group_0": {
+                  "targets": ["Linear"],
+                  "weights": {"type": "float", "num_bits": 8, "symmetric": True,
+                              "strategy": strategy, "dynamic": False},
+                  "input_activations": acts}},
+              "ignore": ["lm_head"]}
+    config["quantization_config"] = qc
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
