@@ -383,3 +383,19 @@ def test_unsupported_quantization_configs_are_refused_with_the_reason():
             "weights": {"type": "int", "num_bits": 4, "strategy": "group"}}}})
     with pytest.raises(ValueError, match="only lm_head"):
         fp8_scheme_from_hf({"quant_method": "fp8", "ignored_layers": ["model.layers.0.mlp"]})
+
+
+def test_fp8_on_a_gpu_without_fp8_tensor_cores_says_what_to_do(monkeypatch):
+    from jaxllm.models import fp8 as fp8_mod
+
+    class OldGPU:
+        platform, device_kind, compute_capability = "gpu", "NVIDIA A100-SXM4-80GB", "8.0"
+
+    class H100(OldGPU):
+        device_kind, compute_capability = "NVIDIA H100 80GB HBM3", "9.0"
+
+    monkeypatch.setattr(fp8_mod.jax, "devices", lambda: [OldGPU()])
+    with pytest.raises(ValueError, match=r"compute capability >= 8.9.*A100.*8\.0.*quantization=None"):
+        fp8_mod.check_fp8_supported()
+    monkeypatch.setattr(fp8_mod.jax, "devices", lambda: [H100()])
+    fp8_mod.check_fp8_supported()  # no error
