@@ -84,6 +84,9 @@ class ModelConfig:
     # fp8 activations: "dynamic" (per-token scales at run time) or "static" (the checkpoint's
     # per-tensor input_scale).
     activation_scheme: str = "dynamic"
+    # Per layer (k_scale, v_scale) of an fp8 KV cache, from a checkpoint that calibrated them
+    # (compressed-tensors kv_cache_scheme); None: 1.0 (jaxllm/models/attention.py).
+    kv_cache_scales: tuple[tuple[float, float], ...] | None = None
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

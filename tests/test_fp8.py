@@ -313,7 +313,7 @@ def test_compressed_tensors_channel_checkpoint_loads_as_is_and_equals_load_time_
     from jaxllm.loading.fp8_checkpoint import write_fp8_checkpoint
 
     folder = write_fp8_checkpoint(small_llama_folder, tmp_path / "ct", fmt="compressed-tensors",
-                                  strategy="channel")
+                                  strategy="channel", kv_cache_scales=(0.5, 0.25))
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors"
     from safetensors import safe_open
@@ -339,6 +339,12 @@ def test_compressed_tensors_channel_checkpoint_loads_as_is_and_equals_load_time_
     seqs = _random_seqs(n=3)
     for a, b in zip(batch_logprobs(ref, seqs), batch_logprobs(loaded.model, seqs)):
         np.testing.assert_allclose(a, b, atol=2e-3)
+    # the checkpoint's KV cache scales become each layer's fp8-cache scales
+    assert loaded.model_config.kv_cache_scales == ((0.5, 0.25), (0.5, 0.25))
+    attn = loaded.model.model.layers[1].self_attn
+    assert (attn.k_scale, attn.v_scale) == (0.5, 0.25)
+    err, agree = quality(small_dense, loaded.model, _random_seqs(), FP8_KV_DTYPE)
+    assert err < 0.2 and agree >= 0.8, (err, agree)  # W8A8 + fp8 KV together (measured 0.1/0.9)
 
 
 def test_fp8_format_per_tensor_static_checkpoint_loads_with_its_scales(small_llama_folder,

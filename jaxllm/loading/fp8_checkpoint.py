@@ -139,6 +139,28 @@ def iter_safetensors_fp8(files: list[Path]) -> Iterator[tuple[str, Any]]:
                     yield name, (lambda f=f, name=name: f.get_tensor(name))
 
 
+def read_kv_cache_scales(files: list[Path], num_layers: int
+                         ) -> tuple[tuple[float, float], ...] | None:
+    """Per layer (k_scale, v_scale) from ``model.layers.N.self_attn.{k,v}_scale`` (or the older
+    ``{k,v}_proj.output_scale``); None when the checkpoint has none. Read before the model is
+    built: the scales are static attention settings, not params."""
+    from safetensors import safe_open
+
+    found: dict[tuple[int, str], float] = {}
+    for path in files:
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                if not name.endswith(_KV_SCALE_SUFFIXES):
+                    continue
+                parts = name.split(".")
+                layer = int(parts[2])
+                kind = "k" if parts[-1] == "k_scale" or parts[-2] == "k_proj" else "v"
+                found[(layer, kind)] = float(np.asarray(f.get_tensor(name), np.float32).max())
+    if not found:
+        return None
+    return tuple((found.get((i, "k"), 1.0), found.get((i, "v"), 1.0)) for i in range(num_layers))
+
+
 def _out_features(config: Any, proj: str) -> int:
     H, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     return {"q_proj": H * D, "k_proj": K * D, "v_proj": K * D, "o_proj": config.hidden_size,
@@ -150,15 +172,10 @@ def adapt_fp8_tensors(named_tensors: Iterable[tuple[str, Any]], config: Any
                       ) -> Iterator[tuple[str, Any]]:
     """Puts a pre-quantized checkpoint's scales in Fp8Linear's shapes: weight_scale -> [N]
     float32 (a per-tensor scale broadcast), input_scale -> [] (dropped when dynamic); KV cache
-    scales are dropped (the fp8 KV cache uses 1.0, with a warning)."""
-    warned = False
+    scales are skipped (``read_kv_cache_scales`` put them in the config)."""
     for name, tensor in named_tensors:
         parts = name.split(".")
         if name.endswith(_KV_SCALE_SUFFIXES):
-            if not warned:
-                logger.warning("the checkpoint's KV cache scales (%s, ...) are not used: an fp8 "
-                               "KV cache runs with scale 1.0", name)
-                warned = True
             continue
         if len(parts) >= 2 and parts[-2] in PROJECTIONS and parts[-1] in ("weight_scale",
                                                                            "input_scale"):
@@ -189,13 +206,16 @@ def adapt_fp8_tensors(named_tensors: Iterable[tuple[str, Any]], config: Any
 def write_fp8_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
                          fmt: str = "compressed-tensors", strategy: str = "channel",
                          activation_scheme: str = "dynamic",
-                         input_scales: dict[str, float] | None = None) -> Path:
+                         input_scales: dict[str, float] | None = None,
+                         kv_cache_scales: tuple[float, float] | None = None) -> Path:
     """Quantizes the projections of the HF folder ``src`` into a pre-quantized fp8 folder ``dst``
     in ``fmt`` ("compressed-tensors" or "fp8"), as llm-compressor / AutoFP8 publish them.
 
     strategy: "channel" (weight_scale [N, 1]; compressed-tensors only) or "tensor" (scalar).
     activation_scheme: "dynamic", or "static" with ``input_scales`` {projection HF prefix ->
     scale}: a calibrated per-tensor input scale (absmax / 448) per projection; missing: 1.0.
+    kv_cache_scales: (k_scale, v_scale) written for every layer as ``self_attn.k_scale`` /
+    ``self_attn.v_scale`` (compressed-tensors' kv_cache_scheme tensors).
     Every other file (tokenizer, generation config) is copied. Uses torch (safetensors' float8
     writer).
     """
@@ -238,6 +258,10 @@ def write_fp8_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
                         out[prefix + ".input_scale"] = torch.tensor(s, dtype=torch.float32)
                 else:
                     out[name] = t.contiguous()
+                if kv_cache_scales is not None and name.endswith("self_attn.q_proj.weight"):
+                    prefix = name[:-len("q_proj.weight")]
+                    out[prefix + "k_scale"] = torch.tensor(kv_cache_scales[0], dtype=torch.float32)
+                    out[prefix + "v_scale"] = torch.tensor(kv_cache_scales[1], dtype=torch.float32)
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
     if fmt == "fp8":

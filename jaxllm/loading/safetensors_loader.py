@@ -86,7 +86,14 @@ def load_hf_folder(path: str | os.PathLike, dtype: Any = "auto",
     _, config = load_hf_config(path)
     files = safetensors_files(Path(path))
     if config.quantization == "fp8":  # pre-quantized: e4m3 weights and their scales as they are
-        from jaxllm.loading.fp8_checkpoint import adapt_fp8_tensors, iter_safetensors_fp8
+        import dataclasses
+
+        from jaxllm.loading.fp8_checkpoint import (adapt_fp8_tensors, iter_safetensors_fp8,
+                                                   read_kv_cache_scales)
+
+        kv_scales = read_kv_cache_scales(files, config.num_hidden_layers)
+        if kv_scales is not None:
+            config = dataclasses.replace(config, kv_cache_scales=kv_scales)
 
         tensors = adapt_fp8_tensors(iter_safetensors_fp8(files), config)
     else:

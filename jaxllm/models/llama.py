@@ -139,7 +139,8 @@ class LlamaAttention(nnx.Module):
         self.sliding_window = config.layer_sliding_window(layer_idx)
         self.attention_backend = attention_backend
         # Per-tensor scales of an fp8 KV cache (jaxllm/models/attention.py); unused otherwise.
-        self.k_scale = self.v_scale = 1.0
+        self.k_scale, self.v_scale = (config.kv_cache_scales[layer_idx]
+                                      if config.kv_cache_scales else (1.0, 1.0))
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  kv_cache: tuple[jax.Array, jax.Array], md: AttentionMetadata
