@@ -6,6 +6,7 @@ Quality is measured teacher-forced over a fixed prompt set, against the float32 
 Bounds (measured on this CPU, then given ~1.5x headroom; see docs/DESIGN_NOTES.md "FP8"):
   SmolLM2-135M, W8A8:  mean |dlp| 0.17, greedy agreement 0.91  -> bounds 0.25 / 0.85
   SmolLM2-135M, fp8 KV: mean |dlp| 0.09, greedy agreement 0.95 -> bounds 0.15 / 0.90
+  SmolLM2-135M perplexity ratio over the prompts: W8A8 1.014, fp8 KV 1.015 -> bound 1.05
   random 2-layer Llama: W8A8 0.09 / 0.90-0.92 -> 0.14 / 0.85; fp8 KV 0.04 / 0.94-0.96 -> 0.07 / 0.90
 A broken path (a lost scale, a transposed weight) scores mean |dlp| of several nats and near-zero
 agreement, so the bounds do fail on bugs. Exact plumbing (engine == direct forward, kernel ==
@@ -79,17 +80,20 @@ def batch_logprobs(model, seqs: list[list[int]], cache_dtype=jnp.float32, B: int
     return [out[a:b] for a, b in zip(qsl[:-1], qsl[1:])]
 
 
-def quality(ref_model, model, seqs, cache_dtype=jnp.float32):
-    """(mean |delta log-prob| of the actual next tokens, greedy agreement) over all positions."""
+def quality(ref_model, model, seqs, cache_dtype=jnp.float32, with_ppl: bool = False):
+    """(mean |delta log-prob| of the actual next tokens, greedy agreement) over all positions;
+    with_ppl: also the perplexity ratio model / reference over the same tokens."""
     ref = batch_logprobs(ref_model, seqs)
     got = batch_logprobs(model, seqs, cache_dtype)
-    errs, agree = [], []
+    errs, agree, diff = [], [], []
     for s, a, b in zip(seqs, ref, got):
         idx = np.arange(len(s) - 1)
         nxt = np.asarray(s[1:])
         errs.append(np.abs(a[idx, nxt] - b[idx, nxt]))
+        diff.append(a[idx, nxt] - b[idx, nxt])
         agree.append(a.argmax(-1) == b.argmax(-1))
-    return float(np.concatenate(errs).mean()), float(np.concatenate(agree).mean())
+    out = float(np.concatenate(errs).mean()), float(np.concatenate(agree).mean())
+    return out + (float(np.exp(np.concatenate(diff).mean())),) if with_ppl else out
 
 
 # -- units ----------------------------------------------------------------------------------------
@@ -143,15 +147,15 @@ def default_seqs(default_model_f32):
 
 def test_default_model_w8a8_logprob_error_and_greedy_agreement(default_model_f32, default_seqs):
     q = quantize_model(default_model_f32.model)
-    err, agree = quality(default_model_f32.model, q, default_seqs)
-    assert err < 0.25 and agree >= 0.85, (err, agree)
+    err, agree, ppl = quality(default_model_f32.model, q, default_seqs, with_ppl=True)
+    assert err < 0.25 and agree >= 0.85 and ppl < 1.05, (err, agree, ppl)
 
 
 def test_default_model_fp8_kv_cache_logprob_error_and_greedy_agreement(default_model_f32,
                                                                        default_seqs):
-    err, agree = quality(default_model_f32.model, default_model_f32.model, default_seqs,
-                         FP8_KV_DTYPE)
-    assert err < 0.15 and agree >= 0.90, (err, agree)
+    err, agree, ppl = quality(default_model_f32.model, default_model_f32.model, default_seqs,
+                              FP8_KV_DTYPE, with_ppl=True)
+    assert err < 0.15 and agree >= 0.90 and ppl < 1.05, (err, agree, ppl)
 
 
 # -- the random small Llama -----------------------------------------------------------------------
