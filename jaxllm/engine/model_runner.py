@@ -247,8 +247,8 @@ class ModelRunner:
         compile rather than the sum (8B shape, 9 buckets: most of ~140 s was compiles)."""
         import concurrent.futures as cf
 
-        if self.mesh is not None or not hasattr(self, "_forward"):
-            return  # sharded / pipelined runners compile as they go (their inputs differ)
+        if self.mesh is not None or not hasattr(getattr(self, "_forward", None), "lower"):
+            return  # sharded / pipelined runners compile as they go (their programs differ)
         lowered = []
         for T in self.token_buckets:
             inputs = self.prepare([], [], T=T)
