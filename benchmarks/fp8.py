@@ -150,9 +150,8 @@ def run_engine_mode(args) -> dict:
 
     from jaxllm.config import EngineConfig
     from jaxllm.engine.llm_engine import LLMEngine
-    from jaxllm.sampling_params import RequestOutputKind, SamplingParams
     from latency import measure_bandwidth_gbs
-    from offline_throughput import _prompts, random_model
+    from offline_throughput import _prompts, engine_generate, random_model
 
     quant, kv = MODES[args.mode]
     t0 = time.perf_counter()
@@ -181,16 +180,7 @@ def run_engine_mode(args) -> dict:
     start_s = time.perf_counter() - t0
 
     def generate(prompts, max_tokens):
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
-        for i, p in enumerate(prompts):
-            engine.add_request(f"r{time.perf_counter_ns()}-{i}", {"prompt_token_ids": p}, params)
-        t = time.perf_counter()
-        n = 0
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                n += len(o.outputs[0].token_ids)
-        return time.perf_counter() - t, n
+        return engine_generate(engine, prompts, max_tokens)
 
     vocab = loaded.model_config.vocab_size
     one = _prompts(1, args.decode_context, vocab, seed=1)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import SHAPES, _prompts, random_model  # noqa: E402
+from offline_throughput import SHAPES, _prompts, hf_random_model, random_model  # noqa: E402
 
 CONTEXTS = [128, 512, 1024, 2048, 4096, 8192]
 PREFILLS = [512, 1024, 2048, 4096, 8192]
@@ -88,7 +88,7 @@ def run_jaxllm(args) -> list[dict]:
     common = dict(engine="jaxllm" + (" (sync steps)" if args.sync else ""), shape=args.shape,
                   device=device, copy_bandwidth_gbs=bw, weight_bytes=weight_bytes,
                   roofline_ms=weight_bytes / (bw * 1e9) * 1e3, startup_s=startup_s)
-    one(_prompts(1, 64, mc.vocab_size, seed=9)[0], 4)  # warm-up
+    one(_prompts(1, min(64, *args.contexts), mc.vocab_size, seed=9)[0], 4)  # warm-up
     return _sweep(args, mc.vocab_size, one, common)
 
 
@@ -114,19 +114,9 @@ def _sweep(args, vocab: int, one, common: dict) -> list[dict]:
 
 def run_hf(args) -> list[dict]:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     s = SHAPES[args.shape]
-    cfg = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
-                      intermediate_size=s["intermediate_size"],
-                      num_hidden_layers=s["num_hidden_layers"],
-                      num_attention_heads=s["num_attention_heads"],
-                      num_key_value_heads=s["num_key_value_heads"], head_dim=s["head_dim"],
-                      rms_norm_eps=s["rms_norm_eps"], rope_theta=s["rope_theta"],
-                      max_position_embeddings=max(s["max_position_embeddings"], 16384))
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model = hf_random_model(args.shape, max_position_embeddings=16384)
 
     def one(prompt, max_tokens) -> float:
         ids = torch.tensor([prompt], device="cuda")
@@ -143,7 +133,7 @@ def run_hf(args) -> list[dict]:
     import transformers
     common = dict(engine=f"hf-transformers {transformers.__version__} ({args.hf_cache} cache)",
                   shape=args.shape, device=torch.cuda.get_device_name())
-    one(_prompts(1, 64, s["vocab_size"], seed=9)[0], 4)
+    one(_prompts(1, min(64, *args.contexts), s["vocab_size"], seed=9)[0], 4)
     return _sweep(args, s["vocab_size"], one, common)
 
 

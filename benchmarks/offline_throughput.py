@@ -53,6 +53,44 @@ def random_model(shape: str, attention: str, *, tokenizer=None, vocab_size: int 
                                  name=f"random-{shape}")
 
 
+def engine_generate(engine, prompts: list[list[int]], max_tokens) -> tuple[float, int]:
+    """Submits every prompt at once (greedy, ignore_eos, no detokenization) and steps the engine
+    until all finish: (seconds from the first step to the last, output tokens). ``max_tokens`` is
+    one int or one per prompt."""
+    from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+
+    lengths = max_tokens if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(prompts)
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                                detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+        engine.add_request(f"r{time.perf_counter_ns()}-{i}", {"prompt_token_ids": p}, params)
+    t = time.perf_counter()
+    n_out = 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            n_out += len(o.outputs[0].token_ids)
+    return time.perf_counter() - t, n_out
+
+
+def hf_random_model(shape: str, max_position_embeddings: int | None = None):
+    """HF transformers' LlamaForCausalLM with random bf16 weights in SHAPES[shape], on CUDA."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SHAPES[shape]
+    cfg = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                      intermediate_size=s["intermediate_size"],
+                      num_hidden_layers=s["num_hidden_layers"],
+                      num_attention_heads=s["num_attention_heads"],
+                      num_key_value_heads=s["num_key_value_heads"], head_dim=s["head_dim"],
+                      rms_norm_eps=s["rms_norm_eps"], rope_theta=s["rope_theta"],
+                      max_position_embeddings=max(s["max_position_embeddings"],
+                                                  max_position_embeddings or 0))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     import numpy as np
 
@@ -66,8 +104,6 @@ def run_jaxllm(args) -> dict:
 
     from jaxllm.config import EngineConfig
     from jaxllm.engine.llm_engine import LLMEngine
-    from jaxllm.sampling_params import RequestOutputKind, SamplingParams
-
     t0 = time.perf_counter()
     loaded = random_model(args.shape, args.attention)
     mc = loaded.model_config
@@ -85,16 +121,7 @@ def run_jaxllm(args) -> dict:
     start_s = time.perf_counter() - t0
 
     def generate(prompts, max_tokens):
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
-        for i, p in enumerate(prompts):
-            engine.add_request(f"r{time.perf_counter_ns()}-{i}", {"prompt_token_ids": p}, params)
-        t = time.perf_counter()
-        n_out = 0
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                n_out += len(o.outputs[0].token_ids)
-        return time.perf_counter() - t, n_out
+        return engine_generate(engine, prompts, max_tokens)
 
     prompts = _prompts(args.num_prompts, args.input_len, mc.vocab_size)
     generate(prompts[:8], 4)  # warm-up (all buckets are compiled already)
@@ -119,19 +146,9 @@ def run_jaxllm(args) -> dict:
 
 def run_hf(args) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     s = SHAPES[args.shape]
-    cfg = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
-                      intermediate_size=s["intermediate_size"],
-                      num_hidden_layers=s["num_hidden_layers"],
-                      num_attention_heads=s["num_attention_heads"],
-                      num_key_value_heads=s["num_key_value_heads"], head_dim=s["head_dim"],
-                      rms_norm_eps=s["rms_norm_eps"], rope_theta=s["rope_theta"],
-                      max_position_embeddings=s["max_position_embeddings"])
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model = hf_random_model(args.shape)
 
     def generate(prompts, max_tokens, batch):
         torch.cuda.synchronize()

@@ -98,10 +98,9 @@ def allreduce_ms_per_step(mesh, num_layers: int, hidden: int, batch: int = 1,
 def run_one(args) -> dict:
     import jax
 
-    from benchmarks.offline_throughput import _prompts
+    from benchmarks.offline_throughput import _prompts, engine_generate
     from jaxllm.config import EngineConfig
     from jaxllm.engine.llm_engine import LLMEngine
-    from jaxllm.sampling_params import RequestOutputKind, SamplingParams
     from sharding.mesh import make_mesh, replica_meshes
 
     tp, pp = LAYOUTS[args.one]
@@ -124,16 +123,7 @@ def run_one(args) -> dict:
     start_s = time.perf_counter() - t0
 
     def generate(prompts, max_tokens):
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
-        for i, p in enumerate(prompts):
-            engine.add_request(f"r{time.perf_counter_ns()}-{i}", {"prompt_token_ids": p}, params)
-        t = time.perf_counter()
-        n_out = 0
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                n_out += len(o.outputs[0].token_ids)
-        return time.perf_counter() - t, n_out
+        return engine_generate(engine, prompts, max_tokens)
 
     prompts = _prompts(args.num_prompts, args.input_len, mc.vocab_size)
     generate(prompts[:8], 4)  # warm-up

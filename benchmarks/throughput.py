@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import SHAPES, random_model  # noqa: E402
+from offline_throughput import SHAPES, engine_generate, hf_random_model, random_model  # noqa: E402
 
 
 def workload(name: str, n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -66,7 +66,6 @@ def run_jaxllm(args) -> dict:
 
     from jaxllm.config import EngineConfig
     from jaxllm.engine.llm_engine import LLMEngine
-    from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
     loaded = random_model(args.shape, args.attention)
     reqs = workload(args.workload, args.num_prompts, loaded.model_config.vocab_size)
@@ -82,18 +81,9 @@ def run_jaxllm(args) -> dict:
     compiles = engine.runner.num_compiles
 
     def generate(batch) -> float:
-        for i, (prompt, out_len) in enumerate(batch):
-            params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True,
-                                    detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
-            engine.add_request(f"r{time.perf_counter_ns()}-{i}", {"prompt_token_ids": prompt},
-                               params)
-        t = time.perf_counter()
-        n_out = 0
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                n_out += len(o.outputs[0].token_ids)
+        secs, n_out = engine_generate(engine, [p for p, _ in batch], [o for _, o in batch])
         assert n_out == sum(o for _, o in batch), (n_out, sum(o for _, o in batch))
-        return time.perf_counter() - t
+        return secs
 
     generate(reqs[:16])  # warm-up
     secs = statistics.median(generate(reqs) for _ in range(args.repeats))
@@ -108,20 +98,9 @@ def run_jaxllm(args) -> dict:
 def run_hf(args) -> dict:
     import torch
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    s = SHAPES[args.shape]
-    cfg = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
-                      intermediate_size=s["intermediate_size"],
-                      num_hidden_layers=s["num_hidden_layers"],
-                      num_attention_heads=s["num_attention_heads"],
-                      num_key_value_heads=s["num_key_value_heads"], head_dim=s["head_dim"],
-                      rms_norm_eps=s["rms_norm_eps"], rope_theta=s["rope_theta"],
-                      max_position_embeddings=s["max_position_embeddings"])
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    reqs = workload(args.workload, args.num_prompts, s["vocab_size"])
+    model = hf_random_model(args.shape)
+    reqs = workload(args.workload, args.num_prompts, model.config.vocab_size)
     cache = None if args.hf_cache == "dynamic" else args.hf_cache
 
     def generate(batch_reqs) -> float:
