@@ -144,18 +144,11 @@ class ModelRunner:
                  max_logprobs: int, parallel: Any = None):
         # parallel: a sharding.rules.ModelSharding with one stage (tensor parallelism): the params
         # are already in their shards; the KV cache is split by KV head, attention per shard.
-        self.parallel = parallel
-        self.mesh = parallel.stages[0].mesh if parallel is not None else None
-        self.page_size = page_size
-        self.num_pages = num_pages
-        self.max_model_len = max_model_len
-        self.max_num_seqs = max_num_seqs
-        self.max_pages_per_seq = math.ceil(max_model_len / page_size)
-        self.token_buckets = tuple(sorted(token_buckets))
-        self.vocab_size = vocab_size
-        # One fixed k for every step: a different k per step would recompile; top-k of 20 per row
-        # is negligible next to the lm_head.
-        self.num_logprobs = max_logprobs
+        self._set_step_shape(parallel, parallel.stages[0].mesh if parallel is not None else None,
+                             num_pages=num_pages, page_size=page_size,
+                             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                             token_buckets=token_buckets, vocab_size=vocab_size,
+                             max_logprobs=max_logprobs)
         self.graphdef, self.state = nnx.split(model)
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.kv_caches: KVCache = zeros_kv_cache(
@@ -181,6 +174,23 @@ class ModelRunner:
                                                           lambda idx: zeros[idx]))
         self.publisher = None  # multi-host leader: sharding.distributed publishes each step
         self.last_host_time = 0.0
+
+    def _set_step_shape(self, parallel, mesh, *, num_pages: int, page_size: int,
+                        max_model_len: int, max_num_seqs: int, token_buckets, vocab_size: int,
+                        max_logprobs: int) -> None:
+        """The fields every runner (this one and the pipeline's) builds its steps from."""
+        self.parallel = parallel
+        self.mesh = mesh
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_pages_per_seq = math.ceil(max_model_len / page_size)
+        self.token_buckets = tuple(sorted(token_buckets))
+        self.vocab_size = vocab_size
+        # One fixed k for every step: a different k per step would recompile; top-k of 20 per row
+        # is negligible next to the lm_head.
+        self.num_logprobs = max_logprobs
 
     @property
     def state(self) -> nnx.State:

@@ -93,18 +93,10 @@ class PipelineRunner(ModelRunner):
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  token_buckets, cache_dtype: Any, vocab_size: int, max_logprobs: int,
                  parallel: Any):
-        import math
-
-        self.parallel = parallel
-        self.mesh = None
-        self.page_size = page_size
-        self.num_pages = num_pages
-        self.max_model_len = max_model_len
-        self.max_num_seqs = max_num_seqs
-        self.max_pages_per_seq = math.ceil(max_model_len / page_size)
-        self.token_buckets = tuple(sorted(token_buckets))
-        self.vocab_size = vocab_size
-        self.num_logprobs = max_logprobs
+        self._set_step_shape(parallel, None, num_pages=num_pages, page_size=page_size,
+                             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                             token_buckets=token_buckets, vocab_size=vocab_size,
+                             max_logprobs=max_logprobs)
         self.stages = parallel.stages
         self.pp = len(self.stages)
         self.model = model
