@@ -25,6 +25,12 @@ SHAPES = {
                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
                       max_position_embeddings=8192, tie_word_embeddings=False),
+    # Llama-3-70B: 80 layers, GQA 64/8; ~141 GB in bf16, so it needs tp >= 2 on H200s.
+    "llama3-70b": dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=8192,
+                       intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, max_position_embeddings=8192,
+                       tie_word_embeddings=False),
     "tiny": dict(architecture="LlamaForCausalLM", vocab_size=1024, hidden_size=128,
                  intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,

@@ -1,0 +1,45 @@
+#!/bin/bash
+# The open issues' GPU figures on nvidia-h200-x2, in two parts that each fit one device call
+# (< 10 min). Independent single-GPU jobs run side by side, one per GPU.
+#   bash benchmarks/gpu/issues.sh single   GPU0: FP8 end to end (issue 6) + FP8 GPU tests, then
+#                                          tp1 (issue 8); GPU1: prefix caching on/off (issue 4)
+#                                          + the FP8 matmul sweep (issue 5)
+#   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
+#                                          (issue 8), then 1 vs 2 replicas (issue 11)
+# The server benchmark needs pydantic: carry .whl (see benchmarks/RESULTS.md) and .bench.
+# JSON lines and logs go to $OUT.
+export PYTHONPATH=$PWD
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+# Processes that compile the same programs (the two engines of prefix_cache.py) share them.
+export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+quiet() { grep -v "Compiling\|it/s\]\|bucket/s" ; }
+T=${T:-560}  # seconds each lane may take, so the call returns its logs before the limit
+case "$1" in
+single)
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout $T bash -c "
+   python3 benchmarks/fp8.py engine --out $OUT/fp8.jsonl > $OUT/fp8_engine.log 2>&1
+   python3 -m pytest -q -m gpu tests/test_gpu.py -k fp8 > $OUT/fp8_tests.log 2>&1
+   python3 benchmarks/parallel.py --configs tp1 --out $OUT/parallel.jsonl > $OUT/tp1.log 2>&1") &
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout $T bash -c "
+   python3 benchmarks/prefix_cache.py --attention pallas --out $OUT/prefix.jsonl > $OUT/prefix.log 2>&1
+   python3 benchmarks/fp8.py matmul --out $OUT/fp8_matmul.jsonl > $OUT/fp8_matmul.log 2>&1") &
+  wait
+  for f in fp8_engine fp8_tests tp1 prefix fp8_matmul; do
+    echo "=== $f"; quiet < $OUT/$f.log | tail -25
+  done ;;
+multi)
+  timeout 330 python3 benchmarks/parallel.py --configs tp2,pp2 --out $OUT/parallel.jsonl \
+    > $OUT/parallel.log 2>&1
+  timeout 200 python3 benchmarks/parallel.py --configs tp2 --shape llama3-70b --repeats 1 \
+    --num-prompts 128 --out $OUT/parallel.jsonl > $OUT/parallel70.log 2>&1
+  for f in parallel parallel70; do echo "=== $f"; quiet < $OUT/$f.log | tail -20; done ;;
+scaleout)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
+  timeout $T python3 benchmarks/ray_serving.py --tokenizer .bench/tokenizer --replicas 1,2 \
+    --request-rates 32,inf --out $OUT/ray_serving.jsonl > $OUT/ray_serving.log 2>&1
+  quiet < $OUT/ray_serving.log | tail -30 ;;
+esac
