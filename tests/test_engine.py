@@ -182,11 +182,13 @@ def test_no_page_leaks_after_finished_stopped_aborted_and_preempted_requests(sma
 
 
 def test_no_compilation_after_startup(small_llm):
-    # One forward per token bucket, and every start-up sampler variant (log-probs or not, sort or
-    # not) per sequence bucket, are compiled at start; serving any mix of them compiles nothing.
+    # One forward per token bucket (and a decode-only one per bucket a pure decode step can use),
+    # and every start-up sampler variant (log-probs or not, sort or not) per sequence bucket, are
+    # compiled at start; serving any mix of them compiles nothing.
     runner = small_llm.llm_engine.runner
     seq_buckets = {runner.seq_bucket(T) for T in runner.token_buckets}
-    assert runner._forward._cache_size() == len(runner.token_buckets)
+    assert runner._forward._cache_size() == len(runner.step_variants())
+    assert len(runner.step_variants()) > len(runner.token_buckets)
     assert runner._sample._cache_size() >= len(seq_buckets) * len(runner.sampler_variants())
     before = runner.num_compiles
     vocab = small_llm.llm_engine.model_config.vocab_size
@@ -223,12 +225,112 @@ def test_startup_compiles_each_program_once(small_llama_folder):
         ModelRunner._compile_in_parallel = parallel
     runner = llm.llm_engine.runner
     seq_buckets = {runner.seq_bucket(T) for T in runner.token_buckets}
-    programs = len(runner.token_buckets) + len(seq_buckets) * len(runner.sampler_variants())
+    programs = len(runner.step_variants()) + len(seq_buckets) * len(runner.sampler_variants())
     assert marks["after"] - marks["before"] >= programs
     # compile_all's loop ran after the parallel phase: only tiny helper jits (zeros, copies) may
     # compile there, never a forward or sampler again.
     assert len(compiles) - marks["after"] < len(runner.token_buckets)
-    assert runner._forward._cache_size() == len(runner.token_buckets)
+    assert runner._forward._cache_size() == len(runner.step_variants())
+
+
+def _spy_launches(runner, record):
+    """Wraps runner.launch to record, per step, (decode_only flag, one new token per sequence)."""
+    launch = runner.launch
+
+    def spy(inputs, *args, **kw):
+        md = inputs.md
+        n = int(md.num_seqs[0])
+        q_lens = np.diff(np.asarray(md.query_start_loc)[:n + 1])
+        record.append((md.decode_only, bool(n) and bool(np.all(q_lens == 1))))
+        return launch(inputs, *args, **kw)
+    runner.launch = spy
+    return launch
+
+
+def test_pure_decode_steps_run_the_decode_only_program_with_identical_outputs(small_llm):
+    # Every step whose sequences all have one new token runs the decode-only forward (a static
+    # flag: its own executable, compiled at start-up, so the cache does not grow), every other
+    # step the general one; and the outputs of a mixed workload (chunked prefill, preemption,
+    # sampling, log-probs) equal those of forcing the general forward on every step.
+    engine = small_llm.llm_engine
+    runner = engine.runner
+    vocab = engine.model_config.vocab_size
+    prompts = _random_prompts(12, vocab, seed=21, hi=90)
+    params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.9, top_p=0.9, max_tokens=6, seed=4, ignore_eos=True)]
+    params = [params[i % 2] for i in range(len(prompts))]
+    compiled = runner.num_compiles
+
+    def run(decode_only_steps):
+        record = []
+        runner.decode_only_steps = decode_only_steps
+        launch = _spy_launches(runner, record)
+        try:
+            small_llm.reset_prefix_cache()
+            outs = small_llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            runner.launch = launch
+            runner.decode_only_steps = True
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs], record
+
+    fast, fast_steps = run(True)
+    general, general_steps = run(False)
+    assert fast == general
+    assert all(flag == pure for flag, pure in fast_steps)
+    assert sum(flag for flag, _ in fast_steps) >= 5, "the workload must have pure decode steps"
+    assert any(not pure for _, pure in fast_steps), "and mixed / prefill steps"
+    assert not any(flag for flag, _ in general_steps)
+    assert runner.num_compiles == compiled
+
+
+def test_forcing_decode_only_on_a_prefill_batch_is_refused(small_llm):
+    from types import SimpleNamespace
+
+    runner = small_llm.llm_engine.runner
+    seq = SimpleNamespace(all_token_ids=[1, 2, 3], num_pending=0, num_tokens=3, page_ids=[1],
+                          pending_row=-1)
+    prefill = [SimpleNamespace(seq=seq, start_pos=0, num_new_tokens=3)]
+    assert not runner.prepare(prefill, []).md.decode_only
+    with pytest.raises(ValueError, match="3 tokens over 1 sequences"):
+        runner.prepare(prefill, [], decode_only=True)
+    decode = [SimpleNamespace(seq=seq, start_pos=2, num_new_tokens=1)]
+    assert runner.prepare(decode, []).md.decode_only
+
+
+def test_decode_only_attention_is_one_kernel_launch_with_the_same_output():
+    # The Pallas kernel (interpreted here) on a pure decode batch with padding tokens: the
+    # decode-only metadata drops the prefill launch and gives bit-identical outputs, also per
+    # head shard under tensor parallelism (shard_map over 2 devices).
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.models.attention import AttentionMetadata, heads_sharded, paged_attention
+
+    from .test_pallas_kernels import _random_batch
+
+    rng = np.random.default_rng(3)
+    (q, kp, vp, sl, pt, qsl, ns), n_real = _random_batch(
+        rng, kinds=("decode",) * 5, T=8, S=6, M=4, B=8, P=30, H=4, K=2, D=16, dtype=jnp.float32)
+    md = AttentionMetadata(slot_mapping=jnp.zeros(8, jnp.int32), query_start_loc=qsl,
+                           seq_lens=sl, page_table=pt, num_seqs=ns)
+    md_dec = dataclasses.replace(md, decode_only=True)
+
+    def attend(md):
+        return paged_attention(q, kp, vp, md, sm_scale=0.25, backend="pallas")
+
+    def launches(md):
+        return str(jax.make_jaxpr(attend)(md)).count("pallas_call")
+
+    assert (launches(md), launches(md_dec)) == (2, 1)
+    general, decode = np.asarray(jax.jit(attend)(md)), np.asarray(jax.jit(attend)(md_dec))
+    assert n_real == 5 and np.all(decode[n_real:] == 0.0)
+    np.testing.assert_array_equal(decode, general)
+    mesh = jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2])
+    with heads_sharded(mesh):
+        sharded = np.asarray(jax.jit(attend)(md_dec))
+    np.testing.assert_array_equal(sharded, general)
 
 
 def test_penalty_and_bias_variants_compile_once_and_are_reused(small_llm):

@@ -127,8 +127,8 @@ def test_tensor_parallel_greedy_matches_one_device_and_each_device_holds_its_sli
     assert _shard_shapes(k_pages) == {(25, 16, max(K, tp) // tp, D)}
     assert _shard_shapes(layer["self_attn"]["k_proj"]["kernel"][...]) == {(E, max(K, tp) * D // tp)}
     assert _greedy(llm) == small_reference
-    # One compile per bucket used, as on one device (the KV cache keeps one sharding).
-    assert eng.runner._forward._cache_size() <= len(eng.runner.token_buckets)
+    # One compile per program used, as on one device (the KV cache keeps one sharding).
+    assert eng.runner._forward._cache_size() <= len(eng.runner.step_variants())
     # One all-reduce per block: 2 layers x (attention, MLP), + the vocab-parallel embedding.
     assert _all_reduces(eng.runner) == 2 * 2 + 1
 

@@ -9,6 +9,12 @@ is S = min(T, max_num_seqs) (a decode batch of n sequences runs at T = S = the b
 The sampler's static variants (log-probs or not, top-k/top-p sort or not) are cheap to compile;
 all forward buckets and the common sampler variants are compiled at start-up, so nothing big
 compiles while serving (``num_compiles`` lets tests check that).
+
+Decode-only steps: when every scheduled sequence has exactly one new token (pure decode, the
+common step while serving), ``prepare`` sets the static ``AttentionMetadata.decode_only``, so the
+forward is a separate compiled program whose Pallas attention runs only its decode launch. Those
+programs exist for the token buckets a pure decode step can land in (``step_variants``) and are
+compiled at start-up with the rest.
 """
 
 from __future__ import annotations
@@ -191,6 +197,10 @@ class ModelRunner:
         # One fixed k for every step: a different k per step would recompile; top-k of 20 per row
         # is negligible next to the lm_head.
         self.num_logprobs = max_logprobs
+        # Pure decode steps run the decode-only forward (module docstring). False: every step
+        # runs the general forward (for A/B measurements and tests; switch it before start-up
+        # compile to skip compiling the decode-only programs, or at any time to stop using them).
+        self.decode_only_steps = True
 
     @property
     def state(self) -> nnx.State:
@@ -230,6 +240,16 @@ class ModelRunner:
         return (self._forward._cache_size() + self._prompt_forward._cache_size()
                 + self._sample._cache_size())
 
+    def step_variants(self) -> list[tuple[int, bool]]:
+        """The (token bucket T, decode_only) forward programs compiled at start-up: the general
+        forward of every bucket, and the decode-only forward of each bucket a pure decode step
+        of 1..max_num_seqs sequences lands in."""
+        variants = [(T, False) for T in self.token_buckets]
+        if self.decode_only_steps:
+            n = min(self.max_num_seqs, self.token_buckets[-1])
+            variants += [(T, True) for T in self.token_buckets if T <= self.token_bucket(n)]
+        return variants
+
     def sampler_variants(self) -> list[tuple[int | None, bool]]:
         """The (num_logprobs, sort) variants compiled at start-up for every sequence bucket."""
         return [(nl, sort) for nl in (None, self.num_logprobs) for sort in (False, True)]
@@ -241,9 +261,9 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         self._compile_in_parallel()
-        for T in tqdm(self.token_buckets, desc="Compiling step buckets", disable=not show_progress,
-                      unit="bucket"):
-            inputs = self.prepare([], [], T=T)
+        for T, decode_only in tqdm(self.step_variants(), desc="Compiling step buckets",
+                                   disable=not show_progress, unit="program"):
+            inputs = self.prepare([], [], T=T, decode_only=decode_only)
             for nl, sort in self.sampler_variants():
                 out = self.run(inputs, nl, sort)
             jax.block_until_ready(out)
@@ -259,13 +279,16 @@ class ModelRunner:
 
         if self.mesh is not None or not hasattr(getattr(self, "_forward", None), "lower"):
             return  # sharded / pipelined runners compile as they go (their programs differ)
-        lowered = []
-        for T in self.token_buckets:
-            inputs = self.prepare([], [], T=T)
+        lowered, sampled = [], set()
+        for T, decode_only in self.step_variants():
+            inputs = self.prepare([], [], T=T, decode_only=decode_only)
             fwd = self._forward.lower(self._leaves, self.kv_caches,
                                       dataclasses.replace(inputs, sampling=None),
                                       self._prev_tokens)
             lowered.append(fwd)
+            if T in sampled:  # the decode-only forward shares its bucket's sampler programs
+                continue
+            sampled.add(T)
             logits = jax.ShapeDtypeStruct(*(lambda o: (o.shape, o.dtype))(fwd.out_info[1]))
             for nl, sort in self.sampler_variants():
                 lowered.append(self._sample.lower(logits, inputs.sampling, nl, sort))
@@ -285,9 +308,19 @@ class ModelRunner:
 
     # -- host side ----------------------------------------------------------------------------
     def prepare(self, scheduled: list[ScheduledSeq], sampling_rows: list[sampler_lib.SamplingRow],
-                T: int | None = None) -> StepInputs:
-        """Builds padded numpy StepInputs for the scheduled sequences, in their order."""
+                T: int | None = None, decode_only: bool | None = None) -> StepInputs:
+        """Builds padded numpy StepInputs for the scheduled sequences, in their order.
+
+        decode_only: None picks it (every sequence has one new token, and ``decode_only_steps``);
+        True / False force it (start-up compile, tests). True with a longer sequence is wrong
+        results with the Pallas kernel, so it is refused."""
         n_tokens = sum(s.num_new_tokens for s in scheduled)
+        pure_decode = n_tokens == len(scheduled) and all(s.num_new_tokens == 1 for s in scheduled)
+        if decode_only is None:
+            decode_only = bool(scheduled) and pure_decode and self.decode_only_steps
+        elif decode_only and not pure_decode:
+            raise ValueError(f"decode_only=True needs one new token per sequence; the batch has "
+                             f"{n_tokens} tokens over {len(scheduled)} sequences")
         if T is None:
             T = self.token_bucket(n_tokens)
         S = self.seq_bucket(T)
@@ -325,7 +358,8 @@ class ModelRunner:
         slot_mapping[off:] = SCRATCH_PAGE * B  # padding tokens write into the scratch page
         md = AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=query_start_loc,
                                seq_lens=seq_lens, page_table=page_table,
-                               num_seqs=np.array([num_seqs], np.int32))
+                               num_seqs=np.array([num_seqs], np.int32),
+                               decode_only=bool(decode_only))
         sampling = sampler_lib.build_sampling_tensors(sampling_rows, pad_to=S)
         return StepInputs(token_ids=token_ids, positions=positions, md=md,
                           logits_indices=logits_indices, prev_rows=prev_rows, sampling=sampling)
