@@ -128,7 +128,10 @@ def _attend_tokens(q, t, k_pages, v_pages, seq_lens, page_table, query_start_loc
 #   * prefill launch: one program per (query block, kv head); a query block is up to `block_q`
 #     consecutive new tokens of one sequence (chunked prefill or full prompt), mapped to its
 #     sequence on the device with searchsorted over the per-sequence block counts, so the grid has
-#     the static size min(T, cdiv(T, block_q) + S).
+#     a static size (a bound on the blocks, see below); blocks past the real ones exit at once.
+# The decode launch writes compact rows per (sequence slot, head) and one fused select places
+# them, so its partials, their combine and the select scale with S x H, not T x H: in a mixed
+# batch (a 2k chunk + 64 decodes) token-sized partials were 2 splits x 2112 x 32 x 128 floats.
 # Rows of a program are (token, query head of the group) pairs: all G = H // K query heads of one
 # KV head share a program, so each K/V page is read once per KV head (GQA), and a decode program
 # has G rows padded to 16 for the tensor-core dot. K/V are read a block of `pages_per_block` pages
@@ -147,7 +150,7 @@ def _next_pow2(n: int) -> int:
 def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_table_ref,
                  q_ref, k_ref, v_ref, *out_refs, block_q, rows, group, num_heads, head_dim,
                  page_size, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap,
-                 dummy_row):
+                 dummy_row, out_by_block):
     b = pl.program_id(0)
     h = pl.program_id(1)
     sp = pl.program_id(2)
@@ -213,7 +216,10 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
     l = jnp.zeros((rows,), jnp.float32)
     acc, m, l = jax.lax.fori_loop(kb_start, kb_end, body, (acc, m, l))
 
-    o_row = jnp.where(row_ok, q_row, dummy_row)
+    # Output rows: the token's own row, or (decode launch) a compact row per (block, head), so
+    # the decode partials and their combine scale with the sequence slots S, not the tokens T.
+    o_row = (b * block_q + r_tok) * H + h * G + r % G if out_by_block else q_row
+    o_row = jnp.where(row_ok, o_row, dummy_row)
     if num_splits == 1:
         (o_ref,) = out_refs
         out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
@@ -229,16 +235,20 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
 
 def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T, H, K, D, B,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
-            num_stages, interpret, out_dtype):
-    """One pallas_call over len(blk_seq) query blocks; returns [T*H+1, D] rows (masked rows junk)."""
+            num_stages, interpret, out_dtype, out_by_block=False):
+    """One pallas_call over len(blk_seq) query blocks.
+
+    Returns [T*H + 1, D] rows (token rows), or with ``out_by_block`` [nb*block_q*H + 1, D] rows
+    (row (b*block_q + i)*H + head for token i of block b); rows no program wrote are junk."""
     G = H // K
     rows = max(16, _next_pow2(block_q * G))
     nb = blk_seq.shape[0]
-    n_rows = T * H + 1
+    n_rows = (nb * block_q if out_by_block else T) * H + 1
     kernel = functools.partial(
         _attn_kernel, block_q=block_q, rows=rows, group=G, num_heads=H, head_dim=D, page_size=B,
         pages_per_block=pages_per_block, num_splits=num_splits, sm_scale=sm_scale,
-        sliding_window=sliding_window, soft_cap=soft_cap, dummy_row=n_rows - 1)
+        sliding_window=sliding_window, soft_cap=soft_cap, dummy_row=n_rows - 1,
+        out_by_block=out_by_block)
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((n_rows, D), out_dtype)
     else:
@@ -268,6 +278,85 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     return out.astype(out_dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# Block sizes per shape class (issue 5: measured, not guessed).
+#
+# Source: benchmarks/results/kernels-h100-2026-11-23.jsonl (H100 SXM, Llama-3-8B attention:
+# H=32, K=8, D=128, page size B=16, bf16), the fastest correct `pallas` row of each shape.
+# Regenerate from a new sweep with
+#     python3 benchmarks/kernels.py --print-table benchmarks/results/<new sweep>.jsonl
+# and paste its output here (tests/test_pallas_kernels.py checks this copy against the file
+# named in KERNEL_TABLE_SOURCE).
+#
+# Decode is keyed by the static shapes of the call, not by the batch's real lengths: S, the
+# sequence slots (page_table.shape[0], the engine's batch bucket), and the context class
+# L = M * B tokens (M = page_table.shape[1], max pages per sequence). A shape takes the
+# smallest measured class >= its own (the largest past the end). The real context is dynamic
+# and often shorter than the class: that is why the table may carry many splits. Each split
+# takes ceil(blocks / splits) of the *real* context's key blocks, so a shorter context spreads
+# over fewer, still busy splits, and the splits left without blocks are programs that exit
+# before their first load; the extra cost is those empty programs plus a combine over
+# splits x S x H x D floats, both small next to reading the context. Splits are also capped at
+# the key blocks of the class (cdiv(M, pages_per_block)), past which they can only be empty.
+# Caveat: the H100 sweep timed single calls from the host, whose dispatch floor is ~50-70 us
+# (every implementation, cuDNN included, sits there at batch 1-8 x 512); entries whose time is
+# near that floor (batch <= 8 at 512, batch 1 at 4k) are ordered by noise, not by the kernel.
+# ----------------------------------------------------------------------------------------------
+
+KERNEL_TABLE_SOURCE = "benchmarks/results/kernels-h100-2026-11-23.jsonl"
+
+# (batch class, context class in tokens) -> (decode_pages_per_block, decode_splits)
+DECODE_TABLE: dict[tuple[int, int], tuple[int, int]] = {
+    (1, 512): (8, 2),
+    (1, 4096): (16, 16),
+    (1, 32768): (16, 33),
+    (8, 512): (8, 4),
+    (8, 4096): (8, 5),
+    (8, 32768): (16, 10),
+    (64, 512): (16, 2),
+    (64, 4096): (8, 2),
+    (64, 32768): (8, 2),
+    (256, 512): (4, 1),
+    (256, 4096): (4, 1),
+}
+
+# (query heads per KV head G, tokens class T) -> (block_q, pages_per_block)
+# Only G=4 was measured (and the sweep kept one config, its first, past its budget): other
+# group sizes keep the measured rows per program, block_q * G.
+PREFILL_TABLE: dict[tuple[int, int], tuple[int, int]] = {
+    (4, 4096): (16, 4),
+}
+
+
+def _class_of(value: int, classes) -> int:
+    """The smallest class >= value, else the largest class."""
+    classes = sorted(set(classes))
+    return next((c for c in classes if c >= value), classes[-1])
+
+
+def decode_block_config(num_seq_slots: int, max_pages: int, page_size: int) -> dict:
+    """Table entry of a decode launch: {'decode_pages_per_block', 'decode_splits'}.
+
+    num_seq_slots: S (page_table.shape[0]); max_pages: M (page_table.shape[1])."""
+    S, M, B = num_seq_slots, max_pages, page_size
+    s_cls = _class_of(S, [s for s, _ in DECODE_TABLE])
+    # A batch class the sweep did not measure at every context: its nearest measured context.
+    ctxs = [c for s, c in DECODE_TABLE if s == s_cls]
+    ctx_cls = _class_of(M * B, ctxs)
+    ppb, splits = DECODE_TABLE[(s_cls, ctx_cls)]
+    splits = max(1, min(splits, -(-M // ppb)))
+    return dict(decode_pages_per_block=ppb, decode_splits=splits)
+
+
+def prefill_block_config(num_tokens: int, num_heads: int, num_kv_heads: int) -> dict:
+    """Table entry of a prefill launch: {'block_q', 'pages_per_block'}."""
+    G = num_heads // num_kv_heads
+    g_cls = min({g for g, _ in PREFILL_TABLE}, key=lambda g: (abs(g - G), g))
+    t_cls = _class_of(num_tokens, [t for g, t in PREFILL_TABLE if g == g_cls])
+    bq, ppb = PREFILL_TABLE[(g_cls, t_cls)]
+    return dict(block_q=max(1, bq * g_cls // G), pages_per_block=ppb)
+
+
 def ragged_paged_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -281,9 +370,9 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     block_q: int | None = None,
-    pages_per_block: int = 8,
+    pages_per_block: int | None = None,
     decode_pages_per_block: int | None = None,
-    decode_splits: int = 8,
+    decode_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     decode: bool = True,
@@ -292,28 +381,36 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Pallas (Triton) ragged paged attention; same contract and result as the reference.
 
-    Kernel knobs (all static): ``block_q`` new tokens per prefill program (default: 128 rows of
-    (token, head) pairs), ``pages_per_block`` pages per K/V step of the prefill launch,
-    ``decode_pages_per_block`` / ``decode_splits`` the same and the flash-decoding split count of
-    the decode launch. ``decode=False`` / ``prefill=False`` skip a launch when the caller knows
-    the batch has no decode (q_len == 1) or no longer sequences (e.g. a pure decode step); by
-    default both run and each skips the other's sequences. With ``prefill=False`` sequences of
-    q_len > 1 are not computed, so pass it only for batches of decodes.
-
-    The defaults are provisional: the H100 sweep of benchmarks/kernels.py picks them per shape
-    class (decode by batch x context, prefill by q_len) and its table goes here.
+    Kernel knobs (all static): ``block_q`` new tokens per prefill program, ``pages_per_block``
+    pages per K/V step of the prefill launch, ``decode_pages_per_block`` / ``decode_splits`` the
+    same and the flash-decoding split count of the decode launch. Each one left None comes from
+    the measured tables above (``decode_block_config`` by S and M, ``prefill_block_config`` by T
+    and G); a value passed overrides its table entry alone. ``decode=False`` / ``prefill=False``
+    skip a launch when the caller knows the batch has no decode (q_len == 1) or no longer
+    sequences (e.g. a pure decode step); by default both run and each skips the other's
+    sequences. With ``prefill=False`` sequences of q_len > 1 are not computed (their rows are
+    zeros), so pass it only for batches of decodes.
     """
     T, H, D = q.shape
     P, B, K, _ = k_pages.shape
     S, M = page_table.shape
-    G = H // K
     if H % K:
         raise ValueError(f"num query heads {H} must be a multiple of num kv heads {K}")
     if B & (B - 1) or D & (D - 1):
         raise ValueError(f"page size {B} and head dim {D} must be powers of two (Triton blocks)")
-    if block_q is None:
-        block_q = max(1, 128 // _next_pow2(G))
-    dppb = pages_per_block if decode_pages_per_block is None else decode_pages_per_block
+    for name, v in (("block_q", block_q), ("pages_per_block", pages_per_block),
+                    ("decode_pages_per_block", decode_pages_per_block),
+                    ("decode_splits", decode_splits)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive int or None (table), got {v!r}")
+    dcfg = decode_block_config(S, M, B)
+    pcfg = prefill_block_config(T, H, K)
+    block_q = pcfg["block_q"] if block_q is None else block_q
+    pages_per_block = pcfg["pages_per_block"] if pages_per_block is None else pages_per_block
+    dppb = dcfg["decode_pages_per_block"] if decode_pages_per_block is None \
+        else decode_pages_per_block
+    decode_splits = dcfg["decode_splits"] if decode_splits is None else decode_splits
+
     ns = jnp.reshape(num_seqs, ()).astype(jnp.int32)
     seq_ids = jnp.arange(S, dtype=jnp.int32)
     q_len = jnp.where(seq_ids < ns, query_start_loc[1:] - query_start_loc[:-1], 0)
@@ -321,7 +418,7 @@ def ragged_paged_attention(
 
     # Pad the page table's columns so every K/V step reads inside it (the extra columns are
     # masked by position anyway); any valid page id will do.
-    ppb_max = max(pages_per_block, dppb)
+    ppb_max = max(pages_per_block if prefill else 1, dppb if decode else 1)
     M_pad = -(-M // ppb_max) * ppb_max
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, M_pad - M)))
     q2 = q.reshape(T * H, D)
@@ -331,41 +428,46 @@ def ragged_paged_attention(
                   soft_cap=soft_cap, num_warps=num_warps, num_stages=num_stages,
                   interpret=interpret, out_dtype=q.dtype)
 
-    outs = []
-    if decode:
-        nd = min(S, T)
-        d_seq = seq_ids[:nd]
-        d_ntok = jnp.where(is_decode[:nd], 1, 0).astype(jnp.int32)
-        d_tok0 = query_start_loc[:nd].astype(jnp.int32)
-        d_pos0 = (seq_lens[:nd] - 1).astype(jnp.int32)
-        outs.append(_launch(q2, k2, v2, pt, d_seq, d_tok0, d_ntok, d_pos0, block_q=1,
-                            pages_per_block=dppb, num_splits=decode_splits, **common))
+    # Token -> its sequence, and whether the decode launch computed it.
+    t = jnp.arange(T, dtype=jnp.int32)
+    # compare_all: the default binary search is a while loop, run from the host on the GPU.
+    t_seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], t, side="right",
+                                          method="compare_all"), S - 1).astype(jnp.int32)
+    t_valid = t < query_start_loc[ns]
+    zeros = jnp.zeros((), q.dtype)
+
+    out = None
     if prefill:
         p_len = jnp.where(is_decode, 0, q_len)
         n_blk = (p_len + block_q - 1) // block_q
         cum = jnp.cumsum(n_blk)
-        nb = min(T, -(-T // block_q) + S)
+        # Static bound on the query blocks: sum_s cdiv(p_s, bq) <= (T + n_p * (bq - 1)) // bq
+        # for n_p sequences in this launch, n_p <= S, and with a decode launch n_p <= T // 2
+        # (its sequences have q_len >= 2). Blocks past cum[-1] exit at once.
+        n_p = min(S, T // 2 if decode else T)
+        nb = max(1, min(T, -(-T // block_q) + S, (T + n_p * (block_q - 1)) // block_q))
         b = jnp.arange(nb, dtype=jnp.int32)
-        # compare_all: the default binary search is a while loop, run from the host on the GPU.
         bseq = jnp.minimum(jnp.searchsorted(cum, b, side="right", method="compare_all"),
                            S - 1).astype(jnp.int32)
         j = b - (cum[bseq] - n_blk[bseq])
         b_ntok = jnp.where(b < cum[-1], jnp.minimum(block_q, p_len[bseq] - j * block_q), 0)
         b_tok0 = query_start_loc[bseq] + j * block_q
         b_pos0 = seq_lens[bseq] - p_len[bseq] + j * block_q
-        outs.append(_launch(q2, k2, v2, pt, bseq, b_tok0.astype(jnp.int32),
-                            b_ntok.astype(jnp.int32), b_pos0.astype(jnp.int32),
-                            block_q=block_q, pages_per_block=pages_per_block, num_splits=1,
-                            **common))
-
-    # Token -> (decode?, padding?) so each output row comes from the launch that wrote it.
-    t = jnp.arange(T, dtype=jnp.int32)
-    t_seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], t, side="right",
-                                          method="compare_all"), S - 1)
-    t_valid = t < query_start_loc[ns]
-    rows = [o[: T * H].reshape(T, H, D) for o in outs]
-    if len(rows) == 2:
-        out = jnp.where(is_decode[t_seq][:, None, None], rows[0], rows[1])
-    else:
-        out = rows[0]
-    return jnp.where(t_valid[:, None, None], out, 0).astype(q.dtype)
+        rows = _launch(q2, k2, v2, pt, bseq, b_tok0.astype(jnp.int32),
+                       b_ntok.astype(jnp.int32), b_pos0.astype(jnp.int32),
+                       block_q=block_q, pages_per_block=pages_per_block, num_splits=1,
+                       **common)
+        out = jnp.where(t_valid[:, None, None], rows[: T * H].reshape(T, H, D), zeros)
+    if decode:
+        nd = min(S, T)  # a real sequence owns >= 1 token: slots past T are padding
+        d_seq = seq_ids[:nd]
+        d_ntok = jnp.where(is_decode[:nd], 1, 0).astype(jnp.int32)
+        d_tok0 = query_start_loc[:nd].astype(jnp.int32)
+        d_pos0 = (seq_lens[:nd] - 1).astype(jnp.int32)
+        rows = _launch(q2, k2, v2, pt, d_seq, d_tok0, d_ntok, d_pos0, block_q=1,
+                       pages_per_block=dppb, num_splits=decode_splits, out_by_block=True,
+                       **common)
+        dec = rows[: nd * H].reshape(nd, H, D)[jnp.minimum(t_seq, nd - 1)]  # [T, H, D]
+        t_dec = (is_decode[t_seq] & t_valid)[:, None, None]
+        out = jnp.where(t_dec, dec, zeros if out is None else out)
+    return out.astype(q.dtype)

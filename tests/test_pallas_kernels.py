@@ -11,6 +11,9 @@ is then checked on several fresh random batches of the same static shapes.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +31,16 @@ from pallas_kernels.fp8_matmul import (
     quantize_weight_per_tensor,
 )
 from pallas_kernels.ragged_paged_attention import (
+    DECODE_TABLE,
+    KERNEL_TABLE_SOURCE,
+    PREFILL_TABLE,
+    decode_block_config,
+    prefill_block_config,
     ragged_paged_attention,
     ragged_paged_attention_reference,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _rel_err(out, ref):
@@ -111,23 +121,23 @@ MIXED = [("decode", "chunk", "decode", "prefill"), ("prefill", "decode"),
 
 def test_mixed_ragged_batches_match_reference_f32_mha():
     _check_attention(0, MIXED, H=4, K=4, dtype=jnp.float32, tol=1e-5, block_q=4,
-                     pages_per_block=2, decode_splits=3)
+                     pages_per_block=2, decode_pages_per_block=2, decode_splits=3)
 
 
 def test_mixed_ragged_batches_match_reference_f32_gqa4_sliding_window():
     _check_attention(1, MIXED, H=8, K=2, dtype=jnp.float32, tol=1e-5, sliding_window=11,
-                     block_q=4, pages_per_block=2, decode_splits=2)
+                     block_q=4, pages_per_block=2, decode_pages_per_block=2, decode_splits=2)
 
 
 def test_soft_cap_and_bf16_inputs_match_reference_gqa4():
     _check_attention(2, MIXED, H=8, K=2, dtype=jnp.bfloat16, tol=1e-2, soft_cap=5.0,
-                     block_q=8, pages_per_block=1, decode_splits=4)
+                     block_q=8, pages_per_block=1, decode_pages_per_block=1, decode_splits=4)
 
 
 def test_decode_only_batches_with_split_context_match_reference():
     decode = [("decode",) * 6, ("decode",) * 3]
     _check_attention(3, decode, H=8, K=2, dtype=jnp.float32, tol=1e-5, prefill=False,
-                     pages_per_block=1, decode_splits=4)
+                     decode_pages_per_block=1, decode_splits=4)
 
 
 def test_prefill_and_chunked_prefill_only_batches_match_reference():
@@ -160,7 +170,106 @@ def test_attention_sweep_matches_reference(H, K, dtype, tol, window, cap):
     kinds = MIXED + [("decode",) * 5, ("prefill",), ("chunk",) * 4]
     _check_attention(6, kinds, H=H, K=K, dtype=dtype, tol=tol, sliding_window=window,
                      soft_cap=cap, T=40, S=8, M=8, B=8, block_q=4, pages_per_block=2,
-                     decode_splits=3)
+                     decode_pages_per_block=2, decode_splits=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-size table: lookups, overrides, and the kernel at the configurations the table picks.
+# ---------------------------------------------------------------------------------------------
+
+def test_block_table_lookup_returns_the_measured_entries_by_shape_class():
+    def dec(S, M, B):
+        c = decode_block_config(S, M, B)
+        return c["decode_pages_per_block"], c["decode_splits"]
+
+    # The sweep's own shapes (page size 16: M = context / 16).
+    assert dec(8, 4096 // 16, 16) == (8, 5)
+    assert dec(1, 32768 // 16, 16) == (16, 33)
+    assert dec(64, 4096 // 16, 16) == (8, 2)
+    assert dec(256, 512 // 16, 16) == (4, 1)
+    # Other shapes take the smallest class at or above them: 5 slots -> batch 8, 1,000 context
+    # tokens (125 pages of 8) -> 4k.
+    assert dec(5, 125, 8) == (8, 5)
+    assert dec(9, 2048 // 16, 16) == (8, 2)  # batch 64, context 4k
+    # Past the largest class: the largest; batch 256 has no 32k row: its nearest context (4k).
+    assert dec(1024, 65536 // 16, 16) == (4, 1)
+    # Splits never exceed the key blocks of the class: 40 pages in blocks of 16 -> 3.
+    assert dec(1, 40, 16) == (16, 3)
+    assert dec(2, 4, 16) == (8, 1)  # batch 8 x 512 class (8, 4): one block of 8 pages
+    # Prefill: the measured G=4 entry; other group sizes keep its rows per program (16 x 4).
+    assert prefill_block_config(4096, 32, 8) == dict(block_q=16, pages_per_block=4)
+    assert prefill_block_config(24, 8, 8) == dict(block_q=64, pages_per_block=4)
+    assert prefill_block_config(24, 16, 2) == dict(block_q=8, pages_per_block=4)
+    assert prefill_block_config(24, 128, 1) == dict(block_q=1, pages_per_block=4)
+
+
+def _load_kernels_benchmark():
+    path = REPO / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("kernels_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_block_table_is_the_one_its_sweep_file_derives():
+    bench = _load_kernels_benchmark()
+    decode, prefill = bench.table_from_results(REPO / KERNEL_TABLE_SOURCE)
+    assert decode == DECODE_TABLE
+    assert prefill == PREFILL_TABLE
+
+
+def _launch_names(S, M, B=16, T=8, H=8, K=2, D=32, **knobs):
+    """The pallas_call names (block_q, pages per block, splits) a call traces to."""
+    P = 4
+    args = (jnp.zeros((T, H, D)), jnp.zeros((P, B, K, D)), jnp.zeros((P, B, K, D)),
+            jnp.zeros(S, jnp.int32), jnp.zeros((S, M), jnp.int32), jnp.zeros(S + 1, jnp.int32),
+            jnp.zeros(1, jnp.int32))
+    f = functools.partial(ragged_paged_attention, sm_scale=1.0, interpret=True, **knobs)
+    return set(re.findall(r"ragged_paged_attention_bq\d+_ppb\d+_ns\d+",
+                          str(jax.make_jaxpr(f)(*args))))
+
+
+def test_kernel_uses_the_table_unless_a_knob_is_passed_and_each_knob_overrides_alone():
+    # S=4 slots, 640-token context: decode class (8, 4k) = (8, 5); prefill G=4: (16, 4).
+    assert _launch_names(4, 40) == {"ragged_paged_attention_bq1_ppb8_ns5",
+                                    "ragged_paged_attention_bq16_ppb4_ns1"}
+    assert _launch_names(4, 40, decode_splits=2) == {"ragged_paged_attention_bq1_ppb8_ns2",
+                                                     "ragged_paged_attention_bq16_ppb4_ns1"}
+    assert _launch_names(4, 40, decode_pages_per_block=2) == {
+        "ragged_paged_attention_bq1_ppb2_ns5", "ragged_paged_attention_bq16_ppb4_ns1"}
+    assert _launch_names(4, 40, block_q=4, pages_per_block=2) == {
+        "ragged_paged_attention_bq1_ppb8_ns5", "ragged_paged_attention_bq4_ppb2_ns1"}
+    assert _launch_names(4, 40, prefill=False) == {"ragged_paged_attention_bq1_ppb8_ns5"}
+    # A larger batch bucket at the same context: class (64, 4k) = (8, 2).
+    assert _launch_names(12, 40, T=16) == {"ragged_paged_attention_bq1_ppb8_ns2",
+                                           "ragged_paged_attention_bq16_ppb4_ns1"}
+
+
+@pytest.mark.parametrize("knob", ["block_q", "pages_per_block", "decode_pages_per_block",
+                                  "decode_splits"])
+def test_non_positive_knob_is_a_value_error_naming_it(knob):
+    with pytest.raises(ValueError, match=f"{knob} must be a positive int.*got 0"):
+        _launch_names(4, 40, **{knob: 0})
+
+
+# Each case: static shapes in a different (batch, context) class, no knobs passed.
+#   S=1, 640-token context -> decode (1, 4k) = 16 pages x 3 splits (16 capped at 40/16 blocks)
+#   S=6, same context      -> (8, 4k) = 8 pages x 5 splits, mixed batch, bf16 + soft cap
+#   S=12, same context     -> (64, 4k) = 8 pages x 2 splits, MHA (prefill block_q 64)
+#   S=80 > T=24, 48 tokens -> (256, 512) = 4 pages x 1 split; slots past T never launch
+@pytest.mark.parametrize("S,M,B,H,K,T,dtype,tol,window,cap,kinds", [
+    (1, 40, 16, 8, 2, 4, jnp.float32, 1e-5, 100, None, [("decode",), ("decode",)]),
+    (6, 40, 16, 8, 2, 32, jnp.bfloat16, 1e-2, None, 5.0,
+     [("decode", "chunk", "decode", "prefill"), ("decode",) * 6]),
+    (12, 40, 16, 4, 4, 32, jnp.float32, 1e-5, 300, None,
+     [("chunk", "decode", "decode", "decode", "prefill"), ("decode",) * 12]),
+    (80, 6, 8, 8, 2, 24, jnp.float32, 1e-5, None, None,
+     [("decode",) * 20 + ("chunk",), ("prefill", "decode")]),
+])
+def test_table_chosen_configs_match_reference_across_shape_classes(S, M, B, H, K, T, dtype, tol,
+                                                                     window, cap, kinds):
+    _check_attention(10 + S, kinds, H=H, K=K, dtype=dtype, tol=tol, T=T, S=S, M=M, B=B,
+                     sliding_window=window, soft_cap=cap)
 
 
 # ---------------------------------------------------------------------------------------------
