@@ -1,7 +1,8 @@
 """Kernel benchmark (issue 5): check each Pallas kernel against its reference on the GPU, then time
 it against its peers at Llama-3-8B shapes (32 q heads, 8 KV heads, head dim 128, page size 16).
 
-  python3 benchmarks/kernels.py --out $OUT/kernels.jsonl [--only decode,prefill,mixed,gemm]
+  python3 benchmarks/kernels.py --out $OUT/kernels.jsonl [--sections decode,prefill,mixed,gemm]
+  python3 benchmarks/kernels.py --print-table RESULTS.jsonl   # the block-size table, from a sweep
 
 Sections (each row: median of 5 rounds of back-to-back calls after warm-up; inputs rotated among
 copies when one copy would sit in the 50 MB L2):
@@ -10,11 +11,16 @@ copies when one copy would sit in the 50 MB L2):
            GB/s = K/V bytes read / time, vs the measured 3.1 TB/s.
   prefill  causal prompts (1x4096, 4x1024): ours (block sweep) vs reference and cuDNN; TFLOP/s.
   mixed    one 2k prefill chunk after 2k context + 64 decodes at 4k: one call vs the sum of the
-           prefill-only and decode-only calls.
+           prefill-only and decode-only calls, each launch alone on the mixed batch, and the
+           one call at the engine's padded shapes (256 slots, 8k-token page table).
   gemm     M {1,16,64,256,1024,4096} x (K,N) {(4096,6144),(4096,4096),(4096,28672),(14336,4096)}:
            bf16 XLA dot, XLA fp8 dot (cuBLASLt), Pallas fp8 (block sweep); TFLOP/s and GB/s.
 A kernel that fails to compile or run prints its error and the script goes on. Every result is
-one JSON line in --out; the best config per shape is printed last (for the table in the module).
+one JSON line in --out; the best config per shape is printed last. The first Pallas config of
+each decode / prefill shape is the kernel's own table entry (config has "table": true).
+Calls under 1 ms are also timed --loop-reps at a time inside one jitted program
+(time_us_loop, pct_bw_loop): single calls from the host carry a dispatch floor of ~50-70 us
+that hid the kernels at small shapes in the 2026-11-23 sweep; table_from_results prefers it.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from pallas_kernels.fp8_matmul import (  # noqa: E402
     quantize_weight_per_channel,
 )
 from pallas_kernels.ragged_paged_attention import (  # noqa: E402
+    decode_block_config,
+    prefill_block_config,
     ragged_paged_attention,
     ragged_paged_attention_reference,
 )
@@ -68,7 +76,7 @@ SMOKE = False
 
 
 def _smoke():
-    global H, KH, D, SM, DECODE_SHAPES, PREFILL_SHAPES, MIXED, GEMM_KN, GEMM_M, SMOKE
+    global H, KH, D, SM, DECODE_SHAPES, PREFILL_SHAPES, MIXED, GEMM_KN, GEMM_M, SMOKE, LOOP_REPS
     H, KH, D = 8, 2, 32
     SM = D ** -0.5
     DECODE_SHAPES = [(2, 512)]
@@ -77,6 +85,7 @@ def _smoke():
     GEMM_KN = [(256, 64)]
     GEMM_M = [1, 64]
     SMOKE = True
+    LOOP_REPS = min(LOOP_REPS, 2)
 
 
 def few(configs):
@@ -86,9 +95,12 @@ def few(configs):
 T0 = time.time()
 RESULTS: list[dict] = []
 OUT = None
+LOOP_REPS = 8
 
 
 def emit(rec: dict) -> None:
+    if rec["section"] in ("decode", "prefill", "mixed"):
+        rec.update(heads=H, kv_heads=KH, head_dim=D, page_size=B)
     RESULTS.append(rec)
     if OUT is not None:
         with open(OUT, "a") as f:
@@ -112,6 +124,29 @@ def bench(fn, arg_sets, rounds=5, min_round_s=3e-3):
             out = fn(*arg_sets[i % len(arg_sets)])
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t) / n)
+    return statistics.median(times)
+
+
+def bench_loop(fn, arg_sets, reps, rounds=5):
+    """Median seconds per call of `reps` calls issued by one jitted program (one host dispatch).
+
+    The calls get distinct first arguments (q scaled by 1 + i/1024, made before timing) so XLA
+    cannot merge them; each keeps one output row, so no call is dead code."""
+    sets = []
+    for i in range(reps):
+        a = arg_sets[i % len(arg_sets)]
+        sets.append((a[0] * (1 + i / 1024) if i else a[0], *a[1:]))
+
+    def first_rows(out):
+        return jax.tree.map(lambda x: x[:1], out)
+
+    many = jax.jit(lambda sets: [first_rows(fn(*a)) for a in sets])
+    jax.block_until_ready(many(sets))
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        jax.block_until_ready(many(sets))
+        times.append((time.perf_counter() - t) / reps)
     return statistics.median(times)
 
 
@@ -142,6 +177,14 @@ def run_case(section, shape, impl, config, fn, arg_sets, *, ref=None, bytes_=Non
         if bytes_:
             rec["gbps"] = bytes_ / t / 1e9
             rec["pct_bw"] = 100 * bytes_ / t / PEAK_BW
+        if LOOP_REPS > 1 and (SMOKE or t < 1e-3) and section != "gemm":
+            try:
+                tl = bench_loop(fn, arg_sets, LOOP_REPS)
+                rec["time_us_loop"] = tl * 1e6
+                if bytes_:
+                    rec["pct_bw_loop"] = 100 * bytes_ / tl / PEAK_BW
+            except Exception as e:  # noqa: BLE001
+                rec["loop_error"] = short(e)
         if flops:
             rec["tflops"] = flops / t / 1e12
             if peak_flops:
@@ -233,20 +276,39 @@ def bench_decode(rng, budget_s):
         if ref is None:  # at huge contexts: check against the kernel without splits instead
             ref = jax.block_until_ready(
                 ours_fn(prefill=False, decode_splits=1, decode_pages_per_block=8)(*arg_sets[0]))
+        # First the kernel's own table entry (what the engine runs at this shape).
+        table = dict(decode_block_config(batch, -(-ctx // B), B), num_warps=4, num_stages=2)
+        configs = [table]
         # Splits so that batch * KV heads * splits covers the 132 SMs about twice.
         auto = max(1, min(ctx // 256, math.ceil(264 / (batch * KH))))
-        configs = []
         for ppb in (8, 16):
             for ns in sorted({auto, max(1, min(ctx // (ppb * B), auto * 2))}):
                 configs.append(dict(decode_pages_per_block=ppb, decode_splits=ns, num_warps=4))
         configs.append(dict(decode_pages_per_block=4, decode_splits=auto, num_warps=4))
+        if batch == 8 and ctx >= 4096:
+            # The batch-8 weak spot (54% of bandwidth at 4k): 64 (sequence, KV head) pairs
+            # leave 132 SMs to the split count alone. Finer key blocks with more splits (more,
+            # shorter programs: less wave tail), and deeper / wider software pipelines for the
+            # gathered page rows.
+            for ppb, ns in [(4, 8), (4, 16), (8, 8), (8, 16), (16, 8), (16, 16), (4, 32)]:
+                configs.append(dict(decode_pages_per_block=ppb, decode_splits=ns, num_warps=4))
+            for ppb, ns, w, st in [(8, 5, 4, 3), (8, 8, 4, 3), (8, 16, 4, 3), (8, 8, 8, 2),
+                                   (16, 16, 8, 3)]:
+                configs.append(dict(decode_pages_per_block=ppb, decode_splits=ns, num_warps=w,
+                                    num_stages=st))
+        configs = [dict(c, num_stages=c.get("num_stages", 2)) for c in configs]
+        seen = set()
+        configs = [c for c in configs if not (repr(c) in seen or seen.add(repr(c)))]
         for i, cfg in enumerate(few(configs)):
             if i > 0 and time.time() - T0 > budget_s:
                 break
-            run_case("decode", shape, "pallas", cfg, ours_fn(prefill=False, num_stages=2, **cfg),
+            label = dict(cfg, table=True) if i == 0 else cfg
+            run_case("decode", shape, "pallas", label, ours_fn(prefill=False, **cfg),
                      arg_sets, ref=ref, bytes_=nbytes, tol=2e-2)
-        if (batch, ctx) == (64, 4096) or SMOKE:
-            run_case("decode", shape, "pallas_both_launches", configs[0],
+        if (batch, ctx) in ((64, 4096), (8, 4096)) or SMOKE:
+            # Both launches on a pure decode batch (the engine's call without prefill=False):
+            # the 2026-11-23 sweep saw 605 us against 418 us for the decode launch alone.
+            run_case("decode", shape, "pallas_both_launches", dict(configs[0], table=True),
                      ours_fn(**configs[0]), arg_sets, ref=ref, bytes_=nbytes, tol=2e-2)
         bench_jax_paged(shape, q, kp, vp, metas, ref, nbytes)
         bench_cudnn_decode(shape, q, kp, vp, metas, ref, nbytes)
@@ -305,14 +367,19 @@ def bench_prefill(rng, budget_s):
         run_case("prefill", shape, "reference_xla", "", REF, arg_sets, flops=flops,
                  peak_flops=PEAK_BF16)
         ref = REF(*arg_sets[0])
-        configs = [dict(block_q=bq, pages_per_block=ppb, num_warps=w, num_stages=st)
-                   for bq, ppb, w, st in [(16, 4, 4, 2), (16, 8, 4, 2), (32, 4, 4, 2),
-                                          (32, 8, 8, 2), (32, 4, 8, 3), (16, 8, 4, 3),
-                                          (64 // 4, 16, 8, 2), (8, 8, 4, 2)]]
+        table = dict(prefill_block_config(n * L, H, KH), num_warps=4, num_stages=2)
+        configs = [table] + [
+            dict(block_q=bq, pages_per_block=ppb, num_warps=w, num_stages=st)
+            for bq, ppb, w, st in [(16, 4, 4, 2), (16, 8, 4, 2), (32, 4, 4, 2), (32, 8, 4, 2),
+                                   (8, 8, 4, 2), (16, 8, 4, 3), (32, 8, 8, 2), (32, 4, 8, 3),
+                                   (16, 16, 8, 2), (64, 4, 8, 2)]]
+        seen = set()
+        configs = [c for c in configs if not (repr(c) in seen or seen.add(repr(c)))]
         for i, cfg in enumerate(few(configs)):
             if i > 0 and time.time() - T0 > budget_s:
                 break
-            run_case("prefill", shape, "pallas", cfg, ours_fn(decode=False, **cfg), arg_sets,
+            label = dict(cfg, table=True) if i == 0 else cfg
+            run_case("prefill", shape, "pallas", label, ours_fn(decode=False, **cfg), arg_sets,
                      ref=ref, flops=flops, peak_flops=PEAK_BF16, tol=2e-2)
         try:
             qc = q.reshape(n, L, H, D)
@@ -327,7 +394,17 @@ def bench_prefill(rng, budget_s):
         del q, kp, vp, metas, arg_sets, ref
 
 
-def bench_mixed(rng, best_decode: dict, best_prefill: dict):
+def pad_meta(meta, S_pad, M_pad):
+    """The engine's view of a batch: S_pad sequence slots (batch bucket) and an M_pad-page table
+    (max_model_len / B); padding slots own no tokens and point at page 0."""
+    sl, pt, qsl, ns = meta
+    S, M = pt.shape
+    return (jnp.pad(sl, (0, S_pad - S)), jnp.pad(pt, ((0, S_pad - S), (0, M_pad - M))),
+            jnp.pad(qsl, (0, S_pad - S), mode="edge"), ns)
+
+
+def bench_mixed(rng):
+    """One prefill chunk + decodes: why one call is slower than its two parts. Knobs: the table."""
     chunk, nd, c = MIXED
     print(f"== mixed: one {chunk} prefill chunk + {nd} decodes, context {c} ==", flush=True)
     q_lens = [chunk] + [1] * nd
@@ -336,17 +413,33 @@ def bench_mixed(rng, best_decode: dict, best_prefill: dict):
     m = metas[0]
     shape = dict(prefill_chunk=chunk, decodes=nd, ctx=c)
     ref = REF(q, kp, vp, m)
-    knobs = {**best_prefill, **best_decode}
-    run_case("mixed", shape, "pallas_one_call", knobs, ours_fn(**knobs), [(q, kp, vp, m)],
-             ref=ref, bytes_=kv_bytes(ctx), flops=causal_flops(q_lens, ctx), tol=2e-2)
-    # The two parts alone: the prefill sequence, then the 64 decodes, as separate batches.
+    nbytes, flops = kv_bytes(ctx), causal_flops(q_lens, ctx)
+    S, M = m[1].shape
+    knobs = {**prefill_block_config(sum(q_lens), H, KH),
+             **decode_block_config(S, M, B)}
+    args = [(q, kp, vp, m)]
+    run_case("mixed", shape, "pallas_one_call", dict(knobs, table=True), ours_fn(), args,
+             ref=ref, bytes_=nbytes, flops=flops, tol=2e-2)
+    # Each launch alone on the same batch. prefill=False leaves the chunk's rows zero (timing
+    # only); decode=False serves the 64 decodes from the prefill launch (one block each).
+    run_case("mixed", shape, "pallas_one_call_decode_launch_only", dict(knobs, table=True),
+             ours_fn(prefill=False), args)
+    run_case("mixed", shape, "pallas_one_call_prefill_launch_only", dict(knobs, table=True),
+             ours_fn(decode=False), args, ref=ref, tol=2e-2)
+    # The engine pads the batch to its buckets: 256 slots and an 8k-token page table.
+    S_e, M_e = (max(S, 256), max(M, 8192 // B)) if not SMOKE else (S + 3, M + 2)
+    me = pad_meta(m, S_e, M_e)
+    run_case("mixed", shape, "pallas_one_call_engine_shapes",
+             dict(decode_block_config(S_e, M_e, B), slots=S_e, max_pages=M_e, table=True),
+             ours_fn(), [(q, kp, vp, me)], ref=ref, bytes_=nbytes, flops=flops, tol=2e-2)
+    # The two parts alone: the prefill sequence, then the decodes, as separate batches.
     qp, kpp, vpp, mp = make_batch(rng, [chunk], [c])
     qd, kpd, vpd, md = make_batch(rng, [1] * nd, [c] * nd)
-    run_case("mixed", shape, "pallas_prefill_part", best_prefill,
-             ours_fn(decode=False, **best_prefill), [(qp, kpp, vpp, mp[0])])
-    run_case("mixed", shape, "pallas_decode_part", best_decode,
-             ours_fn(prefill=False, **best_decode), [(qd, kpd, vpd, md[0])])
-    run_case("mixed", shape, "reference_xla", "", REF, [(q, kp, vp, m)])
+    run_case("mixed", shape, "pallas_prefill_part", dict(prefill_block_config(chunk, H, KH)),
+             ours_fn(decode=False), [(qp, kpp, vpp, mp[0])])
+    run_case("mixed", shape, "pallas_decode_part", dict(decode_block_config(nd, M, B)),
+             ours_fn(prefill=False), [(qd, kpd, vpd, md[0])])
+    run_case("mixed", shape, "reference_xla", "", REF, args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,17 +521,22 @@ def summarize():
         groups.setdefault((r["section"], shape), []).append(r)
     for (section, shape), rs in groups.items():
         by_impl: dict[str, dict] = {}
+        def key(r):  # dispatch-free time where measured
+            return r.get("time_us_loop", r["time_us"])
+
         for r in rs:
             if r.get("ok") is False:
                 continue
-            if r["impl"] not in by_impl or r["time_us"] < by_impl[r["impl"]]["time_us"]:
+            if r["impl"] not in by_impl or key(r) < key(by_impl[r["impl"]]):
                 by_impl[r["impl"]] = r
         cells = []
-        for impl, r in sorted(by_impl.items(), key=lambda kv: kv[1]["time_us"]):
+        for impl, r in sorted(by_impl.items(), key=lambda kv: key(kv[1])):
             perf = (f"{r['gbps']:.0f}GB/s({r['pct_bw']:.0f}%)" if section == "decode" or (
                 section == "gemm" and r.get("M", 9999) <= 64) else
                 f"{r.get('tflops', 0):.0f}TF/s")
-            cells.append(f"{impl}={r['time_us']:.1f}us {perf}")
+            loop = (f" loop={r['time_us_loop']:.1f}us({r.get('pct_bw_loop', 0):.0f}%)"
+                    if "time_us_loop" in r else "")
+            cells.append(f"{impl}={r['time_us']:.1f}us {perf}{loop}")
         print(f"{section:8s} {dict(shape)}: " + " | ".join(cells))
         if "pallas" in by_impl or "pallas_fp8" in by_impl:
             best = by_impl.get("pallas") or by_impl.get("pallas_fp8")
@@ -451,29 +549,108 @@ def summarize():
         print(f"  OVER TOLERANCE: {r['section']} {r['impl']} {r['config']} rel_err={r['rel_err']}")
 
 
-def best_config(section, shape_filter, default):
-    rs = [r for r in RESULTS if r["section"] == section and r["impl"] == "pallas"
-          and r.get("ok") and all(r.get(k) == v for k, v in shape_filter.items())]
-    return min(rs, key=lambda r: r["time_us"])["config"] if rs else default
+# ---------------------------------------------------------------------------------------------
+# The kernel's block-size table from a sweep's results
+# ---------------------------------------------------------------------------------------------
+
+def _usable(r, section):
+    """A correct `pallas` row at the kernel's own num_warps / num_stages (4, 2): the table holds
+    block sizes only, so rows that needed other warps / stages are reported, not tabled."""
+    c = r.get("config") or {}
+    return (r.get("section") == section and r.get("impl") == "pallas" and r.get("ok") is True
+            and "time_us" in r and isinstance(c, dict) and c.get("num_warps", 4) == 4
+            and c.get("num_stages", 2) == 2)
+
+
+def _time(r, group):
+    """time_us_loop when every row of the group has it (dispatch-free), else time_us."""
+    return r["time_us_loop"] if all("time_us_loop" in g for g in group) else r["time_us"]
+
+
+def table_from_results(path):
+    """(DECODE_TABLE, PREFILL_TABLE) of pallas_kernels/ragged_paged_attention.py from a sweep.
+
+    decode: (batch, ctx) -> (decode_pages_per_block, decode_splits) of the fastest row.
+    prefill: (G, batch * q_len) -> (block_q, pages_per_block): the config fastest over all the
+    shapes of that key (sum of times relative to each shape's best, among the configs measured
+    on the most shapes)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    decode: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:
+        if _usable(r, "decode"):
+            decode.setdefault((r["batch"], r["ctx"]), []).append(r)
+    dtable = {}
+    for key, group in sorted(decode.items()):
+        best = min(group, key=lambda r: _time(r, group))["config"]
+        dtable[key] = (best["decode_pages_per_block"], best["decode_splits"])
+    prefill: dict[tuple[int, int], dict[tuple[int, int], list[dict]]] = {}
+    for r in rows:
+        if _usable(r, "prefill"):
+            G = r.get("heads", 32) // r.get("kv_heads", 8)
+            shape_rows = prefill.setdefault((G, r["batch"] * r["q_len"]), {})
+            shape_rows.setdefault((r["batch"], r["q_len"]), []).append(r)
+    ptable = {}
+    for key, shapes in sorted(prefill.items()):
+        score: dict[tuple[int, int], list[float]] = {}
+        for group in shapes.values():
+            best_t = min(_time(r, group) for r in group)
+            for r in group:
+                c = (r["config"]["block_q"], r["config"]["pages_per_block"])
+                score.setdefault(c, []).append(_time(r, group) / best_t)
+        ptable[key] = min(score, key=lambda c: (-len(score[c]), sum(score[c])))
+    return dtable, ptable
+
+
+def print_table(path):
+    dtable, ptable = table_from_results(path)
+    print(f"# from {path}")
+    print("DECODE_TABLE: dict[tuple[int, int], tuple[int, int]] = {")
+    for k, v in dtable.items():
+        print(f"    {k}: {v},")
+    print("}")
+    print("PREFILL_TABLE: dict[tuple[int, int], tuple[int, int]] = {")
+    for k, v in ptable.items():
+        print(f"    {k}: {v},")
+    print("}")
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for sec in ("decode", "prefill"):
+        for r in rows:
+            c = r.get("config")
+            if (r.get("section") == sec and r.get("impl") == "pallas" and r.get("ok")
+                    and isinstance(c, dict) and not _usable(r, sec)):
+                shape = {k: r[k] for k in ("batch", "ctx", "q_len") if k in r}
+                print(f"# not tabled (warps/stages): {sec} {shape} {c} {r['time_us']:.1f} us")
 
 
 def main():
-    global OUT
+    global OUT, LOOP_REPS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
-    ap.add_argument("--only", default="decode,gemm,prefill,mixed")
+    ap.add_argument("--sections", "--only", dest="sections", default="decode,gemm,prefill,mixed",
+                    help="comma-separated: decode,gemm,prefill,mixed")
     ap.add_argument("--budget", type=float, default=300.0,
                     help="seconds after which sweeps keep only their first config")
+    ap.add_argument("--loop-reps", type=int, default=8,
+                    help="calls per jitted program for time_us_loop (0: skip)")
+    ap.add_argument("--print-table", metavar="RESULTS_JSONL",
+                    help="print the kernel's block-size table derived from a sweep and exit")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     args = ap.parse_args()
+    if args.print_table:
+        print_table(args.print_table)
+        return
+    LOOP_REPS = args.loop_reps
     if args.smoke:
         _smoke()
     OUT = args.out
     if OUT:
         Path(OUT).parent.mkdir(parents=True, exist_ok=True)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-    only = args.only.split(",")
+    only = args.sections.split(",")
+    unknown = set(only) - {"decode", "gemm", "prefill", "mixed"}
+    if unknown:
+        ap.error(f"unknown --sections {sorted(unknown)}; choose from decode,gemm,prefill,mixed")
     rng = np.random.default_rng(0)
     # Decode and GEMM first: they carry the targets; each section gets a share of the budget.
     b = args.budget
@@ -484,13 +661,8 @@ def main():
     if "prefill" in only:
         bench_prefill(rng, b * 0.9)
     if "mixed" in only:
-        dec = best_config("decode", dict(batch=64, ctx=4096),
-                          dict(decode_pages_per_block=8, decode_splits=1, num_warps=4))
-        pre = best_config("prefill", dict(batch=4, q_len=1024),
-                          dict(block_q=16, pages_per_block=8, num_warps=4, num_stages=2))
-        dec = {k: v for k, v in dec.items() if k.startswith("decode_")}
         try:
-            bench_mixed(rng, dec, pre)
+            bench_mixed(rng)
         except Exception as e:  # noqa: BLE001
             print(f"  mixed: {short(e)}")
     summarize()
