@@ -58,7 +58,7 @@ from pallas_kernels.ragged_paged_attention import (  # noqa: E402
 
 H, KH, D, B = 32, 8, 128, 16
 SM = D ** -0.5
-PEAK_BW = 3.1e12  # measured read bandwidth of the H100 (DESIGN.md)
+PEAK_BW = 3.1e12  # measured read bandwidth of the H100 (DESIGN.md); --peak-bw / H200: 4.3e12
 PEAK_BF16 = 810e12  # measured bf16 GEMM
 PEAK_FP8 = 1600e12  # dense fp8 datasheet-ish; XLA/cuBLASLt measured 922
 L2_BYTES = 50 * 2**20
@@ -101,6 +101,8 @@ LOOP_REPS = 8
 def emit(rec: dict) -> None:
     if rec["section"] in ("decode", "prefill", "mixed"):
         rec.update(heads=H, kv_heads=KH, head_dim=D, page_size=B)
+    if "pct_bw" in rec:
+        rec["peak_bw"] = PEAK_BW
     RESULTS.append(rec)
     if OUT is not None:
         with open(OUT, "a") as f:
@@ -567,14 +569,15 @@ def _time(r, group):
     return r["time_us_loop"] if all("time_us_loop" in g for g in group) else r["time_us"]
 
 
-def table_from_results(path):
+def table_from_results(*paths):
     """(DECODE_TABLE, PREFILL_TABLE) of pallas_kernels/ragged_paged_attention.py from a sweep.
 
     decode: (batch, ctx) -> (decode_pages_per_block, decode_splits) of the fastest row.
     prefill: (G, batch * q_len) -> (block_q, pages_per_block): the config fastest over all the
     shapes of that key (sum of times relative to each shape's best, among the configs measured
-    on the most shapes)."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    on the most shapes). Several files: their rows together."""
+    rows = [json.loads(line) for path in paths
+            for line in Path(path).read_text().splitlines() if line.strip()]
     decode: dict[tuple[int, int], list[dict]] = {}
     for r in rows:
         if _usable(r, "decode"):
@@ -601,9 +604,9 @@ def table_from_results(path):
     return dtable, ptable
 
 
-def print_table(path):
-    dtable, ptable = table_from_results(path)
-    print(f"# from {path}")
+def print_table(paths):
+    dtable, ptable = table_from_results(*paths)
+    print(f"# from {', '.join(map(str, paths))}")
     print("DECODE_TABLE: dict[tuple[int, int], tuple[int, int]] = {")
     for k, v in dtable.items():
         print(f"    {k}: {v},")
@@ -612,7 +615,8 @@ def print_table(path):
     for k, v in ptable.items():
         print(f"    {k}: {v},")
     print("}")
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for path in paths
+            for line in Path(path).read_text().splitlines() if line.strip()]
     for sec in ("decode", "prefill"):
         for r in rows:
             c = r.get("config")
@@ -623,7 +627,7 @@ def print_table(path):
 
 
 def main():
-    global OUT, LOOP_REPS
+    global OUT, LOOP_REPS, PEAK_BW
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
     ap.add_argument("--sections", "--only", dest="sections", default="decode,gemm,prefill,mixed",
@@ -632,8 +636,10 @@ def main():
                     help="seconds after which sweeps keep only their first config")
     ap.add_argument("--loop-reps", type=int, default=8,
                     help="calls per jitted program for time_us_loop (0: skip)")
-    ap.add_argument("--print-table", metavar="RESULTS_JSONL",
-                    help="print the kernel's block-size table derived from a sweep and exit")
+    ap.add_argument("--print-table", metavar="RESULTS_JSONL", nargs="+",
+                    help="print the kernel's block-size table derived from sweep results, exit")
+    ap.add_argument("--peak-bw", type=float, default=None,
+                    help="bytes/s for pct_bw (default: 4.3e12 on an H200, else 3.1e12)")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     args = ap.parse_args()
@@ -646,20 +652,30 @@ def main():
     OUT = args.out
     if OUT:
         Path(OUT).parent.mkdir(parents=True, exist_ok=True)
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+    kind = jax.devices()[0].device_kind
+    PEAK_BW = args.peak_bw or (4.3e12 if "H200" in kind else PEAK_BW)
+    print(f"jax {jax.__version__} on {kind}; pct_bw of {PEAK_BW / 1e12:.1f} TB/s", flush=True)
     only = args.sections.split(",")
     unknown = set(only) - {"decode", "gemm", "prefill", "mixed"}
     if unknown:
         ap.error(f"unknown --sections {sorted(unknown)}; choose from decode,gemm,prefill,mixed")
     rng = np.random.default_rng(0)
-    # Decode and GEMM first: they carry the targets; each section gets a share of the budget.
-    b = args.budget
+    # Decode and GEMM first: they carry the targets. Each chosen section gets its share of the
+    # budget (decode 35, gemm 35, prefill 20, mixed 10: no budget, a fixed set of cases), as a
+    # deadline since the start.
+    share = {"decode": 35, "gemm": 35, "prefill": 20, "mixed": 10}
+    chosen = [sec for sec in share if sec in only]
+    total = sum(share[sec] for sec in chosen)
+    deadline, cum = {}, 0
+    for sec in chosen:
+        cum += share[sec]
+        deadline[sec] = args.budget * cum / total
     if "decode" in only:
-        bench_decode(rng, b * 0.35)
+        bench_decode(rng, deadline["decode"])
     if "gemm" in only:
-        bench_gemm(b * 0.7)
+        bench_gemm(deadline["gemm"])
     if "prefill" in only:
-        bench_prefill(rng, b * 0.9)
+        bench_prefill(rng, deadline["prefill"])
     if "mixed" in only:
         try:
             bench_mixed(rng)
