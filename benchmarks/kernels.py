@@ -70,6 +70,8 @@ DECODE_SHAPES = [(8, 4096), (64, 4096), (1, 32768), (256, 4096), (1, 4096), (8, 
                  (64, 32768), (1, 512), (8, 512), (64, 512), (256, 512)]
 PREFILL_SHAPES = [(1, 4096), (4, 1024)]
 MIXED = (2048, 64, 4096)  # prefill chunk, decodes, context
+# (batch, real context, page-table context): short contexts in the engine's long page table
+DECODE_SHORT_IN_LONG = [(1, 1024, 8192), (8, 1024, 8192), (64, 1024, 8192)]
 GEMM_KN = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 GEMM_M = [1, 16, 64, 256, 1024, 4096]
 SMOKE = False
@@ -77,11 +79,13 @@ SMOKE = False
 
 def _smoke():
     global H, KH, D, SM, DECODE_SHAPES, PREFILL_SHAPES, MIXED, GEMM_KN, GEMM_M, SMOKE, LOOP_REPS
+    global DECODE_SHORT_IN_LONG
     H, KH, D = 8, 2, 32
     SM = D ** -0.5
     DECODE_SHAPES = [(2, 512)]
     PREFILL_SHAPES = [(1, 64)]
     MIXED = (32, 4, 64)
+    DECODE_SHORT_IN_LONG = [(2, 48, 128)]
     GEMM_KN = [(256, 64)]
     GEMM_M = [1, 64]
     SMOKE = True
@@ -298,6 +302,11 @@ def bench_decode(rng, budget_s):
                                    (16, 16, 8, 3)]:
                 configs.append(dict(decode_pages_per_block=ppb, decode_splits=ns, num_warps=w,
                                     num_stages=st))
+            # Splits by pages (the kernel's decode_split_pages): balanced splits (52/52/52/
+            # 52/48 pages instead of 7/7/7/7/4 blocks of 8) at split counts that fill the SMs.
+            for ppb, ns in [(8, 5), (8, 8), (16, 8), (16, 16)]:
+                configs.append(dict(decode_pages_per_block=ppb, decode_splits=ns, num_warps=4,
+                                    decode_split_pages=True))
         configs = [dict(c, num_stages=c.get("num_stages", 2)) for c in configs]
         seen = set()
         configs = [c for c in configs if not (repr(c) in seen or seen.add(repr(c)))]
@@ -314,6 +323,34 @@ def bench_decode(rng, budget_s):
                      ours_fn(**configs[0]), arg_sets, ref=ref, bytes_=nbytes, tol=2e-2)
         bench_jax_paged(shape, q, kp, vp, metas, ref, nbytes)
         bench_cudnn_decode(shape, q, kp, vp, metas, ref, nbytes)
+        del q, kp, vp, metas, arg_sets, ref
+    bench_decode_short_in_long_class(rng, budget_s)
+
+
+def bench_decode_short_in_long_class(rng, budget_s):
+    """The engine's page table is sized for max_model_len: the table picks the long context
+    class while the real context may be short. Then pages_per_block, not the split count,
+    limits the parallelism (a 1k context in blocks of 16 pages is 4 busy splits per head).
+    Rows carry table_ctx and never enter the table (table_from_results skips them)."""
+    for batch, ctx, table_ctx in DECODE_SHORT_IN_LONG:
+        if time.time() - T0 > budget_s:
+            break
+        shape = dict(batch=batch, ctx=ctx, table_ctx=table_ctx)
+        nbytes = kv_bytes([ctx] * batch)
+        q, kp, vp, metas = make_batch(rng, [1] * batch, [ctx] * batch, n_copies=4)
+        M_pad = table_ctx // B
+        arg_sets = [(q, kp, vp, pad_meta(m, batch, M_pad)) for m in metas]
+        ref = REF(*arg_sets[0])
+        table = dict(decode_block_config(batch, M_pad, B), num_warps=4, num_stages=2)
+        configs = [table, dict(table, decode_split_pages=True)] + [
+            dict(decode_pages_per_block=ppb, decode_splits=ns, num_warps=4, num_stages=2)
+            for ppb, ns in [(4, 16), (8, 8), (8, 16), (4, 32), (16, 4)]]
+        seen = set()
+        configs = [c for c in configs if not (repr(c) in seen or seen.add(repr(c)))]
+        for i, cfg in enumerate(few(configs)):
+            label = dict(cfg, table=True) if i == 0 else cfg
+            run_case("decode", shape, "pallas", label, ours_fn(prefill=False, **cfg), arg_sets,
+                     ref=ref, bytes_=nbytes, tol=2e-2)
         del q, kp, vp, metas, arg_sets, ref
 
 
@@ -518,8 +555,8 @@ def summarize():
     for r in RESULTS:
         if "time_us" not in r:
             continue
-        shape = tuple((k, r[k]) for k in ("batch", "ctx", "q_len", "prefill_chunk", "decodes",
-                                           "M", "K", "N") if k in r)
+        shape = tuple((k, r[k]) for k in ("batch", "ctx", "table_ctx", "q_len", "prefill_chunk",
+                                           "decodes", "M", "K", "N") if k in r)
         groups.setdefault((r["section"], shape), []).append(r)
     for (section, shape), rs in groups.items():
         by_impl: dict[str, dict] = {}
@@ -557,11 +594,14 @@ def summarize():
 
 def _usable(r, section):
     """A correct `pallas` row at the kernel's own num_warps / num_stages (4, 2): the table holds
-    block sizes only, so rows that needed other warps / stages are reported, not tabled."""
+    block sizes only, so rows that needed other warps / stages or decode_split_pages are
+    reported, not tabled; so are the short-context-in-a-long-table rows (table_ctx), which are
+    not a shape class."""
     c = r.get("config") or {}
     return (r.get("section") == section and r.get("impl") == "pallas" and r.get("ok") is True
-            and "time_us" in r and isinstance(c, dict) and c.get("num_warps", 4) == 4
-            and c.get("num_stages", 2) == 2)
+            and "time_us" in r and "table_ctx" not in r and isinstance(c, dict)
+            and c.get("num_warps", 4) == 4 and c.get("num_stages", 2) == 2
+            and not c.get("decode_split_pages"))
 
 
 def _time(r, group):
@@ -622,8 +662,11 @@ def print_table(paths):
             c = r.get("config")
             if (r.get("section") == sec and r.get("impl") == "pallas" and r.get("ok")
                     and isinstance(c, dict) and not _usable(r, sec)):
-                shape = {k: r[k] for k in ("batch", "ctx", "q_len") if k in r}
-                print(f"# not tabled (warps/stages): {sec} {shape} {c} {r['time_us']:.1f} us")
+                shape = {k: r[k] for k in ("batch", "ctx", "table_ctx", "q_len") if k in r}
+                why = ("short context, long table" if "table_ctx" in r else
+                       "split by pages" if c.get("decode_split_pages") else "warps/stages")
+                t = r.get("time_us_loop", r["time_us"])
+                print(f"# not tabled ({why}): {sec} {shape} {c} {t:.1f} us")
 
 
 def main():

@@ -150,7 +150,7 @@ def _next_pow2(n: int) -> int:
 def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_table_ref,
                  q_ref, k_ref, v_ref, *out_refs, block_q, rows, group, num_heads, head_dim,
                  page_size, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap,
-                 dummy_row, out_by_block):
+                 dummy_row, out_by_block, split_pages):
     b = pl.program_id(0)
     h = pl.program_id(1)
     sp = pl.program_id(2)
@@ -181,25 +181,48 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
     # Context range [lo, hi) this block needs, in units of bk-sized key blocks, and this split's part.
     hi = pos0 + ntok
     lo = 0 if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
-    kb_lo = lo // bk
-    kb_hi = jnp.where(ntok > 0, (hi + bk - 1) // bk, kb_lo)
-    per_split = (kb_hi - kb_lo + num_splits - 1) // num_splits
-    kb_start = kb_lo + sp * per_split
-    kb_end = jnp.minimum(kb_start + per_split, kb_hi)
+    if split_pages:
+        # Splits take whole pages, not whole key blocks: a context shorter than the table's
+        # class (a 1k context in blocks of 16 pages is 4 blocks) still spreads over every split.
+        # Each split walks its pages a block at a time from its first page; K/V rows past its
+        # last page are masked loads (no memory traffic) and masked scores.
+        pg_lo = lo // B
+        pg_hi = jnp.where(ntok > 0, (hi + B - 1) // B, pg_lo)
+        per_split = (pg_hi - pg_lo + num_splits - 1) // num_splits
+        pg_start = pg_lo + sp * per_split
+        pg_end = jnp.minimum(pg_start + per_split, pg_hi)
+        tok_base, tok_end = pg_start * B, pg_end * B
+        it_lo = 0
+        it_hi = (jnp.maximum(pg_end - pg_start, 0) + pages_per_block - 1) // pages_per_block
+    else:
+        kb_lo = lo // bk
+        kb_hi = jnp.where(ntok > 0, (hi + bk - 1) // bk, kb_lo)
+        per_split = (kb_hi - kb_lo + num_splits - 1) // num_splits
+        it_lo = kb_lo + sp * per_split
+        it_hi = jnp.minimum(it_lo + per_split, kb_hi)
+        tok_base, tok_end = 0, None
 
     k_off = jnp.arange(bk, dtype=jnp.int32)
 
     def body(kb, carry):
         acc, m, l = carry
-        k_pos = kb * bk + k_off
+        k_pos = tok_base + kb * bk + k_off
         pids = page_table_ref[jnp.full((bk,), seq, jnp.int32), k_pos // B]
         kv_row = (pids * B + k_pos % B)[:, None]
-        k = k_ref[kv_row, h * D + d[None, :]].astype(kv_dtype)
-        v = v_ref[kv_row, h * D + d[None, :]].astype(kv_dtype)
+        cols = h * D + d[None, :]
+        if split_pages:
+            k_ok = (k_pos < tok_end)[:, None]
+            k = plgpu.load(k_ref.at[kv_row, cols], mask=k_ok, other=0).astype(kv_dtype)
+            v = plgpu.load(v_ref.at[kv_row, cols], mask=k_ok, other=0).astype(kv_dtype)
+        else:
+            k = k_ref[kv_row, cols].astype(kv_dtype)
+            v = v_ref[kv_row, cols].astype(kv_dtype)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < hi)
+        if split_pages:
+            mask &= k_pos[None, :] < tok_end
         if sliding_window is not None:
             mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
         s = jnp.where(mask, s, _NEG)
@@ -214,7 +237,7 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
     acc = jnp.zeros((rows, D), jnp.float32)
     m = jnp.full((rows,), _NEG, jnp.float32)
     l = jnp.zeros((rows,), jnp.float32)
-    acc, m, l = jax.lax.fori_loop(kb_start, kb_end, body, (acc, m, l))
+    acc, m, l = jax.lax.fori_loop(it_lo, it_hi, body, (acc, m, l))
 
     # Output rows: the token's own row, or (decode launch) a compact row per (block, head), so
     # the decode partials and their combine scale with the sequence slots S, not the tokens T.
@@ -235,12 +258,15 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
 
 def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T, H, K, D, B,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
-            num_stages, interpret, out_dtype, out_by_block=False):
+            num_stages, interpret, out_dtype, out_by_block=False, split_pages=False):
     """One pallas_call over len(blk_seq) query blocks.
 
     Returns [T*H + 1, D] rows (token rows), or with ``out_by_block`` [nb*block_q*H + 1, D] rows
-    (row (b*block_q + i)*H + head for token i of block b); rows no program wrote are junk."""
+    (row (b*block_q + i)*H + head for token i of block b); rows no program wrote are junk.
+    ``split_pages``: splits take page ranges (the page table needs pages_per_block - 1 columns
+    past the last block's end)."""
     G = H // K
+    split_pages = split_pages and num_splits > 1
     rows = max(16, _next_pow2(block_q * G))
     nb = blk_seq.shape[0]
     n_rows = (nb * block_q if out_by_block else T) * H + 1
@@ -248,7 +274,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         _attn_kernel, block_q=block_q, rows=rows, group=G, num_heads=H, head_dim=D, page_size=B,
         pages_per_block=pages_per_block, num_splits=num_splits, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, dummy_row=n_rows - 1,
-        out_by_block=out_by_block)
+        out_by_block=out_by_block, split_pages=split_pages)
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((n_rows, D), out_dtype)
     else:
@@ -262,7 +288,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"ragged_paged_attention_bq{block_q}_ppb{pages_per_block}_ns{num_splits}",
+        name=(f"ragged_paged_attention_bq{block_q}_ppb{pages_per_block}_ns{num_splits}"
+              + ("_pg" if split_pages else "")),
     )(blk_seq, blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2, v2)
     if num_splits == 1:
         return res
@@ -373,6 +400,7 @@ def ragged_paged_attention(
     pages_per_block: int | None = None,
     decode_pages_per_block: int | None = None,
     decode_splits: int | None = None,
+    decode_split_pages: bool = False,
     num_warps: int = 4,
     num_stages: int = 2,
     decode: bool = True,
@@ -385,10 +413,12 @@ def ragged_paged_attention(
     pages per K/V step of the prefill launch, ``decode_pages_per_block`` / ``decode_splits`` the
     same and the flash-decoding split count of the decode launch. Each one left None comes from
     the measured tables above (``decode_block_config`` by S and M, ``prefill_block_config`` by T
-    and G); a value passed overrides its table entry alone. ``decode=False`` / ``prefill=False``
-    skip a launch when the caller knows the batch has no decode (q_len == 1) or no longer
-    sequences (e.g. a pure decode step); by default both run and each skips the other's
-    sequences. With ``prefill=False`` sequences of q_len > 1 are not computed (their rows are
+    and G); a value passed overrides its table entry alone. ``decode_split_pages`` splits the
+    decode context by pages instead of by key blocks of ``decode_pages_per_block`` pages
+    (unmeasured; for short contexts under a long context class, see DESIGN_NOTES).
+    ``decode=False`` / ``prefill=False`` skip a launch when the caller knows the batch has no
+    decode (q_len == 1) or no longer sequences (e.g. a pure decode step); by default both run
+    and each skips the other's sequences. With ``prefill=False`` sequences of q_len > 1 are not computed (their rows are
     zeros), so pass it only for batches of decodes.
     """
     T, H, D = q.shape
@@ -420,6 +450,8 @@ def ragged_paged_attention(
     # masked by position anyway); any valid page id will do.
     ppb_max = max(pages_per_block if prefill else 1, dppb if decode else 1)
     M_pad = -(-M // ppb_max) * ppb_max
+    if decode and decode_split_pages:  # a split's last block may start at its last page
+        M_pad = max(M_pad, M + dppb - 1)
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, M_pad - M)))
     q2 = q.reshape(T * H, D)
     k2 = k_pages.reshape(P * B, K * D)
@@ -466,7 +498,7 @@ def ragged_paged_attention(
         d_pos0 = (seq_lens[:nd] - 1).astype(jnp.int32)
         rows = _launch(q2, k2, v2, pt, d_seq, d_tok0, d_ntok, d_pos0, block_q=1,
                        pages_per_block=dppb, num_splits=decode_splits, out_by_block=True,
-                       **common)
+                       split_pages=decode_split_pages, **common)
         dec = rows[: nd * H].reshape(nd, H, D)[jnp.minimum(t_seq, nd - 1)]  # [T, H, D]
         t_dec = (is_decode[t_seq] & t_valid)[:, None, None]
         out = jnp.where(t_dec, dec, zeros if out is None else out)

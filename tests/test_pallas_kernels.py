@@ -272,6 +272,17 @@ def test_table_chosen_configs_match_reference_across_shape_classes(S, M, B, H, K
                      sliding_window=window, soft_cap=cap)
 
 
+@pytest.mark.parametrize("dtype,tol,window,cap", [(jnp.float32, 1e-5, 50, None),
+                                                  (jnp.bfloat16, 1e-2, None, 5.0)])
+def test_decode_splits_by_pages_match_reference(dtype, tol, window, cap):
+    # 40 pages of 8 in key blocks of 16 pages: 7 splits take 6 pages each, less than one block,
+    # so every split ends inside a block (masked K/V rows) and some start mid-table.
+    kinds = [("decode",) * 6, ("decode", "chunk", "decode", "prefill"), ("decode",) * 2]
+    _check_attention(20, kinds, H=8, K=2, dtype=dtype, tol=tol, T=32, S=6, M=40, B=8,
+                     sliding_window=window, soft_cap=cap, decode_pages_per_block=16,
+                     decode_splits=7, decode_split_pages=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # FP8 (e4m3) W8A8 matmul.
 # e4m3 keeps 3 mantissa bits: round-to-nearest leaves a relative error of at most 2^-4 per
