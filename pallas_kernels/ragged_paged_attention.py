@@ -418,8 +418,8 @@ def ragged_paged_attention(
     (unmeasured; for short contexts under a long context class, see DESIGN_NOTES).
     ``decode=False`` / ``prefill=False`` skip a launch when the caller knows the batch has no
     decode (q_len == 1) or no longer sequences (e.g. a pure decode step); by default both run
-    and each skips the other's sequences. With ``prefill=False`` sequences of q_len > 1 are not computed (their rows are
-    zeros), so pass it only for batches of decodes.
+    and each skips the other's sequences. With ``prefill=False`` sequences of q_len > 1 are not
+    computed (their rows are zeros), so pass it only for batches of decodes.
     """
     T, H, D = q.shape
     P, B, K, _ = k_pages.shape
