@@ -81,9 +81,11 @@ def allreduce_ms_per_step(mesh, num_layers: int, hidden: int, batch: int = 1,
     n = 2 * num_layers + 1
 
     def chain(x):
-        def body(_, x):
-            return jax.lax.psum(x, "tp") * (1.0 / mesh.devices.size)
-        return jax.lax.fori_loop(0, n, body, x)
+        # Unrolled: a GPU while loop reads its predicate on the host every iteration, which
+        # would time the loop, not the all-reduces.
+        for _ in range(n):
+            x = jax.lax.psum(x, "tp") * (1.0 / mesh.devices.size)
+        return x
 
     f = jax.jit(jax.shard_map(chain, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))
     x = jnp.ones((batch, hidden), jnp.bfloat16)
@@ -166,7 +168,22 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--allreduce-only", type=int, default=0, metavar="TP",
+                   help="only time one decode step's all-reduces over TP devices (batch 1 "
+                        "and 256), under the current XLA_FLAGS")
     args = p.parse_args(argv)
+    if args.allreduce_only:
+        import os
+
+        from benchmarks.offline_throughput import SHAPES
+        from sharding.mesh import make_mesh, replica_meshes
+        shape = SHAPES[args.shape]
+        mesh = replica_meshes(make_mesh(1, 1, args.allreduce_only))[0].stage(0)
+        res = {f"allreduce_ms_b{b}": allreduce_ms_per_step(
+            mesh, shape["num_hidden_layers"], shape["hidden_size"], batch=b) for b in (1, 256)}
+        print(json.dumps(dict(bench="allreduce", tp=args.allreduce_only, shape=args.shape,
+                              xla_flags=os.environ.get("XLA_FLAGS", ""), **res)), flush=True)
+        return 0
     if args.one:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return 0

@@ -37,9 +37,14 @@ multi)
     --num-prompts 128 --out $OUT/parallel.jsonl > $OUT/parallel70.log 2>&1
   for f in parallel parallel70; do echo "=== $f"; quiet < $OUT/$f.log | tail -20; done ;;
 scaleout)
+  for f in "" "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true" \
+           "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"; do
+    XLA_FLAGS="$f" timeout 60 python3 benchmarks/parallel.py --allreduce-only 2 2>&1 | grep '^{' \
+      | tee -a $OUT/parallel.jsonl
+  done
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
-  timeout $T python3 benchmarks/ray_serving.py --tokenizer .bench/tokenizer --replicas 1,2 \
+  timeout 420 python3 benchmarks/ray_serving.py --tokenizer .bench/tokenizer --replicas 1,2 \
     --request-rates 32,inf --out $OUT/ray_serving.jsonl > $OUT/ray_serving.log 2>&1
   quiet < $OUT/ray_serving.log | tail -30 ;;
 esac
