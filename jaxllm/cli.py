@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
+
+# Where `jaxllm` keeps compiled step programs between runs (XLA's persistent compilation cache).
+DEFAULT_COMPILATION_CACHE_DIR = os.environ.get(
+    "JAXLLM_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "jaxllm" / "xla"))
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +39,28 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="schedule step k+1 while step k runs on the device (default on)")
+    p.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILATION_CACHE_DIR,
+                   help="keep compiled step programs here, so a restart with the same model and "
+                        "flags skips most of the start-up compile (default: "
+                        "$JAXLLM_COMPILATION_CACHE_DIR or ~/.cache/jaxllm/xla; '' turns it off)")
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    """Turns on XLA's persistent compilation cache at ``path`` (nothing for None or '').
+
+    Call it before anything compiles: jax reads the setting when it first compiles. Every
+    program is cached, however quick to compile (the start-up compiles many), and the setting is
+    also exported, so processes started from this one (Ray replicas, local followers) share it.
+    """
+    if not path:
+        return
+    import jax
+
+    path = os.path.expanduser(path)
+    os.makedirs(path, exist_ok=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -92,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    enable_compilation_cache(getattr(args, "compilation_cache_dir", None))
     try:
         if args.command == "generate":
             return _generate(args)

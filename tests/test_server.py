@@ -598,7 +598,8 @@ def test_client_disconnect_mid_request_aborts_a_non_streamed_completion(servers,
 
 
 @pytest.mark.slow
-def test_sigterm_stops_a_real_server_process_gracefully_with_exit_0(small_llama_folder):
+def test_sigterm_stops_a_real_server_process_gracefully_with_exit_0(small_llama_folder,
+                                                                    tmp_path):
     import os
     import signal
     import socket
@@ -611,7 +612,8 @@ def test_sigterm_stops_a_real_server_process_gracefully_with_exit_0(small_llama_
     proc = subprocess.Popen(
         [sys.executable, "-m", "jaxllm.cli", "serve", str(small_llama_folder), "--port", str(port),
          "--dtype", "float32", "--max-model-len", "64", "--max-num-batched-tokens", "16",
-         "--num-pages", "16", "--max-num-seqs", "4"],
+         "--num-pages", "16", "--max-num-seqs", "4",
+         "--compilation-cache-dir", str(tmp_path / "xla")],
         env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE)
     try:
@@ -625,6 +627,8 @@ def test_sigterm_stops_a_real_server_process_gracefully_with_exit_0(small_llama_
             except aiohttp.ClientConnectionError:
                 time.sleep(0.5)
         assert healthy, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+        # The start-up compiles went to the persistent cache a restart reads.
+        assert len(list((tmp_path / "xla").iterdir())) >= 3
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
