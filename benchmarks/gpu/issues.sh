@@ -6,7 +6,9 @@
 #                                          + the FP8 matmul sweep (issue 5)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
-# The server benchmark needs pydantic: carry .whl (see benchmarks/RESULTS.md) and .bench.
+# Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
+# it with tokenizer.save_pretrained) and, for scaleout, .whl (pydantic wheels, see the device
+# README).
 # JSON lines and logs go to $OUT.
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -20,7 +22,7 @@ single)
   (export CUDA_VISIBLE_DEVICES=0
    timeout $T bash -c "
    python3 benchmarks/fp8.py engine --out $OUT/fp8.jsonl > $OUT/fp8_engine.log 2>&1
-   python3 -m pytest -q -m gpu tests/test_gpu.py -k fp8 > $OUT/fp8_tests.log 2>&1
+   JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer python3 -m pytest -q -m gpu tests/test_gpu.py -k fp8 > $OUT/fp8_tests.log 2>&1
    python3 benchmarks/parallel.py --configs tp1 --out $OUT/parallel.jsonl > $OUT/tp1.log 2>&1") &
   (export CUDA_VISIBLE_DEVICES=1
    timeout $T bash -c "
