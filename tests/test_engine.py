@@ -327,7 +327,7 @@ def test_decode_only_attention_is_one_kernel_launch_with_the_same_output():
     general, decode = np.asarray(jax.jit(attend)(md)), np.asarray(jax.jit(attend)(md_dec))
     assert n_real == 5 and np.all(decode[n_real:] == 0.0)
     np.testing.assert_array_equal(decode, general)
-    mesh = jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tp",))  # as sharding/mesh.py
     with heads_sharded(mesh):
         sharded = np.asarray(jax.jit(attend)(md_dec))
     np.testing.assert_array_equal(sharded, general)

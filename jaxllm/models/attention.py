@@ -19,6 +19,7 @@ import contextvars
 import dataclasses
 
 import jax
+import jax.experimental.pallas.fuser  # noqa: F401  (see below)
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
@@ -27,6 +28,10 @@ from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention_reference,
 )
 
+# Importing the Pallas fuser defines a config value that is part of every jit cache key
+# ("pallas_fuser_disable_nested_fuse"); jax imports it lazily at the first Pallas lowering, so
+# every program compiled before that (the first start-up bucket, a server's warm-up) missed the
+# cache afterwards and compiled again. Imported here, it exists before anything compiles.
 SCRATCH_PAGE = 0
 
 KVCache = list[tuple[jax.Array, jax.Array]]
