@@ -10,6 +10,10 @@ Perfetto trace, no TensorBoard needed) and reads the trace back:
 and the top GPU ops by time (grouped by name with digits stripped).
 
     python3 benchmarks/profile_step.py --batch 1 64 256 --context 1024 --out-dir /tmp/prof
+
+A/B of two step-level choices (docs/DESIGN_NOTES.md, "Decode-only steps, one input copy"):
+``--no-decode-only`` runs pure decode steps on the general forward (both attention launches),
+``--no-pack`` passes the step inputs as numpy arrays (one host->device copy each).
 """
 
 from __future__ import annotations
@@ -79,6 +83,10 @@ def main(argv=None) -> int:
     p.add_argument("--attention", default="pallas", choices=["reference", "pallas"])
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--no-decode-only", action="store_true",
+                   help="pure decode steps run the general forward (A/B of the decode-only one)")
+    p.add_argument("--no-pack", action="store_true",
+                   help="numpy step inputs, one transfer per array (A/B of the packed buffer)")
     args = p.parse_args(argv)
 
     import jax
@@ -95,6 +103,8 @@ def main(argv=None) -> int:
                        max_num_seqs=max_b, max_num_batched_tokens=max(2048, max_b),
                        enable_prefix_caching=False)
     engine = LLMEngine(cfg, loaded=loaded)
+    engine.runner.decode_only_steps = not args.no_decode_only
+    engine.runner.pack_inputs = engine.runner.pack_inputs and not args.no_pack
     rng = np.random.default_rng(0)
     rows = []
     for batch in args.batch:
@@ -123,7 +133,8 @@ def main(argv=None) -> int:
         for rid in ids:
             engine.abort_request(rid)
         row = dict(shape=args.shape, device=jax.devices()[0].device_kind, batch=batch,
-                   context=args.context, wall_ms=wall, **summ,
+                   context=args.context, decode_only=engine.runner.decode_only_steps,
+                   packed_inputs=engine.runner.pack_inputs, wall_ms=wall, **summ,
                    idle_pct=100 * max(0.0, 1 - summ["gpu_busy_ms"] / wall))
         rows.append(row)
         print(f"batch {batch}: wall {wall:.2f} ms, GPU busy {summ['gpu_busy_ms']:.2f} ms "

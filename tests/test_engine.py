@@ -333,6 +333,90 @@ def test_decode_only_attention_is_one_kernel_launch_with_the_same_output():
     np.testing.assert_array_equal(sharded, general)
 
 
+def test_packed_step_inputs_round_trip_bit_exactly():
+    # Every dtype a step carries (int32, float32 with -inf, uint32 seeds, bool, empty widths)
+    # comes out of the one int32 buffer with its bits, shape and dtype unchanged.
+    import jax
+
+    from jaxllm.engine import sampler as sampler_lib
+    from jaxllm.engine.model_runner import Packed, pack
+
+    rows = [sampler_lib.SamplingRow(SamplingParams(temperature=0.7, logit_bias={5: -1.5},
+                                                   presence_penalty=0.3),
+                                    2**64 - 3, 4, [1, 2], [3], banned_token_ids=[7]),
+            sampler_lib.SamplingRow(SamplingParams(temperature=0.0), 11, 0, [4], [])]
+    sampling = sampler_lib.build_sampling_tensors(rows, pad_to=4)
+    ints = {"a": np.arange(-3, 9, dtype=np.int32).reshape(3, 4), "b": np.zeros((2, 0), np.int32)}
+    buf, (l_ints, l_samp) = pack(ints, sampling)
+    assert buf.dtype == np.int32 and buf.ndim == 1
+    for tree, layout in ((ints, l_ints), (sampling, l_samp)):
+        out = jax.jit(lambda b, layout=layout: Packed(b, layout).unpack())(buf)
+        want, got = jax.tree.leaves(tree), jax.tree.leaves(out)
+        assert len(want) == len(got)
+        for w, g in zip(want, got):
+            g = np.asarray(g)
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_array_equal(g.view(np.uint8) if g.size else g,
+                                          w.view(np.uint8) if w.size else w)
+    with pytest.raises(TypeError, match="int64"):
+        pack({"x": np.zeros(3, np.int64)})
+
+
+def test_a_step_is_one_host_to_device_copy_with_the_outputs_of_unpacked_inputs(small_llm,
+                                                                            monkeypatch):
+    # The forward and the sampler each take one Packed buffer (its input is one array); a
+    # whole dispatch makes one explicit device_put call (both buffers) and no implicit
+    # transfer (numpy arguments of a jit would be implicit ones, refused by the transfer
+    # guard); sampling widths (penalties) do not change the forward's program; and a mixed
+    # workload gives the same outputs as passing numpy StepInputs (the path before packing).
+    import jax
+
+    from jaxllm.engine.model_runner import Packed
+
+    engine = small_llm.llm_engine
+    runner = engine.runner
+    vocab = engine.model_config.vocab_size
+    fwd_in, samp_in = runner._device_inputs(runner.prepare([], [], T=runner.token_buckets[0]))
+    assert isinstance(fwd_in, Packed) and isinstance(samp_in, Packed)
+    assert jax.tree.leaves(fwd_in) == [fwd_in.buf] and jax.tree.leaves(samp_in) == [samp_in.buf]
+    lowered = runner._forward.lower(runner._leaves, runner.kv_caches, fwd_in, runner._prev_tokens)
+    assert len(jax.tree.leaves(lowered.args_info[0][2])) == 1  # (args, kwargs)
+
+    puts = []
+    device_put = jax.device_put
+    monkeypatch.setattr(jax, "device_put", lambda *a, **k: puts.append(1) or device_put(*a, **k))
+    engine.add_request("one-copy", {"prompt_token_ids": [5, 6, 7, 8, 9]},
+                       SamplingParams(temperature=0.8, top_k=4, max_tokens=3, seed=1, logprobs=2,
+                                      ignore_eos=True))
+    with jax.transfer_guard_host_to_device("disallow"):
+        steps = 0
+        while engine.has_unfinished_requests():
+            before = len(puts)
+            engine.step()
+            steps += 1
+            assert len(puts) - before <= 1
+    monkeypatch.undo()
+    assert steps >= 3 and 1 <= len(puts) <= steps
+
+    prompts = _random_prompts(6, vocab, seed=31, hi=50)
+    params = SamplingParams(temperature=0.9, top_p=0.8, max_tokens=5, seed=2, logprobs=1,
+                            presence_penalty=0.2, ignore_eos=True)
+
+    def run(pack_inputs):
+        runner.pack_inputs = pack_inputs
+        try:
+            small_llm.reset_prefix_cache()
+            outs = small_llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            runner.pack_inputs = True
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+    forward_programs = runner._forward._cache_size()
+    packed = run(True)
+    assert runner._forward._cache_size() == forward_programs
+    assert packed == run(False)
+
+
 def test_penalty_and_bias_variants_compile_once_and_are_reused(small_llm):
     # Penalties / logit_bias widen the sampling inputs: their variant compiles on first use per
     # bucket (documented in docs/DESIGN_NOTES.md), then never again.

@@ -15,6 +15,15 @@ common step while serving), ``prepare`` sets the static ``AttentionMetadata.deco
 forward is a separate compiled program whose Pallas attention runs only its decode launch. Those
 programs exist for the token buckets a pure decode step can land in (``step_variants``) and are
 compiled at start-up with the rest.
+
+Two buffers per step: the host packs the forward's int32 arrays into one int32 buffer and the
+sampling tensors (float32 and uint32 bit-cast, bool widened) into another, puts both on the
+device in one ``device_put`` call, and the forward and the sampler each slice theirs inside the
+jit (``Packed``: static offsets, a function of the bucket shapes only). Passing ~27 numpy arrays
+instead cost one host->device copy each per step. Two buffers, not one: the sampling part's
+width varies (penalty / logit-bias widths), and a forward reading from a buffer of varying
+length would recompile for each. On by default with one process; several processes
+(multi-host) pass the numpy StepInputs as before.
 """
 
 from __future__ import annotations
@@ -62,6 +71,62 @@ class StepInputs:
     sampling: Any
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A pytree of arrays packed into one flat int32 buffer, to cross host->device in one copy.
+
+    buf:    [N] int32; may hold more than this tree (``pack`` can lay several trees end to end)
+    layout: static (treedef, ((offset, shape, numpy dtype), ...) per leaf): part of the jit
+            cache key; it depends only on the leaves' shapes, so it is fixed per compiled bucket
+    """
+
+    buf: jax.Array
+    layout: tuple = dataclasses.field(metadata=dict(static=True))
+
+    def unpack(self):
+        """Inside a jit: the tree, each leaf a static slice of buf (bit-cast back to its dtype)."""
+        treedef, entries = self.layout
+        leaves = []
+        for off, shape, dtype in entries:
+            x = self.buf[off:off + math.prod(shape)].reshape(shape)
+            if dtype == np.bool_:
+                x = x != 0
+            elif dtype != np.int32:
+                x = jax.lax.bitcast_convert_type(x, dtype)
+            leaves.append(x)
+        return jax.tree.unflatten(treedef, leaves)
+
+
+def pack(*trees) -> tuple[np.ndarray, list[tuple]]:
+    """Host side: numpy trees -> (one int32 buffer, a ``Packed`` layout per tree). Leaves must
+    be 4-byte (int32 / uint32 / float32: their bits copied as int32) or bool (widened)."""
+    layouts, arrays, off = [], [], 0
+    for tree in trees:
+        leaves, treedef = jax.tree.flatten(tree)
+        entries = []
+        for x in leaves:
+            x = np.asarray(x)
+            if x.dtype.itemsize != 4 and x.dtype != np.bool_:
+                raise TypeError(f"cannot pack a {x.dtype} leaf of shape {x.shape}: only 4-byte "
+                                f"dtypes and bool")
+            entries.append((off, x.shape, x.dtype))
+            arrays.append((off, x))
+            off += x.size
+        layouts.append((treedef, tuple(entries)))
+    # One preallocated buffer, each leaf copied into its slot (a slice assignment: ~1 us each;
+    # np.concatenate of views and dtype.name lookups cost several times more at ~25 leaves).
+    buf = np.empty(off, np.int32)
+    for o, x in arrays:
+        flat = x.reshape(-1)
+        buf[o:o + flat.size] = flat if x.dtype == np.bool_ else flat.view(np.int32)
+    return buf, layouts
+
+
+def _unpacked(x):
+    return x.unpack() if isinstance(x, Packed) else x
+
+
 def _model(graphdef, treedef, leaves) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
@@ -75,7 +140,9 @@ def _token_ids(inputs: StepInputs, prev_tokens: jax.Array) -> jax.Array:
 
 def _forward(graphdef, treedef, leaves, kv_caches: KVCache, inputs: StepInputs,
              prev_tokens: jax.Array):
-    """The model over the ragged batch; logits [S, V] float32 only at the sampled rows."""
+    """The model over the ragged batch; logits [S, V] float32 only at the sampled rows.
+    ``inputs``: StepInputs, or a Packed of them."""
+    inputs = _unpacked(inputs)
     model = _model(graphdef, treedef, leaves)
     hidden, kv_caches = model(_token_ids(inputs, prev_tokens), inputs.positions, kv_caches,
                               inputs.md)
@@ -85,8 +152,9 @@ def _forward(graphdef, treedef, leaves, kv_caches: KVCache, inputs: StepInputs,
 def _sample_padded(max_num_seqs: int, logits: jax.Array, sampling, num_logprobs: int | None,
                    sort: bool):
     """The sampler, plus its token ids padded to [max_num_seqs] (a fixed shape: the next step's
-    forward reads them, whatever this step's bucket was)."""
-    out = sampler_lib.sample(logits, sampling, num_logprobs, sort)
+    forward reads them, whatever this step's bucket was). ``sampling``: SamplingTensors, or a
+    Packed of them."""
+    out = sampler_lib.sample(logits, _unpacked(sampling), num_logprobs, sort)
     return out, jnp.pad(out.token_ids, (0, max_num_seqs - out.token_ids.shape[0]))
 
 
@@ -98,6 +166,7 @@ def _prompt_logprobs_forward(graphdef, treedef, leaves, kv_caches: KVCache, inpu
     next_ids: [T] the token that follows each row's token in its prompt (-1: none/not needed).
     Returns, per row: logprob of next_ids [T], its rank [T] (1 = most likely), top-k ids/logprobs.
     """
+    inputs = _unpacked(inputs)
     model = _model(graphdef, treedef, leaves)
     hidden, kv_caches = model(_token_ids(inputs, prev_tokens), inputs.positions, kv_caches,
                               inputs.md)
@@ -171,6 +240,11 @@ class ModelRunner:
                                static_argnums=(2, 3), out_shardings=replicated)
         self._replicate = (jax.jit(lambda x: x, out_shardings=replicated) if replicated is not None
                            else (lambda x: x))
+        # Two host->device copies of the step's inputs (module docstring). Several processes:
+        # every process would have to place the same buffer on devices it cannot address, so
+        # they pass numpy StepInputs as before.
+        self.pack_inputs = jax.process_count() == 1
+        self._input_sharding = replicated
         # The last dispatched step's sampled ids, [max_num_seqs]: where async scheduling's
         # placeholders (StepInputs.prev_rows) take their tokens from; placed as the sampler
         # places them.
@@ -201,6 +275,7 @@ class ModelRunner:
         # runs the general forward (for A/B measurements and tests; switch it before start-up
         # compile to skip compiling the decode-only programs, or at any time to stop using them).
         self.decode_only_steps = True
+        self.pack_inputs = False  # ModelRunner.__init__ turns it on where it applies
 
     @property
     def state(self) -> nnx.State:
@@ -281,29 +356,41 @@ class ModelRunner:
             return  # sharded / pipelined runners compile as they go (their programs differ)
         lowered, sampled = [], set()
         for T, decode_only in self.step_variants():
-            inputs = self.prepare([], [], T=T, decode_only=decode_only)
-            fwd = self._forward.lower(self._leaves, self.kv_caches,
-                                      dataclasses.replace(inputs, sampling=None),
-                                      self._prev_tokens)
+            fwd_in, samp_in = self._device_inputs(
+                self.prepare([], [], T=T, decode_only=decode_only))
+            fwd = self._forward.lower(self._leaves, self.kv_caches, fwd_in, self._prev_tokens)
             lowered.append(fwd)
             if T in sampled:  # the decode-only forward shares its bucket's sampler programs
                 continue
             sampled.add(T)
             logits = jax.ShapeDtypeStruct(*(lambda o: (o.shape, o.dtype))(fwd.out_info[1]))
             for nl, sort in self.sampler_variants():
-                lowered.append(self._sample.lower(logits, inputs.sampling, nl, sort))
+                lowered.append(self._sample.lower(logits, samp_in, nl, sort))
         workers = max(1, min(len(lowered), os.cpu_count() or 1))
         with cf.ThreadPoolExecutor(max_workers=workers) as pool:
             for f in [pool.submit(lo.compile) for lo in lowered]:
                 f.result()
 
+    def _device_inputs(self, inputs: StepInputs) -> tuple[Any, Any]:
+        """(forward inputs, sampler inputs) as the jitted calls take them: with ``pack_inputs``
+        and numpy inputs, a Packed buffer each, both put on the device by one ``device_put``;
+        else the StepInputs (without sampling) and the SamplingTensors themselves. Separate
+        buffers keep the forward's argument shape a function of its bucket alone."""
+        fwd = dataclasses.replace(inputs, sampling=None)
+        if not self.pack_inputs or not isinstance(inputs.token_ids, np.ndarray):
+            return fwd, inputs.sampling
+        fwd_buf, (fwd_layout,) = pack(fwd)
+        samp_buf, (samp_layout,) = pack(inputs.sampling)
+        fwd_buf, samp_buf = jax.device_put((fwd_buf, samp_buf), self._input_sharding)
+        return Packed(fwd_buf, fwd_layout), Packed(samp_buf, samp_layout)
+
     def run(self, inputs: StepInputs, num_logprobs: int | None, sort: bool
             ) -> sampler_lib.SamplerOutput:
         """Dispatches the forward (updating the cache) and the sampler; returns device arrays."""
-        self.kv_caches, logits = self._forward(self._leaves, self.kv_caches,
-                                               dataclasses.replace(inputs, sampling=None),
+        fwd_in, samp_in = self._device_inputs(inputs)
+        self.kv_caches, logits = self._forward(self._leaves, self.kv_caches, fwd_in,
                                                self._prev_tokens)
-        out, self._prev_tokens = self._sample(logits, inputs.sampling, num_logprobs, sort)
+        out, self._prev_tokens = self._sample(logits, samp_in, num_logprobs, sort)
         return out
 
     # -- host side ----------------------------------------------------------------------------
@@ -387,10 +474,10 @@ class ModelRunner:
         """Launches a prepared step (what a multi-host follower runs for each leader step)."""
         if next_ids is None:
             return self.run(inputs, nl, sort), None
+        fwd_in, samp_in = self._device_inputs(inputs)
         self.kv_caches, logits, prompt_lp = self._prompt_forward(
-            self._leaves, self.kv_caches, dataclasses.replace(inputs, sampling=None),
-            self._prev_tokens, next_ids, self.num_logprobs)
-        out, self._prev_tokens = self._sample(logits, inputs.sampling, nl, sort)
+            self._leaves, self.kv_caches, fwd_in, self._prev_tokens, next_ids, self.num_logprobs)
+        out, self._prev_tokens = self._sample(logits, samp_in, nl, sort)
         return out, self._replicate(prompt_lp)
 
     def fetch(self, tree):
