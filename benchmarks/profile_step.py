@@ -11,7 +11,7 @@ and the top GPU ops by time (grouped by name with digits stripped).
 
     python3 benchmarks/profile_step.py --batch 1 64 256 --context 1024 --out-dir /tmp/prof
 
-A/B of two step-level choices (docs/DESIGN_NOTES.md, "Decode-only steps, one input copy"):
+A/B of two step-level choices (docs/DESIGN_NOTES.md, "Decode-only steps, packed step inputs"):
 ``--no-decode-only`` runs pure decode steps on the general forward (both attention launches),
 ``--no-pack`` passes the step inputs as numpy arrays (one host->device copy each).
 """

@@ -193,7 +193,8 @@ class LLMEngine:
                       "prefix_cache_hits": 0, "prefix_cache_queries": 0}
         if not config.skip_compile_at_start:
             secs = self.runner.compile_all()
-            logger.info("compiled %d step buckets in %.1f s", len(token_buckets), secs)
+            logger.info("compiled %d step programs (%d token buckets) in %.1f s",
+                        len(self.runner.step_variants()), len(token_buckets), secs)
         if jax.process_count() > 1 and jax.process_index() == 0:
             from sharding.distributed import attach_leader
 
