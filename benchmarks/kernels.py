@@ -315,10 +315,10 @@ def bench_decode(rng, budget_s):
             if i > 0 and time.time() - T0 > budget_s:
                 break
             label = dict(cfg, table=True) if i == 0 else cfg
-            run_case("decode", shape, "pallas", label, ours_fn(prefill=False, **cfg),
+            run_case("decode", shape, "pallas", label, ours_fn(decode_only=True, **cfg),
                      arg_sets, ref=ref, bytes_=nbytes, tol=2e-2)
         if (batch, ctx) in ((64, 4096), (8, 4096)) or SMOKE:
-            # Both launches on a pure decode batch (the engine's call without prefill=False):
+            # Both launches on a pure decode batch (the engine's call before decode_only):
             # the 2026-11-23 sweep saw 605 us against 418 us for the decode launch alone.
             run_case("decode", shape, "pallas_both_launches", dict(configs[0], table=True),
                      ours_fn(**configs[0]), arg_sets, ref=ref, bytes_=nbytes, tol=2e-2)
@@ -350,7 +350,7 @@ def bench_decode_short_in_long_class(rng, budget_s):
             if i > 1 and time.time() - T0 > budget_s:  # past the budget: table, table by pages
                 break
             label = dict(cfg, table=True) if i == 0 else cfg
-            run_case("decode", shape, "pallas", label, ours_fn(prefill=False, **cfg), arg_sets,
+            run_case("decode", shape, "pallas", label, ours_fn(decode_only=True, **cfg), arg_sets,
                      ref=ref, bytes_=nbytes, tol=2e-2)
         del q, kp, vp, metas, arg_sets, ref
 

@@ -405,6 +405,7 @@ def ragged_paged_attention(
     num_stages: int = 2,
     decode: bool = True,
     prefill: bool = True,
+    decode_only: bool = False,
     interpret: bool = False,
 ) -> jax.Array:
     """Pallas (Triton) ragged paged attention; same contract and result as the reference.
@@ -420,6 +421,11 @@ def ragged_paged_attention(
     decode (q_len == 1) or no longer sequences (e.g. a pure decode step); by default both run
     and each skips the other's sequences. With ``prefill=False`` sequences of q_len > 1 are not
     computed (their rows are zeros), so pass it only for batches of decodes.
+    ``decode_only=True`` promises more: every real sequence has exactly one new token, so
+    token t belongs to sequence slot t. The decode launch alone then runs and its rows are the
+    output as they are, without the token->sequence search, gather and select of the general
+    path (the engine's pure decode steps, ``AttentionMetadata.decode_only``). The output is
+    unspecified for a batch that breaks the promise.
     """
     T, H, D = q.shape
     P, B, K, _ = k_pages.shape
@@ -433,6 +439,10 @@ def ragged_paged_attention(
                     ("decode_splits", decode_splits)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive int or None (table), got {v!r}")
+    if decode_only:
+        if not decode:
+            raise ValueError("decode_only=True needs the decode launch (decode=True)")
+        prefill = False
     dcfg = decode_block_config(S, M, B)
     pcfg = prefill_block_config(T, H, K)
     block_q = pcfg["block_q"] if block_q is None else block_q
@@ -460,13 +470,14 @@ def ragged_paged_attention(
                   soft_cap=soft_cap, num_warps=num_warps, num_stages=num_stages,
                   interpret=interpret, out_dtype=q.dtype)
 
-    # Token -> its sequence, and whether the decode launch computed it.
     t = jnp.arange(T, dtype=jnp.int32)
-    # compare_all: the default binary search is a while loop, run from the host on the GPU.
-    t_seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], t, side="right",
-                                          method="compare_all"), S - 1).astype(jnp.int32)
     t_valid = t < query_start_loc[ns]
     zeros = jnp.zeros((), q.dtype)
+    if not decode_only:
+        # Token -> its sequence (compare_all: the default binary search is a while loop, run
+        # from the host on the GPU).
+        t_seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], t, side="right",
+                                              method="compare_all"), S - 1).astype(jnp.int32)
 
     out = None
     if prefill:
@@ -499,7 +510,13 @@ def ragged_paged_attention(
         rows = _launch(q2, k2, v2, pt, d_seq, d_tok0, d_ntok, d_pos0, block_q=1,
                        pages_per_block=dppb, num_splits=decode_splits, out_by_block=True,
                        split_pages=decode_split_pages, **common)
-        dec = rows[: nd * H].reshape(nd, H, D)[jnp.minimum(t_seq, nd - 1)]  # [T, H, D]
-        t_dec = (is_decode[t_seq] & t_valid)[:, None, None]
-        out = jnp.where(t_dec, dec, zeros if out is None else out)
+        if decode_only:  # token t is slot t; tokens past the last slot are padding
+            dec = rows[: nd * H].reshape(nd, H, D)
+            if nd < T:
+                dec = jnp.pad(dec, ((0, T - nd), (0, 0), (0, 0)))
+            out = jnp.where(t_valid[:, None, None], dec, zeros)
+        else:
+            dec = rows[: nd * H].reshape(nd, H, D)[jnp.minimum(t_seq, nd - 1)]  # [T, H, D]
+            t_dec = (is_decode[t_seq] & t_valid)[:, None, None]
+            out = jnp.where(t_dec, dec, zeros if out is None else out)
     return out.astype(q.dtype)

@@ -140,6 +140,24 @@ def test_decode_only_batches_with_split_context_match_reference():
                      decode_pages_per_block=1, decode_splits=4)
 
 
+def test_decode_only_fast_path_matches_reference_with_fewer_slots_than_tokens():
+    # decode_only: rows of the decode launch are the output as they are (token t = slot t),
+    # including buckets with more token rows than sequence slots (T > S) and partly full ones.
+    decode = [("decode",) * 6, ("decode",) * 2, ("decode",)]
+    _check_attention(5, decode, H=8, K=2, dtype=jnp.float32, tol=1e-5, T=10, S=6,
+                     decode_only=True, decode_pages_per_block=2, decode_splits=3)
+    _check_attention(6, decode[1:], H=4, K=4, dtype=jnp.bfloat16, tol=1e-2, T=6, S=6,
+                     decode_only=True, sliding_window=9, soft_cap=4.0)
+
+
+def test_decode_only_needs_the_decode_launch():
+    args, _ = _random_batch(np.random.default_rng(0), kinds=("decode",), T=4, S=2, M=2, B=8,
+                            P=6, H=4, K=2, D=32, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="decode_only"):
+        ragged_paged_attention(*args, sm_scale=1.0, decode=False, decode_only=True,
+                               interpret=True)
+
+
 def test_prefill_and_chunked_prefill_only_batches_match_reference():
     # decode=False: the prefill launch alone serves every sequence, q_len 1 included.
     kinds = [("prefill", "prefill"), ("chunk", "chunk", "chunk"), ("chunk", "decode")]

@@ -62,8 +62,8 @@ class AttentionMetadata:
     page_table:      [S, M] page ids per sequence (padding: SCRATCH_PAGE)
     num_seqs:        [1]    number of real sequences
     decode_only:     static bool: every real sequence has exactly one new token (a pure decode
-                     step), so the Pallas kernel runs its decode launch only (``prefill=False``:
-                     no prefill grid, no select between the two launches). Static, hence part
+                     step), so the Pallas kernel runs its decode launch only (``decode_only``:
+                     no prefill grid, no token->sequence search or select). Static, hence part
                      of the jit cache key: a step with it is a separate compiled program, chosen
                      on the host (ModelRunner.prepare). The reference attention ignores it.
     """
@@ -158,5 +158,5 @@ def _paged_attention(q, k_pages, v_pages, md, *, sm_scale, sliding_window, soft_
         return ragged_paged_attention(
             q, k_pages, v_pages, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,
             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-            prefill=not md.decode_only, interpret=jax.default_backend() != "gpu")
+            decode_only=md.decode_only, interpret=jax.default_backend() != "gpu")
     raise ValueError(f"unknown attention backend {backend!r}; available: 'reference', 'pallas'")
