@@ -87,6 +87,9 @@ def main(argv=None) -> int:
                    help="pure decode steps run the general forward (A/B of the decode-only one)")
     p.add_argument("--no-pack", action="store_true",
                    help="numpy step inputs, one transfer per array (A/B of the packed buffer)")
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="fp8: W8A8 projections, quantized at load (where fp8 decode time goes)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     args = p.parse_args(argv)
 
     import jax
@@ -97,11 +100,17 @@ def main(argv=None) -> int:
     from jaxllm.sampling_params import SamplingParams
 
     loaded = random_model(args.shape, args.attention)
+    if args.quantization == "fp8":
+        from jaxllm.models.fp8 import quantize_model
+
+        loaded.model = quantize_model(loaded.model)  # the bf16 weights are freed here
+        loaded.model_config = loaded.model.config
     mc = loaded.model_config
     max_b = max(args.batch)
     cfg = EngineConfig(dtype="bfloat16", max_model_len=args.context + 8 * args.steps + 64,
                        max_num_seqs=max_b, max_num_batched_tokens=max(2048, max_b),
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False, quantization=args.quantization,
+                       kv_cache_dtype=args.kv_cache_dtype)
     engine = LLMEngine(cfg, loaded=loaded)
     engine.runner.decode_only_steps = not args.no_decode_only
     engine.runner.pack_inputs = engine.runner.pack_inputs and not args.no_pack
@@ -134,7 +143,8 @@ def main(argv=None) -> int:
             engine.abort_request(rid)
         row = dict(shape=args.shape, device=jax.devices()[0].device_kind, batch=batch,
                    context=args.context, decode_only=engine.runner.decode_only_steps,
-                   packed_inputs=engine.runner.pack_inputs, wall_ms=wall, **summ,
+                   packed_inputs=engine.runner.pack_inputs, quantization=args.quantization,
+                   kv_cache_dtype=args.kv_cache_dtype, wall_ms=wall, **summ,
                    idle_pct=100 * max(0.0, 1 - summ["gpu_busy_ms"] / wall))
         rows.append(row)
         print(f"batch {batch}: wall {wall:.2f} ms, GPU busy {summ['gpu_busy_ms']:.2f} ms "

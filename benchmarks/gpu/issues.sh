@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu/issues.sh single   GPU0: FP8 end to end (issue 6) + FP8 GPU tests, then
 #                                          tp1 (issue 8); GPU1: prefix caching on/off (issue 4)
 #                                          + the FP8 matmul sweep (issue 5)
+#   bash benchmarks/gpu/issues.sh next     (one GPU) profiles and latency of the unmeasured changes
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -49,4 +50,11 @@ scaleout)
   timeout 420 python3 benchmarks/ray_serving.py --tokenizer .bench/tokenizer --replicas 1,2 \
     --request-rates 32,inf --out $OUT/ray_serving.jsonl > $OUT/ray_serving.log 2>&1
   quiet < $OUT/ray_serving.log | tail -30 ;;
+next)  # one nvidia-h200 call: the changes of 2026-11-30 afternoon, not yet measured
+  # (decode-only steps, packed inputs, kernel decode_only path; where fp8 decode time goes)
+  P="python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 12 --out $OUT/profile.jsonl"
+  $P --batch 1 256 --out-dir /tmp/p1 2>&1 | quiet | grep "^batch"
+  $P --batch 1 256 --out-dir /tmp/p0 --no-decode-only --no-pack 2>&1 | quiet | grep "^batch"
+  $P --batch 1 --out-dir /tmp/p8 --quantization fp8 2>&1 | quiet | tail -16
+  python3 benchmarks/latency.py --engine jaxllm --out $OUT/latency.jsonl 2>&1 | quiet | tail -14 ;;
 esac
