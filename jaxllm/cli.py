@@ -57,7 +57,15 @@ def enable_compilation_cache(path: str | None) -> None:
     import jax
 
     path = os.path.expanduser(path)
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is not writable")
+    except OSError as e:  # a cache is an optimization: never a reason not to start
+        logging.getLogger("jaxllm").warning(
+            "compilation cache off: cannot use %s (%s); pass --compilation-cache-dir DIR or ''",
+            path, e)
+        return
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -636,6 +636,22 @@ def test_sigterm_stops_a_real_server_process_gracefully_with_exit_0(small_llama_
             proc.kill()
 
 
+def test_an_unusable_compilation_cache_dir_is_a_warning_not_a_failure(tmp_path, caplog):
+    import jax
+
+    from jaxllm.cli import enable_compilation_cache
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    before = jax.config.jax_compilation_cache_dir
+    with caplog.at_level("WARNING", logger="jaxllm"):
+        enable_compilation_cache(str(blocker / "xla"))  # a directory under a file: cannot exist
+    assert "compilation cache off" in caplog.text
+    assert jax.config.jax_compilation_cache_dir == before  # left as it was
+    enable_compilation_cache("")  # '' turns it off: nothing to do, nothing said
+    assert jax.config.jax_compilation_cache_dir == before
+
+
 def test_a_client_that_stops_reading_does_not_stall_other_streams(servers, engine, client):
     _wait_idle(engine)
 
