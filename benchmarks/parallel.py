@@ -175,6 +175,10 @@ def main(argv=None) -> int:
     if args.allreduce_only:
         import os
 
+        import jax
+        if jax.default_backend() != "gpu":  # XLA:CPU's collectives stall on this chain
+            p.error("--allreduce-only times GPU collectives; run it where JAX sees GPUs")
+
         from benchmarks.offline_throughput import SHAPES
         from sharding.mesh import make_mesh, replica_meshes
         shape = SHAPES[args.shape]

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import SHAPES, random_model  # noqa: E402
+from offline_throughput import SHAPES, engine_generate, random_model  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -135,7 +135,6 @@ def main(argv=None) -> int:
     from jaxllm.config import EngineConfig
     from jaxllm.engine.async_engine import AsyncEngine
     from jaxllm.engine.llm_engine import LLMEngine
-    from jaxllm.sampling_params import RequestOutputKind, SamplingParams
     from server.app import build_app
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -192,16 +191,7 @@ def main(argv=None) -> int:
 
     rows = asyncio.run(serve_and_load())
 
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True,
-                            detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
-    for i, pr in enumerate(prompts):
-        engine.add_request(f"offline-{i}", {"prompt_token_ids": pr}, params)
-    t0 = time.perf_counter()
-    n_out = 0
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            n_out += len(o.outputs[0].token_ids)
-    secs = time.perf_counter() - t0
+    secs, n_out = engine_generate(engine, prompts, args.output_len)
     rows.append(dict(kind="offline", rate="all at once", completed=args.num_prompts, failed=0,
                      seconds=secs, req_s=args.num_prompts / secs, output_tok_s=n_out / secs))
     server_inf = [r for r in rows if r["kind"] == "server" and r["rate"] == "inf"]

@@ -54,20 +54,8 @@ def test_compiled_decode_splits_by_pages_match_reference(kinds):
 
 def test_engine_greedy_outputs_are_the_same_with_pallas_and_reference_attention(
         small_llama_folder):
-    from jaxllm import LLM, SamplingParams
-
-    rng = np.random.default_rng(0)
-    prompts = [{"prompt_token_ids": rng.integers(0, 49152, int(n)).tolist()}
-               for n in rng.integers(1, 100, 12)]
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    outs = {}
-    for backend in ("reference", "pallas"):
-        llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
-                  num_pages=64, max_num_batched_tokens=64, max_num_seqs=8,
-                  attention_backend=backend)
-        outs[backend] = [o.outputs[0].token_ids
-                         for o in llm.generate(prompts, params, use_tqdm=False)]
-        del llm
+    outs = _greedy_tokens_per_backend(small_llama_folder, seed=0, num_prompts=12,
+                                      max_tokens=10, dtype="float32")
     assert outs["pallas"] == outs["reference"]
 
 
@@ -108,19 +96,28 @@ def test_engine_fp8_greedy_outputs_match_between_pallas_and_reference_attention(
         small_llama_folder):
     """quantization="fp8" + kv_cache_dtype="fp8" on the GPU (cuBLASLt fp8 dots, fp8 pages read
     by the Pallas kernel) gives the reference attention's tokens."""
+    outs = _greedy_tokens_per_backend(small_llama_folder, seed=1, num_prompts=8, max_tokens=8,
+                                      dtype="bfloat16", quantization="fp8",
+                                      kv_cache_dtype="fp8")
+    same = np.mean([a == b for a, b in zip(outs["pallas"], outs["reference"])])
+    assert same >= 0.75, outs  # bf16 ties between two attention orders may flip a sequence
+
+
+def _greedy_tokens_per_backend(folder, *, seed, num_prompts, max_tokens, **llm_kwargs):
+    """Greedy token ids of random prompts (1..99 tokens) through LLM(folder) with each
+    attention backend: {"reference": [...], "pallas": [...]}."""
     from jaxllm import LLM, SamplingParams
 
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     prompts = [{"prompt_token_ids": rng.integers(0, 49152, int(n)).tolist()}
-               for n in rng.integers(1, 100, 8)]
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+               for n in rng.integers(1, 100, num_prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     outs = {}
     for backend in ("reference", "pallas"):
-        llm = LLM(str(small_llama_folder), dtype="bfloat16", max_model_len=160, page_size=16,
-                  num_pages=64, max_num_batched_tokens=64, max_num_seqs=8,
-                  attention_backend=backend, quantization="fp8", kv_cache_dtype="fp8")
+        llm = LLM(str(folder), max_model_len=160, page_size=16, num_pages=64,
+                  max_num_batched_tokens=64, max_num_seqs=8, attention_backend=backend,
+                  **llm_kwargs)
         outs[backend] = [o.outputs[0].token_ids
                          for o in llm.generate(prompts, params, use_tqdm=False)]
         del llm
-    same = np.mean([a == b for a, b in zip(outs["pallas"], outs["reference"])])
-    assert same >= 0.75, outs  # bf16 ties between two attention orders may flip a sequence
+    return outs
