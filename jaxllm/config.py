@@ -87,6 +87,9 @@ class ModelConfig:
     # Per layer (k_scale, v_scale) of an fp8 KV cache, from a checkpoint that calibrated them
     # (compressed-tensors kv_cache_scheme); None: 1.0 (jaxllm/models/attention.py).
     kv_cache_scales: tuple[tuple[float, float], ...] | None = None
+    # q/k/v and gate/up as one GEMM each (jaxllm/models/fused.py). The loaders and checkpoints
+    # hold the separate projections (False); the engine builds the fused model it runs.
+    fused_projections: bool = False
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -138,6 +141,9 @@ class EngineConfig:
     # Schedule and dispatch step k+1 while step k runs on the device (vLLM's --async-scheduling);
     # False: every step waits for its results before the next is scheduled.
     async_scheduling: bool = True
+    # Run q/k/v and gate/up as one GEMM each (jaxllm/models/fused.py), as vLLM always does;
+    # False keeps the loaded separate projections (for A/B measurements).
+    fuse_projections: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

@@ -2,6 +2,9 @@
 
 Megatron layout over the ``tp`` mesh axis:
   q/k/v, gate/up   column-parallel: kernel [E, out] split on out (each shard owns whole heads)
+  qkv, gate_up     fused (jaxllm/models/fused.py): kernel [E, A, C] split on A (KV heads with
+                   their query heads; intermediate channels); fp8 weight [A, C, E] and
+                   bias / weight_scale [A, C] likewise on A
   o, down          row-parallel:    kernel [in, E] split on in; the partial sums meet in one
                                     all-reduce per block (attention, MLP), inserted by XLA's SPMD
                                     partitioner where the row-parallel matmul's output is needed
@@ -31,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm.config import ModelConfig
+from jaxllm.models.fused import FUSED_LINEARS
 
 from sharding.mesh import TP
 
@@ -38,6 +42,7 @@ logger = logging.getLogger("jaxllm")
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
+FUSED = FUSED_LINEARS
 
 
 def kv_head_layout(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int]:
@@ -67,6 +72,10 @@ def param_spec(path: tuple, shape: tuple[int, ...], tp: int) -> P:
         return P()
     # By rank, not by leaf name, so extra per-layer leaves (a quantized kernel's per-channel
     # scale [out], a scalar scale) follow their kernel's split or stay replicated.
+    if owner in FUSED:  # split on A: kernel [E, A, C], weight [A, C, E], bias / scale [A, C]
+        if len(shape) == 3:
+            return P(None, TP, None) if path[-1] == "kernel" else P(TP, None, None)
+        return P(TP, None) if len(shape) == 2 else P()  # input_scale [] whole
     if path[-1] == "weight" and owner in COLUMN + ROW:  # fp8 weight: [out, in] (HF layout)
         return P(TP, None) if owner in COLUMN else P(None, TP)
     if owner in COLUMN:  # kernel [E, out], bias / per-channel scale [out]
@@ -216,6 +225,10 @@ class ModelSharding:
 
     def place(self, path: tuple, host: np.ndarray) -> jax.Array:
         return self.stages[self.stage_of_path(path)].place(path, host)
+
+    def path_sharding(self, path: tuple, shape: tuple[int, ...]) -> NamedSharding:
+        """Where the param at ``path`` lives: its stage's mesh, split by the rules above."""
+        return self.stages[self.stage_of_path(path)].state_path_sharding(path, shape)
 
     @property
     def kv_replication(self) -> int:

@@ -90,6 +90,13 @@ def test_mesh_sizes_that_do_not_fit_the_devices_or_heads_say_which_numbers():
     assert param_spec(attn + ("q_proj", "kernel_scale"), (), 2) == P()  # a scalar stays whole
     assert param_spec(attn + ("o_proj", "kernel"), (64, 64), 2) == P("tp", None)  # row
     assert param_spec(attn + ("o_proj", "bias"), (64,), 2) == P()
+    # Fused q/k/v, gate/up: split on A (kernel [E, A, C], fp8 weight [A, C, E], scale [A, C]).
+    assert param_spec(attn + ("qkv_proj", "kernel"), (64, 2, 64), 2) == P(None, "tp", None)
+    assert param_spec(attn + ("qkv_proj", "weight"), (2, 64, 64), 2) == P("tp", None, None)
+    assert param_spec(attn + ("qkv_proj", "weight_scale"), (2, 64), 2) == P("tp", None)
+    assert param_spec(attn + ("qkv_proj", "input_scale"), (), 2) == P()
+    mlp = ("model", "layers", 0, "mlp")
+    assert param_spec(mlp + ("gate_up_proj", "bias"), (128, 2), 2) == P("tp", None)
     assert param_spec(("model", "embed_tokens", "embedding"), (49152, 64), 3) == P("tp", None)
     assert param_spec(("lm_head", "kernel"), (64, 49153), 2) == P()  # V % tp: replicated
     assert [list(r) for r in stage_layers(5, 2)] == [[0, 1, 2], [3, 4]]
@@ -113,19 +120,21 @@ def test_tensor_parallel_greedy_matches_one_device_and_each_device_holds_its_sli
     layer = model["layers"][0]
     E, H, K, D = 64, 4, 2, 16  # the small model (tests/helpers.py)
     V, F = 49152, 128
-    # Column-parallel, row-parallel, vocab-parallel: each device holds 1/tp of each weight.
-    assert _shard_shapes(layer["self_attn"]["q_proj"]["kernel"][...]) == {(E, H * D // tp)}
+    Kb = max(K, tp)  # KV heads built: tp=4 > K=2 replicates each KV head, one per device
+    # Column-parallel (fused q/k/v [E, Kb, (H/Kb + 2) D] and gate/up [E, F, 2], split on their
+    # middle axis), row-parallel, vocab-parallel: each device holds 1/tp of each weight.
+    assert _shard_shapes(layer["self_attn"]["qkv_proj"]["kernel"][...]) == {
+        (E, Kb // tp, (H // Kb + 2) * D)}
     assert _shard_shapes(layer["self_attn"]["o_proj"]["kernel"][...]) == {(H * D // tp, E)}
-    assert _shard_shapes(layer["mlp"]["gate_proj"]["kernel"][...]) == {(E, F // tp)}
+    assert _shard_shapes(layer["mlp"]["gate_up_proj"]["kernel"][...]) == {(E, F // tp, 2)}
     assert _shard_shapes(layer["mlp"]["down_proj"]["kernel"][...]) == {(F // tp, E)}
     assert _shard_shapes(model["embed_tokens"]["embedding"][...]) == {(V // tp, E)}
     assert _shard_shapes(eng.runner.state["lm_head"]["kernel"][...]) == {(E, V // tp)}
     assert _shard_shapes(layer["input_layernorm"]["weight"][...]) == {(E,)}  # replicated
-    # KV cache split by KV head: tp=4 > K=2 replicates each KV head, one per device.
+    # KV cache split by KV head, as the projections that write it.
     k_pages = eng.runner.kv_caches[0][0]
     assert len(k_pages.sharding.device_set) == tp
-    assert _shard_shapes(k_pages) == {(25, 16, max(K, tp) // tp, D)}
-    assert _shard_shapes(layer["self_attn"]["k_proj"]["kernel"][...]) == {(E, max(K, tp) * D // tp)}
+    assert _shard_shapes(k_pages) == {(25, 16, Kb // tp, D)}
     assert _greedy(llm) == small_reference
     # One compile per program used, as on one device (the KV cache keeps one sharding).
     assert eng.runner._forward._cache_size() <= len(eng.runner.step_variants())
@@ -163,8 +172,8 @@ def test_tp3_on_the_default_model_matches_one_device(default_model_f32):
     llm = _llm(loaded=default_model_f32, tensor_parallel_size=3)
     k_pages = llm.llm_engine.runner.kv_caches[0][0]
     assert _shard_shapes(k_pages) == {(25, 16, 1, 64)}
-    q = llm.llm_engine.runner.state["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
-    assert _shard_shapes(q) == {(576, 3 * 64)}
+    qkv = llm.llm_engine.runner.state["model"]["layers"][0]["self_attn"]["qkv_proj"]["kernel"][...]
+    assert _shard_shapes(qkv) == {(576, 1, (3 + 2) * 64)}  # 1 KV head, its 3 q heads, k, v
     assert _greedy(llm, prompts) == ref
 
 
@@ -179,8 +188,8 @@ def test_pipeline_parallel_greedy_matches_one_device(small_llama_folder, small_r
     d0, d1 = kv[0][0].sharding.device_set, kv[1][0].sharding.device_set
     assert len(d0) == len(d1) == tp and not d0 & d1
     state = runner.state["model"]["layers"]
-    assert state[0]["mlp"]["up_proj"]["kernel"][...].sharding.device_set == d0
-    assert state[1]["mlp"]["up_proj"]["kernel"][...].sharding.device_set == d1
+    assert state[0]["mlp"]["gate_up_proj"]["kernel"][...].sharding.device_set == d0
+    assert state[1]["mlp"]["gate_up_proj"]["kernel"][...].sharding.device_set == d1
     assert _greedy(llm) == small_reference
     # Decode of 3 sequences in 2 micro-batches: each micro-batch of step N+1 took its tokens
     # from its own micro-batch of step N (no wait for the whole step).

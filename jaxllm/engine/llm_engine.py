@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import time
+import types
 from typing import Any
 
 import jax
@@ -84,7 +85,14 @@ def _place_loaded(loaded: Any, replica: Any) -> Any:
     placed = load_params_from_tensors(
         abstract_for(mc, model.dtype, model.attention_backend, replica), mc,
         model_to_hf_tensors(model), model.dtype, parallel=replica)
-    return dataclasses.replace(loaded, model=placed)
+    return _with_model(loaded, placed)
+
+
+def _with_model(loaded: Any, model: Any) -> Any:
+    """A copy of ``loaded`` (a LoadedModel, or a benchmark's namespace) holding ``model``."""
+    if dataclasses.is_dataclass(loaded):
+        return dataclasses.replace(loaded, model=model)
+    return types.SimpleNamespace(**{**vars(loaded), "model": model})
 
 
 class LLMEngine:
@@ -107,6 +115,7 @@ class LLMEngine:
             raise ValueError(
                 f"pipeline_parallel_size ({pp}) > 1 is not supported across {jax.process_count()} "
                 "processes (jax.distributed); use tensor parallelism over the hosts' devices.")
+        given = loaded
         if loaded is not None and replica is not None:
             loaded = _place_loaded(loaded, replica)
         if loaded is None:
@@ -125,6 +134,14 @@ class LLMEngine:
         self.parallel = replica.for_config(mc) if replica is not None else None
         self.num_kv_heads = (self.parallel.num_kv_heads if self.parallel is not None
                              else mc.num_key_value_heads)
+        if config.fuse_projections and not loaded.model.config.fused_projections:
+            from jaxllm.models.fused import fuse_projections
+
+            # A model this engine loaded or placed is its own: its separate projections are
+            # freed as each fused one is made. A caller's model is left intact.
+            loaded = _with_model(loaded, fuse_projections(loaded.model, self.parallel,
+                                                          consume=loaded is not given))
+            self.loaded = loaded
 
         on_cpu = jax.default_backend() == "cpu"
         self.max_model_len = config.max_model_len or (

@@ -125,8 +125,15 @@ def bind_parallel(parallel: Any, config: ModelConfig) -> Any:
 def model_to_hf_tensors(model: nnx.Module):
     """Yields an in-memory model's params as (HF name, host array in HF layout): the inverse of
     the loaders' stream, so a model already in memory can be re-placed by ``parallel`` rules."""
+    from jaxllm.models.fused import FUSED_LINEARS, unfuse_tensor
+
     for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         path = tuple(path)
+        if len(path) > 1 and path[-2] in FUSED_LINEARS:  # split back into HF's projections
+            host = np.asarray(jax.device_get(v.get_value()))
+            for part_path, arr in unfuse_tensor(path, host, model.config):
+                yield path_to_hf_name(part_path), (arr.T if path[-1] == "kernel" else arr)
+            continue
         def get(v=v, transpose=path[-1] == "kernel"):
             arr = np.asarray(jax.device_get(v.get_value()))
             return arr.T if transpose else arr

@@ -13,8 +13,8 @@ Activations are quantized per token at run time (dynamic), or with the static ``
 ``pallas_kernels.fp8_matmul.fp8_matmul_xla`` runs the fp8 x fp8 -> fp32 dot and applies the
 scales once to the fp32 accumulator.
 
-Which layers: the attention projections and the MLP (``quantize_model``); embeddings, norms and
-the lm_head stay in the model dtype, as vLLM does.
+Which layers: the attention projections and the MLP (``quantize_model``; fused ones too,
+``jaxllm.models.fused``); embeddings, norms and the lm_head stay in the model dtype, as vLLM does.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxllm.models.fused import FUSED_LINEARS
 from pallas_kernels.fp8_matmul import (E4M3_MAX, FP8, fp8_matmul_xla,
                                        quantize_activation_per_token)
 
@@ -50,27 +51,37 @@ class Fp8Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.input_scale is None:
-            xq, xs = quantize_activation_per_token(x2)
-        else:
-            xs = self.input_scale.get_value()  # [] (`[...]` of a 0-d Variable is [1])
-            xq = jnp.clip(x2.astype(jnp.float32) / xs, -E4M3_MAX, E4M3_MAX).astype(FP8)
-        y = fp8_matmul_xla(xq, xs, self.weight[...], self.weight_scale[...], out_dtype=x.dtype,
-                           w_transposed=True)
+        scale = None if self.input_scale is None else self.input_scale.get_value()
+        y = fp8_linear(x.reshape(-1, self.in_features), self.weight[...], self.weight_scale[...],
+                       scale)
         if self.bias is not None:
             y = y + self.bias[...]
         return y.reshape(*lead, self.out_features)
 
 
+def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
+               input_scale: jax.Array | None) -> jax.Array:
+    """x [T, I] (model dtype), weight [O, I] e4m3, weight_scale [O] -> [T, O] in x's dtype.
+
+    Activations quantized per token (``input_scale`` None) or with the static per-tensor scale
+    ``input_scale`` [] (a 0-d value: ``[...]`` of a 0-d Variable is [1]).
+    """
+    if input_scale is None:
+        xq, xs = quantize_activation_per_token(x)
+    else:
+        xs = input_scale
+        xq = jnp.clip(x.astype(jnp.float32) / xs, -E4M3_MAX, E4M3_MAX).astype(FP8)
+    return fp8_matmul_xla(xq, xs, weight, weight_scale, out_dtype=x.dtype, w_transposed=True)
+
+
 @jax.jit
 def _quantize_kernel(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """nnx.Linear kernel [I, O] -> (weight [O, I] e4m3, scale [O] fp32): each output channel's
-    absmax maps to 448."""
-    w = kernel.astype(jnp.float32).T  # [O, I]
-    amax = jnp.max(jnp.abs(w), axis=1)
+    """A dense kernel [I, *out] (nnx.Linear's [I, O], or a fused [I, A, C]) -> (weight
+    [*out, I] e4m3, scale [*out] fp32): each output channel's absmax maps to 448."""
+    w = jnp.moveaxis(kernel.astype(jnp.float32), 0, -1)  # [*out, I]
+    amax = jnp.max(jnp.abs(w), axis=-1)
     scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
-    q = jnp.clip(w / scale[:, None], -E4M3_MAX, E4M3_MAX).astype(FP8)
+    q = jnp.clip(w / scale[..., None], -E4M3_MAX, E4M3_MAX).astype(FP8)
     return q, scale
 
 
@@ -115,7 +126,8 @@ def quantize_model(model: nnx.Module) -> nnx.Module:
     for path, var in nnx.to_flat_state(state):
         path = tuple(path)
         owner, leaf = path[:-1], path[-1]
-        if owner and owner[-1] in QUANTIZED_LINEARS and leaf in ("weight", "weight_scale"):
+        if owner and owner[-1] in QUANTIZED_LINEARS + FUSED_LINEARS and leaf in ("weight",
+                                                                               "weight_scale"):
             if owner not in quantized:
                 quantized[owner] = _quantize_kernel(src[owner + ("kernel",)].get_value())
             new.append((path, var.replace(quantized[owner][leaf == "weight_scale"])))

@@ -13,7 +13,9 @@ D head dim, F intermediate size, V vocab, P pages, B page size, N rows to comput
 
 Parameter names mirror the HF checkpoint names (``model.layers[i].self_attn.q_proj.kernel`` for
 ``model.layers.i.self_attn.q_proj.weight``) so the loaders map one to the other by rule;
-linear kernels are stored ``[in, out]`` (HF's transpose). Creating the model under
+linear kernels are stored ``[in, out]`` (HF's transpose). With ``config.fused_projections``
+(what the engine serves: ``jaxllm.models.fused``) q/k/v are one ``qkv_proj`` and gate/up one
+``gate_up_proj``; the loaders build the separate layout and the engine fuses it. Creating the model under
 ``nnx.eval_shape`` allocates nothing, which is how the loaders build the structure.
 """
 
@@ -119,6 +121,15 @@ def _proj(config: ModelConfig, in_features: int, out_features: int, bias: bool, 
     return _linear(in_features, out_features, bias, dtype, rngs)
 
 
+def _fused(config: ModelConfig, name: str, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    """qkv_proj / gate_up_proj (jaxllm/models/fused.py): dense, or fp8 when quantized."""
+    from jaxllm.models.fused import FusedLinear, fused_shape
+
+    return FusedLinear(config.hidden_size, fused_shape(name, config), use_bias=bias, dtype=dtype,
+                       fp8=config.quantization == "fp8",
+                       static_input_scale=config.activation_scheme == "static", rngs=rngs)
+
+
 class LlamaAttention(nnx.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, dtype, rngs: nnx.Rngs,
                  attention_backend: str):
@@ -126,9 +137,14 @@ class LlamaAttention(nnx.Module):
         if H % K:
             raise ValueError(f"num_attention_heads ({H}) must be a multiple of num_key_value_heads ({K}).")
         self.num_heads, self.num_kv_heads, self.head_dim = H, K, D
-        self.q_proj = _proj(config, E, H * D, config.attention_bias, dtype, rngs)
-        self.k_proj = _proj(config, E, K * D, config.attention_bias, dtype, rngs)
-        self.v_proj = _proj(config, E, K * D, config.attention_bias, dtype, rngs)
+        if config.fused_projections:  # one GEMM: [T, K, (G + 2) * D]
+            self.qkv_proj = _fused(config, "qkv_proj", config.attention_bias, dtype, rngs)
+            self.q_proj = self.k_proj = self.v_proj = None
+        else:
+            self.qkv_proj = None
+            self.q_proj = _proj(config, E, H * D, config.attention_bias, dtype, rngs)
+            self.k_proj = _proj(config, E, K * D, config.attention_bias, dtype, rngs)
+            self.v_proj = _proj(config, E, K * D, config.attention_bias, dtype, rngs)
         self.o_proj = _proj(config, H * D, E, config.o_proj_bias, dtype, rngs)
         if config.qk_norm:
             self.q_norm = RMSNorm(D, config.rms_norm_eps, dtype)
@@ -146,10 +162,16 @@ class LlamaAttention(nnx.Module):
                  kv_cache: tuple[jax.Array, jax.Array], md: AttentionMetadata
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x: [T, E] -> [T, E]; kv_cache: (k_pages, v_pages) each [P, B, K, D], returned updated."""
-        T = x.shape[0]
-        q = self.q_proj(x).reshape(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(T, self.num_kv_heads, self.head_dim)
+        T, D = x.shape[0], self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)  # [T, K, (G + 2) * D]: per KV head its G q heads, k, v
+            GD = qkv.shape[-1] - 2 * D
+            q = qkv[:, :, :GD].reshape(T, self.num_heads, D)
+            k, v = qkv[:, :, GD:GD + D], qkv[:, :, GD + D:]
+        else:
+            q = self.q_proj(x).reshape(T, self.num_heads, D)
+            k = self.k_proj(x).reshape(T, self.num_kv_heads, D)
+            v = self.v_proj(x).reshape(T, self.num_kv_heads, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, inv_freq)
@@ -167,12 +189,20 @@ class LlamaMLP(nnx.Module):
         if config.hidden_act not in ("silu", "swish"):
             raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; only 'silu' is.")
         E, F = config.hidden_size, config.intermediate_size
-        self.gate_proj = _proj(config, E, F, config.mlp_bias, dtype, rngs)
-        self.up_proj = _proj(config, E, F, config.mlp_bias, dtype, rngs)
+        if config.fused_projections:  # one GEMM: [T, F, 2] (gate, up)
+            self.gate_up_proj = _fused(config, "gate_up_proj", config.mlp_bias, dtype, rngs)
+            self.gate_proj = self.up_proj = None
+        else:
+            self.gate_up_proj = None
+            self.gate_proj = _proj(config, E, F, config.mlp_bias, dtype, rngs)
+            self.up_proj = _proj(config, E, F, config.mlp_bias, dtype, rngs)
         self.down_proj = _proj(config, F, E, config.mlp_bias, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [T, E] -> [T, E]."""
+        if self.gate_up_proj is not None:
+            gu = self.gate_up_proj(x)  # [T, F, 2]
+            return self.down_proj(jax.nn.silu(gu[..., 0]) * gu[..., 1])
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
