@@ -61,7 +61,7 @@ def run_jaxllm(args) -> list[dict]:
     from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
     bw = measure_bandwidth_gbs()
-    loaded = random_model(args.shape, args.attention)
+    loaded = random_model(args.shape, args.attention, fused=not args.no_fuse)
     mc = loaded.model_config
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(loaded.model)))
     max_prefill = max(args.prefill)
@@ -70,7 +70,8 @@ def run_jaxllm(args) -> list[dict]:
                                          max_prefill + 8),
                        max_num_seqs=8, max_num_batched_tokens=max_prefill,
                        token_buckets=tuple(sorted({8, *args.prefill})),
-                       enable_prefix_caching=False, async_scheduling=not args.sync)
+                       enable_prefix_caching=False, async_scheduling=not args.sync,
+                       fuse_projections=not args.no_fuse)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg, loaded=loaded)
     startup_s = time.perf_counter() - t0
@@ -85,7 +86,8 @@ def run_jaxllm(args) -> list[dict]:
         return time.perf_counter() - t
 
     device = jax.devices()[0].device_kind
-    common = dict(engine="jaxllm" + (" (sync steps)" if args.sync else ""), shape=args.shape,
+    common = dict(engine="jaxllm" + (" (sync steps)" if args.sync else "")
+                  + (" (separate projections)" if args.no_fuse else ""), shape=args.shape,
                   device=device, copy_bandwidth_gbs=bw, weight_bytes=weight_bytes,
                   roofline_ms=weight_bytes / (bw * 1e9) * 1e3, startup_s=startup_s)
     one(_prompts(1, min(64, *args.contexts), mc.vocab_size, seed=9)[0], 4)  # warm-up
@@ -177,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--attention", default="pallas", choices=["reference", "pallas"])
     p.add_argument("--sync", action="store_true", help="jaxllm without async scheduling")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="jaxllm with separate q/k/v and gate/up GEMMs (before fused projections)")
     p.add_argument("--hf-cache", default="static", choices=["static", "dynamic"])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, nargs="+", default=None, help="JSON lines to plot")

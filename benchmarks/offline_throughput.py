@@ -38,9 +38,15 @@ SHAPES = {
 }
 
 
-def random_model(shape: str, attention: str, *, tokenizer=None, vocab_size: int | None = None):
+def random_model(shape: str, attention: str, *, tokenizer=None, vocab_size: int | None = None,
+                 fused: bool = True):
     """A LoadedModel-like namespace with random bf16 weights in SHAPES[shape] (no files): what
-    every benchmark here runs (random weights in a real shape time like real ones)."""
+    every benchmark here runs (random weights in a real shape time like real ones).
+
+    ``fused``: built with q/k/v and gate/up fused (jaxllm/models/fused.py), as the engine serves
+    it; built so, not fused by the engine, because the engine leaves a caller's model intact and
+    the caller would hold a second copy of the projections. False: separate projections (run
+    them with ``EngineConfig(fuse_projections=False)``)."""
     import dataclasses
     import types
 
@@ -53,7 +59,8 @@ def random_model(shape: str, attention: str, *, tokenizer=None, vocab_size: int 
     mc = ModelConfig(**SHAPES[shape])
     if vocab_size is not None:
         mc = dataclasses.replace(mc, vocab_size=vocab_size)
-    model = get_model_class(mc.architecture)(mc, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
+    built = dataclasses.replace(mc, fused_projections=fused)
+    model = get_model_class(mc.architecture)(built, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
                                             attention_backend=attention)
     return types.SimpleNamespace(model_config=mc, model=model, tokenizer=tokenizer,
                                  name=f"random-{shape}")

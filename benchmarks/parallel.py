@@ -35,6 +35,7 @@ LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp4": (4, 1), "tp2pp2":
 def sharded_random_model(shape: str, attention: str, replica):
     """A LoadedModel-like namespace with random bf16 weights in SHAPES[shape], each param
     created on its own devices in its own sharding (sharding/rules.py)."""
+    import dataclasses
     import types
 
     import jax
@@ -47,7 +48,8 @@ def sharded_random_model(shape: str, attention: str, replica):
 
     mc = ModelConfig(**SHAPES[shape])
     parallel = replica.for_config(mc)
-    built = parallel.adapt_config(mc)
+    # Fused projections, built so (the engine would keep this caller's separate ones alive).
+    built = dataclasses.replace(parallel.adapt_config(mc), fused_projections=True)
     cls = get_model_class(mc.architecture)
     abstract = parallel.annotate(nnx.eval_shape(
         lambda: cls(built, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), attention_backend=attention)))

@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: W8A8 projections, quantized at load (where fp8 decode time goes)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--no-fuse", action="store_true",
+                   help="separate q/k/v and gate/up GEMMs (the layout before fused projections)")
     args = p.parse_args(argv)
 
     import jax
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
     from jaxllm.engine.llm_engine import LLMEngine
     from jaxllm.sampling_params import SamplingParams
 
-    loaded = random_model(args.shape, args.attention)
+    loaded = random_model(args.shape, args.attention, fused=not args.no_fuse)
     if args.quantization == "fp8":
         from jaxllm.models.fp8 import quantize_model
 
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
     cfg = EngineConfig(dtype="bfloat16", max_model_len=args.context + 8 * args.steps + 64,
                        max_num_seqs=max_b, max_num_batched_tokens=max(2048, max_b),
                        enable_prefix_caching=False, quantization=args.quantization,
-                       kv_cache_dtype=args.kv_cache_dtype)
+                       kv_cache_dtype=args.kv_cache_dtype, fuse_projections=not args.no_fuse)
     engine = LLMEngine(cfg, loaded=loaded)
     engine.runner.decode_only_steps = not args.no_decode_only
     engine.runner.pack_inputs = engine.runner.pack_inputs and not args.no_pack
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
             engine.abort_request(rid)
         row = dict(shape=args.shape, device=jax.devices()[0].device_kind, batch=batch,
                    context=args.context, decode_only=engine.runner.decode_only_steps,
-                   packed_inputs=engine.runner.pack_inputs, quantization=args.quantization,
+                   packed_inputs=engine.runner.pack_inputs, fused=not args.no_fuse,
+                   quantization=args.quantization,
                    kv_cache_dtype=args.kv_cache_dtype, wall_ms=wall, **summ,
                    idle_pct=100 * max(0.0, 1 - summ["gpu_busy_ms"] / wall))
         rows.append(row)

@@ -50,11 +50,13 @@ scaleout)
   timeout 420 python3 benchmarks/ray_serving.py --tokenizer .bench/tokenizer --replicas 1,2 \
     --request-rates 32,inf --out $OUT/ray_serving.jsonl > $OUT/ray_serving.log 2>&1
   quiet < $OUT/ray_serving.log | tail -30 ;;
-next)  # one nvidia-h200 call: the changes of 2026-11-30 afternoon, not yet measured
-  # (decode-only steps, packed inputs, kernel decode_only path; where fp8 decode time goes)
+next)  # one nvidia-h200 call: the changes of 2026-11-30, not yet measured (decode-only steps,
+  # packed inputs, kernel decode_only path, fused q/k/v and gate/up; where fp8 decode time goes)
   P="python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 12 --out $OUT/profile.jsonl"
   $P --batch 1 256 --out-dir /tmp/p1 2>&1 | quiet | grep "^batch"
-  $P --batch 1 256 --out-dir /tmp/p0 --no-decode-only --no-pack 2>&1 | quiet | grep "^batch"
+  $P --batch 1 256 --out-dir /tmp/pf --no-fuse 2>&1 | quiet | grep "^batch"
+  $P --batch 1 256 --out-dir /tmp/p0 --no-decode-only --no-pack --no-fuse 2>&1 | quiet | grep "^batch"
   $P --batch 1 --out-dir /tmp/p8 --quantization fp8 2>&1 | quiet | tail -16
+  $P --batch 1 --out-dir /tmp/p8f --quantization fp8 --no-fuse 2>&1 | quiet | grep "^batch"
   python3 benchmarks/latency.py --engine jaxllm --out $OUT/latency.jsonl 2>&1 | quiet | tail -14 ;;
 esac
