@@ -136,7 +136,8 @@ class TensorParallel:
         return config if r == 1 else dataclasses.replace(config, num_key_value_heads=k)
 
     def adapt_tensors(self, named: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-        """Replicates each KV head's rows of k_proj / v_proj (HF layout [K*D, E], bias [K*D])."""
+        """Replicates each KV head's rows of k_proj / v_proj (HF layout [K*D, E], bias and fp8
+        weight_scale [K*D]); a per-tensor fp8 input_scale passes as it is."""
         _, r = self.kv_layout
         if r == 1:
             yield from named
@@ -146,6 +147,8 @@ class TensorParallel:
             if ".k_proj." in name or ".v_proj." in name:
                 def expand(tensor=tensor):
                     w = np.asarray(tensor() if callable(tensor) else tensor)
+                    if w.ndim == 0 or w.shape[0] % D:  # a per-tensor scale: not per head
+                        return w
                     heads = w.reshape(-1, D, *w.shape[1:])  # [K, D, (E)]
                     return np.repeat(heads, r, axis=0).reshape(-1, *w.shape[1:])
                 yield name, expand

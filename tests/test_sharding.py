@@ -177,6 +177,39 @@ def test_tp3_on_the_default_model_matches_one_device(default_model_f32):
     assert _greedy(llm, prompts) == ref
 
 
+@pytest.mark.parametrize("source,tp", [("quantize", 2), ("quantize", 4), ("checkpoint", 4)])
+def test_fp8_under_tensor_parallelism_matches_fp8_on_one_device(small_llama_folder, tmp_path,
+                                                                  source, tp):
+    # quantization="fp8" converts the sharded model in place: each shard's weights and
+    # per-channel scales land in the fp8 layout's shards (row-parallel scales whole), and the
+    # row-parallel input's per-token scale is a max over every shard's heads. tp=4 replicates
+    # the 2 KV heads first (for a pre-quantized per-tensor checkpoint with static activation
+    # scales, its broadcast weight scales too; q/k/v's differing input scales fuse to their
+    # max). Same scales, same products: the same greedy tokens.
+    if source == "quantize":
+        kw = dict(model=str(small_llama_folder), quantization="fp8")
+    else:
+        from jaxllm.loading.fp8_checkpoint import write_fp8_checkpoint
+
+        scales = {f"model.layers.{i}.{m}.{p}": (3.0 + j) / 448 for i in range(2)
+                  for m, ps in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                ("mlp", ("gate_proj", "up_proj", "down_proj")))
+                  for j, p in enumerate(ps)}
+        kw = dict(model=str(write_fp8_checkpoint(
+            small_llama_folder, tmp_path / "fp8", fmt="fp8", strategy="tensor",
+            activation_scheme="static", input_scales=scales)))
+    ref = _greedy(_llm(**kw))
+    llm = _llm(tensor_parallel_size=tp, **kw)
+    layer = llm.llm_engine.runner.state["model"]["layers"][0]
+    E, H, F, D, Kb = 64, 4, 128, 16, max(2, tp)
+    qkv = layer["self_attn"]["qkv_proj"]["weight"][...]
+    assert qkv.dtype == jax.numpy.float8_e4m3fn
+    assert _shard_shapes(qkv) == {(Kb // tp, (H // Kb + 2) * D, E)}
+    assert _shard_shapes(layer["mlp"]["down_proj"]["weight"][...]) == {(E, F // tp)}
+    assert _shard_shapes(layer["mlp"]["down_proj"]["weight_scale"][...]) == {(E,)}
+    assert _greedy(llm) == ref
+
+
 # -- pipeline parallelism -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("tp,pp", [(1, 2), (4, 2)])
