@@ -58,5 +58,6 @@ next)  # one nvidia-h200 call: the changes of 2026-11-30, not yet measured (deco
   $P --batch 1 256 --out-dir /tmp/p0 --no-decode-only --no-pack --no-fuse 2>&1 | quiet | grep "^batch"
   $P --batch 1 --out-dir /tmp/p8 --quantization fp8 2>&1 | quiet | tail -16
   $P --batch 1 --out-dir /tmp/p8f --quantization fp8 --no-fuse 2>&1 | quiet | grep "^batch"
+  python3 benchmarks/gpu/fp8_small_m.py --out $OUT/fp8_small_m.jsonl 2>&1 | quiet  # W8A16 at M<=16?
   python3 benchmarks/latency.py --engine jaxllm --out $OUT/latency.jsonl 2>&1 | quiet | tail -14 ;;
 esac
