@@ -22,6 +22,7 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import re
 import statistics
 import sys
@@ -146,6 +147,8 @@ def main(argv=None) -> int:
         row = dict(shape=args.shape, device=jax.devices()[0].device_kind, batch=batch,
                    context=args.context, decode_only=engine.runner.decode_only_steps,
                    packed_inputs=engine.runner.pack_inputs, fused=not args.no_fuse,
+                   fp8_weight_only_max_tokens=os.environ.get(
+                       "JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "0"),
                    quantization=args.quantization,
                    kv_cache_dtype=args.kv_cache_dtype, wall_ms=wall, **summ,
                    idle_pct=100 * max(0.0, 1 - summ["gpu_busy_ms"] / wall))

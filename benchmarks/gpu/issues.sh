@@ -59,5 +59,7 @@ next)  # one nvidia-h200 call: the changes of 2026-11-30, not yet measured (deco
   $P --batch 1 --out-dir /tmp/p8 --quantization fp8 2>&1 | quiet | tail -16
   $P --batch 1 --out-dir /tmp/p8f --quantization fp8 --no-fuse 2>&1 | quiet | grep "^batch"
   python3 benchmarks/gpu/fp8_small_m.py --out $OUT/fp8_small_m.jsonl 2>&1 | quiet  # W8A16 at M<=16?
+  JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS=16 $P --batch 1 --out-dir /tmp/p8w --quantization fp8 2>&1 \
+    | quiet | grep "^batch"  # the weight-only path in the engine
   python3 benchmarks/latency.py --engine jaxllm --out $OUT/latency.jsonl 2>&1 | quiet | tail -14 ;;
 esac

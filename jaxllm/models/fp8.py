@@ -59,13 +59,38 @@ class Fp8Linear(nnx.Module):
         return y.reshape(*lead, self.out_features)
 
 
+def weight_only_max_tokens() -> int:
+    """Steps of at most this many token rows run fp8 projections weight-only (W8A16: the e4m3
+    weight upcast inside the dot, activations unquantized; no activation-quantization kernel,
+    one scale multiply). Read from ``JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS`` at trace time; 0 (the
+    default): always W8A8. Experimental until measured on the GPU
+    (benchmarks/gpu/fp8_small_m.py; docs/DESIGN_NOTES.md "FP8"). Set it before the engine
+    compiles: compiled programs keep the path they were traced with."""
+    import os
+
+    raw = os.environ.get("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "0")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS must be an integer, got {raw!r}.") from None
+    if value < 0:
+        raise ValueError(f"JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS must be >= 0, got {value}.")
+    return value
+
+
 def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
                input_scale: jax.Array | None) -> jax.Array:
     """x [T, I] (model dtype), weight [O, I] e4m3, weight_scale [O] -> [T, O] in x's dtype.
 
     Activations quantized per token (``input_scale`` None) or with the static per-tensor scale
-    ``input_scale`` [] (a 0-d value: ``[...]`` of a 0-d Variable is [1]).
+    ``input_scale`` [] (a 0-d value: ``[...]`` of a 0-d Variable is [1]); weight-only (no
+    activation quantization) when T <= ``weight_only_max_tokens()``.
     """
+    if x.shape[0] <= weight_only_max_tokens():
+        acc = jax.lax.dot_general(x, weight.astype(x.dtype), (((1,), (1,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+        return (acc * weight_scale.astype(jnp.float32)[None, :]).astype(x.dtype)
     if input_scale is None:
         xq, xs = quantize_activation_per_token(x)
     else:
