@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu/issues.sh single   GPU0: FP8 end to end (issue 6) + FP8 GPU tests, then
 #                                          tp1 (issue 8); GPU1: prefix caching on/off (issue 4)
 #                                          + the FP8 matmul sweep (issue 5)
-#   bash benchmarks/gpu/issues.sh next     (one GPU) profiles and latency of the unmeasured changes
+#   bash benchmarks/gpu/issues.sh next     profiles and latency of the unmeasured changes (bf16 on
+#                                          GPU0, fp8 on GPU1)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -50,16 +51,25 @@ scaleout)
   timeout 420 python3 benchmarks/ray_serving.py --tokenizer .bench/tokenizer --replicas 1,2 \
     --request-rates 32,inf --out $OUT/ray_serving.jsonl > $OUT/ray_serving.log 2>&1
   quiet < $OUT/ray_serving.log | tail -30 ;;
-next)  # one nvidia-h200 call: the changes of 2026-11-30, not yet measured (decode-only steps,
-  # packed inputs, kernel decode_only path, fused q/k/v and gate/up; where fp8 decode time goes)
-  P="python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 12 --out $OUT/profile.jsonl"
-  $P --batch 1 256 --out-dir /tmp/p1 2>&1 | quiet | grep "^batch"
-  $P --batch 1 256 --out-dir /tmp/pf --no-fuse 2>&1 | quiet | grep "^batch"
-  $P --batch 1 256 --out-dir /tmp/p0 --no-decode-only --no-pack --no-fuse 2>&1 | quiet | grep "^batch"
-  $P --batch 1 --out-dir /tmp/p8 --quantization fp8 2>&1 | quiet | tail -16
-  $P --batch 1 --out-dir /tmp/p8f --quantization fp8 --no-fuse 2>&1 | quiet | grep "^batch"
-  python3 benchmarks/gpu/fp8_small_m.py --out $OUT/fp8_small_m.jsonl 2>&1 | quiet  # W8A16 at M<=16?
-  JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS=16 $P --batch 1 --out-dir /tmp/p8w --quantization fp8 2>&1 \
-    | quiet | grep "^batch"  # the weight-only path in the engine
-  python3 benchmarks/latency.py --engine jaxllm --out $OUT/latency.jsonl 2>&1 | quiet | tail -14 ;;
+next)  # nvidia-h200-x2, one call: the changes of 2026-11-30 not yet measured (decode-only steps,
+  # packed inputs, kernel decode_only path, fused q/k/v and gate/up, fp8 weight-only). Two lanes
+  # of ~9 min, most wanted first (a lane past $T loses only its tail): GPU0 bf16 profiles +
+  # latency, GPU1 the small-M GEMM table + fp8 profiles.
+  P="python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 12"
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout $T bash -c "
+   $P --batch 1 256 --out-dir /tmp/p1 --out $OUT/profile.jsonl > $OUT/prof_default.log 2>&1
+   $P --batch 1 256 --out-dir /tmp/pf --no-fuse --out $OUT/profile.jsonl > $OUT/prof_nofuse.log 2>&1
+   python3 benchmarks/latency.py --engine jaxllm --contexts 128 1024 8192 --prefill 512 4096 8192 --out $OUT/latency.jsonl > $OUT/latency.log 2>&1
+   $P --batch 1 256 --out-dir /tmp/p0 --no-decode-only --no-pack --no-fuse --out $OUT/profile.jsonl > $OUT/prof_none.log 2>&1") &
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout $T bash -c "
+   python3 benchmarks/gpu/fp8_small_m.py --out $OUT/fp8_small_m.jsonl > $OUT/fp8_small_m.log 2>&1
+   $P --batch 1 --out-dir /tmp/p8 --quantization fp8 --out $OUT/profile8.jsonl > $OUT/prof_fp8.log 2>&1
+   $P --batch 1 --out-dir /tmp/p8f --quantization fp8 --no-fuse --out $OUT/profile8.jsonl > $OUT/prof_fp8_nofuse.log 2>&1
+   JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS=16 $P --batch 1 --out-dir /tmp/p8w --quantization fp8 --out $OUT/profile8.jsonl > $OUT/prof_fp8_w8a16.log 2>&1") &
+  wait
+  for f in prof_default prof_nofuse prof_none latency fp8_small_m prof_fp8 prof_fp8_nofuse prof_fp8_w8a16; do
+    echo "=== $f"; quiet < $OUT/$f.log | grep -v "^    " | tail -12
+  done ;;
 esac
