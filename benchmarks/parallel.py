@@ -148,7 +148,7 @@ def run_one(args) -> dict:
                output_tok_s=n_out / secs,
                total_tok_s=(n_out + args.num_prompts * args.input_len) / secs,
                init_s=init_s, startup_s=start_s, num_pages=engine.page_pool.num_usable_pages)
-    if tp > 1:
+    if tp > 1 and jax.default_backend() != "cpu":  # XLA:CPU stalls on the chain (see below)
         ar = allreduce_ms_per_step(replica.stage(0), len(engine.parallel.stages[0].layers),
                                    mc.hidden_size)
         res.update(allreduce_ms_per_step_b1=ar, allreduce_share_b1=ar / ms_tok)
