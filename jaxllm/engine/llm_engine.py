@@ -60,7 +60,10 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.status.is_finished for s in self.seqs)
+        for s in self.seqs:  # a loop, not all(genexpr): per request per step
+            if not s.status.is_finished:
+                return False
+        return True
 
 
 @dataclasses.dataclass
@@ -429,7 +432,8 @@ class LLMEngine:
         return outputs
 
     def _dispatch(self, sched: SchedulerOutput) -> _InFlight:
-        rows = [self._sampling_row(s.seq) for s in sched.scheduled]
+        sampling_row = self._sampling_row
+        rows = [sampling_row(s.seq) for s in sched.scheduled]
         next_ids = self._prompt_next_ids(sched)
         out, prompt_lp = self.runner.dispatch(sched.scheduled, rows, prompt_next_ids=next_ids)
         indices = self.scheduler.commit(sched)
@@ -444,21 +448,29 @@ class LLMEngine:
         if prompt_lp is not None:
             self._collect_prompt_logprobs(sched, prompt_lp)
         touched: dict[str, _Request] = {}
+        # Per-row host work of every step (benchmarks/host_overhead.py): one tolist() instead of
+        # a numpy scalar per row, the lookups hoisted out of the loop.
+        requests, scheduler = self._requests, self.scheduler
+        tokens = out.token_ids.tolist()
+        num_generated = 0
         for i, (s, index) in enumerate(zip(sched.scheduled, inflight.output_indices)):
+            if index is None:
+                continue  # no sample
             seq = s.seq
-            req = self._requests.get(seq.request_id)
-            if index is None or req is None or seq.status.is_finished:
-                continue  # no sample, or aborted / finished while the step ran
-            token = int(out.token_ids[i])
-            self.scheduler.resolve(seq, index, token)
+            req = requests.get(seq.request_id)
+            if req is None or seq.status.is_finished:
+                continue  # aborted / finished while the step ran
+            token = tokens[i]
+            scheduler.resolve(seq, index, token)
             lp = None
             if req.params.logprobs is not None:
                 lp = self._sample_logprobs(out, i, req.params.logprobs)
             finished, status = req.processors[seq.index].process(token, lp, index + 1)
-            self.stats["generation_tokens"] += 1
+            num_generated += 1
             if finished:
-                self.scheduler.finish(seq, status)
+                scheduler.finish(seq, status)
             touched[req.request_id] = req
+        self.stats["generation_tokens"] += num_generated
 
         outputs = []
         for req in touched.values():
@@ -471,13 +483,17 @@ class LLMEngine:
         return outputs
 
     def _sampling_row(self, seq: Sequence) -> sampler_lib.SamplingRow:
-        proc = self._requests[seq.request_id].processors[seq.index]
-        return sampler_lib.SamplingRow(
-            params=seq.sampling_params, seed=seq.sample_seed, step=seq.num_output_tokens,
-            prompt_token_ids=seq.prompt_token_ids, output_token_ids=seq.output_token_ids,
-            banned_token_ids=proc.banned_token_ids(seq.num_output_tokens))
+        params = seq.sampling_params  # the request's params (add_request)
+        step = len(seq.output_token_ids)
+        banned = () if step >= params.min_tokens else self._requests[
+            seq.request_id].processors[seq.index].banned_token_ids(step)
+        return sampler_lib.SamplingRow(params, seq.sample_seed, step, seq.prompt_token_ids,
+                                       seq.output_token_ids, banned)
 
     def _prompt_next_ids(self, sched: SchedulerOutput) -> np.ndarray | None:
+        if not any(s.start_pos < s.seq.num_prompt_tokens
+                   and s.seq.sampling_params.prompt_logprobs is not None for s in sched.scheduled):
+            return None  # no prompt rows that want log-probs (every decode step)
         want = False
         parts = []
         for s in sched.scheduled:

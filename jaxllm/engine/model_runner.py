@@ -123,6 +123,55 @@ def pack(*trees) -> tuple[np.ndarray, list[tuple]]:
     return buf, layouts
 
 
+class PageRows:
+    """Page-table rows kept between steps, one per sequence, updated with the pages appended
+    since the step before: a decode step's page table then costs O(new pages), not a copy of
+    every sequence's page list (~1 ms at batch 256 x 64 pages, benchmarks/host_overhead.py).
+
+    Relies on how the scheduler changes ``Sequence.page_ids``: it only grows in place
+    (``extend``), and is otherwise replaced by another list object (preemption, finish, a
+    prefix-cache hit at admission). A row is reused while its sequence holds the same list
+    object; a new list rebuilds it. Rows of sequences not seen for a while are dropped when the
+    slots run out (``capacity`` >= 2 x the largest batch leaves room for a whole batch).
+    """
+
+    def __init__(self, capacity: int, max_pages: int):
+        self.rows = np.full((capacity, max_pages), SCRATCH_PAGE, np.int32)  # [slots, M]
+        self._entries: dict[int, list] = {}  # id(seq) -> [seq, page list, slot, pages copied]
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def gather(self, seqs: list) -> np.ndarray:
+        """[len(seqs), M] the sequences' page-table rows (padding: SCRATCH_PAGE)."""
+        entries, rows = self._entries, self.rows
+        slots = []
+        for seq in seqs:
+            pages = seq.page_ids
+            e = entries.get(id(seq))
+            if e is None or e[0] is not seq or e[1] is not pages or e[3] > len(pages):
+                if e is not None and e[0] is seq:  # its list was replaced: refill its slot
+                    slot = e[2]
+                else:
+                    slot = self._take_slot(seqs)
+                rows[slot] = SCRATCH_PAGE
+                rows[slot, :len(pages)] = pages
+                entries[id(seq)] = [seq, pages, slot, len(pages)]
+            elif e[3] < len(pages):  # pages appended since
+                slot = e[2]
+                rows[slot, e[3]:len(pages)] = pages[e[3]:]
+                e[3] = len(pages)
+            else:
+                slot = e[2]
+            slots.append(slot)
+        return rows[slots]
+
+    def _take_slot(self, batch: list) -> int:
+        if not self._free:
+            keep = {id(s) for s in batch}
+            for key in [k for k in self._entries if k not in keep]:
+                self._free.append(self._entries.pop(key)[2])
+        return self._free.pop()
+
+
 def _unpacked(x):
     return x.unpack() if isinstance(x, Packed) else x
 
@@ -276,6 +325,7 @@ class ModelRunner:
         # compile to skip compiling the decode-only programs, or at any time to stop using them).
         self.decode_only_steps = True
         self.pack_inputs = False  # ModelRunner.__init__ turns it on where it applies
+        self._page_rows = PageRows(2 * max_num_seqs, self.max_pages_per_seq)
 
     @property
     def state(self) -> nnx.State:
@@ -420,9 +470,60 @@ class ModelRunner:
         seq_of_token = np.zeros(T, np.int32)
         query_start_loc = np.zeros(S + 1, np.int32)
         seq_lens = np.zeros(S, np.int32)
-        page_table = np.full((S, M), SCRATCH_PAGE, np.int32)
+        page_table = np.empty((S, M), np.int32)
+        page_table[num_seqs:] = SCRATCH_PAGE
         logits_indices = np.zeros(S, np.int32)
         prev_rows = np.full(T, -1, np.int32)
+        if pure_decode and num_seqs:
+            self._prepare_decode(scheduled, token_ids, positions, seq_of_token, query_start_loc,
+                                 seq_lens, logits_indices, prev_rows)
+            off = num_seqs
+        else:
+            off = self._prepare_ragged(scheduled, token_ids, positions, seq_of_token,
+                                       query_start_loc, seq_lens, logits_indices, prev_rows)
+        if num_seqs:
+            page_table[:num_seqs] = self._page_rows.gather([s.seq for s in scheduled])
+        query_start_loc[num_seqs + 1:] = off
+        slot_mapping = (page_table[seq_of_token, positions // B] * B + positions % B).astype(np.int32)
+        slot_mapping[off:] = SCRATCH_PAGE * B  # padding tokens write into the scratch page
+        md = AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=query_start_loc,
+                               seq_lens=seq_lens, page_table=page_table,
+                               num_seqs=np.array([num_seqs], np.int32),
+                               decode_only=bool(decode_only))
+        sampling = sampler_lib.build_sampling_tensors(sampling_rows, pad_to=S)
+        return StepInputs(token_ids=token_ids, positions=positions, md=md,
+                          logits_indices=logits_indices, prev_rows=prev_rows, sampling=sampling)
+
+    @staticmethod
+    def _prepare_decode(scheduled, token_ids, positions, seq_of_token, query_start_loc, seq_lens,
+                        logits_indices, prev_rows) -> None:
+        """``prepare``'s per-row arrays (all but the page table) for a batch of one new token
+        per sequence, the step that runs while serving: token i is sequence i's, so they are
+        filled by a few whole-array numpy operations from one list of per-row tuples (row by
+        row, as _prepare_ragged, cost ~1 ms more at batch 256, benchmarks/host_overhead.py)."""
+        n = len(scheduled)
+        # (token, position, row of the previous step's output holding the token or -1).
+        per_row = np.array([
+            (s.seq.all_token_ids[s.start_pos], s.start_pos,
+             s.seq.pending_row if s.seq.num_pending and s.start_pos == s.seq.num_tokens - 1
+             else -1)
+            for s in scheduled], np.int64).reshape(n, 3)
+        pending = per_row[:, 2]
+        # A placeholder's id is not known here: 0 on the host, the device's token via prev_rows.
+        token_ids[:n] = np.where(pending >= 0, 0, per_row[:, 0])
+        prev_rows[:n] = pending
+        positions[:n] = per_row[:, 1]
+        seq_lens[:n] = per_row[:, 1] + 1
+        rows = np.arange(n, dtype=np.int32)
+        seq_of_token[:n] = rows
+        query_start_loc[1:n + 1] = rows + 1
+        logits_indices[:n] = rows
+
+    @staticmethod
+    def _prepare_ragged(scheduled, token_ids, positions, seq_of_token, query_start_loc, seq_lens,
+                        logits_indices, prev_rows) -> int:
+        """``prepare``'s per-row arrays (all but the page table) for any batch (prefill chunks
+        and decodes), row by row; returns the number of real tokens."""
         off = 0
         for i, s in enumerate(scheduled):
             n, start = s.num_new_tokens, s.start_pos
@@ -434,22 +535,11 @@ class ModelRunner:
                     prev_rows[off + last - start] = s.seq.pending_row
             positions[off:off + n] = np.arange(start, start + n, dtype=np.int32)
             seq_of_token[off:off + n] = i
-            pages = s.seq.page_ids
-            page_table[i, :len(pages)] = pages
             seq_lens[i] = start + n
             off += n
             query_start_loc[i + 1] = off
             logits_indices[i] = off - 1
-        query_start_loc[num_seqs + 1:] = off
-        slot_mapping = (page_table[seq_of_token, positions // B] * B + positions % B).astype(np.int32)
-        slot_mapping[off:] = SCRATCH_PAGE * B  # padding tokens write into the scratch page
-        md = AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=query_start_loc,
-                               seq_lens=seq_lens, page_table=page_table,
-                               num_seqs=np.array([num_seqs], np.int32),
-                               decode_only=bool(decode_only))
-        sampling = sampler_lib.build_sampling_tensors(sampling_rows, pad_to=S)
-        return StepInputs(token_ids=token_ids, positions=positions, md=md,
-                          logits_indices=logits_indices, prev_rows=prev_rows, sampling=sampling)
+        return off
 
     def dispatch(self, scheduled: list[ScheduledSeq], sampling_rows: list[sampler_lib.SamplingRow],
                  prompt_next_ids: np.ndarray | None = None):

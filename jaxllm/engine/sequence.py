@@ -22,7 +22,7 @@ class SequenceStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in _FINISHED
+        return self._is_finished  # set below: a set lookup hashes the enum in Python
 
     @staticmethod
     def finish_reason(status: SequenceStatus) -> str | None:
@@ -32,6 +32,8 @@ class SequenceStatus(enum.Enum):
 
 _FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
                        SequenceStatus.FINISHED_ABORTED})
+for _status in SequenceStatus:
+    _status._is_finished = _status in _FINISHED
 _FINISH_REASON = {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISHED_LENGTH: "length",
                   SequenceStatus.FINISHED_ABORTED: "abort"}
 
