@@ -75,6 +75,7 @@ class _InFlight:
     out: Any  # sampler output (device arrays)
     prompt_lp: Any  # prompt log-probs (device arrays) or None
     read_before_next_schedule: bool
+    with_logprobs: bool = True  # False: only out.token_ids is read back (no row wants log-probs)
 
 
 def _place_loaded(loaded: Any, replica: Any) -> Any:
@@ -438,12 +439,16 @@ class LLMEngine:
         out, prompt_lp = self.runner.dispatch(sched.scheduled, rows, prompt_next_ids=next_ids)
         indices = self.scheduler.commit(sched)
         read_first = any(r.params.uses_penalties for r, i in zip(rows, indices) if i is not None)
-        return _InFlight(sched, indices, out, prompt_lp, read_first)
+        with_logprobs = any(r.params.logprobs is not None for r in rows)
+        return _InFlight(sched, indices, out, prompt_lp, read_first, with_logprobs)
 
     def _read_inflight(self) -> list[RequestOutput]:
         """Waits for the in-flight step, resolves its placeholders, runs the stop checks."""
         inflight, self._inflight = self._inflight, None
-        out, prompt_lp = self.runner.fetch((inflight.out, inflight.prompt_lp))
+        # Without log-probs only the token ids cross back: one device->host copy, not five.
+        out, prompt_lp = self.runner.fetch((inflight.out if inflight.with_logprobs else
+                                            inflight.out.token_ids, inflight.prompt_lp))
+        tokens = (out.token_ids if inflight.with_logprobs else out).tolist()
         sched = inflight.sched
         if prompt_lp is not None:
             self._collect_prompt_logprobs(sched, prompt_lp)
@@ -451,7 +456,6 @@ class LLMEngine:
         # Per-row host work of every step (benchmarks/host_overhead.py): one tolist() instead of
         # a numpy scalar per row, the lookups hoisted out of the loop.
         requests, scheduler = self._requests, self.scheduler
-        tokens = out.token_ids.tolist()
         num_generated = 0
         for i, (s, index) in enumerate(zip(sched.scheduled, inflight.output_indices)):
             if index is None:

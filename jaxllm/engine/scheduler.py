@@ -287,18 +287,21 @@ class Scheduler:
         sampling sequence gets a placeholder for the token in its row of the step's output.
         Returns, per scheduled entry, the output index of its placeholder (None: no sample)."""
         indices: list[int | None] = []
+        caching = self.prefix_cache is not None  # per row per step: no _register call without
         for row, s in enumerate(out.scheduled):
             seq = s.seq
             if seq.status is not _RUNNING or not s.needs_sample:
                 if seq.status is _RUNNING:
                     seq.num_computed_tokens = s.start_pos + s.num_new_tokens
-                    self._register(seq)
+                    if caching:
+                        self._register(seq)
                 indices.append(None)
                 continue
             seq.num_computed_tokens = s.start_pos + s.num_new_tokens
-            indices.append(seq.num_output_tokens)
+            indices.append(len(seq.output_token_ids))
             seq.append_placeholder(row)
-            self._register(seq)
+            if caching:
+                self._register(seq)
         return indices
 
     def resolve(self, seq: Sequence, output_index: int, token_id: int) -> None:
@@ -307,7 +310,7 @@ class Scheduler:
         if seq.status.is_finished:
             return
         seq.resolve_token(output_index, token_id)
-        if seq.status is _RUNNING:
+        if seq.status is _RUNNING and self.prefix_cache is not None:
             self._register(seq)
 
     def _register(self, seq: Sequence) -> None:
