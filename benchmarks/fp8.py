@@ -35,7 +35,10 @@ SHAPES_KN = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 MS = [1, 16, 64, 256, 1024, 4096]
 PALLAS_CONFIGS = [  # (block_m, block_n, block_k, split_k, num_warps)
     (16, 64, 128, 1, 4), (16, 128, 128, 4, 4), (64, 128, 128, 1, 4), (128, 128, 128, 1, 8)]
-COPIES = 4
+# Distinct weights per timed call (one jit): the call's dispatch and sync (~20-30 us) are
+# spread over them. 4 (the 2026-11-30 H200 table) left M <= 16 rows dominated by that overhead
+# (bf16 4096x1024 at M=1 "slower" than 4096x4096); 16 puts it near 2 us per GEMM.
+COPIES = 16
 
 
 def _time(fn, *args, repeats: int = 20) -> float:
