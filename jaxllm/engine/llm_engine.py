@@ -143,9 +143,12 @@ class LLMEngine:
 
             # A model this engine loaded or placed is its own: its separate projections are
             # freed as each fused one is made. A caller's model is left intact.
+            t0 = time.perf_counter()
             loaded = _with_model(loaded, fuse_projections(loaded.model, self.parallel,
                                                           consume=loaded is not given))
             self.loaded = loaded
+            logger.info("fused q/k/v and gate/up projections in %.1f s",
+                        time.perf_counter() - t0)
 
         on_cpu = jax.default_backend() == "cpu"
         self.max_model_len = config.max_model_len or (
