@@ -192,11 +192,11 @@ class OutputProcessor:
         """CompletionOutput of this sequence; with delta, text since the previous delta call and
         token_ids / logprobs from token_offset on."""
         lps = self.logprobs[token_offset:] if self.logprobs is not None else None
+        # Positional, in the fields' order: called per request per step, and a dataclass
+        # __init__ given keywords costs ~0.4 us more (x 2 x 256 requests per step).
         return CompletionOutput(
-            index=self.index, text=self.get_output_text(delta),
-            token_ids=self.output_token_ids[token_offset:],
-            cumulative_logprob=self.cumulative_logprob, logprobs=lps,
-            finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+            self.index, self.get_output_text(delta), self.output_token_ids[token_offset:],
+            self.cumulative_logprob, lps, self.finish_reason, self.stop_reason)
 
     # -- the per-token call ---------------------------------------------------------------------
     def process(self, token_id: int, logprobs: dict[int, Logprob] | None = None,

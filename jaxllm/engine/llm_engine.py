@@ -565,8 +565,7 @@ class LLMEngine:
             else:
                 c = proc.completion_output()
             completions.append(c)
-        return RequestOutput(
-            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-            prompt_logprobs=req.prompt_logprobs, outputs=completions, finished=final,
-            num_cached_tokens=req.num_cached_tokens)
+        # Positional, in the fields' order (per request per step; see completion_output).
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
+                             req.prompt_logprobs, completions, final, req.num_cached_tokens)
 
