@@ -91,8 +91,8 @@ def run_jaxllm(args) -> dict:
     return _row(args, "jaxllm" + (" (sync steps)" if args.sync else ""),
                 jax.devices()[0].device_kind, reqs, secs, startup_s=startup_s,
                 num_pages=engine.page_pool.num_usable_pages, recompiles_while_serving=recompiles,
-                max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens)
+                max_num_seqs=engine.max_num_seqs,
+                max_num_batched_tokens=engine.max_num_batched_tokens)
 
 
 def run_hf(args) -> dict:
@@ -155,8 +155,10 @@ def main(argv=None) -> int:
     p.add_argument("--workload", choices=["fixed", "sharegpt"], default="fixed")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     p.add_argument("--num-prompts", type=int, default=1000)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="default: the engine's (vLLM's for the device: 1024 on an H100/H200)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="default: the engine's (vLLM's LLM-class budget: 16384 on an H100/H200)")
     p.add_argument("--attention", default="pallas", choices=["reference", "pallas"])
     p.add_argument("--sync", action="store_true", help="jaxllm without async scheduling")
     p.add_argument("--hf-batch", type=int, default=64)

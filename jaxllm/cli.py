@@ -19,7 +19,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="orbax cache of the converted params (restored if present, else written)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="default: vLLM's for the device (1024 on an H100/H200, 256 on smaller "
+                        "GPUs and the CPU)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None)

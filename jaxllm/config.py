@@ -108,6 +108,9 @@ class ModelConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
 
+USAGE_CONTEXTS = ("llm", "server")
+
+
 # Defaults as in vLLM where they make sense on this project's machines.
 @dataclass(frozen=True)
 class EngineConfig:
@@ -119,8 +122,13 @@ class EngineConfig:
     checkpoint_dir: str | None = None
     dtype: str = "auto"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: 8192 (chunked prefill), >= max_model_len without
+    # None for both: vLLM's defaults for the device and usage_context
+    # (jaxllm.engine.llm_engine.default_batch_limits): on a GPU of >= 70 GiB other than an A100
+    # (H100, H200) 1024 sequences and 16384 tokens (8192 for the server), on other GPUs 256 and
+    # 8192 (2048 for the server), on the CPU 256 and 1024. Without chunked prefill the token
+    # budget is at least max_model_len.
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     page_size: int = 16
     num_pages: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -144,6 +152,9 @@ class EngineConfig:
     # Run q/k/v and gate/up as one GEMM each (jaxllm/models/fused.py), as vLLM always does;
     # False keeps the loaded separate projections (for A/B measurements).
     fuse_projections: bool = True
+    # Who drives the engine, for the batch-size defaults above (vLLM's UsageContext): "llm" (the
+    # LLM class, offline batches: the larger token budget), "server" (the OpenAI server).
+    usage_context: str = "llm"
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -152,10 +163,13 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}.")
 
         resolve_dtype(self.dtype)
-        for name in ("max_num_seqs", "page_size", "tensor_parallel_size", "pipeline_parallel_size",
+        for name in ("page_size", "tensor_parallel_size", "pipeline_parallel_size",
                      "data_parallel_size", "max_logprobs"):
             positive(name)
-        for name in ("max_model_len", "max_num_batched_tokens", "num_pages"):
+        if self.usage_context not in USAGE_CONTEXTS:
+            raise ValueError(f"usage_context must be one of {USAGE_CONTEXTS}, got "
+                             f"{self.usage_context!r}.")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_pages"):
             if getattr(self, name) is not None:
                 positive(name)
         if self.page_size & (self.page_size - 1):

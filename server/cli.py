@@ -162,6 +162,7 @@ async def serve(engine: Any, *, host: str, port: int, shutdown_timeout: float = 
 
 
 def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    engine_kwargs = {**engine_kwargs, "usage_context": "server"}  # vLLM's server batch defaults
     if args.ray:
         return run_ray_serve(args, engine_kwargs)
     if getattr(args, "distributed", False):

@@ -100,6 +100,8 @@ class EngineServer:
                  num_hosts: int = 1, actor_options: dict[str, Any] | None = None,
                  metrics_interval_s: float = 5.0):
         self.followers: list[Any] = []
+        # vLLM's server batch defaults, on the leader and its followers alike.
+        engine_args = {"usage_context": "server", **engine_args}
         if num_hosts > 1:  # process 0 of a jax.distributed job: before anything touches JAX
             from server.ray_multihost import start_followers
             from sharding import distributed

@@ -527,3 +527,38 @@ def test_async_engine_streams_deltas_and_aborts(small_llama_folder):
         assert pool.num_free_pages == pool.num_usable_pages
     finally:
         engine.shutdown()
+
+
+def test_batch_limits_default_to_vllms_for_the_device_and_usage(small_llama_folder, monkeypatch):
+    from jaxllm.engine import llm_engine
+    from jaxllm.engine.llm_engine import default_batch_limits
+
+    GiB = 2**30
+    # vLLM's get_batch_defaults: >= 70 GiB and not an A100 -> 16384 (LLM) / 8192 (server)
+    # tokens and 1024 sequences; other GPUs 8192 / 2048 and 256.
+    assert default_batch_limits("gpu", "NVIDIA H100 80GB HBM3", 80 * GiB, "llm") == (16384, 1024)
+    assert default_batch_limits("gpu", "NVIDIA H200", 141 * GiB, "server") == (8192, 1024)
+    assert default_batch_limits("gpu", "NVIDIA A100-SXM4-80GB", 80 * GiB, "llm") == (8192, 256)
+    assert default_batch_limits("gpu", "NVIDIA L4", 24 * GiB, "server") == (2048, 256)
+    assert default_batch_limits("gpu", "NVIDIA H100", None, "llm") == (8192, 256)  # unknown size
+    assert default_batch_limits("cpu", "cpu", None, "server") == (1024, 256)
+
+    class Device:  # JAX's allocator limit is 75% of the memory unless told otherwise
+        def memory_stats(self):
+            return {"bytes_limit": 60 * GiB}
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert llm_engine._device_memory_bytes(Device()) == 80 * GiB
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    assert llm_engine._device_memory_bytes(Device()) == 120 * GiB
+
+    # The engine takes them when the config leaves them None, and an explicit value wins.
+    kw = dict(dtype="float32", max_model_len=64, num_pages=8, skip_compile_at_start=True)
+    eng = LLM(str(small_llama_folder), **kw).llm_engine
+    assert (eng.max_num_batched_tokens, eng.max_num_seqs) == (1024, 256)  # the CPU's
+    monkeypatch.setattr(llm_engine, "_CPU_BATCH_LIMITS", ({"llm": 512, "server": 128}, 16))
+    eng = LLM(str(small_llama_folder), usage_context="server", **kw).llm_engine
+    assert (eng.max_num_batched_tokens, eng.max_num_seqs) == (128, 16)
+    eng = LLM(str(small_llama_folder), max_num_seqs=3, max_num_batched_tokens=96, **kw).llm_engine
+    assert (eng.max_num_batched_tokens, eng.max_num_seqs) == (96, 3)
+    with pytest.raises(ValueError, match="usage_context must be one of"):
+        LLM(str(small_llama_folder), usage_context="batch", **kw)

@@ -6,6 +6,7 @@
 #                                          + the FP8 matmul sweep (issue 5)
 #   bash benchmarks/gpu/issues.sh next     profiles and latency of the unmeasured changes (bf16 on
 #                                          GPU0, fp8 on GPU1)
+#   bash benchmarks/gpu/issues.sh throughput  offline throughput at vLLM's H200 batch defaults
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -72,4 +73,8 @@ next)  # nvidia-h200-x2, one call: the changes of 2026-11-30 not yet measured (d
   for f in prof_default prof_nofuse prof_none latency fp8_small_m prof_fp8 prof_fp8_nofuse prof_fp8_w8a16; do
     echo "=== $f"; quiet < $OUT/$f.log | grep -v "^    " | tail -12
   done ;;
+throughput)  # nvidia-h200, one call: 1,000 x 512/128 at vLLM's H100/H200 batch defaults (1024
+  # sequences, 16384 tokens a step) against the 256 / 2048 of the 2026-11-30 table
+  timeout 560 python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 2 \
+    --out $OUT/throughput.jsonl 2>&1 | quiet | tail -8 ;;
 esac

@@ -38,7 +38,14 @@ logger = logging.getLogger("jaxllm")
 _CPU_KV_BUDGET_BYTES = 1 << 30
 # vLLM's default token budget with chunked prefill; on CPU (development, tests) a smaller budget
 # and buckets growing 4x keep start-up compiles to a handful of seconds each.
-_DEFAULT_MAX_NUM_BATCHED_TOKENS = {"gpu": 8192, "cpu": 1024}
+# vLLM's EngineArgs.get_batch_defaults (vllm/engine/arg_utils.py): a GPU of >= 70 GiB that is
+# not an A100 gets the large budget (vLLM measured large token budgets to cost an A100
+# throughput, PR #17885). Values: (max_num_batched_tokens per usage context, max_num_seqs).
+_LARGE_GPU_BATCH_LIMITS = ({"llm": 16384, "server": 8192}, 1024)
+_GPU_BATCH_LIMITS = ({"llm": 8192, "server": 2048}, 256)
+# The CPU is for development and tests: small steps.
+_CPU_BATCH_LIMITS = ({"llm": 1024, "server": 1024}, 256)
+_LARGE_GPU_BYTES = 70 * 2**30
 # The CPU is for development and tests: the reference attention reads max_model_len slots per
 # token, so the CPU default context is capped (an explicit max_model_len is honoured).
 _CPU_DEFAULT_MAX_MODEL_LEN = 2048
@@ -76,6 +83,39 @@ class _InFlight:
     prompt_lp: Any  # prompt log-probs (device arrays) or None
     read_before_next_schedule: bool
     with_logprobs: bool = True  # False: only out.token_ids is read back (no row wants log-probs)
+
+
+def default_batch_limits(platform: str, device_kind: str, device_bytes: int | None,
+                         usage_context: str) -> tuple[int, int]:
+    """(max_num_batched_tokens, max_num_seqs) for a config that leaves them None: vLLM's
+    defaults for the device (``_LARGE_GPU_BATCH_LIMITS`` and below). ``device_bytes``: the
+    accelerator's memory (None: unknown, the smaller GPU defaults)."""
+    if platform == "cpu":
+        tokens, seqs = _CPU_BATCH_LIMITS
+    elif (device_bytes or 0) >= _LARGE_GPU_BYTES and "a100" not in device_kind.lower():
+        tokens, seqs = _LARGE_GPU_BATCH_LIMITS
+    else:
+        tokens, seqs = _GPU_BATCH_LIMITS
+    return tokens[usage_context], seqs
+
+
+def _device_memory_bytes(device: Any) -> int | None:
+    """The accelerator's memory as vLLM compares it with 70 GiB: JAX's allocator limit, scaled
+    back by XLA_PYTHON_CLIENT_MEM_FRACTION (JAX preallocates 75% by default) when that is how
+    the limit was set."""
+    import os
+
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if not limit:
+        return None
+    if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "") == "platform":
+        return int(limit)
+    try:
+        fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    except ValueError:
+        fraction = 0.75
+    return int(limit / min(max(fraction, 0.05), 1.0))
 
 
 def _place_loaded(loaded: Any, replica: Any) -> Any:
@@ -161,12 +201,15 @@ class LLMEngine:
         if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
             logger.warning("max_model_len=%d exceeds the model's max_position_embeddings=%d",
                            config.max_model_len, mc.max_position_embeddings)
-        mnbt = config.max_num_batched_tokens or _DEFAULT_MAX_NUM_BATCHED_TOKENS[
-            "cpu" if on_cpu else "gpu"]
+        device = jax.local_devices()[0]
+        default_tokens, default_seqs = default_batch_limits(
+            jax.default_backend(), device.device_kind,
+            None if on_cpu else _device_memory_bytes(device), config.usage_context)
+        mnbt = config.max_num_batched_tokens or default_tokens
         if not config.enable_chunked_prefill:
             mnbt = max(mnbt, self.max_model_len)
         self.max_num_batched_tokens = mnbt
-        self.max_num_seqs = min(config.max_num_seqs, mnbt)
+        self.max_num_seqs = min(config.max_num_seqs or default_seqs, mnbt)
         token_buckets = config.token_buckets or default_token_buckets(
             mnbt, growth=4 if on_cpu else 2)
         if max(token_buckets) < mnbt:
