@@ -148,10 +148,8 @@ class PageRows:
             pages = seq.page_ids
             e = entries.get(id(seq))
             if e is None or e[0] is not seq or e[1] is not pages or e[3] > len(pages):
-                if e is not None and e[0] is seq:  # its list was replaced: refill its slot
-                    slot = e[2]
-                else:
-                    slot = self._take_slot(seqs)
+                # A known sequence whose list was replaced refills its own slot.
+                slot = e[2] if e is not None else self._take_slot(seqs)
                 rows[slot] = SCRATCH_PAGE
                 rows[slot, :len(pages)] = pages
                 entries[id(seq)] = [seq, pages, slot, len(pages)]
