@@ -22,7 +22,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="default: vLLM's for the device (1024 on an H100/H200, 256 on smaller "
                         "GPUs and the CPU)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step; default: vLLM's for the device (8192 for the server "
+                        "on an H100/H200, 2048 on smaller GPUs, 1024 on the CPU)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)

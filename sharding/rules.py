@@ -42,7 +42,6 @@ logger = logging.getLogger("jaxllm")
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
-FUSED = FUSED_LINEARS
 
 
 def kv_head_layout(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int]:
@@ -72,7 +71,7 @@ def param_spec(path: tuple, shape: tuple[int, ...], tp: int) -> P:
         return P()
     # By rank, not by leaf name, so extra per-layer leaves (a quantized kernel's per-channel
     # scale [out], a scalar scale) follow their kernel's split or stay replicated.
-    if owner in FUSED:  # split on A: kernel [E, A, C], weight [A, C, E], bias / scale [A, C]
+    if owner in FUSED_LINEARS:  # split on A: kernel [E, A, C], weight [A, C, E], bias / scale [A, C]
         if len(shape) == 3:
             return P(None, TP, None) if path[-1] == "kernel" else P(TP, None, None)
         return P(TP, None) if len(shape) == 2 else P()  # input_scale [] whole

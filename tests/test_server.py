@@ -676,3 +676,21 @@ def test_a_client_that_stops_reading_does_not_stall_other_streams(servers, engin
 
     asyncio.run(go())
     _wait_idle(engine, timeout=20)
+
+
+def test_jaxllm_serve_builds_its_engine_with_the_server_batch_defaults(monkeypatch):
+    # `jaxllm serve` is vLLM's OPENAI_API_SERVER usage context: its engine (and any distributed
+    # follower, which gets the same keywords) derives the server's token budget, not the LLM
+    # class's. The engine is stubbed: it records its keywords and refuses to start.
+    import jaxllm
+    from jaxllm.cli import main
+
+    seen = {}
+
+    def recording_engine(**kwargs):
+        seen.update(kwargs)
+        raise ValueError("stub engine: not started")
+    monkeypatch.setattr(jaxllm, "AsyncEngine", recording_engine)
+    assert main(["serve", "--max-num-seqs", "3", "--compilation-cache-dir", ""]) != 0
+    assert seen["usage_context"] == "server" and seen["max_num_seqs"] == 3
+    assert seen["max_num_batched_tokens"] is None  # left to default_batch_limits

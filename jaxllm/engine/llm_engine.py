@@ -36,14 +36,13 @@ logger = logging.getLogger("jaxllm")
 
 # Without an explicit num_pages on a host without memory stats (CPU), the pool gets this much.
 _CPU_KV_BUDGET_BYTES = 1 << 30
-# vLLM's default token budget with chunked prefill; on CPU (development, tests) a smaller budget
-# and buckets growing 4x keep start-up compiles to a handful of seconds each.
-# vLLM's EngineArgs.get_batch_defaults (vllm/engine/arg_utils.py): a GPU of >= 70 GiB that is
+# Batch limits when the config leaves them None: vLLM's EngineArgs.get_batch_defaults (vllm/engine/arg_utils.py): a GPU of >= 70 GiB that is
 # not an A100 gets the large budget (vLLM measured large token budgets to cost an A100
 # throughput, PR #17885). Values: (max_num_batched_tokens per usage context, max_num_seqs).
 _LARGE_GPU_BATCH_LIMITS = ({"llm": 16384, "server": 8192}, 1024)
 _GPU_BATCH_LIMITS = ({"llm": 8192, "server": 2048}, 256)
-# The CPU is for development and tests: small steps.
+# The CPU is for development and tests: a small budget (and buckets growing 4x) keeps start-up
+# compiles to a handful of seconds each.
 _CPU_BATCH_LIMITS = ({"llm": 1024, "server": 1024}, 256)
 _LARGE_GPU_BYTES = 70 * 2**30
 # The CPU is for development and tests: the reference attention reads max_model_len slots per

@@ -15,8 +15,8 @@ Parameter names mirror the HF checkpoint names (``model.layers[i].self_attn.q_pr
 ``model.layers.i.self_attn.q_proj.weight``) so the loaders map one to the other by rule;
 linear kernels are stored ``[in, out]`` (HF's transpose). With ``config.fused_projections``
 (what the engine serves: ``jaxllm.models.fused``) q/k/v are one ``qkv_proj`` and gate/up one
-``gate_up_proj``; the loaders build the separate layout and the engine fuses it. Creating the model under
-``nnx.eval_shape`` allocates nothing, which is how the loaders build the structure.
+``gate_up_proj``; the loaders build the separate layout and the engine fuses it. Creating the
+model under ``nnx.eval_shape`` allocates nothing, which is how the loaders build the structure.
 """
 
 from __future__ import annotations
