@@ -58,10 +58,12 @@ def run_jaxllm(args) -> list[dict]:
 
     from jaxllm.config import EngineConfig
     from jaxllm.engine.llm_engine import LLMEngine
+    from jaxllm.models.fp8 import weight_only_max_tokens
     from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
     bw = measure_bandwidth_gbs()
-    loaded = random_model(args.shape, args.attention, fused=not args.no_fuse)
+    loaded = random_model(args.shape, args.attention, fused=not args.no_fuse,
+                          quantization=args.quantization)
     mc = loaded.model_config
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(loaded.model)))
     max_prefill = max(args.prefill)
@@ -71,7 +73,8 @@ def run_jaxllm(args) -> list[dict]:
                        max_num_seqs=8, max_num_batched_tokens=max_prefill,
                        token_buckets=tuple(sorted({8, *args.prefill})),
                        enable_prefix_caching=False, async_scheduling=not args.sync,
-                       fuse_projections=not args.no_fuse)
+                       fuse_projections=not args.no_fuse, quantization=args.quantization,
+                       kv_cache_dtype=args.kv_cache_dtype)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg, loaded=loaded)
     startup_s = time.perf_counter() - t0
@@ -87,7 +90,10 @@ def run_jaxllm(args) -> list[dict]:
 
     device = jax.devices()[0].device_kind
     common = dict(engine="jaxllm" + (" (sync steps)" if args.sync else "")
-                  + (" (separate projections)" if args.no_fuse else ""), shape=args.shape,
+                  + (" (separate projections)" if args.no_fuse else "")
+                  + (f" {args.quantization}" if args.quantization else "")
+                  + (" fp8-kv" if args.kv_cache_dtype == "fp8" else ""), shape=args.shape,
+                  fp8_weight_only_max_tokens=weight_only_max_tokens(),
                   device=device, copy_bandwidth_gbs=bw, weight_bytes=weight_bytes,
                   roofline_ms=weight_bytes / (bw * 1e9) * 1e3, startup_s=startup_s)
     one(_prompts(1, min(64, *args.contexts), mc.vocab_size, seed=9)[0], 4)  # warm-up
@@ -181,6 +187,9 @@ def main(argv=None) -> int:
     p.add_argument("--sync", action="store_true", help="jaxllm without async scheduling")
     p.add_argument("--no-fuse", action="store_true",
                    help="jaxllm with separate q/k/v and gate/up GEMMs (before fused projections)")
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="jaxllm with fp8 projections, quantized at load")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--hf-cache", default="static", choices=["static", "dynamic"])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, nargs="+", default=None, help="JSON lines to plot")

@@ -39,14 +39,16 @@ SHAPES = {
 
 
 def random_model(shape: str, attention: str, *, tokenizer=None, vocab_size: int | None = None,
-                 fused: bool = True):
+                 fused: bool = True, quantization: str | None = None):
     """A LoadedModel-like namespace with random bf16 weights in SHAPES[shape] (no files): what
     every benchmark here runs (random weights in a real shape time like real ones).
 
     ``fused``: built with q/k/v and gate/up fused (jaxllm/models/fused.py), as the engine serves
     it; built so, not fused by the engine, because the engine leaves a caller's model intact and
     the caller would hold a second copy of the projections. False: separate projections (run
-    them with ``EngineConfig(fuse_projections=False)``)."""
+    them with ``EngineConfig(fuse_projections=False)``). ``quantization="fp8"``: quantized here,
+    as the engine quantizes at load (W8A8, per-channel weight scales; the bf16 weights are freed
+    layer by layer); run it with ``EngineConfig(quantization="fp8")``."""
     import dataclasses
     import types
 
@@ -62,6 +64,13 @@ def random_model(shape: str, attention: str, *, tokenizer=None, vocab_size: int 
     built = dataclasses.replace(mc, fused_projections=fused)
     model = get_model_class(mc.architecture)(built, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
                                             attention_backend=attention)
+    if quantization == "fp8":
+        from jaxllm.models.fp8 import quantize_model
+
+        model = quantize_model(model)
+        mc = model.config  # says quantization="fp8", which the engine checks
+    elif quantization is not None:
+        raise ValueError(f"quantization={quantization!r}: only 'fp8'")
     return types.SimpleNamespace(model_config=mc, model=model, tokenizer=tokenizer,
                                  name=f"random-{shape}")
 

@@ -67,14 +67,15 @@ def run_jaxllm(args) -> dict:
     from jaxllm.config import EngineConfig
     from jaxllm.engine.llm_engine import LLMEngine
 
-    loaded = random_model(args.shape, args.attention)
+    loaded = random_model(args.shape, args.attention, quantization=args.quantization)
     reqs = workload(args.workload, args.num_prompts, loaded.model_config.vocab_size)
     cfg = EngineConfig(model=None, dtype="bfloat16",
                        max_model_len=max(len(p) + o for p, o in reqs) + 8,
                        max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        enable_prefix_caching=False, gpu_memory_utilization=0.9,
-                       async_scheduling=not args.sync)
+                       async_scheduling=not args.sync, quantization=args.quantization,
+                       kv_cache_dtype=args.kv_cache_dtype)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg, loaded=loaded)
     startup_s = time.perf_counter() - t0
@@ -88,7 +89,9 @@ def run_jaxllm(args) -> dict:
     generate(reqs[:16])  # warm-up
     secs = statistics.median(generate(reqs) for _ in range(args.repeats))
     recompiles = engine.runner.num_compiles - compiles
-    return _row(args, "jaxllm" + (" (sync steps)" if args.sync else ""),
+    return _row(args, "jaxllm" + (" (sync steps)" if args.sync else "")
+                + (f" {args.quantization}" if args.quantization else "")
+                + (" fp8-kv" if args.kv_cache_dtype == "fp8" else ""),
                 jax.devices()[0].device_kind, reqs, secs, startup_s=startup_s,
                 num_pages=engine.page_pool.num_usable_pages, recompiles_while_serving=recompiles,
                 max_num_seqs=engine.max_num_seqs,
@@ -161,6 +164,9 @@ def main(argv=None) -> int:
                    help="default: the engine's (vLLM's LLM-class budget: 16384 on an H100/H200)")
     p.add_argument("--attention", default="pallas", choices=["reference", "pallas"])
     p.add_argument("--sync", action="store_true", help="jaxllm without async scheduling")
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="jaxllm with fp8 projections, quantized at load")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--hf-batch", type=int, default=64)
     p.add_argument("--hf-cache", default="dynamic", choices=["static", "dynamic"])
     p.add_argument("--repeats", type=int, default=3)

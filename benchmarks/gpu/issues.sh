@@ -6,6 +6,8 @@
 #                                          + the FP8 matmul sweep (issue 5)
 #   bash benchmarks/gpu/issues.sh next     profiles and latency of the unmeasured changes (bf16 on
 #                                          GPU0, fp8 on GPU1)
+#   bash benchmarks/gpu/issues.sh measure  throughput bf16 / fp8 at the defaults, fp8 batch-1
+#                                          latency W8A8 vs weight-only, the decode profile
 #   bash benchmarks/gpu/issues.sh throughput  offline throughput at vLLM's H200 batch defaults
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
@@ -73,6 +75,47 @@ next)  # nvidia-h200-x2, one call: the changes of 2026-11-30 not yet measured (d
   for f in prof_default prof_nofuse prof_none latency fp8_small_m prof_fp8 prof_fp8_nofuse prof_fp8_w8a16; do
     echo "=== $f"; quiet < $OUT/$f.log | grep -v "^    " | tail -12
   done ;;
+measure)  # nvidia-h200-x2, one call: the headline figures at the engine's defaults (fused
+  # projections, vLLM's batch limits). GPU0: offline throughput bf16 then the b1/b256 profile
+  # with the wall taken outside the profiler; GPU1: fp8 batch-1 latency W8A8 vs weight-only
+  # (the profiler's per-launch overhead made fp8's walls unreadable), then fp8 throughput.
+  L=$OUT/logs; mkdir -p $L
+  TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
+  LAT="python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --quantization fp8 --out $OUT/results.jsonl"
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout $T bash -c "
+   $TP > $L/tp_bf16.log 2>&1
+   python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 12 --batch 1 256 --out-dir /tmp/p1 --out $OUT/results.jsonl > $L/prof_bf16.log 2>&1") &
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout $T bash -c "
+   $LAT > $L/lat_fp8_w8a8.log 2>&1
+   JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS=16 $LAT > $L/lat_fp8_w8a16.log 2>&1
+   JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS=16 $TP --quantization fp8 > $L/tp_fp8.log 2>&1") &
+  wait
+  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -6; done
+  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+launch)  # nvidia-h200-x2, one call: GPU0 fp8 throughput (W8A8, then fp8 KV), GPU1 the host
+  # cost per kernel launch with and without XLA's command buffers, and batch-1 latency without
+  # them (is the fp8 step's host gap launch cost?)
+  L=$OUT/logs; mkdir -p $L
+  TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --quantization fp8 --out $OUT/results.jsonl"
+  LAT="python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 --out $OUT/results.jsonl"
+  NOCB=--xla_gpu_enable_command_buffer=
+  (export CUDA_VISIBLE_DEVICES=0 JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS=16
+   timeout $T bash -c "
+   $TP > $L/tp_fp8.log 2>&1
+   $TP --kv-cache-dtype fp8 > $L/tp_fp8kv.log 2>&1") &
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout $T bash -c "
+   for f in '' $NOCB --xla_gpu_graph_min_graph_size=1; do
+     XLA_FLAGS=\$f python3 benchmarks/gpu/launch_cost.py >> $OUT/results.jsonl 2>> $L/launch.log
+   done
+   XLA_FLAGS=$NOCB $LAT > $L/lat_bf16_nocb.log 2>&1
+   XLA_FLAGS=$NOCB JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS=16 $LAT --quantization fp8 > $L/lat_fp8_nocb.log 2>&1") &
+  wait
+  grep launch_cost -A0 $OUT/results.jsonl; grep us_per_kernel $OUT/results.jsonl
+  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -4; done
+  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 throughput)  # nvidia-h200, one call: 1,000 x 512/128 at vLLM's H100/H200 batch defaults (1024
   # sequences, 16384 tokens a step) against the 256 / 2048 of the 2026-11-30 table
   timeout 560 python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 2 \
