@@ -149,6 +149,19 @@ def test_weight_only_path_for_small_steps_uses_the_dequantized_weights(monkeypat
             lin(jnp.ones((2, 96)))
 
 
+def test_weight_only_default_is_measured_gpu_only(monkeypatch):
+    # Unset: the GPU default (batch-1 decode measured faster weight-only on the H200), and W8A8
+    # everywhere else; set, the variable wins on every platform.
+    from jaxllm.models import fp8
+
+    monkeypatch.delenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", raising=False)
+    assert fp8.weight_only_max_tokens() == 0  # this CPU
+    monkeypatch.setattr(fp8.jax, "default_backend", lambda: "gpu")
+    assert fp8.weight_only_max_tokens() == fp8.GPU_WEIGHT_ONLY_MAX_TOKENS == 16
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "0")
+    assert fp8.weight_only_max_tokens() == 0
+
+
 def test_quantize_model_converts_projections_only(small_llama_folder):
     from jaxllm.loading import load_model
 

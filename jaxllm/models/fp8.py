@@ -59,16 +59,26 @@ class Fp8Linear(nnx.Module):
         return y.reshape(*lead, self.out_features)
 
 
+# Token rows up to which fp8 projections run weight-only on a GPU, unless
+# JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS says otherwise. H200, 2026-11-30 (benchmarks/RESULTS.md,
+# "FP8 at batch 1"): batch-1 decode (8B shape, 1k context) 5.62 ms/token weight-only against
+# 6.92 W8A8, GPU time per step 3.13 ms against 3.76; larger steps were not measured weight-only,
+# so they keep W8A8 and its fp8 tensor cores.
+GPU_WEIGHT_ONLY_MAX_TOKENS = 16
+
+
 def weight_only_max_tokens() -> int:
     """Steps of at most this many token rows run fp8 projections weight-only (W8A16: the e4m3
     weight upcast inside the dot, activations unquantized; no activation-quantization kernel,
-    one scale multiply). Read from ``JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS`` at trace time; 0 (the
-    default): always W8A8. Experimental until measured on the GPU
-    (benchmarks/gpu/fp8_small_m.py; docs/DESIGN_NOTES.md "FP8"). Set it before the engine
-    compiles: compiled programs keep the path they were traced with."""
+    one scale multiply). ``JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS`` when set (0: always W8A8), else
+    ``GPU_WEIGHT_ONLY_MAX_TOKENS`` on a GPU and 0 elsewhere (on a CPU there is no speed to win,
+    and the tests compare against W8A8). Read at trace time: set it before the engine compiles;
+    compiled programs keep the path they were traced with."""
     import os
 
-    raw = os.environ.get("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "0")
+    raw = os.environ.get("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS")
+    if raw is None:
+        return GPU_WEIGHT_ONLY_MAX_TOKENS if jax.default_backend() == "gpu" else 0
     try:
         value = int(raw)
     except ValueError:
