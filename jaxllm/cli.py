@@ -43,6 +43,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="schedule step k+1 while step k runs on the device (default on)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="compile the step programs without XLA's command buffers (its CUDA "
+                        "graphs): every kernel launched on its own, as vLLM's --enforce-eager")
     p.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILATION_CACHE_DIR,
                    help="keep compiled step programs here, so a restart with the same model and "
                         "flags skips most of the start-up compile (default: "
@@ -86,7 +89,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 pipeline_parallel_size=args.pipeline_parallel_size,
                 data_parallel_size=args.data_parallel_size,
                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
-                async_scheduling=args.async_scheduling)
+                async_scheduling=args.async_scheduling, enforce_eager=args.enforce_eager)
 
 
 def _generate(args: argparse.Namespace) -> int:

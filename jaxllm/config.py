@@ -155,6 +155,10 @@ class EngineConfig:
     # Who drives the engine, for the batch-size defaults above (vLLM's UsageContext): "llm" (the
     # LLM class, offline batches: the larger token budget), "server" (the OpenAI server).
     usage_context: str = "llm"
+    # vLLM's enforce_eager (no CUDA graphs): compile the step programs without XLA's command
+    # buffers, every kernel launched on its own (jaxllm/engine/model_runner.py,
+    # EAGER_COMPILER_OPTIONS, for what was measured). Nothing changes on a CPU.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

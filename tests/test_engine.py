@@ -562,3 +562,36 @@ def test_batch_limits_default_to_vllms_for_the_device_and_usage(small_llama_fold
     assert (eng.max_num_batched_tokens, eng.max_num_seqs) == (96, 3)
     with pytest.raises(ValueError, match="usage_context must be one of"):
         LLM(str(small_llama_folder), usage_context="batch", **kw)
+
+
+def test_enforce_eager_compiles_the_step_programs_without_command_buffers(small_llama_folder,
+                                                                          monkeypatch):
+    # vLLM's enforce_eager: the forward and the sampler are compiled with XLA's command buffers
+    # (its CUDA graphs) off. Same tokens; the option reaches the compile (a misspelt option name
+    # fails it); `jaxllm serve/generate --enforce-eager` sets it; off by default.
+    import argparse
+
+    from jaxllm.cli import add_engine_args, engine_kwargs
+    from jaxllm.engine import model_runner
+
+    kw = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=16,
+              max_num_batched_tokens=16, max_num_seqs=2, skip_compile_at_start=True)
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    prompt = [{"prompt_token_ids": [11, 12, 13, 14, 15, 16]}]
+    default = LLM(str(small_llama_folder), **kw)
+    eager = LLM(str(small_llama_folder), enforce_eager=True, **kw)
+    assert default.llm_engine.runner._jit_options == {}
+    assert eager.llm_engine.runner._jit_options == {
+        "compiler_options": {"xla_gpu_enable_command_buffer": ""}}
+    want = default.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert eager.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == want
+
+    monkeypatch.setattr(model_runner, "EAGER_COMPILER_OPTIONS", {"xla_gpu_no_such_option": ""})
+    broken = LLM(str(small_llama_folder), enforce_eager=True, **kw)
+    with pytest.raises(Exception, match="xla_gpu_no_such_option"):
+        broken.generate(prompt, params, use_tqdm=False)
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert engine_kwargs(p.parse_args(["--enforce-eager"]))["enforce_eager"] is True
+    assert engine_kwargs(p.parse_args([]))["enforce_eager"] is False

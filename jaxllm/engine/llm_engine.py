@@ -232,7 +232,8 @@ class LLMEngine:
             head_dim=mc.head_dim, num_pages=num_pages, page_size=config.page_size,
             max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
             token_buckets=token_buckets, cache_dtype=self.cache_dtype, vocab_size=mc.vocab_size,
-            max_logprobs=config.max_logprobs, parallel=self.parallel)
+            max_logprobs=config.max_logprobs, parallel=self.parallel,
+            enforce_eager=config.enforce_eager)
         self.page_pool = PagePool(num_pages)
         # Engine-wide extra keys of the page hashes: what else determines the K/V of a page.
         self.prefix_cache = PrefixCache(
@@ -330,11 +331,12 @@ class LLMEngine:
         # of one shard's activations (safe).
         leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
         prev_tokens = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32)
-        fwd = jax.jit(mr._forward, static_argnums=(0, 1)).lower(
+        opts = mr.step_jit_options(cfg.enforce_eager)
+        fwd = jax.jit(mr._forward, static_argnums=(0, 1), **opts).lower(
             graphdef, treedef, leaves, kv, dataclasses.replace(inputs, sampling=None),
             prev_tokens).compile()
         logits = jax.ShapeDtypeStruct((probe.seq_bucket(T), mc.vocab_size), jnp.float32)
-        samp = jax.jit(mr._sample_padded, static_argnums=(0, 3, 4)).lower(
+        samp = jax.jit(mr._sample_padded, static_argnums=(0, 3, 4), **opts).lower(
             self.max_num_seqs, logits, inputs.sampling, cfg.max_logprobs, True).compile()
         return sum(int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0) or 0)
                    for c in (fwd, samp))

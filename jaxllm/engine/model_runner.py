@@ -247,6 +247,21 @@ def zeros_kv_cache(num_layers: int, shape: tuple[int, ...], dtype: Any,
     return [(make(), make()) for _ in range(num_layers)]
 
 
+# enforce_eager (vLLM's name for "no CUDA graphs"): the step programs are compiled without
+# XLA's command buffers (its CUDA graphs; XLA's default records fusions, cuBLAS(Lt), custom
+# calls and cuDNN into them), so every kernel is launched on its own. Measured on the H200
+# (2026-11-30, benchmarks/RESULTS.md "Command buffers") with XLA_FLAGS=
+# --xla_gpu_enable_command_buffer= (the same option, process-wide): batch-1 fp8 decode 4.42 against
+# 5.62 ms/token with them, bf16 4.50 against 4.45-4.65; launches of tiny kernels cost 5.1 us
+# each without them, 1.5 with. Off by default (vLLM's default) until batch-256 steps are measured.
+EAGER_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
+
+
+def step_jit_options(enforce_eager: bool) -> dict:
+    """Keyword arguments for the ``jax.jit`` of a step program (forward, sampler)."""
+    return {"compiler_options": dict(EAGER_COMPILER_OPTIONS)} if enforce_eager else {}
+
+
 def default_token_buckets(max_num_batched_tokens: int, smallest: int = 8,
                           growth: int = 2) -> tuple[int, ...]:
     """smallest * growth**i up to (and always including) max_num_batched_tokens."""
@@ -265,9 +280,10 @@ class ModelRunner:
     def __init__(self, model: nnx.Module, *, num_layers: int, num_kv_heads: int, head_dim: int,
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  token_buckets: TypingSequence[int], cache_dtype: Any, vocab_size: int,
-                 max_logprobs: int, parallel: Any = None):
+                 max_logprobs: int, parallel: Any = None, enforce_eager: bool = False):
         # parallel: a sharding.rules.ModelSharding with one stage (tensor parallelism): the params
         # are already in their shards; the KV cache is split by KV head, attention per shard.
+        self._jit_options = step_jit_options(enforce_eager)
         self._set_step_shape(parallel, parallel.stages[0].mesh if parallel is not None else None,
                              num_pages=num_pages, page_size=page_size,
                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,
@@ -286,7 +302,8 @@ class ModelRunner:
         replicated = (jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
                       if self.mesh is not None else None)
         self._sample = jax.jit(functools.partial(_sample_padded, max_num_seqs),
-                               static_argnums=(2, 3), out_shardings=replicated)
+                               static_argnums=(2, 3), out_shardings=replicated,
+                               **self._jit_options)
         self._replicate = (jax.jit(lambda x: x, out_shardings=replicated) if replicated is not None
                            else (lambda x: x))
         # Two host->device copies of the step's inputs (module docstring). Several processes:
@@ -342,11 +359,11 @@ class ModelRunner:
         self._leaves, self._treedef = jax.tree.flatten(state)
         self._forward = jax.jit(
             _traced_over_heads(self.mesh, functools.partial(_forward, self.graphdef, self._treedef)),
-            donate_argnums=(1,))
+            donate_argnums=(1,), **self._jit_options)
         self._prompt_forward = jax.jit(
             _traced_over_heads(self.mesh, functools.partial(
                 _prompt_logprobs_forward, self.graphdef, self._treedef)),
-            static_argnums=(5,), donate_argnums=(1,))
+            static_argnums=(5,), donate_argnums=(1,), **self._jit_options)
 
     # -- buckets ------------------------------------------------------------------------------
     def token_bucket(self, num_tokens: int) -> int:

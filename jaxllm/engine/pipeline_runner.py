@@ -47,7 +47,7 @@ from flax import nnx
 
 from jaxllm.engine import sampler as sampler_lib
 from jaxllm.engine.model_runner import (ModelRunner, StepInputs, _sample_padded, _traced_over_heads,
-                                        zeros_kv_cache)
+                                        step_jit_options, zeros_kv_cache)
 
 
 def _stage_forward(treedef, graphdefs, inv_freq, first: bool, last: bool, tied: bool,
@@ -92,7 +92,8 @@ class PipelineRunner(ModelRunner):
     def __init__(self, model: nnx.Module, *, num_layers: int, num_kv_heads: int, head_dim: int,
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  token_buckets, cache_dtype: Any, vocab_size: int, max_logprobs: int,
-                 parallel: Any):
+                 parallel: Any, enforce_eager: bool = False):
+        self._jit_options = step_jit_options(enforce_eager)
         self._set_step_shape(parallel, None, num_pages=num_pages, page_size=page_size,
                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                              token_buckets=token_buckets, vocab_size=vocab_size,
@@ -125,9 +126,10 @@ class PipelineRunner(ModelRunner):
             self._stage_leaves.append(leaves)
             fn = functools.partial(_stage_forward, treedef, gds, tuple(model.inv_freq), first,
                                    last, tied)
-            self._fwd.append(jax.jit(_traced_over_heads(st.mesh, fn), donate_argnums=(1,)))
+            self._fwd.append(jax.jit(_traced_over_heads(st.mesh, fn), donate_argnums=(1,),
+                                     **self._jit_options))
         self._sample = jax.jit(functools.partial(_sample_padded, max_num_seqs),
-                               static_argnums=(2, 3))
+                               static_argnums=(2, 3), **self._jit_options)
         self._assemble = jax.jit(_assemble, static_argnums=(1,))
         self._prev_parts = None  # last step's per-micro-batch (row start, stop, tokens)
         self.num_prev_from_one_micro_batch = 0  # micro-batches that waited for one, not all
