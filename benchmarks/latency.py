@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import SHAPES, _prompts, hf_random_model, random_model  # noqa: E402
+from offline_throughput import (SHAPES, _prompts, hf_random_model, log_engine_startup,  # noqa: E402
+                                random_model)
 
 CONTEXTS = [128, 512, 1024, 2048, 4096, 8192]
 PREFILLS = [512, 1024, 2048, 4096, 8192]
@@ -197,6 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--bandwidth-gbs", type=float, default=None,
                    help="roofline bandwidth for --plot (default: the one the run measured)")
     args = p.parse_args(argv)
+    log_engine_startup()
     if args.plot:
         plot(args.plot, args.png, args.bandwidth_gbs)
         return 0

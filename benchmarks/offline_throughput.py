@@ -38,6 +38,15 @@ SHAPES = {
 }
 
 
+def log_engine_startup() -> None:
+    """Prints the engine's start-up log lines (pool sizing, compile time, KV pages) to stderr:
+    what start-up time goes to."""
+    import logging
+
+    logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("jaxllm").setLevel(logging.INFO)
+
+
 def random_model(shape: str, attention: str, *, tokenizer=None, vocab_size: int | None = None,
                  fused: bool = True, quantization: str | None = None):
     """A LoadedModel-like namespace with random bf16 weights in SHAPES[shape] (no files): what

@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import SHAPES, engine_generate, hf_random_model, random_model  # noqa: E402
+from offline_throughput import (SHAPES, engine_generate, hf_random_model,  # noqa: E402
+                                log_engine_startup, random_model)
 
 
 def workload(name: str, n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -174,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, nargs="+", default=None)
     p.add_argument("--png", type=Path, default=Path("throughput.png"))
     args = p.parse_args(argv)
+    log_engine_startup()
     if args.plot:
         plot(args.plot, args.png)
         return 0

@@ -296,7 +296,10 @@ class LLMEngine:
             return int(n) + 1
         # Peak activation memory: XLA's own figure for the largest step (reference attention
         # gathers each token's context, so it is not small), plus 5% headroom.
+        t0 = time.perf_counter()
         activation = int(self._largest_step_temp_bytes() * 1.05)
+        logger.info("sized the KV pool in %.1f s (largest step's temp memory %.2f GiB)",
+                    time.perf_counter() - t0, activation / 2**30)
         free = stats["bytes_limit"] * cfg.gpu_memory_utilization - stats["bytes_in_use"] - activation
         n = int(free // page_bytes)
         if n < pages_per_seq:
