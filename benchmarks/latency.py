@@ -75,7 +75,7 @@ def run_jaxllm(args) -> list[dict]:
                        token_buckets=tuple(sorted({8, *args.prefill})),
                        enable_prefix_caching=False, async_scheduling=not args.sync,
                        fuse_projections=not args.no_fuse, quantization=args.quantization,
-                       kv_cache_dtype=args.kv_cache_dtype)
+                       kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg, loaded=loaded)
     startup_s = time.perf_counter() - t0
@@ -93,7 +93,8 @@ def run_jaxllm(args) -> list[dict]:
     common = dict(engine="jaxllm" + (" (sync steps)" if args.sync else "")
                   + (" (separate projections)" if args.no_fuse else "")
                   + (f" {args.quantization}" if args.quantization else "")
-                  + (" fp8-kv" if args.kv_cache_dtype == "fp8" else ""), shape=args.shape,
+                  + (" fp8-kv" if args.kv_cache_dtype == "fp8" else "")
+                  + (" (enforce_eager)" if args.enforce_eager else ""), shape=args.shape,
                   fp8_weight_only_max_tokens=weight_only_max_tokens(),
                   device=device, copy_bandwidth_gbs=bw, weight_bytes=weight_bytes,
                   roofline_ms=weight_bytes / (bw * 1e9) * 1e3, startup_s=startup_s)
@@ -191,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="jaxllm with fp8 projections, quantized at load")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="jaxllm without XLA command buffers (EngineConfig.enforce_eager)")
     p.add_argument("--hf-cache", default="static", choices=["static", "dynamic"])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, nargs="+", default=None, help="JSON lines to plot")

@@ -50,6 +50,24 @@ def _gpu_events(trace_path: Path) -> tuple[list[tuple[str, float, float]], set[s
     return out, set(threads.values())
 
 
+def _host_top(trace_path: Path, num_steps: int, top: int) -> list[tuple[str, float, float]]:
+    """(name, ms per step, calls per step) of the host-side trace events (every process that is
+    not a GPU), the longest first: where the host's part of a step goes (XLA's executable
+    launch, command-buffer updates, Python). Nested events each count their whole span."""
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
+    total, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") not in gpu_pids:
+            name = re.sub(r"\d+", "#", str(e.get("name", "")))[:100]
+            total[name] += float(e.get("dur", 0.0))
+            calls[name] += 1
+    return [(k, v / num_steps / 1e3, calls[k] / num_steps) for k, v in total.most_common(top)]
+
+
 def _union_us(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, float("-inf")
     for s, e in sorted(intervals):
@@ -93,6 +111,12 @@ def main(argv=None) -> int:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--no-fuse", action="store_true",
                    help="separate q/k/v and gate/up GEMMs (the layout before fused projections)")
+    p.add_argument("--keep-trace", type=Path, default=None,
+                   help="copy each batch's Perfetto trace to KEEP_TRACE_b<batch>.json.gz")
+    p.add_argument("--host-top", type=int, default=0,
+                   help="also print the N longest host-side trace events per step")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="step programs without XLA command buffers (EngineConfig.enforce_eager)")
     args = p.parse_args(argv)
 
     import jax
@@ -110,7 +134,8 @@ def main(argv=None) -> int:
     cfg = EngineConfig(dtype="bfloat16", max_model_len=args.context + 8 * args.steps + 64,
                        max_num_seqs=max_b, max_num_batched_tokens=max(2048, max_b),
                        enable_prefix_caching=False, quantization=args.quantization,
-                       kv_cache_dtype=args.kv_cache_dtype, fuse_projections=not args.no_fuse)
+                       kv_cache_dtype=args.kv_cache_dtype, fuse_projections=not args.no_fuse,
+                       enforce_eager=args.enforce_eager)
     engine = LLMEngine(cfg, loaded=loaded)
     engine.runner.decode_only_steps = not args.no_decode_only
     engine.runner.pack_inputs = engine.runner.pack_inputs and not args.no_pack
@@ -148,10 +173,17 @@ def main(argv=None) -> int:
         wall_profiled = statistics.median(e - s for s, e in windows) * 1e3
         trace = next(log_dir.rglob("perfetto_trace.json.gz"))
         summ = summarize(trace, args.steps, args.top)
+        if args.keep_trace is not None:
+            import shutil
+
+            shutil.copy(trace, f"{args.keep_trace}_b{batch}.json.gz")
+        if args.host_top:
+            summ["host_top"] = _host_top(trace, args.steps, args.host_top)
         for rid in ids:
             engine.abort_request(rid)
         row = dict(shape=args.shape, device=jax.devices()[0].device_kind, batch=batch,
                    context=args.context, decode_only=engine.runner.decode_only_steps,
+                   enforce_eager=args.enforce_eager,
                    packed_inputs=engine.runner.pack_inputs, fused=not args.no_fuse,
                    fp8_weight_only_max_tokens=weight_only_max_tokens(),
                    quantization=args.quantization,
@@ -164,6 +196,8 @@ def main(argv=None) -> int:
               f"{summ['kernels_per_step']:.0f} GPU ops/step")
         for name, ms in summ["top"]:
             print(f"    {ms:8.3f} ms  {name[:110]}")
+        for name, ms, n in summ.get("host_top", []):
+            print(f"    host {ms:8.3f} ms {n:7.1f}x  {name[:100]}")
     if args.out:
         with args.out.open("a") as f:
             for r in rows:

@@ -8,6 +8,8 @@
 #                                          GPU0, fp8 on GPU1)
 #   bash benchmarks/gpu/issues.sh measure  throughput bf16 / fp8 at the defaults, fp8 batch-1
 #                                          latency W8A8 vs weight-only, the decode profile
+#   bash benchmarks/gpu/issues.sh eager    enforce_eager at batch 1/64/256, fp8 host-side trace
+#   bash benchmarks/gpu/issues.sh fp8tp    fp8 throughput at the defaults (run twice: warm cache)
 #   bash benchmarks/gpu/issues.sh throughput  offline throughput at vLLM's H200 batch defaults
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
@@ -116,6 +118,28 @@ launch)  # nvidia-h200-x2, one call: GPU0 fp8 throughput (W8A8, then fp8 KV), GP
   grep launch_cost -A0 $OUT/results.jsonl; grep us_per_kernel $OUT/results.jsonl
   for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -4; done
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+eager)  # nvidia-h200-x2, one call: what enforce_eager (no command buffers) costs or gains
+  # beyond batch 1, and where the fp8 step's host time goes. GPU0: bf16 profiles at batch 1 / 64
+  # / 256 with and without command buffers (wall outside the profiler); GPU1: fp8 batch-1
+  # profiles with both, host-side trace events printed and the traces kept.
+  L=$OUT/logs; mkdir -p $L
+  P="python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 8 --host-top 12 --out $OUT/results.jsonl"
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout $T bash -c "
+   $P --batch 1 64 256 --out-dir /tmp/pa > $L/prof_bf16.log 2>&1
+   $P --batch 1 64 256 --out-dir /tmp/pb --enforce-eager > $L/prof_bf16_eager.log 2>&1") &
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout $T bash -c "
+   $P --batch 1 --quantization fp8 --out-dir /tmp/pc --keep-trace $L/fp8_cb > $L/prof_fp8.log 2>&1
+   $P --batch 1 --quantization fp8 --out-dir /tmp/pd --enforce-eager --keep-trace $L/fp8_eager > $L/prof_fp8_eager.log 2>&1") &
+  wait
+  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep "^batch\|host" | head -40; done
+  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+fp8tp)  # nvidia-h200, two calls back to back (the machine stays warm 30 s, and /tmp/jaxcache
+  # with it): fp8 offline throughput at the default batch limits. The first call's compiles are
+  # cached as each finishes even if the lane times out; the second starts warm.
+  timeout ${T} python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 \
+    --quantization fp8 --out $OUT/results.jsonl 2>&1 | quiet | tail -12 ;;
 throughput)  # nvidia-h200, one call: 1,000 x 512/128 at vLLM's H100/H200 batch defaults (1024
   # sequences, 16384 tokens a step) against the 256 / 2048 of the 2026-11-30 table
   timeout 560 python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 2 \
