@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any, Callable
 
 from server.app import DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_MAX_REQUEST_BYTES
@@ -133,8 +134,11 @@ def run_ray_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
 
 
 async def serve(engine: Any, *, host: str, port: int, shutdown_timeout: float = 30.0,
-                stop: asyncio.Event | None = None, **app_kwargs: Any) -> None:
-    """Serves until ``stop`` is set (or SIGTERM/SIGINT), then shuts down gracefully."""
+                stop: asyncio.Event | None = None, started_at: float | None = None,
+                **app_kwargs: Any) -> None:
+    """Serves until ``stop`` is set (or SIGTERM/SIGINT), then shuts down gracefully.
+    ``started_at`` (a ``time.perf_counter()`` value from before the engine was built): the
+    start-up time (load + compile of every bucket) is logged when the server accepts requests."""
     from aiohttp import web
 
     from server.app import SERVER_KEY, build_app
@@ -147,6 +151,9 @@ async def serve(engine: Any, *, host: str, port: int, shutdown_timeout: float = 
     await site.start()
     logger.info("serving %s on http://%s:%d (OpenAI API under /v1)",
                 ", ".join(app[SERVER_KEY].names), host, port)
+    if started_at is not None:
+        logger.info("ready %.1f s after start (model load + compile of every step bucket)",
+                    time.perf_counter() - started_at)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -162,6 +169,7 @@ async def serve(engine: Any, *, host: str, port: int, shutdown_timeout: float = 
 
 
 def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    started_at = time.perf_counter()
     engine_kwargs = {**engine_kwargs, "usage_context": "server"}  # vLLM's server batch defaults
     if args.ray:
         return run_ray_serve(args, engine_kwargs)
@@ -179,7 +187,8 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
     engine = AsyncEngine(model=args.model, **engine_kwargs)
     try:
         asyncio.run(serve(engine, host=args.host, port=args.port,
-                          shutdown_timeout=args.shutdown_timeout, api_key=args.api_key,
+                          shutdown_timeout=args.shutdown_timeout, started_at=started_at,
+                          api_key=args.api_key,
                           served_model_name=args.served_model_name,
                           max_request_bytes=args.max_request_bytes,
                           max_concurrent_requests=args.max_concurrent_requests,

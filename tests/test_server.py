@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 
@@ -537,7 +538,7 @@ def test_fuzzed_requests_never_get_a_5xx(servers, engine):
     assert engine.is_running
 
 
-def test_serve_stops_gracefully_when_asked(engine):
+def test_serve_stops_gracefully_when_asked(engine, caplog):
     import socket
 
     from server.cli import serve
@@ -549,7 +550,8 @@ def test_serve_stops_gracefully_when_asked(engine):
     async def go():
         stop = asyncio.Event()
         task = asyncio.create_task(serve(engine, host="127.0.0.1", port=port, stop=stop,
-                                         shutdown_timeout=2.0, served_model_name=MODEL))
+                                         shutdown_timeout=2.0, served_model_name=MODEL,
+                                         started_at=time.perf_counter() - 42.0))
         for _ in range(100):
             try:
                 async with aiohttp.ClientSession() as s:
@@ -561,8 +563,11 @@ def test_serve_stops_gracefully_when_asked(engine):
         stop.set()
         await asyncio.wait_for(task, 10)
 
-    asyncio.run(go())
+    with caplog.at_level("INFO", logger="jaxllm.server"):
+        asyncio.run(go())
     assert engine.is_running  # the engine is the caller's to stop
+    # the start-up time is logged once the server accepts requests (issue 9)
+    assert re.search(r"ready 4\d\.\d s after start", caplog.text), caplog.text
 
 
 def test_serve_parser_reads_flags_and_the_api_key_from_the_environment(monkeypatch):
