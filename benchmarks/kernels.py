@@ -15,6 +15,10 @@ copies when one copy would sit in the 50 MB L2):
            one call at the engine's padded shapes (256 slots, 8k-token page table).
   gemm     M {1,16,64,256,1024,4096} x (K,N) {(4096,6144),(4096,4096),(4096,28672),(14336,4096)}:
            bf16 XLA dot, XLA fp8 dot (cuBLASLt), Pallas fp8 (block sweep); TFLOP/s and GB/s.
+  backends (not in the default set) the Pallas lowerings side by side (issue 5): causal
+           prefill 1x4096 / 1x8192 with ours (Triton, paged), JAX's Triton flash attention, JAX's
+           Mosaic GPU attention (wgmma/TMA) and cuDNN; bf16 GEMMs M {256,1024,4096} with XLA's
+           dot against JAX's Mosaic GPU Hopper matmul.
 A kernel that fails to compile or run prints its error and the script goes on. Every result is
 one JSON line in --out; the best config per shape is printed last. The first Pallas config of
 each decode / prefill shape is the kernel's own table entry (config has "table": true).
@@ -184,7 +188,9 @@ def run_case(section, shape, impl, config, fn, arg_sets, *, ref=None, bytes_=Non
             rec["gbps"] = bytes_ / t / 1e9
             rec["pct_bw"] = 100 * bytes_ / t / PEAK_BW
         # Not the jnp reference: never a contender, and 8 unrolled copies compile slowly.
-        if LOOP_REPS > 1 and (SMOKE or t < 1e-3) and section != "gemm" and impl != "reference_xla":
+        # Not GEMMs either: first_rows' slice of an XLA dot's output is pushed into the dot.
+        if (LOOP_REPS > 1 and (SMOKE or t < 1e-3) and section not in ("gemm", "backends")
+                and impl != "reference_xla"):
             try:
                 tl = bench_loop(fn, arg_sets, LOOP_REPS)
                 rec["time_us_loop"] = tl * 1e6
@@ -670,12 +676,100 @@ def print_table(paths):
                 print(f"# not tabled ({why}): {sec} {shape} {c} {t:.1f} us")
 
 
+BACKEND_PREFILL = [4096, 8192]  # one causal prompt of this length
+BACKEND_GEMM = [(M, K, N) for M in (256, 1024, 4096) for K, N in ((4096, 14336), (14336, 4096))]
+MGPU_GEMM_CONFIGS = [dict(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4),
+                     dict(tile_m=128, tile_n=256, tile_k=64, max_concurrent_steps=4),
+                     dict(tile_m=64, tile_n=128, tile_k=64, max_concurrent_steps=4)]
+
+
+def bench_backends(rng):
+    """Issue 5: the Pallas GPU backends side by side on the same shapes. Our kernels use the
+    Triton lowering; JAX ships Hopper kernels written for Mosaic GPU (wgmma, TMA, warp
+    specialization): a dense causal attention (`ops.gpu.attention_mgpu`) and a bf16 GEMM
+    (`ops.gpu.hopper_matmul_mgpu`). No Mosaic GPU paged/ragged attention exists to compare with
+    our decode path, so the prefill shape (compute-bound) is where the lowering can show: ours
+    (paged, Triton), JAX's Triton flash attention (`ops.gpu.attention.mha`, contiguous K/V with
+    the KV heads repeated: it has no GQA), the Mosaic GPU one (contiguous, GQA) and cuDNN. The
+    GEMMs: XLA's bf16 dot (cuBLAS / its own Triton) against the Mosaic GPU kernel."""
+    print("== backends: Triton lowering vs Mosaic GPU ==", flush=True)
+    for L in ([64] if SMOKE else BACKEND_PREFILL):
+        shape = dict(batch=1, q_len=L)
+        q, kp, vp, metas = make_batch(rng, [L], [L])
+        flops = causal_flops([L], [L])
+        ref = REF(q, kp, vp, metas[0])
+        table = dict(prefill_block_config(L, H, KH), num_warps=4, num_stages=2)
+        run_case("backends", shape, "ours_triton_paged", table, ours_fn(decode=False, **table),
+                 [(q, kp, vp, metas[0])], ref=ref, flops=flops, peak_flops=PEAK_BF16, tol=2e-2)
+        qc = q.reshape(1, L, H, D)
+        kc = kp[metas[0][1]].reshape(1, -1, KH, D)[:, :L]
+        vc = vp[metas[0][1]].reshape(1, -1, KH, D)[:, :L]
+        try:
+            from jax.experimental.pallas.ops.gpu import attention as triton_attention
+
+            rep = H // KH
+            f = jax.jit(lambda q_, k_, v_: triton_attention.mha(
+                q_, jnp.repeat(k_, rep, axis=2), jnp.repeat(v_, rep, axis=2), None, sm_scale=SM,
+                causal=True, interpret=SMOKE).reshape(L, H, D))
+            run_case("backends", shape, "jax_triton_mha_contiguous", "", f, [(qc, kc, vc)],
+                     ref=ref, flops=flops, peak_flops=PEAK_BF16, tol=2e-2)
+        except Exception as e:  # noqa: BLE001
+            print(f"  triton mha {shape}: {short(e)}")
+        if not SMOKE:
+            try:
+                from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+                for bkv in (128, 64):
+                    cfg = attention_mgpu.TuningConfig(block_q=64, block_kv=bkv,
+                                                      max_concurrent_steps=2, causal=True)
+                    f = jax.jit(lambda q_, k_, v_, cfg=cfg: attention_mgpu.attention(
+                        q_ * SM, k_, v_, cfg).reshape(L, H, D))
+                    run_case("backends", shape, "jax_mosaic_gpu_attention_contiguous",
+                             dict(block_q=64, block_kv=bkv), f, [(qc, kc, vc)], ref=ref,
+                             flops=flops, peak_flops=PEAK_BF16, tol=2e-2)
+            except Exception as e:  # noqa: BLE001
+                print(f"  mosaic gpu attention {shape}: {short(e)}")
+        try:
+            f = jax.jit(lambda q_, k_, v_: jax.nn.dot_product_attention(
+                q_, k_, v_, scale=SM, is_causal=True, implementation="cudnn").reshape(L, H, D))
+            run_case("backends", shape, "cudnn_contiguous", "", f, [(qc, kc, vc)], ref=ref,
+                     flops=flops, peak_flops=PEAK_BF16, tol=2e-2)
+        except Exception as e:  # noqa: BLE001
+            print(f"  cudnn {shape}: {short(e)}")
+        del q, kp, vp, metas, ref, qc, kc, vc
+    if SMOKE:
+        return
+    bf16 = jax.jit(lambda x, w: jnp.dot(x, w))
+    for M, K, N in BACKEND_GEMM:
+        shape = dict(M=M, K=K, N=N)
+        x = jax.random.normal(jax.random.key(M), (M, K), jnp.bfloat16)
+        w = jax.random.normal(jax.random.key(K + N), (K, N), jnp.bfloat16) * 0.02
+        ref = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+        flops = 2 * M * K * N
+        run_case("backends", shape, "xla_bf16", "", bf16, [(x, w)], ref=ref, flops=flops,
+                 peak_flops=PEAK_BF16, tol=1e-2)
+        try:
+            from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mm
+
+            for cfg in MGPU_GEMM_CONFIGS:
+                if cfg["tile_m"] > M:
+                    continue
+                tc = mm.TuningConfig(**cfg)
+                f = jax.jit(lambda x_, w_, tc=tc: mm.matmul(x_, w_, None, tc))
+                run_case("backends", shape, "jax_mosaic_gpu_matmul", cfg, f, [(x, w)], ref=ref,
+                         flops=flops, peak_flops=PEAK_BF16, tol=1e-2)
+        except Exception as e:  # noqa: BLE001
+            print(f"  mosaic gpu matmul {shape}: {short(e)}")
+        del x, w, ref
+
+
 def main():
     global OUT, LOOP_REPS, PEAK_BW
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
     ap.add_argument("--sections", "--only", dest="sections", default="decode,gemm,prefill,mixed",
-                    help="comma-separated: decode,gemm,prefill,mixed")
+                    help="comma-separated: decode,gemm,prefill,mixed,backends (backends: the "
+                         "Triton vs Mosaic GPU comparison, not in the default set)")
     ap.add_argument("--budget", type=float, default=300.0,
                     help="seconds after which sweeps keep only their first config")
     ap.add_argument("--loop-reps", type=int, default=8,
@@ -700,9 +794,10 @@ def main():
     PEAK_BW = args.peak_bw or (4.3e12 if "H200" in kind else PEAK_BW)
     print(f"jax {jax.__version__} on {kind}; pct_bw of {PEAK_BW / 1e12:.1f} TB/s", flush=True)
     only = args.sections.split(",")
-    unknown = set(only) - {"decode", "gemm", "prefill", "mixed"}
+    unknown = set(only) - {"decode", "gemm", "prefill", "mixed", "backends"}
     if unknown:
-        ap.error(f"unknown --sections {sorted(unknown)}; choose from decode,gemm,prefill,mixed")
+        ap.error(f"unknown --sections {sorted(unknown)}; "
+                 "choose from decode,gemm,prefill,mixed,backends")
     rng = np.random.default_rng(0)
     # Decode and GEMM first: they carry the targets. Each chosen section gets its share of the
     # budget (decode 35, gemm 35, prefill 20, mixed 10: no budget, a fixed set of cases), as a
@@ -725,6 +820,8 @@ def main():
             bench_mixed(rng)
         except Exception as e:  # noqa: BLE001
             print(f"  mixed: {short(e)}")
+    if "backends" in only:
+        bench_backends(rng)
     summarize()
 
 

@@ -8,7 +8,8 @@
 #                                          GPU0, fp8 on GPU1)
 #   bash benchmarks/gpu/issues.sh measure  throughput bf16 / fp8 at the defaults, fp8 batch-1
 #                                          latency W8A8 vs weight-only, the decode profile
-#   bash benchmarks/gpu/issues.sh eager    enforce_eager at batch 1/64/256, fp8 host-side trace
+#   bash benchmarks/gpu/issues.sh eager    enforce_eager at batch 1/64/256, fp8 host-side trace,
+#                                          Triton vs Mosaic GPU (kernels.py --sections backends)
 #   bash benchmarks/gpu/issues.sh fp8tp    fp8 throughput at the defaults (run twice: warm cache)
 #   bash benchmarks/gpu/issues.sh throughput  offline throughput at vLLM's H200 batch defaults
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -130,10 +131,11 @@ eager)  # nvidia-h200-x2, one call: what enforce_eager (no command buffers) cost
    $P --batch 1 64 256 --out-dir /tmp/pb --enforce-eager > $L/prof_bf16_eager.log 2>&1") &
   (export CUDA_VISIBLE_DEVICES=1
    timeout $T bash -c "
+   python3 benchmarks/kernels.py --sections backends --out $OUT/results.jsonl > $L/backends.log 2>&1
    $P --batch 1 --quantization fp8 --out-dir /tmp/pc --keep-trace $L/fp8_cb > $L/prof_fp8.log 2>&1
    $P --batch 1 --quantization fp8 --out-dir /tmp/pd --enforce-eager --keep-trace $L/fp8_eager > $L/prof_fp8_eager.log 2>&1") &
   wait
-  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep "^batch\|host" | head -40; done
+  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep "^batch\|host\|^backends" | head -40; done
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 fp8tp)  # nvidia-h200, two calls back to back (the machine stays warm 30 s, and /tmp/jaxcache
   # with it): fp8 offline throughput at the default batch limits. The first call's compiles are
