@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu/issues.sh eager    enforce_eager at batch 1/64/256, fp8 host-side trace,
 #                                          Triton vs Mosaic GPU (kernels.py --sections backends)
 #   bash benchmarks/gpu/issues.sh fp8tp    fp8 throughput at the defaults (run twice: warm cache)
+#   bash benchmarks/gpu/issues.sh allreduce  all-reduce latency under XLA/NCCL variants, tp2 b1
 #   bash benchmarks/gpu/issues.sh throughput  offline throughput at vLLM's H200 batch defaults
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
@@ -137,6 +138,22 @@ eager)  # nvidia-h200-x2, one call: what enforce_eager (no command buffers) cost
   wait
   for f in $L/*.log; do echo "=== $f"; quiet < $f | grep "^batch\|host\|^backends" | head -40; done
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+allreduce)  # nvidia-h200-x2, one call (issue 8: tp2 batch-1 latency is bound by 65 small
+  # all-reduces a step, 66-150 us each in XLA). The all-reduce chain alone under XLA / NCCL
+  # variants (collectives recorded into command buffers; NCCL's low-latency protocol), then tp2
+  # decode with the default and with collectives in command buffers.
+  CB=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES
+  OS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel
+  for v in "" "--xla_gpu_enable_command_buffer=$CB" "$OS=false" "$OS=false --xla_gpu_enable_command_buffer=$CB"; do
+    for proto in "" LL; do
+      NCCL_PROTO=$proto XLA_FLAGS="$v" timeout 60 python3 benchmarks/parallel.py --allreduce-only 2 2>&1 \
+        | grep '^{' | sed "s/^{/{\"nccl_proto\": \"$proto\", /" | tee -a $OUT/results.jsonl
+    done
+  done
+  for v in "" "--xla_gpu_enable_command_buffer=$CB"; do
+    XLA_FLAGS="$v" timeout 200 python3 benchmarks/parallel.py --configs tp2 --num-prompts 64 \
+      --repeats 2 --out $OUT/results.jsonl 2>&1 | quiet | tail -3
+  done ;;
 fp8tp)  # nvidia-h200, two calls back to back (the machine stays warm 30 s, and /tmp/jaxcache
   # with it): fp8 offline throughput at the default batch limits. The first call's compiles are
   # cached as each finishes even if the lane times out; the second starts warm.
