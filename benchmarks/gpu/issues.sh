@@ -146,7 +146,7 @@ allreduce)  # nvidia-h200-x2, one call (issue 8: tp2 batch-1 latency is bound by
   OS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel
   for v in "" "--xla_gpu_enable_command_buffer=$CB" "$OS=false" "$OS=false --xla_gpu_enable_command_buffer=$CB"; do
     for proto in "" LL; do
-      NCCL_PROTO=$proto XLA_FLAGS="$v" timeout 60 python3 benchmarks/parallel.py --allreduce-only 2 2>&1 \
+      env ${proto:+NCCL_PROTO=$proto} XLA_FLAGS="$v" timeout 60 python3 benchmarks/parallel.py --allreduce-only 2 2>&1 \
         | grep '^{' | sed "s/^{/{\"nccl_proto\": \"$proto\", /" | tee -a $OUT/results.jsonl
     done
   done
