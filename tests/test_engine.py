@@ -231,6 +231,11 @@ def test_startup_compiles_each_program_once(small_llama_folder):
     # compile there, never a forward or sampler again.
     assert len(compiles) - marks["after"] < len(runner.token_buckets)
     assert runner._forward._cache_size() == len(runner.step_variants())
+    # each program's compile time is kept (and the slowest logged): where a cold start goes
+    assert len(runner.compile_seconds) == programs
+    assert sum(n.startswith("forward") for n in runner.compile_seconds) == len(
+        runner.step_variants())
+    assert all(s > 0 for s in runner.compile_seconds.values())
 
 
 def _spy_launches(runner, record):

@@ -421,22 +421,38 @@ class ModelRunner:
 
         if self.mesh is not None or not hasattr(getattr(self, "_forward", None), "lower"):
             return  # sharded / pipelined runners compile as they go (their programs differ)
-        lowered, sampled = [], set()
+        lowered, names, sampled = [], [], set()
         for T, decode_only in self.step_variants():
             fwd_in, samp_in = self._device_inputs(
                 self.prepare([], [], T=T, decode_only=decode_only))
             fwd = self._forward.lower(self._leaves, self.kv_caches, fwd_in, self._prev_tokens)
             lowered.append(fwd)
-            if T in sampled:  # the decode-only forward shares its bucket's sampler programs
+            names.append(f"forward T={T}" + (" decode-only" if decode_only else ""))
+            # The sampler's programs depend on the sequence bucket alone: the decode-only
+            # forward and every token bucket of one sequence bucket share them (compiling them
+            # per token bucket compiled the same programs again: 16 of them at the H200's
+            # defaults, where the buckets 1024..16384 all have 1024 sequences).
+            if self.seq_bucket(T) in sampled:
                 continue
-            sampled.add(T)
+            sampled.add(self.seq_bucket(T))
             logits = jax.ShapeDtypeStruct(*(lambda o: (o.shape, o.dtype))(fwd.out_info[1]))
             for nl, sort in self.sampler_variants():
                 lowered.append(self._sample.lower(logits, samp_in, nl, sort))
+                names.append(f"sampler T={T} logprobs={nl} sort={sort}")
+
+        def timed(lo):
+            t = time.perf_counter()
+            lo.compile()
+            return time.perf_counter() - t
+
         workers = max(1, min(len(lowered), os.cpu_count() or 1))
         with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-            for f in [pool.submit(lo.compile) for lo in lowered]:
-                f.result()
+            secs = [f.result() for f in [pool.submit(timed, lo) for lo in lowered]]
+        # Where a cold start goes (the compiles overlap: the slowest bounds the wall time).
+        self.compile_seconds = dict(zip(names, secs))
+        slowest = sorted(self.compile_seconds.items(), key=lambda kv: -kv[1])[:4]
+        logger.info("slowest start-up compiles (in parallel on %d threads): %s", workers,
+                    ", ".join(f"{n} {s:.1f} s" for n, s in slowest))
 
     def _device_inputs(self, inputs: StepInputs) -> tuple[Any, Any]:
         """(forward inputs, sampler inputs) as the jitted calls take them: with ``pack_inputs``
