@@ -7,6 +7,8 @@ the default model itself is exercised at the end.
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -493,6 +495,95 @@ def _full_forward_logprobs(engine, ids):
                            num_seqs=np.array([1], np.int32))
     hidden, _ = model(jnp.asarray(ids, jnp.int32), jnp.asarray(pos), kv, md)
     return np.asarray(jax.nn.log_softmax(model.compute_logits(hidden), axis=-1))
+
+
+def _step_outputs(engine, prompts, params, kind: RequestOutputKind, tag: str):
+    """Runs the requests to the end through LLMEngine.step; per step, (output, a deep copy taken
+    when step() returned it)."""
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(f"{tag}-{kind.name}-{i}", prompt,
+                           dataclasses.replace(p, output_kind=kind))
+    steps = []
+    while engine.has_unfinished_requests():
+        steps.append([(o, copy.deepcopy(o)) for o in engine.step()])
+    return steps
+
+
+def _kinds_workload(engine):
+    vocab = engine.model_config.vocab_size
+    prompts = _random_prompts(10, vocab, seed=21, hi=60)
+    kinds = [
+        SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True, logprobs=2),
+        SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=3, ignore_eos=True, logprobs=1),
+        SamplingParams(temperature=1.0, max_tokens=9, seed=4, min_tokens=2,
+                       stop_token_ids=list(range(0, vocab, 4))),
+        SamplingParams(temperature=0.8, max_tokens=5, seed=5, ignore_eos=True),
+    ]
+    return prompts, [kinds[i % len(kinds)] for i in range(len(prompts))]
+
+
+def _by_request(steps):
+    per: dict[str, list] = {}
+    for outs in steps:
+        for o, _ in outs:
+            per.setdefault(o.request_id.split("-")[-1], []).append(o)
+    return per
+
+
+def _final(o):
+    return [(c.index, c.token_ids, c.text, c.logprobs, c.cumulative_logprob, c.finish_reason,
+             c.stop_reason) for c in o.outputs]
+
+
+def test_output_kinds_agree_and_outputs_held_by_the_user_never_change(small_llm):
+    # n = 1 requests get their output in the row loop of LLMEngine._read_inflight, n > 1 ones
+    # after it; both must hand out lists that later steps leave alone (vLLM's own CUMULATIVE
+    # hands out its live lists), DELTA pieces must add up to the CUMULATIVE end, and FINAL_ONLY
+    # gives exactly one output per request, the whole of it.
+    engine = small_llm.llm_engine
+    prompts, params = _kinds_workload(engine)
+    cum = _step_outputs(engine, prompts, params, RequestOutputKind.CUMULATIVE, "kinds")
+    delta = _step_outputs(engine, prompts, params, RequestOutputKind.DELTA, "kinds")
+    final = _step_outputs(engine, prompts, params, RequestOutputKind.FINAL_ONLY, "kinds")
+    assert _pool_is_full(small_llm)
+    for steps in (cum, delta, final):
+        for outs in steps:
+            for o, snapshot in outs:
+                assert o == snapshot  # nothing the user holds changed after step() returned it
+            ids = [o.request_id for o, _ in outs]
+            assert len(ids) == len(set(ids))  # one output per request per step
+    cum_by, delta_by, final_by = _by_request(cum), _by_request(delta), _by_request(final)
+    assert sorted(cum_by) == sorted(delta_by) == sorted(final_by) == [str(i) for i in range(10)]
+    for rid, outs in cum_by.items():
+        p = params[int(rid)]
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+        last = outs[-1]
+        assert len(last.outputs) == p.n
+        for prev, cur in zip(outs, outs[1:]):  # each output extends the one before
+            for a, b in zip(prev.outputs, cur.outputs):
+                assert b.token_ids[:len(a.token_ids)] == a.token_ids
+                assert b.text.startswith(a.text)
+                if a.logprobs is not None:
+                    assert b.logprobs[:len(a.logprobs)] == a.logprobs
+        for c in last.outputs:
+            assert c.finish_reason in ("stop", "length")
+            assert c.logprobs is None or len(c.logprobs) == len(c.token_ids)
+        # FINAL_ONLY: one output, equal to CUMULATIVE's last.
+        assert len(final_by[rid]) == 1 and final_by[rid][0].finished
+        assert _final(final_by[rid][0]) == _final(last)
+        # DELTA: the pieces concatenate to CUMULATIVE's last.
+        douts = delta_by[rid]
+        assert [o.finished for o in douts] == [False] * (len(douts) - 1) + [True]
+        for j, c in enumerate(last.outputs):
+            pieces = [o.outputs[j] for o in douts]
+            assert [t for d in pieces for t in d.token_ids] == c.token_ids
+            assert "".join(d.text for d in pieces) == c.text
+            if c.logprobs is not None:
+                assert [x for d in pieces for x in d.logprobs] == c.logprobs
+            assert pieces[-1].finish_reason == c.finish_reason
+    # The stop-token requests ended in different steps (the workload covers early finishes).
+    stops = [cum_by[str(i)][-1].outputs[0].finish_reason for i in range(2, 10, 4)]
+    assert "stop" in stops or len({len(cum_by[str(i)]) for i in range(10)}) > 1
 
 
 def test_async_engine_streams_deltas_and_aborts(small_llama_folder):

@@ -107,6 +107,12 @@ class ProcessResult(NamedTuple):
     status: SequenceStatus | None  # FINISHED_STOPPED / FINISHED_LENGTH when finished
 
 
+# process() returns this one object while a sequence runs: a NamedTuple's __new__ is a Python
+# function, and process() runs per sequence per step.
+_RUNNING = ProcessResult(False, None)
+_finish_reason = SequenceStatus.finish_reason  # None -> None
+
+
 class OutputProcessor:
     """Per-sequence output state: token ids, text, log-probs, stop checks.
 
@@ -190,29 +196,36 @@ class OutputProcessor:
 
     def completion_output(self, delta: bool = False, token_offset: int = 0) -> CompletionOutput:
         """CompletionOutput of this sequence; with delta, text since the previous delta call and
-        token_ids / logprobs from token_offset on."""
-        lps = self.logprobs[token_offset:] if self.logprobs is not None else None
+        token_ids / logprobs from token_offset on. token_ids and logprobs are new lists: a later
+        token never changes an output already handed out (vLLM's v1 OutputProcessor hands out
+        its live lists for CUMULATIVE; users here may keep every output)."""
+        lps = self.logprobs
+        if lps is not None:
+            lps = lps[token_offset:]
+        # Without a detokenizer output_text stays "" (and get_output_text would return it).
+        text = "" if self.detokenizer is None else self.get_output_text(delta)
         # Positional, in the fields' order: called per request per step, and a dataclass
         # __init__ given keywords costs ~0.4 us more (x 2 x 256 requests per step).
         return CompletionOutput(
-            self.index, self.get_output_text(delta), self.output_token_ids[token_offset:],
-            self.cumulative_logprob, lps, self.finish_reason, self.stop_reason)
+            self.index, text, self.output_token_ids[token_offset:], self.cumulative_logprob, lps,
+            _finish_reason(self.status), self.stop_reason)
 
     # -- the per-token call ---------------------------------------------------------------------
     def process(self, token_id: int, logprobs: dict[int, Logprob] | None = None,
                 num_output_tokens: int | None = None) -> ProcessResult:
         """Appends one generated token; returns (finished, status). num_output_tokens, if given,
         is the engine's count including this token (checked for consistency)."""
-        if self.finished:
+        if self.status is not None:
             raise RuntimeError("process() called on a finished sequence")
         token_id = int(token_id)
         params = self.params
-        self.output_token_ids.append(token_id)
-        n = len(self.output_token_ids)
+        ids = self.output_token_ids
+        ids.append(token_id)
+        n = len(ids)
         if num_output_tokens is not None and num_output_tokens != n:
             raise RuntimeError(f"output token count mismatch: engine has {num_output_tokens}, "
                                f"output processor has {n}")
-        if self.logprobs is not None and logprobs is not None:
+        if logprobs is not None and self.logprobs is not None:
             self.logprobs.append(logprobs)
             if token_id in logprobs:
                 self.cumulative_logprob += logprobs[token_id].logprob
@@ -241,8 +254,10 @@ class OutputProcessor:
                 status = SequenceStatus.FINISHED_STOPPED
             elif status is not None:
                 self.output_text += det.flush()
+        if status is None:
+            return _RUNNING
         self.status = status
-        return ProcessResult(status is not None, status)
+        return ProcessResult(True, status)
 
     def _check_stop_strings(self) -> bool:
         text = self.output_text

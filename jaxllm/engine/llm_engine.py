@@ -48,6 +48,7 @@ _LARGE_GPU_BYTES = 70 * 2**30
 # The CPU is for development and tests: the reference attention reads max_model_len slots per
 # token, so the CPU default context is capped (an explicit max_model_len is honoured).
 _CPU_DEFAULT_MAX_MODEL_LEN = 2048
+_FINAL_ONLY, _DELTA = RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA
 
 
 @dataclasses.dataclass
@@ -502,10 +503,14 @@ class LLMEngine:
         sched = inflight.sched
         if prompt_lp is not None:
             self._collect_prompt_logprobs(sched, prompt_lp)
-        touched: dict[str, _Request] = {}
         # Per-row host work of every step (benchmarks/host_overhead.py): one tolist() instead of
-        # a numpy scalar per row, the lookups hoisted out of the loop.
+        # a numpy scalar per row, the lookups hoisted out of the loop. A request of one sequence
+        # (n == 1) gets its output in the row's iteration; one of n > 1 siblings after the loop,
+        # in the slot of its first row, so the order is the rows' either way.
         requests, scheduler = self._requests, self.scheduler
+        resolve, finish, make_output = scheduler.resolve, scheduler.finish, self._make_output
+        outputs: list = []
+        grouped: dict[str, int] | None = None  # n > 1: request id -> its slot in outputs
         num_generated = 0
         for i, (s, index) in enumerate(zip(sched.scheduled, inflight.output_indices)):
             if index is None:
@@ -515,25 +520,36 @@ class LLMEngine:
             if req is None or seq.status.is_finished:
                 continue  # aborted / finished while the step ran
             token = tokens[i]
-            scheduler.resolve(seq, index, token)
+            resolve(seq, index, token)
+            params = req.params
             lp = None
-            if req.params.logprobs is not None:
-                lp = self._sample_logprobs(out, i, req.params.logprobs)
+            if params.logprobs is not None:
+                lp = self._sample_logprobs(out, i, params.logprobs)
             finished, status = req.processors[seq.index].process(token, lp, index + 1)
             num_generated += 1
             if finished:
-                scheduler.finish(seq, status)
-            touched[req.request_id] = req
+                finish(seq, status)
+            if len(req.seqs) == 1:
+                # FINAL_ONLY before the end: no output, so none is built.
+                if finished or params.output_kind != _FINAL_ONLY:
+                    outputs.append(make_output(req, finished))
+                    if finished:
+                        del requests[req.request_id]
+            else:
+                if grouped is None:
+                    grouped = {}
+                if req.request_id not in grouped:
+                    grouped[req.request_id] = len(outputs)
+                    outputs.append(req)
         self.stats["generation_tokens"] += num_generated
-
-        outputs = []
-        for req in touched.values():
-            done = req.finished
-            o = self._make_output(req, final=done)
-            if o is not None:
-                outputs.append(o)
-            if done:
-                del self._requests[req.request_id]
+        if grouped:
+            for request_id, slot in grouped.items():
+                req = outputs[slot]
+                done = req.finished
+                outputs[slot] = make_output(req, final=done)
+                if done:
+                    del requests[request_id]
+            outputs = [o for o in outputs if o is not None]
         return outputs
 
     def _sampling_row(self, seq: Sequence) -> sampler_lib.SamplingRow:
@@ -601,18 +617,17 @@ class LLMEngine:
     # -- outputs ------------------------------------------------------------------------------
     def _make_output(self, req: _Request, final: bool) -> RequestOutput | None:
         kind = req.params.output_kind
-        if kind == RequestOutputKind.FINAL_ONLY and not final:
+        if kind == _FINAL_ONLY and not final:
             return None
         req.num_cached_tokens = req.seqs[0].num_cached_tokens  # the prompt's hit (first sibling)
-        completions = []
-        for i, proc in enumerate(req.processors):
-            if kind == RequestOutputKind.DELTA:
-                c = proc.completion_output(delta=True, token_offset=req.sent[i])
-                req.sent[i] = proc.num_output_tokens
-            else:
-                c = proc.completion_output()
-            completions.append(c)
+        if kind == _DELTA:
+            completions = []
+            sent = req.sent
+            for i, proc in enumerate(req.processors):
+                completions.append(proc.completion_output(True, sent[i]))
+                sent[i] = len(proc.output_token_ids)
+        else:
+            completions = [proc.completion_output() for proc in req.processors]
         # Positional, in the fields' order (per request per step; see completion_output).
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
                              req.prompt_logprobs, completions, final, req.num_cached_tokens)
-
