@@ -114,3 +114,33 @@ def test_sampling_tensors_keep_seeds_knobs_and_bans_per_row():
     assert t.temperature[3] == 0 and t.top_p[3] == 1 and t.repetition_penalty[3] == 1
     assert t.bias_ids[0, 0] == 7 and t.bias_values[0, 0] == -np.inf
     assert (t.penalty_ids[2, :3] == [1, 2, 3]).all() and t.penalty_is_output[2, 2]
+
+
+def test_knob_cache_gives_the_tensors_of_a_fresh_build_as_the_batch_changes():
+    # The runner's KnobCache reuses the last step's knobs only when every row has the same params
+    # object as then; same-length batches of other objects (equal or not), reorders, a shorter
+    # batch and a row swapped for a new object must all read their own knobs.
+    rng = np.random.default_rng(0)
+
+    def params(i):
+        return SamplingParams(temperature=float(rng.uniform(0.1, 2)), top_p=float(rng.uniform(0.5, 1)),
+                              top_k=int(rng.integers(0, 50)), min_p=float(rng.uniform(0, 0.2)),
+                              repetition_penalty=float(rng.uniform(1, 1.5)), seed=i)
+
+    pool = [params(i) for i in range(8)]
+    twins = [SamplingParams(**{**vars(p)}) for p in pool[:4]]  # equal, other objects
+    batches = [pool[:4], pool[:4], pool[4:], pool[4:][::-1], pool[4:7], pool[4:7],
+               pool[:4], twins, pool[:3] + [pool[7]], pool[:3] + [pool[7]]]
+    cache = S.KnobCache()
+    hits = 0
+    for step, batch in enumerate(batches):
+        rows = [S.SamplingRow(p, 11 * i, step, [1], [2]) for i, p in enumerate(batch)]
+        before = cache.knobs
+        cached = S.build_sampling_tensors(rows, pad_to=8, knob_cache=cache)
+        hits += cache.knobs is before
+        fresh = S.build_sampling_tensors(rows, pad_to=8)
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty", "seeds", "steps"):
+            np.testing.assert_array_equal(getattr(cached, name), getattr(fresh, name),
+                                          err_msg=f"{name} at step {step}")
+    assert hits == 3  # the three repeats of the same objects reused the knobs

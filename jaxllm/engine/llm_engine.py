@@ -9,6 +9,7 @@ The LLM (batch) and AsyncEngine (server) front-ends both drive this class.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import logging
@@ -373,6 +374,12 @@ class LLMEngine:
         self._validate(ids, params)
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
+        else:
+            # The engine's own object, as vLLM's (it serializes them to its engine core): a
+            # caller's later change of its SamplingParams does not reach a running request, and
+            # the runner may reuse sampling knobs read from an unchanged object
+            # (sampler.KnobCache).
+            params = copy.copy(params)
         if params.seed is None:
             seed = int(self._seed_rng.integers(0, 2**31 - 1))
         else:

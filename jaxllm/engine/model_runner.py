@@ -343,6 +343,7 @@ class ModelRunner:
         self.decode_only_steps = True
         self.pack_inputs = False  # ModelRunner.__init__ turns it on where it applies
         self._page_rows = PageRows(2 * max_num_seqs, self.max_pages_per_seq)
+        self._knob_cache = sampler_lib.KnobCache()  # the sampling knobs of the last step's rows
 
     @property
     def state(self) -> nnx.State:
@@ -523,7 +524,8 @@ class ModelRunner:
                                seq_lens=seq_lens, page_table=page_table,
                                num_seqs=np.array([num_seqs], np.int32),
                                decode_only=bool(decode_only))
-        sampling = sampler_lib.build_sampling_tensors(sampling_rows, pad_to=S)
+        sampling = sampler_lib.build_sampling_tensors(sampling_rows, pad_to=S,
+                                                      knob_cache=self._knob_cache)
         return StepInputs(token_ids=token_ids, positions=positions, md=md,
                           logits_indices=logits_indices, prev_rows=prev_rows, sampling=sampling)
 
