@@ -691,3 +691,37 @@ def test_enforce_eager_compiles_the_step_programs_without_command_buffers(small_
     add_engine_args(p)
     assert engine_kwargs(p.parse_args(["--enforce-eager"]))["enforce_eager"] is True
     assert engine_kwargs(p.parse_args([]))["enforce_eager"] is False
+
+
+def test_kv_pool_is_sized_from_device_memory_after_the_largest_steps_temp(small_llama_folder,
+                                                                           monkeypatch):
+    # The GPU path of num_pages=None (a CPU has no memory_stats): the pool gets what is left of
+    # gpu_memory_utilization x the device's limit after the weights (bytes_in_use) and the
+    # largest step's temp memory (XLA's figure for the forward and sampler at the largest
+    # token bucket, compiled abstractly with a one-page cache), plus the scratch page.
+    import dataclasses
+
+    from jaxllm.engine import llm_engine
+    from jaxllm.engine.model_runner import kv_page_bytes
+
+    eng = LLM(str(small_llama_folder), dtype="float32", max_model_len=64, page_size=8,
+              num_pages=8, max_num_batched_tokens=32, max_num_seqs=4,
+              skip_compile_at_start=True).llm_engine
+    temp = eng._largest_step_temp_bytes()
+    assert temp > 0
+    mc = eng.model_config
+    page = kv_page_bytes(mc.num_hidden_layers, 8, mc.num_key_value_heads, mc.head_dim,
+                         eng.cache_dtype)
+    limit, in_use = 64 * 2**20, 3 * 2**20
+
+    class Device:
+        def memory_stats(self):
+            return {"bytes_limit": limit, "bytes_in_use": in_use}
+    monkeypatch.setattr(llm_engine.jax, "local_devices", lambda: [Device()])
+    monkeypatch.setattr(eng, "config", dataclasses.replace(eng.config, num_pages=None))
+    want = int((limit * eng.config.gpu_memory_utilization - in_use - int(temp * 1.05)) // page)
+    assert eng._local_num_pages() == want + 1
+    monkeypatch.setattr(eng, "config", dataclasses.replace(eng.config,
+                                                           gpu_memory_utilization=0.01))
+    with pytest.raises(ValueError, match="Not enough device memory for the KV cache"):
+        eng._local_num_pages()

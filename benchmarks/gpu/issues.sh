@@ -132,7 +132,7 @@ eager)  # nvidia-h200-x2, one call: what enforce_eager (no command buffers) cost
    $P --batch 1 64 256 --out-dir /tmp/pb --enforce-eager > $L/prof_bf16_eager.log 2>&1") &
   (export CUDA_VISIBLE_DEVICES=1
    timeout $T bash -c "
-   python3 benchmarks/kernels.py --sections backends --out $OUT/results.jsonl > $L/backends.log 2>&1
+   timeout 240 python3 benchmarks/kernels.py --sections backends --out $OUT/results.jsonl > $L/backends.log 2>&1
    $P --batch 1 --quantization fp8 --out-dir /tmp/pc --keep-trace $L/fp8_cb > $L/prof_fp8.log 2>&1
    $P --batch 1 --quantization fp8 --out-dir /tmp/pd --enforce-eager --keep-trace $L/fp8_eager > $L/prof_fp8_eager.log 2>&1") &
   wait

@@ -326,6 +326,7 @@ class LLMEngine:
         probe.page_size, probe.max_pages_per_seq = cfg.page_size, math.ceil(
             self.max_model_len / cfg.page_size)
         probe.max_num_seqs, probe.token_buckets = self.max_num_seqs, (T,)
+        probe._knob_cache = None  # prepare() reads it; the probe has no rows to cache
         inputs = probe.prepare([], [], T=T)
         shape = (2, cfg.page_size, self.num_kv_heads, mc.head_dim)
         kv = [(jax.ShapeDtypeStruct(shape, self.cache_dtype),) * 2
