@@ -68,9 +68,10 @@ def run_jaxllm(args) -> list[dict]:
     mc = loaded.model_config
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(loaded.model)))
     max_prefill = max(args.prefill)
-    cfg = EngineConfig(model=None, dtype="bfloat16",
-                       max_model_len=max(max(args.contexts) + args.decode_tokens + 8,
-                                         max_prefill + 8),
+    need = max(max(args.contexts) + args.decode_tokens + 8, max_prefill + 8)
+    if args.max_model_len is not None and args.max_model_len < need:
+        raise SystemExit(f"--max-model-len {args.max_model_len} < {need} (contexts, prefills)")
+    cfg = EngineConfig(model=None, dtype="bfloat16", max_model_len=args.max_model_len or need,
                        max_num_seqs=8, max_num_batched_tokens=max_prefill,
                        token_buckets=tuple(sorted({8, *args.prefill})),
                        enable_prefix_caching=False, async_scheduling=not args.sync,
@@ -85,8 +86,12 @@ def run_jaxllm(args) -> list[dict]:
                                 detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
         t = time.perf_counter()
         engine.add_request(f"r{time.perf_counter_ns()}", {"prompt_token_ids": prompt}, params)
+        walls = []  # each step's wall: a mean over N steps hides whether a few are slow
         while engine.has_unfinished_requests():
+            s = time.perf_counter()
             engine.step()
+            walls.append(time.perf_counter() - s)
+        one.step_walls = walls
         return time.perf_counter() - t
 
     device = jax.devices()[0].device_kind
@@ -106,13 +111,24 @@ def _sweep(args, vocab: int, one, common: dict) -> list[dict]:
     rows = []
     for c in args.contexts:
         prompt = _prompts(1, c, vocab, seed=c)[0]
-        lat = []
+        lat, steps = [], []
         for _ in range(args.repeats):
             t1 = one(prompt, 1)
             tn = one(prompt, 1 + args.decode_tokens)
             lat.append((tn - t1) / args.decode_tokens * 1e3)
-        rows.append(dict(common, kind="decode", context=c, ms_per_token=statistics.median(lat)))
-        print(f"{common['engine']}: decode ctx {c}: {rows[-1]['ms_per_token']:.2f} ms/token",
+            steps += getattr(one, "step_walls", [])[2:-1]  # the decode steps in steady state
+        row = dict(common, kind="decode", context=c, ms_per_token=statistics.median(lat))
+        extra = ""
+        if steps:  # jaxllm: per-step walls of the decode runs (ms), for outliers
+            med = statistics.median(steps)
+            row.update(step_ms_median=med * 1e3, step_ms_mean=statistics.mean(steps) * 1e3,
+                       step_ms_max=max(steps) * 1e3,
+                       slow_steps=sum(x > 1.5 * med for x in steps), num_steps=len(steps))
+            extra = (f" (steps: median {row['step_ms_median']:.2f}, mean "
+                     f"{row['step_ms_mean']:.2f}, max {row['step_ms_max']:.1f} ms, "
+                     f"{row['slow_steps']}/{len(steps)} over 1.5x the median)")
+        rows.append(row)
+        print(f"{common['engine']}: decode ctx {c}: {row['ms_per_token']:.2f} ms/token{extra}",
               flush=True)
     for n in args.prefill:
         prompt = _prompts(1, n, vocab, seed=n + 1)[0]
@@ -184,6 +200,10 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
     p.add_argument("--prefill", type=int, nargs="+", default=PREFILLS)
     p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="jaxllm: default the longest context + decode tokens (the decode "
+                        "kernel's split table is keyed by it: a long one at a short context "
+                        "is what a server with Llama 3.1's 128k runs)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--attention", default="pallas", choices=["reference", "pallas"])
     p.add_argument("--sync", action="store_true", help="jaxllm without async scheduling")

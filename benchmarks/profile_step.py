@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import SHAPES, random_model  # noqa: E402
+from offline_throughput import SHAPES, log_engine_startup, random_model  # noqa: E402
 
 
 def _gpu_events(trace_path: Path) -> tuple[list[tuple[str, float, float]], set[str]]:
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--enforce-eager", action="store_true",
                    help="step programs without XLA command buffers (EngineConfig.enforce_eager)")
     args = p.parse_args(argv)
+    log_engine_startup()
 
     import jax
     import numpy as np
@@ -162,6 +163,7 @@ def main(argv=None) -> int:
             engine.step()
             walls.append(time.perf_counter() - t)
         wall = statistics.median(walls) * 1e3
+        wall_mean, wall_max = statistics.mean(walls) * 1e3, max(walls) * 1e3
         log_dir = args.out_dir / f"b{batch}"
         log_dir.mkdir(parents=True, exist_ok=True)
         windows = []
@@ -187,11 +189,13 @@ def main(argv=None) -> int:
                    packed_inputs=engine.runner.pack_inputs, fused=not args.no_fuse,
                    fp8_weight_only_max_tokens=weight_only_max_tokens(),
                    quantization=args.quantization,
-                   kv_cache_dtype=args.kv_cache_dtype, wall_ms=wall,
+                   kv_cache_dtype=args.kv_cache_dtype, wall_ms=wall, wall_mean_ms=wall_mean,
+                   wall_max_ms=wall_max,
                    wall_profiled_ms=wall_profiled, **summ,
                    idle_pct=100 * max(0.0, 1 - summ["gpu_busy_ms"] / wall))
         rows.append(row)
-        print(f"batch {batch}: wall {wall:.2f} ms ({wall_profiled:.2f} profiled), GPU busy "
+        print(f"batch {batch}: wall {wall:.2f} ms (mean {wall_mean:.2f}, max {wall_max:.1f}; "
+              f"{wall_profiled:.2f} profiled), GPU busy "
               f"{summ['gpu_busy_ms']:.2f} ms (idle {row['idle_pct']:.1f}%), "
               f"{summ['kernels_per_step']:.0f} GPU ops/step")
         for name, ms in summ["top"]:

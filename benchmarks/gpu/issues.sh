@@ -10,6 +10,7 @@
 #                                          latency W8A8 vs weight-only, the decode profile
 #   bash benchmarks/gpu/issues.sh eager    enforce_eager at batch 1/64/256, fp8 host-side trace,
 #                                          Triton vs Mosaic GPU (kernels.py --sections backends)
+#   bash benchmarks/gpu/issues.sh cbupdate command-buffer update cost: default vs SKIP_TEMP
 #   bash benchmarks/gpu/issues.sh fp8tp    fp8 throughput at the defaults (run twice: warm cache)
 #   bash benchmarks/gpu/issues.sh allreduce  all-reduce latency under XLA/NCCL variants, tp2 b1
 #   bash benchmarks/gpu/issues.sh throughput  offline throughput at vLLM's H200 batch defaults
@@ -154,6 +155,28 @@ allreduce)  # nvidia-h200-x2, one call (issue 8: tp2 batch-1 latency is bound by
     XLA_FLAGS="$v" timeout 200 python3 benchmarks/parallel.py --configs tp2 --num-prompts 64 \
       --repeats 2 --out $OUT/results.jsonl 2>&1 | quiet | tail -3
   done ;;
+cbupdate)  # nvidia-h200-x2, one call: the fp8 batch-1 step spends ~1.3 ms of host time a step
+  # in command_buffer::update (trace of 2026-12-01): XLA re-records every command whose buffer
+  # addresses changed, and the step's temp buffers move between executions. SKIP_TEMP gives
+  # them fixed virtual addresses (VMM allocator). GPU0: profiles default vs SKIP_TEMP; GPU1:
+  # latency.py (the figure we report) default vs SKIP_TEMP, with per-step walls.
+  L=$OUT/logs; mkdir -p $L
+  ST=--xla_gpu_command_buffer_update_mode=SKIP_TEMP
+  P="timeout 200 python3 benchmarks/profile_step.py --context 1024 --steps 30 --top 4 --host-top 14 --out $OUT/results.jsonl"
+  LAT="timeout 200 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 --out $OUT/results.jsonl"
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout $T bash -c "
+   XLA_FLAGS=$ST $P --batch 1 --quantization fp8 --out-dir /tmp/pa --keep-trace $L/fp8_skiptemp > $L/prof_fp8_skiptemp.log 2>&1
+   XLA_FLAGS=$ST $P --batch 1 256 --out-dir /tmp/pb > $L/prof_bf16_skiptemp.log 2>&1
+   $P --batch 1 --quantization fp8 --out-dir /tmp/pc > $L/prof_fp8.log 2>&1") &
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout $T bash -c "
+   XLA_FLAGS=$ST $LAT > $L/lat_bf16_skiptemp.log 2>&1
+   XLA_FLAGS=$ST $LAT --quantization fp8 > $L/lat_fp8_skiptemp.log 2>&1
+   $LAT > $L/lat_bf16.log 2>&1") &
+  wait
+  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep "^batch\|command_buffer\|decode ctx\|TTFT\|KV\|pages\|Error\|error" | head -14; done
+  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 fp8tp)  # nvidia-h200, two calls back to back (the machine stays warm 30 s, and /tmp/jaxcache
   # with it): fp8 offline throughput at the default batch limits. The first call's compiles are
   # cached as each finishes even if the lane times out; the second starts warm.
