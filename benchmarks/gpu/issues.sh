@@ -11,6 +11,8 @@
 #   bash benchmarks/gpu/issues.sh eager    enforce_eager at batch 1/64/256, fp8 host-side trace,
 #                                          Triton vs Mosaic GPU (kernels.py --sections backends)
 #   bash benchmarks/gpu/issues.sh cbupdate command-buffer update cost: default vs SKIP_TEMP
+#   bash benchmarks/gpu/issues.sh startup  cold start with and without GEMM autotuning; fp8 vs
+#                                          bf16 throughput at 256 / 2048
 #   bash benchmarks/gpu/issues.sh fp8tp    fp8 throughput at the defaults (run twice: warm cache)
 #   bash benchmarks/gpu/issues.sh allreduce  all-reduce latency under XLA/NCCL variants, tp2 b1
 #   bash benchmarks/gpu/issues.sh throughput  offline throughput at vLLM's H200 batch defaults
@@ -176,6 +178,25 @@ cbupdate)  # nvidia-h200-x2, one call: the fp8 batch-1 step spends ~1.3 ms of ho
    $LAT > $L/lat_bf16.log 2>&1") &
   wait
   for f in $L/*.log; do echo "=== $f"; quiet < $f | grep "^batch\|command_buffer\|decode ctx\|TTFT\|KV\|pages\|Error\|error" | head -14; done
+  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+startup)  # nvidia-h200-x2, one call: where the 148 s cold start goes (issue 9) and fp8 vs
+  # bf16 throughput at 256 seqs / 2048 tokens, where fp8 compiles in time (issue 6). The 15
+  # start-up compiles of a profile run took 76 s on 32 threads, ~35 s each, against 4-6 s for
+  # one alone: they do not overlap, and GEMM autotuning is the suspect. GPU0: defaults as they
+  # are, then fp8 at 256/2048; GPU1: defaults without autotuning, then bf16 at 256/2048.
+  L=$OUT/logs; mkdir -p $L
+  TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
+  SMALL="--max-num-seqs 256 --max-num-batched-tokens 2048"
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout $T bash -c "
+   $TP > $L/tp_bf16.log 2>&1
+   $TP $SMALL --quantization fp8 > $L/tp_fp8_small.log 2>&1") &
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout $T bash -c "
+   XLA_FLAGS=--xla_gpu_autotune_level=0 $TP > $L/tp_bf16_noautotune.log 2>&1
+   $TP $SMALL > $L/tp_bf16_small.log 2>&1") &
+  wait
+  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -7; done
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 fp8tp)  # nvidia-h200, two calls back to back (the machine stays warm 30 s, and /tmp/jaxcache
   # with it): fp8 offline throughput at the default batch limits. The first call's compiles are
