@@ -725,3 +725,43 @@ def test_kv_pool_is_sized_from_device_memory_after_the_largest_steps_temp(small_
                                                            gpu_memory_utilization=0.01))
     with pytest.raises(ValueError, match="Not enough device memory for the KV cache"):
         eng._local_num_pages()
+
+
+def test_attention_is_traced_once_per_step_program_and_compiles_to_the_same_ops(
+        small_llama_folder, monkeypatch):
+    # Start-up: the attention of every layer is one nested jit (same shapes, same static
+    # arguments), so a step program traces and lowers it once, not once per layer (the 8B cold
+    # start spent most of its time lowering). XLA inlines it: the optimized program has the same
+    # ops as with the attention traced inline in each layer.
+    import collections
+    import re
+
+    import jax
+
+    from jaxllm.models import attention
+
+    traced = []
+    real = attention.ragged_paged_attention_reference
+    monkeypatch.setattr(attention, "ragged_paged_attention_reference",
+                        lambda *a, **k: (traced.append(1), real(*a, **k))[1])
+    eng = LLM(str(small_llama_folder), dtype="float32", max_model_len=64, page_size=8,
+              num_pages=16, max_num_batched_tokens=16, max_num_seqs=2,
+              skip_compile_at_start=True).llm_engine
+    runner, layers = eng.runner, eng.model_config.num_hidden_layers
+    assert layers >= 2
+    fwd_in, _ = runner._device_inputs(runner.prepare([], [], T=16))
+
+    def lowered_ops():
+        jax.clear_caches()
+        traced.clear()
+        lowered = runner._forward.lower(runner._leaves, runner.kv_caches, fwd_in,
+                                        runner._prev_tokens)
+        hlo = lowered.compile().as_text()
+        return collections.Counter(re.findall(r"= \S+ ([a-z\-]+)\(", hlo)), len(traced)
+
+    nested, nested_traces = lowered_ops()
+    assert nested_traces == 1
+    monkeypatch.setattr(attention, "_paged_attention", attention._paged_attention.__wrapped__)
+    inline, inline_traces = lowered_ops()
+    assert inline_traces == layers
+    assert nested == inline
