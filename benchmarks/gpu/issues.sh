@@ -13,6 +13,8 @@
 #   bash benchmarks/gpu/issues.sh cbupdate command-buffer update cost: default vs SKIP_TEMP
 #   bash benchmarks/gpu/issues.sh startup  cold start with and without GEMM autotuning; fp8 vs
 #                                          bf16 throughput at 256 / 2048
+#   bash benchmarks/gpu/issues.sh next2    prefill block sweep; cold start with the nested
+#                                          attention jit; fp8 at the defaults
 #   bash benchmarks/gpu/issues.sh fp8tp    fp8 throughput at the defaults (run twice: warm cache)
 #   bash benchmarks/gpu/issues.sh allreduce  all-reduce latency under XLA/NCCL variants, tp2 b1
 #   bash benchmarks/gpu/issues.sh throughput  offline throughput at vLLM's H200 batch defaults
@@ -197,6 +199,22 @@ startup)  # nvidia-h200-x2, one call: where the 148 s cold start goes (issue 9) 
    $TP $SMALL > $L/tp_bf16_small.log 2>&1") &
   wait
   for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -7; done
+  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+next2)  # nvidia-h200-x2, one call, for the session after 2026-12-01: GPU0 the prefill block
+  # sweep (our prefill kernel is 1.7-2.8x slower than JAX's Triton / cuDNN: its table entry
+  # was never swept past the first config); GPU1 the cold start at the defaults with the nested
+  # attention jit (lowering was 67.5 s of the 85 s), then fp8 at the defaults.
+  L=$OUT/logs; mkdir -p $L
+  TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout $T bash -c "
+   python3 benchmarks/kernels.py --sections prefill --budget 420 --out $OUT/results.jsonl > $L/prefill.log 2>&1") &
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout $T bash -c "
+   $TP > $L/tp_bf16.log 2>&1
+   $TP --quantization fp8 > $L/tp_fp8.log 2>&1") &
+  wait
+  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -12; done
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 fp8tp)  # nvidia-h200, two calls back to back (the machine stays warm 30 s, and /tmp/jaxcache
   # with it): fp8 offline throughput at the default batch limits. The first call's compiles are
