@@ -31,6 +31,8 @@ export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 quiet() { grep -v "Compiling\|it/s\]\|bucket/s" ; }
 T=${T:-560}  # seconds each lane may take, so the call returns its logs before the limit
+# Offline throughput, 1,000 x 512/128, once (the modes add batch limits / quantization).
+TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
 case "$1" in
 single)
   (export CUDA_VISIBLE_DEVICES=0
@@ -89,7 +91,6 @@ measure)  # nvidia-h200-x2, one call: the headline figures at the engine's defau
   # with the wall taken outside the profiler; GPU1: fp8 batch-1 latency W8A8 vs weight-only
   # (the profiler's per-launch overhead made fp8's walls unreadable), then fp8 throughput.
   L=$OUT/logs; mkdir -p $L
-  TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
   LAT="python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --quantization fp8 --out $OUT/results.jsonl"
   (export CUDA_VISIBLE_DEVICES=0
    timeout $T bash -c "
@@ -187,7 +188,6 @@ startup)  # nvidia-h200-x2, one call: where the 148 s cold start goes (issue 9) 
   # one alone: they do not overlap, and GEMM autotuning is the suspect. GPU0: defaults as they
   # are, then fp8 at 256/2048; GPU1: defaults without autotuning, then bf16 at 256/2048.
   L=$OUT/logs; mkdir -p $L
-  TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
   SMALL="--max-num-seqs 256 --max-num-batched-tokens 2048"
   (export CUDA_VISIBLE_DEVICES=0
    timeout $T bash -c "
@@ -205,7 +205,6 @@ next2)  # nvidia-h200-x2, one call, for the session after 2026-12-01: GPU0 the p
   # was never swept past the first config); GPU1 the cold start at the defaults with the nested
   # attention jit (lowering was 67.5 s of the 85 s), then fp8 at the defaults.
   L=$OUT/logs; mkdir -p $L
-  TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
   (export CUDA_VISIBLE_DEVICES=0
    timeout $T bash -c "
    python3 benchmarks/kernels.py --sections prefill --budget 420 --out $OUT/results.jsonl > $L/prefill.log 2>&1") &
