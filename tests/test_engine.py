@@ -694,7 +694,7 @@ def test_enforce_eager_compiles_the_step_programs_without_command_buffers(small_
 
 
 def test_kv_pool_is_sized_from_device_memory_after_the_largest_steps_temp(small_llama_folder,
-                                                                           monkeypatch):
+                                                                           monkeypatch, caplog):
     # The GPU path of num_pages=None (a CPU has no memory_stats): the pool gets what is left of
     # gpu_memory_utilization x the device's limit after the weights (bytes_in_use) and the
     # largest step's temp memory (XLA's figure for the forward and sampler at the largest
@@ -725,6 +725,19 @@ def test_kv_pool_is_sized_from_device_memory_after_the_largest_steps_temp(small_
                                                            gpu_memory_utilization=0.01))
     with pytest.raises(ValueError, match="Not enough device memory for the KV cache"):
         eng._local_num_pages()
+
+    # An accelerator whose allocator keeps no statistics (XLA's VMM allocator) gets the CPU's
+    # pool, and a warning that says so and how to size it.
+    class Blind:
+        platform = "gpu"
+
+        def memory_stats(self):
+            return None
+    monkeypatch.setattr(llm_engine.jax, "local_devices", lambda: [Blind()])
+    cpu_pages = max(min(8 * eng.max_num_seqs, llm_engine._CPU_KV_BUDGET_BYTES // page), 8)
+    with caplog.at_level("WARNING", logger="jaxllm"):
+        assert eng._local_num_pages() == cpu_pages + 1
+    assert "no memory statistics" in caplog.text and "--num-pages" in caplog.text
 
 
 def test_attention_is_traced_once_per_step_program_and_compiles_to_the_same_ops(

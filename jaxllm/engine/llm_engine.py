@@ -295,6 +295,15 @@ class LLMEngine:
             budget = _CPU_KV_BUDGET_BYTES
             want = pages_per_seq * self.max_num_seqs
             n = max(min(want, budget // page_bytes), pages_per_seq)
+            if getattr(device, "platform", "cpu") != "cpu":
+                # An accelerator whose allocator keeps no statistics (XLA's VMM allocator, which
+                # --xla_gpu_command_buffer_update_mode=SKIP_TEMP selects, is one): the pool would
+                # otherwise be a fraction of the memory with no word said.
+                logger.warning(
+                    "%s reports no memory statistics, so the KV pool cannot be sized from "
+                    "gpu_memory_utilization: it gets the CPU default of %d pages (%d MiB). Pass "
+                    "num_pages (--num-pages) to size it.", device, n,
+                    n * page_bytes >> 20)
             return int(n) + 1
         # Peak activation memory: XLA's own figure for the largest step (reference attention
         # gathers each token's context, so it is not small), plus 5% headroom.
