@@ -13,7 +13,8 @@ Definitions (the same for both engines):
   TTFT at prompt length L      = time from submitting one L-token prompt (max_tokens=1) to its
                                  token, one request alone, whole prompt in one prefill chunk
 Median of ``--repeats``. The jaxllm run also measures the device's read bandwidth (a jitted
-sum over 4 GiB; JSON field ``copy_bandwidth_gbs``) and records the batch-1 roofline
+sum and a GEMV over 4 GiB, the faster of the two; JSON field ``copy_bandwidth_gbs``, both in
+``bandwidth_probes_gbs``) and records the batch-1 roofline
 ``roofline_ms`` = weight bytes / that bandwidth.
 """
 
@@ -34,23 +35,35 @@ CONTEXTS = [128, 512, 1024, 2048, 4096, 8192]
 PREFILLS = [512, 1024, 2048, 4096, 8192]
 
 
-def measure_bandwidth_gbs(nbytes: int = 4 << 30, repeats: int = 10) -> float:
-    """Device read bandwidth from a jitted sum over nbytes of bf16 (what decode does to the
-    weights: read them once). The first version timed ``x + 1`` (read + write) and got 2.8 TB/s
-    on an H200, below what the decode step itself reaches, so it was no ceiling."""
+def measure_bandwidths_gbs(nbytes: int = 4 << 30, repeats: int = 10) -> dict[str, float]:
+    """Device read bandwidth over nbytes of bf16, two ways (median of ``repeats``): "sum", a
+    jitted column sum, and "gemv", a [1, 4096] x [4096, N] dot, the op that reads decode's
+    weights. On the H200 (2026-12-01) the sum read 2.95 TB/s, slower than the decode step's own
+    GEMMs (~4.1 TB/s), so a sum alone is no ceiling. (The first version timed ``x + 1``, read
+    plus write: 2.8 TB/s.)"""
     import jax
     import jax.numpy as jnp
 
-    x = jnp.ones((nbytes // 2 // 4096, 4096), jnp.bfloat16)
-    f = jax.jit(lambda a: jnp.sum(a, axis=0, dtype=jnp.float32))
-    f(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    del x
-    return nbytes / statistics.median(times) / 1e9
+    w = jnp.ones((4096, nbytes // 2 // 4096), jnp.bfloat16)
+    v = jnp.ones((1, 4096), jnp.bfloat16)
+    probes = {"sum": (jax.jit(lambda a: jnp.sum(a, axis=1, dtype=jnp.float32)), (w,)),
+              "gemv": (jax.jit(lambda x, a: jnp.dot(x, a)), (v, w))}
+    out = {}
+    for name, (f, args) in probes.items():
+        f(*args).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f(*args).block_until_ready()
+            times.append(time.perf_counter() - t)
+        out[name] = nbytes / statistics.median(times) / 1e9
+    del w
+    return out
+
+
+def measure_bandwidth_gbs(nbytes: int = 4 << 30, repeats: int = 10) -> float:
+    """The faster of ``measure_bandwidths_gbs``' probes: the roofline's bandwidth."""
+    return max(measure_bandwidths_gbs(nbytes, repeats).values())
 
 
 def run_jaxllm(args) -> list[dict]:
@@ -62,7 +75,9 @@ def run_jaxllm(args) -> list[dict]:
     from jaxllm.models.fp8 import weight_only_max_tokens
     from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
-    bw = measure_bandwidth_gbs()
+    probes = measure_bandwidths_gbs(**({} if jax.default_backend() == "gpu"
+                                       else {"nbytes": 1 << 24}))
+    bw = max(probes.values())
     loaded = random_model(args.shape, args.attention, fused=not args.no_fuse,
                           quantization=args.quantization)
     mc = loaded.model_config
@@ -101,7 +116,8 @@ def run_jaxllm(args) -> list[dict]:
                   + (" fp8-kv" if args.kv_cache_dtype == "fp8" else "")
                   + (" (enforce_eager)" if args.enforce_eager else ""), shape=args.shape,
                   fp8_weight_only_max_tokens=weight_only_max_tokens(),
-                  device=device, copy_bandwidth_gbs=bw, weight_bytes=weight_bytes,
+                  device=device, copy_bandwidth_gbs=bw, bandwidth_probes_gbs=probes,
+                  weight_bytes=weight_bytes,
                   roofline_ms=weight_bytes / (bw * 1e9) * 1e3, startup_s=startup_s)
     one(_prompts(1, min(64, *args.contexts), mc.vocab_size, seed=9)[0], 4)  # warm-up
     return _sweep(args, mc.vocab_size, one, common)
