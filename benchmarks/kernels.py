@@ -347,13 +347,14 @@ def bench_decode_short_in_long_class(rng, budget_s):
         arg_sets = [(q, kp, vp, pad_meta(m, batch, M_pad)) for m in metas]
         ref = REF(*arg_sets[0])
         table = dict(decode_block_config(batch, M_pad, B), num_warps=4, num_stages=2)
-        configs = [table, dict(table, decode_split_pages=True)] + [
+        configs = [table, dict(table, masked_tail_only=True),
+                   dict(table, decode_split_pages=True)] + [
             dict(decode_pages_per_block=ppb, decode_splits=ns, num_warps=4, num_stages=2)
             for ppb, ns in [(4, 16), (8, 8), (8, 16), (4, 32), (16, 4)]]
         seen = set()
         configs = [c for c in configs if not (repr(c) in seen or seen.add(repr(c)))]
         for i, cfg in enumerate(few(configs)):
-            if i > 1 and time.time() - T0 > budget_s:  # past the budget: table, table by pages
+            if i > 2 and time.time() - T0 > budget_s:  # past the budget: the table's variants
                 break
             label = dict(cfg, table=True) if i == 0 else cfg
             run_case("decode", shape, "pallas", label, ours_fn(decode_only=True, **cfg), arg_sets,
@@ -414,7 +415,12 @@ def bench_prefill(rng, budget_s):
                  peak_flops=PEAK_BF16)
         ref = REF(*arg_sets[0])
         table = dict(prefill_block_config(n * L, H, KH), num_warps=4, num_stages=2)
-        configs = [table] + [
+        # masked_tail_only: the causal mask on the diagonal key blocks alone (flash attention's
+        # split of the loop), on the table's config and the larger tiles.
+        configs = [table, dict(table, masked_tail_only=True)] + [
+            dict(block_q=bq, pages_per_block=ppb, num_warps=w, num_stages=st,
+                 masked_tail_only=True)
+            for bq, ppb, w, st in [(32, 4, 8, 2), (32, 8, 8, 3), (64, 8, 8, 2)]] + [
             dict(block_q=bq, pages_per_block=ppb, num_warps=w, num_stages=st)
             for bq, ppb, w, st in [(16, 4, 4, 2), (16, 8, 4, 2), (32, 4, 4, 2), (32, 8, 4, 2),
                                    (8, 8, 4, 2), (16, 8, 4, 3), (32, 8, 8, 2), (32, 4, 8, 3),

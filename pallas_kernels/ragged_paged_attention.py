@@ -150,7 +150,7 @@ def _next_pow2(n: int) -> int:
 def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_table_ref,
                  q_ref, k_ref, v_ref, *out_refs, block_q, rows, group, num_heads, head_dim,
                  page_size, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap,
-                 dummy_row, out_by_block, split_pages):
+                 dummy_row, out_by_block, split_pages, masked_tail_only=False):
     b = pl.program_id(0)
     h = pl.program_id(1)
     sp = pl.program_id(2)
@@ -204,13 +204,13 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
 
     k_off = jnp.arange(bk, dtype=jnp.int32)
 
-    def body(kb, carry):
+    def body(kb, carry, masked=True):
         acc, m, l = carry
         k_pos = tok_base + kb * bk + k_off
         pids = page_table_ref[jnp.full((bk,), seq, jnp.int32), k_pos // B]
         kv_row = (pids * B + k_pos % B)[:, None]
         cols = h * D + d[None, :]
-        if split_pages:
+        if split_pages and masked:
             k_ok = (k_pos < tok_end)[:, None]
             k = plgpu.load(k_ref.at[kv_row, cols], mask=k_ok, other=0).astype(kv_dtype)
             v = plgpu.load(v_ref.at[kv_row, cols], mask=k_ok, other=0).astype(kv_dtype)
@@ -220,24 +220,34 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < hi)
-        if split_pages:
-            mask &= k_pos[None, :] < tok_end
-        if sliding_window is not None:
-            mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        s = jnp.where(mask, s, _NEG)
+        if masked:
+            mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < hi)
+            if split_pages:
+                mask &= k_pos[None, :] < tok_end
+            if sliding_window is not None:
+                mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+            s = jnp.where(mask, s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
-        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        p = jnp.exp(s - m_new[:, None])
+        if masked:
+            p = jnp.where(mask, p, 0.0)
         l = alpha * l + jnp.sum(p, axis=1)
         acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v,
                                              preferred_element_type=jnp.float32)
         return acc, m_new, l
 
-    acc = jnp.zeros((rows, D), jnp.float32)
-    m = jnp.full((rows,), _NEG, jnp.float32)
-    l = jnp.zeros((rows,), jnp.float32)
-    acc, m, l = jax.lax.fori_loop(it_lo, it_hi, body, (acc, m, l))
+    carry = (jnp.zeros((rows, D), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
+    if masked_tail_only and sliding_window is None:
+        # Key blocks that end at or before this block's first query position (and, with page
+        # splits, before the split's end) are visible to every row: they skip the mask and its
+        # selects, as flash attention's kernels do; only the blocks after them are masked.
+        limit = pos0 + 1 if not split_pages else jnp.minimum(pos0 + 1, tok_end)
+        mid = jnp.clip((limit - tok_base) // bk, it_lo, jnp.maximum(it_lo, it_hi))
+        carry = jax.lax.fori_loop(it_lo, mid, functools.partial(body, masked=False), carry)
+        it_lo = mid
+    acc, m, l = jax.lax.fori_loop(it_lo, it_hi, body, carry)
 
     # Output rows: the token's own row, or (decode launch) a compact row per (block, head), so
     # the decode partials and their combine scale with the sequence slots S, not the tokens T.
@@ -258,7 +268,8 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
 
 def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T, H, K, D, B,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
-            num_stages, interpret, out_dtype, out_by_block=False, split_pages=False):
+            num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
+            masked_tail_only=False):
     """One pallas_call over len(blk_seq) query blocks.
 
     Returns [T*H + 1, D] rows (token rows), or with ``out_by_block`` [nb*block_q*H + 1, D] rows
@@ -274,7 +285,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         _attn_kernel, block_q=block_q, rows=rows, group=G, num_heads=H, head_dim=D, page_size=B,
         pages_per_block=pages_per_block, num_splits=num_splits, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, dummy_row=n_rows - 1,
-        out_by_block=out_by_block, split_pages=split_pages)
+        out_by_block=out_by_block, split_pages=split_pages, masked_tail_only=masked_tail_only)
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((n_rows, D), out_dtype)
     else:
@@ -289,7 +300,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=(f"ragged_paged_attention_bq{block_q}_ppb{pages_per_block}_ns{num_splits}"
-              + ("_pg" if split_pages else "")),
+              + ("_pg" if split_pages else "") + ("_mt" if masked_tail_only else "")),
     )(blk_seq, blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2, v2)
     if num_splits == 1:
         return res
@@ -401,6 +412,7 @@ def ragged_paged_attention(
     decode_pages_per_block: int | None = None,
     decode_splits: int | None = None,
     decode_split_pages: bool = False,
+    masked_tail_only: bool = False,
     num_warps: int = 4,
     num_stages: int = 2,
     decode: bool = True,
@@ -417,6 +429,9 @@ def ragged_paged_attention(
     and G); a value passed overrides its table entry alone. ``decode_split_pages`` splits the
     decode context by pages instead of by key blocks of ``decode_pages_per_block`` pages
     (unmeasured; for short contexts under a long context class, see DESIGN_NOTES).
+    ``masked_tail_only`` runs the key blocks every query row of a program sees (those before
+    its first query position) without the causal mask, and masks only the rest, as flash
+    attention kernels do (without a sliding window; unmeasured, off until the sweep decides).
     ``decode=False`` / ``prefill=False`` skip a launch when the caller knows the batch has no
     decode (q_len == 1) or no longer sequences (e.g. a pure decode step); by default both run
     and each skips the other's sequences. With ``prefill=False`` sequences of q_len > 1 are not
@@ -468,7 +483,7 @@ def ragged_paged_attention(
     v2 = v_pages.reshape(P * B, K * D)
     common = dict(T=T, H=H, K=K, D=D, B=B, sm_scale=sm_scale, sliding_window=sliding_window,
                   soft_cap=soft_cap, num_warps=num_warps, num_stages=num_stages,
-                  interpret=interpret, out_dtype=q.dtype)
+                  interpret=interpret, out_dtype=q.dtype, masked_tail_only=masked_tail_only)
 
     t = jnp.arange(T, dtype=jnp.int32)
     t_valid = t < query_start_loc[ns]

@@ -301,6 +301,25 @@ def test_decode_splits_by_pages_match_reference(dtype, tol, window, cap):
                      decode_splits=7, decode_split_pages=True)
 
 
+@pytest.mark.parametrize("dtype,tol,window,cap", [(jnp.float32, 1e-5, None, None),
+                                                  (jnp.bfloat16, 1e-2, None, 5.0),
+                                                  (jnp.float32, 1e-5, 9, None)])
+def test_masked_tail_only_matches_reference_in_every_launch(dtype, tol, window, cap):
+    # Unmasked key blocks before each program's first query position, the causal mask on the
+    # rest: prefill blocks whose first row sits exactly on a block edge and mid-block (block_q 3
+    # against key blocks of 16), chunked prefills over a context, decodes split by key blocks
+    # and by pages (a split's end inside a block), and the sliding window, which keeps the
+    # mask on every block.
+    kinds = MIXED + [("decode",) * 6, ("prefill", "chunk"), ("chunk",) * 3]
+    _check_attention(21, kinds, H=8, K=2, dtype=dtype, tol=tol, T=40, S=6, M=12, B=8,
+                     sliding_window=window, soft_cap=cap, block_q=3, pages_per_block=2,
+                     decode_pages_per_block=2, decode_splits=3, masked_tail_only=True)
+    _check_attention(22, [("decode",) * 6, ("decode", "chunk", "decode")], H=8, K=2,
+                     dtype=dtype, tol=tol, T=32, S=6, M=40, B=8, sliding_window=window,
+                     soft_cap=cap, decode_pages_per_block=4, decode_splits=7,
+                     decode_split_pages=True, masked_tail_only=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # FP8 (e4m3) W8A8 matmul.
 # e4m3 keeps 3 mantissa bits: round-to-nearest leaves a relative error of at most 2^-4 per

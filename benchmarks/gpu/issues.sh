@@ -202,7 +202,8 @@ startup)  # nvidia-h200-x2, one call: where the 148 s cold start goes (issue 9) 
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 next2)  # nvidia-h200-x2, one call, for the session after 2026-12-01: GPU0 the prefill block
   # sweep (our prefill kernel is 1.7-2.8x slower than JAX's Triton / cuDNN: its table entry
-  # was never swept past the first config); GPU1 the cold start at the defaults with the nested
+  # was never swept past the first config; masked_tail_only on and off); GPU1 the cold start
+  # at the defaults with the nested
   # attention jit (lowering was 67.5 s of the 85 s), then fp8 at the defaults.
   L=$OUT/logs; mkdir -p $L
   (export CUDA_VISIBLE_DEVICES=0
