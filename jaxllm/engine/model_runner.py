@@ -249,17 +249,23 @@ def zeros_kv_cache(num_layers: int, shape: tuple[int, ...], dtype: Any,
 
 # enforce_eager (vLLM's name for "no CUDA graphs"): the step programs are compiled without
 # XLA's command buffers (its CUDA graphs; XLA's default records fusions, cuBLAS(Lt), custom
-# calls and cuDNN into them), so every kernel is launched on its own. Measured on the H200
-# (2026-11-30, benchmarks/RESULTS.md "Command buffers") with XLA_FLAGS=
-# --xla_gpu_enable_command_buffer= (the same option, process-wide): batch-1 fp8 decode 4.42 against
-# 5.62 ms/token with them, bf16 4.50 against 4.45-4.65; launches of tiny kernels cost 5.1 us
-# each without them, 1.5 with. Off by default (vLLM's default) until batch-256 steps are measured.
+# calls and cuDNN into them), so every kernel is launched on its own. Off by default, as in
+# vLLM, by measurement (H200, 2026-12-01, benchmarks/RESULTS.md): command buffers make the bf16
+# step faster at batch 1/64/256 (4.14/7.33/13.51 against 4.33/7.44/14.02 ms) and fp8's at
+# batch 1 (3.68 against 4.56 ms).
 EAGER_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
+# Tensor-parallel steps: XLA's one-shot all-reduce kernel off. A chain of 65 dependent psums of
+# [1, 4096] bf16 (one tp=2 decode step's all-reduces) on 2 x H200 (NVLink; 2026-12-01,
+# benchmarks/RESULTS.md "All-reduce"): 10.82 ms with XLA's default, 5.79 with this (batch 256:
+# 14.54 -> 5.69 ms). It leaves NCCL's kernels to do the all-reduce.
+TP_COMPILER_OPTIONS = {"xla_gpu_unsupported_use_all_reduce_one_shot_kernel": False}
 
 
-def step_jit_options(enforce_eager: bool) -> dict:
+def step_jit_options(enforce_eager: bool, tensor_parallel: bool = False) -> dict:
     """Keyword arguments for the ``jax.jit`` of a step program (forward, sampler)."""
-    return {"compiler_options": dict(EAGER_COMPILER_OPTIONS)} if enforce_eager else {}
+    options = {**(EAGER_COMPILER_OPTIONS if enforce_eager else {}),
+               **(TP_COMPILER_OPTIONS if tensor_parallel else {})}
+    return {"compiler_options": options} if options else {}
 
 
 def default_token_buckets(max_num_batched_tokens: int, smallest: int = 8,
@@ -283,7 +289,8 @@ class ModelRunner:
                  max_logprobs: int, parallel: Any = None, enforce_eager: bool = False):
         # parallel: a sharding.rules.ModelSharding with one stage (tensor parallelism): the params
         # are already in their shards; the KV cache is split by KV head, attention per shard.
-        self._jit_options = step_jit_options(enforce_eager)
+        self._jit_options = step_jit_options(enforce_eager,
+                                             parallel is not None and parallel.tp > 1)
         self._set_step_shape(parallel, parallel.stages[0].mesh if parallel is not None else None,
                              num_pages=num_pages, page_size=page_size,
                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,

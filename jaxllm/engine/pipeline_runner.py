@@ -93,7 +93,7 @@ class PipelineRunner(ModelRunner):
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  token_buckets, cache_dtype: Any, vocab_size: int, max_logprobs: int,
                  parallel: Any, enforce_eager: bool = False):
-        self._jit_options = step_jit_options(enforce_eager)
+        self._jit_options = step_jit_options(enforce_eager, parallel.tp > 1)
         self._set_step_shape(parallel, None, num_pages=num_pages, page_size=page_size,
                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                              token_buckets=token_buckets, vocab_size=vocab_size,
