@@ -740,8 +740,9 @@ def test_kv_pool_is_sized_from_device_memory_after_the_largest_steps_temp(small_
     assert "no memory statistics" in caplog.text and "--num-pages" in caplog.text
 
 
+@pytest.mark.parametrize("backend", ["reference", "pallas"])
 def test_attention_is_traced_once_per_step_program_and_compiles_to_the_same_ops(
-        small_llama_folder, monkeypatch):
+        small_llama_folder, monkeypatch, backend):
     # Start-up: the attention of every layer is one nested jit (same shapes, same static
     # arguments), so a step program traces and lowers it once, not once per layer (the 8B cold
     # start spent most of its time lowering). XLA inlines it: the optimized program has the same
@@ -753,16 +754,20 @@ def test_attention_is_traced_once_per_step_program_and_compiles_to_the_same_ops(
 
     from jaxllm.models import attention
 
+    # The Pallas backend (interpreted here) with a pure decode step: its static decode_only
+    # flag must stay static through the nested jit.
     traced = []
-    real = attention.ragged_paged_attention_reference
-    monkeypatch.setattr(attention, "ragged_paged_attention_reference",
-                        lambda *a, **k: (traced.append(1), real(*a, **k))[1])
+    name = {"reference": "ragged_paged_attention_reference",
+            "pallas": "ragged_paged_attention"}[backend]
+    real = getattr(attention, name)
+    monkeypatch.setattr(attention, name, lambda *a, **k: (traced.append(1), real(*a, **k))[1])
     eng = LLM(str(small_llama_folder), dtype="float32", max_model_len=64, page_size=8,
-              num_pages=16, max_num_batched_tokens=16, max_num_seqs=2,
+              num_pages=16, max_num_batched_tokens=16, max_num_seqs=2, attention_backend=backend,
               skip_compile_at_start=True).llm_engine
     runner, layers = eng.runner, eng.model_config.num_hidden_layers
     assert layers >= 2
-    fwd_in, _ = runner._device_inputs(runner.prepare([], [], T=16))
+    fwd_in, _ = runner._device_inputs(runner.prepare([], [], T=8 if backend == "pallas" else 16,
+                                                     decode_only=backend == "pallas"))
 
     def lowered_ops():
         jax.clear_caches()
