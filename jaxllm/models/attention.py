@@ -154,7 +154,7 @@ def _paged_attention(q, k_pages, v_pages, md, *, sm_scale, sliding_window, soft_
     # A nested jit for start-up time, not run time: every layer calls it with the same shapes
     # and static arguments, so it is traced and lowered once per step program instead of once
     # per layer (each lowering of the Pallas kernel is slow Python; the 8B cold start spent
-    # 67.5 s lowering 52 programs on the H200 host). XLA inlines the call; tests/test_attention.py
+    # 67.5 s lowering 52 programs on the H200 host). XLA inlines the call; tests/test_engine.py
     # checks that the optimized program keeps the same ops.
     if backend == "reference":
         return ragged_paged_attention_reference(
