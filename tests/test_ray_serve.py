@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import time
 import types
@@ -53,8 +54,10 @@ def loaded(tmp_path_factory):
     """The default model in float32, also written as the orbax checkpoint the replicas restore."""
     from jaxllm.loading import load_model
 
-    ckpt = str(tmp_path_factory.mktemp("ray_ckpt") / "smollm2")
-    return load_model(None, dtype="float32", checkpoint_dir=ckpt), ckpt
+    root = tmp_path_factory.mktemp("ray_ckpt")
+    ckpt = str(root / "smollm2")
+    yield load_model(None, dtype="float32", checkpoint_dir=ckpt), ckpt
+    shutil.rmtree(root, ignore_errors=True)  # ~0.5 GB; the session's tmp dir outlives the module
 
 
 @pytest.fixture(scope="module")
