@@ -24,7 +24,12 @@ one JSON line in --out; the best config per shape is printed last. The first Pal
 each decode / prefill shape is the kernel's own table entry (config has "table": true).
 Calls under 1 ms are also timed --loop-reps at a time inside one jitted program
 (time_us_loop, pct_bw_loop): single calls from the host carry a dispatch floor of ~50-70 us
-that hid the kernels at small shapes in the 2026-11-23 sweep; table_from_results prefers it.
+that hid the kernels at small shapes in the 2026-11-23 sweep. Even then the loop carries one
+dispatch per 8 calls and XLA's per-op launches: at 1 x 512 every implementation, cuDNN included,
+read ~30-37 us a call on the H200 for 1 MB of K/V. ``--device-time`` also reads each such call's
+GPU time back from a profiler trace (benchmarks/gpu_trace.py): device_us (GPU busy per call),
+pct_bw_device, ops_per_call and the longest op group (top_op, top_op_us: the Pallas kernel
+without its jnp glue). table_from_results prefers device_us, then time_us_loop, then time_us.
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_trace, also when loaded by a test
 
 import jax  # noqa: E402
+import gpu_trace  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -104,6 +111,7 @@ T0 = time.time()
 RESULTS: list[dict] = []
 OUT = None
 LOOP_REPS = 8
+DEVICE_TIME = False  # --device-time: GPU time per call from a profiler trace
 
 
 def emit(rec: dict) -> None:
@@ -198,6 +206,15 @@ def run_case(section, shape, impl, config, fn, arg_sets, *, ref=None, bytes_=Non
                     rec["pct_bw_loop"] = 100 * bytes_ / tl / PEAK_BW
             except Exception as e:  # noqa: BLE001
                 rec["loop_error"] = short(e)
+        if DEVICE_TIME and t < 5e-3 and impl != "reference_xla":
+            try:
+                dev = gpu_trace.device_time(fn, arg_sets)
+                if dev is not None:  # None: no GPU ops in the trace (CPU)
+                    rec.update(dev)
+                    if bytes_:
+                        rec["pct_bw_device"] = 100 * bytes_ / (dev["device_us"] * 1e-6) / PEAK_BW
+            except Exception as e:  # noqa: BLE001
+                rec["device_time_error"] = short(e)
         if flops:
             rec["tflops"] = flops / t / 1e12
             if peak_flops:
@@ -577,7 +594,7 @@ def summarize():
     for (section, shape), rs in groups.items():
         by_impl: dict[str, dict] = {}
         def key(r):  # dispatch-free time where measured
-            return r.get("time_us_loop", r["time_us"])
+            return r.get("device_us", r.get("time_us_loop", r["time_us"]))
 
         for r in rs:
             if r.get("ok") is False:
@@ -591,7 +608,9 @@ def summarize():
                 f"{r.get('tflops', 0):.0f}TF/s")
             loop = (f" loop={r['time_us_loop']:.1f}us({r.get('pct_bw_loop', 0):.0f}%)"
                     if "time_us_loop" in r else "")
-            cells.append(f"{impl}={r['time_us']:.1f}us {perf}{loop}")
+            dev = (f" device={r['device_us']:.1f}us({r.get('pct_bw_device', 0):.0f}%)"
+                   if "device_us" in r else "")
+            cells.append(f"{impl}={r['time_us']:.1f}us {perf}{loop}{dev}")
         print(f"{section:8s} {dict(shape)}: " + " | ".join(cells))
         if "pallas" in by_impl or "pallas_fp8" in by_impl:
             best = by_impl.get("pallas") or by_impl.get("pallas_fp8")
@@ -621,8 +640,12 @@ def _usable(r, section):
 
 
 def _time(r, group):
-    """time_us_loop when every row of the group has it (dispatch-free), else time_us."""
-    return r["time_us_loop"] if all("time_us_loop" in g for g in group) else r["time_us"]
+    """The most dispatch-free time every row of the group has: device_us (GPU time, from a
+    profiler trace), else time_us_loop (one dispatch per --loop-reps calls), else time_us."""
+    for key in ("device_us", "time_us_loop"):
+        if all(key in g for g in group):
+            return r[key]
+    return r["time_us"]
 
 
 def table_from_results(*paths):
@@ -681,7 +704,7 @@ def print_table(paths):
                 shape = {k: r[k] for k in ("batch", "ctx", "table_ctx", "q_len") if k in r}
                 why = ("short context, long table" if "table_ctx" in r else
                        "split by pages" if c.get("decode_split_pages") else "warps/stages")
-                t = r.get("time_us_loop", r["time_us"])
+                t = r.get("device_us", r.get("time_us_loop", r["time_us"]))
                 print(f"# not tabled ({why}): {sec} {shape} {c} {t:.1f} us")
 
 
@@ -777,7 +800,7 @@ def bench_backends(rng):
 
 
 def main():
-    global OUT, LOOP_REPS, PEAK_BW
+    global OUT, LOOP_REPS, PEAK_BW, DEVICE_TIME
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
     ap.add_argument("--sections", "--only", dest="sections", default="decode,gemm,prefill,mixed",
@@ -791,6 +814,9 @@ def main():
                     help="print the kernel's block-size table derived from sweep results, exit")
     ap.add_argument("--peak-bw", type=float, default=None,
                     help="bytes/s for pct_bw (default: 4.3e12 on an H200, else 3.1e12)")
+    ap.add_argument("--device-time", action="store_true",
+                    help="also read each call's GPU time from a profiler trace (device_us; "
+                         "calls under 5 ms; ~1 s more per case)")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     args = ap.parse_args()
@@ -798,6 +824,7 @@ def main():
         print_table(args.print_table)
         return
     LOOP_REPS = args.loop_reps
+    DEVICE_TIME = args.device_time
     if args.smoke:
         _smoke()
     OUT = args.out

@@ -6,7 +6,11 @@ decode at `--context` tokens, times `--steps` engine steps, then records `--step
   wall_ms        median wall time of an engine step (host included), without the profiler
                  (wall_profiled_ms: under it, slower by its per-launch host callbacks)
   gpu_busy_ms    union of GPU kernel/memcpy intervals per step
-  idle_pct       1 - busy / wall: the share of a step the GPU waits for the host
+  idle_pct       1 - busy / wall (the profiler runs XLA op by op: a bound, not a measurement,
+                 of the time the GPU waits for the host)
+  host_wait_ms   median time a step's fetch blocked for the GPU: > 0 means the GPU had the
+                 next step queued all along (GPU-bound); host_work_ms = wall - wait;
+                 host_bound_steps: steps whose fetch found its results ready
   kernels        GPU ops per step
 and the top GPU ops by time (grouped by name with digits stripped).
 
@@ -20,76 +24,62 @@ A/B of two step-level choices (docs/DESIGN_NOTES.md, "Decode-only steps, packed 
 from __future__ import annotations
 
 import argparse
-import collections
-import gzip
 import json
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_trace import host_top, summarize  # noqa: E402
 from offline_throughput import SHAPES, log_engine_startup, random_model  # noqa: E402
 
 
-def _gpu_events(trace_path: Path) -> tuple[list[tuple[str, float, float]], set[str]]:
-    """(name, start_us, dur_us) of the GPU stream events of a Perfetto/Chrome trace, and the
-    names of the GPU threads seen (streams, plus derived lines like "XLA Ops" that repeat them)."""
-    with gzip.open(trace_path, "rt") as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
-    threads = {(e["pid"], e["tid"]): str(e.get("args", {}).get("name", "")) for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu_pids}
-    streams = {k for k, v in threads.items() if v.lower().startswith("stream")}
-    keep = streams or set(threads)
-    out = [(e["name"], float(e["ts"]), float(e.get("dur", 0.0))) for e in events
-           if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in keep]
-    return out, set(threads.values())
+# A fetch that returns within this found its step already done: the GPU may have waited for the
+# host in that step (see timed_steps).
+HOST_BOUND_WAIT_S = 50e-6
 
 
-def _host_top(trace_path: Path, num_steps: int, top: int) -> list[tuple[str, float, float]]:
-    """(name, ms per step, calls per step) of the host-side trace events (every process that is
-    not a GPU), the longest first: where the host's part of a step goes (XLA's executable
-    launch, command-buffer updates, Python). Nested events each count their whole span."""
-    with gzip.open(trace_path, "rt") as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
-    total, calls = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") not in gpu_pids:
-            name = re.sub(r"\d+", "#", str(e.get("name", "")))[:100]
-            total[name] += float(e.get("dur", 0.0))
-            calls[name] += 1
-    return [(k, v / num_steps / 1e3, calls[k] / num_steps) for k, v in total.most_common(top)]
+def timed_steps(engine, steps: int) -> tuple[list[float], list[float]]:
+    """(wall, wait) seconds of ``steps`` engine steps, without the profiler. ``wait``: how long
+    the step's fetch of the previous step's results blocked for the GPU.
 
+    With async scheduling the host dispatches step N+1 before it blocks on step N's results, so
+    while it waits the GPU has N+1 queued: a step whose fetch waited cannot have left the GPU
+    idle for the host. Only steps whose fetch found the results ready (host-bound steps) can.
+    This tells host-bound from GPU-bound without the profiler, which runs XLA op by op (it turns
+    command buffers off), so its GPU busy time is not the command-buffer step's (idle_pct
+    compares the two)."""
+    import jax
 
-def _union_us(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(intervals):
-        if e <= end:
-            continue
-        total += e - max(s, end)
-        end = e
-    return total
+    runner = engine.runner
+    fetch = runner.fetch
+    own = "fetch" in vars(runner)  # an instance attribute already (else the class's method)
+    waits: list[float] = []
 
+    def timed_fetch(tree):
+        t = time.perf_counter()
+        jax.block_until_ready(tree)
+        waits.append(time.perf_counter() - t)
+        return fetch(tree)
 
-def summarize(trace_path: Path, num_steps: int, top: int) -> dict:
-    """Per-step GPU busy time (union of stream events), op count and the top ops by time."""
-    events, thread_names = _gpu_events(trace_path)
-    if not events:
-        raise RuntimeError(f"no GPU events in {trace_path}; GPU threads seen: {sorted(thread_names)}")
-    by_name = collections.Counter()
-    for name, _, d in events:
-        by_name[re.sub(r"\d+", "#", name)] += d
-    busy = _union_us([(s, s + d) for _, s, d in events])
-    return dict(gpu_busy_ms=busy / num_steps / 1e3, kernels_per_step=len(events) / num_steps,
-                gpu_threads=sorted(thread_names),
-                top=[(k, v / num_steps / 1e3) for k, v in by_name.most_common(top)])
+    walls = []
+    runner.fetch = timed_fetch
+    try:
+        for _ in range(steps):
+            n = len(waits)
+            t = time.perf_counter()
+            engine.step()
+            walls.append(time.perf_counter() - t)
+            del waits[n + 1:]  # one fetch per decode step; keep the first if there were more
+            if len(waits) == n:
+                waits.append(0.0)
+    finally:
+        if own:
+            runner.fetch = fetch
+        else:
+            del runner.fetch
+    return walls, waits
 
 
 def main(argv=None) -> int:
@@ -157,12 +147,10 @@ def main(argv=None) -> int:
         # The step's wall time is taken without the profiler: its per-launch callbacks slow the
         # host, by more the more kernels a step launches (an fp8 step's ~860 launches at batch
         # 1 read ~2x slower under it). The GPU time is read from the trace of the next steps.
-        walls = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            engine.step()
-            walls.append(time.perf_counter() - t)
+        walls, waits = timed_steps(engine, args.steps)
         wall = statistics.median(walls) * 1e3
+        wait = statistics.median(waits) * 1e3
+        host_bound = sum(w < HOST_BOUND_WAIT_S for w in waits)
         wall_mean, wall_max = statistics.mean(walls) * 1e3, max(walls) * 1e3
         log_dir = args.out_dir / f"b{batch}"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +168,7 @@ def main(argv=None) -> int:
 
             shutil.copy(trace, f"{args.keep_trace}_b{batch}.json.gz")
         if args.host_top:
-            summ["host_top"] = _host_top(trace, args.steps, args.host_top)
+            summ["host_top"] = host_top(trace, args.steps, args.host_top)
         for rid in ids:
             engine.abort_request(rid)
         row = dict(shape=args.shape, device=jax.devices()[0].device_kind, batch=batch,
@@ -192,12 +180,15 @@ def main(argv=None) -> int:
                    kv_cache_dtype=args.kv_cache_dtype, wall_ms=wall, wall_mean_ms=wall_mean,
                    wall_max_ms=wall_max,
                    wall_profiled_ms=wall_profiled, **summ,
-                   idle_pct=100 * max(0.0, 1 - summ["gpu_busy_ms"] / wall))
+                   idle_pct=100 * max(0.0, 1 - summ["gpu_busy_ms"] / wall),
+                   host_wait_ms=wait, host_work_ms=wall - wait, host_bound_steps=host_bound,
+                   steps=args.steps)
         rows.append(row)
         print(f"batch {batch}: wall {wall:.2f} ms (mean {wall_mean:.2f}, max {wall_max:.1f}; "
               f"{wall_profiled:.2f} profiled), GPU busy "
               f"{summ['gpu_busy_ms']:.2f} ms (idle {row['idle_pct']:.1f}%), "
-              f"{summ['kernels_per_step']:.0f} GPU ops/step")
+              f"{summ['kernels_per_step']:.0f} GPU ops/step; host waits {wait:.2f} ms a step for "
+              f"the GPU ({host_bound}/{args.steps} steps host-bound)")
         for name, ms in summ["top"]:
             print(f"    {ms:8.3f} ms  {name[:110]}")
         for name, ms, n in summ.get("host_top", []):

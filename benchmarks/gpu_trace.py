@@ -1,0 +1,120 @@
+"""GPU time read back from a ``jax.profiler`` Perfetto trace (profile_step.py, kernels.py).
+
+Host wall time of a small kernel call carries the host's dispatch (~30-70 us a call on the
+GPU machine), which hides the kernel at small shapes even when the calls are batched into one
+jitted program. The profiler records every GPU op with its own start and duration (CUPTI), so
+the device time of a call is the union of its ops' intervals, without the gaps in which the GPU
+waits for the host. Under the profiler XLA runs op by op (it turns command buffers off), which
+changes launch overheads, not the ops' durations.
+
+Imports only jax (for ``device_time``); the readers are plain json.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import re
+import tempfile
+from pathlib import Path
+
+
+def gpu_events(trace_path: Path) -> tuple[list[tuple[str, float, float]], set[str]]:
+    """(name, start_us, dur_us) of the GPU stream events of a Perfetto/Chrome trace, and the
+    names of the GPU threads seen (streams, plus derived lines like "XLA Ops" that repeat them)."""
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
+    threads = {(e["pid"], e["tid"]): str(e.get("args", {}).get("name", "")) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu_pids}
+    streams = {k for k, v in threads.items() if v.lower().startswith("stream")}
+    keep = streams or set(threads)
+    out = [(e["name"], float(e["ts"]), float(e.get("dur", 0.0))) for e in events
+           if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in keep]
+    return out, set(threads.values())
+
+
+def host_top(trace_path: Path, num_steps: int, top: int) -> list[tuple[str, float, float]]:
+    """(name, ms per step, calls per step) of the host-side trace events (every process that is
+    not a GPU), the longest first: where the host's part of a step goes (XLA's executable
+    launch, command-buffer updates, Python). Nested events each count their whole span."""
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
+    total, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") not in gpu_pids:
+            name = op_group(str(e.get("name", "")))[:100]
+            total[name] += float(e.get("dur", 0.0))
+            calls[name] += 1
+    return [(k, v / num_steps / 1e3, calls[k] / num_steps) for k, v in total.most_common(top)]
+
+
+def op_group(name: str) -> str:
+    """An op's name with its digits replaced by '#': the instances of one kernel group together
+    (fusion_12 and fusion_40; a Pallas kernel's block sizes are in its name, and go too)."""
+    return re.sub(r"\d+", "#", name)
+
+
+def union_us(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def summarize(trace_path: Path, num_steps: int, top: int) -> dict:
+    """Per-step GPU busy time (union of stream events), op count and the top ops by time."""
+    events, thread_names = gpu_events(trace_path)
+    if not events:
+        raise RuntimeError(f"no GPU events in {trace_path}; GPU threads seen: {sorted(thread_names)}")
+    by_name = collections.Counter()
+    for name, _, d in events:
+        by_name[op_group(name)] += d
+    busy = union_us([(s, s + d) for _, s, d in events])
+    return dict(gpu_busy_ms=busy / num_steps / 1e3, kernels_per_step=len(events) / num_steps,
+                gpu_threads=sorted(thread_names),
+                top=[(k, v / num_steps / 1e3) for k, v in by_name.most_common(top)])
+
+
+def per_call(events: list[tuple[str, float, float]], calls: int) -> dict | None:
+    """Device time of one call from the GPU events of ``calls`` calls: ``device_us`` (GPU busy,
+    the union of the ops' intervals), ``ops_per_call``, and the op group that took longest
+    (``top_op``, ``top_op_us``: e.g. the Pallas kernel itself, without the jnp glue around it).
+    None without events (no GPU in the trace)."""
+    if not events or calls < 1:
+        return None
+    by_name = collections.Counter()
+    for name, _, d in events:
+        by_name[op_group(name)] += d
+    top_name, top_us = by_name.most_common(1)[0]
+    return dict(device_us=union_us([(s, s + d) for _, s, d in events]) / calls,
+                ops_per_call=len(events) / calls, top_op=top_name, top_op_us=top_us / calls)
+
+
+def device_time(fn, arg_sets: list[tuple], calls: int = 20) -> dict | None:
+    """``per_call`` of ``fn``: one warm call, then ``calls`` calls (``arg_sets`` cycled, as the
+    wall-time loop does) under the profiler. None on a platform whose trace has no GPU ops."""
+    import jax
+
+    jax.block_until_ready(fn(*arg_sets[0]))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            out = None
+            for i in range(calls):
+                out = fn(*arg_sets[i % len(arg_sets)])
+            jax.block_until_ready(out)
+        trace = next(Path(d).rglob("perfetto_trace.json.gz"), None)
+        if trace is None:
+            return None
+        events, _ = gpu_events(trace)
+    return per_call(events, calls)

@@ -1,0 +1,85 @@
+"""The benchmarks' GPU-time reader (benchmarks/gpu_trace.py): what it counts from a trace."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gpu_trace  # noqa: E402
+
+
+def _write_trace(path: Path, events: list[dict]) -> Path:
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #14(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+    ]
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+    return path
+
+
+def _x(pid, tid, name, ts, dur):
+    return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur}
+
+
+def test_per_call_device_time_is_the_union_of_stream_ops_and_ignores_host_and_derived_lines(tmp_path):
+    trace = _write_trace(tmp_path / "t.json.gz", [
+        # call 1: kernel 0-10, glue 12-14 (a 2 us gap: the GPU idle, not counted)
+        _x(1, 7, "ragged_paged_attention_bq1_ppb8_ns5", 0, 10),
+        _x(1, 7, "loop_select_fusion_3", 12, 2),
+        # call 2: kernel 100-108, overlapping glue 106-110 (counted once)
+        _x(1, 7, "ragged_paged_attention_bq1_ppb8_ns5", 100, 8),
+        _x(1, 7, "loop_select_fusion_9", 106, 4),
+        # the "XLA Ops" line repeats the stream's ops; the host's events are not GPU time
+        _x(1, 8, "ragged_paged_attention_bq1_ppb8_ns5", 0, 10),
+        _x(2, 1, "PjitFunction(f)", 0, 500),
+    ])
+    events, threads = gpu_trace.gpu_events(trace)
+    assert threads == {"Stream #14(Compute)", "XLA Ops"}
+    assert len(events) == 4  # the stream's, not the derived line's nor the host's
+    got = gpu_trace.per_call(events, calls=2)
+    assert got["device_us"] == (10 + 2 + 10) / 2
+    assert got["ops_per_call"] == 2
+    assert got["top_op"] == "ragged_paged_attention_bq#_ppb#_ns#"
+    assert got["top_op_us"] == (10 + 8) / 2
+    assert gpu_trace.per_call([], calls=2) is None
+
+
+def test_device_time_on_a_platform_without_gpu_ops_is_none():
+    f = lambda x: (x * 2).sum()  # noqa: E731
+    assert gpu_trace.device_time(f, [(jnp.ones(8),)], calls=2) is None
+
+
+def test_profile_step_times_one_fetch_wait_per_step_and_restores_the_runner():
+    import time
+
+    import profile_step
+
+    class Runner:
+        def fetch(self, tree):
+            return tree
+
+    class Engine:
+        def __init__(self):
+            self.runner = Runner()
+            self.n = 0
+
+        def step(self):  # fetches: step 0 none (nothing in flight), step 1 one, step 2 two
+            for _ in range(min(self.n, 2)):
+                self.runner.fetch(jnp.ones(4))
+            self.n += 1
+            time.sleep(0.002)
+
+    engine = Engine()
+    walls, waits = profile_step.timed_steps(engine, 3)
+    assert len(walls) == len(waits) == 3
+    assert waits[0] == 0.0 and all(0.0 <= w < wl for w, wl in zip(waits, walls))
+    assert all(wl >= 0.002 for wl in walls)
+    assert "fetch" not in vars(engine.runner)  # the wrapper is gone: the class's method again
