@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -178,6 +179,44 @@ def test_paged_attention_pallas_backend_matches_reference_backend():
     got = attend(q, kp, vp, md, sm_scale=0.2, backend="pallas")
     want = attend(q, kp, vp, md, sm_scale=0.2, backend="reference")
     assert _rel_err(got, want) < 1e-5
+
+
+def test_attention_knobs_from_the_environment_reach_the_kernel_and_bad_ones_are_refused(
+        monkeypatch):
+    from jaxllm.models.attention import ATTENTION_KNOBS_ENV, AttentionMetadata, paged_attention
+
+    rng = np.random.default_rng(6)
+    (q, kp, vp, sl, pt, qsl, ns), _ = _random_batch(
+        rng, kinds=("chunk", "decode", "prefill"), T=24, S=6, M=6, B=8, P=40, H=8, K=2, D=32,
+        dtype=jnp.float32)
+    md = AttentionMetadata(slot_mapping=jnp.zeros(24, jnp.int32), query_start_loc=qsl,
+                           seq_lens=sl, page_table=pt, num_seqs=ns)
+
+    def traced(backend="pallas"):
+        f = functools.partial(paged_attention, sm_scale=0.2, backend=backend)
+        jaxpr = str(jax.make_jaxpr(f)(q, kp, vp, md))
+        return set(re.findall(r"ragged_paged_attention_bq\d+_ppb\d+_ns\d+\w*", jaxpr))
+
+    monkeypatch.delenv(ATTENTION_KNOBS_ENV, raising=False)
+    table = traced()
+    monkeypatch.setenv(ATTENTION_KNOBS_ENV, '{"decode_splits": 3, "block_q": 2, '
+                                            '"masked_tail_only": true}')
+    knobbed = traced()
+    assert knobbed != table  # a new trace, not the cached one of the table's knobs
+    assert "ragged_paged_attention_bq1_ppb8_ns3_mt" in knobbed
+    assert any(n.startswith("ragged_paged_attention_bq2_") for n in knobbed)
+    # Same result as the reference with the knobs on.
+    got = jax.jit(paged_attention, static_argnames=("sm_scale", "backend"))(
+        q, kp, vp, md, sm_scale=0.2, backend="pallas")
+    want = paged_attention(q, kp, vp, md, sm_scale=0.2, backend="reference")
+    assert _rel_err(got, want) < 1e-5
+    for bad, match in [('{"decode_splitz": 2}', "unknown kernel knobs.*decode_splitz"),
+                       ("[2]", "must be a JSON object"), ("{nope", "must be a JSON object"),
+                       ('{"decode_splits": 0}', "decode_splits must be a positive int")]:
+        monkeypatch.setenv(ATTENTION_KNOBS_ENV, bad)
+        with pytest.raises(ValueError, match=match):
+            traced()
+    assert traced("reference") == set()  # the reference backend has no knobs to take
 
 
 @pytest.mark.slow
@@ -384,3 +423,20 @@ def test_fp8_matmul_accepts_per_tensor_scales():
                      interpret=True)
     assert _rel_err(got, ref) < 1e-5
     assert _rel_err(fp8_matmul_xla(xq, xs, wq, ws, out_dtype=jnp.float32), ref) < 1e-5
+
+
+def test_table_from_a_sweep_ranks_by_device_time_where_every_row_has_it(tmp_path):
+    bench = _load_kernels_benchmark()
+    # Two decode configs of one shape: A is faster by host wall time (loop), B by GPU time.
+    base = dict(section="decode", impl="pallas", ok=True, batch=8, ctx=4096, heads=32, kv_heads=8)
+    a = dict(base, config=dict(decode_pages_per_block=8, decode_splits=5), time_us=80.0,
+             time_us_loop=60.0, device_us=45.0)
+    b = dict(base, config=dict(decode_pages_per_block=4, decode_splits=16), time_us=90.0,
+             time_us_loop=70.0, device_us=38.0)
+    path = tmp_path / "sweep.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (a, b)))
+    assert bench.table_from_results(path)[0] == {(8, 4096): (4, 16)}
+    # A row without device_us (an older sweep's) makes the group fall back to the loop time.
+    del b["device_us"]
+    path.write_text("\n".join(json.dumps(r) for r in (a, b)))
+    assert bench.table_from_results(path)[0] == {(8, 4096): (8, 5)}

@@ -15,6 +15,8 @@
 #                                          bf16 throughput at 256 / 2048
 #   bash benchmarks/gpu/issues.sh next2    prefill block sweep; cold start with the nested
 #                                          attention jit; fp8 at the defaults
+#   bash benchmarks/gpu/issues.sh next3    decode sweep in GPU time; host-bound or GPU-bound at
+#                                          batch 256; batch-1 decode split by pages
 #   bash benchmarks/gpu/issues.sh fp8tp    fp8 throughput at the defaults (run twice: warm cache)
 #   bash benchmarks/gpu/issues.sh allreduce  all-reduce latency under XLA/NCCL variants, tp2 b1
 #   bash benchmarks/gpu/issues.sh throughput  offline throughput at vLLM's H200 batch defaults
@@ -208,13 +210,31 @@ next2)  # nvidia-h200-x2, one call, for the session after 2026-12-01: GPU0 the p
   L=$OUT/logs; mkdir -p $L
   (export CUDA_VISIBLE_DEVICES=0
    timeout $T bash -c "
-   python3 benchmarks/kernels.py --sections prefill --budget 420 --out $OUT/results.jsonl > $L/prefill.log 2>&1") &
+   python3 benchmarks/kernels.py --sections prefill --budget 400 --device-time --out $OUT/results.jsonl > $L/prefill.log 2>&1") &
   (export CUDA_VISIBLE_DEVICES=1
    timeout $T bash -c "
    $TP > $L/tp_bf16.log 2>&1
    $TP --quantization fp8 > $L/tp_fp8.log 2>&1") &
   wait
   for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -12; done
+  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+next3)  # nvidia-h200-x2, one call, after next2: GPU0 the decode sweep with GPU time per call
+  # (kernels.py --device-time: is 8 x 4k at 44% of bandwidth the kernel, or the ~30 us a call
+  # every implementation showed at 1 x 512?); GPU1 whether the host idles the GPU (profile_step's
+  # host_wait_ms / host_bound_steps beside idle_pct), then batch-1 latency with the decode split
+  # by pages (JAXLLM_ATTENTION_KNOBS) against the table.
+  L=$OUT/logs; mkdir -p $L
+  LAT="timeout 150 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 --out $OUT/results.jsonl"
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout $T bash -c "
+   python3 benchmarks/kernels.py --sections decode --budget 420 --device-time --out $OUT/results.jsonl > $L/decode.log 2>&1") &
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout $T bash -c "
+   timeout 200 python3 benchmarks/profile_step.py --batch 1 256 --context 1024 --steps 30 --top 6 --out-dir /tmp/p3 --out $OUT/results.jsonl > $L/prof.log 2>&1
+   $LAT > $L/lat_table.log 2>&1
+   JAXLLM_ATTENTION_KNOBS='{\"decode_split_pages\": true}' $LAT > $L/lat_split_pages.log 2>&1") &
+  wait
+  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -14; done
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 fp8tp)  # nvidia-h200, two calls back to back (the machine stays warm 30 s, and /tmp/jaxcache
   # with it): fp8 offline throughput at the default batch limits. The first call's compiles are

@@ -18,6 +18,8 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import json
+import os
 
 import jax
 import jax.experimental.pallas.fuser  # noqa: F401  (see below)
@@ -39,6 +41,33 @@ KVCache = list[tuple[jax.Array, jax.Array]]
 
 FP8_KV_DTYPE = jnp.float8_e4m3fn
 _E4M3_MAX = float(jnp.finfo(FP8_KV_DTYPE).max)
+
+
+# Block-size knobs of the Pallas kernel, overriding its measured table in every attention call
+# of programs traced afterwards: an A/B hook for benchmarks (the table is what the engine runs),
+# e.g. JAXLLM_ATTENTION_KNOBS='{"decode_split_pages": true}' python3 benchmarks/latency.py ...
+ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
+_KNOB_NAMES = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
+               "decode_split_pages", "masked_tail_only", "num_warps", "num_stages")
+
+
+def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
+    """The knobs ``JAXLLM_ATTENTION_KNOBS`` sets (a JSON object), as sorted (name, value) pairs
+    (hashable: they are static arguments of the attention's jit); () when unset."""
+    raw = os.environ.get(ATTENTION_KNOBS_ENV, "").strip()
+    if not raw:
+        return ()
+    try:
+        knobs = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ATTENTION_KNOBS_ENV} must be a JSON object, got {raw!r}: {e}") from None
+    if not isinstance(knobs, dict):
+        raise ValueError(f"{ATTENTION_KNOBS_ENV} must be a JSON object, got {raw!r}")
+    unknown = sorted(set(knobs) - set(_KNOB_NAMES))
+    if unknown:
+        raise ValueError(f"{ATTENTION_KNOBS_ENV} has unknown kernel knobs {unknown}; "
+                         f"known: {', '.join(_KNOB_NAMES)}")
+    return tuple(sorted(knobs.items()))
 
 
 def is_fp8(dtype) -> bool:
@@ -143,14 +172,19 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: At
                               sliding_window=sliding_window, soft_cap=soft_cap, backend=backend)
         return (out.astype(jnp.float32) * v_scale).astype(q.dtype)
 
+    knobs = attention_kernel_knobs() if backend == "pallas" else ()
+
     def attend(k_pages, v_pages, q, md):
         return _paged_attention(q, k_pages, v_pages, md, sm_scale=sm_scale,
-                                sliding_window=sliding_window, soft_cap=soft_cap, backend=backend)
+                                sliding_window=sliding_window, soft_cap=soft_cap, backend=backend,
+                                knobs=knobs)
     return _per_head_shard(attend, 2, 1, True)(k_pages, v_pages, q, md)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "backend"))
-def _paged_attention(q, k_pages, v_pages, md, *, sm_scale, sliding_window, soft_cap, backend):
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "backend",
+                                             "knobs"))
+def _paged_attention(q, k_pages, v_pages, md, *, sm_scale, sliding_window, soft_cap, backend,
+                     knobs=()):
     # A nested jit for start-up time, not run time: every layer calls it with the same shapes
     # and static arguments, so it is traced and lowered once per step program instead of once
     # per layer (each lowering of the Pallas kernel is slow Python; the 8B cold start spent
@@ -165,5 +199,5 @@ def _paged_attention(q, k_pages, v_pages, md, *, sm_scale, sliding_window, soft_
         return ragged_paged_attention(
             q, k_pages, v_pages, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,
             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-            decode_only=md.decode_only, interpret=jax.default_backend() != "gpu")
+            decode_only=md.decode_only, interpret=jax.default_backend() != "gpu", **dict(knobs))
     raise ValueError(f"unknown attention backend {backend!r}; available: 'reference', 'pallas'")
