@@ -14,7 +14,10 @@ copies when one copy would sit in the 50 MB L2):
            prefill-only and decode-only calls, each launch alone on the mixed batch, and the
            one call at the engine's padded shapes (256 slots, 8k-token page table).
   gemm     M {1,16,64,256,1024,4096} x (K,N) {(4096,6144),(4096,4096),(4096,28672),(14336,4096)}:
-           bf16 XLA dot, XLA fp8 dot (cuBLASLt), Pallas fp8 (block sweep); TFLOP/s and GB/s.
+           bf16 XLA dot, XLA fp8 dot (cuBLASLt; weight [K, N] and, as the engine stores it,
+           [N, K]), the engine's fp8 projection on bf16 activations (engine_fp8_linear:
+           quantization included, weight-only at <= 16 rows on a GPU), Pallas fp8 (block
+           sweep); TFLOP/s and GB/s.
   backends (not in the default set) the Pallas lowerings side by side (issue 5): causal
            prefill 1x4096 / 1x8192 with ours (Triton, paged), JAX's Triton flash attention, JAX's
            Mosaic GPU attention (wgmma/TMA) and cuDNN; bf16 GEMMs M {256,1024,4096} with XLA's
@@ -550,6 +553,10 @@ def bench_gemm(budget_s):
     bf16 = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
                    .astype(jnp.bfloat16))
     xla8 = jax.jit(fp8_matmul_xla)
+    xla8_nk = jax.jit(functools.partial(fp8_matmul_xla, w_transposed=True))
+    from jaxllm.models import fp8 as fp8_mod  # the engine's projection (imports flax)
+
+    engine8 = jax.jit(lambda x, w, s: fp8_mod.fp8_linear(x, w, s, None))
     for K, N in GEMM_KN:
         key = jax.random.key(K * 7 + N)
         w = jax.random.normal(key, (K, N), jnp.bfloat16) * 0.02
@@ -569,6 +576,17 @@ def bench_gemm(budget_s):
                      flops=flops, peak_flops=PEAK_BF16)
             run_case("gemm", shape, "xla_fp8", "", xla8, [(xq, xs, q, s) for q, s in wq],
                      ref=ref, bytes_=b8, flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
+            # The weight as the engine stores it ([N, K]: cuBLASLt's fp8 GEMM is "TN" only).
+            run_case("gemm", shape, "xla_fp8_nk", "", xla8_nk, [(xq, xs, q, s) for q, s in wq_t],
+                     ref=ref, bytes_=b8, flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
+            # What an fp8 projection of the engine runs on bf16 activations, quantization
+            # included: W8A8, or weight-only (e4m3 upcast in the dot) at <= 16 rows on a GPU.
+            wo = M <= fp8_mod.weight_only_max_tokens()
+            ref_wo = fp8_matmul_reference(x.astype(jnp.float32), 1.0, wq[0][0], wq[0][1]) \
+                if wo else ref  # weight-only: x is not quantized
+            run_case("gemm", shape, "engine_fp8_linear", dict(weight_only=wo), engine8,
+                     [(x, q, s) for q, s in wq_t], ref=ref_wo, bytes_=b8, flops=flops,
+                     peak_flops=PEAK_FP8, tol=1e-2)
             for i, cfg in enumerate(few(gemm_configs(M))):
                 if i > 0 and time.time() - T0 > budget_s:
                     break
