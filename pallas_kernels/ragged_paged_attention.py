@@ -148,9 +148,19 @@ def _next_pow2(n: int) -> int:
 
 
 def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_table_ref,
-                 q_ref, k_ref, v_ref, *out_refs, block_q, rows, group, num_heads, head_dim,
+                 q_ref, k_ref, v_ref, *refs, block_q, rows, group, num_heads, head_dim,
                  page_size, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap,
-                 dummy_row, out_by_block, split_pages, masked_tail_only=False):
+                 dummy_row, out_by_block, split_pages, masked_tail_only=False, kv_write=False,
+                 num_tokens=0):
+    # kv_write (decode launch only): refs start with slot [T], k_new / v_new [T, K*D] (cache
+    # dtype) and end with the page outputs (aliased to k_ref / v_ref). The new token's K/V is
+    # not in the pages yet: page reads stop before its position, split 0 adds it to its softmax
+    # from registers and stores it into its slot (one program per (sequence, KV head) writes, and
+    # no program reads that row, so the write races nothing).
+    if kv_write:
+        slot_ref, knew_ref, vnew_ref, *out_refs, k_out_ref, v_out_ref = refs
+    else:
+        out_refs = refs
     b = pl.program_id(0)
     h = pl.program_id(1)
     sp = pl.program_id(2)
@@ -180,6 +190,8 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
 
     # Context range [lo, hi) this block needs, in units of bk-sized key blocks, and this split's part.
     hi = pos0 + ntok
+    if kv_write:  # the new token (position hi - 1) comes from registers, not the pages
+        hi = jnp.where(ntok > 0, hi - 1, hi)
     lo = 0 if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
     if split_pages:
         # Splits take whole pages, not whole key blocks: a context shorter than the table's
@@ -244,10 +256,36 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
         # splits, before the split's end) are visible to every row: they skip the mask and its
         # selects, as flash attention's kernels do; only the blocks after them are masked.
         limit = pos0 + 1 if not split_pages else jnp.minimum(pos0 + 1, tok_end)
+        if kv_write:
+            limit = jnp.minimum(limit, hi)
         mid = jnp.clip((limit - tok_base) // bk, it_lo, jnp.maximum(it_lo, it_hi))
         carry = jax.lax.fori_loop(it_lo, mid, functools.partial(body, masked=False), carry)
         it_lo = mid
     acc, m, l = jax.lax.fori_loop(it_lo, it_hi, body, carry)
+
+    if kv_write:
+        # The new token: one more key for split 0's rows (decode: q_pos == its position, inside
+        # any window), and its K/V row stored into its slot. Padding slots (ntok == 0) do neither.
+        new = (sp == 0) & (ntok > 0)
+        t = jnp.minimum(tok0, num_tokens - 1)  # a padding slot's tok0 may be T
+        cols1 = h * D + d
+        k_new = plgpu.load(knew_ref.at[jnp.full((D,), t, jnp.int32), cols1])
+        v_new = plgpu.load(vnew_ref.at[jnp.full((D,), t, jnp.int32), cols1])
+        s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(kv_dtype).astype(jnp.float32)[None, :],
+                        axis=1) * sm_scale
+        if soft_cap is not None:
+            s_new = soft_cap * jnp.tanh(s_new / soft_cap)
+        s_new = jnp.where(new & row_ok, s_new, _NEG)
+        m_new = jnp.maximum(m, s_new)
+        alpha = jnp.exp(m - m_new)
+        p_new = jnp.where(new & row_ok, jnp.exp(s_new - m_new), 0.0)
+        l = alpha * l + p_new
+        acc = alpha[:, None] * acc + p_new[:, None] * v_new.astype(kv_dtype).astype(
+            jnp.float32)[None, :]
+        m = m_new
+        slot = plgpu.load(slot_ref.at[jnp.full((D,), t, jnp.int32)])
+        plgpu.store(k_out_ref.at[slot, cols1], k_new, mask=jnp.full((D,), new))
+        plgpu.store(v_out_ref.at[slot, cols1], v_new, mask=jnp.full((D,), new))
 
     # Output rows: the token's own row, or (decode launch) a compact row per (block, head), so
     # the decode partials and their combine scale with the sequence slots S, not the tokens T.
@@ -269,13 +307,15 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
 def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T, H, K, D, B,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
             num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
-            masked_tail_only=False):
+            masked_tail_only=False, kv_write=None):
     """One pallas_call over len(blk_seq) query blocks.
 
     Returns [T*H + 1, D] rows (token rows), or with ``out_by_block`` [nb*block_q*H + 1, D] rows
     (row (b*block_q + i)*H + head for token i of block b); rows no program wrote are junk.
     ``split_pages``: splits take page ranges (the page table needs pages_per_block - 1 columns
-    past the last block's end)."""
+    past the last block's end). ``kv_write`` (slot [T], k_new, v_new [T, K*D]; decode launch):
+    the new tokens' K/V are attended from registers and stored into k2 / v2, which then come
+    back as two more outputs (aliased: written in place)."""
     G = H // K
     split_pages = split_pages and num_splits > 1
     rows = max(16, _next_pow2(block_q * G))
@@ -285,25 +325,38 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         _attn_kernel, block_q=block_q, rows=rows, group=G, num_heads=H, head_dim=D, page_size=B,
         pages_per_block=pages_per_block, num_splits=num_splits, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, dummy_row=n_rows - 1,
-        out_by_block=out_by_block, split_pages=split_pages, masked_tail_only=masked_tail_only)
+        out_by_block=out_by_block, split_pages=split_pages, masked_tail_only=masked_tail_only,
+        kv_write=kv_write is not None, num_tokens=T)
     if num_splits == 1:
-        out_shape = jax.ShapeDtypeStruct((n_rows, D), out_dtype)
+        out_shape = (jax.ShapeDtypeStruct((n_rows, D), out_dtype),)
     else:
         n = num_splits * n_rows
         out_shape = (jax.ShapeDtypeStruct((n, D), jnp.float32),
                      jax.ShapeDtypeStruct((n,), jnp.float32),
                      jax.ShapeDtypeStruct((n,), jnp.float32))
+    extra, aliases = (), {}
+    if kv_write is not None:
+        extra = tuple(kv_write)
+        aliases = {6: len(out_shape), 7: len(out_shape) + 1}  # k2, v2 -> the page outputs
+        out_shape = out_shape + (jax.ShapeDtypeStruct(k2.shape, k2.dtype),
+                                 jax.ShapeDtypeStruct(v2.shape, v2.dtype))
     res = pl.pallas_call(
         kernel,
         grid=(nb, K, num_splits),
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        input_output_aliases=aliases,
         interpret=interpret,
         name=(f"ragged_paged_attention_bq{block_q}_ppb{pages_per_block}_ns{num_splits}"
-              + ("_pg" if split_pages else "") + ("_mt" if masked_tail_only else "")),
-    )(blk_seq, blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2, v2)
+              + ("_pg" if split_pages else "") + ("_mt" if masked_tail_only else "")
+              + ("_kvw" if kv_write is not None else "")),
+    )(blk_seq, blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2, v2, *extra)
+    pages = ()
+    if kv_write is not None:
+        *res, k_new_pages, v_new_pages = res
+        pages = (k_new_pages, v_new_pages)
     if num_splits == 1:
-        return res
+        return (res[0], *pages) if pages else res[0]
     acc, m, l = res
     acc = acc.reshape(num_splits, n_rows, D)
     m = m.reshape(num_splits, n_rows)
@@ -313,7 +366,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     w = jnp.exp(m - m_max[None])
     l_tot = jnp.sum(w * l, axis=0)
     out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[:, None]
-    return out.astype(out_dtype)
+    out = out.astype(out_dtype)
+    return (out, *pages) if pages else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,8 +472,9 @@ def ragged_paged_attention(
     decode: bool = True,
     prefill: bool = True,
     decode_only: bool = False,
+    new_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     interpret: bool = False,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Pallas (Triton) ragged paged attention; same contract and result as the reference.
 
     Kernel knobs (all static): ``block_q`` new tokens per prefill program, ``pages_per_block``
@@ -441,6 +496,14 @@ def ragged_paged_attention(
     output as they are, without the token->sequence search, gather and select of the general
     path (the engine's pure decode steps, ``AttentionMetadata.decode_only``). The output is
     unspecified for a batch that breaks the promise.
+
+    ``new_kv=(k_new, v_new, slot_mapping)`` (with ``decode_only``; k_new / v_new [T, K, D] in the
+    cache's dtype, already scaled for an fp8 cache; slot_mapping [T]): the new tokens' K/V are
+    not in the pages yet. The kernel attends to them from registers and writes them into their
+    slots, and the call returns ``(out, k_pages, v_pages)``: the pages with the new K/V written,
+    as ``write`` would leave them (in place when the pages are donated). This saves the step's
+    two scatter kernels per layer. Padding tokens write nothing. Unmeasured; off by default
+    (``JAXLLM_ATTENTION_KNOBS='{"fused_kv_write": true}'`` turns it on in the engine).
     """
     T, H, D = q.shape
     P, B, K, _ = k_pages.shape
@@ -458,6 +521,16 @@ def ragged_paged_attention(
         if not decode:
             raise ValueError("decode_only=True needs the decode launch (decode=True)")
         prefill = False
+    if new_kv is not None:
+        if not decode_only:
+            raise ValueError("new_kv (the K/V write fused into the kernel) needs decode_only=True")
+        k_new, v_new, new_slots = new_kv
+        if k_new.shape != (T, K, D) or v_new.shape != (T, K, D):
+            raise ValueError(f"new_kv k/v must be [T, K, D] = {(T, K, D)}, got "
+                             f"{k_new.shape} and {v_new.shape}")
+        if k_new.dtype != k_pages.dtype or v_new.dtype != v_pages.dtype:
+            raise ValueError(f"new_kv k/v must be in the cache dtype {k_pages.dtype}, got "
+                             f"{k_new.dtype} and {v_new.dtype}")
     dcfg = decode_block_config(S, M, B)
     pcfg = prefill_block_config(T, H, K)
     block_q = pcfg["block_q"] if block_q is None else block_q
@@ -522,9 +595,16 @@ def ragged_paged_attention(
         d_ntok = jnp.where(is_decode[:nd], 1, 0).astype(jnp.int32)
         d_tok0 = query_start_loc[:nd].astype(jnp.int32)
         d_pos0 = (seq_lens[:nd] - 1).astype(jnp.int32)
+        kv_write = None
+        if new_kv is not None:
+            kv_write = (new_slots.astype(jnp.int32), k_new.reshape(T, K * D),
+                        v_new.reshape(T, K * D))
         rows = _launch(q2, k2, v2, pt, d_seq, d_tok0, d_ntok, d_pos0, block_q=1,
                        pages_per_block=dppb, num_splits=decode_splits, out_by_block=True,
-                       split_pages=decode_split_pages, **common)
+                       split_pages=decode_split_pages, kv_write=kv_write, **common)
+        if kv_write is not None:
+            rows, k2_new, v2_new = rows
+            new_pages = (k2_new.reshape(P, B, K, D), v2_new.reshape(P, B, K, D))
         if decode_only:  # token t is slot t; tokens past the last slot are padding
             dec = rows[: nd * H].reshape(nd, H, D)
             if nd < T:
@@ -534,4 +614,6 @@ def ragged_paged_attention(
             dec = rows[: nd * H].reshape(nd, H, D)[jnp.minimum(t_seq, nd - 1)]  # [T, H, D]
             t_dec = (is_decode[t_seq] & t_valid)[:, None, None]
             out = jnp.where(t_dec, dec, zeros if out is None else out)
+    if new_kv is not None:
+        return (out.astype(q.dtype), *new_pages)
     return out.astype(q.dtype)

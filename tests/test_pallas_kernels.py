@@ -151,6 +151,64 @@ def test_decode_only_fast_path_matches_reference_with_fewer_slots_than_tokens():
                      decode_only=True, sliding_window=9, soft_cap=4.0)
 
 
+@pytest.mark.parametrize("seed,cache,tol,knobs", [
+    (0, jnp.float32, 1e-5, dict(decode_pages_per_block=2, decode_splits=3)),
+    (1, jnp.bfloat16, 1e-2, dict(sliding_window=9, soft_cap=4.0)),
+    (2, jnp.float32, 1e-5, dict(decode_pages_per_block=1, decode_splits=4,
+                                decode_split_pages=True, masked_tail_only=True)),
+    (3, jnp.float8_e4m3fn, 2e-2, dict(decode_pages_per_block=2, decode_splits=2)),
+])
+def test_fused_kv_write_decode_equals_write_then_attend(seed, cache, tol, knobs):
+    # new_kv: the decode kernel attends to the new tokens' K/V from registers and writes them
+    # into their slots. Their slots hold stale random data until then, so a kernel that read
+    # them from the pages instead would be far off; the pages must come back exactly as the
+    # scatter leaves them (padding tokens write nothing).
+    T, S, M, B, H, K, D = 10, 6, 6, 8, 8, 2, 32
+    P = S * M + 2
+    rng = np.random.default_rng(40 + seed)
+    kw = {k: knobs.pop(k) for k in ("sliding_window", "soft_cap") if k in knobs}
+    for n in (6, 3, 1):
+        args, _ = _random_batch(rng, kinds=("decode",) * n, T=T, S=S, M=M, B=B, P=P, H=H, K=K,
+                                D=D, dtype=jnp.float32)
+        q, kp, vp, sl, pt, qsl, ns = args
+        q = q.astype(jnp.bfloat16 if cache == jnp.float8_e4m3fn else cache)
+        kp, vp = kp.astype(cache), vp.astype(cache)
+        k_new = jnp.asarray(rng.standard_normal((T, K, D)), jnp.float32).astype(cache)
+        v_new = jnp.asarray(rng.standard_normal((T, K, D)), jnp.float32).astype(cache)
+        sl_np, pt_np = np.asarray(sl), np.asarray(pt)
+        slots = np.zeros(T, np.int32)  # padding tokens: the scratch slot (never written here)
+        pos = sl_np[:n] - 1
+        slots[:n] = pt_np[np.arange(n), pos // B] * B + pos % B
+        want_k = kp.reshape(P * B, K, D).at[slots[:n]].set(k_new[:n]).reshape(P, B, K, D)
+        want_v = vp.reshape(P * B, K, D).at[slots[:n]].set(v_new[:n]).reshape(P, B, K, D)
+        want = ragged_paged_attention_reference(q, want_k, want_v, sl, pt, qsl, ns,
+                                                sm_scale=D ** -0.5, **kw)
+        got, got_k, got_v = jax.jit(functools.partial(
+            ragged_paged_attention, sm_scale=D ** -0.5, decode_only=True, interpret=True,
+            **kw, **knobs))(q, kp, vp, sl, pt, qsl, ns, new_kv=(k_new, v_new, jnp.asarray(slots)))
+        assert _rel_err(got[:n], want[:n]) < tol, n
+        assert np.all(np.asarray(got[n:].astype(jnp.float32)) == 0.0)
+        np.testing.assert_array_equal(np.asarray(got_k.astype(jnp.float32)),
+                                      np.asarray(want_k.astype(jnp.float32)))
+        np.testing.assert_array_equal(np.asarray(got_v.astype(jnp.float32)),
+                                      np.asarray(want_v.astype(jnp.float32)))
+
+
+def test_fused_kv_write_needs_decode_only_and_cache_dtype_inputs():
+    args, _ = _random_batch(np.random.default_rng(0), kinds=("decode",), T=4, S=2, M=2, B=8,
+                            P=6, H=4, K=2, D=32, dtype=jnp.float32)
+    kv = jnp.zeros((4, 2, 32), jnp.float32)
+    new_kv = (kv, kv, jnp.zeros(4, jnp.int32))
+    with pytest.raises(ValueError, match="needs decode_only"):
+        ragged_paged_attention(*args, sm_scale=1.0, new_kv=new_kv, interpret=True)
+    with pytest.raises(ValueError, match="cache dtype"):
+        ragged_paged_attention(*args, sm_scale=1.0, decode_only=True, interpret=True,
+                               new_kv=(kv.astype(jnp.bfloat16), kv, new_kv[2]))
+    with pytest.raises(ValueError, match=r"\[T, K, D\]"):
+        ragged_paged_attention(*args, sm_scale=1.0, decode_only=True, interpret=True,
+                               new_kv=(kv[:3], kv, new_kv[2]))
+
+
 def test_decode_only_needs_the_decode_launch():
     args, _ = _random_batch(np.random.default_rng(0), kinds=("decode",), T=4, S=2, M=2, B=8,
                             P=6, H=4, K=2, D=32, dtype=jnp.float32)

@@ -320,3 +320,21 @@ def test_two_processes_under_jax_distributed_produce_the_tokens_of_one(
     assert json.loads(line[len("TOKENS "):]) == small_reference
     steps = int(next(ln for ln in follower.splitlines() if ln.startswith("FOLLOWED ")).split()[1])
     assert steps >= 10  # it really launched the leader's steps (10 tokens, a prefill first)
+
+
+def test_fused_kv_write_under_tensor_parallelism_matches_one_device(small_llama_folder,
+                                                                    small_reference, monkeypatch):
+    # The decode kernel that writes the new K/V itself (JAXLLM_ATTENTION_KNOBS fused_kv_write,
+    # Pallas backend interpreted here) runs per head shard like the scatter it replaces: each
+    # shard writes its own KV heads' rows.
+    from jaxllm.models import attention
+
+    fused_traces = []
+    real = attention._paged_attention_writing
+    monkeypatch.setattr(attention, "_paged_attention_writing",
+                        lambda *a, **k: (fused_traces.append(1), real(*a, **k))[1])
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"fused_kv_write": true}')
+    jax.clear_caches()
+    llm = _llm(model=str(small_llama_folder), tensor_parallel_size=2, attention_backend="pallas")
+    assert _greedy(llm) == small_reference
+    assert fused_traces, "the decode-only steps did not take the fused path"

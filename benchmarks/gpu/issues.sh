@@ -15,10 +15,10 @@
 #                                          bf16 throughput at 256 / 2048
 #   bash benchmarks/gpu/issues.sh next2    prefill block sweep; cold start with the nested
 #                                          attention jit; fp8 at the defaults
-#   bash benchmarks/gpu/issues.sh next3    decode sweep in GPU time; host-bound or GPU-bound at
-#                                          batch 256; batch-1 decode split by pages
-#   bash benchmarks/gpu/issues.sh next4    GEMM sweep in GPU time (fp8 targets); fp8 batch-1
-#                                          profile with the host's wait, and latency
+#   bash benchmarks/gpu/issues.sh next3    decode sweep in GPU time; batch-1 latency: table vs
+#                                          split by pages vs the fused K/V write
+#   bash benchmarks/gpu/issues.sh next4    GEMM sweep in GPU time (fp8 targets); host-bound or
+#                                          GPU-bound (bf16 batch 1/256, fp8 batch 1); fp8 latency
 #   bash benchmarks/gpu/issues.sh fp8tp    fp8 throughput at the defaults (run twice: warm cache)
 #   bash benchmarks/gpu/issues.sh allreduce  all-reduce latency under XLA/NCCL variants, tp2 b1
 #   bash benchmarks/gpu/issues.sh throughput  offline throughput at vLLM's H200 batch defaults
@@ -222,33 +222,38 @@ next2)  # nvidia-h200-x2, one call, for the session after 2026-12-01: GPU0 the p
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 next3)  # nvidia-h200-x2, one call, after next2: GPU0 the decode sweep with GPU time per call
   # (kernels.py --device-time: is 8 x 4k at 44% of bandwidth the kernel, or the ~30 us a call
-  # every implementation showed at 1 x 512?); GPU1 whether the host idles the GPU (profile_step's
-  # host_wait_ms / host_bound_steps beside idle_pct), then batch-1 latency with the decode split
-  # by pages (JAXLLM_ATTENTION_KNOBS) against the table.
+  # every implementation showed at 1 x 512?); GPU1 batch-1 latency (gap 2: 84% of the roofline)
+  # with the table, with the decode split by pages, and with the K/V write fused into the
+  # decode kernel (JAXLLM_ATTENTION_KNOBS; a full-cache copy per layer, if XLA inserted one for
+  # the aliased pages, would show as a far slower step).
   L=$OUT/logs; mkdir -p $L
-  LAT="timeout 150 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 --out $OUT/results.jsonl"
+  LAT="timeout 170 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 --out $OUT/results.jsonl"
   (export CUDA_VISIBLE_DEVICES=0
    timeout $T bash -c "
    python3 benchmarks/kernels.py --sections decode --budget 420 --device-time --out $OUT/results.jsonl > $L/decode.log 2>&1") &
   (export CUDA_VISIBLE_DEVICES=1
    timeout $T bash -c "
-   timeout 200 python3 benchmarks/profile_step.py --batch 1 256 --context 1024 --steps 30 --top 6 --out-dir /tmp/p3 --out $OUT/results.jsonl > $L/prof.log 2>&1
    $LAT > $L/lat_table.log 2>&1
-   JAXLLM_ATTENTION_KNOBS='{\"decode_split_pages\": true}' $LAT > $L/lat_split_pages.log 2>&1") &
+   JAXLLM_ATTENTION_KNOBS='{\"decode_split_pages\": true}' $LAT > $L/lat_split_pages.log 2>&1
+   JAXLLM_ATTENTION_KNOBS='{\"fused_kv_write\": true}' $LAT > $L/lat_fused_kv_write.log 2>&1") &
   wait
   for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -14; done
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
-next4)  # nvidia-h200-x2, one call (issues 5 and 6): GPU0 the GEMM sweep in GPU time (fp8 vs bf16
-  # at M 1..4096, the engine's own fp8 projection included: the 1.7x / 1.3x targets were judged
-  # on host wall times); GPU1 fp8 batch-1: the profile with the host's fetch wait, then latency.
+next4)  # nvidia-h200-x2, one call (issues 5, 6, 9): GPU0 the GEMM sweep in GPU time (fp8 vs
+  # bf16 at M 1..4096, the engine's own fp8 projection included: the 1.7x / 1.3x targets were
+  # judged on host wall times); GPU1 whether the host idles the GPU (profile_step's
+  # host_wait_ms / host_bound_steps beside idle_pct) for bf16 at batch 1 / 256 and fp8 at
+  # batch 1, then fp8 batch-1 latency.
   L=$OUT/logs; mkdir -p $L
+  P="python3 benchmarks/profile_step.py --context 1024 --steps 20 --top 6 --out $OUT/results.jsonl"
   (export CUDA_VISIBLE_DEVICES=0
    timeout $T bash -c "
    python3 benchmarks/kernels.py --sections gemm --budget 420 --device-time --out $OUT/results.jsonl > $L/gemm.log 2>&1") &
   (export CUDA_VISIBLE_DEVICES=1
    timeout $T bash -c "
-   timeout 250 python3 benchmarks/profile_step.py --batch 1 64 --context 1024 --steps 30 --top 6 --quantization fp8 --out-dir /tmp/p4 --out $OUT/results.jsonl > $L/prof_fp8.log 2>&1
-   timeout 200 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 --quantization fp8 --out $OUT/results.jsonl > $L/lat_fp8.log 2>&1") &
+   timeout 200 $P --batch 1 256 --out-dir /tmp/p4a > $L/prof_bf16.log 2>&1
+   timeout 150 $P --batch 1 --quantization fp8 --out-dir /tmp/p4b > $L/prof_fp8.log 2>&1
+   timeout 170 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 --quantization fp8 --out $OUT/results.jsonl > $L/lat_fp8.log 2>&1") &
   wait
   for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -14; done
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;

@@ -48,7 +48,11 @@ _E4M3_MAX = float(jnp.finfo(FP8_KV_DTYPE).max)
 # e.g. JAXLLM_ATTENTION_KNOBS='{"decode_split_pages": true}' python3 benchmarks/latency.py ...
 ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _KNOB_NAMES = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
-               "decode_split_pages", "masked_tail_only", "num_warps", "num_stages")
+               "decode_split_pages", "masked_tail_only", "num_warps", "num_stages",
+               "fused_kv_write")
+# Not an argument of the kernel: write_kv_and_attend's choice (decode-only steps write the new
+# K/V inside the decode kernel instead of two scatters a layer).
+_FUSED_KV_WRITE = "fused_kv_write"
 
 
 def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
@@ -123,10 +127,11 @@ def heads_sharded(mesh):
         _HEAD_MESH.reset(token)
 
 
-def _per_head_shard(fn, num_page_args: int, num_token_args: int, returns_tokens: bool):
+def _per_head_shard(fn, num_page_args: int, num_token_args: int, returns_tokens: bool | None):
     """shard_map ``fn(*pages, *tokens, *replicated)`` over heads, or ``fn`` itself when off.
 
-    pages [P, B, K, D] split on K, tokens [T, H, D] split on H, the rest replicated."""
+    pages [P, B, K, D] split on K, tokens [T, H, D] split on H, the rest replicated. ``fn``
+    returns tokens (``returns_tokens``), a (k, v) pair of pages (False), or both (None)."""
     mesh = _HEAD_MESH.get()
     if mesh is None:
         return fn
@@ -136,7 +141,8 @@ def _per_head_shard(fn, num_page_args: int, num_token_args: int, returns_tokens:
     def wrapped(*args):
         n_rep = len(args) - num_page_args - num_token_args
         in_specs = (pages,) * num_page_args + (toks,) * num_token_args + (P(),) * n_rep
-        out_specs = toks if returns_tokens else (pages, pages)
+        out_specs = (toks if returns_tokens else (pages, pages) if returns_tokens is False
+                     else (toks, pages, pages))
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                              check_vma=False)(*args)
     return wrapped
@@ -161,6 +167,51 @@ def _write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array
     return k_flat.reshape(P, B, K, D), v_flat.reshape(P, B, K, D)
 
 
+def write_kv_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array,
+                        v_pages: jax.Array, md: AttentionMetadata, *, sm_scale: float,
+                        sliding_window: int | None = None, soft_cap: float | None = None,
+                        backend: str = "reference", k_scale: float = 1.0, v_scale: float = 1.0
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``write_kv`` then ``paged_attention``: (out [T, H, D], k_pages, v_pages).
+
+    With the Pallas backend, a decode-only step and the ``fused_kv_write`` knob on
+    (``JAXLLM_ATTENTION_KNOBS``; off by default until measured), the decode kernel writes the
+    new K/V itself (``new_kv``): no scatter kernels. The result is the same either way."""
+    knobs = dict(attention_kernel_knobs()) if backend == "pallas" else {}
+    if not (knobs.get(_FUSED_KV_WRITE) and md.decode_only):
+        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, md.slot_mapping, k_scale, v_scale)
+        out = paged_attention(q, k_pages, v_pages, md, sm_scale=sm_scale,
+                              sliding_window=sliding_window, soft_cap=soft_cap, backend=backend,
+                              k_scale=k_scale, v_scale=v_scale)
+        return out, k_pages, v_pages
+    k_new = _to_cache(k, k_pages.dtype, k_scale)
+    v_new = _to_cache(v, v_pages.dtype, v_scale)
+    scaled = is_fp8(k_pages.dtype) and (k_scale != 1.0 or v_scale != 1.0)
+    kernel_knobs = tuple((n, x) for n, x in sorted(knobs.items()) if n != _FUSED_KV_WRITE)
+
+    def attend(k_pages, v_pages, q, k_new, v_new, md):
+        return _paged_attention_writing(
+            q, k_pages, v_pages, k_new, v_new, md,
+            sm_scale=sm_scale * (k_scale if scaled else 1.0), sliding_window=sliding_window,
+            soft_cap=soft_cap, knobs=kernel_knobs)
+    out, k_pages, v_pages = _per_head_shard(attend, 2, 3, None)(k_pages, v_pages, q, k_new,
+                                                                 v_new, md)
+    if scaled:  # the per-tensor scales fold out as in paged_attention
+        out = (out.astype(jnp.float32) * v_scale).astype(q.dtype)
+    return out, k_pages, v_pages
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "knobs"))
+def _paged_attention_writing(q, k_pages, v_pages, k_new, v_new, md, *, sm_scale,
+                             sliding_window, soft_cap, knobs):
+    # Nested jit for the same reason as _paged_attention (one trace per step program).
+    return ragged_paged_attention(
+        q, k_pages, v_pages, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, decode_only=True,
+        new_kv=(k_new, v_new, md.slot_mapping), interpret=jax.default_backend() != "gpu",
+        **dict(knobs))
+
+
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: AttentionMetadata,
                     *, sm_scale: float, sliding_window: int | None = None,
                     soft_cap: float | None = None, backend: str = "reference",
@@ -172,7 +223,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: At
                               sliding_window=sliding_window, soft_cap=soft_cap, backend=backend)
         return (out.astype(jnp.float32) * v_scale).astype(q.dtype)
 
-    knobs = attention_kernel_knobs() if backend == "pallas" else ()
+    knobs = tuple((n, x) for n, x in attention_kernel_knobs()
+                  if n != _FUSED_KV_WRITE) if backend == "pallas" else ()
 
     def attend(k_pages, v_pages, q, md):
         return _paged_attention(q, k_pages, v_pages, md, sm_scale=sm_scale,

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.attention import AttentionMetadata, KVCache, paged_attention, write_kv
+from jaxllm.models.attention import AttentionMetadata, KVCache, write_kv_and_attend
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -176,11 +176,10 @@ class LlamaAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        k_pages, v_pages = write_kv(kv_cache[0], kv_cache[1], k, v, md.slot_mapping,
-                                    self.k_scale, self.v_scale)
-        out = paged_attention(q, k_pages, v_pages, md, sm_scale=self.sm_scale,
-                              sliding_window=self.sliding_window, backend=self.attention_backend,
-                              k_scale=self.k_scale, v_scale=self.v_scale)
+        out, k_pages, v_pages = write_kv_and_attend(
+            q, k, v, kv_cache[0], kv_cache[1], md, sm_scale=self.sm_scale,
+            sliding_window=self.sliding_window, backend=self.attention_backend,
+            k_scale=self.k_scale, v_scale=self.v_scale)
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim)), (k_pages, v_pages)
 
 
