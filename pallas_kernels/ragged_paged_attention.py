@@ -151,7 +151,7 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
                  q_ref, k_ref, v_ref, *refs, block_q, rows, group, num_heads, head_dim,
                  page_size, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap,
                  dummy_row, out_by_block, split_pages, masked_tail_only=False, kv_write=False,
-                 num_tokens=0):
+                 num_tokens=0, exact_rows=False):
     # kv_write (decode launch only): refs start with slot [T], k_new / v_new [T, K*D] (cache
     # dtype) and end with the page outputs (aliased to k_ref / v_ref). The new token's K/V is
     # not in the pages yet: page reads stop before its position, split 0 adds it to its softmax
@@ -290,28 +290,41 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
     # Output rows: the token's own row, or (decode launch) a compact row per (block, head), so
     # the decode partials and their combine scale with the sequence slots S, not the tokens T.
     o_row = (b * block_q + r_tok) * H + h * G + r % G if out_by_block else q_row
-    o_row = jnp.where(row_ok, o_row, dummy_row)
+    # Masked lanes still get distinct, in-range addresses (the dummy row): the interpreter
+    # emulates a masked store by writing the old value back, which must not land on a row
+    # another lane of the same store writes.
+    if exact_rows:
+        # Every row of the program is stored, those of tokens past ntok too (zeros: no key
+        # reached them, acc = l = 0), so the caller needs no select for padding. Only the rows
+        # that pad G up to the tensor-core minimum are left out.
+        store = r < block_q * G
+    else:
+        store = row_ok
+    o_row = jnp.where(store, o_row, dummy_row)
+    n_rows = dummy_row + 1
     if num_splits == 1:
         (o_ref,) = out_refs
         out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
         plgpu.store(o_ref.at[o_row[:, None], d[None, :]], out.astype(o_ref.dtype),
-                    mask=row_ok[:, None])
+                    mask=store[:, None])
     else:
         acc_ref, m_ref, l_ref = out_refs
-        o_row = o_row + sp * (dummy_row + 1)
-        plgpu.store(acc_ref.at[o_row[:, None], d[None, :]], acc, mask=row_ok[:, None])
-        plgpu.store(m_ref.at[o_row], m, mask=row_ok)
-        plgpu.store(l_ref.at[o_row], l, mask=row_ok)
+        o_row = o_row + sp * n_rows
+        plgpu.store(acc_ref.at[o_row[:, None], d[None, :]], acc, mask=store[:, None])
+        plgpu.store(m_ref.at[o_row], m, mask=store)
+        plgpu.store(l_ref.at[o_row], l, mask=store)
 
 
 def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T, H, K, D, B,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
             num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
-            masked_tail_only=False, kv_write=None):
+            masked_tail_only=False, kv_write=None, exact_rows=False):
     """One pallas_call over len(blk_seq) query blocks.
 
     Returns [T*H + 1, D] rows (token rows), or with ``out_by_block`` [nb*block_q*H + 1, D] rows
     (row (b*block_q + i)*H + head for token i of block b); rows no program wrote are junk.
+    ``exact_rows`` (with ``out_by_block``): every row but the last written, zeros for tokens a
+    block does not have.
     ``split_pages``: splits take page ranges (the page table needs pages_per_block - 1 columns
     past the last block's end). ``kv_write`` (slot [T], k_new, v_new [T, K*D]; decode launch):
     the new tokens' K/V are attended from registers and stored into k2 / v2, which then come
@@ -320,13 +333,14 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     split_pages = split_pages and num_splits > 1
     rows = max(16, _next_pow2(block_q * G))
     nb = blk_seq.shape[0]
+    exact_rows = exact_rows and out_by_block
     n_rows = (nb * block_q if out_by_block else T) * H + 1
     kernel = functools.partial(
         _attn_kernel, block_q=block_q, rows=rows, group=G, num_heads=H, head_dim=D, page_size=B,
         pages_per_block=pages_per_block, num_splits=num_splits, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, dummy_row=n_rows - 1,
         out_by_block=out_by_block, split_pages=split_pages, masked_tail_only=masked_tail_only,
-        kv_write=kv_write is not None, num_tokens=T)
+        kv_write=kv_write is not None, num_tokens=T, exact_rows=exact_rows)
     if num_splits == 1:
         out_shape = (jax.ShapeDtypeStruct((n_rows, D), out_dtype),)
     else:
@@ -601,15 +615,18 @@ def ragged_paged_attention(
                         v_new.reshape(T, K * D))
         rows = _launch(q2, k2, v2, pt, d_seq, d_tok0, d_ntok, d_pos0, block_q=1,
                        pages_per_block=dppb, num_splits=decode_splits, out_by_block=True,
-                       split_pages=decode_split_pages, kv_write=kv_write, **common)
+                       split_pages=decode_split_pages, kv_write=kv_write,
+                       exact_rows=decode_only, **common)
         if kv_write is not None:
             rows, k2_new, v2_new = rows
             new_pages = (k2_new.reshape(P, B, K, D), v2_new.reshape(P, B, K, D))
-        if decode_only:  # token t is slot t; tokens past the last slot are padding
-            dec = rows[: nd * H].reshape(nd, H, D)
+        if decode_only:
+            # Token t is slot t, and the launch wrote every slot's rows, zeros for the padding
+            # slots (exact_rows): the rows are the output, with no select; tokens past the last
+            # slot are padding.
+            out = rows[: nd * H].reshape(nd, H, D)
             if nd < T:
-                dec = jnp.pad(dec, ((0, T - nd), (0, 0), (0, 0)))
-            out = jnp.where(t_valid[:, None, None], dec, zeros)
+                out = jnp.pad(out, ((0, T - nd), (0, 0), (0, 0)))
         else:
             dec = rows[: nd * H].reshape(nd, H, D)[jnp.minimum(t_seq, nd - 1)]  # [T, H, D]
             t_dec = (is_decode[t_seq] & t_valid)[:, None, None]
