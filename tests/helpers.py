@@ -44,3 +44,20 @@ def small_llama_folder(tmp_path_factory):
     model.save_pretrained(str(folder), safe_serialization=True)
     save_default_tokenizer(folder)
     return folder
+
+
+def fused_kv_write_on(monkeypatch) -> list:
+    """Turns the fused K/V write on (JAXLLM_ATTENTION_KNOBS) for programs traced from now on and
+    returns a list that grows by one each time the fused attention is traced, to check that the
+    decode-only steps took it."""
+    import jax
+
+    from jaxllm.models import attention
+
+    traces: list = []
+    real = attention._paged_attention_writing
+    monkeypatch.setattr(attention, "_paged_attention_writing",
+                        lambda *a, **k: (traces.append(1), real(*a, **k))[1])
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"fused_kv_write": true}')
+    jax.clear_caches()
+    return traces

@@ -16,7 +16,7 @@ import pytest
 from jaxllm import LLM, SamplingParams
 from jaxllm.sampling_params import RequestOutputKind
 
-from .helpers import small_llama_folder  # noqa: F401  (fixture)
+from .helpers import fused_kv_write_on, small_llama_folder  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -791,8 +791,6 @@ def test_fused_kv_write_knob_serves_the_same_greedy_tokens_and_keeps_the_cache_r
     # backend (interpreted here) write the new K/V inside the decode kernel instead of two
     # scatters a layer. Same tokens as the default path, over enough decode steps that every
     # step reads K/V the fused path wrote; prefill and mixed steps keep the scatter.
-    import jax
-
     from jaxllm.models import attention
 
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -809,12 +807,7 @@ def test_fused_kv_write_knob_serves_the_same_greedy_tokens_and_keeps_the_cache_r
 
     monkeypatch.delenv(attention.ATTENTION_KNOBS_ENV, raising=False)
     want = tokens()
-    fused_traces = []
-    real = attention._paged_attention_writing
-    monkeypatch.setattr(attention, "_paged_attention_writing",
-                        lambda *a, **k: (fused_traces.append(1), real(*a, **k))[1])
-    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"fused_kv_write": true}')
-    jax.clear_caches()
+    fused_traces = fused_kv_write_on(monkeypatch)
     got = tokens()
     assert fused_traces, "the decode-only steps did not take the fused path"
     assert got == want

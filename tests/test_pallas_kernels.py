@@ -224,15 +224,22 @@ def test_prefill_and_chunked_prefill_only_batches_match_reference():
                      pages_per_block=2)
 
 
-def test_paged_attention_pallas_backend_matches_reference_backend():
-    from jaxllm.models.attention import AttentionMetadata, paged_attention
+def _mixed_batch_with_metadata(seed):
+    """q, k_pages, v_pages and the AttentionMetadata of a random chunk + decode + prefill batch."""
+    from jaxllm.models.attention import AttentionMetadata
 
-    rng = np.random.default_rng(5)
-    (q, kp, vp, sl, pt, qsl, ns), n_real = _random_batch(
-        rng, kinds=("chunk", "decode", "prefill"), T=24, S=6, M=6, B=8, P=40, H=8, K=2, D=32,
-        dtype=jnp.float32)
+    (q, kp, vp, sl, pt, qsl, ns), _ = _random_batch(
+        np.random.default_rng(seed), kinds=("chunk", "decode", "prefill"), T=24, S=6, M=6, B=8,
+        P=40, H=8, K=2, D=32, dtype=jnp.float32)
     md = AttentionMetadata(slot_mapping=jnp.zeros(24, jnp.int32), query_start_loc=qsl,
                            seq_lens=sl, page_table=pt, num_seqs=ns)
+    return q, kp, vp, md
+
+
+def test_paged_attention_pallas_backend_matches_reference_backend():
+    from jaxllm.models.attention import paged_attention
+
+    q, kp, vp, md = _mixed_batch_with_metadata(5)
     attend = jax.jit(paged_attention, static_argnames=("sm_scale", "backend"))
     got = attend(q, kp, vp, md, sm_scale=0.2, backend="pallas")
     want = attend(q, kp, vp, md, sm_scale=0.2, backend="reference")
@@ -241,14 +248,9 @@ def test_paged_attention_pallas_backend_matches_reference_backend():
 
 def test_attention_knobs_from_the_environment_reach_the_kernel_and_bad_ones_are_refused(
         monkeypatch):
-    from jaxllm.models.attention import ATTENTION_KNOBS_ENV, AttentionMetadata, paged_attention
+    from jaxllm.models.attention import ATTENTION_KNOBS_ENV, paged_attention
 
-    rng = np.random.default_rng(6)
-    (q, kp, vp, sl, pt, qsl, ns), _ = _random_batch(
-        rng, kinds=("chunk", "decode", "prefill"), T=24, S=6, M=6, B=8, P=40, H=8, K=2, D=32,
-        dtype=jnp.float32)
-    md = AttentionMetadata(slot_mapping=jnp.zeros(24, jnp.int32), query_start_loc=qsl,
-                           seq_lens=sl, page_table=pt, num_seqs=ns)
+    q, kp, vp, md = _mixed_batch_with_metadata(6)
 
     def traced(backend="pallas"):
         f = functools.partial(paged_attention, sm_scale=0.2, backend=backend)

@@ -14,7 +14,7 @@ from jaxllm import LLM, SamplingParams
 from jaxllm.config import EngineConfig
 from jaxllm.engine.llm_engine import LLMEngine
 
-from .helpers import small_llama_folder  # noqa: F401  (fixture)
+from .helpers import fused_kv_write_on, small_llama_folder  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
 
@@ -327,14 +327,7 @@ def test_fused_kv_write_under_tensor_parallelism_matches_one_device(small_llama_
     # The decode kernel that writes the new K/V itself (JAXLLM_ATTENTION_KNOBS fused_kv_write,
     # Pallas backend interpreted here) runs per head shard like the scatter it replaces: each
     # shard writes its own KV heads' rows.
-    from jaxllm.models import attention
-
-    fused_traces = []
-    real = attention._paged_attention_writing
-    monkeypatch.setattr(attention, "_paged_attention_writing",
-                        lambda *a, **k: (fused_traces.append(1), real(*a, **k))[1])
-    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"fused_kv_write": true}')
-    jax.clear_caches()
+    fused_traces = fused_kv_write_on(monkeypatch)
     llm = _llm(model=str(small_llama_folder), tensor_parallel_size=2, attention_backend="pallas")
     assert _greedy(llm) == small_reference
     assert fused_traces, "the decode-only steps did not take the fused path"
