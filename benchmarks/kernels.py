@@ -548,7 +548,35 @@ def gemm_configs(M):
             dict(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)]
 
 
+LM_HEAD = (4096, 128256)  # Llama-3-8B's untied lm_head: hidden x vocab
+LM_HEAD_M = [1, 8, 64, 256]
+
+
+def bench_lm_head():
+    """The logits GEMM (bf16 in, float32 out, as ``compute_logits``) in both weight layouts.
+    The H200 batch-1 step profile had it at 0.47 ms for its 1.05 GB of weight, half of the
+    bandwidth the layers' GEMMs reach (0.245 ms at 4.3 TB/s). [E, V] is the engine's lm_head;
+    [V, E] (K contiguous) is the tied-embedding layout."""
+    print("== lm_head: [M, E] x [E, V] vs [V, E], float32 logits ==", flush=True)
+    E, V = (256, 1024) if SMOKE else LM_HEAD
+    w = jax.random.normal(jax.random.key(1), (E, V), jnp.bfloat16) * 0.02
+    w_t = jnp.asarray(w.T)
+    ev = jax.jit(lambda h, w: jnp.einsum("ne,ev->nv", h, w, preferred_element_type=jnp.float32))
+    ve = jax.jit(lambda h, w: jnp.einsum("ne,ve->nv", h, w, preferred_element_type=jnp.float32))
+    for M in LM_HEAD_M[:2] if SMOKE else LM_HEAD_M:
+        h = jax.random.normal(jax.random.key(M), (M, E), jnp.bfloat16)
+        shape = dict(M=M, K=E, N=V, lm_head=True)
+        nbytes = E * V * 2 + M * E * 2 + M * V * 4
+        ref = ev(h, w)
+        run_case("gemm", shape, "xla_bf16_ev", "", ev, [(h, w)], ref=ref, bytes_=nbytes,
+                 flops=2 * M * E * V, peak_flops=PEAK_BF16, tol=1e-2)
+        run_case("gemm", shape, "xla_bf16_ve", "", ve, [(h, w_t)], ref=ref, bytes_=nbytes,
+                 flops=2 * M * E * V, peak_flops=PEAK_BF16, tol=1e-2)
+    del w, w_t
+
+
 def bench_gemm(budget_s):
+    bench_lm_head()
     print("== gemm: W8A8 e4m3 vs bf16 ==", flush=True)
     bf16 = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
                    .astype(jnp.bfloat16))
@@ -607,7 +635,7 @@ def summarize():
         if "time_us" not in r:
             continue
         shape = tuple((k, r[k]) for k in ("batch", "ctx", "table_ctx", "q_len", "prefill_chunk",
-                                           "decodes", "M", "K", "N") if k in r)
+                                           "decodes", "M", "K", "N", "lm_head") if k in r)
         groups.setdefault((r["section"], shape), []).append(r)
     for (section, shape), rs in groups.items():
         by_impl: dict[str, dict] = {}
