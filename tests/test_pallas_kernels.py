@@ -272,7 +272,9 @@ def test_attention_knobs_from_the_environment_reach_the_kernel_and_bad_ones_are_
     assert _rel_err(got, want) < 1e-5
     for bad, match in [('{"decode_splitz": 2}', "unknown kernel knobs.*decode_splitz"),
                        ("[2]", "must be a JSON object"), ("{nope", "must be a JSON object"),
-                       ('{"decode_splits": 0}', "decode_splits must be a positive int")]:
+                       ('{"decode_splits": 0}', "decode_splits must be a positive integer"),
+                       ('{"decode_splits": 2.5}', "decode_splits must be a positive integer"),
+                       ('{"masked_tail_only": "yes"}', "masked_tail_only must be true or false")]:
         monkeypatch.setenv(ATTENTION_KNOBS_ENV, bad)
         with pytest.raises(ValueError, match=match):
             traced()

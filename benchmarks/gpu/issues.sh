@@ -34,6 +34,10 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 quiet() { grep -v "Compiling\|it/s\]\|bucket/s" ; }
+# The tail of each lane's log (lines without indented tables, at most N), then all logs into
+# one tarball under $OUT (few files come back from the device machine).
+show_logs() { for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -$1; done
+              tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L; }
 T=${T:-560}  # seconds each lane may take, so the call returns its logs before the limit
 # Offline throughput, 1,000 x 512/128, once (the modes add batch limits / quantization).
 TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
@@ -106,8 +110,7 @@ measure)  # nvidia-h200-x2, one call: the headline figures at the engine's defau
    JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS=16 $LAT > $L/lat_fp8_w8a16.log 2>&1
    JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS=16 $TP --quantization fp8 > $L/tp_fp8.log 2>&1") &
   wait
-  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -6; done
-  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+  show_logs 6 ;;
 launch)  # nvidia-h200-x2, one call: GPU0 fp8 throughput (W8A8, then fp8 KV), GPU1 the host
   # cost per kernel launch with and without XLA's command buffers, and batch-1 latency without
   # them (is the fp8 step's host gap launch cost?)
@@ -128,8 +131,7 @@ launch)  # nvidia-h200-x2, one call: GPU0 fp8 throughput (W8A8, then fp8 KV), GP
    XLA_FLAGS=$NOCB JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS=16 $LAT --quantization fp8 > $L/lat_fp8_nocb.log 2>&1") &
   wait
   grep launch_cost -A0 $OUT/results.jsonl; grep us_per_kernel $OUT/results.jsonl
-  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -4; done
-  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+  show_logs 4 ;;
 eager)  # nvidia-h200-x2, one call: what enforce_eager (no command buffers) costs or gains
   # beyond batch 1, and where the fp8 step's host time goes. GPU0: bf16 profiles at batch 1 / 64
   # / 256 with and without command buffers (wall outside the profiler); GPU1: fp8 batch-1
@@ -202,8 +204,7 @@ startup)  # nvidia-h200-x2, one call: where the 148 s cold start goes (issue 9) 
    XLA_FLAGS=--xla_gpu_autotune_level=0 $TP > $L/tp_bf16_noautotune.log 2>&1
    $TP $SMALL > $L/tp_bf16_small.log 2>&1") &
   wait
-  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -7; done
-  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+  show_logs 7 ;;
 next2)  # nvidia-h200-x2, one call, for the session after 2026-12-01: GPU0 the prefill block
   # sweep (our prefill kernel is 1.7-2.8x slower than JAX's Triton / cuDNN: its table entry
   # was never swept past the first config; masked_tail_only on and off); GPU1 the cold start
@@ -218,8 +219,7 @@ next2)  # nvidia-h200-x2, one call, for the session after 2026-12-01: GPU0 the p
    $TP > $L/tp_bf16.log 2>&1
    $TP --quantization fp8 > $L/tp_fp8.log 2>&1") &
   wait
-  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -12; done
-  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+  show_logs 12 ;;
 next3)  # nvidia-h200-x2, one call, after next2: GPU0 the decode sweep with GPU time per call
   # (kernels.py --device-time: is 8 x 4k at 44% of bandwidth the kernel, or the ~30 us a call
   # every implementation showed at 1 x 512?); GPU1 batch-1 latency (gap 2: 84% of the roofline)
@@ -237,8 +237,7 @@ next3)  # nvidia-h200-x2, one call, after next2: GPU0 the decode sweep with GPU 
    JAXLLM_ATTENTION_KNOBS='{\"decode_split_pages\": true}' $LAT > $L/lat_split_pages.log 2>&1
    JAXLLM_ATTENTION_KNOBS='{\"fused_kv_write\": true}' $LAT > $L/lat_fused_kv_write.log 2>&1") &
   wait
-  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -14; done
-  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+  show_logs 14 ;;
 next4)  # nvidia-h200-x2, one call (issues 5, 6, 9): GPU0 the GEMM sweep in GPU time (fp8 vs
   # bf16 at M 1..4096, the engine's own fp8 projection included: the 1.7x / 1.3x targets were
   # judged on host wall times); GPU1 whether the host idles the GPU (profile_step's
@@ -255,8 +254,7 @@ next4)  # nvidia-h200-x2, one call (issues 5, 6, 9): GPU0 the GEMM sweep in GPU 
    timeout 150 $P --batch 1 --quantization fp8 --out-dir /tmp/p4b > $L/prof_fp8.log 2>&1
    timeout 170 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 --quantization fp8 --out $OUT/results.jsonl > $L/lat_fp8.log 2>&1") &
   wait
-  for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -14; done
-  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+  show_logs 14 ;;
 fp8tp)  # nvidia-h200, two calls back to back (the machine stays warm 30 s, and /tmp/jaxcache
   # with it): fp8 offline throughput at the default batch limits. The first call's compiles are
   # cached as each finishes even if the lane times out; the second starts warm.

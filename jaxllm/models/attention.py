@@ -47,9 +47,10 @@ _E4M3_MAX = float(jnp.finfo(FP8_KV_DTYPE).max)
 # of programs traced afterwards: an A/B hook for benchmarks (the table is what the engine runs),
 # e.g. JAXLLM_ATTENTION_KNOBS='{"decode_split_pages": true}' python3 benchmarks/latency.py ...
 ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
-_KNOB_NAMES = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
-               "decode_split_pages", "masked_tail_only", "num_warps", "num_stages",
-               "fused_kv_write")
+_INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
+              "num_warps", "num_stages")
+_BOOL_KNOBS = ("decode_split_pages", "masked_tail_only", "fused_kv_write")
+_KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS
 # Not an argument of the kernel: write_kv_and_attend's choice (decode-only steps write the new
 # K/V inside the decode kernel instead of two scatters a layer).
 _FUSED_KV_WRITE = "fused_kv_write"
@@ -71,7 +72,19 @@ def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
     if unknown:
         raise ValueError(f"{ATTENTION_KNOBS_ENV} has unknown kernel knobs {unknown}; "
                          f"known: {', '.join(_KNOB_NAMES)}")
+    for name, value in knobs.items():
+        ok = (isinstance(value, bool) if name in _BOOL_KNOBS else
+              isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+        if not ok:
+            raise ValueError(f"{ATTENTION_KNOBS_ENV}: {name} must be "
+                             f"{'true or false' if name in _BOOL_KNOBS else 'a positive integer'}"
+                             f", got {value!r}")
     return tuple(sorted(knobs.items()))
+
+
+def _kernel_args(knobs) -> tuple[tuple[str, object], ...]:
+    """The knobs that are arguments of the kernel (all but ``fused_kv_write``)."""
+    return tuple((n, x) for n, x in knobs if n != _FUSED_KV_WRITE)
 
 
 def is_fp8(dtype) -> bool:
@@ -187,7 +200,7 @@ def write_kv_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.A
     k_new = _to_cache(k, k_pages.dtype, k_scale)
     v_new = _to_cache(v, v_pages.dtype, v_scale)
     scaled = is_fp8(k_pages.dtype) and (k_scale != 1.0 or v_scale != 1.0)
-    kernel_knobs = tuple((n, x) for n, x in sorted(knobs.items()) if n != _FUSED_KV_WRITE)
+    kernel_knobs = _kernel_args(sorted(knobs.items()))
 
     def attend(k_pages, v_pages, q, k_new, v_new, md):
         return _paged_attention_writing(
@@ -223,8 +236,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: At
                               sliding_window=sliding_window, soft_cap=soft_cap, backend=backend)
         return (out.astype(jnp.float32) * v_scale).astype(q.dtype)
 
-    knobs = tuple((n, x) for n, x in attention_kernel_knobs()
-                  if n != _FUSED_KV_WRITE) if backend == "pallas" else ()
+    knobs = _kernel_args(attention_kernel_knobs()) if backend == "pallas" else ()
 
     def attend(k_pages, v_pages, q, md):
         return _paged_attention(q, k_pages, v_pages, md, sm_scale=sm_scale,
