@@ -563,6 +563,9 @@ def bench_lm_head():
     w_t = jnp.asarray(w.T)
     ev = jax.jit(lambda h, w: jnp.einsum("ne,ev->nv", h, w, preferred_element_type=jnp.float32))
     ve = jax.jit(lambda h, w: jnp.einsum("ne,ve->nv", h, w, preferred_element_type=jnp.float32))
+    # bf16 logits cast to float32 after the GEMM: what vLLM and HF do for a bf16 model.
+    ev16 = jax.jit(lambda h, w: jnp.einsum("ne,ev->nv", h, w).astype(jnp.float32))
+    ve16 = jax.jit(lambda h, w: jnp.einsum("ne,ve->nv", h, w).astype(jnp.float32))
     for M in LM_HEAD_M[:2] if SMOKE else LM_HEAD_M:
         h = jax.random.normal(jax.random.key(M), (M, E), jnp.bfloat16)
         shape = dict(M=M, K=E, N=V, lm_head=True)
@@ -572,11 +575,14 @@ def bench_lm_head():
                  flops=2 * M * E * V, peak_flops=PEAK_BF16, tol=1e-2)
         run_case("gemm", shape, "xla_bf16_ve", "", ve, [(h, w_t)], ref=ref, bytes_=nbytes,
                  flops=2 * M * E * V, peak_flops=PEAK_BF16, tol=1e-2)
+        run_case("gemm", shape, "xla_bf16_ev_bf16out", "", ev16, [(h, w)], ref=ref,
+                 bytes_=nbytes, flops=2 * M * E * V, peak_flops=PEAK_BF16, tol=1e-2)
+        run_case("gemm", shape, "xla_bf16_ve_bf16out", "", ve16, [(h, w_t)], ref=ref,
+                 bytes_=nbytes, flops=2 * M * E * V, peak_flops=PEAK_BF16, tol=1e-2)
     del w, w_t
 
 
 def bench_gemm(budget_s):
-    bench_lm_head()
     print("== gemm: W8A8 e4m3 vs bf16 ==", flush=True)
     bf16 = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
                    .astype(jnp.bfloat16))
@@ -846,12 +852,14 @@ def bench_backends(rng):
 
 
 def main():
-    global OUT, LOOP_REPS, PEAK_BW, DEVICE_TIME
+    global OUT, LOOP_REPS, PEAK_BW, DEVICE_TIME, DECODE_SHAPES
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
-    ap.add_argument("--sections", "--only", dest="sections", default="decode,gemm,prefill,mixed",
-                    help="comma-separated: decode,gemm,prefill,mixed,backends (backends: the "
-                         "Triton vs Mosaic GPU comparison, not in the default set)")
+    ap.add_argument("--sections", "--only", dest="sections", default="decode,lm_head,gemm,prefill,mixed",
+                    help="comma-separated: decode,lm_head,gemm,prefill,mixed,backends "
+                         "(backends: the Triton vs Mosaic GPU comparison, not in the default set)")
+    ap.add_argument("--decode-shapes", default=None,
+                    help="decode shapes to run instead of the full list, e.g. 8x4096,64x4096")
     ap.add_argument("--budget", type=float, default=300.0,
                     help="seconds after which sweeps keep only their first config")
     ap.add_argument("--loop-reps", type=int, default=8,
@@ -880,10 +888,18 @@ def main():
     PEAK_BW = args.peak_bw or (4.3e12 if "H200" in kind else PEAK_BW)
     print(f"jax {jax.__version__} on {kind}; pct_bw of {PEAK_BW / 1e12:.1f} TB/s", flush=True)
     only = args.sections.split(",")
-    unknown = set(only) - {"decode", "gemm", "prefill", "mixed", "backends"}
+    unknown = set(only) - {"decode", "lm_head", "gemm", "prefill", "mixed", "backends"}
     if unknown:
         ap.error(f"unknown --sections {sorted(unknown)}; "
-                 "choose from decode,gemm,prefill,mixed,backends")
+                 "choose from decode,lm_head,gemm,prefill,mixed,backends")
+    if args.decode_shapes:
+        try:
+            DECODE_SHAPES = [tuple(int(n) for n in s.split("x")) for s in
+                             args.decode_shapes.split(",")]
+        except ValueError:
+            ap.error(f"--decode-shapes {args.decode_shapes!r}: write BATCHxCONTEXT,...")
+        if any(len(s) != 2 for s in DECODE_SHAPES):
+            ap.error(f"--decode-shapes {args.decode_shapes!r}: write BATCHxCONTEXT,...")
     rng = np.random.default_rng(0)
     # Decode and GEMM first: they carry the targets. Each chosen section gets its share of the
     # budget (decode 35, gemm 35, prefill 20, mixed 10: no budget, a fixed set of cases), as a
@@ -897,6 +913,8 @@ def main():
         deadline[sec] = args.budget * cum / total
     if "decode" in only:
         bench_decode(rng, deadline["decode"])
+    if "lm_head" in only:
+        bench_lm_head()
     if "gemm" in only:
         bench_gemm(deadline["gemm"])
     if "prefill" in only:

@@ -344,3 +344,24 @@ def load_hf_folder_config(folder):
     from jaxllm.loading.safetensors_loader import load_hf_config
 
     return load_hf_config(folder)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_gemm_out_model_dtype_is_bf16_logits_cast_to_float32(tied, monkeypatch):
+    # JAXLLM_LOGITS_GEMM_OUT=model: the lm_head GEMM returns the model dtype (as vLLM and HF
+    # do), cast to float32. Same logits as the float32-out GEMM rounded to bf16, float32 out.
+    config = ModelConfig(architecture="LlamaForCausalLM", head_dim=16, **_SMALL,
+                         tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+    hidden = jax.random.normal(jax.random.key(4), (3, config.hidden_size), jnp.bfloat16)
+    monkeypatch.delenv("JAXLLM_LOGITS_GEMM_OUT", raising=False)
+    f32 = model.compute_logits(hidden)
+    monkeypatch.setenv("JAXLLM_LOGITS_GEMM_OUT", "model")
+    out = model.compute_logits(hidden)
+    assert f32.dtype == out.dtype == jnp.float32
+    assert not np.array_equal(np.asarray(f32), np.asarray(out))  # the bf16 rounding happened
+    np.testing.assert_array_equal(np.asarray(out),
+                                  np.asarray(f32.astype(jnp.bfloat16).astype(jnp.float32)))
+    monkeypatch.setenv("JAXLLM_LOGITS_GEMM_OUT", "bf16")
+    with pytest.raises(ValueError, match="JAXLLM_LOGITS_GEMM_OUT"):
+        model.compute_logits(hidden)

@@ -22,6 +22,13 @@
 #   bash benchmarks/gpu/issues.sh fp8tp    fp8 throughput at the defaults (run twice: warm cache)
 #   bash benchmarks/gpu/issues.sh allreduce  all-reduce latency under XLA/NCCL variants, tp2 b1
 #   bash benchmarks/gpu/issues.sh throughput  offline throughput at vLLM's H200 batch defaults
+#   bash benchmarks/gpu/issues.sh b1       (one GPU) lm_head GEMM in GPU time; batch-1 latency:
+#                                          table vs fused K/V write vs bf16 logits vs split
+#                                          pages; host wait at batch 1 / 256
+#   bash benchmarks/gpu/issues.sh sweep1   (one GPU) decode sweep in GPU time at the target
+#                                          shapes; bf16 offline throughput at the defaults
+#   bash benchmarks/gpu/issues.sh fp8one   (one GPU) fp8 batch-1 latency; fp8 throughput at
+#                                          the defaults
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -264,4 +271,33 @@ throughput)  # nvidia-h200, one call: 1,000 x 512/128 at vLLM's H100/H200 batch 
   # sequences, 16384 tokens a step) against the 256 / 2048 of the 2026-11-30 table
   timeout 560 python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 2 \
     --out $OUT/throughput.jsonl 2>&1 | quiet | tail -8 ;;
+b1)  # nvidia-h200 (one GPU), one call of ~8 min (issue 9, gap 2: batch-1 decode at 84% of the
+  # roofline). The logits GEMM alone in GPU time ([E, V] vs [V, E], float32 vs bf16 out), then
+  # batch-1 latency four ways: the defaults, the K/V write fused into the decode kernel, bf16
+  # logits, the decode split by pages; then the host wait at batch 1 / 256 (gap 4).
+  L=$OUT/logs; mkdir -p $L
+  LAT="timeout 120 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 --out $OUT/results.jsonl"
+  timeout 90 python3 benchmarks/kernels.py --sections lm_head --device-time --out $OUT/results.jsonl > $L/lm_head.log 2>&1
+  $LAT > $L/lat_default.log 2>&1
+  JAXLLM_ATTENTION_KNOBS='{"fused_kv_write": true}' $LAT > $L/lat_fused_kv_write.log 2>&1
+  JAXLLM_LOGITS_GEMM_OUT=model $LAT > $L/lat_logits_bf16.log 2>&1
+  JAXLLM_ATTENTION_KNOBS='{"decode_split_pages": true}' $LAT > $L/lat_split_pages.log 2>&1
+  timeout 150 python3 benchmarks/profile_step.py --context 1024 --steps 20 --top 6 --batch 1 256 \
+    --out-dir /tmp/pb1 --out $OUT/results.jsonl > $L/prof_bf16.log 2>&1
+  grep -h "lm_head" $L/lm_head.log | grep -v "^ *$" | tail -20
+  show_logs 10 ;;
+sweep1)  # nvidia-h200 (one GPU), one call (issue 5: 8 x 4k decode at 44% of bandwidth in wall
+  # time; is it the kernel or the per-call floor?), then bf16 throughput at the defaults.
+  L=$OUT/logs; mkdir -p $L
+  timeout 250 python3 benchmarks/kernels.py --sections decode --decode-shapes 8x4096,64x4096,256x4096,1x32768,8x32768 \
+    --budget 200 --device-time --out $OUT/results.jsonl > $L/decode.log 2>&1
+  timeout 270 $TP > $L/tp_bf16.log 2>&1
+  show_logs 16 ;;
+fp8one)  # nvidia-h200 (one GPU), one call (issue 6): fp8 batch-1 latency, fp8 throughput at
+  # the defaults (1024 sequences / 16384 tokens a step).
+  L=$OUT/logs; mkdir -p $L
+  timeout 120 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 \
+    --quantization fp8 --out $OUT/results.jsonl > $L/lat_fp8.log 2>&1
+  timeout 400 $TP --quantization fp8 > $L/tp_fp8.log 2>&1
+  show_logs 12 ;;
 esac

@@ -270,12 +270,36 @@ class LlamaForCausalLM(nnx.Module):
         return self.model.norm(x), new_caches
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden: [N, E] -> logits [N, V] float32 (lm_head, or the tied embedding)."""
+        """hidden: [N, E] -> logits [N, V] float32 (lm_head, or the tied embedding).
+
+        The GEMM's output type is ``logits_gemm_dtype()``: float32 from the float32 accumulator,
+        or the model dtype cast to float32 after the GEMM (what vLLM and HF transformers do).
+        """
+        out = logits_gemm_dtype(self.dtype)
         if self.lm_head is None:
             w = self.model.embed_tokens.embedding[...]  # [V, E]
-            return jnp.einsum("ne,ve->nv", hidden, w, preferred_element_type=jnp.float32)
-        w = self.lm_head.kernel[...]  # [E, V]
-        return jnp.einsum("ne,ev->nv", hidden, w, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("ne,ve->nv", hidden, w, preferred_element_type=out)
+        else:
+            w = self.lm_head.kernel[...]  # [E, V]
+            logits = jnp.einsum("ne,ev->nv", hidden, w, preferred_element_type=out)
+        return logits.astype(jnp.float32)
+
+
+LOGITS_GEMM_ENV = "JAXLLM_LOGITS_GEMM_OUT"
+
+
+def logits_gemm_dtype(model_dtype) -> jnp.dtype:
+    """The lm_head GEMM's output type: ``JAXLLM_LOGITS_GEMM_OUT`` = "float32" (the default) or
+    "model" (the model dtype, cast to float32 after the GEMM, as vLLM and HF do; for an
+    in-engine A/B of the two cuBLAS paths). Read at trace time, like the other knobs."""
+    import os
+
+    raw = os.environ.get(LOGITS_GEMM_ENV, "float32").strip() or "float32"
+    if raw == "float32":
+        return jnp.dtype(jnp.float32)
+    if raw == "model":
+        return jnp.dtype(model_dtype)
+    raise ValueError(f"{LOGITS_GEMM_ENV} must be 'float32' or 'model', got {raw!r}.")
 
 
 def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.bfloat16) -> KVCache:
