@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -202,9 +203,12 @@ def test_no_compilation_after_startup(small_llm):
     assert runner.num_compiles == before
 
 
-def test_startup_compiles_each_program_once(small_llama_folder):
-    # Start-up compiles every bucket's forward and sampler variants on a thread pool; the
-    # sequential warm-up calls that follow must reuse those executables, not compile again.
+def test_startup_compiles_each_program_once(small_llama_folder, monkeypatch, caplog):
+    # Start-up compiles every bucket's forward and sampler variants on a thread pool (of
+    # JAXLLM_COMPILE_WORKERS threads when set); the sequential warm-up calls that follow must
+    # reuse those executables, not compile again.
+    import logging
+
     from jax import monitoring
 
     from jaxllm.engine.model_runner import ModelRunner
@@ -220,6 +224,8 @@ def test_startup_compiles_each_program_once(small_llama_folder):
         parallel(self)
         marks["after"] = len(compiles)
     ModelRunner._compile_in_parallel = spy
+    monkeypatch.setenv("JAXLLM_COMPILE_WORKERS", "2")
+    caplog.set_level(logging.INFO, logger="jaxllm")
     try:
         llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=64, page_size=8,
                   num_pages=16, max_num_batched_tokens=32, max_num_seqs=4, seed=0)
@@ -238,6 +244,20 @@ def test_startup_compiles_each_program_once(small_llama_folder):
     assert sum(n.startswith("forward") for n in runner.compile_seconds) == len(
         runner.step_variants())
     assert all(s > 0 for s in runner.compile_seconds.values())
+    assert "compiled on 2 threads" in caplog.text
+
+
+def test_compile_workers_env_is_checked(monkeypatch):
+    from jaxllm.engine.model_runner import compile_workers
+
+    monkeypatch.delenv("JAXLLM_COMPILE_WORKERS", raising=False)
+    assert compile_workers() == (os.cpu_count() or 1)
+    monkeypatch.setenv("JAXLLM_COMPILE_WORKERS", "3")
+    assert compile_workers() == 3
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv("JAXLLM_COMPILE_WORKERS", bad)
+        with pytest.raises(ValueError, match="JAXLLM_COMPILE_WORKERS"):
+            compile_workers()
 
 
 def _spy_launches(runner, record):

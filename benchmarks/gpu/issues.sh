@@ -27,6 +27,9 @@
 #                                          pages; host wait at batch 1 / 256
 #   bash benchmarks/gpu/issues.sh sweep1   (one GPU) decode sweep in GPU time at the target
 #                                          shapes; bf16 offline throughput at the defaults
+#   bash benchmarks/gpu/issues.sh lmhead   (one GPU) the logits GEMM alone vs behind the norm /
+#                                          gather; the step's GEMM configs (HLO dump); latency
+#                                          compiled on one thread; the decode sweep (issue 5)
 #   bash benchmarks/gpu/issues.sh fp8one   (one GPU) fp8 batch-1 latency; fp8 throughput at
 #                                          the defaults
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -293,6 +296,23 @@ sweep1)  # nvidia-h200 (one GPU), one call (issue 5: 8 x 4k decode at 44% of ban
     --budget 200 --device-time --out $OUT/results.jsonl > $L/decode.log 2>&1
   timeout 270 $TP > $L/tp_bf16.log 2>&1
   show_logs 16 ;;
+lmhead)  # nvidia-h200 (one GPU), one call: the batch-1 step's logits GEMM took 0.47 ms in its
+  # profile and 0.23 ms alone (b1, 2026-12-01). Is it what XLA fuses into it (lm_head_step.py),
+  # or the GEMM config chosen while 7 threads autotune on one GPU at start-up (the step's HLO
+  # config vs the lone one's; latency compiled on one thread)? Then the decode sweep (issue 5).
+  L=$OUT/logs; mkdir -p $L
+  LAT="timeout 120 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 --out $OUT/results.jsonl"
+  timeout 90 python3 benchmarks/gpu/lm_head_step.py --out $OUT/results.jsonl > $L/lm_head_step.log 2>&1
+  XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*forward.*" \
+    $LAT > $L/lat_dump.log 2>&1
+  for f in /tmp/dump/*after_optimizations.txt; do
+    echo "== $f"; grep "f32\[8,128256\]" $f | grep "fusion(\|custom-call(" | cut -c1-700
+  done > $L/step_gemm_configs.log 2>&1
+  JAXLLM_COMPILE_WORKERS=1 $LAT > $L/lat_one_thread.log 2>&1
+  timeout 240 python3 benchmarks/kernels.py --sections decode --decode-shapes 8x4096,64x4096,256x4096,1x32768 \
+    --budget 170 --device-time --out $OUT/results.jsonl > $L/decode.log 2>&1
+  cat $L/lm_head_step.log; cat $L/step_gemm_configs.log | cut -c1-600
+  show_logs 8 ;;
 fp8one)  # nvidia-h200 (one GPU), one call (issue 6): fp8 batch-1 latency, fp8 throughput at
   # the defaults (1024 sequences / 16384 tokens a step).
   L=$OUT/logs; mkdir -p $L

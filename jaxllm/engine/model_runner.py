@@ -172,6 +172,25 @@ class PageRows:
         return self._free.pop()
 
 
+COMPILE_WORKERS_ENV = "JAXLLM_COMPILE_WORKERS"
+
+
+def compile_workers() -> int:
+    """Threads that compile the step programs at start-up: ``JAXLLM_COMPILE_WORKERS`` when set,
+    else one per CPU. (One thread makes every GEMM autotuning measurement run alone on the GPU:
+    the A/B test for whether concurrent compiles pick worse GEMM configs.)"""
+    raw = os.environ.get(COMPILE_WORKERS_ENV)
+    if raw is None or not raw.strip():
+        return os.cpu_count() or 1
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{COMPILE_WORKERS_ENV} must be a positive integer, got {raw!r}.") from None
+    if value < 1:
+        raise ValueError(f"{COMPILE_WORKERS_ENV} must be a positive integer, got {value}.")
+    return value
+
+
 def _unpacked(x):
     return x.unpack() if isinstance(x, Packed) else x
 
@@ -440,7 +459,7 @@ class ModelRunner:
         variants = self.step_variants()
         n_programs = len(variants) + len(self.sampler_variants()) * len(
             {self.seq_bucket(T) for T, _ in variants})
-        workers = max(1, min(n_programs, os.cpu_count() or 1))
+        workers = max(1, min(n_programs, compile_workers()))
         names, futures, sampled, lowering = [], [], set(), 0.0
         with cf.ThreadPoolExecutor(max_workers=workers) as pool:
             def submit(name, lower):
