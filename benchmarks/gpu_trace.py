@@ -77,13 +77,16 @@ def summarize(trace_path: Path, num_steps: int, top: int) -> dict:
     events, thread_names = gpu_events(trace_path)
     if not events:
         raise RuntimeError(f"no GPU events in {trace_path}; GPU threads seen: {sorted(thread_names)}")
-    by_name = collections.Counter()
+    by_name, calls = collections.Counter(), collections.Counter()
     for name, _, d in events:
         by_name[op_group(name)] += d
+        calls[op_group(name)] += 1
     busy = union_us([(s, s + d) for _, s, d in events])
+    ranked = by_name.most_common(top)
     return dict(gpu_busy_ms=busy / num_steps / 1e3, kernels_per_step=len(events) / num_steps,
                 gpu_threads=sorted(thread_names),
-                top=[(k, v / num_steps / 1e3) for k, v in by_name.most_common(top)])
+                top=[(k, v / num_steps / 1e3) for k, v in ranked],
+                top_calls={k: calls[k] / num_steps for k, _ in ranked})
 
 
 def per_call(events: list[tuple[str, float, float]], calls: int) -> dict | None:

@@ -190,7 +190,7 @@ def main(argv=None) -> int:
               f"{summ['kernels_per_step']:.0f} GPU ops/step; host waits {wait:.2f} ms a step for "
               f"the GPU ({host_bound}/{args.steps} steps host-bound)")
         for name, ms in summ["top"]:
-            print(f"    {ms:8.3f} ms  {name[:110]}")
+            print(f"    {ms:8.3f} ms {summ['top_calls'][name]:6.1f}x  {name[:110]}")
         for name, ms, n in summ.get("host_top", []):
             print(f"    host {ms:8.3f} ms {n:7.1f}x  {name[:100]}")
     if args.out:

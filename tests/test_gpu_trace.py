@@ -52,6 +52,21 @@ def test_per_call_device_time_is_the_union_of_stream_ops_and_ignores_host_and_de
     assert gpu_trace.per_call([], calls=2) is None
 
 
+def test_step_summary_counts_each_op_group_per_step(tmp_path):
+    # One op named gemm_fusion_dot a step, and two gemm_fusion_dot_N: top_calls tells a single
+    # slow op from a group of many.
+    trace = _write_trace(tmp_path / "t.json.gz", [
+        _x(1, 7, "gemm_fusion_dot", 0, 40), _x(1, 7, "gemm_fusion_dot_1", 40, 10),
+        _x(1, 7, "gemm_fusion_dot_2", 50, 10),
+        _x(1, 7, "gemm_fusion_dot", 100, 40), _x(1, 7, "gemm_fusion_dot_1", 140, 10),
+        _x(1, 7, "gemm_fusion_dot_2", 150, 10),
+    ])
+    got = gpu_trace.summarize(trace, num_steps=2, top=5)
+    assert got["top"] == [("gemm_fusion_dot", 0.04), ("gemm_fusion_dot_#", 0.02)]
+    assert got["top_calls"] == {"gemm_fusion_dot": 1, "gemm_fusion_dot_#": 2}
+    assert got["kernels_per_step"] == 3 and got["gpu_busy_ms"] == 0.06
+
+
 def test_device_time_on_a_platform_without_gpu_ops_is_none():
     f = lambda x: (x * 2).sum()  # noqa: E731
     assert gpu_trace.device_time(f, [(jnp.ones(8),)], calls=2) is None

@@ -30,6 +30,9 @@
 #   bash benchmarks/gpu/issues.sh lmhead   (one GPU) the logits GEMM alone vs behind the norm /
 #                                          gather; the step's GEMM configs (HLO dump); latency
 #                                          compiled on one thread; the decode sweep (issue 5)
+#   bash benchmarks/gpu/issues.sh b1why    (one GPU) which GEMM the batch-1 step's 0.47 ms
+#                                          "gemm_fusion_dot" is (op counts, HLO dump); the fp8
+#                                          batch-1 profile and latency
 #   bash benchmarks/gpu/issues.sh fp8one   (one GPU) fp8 batch-1 latency; fp8 throughput at
 #                                          the defaults
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -313,6 +316,22 @@ lmhead)  # nvidia-h200 (one GPU), one call: the batch-1 step's logits GEMM took 
     --budget 170 --device-time --out $OUT/results.jsonl > $L/decode.log 2>&1
   cat $L/lm_head_step.log; cat $L/step_gemm_configs.log | cut -c1-600
   show_logs 8 ;;
+b1why)  # nvidia-h200 (one GPU), one call: the bf16 batch-1 profile (2026-12-01) has one op
+  # group "gemm_fusion_dot" at 0.47 ms a step, and the logits GEMM is not it (that one is a
+  # gemm_fusion_dot_general, 0.23 ms). Its calls per step and its HLO line; then fp8 batch 1.
+  L=$OUT/logs; mkdir -p $L
+  P="timeout 150 python3 benchmarks/profile_step.py --context 1024 --steps 20 --top 10 --batch 1 --out $OUT/results.jsonl"
+  XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*forward.*" \
+    $P --out-dir /tmp/pa > $L/prof_bf16.log 2>&1
+  for f in /tmp/dump/*forward*after_optimizations.txt; do
+    echo "== $f $(grep -c 'gemm_fusion' $f) gemm fusions"
+    grep -E "^ *(ROOT )?%gemm_fusion_dot(\.[0-9]+)? = " $f | head -4 | cut -c1-420
+  done > $L/gemm_fusion_dot.log 2>&1
+  $P --out-dir /tmp/pb --quantization fp8 > $L/prof_fp8.log 2>&1
+  timeout 150 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 \
+    --quantization fp8 --out $OUT/results.jsonl > $L/lat_fp8.log 2>&1
+  head -c 6000 $L/gemm_fusion_dot.log
+  show_logs 14 ;;
 fp8one)  # nvidia-h200 (one GPU), one call (issue 6): fp8 batch-1 latency, fp8 throughput at
   # the defaults (1024 sequences / 16384 tokens a step).
   L=$OUT/logs; mkdir -p $L
