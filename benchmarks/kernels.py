@@ -434,14 +434,17 @@ def bench_prefill(rng, budget_s):
         run_case("prefill", shape, "reference_xla", "", REF, arg_sets, flops=flops,
                  peak_flops=PEAK_BF16)
         ref = REF(*arg_sets[0])
+        # The table's config as the engine runs it (masked_tail_only left to the kernel's
+        # per-launch default), then with the mask on every key block; every other row names
+        # masked_tail_only (the causal mask on the diagonal key blocks alone, flash
+        # attention's split of the loop) so its meaning does not move with the default.
         table = dict(prefill_block_config(n * L, H, KH), num_warps=4, num_stages=2)
-        # masked_tail_only: the causal mask on the diagonal key blocks alone (flash attention's
-        # split of the loop), on the table's config and the larger tiles.
-        configs = [table, dict(table, masked_tail_only=True)] + [
+        configs = [table, dict(table, masked_tail_only=False)] + [
             dict(block_q=bq, pages_per_block=ppb, num_warps=w, num_stages=st,
                  masked_tail_only=True)
             for bq, ppb, w, st in [(32, 4, 8, 2), (32, 8, 8, 3), (64, 8, 8, 2)]] + [
-            dict(block_q=bq, pages_per_block=ppb, num_warps=w, num_stages=st)
+            dict(block_q=bq, pages_per_block=ppb, num_warps=w, num_stages=st,
+                 masked_tail_only=False)
             for bq, ppb, w, st in [(16, 4, 4, 2), (16, 8, 4, 2), (32, 4, 4, 2), (32, 8, 4, 2),
                                    (8, 8, 4, 2), (16, 8, 4, 3), (32, 8, 8, 2), (32, 4, 8, 3),
                                    (16, 16, 8, 2), (64, 4, 8, 2),
@@ -700,15 +703,27 @@ def _time(r, group):
     return r["time_us"]
 
 
+def _shape_key(r: dict) -> tuple:
+    """A result row's section and shape (what a newer sweep of the same shape replaces)."""
+    return (r.get("section"), r.get("batch"), r.get("ctx"), r.get("table_ctx"), r.get("q_len"),
+            r.get("M"), r.get("K"), r.get("N"))
+
+
 def table_from_results(*paths):
     """(DECODE_TABLE, PREFILL_TABLE) of pallas_kernels/ragged_paged_attention.py from a sweep.
 
     decode: (batch, ctx) -> (decode_pages_per_block, decode_splits) of the fastest row.
     prefill: (G, batch * q_len) -> (block_q, pages_per_block): the config fastest over all the
     shapes of that key (sum of times relative to each shape's best, among the configs measured
-    on the most shapes). Several files: their rows together."""
-    rows = [json.loads(line) for path in paths
-            for line in Path(path).read_text().splitlines() if line.strip()]
+    on the most shapes). Several files, oldest first: a shape a later file measured takes that
+    file's rows alone (a newer sweep, on another GPU or in GPU time, replaces the older one's
+    rows of that shape; rows of two runs are not comparable)."""
+    rows = []
+    for path in paths:
+        file_rows = [json.loads(line) for line in Path(path).read_text().splitlines()
+                     if line.strip()]
+        newer = {_shape_key(r) for r in file_rows}
+        rows = [r for r in rows if _shape_key(r) not in newer] + file_rows
     decode: dict[tuple[int, int], list[dict]] = {}
     for r in rows:
         if _usable(r, "decode"):

@@ -387,11 +387,13 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
 # ----------------------------------------------------------------------------------------------
 # Block sizes per shape class (issue 5: measured, not guessed).
 #
-# Source: benchmarks/results/kernels-h100-2026-11-23.jsonl (H100 SXM, Llama-3-8B attention:
-# H=32, K=8, D=128, page size B=16, bf16), the fastest correct `pallas` row of each shape.
-# Regenerate from a new sweep with
-#     python3 benchmarks/kernels.py --print-table benchmarks/results/<new sweep>.jsonl
-# and paste its output here (tests/test_pallas_kernels.py checks this copy against the file
+# Sources (KERNEL_TABLE_SOURCE, oldest first; a shape a later file measured takes that file's
+# rows alone): benchmarks/results/kernels-h100-2026-11-23.jsonl (H100 SXM, host wall times),
+# then benchmarks/results/kernels-decode-h200-2026-12-01.jsonl (H200, GPU time per call from
+# profiler traces: batch 8 / 64 / 256 x 4k and 1 x 32k). Llama-3-8B attention: H=32, K=8,
+# D=128, page size B=16, bf16; the fastest correct `pallas` row of each shape. Regenerate with
+#     python3 benchmarks/kernels.py --print-table <the files, oldest first>
+# and paste its output here (tests/test_pallas_kernels.py checks this copy against the files
 # named in KERNEL_TABLE_SOURCE).
 #
 # Decode is keyed by the static shapes of the call, not by the batch's real lengths: S, the
@@ -409,21 +411,22 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
 # near that floor (batch <= 8 at 512, batch 1 at 4k) are ordered by noise, not by the kernel.
 # ----------------------------------------------------------------------------------------------
 
-KERNEL_TABLE_SOURCE = "benchmarks/results/kernels-h100-2026-11-23.jsonl"
+KERNEL_TABLE_SOURCE = ("benchmarks/results/kernels-h100-2026-11-23.jsonl",
+                       "benchmarks/results/kernels-decode-h200-2026-12-01.jsonl")
 
 # (batch class, context class in tokens) -> (decode_pages_per_block, decode_splits)
 DECODE_TABLE: dict[tuple[int, int], tuple[int, int]] = {
     (1, 512): (8, 2),
     (1, 4096): (16, 16),
-    (1, 32768): (16, 33),
+    (1, 32768): (8, 33),
     (8, 512): (8, 4),
     (8, 4096): (8, 5),
     (8, 32768): (16, 10),
     (64, 512): (16, 2),
-    (64, 4096): (8, 2),
+    (64, 4096): (4, 1),
     (64, 32768): (8, 2),
     (256, 512): (4, 1),
-    (256, 4096): (4, 1),
+    (256, 4096): (8, 2),
 }
 
 # (query heads per KV head G, tokens class T) -> (block_q, pages_per_block)
@@ -432,6 +435,16 @@ DECODE_TABLE: dict[tuple[int, int], tuple[int, int]] = {
 PREFILL_TABLE: dict[tuple[int, int], tuple[int, int]] = {
     (4, 4096): (16, 4),
 }
+
+# The causal mask only on the key blocks past a program's first query position, per launch
+# (``masked_tail_only=None``). H200, 2026-12-01, `kernels.py --sections prefill` (17 configs x
+# 2 shapes, benchmarks/results/kernels-prefill-h200-2026-12-01.jsonl): on the table's prefill
+# config it took 1 x 4k from 792 to 580 us and 4 x 1k from 259 to 201 us, the best row at
+# both shapes but for one config 2% faster at 4k alone; no other tile beat the table's with
+# it on. The decode launch (one query row a program) gains nothing: 12.96 -> 12.8, 25.5 ->
+# 27.3, 72.7 -> 73.5 us at batch 1 / 8 / 64 x 1k in an 8k page table (device time).
+PREFILL_MASKED_TAIL_ONLY = True
+DECODE_MASKED_TAIL_ONLY = False
 
 
 def _class_of(value: int, classes) -> int:
@@ -480,7 +493,7 @@ def ragged_paged_attention(
     decode_pages_per_block: int | None = None,
     decode_splits: int | None = None,
     decode_split_pages: bool = False,
-    masked_tail_only: bool = False,
+    masked_tail_only: bool | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     decode: bool = True,
@@ -500,7 +513,10 @@ def ragged_paged_attention(
     (unmeasured; for short contexts under a long context class, see DESIGN_NOTES).
     ``masked_tail_only`` runs the key blocks every query row of a program sees (those before
     its first query position) without the causal mask, and masks only the rest, as flash
-    attention kernels do (without a sliding window; unmeasured, off until the sweep decides).
+    attention kernels do (without a sliding window). None (the default) turns it on in the
+    prefill launch and off in the decode launch, by measurement (H200, 2026-12-01, table config:
+    prefill 1 x 4k 792 -> 580 us, 4 x 1k 259 -> 201 us; decode neutral to 7% slower); True or
+    False sets both launches.
     ``decode=False`` / ``prefill=False`` skip a launch when the caller knows the batch has no
     decode (q_len == 1) or no longer sequences (e.g. a pure decode step); by default both run
     and each skips the other's sequences. With ``prefill=False`` sequences of q_len > 1 are not
@@ -570,7 +586,9 @@ def ragged_paged_attention(
     v2 = v_pages.reshape(P * B, K * D)
     common = dict(T=T, H=H, K=K, D=D, B=B, sm_scale=sm_scale, sliding_window=sliding_window,
                   soft_cap=soft_cap, num_warps=num_warps, num_stages=num_stages,
-                  interpret=interpret, out_dtype=q.dtype, masked_tail_only=masked_tail_only)
+                  interpret=interpret, out_dtype=q.dtype)
+    prefill_mto = PREFILL_MASKED_TAIL_ONLY if masked_tail_only is None else masked_tail_only
+    decode_mto = DECODE_MASKED_TAIL_ONLY if masked_tail_only is None else masked_tail_only
 
     t = jnp.arange(T, dtype=jnp.int32)
     t_valid = t < query_start_loc[ns]
@@ -601,7 +619,7 @@ def ragged_paged_attention(
         rows = _launch(q2, k2, v2, pt, bseq, b_tok0.astype(jnp.int32),
                        b_ntok.astype(jnp.int32), b_pos0.astype(jnp.int32),
                        block_q=block_q, pages_per_block=pages_per_block, num_splits=1,
-                       **common)
+                       masked_tail_only=prefill_mto, **common)
         out = jnp.where(t_valid[:, None, None], rows[: T * H].reshape(T, H, D), zeros)
     if decode:
         nd = min(S, T)  # a real sequence owns >= 1 token: slots past T are padding
@@ -616,7 +634,7 @@ def ragged_paged_attention(
         rows = _launch(q2, k2, v2, pt, d_seq, d_tok0, d_ntok, d_pos0, block_q=1,
                        pages_per_block=dppb, num_splits=decode_splits, out_by_block=True,
                        split_pages=decode_split_pages, kv_write=kv_write,
-                       exact_rows=decode_only, **common)
+                       exact_rows=decode_only, masked_tail_only=decode_mto, **common)
         if kv_write is not None:
             rows, k2_new, v2_new = rows
             new_pages = (k2_new.reshape(P, B, K, D), v2_new.reshape(P, B, K, D))

@@ -303,15 +303,15 @@ def test_block_table_lookup_returns_the_measured_entries_by_shape_class():
 
     # The sweep's own shapes (page size 16: M = context / 16).
     assert dec(8, 4096 // 16, 16) == (8, 5)
-    assert dec(1, 32768 // 16, 16) == (16, 33)
-    assert dec(64, 4096 // 16, 16) == (8, 2)
+    assert dec(1, 32768 // 16, 16) == (8, 33)
+    assert dec(64, 4096 // 16, 16) == (4, 1)
     assert dec(256, 512 // 16, 16) == (4, 1)
     # Other shapes take the smallest class at or above them: 5 slots -> batch 8, 1,000 context
     # tokens (125 pages of 8) -> 4k.
     assert dec(5, 125, 8) == (8, 5)
-    assert dec(9, 2048 // 16, 16) == (8, 2)  # batch 64, context 4k
+    assert dec(9, 2048 // 16, 16) == (4, 1)  # batch 64, context 4k
     # Past the largest class: the largest; batch 256 has no 32k row: its nearest context (4k).
-    assert dec(1024, 65536 // 16, 16) == (4, 1)
+    assert dec(1024, 65536 // 16, 16) == (8, 2)
     # Splits never exceed the key blocks of the class: 40 pages in blocks of 16 -> 3.
     assert dec(1, 40, 16) == (16, 3)
     assert dec(2, 4, 16) == (8, 1)  # batch 8 x 512 class (8, 4): one block of 8 pages
@@ -332,7 +332,7 @@ def _load_kernels_benchmark():
 
 def test_block_table_is_the_one_its_sweep_file_derives():
     bench = _load_kernels_benchmark()
-    decode, prefill = bench.table_from_results(REPO / KERNEL_TABLE_SOURCE)
+    decode, prefill = bench.table_from_results(*(REPO / f for f in KERNEL_TABLE_SOURCE))
     assert decode == DECODE_TABLE
     assert prefill == PREFILL_TABLE
 
@@ -359,9 +359,29 @@ def test_kernel_uses_the_table_unless_a_knob_is_passed_and_each_knob_overrides_a
     assert _launch_names(4, 40, block_q=4, pages_per_block=2) == {
         "ragged_paged_attention_bq1_ppb8_ns5", "ragged_paged_attention_bq4_ppb2_ns1"}
     assert _launch_names(4, 40, prefill=False) == {"ragged_paged_attention_bq1_ppb8_ns5"}
-    # A larger batch bucket at the same context: class (64, 4k) = (8, 2).
-    assert _launch_names(12, 40, T=16) == {"ragged_paged_attention_bq1_ppb8_ns2",
+    # A larger batch bucket at the same context: class (64, 4k) = (4, 1).
+    assert _launch_names(12, 40, T=16) == {"ragged_paged_attention_bq1_ppb4_ns1",
                                            "ragged_paged_attention_bq16_ppb4_ns1"}
+
+
+def test_masked_tail_only_defaults_on_in_the_prefill_launch_alone():
+    # None (the default): the prefill launch masks only its tail key blocks (measured faster on
+    # the H200), the decode launch masks all; True / False set both launches.
+    def names(**knobs):
+        P, S, M, B, T, H, K, D = 4, 4, 40, 16, 8, 8, 2, 32
+        args = (jnp.zeros((T, H, D)), jnp.zeros((P, B, K, D)), jnp.zeros((P, B, K, D)),
+                jnp.zeros(S, jnp.int32), jnp.zeros((S, M), jnp.int32),
+                jnp.zeros(S + 1, jnp.int32), jnp.zeros(1, jnp.int32))
+        f = functools.partial(ragged_paged_attention, sm_scale=1.0, interpret=True, **knobs)
+        return set(re.findall(r"ragged_paged_attention_bq\d+_ppb\d+_ns\d+\w*",
+                              str(jax.make_jaxpr(f)(*args))))
+
+    assert names() == {"ragged_paged_attention_bq16_ppb4_ns1_mt",
+                       "ragged_paged_attention_bq1_ppb8_ns5"}
+    assert names(masked_tail_only=True) == {"ragged_paged_attention_bq16_ppb4_ns1_mt",
+                                            "ragged_paged_attention_bq1_ppb8_ns5_mt"}
+    assert names(masked_tail_only=False) == {"ragged_paged_attention_bq16_ppb4_ns1",
+                                             "ragged_paged_attention_bq1_ppb8_ns5"}
 
 
 @pytest.mark.parametrize("knob", ["block_q", "pages_per_block", "decode_pages_per_block",
@@ -374,7 +394,7 @@ def test_non_positive_knob_is_a_value_error_naming_it(knob):
 # Each case: static shapes in a different (batch, context) class, no knobs passed.
 #   S=1, 640-token context -> decode (1, 4k) = 16 pages x 3 splits (16 capped at 40/16 blocks)
 #   S=6, same context      -> (8, 4k) = 8 pages x 5 splits, mixed batch, bf16 + soft cap
-#   S=12, same context     -> (64, 4k) = 8 pages x 2 splits, MHA (prefill block_q 64)
+#   S=12, same context     -> (64, 4k) = 4 pages x 1 split, MHA (prefill block_q 64)
 #   S=80 > T=24, 48 tokens -> (256, 512) = 4 pages x 1 split; slots past T never launch
 @pytest.mark.parametrize("S,M,B,H,K,T,dtype,tol,window,cap,kinds", [
     (1, 40, 16, 8, 2, 4, jnp.float32, 1e-5, 100, None, [("decode",), ("decode",)]),
@@ -502,3 +522,24 @@ def test_table_from_a_sweep_ranks_by_device_time_where_every_row_has_it(tmp_path
     del b["device_us"]
     path.write_text("\n".join(json.dumps(r) for r in (a, b)))
     assert bench.table_from_results(path)[0] == {(8, 4096): (8, 5)}
+
+
+def test_table_from_several_sweeps_takes_each_shape_from_the_newest_file(tmp_path):
+    # An older (H100, wall time) sweep of two shapes and a newer (H200, GPU time) sweep of one
+    # of them: that shape takes the newer file's rows alone, the other keeps the older entry.
+    bench = _load_kernels_benchmark()
+    base = dict(section="decode", impl="pallas", ok=True, heads=32, kv_heads=8)
+    old = [dict(base, batch=8, ctx=4096, config=dict(decode_pages_per_block=8, decode_splits=5),
+                time_us=40.0),
+           dict(base, batch=1, ctx=512, config=dict(decode_pages_per_block=8, decode_splits=2),
+                time_us=30.0)]
+    # Slower in absolute terms than the old file's winner: mixing the two would keep (8, 5).
+    new = [dict(base, batch=8, ctx=4096, config=dict(decode_pages_per_block=4, decode_splits=16),
+                time_us=90.0, device_us=50.0),
+           dict(base, batch=8, ctx=4096, config=dict(decode_pages_per_block=8, decode_splits=5),
+                time_us=95.0, device_us=55.0)]
+    p_old, p_new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    p_old.write_text("\n".join(json.dumps(r) for r in old))
+    p_new.write_text("\n".join(json.dumps(r) for r in new))
+    assert bench.table_from_results(p_old, p_new)[0] == {(1, 512): (8, 2), (8, 4096): (4, 16)}
+    assert bench.table_from_results(p_new, p_old)[0] == {(1, 512): (8, 2), (8, 4096): (8, 5)}
