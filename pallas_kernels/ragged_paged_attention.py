@@ -510,7 +510,8 @@ def ragged_paged_attention(
     the measured tables above (``decode_block_config`` by S and M, ``prefill_block_config`` by T
     and G); a value passed overrides its table entry alone. ``decode_split_pages`` splits the
     decode context by pages instead of by key blocks of ``decode_pages_per_block`` pages
-    (unmeasured; for short contexts under a long context class, see DESIGN_NOTES).
+    (for short contexts under a long context class, see DESIGN_NOTES; no faster in the
+    H200 sweeps of 2026-12-01, kernel or engine).
     ``masked_tail_only`` runs the key blocks every query row of a program sees (those before
     its first query position) without the causal mask, and masks only the rest, as flash
     attention kernels do (without a sliding window). None (the default) turns it on in the
@@ -532,8 +533,9 @@ def ragged_paged_attention(
     not in the pages yet. The kernel attends to them from registers and writes them into their
     slots, and the call returns ``(out, k_pages, v_pages)``: the pages with the new K/V written,
     as ``write`` would leave them (in place when the pages are donated). This saves the step's
-    two scatter kernels per layer. Padding tokens write nothing. Unmeasured; off by default
-    (``JAXLLM_ATTENTION_KNOBS='{"fused_kv_write": true}'`` turns it on in the engine).
+    two scatter kernels per layer. Padding tokens write nothing. Off by default: on the H200
+    (2026-12-01) the batch-1 step was no faster with it (median 4.46 vs 4.42 ms);
+    ``JAXLLM_ATTENTION_KNOBS='{"fused_kv_write": true}'`` turns it on in the engine.
     """
     T, H, D = q.shape
     P, B, K, _ = k_pages.shape

@@ -25,8 +25,8 @@
 #   bash benchmarks/gpu/issues.sh b1       (one GPU) lm_head GEMM in GPU time; batch-1 latency:
 #                                          table vs fused K/V write vs bf16 logits vs split
 #                                          pages; host wait at batch 1 / 256
-#   bash benchmarks/gpu/issues.sh sweep1   (one GPU) decode sweep in GPU time at the target
-#                                          shapes; bf16 offline throughput at the defaults
+#   bash benchmarks/gpu/issues.sh sweep1   (one GPU) decode sweep in GPU time at the shapes
+#                                          not yet swept so; bf16 throughput at the defaults
 #   bash benchmarks/gpu/issues.sh lmhead   (one GPU) the logits GEMM alone vs behind the norm /
 #                                          gather; the step's GEMM configs (HLO dump); latency
 #                                          compiled on one thread; the decode sweep (issue 5)
@@ -292,10 +292,11 @@ b1)  # nvidia-h200 (one GPU), one call of ~8 min (issue 9, gap 2: batch-1 decode
     --out-dir /tmp/pb1 --out $OUT/results.jsonl > $L/prof_bf16.log 2>&1
   grep -h "lm_head" $L/lm_head.log | grep -v "^ *$" | tail -20
   show_logs 10 ;;
-sweep1)  # nvidia-h200 (one GPU), one call (issue 5: 8 x 4k decode at 44% of bandwidth in wall
-  # time; is it the kernel or the per-call floor?), then bf16 throughput at the defaults.
+sweep1)  # nvidia-h200 (one GPU), one call: the decode shapes the GPU-time sweep of 2026-12-01
+  # (morning) did not reach (32k at batch 8 / 64, 512 contexts, 1 x 4k), then bf16 throughput
+  # at the defaults with the decode table it changed.
   L=$OUT/logs; mkdir -p $L
-  timeout 250 python3 benchmarks/kernels.py --sections decode --decode-shapes 8x4096,64x4096,256x4096,1x32768,8x32768 \
+  timeout 250 python3 benchmarks/kernels.py --sections decode --decode-shapes 8x32768,64x32768,1x4096,8x512,64x512,256x512 \
     --budget 200 --device-time --out $OUT/results.jsonl > $L/decode.log 2>&1
   timeout 270 $TP > $L/tp_bf16.log 2>&1
   show_logs 16 ;;
