@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="override the shape's vocab (default: 4096 for tiny, the shape's otherwise)")
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="the engine's max_num_seqs (default: --batch); e.g. batch 1 in an "
+                        "engine built for 256")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
@@ -213,9 +216,12 @@ def main(argv=None) -> int:
     mc = loaded.model_config
     total_steps = args.warmup + 2 * args.steps + args.profile_steps + 8
     max_model_len = args.context + total_steps + 16
-    mnbt = max(args.batch, 2048 if args.real_prefill else args.batch)
-    buckets = tuple(sorted({args.batch, mnbt}))
-    cfg = EngineConfig(dtype="bfloat16", max_model_len=max_model_len, max_num_seqs=args.batch,
+    max_seqs = args.max_num_seqs or args.batch
+    if max_seqs < args.batch:
+        raise SystemExit(f"--max-num-seqs {max_seqs} < --batch {args.batch}")
+    mnbt = max(max_seqs, 2048 if args.real_prefill else max_seqs)
+    buckets = tuple(sorted({args.batch, max_seqs, mnbt}))
+    cfg = EngineConfig(dtype="bfloat16", max_model_len=max_model_len, max_num_seqs=max_seqs,
                        max_num_batched_tokens=mnbt, token_buckets=buckets,
                        enable_prefix_caching=False, async_scheduling=not args.sync)
     t0 = time.perf_counter()
