@@ -556,10 +556,10 @@ LM_HEAD_M = [1, 8, 64, 256]
 
 
 def bench_lm_head():
-    """The logits GEMM (bf16 in, float32 out, as ``compute_logits``) in both weight layouts.
-    The H200 batch-1 step profile had it at 0.47 ms for its 1.05 GB of weight, half of the
-    bandwidth the layers' GEMMs reach (0.245 ms at 4.3 TB/s). [E, V] is the engine's lm_head;
-    [V, E] (K contiguous) is the tied-embedding layout."""
+    """The logits GEMM (bf16 in; float32 out as ``compute_logits``, or bf16 out cast after, as
+    vLLM / HF) in both weight layouts: [E, V] is the engine's lm_head, [V, E] (K contiguous) the
+    tied-embedding layout. H200, 2026-12-01: 231-245 us at M = 1 for 1.05 GB in all four (the
+    layout and output type do not matter; RESULTS.md)."""
     print("== lm_head: [M, E] x [E, V] vs [V, E], float32 logits ==", flush=True)
     E, V = (256, 1024) if SMOKE else LM_HEAD
     w = jax.random.normal(jax.random.key(1), (E, V), jnp.bfloat16) * 0.02

@@ -337,15 +337,16 @@ def test_block_table_is_the_one_its_sweep_file_derives():
     assert prefill == PREFILL_TABLE
 
 
-def _launch_names(S, M, B=16, T=8, H=8, K=2, D=32, **knobs):
-    """The pallas_call names (block_q, pages per block, splits) a call traces to."""
+def _launch_names(S, M, B=16, T=8, H=8, K=2, D=32, suffixes=False, **knobs):
+    """The pallas_call names (block_q, pages per block, splits; with ``suffixes`` also the
+    variant flags such as ``_mt``) a call traces to."""
     P = 4
     args = (jnp.zeros((T, H, D)), jnp.zeros((P, B, K, D)), jnp.zeros((P, B, K, D)),
             jnp.zeros(S, jnp.int32), jnp.zeros((S, M), jnp.int32), jnp.zeros(S + 1, jnp.int32),
             jnp.zeros(1, jnp.int32))
     f = functools.partial(ragged_paged_attention, sm_scale=1.0, interpret=True, **knobs)
-    return set(re.findall(r"ragged_paged_attention_bq\d+_ppb\d+_ns\d+",
-                          str(jax.make_jaxpr(f)(*args))))
+    pattern = r"ragged_paged_attention_bq\d+_ppb\d+_ns\d+" + (r"\w*" if suffixes else "")
+    return set(re.findall(pattern, str(jax.make_jaxpr(f)(*args))))
 
 
 def test_kernel_uses_the_table_unless_a_knob_is_passed_and_each_knob_overrides_alone():
@@ -368,13 +369,7 @@ def test_masked_tail_only_defaults_on_in_the_prefill_launch_alone():
     # None (the default): the prefill launch masks only its tail key blocks (measured faster on
     # the H200), the decode launch masks all; True / False set both launches.
     def names(**knobs):
-        P, S, M, B, T, H, K, D = 4, 4, 40, 16, 8, 8, 2, 32
-        args = (jnp.zeros((T, H, D)), jnp.zeros((P, B, K, D)), jnp.zeros((P, B, K, D)),
-                jnp.zeros(S, jnp.int32), jnp.zeros((S, M), jnp.int32),
-                jnp.zeros(S + 1, jnp.int32), jnp.zeros(1, jnp.int32))
-        f = functools.partial(ragged_paged_attention, sm_scale=1.0, interpret=True, **knobs)
-        return set(re.findall(r"ragged_paged_attention_bq\d+_ppb\d+_ns\d+\w*",
-                              str(jax.make_jaxpr(f)(*args))))
+        return _launch_names(4, 40, suffixes=True, **knobs)
 
     assert names() == {"ragged_paged_attention_bq16_ppb4_ns1_mt",
                        "ragged_paged_attention_bq1_ppb8_ns5"}

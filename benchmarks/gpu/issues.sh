@@ -300,10 +300,11 @@ sweep1)  # nvidia-h200 (one GPU), one call: the decode shapes the GPU-time sweep
     --budget 200 --device-time --out $OUT/results.jsonl > $L/decode.log 2>&1
   timeout 270 $TP > $L/tp_bf16.log 2>&1
   show_logs 16 ;;
-lmhead)  # nvidia-h200 (one GPU), one call: the batch-1 step's logits GEMM took 0.47 ms in its
-  # profile and 0.23 ms alone (b1, 2026-12-01). Is it what XLA fuses into it (lm_head_step.py),
-  # or the GEMM config chosen while 7 threads autotune on one GPU at start-up (the step's HLO
-  # config vs the lone one's; latency compiled on one thread)? Then the decode sweep (issue 5).
+lmhead)  # nvidia-h200 (one GPU), one call, run 2026-12-01: was the batch-1 step's logits GEMM
+  # slower than alone (0.47 ms op group vs 0.23 ms)? Tests what XLA fuses into it
+  # (lm_head_step.py) and concurrent autotuning (the step's HLO config vs the lone one's;
+  # latency compiled on one thread). Answer: neither; the op group was a deduplicated name
+  # (RESULTS.md). Then the decode sweep (issue 5).
   L=$OUT/logs; mkdir -p $L
   LAT="timeout 120 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 --out $OUT/results.jsonl"
   timeout 90 python3 benchmarks/gpu/lm_head_step.py --out $OUT/results.jsonl > $L/lm_head_step.log 2>&1

@@ -1,7 +1,8 @@
-"""Why the logits GEMM of the Llama-3-8B batch-1 decode step took 0.47 ms in the step's profile
-(H200, 2026-12-01) and 0.23 ms alone (kernels.py --sections lm_head --device-time): the GEMM
+"""Does the Llama-3-8B logits GEMM run slower inside the decode step than alone? The GEMM
 alone, and behind the step's final RMSNorm and row gather (what XLA may fuse into the GEMM),
-with and without an optimization barrier in front of the dot. Prints each variant's GPU time per
+with and without an optimization barrier in front of the dot. (H200, 2026-12-01: 231.2 / 234.7 /
+234.8 us, the same Triton tile config as in the step's HLO; the step profile's 0.47 ms op group
+that raised the question was a deduplicated kernel name covering many calls, RESULTS.md.) Prints each variant's GPU time per
 call and the backend config XLA chose for each GEMM fusion (Triton tile sizes / split-k, or
 cuBLAS), so a step's HLO dump can be compared with it.
 
