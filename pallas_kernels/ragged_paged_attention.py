@@ -147,11 +147,18 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_table_ref,
-                 q_ref, k_ref, v_ref, *refs, block_q, rows, group, num_heads, head_dim,
+def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                  page_size, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap,
                  dummy_row, out_by_block, split_pages, masked_tail_only=False, kv_write=False,
-                 num_tokens=0, exact_rows=False):
+                 num_tokens=0, exact_rows=False, seq_is_block=False):
+    # Inputs: blk_seq [nb] (left out with seq_is_block: block b is sequence slot b, as in the
+    # decode launch), blk_tok0 / blk_ntok / blk_pos0 [nb], the page table, q, k and v pages.
+    if seq_is_block:
+        blk_seq_ref = None
+        blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_table_ref, q_ref, k_ref, v_ref, *refs = refs
+    else:
+        (blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_table_ref, q_ref, k_ref,
+         v_ref, *refs) = refs
     # kv_write (decode launch only): refs start with slot [T], k_new / v_new [T, K*D] (cache
     # dtype) and end with the page outputs (aliased to k_ref / v_ref). The new token's K/V is
     # not in the pages yet: page reads stop before its position, split 0 adds it to its softmax
@@ -167,7 +174,7 @@ def _attn_kernel(blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_tab
     G, H, D, B = group, num_heads, head_dim, page_size
     bk = pages_per_block * B
 
-    seq = blk_seq_ref[b]
+    seq = b if seq_is_block else blk_seq_ref[b]
     tok0 = blk_tok0_ref[b]
     ntok = blk_ntok_ref[b]
     pos0 = blk_pos0_ref[b]
@@ -319,7 +326,11 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
             num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
             masked_tail_only=False, kv_write=None, exact_rows=False):
-    """One pallas_call over len(blk_seq) query blocks.
+    """One pallas_call over len(blk_tok0) query blocks.
+
+    ``blk_seq`` None: block b is sequence slot b (the decode launch), and the kernel takes its
+    sequence from the grid instead of an operand (an iota operand was a kernel of its own in
+    every layer: XLA rebuilds a cheap iota per consumer it cannot fuse into).
 
     Returns [T*H + 1, D] rows (token rows), or with ``out_by_block`` [nb*block_q*H + 1, D] rows
     (row (b*block_q + i)*H + head for token i of block b); rows no program wrote are junk.
@@ -332,7 +343,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     G = H // K
     split_pages = split_pages and num_splits > 1
     rows = max(16, _next_pow2(block_q * G))
-    nb = blk_seq.shape[0]
+    nb = blk_tok0.shape[0]
+    seq_is_block = blk_seq is None
     exact_rows = exact_rows and out_by_block
     n_rows = (nb * block_q if out_by_block else T) * H + 1
     kernel = functools.partial(
@@ -340,7 +352,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         pages_per_block=pages_per_block, num_splits=num_splits, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, dummy_row=n_rows - 1,
         out_by_block=out_by_block, split_pages=split_pages, masked_tail_only=masked_tail_only,
-        kv_write=kv_write is not None, num_tokens=T, exact_rows=exact_rows)
+        kv_write=kv_write is not None, num_tokens=T, exact_rows=exact_rows,
+        seq_is_block=seq_is_block)
     if num_splits == 1:
         out_shape = (jax.ShapeDtypeStruct((n_rows, D), out_dtype),)
     else:
@@ -351,7 +364,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     extra, aliases = (), {}
     if kv_write is not None:
         extra = tuple(kv_write)
-        aliases = {6: len(out_shape), 7: len(out_shape) + 1}  # k2, v2 -> the page outputs
+        k_in = 5 if seq_is_block else 6  # k2's operand index (v2's is the next)
+        aliases = {k_in: len(out_shape), k_in + 1: len(out_shape) + 1}  # -> the page outputs
         out_shape = out_shape + (jax.ShapeDtypeStruct(k2.shape, k2.dtype),
                                  jax.ShapeDtypeStruct(v2.shape, v2.dtype))
     res = pl.pallas_call(
@@ -364,7 +378,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         name=(f"ragged_paged_attention_bq{block_q}_ppb{pages_per_block}_ns{num_splits}"
               + ("_pg" if split_pages else "") + ("_mt" if masked_tail_only else "")
               + ("_kvw" if kv_write is not None else "")),
-    )(blk_seq, blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2, v2, *extra)
+    )(*(() if seq_is_block else (blk_seq,)), blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2,
+      v2, *extra)
     pages = ()
     if kv_write is not None:
         *res, k_new_pages, v_new_pages = res
@@ -390,7 +405,9 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
 # Sources (KERNEL_TABLE_SOURCE, oldest first; a shape a later file measured takes that file's
 # rows alone): benchmarks/results/kernels-h100-2026-11-23.jsonl (H100 SXM, host wall times),
 # then benchmarks/results/kernels-decode-h200-2026-12-01.jsonl (H200, GPU time per call from
-# profiler traces: batch 8 / 64 / 256 x 4k and 1 x 32k). Llama-3-8B attention: H=32, K=8,
+# profiler traces: batch 8 / 64 / 256 x 4k and 1 x 32k), then
+# benchmarks/results/kernels-decode-h200-2026-12-01-noon.jsonl (H200, GPU time: batch 8 / 64 /
+# 256 x 512, 1 x 4k, 8 x 32k). Llama-3-8B attention: H=32, K=8,
 # D=128, page size B=16, bf16; the fastest correct `pallas` row of each shape. Regenerate with
 #     python3 benchmarks/kernels.py --print-table <the files, oldest first>
 # and paste its output here (tests/test_pallas_kernels.py checks this copy against the files
@@ -412,20 +429,21 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
 # ----------------------------------------------------------------------------------------------
 
 KERNEL_TABLE_SOURCE = ("benchmarks/results/kernels-h100-2026-11-23.jsonl",
-                       "benchmarks/results/kernels-decode-h200-2026-12-01.jsonl")
+                       "benchmarks/results/kernels-decode-h200-2026-12-01.jsonl",
+                       "benchmarks/results/kernels-decode-h200-2026-12-01-noon.jsonl")
 
 # (batch class, context class in tokens) -> (decode_pages_per_block, decode_splits)
 DECODE_TABLE: dict[tuple[int, int], tuple[int, int]] = {
     (1, 512): (8, 2),
-    (1, 4096): (16, 16),
+    (1, 4096): (8, 32),
     (1, 32768): (8, 33),
     (8, 512): (8, 4),
     (8, 4096): (8, 5),
-    (8, 32768): (16, 10),
-    (64, 512): (16, 2),
+    (8, 32768): (4, 8),
+    (64, 512): (4, 1),
     (64, 4096): (4, 1),
     (64, 32768): (8, 2),
-    (256, 512): (4, 1),
+    (256, 512): (8, 1),
     (256, 4096): (8, 2),
 }
 
@@ -625,7 +643,6 @@ def ragged_paged_attention(
         out = jnp.where(t_valid[:, None, None], rows[: T * H].reshape(T, H, D), zeros)
     if decode:
         nd = min(S, T)  # a real sequence owns >= 1 token: slots past T are padding
-        d_seq = seq_ids[:nd]
         d_ntok = jnp.where(is_decode[:nd], 1, 0).astype(jnp.int32)
         d_tok0 = query_start_loc[:nd].astype(jnp.int32)
         d_pos0 = (seq_lens[:nd] - 1).astype(jnp.int32)
@@ -633,7 +650,7 @@ def ragged_paged_attention(
         if new_kv is not None:
             kv_write = (new_slots.astype(jnp.int32), k_new.reshape(T, K * D),
                         v_new.reshape(T, K * D))
-        rows = _launch(q2, k2, v2, pt, d_seq, d_tok0, d_ntok, d_pos0, block_q=1,
+        rows = _launch(q2, k2, v2, pt, None, d_tok0, d_ntok, d_pos0, block_q=1,
                        pages_per_block=dppb, num_splits=decode_splits, out_by_block=True,
                        split_pages=decode_split_pages, kv_write=kv_write,
                        exact_rows=decode_only, masked_tail_only=decode_mto, **common)

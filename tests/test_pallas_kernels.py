@@ -305,15 +305,16 @@ def test_block_table_lookup_returns_the_measured_entries_by_shape_class():
     assert dec(8, 4096 // 16, 16) == (8, 5)
     assert dec(1, 32768 // 16, 16) == (8, 33)
     assert dec(64, 4096 // 16, 16) == (4, 1)
-    assert dec(256, 512 // 16, 16) == (4, 1)
+    assert dec(256, 512 // 16, 16) == (8, 1)
+    assert dec(8, 32768 // 16, 16) == (4, 8)
     # Other shapes take the smallest class at or above them: 5 slots -> batch 8, 1,000 context
     # tokens (125 pages of 8) -> 4k.
     assert dec(5, 125, 8) == (8, 5)
     assert dec(9, 2048 // 16, 16) == (4, 1)  # batch 64, context 4k
     # Past the largest class: the largest; batch 256 has no 32k row: its nearest context (4k).
     assert dec(1024, 65536 // 16, 16) == (8, 2)
-    # Splits never exceed the key blocks of the class: 40 pages in blocks of 16 -> 3.
-    assert dec(1, 40, 16) == (16, 3)
+    # Splits never exceed the key blocks of the class: 40 pages in blocks of 8 -> 5 (of 32).
+    assert dec(1, 40, 16) == (8, 5)
     assert dec(2, 4, 16) == (8, 1)  # batch 8 x 512 class (8, 4): one block of 8 pages
     # Prefill: the measured G=4 entry; other group sizes keep its rows per program (16 x 4).
     assert prefill_block_config(4096, 32, 8) == dict(block_q=16, pages_per_block=4)
