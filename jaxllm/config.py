@@ -145,6 +145,14 @@ class EngineConfig:
     # Compiled shape buckets; None derives powers of two up to the limits above.
     token_buckets: tuple[int, ...] | None = None
     seq_buckets: tuple[int, ...] | None = None
+    # Decode-only programs for pure decode steps of fewer sequences than the smallest token
+    # bucket (as vLLM captures CUDA graphs for 1, 2 and 4 sequences): e.g. (1, 2, 4) gives a
+    # step of 1 sequence a 1-row program, whose attention launch is sized for one sequence
+    # instead of the bucket's 8 slots. Default none, by measurement (H200, 2026-12-01,
+    # docs/DESIGN_NOTES.md): at batch 1 the 1-row program's attention took 5.1 instead of 7.4 us
+    # a layer, but XLA fuses a 1-row step into more kernels (633 against 472), so the bf16 step
+    # was no faster (4.42 against 4.39 ms) and the fp8 one, bound by the host, slower.
+    small_decode_buckets: tuple[int, ...] = ()
     skip_compile_at_start: bool = False  # compile buckets lazily (tests); serving compiles all first
     # Schedule and dispatch step k+1 while step k runs on the device (vLLM's --async-scheduling);
     # False: every step waits for its results before the next is scheduled.
@@ -176,6 +184,11 @@ class EngineConfig:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_pages"):
             if getattr(self, name) is not None:
                 positive(name)
+        b = self.small_decode_buckets
+        if not isinstance(b, (tuple, list)) or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in b):
+            raise ValueError(f"small_decode_buckets must be a tuple of positive integers, got "
+                             f"{b!r}.")
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two (8, 16, 32, ...), got {self.page_size}.")
         if not (0.0 < self.gpu_memory_utilization <= 1.0):

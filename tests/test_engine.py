@@ -311,6 +311,62 @@ def test_pure_decode_steps_run_the_decode_only_program_with_identical_outputs(sm
     assert runner.num_compiles == compiled
 
 
+def test_small_decode_buckets_run_one_row_programs_with_the_same_outputs(small_llama_folder,
+                                                                        small_llm):
+    # EngineConfig.small_decode_buckets=(1, 2, 4) (default none): a pure decode step of n <= 4
+    # sequences runs the decode-only program of the smallest of those buckets >= n, compiled at
+    # start-up, and serves the same tokens as the engine without them (its decode steps padded
+    # to the smallest token bucket, 8).
+    assert small_llm.llm_engine.runner.small_decode_buckets == ()
+    llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=8,
+              num_pages=24, max_num_batched_tokens=32, max_num_seqs=8, seed=0,
+              small_decode_buckets=(4, 1, 2))
+    runner = llm.llm_engine.runner
+    assert [T for T, d in runner.step_variants() if d][:3] == [1, 2, 4]
+    assert [runner.decode_bucket(n) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    vocab = llm.llm_engine.model_config.vocab_size
+    # Staggered lengths: the batch drains from 6 sequences to 1, a decode step at every size.
+    prompts = _random_prompts(6, vocab, seed=33, hi=40)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, max_tokens=2 + 3 * i,
+                             ignore_eos=True, logprobs=1) for i in range(len(prompts))]
+    compiled = runner.num_compiles
+    shapes = []
+    launch = runner.launch
+
+    def spy(inputs, *args, **kw):
+        n = int(inputs.md.num_seqs[0])
+        shapes.append((inputs.md.decode_only, n, inputs.token_ids.shape[0]))
+        return launch(inputs, *args, **kw)
+    runner.launch = spy
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        runner.launch = launch
+    small_llm.reset_prefix_cache()
+    ref = small_llm.generate(prompts, params, use_tqdm=False)
+    # Same tokens; log-probs equal up to float32 rounding (a GEMM of 1 row sums in another order
+    # than one of 8 rows).
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    for a, b in zip(outs, ref):
+        for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert da.keys() == db.keys()
+            np.testing.assert_allclose([v.logprob for v in da.values()],
+                                       [v.logprob for v in db.values()], atol=1e-4)
+    decode = {(n, T) for d, n, T in shapes if d}
+    assert {(1, 1), (2, 2), (3, 4), (4, 4)} <= decode, decode
+    assert all(T == runner.decode_bucket(n) for n, T in decode)
+    assert runner.num_compiles == compiled
+    assert _pool_is_full(llm)
+
+
+def test_small_decode_buckets_are_checked():
+    from jaxllm.config import EngineConfig
+
+    for bad in ((0,), (2, -1), ("1",), 4, (True,)):
+        with pytest.raises(ValueError, match="small_decode_buckets"):
+            EngineConfig(model=None, small_decode_buckets=bad)
+
+
 def test_forcing_decode_only_on_a_prefill_batch_is_refused(small_llm):
     from types import SimpleNamespace
 

@@ -236,6 +236,7 @@ class LLMEngine:
             token_buckets=token_buckets, cache_dtype=self.cache_dtype, vocab_size=mc.vocab_size,
             max_logprobs=config.max_logprobs, parallel=self.parallel,
             enforce_eager=config.enforce_eager)
+        self.runner.small_decode_buckets = tuple(config.small_decode_buckets)
         self.page_pool = PagePool(num_pages)
         # Engine-wide extra keys of the page hashes: what else determines the K/V of a page.
         self.prefix_cache = PrefixCache(

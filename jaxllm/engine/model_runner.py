@@ -367,6 +367,9 @@ class ModelRunner:
         # runs the general forward (for A/B measurements and tests; switch it before start-up
         # compile to skip compiling the decode-only programs, or at any time to stop using them).
         self.decode_only_steps = True
+        # Sequence counts below the smallest token bucket with decode-only programs of their
+        # own (EngineConfig.small_decode_buckets; the engine sets them before start-up compile).
+        self.small_decode_buckets: tuple[int, ...] = ()
         self.pack_inputs = False  # ModelRunner.__init__ turns it on where it applies
         self._page_rows = PageRows(2 * max_num_seqs, self.max_pages_per_seq)
         self._knob_cache = sampler_lib.KnobCache()  # the sampling knobs of the last step's rows
@@ -402,6 +405,20 @@ class ModelRunner:
     def seq_bucket(self, token_bucket: int) -> int:
         return min(token_bucket, self.max_num_seqs)
 
+    def _small_decode_buckets(self) -> tuple[int, ...]:
+        """The small decode buckets that apply: below the smallest token bucket (which has a
+        decode-only program anyway), at most max_num_seqs."""
+        return tuple(b for b in sorted(set(self.small_decode_buckets))
+                     if b < self.token_buckets[0] and b <= self.max_num_seqs)
+
+    def decode_bucket(self, num_seqs: int) -> int:
+        """Token bucket of a decode-only step of ``num_seqs`` sequences: the smallest small
+        decode bucket that holds them, else their token bucket."""
+        for b in self._small_decode_buckets():
+            if b >= num_seqs:
+                return b
+        return self.token_bucket(num_seqs)
+
     @property
     def num_compiles(self) -> int:
         """Compiled forward and sampler variants so far (tests assert this does not grow while
@@ -412,10 +429,11 @@ class ModelRunner:
     def step_variants(self) -> list[tuple[int, bool]]:
         """The (token bucket T, decode_only) forward programs compiled at start-up: the general
         forward of every bucket, and the decode-only forward of each bucket a pure decode step
-        of 1..max_num_seqs sequences lands in."""
+        of 1..max_num_seqs sequences lands in (``decode_bucket``: the small decode buckets too)."""
         variants = [(T, False) for T in self.token_buckets]
         if self.decode_only_steps:
             n = min(self.max_num_seqs, self.token_buckets[-1])
+            variants += [(T, True) for T in self._small_decode_buckets()]
             variants += [(T, True) for T in self.token_buckets if T <= self.token_bucket(n)]
         return variants
 
@@ -535,7 +553,7 @@ class ModelRunner:
             raise ValueError(f"decode_only=True needs one new token per sequence; the batch has "
                              f"{n_tokens} tokens over {len(scheduled)} sequences")
         if T is None:
-            T = self.token_bucket(n_tokens)
+            T = self.decode_bucket(n_tokens) if decode_only else self.token_bucket(n_tokens)
         S = self.seq_bucket(T)
         B, M = self.page_size, self.max_pages_per_seq
         num_seqs = len(scheduled)
