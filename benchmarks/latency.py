@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offline_throughput import (SHAPES, _prompts, hf_random_model, log_engine_startup,  # noqa: E402
-                                random_model)
+                                parse_buckets, random_model)
 
 CONTEXTS = [128, 512, 1024, 2048, 4096, 8192]
 PREFILLS = [512, 1024, 2048, 4096, 8192]
@@ -91,7 +91,8 @@ def run_jaxllm(args) -> list[dict]:
                        token_buckets=tuple(sorted({8, *args.prefill})),
                        enable_prefix_caching=False, async_scheduling=not args.sync,
                        fuse_projections=not args.no_fuse, quantization=args.quantization,
-                       kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager)
+                       kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager,
+                       small_decode_buckets=args.small_decode_buckets)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg, loaded=loaded)
     startup_s = time.perf_counter() - t0
@@ -116,6 +117,7 @@ def run_jaxllm(args) -> list[dict]:
                   + (" fp8-kv" if args.kv_cache_dtype == "fp8" else "")
                   + (" (enforce_eager)" if args.enforce_eager else ""), shape=args.shape,
                   fp8_weight_only_max_tokens=weight_only_max_tokens(),
+                  small_decode_buckets=list(engine.runner.small_decode_buckets),
                   device=device, copy_bandwidth_gbs=bw, bandwidth_probes_gbs=probes,
                   weight_bytes=weight_bytes,
                   roofline_ms=weight_bytes / (bw * 1e9) * 1e3, startup_s=startup_s)
@@ -228,6 +230,9 @@ def main(argv=None) -> int:
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="jaxllm with fp8 projections, quantized at load")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--small-decode-buckets", type=parse_buckets, default=(),
+                   help="EngineConfig.small_decode_buckets: comma-separated sequence counts, "
+                        "or 'none' (the default)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="jaxllm without XLA command buffers (EngineConfig.enforce_eager)")
     p.add_argument("--hf-cache", default="static", choices=["static", "dynamic"])

@@ -20,6 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+def parse_buckets(text: str) -> tuple[int, ...]:
+    """A --small-decode-buckets value: '1,2,4' -> (1, 2, 4); 'none' -> ()."""
+    return () if text.strip().lower() == "none" else tuple(int(x) for x in text.split(","))
+
+
 SHAPES = {
     "llama3-8b": dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096,
                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

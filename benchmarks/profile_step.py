@@ -32,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_trace import host_top, summarize  # noqa: E402
-from offline_throughput import SHAPES, log_engine_startup, random_model  # noqa: E402
+from offline_throughput import (SHAPES, log_engine_startup, parse_buckets,  # noqa: E402
+                                random_model)
 
 
 # A fetch that returns within this found its step already done: the GPU may have waited for the
@@ -105,6 +106,12 @@ def main(argv=None) -> int:
                    help="copy each batch's Perfetto trace to KEEP_TRACE_b<batch>.json.gz")
     p.add_argument("--host-top", type=int, default=0,
                    help="also print the N longest host-side trace events per step")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="the engine's max_num_seqs (default: the largest --batch); latency.py's "
+                        "engine has 8, so --batch 1 --max-num-seqs 8 profiles its step")
+    p.add_argument("--small-decode-buckets", type=parse_buckets, default=(),
+                   help="EngineConfig.small_decode_buckets: comma-separated sequence counts, "
+                        "or 'none' (the default)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="step programs without XLA command buffers (EngineConfig.enforce_eager)")
     args = p.parse_args(argv)
@@ -122,11 +129,15 @@ def main(argv=None) -> int:
                           quantization=args.quantization)
     mc = loaded.model_config
     max_b = max(args.batch)
+    if args.max_num_seqs is not None and args.max_num_seqs < max_b:
+        p.error(f"--max-num-seqs {args.max_num_seqs} < the largest --batch {max_b}")
+    max_seqs = args.max_num_seqs or max_b
     cfg = EngineConfig(dtype="bfloat16", max_model_len=args.context + 8 * args.steps + 64,
-                       max_num_seqs=max_b, max_num_batched_tokens=max(2048, max_b),
+                       max_num_seqs=max_seqs, max_num_batched_tokens=max(2048, max_seqs),
                        enable_prefix_caching=False, quantization=args.quantization,
                        kv_cache_dtype=args.kv_cache_dtype, fuse_projections=not args.no_fuse,
-                       enforce_eager=args.enforce_eager)
+                       enforce_eager=args.enforce_eager,
+                       small_decode_buckets=args.small_decode_buckets)
     engine = LLMEngine(cfg, loaded=loaded)
     engine.runner.decode_only_steps = not args.no_decode_only
     engine.runner.pack_inputs = engine.runner.pack_inputs and not args.no_pack
@@ -172,6 +183,8 @@ def main(argv=None) -> int:
         for rid in ids:
             engine.abort_request(rid)
         row = dict(shape=args.shape, device=jax.devices()[0].device_kind, batch=batch,
+                   max_num_seqs=max_seqs,
+                   small_decode_buckets=list(engine.runner.small_decode_buckets),
                    context=args.context, decode_only=engine.runner.decode_only_steps,
                    enforce_eager=args.enforce_eager,
                    packed_inputs=engine.runner.pack_inputs, fused=not args.no_fuse,

@@ -35,6 +35,13 @@
 #                                          batch-1 profile and latency
 #   bash benchmarks/gpu/issues.sh fp8one   (one GPU) fp8 batch-1 latency; fp8 throughput at
 #                                          the defaults
+#   bash benchmarks/gpu/issues.sh b1hlo    (one GPU) the batch-1 step of latency.py's engine (8
+#                                          sequences), bf16 and fp8: kept traces and optimized
+#                                          HLO (what each small kernel is); the decode sweep's
+#                                          512-context shapes
+#   bash benchmarks/gpu/issues.sh b1small  (one GPU) batch-1 latency with the 1-sequence decode
+#                                          program (small_decode_buckets) vs without; its
+#                                          profile; fp8 batch 1
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -334,6 +341,52 @@ b1why)  # nvidia-h200 (one GPU), one call: the bf16 batch-1 profile (2026-12-01)
     --quantization fp8 --out $OUT/results.jsonl > $L/lat_fp8.log 2>&1
   head -c 6000 $L/gemm_fusion_dot.log
   show_logs 14 ;;
+b1hlo)  # nvidia-h200 (one GPU), one call: the ~350 small kernels of the batch-1 step (issue 9)
+  # and the fp8 step's GEMMs (issue 6), named: each kept trace's kernels map to the fusions of
+  # the optimized HLO (benchmarks/step_kernels.py reads them here, off the device).
+  L=$OUT/logs; mkdir -p $L /tmp/keep
+  for q in bf16 fp8; do
+    QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+    XLA_FLAGS="--xla_dump_to=/tmp/dump_$q --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*forward.*" \
+      timeout 230 python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 40 --batch 1 \
+      --max-num-seqs 8 $QA --out-dir /tmp/p_$q --keep-trace /tmp/keep/trace_$q \
+      --out $OUT/results.jsonl > $L/prof_$q.log 2>&1
+    mkdir -p /tmp/keep/hlo_$q; cp /tmp/dump_$q/*after_optimizations.txt /tmp/keep/hlo_$q/ 2>/dev/null
+  done
+  tar czf $OUT/keep.tgz -C /tmp keep
+  left=$((T - SECONDS - 20)); [ $left -gt 60 ] && timeout $left python3 benchmarks/kernels.py \
+    --sections decode --decode-shapes 8x512,64x512,256x512,1x4096,8x32768 --budget $((left - 40)) \
+    --device-time --out $OUT/results.jsonl > $L/decode.log 2>&1
+  ls -la $OUT; show_logs 50 ;;
+b1small)  # nvidia-h200 (one GPU), one call (issue 9): a batch-1 decode step in an engine of 8
+  # sequence slots ran the attention sized for 8 (8.3 us a layer, 1.9x the kernel's best for one
+  # sequence) and its GEMMs on 8 rows; small_decode_buckets gives it a 1-row program.
+  L=$OUT/logs; mkdir -p $L /tmp/keep
+  LAT="timeout 150 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 5 --out $OUT/results.jsonl"
+  $LAT > $L/lat_small.log 2>&1
+  $LAT --small-decode-buckets none > $L/lat_none.log 2>&1
+  $LAT > $L/lat_small2.log 2>&1
+  timeout 150 python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 40 --batch 1 \
+    --max-num-seqs 8 --out-dir /tmp/p1 --keep-trace /tmp/keep/trace_small --out $OUT/results.jsonl \
+    > $L/prof_small.log 2>&1
+  tar czf $OUT/keep.tgz -C /tmp keep
+  timeout 220 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 \
+    --quantization fp8 --out $OUT/results.jsonl > $L/lat_fp8.log 2>&1
+  grep -h "^    " $L/prof_small.log | head -30
+  show_logs 12 ;;
+b1prof)  # nvidia-h200 (one GPU), one call: b1small's batch-1 steps were slower than the
+  # morning's with and without the small buckets (4.65-4.72 ms median, fp8 4.07): where the time
+  # goes (GPU busy, host wait, kernels) with the small buckets and without, and the clocks.
+  L=$OUT/logs; mkdir -p $L /tmp/keep
+  nvidia-smi -q -d CLOCK,POWER,PERFORMANCE > $L/smi_before.log 2>&1
+  P="timeout 120 python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 40 --batch 1 --max-num-seqs 8 --host-top 25 --out $OUT/results.jsonl"
+  $P --out-dir /tmp/pa --keep-trace /tmp/keep/trace_small > $L/prof_small.log 2>&1
+  $P --out-dir /tmp/pb --keep-trace /tmp/keep/trace_none --small-decode-buckets none > $L/prof_none.log 2>&1
+  timeout 200 $P --out-dir /tmp/pc --keep-trace /tmp/keep/trace_fp8 --quantization fp8 > $L/prof_fp8.log 2>&1
+  nvidia-smi -q -d CLOCK,POWER,PERFORMANCE > $L/smi_after.log 2>&1
+  tar czf $OUT/keep.tgz -C /tmp keep
+  for f in $L/prof_*.log; do echo "== $f"; grep -h "^batch\|^    " $f | head -24; done
+  show_logs 4 ;;
 fp8one)  # nvidia-h200 (one GPU), one call (issue 6): fp8 batch-1 latency, fp8 throughput at
   # the defaults (1024 sequences / 16384 tokens a step).
   L=$OUT/logs; mkdir -p $L
