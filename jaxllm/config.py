@@ -142,9 +142,9 @@ class EngineConfig:
     seed: int = 0
     max_logprobs: int = 20
     attention_backend: str = "auto"  # "auto" | "reference" | "pallas"
-    # Compiled shape buckets; None derives powers of two up to the limits above.
+    # Compiled token buckets; None derives powers of two up to the limits above. A step's
+    # sequence slots follow from its token bucket: min(bucket, max_num_seqs).
     token_buckets: tuple[int, ...] | None = None
-    seq_buckets: tuple[int, ...] | None = None
     # Decode-only programs for pure decode steps of fewer sequences than the smallest token
     # bucket (as vLLM captures CUDA graphs for 1, 2 and 4 sequences): e.g. (1, 2, 4) gives a
     # step of 1 sequence a 1-row program, whose attention launch is sized for one sequence

@@ -61,7 +61,7 @@ def engine(small_llama_folder):
 
     eng = AsyncEngine(model=str(small_llama_folder), dtype="float32", max_model_len=256,
                       page_size=8, num_pages=128, max_num_batched_tokens=64, max_num_seqs=8,
-                      token_buckets=(64,), seq_buckets=(8,))
+                      token_buckets=(64,))
     yield eng
     eng.shutdown()
 
