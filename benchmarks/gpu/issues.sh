@@ -42,6 +42,8 @@
 #   bash benchmarks/gpu/issues.sh b1small  (one GPU) batch-1 latency with the 1-sequence decode
 #                                          program (small_decode_buckets) vs without; its
 #                                          profile; fp8 batch 1
+#   bash benchmarks/gpu/issues.sh b1prof   (one GPU) profiles of b1small's two programs, bf16
+#                                          and fp8, with the GPU clocks
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
