@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+
 def parse_buckets(text: str) -> tuple[int, ...]:
     """A --small-decode-buckets value: '1,2,4' -> (1, 2, 4); 'none' -> ()."""
     return () if text.strip().lower() == "none" else tuple(int(x) for x in text.split(","))

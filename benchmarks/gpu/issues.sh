@@ -301,11 +301,11 @@ b1)  # nvidia-h200 (one GPU), one call of ~8 min (issue 9, gap 2: batch-1 decode
     --out-dir /tmp/pb1 --out $OUT/results.jsonl > $L/prof_bf16.log 2>&1
   grep -h "lm_head" $L/lm_head.log | grep -v "^ *$" | tail -20
   show_logs 10 ;;
-sweep1)  # nvidia-h200 (one GPU), one call: the decode shapes the GPU-time sweep of 2026-12-01
-  # (morning) did not reach (32k at batch 8 / 64, 512 contexts, 1 x 4k), then bf16 throughput
-  # at the defaults with the decode table it changed.
+sweep1)  # nvidia-h200 (one GPU), one call: the decode shapes no GPU-time sweep has reached yet
+  # (1 x 512, 64 x 32k; the others ran 2026-12-01 morning and noon), then bf16 throughput at
+  # the defaults with the decode table they changed.
   L=$OUT/logs; mkdir -p $L
-  timeout 250 python3 benchmarks/kernels.py --sections decode --decode-shapes 8x32768,64x32768,1x4096,8x512,64x512,256x512 \
+  timeout 250 python3 benchmarks/kernels.py --sections decode --decode-shapes 1x512,64x32768 \
     --budget 200 --device-time --out $OUT/results.jsonl > $L/decode.log 2>&1
   timeout 270 $TP > $L/tp_bf16.log 2>&1
   show_logs 16 ;;
@@ -344,8 +344,9 @@ b1why)  # nvidia-h200 (one GPU), one call: the bf16 batch-1 profile (2026-12-01)
   head -c 6000 $L/gemm_fusion_dot.log
   show_logs 14 ;;
 b1hlo)  # nvidia-h200 (one GPU), one call: the ~350 small kernels of the batch-1 step (issue 9)
-  # and the fp8 step's GEMMs (issue 6), named: each kept trace's kernels map to the fusions of
-  # the optimized HLO (benchmarks/step_kernels.py reads them here, off the device).
+  # and the fp8 step's GEMMs (issue 6), named: keep.tgz holds each trace and the optimized HLO
+  # of the forward programs; off the device, gpu_trace.gpu_events lists a step's kernels in
+  # launch order and the HLO says which fusion each is (RESULTS, "Rerun of 2026-12-01 (noon)").
   L=$OUT/logs; mkdir -p $L /tmp/keep
   for q in bf16 fp8; do
     QA=""; [ $q = fp8 ] && QA="--quantization fp8"
@@ -362,18 +363,19 @@ b1hlo)  # nvidia-h200 (one GPU), one call: the ~350 small kernels of the batch-1
   ls -la $OUT; show_logs 50 ;;
 b1small)  # nvidia-h200 (one GPU), one call (issue 9): a batch-1 decode step in an engine of 8
   # sequence slots ran the attention sized for 8 (8.3 us a layer, 1.9x the kernel's best for one
-  # sequence) and its GEMMs on 8 rows; small_decode_buckets gives it a 1-row program.
+  # sequence) and its GEMMs on 8 rows; small_decode_buckets gives it a 1-row program. (Run
+  # 2026-12-01 noon, when the buckets were on by default on a GPU; now off, so named here.)
   L=$OUT/logs; mkdir -p $L /tmp/keep
   LAT="timeout 150 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 5 --out $OUT/results.jsonl"
-  $LAT > $L/lat_small.log 2>&1
+  $LAT --small-decode-buckets 1,2,4 > $L/lat_small.log 2>&1
   $LAT --small-decode-buckets none > $L/lat_none.log 2>&1
-  $LAT > $L/lat_small2.log 2>&1
+  $LAT --small-decode-buckets 1,2,4 > $L/lat_small2.log 2>&1
   timeout 150 python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 40 --batch 1 \
-    --max-num-seqs 8 --out-dir /tmp/p1 --keep-trace /tmp/keep/trace_small --out $OUT/results.jsonl \
-    > $L/prof_small.log 2>&1
+    --max-num-seqs 8 --small-decode-buckets 1,2,4 --out-dir /tmp/p1 \
+    --keep-trace /tmp/keep/trace_small --out $OUT/results.jsonl > $L/prof_small.log 2>&1
   tar czf $OUT/keep.tgz -C /tmp keep
   timeout 220 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 \
-    --quantization fp8 --out $OUT/results.jsonl > $L/lat_fp8.log 2>&1
+    --quantization fp8 --small-decode-buckets 1,2,4 --out $OUT/results.jsonl > $L/lat_fp8.log 2>&1
   grep -h "^    " $L/prof_small.log | head -30
   show_logs 12 ;;
 b1prof)  # nvidia-h200 (one GPU), one call: b1small's batch-1 steps were slower than the
@@ -382,9 +384,10 @@ b1prof)  # nvidia-h200 (one GPU), one call: b1small's batch-1 steps were slower 
   L=$OUT/logs; mkdir -p $L /tmp/keep
   nvidia-smi -q -d CLOCK,POWER,PERFORMANCE > $L/smi_before.log 2>&1
   P="timeout 120 python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 40 --batch 1 --max-num-seqs 8 --host-top 25 --out $OUT/results.jsonl"
-  $P --out-dir /tmp/pa --keep-trace /tmp/keep/trace_small > $L/prof_small.log 2>&1
+  $P --out-dir /tmp/pa --keep-trace /tmp/keep/trace_small --small-decode-buckets 1,2,4 > $L/prof_small.log 2>&1
   $P --out-dir /tmp/pb --keep-trace /tmp/keep/trace_none --small-decode-buckets none > $L/prof_none.log 2>&1
-  timeout 200 $P --out-dir /tmp/pc --keep-trace /tmp/keep/trace_fp8 --quantization fp8 > $L/prof_fp8.log 2>&1
+  timeout 200 $P --out-dir /tmp/pc --keep-trace /tmp/keep/trace_fp8 --quantization fp8 \
+    --small-decode-buckets 1,2,4 > $L/prof_fp8.log 2>&1
   nvidia-smi -q -d CLOCK,POWER,PERFORMANCE > $L/smi_after.log 2>&1
   tar czf $OUT/keep.tgz -C /tmp keep
   for f in $L/prof_*.log; do echo "== $f"; grep -h "^batch\|^    " $f | head -24; done
