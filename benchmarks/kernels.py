@@ -18,6 +18,10 @@ copies when one copy would sit in the 50 MB L2):
            [N, K]), the engine's fp8 projection on bf16 activations (engine_fp8_linear:
            quantization included, weight-only at <= 16 rows on a GPU), Pallas fp8 (block
            sweep); TFLOP/s and GB/s.
+  gemm_options (not in the default set) the bf16 projections of one layer and the logits GEMM
+           (M {1,8,64,256}), and the engine's fp8 projection (M {8,64,4096}), compiled under
+           per-program XLA options (GEMM_OPTIONS: cuBLAS instead of Triton, the exhaustive
+           tiling search, Triton warp specialization) beside XLA's defaults, in one process.
   backends (not in the default set) the Pallas lowerings side by side (issue 5): causal
            prefill 1x4096 / 1x8192 with ours (Triton, paged), JAX's Triton flash attention, JAX's
            Mosaic GPU attention (wgmma/TMA) and cuDNN; bf16 GEMMs M {256,1024,4096} with XLA's
@@ -637,6 +641,73 @@ def bench_gemm(budget_s):
         del w, ws, wq, wq_t
 
 
+# Per-program XLA options the step's GEMMs could be compiled with (issue 9: at batch 1 the q/k/v
+# and o GEMMs read at 3.2 TB/s under XLA's Triton split-K configs; issue 6: the fp8 GEMM
+# fusions' autotuning at 16384 tokens took 306 s). Compared in one process, since the H200's read
+# bandwidth differed by up to 20% between processes of one call (RESULTS, 2026-12-01 noon).
+GEMM_OPTIONS = {
+    "default": {},
+    "cublas": {"xla_gpu_enable_triton_gemm": False},
+    "exhaustive": {"xla_gpu_exhaustive_tiling_search": True},
+    "warp_spec": {"xla_gpu_experimental_enable_triton_warp_specialization": True},
+}
+GEMM_OPTIONS_M = [1, 8, 64, 256]
+GEMM_OPTIONS_FP8_M = [8, 64, 4096]
+
+
+def bench_gemm_options(budget_s):
+    print("== gemm_options: the step's GEMMs under per-program XLA options ==", flush=True)
+    from jaxllm.models import fp8 as fp8_mod
+
+    def bf16_dot(x, w):
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+    def logits_dot(x, w):
+        return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    shapes = [(K, N, bf16_dot) for K, N in GEMM_KN] + [(*LM_HEAD, logits_dot)]
+    if SMOKE:
+        shapes = [(256, 64, bf16_dot), (256, 1024, logits_dot)]
+    for K, N, dot in shapes:
+        w = jax.random.normal(jax.random.key(K + N), (K, N), jnp.bfloat16) * 0.02
+        n_rot = max(1, min(4, math.ceil(3 * L2_BYTES / (2 * K * N))))  # copies rotated past L2
+        ws = [w * (1 + 0.01 * i) for i in range(n_rot)]
+        out_size = 4 if dot is logits_dot else 2
+        for M in GEMM_OPTIONS_M[:2] if SMOKE else GEMM_OPTIONS_M:
+            x = jax.random.normal(jax.random.key(M), (M, K), jnp.bfloat16)
+            ref = logits_dot(x, w)
+            for name, opts in GEMM_OPTIONS.items():
+                if name != "default" and time.time() - T0 > budget_s:
+                    break
+                fn = jax.jit(dot, compiler_options=opts or None)
+                run_case("gemm", dict(M=M, K=K, N=N, lm_head=dot is logits_dot), "xla_bf16",
+                         dict(options=name), fn, [(x, wi) for wi in ws], ref=ref,
+                         bytes_=M * K * 2 + K * N * 2 + M * N * out_size,
+                         flops=2 * M * K * N, peak_flops=PEAK_BF16, tol=1e-2)
+        del w, ws
+    engine8 = lambda x, w, s: fp8_mod.fp8_linear(x, w, s, None)  # noqa: E731
+    for K, N in [(256, 64)] if SMOKE else GEMM_KN:
+        w = jax.random.normal(jax.random.key(K * 7 + N), (K, N), jnp.bfloat16) * 0.02
+        n_rot = max(1, min(4, math.ceil(3 * L2_BYTES / (K * N))))
+        wq_t = []
+        for i in range(n_rot):
+            q, s = quantize_weight_per_channel(w * (1 + 0.01 * i))
+            wq_t.append((jnp.asarray(q.T), s))
+        for M in GEMM_OPTIONS_FP8_M[:1] if SMOKE else GEMM_OPTIONS_FP8_M:
+            x = jax.random.normal(jax.random.key(M), (M, K), jnp.bfloat16)
+            ref = logits_dot(x, w)
+            for name in ("default", "cublas"):
+                if name != "default" and time.time() - T0 > budget_s:
+                    break
+                opts = GEMM_OPTIONS[name]
+                fn = jax.jit(engine8, compiler_options=opts or None)
+                run_case("gemm", dict(M=M, K=K, N=N), "engine_fp8_linear", dict(options=name), fn,
+                         [(x, q, s) for q, s in wq_t], ref=ref,
+                         bytes_=M * K * 2 + K * N + M * N * 2, flops=2 * M * K * N,
+                         peak_flops=PEAK_FP8, tol=5e-2)
+        del w, wq_t
+
+
 def summarize():
     print("\n== best per shape (time_us; GB/s or TFLOP/s) ==")
     groups: dict[tuple, list[dict]] = {}
@@ -871,8 +942,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
     ap.add_argument("--sections", "--only", dest="sections", default="decode,lm_head,gemm,prefill,mixed",
-                    help="comma-separated: decode,lm_head,gemm,prefill,mixed,backends "
-                         "(backends: the Triton vs Mosaic GPU comparison, not in the default set)")
+                    help="comma-separated: decode,lm_head,gemm,prefill,mixed,backends,"
+                         "gemm_options (backends: the Triton vs Mosaic GPU comparison; "
+                         "gemm_options: XLA options for the step's GEMMs; neither is in the "
+                         "default set)")
     ap.add_argument("--decode-shapes", default=None,
                     help="decode shapes to run instead of the full list, e.g. 8x4096,64x4096")
     ap.add_argument("--budget", type=float, default=300.0,
@@ -903,10 +976,10 @@ def main():
     PEAK_BW = args.peak_bw or (4.3e12 if "H200" in kind else PEAK_BW)
     print(f"jax {jax.__version__} on {kind}; pct_bw of {PEAK_BW / 1e12:.1f} TB/s", flush=True)
     only = args.sections.split(",")
-    unknown = set(only) - {"decode", "lm_head", "gemm", "prefill", "mixed", "backends"}
+    known = {"decode", "lm_head", "gemm", "prefill", "mixed", "backends", "gemm_options"}
+    unknown = set(only) - known
     if unknown:
-        ap.error(f"unknown --sections {sorted(unknown)}; "
-                 "choose from decode,lm_head,gemm,prefill,mixed,backends")
+        ap.error(f"unknown --sections {sorted(unknown)}; choose from {','.join(sorted(known))}")
     if args.decode_shapes:
         try:
             DECODE_SHAPES = [tuple(int(n) for n in s.split("x")) for s in
@@ -941,6 +1014,8 @@ def main():
             print(f"  mixed: {short(e)}")
     if "backends" in only:
         bench_backends(rng)
+    if "gemm_options" in only:
+        bench_gemm_options(args.budget)
     summarize()
 
 
