@@ -8,7 +8,8 @@ Sections (each row: median of 5 rounds of back-to-back calls after warm-up; inpu
 copies when one copy would sit in the 50 MB L2):
   decode   batch {1,8,64,256} x context {512,4k,32k}: ours (block sweep) vs the jnp reference under
            jit, JAX's shipped pallas.ops.gpu.paged_attention, cuDNN on pre-gathered contiguous KV.
-           GB/s = K/V bytes read / time, vs the measured 3.1 TB/s.
+           GB/s = K/V bytes read / time, vs the measured 3.1 TB/s. --kv-dtype fp8: e4m3
+           pages (the fp8 KV cache), ours only, the table's entry and twice its pages a block.
   prefill  causal prompts (1x4096, 4x1024): ours (block sweep) vs reference and cuDNN; TFLOP/s.
   mixed    one 2k prefill chunk after 2k context + 64 decodes at 4k: one call vs the sum of the
            prefill-only and decode-only calls, each launch alone on the mixed batch, and the
@@ -119,6 +120,7 @@ RESULTS: list[dict] = []
 OUT = None
 LOOP_REPS = 8
 DEVICE_TIME = False  # --device-time: GPU time per call from a profiler trace
+KV_DTYPE = "bf16"  # --kv-dtype: the decode section's page dtype
 
 
 def emit(rec: dict) -> None:
@@ -295,13 +297,17 @@ _ref = jax.jit(lambda q, kp, vp, m, sm: ragged_paged_attention_reference(q, kp, 
 
 
 def bench_decode(rng, budget_s):
-    print("== decode (q_len 1 per sequence) ==", flush=True)
+    fp8 = KV_DTYPE == "fp8"
+    print(f"== decode (q_len 1 per sequence){', fp8 K/V pages' if fp8 else ''} ==", flush=True)
     for batch, ctx in DECODE_SHAPES:
-        shape = dict(batch=batch, ctx=ctx)
-        nbytes = kv_bytes([ctx] * batch)
+        # fp8 rows name their page dtype, so the bf16 block-size table never takes them.
+        shape = dict(batch=batch, ctx=ctx, **({"kv_dtype": "fp8"} if fp8 else {}))
+        nbytes = kv_bytes([ctx] * batch, itemsize=1 if fp8 else 2)
         n_copies = max(1, min(4, math.ceil(3 * L2_BYTES / nbytes)))
         try:
             q, kp, vp, metas = make_batch(rng, [1] * batch, [ctx] * batch, n_copies=n_copies)
+            if fp8:  # N(0, 1) values, well inside e4m3's +-448; the kernel upcasts them to bf16
+                kp, vp = kp.astype(jnp.float8_e4m3fn), vp.astype(jnp.float8_e4m3fn)
         except Exception as e:  # noqa: BLE001
             print(f"  decode {shape}: cannot build inputs: {short(e)}")
             continue
@@ -322,6 +328,12 @@ def bench_decode(rng, budget_s):
             for ns in sorted({auto, max(1, min(ctx // (ppb * B), auto * 2))}):
                 configs.append(dict(decode_pages_per_block=ppb, decode_splits=ns, num_warps=4))
         configs.append(dict(decode_pages_per_block=4, decode_splits=auto, num_warps=4))
+        if fp8:  # half the bytes a page: twice the pages a block reads as many bytes as bf16's
+            t = configs[0]
+            configs.append(dict(decode_pages_per_block=2 * t["decode_pages_per_block"],
+                                decode_splits=t["decode_splits"], num_warps=4))
+            configs.append(dict(decode_pages_per_block=2 * t["decode_pages_per_block"],
+                                decode_splits=max(1, t["decode_splits"] // 2), num_warps=4))
         if batch == 8 and ctx >= 4096:
             # The batch-8 weak spot (54% of bandwidth at 4k): 64 (sequence, KV head) pairs
             # leave 132 SMs to the split count alone. Finer key blocks with more splits (more,
@@ -352,10 +364,12 @@ def bench_decode(rng, budget_s):
             # the 2026-11-23 sweep saw 605 us against 418 us for the decode launch alone.
             run_case("decode", shape, "pallas_both_launches", dict(configs[0], table=True),
                      ours_fn(**configs[0]), arg_sets, ref=ref, bytes_=nbytes, tol=2e-2)
-        bench_jax_paged(shape, q, kp, vp, metas, ref, nbytes)
-        bench_cudnn_decode(shape, q, kp, vp, metas, ref, nbytes)
+        if not fp8:  # the peers take pages in q's dtype
+            bench_jax_paged(shape, q, kp, vp, metas, ref, nbytes)
+            bench_cudnn_decode(shape, q, kp, vp, metas, ref, nbytes)
         del q, kp, vp, metas, arg_sets, ref
-    bench_decode_short_in_long_class(rng, budget_s)
+    if not fp8:
+        bench_decode_short_in_long_class(rng, budget_s)
 
 
 def bench_decode_short_in_long_class(rng, budget_s):
@@ -760,7 +774,8 @@ def _usable(r, section):
     not a shape class."""
     c = r.get("config") or {}
     return (r.get("section") == section and r.get("impl") == "pallas" and r.get("ok") is True
-            and "time_us" in r and "table_ctx" not in r and isinstance(c, dict)
+            and "time_us" in r and "table_ctx" not in r and "kv_dtype" not in r
+            and isinstance(c, dict)
             and c.get("num_warps", 4) == 4 and c.get("num_stages", 2) == 2
             and not c.get("decode_split_pages"))
 
@@ -938,7 +953,7 @@ def bench_backends(rng):
 
 
 def main():
-    global OUT, LOOP_REPS, PEAK_BW, DEVICE_TIME, DECODE_SHAPES
+    global OUT, LOOP_REPS, PEAK_BW, DEVICE_TIME, DECODE_SHAPES, KV_DTYPE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
     ap.add_argument("--sections", "--only", dest="sections", default="decode,lm_head,gemm,prefill,mixed",
@@ -959,6 +974,9 @@ def main():
     ap.add_argument("--device-time", action="store_true",
                     help="also read each call's GPU time from a profiler trace (device_us; "
                          "calls under 5 ms; ~1 s more per case)")
+    ap.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8"],
+                    help="the decode section's K/V page dtype (fp8: e4m3 pages, as "
+                         "kv_cache_dtype='fp8'; bytes counted at 1 a value; no peers)")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     args = ap.parse_args()
@@ -967,6 +985,7 @@ def main():
         return
     LOOP_REPS = args.loop_reps
     DEVICE_TIME = args.device_time
+    KV_DTYPE = args.kv_dtype
     if args.smoke:
         _smoke()
     OUT = args.out

@@ -81,21 +81,23 @@ def fp8_matmul_reference(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16,
 
 
 def fp8_matmul_xla(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16, *,
-                   w_transposed: bool = False) -> jax.Array:
+                   w_transposed: bool = False, acc_dtype=jnp.float32) -> jax.Array:
     """fp8 x fp8 -> fp32 ``dot_general`` (cuBLASLt fp8 GEMM on Hopper), then the two scales.
 
     ``w_transposed``: w_fp8 is [N, K]. cuBLASLt's fp8 GEMM takes only the "TN" layout (both
     operands K-contiguous), so a [K, N] weight costs XLA a transpose of the whole weight per
     call; the engine stores its fp8 weights [N, K] for that reason. On the CPU, XLA upcasts the
     fp8 operands to fp32 first: the products of two e4m3 values are exact in fp32, so this path
-    equals the reference up to fp32 summation order.
+    equals the reference up to fp32 summation order. ``acc_dtype``: the dot's output type
+    (bf16 halves the bytes the GEMM writes and its scale epilogue reads, at one more bf16
+    rounding before the scales; the GEMM still accumulates in fp32).
     """
     M = x_fp8.shape[0]
     N = w_fp8.shape[0] if w_transposed else w_fp8.shape[1]
     xs, ws = _scales(x_scale, w_scale, M, N)
     acc = jax.lax.dot_general(x_fp8, w_fp8, (((1,), (1 if w_transposed else 0,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-    return (acc * xs[:, None] * ws[None, :]).astype(out_dtype)
+                              preferred_element_type=acc_dtype)
+    return (acc.astype(jnp.float32) * xs[:, None] * ws[None, :]).astype(out_dtype)
 
 
 def _fp8_matmul_kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, *, block_m, block_n, block_k,

@@ -147,10 +147,27 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def fp8_kv_dot_dtype(q_dtype) -> jnp.dtype:
+    """The dtype an fp8 cache's pages are upcast to for the kernel's dots: q's (the default)
+    or float16 (``JAXLLM_FP8_KV_DOT=float16``, an A/B switch read at trace time: set it before
+    the first call, a jitted caller keeps the variant it traced). H200, 2026-12-01 (RESULTS,
+    "Rerun of 2026-12-01 (afternoon)"): float16 took the decode kernel over e4m3 pages from 1091
+    to 801 us at 256 x 4k and 151 to 115 us at 256 x 512, but from 272 to 311 us at 64 x 4k;
+    not the default until the engine's throughput says so."""
+    import os
+
+    raw = os.environ.get("JAXLLM_FP8_KV_DOT", "").strip()
+    if raw in ("", "query"):
+        return jnp.dtype(q_dtype)
+    if raw == "float16":
+        return jnp.dtype(jnp.float16)
+    raise ValueError(f"JAXLLM_FP8_KV_DOT must be 'query' or 'float16', got {raw!r}.")
+
+
 def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                  page_size, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap,
                  dummy_row, out_by_block, split_pages, masked_tail_only=False, kv_write=False,
-                 num_tokens=0, exact_rows=False, seq_is_block=False):
+                 num_tokens=0, exact_rows=False, seq_is_block=False, fp8_dot_dtype=None):
     # Inputs: blk_seq [nb] (left out with seq_is_block: block b is sequence slot b, as in the
     # decode launch), blk_tok0 / blk_ntok / blk_pos0 [nb], the page table, q, k and v pages.
     if seq_is_block:
@@ -190,9 +207,16 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     # and Triton lowers the same [rows, D] index arrays to one pointer tensor: so arrays throughout.
     q = plgpu.load(q_ref.at[jnp.where(row_ok, q_row, 0)[:, None], d[None, :]],
                    mask=row_ok[:, None], other=0)
-    # The dots run in the cache dtype, except an fp8 cache, whose pages are upcast to q's dtype
-    # as they are loaded (an fp8 q would lose precision the cache never had to give up).
-    kv_dtype = q_ref.dtype if k_ref.dtype == jnp.float8_e4m3fn else k_ref.dtype
+    # The dots run in the cache dtype, except an fp8 cache, whose pages are upcast as they are
+    # loaded (an fp8 q would lose precision the cache never had to give up): to q's dtype, or
+    # with JAXLLM_FP8_KV_DOT=float16 to float16 (one cvt per two e4m3 values on Hopper; q is
+    # clipped to float16's range first).
+    kv_dtype = k_ref.dtype
+    if fp8_dot_dtype is not None:  # an fp8 cache: fp8_kv_dot_dtype's choice, made at launch
+        kv_dtype = jnp.dtype(fp8_dot_dtype)
+        if kv_dtype == jnp.float16 and q.dtype != jnp.float16:
+            f16_max = float(jnp.finfo(jnp.float16).max)
+            q = jnp.clip(q.astype(jnp.float32), -f16_max, f16_max)
     q = q.astype(kv_dtype)
 
     # Context range [lo, hi) this block needs, in units of bk-sized key blocks, and this split's part.
@@ -353,7 +377,11 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         sliding_window=sliding_window, soft_cap=soft_cap, dummy_row=n_rows - 1,
         out_by_block=out_by_block, split_pages=split_pages, masked_tail_only=masked_tail_only,
         kv_write=kv_write is not None, num_tokens=T, exact_rows=exact_rows,
-        seq_is_block=seq_is_block)
+        seq_is_block=seq_is_block,
+        # A kernel argument, not read in the kernel: Pallas caches a kernel's trace by its
+        # arguments, so an in-body read of the switch would keep the first variant traced.
+        fp8_dot_dtype=(fp8_kv_dot_dtype(q2.dtype).name if k2.dtype == jnp.float8_e4m3fn
+                       else None))
     if num_splits == 1:
         out_shape = (jax.ShapeDtypeStruct((n_rows, D), out_dtype),)
     else:

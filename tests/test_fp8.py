@@ -16,6 +16,7 @@ reference) is checked separately with tight tolerances.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,8 @@ from flax import nnx
 
 from jaxllm.models.attention import FP8_KV_DTYPE, AttentionMetadata
 from jaxllm.models.fp8 import Fp8Linear, quantize_model
-from pallas_kernels.fp8_matmul import (fp8_matmul_reference, quantize_activation_per_token)
+from pallas_kernels.fp8_matmul import (fp8_matmul_reference, quantize_activation_per_token,
+                                       quantize_weight_per_channel)
 
 from .helpers import small_llama_folder  # noqa: F401  (fixture)
 
@@ -149,6 +151,27 @@ def test_weight_only_path_for_small_steps_uses_the_dequantized_weights(monkeypat
             lin(jnp.ones((2, 96)))
 
 
+def test_fp8_gemm_bf16_output_switch_keeps_the_scaled_result(monkeypatch):
+    # JAXLLM_FP8_GEMM_OUT=model: the fp8 x fp8 dot writes the model dtype (bf16) before the two
+    # scales; the result stays within one more bf16 rounding of the fp32 path. Bad values refused.
+    from jaxllm.models.fp8 import fp8_linear
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (24, 96), jnp.bfloat16)
+    wq, ws = quantize_weight_per_channel(
+        jax.random.normal(jax.random.PRNGKey(1), (96, 40), jnp.float32) * 0.05)
+    w_nk = jnp.asarray(wq.T)
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "0")
+    f32 = jnp.asarray(fp8_linear(x, w_nk, ws, None), jnp.float32)
+    monkeypatch.setenv("JAXLLM_FP8_GEMM_OUT", "model")
+    bf = jnp.asarray(fp8_linear(x, w_nk, ws, None), jnp.float32)
+    assert bf.shape == f32.shape == (24, 40)
+    rel = float(jnp.linalg.norm(bf - f32) / jnp.linalg.norm(f32))
+    assert 0 < rel < 2 ** -7, rel  # differs (the extra rounding), by under a bf16 ulp or so
+    monkeypatch.setenv("JAXLLM_FP8_GEMM_OUT", "float16")
+    with pytest.raises(ValueError, match="JAXLLM_FP8_GEMM_OUT"):
+        fp8_linear(x, w_nk, ws, None)
+
+
 def test_weight_only_default_is_measured_gpu_only(monkeypatch):
     # Unset: the GPU default (batch-1 decode measured faster weight-only on the H200), and W8A8
     # everywhere else; set, the variable wins on every platform.
@@ -270,6 +293,56 @@ def test_engine_fp8_weights_and_fp8_kv_generate_what_the_fp8_model_predicts(smal
         assert list(lp[len(p) - 1:].argmax(-1)) == list(toks)
 
 
+def test_large_fp8_buckets_compile_their_gemms_for_cublas(small_llama_folder, monkeypatch):
+    """fp8 weights on a GPU: token buckets of >= FP8_CUBLAS_MIN_TOKENS rows are compiled with
+    XLA's Triton GEMMs off (cuBLAS(Lt) needs no tile autotuning: 306 s of the fp8 start-up at
+    16384 tokens); smaller buckets, bf16 models and CPUs keep XLA's choice. The option reaches
+    the large buckets' compile, and the tokens are those of the default programs."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.engine import model_runner as mr
+    from jaxllm.models import fp8
+
+    assert mr.cublas_min_tokens("gpu", "fp8") == mr.FP8_CUBLAS_MIN_TOKENS
+    # buckets that run weight-only (the e4m3 weight upcast in a Triton dot) keep XLA's choice
+    assert mr.FP8_CUBLAS_MIN_TOKENS > fp8.GPU_WEIGHT_ONLY_MAX_TOKENS
+    assert mr.cublas_min_tokens("gpu", None) is None
+    assert mr.cublas_min_tokens("cpu", "fp8") is None
+    monkeypatch.setenv("JAXLLM_FP8_CUBLAS_MIN_TOKENS", "512")
+    assert mr.cublas_min_tokens("gpu", "fp8") == 512
+    monkeypatch.setenv("JAXLLM_FP8_CUBLAS_MIN_TOKENS", "0")
+    assert mr.cublas_min_tokens("gpu", "fp8") is None
+    monkeypatch.setenv("JAXLLM_FP8_CUBLAS_MIN_TOKENS", "many")
+    with pytest.raises(ValueError, match="JAXLLM_FP8_CUBLAS_MIN_TOKENS"):
+        mr.cublas_min_tokens("gpu", "fp8")
+    monkeypatch.delenv("JAXLLM_FP8_CUBLAS_MIN_TOKENS")
+
+    kw = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=32,
+              max_num_batched_tokens=16, max_num_seqs=4, quantization="fp8",
+              skip_compile_at_start=True)
+    prompts = [{"prompt_token_ids": p} for p in _random_seqs(n=3, lo=12, hi=20, seed=2)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    plain = LLM(str(small_llama_folder), **kw)
+    assert plain.llm_engine.runner.cublas_min_tokens is None  # a CPU
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+
+    # As on a GPU with the threshold at the largest bucket (16): prompts run there, decodes in 8.
+    monkeypatch.setattr(mr, "cublas_min_tokens", lambda backend, quantization: 16)
+    llm = LLM(str(small_llama_folder), **kw)
+    runner = llm.llm_engine.runner
+    assert runner.token_buckets == (8, 16) and runner.cublas_min_tokens == 16
+    assert runner.forward_for(16) is runner._forward_cublas
+    assert runner.forward_for(8) is runner._forward
+    assert runner._cublas_jit_options == {"compiler_options": mr.CUBLAS_COMPILER_OPTIONS}
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert runner._forward_cublas._cache_size() >= 1 and runner._forward._cache_size() >= 1
+
+    monkeypatch.setattr(mr, "CUBLAS_COMPILER_OPTIONS", {"xla_gpu_no_such_option": ""})
+    broken = LLM(str(small_llama_folder), **kw)
+    with pytest.raises(Exception, match="xla_gpu_no_such_option"):
+        broken.generate(prompts[:1], params, use_tqdm=False)
+
+
 def test_fp8_cache_page_count_doubles_at_the_same_budget(small_llama_folder, monkeypatch):
     from jaxllm.engine import llm_engine
     from jaxllm import LLM
@@ -280,6 +353,42 @@ def test_fp8_cache_page_count_doubles_at_the_same_budget(small_llama_folder, mon
     bf16 = LLM(str(small_llama_folder), **kw).llm_engine.runner.num_pages
     fp8 = LLM(str(small_llama_folder), kv_cache_dtype="fp8", **kw).llm_engine.runner.num_pages
     assert fp8 - 1 == 2 * (bf16 - 1), (bf16, fp8)
+
+
+def test_fp8_pages_upcast_to_float16_switch_matches_the_reference(monkeypatch):
+    """JAXLLM_FP8_KV_DOT=float16: the kernel upcasts e4m3 pages to float16 (not q's bf16) for
+    its dots, q clipped to float16's range; the result matches the reference over the same
+    pages, on a ragged batch of prefill chunks and decodes, with a q beyond float16's range
+    staying finite. Bad values are refused."""
+    from pallas_kernels.ragged_paged_attention import (fp8_kv_dot_dtype, ragged_paged_attention,
+                                                       ragged_paged_attention_reference)
+
+    from .test_pallas_kernels import _random_batch, _rel_err
+
+    rng = np.random.default_rng(11)
+    (q, kp, vp, sl, pt, qsl, ns), _ = _random_batch(
+        rng, kinds=("chunk", "decode", "prefill"), T=24, S=6, M=6, B=8, P=40, H=8, K=2, D=32,
+        dtype=jnp.bfloat16)
+    kp, vp = kp.astype(FP8_KV_DTYPE), vp.astype(FP8_KV_DTYPE)
+    ref = ragged_paged_attention_reference(q, kp, vp, sl, pt, qsl, ns, sm_scale=32 ** -0.5)
+    monkeypatch.setenv("JAXLLM_FP8_KV_DOT", "float16")
+    assert fp8_kv_dot_dtype(jnp.bfloat16) == jnp.float16
+    call = functools.partial(ragged_paged_attention, sm_scale=32 ** -0.5, interpret=True)
+    f16 = re.compile(r"\bf16\[")  # a float16 array in the kernel's jaxpr (not bf16)
+    assert f16.search(str(jax.make_jaxpr(call)(q, kp, vp, sl, pt, qsl, ns)))
+    out = call(q, kp, vp, sl, pt, qsl, ns)
+    assert _rel_err(out, ref) < 1e-2
+    big = q.at[0].set(1e6)  # past float16's 65504: clipped, not inf
+    out = ragged_paged_attention(big, kp, vp, sl, pt, qsl, ns, sm_scale=1e-6, interpret=True)
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    monkeypatch.setenv("JAXLLM_FP8_KV_DOT", "query")
+    assert fp8_kv_dot_dtype(jnp.bfloat16) == jnp.bfloat16
+    # (a new callable: make_jaxpr caches its traces by the function it is given)
+    call = functools.partial(ragged_paged_attention, sm_scale=32 ** -0.5, interpret=True)
+    assert not f16.search(str(jax.make_jaxpr(call)(q, kp, vp, sl, pt, qsl, ns)))
+    monkeypatch.setenv("JAXLLM_FP8_KV_DOT", "bf8")
+    with pytest.raises(ValueError, match="JAXLLM_FP8_KV_DOT"):
+        fp8_kv_dot_dtype(jnp.bfloat16)
 
 
 @pytest.mark.parametrize("backend", ["reference", "pallas"])

@@ -235,7 +235,7 @@ class LLMEngine:
             max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
             token_buckets=token_buckets, cache_dtype=self.cache_dtype, vocab_size=mc.vocab_size,
             max_logprobs=config.max_logprobs, parallel=self.parallel,
-            enforce_eager=config.enforce_eager)
+            enforce_eager=config.enforce_eager, cublas_min_tokens=self._cublas_min_tokens())
         self.runner.small_decode_buckets = tuple(config.small_decode_buckets)
         self.page_pool = PagePool(num_pages)
         # Engine-wide extra keys of the page hashes: what else determines the K/V of a page.
@@ -322,6 +322,14 @@ class LLMEngine:
                 f"{cfg.gpu_memory_utilization}), lower max_model_len or max_num_batched_tokens.")
         return n + 1
 
+    def _cublas_min_tokens(self) -> int | None:
+        """Token buckets from which the step programs put their GEMMs on cuBLAS(Lt) (fp8
+        weights on a GPU: model_runner.CUBLAS_COMPILER_OPTIONS says why)."""
+        from jaxllm.engine import model_runner as mr
+
+        return mr.cublas_min_tokens(jax.default_backend(),
+                                    getattr(self.loaded.model.config, "quantization", None))
+
     def _largest_step_temp_bytes(self) -> int:
         # Lowers the forward and the sampler abstractly for the largest bucket with a one-page
         # cache; allocates nothing. The sampler runs after the forward, but its [S, V] logits
@@ -347,7 +355,10 @@ class LLMEngine:
         # of one shard's activations (safe).
         leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
         prev_tokens = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32)
-        opts = mr.step_jit_options(cfg.enforce_eager)
+        # The options the runner compiles this bucket with (its GEMM backend changes its temps).
+        cublas_min = self._cublas_min_tokens()
+        opts = mr.step_jit_options(cfg.enforce_eager,
+                                   cublas_gemms=cublas_min is not None and T >= cublas_min)
         fwd = jax.jit(mr._forward, static_argnums=(0, 1), **opts).lower(
             graphdef, treedef, leaves, kv, dataclasses.replace(inputs, sampling=None),
             prev_tokens).compile()

@@ -280,10 +280,46 @@ EAGER_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 TP_COMPILER_OPTIONS = {"xla_gpu_unsupported_use_all_reduce_one_shot_kernel": False}
 
 
-def step_jit_options(enforce_eager: bool, tensor_parallel: bool = False) -> dict:
+# fp8 step programs of more than a few tokens: every GEMM on cuBLAS(Lt), none as a Triton GEMM
+# fusion. XLA autotunes each Triton GEMM fusion by compiling and timing its candidate tiles at
+# the program's shapes: the fp8 start-up at the H200's defaults (1024 sequences / 16384 tokens)
+# took 139 s with the buckets of 128..1024 tokens on Triton (~100 s each) and 306 s for the KV
+# pool's sizing compile of the 16384-token step with all on Triton; with cuBLAS(Lt) from 32
+# tokens, 40 s (sizing 2 s), and the offline throughput was no lower (9,844 against 9,759
+# tok/s; H200, 2026-12-01, benchmarks/RESULTS.md). The engine's fp8 projection takes the same
+# GPU time either way at M = 64 and 4096 (kernels.py --sections gemm_options), while at M = 8
+# cuBLAS is up to 7x slower: there the projection runs weight-only (the e4m3 weight upcast
+# inside a Triton dot; fp8.GPU_WEIGHT_ONLY_MAX_TOKENS = 16), so buckets of <= 16 tokens keep
+# XLA's choice.
+CUBLAS_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+FP8_CUBLAS_MIN_TOKENS = 32
+
+
+def cublas_min_tokens(backend: str, quantization: str | None) -> int | None:
+    """Token buckets of at least this many rows compile their GEMMs for cuBLAS(Lt)
+    (``CUBLAS_COMPILER_OPTIONS``); None: none do. fp8 weights on a GPU only:
+    ``JAXLLM_FP8_CUBLAS_MIN_TOKENS`` when set (0: never), else ``FP8_CUBLAS_MIN_TOKENS``."""
+    import os
+
+    if backend != "gpu" or quantization != "fp8":
+        return None
+    raw = os.environ.get("JAXLLM_FP8_CUBLAS_MIN_TOKENS")
+    if raw is None:
+        return FP8_CUBLAS_MIN_TOKENS
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"JAXLLM_FP8_CUBLAS_MIN_TOKENS={raw!r}: want an integer "
+                         "(0: never)") from None
+    return n if n > 0 else None
+
+
+def step_jit_options(enforce_eager: bool, tensor_parallel: bool = False,
+                     cublas_gemms: bool = False) -> dict:
     """Keyword arguments for the ``jax.jit`` of a step program (forward, sampler)."""
     options = {**(EAGER_COMPILER_OPTIONS if enforce_eager else {}),
-               **(TP_COMPILER_OPTIONS if tensor_parallel else {})}
+               **(TP_COMPILER_OPTIONS if tensor_parallel else {}),
+               **(CUBLAS_COMPILER_OPTIONS if cublas_gemms else {})}
     return {"compiler_options": options} if options else {}
 
 
@@ -305,11 +341,16 @@ class ModelRunner:
     def __init__(self, model: nnx.Module, *, num_layers: int, num_kv_heads: int, head_dim: int,
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  token_buckets: TypingSequence[int], cache_dtype: Any, vocab_size: int,
-                 max_logprobs: int, parallel: Any = None, enforce_eager: bool = False):
+                 max_logprobs: int, parallel: Any = None, enforce_eager: bool = False,
+                 cublas_min_tokens: int | None = None):
         # parallel: a sharding.rules.ModelSharding with one stage (tensor parallelism): the params
         # are already in their shards; the KV cache is split by KV head, attention per shard.
-        self._jit_options = step_jit_options(enforce_eager,
-                                             parallel is not None and parallel.tp > 1)
+        # cublas_min_tokens: token buckets of at least this many rows are compiled with
+        # CUBLAS_COMPILER_OPTIONS (the engine sets it for fp8 weights); None: none are.
+        tp = parallel is not None and parallel.tp > 1
+        self._jit_options = step_jit_options(enforce_eager, tp)
+        self._cublas_jit_options = step_jit_options(enforce_eager, tp, cublas_gemms=True)
+        self.cublas_min_tokens = cublas_min_tokens
         self._set_step_shape(parallel, parallel.stages[0].mesh if parallel is not None else None,
                              num_pages=num_pages, page_size=page_size,
                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,
@@ -387,13 +428,30 @@ class ModelRunner:
         # C++. The graphdef and treedef are closed over, not static arguments: hashing them on
         # every call cost ~2 ms per step.
         self._leaves, self._treedef = jax.tree.flatten(state)
-        self._forward = jax.jit(
-            _traced_over_heads(self.mesh, functools.partial(_forward, self.graphdef, self._treedef)),
-            donate_argnums=(1,), **self._jit_options)
-        self._prompt_forward = jax.jit(
-            _traced_over_heads(self.mesh, functools.partial(
-                _prompt_logprobs_forward, self.graphdef, self._treedef)),
-            static_argnums=(5,), donate_argnums=(1,), **self._jit_options)
+        forward = _traced_over_heads(
+            self.mesh, functools.partial(_forward, self.graphdef, self._treedef))
+        prompt_forward = _traced_over_heads(self.mesh, functools.partial(
+            _prompt_logprobs_forward, self.graphdef, self._treedef))
+        # One jit per set of compiler options (a jit's options hold for all its programs);
+        # ``forward_for`` / ``prompt_forward_for`` pick by token bucket.
+        self._forward, self._forward_cublas = (
+            jax.jit(forward, donate_argnums=(1,), **opts)
+            for opts in (self._jit_options, self._cublas_jit_options))
+        self._prompt_forward, self._prompt_forward_cublas = (
+            jax.jit(prompt_forward, static_argnums=(5,), donate_argnums=(1,), **opts)
+            for opts in (self._jit_options, self._cublas_jit_options))
+
+    def uses_cublas(self, T: int) -> bool:
+        """Whether the programs of token bucket ``T`` compile their GEMMs for cuBLAS."""
+        return self.cublas_min_tokens is not None and T >= self.cublas_min_tokens
+
+    def forward_for(self, T: int):
+        """The jitted forward that runs token bucket ``T``."""
+        return self._forward_cublas if self.uses_cublas(T) else self._forward
+
+    def prompt_forward_for(self, T: int):
+        """The jitted prompt-log-probs forward that runs token bucket ``T``."""
+        return self._prompt_forward_cublas if self.uses_cublas(T) else self._prompt_forward
 
     # -- buckets ------------------------------------------------------------------------------
     def token_bucket(self, num_tokens: int) -> int:
@@ -423,8 +481,9 @@ class ModelRunner:
     def num_compiles(self) -> int:
         """Compiled forward and sampler variants so far (tests assert this does not grow while
         serving)."""
-        return (self._forward._cache_size() + self._prompt_forward._cache_size()
-                + self._sample._cache_size())
+        return sum(f._cache_size() for f in (
+            self._forward, self._forward_cublas, self._prompt_forward,
+            self._prompt_forward_cublas, self._sample))
 
     def step_variants(self) -> list[tuple[int, bool]]:
         """The (token bucket T, decode_only) forward programs compiled at start-up: the general
@@ -493,7 +552,7 @@ class ModelRunner:
                 fwd_in, samp_in = self._device_inputs(
                     self.prepare([], [], T=T, decode_only=decode_only))
                 fwd = submit(f"forward T={T}" + (" decode-only" if decode_only else ""),
-                             lambda fwd_in=fwd_in: self._forward.lower(
+                             lambda fwd_in=fwd_in, T=T: self.forward_for(T).lower(
                                  self._leaves, self.kv_caches, fwd_in, self._prev_tokens))
                 # The sampler's programs depend on the sequence bucket alone: the decode-only
                 # forward and every token bucket of one sequence bucket share them (compiling
@@ -532,8 +591,8 @@ class ModelRunner:
             ) -> sampler_lib.SamplerOutput:
         """Dispatches the forward (updating the cache) and the sampler; returns device arrays."""
         fwd_in, samp_in = self._device_inputs(inputs)
-        self.kv_caches, logits = self._forward(self._leaves, self.kv_caches, fwd_in,
-                                               self._prev_tokens)
+        forward = self.forward_for(inputs.token_ids.shape[0])
+        self.kv_caches, logits = forward(self._leaves, self.kv_caches, fwd_in, self._prev_tokens)
         out, self._prev_tokens = self._sample(logits, samp_in, num_logprobs, sort)
         return out
 
@@ -660,7 +719,7 @@ class ModelRunner:
         if next_ids is None:
             return self.run(inputs, nl, sort), None
         fwd_in, samp_in = self._device_inputs(inputs)
-        self.kv_caches, logits, prompt_lp = self._prompt_forward(
+        self.kv_caches, logits, prompt_lp = self.prompt_forward_for(inputs.token_ids.shape[0])(
             self._leaves, self.kv_caches, fwd_in, self._prev_tokens, next_ids, self.num_logprobs)
         out, self._prev_tokens = self._sample(logits, samp_in, nl, sort)
         return out, self._replicate(prompt_lp)

@@ -92,8 +92,13 @@ class PipelineRunner(ModelRunner):
     def __init__(self, model: nnx.Module, *, num_layers: int, num_kv_heads: int, head_dim: int,
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  token_buckets, cache_dtype: Any, vocab_size: int, max_logprobs: int,
-                 parallel: Any, enforce_eager: bool = False):
+                 parallel: Any, enforce_eager: bool = False,
+                 cublas_min_tokens: int | None = None):
         self._jit_options = step_jit_options(enforce_eager, parallel.tp > 1)
+        # Every stage program keeps XLA's GEMM choice (one jit per stage serves all buckets):
+        # fp8 under pipeline parallelism still autotunes its large buckets' Triton GEMMs.
+        del cublas_min_tokens
+        self.cublas_min_tokens = None
         self._set_step_shape(parallel, None, num_pages=num_pages, page_size=page_size,
                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                              token_buckets=token_buckets, vocab_size=vocab_size,

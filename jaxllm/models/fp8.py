@@ -89,6 +89,23 @@ def weight_only_max_tokens() -> int:
     return value
 
 
+FP8_GEMM_OUT_ENV = "JAXLLM_FP8_GEMM_OUT"
+
+
+def fp8_gemm_out_dtype(model_dtype) -> jnp.dtype:
+    """The W8A8 GEMM's output type, before the two scales: ``JAXLLM_FP8_GEMM_OUT`` = "float32"
+    (the default) or "model" (the model dtype: half the bytes written and read back by the scale
+    epilogue; an in-engine A/B switch). Read at trace time, like the other knobs."""
+    import os
+
+    raw = os.environ.get(FP8_GEMM_OUT_ENV, "float32").strip() or "float32"
+    if raw == "float32":
+        return jnp.dtype(jnp.float32)
+    if raw == "model":
+        return jnp.dtype(model_dtype)
+    raise ValueError(f"{FP8_GEMM_OUT_ENV} must be 'float32' or 'model', got {raw!r}.")
+
+
 def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
                input_scale: jax.Array | None) -> jax.Array:
     """x [T, I] (model dtype), weight [O, I] e4m3, weight_scale [O] -> [T, O] in x's dtype.
@@ -106,7 +123,8 @@ def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     else:
         xs = input_scale
         xq = jnp.clip(x.astype(jnp.float32) / xs, -E4M3_MAX, E4M3_MAX).astype(FP8)
-    return fp8_matmul_xla(xq, xs, weight, weight_scale, out_dtype=x.dtype, w_transposed=True)
+    return fp8_matmul_xla(xq, xs, weight, weight_scale, out_dtype=x.dtype, w_transposed=True,
+                          acc_dtype=fp8_gemm_out_dtype(x.dtype))
 
 
 @jax.jit
