@@ -435,7 +435,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
 # then benchmarks/results/kernels-decode-h200-2026-12-01.jsonl (H200, GPU time per call from
 # profiler traces: batch 8 / 64 / 256 x 4k and 1 x 32k), then
 # benchmarks/results/kernels-decode-h200-2026-12-01-noon.jsonl (H200, GPU time: batch 8 / 64 /
-# 256 x 512, 1 x 4k, 8 x 32k). Llama-3-8B attention: H=32, K=8,
+# 256 x 512, 1 x 4k, 8 x 32k), then benchmarks/results/kernels-decode-h200-2026-12-01-afternoon.jsonl
+# (H200, GPU time: 1 x 512, 64 x 32k). Llama-3-8B attention: H=32, K=8,
 # D=128, page size B=16, bf16; the fastest correct `pallas` row of each shape. Regenerate with
 #     python3 benchmarks/kernels.py --print-table <the files, oldest first>
 # and paste its output here (tests/test_pallas_kernels.py checks this copy against the files
@@ -458,11 +459,12 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
 
 KERNEL_TABLE_SOURCE = ("benchmarks/results/kernels-h100-2026-11-23.jsonl",
                        "benchmarks/results/kernels-decode-h200-2026-12-01.jsonl",
-                       "benchmarks/results/kernels-decode-h200-2026-12-01-noon.jsonl")
+                       "benchmarks/results/kernels-decode-h200-2026-12-01-noon.jsonl",
+                       "benchmarks/results/kernels-decode-h200-2026-12-01-afternoon.jsonl")
 
 # (batch class, context class in tokens) -> (decode_pages_per_block, decode_splits)
 DECODE_TABLE: dict[tuple[int, int], tuple[int, int]] = {
-    (1, 512): (8, 2),
+    (1, 512): (8, 4),
     (1, 4096): (8, 32),
     (1, 32768): (8, 33),
     (8, 512): (8, 4),
@@ -470,7 +472,7 @@ DECODE_TABLE: dict[tuple[int, int], tuple[int, int]] = {
     (8, 32768): (4, 8),
     (64, 512): (4, 1),
     (64, 4096): (4, 1),
-    (64, 32768): (8, 2),
+    (64, 32768): (4, 1),
     (256, 512): (8, 1),
     (256, 4096): (8, 2),
 }
