@@ -597,6 +597,11 @@ def ragged_paged_attention(
                     ("decode_splits", decode_splits)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive int or None (table), got {v!r}")
+    if decode_split_pages and k_pages.dtype == jnp.float8_e4m3fn:
+        # Its masked page loads need a fill value of the pages' dtype, which Triton cannot
+        # build for e4m3 (H200, 2026-12-01: a lowering error, not a result).
+        raise ValueError("decode_split_pages needs bf16 / float32 pages; the fp8 cache splits "
+                         "by key blocks (decode_split_pages=False)")
     if decode_only:
         if not decode:
             raise ValueError("decode_only=True needs the decode launch (decode=True)")
