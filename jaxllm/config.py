@@ -26,6 +26,19 @@ DTYPES = {
 }
 
 
+def gemm_out_dtype_from_env(env: str, model_dtype: Any) -> jnp.dtype:
+    """An in-engine A/B switch for a GEMM's output type, read from ``env`` at trace time:
+    "float32" (the default when unset or empty) or "model" (``model_dtype``)."""
+    import os
+
+    raw = os.environ.get(env, "float32").strip() or "float32"
+    if raw == "float32":
+        return jnp.dtype(jnp.float32)
+    if raw == "model":
+        return jnp.dtype(model_dtype)
+    raise ValueError(f"{env} must be 'float32' or 'model', got {raw!r}.")
+
+
 def resolve_dtype(dtype: Any) -> jnp.dtype:
     """Maps "bfloat16"/"float16"/"float32" (or a jnp dtype) to a jnp dtype.
 

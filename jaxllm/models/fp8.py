@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxllm.config import gemm_out_dtype_from_env
 from jaxllm.models.fused import FUSED_LINEARS
 from pallas_kernels.fp8_matmul import (E4M3_MAX, FP8, fp8_matmul_xla,
                                        quantize_activation_per_token)
@@ -95,15 +96,8 @@ FP8_GEMM_OUT_ENV = "JAXLLM_FP8_GEMM_OUT"
 def fp8_gemm_out_dtype(model_dtype) -> jnp.dtype:
     """The W8A8 GEMM's output type, before the two scales: ``JAXLLM_FP8_GEMM_OUT`` = "float32"
     (the default) or "model" (the model dtype: half the bytes written and read back by the scale
-    epilogue; an in-engine A/B switch). Read at trace time, like the other knobs."""
-    import os
-
-    raw = os.environ.get(FP8_GEMM_OUT_ENV, "float32").strip() or "float32"
-    if raw == "float32":
-        return jnp.dtype(jnp.float32)
-    if raw == "model":
-        return jnp.dtype(model_dtype)
-    raise ValueError(f"{FP8_GEMM_OUT_ENV} must be 'float32' or 'model', got {raw!r}.")
+    epilogue; an in-engine A/B switch, measured no faster). Read at trace time."""
+    return gemm_out_dtype_from_env(FP8_GEMM_OUT_ENV, model_dtype)
 
 
 def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, gemm_out_dtype_from_env
 from jaxllm.models.attention import AttentionMetadata, KVCache, write_kv_and_attend
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -292,14 +292,7 @@ def logits_gemm_dtype(model_dtype) -> jnp.dtype:
     """The lm_head GEMM's output type: ``JAXLLM_LOGITS_GEMM_OUT`` = "float32" (the default) or
     "model" (the model dtype, cast to float32 after the GEMM, as vLLM and HF do; for an
     in-engine A/B of the two cuBLAS paths). Read at trace time, like the other knobs."""
-    import os
-
-    raw = os.environ.get(LOGITS_GEMM_ENV, "float32").strip() or "float32"
-    if raw == "float32":
-        return jnp.dtype(jnp.float32)
-    if raw == "model":
-        return jnp.dtype(model_dtype)
-    raise ValueError(f"{LOGITS_GEMM_ENV} must be 'float32' or 'model', got {raw!r}.")
+    return gemm_out_dtype_from_env(LOGITS_GEMM_ENV, model_dtype)
 
 
 def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.bfloat16) -> KVCache:
