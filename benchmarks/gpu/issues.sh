@@ -56,6 +56,8 @@
 #                                          GEMM writing fp32 (default) vs bf16, interleaved
 #   bash benchmarks/gpu/issues.sh fp8kv    (one GPU) decode attention over fp8 pages vs bf16 in GPU
 #                                          time; batch-256 fp8 profiles with bf16 and fp8 KV
+#   bash benchmarks/gpu/issues.sh kvdot    (one GPU) fp8 + fp8 KV throughput at the defaults with
+#                                          fp8 pages upcast to float16 vs to bf16, interleaved
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -458,6 +460,18 @@ fp8kv)  # nvidia-h200 (one GPU), one call (issue 6): the fp8 KV cache made the f
   for f in $L/decode_*.log; do echo "== $f"; sed -n '/best per shape/,$p' $f | head -14; done
   for f in $L/prof_*.log; do echo "== $f"; grep -h "^batch\|^    " $f | head -12; done
   show_logs 3 ;;
+kvdot)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-01 afternoon (issue 6):
+  # the attention kernel over e4m3 pages took 21-27% less GPU time at batch 256 with the pages
+  # upcast to float16 (JAXLLM_FP8_KV_DOT=float16), 14% more at 64 x 4k. Does the fp8 + fp8 KV
+  # throughput follow? Twice each, interleaved; adopt float16 if it wins beyond the noise.
+  L=$OUT/logs; mkdir -p $L
+  for i in 1 2; do
+    timeout 120 $TP --quantization fp8 --kv-cache-dtype fp8 > $L/tp_fp8kv_bf16dot_$i.log 2>&1
+    JAXLLM_FP8_KV_DOT=float16 timeout 120 $TP --quantization fp8 --kv-cache-dtype fp8 \
+      > $L/tp_fp8kv_f16dot_$i.log 2>&1
+  done
+  grep -h "tok/s" $L/*.log | cut -c1-330
+  show_logs 4 ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
   # at 16384 tokens took 306 s. The GEMMs alone under per-program XLA options (one process),
