@@ -306,7 +306,7 @@ def bench_decode(rng, budget_s):
         n_copies = max(1, min(4, math.ceil(3 * L2_BYTES / nbytes)))
         try:
             q, kp, vp, metas = make_batch(rng, [1] * batch, [ctx] * batch, n_copies=n_copies)
-            if fp8:  # N(0, 1) values, well inside e4m3's +-448; the kernel upcasts them to bf16
+            if fp8:  # N(0, 1) values, well inside e4m3's +-448; the kernel upcasts them
                 kp, vp = kp.astype(jnp.float8_e4m3fn), vp.astype(jnp.float8_e4m3fn)
         except Exception as e:  # noqa: BLE001
             print(f"  decode {shape}: cannot build inputs: {short(e)}")
