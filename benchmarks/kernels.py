@@ -121,6 +121,7 @@ OUT = None
 LOOP_REPS = 8
 DEVICE_TIME = False  # --device-time: GPU time per call from a profiler trace
 KV_DTYPE = "bf16"  # --kv-dtype: the decode section's page dtype
+FP8_KV_DOT = "query"  # --fp8-kv-dot: the kernel's fp8_kv_dot over fp8 pages
 
 
 def emit(rec: dict) -> None:
@@ -306,7 +307,7 @@ def bench_decode(rng, budget_s):
         n_copies = max(1, min(4, math.ceil(3 * L2_BYTES / nbytes)))
         try:
             q, kp, vp, metas = make_batch(rng, [1] * batch, [ctx] * batch, n_copies=n_copies)
-            if fp8:  # N(0, 1) values, well inside e4m3's +-448; the kernel upcasts them
+            if fp8:  # N(0, 1) values, well inside e4m3's +-448
                 kp, vp = kp.astype(jnp.float8_e4m3fn), vp.astype(jnp.float8_e4m3fn)
         except Exception as e:  # noqa: BLE001
             print(f"  decode {shape}: cannot build inputs: {short(e)}")
@@ -351,6 +352,8 @@ def bench_decode(rng, budget_s):
                 configs.append(dict(decode_pages_per_block=ppb, decode_splits=ns, num_warps=4,
                                     decode_split_pages=True))
         configs = [dict(c, num_stages=c.get("num_stages", 2)) for c in configs]
+        if fp8:  # what the pages are upcast to (the kernel's fp8_kv_dot)
+            configs = [dict(c, fp8_kv_dot=FP8_KV_DOT) for c in configs]
         seen = set()
         configs = [c for c in configs if not (repr(c) in seen or seen.add(repr(c)))]
         for i, cfg in enumerate(few(configs)):
@@ -953,7 +956,7 @@ def bench_backends(rng):
 
 
 def main():
-    global OUT, LOOP_REPS, PEAK_BW, DEVICE_TIME, DECODE_SHAPES, KV_DTYPE
+    global OUT, LOOP_REPS, PEAK_BW, DEVICE_TIME, DECODE_SHAPES, KV_DTYPE, FP8_KV_DOT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
     ap.add_argument("--sections", "--only", dest="sections", default="decode,lm_head,gemm,prefill,mixed",
@@ -977,6 +980,8 @@ def main():
     ap.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8"],
                     help="the decode section's K/V page dtype (fp8: e4m3 pages, as "
                          "kv_cache_dtype='fp8'; bytes counted at 1 a value; no peers)")
+    ap.add_argument("--fp8-kv-dot", default="query", choices=["query", "float16"],
+                    help="with --kv-dtype fp8: what the kernel upcasts the pages to")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     args = ap.parse_args()
@@ -986,6 +991,7 @@ def main():
     LOOP_REPS = args.loop_reps
     DEVICE_TIME = args.device_time
     KV_DTYPE = args.kv_dtype
+    FP8_KV_DOT = args.fp8_kv_dot
     if args.smoke:
         _smoke()
     OUT = args.out

@@ -147,21 +147,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def fp8_kv_dot_dtype(q_dtype) -> jnp.dtype:
-    """The dtype an fp8 cache's pages are upcast to for the kernel's dots: q's (the default)
-    or float16 (``JAXLLM_FP8_KV_DOT=float16``, an A/B switch read at trace time: set it before
-    the first call, a jitted caller keeps the variant it traced). H200, 2026-12-01 (RESULTS,
-    "Rerun of 2026-12-01 (afternoon)"): float16 took the decode kernel over e4m3 pages from 1091
-    to 801 us at 256 x 4k and 151 to 115 us at 256 x 512, but from 272 to 311 us at 64 x 4k;
-    not the default until the engine's throughput says so."""
-    import os
-
-    raw = os.environ.get("JAXLLM_FP8_KV_DOT", "").strip()
-    if raw in ("", "query"):
-        return jnp.dtype(q_dtype)
-    if raw == "float16":
-        return jnp.dtype(jnp.float16)
-    raise ValueError(f"JAXLLM_FP8_KV_DOT must be 'query' or 'float16', got {raw!r}.")
+# What an fp8 cache's pages are upcast to for the kernel's dots (``fp8_kv_dot``): "query" (q's
+# dtype, the default) or "float16" (q clipped to its range). H200, 2026-12-01 (RESULTS, "Rerun of
+# 2026-12-01 (afternoon)"): float16 took the decode kernel over e4m3 pages from 1091 to 801 us
+# at 256 x 4k and 151 to 115 us at 256 x 512, but from 272 to 311 us at 64 x 4k; not the default
+# until the engine's throughput says so (JAXLLM_ATTENTION_KNOBS='{"fp8_kv_dot": "float16"}').
+FP8_KV_DOT_CHOICES = ("query", "float16")
 
 
 def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
@@ -209,10 +200,10 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                    mask=row_ok[:, None], other=0)
     # The dots run in the cache dtype, except an fp8 cache, whose pages are upcast as they are
     # loaded (an fp8 q would lose precision the cache never had to give up): to q's dtype, or
-    # with JAXLLM_FP8_KV_DOT=float16 to float16 (one cvt per two e4m3 values on Hopper; q is
-    # clipped to float16's range first).
+    # with fp8_kv_dot="float16" to float16 (one cvt per two e4m3 values on Hopper; q is clipped
+    # to float16's range first).
     kv_dtype = k_ref.dtype
-    if fp8_dot_dtype is not None:  # an fp8 cache: fp8_kv_dot_dtype's choice, made at launch
+    if fp8_dot_dtype is not None:  # an fp8 cache
         kv_dtype = jnp.dtype(fp8_dot_dtype)
         if kv_dtype == jnp.float16 and q.dtype != jnp.float16:
             f16_max = float(jnp.finfo(jnp.float16).max)
@@ -349,7 +340,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
 def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T, H, K, D, B,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
             num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
-            masked_tail_only=False, kv_write=None, exact_rows=False):
+            masked_tail_only=False, kv_write=None, exact_rows=False, fp8_kv_dot="query"):
     """One pallas_call over len(blk_tok0) query blocks.
 
     ``blk_seq`` None: block b is sequence slot b (the decode launch), and the kernel takes its
@@ -378,10 +369,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         out_by_block=out_by_block, split_pages=split_pages, masked_tail_only=masked_tail_only,
         kv_write=kv_write is not None, num_tokens=T, exact_rows=exact_rows,
         seq_is_block=seq_is_block,
-        # A kernel argument, not read in the kernel: Pallas caches a kernel's trace by its
-        # arguments, so an in-body read of the switch would keep the first variant traced.
-        fp8_dot_dtype=(fp8_kv_dot_dtype(q2.dtype).name if k2.dtype == jnp.float8_e4m3fn
-                       else None))
+        fp8_dot_dtype=((jnp.dtype(jnp.float16) if fp8_kv_dot == "float16" else q2.dtype).name
+                       if k2.dtype == jnp.float8_e4m3fn else None))
     if num_splits == 1:
         out_shape = (jax.ShapeDtypeStruct((n_rows, D), out_dtype),)
     else:
@@ -548,6 +537,7 @@ def ragged_paged_attention(
     prefill: bool = True,
     decode_only: bool = False,
     new_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    fp8_kv_dot: str = "query",
     interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Pallas (Triton) ragged paged attention; same contract and result as the reference.
@@ -566,6 +556,8 @@ def ragged_paged_attention(
     prefill launch and off in the decode launch, by measurement (H200, 2026-12-01, table config:
     prefill 1 x 4k 792 -> 580 us, 4 x 1k 259 -> 201 us; decode neutral to 7% slower); True or
     False sets both launches.
+    ``fp8_kv_dot`` (an fp8 cache): what its pages are upcast to for the dots, "query" (q's
+    dtype) or "float16" (measured beside ``FP8_KV_DOT_CHOICES``).
     ``decode=False`` / ``prefill=False`` skip a launch when the caller knows the batch has no
     decode (q_len == 1) or no longer sequences (e.g. a pure decode step); by default both run
     and each skips the other's sequences. With ``prefill=False`` sequences of q_len > 1 are not
@@ -597,6 +589,8 @@ def ragged_paged_attention(
                     ("decode_splits", decode_splits)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive int or None (table), got {v!r}")
+    if fp8_kv_dot not in FP8_KV_DOT_CHOICES:
+        raise ValueError(f"fp8_kv_dot must be one of {FP8_KV_DOT_CHOICES}, got {fp8_kv_dot!r}")
     if decode_split_pages and k_pages.dtype == jnp.float8_e4m3fn:
         # Its masked page loads need a fill value of the pages' dtype, which Triton cannot
         # build for e4m3 (H200, 2026-12-01: a lowering error, not a result).
@@ -641,7 +635,7 @@ def ragged_paged_attention(
     v2 = v_pages.reshape(P * B, K * D)
     common = dict(T=T, H=H, K=K, D=D, B=B, sm_scale=sm_scale, sliding_window=sliding_window,
                   soft_cap=soft_cap, num_warps=num_warps, num_stages=num_stages,
-                  interpret=interpret, out_dtype=q.dtype)
+                  interpret=interpret, out_dtype=q.dtype, fp8_kv_dot=fp8_kv_dot)
     prefill_mto = PREFILL_MASKED_TAIL_ONLY if masked_tail_only is None else masked_tail_only
     decode_mto = DECODE_MASKED_TAIL_ONLY if masked_tail_only is None else masked_tail_only
 

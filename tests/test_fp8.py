@@ -336,6 +336,12 @@ def test_large_fp8_buckets_compile_their_gemms_for_cublas(small_llama_folder, mo
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == want
     assert runner._forward_cublas._cache_size() >= 1 and runner._forward._cache_size() >= 1
+    # Prompt log-probs run their own forward: its large bucket takes the cuBLAS jit too.
+    plp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    lp_want = plain.generate(prompts[:1], plp, use_tqdm=False)[0].prompt_logprobs
+    lp_got = llm.generate(prompts[:1], plp, use_tqdm=False)[0].prompt_logprobs
+    assert runner._prompt_forward_cublas._cache_size() >= 1
+    assert [d and sorted(d) for d in lp_got] == [d and sorted(d) for d in lp_want]
 
     monkeypatch.setattr(mr, "CUBLAS_COMPILER_OPTIONS", {"xla_gpu_no_such_option": ""})
     broken = LLM(str(small_llama_folder), **kw)
@@ -355,13 +361,16 @@ def test_fp8_cache_page_count_doubles_at_the_same_budget(small_llama_folder, mon
     assert fp8 - 1 == 2 * (bf16 - 1), (bf16, fp8)
 
 
-def test_fp8_pages_upcast_to_float16_switch_matches_the_reference(monkeypatch):
-    """JAXLLM_FP8_KV_DOT=float16: the kernel upcasts e4m3 pages to float16 (not q's bf16) for
-    its dots, q clipped to float16's range; the result matches the reference over the same
-    pages, on a ragged batch of prefill chunks and decodes, with a q beyond float16's range
-    staying finite. Bad values are refused, and so is the split-by-pages decode over fp8 pages
-    (its masked loads do not lower for e4m3 in Triton)."""
-    from pallas_kernels.ragged_paged_attention import (fp8_kv_dot_dtype, ragged_paged_attention,
+def test_fp8_pages_upcast_to_float16_knob_matches_the_reference(monkeypatch):
+    """fp8_kv_dot="float16" (the kernel argument; JAXLLM_ATTENTION_KNOBS in the engine): the
+    kernel upcasts e4m3 pages to float16, not q's bf16, for its dots, q clipped to float16's
+    range. The result matches the reference over the same pages on a ragged batch of prefill
+    chunks and decodes, and a q beyond float16's range stays finite. Bad values are refused,
+    and so is the split-by-pages decode over fp8 pages (its masked loads do not lower for e4m3
+    in Triton)."""
+    from jaxllm.models.attention import (ATTENTION_KNOBS_ENV, AttentionMetadata,
+                                         paged_attention)
+    from pallas_kernels.ragged_paged_attention import (ragged_paged_attention,
                                                        ragged_paged_attention_reference)
 
     from .test_pallas_kernels import _random_batch, _rel_err
@@ -372,26 +381,29 @@ def test_fp8_pages_upcast_to_float16_switch_matches_the_reference(monkeypatch):
         dtype=jnp.bfloat16)
     kp, vp = kp.astype(FP8_KV_DTYPE), vp.astype(FP8_KV_DTYPE)
     ref = ragged_paged_attention_reference(q, kp, vp, sl, pt, qsl, ns, sm_scale=32 ** -0.5)
-    monkeypatch.setenv("JAXLLM_FP8_KV_DOT", "float16")
-    assert fp8_kv_dot_dtype(jnp.bfloat16) == jnp.float16
-    call = functools.partial(ragged_paged_attention, sm_scale=32 ** -0.5, interpret=True)
     f16 = re.compile(r"\bf16\[")  # a float16 array in the kernel's jaxpr (not bf16)
-    assert f16.search(str(jax.make_jaxpr(call)(q, kp, vp, sl, pt, qsl, ns)))
-    out = call(q, kp, vp, sl, pt, qsl, ns)
-    assert _rel_err(out, ref) < 1e-2
+
+    def call(q, dot, **kw):
+        return ragged_paged_attention(q, kp, vp, sl, pt, qsl, ns, sm_scale=kw.pop("sm", 32 ** -0.5),
+                                      fp8_kv_dot=dot, interpret=True, **kw)
+
+    assert f16.search(str(jax.make_jaxpr(functools.partial(call, dot="float16"))(q)))
+    assert not f16.search(str(jax.make_jaxpr(functools.partial(call, dot="query"))(q)))
+    assert _rel_err(call(q, "float16"), ref) < 1e-2
     big = q.at[0].set(1e6)  # past float16's 65504: clipped, not inf
-    out = ragged_paged_attention(big, kp, vp, sl, pt, qsl, ns, sm_scale=1e-6, interpret=True)
-    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
-    monkeypatch.setenv("JAXLLM_FP8_KV_DOT", "query")
-    assert fp8_kv_dot_dtype(jnp.bfloat16) == jnp.bfloat16
-    # (a new callable: make_jaxpr caches its traces by the function it is given)
-    call = functools.partial(ragged_paged_attention, sm_scale=32 ** -0.5, interpret=True)
-    assert not f16.search(str(jax.make_jaxpr(call)(q, kp, vp, sl, pt, qsl, ns)))
+    assert bool(jnp.all(jnp.isfinite(call(big, "float16", sm=1e-6).astype(jnp.float32))))
+    with pytest.raises(ValueError, match="fp8_kv_dot"):
+        call(q, "bf8")
     with pytest.raises(ValueError, match="decode_split_pages"):
-        call(q, kp, vp, sl, pt, qsl, ns, decode_split_pages=True)
-    monkeypatch.setenv("JAXLLM_FP8_KV_DOT", "bf8")
-    with pytest.raises(ValueError, match="JAXLLM_FP8_KV_DOT"):
-        fp8_kv_dot_dtype(jnp.bfloat16)
+        call(q, "query", decode_split_pages=True)
+
+    # The engine's path: the knob reaches the kernel through paged_attention.
+    md = AttentionMetadata(slot_mapping=jnp.zeros((q.shape[0],), jnp.int32), query_start_loc=qsl,
+                           seq_lens=sl, page_table=pt, num_seqs=ns)
+    monkeypatch.setenv(ATTENTION_KNOBS_ENV, '{"fp8_kv_dot": "float16"}')
+    attend = functools.partial(paged_attention, sm_scale=32 ** -0.5, backend="pallas")
+    assert f16.search(str(jax.make_jaxpr(attend)(q, kp, vp, md)))
+    assert _rel_err(attend(q, kp, vp, md), ref) < 1e-2
 
 
 @pytest.mark.parametrize("backend", ["reference", "pallas"])

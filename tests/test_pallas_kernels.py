@@ -274,7 +274,8 @@ def test_attention_knobs_from_the_environment_reach_the_kernel_and_bad_ones_are_
                        ("[2]", "must be a JSON object"), ("{nope", "must be a JSON object"),
                        ('{"decode_splits": 0}', "decode_splits must be a positive integer"),
                        ('{"decode_splits": 2.5}', "decode_splits must be a positive integer"),
-                       ('{"masked_tail_only": "yes"}', "masked_tail_only must be true or false")]:
+                       ('{"masked_tail_only": "yes"}', "masked_tail_only must be true or false"),
+                       ('{"fp8_kv_dot": "bf8"}', "fp8_kv_dot must be one of")]:
         monkeypatch.setenv(ATTENTION_KNOBS_ENV, bad)
         with pytest.raises(ValueError, match=match):
             traced()

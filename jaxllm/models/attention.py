@@ -43,14 +43,16 @@ FP8_KV_DTYPE = jnp.float8_e4m3fn
 _E4M3_MAX = float(jnp.finfo(FP8_KV_DTYPE).max)
 
 
-# Block-size knobs of the Pallas kernel, overriding its measured table in every attention call
+# Knobs of the Pallas kernel (block sizes, variants), overriding its defaults in every attention call
 # of programs traced afterwards: an A/B hook for benchmarks (the table is what the engine runs),
 # e.g. JAXLLM_ATTENTION_KNOBS='{"decode_split_pages": true}' python3 benchmarks/latency.py ...
 ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
               "num_warps", "num_stages")
 _BOOL_KNOBS = ("decode_split_pages", "masked_tail_only", "fused_kv_write")
-_KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS
+# Knobs with a fixed set of string values (the kernel's FP8_KV_DOT_CHOICES).
+_CHOICE_KNOBS = {"fp8_kv_dot": ("query", "float16")}
+_KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS + tuple(_CHOICE_KNOBS)
 # Not an argument of the kernel: write_kv_and_attend's choice (decode-only steps write the new
 # K/V inside the decode kernel instead of two scatters a layer).
 _FUSED_KV_WRITE = "fused_kv_write"
@@ -73,12 +75,15 @@ def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
         raise ValueError(f"{ATTENTION_KNOBS_ENV} has unknown kernel knobs {unknown}; "
                          f"known: {', '.join(_KNOB_NAMES)}")
     for name, value in knobs.items():
-        ok = (isinstance(value, bool) if name in _BOOL_KNOBS else
-              isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+        if name in _CHOICE_KNOBS:
+            ok, want = value in _CHOICE_KNOBS[name], f"one of {_CHOICE_KNOBS[name]}"
+        elif name in _BOOL_KNOBS:
+            ok, want = isinstance(value, bool), "true or false"
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            want = "a positive integer"
         if not ok:
-            raise ValueError(f"{ATTENTION_KNOBS_ENV}: {name} must be "
-                             f"{'true or false' if name in _BOOL_KNOBS else 'a positive integer'}"
-                             f", got {value!r}")
+            raise ValueError(f"{ATTENTION_KNOBS_ENV}: {name} must be {want}, got {value!r}")
     return tuple(sorted(knobs.items()))
 
 
