@@ -90,10 +90,16 @@ def random_model(shape: str, attention: str, *, tokenizer=None, vocab_size: int 
                                  name=f"random-{shape}")
 
 
-def engine_generate(engine, prompts: list[list[int]], max_tokens) -> tuple[float, int]:
+def engine_generate(engine, prompts: list[list[int]], max_tokens,
+                    phases: dict | None = None) -> tuple[float, int]:
     """Submits every prompt at once (greedy, ignore_eos, no detokenization) and steps the engine
     until all finish: (seconds from the first step to the last, output tokens). ``max_tokens`` is
-    one int or one per prompt."""
+    one int or one per prompt.
+
+    ``phases`` (a dict, filled in): steps and seconds by kind, "mixed" (the step has a prompt
+    chunk) or "decode" (one new token per sequence). A step's seconds are the wall of the
+    ``engine.step()`` call that waits for it: with async scheduling that call dispatches the
+    next step and reads this one, so the split is the GPU's when the steps are GPU-bound."""
     from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
     lengths = max_tokens if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(prompts)
@@ -103,9 +109,34 @@ def engine_generate(engine, prompts: list[list[int]], max_tokens) -> tuple[float
         engine.add_request(f"r{time.perf_counter_ns()}-{i}", {"prompt_token_ids": p}, params)
     t = time.perf_counter()
     n_out = 0
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            n_out += len(o.outputs[0].token_ids)
+    pending: list[str] = []  # kinds of the dispatched steps not read yet, oldest first
+    if phases is not None:
+        dispatch = engine._dispatch
+
+        def recording_dispatch(sched):
+            mixed = any(s.num_new_tokens > 1 for s in sched.scheduled)
+            pending.append("mixed" if mixed else "decode")
+            return dispatch(sched)
+
+        engine._dispatch = recording_dispatch
+    t_step = t
+    try:
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                n_out += len(o.outputs[0].token_ids)
+            if phases is None:
+                continue
+            now = time.perf_counter()
+            # This call read the oldest step in flight (or, synchronous, the one it dispatched).
+            if pending and (len(pending) > 1 or not engine.async_scheduling
+                            or not engine.has_unfinished_requests()):
+                kind = pending.pop(0)
+                phases[f"{kind}_steps"] = phases.get(f"{kind}_steps", 0) + 1
+                phases[f"{kind}_s"] = phases.get(f"{kind}_s", 0.0) + now - t_step
+            t_step = now
+    finally:
+        if phases is not None:
+            del engine._dispatch  # the instance attribute: back to the class's method
     return time.perf_counter() - t, n_out
 
 

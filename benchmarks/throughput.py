@@ -82,13 +82,20 @@ def run_jaxllm(args) -> dict:
     startup_s = time.perf_counter() - t0
     compiles = engine.runner.num_compiles
 
+    phases: list[dict] = []
+
     def generate(batch) -> float:
-        secs, n_out = engine_generate(engine, [p for p, _ in batch], [o for _, o in batch])
+        phases.append({})
+        secs, n_out = engine_generate(engine, [p for p, _ in batch], [o for _, o in batch],
+                                      phases=phases[-1])
         assert n_out == sum(o for _, o in batch), (n_out, sum(o for _, o in batch))
         return secs
 
     generate(reqs[:16])  # warm-up
-    secs = statistics.median(generate(reqs) for _ in range(args.repeats))
+    runs = [generate(reqs) for _ in range(args.repeats)]
+    secs = statistics.median_low(runs)
+    # The step kinds' split of the median run: where the time goes (prompt chunks or decodes).
+    split = {k: round(v, 3) for k, v in phases[1 + runs.index(secs)].items()}
     recompiles = engine.runner.num_compiles - compiles
     return _row(args, "jaxllm" + (" (sync steps)" if args.sync else "")
                 + (f" {args.quantization}" if args.quantization else "")
@@ -97,7 +104,7 @@ def run_jaxllm(args) -> dict:
                 jax.devices()[0].device_kind, reqs, secs, startup_s=startup_s,
                 num_pages=engine.page_pool.num_usable_pages, recompiles_while_serving=recompiles,
                 max_num_seqs=engine.max_num_seqs,
-                max_num_batched_tokens=engine.max_num_batched_tokens)
+                max_num_batched_tokens=engine.max_num_batched_tokens, step_split=split)
 
 
 def run_hf(args) -> dict:

@@ -464,7 +464,9 @@ kvdot)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-01 afte
   # the attention kernel over e4m3 pages took 21-27% less GPU time at batch 256 with the pages
   # upcast to float16 (the kernel's fp8_kv_dot knob), 14% more at 64 x 4k. Does the fp8 + fp8 KV
   # throughput follow? Twice each, interleaved; adopt float16 if it wins beyond the noise.
+  # First bf16 once: the same call's baseline, and its split of the time by step kind.
   L=$OUT/logs; mkdir -p $L
+  timeout 120 $TP > $L/tp_bf16.log 2>&1
   for i in 1 2; do
     timeout 120 $TP --quantization fp8 --kv-cache-dtype fp8 > $L/tp_fp8kv_bf16dot_$i.log 2>&1
     JAXLLM_ATTENTION_KNOBS='{"fp8_kv_dot": "float16"}' timeout 120 $TP --quantization fp8 \
