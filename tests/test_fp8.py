@@ -361,16 +361,19 @@ def test_fp8_cache_page_count_doubles_at_the_same_budget(small_llama_folder, mon
     assert fp8 - 1 == 2 * (bf16 - 1), (bf16, fp8)
 
 
-def test_fp8_pages_upcast_to_float16_knob_matches_the_reference(monkeypatch):
-    """fp8_kv_dot="float16" (the kernel argument; JAXLLM_ATTENTION_KNOBS in the engine): the
-    kernel upcasts e4m3 pages to float16, not q's bf16, for its dots, q clipped to float16's
-    range. The result matches the reference over the same pages on a ragged batch of prefill
-    chunks and decodes, and a q beyond float16's range stays finite. Bad values are refused,
-    and so is the split-by-pages decode over fp8 pages (its masked loads do not lower for e4m3
-    in Triton)."""
+def test_fp8_kv_dot_choices_match_the_reference(monkeypatch):
+    """fp8_kv_dot (the kernel argument; JAXLLM_ATTENTION_KNOBS in the engine) decides how the
+    kernel's dots read e4m3 pages: upcast to q's bf16, to float16 (the default; q clipped to
+    float16's range), to the same float16 values built with integer ops, or no upcast (both
+    dots in e4m3, q quantized per row). Each matches the reference over the same pages on a
+    ragged batch of prefill chunks and decodes: the upcasts within bf16 rounding, the fp8 dots
+    within the error of q's and the probabilities' e4m3 rounding (measured 2.0-2.2%, bound 4%).
+    A q beyond float16's range stays finite. Bad values are refused, and so is the
+    split-by-pages decode over fp8 pages (its masked loads do not lower for e4m3 in Triton)."""
     from jaxllm.models.attention import (ATTENTION_KNOBS_ENV, AttentionMetadata,
                                          paged_attention)
-    from pallas_kernels.ragged_paged_attention import (ragged_paged_attention,
+    from pallas_kernels.ragged_paged_attention import (FP8_KV_DOT_CHOICES,
+                                                       ragged_paged_attention,
                                                        ragged_paged_attention_reference)
 
     from .test_pallas_kernels import _random_batch, _rel_err
@@ -383,15 +386,35 @@ def test_fp8_pages_upcast_to_float16_knob_matches_the_reference(monkeypatch):
     ref = ragged_paged_attention_reference(q, kp, vp, sl, pt, qsl, ns, sm_scale=32 ** -0.5)
     f16 = re.compile(r"\bf16\[")  # a float16 array in the kernel's jaxpr (not bf16)
 
-    def call(q, dot, **kw):
+    def call(q, dot=None, **kw):
+        kw.update({} if dot is None else {"fp8_kv_dot": dot})
         return ragged_paged_attention(q, kp, vp, sl, pt, qsl, ns, sm_scale=kw.pop("sm", 32 ** -0.5),
-                                      fp8_kv_dot=dot, interpret=True, **kw)
+                                      interpret=True, **kw)
 
-    assert f16.search(str(jax.make_jaxpr(functools.partial(call, dot="float16"))(q)))
-    assert not f16.search(str(jax.make_jaxpr(functools.partial(call, dot="query"))(q)))
-    assert _rel_err(call(q, "float16"), ref) < 1e-2
+    def jaxpr(**kw):
+        return str(jax.make_jaxpr(functools.partial(call, **kw))(q))
+
+    assert FP8_KV_DOT_CHOICES == ("query", "float16", "float16_bits", "fp8")
+    assert f16.search(jaxpr()), "float16 is the default for a bf16 q"
+    q32 = q.astype(jnp.float32)  # ... and float32 dots for a float32 q
+    assert not f16.search(str(jax.make_jaxpr(call)(q32)))
+    assert f16.search(str(jax.make_jaxpr(functools.partial(call, dot="float16"))(q32)))
+    assert f16.search(jaxpr(dot="float16")) and f16.search(jaxpr(dot="float16_bits"))
+    assert not f16.search(jaxpr(dot="query"))
+    assert "bitcast_convert_type" in jaxpr(dot="float16_bits")
+    assert "bitcast_convert_type" not in jaxpr(dot="float16")
+    bounds = {"query": 1e-2, "float16": 1e-2, "float16_bits": 1e-2, "fp8": 4e-2}
+    outs = {dot: call(q, dot) for dot in FP8_KV_DOT_CHOICES}
+    for dot, out in outs.items():
+        assert _rel_err(out, ref) < bounds[dot], (dot, _rel_err(out, ref))
+    # The integer conversion gives the cvt's values exactly.
+    np.testing.assert_array_equal(np.asarray(outs["float16_bits"], np.float32),
+                                  np.asarray(outs["float16"], np.float32))
+    # fp8 dots lose more than the upcasts (q and p rounded to e4m3), but not all of it.
+    assert _rel_err(outs["fp8"], ref) > _rel_err(outs["float16"], ref)
     big = q.at[0].set(1e6)  # past float16's 65504: clipped, not inf
-    assert bool(jnp.all(jnp.isfinite(call(big, "float16", sm=1e-6).astype(jnp.float32))))
+    for dot in ("float16", "float16_bits", "fp8"):
+        assert bool(jnp.all(jnp.isfinite(call(big, dot, sm=1e-6).astype(jnp.float32)))), dot
     with pytest.raises(ValueError, match="fp8_kv_dot"):
         call(q, "bf8")
     with pytest.raises(ValueError, match="decode_split_pages"):
@@ -400,9 +423,11 @@ def test_fp8_pages_upcast_to_float16_knob_matches_the_reference(monkeypatch):
     # The engine's path: the knob reaches the kernel through paged_attention.
     md = AttentionMetadata(slot_mapping=jnp.zeros((q.shape[0],), jnp.int32), query_start_loc=qsl,
                            seq_lens=sl, page_table=pt, num_seqs=ns)
-    monkeypatch.setenv(ATTENTION_KNOBS_ENV, '{"fp8_kv_dot": "float16"}')
     attend = functools.partial(paged_attention, sm_scale=32 ** -0.5, backend="pallas")
     assert f16.search(str(jax.make_jaxpr(attend)(q, kp, vp, md)))
+    monkeypatch.setenv(ATTENTION_KNOBS_ENV, '{"fp8_kv_dot": "query"}')
+    attend = functools.partial(paged_attention, sm_scale=32 ** -0.5, backend="pallas")
+    assert not f16.search(str(jax.make_jaxpr(attend)(q, kp, vp, md)))
     assert _rel_err(attend(q, kp, vp, md), ref) < 1e-2
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.ragged_paged_attention import (
+    FP8_KV_DOT_CHOICES,
     ragged_paged_attention,
     ragged_paged_attention_reference,
 )
@@ -50,8 +51,8 @@ ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
               "num_warps", "num_stages")
 _BOOL_KNOBS = ("decode_split_pages", "masked_tail_only", "fused_kv_write")
-# Knobs with a fixed set of string values (the kernel's FP8_KV_DOT_CHOICES).
-_CHOICE_KNOBS = {"fp8_kv_dot": ("query", "float16")}
+# Knobs with a fixed set of string values.
+_CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES}
 _KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS + tuple(_CHOICE_KNOBS)
 # Not an argument of the kernel: write_kv_and_attend's choice (decode-only steps write the new
 # K/V inside the decode kernel instead of two scatters a layer).
