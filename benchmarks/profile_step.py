@@ -16,6 +16,13 @@ and the top GPU ops by time (grouped by name with digits stripped).
 
     python3 benchmarks/profile_step.py --batch 1 64 256 --context 1024 --out-dir /tmp/prof
 
+``--prefill-tokens N`` profiles prefill steps instead: each step prefills N / ``--context``
+fresh prompts of ``--context`` tokens (N tokens a step, the engine's token budget; one output
+token each), e.g. the offline-throughput workload's 16384-token steps of 512-token prompts:
+
+    python3 benchmarks/profile_step.py --prefill-tokens 16384 --context 512 --quantization fp8 \
+        --out-dir /tmp/prof
+
 A/B of two step-level choices (docs/DESIGN_NOTES.md, "Decode-only steps, packed step inputs"):
 ``--no-decode-only`` runs pure decode steps on the general forward (both attention launches),
 ``--no-pack`` passes the step inputs as numpy arrays (one host->device copy each).
@@ -112,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--small-decode-buckets", type=parse_buckets, default=(),
                    help="EngineConfig.small_decode_buckets: comma-separated sequence counts, "
                         "or 'none' (the default)")
+    p.add_argument("--prefill-tokens", type=int, default=None,
+                   help="profile prefill steps of this many tokens (prompts of --context)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="step programs without XLA command buffers (EngineConfig.enforce_eager)")
     args = p.parse_args(argv)
@@ -125,6 +134,8 @@ def main(argv=None) -> int:
     from jaxllm.models.fp8 import weight_only_max_tokens
     from jaxllm.sampling_params import SamplingParams
 
+    if args.prefill_tokens is not None:
+        return profile_prefill(args)
     loaded = random_model(args.shape, args.attention, fused=not args.no_fuse,
                           quantization=args.quantization)
     mc = loaded.model_config
@@ -210,6 +221,62 @@ def main(argv=None) -> int:
         with args.out.open("a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+    return 0
+
+
+def profile_prefill(args) -> int:
+    """--prefill-tokens: GPU time of prefill steps, by op group (see the module docstring)."""
+    import jax
+    import numpy as np
+
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.llm_engine import LLMEngine
+    from jaxllm.sampling_params import SamplingParams
+
+    n_tok, ctx = args.prefill_tokens, args.context
+    if n_tok % ctx:
+        raise SystemExit(f"--prefill-tokens {n_tok} must be a multiple of --context {ctx}")
+    per_step = n_tok // ctx
+    loaded = random_model(args.shape, args.attention, fused=not args.no_fuse,
+                          quantization=args.quantization)
+    mc = loaded.model_config
+    cfg = EngineConfig(dtype="bfloat16", max_model_len=ctx + 8, max_num_seqs=max(per_step, 8),
+                       max_num_batched_tokens=n_tok, enable_prefix_caching=False,
+                       quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                       fuse_projections=not args.no_fuse, enforce_eager=args.enforce_eager)
+    engine = LLMEngine(cfg, loaded=loaded)
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+
+    def prefill_step():
+        for i in range(per_step):
+            engine.add_request(f"p{time.perf_counter_ns()}-{i}", {"prompt_token_ids": rng.integers(
+                0, mc.vocab_size, ctx).tolist()}, params)
+        t = time.perf_counter()
+        engine.step()
+        return t, time.perf_counter()
+
+    for _ in range(3):
+        prefill_step()
+    log_dir = args.out_dir / f"prefill{n_tok}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
+        windows = [prefill_step() for _ in range(args.steps)]
+        while engine.has_unfinished_requests():
+            engine.step()
+    trace = next(log_dir.rglob("perfetto_trace.json.gz"))
+    summ = summarize(trace, args.steps, args.top)
+    row = dict(shape=args.shape, device=jax.devices()[0].device_kind, prefill_tokens=n_tok,
+               context=ctx, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+               wall_profiled_ms=statistics.median(e - s for s, e in windows) * 1e3, **summ,
+               steps=args.steps)
+    print(f"prefill {n_tok} tokens ({per_step} x {ctx}): GPU busy {summ['gpu_busy_ms']:.2f} ms "
+          f"a step, {summ['kernels_per_step']:.0f} GPU ops/step")
+    for name, ms in summ["top"]:
+        print(f"    {ms:8.3f} ms {summ['top_calls'][name]:6.1f}x  {name[:110]}")
+    if args.out:
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
     return 0
 
 

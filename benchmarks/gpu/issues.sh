@@ -60,6 +60,8 @@
 #                                          fp8 pages upcast to float16 vs to bf16, interleaved
 #   bash benchmarks/gpu/issues.sh fp8attn  (one GPU) the decode kernel over e4m3 pages per
 #                                          fp8_kv_dot choice, then fp8 + fp8 KV throughput
+#   bash benchmarks/gpu/issues.sh prefillprof  (one GPU) GPU time by op group of the fp8 / bf16
+#                                          16384-token prefill step and the fp8 decode step
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -461,6 +463,19 @@ fp8kv)  # nvidia-h200 (one GPU), one call (issue 6): the fp8 KV cache made the f
   timeout $((T - SECONDS - 10)) $P --out-dir /tmp/pb --kv-cache-dtype fp8 > $L/prof_fp8kv.log 2>&1
   for f in $L/decode_*.log; do echo "== $f"; sed -n '/best per shape/,$p' $f | head -14; done
   for f in $L/prof_*.log; do echo "== $f"; grep -h "^batch\|^    " $f | head -12; done
+  show_logs 3 ;;
+prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
+  # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
+  # bf16's 17.9): profile a 16384-token prefill step (32 prompts x 512) in fp8 and bf16, op
+  # group by op group; then fp8's decode step at the workload's batch (1024 x 576, fp8 KV).
+  L=$OUT/logs; mkdir -p $L
+  PS="python3 benchmarks/profile_step.py --out-dir /tmp/prof --top 25 --out $OUT/prof.jsonl"
+  timeout 150 $PS --prefill-tokens 16384 --context 512 --steps 3 --quantization fp8 \
+    > $L/prefill_fp8.log 2>&1
+  timeout 120 $PS --prefill-tokens 16384 --context 512 --steps 3 > $L/prefill_bf16.log 2>&1
+  timeout 200 $PS --batch 1024 --context 576 --steps 5 --quantization fp8 --kv-cache-dtype fp8 \
+    > $L/decode_fp8.log 2>&1
+  for f in $L/*.log; do echo "== $f"; grep -A26 "^prefill \|^batch " $f | cut -c1-160; done
   show_logs 3 ;;
 fp8attn)  # nvidia-h200 (one GPU), one call (issue 6): the decode kernel over e4m3 pages, every
   # fp8_kv_dot choice but query (float16 through the cvt, float16 through integer ops, fp8
