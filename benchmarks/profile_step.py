@@ -48,6 +48,12 @@ from offline_throughput import (SHAPES, log_engine_startup, parse_buckets,  # no
 HOST_BOUND_WAIT_S = 50e-6
 
 
+def _newest_trace(log_dir: Path) -> Path:
+    """This run's trace: the newest under ``log_dir`` (an --out-dir reused by an earlier run
+    keeps that run's traces beside it)."""
+    return max(log_dir.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+
+
 def timed_steps(engine, steps: int) -> tuple[list[float], list[float]]:
     """(wall, wait) seconds of ``steps`` engine steps, without the profiler. ``wait``: how long
     the step's fetch of the previous step's results blocked for the GPU.
@@ -183,7 +189,7 @@ def main(argv=None) -> int:
                 engine.step()
                 windows.append((t, time.perf_counter()))
         wall_profiled = statistics.median(e - s for s, e in windows) * 1e3
-        trace = next(log_dir.rglob("perfetto_trace.json.gz"))
+        trace = _newest_trace(log_dir)
         summ = summarize(trace, args.steps, args.top)
         if args.keep_trace is not None:
             import shutil
@@ -264,7 +270,7 @@ def profile_prefill(args) -> int:
         windows = [prefill_step() for _ in range(args.steps)]
         while engine.has_unfinished_requests():
             engine.step()
-    trace = next(log_dir.rglob("perfetto_trace.json.gz"))
+    trace = _newest_trace(log_dir)
     summ = summarize(trace, args.steps, args.top)
     row = dict(shape=args.shape, device=jax.devices()[0].device_kind, prefill_tokens=n_tok,
                context=ctx, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,

@@ -265,6 +265,70 @@ def test_small_llama_weight_only_fp8_is_closer_to_the_dense_model_than_w8a8(smal
     assert w8a16_err < 0.9 * w8a8_err and agree >= 0.85, (w8a16_err, w8a8_err, agree)
 
 
+@pytest.mark.parametrize("acc_dtype", [jnp.float32, jnp.bfloat16])
+def test_silu_mul_quant_kernel_matches_the_reference(acc_dtype):
+    """The fused SwiGLU + per-token quantization kernel (interpret mode) against its jnp
+    reference, on fresh random GEMM outputs and scales: the same scales, and the same e4m3
+    values but where float32 rounding moves one across an e4m3 rounding edge (1 ulp)."""
+    from pallas_kernels.silu_mul_quant import silu_mul_quant, silu_mul_quant_reference
+
+    rng = np.random.default_rng(5)
+    for T, F, chunk in [(7, 96, None), (3, 64, 16), (2, 48, None)]:
+        acc = jnp.asarray(rng.normal(size=(T, 2 * F)) * 30, acc_dtype)
+        acc = acc.at[0].set(0)  # an all-zero row: scale 1, zeros
+        xs = jnp.asarray(rng.uniform(0.01, 0.1, T), jnp.float32)
+        ws = jnp.asarray(rng.uniform(1e-3, 1e-2, 2 * F), jnp.float32)
+        q, s = silu_mul_quant(acc, xs, ws, chunk=chunk, interpret=True)
+        qr, sr = silu_mul_quant_reference(acc, xs, ws)
+        assert q.dtype == jnp.float8_e4m3fn and q.shape == (T, F) and s.shape == (T,)
+        np.testing.assert_allclose(np.asarray(s), np.asarray(sr), rtol=1e-6)
+        assert float(s[0]) == 1.0 and not np.asarray(q[0], np.float32).any()
+        got, want = np.asarray(q, np.float32), np.asarray(qr, np.float32)
+        np.testing.assert_allclose(got, want, rtol=0.07, atol=2 ** -9)  # e4m3: 3 mantissa bits
+        assert (got != want).mean() < 0.01
+        # The dequantized result is the SwiGLU of the scaled inputs.
+        a = np.asarray(acc, np.float32).reshape(T, F, 2) * np.asarray(xs)[:, None, None] \
+            * np.asarray(ws).reshape(F, 2)
+        h = a[..., 0] / (1 + np.exp(-a[..., 0])) * a[..., 1]
+        np.testing.assert_allclose(got * np.asarray(s)[:, None], h, rtol=0.07,
+                                   atol=0.07 * np.abs(h).max())
+    with pytest.raises(ValueError, match="chunk"):
+        silu_mul_quant(acc, xs, ws, chunk=32, interpret=True)  # 32 does not divide F = 48
+    with pytest.raises(ValueError, match="gate and up"):
+        silu_mul_quant(acc[:, 1:], xs, ws[1:], interpret=True)
+
+
+def test_fp8_mlp_runs_the_fused_swiglu_kernel_and_gives_the_unfused_result(small_dense,
+                                                                           monkeypatch):
+    """A fused fp8 model's MLP with JAXLLM_FP8_FUSED_SWIGLU=1 (the GPU default) runs the
+    silu_mul_quant kernel between its GEMMs and gives the layer-by-layer result (only the
+    rounding differs: the kernel computes the SwiGLU in float32 where XLA rounds the scaled
+    GEMM output to the model dtype first). Off, and in weight-only steps, the MLP runs layer
+    by layer."""
+    from jaxllm.models.fp8 import FUSED_SWIGLU_ENV, fp8_swiglu_mlp, fused_swiglu_enabled
+    from jaxllm.models.fused import fuse_projections
+
+    q = fuse_projections(quantize_model(small_dense))
+    mlp = q.model.layers[0].mlp
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(24, q.config.hidden_size)),
+                    jnp.float32)
+    assert not fused_swiglu_enabled()  # a CPU: off unless asked for
+    monkeypatch.setenv(FUSED_SWIGLU_ENV, "0")
+    want = mlp(x)
+    assert "silu_mul_quant" not in str(jax.make_jaxpr(lambda x: mlp(x))(x))
+    monkeypatch.setenv(FUSED_SWIGLU_ENV, "1")
+    assert "silu_mul_quant" in str(jax.make_jaxpr(lambda x: mlp(x))(x))
+    got = mlp(x)
+    rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert rel < 0.02, rel  # e4m3 rounding of the down GEMM's input, at a few values
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "32")
+    assert fp8_swiglu_mlp(x, mlp.gate_up_proj, mlp.down_proj) is None
+    monkeypatch.delenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS")
+    monkeypatch.setenv(FUSED_SWIGLU_ENV, "yes")
+    with pytest.raises(ValueError, match=FUSED_SWIGLU_ENV):
+        mlp(x)
+
+
 def test_engine_fp8_weights_and_fp8_kv_generate_what_the_fp8_model_predicts(small_llama_folder):
     """End to end: LLM(quantization="fp8", kv_cache_dtype="fp8") greedy tokens equal the argmax
     of a teacher-forced forward of the same fp8 model with an fp8 cache (the engine's chunked,

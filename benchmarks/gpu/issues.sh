@@ -62,6 +62,8 @@
 #                                          fp8_kv_dot choice, then fp8 + fp8 KV throughput
 #   bash benchmarks/gpu/issues.sh prefillprof  (one GPU) GPU time by op group of the fp8 / bf16
 #                                          16384-token prefill step and the fp8 decode step
+#   bash benchmarks/gpu/issues.sh swiglu   (one GPU) the fp8 MLP's fused SwiGLU + quantization
+#                                          kernel, then fp8 throughput with and without it
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -463,6 +465,22 @@ fp8kv)  # nvidia-h200 (one GPU), one call (issue 6): the fp8 KV cache made the f
   timeout $((T - SECONDS - 10)) $P --out-dir /tmp/pb --kv-cache-dtype fp8 > $L/prof_fp8kv.log 2>&1
   for f in $L/decode_*.log; do echo "== $f"; sed -n '/best per shape/,$p' $f | head -14; done
   for f in $L/prof_*.log; do echo "== $f"; grep -h "^batch\|^    " $f | head -12; done
+  show_logs 3 ;;
+swiglu)  # nvidia-h200 (one GPU), one call (issue 6): the fp8 MLP's fused SwiGLU + quantization
+  # kernel (pallas_kernels/silu_mul_quant.py): correct and timed against XLA on the GPU, then
+  # fp8 throughput with it (the GPU default) and without (JAXLLM_FP8_FUSED_SWIGLU=0),
+  # interleaved, and with a bf16 gate/up GEMM output (half the bytes the kernel reads); then
+  # the fp8 prefill step's profile with it.
+  L=$OUT/logs; mkdir -p $L
+  timeout 60 python3 benchmarks/gpu/swiglu_quant.py 2>&1 | tee $L/swiglu_kernel.log | tail -6
+  timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused_1.log 2>&1
+  JAXLLM_FP8_FUSED_SWIGLU=0 timeout 100 $TP --quantization fp8 > $L/tp_fp8_unfused.log 2>&1
+  timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused_2.log 2>&1
+  JAXLLM_FP8_GEMM_OUT=model timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused_bf16out.log 2>&1
+  for f in $L/tp_*.log; do echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"; done
+  timeout 100 python3 benchmarks/profile_step.py --out-dir /tmp/prof --top 16 --out $OUT/prof.jsonl \
+    --prefill-tokens 16384 --context 512 --steps 3 --quantization fp8 > $L/prefill_fp8.log 2>&1
+  grep -A17 "^prefill " $L/prefill_fp8.log | cut -c1-150
   show_logs 3 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of

@@ -146,6 +146,11 @@ def heads_sharded(mesh):
         _HEAD_MESH.reset(token)
 
 
+def heads_mesh():
+    """The mesh ``heads_sharded`` traces under (tensor parallelism), or None."""
+    return _HEAD_MESH.get()
+
+
 def _per_head_shard(fn, num_page_args: int, num_token_args: int, returns_tokens: bool | None):
     """shard_map ``fn(*pages, *tokens, *replicated)`` over heads, or ``fn`` itself when off.
 

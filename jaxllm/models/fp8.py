@@ -27,9 +27,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import gemm_out_dtype_from_env
+from jaxllm.models.attention import heads_mesh
 from jaxllm.models.fused import FUSED_LINEARS
 from pallas_kernels.fp8_matmul import (E4M3_MAX, FP8, fp8_matmul_xla,
                                        quantize_activation_per_token)
+from pallas_kernels.silu_mul_quant import silu_mul_quant
 
 logger = logging.getLogger("jaxllm")
 
@@ -112,13 +114,63 @@ def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
         acc = jax.lax.dot_general(x, weight.astype(x.dtype), (((1,), (1,)), ((), ())),
                                   preferred_element_type=jnp.float32)
         return (acc * weight_scale.astype(jnp.float32)[None, :]).astype(x.dtype)
-    if input_scale is None:
-        xq, xs = quantize_activation_per_token(x)
-    else:
-        xs = input_scale
-        xq = jnp.clip(x.astype(jnp.float32) / xs, -E4M3_MAX, E4M3_MAX).astype(FP8)
+    xq, xs = _quantize_input(x, input_scale)
     return fp8_matmul_xla(xq, xs, weight, weight_scale, out_dtype=x.dtype, w_transposed=True,
                           acc_dtype=fp8_gemm_out_dtype(x.dtype))
+
+
+def _quantize_input(x: jax.Array, input_scale: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """x [T, I] -> (e4m3 [T, I], its scale): per token, or the static per-tensor one."""
+    if input_scale is None:
+        return quantize_activation_per_token(x)
+    return jnp.clip(x.astype(jnp.float32) / input_scale, -E4M3_MAX, E4M3_MAX).astype(FP8), \
+        input_scale
+
+
+FUSED_SWIGLU_ENV = "JAXLLM_FP8_FUSED_SWIGLU"
+
+
+def fused_swiglu_enabled() -> bool:
+    """``JAXLLM_FP8_FUSED_SWIGLU`` = "1" / "0" when set, else on a GPU only (the kernel runs
+    interpreted elsewhere: slow, for tests). Read at trace time."""
+    import os
+
+    raw = os.environ.get(FUSED_SWIGLU_ENV)
+    if raw is None:
+        return jax.default_backend() == "gpu"
+    if raw not in ("0", "1"):
+        raise ValueError(f"{FUSED_SWIGLU_ENV} must be 0 or 1, got {raw!r}.")
+    return raw == "1"
+
+
+def fp8_swiglu_mlp(x: jax.Array, gate_up, down) -> jax.Array | None:
+    """Llama's MLP, ``down(silu(gate(x)) * up(x))``, over fp8 layers with the SwiGLU and the down
+    GEMM's input quantization in one kernel (``pallas_kernels.silu_mul_quant``) that reads the
+    fused gate/up GEMM's raw output once; None where that path does not apply, and the caller
+    runs the layers one by one:
+      - the layers are not a ``FusedLinear`` gate/up in fp8 and an ``Fp8Linear`` down, or have
+        a bias, or the down projection has a static input scale (pre-quantized checkpoints);
+      - the step runs weight-only (T <= ``weight_only_max_tokens()``: no activation
+        quantization to fuse);
+      - under tensor parallelism (each shard holds a slice of F, and the per-token max spans F);
+      - ``fused_swiglu_enabled()`` says no.
+    x [T, E] -> [T, E] in x's dtype."""
+    if (getattr(gate_up, "weight", None) is None or not isinstance(down, Fp8Linear)
+            or gate_up.bias is not None or down.bias is not None
+            or down.input_scale is not None or x.shape[0] <= weight_only_max_tokens()
+            or heads_mesh() is not None or not fused_swiglu_enabled()):
+        return None
+    (A, C), I, T = gate_up.groups, gate_up.in_features, x.shape[0]
+    scale = None if gate_up.input_scale is None else gate_up.input_scale.get_value()
+    xq, xs = _quantize_input(x, scale)
+    gemm_out = fp8_gemm_out_dtype(x.dtype)
+    acc = jax.lax.dot_general(xq, gate_up.weight[...].reshape(A * C, I),
+                              (((1,), (1,)), ((), ())), preferred_element_type=gemm_out)
+    xs = jnp.broadcast_to(jnp.asarray(xs, jnp.float32).reshape(-1), (T,))
+    hq, hs = silu_mul_quant(acc, xs, gate_up.weight_scale[...].reshape(A * C),
+                            interpret=jax.default_backend() != "gpu")
+    return fp8_matmul_xla(hq, hs, down.weight[...], down.weight_scale[...], out_dtype=x.dtype,
+                          w_transposed=True, acc_dtype=gemm_out)
 
 
 @jax.jit

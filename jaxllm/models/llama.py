@@ -30,6 +30,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig, gemm_out_dtype_from_env
 from jaxllm.models.attention import AttentionMetadata, KVCache, write_kv_and_attend
+from jaxllm.models.fp8 import fp8_swiglu_mlp
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -200,6 +201,10 @@ class LlamaMLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [T, E] -> [T, E]."""
         if self.gate_up_proj is not None:
+            if self.gate_up_proj.kernel is None:  # fp8: SwiGLU + quantization in one kernel
+                y = fp8_swiglu_mlp(x, self.gate_up_proj, self.down_proj)
+                if y is not None:
+                    return y
             gu = self.gate_up_proj(x)  # [T, F, 2]
             return self.down_proj(jax.nn.silu(gu[..., 0]) * gu[..., 1])
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
