@@ -53,7 +53,7 @@ def silu_mul_quant_reference(acc: jax.Array, x_scale: jax.Array, w_scale: jax.Ar
     return q, scale
 
 
-def chunk_for(F: int, max_chunk: int = 2048) -> int:
+def chunk_for(F: int, max_chunk: int = 512) -> int:
     """The kernel's chunk of channels: the largest power of two <= max_chunk that divides F."""
     return min(F & -F, max_chunk)
 

@@ -482,6 +482,13 @@ swiglu)  # nvidia-h200 (one GPU), one call (issue 6): the fp8 MLP's fused SwiGLU
     --prefill-tokens 16384 --context 512 --steps 3 --quantization fp8 > $L/prefill_fp8.log 2>&1
   grep -A17 "^prefill " $L/prefill_fp8.log | cut -c1-150
   show_logs 3 ;;
+swiglu2)  # the same kernel's tiles (swiglu found 2048 channels x 4 warps 12x slower than XLA),
+  # then fp8 throughput with it on at the new default tile
+  L=$OUT/logs; mkdir -p $L
+  timeout 90 python3 benchmarks/gpu/swiglu_quant.py 2>&1 | tee $L/swiglu_kernel.log | tail -21
+  JAXLLM_FP8_FUSED_SWIGLU=1 timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused.log 2>&1
+  for f in $L/tp_*.log; do echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"; done
+  show_logs 2 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
   # bf16's 17.9): profile a 16384-token prefill step (32 prompts x 512) in fp8 and bf16, op
