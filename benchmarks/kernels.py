@@ -363,10 +363,8 @@ def bench_decode(rng, budget_s):
             if i > 0 and time.time() - T0 > budget_s:
                 break
             label = dict(cfg, table=True) if i == 0 else cfg
-            # fp8 dots round q and the probabilities to e4m3 too (~2% in tests/test_fp8.py).
-            tol = 5e-2 if cfg.get("fp8_kv_dot") == "fp8" else 2e-2
             run_case("decode", shape, "pallas", label, ours_fn(decode_only=True, **cfg),
-                     arg_sets, ref=ref, bytes_=nbytes, tol=tol)
+                     arg_sets, ref=ref, bytes_=nbytes, tol=2e-2)
         if (batch, ctx) in ((64, 4096), (8, 4096)) or SMOKE:
             # Both launches on a pure decode batch (the engine's call before decode_only):
             # the 2026-11-23 sweep saw 605 us against 418 us for the decode launch alone.

@@ -148,21 +148,18 @@ def _next_pow2(n: int) -> int:
 
 
 # How the kernel's dots read an fp8 cache's e4m3 pages (``fp8_kv_dot``):
-#   "query"         upcast to q's dtype (bf16: no one-instruction conversion on Hopper);
-#   "float16"       upcast to float16 (one cvt per two values), q clipped to float16's range;
-#   "float16_bits"  the same float16 values built with integer ops instead of the cvt: the
-#                   e4m3 bits moved into a float16's (exact for every finite e4m3 value, at
-#                   2^-8 of it; the 2^8 goes into the score scale and the output);
-#   "fp8"           no conversion: q quantized per row to e4m3 and the probabilities scaled by
-#                   2^8 to e4m3, both dots on the fp8 tensor cores (as FlashAttention-3's fp8
-#                   path does), fp32 accumulation.
+#   "query"    upcast to q's dtype (bf16: no one-instruction conversion on Hopper);
+#   "float16"  upcast to float16 (one cvt per two values), q clipped to float16's range.
 # H200, 2026-12-01 (RESULTS, "Rerun of 2026-12-01 (afternoon)"): float16 took the decode kernel
 # over e4m3 pages from 1091 to 801 us at 256 x 4k and 151 to 115 us at 256 x 512, 272 -> 311 us
 # at 64 x 4k; in the engine fp8 + fp8 KV throughput went 9,583 / 9,603 -> 10,034 / 9,890 tok/s
 # (1,000 x 512/128; RESULTS, "Rerun of 2026-12-01 (evening)"): the default since, for a 16-bit
 # q; a float32 q (float32 models, the CPU tests) keeps float32 dots ("query"): the default
-# "auto" picks between the two.
-FP8_KV_DOT_CHOICES = ("query", "float16", "float16_bits", "fp8")
+# "auto" picks between the two. Measured and dropped the same evening (RESULTS): float16 built
+# with integer ops instead of the cvt (26-48% slower than the cvt), and fp8 dots with q and the
+# probabilities rounded to e4m3 as FlashAttention-3 does (0-5% faster than float16, 10x the
+# error, engine throughput no higher).
+FP8_KV_DOT_CHOICES = ("query", "float16")
 FP8_KV_DOT_DEFAULT = "auto"
 
 
@@ -171,9 +168,6 @@ def _fp8_kv_dot_for(choice: str, q_dtype) -> str:
     if choice != "auto":
         return choice
     return "float16" if jnp.dtype(q_dtype).itemsize == 2 else "query"
-
-_F16_BITS_SCALE = 256.0  # float16_bits' values are 2^-8 of the e4m3 values
-_P_FP8_SCALE = 256.0  # "fp8": probabilities in [0, 1] times 2^8 before their e4m3 cast
 
 
 def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
@@ -219,40 +213,18 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     # and Triton lowers the same [rows, D] index arrays to one pointer tensor: so arrays throughout.
     q = plgpu.load(q_ref.at[jnp.where(row_ok, q_row, 0)[:, None], d[None, :]],
                    mask=row_ok[:, None], other=0)
-    # The dots run in the cache dtype, except over an fp8 cache, which fp8_kv_dot decides (see
-    # FP8_KV_DOT_CHOICES): its pages upcast to q's dtype or to float16 as they are loaded, or
-    # both dots in e4m3. s_scale multiplies the q.k dot, acc_scale the accumulated p.v sums.
+    # The dots run in the cache dtype, except over an fp8 cache, whose pages are upcast as they
+    # are loaded (an fp8 q would lose precision the cache never had to give up), to q's dtype or
+    # to float16 as fp8_kv_dot says (see FP8_KV_DOT_CHOICES).
     kv_dtype = k_ref.dtype
-    s_scale, acc_scale, p_scale = sm_scale, 1.0, 1.0
     if fp8_kv_dot == "query":
         kv_dtype = q.dtype
-    elif fp8_kv_dot in ("float16", "float16_bits"):
+    elif fp8_kv_dot == "float16":
         kv_dtype = jnp.dtype(jnp.float16)
         if q.dtype != jnp.float16:
             f16_max = float(jnp.finfo(jnp.float16).max)
             q = jnp.clip(q.astype(jnp.float32), -f16_max, f16_max)
-        if fp8_kv_dot == "float16_bits":
-            s_scale, acc_scale = sm_scale * _F16_BITS_SCALE, _F16_BITS_SCALE
-    elif fp8_kv_dot == "fp8":
-        kv_dtype = jnp.dtype(jnp.float8_e4m3fn)
-        qf = q.astype(jnp.float32)
-        q_amax = jnp.max(jnp.abs(qf), axis=1)
-        q_step = jnp.where(q_amax > 0, q_amax / float(jnp.finfo(kv_dtype).max), 1.0)
-        q = qf / q_step[:, None]
-        s_scale = q_step[:, None] * sm_scale
-        p_scale, acc_scale = _P_FP8_SCALE, 1.0 / _P_FP8_SCALE
     q = q.astype(kv_dtype)
-
-    def to_dot(x):
-        """A loaded [bk, D] K or V tile -> the dots' operand type."""
-        if fp8_kv_dot == "float16_bits":  # x: the e4m3 bytes as uint8
-            # s eeee mmm -> float16 s 0 eeee mmm 0000000 (exponent bias 15 against 7: 2^-8 of
-            # the value, subnormals included): shift into the high byte, arithmetic shift right
-            # one (the sign lands in bit 14 too), clear bit 14.
-            bits = jax.lax.shift_left(x.astype(jnp.int16), jnp.int16(8))
-            bits = jax.lax.shift_right_arithmetic(bits, jnp.int16(1)) & jnp.int16(-16385)
-            return jax.lax.bitcast_convert_type(bits, jnp.float16)
-        return x.astype(kv_dtype)
 
     # Context range [lo, hi) this block needs, in units of bk-sized key blocks, and this split's part.
     hi = pos0 + ntok
@@ -290,12 +262,12 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         cols = h * D + d[None, :]
         if split_pages and masked:
             k_ok = (k_pos < tok_end)[:, None]
-            k = to_dot(plgpu.load(k_ref.at[kv_row, cols], mask=k_ok, other=0))
-            v = to_dot(plgpu.load(v_ref.at[kv_row, cols], mask=k_ok, other=0))
+            k = plgpu.load(k_ref.at[kv_row, cols], mask=k_ok, other=0).astype(kv_dtype)
+            v = plgpu.load(v_ref.at[kv_row, cols], mask=k_ok, other=0).astype(kv_dtype)
         else:
-            k = to_dot(k_ref[kv_row, cols])
-            v = to_dot(v_ref[kv_row, cols])
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * s_scale
+            k = k_ref[kv_row, cols].astype(kv_dtype)
+            v = v_ref[kv_row, cols].astype(kv_dtype)
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         if masked:
@@ -311,8 +283,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         if masked:
             p = jnp.where(mask, p, 0.0)
         l = alpha * l + jnp.sum(p, axis=1)
-        pv = p * p_scale if p_scale != 1.0 else p
-        acc = alpha[:, None] * acc + jnp.dot(pv.astype(v.dtype), v,
+        acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v,
                                              preferred_element_type=jnp.float32)
         return acc, m_new, l
 
@@ -329,8 +300,6 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         carry = jax.lax.fori_loop(it_lo, mid, functools.partial(body, masked=False), carry)
         it_lo = mid
     acc, m, l = jax.lax.fori_loop(it_lo, it_hi, body, carry)
-    if acc_scale != 1.0:
-        acc = acc * acc_scale
 
     if kv_write:
         # The new token: one more key for split 0's rows (decode: q_pos == its position, inside
@@ -405,8 +374,6 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     G = H // K
     split_pages = split_pages and num_splits > 1
     fp8_pages = k2.dtype == jnp.float8_e4m3fn
-    if fp8_pages and fp8_kv_dot == "float16_bits":  # the kernel reads the e4m3 bytes
-        k2, v2 = (jax.lax.bitcast_convert_type(x, jnp.uint8) for x in (k2, v2))
     rows = max(16, _next_pow2(block_q * G))
     nb = blk_tok0.shape[0]
     seq_is_block = blk_seq is None
@@ -642,10 +609,6 @@ def ragged_paged_attention(
         raise ValueError(f"fp8_kv_dot must be 'auto' or one of {FP8_KV_DOT_CHOICES}, got "
                          f"{fp8_kv_dot!r}")
     fp8_kv_dot = _fp8_kv_dot_for(fp8_kv_dot, q.dtype)
-    if new_kv is not None and k_pages.dtype == jnp.float8_e4m3fn and fp8_kv_dot in (
-            "float16_bits", "fp8"):
-        raise ValueError(f"new_kv (the fused K/V write) over fp8 pages needs fp8_kv_dot "
-                         f"'query' or 'float16', got {fp8_kv_dot!r}")
     if decode_split_pages and k_pages.dtype == jnp.float8_e4m3fn:
         # Its masked page loads need a fill value of the pages' dtype, which Triton cannot
         # build for e4m3 (H200, 2026-12-01: a lowering error, not a result).

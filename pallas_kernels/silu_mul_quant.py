@@ -16,6 +16,13 @@ tokens of the Llama-3-8B shape, 0.94 ms a layer (H200 profile, benchmarks/RESULT
 kernel reads it once from memory: one program per token row walks the row twice, in chunks
 (the max, then the cast), and the second walk reads the row back from L2.
 
+Measured slower than XLA (H200, 2026-12-01; ``benchmarks/gpu/swiglu_quant.py``): at 16384 x
+14336, float32, 1.27-1.28 ms at 256-512 channels a step against XLA's 0.97 (12.0 ms at 2048
+channels and 4 warps, likely register spills); the gate and up columns are interleaved, so each
+step reads them as two stride-2 gathers. So the engine runs it only when asked for
+(``JAXLLM_FP8_FUSED_SWIGLU=1``, ``jaxllm.models.fp8.fp8_swiglu_mlp``). Loading contiguous
+[rows, 2 x chunk] tiles and splitting them in registers is the next thing to try.
+
 ``silu_mul_quant_reference`` is the plain-jnp contract (float32 math); the kernel matches it to
 e4m3 rounding (a different float32 summation order can move a value across a rounding edge).
 """
@@ -53,7 +60,7 @@ def silu_mul_quant_reference(acc: jax.Array, x_scale: jax.Array, w_scale: jax.Ar
     return q, scale
 
 
-def chunk_for(F: int, max_chunk: int = 512) -> int:
+def chunk_for(F: int, max_chunk: int = 256) -> int:
     """The kernel's chunk of channels: the largest power of two <= max_chunk that divides F."""
     return min(F & -F, max_chunk)
 

@@ -58,8 +58,6 @@
 #                                          time; batch-256 fp8 profiles with bf16 and fp8 KV
 #   bash benchmarks/gpu/issues.sh kvdot    (one GPU) fp8 + fp8 KV throughput at the defaults with
 #                                          fp8 pages upcast to float16 vs to bf16, interleaved
-#   bash benchmarks/gpu/issues.sh fp8attn  (one GPU) the decode kernel over e4m3 pages per
-#                                          fp8_kv_dot choice, then fp8 + fp8 KV throughput
 #   bash benchmarks/gpu/issues.sh prefillprof  (one GPU) GPU time by op group of the fp8 / bf16
 #                                          16384-token prefill step and the fp8 decode step
 #   bash benchmarks/gpu/issues.sh swiglu   (one GPU) the fp8 MLP's fused SwiGLU + quantization
@@ -502,25 +500,6 @@ prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of
     > $L/decode_fp8.log 2>&1
   for f in $L/*.log; do echo "== $f"; grep -A26 "^prefill \|^batch " $f | cut -c1-160; done
   show_logs 3 ;;
-fp8attn)  # nvidia-h200 (one GPU), one call (issue 6): the decode kernel over e4m3 pages, every
-  # fp8_kv_dot choice but query (float16 through the cvt, float16 through integer ops, fp8
-  # dots) x the table's config and its pipeline variants, GPU time, at the throughput
-  # workload's decode shape (1024 x 640) and three more; bf16 pages' table config beside it at
-  # 1024 x 640. Then fp8 + fp8 KV throughput with the two new choices.
-  L=$OUT/logs; mkdir -p $L
-  SH=1024x640,256x4096,64x4096,256x512
-  timeout 300 python3 benchmarks/kernels.py --sections decode --kv-dtype fp8 \
-    --fp8-kv-dot float16,float16_bits,fp8 --decode-shapes $SH --device-time --budget 250 \
-    --out $OUT/kernels_fp8.jsonl > $L/kernels_fp8.log 2>&1
-  timeout 60 python3 benchmarks/kernels.py --sections decode --decode-shapes 1024x640 \
-    --device-time --budget 0 --out $OUT/kernels_fp8.jsonl > $L/kernels_bf16.log 2>&1
-  grep "best pallas\|^decode " $L/kernels_*.log | cut -c1-300
-  for dot in float16_bits fp8; do
-    JAXLLM_ATTENTION_KNOBS="{\"fp8_kv_dot\": \"$dot\"}" timeout 110 $TP --quantization fp8 \
-      --kv-cache-dtype fp8 > $L/tp_fp8kv_$dot.log 2>&1
-  done
-  grep -h "tok/s" $L/tp_*.log | cut -c1-330
-  show_logs 4 ;;
 kvdot)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-01 afternoon (issue 6):
   # the attention kernel over e4m3 pages took 21-27% less GPU time at batch 256 with the pages
   # upcast to float16 (the kernel's fp8_kv_dot knob), 14% more at 64 x 4k. Does the fp8 + fp8 KV
@@ -529,7 +508,9 @@ kvdot)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-01 afte
   L=$OUT/logs; mkdir -p $L
   timeout 120 $TP > $L/tp_bf16.log 2>&1
   for i in 1 2; do
-    timeout 120 $TP --quantization fp8 --kv-cache-dtype fp8 > $L/tp_fp8kv_bf16dot_$i.log 2>&1
+    # (float16 is the default since this ran: the bf16 upcast is the knob's "query" now)
+    JAXLLM_ATTENTION_KNOBS='{"fp8_kv_dot": "query"}' timeout 120 $TP --quantization fp8 \
+      --kv-cache-dtype fp8 > $L/tp_fp8kv_bf16dot_$i.log 2>&1
     JAXLLM_ATTENTION_KNOBS='{"fp8_kv_dot": "float16"}' timeout 120 $TP --quantization fp8 \
       --kv-cache-dtype fp8 \
       > $L/tp_fp8kv_f16dot_$i.log 2>&1
