@@ -258,24 +258,24 @@ def profile_prefill(args) -> int:
         for i in range(per_step):
             engine.add_request(f"p{time.perf_counter_ns()}-{i}", {"prompt_token_ids": rng.integers(
                 0, mc.vocab_size, ctx).tolist()}, params)
-        t = time.perf_counter()
-        engine.step()
-        return t, time.perf_counter()
+        engine.step()  # dispatches this step (async scheduling): the host does not wait
 
     for _ in range(3):
         prefill_step()
+    while engine.has_unfinished_requests():  # nothing in flight when the trace starts: the
+        engine.step()  # trace then holds exactly --steps forwards (the 2026-12-01 run had 4 in 3)
     log_dir = args.out_dir / f"prefill{n_tok}"
     log_dir.mkdir(parents=True, exist_ok=True)
     with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
-        windows = [prefill_step() for _ in range(args.steps)]
+        for _ in range(args.steps):
+            prefill_step()
         while engine.has_unfinished_requests():
             engine.step()
     trace = _newest_trace(log_dir)
     summ = summarize(trace, args.steps, args.top)
     row = dict(shape=args.shape, device=jax.devices()[0].device_kind, prefill_tokens=n_tok,
                context=ctx, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-               wall_profiled_ms=statistics.median(e - s for s, e in windows) * 1e3, **summ,
-               steps=args.steps)
+               **summ, steps=args.steps)
     print(f"prefill {n_tok} tokens ({per_step} x {ctx}): GPU busy {summ['gpu_busy_ms']:.2f} ms "
           f"a step, {summ['kernels_per_step']:.0f} GPU ops/step")
     for name, ms in summ["top"]:
