@@ -321,7 +321,8 @@ def bench_decode(rng, budget_s):
             ref = jax.block_until_ready(
                 ours_fn(prefill=False, decode_splits=1, decode_pages_per_block=8)(*arg_sets[0]))
         # First the kernel's own table entry (what the engine runs at this shape).
-        table = dict(decode_block_config(batch, -(-ctx // B), B), num_warps=4, num_stages=2)
+        table = dict(decode_block_config(batch, -(-ctx // B), B, fp8_pages=fp8), num_warps=4,
+                     num_stages=2)
         configs = [table]
         # Splits so that batch * KV heads * splits covers the 132 SMs about twice.
         auto = max(1, min(ctx // 256, math.ceil(264 / (batch * KH))))
@@ -773,14 +774,20 @@ def summarize():
 # The kernel's block-size table from a sweep's results
 # ---------------------------------------------------------------------------------------------
 
-def _usable(r, section):
+def _usable(r, section, kv_dtype=None):
     """A correct `pallas` row at the kernel's own num_warps / num_stages (4, 2): the table holds
     block sizes only, so rows that needed other warps / stages or decode_split_pages are
     reported, not tabled; so are the short-context-in-a-long-table rows (table_ctx), which are
-    not a shape class."""
+    not a shape class. ``kv_dtype`` "fp8": rows over e4m3 pages read the default way (float16;
+    the fp8 table), else rows over bf16 pages."""
     c = r.get("config") or {}
+    if kv_dtype == "fp8":
+        page_ok = (r.get("kv_dtype") == "fp8" and isinstance(c, dict)
+                   and c.get("fp8_kv_dot", "auto") in ("auto", "float16"))
+    else:
+        page_ok = "kv_dtype" not in r
     return (r.get("section") == section and r.get("impl") == "pallas" and r.get("ok") is True
-            and "time_us" in r and "table_ctx" not in r and "kv_dtype" not in r
+            and "time_us" in r and "table_ctx" not in r and page_ok
             and isinstance(c, dict)
             and c.get("num_warps", 4) == 4 and c.get("num_stages", 2) == 2
             and not c.get("decode_split_pages"))
@@ -801,8 +808,9 @@ def _shape_key(r: dict) -> tuple:
             r.get("M"), r.get("K"), r.get("N"))
 
 
-def table_from_results(*paths):
-    """(DECODE_TABLE, PREFILL_TABLE) of pallas_kernels/ragged_paged_attention.py from a sweep.
+def table_from_results(*paths, kv_dtype=None):
+    """(DECODE_TABLE, PREFILL_TABLE) of pallas_kernels/ragged_paged_attention.py from a sweep
+    (``kv_dtype="fp8"``: DECODE_TABLE_FP8 from the rows over e4m3 pages, and no prefill table).
 
     decode: (batch, ctx) -> (decode_pages_per_block, decode_splits) of the fastest row.
     prefill: (G, batch * q_len) -> (block_q, pages_per_block): the config fastest over all the
@@ -818,7 +826,7 @@ def table_from_results(*paths):
         rows = [r for r in rows if _shape_key(r) not in newer] + file_rows
     decode: dict[tuple[int, int], list[dict]] = {}
     for r in rows:
-        if _usable(r, "decode"):
+        if _usable(r, "decode", kv_dtype):
             decode.setdefault((r["batch"], r["ctx"]), []).append(r)
     dtable = {}
     for key, group in sorted(decode.items()):
@@ -826,7 +834,7 @@ def table_from_results(*paths):
         dtable[key] = (best["decode_pages_per_block"], best["decode_splits"])
     prefill: dict[tuple[int, int], dict[tuple[int, int], list[dict]]] = {}
     for r in rows:
-        if _usable(r, "prefill"):
+        if kv_dtype is None and _usable(r, "prefill"):
             G = r.get("heads", 32) // r.get("kv_heads", 8)
             shape_rows = prefill.setdefault((G, r["batch"] * r["q_len"]), {})
             shape_rows.setdefault((r["batch"], r["q_len"]), []).append(r)
@@ -842,27 +850,32 @@ def table_from_results(*paths):
     return dtable, ptable
 
 
-def print_table(paths):
-    dtable, ptable = table_from_results(*paths)
+def print_table(paths, kv_dtype=None):
+    dtable, ptable = table_from_results(*paths, kv_dtype=kv_dtype)
     print(f"# from {', '.join(map(str, paths))}")
-    print("DECODE_TABLE: dict[tuple[int, int], tuple[int, int]] = {")
+    name = "DECODE_TABLE_FP8" if kv_dtype == "fp8" else "DECODE_TABLE"
+    print(f"{name}: dict[tuple[int, int], tuple[int, int]] = {{")
     for k, v in dtable.items():
         print(f"    {k}: {v},")
     print("}")
-    print("PREFILL_TABLE: dict[tuple[int, int], tuple[int, int]] = {")
-    for k, v in ptable.items():
-        print(f"    {k}: {v},")
-    print("}")
+    if kv_dtype != "fp8":
+        print("PREFILL_TABLE: dict[tuple[int, int], tuple[int, int]] = {")
+        for k, v in ptable.items():
+            print(f"    {k}: {v},")
+        print("}")
     rows = [json.loads(line) for path in paths
             for line in Path(path).read_text().splitlines() if line.strip()]
     for sec in ("decode", "prefill"):
         for r in rows:
             c = r.get("config")
             if (r.get("section") == sec and r.get("impl") == "pallas" and r.get("ok")
-                    and isinstance(c, dict) and not _usable(r, sec)):
+                    and isinstance(c, dict) and (r.get("kv_dtype") == "fp8") == (kv_dtype == "fp8")
+                    and not _usable(r, sec, kv_dtype)):
                 shape = {k: r[k] for k in ("batch", "ctx", "table_ctx", "q_len") if k in r}
                 why = ("short context, long table" if "table_ctx" in r else
-                       "split by pages" if c.get("decode_split_pages") else "warps/stages")
+                       "split by pages" if c.get("decode_split_pages") else
+                       "pages not read as float16" if c.get("fp8_kv_dot", "auto") not in (
+                           "auto", "float16") else "warps/stages")
                 t = r.get("device_us", r.get("time_us_loop", r["time_us"]))
                 print(f"# not tabled ({why}): {sec} {shape} {c} {t:.1f} us")
 
@@ -974,7 +987,8 @@ def main():
     ap.add_argument("--loop-reps", type=int, default=8,
                     help="calls per jitted program for time_us_loop (0: skip)")
     ap.add_argument("--print-table", metavar="RESULTS_JSONL", nargs="+",
-                    help="print the kernel's block-size table derived from sweep results, exit")
+                    help="print the kernel's block-size table derived from sweep results, exit "
+                         "(with --kv-dtype fp8: the table over fp8 pages)")
     ap.add_argument("--peak-bw", type=float, default=None,
                     help="bytes/s for pct_bw (default: 4.3e12 on an H200, else 3.1e12)")
     ap.add_argument("--device-time", action="store_true",
@@ -990,7 +1004,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     args = ap.parse_args()
     if args.print_table:
-        print_table(args.print_table)
+        print_table(args.print_table, "fp8" if args.kv_dtype == "fp8" else None)
         return
     LOOP_REPS = args.loop_reps
     DEVICE_TIME = args.device_time

@@ -466,6 +466,21 @@ KERNEL_TABLE_SOURCE = ("benchmarks/results/kernels-h100-2026-11-23.jsonl",
                        "benchmarks/results/kernels-decode-h200-2026-12-01-noon.jsonl",
                        "benchmarks/results/kernels-decode-h200-2026-12-01-afternoon.jsonl")
 
+# Over an fp8 cache (e4m3 pages read as float16, the default ``fp8_kv_dot``) the shapes its
+# sweep measured take their own entries, the rest DECODE_TABLE's. Source, derived the same way
+# (``kernels.py --print-table --kv-dtype fp8 <files>``): H200, 2026-12-01 evening, GPU time,
+# rows of kv_dtype fp8 and fp8_kv_dot float16. Half the bytes a page: one split beats the bf16
+# table's two at 1024 x 640 (600 -> 528 us) and 256 x 4k (800 -> 777), and 8 pages a block
+# beat 4 at 64 x 4k (310 -> 198).
+KERNEL_TABLE_FP8_SOURCE = ("benchmarks/results/kernels-decode-fp8-h200-2026-12-01-evening.jsonl",)
+
+DECODE_TABLE_FP8: dict[tuple[int, int], tuple[int, int]] = {
+    (64, 4096): (8, 1),
+    (256, 512): (8, 1),
+    (256, 4096): (8, 1),
+    (1024, 640): (8, 1),
+}
+
 # (batch class, context class in tokens) -> (decode_pages_per_block, decode_splits)
 DECODE_TABLE: dict[tuple[int, int], tuple[int, int]] = {
     (1, 512): (8, 4),
@@ -505,16 +520,19 @@ def _class_of(value: int, classes) -> int:
     return next((c for c in classes if c >= value), classes[-1])
 
 
-def decode_block_config(num_seq_slots: int, max_pages: int, page_size: int) -> dict:
+def decode_block_config(num_seq_slots: int, max_pages: int, page_size: int,
+                        fp8_pages: bool = False) -> dict:
     """Table entry of a decode launch: {'decode_pages_per_block', 'decode_splits'}.
 
-    num_seq_slots: S (page_table.shape[0]); max_pages: M (page_table.shape[1])."""
+    num_seq_slots: S (page_table.shape[0]); max_pages: M (page_table.shape[1]); fp8_pages: an
+    fp8 cache (DECODE_TABLE_FP8's entries over DECODE_TABLE's)."""
     S, M, B = num_seq_slots, max_pages, page_size
-    s_cls = _class_of(S, [s for s, _ in DECODE_TABLE])
+    table = {**DECODE_TABLE, **DECODE_TABLE_FP8} if fp8_pages else DECODE_TABLE
+    s_cls = _class_of(S, [s for s, _ in table])
     # A batch class the sweep did not measure at every context: its nearest measured context.
-    ctxs = [c for s, c in DECODE_TABLE if s == s_cls]
+    ctxs = [c for s, c in table if s == s_cls]
     ctx_cls = _class_of(M * B, ctxs)
-    ppb, splits = DECODE_TABLE[(s_cls, ctx_cls)]
+    ppb, splits = table[(s_cls, ctx_cls)]
     splits = max(1, min(splits, -(-M // ppb)))
     return dict(decode_pages_per_block=ppb, decode_splits=splits)
 
@@ -560,8 +578,8 @@ def ragged_paged_attention(
     Kernel knobs (all static): ``block_q`` new tokens per prefill program, ``pages_per_block``
     pages per K/V step of the prefill launch, ``decode_pages_per_block`` / ``decode_splits`` the
     same and the flash-decoding split count of the decode launch. Each one left None comes from
-    the measured tables above (``decode_block_config`` by S and M, ``prefill_block_config`` by T
-    and G); a value passed overrides its table entry alone. ``decode_split_pages`` splits the
+    the measured tables above (``decode_block_config`` by S, M and the page dtype,
+    ``prefill_block_config`` by T and G); a value passed overrides its table entry alone. ``decode_split_pages`` splits the
     decode context by pages instead of by key blocks of ``decode_pages_per_block`` pages
     (for short contexts under a long context class, see DESIGN_NOTES; no faster in the
     H200 sweeps of 2026-12-01, kernel or engine).
@@ -628,7 +646,7 @@ def ragged_paged_attention(
         if k_new.dtype != k_pages.dtype or v_new.dtype != v_pages.dtype:
             raise ValueError(f"new_kv k/v must be in the cache dtype {k_pages.dtype}, got "
                              f"{k_new.dtype} and {v_new.dtype}")
-    dcfg = decode_block_config(S, M, B)
+    dcfg = decode_block_config(S, M, B, fp8_pages=k_pages.dtype == jnp.float8_e4m3fn)
     pcfg = prefill_block_config(T, H, K)
     block_q = pcfg["block_q"] if block_q is None else block_q
     pages_per_block = pcfg["pages_per_block"] if pages_per_block is None else pages_per_block

@@ -33,6 +33,8 @@ from pallas_kernels.fp8_matmul import (
 )
 from pallas_kernels.ragged_paged_attention import (
     DECODE_TABLE,
+    DECODE_TABLE_FP8,
+    KERNEL_TABLE_FP8_SOURCE,
     KERNEL_TABLE_SOURCE,
     PREFILL_TABLE,
     decode_block_config,
@@ -337,13 +339,35 @@ def test_block_table_is_the_one_its_sweep_file_derives():
     decode, prefill = bench.table_from_results(*(REPO / f for f in KERNEL_TABLE_SOURCE))
     assert decode == DECODE_TABLE
     assert prefill == PREFILL_TABLE
+    # The fp8 pages' table: their sweep's rows read the default way (float16), and only those.
+    decode, prefill = bench.table_from_results(*(REPO / f for f in KERNEL_TABLE_FP8_SOURCE),
+                                               kv_dtype="fp8")
+    assert decode == DECODE_TABLE_FP8 and prefill == {}
 
 
-def _launch_names(S, M, B=16, T=8, H=8, K=2, D=32, suffixes=False, **knobs):
+def test_fp8_pages_take_their_own_decode_entries_over_the_bf16_table():
+    def dec(S, M, fp8):
+        c = decode_block_config(S, M, 16, fp8_pages=fp8)
+        return c["decode_pages_per_block"], c["decode_splits"]
+
+    assert dec(64, 4096 // 16, True) == (8, 1) and dec(64, 4096 // 16, False) == (4, 1)
+    assert dec(256, 4096 // 16, True) == (8, 1) and dec(256, 4096 // 16, False) == (8, 2)
+    # The offline workload's decode steps: 1024 slots, 41 pages (max_model_len 648).
+    assert dec(1024, 41, True) == (8, 1) and dec(1024, 41, False) == (8, 2)
+    # Shapes the fp8 sweep did not measure keep the bf16 entries.
+    assert dec(8, 4096 // 16, True) == dec(8, 4096 // 16, False) == (8, 5)
+    assert dec(1, 32768 // 16, True) == (8, 33)
+    # The kernel over e4m3 pages traces with the fp8 entry.
+    assert _launch_names(12, 256, T=16, prefill=False) == {"ragged_paged_attention_bq1_ppb4_ns1"}
+    assert _launch_names(12, 256, T=16, prefill=False, dtype=jnp.float8_e4m3fn) == {
+        "ragged_paged_attention_bq1_ppb8_ns1"}
+
+
+def _launch_names(S, M, B=16, T=8, H=8, K=2, D=32, suffixes=False, dtype=jnp.float32, **knobs):
     """The pallas_call names (block_q, pages per block, splits; with ``suffixes`` also the
-    variant flags such as ``_mt``) a call traces to."""
+    variant flags such as ``_mt``) a call traces to (``dtype``: the pages')."""
     P = 4
-    args = (jnp.zeros((T, H, D)), jnp.zeros((P, B, K, D)), jnp.zeros((P, B, K, D)),
+    args = (jnp.zeros((T, H, D)), jnp.zeros((P, B, K, D), dtype), jnp.zeros((P, B, K, D), dtype),
             jnp.zeros(S, jnp.int32), jnp.zeros((S, M), jnp.int32), jnp.zeros(S + 1, jnp.int32),
             jnp.zeros(1, jnp.int32))
     f = functools.partial(ragged_paged_attention, sm_scale=1.0, interpret=True, **knobs)
