@@ -23,8 +23,10 @@ step reads them as two stride-2 gathers. So the engine runs it only when asked f
 (``JAXLLM_FP8_FUSED_SWIGLU=1``, ``jaxllm.models.fp8.fp8_swiglu_mlp``). Loading contiguous
 [rows, 2 x chunk] tiles and splitting them in registers is the next thing to try.
 
-``silu_mul_quant_reference`` is the plain-jnp contract (float32 math); the kernel matches it to
-e4m3 rounding (a different float32 summation order can move a value across a rounding edge).
+``silu_mul_quant_reference`` is the plain-jnp contract (float32 math, elementwise but for the
+row max); the kernel computes the same values (on the H200: no e4m3 value differed at 16384 and
+1024 rows), and the tests allow a value in a hundred one e4m3 step apart, for a compiler's
+different fusing of the float32 multiplies.
 """
 
 from __future__ import annotations
@@ -36,8 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-FP8 = jnp.float8_e4m3fn
-E4M3_MAX = float(jnp.finfo(FP8).max)  # 448
+from pallas_kernels.fp8_matmul import E4M3_MAX, FP8
 
 
 def _swiglu(acc_g, acc_u, xs, ws_g, ws_u):
