@@ -84,3 +84,49 @@ def test_reference_matches_naive_attention_on_ragged_batches_with_shuffled_pages
         q, kp, vp, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,
         sm_scale=D ** -0.5, sliding_window=window, soft_cap=soft_cap, token_block=8)
     np.testing.assert_allclose(np.asarray(blocked), out, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn])
+def test_kv_write_with_the_real_token_count_promises_unique_slots_and_drops_padding(
+        cache_dtype, monkeypatch):
+    """write_kv(num_tokens=n): the real tokens land in their slots exactly as without it,
+    padding tokens (all aimed at the scratch page's slot 0 by the runner) write nothing, and
+    the scatter promises unique indices (XLA then stores instead of atomic read-modify-writes);
+    JAXLLM_KV_WRITE_UNIQUE=0 keeps the plain scatter, and a bad value is refused."""
+    import jax
+
+    from jaxllm.models.attention import KV_WRITE_UNIQUE_ENV
+
+    P, B, K, D, T, n = 6, 4, 2, 8, 10, 5
+    rng = np.random.default_rng(1)
+    pages = jnp.asarray(rng.normal(size=(P, B, K, D)), cache_dtype)  # old contents everywhere
+    k = jnp.asarray(rng.normal(size=(T, K, D)), jnp.float32)
+    v = -k
+    slots = jnp.asarray([13, 5, 22, 6, 12] + [0] * (T - n), jnp.int32)  # shuffled; padding -> 0
+
+    def write(**kw):
+        kp, vp = write_kv(pages, pages, k, v, slots, **kw)
+        return np.asarray(kp, np.float32).reshape(P * B, K, D), \
+            np.asarray(vp, np.float32).reshape(P * B, K, D)
+
+    plain_k, plain_v = write()
+    kp, vp = write(num_tokens=jnp.array([n], jnp.int32))
+    old = np.asarray(pages, np.float32).reshape(P * B, K, D)
+    real = np.asarray(slots[:n])
+    np.testing.assert_array_equal(kp[real], plain_k[real])
+    np.testing.assert_array_equal(vp[real], plain_v[real])
+    np.testing.assert_array_equal(kp[real], np.asarray(k[:n].astype(cache_dtype), np.float32))
+    untouched = np.setdiff1d(np.arange(P * B), real)
+    np.testing.assert_array_equal(kp[untouched], old[untouched])  # slot 0 too: padding dropped
+    assert not np.array_equal(plain_k[0], old[0])  # the plain scatter did write padding there
+
+    def jaxpr():
+        return str(jax.make_jaxpr(lambda s, n: write_kv(pages, pages, k, v, s, num_tokens=n))(
+            slots, jnp.array([n], jnp.int32)))
+
+    assert jaxpr().count("unique_indices=True") == 2
+    monkeypatch.setenv(KV_WRITE_UNIQUE_ENV, "0")
+    assert "unique_indices=True" not in jaxpr()
+    monkeypatch.setenv(KV_WRITE_UNIQUE_ENV, "yes")
+    with pytest.raises(ValueError, match=KV_WRITE_UNIQUE_ENV):
+        jaxpr()

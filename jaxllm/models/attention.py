@@ -172,22 +172,57 @@ def _per_head_shard(fn, num_page_args: int, num_token_args: int, returns_tokens:
     return wrapped
 
 
+# XLA's GPU scatter writes each element of an overwrite scatter with an atomic read-modify-
+# write unless its indices are promised unique (then a plain store; XLA's emitter tests
+# scatter/overwrite.hlo and scatter/unique_indices.hlo). On 16- and 8-bit K/V that is a
+# compare-and-swap loop per value: the H200 profile of a 16384-token fp8 prefill step shows the
+# K/V writes at ~230 GB/s, 9 ms of 237 (benchmarks/RESULTS.md, "Rerun of 2026-12-01 (evening)").
+# With the step's real token count, write_kv moves the padding tokens' slots (all the scratch
+# page's one slot) out of range, distinct, so the scatter drops them and can promise unique
+# indices. JAXLLM_KV_WRITE_UNIQUE=0 turns that off (an A/B switch; read at trace time).
+KV_WRITE_UNIQUE_ENV = "JAXLLM_KV_WRITE_UNIQUE"
+
+
+def _kv_write_unique() -> bool:
+    raw = os.environ.get(KV_WRITE_UNIQUE_ENV, "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"{KV_WRITE_UNIQUE_ENV} must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
 def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
-             slot_mapping: jax.Array, k_scale: float = 1.0, v_scale: float = 1.0
-             ) -> tuple[jax.Array, jax.Array]:
+             slot_mapping: jax.Array, k_scale: float = 1.0, v_scale: float = 1.0,
+             num_tokens: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Scatters new k/v [T, K, D] into the pages at ``slot_mapping`` (in place when donated).
-    An fp8 cache stores k / k_scale and v / v_scale, clipped to the e4m3 range."""
-    def write(k_pages, v_pages, k, v, slot_mapping):
-        return _write_kv(k_pages, v_pages, k, v, slot_mapping, k_scale, v_scale)
-    return _per_head_shard(write, 2, 2, False)(k_pages, v_pages, k, v, slot_mapping)
+    An fp8 cache stores k / k_scale and v / v_scale, clipped to the e4m3 range.
+
+    ``num_tokens`` ([] or [1] int32): the real tokens, the first ones; tokens past them are
+    padding and write nothing. Given, the scatter promises unique indices (the real tokens'
+    slots are distinct, as the scheduler allocates them), which XLA writes with plain stores
+    instead of atomics."""
+    if num_tokens is None or not _kv_write_unique():
+        def write(k_pages, v_pages, k, v, slot_mapping):
+            return _write_kv(k_pages, v_pages, k, v, slot_mapping, k_scale, v_scale)
+        return _per_head_shard(write, 2, 2, False)(k_pages, v_pages, k, v, slot_mapping)
+
+    def write_unique(k_pages, v_pages, k, v, slot_mapping, num_tokens):
+        P, B = k_pages.shape[:2]
+        t = jnp.arange(slot_mapping.shape[0], dtype=jnp.int32)
+        slots = jnp.where(t < jnp.reshape(num_tokens, ()), slot_mapping, P * B + t)
+        return _write_kv(k_pages, v_pages, k, v, slots, k_scale, v_scale, unique=True)
+    return _per_head_shard(write_unique, 2, 2, False)(k_pages, v_pages, k, v, slot_mapping,
+                                                      num_tokens)
 
 
 def _write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
-              slot_mapping: jax.Array, k_scale: float, v_scale: float
+              slot_mapping: jax.Array, k_scale: float, v_scale: float, unique: bool = False
               ) -> tuple[jax.Array, jax.Array]:
     P, B, K, D = k_pages.shape
-    k_flat = k_pages.reshape(P * B, K, D).at[slot_mapping].set(_to_cache(k, k_pages.dtype, k_scale))
-    v_flat = v_pages.reshape(P * B, K, D).at[slot_mapping].set(_to_cache(v, v_pages.dtype, v_scale))
+    kw = dict(unique_indices=True, mode="drop") if unique else {}
+    k_flat = k_pages.reshape(P * B, K, D).at[slot_mapping].set(
+        _to_cache(k, k_pages.dtype, k_scale), **kw)
+    v_flat = v_pages.reshape(P * B, K, D).at[slot_mapping].set(
+        _to_cache(v, v_pages.dtype, v_scale), **kw)
     return k_flat.reshape(P, B, K, D), v_flat.reshape(P, B, K, D)
 
 
@@ -203,7 +238,8 @@ def write_kv_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.A
     new K/V itself (``new_kv``): no scatter kernels. The result is the same either way."""
     knobs = dict(attention_kernel_knobs()) if backend == "pallas" else {}
     if not (knobs.get(_FUSED_KV_WRITE) and md.decode_only):
-        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, md.slot_mapping, k_scale, v_scale)
+        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, md.slot_mapping, k_scale, v_scale,
+                                    num_tokens=md.query_start_loc[jnp.reshape(md.num_seqs, ())])
         out = paged_attention(q, k_pages, v_pages, md, sm_scale=sm_scale,
                               sliding_window=sliding_window, soft_cap=soft_cap, backend=backend,
                               k_scale=k_scale, v_scale=v_scale)
