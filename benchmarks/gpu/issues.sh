@@ -60,6 +60,8 @@
 #                                          fp8 pages upcast to float16 vs to bf16, interleaved
 #   bash benchmarks/gpu/issues.sh prefillprof  (one GPU) GPU time by op group of the fp8 / bf16
 #                                          16384-token prefill step and the fp8 decode step
+#   bash benchmarks/gpu/issues.sh kvwrite  (one GPU) throughput with the unique-slot K/V scatter
+#                                          against the atomic one, and the fp8 prefill profile
 #   bash benchmarks/gpu/issues.sh swiglu   (one GPU) the fp8 MLP's fused SwiGLU + quantization
 #                                          kernel, then fp8 throughput with and without it
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -463,6 +465,21 @@ fp8kv)  # nvidia-h200 (one GPU), one call (issue 6): the fp8 KV cache made the f
   timeout $((T - SECONDS - 10)) $P --out-dir /tmp/pb --kv-cache-dtype fp8 > $L/prof_fp8kv.log 2>&1
   for f in $L/decode_*.log; do echo "== $f"; sed -n '/best per shape/,$p' $f | head -14; done
   for f in $L/prof_*.log; do echo "== $f"; grep -h "^batch\|^    " $f | head -12; done
+  show_logs 3 ;;
+kvwrite)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-01 evening (issues 6,
+  # 9): the K/V writes as a scatter with unique indices (the default since; XLA stores instead
+  # of an atomic read-modify-write per value) against JAXLLM_KV_WRITE_UNIQUE=0, in fp8 + fp8 KV
+  # and bf16 throughput (interleaved), then the fp8 prefill step's profile with it.
+  L=$OUT/logs; mkdir -p $L
+  timeout 100 $TP --quantization fp8 --kv-cache-dtype fp8 > $L/tp_fp8kv_unique.log 2>&1
+  JAXLLM_KV_WRITE_UNIQUE=0 timeout 100 $TP --quantization fp8 --kv-cache-dtype fp8 \
+    > $L/tp_fp8kv_atomic.log 2>&1
+  timeout 100 $TP > $L/tp_bf16_unique.log 2>&1
+  JAXLLM_KV_WRITE_UNIQUE=0 timeout 100 $TP > $L/tp_bf16_atomic.log 2>&1
+  for f in $L/tp_*.log; do echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"; done
+  timeout 100 python3 benchmarks/profile_step.py --out-dir /tmp/prof --top 16 --out $OUT/prof.jsonl \
+    --prefill-tokens 16384 --context 512 --steps 3 --quantization fp8 > $L/prefill_fp8.log 2>&1
+  grep -A17 "^prefill " $L/prefill_fp8.log | cut -c1-150
   show_logs 3 ;;
 swiglu)  # nvidia-h200 (one GPU), one call (issue 6): the fp8 MLP's fused SwiGLU + quantization
   # kernel (pallas_kernels/silu_mul_quant.py): correct and timed against XLA on the GPU, then
