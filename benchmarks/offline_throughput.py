@@ -112,6 +112,7 @@ def engine_generate(engine, prompts: list[list[int]], max_tokens,
     pending: list[str] = []  # kinds of the dispatched steps not read yet, oldest first
     if phases is not None:
         dispatch = engine._dispatch
+        own = "_dispatch" in vars(engine)  # an instance attribute already (else the class's)
 
         def recording_dispatch(sched):
             mixed = any(s.num_new_tokens > 1 for s in sched.scheduled)
@@ -136,7 +137,10 @@ def engine_generate(engine, prompts: list[list[int]], max_tokens,
             t_step = now
     finally:
         if phases is not None:
-            del engine._dispatch  # the instance attribute: back to the class's method
+            if own:
+                engine._dispatch = dispatch
+            else:
+                del engine._dispatch  # back to the class's method
     return time.perf_counter() - t, n_out
 
 

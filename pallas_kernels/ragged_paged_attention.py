@@ -156,8 +156,8 @@ def _next_pow2(n: int) -> int:
 # (1,000 x 512/128; RESULTS, "Rerun of 2026-12-01 (evening)"): the default since, for a 16-bit
 # q; a float32 q (float32 models, the CPU tests) keeps float32 dots ("query"): the default
 # "auto" picks between the two. Measured and dropped the same evening (RESULTS): float16 built
-# with integer ops instead of the cvt (26-48% slower than the cvt), and fp8 dots with q and the
-# probabilities rounded to e4m3 as FlashAttention-3 does (0-5% faster than float16, 10x the
+# with integer ops instead of the cvt (12-70% slower than the cvt), and fp8 dots with q and the
+# probabilities rounded to e4m3 as FlashAttention-3 does (3-6% faster than float16, 10x the
 # error, engine throughput no higher).
 FP8_KV_DOT_CHOICES = ("query", "float16")
 FP8_KV_DOT_DEFAULT = "auto"

@@ -888,3 +888,44 @@ def test_fused_kv_write_knob_serves_the_same_greedy_tokens_and_keeps_the_cache_r
     got = tokens()
     assert fused_traces, "the decode-only steps did not take the fused path"
     assert got == want
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_throughput_benchmark_splits_the_run_by_step_kind(small_llm, async_scheduling):
+    """benchmarks/offline_throughput.engine_generate(phases=...) counts every dispatched step
+    once, as "mixed" (a prompt chunk) or "decode", its seconds adding up to the run's, with
+    async and synchronous steps, and leaves the engine's dispatch as it was."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("offline_throughput",
+                                                      bench_dir / "offline_throughput.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench_dir))
+    engine = small_llm.llm_engine
+    saved = engine.async_scheduling
+    engine.async_scheduling = async_scheduling
+    dispatched = []
+    real_dispatch = engine._dispatch
+    try:
+        engine._dispatch = lambda sched: dispatched.append(sched) or real_dispatch(sched)
+        rng = np.random.default_rng(5 + async_scheduling)  # fresh prompts: no prefix hits
+        prompts = [rng.integers(0, 1000, size=30).tolist() for _ in range(4)]
+        phases: dict = {}
+        secs, n_out = mod.engine_generate(engine, prompts, 5, phases=phases)
+        assert engine._dispatch.__name__ == "<lambda>"  # restored to what it was
+    finally:
+        del engine._dispatch
+        engine.async_scheduling = saved
+    assert n_out == 20
+    kinds = ["mixed" if any(s.num_new_tokens > 1 for s in d.scheduled) else "decode"
+             for d in dispatched]
+    assert phases["mixed_steps"] == kinds.count("mixed") >= 4  # 120 prompt tokens, 32 a step
+    assert phases["decode_steps"] == kinds.count("decode") >= 4
+    assert 0 < phases["mixed_s"] + phases["decode_s"] <= secs + 1e-6

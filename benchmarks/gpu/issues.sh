@@ -59,7 +59,7 @@
 #   bash benchmarks/gpu/issues.sh kvdot    (one GPU) fp8 + fp8 KV throughput at the defaults with
 #                                          fp8 pages upcast to float16 vs to bf16, interleaved
 #   bash benchmarks/gpu/issues.sh prefillprof  (one GPU) GPU time by op group of the fp8 / bf16
-#                                          16384-token prefill step and the fp8 decode step
+#                                          16384-token prefill step
 #   bash benchmarks/gpu/issues.sh kvwrite  (one GPU) throughput with the unique-slot K/V scatter
 #                                          against the atomic one, and the fp8 prefill profile
 #   bash benchmarks/gpu/issues.sh swiglu   (one GPU) the fp8 MLP's fused SwiGLU + quantization
@@ -483,22 +483,23 @@ kvwrite)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-01 ev
   show_logs 3 ;;
 swiglu)  # nvidia-h200 (one GPU), one call (issue 6): the fp8 MLP's fused SwiGLU + quantization
   # kernel (pallas_kernels/silu_mul_quant.py): correct and timed against XLA on the GPU, then
-  # fp8 throughput with it (the GPU default) and without (JAXLLM_FP8_FUSED_SWIGLU=0),
-  # interleaved, and with a bf16 gate/up GEMM output (half the bytes the kernel reads); then
-  # the fp8 prefill step's profile with it.
+  # fp8 throughput with it (JAXLLM_FP8_FUSED_SWIGLU=1; it was the GPU default when this ran,
+  # off since) and without, interleaved, and with a bf16 gate/up GEMM output (half the bytes
+  # the kernel reads); then the fp8 prefill step's profile with it.
   L=$OUT/logs; mkdir -p $L
   timeout 60 python3 benchmarks/gpu/swiglu_quant.py 2>&1 | tee $L/swiglu_kernel.log | tail -6
-  timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused_1.log 2>&1
-  JAXLLM_FP8_FUSED_SWIGLU=0 timeout 100 $TP --quantization fp8 > $L/tp_fp8_unfused.log 2>&1
-  timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused_2.log 2>&1
-  JAXLLM_FP8_GEMM_OUT=model timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused_bf16out.log 2>&1
+  ON="env JAXLLM_FP8_FUSED_SWIGLU=1"
+  $ON timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused_1.log 2>&1
+  timeout 100 $TP --quantization fp8 > $L/tp_fp8_unfused.log 2>&1
+  $ON timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused_2.log 2>&1
+  $ON JAXLLM_FP8_GEMM_OUT=model timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused_bf16out.log 2>&1
   for f in $L/tp_*.log; do echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"; done
-  timeout 100 python3 benchmarks/profile_step.py --out-dir /tmp/prof --top 16 --out $OUT/prof.jsonl \
+  $ON timeout 100 python3 benchmarks/profile_step.py --out-dir /tmp/prof --top 16 --out $OUT/prof.jsonl \
     --prefill-tokens 16384 --context 512 --steps 3 --quantization fp8 > $L/prefill_fp8.log 2>&1
   grep -A17 "^prefill " $L/prefill_fp8.log | cut -c1-150
   show_logs 3 ;;
 swiglu2)  # the same kernel's tiles (swiglu found 2048 channels x 4 warps 12x slower than XLA),
-  # then fp8 throughput with it on at the new default tile
+  # then fp8 throughput with it on at the default tile (512 channels when this ran; 256 since)
   L=$OUT/logs; mkdir -p $L
   timeout 90 python3 benchmarks/gpu/swiglu_quant.py 2>&1 | tee $L/swiglu_kernel.log | tail -21
   JAXLLM_FP8_FUSED_SWIGLU=1 timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused.log 2>&1
@@ -507,14 +508,14 @@ swiglu2)  # the same kernel's tiles (swiglu found 2048 channels x 4 warps 12x sl
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
   # bf16's 17.9): profile a 16384-token prefill step (32 prompts x 512) in fp8 and bf16, op
-  # group by op group; then fp8's decode step at the workload's batch (1024 x 576, fp8 KV).
+  # group by op group. (The first run also profiled a "1024 x 576" decode step; with its
+  # 2048-token step budget the engine never had 1024 sequences in decode at once, so that
+  # part is gone.)
   L=$OUT/logs; mkdir -p $L
   PS="python3 benchmarks/profile_step.py --out-dir /tmp/prof --top 25 --out $OUT/prof.jsonl"
   timeout 150 $PS --prefill-tokens 16384 --context 512 --steps 3 --quantization fp8 \
     > $L/prefill_fp8.log 2>&1
   timeout 120 $PS --prefill-tokens 16384 --context 512 --steps 3 > $L/prefill_bf16.log 2>&1
-  timeout 200 $PS --batch 1024 --context 576 --steps 5 --quantization fp8 --kv-cache-dtype fp8 \
-    > $L/decode_fp8.log 2>&1
   for f in $L/*.log; do echo "== $f"; grep -A26 "^prefill \|^batch " $f | cut -c1-160; done
   show_logs 3 ;;
 kvdot)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-01 afternoon (issue 6):

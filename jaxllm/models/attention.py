@@ -197,9 +197,10 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
     An fp8 cache stores k / k_scale and v / v_scale, clipped to the e4m3 range.
 
     ``num_tokens`` ([] or [1] int32): the real tokens, the first ones; tokens past them are
-    padding and write nothing. Given, the scatter promises unique indices (the real tokens'
-    slots are distinct, as the scheduler allocates them), which XLA writes with plain stores
-    instead of atomics."""
+    padding and write nothing. Given, the scatter promises unique indices, which XLA writes with
+    plain stores instead of atomics: the real tokens' slots are distinct (every computed token
+    gets its own slot; a cached prefix page is never recomputed, a fully cached prompt
+    recomputes its last page into a fresh one)."""
     if num_tokens is None or not _kv_write_unique():
         def write(k_pages, v_pages, k, v, slot_mapping):
             return _write_kv(k_pages, v_pages, k, v, slot_mapping, k_scale, v_scale)
