@@ -122,6 +122,7 @@ LOOP_REPS = 8
 DEVICE_TIME = False  # --device-time: GPU time per call from a profiler trace
 KV_DTYPE = "bf16"  # --kv-dtype: the decode section's page dtype
 FP8_KV_DOT = ("auto",)  # --fp8-kv-dot: the kernel's fp8_kv_dot choices over fp8 pages
+DECODE_VARIANTS = "all"  # --decode-variants: "hp" keeps the table entry and the hp configs
 
 
 def emit(rec: dict) -> None:
@@ -339,6 +340,20 @@ def bench_decode(rng, budget_s):
             # The pipeline: no software pipelining (the conversion may then happen before the
             # tile reaches shared memory), a deeper one, and twice the warps for the conversion.
             configs += [dict(t, num_stages=1), dict(t, num_stages=3), dict(t, num_warps=8)]
+        # Several KV heads a program (the kernel's decode_heads_per_program): rows of hp * G
+        # query heads (G = 4 pads to the tensor-core minimum of 16 rows alone), one softmax
+        # over them, K/V tiles hp heads wide; fewer pages a block keep the tile's bytes.
+        t = configs[0]
+        for hp in (2, 4):
+            if KH % hp:
+                continue
+            for ppb in sorted({t["decode_pages_per_block"], max(1, t["decode_pages_per_block"] // 2),
+                               max(1, t["decode_pages_per_block"] // hp)}, reverse=True):
+                configs.append(dict(decode_pages_per_block=ppb, decode_splits=t["decode_splits"],
+                                    num_warps=4, decode_heads_per_program=hp))
+            configs.append(dict(decode_pages_per_block=max(1, t["decode_pages_per_block"] // hp),
+                                decode_splits=t["decode_splits"], num_warps=8,
+                                decode_heads_per_program=hp))
         if batch == 8 and ctx >= 4096:
             # The batch-8 weak spot (54% of bandwidth at 4k): 64 (sequence, KV head) pairs
             # leave 132 SMs to the split count alone. Finer key blocks with more splits (more,
@@ -355,6 +370,9 @@ def bench_decode(rng, budget_s):
             for ppb, ns in [(8, 5), (8, 8), (16, 8), (16, 16)]:
                 configs.append(dict(decode_pages_per_block=ppb, decode_splits=ns, num_warps=4,
                                     decode_split_pages=True))
+        if DECODE_VARIANTS == "hp":
+            configs = configs[:1] + [c for c in configs
+                                     if c.get("decode_heads_per_program", 1) > 1]
         configs = [dict(c, num_stages=c.get("num_stages", 2)) for c in configs]
         if fp8:  # how the kernel's dots read the pages (fp8_kv_dot): every config x choice
             configs = [dict(c, fp8_kv_dot=dot) for c in configs for dot in FP8_KV_DOT]
@@ -812,7 +830,8 @@ def table_from_results(*paths, kv_dtype=None):
     """(DECODE_TABLE, PREFILL_TABLE) of pallas_kernels/ragged_paged_attention.py from a sweep
     (``kv_dtype="fp8"``: DECODE_TABLE_FP8 from the rows over e4m3 pages, and no prefill table).
 
-    decode: (batch, ctx) -> (decode_pages_per_block, decode_splits) of the fastest row.
+    decode: (batch, ctx) -> (decode_pages_per_block, decode_splits) of the fastest row, and its
+    decode_heads_per_program third where that is not 1.
     prefill: (G, batch * q_len) -> (block_q, pages_per_block): the config fastest over all the
     shapes of that key (sum of times relative to each shape's best, among the configs measured
     on the most shapes). Several files, oldest first: a shape a later file measured takes that
@@ -832,6 +851,8 @@ def table_from_results(*paths, kv_dtype=None):
     for key, group in sorted(decode.items()):
         best = min(group, key=lambda r: _time(r, group))["config"]
         dtable[key] = (best["decode_pages_per_block"], best["decode_splits"])
+        if best.get("decode_heads_per_program", 1) != 1:
+            dtable[key] += (best["decode_heads_per_program"],)
     prefill: dict[tuple[int, int], dict[tuple[int, int], list[dict]]] = {}
     for r in rows:
         if kv_dtype is None and _usable(r, "prefill"):
@@ -854,7 +875,7 @@ def print_table(paths, kv_dtype=None):
     dtable, ptable = table_from_results(*paths, kv_dtype=kv_dtype)
     print(f"# from {', '.join(map(str, paths))}")
     name = "DECODE_TABLE_FP8" if kv_dtype == "fp8" else "DECODE_TABLE"
-    print(f"{name}: dict[tuple[int, int], tuple[int, int]] = {{")
+    print(f"{name}: dict[tuple[int, int], tuple[int, ...]] = {{")
     for k, v in dtable.items():
         print(f"    {k}: {v},")
     print("}")
@@ -973,6 +994,7 @@ def bench_backends(rng):
 
 def main():
     global OUT, LOOP_REPS, PEAK_BW, DEVICE_TIME, DECODE_SHAPES, KV_DTYPE, FP8_KV_DOT
+    global DECODE_VARIANTS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
     ap.add_argument("--sections", "--only", dest="sections", default="decode,lm_head,gemm,prefill,mixed",
@@ -1000,6 +1022,9 @@ def main():
     ap.add_argument("--fp8-kv-dot", default="auto",
                     help="with --kv-dtype fp8: the kernel's fp8_kv_dot, or several "
                          "comma-separated (each config runs with each); 'all': every choice")
+    ap.add_argument("--decode-variants", default="all", choices=["all", "hp"],
+                    help="decode configs: all, or hp (the table entry and the several-KV-heads-"
+                         "a-program configs alone)")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     args = ap.parse_args()
@@ -1009,6 +1034,7 @@ def main():
     LOOP_REPS = args.loop_reps
     DEVICE_TIME = args.device_time
     KV_DTYPE = args.kv_dtype
+    DECODE_VARIANTS = args.decode_variants
     from pallas_kernels.ragged_paged_attention import FP8_KV_DOT_CHOICES
     FP8_KV_DOT = (FP8_KV_DOT_CHOICES if args.fp8_kv_dot == "all"
                   else tuple(args.fp8_kv_dot.split(",")))

@@ -173,7 +173,8 @@ def _fp8_kv_dot_for(choice: str, q_dtype) -> str:
 def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                  page_size, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap,
                  dummy_row, out_by_block, split_pages, masked_tail_only=False, kv_write=False,
-                 num_tokens=0, exact_rows=False, seq_is_block=False, fp8_kv_dot=None):
+                 num_tokens=0, exact_rows=False, seq_is_block=False, fp8_kv_dot=None,
+                 heads_per_program=1):
     # Inputs: blk_seq [nb] (left out with seq_is_block: block b is sequence slot b, as in the
     # decode launch), blk_tok0 / blk_ntok / blk_pos0 [nb], the page table, q, k and v pages.
     if seq_is_block:
@@ -192,10 +193,17 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     else:
         out_refs = refs
     b = pl.program_id(0)
-    h = pl.program_id(1)
+    h = pl.program_id(1)  # KV heads h * hp .. h * hp + hp - 1
     sp = pl.program_id(2)
     G, H, D, B = group, num_heads, head_dim, page_size
     bk = pages_per_block * B
+    # heads_per_program hp > 1 (decode launch): the program's rows are the hp * G query heads of
+    # hp consecutive KV heads, and its K/V tiles the hp heads' adjacent columns, W = hp * D
+    # wide. q is loaded block-diagonally ([rows, W], row r's head's D columns, zeros elsewhere),
+    # so q @ K^T gives each row its own head's scores, and each row keeps its own head's D
+    # columns of p @ V: one dot, one softmax over [rows, bk] for hp heads.
+    hp = heads_per_program
+    Gp, W = G * hp, hp * D
 
     seq = b if seq_is_block else blk_seq_ref[b]
     tok0 = blk_tok0_ref[b]
@@ -203,16 +211,22 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     pos0 = blk_pos0_ref[b]
 
     r = jnp.arange(rows, dtype=jnp.int32)
-    r_tok = r // G
-    row_ok = (r < block_q * G) & (r_tok < ntok)
-    q_row = (tok0 + r_tok) * H + h * G + r % G
+    r_tok = r // Gp
+    row_ok = (r < block_q * Gp) & (r_tok < ntok)
+    q_row = (tok0 + r_tok) * H + h * Gp + r % Gp
     q_pos = pos0 + r_tok
 
     d = jnp.arange(D, dtype=jnp.int32)
+    dw = jnp.arange(W, dtype=jnp.int32)  # the program's K/V columns (d when hp == 1)
     # Interpret mode discharges a gather only when every index is an array (no pl.ds mixed in),
     # and Triton lowers the same [rows, D] index arrays to one pointer tensor: so arrays throughout.
-    q = plgpu.load(q_ref.at[jnp.where(row_ok, q_row, 0)[:, None], d[None, :]],
-                   mask=row_ok[:, None], other=0)
+    if hp == 1:
+        q = plgpu.load(q_ref.at[jnp.where(row_ok, q_row, 0)[:, None], d[None, :]],
+                       mask=row_ok[:, None], other=0)
+    else:
+        own = (dw[None, :] // D) == ((r % Gp) // G)[:, None]  # [rows, W]: row r's head's columns
+        q = plgpu.load(q_ref.at[jnp.where(row_ok, q_row, 0)[:, None], (dw % D)[None, :]],
+                       mask=row_ok[:, None] & own, other=0)
     # The dots run in the cache dtype, except over an fp8 cache, whose pages are upcast as they
     # are loaded (an fp8 q would lose precision the cache never had to give up), to q's dtype or
     # to float16 as fp8_kv_dot says (see FP8_KV_DOT_CHOICES).
@@ -259,7 +273,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         k_pos = tok_base + kb * bk + k_off
         pids = page_table_ref[jnp.full((bk,), seq, jnp.int32), k_pos // B]
         kv_row = (pids * B + k_pos % B)[:, None]
-        cols = h * D + d[None, :]
+        cols = h * W + dw[None, :]
         if split_pages and masked:
             k_ok = (k_pos < tok_end)[:, None]
             k = plgpu.load(k_ref.at[kv_row, cols], mask=k_ok, other=0).astype(kv_dtype)
@@ -287,7 +301,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                                              preferred_element_type=jnp.float32)
         return acc, m_new, l
 
-    carry = (jnp.zeros((rows, D), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
+    carry = (jnp.zeros((rows, W), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
              jnp.zeros((rows,), jnp.float32))
     if masked_tail_only and sliding_window is None:
         # Key blocks that end at or before this block's first query position (and, with page
@@ -306,9 +320,9 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         # any window), and its K/V row stored into its slot. Padding slots (ntok == 0) do neither.
         new = (sp == 0) & (ntok > 0)
         t = jnp.minimum(tok0, num_tokens - 1)  # a padding slot's tok0 may be T
-        cols1 = h * D + d
-        k_new = plgpu.load(knew_ref.at[jnp.full((D,), t, jnp.int32), cols1])
-        v_new = plgpu.load(vnew_ref.at[jnp.full((D,), t, jnp.int32), cols1])
+        cols1 = h * W + dw
+        k_new = plgpu.load(knew_ref.at[jnp.full((W,), t, jnp.int32), cols1])
+        v_new = plgpu.load(vnew_ref.at[jnp.full((W,), t, jnp.int32), cols1])
         s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(kv_dtype).astype(jnp.float32)[None, :],
                         axis=1) * sm_scale
         if soft_cap is not None:
@@ -321,13 +335,13 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         acc = alpha[:, None] * acc + p_new[:, None] * v_new.astype(kv_dtype).astype(
             jnp.float32)[None, :]
         m = m_new
-        slot = plgpu.load(slot_ref.at[jnp.full((D,), t, jnp.int32)])
-        plgpu.store(k_out_ref.at[slot, cols1], k_new, mask=jnp.full((D,), new))
-        plgpu.store(v_out_ref.at[slot, cols1], v_new, mask=jnp.full((D,), new))
+        slot = plgpu.load(slot_ref.at[jnp.full((W,), t, jnp.int32)])
+        plgpu.store(k_out_ref.at[slot, cols1], k_new, mask=jnp.full((W,), new))
+        plgpu.store(v_out_ref.at[slot, cols1], v_new, mask=jnp.full((W,), new))
 
     # Output rows: the token's own row, or (decode launch) a compact row per (block, head), so
     # the decode partials and their combine scale with the sequence slots S, not the tokens T.
-    o_row = (b * block_q + r_tok) * H + h * G + r % G if out_by_block else q_row
+    o_row = (b * block_q + r_tok) * H + h * Gp + r % Gp if out_by_block else q_row
     # Masked lanes still get distinct, in-range addresses (the dummy row): the interpreter
     # emulates a masked store by writing the old value back, which must not land on a row
     # another lane of the same store writes.
@@ -335,20 +349,25 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         # Every row of the program is stored, those of tokens past ntok too (zeros: no key
         # reached them, acc = l = 0), so the caller needs no select for padding. Only the rows
         # that pad G up to the tensor-core minimum are left out.
-        store = r < block_q * G
+        store = r < block_q * Gp
     else:
         store = row_ok
-    o_row = jnp.where(store, o_row, dummy_row)
     n_rows = dummy_row + 1
+    # Where the [rows, W] values go: row r's own head's D columns to its output row, the other
+    # heads' columns (hp > 1: block-diagonal junk) to the dummy row, masked.
+    store2 = store[:, None] if hp == 1 else store[:, None] & own
+    o_row2 = jnp.where(store2, o_row[:, None], dummy_row)
+    o_col = d[None, :] if hp == 1 else (dw % D)[None, :]
+    o_row = jnp.where(store, o_row, dummy_row)
     if num_splits == 1:
         (o_ref,) = out_refs
         out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
-        plgpu.store(o_ref.at[o_row[:, None], d[None, :]], out.astype(o_ref.dtype),
-                    mask=store[:, None])
+        plgpu.store(o_ref.at[o_row2, o_col], out.astype(o_ref.dtype), mask=store2)
     else:
         acc_ref, m_ref, l_ref = out_refs
         o_row = o_row + sp * n_rows
-        plgpu.store(acc_ref.at[o_row[:, None], d[None, :]], acc, mask=store[:, None])
+        o_row2 = o_row2 + sp * n_rows
+        plgpu.store(acc_ref.at[o_row2, o_col], acc, mask=store2)
         plgpu.store(m_ref.at[o_row], m, mask=store)
         plgpu.store(l_ref.at[o_row], l, mask=store)
 
@@ -356,7 +375,8 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
 def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T, H, K, D, B,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
             num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
-            masked_tail_only=False, kv_write=None, exact_rows=False, fp8_kv_dot="query"):
+            masked_tail_only=False, kv_write=None, exact_rows=False, fp8_kv_dot="query",
+            heads_per_program=1):
     """One pallas_call over len(blk_tok0) query blocks.
 
     ``blk_seq`` None: block b is sequence slot b (the decode launch), and the kernel takes its
@@ -370,11 +390,16 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     ``split_pages``: splits take page ranges (the page table needs pages_per_block - 1 columns
     past the last block's end). ``kv_write`` (slot [T], k_new, v_new [T, K*D]; decode launch):
     the new tokens' K/V are attended from registers and stored into k2 / v2, which then come
-    back as two more outputs (aliased: written in place)."""
+    back as two more outputs (aliased: written in place). ``heads_per_program`` (block_q 1):
+    KV heads a program reads together (see _attn_kernel)."""
     G = H // K
+    hp = heads_per_program
+    if K % hp or (hp > 1 and block_q != 1):
+        raise ValueError(f"heads_per_program {hp} must divide the {K} KV heads and needs "
+                         f"block_q 1 (the decode launch), got block_q {block_q}")
     split_pages = split_pages and num_splits > 1
     fp8_pages = k2.dtype == jnp.float8_e4m3fn
-    rows = max(16, _next_pow2(block_q * G))
+    rows = max(16, _next_pow2(block_q * G * hp))
     nb = blk_tok0.shape[0]
     seq_is_block = blk_seq is None
     exact_rows = exact_rows and out_by_block
@@ -385,7 +410,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         sliding_window=sliding_window, soft_cap=soft_cap, dummy_row=n_rows - 1,
         out_by_block=out_by_block, split_pages=split_pages, masked_tail_only=masked_tail_only,
         kv_write=kv_write is not None, num_tokens=T, exact_rows=exact_rows,
-        seq_is_block=seq_is_block, fp8_kv_dot=fp8_kv_dot if fp8_pages else None)
+        seq_is_block=seq_is_block, fp8_kv_dot=fp8_kv_dot if fp8_pages else None,
+        heads_per_program=hp)
     if num_splits == 1:
         out_shape = (jax.ShapeDtypeStruct((n_rows, D), out_dtype),)
     else:
@@ -402,14 +428,14 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
                                  jax.ShapeDtypeStruct(v2.shape, v2.dtype))
     res = pl.pallas_call(
         kernel,
-        grid=(nb, K, num_splits),
+        grid=(nb, K // hp, num_splits),
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         input_output_aliases=aliases,
         interpret=interpret,
         name=(f"ragged_paged_attention_bq{block_q}_ppb{pages_per_block}_ns{num_splits}"
               + ("_pg" if split_pages else "") + ("_mt" if masked_tail_only else "")
-              + ("_kvw" if kv_write is not None else "")),
+              + ("_kvw" if kv_write is not None else "") + (f"_hp{hp}" if hp > 1 else "")),
     )(*(() if seq_is_block else (blk_seq,)), blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2,
       v2, *extra)
     pages = ()
@@ -471,18 +497,25 @@ KERNEL_TABLE_SOURCE = ("benchmarks/results/kernels-h100-2026-11-23.jsonl",
 # (``kernels.py --print-table --kv-dtype fp8 <files>``): H200, 2026-12-01 evening, GPU time,
 # rows of kv_dtype fp8 and fp8_kv_dot float16. Half the bytes a page: one split beats the bf16
 # table's two at 1024 x 640 (600 -> 528 us) and 256 x 4k (800 -> 777), and 8 pages a block
-# beat 4 at 64 x 4k (310 -> 198).
-KERNEL_TABLE_FP8_SOURCE = ("benchmarks/results/kernels-decode-fp8-h200-2026-12-01-evening.jsonl",)
+# beat 4 at 64 x 4k (310 -> 198). Then (H200, 2026-12-01 late, `kernels.py --decode-variants
+# hp`): two KV heads a program in blocks of 4 pages (a third value: decode_heads_per_program)
+# at 1024 x 640 (528 -> 509 us), 256 x 512 (115 -> 112) and 256 x 4k (779 -> 771); four heads
+# a program, 8 warps, or 8 pages with two heads were slower at every shape.
+KERNEL_TABLE_FP8_SOURCE = ("benchmarks/results/kernels-decode-fp8-h200-2026-12-01-evening.jsonl",
+                           "benchmarks/results/kernels-decode-hp-h200-2026-12-01-late.jsonl")
 
-DECODE_TABLE_FP8: dict[tuple[int, int], tuple[int, int]] = {
+DECODE_TABLE_FP8: dict[tuple[int, int], tuple[int, ...]] = {
     (64, 4096): (8, 1),
-    (256, 512): (8, 1),
-    (256, 4096): (8, 1),
-    (1024, 640): (8, 1),
+    (256, 512): (4, 1, 2),
+    (256, 4096): (4, 1, 2),
+    (1024, 640): (4, 1, 2),
 }
 
-# (batch class, context class in tokens) -> (decode_pages_per_block, decode_splits)
-DECODE_TABLE: dict[tuple[int, int], tuple[int, int]] = {
+# (batch class, context class in tokens) -> (decode_pages_per_block, decode_splits), and
+# decode_heads_per_program third where it is not 1. Over bf16 pages several heads a program
+# measured within 1% of one (H200, 2026-12-01 late: 1024 x 640 666 -> 662 us, 256 x 4k 1000
+# -> 987; the same file as the fp8 table's): noise, so this table keeps one head a program.
+DECODE_TABLE: dict[tuple[int, int], tuple[int, ...]] = {
     (1, 512): (8, 4),
     (1, 4096): (8, 32),
     (1, 32768): (8, 33),
@@ -522,7 +555,8 @@ def _class_of(value: int, classes) -> int:
 
 def decode_block_config(num_seq_slots: int, max_pages: int, page_size: int,
                         fp8_pages: bool = False) -> dict:
-    """Table entry of a decode launch: {'decode_pages_per_block', 'decode_splits'}.
+    """Table entry of a decode launch: {'decode_pages_per_block', 'decode_splits',
+    'decode_heads_per_program'} (an entry of two values reads one KV head a program).
 
     num_seq_slots: S (page_table.shape[0]); max_pages: M (page_table.shape[1]); fp8_pages: an
     fp8 cache (DECODE_TABLE_FP8's entries over DECODE_TABLE's)."""
@@ -532,9 +566,10 @@ def decode_block_config(num_seq_slots: int, max_pages: int, page_size: int,
     # A batch class the sweep did not measure at every context: its nearest measured context.
     ctxs = [c for s, c in table if s == s_cls]
     ctx_cls = _class_of(M * B, ctxs)
-    ppb, splits = table[(s_cls, ctx_cls)]
+    ppb, splits, *hp = table[(s_cls, ctx_cls)]
     splits = max(1, min(splits, -(-M // ppb)))
-    return dict(decode_pages_per_block=ppb, decode_splits=splits)
+    return dict(decode_pages_per_block=ppb, decode_splits=splits,
+                decode_heads_per_program=hp[0] if hp else 1)
 
 
 def prefill_block_config(num_tokens: int, num_heads: int, num_kv_heads: int) -> dict:
@@ -563,6 +598,7 @@ def ragged_paged_attention(
     decode_pages_per_block: int | None = None,
     decode_splits: int | None = None,
     decode_split_pages: bool = False,
+    decode_heads_per_program: int | None = None,
     masked_tail_only: bool | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -620,7 +656,8 @@ def ragged_paged_attention(
         raise ValueError(f"page size {B} and head dim {D} must be powers of two (Triton blocks)")
     for name, v in (("block_q", block_q), ("pages_per_block", pages_per_block),
                     ("decode_pages_per_block", decode_pages_per_block),
-                    ("decode_splits", decode_splits)):
+                    ("decode_splits", decode_splits),
+                    ("decode_heads_per_program", decode_heads_per_program)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive int or None (table), got {v!r}")
     if fp8_kv_dot not in FP8_KV_DOT_CHOICES + ("auto",):
@@ -653,6 +690,12 @@ def ragged_paged_attention(
     dppb = dcfg["decode_pages_per_block"] if decode_pages_per_block is None \
         else decode_pages_per_block
     decode_splits = dcfg["decode_splits"] if decode_splits is None else decode_splits
+    dhp = dcfg["decode_heads_per_program"] if decode_heads_per_program is None \
+        else decode_heads_per_program
+    if K % dhp:
+        if decode_heads_per_program is not None:
+            raise ValueError(f"decode_heads_per_program {dhp} must divide the {K} KV heads")
+        dhp = 1  # a table entry measured on another head count
 
     ns = jnp.reshape(num_seqs, ()).astype(jnp.int32)
     seq_ids = jnp.arange(S, dtype=jnp.int32)
@@ -717,6 +760,7 @@ def ragged_paged_attention(
                         v_new.reshape(T, K * D))
         rows = _launch(q2, k2, v2, pt, None, d_tok0, d_ntok, d_pos0, block_q=1,
                        pages_per_block=dppb, num_splits=decode_splits, out_by_block=True,
+                       heads_per_program=dhp,
                        split_pages=decode_split_pages, kv_write=kv_write,
                        exact_rows=decode_only, masked_tail_only=decode_mto, **common)
         if kv_write is not None:

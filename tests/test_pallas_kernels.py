@@ -196,6 +196,60 @@ def test_fused_kv_write_decode_equals_write_then_attend(seed, cache, tol, knobs)
                                       np.asarray(want_v.astype(jnp.float32)))
 
 
+@pytest.mark.parametrize("hp,H,K,dtype,tol,window,cap,knobs", [
+    (2, 8, 2, jnp.float32, 1e-5, None, None, dict(decode_pages_per_block=2, decode_splits=3)),
+    (4, 16, 4, jnp.float32, 1e-5, 13, None, dict(decode_pages_per_block=1, decode_splits=1)),
+    (2, 8, 4, jnp.bfloat16, 1e-2, None, 5.0, dict(decode_pages_per_block=2, decode_splits=2,
+                                                    masked_tail_only=True)),
+    (2, 4, 4, jnp.float32, 1e-5, None, None, dict(decode_pages_per_block=4, decode_splits=7,
+                                                    decode_split_pages=True)),
+])
+def test_decode_heads_per_program_match_reference(hp, H, K, dtype, tol, window, cap, knobs):
+    # hp KV heads a decode program: block-diagonal q rows over the hp heads' adjacent K/V
+    # columns. Every row must get its own head's scores and values (a mix-up between heads is
+    # far off on random data), in mixed batches (the prefill launch keeps one head a program),
+    # over splits, windows, soft caps, and with G = 1 (H == K: 2 rows of 16 real).
+    kinds = MIXED + [("decode",) * 6, ("decode",) * 2]
+    _check_attention(30 + hp, kinds, H=H, K=K, dtype=dtype, tol=tol, T=32, S=6, M=8, B=8,
+                     sliding_window=window, soft_cap=cap, decode_heads_per_program=hp, **knobs)
+
+
+def test_decode_heads_per_program_over_fp8_pages_and_with_the_fused_kv_write():
+    # fp8 pages (float16 dots) and the K/V write fused into the decode kernel, two heads a
+    # program: the same result as one head a program, and the same pages written.
+    T, S, M, B, H, K, D = 8, 6, 6, 8, 8, 4, 32
+    P = S * M + 2
+    rng = np.random.default_rng(44)
+    args, _ = _random_batch(rng, kinds=("decode",) * 5, T=T, S=S, M=M, B=B, P=P, H=H, K=K, D=D,
+                            dtype=jnp.float32)
+    q, kp, vp, sl, pt, qsl, ns = args
+    q = q.astype(jnp.bfloat16)
+    kp, vp = kp.astype(jnp.float8_e4m3fn), vp.astype(jnp.float8_e4m3fn)
+    k_new = jnp.asarray(rng.standard_normal((T, K, D)), jnp.float8_e4m3fn)
+    v_new = jnp.asarray(rng.standard_normal((T, K, D)), jnp.float8_e4m3fn)
+    pos = np.asarray(sl)[:5] - 1
+    slots = np.zeros(T, np.int32)
+    slots[:5] = np.asarray(pt)[np.arange(5), pos // B] * B + pos % B
+    run = lambda **kw: jax.jit(functools.partial(  # noqa: E731
+        ragged_paged_attention, sm_scale=D ** -0.5, decode_only=True, interpret=True,
+        decode_pages_per_block=2, decode_splits=2, **kw))(
+            q, kp, vp, sl, pt, qsl, ns, new_kv=(k_new, v_new, jnp.asarray(slots)))
+    one, one_k, one_v = run()
+    two, two_k, two_v = run(decode_heads_per_program=2)
+    assert _rel_err(two[:5].astype(jnp.float32), one[:5].astype(jnp.float32)) < 1e-2
+    assert np.all(np.asarray(two[5:].astype(jnp.float32)) == 0.0)
+    for got, want in ((two_k, one_k), (two_v, one_v)):
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                      np.asarray(want.astype(jnp.float32)))
+    plain = ragged_paged_attention(q, kp, vp, sl, pt, qsl, ns, sm_scale=D ** -0.5,
+                                   decode_heads_per_program=2, interpret=True)
+    assert _rel_err(plain[:5].astype(jnp.float32), ragged_paged_attention_reference(
+        q, kp, vp, sl, pt, qsl, ns, sm_scale=D ** -0.5)[:5].astype(jnp.float32)) < 2e-2
+    with pytest.raises(ValueError, match="decode_heads_per_program 3 must divide the 4 KV"):
+        ragged_paged_attention(q, kp, vp, sl, pt, qsl, ns, sm_scale=D ** -0.5,
+                               decode_heads_per_program=3, interpret=True)
+
+
 def test_fused_kv_write_needs_decode_only_and_cache_dtype_inputs():
     args, _ = _random_batch(np.random.default_rng(0), kinds=("decode",), T=4, S=2, M=2, B=8,
                             P=6, H=4, K=2, D=32, dtype=jnp.float32)
@@ -262,10 +316,11 @@ def test_attention_knobs_from_the_environment_reach_the_kernel_and_bad_ones_are_
     monkeypatch.delenv(ATTENTION_KNOBS_ENV, raising=False)
     table = traced()
     monkeypatch.setenv(ATTENTION_KNOBS_ENV, '{"decode_splits": 3, "block_q": 2, '
-                                            '"masked_tail_only": true}')
+                                            '"masked_tail_only": true, '
+                                            '"decode_heads_per_program": 2}')
     knobbed = traced()
     assert knobbed != table  # a new trace, not the cached one of the table's knobs
-    assert "ragged_paged_attention_bq1_ppb8_ns3_mt" in knobbed
+    assert "ragged_paged_attention_bq1_ppb8_ns3_mt_hp2" in knobbed
     assert any(n.startswith("ragged_paged_attention_bq2_") for n in knobbed)
     # Same result as the reference with the knobs on.
     got = jax.jit(paged_attention, static_argnames=("sm_scale", "backend"))(
@@ -348,19 +403,26 @@ def test_block_table_is_the_one_its_sweep_file_derives():
 def test_fp8_pages_take_their_own_decode_entries_over_the_bf16_table():
     def dec(S, M, fp8):
         c = decode_block_config(S, M, 16, fp8_pages=fp8)
-        return c["decode_pages_per_block"], c["decode_splits"]
+        return c["decode_pages_per_block"], c["decode_splits"], c["decode_heads_per_program"]
 
-    assert dec(64, 4096 // 16, True) == (8, 1) and dec(64, 4096 // 16, False) == (4, 1)
-    assert dec(256, 4096 // 16, True) == (8, 1) and dec(256, 4096 // 16, False) == (8, 2)
+    assert dec(64, 4096 // 16, True) == (8, 1, 1) and dec(64, 4096 // 16, False) == (4, 1, 1)
+    assert dec(256, 4096 // 16, True) == (4, 1, 2) and dec(256, 4096 // 16, False) == (8, 2, 1)
     # The offline workload's decode steps: 1024 slots, 41 pages (max_model_len 648).
-    assert dec(1024, 41, True) == (8, 1) and dec(1024, 41, False) == (8, 2)
+    assert dec(1024, 41, True) == (4, 1, 2) and dec(1024, 41, False) == (8, 2, 1)
     # Shapes the fp8 sweep did not measure keep the bf16 entries.
-    assert dec(8, 4096 // 16, True) == dec(8, 4096 // 16, False) == (8, 5)
-    assert dec(1, 32768 // 16, True) == (8, 33)
-    # The kernel over e4m3 pages traces with the fp8 entry.
+    assert dec(8, 4096 // 16, True) == dec(8, 4096 // 16, False) == (8, 5, 1)
+    assert dec(1, 32768 // 16, True) == (8, 33, 1)
+    # The kernel over e4m3 pages traces with the fp8 entry, two KV heads a program where it says
+    # so, and one where the KV heads do not divide by it (an entry measured on 8 KV heads).
     assert _launch_names(12, 256, T=16, prefill=False) == {"ragged_paged_attention_bq1_ppb4_ns1"}
     assert _launch_names(12, 256, T=16, prefill=False, dtype=jnp.float8_e4m3fn) == {
         "ragged_paged_attention_bq1_ppb8_ns1"}
+    assert _launch_names(200, 32, T=16, prefill=False, suffixes=True,
+                         dtype=jnp.float8_e4m3fn) == {"ragged_paged_attention_bq1_ppb4_ns1_hp2"}
+    assert _launch_names(200, 32, T=16, prefill=False, suffixes=True, H=3, K=3,
+                         dtype=jnp.float8_e4m3fn) == {"ragged_paged_attention_bq1_ppb4_ns1"}
+    assert _launch_names(200, 32, T=16, prefill=False, suffixes=True, decode_heads_per_program=1,
+                         dtype=jnp.float8_e4m3fn) == {"ragged_paged_attention_bq1_ppb4_ns1"}
 
 
 def _launch_names(S, M, B=16, T=8, H=8, K=2, D=32, suffixes=False, dtype=jnp.float32, **knobs):

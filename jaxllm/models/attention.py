@@ -49,7 +49,7 @@ _E4M3_MAX = float(jnp.finfo(FP8_KV_DTYPE).max)
 # e.g. JAXLLM_ATTENTION_KNOBS='{"decode_split_pages": true}' python3 benchmarks/latency.py ...
 ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
-              "num_warps", "num_stages")
+              "decode_heads_per_program", "num_warps", "num_stages")
 _BOOL_KNOBS = ("decode_split_pages", "masked_tail_only", "fused_kv_write")
 # Knobs with a fixed set of string values.
 _CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES}
