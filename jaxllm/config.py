@@ -26,12 +26,12 @@ DTYPES = {
 }
 
 
-def gemm_out_dtype_from_env(env: str, model_dtype: Any) -> jnp.dtype:
+def gemm_out_dtype_from_env(env: str, model_dtype: Any, default: str = "float32") -> jnp.dtype:
     """An in-engine A/B switch for a GEMM's output type, read from ``env`` at trace time:
-    "float32" (the default when unset or empty) or "model" (``model_dtype``)."""
+    "float32" or "model" (``model_dtype``); ``default`` when unset or empty."""
     import os
 
-    raw = os.environ.get(env, "float32").strip() or "float32"
+    raw = os.environ.get(env, default).strip() or default
     if raw == "float32":
         return jnp.dtype(jnp.float32)
     if raw == "model":

@@ -152,15 +152,21 @@ def test_weight_only_path_for_small_steps_uses_the_dequantized_weights(monkeypat
 
 
 def test_fp8_gemm_bf16_output_switch_keeps_the_scaled_result(monkeypatch):
-    # JAXLLM_FP8_GEMM_OUT=model: the fp8 x fp8 dot writes the model dtype (bf16) before the two
-    # scales; the result stays within one more bf16 rounding of the fp32 path. Bad values refused.
-    from jaxllm.models.fp8 import fp8_linear
+    # JAXLLM_FP8_GEMM_OUT=model (the default): the fp8 x fp8 dot writes the model dtype (bf16)
+    # before the two scales; the result stays within one more bf16 rounding of the fp32 path
+    # (JAXLLM_FP8_GEMM_OUT=float32). Bad values refused.
+    from jaxllm.models.fp8 import fp8_gemm_out_dtype, fp8_linear
+
+    monkeypatch.delenv("JAXLLM_FP8_GEMM_OUT", raising=False)
+    assert fp8_gemm_out_dtype(jnp.bfloat16) == jnp.bfloat16
+    assert fp8_gemm_out_dtype(jnp.float32) == jnp.float32
 
     x = jax.random.normal(jax.random.PRNGKey(0), (24, 96), jnp.bfloat16)
     wq, ws = quantize_weight_per_channel(
         jax.random.normal(jax.random.PRNGKey(1), (96, 40), jnp.float32) * 0.05)
     w_nk = jnp.asarray(wq.T)
     monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "0")
+    monkeypatch.setenv("JAXLLM_FP8_GEMM_OUT", "float32")
     f32 = jnp.asarray(fp8_linear(x, w_nk, ws, None), jnp.float32)
     monkeypatch.setenv("JAXLLM_FP8_GEMM_OUT", "model")
     bf = jnp.asarray(fp8_linear(x, w_nk, ws, None), jnp.float32)

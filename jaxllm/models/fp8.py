@@ -96,10 +96,12 @@ FP8_GEMM_OUT_ENV = "JAXLLM_FP8_GEMM_OUT"
 
 
 def fp8_gemm_out_dtype(model_dtype) -> jnp.dtype:
-    """The W8A8 GEMM's output type, before the two scales: ``JAXLLM_FP8_GEMM_OUT`` = "float32"
-    (the default) or "model" (the model dtype: half the bytes written and read back by the scale
-    epilogue; an in-engine A/B switch, measured no faster). Read at trace time."""
-    return gemm_out_dtype_from_env(FP8_GEMM_OUT_ENV, model_dtype)
+    """The W8A8 GEMM's output type, before the two scales: ``JAXLLM_FP8_GEMM_OUT`` = "model"
+    (the default: the model dtype, half the bytes the GEMM writes and the fusions after it read
+    back) or "float32". Read at trace time. H200, 2026-12-01 late: fp8 + fp8 KV throughput
+    10,612 -> 10,906 tok/s, mostly in the prompt-chunk steps (benchmarks/RESULTS.md); it was
+    within noise in fp8 alone the day before (10,078 / 9,986 against 9,794 / 10,131)."""
+    return gemm_out_dtype_from_env(FP8_GEMM_OUT_ENV, model_dtype, default="model")
 
 
 def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
