@@ -62,6 +62,10 @@
 #                                          16384-token prefill step
 #   bash benchmarks/gpu/issues.sh kvwrite  (one GPU) throughput with the unique-slot K/V scatter
 #                                          against the atomic one, and the fp8 prefill profile
+#   bash benchmarks/gpu/issues.sh hp       (one GPU) the decode kernel with several KV heads a
+#                                          program, swept; fp8 + fp8 KV throughput with it
+#   bash benchmarks/gpu/issues.sh confirm  (one GPU) throughput at the defaults hp set: bf16, fp8,
+#                                          fp8 + fp8 KV, and the GEMM's float32 output
 #   bash benchmarks/gpu/issues.sh swiglu   (one GPU) the fp8 MLP's fused SwiGLU + quantization
 #                                          kernel, then fp8 throughput with and without it
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -481,6 +485,58 @@ kvwrite)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-01 ev
     --prefill-tokens 16384 --context 512 --steps 3 --quantization fp8 > $L/prefill_fp8.log 2>&1
   grep -A17 "^prefill " $L/prefill_fp8.log | cut -c1-150
   show_logs 3 ;;
+hp)  # nvidia-h200 (one GPU), one call (issues 5, 6): the decode kernel with several KV heads a
+  # program (decode_heads_per_program: block-diagonal q rows, one softmax over hp heads, K/V
+  # tiles hp heads wide), swept in GPU time over fp8 pages at the fp8 table's shapes and over
+  # bf16 pages at two; then fp8 + fp8 KV throughput with the best hp > 1 config at 1024 x 640
+  # (the offline workload's decode steps) as knobs, the default, and the knobs with the W8A8
+  # GEMM writing bf16 (JAXLLM_FP8_GEMM_OUT=model: half the bytes the prefill step's SwiGLU
+  # fusions read).
+  L=$OUT/logs; mkdir -p $L
+  K="python3 benchmarks/kernels.py --sections decode --device-time --decode-variants hp --budget 400 --out $OUT/kernels.jsonl"
+  timeout 200 $K --kv-dtype fp8 --fp8-kv-dot float16 \
+    --decode-shapes 1024x640,256x512,256x4096,64x4096 > $L/sweep_fp8.log 2>&1
+  timeout 80 $K --decode-shapes 1024x640,256x4096 > $L/sweep_bf16.log 2>&1
+  KN=$(python3 - $OUT/kernels.jsonl <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+for r in rows:
+    c = r.get("config")
+    if r.get("impl") == "pallas" and isinstance(c, dict):
+        print(r["batch"], r["ctx"], r.get("kv_dtype", "bf16"), c.get("decode_heads_per_program", 1),
+              c["decode_pages_per_block"], c["decode_splits"], c["num_warps"], r.get("ok"),
+              round(r.get("device_us", -1), 1), round(r.get("pct_bw_device", -1)), file=sys.stderr)
+cand = [r for r in rows if r.get("impl") == "pallas" and r.get("ok") and r.get("batch") == 1024
+        and r.get("kv_dtype") == "fp8" and r["config"].get("decode_heads_per_program", 1) > 1
+        and r["config"]["num_warps"] == 4 and "device_us" in r]
+if cand:
+    c = min(cand, key=lambda r: r["device_us"])["config"]
+    print(json.dumps({k: c[k] for k in ("decode_heads_per_program", "decode_pages_per_block",
+                                         "decode_splits")}))
+PY
+)
+  echo "knobs: $KN"
+  F8="$TP --quantization fp8 --kv-cache-dtype fp8"
+  JAXLLM_ATTENTION_KNOBS="$KN" timeout 100 $F8 > $L/tp_fp8kv_hp.log 2>&1
+  timeout 100 $F8 > $L/tp_fp8kv_default.log 2>&1
+  JAXLLM_ATTENTION_KNOBS="$KN" JAXLLM_FP8_GEMM_OUT=model timeout 100 $F8 > $L/tp_fp8kv_hp_bf16out.log 2>&1
+  for f in $L/tp_*.log; do echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"; done
+  show_logs 2 ;;
+confirm)  # nvidia-h200 (one GPU), one call (issue 6), after hp: the new defaults (the fp8 decode
+  # table's two KV heads a program, the W8A8 GEMM writing bf16) against bf16 in the same call,
+  # fp8 + fp8 KV twice, the GEMM's float32 output once between them (the A/B of that default),
+  # fp8 alone, and bf16 again if the call has time.
+  L=$OUT/logs; mkdir -p $L
+  F8="$TP --quantization fp8 --kv-cache-dtype fp8"
+  S0=$SECONDS
+  timeout 100 $F8 > $L/tp_fp8kv_1.log 2>&1
+  timeout 100 $TP > $L/tp_bf16_1.log 2>&1
+  JAXLLM_FP8_GEMM_OUT=float32 timeout 100 $F8 > $L/tp_fp8kv_f32out.log 2>&1
+  timeout 100 $F8 > $L/tp_fp8kv_2.log 2>&1
+  timeout 100 $TP --quantization fp8 > $L/tp_fp8.log 2>&1
+  [ $((SECONDS - S0)) -lt 420 ] && timeout 95 $TP > $L/tp_bf16_2.log 2>&1
+  for f in $L/tp_*.log; do echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"; done
+  show_logs 2 ;;
 swiglu)  # nvidia-h200 (one GPU), one call (issue 6): the fp8 MLP's fused SwiGLU + quantization
   # kernel (pallas_kernels/silu_mul_quant.py): correct and timed against XLA on the GPU, then
   # fp8 throughput with it (JAXLLM_FP8_FUSED_SWIGLU=1; it was the GPU default when this ran,
