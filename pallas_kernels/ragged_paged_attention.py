@@ -134,7 +134,8 @@ def _attend_tokens(q, t, k_pages, v_pages, seq_lens, page_table, query_start_loc
 # batch (a 2k chunk + 64 decodes) token-sized partials were 2 splits x 2112 x 32 x 128 floats.
 # Rows of a program are (token, query head of the group) pairs: all G = H // K query heads of one
 # KV head share a program, so each K/V page is read once per KV head (GQA), and a decode program
-# has G rows padded to 16 for the tensor-core dot. K/V are read a block of `pages_per_block` pages
+# has G rows padded to 16 for the tensor-core dot (hp * G rows for hp adjacent KV heads with
+# decode_heads_per_program = hp: q block-diagonal against K/V tiles hp heads wide). K/V are read a block of `pages_per_block` pages
 # at a time through the page table (a gather of whole page rows), with online softmax in float32.
 # Views: q as [T*H, D] and out as [T*H + 1, D] (row t*H + head; the extra last row absorbs the
 # stores of masked rows), pages as [P*B, K*D] (row page*B + slot, columns of kv head h at h*D).
@@ -613,7 +614,8 @@ def ragged_paged_attention(
 
     Kernel knobs (all static): ``block_q`` new tokens per prefill program, ``pages_per_block``
     pages per K/V step of the prefill launch, ``decode_pages_per_block`` / ``decode_splits`` the
-    same and the flash-decoding split count of the decode launch. Each one left None comes from
+    same and the flash-decoding split count of the decode launch, ``decode_heads_per_program``
+    the KV heads a decode program reads together (it must divide them). Each one left None comes from
     the measured tables above (``decode_block_config`` by S, M and the page dtype,
     ``prefill_block_config`` by T and G); a value passed overrides its table entry alone. ``decode_split_pages`` splits the
     decode context by pages instead of by key blocks of ``decode_pages_per_block`` pages
