@@ -135,8 +135,9 @@ def _attend_tokens(q, t, k_pages, v_pages, seq_lens, page_table, query_start_loc
 # Rows of a program are (token, query head of the group) pairs: all G = H // K query heads of one
 # KV head share a program, so each K/V page is read once per KV head (GQA), and a decode program
 # has G rows padded to 16 for the tensor-core dot (hp * G rows for hp adjacent KV heads with
-# decode_heads_per_program = hp: q block-diagonal against K/V tiles hp heads wide). K/V are read a block of `pages_per_block` pages
-# at a time through the page table (a gather of whole page rows), with online softmax in float32.
+# decode_heads_per_program = hp: q block-diagonal against K/V tiles hp heads wide). K/V are
+# read a block of `pages_per_block` pages at a time through the page table (a gather of whole
+# page rows), with online softmax in float32.
 # Views: q as [T*H, D] and out as [T*H + 1, D] (row t*H + head; the extra last row absorbs the
 # stores of masked rows), pages as [P*B, K*D] (row page*B + slot, columns of kv head h at h*D).
 # ----------------------------------------------------------------------------------------------
