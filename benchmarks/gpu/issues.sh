@@ -66,6 +66,7 @@
 #                                          program, swept; fp8 + fp8 KV throughput with it
 #   bash benchmarks/gpu/issues.sh confirm  (one GPU) throughput at the defaults hp set: bf16, fp8,
 #                                          fp8 + fp8 KV, and the GEMM's float32 output
+#   bash benchmarks/gpu/issues.sh gputests (one GPU) tests/test_gpu.py, then bf16 batch-1 latency
 #   bash benchmarks/gpu/issues.sh swiglu   (one GPU) the fp8 MLP's fused SwiGLU + quantization
 #                                          kernel, then fp8 throughput with and without it
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -537,6 +538,17 @@ confirm)  # nvidia-h200 (one GPU), one call (issue 6), after hp: the new default
   [ $((SECONDS - S0)) -lt 420 ] && timeout 95 $TP > $L/tp_bf16_2.log 2>&1
   for f in $L/tp_*.log; do echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"; done
   show_logs 2 ;;
+gputests)  # nvidia-h200 (one GPU), one call: the GPU tests (tests/test_gpu.py: the compiled
+  # kernels against their references, several KV heads a decode program included, and the
+  # engine's fp8 path), then bf16 batch-1 latency (issue 9) with the unique-slot K/V scatter.
+  # Carry .bench (the saved tokenizer).
+  L=$OUT/logs; mkdir -p $L
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 170 python3 -m pytest -q -m gpu \
+    -p no:cacheprovider tests/test_gpu.py > $L/gpu_tests.log 2>&1
+  grep -v "^\s*$" $L/gpu_tests.log | tail -8
+  timeout 120 python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 \
+    --repeats 3 --out $OUT/results.jsonl > $L/lat_bf16.log 2>&1
+  show_logs 4 ;;
 swiglu)  # nvidia-h200 (one GPU), one call (issue 6): the fp8 MLP's fused SwiGLU + quantization
   # kernel (pallas_kernels/silu_mul_quant.py): correct and timed against XLA on the GPU, then
   # fp8 throughput with it (JAXLLM_FP8_FUSED_SWIGLU=1; it was the GPU default when this ran,
