@@ -347,8 +347,8 @@ def bench_decode(rng, budget_s):
         for hp in (2, 4):
             if KH % hp:
                 continue
-            for ppb in sorted({t["decode_pages_per_block"], max(1, t["decode_pages_per_block"] // 2),
-                               max(1, t["decode_pages_per_block"] // hp)}, reverse=True):
+            tp = t["decode_pages_per_block"]
+            for ppb in sorted({tp, max(1, tp // 2), max(1, tp // hp)}, reverse=True):
                 configs.append(dict(decode_pages_per_block=ppb, decode_splits=t["decode_splits"],
                                     num_warps=4, decode_heads_per_program=hp))
             configs.append(dict(decode_pages_per_block=max(1, t["decode_pages_per_block"] // hp),

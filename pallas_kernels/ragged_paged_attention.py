@@ -616,12 +616,12 @@ def ragged_paged_attention(
     Kernel knobs (all static): ``block_q`` new tokens per prefill program, ``pages_per_block``
     pages per K/V step of the prefill launch, ``decode_pages_per_block`` / ``decode_splits`` the
     same and the flash-decoding split count of the decode launch, ``decode_heads_per_program``
-    the KV heads a decode program reads together (it must divide them). Each one left None comes from
-    the measured tables above (``decode_block_config`` by S, M and the page dtype,
-    ``prefill_block_config`` by T and G); a value passed overrides its table entry alone. ``decode_split_pages`` splits the
-    decode context by pages instead of by key blocks of ``decode_pages_per_block`` pages
-    (for short contexts under a long context class, see DESIGN_NOTES; no faster in the
-    H200 sweeps of 2026-12-01, kernel or engine).
+    the KV heads a decode program reads together (it must divide them). Each one left None comes
+    from the measured tables above (``decode_block_config`` by S, M and the page dtype,
+    ``prefill_block_config`` by T and G); a value passed overrides its table entry alone.
+    ``decode_split_pages`` splits the decode context by pages instead of by key blocks of
+    ``decode_pages_per_block`` pages (for short contexts under a long context class, see
+    DESIGN_NOTES; no faster in the H200 sweeps of 2026-12-01, kernel or engine).
     ``masked_tail_only`` runs the key blocks every query row of a program sees (those before
     its first query position) without the causal mask, and masks only the rest, as flash
     attention kernels do (without a sliding window). None (the default) turns it on in the
