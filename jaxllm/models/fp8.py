@@ -100,7 +100,7 @@ def fp8_gemm_out_dtype(model_dtype) -> jnp.dtype:
     (the default: the model dtype, half the bytes the GEMM writes and the fusions after it read
     back) or "float32". Read at trace time. H200, 2026-12-01 late: fp8 + fp8 KV throughput
     10,612 -> 10,906 tok/s, mostly in the prompt-chunk steps (benchmarks/RESULTS.md); it was
-    within noise in fp8 alone the day before (10,078 / 9,986 against 9,794 / 10,131)."""
+    within noise in fp8 alone that afternoon (10,078 / 9,986 against 9,794 / 10,131)."""
     return gemm_out_dtype_from_env(FP8_GEMM_OUT_ENV, model_dtype, default="model")
 
 
