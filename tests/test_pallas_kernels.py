@@ -13,7 +13,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -468,7 +471,7 @@ def test_masked_tail_only_defaults_on_in_the_prefill_launch_alone():
 
 
 @pytest.mark.parametrize("knob", ["block_q", "pages_per_block", "decode_pages_per_block",
-                                  "decode_splits"])
+                                  "decode_splits", "decode_heads_per_program"])
 def test_non_positive_knob_is_a_value_error_naming_it(knob):
     with pytest.raises(ValueError, match=f"{knob} must be a positive int.*got 0"):
         _launch_names(4, 40, **{knob: 0})
@@ -588,6 +591,31 @@ def test_fp8_matmul_accepts_per_tensor_scales():
                      interpret=True)
     assert _rel_err(got, ref) < 1e-5
     assert _rel_err(fp8_matmul_xla(xq, xs, wq, ws, out_dtype=jnp.float32), ref) < 1e-5
+
+
+def test_decode_sweep_of_several_heads_a_program_runs_and_feeds_the_fp8_table(tmp_path):
+    # kernels.py --decode-variants hp (tiny shapes, interpret mode): the table's config and the
+    # two-heads config run correct, and a row of the sweep with hp > 1 reaches the derived
+    # table as its third value.
+    out = tmp_path / "k.jsonl"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke", "--sections",
+         "decode", "--decode-variants", "hp", "--kv-dtype", "fp8", "--fp8-kv-dot", "float16",
+         "--out", str(out)], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    hps = {r["config"].get("decode_heads_per_program", 1) for r in rows
+           if r["impl"] == "pallas" and r["ok"]}
+    assert hps == {1, 2}
+    for r in rows:  # the two-heads row the fastest: the table takes it with its third value
+        if r["impl"] == "pallas":
+            r["time_us"] = 1.0 if r["config"].get("decode_heads_per_program") == 2 else 9.0
+            r.pop("time_us_loop", None)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    decode, _ = _load_kernels_benchmark().table_from_results(out, kv_dtype="fp8")
+    (entry,) = decode.values()
+    assert len(entry) == 3 and entry[2] == 2
 
 
 def test_table_from_a_sweep_ranks_by_device_time_where_every_row_has_it(tmp_path):

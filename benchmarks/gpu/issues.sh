@@ -85,6 +85,10 @@ quiet() { grep -v "Compiling\|it/s\]\|bucket/s" ; }
 # one tarball under $OUT (few files come back from the device machine).
 show_logs() { for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -$1; done
               tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L; }
+# One line per throughput log of the mode: its output tok/s and split by step kind.
+tp_rows() { for f in $L/tp_*.log; do
+              echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"
+            done; }
 T=${T:-560}  # seconds each lane may take, so the call returns its logs before the limit
 # Offline throughput, 1,000 x 512/128, once (the modes add batch limits / quantization).
 TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
@@ -481,7 +485,7 @@ kvwrite)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-01 ev
     > $L/tp_fp8kv_atomic.log 2>&1
   timeout 100 $TP > $L/tp_bf16_unique.log 2>&1
   JAXLLM_KV_WRITE_UNIQUE=0 timeout 100 $TP > $L/tp_bf16_atomic.log 2>&1
-  for f in $L/tp_*.log; do echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"; done
+  tp_rows
   timeout 100 python3 benchmarks/profile_step.py --out-dir /tmp/prof --top 16 --out $OUT/prof.jsonl \
     --prefill-tokens 16384 --context 512 --steps 3 --quantization fp8 > $L/prefill_fp8.log 2>&1
   grep -A17 "^prefill " $L/prefill_fp8.log | cut -c1-150
@@ -521,7 +525,7 @@ PY
   JAXLLM_ATTENTION_KNOBS="$KN" timeout 100 $F8 > $L/tp_fp8kv_hp.log 2>&1
   timeout 100 $F8 > $L/tp_fp8kv_default.log 2>&1
   JAXLLM_ATTENTION_KNOBS="$KN" JAXLLM_FP8_GEMM_OUT=model timeout 100 $F8 > $L/tp_fp8kv_hp_bf16out.log 2>&1
-  for f in $L/tp_*.log; do echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"; done
+  tp_rows
   show_logs 2 ;;
 confirm)  # nvidia-h200 (one GPU), one call (issue 6), after hp: the new defaults (the fp8 decode
   # table's two KV heads a program, the W8A8 GEMM writing bf16) against bf16 in the same call,
@@ -536,7 +540,7 @@ confirm)  # nvidia-h200 (one GPU), one call (issue 6), after hp: the new default
   timeout 100 $F8 > $L/tp_fp8kv_2.log 2>&1
   timeout 100 $TP --quantization fp8 > $L/tp_fp8.log 2>&1
   [ $((SECONDS - S0)) -lt 420 ] && timeout 95 $TP > $L/tp_bf16_2.log 2>&1
-  for f in $L/tp_*.log; do echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"; done
+  tp_rows
   show_logs 2 ;;
 gputests)  # nvidia-h200 (one GPU), one call: the GPU tests (tests/test_gpu.py: the compiled
   # kernels against their references, several KV heads a decode program included, and the
@@ -561,7 +565,7 @@ swiglu)  # nvidia-h200 (one GPU), one call (issue 6): the fp8 MLP's fused SwiGLU
   timeout 100 $TP --quantization fp8 > $L/tp_fp8_unfused.log 2>&1
   $ON timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused_2.log 2>&1
   $ON JAXLLM_FP8_GEMM_OUT=model timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused_bf16out.log 2>&1
-  for f in $L/tp_*.log; do echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"; done
+  tp_rows
   $ON timeout 100 python3 benchmarks/profile_step.py --out-dir /tmp/prof --top 16 --out $OUT/prof.jsonl \
     --prefill-tokens 16384 --context 512 --steps 3 --quantization fp8 > $L/prefill_fp8.log 2>&1
   grep -A17 "^prefill " $L/prefill_fp8.log | cut -c1-150
@@ -571,7 +575,7 @@ swiglu2)  # the same kernel's tiles (swiglu found 2048 channels x 4 warps 12x sl
   L=$OUT/logs; mkdir -p $L
   timeout 90 python3 benchmarks/gpu/swiglu_quant.py 2>&1 | tee $L/swiglu_kernel.log | tail -21
   JAXLLM_FP8_FUSED_SWIGLU=1 timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused.log 2>&1
-  for f in $L/tp_*.log; do echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"; done
+  tp_rows
   show_logs 2 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
