@@ -69,6 +69,8 @@
 #   bash benchmarks/gpu/issues.sh gputests (one GPU) tests/test_gpu.py, then bf16 batch-1 latency
 #   bash benchmarks/gpu/issues.sh swiglu   (one GPU) the fp8 MLP's fused SwiGLU + quantization
 #                                          kernel, then fp8 throughput with and without it
+#   bash benchmarks/gpu/issues.sh swiglu3  (one GPU) the SwiGLU kernel's row mode vs XLA; fp8 +
+#                                          fp8 KV throughput with it and without
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -577,6 +579,25 @@ swiglu2)  # the same kernel's tiles (swiglu found 2048 channels x 4 warps 12x sl
   JAXLLM_FP8_FUSED_SWIGLU=1 timeout 100 $TP --quantization fp8 > $L/tp_fp8_fused.log 2>&1
   tp_rows
   show_logs 2 ;;
+swiglu3)  # nvidia-h200 (one GPU), one call (issue 6): the SwiGLU + quantization kernel's row
+  # mode (the whole row in registers, one read of the GEMM output) against XLA and the chunked
+  # walk; then fp8 + fp8 KV throughput with it (JAXLLM_FP8_FUSED_SWIGLU=1) and without,
+  # interleaved; then the fp8 prefill step's profile with it.
+  L=$OUT/logs; mkdir -p $L; S0=$SECONDS
+  timeout 100 python3 benchmarks/gpu/swiglu_quant.py --out $OUT/swiglu.jsonl 2>&1 \
+    | tee $L/swiglu_kernel.log | tail -21
+  F8="$TP --quantization fp8 --kv-cache-dtype fp8"
+  ON="env JAXLLM_FP8_FUSED_SWIGLU=1"
+  $ON timeout 100 $F8 > $L/tp_fp8kv_fused_1.log 2>&1
+  timeout 100 $F8 > $L/tp_fp8kv_unfused_1.log 2>&1
+  $ON timeout 100 $F8 > $L/tp_fp8kv_fused_2.log 2>&1
+  timeout 100 $F8 > $L/tp_fp8kv_unfused_2.log 2>&1
+  tp_rows
+  [ $((SECONDS - S0)) -lt 450 ] && $ON timeout 100 python3 benchmarks/profile_step.py \
+    --out-dir /tmp/prof --top 16 --out $OUT/prof.jsonl --prefill-tokens 16384 --context 512 \
+    --steps 3 --quantization fp8 > $L/prefill_fp8.log 2>&1
+  grep -A17 "^prefill " $L/prefill_fp8.log | cut -c1-150
+  show_logs 3 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
   # bf16's 17.9): profile a 16384-token prefill step (32 prompts x 512) in fp8 and bf16, op

@@ -31,7 +31,7 @@ from jaxllm.models.attention import heads_mesh
 from jaxllm.models.fused import FUSED_LINEARS
 from pallas_kernels.fp8_matmul import (E4M3_MAX, FP8, fp8_matmul_xla,
                                        quantize_activation_per_token)
-from pallas_kernels.silu_mul_quant import silu_mul_quant
+from pallas_kernels.silu_mul_quant import row_mode_fits, silu_mul_quant
 
 logger = logging.getLogger("jaxllm")
 
@@ -170,6 +170,7 @@ def fp8_swiglu_mlp(x: jax.Array, gate_up, down) -> jax.Array | None:
                               (((1,), (1,)), ((), ())), preferred_element_type=gemm_out)
     xs = jnp.broadcast_to(jnp.asarray(xs, jnp.float32).reshape(-1), (T,))
     hq, hs = silu_mul_quant(acc, xs, gate_up.weight_scale[...].reshape(A * C),
+                            mode="row" if row_mode_fits(T, A) else "chunked",
                             interpret=jax.default_backend() != "gpu")
     return fp8_matmul_xla(hq, hs, down.weight[...], down.weight_scale[...], out_dtype=x.dtype,
                           w_transposed=True, acc_dtype=gemm_out)

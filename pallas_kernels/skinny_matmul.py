@@ -1,0 +1,171 @@
+"""Skinny matmul: a few token rows (M <= 64) against a whole weight, at the weight's read speed.
+
+Dimension keys: M rows (tokens), K contraction (input features), N output features.
+
+A decode step's projections are skinny GEMMs: M is the step's token rows (1-64), the weight is
+[K, N] with K, N in the thousands, so the time is the weight's bytes over the read bandwidth plus
+the kernel's start and tail. XLA's GEMMs read the q/k/v and o weights of the Llama-3-8B shape at
+only 3.2 TB/s at batch 1 (of 4.3 on the H200), and its fp8 weight-only GEMMs (the e4m3 upcast
+fused into the dot) at ~2.8 TB/s (benchmarks/RESULTS.md). This kernel is built for that shape
+class: one block of rows holds every row, the grid runs over N blocks and K splits, and each
+program streams its [block_n, block_k] weight tiles through the software pipeline
+(``num_stages``) while the rows stay in registers.
+
+Operands and what runs on the tensor cores:
+  x        [M, K] bf16/float32 (or e4m3 with ``x_scale``: W8A8)
+  w        [N, K] ("nk", K contiguous: HF's Linear layout, the fp8 weights of the engine) or
+           [K, N] ("kn": nnx.Linear's kernel, the bf16 weights of the engine); bf16, float32 or
+           e4m3
+  w_scale  [N] or None (per output channel; fp8 weights)
+  x_scale  [M] or None (per token; only with an e4m3 x)
+  ->       [M, N] ``out_dtype``: x @ w (w^T for "nk"), scaled by x_scale[m] * w_scale[n], fp32
+           accumulation.
+
+  - e4m3 x with e4m3 w: the fp8 x fp8 dot (W8A8).
+  - any other mix: both sides upcast to x's dtype in registers (e4m3 w with bf16 x is W8A16,
+    the weight-only path of the engine's fp8 decode steps).
+
+``split_k`` > 1 splits K over programs. Each writes its scaled fp32 partial ([split_k, M, N]);
+their sum (``skinny_matmul`` returns it) is a reduce XLA fuses into the consumer of the output,
+as it does with its own split-K GEMMs. Rows beyond M are masked (never padded outside: a pad
+would be one more kernel a projection). K must be a multiple of ``block_k * split_k`` and N of
+``block_n`` (``skinny_fits``); the engine keeps XLA's GEMM otherwise.
+
+``skinny_matmul_reference`` is the contract, in float32 at HIGHEST precision.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+FP8 = jnp.float8_e4m3fn
+MAX_ROWS = 64  # one block of rows: beyond this the GEMM is no longer skinny
+
+
+def skinny_matmul_reference(x, w, w_scale=None, x_scale=None, *, w_layout: str = "nk",
+                            out_dtype=None) -> jax.Array:
+    """Dequantize to float32, float32 matmul at HIGHEST precision, cast: [M, N]."""
+    out_dtype = out_dtype or (jnp.bfloat16 if x.dtype == FP8 else x.dtype)
+    wf = w.astype(jnp.float32)
+    wf = wf.T if w_layout == "nk" else wf
+    xf = x.astype(jnp.float32)
+    if x_scale is not None:
+        xf = xf * x_scale.astype(jnp.float32)[:, None]
+    y = jnp.dot(xf, wf, precision=jax.lax.Precision.HIGHEST)
+    if w_scale is not None:
+        y = y * w_scale.astype(jnp.float32)[None, :]
+    return y.astype(out_dtype)
+
+
+def skinny_fits(M: int, K: int, N: int, *, block_n: int, block_k: int, split_k: int) -> bool:
+    """Whether ``skinny_matmul`` takes this shape with these blocks (no padding: whole blocks)."""
+    return 1 <= M <= MAX_ROWS and N % block_n == 0 and K % (block_k * split_k) == 0
+
+
+def _block_m(M: int) -> int:
+    return max(16, 1 << (M - 1).bit_length())  # tensor-core dots take >= 16 rows
+
+
+def _kernel(x_ref, w_ref, *rest, M, block_m, block_n, block_k, k_per_split, w_layout, fp8_dot,
+            has_ws, has_xs):
+    refs = list(rest)
+    ws_ref = refs.pop(0) if has_ws else None
+    xs_ref = refs.pop(0) if has_xs else None
+    (o_ref,) = refs
+    j = pl.program_id(0)
+    sp = pl.program_id(1)
+    rm = jnp.arange(block_m, dtype=jnp.int32)
+    row_ok = rm < M
+    rn = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    k_off = jnp.arange(block_k, dtype=jnp.int32)
+    k0 = sp * k_per_split
+
+    def body(kb, acc):
+        rk = k0 + kb * block_k + k_off
+        x = plgpu.load(x_ref.at[rm[:, None], rk[None, :]], mask=row_ok[:, None], other=0) \
+            if not fp8_dot else plgpu.load(x_ref.at[rm[:, None], rk[None, :]])
+        if w_layout == "nk":
+            w = plgpu.load(w_ref.at[rn[:, None], rk[None, :]]).T  # [block_k, block_n]
+        else:
+            w = plgpu.load(w_ref.at[rk[:, None], rn[None, :]])
+        if not fp8_dot:
+            w = w.astype(x.dtype)
+        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, k_per_split // block_k, body,
+                            jnp.zeros((block_m, block_n), jnp.float32))
+    if has_ws:
+        acc = acc * plgpu.load(ws_ref.at[rn])[None, :]
+    if has_xs:
+        acc = acc * plgpu.load(xs_ref.at[rm], mask=row_ok, other=0.0)[:, None]
+    rows = sp * M + rm
+    plgpu.store(o_ref.at[rows[:, None], rn[None, :]], acc.astype(o_ref.dtype),
+                mask=row_ok[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("w_layout", "out_dtype", "block_n", "block_k",
+                                             "split_k", "num_warps", "num_stages", "interpret"))
+def skinny_matmul(x, w, w_scale=None, x_scale=None, *, w_layout: str = "nk", out_dtype=None,
+                  block_n: int = 64, block_k: int = 256, split_k: int = 1, num_warps: int = 4,
+                  num_stages: int = 4, interpret: bool = False) -> jax.Array:
+    """Pallas (Triton) ``skinny_matmul_reference`` for M <= 64 rows (see the module docstring).
+
+    ``out_dtype``: default x's dtype (bf16 for an e4m3 x). Blocks are powers of two >= 16.
+    """
+    if w_layout not in ("nk", "kn"):
+        raise ValueError(f"w_layout must be 'nk' or 'kn', got {w_layout!r}")
+    M, K = x.shape
+    N, Kw = w.shape if w_layout == "nk" else w.shape[::-1]
+    if Kw != K:
+        raise ValueError(f"x is [{M}, {K}] but w ({w_layout}) is {tuple(w.shape)}")
+    for name, b in (("block_n", block_n), ("block_k", block_k)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {b}")
+    if split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    if not skinny_fits(M, K, N, block_n=block_n, block_k=block_k, split_k=split_k):
+        raise ValueError(
+            f"skinny_matmul takes 1 <= M <= {MAX_ROWS}, N a multiple of block_n and K of "
+            f"block_k * split_k; got M={M}, K={K}, N={N}, block_n={block_n}, "
+            f"block_k={block_k}, split_k={split_k}")
+    fp8_dot = x.dtype == FP8
+    if fp8_dot and (w.dtype != FP8 or x_scale is None):
+        raise ValueError("an e4m3 x needs an e4m3 w and x_scale (W8A8)")
+    if x_scale is not None and not fp8_dot:
+        raise ValueError("x_scale is for an e4m3 x; scale a bf16 x before the call")
+    if w_scale is not None and w_scale.shape != (N,):
+        raise ValueError(f"w_scale must be [{N}], got {w_scale.shape}")
+    if x_scale is not None and x_scale.shape != (M,):
+        raise ValueError(f"x_scale must be [{M}], got {x_scale.shape}")
+    block_m = _block_m(M)
+    if fp8_dot and block_m != M:
+        # A masked e4m3 load needs an e4m3 fill, which Triton cannot build (see fp8_matmul).
+        x = jnp.pad(x, ((0, block_m - M), (0, 0)))
+    out_dtype = jnp.dtype(out_dtype or (jnp.bfloat16 if fp8_dot else x.dtype))
+    k_per_split = K // split_k
+    operands = [x, w]
+    if w_scale is not None:
+        operands.append(w_scale.astype(jnp.float32))
+    if x_scale is not None:
+        operands.append(x_scale.astype(jnp.float32))
+    kernel = functools.partial(
+        _kernel, M=M, block_m=block_m, block_n=block_n, block_k=block_k,
+        k_per_split=k_per_split, w_layout=w_layout, fp8_dot=fp8_dot,
+        has_ws=w_scale is not None, has_xs=x_scale is not None)
+    part_dtype = out_dtype if split_k == 1 else jnp.float32
+    out = pl.pallas_call(
+        kernel,
+        grid=(N // block_n, split_k),
+        out_shape=jax.ShapeDtypeStruct((split_k * M, N), part_dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"skinny_matmul_{w_layout}_{block_n}x{block_k}_s{split_k}",
+    )(*operands)
+    if split_k == 1:
+        return out
+    return out.reshape(split_k, M, N).sum(axis=0).astype(out_dtype)
