@@ -13,15 +13,18 @@ Without this kernel XLA runs it as two passes over the GEMM output (the scales, 
 product and the row max in one reduce fusion; the product again and the e4m3 cast in a second),
 and the float32 [T, 2F] output is the largest tensor of an fp8 prefill step: 1.9 GB at 16384
 tokens of the Llama-3-8B shape, 0.94 ms a layer (H200 profile, benchmarks/RESULTS.md). The
-kernel reads it once from memory: one program per token row walks the row twice, in chunks
-(the max, then the cast), and the second walk reads the row back from L2.
+kernel reads it once from memory: a program walks its token rows twice, in chunks (the max,
+then the cast), and the second walk reads the rows back from L2.
 
 Measured slower than XLA (H200, 2026-12-01; ``benchmarks/gpu/swiglu_quant.py``): at 16384 x
 14336, float32, 1.27-1.28 ms at 256-512 channels a step against XLA's 0.97 (12.0 ms at 2048
 channels and 4 warps, likely register spills); the gate and up columns are interleaved, so each
-step reads them as two stride-2 gathers. So the engine runs it only when asked for
-(``JAXLLM_FP8_FUSED_SWIGLU=1``, ``jaxllm.models.fp8.fp8_swiglu_mlp``). Loading contiguous
-[rows, 2 x chunk] tiles and splitting them in registers is the next thing to try.
+step read them as two stride-2 gathers. A version holding the whole row in registers (one read,
+no walk) was 4-6x slower still (3.3-6.0 ms at 16384 x bf16, 4-32 warps: the 16384-lane
+gathers). So the kernel now loads contiguous [rows, chunk, 2] tiles (gate and up side by side,
+as in memory) and splits them in registers (``lax.unstack``: Triton's ``tt.split``). The engine
+runs it only when asked for (``JAXLLM_FP8_FUSED_SWIGLU=1``,
+``jaxllm.models.fp8.fp8_swiglu_mlp``) unless a measurement says otherwise.
 
 ``silu_mul_quant_reference`` is the plain-jnp contract (float32 math, elementwise but for the
 row max); the kernel computes the same values (on the H200: no e4m3 value differed at 16384 and
@@ -61,114 +64,84 @@ def silu_mul_quant_reference(acc: jax.Array, x_scale: jax.Array, w_scale: jax.Ar
     return q, scale
 
 
-def chunk_for(F: int, max_chunk: int = 256) -> int:
+def chunk_for(F: int, max_chunk: int = 512) -> int:
     """The kernel's chunk of channels: the largest power of two <= max_chunk that divides F."""
     return min(F & -F, max_chunk)
 
 
-def _kernel(acc_ref, xs_ref, ws_ref, q_ref, s_ref, *, F, chunk):
-    t = pl.program_id(0)
+def fits(T: int, F: int) -> bool:
+    """Whether the kernel takes [T, 2F]: its flat offsets are int32."""
+    return T * 2 * F < 2**31
+
+
+def _kernel(acc_ref, xs_ref, ws_ref, q_ref, s_ref, *, T, F, chunk, rows):
+    # acc and q are flat ([T * 2F], [T * F]; XLA's reshape is a bitcast). A program takes
+    # ``rows`` token rows and walks them twice in [rows, chunk, 2] tiles: contiguous in memory
+    # (each row's 2 x chunk values side by side), split into gate and up in registers.
+    i = pl.program_id(0)
+    r = i * rows + jnp.arange(rows, dtype=jnp.int32)  # [R]
+    r_ok = r < T
     f0 = jnp.arange(chunk, dtype=jnp.int32)
-    rows = jnp.full((chunk,), t, jnp.int32)
-    xs = plgpu.load(xs_ref.at[jnp.full((1,), t, jnp.int32)])  # [1]
+    pair = jnp.arange(2, dtype=jnp.int32)
+    xs = plgpu.load(xs_ref.at[r], mask=r_ok, other=0.0)[:, None]  # [R, 1]; 0: h = 0
+    tile_ok = jnp.broadcast_to(r_ok[:, None, None], (rows, chunk, 2))
 
     def h_of(c):
-        f = c * chunk + f0
-        g = plgpu.load(acc_ref.at[rows, 2 * f])
-        u = plgpu.load(acc_ref.at[rows, 2 * f + 1])
-        return _swiglu(g, u, xs, plgpu.load(ws_ref.at[2 * f]), plgpu.load(ws_ref.at[2 * f + 1])), f
+        f = c * chunk + f0  # [C]
+        col = 2 * f[:, None] + pair[None, :]  # [C, 2]
+        a = plgpu.load(acc_ref.at[r[:, None, None] * (2 * F) + col[None]], mask=tile_ok,
+                       other=0.0)  # [R, C, 2]
+        g, u = jax.lax.unstack(a, axis=2)
+        ws_g, ws_u = jax.lax.unstack(plgpu.load(ws_ref.at[col]), axis=1)  # [C] each
+        return _swiglu(g, u, xs, ws_g[None, :], ws_u[None, :]), f
 
     def amax_body(c, m):
         h, _ = h_of(c)
-        return jnp.maximum(m, jnp.max(jnp.abs(h)))
+        return jnp.maximum(m, jnp.max(jnp.abs(h), axis=1))
 
-    amax = jax.lax.fori_loop(0, F // chunk, amax_body, jnp.zeros((), jnp.float32))
-    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+    amax = jax.lax.fori_loop(0, F // chunk, amax_body, jnp.zeros((rows,), jnp.float32))
+    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)  # [R]
+    out_ok = jnp.broadcast_to(r_ok[:, None], (rows, chunk))
 
     def cast_body(c, carry):
         h, f = h_of(c)
-        q = jnp.clip(h / scale, -E4M3_MAX, E4M3_MAX).astype(FP8)
-        plgpu.store(q_ref.at[rows, f], q)
+        q = jnp.clip(h / scale[:, None], -E4M3_MAX, E4M3_MAX).astype(FP8)
+        plgpu.store(q_ref.at[r[:, None] * F + f[None, :]], q, mask=out_ok)
         return carry
 
     jax.lax.fori_loop(0, F // chunk, cast_body, 0)
-    plgpu.store(s_ref.at[jnp.full((1,), t, jnp.int32)], jnp.full((1,), scale, jnp.float32))
+    plgpu.store(s_ref.at[r], scale, mask=r_ok)
 
 
-def _row_kernel(acc_ref, xs_ref, ws_ref, q_ref, s_ref, *, F, F_pad):
-    # acc, q flat ([T * 2F], [T * F]): one program holds its whole row in registers (F_pad
-    # lanes, the tail masked), so the GEMM output is read once and nothing is re-read.
-    t = pl.program_id(0)
-    f = jnp.arange(F_pad, dtype=jnp.int32)
-    ok = f < F
-    base = t * (2 * F)
-    g = plgpu.load(acc_ref.at[base + 2 * f], mask=ok, other=0.0)
-    u = plgpu.load(acc_ref.at[base + 2 * f + 1], mask=ok, other=0.0)
-    ws_g = plgpu.load(ws_ref.at[2 * f], mask=ok, other=0.0)
-    ws_u = plgpu.load(ws_ref.at[2 * f + 1], mask=ok, other=0.0)
-    xs = plgpu.load(xs_ref.at[jnp.full((1,), t, jnp.int32)])  # [1]
-    h = _swiglu(g, u, xs, ws_g, ws_u)  # the masked tail: silu(0) * 0 = 0, no effect on the max
-    amax = jnp.max(jnp.abs(h))
-    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
-    q = jnp.clip(h / scale, -E4M3_MAX, E4M3_MAX).astype(FP8)
-    plgpu.store(q_ref.at[t * F + f], q, mask=ok)
-    plgpu.store(s_ref.at[jnp.full((1,), t, jnp.int32)], jnp.full((1,), scale, jnp.float32))
-
-
-# The row mode's widest row: lanes a program holds (g and u in float32: 2 x 32768 x 4 B over
-# 32 warps is 64 registers a thread).
-MAX_ROW_LANES = 32768
-
-
-def row_mode_fits(T: int, F: int) -> bool:
-    """Whether the row mode takes [T, 2F]: the row fits the program and flat offsets int32."""
-    return (1 << (F - 1).bit_length()) <= MAX_ROW_LANES and T * 2 * F < 2**31
-
-
-@functools.partial(jax.jit, static_argnames=("mode", "chunk", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("chunk", "rows", "num_warps", "interpret"))
 def silu_mul_quant(acc: jax.Array, x_scale: jax.Array, w_scale: jax.Array, *,
-                   mode: str = "row", chunk: int | None = None, num_warps: int | None = None,
+                   chunk: int | None = None, rows: int = 1, num_warps: int = 4,
                    interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """Pallas (Triton) ``silu_mul_quant_reference``: acc [T, 2F] (float32 or bf16), x_scale [T],
     w_scale [2F] -> (h_fp8 [T, F] e4m3, h_scale [T] float32).
 
-    ``mode``: "row" (one program a row, the whole row in registers: one read of acc; needs
-    ``row_mode_fits``) or "chunked" (one program a row walking it twice in ``chunk`` channels,
-    a power of two dividing F, default ``chunk_for(F)``; the first version, measured slower
-    than XLA). ``num_warps``: default 16 for "row", 4 for "chunked"."""
+    ``chunk``: channels a tile, a power of two dividing F (default ``chunk_for(F)``); ``rows``:
+    token rows a program, a power of two (T need not be a multiple: the tail is masked)."""
     T, F2 = acc.shape
     if F2 % 2:
         raise ValueError(f"acc must be [T, 2F] (gate and up side by side), got {acc.shape}")
     F = F2 // 2
-    if x_scale.shape != (T,) or w_scale.shape != (F2,):
-        raise ValueError(f"x_scale must be [{T}] and w_scale [{F2}], got {x_scale.shape} and "
-                         f"{w_scale.shape}")
-    out_shape = (jax.ShapeDtypeStruct((T, F), FP8), jax.ShapeDtypeStruct((T,), jnp.float32))
-    xs, ws = x_scale.astype(jnp.float32), w_scale.astype(jnp.float32)
-    if mode == "row":
-        if not row_mode_fits(T, F):
-            raise ValueError(f"the row mode takes F <= {MAX_ROW_LANES} and T * 2F < 2**31; got "
-                             f"T={T}, F={F}: use mode='chunked'")
-        F_pad = 1 << (F - 1).bit_length()
-        q, s = pl.pallas_call(
-            functools.partial(_row_kernel, F=F, F_pad=F_pad),
-            grid=(T,),
-            out_shape=(jax.ShapeDtypeStruct((T * F,), FP8), out_shape[1]),
-            compiler_params=plgpu.CompilerParams(num_warps=num_warps or 16, num_stages=1),
-            interpret=interpret,
-            name="silu_mul_quant_row",
-        )(acc.reshape(T * F2), xs, ws)
-        return q.reshape(T, F), s
-    if mode != "chunked":
-        raise ValueError(f"mode must be 'row' or 'chunked', got {mode!r}")
     chunk = chunk_for(F) if chunk is None else chunk
     if chunk < 1 or chunk & (chunk - 1) or F % chunk:
         raise ValueError(f"chunk must be a power of two dividing F={F}, got {chunk}")
-    return pl.pallas_call(
-        functools.partial(_kernel, F=F, chunk=chunk),
-        grid=(T,),
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=1),
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"rows must be a power of two, got {rows}")
+    if x_scale.shape != (T,) or w_scale.shape != (F2,):
+        raise ValueError(f"x_scale must be [{T}] and w_scale [{F2}], got {x_scale.shape} and "
+                         f"{w_scale.shape}")
+    if not fits(T, F):
+        raise ValueError(f"T * 2F must be < 2**31 (int32 offsets), got T={T}, F={F}")
+    q, s = pl.pallas_call(
+        functools.partial(_kernel, T=T, F=F, chunk=chunk, rows=rows),
+        grid=(pl.cdiv(T, rows),),
+        out_shape=(jax.ShapeDtypeStruct((T * F,), FP8), jax.ShapeDtypeStruct((T,), jnp.float32)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name=f"silu_mul_quant_c{chunk}",
-    )(acc, xs, ws)
+        name=f"silu_mul_quant_r{rows}_c{chunk}",
+    )(acc.reshape(T * F2), x_scale.astype(jnp.float32), w_scale.astype(jnp.float32))
+    return q.reshape(T, F), s

@@ -271,23 +271,22 @@ def test_small_llama_weight_only_fp8_is_closer_to_the_dense_model_than_w8a8(smal
     assert w8a16_err < 0.9 * w8a8_err and agree >= 0.85, (w8a16_err, w8a8_err, agree)
 
 
-@pytest.mark.parametrize("mode", ["row", "chunked"])
 @pytest.mark.parametrize("acc_dtype", [jnp.float32, jnp.bfloat16])
-def test_silu_mul_quant_kernel_matches_the_reference(acc_dtype, mode):
-    """The fused SwiGLU + per-token quantization kernel (interpret mode; both modes: the whole
-    row in registers, F padded to a power of two and masked, and the chunked walk) against its
-    jnp reference, on fresh random GEMM outputs and scales: the same scales, and the same e4m3
-    values but where float32 rounding moves one across an e4m3 rounding edge (1 ulp)."""
+def test_silu_mul_quant_kernel_matches_the_reference(acc_dtype):
+    """The fused SwiGLU + per-token quantization kernel (interpret mode: one or several token
+    rows a program, T not a multiple of them) against its jnp reference, on fresh random GEMM
+    outputs and scales: the same scales, and the same e4m3 values but where float32 rounding
+    moves one across an e4m3 rounding edge (1 ulp)."""
     from pallas_kernels.silu_mul_quant import silu_mul_quant, silu_mul_quant_reference
 
-    rng = np.random.default_rng(5 if mode == "row" else 6)
-    for T, F, chunk in [(7, 96, None), (3, 64, 16), (2, 48, None)]:
-        chunk = chunk if mode == "chunked" else None
+    rng = np.random.default_rng(5)
+    for T, F, chunk, rows in [(7, 96, None, 1), (3, 64, 16, 2), (2, 48, None, 1),
+                              (9, 64, 32, 4)]:
         acc = jnp.asarray(rng.normal(size=(T, 2 * F)) * 30, acc_dtype)
         acc = acc.at[0].set(0)  # an all-zero row: scale 1, zeros
         xs = jnp.asarray(rng.uniform(0.01, 0.1, T), jnp.float32)
         ws = jnp.asarray(rng.uniform(1e-3, 1e-2, 2 * F), jnp.float32)
-        q, s = silu_mul_quant(acc, xs, ws, mode=mode, chunk=chunk, interpret=True)
+        q, s = silu_mul_quant(acc, xs, ws, chunk=chunk, rows=rows, interpret=True)
         qr, sr = silu_mul_quant_reference(acc, xs, ws)
         assert q.dtype == jnp.float8_e4m3fn and q.shape == (T, F) and s.shape == (T,)
         np.testing.assert_allclose(np.asarray(s), np.asarray(sr), rtol=1e-6)
@@ -301,12 +300,12 @@ def test_silu_mul_quant_kernel_matches_the_reference(acc_dtype, mode):
         h = a[..., 0] / (1 + np.exp(-a[..., 0])) * a[..., 1]
         np.testing.assert_allclose(got * np.asarray(s)[:, None], h, rtol=0.07,
                                    atol=0.07 * np.abs(h).max())
-    with pytest.raises(ValueError, match="chunk"):  # 32 does not divide F = 48
-        silu_mul_quant(acc, xs, ws, mode="chunked", chunk=32, interpret=True)
+    with pytest.raises(ValueError, match="chunk"):  # 128 does not divide F = 64
+        silu_mul_quant(acc, xs, ws, chunk=128, interpret=True)
     with pytest.raises(ValueError, match="gate and up"):
-        silu_mul_quant(acc[:, 1:], xs, ws[1:], mode=mode, interpret=True)
-    with pytest.raises(ValueError, match="mode"):
-        silu_mul_quant(acc, xs, ws, mode="rows", interpret=True)
+        silu_mul_quant(acc[:, 1:], xs, ws[1:], interpret=True)
+    with pytest.raises(ValueError, match="rows"):
+        silu_mul_quant(acc, xs, ws, rows=3, interpret=True)
 
 
 def test_fp8_mlp_runs_the_fused_swiglu_kernel_and_gives_the_unfused_result(small_dense,

@@ -31,7 +31,8 @@ from jaxllm.models.attention import heads_mesh
 from jaxllm.models.fused import FUSED_LINEARS
 from pallas_kernels.fp8_matmul import (E4M3_MAX, FP8, fp8_matmul_xla,
                                        quantize_activation_per_token)
-from pallas_kernels.silu_mul_quant import row_mode_fits, silu_mul_quant
+from pallas_kernels.silu_mul_quant import fits as silu_mul_quant_fits
+from pallas_kernels.silu_mul_quant import silu_mul_quant
 
 logger = logging.getLogger("jaxllm")
 
@@ -145,6 +146,27 @@ def fused_swiglu_enabled() -> bool:
     return raw == "1"
 
 
+SWIGLU_TILE_ENV = "JAXLLM_FP8_SWIGLU_TILE"
+# silu_mul_quant's (token rows a program, channels a tile, warps) in the engine.
+SWIGLU_TILE = (1, 512, 4)
+
+
+def swiglu_tile() -> tuple[int, int, int]:
+    """``JAXLLM_FP8_SWIGLU_TILE`` ("rows,chunk,warps", for sweeps) or ``SWIGLU_TILE``. Read at
+    trace time."""
+    import os
+
+    raw = os.environ.get(SWIGLU_TILE_ENV)
+    if raw is None:
+        return SWIGLU_TILE
+    try:
+        rows, chunk, warps = (int(v) for v in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{SWIGLU_TILE_ENV} must be 'rows,chunk,warps' (three integers), got "
+                         f"{raw!r}.") from None
+    return rows, chunk, warps
+
+
 def fp8_swiglu_mlp(x: jax.Array, gate_up, down) -> jax.Array | None:
     """Llama's MLP, ``down(silu(gate(x)) * up(x))``, over fp8 layers with the SwiGLU and the down
     GEMM's input quantization in one kernel (``pallas_kernels.silu_mul_quant``) that reads the
@@ -160,7 +182,8 @@ def fp8_swiglu_mlp(x: jax.Array, gate_up, down) -> jax.Array | None:
     if (getattr(gate_up, "weight", None) is None or not isinstance(down, Fp8Linear)
             or gate_up.bias is not None or down.bias is not None
             or down.input_scale is not None or x.shape[0] <= weight_only_max_tokens()
-            or heads_mesh() is not None or not fused_swiglu_enabled()):
+            or heads_mesh() is not None or not fused_swiglu_enabled()
+            or not silu_mul_quant_fits(x.shape[0], gate_up.groups[0])):
         return None
     (A, C), I, T = gate_up.groups, gate_up.in_features, x.shape[0]
     scale = None if gate_up.input_scale is None else gate_up.input_scale.get_value()
@@ -169,9 +192,11 @@ def fp8_swiglu_mlp(x: jax.Array, gate_up, down) -> jax.Array | None:
     acc = jax.lax.dot_general(xq, gate_up.weight[...].reshape(A * C, I),
                               (((1,), (1,)), ((), ())), preferred_element_type=gemm_out)
     xs = jnp.broadcast_to(jnp.asarray(xs, jnp.float32).reshape(-1), (T,))
-    hq, hs = silu_mul_quant(acc, xs, gate_up.weight_scale[...].reshape(A * C),
-                            mode="row" if row_mode_fits(T, A) else "chunked",
-                            interpret=jax.default_backend() != "gpu")
+    rows, chunk, warps = swiglu_tile()
+    if A % chunk:
+        chunk = None  # the kernel's default: the largest power of two dividing F, up to 512
+    hq, hs = silu_mul_quant(acc, xs, gate_up.weight_scale[...].reshape(A * C), rows=rows,
+                            chunk=chunk, num_warps=warps, interpret=jax.default_backend() != "gpu")
     return fp8_matmul_xla(hq, hs, down.weight[...], down.weight_scale[...], out_dtype=x.dtype,
                           w_transposed=True, acc_dtype=gemm_out)
 
