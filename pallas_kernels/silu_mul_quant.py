@@ -113,15 +113,17 @@ def _kernel(acc_ref, xs_ref, ws_ref, q_ref, s_ref, *, T, F, chunk, rows):
     plgpu.store(s_ref.at[r], scale, mask=r_ok)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "rows", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("chunk", "rows", "num_warps", "num_stages",
+                                             "interpret"))
 def silu_mul_quant(acc: jax.Array, x_scale: jax.Array, w_scale: jax.Array, *,
                    chunk: int | None = None, rows: int = 1, num_warps: int = 4,
-                   interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                   num_stages: int = 1, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """Pallas (Triton) ``silu_mul_quant_reference``: acc [T, 2F] (float32 or bf16), x_scale [T],
     w_scale [2F] -> (h_fp8 [T, F] e4m3, h_scale [T] float32).
 
     ``chunk``: channels a tile, a power of two dividing F (default ``chunk_for(F)``); ``rows``:
-    token rows a program, a power of two (T need not be a multiple: the tail is masked)."""
+    token rows a program, a power of two (T need not be a multiple: the tail is masked);
+    ``num_stages`` > 1 lets Triton's pipeliner prefetch the walks' next tiles."""
     T, F2 = acc.shape
     if F2 % 2:
         raise ValueError(f"acc must be [T, 2F] (gate and up side by side), got {acc.shape}")
@@ -140,7 +142,7 @@ def silu_mul_quant(acc: jax.Array, x_scale: jax.Array, w_scale: jax.Array, *,
         functools.partial(_kernel, T=T, F=F, chunk=chunk, rows=rows),
         grid=(pl.cdiv(T, rows),),
         out_shape=(jax.ShapeDtypeStruct((T * F,), FP8), jax.ShapeDtypeStruct((T,), jnp.float32)),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"silu_mul_quant_r{rows}_c{chunk}",
     )(acc.reshape(T * F2), x_scale.astype(jnp.float32), w_scale.astype(jnp.float32))

@@ -134,6 +134,55 @@ def test_compiled_pallas_fp8_matmul_matches_reference(M):
         assert _rel_err(got, ref) < 1e-3, kw
 
 
+@pytest.mark.parametrize("M", [1, 8, 64])
+def test_compiled_skinny_matmul_matches_reference(M):
+    """The skinny matmul compiled for the GPU (bf16 [K, N], W8A16 and W8A8 over [N, K] e4m3,
+    split K), fresh random operands at the fused q/k/v projection's shape."""
+    from pallas_kernels.fp8_matmul import (quantize_activation_per_token,
+                                           quantize_weight_per_channel)
+    from pallas_kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
+
+    rng = np.random.default_rng(M)
+    K, N = 4096, 6144
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((K, N)) * 0.02, jnp.bfloat16)
+    wq, ws = quantize_weight_per_channel(w)
+    wq = jnp.asarray(wq.T)
+    xq, xs = quantize_activation_per_token(x)
+    for kw in (dict(block_n=64, block_k=256, split_k=4), dict(block_n=32, block_k=128)):
+        got = skinny_matmul(x, w, w_layout="kn", out_dtype=jnp.float32, **kw)
+        assert _rel_err(got, skinny_matmul_reference(x, w, w_layout="kn",
+                                                     out_dtype=jnp.float32)) < 1e-3, kw
+        got = skinny_matmul(x, wq, ws, out_dtype=jnp.float32, **kw)
+        assert _rel_err(got, skinny_matmul_reference(x, wq, ws, out_dtype=jnp.float32)) < 1e-3
+        got = skinny_matmul(xq, wq, ws, xs, out_dtype=jnp.float32, **kw)
+        assert _rel_err(got, skinny_matmul_reference(xq, wq, ws, xs,
+                                                     out_dtype=jnp.float32)) < 1e-3
+
+
+@pytest.mark.parametrize("T", [5, 1024])
+def test_compiled_silu_mul_quant_matches_reference(T):
+    """The SwiGLU + quantization kernel compiled for the GPU at Llama-3-8B's F, at the engine's
+    tile and a one-row tile: the same scales, and e4m3 values equal but for rare 1-ulp flips."""
+    from jaxllm.models.fp8 import SWIGLU_TILE
+    from pallas_kernels.silu_mul_quant import silu_mul_quant, silu_mul_quant_reference
+
+    F = 14336
+    k1, k2, k3 = jax.random.split(jax.random.key(T), 3)
+    acc = (jax.random.normal(k1, (T, 2 * F), jnp.float32) * 30).astype(jnp.bfloat16)
+    xs = jax.random.uniform(k2, (T,), jnp.float32, 0.01, 0.1)
+    ws = jax.random.uniform(k3, (2 * F,), jnp.float32, 1e-3, 1e-2)
+    qr, sr = silu_mul_quant_reference(acc, xs, ws)
+    rows, chunk, warps, stages = SWIGLU_TILE
+    for kw in (dict(rows=rows, chunk=chunk, num_warps=warps, num_stages=stages),
+               dict(rows=1, chunk=512, num_warps=4)):
+        q, s = silu_mul_quant(acc, xs, ws, **kw)
+        np.testing.assert_allclose(np.asarray(s), np.asarray(sr), rtol=1e-6)
+        got, want = np.asarray(q, np.float32), np.asarray(qr, np.float32)
+        assert (got != want).mean() < 0.01, kw
+        np.testing.assert_allclose(got, want, rtol=0.07, atol=2 ** -9)
+
+
 def test_engine_fp8_greedy_outputs_match_between_pallas_and_reference_attention(
         small_llama_folder):
     """quantization="fp8" + kv_cache_dtype="fp8" on the GPU (cuBLASLt fp8 dots, fp8 pages read

@@ -593,6 +593,58 @@ def test_fp8_matmul_accepts_per_tensor_scales():
     assert _rel_err(fp8_matmul_xla(xq, xs, wq, ws, out_dtype=jnp.float32), ref) < 1e-5
 
 
+@pytest.mark.parametrize("M,split_k", [(1, 1), (5, 2), (16, 1), (40, 4)])
+def test_skinny_matmul_matches_reference_for_bf16_w8a16_and_w8a8(M, split_k):
+    """pallas_kernels.skinny_matmul (interpret mode), fresh random operands: bf16 weights in
+    both layouts, e4m3 weights under bf16 rows (W8A16) and under e4m3 rows (W8A8); rows beyond
+    M masked (M = 5, 40: not a multiple of the 16 / 64-row block), K split over programs."""
+    from pallas_kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
+
+    rng = np.random.default_rng(100 + M)
+    K, N = 256, 96
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((K, N)) * 0.05, jnp.bfloat16)
+    kw = dict(block_n=32, block_k=64, split_k=split_k, interpret=True)
+    exact = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+    for layout, wl in (("kn", w), ("nk", jnp.asarray(w.T))):
+        got = skinny_matmul(x, wl, w_layout=layout, **kw)
+        assert got.shape == (M, N) and got.dtype == jnp.bfloat16
+        assert _rel_err(got, skinny_matmul_reference(x, wl, w_layout=layout)) < 1e-2
+        assert _rel_err(got, exact) < 1e-2
+    wq, ws = quantize_weight_per_channel(w)
+    wq_nk = jnp.asarray(wq.T)
+    got = skinny_matmul(x, wq_nk, ws, **kw)  # W8A16
+    assert _rel_err(got, skinny_matmul_reference(x, wq_nk, ws)) < 1e-2
+    assert _rel_err(got, exact) < 0.05  # e4m3 weights: 3 mantissa bits
+    xq, xs = quantize_activation_per_token(x)
+    got = skinny_matmul(xq, wq_nk, ws, xs, out_dtype=jnp.float32, **kw)  # W8A8
+    assert got.dtype == jnp.float32
+    assert _rel_err(got, fp8_matmul_reference(xq, xs, wq, ws, jnp.float32)) < 1e-5
+    assert _rel_err(got, exact) < 0.08
+
+
+def test_skinny_matmul_rejects_what_it_does_not_take():
+    from pallas_kernels.skinny_matmul import skinny_fits, skinny_matmul
+
+    x = jnp.ones((4, 128), jnp.bfloat16)
+    w = jnp.ones((64, 128), jnp.bfloat16)
+    kw = dict(block_n=32, block_k=64, interpret=True)
+    assert skinny_fits(4, 128, 64, block_n=32, block_k=64, split_k=2)
+    with pytest.raises(ValueError, match="M <= 64"):  # not skinny
+        skinny_matmul(jnp.ones((65, 128), jnp.bfloat16), w, **kw)
+    with pytest.raises(ValueError, match="block_k \\* split_k"):  # 128 is not 3 x 64 blocks
+        skinny_matmul(x, w, split_k=3, **kw)
+    with pytest.raises(ValueError, match="w \\(nk\\)"):  # contraction sizes differ
+        skinny_matmul(x, jnp.ones((64, 96), jnp.bfloat16), **kw)
+    with pytest.raises(ValueError, match="power of two"):
+        skinny_matmul(x, w, block_n=24, block_k=64, interpret=True)
+    xq = x.astype(jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match="W8A8"):  # e4m3 rows need e4m3 weights and scales
+        skinny_matmul(xq, w, **kw)
+    with pytest.raises(ValueError, match="x_scale is for"):
+        skinny_matmul(x, w, x_scale=jnp.ones((4,)), **kw)
+
+
 def test_decode_sweep_of_several_heads_a_program_runs_and_feeds_the_fp8_table(tmp_path):
     # kernels.py --decode-variants hp (tiny shapes, interpret mode): the table's config and the
     # two-heads config run correct, and a row of the sweep with hp > 1 reaches the derived

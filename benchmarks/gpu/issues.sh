@@ -71,6 +71,8 @@
 #                                          kernel, then fp8 throughput with and without it
 #   bash benchmarks/gpu/issues.sh swiglu3  (one GPU) the SwiGLU kernel's row mode vs XLA; fp8 +
 #                                          fp8 KV throughput with it and without
+#   bash benchmarks/gpu/issues.sh night    (one GPU) the SwiGLU kernel with the pipeliner; the GPU
+#                                          tests
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -592,7 +594,7 @@ import json
 rs = [json.loads(l) for l in open('$OUT/swiglu.jsonl')]
 rs = [r for r in rs if r['T'] == 16384 and r['acc'] == 'bfloat16' and r['kernel_us']]
 b = min(rs, key=lambda r: r['kernel_us'])
-print(f\"{b['rows']},{b['chunk']},{b['warps']}\" if b['kernel_us'] < b['xla_us'] else '')")
+print(f\"{b['rows']},{b['chunk']},{b['warps']},{b['stages']}\" if b['kernel_us'] < 0.8 * b['xla_us'] else '')")
   echo "best tile: '$BEST'"
   if [ -n "$BEST" ]; then
     F8="$TP --quantization fp8 --kv-cache-dtype fp8"
@@ -606,6 +608,30 @@ print(f\"{b['rows']},{b['chunk']},{b['warps']}\" if b['kernel_us'] < b['xla_us']
       --steps 3 --quantization fp8 > $L/prefill_fp8.log 2>&1
     grep -A17 "^prefill " $L/prefill_fp8.log | cut -c1-150
   fi
+  show_logs 3 ;;
+night)  # nvidia-h200 (one GPU), one call, 2026-12-01 night: the SwiGLU kernel's tiles with
+  # Triton's pipeliner (stages > 1); if one beats XLA by 20%, fp8 + fp8 KV throughput with it
+  # and without; then the GPU tests (the new skinny-matmul and SwiGLU cases). Carry .bench.
+  L=$OUT/logs; mkdir -p $L
+  timeout 150 python3 benchmarks/gpu/swiglu_quant.py --out $OUT/swiglu.jsonl 2>&1 \
+    | tee $L/swiglu_kernel.log | tail -17
+  BEST=$(python3 -c "
+import json
+rs = [json.loads(l) for l in open('$OUT/swiglu.jsonl')]
+rs = [r for r in rs if r['T'] == 16384 and r['kernel_us']]
+b = min(rs, key=lambda r: r['kernel_us'])
+print(f\"{b['rows']},{b['chunk']},{b['warps']},{b['stages']}\" if b['kernel_us'] < 0.8 * b['xla_us'] else '')")
+  echo "best tile: '$BEST'"
+  if [ -n "$BEST" ]; then
+    F8="$TP --quantization fp8 --kv-cache-dtype fp8"
+    JAXLLM_FP8_FUSED_SWIGLU=1 JAXLLM_FP8_SWIGLU_TILE=$BEST timeout 100 $F8 \
+      > $L/tp_fp8kv_fused.log 2>&1
+    timeout 100 $F8 > $L/tp_fp8kv_unfused.log 2>&1
+    tp_rows
+  fi
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 200 python3 -m pytest -q -m gpu \
+    -p no:cacheprovider tests/test_gpu.py > $L/gpu_tests.log 2>&1
+  grep -v "^\s*$" $L/gpu_tests.log | tail -8
   show_logs 3 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of

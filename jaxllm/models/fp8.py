@@ -147,24 +147,25 @@ def fused_swiglu_enabled() -> bool:
 
 
 SWIGLU_TILE_ENV = "JAXLLM_FP8_SWIGLU_TILE"
-# silu_mul_quant's (token rows a program, channels a tile, warps) in the engine.
-SWIGLU_TILE = (1, 512, 4)
+# silu_mul_quant's (token rows a program, channels a tile, warps, stages) in the engine: the
+# best of the H200 sweep of 2026-12-01 night without the pipeliner (benchmarks/RESULTS.md).
+SWIGLU_TILE = (2, 1024, 8, 1)
 
 
-def swiglu_tile() -> tuple[int, int, int]:
-    """``JAXLLM_FP8_SWIGLU_TILE`` ("rows,chunk,warps", for sweeps) or ``SWIGLU_TILE``. Read at
-    trace time."""
+def swiglu_tile() -> tuple[int, int, int, int]:
+    """``JAXLLM_FP8_SWIGLU_TILE`` ("rows,chunk,warps,stages", for sweeps) or ``SWIGLU_TILE``.
+    Read at trace time."""
     import os
 
     raw = os.environ.get(SWIGLU_TILE_ENV)
     if raw is None:
         return SWIGLU_TILE
     try:
-        rows, chunk, warps = (int(v) for v in raw.split(","))
+        rows, chunk, warps, stages = (int(v) for v in raw.split(","))
     except ValueError:
-        raise ValueError(f"{SWIGLU_TILE_ENV} must be 'rows,chunk,warps' (three integers), got "
-                         f"{raw!r}.") from None
-    return rows, chunk, warps
+        raise ValueError(f"{SWIGLU_TILE_ENV} must be 'rows,chunk,warps,stages' (four integers), "
+                         f"got {raw!r}.") from None
+    return rows, chunk, warps, stages
 
 
 def fp8_swiglu_mlp(x: jax.Array, gate_up, down) -> jax.Array | None:
@@ -192,11 +193,12 @@ def fp8_swiglu_mlp(x: jax.Array, gate_up, down) -> jax.Array | None:
     acc = jax.lax.dot_general(xq, gate_up.weight[...].reshape(A * C, I),
                               (((1,), (1,)), ((), ())), preferred_element_type=gemm_out)
     xs = jnp.broadcast_to(jnp.asarray(xs, jnp.float32).reshape(-1), (T,))
-    rows, chunk, warps = swiglu_tile()
+    rows, chunk, warps, stages = swiglu_tile()
     if A % chunk:
         chunk = None  # the kernel's default: the largest power of two dividing F, up to 512
     hq, hs = silu_mul_quant(acc, xs, gate_up.weight_scale[...].reshape(A * C), rows=rows,
-                            chunk=chunk, num_warps=warps, interpret=jax.default_backend() != "gpu")
+                            chunk=chunk, num_warps=warps, num_stages=stages,
+                            interpret=jax.default_backend() != "gpu")
     return fp8_matmul_xla(hq, hs, down.weight[...], down.weight_scale[...], out_dtype=x.dtype,
                           w_transposed=True, acc_dtype=gemm_out)
 
