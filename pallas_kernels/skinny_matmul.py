@@ -45,6 +45,16 @@ from jax.experimental.pallas import triton as plgpu
 
 FP8 = jnp.float8_e4m3fn
 MAX_ROWS = 64  # one block of rows: beyond this the GEMM is no longer skinny
+# Shared memory a Hopper (H100 / H200) block may take; the pipeline holds num_stages x and w
+# tiles in it (the H200 rejected 4 stages of bf16 64 x 256 tiles at M = 64: 262144 bytes).
+SMEM_BYTES = 232448
+
+
+def smem_bytes(M: int, x_dtype, w_dtype, *, block_n: int, block_k: int,
+               num_stages: int) -> int:
+    """The shared memory of the pipeline's tiles: num_stages x (x tile + w tile)."""
+    return num_stages * block_k * (_block_m(M) * jnp.dtype(x_dtype).itemsize
+                                   + block_n * jnp.dtype(w_dtype).itemsize)
 
 
 def skinny_matmul_reference(x, w, w_scale=None, x_scale=None, *, w_layout: str = "nk",
@@ -133,6 +143,13 @@ def skinny_matmul(x, w, w_scale=None, x_scale=None, *, w_layout: str = "nk", out
             f"skinny_matmul takes 1 <= M <= {MAX_ROWS}, N a multiple of block_n and K of "
             f"block_k * split_k; got M={M}, K={K}, N={N}, block_n={block_n}, "
             f"block_k={block_k}, split_k={split_k}")
+    need = smem_bytes(M, x.dtype, w.dtype, block_n=block_n, block_k=block_k,
+                      num_stages=num_stages)
+    if need > SMEM_BYTES and not interpret:
+        raise ValueError(
+            f"{num_stages} stages of a {_block_m(M)} x {block_k} {x.dtype} tile and a "
+            f"{block_n} x {block_k} {w.dtype} tile need {need} bytes of shared memory, over the "
+            f"{SMEM_BYTES} a block may take: lower num_stages, block_k or block_n")
     fp8_dot = x.dtype == FP8
     if fp8_dot and (w.dtype != FP8 or x_scale is None):
         raise ValueError("an e4m3 x needs an e4m3 w and x_scale (W8A8)")

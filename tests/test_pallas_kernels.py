@@ -643,6 +643,11 @@ def test_skinny_matmul_rejects_what_it_does_not_take():
         skinny_matmul(xq, w, **kw)
     with pytest.raises(ValueError, match="x_scale is for"):
         skinny_matmul(x, w, x_scale=jnp.ones((4,)), **kw)
+    # Compiled (not interpreted), 4 stages of bf16 64 x 256 tiles at 64 rows need 256 KiB of
+    # shared memory: a clear error before Triton's RESOURCE_EXHAUSTED.
+    x64, w64 = jnp.ones((64, 1024), jnp.bfloat16), jnp.ones((1024, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="262144 bytes of shared memory"):
+        skinny_matmul(x64, w64, w_layout="kn", block_n=64, block_k=256, num_stages=4)
 
 
 def test_decode_sweep_of_several_heads_a_program_runs_and_feeds_the_fp8_table(tmp_path):
