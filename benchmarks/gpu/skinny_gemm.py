@@ -47,11 +47,13 @@ def _skinny(*a, **k):
 def configs(K, N, w_itemsize):
     bks = (128, 256) if w_itemsize == 2 else (256, 512)
     out = []
-    for bn in (32, 64, 128):
+    for bn in (16, 32, 64, 128):
         for bk in bks:
             for split in (1, 2, 4, 8):
                 progs = N // bn * split
-                if K % (bk * split) or not (SMOKE or 256 <= progs <= 1600):
+                # One wave of whole-K programs (split 1) is also tried: no partial sums.
+                lo = 128 if split == 1 else 256
+                if K % (bk * split) or not (SMOKE or lo <= progs <= 1600):
                     continue
                 out.append(dict(block_n=bn, block_k=bk, split_k=split, num_warps=4,
                                 num_stages=4))
@@ -74,6 +76,9 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the sweeps")
     ap.add_argument("--shapes", default="qkv,o,gate_up,down")
+    ap.add_argument("--impls", default="pallas_bf16,pallas_w8a16,pallas_w8a8",
+                    help="the Pallas variants to sweep")
+    ap.add_argument("--ms", default="16,64,1,8", help="rows; 16 and 64 are swept, others reuse")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     args = ap.parse_args()
     global SMOKE
@@ -129,7 +134,7 @@ def main():
         xla_fp8 = jax.jit(lambda xq, xs, w, s: fp8_matmul_xla(xq, xs, w, s, w_transposed=True,
                                                               acc_dtype=jnp.bfloat16))
         best = {}
-        for M in (16, 64, 1, 8):
+        for M in [int(m) for m in args.ms.split(",")]:
             x = jax.random.normal(jax.random.key(M), (M, K), jnp.bfloat16)
             xq, xs = quantize_activation_per_token(x)
             ref_b = skinny_matmul_reference(x, wb[0], w_layout="kn")
@@ -155,6 +160,8 @@ def main():
                                 sets_8, ref_8, 1),
             }
             for impl, (mk, sets, ref, itemsize) in variants.items():
+                if impl not in args.impls.split(","):
+                    continue
                 cls = 16 if M <= 16 else 64
                 if M in (16, 64):
                     if M == 64 and impl == "pallas_w8a16":
