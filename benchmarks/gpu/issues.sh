@@ -73,6 +73,8 @@
 #                                          fp8 KV throughput with it and without
 #   bash benchmarks/gpu/issues.sh night    (one GPU) the SwiGLU kernel with the pipeliner; the GPU
 #                                          tests
+#   bash benchmarks/gpu/issues.sh swiglul2 (one GPU) the SwiGLU kernel with rows in flight that fit
+#                                          the L2; one fp8 + fp8 KV run with the best
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -633,6 +635,28 @@ print(f\"{b['rows']},{b['chunk']},{b['warps']},{b['stages']}\" if b['kernel_us']
     -p no:cacheprovider tests/test_gpu.py > $L/gpu_tests.log 2>&1
   grep -v "^\s*$" $L/gpu_tests.log | tail -8
   show_logs 3 ;;
+swiglul2)  # nvidia-h200 (one GPU), one short call: the SwiGLU kernel's second walk re-reads its
+  # rows. At 8 warps a program up to 8 programs an SM are resident: ~1,000 rows x 57 KB = 60 MB,
+  # over the 50 MB L2, so the re-read comes from DRAM. 16-32 warps a program keep 2-4 programs an
+  # SM: the rows in flight fit the L2. If a tile beats XLA by 20%, one fp8 + fp8 KV throughput
+  # run with it (the unfused baseline: the same day's swiglu3 calls, 11,103-11,171 tok/s).
+  L=$OUT/logs; mkdir -p $L
+  timeout 100 python3 benchmarks/gpu/swiglu_quant.py --out $OUT/swiglu.jsonl --ts 16384 \
+    --variants "1,2048,16,1;1,1024,16,1;2,1024,16,1;1,2048,32,1;1,1024,32,1;2,1024,8,1" \
+    2>&1 | tee $L/swiglu_kernel.log | tail -7
+  BEST=$(python3 -c "
+import json
+rs = [json.loads(l) for l in open('$OUT/swiglu.jsonl')]
+rs = [r for r in rs if r['T'] == 16384 and r['kernel_us']]
+b = min(rs, key=lambda r: r['kernel_us'])
+print(f\"{b['rows']},{b['chunk']},{b['warps']},{b['stages']}\" if b['kernel_us'] < 0.8 * b['xla_us'] else '')")
+  echo "best tile: '$BEST'"
+  if [ -n "$BEST" ]; then
+    JAXLLM_FP8_FUSED_SWIGLU=1 JAXLLM_FP8_SWIGLU_TILE=$BEST timeout 110 $TP --quantization fp8 \
+      --kv-cache-dtype fp8 > $L/tp_fp8kv_fused.log 2>&1
+    tp_rows
+  fi
+  show_logs 2 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
   # bf16's 17.9): profile a 16384-token prefill step (32 prompts x 512) in fp8 and bf16, op

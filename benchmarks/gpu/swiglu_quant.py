@@ -2,7 +2,8 @@
 and its GPU time against XLA's fusions of the same jnp code, at the offline workload's prefill
 step (16384 tokens) and a decode batch (1024), Llama-3-8B's F = 14336.
 
-    python3 benchmarks/gpu/swiglu_quant.py [--out FILE.jsonl]
+    python3 benchmarks/gpu/swiglu_quant.py [--out FILE.jsonl] [--ts 16384,1024]
+        [--variants "rows,chunk,warps,stages;..."]
 """
 
 from __future__ import annotations
@@ -27,12 +28,18 @@ VARIANTS = [(2, 1024, 8, 1), (2, 1024, 8, 2), (2, 1024, 8, 3), (1, 1024, 4, 3),
 
 
 def main() -> int:
-    out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+    def arg(name):
+        return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else None
+
+    out = arg("--out")
+    variants = VARIANTS if arg("--variants") is None else [
+        tuple(int(v) for v in t.split(",")) for t in arg("--variants").split(";")]
+    ts = (16384, 1024) if arg("--ts") is None else tuple(int(t) for t in arg("--ts").split(","))
     records = []
     key = jax.random.key(0)
     F = 14336
     print("T     acc   rows chunk warps  kernel_us  xla_us  mismatch  scale_rel")
-    for T in (16384, 1024):
+    for T in ts:
         for acc_dtype in (jnp.bfloat16,):  # the GEMM's output type (the default since 12-01)
             k1, k2, k3 = jax.random.split(jax.random.fold_in(key, T), 3)
             acc = (jax.random.normal(k1, (T, 2 * F), jnp.float32) * 30).astype(acc_dtype)
@@ -43,7 +50,7 @@ def main() -> int:
             tx = device_time(ref, [(acc, xs, ws)])
             # Token rows a program x channels a tile x warps (the stride-2 version of
             # 2026-12-01: 1.27 ms at 16384 x float32, 0.95 at bf16, against XLA's 0.97 / 0.77).
-            for rows, chunk, warps, stages in VARIANTS:
+            for rows, chunk, warps, stages in variants:
                 fn = jax.jit(lambda a, x, w, r=rows, c=chunk, nw=warps, ns=stages: silu_mul_quant(
                     a, x, w, rows=r, chunk=c, num_warps=nw, num_stages=ns))
                 try:
