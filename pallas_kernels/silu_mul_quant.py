@@ -16,15 +16,16 @@ tokens of the Llama-3-8B shape, 0.94 ms a layer (H200 profile, benchmarks/RESULT
 kernel reads it once from memory: a program walks its token rows twice, in chunks (the max,
 then the cast), and the second walk reads the rows back from L2.
 
-Measured slower than XLA (H200, 2026-12-01; ``benchmarks/gpu/swiglu_quant.py``): at 16384 x
-14336, float32, 1.27-1.28 ms at 256-512 channels a step against XLA's 0.97 (12.0 ms at 2048
-channels and 4 warps, likely register spills); the gate and up columns are interleaved, so each
-step read them as two stride-2 gathers. A version holding the whole row in registers (one read,
-no walk) was 4-6x slower still (3.3-6.0 ms at 16384 x bf16, 4-32 warps: the 16384-lane
-gathers). So the kernel now loads contiguous [rows, chunk, 2] tiles (gate and up side by side,
-as in memory) and splits them in registers (``lax.unstack``: Triton's ``tt.split``). The engine
-runs it only when asked for (``JAXLLM_FP8_FUSED_SWIGLU=1``,
-``jaxllm.models.fp8.fp8_swiglu_mlp``) unless a measurement says otherwise.
+History, H200, 16384 x 14336 (``benchmarks/gpu/swiglu_quant.py``; benchmarks/RESULTS.md):
+  - two stride-2 gathers a chunk (the gate and up columns are interleaved), 2026-12-01
+    evening: 1.27 ms at float32 against XLA's 0.97, 0.95 at bf16 against 0.77;
+  - the whole row in registers (one read, no walk), night: 3.3-6.0 ms at bf16, 4-32 warps;
+  - now: contiguous [rows, chunk, 2] tiles (gate and up side by side, as in memory) split in
+    registers (``lax.unstack``: Triton's ``tt.split``): 0.73 ms at 2 rows x 1024 channels x 8
+    warps against XLA's 0.76-0.77. Not faster in the engine (fp8 + fp8 KV throughput 10,930 /
+    10,467 against 11,103 tok/s unfused), so the engine runs it only when asked for
+    (``JAXLLM_FP8_FUSED_SWIGLU=1``, ``jaxllm.models.fp8.fp8_swiglu_mlp``). Pipelining (stages
+    2-3) changed nothing and 16-32 warps were slower; the kernel moves ~1.6 TB/s.
 
 ``silu_mul_quant_reference`` is the plain-jnp contract (float32 math, elementwise but for the
 row max); the kernel computes the same values (on the H200: no e4m3 value differed at 16384 and

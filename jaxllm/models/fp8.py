@@ -135,9 +135,10 @@ FUSED_SWIGLU_ENV = "JAXLLM_FP8_FUSED_SWIGLU"
 
 def fused_swiglu_enabled() -> bool:
     """``JAXLLM_FP8_FUSED_SWIGLU`` = "1" turns ``fp8_swiglu_mlp`` on (an A/B switch, off by
-    default: on the H200 the kernel is slower than XLA's two fusions, 1.27 against 0.97 ms at
-    16384 tokens, and fp8 throughput fell from 9,693 to 8,289 tok/s; benchmarks/RESULTS.md,
-    "Rerun of 2026-12-01 (evening)"). Read at trace time."""
+    default: on the H200 the kernel's best tile is 4% under XLA's two fusions alone, 0.73
+    against 0.76 ms at 16384 tokens, but fp8 + fp8 KV throughput with it was 10,930 / 10,467
+    against 11,103 tok/s without; benchmarks/RESULTS.md, "Rerun of 2026-12-01 (night)"). Read
+    at trace time."""
     import os
 
     raw = os.environ.get(FUSED_SWIGLU_ENV, "0")
@@ -148,7 +149,7 @@ def fused_swiglu_enabled() -> bool:
 
 SWIGLU_TILE_ENV = "JAXLLM_FP8_SWIGLU_TILE"
 # silu_mul_quant's (token rows a program, channels a tile, warps, stages) in the engine: the
-# best of the H200 sweep of 2026-12-01 night without the pipeliner (benchmarks/RESULTS.md).
+# best of the H200 sweeps of 2026-12-01 night (benchmarks/RESULTS.md).
 SWIGLU_TILE = (2, 1024, 8, 1)
 
 
