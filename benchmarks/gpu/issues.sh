@@ -95,6 +95,17 @@ show_logs() { for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|
 tp_rows() { for f in $L/tp_*.log; do
               echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"
             done; }
+# The fastest SwiGLU tile of the mode's sweep at 16384 x bf16 as "rows,chunk,warps,stages", if
+# it takes under $1 x XLA's time; else nothing.
+swiglu_best() { python3 - "$OUT/swiglu.jsonl" "$1" <<'EOF'
+import json, sys
+rs = [json.loads(line) for line in open(sys.argv[1])]
+rs = [r for r in rs if r["T"] == 16384 and r.get("acc") == "bfloat16" and r["kernel_us"]]
+b = min(rs, key=lambda r: r["kernel_us"])
+if b["kernel_us"] < float(sys.argv[2]) * b["xla_us"]:
+    print(f"{b['rows']},{b['chunk']},{b['warps']},{b.get('stages', 1)}")
+EOF
+}
 T=${T:-560}  # seconds each lane may take, so the call returns its logs before the limit
 # Offline throughput, 1,000 x 512/128, once (the modes add batch limits / quantization).
 TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
@@ -585,18 +596,13 @@ swiglu2)  # the same kernel's tiles (swiglu found 2048 channels x 4 warps 12x sl
   show_logs 2 ;;
 swiglu3)  # nvidia-h200 (one GPU), one call (issue 6): the SwiGLU + quantization kernel with
   # contiguous [rows, chunk, 2] tiles against XLA, swept; if its best tile at 16384 x bf16 beats
-  # XLA, fp8 + fp8 KV throughput with it (JAXLLM_FP8_FUSED_SWIGLU=1 and that tile) and without,
+  # XLA at all, fp8 + fp8 KV throughput with it (JAXLLM_FP8_FUSED_SWIGLU=1 and that tile) and without,
   # interleaved, then the fp8 prefill step's profile with it. (Its first run, of a kernel
   # holding each whole row in registers, found that 4-6x slower than XLA.)
   L=$OUT/logs; mkdir -p $L; S0=$SECONDS
   timeout 150 python3 benchmarks/gpu/swiglu_quant.py --out $OUT/swiglu.jsonl 2>&1 \
     | tee $L/swiglu_kernel.log | tail -36
-  BEST=$(python3 -c "
-import json
-rs = [json.loads(l) for l in open('$OUT/swiglu.jsonl')]
-rs = [r for r in rs if r['T'] == 16384 and r['acc'] == 'bfloat16' and r['kernel_us']]
-b = min(rs, key=lambda r: r['kernel_us'])
-print(f\"{b['rows']},{b['chunk']},{b['warps']},{b['stages']}\" if b['kernel_us'] < 0.8 * b['xla_us'] else '')")
+  BEST=$(swiglu_best 1.0)
   echo "best tile: '$BEST'"
   if [ -n "$BEST" ]; then
     F8="$TP --quantization fp8 --kv-cache-dtype fp8"
@@ -617,12 +623,7 @@ night)  # nvidia-h200 (one GPU), one call, 2026-12-01 night: the SwiGLU kernel's
   L=$OUT/logs; mkdir -p $L
   timeout 150 python3 benchmarks/gpu/swiglu_quant.py --out $OUT/swiglu.jsonl 2>&1 \
     | tee $L/swiglu_kernel.log | tail -17
-  BEST=$(python3 -c "
-import json
-rs = [json.loads(l) for l in open('$OUT/swiglu.jsonl')]
-rs = [r for r in rs if r['T'] == 16384 and r['kernel_us']]
-b = min(rs, key=lambda r: r['kernel_us'])
-print(f\"{b['rows']},{b['chunk']},{b['warps']},{b['stages']}\" if b['kernel_us'] < 0.8 * b['xla_us'] else '')")
+  BEST=$(swiglu_best 0.8)
   echo "best tile: '$BEST'"
   if [ -n "$BEST" ]; then
     F8="$TP --quantization fp8 --kv-cache-dtype fp8"
@@ -644,12 +645,7 @@ swiglul2)  # nvidia-h200 (one GPU), one short call: the SwiGLU kernel's second w
   timeout 100 python3 benchmarks/gpu/swiglu_quant.py --out $OUT/swiglu.jsonl --ts 16384 \
     --variants "1,2048,16,1;1,1024,16,1;2,1024,16,1;1,2048,32,1;1,1024,32,1;2,1024,8,1" \
     2>&1 | tee $L/swiglu_kernel.log | tail -7
-  BEST=$(python3 -c "
-import json
-rs = [json.loads(l) for l in open('$OUT/swiglu.jsonl')]
-rs = [r for r in rs if r['T'] == 16384 and r['kernel_us']]
-b = min(rs, key=lambda r: r['kernel_us'])
-print(f\"{b['rows']},{b['chunk']},{b['warps']},{b['stages']}\" if b['kernel_us'] < 0.8 * b['xla_us'] else '')")
+  BEST=$(swiglu_best 0.8)
   echo "best tile: '$BEST'"
   if [ -n "$BEST" ]; then
     JAXLLM_FP8_FUSED_SWIGLU=1 JAXLLM_FP8_SWIGLU_TILE=$BEST timeout 110 $TP --quantization fp8 \
