@@ -95,6 +95,12 @@ show_logs() { for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|
 tp_rows() { for f in $L/tp_*.log; do
               echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"
             done; }
+# swiglu_sweep FACTOR LINES [ARGS]: the SwiGLU kernel's sweep (swiglu_quant.py ARGS; its last
+# LINES lines shown), then BEST = its fastest tile at 16384 x bf16 if under FACTOR x XLA's time.
+swiglu_sweep() { local f=$1 n=$2; shift 2
+  timeout 150 python3 benchmarks/gpu/swiglu_quant.py --out $OUT/swiglu.jsonl "$@" 2>&1 \
+    | tee $L/swiglu_kernel.log | tail -$n
+  BEST=$(swiglu_best $f); echo "best tile: '$BEST'"; }
 # The fastest SwiGLU tile of the mode's sweep at 16384 x bf16 as "rows,chunk,warps,stages", if
 # it takes under $1 x XLA's time; else nothing.
 swiglu_best() { python3 - "$OUT/swiglu.jsonl" "$1" <<'EOF'
@@ -600,10 +606,7 @@ swiglu3)  # nvidia-h200 (one GPU), one call (issue 6): the SwiGLU + quantization
   # interleaved, then the fp8 prefill step's profile with it. (Its first run, of a kernel
   # holding each whole row in registers, found that 4-6x slower than XLA.)
   L=$OUT/logs; mkdir -p $L; S0=$SECONDS
-  timeout 150 python3 benchmarks/gpu/swiglu_quant.py --out $OUT/swiglu.jsonl 2>&1 \
-    | tee $L/swiglu_kernel.log | tail -36
-  BEST=$(swiglu_best 1.0)
-  echo "best tile: '$BEST'"
+  swiglu_sweep 1.0 36
   if [ -n "$BEST" ]; then
     F8="$TP --quantization fp8 --kv-cache-dtype fp8"
     ON="env JAXLLM_FP8_FUSED_SWIGLU=1 JAXLLM_FP8_SWIGLU_TILE=$BEST"
@@ -621,10 +624,7 @@ night)  # nvidia-h200 (one GPU), one call, 2026-12-01 night: the SwiGLU kernel's
   # Triton's pipeliner (stages > 1); if one beats XLA by 20%, fp8 + fp8 KV throughput with it
   # and without; then the GPU tests (the new skinny-matmul and SwiGLU cases). Carry .bench.
   L=$OUT/logs; mkdir -p $L
-  timeout 150 python3 benchmarks/gpu/swiglu_quant.py --out $OUT/swiglu.jsonl 2>&1 \
-    | tee $L/swiglu_kernel.log | tail -17
-  BEST=$(swiglu_best 0.8)
-  echo "best tile: '$BEST'"
+  swiglu_sweep 0.8 17
   if [ -n "$BEST" ]; then
     F8="$TP --quantization fp8 --kv-cache-dtype fp8"
     JAXLLM_FP8_FUSED_SWIGLU=1 JAXLLM_FP8_SWIGLU_TILE=$BEST timeout 100 $F8 \
@@ -642,11 +642,8 @@ swiglul2)  # nvidia-h200 (one GPU), one short call: the SwiGLU kernel's second w
   # SM: the rows in flight fit the L2. If a tile beats XLA by 20%, one fp8 + fp8 KV throughput
   # run with it (the unfused baseline: the same day's swiglu3 calls, 11,103-11,171 tok/s).
   L=$OUT/logs; mkdir -p $L
-  timeout 100 python3 benchmarks/gpu/swiglu_quant.py --out $OUT/swiglu.jsonl --ts 16384 \
-    --variants "1,2048,16,1;1,1024,16,1;2,1024,16,1;1,2048,32,1;1,1024,32,1;2,1024,8,1" \
-    2>&1 | tee $L/swiglu_kernel.log | tail -7
-  BEST=$(swiglu_best 0.8)
-  echo "best tile: '$BEST'"
+  swiglu_sweep 0.8 7 --ts 16384 \
+    --variants "1,2048,16,1;1,1024,16,1;2,1024,16,1;1,2048,32,1;1,1024,32,1;2,1024,8,1"
   if [ -n "$BEST" ]; then
     JAXLLM_FP8_FUSED_SWIGLU=1 JAXLLM_FP8_SWIGLU_TILE=$BEST timeout 110 $TP --quantization fp8 \
       --kv-cache-dtype fp8 > $L/tp_fp8kv_fused.log 2>&1
