@@ -75,10 +75,13 @@ def fits(T: int, F: int) -> bool:
     return T * 2 * F < 2**31
 
 
-def _kernel(acc_ref, xs_ref, ws_ref, q_ref, s_ref, *, T, F, chunk, rows):
+def _kernel(acc_ref, xs_ref, ws_ref, q_ref, s_ref, *, T, F, chunk, rows, flat):
     # acc and q are flat ([T * 2F], [T * F]; XLA's reshape is a bitcast). A program takes
     # ``rows`` token rows and walks them twice in [rows, chunk, 2] tiles: contiguous in memory
     # (each row's 2 x chunk values side by side), split into gate and up in registers.
+    # ``flat``: the tile is loaded as [rows, 2 x chunk] (offsets an arange along the last axis,
+    # which Triton can prove contiguous and load in vectors) and reshaped to [rows, chunk, 2];
+    # else it is addressed [rows, chunk, 2] directly (contiguity 2 along the last axis).
     i = pl.program_id(0)
     r = i * rows + jnp.arange(rows, dtype=jnp.int32)  # [R]
     r_ok = r < T
@@ -87,13 +90,23 @@ def _kernel(acc_ref, xs_ref, ws_ref, q_ref, s_ref, *, T, F, chunk, rows):
     xs = plgpu.load(xs_ref.at[r], mask=r_ok, other=0.0)[:, None]  # [R, 1]; 0: h = 0
     tile_ok = jnp.broadcast_to(r_ok[:, None, None], (rows, chunk, 2))
 
+    flat_ok = jnp.broadcast_to(r_ok[:, None], (rows, 2 * chunk))
+    f2 = jnp.arange(2 * chunk, dtype=jnp.int32)
+
     def h_of(c):
         f = c * chunk + f0  # [C]
-        col = 2 * f[:, None] + pair[None, :]  # [C, 2]
-        a = plgpu.load(acc_ref.at[r[:, None, None] * (2 * F) + col[None]], mask=tile_ok,
-                       other=0.0)  # [R, C, 2]
+        if flat:
+            col2 = 2 * c * chunk + f2  # [2C]
+            a = plgpu.load(acc_ref.at[r[:, None] * (2 * F) + col2[None, :]], mask=flat_ok,
+                           other=0.0).reshape(rows, chunk, 2)
+            ws = plgpu.load(ws_ref.at[col2]).reshape(chunk, 2)
+        else:
+            col = 2 * f[:, None] + pair[None, :]  # [C, 2]
+            a = plgpu.load(acc_ref.at[r[:, None, None] * (2 * F) + col[None]], mask=tile_ok,
+                           other=0.0)  # [R, C, 2]
+            ws = plgpu.load(ws_ref.at[col])
         g, u = jax.lax.unstack(a, axis=2)
-        ws_g, ws_u = jax.lax.unstack(plgpu.load(ws_ref.at[col]), axis=1)  # [C] each
+        ws_g, ws_u = jax.lax.unstack(ws, axis=1)  # [C] each
         return _swiglu(g, u, xs, ws_g[None, :], ws_u[None, :]), f
 
     def amax_body(c, m):
@@ -115,16 +128,18 @@ def _kernel(acc_ref, xs_ref, ws_ref, q_ref, s_ref, *, T, F, chunk, rows):
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "rows", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "flat", "interpret"))
 def silu_mul_quant(acc: jax.Array, x_scale: jax.Array, w_scale: jax.Array, *,
                    chunk: int | None = None, rows: int = 1, num_warps: int = 4,
-                   num_stages: int = 1, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                   num_stages: int = 1, flat: bool = True,
+                   interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """Pallas (Triton) ``silu_mul_quant_reference``: acc [T, 2F] (float32 or bf16), x_scale [T],
     w_scale [2F] -> (h_fp8 [T, F] e4m3, h_scale [T] float32).
 
     ``chunk``: channels a tile, a power of two dividing F (default ``chunk_for(F)``); ``rows``:
     token rows a program, a power of two (T need not be a multiple: the tail is masked);
-    ``num_stages`` > 1 lets Triton's pipeliner prefetch the walks' next tiles."""
+    ``num_stages`` > 1 lets Triton's pipeliner prefetch the walks' next tiles; ``flat`` loads
+    each tile as [rows, 2 x chunk] and reshapes it (vector loads), else as [rows, chunk, 2]."""
     T, F2 = acc.shape
     if F2 % 2:
         raise ValueError(f"acc must be [T, 2F] (gate and up side by side), got {acc.shape}")
@@ -140,11 +155,11 @@ def silu_mul_quant(acc: jax.Array, x_scale: jax.Array, w_scale: jax.Array, *,
     if not fits(T, F):
         raise ValueError(f"T * 2F must be < 2**31 (int32 offsets), got T={T}, F={F}")
     q, s = pl.pallas_call(
-        functools.partial(_kernel, T=T, F=F, chunk=chunk, rows=rows),
+        functools.partial(_kernel, T=T, F=F, chunk=chunk, rows=rows, flat=flat),
         grid=(pl.cdiv(T, rows),),
         out_shape=(jax.ShapeDtypeStruct((T * F,), FP8), jax.ShapeDtypeStruct((T,), jnp.float32)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"silu_mul_quant_r{rows}_c{chunk}",
+        name=f"silu_mul_quant_r{rows}_c{chunk}{'_flat' if flat else ''}",
     )(acc.reshape(T * F2), x_scale.astype(jnp.float32), w_scale.astype(jnp.float32))
     return q.reshape(T, F), s

@@ -274,19 +274,21 @@ def test_small_llama_weight_only_fp8_is_closer_to_the_dense_model_than_w8a8(smal
 @pytest.mark.parametrize("acc_dtype", [jnp.float32, jnp.bfloat16])
 def test_silu_mul_quant_kernel_matches_the_reference(acc_dtype):
     """The fused SwiGLU + per-token quantization kernel (interpret mode: one or several token
-    rows a program, T not a multiple of them) against its jnp reference, on fresh random GEMM
+    rows a program, T not a multiple of them, tiles loaded flat or [rows, chunk, 2]) against
+    its jnp reference, on fresh random GEMM
     outputs and scales: the same scales, and the same e4m3 values but where float32 rounding
     moves one across an e4m3 rounding edge (1 ulp)."""
     from pallas_kernels.silu_mul_quant import silu_mul_quant, silu_mul_quant_reference
 
     rng = np.random.default_rng(5)
-    for T, F, chunk, rows in [(7, 96, None, 1), (3, 64, 16, 2), (2, 48, None, 1),
-                              (9, 64, 32, 4)]:
+    for T, F, chunk, rows, flat in [(7, 96, None, 1, True), (3, 64, 16, 2, True),
+                                    (2, 48, None, 1, False), (9, 64, 32, 4, True),
+                                    (5, 64, 16, 2, False)]:
         acc = jnp.asarray(rng.normal(size=(T, 2 * F)) * 30, acc_dtype)
         acc = acc.at[0].set(0)  # an all-zero row: scale 1, zeros
         xs = jnp.asarray(rng.uniform(0.01, 0.1, T), jnp.float32)
         ws = jnp.asarray(rng.uniform(1e-3, 1e-2, 2 * F), jnp.float32)
-        q, s = silu_mul_quant(acc, xs, ws, chunk=chunk, rows=rows, interpret=True)
+        q, s = silu_mul_quant(acc, xs, ws, chunk=chunk, rows=rows, flat=flat, interpret=True)
         qr, sr = silu_mul_quant_reference(acc, xs, ws)
         assert q.dtype == jnp.float8_e4m3fn and q.shape == (T, F) and s.shape == (T,)
         np.testing.assert_allclose(np.asarray(s), np.asarray(sr), rtol=1e-6)

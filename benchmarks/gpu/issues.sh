@@ -75,6 +75,7 @@
 #                                          tests
 #   bash benchmarks/gpu/issues.sh swiglul2 (one GPU) the SwiGLU kernel with rows in flight that fit
 #                                          the L2; one fp8 + fp8 KV run with the best
+#   bash benchmarks/gpu/issues.sh swiglu4  (one GPU) the SwiGLU kernel's flat (vector) tile loads
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -106,7 +107,8 @@ swiglu_sweep() { local f=$1 n=$2; shift 2
 swiglu_best() { python3 - "$OUT/swiglu.jsonl" "$1" <<'EOF'
 import json, sys
 rs = [json.loads(line) for line in open(sys.argv[1])]
-rs = [r for r in rs if r["T"] == 16384 and r.get("acc") == "bfloat16" and r["kernel_us"]]
+rs = [r for r in rs if r["T"] == 16384 and r.get("acc") == "bfloat16" and r["kernel_us"]
+      and r.get("flat", True)]  # the engine's tiles are flat
 b = min(rs, key=lambda r: r["kernel_us"])
 if b["kernel_us"] < float(sys.argv[2]) * b["xla_us"]:
     print(f"{b['rows']},{b['chunk']},{b['warps']},{b.get('stages', 1)}")
@@ -644,6 +646,20 @@ swiglul2)  # nvidia-h200 (one GPU), one short call: the SwiGLU kernel's second w
   L=$OUT/logs; mkdir -p $L
   swiglu_sweep 0.8 7 --ts 16384 \
     --variants "1,2048,16,1;1,1024,16,1;2,1024,16,1;1,2048,32,1;1,1024,32,1;2,1024,8,1"
+  if [ -n "$BEST" ]; then
+    JAXLLM_FP8_FUSED_SWIGLU=1 JAXLLM_FP8_SWIGLU_TILE=$BEST timeout 110 $TP --quantization fp8 \
+      --kv-cache-dtype fp8 > $L/tp_fp8kv_fused.log 2>&1
+    tp_rows
+  fi
+  show_logs 2 ;;
+swiglu4)  # nvidia-h200 (one GPU), one short call: the SwiGLU kernel loading each tile as [rows,
+  # 2 x chunk] (offsets Triton can prove contiguous: vector loads) and reshaping it, against the
+  # [rows, chunk, 2] addressing of swiglu3 (flat=0, in the same call) and XLA; if a flat tile
+  # beats XLA by 20%, one fp8 + fp8 KV throughput run with it (the unfused baseline: the same
+  # day's swiglu3 calls, 11,103-11,171 tok/s).
+  L=$OUT/logs; mkdir -p $L
+  swiglu_sweep 0.8 8 --ts 16384 --variants \
+    "2,1024,8,1,0;2,1024,8,1,1;1,2048,8,1,1;1,1024,4,1,1;2,512,4,1,1;4,512,8,1,1;1,2048,8,2,1"
   if [ -n "$BEST" ]; then
     JAXLLM_FP8_FUSED_SWIGLU=1 JAXLLM_FP8_SWIGLU_TILE=$BEST timeout 110 $TP --quantization fp8 \
       --kv-cache-dtype fp8 > $L/tp_fp8kv_fused.log 2>&1

@@ -3,7 +3,7 @@ and its GPU time against XLA's fusions of the same jnp code, at the offline work
 step (16384 tokens) and a decode batch (1024), Llama-3-8B's F = 14336.
 
     python3 benchmarks/gpu/swiglu_quant.py [--out FILE.jsonl] [--ts 16384,1024]
-        [--variants "rows,chunk,warps,stages;..."]
+        [--variants "rows,chunk,warps,stages[,flat];..."]
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from pallas_kernels.silu_mul_quant import silu_mul_quant, silu_mul_quant_referen
 # was 2 x 1024 x 8 warps, 735 us at 16384 x bf16 against XLA's 770 (1.6 TB/s).
 VARIANTS = [(2, 1024, 8, 1), (2, 1024, 8, 2), (2, 1024, 8, 3), (1, 1024, 4, 3),
             (1, 2048, 8, 2), (1, 512, 4, 4), (4, 512, 8, 2), (2, 512, 4, 3)]
+
+
+def tile(rows, chunk, warps, stages, flat):
+    return f"r={rows} c={chunk} w={warps} s={stages} flat={int(flat)}"
 
 
 def main() -> int:
@@ -50,23 +54,28 @@ def main() -> int:
             tx = device_time(ref, [(acc, xs, ws)])
             # Token rows a program x channels a tile x warps (the stride-2 version of
             # 2026-12-01: 1.27 ms at 16384 x float32, 0.95 at bf16, against XLA's 0.97 / 0.77).
-            for rows, chunk, warps, stages in variants:
-                fn = jax.jit(lambda a, x, w, r=rows, c=chunk, nw=warps, ns=stages: silu_mul_quant(
-                    a, x, w, rows=r, chunk=c, num_warps=nw, num_stages=ns))
+            for rows, chunk, warps, stages, *rest in variants:
+                flat = bool(rest[0]) if rest else True
+                fn = jax.jit(lambda a, x, w, r=rows, c=chunk, nw=warps, ns=stages, fl=flat:
+                             silu_mul_quant(a, x, w, rows=r, chunk=c, num_warps=nw,
+                                            num_stages=ns, flat=fl))
                 try:
                     qk, sk = fn(acc, xs, ws)
                     mk = float(jnp.mean((qk.astype(jnp.float32) != qr.astype(jnp.float32))))
                     sk_rel = float(jnp.max(jnp.abs(sk - sr) / sr))
                     tk = device_time(fn, [(acc, xs, ws)])
                 except Exception as e:  # noqa: BLE001 - one failing tile must not stop the sweep
-                    print(f"{T:<5} {jnp.dtype(acc_dtype).name:8} r={rows} c={chunk} w={warps} s={stages} "
+                    print(f"{T:<5} {jnp.dtype(acc_dtype).name:8} "
+                          f"{tile(rows, chunk, warps, stages, flat)} "
                           f"FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
-                print(f"{T:<5} {jnp.dtype(acc_dtype).name:8} r={rows} c={chunk} w={warps} s={stages} "
+                print(f"{T:<5} {jnp.dtype(acc_dtype).name:8} "
+                      f"{tile(rows, chunk, warps, stages, flat)} "
                       f"{tk['device_us'] if tk else -1:9.1f} {tx['device_us'] if tx else -1:7.1f}"
                       f"  {mk:.2e}  {sk_rel:.1e}", flush=True)
                 records.append(dict(T=T, acc=jnp.dtype(acc_dtype).name, rows=rows, chunk=chunk,
-                                 warps=warps, stages=stages, kernel_us=tk and tk["device_us"],
+                                 warps=warps, stages=stages, flat=flat,
+                                 kernel_us=tk and tk["device_us"],
                                  xla_us=tx and tx["device_us"], mismatch=mk, scale_rel=sk_rel))
     if out:
         with open(out, "a") as f:
