@@ -20,12 +20,16 @@ History, H200, 16384 x 14336 (``benchmarks/gpu/swiglu_quant.py``; benchmarks/RES
   - two stride-2 gathers a chunk (the gate and up columns are interleaved), 2026-12-01
     evening: 1.27 ms at float32 against XLA's 0.97, 0.95 at bf16 against 0.77;
   - the whole row in registers (one read, no walk), night: 3.3-6.0 ms at bf16, 4-32 warps;
-  - now: contiguous [rows, chunk, 2] tiles (gate and up side by side, as in memory) split in
-    registers (``lax.unstack``: Triton's ``tt.split``): 0.73 ms at 2 rows x 1024 channels x 8
-    warps against XLA's 0.76-0.77. Not faster in the engine (fp8 + fp8 KV throughput 10,930 /
-    10,467 against 11,103 tok/s unfused), so the engine runs it only when asked for
-    (``JAXLLM_FP8_FUSED_SWIGLU=1``, ``jaxllm.models.fp8.fp8_swiglu_mlp``). Pipelining (stages
-    2-3) changed nothing and 16-32 warps were slower; the kernel moves ~1.6 TB/s.
+  - contiguous [rows, chunk, 2] tiles (gate and up side by side, as in memory) split in
+    registers (``lax.unstack``: Triton's ``tt.split``), addressed [rows, chunk, 2]
+    (``flat=False``): 0.73 ms at 2 rows x 1024 channels x 8 warps against XLA's 0.76-0.77.
+    Not faster in the engine (fp8 + fp8 KV throughput 10,930 / 10,467 against 11,103 tok/s
+    unfused). Pipelining (stages 2-3) changed nothing and 16-32 warps were slower;
+  - now: the same tiles loaded flat, [rows, 2 x chunk] (offsets Triton can prove contiguous,
+    so it loads vectors), and reshaped in registers: 0.67 ms at 2 rows x 512 x 4 warps (the
+    [rows, chunk, 2] addressing 0.73 in the same call), 13% under XLA; ~1.8 TB/s for 1.2 GB
+    whose bytes need 0.27 ms. Not yet timed in the engine, so the engine runs it only when
+    asked for (``JAXLLM_FP8_FUSED_SWIGLU=1``, ``jaxllm.models.fp8.fp8_swiglu_mlp``).
 
 ``silu_mul_quant_reference`` is the plain-jnp contract (float32 math, elementwise but for the
 row max); the kernel computes the same values (on the H200: no e4m3 value differed at 16384 and

@@ -135,10 +135,10 @@ FUSED_SWIGLU_ENV = "JAXLLM_FP8_FUSED_SWIGLU"
 
 def fused_swiglu_enabled() -> bool:
     """``JAXLLM_FP8_FUSED_SWIGLU`` = "1" turns ``fp8_swiglu_mlp`` on (an A/B switch, off by
-    default: on the H200 the kernel's best tile is 4% under XLA's two fusions alone, 0.73
-    against 0.76 ms at 16384 tokens, but fp8 + fp8 KV throughput with it was 10,930 / 10,467
-    against 11,103 tok/s without; benchmarks/RESULTS.md, "Rerun of 2026-12-01 (night)"). Read
-    at trace time."""
+    default: on the H200, 16384 tokens, the kernel alone takes 0.67 ms against XLA's two
+    fusions' 0.77 (flat tiles, not yet timed in the engine); an earlier tile 4% under XLA
+    alone, 0.73 ms, gave fp8 + fp8 KV 10,930 / 10,467 tok/s against 11,103 without;
+    benchmarks/RESULTS.md, "Rerun of 2026-12-01 (night)"). Read at trace time."""
     import os
 
     raw = os.environ.get(FUSED_SWIGLU_ENV, "0")
@@ -150,7 +150,7 @@ def fused_swiglu_enabled() -> bool:
 SWIGLU_TILE_ENV = "JAXLLM_FP8_SWIGLU_TILE"
 # silu_mul_quant's (token rows a program, channels a tile, warps, stages) in the engine: the
 # best of the H200 sweeps of 2026-12-01 night (benchmarks/RESULTS.md).
-SWIGLU_TILE = (2, 1024, 8, 1)
+SWIGLU_TILE = (2, 512, 4, 1)
 
 
 def swiglu_tile() -> tuple[int, int, int, int]:
