@@ -26,16 +26,16 @@ Operands and what runs on the tensor cores:
     the weight-only path of the engine's fp8 decode steps).
 
 ``split_k`` > 1 splits K over programs. Each writes its scaled fp32 partial ([split_k, M, N]);
-their sum (``skinny_matmul`` returns it) is a reduce XLA fuses into the consumer of the output,
-as it does with its own split-K GEMMs. Rows beyond M are masked (never padded outside: a pad
+their sum (``skinny_matmul`` returns it) is a reduce XLA can fuse into the consumer of the
+output, as it does with its own split-K GEMMs. Rows beyond M are masked (never padded outside: a pad
 would be one more kernel a projection). K must be a multiple of ``block_k * split_k`` and N of
-``block_n`` (``skinny_fits``); the engine keeps XLA's GEMM otherwise.
+``block_n`` (``skinny_fits``); a caller keeps XLA's GEMM otherwise.
 
 ``skinny_matmul_reference`` is the contract, in float32 at HIGHEST precision.
 
 Measured (H200, 2026-12-01 night, ``benchmarks/gpu/skinny_gemm.py``, GPU time; RESULTS.md):
-W8A8 is the fastest fp8 GEMM at M <= 16, 1.35-1.81x XLA's bf16 GEMM (the 4096 x 28672 gate/up
-shape 1.71-1.81x), but its bf16 and W8A16 modes are no faster than XLA's own GEMMs. The engine's
+W8A8 is the fastest fp8 GEMM at M = 1 and 16 in 7 of 8 cases, 1.22-1.81x XLA's bf16 GEMM (the
+4096 x 28672 gate/up shape 1.67-1.81x), but its bf16 and W8A16 modes are no faster than XLA's own GEMMs. The engine's
 fp8 steps of <= 16 rows run W8A16 through XLA (no activation quantization kernels: the batch-1
 fp8 step is bound by the host's launches), so the engine does not call this kernel.
 """
