@@ -35,9 +35,10 @@ would be one more kernel a projection). K must be a multiple of ``block_k * spli
 
 Measured (H200, 2026-12-01 night, ``benchmarks/gpu/skinny_gemm.py``, GPU time; RESULTS.md):
 W8A8 is the fastest fp8 GEMM at M = 1 and 16 in 7 of 8 cases, 1.22-1.81x XLA's bf16 GEMM (the
-4096 x 28672 gate/up shape 1.67-1.81x), but its bf16 and W8A16 modes are no faster than XLA's own GEMMs. The engine's
-fp8 steps of <= 16 rows run W8A16 through XLA (no activation quantization kernels: the batch-1
-fp8 step is bound by the host's launches), so the engine does not call this kernel.
+4096 x 28672 gate/up shape 1.67-1.81x), but its bf16 and W8A16 modes are no faster than XLA's
+own GEMMs. The engine's fp8 steps of <= 16 rows run W8A16 through XLA (no activation
+quantization kernels: the batch-1 fp8 step is bound by the host's launches), so the engine does
+not call this kernel.
 """
 
 from __future__ import annotations
