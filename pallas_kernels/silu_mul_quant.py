@@ -19,7 +19,7 @@ then the cast), and the second walk reads the rows back from L2.
 History, H200, 16384 x 14336 (``benchmarks/gpu/swiglu_quant.py``; benchmarks/RESULTS.md):
   - two stride-2 gathers a chunk (the gate and up columns are interleaved), 2026-12-01
     evening: 1.27 ms at float32 against XLA's 0.97, 0.95 at bf16 against 0.77;
-  - the whole row in registers (one read, no walk), night: 3.3-6.0 ms at bf16, 4-32 warps;
+  - the whole row in registers (one read, no walk), 20:27 rerun: 3.3-6.0 ms at bf16, 4-32 warps;
   - contiguous [rows, chunk, 2] tiles (gate and up side by side, as in memory) split in
     registers (``lax.unstack``: Triton's ``tt.split``), addressed [rows, chunk, 2]
     (``flat=False``): 0.73 ms at 2 rows x 1024 channels x 8 warps against XLA's 0.76-0.77.

@@ -33,7 +33,7 @@ would be one more kernel a projection). K must be a multiple of ``block_k * spli
 
 ``skinny_matmul_reference`` is the contract, in float32 at HIGHEST precision.
 
-Measured (H200, 2026-12-01 night, ``benchmarks/gpu/skinny_gemm.py``, GPU time; RESULTS.md):
+Measured (H200, 2026-12-01 20:27 rerun, ``benchmarks/gpu/skinny_gemm.py``, GPU time; RESULTS.md):
 W8A8 is the fastest fp8 GEMM at M = 1 and 16 in 7 of 8 cases, 1.22-1.81x XLA's bf16 GEMM (the
 4096 x 28672 gate/up shape 1.67-1.81x), but its bf16 and W8A16 modes are no faster than XLA's
 own GEMMs. The engine's fp8 steps of <= 16 rows run W8A16 through XLA (no activation

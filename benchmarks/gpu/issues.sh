@@ -622,7 +622,7 @@ swiglu3)  # nvidia-h200 (one GPU), one call (issue 6): the SwiGLU + quantization
     grep -A17 "^prefill " $L/prefill_fp8.log | cut -c1-150
   fi
   show_logs 3 ;;
-night)  # nvidia-h200 (one GPU), one call, 2026-12-01 night: the SwiGLU kernel's tiles with
+night)  # nvidia-h200 (one GPU), one call, 2026-12-01 20:27 rerun: the SwiGLU kernel's tiles with
   # Triton's pipeliner (stages > 1); if one beats XLA by 20%, fp8 + fp8 KV throughput with it
   # and without; then the GPU tests (the new skinny-matmul and SwiGLU cases). Carry .bench.
   L=$OUT/logs; mkdir -p $L

@@ -138,7 +138,7 @@ def fused_swiglu_enabled() -> bool:
     default: on the H200, 16384 tokens, the kernel alone takes 0.67 ms against XLA's two
     fusions' 0.77 (flat tiles, not yet timed in the engine); an earlier tile 4% under XLA
     alone, 0.73 ms, gave fp8 + fp8 KV 10,930 / 10,467 tok/s against 11,103 without;
-    benchmarks/RESULTS.md, "Rerun of 2026-12-01 (night)"). Read at trace time."""
+    benchmarks/RESULTS.md, "Rerun of 2026-12-01 (20:27)"). Read at trace time."""
     import os
 
     raw = os.environ.get(FUSED_SWIGLU_ENV, "0")
@@ -149,7 +149,7 @@ def fused_swiglu_enabled() -> bool:
 
 SWIGLU_TILE_ENV = "JAXLLM_FP8_SWIGLU_TILE"
 # silu_mul_quant's (token rows a program, channels a tile, warps, stages) in the engine: the
-# best of the H200 sweeps of 2026-12-01 night (benchmarks/RESULTS.md).
+# best of the H200 sweeps of 2026-12-01, 20:27 rerun (benchmarks/RESULTS.md).
 SWIGLU_TILE = (2, 512, 4, 1)
 
 
