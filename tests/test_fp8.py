@@ -317,8 +317,10 @@ def test_fp8_mlp_runs_the_fused_swiglu_kernel_and_gives_the_unfused_result(small
     rounding differs: the kernel computes the SwiGLU in float32 where XLA rounds the scaled
     GEMM output to the model dtype first). Off, and in weight-only steps, the MLP runs layer
     by layer."""
-    from jaxllm.models.fp8 import FUSED_SWIGLU_ENV, fp8_swiglu_mlp, fused_swiglu_enabled
+    from jaxllm.models.fp8 import (FUSED_SWIGLU_ENV, SWIGLU_TILE, SWIGLU_TILE_ENV,
+                                   fp8_swiglu_mlp, fused_swiglu_enabled)
     from jaxllm.models.fused import fuse_projections
+    from pallas_kernels.silu_mul_quant import chunk_for
 
     q = fuse_projections(quantize_model(small_dense))
     mlp = q.model.layers[0].mlp
@@ -336,6 +338,19 @@ def test_fp8_mlp_runs_the_fused_swiglu_kernel_and_gives_the_unfused_result(small
     monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "32")
     assert fp8_swiglu_mlp(x, mlp.gate_up_proj, mlp.down_proj) is None
     monkeypatch.delenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS")
+    # The kernel's tile: SWIGLU_TILE (its chunk the kernel's default where it does not divide
+    # F), or JAXLLM_FP8_SWIGLU_TILE for sweeps; a malformed one is a ValueError naming it.
+    rows, chunk, _, _ = SWIGLU_TILE
+    F = mlp.gate_up_proj.groups[0]
+    name = f"silu_mul_quant_r{rows}_c{chunk if F % chunk == 0 else chunk_for(F)}_flat"
+    assert name in str(jax.make_jaxpr(lambda x: mlp(x))(x))
+    monkeypatch.setenv(SWIGLU_TILE_ENV, "4,16,2,1")
+    assert "silu_mul_quant_r4_c16_flat" in str(jax.make_jaxpr(lambda x: mlp(x))(x))
+    np.testing.assert_allclose(np.asarray(mlp(x)), np.asarray(got), rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv(SWIGLU_TILE_ENV, "4,16")
+    with pytest.raises(ValueError, match=SWIGLU_TILE_ENV):
+        mlp(x)
+    monkeypatch.delenv(SWIGLU_TILE_ENV)
     monkeypatch.setenv(FUSED_SWIGLU_ENV, "yes")
     with pytest.raises(ValueError, match=FUSED_SWIGLU_ENV):
         mlp(x)

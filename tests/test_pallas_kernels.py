@@ -650,6 +650,29 @@ def test_skinny_matmul_rejects_what_it_does_not_take():
         skinny_matmul(x64, w64, w_layout="kn", block_n=64, block_k=256, num_stages=4)
 
 
+def test_skinny_gemm_sweep_runs_and_picks_a_correct_config(tmp_path):
+    # benchmarks/gpu/skinny_gemm.py --smoke (tiny shapes, interpret mode, host wall time): the
+    # baselines and the swept W8A8 configs run and match the reference, and the sweep's best
+    # config at M = 16 is one of the correct ones, reused at M = 1.
+    out = tmp_path / "s.jsonl"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu" / "skinny_gemm.py"), "--smoke",
+         "--impls", "pallas_w8a8", "--ms", "16,1", "--out", str(out)], capture_output=True,
+        text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                     "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "== summary" in run.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    cases = [r for r in rows if "best" not in r]
+    assert cases and all(r.get("ok") for r in cases), [r for r in cases if not r.get("ok")]
+    assert {r["impl"] for r in cases} == {"xla_bf16", "xla_w8a16", "xla_fp8", "pallas_w8a8"}
+    for shape in ("qkv", "o"):
+        (best16,) = [r for r in rows if "best" in r and r["shape"] == shape and r["M"] == 16]
+        assert best16["best"] in [r["config"] for r in cases
+                                  if r["shape"] == shape and r["impl"] == "pallas_w8a8"]
+        assert any("best" in r and r["shape"] == shape and r["M"] == 1 for r in rows)
+
+
 def test_decode_sweep_of_several_heads_a_program_runs_and_feeds_the_fp8_table(tmp_path):
     # kernels.py --decode-variants hp (tiny shapes, interpret mode): the table's config and the
     # two-heads config run correct, and a row of the sweep with hp > 1 reaches the derived
