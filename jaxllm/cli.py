@@ -46,6 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true",
                    help="compile the step programs without XLA's command buffers (its CUDA "
                         "graphs): every kernel launched on its own, as vLLM's --enforce-eager")
+    p.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="decode steps run in one device program for a batch of pure decodes "
+                        "(vLLM's multi-step scheduling): less host work per token (default 1)")
     p.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILATION_CACHE_DIR,
                    help="keep compiled step programs here, so a restart with the same model and "
                         "flags skips most of the start-up compile (default: "
@@ -89,7 +92,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 pipeline_parallel_size=args.pipeline_parallel_size,
                 data_parallel_size=args.data_parallel_size,
                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
-                async_scheduling=args.async_scheduling, enforce_eager=args.enforce_eager)
+                async_scheduling=args.async_scheduling, enforce_eager=args.enforce_eager,
+                num_scheduler_steps=args.num_scheduler_steps)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -180,6 +180,13 @@ class EngineConfig:
     # buffers, every kernel launched on its own (jaxllm/engine/model_runner.py,
     # EAGER_COMPILER_OPTIONS, for what was measured). Nothing changes on a CPU.
     enforce_eager: bool = False
+    # vLLM's (V0) multi-step scheduling: a batch of pure decodes runs this many forward + sample
+    # steps in one device program (a loop on the device; each step's token feeds the next), so
+    # the host schedules, launches and reads back once per num_scheduler_steps tokens. Stop
+    # conditions are checked afterwards and tokens past a stop are dropped. Only batches that
+    # can (engine/llm_engine.py, ``_lookahead_steps``): pure decode, nothing waiting, no
+    # penalties, log-probs or min_tokens still to reach. 1 (default): one step per launch.
+    num_scheduler_steps: int = 1
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -189,7 +196,7 @@ class EngineConfig:
 
         resolve_dtype(self.dtype)
         for name in ("page_size", "tensor_parallel_size", "pipeline_parallel_size",
-                     "data_parallel_size", "max_logprobs"):
+                     "data_parallel_size", "max_logprobs", "num_scheduler_steps"):
             positive(name)
         if self.usage_context not in USAGE_CONTEXTS:
             raise ValueError(f"usage_context must be one of {USAGE_CONTEXTS}, got "

@@ -929,3 +929,137 @@ def test_throughput_benchmark_splits_the_run_by_step_kind(small_llm, async_sched
     assert phases["mixed_steps"] == kinds.count("mixed") >= 4  # 120 prompt tokens, 32 a step
     assert phases["decode_steps"] == kinds.count("decode") >= 4
     assert 0 < phases["mixed_s"] + phases["decode_s"] <= secs + 1e-6
+
+
+def test_multi_step_decode_serves_the_single_step_tokens_and_frees_every_page(
+        small_llama_folder, small_llm):
+    # num_scheduler_steps=4 (vLLM's multi-step scheduling): a batch of pure decodes runs 4
+    # forward + sample steps in one program. Every user-visible result must equal one step per
+    # launch: greedy and seeded sampling (the row's key follows its step), stops and max_tokens
+    # inside a 4-step chunk (tokens past them dropped), rows that cannot run multi-step (min_tokens
+    # still to reach, log-probs, penalties) mixed in, n > 1, DELTA streaming; no page leaks.
+    llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=8,
+              num_pages=24, max_num_batched_tokens=32, max_num_seqs=8, seed=0,
+              num_scheduler_steps=4)
+    engine = llm.llm_engine
+    runner = engine.runner
+    assert runner.num_scheduler_steps == 4
+    assert runner._multi._cache_size() == len(runner.multi_step_variants()) > 0
+    vocab = engine.model_config.vocab_size
+    launches = []
+    run_multi = runner.run_multi
+
+    def spy(inputs, sort, num_steps):
+        launches.append((int(inputs.md.num_seqs[0]), num_steps))
+        return run_multi(inputs, sort, num_steps)
+
+    runner.run_multi = spy
+    compiled = runner._multi._cache_size()
+    prompts = _random_prompts(6, vocab, seed=41, hi=30)
+    stop_ids = list(range(0, vocab, 40))  # ~2.5% of the vocabulary: stops fall mid-chunk
+    kinds = [
+        SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_k=20, top_p=0.9, max_tokens=11, seed=5,
+                       ignore_eos=True),
+        SamplingParams(temperature=1.0, max_tokens=30, seed=7, stop_token_ids=stop_ids),
+        SamplingParams(n=2, temperature=1.0, max_tokens=9, seed=9, ignore_eos=True),
+        SamplingParams(temperature=1.0, max_tokens=10, seed=3, min_tokens=6, ignore_eos=True),
+        SamplingParams(temperature=0.5, max_tokens=7, seed=4, stop=["e"], ignore_eos=True),
+    ]
+    try:
+        outs = llm.generate(prompts, kinds, use_tqdm=False)
+        # Rows that need the host between tokens: single steps while they are in the batch.
+        mixed = llm.generate(prompts[:3], [kinds[0], SamplingParams(
+            temperature=0.7, max_tokens=9, seed=2, logprobs=2, ignore_eos=True), SamplingParams(
+            temperature=0.8, max_tokens=9, seed=1, presence_penalty=0.5, ignore_eos=True)],
+            use_tqdm=False)
+    finally:
+        runner.run_multi = run_multi
+    small_llm.reset_prefix_cache()
+    ref = small_llm.generate(prompts, kinds, use_tqdm=False)
+    ref_mixed = small_llm.generate(prompts[:3], [kinds[0], SamplingParams(
+        temperature=0.7, max_tokens=9, seed=2, logprobs=2, ignore_eos=True), SamplingParams(
+        temperature=0.8, max_tokens=9, seed=1, presence_penalty=0.5, ignore_eos=True)],
+        use_tqdm=False)
+
+    def view(outputs):
+        return [[(c.token_ids, c.finish_reason, c.text) for c in o.outputs] for o in outputs]
+
+    assert view(outs) == view(ref)
+    assert view(mixed) == view(ref_mixed)
+    assert any(c[1] == "stop" for o in view(outs) for c in o)  # a stop fell inside the run
+    assert launches and all(k == 4 for _, k in launches)
+    assert max(n for n, _ in launches) >= 5  # most of the batch in one launch
+    assert runner._multi._cache_size() == compiled  # compiled at start-up (penalty, bias and
+    # ban widths compile sampler variants on first use, as with one step per launch)
+    assert _pool_is_full(llm)
+
+    # Streaming: DELTA outputs carry the chunk's tokens and add up to the final completion.
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+    engine.add_request("delta", prompts[0], params)
+    got = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            got += o.outputs[0].token_ids
+    assert got == ref[0].outputs[0].token_ids[:10]
+    assert _pool_is_full(llm)
+
+    # Aborts while a multi-step launch is in flight give every page back.
+    launches.clear()
+    runner.run_multi = spy
+    try:
+        for i in range(3):
+            engine.add_request(f"abort-{i}", prompts[i], SamplingParams(
+                temperature=1.0, seed=i, max_tokens=25, ignore_eos=True))
+        for step in range(6):
+            engine.step()
+            if step == 3:
+                assert engine._inflight is not None and engine._inflight.num_steps == 4
+                engine.abort_request("abort-1")
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        runner.run_multi = run_multi
+    assert launches and _pool_is_full(llm)
+    assert engine.scheduler.num_running == engine.scheduler.num_waiting == 0
+
+
+def test_multi_step_decode_is_checked_and_keeps_to_max_model_len(small_llama_folder, small_llm):
+    from jaxllm.config import EngineConfig
+
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="num_scheduler_steps"):
+            EngineConfig(num_scheduler_steps=bad)
+    # A sequence that ends at max_model_len: the last steps cannot all fit a 4-step launch, so
+    # they run one by one, and no K/V is written past max_model_len (no page beyond it).
+    llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=40, page_size=8,
+              num_pages=12, max_num_batched_tokens=32, max_num_seqs=4, seed=0,
+              num_scheduler_steps=4)
+    engine = llm.llm_engine
+    runner = engine.runner
+    steps = []
+    run_multi = runner.run_multi
+    runner.run_multi = lambda inputs, sort, k: steps.append(k) or run_multi(inputs, sort, k)
+    try:
+        out = llm.generate([{"prompt_token_ids": list(range(3, 33))}],
+                           SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=None),
+                           use_tqdm=False)[0]
+    finally:
+        runner.run_multi = run_multi
+    assert len(out.outputs[0].token_ids) == 10 and out.outputs[0].finish_reason == "length"
+    assert steps == [4, 4]  # tokens 2-5 and 6-9; the 10th alone (4 would pass max_model_len)
+    small_llm.reset_prefix_cache()
+    assert out.outputs[0].token_ids == small_llm.generate(
+        [{"prompt_token_ids": list(range(3, 33))}],
+        SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=10),
+        use_tqdm=False)[0].outputs[0].token_ids
+    engine.add_request("long", {"prompt_token_ids": list(range(3, 33))},
+                       SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=None))
+    most_pages = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        for seq in engine.scheduler.running:
+            most_pages = max(most_pages, len(seq.page_ids))
+    assert most_pages <= 40 // 8
+    assert _pool_is_full(llm)

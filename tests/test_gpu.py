@@ -213,3 +213,25 @@ def _greedy_tokens_per_backend(folder, *, seed, num_prompts, max_tokens, **llm_k
                          for o in llm.generate(prompts, params, use_tqdm=False)]
         del llm
     return outs
+
+
+def test_engine_multi_step_decode_serves_the_single_step_tokens_on_the_gpu(small_llama_folder):
+    """num_scheduler_steps=4 on the GPU (the Pallas decode launch inside the device loop, its
+    sequence lengths and K/V slots advanced each step; seeded sampling) gives the tokens of one
+    step per launch, in float32."""
+    from jaxllm import LLM, SamplingParams
+
+    rng = np.random.default_rng(3)
+    prompts = [{"prompt_token_ids": rng.integers(0, 49152, int(n)).tolist()}
+               for n in rng.integers(1, 60, 6)]
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, max_tokens=9 + i,
+                             ignore_eos=True) for i in range(len(prompts))]
+    outs = {}
+    for steps in (1, 4):
+        llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
+                  num_pages=64, max_num_batched_tokens=512, max_num_seqs=8,
+                  attention_backend="pallas", num_scheduler_steps=steps)
+        outs[steps] = [o.outputs[0].token_ids
+                       for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+    assert outs[4] == outs[1]

@@ -469,3 +469,36 @@ def test_simulated_serving_with_preemption_and_aborts_matches_running_each_seque
             assert seq.output_token_ids == expected, f"seq {seq.seq_id} diverged"
             assert seq.status in (S.FINISHED_STOPPED, S.FINISHED_LENGTH)
     assert sched.page_pool.num_free_pages == sched.page_pool.num_usable_pages
+
+
+def test_lookahead_pages_are_all_or_nothing_and_commit_places_one_placeholder_per_step():
+    # Multi-step scheduling: reserve_lookahead gives each decode the pages of num_steps K/V
+    # positions or, when the pool lacks them, allocates nothing (it never preempts); commit of a
+    # num_steps launch appends that many placeholders and advances computed tokens to match.
+    sched = make_scheduler(num_pages=9, page_size=4)  # 8 usable pages
+    a, b = make_seq(0, 3), make_seq(1, 7)
+    sched.add(a), sched.add(b)
+    out = sched.schedule()
+    sched.update(out, [11, 12])  # prefilled; a has 4 tokens (1 page), b 8 (2 pages)
+    out = sched.schedule()
+    assert [s.num_new_tokens for s in out.scheduled] == [1, 1]
+    assert [len(a.page_ids), len(b.page_ids)] == [1, 2]
+    free = sched.page_pool.num_free_pages
+    assert sched.reserve_lookahead(out, 4)  # positions 3..6 and 7..10
+    assert [len(a.page_ids), len(b.page_ids)] == [2, 3]
+    assert sched.page_pool.num_free_pages == free - 2
+    indices = sched.commit(out, num_steps=4)
+    assert indices == [1, 1]
+    assert a.num_pending == b.num_pending == 4 and a.num_tokens == 8 and b.num_tokens == 12
+    assert a.num_computed_tokens == 7 and b.num_computed_tokens == 11  # one decode left each
+    for j in range(4):
+        sched.resolve(a, 1 + j, 20 + j)
+        sched.resolve(b, 1 + j, 30 + j)
+    assert a.output_token_ids == [11, 20, 21, 22, 23] and a.num_pending == 0
+    out = sched.schedule()
+    assert [(s.seq, s.start_pos, s.num_new_tokens) for s in out.scheduled] == [(a, 7, 1),
+                                                                               (b, 11, 1)]
+    free = sched.page_pool.num_free_pages
+    owned = [list(a.page_ids), list(b.page_ids)]
+    assert not sched.reserve_lookahead(out, 4 * (free + 1) + 4)  # more than the pool has
+    assert [a.page_ids, b.page_ids] == owned and sched.page_pool.num_free_pages == free

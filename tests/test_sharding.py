@@ -331,3 +331,22 @@ def test_fused_kv_write_under_tensor_parallelism_matches_one_device(small_llama_
     llm = _llm(model=str(small_llama_folder), tensor_parallel_size=2, attention_backend="pallas")
     assert _greedy(llm) == small_reference
     assert fused_traces, "the decode-only steps did not take the fused path"
+
+
+def test_multi_step_decode_under_tensor_parallelism_matches_one_device(small_llama_folder,
+                                                                       small_reference, caplog):
+    # num_scheduler_steps=4 with tp=2: the device loop of forward + sampler runs over the mesh
+    # (attention per head shard) and serves one device's greedy tokens. Pipeline parallelism
+    # has no multi-step program: it says so and runs one step per launch.
+    llm = _llm(model=str(small_llama_folder), tensor_parallel_size=2, num_scheduler_steps=4)
+    runner = llm.llm_engine.runner
+    launches = []
+    run_multi = runner.run_multi
+    runner.run_multi = lambda inputs, sort, k: launches.append(k) or run_multi(inputs, sort, k)
+    assert _greedy(llm) == small_reference
+    assert launches and set(launches) == {4}
+    with caplog.at_level("WARNING", logger="jaxllm"):
+        pp = _llm(model=str(small_llama_folder), pipeline_parallel_size=2, num_scheduler_steps=4)
+    assert "num_scheduler_steps=4 is not supported" in caplog.text
+    assert pp.llm_engine.runner.num_scheduler_steps == 1
+    assert _greedy(pp) == small_reference

@@ -84,6 +84,7 @@ class _InFlight:
     prompt_lp: Any  # prompt log-probs (device arrays) or None
     read_before_next_schedule: bool
     with_logprobs: bool = True  # False: only out.token_ids is read back (no row wants log-probs)
+    num_steps: int = 1  # > 1: a multi-step launch; out's arrays have a leading [num_steps] axis
 
 
 def default_batch_limits(platform: str, device_kind: str, device_bytes: int | None,
@@ -237,6 +238,12 @@ class LLMEngine:
             max_logprobs=config.max_logprobs, parallel=self.parallel,
             enforce_eager=config.enforce_eager, cublas_min_tokens=self._cublas_min_tokens())
         self.runner.small_decode_buckets = tuple(config.small_decode_buckets)
+        steps = config.num_scheduler_steps
+        if steps > 1 and (runner_cls is not ModelRunner or jax.process_count() > 1):
+            logger.warning("num_scheduler_steps=%d is not supported with pipeline parallelism "
+                           "or several processes; running one step per launch", steps)
+            steps = 1
+        self.runner.num_scheduler_steps = steps
         self.page_pool = PagePool(num_pages)
         # Engine-wide extra keys of the page hashes: what else determines the K/V of a page.
         self.prefix_cache = PrefixCache(
@@ -516,11 +523,34 @@ class LLMEngine:
         sampling_row = self._sampling_row
         rows = [sampling_row(s.seq) for s in sched.scheduled]
         next_ids = self._prompt_next_ids(sched)
-        out, prompt_lp = self.runner.dispatch(sched.scheduled, rows, prompt_next_ids=next_ids)
-        indices = self.scheduler.commit(sched)
+        steps = self._lookahead_steps(sched, rows) if next_ids is None else 1
+        # (num_steps only when > 1: the pipeline runner's dispatch has no multi-step.)
+        out, prompt_lp = self.runner.dispatch(sched.scheduled, rows, prompt_next_ids=next_ids,
+                                              **({"num_steps": steps} if steps > 1 else {}))
+        indices = self.scheduler.commit(sched, num_steps=steps)
         read_first = any(r.params.uses_penalties for r, i in zip(rows, indices) if i is not None)
         with_logprobs = any(r.params.logprobs is not None for r in rows)
-        return _InFlight(sched, indices, out, prompt_lp, read_first, with_logprobs)
+        return _InFlight(sched, indices, out, prompt_lp, read_first, with_logprobs, steps)
+
+    def _lookahead_steps(self, sched: SchedulerOutput, rows: list) -> int:
+        """How many decode steps this batch runs in one launch (multi-step scheduling): the
+        runner's ``num_scheduler_steps`` when the batch can, else 1. It can when every row is a
+        decode (one new token, sampled) with room for all the steps within max_model_len, no
+        request is waiting (a multi-step launch would delay its admission), no row wants
+        penalties or log-probs or is still below min_tokens (their inputs change from one token
+        to the next on the host), and the pool has the pages of every step's K/V without
+        preempting anything (``Scheduler.reserve_lookahead`` allocates them)."""
+        k = self.runner.num_scheduler_steps
+        if k <= 1 or self.scheduler.num_waiting:
+            return 1
+        room = self.max_model_len - k
+        for s, r in zip(sched.scheduled, rows):
+            params = r.params
+            if (s.num_new_tokens != 1 or not s.needs_sample or s.seq.num_tokens > room
+                    or params.uses_penalties or params.logprobs is not None
+                    or r.step < params.min_tokens):
+                return 1
+        return k if self.scheduler.reserve_lookahead(sched, k) else 1
 
     def _read_inflight(self) -> list[RequestOutput]:
         """Waits for the in-flight step, resolves its placeholders, runs the stop checks."""
@@ -529,6 +559,7 @@ class LLMEngine:
         out, prompt_lp = self.runner.fetch((inflight.out if inflight.with_logprobs else
                                             inflight.out.token_ids, inflight.prompt_lp))
         tokens = (out.token_ids if inflight.with_logprobs else out).tolist()
+        steps = inflight.num_steps  # > 1: tokens is [steps][rows]
         sched = inflight.sched
         if prompt_lp is not None:
             self._collect_prompt_logprobs(sched, prompt_lp)
@@ -548,14 +579,24 @@ class LLMEngine:
             req = requests.get(seq.request_id)
             if req is None or seq.status.is_finished:
                 continue  # aborted / finished while the step ran
-            token = tokens[i]
-            resolve(seq, index, token)
             params = req.params
-            lp = None
-            if params.logprobs is not None:
-                lp = self._sample_logprobs(out, i, params.logprobs)
-            finished, status = req.processors[seq.index].process(token, lp, index + 1)
-            num_generated += 1
+            if steps == 1:
+                token = tokens[i]
+                resolve(seq, index, token)
+                lp = None
+                if params.logprobs is not None:
+                    lp = self._sample_logprobs(out, i, params.logprobs)
+                finished, status = req.processors[seq.index].process(token, lp, index + 1)
+                num_generated += 1
+            else:  # the row's tokens in order; those past a stop are dropped
+                process = req.processors[seq.index].process
+                for j in range(steps):
+                    token = tokens[j][i]
+                    resolve(seq, index + j, token)
+                    finished, status = process(token, None, index + j + 1)
+                    num_generated += 1
+                    if finished:
+                        break
             if finished:
                 finish(seq, status)
             if len(req.seqs) == 1:

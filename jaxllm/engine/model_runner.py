@@ -16,6 +16,13 @@ forward is a separate compiled program whose Pallas attention runs only its deco
 programs exist for the token buckets a pure decode step can land in (``step_variants``) and are
 compiled at start-up with the rest.
 
+Multi-step decode (``EngineConfig.num_scheduler_steps`` = k > 1, vLLM's multi-step scheduling):
+a pure decode batch the engine picks (``LLMEngine._lookahead_steps``) runs as one program of k
+forward + sampler steps in a device loop (``_multi_step``), each step's token the next one's
+input. One launch, one input copy and one read-back per k tokens: the batch-1 step is bound by
+the host's launch work (XLA re-records the command buffers whose buffers moved), and k steps pay
+it once. Its programs, one per decode bucket with and without the sort, are compiled at start-up.
+
 Two buffers per step: the host packs the forward's int32 arrays into one int32 buffer and the
 sampling tensors (float32 and uint32 bit-cast, bool widened) into another, puts both on the
 device in one ``device_put`` call, and the forward and the sampler each slice theirs inside the
@@ -226,6 +233,47 @@ def _sample_padded(max_num_seqs: int, logits: jax.Array, sampling, num_logprobs:
     return out, jnp.pad(out.token_ids, (0, max_num_seqs - out.token_ids.shape[0]))
 
 
+def _multi_step(graphdef, treedef, max_num_seqs: int, page_size: int, num_steps: int, leaves,
+                kv_caches: KVCache, inputs: StepInputs, prev_tokens: jax.Array, sampling,
+                sort: bool):
+    """``num_steps`` decode steps of one pure-decode batch in one program (multi-step
+    scheduling): a device loop of forward + sampler in which each step's sampled token is the
+    next step's input, at the next position (its K/V slot taken from the page table, which
+    already holds the pages of all ``num_steps`` positions) and with the next sampling step (the
+    row's key is fold_in(seed, step): the tokens are the ones single steps would sample).
+
+    ``inputs``: a decode-only StepInputs (token row i is sequence i), or a Packed of them;
+    ``sampling``: SamplingTensors without log-probs, or a Packed of them. Returns (kv caches,
+    SamplerOutput with a leading [num_steps] axis, the last step's ids padded to
+    [max_num_seqs] for the next launch's placeholders)."""
+    inputs, sampling = _unpacked(inputs), _unpacked(sampling)
+    model = _model(graphdef, treedef, leaves)
+    md = inputs.md
+    T, S = inputs.token_ids.shape[0], inputs.logits_indices.shape[0]
+    num_seqs = md.num_seqs[0]
+    real_tok = jnp.arange(T) < num_seqs  # token row i is sequence i (padding beyond num_seqs)
+    real_seq = (jnp.arange(S) < num_seqs).astype(jnp.int32)
+    seq_of_row = jnp.minimum(jnp.arange(T), S - 1)
+    max_page = md.page_table.shape[1] - 1
+
+    def one_step(carry, j):
+        kv, tokens = carry
+        positions = inputs.positions + j * real_tok
+        page = md.page_table[seq_of_row, jnp.minimum(positions // page_size, max_page)]
+        slots = jnp.where(real_tok, page * page_size + positions % page_size, md.slot_mapping)
+        step_md = dataclasses.replace(md, slot_mapping=slots, seq_lens=md.seq_lens + j * real_seq)
+        hidden, kv = model(tokens, positions, kv, step_md)
+        logits = model.compute_logits(hidden[inputs.logits_indices])
+        out = sampler_lib.sample(logits, dataclasses.replace(sampling, steps=sampling.steps + j),
+                                 None, sort)
+        next_tokens = jnp.zeros((T,), jnp.int32).at[:S].set(out.token_ids[:T])
+        return (kv, next_tokens), out
+
+    (kv_caches, _), outs = jax.lax.scan(one_step, (kv_caches, _token_ids(inputs, prev_tokens)),
+                                        jnp.arange(num_steps, dtype=jnp.int32))
+    return kv_caches, outs, jnp.pad(outs.token_ids[-1], (0, max_num_seqs - S))
+
+
 def _prompt_logprobs_forward(graphdef, treedef, leaves, kv_caches: KVCache, inputs: StepInputs,
                              prev_tokens: jax.Array, next_ids: jax.Array, num_logprobs: int):
     """Variant for steps where some request asks for prompt_logprobs: log-probs at every row.
@@ -411,6 +459,9 @@ class ModelRunner:
         # Sequence counts below the smallest token bucket with decode-only programs of their
         # own (EngineConfig.small_decode_buckets; the engine sets them before start-up compile).
         self.small_decode_buckets: tuple[int, ...] = ()
+        # EngineConfig.num_scheduler_steps (the engine sets it before start-up compile): with
+        # > 1, the multi-step decode programs of ``multi_step_variants`` are compiled too.
+        self.num_scheduler_steps = 1
         self.pack_inputs = False  # ModelRunner.__init__ turns it on where it applies
         self._page_rows = PageRows(2 * max_num_seqs, self.max_pages_per_seq)
         self._knob_cache = sampler_lib.KnobCache()  # the sampling knobs of the last step's rows
@@ -440,6 +491,12 @@ class ModelRunner:
         self._prompt_forward, self._prompt_forward_cublas = (
             jax.jit(prompt_forward, static_argnums=(5,), donate_argnums=(1,), **opts)
             for opts in (self._jit_options, self._cublas_jit_options))
+        # Multi-step decode (_multi_step): static num_steps and sort; the KV cache donated.
+        multi = _traced_over_heads(self.mesh, functools.partial(
+            _multi_step, self.graphdef, self._treedef, self.max_num_seqs, self.page_size))
+        self._multi, self._multi_cublas = (
+            jax.jit(multi, static_argnums=(0, 6), donate_argnums=(2,), **opts)
+            for opts in (self._jit_options, self._cublas_jit_options))
 
     def uses_cublas(self, T: int) -> bool:
         """Whether the programs of token bucket ``T`` compile their GEMMs for cuBLAS."""
@@ -448,6 +505,10 @@ class ModelRunner:
     def forward_for(self, T: int):
         """The jitted forward that runs token bucket ``T``."""
         return self._forward_cublas if self.uses_cublas(T) else self._forward
+
+    def multi_step_for(self, T: int):
+        """The jitted multi-step decode program that runs token bucket ``T``."""
+        return self._multi_cublas if self.uses_cublas(T) else self._multi
 
     def prompt_forward_for(self, T: int):
         """The jitted prompt-log-probs forward that runs token bucket ``T``."""
@@ -483,7 +544,7 @@ class ModelRunner:
         serving)."""
         return sum(f._cache_size() for f in (
             self._forward, self._forward_cublas, self._prompt_forward,
-            self._prompt_forward_cublas, self._sample))
+            self._prompt_forward_cublas, self._sample, self._multi, self._multi_cublas))
 
     def step_variants(self) -> list[tuple[int, bool]]:
         """The (token bucket T, decode_only) forward programs compiled at start-up: the general
@@ -495,6 +556,15 @@ class ModelRunner:
             variants += [(T, True) for T in self._small_decode_buckets()]
             variants += [(T, True) for T in self.token_buckets if T <= self.token_bucket(n)]
         return variants
+
+    def multi_step_variants(self) -> list[tuple[int, bool]]:
+        """The (token bucket T, sort) multi-step decode programs compiled at start-up (with
+        ``num_scheduler_steps`` > 1): one per bucket a pure decode step lands in, with and
+        without the top-k/top-p sort (multi-step batches ask for no log-probs)."""
+        if self.num_scheduler_steps <= 1:
+            return []
+        return [(T, sort) for T, decode_only in self.step_variants() if decode_only
+                for sort in (False, True)]
 
     def sampler_variants(self) -> list[tuple[int | None, bool]]:
         """The (num_logprobs, sort) variants compiled at start-up for every sequence bucket."""
@@ -512,6 +582,10 @@ class ModelRunner:
             inputs = self.prepare([], [], T=T, decode_only=decode_only)
             for nl, sort in self.sampler_variants():
                 out = self.run(inputs, nl, sort)
+            jax.block_until_ready(out)
+        for T, sort in self.multi_step_variants():
+            out = self.run_multi(self.prepare([], [], T=T, decode_only=True), sort,
+                                 self.num_scheduler_steps)
             jax.block_until_ready(out)
         return time.perf_counter() - t0
 
@@ -535,7 +609,7 @@ class ModelRunner:
 
         variants = self.step_variants()
         n_programs = len(variants) + len(self.sampler_variants()) * len(
-            {self.seq_bucket(T) for T, _ in variants})
+            {self.seq_bucket(T) for T, _ in variants}) + len(self.multi_step_variants())
         workers = max(1, min(n_programs, compile_workers()))
         names, futures, sampled, lowering = [], [], set(), 0.0
         with cf.ThreadPoolExecutor(max_workers=workers) as pool:
@@ -566,6 +640,13 @@ class ModelRunner:
                     submit(f"sampler T={T} logprobs={nl} sort={sort}",
                            lambda nl=nl, sort=sort, samp_in=samp_in: self._sample.lower(
                                logits, samp_in, nl, sort))
+            for T, sort in self.multi_step_variants():
+                fwd_in, samp_in = self._device_inputs(self.prepare([], [], T=T, decode_only=True))
+                submit(f"multi-step T={T} sort={sort}",
+                       lambda fwd_in=fwd_in, samp_in=samp_in, T=T, sort=sort:
+                       self.multi_step_for(T).lower(
+                           self.num_scheduler_steps, self._leaves, self.kv_caches, fwd_in,
+                           self._prev_tokens, samp_in, sort))
             secs = [f.result() for f in futures]
         # Where a cold start goes (the compiles overlap: the slowest bounds the wall time).
         self.compile_seconds = dict(zip(names, secs))
@@ -594,6 +675,18 @@ class ModelRunner:
         forward = self.forward_for(inputs.token_ids.shape[0])
         self.kv_caches, logits = forward(self._leaves, self.kv_caches, fwd_in, self._prev_tokens)
         out, self._prev_tokens = self._sample(logits, samp_in, num_logprobs, sort)
+        return out
+
+    def run_multi(self, inputs: StepInputs, sort: bool, num_steps: int
+                  ) -> sampler_lib.SamplerOutput:
+        """Dispatches ``num_steps`` decode steps of a decode-only batch as one program
+        (``_multi_step``); returns the SamplerOutput, each array with a leading [num_steps]
+        axis, as device arrays."""
+        if not inputs.md.decode_only:
+            raise ValueError("multi-step runs pure decode batches only (decode_only inputs)")
+        fwd_in, samp_in = self._device_inputs(inputs)
+        self.kv_caches, out, self._prev_tokens = self.multi_step_for(inputs.token_ids.shape[0])(
+            num_steps, self._leaves, self.kv_caches, fwd_in, self._prev_tokens, samp_in, sort)
         return out
 
     # -- host side ----------------------------------------------------------------------------
@@ -696,14 +789,19 @@ class ModelRunner:
         return off
 
     def dispatch(self, scheduled: list[ScheduledSeq], sampling_rows: list[sampler_lib.SamplingRow],
-                 prompt_next_ids: np.ndarray | None = None):
+                 prompt_next_ids: np.ndarray | None = None, num_steps: int = 1):
         """Dispatches one step without waiting for it: returns (sampler output, prompt log-probs
         or None) as device arrays. ``prompt_next_ids``: [n_tokens] next prompt token per row
-        (-1 where none), when some request wants prompt log-probs."""
+        (-1 where none), when some request wants prompt log-probs. ``num_steps`` > 1: a pure
+        decode batch (pages for every step already allocated, no log-probs) run as that many
+        steps in one program (``run_multi``); the output's arrays get a leading [num_steps]."""
         t0 = time.perf_counter()
         inputs = self.prepare(scheduled, sampling_rows)
-        nl = sampler_lib.logprobs_width(sampling_rows, self.num_logprobs)
         sort = sampler_lib.needs_sort(sampling_rows, self.vocab_size)
+        if num_steps > 1:
+            self.last_host_time = time.perf_counter() - t0
+            return self.run_multi(inputs, sort, num_steps), None
+        nl = sampler_lib.logprobs_width(sampling_rows, self.num_logprobs)
         next_ids = None
         if prompt_next_ids is not None:
             next_ids = np.full(inputs.token_ids.shape, -1, np.int32)

@@ -38,6 +38,11 @@ admitted (a preempted one is resolved before the next schedule can admit it), an
 registered in the prefix cache only as far as token ids are known. `update` is the synchronous
 path: commit and resolve at once.
 
+Multi-step launches (EngineConfig.num_scheduler_steps): the engine may run a batch of decodes as
+k steps in one device program. `reserve_lookahead` then gives each sequence the pages of its k
+K/V positions (all or nothing; it never preempts), and `commit(out, num_steps=k)` appends k
+placeholders and advances computed tokens by k, so the next schedule sees one decode left.
+
 Length: no K/V is ever computed at a position >= max_model_len, and no token is sampled for a
 sequence that is already max_model_len long. Stop conditions (max_tokens, stop tokens, length)
 are the engine's: it calls `finish`.
@@ -282,11 +287,16 @@ class Scheduler:
                 seq.append_token(token)
             self._register(seq)
 
-    def commit(self, out: SchedulerOutput) -> list[int | None]:
+    def commit(self, out: SchedulerOutput, num_steps: int = 1) -> list[int | None]:
         """Record a step just dispatched (async scheduling): computed counts advance and each
         sampling sequence gets a placeholder for the token in its row of the step's output.
-        Returns, per scheduled entry, the output index of its placeholder (None: no sample)."""
+        Returns, per scheduled entry, the output index of its placeholder (None: no sample).
+
+        num_steps > 1: a multi-step launch of decodes (``reserve_lookahead``): each sequence
+        gets num_steps placeholders (their indices follow the returned one) and num_steps
+        computed tokens (its input token and all but the last sampled one)."""
         indices: list[int | None] = []
+        extra = num_steps - 1
         caching = self.prefix_cache is not None  # per row per step: no _register call without
         for row, s in enumerate(out.scheduled):
             seq = s.seq
@@ -297,12 +307,29 @@ class Scheduler:
                         self._register(seq)
                 indices.append(None)
                 continue
-            seq.num_computed_tokens = s.start_pos + s.num_new_tokens
+            seq.num_computed_tokens = s.start_pos + s.num_new_tokens + extra
             indices.append(len(seq.output_token_ids))
             seq.append_placeholder(row)
+            for _ in range(extra):
+                seq.append_placeholder(row)
             if caching:
                 self._register(seq)
         return indices
+
+    def reserve_lookahead(self, out: SchedulerOutput, num_steps: int) -> bool:
+        """Allocate the pages a multi-step launch of ``out``'s decodes writes: each sequence's
+        K/V at num_steps positions from its start. All or nothing, never preempting: False (and
+        nothing allocated) when the pool lacks them. Pages a sequence does not use in the end
+        (it stops early) are freed with the rest when it finishes."""
+        page_size, pool = self.page_size, self.page_pool
+        needs = [_cdiv(s.start_pos + num_steps, page_size) - len(s.seq.page_ids)
+                 for s in out.scheduled]
+        if sum(n for n in needs if n > 0) > pool.num_free_pages:
+            return False
+        for s, n in zip(out.scheduled, needs):
+            if n > 0:
+                s.seq.page_ids.extend(pool.allocate(n))
+        return True
 
     def resolve(self, seq: Sequence, output_index: int, token_id: int) -> None:
         """Fill in a committed placeholder with the sampled id (also for a sequence preempted

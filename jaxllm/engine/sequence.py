@@ -55,9 +55,10 @@ class Sequence:
         deliberately left out of it); reset when the pages are released.
     cache_extra_keys: per-sequence extra keys folded into every page hash (anything besides the
         tokens that changes the K/V, e.g. a LoRA id or a cache salt).
-    num_pending: placeholder tokens at the end of the sequence (0 or 1): sampled by a step still
-        running on the device (async scheduling), so their ids are not known on the host yet;
-        ``pending_row`` is the row of that step's sampler output that holds the last one.
+    num_pending: placeholder tokens at the end of the sequence: sampled by a step still running
+        on the device (async scheduling), so their ids are not known on the host yet; 0 or 1,
+        or up to num_scheduler_steps after a multi-step launch. ``pending_row`` is the row of
+        that launch's sampler output that holds the last one.
     """
 
     seq_id: int
