@@ -92,7 +92,8 @@ def run_jaxllm(args) -> list[dict]:
                        enable_prefix_caching=False, async_scheduling=not args.sync,
                        fuse_projections=not args.no_fuse, quantization=args.quantization,
                        kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager,
-                       small_decode_buckets=args.small_decode_buckets)
+                       small_decode_buckets=args.small_decode_buckets,
+                       num_scheduler_steps=args.num_scheduler_steps)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg, loaded=loaded)
     startup_s = time.perf_counter() - t0
@@ -115,7 +116,10 @@ def run_jaxllm(args) -> list[dict]:
                   + (" (separate projections)" if args.no_fuse else "")
                   + (f" {args.quantization}" if args.quantization else "")
                   + (" fp8-kv" if args.kv_cache_dtype == "fp8" else "")
-                  + (" (enforce_eager)" if args.enforce_eager else ""), shape=args.shape,
+                  + (" (enforce_eager)" if args.enforce_eager else "")
+                  + (f" ({args.num_scheduler_steps} steps a launch)"
+                     if args.num_scheduler_steps > 1 else ""), shape=args.shape,
+                  num_scheduler_steps=args.num_scheduler_steps,
                   fp8_weight_only_max_tokens=weight_only_max_tokens(),
                   small_decode_buckets=list(engine.runner.small_decode_buckets),
                   device=device, copy_bandwidth_gbs=bw, bandwidth_probes_gbs=probes,
@@ -235,6 +239,9 @@ def main(argv=None) -> int:
                         "or 'none' (the default)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="jaxllm without XLA command buffers (EngineConfig.enforce_eager)")
+    p.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="EngineConfig.num_scheduler_steps: decode steps a launch (a per-step "
+                        "wall then covers that many tokens)")
     p.add_argument("--hf-cache", default="static", choices=["static", "dynamic"])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, nargs="+", default=None, help="JSON lines to plot")

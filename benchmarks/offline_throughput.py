@@ -37,6 +37,13 @@ SHAPES = {
                        num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
                        rope_theta=500000.0, max_position_embeddings=8192,
                        tie_word_embeddings=False),
+    # The default model's shape (SmolLM2-135M-Instruct): small enough that its step is bound
+    # by the host on a GPU, where multi-step scheduling matters most.
+    "smollm2-135m": dict(architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576,
+                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
     "tiny": dict(architecture="LlamaForCausalLM", vocab_size=1024, hidden_size=128,
                  intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,

@@ -76,7 +76,8 @@ def run_jaxllm(args) -> dict:
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        enable_prefix_caching=False, gpu_memory_utilization=0.9,
                        async_scheduling=not args.sync, quantization=args.quantization,
-                       kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager)
+                       kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager,
+                       num_scheduler_steps=args.num_scheduler_steps)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg, loaded=loaded)
     startup_s = time.perf_counter() - t0
@@ -100,7 +101,9 @@ def run_jaxllm(args) -> dict:
     return _row(args, "jaxllm" + (" (sync steps)" if args.sync else "")
                 + (f" {args.quantization}" if args.quantization else "")
                 + (" fp8-kv" if args.kv_cache_dtype == "fp8" else "")
-                + (" (enforce_eager)" if args.enforce_eager else ""),
+                + (" (enforce_eager)" if args.enforce_eager else "")
+                + (f" ({args.num_scheduler_steps} steps a launch)"
+                   if args.num_scheduler_steps > 1 else ""),
                 jax.devices()[0].device_kind, reqs, secs, startup_s=startup_s,
                 num_pages=engine.page_pool.num_usable_pages, recompiles_while_serving=recompiles,
                 max_num_seqs=engine.max_num_seqs,
@@ -178,6 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--enforce-eager", action="store_true",
                    help="jaxllm without XLA command buffers (EngineConfig.enforce_eager)")
+    p.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="EngineConfig.num_scheduler_steps (multi-step decode launches)")
     p.add_argument("--hf-batch", type=int, default=64)
     p.add_argument("--hf-cache", default="dynamic", choices=["static", "dynamic"])
     p.add_argument("--repeats", type=int, default=3)

@@ -76,6 +76,14 @@
 #   bash benchmarks/gpu/issues.sh swiglul2 (one GPU) the SwiGLU kernel with rows in flight that fit
 #                                          the L2; one fp8 + fp8 KV run with the best
 #   bash benchmarks/gpu/issues.sh swiglu4  (one GPU) the SwiGLU kernel's flat (vector) tile loads
+#   bash benchmarks/gpu/issues.sh cbupd    (one GPU) the batch-1 step's command-buffer updates:
+#                                          which buffers move, host vs wall per launch
+#   bash benchmarks/gpu/issues.sh swigluab (one GPU) fp8 + fp8 KV throughput with the flat
+#                                          SwiGLU kernel and without, twice each, interleaved
+#   bash benchmarks/gpu/issues.sh multistep (one GPU) multi-step decode: its GPU test; fp8 batch-1
+#                                          latency at 1, 4, 8 steps a launch
+#   bash benchmarks/gpu/issues.sh multistep2 (one GPU) the same for bf16 (8B) and SmolLM2-135M
+#   bash benchmarks/gpu/issues.sh multistep3 (one GPU) offline throughput with 4 steps a launch
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -115,6 +123,8 @@ if b["kernel_us"] < float(sys.argv[2]) * b["xla_us"]:
 EOF
 }
 T=${T:-560}  # seconds each lane may take, so the call returns its logs before the limit
+# Batch-1 latency at 1k context (decode) and TTFT at 512, three repeats.
+LAT1K="python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 --out $OUT/results.jsonl"
 # Offline throughput, 1,000 x 512/128, once (the modes add batch limits / quantization).
 TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
 case "$1" in
@@ -666,6 +676,64 @@ swiglu4)  # nvidia-h200 (one GPU), one short call: the SwiGLU kernel loading eac
     tp_rows
   fi
   show_logs 2 ;;
+cbupd)  # nvidia-h200 (one GPU), one short call (issues 6, 9): which buffers of the batch-1
+  # step move between launches and what XLA's command-buffer updates cost (cb_update.py): fp8
+  # with XLA's update log, then fp8 and bf16 without it (the log costs host time).
+  L=$OUT/logs; mkdir -p $L
+  CB="python3 benchmarks/gpu/cb_update.py --out $OUT/cb.jsonl"
+  timeout 170 $CB --quantization fp8 --vlog > $L/cb_fp8_vlog.log 2> $L/vlog_fp8.txt
+  python3 benchmarks/gpu/cb_update.py summarize $L/vlog_fp8.txt > $L/cb_fp8_vlog_summary.log
+  timeout 150 $CB --quantization fp8 > $L/cb_fp8.log 2>&1
+  timeout 150 $CB > $L/cb_bf16.log 2>&1
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(k, v) for k, v in sorted(d.items()) if not k.endswith('-done')]" $L/cb_fp8_vlog_summary.log
+  rm $L/vlog_fp8.txt
+  show_logs 8 ;;
+swigluab)  # nvidia-h200 (one GPU), one call (issue 6): the flat-tile SwiGLU kernel in the
+  # engine (0.67 ms alone against XLA's 0.77 at 16384 x 14336, swiglu4): fp8 + fp8 KV throughput
+  # with JAXLLM_FP8_FUSED_SWIGLU=1 and without, twice each, interleaved.
+  L=$OUT/logs; mkdir -p $L
+  F8="$TP --quantization fp8 --kv-cache-dtype fp8"
+  for i in 1 2; do
+    timeout 130 $F8 > $L/tp_fp8kv_unfused_$i.log 2>&1
+    JAXLLM_FP8_FUSED_SWIGLU=1 timeout 130 $F8 > $L/tp_fp8kv_fused_$i.log 2>&1
+  done
+  tp_rows
+  show_logs 2 ;;
+multistep)  # nvidia-h200 (one GPU), one call (issues 6, 9): multi-step decode
+  # (num_scheduler_steps). The fp8 batch-1 step is bound by the host (cbupd: each launch's
+  # command-buffer update, ~0.4-1 ms, and the launch); k steps a launch pay it once per k tokens.
+  # The GPU test, then fp8 batch-1 latency with 1, 4 and 8 steps a launch.
+  L=$OUT/logs; mkdir -p $L
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 150 python3 -m pytest -q -m gpu \
+    -p no:cacheprovider tests/test_gpu.py -k multi_step > $L/gpu_tests.log 2>&1
+  grep -v "^\s*$" $L/gpu_tests.log | tail -3
+  for k in 1 4 8; do
+    timeout 130 $LAT1K --quantization fp8 --num-scheduler-steps $k > $L/lat_fp8_k$k.log 2>&1
+    grep "decode ctx\|TTFT" $L/lat_fp8_k$k.log
+  done
+  show_logs 2 ;;
+multistep2)  # nvidia-h200 (one GPU), one call: multi-step decode, bf16 batch 1 (8B) and the
+  # default model's shape (SmolLM2-135M: a host-bound step), 1 step a launch against 4 / 8.
+  # fp8 once more at 1 and 4, around bf16 (multistep's 1-step fp8 run was slow: 5.97 ms/token).
+  L=$OUT/logs; mkdir -p $L
+  for run in fp8:1 bf16:1 bf16:4 fp8:4; do
+    k=${run#*:}; q=${run%:*}; Q=; [ $q = fp8 ] && Q="--quantization fp8"
+    timeout 120 $LAT1K $Q --num-scheduler-steps $k > $L/lat_${q}_k$k.log 2>&1
+    grep "decode ctx\|TTFT" $L/lat_${q}_k$k.log
+  done
+  for k in 1 8; do
+    timeout 90 $LAT1K --shape smollm2-135m --num-scheduler-steps $k > $L/lat_smol_k$k.log 2>&1
+    grep "decode ctx\|TTFT" $L/lat_smol_k$k.log
+  done
+  show_logs 2 ;;
+multistep3)  # nvidia-h200 (one GPU), one call: offline throughput (1,000 x 512/128) with 4 decode
+  # steps a launch: fp8 + fp8 KV (one step a launch, this session: 10,926-10,974 tok/s), then bf16.
+  L=$OUT/logs; mkdir -p $L
+  timeout 200 $TP --quantization fp8 --kv-cache-dtype fp8 --num-scheduler-steps 4 \
+    > $L/tp_fp8kv_k4.log 2>&1
+  timeout 170 $TP --num-scheduler-steps 4 > $L/tp_bf16_k4.log 2>&1
+  tp_rows
+  show_logs 3 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
   # bf16's 17.9): profile a 16384-token prefill step (32 prompts x 512) in fp8 and bf16, op
