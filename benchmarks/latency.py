@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import (SHAPES, _prompts, hf_random_model, log_engine_startup,  # noqa: E402
-                                parse_buckets, random_model)
+from offline_throughput import (SHAPES, _prompts, append_jsonl, hf_random_model,  # noqa: E402
+                                log_engine_startup, parse_buckets, random_model)
 
 CONTEXTS = [128, 512, 1024, 2048, 4096, 8192]
 PREFILLS = [512, 1024, 2048, 4096, 8192]
@@ -256,10 +256,7 @@ def main(argv=None) -> int:
     if args.engine is None:
         p.error("--engine is required unless --plot is given")
     rows = run_jaxllm(args) if args.engine == "jaxllm" else run_hf(args)
-    if args.out:
-        with args.out.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    append_jsonl(args.out, rows)
     return 0
 
 

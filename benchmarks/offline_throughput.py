@@ -51,6 +51,17 @@ SHAPES = {
 }
 
 
+def append_jsonl(path, rows) -> None:
+    """Appends each row (a dict) as one JSON line to ``path`` (nothing when path is None)."""
+    import json
+
+    if path is None:
+        return
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
 def log_engine_startup() -> None:
     """Prints the engine's start-up log lines (pool sizing, compile time, KV pages) to stderr:
     what start-up time goes to."""

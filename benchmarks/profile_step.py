@@ -39,8 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_trace import host_top, summarize  # noqa: E402
-from offline_throughput import (SHAPES, log_engine_startup, parse_buckets,  # noqa: E402
-                                random_model)
+from offline_throughput import (SHAPES, append_jsonl, log_engine_startup,  # noqa: E402
+                                parse_buckets, random_model)
 
 
 # A fetch that returns within this found its step already done: the GPU may have waited for the
@@ -223,10 +223,7 @@ def main(argv=None) -> int:
             print(f"    {ms:8.3f} ms {summ['top_calls'][name]:6.1f}x  {name[:110]}")
         for name, ms, n in summ.get("host_top", []):
             print(f"    host {ms:8.3f} ms {n:7.1f}x  {name[:100]}")
-    if args.out:
-        with args.out.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    append_jsonl(args.out, rows)
     return 0
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import SHAPES, random_model  # noqa: E402
+from offline_throughput import SHAPES, append_jsonl, random_model  # noqa: E402
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -117,10 +117,7 @@ def main(argv=None) -> int:
         print(f"{r['batch']:>5} {r['T']:>5} {r['engine_step_ms']:>8.2f} {r['jitted_step_ms']:>8.2f} "
               f"{r['forward_ms']:>8.2f} {r['sampler_ms']:>8.2f} {r['prepare_ms']:>8.2f} "
               f"{r['weights_floor_ms']:>8.2f}")
-    if args.out:
-        with args.out.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    append_jsonl(args.out, rows)
     return 0
 
 

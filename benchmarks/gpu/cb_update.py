@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from offline_throughput import random_model
+    from offline_throughput import append_jsonl, random_model
     from jaxllm.config import EngineConfig
     from jaxllm.engine.llm_engine import LLMEngine
     from jaxllm.sampling_params import SamplingParams
@@ -194,10 +194,7 @@ def main(argv=None) -> int:
                  device=jax.devices()[0].device_kind, calls=args.calls)
         print(f"{r['variant']:10s} host {r['host_ms']:6.3f} ms  wall {r['wall_ms']:6.3f} ms",
               flush=True)
-    if args.out:
-        with args.out.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    append_jsonl(args.out, rows)
     return 0
 
 
