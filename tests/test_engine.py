@@ -1063,3 +1063,37 @@ def test_multi_step_decode_is_checked_and_keeps_to_max_model_len(small_llama_fol
             most_pages = max(most_pages, len(seq.page_ids))
     assert most_pages <= 40 // 8
     assert _pool_is_full(llm)
+
+
+def test_multi_step_decode_runs_while_every_slot_is_taken_and_admits_after(small_llama_folder,
+                                                                          small_llm):
+    # Requests waiting for a sequence slot (max_num_seqs reached) cannot be admitted before a
+    # running one finishes, so a full batch still runs multi-step launches; a free slot with a
+    # request waiting for it runs single steps (no admission is delayed). Same tokens as one step
+    # a launch, no page leaks.
+    llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=8,
+              num_pages=24, max_num_batched_tokens=32, max_num_seqs=2, seed=0,
+              num_scheduler_steps=4)
+    engine = llm.llm_engine
+    runner = engine.runner
+    seen = []
+    run_multi = runner.run_multi
+
+    def spy(inputs, sort, k):
+        seen.append((engine.scheduler.num_running, engine.scheduler.num_waiting))
+        return run_multi(inputs, sort, k)
+
+    runner.run_multi = spy
+    prompts = _random_prompts(4, engine.model_config.vocab_size, seed=52, hi=20)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, max_tokens=6 + 3 * i,
+                             ignore_eos=True) for i in range(4)]
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        runner.run_multi = run_multi
+    small_llm.reset_prefix_cache()
+    ref = small_llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert any(waiting for _, waiting in seen)  # launches with requests waiting for a slot
+    assert all(running == 2 for running, waiting in seen if waiting)
+    assert _pool_is_full(llm)

@@ -536,12 +536,14 @@ class LLMEngine:
         """How many decode steps this batch runs in one launch (multi-step scheduling): the
         runner's ``num_scheduler_steps`` when the batch can, else 1. It can when every row is a
         decode (one new token, sampled) with room for all the steps within max_model_len, no
-        request is waiting (a multi-step launch would delay its admission), no row wants
+        waiting request could be admitted now (nothing waits, or every sequence slot is taken:
+        a multi-step launch must not delay an admission that could happen), no row wants
         penalties or log-probs or is still below min_tokens (their inputs change from one token
         to the next on the host), and the pool has the pages of every step's K/V without
         preempting anything (``Scheduler.reserve_lookahead`` allocates them)."""
         k = self.runner.num_scheduler_steps
-        if k <= 1 or self.scheduler.num_waiting:
+        scheduler = self.scheduler
+        if k <= 1 or (scheduler.num_waiting and scheduler.num_running < self.max_num_seqs):
             return 1
         room = self.max_model_len - k
         for s, r in zip(sched.scheduled, rows):
