@@ -966,21 +966,23 @@ def test_multi_step_decode_serves_the_single_step_tokens_and_frees_every_page(
         SamplingParams(temperature=1.0, max_tokens=10, seed=3, min_tokens=6, ignore_eos=True),
         SamplingParams(temperature=0.5, max_tokens=7, seed=4, stop=["e"], ignore_eos=True),
     ]
+    # Rows that need the host between tokens, or another sampler width (logit_bias): single
+    # steps while they are in the batch.
+    mixed_params = [kinds[0],
+                    SamplingParams(temperature=0.7, max_tokens=9, seed=2, logprobs=2,
+                                   ignore_eos=True),
+                    SamplingParams(temperature=0.8, max_tokens=9, seed=1, presence_penalty=0.5,
+                                   ignore_eos=True),
+                    SamplingParams(temperature=0.9, max_tokens=16, seed=6, logit_bias={5: 4.0},
+                                   ignore_eos=True)]
     try:
         outs = llm.generate(prompts, kinds, use_tqdm=False)
-        # Rows that need the host between tokens: single steps while they are in the batch.
-        mixed = llm.generate(prompts[:3], [kinds[0], SamplingParams(
-            temperature=0.7, max_tokens=9, seed=2, logprobs=2, ignore_eos=True), SamplingParams(
-            temperature=0.8, max_tokens=9, seed=1, presence_penalty=0.5, ignore_eos=True)],
-            use_tqdm=False)
+        mixed = llm.generate(prompts[:4], mixed_params, use_tqdm=False)
     finally:
         runner.run_multi = run_multi
     small_llm.reset_prefix_cache()
     ref = small_llm.generate(prompts, kinds, use_tqdm=False)
-    ref_mixed = small_llm.generate(prompts[:3], [kinds[0], SamplingParams(
-        temperature=0.7, max_tokens=9, seed=2, logprobs=2, ignore_eos=True), SamplingParams(
-        temperature=0.8, max_tokens=9, seed=1, presence_penalty=0.5, ignore_eos=True)],
-        use_tqdm=False)
+    ref_mixed = small_llm.generate(prompts[:4], mixed_params, use_tqdm=False)
 
     def view(outputs):
         return [[(c.token_ids, c.finish_reason, c.text) for c in o.outputs] for o in outputs]

@@ -539,8 +539,9 @@ class LLMEngine:
         waiting request could be admitted now (nothing waits, or every sequence slot is taken:
         a multi-step launch must not delay an admission that could happen), no row wants
         penalties or log-probs or is still below min_tokens (their inputs change from one token
-        to the next on the host), and the pool has the pages of every step's K/V without
-        preempting anything (``Scheduler.reserve_lookahead`` allocates them)."""
+        to the next on the host) or has a logit_bias (its sampler width would compile another
+        multi-step program while serving), and the pool has the pages of every step's K/V
+        without preempting anything (``Scheduler.reserve_lookahead`` allocates them)."""
         k = self.runner.num_scheduler_steps
         scheduler = self.scheduler
         if k <= 1 or (scheduler.num_waiting and scheduler.num_running < self.max_num_seqs):
@@ -550,7 +551,7 @@ class LLMEngine:
             params = r.params
             if (s.num_new_tokens != 1 or not s.needs_sample or s.seq.num_tokens > room
                     or params.uses_penalties or params.logprobs is not None
-                    or r.step < params.min_tokens):
+                    or r.step < params.min_tokens or params.logit_bias):
                 return 1
         return k if self.scheduler.reserve_lookahead(sched, k) else 1
 
