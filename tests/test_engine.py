@@ -931,6 +931,23 @@ def test_throughput_benchmark_splits_the_run_by_step_kind(small_llm, async_sched
     assert 0 < phases["mixed_s"] + phases["decode_s"] <= secs + 1e-6
 
 
+def _multi_step_llm(folder, on_launch, **kw) -> LLM:
+    """LLM(folder) with num_scheduler_steps=4 and small_llm's shapes (``kw`` overrides), whose
+    runner calls ``on_launch(inputs, num_steps)`` at every multi-step launch."""
+    llm = LLM(str(folder), **{**dict(dtype="float32", max_model_len=160, page_size=8,
+                                     num_pages=24, max_num_batched_tokens=32, max_num_seqs=8,
+                                     seed=0, num_scheduler_steps=4), **kw})
+    runner = llm.llm_engine.runner
+    run_multi = runner.run_multi
+
+    def spy(inputs, sort, num_steps):
+        on_launch(inputs, num_steps)
+        return run_multi(inputs, sort, num_steps)
+
+    runner.run_multi = spy
+    return llm
+
+
 def test_multi_step_decode_serves_the_single_step_tokens_and_frees_every_page(
         small_llama_folder, small_llm):
     # num_scheduler_steps=4 (vLLM's multi-step scheduling): a batch of pure decodes runs 4
@@ -938,22 +955,14 @@ def test_multi_step_decode_serves_the_single_step_tokens_and_frees_every_page(
     # launch: greedy and seeded sampling (the row's key follows its step), stops and max_tokens
     # inside a 4-step chunk (tokens past them dropped), rows that cannot run multi-step (min_tokens
     # still to reach, log-probs, penalties) mixed in, n > 1, DELTA streaming; no page leaks.
-    llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=8,
-              num_pages=24, max_num_batched_tokens=32, max_num_seqs=8, seed=0,
-              num_scheduler_steps=4)
+    launches = []
+    llm = _multi_step_llm(small_llama_folder,
+                          lambda inputs, k: launches.append((int(inputs.md.num_seqs[0]), k)))
     engine = llm.llm_engine
     runner = engine.runner
     assert runner.num_scheduler_steps == 4
     assert runner._multi._cache_size() == len(runner.multi_step_variants()) > 0
     vocab = engine.model_config.vocab_size
-    launches = []
-    run_multi = runner.run_multi
-
-    def spy(inputs, sort, num_steps):
-        launches.append((int(inputs.md.num_seqs[0]), num_steps))
-        return run_multi(inputs, sort, num_steps)
-
-    runner.run_multi = spy
     compiled = runner._multi._cache_size()
     prompts = _random_prompts(6, vocab, seed=41, hi=30)
     stop_ids = list(range(0, vocab, 40))  # ~2.5% of the vocabulary: stops fall mid-chunk
@@ -975,11 +984,8 @@ def test_multi_step_decode_serves_the_single_step_tokens_and_frees_every_page(
                                    ignore_eos=True),
                     SamplingParams(temperature=0.9, max_tokens=16, seed=6, logit_bias={5: 4.0},
                                    ignore_eos=True)]
-    try:
-        outs = llm.generate(prompts, kinds, use_tqdm=False)
-        mixed = llm.generate(prompts[:4], mixed_params, use_tqdm=False)
-    finally:
-        runner.run_multi = run_multi
+    outs = llm.generate(prompts, kinds, use_tqdm=False)
+    mixed = llm.generate(prompts[:4], mixed_params, use_tqdm=False)
     small_llm.reset_prefix_cache()
     ref = small_llm.generate(prompts, kinds, use_tqdm=False)
     ref_mixed = small_llm.generate(prompts[:4], mixed_params, use_tqdm=False)
@@ -1009,20 +1015,16 @@ def test_multi_step_decode_serves_the_single_step_tokens_and_frees_every_page(
 
     # Aborts while a multi-step launch is in flight give every page back.
     launches.clear()
-    runner.run_multi = spy
-    try:
-        for i in range(3):
-            engine.add_request(f"abort-{i}", prompts[i], SamplingParams(
-                temperature=1.0, seed=i, max_tokens=25, ignore_eos=True))
-        for step in range(6):
-            engine.step()
-            if step == 3:
-                assert engine._inflight is not None and engine._inflight.num_steps == 4
-                engine.abort_request("abort-1")
-        while engine.has_unfinished_requests():
-            engine.step()
-    finally:
-        runner.run_multi = run_multi
+    for i in range(3):
+        engine.add_request(f"abort-{i}", prompts[i], SamplingParams(
+            temperature=1.0, seed=i, max_tokens=25, ignore_eos=True))
+    for step in range(6):
+        engine.step()
+        if step == 3:
+            assert engine._inflight is not None and engine._inflight.num_steps == 4
+            engine.abort_request("abort-1")
+    while engine.has_unfinished_requests():
+        engine.step()
     assert launches and _pool_is_full(llm)
     assert engine.scheduler.num_running == engine.scheduler.num_waiting == 0
 
@@ -1035,20 +1037,13 @@ def test_multi_step_decode_is_checked_and_keeps_to_max_model_len(small_llama_fol
             EngineConfig(num_scheduler_steps=bad)
     # A sequence that ends at max_model_len: the last steps cannot all fit a 4-step launch, so
     # they run one by one, and no K/V is written past max_model_len (no page beyond it).
-    llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=40, page_size=8,
-              num_pages=12, max_num_batched_tokens=32, max_num_seqs=4, seed=0,
-              num_scheduler_steps=4)
-    engine = llm.llm_engine
-    runner = engine.runner
     steps = []
-    run_multi = runner.run_multi
-    runner.run_multi = lambda inputs, sort, k: steps.append(k) or run_multi(inputs, sort, k)
-    try:
-        out = llm.generate([{"prompt_token_ids": list(range(3, 33))}],
-                           SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=None),
-                           use_tqdm=False)[0]
-    finally:
-        runner.run_multi = run_multi
+    llm = _multi_step_llm(small_llama_folder, lambda inputs, k: steps.append(k),
+                          max_model_len=40, num_pages=12, max_num_seqs=4)
+    engine = llm.llm_engine
+    out = llm.generate([{"prompt_token_ids": list(range(3, 33))}],
+                       SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=None),
+                       use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 10 and out.outputs[0].finish_reason == "length"
     assert steps == [4, 4]  # tokens 2-5 and 6-9; the 10th alone (4 would pass max_model_len)
     small_llm.reset_prefix_cache()
@@ -1073,26 +1068,14 @@ def test_multi_step_decode_runs_while_every_slot_is_taken_and_admits_after(small
     # running one finishes, so a full batch still runs multi-step launches; a free slot with a
     # request waiting for it runs single steps (no admission is delayed). Same tokens as one step
     # a launch, no page leaks.
-    llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=8,
-              num_pages=24, max_num_batched_tokens=32, max_num_seqs=2, seed=0,
-              num_scheduler_steps=4)
-    engine = llm.llm_engine
-    runner = engine.runner
     seen = []
-    run_multi = runner.run_multi
-
-    def spy(inputs, sort, k):
-        seen.append((engine.scheduler.num_running, engine.scheduler.num_waiting))
-        return run_multi(inputs, sort, k)
-
-    runner.run_multi = spy
-    prompts = _random_prompts(4, engine.model_config.vocab_size, seed=52, hi=20)
+    llm = _multi_step_llm(small_llama_folder, lambda inputs, k: seen.append(
+        (llm.llm_engine.scheduler.num_running, llm.llm_engine.scheduler.num_waiting)),
+        max_num_seqs=2)
+    prompts = _random_prompts(4, llm.llm_engine.model_config.vocab_size, seed=52, hi=20)
     params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, max_tokens=6 + 3 * i,
                              ignore_eos=True) for i in range(4)]
-    try:
-        outs = llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        runner.run_multi = run_multi
+    outs = llm.generate(prompts, params, use_tqdm=False)
     small_llm.reset_prefix_cache()
     ref = small_llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
