@@ -28,8 +28,10 @@ History, H200, 16384 x 14336 (``benchmarks/gpu/swiglu_quant.py``; benchmarks/RES
   - now: the same tiles loaded flat, [rows, 2 x chunk] (offsets Triton can prove contiguous,
     so it loads vectors), and reshaped in registers: 0.67 ms at 2 rows x 512 x 4 warps (the
     [rows, chunk, 2] addressing 0.73 in the same call), 13% under XLA; ~1.8 TB/s for 1.2 GB
-    whose bytes need 0.27 ms. Not yet timed in the engine, so the engine runs it only when
-    asked for (``JAXLLM_FP8_FUSED_SWIGLU=1``, ``jaxllm.models.fp8.fp8_swiglu_mlp``).
+    whose bytes need 0.27 ms. Not faster in the engine either (fp8 + fp8 KV 10,870 / 10,513
+    against 10,974 / 10,926 tok/s unfused, interleaved; 2026-12-01 late night), so the engine
+    runs it only when asked for (``JAXLLM_FP8_FUSED_SWIGLU=1``,
+    ``jaxllm.models.fp8.fp8_swiglu_mlp``).
 
 ``silu_mul_quant_reference`` is the plain-jnp contract (float32 math, elementwise but for the
 row max); the kernel computes the same values (on the H200: no e4m3 value differed at 16384 and

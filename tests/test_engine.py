@@ -1060,6 +1060,10 @@ def test_multi_step_decode_is_checked_and_keeps_to_max_model_len(small_llama_fol
             most_pages = max(most_pages, len(seq.page_ids))
     assert most_pages <= 40 // 8
     assert _pool_is_full(llm)
+    # The runner refuses a multi-step launch of anything but a pure decode batch.
+    runner = engine.runner
+    with pytest.raises(ValueError, match="pure decode"):
+        runner.run_multi(runner.prepare([], [], T=8, decode_only=False), False, 4)
 
 
 def test_multi_step_decode_runs_while_every_slot_is_taken_and_admits_after(small_llama_folder,

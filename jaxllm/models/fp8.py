@@ -136,9 +136,9 @@ FUSED_SWIGLU_ENV = "JAXLLM_FP8_FUSED_SWIGLU"
 def fused_swiglu_enabled() -> bool:
     """``JAXLLM_FP8_FUSED_SWIGLU`` = "1" turns ``fp8_swiglu_mlp`` on (an A/B switch, off by
     default: on the H200, 16384 tokens, the kernel alone takes 0.67 ms against XLA's two
-    fusions' 0.77 (flat tiles, not yet timed in the engine); an earlier tile 4% under XLA
-    alone, 0.73 ms, gave fp8 + fp8 KV 10,930 / 10,467 tok/s against 11,103 without;
-    benchmarks/RESULTS.md, "Rerun of 2026-12-01 (20:27)"). Read at trace time."""
+    fusions' 0.77, but in the engine fp8 + fp8 KV ran 10,870 / 10,513 tok/s with it against
+    10,974 / 10,926 without, interleaved in one call; benchmarks/RESULTS.md, "Rerun of
+    2026-12-01 (late night, 23:10)"). Read at trace time."""
     import os
 
     raw = os.environ.get(FUSED_SWIGLU_ENV, "0")
