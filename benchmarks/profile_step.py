@@ -26,6 +26,10 @@ token each), e.g. the offline-throughput workload's 16384-token steps of 512-tok
 A/B of two step-level choices (docs/DESIGN_NOTES.md, "Decode-only steps, packed step inputs"):
 ``--no-decode-only`` runs pure decode steps on the general forward (both attention launches),
 ``--no-pack`` passes the step inputs as numpy arrays (one host->device copy each).
+
+``--num-scheduler-steps K`` profiles multi-step decode (EngineConfig.num_scheduler_steps): each
+engine step is one launch of K forward + sample steps, and every figure is divided by K, so the
+table reads per token (per forward) as with K = 1.
 """
 
 from __future__ import annotations
@@ -129,6 +133,8 @@ def main(argv=None) -> int:
                    help="profile prefill steps of this many tokens (prompts of --context)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="step programs without XLA command buffers (EngineConfig.enforce_eager)")
+    p.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="EngineConfig.num_scheduler_steps (figures are per token: divided by it)")
     args = p.parse_args(argv)
     log_engine_startup()
 
@@ -149,19 +155,24 @@ def main(argv=None) -> int:
     if args.max_num_seqs is not None and args.max_num_seqs < max_b:
         p.error(f"--max-num-seqs {args.max_num_seqs} < the largest --batch {max_b}")
     max_seqs = args.max_num_seqs or max_b
-    cfg = EngineConfig(dtype="bfloat16", max_model_len=args.context + 8 * args.steps + 64,
+    k = args.num_scheduler_steps
+    # warm-up, timed and profiled steps, each up to k tokens, with room to spare: the lookahead
+    # needs k positions left, else the engine falls back to single steps.
+    new_tokens = k * (2 * args.steps + 8) + 16
+    cfg = EngineConfig(dtype="bfloat16", max_model_len=args.context + new_tokens + 64,
                        max_num_seqs=max_seqs, max_num_batched_tokens=max(2048, max_seqs),
                        enable_prefix_caching=False, quantization=args.quantization,
                        kv_cache_dtype=args.kv_cache_dtype, fuse_projections=not args.no_fuse,
                        enforce_eager=args.enforce_eager,
-                       small_decode_buckets=args.small_decode_buckets)
+                       small_decode_buckets=args.small_decode_buckets,
+                       num_scheduler_steps=k)
     engine = LLMEngine(cfg, loaded=loaded)
     engine.runner.decode_only_steps = not args.no_decode_only
     engine.runner.pack_inputs = engine.runner.pack_inputs and not args.no_pack
     rng = np.random.default_rng(0)
     rows = []
     for batch in args.batch:
-        params = SamplingParams(temperature=0.0, max_tokens=8 * args.steps + 16, ignore_eos=True,
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True,
                                 detokenize=False)
         ids = [f"b{batch}-{i}" for i in range(batch)]
         for rid in ids:
@@ -176,10 +187,10 @@ def main(argv=None) -> int:
         # host, by more the more kernels a step launches (an fp8 step's ~860 launches at batch
         # 1 read ~2x slower under it). The GPU time is read from the trace of the next steps.
         walls, waits = timed_steps(engine, args.steps)
-        wall = statistics.median(walls) * 1e3
-        wait = statistics.median(waits) * 1e3
+        wall = statistics.median(walls) * 1e3 / k
+        wait = statistics.median(waits) * 1e3 / k
         host_bound = sum(w < HOST_BOUND_WAIT_S for w in waits)
-        wall_mean, wall_max = statistics.mean(walls) * 1e3, max(walls) * 1e3
+        wall_mean, wall_max = statistics.mean(walls) * 1e3 / k, max(walls) * 1e3 / k
         log_dir = args.out_dir / f"b{batch}"
         log_dir.mkdir(parents=True, exist_ok=True)
         windows = []
@@ -188,15 +199,15 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 engine.step()
                 windows.append((t, time.perf_counter()))
-        wall_profiled = statistics.median(e - s for s, e in windows) * 1e3
+        wall_profiled = statistics.median(e - s for s, e in windows) * 1e3 / k
         trace = _newest_trace(log_dir)
-        summ = summarize(trace, args.steps, args.top)
+        summ = summarize(trace, args.steps * k, args.top)
         if args.keep_trace is not None:
             import shutil
 
             shutil.copy(trace, f"{args.keep_trace}_b{batch}.json.gz")
         if args.host_top:
-            summ["host_top"] = host_top(trace, args.steps, args.host_top)
+            summ["host_top"] = host_top(trace, args.steps * k, args.host_top)
         for rid in ids:
             engine.abort_request(rid)
         row = dict(shape=args.shape, device=jax.devices()[0].device_kind, batch=batch,
@@ -212,7 +223,7 @@ def main(argv=None) -> int:
                    wall_profiled_ms=wall_profiled, **summ,
                    idle_pct=100 * max(0.0, 1 - summ["gpu_busy_ms"] / wall),
                    host_wait_ms=wait, host_work_ms=wall - wait, host_bound_steps=host_bound,
-                   steps=args.steps)
+                   steps=args.steps, num_scheduler_steps=k)
         rows.append(row)
         print(f"batch {batch}: wall {wall:.2f} ms (mean {wall_mean:.2f}, max {wall_max:.1f}; "
               f"{wall_profiled:.2f} profiled), GPU busy "

@@ -734,6 +734,20 @@ multistep3)  # nvidia-h200 (one GPU), one call: offline throughput (1,000 x 512/
   timeout 170 $TP --num-scheduler-steps 4 > $L/tp_bf16_k4.log 2>&1
   tp_rows
   show_logs 3 ;;
+loopprof)  # nvidia-h200 (one GPU), one call (issues 6 and 9): the batch-1 multi-step program
+  # (num_scheduler_steps = 4, GPU-bound: fp8 2.92, bf16 4.33 ms/token) kernel by kernel, per
+  # token: profile, kept trace and optimized HLO of the multi-step programs, fp8 then bf16.
+  L=$OUT/logs; mkdir -p $L /tmp/keep
+  for q in fp8 bf16; do
+    QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+    XLA_FLAGS="--xla_dump_to=/tmp/dump_$q --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*multi.*" \
+      timeout 240 python3 benchmarks/profile_step.py --context 1024 --steps 6 --top 40 --batch 1 \
+      --max-num-seqs 8 --num-scheduler-steps 4 $QA --out-dir /tmp/p_$q \
+      --keep-trace /tmp/keep/trace_$q --out $OUT/results.jsonl > $L/prof_$q.log 2>&1
+    mkdir -p /tmp/keep/hlo_$q; cp /tmp/dump_$q/*after_optimizations.txt /tmp/keep/hlo_$q/ 2>/dev/null
+  done
+  tar czf $OUT/keep.tgz -C /tmp keep
+  ls -la $OUT; show_logs 50 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
   # bf16's 17.9): profile a 16384-token prefill step (32 prompts x 512) in fp8 and bf16, op
