@@ -748,6 +748,21 @@ loopprof)  # nvidia-h200 (one GPU), one call (issues 6 and 9): the batch-1 multi
   done
   tar czf $OUT/keep.tgz -C /tmp keep
   ls -la $OUT; show_logs 50 ;;
+b1knobs)  # nvidia-h200 (one GPU), one call (issues 9 and 6): batch 1 in the multi-step loop
+  # (num_scheduler_steps = 4) under attention knobs. loopprof showed the decode attention at
+  # 8.8 us a layer (bf16): the 8-row bucket's table entry (8 pages x 5 splits) is sized for 8
+  # sequences; the 1-row program's (10 splits) took 5.1. Also the K/V write fused into the
+  # decode kernel (two scatters a layer fewer). bf16 profiles (wall per token, GPU per kernel).
+  L=$OUT/logs; mkdir -p $L
+  PS="timeout 110 python3 benchmarks/profile_step.py --context 1024 --steps 6 --top 16 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 --out $OUT/results.jsonl"
+  i=0
+  for knobs in '' '{"decode_splits": 10}' '{"decode_splits": 16, "decode_pages_per_block": 4}' \
+      '{"fused_kv_write": true}' '{"fused_kv_write": true, "decode_splits": 16, "decode_pages_per_block": 4}'; do
+    i=$((i + 1)); echo "variant $i: knobs '$knobs'" > $L/v$i.log
+    JAXLLM_ATTENTION_KNOBS="$knobs" $PS ${QA:-} --out-dir /tmp/p$i >> $L/v$i.log 2>&1
+  done
+  for f in $L/v*.log; do head -1 $f; grep -A16 "^batch " $f | cut -c1-120; done
+  show_logs 3 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
   # bf16's 17.9): profile a 16384-token prefill step (32 prompts x 512) in fp8 and bf16, op
