@@ -235,3 +235,45 @@ def test_engine_multi_step_decode_serves_the_single_step_tokens_on_the_gpu(small
                        for o in llm.generate(prompts, params, use_tqdm=False)]
         del llm
     assert outs[4] == outs[1]
+
+
+@pytest.mark.parametrize("S,T,E", [(8, 8, 4096), (4, 16, 4096), (1, 3, 576)])
+def test_compiled_add_rms_norm_matches_reference(S, T, E):
+    """The residual add + RMSNorm kernel compiled for the GPU (8B's 8-way split at 8 and 16
+    rows; SmolLM2's 576 columns, masked): the reference's values within a bf16 rounding."""
+    from pallas_kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference
+
+    k = jax.random.split(jax.random.key(S + T + E), 4)
+    partials = jax.random.normal(k[0], (S, T, E), jnp.float32)
+    residual = (3 * jax.random.normal(k[1], (T, E))).astype(jnp.bfloat16)
+    weight = (1 + 0.1 * jax.random.normal(k[2], (E,))).astype(jnp.bfloat16)
+    for scale in (None, jax.random.uniform(k[3], (E,), minval=0.01, maxval=2.0)):
+        got = add_rms_norm(partials, residual, weight, eps=1e-5, scale=scale)
+        want = add_rms_norm_reference(partials, residual, weight, eps=1e-5, scale=scale)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                       rtol=1e-2, atol=1e-2)
+
+
+def test_engine_fused_add_norm_serves_the_unfused_tokens_on_the_gpu(small_llama_folder,
+                                                                    monkeypatch):
+    """JAXLLM_FUSED_ADD_NORM=1 on the GPU (the kernel compiled inside the decode-only and
+    multi-step programs, the o / down projections split 4 ways) gives the unfused engine's
+    greedy tokens, in float32."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.models.add_norm import ADD_NORM_ENV, ADD_NORM_SPLIT_K_ENV
+
+    rng = np.random.default_rng(4)
+    prompts = [{"prompt_token_ids": rng.integers(0, 49152, int(n)).tolist()}
+               for n in rng.integers(1, 60, 6)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    monkeypatch.setenv(ADD_NORM_SPLIT_K_ENV, "4")
+    outs = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv(ADD_NORM_ENV, on)
+        llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
+                  num_pages=64, max_num_batched_tokens=512, max_num_seqs=8,
+                  attention_backend="pallas", num_scheduler_steps=4)
+        outs[on] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+    assert outs["1"] == outs["0"]
