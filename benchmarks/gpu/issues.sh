@@ -763,24 +763,6 @@ b1knobs)  # nvidia-h200 (one GPU), one call (issues 9 and 6): batch 1 in the mul
   done
   for f in $L/v*.log; do head -1 $f; grep -A16 "^batch " $f | cut -c1-120; done
   show_logs 3 ;;
-addnorm)  # nvidia-h200 (one GPU), one call (issues 9 and 6): the residual add + RMSNorm kernel
-  # (JAXLLM_FUSED_ADD_NORM=1: two kernels a layer fewer in steps of <= 16 rows), alone and with
-  # the fused K/V write (b1knobs: -0.07 ms a token in bf16), batch 1 in the multi-step loop
-  # (num_scheduler_steps = 4); first its GPU tests.
-  L=$OUT/logs; mkdir -p $L
-  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 150 python3 -m pytest -q -m gpu \
-    -p no:cacheprovider tests/test_gpu.py -k "add_rms_norm or fused_add_norm" > $L/tests.log 2>&1
-  PS="timeout 100 python3 benchmarks/profile_step.py --context 1024 --steps 6 --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 --out $OUT/results.jsonl"
-  FKW='{"fused_kv_write": true}'
-  $PS --out-dir /tmp/p1 > $L/v1_bf16.log 2>&1
-  JAXLLM_FUSED_ADD_NORM=1 $PS --out-dir /tmp/p2 > $L/v2_bf16_an.log 2>&1
-  JAXLLM_FUSED_ADD_NORM=1 JAXLLM_ATTENTION_KNOBS="$FKW" $PS --out-dir /tmp/p3 > $L/v3_bf16_an_fkw.log 2>&1
-  JAXLLM_FUSED_ADD_NORM=1 $PS --quantization fp8 --out-dir /tmp/p4 > $L/v4_fp8_an.log 2>&1
-  JAXLLM_FUSED_ADD_NORM=1 JAXLLM_ATTENTION_KNOBS="$FKW" $PS --quantization fp8 --out-dir /tmp/p5 \
-    > $L/v5_fp8_an_fkw.log 2>&1
-  tail -3 $L/tests.log
-  for f in $L/v*.log; do echo "== $f"; grep -A14 "^batch " $f | cut -c1-120; done
-  show_logs 3 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
   # bf16's 17.9): profile a 16384-token prefill step (32 prompts x 512) in fp8 and bf16, op

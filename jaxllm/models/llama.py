@@ -29,7 +29,6 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig, gemm_out_dtype_from_env
-from jaxllm.models.add_norm import add_and_norm, add_norm_applies, projection_partials
 from jaxllm.models.attention import AttentionMetadata, KVCache, write_kv_and_attend
 from jaxllm.models.fp8 import fp8_swiglu_mlp
 
@@ -161,10 +160,9 @@ class LlamaAttention(nnx.Module):
                                       if config.kv_cache_scales else (1.0, 1.0))
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-                 kv_cache: tuple[jax.Array, jax.Array], md: AttentionMetadata,
-                 partials: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """x: [T, E] -> [T, E]; kv_cache: (k_pages, v_pages) each [P, B, K, D], returned updated.
-        ``partials``: the o projection's split-K partials instead (``add_norm``)."""
+                 kv_cache: tuple[jax.Array, jax.Array], md: AttentionMetadata
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x: [T, E] -> [T, E]; kv_cache: (k_pages, v_pages) each [P, B, K, D], returned updated."""
         T, D = x.shape[0], self.head_dim
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)  # [T, K, (G + 2) * D]: per KV head its G q heads, k, v
@@ -183,10 +181,7 @@ class LlamaAttention(nnx.Module):
             q, k, v, kv_cache[0], kv_cache[1], md, sm_scale=self.sm_scale,
             sliding_window=self.sliding_window, backend=self.attention_backend,
             k_scale=self.k_scale, v_scale=self.v_scale)
-        out = out.reshape(T, self.num_heads * self.head_dim)
-        if partials:
-            return projection_partials(self.o_proj, out), (k_pages, v_pages)
-        return self.o_proj(out), (k_pages, v_pages)
+        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim)), (k_pages, v_pages)
 
 
 class LlamaMLP(nnx.Module):
@@ -203,20 +198,16 @@ class LlamaMLP(nnx.Module):
             self.up_proj = _proj(config, E, F, config.mlp_bias, dtype, rngs)
         self.down_proj = _proj(config, F, E, config.mlp_bias, dtype, rngs)
 
-    def __call__(self, x: jax.Array, partials: bool = False) -> jax.Array:
-        """x: [T, E] -> [T, E]. ``partials``: the down projection's split-K partials instead
-        (``add_norm``)."""
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [T, E] -> [T, E]."""
         if self.gate_up_proj is not None:
-            if self.gate_up_proj.kernel is None and not partials:
-                # fp8: SwiGLU + quantization in one kernel
+            if self.gate_up_proj.kernel is None:  # fp8: SwiGLU + quantization in one kernel
                 y = fp8_swiglu_mlp(x, self.gate_up_proj, self.down_proj)
                 if y is not None:
                     return y
             gu = self.gate_up_proj(x)  # [T, F, 2]
-            h = jax.nn.silu(gu[..., 0]) * gu[..., 1]
-        else:
-            h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        return projection_partials(self.down_proj, h) if partials else self.down_proj(h)
+            return self.down_proj(jax.nn.silu(gu[..., 0]) * gu[..., 1])
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -232,15 +223,6 @@ class LlamaDecoderLayer(nnx.Module):
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv_cache
-
-    def add_norm_call(self, x, pending, positions, inv_freq, kv_cache, md):
-        """The layer with ``add_norm``'s fused residual adds: x [T, E] the residual stream
-        without ``pending`` (the previous layer's down-projection partials, or None) ->
-        (x, this layer's pending, kv_cache). Same values as ``__call__``."""
-        x, h = add_and_norm(self.input_layernorm, x, pending)
-        attn, kv_cache = self.self_attn(h, positions, inv_freq, kv_cache, md, partials=True)
-        x, h = add_and_norm(self.post_attention_layernorm, x, attn)
-        return x, self.mlp(h, partials=True), kv_cache
 
 
 class LlamaModel(nnx.Module):
@@ -287,12 +269,6 @@ class LlamaForCausalLM(nnx.Module):
         inv_freq = jnp.asarray(self.inv_freq, dtype=jnp.float32)  # [D/2]
         x = self.model.embed_tokens(token_ids)
         new_caches = []
-        if add_norm_applies(x.shape[0], self.model.layers):  # small steps (add_norm)
-            pending = None
-            for layer, kv in zip(self.model.layers, kv_caches):
-                x, pending, kv = layer.add_norm_call(x, pending, positions, inv_freq, kv, md)
-                new_caches.append(kv)
-            return add_and_norm(self.model.norm, x, pending)[1], new_caches
         for layer, kv in zip(self.model.layers, kv_caches):
             x, kv = layer(x, positions, inv_freq, kv, md)
             new_caches.append(kv)
