@@ -763,6 +763,24 @@ b1knobs)  # nvidia-h200 (one GPU), one call (issues 9 and 6): batch 1 in the mul
   done
   for f in $L/v*.log; do head -1 $f; grep -A16 "^batch " $f | cut -c1-120; done
   show_logs 3 ;;
+fkw)  # nvidia-h200 (one GPU), one call (issues 9 and 6): the K/V write fused into the decode
+  # kernel as a default? b1knobs: -0.04..-0.07 ms a token at batch 1 in the multi-step loop
+  # (bf16). latency.py with 4 steps a launch, bf16 and fp8, with and without it, then decode
+  # steps of 64 and 256 sequences (one step a launch) with and without it.
+  L=$OUT/logs; mkdir -p $L
+  FKW='{"fused_kv_write": true}'
+  for q in bf16 fp8; do
+    QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+    timeout 110 $LAT1K $QA --num-scheduler-steps 4 > $L/lat_${q}_k4.log 2>&1
+    JAXLLM_ATTENTION_KNOBS="$FKW" timeout 110 $LAT1K $QA --num-scheduler-steps 4 \
+      > $L/lat_${q}_k4_fkw.log 2>&1
+  done
+  PS="timeout 120 python3 benchmarks/profile_step.py --context 1024 --steps 8 --top 8 --batch 64 256 --out $OUT/results.jsonl"
+  $PS --out-dir /tmp/p1 > $L/prof_b256.log 2>&1
+  JAXLLM_ATTENTION_KNOBS="$FKW" $PS --out-dir /tmp/p2 > $L/prof_b256_fkw.log 2>&1
+  for f in $L/lat_*.log; do echo "== $f"; grep "decode ctx\|TTFT" $f; done
+  for f in $L/prof_*.log; do echo "== $f"; grep -A8 "^batch " $f | cut -c1-150; done
+  show_logs 2 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
   # bf16's 17.9): profile a 16384-token prefill step (32 prompts x 512) in fp8 and bf16, op
