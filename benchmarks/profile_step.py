@@ -100,6 +100,16 @@ def timed_steps(engine, steps: int) -> tuple[list[float], list[float]]:
     return walls, waits
 
 
+def _check_all_decoding(engine, batch: int, when: str) -> None:
+    """Raises unless ``batch`` sequences are running, every prompt computed (a profile of fewer
+    sequences than its label says would be wrong, not slow)."""
+    running = engine.scheduler.running
+    decoding = sum(s.num_computed_tokens >= s.num_prompt_tokens for s in running)
+    if decoding != batch or engine.scheduler.num_waiting:
+        raise RuntimeError(f"batch {batch}: {decoding} sequences decoding, "
+                           f"{engine.scheduler.num_waiting} waiting {when}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
@@ -156,11 +166,17 @@ def main(argv=None) -> int:
         p.error(f"--max-num-seqs {args.max_num_seqs} < the largest --batch {max_b}")
     max_seqs = args.max_num_seqs or max_b
     k = args.num_scheduler_steps
-    # warm-up, timed and profiled steps, each up to k tokens, with room to spare: the lookahead
-    # needs k positions left, else the engine falls back to single steps.
-    new_tokens = k * (2 * args.steps + 8) + 16
+    budget = max(2048, max_seqs)
+    # Every sequence must still be decoding in the last profiled step. The first prompts decode
+    # while the rest prefill (the step's token budget, less the decoding rows, over --context
+    # tokens each: ~140 steps for 256 x 1k), then the warm-up, timed and profiled steps, each
+    # up to k tokens, with room to spare (the lookahead needs k positions left, else the engine
+    # falls back to single steps). Before 2026-12-02 max_tokens was 8 * steps + 16, which the
+    # prefill phase alone outlasts at 256 x 1k: those batch-256 profiles held fewer sequences.
+    prefill_steps = -(-max_b * args.context // max(1, budget - max_b)) + 8
+    new_tokens = k * (2 * args.steps + 8) + prefill_steps + 16
     cfg = EngineConfig(dtype="bfloat16", max_model_len=args.context + new_tokens + 64,
-                       max_num_seqs=max_seqs, max_num_batched_tokens=max(2048, max_seqs),
+                       max_num_seqs=max_seqs, max_num_batched_tokens=budget,
                        enable_prefix_caching=False, quantization=args.quantization,
                        kv_cache_dtype=args.kv_cache_dtype, fuse_projections=not args.no_fuse,
                        enforce_eager=args.enforce_eager,
@@ -183,6 +199,7 @@ def main(argv=None) -> int:
             engine.step()
         for _ in range(3):
             engine.step()
+        _check_all_decoding(engine, batch, "before the timed steps")
         # The step's wall time is taken without the profiler: its per-launch callbacks slow the
         # host, by more the more kernels a step launches (an fp8 step's ~860 launches at batch
         # 1 read ~2x slower under it). The GPU time is read from the trace of the next steps.
@@ -199,6 +216,7 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 engine.step()
                 windows.append((t, time.perf_counter()))
+        _check_all_decoding(engine, batch, "after the profiled steps")
         wall_profiled = statistics.median(e - s for s, e in windows) * 1e3 / k
         trace = _newest_trace(log_dir)
         summ = summarize(trace, args.steps * k, args.top)

@@ -781,6 +781,15 @@ fkw)  # nvidia-h200 (one GPU), one call (issues 9 and 6): the K/V write fused in
   for f in $L/lat_*.log; do echo "== $f"; grep "decode ctx\|TTFT" $f; done
   for f in $L/prof_*.log; do echo "== $f"; grep -A8 "^batch " $f | cut -c1-150; done
   show_logs 2 ;;
+b256)  # nvidia-h200 (one GPU), one call (issue 9): decode steps of 256 sequences at 1k context,
+  # bf16, with profile_step.py's fix (every sequence still decoding in the profiled steps; the
+  # runs with --steps 10 before 2026-12-02 held fewer), with and without the fused K/V write.
+  L=$OUT/logs; mkdir -p $L
+  PS="timeout 200 python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 10 --batch 256 --out $OUT/results.jsonl"
+  $PS --out-dir /tmp/p1 > $L/prof_b256.log 2>&1
+  JAXLLM_ATTENTION_KNOBS='{"fused_kv_write": true}' $PS --out-dir /tmp/p2 > $L/prof_b256_fkw.log 2>&1
+  for f in $L/prof_*.log; do echo "== $f"; grep -A10 "^batch " $f | cut -c1-150; done
+  show_logs 4 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
   # bf16's 17.9): profile a 16384-token prefill step (32 prompts x 512) in fp8 and bf16, op
