@@ -647,7 +647,8 @@ def ragged_paged_attention(
     slots, and the call returns ``(out, k_pages, v_pages)``: the pages with the new K/V written,
     as ``write`` would leave them (in place when the pages are donated). This saves the step's
     two scatter kernels per layer. Padding tokens write nothing. Off by default: on the H200
-    (2026-12-01) the batch-1 step was no faster with it (median 4.46 vs 4.42 ms);
+    (2026-12-01) the batch-1 step was no faster with it (median 4.46 vs 4.42 ms), and in the
+    GPU-bound multi-step loop (2026-12-02) -0.7 to -2%, within the spread between calls;
     ``JAXLLM_ATTENTION_KNOBS='{"fused_kv_write": true}'`` turns it on in the engine.
     """
     T, H, D = q.shape
