@@ -172,11 +172,33 @@ def _fp8_kv_dot_for(choice: str, q_dtype) -> str:
     return "float16" if jnp.dtype(q_dtype).itemsize == 2 else "query"
 
 
+def _rope(ref, row, base, dd, pos, inv_ref, D, mask):
+    """Rope (HF's half split) of ``ref[row, base + dd]`` (dd the columns' offsets in a head of
+    D) at positions ``pos``, float32 as ``jaxllm.models.llama.apply_rope``, in ref's dtype:
+    x * cos + rotate_half(x) * sin, with rotate_half(x)[d] = -x[d + D/2] (d < D/2) or
+    x[d - D/2]. Broadcasts like its index arrays; masked lanes read zeros."""
+    half = D // 2
+    kw = {} if mask is None else dict(mask=mask, other=0)
+    x = plgpu.load(ref.at[row, base + dd], **kw).astype(jnp.float32)
+    xr = plgpu.load(ref.at[row, base + (dd + half) % D], **kw).astype(jnp.float32)
+    ang = pos * plgpu.load(inv_ref.at[dd % half])
+    xr = jnp.where(dd < half, -xr, xr)
+    return (x * jnp.cos(ang) + xr * jnp.sin(ang)).astype(ref.dtype)
+
+
+def _to_cache_dtype(x, dtype, scale: float):
+    """x (the model's dtype) as the cache stores it (``jaxllm.models.attention._to_cache``)."""
+    if jnp.dtype(dtype) == jnp.dtype(jnp.float8_e4m3fn):
+        e4m3_max = float(jnp.finfo(jnp.float8_e4m3fn).max)
+        return jnp.clip(x.astype(jnp.float32) / scale, -e4m3_max, e4m3_max).astype(dtype)
+    return x.astype(dtype)
+
+
 def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                  page_size, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap,
                  dummy_row, out_by_block, split_pages, masked_tail_only=False, kv_write=False,
                  num_tokens=0, exact_rows=False, seq_is_block=False, fp8_kv_dot=None,
-                 heads_per_program=1):
+                 heads_per_program=1, qkv_rope=False, k_scale=1.0, v_scale=1.0):
     # Inputs: blk_seq [nb] (left out with seq_is_block: block b is sequence slot b, as in the
     # decode launch), blk_tok0 / blk_ntok / blk_pos0 [nb], the page table, q, k and v pages.
     if seq_is_block:
@@ -190,7 +212,14 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     # not in the pages yet: page reads stop before its position, split 0 adds it to its softmax
     # from registers and stores it into its slot (one program per (sequence, KV head) writes, and
     # no program reads that row, so the write races nothing).
-    if kv_write:
+    # qkv_rope (with kv_write): q_ref is the q/k/v projection's output [T, K * (G + 2) * D] (per
+    # KV head its G query heads, its key, its value) before rope, and inv_ref [D/2] rope's
+    # inverse frequencies: the kernel rotates the query rows and the new key itself (float32, as
+    # apply_rope), rounds them to the projection's dtype, and converts the new K/V to the cache
+    # dtype (an fp8 cache: divided by k_scale / v_scale, clipped to e4m3's range).
+    if kv_write and qkv_rope:
+        slot_ref, inv_ref, *out_refs, k_out_ref, v_out_ref = refs
+    elif kv_write:
         slot_ref, knew_ref, vnew_ref, *out_refs, k_out_ref, v_out_ref = refs
     else:
         out_refs = refs
@@ -222,11 +251,20 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     dw = jnp.arange(W, dtype=jnp.int32)  # the program's K/V columns (d when hp == 1)
     # Interpret mode discharges a gather only when every index is an array (no pl.ds mixed in),
     # and Triton lowers the same [rows, D] index arrays to one pointer tensor: so arrays throughout.
-    if hp == 1:
+    if hp > 1:
+        own = (dw[None, :] // D) == ((r % Gp) // G)[:, None]  # [rows, W]: row r's head's columns
+    if qkv_rope:
+        C = (G + 2) * D  # one KV head's q/k/v columns
+        dq = d if hp == 1 else dw % D
+        base = (h * hp + (r % Gp) // G) * C + (r % G) * D  # [rows]: the row's head's first column
+        q_mask = row_ok[:, None] if hp == 1 else row_ok[:, None] & own
+        t_row = jnp.where(row_ok, tok0 + r_tok, 0)[:, None]
+        q = _rope(q_ref, t_row, base[:, None], dq[None, :], q_pos.astype(jnp.float32)[:, None],
+                  inv_ref, D, q_mask)
+    elif hp == 1:
         q = plgpu.load(q_ref.at[jnp.where(row_ok, q_row, 0)[:, None], d[None, :]],
                        mask=row_ok[:, None], other=0)
     else:
-        own = (dw[None, :] // D) == ((r % Gp) // G)[:, None]  # [rows, W]: row r's head's columns
         q = plgpu.load(q_ref.at[jnp.where(row_ok, q_row, 0)[:, None], (dw % D)[None, :]],
                        mask=row_ok[:, None] & own, other=0)
     # The dots run in the cache dtype, except over an fp8 cache, whose pages are upcast as they
@@ -323,8 +361,18 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         new = (sp == 0) & (ntok > 0)
         t = jnp.minimum(tok0, num_tokens - 1)  # a padding slot's tok0 may be T
         cols1 = h * W + dw
-        k_new = plgpu.load(knew_ref.at[jnp.full((W,), t, jnp.int32), cols1])
-        v_new = plgpu.load(vnew_ref.at[jnp.full((W,), t, jnp.int32), cols1])
+        if qkv_rope:
+            C = (G + 2) * D
+            kv_base = (h * hp + dw // D) * C + G * D  # [W]: each head's key columns
+            t_w = jnp.full((W,), t, jnp.int32)
+            k_new = _rope(q_ref, t_w, kv_base, dw % D, pos0.astype(jnp.float32), inv_ref, D,
+                          None)
+            v_new = plgpu.load(q_ref.at[t_w, kv_base + D + dw % D])
+            k_new = _to_cache_dtype(k_new, k_out_ref.dtype, k_scale)
+            v_new = _to_cache_dtype(v_new, v_out_ref.dtype, v_scale)
+        else:
+            k_new = plgpu.load(knew_ref.at[jnp.full((W,), t, jnp.int32), cols1])
+            v_new = plgpu.load(vnew_ref.at[jnp.full((W,), t, jnp.int32), cols1])
         s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(kv_dtype).astype(jnp.float32)[None, :],
                         axis=1) * sm_scale
         if soft_cap is not None:
@@ -378,7 +426,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
             num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
             masked_tail_only=False, kv_write=None, exact_rows=False, fp8_kv_dot="query",
-            heads_per_program=1):
+            heads_per_program=1, qkv_rope=None):
     """One pallas_call over len(blk_tok0) query blocks.
 
     ``blk_seq`` None: block b is sequence slot b (the decode launch), and the kernel takes its
@@ -393,7 +441,9 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     past the last block's end). ``kv_write`` (slot [T], k_new, v_new [T, K*D]; decode launch):
     the new tokens' K/V are attended from registers and stored into k2 / v2, which then come
     back as two more outputs (aliased: written in place). ``heads_per_program`` (block_q 1):
-    KV heads a program reads together (see _attn_kernel)."""
+    KV heads a program reads together (see _attn_kernel). ``qkv_rope`` ((k_scale, v_scale),
+    with kv_write = (slot [T], inv_freq [D/2])): q2 is the q/k/v projection's output before
+    rope, and the kernel builds q and the new K/V from it (see _attn_kernel)."""
     G = H // K
     hp = heads_per_program
     if K % hp or (hp > 1 and block_q != 1):
@@ -413,7 +463,9 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         out_by_block=out_by_block, split_pages=split_pages, masked_tail_only=masked_tail_only,
         kv_write=kv_write is not None, num_tokens=T, exact_rows=exact_rows,
         seq_is_block=seq_is_block, fp8_kv_dot=fp8_kv_dot if fp8_pages else None,
-        heads_per_program=hp)
+        heads_per_program=hp, qkv_rope=qkv_rope is not None,
+        k_scale=1.0 if qkv_rope is None else float(qkv_rope[0]),
+        v_scale=1.0 if qkv_rope is None else float(qkv_rope[1]))
     if num_splits == 1:
         out_shape = (jax.ShapeDtypeStruct((n_rows, D), out_dtype),)
     else:
@@ -437,7 +489,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         interpret=interpret,
         name=(f"ragged_paged_attention_bq{block_q}_ppb{pages_per_block}_ns{num_splits}"
               + ("_pg" if split_pages else "") + ("_mt" if masked_tail_only else "")
-              + ("_kvw" if kv_write is not None else "") + (f"_hp{hp}" if hp > 1 else "")),
+              + ("_kvw" if kv_write is not None else "") + ("_rope" if qkv_rope else "")
+              + (f"_hp{hp}" if hp > 1 else "")),
     )(*(() if seq_is_block else (blk_seq,)), blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2,
       v2, *extra)
     pages = ()
@@ -608,6 +661,7 @@ def ragged_paged_attention(
     prefill: bool = True,
     decode_only: bool = False,
     new_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    qkv_rope: tuple[jax.Array, float, float] | None = None,
     fp8_kv_dot: str = FP8_KV_DOT_DEFAULT,
     interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
@@ -650,7 +704,27 @@ def ragged_paged_attention(
     (2026-12-01) the batch-1 step was no faster with it (median 4.46 vs 4.42 ms), and in the
     GPU-bound multi-step loop (2026-12-02) -0.7 to -2%, within the spread between calls;
     ``JAXLLM_ATTENTION_KNOBS='{"fused_kv_write": true}'`` turns it on in the engine.
+
+    ``qkv_rope=(inv_freq [D/2] float32, k_scale, v_scale)`` with ``new_kv=(None, None,
+    slot_mapping)``: ``q`` is the q/k/v projection's output before rope, [T, K, (G + 2) * D]
+    (per KV head its G query heads, its key, its value: ``jaxllm.models.fused``'s layout). The
+    kernel applies rope (HF's half split, float32, rounded to q's dtype as
+    ``jaxllm.models.llama.apply_rope``) to the query heads and the new key, converts the new
+    K/V to the cache dtype (an fp8 cache: divided by k_scale / v_scale, clipped), and goes on
+    as with ``new_kv``: the step's rope and K/V kernels are gone (three a layer).
     """
+    if qkv_rope is not None:
+        if new_kv is None or new_kv[0] is not None or new_kv[1] is not None:
+            raise ValueError("qkv_rope needs new_kv=(None, None, slot_mapping): the kernel "
+                             "takes the new K/V from the q/k/v output")
+        Dp = k_pages.shape[-1]
+        if q.ndim != 3 or q.shape[1] != k_pages.shape[2] or q.shape[2] % Dp \
+                or q.shape[2] // Dp < 3:
+            raise ValueError(f"with qkv_rope, q must be [T, K, (G + 2) * D] = [T, "
+                             f"{k_pages.shape[2]}, (G + 2) * {Dp}], got {q.shape}")
+        qkv = q
+        q = jax.ShapeDtypeStruct((qkv.shape[0], qkv.shape[1] * (qkv.shape[2] // Dp - 2), Dp),
+                                 qkv.dtype)  # the shape and dtype the query heads would have
     T, H, D = q.shape
     P, B, K, _ = k_pages.shape
     S, M = page_table.shape
@@ -681,6 +755,7 @@ def ragged_paged_attention(
         if not decode_only:
             raise ValueError("new_kv (the K/V write fused into the kernel) needs decode_only=True")
         k_new, v_new, new_slots = new_kv
+    if new_kv is not None and qkv_rope is None:
         if k_new.shape != (T, K, D) or v_new.shape != (T, K, D):
             raise ValueError(f"new_kv k/v must be [T, K, D] = {(T, K, D)}, got "
                              f"{k_new.shape} and {v_new.shape}")
@@ -713,7 +788,7 @@ def ragged_paged_attention(
     if decode and decode_split_pages:  # a split's last block may start at its last page
         M_pad = max(M_pad, M + dppb - 1)
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, M_pad - M)))
-    q2 = q.reshape(T * H, D)
+    q2 = qkv.reshape(T, -1) if qkv_rope is not None else q.reshape(T * H, D)
     k2 = k_pages.reshape(P * B, K * D)
     v2 = v_pages.reshape(P * B, K * D)
     common = dict(T=T, H=H, K=K, D=D, B=B, sm_scale=sm_scale, sliding_window=sliding_window,
@@ -759,14 +834,17 @@ def ragged_paged_attention(
         d_tok0 = query_start_loc[:nd].astype(jnp.int32)
         d_pos0 = (seq_lens[:nd] - 1).astype(jnp.int32)
         kv_write = None
-        if new_kv is not None:
+        if qkv_rope is not None:
+            kv_write = (new_slots.astype(jnp.int32), qkv_rope[0].astype(jnp.float32))
+        elif new_kv is not None:
             kv_write = (new_slots.astype(jnp.int32), k_new.reshape(T, K * D),
                         v_new.reshape(T, K * D))
         rows = _launch(q2, k2, v2, pt, None, d_tok0, d_ntok, d_pos0, block_q=1,
                        pages_per_block=dppb, num_splits=decode_splits, out_by_block=True,
                        heads_per_program=dhp,
                        split_pages=decode_split_pages, kv_write=kv_write,
-                       exact_rows=decode_only, masked_tail_only=decode_mto, **common)
+                       exact_rows=decode_only, masked_tail_only=decode_mto,
+                       qkv_rope=None if qkv_rope is None else qkv_rope[1:], **common)
         if kv_write is not None:
             rows, k2_new, v2_new = rows
             new_pages = (k2_new.reshape(P, B, K, D), v2_new.reshape(P, B, K, D))

@@ -46,18 +46,20 @@ def small_llama_folder(tmp_path_factory):
     return folder
 
 
-def fused_kv_write_on(monkeypatch) -> list:
+def fused_kv_write_on(monkeypatch, rope: bool = False) -> list:
     """Turns the fused K/V write on (JAXLLM_ATTENTION_KNOBS) for programs traced from now on and
     returns a list that grows by one each time the fused attention is traced, to check that the
-    decode-only steps took it."""
+    decode-only steps took it. ``rope``: the ``fused_qkv_rope`` knob instead (the decode kernel
+    also applies rope, from the fused q/k/v output)."""
     import jax
 
     from jaxllm.models import attention
 
     traces: list = []
-    real = attention._paged_attention_writing
-    monkeypatch.setattr(attention, "_paged_attention_writing",
-                        lambda *a, **k: (traces.append(1), real(*a, **k))[1])
-    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"fused_kv_write": true}')
+    name = "_paged_attention_rope" if rope else "_paged_attention_writing"
+    real = getattr(attention, name)
+    monkeypatch.setattr(attention, name, lambda *a, **k: (traces.append(1), real(*a, **k))[1])
+    knob = "fused_qkv_rope" if rope else "fused_kv_write"
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"%s": true}' % knob)
     jax.clear_caches()
     return traces

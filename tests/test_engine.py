@@ -862,12 +862,15 @@ def test_attention_is_traced_once_per_step_program_and_compiles_to_the_same_ops(
     assert nested == inline
 
 
+@pytest.mark.parametrize("rope", [False, True])
 def test_fused_kv_write_knob_serves_the_same_greedy_tokens_and_keeps_the_cache_right(
-        small_llama_folder, monkeypatch):
+        small_llama_folder, monkeypatch, rope):
     # JAXLLM_ATTENTION_KNOBS={"fused_kv_write": true}: the decode-only steps of the Pallas
     # backend (interpreted here) write the new K/V inside the decode kernel instead of two
     # scatters a layer. Same tokens as the default path, over enough decode steps that every
     # step reads K/V the fused path wrote; prefill and mixed steps keep the scatter.
+    # {"fused_qkv_rope": true} (rope): the decode kernel also applies rope to q and k, reading
+    # the fused q/k/v projection's output as is.
     from jaxllm.models import attention
 
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -884,7 +887,7 @@ def test_fused_kv_write_knob_serves_the_same_greedy_tokens_and_keeps_the_cache_r
 
     monkeypatch.delenv(attention.ATTENTION_KNOBS_ENV, raising=False)
     want = tokens()
-    fused_traces = fused_kv_write_on(monkeypatch)
+    fused_traces = fused_kv_write_on(monkeypatch, rope=rope)
     got = tokens()
     assert fused_traces, "the decode-only steps did not take the fused path"
     assert got == want

@@ -235,3 +235,73 @@ def test_engine_multi_step_decode_serves_the_single_step_tokens_on_the_gpu(small
                        for o in llm.generate(prompts, params, use_tqdm=False)]
         del llm
     assert outs[4] == outs[1]
+
+
+@pytest.mark.parametrize("cache", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_compiled_decode_with_rope_from_the_qkv_output_matches_reference(cache):
+    """The decode kernel's qkv_rope mode compiled for the GPU at Llama-3-8B's heads (32 / 8,
+    D = 128; the table's config, two KV heads a program over fp8 pages), 1k contexts at
+    positions near 1k: its output and the pages it writes match apply_rope, the cache
+    conversion and the reference attention."""
+    from jaxllm.models.attention import _to_cache
+    from jaxllm.models.llama import apply_rope
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+
+    T, S, M, B, H, K, D = 8, 8, 72, 16, 32, 8, 128
+    G, P = H // K, S * M + 2
+    rng = np.random.default_rng(7)
+    args, _ = _random_batch(rng, kinds=("decode",) * 5, T=T, S=S, M=M, B=B, P=P, H=H, K=K,
+                            D=D, dtype=jnp.float32)
+    _, kp, vp, sl, pt, qsl, ns = args
+    kp, vp = kp.astype(cache), vp.astype(cache)
+    inv_freq = jnp.asarray(500000.0 ** (-np.arange(0, D, 2) / D), jnp.float32)
+    qkv = jnp.asarray(rng.standard_normal((T, K, (G + 2) * D)), jnp.bfloat16)
+    pos = np.zeros(T, np.int32)
+    pos[:5] = np.asarray(sl)[:5] - 1
+    slots = np.zeros(T, np.int32)
+    slots[:5] = np.asarray(pt)[np.arange(5), pos[:5] // B] * B + pos[:5] % B
+    q = apply_rope(qkv[:, :, :G * D].reshape(T, H, D), jnp.asarray(pos), inv_freq)
+    k = apply_rope(qkv[:, :, G * D:(G + 1) * D], jnp.asarray(pos), inv_freq)
+    want_k = kp.reshape(P * B, K, D).at[slots[:5]].set(_to_cache(k[:5], cache, 1.0))
+    want_v = vp.reshape(P * B, K, D).at[slots[:5]].set(
+        _to_cache(qkv[:5, :, (G + 1) * D:], cache, 1.0))
+    got, got_k, got_v = jax.jit(functools.partial(
+        ragged_paged_attention, sm_scale=D ** -0.5, decode_only=True,
+        qkv_rope=(inv_freq, 1.0, 1.0)))(qkv, kp, vp, sl, pt, qsl, ns,
+                                        new_kv=(None, None, jnp.asarray(slots)))
+    for g, w in ((got_k, want_k), (got_v, want_v)):
+        g = np.asarray(g.reshape(P * B, K, D)[slots[:5]].astype(jnp.float32))
+        w = np.asarray(w[slots[:5]].astype(jnp.float32))
+        assert (g != w).mean() < 0.01
+        np.testing.assert_allclose(g, w, rtol=0.13, atol=2e-2)
+    want = ragged_paged_attention_reference(q, want_k.reshape(P, B, K, D),
+                                            want_v.reshape(P, B, K, D), sl, pt, qsl, ns,
+                                            sm_scale=D ** -0.5)
+    assert _rel_err(got[:5].astype(jnp.float32), want[:5].astype(jnp.float32)) < 2e-2
+
+
+def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_folder,
+                                                                    monkeypatch):
+    """JAXLLM_ATTENTION_KNOBS={"fused_qkv_rope": true} on the GPU (rope and the K/V write inside
+    the compiled decode kernel, single steps and the multi-step loop) gives the default path's
+    greedy tokens, in float32."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.models.attention import ATTENTION_KNOBS_ENV
+
+    rng = np.random.default_rng(5)
+    prompts = [{"prompt_token_ids": rng.integers(0, 49152, int(n)).tolist()}
+               for n in rng.integers(1, 60, 6)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for knobs, steps in (("", 1), ('{"fused_qkv_rope": true}', 1),
+                         ('{"fused_qkv_rope": true}', 4)):
+        monkeypatch.setenv(ATTENTION_KNOBS_ENV, knobs)
+        llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
+                  num_pages=64, max_num_batched_tokens=512, max_num_seqs=8,
+                  attention_backend="pallas", num_scheduler_steps=steps)
+        outs[(knobs, steps)] = [o.outputs[0].token_ids
+                                for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+    want = outs[("", 1)]
+    assert outs[('{"fused_qkv_rope": true}', 1)] == want
+    assert outs[('{"fused_qkv_rope": true}', 4)] == want

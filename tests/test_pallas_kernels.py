@@ -253,6 +253,85 @@ def test_decode_heads_per_program_over_fp8_pages_and_with_the_fused_kv_write():
                                decode_heads_per_program=3, interpret=True)
 
 
+@pytest.mark.parametrize("seed,cache,tol,scales,knobs", [
+    (0, jnp.float32, 1e-5, (1.0, 1.0), dict(decode_pages_per_block=2, decode_splits=3)),
+    (1, jnp.bfloat16, 1e-2, (1.0, 1.0), dict(decode_pages_per_block=1, decode_splits=2,
+                                             decode_heads_per_program=2)),
+    (2, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2)),
+    (3, jnp.float32, 1e-5, (1.0, 1.0), dict(decode_pages_per_block=4, decode_splits=1,
+                                            decode_heads_per_program=2)),
+])
+def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed, cache, tol,
+                                                                           scales, knobs):
+    # qkv_rope: the decode kernel takes the fused q/k/v projection's output before rope
+    # ([T, K, (G + 2) * D]), rotates the query heads and the new key itself, converts the new
+    # K/V to the cache (scaled for fp8) and writes them. Against the model's own apply_rope, the
+    # cache conversion and the reference attention over the written pages; positions up to ~60
+    # and random inverse frequencies, so a wrong half, sign or angle is far off.
+    from jaxllm.models.attention import _to_cache
+    from jaxllm.models.llama import apply_rope
+
+    T, S, M, B, H, K, D = 10, 6, 6, 8, 8, 2, 32
+    G, P = H // K, S * M + 2
+    rng = np.random.default_rng(50 + seed)
+    model_dtype = jnp.bfloat16 if cache == jnp.float8_e4m3fn else cache
+    inv_freq = jnp.asarray(rng.uniform(0.01, 1.0, D // 2), jnp.float32)
+    for n in (6, 2):
+        args, _ = _random_batch(rng, kinds=("decode",) * n, T=T, S=S, M=M, B=B, P=P, H=H, K=K,
+                                D=D, dtype=jnp.float32)
+        _, kp, vp, sl, pt, qsl, ns = args
+        kp, vp = kp.astype(cache), vp.astype(cache)
+        qkv = jnp.asarray(rng.standard_normal((T, K, (G + 2) * D)), jnp.float32).astype(
+            model_dtype)
+        sl_np, pt_np = np.asarray(sl), np.asarray(pt)
+        pos = np.zeros(T, np.int32)
+        pos[:n] = sl_np[:n] - 1
+        slots = np.zeros(T, np.int32)
+        slots[:n] = pt_np[np.arange(n), pos[:n] // B] * B + pos[:n] % B
+        q = apply_rope(qkv[:, :, :G * D].reshape(T, H, D), jnp.asarray(pos), inv_freq)
+        k = apply_rope(qkv[:, :, G * D:(G + 1) * D], jnp.asarray(pos), inv_freq)
+        v = qkv[:, :, (G + 1) * D:]
+        want_k = kp.reshape(P * B, K, D).at[slots[:n]].set(
+            _to_cache(k[:n], cache, scales[0])).reshape(P, B, K, D)
+        want_v = vp.reshape(P * B, K, D).at[slots[:n]].set(
+            _to_cache(v[:n], cache, scales[1])).reshape(P, B, K, D)
+        # The caller folds an fp8 cache's scales out (write_kv_and_attend): k_scale into
+        # sm_scale, v_scale onto the output.
+        sm = D ** -0.5 * (scales[0] if cache == jnp.float8_e4m3fn else 1.0)
+        got, got_k, got_v = jax.jit(functools.partial(
+            ragged_paged_attention, sm_scale=sm, decode_only=True, interpret=True,
+            qkv_rope=(inv_freq, *scales), **knobs))(qkv, kp, vp, sl, pt, qsl, ns,
+                                                    new_kv=(None, None, jnp.asarray(slots)))
+        assert got.shape == (T, H, D) and got.dtype == model_dtype
+        # The pages as the rope-then-scatter path leaves them (float32: exactly; bf16 / fp8:
+        # a value or two one rounding apart, cos / sin being another implementation's).
+        for g_, w_ in ((got_k, want_k), (got_v, want_v)):
+            g_, w_ = np.asarray(g_.astype(jnp.float32)), np.asarray(w_.astype(jnp.float32))
+            if cache == jnp.float32:
+                np.testing.assert_allclose(g_, w_, rtol=1e-6, atol=1e-6)
+            else:
+                assert (g_ != w_).mean() < 1e-3
+                np.testing.assert_allclose(g_, w_, rtol=0.13, atol=1e-2)
+        if cache == jnp.float8_e4m3fn:  # the scales fold out as in paged_attention
+            want = ragged_paged_attention_reference(
+                q, want_k, want_v, sl, pt, qsl, ns, sm_scale=D ** -0.5 * scales[0]
+            ).astype(jnp.float32) * scales[1]
+            got = got.astype(jnp.float32) * scales[1]
+        else:
+            want = ragged_paged_attention_reference(q, want_k, want_v, sl, pt, qsl, ns,
+                                                    sm_scale=D ** -0.5)
+        assert _rel_err(got[:n], want[:n]) < tol, n
+        assert np.all(np.asarray(got[n:].astype(jnp.float32)) == 0.0)
+    with pytest.raises(ValueError, match="qkv_rope needs new_kv"):
+        ragged_paged_attention(qkv, kp, vp, sl, pt, qsl, ns, sm_scale=1.0, decode_only=True,
+                               interpret=True, qkv_rope=(inv_freq, 1.0, 1.0))
+    with pytest.raises(ValueError, match="with qkv_rope, q must be"):
+        ragged_paged_attention(qkv[:, :, :2 * D], kp, vp, sl, pt, qsl, ns, sm_scale=1.0,
+                               decode_only=True, interpret=True,
+                               new_kv=(None, None, jnp.asarray(slots)),
+                               qkv_rope=(inv_freq, 1.0, 1.0))
+
+
 def test_fused_kv_write_needs_decode_only_and_cache_dtype_inputs():
     args, _ = _random_batch(np.random.default_rng(0), kinds=("decode",), T=4, S=2, M=2, B=8,
                             P=6, H=4, K=2, D=32, dtype=jnp.float32)

@@ -790,6 +790,28 @@ b256)  # nvidia-h200 (one GPU), one call (issue 9): decode steps of 256 sequence
   JAXLLM_ATTENTION_KNOBS='{"fused_kv_write": true}' $PS --out-dir /tmp/p2 > $L/prof_b256_fkw.log 2>&1
   for f in $L/prof_*.log; do echo "== $f"; grep -A10 "^batch " $f | cut -c1-150; done
   show_logs 4 ;;
+rope)  # nvidia-h200 (one GPU), one call (issues 9 and 6): the decode kernel applying rope and
+  # writing the new K/V from the fused q/k/v output as is (JAXLLM_ATTENTION_KNOBS
+  # fused_qkv_rope: the q rope, k rope / v slice or K/V scatter kernels gone, three a layer).
+  # Its GPU tests, the bf16 batch-1 loop profile with it, then latency.py with 4 steps a
+  # launch, bf16 and fp8, without and with it, interleaved.
+  L=$OUT/logs; mkdir -p $L
+  R='{"fused_qkv_rope": true}'
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 170 python3 -m pytest -q -m gpu \
+    -p no:cacheprovider tests/test_gpu.py -k "rope" > $L/tests.log 2>&1
+  tail -2 $L/tests.log
+  JAXLLM_ATTENTION_KNOBS="$R" timeout 100 python3 benchmarks/profile_step.py --context 1024 \
+    --steps 6 --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 --out-dir /tmp/p1 \
+    --out $OUT/results.jsonl > $L/prof_bf16_rope.log 2>&1
+  for q in bf16 fp8; do
+    QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+    timeout 100 $LAT1K $QA --num-scheduler-steps 4 > $L/lat_${q}_k4.log 2>&1
+    JAXLLM_ATTENTION_KNOBS="$R" timeout 100 $LAT1K $QA --num-scheduler-steps 4 \
+      > $L/lat_${q}_k4_rope.log 2>&1
+  done
+  for f in $L/lat_*.log; do echo "== $f"; grep "decode ctx" $f; done
+  grep -A14 "^batch " $L/prof_bf16_rope.log | cut -c1-150
+  show_logs 2 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
   # bf16's 17.9): profile a 16384-token prefill step (32 prompts x 512) in fp8 and bf16, op

@@ -50,13 +50,17 @@ _E4M3_MAX = float(jnp.finfo(FP8_KV_DTYPE).max)
 ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
               "decode_heads_per_program", "num_warps", "num_stages")
-_BOOL_KNOBS = ("decode_split_pages", "masked_tail_only", "fused_kv_write")
+_BOOL_KNOBS = ("decode_split_pages", "masked_tail_only", "fused_kv_write", "fused_qkv_rope")
 # Knobs with a fixed set of string values.
 _CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES}
 _KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS + tuple(_CHOICE_KNOBS)
-# Not an argument of the kernel: write_kv_and_attend's choice (decode-only steps write the new
-# K/V inside the decode kernel instead of two scatters a layer).
+# Not arguments of the kernel: write_kv_and_attend's choice (decode-only steps write the new
+# K/V inside the decode kernel instead of two scatters a layer), and the model's (the decode
+# kernel also applies rope to q and k, from the fused q/k/v projection's output:
+# rope_write_kv_and_attend).
 _FUSED_KV_WRITE = "fused_kv_write"
+_FUSED_QKV_ROPE = "fused_qkv_rope"
+_NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE)
 
 
 def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
@@ -89,8 +93,9 @@ def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
 
 
 def _kernel_args(knobs) -> tuple[tuple[str, object], ...]:
-    """The knobs that are arguments of the kernel (all but ``fused_kv_write``)."""
-    return tuple((n, x) for n, x in knobs if n != _FUSED_KV_WRITE)
+    """The knobs that are arguments of the kernel (all but ``fused_kv_write`` and
+    ``fused_qkv_rope``)."""
+    return tuple((n, x) for n, x in knobs if n not in _NOT_KERNEL_ARGS)
 
 
 def is_fp8(dtype) -> bool:
@@ -271,6 +276,51 @@ def _paged_attention_writing(q, k_pages, v_pages, k_new, v_new, md, *, sm_scale,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, decode_only=True,
         new_kv=(k_new, v_new, md.slot_mapping), interpret=jax.default_backend() != "gpu",
         **dict(knobs))
+
+
+def qkv_rope_applies(backend: str, md: AttentionMetadata) -> bool:
+    """Whether a layer hands its fused q/k/v output to ``rope_write_kv_and_attend``: the Pallas
+    backend, a decode-only step and the ``fused_qkv_rope`` knob (``JAXLLM_ATTENTION_KNOBS``; an
+    A/B switch, off by default). Read at trace time."""
+    return (backend == "pallas" and md.decode_only
+            and bool(dict(attention_kernel_knobs()).get(_FUSED_QKV_ROPE)))
+
+
+def rope_write_kv_and_attend(qkv: jax.Array, inv_freq: jax.Array, k_pages: jax.Array,
+                             v_pages: jax.Array, md: AttentionMetadata, *, sm_scale: float,
+                             sliding_window: int | None = None, soft_cap: float | None = None,
+                             k_scale: float = 1.0, v_scale: float = 1.0
+                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``apply_rope`` on the query heads and the keys of ``qkv`` ([T, K, (G + 2) * D], the fused
+    projection's output: per KV head its G query heads, its key, its value), then
+    ``write_kv_and_attend``, in the decode kernel alone (``ragged_paged_attention``'s
+    ``qkv_rope``): no rope, slice or scatter kernels. Decode-only steps with the Pallas backend
+    (``qkv_rope_applies``). Returns (out [T, H, D], k_pages, v_pages), the same values."""
+    kernel_knobs = _kernel_args(attention_kernel_knobs())
+    scaled = is_fp8(k_pages.dtype) and (k_scale != 1.0 or v_scale != 1.0)
+
+    def attend(k_pages, v_pages, qkv, inv_freq, md):
+        return _paged_attention_rope(
+            qkv, inv_freq, k_pages, v_pages, md,
+            sm_scale=sm_scale * (k_scale if scaled else 1.0), sliding_window=sliding_window,
+            soft_cap=soft_cap, knobs=kernel_knobs, scales=(float(k_scale), float(v_scale)))
+    out, k_pages, v_pages = _per_head_shard(attend, 2, 1, None)(k_pages, v_pages, qkv,
+                                                                 inv_freq, md)
+    if scaled:  # the per-tensor scales fold out as in paged_attention
+        out = (out.astype(jnp.float32) * v_scale).astype(qkv.dtype)
+    return out, k_pages, v_pages
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "knobs",
+                                             "scales"))
+def _paged_attention_rope(qkv, inv_freq, k_pages, v_pages, md, *, sm_scale, sliding_window,
+                          soft_cap, knobs, scales):
+    # Nested jit for the same reason as _paged_attention (one trace per step program).
+    return ragged_paged_attention(
+        qkv, k_pages, v_pages, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, decode_only=True,
+        new_kv=(None, None, md.slot_mapping), qkv_rope=(inv_freq, *scales),
+        interpret=jax.default_backend() != "gpu", **dict(knobs))
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: AttentionMetadata,
