@@ -172,18 +172,26 @@ def _fp8_kv_dot_for(choice: str, q_dtype) -> str:
     return "float16" if jnp.dtype(q_dtype).itemsize == 2 else "query"
 
 
-def _rope(ref, row, base, dd, pos, inv_ref, D, mask):
+def _rope(ref, row, base, dd, cos_ref, sin_ref, D, mask):
     """Rope (HF's half split) of ``ref[row, base + dd]`` (dd the columns' offsets in a head of
-    D) at positions ``pos``, float32 as ``jaxllm.models.llama.apply_rope``, in ref's dtype:
-    x * cos + rotate_half(x) * sin, with rotate_half(x)[d] = -x[d + D/2] (d < D/2) or
-    x[d - D/2]. Broadcasts like its index arrays; masked lanes read zeros."""
+    D), float32 as ``jaxllm.models.llama.apply_rope``, in ref's dtype: x * cos + rotate_half(x)
+    * sin, rotate_half(x)[d] = -x[d + D/2] (d < D/2) or x[d - D/2]. cos_ref / sin_ref [T, D]:
+    each token's cos and sin, each half-split angle twice, the sign of rotate_half folded into
+    sin. Broadcasts like its index arrays; masked lanes read zeros."""
     half = D // 2
     kw = {} if mask is None else dict(mask=mask, other=0)
     x = plgpu.load(ref.at[row, base + dd], **kw).astype(jnp.float32)
     xr = plgpu.load(ref.at[row, base + (dd + half) % D], **kw).astype(jnp.float32)
-    ang = pos * plgpu.load(inv_ref.at[dd % half])
-    xr = jnp.where(dd < half, -xr, xr)
-    return (x * jnp.cos(ang) + xr * jnp.sin(ang)).astype(ref.dtype)
+    c = plgpu.load(cos_ref.at[row, dd], **kw)
+    s = plgpu.load(sin_ref.at[row, dd], **kw)
+    return (x * c + xr * s).astype(ref.dtype)
+
+
+def rope_tables(angles: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """angles [T, D/2] -> the qkv_rope kernel's (cos, sin) [T, D] float32: each half-split
+    angle twice, rotate_half's sign folded into sin (-sin for the first half)."""
+    c, s = jnp.cos(angles), jnp.sin(angles)
+    return jnp.concatenate([c, c], axis=-1), jnp.concatenate([-s, s], axis=-1)
 
 
 def _to_cache_dtype(x, dtype, scale: float):
@@ -213,12 +221,13 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     # from registers and stores it into its slot (one program per (sequence, KV head) writes, and
     # no program reads that row, so the write races nothing).
     # qkv_rope (with kv_write): q_ref is the q/k/v projection's output [T, K * (G + 2) * D] (per
-    # KV head its G query heads, its key, its value) before rope, and inv_ref [D/2] rope's
-    # inverse frequencies: the kernel rotates the query rows and the new key itself (float32, as
-    # apply_rope), rounds them to the projection's dtype, and converts the new K/V to the cache
-    # dtype (an fp8 cache: divided by k_scale / v_scale, clipped to e4m3's range).
+    # KV head its G query heads, its key, its value) before rope: the kernel rotates the query
+    # rows and the new key itself (float32, as
+    # apply_rope; cos_ref / sin_ref [T, D] the tokens' tables, see _rope), rounds them to the
+    # projection's dtype, and converts the new K/V to the cache dtype (an fp8 cache: divided by
+    # k_scale / v_scale, clipped to e4m3's range).
     if kv_write and qkv_rope:
-        slot_ref, inv_ref, *out_refs, k_out_ref, v_out_ref = refs
+        slot_ref, cos_ref, sin_ref, *out_refs, k_out_ref, v_out_ref = refs
     elif kv_write:
         slot_ref, knew_ref, vnew_ref, *out_refs, k_out_ref, v_out_ref = refs
     else:
@@ -259,8 +268,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         base = (h * hp + (r % Gp) // G) * C + (r % G) * D  # [rows]: the row's head's first column
         q_mask = row_ok[:, None] if hp == 1 else row_ok[:, None] & own
         t_row = jnp.where(row_ok, tok0 + r_tok, 0)[:, None]
-        q = _rope(q_ref, t_row, base[:, None], dq[None, :], q_pos.astype(jnp.float32)[:, None],
-                  inv_ref, D, q_mask)
+        q = _rope(q_ref, t_row, base[:, None], dq[None, :], cos_ref, sin_ref, D, q_mask)
     elif hp == 1:
         q = plgpu.load(q_ref.at[jnp.where(row_ok, q_row, 0)[:, None], d[None, :]],
                        mask=row_ok[:, None], other=0)
@@ -365,8 +373,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
             C = (G + 2) * D
             kv_base = (h * hp + dw // D) * C + G * D  # [W]: each head's key columns
             t_w = jnp.full((W,), t, jnp.int32)
-            k_new = _rope(q_ref, t_w, kv_base, dw % D, pos0.astype(jnp.float32), inv_ref, D,
-                          None)
+            k_new = _rope(q_ref, t_w, kv_base, dw % D, cos_ref, sin_ref, D, None)
             v_new = plgpu.load(q_ref.at[t_w, kv_base + D + dw % D])
             k_new = _to_cache_dtype(k_new, k_out_ref.dtype, k_scale)
             v_new = _to_cache_dtype(v_new, v_out_ref.dtype, v_scale)
@@ -442,8 +449,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     the new tokens' K/V are attended from registers and stored into k2 / v2, which then come
     back as two more outputs (aliased: written in place). ``heads_per_program`` (block_q 1):
     KV heads a program reads together (see _attn_kernel). ``qkv_rope`` ((k_scale, v_scale),
-    with kv_write = (slot [T], inv_freq [D/2])): q2 is the q/k/v projection's output before
-    rope, and the kernel builds q and the new K/V from it (see _attn_kernel)."""
+    with kv_write = (slot [T], cos [T, D], sin [T, D])): q2 is the q/k/v projection's output
+    before rope, and the kernel builds q and the new K/V from it (see _attn_kernel)."""
     G = H // K
     hp = heads_per_program
     if K % hp or (hp > 1 and block_q != 1):
@@ -705,8 +712,9 @@ def ragged_paged_attention(
     GPU-bound multi-step loop (2026-12-02) -0.7 to -2%, within the spread between calls;
     ``JAXLLM_ATTENTION_KNOBS='{"fused_kv_write": true}'`` turns it on in the engine.
 
-    ``qkv_rope=(inv_freq [D/2] float32, k_scale, v_scale)`` with ``new_kv=(None, None,
-    slot_mapping)``: ``q`` is the q/k/v projection's output before rope, [T, K, (G + 2) * D]
+    ``qkv_rope=(angles [T, D/2] float32, k_scale, v_scale)`` with ``new_kv=(None, None,
+    slot_mapping)``: ``angles`` are each token's rope angles (position x inverse frequency, as
+    ``apply_rope`` builds them); ``q`` is the q/k/v projection's output before rope, [T, K, (G + 2) * D]
     (per KV head its G query heads, its key, its value: ``jaxllm.models.fused``'s layout). The
     kernel applies rope (HF's half split, float32, rounded to q's dtype as
     ``jaxllm.models.llama.apply_rope``) to the query heads and the new key, converts the new
@@ -835,7 +843,7 @@ def ragged_paged_attention(
         d_pos0 = (seq_lens[:nd] - 1).astype(jnp.int32)
         kv_write = None
         if qkv_rope is not None:
-            kv_write = (new_slots.astype(jnp.int32), qkv_rope[0].astype(jnp.float32))
+            kv_write = (new_slots.astype(jnp.int32), *rope_tables(qkv_rope[0]))
         elif new_kv is not None:
             kv_write = (new_slots.astype(jnp.int32), k_new.reshape(T, K * D),
                         v_new.reshape(T, K * D))

@@ -260,6 +260,7 @@ def test_compiled_decode_with_rope_from_the_qkv_output_matches_reference(cache):
     pos[:5] = np.asarray(sl)[:5] - 1
     slots = np.zeros(T, np.int32)
     slots[:5] = np.asarray(pt)[np.arange(5), pos[:5] // B] * B + pos[:5] % B
+    angles = jnp.asarray(pos, jnp.float32)[:, None] * inv_freq[None, :]
     q = apply_rope(qkv[:, :, :G * D].reshape(T, H, D), jnp.asarray(pos), inv_freq)
     k = apply_rope(qkv[:, :, G * D:(G + 1) * D], jnp.asarray(pos), inv_freq)
     want_k = kp.reshape(P * B, K, D).at[slots[:5]].set(_to_cache(k[:5], cache, 1.0))
@@ -267,7 +268,7 @@ def test_compiled_decode_with_rope_from_the_qkv_output_matches_reference(cache):
         _to_cache(qkv[:5, :, (G + 1) * D:], cache, 1.0))
     got, got_k, got_v = jax.jit(functools.partial(
         ragged_paged_attention, sm_scale=D ** -0.5, decode_only=True,
-        qkv_rope=(inv_freq, 1.0, 1.0)))(qkv, kp, vp, sl, pt, qsl, ns,
+        qkv_rope=(angles, 1.0, 1.0)))(qkv, kp, vp, sl, pt, qsl, ns,
                                         new_kv=(None, None, jnp.asarray(slots)))
     for g, w in ((got_k, want_k), (got_v, want_v)):
         g = np.asarray(g.reshape(P * B, K, D)[slots[:5]].astype(jnp.float32))

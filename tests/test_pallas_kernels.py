@@ -265,9 +265,10 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
                                                                            scales, knobs):
     # qkv_rope: the decode kernel takes the fused q/k/v projection's output before rope
     # ([T, K, (G + 2) * D]), rotates the query heads and the new key itself, converts the new
-    # K/V to the cache (scaled for fp8) and writes them. Against the model's own apply_rope, the
-    # cache conversion and the reference attention over the written pages; positions up to ~60
-    # and random inverse frequencies, so a wrong half, sign or angle is far off.
+    # K/V to the cache (scaled for fp8) and writes them, from each token's rope angles. Against
+    # the model's own apply_rope, the cache conversion and the reference attention over the
+    # written pages; positions up to ~60 and random inverse frequencies, so a wrong half, sign,
+    # angle or token is far off.
     from jaxllm.models.attention import _to_cache
     from jaxllm.models.llama import apply_rope
 
@@ -288,6 +289,7 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
         pos[:n] = sl_np[:n] - 1
         slots = np.zeros(T, np.int32)
         slots[:n] = pt_np[np.arange(n), pos[:n] // B] * B + pos[:n] % B
+        angles = jnp.asarray(pos, jnp.float32)[:, None] * inv_freq[None, :]
         q = apply_rope(qkv[:, :, :G * D].reshape(T, H, D), jnp.asarray(pos), inv_freq)
         k = apply_rope(qkv[:, :, G * D:(G + 1) * D], jnp.asarray(pos), inv_freq)
         v = qkv[:, :, (G + 1) * D:]
@@ -300,7 +302,7 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
         sm = D ** -0.5 * (scales[0] if cache == jnp.float8_e4m3fn else 1.0)
         got, got_k, got_v = jax.jit(functools.partial(
             ragged_paged_attention, sm_scale=sm, decode_only=True, interpret=True,
-            qkv_rope=(inv_freq, *scales), **knobs))(qkv, kp, vp, sl, pt, qsl, ns,
+            qkv_rope=(angles, *scales), **knobs))(qkv, kp, vp, sl, pt, qsl, ns,
                                                     new_kv=(None, None, jnp.asarray(slots)))
         assert got.shape == (T, H, D) and got.dtype == model_dtype
         # The pages as the rope-then-scatter path leaves them (float32: exactly; bf16 / fp8:
@@ -324,12 +326,12 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
         assert np.all(np.asarray(got[n:].astype(jnp.float32)) == 0.0)
     with pytest.raises(ValueError, match="qkv_rope needs new_kv"):
         ragged_paged_attention(qkv, kp, vp, sl, pt, qsl, ns, sm_scale=1.0, decode_only=True,
-                               interpret=True, qkv_rope=(inv_freq, 1.0, 1.0))
+                               interpret=True, qkv_rope=(angles, 1.0, 1.0))
     with pytest.raises(ValueError, match="with qkv_rope, q must be"):
         ragged_paged_attention(qkv[:, :, :2 * D], kp, vp, sl, pt, qsl, ns, sm_scale=1.0,
                                decode_only=True, interpret=True,
                                new_kv=(None, None, jnp.asarray(slots)),
-                               qkv_rope=(inv_freq, 1.0, 1.0))
+                               qkv_rope=(angles, 1.0, 1.0))
 
 
 def test_fused_kv_write_needs_decode_only_and_cache_dtype_inputs():

@@ -286,8 +286,9 @@ def qkv_rope_applies(backend: str, md: AttentionMetadata) -> bool:
             and bool(dict(attention_kernel_knobs()).get(_FUSED_QKV_ROPE)))
 
 
-def rope_write_kv_and_attend(qkv: jax.Array, inv_freq: jax.Array, k_pages: jax.Array,
-                             v_pages: jax.Array, md: AttentionMetadata, *, sm_scale: float,
+def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+                             k_pages: jax.Array, v_pages: jax.Array, md: AttentionMetadata, *,
+                             sm_scale: float,
                              sliding_window: int | None = None, soft_cap: float | None = None,
                              k_scale: float = 1.0, v_scale: float = 1.0
                              ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -295,17 +296,20 @@ def rope_write_kv_and_attend(qkv: jax.Array, inv_freq: jax.Array, k_pages: jax.A
     projection's output: per KV head its G query heads, its key, its value), then
     ``write_kv_and_attend``, in the decode kernel alone (``ragged_paged_attention``'s
     ``qkv_rope``): no rope, slice or scatter kernels. Decode-only steps with the Pallas backend
-    (``qkv_rope_applies``). Returns (out [T, H, D], k_pages, v_pages), the same values."""
+    (``qkv_rope_applies``). Returns (out [T, H, D], k_pages, v_pages), the same values.
+    positions [T], inv_freq [D/2]: as ``apply_rope`` takes them (the angles are built the
+    same way, so XLA shares them, and their cos / sin, across the layers)."""
     kernel_knobs = _kernel_args(attention_kernel_knobs())
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     scaled = is_fp8(k_pages.dtype) and (k_scale != 1.0 or v_scale != 1.0)
 
-    def attend(k_pages, v_pages, qkv, inv_freq, md):
+    def attend(k_pages, v_pages, qkv, angles, md):
         return _paged_attention_rope(
-            qkv, inv_freq, k_pages, v_pages, md,
+            qkv, angles, k_pages, v_pages, md,
             sm_scale=sm_scale * (k_scale if scaled else 1.0), sliding_window=sliding_window,
             soft_cap=soft_cap, knobs=kernel_knobs, scales=(float(k_scale), float(v_scale)))
     out, k_pages, v_pages = _per_head_shard(attend, 2, 1, None)(k_pages, v_pages, qkv,
-                                                                 inv_freq, md)
+                                                                 angles, md)
     if scaled:  # the per-tensor scales fold out as in paged_attention
         out = (out.astype(jnp.float32) * v_scale).astype(qkv.dtype)
     return out, k_pages, v_pages
@@ -313,13 +317,13 @@ def rope_write_kv_and_attend(qkv: jax.Array, inv_freq: jax.Array, k_pages: jax.A
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "knobs",
                                              "scales"))
-def _paged_attention_rope(qkv, inv_freq, k_pages, v_pages, md, *, sm_scale, sliding_window,
+def _paged_attention_rope(qkv, angles, k_pages, v_pages, md, *, sm_scale, sliding_window,
                           soft_cap, knobs, scales):
     # Nested jit for the same reason as _paged_attention (one trace per step program).
     return ragged_paged_attention(
         qkv, k_pages, v_pages, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, decode_only=True,
-        new_kv=(None, None, md.slot_mapping), qkv_rope=(inv_freq, *scales),
+        new_kv=(None, None, md.slot_mapping), qkv_rope=(angles, *scales),
         interpret=jax.default_backend() != "gpu", **dict(knobs))
 
 

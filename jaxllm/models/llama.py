@@ -170,7 +170,8 @@ class LlamaAttention(nnx.Module):
             if self.q_norm is None and qkv_rope_applies(self.attention_backend, md):
                 # The decode kernel applies rope and writes the new K/V itself.
                 out, k_pages, v_pages = rope_write_kv_and_attend(
-                    qkv, inv_freq, kv_cache[0], kv_cache[1], md, sm_scale=self.sm_scale,
+                    qkv, positions, inv_freq, kv_cache[0], kv_cache[1], md,
+                    sm_scale=self.sm_scale,
                     sliding_window=self.sliding_window, k_scale=self.k_scale,
                     v_scale=self.v_scale)
                 return (self.o_proj(out.reshape(T, self.num_heads * self.head_dim)),
