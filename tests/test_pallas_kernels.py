@@ -258,8 +258,6 @@ def test_decode_heads_per_program_over_fp8_pages_and_with_the_fused_kv_write():
     (1, jnp.bfloat16, 1e-2, (1.0, 1.0), dict(decode_pages_per_block=1, decode_splits=2,
                                              decode_heads_per_program=2)),
     (2, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2)),
-    (3, jnp.float32, 1e-5, (1.0, 1.0), dict(decode_pages_per_block=4, decode_splits=1,
-                                            decode_heads_per_program=2)),
 ])
 def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed, cache, tol,
                                                                            scales, knobs):
