@@ -125,6 +125,15 @@ EOF
 T=${T:-560}  # seconds each lane may take, so the call returns its logs before the limit
 # Batch-1 latency at 1k context (decode) and TTFT at 512, three repeats.
 LAT1K="python3 benchmarks/latency.py --engine jaxllm --contexts 1024 --prefill 512 --repeats 3 --out $OUT/results.jsonl"
+# LAT1K with 4 decode steps a launch, bf16 then fp8, each without and with the attention knobs
+# $1 (JSON), interleaved: logs lat_{bf16,fp8}_k4.log and lat_{bf16,fp8}_k4_$2.log; $3: the
+# time limit of a run (s).
+lat_knobs_ab() { for q in bf16 fp8; do
+    QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+    timeout ${3:-100} $LAT1K $QA --num-scheduler-steps 4 > $L/lat_${q}_k4.log 2>&1
+    JAXLLM_ATTENTION_KNOBS="$1" timeout ${3:-100} $LAT1K $QA --num-scheduler-steps 4 \
+      > $L/lat_${q}_k4_$2.log 2>&1
+  done; }
 # Offline throughput, 1,000 x 512/128, once (the modes add batch limits / quantization).
 TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
 case "$1" in
@@ -769,12 +778,7 @@ fkw)  # nvidia-h200 (one GPU), one call (issues 9 and 6): the K/V write fused in
   # steps of 64 and 256 sequences (one step a launch) with and without it.
   L=$OUT/logs; mkdir -p $L
   FKW='{"fused_kv_write": true}'
-  for q in bf16 fp8; do
-    QA=""; [ $q = fp8 ] && QA="--quantization fp8"
-    timeout 110 $LAT1K $QA --num-scheduler-steps 4 > $L/lat_${q}_k4.log 2>&1
-    JAXLLM_ATTENTION_KNOBS="$FKW" timeout 110 $LAT1K $QA --num-scheduler-steps 4 \
-      > $L/lat_${q}_k4_fkw.log 2>&1
-  done
+  lat_knobs_ab "$FKW" fkw 110
   PS="timeout 120 python3 benchmarks/profile_step.py --context 1024 --steps 8 --top 8 --batch 64 256 --out $OUT/results.jsonl"
   $PS --out-dir /tmp/p1 > $L/prof_b256.log 2>&1
   JAXLLM_ATTENTION_KNOBS="$FKW" $PS --out-dir /tmp/p2 > $L/prof_b256_fkw.log 2>&1
@@ -803,12 +807,7 @@ rope)  # nvidia-h200 (one GPU), one call (issues 9 and 6): the decode kernel app
   JAXLLM_ATTENTION_KNOBS="$R" timeout 100 python3 benchmarks/profile_step.py --context 1024 \
     --steps 6 --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 --out-dir /tmp/p1 \
     --out $OUT/results.jsonl > $L/prof_bf16_rope.log 2>&1
-  for q in bf16 fp8; do
-    QA=""; [ $q = fp8 ] && QA="--quantization fp8"
-    timeout 100 $LAT1K $QA --num-scheduler-steps 4 > $L/lat_${q}_k4.log 2>&1
-    JAXLLM_ATTENTION_KNOBS="$R" timeout 100 $LAT1K $QA --num-scheduler-steps 4 \
-      > $L/lat_${q}_k4_rope.log 2>&1
-  done
+  lat_knobs_ab "$R" rope
   for f in $L/lat_*.log; do echo "== $f"; grep "decode ctx" $f; done
   grep -A14 "^batch " $L/prof_bf16_rope.log | cut -c1-150
   show_logs 2 ;;
