@@ -221,11 +221,10 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     # from registers and stores it into its slot (one program per (sequence, KV head) writes, and
     # no program reads that row, so the write races nothing).
     # qkv_rope (with kv_write): q_ref is the q/k/v projection's output [T, K * (G + 2) * D] (per
-    # KV head its G query heads, its key, its value) before rope: the kernel rotates the query
-    # rows and the new key itself (float32, as
-    # apply_rope; cos_ref / sin_ref [T, D] the tokens' tables, see _rope), rounds them to the
-    # projection's dtype, and converts the new K/V to the cache dtype (an fp8 cache: divided by
-    # k_scale / v_scale, clipped to e4m3's range).
+    # KV head its G query heads, its key, its value) before rope, and cos_ref / sin_ref [T, D]
+    # the tokens' rope tables (see _rope). The kernel rotates the query rows and the new key
+    # itself (float32, as apply_rope), rounds them to the projection's dtype, and converts the
+    # new K/V to the cache dtype (an fp8 cache: divided by k_scale / v_scale, clipped).
     if kv_write and qkv_rope:
         slot_ref, cos_ref, sin_ref, *out_refs, k_out_ref, v_out_ref = refs
     elif kv_write:
@@ -714,8 +713,9 @@ def ragged_paged_attention(
 
     ``qkv_rope=(angles [T, D/2] float32, k_scale, v_scale)`` with ``new_kv=(None, None,
     slot_mapping)``: ``angles`` are each token's rope angles (position x inverse frequency, as
-    ``apply_rope`` builds them); ``q`` is the q/k/v projection's output before rope, [T, K, (G + 2) * D]
-    (per KV head its G query heads, its key, its value: ``jaxllm.models.fused``'s layout). The
+    ``apply_rope`` builds them); ``q`` is the q/k/v projection's output before rope,
+    [T, K, (G + 2) * D] (per KV head its G query heads, its key, its value:
+    ``jaxllm.models.fused``'s layout). The
     kernel applies rope (HF's half split, float32, rounded to q's dtype as
     ``jaxllm.models.llama.apply_rope``) to the query heads and the new key, converts the new
     K/V to the cache dtype (an fp8 cache: divided by k_scale / v_scale, clipped), and goes on
