@@ -811,6 +811,26 @@ rope)  # nvidia-h200 (one GPU), one call (issues 9 and 6): the decode kernel app
   for f in $L/lat_*.log; do echo "== $f"; grep "decode ctx" $f; done
   grep -A14 "^batch " $L/prof_bf16_rope.log | cut -c1-150
   show_logs 2 ;;
+ropeab)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-02 (issues 9 and 6):
+  # fused_qkv_rope (rope and the K/V write inside the decode kernel; -2% at batch 1 in the
+  # multi-step loop) as the default? Decode steps of 64 and 256 sequences without / with it,
+  # then the offline throughput (1,000 x 512/128, defaults) fp8 + fp8 KV and bf16, without /
+  # with it, interleaved. Adopt it if neither batch 64 / 256 nor the throughput lose beyond the
+  # noise.
+  L=$OUT/logs; mkdir -p $L
+  R='{"fused_qkv_rope": true}'
+  PS="timeout 150 python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 8 --batch 64 256 --out $OUT/results.jsonl"
+  $PS --out-dir /tmp/p1 > $L/prof.log 2>&1
+  JAXLLM_ATTENTION_KNOBS="$R" $PS --out-dir /tmp/p2 > $L/prof_rope.log 2>&1
+  for f in $L/prof*.log; do echo "== $f"; grep "^batch " $f | cut -c1-150; done
+  timeout 130 $TP --quantization fp8 --kv-cache-dtype fp8 > $L/tp_fp8kv.log 2>&1
+  JAXLLM_ATTENTION_KNOBS="$R" timeout 130 $TP --quantization fp8 --kv-cache-dtype fp8 \
+    > $L/tp_fp8kv_rope.log 2>&1
+  left=$((T - SECONDS - 10))
+  [ $left -gt 200 ] && timeout 100 $TP > $L/tp_bf16.log 2>&1 && \
+    JAXLLM_ATTENTION_KNOBS="$R" timeout $((left - 110)) $TP > $L/tp_bf16_rope.log 2>&1
+  tp_rows
+  show_logs 2 ;;
 prefillprof)  # nvidia-h200 (one GPU), one call (issue 6): where the GPU time of the offline
   # workload's steps goes. Its 33 steps with prompt chunks take 8.3 s of fp8's 13 s (12.8 of
   # bf16's 17.9): profile a 16384-token prefill step (32 prompts x 512) in fp8 and bf16, op
