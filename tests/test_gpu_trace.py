@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax.numpy as jnp
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_trace  # noqa: E402
@@ -98,3 +99,24 @@ def test_profile_step_times_one_fetch_wait_per_step_and_restores_the_runner():
     assert waits[0] == 0.0 and all(0.0 <= w < wl for w, wl in zip(waits, walls))
     assert all(wl >= 0.002 for wl in walls)
     assert "fetch" not in vars(engine.runner)  # the wrapper is gone: the class's method again
+
+
+def test_profile_step_refuses_a_batch_whose_sequences_are_not_all_decoding():
+    # A profile labelled batch N must hold N decoding sequences: the 2026-12-01 batch-256
+    # profiles (--steps 10) held fewer, their first requests done before the profiled steps.
+    from types import SimpleNamespace
+
+    import profile_step
+
+    def engine(prompt_done: list[bool], waiting: int = 0):
+        seqs = [SimpleNamespace(num_prompt_tokens=10, num_computed_tokens=10 if d else 4)
+                for d in prompt_done]
+        return SimpleNamespace(scheduler=SimpleNamespace(running=seqs, num_waiting=waiting))
+
+    profile_step._check_all_decoding(engine([True] * 3), 3, "now")
+    with pytest.raises(RuntimeError, match="batch 3: 2 sequences decoding"):
+        profile_step._check_all_decoding(engine([True] * 2), 3, "now")  # one finished
+    with pytest.raises(RuntimeError, match="1 waiting"):
+        profile_step._check_all_decoding(engine([True] * 3, waiting=1), 3, "now")
+    with pytest.raises(RuntimeError, match="2 sequences decoding"):
+        profile_step._check_all_decoding(engine([True, True, False]), 3, "now")  # prefilling
