@@ -254,7 +254,8 @@ def test_decode_heads_per_program_over_fp8_pages_and_with_the_fused_kv_write():
 
 
 @pytest.mark.parametrize("seed,cache,tol,scales,knobs", [
-    (0, jnp.float32, 1e-5, (1.0, 1.0), dict(decode_pages_per_block=2, decode_splits=3)),
+    (0, jnp.float32, 1e-5, (1.0, 1.0), dict(decode_pages_per_block=2, decode_splits=3,
+                                            sliding_window=9)),
     (1, jnp.bfloat16, 1e-2, (1.0, 1.0), dict(decode_pages_per_block=1, decode_splits=2,
                                              decode_heads_per_program=2)),
     (2, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2)),
@@ -275,6 +276,7 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
     rng = np.random.default_rng(50 + seed)
     model_dtype = jnp.bfloat16 if cache == jnp.float8_e4m3fn else cache
     inv_freq = jnp.asarray(rng.uniform(0.01, 1.0, D // 2), jnp.float32)
+    window = {k: knobs.pop(k) for k in ("sliding_window",) if k in knobs}
     for n in (6, 2):
         args, _ = _random_batch(rng, kinds=("decode",) * n, T=T, S=S, M=M, B=B, P=P, H=H, K=K,
                                 D=D, dtype=jnp.float32)
@@ -300,7 +302,7 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
         sm = D ** -0.5 * (scales[0] if cache == jnp.float8_e4m3fn else 1.0)
         got, got_k, got_v = jax.jit(functools.partial(
             ragged_paged_attention, sm_scale=sm, decode_only=True, interpret=True,
-            qkv_rope=(angles, *scales), **knobs))(qkv, kp, vp, sl, pt, qsl, ns,
+            qkv_rope=(angles, *scales), **knobs, **window))(qkv, kp, vp, sl, pt, qsl, ns,
                                                     new_kv=(None, None, jnp.asarray(slots)))
         assert got.shape == (T, H, D) and got.dtype == model_dtype
         # The pages as the rope-then-scatter path leaves them (float32: exactly; bf16 / fp8:
@@ -314,12 +316,12 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
                 np.testing.assert_allclose(g_, w_, rtol=0.13, atol=1e-2)
         if cache == jnp.float8_e4m3fn:  # the scales fold out as in paged_attention
             want = ragged_paged_attention_reference(
-                q, want_k, want_v, sl, pt, qsl, ns, sm_scale=D ** -0.5 * scales[0]
+                q, want_k, want_v, sl, pt, qsl, ns, sm_scale=D ** -0.5 * scales[0], **window
             ).astype(jnp.float32) * scales[1]
             got = got.astype(jnp.float32) * scales[1]
         else:
             want = ragged_paged_attention_reference(q, want_k, want_v, sl, pt, qsl, ns,
-                                                    sm_scale=D ** -0.5)
+                                                    sm_scale=D ** -0.5, **window)
         assert _rel_err(got[:n], want[:n]) < tol, n
         assert np.all(np.asarray(got[n:].astype(jnp.float32)) == 0.0)
     with pytest.raises(ValueError, match="qkv_rope needs new_kv"):
