@@ -185,7 +185,8 @@ class EngineConfig:
     # the host schedules, launches and reads back once per num_scheduler_steps tokens. Stop
     # conditions are checked afterwards and tokens past a stop are dropped. Only batches that
     # can (engine/llm_engine.py, ``_lookahead_steps``): pure decode, no admission held back,
-    # no penalties, log-probs or min_tokens still to reach. 1 (default): one step per launch.
+    # no penalties, log-probs, logit_bias or min_tokens still to reach. 1 (default): one step
+    # per launch.
     num_scheduler_steps: int = 1
 
     def __post_init__(self) -> None:
