@@ -59,7 +59,8 @@ def fused_kv_write_on(monkeypatch, rope: bool = False) -> list:
     name = "_paged_attention_rope" if rope else "_paged_attention_writing"
     real = getattr(attention, name)
     monkeypatch.setattr(attention, name, lambda *a, **k: (traces.append(1), real(*a, **k))[1])
-    knob = "fused_qkv_rope" if rope else "fused_kv_write"
-    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"%s": true}' % knob)
+    # Without rope, fused_qkv_rope is turned off: small decode steps take it by default.
+    knobs = '{"fused_qkv_rope": true}' if rope else '{"fused_kv_write": true, "fused_qkv_rope": false}'
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, knobs)
     jax.clear_caches()
     return traces

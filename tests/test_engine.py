@@ -885,7 +885,8 @@ def test_fused_kv_write_knob_serves_the_same_greedy_tokens_and_keeps_the_cache_r
         assert llm.llm_engine.scheduler.page_pool.num_free_pages == 16  # all pages back
         return [o.outputs[0].token_ids for o in outs]
 
-    monkeypatch.delenv(attention.ATTENTION_KNOBS_ENV, raising=False)
+    # The baseline: both off (small decode steps take fused_qkv_rope unless told not to).
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"fused_qkv_rope": false}')
     want = tokens()
     fused_traces = fused_kv_write_on(monkeypatch, rope=rope)
     got = tokens()

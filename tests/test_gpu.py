@@ -284,8 +284,8 @@ def test_compiled_decode_with_rope_from_the_qkv_output_matches_reference(cache):
 def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_folder,
                                                                     monkeypatch):
     """JAXLLM_ATTENTION_KNOBS={"fused_qkv_rope": true} on the GPU (rope and the K/V write inside
-    the compiled decode kernel, single steps and the multi-step loop) gives the default path's
-    greedy tokens, in float32."""
+    the compiled decode kernel, single steps and the multi-step loop), and the default that
+    takes it for small decode steps, give the separate kernels' greedy tokens, in float32."""
     from jaxllm import LLM, SamplingParams
     from jaxllm.models.attention import ATTENTION_KNOBS_ENV
 
@@ -294,8 +294,9 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
                for n in rng.integers(1, 60, 6)]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outs = {}
-    for knobs, steps in (("", 1), ('{"fused_qkv_rope": true}', 1),
-                         ('{"fused_qkv_rope": true}', 4)):
+    off = '{"fused_qkv_rope": false}'
+    for knobs, steps in ((off, 1), ('{"fused_qkv_rope": true}', 1),
+                         ('{"fused_qkv_rope": true}', 4), ("", 4)):
         monkeypatch.setenv(ATTENTION_KNOBS_ENV, knobs)
         llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
                   num_pages=64, max_num_batched_tokens=512, max_num_seqs=8,
@@ -303,6 +304,7 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
         outs[(knobs, steps)] = [o.outputs[0].token_ids
                                 for o in llm.generate(prompts, params, use_tqdm=False)]
         del llm
-    want = outs[("", 1)]
+    want = outs[(off, 1)]
     assert outs[('{"fused_qkv_rope": true}', 1)] == want
     assert outs[('{"fused_qkv_rope": true}', 4)] == want
+    assert outs[("", 4)] == want  # the default: on for these 8-token decode steps

@@ -423,6 +423,28 @@ def test_attention_knobs_from_the_environment_reach_the_kernel_and_bad_ones_are_
     assert traced("reference") == set()  # the reference backend has no knobs to take
 
 
+
+def test_fused_qkv_rope_is_the_default_for_small_decode_steps_and_the_knob_overrides_it(
+        monkeypatch):
+    # Small decode-only steps of the Pallas backend take rope + the K/V write inside the
+    # decode kernel unless the knob says false; larger steps only when it says true; prefill,
+    # mixed steps and the reference backend never.
+    import dataclasses
+
+    from jaxllm.models.attention import (ATTENTION_KNOBS_ENV, QKV_ROPE_MAX_TOKENS,
+                                         qkv_rope_applies)
+
+    md = _mixed_batch_with_metadata(1)[3]
+    decode = dataclasses.replace(md, decode_only=True)
+    small, large = QKV_ROPE_MAX_TOKENS, QKV_ROPE_MAX_TOKENS + 1
+    for knobs, want_small, want_large in (("", True, False), ('{"fused_qkv_rope": false}',
+                                          False, False), ('{"fused_qkv_rope": true}', True, True)):
+        monkeypatch.setenv(ATTENTION_KNOBS_ENV, knobs)
+        assert qkv_rope_applies("pallas", decode, small) is want_small, knobs
+        assert qkv_rope_applies("pallas", decode, large) is want_large, knobs
+        assert not qkv_rope_applies("pallas", md, 1)  # not decode-only
+        assert not qkv_rope_applies("reference", decode, 1)
+
 @pytest.mark.slow
 @pytest.mark.parametrize("H,K", [(4, 4), (8, 2), (12, 4)])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])

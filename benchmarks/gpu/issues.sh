@@ -811,6 +811,45 @@ rope)  # nvidia-h200 (one GPU), one call (issues 9 and 6): the decode kernel app
   for f in $L/lat_*.log; do echo "== $f"; grep "decode ctx" $f; done
   grep -A14 "^batch " $L/prof_bf16_rope.log | cut -c1-150
   show_logs 2 ;;
+xlaflags)  # nvidia-h200 (one GPU), one call, 2026-12-02 (issues 9 and 6): the batch-1 loop's
+  # small kernels are XLA's fusion choices (a split-K sum + residual add, then a norm; the
+  # SwiGLU; the q/k/v split-K sum). Do XLA's fusion / autotuning options fold any of them?
+  # latency.py K = 4, bf16 then fp8 for each XLA_FLAGS variant, skipping what the time leaves.
+  L=$OUT/logs; mkdir -p $L; i=0
+  for f in "" --xla_gpu_enable_split_k_autotuning=false \
+      --xla_gpu_experimental_autotune_post_fusion=true \
+      --xla_gpu_unsupported_enable_triton_multi_output_fusion=true \
+      --xla_gpu_experimental_enable_triton_heroless_priority_fusion=true \
+      --xla_gpu_experimental_enable_fusion_autotuner=true \
+      --xla_gpu_experimental_all_fusions_with_triton=true; do
+    i=$((i + 1))
+    for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+      [ $((T - SECONDS)) -lt 80 ] && continue
+      echo "$f" > $L/lat_${i}_$q.log
+      XLA_FLAGS="$f" timeout 75 $LAT1K $QA --num-scheduler-steps 4 >> $L/lat_${i}_$q.log 2>&1
+      echo "$i $q '$f': $(grep -o 'decode ctx 1024: [0-9.]* ms/token' $L/lat_${i}_$q.log)"
+    done
+  done
+  show_logs 2 ;;
+pdl)  # nvidia-h200 (one GPU), one call, 2026-12-02 (issues 9 and 6): at batch 1 each of the
+  # ~13 kernels a layer costs >= 1.4 us however small (the launch-to-launch floor). Does XLA's
+  # programmatic dependent launch (Hopper: the next kernel starts while the previous drains)
+  # lower it? The launch-cost chain and the batch-1 loop (K = 4, fused_qkv_rope now the default
+  # at 8 tokens), bf16 and fp8, under --xla_gpu_enable_pdl=true / false, interleaved.
+  L=$OUT/logs; mkdir -p $L
+  for f in "" --xla_gpu_enable_pdl=true --xla_gpu_enable_pdl=false; do
+    XLA_FLAGS="$f" timeout 60 python3 benchmarks/gpu/launch_cost.py >> $OUT/results.jsonl 2>> $L/launch.log
+  done
+  grep us_per_kernel $OUT/results.jsonl | cut -c1-300
+  for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+    for v in true false; do
+      XLA_FLAGS=--xla_gpu_enable_pdl=$v timeout 100 $LAT1K $QA --num-scheduler-steps 4 \
+        > $L/lat_${q}_pdl_$v.log 2>&1
+    done
+  done
+  JAXLLM_ATTENTION_KNOBS='{"fused_qkv_rope": false}' timeout 100 $LAT1K --num-scheduler-steps 4 \
+    > $L/lat_bf16_norope.log 2>&1
+  show_logs 3 ;;
 ropeab)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-02 (issues 9 and 6):
   # fused_qkv_rope (rope and the K/V write inside the decode kernel; -2% at batch 1 in the
   # multi-step loop) as the default? Decode steps of 64 and 256 sequences without / with it,

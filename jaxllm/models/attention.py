@@ -278,12 +278,24 @@ def _paged_attention_writing(q, k_pages, v_pages, k_new, v_new, md, *, sm_scale,
         **dict(knobs))
 
 
-def qkv_rope_applies(backend: str, md: AttentionMetadata) -> bool:
+# Decode-only steps of at most this many tokens (the step's token bucket) run rope and the K/V
+# write inside the decode kernel by default (``fused_qkv_rope`` unset). Measured on the H200
+# (benchmarks/RESULTS.md, 2026-12-02): -2% a token at batch 1 (bf16 and fp8, the multi-step
+# loop), -1% GPU time at batch 64; at batch 256 within the noise; the offline throughput's
+# decode steps (~1,000 sequences) took 1.5-2.5% longer with it, so large steps keep the
+# separate rope and scatter kernels.
+QKV_ROPE_MAX_TOKENS = 64
+
+
+def qkv_rope_applies(backend: str, md: AttentionMetadata, num_tokens: int) -> bool:
     """Whether a layer hands its fused q/k/v output to ``rope_write_kv_and_attend``: the Pallas
-    backend, a decode-only step and the ``fused_qkv_rope`` knob (``JAXLLM_ATTENTION_KNOBS``; an
-    A/B switch, off by default). Read at trace time."""
-    return (backend == "pallas" and md.decode_only
-            and bool(dict(attention_kernel_knobs()).get(_FUSED_QKV_ROPE)))
+    backend and a decode-only step of at most ``QKV_ROPE_MAX_TOKENS`` tokens (``num_tokens``,
+    static: the step's bucket). The ``fused_qkv_rope`` knob (``JAXLLM_ATTENTION_KNOBS``)
+    overrides the size rule: true for every decode-only step, false for none. Read at trace
+    time."""
+    knob = dict(attention_kernel_knobs()).get(_FUSED_QKV_ROPE)
+    wanted = num_tokens <= QKV_ROPE_MAX_TOKENS if knob is None else knob
+    return backend == "pallas" and md.decode_only and wanted
 
 
 def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax.Array,

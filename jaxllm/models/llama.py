@@ -167,7 +167,7 @@ class LlamaAttention(nnx.Module):
         T, D = x.shape[0], self.head_dim
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)  # [T, K, (G + 2) * D]: per KV head its G q heads, k, v
-            if self.q_norm is None and qkv_rope_applies(self.attention_backend, md):
+            if self.q_norm is None and qkv_rope_applies(self.attention_backend, md, T):
                 # The decode kernel applies rope and writes the new K/V itself.
                 out, k_pages, v_pages = rope_write_kv_and_attend(
                     qkv, positions, inv_freq, kv_cache[0], kv_cache[1], md,
