@@ -172,19 +172,32 @@ def _fp8_kv_dot_for(choice: str, q_dtype) -> str:
     return "float16" if jnp.dtype(q_dtype).itemsize == 2 else "query"
 
 
-def _rope(ref, row, base, dd, cos_ref, sin_ref, D, mask):
+def _load_qkv(ref, row, col, kw, parts, num_tokens, dtype):
+    """``ref[row, col]`` of the q/k/v projection's output, in ``dtype``. ``parts`` > 1: ref holds
+    the projection's split-K partial products (rows p * num_tokens + token), summed here in
+    float32 and rounded to ``dtype``, as the projection's own sum would be."""
+    if parts == 1:
+        return plgpu.load(ref.at[row, col], **kw).astype(dtype)
+    x = plgpu.load(ref.at[row, col], **kw).astype(jnp.float32)
+    for p in range(1, parts):
+        x += plgpu.load(ref.at[row + p * num_tokens, col], **kw).astype(jnp.float32)
+    return x.astype(dtype)
+
+
+def _rope(ref, row, base, dd, cos_ref, sin_ref, D, mask, parts, num_tokens, dtype):
     """Rope (HF's half split) of ``ref[row, base + dd]`` (dd the columns' offsets in a head of
-    D), float32 as ``jaxllm.models.llama.apply_rope``, in ref's dtype: x * cos + rotate_half(x)
-    * sin, rotate_half(x)[d] = -x[d + D/2] (d < D/2) or x[d - D/2]. cos_ref / sin_ref [T, D]:
-    each token's cos and sin, each half-split angle twice, the sign of rotate_half folded into
-    sin. Broadcasts like its index arrays; masked lanes read zeros."""
+    D; ``_load_qkv`` reads it), float32 as ``jaxllm.models.llama.apply_rope``, in ``dtype``:
+    x * cos + rotate_half(x) * sin, rotate_half(x)[d] = -x[d + D/2] (d < D/2) or x[d - D/2].
+    cos_ref / sin_ref [T, D]: each token's cos and sin, each half-split angle twice, the sign
+    of rotate_half folded into sin. Broadcasts like its index arrays; masked lanes read zeros."""
     half = D // 2
     kw = {} if mask is None else dict(mask=mask, other=0)
-    x = plgpu.load(ref.at[row, base + dd], **kw).astype(jnp.float32)
-    xr = plgpu.load(ref.at[row, base + (dd + half) % D], **kw).astype(jnp.float32)
+    x = _load_qkv(ref, row, base + dd, kw, parts, num_tokens, dtype).astype(jnp.float32)
+    xr = _load_qkv(ref, row, base + (dd + half) % D, kw, parts, num_tokens,
+                   dtype).astype(jnp.float32)
     c = plgpu.load(cos_ref.at[row, dd], **kw)
     s = plgpu.load(sin_ref.at[row, dd], **kw)
-    return (x * c + xr * s).astype(ref.dtype)
+    return (x * c + xr * s).astype(dtype)
 
 
 def rope_tables(angles: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -206,7 +219,8 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                  page_size, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap,
                  dummy_row, out_by_block, split_pages, masked_tail_only=False, kv_write=False,
                  num_tokens=0, exact_rows=False, seq_is_block=False, fp8_kv_dot=None,
-                 heads_per_program=1, qkv_rope=False, k_scale=1.0, v_scale=1.0):
+                 heads_per_program=1, qkv_rope=False, k_scale=1.0, v_scale=1.0, qkv_parts=1,
+                 qkv_dtype=None):
     # Inputs: blk_seq [nb] (left out with seq_is_block: block b is sequence slot b, as in the
     # decode launch), blk_tok0 / blk_ntok / blk_pos0 [nb], the page table, q, k and v pages.
     if seq_is_block:
@@ -224,7 +238,9 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     # KV head its G query heads, its key, its value) before rope, and cos_ref / sin_ref [T, D]
     # the tokens' rope tables (see _rope). The kernel rotates the query rows and the new key
     # itself (float32, as apply_rope), rounds them to the projection's dtype, and converts the
-    # new K/V to the cache dtype (an fp8 cache: divided by k_scale / v_scale, clipped).
+    # new K/V to the cache dtype (an fp8 cache: divided by k_scale / v_scale, clipped). With
+    # qkv_parts > 1, q_ref holds the projection's split-K partials [qkv_parts * T, ...] (float32),
+    # summed here and rounded to qkv_dtype (see _load_qkv).
     if kv_write and qkv_rope:
         slot_ref, cos_ref, sin_ref, *out_refs, k_out_ref, v_out_ref = refs
     elif kv_write:
@@ -267,7 +283,8 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         base = (h * hp + (r % Gp) // G) * C + (r % G) * D  # [rows]: the row's head's first column
         q_mask = row_ok[:, None] if hp == 1 else row_ok[:, None] & own
         t_row = jnp.where(row_ok, tok0 + r_tok, 0)[:, None]
-        q = _rope(q_ref, t_row, base[:, None], dq[None, :], cos_ref, sin_ref, D, q_mask)
+        q = _rope(q_ref, t_row, base[:, None], dq[None, :], cos_ref, sin_ref, D, q_mask,
+                  qkv_parts, num_tokens, qkv_dtype)
     elif hp == 1:
         q = plgpu.load(q_ref.at[jnp.where(row_ok, q_row, 0)[:, None], d[None, :]],
                        mask=row_ok[:, None], other=0)
@@ -372,8 +389,10 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
             C = (G + 2) * D
             kv_base = (h * hp + dw // D) * C + G * D  # [W]: each head's key columns
             t_w = jnp.full((W,), t, jnp.int32)
-            k_new = _rope(q_ref, t_w, kv_base, dw % D, cos_ref, sin_ref, D, None)
-            v_new = plgpu.load(q_ref.at[t_w, kv_base + D + dw % D])
+            k_new = _rope(q_ref, t_w, kv_base, dw % D, cos_ref, sin_ref, D, None, qkv_parts,
+                          num_tokens, qkv_dtype)
+            v_new = _load_qkv(q_ref, t_w, kv_base + D + dw % D, {}, qkv_parts, num_tokens,
+                              qkv_dtype)
             k_new = _to_cache_dtype(k_new, k_out_ref.dtype, k_scale)
             v_new = _to_cache_dtype(v_new, v_out_ref.dtype, v_scale)
         else:
@@ -432,7 +451,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
             num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
             masked_tail_only=False, kv_write=None, exact_rows=False, fp8_kv_dot="query",
-            heads_per_program=1, qkv_rope=None):
+            heads_per_program=1, qkv_rope=None, qkv_parts=1):
     """One pallas_call over len(blk_tok0) query blocks.
 
     ``blk_seq`` None: block b is sequence slot b (the decode launch), and the kernel takes its
@@ -449,7 +468,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     back as two more outputs (aliased: written in place). ``heads_per_program`` (block_q 1):
     KV heads a program reads together (see _attn_kernel). ``qkv_rope`` ((k_scale, v_scale),
     with kv_write = (slot [T], cos [T, D], sin [T, D])): q2 is the q/k/v projection's output
-    before rope, and the kernel builds q and the new K/V from it (see _attn_kernel)."""
+    before rope, and the kernel builds q and the new K/V from it (see _attn_kernel); with
+    ``qkv_parts`` > 1, its split-K partials [qkv_parts * T, ...], rounded to ``out_dtype``."""
     G = H // K
     hp = heads_per_program
     if K % hp or (hp > 1 and block_q != 1):
@@ -471,7 +491,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         seq_is_block=seq_is_block, fp8_kv_dot=fp8_kv_dot if fp8_pages else None,
         heads_per_program=hp, qkv_rope=qkv_rope is not None,
         k_scale=1.0 if qkv_rope is None else float(qkv_rope[0]),
-        v_scale=1.0 if qkv_rope is None else float(qkv_rope[1]))
+        v_scale=1.0 if qkv_rope is None else float(qkv_rope[1]), qkv_parts=qkv_parts,
+        qkv_dtype=out_dtype)
     if num_splits == 1:
         out_shape = (jax.ShapeDtypeStruct((n_rows, D), out_dtype),)
     else:
@@ -496,6 +517,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         name=(f"ragged_paged_attention_bq{block_q}_ppb{pages_per_block}_ns{num_splits}"
               + ("_pg" if split_pages else "") + ("_mt" if masked_tail_only else "")
               + ("_kvw" if kv_write is not None else "") + ("_rope" if qkv_rope else "")
+              + (f"_sk{qkv_parts}" if qkv_parts > 1 else "")
               + (f"_hp{hp}" if hp > 1 else "")),
     )(*(() if seq_is_block else (blk_seq,)), blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2,
       v2, *extra)
@@ -668,6 +690,8 @@ def ragged_paged_attention(
     decode_only: bool = False,
     new_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     qkv_rope: tuple[jax.Array, float, float] | None = None,
+    qkv_parts: int = 1,
+    qkv_dtype=None,
     fp8_kv_dot: str = FP8_KV_DOT_DEFAULT,
     interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
@@ -720,6 +744,10 @@ def ragged_paged_attention(
     ``jaxllm.models.llama.apply_rope``) to the query heads and the new key, converts the new
     K/V to the cache dtype (an fp8 cache: divided by k_scale / v_scale, clipped), and goes on
     as with ``new_kv``: the step's rope and K/V kernels are gone (three a layer).
+    ``qkv_parts`` > 1 (with ``qkv_rope``): ``q`` holds the projection's split-K partial
+    products instead, [qkv_parts * T, K, (G + 2) * D] (rows p * T + t; float32), which the
+    kernel sums and rounds to ``qkv_dtype`` (required; the model's dtype, the output's): the
+    projection's own split-K sum kernel is gone too.
     """
     if qkv_rope is not None:
         if new_kv is None or new_kv[0] is not None or new_kv[1] is not None:
@@ -730,9 +758,19 @@ def ragged_paged_attention(
                 or q.shape[2] // Dp < 3:
             raise ValueError(f"with qkv_rope, q must be [T, K, (G + 2) * D] = [T, "
                              f"{k_pages.shape[2]}, (G + 2) * {Dp}], got {q.shape}")
+        if not isinstance(qkv_parts, int) or qkv_parts < 1 or q.shape[0] % qkv_parts:
+            raise ValueError(f"qkv_parts must be a positive int dividing q's {q.shape[0]} rows, "
+                             f"got {qkv_parts!r}")
+        if qkv_parts > 1 and qkv_dtype is None:
+            raise ValueError("qkv_parts > 1 needs qkv_dtype (the dtype the partials' sum is "
+                             "rounded to)")
         qkv = q
-        q = jax.ShapeDtypeStruct((qkv.shape[0], qkv.shape[1] * (qkv.shape[2] // Dp - 2), Dp),
-                                 qkv.dtype)  # the shape and dtype the query heads would have
+        # The shape and dtype the query heads would have.
+        q = jax.ShapeDtypeStruct((qkv.shape[0] // qkv_parts,
+                                  qkv.shape[1] * (qkv.shape[2] // Dp - 2), Dp),
+                                 qkv.dtype if qkv_parts == 1 else jnp.dtype(qkv_dtype))
+    elif qkv_parts != 1:
+        raise ValueError("qkv_parts needs qkv_rope")
     T, H, D = q.shape
     P, B, K, _ = k_pages.shape
     S, M = page_table.shape
@@ -796,7 +834,7 @@ def ragged_paged_attention(
     if decode and decode_split_pages:  # a split's last block may start at its last page
         M_pad = max(M_pad, M + dppb - 1)
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, M_pad - M)))
-    q2 = qkv.reshape(T, -1) if qkv_rope is not None else q.reshape(T * H, D)
+    q2 = qkv.reshape(qkv.shape[0], -1) if qkv_rope is not None else q.reshape(T * H, D)
     k2 = k_pages.reshape(P * B, K * D)
     v2 = v_pages.reshape(P * B, K * D)
     common = dict(T=T, H=H, K=K, D=D, B=B, sm_scale=sm_scale, sliding_window=sliding_window,
@@ -852,7 +890,8 @@ def ragged_paged_attention(
                        heads_per_program=dhp,
                        split_pages=decode_split_pages, kv_write=kv_write,
                        exact_rows=decode_only, masked_tail_only=decode_mto,
-                       qkv_rope=None if qkv_rope is None else qkv_rope[1:], **common)
+                       qkv_rope=None if qkv_rope is None else qkv_rope[1:],
+                       qkv_parts=qkv_parts, **common)
         if kv_write is not None:
             rows, k2_new, v2_new = rows
             new_pages = (k2_new.reshape(P, B, K, D), v2_new.reshape(P, B, K, D))

@@ -46,11 +46,12 @@ def small_llama_folder(tmp_path_factory):
     return folder
 
 
-def fused_kv_write_on(monkeypatch, rope: bool = False) -> list:
+def fused_kv_write_on(monkeypatch, rope: bool = False, split_k: int = 1) -> list:
     """Turns the fused K/V write on (JAXLLM_ATTENTION_KNOBS) for programs traced from now on and
-    returns a list that grows by one each time the fused attention is traced, to check that the
-    decode-only steps took it. ``rope``: the ``fused_qkv_rope`` knob instead (the decode kernel
-    also applies rope, from the fused q/k/v output)."""
+    returns a list that grows by one each time the fused attention is traced (with rope: the
+    number of q/k/v partials it took), to check that the decode-only steps took it. ``rope``:
+    the ``fused_qkv_rope`` knob instead (the decode kernel also applies rope, from the fused
+    q/k/v output), with ``split_k`` > 1 also ``qkv_split_k`` (it sums the GEMM's partials)."""
     import jax
 
     from jaxllm.models import attention
@@ -58,9 +59,11 @@ def fused_kv_write_on(monkeypatch, rope: bool = False) -> list:
     traces: list = []
     name = "_paged_attention_rope" if rope else "_paged_attention_writing"
     real = getattr(attention, name)
-    monkeypatch.setattr(attention, name, lambda *a, **k: (traces.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(attention, name,
+                        lambda *a, **k: (traces.append(k.get("parts", 1)), real(*a, **k))[1])
     # Without rope, fused_qkv_rope is turned off: small decode steps take it by default.
-    knobs = '{"fused_qkv_rope": true}' if rope else '{"fused_kv_write": true, "fused_qkv_rope": false}'
+    knobs = ('{"fused_qkv_rope": true, "qkv_split_k": %d}' % split_k if rope
+             else '{"fused_kv_write": true, "fused_qkv_rope": false}')
     monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, knobs)
     jax.clear_caches()
     return traces

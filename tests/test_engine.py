@@ -862,15 +862,16 @@ def test_attention_is_traced_once_per_step_program_and_compiles_to_the_same_ops(
     assert nested == inline
 
 
-@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("rope,split_k", [(False, 1), (True, 1), (True, 4)])
 def test_fused_kv_write_knob_serves_the_same_greedy_tokens_and_keeps_the_cache_right(
-        small_llama_folder, monkeypatch, rope):
+        small_llama_folder, monkeypatch, rope, split_k):
     # JAXLLM_ATTENTION_KNOBS={"fused_kv_write": true}: the decode-only steps of the Pallas
     # backend (interpreted here) write the new K/V inside the decode kernel instead of two
     # scatters a layer. Same tokens as the default path, over enough decode steps that every
     # step reads K/V the fused path wrote; prefill and mixed steps keep the scatter.
     # {"fused_qkv_rope": true} (rope): the decode kernel also applies rope to q and k, reading
-    # the fused q/k/v projection's output as is.
+    # the fused q/k/v projection's output as is; with "qkv_split_k": 4 (split_k) the q/k/v
+    # GEMM's four split-K partial products, which the kernel sums.
     from jaxllm.models import attention
 
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -888,9 +889,10 @@ def test_fused_kv_write_knob_serves_the_same_greedy_tokens_and_keeps_the_cache_r
     # The baseline: both off (small decode steps take fused_qkv_rope unless told not to).
     monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"fused_qkv_rope": false}')
     want = tokens()
-    fused_traces = fused_kv_write_on(monkeypatch, rope=rope)
+    fused_traces = fused_kv_write_on(monkeypatch, rope=rope, split_k=split_k)
     got = tokens()
     assert fused_traces, "the decode-only steps did not take the fused path"
+    assert set(fused_traces) == {split_k}
     assert got == want
 
 

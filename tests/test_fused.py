@@ -86,6 +86,33 @@ def test_fused_projections_compute_what_the_separate_ones_do(quantized):
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_split_k_partials_sum_to_the_projection(monkeypatch):
+    # FusedLinear.split_k: the q/k/v GEMM's split-K partial products, which the decode kernel
+    # sums (the qkv_split_k knob). Their sum is the projection, dense and fp8 weight-only; the
+    # cases it cannot serve (a bias, W8A8 activations, a split not dividing the input) say so.
+    import dataclasses
+
+    config = dataclasses.replace(CONFIG, attention_bias=False, mlp_bias=False, qk_norm=False)
+    model = fuse_projections(LlamaForCausalLM(config, dtype=jnp.float32, rngs=nnx.Rngs(4)))
+    proj = model.model.layers[0].self_attn.qkv_proj
+    x = jax.random.normal(jax.random.key(5), (3, 64), jnp.float32)
+    for q in (False, True):
+        if q:
+            monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "16")  # as on a GPU
+            proj = quantize_model(model).model.layers[0].self_attn.qkv_proj
+        want = np.asarray(proj(x))
+        for parts in (2, 4):
+            got = proj.split_k(x, parts)
+            assert got.shape == (parts * 3,) + want.shape[1:] and got.dtype == jnp.float32
+            np.testing.assert_allclose(np.asarray(got.reshape(parts, *want.shape).sum(0)), want,
+                                       rtol=1e-5, atol=1e-5)
+        assert proj.split_k(x, 3) is None  # 64 input features
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "2")
+    assert proj.split_k(x, 2) is None  # 3 tokens: W8A8, activations quantized
+    assert fuse_projections(_random_model(seed=1)).model.layers[0].self_attn.qkv_proj.split_k(
+        x, 2) is None  # a bias
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "fp8"])
 def test_a_fused_model_converts_back_to_the_separate_hf_tensors(quantized):
     separate = _random_model(seed=3)

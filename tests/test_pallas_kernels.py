@@ -253,21 +253,25 @@ def test_decode_heads_per_program_over_fp8_pages_and_with_the_fused_kv_write():
                                decode_heads_per_program=3, interpret=True)
 
 
-@pytest.mark.parametrize("seed,cache,tol,scales,knobs", [
+@pytest.mark.parametrize("seed,cache,tol,scales,knobs,parts", [
     (0, jnp.float32, 1e-5, (1.0, 1.0), dict(decode_pages_per_block=2, decode_splits=3,
-                                            sliding_window=9)),
+                                            sliding_window=9), 1),
     (1, jnp.bfloat16, 1e-2, (1.0, 1.0), dict(decode_pages_per_block=1, decode_splits=2,
-                                             decode_heads_per_program=2)),
-    (2, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2)),
+                                             decode_heads_per_program=2), 1),
+    (2, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2), 1),
+    (3, jnp.bfloat16, 1e-2, (1.0, 1.0), dict(decode_pages_per_block=1, decode_splits=2,
+                                             decode_heads_per_program=2), 4),
+    (4, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2), 2),
 ])
 def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed, cache, tol,
-                                                                           scales, knobs):
+                                                                           scales, knobs, parts):
     # qkv_rope: the decode kernel takes the fused q/k/v projection's output before rope
     # ([T, K, (G + 2) * D]), rotates the query heads and the new key itself, converts the new
     # K/V to the cache (scaled for fp8) and writes them, from each token's rope angles. Against
     # the model's own apply_rope, the cache conversion and the reference attention over the
     # written pages; positions up to ~60 and random inverse frequencies, so a wrong half, sign,
-    # angle or token is far off.
+    # angle or token is far off. parts > 1: the kernel gets the projection's split-K partial
+    # products (float32) instead, sums them and rounds the sum to the model dtype itself.
     from jaxllm.models.attention import _to_cache
     from jaxllm.models.llama import apply_rope
 
@@ -282,8 +286,11 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
                                 D=D, dtype=jnp.float32)
         _, kp, vp, sl, pt, qsl, ns = args
         kp, vp = kp.astype(cache), vp.astype(cache)
-        qkv = jnp.asarray(rng.standard_normal((T, K, (G + 2) * D)), jnp.float32).astype(
-            model_dtype)
+        partials = jnp.asarray(rng.standard_normal((parts, T, K, (G + 2) * D)) / parts ** 0.5,
+                               jnp.float32)
+        qkv = jnp.sum(partials, axis=0).astype(model_dtype)
+        given = qkv if parts == 1 else partials.reshape(parts * T, K, (G + 2) * D)
+        statics = {} if parts == 1 else dict(qkv_parts=parts, qkv_dtype=model_dtype)
         sl_np, pt_np = np.asarray(sl), np.asarray(pt)
         pos = np.zeros(T, np.int32)
         pos[:n] = sl_np[:n] - 1
@@ -302,8 +309,8 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
         sm = D ** -0.5 * (scales[0] if cache == jnp.float8_e4m3fn else 1.0)
         got, got_k, got_v = jax.jit(functools.partial(
             ragged_paged_attention, sm_scale=sm, decode_only=True, interpret=True,
-            qkv_rope=(angles, *scales), **knobs, **window))(qkv, kp, vp, sl, pt, qsl, ns,
-                                                    new_kv=(None, None, jnp.asarray(slots)))
+            qkv_rope=(angles, *scales), **knobs, **window, **statics))(
+                given, kp, vp, sl, pt, qsl, ns, new_kv=(None, None, jnp.asarray(slots)))
         assert got.shape == (T, H, D) and got.dtype == model_dtype
         # The pages as the rope-then-scatter path leaves them (float32: exactly; bf16 / fp8:
         # a value or two one rounding apart, cos / sin being another implementation's).
@@ -332,6 +339,17 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
                                decode_only=True, interpret=True,
                                new_kv=(None, None, jnp.asarray(slots)),
                                qkv_rope=(angles, 1.0, 1.0))
+    if parts > 1:
+        for bad, match in ((dict(qkv_parts=parts), "qkv_parts > 1 needs qkv_dtype"),
+                           (dict(qkv_parts=3, qkv_dtype=model_dtype), "qkv_parts must be")):
+            with pytest.raises(ValueError, match=match):
+                ragged_paged_attention(given, kp, vp, sl, pt, qsl, ns, sm_scale=1.0,
+                                       decode_only=True, interpret=True,
+                                       new_kv=(None, None, jnp.asarray(slots)),
+                                       qkv_rope=(angles, 1.0, 1.0), **bad)
+        with pytest.raises(ValueError, match="qkv_parts needs qkv_rope"):
+            ragged_paged_attention(qkv[:, :, :G * D].reshape(T, H, D), kp, vp, sl, pt, qsl, ns,
+                                   sm_scale=1.0, interpret=True, qkv_parts=parts)
 
 
 def test_fused_kv_write_needs_decode_only_and_cache_dtype_inputs():

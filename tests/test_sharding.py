@@ -322,18 +322,20 @@ def test_two_processes_under_jax_distributed_produce_the_tokens_of_one(
     assert steps >= 10  # it really launched the leader's steps (10 tokens, a prefill first)
 
 
-@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("rope,split_k", [(False, 1), (True, 1), (True, 2)])
 def test_fused_kv_write_under_tensor_parallelism_matches_one_device(small_llama_folder,
                                                                     small_reference, monkeypatch,
-                                                                    rope):
+                                                                    rope, split_k):
     # The decode kernel that writes the new K/V itself (JAXLLM_ATTENTION_KNOBS fused_kv_write,
     # Pallas backend interpreted here) runs per head shard like the scatter it replaces: each
     # shard writes its own KV heads' rows. With fused_qkv_rope (rope) each shard's kernel
-    # reads its own KV heads' slice of the fused q/k/v output and applies rope itself.
-    fused_traces = fused_kv_write_on(monkeypatch, rope=rope)
+    # reads its own KV heads' slice of the fused q/k/v output and applies rope itself; with
+    # qkv_split_k (split_k) the slice of each of the GEMM's split-K partials.
+    fused_traces = fused_kv_write_on(monkeypatch, rope=rope, split_k=split_k)
     llm = _llm(model=str(small_llama_folder), tensor_parallel_size=2, attention_backend="pallas")
     assert _greedy(llm) == small_reference
     assert fused_traces, "the decode-only steps did not take the fused path"
+    assert set(fused_traces) == {split_k}
 
 
 def test_multi_step_decode_under_tensor_parallelism_matches_one_device(small_llama_folder,

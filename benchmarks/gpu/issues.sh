@@ -811,6 +811,19 @@ rope)  # nvidia-h200 (one GPU), one call (issues 9 and 6): the decode kernel app
   for f in $L/lat_*.log; do echo "== $f"; grep "decode ctx" $f; done
   grep -A14 "^batch " $L/prof_bf16_rope.log | cut -c1-150
   show_logs 2 ;;
+splitk)  # nvidia-h200 (one GPU), one call, 2026-12-02 (issues 9 and 6): the q/k/v GEMM hands
+  # the decode kernel its split-K partials (qkv_split_k 4: XLA splits that GEMM 4 ways at 8
+  # rows), so XLA's split-K sum kernel goes: one kernel a layer fewer at batch 1. GPU tests,
+  # then latency.py K = 4 without / with it, bf16 and fp8, then the bf16 loop profile with it.
+  L=$OUT/logs; mkdir -p $L
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 150 python3 -m pytest -q -p no:cacheprovider \
+    -m gpu tests/test_gpu.py -k rope > $L/gpu_tests.log 2>&1; tail -3 $L/gpu_tests.log
+  lat_knobs_ab '{"qkv_split_k": 4}' sk4 80
+  for f in $L/lat_*.log; do echo "$f $(grep -o 'decode ctx 1024: [0-9.]* ms/token' $f)"; done
+  [ $((T - SECONDS)) -gt 90 ] && JAXLLM_ATTENTION_KNOBS='{"qkv_split_k": 4}' timeout $((T - SECONDS - 10)) \
+    python3 benchmarks/profile_step.py --context 1024 --steps 6 --batch 1 --max-num-seqs 8 \
+    --num-scheduler-steps 4 --top 14 --out-dir /tmp/psk --out $OUT/results.jsonl > $L/prof_sk4.log 2>&1
+  show_logs 18 ;;
 xlaflags)  # nvidia-h200 (one GPU), one call, 2026-12-02 (issues 9 and 6): the batch-1 loop's
   # small kernels are XLA's fusion choices (a split-K sum + residual add, then a norm; the
   # SwiGLU; the q/k/v split-K sum). Do XLA's fusion / autotuning options fold any of them?

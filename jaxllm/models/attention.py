@@ -49,7 +49,7 @@ _E4M3_MAX = float(jnp.finfo(FP8_KV_DTYPE).max)
 # e.g. JAXLLM_ATTENTION_KNOBS='{"decode_split_pages": true}' python3 benchmarks/latency.py ...
 ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
-              "decode_heads_per_program", "num_warps", "num_stages")
+              "decode_heads_per_program", "num_warps", "num_stages", "qkv_split_k")
 _BOOL_KNOBS = ("decode_split_pages", "masked_tail_only", "fused_kv_write", "fused_qkv_rope")
 # Knobs with a fixed set of string values.
 _CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES}
@@ -60,7 +60,11 @@ _KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS + tuple(_CHOICE_KNOBS)
 # rope_write_kv_and_attend).
 _FUSED_KV_WRITE = "fused_kv_write"
 _FUSED_QKV_ROPE = "fused_qkv_rope"
-_NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE)
+# With fused_qkv_rope: the q/k/v GEMM hands the decode kernel this many split-K partial
+# products (FusedLinear.split_k), in steps of at most QKV_SPLIT_K_MAX_TOKENS tokens; 1 (the
+# default): its output as is.
+_QKV_SPLIT_K = "qkv_split_k"
+_NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K)
 
 
 def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
@@ -298,19 +302,33 @@ def qkv_rope_applies(backend: str, md: AttentionMetadata, num_tokens: int) -> bo
     return backend == "pallas" and md.decode_only and wanted
 
 
+QKV_SPLIT_K_MAX_TOKENS = 16
+
+
+def qkv_split_k_parts(num_tokens: int) -> int:
+    """How many split-K partials of the q/k/v GEMM a ``rope_write_kv_and_attend`` step of
+    ``num_tokens`` (static) takes: the ``qkv_split_k`` knob (``JAXLLM_ATTENTION_KNOBS``; unset:
+    1, the GEMM's output as is) up to ``QKV_SPLIT_K_MAX_TOKENS`` tokens, 1 above."""
+    parts = dict(attention_kernel_knobs()).get(_QKV_SPLIT_K, 1)
+    return parts if num_tokens <= QKV_SPLIT_K_MAX_TOKENS else 1
+
+
 def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                              k_pages: jax.Array, v_pages: jax.Array, md: AttentionMetadata, *,
                              sm_scale: float,
                              sliding_window: int | None = None, soft_cap: float | None = None,
-                             k_scale: float = 1.0, v_scale: float = 1.0
-                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                             k_scale: float = 1.0, v_scale: float = 1.0, qkv_parts: int = 1,
+                             dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``apply_rope`` on the query heads and the keys of ``qkv`` ([T, K, (G + 2) * D], the fused
     projection's output: per KV head its G query heads, its key, its value), then
     ``write_kv_and_attend``, in the decode kernel alone (``ragged_paged_attention``'s
     ``qkv_rope``): no rope, slice or scatter kernels. Decode-only steps with the Pallas backend
     (``qkv_rope_applies``). Returns (out [T, H, D], k_pages, v_pages), the same values.
     positions [T], inv_freq [D/2]: as ``apply_rope`` takes them (the angles are built the
-    same way, so XLA shares them, and their cos / sin, across the layers)."""
+    same way, so XLA shares them, and their cos / sin, across the layers). ``qkv_parts`` > 1:
+    ``qkv`` is ``FusedLinear.split_k``'s [qkv_parts * T, K, (G + 2) * D] float32 partials,
+    summed in the kernel and rounded to ``dtype`` (the model's; the output's)."""
+    dtype = qkv.dtype if dtype is None else jnp.dtype(dtype)
     kernel_knobs = _kernel_args(attention_kernel_knobs())
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     scaled = is_fp8(k_pages.dtype) and (k_scale != 1.0 or v_scale != 1.0)
@@ -319,24 +337,26 @@ def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax
         return _paged_attention_rope(
             qkv, angles, k_pages, v_pages, md,
             sm_scale=sm_scale * (k_scale if scaled else 1.0), sliding_window=sliding_window,
-            soft_cap=soft_cap, knobs=kernel_knobs, scales=(float(k_scale), float(v_scale)))
+            soft_cap=soft_cap, knobs=kernel_knobs, scales=(float(k_scale), float(v_scale)),
+            parts=qkv_parts, dtype=dtype)
     out, k_pages, v_pages = _per_head_shard(attend, 2, 1, None)(k_pages, v_pages, qkv,
                                                                  angles, md)
     if scaled:  # the per-tensor scales fold out as in paged_attention
-        out = (out.astype(jnp.float32) * v_scale).astype(qkv.dtype)
+        out = (out.astype(jnp.float32) * v_scale).astype(dtype)
     return out, k_pages, v_pages
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "knobs",
-                                             "scales"))
+                                             "scales", "parts", "dtype"))
 def _paged_attention_rope(qkv, angles, k_pages, v_pages, md, *, sm_scale, sliding_window,
-                          soft_cap, knobs, scales):
+                          soft_cap, knobs, scales, parts=1, dtype=None):
     # Nested jit for the same reason as _paged_attention (one trace per step program).
     return ragged_paged_attention(
         qkv, k_pages, v_pages, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, decode_only=True,
-        new_kv=(None, None, md.slot_mapping), qkv_rope=(angles, *scales),
-        interpret=jax.default_backend() != "gpu", **dict(knobs))
+        new_kv=(None, None, md.slot_mapping), qkv_rope=(angles, *scales), qkv_parts=parts,
+        qkv_dtype=dtype if parts > 1 else None, interpret=jax.default_backend() != "gpu",
+        **dict(knobs))
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: AttentionMetadata,

@@ -95,6 +95,29 @@ class FusedLinear(nnx.Module):
             y = y + self.bias[...]
         return y
 
+    def split_k(self, x: jax.Array, parts: int) -> jax.Array | None:
+        """x [T, I] -> [parts * T, A, C] float32: the products of ``parts`` equal slices of the
+        input features (rows p * T + t), whose sum is ``__call__(x)`` before its rounding to x's
+        dtype; the consumer sums them (the decode kernel's ``qkv_parts``), so the GEMM's own
+        split-K sum is no kernel of its own. None where it does not apply: a bias, ``parts``
+        not dividing I, or fp8 activations (W8A8 above ``weight_only_max_tokens``)."""
+        (A, C), I, T = self.groups, self.in_features, x.shape[0]
+        if self.bias is not None or I % parts:
+            return None
+        xs = x.reshape(T, parts, I // parts)
+        if self.kernel is not None:
+            w = self.kernel[...].astype(x.dtype).reshape(parts, I // parts, A * C)
+            y = jnp.einsum("tpk,pkn->ptn", xs, w, preferred_element_type=jnp.float32)
+        else:
+            from jaxllm.models.fp8 import weight_only_max_tokens
+
+            if T > weight_only_max_tokens():
+                return None
+            w = self.weight[...].reshape(A * C, parts, I // parts).astype(x.dtype)
+            y = jnp.einsum("tpk,npk->ptn", xs, w, preferred_element_type=jnp.float32)
+            y = y * self.weight_scale[...].reshape(A * C).astype(jnp.float32)
+        return y.reshape(parts * T, A, C)
+
 
 # ----------------------------------------------------------------------------------------------
 # Separate projections -> fused, and back

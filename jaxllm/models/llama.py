@@ -30,7 +30,8 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig, gemm_out_dtype_from_env
 from jaxllm.models.attention import (AttentionMetadata, KVCache, qkv_rope_applies,
-                                     rope_write_kv_and_attend, write_kv_and_attend)
+                                     qkv_split_k_parts, rope_write_kv_and_attend,
+                                     write_kv_and_attend)
 from jaxllm.models.fp8 import fp8_swiglu_mlp
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -166,16 +167,21 @@ class LlamaAttention(nnx.Module):
         """x: [T, E] -> [T, E]; kv_cache: (k_pages, v_pages) each [P, B, K, D], returned updated."""
         T, D = x.shape[0], self.head_dim
         if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)  # [T, K, (G + 2) * D]: per KV head its G q heads, k, v
             if self.q_norm is None and qkv_rope_applies(self.attention_backend, md, T):
-                # The decode kernel applies rope and writes the new K/V itself.
+                # The decode kernel applies rope and writes the new K/V itself (and, with the
+                # qkv_split_k knob, sums the GEMM's split-K partials).
+                parts = qkv_split_k_parts(T)
+                qkv = self.qkv_proj.split_k(x, parts) if parts > 1 else None
+                if qkv is None:
+                    qkv, parts = self.qkv_proj(x), 1
                 out, k_pages, v_pages = rope_write_kv_and_attend(
                     qkv, positions, inv_freq, kv_cache[0], kv_cache[1], md,
                     sm_scale=self.sm_scale,
                     sliding_window=self.sliding_window, k_scale=self.k_scale,
-                    v_scale=self.v_scale)
+                    v_scale=self.v_scale, qkv_parts=parts, dtype=x.dtype)
                 return (self.o_proj(out.reshape(T, self.num_heads * self.head_dim)),
                         (k_pages, v_pages))
+            qkv = self.qkv_proj(x)  # [T, K, (G + 2) * D]: per KV head its G q heads, k, v
             GD = qkv.shape[-1] - 2 * D
             q = qkv[:, :, :GD].reshape(T, self.num_heads, D)
             k, v = qkv[:, :, GD:GD + D], qkv[:, :, GD + D:]
