@@ -285,8 +285,8 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
                                                                     monkeypatch):
     """JAXLLM_ATTENTION_KNOBS={"fused_qkv_rope": true} on the GPU (rope and the K/V write inside
     the compiled decode kernel, single steps and the multi-step loop), and the default that
-    takes it for small decode steps, give the separate kernels' greedy tokens, in float32; so
-    does the kernel summing the q/k/v GEMM's split-K partials (``qkv_split_k``)."""
+    takes it for small decode steps with the kernel summing the q/k/v GEMM's split-K partials
+    (``qkv_split_k``), give the separate kernels' greedy tokens, in float32."""
     from jaxllm import LLM, SamplingParams
     from jaxllm.models.attention import ATTENTION_KNOBS_ENV
 
@@ -296,9 +296,8 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outs = {}
     off = '{"fused_qkv_rope": false}'
-    split = '{"fused_qkv_rope": true, "qkv_split_k": 4}'
-    for knobs, steps in ((off, 1), ('{"fused_qkv_rope": true}', 1),
-                         ('{"fused_qkv_rope": true}', 4), ("", 4), (split, 4)):
+    on = '{"fused_qkv_rope": true, "qkv_split_k": 1}'
+    for knobs, steps in ((off, 1), (on, 1), (on, 4), ("", 4)):
         monkeypatch.setenv(ATTENTION_KNOBS_ENV, knobs)
         llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
                   num_pages=64, max_num_batched_tokens=512, max_num_seqs=8,
@@ -307,7 +306,8 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
                                 for o in llm.generate(prompts, params, use_tqdm=False)]
         del llm
     want = outs[(off, 1)]
-    assert outs[('{"fused_qkv_rope": true}', 1)] == want
-    assert outs[('{"fused_qkv_rope": true}', 4)] == want
-    assert outs[("", 4)] == want  # the default: on for these 8-token decode steps
-    assert outs[(split, 4)] == want  # the kernel sums the q/k/v GEMM's split-K partials
+    assert outs[(on, 1)] == want
+    assert outs[(on, 4)] == want
+    # The default for these 8-token decode steps: on, and the kernel sums the q/k/v GEMM's
+    # split-K partials (qkv_split_k 4).
+    assert outs[("", 4)] == want

@@ -442,7 +442,7 @@ def test_attention_knobs_from_the_environment_reach_the_kernel_and_bad_ones_are_
 
 
 
-def test_fused_qkv_rope_is_the_default_for_small_decode_steps_and_the_knob_overrides_it(
+def test_fused_qkv_rope_and_qkv_split_k_defaults_for_small_decode_steps_and_their_knobs(
         monkeypatch):
     # Small decode-only steps of the Pallas backend take rope + the K/V write inside the
     # decode kernel unless the knob says false; larger steps only when it says true; prefill,
@@ -450,7 +450,8 @@ def test_fused_qkv_rope_is_the_default_for_small_decode_steps_and_the_knob_overr
     import dataclasses
 
     from jaxllm.models.attention import (ATTENTION_KNOBS_ENV, QKV_ROPE_MAX_TOKENS,
-                                         qkv_rope_applies)
+                                         QKV_SPLIT_K_DEFAULT, QKV_SPLIT_K_MAX_TOKENS,
+                                         qkv_rope_applies, qkv_split_k_parts)
 
     md = _mixed_batch_with_metadata(1)[3]
     decode = dataclasses.replace(md, decode_only=True)
@@ -462,6 +463,13 @@ def test_fused_qkv_rope_is_the_default_for_small_decode_steps_and_the_knob_overr
         assert qkv_rope_applies("pallas", decode, large) is want_large, knobs
         assert not qkv_rope_applies("pallas", md, 1)  # not decode-only
         assert not qkv_rope_applies("reference", decode, 1)
+    # Those steps' q/k/v GEMM hands the kernel its split-K partials: by default at <= 16
+    # tokens, as many as the qkv_split_k knob says (1: its output as is).
+    for knobs, want in (("", QKV_SPLIT_K_DEFAULT), ('{"qkv_split_k": 1}', 1),
+                        ('{"qkv_split_k": 2}', 2)):
+        monkeypatch.setenv(ATTENTION_KNOBS_ENV, knobs)
+        assert qkv_split_k_parts(QKV_SPLIT_K_MAX_TOKENS) == want
+        assert qkv_split_k_parts(QKV_SPLIT_K_MAX_TOKENS + 1) == 1
 
 @pytest.mark.slow
 @pytest.mark.parametrize("H,K", [(4, 4), (8, 2), (12, 4)])

@@ -61,8 +61,8 @@ _KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS + tuple(_CHOICE_KNOBS)
 _FUSED_KV_WRITE = "fused_kv_write"
 _FUSED_QKV_ROPE = "fused_qkv_rope"
 # With fused_qkv_rope: the q/k/v GEMM hands the decode kernel this many split-K partial
-# products (FusedLinear.split_k), in steps of at most QKV_SPLIT_K_MAX_TOKENS tokens; 1 (the
-# default): its output as is.
+# products (FusedLinear.split_k), in steps of at most QKV_SPLIT_K_MAX_TOKENS tokens; 1: its
+# output as is.
 _QKV_SPLIT_K = "qkv_split_k"
 _NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K)
 
@@ -302,14 +302,21 @@ def qkv_rope_applies(backend: str, md: AttentionMetadata, num_tokens: int) -> bo
     return backend == "pallas" and md.decode_only and wanted
 
 
+# The default split: XLA's own for the Llama-3-8B q/k/v GEMM (4096 x 6144) at 8 rows on the
+# H200. With it the decode kernel sums the partials and XLA's split-K sum kernel is gone (one
+# kernel a layer): H200, 2026-12-02, batch 1 with 4 steps a launch, bf16 4.27 / 4.29 against
+# 4.34 ms/token and 4.31 against 4.35 in two calls, fp8 2.84 against 2.86
+# (benchmarks/RESULTS.md). Steps of <= 16 tokens: the weight-only fp8 range, where XLA splits.
+QKV_SPLIT_K_DEFAULT = 4
 QKV_SPLIT_K_MAX_TOKENS = 16
 
 
 def qkv_split_k_parts(num_tokens: int) -> int:
     """How many split-K partials of the q/k/v GEMM a ``rope_write_kv_and_attend`` step of
     ``num_tokens`` (static) takes: the ``qkv_split_k`` knob (``JAXLLM_ATTENTION_KNOBS``; unset:
-    1, the GEMM's output as is) up to ``QKV_SPLIT_K_MAX_TOKENS`` tokens, 1 above."""
-    parts = dict(attention_kernel_knobs()).get(_QKV_SPLIT_K, 1)
+    ``QKV_SPLIT_K_DEFAULT``; 1: the GEMM's output as is) up to ``QKV_SPLIT_K_MAX_TOKENS``
+    tokens, 1 above. ``FusedLinear.split_k`` falls back to 1 where the split does not apply."""
+    parts = dict(attention_kernel_knobs()).get(_QKV_SPLIT_K, QKV_SPLIT_K_DEFAULT)
     return parts if num_tokens <= QKV_SPLIT_K_MAX_TOKENS else 1
 
 
