@@ -207,8 +207,11 @@ def rope_tables(angles: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate([c, c], axis=-1), jnp.concatenate([-s, s], axis=-1)
 
 
-def _to_cache_dtype(x, dtype, scale: float):
-    """x (the model's dtype) as the cache stores it (``jaxllm.models.attention._to_cache``)."""
+def to_cache_dtype(x, dtype, scale: float):
+    """x (the model's dtype) as a cache of ``dtype`` stores it: an e4m3 cache divides by its
+    per-tensor ``scale`` and clips first (e4m3fn has no infinity: an out-of-range value would
+    become NaN). The engine's scatter (``jaxllm.models.attention``) and this kernel's fused K/V
+    write both use it."""
     if jnp.dtype(dtype) == jnp.dtype(jnp.float8_e4m3fn):
         e4m3_max = float(jnp.finfo(jnp.float8_e4m3fn).max)
         return jnp.clip(x.astype(jnp.float32) / scale, -e4m3_max, e4m3_max).astype(dtype)
@@ -393,8 +396,8 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                           num_tokens, qkv_dtype)
             v_new = _load_qkv(q_ref, t_w, kv_base + D + dw % D, {}, qkv_parts, num_tokens,
                               qkv_dtype)
-            k_new = _to_cache_dtype(k_new, k_out_ref.dtype, k_scale)
-            v_new = _to_cache_dtype(v_new, v_out_ref.dtype, v_scale)
+            k_new = to_cache_dtype(k_new, k_out_ref.dtype, k_scale)
+            v_new = to_cache_dtype(v_new, v_out_ref.dtype, v_scale)
         else:
             k_new = plgpu.load(knew_ref.at[jnp.full((W,), t, jnp.int32), cols1])
             v_new = plgpu.load(vnew_ref.at[jnp.full((W,), t, jnp.int32), cols1])
@@ -739,9 +742,9 @@ def ragged_paged_attention(
     slot_mapping)``: ``angles`` are each token's rope angles (position x inverse frequency, as
     ``apply_rope`` builds them); ``q`` is the q/k/v projection's output before rope,
     [T, K, (G + 2) * D] (per KV head its G query heads, its key, its value:
-    ``jaxllm.models.fused``'s layout). The
-    kernel applies rope (HF's half split, float32, rounded to q's dtype as
-    ``jaxllm.models.llama.apply_rope``) to the query heads and the new key, converts the new
+    ``jaxllm.models.fused``'s layout). The kernel applies rope (HF's half split, float32,
+    rounded to q's dtype as ``jaxllm.models.llama.apply_rope``) to the query heads and the new
+    key, converts the new
     K/V to the cache dtype (an fp8 cache: divided by k_scale / v_scale, clipped), and goes on
     as with ``new_kv``: the step's rope and K/V kernels are gone (three a layer).
     ``qkv_parts`` > 1 (with ``qkv_rope``): ``q`` holds the projection's split-K partial

@@ -31,6 +31,7 @@ from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention,
     ragged_paged_attention_reference,
 )
+from pallas_kernels.ragged_paged_attention import to_cache_dtype as _to_cache
 
 # Importing the Pallas fuser defines a config value that is part of every jit cache key
 # ("pallas_fuser_disable_nested_fuse"); jax imports it lazily at the first Pallas lowering, so
@@ -41,7 +42,6 @@ SCRATCH_PAGE = 0
 KVCache = list[tuple[jax.Array, jax.Array]]
 
 FP8_KV_DTYPE = jnp.float8_e4m3fn
-_E4M3_MAX = float(jnp.finfo(FP8_KV_DTYPE).max)
 
 
 # Knobs of the Pallas kernel (block sizes, variants), overriding its defaults in every attention call
@@ -97,20 +97,13 @@ def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
 
 
 def _kernel_args(knobs) -> tuple[tuple[str, object], ...]:
-    """The knobs that are arguments of the kernel (all but ``fused_kv_write`` and
-    ``fused_qkv_rope``)."""
+    """The knobs that are arguments of the kernel (all but ``_NOT_KERNEL_ARGS``: the model's
+    and write_kv_and_attend's choices)."""
     return tuple((n, x) for n, x in knobs if n not in _NOT_KERNEL_ARGS)
 
 
 def is_fp8(dtype) -> bool:
     return jnp.dtype(dtype) == jnp.dtype(FP8_KV_DTYPE)
-
-
-def _to_cache(x: jax.Array, dtype, scale: float) -> jax.Array:
-    if is_fp8(dtype):
-        # e4m3fn has no infinity: an out-of-range value would become NaN, so clip first.
-        return jnp.clip(x.astype(jnp.float32) / scale, -_E4M3_MAX, _E4M3_MAX).astype(dtype)
-    return x.astype(dtype)
 
 
 @jax.tree_util.register_dataclass
