@@ -90,13 +90,32 @@ def test_unknown_gguf_tensor_name_is_an_error():
 
 @pytest.mark.slow
 def test_cached_tokenizer_equals_the_one_converted_from_the_gguf(default_gguf_path, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
     from jaxllm.loading.gguf_loader import load_gguf_tokenizer
 
     monkeypatch.setenv("JAXLLM_CACHE_DIR", str(tmp_path))
-    fresh = load_gguf_tokenizer(default_gguf_path, cache=False)
-    load_gguf_tokenizer(default_gguf_path)  # converts and writes the cache
-    cached = load_gguf_tokenizer(default_gguf_path)
+    real = AutoTokenizer.from_pretrained
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    # cache=False converts (the same call as a cache miss below) and writes nothing. The
+    # conversion itself is stubbed here: it takes ~17 s, and the miss below runs it for real.
+    with monkeypatch.context() as m:
+        m.setattr(AutoTokenizer, "from_pretrained", lambda *a, **kw: calls.append((a, kw)) or "tok")
+        assert load_gguf_tokenizer(default_gguf_path, cache=False) == "tok"
+    assert calls == [((str(default_gguf_path.resolve().parent),),
+                      {"gguf_file": default_gguf_path.name, "local_files_only": True})]
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    fresh = load_gguf_tokenizer(default_gguf_path)  # a miss: converts, writes the cache, returns it
+    assert calls[1] == calls[0]  # the conversion, as cache=False calls it
     assert any(tmp_path.rglob("tokenizer.json"))
+    cached = load_gguf_tokenizer(default_gguf_path)  # a hit: reads the cache, no conversion
+    assert len(calls) == 3 and "gguf_file" not in calls[2][1]
     for text in ["Hello world", "Ça va? 日本語 😀 émigré", "  spaces\n\nnew lines\t", "Hi , there . isn't it ?",
                  "<|im_start|>user\nhi<|im_end|>"]:
         ids = fresh.encode(text)
