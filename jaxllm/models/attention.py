@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.ragged_paged_attention import (
+    DECODE_COMBINE_CHOICES,
     FP8_KV_DOT_CHOICES,
     ragged_paged_attention,
     ragged_paged_attention_reference,
@@ -52,7 +53,8 @@ _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_sp
               "decode_heads_per_program", "num_warps", "num_stages", "qkv_split_k")
 _BOOL_KNOBS = ("decode_split_pages", "masked_tail_only", "fused_kv_write", "fused_qkv_rope")
 # Knobs with a fixed set of string values.
-_CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES}
+_CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES,
+                 "decode_combine": DECODE_COMBINE_CHOICES}
 _KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS + tuple(_CHOICE_KNOBS)
 # Not arguments of the kernel: write_kv_and_attend's choice (decode-only steps write the new
 # K/V inside the decode kernel instead of two scatters a layer), and the model's (the decode
