@@ -145,13 +145,6 @@ def _attend_tokens(q, t, k_pages, v_pages, seq_lens, page_table, query_start_loc
 _NEG = -1e30  # finite "minus infinity": keeps exp(m_prev - m_new) free of inf - inf
 
 
-# Where the decode launch's splits are combined (``decode_combine``): "xla" in jnp after the
-# launch (XLA fuses it into one kernel at the table's split counts, two past ~8 splits), or
-# "pallas" in a small kernel of our own (_combine), one kernel at any split count.
-DECODE_COMBINE_CHOICES = ("xla", "pallas")
-DECODE_COMBINE_DEFAULT = "xla"
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -461,7 +454,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
             num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
             masked_tail_only=False, kv_write=None, exact_rows=False, fp8_kv_dot="query",
-            heads_per_program=1, qkv_rope=None, qkv_parts=1, combine="xla"):
+            heads_per_program=1, qkv_rope=None, qkv_parts=1):
     """One pallas_call over len(blk_tok0) query blocks.
 
     ``blk_seq`` None: block b is sequence slot b (the decode launch), and the kernel takes its
@@ -479,9 +472,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     KV heads a program reads together (see _attn_kernel). ``qkv_rope`` ((k_scale, v_scale),
     with kv_write = (slot [T], cos [T, D], sin [T, D])): q2 is the q/k/v projection's output
     before rope, and the kernel builds q and the new K/V from it (see _attn_kernel); with
-    ``qkv_parts`` > 1, its split-K partials [qkv_parts * T, ...], rounded to ``out_dtype``.
-    ``combine`` (num_splits > 1, the decode launch): the splits' combine, "xla" (jnp) or
-    "pallas" (_combine)."""
+    ``qkv_parts`` > 1, its split-K partials [qkv_parts * T, ...], rounded to ``out_dtype``."""
     G = H // K
     hp = heads_per_program
     if K % hp or (hp > 1 and block_q != 1):
@@ -540,12 +531,6 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     if num_splits == 1:
         return (res[0], *pages) if pages else res[0]
     acc, m, l = res
-    if combine == "pallas":
-        if out_by_block is False or block_q != 1:
-            raise ValueError("the Pallas combine takes the decode launch's rows (block_q 1)")
-        out = _combine(acc, m, l, blk_ntok, num_splits=num_splits, num_heads=H, head_dim=D,
-                       out_dtype=out_dtype, interpret=interpret)
-        return (out, *pages) if pages else out
     acc = acc.reshape(num_splits, n_rows, D)
     m = m.reshape(num_splits, n_rows)
     l = l.reshape(num_splits, n_rows)
@@ -556,53 +541,6 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[:, None]
     out = out.astype(out_dtype)
     return (out, *pages) if pages else out
-
-
-def _combine_kernel(ntok_ref, acc_ref, m_ref, l_ref, o_ref, *, num_splits, n_rows, num_heads,
-                    head_dim, heads):
-    # Program (b, j): sequence slot b's heads j * heads ... (j + 1) * heads - 1, whose rows
-    # b * H + head are adjacent, so their acc / out values are one run of heads * D floats.
-    # Every split's values come in one [S2, heads * D] load (S2 = splits padded to a power of
-    # two); m and l are loaded into the same shape (each column its head's, the same address
-    # for D columns: L1 hits), so the combine is column-wise, with no reshape in registers.
-    b, j = pl.program_id(0), pl.program_id(1)
-    H, D = num_heads, head_dim
-    s = jnp.arange(_next_pow2(num_splits), dtype=jnp.int32)[:, None]
-    c = jnp.arange(heads * D, dtype=jnp.int32)[None, :]
-    head = j * heads + c // D
-    row = b * H + head  # [1, heads * D]
-    # A slot with no decode token (padding): masked loads, no traffic, and zeros out.
-    ok = (s < num_splits) & (head < H) & (ntok_ref[b] > 0)
-    m = plgpu.load(m_ref.at[jnp.where(ok, s * n_rows + row, 0)], mask=ok, other=_NEG)
-    l = plgpu.load(l_ref.at[jnp.where(ok, s * n_rows + row, 0)], mask=ok, other=0.0)
-    acc = plgpu.load(acc_ref.at[jnp.where(ok, (s * n_rows + row) * D + c % D, 0)], mask=ok,
-                     other=0.0)
-    w = jnp.exp(m - jnp.max(m, axis=0, keepdims=True))
-    l_tot = jnp.sum(w * l, axis=0)
-    out = jnp.sum(w * acc, axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)
-    flat = row[0] * D + c[0] % D
-    store = head[0] < H
-    plgpu.store(o_ref.at[jnp.where(store, flat, 0)], out.astype(o_ref.dtype), mask=store)
-
-
-def _combine(acc, m, l, ntok, *, num_splits, num_heads, head_dim, out_dtype, interpret):
-    """The flash-decoding combine of the decode launch's partials (acc [splits * n_rows, D],
-    m / l [splits * n_rows], rows b * H + head of slot b; ``ntok`` [nb] its new tokens) in one
-    Pallas kernel: [n_rows, D] rows in ``out_dtype``, zeros for slots of no token (the last,
-    dummy row unwritten). Same math as the jnp combine (rescale to the splits' max)."""
-    H, D = num_heads, head_dim
-    n_rows = m.shape[0] // num_splits
-    nb = ntok.shape[0]
-    heads = min(_next_pow2(H), max(1, 256 // D))  # 256 columns a program
-    kernel = functools.partial(_combine_kernel, num_splits=num_splits, n_rows=n_rows,
-                               num_heads=H, head_dim=D, heads=heads)
-    out = pl.pallas_call(
-        kernel, grid=(nb, -(-H // heads)),
-        out_shape=jax.ShapeDtypeStruct((n_rows * D,), out_dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-        interpret=interpret, name=f"decode_split_combine_ns{num_splits}",
-    )(ntok, acc.reshape(-1), m, l)
-    return out.reshape(n_rows, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -758,7 +696,6 @@ def ragged_paged_attention(
     qkv_parts: int = 1,
     qkv_dtype=None,
     fp8_kv_dot: str = FP8_KV_DOT_DEFAULT,
-    decode_combine: str = DECODE_COMBINE_DEFAULT,
     interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Pallas (Triton) ragged paged attention; same contract and result as the reference.
@@ -781,8 +718,6 @@ def ragged_paged_attention(
     ``fp8_kv_dot`` (an fp8 cache): how the dots read its e4m3 pages, one of
     ``FP8_KV_DOT_CHOICES`` (described and measured beside it), or "auto" (the default):
     float16 for a bf16 / float16 q, float32 dots for a float32 q.
-    ``decode_combine``: how the decode launch's splits are combined, one of
-    ``DECODE_COMBINE_CHOICES`` (described beside it).
     ``decode=False`` / ``prefill=False`` skip a launch when the caller knows the batch has no
     decode (q_len == 1) or no longer sequences (e.g. a pure decode step); by default both run
     and each skips the other's sequences. With ``prefill=False`` sequences of q_len > 1 are not
@@ -852,9 +787,6 @@ def ragged_paged_attention(
                     ("decode_heads_per_program", decode_heads_per_program)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive int or None (table), got {v!r}")
-    if decode_combine not in DECODE_COMBINE_CHOICES:
-        raise ValueError(f"decode_combine must be one of {DECODE_COMBINE_CHOICES}, got "
-                         f"{decode_combine!r}")
     if fp8_kv_dot not in FP8_KV_DOT_CHOICES + ("auto",):
         raise ValueError(f"fp8_kv_dot must be 'auto' or one of {FP8_KV_DOT_CHOICES}, got "
                          f"{fp8_kv_dot!r}")
@@ -962,7 +894,7 @@ def ragged_paged_attention(
                        split_pages=decode_split_pages, kv_write=kv_write,
                        exact_rows=decode_only, masked_tail_only=decode_mto,
                        qkv_rope=None if qkv_rope is None else qkv_rope[1:],
-                       qkv_parts=qkv_parts, combine=decode_combine, **common)
+                       qkv_parts=qkv_parts, **common)
         if kv_write is not None:
             rows, k2_new, v2_new = rows
             new_pages = (k2_new.reshape(P, B, K, D), v2_new.reshape(P, B, K, D))

@@ -281,42 +281,12 @@ def test_compiled_decode_with_rope_from_the_qkv_output_matches_reference(cache):
     assert _rel_err(got[:5].astype(jnp.float32), want[:5].astype(jnp.float32)) < 2e-2
 
 
-@pytest.mark.parametrize("cache", [jnp.bfloat16, jnp.float8_e4m3fn])
-def test_compiled_decode_combine_in_pallas_matches_the_jnp_combine(cache):
-    """decode_combine="pallas" compiled for the GPU (the decode launch's splits combined by a
-    Pallas kernel): at Llama-3-8B's heads, contexts up to 4k over 8 / 64 slots and 5-32 splits,
-    its rows equal the jnp combine's within rounding and the reference's, padding slots zeros,
-    on each of several calls."""
-    from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
-
-    H, K, D, B = 32, 8, 128, 16
-    for S, M, n, splits, hp in ((8, 72, 1, 5, 1), (8, 256, 5, 32, 1), (64, 64, 40, 10, 2)):
-        T, P = S, S * M + 2
-        rng = np.random.default_rng(S + splits)
-        args, _ = _random_batch(rng, kinds=("decode",) * n, T=T, S=S, M=M, B=B, P=P, H=H, K=K,
-                                D=D, dtype=jnp.float32)
-        q, kp, vp, sl, pt, qsl, ns = args
-        q, kp, vp = q.astype(jnp.bfloat16), kp.astype(cache), vp.astype(cache)
-        run = {c: jax.jit(functools.partial(
-            ragged_paged_attention, sm_scale=D ** -0.5, decode_only=True, decode_splits=splits,
-            decode_heads_per_program=hp, decode_combine=c)) for c in ("xla", "pallas")}
-        want = np.asarray(run["xla"](q, kp, vp, sl, pt, qsl, ns)[:n].astype(jnp.float32))
-        ref = ragged_paged_attention_reference(q, kp, vp, sl, pt, qsl, ns, sm_scale=D ** -0.5)
-        assert _rel_err(want, ref[:n].astype(jnp.float32)) < 2e-2
-        for _ in range(5):
-            got = run["pallas"](q, kp, vp, sl, pt, qsl, ns)
-            assert np.all(np.asarray(got[n:].astype(jnp.float32)) == 0.0)
-            got = np.asarray(got[:n].astype(jnp.float32))
-            assert _rel_err(got, want) < 4e-3, (S, M, splits, hp)
-
-
 def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_folder,
                                                                     monkeypatch):
     """JAXLLM_ATTENTION_KNOBS={"fused_qkv_rope": true} on the GPU (rope and the K/V write inside
     the compiled decode kernel, single steps and the multi-step loop), and the default that
     takes it for small decode steps with the kernel summing the q/k/v GEMM's split-K partials
-    (``qkv_split_k``), also with ``decode_combine="pallas"``, give the separate kernels' greedy
-    tokens, in float32."""
+    (``qkv_split_k``), give the separate kernels' greedy tokens, in float32."""
     from jaxllm import LLM, SamplingParams
     from jaxllm.models.attention import ATTENTION_KNOBS_ENV
 
@@ -327,8 +297,7 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
     outs = {}
     off = '{"fused_qkv_rope": false}'
     on = '{"fused_qkv_rope": true, "qkv_split_k": 1}'
-    combine = '{"decode_combine": "pallas"}'
-    for knobs, steps in ((off, 1), (on, 1), (on, 4), ("", 4), (combine, 4)):
+    for knobs, steps in ((off, 1), (on, 1), (on, 4), ("", 4)):
         monkeypatch.setenv(ATTENTION_KNOBS_ENV, knobs)
         llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
                   num_pages=64, max_num_batched_tokens=512, max_num_seqs=8,
@@ -342,5 +311,3 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
     # The default for these 8-token decode steps: on, and the kernel sums the q/k/v GEMM's
     # split-K partials (qkv_split_k 4).
     assert outs[("", 4)] == want
-    # And with the decode launch's splits combined by the Pallas combine kernel.
-    assert outs[(combine, 4)] == want

@@ -152,17 +152,12 @@ def test_decode_only_fast_path_matches_reference_with_fewer_slots_than_tokens():
     decode = [("decode",) * 6, ("decode",) * 2, ("decode",)]
     _check_attention(5, decode, H=8, K=2, dtype=jnp.float32, tol=1e-5, T=10, S=6,
                      decode_only=True, decode_pages_per_block=2, decode_splits=3)
-    # The splits combined by the Pallas combine kernel instead of jnp.
-    _check_attention(7, decode, H=8, K=2, dtype=jnp.float32, tol=1e-5, T=10, S=6,
-                     decode_only=True, decode_pages_per_block=1, decode_splits=5,
-                     decode_combine="pallas")
     _check_attention(6, decode[1:], H=4, K=4, dtype=jnp.bfloat16, tol=1e-2, T=6, S=6,
                      decode_only=True, sliding_window=9, soft_cap=4.0)
 
 
 @pytest.mark.parametrize("seed,cache,tol,knobs", [
-    (0, jnp.float32, 1e-5, dict(decode_pages_per_block=2, decode_splits=3,
-                                decode_combine="pallas")),
+    (0, jnp.float32, 1e-5, dict(decode_pages_per_block=2, decode_splits=3)),
     (1, jnp.bfloat16, 1e-2, dict(sliding_window=9, soft_cap=4.0)),
     (2, jnp.float32, 1e-5, dict(decode_pages_per_block=1, decode_splits=4,
                                 decode_split_pages=True, masked_tail_only=True)),
@@ -205,8 +200,7 @@ def test_fused_kv_write_decode_equals_write_then_attend(seed, cache, tol, knobs)
 
 
 @pytest.mark.parametrize("hp,H,K,dtype,tol,window,cap,knobs", [
-    (2, 8, 2, jnp.float32, 1e-5, None, None, dict(decode_pages_per_block=2, decode_splits=3,
-                                                    decode_combine="pallas")),
+    (2, 8, 2, jnp.float32, 1e-5, None, None, dict(decode_pages_per_block=2, decode_splits=3)),
     (4, 16, 4, jnp.float32, 1e-5, 13, None, dict(decode_pages_per_block=1, decode_splits=1)),
     (2, 8, 4, jnp.bfloat16, 1e-2, None, 5.0, dict(decode_pages_per_block=2, decode_splits=2,
                                                     masked_tail_only=True)),
@@ -266,8 +260,7 @@ def test_decode_heads_per_program_over_fp8_pages_and_with_the_fused_kv_write():
                                              decode_heads_per_program=2), 1),
     (2, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2), 1),
     (3, jnp.bfloat16, 1e-2, (1.0, 1.0), dict(decode_pages_per_block=1, decode_splits=2,
-                                             decode_heads_per_program=2,
-                                             decode_combine="pallas"), 4),
+                                             decode_heads_per_program=2), 4),
     (4, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2), 2),
 ])
 def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed, cache, tol,
@@ -426,13 +419,10 @@ def test_attention_knobs_from_the_environment_reach_the_kernel_and_bad_ones_are_
     table = traced()
     monkeypatch.setenv(ATTENTION_KNOBS_ENV, '{"decode_splits": 3, "block_q": 2, '
                                             '"masked_tail_only": true, '
-                                            '"decode_heads_per_program": 2, '
-                                            '"decode_combine": "pallas"}')
+                                            '"decode_heads_per_program": 2}')
     knobbed = traced()
     assert knobbed != table  # a new trace, not the cached one of the table's knobs
     assert "ragged_paged_attention_bq1_ppb8_ns3_mt_hp2" in knobbed
-    assert "decode_split_combine_ns3" in str(jax.make_jaxpr(functools.partial(
-        paged_attention, sm_scale=0.2, backend="pallas"))(q, kp, vp, md))
     assert any(n.startswith("ragged_paged_attention_bq2_") for n in knobbed)
     # Same result as the reference with the knobs on.
     got = jax.jit(paged_attention, static_argnames=("sm_scale", "backend"))(
@@ -444,8 +434,7 @@ def test_attention_knobs_from_the_environment_reach_the_kernel_and_bad_ones_are_
                        ('{"decode_splits": 0}', "decode_splits must be a positive integer"),
                        ('{"decode_splits": 2.5}', "decode_splits must be a positive integer"),
                        ('{"masked_tail_only": "yes"}', "masked_tail_only must be true or false"),
-                       ('{"fp8_kv_dot": "bf8"}', "fp8_kv_dot must be one of"),
-                       ('{"decode_combine": 1}', "decode_combine must be one of")]:
+                       ('{"fp8_kv_dot": "bf8"}', "fp8_kv_dot must be one of")]:
         monkeypatch.setenv(ATTENTION_KNOBS_ENV, bad)
         with pytest.raises(ValueError, match=match):
             traced()
@@ -608,27 +597,6 @@ def test_masked_tail_only_defaults_on_in_the_prefill_launch_alone():
                                             "ragged_paged_attention_bq1_ppb8_ns5_mt"}
     assert names(masked_tail_only=False) == {"ragged_paged_attention_bq16_ppb4_ns1",
                                              "ragged_paged_attention_bq1_ppb8_ns5"}
-
-
-def test_decode_combine_in_pallas_is_one_kernel_after_the_decode_launch_and_bad_values_fail():
-    # "pallas": the decode launch's splits are combined by one small Pallas kernel (named by
-    # its split count) instead of jnp; nothing to combine with one split.
-    P, B, S, M, T, H, K, D = 4, 16, 4, 40, 8, 8, 2, 32
-    args = (jnp.zeros((T, H, D)), jnp.zeros((P, B, K, D)), jnp.zeros((P, B, K, D)),
-            jnp.zeros(S, jnp.int32), jnp.zeros((S, M), jnp.int32), jnp.zeros(S + 1, jnp.int32),
-            jnp.zeros(1, jnp.int32))
-
-    def kernels(**knobs):
-        f = functools.partial(ragged_paged_attention, sm_scale=1.0, interpret=True, **knobs)
-        return set(re.findall(r"(?:ragged_paged_attention_bq|decode_split_combine_ns)\w*",
-                              str(jax.make_jaxpr(f)(*args))))
-
-    assert kernels(decode_combine="pallas") == kernels() | {"decode_split_combine_ns5"}
-    assert kernels(decode_combine="pallas", decode_splits=7) == kernels(decode_splits=7) | {
-        "decode_split_combine_ns7"}
-    assert kernels(decode_combine="pallas", decode_splits=1) == kernels(decode_splits=1)
-    with pytest.raises(ValueError, match="decode_combine must be one of .*got 'jnp'"):
-        kernels(decode_combine="jnp")
 
 
 @pytest.mark.parametrize("knob", ["block_q", "pages_per_block", "decode_pages_per_block",

@@ -811,33 +811,6 @@ rope)  # nvidia-h200 (one GPU), one call (issues 9 and 6): the decode kernel app
   for f in $L/lat_*.log; do echo "== $f"; grep "decode ctx" $f; done
   grep -A14 "^batch " $L/prof_bf16_rope.log | cut -c1-150
   show_logs 2 ;;
-combine)  # nvidia-h200 (one GPU), 2026-12-02 (issues 9 and 6). Call 1 (08:00) measured the
-  # splits combined inside the decode kernel (the last split program combining after an atomic
-  # count; removed): slower. Call 2: the splits combined by a Pallas kernel ("pallas"), one
-  # kernel at any split count, so batch 1 can take more splits (a faster decode kernel) without
-  # XLA's second combine kernel. GPU tests, then latency.py K = 4, interleaved: bf16 default /
-  # pallas / pallas + 10, 16 x 4 pages, 32 x 2 pages splits; fp8 default / pallas + 10; then
-  # the bf16 loop profile with pallas + 10 splits.
-  L=$OUT/logs; mkdir -p $L
-  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 200 python3 -m pytest -q -p no:cacheprovider \
-    -m gpu tests/test_gpu.py -k "rope or combine" > $L/gpu_tests.log 2>&1; tail -3 $L/gpu_tests.log
-  i=0; P='"decode_combine": "pallas"'
-  for k in "" "{$P}" "{$P, \"decode_splits\": 10}" \
-      "{$P, \"decode_splits\": 16, \"decode_pages_per_block\": 4}" \
-      "{$P, \"decode_splits\": 32, \"decode_pages_per_block\": 2}"; do
-    i=$((i + 1))
-    for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
-      [ $q = fp8 ] && [ $i -ne 1 ] && [ $i -ne 3 ] && continue
-      [ $((T - SECONDS)) -lt 60 ] && continue
-      echo "$k" > $L/lat_${i}_$q.log
-      JAXLLM_ATTENTION_KNOBS="$k" timeout 55 $LAT1K $QA --num-scheduler-steps 4 >> $L/lat_${i}_$q.log 2>&1
-      echo "$i $q '$k': $(grep -o 'decode ctx 1024: [0-9.]* ms/token' $L/lat_${i}_$q.log)"
-    done
-  done
-  [ $((T - SECONDS)) -gt 70 ] && JAXLLM_ATTENTION_KNOBS="{$P, \"decode_splits\": 10}" timeout $((T - SECONDS - 10)) \
-    python3 benchmarks/profile_step.py --context 1024 --steps 6 --batch 1 --max-num-seqs 8 \
-    --num-scheduler-steps 4 --top 16 --out-dir /tmp/pcb --out $OUT/results.jsonl > $L/prof_cb.log 2>&1
-  show_logs 22 ;;
 splitk)  # nvidia-h200 (one GPU), one call, 2026-12-02 (issues 9 and 6): the q/k/v GEMM hands
   # the decode kernel its split-K partials (qkv_split_k 4: XLA splits that GEMM 4 ways at 8
   # rows), so XLA's split-K sum kernel goes: one kernel a layer fewer at batch 1. GPU tests,
@@ -890,6 +863,22 @@ pdl)  # nvidia-h200 (one GPU), one call, 2026-12-02 (issues 9 and 6): at batch 1
   JAXLLM_ATTENTION_KNOBS='{"fused_qkv_rope": false}' timeout 100 $LAT1K --num-scheduler-steps 4 \
     > $L/lat_bf16_norope.log 2>&1
   show_logs 3 ;;
+fp8rope)  # nvidia-h200 (one GPU), one call, 2026-12-02 (issue 6): fused_qkv_rope became the
+  # default for decode steps of <= 64 tokens on bf16 figures (ropeab: batch 64 -1%); fp8 at
+  # 17-64 tokens was not measured. fp8 and fp8 + fp8 KV decode steps of 32 and 64 sequences
+  # at the default (rope on) and with it off, interleaved, twice for fp8.
+  L=$OUT/logs; mkdir -p $L
+  OFF='{"fused_qkv_rope": false}'
+  PS="python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 6 --batch 32 64 --quantization fp8 --out $OUT/results.jsonl"
+  for r in 1 2; do
+    timeout 110 $PS --out-dir /tmp/f$r > $L/prof_fp8_$r.log 2>&1
+    JAXLLM_ATTENTION_KNOBS="$OFF" timeout 110 $PS --out-dir /tmp/g$r > $L/prof_fp8_off_$r.log 2>&1
+  done
+  [ $((T - SECONDS)) -gt 150 ] && timeout 110 $PS --kv-cache-dtype fp8 --out-dir /tmp/h1 > $L/prof_fp8kv.log 2>&1
+  [ $((T - SECONDS)) -gt 120 ] && JAXLLM_ATTENTION_KNOBS="$OFF" timeout $((T - SECONDS - 10)) $PS \
+    --kv-cache-dtype fp8 --out-dir /tmp/h2 > $L/prof_fp8kv_off.log 2>&1
+  for f in $L/prof*.log; do echo "== $f"; grep "^batch " $f | cut -c1-150; done
+  show_logs 2 ;;
 ropeab)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-02 (issues 9 and 6):
   # fused_qkv_rope (rope and the K/V write inside the decode kernel; -2% at batch 1 in the
   # multi-step loop) as the default? Decode steps of 64 and 256 sequences without / with it,

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.ragged_paged_attention import (
-    DECODE_COMBINE_CHOICES,
     FP8_KV_DOT_CHOICES,
     ragged_paged_attention,
     ragged_paged_attention_reference,
@@ -53,8 +52,7 @@ _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_sp
               "decode_heads_per_program", "num_warps", "num_stages", "qkv_split_k")
 _BOOL_KNOBS = ("decode_split_pages", "masked_tail_only", "fused_kv_write", "fused_qkv_rope")
 # Knobs with a fixed set of string values.
-_CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES,
-                 "decode_combine": DECODE_COMBINE_CHOICES}
+_CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES}
 _KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS + tuple(_CHOICE_KNOBS)
 # Not arguments of the kernel: write_kv_and_attend's choice (decode-only steps write the new
 # K/V inside the decode kernel instead of two scatters a layer), and the model's (the decode
@@ -280,7 +278,8 @@ def _paged_attention_writing(q, k_pages, v_pages, k_new, v_new, md, *, sm_scale,
 # Decode-only steps of at most this many tokens (the step's token bucket) run rope and the K/V
 # write inside the decode kernel by default (``fused_qkv_rope`` unset). Measured on the H200
 # (benchmarks/RESULTS.md, 2026-12-02): -2% a token at batch 1 (bf16 and fp8, the multi-step
-# loop), -1% GPU time at batch 64; at batch 256 within the noise; the offline throughput's
+# loop), -1% GPU time at batch 64 (bf16), -1.4 to -2% at batch 32 / 64 in fp8 and -2.7% in fp8
+# with fp8 KV (08:25 rerun); at batch 256 within the noise; the offline throughput's
 # decode steps (~1,000 sequences) took 1.5-2.5% longer with it, so large steps keep the
 # separate rope and scatter kernels.
 QKV_ROPE_MAX_TOKENS = 64
