@@ -4,8 +4,10 @@ which replica answered, the X-Jaxllm-Replica header). One Serve app, with an API
 whole module.
 
 Replica outputs are checked against the engine run directly (greedy) on the same model. The test
-process converts the model once into an orbax checkpoint the replicas restore (~5 s instead of
-~25 s for the GGUF each, which matters most when a killed replica comes back).
+process writes the session's converted model (tests/conftest.py) once as an orbax checkpoint the
+replicas restore (~5 s instead of ~25 s for the GGUF each, which matters most when a killed
+replica comes back). The replicas share an XLA compilation cache, so the programs one replica
+compiled are read, not compiled again, by the other and by the replacement of a killed one.
 """
 
 from __future__ import annotations
@@ -50,20 +52,28 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    """The default model in float32, also written as the orbax checkpoint the replicas restore."""
-    from jaxllm.loading import load_model
+def loaded(tmp_path_factory, default_model_f32):
+    """The default model in float32, also written as the orbax checkpoint the replicas restore
+    (as ``load_model(None, dtype="float32", checkpoint_dir=...)`` writes it after converting)."""
+    from jaxllm.loading import checkpoint
 
+    lm = default_model_f32
     root = tmp_path_factory.mktemp("ray_ckpt")
-    ckpt = str(root / "smollm2")
-    yield load_model(None, dtype="float32", checkpoint_dir=ckpt), ckpt
+    ckpt = root / "smollm2"
+    lm.tokenizer.save_pretrained(str(ckpt / checkpoint.TOKENIZER_DIR))
+    checkpoint.save_params(lm.model, ckpt, model_config=lm.model_config,
+                           source=str(lm.source.resolve()), name=lm.name)
+    yield lm, str(ckpt)
     shutil.rmtree(root, ignore_errors=True)  # ~0.5 GB; the session's tmp dir outlives the module
 
 
 @pytest.fixture(scope="module")
-def url(loaded):
+def url(loaded, tmp_path_factory):
+    xla_cache = str(tmp_path_factory.mktemp("ray_xla_cache"))  # every program, however quick
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}})
+             runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+                                       "JAX_COMPILATION_CACHE_DIR": xla_cache,
+                                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}})
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
