@@ -79,13 +79,6 @@ def skinny_matmul_reference(x, w, w_scale=None, x_scale=None, *, w_layout: str =
     return y.astype(out_dtype)
 
 
-def swiglu_reference(gu: jax.Array) -> jax.Array:
-    """[M, 2K] (gate, up interleaved) -> silu(gate) * up [M, K] in gu's dtype, as
-    ``jaxllm.models.llama.LlamaMLP`` computes it on its [T, F, 2] output."""
-    gu = gu.reshape(gu.shape[0], -1, 2)
-    return jax.nn.silu(gu[..., 0]) * gu[..., 1]
-
-
 def skinny_fits(M: int, K: int, N: int, *, block_n: int, block_k: int, split_k: int) -> bool:
     """Whether ``skinny_matmul`` takes this shape with these blocks (no padding: whole blocks)."""
     return 1 <= M <= MAX_ROWS and N % block_n == 0 and K % (block_k * split_k) == 0
@@ -96,7 +89,7 @@ def _block_m(M: int) -> int:
 
 
 def _kernel(x_ref, w_ref, *rest, M, block_m, block_n, block_k, k_per_split, w_layout, fp8_dot,
-            has_ws, has_xs, swiglu=False):
+            has_ws, has_xs):
     refs = list(rest)
     ws_ref = refs.pop(0) if has_ws else None
     xs_ref = refs.pop(0) if has_xs else None
@@ -107,23 +100,12 @@ def _kernel(x_ref, w_ref, *rest, M, block_m, block_n, block_k, k_per_split, w_la
     row_ok = rm < M
     rn = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
     k_off = jnp.arange(block_k, dtype=jnp.int32)
-    k_off2 = jnp.arange(2 * block_k, dtype=jnp.int32)
     k0 = sp * k_per_split
 
     def body(kb, acc):
         rk = k0 + kb * block_k + k_off
-        if swiglu:
-            # x_ref [M, 2K]: (gate, up) of feature k at columns 2k, 2k + 1. The tile's 2 x
-            # block_k columns are loaded flat (contiguous offsets: vector loads; two strided
-            # loads took the GEMM from ~30 to 77 us on the H200) and split in registers.
-            rk2 = 2 * (k0 + kb * block_k) + k_off2
-            gu = plgpu.load(x_ref.at[rm[:, None], rk2[None, :]], mask=row_ok[:, None], other=0)
-            g, u = jax.lax.unstack(gu.astype(jnp.float32).reshape(block_m, block_k, 2), axis=2)
-            x = (g / (1.0 + jnp.exp(-g)) * u).astype(x_ref.dtype)
-        elif not fp8_dot:
-            x = plgpu.load(x_ref.at[rm[:, None], rk[None, :]], mask=row_ok[:, None], other=0)
-        else:
-            x = plgpu.load(x_ref.at[rm[:, None], rk[None, :]])
+        x = plgpu.load(x_ref.at[rm[:, None], rk[None, :]], mask=row_ok[:, None], other=0) \
+            if not fp8_dot else plgpu.load(x_ref.at[rm[:, None], rk[None, :]])
         if w_layout == "nk":
             w = plgpu.load(w_ref.at[rn[:, None], rk[None, :]]).T  # [block_k, block_n]
         else:
@@ -144,29 +126,17 @@ def _kernel(x_ref, w_ref, *rest, M, block_m, block_n, block_k, k_per_split, w_la
 
 
 @functools.partial(jax.jit, static_argnames=("w_layout", "out_dtype", "block_n", "block_k",
-                                             "split_k", "num_warps", "num_stages", "prologue",
-                                             "interpret"))
+                                             "split_k", "num_warps", "num_stages", "interpret"))
 def skinny_matmul(x, w, w_scale=None, x_scale=None, *, w_layout: str = "nk", out_dtype=None,
                   block_n: int = 64, block_k: int = 256, split_k: int = 1, num_warps: int = 4,
-                  num_stages: int = 4, prologue: str | None = None,
-                  interpret: bool = False) -> jax.Array:
+                  num_stages: int = 4, interpret: bool = False) -> jax.Array:
     """Pallas (Triton) ``skinny_matmul_reference`` for M <= 64 rows (see the module docstring).
 
     ``out_dtype``: default x's dtype (bf16 for an e4m3 x). Blocks are powers of two >= 16.
-    ``prologue="swiglu"``: x is the fused gate/up projection's output [M, 2K], gate and up of
-    feature k at columns 2k and 2k + 1 (``jaxllm.models``' [T, F, 2] layout, flattened), and
-    the matmul's input is silu(gate) * up (float32, rounded to x's dtype), built as each tile
-    is loaded: Llama's down projection without the SwiGLU kernel before it
-    (``swiglu_reference`` is its contract). bf16 / float32 x only.
     """
     if w_layout not in ("nk", "kn"):
         raise ValueError(f"w_layout must be 'nk' or 'kn', got {w_layout!r}")
-    if prologue not in (None, "swiglu"):
-        raise ValueError(f"prologue must be None or 'swiglu', got {prologue!r}")
-    if prologue and (x.ndim != 2 or x.shape[1] % 2 or x.dtype == FP8):
-        raise ValueError(f"prologue='swiglu' takes a bf16 / float32 x of [M, 2K], got "
-                         f"{x.dtype} {tuple(x.shape)}")
-    M, K = x.shape[0], x.shape[1] // (2 if prologue else 1)
+    M, K = x.shape
     N, Kw = w.shape if w_layout == "nk" else w.shape[::-1]
     if Kw != K:
         raise ValueError(f"x is [{M}, {K}] but w ({w_layout}) is {tuple(w.shape)}")
@@ -210,7 +180,7 @@ def skinny_matmul(x, w, w_scale=None, x_scale=None, *, w_layout: str = "nk", out
     kernel = functools.partial(
         _kernel, M=M, block_m=block_m, block_n=block_n, block_k=block_k,
         k_per_split=k_per_split, w_layout=w_layout, fp8_dot=fp8_dot,
-        has_ws=w_scale is not None, has_xs=x_scale is not None, swiglu=prologue == "swiglu")
+        has_ws=w_scale is not None, has_xs=x_scale is not None)
     part_dtype = out_dtype if split_k == 1 else jnp.float32
     out = pl.pallas_call(
         kernel,
@@ -218,8 +188,7 @@ def skinny_matmul(x, w, w_scale=None, x_scale=None, *, w_layout: str = "nk", out
         out_shape=jax.ShapeDtypeStruct((split_k * M, N), part_dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"skinny_matmul_{w_layout}_{block_n}x{block_k}_s{split_k}"
-             + ("_swiglu" if prologue else ""),
+        name=f"skinny_matmul_{w_layout}_{block_n}x{block_k}_s{split_k}",
     )(*operands)
     if split_k == 1:
         return out

@@ -752,36 +752,6 @@ def test_skinny_matmul_matches_reference_for_bf16_w8a16_and_w8a8(M, split_k):
     assert _rel_err(got, exact) < 0.08
 
 
-@pytest.mark.parametrize("M,split_k,dtype,tol", [(1, 1, jnp.bfloat16, 1e-2),
-                                                 (5, 2, jnp.float32, 1e-5)])
-def test_skinny_matmul_swiglu_prologue_is_the_down_projection_of_silu_gate_times_up(
-        M, split_k, dtype, tol):
-    """prologue="swiglu": the kernel takes the fused gate/up output [M, 2K] (gate and up of
-    feature k at columns 2k, 2k + 1) and multiplies silu(gate) * up, built per tile, by the
-    weight: Llama's SwiGLU then down projection. A swapped gate / up, a wrong column or a
-    missing silu is far off on random data."""
-    from pallas_kernels.skinny_matmul import (skinny_matmul, skinny_matmul_reference,
-                                              swiglu_reference)
-
-    rng = np.random.default_rng(110 + M)
-    K, N = 256, 64
-    gu = jnp.asarray(rng.standard_normal((M, K, 2)) * 2, dtype)
-    w = jnp.asarray(rng.standard_normal((K, N)) * 0.05, dtype)
-    got = skinny_matmul(gu.reshape(M, 2 * K), w, w_layout="kn", prologue="swiglu",
-                        block_n=32, block_k=64, split_k=split_k, interpret=True)
-    assert got.shape == (M, N) and got.dtype == dtype
-    want = skinny_matmul_reference(swiglu_reference(gu.reshape(M, 2 * K)), w, w_layout="kn")
-    assert _rel_err(got, want) < tol
-    g, u = np.asarray(gu[..., 0], np.float64), np.asarray(gu[..., 1], np.float64)
-    exact = (g / (1 + np.exp(-g)) * u) @ np.asarray(w, np.float64)
-    assert _rel_err(got, exact) < max(tol, 1e-2 if dtype == jnp.bfloat16 else 1e-5)
-    with pytest.raises(ValueError, match="prologue must be"):
-        skinny_matmul(gu.reshape(M, 2 * K), w, w_layout="kn", prologue="gelu", interpret=True)
-    with pytest.raises(ValueError, match="prologue='swiglu' takes"):
-        skinny_matmul(gu.reshape(M, 2 * K)[:, 1:], w, w_layout="kn", prologue="swiglu",
-                      interpret=True)
-
-
 def test_skinny_matmul_rejects_what_it_does_not_take():
     from pallas_kernels.skinny_matmul import skinny_fits, skinny_matmul
 
