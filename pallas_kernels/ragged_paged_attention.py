@@ -744,9 +744,9 @@ def ragged_paged_attention(
     [T, K, (G + 2) * D] (per KV head its G query heads, its key, its value:
     ``jaxllm.models.fused``'s layout). The kernel applies rope (HF's half split, float32,
     rounded to q's dtype as ``jaxllm.models.llama.apply_rope``) to the query heads and the new
-    key, converts the new
-    K/V to the cache dtype (an fp8 cache: divided by k_scale / v_scale, clipped), and goes on
-    as with ``new_kv``: the step's rope and K/V kernels are gone (three a layer).
+    key, converts the new K/V to the cache dtype (an fp8 cache: divided by k_scale / v_scale,
+    clipped), and goes on as with ``new_kv``: the step's rope and K/V kernels are gone (three a
+    layer).
     ``qkv_parts`` > 1 (with ``qkv_rope``): ``q`` holds the projection's split-K partial
     products instead, [qkv_parts * T, K, (G + 2) * D] (rows p * T + t; float32), which the
     kernel sums and rounds to ``qkv_dtype`` (required; the model's dtype, the output's): the
