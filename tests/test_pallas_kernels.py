@@ -794,7 +794,8 @@ def test_skinny_gemm_sweep_runs_and_picks_a_correct_config(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     cases = [r for r in rows if "best" not in r]
     assert cases and all(r.get("ok") for r in cases), [r for r in cases if not r.get("ok")]
-    assert {r["impl"] for r in cases} == {"xla_bf16", "xla_w8a16", "xla_fp8", "pallas_w8a8"}
+    assert {r["impl"] for r in cases} == {"xla_bf16", "xla_w8a16", "xla_w8a16_f16", "xla_fp8",
+                                          "pallas_w8a8"}
     for shape in ("qkv", "o"):
         (best16,) = [r for r in rows if "best" in r and r["shape"] == shape and r["M"] == 16]
         assert best16["best"] in [r["config"] for r in cases

@@ -5,6 +5,7 @@ For the Llama-3-8B projections (fused q/k/v 4096 x 6144, o 4096 x 4096, fused ga
   xla_bf16      jnp.dot over the [K, N] bf16 weight (the engine's bf16 projection)
   xla_w8a16     the e4m3 [N, K] weight upcast inside the dot, scale after (the engine's fp8
                 projection at <= 16 rows)
+  xla_w8a16_f16 the same in float16 (x clipped to its range; JAXLLM_FP8_WEIGHT_ONLY_DOT=float16)
   xla_fp8       fp8 x fp8 dot over the [N, K] weight, x pre-quantized (cuBLASLt; issue 5's peer)
   pallas_*      the kernel: bf16 [K, N], W8A16 [N, K], W8A8 [N, K]
 Each Pallas variant is swept over blocks and K splits at M = 16 (block of 16 rows: M = 1..16
@@ -131,6 +132,12 @@ def main():
         xla_w8a16 = jax.jit(lambda x, w, s: (jax.lax.dot_general(
             x, w.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             * s[None, :]).astype(x.dtype))
+        # The same with float16 operands (JAXLLM_FP8_WEIGHT_ONLY_DOT=float16): e4m3 -> float16
+        # is one instruction a pair on Hopper, e4m3 -> bf16 takes more.
+        xla_w8a16_f16 = jax.jit(lambda x, w, s: (jax.lax.dot_general(
+            jnp.clip(x.astype(jnp.float32), -65504, 65504).astype(jnp.float16),
+            w.astype(jnp.float16), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            * s[None, :]).astype(x.dtype))
         xla_fp8 = jax.jit(lambda xq, xs, w, s: fp8_matmul_xla(xq, xs, w, s, w_transposed=True,
                                                               acc_dtype=jnp.bfloat16))
         best = {}
@@ -148,6 +155,8 @@ def main():
                                     K * N * 2)
             base["xla_w8a16"] = case(name, M, K, N, "xla_w8a16", "", xla_w8a16, sets_w, ref_w,
                                      K * N)
+            base["xla_w8a16_f16"] = case(name, M, K, N, "xla_w8a16_f16", "", xla_w8a16_f16,
+                                         sets_w, ref_w, K * N)
             base["xla_fp8"] = case(name, M, K, N, "xla_fp8", "", xla_fp8, sets_8, ref_8, K * N)
             variants = {
                 "pallas_bf16": (lambda cfg: (lambda x, w: _skinny(x, w, w_layout="kn",
@@ -197,7 +206,7 @@ def main():
         del wb, wq
     # Summary: best device time per (shape, M, impl); speed-up over XLA bf16.
     print("\n== summary: device us (weight TB/s), speed-up over xla_bf16 ==")
-    impls = ["xla_bf16", "xla_w8a16", "xla_fp8", "pallas_bf16", "pallas_w8a16", "pallas_w8a8"]
+    impls = ["xla_bf16", "xla_w8a16", "xla_w8a16_f16", "xla_fp8", "pallas_bf16", "pallas_w8a16", "pallas_w8a8"]
     print("shape M " + " ".join(impls))
     table = {}
     for r in rows:

@@ -1,0 +1,161 @@
+"""Does a decode GEMM read faster when its weight is already in the L2? (issues 9 and 6)
+
+At batch 1 the GPU reads DRAM only in the GEMMs: the ~10 small kernels and the attention of a
+layer leave it idle. If a kernel that runs anyway (the decode attention, 40 busy programs of
+132 SMs) could pull the next GEMM's weight into the L2 on its idle SMs, the GEMM would read
+from the L2. This measures the premise, GPU time per kernel from the profiler, weights rotated
+over copies that overflow the L2:
+  cold      the GEMM alone (the engine's case today)
+  hot       the same GEMM run twice on one weight: the second call's time (whole weight in L2?)
+  prefetch  a Pallas kernel of P programs reading the weight's bytes, then the GEMM: the GEMM's
+            time after it, and the prefetch kernel's own time (what it would add if it did not
+            overlap)
+For the o projection (4096 x 4096; bf16 33.5 MB, e4m3 16.8 MB) and the fp8 q/k/v (4096 x 6144,
+25.2 MB) at 8 rows, as the engine's batch-1 step runs them (bf16: x @ W[K, N]; fp8 weight-only:
+x @ upcast(W[N, K])^T * scale).
+
+    python3 benchmarks/gpu/l2_prefetch.py [--out FILE] [--smoke]
+"""
+import argparse
+import functools
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+sys.path.insert(0, ".")
+sys.path.insert(0, "benchmarks")
+import gpu_trace  # noqa: E402
+
+COLS = 256  # int32 words a row of the flat view: 1 KiB
+L2 = 50e6
+
+
+def as_words(w: jax.Array) -> jax.Array:
+    """The weight's bytes as int32 [rows, COLS] (a bitcast view; the caller checks no copy)."""
+    per = 4 // w.dtype.itemsize
+    flat = w.reshape(-1, per) if per > 1 else w.reshape(-1)
+    return jax.lax.bitcast_convert_type(flat, jnp.int32).reshape(-1, COLS)
+
+
+def _prefetch_kernel(w_ref, o_ref, *, programs, block_rows, nblocks):
+    p = pl.program_id(0)
+    cols = jnp.arange(COLS, dtype=jnp.int32)
+
+    def body(i, acc):
+        r = (p + i * programs) * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+        return acc ^ plgpu.load(w_ref.at[r[:, None], cols[None, :]])
+
+    n = (nblocks - p + programs - 1) // programs
+    acc = jax.lax.fori_loop(0, n, body, jnp.zeros((block_rows, COLS), jnp.int32))
+    plgpu.store(o_ref.at[jnp.full((COLS,), p, jnp.int32), cols], jnp.sum(acc, 0))
+
+
+def prefetch(words: jax.Array, programs: int, block_rows: int = 16, interpret=False):
+    """Reads every byte of ``words`` [rows, COLS] once over ``programs`` programs; returns a
+    [programs, COLS] int32 digest (so the loads are not dead code)."""
+    rows = words.shape[0]
+    assert rows % block_rows == 0, rows
+    kernel = functools.partial(_prefetch_kernel, programs=programs, block_rows=block_rows,
+                               nblocks=rows // block_rows)
+    return pl.pallas_call(
+        kernel, grid=(programs,),
+        out_shape=jax.ShapeDtypeStruct((programs, COLS), jnp.int32),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret, name=f"l2_prefetch_p{programs}")(words)
+
+
+def positions(fn, arg_sets, calls=24):
+    """Median GPU time of each op position of one call: [(op group, us)], and ops a call."""
+    jax.block_until_ready(fn(*arg_sets[0]))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            out = None
+            for i in range(calls):
+                out = fn(*arg_sets[i % len(arg_sets)])
+            jax.block_until_ready(out)
+        trace = next(Path(d).rglob("perfetto_trace.json.gz"), None)
+        if trace is None:
+            return None, 0
+        events, _ = gpu_trace.gpu_events(trace)
+    events.sort(key=lambda e: e[1])
+    n = len(events) // calls
+    if n * calls != len(events):
+        return [("uneven", float(len(events)) / calls)], n
+    cols = [[events[c * n + j] for c in range(calls)] for j in range(n)]
+    return [(gpu_trace.op_group(col[0][0])[:60], statistics.median(e[2] for e in col))
+            for col in cols], n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    args = ap.parse_args()
+    M = 8
+    shapes = [("o", 4096, 4096, "bf16"), ("o", 4096, 4096, "fp8"), ("qkv", 4096, 6144, "fp8")]
+    if args.smoke:
+        shapes = [("o", 256, 256, "bf16"), ("o", 256, 256, "fp8")]
+    for name, K, N, kind in shapes:
+        key = jax.random.key(K + N)
+        x = jax.random.normal(key, (M, K), jnp.bfloat16)
+        nbytes = K * N * (2 if kind == "bf16" else 1)
+        copies = max(2, min(8, int(3 * L2 // nbytes) + 1))
+        if kind == "bf16":
+            ws = [(jax.random.normal(jax.random.fold_in(key, i), (K, N), jnp.float32) * 0.02
+                   ).astype(jnp.bfloat16) for i in range(copies)]
+            scale = jnp.ones((N,), jnp.float32)
+
+            def gemm(x, w, s):
+                return jnp.dot(x, w)
+        else:
+            ws = [(jax.random.normal(jax.random.fold_in(key, i), (N, K), jnp.float32)
+                   ).astype(jnp.float8_e4m3fn) for i in range(copies)]
+            scale = jnp.full((N,), 0.02, jnp.float32)
+
+            def gemm(x, w, s):
+                acc = jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())),
+                                          preferred_element_type=jnp.float32)
+                return (acc * s[None, :]).astype(x.dtype)
+
+        sets = [(x, w, scale) for w in ws]
+        variants = {
+            "cold": jax.jit(lambda x, w, s: gemm(x, w, s)),
+            "hot": jax.jit(lambda x, w, s: (gemm(x, w, s), gemm(x * 2, w, s))),
+        }
+        for P in (92, 132):
+            def pf(x, w, s, P=P):
+                d = prefetch(as_words(w), P, interpret=args.smoke)
+                # x depends on the digest, so the GEMM runs after the prefetch kernel
+                x = x + (d[0, 0] == 123456789).astype(x.dtype)
+                return gemm(x, w, s), d
+            variants[f"prefetch_p{P}"] = jax.jit(pf)
+        for vname, fn in variants.items():
+            rec = dict(shape=name, kind=kind, M=M, K=K, N=N, weight_MB=nbytes / 1e6,
+                       variant=vname)
+            try:
+                hlo = fn.lower(*sets[0]).compile().as_text()
+                rec["copies_in_hlo"] = hlo.count(" copy(") + hlo.count("copy-start")
+                if args.smoke:
+                    jax.block_until_ready(fn(*sets[0]))
+                    pos, n = None, 0
+                else:
+                    pos, n = positions(fn, sets)
+                rec["ops"] = n
+                rec["positions"] = [(k, round(v, 2)) for k, v in pos] if pos else None
+            except Exception as e:  # noqa: BLE001 - report and go on
+                rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(json.dumps(rec), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
