@@ -44,30 +44,40 @@ def as_words(w: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(flat, jnp.int32).reshape(-1, COLS)
 
 
-def _prefetch_kernel(w_ref, o_ref, *, programs, block_rows, nblocks):
+def _prefetch_kernel(w_ref, o_ref, *, programs, block_rows, nblocks, unroll, eviction):
+    """Program p reads blocks p, p + programs, ... of block_rows words-rows, ``unroll`` blocks
+    issued before any is used (loads in flight: what sets the bandwidth of a few programs)."""
     p = pl.program_id(0)
     cols = jnp.arange(COLS, dtype=jnp.int32)
+    rows = jnp.arange(block_rows, dtype=jnp.int32)
+    per = -(-nblocks // programs)  # blocks a program reads, at most (static)
 
     def body(i, acc):
-        r = (p + i * programs) * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
-        return acc ^ plgpu.load(w_ref.at[r[:, None], cols[None, :]])
+        blks = [p + (i * unroll + u) * programs for u in range(unroll)]
+        vals = [plgpu.load(w_ref.at[(blk * block_rows + rows)[:, None], cols[None, :]],
+                           mask=jnp.full((block_rows, COLS), blk < nblocks), other=0,
+                           eviction_policy=eviction) for blk in blks]
+        for v in vals:
+            acc = acc ^ v
+        return acc
 
-    n = (nblocks - p + programs - 1) // programs
-    acc = jax.lax.fori_loop(0, n, body, jnp.zeros((block_rows, COLS), jnp.int32))
+    acc = jax.lax.fori_loop(0, -(-per // unroll), body,
+                            jnp.zeros((block_rows, COLS), jnp.int32))
     plgpu.store(o_ref.at[jnp.full((COLS,), p, jnp.int32), cols], jnp.sum(acc, 0))
 
 
-def prefetch(words: jax.Array, programs: int, block_rows: int = 16, interpret=False):
+def prefetch(words: jax.Array, programs: int, block_rows: int = 16, unroll: int = 1,
+             eviction=None, interpret=False, num_warps=4):
     """Reads every byte of ``words`` [rows, COLS] once over ``programs`` programs; returns a
     [programs, COLS] int32 digest (so the loads are not dead code)."""
     rows = words.shape[0]
     assert rows % block_rows == 0, rows
     kernel = functools.partial(_prefetch_kernel, programs=programs, block_rows=block_rows,
-                               nblocks=rows // block_rows)
+                               nblocks=rows // block_rows, unroll=unroll, eviction=eviction)
     return pl.pallas_call(
         kernel, grid=(programs,),
         out_shape=jax.ShapeDtypeStruct((programs, COLS), jnp.int32),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret, name=f"l2_prefetch_p{programs}")(words)
 
 
@@ -97,11 +107,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="the bf16 o projection only, prefetch programs / rows / warps swept")
     args = ap.parse_args()
     M = 8
     shapes = [("o", 4096, 4096, "bf16"), ("o", 4096, 4096, "fp8"), ("qkv", 4096, 6144, "fp8")]
     if args.smoke:
         shapes = [("o", 256, 256, "bf16"), ("o", 256, 256, "fp8")]
+    elif args.sweep:
+        shapes = shapes[:1]
     for name, K, N, kind in shapes:
         key = jax.random.key(K + N)
         x = jax.random.normal(key, (M, K), jnp.bfloat16)
@@ -129,13 +143,27 @@ def main():
             "cold": jax.jit(lambda x, w, s: gemm(x, w, s)),
             "hot": jax.jit(lambda x, w, s: (gemm(x, w, s), gemm(x * 2, w, s))),
         }
-        for P in (92, 132):
-            def pf(x, w, s, P=P):
-                d = prefetch(as_words(w), P, interpret=args.smoke)
+
+        def xla_read(x, w, s):  # XLA's own read of the weight's words (its bandwidth), then
+            d = jnp.bitwise_xor.reduce(as_words(w), axis=0)  # the GEMM
+            x = x + (d[0] == 123456789).astype(x.dtype)
+            return gemm(x, w, s), d
+        variants["xla_read"] = jax.jit(xla_read)
+        cfgs = [(92, 16, 1, None), (92, 16, 4, None), (92, 16, 8, None), (132, 16, 4, None),
+                (92, 8, 8, None), (92, 16, 4, "evict_last")]
+        cfgs = [c + (4,) for c in cfgs]
+        if kind != "bf16" or args.smoke:
+            cfgs = cfgs[1:3] + cfgs[-1:]
+        if args.sweep:
+            cfgs = [(P, br, un, None, nw) for P in (132, 264, 528, 1056) for br in (16, 32)
+                    for un in (1, 2) for nw in (4, 8)]
+        for P, br, un, ev, nw in cfgs:
+            def pf(x, w, s, P=P, br=br, un=un, ev=ev, nw=nw):
+                d = prefetch(as_words(w), P, br, un, ev, interpret=args.smoke, num_warps=nw)
                 # x depends on the digest, so the GEMM runs after the prefetch kernel
                 x = x + (d[0, 0] == 123456789).astype(x.dtype)
                 return gemm(x, w, s), d
-            variants[f"prefetch_p{P}"] = jax.jit(pf)
+            variants[f"prefetch_p{P}_r{br}_u{un}_w{nw}" + (f"_{ev}" if ev else "")] = jax.jit(pf)
         for vname, fn in variants.items():
             rec = dict(shape=name, kind=kind, M=M, K=K, N=N, weight_MB=nbytes / 1e6,
                        variant=vname)
