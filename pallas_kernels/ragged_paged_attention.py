@@ -223,7 +223,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                  dummy_row, out_by_block, split_pages, masked_tail_only=False, kv_write=False,
                  num_tokens=0, exact_rows=False, seq_is_block=False, fp8_kv_dot=None,
                  heads_per_program=1, qkv_rope=False, k_scale=1.0, v_scale=1.0, qkv_parts=1,
-                 qkv_dtype=None, program_ids=None):
+                 qkv_dtype=None):
     # Inputs: blk_seq [nb] (left out with seq_is_block: block b is sequence slot b, as in the
     # decode launch), blk_tok0 / blk_ntok / blk_pos0 [nb], the page table, q, k and v pages.
     if seq_is_block:
@@ -250,10 +250,9 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         slot_ref, knew_ref, vnew_ref, *out_refs, k_out_ref, v_out_ref = refs
     else:
         out_refs = refs
-    # program_ids: (b, h, sp) read by a caller outside a branch (the interpreter cannot read
-    # them inside one).
-    b, h, sp = program_ids or (pl.program_id(0), pl.program_id(1), pl.program_id(2))
-    # h: KV heads h * hp .. h * hp + hp - 1
+    b = pl.program_id(0)
+    h = pl.program_id(1)  # KV heads h * hp .. h * hp + hp - 1
+    sp = pl.program_id(2)
     G, H, D, B = group, num_heads, head_dim, page_size
     bk = pages_per_block * B
     # heads_per_program hp > 1 (decode launch): the program's rows are the hp * G query heads of
@@ -451,93 +450,11 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         plgpu.store(l_ref.at[o_row], l, mask=store)
 
 
-# L2 prefetch from the decode launch (``prefetch`` of ragged_paged_attention). At batch 1 the
-# decode kernel's ~40 busy programs leave the GPU's memory system idle, and the next kernel but
-# one, the o projection's GEMM, reads its whole weight from DRAM. Extra programs of the decode
-# grid read that weight's bytes (viewed as int32 rows of PREFETCH_COLS words) so the GEMM finds
-# them in the L2. H200, 2026-12-02 (benchmarks/gpu/l2_prefetch.py): the bf16 o GEMM at 8 rows
-# takes 6.1-6.6 us after such a read against 9.5 cold; a read by 528 programs of 32-row
-# blocks takes 9.8 us for its 33.5 MB (3.4 TB/s, XLA's own reduce 9.4).
-PREFETCH_COLS = 256
-PREFETCH_BLOCK_ROWS = 32
-
-
-def prefetch_words(w: jax.Array) -> jax.Array:
-    """``w``'s bytes as int32 [rows, PREFETCH_COLS] (reshapes and a bitcast: no copy when its
-    size is a whole number of rows, as every Llama projection's is; else the largest such
-    prefix, a slice: the prefetch is a hint)."""
-    per = 4 // w.dtype.itemsize
-    n = w.size // per * per
-    flat = w.reshape(-1)
-    if n != w.size:
-        flat = flat[:n]
-    words = jax.lax.bitcast_convert_type(flat.reshape(-1, per), jnp.int32) if per > 1 \
-        else jax.lax.bitcast_convert_type(flat, jnp.int32)
-    unit = PREFETCH_COLS
-    m = words.size // unit * unit
-    if m == 0:
-        raise ValueError(f"prefetch needs at least {unit * 4} bytes, got "
-                         f"{w.size * w.dtype.itemsize}")
-    if m != words.size:
-        words = words[:m]
-    return words.reshape(-1, PREFETCH_COLS)
-
-
-def prefetch_block_rows(rows: int) -> int:
-    """Rows a prefetch load reads: PREFETCH_BLOCK_ROWS, or the largest power of two dividing a
-    smaller or odd ``rows``."""
-    br = PREFETCH_BLOCK_ROWS
-    while rows % br:
-        br //= 2
-    return br
-
-
-def _prefetch_body(w_ref, digest_ref, q, programs, nblocks, block_rows=PREFETCH_BLOCK_ROWS,
-                   store_if=0x5EED1E55):
-    """Program q of ``programs`` reads blocks q, q + programs, ... of ``block_rows`` rows
-    of ``w_ref``. The loads feed a digest (the XOR of the blocks, summed over rows) stored only
-    where it equals ``store_if``, a value the compiler cannot rule out (so the loads are live
-    and nothing is written); None stores it all (the test's check that every block is read)."""
-    cols = jnp.arange(PREFETCH_COLS, dtype=jnp.int32)
-    rows = jnp.arange(block_rows, dtype=jnp.int32)
-
-    def body(i, acc):
-        blk = q + i * programs
-        return acc ^ plgpu.load(
-            w_ref.at[(blk * block_rows + rows)[:, None], cols[None, :]],
-            mask=jnp.full((block_rows, PREFETCH_COLS), blk < nblocks), other=0)
-
-    acc = jax.lax.fori_loop(0, -(-nblocks // programs), body,
-                            jnp.zeros((block_rows, PREFETCH_COLS), jnp.int32))
-    digest = jnp.sum(acc, 0)
-    plgpu.store(digest_ref.at[jnp.full((PREFETCH_COLS,), q, jnp.int32), cols], digest,
-                mask=None if store_if is None else digest == store_if)
-
-
-def _attn_or_prefetch_kernel(*refs, num_inputs, nb, programs_per_row, pf_programs,
-                             pf_nblocks, pf_block_rows, **kw):
-    """The decode grid's first ``nb`` rows attend (``_attn_kernel``); the rows after them are
-    ``pf_programs`` prefetch programs over the last input (their digest is the last output)."""
-    w_ref, digest_ref = refs[num_inputs - 1], refs[-1]
-    rest = refs[:num_inputs - 1] + refs[num_inputs:-1]
-    b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    q = ((b - nb) * pl.num_programs(1) + h) * pl.num_programs(2) + sp
-
-    @pl.when(b < nb)
-    def _():
-        _attn_kernel(*rest, program_ids=(b, h, sp), **kw)
-
-    @pl.when(b >= nb)
-    def _():
-        _prefetch_body(w_ref, digest_ref, q, pf_programs, pf_nblocks, pf_block_rows)
-
-
 def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T, H, K, D, B,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
             num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
             masked_tail_only=False, kv_write=None, exact_rows=False, fp8_kv_dot="query",
-            heads_per_program=1, qkv_rope=None, qkv_parts=1, prefetch=None,
-            prefetch_programs=0):
+            heads_per_program=1, qkv_rope=None, qkv_parts=1):
     """One pallas_call over len(blk_tok0) query blocks.
 
     ``blk_seq`` None: block b is sequence slot b (the decode launch), and the kernel takes its
@@ -555,9 +472,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     KV heads a program reads together (see _attn_kernel). ``qkv_rope`` ((k_scale, v_scale),
     with kv_write = (slot [T], cos [T, D], sin [T, D])): q2 is the q/k/v projection's output
     before rope, and the kernel builds q and the new K/V from it (see _attn_kernel); with
-    ``qkv_parts`` > 1, its split-K partials [qkv_parts * T, ...], rounded to ``out_dtype``.
-    ``prefetch`` (int32 [rows, PREFETCH_COLS], ``prefetch_words``; decode launch): about
-    ``prefetch_programs`` more programs (whole rows of the grid) read it into the L2."""
+    ``qkv_parts`` > 1, its split-K partials [qkv_parts * T, ...], rounded to ``out_dtype``."""
     G = H // K
     hp = heads_per_program
     if K % hp or (hp > 1 and block_q != 1):
@@ -595,26 +510,9 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         aliases = {k_in: len(out_shape), k_in + 1: len(out_shape) + 1}  # -> the page outputs
         out_shape = out_shape + (jax.ShapeDtypeStruct(k2.shape, k2.dtype),
                                  jax.ShapeDtypeStruct(v2.shape, v2.dtype))
-    grid_rows = nb
-    if prefetch is not None:
-        if not seq_is_block or prefetch.ndim != 2 or prefetch.shape[1] != PREFETCH_COLS \
-                or prefetch.dtype != jnp.int32:
-            raise ValueError("prefetch: the decode launch only, over prefetch_words(w)")
-        pf_br = prefetch_block_rows(prefetch.shape[0])
-        per_row = (K // hp) * num_splits
-        pf_rows = max(1, -(-prefetch_programs // per_row))
-        grid_rows = nb + pf_rows
-        extra = extra + (prefetch,)
-        n_in = 7 + len(extra)  # blk_tok0/ntok/pos0, page table, q2, k2, v2, extra
-        kernel = functools.partial(
-            _attn_or_prefetch_kernel, num_inputs=n_in, nb=nb, programs_per_row=per_row,
-            pf_programs=pf_rows * per_row,
-            pf_nblocks=prefetch.shape[0] // pf_br, pf_block_rows=pf_br, **kernel.keywords)
-        out_shape = out_shape + (jax.ShapeDtypeStruct((pf_rows * per_row, PREFETCH_COLS),
-                                                      jnp.int32),)
     res = pl.pallas_call(
         kernel,
-        grid=(grid_rows, K // hp, num_splits),
+        grid=(nb, K // hp, num_splits),
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         input_output_aliases=aliases,
@@ -623,11 +521,9 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
               + ("_pg" if split_pages else "") + ("_mt" if masked_tail_only else "")
               + ("_kvw" if kv_write is not None else "") + ("_rope" if qkv_rope else "")
               + (f"_sk{qkv_parts}" if qkv_parts > 1 else "")
-              + (f"_hp{hp}" if hp > 1 else "") + ("_pf" if prefetch is not None else "")),
+              + (f"_hp{hp}" if hp > 1 else "")),
     )(*(() if seq_is_block else (blk_seq,)), blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2,
       v2, *extra)
-    if prefetch is not None:
-        res = res[:-1]  # the digest: written only by a miracle, read by nobody
     pages = ()
     if kv_write is not None:
         *res, k_new_pages, v_new_pages = res
@@ -800,8 +696,6 @@ def ragged_paged_attention(
     qkv_parts: int = 1,
     qkv_dtype=None,
     fp8_kv_dot: str = FP8_KV_DOT_DEFAULT,
-    prefetch: jax.Array | None = None,
-    prefetch_programs: int = 512,
     interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Pallas (Triton) ragged paged attention; same contract and result as the reference.
@@ -857,10 +751,6 @@ def ragged_paged_attention(
     products instead, [qkv_parts * T, K, (G + 2) * D] (rows p * T + t; float32), which the
     kernel sums and rounds to ``qkv_dtype`` (required; the model's dtype, the output's): the
     projection's own split-K sum kernel is gone too.
-
-    ``prefetch`` (with ``decode_only``): an array the next kernels read, e.g. the o projection's
-    weight. About ``prefetch_programs`` more programs of the decode launch read its bytes, so
-    they are in the L2 when the GEMM reads them (see PREFETCH_COLS). The result is unchanged.
     """
     if qkv_rope is not None:
         if new_kv is None or new_kv[0] is not None or new_kv[1] is not None:
@@ -906,10 +796,6 @@ def ragged_paged_attention(
         # build for e4m3 (H200, 2026-12-01: a lowering error, not a result).
         raise ValueError("decode_split_pages needs bf16 / float32 pages; the fp8 cache splits "
                          "by key blocks (decode_split_pages=False)")
-    if prefetch is not None and not decode_only:
-        raise ValueError("prefetch needs decode_only=True (the decode launch runs it)")
-    if not isinstance(prefetch_programs, int) or prefetch_programs < 1:
-        raise ValueError(f"prefetch_programs must be a positive int, got {prefetch_programs!r}")
     if decode_only:
         if not decode:
             raise ValueError("decode_only=True needs the decode launch (decode=True)")
@@ -1008,9 +894,7 @@ def ragged_paged_attention(
                        split_pages=decode_split_pages, kv_write=kv_write,
                        exact_rows=decode_only, masked_tail_only=decode_mto,
                        qkv_rope=None if qkv_rope is None else qkv_rope[1:],
-                       qkv_parts=qkv_parts,
-                       prefetch=None if prefetch is None else prefetch_words(prefetch),
-                       prefetch_programs=prefetch_programs, **common)
+                       qkv_parts=qkv_parts, **common)
         if kv_write is not None:
             rows, k2_new, v2_new = rows
             new_pages = (k2_new.reshape(P, B, K, D), v2_new.reshape(P, B, K, D))

@@ -899,40 +899,6 @@ def test_fused_kv_write_knob_serves_the_same_greedy_tokens_and_keeps_the_cache_r
     assert got == want
 
 
-def test_prefetch_o_knob_serves_the_same_greedy_tokens(small_llama_folder, monkeypatch):
-    # JAXLLM_ATTENTION_KNOBS={"prefetch_o": N}: the decode kernel of the rope path gets N more
-    # programs that read the o projection's weight (into the L2 on a GPU). The tokens stay the
-    # default path's, and every decode-only step's kernel took the weight.
-    import jax
-
-    from jaxllm.models import attention
-
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    prompts = [{"prompt_token_ids": [11, 12, 13, 14, 15]}, {"prompt_token_ids": [7, 8, 9]}]
-    kwargs = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=16,
-                  max_num_batched_tokens=16, max_num_seqs=2, attention_backend="pallas",
-                  skip_compile_at_start=True)
-
-    def tokens():
-        llm = LLM(str(small_llama_folder), **kwargs)
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        assert llm.llm_engine.scheduler.page_pool.num_free_pages == 16
-        return [o.outputs[0].token_ids for o in outs]
-
-    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"fused_qkv_rope": true}')
-    want = tokens()
-    seen = []
-    real = attention._paged_attention_rope
-    monkeypatch.setattr(attention, "_paged_attention_rope", lambda *a, **k: (seen.append(
-        (a[5].shape if a[5] is not None else None, dict(k["knobs"]).get("prefetch_programs"))),
-        real(*a, **k))[1])
-    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"fused_qkv_rope": true, "prefetch_o": 5}')
-    jax.clear_caches()
-    got = tokens()
-    assert seen and set(seen) == {((64, 64), 5)}  # o_proj's [I, O] kernel, 5 programs
-    assert got == want
-
-
 @pytest.mark.parametrize("async_scheduling", [True, False])
 def test_throughput_benchmark_splits_the_run_by_step_kind(small_llm, async_scheduling):
     """benchmarks/offline_throughput.engine_generate(phases=...) counts every dispatched step

@@ -253,62 +253,6 @@ def test_decode_heads_per_program_over_fp8_pages_and_with_the_fused_kv_write():
                                decode_heads_per_program=3, interpret=True)
 
 
-def test_l2_prefetch_programs_read_every_block_and_leave_the_decode_result_unchanged():
-    # prefetch: extra decode programs read an array's bytes into the L2 (the o projection's
-    # weight). The words view is the array's bytes; each prefetch program reads its strided
-    # blocks exactly once (its digest, stored unconditionally here, equals numpy's); and the
-    # decode launch with prefetch programs returns bit for bit what it returns without them.
-    from jax.experimental import pallas as pl
-    from pallas_kernels import ragged_paged_attention as rpa
-
-    rng = np.random.default_rng(7)
-    w = jnp.asarray(rng.standard_normal((320, 256)), jnp.bfloat16)  # 160 KiB: 5 blocks
-    words = rpa.prefetch_words(w)
-    assert words.shape == (160, rpa.PREFETCH_COLS) and words.dtype == jnp.int32
-    assert np.asarray(words).tobytes() == np.asarray(w).tobytes()
-    assert rpa.prefetch_block_rows(160) == 32 and rpa.prefetch_block_rows(24) == 8
-    with pytest.raises(ValueError, match="prefetch needs at least"):
-        rpa.prefetch_words(w[:1, :100])
-
-    programs, nblocks = 3, 5
-    digest = pl.pallas_call(
-        lambda w_ref, o_ref: rpa._prefetch_body(w_ref, o_ref, pl.program_id(0), programs,
-                                                nblocks, store_if=None),
-        grid=(programs,), out_shape=jax.ShapeDtypeStruct((programs, rpa.PREFETCH_COLS),
-                                                         jnp.int32), interpret=True)(words)
-    blocks = np.asarray(words).reshape(nblocks, rpa.PREFETCH_BLOCK_ROWS, rpa.PREFETCH_COLS)
-    for q in range(programs):
-        want = np.bitwise_xor.reduce(blocks[q::programs], axis=0).sum(0, dtype=np.int32)
-        np.testing.assert_array_equal(np.asarray(digest[q]), want)
-
-    T, S, M, B, H, K, D = 6, 6, 4, 8, 8, 2, 32
-    G, P = H // K, S * M + 2
-    args, _ = _random_batch(rng, kinds=("decode",) * 4, T=T, S=S, M=M, B=B, P=P, H=H, K=K, D=D,
-                            dtype=jnp.bfloat16)
-    _, kp, vp, sl, pt, qsl, ns = args
-    qkv = jnp.asarray(rng.standard_normal((T, K, (G + 2) * D)), jnp.bfloat16)
-    pos = np.asarray(sl) - 1
-    slots = np.asarray(pt)[np.arange(S), np.maximum(pos, 0) // B] * B + np.maximum(pos, 0) % B
-    slots = jnp.asarray(slots[:T], jnp.int32)
-    angles = jnp.asarray(np.maximum(pos[:T], 0), jnp.float32)[:, None] * jnp.linspace(
-        0.01, 1.0, D // 2)[None, :]
-
-    def run(**kw):
-        return jax.jit(functools.partial(
-            ragged_paged_attention, sm_scale=D ** -0.5, decode_only=True, interpret=True,
-            qkv_rope=(angles, 1.0, 1.0), decode_splits=2, decode_pages_per_block=1, **kw))(
-                qkv, kp, vp, sl, pt, qsl, ns, new_kv=(None, None, slots))
-    plain = run()
-    for n in (1, 7):
-        got = run(prefetch=w, prefetch_programs=n)
-        for a, b in zip(got, plain):
-            np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
-                                          np.asarray(b.astype(jnp.float32)))
-    with pytest.raises(ValueError, match="prefetch needs decode_only"):
-        ragged_paged_attention(jnp.zeros((T, H, D), jnp.bfloat16), kp, vp, sl, pt, qsl, ns,
-                               sm_scale=1.0, interpret=True, prefetch=w)
-
-
 @pytest.mark.parametrize("seed,cache,tol,scales,knobs,parts", [
     (0, jnp.float32, 1e-5, (1.0, 1.0), dict(decode_pages_per_block=2, decode_splits=3,
                                             sliding_window=9), 1),

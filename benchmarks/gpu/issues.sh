@@ -86,8 +86,6 @@
 #   bash benchmarks/gpu/issues.sh multistep3 (one GPU) offline throughput with 4 steps a launch
 #   bash benchmarks/gpu/issues.sh f16dot   (one GPU) fp8 weight-only GEMMs in float16 vs bf16:
 #                                          GPU time, batch-1 latency, the loop's profile
-#   bash benchmarks/gpu/issues.sh prefetch (one GPU) the decode kernel prefetching the o weight into
-#                                          the L2: check, batch-1 latency, profile
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -933,45 +931,6 @@ kvdot)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-01 afte
   done
   grep -h "tok/s" $L/*.log | cut -c1-330
   show_logs 4 ;;
-prefetch)  # nvidia-h200 (one GPU), one call, 2026-12-02 afternoon (issues 9 and 6): the decode
-  # kernel's extra programs read the o projection's weight into the L2 (knob prefetch_o);
-  # l2_prefetch.py: the bf16 o GEMM at 8 rows takes 6.1-6.6 us after such a read, 9.5 cold.
-  # A compiled check that the result is unchanged, then batch-1 latency (4 steps a launch)
-  # without / with it, bf16 and fp8, interleaved, then the bf16 loop profile with it.
-  L=$OUT/logs; mkdir -p $L
-  timeout 120 python3 - > $L/check.log 2>&1 <<'PY'
-import functools, jax, jax.numpy as jnp, numpy as np
-from tests.test_pallas_kernels import _random_batch
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention
-rng = np.random.default_rng(3)
-T, S, M, B, H, K, D = 8, 8, 64, 16, 32, 8, 128
-args, _ = _random_batch(rng, kinds=("decode",) * 5, T=T, S=S, M=M, B=B, P=S * M + 2, H=H,
-                        K=K, D=D, dtype=jnp.bfloat16)
-_, kp, vp, sl, pt, qsl, ns = args
-qkv = jnp.asarray(rng.standard_normal((T, K, 6 * D)), jnp.bfloat16)
-pos = np.maximum(np.asarray(sl) - 1, 0)
-slots = jnp.asarray(np.asarray(pt)[np.arange(S), pos // B] * B + pos % B, jnp.int32)
-ang = jnp.asarray(pos, jnp.float32)[:, None] * jnp.linspace(0.01, 1, D // 2)[None, :]
-w = jnp.asarray(rng.standard_normal((4096, 4096)), jnp.bfloat16)
-def run(**kw):
-    return jax.jit(functools.partial(ragged_paged_attention, sm_scale=D ** -0.5,
-                                     decode_only=True, qkv_rope=(ang, 1.0, 1.0), **kw))(
-        qkv, kp, vp, sl, pt, qsl, ns, new_kv=(None, None, slots))
-a, b = run(), run(prefetch=w, prefetch_programs=512)
-print("prefetch check: identical", all(bool(jnp.array_equal(x, y)) for x, y in zip(a, b)))
-PY
-  cat $L/check.log | tail -3
-  lat_knobs_ab '{"prefetch_o": 512}' pf 100
-  grep -h "ms/token" $L/lat_*.log
-  [ $((T - SECONDS)) -gt 100 ] && JAXLLM_ATTENTION_KNOBS='{"prefetch_o": 512}' timeout 90 \
-    python3 benchmarks/profile_step.py --context 1024 --steps 6 --top 14 --batch 1 \
-    --max-num-seqs 8 --num-scheduler-steps 4 --out-dir /tmp/q1 --out $OUT/results.jsonl \
-    > $L/prof_bf16_pf.log 2>&1
-  [ $((T - SECONDS)) -gt 80 ] && JAXLLM_ATTENTION_KNOBS='{"prefetch_o": 256}' \
-    timeout $((T - SECONDS - 15)) $LAT1K --num-scheduler-steps 4 > $L/lat_bf16_k4_pf256.log 2>&1
-  grep -h "ms/token" $L/lat_*pf256.log
-  for f in $L/prof*.log; do echo "== $f"; grep -A16 "^batch " $f | cut -c1-150; done
-  show_logs 6 ;;
 f16dot)  # nvidia-h200 (one GPU), one call, 2026-12-02 afternoon (issues 6 and 5): the fp8
   # weight-only GEMMs of the batch-1 step read at 2.5-3.7 TB/s (bf16's at 3.5-4.2). Is the
   # e4m3 -> bf16 upcast the cost? e4m3 -> float16 is one instruction a pair on Hopper. The four

@@ -49,8 +49,7 @@ FP8_KV_DTYPE = jnp.float8_e4m3fn
 # e.g. JAXLLM_ATTENTION_KNOBS='{"decode_split_pages": true}' python3 benchmarks/latency.py ...
 ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
-              "decode_heads_per_program", "num_warps", "num_stages", "qkv_split_k",
-              "prefetch_o")
+              "decode_heads_per_program", "num_warps", "num_stages", "qkv_split_k")
 _BOOL_KNOBS = ("decode_split_pages", "masked_tail_only", "fused_kv_write", "fused_qkv_rope")
 # Knobs with a fixed set of string values.
 _CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES}
@@ -65,10 +64,7 @@ _FUSED_QKV_ROPE = "fused_qkv_rope"
 # products (FusedLinear.split_k), in steps of at most QKV_SPLIT_K_MAX_TOKENS tokens; 1: its
 # output as is.
 _QKV_SPLIT_K = "qkv_split_k"
-# With fused_qkv_rope, on one device: this many more decode programs read the o projection's
-# weight into the L2 (the kernel's ``prefetch``); unset: off.
-_PREFETCH_O = "prefetch_o"
-_NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K, _PREFETCH_O)
+_NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K)
 
 
 def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
@@ -323,8 +319,7 @@ def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax
                              sm_scale: float,
                              sliding_window: int | None = None, soft_cap: float | None = None,
                              k_scale: float = 1.0, v_scale: float = 1.0, qkv_parts: int = 1,
-                             dtype=None, prefetch: jax.Array | None = None
-                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                             dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``apply_rope`` on the query heads and the keys of ``qkv`` ([T, K, (G + 2) * D], the fused
     projection's output: per KV head its G query heads, its key, its value), then
     ``write_kv_and_attend``, in the decode kernel alone (``ragged_paged_attention``'s
@@ -333,24 +328,15 @@ def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax
     positions [T], inv_freq [D/2]: as ``apply_rope`` takes them (the angles are built the
     same way, so XLA shares them, and their cos / sin, across the layers). ``qkv_parts`` > 1:
     ``qkv`` is ``FusedLinear.split_k``'s [qkv_parts * T, K, (G + 2) * D] float32 partials,
-    summed in the kernel and rounded to ``dtype`` (the model's; the output's). ``prefetch``:
-    the o projection's weight, which the decode kernel reads into the L2 when the
-    ``prefetch_o`` knob asks for it (one device only: under a head mesh it is ignored)."""
+    summed in the kernel and rounded to ``dtype`` (the model's; the output's)."""
     dtype = qkv.dtype if dtype is None else jnp.dtype(dtype)
-    knobs = attention_kernel_knobs()
-    kernel_knobs = _kernel_args(knobs)
-    pf_programs = dict(knobs).get(_PREFETCH_O)
-    if pf_programs is None or _HEAD_MESH.get() is not None:
-        prefetch = None
+    kernel_knobs = _kernel_args(attention_kernel_knobs())
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     scaled = is_fp8(k_pages.dtype) and (k_scale != 1.0 or v_scale != 1.0)
 
-    if prefetch is not None:
-        kernel_knobs = kernel_knobs + (("prefetch_programs", pf_programs),)
-
     def attend(k_pages, v_pages, qkv, angles, md):
         return _paged_attention_rope(
-            qkv, angles, k_pages, v_pages, md, prefetch,
+            qkv, angles, k_pages, v_pages, md,
             sm_scale=sm_scale * (k_scale if scaled else 1.0), sliding_window=sliding_window,
             soft_cap=soft_cap, knobs=kernel_knobs, scales=(float(k_scale), float(v_scale)),
             parts=qkv_parts, dtype=dtype)
@@ -363,15 +349,15 @@ def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "knobs",
                                              "scales", "parts", "dtype"))
-def _paged_attention_rope(qkv, angles, k_pages, v_pages, md, prefetch=None, *, sm_scale,
-                          sliding_window, soft_cap, knobs, scales, parts=1, dtype=None):
+def _paged_attention_rope(qkv, angles, k_pages, v_pages, md, *, sm_scale, sliding_window,
+                          soft_cap, knobs, scales, parts=1, dtype=None):
     # Nested jit for the same reason as _paged_attention (one trace per step program).
     return ragged_paged_attention(
         qkv, k_pages, v_pages, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, decode_only=True,
         new_kv=(None, None, md.slot_mapping), qkv_rope=(angles, *scales), qkv_parts=parts,
         qkv_dtype=dtype if parts > 1 else None, interpret=jax.default_backend() != "gpu",
-        prefetch=prefetch, **dict(knobs))
+        **dict(knobs))
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: AttentionMetadata,

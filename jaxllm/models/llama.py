@@ -124,12 +124,6 @@ def _proj(config: ModelConfig, in_features: int, out_features: int, bias: bool, 
     return _linear(in_features, out_features, bias, dtype, rngs)
 
 
-def _weight_of(proj: nnx.Module) -> jax.Array:
-    """A projection's weight array (dense ``kernel`` or fp8 ``weight``): what its GEMM reads."""
-    w = getattr(proj, "kernel", None)
-    return (w if w is not None else proj.weight)[...]
-
-
 def _fused(config: ModelConfig, name: str, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Module:
     """qkv_proj / gate_up_proj (jaxllm/models/fused.py): dense, or fp8 when quantized."""
     from jaxllm.models.fused import FusedLinear, fused_shape
@@ -184,8 +178,7 @@ class LlamaAttention(nnx.Module):
                     qkv, positions, inv_freq, kv_cache[0], kv_cache[1], md,
                     sm_scale=self.sm_scale,
                     sliding_window=self.sliding_window, k_scale=self.k_scale,
-                    v_scale=self.v_scale, qkv_parts=parts, dtype=x.dtype,
-                    prefetch=_weight_of(self.o_proj))
+                    v_scale=self.v_scale, qkv_parts=parts, dtype=x.dtype)
                 return (self.o_proj(out.reshape(T, self.num_heads * self.head_dim)),
                         (k_pages, v_pages))
             qkv = self.qkv_proj(x)  # [T, K, (G + 2) * D]: per KV head its G q heads, k, v
