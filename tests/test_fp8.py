@@ -151,63 +151,6 @@ def test_weight_only_path_for_small_steps_uses_the_dequantized_weights(monkeypat
             lin(jnp.ones((2, 96)))
 
 
-def test_weight_only_float16_dot_is_exact_for_the_weights_and_clips_activations(monkeypatch):
-    # JAXLLM_FP8_WEIGHT_ONLY_DOT=float16: a bf16 step's weight-only dot runs in float16 (e4m3
-    # -> float16 is one instruction on Hopper). Every e4m3 weight is exact in float16 and every
-    # bf16 activation within float16's range too (10- vs 7-bit mantissa), so the result equals
-    # the float32 product of the same values up to the output's bf16 rounding; activations
-    # beyond float16's range clip instead of becoming inf. A float32 step ignores it; bad values
-    # are refused.
-    from jaxllm.models.fp8 import F16_MAX, fp8_linear
-
-    wq, ws = quantize_weight_per_channel(
-        jax.random.normal(jax.random.PRNGKey(1), (96, 40), jnp.float32) * 0.05)
-    w_nk = jnp.asarray(wq.T)
-    w_deq = w_nk.astype(jnp.float32) * ws[:, None]
-    x = jax.random.normal(jax.random.PRNGKey(0), (8, 96), jnp.bfloat16) * 3
-    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "16")
-    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_DOT", "float16")
-    got = fp8_linear(x, w_nk, ws, None)
-    assert got.dtype == jnp.bfloat16
-    assert "f16[8,96]" in str(jax.make_jaxpr(lambda a: fp8_linear(a, w_nk, ws, None))(x))
-    want = jnp.dot(x.astype(jnp.float32), w_deq.T, precision=jax.lax.Precision.HIGHEST)
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=2 ** -7,
-                               atol=1e-3)
-    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_DOT", "model")
-    same = fp8_linear(x, w_nk, ws, None)  # bf16 operands: the same products, another order
-    assert "f16[" not in str(jax.make_jaxpr(lambda a: fp8_linear(a, w_nk, ws, None))(x))
-    np.testing.assert_allclose(np.asarray(same, np.float32), np.asarray(got, np.float32),
-                               rtol=2 ** -6, atol=1e-3)
-
-    big = x.at[0, 0].set(1e6)  # beyond float16's 65504: clipped, the row stays finite
-    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_DOT", "float16")
-    out = np.asarray(fp8_linear(big, w_nk, ws, None), np.float32)
-    assert np.isfinite(out).all()
-    clipped = big.astype(jnp.float32).at[0, 0].set(F16_MAX)
-    np.testing.assert_allclose(
-        out[0], np.asarray(jnp.dot(clipped[0], w_deq.T, precision=jax.lax.Precision.HIGHEST)),
-        rtol=2 ** -7, atol=0.5)
-
-    x32 = x.astype(jnp.float32)  # float32 steps keep float32 operands
-    np.testing.assert_allclose(
-        np.asarray(fp8_linear(x32, w_nk, ws, None)),
-        np.asarray(jnp.dot(x32, w_deq.T, precision=jax.lax.Precision.HIGHEST)),
-        rtol=1e-5, atol=1e-5)
-    # the fused q/k/v GEMM's split-K partials (summed in the decode kernel) take it too
-    from jaxllm.models.fused import FusedLinear
-
-    fl = FusedLinear(96, (4, 10), use_bias=False, dtype=jnp.bfloat16, fp8=True)
-    fl.weight.set_value(w_nk.reshape(4, 10, 96))
-    fl.weight_scale.set_value(ws.reshape(4, 10))
-    parts = fl.split_k(x, 2)
-    assert "f16[8,2,48]" in str(jax.make_jaxpr(lambda a: fl.split_k(a, 2))(x))
-    np.testing.assert_allclose(np.asarray(parts.reshape(2, 8, 40).sum(0)), np.asarray(want),
-                               rtol=1e-5, atol=1e-4)
-    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_DOT", "half")
-    with pytest.raises(ValueError, match="JAXLLM_FP8_WEIGHT_ONLY_DOT"):
-        fp8_linear(x, w_nk, ws, None)
-
-
 def test_fp8_gemm_bf16_output_switch_keeps_the_scaled_result(monkeypatch):
     # JAXLLM_FP8_GEMM_OUT=model (the default): the fp8 x fp8 dot writes the model dtype (bf16)
     # before the two scales; the result stays within one more bf16 rounding of the fp32 path

@@ -84,8 +84,6 @@
 #                                          latency at 1, 4, 8 steps a launch
 #   bash benchmarks/gpu/issues.sh multistep2 (one GPU) the same for bf16 (8B) and SmolLM2-135M
 #   bash benchmarks/gpu/issues.sh multistep3 (one GPU) offline throughput with 4 steps a launch
-#   bash benchmarks/gpu/issues.sh f16dot   (one GPU) fp8 weight-only GEMMs in float16 vs bf16:
-#                                          GPU time, batch-1 latency, the loop's profile
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -931,28 +929,6 @@ kvdot)  # nvidia-h200 (one GPU), one call, for the session after 2026-12-01 afte
   done
   grep -h "tok/s" $L/*.log | cut -c1-330
   show_logs 4 ;;
-f16dot)  # nvidia-h200 (one GPU), one call, 2026-12-02 afternoon (issues 6 and 5): the fp8
-  # weight-only GEMMs of the batch-1 step read at 2.5-3.7 TB/s (bf16's at 3.5-4.2). Is the
-  # e4m3 -> bf16 upcast the cost? e4m3 -> float16 is one instruction a pair on Hopper. The four
-  # projections at 1 / 8 / 16 rows in GPU time (XLA W8A16 in bf16 vs float16), then fp8
-  # batch-1 latency (4 steps a launch) without / with JAXLLM_FP8_WEIGHT_ONLY_DOT=float16,
-  # interleaved twice, then the batch-1 loop profile of each.
-  L=$OUT/logs; mkdir -p $L
-  timeout 150 python3 benchmarks/gpu/skinny_gemm.py --impls "" --ms 1,8,16 \
-    --out $OUT/results.jsonl > $L/gemm.log 2>&1
-  grep -A20 "== summary" $L/gemm.log
-  for r in 1 2; do
-    timeout 90 $LAT1K --quantization fp8 --num-scheduler-steps 4 > $L/lat_fp8_$r.log 2>&1
-    JAXLLM_FP8_WEIGHT_ONLY_DOT=float16 timeout 90 $LAT1K --quantization fp8 \
-      --num-scheduler-steps 4 > $L/lat_fp8_f16_$r.log 2>&1
-  done
-  grep -h "ms/token\|decode_ms" $L/lat_*.log | cut -c1-200
-  PS="python3 benchmarks/profile_step.py --context 1024 --steps 6 --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 --quantization fp8 --out $OUT/results.jsonl"
-  [ $((T - SECONDS)) -gt 100 ] && timeout 90 $PS --out-dir /tmp/q1 > $L/prof_fp8.log 2>&1
-  [ $((T - SECONDS)) -gt 60 ] && JAXLLM_FP8_WEIGHT_ONLY_DOT=float16 \
-    timeout $((T - SECONDS - 15)) $PS --out-dir /tmp/q2 > $L/prof_fp8_f16.log 2>&1
-  for f in $L/prof*.log; do echo "== $f"; grep "^batch " $f | cut -c1-150; done
-  show_logs 24 ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
   # at 16384 tokens took 306 s. The GEMMs alone under per-program XLA options (one process),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +78,8 @@ def weight_only_max_tokens() -> int:
     ``GPU_WEIGHT_ONLY_MAX_TOKENS`` on a GPU and 0 elsewhere (on a CPU there is no speed to win,
     and the tests compare against W8A8). Read at trace time: set it before the engine compiles;
     compiled programs keep the path they were traced with."""
+    import os
+
     raw = os.environ.get("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS")
     if raw is None:
         return GPU_WEIGHT_ONLY_MAX_TOKENS if jax.default_backend() == "gpu" else 0
@@ -104,25 +105,6 @@ def fp8_gemm_out_dtype(model_dtype) -> jnp.dtype:
     return gemm_out_dtype_from_env(FP8_GEMM_OUT_ENV, model_dtype, default="model")
 
 
-WEIGHT_ONLY_DOT_ENV = "JAXLLM_FP8_WEIGHT_ONLY_DOT"
-F16_MAX = 65504.0
-
-
-def weight_only_operands(x: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The weight-only dot's operands: x and the e4m3 weight upcast to x's dtype, or, when
-    ``JAXLLM_FP8_WEIGHT_ONLY_DOT=float16`` and x is bf16, both in float16 (x clipped to
-    float16's range; every e4m3 value is exact in float16). Why float16: Hopper converts e4m3
-    to float16 in one instruction per two values, to bf16 only through more (the fp8 KV pages'
-    ``fp8_kv_dot`` measured the same). Read at trace time."""
-    raw = os.environ.get(WEIGHT_ONLY_DOT_ENV, "model").strip() or "model"
-    if raw not in ("model", "float16"):
-        raise ValueError(f"{WEIGHT_ONLY_DOT_ENV} must be 'model' or 'float16', got {raw!r}.")
-    if raw == "float16" and x.dtype == jnp.bfloat16:
-        x16 = jnp.clip(x.astype(jnp.float32), -F16_MAX, F16_MAX).astype(jnp.float16)
-        return x16, weight.astype(jnp.float16)
-    return x, weight.astype(x.dtype)
-
-
 def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
                input_scale: jax.Array | None) -> jax.Array:
     """x [T, I] (model dtype), weight [O, I] e4m3, weight_scale [O] -> [T, O] in x's dtype.
@@ -132,8 +114,7 @@ def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     activation quantization) when T <= ``weight_only_max_tokens()``.
     """
     if x.shape[0] <= weight_only_max_tokens():
-        xd, wd = weight_only_operands(x, weight)
-        acc = jax.lax.dot_general(xd, wd, (((1,), (1,)), ((), ())),
+        acc = jax.lax.dot_general(x, weight.astype(x.dtype), (((1,), (1,)), ((), ())),
                                   preferred_element_type=jnp.float32)
         return (acc * weight_scale.astype(jnp.float32)[None, :]).astype(x.dtype)
     xq, xs = _quantize_input(x, input_scale)
@@ -158,6 +139,8 @@ def fused_swiglu_enabled() -> bool:
     fusions' 0.77, but in the engine fp8 + fp8 KV ran 10,870 / 10,513 tok/s with it against
     10,974 / 10,926 without, interleaved in one call; benchmarks/RESULTS.md, "Rerun of
     2026-12-01 (late night, 23:10)"). Read at trace time."""
+    import os
+
     raw = os.environ.get(FUSED_SWIGLU_ENV, "0")
     if raw not in ("0", "1"):
         raise ValueError(f"{FUSED_SWIGLU_ENV} must be 0 or 1, got {raw!r}.")
@@ -173,6 +156,8 @@ SWIGLU_TILE = (2, 512, 4, 1)
 def swiglu_tile() -> tuple[int, int, int, int]:
     """``JAXLLM_FP8_SWIGLU_TILE`` ("rows,chunk,warps,stages", for sweeps) or ``SWIGLU_TILE``.
     Read at trace time."""
+    import os
+
     raw = os.environ.get(SWIGLU_TILE_ENV)
     if raw is None:
         return SWIGLU_TILE

@@ -109,11 +109,11 @@ class FusedLinear(nnx.Module):
             w = self.kernel[...].astype(x.dtype).reshape(parts, I // parts, A * C)
             y = jnp.einsum("tpk,pkn->ptn", xs, w, preferred_element_type=jnp.float32)
         else:
-            from jaxllm.models.fp8 import weight_only_max_tokens, weight_only_operands
+            from jaxllm.models.fp8 import weight_only_max_tokens
 
             if T > weight_only_max_tokens():
                 return None
-            xs, w = weight_only_operands(xs, self.weight[...].reshape(A * C, parts, I // parts))
+            w = self.weight[...].reshape(A * C, parts, I // parts).astype(x.dtype)
             y = jnp.einsum("tpk,npk->ptn", xs, w, preferred_element_type=jnp.float32)
             y = y * self.weight_scale[...].reshape(A * C).astype(jnp.float32)
         return y.reshape(parts * T, A, C)
