@@ -803,6 +803,22 @@ def test_skinny_gemm_sweep_runs_and_picks_a_correct_config(tmp_path):
         assert any("best" in r and r["shape"] == shape and r["M"] == 1 for r in rows)
 
 
+def test_l2_prefetch_benchmark_kernel_reads_every_block(tmp_path):
+    # benchmarks/gpu/l2_prefetch.py --smoke (interpret mode): its prefetch kernel's digests
+    # equal numpy's over each program's blocks, and every variant (cold / hot GEMM, XLA's
+    # read, the prefetch configs) runs on tiny shapes.
+    out = tmp_path / "l2.jsonl"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu" / "l2_prefetch.py"), "--smoke",
+         "--out", str(out)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "prefetch kernel check: ok" in run.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) >= 10 and not [r for r in rows if "error" in r]
+    assert {"cold", "hot", "xla_read"} <= {r["variant"] for r in rows}
+
+
 def test_decode_sweep_of_several_heads_a_program_runs_and_feeds_the_fp8_table(tmp_path):
     # kernels.py --decode-variants hp (tiny shapes, interpret mode): the table's config and the
     # two-heads config run correct, and a row of the sweep with hp > 1 reaches the derived

@@ -81,6 +81,25 @@ def prefetch(words: jax.Array, programs: int, block_rows: int = 16, unroll: int 
         interpret=interpret, name=f"l2_prefetch_p{programs}")(words)
 
 
+def check_prefetch():
+    """The prefetch kernel (interpreted) reads every block once: each program's digest equals
+    numpy's XOR of its blocks, summed over rows, for several program / unroll counts."""
+    import numpy as np
+
+    w = jax.random.normal(jax.random.key(1), (96, 256), jnp.float32)  # 96 rows of words
+    words = as_words(w)
+    blocks = np.asarray(words).reshape(-1, 8, COLS)
+    for P, un in ((1, 1), (5, 2), (12, 1), (16, 4)):
+        got = np.asarray(prefetch(words, P, block_rows=8, unroll=un, interpret=True))
+        for p in range(P):
+            mine = blocks[p::P]
+            want = (np.bitwise_xor.reduce(mine, axis=0) if len(mine)
+                    else np.zeros((8, COLS), np.int32)).sum(0, dtype=np.int32)
+            if not np.array_equal(got[p], want):
+                raise SystemExit(f"prefetch digest wrong: programs {P}, unroll {un}, p {p}")
+    print("prefetch kernel check: ok", flush=True)
+
+
 def positions(fn, arg_sets, calls=24):
     """Median GPU time of each op position of one call: [(op group, us)], and ops a call."""
     jax.block_until_ready(fn(*arg_sets[0]))
@@ -110,6 +129,8 @@ def main():
     ap.add_argument("--sweep", action="store_true",
                     help="the bf16 o projection only, prefetch programs / rows / warps swept")
     args = ap.parse_args()
+    if args.smoke:
+        check_prefetch()
     M = 8
     shapes = [("o", 4096, 4096, "bf16"), ("o", 4096, 4096, "fp8"), ("qkv", 4096, 6144, "fp8")]
     if args.smoke:
