@@ -172,19 +172,33 @@ def _fp8_kv_dot_for(choice: str, q_dtype) -> str:
     return "float16" if jnp.dtype(q_dtype).itemsize == 2 else "query"
 
 
-def _load_qkv(ref, row, col, kw, parts, num_tokens, dtype):
+def _load_qkv(ref, row, col, kw, parts, num_tokens, dtype, scale=None):
     """``ref[row, col]`` of the q/k/v projection's output, in ``dtype``. ``parts`` > 1: ref holds
     the projection's split-K partial products (rows p * num_tokens + token), summed here in
-    float32 and rounded to ``dtype``, as the projection's own sum would be."""
-    if parts == 1:
+    float32 and rounded to ``dtype``, as the projection's own sum would be. ``scale`` (float32,
+    broadcasting): multiplies the float32 value before that rounding (the folded RMSNorm's
+    per-token factor, see ``qkv_norm``)."""
+    if parts == 1 and scale is None:
         return plgpu.load(ref.at[row, col], **kw).astype(dtype)
     x = plgpu.load(ref.at[row, col], **kw).astype(jnp.float32)
     for p in range(1, parts):
         x += plgpu.load(ref.at[row + p * num_tokens, col], **kw).astype(jnp.float32)
+    if scale is not None:
+        x = x * scale
     return x.astype(dtype)
 
 
-def _rope(ref, row, base, dd, cos_ref, sin_ref, D, mask, parts, num_tokens, dtype):
+def _rms_factor(x_ref, t, dim, eps):
+    """rsqrt(mean(x[t]^2) + eps) in float32 for token row t of x_ref [T, dim] (RMSNorm's
+    per-token factor, as ``jaxllm.models.llama.RMSNorm`` computes it)."""
+    n = _next_pow2(dim)
+    e = jnp.arange(n, dtype=jnp.int32)
+    x = plgpu.load(x_ref.at[jnp.full((n,), t, jnp.int32), e], mask=e < dim,
+                   other=0).astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.sum(x * x) / dim + eps)
+
+
+def _rope(ref, row, base, dd, cos_ref, sin_ref, D, mask, parts, num_tokens, dtype, scale=None):
     """Rope (HF's half split) of ``ref[row, base + dd]`` (dd the columns' offsets in a head of
     D; ``_load_qkv`` reads it), float32 as ``jaxllm.models.llama.apply_rope``, in ``dtype``:
     x * cos + rotate_half(x) * sin, rotate_half(x)[d] = -x[d + D/2] (d < D/2) or x[d - D/2].
@@ -192,9 +206,9 @@ def _rope(ref, row, base, dd, cos_ref, sin_ref, D, mask, parts, num_tokens, dtyp
     of rotate_half folded into sin. Broadcasts like its index arrays; masked lanes read zeros."""
     half = D // 2
     kw = {} if mask is None else dict(mask=mask, other=0)
-    x = _load_qkv(ref, row, base + dd, kw, parts, num_tokens, dtype).astype(jnp.float32)
+    x = _load_qkv(ref, row, base + dd, kw, parts, num_tokens, dtype, scale).astype(jnp.float32)
     xr = _load_qkv(ref, row, base + (dd + half) % D, kw, parts, num_tokens,
-                   dtype).astype(jnp.float32)
+                   dtype, scale).astype(jnp.float32)
     c = plgpu.load(cos_ref.at[row, dd], **kw)
     s = plgpu.load(sin_ref.at[row, dd], **kw)
     return (x * c + xr * s).astype(dtype)
@@ -223,7 +237,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                  dummy_row, out_by_block, split_pages, masked_tail_only=False, kv_write=False,
                  num_tokens=0, exact_rows=False, seq_is_block=False, fp8_kv_dot=None,
                  heads_per_program=1, qkv_rope=False, k_scale=1.0, v_scale=1.0, qkv_parts=1,
-                 qkv_dtype=None):
+                 qkv_dtype=None, norm_eps=None, norm_dim=0):
     # Inputs: blk_seq [nb] (left out with seq_is_block: block b is sequence slot b, as in the
     # decode launch), blk_tok0 / blk_ntok / blk_pos0 [nb], the page table, q, k and v pages.
     if seq_is_block:
@@ -244,7 +258,12 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     # new K/V to the cache dtype (an fp8 cache: divided by k_scale / v_scale, clipped). With
     # qkv_parts > 1, q_ref holds the projection's split-K partials [qkv_parts * T, ...] (float32),
     # summed here and rounded to qkv_dtype (see _load_qkv).
-    if kv_write and qkv_rope:
+    # norm_eps (with qkv_rope): the layer's input RMSNorm is folded into the q/k/v GEMM (its
+    # input is x * g, see ``qkv_norm``); norm_x_ref [T, norm_dim] is x, and each token's
+    # q/k/v is scaled by its rsqrt(mean(x^2) + norm_eps) (below).
+    if kv_write and qkv_rope and norm_eps is not None:
+        slot_ref, cos_ref, sin_ref, norm_x_ref, *out_refs, k_out_ref, v_out_ref = refs
+    elif kv_write and qkv_rope:
         slot_ref, cos_ref, sin_ref, *out_refs, k_out_ref, v_out_ref = refs
     elif kv_write:
         slot_ref, knew_ref, vnew_ref, *out_refs, k_out_ref, v_out_ref = refs
@@ -280,6 +299,13 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     # and Triton lowers the same [rows, D] index arrays to one pointer tensor: so arrays throughout.
     if hp > 1:
         own = (dw[None, :] // D) == ((r % Gp) // G)[:, None]  # [rows, W]: row r's head's columns
+    # The folded RMSNorm's factor of the program's token (decode: one token a program), applied
+    # to q and the new K/V before their rounding. (Untried: over bf16 pages, leave q unscaled
+    # and put the factor into the scores' scale, so the first K/V loads need not wait for x's
+    # row: rope is linear, rope(r q) . k = r (rope(q) . k). Over fp8 pages read as float16, q
+    # must take it: q / r could leave float16's range.)
+    r_norm = (None if norm_eps is None else
+              _rms_factor(norm_x_ref, jnp.minimum(tok0, num_tokens - 1), norm_dim, norm_eps))
     if qkv_rope:
         C = (G + 2) * D  # one KV head's q/k/v columns
         dq = d if hp == 1 else dw % D
@@ -287,7 +313,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         q_mask = row_ok[:, None] if hp == 1 else row_ok[:, None] & own
         t_row = jnp.where(row_ok, tok0 + r_tok, 0)[:, None]
         q = _rope(q_ref, t_row, base[:, None], dq[None, :], cos_ref, sin_ref, D, q_mask,
-                  qkv_parts, num_tokens, qkv_dtype)
+                  qkv_parts, num_tokens, qkv_dtype, r_norm)
     elif hp == 1:
         q = plgpu.load(q_ref.at[jnp.where(row_ok, q_row, 0)[:, None], d[None, :]],
                        mask=row_ok[:, None], other=0)
@@ -393,9 +419,9 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
             kv_base = (h * hp + dw // D) * C + G * D  # [W]: each head's key columns
             t_w = jnp.full((W,), t, jnp.int32)
             k_new = _rope(q_ref, t_w, kv_base, dw % D, cos_ref, sin_ref, D, None, qkv_parts,
-                          num_tokens, qkv_dtype)
+                          num_tokens, qkv_dtype, r_norm)
             v_new = _load_qkv(q_ref, t_w, kv_base + D + dw % D, {}, qkv_parts, num_tokens,
-                              qkv_dtype)
+                              qkv_dtype, r_norm)
             k_new = to_cache_dtype(k_new, k_out_ref.dtype, k_scale)
             v_new = to_cache_dtype(v_new, v_out_ref.dtype, v_scale)
         else:
@@ -454,7 +480,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
             num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
             masked_tail_only=False, kv_write=None, exact_rows=False, fp8_kv_dot="query",
-            heads_per_program=1, qkv_rope=None, qkv_parts=1):
+            heads_per_program=1, qkv_rope=None, qkv_parts=1, qkv_norm=None):
     """One pallas_call over len(blk_tok0) query blocks.
 
     ``blk_seq`` None: block b is sequence slot b (the decode launch), and the kernel takes its
@@ -472,7 +498,9 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     KV heads a program reads together (see _attn_kernel). ``qkv_rope`` ((k_scale, v_scale),
     with kv_write = (slot [T], cos [T, D], sin [T, D])): q2 is the q/k/v projection's output
     before rope, and the kernel builds q and the new K/V from it (see _attn_kernel); with
-    ``qkv_parts`` > 1, its split-K partials [qkv_parts * T, ...], rounded to ``out_dtype``."""
+    ``qkv_parts`` > 1, its split-K partials [qkv_parts * T, ...], rounded to ``out_dtype``.
+    ``qkv_norm`` ((x [T, E], eps), with ``qkv_rope``): the folded input RMSNorm (see
+    ragged_paged_attention)."""
     G = H // K
     hp = heads_per_program
     if K % hp or (hp > 1 and block_q != 1):
@@ -495,7 +523,10 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         heads_per_program=hp, qkv_rope=qkv_rope is not None,
         k_scale=1.0 if qkv_rope is None else float(qkv_rope[0]),
         v_scale=1.0 if qkv_rope is None else float(qkv_rope[1]), qkv_parts=qkv_parts,
-        qkv_dtype=out_dtype)
+        qkv_dtype=out_dtype, norm_eps=None if qkv_norm is None else float(qkv_norm[1]),
+        norm_dim=0 if qkv_norm is None else qkv_norm[0].shape[1])
+    if qkv_norm is not None and (qkv_rope is None or kv_write is None):
+        raise ValueError("qkv_norm needs qkv_rope (the decode launch building q/k/v)")
     if num_splits == 1:
         out_shape = (jax.ShapeDtypeStruct((n_rows, D), out_dtype),)
     else:
@@ -505,7 +536,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
                      jax.ShapeDtypeStruct((n,), jnp.float32))
     extra, aliases = (), {}
     if kv_write is not None:
-        extra = tuple(kv_write)
+        extra = tuple(kv_write) + (() if qkv_norm is None else (qkv_norm[0],))
         k_in = 5 if seq_is_block else 6  # k2's operand index (v2's is the next)
         aliases = {k_in: len(out_shape), k_in + 1: len(out_shape) + 1}  # -> the page outputs
         out_shape = out_shape + (jax.ShapeDtypeStruct(k2.shape, k2.dtype),
@@ -520,7 +551,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         name=(f"ragged_paged_attention_bq{block_q}_ppb{pages_per_block}_ns{num_splits}"
               + ("_pg" if split_pages else "") + ("_mt" if masked_tail_only else "")
               + ("_kvw" if kv_write is not None else "") + ("_rope" if qkv_rope else "")
-              + (f"_sk{qkv_parts}" if qkv_parts > 1 else "")
+              + (f"_sk{qkv_parts}" if qkv_parts > 1 else "") + ("_nf" if qkv_norm else "")
               + (f"_hp{hp}" if hp > 1 else "")),
     )(*(() if seq_is_block else (blk_seq,)), blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2,
       v2, *extra)
@@ -695,6 +726,7 @@ def ragged_paged_attention(
     qkv_rope: tuple[jax.Array, float, float] | None = None,
     qkv_parts: int = 1,
     qkv_dtype=None,
+    qkv_norm: tuple[jax.Array, float] | None = None,
     fp8_kv_dot: str = FP8_KV_DOT_DEFAULT,
     interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
@@ -751,6 +783,12 @@ def ragged_paged_attention(
     products instead, [qkv_parts * T, K, (G + 2) * D] (rows p * T + t; float32), which the
     kernel sums and rounds to ``qkv_dtype`` (required; the model's dtype, the output's): the
     projection's own split-K sum kernel is gone too.
+    ``qkv_norm=(x [T, E], eps)`` (with ``qkv_rope``): the layer's input RMSNorm folded into the
+    q/k/v GEMM. RMSNorm(x) @ W = r * ((x * g) @ W) with r = rsqrt(mean(x^2) + eps) per token,
+    so the caller's GEMM takes x * g (XLA fuses the scale into the GEMM as its prologue) and
+    the kernel multiplies each token's q/k/v (the partials' float32 sum) by r, computed from
+    x's row, before rounding and rope: the norm's own kernel is gone. Needs a projection
+    without bias (a bias would be scaled by r too).
     """
     if qkv_rope is not None:
         if new_kv is None or new_kv[0] is not None or new_kv[1] is not None:
@@ -774,6 +812,12 @@ def ragged_paged_attention(
                                  qkv.dtype if qkv_parts == 1 else jnp.dtype(qkv_dtype))
     elif qkv_parts != 1:
         raise ValueError("qkv_parts needs qkv_rope")
+    if qkv_norm is not None:
+        if qkv_rope is None:
+            raise ValueError("qkv_norm needs qkv_rope (the decode kernel building q/k/v)")
+        if qkv_norm[0].ndim != 2 or qkv_norm[0].shape[0] != q.shape[0]:
+            raise ValueError(f"qkv_norm's x must be [T, E] with T = {q.shape[0]}, got "
+                             f"{qkv_norm[0].shape}")
     T, H, D = q.shape
     P, B, K, _ = k_pages.shape
     S, M = page_table.shape
@@ -894,7 +938,7 @@ def ragged_paged_attention(
                        split_pages=decode_split_pages, kv_write=kv_write,
                        exact_rows=decode_only, masked_tail_only=decode_mto,
                        qkv_rope=None if qkv_rope is None else qkv_rope[1:],
-                       qkv_parts=qkv_parts, **common)
+                       qkv_parts=qkv_parts, qkv_norm=qkv_norm, **common)
         if kv_write is not None:
             rows, k2_new, v2_new = rows
             new_pages = (k2_new.reshape(P, B, K, D), v2_new.reshape(P, B, K, D))

@@ -899,6 +899,42 @@ def test_fused_kv_write_knob_serves_the_same_greedy_tokens_and_keeps_the_cache_r
     assert got == want
 
 
+def test_fold_input_norm_knob_serves_the_same_greedy_tokens(small_llama_folder, monkeypatch):
+    # JAXLLM_ATTENTION_KNOBS={"fold_input_norm": true}: on the decode kernel's rope path the
+    # layer's input RMSNorm is folded (the q/k/v GEMM takes x * g, the kernel applies each
+    # token's rsqrt(mean(x^2) + eps)): the same greedy tokens as the norm kernel's path, in
+    # float32, and every decode-only step's kernel took x.
+    import jax
+
+    from jaxllm.models import attention
+
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [11, 12, 13, 14, 15]}, {"prompt_token_ids": [7, 8, 9]}]
+    kwargs = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=16,
+                  max_num_batched_tokens=16, max_num_seqs=2, attention_backend="pallas",
+                  skip_compile_at_start=True)
+
+    def tokens():
+        llm = LLM(str(small_llama_folder), **kwargs)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.llm_engine.scheduler.page_pool.num_free_pages == 16
+        return [o.outputs[0].token_ids for o in outs]
+
+    base = '{"fused_qkv_rope": true, "qkv_split_k": 4'
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, base + "}")
+    want = tokens()
+    seen = []
+    real = attention._paged_attention_rope
+    monkeypatch.setattr(attention, "_paged_attention_rope", lambda *a, **k: (seen.append(
+        (a[5].shape if len(a) > 5 and a[5] is not None else None, k.get("norm_eps"))),
+        real(*a, **k))[1])
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, base + ', "fold_input_norm": true}')
+    jax.clear_caches()
+    got = tokens()
+    assert seen and {(shape[1], eps) for shape, eps in seen} == {(64, 1e-5)}  # x [T, E], eps
+    assert got == want
+
+
 @pytest.mark.parametrize("async_scheduling", [True, False])
 def test_throughput_benchmark_splits_the_run_by_step_kind(small_llm, async_scheduling):
     """benchmarks/offline_throughput.engine_generate(phases=...) counts every dispatched step

@@ -253,18 +253,26 @@ def test_decode_heads_per_program_over_fp8_pages_and_with_the_fused_kv_write():
                                decode_heads_per_program=3, interpret=True)
 
 
-@pytest.mark.parametrize("seed,cache,tol,scales,knobs,parts", [
+@pytest.mark.parametrize("seed,cache,tol,scales,knobs,parts,norm", [
     (0, jnp.float32, 1e-5, (1.0, 1.0), dict(decode_pages_per_block=2, decode_splits=3,
-                                            sliding_window=9), 1),
+                                            sliding_window=9), 1, False),
     (1, jnp.bfloat16, 1e-2, (1.0, 1.0), dict(decode_pages_per_block=1, decode_splits=2,
-                                             decode_heads_per_program=2), 1),
-    (2, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2), 1),
+                                             decode_heads_per_program=2), 1, False),
+    (2, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2), 1,
+     False),
     (3, jnp.bfloat16, 1e-2, (1.0, 1.0), dict(decode_pages_per_block=1, decode_splits=2,
-                                             decode_heads_per_program=2), 4),
-    (4, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2), 2),
+                                             decode_heads_per_program=2), 4, False),
+    (4, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2), 2,
+     False),
+    (5, jnp.float32, 1e-5, (1.0, 1.0), dict(decode_pages_per_block=2, decode_splits=2), 1, True),
+    (6, jnp.bfloat16, 1e-2, (1.0, 1.0), dict(decode_pages_per_block=1, decode_splits=2,
+                                             decode_heads_per_program=2), 4, True),
+    (7, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2), 2,
+     True),
 ])
 def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed, cache, tol,
-                                                                           scales, knobs, parts):
+                                                                           scales, knobs, parts,
+                                                                           norm):
     # qkv_rope: the decode kernel takes the fused q/k/v projection's output before rope
     # ([T, K, (G + 2) * D]), rotates the query heads and the new key itself, converts the new
     # K/V to the cache (scaled for fp8) and writes them, from each token's rope angles. Against
@@ -272,6 +280,9 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
     # written pages; positions up to ~60 and random inverse frequencies, so a wrong half, sign,
     # angle or token is far off. parts > 1: the kernel gets the projection's split-K partial
     # products (float32) instead, sums them and rounds the sum to the model dtype itself.
+    # norm: the layer's RMSNorm folded in (qkv_norm): the given q/k/v are those of x * g, and
+    # the kernel scales each token's by rsqrt(mean(x^2) + eps) from x's row (E = 40: a masked
+    # load), so the reference takes the scaled projection.
     from jaxllm.models.attention import _to_cache
     from jaxllm.models.llama import apply_rope
 
@@ -291,6 +302,14 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
         qkv = jnp.sum(partials, axis=0).astype(model_dtype)
         given = qkv if parts == 1 else partials.reshape(parts * T, K, (G + 2) * D)
         statics = {} if parts == 1 else dict(qkv_parts=parts, qkv_dtype=model_dtype)
+        if norm:
+            x = jnp.asarray(rng.standard_normal((T, 40)) * rng.uniform(0.2, 5, (T, 1)),
+                            model_dtype)
+            xf = x.astype(jnp.float32)
+            r = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1) + 1e-5)
+            statics["qkv_norm"] = (x, 1e-5)
+            qkv = ((qkv.astype(jnp.float32) if parts == 1 else jnp.sum(partials, axis=0))
+                   * r[:, None, None]).astype(model_dtype)
         sl_np, pt_np = np.asarray(sl), np.asarray(pt)
         pos = np.zeros(T, np.int32)
         pos[:n] = sl_np[:n] - 1

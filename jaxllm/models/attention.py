@@ -50,7 +50,8 @@ FP8_KV_DTYPE = jnp.float8_e4m3fn
 ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
               "decode_heads_per_program", "num_warps", "num_stages", "qkv_split_k")
-_BOOL_KNOBS = ("decode_split_pages", "masked_tail_only", "fused_kv_write", "fused_qkv_rope")
+_BOOL_KNOBS = ("decode_split_pages", "masked_tail_only", "fused_kv_write", "fused_qkv_rope",
+               "fold_input_norm")
 # Knobs with a fixed set of string values.
 _CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES}
 _KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS + tuple(_CHOICE_KNOBS)
@@ -64,7 +65,10 @@ _FUSED_QKV_ROPE = "fused_qkv_rope"
 # products (FusedLinear.split_k), in steps of at most QKV_SPLIT_K_MAX_TOKENS tokens; 1: its
 # output as is.
 _QKV_SPLIT_K = "qkv_split_k"
-_NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K)
+# With fused_qkv_rope: the layer's input RMSNorm folded into the q/k/v GEMM and the decode
+# kernel (``qkv_norm_folds``).
+_FOLD_INPUT_NORM = "fold_input_norm"
+_NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K, _FOLD_INPUT_NORM)
 
 
 def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
@@ -314,12 +318,20 @@ def qkv_split_k_parts(num_tokens: int) -> int:
     return parts if num_tokens <= QKV_SPLIT_K_MAX_TOKENS else 1
 
 
+def qkv_norm_folds() -> bool:
+    """Whether a ``rope_write_kv_and_attend`` step folds the layer's input RMSNorm into the
+    q/k/v GEMM's prologue (x * g) and the decode kernel (the per-token rsqrt factor): the
+    ``fold_input_norm`` knob (``JAXLLM_ATTENTION_KNOBS``); off unless set. Read at trace time."""
+    return bool(dict(attention_kernel_knobs()).get(_FOLD_INPUT_NORM, False))
+
+
 def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                              k_pages: jax.Array, v_pages: jax.Array, md: AttentionMetadata, *,
                              sm_scale: float,
                              sliding_window: int | None = None, soft_cap: float | None = None,
                              k_scale: float = 1.0, v_scale: float = 1.0, qkv_parts: int = 1,
-                             dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                             dtype=None, norm: tuple[jax.Array, float] | None = None
+                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``apply_rope`` on the query heads and the keys of ``qkv`` ([T, K, (G + 2) * D], the fused
     projection's output: per KV head its G query heads, its key, its value), then
     ``write_kv_and_attend``, in the decode kernel alone (``ragged_paged_attention``'s
@@ -328,36 +340,42 @@ def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax
     positions [T], inv_freq [D/2]: as ``apply_rope`` takes them (the angles are built the
     same way, so XLA shares them, and their cos / sin, across the layers). ``qkv_parts`` > 1:
     ``qkv`` is ``FusedLinear.split_k``'s [qkv_parts * T, K, (G + 2) * D] float32 partials,
-    summed in the kernel and rounded to ``dtype`` (the model's; the output's)."""
+    summed in the kernel and rounded to ``dtype`` (the model's; the output's). ``norm=(x,
+    eps)``: ``qkv`` is the projection of x * g (the layer's input RMSNorm folded into the
+    GEMM), and the kernel scales each token's q/k/v by rsqrt(mean(x^2) + eps) (the kernel's
+    ``qkv_norm``)."""
     dtype = qkv.dtype if dtype is None else jnp.dtype(dtype)
     kernel_knobs = _kernel_args(attention_kernel_knobs())
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     scaled = is_fp8(k_pages.dtype) and (k_scale != 1.0 or v_scale != 1.0)
 
-    def attend(k_pages, v_pages, qkv, angles, md):
+    norm_x, norm_eps = (None, None) if norm is None else (norm[0], float(norm[1]))
+
+    def attend(k_pages, v_pages, qkv, angles, md, norm_x=None):
         return _paged_attention_rope(
-            qkv, angles, k_pages, v_pages, md,
+            qkv, angles, k_pages, v_pages, md, norm_x,
             sm_scale=sm_scale * (k_scale if scaled else 1.0), sliding_window=sliding_window,
             soft_cap=soft_cap, knobs=kernel_knobs, scales=(float(k_scale), float(v_scale)),
-            parts=qkv_parts, dtype=dtype)
-    out, k_pages, v_pages = _per_head_shard(attend, 2, 1, None)(k_pages, v_pages, qkv,
-                                                                 angles, md)
+            parts=qkv_parts, dtype=dtype, norm_eps=norm_eps)
+    out, k_pages, v_pages = _per_head_shard(attend, 2, 1, None)(
+        k_pages, v_pages, qkv, angles, md, *(() if norm_x is None else (norm_x,)))
     if scaled:  # the per-tensor scales fold out as in paged_attention
         out = (out.astype(jnp.float32) * v_scale).astype(dtype)
     return out, k_pages, v_pages
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "knobs",
-                                             "scales", "parts", "dtype"))
-def _paged_attention_rope(qkv, angles, k_pages, v_pages, md, *, sm_scale, sliding_window,
-                          soft_cap, knobs, scales, parts=1, dtype=None):
+                                             "scales", "parts", "dtype", "norm_eps"))
+def _paged_attention_rope(qkv, angles, k_pages, v_pages, md, norm_x=None, *, sm_scale,
+                          sliding_window, soft_cap, knobs, scales, parts=1, dtype=None,
+                          norm_eps=None):
     # Nested jit for the same reason as _paged_attention (one trace per step program).
     return ragged_paged_attention(
         qkv, k_pages, v_pages, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, decode_only=True,
         new_kv=(None, None, md.slot_mapping), qkv_rope=(angles, *scales), qkv_parts=parts,
         qkv_dtype=dtype if parts > 1 else None, interpret=jax.default_backend() != "gpu",
-        **dict(knobs))
+        qkv_norm=None if norm_x is None else (norm_x, norm_eps), **dict(knobs))
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: AttentionMetadata,

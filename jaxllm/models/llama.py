@@ -29,8 +29,8 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig, gemm_out_dtype_from_env
-from jaxllm.models.attention import (AttentionMetadata, KVCache, qkv_rope_applies,
-                                     qkv_split_k_parts, rope_write_kv_and_attend,
+from jaxllm.models.attention import (AttentionMetadata, KVCache, qkv_norm_folds,
+                                     qkv_rope_applies, qkv_split_k_parts, rope_write_kv_and_attend,
                                      write_kv_and_attend)
 from jaxllm.models.fp8 import fp8_swiglu_mlp
 
@@ -162,25 +162,37 @@ class LlamaAttention(nnx.Module):
                                       if config.kv_cache_scales else (1.0, 1.0))
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-                 kv_cache: tuple[jax.Array, jax.Array], md: AttentionMetadata
+                 kv_cache: tuple[jax.Array, jax.Array], md: AttentionMetadata,
+                 norm: "RMSNorm | None" = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """x: [T, E] -> [T, E]; kv_cache: (k_pages, v_pages) each [P, B, K, D], returned updated."""
+        """x: [T, E] -> [T, E]; kv_cache: (k_pages, v_pages) each [P, B, K, D], returned updated.
+        ``norm``: the layer's input RMSNorm, applied to x here first (or folded into the q/k/v
+        GEMM and the decode kernel: the ``fold_input_norm`` knob)."""
         T, D = x.shape[0], self.head_dim
         if self.qkv_proj is not None:
             if self.q_norm is None and qkv_rope_applies(self.attention_backend, md, T):
                 # The decode kernel applies rope and writes the new K/V itself (and, with the
                 # qkv_split_k knob, sums the GEMM's split-K partials).
+                fold = (norm is not None and qkv_norm_folds() and self.qkv_proj.bias is None
+                        and self.qkv_proj.input_scale is None)
+                # Folded: RMSNorm(x) @ W = r * ((x * g) @ W); XLA takes x * g as the GEMM's
+                # prologue and the kernel applies r (no norm kernel). A bias or a static fp8
+                # activation scale would not commute with r, so those keep the norm.
+                h = x * norm.weight[...] if fold else (x if norm is None else norm(x))
                 parts = qkv_split_k_parts(T)
-                qkv = self.qkv_proj.split_k(x, parts) if parts > 1 else None
+                qkv = self.qkv_proj.split_k(h, parts) if parts > 1 else None
                 if qkv is None:
-                    qkv, parts = self.qkv_proj(x), 1
+                    qkv, parts = self.qkv_proj(h), 1
                 out, k_pages, v_pages = rope_write_kv_and_attend(
                     qkv, positions, inv_freq, kv_cache[0], kv_cache[1], md,
                     sm_scale=self.sm_scale,
                     sliding_window=self.sliding_window, k_scale=self.k_scale,
-                    v_scale=self.v_scale, qkv_parts=parts, dtype=x.dtype)
+                    v_scale=self.v_scale, qkv_parts=parts, dtype=x.dtype,
+                    norm=(x, norm.eps) if fold else None)
                 return (self.o_proj(out.reshape(T, self.num_heads * self.head_dim)),
                         (k_pages, v_pages))
+        if norm is not None:
+            x = norm(x)
             qkv = self.qkv_proj(x)  # [T, K, (G + 2) * D]: per KV head its G q heads, k, v
             GD = qkv.shape[-1] - 2 * D
             q = qkv[:, :, :GD].reshape(T, self.num_heads, D)
@@ -235,7 +247,8 @@ class LlamaDecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, inv_freq, kv_cache, md):
         """x: [T, E] (the residual stream) -> [T, E]."""
-        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv_cache, md)
+        attn_out, kv_cache = self.self_attn(x, positions, inv_freq, kv_cache, md,
+                                            norm=self.input_layernorm)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv_cache
