@@ -104,9 +104,10 @@ def per_call(events: list[tuple[str, float, float]], calls: int) -> dict | None:
                 ops_per_call=len(events) / calls, top_op=top_name, top_op_us=top_us / calls)
 
 
-def device_time(fn, arg_sets: list[tuple], calls: int = 20) -> dict | None:
-    """``per_call`` of ``fn``: one warm call, then ``calls`` calls (``arg_sets`` cycled, as the
-    wall-time loop does) under the profiler. None on a platform whose trace has no GPU ops."""
+def trace_events(fn, arg_sets: list[tuple], calls: int = 20
+                 ) -> list[tuple[str, float, float]] | None:
+    """``gpu_events`` of ``calls`` calls of ``fn`` (``arg_sets`` cycled, as the wall-time loop
+    does) under the profiler, after one warm call. None when no trace was written."""
     import jax
 
     jax.block_until_ready(fn(*arg_sets[0]))
@@ -120,4 +121,11 @@ def device_time(fn, arg_sets: list[tuple], calls: int = 20) -> dict | None:
         if trace is None:
             return None
         events, _ = gpu_events(trace)
-    return per_call(events, calls)
+    return events
+
+
+def device_time(fn, arg_sets: list[tuple], calls: int = 20) -> dict | None:
+    """``per_call`` of ``fn`` over ``calls`` profiled calls (``trace_events``). None on a
+    platform whose trace has no GPU ops."""
+    events = trace_events(fn, arg_sets, calls)
+    return None if events is None else per_call(events, calls)

@@ -865,6 +865,20 @@ def test_attention_is_traced_once_per_step_program_and_compiles_to_the_same_ops(
     assert nested == inline
 
 
+def _pallas_greedy_tokens(folder) -> list:
+    """Greedy tokens of two prompts (10 each) from a float32 Pallas-backend LLM over the small
+    Llama in ``folder``, small enough that decode steps take the decode kernel's paths; every
+    page comes back."""
+    llm = LLM(str(folder), dtype="float32", max_model_len=64, page_size=8, num_pages=16,
+              max_num_batched_tokens=16, max_num_seqs=2, attention_backend="pallas",
+              skip_compile_at_start=True)
+    prompts = [{"prompt_token_ids": [11, 12, 13, 14, 15]}, {"prompt_token_ids": [7, 8, 9]}]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+                        use_tqdm=False)
+    assert llm.llm_engine.scheduler.page_pool.num_free_pages == 16  # all pages back
+    return [o.outputs[0].token_ids for o in outs]
+
+
 @pytest.mark.parametrize("rope,split_k", [(False, 1), (True, 1), (True, 4)])
 def test_fused_kv_write_knob_serves_the_same_greedy_tokens_and_keeps_the_cache_right(
         small_llama_folder, monkeypatch, rope, split_k):
@@ -877,23 +891,11 @@ def test_fused_kv_write_knob_serves_the_same_greedy_tokens_and_keeps_the_cache_r
     # GEMM's four split-K partial products, which the kernel sums.
     from jaxllm.models import attention
 
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    prompts = [{"prompt_token_ids": [11, 12, 13, 14, 15]}, {"prompt_token_ids": [7, 8, 9]}]
-    kwargs = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=16,
-                  max_num_batched_tokens=16, max_num_seqs=2, attention_backend="pallas",
-                  skip_compile_at_start=True)
-
-    def tokens():
-        llm = LLM(str(small_llama_folder), **kwargs)
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        assert llm.llm_engine.scheduler.page_pool.num_free_pages == 16  # all pages back
-        return [o.outputs[0].token_ids for o in outs]
-
     # The baseline: both off (small decode steps take fused_qkv_rope unless told not to).
     monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"fused_qkv_rope": false}')
-    want = tokens()
+    want = _pallas_greedy_tokens(small_llama_folder)
     fused_traces = fused_kv_write_on(monkeypatch, rope=rope, split_k=split_k)
-    got = tokens()
+    got = _pallas_greedy_tokens(small_llama_folder)
     assert fused_traces, "the decode-only steps did not take the fused path"
     assert set(fused_traces) == {split_k}
     assert got == want
@@ -908,21 +910,9 @@ def test_fold_input_norm_knob_serves_the_same_greedy_tokens(small_llama_folder, 
 
     from jaxllm.models import attention
 
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    prompts = [{"prompt_token_ids": [11, 12, 13, 14, 15]}, {"prompt_token_ids": [7, 8, 9]}]
-    kwargs = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=16,
-                  max_num_batched_tokens=16, max_num_seqs=2, attention_backend="pallas",
-                  skip_compile_at_start=True)
-
-    def tokens():
-        llm = LLM(str(small_llama_folder), **kwargs)
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        assert llm.llm_engine.scheduler.page_pool.num_free_pages == 16
-        return [o.outputs[0].token_ids for o in outs]
-
     base = '{"fused_qkv_rope": true, "qkv_split_k": 4'
     monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, base + "}")
-    want = tokens()
+    want = _pallas_greedy_tokens(small_llama_folder)
     seen = []
     real = attention._paged_attention_rope
     monkeypatch.setattr(attention, "_paged_attention_rope", lambda *a, **k: (seen.append(
@@ -930,7 +920,7 @@ def test_fold_input_norm_knob_serves_the_same_greedy_tokens(small_llama_folder, 
         real(*a, **k))[1])
     monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, base + ', "fold_input_norm": true}')
     jax.clear_caches()
-    got = tokens()
+    got = _pallas_greedy_tokens(small_llama_folder)
     assert seen and {(shape[1], eps) for shape, eps in seen} == {(64, 1e-5)}  # x [T, E], eps
     assert got == want
 

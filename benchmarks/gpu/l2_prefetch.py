@@ -21,8 +21,6 @@ import functools
 import json
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -100,19 +98,20 @@ def check_prefetch():
     print("prefetch kernel check: ok", flush=True)
 
 
+def emit(rec: dict, path: str | None) -> None:
+    """Prints a result row as JSON and appends it to ``path`` when given."""
+    print(json.dumps(rec), flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
 def positions(fn, arg_sets, calls=24):
-    """Median GPU time of each op position of one call: [(op group, us)], and ops a call."""
-    jax.block_until_ready(fn(*arg_sets[0]))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            out = None
-            for i in range(calls):
-                out = fn(*arg_sets[i % len(arg_sets)])
-            jax.block_until_ready(out)
-        trace = next(Path(d).rglob("perfetto_trace.json.gz"), None)
-        if trace is None:
-            return None, 0
-        events, _ = gpu_trace.gpu_events(trace)
+    """Median GPU time of each op position of one call: [(op group, us)], and ops a call;
+    (None, 0) without GPU ops."""
+    events = gpu_trace.trace_events(fn, arg_sets, calls)
+    if not events:
+        return None, 0
     events.sort(key=lambda e: e[1])
     n = len(events) // calls
     if n * calls != len(events):
@@ -200,10 +199,7 @@ def main():
                 rec["positions"] = [(k, round(v, 2)) for k, v in pos] if pos else None
             except Exception as e:  # noqa: BLE001 - report and go on
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print(json.dumps(rec), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            emit(rec, args.out)
 
 
 if __name__ == "__main__":

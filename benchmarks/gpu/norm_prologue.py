@@ -14,7 +14,6 @@ for the bf16 q/k/v projection (4096 x 6144) and its fp8 weight-only form.
     python3 benchmarks/gpu/norm_prologue.py [--out FILE]
 """
 import argparse
-import json
 import sys
 
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks/gpu")
 sys.path.insert(0, "benchmarks")
-from l2_prefetch import positions  # noqa: E402
+from l2_prefetch import emit, positions  # noqa: E402
 
 M, K, N, PARTS = 8, 4096, 6144, 4
 
@@ -83,10 +82,7 @@ def main():
                 rec["total_us"] = round(sum(v for _, v in pos), 2) if pos else None
             except Exception as e:  # noqa: BLE001 - report and go on
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print(json.dumps(rec), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            emit(rec, args.out)
 
 
 if __name__ == "__main__":
