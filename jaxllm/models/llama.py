@@ -193,6 +193,7 @@ class LlamaAttention(nnx.Module):
                         (k_pages, v_pages))
         if norm is not None:
             x = norm(x)
+        if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)  # [T, K, (G + 2) * D]: per KV head its G q heads, k, v
             GD = qkv.shape[-1] - 2 * D
             q = qkv[:, :, :GD].reshape(T, self.num_heads, D)
