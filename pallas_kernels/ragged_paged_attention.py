@@ -525,8 +525,6 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         v_scale=1.0 if qkv_rope is None else float(qkv_rope[1]), qkv_parts=qkv_parts,
         qkv_dtype=out_dtype, norm_eps=None if qkv_norm is None else float(qkv_norm[1]),
         norm_dim=0 if qkv_norm is None else qkv_norm[0].shape[1])
-    if qkv_norm is not None and (qkv_rope is None or kv_write is None):
-        raise ValueError("qkv_norm needs qkv_rope (the decode launch building q/k/v)")
     if num_splits == 1:
         out_shape = (jax.ShapeDtypeStruct((n_rows, D), out_dtype),)
     else:

@@ -350,6 +350,16 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
                                                     sm_scale=D ** -0.5, **window)
         assert _rel_err(got[:n], want[:n]) < tol, n
         assert np.all(np.asarray(got[n:].astype(jnp.float32)) == 0.0)
+    if norm:  # the folded norm needs the rope path, and one row of x per token
+        with pytest.raises(ValueError, match="qkv_norm needs qkv_rope"):
+            ragged_paged_attention(qkv[:, :, :D].reshape(T, K, D), kp, vp, sl, pt, qsl, ns,
+                                   sm_scale=1.0, interpret=True, qkv_norm=(x, 1e-5))
+        with pytest.raises(ValueError, match="qkv_norm's x must be"):
+            ragged_paged_attention(given, kp, vp, sl, pt, qsl, ns, sm_scale=1.0,
+                                   decode_only=True, interpret=True,
+                                   new_kv=(None, None, jnp.asarray(slots)),
+                                   qkv_rope=(angles, *scales), qkv_norm=(x[:3], 1e-5),
+                                   **{k: v for k, v in statics.items() if k != "qkv_norm"})
     with pytest.raises(ValueError, match="qkv_rope needs new_kv"):
         ragged_paged_attention(qkv, kp, vp, sl, pt, qsl, ns, sm_scale=1.0, decode_only=True,
                                interpret=True, qkv_rope=(angles, 1.0, 1.0))

@@ -6,7 +6,8 @@ layer leave it idle. If a kernel that runs anyway (the decode attention, 40 busy
 from the L2. This measures the premise, GPU time per kernel from the profiler, weights rotated
 over copies that overflow the L2:
   cold      the GEMM alone (the engine's case today)
-  hot       the same GEMM run twice on one weight: the second call's time (whole weight in L2?)
+  hot       the same GEMM run twice on one weight (meant as an L2-warm second call; XLA merges
+            the two dots into one GEMM of 16 rows, so it measures that instead)
   prefetch  a Pallas kernel of P programs reading the weight's bytes, then the GEMM: the GEMM's
             time after it, and the prefetch kernel's own time (what it would add if it did not
             overlap)

@@ -5,7 +5,8 @@ For the Llama-3-8B projections (fused q/k/v 4096 x 6144, o 4096 x 4096, fused ga
   xla_bf16      jnp.dot over the [K, N] bf16 weight (the engine's bf16 projection)
   xla_w8a16     the e4m3 [N, K] weight upcast inside the dot, scale after (the engine's fp8
                 projection at <= 16 rows)
-  xla_w8a16_f16 the same in float16 (x clipped to its range; JAXLLM_FP8_WEIGHT_ONLY_DOT=float16)
+  xla_w8a16_f16 the same in float16, x clipped to its range (the engine tried it as
+                JAXLLM_FP8_WEIGHT_ONLY_DOT=float16 in bcdde9a: no faster, removed)
   xla_fp8       fp8 x fp8 dot over the [N, K] weight, x pre-quantized (cuBLASLt; issue 5's peer)
   pallas_*      the kernel: bf16 [K, N], W8A16 [N, K], W8A8 [N, K]
 Each Pallas variant is swept over blocks and K splits at M = 16 (block of 16 rows: M = 1..16
@@ -132,8 +133,8 @@ def main():
         xla_w8a16 = jax.jit(lambda x, w, s: (jax.lax.dot_general(
             x, w.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             * s[None, :]).astype(x.dtype))
-        # The same with float16 operands (JAXLLM_FP8_WEIGHT_ONLY_DOT=float16): e4m3 -> float16
-        # is one instruction a pair on Hopper, e4m3 -> bf16 takes more.
+        # The same with float16 operands: e4m3 -> float16 is one instruction a pair on Hopper,
+        # e4m3 -> bf16 takes more (measured no faster, RESULTS "Rerun of 2026-12-02 (12:20)").
         xla_w8a16_f16 = jax.jit(lambda x, w, s: (jax.lax.dot_general(
             jnp.clip(x.astype(jnp.float32), -65504, 65504).astype(jnp.float16),
             w.astype(jnp.float16), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -206,7 +207,8 @@ def main():
         del wb, wq
     # Summary: best device time per (shape, M, impl); speed-up over XLA bf16.
     print("\n== summary: device us (weight TB/s), speed-up over xla_bf16 ==")
-    impls = ["xla_bf16", "xla_w8a16", "xla_w8a16_f16", "xla_fp8", "pallas_bf16", "pallas_w8a16", "pallas_w8a8"]
+    impls = ["xla_bf16", "xla_w8a16", "xla_w8a16_f16", "xla_fp8", "pallas_bf16", "pallas_w8a16",
+             "pallas_w8a8"]
     print("shape M " + " ".join(impls))
     table = {}
     for r in rows:
