@@ -1,7 +1,5 @@
 """Incremental detokenization and stop handling with the default model's real tokenizer."""
 
-import hashlib
-import os
 from pathlib import Path
 
 import pytest
@@ -18,19 +16,12 @@ EOS = 2  # <|im_end|>: SmolLM2-Instruct's end of turn
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """SmolLM2's tokenizer. Parsing it out of the GGUF takes ~25 s, so the tokenizer.json is
-    cached outside the repo (keyed by the GGUF's size and mtime) and reloads in < 1 s."""
-    from transformers import AutoTokenizer
+    """SmolLM2's tokenizer, through the loader's own cache of the converted tokenizer (parsing it
+    out of the GGUF takes ~25 s; the cache is written atomically, so pytest-xdist workers that
+    build it at once do not read each other's half-written files)."""
+    from jaxllm.loading.gguf_loader import load_gguf_tokenizer
 
-    gguf = Path(default_gguf_dir()) / DEFAULT_GGUF
-    st = gguf.stat()
-    key = hashlib.sha1(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxllm-tests" / key
-    if not (cache / "tokenizer.json").exists():
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=DEFAULT_GGUF)
-        cache.mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(str(cache))
-    tok = AutoTokenizer.from_pretrained(str(cache))
+    tok = load_gguf_tokenizer(Path(default_gguf_dir()) / DEFAULT_GGUF)
     tok.clean_up_tokenization_spaces = False  # a no-op for BPE; silences transformers' warning
     return tok
 
