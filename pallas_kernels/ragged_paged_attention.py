@@ -300,12 +300,14 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     if hp > 1:
         own = (dw[None, :] // D) == ((r % Gp) // G)[:, None]  # [rows, W]: row r's head's columns
     # The folded RMSNorm's factor of the program's token (decode: one token a program), applied
-    # to q and the new K/V before their rounding. (Untried: over bf16 pages, leave q unscaled
-    # and put the factor into the scores' scale, so the first K/V loads need not wait for x's
-    # row: rope is linear, rope(r q) . k = r (rope(q) . k). Over fp8 pages read as float16, q
-    # must take it: q / r could leave float16's range.)
+    # to the new K/V before their rounding, and to q: over pages read in their own dtype it goes
+    # into the scores' scale instead (rope is linear, rope(r q) . k = r (rope(q) . k)), so q and
+    # the first K/V loads need not wait for x's row; over fp8 pages read as float16 q takes it
+    # (q / r could leave float16's range).
     r_norm = (None if norm_eps is None else
               _rms_factor(norm_x_ref, jnp.minimum(tok0, num_tokens - 1), norm_dim, norm_eps))
+    r_in_scale = r_norm is not None and fp8_kv_dot is None
+    s_scale = sm_scale * r_norm if r_in_scale else sm_scale
     if qkv_rope:
         C = (G + 2) * D  # one KV head's q/k/v columns
         dq = d if hp == 1 else dw % D
@@ -313,7 +315,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         q_mask = row_ok[:, None] if hp == 1 else row_ok[:, None] & own
         t_row = jnp.where(row_ok, tok0 + r_tok, 0)[:, None]
         q = _rope(q_ref, t_row, base[:, None], dq[None, :], cos_ref, sin_ref, D, q_mask,
-                  qkv_parts, num_tokens, qkv_dtype, r_norm)
+                  qkv_parts, num_tokens, qkv_dtype, None if r_in_scale else r_norm)
     elif hp == 1:
         q = plgpu.load(q_ref.at[jnp.where(row_ok, q_row, 0)[:, None], d[None, :]],
                        mask=row_ok[:, None], other=0)
@@ -374,7 +376,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         else:
             k = k_ref[kv_row, cols].astype(kv_dtype)
             v = v_ref[kv_row, cols].astype(kv_dtype)
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * s_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         if masked:
@@ -428,7 +430,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
             k_new = plgpu.load(knew_ref.at[jnp.full((W,), t, jnp.int32), cols1])
             v_new = plgpu.load(vnew_ref.at[jnp.full((W,), t, jnp.int32), cols1])
         s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(kv_dtype).astype(jnp.float32)[None, :],
-                        axis=1) * sm_scale
+                        axis=1) * s_scale
         if soft_cap is not None:
             s_new = soft_cap * jnp.tanh(s_new / soft_cap)
         s_new = jnp.where(new & row_ok, s_new, _NEG)

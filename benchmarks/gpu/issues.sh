@@ -86,6 +86,8 @@
 #   bash benchmarks/gpu/issues.sh multistep3 (one GPU) offline throughput with 4 steps a launch
 #   bash benchmarks/gpu/issues.sh normfold (one GPU) the input RMSNorm folded into the q/k/v GEMM
 #                                          and the decode kernel: check, batch-1 latency
+#   bash benchmarks/gpu/issues.sh normfold2 (one GPU) the same with the norm's factor in the
+#                                          scores' scale over bf16 pages, in rounds
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -138,6 +140,37 @@ lat_knobs_ab() { for q in bf16 fp8; do
   done; }
 # Offline throughput, 1,000 x 512/128, once (the modes add batch limits / quantization).
 TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
+# The folded input RMSNorm (``qkv_norm``) compiled at the 8B heads over bf16 pages against the
+# unfolded kernel on pre-scaled q/k/v: relative error of the output, share of page values that differ.
+normfold_check() {
+  timeout 100 python3 - > $L/check.log 2>&1 <<'PY'
+import functools, jax, jax.numpy as jnp, numpy as np
+from tests.test_pallas_kernels import _random_batch
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+rng = np.random.default_rng(3)
+T, S, M, B, H, K, D, E, parts = 8, 8, 64, 16, 32, 8, 128, 4096, 4
+args, _ = _random_batch(rng, kinds=("decode",) * 5, T=T, S=S, M=M, B=B, P=S * M + 2, H=H,
+                        K=K, D=D, dtype=jnp.bfloat16)
+_, kp, vp, sl, pt, qsl, ns = args
+partials = jnp.asarray(rng.standard_normal((parts, T, K, 6 * D)) * 3, jnp.float32)
+x = jnp.asarray(rng.standard_normal((T, E)) * rng.uniform(0.2, 5, (T, 1)), jnp.bfloat16)
+r = jax.lax.rsqrt(jnp.mean(x.astype(jnp.float32) ** 2, -1) + 1e-5)
+pos = np.maximum(np.asarray(sl) - 1, 0)
+slots = jnp.asarray(np.asarray(pt)[np.arange(S), pos // B] * B + pos % B, jnp.int32)
+ang = jnp.asarray(pos, jnp.float32)[:, None] * jnp.linspace(0.01, 1, D // 2)[None, :]
+def run(q, **kw):
+    return jax.jit(functools.partial(ragged_paged_attention, sm_scale=D ** -0.5,
+                                     decode_only=True, qkv_rope=(ang, 1.0, 1.0), **kw))(
+        q, kp, vp, sl, pt, qsl, ns, new_kv=(None, None, slots))
+a = run(partials.reshape(parts * T, K, 6 * D), qkv_parts=parts, qkv_dtype=jnp.bfloat16,
+        qkv_norm=(x, 1e-5))
+b = run((partials.sum(0) * r[:, None, None]).astype(jnp.bfloat16))
+err = [float(jnp.linalg.norm((u.astype(jnp.float32) - w.astype(jnp.float32))[:5]) /
+             jnp.linalg.norm(w.astype(jnp.float32)[:5])) for u, w in zip(a[:1], b[:1])]
+pages = [float(jnp.mean((u != w).astype(jnp.float32))) for u, w in zip(a[1:], b[1:])]
+print("norm fold check: out rel err", err, "pages differing", pages)
+PY
+  cat $L/check.log | tail -3; }
 case "$1" in
 single)
   (export CUDA_VISIBLE_DEVICES=0
@@ -937,34 +970,7 @@ normfold)  # nvidia-h200 (one GPU), one call, 2026-12-02 afternoon (issues 9 and
   # the kernel against pre-scaled q/k/v, then batch-1 latency (4 steps a launch) without / with
   # the knob, bf16 and fp8, interleaved, bf16 once more, and the bf16 loop profile with it.
   L=$OUT/logs; mkdir -p $L
-  timeout 100 python3 - > $L/check.log 2>&1 <<'PY'
-import functools, jax, jax.numpy as jnp, numpy as np
-from tests.test_pallas_kernels import _random_batch
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention
-rng = np.random.default_rng(3)
-T, S, M, B, H, K, D, E, parts = 8, 8, 64, 16, 32, 8, 128, 4096, 4
-args, _ = _random_batch(rng, kinds=("decode",) * 5, T=T, S=S, M=M, B=B, P=S * M + 2, H=H,
-                        K=K, D=D, dtype=jnp.bfloat16)
-_, kp, vp, sl, pt, qsl, ns = args
-partials = jnp.asarray(rng.standard_normal((parts, T, K, 6 * D)) * 3, jnp.float32)
-x = jnp.asarray(rng.standard_normal((T, E)) * rng.uniform(0.2, 5, (T, 1)), jnp.bfloat16)
-r = jax.lax.rsqrt(jnp.mean(x.astype(jnp.float32) ** 2, -1) + 1e-5)
-pos = np.maximum(np.asarray(sl) - 1, 0)
-slots = jnp.asarray(np.asarray(pt)[np.arange(S), pos // B] * B + pos % B, jnp.int32)
-ang = jnp.asarray(pos, jnp.float32)[:, None] * jnp.linspace(0.01, 1, D // 2)[None, :]
-def run(q, **kw):
-    return jax.jit(functools.partial(ragged_paged_attention, sm_scale=D ** -0.5,
-                                     decode_only=True, qkv_rope=(ang, 1.0, 1.0), **kw))(
-        q, kp, vp, sl, pt, qsl, ns, new_kv=(None, None, slots))
-a = run(partials.reshape(parts * T, K, 6 * D), qkv_parts=parts, qkv_dtype=jnp.bfloat16,
-        qkv_norm=(x, 1e-5))
-b = run((partials.sum(0) * r[:, None, None]).astype(jnp.bfloat16))
-err = [float(jnp.linalg.norm((u.astype(jnp.float32) - w.astype(jnp.float32))[:5]) /
-             jnp.linalg.norm(w.astype(jnp.float32)[:5])) for u, w in zip(a[:1], b[:1])]
-pages = [float(jnp.mean((u != w).astype(jnp.float32))) for u, w in zip(a[1:], b[1:])]
-print("norm fold check: out rel err", err, "pages differing", pages)
-PY
-  cat $L/check.log | tail -3
+  normfold_check
   lat_knobs_ab '{"fold_input_norm": true}' nf 100
   if [ $((T - SECONDS)) -gt 90 ]; then
     timeout 100 $LAT1K --num-scheduler-steps 4 > $L/lat_bf16_k4_b.log 2>&1
@@ -977,6 +983,25 @@ PY
     --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 --out-dir /tmp/q1 \
     --out $OUT/results.jsonl > $L/prof_bf16_nf.log 2>&1
   for f in $L/prof*.log; do echo "== $f"; grep -A16 "^batch " $f | cut -c1-150; done
+  show_logs 3 ;;
+normfold2)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 6): the fold with
+  # its factor in the scores' scale over bf16 pages (q unscaled, so the first K/V loads need not
+  # wait for x's row). The GPU rope tests (the engine's fold variant among them), the compiled
+  # check, then batch-1 latency (4 steps a launch) without / with the knob, bf16 and fp8, in
+  # rounds that alternate which goes first.
+  L=$OUT/logs; mkdir -p $L
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 200 python3 -m pytest -q -m gpu \
+    tests/test_gpu.py -k rope > $L/tests.log 2>&1; tail -3 $L/tests.log
+  normfold_check
+  NF='{"fold_input_norm": true}'
+  for i in 1 2 3; do [ $((T - SECONDS)) -gt 150 ] || break
+    for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+      for v in $([ $((i % 2)) = 1 ] && echo "d nf" || echo "nf d"); do
+        K=""; [ $v = nf ] && K=$NF
+        JAXLLM_ATTENTION_KNOBS="$K" timeout 100 $LAT1K $QA --num-scheduler-steps 4 \
+          > $L/lat_${q}_${v}_r$i.log 2>&1
+      done; done; done
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
   show_logs 3 ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
