@@ -901,28 +901,32 @@ def test_fused_kv_write_knob_serves_the_same_greedy_tokens_and_keeps_the_cache_r
     assert got == want
 
 
-def test_fold_input_norm_knob_serves_the_same_greedy_tokens(small_llama_folder, monkeypatch):
-    # JAXLLM_ATTENTION_KNOBS={"fold_input_norm": true}: on the decode kernel's rope path the
-    # layer's input RMSNorm is folded (the q/k/v GEMM takes x * g, the kernel applies each
-    # token's rsqrt(mean(x^2) + eps)): the same greedy tokens as the norm kernel's path, in
-    # float32, and every decode-only step's kernel took x.
+def test_input_norm_folds_by_default_in_small_decode_steps_with_the_same_greedy_tokens(
+        small_llama_folder, monkeypatch):
+    # On the decode kernel's rope path, steps of <= FOLD_INPUT_NORM_MAX_TOKENS tokens fold the
+    # layer's input RMSNorm by default (the q/k/v GEMM takes x * g, the kernel applies each
+    # token's rsqrt(mean(x^2) + eps)): the same greedy tokens, in float32, as the norm kernel's
+    # path ({"fold_input_norm": false}), and every decode-only step's kernel took x (this
+    # engine's buckets are all <= 16 tokens).
     import jax
 
     from jaxllm.models import attention
 
+    assert attention.FOLD_INPUT_NORM_MAX_TOKENS >= 16
     base = '{"fused_qkv_rope": true, "qkv_split_k": 4'
-    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, base + "}")
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, base + ', "fold_input_norm": false}')
     want = _pallas_greedy_tokens(small_llama_folder)
     seen = []
     real = attention._paged_attention_rope
     monkeypatch.setattr(attention, "_paged_attention_rope", lambda *a, **k: (seen.append(
         (a[5].shape if len(a) > 5 and a[5] is not None else None, k.get("norm_eps"))),
         real(*a, **k))[1])
-    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, base + ', "fold_input_norm": true}')
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, base + "}")
     jax.clear_caches()
     got = _pallas_greedy_tokens(small_llama_folder)
     assert seen and {(shape[1], eps) for shape, eps in seen} == {(64, 1e-5)}  # x [T, E], eps
     assert got == want
+    assert not attention.qkv_norm_folds(attention.FOLD_INPUT_NORM_MAX_TOKENS + 1)
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False])

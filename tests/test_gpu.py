@@ -286,8 +286,8 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
     """JAXLLM_ATTENTION_KNOBS={"fused_qkv_rope": true} on the GPU (rope and the K/V write inside
     the compiled decode kernel, single steps and the multi-step loop), and the default that
     takes it for small decode steps with the kernel summing the q/k/v GEMM's split-K partials
-    (``qkv_split_k``), and with the input RMSNorm folded in (``fold_input_norm``), give the
-    separate kernels' greedy tokens, in float32."""
+    (``qkv_split_k``) and folding the input RMSNorm in (``fold_input_norm``), and that default
+    without the fold, give the separate kernels' greedy tokens, in float32."""
     from jaxllm import LLM, SamplingParams
     from jaxllm.models.attention import ATTENTION_KNOBS_ENV
 
@@ -298,8 +298,8 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
     outs = {}
     off = '{"fused_qkv_rope": false}'
     on = '{"fused_qkv_rope": true, "qkv_split_k": 1}'
-    fold = '{"fold_input_norm": true}'  # the input RMSNorm folded into the GEMM and kernel
-    for knobs, steps in ((off, 1), (on, 1), (on, 4), ("", 4), (fold, 4)):
+    nofold = '{"fold_input_norm": false}'  # the input RMSNorm kernel kept
+    for knobs, steps in ((off, 1), (on, 1), (on, 4), ("", 4), (nofold, 4)):
         monkeypatch.setenv(ATTENTION_KNOBS_ENV, knobs)
         llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
                   num_pages=64, max_num_batched_tokens=512, max_num_seqs=8,
@@ -310,7 +310,7 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
     want = outs[(off, 1)]
     assert outs[(on, 1)] == want
     assert outs[(on, 4)] == want
-    # The default for these 8-token decode steps: on, and the kernel sums the q/k/v GEMM's
-    # split-K partials (qkv_split_k 4).
+    # The default for these 8-token decode steps: on, the kernel sums the q/k/v GEMM's split-K
+    # partials (qkv_split_k 4) and applies the folded input norm's factor.
     assert outs[("", 4)] == want
-    assert outs[(fold, 4)] == want
+    assert outs[(nofold, 4)] == want

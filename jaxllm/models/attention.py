@@ -318,11 +318,22 @@ def qkv_split_k_parts(num_tokens: int) -> int:
     return parts if num_tokens <= QKV_SPLIT_K_MAX_TOKENS else 1
 
 
-def qkv_norm_folds() -> bool:
-    """Whether a ``rope_write_kv_and_attend`` step folds the layer's input RMSNorm into the
-    q/k/v GEMM's prologue (x * g) and the decode kernel (the per-token rsqrt factor): the
-    ``fold_input_norm`` knob (``JAXLLM_ATTENTION_KNOBS``); off unless set. Read at trace time."""
-    return bool(dict(attention_kernel_knobs()).get(_FOLD_INPUT_NORM, False))
+# Steps of at most this many tokens (the step's bucket) on the decode kernel's rope path fold the
+# layer's input RMSNorm in by default (``fold_input_norm`` unset). Measured on the H200
+# (benchmarks/RESULTS.md, 2026-12-02 evening, batch 1 with 4 steps a launch, three alternating
+# pairs): fp8 2.78-2.79 against 2.81-2.82 ms/token, bf16 4.21-4.24 against 4.22-4.25; the
+# 16-token bucket measured in the same evening's confirmation. Larger steps are unmeasured.
+FOLD_INPUT_NORM_MAX_TOKENS = 16
+
+
+def qkv_norm_folds(num_tokens: int) -> bool:
+    """Whether a ``rope_write_kv_and_attend`` step of ``num_tokens`` (static: the bucket) folds
+    the layer's input RMSNorm into the q/k/v GEMM's prologue (x * g) and the decode kernel (the
+    per-token rsqrt factor): the ``fold_input_norm`` knob (``JAXLLM_ATTENTION_KNOBS``: true for
+    every such step, false for none); unset, steps of at most ``FOLD_INPUT_NORM_MAX_TOKENS``.
+    Read at trace time."""
+    knob = dict(attention_kernel_knobs()).get(_FOLD_INPUT_NORM)
+    return num_tokens <= FOLD_INPUT_NORM_MAX_TOKENS if knob is None else bool(knob)
 
 
 def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax.Array,

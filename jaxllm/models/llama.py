@@ -166,14 +166,15 @@ class LlamaAttention(nnx.Module):
                  norm: "RMSNorm | None" = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x: [T, E] -> [T, E]; kv_cache: (k_pages, v_pages) each [P, B, K, D], returned updated.
-        ``norm``: the layer's input RMSNorm, applied to x here first (or folded into the q/k/v
-        GEMM and the decode kernel: the ``fold_input_norm`` knob)."""
+        ``norm``: the layer's input RMSNorm, applied to x here first (or, in small decode steps
+        on the decode kernel's rope path, folded into the q/k/v GEMM and the decode kernel:
+        ``qkv_norm_folds``)."""
         T, D = x.shape[0], self.head_dim
         if self.qkv_proj is not None:
             if self.q_norm is None and qkv_rope_applies(self.attention_backend, md, T):
                 # The decode kernel applies rope and writes the new K/V itself (and, with the
                 # qkv_split_k knob, sums the GEMM's split-K partials).
-                fold = (norm is not None and qkv_norm_folds() and self.qkv_proj.bias is None
+                fold = (norm is not None and qkv_norm_folds(T) and self.qkv_proj.bias is None
                         and self.qkv_proj.input_scale is None)
                 # Folded: RMSNorm(x) @ W = r * ((x * g) @ W); XLA takes x * g as the GEMM's
                 # prologue and the kernel applies r (no norm kernel). A bias or a static fp8
