@@ -88,6 +88,8 @@
 #                                          and the decode kernel: check, batch-1 latency
 #   bash benchmarks/gpu/issues.sh normfold2 (one GPU) the same with the norm's factor in the
 #                                          scores' scale over bf16 pages, in rounds
+#   bash benchmarks/gpu/issues.sh normfold3 (one GPU) the fold as the default (<= 16 tokens)
+#                                          against it off, batch 1 and 16
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1003,6 +1005,29 @@ normfold2)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 
       done; done; done
   for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
   show_logs 3 ;;
+normfold3)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 6): the fold as the
+  # default at <= 16 tokens. Batch 1 (4 steps a launch) at the defaults against the fold
+  # turned off, bf16 and fp8, in alternating rounds; then the 16-token bucket (16 sequences,
+  # profile_step.py, 4 steps a launch) the same two ways.
+  L=$OUT/logs; mkdir -p $L
+  OFF='{"fold_input_norm": false}'
+  for i in 1 2; do
+    for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+      for v in $([ $((i % 2)) = 1 ] && echo "d off" || echo "off d"); do
+        K=""; [ $v = off ] && K=$OFF
+        JAXLLM_ATTENTION_KNOBS="$K" timeout 100 $LAT1K $QA --num-scheduler-steps 4 \
+          > $L/lat_${q}_${v}_r$i.log 2>&1
+      done; done; done
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
+  for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+    for v in d off; do [ $((T - SECONDS)) -gt 80 ] || break
+      K=""; [ $v = off ] && K=$OFF
+      JAXLLM_ATTENTION_KNOBS="$K" timeout $((T - SECONDS - 20)) python3 benchmarks/profile_step.py \
+        --context 1024 --steps 6 --top 4 --batch 16 --max-num-seqs 16 --num-scheduler-steps 4 \
+        $QA --out-dir /tmp/q16 --out $OUT/results.jsonl > $L/prof16_${q}_${v}.log 2>&1
+    done; done
+  for f in $L/prof16*.log; do echo "== $f"; grep -A5 "^batch " $f | cut -c1-150; done
+  show_logs 2 ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
   # at 16384 tokens took 306 s. The GEMMs alone under per-program XLA options (one process),
