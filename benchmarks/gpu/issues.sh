@@ -90,6 +90,8 @@
 #                                          scores' scale over bf16 pages, in rounds
 #   bash benchmarks/gpu/issues.sh normfold3 (one GPU) the fold as the default (<= 16 tokens)
 #                                          against it off, batch 1 and 16
+#   bash benchmarks/gpu/issues.sh foldcheck (one GPU) the fold's default at batch 8, then the
+#                                          GPU tests
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1028,6 +1030,21 @@ normfold3)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 
     done; done
   for f in $L/prof16*.log; do echo "== $f"; grep -A5 "^batch " $f | cut -c1-150; done
   show_logs 2 ;;
+foldcheck)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 6): the fold's
+  # default (<= 8 tokens) with 8 live sequences in the 8-token bucket (profile_step.py, 4 steps
+  # a launch) against it off, bf16 and fp8; then the whole GPU test file at the new default.
+  L=$OUT/logs; mkdir -p $L
+  OFF='{"fold_input_norm": false}'
+  for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+    for v in d off off d; do
+      K=""; [ $v = off ] && K=$OFF
+      JAXLLM_ATTENTION_KNOBS="$K" timeout 100 python3 benchmarks/profile_step.py \
+        --context 1024 --steps 6 --top 3 --batch 8 --max-num-seqs 8 --num-scheduler-steps 4 \
+        $QA --out-dir /tmp/q8 --out $OUT/results.jsonl >> $L/prof8_${q}_${v}.log 2>&1
+    done; done
+  for f in $L/prof8*.log; do echo "== $f"; grep "^batch " $f | cut -c1-120; done
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
+    -q -m gpu tests/test_gpu.py > $L/tests.log 2>&1; tail -5 $L/tests.log ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
   # at 16384 tokens took 306 s. The GEMMs alone under per-program XLA options (one process),

@@ -320,10 +320,12 @@ def qkv_split_k_parts(num_tokens: int) -> int:
 
 # Steps of at most this many tokens (the step's bucket) on the decode kernel's rope path fold the
 # layer's input RMSNorm in by default (``fold_input_norm`` unset). Measured on the H200
-# (benchmarks/RESULTS.md, 2026-12-02 evening, batch 1 with 4 steps a launch, three alternating
-# pairs): fp8 2.78-2.79 against 2.81-2.82 ms/token, bf16 4.21-4.24 against 4.22-4.25; the
-# 16-token bucket measured in the same evening's confirmation. Larger steps are unmeasured.
-FOLD_INPUT_NORM_MAX_TOKENS = 16
+# (benchmarks/RESULTS.md, 2026-12-02 evening, 4 steps a launch, alternating pairs): batch 1
+# (the 8-token bucket) fp8 2.78-2.79 against 2.81-2.84 ms/token in five pairs, bf16 4.21-4.25
+# against 4.22-4.26; but batch 16 (the 16-token bucket) slower with it, bf16 5.27 against 5.14
+# ms a step, fp8 4.10 against 3.94 (its decode kernel grew 6 µs a layer, more than the norm
+# kernel it saves), so 16-token steps keep the norm kernel.
+FOLD_INPUT_NORM_MAX_TOKENS = 8
 
 
 def qkv_norm_folds(num_tokens: int) -> bool:
