@@ -1,8 +1,8 @@
 # The two commands of the README. Each sets up .venv itself (scripts/setup_env.sh, idempotent).
 PY := .venv/bin/python
 PYTEST_ARGS ?=
-# pytest-xdist workers for `make test` (0: one process). Tests that must not overlap share an
-# xdist_group (--dist loadgroup), e.g. the two Ray modules, which each start a local Ray cluster.
+# pytest-xdist workers for `make test` (0: one process); tests/conftest.py hands them whole
+# modules (the two Ray modules as one unit, so their Ray clusters never overlap).
 PYTEST_WORKERS ?= 2
 
 .PHONY: setup serve generate test test-all
@@ -19,4 +19,4 @@ generate: setup
 
 # The test suite, CPU only (GPU tests are skipped without a GPU).
 test: setup
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not gpu" -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not gpu" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)

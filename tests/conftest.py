@@ -49,8 +49,43 @@ def _has_gpu() -> bool:
         return False
 
 
+# `make test` runs pytest-xdist workers (the CI machine has 2 cores; one pytest process kept ~1.1
+# busy). Work goes to them a module at a time, so module-scoped fixtures (a served model, a Ray
+# cluster) are built once; the two Ray modules are one unit (each starts a local Ray cluster on
+# the machine's 2 CPUs: two at once would compete for them), and the longest units go first.
+# (Our own scheduler, not xdist's `--dist loadgroup`: that marks tests by rewriting
+# `Item._nodeid`, which pytest 9 no longer reads, so its groups were silently ignored.)
+_XDIST_UNITS = {"test_ray_serve.py": "ray", "test_ray_scaleout.py": "ray"}
+_XDIST_FIRST = ("ray", "test_notebooks.py")  # the longest units (~5 min each here)
+
+
+def _xdist_unit(nodeid: str) -> str:
+    """The work unit of a test: its module's file name, or the group the module belongs to."""
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return _XDIST_UNITS.get(module, module)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        """xdist's loadscope (units handed out as workers free up), with ``_xdist_unit``'s units,
+        in collection order (``pytest_collection_modifyitems`` puts the longest first)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _xdist_unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` run only where JAX sees a GPU (CI has none: they are skipped)."""
+    """Tests marked ``gpu`` run only where JAX sees a GPU (CI has none: they are skipped). Under
+    pytest-xdist the longest work units are collected first (every worker sorts alike)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        first = {unit: i for i, unit in enumerate(_XDIST_FIRST)}
+        items.sort(key=lambda item: first.get(_xdist_unit(item.nodeid), len(first)))
     if any("gpu" in item.keywords for item in items) and not _has_gpu():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (JAX sees none)")
         for item in items:

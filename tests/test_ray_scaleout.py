@@ -32,10 +32,6 @@ from server.ray_serve import ENGINE_DEPLOYMENT, REPLICA_HEADER, build_app  # noq
 
 from .helpers import small_llama_folder  # noqa: E402,F401  (fixture)
 
-# One worker runs both Ray modules, one after the other (`make test` runs pytest-xdist with
-# --dist loadgroup): each starts a local Ray cluster, and two at once would share ports and CPUs.
-pytestmark = pytest.mark.xdist_group("ray")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_KW = dict(dtype="float32", max_model_len=96, num_pages=24, max_num_seqs=4,
                  token_buckets=(8, 32), skip_compile_at_start=True)

@@ -33,10 +33,6 @@ from server import prefix_routing  # noqa: E402
 from server.ray_serve import (ENGINE_DEPLOYMENT, REPLICA_HEADER, EngineServer,  # noqa: E402
                               app_builder, build_app)
 
-# One worker runs both Ray modules, one after the other (`make test` runs pytest-xdist with
-# --dist loadgroup): each starts a local Ray cluster, and two at once would share ports and CPUs.
-pytestmark = pytest.mark.xdist_group("ray")
-
 APP = "jaxllm"
 API_KEY = "sk-ray-test"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
