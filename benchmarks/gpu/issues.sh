@@ -92,7 +92,6 @@
 #                                          against it off, batch 1 and 16
 #   bash benchmarks/gpu/issues.sh foldcheck (one GPU) the fold's default at batch 8, then the
 #                                          GPU tests
-#   bash benchmarks/gpu/issues.sh b1small (one GPU) batch 1 with a 1-row decode program
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1046,23 +1045,6 @@ foldcheck)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 
   for f in $L/prof8*.log; do echo "== $f"; grep "^batch " $f | cut -c1-120; done
   JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
     -q -m gpu tests/test_gpu.py > $L/tests.log 2>&1; tail -5 $L/tests.log ;;
-b1small)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 6): a 1-row decode
-  # program for batch 1 (`--small-decode-buckets 1`: the attention sized for one sequence) once
-  # more, now that rope, the K/V write and the input norm live in the decode kernel (in
-  # 2026-12-01's rerun XLA fused the 1-row step into 161 more kernels). Batch 1 (4 steps a
-  # launch) against the defaults, bf16 and fp8, alternating rounds; the bf16 loop profile.
-  L=$OUT/logs; mkdir -p $L
-  for i in 1 2; do
-    for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
-      for v in $([ $((i % 2)) = 1 ] && echo "d s1" || echo "s1 d"); do
-        SA=""; [ $v = s1 ] && SA="--small-decode-buckets 1"
-        timeout 100 $LAT1K $QA $SA --num-scheduler-steps 4 > $L/lat_${q}_${v}_r$i.log 2>&1
-      done; done; done
-  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
-  [ $((T - SECONDS)) -gt 70 ] && timeout $((T - SECONDS - 10)) python3 benchmarks/profile_step.py \
-    --context 1024 --steps 6 --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 \
-    --small-decode-buckets 1 --out-dir /tmp/q1 --out $OUT/results.jsonl > $L/prof_bf16_s1.log 2>&1
-  for f in $L/prof*.log; do echo "== $f"; grep -A16 "^batch " $f | cut -c1-150; done ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
   # at 16384 tokens took 306 s. The GEMMs alone under per-program XLA options (one process),
