@@ -237,7 +237,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                  dummy_row, out_by_block, split_pages, masked_tail_only=False, kv_write=False,
                  num_tokens=0, exact_rows=False, seq_is_block=False, fp8_kv_dot=None,
                  heads_per_program=1, qkv_rope=False, k_scale=1.0, v_scale=1.0, qkv_parts=1,
-                 qkv_dtype=None, norm_eps=None, norm_dim=0):
+                 qkv_dtype=None, norm_eps=None, norm_dim=0, spread_blocks=0):
     # Inputs: blk_seq [nb] (left out with seq_is_block: block b is sequence slot b, as in the
     # decode launch), blk_tok0 / blk_ntok / blk_pos0 [nb], the page table, q, k and v pages.
     if seq_is_block:
@@ -282,10 +282,24 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     hp = heads_per_program
     Gp, W = G * hp, hp * D
 
-    seq = b if seq_is_block else blk_seq_ref[b]
-    tok0 = blk_tok0_ref[b]
-    ntok = blk_ntok_ref[b]
-    pos0 = blk_pos0_ref[b]
+    # spread_blocks = nb (decode launch of a decode-only step, whose live sequences are the
+    # first n slots, n = the number of slots with a token): the programs of every slot share
+    # the live sequences' work. Slot b works on sequence b mod n as split (b div n) * S + sp
+    # of ceil((nb - seq) / n) * S (S = num_splits); its partial still goes to slot b's rows,
+    # and the caller's combine merges slot j's with those of slots j + n, j + 2n, ... (see
+    # _spread_combine). At batch 1 of an 8-slot step, 8x the programs read the one context.
+    blk, split, n_split = b, sp, num_splits  # the block worked on; b keeps the output rows
+    if spread_blocks:
+        e = jnp.arange(_next_pow2(spread_blocks), dtype=jnp.int32)
+        n_live = jnp.maximum(jnp.sum(plgpu.load(blk_ntok_ref.at[e], mask=e < spread_blocks,
+                                                other=0)), 1)
+        blk = b % n_live
+        split = (b // n_live) * num_splits + sp
+        n_split = ((spread_blocks - 1 - blk) // n_live + 1) * num_splits
+    seq = blk if seq_is_block else blk_seq_ref[blk]
+    tok0 = blk_tok0_ref[blk]
+    ntok = blk_ntok_ref[blk]
+    pos0 = blk_pos0_ref[blk]
 
     r = jnp.arange(rows, dtype=jnp.int32)
     r_tok = r // Gp
@@ -347,8 +361,8 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         # last page are masked loads (no memory traffic) and masked scores.
         pg_lo = lo // B
         pg_hi = jnp.where(ntok > 0, (hi + B - 1) // B, pg_lo)
-        per_split = (pg_hi - pg_lo + num_splits - 1) // num_splits
-        pg_start = pg_lo + sp * per_split
+        per_split = (pg_hi - pg_lo + n_split - 1) // n_split
+        pg_start = pg_lo + split * per_split
         pg_end = jnp.minimum(pg_start + per_split, pg_hi)
         tok_base, tok_end = pg_start * B, pg_end * B
         it_lo = 0
@@ -356,8 +370,8 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     else:
         kb_lo = lo // bk
         kb_hi = jnp.where(ntok > 0, (hi + bk - 1) // bk, kb_lo)
-        per_split = (kb_hi - kb_lo + num_splits - 1) // num_splits
-        it_lo = kb_lo + sp * per_split
+        per_split = (kb_hi - kb_lo + n_split - 1) // n_split
+        it_lo = kb_lo + split * per_split
         it_hi = jnp.minimum(it_lo + per_split, kb_hi)
         tok_base, tok_end = 0, None
 
@@ -413,7 +427,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     if kv_write:
         # The new token: one more key for split 0's rows (decode: q_pos == its position, inside
         # any window), and its K/V row stored into its slot. Padding slots (ntok == 0) do neither.
-        new = (sp == 0) & (ntok > 0)
+        new = (split == 0) & (ntok > 0)
         t = jnp.minimum(tok0, num_tokens - 1)  # a padding slot's tok0 may be T
         cols1 = h * W + dw
         if qkv_rope:
@@ -482,7 +496,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
             num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
             masked_tail_only=False, kv_write=None, exact_rows=False, fp8_kv_dot="query",
-            heads_per_program=1, qkv_rope=None, qkv_parts=1, qkv_norm=None):
+            heads_per_program=1, qkv_rope=None, qkv_parts=1, qkv_norm=None, spread=False):
     """One pallas_call over len(blk_tok0) query blocks.
 
     ``blk_seq`` None: block b is sequence slot b (the decode launch), and the kernel takes its
@@ -502,7 +516,9 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     before rope, and the kernel builds q and the new K/V from it (see _attn_kernel); with
     ``qkv_parts`` > 1, its split-K partials [qkv_parts * T, ...], rounded to ``out_dtype``.
     ``qkv_norm`` ((x [T, E], eps), with ``qkv_rope``): the folded input RMSNorm (see
-    ragged_paged_attention)."""
+    ragged_paged_attention). ``spread`` (the decode launch of a decode-only step, more than one
+    split): every slot's programs share the live sequences' splits (see _attn_kernel), and
+    ``_spread_combine`` merges them; the rows of the padding slots are zeros."""
     G = H // K
     hp = heads_per_program
     if K % hp or (hp > 1 and block_q != 1):
@@ -514,6 +530,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     nb = blk_tok0.shape[0]
     seq_is_block = blk_seq is None
     exact_rows = exact_rows and out_by_block
+    spread = spread and num_splits > 1 and seq_is_block and out_by_block and block_q == 1
     n_rows = (nb * block_q if out_by_block else T) * H + 1
     kernel = functools.partial(
         _attn_kernel, block_q=block_q, rows=rows, group=G, num_heads=H, head_dim=D, page_size=B,
@@ -526,7 +543,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         k_scale=1.0 if qkv_rope is None else float(qkv_rope[0]),
         v_scale=1.0 if qkv_rope is None else float(qkv_rope[1]), qkv_parts=qkv_parts,
         qkv_dtype=out_dtype, norm_eps=None if qkv_norm is None else float(qkv_norm[1]),
-        norm_dim=0 if qkv_norm is None else qkv_norm[0].shape[1])
+        norm_dim=0 if qkv_norm is None else qkv_norm[0].shape[1],
+        spread_blocks=nb if spread else 0)
     if num_splits == 1:
         out_shape = (jax.ShapeDtypeStruct((n_rows, D), out_dtype),)
     else:
@@ -552,7 +570,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
               + ("_pg" if split_pages else "") + ("_mt" if masked_tail_only else "")
               + ("_kvw" if kv_write is not None else "") + ("_rope" if qkv_rope else "")
               + (f"_sk{qkv_parts}" if qkv_parts > 1 else "") + ("_nf" if qkv_norm else "")
-              + (f"_hp{hp}" if hp > 1 else "")),
+              + (f"_hp{hp}" if hp > 1 else "") + ("_sp" if spread else "")),
     )(*(() if seq_is_block else (blk_seq,)), blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2,
       v2, *extra)
     pages = ()
@@ -562,6 +580,10 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     if num_splits == 1:
         return (res[0], *pages) if pages else res[0]
     acc, m, l = res
+    if spread:
+        out = _spread_combine(acc, m, l, blk_ntok, nb=nb, H=H, D=D, num_splits=num_splits,
+                              out_dtype=out_dtype)
+        return (out, *pages) if pages else out
     acc = acc.reshape(num_splits, n_rows, D)
     m = m.reshape(num_splits, n_rows)
     l = l.reshape(num_splits, n_rows)
@@ -572,6 +594,34 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[:, None]
     out = out.astype(out_dtype)
     return (out, *pages) if pages else out
+
+
+def _spread_combine(acc, m, l, blk_ntok, *, nb, H, D, num_splits, out_dtype):
+    """The flash-decoding combine of a spread decode launch (``_launch``'s ``spread``): the
+    output of live slot j (j < n, n = the slots with a token) merges the num_splits partials
+    of slots j, j + n, j + 2n, ... < nb; padding slots get zeros. One elementwise merge over
+    the nb * num_splits candidate partials (unrolled; those of other sequences masked), so XLA
+    can keep it one kernel. Returns [nb * H + 1, D] rows like the unspread launch."""
+    n_rows = nb * H + 1
+    acc = acc.reshape(num_splits, n_rows, D)[:, :nb * H].reshape(num_splits, nb, H, D)
+    m = m.reshape(num_splits, n_rows)[:, :nb * H].reshape(num_splits, nb, H)
+    l = l.reshape(num_splits, n_rows)[:, :nb * H].reshape(num_splits, nb, H)
+    n = jnp.clip(jnp.sum(blk_ntok), 1, nb)
+    j = jnp.arange(nb, dtype=jnp.int32)
+    parts = []
+    for k in range(nb):
+        src = j + k * n
+        ok = (src < nb)[:, None]
+        src = jnp.minimum(src, nb - 1)
+        for s in range(num_splits):
+            parts.append((jnp.where(ok, m[s][src], _NEG), l[s][src], acc[s][src]))
+    m_max = functools.reduce(jnp.maximum, [p[0] for p in parts])
+    w = [jnp.exp(p[0] - m_max) for p in parts]
+    l_tot = functools.reduce(jnp.add, [wi * p[1] for wi, p in zip(w, parts)])
+    acc_tot = functools.reduce(jnp.add, [wi[..., None] * p[2] for wi, p in zip(w, parts)])
+    out = acc_tot / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
+    out = jnp.where((j < n)[:, None, None], out, 0.0).astype(out_dtype)
+    return jnp.pad(out.reshape(nb * H, D), ((0, 1), (0, 0)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -716,6 +766,7 @@ def ragged_paged_attention(
     decode_splits: int | None = None,
     decode_split_pages: bool = False,
     decode_heads_per_program: int | None = None,
+    decode_spread: bool = False,
     masked_tail_only: bool | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -738,6 +789,9 @@ def ragged_paged_attention(
     the KV heads a decode program reads together (it must divide them). Each one left None comes
     from the measured tables above (``decode_block_config`` by S, M and the page dtype,
     ``prefill_block_config`` by T and G); a value passed overrides its table entry alone.
+    ``decode_spread`` (with ``decode_only``): the programs of the padding sequence slots take
+    splits of the live sequences (at batch 1 in an 8-slot step, 8x the programs read the one
+    context; see _attn_kernel), merged by one combine (_spread_combine).
     ``decode_split_pages`` splits the decode context by pages instead of by key blocks of
     ``decode_pages_per_block`` pages (for short contexts under a long context class, see
     DESIGN_NOTES; no faster in the H200 sweeps of 2026-12-01, kernel or engine).
@@ -938,7 +992,8 @@ def ragged_paged_attention(
                        split_pages=decode_split_pages, kv_write=kv_write,
                        exact_rows=decode_only, masked_tail_only=decode_mto,
                        qkv_rope=None if qkv_rope is None else qkv_rope[1:],
-                       qkv_parts=qkv_parts, qkv_norm=qkv_norm, **common)
+                       qkv_parts=qkv_parts, qkv_norm=qkv_norm,
+                       spread=decode_spread and decode_only, **common)
         if kv_write is not None:
             rows, k2_new, v2_new = rows
             new_pages = (k2_new.reshape(P, B, K, D), v2_new.reshape(P, B, K, D))

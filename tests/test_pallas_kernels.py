@@ -156,6 +156,34 @@ def test_decode_only_fast_path_matches_reference_with_fewer_slots_than_tokens():
                      decode_only=True, sliding_window=9, soft_cap=4.0)
 
 
+def test_decode_spread_gives_the_padding_slots_programs_to_the_live_sequences(monkeypatch):
+    # decode_spread (decode_only): slot b's programs work on live sequence b mod n (n live of
+    # S = 6 slots: 6, 4 (slots 4, 5 help sequences 0, 1 only), 2 and 1), each taking its own
+    # share of the context's splits; the combine merges every slot's partials into its
+    # sequence's row. A split counted twice or left out moves the softmax off the reference.
+    decode = [("decode",) * 6, ("decode",) * 4, ("decode",) * 2, ("decode",)]
+    _check_attention(7, decode, H=8, K=2, dtype=jnp.float32, tol=1e-5, T=10, S=6,
+                     decode_only=True, decode_pages_per_block=1, decode_splits=3,
+                     decode_spread=True)
+    _check_attention(8, decode[1:], H=8, K=2, dtype=jnp.bfloat16, tol=1e-2, T=6, S=6,
+                     decode_only=True, sliding_window=9, soft_cap=4.0, decode_splits=2,
+                     decode_pages_per_block=1, decode_split_pages=True,
+                     decode_heads_per_program=2, decode_spread=True)
+    # It is the spread launch that ran (its combine), and only with decode_only.
+    import pallas_kernels.ragged_paged_attention as rpa
+
+    rng = np.random.default_rng(9)
+    args, _ = _random_batch(rng, kinds=("decode",), T=6, S=6, M=6, B=8, P=38, H=8, K=2, D=32,
+                            dtype=jnp.float32)
+    calls, real = [], rpa._spread_combine
+    monkeypatch.setattr(rpa, "_spread_combine",
+                        lambda *a, **k: calls.append(k["nb"]) or real(*a, **k))
+    for decode_only in (True, False):
+        ragged_paged_attention(*args, sm_scale=1.0, interpret=True, decode_splits=2,
+                               decode_spread=True, decode_only=decode_only)
+    assert calls == [6]
+
+
 @pytest.mark.parametrize("seed,cache,tol,knobs", [
     (0, jnp.float32, 1e-5, dict(decode_pages_per_block=2, decode_splits=3)),
     (1, jnp.bfloat16, 1e-2, dict(sliding_window=9, soft_cap=4.0)),
@@ -269,6 +297,11 @@ def test_decode_heads_per_program_over_fp8_pages_and_with_the_fused_kv_write():
                                              decode_heads_per_program=2), 4, True),
     (7, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2), 2,
      True),
+    (8, jnp.bfloat16, 1e-2, (1.0, 1.0), dict(decode_pages_per_block=1, decode_splits=2,
+                                             decode_heads_per_program=2, decode_spread=True), 4,
+     True),
+    (9, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2,
+                                                  decode_spread=True), 1, False),
 ])
 def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed, cache, tol,
                                                                            scales, knobs, parts,
@@ -292,7 +325,9 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
     model_dtype = jnp.bfloat16 if cache == jnp.float8_e4m3fn else cache
     inv_freq = jnp.asarray(rng.uniform(0.01, 1.0, D // 2), jnp.float32)
     window = {k: knobs.pop(k) for k in ("sliding_window",) if k in knobs}
-    for n in (6, 2):
+    # decode_spread: the padding slots' programs work for the live sequences; the new K/V is
+    # still written once (by split 0), so the pages must come out the same.
+    for n in (6, 2) + ((1,) if knobs.get("decode_spread") else ()):
         args, _ = _random_batch(rng, kinds=("decode",) * n, T=T, S=S, M=M, B=B, P=P, H=H, K=K,
                                 D=D, dtype=jnp.float32)
         _, kp, vp, sl, pt, qsl, ns = args

@@ -92,6 +92,8 @@
 #                                          against it off, batch 1 and 16
 #   bash benchmarks/gpu/issues.sh foldcheck (one GPU) the fold's default at batch 8, then the
 #                                          GPU tests
+#   bash benchmarks/gpu/issues.sh spread  (one GPU) batch 1 with the padding slots' decode programs
+#                                          working for the live sequence
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1045,6 +1047,51 @@ foldcheck)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 
   for f in $L/prof8*.log; do echo "== $f"; grep "^batch " $f | cut -c1-120; done
   JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
     -q -m gpu tests/test_gpu.py > $L/tests.log 2>&1; tail -5 $L/tests.log ;;
+spread)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 6): at batch 1 the
+  # decode kernel of an 8-slot step keeps 20 of its 160 programs busy; `decode_spread` gives the
+  # padding slots' programs splits of the live sequence (one combine merges them). A compiled
+  # check against the unspread kernel at the 8B heads (1, 3 and 8 live slots; rope, 4 split-K
+  # partials, the folded norm), then batch 1 (4 steps a launch) without / with it, alternating.
+  L=$OUT/logs; mkdir -p $L
+  timeout 120 python3 - > $L/check.log 2>&1 <<'PY'
+import functools, jax, jax.numpy as jnp, numpy as np
+from tests.test_pallas_kernels import _random_batch
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+rng = np.random.default_rng(4)
+T, S, M, B, H, K, D, E, parts = 8, 8, 64, 16, 32, 8, 128, 4096, 4
+for n in (1, 3, 8):
+    args, _ = _random_batch(rng, kinds=("decode",) * n, T=T, S=S, M=M, B=B, P=S * M + 2, H=H,
+                            K=K, D=D, dtype=jnp.bfloat16)
+    _, kp, vp, sl, pt, qsl, ns = args
+    partials = jnp.asarray(rng.standard_normal((parts * T, K, 6 * D)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((T, E)), jnp.bfloat16)
+    pos = np.maximum(np.asarray(sl) - 1, 0)
+    slots = jnp.asarray(np.asarray(pt)[np.arange(S), pos // B] * B + pos % B, jnp.int32)
+    ang = jnp.asarray(pos, jnp.float32)[:, None] * jnp.linspace(0.01, 1, D // 2)[None, :]
+    def run(**kw):
+        return jax.jit(functools.partial(
+            ragged_paged_attention, sm_scale=D ** -0.5, decode_only=True,
+            qkv_rope=(ang, 1.0, 1.0), qkv_parts=parts, qkv_dtype=jnp.bfloat16,
+            qkv_norm=(x, 1e-5), **kw))(partials, kp, vp, sl, pt, qsl, ns,
+                                        new_kv=(None, None, slots))
+    a, b = run(decode_spread=True), run()
+    err = float(jnp.linalg.norm((a[0] - b[0]).astype(jnp.float32)[:n]) /
+                jnp.linalg.norm(b[0].astype(jnp.float32)[:n]))
+    print(f"spread check n={n}: out rel err {err:.2e}, padding rows zero "
+          f"{bool(jnp.all(a[0][n:] == 0))}, pages identical "
+          f"{[bool(jnp.all(u == w)) for u, w in zip(a[1:], b[1:])]}")
+PY
+  cat $L/check.log | tail -4
+  SP='{"decode_spread": true}'
+  for i in 1 2; do
+    for q in bf16 fp8; do [ $((T - SECONDS)) -gt 50 ] || break
+      QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+      for v in $([ $((i % 2)) = 1 ] && echo "d sp" || echo "sp d"); do
+        K=""; [ $v = sp ] && K=$SP
+        JAXLLM_ATTENTION_KNOBS="$K" timeout 60 $LAT1K $QA --num-scheduler-steps 4 \
+          > $L/lat_${q}_${v}_r$i.log 2>&1
+      done; done; done
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
   # at 16384 tokens took 306 s. The GEMMs alone under per-program XLA options (one process),

@@ -50,8 +50,8 @@ FP8_KV_DTYPE = jnp.float8_e4m3fn
 ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
               "decode_heads_per_program", "num_warps", "num_stages", "qkv_split_k")
-_BOOL_KNOBS = ("decode_split_pages", "masked_tail_only", "fused_kv_write", "fused_qkv_rope",
-               "fold_input_norm")
+_BOOL_KNOBS = ("decode_split_pages", "decode_spread", "masked_tail_only", "fused_kv_write",
+               "fused_qkv_rope", "fold_input_norm")
 # Knobs with a fixed set of string values.
 _CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES}
 _KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS + tuple(_CHOICE_KNOBS)
