@@ -144,6 +144,18 @@ lat_knobs_ab() { for q in bf16 fp8; do
     JAXLLM_ATTENTION_KNOBS="$1" timeout ${3:-100} $LAT1K $QA --num-scheduler-steps 4 \
       > $L/lat_${q}_k4_$2.log 2>&1
   done; }
+# Batch-1 latency (4 steps a launch) at the defaults (d) against JAXLLM_ATTENTION_KNOBS=$1
+# (tag $2), bf16 and fp8, in $3 rounds that alternate which goes first; each run under a
+# timeout of $4 s, none started with less than $5 s of $T left. Logs: $L/lat_{bf16,fp8}_{d,$2}_r<i>.log.
+lat_rounds() { for i in $(seq 1 $3); do
+    for q in bf16 fp8; do [ $((T - SECONDS)) -gt $5 ] || break
+      QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+      for v in $([ $((i % 2)) = 1 ] && echo "d $2" || echo "$2 d"); do
+        K=""; [ $v = $2 ] && K=$1
+        JAXLLM_ATTENTION_KNOBS="$K" timeout $4 $LAT1K $QA --num-scheduler-steps 4 \
+          > $L/lat_${q}_${v}_r$i.log 2>&1
+      done; done; done
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done; }
 # Offline throughput, 1,000 x 512/128, once (the modes add batch limits / quantization).
 TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
 # The folded input RMSNorm (``qkv_norm``) compiled at the 8B heads over bf16 pages against the
@@ -999,15 +1011,7 @@ normfold2)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 
   JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 200 python3 -m pytest -q -m gpu \
     tests/test_gpu.py -k rope > $L/tests.log 2>&1; tail -3 $L/tests.log
   normfold_check
-  NF='{"fold_input_norm": true}'
-  for i in 1 2 3; do [ $((T - SECONDS)) -gt 150 ] || break
-    for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
-      for v in $([ $((i % 2)) = 1 ] && echo "d nf" || echo "nf d"); do
-        K=""; [ $v = nf ] && K=$NF
-        JAXLLM_ATTENTION_KNOBS="$K" timeout 100 $LAT1K $QA --num-scheduler-steps 4 \
-          > $L/lat_${q}_${v}_r$i.log 2>&1
-      done; done; done
-  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
+  lat_rounds '{"fold_input_norm": true}' nf 3 100 75
   show_logs 3 ;;
 normfold3)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 6): the fold as the
   # default at <= 16 tokens. Batch 1 (4 steps a launch) at the defaults against the fold
@@ -1015,14 +1019,7 @@ normfold3)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 
   # profile_step.py, 4 steps a launch) the same two ways.
   L=$OUT/logs; mkdir -p $L
   OFF='{"fold_input_norm": false}'
-  for i in 1 2; do
-    for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
-      for v in $([ $((i % 2)) = 1 ] && echo "d off" || echo "off d"); do
-        K=""; [ $v = off ] && K=$OFF
-        JAXLLM_ATTENTION_KNOBS="$K" timeout 100 $LAT1K $QA --num-scheduler-steps 4 \
-          > $L/lat_${q}_${v}_r$i.log 2>&1
-      done; done; done
-  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
+  lat_rounds "$OFF" off 2 100 0
   for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
     for v in d off; do [ $((T - SECONDS)) -gt 80 ] || break
       K=""; [ $v = off ] && K=$OFF
@@ -1082,16 +1079,7 @@ for n in (1, 3, 8):
           f"{[bool(jnp.all(u == w)) for u, w in zip(a[1:], b[1:])]}")
 PY
   cat $L/check.log | tail -4
-  SP='{"decode_spread": true}'
-  for i in 1 2; do
-    for q in bf16 fp8; do [ $((T - SECONDS)) -gt 50 ] || break
-      QA=""; [ $q = fp8 ] && QA="--quantization fp8"
-      for v in $([ $((i % 2)) = 1 ] && echo "d sp" || echo "sp d"); do
-        K=""; [ $v = sp ] && K=$SP
-        JAXLLM_ATTENTION_KNOBS="$K" timeout 60 $LAT1K $QA --num-scheduler-steps 4 \
-          > $L/lat_${q}_${v}_r$i.log 2>&1
-      done; done; done
-  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done ;;
+  lat_rounds '{"decode_spread": true}' sp 2 60 50 ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
   # at 16384 tokens took 306 s. The GEMMs alone under per-program XLA options (one process),
