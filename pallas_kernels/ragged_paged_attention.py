@@ -791,7 +791,9 @@ def ragged_paged_attention(
     ``prefill_block_config`` by T and G); a value passed overrides its table entry alone.
     ``decode_spread`` (with ``decode_only``): the programs of the padding sequence slots take
     splits of the live sequences (at batch 1 in an 8-slot step, 8x the programs read the one
-    context; see _attn_kernel), merged by one combine (_spread_combine).
+    context; see _attn_kernel), merged by one combine (_spread_combine); ignored without
+    ``decode_only`` or with one decode split. Off by default: slower at batch 1 on the H200
+    (benchmarks/RESULTS.md, evening of 2026-12-02).
     ``decode_split_pages`` splits the decode context by pages instead of by key blocks of
     ``decode_pages_per_block`` pages (for short contexts under a long context class, see
     DESIGN_NOTES; no faster in the H200 sweeps of 2026-12-01, kernel or engine).
