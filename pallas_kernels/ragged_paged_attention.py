@@ -164,6 +164,16 @@ def _next_pow2(n: int) -> int:
 FP8_KV_DOT_CHOICES = ("query", "float16")
 FP8_KV_DOT_DEFAULT = "auto"
 
+# The decode launch's split combine (``decode_combine``): "reduce" (jnp.max / jnp.sum over the
+# split axis) or "unrolled" (the same sums as a chain of elementwise ops, split by split). Both
+# are exact up to float32 summation order. H200, night of 2026-12-02 (benchmarks/gpu/
+# decode_b1.py, RESULTS.md): the same at the table's 5 splits (one kernel, ~1.5 us); at 10
+# splits XLA cuts the reduce form in two kernels and keeps the unrolled one in one (2.3-2.6
+# us); with ``decode_single``'s 16 partials unrolled is 2 kernels against 4. So "reduce" stays
+# the default, and the knob picks the other.
+DECODE_COMBINE_CHOICES = ("reduce", "unrolled")
+DECODE_COMBINE_DEFAULT = "reduce"
+
 
 def _fp8_kv_dot_for(choice: str, q_dtype) -> str:
     """``fp8_kv_dot`` with "auto" resolved: float16 for a bf16 / float16 q, else query."""
@@ -237,7 +247,7 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                  dummy_row, out_by_block, split_pages, masked_tail_only=False, kv_write=False,
                  num_tokens=0, exact_rows=False, seq_is_block=False, fp8_kv_dot=None,
                  heads_per_program=1, qkv_rope=False, k_scale=1.0, v_scale=1.0, qkv_parts=1,
-                 qkv_dtype=None, norm_eps=None, norm_dim=0, spread_blocks=0):
+                 qkv_dtype=None, norm_eps=None, norm_dim=0, spread_blocks=0, spread_single=False):
     # Inputs: blk_seq [nb] (left out with seq_is_block: block b is sequence slot b, as in the
     # decode launch), blk_tok0 / blk_ntok / blk_pos0 [nb], the page table, q, k and v pages.
     if seq_is_block:
@@ -289,7 +299,9 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     # and the caller's combine merges slot j's with those of slots j + n, j + 2n, ... (see
     # _spread_combine). At batch 1 of an 8-slot step, 8x the programs read the one context.
     blk, split, n_split = b, sp, num_splits  # the block worked on; b keeps the output rows
-    if spread_blocks:
+    if spread_blocks and spread_single:  # one live sequence (the caller's promise): slot 0
+        blk, split, n_split = 0, b * num_splits + sp, spread_blocks * num_splits
+    elif spread_blocks:
         e = jnp.arange(_next_pow2(spread_blocks), dtype=jnp.int32)
         n_live = jnp.maximum(jnp.sum(plgpu.load(blk_ntok_ref.at[e], mask=e < spread_blocks,
                                                 other=0)), 1)
@@ -410,23 +422,10 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                                              preferred_element_type=jnp.float32)
         return acc, m_new, l
 
-    carry = (jnp.zeros((rows, W), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
-             jnp.zeros((rows,), jnp.float32))
-    if masked_tail_only and sliding_window is None:
-        # Key blocks that end at or before this block's first query position (and, with page
-        # splits, before the split's end) are visible to every row: they skip the mask and its
-        # selects, as flash attention's kernels do; only the blocks after them are masked.
-        limit = pos0 + 1 if not split_pages else jnp.minimum(pos0 + 1, tok_end)
-        if kv_write:
-            limit = jnp.minimum(limit, hi)
-        mid = jnp.clip((limit - tok_base) // bk, it_lo, jnp.maximum(it_lo, it_hi))
-        carry = jax.lax.fori_loop(it_lo, mid, functools.partial(body, masked=False), carry)
-        it_lo = mid
-    acc, m, l = jax.lax.fori_loop(it_lo, it_hi, body, carry)
-
-    if kv_write:
+    def new_token():
         # The new token: one more key for split 0's rows (decode: q_pos == its position, inside
-        # any window), and its K/V row stored into its slot. Padding slots (ntok == 0) do neither.
+        # any window), and its K/V row stored into its slot. Padding slots (ntok == 0) do
+        # neither. (No program reads that row, so the store races nothing.)
         new = (split == 0) & (ntok > 0)
         t = jnp.minimum(tok0, num_tokens - 1)  # a padding slot's tok0 may be T
         cols1 = h * W + dw
@@ -448,6 +447,27 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         if soft_cap is not None:
             s_new = soft_cap * jnp.tanh(s_new / soft_cap)
         s_new = jnp.where(new & row_ok, s_new, _NEG)
+        slot = plgpu.load(slot_ref.at[jnp.full((W,), t, jnp.int32)])
+        plgpu.store(k_out_ref.at[slot, cols1], k_new, mask=jnp.full((W,), new))
+        plgpu.store(v_out_ref.at[slot, cols1], v_new, mask=jnp.full((W,), new))
+        return new, s_new, v_new
+
+    carry = (jnp.zeros((rows, W), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
+    if masked_tail_only and sliding_window is None:
+        # Key blocks that end at or before this block's first query position (and, with page
+        # splits, before the split's end) are visible to every row: they skip the mask and its
+        # selects, as flash attention's kernels do; only the blocks after them are masked.
+        limit = pos0 + 1 if not split_pages else jnp.minimum(pos0 + 1, tok_end)
+        if kv_write:
+            limit = jnp.minimum(limit, hi)
+        mid = jnp.clip((limit - tok_base) // bk, it_lo, jnp.maximum(it_lo, it_hi))
+        carry = jax.lax.fori_loop(it_lo, mid, functools.partial(body, masked=False), carry)
+        it_lo = mid
+    acc, m, l = jax.lax.fori_loop(it_lo, it_hi, body, carry)
+
+    if kv_write:
+        new, s_new, v_new = new_token()
         m_new = jnp.maximum(m, s_new)
         alpha = jnp.exp(m - m_new)
         p_new = jnp.where(new & row_ok, jnp.exp(s_new - m_new), 0.0)
@@ -455,9 +475,6 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         acc = alpha[:, None] * acc + p_new[:, None] * v_new.astype(kv_dtype).astype(
             jnp.float32)[None, :]
         m = m_new
-        slot = plgpu.load(slot_ref.at[jnp.full((W,), t, jnp.int32)])
-        plgpu.store(k_out_ref.at[slot, cols1], k_new, mask=jnp.full((W,), new))
-        plgpu.store(v_out_ref.at[slot, cols1], v_new, mask=jnp.full((W,), new))
 
     # Output rows: the token's own row, or (decode launch) a compact row per (block, head), so
     # the decode partials and their combine scale with the sequence slots S, not the tokens T.
@@ -496,7 +513,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
             block_q, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, num_warps,
             num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
             masked_tail_only=False, kv_write=None, exact_rows=False, fp8_kv_dot="query",
-            heads_per_program=1, qkv_rope=None, qkv_parts=1, qkv_norm=None, spread=False):
+            heads_per_program=1, qkv_rope=None, qkv_parts=1, qkv_norm=None, spread=False,
+            combine="reduce", single=False):
     """One pallas_call over len(blk_tok0) query blocks.
 
     ``blk_seq`` None: block b is sequence slot b (the decode launch), and the kernel takes its
@@ -518,7 +536,11 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     ``qkv_norm`` ((x [T, E], eps), with ``qkv_rope``): the folded input RMSNorm (see
     ragged_paged_attention). ``spread`` (the decode launch of a decode-only step, more than one
     split): every slot's programs share the live sequences' splits (see _attn_kernel), and
-    ``_spread_combine`` merges them; the rows of the padding slots are zeros."""
+    ``_spread_combine`` merges them; the rows of the padding slots are zeros. ``combine``
+    (several splits, not spread): the split combine's form, one of ``DECODE_COMBINE_CHOICES``.
+    ``single`` (with ``spread``): the caller promises one live sequence, in slot 0 (static: no
+    count of the live slots in the kernel, and ``_single_combine`` merges every program's
+    partial into slot 0's rows)."""
     G = H // K
     hp = heads_per_program
     if K % hp or (hp > 1 and block_q != 1):
@@ -544,7 +566,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         v_scale=1.0 if qkv_rope is None else float(qkv_rope[1]), qkv_parts=qkv_parts,
         qkv_dtype=out_dtype, norm_eps=None if qkv_norm is None else float(qkv_norm[1]),
         norm_dim=0 if qkv_norm is None else qkv_norm[0].shape[1],
-        spread_blocks=nb if spread else 0)
+        spread_blocks=nb if spread else 0, spread_single=spread and single)
     if num_splits == 1:
         out_shape = (jax.ShapeDtypeStruct((n_rows, D), out_dtype),)
     else:
@@ -580,6 +602,10 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     if num_splits == 1:
         return (res[0], *pages) if pages else res[0]
     acc, m, l = res
+    if spread and single:
+        out = _single_combine(acc, m, l, nb=nb, H=H, D=D, num_splits=num_splits,
+                              out_dtype=out_dtype, combine=combine)
+        return (out, *pages) if pages else out
     if spread:
         out = _spread_combine(acc, m, l, blk_ntok, nb=nb, H=H, D=D, num_splits=num_splits,
                               out_dtype=out_dtype)
@@ -588,12 +614,47 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     m = m.reshape(num_splits, n_rows)
     l = l.reshape(num_splits, n_rows)
     # Flash-decoding combine: rescale every split's partial sums to the global max.
-    m_max = jnp.max(m, axis=0)
-    w = jnp.exp(m - m_max[None])
-    l_tot = jnp.sum(w * l, axis=0)
-    out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[:, None]
+    if combine == "unrolled":
+        # The same sums as a chain of elementwise ops over the splits (one loop fusion
+        # whatever the split count; XLA may cut the reduce form into several kernels).
+        m_max = functools.reduce(jnp.maximum, [m[s] for s in range(num_splits)])
+        w = [jnp.exp(m[s] - m_max) for s in range(num_splits)]
+        l_tot = functools.reduce(jnp.add, [w[s] * l[s] for s in range(num_splits)])
+        acc_tot = functools.reduce(jnp.add, [w[s][:, None] * acc[s] for s in range(num_splits)])
+    else:
+        m_max = jnp.max(m, axis=0)
+        w = jnp.exp(m - m_max[None])
+        l_tot = jnp.sum(w * l, axis=0)
+        acc_tot = jnp.sum(w[..., None] * acc, axis=0)
+    out = acc_tot / jnp.where(l_tot == 0.0, 1.0, l_tot)[:, None]
     out = out.astype(out_dtype)
     return (out, *pages) if pages else out
+
+
+def _single_combine(acc, m, l, *, nb, H, D, num_splits, out_dtype, combine="reduce"):
+    """The combine of a spread decode launch over one live sequence (``_launch``'s ``single``):
+    slot 0's output merges the partials of every slot and split; the other slots' rows are
+    zeros. ``combine`` "reduce": one reduce over both axes; "unrolled": a chain of elementwise
+    merges over the nb * num_splits partials, written for every slot and selected (one loop
+    fusion for XLA, output included). Returns [nb * H, D] rows (no dummy row)."""
+    n_rows = nb * H + 1
+    acc = acc.reshape(num_splits, n_rows, D)[:, :nb * H].reshape(num_splits * nb, H, D)
+    m = m.reshape(num_splits, n_rows)[:, :nb * H].reshape(num_splits * nb, H)
+    l = l.reshape(num_splits, n_rows)[:, :nb * H].reshape(num_splits * nb, H)
+    first = (jnp.arange(nb) == 0)[:, None, None]
+    if combine == "unrolled":
+        n = num_splits * nb
+        m_max = functools.reduce(jnp.maximum, [m[i] for i in range(n)])
+        w = [jnp.exp(m[i] - m_max) for i in range(n)]
+        l_tot = functools.reduce(jnp.add, [w[i] * l[i] for i in range(n)])
+        acc_tot = functools.reduce(jnp.add, [w[i][:, None] * acc[i] for i in range(n)])
+    else:
+        m_max = jnp.max(m, axis=0)
+        w = jnp.exp(m - m_max[None])
+        l_tot = jnp.sum(w * l, axis=0)
+        acc_tot = jnp.sum(w[..., None] * acc, axis=0)
+    out0 = acc_tot / jnp.where(l_tot == 0.0, 1.0, l_tot)[:, None]
+    return jnp.where(first, out0[None], 0.0).astype(out_dtype).reshape(nb * H, D)
 
 
 def _spread_combine(acc, m, l, blk_ntok, *, nb, H, D, num_splits, out_dtype):
@@ -767,6 +828,8 @@ def ragged_paged_attention(
     decode_split_pages: bool = False,
     decode_heads_per_program: int | None = None,
     decode_spread: bool = False,
+    decode_combine: str | None = None,
+    decode_single: bool = False,
     masked_tail_only: bool | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -794,6 +857,15 @@ def ragged_paged_attention(
     context; see _attn_kernel), merged by one combine (_spread_combine); ignored without
     ``decode_only`` or with one decode split. Off by default: slower at batch 1 on the H200
     (benchmarks/RESULTS.md, evening of 2026-12-02).
+    ``decode_combine``: the form of the decode launch's split combine, one of
+    ``DECODE_COMBINE_CHOICES`` (None: ``DECODE_COMBINE_DEFAULT``).
+    ``decode_single`` (with ``decode_only`` and more than one decode split): the caller
+    promises that exactly one sequence is live, in slot 0 (a batch of one in a step built for
+    more slots). Then ``decode_spread``'s sharing is static: every slot's programs take splits
+    of that sequence, and one combine merges them into slot 0's rows. The output is
+    unspecified for a batch that breaks the promise. Off by default (H200, night of
+    2026-12-02: fp8 batch 1 -1.2%, bf16 within noise; the engine has no static one-sequence
+    flag to set it from): ``JAXLLM_ATTENTION_KNOBS`` can force it for batch-1 benchmarks.
     ``decode_split_pages`` splits the decode context by pages instead of by key blocks of
     ``decode_pages_per_block`` pages (for short contexts under a long context class, see
     DESIGN_NOTES; no faster in the H200 sweeps of 2026-12-01, kernel or engine).
@@ -891,6 +963,10 @@ def ragged_paged_attention(
         raise ValueError(f"fp8_kv_dot must be 'auto' or one of {FP8_KV_DOT_CHOICES}, got "
                          f"{fp8_kv_dot!r}")
     fp8_kv_dot = _fp8_kv_dot_for(fp8_kv_dot, q.dtype)
+    decode_combine = DECODE_COMBINE_DEFAULT if decode_combine is None else decode_combine
+    if decode_combine not in DECODE_COMBINE_CHOICES:
+        raise ValueError(f"decode_combine must be None or one of {DECODE_COMBINE_CHOICES}, got "
+                         f"{decode_combine!r}")
     if decode_split_pages and k_pages.dtype == jnp.float8_e4m3fn:
         # Its masked page loads need a fill value of the pages' dtype, which Triton cannot
         # build for e4m3 (H200, 2026-12-01: a lowering error, not a result).
@@ -995,7 +1071,8 @@ def ragged_paged_attention(
                        exact_rows=decode_only, masked_tail_only=decode_mto,
                        qkv_rope=None if qkv_rope is None else qkv_rope[1:],
                        qkv_parts=qkv_parts, qkv_norm=qkv_norm,
-                       spread=decode_spread and decode_only, **common)
+                       spread=(decode_spread or decode_single) and decode_only,
+                       single=decode_single, combine=decode_combine, **common)
         if kv_write is not None:
             rows, k2_new, v2_new = rows
             new_pages = (k2_new.reshape(P, B, K, D), v2_new.reshape(P, B, K, D))

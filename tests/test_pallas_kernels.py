@@ -184,6 +184,32 @@ def test_decode_spread_gives_the_padding_slots_programs_to_the_live_sequences(mo
     assert calls == [6]
 
 
+def test_decode_single_spreads_one_live_sequence_over_every_slots_programs(monkeypatch):
+    # decode_single (decode_only, one live sequence in slot 0): every slot's programs take
+    # splits of that sequence, statically, and one reduce merges all of them; the padding
+    # slots' rows are zeros. Against the reference, plain and with split pages / two heads a
+    # program; a split counted twice or left out moves the softmax off it.
+    one = [("decode",)]
+    _check_attention(10, one, H=8, K=2, dtype=jnp.float32, tol=1e-5, T=10, S=6,
+                     decode_only=True, decode_pages_per_block=1, decode_splits=3,
+                     decode_single=True)
+    _check_attention(11, one, H=8, K=2, dtype=jnp.bfloat16, tol=1e-2, T=6, S=6,
+                     decode_only=True, sliding_window=9, soft_cap=4.0, decode_splits=2,
+                     decode_pages_per_block=1, decode_split_pages=True,
+                     decode_heads_per_program=2, decode_single=True)
+    import pallas_kernels.ragged_paged_attention as rpa
+
+    args, _ = _random_batch(np.random.default_rng(12), kinds=("decode",), T=6, S=6, M=6, B=8,
+                            P=38, H=8, K=2, D=32, dtype=jnp.float32)
+    calls, real = [], rpa._single_combine
+    monkeypatch.setattr(rpa, "_single_combine",
+                        lambda *a, **k: calls.append(k["nb"]) or real(*a, **k))
+    out = ragged_paged_attention(*args, sm_scale=1.0, interpret=True, decode_splits=2,
+                                 decode_single=True, decode_only=True)
+    assert calls == [6]
+    assert np.all(np.asarray(out[1:]) == 0.0)
+
+
 @pytest.mark.parametrize("seed,cache,tol,knobs", [
     (0, jnp.float32, 1e-5, dict(decode_pages_per_block=2, decode_splits=3)),
     (1, jnp.bfloat16, 1e-2, dict(sliding_window=9, soft_cap=4.0)),
@@ -302,6 +328,15 @@ def test_decode_heads_per_program_over_fp8_pages_and_with_the_fused_kv_write():
      True),
     (9, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2,
                                                   decode_spread=True), 1, False),
+    (10, jnp.float32, 1e-5, (1.0, 1.0), dict(decode_pages_per_block=1, decode_splits=3,
+                                             decode_combine="unrolled"), 4, True),
+    (13, jnp.bfloat16, 1e-2, (1.0, 1.0), dict(decode_pages_per_block=1, decode_splits=2,
+                                              decode_single=True), 4, True),
+    (15, jnp.float32, 1e-5, (1.0, 1.0), dict(decode_pages_per_block=1, decode_splits=3,
+                                             decode_single=True, decode_combine="unrolled"), 4,
+     True),
+    (14, jnp.float8_e4m3fn, 2e-2, (0.5, 2.0), dict(decode_pages_per_block=2, decode_splits=2,
+                                                   decode_single=True), 1, False),
 ])
 def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed, cache, tol,
                                                                            scales, knobs, parts,
@@ -327,7 +362,9 @@ def test_decode_with_rope_from_the_qkv_output_equals_rope_write_then_attend(seed
     window = {k: knobs.pop(k) for k in ("sliding_window",) if k in knobs}
     # decode_spread: the padding slots' programs work for the live sequences; the new K/V is
     # still written once (by split 0), so the pages must come out the same.
-    for n in (6, 2) + ((1,) if knobs.get("decode_spread") else ()):
+    lives = (1,) if knobs.get("decode_single") else (
+        (6, 2) + ((1,) if knobs.get("decode_spread") else ()))
+    for n in lives:
         args, _ = _random_batch(rng, kinds=("decode",) * n, T=T, S=S, M=M, B=B, P=P, H=H, K=K,
                                 D=D, dtype=jnp.float32)
         _, kp, vp, sl, pt, qsl, ns = args
@@ -498,7 +535,8 @@ def test_attention_knobs_from_the_environment_reach_the_kernel_and_bad_ones_are_
                        ('{"decode_splits": 0}', "decode_splits must be a positive integer"),
                        ('{"decode_splits": 2.5}', "decode_splits must be a positive integer"),
                        ('{"masked_tail_only": "yes"}', "masked_tail_only must be true or false"),
-                       ('{"fp8_kv_dot": "bf8"}', "fp8_kv_dot must be one of")]:
+                       ('{"fp8_kv_dot": "bf8"}', "fp8_kv_dot must be one of"),
+                       ('{"decode_combine": "tree"}', "decode_combine must be one of")]:
         monkeypatch.setenv(ATTENTION_KNOBS_ENV, bad)
         with pytest.raises(ValueError, match=match):
             traced()
@@ -668,6 +706,23 @@ def test_masked_tail_only_defaults_on_in_the_prefill_launch_alone():
 def test_non_positive_knob_is_a_value_error_naming_it(knob):
     with pytest.raises(ValueError, match=f"{knob} must be a positive int.*got 0"):
         _launch_names(4, 40, **{knob: 0})
+
+
+def test_decode_combine_forms_agree_and_a_bad_one_is_refused():
+    # decode_combine: "reduce" and "unrolled" are the same flash-decoding sums (float32, up to
+    # summation order), against the reference, over splits some of which get no key block.
+    rng = np.random.default_rng(61)
+    args, _ = _random_batch(rng, kinds=("decode", "chunk", "decode", "decode"), T=12, S=5, M=6,
+                            B=8, P=32, H=8, K=2, D=32, dtype=jnp.float32)
+    want = ragged_paged_attention_reference(*args, sm_scale=0.3)
+    got = {c: ragged_paged_attention(*args, sm_scale=0.3, decode_pages_per_block=1,
+                                     decode_splits=4, decode_combine=c, interpret=True)
+           for c in ("reduce", "unrolled")}
+    for c, out in got.items():
+        assert _rel_err(out, want) < 1e-5, c
+    assert _rel_err(got["unrolled"], got["reduce"]) < 1e-6
+    with pytest.raises(ValueError, match="decode_combine must be None or one of"):
+        ragged_paged_attention(*args, sm_scale=0.3, decode_combine="tree", interpret=True)
 
 
 # Each case: static shapes in a different (batch, context) class, no knobs passed.

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.ragged_paged_attention import (
+    DECODE_COMBINE_CHOICES,
     FP8_KV_DOT_CHOICES,
     ragged_paged_attention,
     ragged_paged_attention_reference,
@@ -51,9 +52,13 @@ ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
               "decode_heads_per_program", "num_warps", "num_stages", "qkv_split_k")
 _BOOL_KNOBS = ("decode_split_pages", "decode_spread", "masked_tail_only", "fused_kv_write",
-               "fused_qkv_rope", "fold_input_norm")
+               "fused_qkv_rope", "fold_input_norm", "decode_single")
+# decode_single is a promise, not a tuning: every decode-only step must have exactly one live
+# sequence (benchmarks/latency.py's batch 1); a step with more gets wrong attention. Only for
+# batch-1 A/B runs.
 # Knobs with a fixed set of string values.
-_CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES}
+_CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES,
+                 "decode_combine": DECODE_COMBINE_CHOICES}
 _KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS + tuple(_CHOICE_KNOBS)
 # Not arguments of the kernel: write_kv_and_attend's choice (decode-only steps write the new
 # K/V inside the decode kernel instead of two scatters a layer), and the model's (the decode
