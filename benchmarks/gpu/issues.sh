@@ -1044,6 +1044,38 @@ foldcheck)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 
   for f in $L/prof8*.log; do echo "== $f"; grep "^batch " $f | cut -c1-120; done
   JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
     -q -m gpu tests/test_gpu.py > $L/tests.log 2>&1; tail -5 $L/tests.log ;;
+b1attn)  # nvidia-h200 (one GPU), one call, 2026-12-02 night (issues 9 and 5): the batch-1
+  # decode attention call alone (benchmarks/gpu/decode_b1.py: the engine's exact fused call,
+  # GPU time, variants of blocks / splits / the combine's form / decode_spread / warps, and
+  # the fused preamble's parts left out), then batch 1 in the engine, defaults against the
+  # fastest variant it prints (alternating rounds while time is left).
+  L=$OUT/logs; mkdir -p $L
+  timeout 330 python3 benchmarks/gpu/decode_b1.py ${B1ATTN_ARGS:---full} --out $OUT/decode_b1.jsonl \
+    > $L/decode_b1.log 2>&1
+  sed -n '/^variant/,$p' $L/decode_b1.log
+  KN=$(grep '^{"best_knobs"' $L/decode_b1.log | python3 -c \
+    "import json, sys; print(json.dumps(json.loads(sys.stdin.read())['best_knobs']))")
+  echo "best knobs: $KN"
+  [ -n "$KN" ] && [ "$KN" != "{}" ] && lat_rounds "$KN" best 2 60 50 ;;
+# (b1attn2 and b1skip, run the same night from the working tree, timed two variants since
+# removed: idle decode programs exiting at once, `decode_skip_idle`, and the new K/V built before
+# the key loop; RESULTS.md, "Rerun of 2026-12-02 (night)".)
+b1single)  # nvidia-h200 (one GPU), one call, 2026-12-02 night (issues 9 and 6): b1skip's
+  # decode_b1.py rounds with `decode_single` (the one live sequence of a batch-1 step spread
+  # statically over every slot's decode programs, one reduce as its combine), then batch 1
+  # (4 steps a launch) at the defaults against it at 8 pages x 2 splits, alternating.
+  L=$OUT/logs; mkdir -p $L
+  timeout 150 python3 benchmarks/gpu/decode_b1.py --rounds 3 --out $OUT/decode_b1.jsonl \
+    > $L/decode_b1.log 2>&1
+  sed -n '/^variant/,$p' $L/decode_b1.log
+  lat_rounds '{"decode_single": true, "decode_splits": 2}' single 3 60 50 ;;
+b1single2)  # nvidia-h200 (one GPU), one call, 2026-12-02 night: b1single's combine as one loop
+  # fusion (`decode_combine` "unrolled"), then batch 1 at the defaults against it, alternating.
+  L=$OUT/logs; mkdir -p $L
+  timeout 150 python3 benchmarks/gpu/decode_b1.py --rounds 3 --out $OUT/decode_b1.jsonl \
+    > $L/decode_b1.log 2>&1
+  sed -n '/^variant/,$p' $L/decode_b1.log
+  lat_rounds '{"decode_single": true, "decode_splits": 2, "decode_combine": "unrolled"}' su 2 60 50 ;;
 spread)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 6): at batch 1 the
   # decode kernel of an 8-slot step keeps 20 of its 160 programs busy; `decode_spread` gives the
   # padding slots' programs splits of the live sequence (one combine merges them). A compiled
