@@ -613,22 +613,27 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     acc = acc.reshape(num_splits, n_rows, D)
     m = m.reshape(num_splits, n_rows)
     l = l.reshape(num_splits, n_rows)
-    # Flash-decoding combine: rescale every split's partial sums to the global max.
+    out = _merge_partials(acc, m, l, combine).astype(out_dtype)
+    return (out, *pages) if pages else out
+
+
+def _merge_partials(acc, m, l, combine="reduce"):
+    """The flash-decoding combine over the leading axis of the partials (acc [n, ..., D], m and
+    l [n, ...]): each rescaled to the global max, summed, normalized (rows no key reached: 0).
+    ``combine`` "unrolled": the same sums as a chain of elementwise ops over the n partials
+    (one loop fusion whatever n; XLA may cut the reduce form into several kernels)."""
     if combine == "unrolled":
-        # The same sums as a chain of elementwise ops over the splits (one loop fusion
-        # whatever the split count; XLA may cut the reduce form into several kernels).
-        m_max = functools.reduce(jnp.maximum, [m[s] for s in range(num_splits)])
-        w = [jnp.exp(m[s] - m_max) for s in range(num_splits)]
-        l_tot = functools.reduce(jnp.add, [w[s] * l[s] for s in range(num_splits)])
-        acc_tot = functools.reduce(jnp.add, [w[s][:, None] * acc[s] for s in range(num_splits)])
+        n = m.shape[0]
+        m_max = functools.reduce(jnp.maximum, [m[i] for i in range(n)])
+        w = [jnp.exp(m[i] - m_max) for i in range(n)]
+        l_tot = functools.reduce(jnp.add, [w[i] * l[i] for i in range(n)])
+        acc_tot = functools.reduce(jnp.add, [w[i][..., None] * acc[i] for i in range(n)])
     else:
         m_max = jnp.max(m, axis=0)
         w = jnp.exp(m - m_max[None])
         l_tot = jnp.sum(w * l, axis=0)
         acc_tot = jnp.sum(w[..., None] * acc, axis=0)
-    out = acc_tot / jnp.where(l_tot == 0.0, 1.0, l_tot)[:, None]
-    out = out.astype(out_dtype)
-    return (out, *pages) if pages else out
+    return acc_tot / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
 
 
 def _single_combine(acc, m, l, *, nb, H, D, num_splits, out_dtype, combine="reduce"):
@@ -642,18 +647,7 @@ def _single_combine(acc, m, l, *, nb, H, D, num_splits, out_dtype, combine="redu
     m = m.reshape(num_splits, n_rows)[:, :nb * H].reshape(num_splits * nb, H)
     l = l.reshape(num_splits, n_rows)[:, :nb * H].reshape(num_splits * nb, H)
     first = (jnp.arange(nb) == 0)[:, None, None]
-    if combine == "unrolled":
-        n = num_splits * nb
-        m_max = functools.reduce(jnp.maximum, [m[i] for i in range(n)])
-        w = [jnp.exp(m[i] - m_max) for i in range(n)]
-        l_tot = functools.reduce(jnp.add, [w[i] * l[i] for i in range(n)])
-        acc_tot = functools.reduce(jnp.add, [w[i][:, None] * acc[i] for i in range(n)])
-    else:
-        m_max = jnp.max(m, axis=0)
-        w = jnp.exp(m - m_max[None])
-        l_tot = jnp.sum(w * l, axis=0)
-        acc_tot = jnp.sum(w[..., None] * acc, axis=0)
-    out0 = acc_tot / jnp.where(l_tot == 0.0, 1.0, l_tot)[:, None]
+    out0 = _merge_partials(acc, m, l, combine)
     return jnp.where(first, out0[None], 0.0).astype(out_dtype).reshape(nb * H, D)
 
 
