@@ -186,7 +186,7 @@ def test_decode_spread_gives_the_padding_slots_programs_to_the_live_sequences(mo
 
 def test_decode_single_spreads_one_live_sequence_over_every_slots_programs(monkeypatch):
     # decode_single (decode_only, one live sequence in slot 0): every slot's programs take
-    # splits of that sequence, statically, and one reduce merges all of them; the padding
+    # splits of that sequence, statically, and one combine merges all of them; the padding
     # slots' rows are zeros. Against the reference, plain and with split pages / two heads a
     # program; a split counted twice or left out moves the softmax off it.
     one = [("decode",)]

@@ -1060,7 +1060,7 @@ b1attn)  # nvidia-h200 (one GPU), one call, 2026-12-02 night (issues 9 and 5): t
 # (b1attn2 and b1skip, run the same night from the working tree, timed two variants since
 # removed: idle decode programs exiting at once, `decode_skip_idle`, and the new K/V built before
 # the key loop; RESULTS.md, "Rerun of 2026-12-02 (night)".)
-b1single)  # nvidia-h200 (one GPU), one call, 2026-12-02 night (issues 9 and 6): b1skip's
+b1single)  # nvidia-h200 (one GPU), one call, 2026-12-02 night (issues 9 and 6): three
   # decode_b1.py rounds with `decode_single` (the one live sequence of a batch-1 step spread
   # statically over every slot's decode programs, one reduce as its combine), then batch 1
   # (4 steps a launch) at the defaults against it at 8 pages x 2 splits, alternating.
