@@ -592,7 +592,8 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
               + ("_pg" if split_pages else "") + ("_mt" if masked_tail_only else "")
               + ("_kvw" if kv_write is not None else "") + ("_rope" if qkv_rope else "")
               + (f"_sk{qkv_parts}" if qkv_parts > 1 else "") + ("_nf" if qkv_norm else "")
-              + (f"_hp{hp}" if hp > 1 else "") + ("_sp" if spread else "")),
+              + (f"_hp{hp}" if hp > 1 else "") + ("_sp" if spread else "")
+              + ("1" if spread and single else "")),
     )(*(() if seq_is_block else (blk_seq,)), blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2,
       v2, *extra)
     pages = ()

@@ -495,6 +495,36 @@ def _mixed_batch_with_metadata(seed):
     return q, kp, vp, md
 
 
+def test_decode_single_and_decode_combine_knobs_reach_the_decode_only_kernel(monkeypatch):
+    # JAXLLM_ATTENTION_KNOBS='{"decode_single": true, "decode_combine": "unrolled", ...}' in a
+    # decode-only step of one live sequence: the static spread launch runs (its name ends in
+    # _sp1), with the same result as the reference; without the knobs it does not.
+    from jaxllm.models.attention import (ATTENTION_KNOBS_ENV, AttentionMetadata,
+                                         paged_attention)
+
+    (q, kp, vp, sl, pt, qsl, ns), _ = _random_batch(
+        np.random.default_rng(21), kinds=("decode",), T=6, S=6, M=6, B=8, P=40, H=8, K=2,
+        D=32, dtype=jnp.float32)
+    md = AttentionMetadata(slot_mapping=jnp.zeros(6, jnp.int32), query_start_loc=qsl,
+                           seq_lens=sl, page_table=pt, num_seqs=ns, decode_only=True)
+
+    def attend():  # a new function each time: a traced one is cached with the old knobs
+        return functools.partial(paged_attention, sm_scale=0.2, backend="pallas")
+
+    def names():
+        return set(re.findall(r"ragged_paged_attention_bq\d+_ppb\d+_ns\d+\w*",
+                              str(jax.make_jaxpr(attend())(q, kp, vp, md))))
+
+    monkeypatch.delenv(ATTENTION_KNOBS_ENV, raising=False)
+    assert not any(n.endswith("_sp1") for n in names())
+    monkeypatch.setenv(ATTENTION_KNOBS_ENV, '{"decode_single": true, "decode_splits": 2, '
+                                            '"decode_pages_per_block": 1, '
+                                            '"decode_combine": "unrolled"}')
+    assert any(n.endswith("_sp1") for n in names())
+    want = paged_attention(q, kp, vp, md, sm_scale=0.2, backend="reference")
+    assert _rel_err(jax.jit(attend())(q, kp, vp, md)[:1], want[:1]) < 1e-5
+
+
 def test_paged_attention_pallas_backend_matches_reference_backend():
     from jaxllm.models.attention import paged_attention
 

@@ -5,18 +5,19 @@ At batch 1 the decode step's attention (an 8-slot program with one live sequence
 This times exactly that call -- the Llama-3-8B heads, 1k context, ``decode_only``, the q/k/v
 GEMM's 4 split-K partials, rope, the folded input norm and the K/V write inside the kernel --
 by GPU time from the profiler (op by op), with the cache donated and threaded through the calls
-as the engine's step does, and rotated over 12 layers' pages (48 MB of K/V read, about the L2:
-the engine's layers do not find their K/V in it either). Variants: decode blocks and splits,
-the combine's form (``decode_combine``), ``decode_spread``, one live sequence spread statically over every slot's programs
-(``decode_single``), warps / stages, and (``--full``) parts of the fused preamble left out (what they cost). Each variant's output and pages are first checked
-against the table's default on fresh copies. Live sequences 1 (batch 1) and 8 (batch 8: the
-same program).
+as the engine's step does, and rotated over 12 layers' pages (~53 MB of K/V read, past the
+L2: the engine's layers do not find their K/V in it either). Variants: the combine's form
+(``decode_combine``), ``decode_spread``, one live sequence spread statically over every slot's
+programs (``decode_single``), and (``--full``) decode blocks and splits, warps / stages and
+parts of the fused preamble left out (what they cost). Each variant's output and pages are
+first checked against the table's default on copies of the pool. Live sequences 1 (batch 1)
+and 8 (batch 8: the same program).
 
 Prints a table (us per call: all GPU ops, the kernel, the rest) and, last, the fastest
 engine-expressible variant at batch 1 that is not slower at batch 8 as a JSON line of
 ``JAXLLM_ATTENTION_KNOBS`` ("best_knobs").
 
-    python3 benchmarks/gpu/decode_b1.py [--out FILE] [--quick | --full] [--smoke]
+    python3 benchmarks/gpu/decode_b1.py [--out FILE] [--rounds N] [--quick | --full] [--smoke]
 """
 import argparse
 import collections

@@ -94,6 +94,11 @@
 #                                          GPU tests
 #   bash benchmarks/gpu/issues.sh spread  (one GPU) batch 1 with the padding slots' decode programs
 #                                          working for the live sequence
+#   bash benchmarks/gpu/issues.sh b1attn  (one GPU) the batch-1 decode attention call alone
+#                                          (decode_b1.py --full), then batch 1 with its fastest
+#   bash benchmarks/gpu/issues.sh b1single / b1single2  (one GPU) decode_b1.py in three rounds,
+#                                          then batch 1 against `decode_single` (reduce /
+#                                          unrolled combine)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -156,6 +161,11 @@ lat_rounds() { for i in $(seq 1 $3); do
           > $L/lat_${q}_${v}_r$i.log 2>&1
       done; done; done
   for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done; }
+# benchmarks/gpu/decode_b1.py (the batch-1 decode attention call alone) with the arguments given,
+# its rows to $OUT/decode_b1.jsonl, its log to $L/decode_b1.log; prints its table.
+decode_b1() { timeout 330 python3 benchmarks/gpu/decode_b1.py "$@" --out $OUT/decode_b1.jsonl \
+    > $L/decode_b1.log 2>&1
+  sed -n '/^variant/,$p' $L/decode_b1.log; }
 # Offline throughput, 1,000 x 512/128, once (the modes add batch limits / quantization).
 TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
 # The folded input RMSNorm (``qkv_norm``) compiled at the 8B heads over bf16 pages against the
@@ -1050,9 +1060,7 @@ b1attn)  # nvidia-h200 (one GPU), one call, 2026-12-02 night (issues 9 and 5): t
   # the fused preamble's parts left out), then batch 1 in the engine, defaults against the
   # fastest variant it prints (alternating rounds while time is left).
   L=$OUT/logs; mkdir -p $L
-  timeout 330 python3 benchmarks/gpu/decode_b1.py ${B1ATTN_ARGS:---full} --out $OUT/decode_b1.jsonl \
-    > $L/decode_b1.log 2>&1
-  sed -n '/^variant/,$p' $L/decode_b1.log
+  decode_b1 --full
   KN=$(grep '^{"best_knobs"' $L/decode_b1.log | python3 -c \
     "import json, sys; print(json.dumps(json.loads(sys.stdin.read())['best_knobs']))")
   echo "best knobs: $KN"
@@ -1065,16 +1073,12 @@ b1single)  # nvidia-h200 (one GPU), one call, 2026-12-02 night (issues 9 and 6):
   # statically over every slot's decode programs, one reduce as its combine), then batch 1
   # (4 steps a launch) at the defaults against it at 8 pages x 2 splits, alternating.
   L=$OUT/logs; mkdir -p $L
-  timeout 150 python3 benchmarks/gpu/decode_b1.py --rounds 3 --out $OUT/decode_b1.jsonl \
-    > $L/decode_b1.log 2>&1
-  sed -n '/^variant/,$p' $L/decode_b1.log
+  decode_b1 --rounds 3
   lat_rounds '{"decode_single": true, "decode_splits": 2}' single 3 60 50 ;;
 b1single2)  # nvidia-h200 (one GPU), one call, 2026-12-02 night: b1single's combine as one loop
   # fusion (`decode_combine` "unrolled"), then batch 1 at the defaults against it, alternating.
   L=$OUT/logs; mkdir -p $L
-  timeout 150 python3 benchmarks/gpu/decode_b1.py --rounds 3 --out $OUT/decode_b1.jsonl \
-    > $L/decode_b1.log 2>&1
-  sed -n '/^variant/,$p' $L/decode_b1.log
+  decode_b1 --rounds 3
   lat_rounds '{"decode_single": true, "decode_splits": 2, "decode_combine": "unrolled"}' su 2 60 50 ;;
 spread)  # nvidia-h200 (one GPU), one call, 2026-12-02 evening (issues 9 and 6): at batch 1 the
   # decode kernel of an 8-slot step keeps 20 of its 160 programs busy; `decode_spread` gives the
