@@ -113,6 +113,91 @@ def test_split_k_partials_sum_to_the_projection(monkeypatch):
         x, 2) is None  # a bias
 
 
+def test_o_split_k_knob_writes_the_o_projection_as_summed_partials(monkeypatch):
+    # {"o_split_k": P}: in steps of <= QKV_SPLIT_K_MAX_TOKENS tokens the o projection is P
+    # split-K partial products summed elementwise (XLA can fuse the sum into the MLP's norm and
+    # the residual add). Same output as the one GEMM, dense and fp8 weight-only; larger steps,
+    # a bias, a split not dividing the input and W8A8 steps keep the GEMM.
+    import dataclasses
+
+    from jaxllm.models import attention, fused
+
+    config = dataclasses.replace(CONFIG, attention_bias=False, mlp_bias=False, qk_norm=False)
+    model = LlamaForCausalLM(config, dtype=jnp.float32, rngs=nnx.Rngs(6))
+    calls = []
+    real = fused.split_k_products
+    monkeypatch.setattr(fused, "split_k_products",
+                        lambda x, parts, **k: (calls.append(parts), real(x, parts, **k))[1])
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "16")  # as on a GPU
+    for m in (model, quantize_model(model)):
+        attn = m.model.layers[0].self_attn
+        for T in (3, attention.QKV_SPLIT_K_MAX_TOKENS, attention.QKV_SPLIT_K_MAX_TOKENS + 1):
+            o = jax.random.normal(jax.random.key(T), (T, 8 * 16), jnp.float32)
+            monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, "")
+            want = np.asarray(attn.out_proj(o))
+            np.testing.assert_array_equal(want, np.asarray(attn.o_proj(o)))  # default: the GEMM
+            for parts in (2, 4, 3):
+                calls.clear()
+                monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"o_split_k": %d}' % parts)
+                got = np.asarray(attn.out_proj(o))
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+                split = T <= attention.QKV_SPLIT_K_MAX_TOKENS
+                assert calls == ([parts] if split else [])
+            assert attention.o_split_k_parts(T) == (3 if split else 1)
+    # 128 input features: a split of 3 does not apply (the GEMM ran, same output, above); nor
+    # does W8A8 (more tokens than the weight-only limit), nor a bias.
+    assert fused.split_k_products(o, 3, kernel=attn.o_proj.weight[...].T) is None
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "2")
+    assert fused.split_k_products(o[:3], 2, weight=attn.o_proj.weight[...],
+                                  weight_scale=attn.o_proj.weight_scale[...]) is None
+    biased = LlamaForCausalLM(dataclasses.replace(config, o_proj_bias=True), dtype=jnp.float32,
+                              rngs=nnx.Rngs(6)).model.layers[0].self_attn
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"o_split_k": 2}')
+    calls.clear()
+    np.testing.assert_array_equal(np.asarray(biased.out_proj(o[:3])),
+                                  np.asarray(biased.o_proj(o[:3])))
+    assert calls == []
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"o_split_k": 0}')
+    with pytest.raises(ValueError, match="o_split_k must be a positive integer"):
+        attention.o_split_k_parts(3)
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["sum", "fold_mlp_norm"])
+def test_o_split_k_knob_serves_the_same_greedy_tokens(small_llama_folder, monkeypatch, fold):
+    # The engine with {"o_split_k": 2}: every step of <= 16 tokens (here all: 16-token buckets)
+    # runs the o projection as summed partials; the same greedy tokens in float32. With
+    # "fold_mlp_norm" the layer sums them itself and folds the MLP's RMSNorm (the gate/up GEMM
+    # takes x * g, the SwiGLU's input rows are scaled by rsqrt(mean(x^2) + eps)).
+    from jaxllm.models import attention, fused, llama
+
+    def tokens():
+        jax.clear_caches()
+        llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=64, page_size=8,
+                  num_pages=16, max_num_batched_tokens=16, max_num_seqs=2,
+                  skip_compile_at_start=True)
+        outs = llm.generate([{"prompt_token_ids": [11, 12, 13, 14, 15]},
+                             {"prompt_token_ids": [7, 8, 9]}],
+                            SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                            use_tqdm=False)
+        assert llm.llm_engine.scheduler.page_pool.num_free_pages == 16
+        return [o.outputs[0].token_ids for o in outs]
+
+    want = tokens()
+    calls = []
+    real = fused.split_k_products
+    monkeypatch.setattr(fused, "split_k_products",
+                        lambda x, parts, **k: (calls.append(parts), real(x, parts, **k))[1])
+    scaled = []
+    real_mlp = llama.LlamaMLP.__call__
+    monkeypatch.setattr(llama.LlamaMLP, "__call__", lambda self, x, row_scale=None: (
+        scaled.append(row_scale is not None), real_mlp(self, x, row_scale))[1])
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV,
+                       '{"o_split_k": 2, "fold_mlp_norm": %s}' % str(fold).lower())
+    assert tokens() == want
+    assert calls and set(calls) == {2}
+    assert scaled and set(scaled) == {fold}
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "fp8"])
 def test_a_fused_model_converts_back_to_the_separate_hf_tensors(quantized):
     separate = _random_model(seed=3)
