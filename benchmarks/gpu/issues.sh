@@ -102,7 +102,8 @@
 #   bash benchmarks/gpu/issues.sh osplit   (one GPU) batch-1 profiles and latency with the o
 #                                          projection as summed split-K partials (`o_split_k`)
 #   bash benchmarks/gpu/issues.sh mlpfold  (one GPU) the same with the MLP's norm folded
-#                                          (`fold_mlp_norm`)
+#                                          (`fold_mlp_norm`); both knobs are only in 4b83398
+#                                          (no gain, taken out after): run them from there
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1079,7 +1080,8 @@ b1single)  # nvidia-h200 (one GPU), one call, 2026-12-02 night (issues 9 and 6):
   L=$OUT/logs; mkdir -p $L
   decode_b1 --rounds 3
   lat_rounds '{"decode_single": true, "decode_splits": 2}' single 3 60 50 ;;
-osplit)  # nvidia-h200 (one GPU), one call, 2026-12-02 late (issues 9 and 6): the o projection
+osplit)  # nvidia-h200 (one GPU), one call, 2026-12-02 late (issues 9 and 6; knobs in 4b83398
+  # only, removed after: no gain, RESULTS): the o projection
   # written as 8 split-K partials summed elementwise (`o_split_k`), so XLA can fuse the sum and
   # the residual add into the MLP's norm and the layer's last add (one kernel a layer fewer?).
   # Batch-1 profiles (4 steps a launch; kernels a step) without / with it, bf16 and fp8, then
@@ -1096,7 +1098,8 @@ osplit)  # nvidia-h200 (one GPU), one call, 2026-12-02 late (issues 9 and 6): th
 # osplit2 (2026-12-02 late, one call, from a working tree since changed): the same profile with
 # the two consumers' sums kept apart by an optimization barrier, and the optimized HLO: 350 ops
 # still, the MLP's norm is a Triton normalization fusion that takes no producer (RESULTS).
-mlpfold)  # nvidia-h200 (one GPU), one call, 2026-12-02 late (issues 9 and 6): `fold_mlp_norm`
+mlpfold)  # nvidia-h200 (one GPU), one call, 2026-12-02 late (issues 9 and 6; knobs in 4b83398
+  # only, removed after: no gain, RESULTS): `fold_mlp_norm`
   # with `o_split_k` 8: the o projection's partials summed in the layer, the MLP's RMSNorm
   # folded (gate/up takes x * g, the SwiGLU applies r), so the residual add, x * g and r can be
   # one kernel. Batch-1 profiles (kernels a step) without / with it, bf16 and fp8, then batch 1

@@ -50,9 +50,9 @@ FP8_KV_DTYPE = jnp.float8_e4m3fn
 # e.g. JAXLLM_ATTENTION_KNOBS='{"decode_split_pages": true}' python3 benchmarks/latency.py ...
 ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
-              "decode_heads_per_program", "num_warps", "num_stages", "qkv_split_k", "o_split_k")
+              "decode_heads_per_program", "num_warps", "num_stages", "qkv_split_k")
 _BOOL_KNOBS = ("decode_split_pages", "decode_spread", "masked_tail_only", "fused_kv_write",
-               "fused_qkv_rope", "fold_input_norm", "decode_single", "fold_mlp_norm")
+               "fused_qkv_rope", "fold_input_norm", "decode_single")
 # decode_single is a promise, not a tuning: every decode-only step must have exactly one live
 # sequence (benchmarks/latency.py's batch 1); a step with more gets wrong attention. Only for
 # batch-1 A/B runs.
@@ -73,13 +73,7 @@ _QKV_SPLIT_K = "qkv_split_k"
 # With fused_qkv_rope: the layer's input RMSNorm folded into the q/k/v GEMM and the decode
 # kernel (``qkv_norm_folds``).
 _FOLD_INPUT_NORM = "fold_input_norm"
-# The model's o projection in small steps: this many split-K partials, summed by its consumers
-# (``o_split_k_parts``).
-_O_SPLIT_K = "o_split_k"
-# The model's MLP RMSNorm folded into the gate/up GEMM and the SwiGLU (``mlp_norm_folds``).
-_FOLD_MLP_NORM = "fold_mlp_norm"
-_NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K, _FOLD_INPUT_NORM, _O_SPLIT_K,
-                    _FOLD_MLP_NORM)
+_NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K, _FOLD_INPUT_NORM)
 
 
 def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
@@ -327,36 +321,6 @@ def qkv_split_k_parts(num_tokens: int) -> int:
     tokens, 1 above. ``FusedLinear.split_k`` falls back to 1 where the split does not apply."""
     parts = dict(attention_kernel_knobs()).get(_QKV_SPLIT_K, QKV_SPLIT_K_DEFAULT)
     return parts if num_tokens <= QKV_SPLIT_K_MAX_TOKENS else 1
-
-
-# The o projection's split-K written out (``o_split_k``). XLA splits the K of the o GEMM of a
-# small step itself (8 ways for the 8B shape at 8 rows) and sums the partials in a reduce kernel
-# with the residual add; the MLP's RMSNorm is a kernel after it. With the split written out
-# (``fused.split_k_products``), the sum is elementwise, x + sum(partials), which XLA can fuse
-# into both consumers (the norm and the layer's last residual add) instead of a kernel of its
-# own. 1: the GEMM as is. Steps of at most QKV_SPLIT_K_MAX_TOKENS tokens, one device (under
-# tensor parallelism the o GEMM's input features are sharded).
-O_SPLIT_K_DEFAULT = 1
-
-
-def o_split_k_parts(num_tokens: int) -> int:
-    """How many split-K partials the o projection of a step of ``num_tokens`` (static: the
-    bucket) is written as: the ``o_split_k`` knob (``JAXLLM_ATTENTION_KNOBS``; unset:
-    ``O_SPLIT_K_DEFAULT``) up to ``QKV_SPLIT_K_MAX_TOKENS`` tokens, 1 above (1: one GEMM, as
-    XLA splits it). Read at trace time."""
-    parts = dict(attention_kernel_knobs()).get(_O_SPLIT_K, O_SPLIT_K_DEFAULT)
-    return parts if num_tokens <= QKV_SPLIT_K_MAX_TOKENS else 1
-
-
-MLP_NORM_FOLD_DEFAULT = False
-
-
-def mlp_norm_folds(num_tokens: int) -> bool:
-    """Whether a step of ``num_tokens`` (static: the bucket) whose o projection is split
-    (``o_split_k_parts`` > 1) takes the partials into the layer and folds the MLP's RMSNorm
-    (``LlamaDecoderLayer``): the ``fold_mlp_norm`` knob (``JAXLLM_ATTENTION_KNOBS``), else
-    ``MLP_NORM_FOLD_DEFAULT``. Read at trace time."""
-    return bool(dict(attention_kernel_knobs()).get(_FOLD_MLP_NORM, MLP_NORM_FOLD_DEFAULT))
 
 
 # Steps of at most this many tokens (the step's bucket) on the decode kernel's rope path fold the

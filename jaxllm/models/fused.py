@@ -102,40 +102,21 @@ class FusedLinear(nnx.Module):
         split-K sum is no kernel of its own. None where it does not apply: a bias, ``parts``
         not dividing I, or fp8 activations (W8A8 above ``weight_only_max_tokens``)."""
         (A, C), I, T = self.groups, self.in_features, x.shape[0]
-        if self.bias is not None:
+        if self.bias is not None or I % parts:
             return None
+        xs = x.reshape(T, parts, I // parts)
         if self.kernel is not None:
-            y = split_k_products(x, parts, kernel=self.kernel[...].reshape(I, A * C))
+            w = self.kernel[...].astype(x.dtype).reshape(parts, I // parts, A * C)
+            y = jnp.einsum("tpk,pkn->ptn", xs, w, preferred_element_type=jnp.float32)
         else:
-            y = split_k_products(x, parts, weight=self.weight[...].reshape(A * C, I),
-                                 weight_scale=self.weight_scale[...].reshape(A * C))
-        return None if y is None else y.reshape(parts * T, A, C)
+            from jaxllm.models.fp8 import weight_only_max_tokens
 
-
-def split_k_products(x: jax.Array, parts: int, *, kernel: jax.Array | None = None,
-                     weight: jax.Array | None = None, weight_scale: jax.Array | None = None
-                     ) -> jax.Array | None:
-    """The split-K partial products of x [T, I] @ W: [parts, T, O] float32, partial p the
-    product of input features [p * I / parts, (p + 1) * I / parts), so their sum is the GEMM
-    before its rounding. W dense as ``kernel`` [I, O], or fp8 weight-only as ``weight`` [O, I]
-    e4m3 with ``weight_scale`` [O] (each partial scaled). Written as one batched dot, so XLA
-    adds no split of its own and the caller's sum can fuse into its consumer. None where it
-    does not apply: ``parts`` not dividing I, or an fp8 step above ``weight_only_max_tokens``
-    (W8A8: the activations are quantized, per token, over the whole row)."""
-    T, I = x.shape
-    if I % parts:
-        return None
-    xs = x.reshape(T, parts, I // parts)
-    if kernel is not None:
-        w = kernel.astype(x.dtype).reshape(parts, I // parts, kernel.shape[-1])
-        return jnp.einsum("tpk,pkn->ptn", xs, w, preferred_element_type=jnp.float32)
-    from jaxllm.models.fp8 import weight_only_max_tokens
-
-    if T > weight_only_max_tokens():
-        return None
-    w = weight.reshape(weight.shape[0], parts, I // parts).astype(x.dtype)
-    y = jnp.einsum("tpk,npk->ptn", xs, w, preferred_element_type=jnp.float32)
-    return y * weight_scale.astype(jnp.float32)
+            if T > weight_only_max_tokens():
+                return None
+            w = self.weight[...].reshape(A * C, parts, I // parts).astype(x.dtype)
+            y = jnp.einsum("tpk,npk->ptn", xs, w, preferred_element_type=jnp.float32)
+            y = y * self.weight_scale[...].reshape(A * C).astype(jnp.float32)
+        return y.reshape(parts * T, A, C)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ model under ``nnx.eval_shape`` allocates nothing, which is how the loaders build
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -30,10 +29,8 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig, gemm_out_dtype_from_env
-from jaxllm.models.attention import (AttentionMetadata, KVCache, heads_mesh,
-                                     mlp_norm_folds, o_split_k_parts, qkv_norm_folds,
-                                     qkv_rope_applies,
-                                     qkv_split_k_parts, rope_write_kv_and_attend,
+from jaxllm.models.attention import (AttentionMetadata, KVCache, qkv_norm_folds,
+                                     qkv_rope_applies, qkv_split_k_parts, rope_write_kv_and_attend,
                                      write_kv_and_attend)
 from jaxllm.models.fp8 import fp8_swiglu_mlp
 
@@ -166,13 +163,12 @@ class LlamaAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  kv_cache: tuple[jax.Array, jax.Array], md: AttentionMetadata,
-                 norm: "RMSNorm | None" = None, parts_ok: bool = False
-                 ) -> tuple["jax.Array | SplitK", tuple[jax.Array, jax.Array]]:
+                 norm: "RMSNorm | None" = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x: [T, E] -> [T, E]; kv_cache: (k_pages, v_pages) each [P, B, K, D], returned updated.
         ``norm``: the layer's input RMSNorm, applied to x here first (or, in small decode steps
         on the decode kernel's rope path, folded into the q/k/v GEMM and the decode kernel:
-        ``qkv_norm_folds``). ``parts_ok``: the output may be the o projection's split-K
-        partials (``out_proj``)."""
+        ``qkv_norm_folds``)."""
         T, D = x.shape[0], self.head_dim
         if self.qkv_proj is not None:
             if self.q_norm is None and qkv_rope_applies(self.attention_backend, md, T):
@@ -194,7 +190,8 @@ class LlamaAttention(nnx.Module):
                     sliding_window=self.sliding_window, k_scale=self.k_scale,
                     v_scale=self.v_scale, qkv_parts=parts, dtype=x.dtype,
                     norm=(x, norm.eps) if fold else None)
-                return self.out_proj(out.reshape(T, -1), parts_ok=parts_ok), (k_pages, v_pages)
+                return (self.o_proj(out.reshape(T, self.num_heads * self.head_dim)),
+                        (k_pages, v_pages))
         if norm is not None:
             x = norm(x)
         if self.qkv_proj is not None:
@@ -214,53 +211,7 @@ class LlamaAttention(nnx.Module):
             q, k, v, kv_cache[0], kv_cache[1], md, sm_scale=self.sm_scale,
             sliding_window=self.sliding_window, backend=self.attention_backend,
             k_scale=self.k_scale, v_scale=self.v_scale)
-        return (self.out_proj(out.reshape(T, self.num_heads * self.head_dim), parts_ok=parts_ok),
-                (k_pages, v_pages))
-
-    def out_proj(self, o: jax.Array, parts_ok: bool = False) -> "jax.Array | SplitK":
-        """The o projection of o [T, H * D]. With ``out_parts``' split-K partials: those summed
-        (float32, rounded once, as the GEMM's own split sum), or, when ``parts_ok``, the
-        partials as a ``SplitK`` for the caller to sum (``LlamaDecoderLayer``); else the GEMM."""
-        y = self.out_parts(o)
-        if y is None:
-            return self.o_proj(o)
-        return SplitK(y) if parts_ok else sum_parts(y).astype(o.dtype)
-
-    def out_parts(self, o: jax.Array) -> jax.Array | None:
-        """The o projection of o [T, H * D] as ``o_split_k_parts`` split-K partial products
-        [parts, T, E] float32 (small steps on one device, no bias), else None."""
-        parts = o_split_k_parts(o.shape[0])
-        if parts == 1 or heads_mesh() is not None or self.o_proj.bias is not None:
-            return None
-        from jaxllm.models.fp8 import Fp8Linear
-        from jaxllm.models.fused import split_k_products
-
-        p = self.o_proj
-        if isinstance(p, Fp8Linear):
-            return split_k_products(o, parts, weight=p.weight[...], weight_scale=p.weight_scale[...])
-        return split_k_products(o, parts, kernel=p.kernel[...])
-
-
-def sum_parts(y: jax.Array) -> jax.Array:
-    """The sum over the leading axis of y, elementwise term by term (y's dtype): one loop
-    fusion for XLA, which its consumer can take in, where a reduce would be a kernel."""
-    return functools.reduce(jnp.add, [y[i] for i in range(y.shape[0])])
-
-
-@jax.tree_util.register_pytree_node_class
-class SplitK:
-    """The o projection's output as its split-K partial products ``parts`` [P, T, E] float32
-    (``LlamaAttention.out_proj``): their sum, rounded to the model dtype, is the output."""
-
-    def __init__(self, parts: jax.Array):
-        self.parts = parts
-
-    def tree_flatten(self):
-        return (self.parts,), None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children)
+        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim)), (k_pages, v_pages)
 
 
 class LlamaMLP(nnx.Module):
@@ -277,13 +228,8 @@ class LlamaMLP(nnx.Module):
             self.up_proj = _proj(config, E, F, config.mlp_bias, dtype, rngs)
         self.down_proj = _proj(config, F, E, config.mlp_bias, dtype, rngs)
 
-    def __call__(self, x: jax.Array, row_scale: jax.Array | None = None) -> jax.Array:
-        """x: [T, E] -> [T, E]. ``row_scale`` [T, 1] float32: the gate/up GEMM's output rows are
-        multiplied by it before the SwiGLU (the folded norm's factor, ``LlamaDecoderLayer``;
-        the fused gate/up only, no bias)."""
-        if row_scale is not None:
-            gu = self.gate_up_proj(x).astype(jnp.float32) * row_scale[:, :, None]
-            return self.down_proj((jax.nn.silu(gu[..., 0]) * gu[..., 1]).astype(x.dtype))
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [T, E] -> [T, E]."""
         if self.gate_up_proj is not None:
             if self.gate_up_proj.kernel is None:  # fp8: SwiGLU + quantization in one kernel
                 y = fp8_swiglu_mlp(x, self.gate_up_proj, self.down_proj)
@@ -296,36 +242,15 @@ class LlamaMLP(nnx.Module):
 
 class LlamaDecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, dtype, rngs: nnx.Rngs, attention_backend: str):
-        self.fold_ok = (config.fused_projections and not config.mlp_bias
-                        and config.activation_scheme != "static")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = LlamaAttention(config, layer_idx, dtype, rngs, attention_backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(config, dtype, rngs)
 
-    def mlp_norm_folds(self, num_tokens: int) -> bool:
-        """Whether a step of ``num_tokens`` (static) folds the MLP's RMSNorm into the gate/up
-        GEMM and the SwiGLU (``attention.mlp_norm_folds``), taking the o projection's split-K
-        partials: a fused gate/up without bias or static fp8 activation scales (neither
-        commutes with the norm's per-row factor)."""
-        return self.fold_ok and mlp_norm_folds(num_tokens)
-
     def __call__(self, x, positions, inv_freq, kv_cache, md):
         """x: [T, E] (the residual stream) -> [T, E]."""
-        fold = self.mlp_norm_folds(x.shape[0])
         attn_out, kv_cache = self.self_attn(x, positions, inv_freq, kv_cache, md,
-                                            norm=self.input_layernorm, parts_ok=fold)
-        if isinstance(attn_out, SplitK):
-            # The MLP's RMSNorm folded (mlp_norm_folds): RMSNorm(x) @ W = r * ((x * g) @ W) row
-            # by row, so the gate/up GEMM takes x * g and the SwiGLU applies r. With the o
-            # projection's partials summed elementwise here, XLA can compute the residual add,
-            # x * g and r in one kernel (a reduce with its input's elementwise outputs), where
-            # its own split sum is a reduce the norm's reduce cannot join.
-            norm = self.post_attention_layernorm
-            x = x + sum_parts(attn_out.parts).astype(x.dtype)
-            xf = x.astype(jnp.float32)
-            r = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + norm.eps)
-            return x + self.mlp(x * norm.weight[...], row_scale=r), kv_cache
+                                            norm=self.input_layernorm)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv_cache
