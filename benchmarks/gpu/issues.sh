@@ -166,6 +166,16 @@ lat_rounds() { for i in $(seq 1 $3); do
           > $L/lat_${q}_${v}_r$i.log 2>&1
       done; done; done
   for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done; }
+# Batch-1 profiles (4 steps a launch; GPU ops a step, top kernels) at the defaults (d) and with
+# JAXLLM_ATTENTION_KNOBS=$1 (tag $2), bf16 and fp8, then lat_rounds of the two, two rounds.
+prof_knobs_ab() { for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+    for v in d $2; do K=""; [ $v = $2 ] && K=$1
+      JAXLLM_ATTENTION_KNOBS="$K" timeout 100 python3 benchmarks/profile_step.py \
+        --context 1024 --steps 6 --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 \
+        $QA --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_${q}_${v}.log 2>&1
+    done; done
+  for f in $L/prof_*.log; do echo "== $f"; grep -A16 "^batch " $f | cut -c1-110; done
+  lat_rounds "$1" $2 2 60 50; }
 # benchmarks/gpu/decode_b1.py (the batch-1 decode attention call alone) with the arguments given,
 # its rows to $OUT/decode_b1.jsonl, its log to $L/decode_b1.log; prints its table.
 decode_b1() { timeout 330 python3 benchmarks/gpu/decode_b1.py "$@" --out $OUT/decode_b1.jsonl \
@@ -1081,39 +1091,20 @@ b1single)  # nvidia-h200 (one GPU), one call, 2026-12-02 night (issues 9 and 6):
   decode_b1 --rounds 3
   lat_rounds '{"decode_single": true, "decode_splits": 2}' single 3 60 50 ;;
 osplit)  # nvidia-h200 (one GPU), one call, 2026-12-02 late (issues 9 and 6; knobs in 4b83398
-  # only, removed after: no gain, RESULTS): the o projection
-  # written as 8 split-K partials summed elementwise (`o_split_k`), so XLA can fuse the sum and
-  # the residual add into the MLP's norm and the layer's last add (one kernel a layer fewer?).
-  # Batch-1 profiles (4 steps a launch; kernels a step) without / with it, bf16 and fp8, then
-  # batch 1 at the defaults against it, alternating rounds.
+  # only, removed after: no gain, RESULTS): the o projection written as 8 split-K partials
+  # summed elementwise (`o_split_k`), so XLA can fuse the sum and the residual add into the
+  # MLP's norm and the layer's last add (one kernel a layer fewer?).
   L=$OUT/logs; mkdir -p $L
-  for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
-    for v in d os; do K=""; [ $v = os ] && K='{"o_split_k": 8}'
-      JAXLLM_ATTENTION_KNOBS="$K" timeout 100 python3 benchmarks/profile_step.py \
-        --context 1024 --steps 6 --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 \
-        $QA --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_${q}_${v}.log 2>&1
-    done; done
-  for f in $L/prof_*.log; do echo "== $f"; grep -A16 "^batch " $f | cut -c1-110; done
-  lat_rounds '{"o_split_k": 8}' os 2 60 50 ;;
+  prof_knobs_ab '{"o_split_k": 8}' os ;;
 # osplit2 (2026-12-02 late, one call, from a working tree since changed): the same profile with
 # the two consumers' sums kept apart by an optimization barrier, and the optimized HLO: 350 ops
 # still, the MLP's norm is a Triton normalization fusion that takes no producer (RESULTS).
 mlpfold)  # nvidia-h200 (one GPU), one call, 2026-12-02 late (issues 9 and 6; knobs in 4b83398
-  # only, removed after: no gain, RESULTS): `fold_mlp_norm`
-  # with `o_split_k` 8: the o projection's partials summed in the layer, the MLP's RMSNorm
-  # folded (gate/up takes x * g, the SwiGLU applies r), so the residual add, x * g and r can be
-  # one kernel. Batch-1 profiles (kernels a step) without / with it, bf16 and fp8, then batch 1
-  # at the defaults against it, alternating rounds.
+  # only, removed after: no gain, RESULTS): `fold_mlp_norm` with `o_split_k` 8: the o
+  # projection's partials summed in the layer, the MLP's RMSNorm folded (gate/up takes x * g,
+  # the SwiGLU applies r), so the residual add, x * g and r can be one kernel.
   L=$OUT/logs; mkdir -p $L
-  KN='{"o_split_k": 8, "fold_mlp_norm": true}'
-  for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
-    for v in d mf; do K=""; [ $v = mf ] && K=$KN
-      JAXLLM_ATTENTION_KNOBS="$K" timeout 100 python3 benchmarks/profile_step.py \
-        --context 1024 --steps 6 --top 12 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 \
-        $QA --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_${q}_${v}.log 2>&1
-    done; done
-  for f in $L/prof_*.log; do echo "== $f"; grep -A13 "^batch " $f | cut -c1-110; tail -3 $f; done
-  lat_rounds "$KN" mf 2 60 50 ;;
+  prof_knobs_ab '{"o_split_k": 8, "fold_mlp_norm": true}' mf ;;
 b1single2)  # nvidia-h200 (one GPU), one call, 2026-12-02 night: b1single's combine as one loop
   # fusion (`decode_combine` "unrolled"), then batch 1 at the defaults against it, alternating.
   L=$OUT/logs; mkdir -p $L
