@@ -929,6 +929,32 @@ def test_input_norm_folds_by_default_in_small_decode_steps_with_the_same_greedy_
     assert not attention.qkv_norm_folds(attention.FOLD_INPUT_NORM_MAX_TOKENS + 1)
 
 
+def test_mlp_kernel_knob_serves_the_same_greedy_tokens(small_llama_folder, monkeypatch):
+    # JAXLLM_ATTENTION_KNOBS={"mlp_kernel": true}: every layer of the small steps runs its MLP's
+    # RMSNorm, fused gate/up GEMM and SwiGLU as one Pallas kernel (interpreted here), then the
+    # down GEMM. In float32 the greedy tokens equal the default path's, and every step of the
+    # run (prompt chunks of <= 16 tokens, decode steps) took the kernel once a layer.
+    import jax
+
+    from jaxllm.models import attention
+    from pallas_kernels import fused_mlp
+
+    assert not attention.MLP_KERNEL_DEFAULT or attention.MLP_KERNEL_MAX_TOKENS >= 8
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"mlp_kernel": false}')
+    want = _pallas_greedy_tokens(small_llama_folder)
+    seen = []
+    real = fused_mlp.gate_up_swiglu
+    monkeypatch.setattr(fused_mlp, "gate_up_swiglu",
+                        lambda x, *a, **k: (seen.append((x.shape, k["eps"])), real(x, *a, **k))[1])
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"mlp_kernel": true}')
+    jax.clear_caches()
+    got = _pallas_greedy_tokens(small_llama_folder)
+    assert seen and {(shape[1], eps) for shape, eps in seen} == {(64, 1e-5)}  # x [T, E], eps
+    assert got == want
+    assert not attention.mlp_kernel_applies("xla", 8)  # the Pallas backend only
+    assert not attention.mlp_kernel_applies("pallas", fused_mlp.MAX_ROWS + 1)
+
+
 @pytest.mark.parametrize("async_scheduling", [True, False])
 def test_throughput_benchmark_splits_the_run_by_step_kind(small_llm, async_scheduling):
     """benchmarks/offline_throughput.engine_generate(phases=...) counts every dispatched step

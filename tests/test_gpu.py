@@ -161,6 +161,65 @@ def test_compiled_skinny_matmul_matches_reference(M):
                                                      out_dtype=jnp.float32)) < 1e-3
 
 
+@pytest.mark.parametrize("M", [1, 8, 40])
+def test_compiled_fused_mlp_kernels_match_reference(M):
+    """pallas_kernels.fused_mlp compiled for the GPU at the Llama-3-8B MLP (E 4096, F 14336):
+    gate_up_swiglu with the engine's blocks (bf16 and e4m3 weights), and the one-kernel MLP
+    with atomic (n_valid < M: rows past it stay 0) and partial-sum accumulation."""
+    from pallas_kernels.fp8_matmul import quantize_weight_per_channel
+    from pallas_kernels.fused_mlp import (fused_mlp, fused_mlp_reference, gate_up_swiglu,
+                                          gate_up_swiglu_blocks, gate_up_swiglu_reference)
+
+    rng = np.random.default_rng(M)
+    E, F = 4096, 14336
+    x = jnp.asarray(rng.standard_normal((M, E)) * 2, jnp.bfloat16)
+    g = jnp.asarray(1 + 0.1 * rng.standard_normal(E), jnp.bfloat16)
+    wgu = jnp.asarray(rng.standard_normal((E, 2 * F)) * 0.02, jnp.bfloat16)
+    wd = jnp.asarray(rng.standard_normal((F, E)) * 0.02, jnp.bfloat16)
+    q, s = quantize_weight_per_channel(wgu)
+    qd, sd = quantize_weight_per_channel(wd)
+    q, qd = jnp.asarray(q.T), jnp.asarray(qd.T)
+    for w, ws, fp8 in ((wgu, None, False), (q, s, True)):
+        blocks = gate_up_swiglu_blocks(E, F, fp8=fp8)
+        got = gate_up_swiglu(x, g, w, ws, eps=1e-5, **blocks)
+        ref = gate_up_swiglu_reference(x, g, w, ws, eps=1e-5, block_k=blocks["block_k"])
+        assert _rel_err(got.astype(jnp.float32), ref) < 1e-2, fp8
+    nv = max(1, M // 2)
+    for args in ((wgu, wd), (q, qd, s, sd)):
+        ref = fused_mlp_reference(x, g, *args, eps=1e-5)
+        got = fused_mlp(x, g, *args, n_valid=nv, eps=1e-5)
+        assert _rel_err(got[:nv], ref[:nv]) < 1e-3
+        assert np.all(np.asarray(got[nv:]) == 0.0)
+        got = fused_mlp(x, g, *args, eps=1e-5, accumulate="partials")
+        assert _rel_err(got, ref) < 1e-3
+
+
+def test_engine_mlp_kernel_serves_the_default_tokens_on_the_gpu(small_llama_folder, monkeypatch):
+    """JAXLLM_ATTENTION_KNOBS={"mlp_kernel": true} on the GPU (the compiled gate/up + SwiGLU
+    kernel in every small step, single steps and the multi-step loop) gives the default path's
+    greedy tokens, in float32."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.models.attention import ATTENTION_KNOBS_ENV
+
+    rng = np.random.default_rng(6)
+    prompts = [{"prompt_token_ids": rng.integers(0, 49152, int(n)).tolist()}
+               for n in rng.integers(1, 60, 6)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for knobs, steps in (('{"mlp_kernel": false}', 1), ('{"mlp_kernel": true}', 1),
+                         ('{"mlp_kernel": true}', 4)):
+        monkeypatch.setenv(ATTENTION_KNOBS_ENV, knobs)
+        llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
+                  num_pages=64, max_num_batched_tokens=512, max_num_seqs=8,
+                  attention_backend="pallas", num_scheduler_steps=steps)
+        outs[(knobs, steps)] = [o.outputs[0].token_ids
+                                for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+    want = outs[('{"mlp_kernel": false}', 1)]
+    assert outs[('{"mlp_kernel": true}', 1)] == want
+    assert outs[('{"mlp_kernel": true}', 4)] == want
+
+
 @pytest.mark.parametrize("T", [5, 1024])
 def test_compiled_silu_mul_quant_matches_reference(T):
     """The SwiGLU + quantization kernel compiled for the GPU at Llama-3-8B's F, at the engine's

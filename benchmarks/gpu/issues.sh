@@ -104,6 +104,10 @@
 #   bash benchmarks/gpu/issues.sh mlpfold  (one GPU) the same with the MLP's norm folded
 #                                          (`fold_mlp_norm`); both knobs are only in 4b83398
 #                                          (no gain, taken out after): run them from there
+#   bash benchmarks/gpu/issues.sh fusedmlp (one GPU) the one-kernel decode MLP
+#                                          (pallas_kernels/fused_mlp.py) against XLA's chain
+#   bash benchmarks/gpu/issues.sh mlpk     (one GPU) its GPU tests, then batch 1 with the MLP's
+#                                          norm + gate/up + SwiGLU kernel (`mlp_kernel`) in rounds
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1146,6 +1150,26 @@ for n in (1, 3, 8):
 PY
   cat $L/check.log | tail -4
   lat_rounds '{"decode_spread": true}' sp 2 60 50 ;;
+fusedmlp)  # nvidia-h200 (one GPU), one call (issues 9 and 6): the batch-1 MLP is five kernels a
+  # layer under XLA; the one-kernel MLP (norm, gate/up, SwiGLU, down) in layer chains against it.
+  L=$OUT/logs; mkdir -p $L
+  timeout ${T:-540} python3 benchmarks/gpu/fused_mlp.py --out $OUT/fused_mlp.jsonl --budget 420 \
+    > $L/fused_mlp.log 2>&1; echo "rc=$?"
+  grep -v "^{" $L/fused_mlp.log | tail -40 | cut -c1-300; grep '"check"\|error' $L/fused_mlp.log | cut -c1-300 | head -20 ;;
+mlpk)  # nvidia-h200 (one GPU), one call (issues 9 and 6): after fusedmlp, the MLP's RMSNorm,
+  # gate/up GEMM and SwiGLU as one kernel in the engine (`mlp_kernel` knob): the GPU tests, batch 1
+  # in alternating rounds against the defaults, then a profile of each with the knob.
+  L=$OUT/logs; mkdir -p $L
+  timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -k "fused_mlp or mlp_kernel" \
+    > $L/gputests.log 2>&1; tail -3 $L/gputests.log
+  lat_rounds '{"mlp_kernel": true}' mk 2 60 50
+  for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+    [ $((T - SECONDS)) -gt 70 ] || break
+    JAXLLM_ATTENTION_KNOBS='{"mlp_kernel": true}' timeout 65 python3 benchmarks/profile_step.py \
+      --context 1024 --steps 6 --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 \
+      $QA --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_${q}_mk.log 2>&1
+    grep -A16 "^batch " $L/prof_${q}_mk.log | cut -c1-110; done
+  show_logs 6 ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
   # at 16384 tokens took 306 s. The GEMMs alone under per-program XLA options (one process),

@@ -52,7 +52,7 @@ ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
               "decode_heads_per_program", "num_warps", "num_stages", "qkv_split_k")
 _BOOL_KNOBS = ("decode_split_pages", "decode_spread", "masked_tail_only", "fused_kv_write",
-               "fused_qkv_rope", "fold_input_norm", "decode_single")
+               "fused_qkv_rope", "fold_input_norm", "decode_single", "mlp_kernel")
 # decode_single is a promise, not a tuning: every decode-only step must have exactly one live
 # sequence (benchmarks/latency.py's batch 1); a step with more gets wrong attention. Only for
 # batch-1 A/B runs.
@@ -73,7 +73,11 @@ _QKV_SPLIT_K = "qkv_split_k"
 # With fused_qkv_rope: the layer's input RMSNorm folded into the q/k/v GEMM and the decode
 # kernel (``qkv_norm_folds``).
 _FOLD_INPUT_NORM = "fold_input_norm"
-_NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K, _FOLD_INPUT_NORM)
+# The model's MLP in small steps: its RMSNorm, gate/up GEMM and SwiGLU in one Pallas kernel
+# (``mlp_kernel_applies``).
+_MLP_KERNEL = "mlp_kernel"
+_NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K, _FOLD_INPUT_NORM,
+                    _MLP_KERNEL)
 
 
 def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
@@ -341,6 +345,30 @@ def qkv_norm_folds(num_tokens: int) -> bool:
     Read at trace time."""
     knob = dict(attention_kernel_knobs()).get(_FOLD_INPUT_NORM)
     return num_tokens <= FOLD_INPUT_NORM_MAX_TOKENS if knob is None else bool(knob)
+
+
+# Steps of at most this many token rows (the bucket) run the MLP's RMSNorm, fused gate/up GEMM
+# and SwiGLU as one Pallas kernel (``pallas_kernels.fused_mlp.gate_up_swiglu``) when
+# MLP_KERNEL_DEFAULT is on; the ``mlp_kernel`` knob overrides it (true: every step of at most
+# fused_mlp.MAX_ROWS rows; false: none). Layer chains on the H200 (benchmarks/gpu/fused_mlp.py,
+# 2026-12-03, GPU time a layer at 8 rows): bf16 84.3 against XLA's 86.9 µs, fp8 53.0 against 54.9.
+MLP_KERNEL_MAX_TOKENS = 8
+MLP_KERNEL_DEFAULT = False
+
+
+def mlp_kernel_applies(backend: str, num_tokens: int) -> bool:
+    """Whether a layer of a step of ``num_tokens`` (static: the bucket) runs its MLP's first
+    half as one kernel (``LlamaDecoderLayer``): the Pallas backend (the kernel is interpreted
+    without a GPU), one device (not under tensor parallelism's head mesh), and the
+    ``mlp_kernel`` knob (``JAXLLM_ATTENTION_KNOBS``) or, unset, ``MLP_KERNEL_DEFAULT`` up to
+    ``MLP_KERNEL_MAX_TOKENS`` rows. Read at trace time."""
+    from pallas_kernels.fused_mlp import MAX_ROWS
+
+    knob = dict(attention_kernel_knobs()).get(_MLP_KERNEL)
+    wanted = (MLP_KERNEL_DEFAULT and num_tokens <= MLP_KERNEL_MAX_TOKENS) if knob is None \
+        else knob
+    return (backend == "pallas" and bool(wanted) and num_tokens <= MAX_ROWS
+            and heads_mesh() is None)
 
 
 def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax.Array,

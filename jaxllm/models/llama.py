@@ -29,9 +29,9 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig, gemm_out_dtype_from_env
-from jaxllm.models.attention import (AttentionMetadata, KVCache, qkv_norm_folds,
-                                     qkv_rope_applies, qkv_split_k_parts, rope_write_kv_and_attend,
-                                     write_kv_and_attend)
+from jaxllm.models.attention import (AttentionMetadata, KVCache, mlp_kernel_applies,
+                                     qkv_norm_folds, qkv_rope_applies, qkv_split_k_parts,
+                                     rope_write_kv_and_attend, write_kv_and_attend)
 from jaxllm.models.fp8 import fp8_swiglu_mlp
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -239,6 +239,27 @@ class LlamaMLP(nnx.Module):
             return self.down_proj(jax.nn.silu(gu[..., 0]) * gu[..., 1])
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def kernel_ok(self) -> bool:
+        """Whether ``normed_swiglu_kernel`` takes this MLP: a fused gate/up without bias."""
+        return self.gate_up_proj is not None and self.gate_up_proj.bias is None
+
+    def normed_swiglu_kernel(self, x: jax.Array, norm: "RMSNorm") -> jax.Array:
+        """silu(gate(n)) * up(n) with n = norm(x), in one Pallas kernel
+        (``pallas_kernels.fused_mlp.gate_up_swiglu``: the norm folded into the fused gate/up
+        GEMM, the SwiGLU in its epilogue): x [T, E] -> [T, F] in x's dtype. fp8 weights run
+        W8A8 with activation scales per (row, block of E), computed in the kernel."""
+        from pallas_kernels.fused_mlp import gate_up_swiglu, gate_up_swiglu_blocks
+
+        p = self.gate_up_proj
+        (F, _), E = p.groups, p.in_features
+        if p.kernel is None:  # fp8: [F, 2, E] e4m3 -> [2F, E], scales [F, 2] -> [2F]
+            w, ws = p.weight[...].reshape(2 * F, E), p.weight_scale[...].reshape(2 * F)
+        else:
+            w, ws = p.kernel[...].astype(x.dtype).reshape(E, 2 * F), None
+        blocks = gate_up_swiglu_blocks(E, F, fp8=p.kernel is None)
+        return gate_up_swiglu(x, norm.weight[...], w, ws, eps=norm.eps,
+                              interpret=jax.default_backend() != "gpu", **blocks)
+
 
 class LlamaDecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, dtype, rngs: nnx.Rngs, attention_backend: str):
@@ -252,6 +273,10 @@ class LlamaDecoderLayer(nnx.Module):
         attn_out, kv_cache = self.self_attn(x, positions, inv_freq, kv_cache, md,
                                             norm=self.input_layernorm)
         x = x + attn_out
+        if self.mlp.kernel_ok() and mlp_kernel_applies(self.self_attn.attention_backend,
+                                                       x.shape[0]):
+            h = self.mlp.normed_swiglu_kernel(x, self.post_attention_layernorm)
+            return x + self.mlp.down_proj(h), kv_cache
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv_cache
 
