@@ -939,7 +939,7 @@ def test_mlp_kernel_knob_serves_the_same_greedy_tokens(small_llama_folder, monke
     from jaxllm.models import attention
     from pallas_kernels import fused_mlp
 
-    assert not attention.MLP_KERNEL_DEFAULT or attention.MLP_KERNEL_MAX_TOKENS >= 8
+    assert attention.MLP_KERNEL_MAX_TOKENS >= 8
     monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, '{"mlp_kernel": false}')
     want = _pallas_greedy_tokens(small_llama_folder)
     seen = []
@@ -951,8 +951,16 @@ def test_mlp_kernel_knob_serves_the_same_greedy_tokens(small_llama_folder, monke
     got = _pallas_greedy_tokens(small_llama_folder)
     assert seen and {(shape[1], eps) for shape, eps in seen} == {(64, 1e-5)}  # x [T, E], eps
     assert got == want
-    assert not attention.mlp_kernel_applies("xla", 8)  # the Pallas backend only
-    assert not attention.mlp_kernel_applies("pallas", fused_mlp.MAX_ROWS + 1)
+    assert not attention.mlp_kernel_applies("xla", 8, fp8=False)  # the Pallas backend only
+    assert not attention.mlp_kernel_applies("pallas", fused_mlp.MAX_ROWS + 1, fp8=False)
+    # Unset, only dense weights on a GPU take it (the CPU here: none).
+    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, "")
+    assert not attention.mlp_kernel_applies("pallas", 8, fp8=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention.mlp_kernel_applies("pallas", 8, fp8=False)
+    assert not attention.mlp_kernel_applies("pallas", 8, fp8=True)
+    assert not attention.mlp_kernel_applies("pallas", attention.MLP_KERNEL_MAX_TOKENS + 1,
+                                            fp8=False)
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False])

@@ -108,6 +108,8 @@
 #                                          (pallas_kernels/fused_mlp.py) against XLA's chain
 #   bash benchmarks/gpu/issues.sh mlpk     (one GPU) its GPU tests, then batch 1 with the MLP's
 #                                          norm + gate/up + SwiGLU kernel (`mlp_kernel`) in rounds
+#   bash benchmarks/gpu/issues.sh mlpdef   (one GPU) with `mlp_kernel` the bf16 default: all GPU
+#                                          tests, then bf16 batch 1 against the knob off
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1160,8 +1162,8 @@ mlpk)  # nvidia-h200 (one GPU), one call (issues 9 and 6): after fusedmlp, the M
   # gate/up GEMM and SwiGLU as one kernel in the engine (`mlp_kernel` knob): the GPU tests, batch 1
   # in alternating rounds against the defaults, then a profile of each with the knob.
   L=$OUT/logs; mkdir -p $L
-  timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -k "fused_mlp or mlp_kernel" \
-    > $L/gputests.log 2>&1; tail -3 $L/gputests.log
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 150 python3 -m pytest -q -m gpu \
+    tests/test_gpu.py -k "fused_mlp or mlp_kernel" > $L/gputests.log 2>&1; tail -3 $L/gputests.log
   lat_rounds '{"mlp_kernel": true}' mk 2 60 50
   for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantization fp8"
     [ $((T - SECONDS)) -gt 70 ] || break
@@ -1170,6 +1172,20 @@ mlpk)  # nvidia-h200 (one GPU), one call (issues 9 and 6): after fusedmlp, the M
       $QA --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_${q}_mk.log 2>&1
     grep -A16 "^batch " $L/prof_${q}_mk.log | cut -c1-110; done
   show_logs 6 ;;
+mlpdef)  # nvidia-h200 (one GPU), one call (issue 9): after mlpk, the MLP kernel is the default
+  # for dense weights at <= 8 rows on a GPU: every GPU test, then bf16 batch 1 at the default
+  # against {"mlp_kernel": false}, alternating rounds.
+  L=$OUT/logs; mkdir -p $L
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 330 python3 -m pytest -q -m gpu \
+    -p no:cacheprovider tests/test_gpu.py > $L/gpu_tests.log 2>&1
+  grep -v "^\s*$" $L/gpu_tests.log | tail -6
+  for i in 1 2; do for v in $([ $i = 1 ] && echo "d off" || echo "off d"); do
+      [ $((T - SECONDS)) -gt 45 ] || break
+      K=""; [ $v = off ] && K='{"mlp_kernel": false}'
+      JAXLLM_ATTENTION_KNOBS="$K" timeout 60 $LAT1K --num-scheduler-steps 4 \
+        > $L/lat_bf16_${v}_r$i.log 2>&1; done; done
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
+  show_logs 4 ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
   # at 16384 tokens took 306 s. The GEMMs alone under per-program XLA options (one process),

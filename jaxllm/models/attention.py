@@ -347,26 +347,33 @@ def qkv_norm_folds(num_tokens: int) -> bool:
     return num_tokens <= FOLD_INPUT_NORM_MAX_TOKENS if knob is None else bool(knob)
 
 
-# Steps of at most this many token rows (the bucket) run the MLP's RMSNorm, fused gate/up GEMM
-# and SwiGLU as one Pallas kernel (``pallas_kernels.fused_mlp.gate_up_swiglu``) when
-# MLP_KERNEL_DEFAULT is on; the ``mlp_kernel`` knob overrides it (true: every step of at most
-# fused_mlp.MAX_ROWS rows; false: none). Layer chains on the H200 (benchmarks/gpu/fused_mlp.py,
-# 2026-12-03, GPU time a layer at 8 rows): bf16 84.3 against XLA's 86.9 µs, fp8 53.0 against 54.9.
+# On a GPU, steps of at most this many token rows (the bucket) of a model with dense (bf16 /
+# float32) weights run the MLP's RMSNorm, fused gate/up GEMM and SwiGLU as one Pallas kernel
+# (``pallas_kernels.fused_mlp.gate_up_swiglu``); fp8 weights keep XLA's kernels. The
+# ``mlp_kernel`` knob overrides it (true: every step of at most fused_mlp.MAX_ROWS rows, fp8
+# too, any platform (interpreted without a GPU); false: none). H200, 2026-12-03
+# (benchmarks/RESULTS.md): layer chains (benchmarks/gpu/fused_mlp.py, GPU time a layer at 8
+# rows) bf16 84.3 against XLA's 86.9 µs, fp8 53.0 against 54.9; batch-1 decode in the engine
+# (4 steps a launch, alternating rounds) bf16 4.18 / 4.19 against 4.27 / 4.26 ms/token, fp8
+# 2.82 / 2.81 against 2.79 / 2.78 (slower: the W8A8 kernel reads the e4m3 weights at ~3.4 TB/s
+# where XLA's weight-only GEMM reaches 3.7).
 MLP_KERNEL_MAX_TOKENS = 8
-MLP_KERNEL_DEFAULT = False
 
 
-def mlp_kernel_applies(backend: str, num_tokens: int) -> bool:
+def mlp_kernel_applies(backend: str, num_tokens: int, fp8: bool) -> bool:
     """Whether a layer of a step of ``num_tokens`` (static: the bucket) runs its MLP's first
-    half as one kernel (``LlamaDecoderLayer``): the Pallas backend (the kernel is interpreted
-    without a GPU), one device (not under tensor parallelism's head mesh), and the
-    ``mlp_kernel`` knob (``JAXLLM_ATTENTION_KNOBS``) or, unset, ``MLP_KERNEL_DEFAULT`` up to
+    half as one kernel (``LlamaDecoderLayer``): the Pallas backend, one device (not under
+    tensor parallelism's head mesh), and the ``mlp_kernel`` knob (``JAXLLM_ATTENTION_KNOBS``)
+    or, unset, dense weights (not ``fp8``) on a GPU in steps of at most
     ``MLP_KERNEL_MAX_TOKENS`` rows. Read at trace time."""
     from pallas_kernels.fused_mlp import MAX_ROWS
 
     knob = dict(attention_kernel_knobs()).get(_MLP_KERNEL)
-    wanted = (MLP_KERNEL_DEFAULT and num_tokens <= MLP_KERNEL_MAX_TOKENS) if knob is None \
-        else knob
+    if knob is None:
+        wanted = (not fp8 and num_tokens <= MLP_KERNEL_MAX_TOKENS
+                  and jax.default_backend() == "gpu")
+    else:
+        wanted = knob
     return (backend == "pallas" and bool(wanted) and num_tokens <= MAX_ROWS
             and heads_mesh() is None)
 

@@ -273,8 +273,9 @@ class LlamaDecoderLayer(nnx.Module):
         attn_out, kv_cache = self.self_attn(x, positions, inv_freq, kv_cache, md,
                                             norm=self.input_layernorm)
         x = x + attn_out
-        if self.mlp.kernel_ok() and mlp_kernel_applies(self.self_attn.attention_backend,
-                                                       x.shape[0]):
+        if self.mlp.kernel_ok() and mlp_kernel_applies(
+                self.self_attn.attention_backend, x.shape[0],
+                fp8=self.mlp.gate_up_proj.kernel is None):
             h = self.mlp.normed_swiglu_kernel(x, self.post_attention_layernorm)
             return x + self.mlp.down_proj(h), kv_cache
         x = x + self.mlp(self.post_attention_layernorm(x))
