@@ -264,10 +264,26 @@ def fused_mlp(x, norm_w, w_gu, w_down, gu_scale=None, down_scale=None, n_valid=N
 GATE_UP_SWIGLU_BLOCKS = {"dense": (128, 64, 4, 4), "fp8": (128, 128, 8, 4)}
 
 
+# A benchmark hook (not a setting): "block_f,block_k,num_warps,num_stages" overrides the table's
+# entry for both weight kinds in programs traced afterwards.
+BLOCKS_ENV = "JAXLLM_GATE_UP_SWIGLU_BLOCKS"
+
+
 def gate_up_swiglu_blocks(E: int, F: int, *, fp8: bool) -> dict:
-    """``GATE_UP_SWIGLU_BLOCKS``' entry, its blocks halved (down to 16) until they divide E and
-    F (the default model: E 576, F 1536). Raises ValueError if none does."""
-    bf, bk, warps, stages = GATE_UP_SWIGLU_BLOCKS["fp8" if fp8 else "dense"]
+    """``GATE_UP_SWIGLU_BLOCKS``' entry (or ``JAXLLM_GATE_UP_SWIGLU_BLOCKS``), its blocks halved
+    (down to 16) until they divide E and F (the default model: E 576, F 1536). Raises
+    ValueError if none does, or for a malformed override."""
+    import os
+
+    raw = os.environ.get(BLOCKS_ENV, "").strip()
+    if raw:
+        try:
+            bf, bk, warps, stages = (int(v) for v in raw.split(","))
+        except ValueError:
+            raise ValueError(f"{BLOCKS_ENV} must be four integers "
+                             f"'block_f,block_k,num_warps,num_stages', got {raw!r}") from None
+    else:
+        bf, bk, warps, stages = GATE_UP_SWIGLU_BLOCKS["fp8" if fp8 else "dense"]
     while bf > 16 and F % bf:
         bf //= 2
     while bk > 16 and E % bk:

@@ -142,3 +142,14 @@ def test_gate_up_swiglu_blocks_fit_the_shape():
     assert 576 % b["block_k"] == 0 and 1536 % b["block_f"] == 0 and b["block_k"] == 64
     with pytest.raises(ValueError, match="no blocks"):
         gate_up_swiglu_blocks(40, 1536, fp8=False)
+
+
+def test_gate_up_swiglu_blocks_env_override(monkeypatch):
+    from pallas_kernels.fused_mlp import BLOCKS_ENV, gate_up_swiglu_blocks
+
+    monkeypatch.setenv(BLOCKS_ENV, "64,32,8,6")
+    assert gate_up_swiglu_blocks(4096, 14336, fp8=False) == dict(
+        block_f=64, block_k=32, num_warps=8, num_stages=6)
+    monkeypatch.setenv(BLOCKS_ENV, "64,32")
+    with pytest.raises(ValueError, match="four integers"):
+        gate_up_swiglu_blocks(4096, 14336, fp8=False)

@@ -16,6 +16,7 @@ First a correctness check on the GPU (each variant against ``fused_mlp_reference
 block sweep of the atomic kernel at n_valid = 1, then the table. Rows to ``--out`` (JSON lines).
 
     python3 benchmarks/gpu/fused_mlp.py [--out FILE] [--dtypes bf16,fp8] [--budget S]
+        [--cands '[{"block_f": 128, "block_k": 64, "num_warps": 4, "num_stages": 5}]']
 """
 import argparse
 import json
@@ -127,6 +128,8 @@ def main():
     ap.add_argument("--budget", type=float, default=400)
     ap.add_argument("--sweep", type=int, default=1)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--cands", default=None,
+                    help="JSON list of gate_up_swiglu block dicts: sweep only these (no table)")
     a = ap.parse_args()
     if a.smoke:
         global H, F, INTERPRET
@@ -155,7 +158,7 @@ def main():
         xr = xla_mlp(x, p).astype(jnp.float32)
         emit(dict(dtype=dt, check="xla_vs_ref",
                   rel=float(jnp.linalg.norm(xr - ref) / jnp.linalg.norm(ref))))
-        for acc, nv in (("atomic", 1), ("atomic", 8), ("partials", 8)):
+        for acc, nv in () if a.cands else (("atomic", 1), ("atomic", 8), ("partials", 8)):
             out = fused_mlp(x, p["g"], p["wgu"], p["wd"], p.get("gus"), p.get("ds"),
                             n_valid=nv, eps=EPS, accumulate=acc, interpret=INTERPRET)
             rel = float(jnp.linalg.norm(out[:nv] - ref[:nv]) / jnp.linalg.norm(ref[:nv]))
@@ -178,6 +181,8 @@ def main():
                      for bf in (64, 32, 128, 16) for bk in bks for w in (4, 8) for st in (3, 4)]
             if a.smoke:
                 cands = [hbest]
+            if a.cands:
+                cands = json.loads(a.cands)
             scored = []
             for c in cands:
                 if time.time() - t0 > a.budget * (0.4 if dt == "bf16" else 0.8):
@@ -197,7 +202,7 @@ def main():
                     "fused_atomic_nv1": lambda x, p: fused(x, p, 1, **best),
                     "fused_atomic_nv8": lambda x, p: fused(x, p, 8, **best),
                     "fused_partials": lambda x, p: fused(x, p, 8, accumulate="partials", **best)}
-        for rnd in range(2):
+        for rnd in range(0 if a.cands else 2):
             for name, fn in variants.items():
                 us, ops = per_layer_us(fn, layers, x, a.lo, a.hi, a.repeats)
                 emit(dict(dtype=dt, variant=name, round=rnd,

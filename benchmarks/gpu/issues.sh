@@ -110,6 +110,8 @@
 #                                          norm + gate/up + SwiGLU kernel (`mlp_kernel`) in rounds
 #   bash benchmarks/gpu/issues.sh mlpdef   (one GPU) with `mlp_kernel` the bf16 default: all GPU
 #                                          tests, then bf16 batch 1 against the knob off
+#   bash benchmarks/gpu/issues.sh mlptile  (one GPU) gate_up_swiglu's bf16 tile past the sweep's
+#                                          edge, then batch 1 with the best against the table's
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1186,6 +1188,35 @@ mlpdef)  # nvidia-h200 (one GPU), one call (issue 9): after mlpk, the MLP kernel
         > $L/lat_bf16_${v}_r$i.log 2>&1; done; done
   for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
   show_logs 4 ;;
+mlptile)  # nvidia-h200 (one GPU), one short call (issue 9): gate_up_swiglu's bf16 best took 4
+  # stages, the most the 2026-12-03 sweep tried; more stages and thinner K tiles, in layer
+  # chains, then bf16 batch 1 with the fastest (JAXLLM_GATE_UP_SWIGLU_BLOCKS) against the table.
+  L=$OUT/logs; mkdir -p $L
+  C='[{"block_f":128,"block_k":64,"num_warps":4,"num_stages":4},
+      {"block_f":128,"block_k":64,"num_warps":4,"num_stages":5},
+      {"block_f":128,"block_k":64,"num_warps":4,"num_stages":6},
+      {"block_f":128,"block_k":32,"num_warps":4,"num_stages":6},
+      {"block_f":128,"block_k":32,"num_warps":4,"num_stages":8},
+      {"block_f":128,"block_k":64,"num_warps":8,"num_stages":5}]'
+  timeout 120 python3 benchmarks/gpu/fused_mlp.py --dtypes bf16 --cands "$C" \
+    --out $OUT/fused_mlp.jsonl > $L/tile.log 2>&1
+  B=$(python3 - $OUT/fused_mlp.jsonl <<'PY'
+import json, sys
+rs = [json.loads(l) for l in open(sys.argv[1])]
+rs = [r for r in rs if "us" in r]
+b, base = min(rs, key=lambda r: r["us"]), rs[0]
+print(",".join(str(b["sweep"][k]) for k in ("block_f", "block_k", "num_warps", "num_stages"))
+      if b["us"] < base["us"] - 0.3 else "")
+PY
+)
+  grep '"sweep"' $L/tile.log | cut -c1-160; echo "best: '$B'"
+  if [ -n "$B" ]; then for i in 1 2; do for v in $([ $i = 1 ] && echo "d t" || echo "t d"); do
+      [ $((T - SECONDS)) -gt 45 ] || break
+      K=""; [ $v = t ] && K=$B
+      JAXLLM_GATE_UP_SWIGLU_BLOCKS="$K" timeout 60 $LAT1K --num-scheduler-steps 4 \
+        > $L/lat_bf16_${v}_r$i.log 2>&1; done; done
+    for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done; fi
+  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
   # at 16384 tokens took 306 s. The GEMMs alone under per-program XLA options (one process),
