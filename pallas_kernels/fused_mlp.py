@@ -79,25 +79,8 @@ def fused_mlp_reference(x, norm_w, w_gu, w_down, gu_scale=None, down_scale=None,
     fp8 = w_gu.dtype == FP8
     hi = jax.lax.Precision.HIGHEST
     M, H = x.shape
-    xf = x.astype(jnp.float32)
-    r = jax.lax.rsqrt(jnp.mean(xf * xf, axis=1) + eps)
-    xg = xf * norm_w.astype(jnp.float32)[None, :]
-    if fp8:
-        F = w_gu.shape[0] // 2
-        acc = jnp.zeros((M, 2 * F), jnp.float32)
-        wf = w_gu.astype(jnp.float32)
-        for k0 in range(0, H, block_k):
-            q, s = _quant(xg[:, k0:k0 + block_k])
-            acc = acc + jnp.dot(q.astype(jnp.float32), wf[:, k0:k0 + block_k].T,
-                                precision=hi) * s[:, None]
-        acc = acc * gu_scale.astype(jnp.float32)[None, :]
-    else:
-        F = w_gu.shape[1] // 2
-        acc = jnp.dot(xg.astype(w_gu.dtype).astype(jnp.float32), w_gu.astype(jnp.float32),
-                      precision=hi)
-    acc = acc * r[:, None]
-    gate, up = acc[:, 0::2], acc[:, 1::2]
-    h = jax.nn.silu(gate) * up  # [M, F]
+    h = gate_up_swiglu_reference(x, norm_w, w_gu, gu_scale, eps=eps, block_k=block_k)  # [M, F]
+    F = h.shape[1]
     if fp8:
         out = jnp.zeros((M, H), jnp.float32)
         wd = w_down.astype(jnp.float32)

@@ -194,27 +194,34 @@ def test_compiled_fused_mlp_kernels_match_reference(M):
         assert _rel_err(got, ref) < 1e-3
 
 
-def test_engine_mlp_kernel_serves_the_default_tokens_on_the_gpu(small_llama_folder, monkeypatch):
-    """JAXLLM_ATTENTION_KNOBS={"mlp_kernel": true} on the GPU (the compiled gate/up + SwiGLU
-    kernel in every small step, single steps and the multi-step loop) gives the default path's
-    greedy tokens, in float32."""
+def _greedy_under_knobs(folder, monkeypatch, seed, variants) -> dict:
+    """Greedy tokens (12 each) of six random prompts from a float32 Pallas-backend LLM over the
+    small Llama in ``folder``, per (JAXLLM_ATTENTION_KNOBS value, num_scheduler_steps)."""
     from jaxllm import LLM, SamplingParams
     from jaxllm.models.attention import ATTENTION_KNOBS_ENV
 
-    rng = np.random.default_rng(6)
+    rng = np.random.default_rng(seed)
     prompts = [{"prompt_token_ids": rng.integers(0, 49152, int(n)).tolist()}
                for n in rng.integers(1, 60, 6)]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outs = {}
-    for knobs, steps in (('{"mlp_kernel": false}', 1), ('{"mlp_kernel": true}', 1),
-                         ('{"mlp_kernel": true}', 4)):
+    for knobs, steps in variants:
         monkeypatch.setenv(ATTENTION_KNOBS_ENV, knobs)
-        llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
+        llm = LLM(str(folder), dtype="float32", max_model_len=160, page_size=16,
                   num_pages=64, max_num_batched_tokens=512, max_num_seqs=8,
                   attention_backend="pallas", num_scheduler_steps=steps)
         outs[(knobs, steps)] = [o.outputs[0].token_ids
                                 for o in llm.generate(prompts, params, use_tqdm=False)]
         del llm
+    return outs
+
+
+def test_engine_mlp_kernel_serves_the_default_tokens_on_the_gpu(small_llama_folder, monkeypatch):
+    """JAXLLM_ATTENTION_KNOBS={"mlp_kernel": true} on the GPU (the compiled gate/up + SwiGLU
+    kernel in every small step, single steps and the multi-step loop) gives the default path's
+    greedy tokens, in float32."""
+    outs = _greedy_under_knobs(small_llama_folder, monkeypatch, 6, (
+        ('{"mlp_kernel": false}', 1), ('{"mlp_kernel": true}', 1), ('{"mlp_kernel": true}', 4)))
     want = outs[('{"mlp_kernel": false}', 1)]
     assert outs[('{"mlp_kernel": true}', 1)] == want
     assert outs[('{"mlp_kernel": true}', 4)] == want
@@ -347,25 +354,11 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
     takes it for small decode steps with the kernel summing the q/k/v GEMM's split-K partials
     (``qkv_split_k``) and folding the input RMSNorm in (``fold_input_norm``), and that default
     without the fold, give the separate kernels' greedy tokens, in float32."""
-    from jaxllm import LLM, SamplingParams
-    from jaxllm.models.attention import ATTENTION_KNOBS_ENV
-
-    rng = np.random.default_rng(5)
-    prompts = [{"prompt_token_ids": rng.integers(0, 49152, int(n)).tolist()}
-               for n in rng.integers(1, 60, 6)]
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    outs = {}
     off = '{"fused_qkv_rope": false}'
     on = '{"fused_qkv_rope": true, "qkv_split_k": 1}'
     nofold = '{"fold_input_norm": false}'  # the input RMSNorm kernel kept
-    for knobs, steps in ((off, 1), (on, 1), (on, 4), ("", 4), (nofold, 4)):
-        monkeypatch.setenv(ATTENTION_KNOBS_ENV, knobs)
-        llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
-                  num_pages=64, max_num_batched_tokens=512, max_num_seqs=8,
-                  attention_backend="pallas", num_scheduler_steps=steps)
-        outs[(knobs, steps)] = [o.outputs[0].token_ids
-                                for o in llm.generate(prompts, params, use_tqdm=False)]
-        del llm
+    outs = _greedy_under_knobs(small_llama_folder, monkeypatch, 5,
+                               ((off, 1), (on, 1), (on, 4), ("", 4), (nofold, 4)))
     want = outs[(off, 1)]
     assert outs[(on, 1)] == want
     assert outs[(on, 4)] == want
