@@ -934,7 +934,10 @@ def test_mlp_kernel_knob_serves_the_same_greedy_tokens(small_llama_folder, monke
     # RMSNorm, fused gate/up GEMM and SwiGLU as one Pallas kernel (interpreted here), then the
     # down GEMM. In float32 the greedy tokens equal the default path's, and every step of the
     # run (prompt chunks of <= 16 tokens, decode steps) took the kernel once a layer.
+    import types
+
     import jax
+    import jax.numpy as jnp
 
     from jaxllm.models import attention
     from pallas_kernels import fused_mlp
@@ -961,6 +964,15 @@ def test_mlp_kernel_knob_serves_the_same_greedy_tokens(small_llama_folder, monke
     assert not attention.mlp_kernel_applies("pallas", 8, fp8=True)
     assert not attention.mlp_kernel_applies("pallas", attention.MLP_KERNEL_MAX_TOKENS + 1,
                                             fp8=False)
+    # A hidden size the kernel's blocks cannot tile keeps XLA's kernels (no error).
+    from jaxllm.models.fused import FusedLinear
+    from jaxllm.models.llama import LlamaMLP
+
+    def ok(E):
+        proj = FusedLinear(E, (64, 2), use_bias=False, dtype=jnp.float32)
+        return LlamaMLP.kernel_ok(types.SimpleNamespace(gate_up_proj=proj))
+
+    assert not ok(40) and ok(48)
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False])

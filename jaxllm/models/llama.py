@@ -240,8 +240,11 @@ class LlamaMLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def kernel_ok(self) -> bool:
-        """Whether ``normed_swiglu_kernel`` takes this MLP: a fused gate/up without bias."""
-        return self.gate_up_proj is not None and self.gate_up_proj.bias is None
+        """Whether ``normed_swiglu_kernel`` takes this MLP: a fused gate/up without bias, E and
+        F multiples of 16 (the kernel's smallest blocks; other shapes keep XLA's kernels)."""
+        p = self.gate_up_proj
+        return (p is not None and p.bias is None and p.in_features % 16 == 0
+                and p.groups[0] % 16 == 0)
 
     def normed_swiglu_kernel(self, x: jax.Array, norm: "RMSNorm") -> jax.Array:
         """silu(gate(n)) * up(n) with n = norm(x), in one Pallas kernel
