@@ -256,17 +256,11 @@ def gate_up_swiglu_blocks(E: int, F: int, *, fp8: bool) -> dict:
     """``GATE_UP_SWIGLU_BLOCKS``' entry (or ``JAXLLM_GATE_UP_SWIGLU_BLOCKS``), its blocks halved
     (down to 16) until they divide E and F (the default model: E 576, F 1536). Raises
     ValueError if none does, or for a malformed override."""
-    import os
+    from pallas_kernels.skinny_matmul import blocks_from_env
 
-    raw = os.environ.get(BLOCKS_ENV, "").strip()
-    if raw:
-        try:
-            bf, bk, warps, stages = (int(v) for v in raw.split(","))
-        except ValueError:
-            raise ValueError(f"{BLOCKS_ENV} must be four integers "
-                             f"'block_f,block_k,num_warps,num_stages', got {raw!r}") from None
-    else:
-        bf, bk, warps, stages = GATE_UP_SWIGLU_BLOCKS["fp8" if fp8 else "dense"]
+    bf, bk, warps, stages = blocks_from_env(
+        BLOCKS_ENV, GATE_UP_SWIGLU_BLOCKS["fp8" if fp8 else "dense"],
+        "block_f,block_k,num_warps,num_stages")
     while bf > 16 and F % bf:
         bf //= 2
     while bk > 16 and E % bk:

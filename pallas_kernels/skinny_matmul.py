@@ -18,8 +18,10 @@ Operands and what runs on the tensor cores:
            e4m3
   w_scale  [N] or None (per output channel; fp8 weights)
   x_scale  [M] or None (per token; only with an e4m3 x)
+  residual [M, N] ``out_dtype`` or None (only with ``split_k`` = 1)
   ->       [M, N] ``out_dtype``: x @ w (w^T for "nk"), scaled by x_scale[m] * w_scale[n], fp32
-           accumulation.
+           accumulation; with a residual, that product rounded to ``out_dtype`` plus the
+           residual (the model's ``residual + proj(h)``, rounded as XLA rounds it).
 
   - e4m3 x with e4m3 w: the fp8 x fp8 dot (W8A8).
   - any other mix: both sides upcast to x's dtype in registers (e4m3 w with bf16 x is W8A16,
@@ -33,6 +35,12 @@ would be one more kernel a projection). K must be a multiple of ``block_k * spli
 
 ``skinny_matmul_reference`` is the contract, in float32 at HIGHEST precision.
 
+The residual epilogue is for a decoder layer's o and down projections in small bf16 steps
+(knob ``residual_gemm``, ``jaxllm/models/attention.py``): XLA runs each as a split-K GEMM and a
+second kernel that sums the partials and adds the residual; here one wave of whole-K programs
+(``RESIDUAL_GEMM_BLOCKS``: 4096 / 32 = 128 programs for the Llama-3-8B shape) writes
+``residual + x @ w`` itself, one kernel instead of two. Not measured yet (DESIGN_NOTES).
+
 Measured (H200, 2026-12-01 20:27 rerun, ``benchmarks/gpu/skinny_gemm.py``, GPU time; RESULTS.md):
 W8A8 is the fastest fp8 GEMM at M = 1 and 16 in 7 of 8 cases, 1.22-1.81x XLA's bf16 GEMM (the
 4096 x 28672 gate/up shape 1.67-1.81x), but its bf16 and W8A16 modes are no faster than XLA's
@@ -44,6 +52,7 @@ not call this kernel.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +74,9 @@ def smem_bytes(M: int, x_dtype, w_dtype, *, block_n: int, block_k: int,
 
 
 def skinny_matmul_reference(x, w, w_scale=None, x_scale=None, *, w_layout: str = "nk",
-                            out_dtype=None) -> jax.Array:
-    """Dequantize to float32, float32 matmul at HIGHEST precision, cast: [M, N]."""
+                            out_dtype=None, residual=None) -> jax.Array:
+    """Dequantize to float32, float32 matmul at HIGHEST precision, cast (then + residual, in
+    float32, cast again): [M, N]."""
     out_dtype = out_dtype or (jnp.bfloat16 if x.dtype == FP8 else x.dtype)
     wf = w.astype(jnp.float32)
     wf = wf.T if w_layout == "nk" else wf
@@ -76,7 +86,50 @@ def skinny_matmul_reference(x, w, w_scale=None, x_scale=None, *, w_layout: str =
     y = jnp.dot(xf, wf, precision=jax.lax.Precision.HIGHEST)
     if w_scale is not None:
         y = y * w_scale.astype(jnp.float32)[None, :]
-    return y.astype(out_dtype)
+    y = y.astype(out_dtype)
+    if residual is not None:
+        y = (y.astype(jnp.float32) + residual.astype(jnp.float32)).astype(out_dtype)
+    return y
+
+
+# The residual GEMM's blocks (block_n, block_k, num_warps, num_stages), for the o and down
+# projections of bf16 steps of <= 16 rows: block_n 32 gives the Llama-3-8B shape's N = 4096 one
+# wave of 128 programs on the 132 SMs, each streaming all of K; 4 stages of 256 x 32 weight
+# tiles keep ~64 KB of loads in flight per SM. A first guess from the split-K sweep's tiles
+# (benchmarks/gpu/residual_gemm.py sweeps it): not measured yet.
+RESIDUAL_GEMM_BLOCKS = (32, 256, 4, 4)
+# A benchmark hook (not a setting): "block_n,block_k,num_warps,num_stages" overrides the table
+# in programs traced afterwards.
+RESIDUAL_BLOCKS_ENV = "JAXLLM_RESIDUAL_GEMM_BLOCKS"
+
+
+def blocks_from_env(env: str, default: tuple[int, int, int, int], names: str
+                    ) -> tuple[int, int, int, int]:
+    """Four block integers from the environment variable ``env`` ("a,b,c,d", ``names`` says
+    which), else ``default``. Raises ValueError for a malformed value."""
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return default
+    try:
+        a, b, c, d = (int(v) for v in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{env} must be four integers '{names}', got {raw!r}") from None
+    return a, b, c, d
+
+
+def residual_gemm_blocks(K: int, N: int) -> dict | None:
+    """``RESIDUAL_GEMM_BLOCKS`` (or ``JAXLLM_RESIDUAL_GEMM_BLOCKS``), block_n and block_k
+    halved (down to 16) until they divide N and K; None if no block does (the caller keeps
+    XLA's GEMM)."""
+    bn, bk, warps, stages = blocks_from_env(RESIDUAL_BLOCKS_ENV, RESIDUAL_GEMM_BLOCKS,
+                                            "block_n,block_k,num_warps,num_stages")
+    while bn > 16 and N % bn:
+        bn //= 2
+    while bk > 16 and K % bk:
+        bk //= 2
+    if N % bn or K % bk:
+        return None
+    return dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
 
 
 def skinny_fits(M: int, K: int, N: int, *, block_n: int, block_k: int, split_k: int) -> bool:
@@ -89,10 +142,11 @@ def _block_m(M: int) -> int:
 
 
 def _kernel(x_ref, w_ref, *rest, M, block_m, block_n, block_k, k_per_split, w_layout, fp8_dot,
-            has_ws, has_xs):
+            has_ws, has_xs, has_res):
     refs = list(rest)
     ws_ref = refs.pop(0) if has_ws else None
     xs_ref = refs.pop(0) if has_xs else None
+    res_ref = refs.pop(0) if has_res else None
     (o_ref,) = refs
     j = pl.program_id(0)
     sp = pl.program_id(1)
@@ -120,19 +174,23 @@ def _kernel(x_ref, w_ref, *rest, M, block_m, block_n, block_k, k_per_split, w_la
         acc = acc * plgpu.load(ws_ref.at[rn])[None, :]
     if has_xs:
         acc = acc * plgpu.load(xs_ref.at[rm], mask=row_ok, other=0.0)[:, None]
+    y = acc.astype(o_ref.dtype)
+    if has_res:  # split_k == 1: the product rounded as the projection's output, then the add
+        r = plgpu.load(res_ref.at[rm[:, None], rn[None, :]], mask=row_ok[:, None], other=0)
+        y = (y.astype(jnp.float32) + r.astype(jnp.float32)).astype(o_ref.dtype)
     rows = sp * M + rm
-    plgpu.store(o_ref.at[rows[:, None], rn[None, :]], acc.astype(o_ref.dtype),
-                mask=row_ok[:, None])
+    plgpu.store(o_ref.at[rows[:, None], rn[None, :]], y, mask=row_ok[:, None])
 
 
 @functools.partial(jax.jit, static_argnames=("w_layout", "out_dtype", "block_n", "block_k",
                                              "split_k", "num_warps", "num_stages", "interpret"))
-def skinny_matmul(x, w, w_scale=None, x_scale=None, *, w_layout: str = "nk", out_dtype=None,
-                  block_n: int = 64, block_k: int = 256, split_k: int = 1, num_warps: int = 4,
-                  num_stages: int = 4, interpret: bool = False) -> jax.Array:
+def skinny_matmul(x, w, w_scale=None, x_scale=None, residual=None, *, w_layout: str = "nk",
+                  out_dtype=None, block_n: int = 64, block_k: int = 256, split_k: int = 1,
+                  num_warps: int = 4, num_stages: int = 4, interpret: bool = False) -> jax.Array:
     """Pallas (Triton) ``skinny_matmul_reference`` for M <= 64 rows (see the module docstring).
 
     ``out_dtype``: default x's dtype (bf16 for an e4m3 x). Blocks are powers of two >= 16.
+    ``residual`` [M, N] (``out_dtype``; ``split_k`` must be 1): added in the epilogue.
     """
     if w_layout not in ("nk", "kn"):
         raise ValueError(f"w_layout must be 'nk' or 'kn', got {w_layout!r}")
@@ -166,21 +224,29 @@ def skinny_matmul(x, w, w_scale=None, x_scale=None, *, w_layout: str = "nk", out
         raise ValueError(f"w_scale must be [{N}], got {w_scale.shape}")
     if x_scale is not None and x_scale.shape != (M,):
         raise ValueError(f"x_scale must be [{M}], got {x_scale.shape}")
+    out_dtype = jnp.dtype(out_dtype or (jnp.bfloat16 if fp8_dot else x.dtype))
+    if residual is not None:
+        if split_k != 1:
+            raise ValueError(f"a residual needs split_k == 1 (whole-K programs), got {split_k}")
+        if residual.shape != (M, N) or residual.dtype != out_dtype:
+            raise ValueError(f"residual must be [{M}, {N}] {out_dtype}, got "
+                             f"{residual.shape} {residual.dtype}")
     block_m = _block_m(M)
     if fp8_dot and block_m != M:
         # A masked e4m3 load needs an e4m3 fill, which Triton cannot build (see fp8_matmul).
         x = jnp.pad(x, ((0, block_m - M), (0, 0)))
-    out_dtype = jnp.dtype(out_dtype or (jnp.bfloat16 if fp8_dot else x.dtype))
     k_per_split = K // split_k
     operands = [x, w]
     if w_scale is not None:
         operands.append(w_scale.astype(jnp.float32))
     if x_scale is not None:
         operands.append(x_scale.astype(jnp.float32))
+    if residual is not None:
+        operands.append(residual)
     kernel = functools.partial(
         _kernel, M=M, block_m=block_m, block_n=block_n, block_k=block_k,
         k_per_split=k_per_split, w_layout=w_layout, fp8_dot=fp8_dot,
-        has_ws=w_scale is not None, has_xs=x_scale is not None)
+        has_ws=w_scale is not None, has_xs=x_scale is not None, has_res=residual is not None)
     part_dtype = out_dtype if split_k == 1 else jnp.float32
     out = pl.pallas_call(
         kernel,
@@ -188,7 +254,8 @@ def skinny_matmul(x, w, w_scale=None, x_scale=None, *, w_layout: str = "nk", out
         out_shape=jax.ShapeDtypeStruct((split_k * M, N), part_dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"skinny_matmul_{w_layout}_{block_n}x{block_k}_s{split_k}",
+        name=f"skinny_matmul_{w_layout}_{block_n}x{block_k}_s{split_k}"
+             + ("_res" if residual is not None else ""),
     )(*operands)
     if split_k == 1:
         return out

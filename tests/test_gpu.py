@@ -227,6 +227,36 @@ def test_engine_mlp_kernel_serves_the_default_tokens_on_the_gpu(small_llama_fold
     assert outs[('{"mlp_kernel": true}', 4)] == want
 
 
+@pytest.mark.parametrize("M", [1, 8, 16])
+def test_compiled_residual_gemm_matches_reference(M):
+    """skinny_matmul's residual epilogue compiled for the GPU at the Llama-3-8B o (4096 x 4096)
+    and down (14336 x 4096) projections, with the engine's blocks (residual_gemm_blocks)."""
+    from pallas_kernels.skinny_matmul import (residual_gemm_blocks, skinny_matmul,
+                                              skinny_matmul_reference)
+
+    rng = np.random.default_rng(40 + M)
+    for K, N in ((4096, 4096), (14336, 4096)):
+        x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((K, N)) * 0.02, jnp.bfloat16)
+        r = jnp.asarray(rng.standard_normal((M, N)), jnp.bfloat16)
+        got = skinny_matmul(x, w, residual=r, w_layout="kn", split_k=1,
+                            **residual_gemm_blocks(K, N))
+        ref = skinny_matmul_reference(x, w, w_layout="kn", residual=r)
+        assert _rel_err(got.astype(jnp.float32), ref.astype(jnp.float32)) < 1e-2, (K, N)
+
+
+def test_engine_residual_gemm_serves_the_default_tokens_on_the_gpu(small_llama_folder,
+                                                                     monkeypatch):
+    """JAXLLM_ATTENTION_KNOBS={"residual_gemm": true} on the GPU (the o and down projections
+    with the residual add in one compiled kernel, single steps and the multi-step loop) gives
+    the default path's greedy tokens, in float32."""
+    on = '{"residual_gemm": true}'
+    outs = _greedy_under_knobs(small_llama_folder, monkeypatch, 7,
+                               (("", 1), (on, 1), (on, 4)))
+    assert outs[(on, 1)] == outs[("", 1)]
+    assert outs[(on, 4)] == outs[("", 1)]
+
+
 @pytest.mark.parametrize("T", [5, 1024])
 def test_compiled_silu_mul_quant_matches_reference(T):
     """The SwiGLU + quantization kernel compiled for the GPU at Llama-3-8B's F, at the engine's

@@ -901,6 +901,52 @@ def test_skinny_matmul_matches_reference_for_bf16_w8a16_and_w8a8(M, split_k):
     assert _rel_err(got, exact) < 0.08
 
 
+@pytest.mark.parametrize("M,dtype", [(1, jnp.bfloat16), (7, jnp.bfloat16), (16, jnp.float32)])
+def test_skinny_matmul_residual_epilogue_matches_the_models_add(M, dtype):
+    """skinny_matmul(..., residual=r) (interpret mode; the o / down projections' residual GEMM,
+    knob residual_gemm) equals the model's spelling r + (x @ w) with the product rounded to the
+    output dtype first: bit for bit against the reference, close to float64. Rows beyond M
+    (M = 1, 7) are masked: no residual row is read or written outside [M, N]."""
+    from pallas_kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
+
+    rng = np.random.default_rng(300 + M)
+    K, N = 512, 128
+    x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+    w = jnp.asarray(rng.standard_normal((K, N)) * 0.05, dtype)
+    r = jnp.asarray(rng.standard_normal((M, N)) * 4, dtype)
+    got = skinny_matmul(x, w, residual=r, w_layout="kn", block_n=32, block_k=128, split_k=1,
+                        interpret=True)
+    assert got.shape == (M, N) and got.dtype == dtype
+    ref = skinny_matmul_reference(x, w, w_layout="kn", residual=r)
+    model = r + jnp.dot(x, w, preferred_element_type=jnp.float32).astype(dtype)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5  # one bf16 rounding of the product apart
+    assert _rel_err(got, ref) < tol and _rel_err(ref, model) < tol
+    exact = (np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+             + np.asarray(r, np.float64))
+    assert _rel_err(got, exact) < tol
+    assert _rel_err(got, r) > 0.05  # the product is there, not only the residual
+
+
+def test_skinny_matmul_residual_needs_whole_k_programs_and_its_shape():
+    from pallas_kernels.skinny_matmul import residual_gemm_blocks, skinny_matmul
+
+    x, w = jnp.ones((4, 128), jnp.bfloat16), jnp.ones((128, 64), jnp.bfloat16)
+    kw = dict(w_layout="kn", block_n=32, block_k=64, interpret=True)
+    with pytest.raises(ValueError, match="split_k == 1"):
+        skinny_matmul(x, w, residual=jnp.ones((4, 64), jnp.bfloat16), split_k=2, **kw)
+    with pytest.raises(ValueError, match="residual must be \\[4, 64\\] bfloat16"):
+        skinny_matmul(x, w, residual=jnp.ones((4, 64), jnp.float32), **kw)
+    with pytest.raises(ValueError, match="residual must be"):
+        skinny_matmul(x, w, residual=jnp.ones((1, 64), jnp.bfloat16), **kw)
+    # The table's blocks, halved to fit: Llama-3-8B's o / down, the default model's (E 576,
+    # F 1536), none for sizes that are not multiples of 16.
+    assert residual_gemm_blocks(14336, 4096)["block_n"] == 32
+    assert residual_gemm_blocks(1536, 576) == dict(block_n=32, block_k=256, num_warps=4,
+                                                   num_stages=4)
+    assert residual_gemm_blocks(576, 576)["block_k"] == 64
+    assert residual_gemm_blocks(100, 4096) is None
+
+
 def test_skinny_matmul_rejects_what_it_does_not_take():
     from pallas_kernels.skinny_matmul import skinny_fits, skinny_matmul
 
@@ -950,6 +996,24 @@ def test_skinny_gemm_sweep_runs_and_picks_a_correct_config(tmp_path):
         assert best16["best"] in [r["config"] for r in cases
                                   if r["shape"] == shape and r["impl"] == "pallas_w8a8"]
         assert any("best" in r and r["shape"] == shape and r["M"] == 1 for r in rows)
+
+
+def test_residual_gemm_benchmark_checks_each_config_and_times_both_variants(tmp_path):
+    # benchmarks/gpu/residual_gemm.py --smoke (tiny shapes, interpret mode, host wall time):
+    # every swept config matches the reference and XLA's chain, and both shapes are timed at 1
+    # and 8 rows for XLA and the best config.
+    out = tmp_path / "r.jsonl"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu" / "residual_gemm.py"), "--smoke",
+         "--cands", "[[32, 128, 4, 4], [16, 64, 4, 3]]", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    sweep = [r for r in rows if "sweep" in r]
+    assert len(sweep) == 4 and all(r["ok"] for r in sweep), sweep
+    timed = {(r["shape"], r["M"], r["variant"]) for r in rows if "variant" in r}
+    assert timed == {(s, m, v) for s in ("o", "down") for m in (1, 8) for v in ("xla", "pallas")}
 
 
 def test_l2_prefetch_benchmark_kernel_reads_every_block(tmp_path):

@@ -112,6 +112,10 @@
 #                                          tests, then bf16 batch 1 against the knob off
 #   bash benchmarks/gpu/issues.sh mlptile  (one GPU) gate_up_swiglu's bf16 tile past the sweep's
 #                                          edge, then batch 1 with the best against the table's
+#   bash benchmarks/gpu/issues.sh resgemm  (one GPU) the o / down GEMM with the residual add in
+#                                          its epilogue: GPU tests, block sweep, layer chains
+#   RB=bn,bk,w,st bash benchmarks/gpu/issues.sh resgemmk  (one GPU) bf16 batch 1 with
+#                                          `residual_gemm` (blocks RB) against the defaults
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -164,9 +168,10 @@ lat_knobs_ab() { for q in bf16 fp8; do
   done; }
 # Batch-1 latency (4 steps a launch) at the defaults (d) against JAXLLM_ATTENTION_KNOBS=$1
 # (tag $2), bf16 and fp8, in $3 rounds that alternate which goes first; each run under a
-# timeout of $4 s, none started with less than $5 s of $T left. Logs: $L/lat_{bf16,fp8}_{d,$2}_r<i>.log.
+# timeout of $4 s, none started with less than $5 s of $T left; $6: the quantizations (default
+# "bf16 fp8"). Logs: $L/lat_{bf16,fp8}_{d,$2}_r<i>.log.
 lat_rounds() { for i in $(seq 1 $3); do
-    for q in bf16 fp8; do [ $((T - SECONDS)) -gt $5 ] || break
+    for q in ${6:-bf16 fp8}; do [ $((T - SECONDS)) -gt $5 ] || break
       QA=""; [ $q = fp8 ] && QA="--quantization fp8"
       for v in $([ $((i % 2)) = 1 ] && echo "d $2" || echo "$2 d"); do
         K=""; [ $v = $2 ] && K=$1
@@ -1217,6 +1222,30 @@ PY
         > $L/lat_bf16_${v}_r$i.log 2>&1; done; done
     for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done; fi
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+resgemm)  # nvidia-h200 (one GPU), one call (issue 9): the o and down projections with the
+  # residual add in the skinny GEMM's epilogue (knob `residual_gemm`, off): the GPU tests, then
+  # benchmarks/gpu/residual_gemm.py (block sweep at 8 rows in layer chains, then XLA's GEMM + add
+  # against the best config at 1 and 8 rows). Its best down config goes to resgemmk as RB.
+  L=$OUT/logs; mkdir -p $L
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 150 python3 -m pytest -q -m gpu \
+    tests/test_gpu.py -k "residual" > $L/gputests.log 2>&1; tail -3 $L/gputests.log
+  timeout $((T - SECONDS - 15)) python3 benchmarks/gpu/residual_gemm.py \
+    --budget $((T - SECONDS - 120)) --out $OUT/residual_gemm.jsonl > $L/residual_gemm.log 2>&1
+  echo "rc=$?"; grep -v '^{' $L/residual_gemm.log | tail -12; grep -c '"sweep"' $L/residual_gemm.log
+  grep '"sweep"' $L/residual_gemm.log | sort -t: -k5 -n | head -8 | cut -c1-200 ;;
+resgemmk)  # nvidia-h200 (one GPU), one call (issue 9), after resgemm: bf16 batch 1 (4 steps a
+  # launch) at the defaults against `residual_gemm` on, three alternating rounds, with the
+  # blocks RB="block_n,block_k,num_warps,num_stages" (JAXLLM_RESIDUAL_GEMM_BLOCKS; unset: the
+  # table), then a profile of each (GPU ops a step).
+  L=$OUT/logs; mkdir -p $L
+  export JAXLLM_RESIDUAL_GEMM_BLOCKS="${RB:-}"
+  lat_rounds '{"residual_gemm": true}' rg 3 60 40 bf16
+  for v in d rg; do K=""; [ $v = rg ] && K='{"residual_gemm": true}'
+    [ $((T - SECONDS)) -gt 70 ] || break
+    JAXLLM_ATTENTION_KNOBS="$K" timeout 65 python3 benchmarks/profile_step.py \
+      --context 1024 --steps 6 --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 \
+      --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_bf16_$v.log 2>&1
+    grep -A16 "^batch " $L/prof_bf16_$v.log | cut -c1-110; done ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
   # at 16384 tokens took 306 s. The GEMMs alone under per-program XLA options (one process),

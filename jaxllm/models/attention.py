@@ -52,7 +52,8 @@ ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
               "decode_heads_per_program", "num_warps", "num_stages", "qkv_split_k")
 _BOOL_KNOBS = ("decode_split_pages", "decode_spread", "masked_tail_only", "fused_kv_write",
-               "fused_qkv_rope", "fold_input_norm", "decode_single", "mlp_kernel")
+               "fused_qkv_rope", "fold_input_norm", "decode_single", "mlp_kernel",
+               "residual_gemm")
 # decode_single is a promise, not a tuning: every decode-only step must have exactly one live
 # sequence (benchmarks/latency.py's batch 1); a step with more gets wrong attention. Only for
 # batch-1 A/B runs.
@@ -76,8 +77,11 @@ _FOLD_INPUT_NORM = "fold_input_norm"
 # The model's MLP in small steps: its RMSNorm, gate/up GEMM and SwiGLU in one Pallas kernel
 # (``mlp_kernel_applies``).
 _MLP_KERNEL = "mlp_kernel"
+# The model's o and down projections in small steps: the GEMM and the residual add as one
+# Pallas kernel (``residual_gemm_applies``).
+_RESIDUAL_GEMM = "residual_gemm"
 _NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K, _FOLD_INPUT_NORM,
-                    _MLP_KERNEL)
+                    _MLP_KERNEL, _RESIDUAL_GEMM)
 
 
 def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
@@ -375,6 +379,25 @@ def mlp_kernel_applies(backend: str, num_tokens: int, fp8: bool) -> bool:
     else:
         wanted = knob
     return (backend == "pallas" and bool(wanted) and num_tokens <= MAX_ROWS
+            and heads_mesh() is None)
+
+
+# With the ``residual_gemm`` knob, steps of at most this many token rows (one 16-row block of the
+# skinny kernel) run a layer's o and down projections of dense weights as
+# ``pallas_kernels.skinny_matmul`` with the residual add in its epilogue: one kernel where XLA
+# runs a split-K GEMM and a kernel that sums its partials with the residual. Off unless the knob
+# is set: not measured yet (docs/DESIGN_NOTES.md, "Next GPU session").
+RESIDUAL_GEMM_MAX_TOKENS = 16
+
+
+def residual_gemm_applies(backend: str, num_tokens: int) -> bool:
+    """Whether a layer of a step of ``num_tokens`` (static: the bucket) adds its o / down
+    projection to the residual stream in one Pallas kernel (``add_projection`` in
+    jaxllm/models/llama.py): the ``residual_gemm`` knob (``JAXLLM_ATTENTION_KNOBS``; unset:
+    never), the Pallas backend, one device (no head mesh), at most
+    ``RESIDUAL_GEMM_MAX_TOKENS`` rows. Read at trace time."""
+    knob = dict(attention_kernel_knobs()).get(_RESIDUAL_GEMM)
+    return (backend == "pallas" and bool(knob) and num_tokens <= RESIDUAL_GEMM_MAX_TOKENS
             and heads_mesh() is None)
 
 
