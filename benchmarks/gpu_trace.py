@@ -129,3 +129,15 @@ def device_time(fn, arg_sets: list[tuple], calls: int = 20) -> dict | None:
     platform whose trace has no GPU ops."""
     events = trace_events(fn, arg_sets, calls)
     return None if events is None else per_call(events, calls)
+
+
+def jsonl_emitter(rows: list, out: str | None):
+    """``emit(row)`` for a benchmark script: keeps the row in ``rows``, prints it as JSON and
+    appends it to the JSON-lines file ``out`` (if given)."""
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return emit

@@ -103,33 +103,33 @@ RESIDUAL_GEMM_BLOCKS = (32, 256, 4, 4)
 RESIDUAL_BLOCKS_ENV = "JAXLLM_RESIDUAL_GEMM_BLOCKS"
 
 
-def blocks_from_env(env: str, default: tuple[int, int, int, int], names: str
-                    ) -> tuple[int, int, int, int]:
-    """Four block integers from the environment variable ``env`` ("a,b,c,d", ``names`` says
-    which), else ``default``. Raises ValueError for a malformed value."""
+def fitted_blocks(env: str, default: tuple[int, int, int, int], names: str, n: int, k: int
+                  ) -> tuple[int, int, int, int] | None:
+    """A kernel's blocks (block over the output columns, block over K, num_warps, num_stages):
+    the environment variable ``env`` ("a,b,c,d", ``names`` says which; a benchmark hook) or
+    ``default``, the two blocks halved (down to 16) until they divide ``n`` and ``k``; None if
+    no block does. Raises ValueError for a malformed ``env`` value."""
     raw = os.environ.get(env, "").strip()
-    if not raw:
-        return default
-    try:
-        a, b, c, d = (int(v) for v in raw.split(","))
-    except ValueError:
-        raise ValueError(f"{env} must be four integers '{names}', got {raw!r}") from None
-    return a, b, c, d
+    if raw:
+        try:
+            bn, bk, warps, stages = (int(v) for v in raw.split(","))
+        except ValueError:
+            raise ValueError(f"{env} must be four integers '{names}', got {raw!r}") from None
+    else:
+        bn, bk, warps, stages = default
+    while bn > 16 and n % bn:
+        bn //= 2
+    while bk > 16 and k % bk:
+        bk //= 2
+    return None if n % bn or k % bk else (bn, bk, warps, stages)
 
 
 def residual_gemm_blocks(K: int, N: int) -> dict | None:
-    """``RESIDUAL_GEMM_BLOCKS`` (or ``JAXLLM_RESIDUAL_GEMM_BLOCKS``), block_n and block_k
-    halved (down to 16) until they divide N and K; None if no block does (the caller keeps
-    XLA's GEMM)."""
-    bn, bk, warps, stages = blocks_from_env(RESIDUAL_BLOCKS_ENV, RESIDUAL_GEMM_BLOCKS,
-                                            "block_n,block_k,num_warps,num_stages")
-    while bn > 16 and N % bn:
-        bn //= 2
-    while bk > 16 and K % bk:
-        bk //= 2
-    if N % bn or K % bk:
-        return None
-    return dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+    """``RESIDUAL_GEMM_BLOCKS`` (or ``JAXLLM_RESIDUAL_GEMM_BLOCKS``) fitted to N and K
+    (``fitted_blocks``); None if no block divides them (the caller keeps XLA's GEMM)."""
+    b = fitted_blocks(RESIDUAL_BLOCKS_ENV, RESIDUAL_GEMM_BLOCKS,
+                      "block_n,block_k,num_warps,num_stages", N, K)
+    return None if b is None else dict(zip(("block_n", "block_k", "num_warps", "num_stages"), b))
 
 
 def skinny_fits(M: int, K: int, N: int, *, block_n: int, block_k: int, split_k: int) -> bool:

@@ -138,12 +138,7 @@ def main():
     t0 = time.time()
     rows = []
 
-    def emit(row):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if a.out:
-            with open(a.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    emit = gpu_trace.jsonl_emitter(rows, a.out)
 
     x = jax.random.normal(jax.random.PRNGKey(7), (M, H), jnp.float32).astype(jnp.bfloat16)
     for dt in a.dtypes.split(","):

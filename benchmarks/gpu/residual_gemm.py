@@ -106,12 +106,7 @@ def main():
     t0 = time.time()
     rows = []
 
-    def emit(row):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if a.out:
-            with open(a.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    emit = gpu_trace.jsonl_emitter(rows, a.out)
 
     for name in a.shapes.split(","):
         K, N = SHAPES[name]
