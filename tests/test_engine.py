@@ -983,6 +983,7 @@ def test_residual_gemm_knob_serves_the_same_greedy_tokens(small_llama_folder, mo
     import collections
 
     import jax
+    import jax.numpy as jnp
 
     from jaxllm.models import attention
     from pallas_kernels import skinny_matmul as skinny
@@ -1002,6 +1003,23 @@ def test_residual_gemm_knob_serves_the_same_greedy_tokens(small_llama_folder, mo
     assert seen and all(w[1] == r[1] == 64 and x[0] == r[0] for x, w, r in seen)
     calls_per_k = collections.Counter(w[0] for _, w, _ in seen)
     assert len(calls_per_k) == 2 and len(set(calls_per_k.values())) == 1, calls_per_k
+    # Projections the kernel does not take keep XLA's GEMM and add under the knob: a bias, fp8
+    # weights, sizes no block of 16 divides.
+    from flax import nnx
+
+    from jaxllm.models.fp8 import Fp8Linear
+    from jaxllm.models.llama import add_projection
+
+    seen.clear()
+    h, r = jnp.ones((2, 64)), jnp.ones((2, 32))
+    for proj in (nnx.Linear(64, 32, use_bias=True, rngs=nnx.Rngs(0)),
+                 Fp8Linear(64, 32, use_bias=False, dtype=jnp.float32),
+                 nnx.Linear(64, 40, use_bias=False, rngs=nnx.Rngs(0))):
+        rr = jnp.ones((2, proj.out_features))
+        np.testing.assert_array_equal(add_projection(rr, proj, h, "pallas"), rr + proj(h))
+    assert not seen
+    assert add_projection(r, nnx.Linear(64, 32, use_bias=False, rngs=nnx.Rngs(0)), h,
+                          "pallas").shape == (2, 32) and len(seen) == 1
     assert not attention.residual_gemm_applies("xla", 8)  # the Pallas backend only
     assert not attention.residual_gemm_applies("pallas", attention.RESIDUAL_GEMM_MAX_TOKENS + 1)
     monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, "")  # unset: off (not measured yet)
