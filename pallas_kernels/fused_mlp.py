@@ -40,6 +40,8 @@ fused gate/up GEMM and the SwiGLU; XLA runs the down GEMM on its [M, F] output),
 84.3 / 53.0: that is what the engine runs (``jaxllm.models.attention.mlp_kernel_applies``: by
 default for bf16 / float32 weights in steps of <= 8 rows on a GPU, batch-1 decode 4.15 against
 4.22-4.23 ms/token; fp8 weights keep XLA's kernels, 2.81-2.82 with it against 2.78-2.79).
+``gate_up_swiglu(..., weight_only=)`` is its weight-only fp8 mode (W8A16: the e4m3 tile upcast
+to bf16 / float16 in registers, no activation scales), not measured yet.
 
 ``fused_mlp_reference`` is the contract: the same math in float32 at HIGHEST precision, with
 the fp8 path's activation quantization emulated block by block (the kernel matches it up to
@@ -63,6 +65,20 @@ _TINY = 1e-12  # an all-zero block's scale (its values quantize to 0 whatever th
 
 def _block_m(M: int) -> int:
     return max(16, 1 << (M - 1).bit_length())
+
+
+# The compute dtypes of gate_up_swiglu's weight-only fp8 mode: e4m3 -> float16 is one
+# instruction a pair on Hopper, e4m3 -> bf16 takes more (through float32).
+WEIGHT_ONLY_DTYPES = ("bfloat16", "float16")
+_F16_MAX = 65504.0
+
+
+def _weight_only_rows(xg, cd):
+    """The normed rows x * g (float32) as the weight-only dot's operand: float16 clips to its
+    range first (an x * g past 65504 would be inf; the RMSNorm's r is applied after the dot)."""
+    if cd == jnp.float16:
+        xg = jnp.clip(xg, -_F16_MAX, _F16_MAX)
+    return xg.astype(cd)
 
 
 def _quant(v, axis_len_blocks=None):
@@ -94,7 +110,7 @@ def fused_mlp_reference(x, norm_w, w_gu, w_down, gu_scale=None, down_scale=None,
 
 
 def _kernel(x_ref, g_ref, wgu_ref, wd_ref, nv_ref, *rest, M, H, block_m, block_f, block_k,
-            block_n, fp8, atomic, interpret, eps, h_only=False):
+            block_n, fp8, atomic, interpret, eps, h_only=False, weight_only=None):
     refs = list(rest)
     gus_ref = refs.pop(0) if fp8 else None
     ds_ref = refs.pop(0) if fp8 and not h_only else None
@@ -118,7 +134,12 @@ def _kernel(x_ref, g_ref, wgu_ref, wd_ref, nv_ref, *rest, M, H, block_m, block_f
         g = plgpu.load(g_ref.at[rk]).astype(jnp.float32)
         ss = ss + jnp.sum(xv * xv, axis=1)
         xg = xv * g[None, :]
-        if fp8:
+        if fp8 and weight_only is not None:  # W8A16: the e4m3 tile upcast in registers
+            cd = jnp.dtype(weight_only)
+            w = plgpu.load(wgu_ref.at[c2[:, None], rk[None, :]])  # [2bf, bk] e4m3
+            acc = acc + jnp.dot(_weight_only_rows(xg, cd), w.astype(cd).T,
+                                preferred_element_type=jnp.float32)
+        elif fp8:
             q, s = _quant(xg)
             w = plgpu.load(wgu_ref.at[c2[:, None], rk[None, :]])  # [2bf, bk] e4m3
             d = jnp.dot(q, w.T, preferred_element_type=jnp.float32)
@@ -267,16 +288,21 @@ def gate_up_swiglu_blocks(E: int, F: int, *, fp8: bool) -> dict:
 
 
 def gate_up_swiglu_reference(x, norm_w, w_gu, gu_scale=None, *, eps: float,
-                             block_k: int = 128) -> jax.Array:
+                             block_k: int = 128, weight_only: str | None = None) -> jax.Array:
     """silu(gate(n)) * up(n), n = RMSNorm(x) * norm_w, in float32: [M, F] float32 (the first
-    half of ``fused_mlp_reference``; fp8 activation blocks of ``block_k``)."""
+    half of ``fused_mlp_reference``; fp8 activation blocks of ``block_k``; with
+    ``weight_only``, fp8 weights under x * g rounded to that dtype instead)."""
     fp8 = w_gu.dtype == FP8
     hi = jax.lax.Precision.HIGHEST
     M, H = x.shape
     xf = x.astype(jnp.float32)
     r = jax.lax.rsqrt(jnp.mean(xf * xf, axis=1) + eps)
     xg = xf * norm_w.astype(jnp.float32)[None, :]
-    if fp8:
+    if fp8 and weight_only is not None:
+        xw = _weight_only_rows(xg, jnp.dtype(weight_only)).astype(jnp.float32)
+        acc = jnp.dot(xw, w_gu.astype(jnp.float32).T, precision=hi)
+        acc = acc * gu_scale.astype(jnp.float32)[None, :]
+    elif fp8:
         acc = jnp.zeros((M, w_gu.shape[0]), jnp.float32)
         wf = w_gu.astype(jnp.float32)
         for k0 in range(0, H, block_k):
@@ -292,12 +318,16 @@ def gate_up_swiglu_reference(x, norm_w, w_gu, gu_scale=None, *, eps: float,
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_f", "block_k", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "interpret", "weight_only"))
 def gate_up_swiglu(x, norm_w, w_gu, gu_scale=None, *, eps: float, block_f: int = 64,
                    block_k: int = 128, num_warps: int = 4, num_stages: int = 3,
-                   interpret: bool = False) -> jax.Array:
+                   interpret: bool = False, weight_only: str | None = None) -> jax.Array:
     """The MLP's first half in one kernel: RMSNorm folded in, the fused gate/up GEMM, the
-    SwiGLU: [M, F] in x's dtype (``gate_up_swiglu_reference``; layouts as ``fused_mlp``'s)."""
+    SwiGLU: [M, F] in x's dtype (``gate_up_swiglu_reference``; layouts as ``fused_mlp``'s).
+
+    ``weight_only`` (fp8 weights only; one of ``WEIGHT_ONLY_DTYPES``): W8A16, the e4m3 tile
+    upcast to that dtype in registers and x * g rounded to it, instead of W8A8 with activation
+    scales per (row, block_k)."""
     M, H = x.shape
     fp8 = w_gu.dtype == FP8
     F = (w_gu.shape[0] if fp8 else w_gu.shape[1]) // 2
@@ -307,6 +337,9 @@ def gate_up_swiglu(x, norm_w, w_gu, gu_scale=None, *, eps: float, block_f: int =
                          f"got {list(w_gu.shape)} and {list(norm_w.shape)}")
     if fp8 and (gu_scale is None or gu_scale.shape != (2 * F,)):
         raise ValueError(f"e4m3 w_gu needs gu_scale [{2 * F}]")
+    if weight_only is not None and (not fp8 or weight_only not in WEIGHT_ONLY_DTYPES):
+        raise ValueError(f"weight_only takes {WEIGHT_ONLY_DTYPES} with e4m3 w_gu; got "
+                         f"{weight_only!r} with {w_gu.dtype}")
     for name, b in (("block_f", block_f), ("block_k", block_k)):
         if b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {b}")
@@ -319,9 +352,10 @@ def gate_up_swiglu(x, norm_w, w_gu, gu_scale=None, *, eps: float, block_f: int =
     kernel = functools.partial(
         _kernel, M=M, H=H, block_m=_block_m(M), block_f=block_f, block_k=block_k,
         block_n=block_k, fp8=fp8, atomic=False, interpret=interpret, eps=float(eps),
-        h_only=True)
+        h_only=True, weight_only=weight_only)
     return pl.pallas_call(
         kernel, grid=(F // block_f,), out_shape=jax.ShapeDtypeStruct((M, F), x.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"gate_up_swiglu_{'fp8' if fp8 else 'dense'}_{block_f}x{block_k}")(*operands)
+        name=f"gate_up_swiglu_{'fp8' if fp8 else 'dense'}{'_wo' if weight_only else ''}"
+             f"_{block_f}x{block_k}")(*operands)

@@ -130,6 +130,35 @@ def test_gate_up_swiglu_matches_reference_and_llama_swiglu():
         gate_up_swiglu(x, g, wgu.T, **kw)
 
 
+@pytest.mark.parametrize("weight_only", ["bfloat16", "float16"])
+def test_gate_up_swiglu_weight_only_fp8_matches_reference(weight_only):
+    """W8A16 (``weight_only``): e4m3 gate/up weights under x * g rounded to bf16 / float16, no
+    activation quantization: against its reference to the output's rounding, against the dense
+    first half to the weights' e4m3 error alone (closer than W8A8, which also quantizes x).
+    float16 clips x * g to its range instead of overflowing."""
+    from pallas_kernels.fused_mlp import gate_up_swiglu, gate_up_swiglu_reference
+
+    kw = dict(eps=EPS, block_f=64, block_k=64, interpret=True)
+    x, g, wgu, _ = _operands(23, 6, jnp.bfloat16)
+    q, s = quantize_weight_per_channel(wgu)
+    wq = jnp.asarray(q.T)
+    got = gate_up_swiglu(x, g, wq, s, weight_only=weight_only, **kw)
+    assert got.shape == (6, F) and got.dtype == jnp.bfloat16
+    ref = gate_up_swiglu_reference(x, g, wq, s, eps=EPS, weight_only=weight_only)
+    assert _rel(got, ref) < 1e-2
+    dense = gate_up_swiglu_reference(x, g, wgu, eps=EPS)
+    w8a8 = gate_up_swiglu_reference(x, g, wq, s, eps=EPS, block_k=64)
+    assert _rel(ref, dense) < 0.06 and _rel(ref, dense) < _rel(w8a8, dense)
+    if weight_only == "float16":  # a row past float16's range stays finite
+        big = x.at[0, 0].set(1e5)
+        out = gate_up_swiglu(big, g, wq, s, weight_only=weight_only, **kw)
+        assert np.isfinite(np.asarray(out, np.float32)).all()
+    with pytest.raises(ValueError, match="weight_only takes"):
+        gate_up_swiglu(x, g, wgu, weight_only=weight_only, **kw)  # dense weights
+    with pytest.raises(ValueError, match="weight_only takes"):
+        gate_up_swiglu(x, g, wq, s, weight_only="float32", **kw)
+
+
 def test_gate_up_swiglu_blocks_fit_the_shape():
     """The block table's entries for the 8B shape, halved until they divide other shapes (the
     default model's E = 576 takes block_k 64); no block of 16 divides E = 40."""

@@ -164,7 +164,8 @@ def test_compiled_skinny_matmul_matches_reference(M):
 @pytest.mark.parametrize("M", [1, 8, 40])
 def test_compiled_fused_mlp_kernels_match_reference(M):
     """pallas_kernels.fused_mlp compiled for the GPU at the Llama-3-8B MLP (E 4096, F 14336):
-    gate_up_swiglu with the engine's blocks (bf16 and e4m3 weights), and the one-kernel MLP
+    gate_up_swiglu with the engine's blocks (bf16 and e4m3 weights, W8A8 and weight-only in
+    bf16 / float16), and the one-kernel MLP
     with atomic (n_valid < M: rows past it stay 0) and partial-sum accumulation."""
     from pallas_kernels.fp8_matmul import quantize_weight_per_channel
     from pallas_kernels.fused_mlp import (fused_mlp, fused_mlp_reference, gate_up_swiglu,
@@ -179,11 +180,13 @@ def test_compiled_fused_mlp_kernels_match_reference(M):
     q, s = quantize_weight_per_channel(wgu)
     qd, sd = quantize_weight_per_channel(wd)
     q, qd = jnp.asarray(q.T), jnp.asarray(qd.T)
-    for w, ws, fp8 in ((wgu, None, False), (q, s, True)):
+    for w, ws, fp8, wo in ((wgu, None, False, None), (q, s, True, None),
+                           (q, s, True, "bfloat16"), (q, s, True, "float16")):
         blocks = gate_up_swiglu_blocks(E, F, fp8=fp8)
-        got = gate_up_swiglu(x, g, w, ws, eps=1e-5, **blocks)
-        ref = gate_up_swiglu_reference(x, g, w, ws, eps=1e-5, block_k=blocks["block_k"])
-        assert _rel_err(got.astype(jnp.float32), ref) < 1e-2, fp8
+        got = gate_up_swiglu(x, g, w, ws, eps=1e-5, weight_only=wo, **blocks)
+        ref = gate_up_swiglu_reference(x, g, w, ws, eps=1e-5, block_k=blocks["block_k"],
+                                       weight_only=wo)
+        assert _rel_err(got.astype(jnp.float32), ref) < 1e-2, (fp8, wo)
     nv = max(1, M // 2)
     for args in ((wgu, wd), (q, qd, s, sd)):
         ref = fused_mlp_reference(x, g, *args, eps=1e-5)

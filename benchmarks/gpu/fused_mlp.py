@@ -9,6 +9,9 @@ the chain's GPU ops over ``--repeats`` calls, no host gaps) divided by the layer
   xla        the engine's MLP at <= 16 rows: RMSNorm, the fused gate/up GEMM (bf16, or fp8
              weight-only: the e4m3 weight upcast inside the dot, per-channel scale after),
              SwiGLU, down, residual add
+  gate_up_swiglu+xla_down  the engine's ``mlp_kernel``: norm, gate/up and SwiGLU in one kernel,
+             then XLA's down GEMM and add; ``_wo_<dtype>`` (fp8, ``--weight-only``): its
+             weight-only mode (the e4m3 tile upcast to bf16 / float16; knob ``mlp_kernel_fp8``)
   fused_*    the kernel (norm, gate/up, SwiGLU, down in one), then the residual add;
              ``atomic`` with n_valid = 1 (batch 1 in the 8-row bucket) and 8, and ``partials``
 
@@ -128,6 +131,9 @@ def main():
     ap.add_argument("--budget", type=float, default=400)
     ap.add_argument("--sweep", type=int, default=1)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--weight-only", default="",
+                    help="fp8: also sweep and time gate_up_swiglu's weight-only modes, e.g. "
+                         "bfloat16,float16")
     ap.add_argument("--cands", default=None,
                     help="JSON list of gate_up_swiglu block dicts: sweep only these (no table)")
     a = ap.parse_args()
@@ -163,6 +169,12 @@ def main():
         hk = gate_up_swiglu(x, p["g"], p["wgu"], p.get("gus"), eps=EPS, interpret=INTERPRET)
         emit(dict(dtype=dt, check="gate_up_swiglu",
                   rel=float(jnp.linalg.norm(hk.astype(jnp.float32) - hr) / jnp.linalg.norm(hr))))
+        for wo in a.weight_only.split(",") if fp8 and a.weight_only else ():
+            hr = gate_up_swiglu_reference(x, p["g"], p["wgu"], p["gus"], eps=EPS, weight_only=wo)
+            hk = gate_up_swiglu(x, p["g"], p["wgu"], p["gus"], eps=EPS, interpret=INTERPRET,
+                                weight_only=wo).astype(jnp.float32)
+            emit(dict(dtype=dt, check=f"gate_up_swiglu_wo_{wo}",
+                      rel=float(jnp.linalg.norm(hk - hr) / jnp.linalg.norm(hr))))
         # The fused kernel's best blocks of the 2026-12-03 sweep (atomic, n_valid 1).
         best = (dict(block_f=64, block_k=256, block_n=256, num_warps=4, num_stages=3) if fp8
                 else dict(block_f=128, block_k=64, block_n=256, num_warps=4, num_stages=3))
@@ -178,6 +190,9 @@ def main():
                 cands = [hbest]
             if a.cands:
                 cands = json.loads(a.cands)
+            if fp8 and a.weight_only:  # the same tiles in each weight-only mode
+                cands += [dict(c, weight_only=wo) for wo in a.weight_only.split(",")
+                          for c in cands if "weight_only" not in c]
             scored = []
             for c in cands:
                 if time.time() - t0 > a.budget * (0.4 if dt == "bf16" else 0.8):
@@ -190,10 +205,20 @@ def main():
                     continue
                 scored.append((us, c))
                 emit(dict(dtype=dt, sweep=c, us=round(us, 2)))
-            if scored:
-                hbest = min(scored, key=lambda t: t[0])[1]
+            by_mode = {}
+            for us, c in scored:
+                wo = c.get("weight_only")
+                if wo not in by_mode or us < by_mode[wo][0]:
+                    by_mode[wo] = (us, c)
+            if None in by_mode:
+                hbest = by_mode.pop(None)[1]
+            wbest = {wo: c for wo, (_, c) in by_mode.items()}
+        else:
+            wbest = {}
         variants = {"xla": xla_mlp,
                     "gate_up_swiglu+xla_down": lambda x, p: half(x, p, **hbest),
+                    **{f"gate_up_swiglu_wo_{wo}+xla_down":
+                       (lambda c: lambda x, p: half(x, p, **c))(c) for wo, c in wbest.items()},
                     "fused_atomic_nv1": lambda x, p: fused(x, p, 1, **best),
                     "fused_atomic_nv8": lambda x, p: fused(x, p, 8, **best),
                     "fused_partials": lambda x, p: fused(x, p, 8, accumulate="partials", **best)}
@@ -201,7 +226,9 @@ def main():
             for name, fn in variants.items():
                 us, ops = per_layer_us(fn, layers, x, a.lo, a.hi, a.repeats)
                 emit(dict(dtype=dt, variant=name, round=rnd,
-                          config=hbest if name.startswith("gate") else best, us_per_layer=round(us, 2),
+                          config=(wbest.get(name.split("_wo_")[-1].split("+")[0], hbest)
+                                  if name.startswith("gate") else best),
+                          us_per_layer=round(us, 2),
                           ops_per_layer=ops,
                           weight_mb=round(wbytes / 1e6, 1),
                           tb_s=round(wbytes / (us * 1e-6) / 1e12, 2),

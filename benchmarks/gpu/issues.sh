@@ -116,6 +116,10 @@
 #                                          its epilogue: GPU tests, block sweep, layer chains
 #   RB=bn,bk,w,st bash benchmarks/gpu/issues.sh resgemmk  (one GPU) bf16 batch 1 with
 #                                          `residual_gemm` (blocks RB) against the defaults
+#   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
+#                                          layer chains (GPU tests first)
+#   WO=bfloat16|float16 WB=bf,bk,w,st bash benchmarks/gpu/issues.sh mlpwok  (one GPU) fp8
+#                                          batch 1 with it against the defaults
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1246,6 +1250,34 @@ resgemmk)  # nvidia-h200 (one GPU), one call (issue 9), after resgemm: bf16 batc
       --context 1024 --steps 6 --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 \
       --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_bf16_$v.log 2>&1
     grep -A16 "^batch " $L/prof_bf16_$v.log | cut -c1-110; done ;;
+mlpwo)  # nvidia-h200 (one GPU), one call (issue 6): gate_up_swiglu's weight-only fp8 modes (the
+  # e4m3 tile upcast to bf16 / float16 in registers, no activation quantization; knob
+  # `mlp_kernel_fp8`, off) in fp8 layer chains against XLA's weight-only MLP and the W8A8
+  # kernel: the GPU tests, then a few tiles per mode. Its best mode goes to mlpwok as WO.
+  L=$OUT/logs; mkdir -p $L
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 150 python3 -m pytest -q -m gpu \
+    tests/test_gpu.py -k "fused_mlp" > $L/gputests.log 2>&1; tail -3 $L/gputests.log
+  C='[{"block_f":128,"block_k":128,"num_warps":8,"num_stages":4},
+      {"block_f":128,"block_k":64,"num_warps":4,"num_stages":4},
+      {"block_f":64,"block_k":128,"num_warps":4,"num_stages":4},
+      {"block_f":128,"block_k":256,"num_warps":8,"num_stages":3}]'
+  timeout $((T - SECONDS - 10)) python3 benchmarks/gpu/fused_mlp.py --dtypes fp8 \
+    --weight-only bfloat16,float16 --cands "$C" --out $OUT/fused_mlp.jsonl > $L/wo.log 2>&1
+  echo "rc=$?"; grep '"check"\|"sweep"' $L/wo.log | cut -c1-200 ;;
+mlpwok)  # nvidia-h200 (one GPU), one call (issue 6), after mlpwo: fp8 batch 1 (4 steps a launch)
+  # at the defaults against the MLP kernel in weight-only mode WO (bfloat16 / float16; its
+  # blocks WB="block_f,block_k,num_warps,num_stages", JAXLLM_GATE_UP_SWIGLU_BLOCKS, unset: the
+  # table), three alternating rounds, then a profile of each.
+  L=$OUT/logs; mkdir -p $L
+  export JAXLLM_GATE_UP_SWIGLU_BLOCKS="${WB:-}"
+  KN="{\"mlp_kernel\": true, \"mlp_kernel_fp8\": \"${WO:-bfloat16}\"}"
+  lat_rounds "$KN" wo 3 60 40 fp8
+  for v in d wo; do K=""; [ $v = wo ] && K=$KN
+    [ $((T - SECONDS)) -gt 70 ] || break
+    JAXLLM_ATTENTION_KNOBS="$K" timeout 65 python3 benchmarks/profile_step.py \
+      --context 1024 --steps 6 --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 \
+      --quantization fp8 --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_fp8_$v.log 2>&1
+    grep -A16 "^batch " $L/prof_fp8_$v.log | cut -c1-110; done ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
   # at 16384 tokens took 306 s. The GEMMs alone under per-program XLA options (one process),

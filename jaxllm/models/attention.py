@@ -58,8 +58,12 @@ _BOOL_KNOBS = ("decode_split_pages", "decode_spread", "masked_tail_only", "fused
 # sequence (benchmarks/latency.py's batch 1); a step with more gets wrong attention. Only for
 # batch-1 A/B runs.
 # Knobs with a fixed set of string values.
+# What the MLP kernel (``mlp_kernel``) runs over fp8 weights: W8A8 (activation scales per
+# row and block, in registers) or weight-only in bf16 / float16 (``mlp_kernel_weight_only``).
+MLP_KERNEL_FP8_CHOICES = ("w8a8", "bfloat16", "float16")
 _CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES,
-                 "decode_combine": DECODE_COMBINE_CHOICES}
+                 "decode_combine": DECODE_COMBINE_CHOICES,
+                 "mlp_kernel_fp8": MLP_KERNEL_FP8_CHOICES}
 _KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS + tuple(_CHOICE_KNOBS)
 # Not arguments of the kernel: write_kv_and_attend's choice (decode-only steps write the new
 # K/V inside the decode kernel instead of two scatters a layer), and the model's (the decode
@@ -80,8 +84,9 @@ _MLP_KERNEL = "mlp_kernel"
 # The model's o and down projections in small steps: the GEMM and the residual add as one
 # Pallas kernel (``residual_gemm_applies``).
 _RESIDUAL_GEMM = "residual_gemm"
+_MLP_KERNEL_FP8 = "mlp_kernel_fp8"
 _NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K, _FOLD_INPUT_NORM,
-                    _MLP_KERNEL, _RESIDUAL_GEMM)
+                    _MLP_KERNEL, _RESIDUAL_GEMM, _MLP_KERNEL_FP8)
 
 
 def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
@@ -380,6 +385,15 @@ def mlp_kernel_applies(backend: str, num_tokens: int, fp8: bool) -> bool:
         wanted = knob
     return (backend == "pallas" and bool(wanted) and num_tokens <= MAX_ROWS
             and heads_mesh() is None)
+
+
+def mlp_kernel_weight_only() -> str | None:
+    """The ``weight_only`` dtype the MLP kernel runs fp8 weights with (the ``mlp_kernel_fp8``
+    knob: "bfloat16" / "float16"), or None for W8A8 (the knob's "w8a8", or unset). Only with
+    ``mlp_kernel`` on for fp8 weights; not measured yet (docs/DESIGN_NOTES.md). Read at trace
+    time."""
+    mode = dict(attention_kernel_knobs()).get(_MLP_KERNEL_FP8, "w8a8")
+    return None if mode == "w8a8" else mode
 
 
 # With the ``residual_gemm`` knob, steps of at most this many token rows (one 16-row block of the

@@ -30,9 +30,9 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig, gemm_out_dtype_from_env
 from jaxllm.models.attention import (AttentionMetadata, KVCache, mlp_kernel_applies,
-                                     qkv_norm_folds, qkv_rope_applies, qkv_split_k_parts,
-                                     residual_gemm_applies, rope_write_kv_and_attend,
-                                     write_kv_and_attend)
+                                     mlp_kernel_weight_only, qkv_norm_folds, qkv_rope_applies,
+                                     qkv_split_k_parts, residual_gemm_applies,
+                                     rope_write_kv_and_attend, write_kv_and_attend)
 from jaxllm.models.fp8 import fp8_swiglu_mlp
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -277,7 +277,8 @@ class LlamaMLP(nnx.Module):
         """silu(gate(n)) * up(n) with n = norm(x), in one Pallas kernel
         (``pallas_kernels.fused_mlp.gate_up_swiglu``: the norm folded into the fused gate/up
         GEMM, the SwiGLU in its epilogue): x [T, E] -> [T, F] in x's dtype. fp8 weights run
-        W8A8 with activation scales per (row, block of E), computed in the kernel."""
+        W8A8 with activation scales per (row, block of E), computed in the kernel, or
+        weight-only under the ``mlp_kernel_fp8`` knob (``mlp_kernel_weight_only``)."""
         from pallas_kernels.fused_mlp import gate_up_swiglu, gate_up_swiglu_blocks
 
         p = self.gate_up_proj
@@ -288,7 +289,9 @@ class LlamaMLP(nnx.Module):
             w, ws = p.kernel[...].astype(x.dtype).reshape(E, 2 * F), None
         blocks = gate_up_swiglu_blocks(E, F, fp8=p.kernel is None)
         return gate_up_swiglu(x, norm.weight[...], w, ws, eps=norm.eps,
-                              interpret=jax.default_backend() != "gpu", **blocks)
+                              interpret=jax.default_backend() != "gpu",
+                              weight_only=mlp_kernel_weight_only() if ws is not None else None,
+                              **blocks)
 
 
 class LlamaDecoderLayer(nnx.Module):
