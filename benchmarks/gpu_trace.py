@@ -141,3 +141,13 @@ def jsonl_emitter(rows: list, out: str | None):
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
     return emit
+
+
+def rounds_by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    """A benchmark's timed rows (those with a "variant") grouped by ``keys``, in first-seen
+    order, each group's rows (its rounds) in order: for the summary table."""
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "variant" in r:
+            out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out

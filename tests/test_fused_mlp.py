@@ -9,6 +9,12 @@ quantization error (< 0.08: 3-bit mantissas on weights and activations) for e4m3
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,3 +188,26 @@ def test_gate_up_swiglu_blocks_env_override(monkeypatch):
     monkeypatch.setenv(BLOCKS_ENV, "64,32")
     with pytest.raises(ValueError, match="four integers"):
         gate_up_swiglu_blocks(4096, 14336, fp8=False)
+
+
+def test_fused_mlp_benchmark_checks_and_times_the_weight_only_mode(tmp_path):
+    # benchmarks/gpu/fused_mlp.py --smoke (tiny shapes, interpret mode, host wall time) with
+    # --weight-only: the mode's check row matches its reference, the swept tile is timed in both
+    # the W8A8 and the weight-only mode, and one round of the table (--rounds 1 with --cands)
+    # times XLA, W8A8 and the weight-only variant side by side.
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "m.jsonl"
+    tile = {"block_f": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
+    run = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "gpu" / "fused_mlp.py"), "--smoke",
+         "--dtypes", "fp8", "--rounds", "1", "--weight-only", "float16", "--cands",
+         json.dumps([tile]), "--out", str(out)], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    (check,) = [r for r in rows if r.get("check") == "gate_up_swiglu_wo_float16"]
+    assert check["rel"] < 1e-2
+    assert [r["sweep"] for r in rows if "sweep" in r] == [tile, dict(tile, weight_only="float16")]
+    timed = {r["variant"]: r["config"] for r in rows if "variant" in r}
+    assert timed["gate_up_swiglu_wo_float16+xla_down"] == dict(tile, weight_only="float16")
+    assert timed["gate_up_swiglu+xla_down"] == tile and "xla" in timed

@@ -134,6 +134,8 @@ def main():
     ap.add_argument("--weight-only", default="",
                     help="fp8: also sweep and time gate_up_swiglu's weight-only modes, e.g. "
                          "bfloat16,float16")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of the variants' table (default 2; 0 with --cands)")
     ap.add_argument("--cands", default=None,
                     help="JSON list of gate_up_swiglu block dicts: sweep only these (no table)")
     a = ap.parse_args()
@@ -215,19 +217,21 @@ def main():
             wbest = {wo: c for wo, (_, c) in by_mode.items()}
         else:
             wbest = {}
-        variants = {"xla": xla_mlp,
-                    "gate_up_swiglu+xla_down": lambda x, p: half(x, p, **hbest),
+        # name -> (one layer's MLP, the blocks it runs with)
+        variants = {"xla": (xla_mlp, None),
+                    "gate_up_swiglu+xla_down": (lambda x, p: half(x, p, **hbest), hbest),
                     **{f"gate_up_swiglu_wo_{wo}+xla_down":
-                       (lambda c: lambda x, p: half(x, p, **c))(c) for wo, c in wbest.items()},
-                    "fused_atomic_nv1": lambda x, p: fused(x, p, 1, **best),
-                    "fused_atomic_nv8": lambda x, p: fused(x, p, 8, **best),
-                    "fused_partials": lambda x, p: fused(x, p, 8, accumulate="partials", **best)}
-        for rnd in range(0 if a.cands else 2):
-            for name, fn in variants.items():
+                       ((lambda c: lambda x, p: half(x, p, **c))(c), c)
+                       for wo, c in wbest.items()},
+                    "fused_atomic_nv1": (lambda x, p: fused(x, p, 1, **best), best),
+                    "fused_atomic_nv8": (lambda x, p: fused(x, p, 8, **best), best),
+                    "fused_partials": (lambda x, p: fused(x, p, 8, accumulate="partials",
+                                                          **best), best)}
+        rounds = a.rounds if a.rounds is not None else (0 if a.cands else 2)
+        for rnd in range(rounds):
+            for name, (fn, cfg) in variants.items():
                 us, ops = per_layer_us(fn, layers, x, a.lo, a.hi, a.repeats)
-                emit(dict(dtype=dt, variant=name, round=rnd,
-                          config=(wbest.get(name.split("_wo_")[-1].split("+")[0], hbest)
-                                  if name.startswith("gate") else best),
+                emit(dict(dtype=dt, variant=name, round=rnd, config=cfg,
                           us_per_layer=round(us, 2),
                           ops_per_layer=ops,
                           weight_mb=round(wbytes / 1e6, 1),
@@ -235,11 +239,7 @@ def main():
                           floor_us=round(wbytes / PEAK_BW * 1e6, 2)))
     print("\n| dtype | variant | µs / layer (round 0, 1) | TB/s | floor µs at 4.3 TB/s |")
     print("|---|---|---|---:|---:|")
-    by = {}
-    for r in rows:
-        if "variant" in r:
-            by.setdefault((r["dtype"], r["variant"]), []).append(r)
-    for (dt, v), rs in by.items():
+    for (dt, v), rs in gpu_trace.rounds_by(rows, "dtype", "variant").items():
         print(f"| {dt} | {v} | {', '.join(str(r['us_per_layer']) for r in rs)} | "
               f"{rs[-1]['tb_s']} | {rs[-1]['floor_us']} |")
 

@@ -1253,7 +1253,8 @@ resgemmk)  # nvidia-h200 (one GPU), one call (issue 9), after resgemm: bf16 batc
 mlpwo)  # nvidia-h200 (one GPU), one call (issue 6): gate_up_swiglu's weight-only fp8 modes (the
   # e4m3 tile upcast to bf16 / float16 in registers, no activation quantization; knob
   # `mlp_kernel_fp8`, off) in fp8 layer chains against XLA's weight-only MLP and the W8A8
-  # kernel: the GPU tests, then a few tiles per mode. Its best mode goes to mlpwok as WO.
+  # kernel: the GPU tests, then four tiles per mode, then one round of the chains' table (XLA,
+  # W8A8 and each mode at its best tile, in the same run). Its best mode goes to mlpwok as WO.
   L=$OUT/logs; mkdir -p $L
   JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 150 python3 -m pytest -q -m gpu \
     tests/test_gpu.py -k "fused_mlp" > $L/gputests.log 2>&1; tail -3 $L/gputests.log
@@ -1261,9 +1262,9 @@ mlpwo)  # nvidia-h200 (one GPU), one call (issue 6): gate_up_swiglu's weight-onl
       {"block_f":128,"block_k":64,"num_warps":4,"num_stages":4},
       {"block_f":64,"block_k":128,"num_warps":4,"num_stages":4},
       {"block_f":128,"block_k":256,"num_warps":8,"num_stages":3}]'
-  timeout $((T - SECONDS - 10)) python3 benchmarks/gpu/fused_mlp.py --dtypes fp8 \
+  timeout $((T - SECONDS - 10)) python3 benchmarks/gpu/fused_mlp.py --dtypes fp8 --rounds 1 \
     --weight-only bfloat16,float16 --cands "$C" --out $OUT/fused_mlp.jsonl > $L/wo.log 2>&1
-  echo "rc=$?"; grep '"check"\|"sweep"' $L/wo.log | cut -c1-200 ;;
+  echo "rc=$?"; grep '"check"\|"sweep"' $L/wo.log | cut -c1-200; grep -v '^{' $L/wo.log | tail -10 ;;
 mlpwok)  # nvidia-h200 (one GPU), one call (issue 6), after mlpwo: fp8 batch 1 (4 steps a launch)
   # at the defaults against the MLP kernel in weight-only mode WO (bfloat16 / float16; its
   # blocks WB="block_f,block_k,num_warps,num_stages", JAXLLM_GATE_UP_SWIGLU_BLOCKS, unset: the

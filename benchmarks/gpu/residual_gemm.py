@@ -162,11 +162,7 @@ def main():
                               floor_us=round(wbytes / PEAK_BW * 1e6, 2)))
     print("\n| shape | M | variant | config | µs / layer (rounds) | GPU ops / layer | TB/s |")
     print("|---|---:|---|---|---|---:|---:|")
-    by = {}
-    for r in rows:
-        if "variant" in r:
-            by.setdefault((r["shape"], r["M"], r["variant"]), []).append(r)
-    for (name, M, v), rs in by.items():
+    for (name, M, v), rs in gpu_trace.rounds_by(rows, "shape", "M", "variant").items():
         print(f"| {name} | {M} | {v} | {rs[-1]['config'] or ''} | "
               f"{', '.join(str(r['us_per_layer']) for r in rs)} | {rs[-1]['ops_per_layer']} | "
               f"{rs[-1]['tb_s']} |")
