@@ -41,7 +41,9 @@ fused gate/up GEMM and the SwiGLU; XLA runs the down GEMM on its [M, F] output),
 default for bf16 / float32 weights in steps of <= 8 rows on a GPU, batch-1 decode 4.15 against
 4.22-4.23 ms/token; fp8 weights keep XLA's kernels, 2.81-2.82 with it against 2.78-2.79).
 ``gate_up_swiglu(..., weight_only=)`` is its weight-only fp8 mode (W8A16: the e4m3 tile upcast
-to bf16 / float16 in registers, no activation scales), not measured yet.
+to bf16 / float16 in registers, no activation scales), measured slower than W8A8 and XLA's
+weight-only MLP on H200: bf16 86 µs, float16 63 µs a layer against W8A8 53.5 and XLA 56.1
+(benchmarks/RESULTS.md, 2026-12-03 06:30 rerun); not called by the engine.
 
 ``fused_mlp_reference`` is the contract: the same math in float32 at HIGHEST precision, with
 the fp8 path's activation quantization emulated block by block (the kernel matches it up to
@@ -327,7 +329,8 @@ def gate_up_swiglu(x, norm_w, w_gu, gu_scale=None, *, eps: float, block_f: int =
 
     ``weight_only`` (fp8 weights only; one of ``WEIGHT_ONLY_DTYPES``): W8A16, the e4m3 tile
     upcast to that dtype in registers and x * g rounded to it, instead of W8A8 with activation
-    scales per (row, block_k)."""
+    scales per (row, block_k). Slower than W8A8 on H200; not called by the engine (see the
+    module docstring)."""
     M, H = x.shape
     fp8 = w_gu.dtype == FP8
     F = (w_gu.shape[0] if fp8 else w_gu.shape[1]) // 2

@@ -35,11 +35,14 @@ would be one more kernel a projection). K must be a multiple of ``block_k * spli
 
 ``skinny_matmul_reference`` is the contract, in float32 at HIGHEST precision.
 
-The residual epilogue is for a decoder layer's o and down projections in small bf16 steps
-(knob ``residual_gemm``, ``jaxllm/models/attention.py``): XLA runs each as a split-K GEMM and a
-second kernel that sums the partials and adds the residual; here one wave of whole-K programs
-(``RESIDUAL_GEMM_BLOCKS``: 4096 / 32 = 128 programs for the Llama-3-8B shape) writes
-``residual + x @ w`` itself, one kernel instead of two. Not measured yet (DESIGN_NOTES).
+The residual epilogue (``residual=``) was built for a decoder layer's o and down projections
+in small bf16 steps: XLA runs each as a split-K GEMM and a second kernel that sums the partials
+and adds the residual; here one wave of whole-K programs (``RESIDUAL_GEMM_BLOCKS``: 4096 / 32 =
+128 programs for the Llama-3-8B shape) writes ``residual + x @ w`` itself, one kernel instead of
+two. Measured slower than XLA's GEMM + add on H200 (benchmarks/RESULTS.md, 2026-12-03 06:30
+rerun: 11.4 against 8.7 µs for the o projection at M = 1, 33.5 against 28.4 for the down; the
+kernel reads its weight at 2.9-3.6 TB/s, XLA at 3.8-4.1); not called by the engine. It stays,
+tested, with ``benchmarks/gpu/residual_gemm.py``.
 
 Measured (H200, 2026-12-01 20:27 rerun, ``benchmarks/gpu/skinny_gemm.py``, GPU time; RESULTS.md):
 W8A8 is the fastest fp8 GEMM at M = 1 and 16 in 7 of 8 cases, 1.22-1.81x XLA's bf16 GEMM (the
@@ -96,7 +99,8 @@ def skinny_matmul_reference(x, w, w_scale=None, x_scale=None, *, w_layout: str =
 # projections of bf16 steps of <= 16 rows: block_n 32 gives the Llama-3-8B shape's N = 4096 one
 # wave of 128 programs on the 132 SMs, each streaming all of K; 4 stages of 256 x 32 weight
 # tiles keep ~64 KB of loads in flight per SM. A first guess from the split-K sweep's tiles
-# (benchmarks/gpu/residual_gemm.py sweeps it): not measured yet.
+# (benchmarks/gpu/residual_gemm.py sweeps it; its best, 5 stages, was still slower than XLA's
+# GEMM + add on H200: benchmarks/RESULTS.md, 2026-12-03 06:30 rerun). Not called by the engine.
 RESIDUAL_GEMM_BLOCKS = (32, 256, 4, 4)
 # A benchmark hook (not a setting): "block_n,block_k,num_warps,num_stages" overrides the table
 # in programs traced afterwards.
@@ -126,7 +130,7 @@ def fitted_blocks(env: str, default: tuple[int, int, int, int], names: str, n: i
 
 def residual_gemm_blocks(K: int, N: int) -> dict | None:
     """``RESIDUAL_GEMM_BLOCKS`` (or ``JAXLLM_RESIDUAL_GEMM_BLOCKS``) fitted to N and K
-    (``fitted_blocks``); None if no block divides them (the caller keeps XLA's GEMM)."""
+    (``fitted_blocks``); None if no block divides them."""
     b = fitted_blocks(RESIDUAL_BLOCKS_ENV, RESIDUAL_GEMM_BLOCKS,
                       "block_n,block_k,num_warps,num_stages", N, K)
     return None if b is None else dict(zip(("block_n", "block_k", "num_warps", "num_stages"), b))

@@ -975,58 +975,6 @@ def test_mlp_kernel_knob_serves_the_same_greedy_tokens(small_llama_folder, monke
     assert not ok(40) and ok(48)
 
 
-def test_residual_gemm_knob_serves_the_same_greedy_tokens(small_llama_folder, monkeypatch):
-    # JAXLLM_ATTENTION_KNOBS={"residual_gemm": true} (with "mlp_kernel": true): every layer of
-    # the small steps adds its o and down projections to the residual stream inside the skinny
-    # GEMM's epilogue (interpreted here) instead of XLA's GEMM and add. In float32 the greedy
-    # tokens equal the default path's, and every traced step took the kernel twice a layer.
-    import collections
-
-    import jax
-    import jax.numpy as jnp
-
-    from jaxllm.models import attention
-    from pallas_kernels import skinny_matmul as skinny
-
-    want = _pallas_greedy_tokens(small_llama_folder)
-    seen = []
-    real = skinny.skinny_matmul
-    monkeypatch.setattr(skinny, "skinny_matmul", lambda x, w, *a, **k: (
-        seen.append((x.shape, w.shape, k["residual"].shape)), real(x, w, *a, **k))[1])
-    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV,
-                       '{"mlp_kernel": true, "residual_gemm": true}')
-    jax.clear_caches()
-    got = _pallas_greedy_tokens(small_llama_folder)
-    assert got == want
-    # [T, K] @ [K, 64] + [T, 64], for the o (K = H * D) and the down (K = F) projections alike,
-    # in the same number of calls.
-    assert seen and all(w[1] == r[1] == 64 and x[0] == r[0] for x, w, r in seen)
-    calls_per_k = collections.Counter(w[0] for _, w, _ in seen)
-    assert len(calls_per_k) == 2 and len(set(calls_per_k.values())) == 1, calls_per_k
-    # Projections the kernel does not take keep XLA's GEMM and add under the knob: a bias, fp8
-    # weights, sizes no block of 16 divides.
-    from flax import nnx
-
-    from jaxllm.models.fp8 import Fp8Linear
-    from jaxllm.models.llama import add_projection
-
-    seen.clear()
-    h, r = jnp.ones((2, 64)), jnp.ones((2, 32))
-    for proj in (nnx.Linear(64, 32, use_bias=True, rngs=nnx.Rngs(0)),
-                 Fp8Linear(64, 32, use_bias=False, dtype=jnp.float32),
-                 nnx.Linear(64, 40, use_bias=False, rngs=nnx.Rngs(0))):
-        rr = jnp.ones((2, proj.out_features))
-        np.testing.assert_array_equal(add_projection(rr, proj, h, "pallas"), rr + proj(h))
-    assert not seen
-    assert add_projection(r, nnx.Linear(64, 32, use_bias=False, rngs=nnx.Rngs(0)), h,
-                          "pallas").shape == (2, 32) and len(seen) == 1
-    assert not attention.residual_gemm_applies("xla", 8)  # the Pallas backend only
-    assert not attention.residual_gemm_applies("pallas", attention.RESIDUAL_GEMM_MAX_TOKENS + 1)
-    monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, "")  # unset: off (not measured yet)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not attention.residual_gemm_applies("pallas", 8)
-
-
 @pytest.mark.parametrize("async_scheduling", [True, False])
 def test_throughput_benchmark_splits_the_run_by_step_kind(small_llm, async_scheduling):
     """benchmarks/offline_throughput.engine_generate(phases=...) counts every dispatched step

@@ -11,7 +11,8 @@ the chain's GPU ops over ``--repeats`` calls, no host gaps) divided by the layer
              SwiGLU, down, residual add
   gate_up_swiglu+xla_down  the engine's ``mlp_kernel``: norm, gate/up and SwiGLU in one kernel,
              then XLA's down GEMM and add; ``_wo_<dtype>`` (fp8, ``--weight-only``): its
-             weight-only mode (the e4m3 tile upcast to bf16 / float16; knob ``mlp_kernel_fp8``)
+             weight-only mode (the e4m3 tile upcast to bf16 / float16; slower than W8A8 on
+             H200, RESULTS.md 2026-12-03 06:30 rerun: not called by the engine)
   fused_*    the kernel (norm, gate/up, SwiGLU, down in one), then the residual add;
              ``atomic`` with n_valid = 1 (batch 1 in the 8-row bucket) and 8, and ``partials``
 
@@ -33,7 +34,7 @@ import numpy as np
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 import gpu_trace  # noqa: E402
-from pallas_kernels.fp8_matmul import FP8, quantize_weight_per_channel  # noqa: E402
+from pallas_kernels.fp8_matmul import quantize_weight_per_channel  # noqa: E402
 from pallas_kernels.fused_mlp import (fused_mlp, fused_mlp_reference,  # noqa: E402
                                       gate_up_swiglu, gate_up_swiglu_reference)
 

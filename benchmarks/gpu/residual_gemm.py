@@ -3,7 +3,8 @@
 A decoder layer's o and down projections end in ``x = x + h @ W``. At a decode step's 8-row
 bucket XLA runs that as a split-K GEMM and a second kernel that sums the partials and adds x;
 ``pallas_kernels.skinny_matmul(h, W, residual=x)`` does it in one kernel of whole-K programs
-(knob ``residual_gemm``). Each variant runs as a chain of L projections in one jitted program
+(slower than XLA's GEMM + add on H200, RESULTS.md 2026-12-03 06:30 rerun: not called by the
+engine). Each variant runs as a chain of L projections in one jitted program
 (``x = x + h @ W_l``, a distinct weight per layer, so every layer reads its weight from memory,
 not the L2), as the engine's step does under command buffers. Per-layer time: GPU time from the
 profiler (``benchmarks/gpu_trace.py``: the union of the chain's GPU ops over ``--repeats``
@@ -24,7 +25,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")

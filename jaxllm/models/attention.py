@@ -52,18 +52,13 @@ ATTENTION_KNOBS_ENV = "JAXLLM_ATTENTION_KNOBS"
 _INT_KNOBS = ("block_q", "pages_per_block", "decode_pages_per_block", "decode_splits",
               "decode_heads_per_program", "num_warps", "num_stages", "qkv_split_k")
 _BOOL_KNOBS = ("decode_split_pages", "decode_spread", "masked_tail_only", "fused_kv_write",
-               "fused_qkv_rope", "fold_input_norm", "decode_single", "mlp_kernel",
-               "residual_gemm")
+               "fused_qkv_rope", "fold_input_norm", "decode_single", "mlp_kernel")
 # decode_single is a promise, not a tuning: every decode-only step must have exactly one live
 # sequence (benchmarks/latency.py's batch 1); a step with more gets wrong attention. Only for
 # batch-1 A/B runs.
 # Knobs with a fixed set of string values.
-# What the MLP kernel (``mlp_kernel``) runs over fp8 weights: W8A8 (activation scales per
-# row and block, in registers) or weight-only in bf16 / float16 (``mlp_kernel_weight_only``).
-MLP_KERNEL_FP8_CHOICES = ("w8a8", "bfloat16", "float16")
 _CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES,
-                 "decode_combine": DECODE_COMBINE_CHOICES,
-                 "mlp_kernel_fp8": MLP_KERNEL_FP8_CHOICES}
+                 "decode_combine": DECODE_COMBINE_CHOICES}
 _KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS + tuple(_CHOICE_KNOBS)
 # Not arguments of the kernel: write_kv_and_attend's choice (decode-only steps write the new
 # K/V inside the decode kernel instead of two scatters a layer), and the model's (the decode
@@ -81,12 +76,8 @@ _FOLD_INPUT_NORM = "fold_input_norm"
 # The model's MLP in small steps: its RMSNorm, gate/up GEMM and SwiGLU in one Pallas kernel
 # (``mlp_kernel_applies``).
 _MLP_KERNEL = "mlp_kernel"
-# The model's o and down projections in small steps: the GEMM and the residual add as one
-# Pallas kernel (``residual_gemm_applies``).
-_RESIDUAL_GEMM = "residual_gemm"
-_MLP_KERNEL_FP8 = "mlp_kernel_fp8"
 _NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K, _FOLD_INPUT_NORM,
-                    _MLP_KERNEL, _RESIDUAL_GEMM, _MLP_KERNEL_FP8)
+                    _MLP_KERNEL)
 
 
 def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
@@ -384,34 +375,6 @@ def mlp_kernel_applies(backend: str, num_tokens: int, fp8: bool) -> bool:
     else:
         wanted = knob
     return (backend == "pallas" and bool(wanted) and num_tokens <= MAX_ROWS
-            and heads_mesh() is None)
-
-
-def mlp_kernel_weight_only() -> str | None:
-    """The ``weight_only`` dtype the MLP kernel runs fp8 weights with (the ``mlp_kernel_fp8``
-    knob: "bfloat16" / "float16"), or None for W8A8 (the knob's "w8a8", or unset). Only with
-    ``mlp_kernel`` on for fp8 weights; not measured yet (docs/DESIGN_NOTES.md). Read at trace
-    time."""
-    mode = dict(attention_kernel_knobs()).get(_MLP_KERNEL_FP8, "w8a8")
-    return None if mode == "w8a8" else mode
-
-
-# With the ``residual_gemm`` knob, steps of at most this many token rows (one 16-row block of the
-# skinny kernel) run a layer's o and down projections of dense weights as
-# ``pallas_kernels.skinny_matmul`` with the residual add in its epilogue: one kernel where XLA
-# runs a split-K GEMM and a kernel that sums its partials with the residual. Off unless the knob
-# is set: not measured yet (docs/DESIGN_NOTES.md, "Next GPU session").
-RESIDUAL_GEMM_MAX_TOKENS = 16
-
-
-def residual_gemm_applies(backend: str, num_tokens: int) -> bool:
-    """Whether a layer of a step of ``num_tokens`` (static: the bucket) adds its o / down
-    projection to the residual stream in one Pallas kernel (``add_projection`` in
-    jaxllm/models/llama.py): the ``residual_gemm`` knob (``JAXLLM_ATTENTION_KNOBS``; unset:
-    never), the Pallas backend, one device (no head mesh), at most
-    ``RESIDUAL_GEMM_MAX_TOKENS`` rows. Read at trace time."""
-    knob = dict(attention_kernel_knobs()).get(_RESIDUAL_GEMM)
-    return (backend == "pallas" and bool(knob) and num_tokens <= RESIDUAL_GEMM_MAX_TOKENS
             and heads_mesh() is None)
 
 

@@ -30,8 +30,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig, gemm_out_dtype_from_env
 from jaxllm.models.attention import (AttentionMetadata, KVCache, mlp_kernel_applies,
-                                     mlp_kernel_weight_only, qkv_norm_folds, qkv_rope_applies,
-                                     qkv_split_k_parts, residual_gemm_applies,
+                                     qkv_norm_folds, qkv_rope_applies, qkv_split_k_parts,
                                      rope_write_kv_and_attend, write_kv_and_attend)
 from jaxllm.models.fp8 import fp8_swiglu_mlp
 
@@ -134,25 +133,6 @@ def _fused(config: ModelConfig, name: str, bias: bool, dtype, rngs: nnx.Rngs) ->
                        static_input_scale=config.activation_scheme == "static", rngs=rngs)
 
 
-def add_projection(residual: jax.Array, proj: nnx.Module, h: jax.Array,
-                   backend: str) -> jax.Array:
-    """``residual + proj(h)``: a decoder layer's residual add of its o or down projection. Where
-    ``residual_gemm_applies`` (a knob, off by default) and ``proj`` is a dense ``nnx.Linear``
-    without bias whose sizes the kernel's blocks divide, one Pallas kernel
-    (``pallas_kernels.skinny_matmul``'s residual epilogue, rounded as this spelling rounds);
-    otherwise XLA's GEMM and add."""
-    if (isinstance(proj, nnx.Linear) and proj.bias is None
-            and residual_gemm_applies(backend, h.shape[0])):
-        from pallas_kernels.skinny_matmul import residual_gemm_blocks, skinny_matmul
-
-        w = proj.kernel[...]
-        blocks = residual_gemm_blocks(*w.shape)
-        if blocks is not None and w.dtype == h.dtype == residual.dtype:
-            return skinny_matmul(h, w, residual=residual, w_layout="kn", split_k=1,
-                                 interpret=jax.default_backend() != "gpu", **blocks)
-    return residual + proj(h)
-
-
 class LlamaAttention(nnx.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, dtype, rngs: nnx.Rngs,
                  attention_backend: str):
@@ -183,13 +163,12 @@ class LlamaAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  kv_cache: tuple[jax.Array, jax.Array], md: AttentionMetadata,
-                 norm: "RMSNorm | None" = None, residual: jax.Array | None = None
+                 norm: "RMSNorm | None" = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x: [T, E] -> [T, E]; kv_cache: (k_pages, v_pages) each [P, B, K, D], returned updated.
         ``norm``: the layer's input RMSNorm, applied to x here first (or, in small decode steps
         on the decode kernel's rope path, folded into the q/k/v GEMM and the decode kernel:
-        ``qkv_norm_folds``). ``residual`` [T, E]: returns residual + the attention's output
-        (``add_projection``: with the o projection in one kernel where it applies)."""
+        ``qkv_norm_folds``)."""
         T, D = x.shape[0], self.head_dim
         if self.qkv_proj is not None:
             if self.q_norm is None and qkv_rope_applies(self.attention_backend, md, T):
@@ -211,7 +190,8 @@ class LlamaAttention(nnx.Module):
                     sliding_window=self.sliding_window, k_scale=self.k_scale,
                     v_scale=self.v_scale, qkv_parts=parts, dtype=x.dtype,
                     norm=(x, norm.eps) if fold else None)
-                return self._project_out(out, residual), (k_pages, v_pages)
+                return (self.o_proj(out.reshape(T, self.num_heads * self.head_dim)),
+                        (k_pages, v_pages))
         if norm is not None:
             x = norm(x)
         if self.qkv_proj is not None:
@@ -231,14 +211,7 @@ class LlamaAttention(nnx.Module):
             q, k, v, kv_cache[0], kv_cache[1], md, sm_scale=self.sm_scale,
             sliding_window=self.sliding_window, backend=self.attention_backend,
             k_scale=self.k_scale, v_scale=self.v_scale)
-        return self._project_out(out, residual), (k_pages, v_pages)
-
-    def _project_out(self, out: jax.Array, residual: jax.Array | None) -> jax.Array:
-        """The o projection of out [T, H, D] (added to ``residual`` when given)."""
-        out = out.reshape(out.shape[0], self.num_heads * self.head_dim)
-        if residual is None:
-            return self.o_proj(out)
-        return add_projection(residual, self.o_proj, out, self.attention_backend)
+        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim)), (k_pages, v_pages)
 
 
 class LlamaMLP(nnx.Module):
@@ -277,8 +250,7 @@ class LlamaMLP(nnx.Module):
         """silu(gate(n)) * up(n) with n = norm(x), in one Pallas kernel
         (``pallas_kernels.fused_mlp.gate_up_swiglu``: the norm folded into the fused gate/up
         GEMM, the SwiGLU in its epilogue): x [T, E] -> [T, F] in x's dtype. fp8 weights run
-        W8A8 with activation scales per (row, block of E), computed in the kernel, or
-        weight-only under the ``mlp_kernel_fp8`` knob (``mlp_kernel_weight_only``)."""
+        W8A8 with activation scales per (row, block of E), computed in the kernel."""
         from pallas_kernels.fused_mlp import gate_up_swiglu, gate_up_swiglu_blocks
 
         p = self.gate_up_proj
@@ -289,9 +261,7 @@ class LlamaMLP(nnx.Module):
             w, ws = p.kernel[...].astype(x.dtype).reshape(E, 2 * F), None
         blocks = gate_up_swiglu_blocks(E, F, fp8=p.kernel is None)
         return gate_up_swiglu(x, norm.weight[...], w, ws, eps=norm.eps,
-                              interpret=jax.default_backend() != "gpu",
-                              weight_only=mlp_kernel_weight_only() if ws is not None else None,
-                              **blocks)
+                              interpret=jax.default_backend() != "gpu", **blocks)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -303,13 +273,14 @@ class LlamaDecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, inv_freq, kv_cache, md):
         """x: [T, E] (the residual stream) -> [T, E]."""
-        backend = self.self_attn.attention_backend
-        x, kv_cache = self.self_attn(x, positions, inv_freq, kv_cache, md,
-                                     norm=self.input_layernorm, residual=x)
+        attn_out, kv_cache = self.self_attn(x, positions, inv_freq, kv_cache, md,
+                                            norm=self.input_layernorm)
+        x = x + attn_out
         if self.mlp.kernel_ok() and mlp_kernel_applies(
-                backend, x.shape[0], fp8=self.mlp.gate_up_proj.kernel is None):
+                self.self_attn.attention_backend, x.shape[0],
+                fp8=self.mlp.gate_up_proj.kernel is None):
             h = self.mlp.normed_swiglu_kernel(x, self.post_attention_layernorm)
-            return add_projection(x, self.mlp.down_proj, h, backend), kv_cache
+            return x + self.mlp.down_proj(h), kv_cache
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv_cache
 
