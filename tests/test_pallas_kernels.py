@@ -904,9 +904,9 @@ def test_skinny_matmul_matches_reference_for_bf16_w8a16_and_w8a8(M, split_k):
 @pytest.mark.parametrize("M,dtype", [(1, jnp.bfloat16), (7, jnp.bfloat16), (16, jnp.float32)])
 def test_skinny_matmul_residual_epilogue_matches_the_models_add(M, dtype):
     """skinny_matmul(..., residual=r) (interpret mode; the o / down projections' residual GEMM,
-    knob residual_gemm) equals the model's spelling r + (x @ w) with the product rounded to the
-    output dtype first: bit for bit against the reference, close to float64. Rows beyond M
-    (M = 1, 7) are masked: no residual row is read or written outside [M, N]."""
+    not called by the engine) equals the model's spelling r + (x @ w) with the product rounded
+    to the output dtype first: bit for bit against the reference, close to float64. Rows beyond
+    M (M = 1, 7) are masked: no residual row is read or written outside [M, N]."""
     from pallas_kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
 
     rng = np.random.default_rng(300 + M)
@@ -1093,3 +1093,20 @@ def test_table_from_several_sweeps_takes_each_shape_from_the_newest_file(tmp_pat
     p_new.write_text("\n".join(json.dumps(r) for r in new))
     assert bench.table_from_results(p_old, p_new)[0] == {(1, 512): (8, 2), (8, 4096): (4, 16)}
     assert bench.table_from_results(p_new, p_old)[0] == {(1, 512): (8, 2), (8, 4096): (8, 5)}
+
+
+def test_qkv_gemm_benchmark_forms_agree(tmp_path):
+    # benchmarks/gpu/qkv_gemm.py --smoke (the 8B q/k/v shape, 2 layers, host wall time): every
+    # form of the q/k/v GEMM it times (split-K parts 1/2/4/8, with and without the folded
+    # norm's prologue, [K, N] and [N, K] weights) computes the same chain as XLA's plain dot.
+    out = tmp_path / "q.jsonl"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu" / "qkv_gemm.py"), "--smoke",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["parts"], r["prologue"], r["layout"]) for r in rows} == {
+        (p, g, lay) for p in (1, 2, 4, 8) for g in (True, False) for lay in ("kn", "nk")}
+    assert all(r["rel"] < 1e-3 for r in rows), [(r["variant"], r["rel"]) for r in rows]

@@ -114,12 +114,11 @@
 #                                          edge, then batch 1 with the best against the table's
 #   bash benchmarks/gpu/issues.sh resgemm  (one GPU) the o / down GEMM with the residual add in
 #                                          its epilogue: GPU tests, block sweep, layer chains
-#   RB=bn,bk,w,st bash benchmarks/gpu/issues.sh resgemmk  (one GPU) bf16 batch 1 with
-#                                          `residual_gemm` (blocks RB) against the defaults
+#   bash benchmarks/gpu/issues.sh qkvsk    (one GPU) bf16 batch 1 with the q/k/v GEMM split 2 /
+#                                          4 / 8 ways, and 8 steps a launch
+#   bash benchmarks/gpu/issues.sh k8       (one GPU) batch 1, 8 steps a launch against 4
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
-#   WO=bfloat16|float16 WB=bf,bk,w,st bash benchmarks/gpu/issues.sh mlpwok  (one GPU) fp8
-#                                          batch 1 with it against the defaults
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1227,9 +1226,9 @@ PY
     for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done; fi
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 resgemm)  # nvidia-h200 (one GPU), one call (issue 9): the o and down projections with the
-  # residual add in the skinny GEMM's epilogue (knob `residual_gemm`, off): the GPU tests, then
-  # benchmarks/gpu/residual_gemm.py (block sweep at 8 rows in layer chains, then XLA's GEMM + add
-  # against the best config at 1 and 8 rows). Its best down config goes to resgemmk as RB.
+  # residual add in the skinny GEMM's epilogue (pallas_kernels/skinny_matmul.py; the engine does
+  # not call it): the GPU tests, then benchmarks/gpu/residual_gemm.py (block sweep at 8 rows in
+  # layer chains, then XLA's GEMM + add against the best config at 1 and 8 rows).
   L=$OUT/logs; mkdir -p $L
   JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 150 python3 -m pytest -q -m gpu \
     tests/test_gpu.py -k "residual" > $L/gputests.log 2>&1; tail -3 $L/gputests.log
@@ -1237,24 +1236,33 @@ resgemm)  # nvidia-h200 (one GPU), one call (issue 9): the o and down projection
     --budget $((T - SECONDS - 120)) --out $OUT/residual_gemm.jsonl > $L/residual_gemm.log 2>&1
   echo "rc=$?"; grep -v '^{' $L/residual_gemm.log | tail -12; grep -c '"sweep"' $L/residual_gemm.log
   grep '"sweep"' $L/residual_gemm.log | sort -t: -k5 -n | head -8 | cut -c1-200 ;;
-resgemmk)  # nvidia-h200 (one GPU), one call (issue 9), after resgemm: bf16 batch 1 (4 steps a
-  # launch) at the defaults against `residual_gemm` on, three alternating rounds, with the
-  # blocks RB="block_n,block_k,num_warps,num_stages" (JAXLLM_RESIDUAL_GEMM_BLOCKS; unset: the
-  # table), then a profile of each (GPU ops a step).
+qkvsk)  # nvidia-h200 (one GPU), one call (issue 9): the q/k/v GEMM is the batch-1 loop's slowest
+  # reader (14.6 us a layer, 50.3 MB: 3.4 TB/s, where the down GEMM reads 4.1): bf16 batch 1 (4
+  # steps a launch) with its split-K parts summed by the decode kernel at the default 4 against
+  # 2 and 8 ({"qkv_split_k": N}), two rounds in rotating order, then the default with 8 steps a
+  # launch.
   L=$OUT/logs; mkdir -p $L
-  export JAXLLM_RESIDUAL_GEMM_BLOCKS="${RB:-}"
-  lat_rounds '{"residual_gemm": true}' rg 3 60 40 bf16
-  for v in d rg; do K=""; [ $v = rg ] && K='{"residual_gemm": true}'
-    [ $((T - SECONDS)) -gt 70 ] || break
-    JAXLLM_ATTENTION_KNOBS="$K" timeout 65 python3 benchmarks/profile_step.py \
-      --context 1024 --steps 6 --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 \
-      --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_bf16_$v.log 2>&1
-    grep -A16 "^batch " $L/prof_bf16_$v.log | cut -c1-110; done ;;
+  V="d s2 s8"; for i in 1 2; do for v in $V; do [ $((T - SECONDS)) -gt 60 ] || break
+      K=""; [ $v != d ] && K="{\"qkv_split_k\": ${v#s}}"
+      JAXLLM_ATTENTION_KNOBS="$K" timeout 60 $LAT1K --num-scheduler-steps 4 \
+        > $L/lat_bf16_${v}_r$i.log 2>&1; done; V="s8 d s2"; done
+  [ $((T - SECONDS)) -gt 60 ] && timeout 60 $LAT1K --num-scheduler-steps 8 > $L/lat_bf16_k8.log 2>&1
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done ;;
+k8)  # nvidia-h200 (one GPU), one call (issues 9 and 6): batch 1 with 8 steps a launch against 4,
+  # bf16 four rounds and fp8 two, alternating (qkvsk's one K = 8 run read 4.14 ms/token).
+  L=$OUT/logs; mkdir -p $L
+  for i in 1 2 3 4; do for q in bf16 fp8; do [ $q = fp8 ] && [ $i -gt 2 ] && continue
+      QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+      for k in $([ $((i % 2)) = 1 ] && echo "4 8" || echo "8 4"); do
+        [ $((T - SECONDS)) -gt 45 ] || break
+        timeout 45 $LAT1K $QA --num-scheduler-steps $k > $L/lat_${q}_k${k}_r$i.log 2>&1
+      done; done; done
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done ;;
 mlpwo)  # nvidia-h200 (one GPU), one call (issue 6): gate_up_swiglu's weight-only fp8 modes (the
-  # e4m3 tile upcast to bf16 / float16 in registers, no activation quantization; knob
-  # `mlp_kernel_fp8`, off) in fp8 layer chains against XLA's weight-only MLP and the W8A8
-  # kernel: the GPU tests, then four tiles per mode, then one round of the chains' table (XLA,
-  # W8A8 and each mode at its best tile, in the same run). Its best mode goes to mlpwok as WO.
+  # e4m3 tile upcast to bf16 / float16 in registers, no activation quantization; the engine does
+  # not call it) in fp8 layer chains against XLA's weight-only MLP and the W8A8 kernel: the GPU
+  # tests, then four tiles per mode, then one round of the chains' table (XLA, W8A8 and each
+  # mode at its best tile, in the same run).
   L=$OUT/logs; mkdir -p $L
   JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 150 python3 -m pytest -q -m gpu \
     tests/test_gpu.py -k "fused_mlp" > $L/gputests.log 2>&1; tail -3 $L/gputests.log
@@ -1265,20 +1273,6 @@ mlpwo)  # nvidia-h200 (one GPU), one call (issue 6): gate_up_swiglu's weight-onl
   timeout $((T - SECONDS - 10)) python3 benchmarks/gpu/fused_mlp.py --dtypes fp8 --rounds 1 \
     --weight-only bfloat16,float16 --cands "$C" --out $OUT/fused_mlp.jsonl > $L/wo.log 2>&1
   echo "rc=$?"; grep '"check"\|"sweep"' $L/wo.log | cut -c1-200; grep -v '^{' $L/wo.log | tail -10 ;;
-mlpwok)  # nvidia-h200 (one GPU), one call (issue 6), after mlpwo: fp8 batch 1 (4 steps a launch)
-  # at the defaults against the MLP kernel in weight-only mode WO (bfloat16 / float16; its
-  # blocks WB="block_f,block_k,num_warps,num_stages", JAXLLM_GATE_UP_SWIGLU_BLOCKS, unset: the
-  # table), three alternating rounds, then a profile of each.
-  L=$OUT/logs; mkdir -p $L
-  export JAXLLM_GATE_UP_SWIGLU_BLOCKS="${WB:-}"
-  KN="{\"mlp_kernel\": true, \"mlp_kernel_fp8\": \"${WO:-bfloat16}\"}"
-  lat_rounds "$KN" wo 3 60 40 fp8
-  for v in d wo; do K=""; [ $v = wo ] && K=$KN
-    [ $((T - SECONDS)) -gt 70 ] || break
-    JAXLLM_ATTENTION_KNOBS="$K" timeout 65 python3 benchmarks/profile_step.py \
-      --context 1024 --steps 6 --top 14 --batch 1 --max-num-seqs 8 --num-scheduler-steps 4 \
-      --quantization fp8 --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_fp8_$v.log 2>&1
-    grep -A16 "^batch " $L/prof_fp8_$v.log | cut -c1-110; done ;;
 gemmopt)  # nvidia-h200 (one GPU), one call (issues 9 and 6): at batch 1 the q/k/v and o GEMMs
   # read at 3.2 TB/s under XLA's Triton split-K configs, and the fp8 GEMM fusions' autotuning
   # at 16384 tokens took 306 s. The GEMMs alone under per-program XLA options (one process),
