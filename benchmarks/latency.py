@@ -12,10 +12,11 @@ Definitions (the same for both engines):
   decode ms/token at context c = (time(prompt c, 1+N tokens) - time(prompt c, 1 token)) / N
   TTFT at prompt length L      = time from submitting one L-token prompt (max_tokens=1) to its
                                  token, one request alone, whole prompt in one prefill chunk
-Median of ``--repeats``. The jaxllm run also measures the device's read bandwidth (a jitted
-sum and a GEMV over 4 GiB, the faster of the two; JSON field ``copy_bandwidth_gbs``, both in
-``bandwidth_probes_gbs``) and records the batch-1 roofline
-``roofline_ms`` = weight bytes / that bandwidth.
+Median of ``--repeats``. The jaxllm run also measures the device's read bandwidth on the same
+machine (a jitted sum and GEMVs at 1 and 8 rows over 4 GiB, by wall time and, on a GPU, by
+GPU time; the fastest: JSON field ``copy_bandwidth_gbs``, all in ``bandwidth_probes_gbs``)
+and records the batch-1 roofline ``roofline_ms`` = weight bytes / that bandwidth; each decode
+row has ``roofline_fraction`` = roofline_ms / ms_per_token (issue 9's target: >= 0.9).
 """
 
 from __future__ import annotations
@@ -36,18 +37,26 @@ PREFILLS = [512, 1024, 2048, 4096, 8192]
 
 
 def measure_bandwidths_gbs(nbytes: int = 4 << 30, repeats: int = 10) -> dict[str, float]:
-    """Device read bandwidth over nbytes of bf16, two ways (median of ``repeats``): "sum", a
-    jitted column sum, and "gemv", a [1, 4096] x [4096, N] dot, the op that reads decode's
-    weights. On the H200 (2026-12-01) the sum read 2.95 TB/s, slower than the decode step's own
-    GEMMs (~4.1 TB/s), so a sum alone is no ceiling. (The first version timed ``x + 1``, read
-    plus write: 2.8 TB/s.)"""
+    """Device read bandwidth over nbytes of bf16, several ways: "sum", a jitted column sum,
+    "gemv", a [1, 4096] x [4096, N] dot, and "gemv8", the same at the decode bucket's 8 rows
+    (the op that reads decode's weights). Each by host wall time (median of ``repeats``) and,
+    on a GPU, also by GPU time from the profiler ("<name>_gpu": ``gpu_trace.device_time`` over
+    ``repeats`` calls, without the host's launch and sync). On the H200 (2026-12-01) the wall
+    time sum read 2.95 TB/s, slower than the decode step's own GEMMs (~4.1 TB/s), and the
+    wall probes of one machine varied 2.4-3.9 TB/s between runs on 2026-12-03 (a ~1 ms op
+    timed with its host sync), so the GPU-time probes are the ones that bound the step. (The
+    first version timed ``x + 1``, read plus write: 2.8 TB/s.)"""
     import jax
     import jax.numpy as jnp
 
+    import gpu_trace
+
     w = jnp.ones((4096, nbytes // 2 // 4096), jnp.bfloat16)
     v = jnp.ones((1, 4096), jnp.bfloat16)
+    v8 = jnp.ones((8, 4096), jnp.bfloat16)
+    gemv = jax.jit(lambda x, a: jnp.dot(x, a))
     probes = {"sum": (jax.jit(lambda a: jnp.sum(a, axis=1, dtype=jnp.float32)), (w,)),
-              "gemv": (jax.jit(lambda x, a: jnp.dot(x, a)), (v, w))}
+              "gemv": (gemv, (v, w)), "gemv8": (gemv, (v8, w))}
     out = {}
     for name, (f, args) in probes.items():
         f(*args).block_until_ready()
@@ -57,6 +66,9 @@ def measure_bandwidths_gbs(nbytes: int = 4 << 30, repeats: int = 10) -> dict[str
             f(*args).block_until_ready()
             times.append(time.perf_counter() - t)
         out[name] = nbytes / statistics.median(times) / 1e9
+        dev = gpu_trace.device_time(f, [args], calls=repeats)
+        if dev is not None:
+            out[name + "_gpu"] = nbytes / (dev["device_us"] * 1e-6) / 1e9
     del w
     return out
 
@@ -141,6 +153,8 @@ def _sweep(args, vocab: int, one, common: dict) -> list[dict]:
             steps += getattr(one, "step_walls", [])[2:-1]  # the decode steps in steady state
         row = dict(common, kind="decode", context=c, ms_per_token=statistics.median(lat))
         extra = ""
+        if common.get("roofline_ms"):
+            row["roofline_fraction"] = common["roofline_ms"] / row["ms_per_token"]
         if steps:  # jaxllm: per-step walls of the decode runs (ms), for outliers
             med = statistics.median(steps)
             row.update(step_ms_median=med * 1e3, step_ms_mean=statistics.mean(steps) * 1e3,
@@ -150,6 +164,9 @@ def _sweep(args, vocab: int, one, common: dict) -> list[dict]:
                      f"{row['step_ms_mean']:.2f}, max {row['step_ms_max']:.1f} ms, "
                      f"{row['slow_steps']}/{len(steps)} over 1.5x the median)")
         rows.append(row)
+        if "roofline_fraction" in row:
+            extra += (f"; {100 * row['roofline_fraction']:.1f}% of the {common['roofline_ms']:.2f}"
+                      f" ms roofline at {common['copy_bandwidth_gbs'] / 1e3:.2f} TB/s")
         print(f"{common['engine']}: decode ctx {c}: {row['ms_per_token']:.2f} ms/token{extra}",
               flush=True)
     for n in args.prefill:
