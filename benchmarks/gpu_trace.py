@@ -131,6 +131,19 @@ def device_time(fn, arg_sets: list[tuple], calls: int = 20) -> dict | None:
     return None if events is None else per_call(events, calls)
 
 
+def layer_chain(step):
+    """``jit(run)`` with ``run(x, c, ws)``: ``x = step(x, c, w)`` for each w in ``ws`` (a layer
+    chain: a distinct weight per layer, so each reads from memory, not the L2, as a step's
+    layers do under command buffers); ``c`` is what every layer shares."""
+    import jax
+
+    def run(x, c, ws):
+        for w in ws:
+            x = step(x, c, w)
+        return x
+    return jax.jit(run)
+
+
 def jsonl_emitter(rows: list, out: str | None):
     """``emit(row)`` for a benchmark script: keeps the row in ``rows``, prints it as JSON and
     appends it to the JSON-lines file ``out`` (if given)."""

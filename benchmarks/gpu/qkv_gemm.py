@@ -50,14 +50,6 @@ def step(parts: int, prologue: bool, layout: str):
     return f
 
 
-def chain(fn):
-    def run(x, g, ws):
-        for w in ws:
-            x = fn(x, g, w)
-        return x
-    return jax.jit(run)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -79,11 +71,11 @@ def main():
     wbytes = E * N * 2
     variants = [(p, pro, lay) for lay in ("kn", "nk") for pro in (True, False)
                 for p in (4, 1, 2, 8)]
-    ref = {pro: chain(step(1, pro, "kn"))(x, g, ws["kn"]).astype(jnp.float32)
+    ref = {pro: gpu_trace.layer_chain(step(1, pro, "kn"))(x, g, ws["kn"]).astype(jnp.float32)
            for pro in (True, False)}
     for rnd in range(1 if a.smoke else 2):
         for parts, pro, lay in variants:
-            fn = chain(step(parts, pro, lay))
+            fn = gpu_trace.layer_chain(step(parts, pro, lay))
             out = fn(x, g, ws[lay]).astype(jnp.float32)
             rel = float(jnp.linalg.norm(out - ref[pro]) / jnp.linalg.norm(ref[pro]))
             dev = gpu_trace.device_time(fn, [(x, g, ws[lay])], calls=a.repeats)

@@ -51,18 +51,10 @@ def pallas_step(cfg):
     return step
 
 
-def chain(step):
-    def run(x, h, ws):
-        for w in ws:
-            x = step(x, h, w)
-        return x
-    return jax.jit(run)
-
-
 def per_layer(step, x, h, ws, repeats):
     """(µs a layer, GPU ops a layer): the chain's GPU time over ``repeats`` calls / layers; on a
     platform without GPU ops in its trace, host wall time (no ops count)."""
-    fn = chain(step)
+    fn = gpu_trace.layer_chain(step)
     if not INTERPRET:
         dev = gpu_trace.device_time(fn, [(x, h, ws)], calls=repeats)
         if dev is not None:
@@ -121,14 +113,14 @@ def main():
 
         x8, h8 = inputs(8)
         ref = skinny_matmul_reference(h8, ws[0], w_layout="kn", residual=x8).astype(jnp.float32)
-        cx = chain(xla_step)(x8, h8, ws).astype(jnp.float32)
+        cx = gpu_trace.layer_chain(xla_step)(x8, h8, ws).astype(jnp.float32)
 
         def check(cfg):
             """Relative error of one step against the reference, and of the chain against
             XLA's chain (the layers' roundings agree but for ulps)."""
             got = pallas_step(cfg)(x8, h8, ws[0]).astype(jnp.float32)
             rel = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
-            cp = chain(pallas_step(cfg))(x8, h8, ws).astype(jnp.float32)
+            cp = gpu_trace.layer_chain(pallas_step(cfg))(x8, h8, ws).astype(jnp.float32)
             return rel, float(jnp.linalg.norm(cp - cx) / jnp.linalg.norm(cx))
 
         cands = [tuple(c) for c in json.loads(a.cands)] if a.cands else candidates(K, N)
