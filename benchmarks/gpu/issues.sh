@@ -117,6 +117,8 @@
 #   bash benchmarks/gpu/issues.sh qkvsk    (one GPU) bf16 batch 1 with the q/k/v GEMM split 2 /
 #                                          4 / 8 ways, and 8 steps a launch
 #   bash benchmarks/gpu/issues.sh k8       (one GPU) batch 1, 8 steps a launch against 4
+#   bash benchmarks/gpu/issues.sh verdict  (one GPU) batch 1 against the same run's roofline
+#                                          (bf16, fp8); batch-256 host wait
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1258,6 +1260,29 @@ k8)  # nvidia-h200 (one GPU), one call (issues 9 and 6): batch 1 with 8 steps a 
         timeout 45 $LAT1K $QA --num-scheduler-steps $k > $L/lat_${q}_k${k}_r$i.log 2>&1
       done; done; done
   for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done ;;
+verdict)  # nvidia-h200 (one GPU), one call (issues 9 and 6): the batch-1 figures against the
+  # roofline measured in the same run (latency.py's GPU-time probes, roofline_fraction: issue
+  # 9 asks >= 0.9 in bf16, issue 6 fp8 within 15%), three bf16 and two fp8 runs, then the
+  # batch-256 step's host wait (issue 9: the GPU idle < 5% of a decode step), twice.
+  L=$OUT/logs; mkdir -p $L
+  for i in 1 2 3; do for q in bf16 fp8; do [ $q = fp8 ] && [ $i = 3 ] && continue
+      [ $((T - SECONDS)) -gt 260 ] || break
+      QA=""; [ $q = fp8 ] && QA="--quantization fp8"
+      timeout 80 $LAT1K $QA --num-scheduler-steps 4 > $L/lat_${q}_r$i.log 2>&1
+      grep -h "ms/token" $L/lat_${q}_r$i.log; done; done
+  python3 - $OUT/results.jsonl <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("kind") == "decode":
+        print(r["engine"], round(r["ms_per_token"], 3), "fraction",
+              round(r.get("roofline_fraction", 0), 3), {k: round(v) for k, v in
+                                                      r["bandwidth_probes_gbs"].items()})
+PY
+  for i in 1 2; do [ $((T - SECONDS)) -gt 110 ] || break
+    timeout 100 python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 6 \
+      --batch 256 --out $OUT/results.jsonl > $L/prof256_r$i.log 2>&1
+    grep -A3 "^batch " $L/prof256_r$i.log | cut -c1-160; done ;;
 mlpwo)  # nvidia-h200 (one GPU), one call (issue 6): gate_up_swiglu's weight-only fp8 modes (the
   # e4m3 tile upcast to bf16 / float16 in registers, no activation quantization; the engine does
   # not call it) in fp8 layer chains against XLA's weight-only MLP and the W8A8 kernel: the GPU
