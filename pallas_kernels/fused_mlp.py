@@ -279,13 +279,23 @@ def gate_up_swiglu_blocks(E: int, F: int, *, fp8: bool) -> dict:
     """``GATE_UP_SWIGLU_BLOCKS``' entry (or ``JAXLLM_GATE_UP_SWIGLU_BLOCKS``), its blocks halved
     (down to 16) until they divide E and F (the default model: E 576, F 1536). Raises
     ValueError if none does, or for a malformed override."""
-    from pallas_kernels.skinny_matmul import fitted_blocks
+    import os
 
-    b = fitted_blocks(BLOCKS_ENV, GATE_UP_SWIGLU_BLOCKS["fp8" if fp8 else "dense"],
-                      "block_f,block_k,num_warps,num_stages", F, E)
-    if b is None:
+    raw = os.environ.get(BLOCKS_ENV, "").strip()
+    if raw:
+        try:
+            bf, bk, warps, stages = (int(v) for v in raw.split(","))
+        except ValueError:
+            raise ValueError(f"{BLOCKS_ENV} must be four integers "
+                             f"'block_f,block_k,num_warps,num_stages', got {raw!r}") from None
+    else:
+        bf, bk, warps, stages = GATE_UP_SWIGLU_BLOCKS["fp8" if fp8 else "dense"]
+    while bf > 16 and F % bf:
+        bf //= 2
+    while bk > 16 and E % bk:
+        bk //= 2
+    if F % bf or E % bk:
         raise ValueError(f"gate_up_swiglu has no blocks for E={E}, F={F} (multiples of 16 needed)")
-    bf, bk, warps, stages = b
     return dict(block_f=bf, block_k=bk, num_warps=warps, num_stages=stages)
 
 

@@ -55,7 +55,6 @@ not call this kernel.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -95,45 +94,11 @@ def skinny_matmul_reference(x, w, w_scale=None, x_scale=None, *, w_layout: str =
     return y
 
 
-# The residual GEMM's blocks (block_n, block_k, num_warps, num_stages), for the o and down
-# projections of bf16 steps of <= 16 rows: block_n 32 gives the Llama-3-8B shape's N = 4096 one
-# wave of 128 programs on the 132 SMs, each streaming all of K; 4 stages of 256 x 32 weight
-# tiles keep ~64 KB of loads in flight per SM. A first guess from the split-K sweep's tiles
-# (benchmarks/gpu/residual_gemm.py sweeps it; its best, 5 stages, was still slower than XLA's
-# GEMM + add on H200: benchmarks/RESULTS.md, 2026-12-03 06:30 rerun). Not called by the engine.
-RESIDUAL_GEMM_BLOCKS = (32, 256, 4, 4)
-# A benchmark hook (not a setting): "block_n,block_k,num_warps,num_stages" overrides the table
-# in programs traced afterwards.
-RESIDUAL_BLOCKS_ENV = "JAXLLM_RESIDUAL_GEMM_BLOCKS"
-
-
-def fitted_blocks(env: str, default: tuple[int, int, int, int], names: str, n: int, k: int
-                  ) -> tuple[int, int, int, int] | None:
-    """A kernel's blocks (block over the output columns, block over K, num_warps, num_stages):
-    the environment variable ``env`` ("a,b,c,d", ``names`` says which; a benchmark hook) or
-    ``default``, the two blocks halved (down to 16) until they divide ``n`` and ``k``; None if
-    no block does. Raises ValueError for a malformed ``env`` value."""
-    raw = os.environ.get(env, "").strip()
-    if raw:
-        try:
-            bn, bk, warps, stages = (int(v) for v in raw.split(","))
-        except ValueError:
-            raise ValueError(f"{env} must be four integers '{names}', got {raw!r}") from None
-    else:
-        bn, bk, warps, stages = default
-    while bn > 16 and n % bn:
-        bn //= 2
-    while bk > 16 and k % bk:
-        bk //= 2
-    return None if n % bn or k % bk else (bn, bk, warps, stages)
-
-
-def residual_gemm_blocks(K: int, N: int) -> dict | None:
-    """``RESIDUAL_GEMM_BLOCKS`` (or ``JAXLLM_RESIDUAL_GEMM_BLOCKS``) fitted to N and K
-    (``fitted_blocks``); None if no block divides them."""
-    b = fitted_blocks(RESIDUAL_BLOCKS_ENV, RESIDUAL_GEMM_BLOCKS,
-                      "block_n,block_k,num_warps,num_stages", N, K)
-    return None if b is None else dict(zip(("block_n", "block_k", "num_warps", "num_stages"), b))
+# The residual epilogue's best blocks (block_n, block_k, num_warps, num_stages) at the Llama-3-8B
+# o and down projections, 8 rows (benchmarks/gpu/residual_gemm.py's sweep of 46 configs, H200,
+# 2026-12-03 06:30 rerun): one wave of 128 whole-K programs over N = 4096. Still slower than
+# XLA's GEMM + add there; not called by the engine. The sweep starts from it.
+RESIDUAL_GEMM_BLOCKS = (32, 256, 4, 5)
 
 
 def skinny_fits(M: int, K: int, N: int, *, block_n: int, block_k: int, split_k: int) -> bool:

@@ -173,10 +173,9 @@ lat_knobs_ab() { for q in bf16 fp8; do
   done; }
 # Batch-1 latency (4 steps a launch) at the defaults (d) against JAXLLM_ATTENTION_KNOBS=$1
 # (tag $2), bf16 and fp8, in $3 rounds that alternate which goes first; each run under a
-# timeout of $4 s, none started with less than $5 s of $T left; $6: the quantizations (default
-# "bf16 fp8"). Logs: $L/lat_{bf16,fp8}_{d,$2}_r<i>.log.
+# timeout of $4 s, none started with less than $5 s of $T left. Logs: $L/lat_{bf16,fp8}_{d,$2}_r<i>.log.
 lat_rounds() { for i in $(seq 1 $3); do
-    for q in ${6:-bf16 fp8}; do [ $((T - SECONDS)) -gt $5 ] || break
+    for q in bf16 fp8; do [ $((T - SECONDS)) -gt $5 ] || break
       QA=""; [ $q = fp8 ] && QA="--quantization fp8"
       for v in $([ $((i % 2)) = 1 ] && echo "d $2" || echo "$2 d"); do
         K=""; [ $v = $2 ] && K=$1
