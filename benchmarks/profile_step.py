@@ -11,6 +11,10 @@ decode at `--context` tokens, times `--steps` engine steps, then records `--step
   host_wait_ms   median time a step's fetch blocked for the GPU: > 0 means the GPU had the
                  next step queued all along (GPU-bound); host_work_ms = wall - wait;
                  host_bound_steps: steps whose fetch found its results ready
+  replay_ms      the GPU-bound time of the same step: its last inputs launched --steps times
+                 back to back, no host work between (command buffers on, no profiler);
+                 replay_idle_pct = 1 - replay / wall, the share of the engine's step the GPU
+                 spent waiting for the host (the direct measure; idle_pct is the bound)
   kernels        GPU ops per step
 and the top GPU ops by time (grouped by name with digits stripped).
 
@@ -98,6 +102,49 @@ def timed_steps(engine, steps: int) -> tuple[list[float], list[float]]:
         else:
             del runner.fetch
     return walls, waits
+
+
+def replay_step(engine, steps: int) -> float:
+    """The GPU-bound step time (seconds): records the inputs of one engine step, then
+    launches that step ``steps`` times back to back and blocks once. Each launch is the
+    engine's own device work (the packed-input transfer, the forward or multi-step program,
+    the sampler) with no scheduling, preparation or fetch between, so the GPU never waits for
+    the host. The replays rewrite the last step's KV slots and sampled tokens (the engine's
+    state after this is fit only for aborting its requests)."""
+    import jax
+
+    runner = engine.runner
+    calls = []
+    names = ("run", "run_multi")
+    originals = {n: getattr(runner, n) for n in names}
+    own = {n for n in names if n in vars(runner)}  # instance attributes already: put back
+
+    def recorder(name):
+        def call(*a):
+            calls.append((name, a))
+            return originals[name](*a)
+        return call
+
+    for n in names:
+        setattr(runner, n, recorder(n))
+    try:
+        engine.step()
+    finally:
+        for n in names:
+            if n in own:
+                setattr(runner, n, originals[n])
+            else:
+                delattr(runner, n)
+    if not calls:
+        raise RuntimeError("the step launched nothing to replay")
+    name, a = calls[-1]
+    launch = getattr(runner, name)
+    jax.block_until_ready(launch(*a))  # warm
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = launch(*a)
+    jax.block_until_ready((out, runner.kv_caches))
+    return (time.perf_counter() - t) / steps
 
 
 def _check_all_decoding(engine, batch: int, when: str) -> None:
@@ -217,6 +264,7 @@ def main(argv=None) -> int:
                 engine.step()
                 windows.append((t, time.perf_counter()))
         _check_all_decoding(engine, batch, "after the profiled steps")
+        replay = replay_step(engine, args.steps) * 1e3 / k
         wall_profiled = statistics.median(e - s for s, e in windows) * 1e3 / k
         trace = _newest_trace(log_dir)
         summ = summarize(trace, args.steps * k, args.top)
@@ -241,13 +289,16 @@ def main(argv=None) -> int:
                    wall_profiled_ms=wall_profiled, **summ,
                    idle_pct=100 * max(0.0, 1 - summ["gpu_busy_ms"] / wall),
                    host_wait_ms=wait, host_work_ms=wall - wait, host_bound_steps=host_bound,
+                   replay_ms=replay, replay_idle_pct=100 * max(0.0, 1 - replay / wall),
                    steps=args.steps, num_scheduler_steps=k)
         rows.append(row)
         print(f"batch {batch}: wall {wall:.2f} ms (mean {wall_mean:.2f}, max {wall_max:.1f}; "
               f"{wall_profiled:.2f} profiled), GPU busy "
               f"{summ['gpu_busy_ms']:.2f} ms (idle {row['idle_pct']:.1f}%), "
               f"{summ['kernels_per_step']:.0f} GPU ops/step; host waits {wait:.2f} ms a step for "
-              f"the GPU ({host_bound}/{args.steps} steps host-bound)")
+              f"the GPU ({host_bound}/{args.steps} steps host-bound); the step replayed "
+              f"back to back {replay:.2f} ms (GPU idle {row['replay_idle_pct']:.1f}% of the "
+              f"engine's step)")
         for name, ms in summ["top"]:
             print(f"    {ms:8.3f} ms {summ['top_calls'][name]:6.1f}x  {name[:110]}")
         for name, ms, n in summ.get("host_top", []):

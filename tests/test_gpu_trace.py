@@ -149,3 +149,44 @@ def test_latency_script_rows_carry_the_same_run_roofline(tmp_path):
         dec["weight_bytes"] / (dec["copy_bandwidth_gbs"] * 1e9) * 1e3)
     assert dec["roofline_fraction"] == pytest.approx(dec["roofline_ms"] / dec["ms_per_token"])
     assert "% of the" in run.stdout
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_profile_step_replays_the_engine_step_back_to_back_and_restores_the_runner(k):
+    # The direct GPU-idle measure (issue 9's < 5% at batch 256): one engine step's own launch
+    # (run, or run_multi under multi-step decode), replayed with no host work between.
+    import numpy as np
+
+    import profile_step
+    from offline_throughput import random_model
+
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.llm_engine import LLMEngine
+    from jaxllm.sampling_params import SamplingParams
+
+    loaded = random_model("tiny", "reference")
+    engine = LLMEngine(EngineConfig(dtype="bfloat16", max_model_len=96, max_num_seqs=4,
+                                    max_num_batched_tokens=64, enable_prefix_caching=False,
+                                    num_scheduler_steps=k), loaded=loaded)
+    runner, pool = engine.runner, engine.page_pool
+    free = pool.num_free_pages
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, detokenize=False)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        engine.add_request(f"r{i}", {"prompt_token_ids": rng.integers(0, 1024, 16).tolist()},
+                           params)
+    for _ in range(4):
+        engine.step()
+    launched = []
+    name = "run_multi" if k > 1 else "run"
+    real = getattr(runner, name)
+    setattr(runner, name, lambda *a: launched.append(a) or real(*a))
+    seconds = profile_step.replay_step(engine, 5)
+    assert seconds > 0
+    assert len(launched) == 1 + 1 + 5  # the recorded step, the warm-up, the replays
+    assert all(a is launched[0][0] for a, *_ in launched)  # the same inputs each time
+    assert getattr(runner, name).__name__ == "<lambda>"  # the recorder is gone, ours is back
+    del runner.__dict__[name]
+    for i in range(3):
+        engine.abort_request(f"r{i}")
+    assert pool.num_free_pages == free

@@ -119,6 +119,8 @@
 #   bash benchmarks/gpu/issues.sh k8       (one GPU) batch 1, 8 steps a launch against 4
 #   bash benchmarks/gpu/issues.sh verdict  (one GPU) batch 1 against the same run's roofline
 #                                          (bf16, fp8); batch-256 host wait
+#   bash benchmarks/gpu/issues.sh idle     (one GPU) the GPU's idle share of a batch-256 decode
+#                                          step, three ways; batch 1's step replayed
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -141,6 +143,12 @@ show_logs() { for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|
 tp_rows() { for f in $L/tp_*.log; do
               echo "$f $(grep -ho '"output_tok_s": [0-9.]*\|"step_split.*' $f | tr '\n' ' ')"
             done; }
+# idle256 N: N profiles of the batch-256 decode step at 1k context (profile_step.py): the GPU's
+# idle share, by the profiler (a bound), the host wait and the step replayed back to back.
+idle256() { for i in $(seq $1); do [ $((T - SECONDS)) -gt 170 ] || break
+    timeout 160 python3 benchmarks/profile_step.py --context 1024 --steps 20 --top 6 \
+      --batch 256 --out-dir /tmp/p256 --out $OUT/results.jsonl > $L/prof256_r$i.log 2>&1
+    echo "rc=$?"; grep -A3 "^batch " $L/prof256_r$i.log | cut -c1-260; done; }
 # swiglu_sweep FACTOR LINES [ARGS]: the SwiGLU kernel's sweep (swiglu_quant.py ARGS; its last
 # LINES lines shown), then BEST = its fastest tile at 16384 x bf16 if under FACTOR x XLA's time.
 swiglu_sweep() { local f=$1 n=$2; shift 2
@@ -1278,10 +1286,16 @@ for line in open(sys.argv[1]):
               round(r.get("roofline_fraction", 0), 3), {k: round(v) for k, v in
                                                       r["bandwidth_probes_gbs"].items()})
 PY
-  for i in 1 2; do [ $((T - SECONDS)) -gt 110 ] || break
-    timeout 100 python3 benchmarks/profile_step.py --context 1024 --steps 10 --top 6 \
-      --batch 256 --out $OUT/results.jsonl > $L/prof256_r$i.log 2>&1
-    grep -A3 "^batch " $L/prof256_r$i.log | cut -c1-160; done ;;
+  idle256 2 ;;
+idle)  # nvidia-h200 (one GPU), one call (issue 9): the GPU's idle share of a decode step at
+  # batch 256, three times (profile_step.py: the host wait, and the step replayed back to back
+  # against the engine's step), then batch 1 as latency.py runs it (8 sequences, 4 steps a
+  # launch).
+  L=$OUT/logs; mkdir -p $L
+  idle256 3
+  timeout 150 python3 benchmarks/profile_step.py --context 1024 --steps 20 --top 6 --batch 1 \
+    --max-num-seqs 8 --num-scheduler-steps 4 --out-dir /tmp/p1 --out $OUT/results.jsonl \
+    > $L/prof1.log 2>&1; echo "rc=$?"; grep -A3 "^batch " $L/prof1.log | cut -c1-260 ;;
 mlpwo)  # nvidia-h200 (one GPU), one call (issue 6): gate_up_swiglu's weight-only fp8 modes (the
   # e4m3 tile upcast to bf16 / float16 in registers, no activation quantization; the engine does
   # not call it) in fp8 layer chains against XLA's weight-only MLP and the W8A8 kernel: the GPU
