@@ -1103,3 +1103,20 @@ def test_qkv_gemm_benchmark_forms_agree(tmp_path):
     assert {(r["parts"], r["prologue"], r["layout"]) for r in rows} == {
         (p, g, lay) for p in (1, 2, 4, 8) for g in (True, False) for lay in ("kn", "nk")}
     assert all(r["rel"] < 1e-3 for r in rows), [(r["variant"], r["rel"]) for r in rows]
+
+
+def test_persistent_chain_benchmark_forms_agree(tmp_path):
+    # benchmarks/gpu/persistent_chain.py --smoke (interpret mode, one program, 3 layers): the
+    # GEMV chain as XLA's dots, as a Pallas launch a layer and as one persistent launch with
+    # its grid barrier (the counter bumped, the wait skipped: one program) all compute the
+    # float32 reference's chain.
+    out = tmp_path / "p.jsonl"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu" / "persistent_chain.py"), "--smoke",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["xla", "pallas_layers", "persistent_grid"], rows
+    assert all(r["rel"] < 1e-2 for r in rows), [(r["variant"], r["rel"]) for r in rows]
