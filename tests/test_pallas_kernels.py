@@ -1088,18 +1088,22 @@ def test_table_from_several_sweeps_takes_each_shape_from_the_newest_file(tmp_pat
     assert bench.table_from_results(p_new, p_old)[0] == {(1, 512): (8, 2), (8, 4096): (8, 5)}
 
 
+def _smoke_rows(script: str, tmp_path) -> list[dict]:
+    """The JSON rows of ``benchmarks/gpu/<script> --smoke`` run on the CPU."""
+    out = tmp_path / "rows.jsonl"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu" / script), "--smoke", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
 def test_qkv_gemm_benchmark_forms_agree(tmp_path):
     # benchmarks/gpu/qkv_gemm.py --smoke (the 8B q/k/v shape, 2 layers, host wall time): every
     # form of the q/k/v GEMM it times (split-K parts 1/2/4/8, with and without the folded
     # norm's prologue, [K, N] and [N, K] weights) computes the same chain as XLA's plain dot.
-    out = tmp_path / "q.jsonl"
-    run = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu" / "qkv_gemm.py"), "--smoke",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = _smoke_rows("qkv_gemm.py", tmp_path)
     assert {(r["parts"], r["prologue"], r["layout"]) for r in rows} == {
         (p, g, lay) for p in (1, 2, 4, 8) for g in (True, False) for lay in ("kn", "nk")}
     assert all(r["rel"] < 1e-3 for r in rows), [(r["variant"], r["rel"]) for r in rows]
@@ -1110,13 +1114,6 @@ def test_persistent_chain_benchmark_forms_agree(tmp_path):
     # GEMV chain as XLA's dots, as a Pallas launch a layer and as one persistent launch with
     # its grid barrier (the counter bumped, the wait skipped: one program) all compute the
     # float32 reference's chain.
-    out = tmp_path / "p.jsonl"
-    run = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu" / "persistent_chain.py"), "--smoke",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = _smoke_rows("persistent_chain.py", tmp_path)
     assert [r["variant"] for r in rows] == ["xla", "pallas_layers", "persistent_grid"], rows
     assert all(r["rel"] < 1e-2 for r in rows), [(r["variant"], r["rel"]) for r in rows]
