@@ -645,16 +645,17 @@ def test_block_table_lookup_returns_the_measured_entries_by_shape_class():
     assert prefill_block_config(24, 128, 1) == dict(block_q=1, pages_per_block=4)
 
 
-def _load_kernels_benchmark():
-    path = REPO / "benchmarks" / "kernels.py"
-    spec = importlib.util.spec_from_file_location("kernels_bench", path)
+def _load_benchmark(relpath: str = "kernels.py"):
+    """A script under benchmarks/ as a module (they are scripts, not a package)."""
+    path = REPO / "benchmarks" / relpath
+    spec = importlib.util.spec_from_file_location(path.stem + "_bench", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def test_block_table_is_the_one_its_sweep_file_derives():
-    bench = _load_kernels_benchmark()
+    bench = _load_benchmark()
     decode, prefill = bench.table_from_results(*(REPO / f for f in KERNEL_TABLE_SOURCE))
     assert decode == DECODE_TABLE
     assert prefill == PREFILL_TABLE
@@ -1045,13 +1046,13 @@ def test_decode_sweep_of_several_heads_a_program_runs_and_feeds_the_fp8_table(tm
             r["time_us"] = 1.0 if r["config"].get("decode_heads_per_program") == 2 else 9.0
             r.pop("time_us_loop", None)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    decode, _ = _load_kernels_benchmark().table_from_results(out, kv_dtype="fp8")
+    decode, _ = _load_benchmark().table_from_results(out, kv_dtype="fp8")
     (entry,) = decode.values()
     assert len(entry) == 3 and entry[2] == 2
 
 
 def test_table_from_a_sweep_ranks_by_device_time_where_every_row_has_it(tmp_path):
-    bench = _load_kernels_benchmark()
+    bench = _load_benchmark()
     # Two decode configs of one shape: A is faster by host wall time (loop), B by GPU time.
     base = dict(section="decode", impl="pallas", ok=True, batch=8, ctx=4096, heads=32, kv_heads=8)
     a = dict(base, config=dict(decode_pages_per_block=8, decode_splits=5), time_us=80.0,
@@ -1070,7 +1071,7 @@ def test_table_from_a_sweep_ranks_by_device_time_where_every_row_has_it(tmp_path
 def test_table_from_several_sweeps_takes_each_shape_from_the_newest_file(tmp_path):
     # An older (H100, wall time) sweep of two shapes and a newer (H200, GPU time) sweep of one
     # of them: that shape takes the newer file's rows alone, the other keeps the older entry.
-    bench = _load_kernels_benchmark()
+    bench = _load_benchmark()
     base = dict(section="decode", impl="pallas", ok=True, heads=32, kv_heads=8)
     old = [dict(base, batch=8, ctx=4096, config=dict(decode_pages_per_block=8, decode_splits=5),
                 time_us=40.0),
@@ -1117,3 +1118,14 @@ def test_persistent_chain_benchmark_forms_agree(tmp_path):
     rows = _smoke_rows("persistent_chain.py", tmp_path)
     assert [r["variant"] for r in rows] == ["xla", "pallas_layers", "persistent_grid"], rows
     assert all(r["rel"] < 1e-2 for r in rows), [(r["variant"], r["rel"]) for r in rows]
+
+
+def test_mosaic_gemv_benchmark_tiles_lower_for_hopper(tmp_path):
+    # benchmarks/gpu/mosaic_gemv.py times JAX's Mosaic GPU matmul at batch-1 rows on the GPU; its
+    # --smoke lowers every (shape, tile) it will time for an abstract H100, so a tile Mosaic
+    # refuses (e.g. a B slice narrower than the swizzle: tile_n 32 at tile_k 64) fails here,
+    # not in a device call.
+    rows = _smoke_rows("mosaic_gemv.py", tmp_path)
+    mosaic_gemv = _load_benchmark("gpu/mosaic_gemv.py")
+    assert len(rows) == len(mosaic_gemv.SHAPES) * len(mosaic_gemv.TILES)
+    assert all(r["lowered"] for r in rows), [r for r in rows if not r["lowered"]]

@@ -11,8 +11,11 @@ projection shape, GPU time (profiler) of XLA's dot at 8 rows against the Mosaic 
 tiles, the read bandwidth of each, and the Mosaic output's rel. error against XLA's.
 
     python3 benchmarks/gpu/mosaic_gemv.py [--shapes o,gate_up] [--out FILE]
+    python3 benchmarks/gpu/mosaic_gemv.py --smoke   # any platform: lowering only
 
-GPU only (Hopper): Mosaic GPU has no CPU path.
+Timing needs a Hopper GPU (Mosaic GPU has no CPU path). ``--smoke`` lowers every (shape, tile)
+for an abstract H100 (``jax.sharding.AbstractDevice``) instead, which catches the tiles Mosaic
+refuses at lowering (not those refused at compile, e.g. for shared memory).
 """
 from __future__ import annotations
 
@@ -30,9 +33,48 @@ import gpu_trace  # noqa: E402
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096)}
 ROWS, PAD = 8, 64
-# tile_n, tile_k, max_concurrent_steps (tile_m 64; two compute warpgroups split N, so a CTA
-# covers 2 * tile_n columns).
-TILES = ((32, 64, 4), (32, 64, 8), (64, 64, 6), (32, 128, 4), (128, 64, 4))
+# tile_n, tile_k, max_concurrent_steps, the dimension the two compute warpgroups split ("N": a
+# CTA covers 64 rows x 2 * tile_n columns; "M": 128 rows x tile_n, the rows padded to 128).
+# A B tile's column slice must be a multiple of the swizzle (tile_k * 2 bytes, at most 128 B:
+# 64 columns at tile_k >= 64, 32 at tile_k 32), checked by lowering on the CPU (abstract H100):
+# tile_n 32 with tile_k 64 does not lower. The o / q/k/v shapes have few output tiles (N 4096:
+# 32 CTAs at 2 x 64 columns), so the small tiles are the ones that spread over the SMs.
+TILES = ((32, 32, 8, "M"), (64, 64, 6, "M"), (64, 64, 6, "N"), (64, 128, 4, "N"),
+         (128, 64, 4, "N"))
+
+
+def mosaic_matmul(hm, tile_n: int, tile_k: int, steps: int, wg: str):
+    """(jitted hopper_matmul_mgpu.matmul at this tile, the rows its input is padded to)."""
+    dim = hm.MatmulDimension[wg]
+    cfg = hm.TuningConfig(tile_m=PAD, tile_n=tile_n, tile_k=tile_k, max_concurrent_steps=steps,
+                          epi_tile_n=min(64, tile_n), epi_tile_m=PAD, wg_dimension=dim)
+    rows = PAD * (2 if wg == "M" else 1)
+    return jax.jit(functools.partial(hm.matmul, c=None, config=cfg)), rows
+
+
+def lower_all(hm, shapes: list[str], emit) -> int:
+    """``--smoke``: lowers each (shape, tile) for an abstract H100; 1 if any fails."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((1,), ("x",), abstract_device=dev)
+    failed = 0
+    for name in shapes:
+        K, N = SHAPES[name]
+        for tn, tk, steps, wg in TILES:
+            fn, rows_in = mosaic_matmul(hm, tn, tk, steps, wg)
+            row = dict(shape=name, K=K, N=N, tile_n=tn, tile_k=tk, steps=steps, wg=wg)
+            try:
+                with jax.sharding.use_abstract_mesh(mesh):
+                    fn.trace(jax.ShapeDtypeStruct((rows_in, K), jnp.bfloat16),
+                             jax.ShapeDtypeStruct((K, N), jnp.bfloat16)
+                             ).lower(lowering_platforms=("cuda",))
+                row["lowered"] = True
+            except Exception as e:
+                row.update(lowered=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+                failed += 1
+            emit(row)
+    return int(failed > 0)
 
 
 def main(argv=None):
@@ -43,15 +85,18 @@ def main(argv=None):
     ap.add_argument("--shapes", default="o,gate_up,down,qkv")
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true",
+                    help="lower every (shape, tile) for an abstract H100; no timing")
     a = ap.parse_args(argv)
     rows = []
     emit = gpu_trace.jsonl_emitter(rows, a.out)
+    if a.smoke:
+        return lower_all(hm, a.shapes.split(","), emit)
     for name in a.shapes.split(","):
         K, N = SHAPES[name]
         wbytes = K * N * 2
         x = jax.random.normal(jax.random.PRNGKey(0), (ROWS, K)).astype(jnp.bfloat16)
         w = (jax.random.normal(jax.random.PRNGKey(1), (K, N)) / K ** 0.5).astype(jnp.bfloat16)
-        xp = jnp.pad(x, ((0, PAD - ROWS), (0, 0)))
         xla = jax.jit(jnp.dot)
         ref = xla(x, w).astype(jnp.float32)
 
@@ -69,18 +114,19 @@ def main(argv=None):
             emit(row)
 
         record("xla", xla, (x, w))
-        for tn, tk, steps in TILES:
-            cfg = hm.TuningConfig(tile_m=PAD, tile_n=tn, tile_k=tk, max_concurrent_steps=steps,
-                                  epi_tile_n=min(64, tn), epi_tile_m=PAD)
-            fn = jax.jit(functools.partial(hm.matmul, c=None, config=cfg))
-            record("mosaic", fn, (xp, w), tile_n=tn, tile_k=tk, steps=steps)
-    print("\n| shape | variant | tile_n x tile_k, steps | µs | TB/s | rel |\n"
+        for tn, tk, steps, wg in TILES:
+            fn, rows_in = mosaic_matmul(hm, tn, tk, steps, wg)
+            xp = jnp.pad(x, ((0, rows_in - ROWS), (0, 0)))
+            record("mosaic", fn, (xp, w), tile_n=tn, tile_k=tk, steps=steps, wg=wg)
+    print("\n| shape | variant | tile_n x tile_k, steps, warpgroups split | µs | TB/s | rel |\n"
           "|---|---|---|---:|---:|---:|")
     for r in rows:
-        tile = f"{r['tile_n']} x {r['tile_k']}, {r['steps']}" if "tile_n" in r else ""
+        tile = (f"{r['tile_n']} x {r['tile_k']}, {r['steps']}, wg {r['wg']}" if "tile_n" in r
+                else "")
         print(f"| {r['shape']} | {r['variant']} | {tile} | {r.get('us', r.get('error', ''))} | "
               f"{r.get('tb_s', '')} | {r.get('rel', '')} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
