@@ -7,7 +7,9 @@ built on the CPU, then its step programs are traced again as on a GPU (``jax.def
 reads "gpu") and lowered for CUDA against an abstract H100 (``jax.sharding.AbstractDevice``):
 every kernel of the GPU path goes through the Pallas Triton lowering, so a kernel that no
 longer lowers (an op Triton lacks, a block shape it refuses) fails here, not on the device.
-Compiling the Triton IR to PTX happens in XLA's GPU backend and is not covered.
+The kernels outside the engine's default path are lowered the same way, one call each at its
+GPU test's shape and config. Compiling the Triton IR to PTX happens in XLA's GPU backend and is
+not covered (nor is shared-memory fit, which only the compile checks).
 """
 from __future__ import annotations
 
@@ -67,3 +69,64 @@ def test_engine_step_programs_lower_for_hopper_through_the_pallas_kernels(
         assert TRITON_CALL in text and "ragged_paged_attention" in text, key
     if quantization is None:  # bf16 at <= 8 rows: the MLP's norm, gate/up and SwiGLU kernel
         assert "gate_up_swiglu" in texts[("forward", 8, True)]
+
+
+def _kernel_calls():
+    """(id, function, argument specs) of the Pallas kernels outside the engine's default GPU
+    path, at the Llama-3-8B shapes and configs their GPU tests (tests/test_gpu.py) compile."""
+    import functools
+
+    import jax.numpy as jnp
+
+    from jaxllm.models.fp8 import SWIGLU_TILE
+    from pallas_kernels import fp8_matmul as fm
+    from pallas_kernels import fused_mlp as mlp
+    from pallas_kernels import silu_mul_quant as smq
+    from pallas_kernels import skinny_matmul as sk
+
+    S, bf16, e4m3, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float8_e4m3fn, jnp.float32
+    E, F, Q = 4096, 14336, 6144
+    p = functools.partial
+    calls = [
+        ("fp8_matmul", p(fm.fp8_matmul, out_dtype=f32, w_transposed=True, block_m=16, split_k=4),
+         (S((40, 1000), e4m3), S((40,), f32), S((384, 1000), e4m3), S((384,), f32))),
+        ("skinny_bf16_split_k", p(sk.skinny_matmul, w_layout="kn", block_n=64, block_k=256,
+                                  split_k=4, num_stages=3), (S((8, E), bf16), S((E, Q), bf16))),
+        ("skinny_w8a16", p(sk.skinny_matmul, block_n=32, block_k=128),
+         (S((8, E), bf16), S((Q, E), e4m3), S((Q,), f32))),
+        ("skinny_w8a8", p(sk.skinny_matmul, block_n=32, block_k=128),
+         (S((8, E), e4m3), S((Q, E), e4m3), S((Q,), f32), S((8,), f32))),
+        ("skinny_residual", p(sk.skinny_matmul, w_layout="kn", split_k=1, **dict(zip(
+            ("block_n", "block_k", "num_warps", "num_stages"), sk.RESIDUAL_GEMM_BLOCKS))),
+         (S((8, E), bf16), S((E, E), bf16), None, None, S((8, E), bf16))),
+        ("fused_mlp_fp8", p(mlp.fused_mlp, eps=1e-5, accumulate="partials"),
+         (S((8, E), bf16), S((E,), bf16), S((2 * F, E), e4m3), S((E, F), e4m3),
+          S((2 * F,), f32), S((E,), f32))),
+        ("silu_mul_quant", p(smq.silu_mul_quant, **dict(zip(
+            ("rows", "chunk", "num_warps", "num_stages"), SWIGLU_TILE))),
+         (S((1024, 2 * F), bf16), S((1024,), f32), S((2 * F,), f32))),
+    ]
+    for wo in (None, "float16"):
+        calls.append((f"gate_up_swiglu_fp8_{wo}", p(
+            mlp.gate_up_swiglu, eps=1e-5, weight_only=wo,
+            **mlp.gate_up_swiglu_blocks(E, F, fp8=True)),
+            (S((8, E), bf16), S((E,), bf16), S((2 * F, E), e4m3), S((2 * F,), f32))))
+    return calls
+
+
+def test_standalone_pallas_kernels_lower_for_hopper():
+    # The kernels the engine does not call by default (benchmarked, GPU-tested on the device
+    # machine): each lowers through Triton for an abstract H100 at its GPU test's config.
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((1,), ("x",), abstract_device=h100)
+    failed = {}
+    for name, fn, args in _kernel_calls():
+        try:
+            with jax.sharding.use_abstract_mesh(mesh):
+                text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            assert TRITON_CALL in text, "no Triton call"
+        except Exception as e:  # collect all, then fail with every kernel that did not lower
+            failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    assert not failed, failed
