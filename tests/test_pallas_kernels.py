@@ -1121,11 +1121,14 @@ def test_persistent_chain_benchmark_forms_agree(tmp_path):
 
 
 def test_mosaic_gemv_benchmark_tiles_lower_for_hopper(tmp_path):
-    # benchmarks/gpu/mosaic_gemv.py times JAX's Mosaic GPU matmul at batch-1 rows on the GPU; its
-    # --smoke lowers every (shape, tile) it will time for an abstract H100, so a tile Mosaic
-    # refuses (e.g. a B slice narrower than the swizzle: tile_n 32 at tile_k 64) fails here,
-    # not in a device call.
+    # benchmarks/gpu/mosaic_gemv.py times JAX's Mosaic GPU matmul and our split-K form of it at
+    # batch-1 rows on the GPU; its --smoke lowers every (shape, tile) it will time for an
+    # abstract H100, so a tile Mosaic refuses (e.g. a B slice narrower than the swizzle:
+    # tile_n 32 at tile_k 64) fails here, not in a device call.
     rows = _smoke_rows("mosaic_gemv.py", tmp_path)
     mosaic_gemv = _load_benchmark("gpu/mosaic_gemv.py")
-    assert len(rows) == len(mosaic_gemv.SHAPES) * len(mosaic_gemv.TILES)
+    assert len(rows) == len(mosaic_gemv.SHAPES) * (len(mosaic_gemv.TILES)
+                                                   + len(mosaic_gemv.SPLITK_TILES))
+    assert sum(r.get("variant") == "splitk" for r in rows) == (len(mosaic_gemv.SHAPES)
+                                                              * len(mosaic_gemv.SPLITK_TILES))
     assert all(r["lowered"] for r in rows), [r for r in rows if not r["lowered"]]

@@ -39,8 +39,103 @@ ROWS, PAD = 8, 64
 # 64 columns at tile_k >= 64, 32 at tile_k 32), checked by lowering on the CPU (abstract H100):
 # tile_n 32 with tile_k 64 does not lower. The o / q/k/v shapes have few output tiles (N 4096:
 # 32 CTAs at 2 x 64 columns), so the small tiles are the ones that spread over the SMs.
-TILES = ((32, 32, 8, "M"), (64, 64, 6, "M"), (64, 64, 6, "N"), (64, 128, 4, "N"),
-         (128, 64, 4, "N"))
+# Bytes in flight per SM bound a stream (Little's law: ~4.6 TB/s x ~0.8 us over 132 SMs is
+# ~28 KB an SM), so the deeper pipelines (16 steps of 2 KB B tiles, 8 of 8 KB) are in the table.
+TILES = ((32, 32, 8, "M"), (32, 32, 16, "M"), (64, 64, 6, "M"), (64, 64, 8, "M"),
+         (64, 64, 6, "N"), (64, 128, 4, "N"), (128, 64, 4, "N"))
+
+
+# Split-K form (ours, ``splitk_matmul``): tile_n (each of the two compute warpgroups; a CTA covers
+# 2 * tile_n columns), tile_k, pipeline steps, K splits. Work units are (column tile, K split),
+# looped over one CTA per SM, so the o / q/k/v shapes (32-48 column tiles) fill the GPU too.
+SPLITK_TILES = ((64, 64, 4, 4), (64, 64, 6, 4), (64, 64, 8, 2), (32, 32, 12, 4), (64, 128, 4, 4),
+                (64, 64, 4, 8))
+
+
+def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int):
+    """A Mosaic GPU GEMM over 64 rows with its K split: ``fn(a [64, K], b [K, N])`` gives the
+    float32 partials [splits, 64, N] (summed by the caller). The shipped Hopper matmul's pipeline
+    (TMA producer warpgroup, two wgmma warpgroups splitting the CTA's columns) with K splits as
+    more work units: the shipped kernel's units are output tiles only, 32 for the o shape at
+    2 x 64 columns, a quarter of the SMs."""
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def kernel(a_gmem, b_gmem, out_gmem):
+        m, k = a_gmem.shape
+        n = b_gmem.shape[1]
+        cta_n = 2 * tile_n
+        n_iters, k_per = n // cta_n, k // splits
+        if n % cta_n or k % (splits * tile_k) or m != PAD:
+            raise ValueError(f"shape {m} x {k} x {n} does not tile by {tile_n} / {tile_k} / "
+                             f"{splits}")
+        swizzle = plgpu.find_swizzle(tile_k * 2 * 8)
+        transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+        out_swizzle = plgpu.find_swizzle(tile_n * 4 * 8)
+        out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)),
+                          plgpu.SwizzleTransform(out_swizzle))
+
+        def pipeline(body, ctx):
+            return plgpu.emit_pipeline_warp_specialized(
+                body, grid=(k_per // tile_k,), memory_registers=40,
+                in_specs=[plgpu.BlockSpec((m, tile_k), lambda kk: (0, kk), transforms=transforms,
+                                          memory_space=plgpu.SMEM),
+                          plgpu.BlockSpec((tile_k, cta_n), lambda kk: (kk, 0),
+                                          transforms=transforms, memory_space=plgpu.SMEM)],
+                wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
+                compute_context=ctx)
+
+        ignore = lambda *_, **__: None  # noqa: E731
+
+        @functools.partial(pl.run_scoped,
+                           allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
+                           out_smem=plgpu.SMEM((2, m, tile_n), jnp.float32,
+                                               transforms=out_transforms),
+                           collective_axes="wg")
+        def _scope(allocs, out_smem):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((n_iters * splits,), collective_axes="cluster_grid")
+            def _units(info):
+                (u,) = info.index
+                n_idx, s = u % n_iters, u // n_iters
+                n_slice, k_slice = pl.ds(n_idx * cta_n, cta_n), pl.ds(s * k_per, k_per)
+                wg_n = pl.ds(wg * tile_n, tile_n)
+
+                def ctx(eval_pipeline):
+                    @functools.partial(pl.run_scoped,
+                                       acc_ref=plgpu.ACC((m, tile_n), jnp.float32))
+                    def _acc(acc_ref):
+                        eval_pipeline(acc_ref)
+                        acc = acc_ref[...]
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        out_smem[wg] = acc
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                                out_gmem.at[s].at[:, n_slice].at[:, wg_n])
+
+                def mma(idxs, a_smem, b_smem, acc_ref):
+                    plgpu.wgmma(acc_ref, a_smem, b_smem.at[:, wg_n])
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+
+                pipeline(mma, ctx)(a_gmem.at[:, k_slice], b_gmem.at[k_slice, n_slice],
+                                   allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    def fn(a, b):
+        from jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu import get_num_sms
+        f = plgpu.kernel(
+            kernel, out_type=jax.ShapeDtypeStruct((splits, a.shape[0], b.shape[1]), jnp.float32),
+            grid=(get_num_sms(),), grid_names=("cluster_grid",), cluster=(1,),
+            cluster_names=("cluster",), num_threads=3, thread_name="wg",
+            compiler_params=plgpu.CompilerParams(
+                lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+        return f(a, b)
+
+    return jax.jit(fn)
 
 
 def mosaic_matmul(hm, tile_n: int, tile_k: int, steps: int, wg: str):
@@ -69,6 +164,20 @@ def lower_all(hm, shapes: list[str], emit) -> int:
                     fn.trace(jax.ShapeDtypeStruct((rows_in, K), jnp.bfloat16),
                              jax.ShapeDtypeStruct((K, N), jnp.bfloat16)
                              ).lower(lowering_platforms=("cuda",))
+                row["lowered"] = True
+            except Exception as e:
+                row.update(lowered=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+                failed += 1
+            emit(row)
+        for tn, tk, steps, splits in SPLITK_TILES:
+            row = dict(shape=name, K=K, N=N, variant="splitk", tile_n=tn, tile_k=tk,
+                       steps=steps, splits=splits)
+            try:
+                with jax.sharding.use_abstract_mesh(mesh):
+                    splitk_matmul(tn, tk, steps, splits).trace(
+                        jax.ShapeDtypeStruct((PAD, K), jnp.bfloat16),
+                        jax.ShapeDtypeStruct((K, N), jnp.bfloat16)
+                    ).lower(lowering_platforms=("cuda",))
                 row["lowered"] = True
             except Exception as e:
                 row.update(lowered=False, error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -118,11 +227,22 @@ def main(argv=None):
             fn, rows_in = mosaic_matmul(hm, tn, tk, steps, wg)
             xp = jnp.pad(x, ((0, rows_in - ROWS), (0, 0)))
             record("mosaic", fn, (xp, w), tile_n=tn, tile_k=tk, steps=steps, wg=wg)
-    print("\n| shape | variant | tile_n x tile_k, steps, warpgroups split | µs | TB/s | rel |\n"
+        xp = jnp.pad(x, ((0, PAD - ROWS), (0, 0)))
+        for tn, tk, steps, splits in SPLITK_TILES:
+            if N % (2 * tn) or K % (splits * tk):
+                continue
+            sk = splitk_matmul(tn, tk, steps, splits)
+            # the partials' sum in the same jit (what an engine would pay for this form)
+            fn = jax.jit(lambda a, b, sk=sk: sk(a, b).sum(0).astype(jnp.bfloat16))
+            record("splitk", fn, (xp, w), tile_n=tn, tile_k=tk, steps=steps, splits=splits)
+    print("\n| shape | variant | tile_n x tile_k, steps, warpgroups split / K splits | µs | TB/s | rel |\n"
           "|---|---|---|---:|---:|---:|")
     for r in rows:
-        tile = (f"{r['tile_n']} x {r['tile_k']}, {r['steps']}, wg {r['wg']}" if "tile_n" in r
-                else "")
+        tile = (f"{r['tile_n']} x {r['tile_k']}, {r['steps']}, " if "tile_n" in r else "")
+        if "wg" in r:
+            tile += f"wg {r['wg']}"
+        elif "splits" in r:
+            tile += f"{r['splits']} K splits"
         print(f"| {r['shape']} | {r['variant']} | {tile} | {r.get('us', r.get('error', ''))} | "
               f"{r.get('tb_s', '')} | {r.get('rel', '')} |")
     return 0
