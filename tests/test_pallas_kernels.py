@@ -1132,3 +1132,23 @@ def test_mosaic_gemv_benchmark_tiles_lower_for_hopper(tmp_path):
     assert sum(r.get("variant") == "splitk" for r in rows) == (len(mosaic_gemv.SHAPES)
                                                               * len(mosaic_gemv.SPLITK_TILES))
     assert all(r["lowered"] for r in rows), [r for r in rows if not r["lowered"]]
+
+
+def test_mosaic_splitk_gemv_sums_match_reference():
+    # The split-K Mosaic GPU GEMM of mosaic_gemv.py, run by Mosaic GPU's interpreter on the CPU
+    # over 3 CTAs (so a CTA takes several (column tile, K split) units): its partials sum to
+    # the float32 product, the padding rows included.
+    mosaic_gemv = _load_benchmark("gpu/mosaic_gemv.py")
+    K, N = 384, 256
+    kx, kw = jax.random.split(jax.random.PRNGKey(7))
+    x = jax.random.normal(kx, (mosaic_gemv.PAD, K)).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (K, N)).astype(jnp.bfloat16)
+    parts = mosaic_gemv.splitk_matmul(64, 64, 2, 3, num_sms=3, interpret=True)(x, w)
+    assert parts.shape == (3, mosaic_gemv.PAD, N)
+    ref = x.astype(jnp.float32) @ w.astype(jnp.float32)
+    # each split's partial on its own, not only the sum
+    for s in range(3):
+        ks = slice(s * K // 3, (s + 1) * K // 3)
+        want = x[:, ks].astype(jnp.float32) @ w[ks].astype(jnp.float32)
+        assert float(jnp.linalg.norm(parts[s] - want) / jnp.linalg.norm(want)) < 1e-5, s
+    assert float(jnp.linalg.norm(parts.sum(0) - ref) / jnp.linalg.norm(ref)) < 1e-5

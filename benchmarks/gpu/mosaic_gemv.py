@@ -52,12 +52,14 @@ SPLITK_TILES = ((64, 64, 4, 4), (64, 64, 6, 4), (64, 64, 8, 2), (32, 32, 12, 4),
                 (64, 64, 4, 8))
 
 
-def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int):
+def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int, *, num_sms=None,
+                  interpret=False):
     """A Mosaic GPU GEMM over 64 rows with its K split: ``fn(a [64, K], b [K, N])`` gives the
     float32 partials [splits, 64, N] (summed by the caller). The shipped Hopper matmul's pipeline
     (TMA producer warpgroup, two wgmma warpgroups splitting the CTA's columns) with K splits as
     more work units: the shipped kernel's units are output tiles only, 32 for the o shape at
-    2 x 64 columns, a quarter of the SMs."""
+    2 x 64 columns, a quarter of the SMs. ``interpret``: Mosaic GPU's interpreter (any
+    platform; the CPU test checks the sums), over ``num_sms`` CTAs (default: the GPU's)."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -129,7 +131,8 @@ def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int):
         from jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu import get_num_sms
         f = plgpu.kernel(
             kernel, out_type=jax.ShapeDtypeStruct((splits, a.shape[0], b.shape[1]), jnp.float32),
-            grid=(get_num_sms(),), grid_names=("cluster_grid",), cluster=(1,),
+            grid=(num_sms or get_num_sms(),), interpret=plgpu.InterpretGPUParams() if interpret
+            else None, grid_names=("cluster_grid",), cluster=(1,),
             cluster_names=("cluster",), num_threads=3, thread_name="wg",
             compiler_params=plgpu.CompilerParams(
                 lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
