@@ -1129,15 +1129,15 @@ def test_mosaic_gemv_benchmark_tiles_lower_for_hopper(tmp_path):
     mosaic_gemv = _load_benchmark("gpu/mosaic_gemv.py")
     assert len(rows) == len(mosaic_gemv.SHAPES) * (len(mosaic_gemv.TILES)
                                                    + len(mosaic_gemv.SPLITK_TILES))
-    assert sum(r.get("variant") == "splitk" for r in rows) == (len(mosaic_gemv.SHAPES)
-                                                              * len(mosaic_gemv.SPLITK_TILES))
+    assert sum(r.get("variant") in ("splitk", "swapk") for r in rows) == (
+        len(mosaic_gemv.SHAPES) * len(mosaic_gemv.SPLITK_TILES))
     assert all(r["lowered"] for r in rows), [r for r in rows if not r["lowered"]]
 
 
 def test_mosaic_splitk_gemv_sums_match_reference():
     # The split-K Mosaic GPU GEMM of mosaic_gemv.py, run by Mosaic GPU's interpreter on the CPU
     # over 3 CTAs (so a CTA takes several (column tile, K split) units): its partials sum to
-    # the float32 product, the padding rows included.
+    # the float32 product, the padding rows included; and so do the swapped form's.
     mosaic_gemv = _load_benchmark("gpu/mosaic_gemv.py")
     K, N = 384, 256
     kx, kw = jax.random.split(jax.random.PRNGKey(7))
@@ -1152,3 +1152,8 @@ def test_mosaic_splitk_gemv_sums_match_reference():
         want = x[:, ks].astype(jnp.float32) @ w[ks].astype(jnp.float32)
         assert float(jnp.linalg.norm(parts[s] - want) / jnp.linalg.norm(want)) < 1e-5, s
     assert float(jnp.linalg.norm(parts.sum(0) - ref) / jnp.linalg.norm(ref)) < 1e-5
+    # the swapped form (tokens as wgmma's N): 8 rows, no padding, partials [splits, N, rows]
+    parts = mosaic_gemv.splitk_matmul(64, 64, 2, 3, swap=True, num_sms=3, interpret=True)(
+        x[:8], w)
+    assert parts.shape == (3, N, 8)
+    assert float(jnp.linalg.norm(parts.sum(0).T - ref[:8]) / jnp.linalg.norm(ref[:8])) < 1e-5

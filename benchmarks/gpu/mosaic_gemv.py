@@ -13,6 +13,9 @@ tiles, the read bandwidth of each, and the Mosaic output's rel. error against XL
     python3 benchmarks/gpu/mosaic_gemv.py [--shapes o,gate_up] [--out FILE]
     python3 benchmarks/gpu/mosaic_gemv.py --smoke   # any platform: lowering only
 
+The split-K forms (``splitk_matmul``: K splits as more work units; ``swap``: the tokens as
+wgmma's N, no padding) are ours, after the shipped kernel.
+
 Timing needs a Hopper GPU (Mosaic GPU has no CPU path). ``--smoke`` lowers every (shape, tile)
 for an abstract H100 (``jax.sharding.AbstractDevice``) instead, which catches the tiles Mosaic
 refuses at lowering (not those refused at compile, e.g. for shared memory).
@@ -42,25 +45,35 @@ COPIES = 4
 # 32 CTAs at 2 x 64 columns), so the small tiles are the ones that spread over the SMs.
 # Bytes in flight per SM bound a stream (Little's law: ~4.6 TB/s x ~0.8 us over 132 SMs is
 # ~28 KB an SM), so the deeper pipelines (16 steps of 2 KB B tiles, 8 of 8 KB) are in the table.
-TILES = ((32, 32, 8, "M"), (32, 32, 16, "M"), (64, 64, 6, "M"), (64, 64, 8, "M"),
-         (64, 64, 6, "N"), (64, 128, 4, "N"), (128, 64, 4, "N"))
+TILES = ((32, 32, 16, "M"), (64, 64, 8, "M"), (64, 128, 4, "N"), (128, 64, 4, "N"))
 
 
 # Split-K form (ours, ``splitk_matmul``): tile_n (each of the two compute warpgroups; a CTA covers
 # 2 * tile_n columns), tile_k, pipeline steps, K splits. Work units are (column tile, K split),
 # looped over one CTA per SM, so the o / q/k/v shapes (32-48 column tiles) fill the GPU too.
-SPLITK_TILES = ((64, 64, 4, 4), (64, 64, 6, 4), (64, 64, 8, 2), (32, 32, 12, 4), (64, 128, 4, 4),
-                (64, 64, 4, 8))
+# Each as (tile_n, tile_k, steps, splits, swap); swap (the tokens as wgmma's N, no padding to
+# 64 rows) needs tile_n 64 (wgmma's M). Every K here (4096, 14336) divides by 8 x 128.
+SPLITK_TILES = tuple([(64, 64, 4, 4, False), (64, 64, 8, 2, False), (64, 64, 4, 8, False)]
+                     + [(64, 64, 8, sp, True) for sp in (1, 2, 4, 8)]
+                     + [(64, 128, 4, sp, True) for sp in (1, 2, 4, 8)])
 
 
-def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int, *, num_sms=None,
-                  interpret=False):
-    """A Mosaic GPU GEMM over 64 rows with its K split: ``fn(a [64, K], b [K, N])`` gives the
-    float32 partials [splits, 64, N] (summed by the caller). The shipped Hopper matmul's pipeline
-    (TMA producer warpgroup, two wgmma warpgroups splitting the CTA's columns) with K splits as
-    more work units: the shipped kernel's units are output tiles only, 32 for the o shape at
-    2 x 64 columns, a quarter of the SMs. ``interpret``: Mosaic GPU's interpreter (any
-    platform; the CPU test checks the sums), over ``num_sms`` CTAs (default: the GPU's)."""
+def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int, *, swap: bool = False,
+                  num_sms=None, interpret=False):
+    """A Mosaic GPU GEMM with its K split: ``fn(a [M, K], b [K, N])`` gives the float32
+    partials [splits, M, N] (summed by the caller); M = 64, wgmma's smallest row count. The
+    shipped Hopper matmul's pipeline (TMA producer warpgroup, two wgmma warpgroups splitting the
+    CTA's columns) with K splits as more work units: the shipped kernel's units are output tiles
+    only, 32 for the o shape at 2 x 64 columns, a quarter of the SMs.
+
+    ``swap``: the product transposed, y^T = b^T a^T, so the weight's columns are wgmma's 64
+    rows and the tokens its N (any multiple of 8): ``a`` [M, K] with M the real token count
+    (8 at batch 1; no padding to 64), and the partials come back as [splits, N, M] (the caller
+    transposes them in the sum). The operands are read transposed from shared memory (wgmma
+    takes MN-major 16-bit operands).
+
+    ``interpret``: Mosaic GPU's interpreter (any platform; the CPU test checks the sums), over
+    ``num_sms`` CTAs (default: the GPU's)."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -70,14 +83,18 @@ def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int, *, num_sms=
         n = b_gmem.shape[1]
         cta_n = 2 * tile_n
         n_iters, k_per = n // cta_n, k // splits
-        if n % cta_n or k % (splits * tile_k) or m != PAD:
+        if n % cta_n or k % (splits * tile_k) or (m % 8 if swap else m != PAD):
             raise ValueError(f"shape {m} x {k} x {n} does not tile by {tile_n} / {tile_k} / "
                              f"{splits}")
         swizzle = plgpu.find_swizzle(tile_k * 2 * 8)
         transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
-        out_swizzle = plgpu.find_swizzle(tile_n * 4 * 8)
+        acc_shape = (tile_n, m) if swap else (m, tile_n)
+        out_swizzle = plgpu.find_swizzle(acc_shape[1] * 4 * 8)
         out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)),
                           plgpu.SwizzleTransform(out_swizzle))
+        w_swizzle = plgpu.find_swizzle(tile_n * 2 * 8) if swap else swizzle
+        w_transforms = (plgpu.TilingTransform((8, w_swizzle // 2)),
+                        plgpu.SwizzleTransform(w_swizzle))
 
         def pipeline(body, ctx):
             return plgpu.emit_pipeline_warp_specialized(
@@ -85,7 +102,7 @@ def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int, *, num_sms=
                 in_specs=[plgpu.BlockSpec((m, tile_k), lambda kk: (0, kk), transforms=transforms,
                                           memory_space=plgpu.SMEM),
                           plgpu.BlockSpec((tile_k, cta_n), lambda kk: (kk, 0),
-                                          transforms=transforms, memory_space=plgpu.SMEM)],
+                                          transforms=w_transforms, memory_space=plgpu.SMEM)],
                 wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
                 compute_context=ctx)
 
@@ -93,7 +110,7 @@ def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int, *, num_sms=
 
         @functools.partial(pl.run_scoped,
                            allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
-                           out_smem=plgpu.SMEM((2, m, tile_n), jnp.float32,
+                           out_smem=plgpu.SMEM((2, *acc_shape), jnp.float32,
                                                transforms=out_transforms),
                            collective_axes="wg")
         def _scope(allocs, out_smem):
@@ -105,21 +122,25 @@ def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int, *, num_sms=
                 n_idx, s = u % n_iters, u // n_iters
                 n_slice, k_slice = pl.ds(n_idx * cta_n, cta_n), pl.ds(s * k_per, k_per)
                 wg_n = pl.ds(wg * tile_n, tile_n)
+                dst = (out_gmem.at[s].at[n_slice].at[wg_n] if swap else
+                       out_gmem.at[s].at[:, n_slice].at[:, wg_n])
 
                 def ctx(eval_pipeline):
-                    @functools.partial(pl.run_scoped,
-                                       acc_ref=plgpu.ACC((m, tile_n), jnp.float32))
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, jnp.float32))
                     def _acc(acc_ref):
                         eval_pipeline(acc_ref)
                         acc = acc_ref[...]
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         out_smem[wg] = acc
                         plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(out_smem.at[wg],
-                                                out_gmem.at[s].at[:, n_slice].at[:, wg_n])
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg], dst)
 
                 def mma(idxs, a_smem, b_smem, acc_ref):
-                    plgpu.wgmma(acc_ref, a_smem, b_smem.at[:, wg_n])
+                    if swap:
+                        plgpu.wgmma(acc_ref, b_smem.at[:, wg_n].transpose((1, 0)),
+                                    a_smem.transpose((1, 0)))
+                    else:
+                        plgpu.wgmma(acc_ref, a_smem, b_smem.at[:, wg_n])
                     plgpu.wgmma_wait(0)
                     return acc_ref
 
@@ -130,8 +151,10 @@ def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int, *, num_sms=
 
     def fn(a, b):
         from jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu import get_num_sms
+        m, n = a.shape[0], b.shape[1]
         f = plgpu.kernel(
-            kernel, out_type=jax.ShapeDtypeStruct((splits, a.shape[0], b.shape[1]), jnp.float32),
+            kernel, out_type=jax.ShapeDtypeStruct((splits, *((n, m) if swap else (m, n))),
+                                                  jnp.float32),
             grid=(num_sms or get_num_sms(),), interpret=plgpu.InterpretGPUParams() if interpret
             else None, grid_names=("cluster_grid",), cluster=(1,),
             cluster_names=("cluster",), num_threads=3, thread_name="wg",
@@ -173,13 +196,13 @@ def lower_all(hm, shapes: list[str], emit) -> int:
                 row.update(lowered=False, error=f"{type(e).__name__}: {str(e)[:300]}")
                 failed += 1
             emit(row)
-        for tn, tk, steps, splits in SPLITK_TILES:
-            row = dict(shape=name, K=K, N=N, variant="splitk", tile_n=tn, tile_k=tk,
-                       steps=steps, splits=splits)
+        for tn, tk, steps, splits, swap in SPLITK_TILES:
+            row = dict(shape=name, K=K, N=N, variant="swapk" if swap else "splitk", tile_n=tn,
+                       tile_k=tk, steps=steps, splits=splits)
             try:
                 with jax.sharding.use_abstract_mesh(mesh):
-                    splitk_matmul(tn, tk, steps, splits).trace(
-                        jax.ShapeDtypeStruct((PAD, K), jnp.bfloat16),
+                    splitk_matmul(tn, tk, steps, splits, swap=swap, num_sms=132).trace(
+                        jax.ShapeDtypeStruct((ROWS if swap else PAD, K), jnp.bfloat16),
                         jax.ShapeDtypeStruct((K, N), jnp.bfloat16)
                     ).lower(lowering_platforms=("cuda",))
                 row["lowered"] = True
@@ -237,13 +260,17 @@ def main(argv=None):
             xp = jnp.pad(x, ((0, rows_in - ROWS), (0, 0)))
             record("mosaic", fn, (xp, w), tile_n=tn, tile_k=tk, steps=steps, wg=wg)
         xp = jnp.pad(x, ((0, PAD - ROWS), (0, 0)))
-        for tn, tk, steps, splits in SPLITK_TILES:
+        for tn, tk, steps, splits, swap in SPLITK_TILES:
             if N % (2 * tn) or K % (splits * tk):
                 continue
-            sk = splitk_matmul(tn, tk, steps, splits)
+            sk = splitk_matmul(tn, tk, steps, splits, swap=swap)
             # the partials' sum in the same jit (what an engine would pay for this form)
-            fn = jax.jit(lambda a, b, sk=sk: sk(a, b).sum(0).astype(jnp.bfloat16))
-            record("splitk", fn, (xp, w), tile_n=tn, tile_k=tk, steps=steps, splits=splits)
+            if swap:
+                fn = jax.jit(lambda a, b, sk=sk: sk(a, b).sum(0).T.astype(jnp.bfloat16))
+            else:
+                fn = jax.jit(lambda a, b, sk=sk: sk(a, b).sum(0).astype(jnp.bfloat16))
+            record("swapk" if swap else "splitk", fn, (x if swap else xp, w), tile_n=tn,
+                   tile_k=tk, steps=steps, splits=splits)
     print("\n| shape | variant | tile_n x tile_k, steps, warpgroups split / K splits | µs | TB/s | rel |\n"
           "|---|---|---|---:|---:|---:|")
     for r in rows:
