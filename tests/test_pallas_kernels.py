@@ -1128,7 +1128,8 @@ def test_mosaic_gemv_benchmark_tiles_lower_for_hopper(tmp_path):
     rows = _smoke_rows("mosaic_gemv.py", tmp_path)
     mosaic_gemv = _load_benchmark("gpu/mosaic_gemv.py")
     assert len(rows) == len(mosaic_gemv.SHAPES) * (len(mosaic_gemv.TILES)
-                                                   + len(mosaic_gemv.SPLITK_TILES))
+                                                   + len(mosaic_gemv.SPLITK_TILES)
+                                                   + len(mosaic_gemv.FP8_TILES))
     assert sum(r.get("variant") in ("splitk", "swapk") for r in rows) == (
         len(mosaic_gemv.SHAPES) * len(mosaic_gemv.SPLITK_TILES))
     assert all(r["lowered"] for r in rows), [r for r in rows if not r["lowered"]]
@@ -1137,7 +1138,7 @@ def test_mosaic_gemv_benchmark_tiles_lower_for_hopper(tmp_path):
 def test_mosaic_splitk_gemv_sums_match_reference():
     # The split-K Mosaic GPU GEMM of mosaic_gemv.py, run by Mosaic GPU's interpreter on the CPU
     # over 3 CTAs (so a CTA takes several (column tile, K split) units): its partials sum to
-    # the float32 product, the padding rows included; and so do the swapped form's.
+    # the float32 product, the padding rows included; and so do the swapped form's, bf16 and fp8.
     mosaic_gemv = _load_benchmark("gpu/mosaic_gemv.py")
     K, N = 384, 256
     kx, kw = jax.random.split(jax.random.PRNGKey(7))
@@ -1157,3 +1158,11 @@ def test_mosaic_splitk_gemv_sums_match_reference():
         x[:8], w)
     assert parts.shape == (3, N, 8)
     assert float(jnp.linalg.norm(parts.sum(0).T - ref[:8]) / jnp.linalg.norm(ref[:8])) < 1e-5
+    # fp8 (W8A8 on the fp8 tensor cores): e4m3 operands, the weight as the engine holds it
+    # ([N, K]); e4m3 products are exact in float32, so the sum matches to float32 rounding
+    xq, wq = x[:8].astype(mosaic_gemv.FP8), w.T.astype(mosaic_gemv.FP8)
+    parts = mosaic_gemv.splitk_matmul(64, 128, 2, 3, swap=True, nk=True, num_sms=3,
+                                      interpret=True)(xq, wq)
+    ref8 = xq.astype(jnp.float32) @ wq.astype(jnp.float32).T
+    assert parts.shape == (3, N, 8)
+    assert float(jnp.linalg.norm(parts.sum(0).T - ref8) / jnp.linalg.norm(ref8)) < 1e-5

@@ -37,6 +37,7 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096)}
 ROWS, PAD = 8, 64
 COPIES = 4
+FP8 = jnp.float8_e4m3fn
 # tile_n, tile_k, max_concurrent_steps, the dimension the two compute warpgroups split ("N": a
 # CTA covers 64 rows x 2 * tile_n columns; "M": 128 rows x tile_n, the rows padded to 128).
 # A B tile's column slice must be a multiple of the swizzle (tile_k * 2 bytes, at most 128 B:
@@ -56,10 +57,14 @@ TILES = ((32, 32, 16, "M"), (64, 64, 8, "M"), (64, 128, 4, "N"), (128, 64, 4, "N
 SPLITK_TILES = tuple([(64, 64, 4, 4, False), (64, 64, 8, 2, False), (64, 64, 4, 8, False)]
                      + [(64, 64, 8, sp, True) for sp in (1, 2, 4, 8)]
                      + [(64, 128, 4, sp, True) for sp in (1, 2, 4, 8)])
+# The fp8 swapped form (W8A8 on the fp8 tensor cores, the weight [N, K] as the engine holds it):
+# (tile_n, tile_k, steps, splits); a 128-wide K tile is 128 bytes of e4m3, one swizzle row.
+FP8_TILES = tuple([(64, 128, 8, sp) for sp in (1, 2, 4, 8)]
+                  + [(64, 256, 4, sp) for sp in (1, 2, 4, 8)])
 
 
 def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int, *, swap: bool = False,
-                  num_sms=None, interpret=False):
+                  nk: bool = False, num_sms=None, interpret=False):
     """A Mosaic GPU GEMM with its K split: ``fn(a [M, K], b [K, N])`` gives the float32
     partials [splits, M, N] (summed by the caller); M = 64, wgmma's smallest row count. The
     shipped Hopper matmul's pipeline (TMA producer warpgroup, two wgmma warpgroups splitting the
@@ -72,37 +77,48 @@ def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int, *, swap: bo
     transposes them in the sum). The operands are read transposed from shared memory (wgmma
     takes MN-major 16-bit operands).
 
+    ``nk`` (with ``swap``): ``b`` is given as [N, K] (HF's [out, in], K contiguous: the engine's
+    fp8 weights), so both operands are K-major as they lie, as fp8 wgmma needs: ``fn(a [M, K]
+    e4m3, b [N, K] e4m3)`` runs W8A8 on the fp8 tensor cores (scales are the caller's).
+
     ``interpret``: Mosaic GPU's interpreter (any platform; the CPU test checks the sums), over
     ``num_sms`` CTAs (default: the GPU's)."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    if nk and not swap:
+        raise ValueError("nk needs swap")
+
     def kernel(a_gmem, b_gmem, out_gmem):
         m, k = a_gmem.shape
-        n = b_gmem.shape[1]
+        n = b_gmem.shape[0] if nk else b_gmem.shape[1]
+        isz = jnp.dtype(a_gmem.dtype).itemsize
         cta_n = 2 * tile_n
         n_iters, k_per = n // cta_n, k // splits
         if n % cta_n or k % (splits * tile_k) or (m % 8 if swap else m != PAD):
             raise ValueError(f"shape {m} x {k} x {n} does not tile by {tile_n} / {tile_k} / "
                              f"{splits}")
-        swizzle = plgpu.find_swizzle(tile_k * 2 * 8)
-        transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+        swizzle = plgpu.find_swizzle(tile_k * isz * 8)
+        transforms = (plgpu.TilingTransform((8, swizzle // isz)),
+                      plgpu.SwizzleTransform(swizzle))
         acc_shape = (tile_n, m) if swap else (m, tile_n)
         out_swizzle = plgpu.find_swizzle(acc_shape[1] * 4 * 8)
         out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)),
                           plgpu.SwizzleTransform(out_swizzle))
-        w_swizzle = plgpu.find_swizzle(tile_n * 2 * 8) if swap else swizzle
-        w_transforms = (plgpu.TilingTransform((8, w_swizzle // 2)),
+        w_swizzle = plgpu.find_swizzle(tile_n * 2 * 8) if swap and not nk else swizzle
+        w_transforms = (plgpu.TilingTransform((8, w_swizzle // isz)),
                         plgpu.SwizzleTransform(w_swizzle))
+        w_block = ((cta_n, tile_k), lambda kk: (0, kk)) if nk else ((tile_k, cta_n),
+                                                                   lambda kk: (kk, 0))
 
         def pipeline(body, ctx):
             return plgpu.emit_pipeline_warp_specialized(
                 body, grid=(k_per // tile_k,), memory_registers=40,
                 in_specs=[plgpu.BlockSpec((m, tile_k), lambda kk: (0, kk), transforms=transforms,
                                           memory_space=plgpu.SMEM),
-                          plgpu.BlockSpec((tile_k, cta_n), lambda kk: (kk, 0),
-                                          transforms=w_transforms, memory_space=plgpu.SMEM)],
+                          plgpu.BlockSpec(*w_block, transforms=w_transforms,
+                                          memory_space=plgpu.SMEM)],
                 wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
                 compute_context=ctx)
 
@@ -136,7 +152,9 @@ def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int, *, swap: bo
                         plgpu.copy_smem_to_gmem(out_smem.at[wg], dst)
 
                 def mma(idxs, a_smem, b_smem, acc_ref):
-                    if swap:
+                    if nk:
+                        plgpu.wgmma(acc_ref, b_smem.at[wg_n], a_smem.transpose((1, 0)))
+                    elif swap:
                         plgpu.wgmma(acc_ref, b_smem.at[:, wg_n].transpose((1, 0)),
                                     a_smem.transpose((1, 0)))
                     else:
@@ -144,14 +162,14 @@ def splitk_matmul(tile_n: int, tile_k: int, steps: int, splits: int, *, swap: bo
                     plgpu.wgmma_wait(0)
                     return acc_ref
 
-                pipeline(mma, ctx)(a_gmem.at[:, k_slice], b_gmem.at[k_slice, n_slice],
-                                   allocations=allocs)
+                w_tile = b_gmem.at[n_slice, k_slice] if nk else b_gmem.at[k_slice, n_slice]
+                pipeline(mma, ctx)(a_gmem.at[:, k_slice], w_tile, allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     def fn(a, b):
         from jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu import get_num_sms
-        m, n = a.shape[0], b.shape[1]
+        m, n = a.shape[0], b.shape[0] if nk else b.shape[1]
         f = plgpu.kernel(
             kernel, out_type=jax.ShapeDtypeStruct((splits, *((n, m) if swap else (m, n))),
                                                   jnp.float32),
@@ -210,6 +228,19 @@ def lower_all(hm, shapes: list[str], emit) -> int:
                 row.update(lowered=False, error=f"{type(e).__name__}: {str(e)[:300]}")
                 failed += 1
             emit(row)
+        for tn, tk, steps, splits in FP8_TILES:
+            row = dict(shape=name, K=K, N=N, variant="swapk_fp8", tile_n=tn, tile_k=tk,
+                       steps=steps, splits=splits)
+            try:
+                with jax.sharding.use_abstract_mesh(mesh):
+                    splitk_matmul(tn, tk, steps, splits, swap=True, nk=True, num_sms=132).trace(
+                        jax.ShapeDtypeStruct((ROWS, K), FP8), jax.ShapeDtypeStruct((N, K), FP8)
+                    ).lower(lowering_platforms=("cuda",))
+                row["lowered"] = True
+            except Exception as e:
+                row.update(lowered=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+                failed += 1
+            emit(row)
     return int(failed > 0)
 
 
@@ -221,6 +252,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="o,gate_up,down,qkv")
     ap.add_argument("--calls", type=int, default=12)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-fp8", action="store_true", help="bf16 weights only")
     ap.add_argument("--smoke", action="store_true",
                     help="lower every (shape, tile) for an abstract H100; no timing")
     a = ap.parse_args(argv)
@@ -240,7 +272,7 @@ def main(argv=None):
         xla = jax.jit(jnp.dot)
         ref = xla(x, w).astype(jnp.float32)
 
-        def record(variant, fn, args, **cfg):
+        def record(variant, fn, args, ws=ws, ref=ref, wbytes=wbytes, **cfg):
             row = dict(shape=name, K=K, N=N, variant=variant, **cfg)
             try:
                 out = fn(*args)[:ROWS].astype(jnp.float32)
@@ -271,6 +303,47 @@ def main(argv=None):
                 fn = jax.jit(lambda a, b, sk=sk: sk(a, b).sum(0).astype(jnp.bfloat16))
             record("swapk" if swap else "splitk", fn, (x if swap else xp, w), tile_n=tn,
                    tile_k=tk, steps=steps, splits=splits)
+        del ws, w
+        if a.no_fp8:
+            continue
+        # fp8 weights as the engine holds them ([N, K] e4m3, a scale per output channel): XLA's
+        # weight-only GEMM (the engine's path at <= 16 rows), XLA's W8A8 dot (cuBLASLt), and the
+        # swapped Mosaic form on the fp8 tensor cores (the activations quantized per token in
+        # the same jit). Bytes: the e4m3 weight.
+        wqs = [jax.random.normal(jax.random.PRNGKey(100 + i), (N, K)).astype(FP8)
+               for i in range(COPIES)]
+        sw = jnp.full((N,), 1.0 / K ** 0.5, jnp.float32)
+        ref8 = (x.astype(jnp.float32) @ wqs[0].astype(jnp.float32).T) * sw
+        rec8 = functools.partial(record, ws=wqs, ref=ref8, wbytes=K * N)
+        dn = (((1,), (1,)), ((), ()))
+
+        def quant(x):
+            s = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True) / 448.0
+            s = jnp.maximum(s, 1e-12)
+            return (x.astype(jnp.float32) / s).astype(FP8), s
+
+        def wo(x, w):
+            y = jax.lax.dot_general(x, w.astype(x.dtype), dn, preferred_element_type=jnp.float32)
+            return (y * sw).astype(jnp.bfloat16)
+
+        def w8a8(x, w):
+            xq, xs = quant(x)
+            y = jax.lax.dot_general(xq, w, dn, preferred_element_type=jnp.float32)
+            return (y * xs * sw).astype(jnp.bfloat16)
+
+        rec8("xla_fp8_weight_only", jax.jit(wo), (x, wqs[0]))
+        rec8("xla_fp8_w8a8", jax.jit(w8a8), (x, wqs[0]))
+        for tn, tk, steps, splits in FP8_TILES:
+            if N % (2 * tn) or K % (splits * tk):
+                continue
+            sk = splitk_matmul(tn, tk, steps, splits, swap=True, nk=True)
+
+            def mos(x, w, sk=sk):
+                xq, xs = quant(x)
+                return (sk(xq, w).sum(0).T * xs * sw).astype(jnp.bfloat16)
+
+            rec8("swapk_fp8", jax.jit(mos), (x, wqs[0]), tile_n=tn, tile_k=tk, steps=steps,
+                 splits=splits)
     print("\n| shape | variant | tile_n x tile_k, steps, warpgroups split / K splits | µs | TB/s | rel |\n"
           "|---|---|---|---:|---:|---:|")
     for r in rows:
