@@ -121,8 +121,9 @@
 #                                          (bf16, fp8); batch-256 host wait
 #   bash benchmarks/gpu/issues.sh idle     (one GPU) the GPU's idle share of a batch-256 decode
 #                                          step, three ways; batch 1's step replayed
-#   bash benchmarks/gpu/issues.sh mosaic   (one GPU) JAX's Mosaic GPU matmul at batch-1 rows
-#                                          against XLA (is Mosaic the persistent-kernel route?)
+#   bash benchmarks/gpu/issues.sh mosaic   (one GPU) Mosaic GPU matmuls (shipped, split-K,
+#                                          swapped, fp8) at batch-1 rows against XLA (run
+#                                          2026-12-03 11:50: none faster; RESULTS)
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1289,11 +1290,11 @@ for line in open(sys.argv[1]):
                                                       r["bandwidth_probes_gbs"].items()})
 PY
   idle256 2 ;;
-mosaic)  # nvidia-h200 (one GPU), one call (issues 9 and 6): JAX's Mosaic GPU Hopper matmul
-  # (TMA, warp-specialized) at 8 rows padded to 64 against XLA's dot, GPU time, the four
-  # projection shapes (mosaic_gemv.py; not yet run on a GPU: a first failure is information).
+mosaic)  # nvidia-h200 (one GPU), one call (issues 9 and 6): Mosaic GPU GEMMs (JAX's shipped
+  # Hopper matmul, our split-K and swapped forms, fp8 W8A8) at 8 rows against XLA's dots, GPU
+  # time, the four projection shapes (mosaic_gemv.py; ~90 s; 2026-12-03: none beat XLA).
   timeout $((T - 20)) python3 benchmarks/gpu/mosaic_gemv.py --out $OUT/mosaic.jsonl 2>&1 \
-    | grep -v '^{' | tail -40; cut -c1-300 $OUT/mosaic.jsonl | grep error ;;
+    | grep -v '^{' | tail -100; cut -c1-300 $OUT/mosaic.jsonl | grep error ;;
 idle)  # nvidia-h200 (one GPU), one call (issue 9): the GPU's idle share of a decode step at
   # batch 256, three times (profile_step.py: the host wait, and the step replayed back to back
   # against the engine's step), then batch 1 as latency.py runs it (8 sequences, 4 steps a
