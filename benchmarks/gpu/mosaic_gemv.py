@@ -198,50 +198,37 @@ def lower_all(hm, shapes: list[str], emit) -> int:
 
     dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     mesh = AbstractMesh((1,), ("x",), abstract_device=dev)
-    failed = 0
+    bf16, sds = jnp.bfloat16, jax.ShapeDtypeStruct
+    ok = []
+
+    def lower(row, fn, a, b):
+        try:
+            with jax.sharding.use_abstract_mesh(mesh):
+                fn.trace(a, b).lower(lowering_platforms=("cuda",))
+            row["lowered"] = True
+        except Exception as e:
+            row.update(lowered=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+        ok.append(row["lowered"])
+        emit(row)
+
     for name in shapes:
         K, N = SHAPES[name]
+        base = dict(shape=name, K=K, N=N)
         for tn, tk, steps, wg in TILES:
             fn, rows_in = mosaic_matmul(hm, tn, tk, steps, wg)
-            row = dict(shape=name, K=K, N=N, tile_n=tn, tile_k=tk, steps=steps, wg=wg)
-            try:
-                with jax.sharding.use_abstract_mesh(mesh):
-                    fn.trace(jax.ShapeDtypeStruct((rows_in, K), jnp.bfloat16),
-                             jax.ShapeDtypeStruct((K, N), jnp.bfloat16)
-                             ).lower(lowering_platforms=("cuda",))
-                row["lowered"] = True
-            except Exception as e:
-                row.update(lowered=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-                failed += 1
-            emit(row)
+            lower(dict(base, tile_n=tn, tile_k=tk, steps=steps, wg=wg), fn,
+                  sds((rows_in, K), bf16), sds((K, N), bf16))
         for tn, tk, steps, splits, swap in SPLITK_TILES:
-            row = dict(shape=name, K=K, N=N, variant="swapk" if swap else "splitk", tile_n=tn,
-                       tile_k=tk, steps=steps, splits=splits)
-            try:
-                with jax.sharding.use_abstract_mesh(mesh):
-                    splitk_matmul(tn, tk, steps, splits, swap=swap, num_sms=132).trace(
-                        jax.ShapeDtypeStruct((ROWS if swap else PAD, K), jnp.bfloat16),
-                        jax.ShapeDtypeStruct((K, N), jnp.bfloat16)
-                    ).lower(lowering_platforms=("cuda",))
-                row["lowered"] = True
-            except Exception as e:
-                row.update(lowered=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-                failed += 1
-            emit(row)
+            lower(dict(base, variant="swapk" if swap else "splitk", tile_n=tn, tile_k=tk,
+                       steps=steps, splits=splits),
+                  splitk_matmul(tn, tk, steps, splits, swap=swap, num_sms=132),
+                  sds((ROWS if swap else PAD, K), bf16), sds((K, N), bf16))
         for tn, tk, steps, splits in FP8_TILES:
-            row = dict(shape=name, K=K, N=N, variant="swapk_fp8", tile_n=tn, tile_k=tk,
-                       steps=steps, splits=splits)
-            try:
-                with jax.sharding.use_abstract_mesh(mesh):
-                    splitk_matmul(tn, tk, steps, splits, swap=True, nk=True, num_sms=132).trace(
-                        jax.ShapeDtypeStruct((ROWS, K), FP8), jax.ShapeDtypeStruct((N, K), FP8)
-                    ).lower(lowering_platforms=("cuda",))
-                row["lowered"] = True
-            except Exception as e:
-                row.update(lowered=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-                failed += 1
-            emit(row)
-    return int(failed > 0)
+            lower(dict(base, variant="swapk_fp8", tile_n=tn, tile_k=tk, steps=steps,
+                       splits=splits),
+                  splitk_matmul(tn, tk, steps, splits, swap=True, nk=True, num_sms=132),
+                  sds((ROWS, K), FP8), sds((N, K), FP8))
+    return int(not all(ok))
 
 
 def main(argv=None):
