@@ -124,6 +124,8 @@
 #   bash benchmarks/gpu/issues.sh mosaic   (one GPU) Mosaic GPU matmuls (shipped, split-K,
 #                                          swapped, fp8) at batch-1 rows against XLA (run
 #                                          2026-12-03 11:50: none faster; RESULTS)
+#   bash benchmarks/gpu/issues.sh mchain   (one GPU) the Mosaic GPU persistent chain (weight
+#                                          stream ahead of a semaphore barrier) vs XLA
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1295,6 +1297,23 @@ mosaic)  # nvidia-h200 (one GPU), one call (issues 9 and 6): Mosaic GPU GEMMs (J
   # time, the four projection shapes (mosaic_gemv.py; ~90 s; 2026-12-03: none beat XLA).
   timeout $((T - 20)) python3 benchmarks/gpu/mosaic_gemv.py --out $OUT/mosaic.jsonl 2>&1 \
     | grep -v '^{' | tail -100; cut -c1-300 $OUT/mosaic.jsonl | grep error ;;
+mchain)  # nvidia-h200 (one GPU), one call (issues 9 and 6): the Mosaic GPU persistent chain
+  # (mosaic_chain.py: 32 o-shaped layers in one launch, TMA weight stream running ahead of a
+  # GMEM-semaphore grid barrier) against XLA's chain of dots. Each barrier form in a process of
+  # its own under a timeout: a wrong barrier hangs, and must not take the table with it.
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py --variants xla,nosync \
+    --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -12
+  for c in 4x128x4 4x64x8; do
+    timeout 80 python3 benchmarks/gpu/mosaic_chain.py --variants sync,sync_sys --cands $c \
+      --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -6
+  done ;;
+mchain2)  # nvidia-h200 (one GPU), one call: the chain's barrier per K slice against the grid
+  # barrier and XLA in the same call (13:09 run of `mchain`: grid barrier 10.45 µs a layer, XLA
+  # 11.95, no barrier 8.16).
+  timeout 120 python3 benchmarks/gpu/mosaic_chain.py --variants xla,sync,sync_slice \
+    --cands 4x128x4 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -8
+  timeout 80 python3 benchmarks/gpu/mosaic_chain.py --variants sync_slice,sync --cands 4x64x8 \
+    --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -6 ;;
 idle)  # nvidia-h200 (one GPU), one call (issue 9): the GPU's idle share of a decode step at
   # batch 256, three times (profile_step.py: the host wait, and the step replayed back to back
   # against the engine's step), then batch 1 as latency.py runs it (8 sequences, 4 steps a

@@ -1,0 +1,348 @@
+"""A persistent chain of batch-1 GEMMs on Mosaic GPU: does a grid barrier hide under the weight
+stream? The first experiment DESIGN_NOTES names for the batch-1 gap ("Next GPU session").
+
+The gap between batch-1 decode (4.11 ms/token bf16) and its roofline (3.46) is the ramp and tail
+each kernel pays (~2.4 µs a GEMM: XLA's o GEMM takes 9.8 µs as a kernel of its own, 7.35 µs
+a layer inside a 1 GiB stream). A persistent kernel runs the layers in one launch; the Triton
+form (``persistent_chain.py``) was refuted because its barrier costs what a launch costs: every
+program waits at the barrier with nothing in flight. Here the weight loads do not wait:
+
+- the chain ``x_{l+1} = x_l W_l^T`` over L layers, W_l [N, K] bf16 as the engine holds it (the
+  o projection's 4096 x 4096 by default), 8 token rows padded to T = 16;
+- one CTA per (128-column tile, K split): 32 x 4 = 128 CTAs for the o shape, all resident;
+- the product transposed (y^T = W x^T: the weight's 64-row slices are wgmma's A, K-major as they
+  lie; the activations x^T [K, T] its B), so the tokens are wgmma's N and nothing is padded to 64;
+- a warp-specialized pipeline per layer (``emit_pipeline_warp_specialized``): a producer
+  warpgroup streams only weight tiles; the pipelines of successive layers are chained
+  (``pipeline_state`` START / STEADY / STOP), so the producer issues layer l+1's first tiles as
+  soon as layer l's last slots are consumed, without waiting for anyone;
+- the two compute warpgroups (64 columns each) wait at the grid barrier (a GMEM semaphore,
+  ``pl.semaphore_wait(decrement=False)`` on a monotone count) only for the activations: they
+  load x_l^T's K slice (TMA) after it, while the weight tiles are already landing;
+- the K splits' partials meet in GMEM by TMA reduce-add (bf16) into a zeroed x_{l+1}^T; each
+  compute warpgroup signals the semaphore once its add is complete.
+
+Variants: ``sync`` (correct; the semaphore's atomics at GPU scope), ``sync_sys`` (system scope,
+Pallas' default), ``sync_slice`` (a semaphore per K slice: a CTA waits only for the CTAs that
+write its slice of the next activations), ``nosync`` (no barrier: wrong results, what the barrier costs), against XLA's
+chain of dots in the same run and the float32 reference (bf16 between layers).
+Figures as ``persistent_chain.py``: µs a layer by wall time of back-to-back calls, GPU time.
+
+    python3 benchmarks/gpu/mosaic_chain.py [--layers 32] [--cands 4x128x4,4x64x8] [--out F]
+    python3 benchmarks/gpu/mosaic_chain.py --smoke   # CPU: interpret + lowering checks
+
+On the CPU, Mosaic GPU's interpreter runs neither semaphores nor TMA reductions, so ``--smoke``
+runs the chain interpreted in the form that needs neither (one CTA, no K split: its own stores
+feed its next layer) against the reference, and lowers the GPU forms for an abstract H100.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, ".")
+sys.path.insert(0, "benchmarks")
+import gpu_trace  # noqa: E402
+
+T = 8  # token rows (the batch-1 decode bucket): wgmma's N
+WG_N = 64  # a compute warpgroup's columns (wgmma M); a CTA's tile is 2 x 64
+
+
+def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
+                 reduce: bool = True, scope: str = "gpu", per_slice: bool = False,
+                 interpret: bool = False):
+    """``fn(x0 [T, K] bf16, w [L, N, K] bf16) -> xs [L, T, N]``: xs[l] = x_l W_l^T, x_0 = x0,
+    x_{l+1} = xs[l]. N == K (a chain).
+    Each warpgroup's product is y^T = W x^T (the weight's 64-row slice as wgmma's A, x's K slice
+    read transposed as its B: both K-major as they lie, one 128 B swizzle), stored back
+    transposed through a transposed view of its SMEM tile (token-major, as the next layer reads
+    it). ``reduce``: the K splits' partials are TMA-added into xs (zeroed
+    first by the split-0 CTAs); without it (``splits`` must be 1) each tile is stored.
+    ``sync``: a grid barrier (GMEM semaphore) before each layer's activations and before the
+    first add; without it the layers race (timing only, unless one CTA runs alone). ``scope``:
+    the semaphore's atomics' memory scope ("gpu": one GPU's CTAs; "sys", Pallas' default).
+    ``per_slice``: instead of the whole grid, a CTA waits only for the CTAs that write its K
+    slice of the next activations (a semaphore per slice: 2 x 32 of the 256 warpgroups' adds
+    for the o shape at 4 splits), so it does not wait for the slowest CTA of all."""
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if not reduce and splits != 1:
+        raise ValueError("K splits need the reduce-add")
+    bf16 = jnp.bfloat16
+
+    def kernel(x0_gmem, w_gmem, xs_gmem):
+        L, N, K = w_gmem.shape
+        cta_n, k_per = 2 * WG_N, K // splits
+        n_tiles = N // cta_n
+        if (N % cta_n or K % (splits * tile_k) or (k_per // tile_k) % steps or K != N
+                or (N // cta_n) % splits):
+            raise ValueError(f"{L} x {N} x {K} does not tile by {cta_n} / {splits} x {tile_k} "
+                             f"/ {steps} steps")
+        G = n_tiles * splits  # CTAs: one unit each, every layer
+        wg_sw = plgpu.find_swizzle(tile_k * 2 * 8)
+        w_tf = (plgpu.TilingTransform((8, wg_sw // 2)), plgpu.SwizzleTransform(wg_sw))
+        cta = lax.axis_index("cluster_grid")
+        n_idx, s = cta % n_tiles, cta // n_tiles
+        k_slice = pl.ds(s * k_per, k_per)
+
+        def pipeline(body, ctx, state=None):
+            return plgpu.emit_pipeline_warp_specialized(
+                body, grid=(k_per // tile_k,), memory_registers=40,
+                in_specs=[plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tf,
+                                          memory_space=plgpu.SMEM)],
+                wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
+                compute_context=ctx, pipeline_state=state)
+
+        ignore = lambda *_, **__: None  # noqa: E731
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=pipeline(ignore, ignore, 0 if L > 1 else None).get_allocations(w_gmem.at[0]),
+            x_smem=plgpu.SMEM((2, T, k_per), bf16, transforms=w_tf),
+            out_smem=plgpu.SMEM((2, T, WG_N), bf16, transforms=w_tf),
+            x_bar=plgpu.Barrier(num_barriers=2),
+            wg_bar=plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg")
+        def _scope(allocs, x_smem, out_smem, x_bar, wg_bar):
+            wg = lax.axis_index("wg")
+            sem = pl.get_global(plgpu.SemaphoreType.REGULAR) if sync else None
+            slice_sems = (pl.get_global(plgpu.SemaphoreType.REGULAR((splits,)))
+                          if sync and per_slice else None)
+            is_compute = wg < 2
+
+            # Phase 0: the split-0 CTAs zero their columns of every layer's output (the other
+            # splits add into them); every compute warpgroup signals once.
+            if reduce:
+                @pl.when(is_compute)
+                def _zero():
+                    @pl.when(s == 0)
+                    def _():
+                        # an accumulator starts at zero (a splat stored here will not lower)
+                        @functools.partial(pl.run_scoped,
+                                           zero_ref=plgpu.ACC((WG_N, T), jnp.float32))
+                        def _(zero_ref):
+                            out_smem.at[wg].transpose((1, 0))[...] = zero_ref[...].astype(bf16)
+                        plgpu.commit_smem()
+
+                        @pl.loop(0, L)
+                        def _(l):
+                            plgpu.copy_smem_to_gmem(
+                                out_smem.at[wg],
+                                xs_gmem.at[l].at[:, pl.ds(n_idx * cta_n + wg * WG_N, WG_N)])
+                        plgpu.wait_smem_to_gmem(0)
+                    if sync:
+                        plgpu.semaphore_signal(sem, 1, memory_scope=scope)
+
+            @pl.loop(0, L)
+            def _layer(l):
+                dst = xs_gmem.at[l].at[:, pl.ds(n_idx * cta_n + wg * WG_N, WG_N)]
+
+                def ctx(eval_pipeline):
+                    # The activations of this layer: every compute warpgroup of the previous
+                    # layer has added its tile (count 2G per phase, phase 0 the zeroing).
+                    if sync:
+                        @pl.when(l > 0)
+                        def _():
+                            if per_slice:  # 2 n_tiles adds a layer land in each K slice
+                                plgpu.semaphore_wait(slice_sems.at[s], 2 * n_tiles * l,
+                                                     decrement=False, memory_scope=scope)
+                            else:
+                                plgpu.semaphore_wait(sem, 2 * G * (l + 1 if reduce else l),
+                                                     decrement=False, memory_scope=scope)
+
+                    @pl.when(l == 0)
+                    def _():
+                        plgpu.copy_gmem_to_smem(x0_gmem.at[:, k_slice], x_smem.at[wg],
+                                                x_bar.at[wg])
+
+                    @pl.when(l > 0)
+                    def _():
+                        plgpu.copy_gmem_to_smem(xs_gmem.at[l - 1].at[:, k_slice], x_smem.at[wg],
+                                                x_bar.at[wg])
+
+                    plgpu.barrier_wait(x_bar.at[wg])
+
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((WG_N, T), jnp.float32))
+                    def _acc(acc_ref):
+                        eval_pipeline(acc_ref)
+                        acc = acc_ref[...]
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        out_smem.at[wg].transpose((1, 0))[...] = acc.astype(bf16)
+                        plgpu.commit_smem()
+                        if reduce and sync:  # the zeroing is done everywhere
+                            plgpu.semaphore_wait(sem, 2 * G, decrement=False, memory_scope=scope)
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg], dst,
+                                                reduction_op="add" if reduce else None)
+                        plgpu.wait_smem_to_gmem(0)  # written, not only read
+                        if sync:
+                            # the next layer's K slice these columns fall in
+                            plgpu.semaphore_signal(
+                                slice_sems.at[n_idx // (n_tiles // splits)] if per_slice
+                                else sem, 1, memory_scope=scope)
+                        else:  # one CTA: its two compute warpgroups meet (each reads both)
+                            plgpu.barrier_arrive(wg_bar)
+                            plgpu.barrier_wait(wg_bar)
+
+                def mma(idxs, w_smem, acc_ref):
+                    (kk,) = idxs
+                    plgpu.wgmma(acc_ref, w_smem.at[pl.ds(wg * WG_N, WG_N)],
+                                x_smem.at[wg].at[:, pl.ds(kk * tile_k, tile_k)].transpose((1, 0)))
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+
+                state = None
+                if L > 1:
+                    state = jnp.where(l == 0, 0, jnp.where(l == L - 1, 2, 1))
+                pipeline(mma, ctx, state)(w_gmem.at[l].at[pl.ds(n_idx * cta_n, cta_n), k_slice],
+                                          allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    def fn(x0, w):
+        L, N, K = w.shape
+        f = plgpu.kernel(
+            kernel, out_type=jax.ShapeDtypeStruct((L, T, N), bf16),
+            grid=(N // (2 * WG_N) * splits,),
+            interpret=plgpu.InterpretGPUParams() if interpret else None,
+            grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
+            num_threads=3, thread_name="wg",
+            compiler_params=plgpu.CompilerParams(
+                lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+        return f(x0, w)
+
+    return jax.jit(fn)
+
+
+def xla_chain(x, ws):
+    """XLA's dots over a list of weights [N, K] (separate arrays: a slice of the stacked one
+    could cost XLA a copy)."""
+    h = x
+    for w in ws:
+        h = jax.lax.dot_general(h, w, (((1,), (1,)), ((), ())))
+    return h
+
+
+def reference(x, w):
+    """float32 math, bf16 between layers."""
+    for l in range(w.shape[0]):
+        x = (x.astype(jnp.float32) @ w[l].astype(jnp.float32).T).astype(jnp.bfloat16)
+    return x.astype(jnp.float32)
+
+
+CANDS = ((4, 128, 4), (4, 64, 8))  # (K splits, tile_k, pipeline steps)
+
+
+def lower_all(emit, dim: int, layers: int) -> int:
+    """Lowers each candidate (each variant) for an abstract H100; 1 if any fails."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((1,), ("x",), abstract_device=dev)
+    sds = jax.ShapeDtypeStruct
+    ok = []
+    for splits, tk, steps in CANDS:
+        for variant in ("sync", "sync_sys", "sync_slice", "nosync"):
+            row = dict(variant=variant, splits=splits, tile_k=tk, steps=steps, dim=dim,
+                       layers=layers)
+            try:
+                with jax.sharding.use_abstract_mesh(mesh):
+                    mosaic_chain(splits, tk, steps, sync=variant != "nosync",
+                                 scope="sys" if variant == "sync_sys" else "gpu",
+                                 per_slice=variant == "sync_slice").trace(
+                        sds((T, dim), jnp.bfloat16), sds((layers, dim, dim), jnp.bfloat16)
+                    ).lower(lowering_platforms=("cuda",))
+                row["lowered"] = True
+            except Exception as e:
+                row.update(lowered=False, error=f"{type(e).__name__}: {str(e)[:600]}")
+            ok.append(row["lowered"])
+            emit(row)
+    return int(not all(ok))
+
+
+def main(argv=None):
+    from persistent_chain import wall_us  # noqa: PLC0415 (benchmarks/gpu on the path)
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cands", default=",".join("x".join(map(str, c)) for c in CANDS),
+                    help="splits x tile_k x steps, comma-separated")
+    ap.add_argument("--variants", default="xla,nosync,sync,sync_sys",
+                    help="xla, nosync (no barrier: wrong), sync, sync_sys (sys-scope atomics), "
+                         "sync_slice (a semaphore per K slice)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU: the interpreted chain (1 CTA) against the reference, and every "
+                         "candidate lowered for an abstract H100")
+    a = ap.parse_args(argv)
+    rows = []
+    emit = gpu_trace.jsonl_emitter(rows, a.out)
+    key = jax.random.PRNGKey(0)
+    if a.smoke:
+        # One CTA (128 columns), no split: its own stores are its next layer's input.
+        D, L = 128, 3
+        x = jax.random.normal(key, (T, D)).astype(jnp.bfloat16)
+        w = (jax.random.normal(jax.random.PRNGKey(1), (L, D, D)) / D ** 0.5).astype(jnp.bfloat16)
+        ref = reference(x, w)
+        for tk, steps in ((64, 2), (32, 4)):
+            xs = mosaic_chain(1, tk, steps, sync=False, reduce=False, interpret=True)(x, w)
+            out = xs[-1].astype(jnp.float32)
+            emit(dict(variant="interpret", splits=1, tile_k=tk, steps=steps, dim=D, layers=L,
+                      rel=float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))))
+        return lower_all(emit, 4096, 4)
+    D, L = a.dim, a.layers
+    x = jax.random.normal(key, (T, D)).astype(jnp.bfloat16)
+    w = (jax.random.normal(jax.random.PRNGKey(1), (L, D, D)) / D ** 0.5).astype(jnp.bfloat16)
+    ref = reference(x, w)
+    wbytes = D * D * 2
+
+    def check(name, fn, args, final, **cfg):
+        row = dict(variant=name, D=D, L=L, **cfg)
+        try:
+            out = final(fn(*args)).astype(jnp.float32)
+            row["rel"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+            us = wall_us(fn, args, a.calls, a.repeats) / L
+            row.update(us_per_layer=round(us, 2), tb_s=round(wbytes / (us * 1e-6) / 1e12, 2))
+            dev = gpu_trace.device_time(fn, [args], calls=3)
+            if dev is not None:
+                row.update(gpu_us_per_layer=round(dev["device_us"] / L, 2),
+                           ops_per_layer=round(dev["ops_per_call"] / L, 2))
+        except Exception as e:  # a candidate Mosaic refuses: say so, go on
+            row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        emit(row)
+
+    if "xla" in a.variants.split(","):
+        check("xla", jax.jit(xla_chain), (x, list(w)), lambda h: h)
+    for c in a.cands.split(","):
+        splits, tk, steps = (int(v) for v in c.split("x"))
+        for v in a.variants.split(","):
+            if v == "xla":
+                continue
+            fn = mosaic_chain(splits, tk, steps, sync=v != "nosync",
+                              scope="sys" if v == "sync_sys" else "gpu",
+                              per_slice=v == "sync_slice")
+            check(v, fn, (x, w), lambda xs: xs[-1], splits=splits, tile_k=tk, steps=steps)
+    print(f"\n| variant | K splits x tile_k x steps | µs / layer | TB/s | GPU-time µs / layer | "
+          f"rel |\n|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        cfg = f"{r['splits']} x {r['tile_k']} x {r['steps']}" if "splits" in r else ""
+        if "us_per_layer" in r:
+            print(f"| {r['variant']} | {cfg} | {r['us_per_layer']} | {r['tb_s']} | "
+                  f"{r.get('gpu_us_per_layer')} | {r['rel']:.1e} |")
+        else:
+            print(f"| {r['variant']} | {cfg} | {r.get('error', '')[:200]} | | | |")
+    print(f"(floor at 4.64 TB/s: {wbytes / 4.64e12 * 1e6:.2f} µs a layer)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
