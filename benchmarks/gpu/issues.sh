@@ -1312,8 +1312,9 @@ mchain2)  # nvidia-h200 (one GPU), one call: the chain's barrier per K slice aga
   # 11.95, no barrier 8.16).
   timeout 120 python3 benchmarks/gpu/mosaic_chain.py --variants xla,sync,sync_slice \
     --cands 4x128x4 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -8
-  timeout 80 python3 benchmarks/gpu/mosaic_chain.py --variants sync_slice,sync --cands 4x64x8 \
-    --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -6 ;;
+  # the run-ahead's depth: 4 stages of 32 KB (above), 8 of 16, 2 of 32 (half), 2 of 64
+  timeout 120 python3 benchmarks/gpu/mosaic_chain.py --variants sync_slice,sync \
+    --cands 4x64x8,4x128x2,4x256x2 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -10 ;;
 idle)  # nvidia-h200 (one GPU), one call (issue 9): the GPU's idle share of a decode step at
   # batch 256, three times (profile_step.py: the host wait, and the step replayed back to back
   # against the engine's step), then batch 1 as latency.py runs it (8 sequences, 4 steps a

@@ -235,7 +235,7 @@ def reference(x, w):
     return x.astype(jnp.float32)
 
 
-CANDS = ((4, 128, 4), (4, 64, 8))  # (K splits, tile_k, pipeline steps)
+CANDS = ((4, 128, 4), (4, 64, 8), (4, 128, 2), (4, 256, 2))  # (K splits, tile_k, stages)
 
 
 def lower_all(emit, dim: int, layers: int) -> int:
