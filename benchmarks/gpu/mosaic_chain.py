@@ -24,8 +24,9 @@ program waits at the barrier with nothing in flight. Here the weight loads do no
 
 Variants: ``sync`` (correct; the semaphore's atomics at GPU scope), ``sync_sys`` (system scope,
 Pallas' default), ``sync_slice`` (a semaphore per K slice: a CTA waits only for the CTAs that
-write its slice of the next activations), ``nosync`` (no barrier: wrong results, what the barrier costs), against XLA's
-chain of dots in the same run and the float32 reference (bf16 between layers).
+write its slice of the next activations), ``nosync`` (no barrier: wrong results, what the
+barrier costs), against XLA's chain of dots in the same run and the float32 reference (bf16
+between layers).
 Figures as ``persistent_chain.py``: µs a layer by wall time of back-to-back calls, GPU time.
 
     python3 benchmarks/gpu/mosaic_chain.py [--layers 32] [--cands 4x128x4,4x64x8] [--out F]
@@ -37,7 +38,6 @@ feed its next layer) against the reference, and lowers the GPU forms for an abst
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 
@@ -266,14 +266,10 @@ def lower_all(emit, dim: int, layers: int) -> int:
 
 
 def main(argv=None):
-    from persistent_chain import wall_us  # noqa: PLC0415 (benchmarks/gpu on the path)
+    # benchmarks/gpu is on the path (this script's folder)
+    from persistent_chain import chain_parser, wall_us  # noqa: PLC0415
 
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dim", type=int, default=4096)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--calls", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = chain_parser(__doc__)
     ap.add_argument("--cands", default=",".join("x".join(map(str, c)) for c in CANDS),
                     help="splits x tile_k x steps, comma-separated")
     ap.add_argument("--variants", default="xla,nosync,sync,sync_sys",

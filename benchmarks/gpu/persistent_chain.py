@@ -184,13 +184,19 @@ def wall_us(fn, args, calls: int, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__,
+def chain_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every chain benchmark takes (this one and ``mosaic_chain.py``)."""
+    ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
+    return ap
+
+
+def main(argv=None):
+    ap = chain_parser(__doc__)
     ap.add_argument("--cands", default="32x256x4x4,32x256x4x6,32x128x4x6,16x256x4x4",
                     help="block_n x block_k x warps x stages, comma-separated")
     ap.add_argument("--syncs", default="grid,none",
