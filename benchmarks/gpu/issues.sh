@@ -126,6 +126,7 @@
 #                                          2026-12-03 11:50: none faster; RESULTS)
 #   bash benchmarks/gpu/issues.sh mchain   (one GPU) the Mosaic GPU persistent chain (weight
 #                                          stream ahead of a semaphore barrier) vs XLA
+#   bash benchmarks/gpu/issues.sh mchain3  (one GPU) the chain's barrier latency, link by link
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1315,6 +1316,15 @@ mchain2)  # nvidia-h200 (one GPU), one call: the chain's barrier per K slice aga
   # the run-ahead's depth: 4 stages of 32 KB (above), 8 of 16, 2 of 32 (half), 2 of 64
   timeout 120 python3 benchmarks/gpu/mosaic_chain.py --variants sync_slice,sync \
     --cands 4x64x8,4x128x2,4x256x2 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -10 ;;
+mchain3)  # nvidia-h200 (one GPU), one call: the chain's barrier latency link by link (the
+  # ablations drop the split partials' TMA-add, the activations' reload, or both: timing only),
+  # at the o shape and at 1024 x 1024 layers (2 MB: the latency chain alone, ~0.5 µs of
+  # weights), XLA's chain beside each. DESIGN_NOTES: a layer kernel needs ~1.3 µs a boundary.
+  V=xla,nosync,sync,sync_noadd,sync_nox,sync_noadd_nox
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py --variants $V --cands 4x128x4 \
+    --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -10
+  timeout 120 python3 benchmarks/gpu/mosaic_chain.py --dim 1024 --variants $V --cands 4x64x4 \
+    --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -10 ;;
 idle)  # nvidia-h200 (one GPU), one call (issue 9): the GPU's idle share of a decode step at
   # batch 256, three times (profile_step.py: the host wait, and the step replayed back to back
   # against the engine's step), then batch 1 as latency.py runs it (8 sequences, 4 steps a

@@ -54,7 +54,7 @@ WG_N = 64  # a compute warpgroup's columns (wgmma M); a CTA's tile is 2 x 64
 
 def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                  reduce: bool = True, scope: str = "gpu", per_slice: bool = False,
-                 interpret: bool = False):
+                 ablate: frozenset = frozenset(), interpret: bool = False):
     """``fn(x0 [T, K] bf16, w [L, N, K] bf16) -> xs [L, T, N]``: xs[l] = x_l W_l^T, x_0 = x0,
     x_{l+1} = xs[l]. N == K (a chain).
     Each warpgroup's product is y^T = W x^T (the weight's 64-row slice as wgmma's A, x's K slice
@@ -67,7 +67,11 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
     the semaphore's atomics' memory scope ("gpu": one GPU's CTAs; "sys", Pallas' default).
     ``per_slice``: instead of the whole grid, a CTA waits only for the CTAs that write its K
     slice of the next activations (a semaphore per slice: 2 x 32 of the 256 warpgroups' adds
-    for the o shape at 4 splits), so it does not wait for the slowest CTA of all."""
+    for the o shape at 4 splits), so it does not wait for the slowest CTA of all.
+    ``ablate`` (timing only: the results are wrong) takes a link out of the chain of latencies
+    between a layer's last wgmma and the next one's first, to read what each costs: "noadd"
+    stores the split partials instead of TMA-adding them; "nox" loads the activations once, at
+    layer 0, and never again after the barrier."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -161,12 +165,15 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                         plgpu.copy_gmem_to_smem(x0_gmem.at[:, k_slice], x_smem.at[wg],
                                                 x_bar.at[wg])
 
-                    @pl.when(l > 0)
-                    def _():
-                        plgpu.copy_gmem_to_smem(xs_gmem.at[l - 1].at[:, k_slice], x_smem.at[wg],
-                                                x_bar.at[wg])
+                    if "nox" in ablate:  # the layer-0 activations stay
+                        pl.when(l == 0)(lambda: plgpu.barrier_wait(x_bar.at[wg]))
+                    else:
+                        @pl.when(l > 0)
+                        def _():
+                            plgpu.copy_gmem_to_smem(xs_gmem.at[l - 1].at[:, k_slice],
+                                                    x_smem.at[wg], x_bar.at[wg])
 
-                    plgpu.barrier_wait(x_bar.at[wg])
+                        plgpu.barrier_wait(x_bar.at[wg])
 
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((WG_N, T), jnp.float32))
                     def _acc(acc_ref):
@@ -178,7 +185,8 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                         if reduce and sync:  # the zeroing is done everywhere
                             plgpu.semaphore_wait(sem, 2 * G, decrement=False, memory_scope=scope)
                         plgpu.copy_smem_to_gmem(out_smem.at[wg], dst,
-                                                reduction_op="add" if reduce else None)
+                                                reduction_op="add" if reduce and "noadd"
+                                                not in ablate else None)
                         plgpu.wait_smem_to_gmem(0)  # written, not only read
                         if sync:
                             # the next layer's K slice these columns fall in
@@ -235,6 +243,23 @@ def reference(x, w):
     return x.astype(jnp.float32)
 
 
+# The barrier forms (see mosaic_chain): a name's parts are its options.
+VARIANTS = ("sync", "sync_sys", "sync_slice", "sync_noadd", "sync_nox", "sync_noadd_nox",
+            "nosync")
+
+
+def chain_for(variant: str, splits: int, tile_k: int, steps: int):
+    """The chain of a variant's name: sync / nosync, then any of sys (system-scope atomics),
+    slice (a semaphore per K slice), noadd and nox (ablations)."""
+    parts = variant.split("_")
+    if parts[0] not in ("sync", "nosync") or not set(parts[1:]) <= {"sys", "slice", "noadd",
+                                                                      "nox"}:
+        raise ValueError(f"unknown variant {variant!r}")
+    return mosaic_chain(splits, tile_k, steps, sync=parts[0] == "sync",
+                        scope="sys" if "sys" in parts else "gpu", per_slice="slice" in parts,
+                        ablate=frozenset(parts) & {"noadd", "nox"})
+
+
 CANDS = ((4, 128, 4), (4, 64, 8), (4, 128, 2), (4, 256, 2))  # (K splits, tile_k, stages)
 
 
@@ -247,14 +272,12 @@ def lower_all(emit, dim: int, layers: int) -> int:
     sds = jax.ShapeDtypeStruct
     ok = []
     for splits, tk, steps in CANDS:
-        for variant in ("sync", "sync_sys", "sync_slice", "nosync"):
+        for variant in VARIANTS:
             row = dict(variant=variant, splits=splits, tile_k=tk, steps=steps, dim=dim,
                        layers=layers)
             try:
                 with jax.sharding.use_abstract_mesh(mesh):
-                    mosaic_chain(splits, tk, steps, sync=variant != "nosync",
-                                 scope="sys" if variant == "sync_sys" else "gpu",
-                                 per_slice=variant == "sync_slice").trace(
+                    chain_for(variant, splits, tk, steps).trace(
                         sds((T, dim), jnp.bfloat16), sds((layers, dim, dim), jnp.bfloat16)
                     ).lower(lowering_platforms=("cuda",))
                 row["lowered"] = True
@@ -274,7 +297,8 @@ def main(argv=None):
                     help="splits x tile_k x steps, comma-separated")
     ap.add_argument("--variants", default="xla,nosync,sync,sync_sys",
                     help="xla, nosync (no barrier: wrong), sync, sync_sys (sys-scope atomics), "
-                         "sync_slice (a semaphore per K slice)")
+                         "sync_slice (a semaphore per K slice); the sync forms take the "
+                         "ablations _noadd and _nox (timing only, see mosaic_chain)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true",
                     help="CPU: the interpreted chain (1 CTA) against the reference, and every "
@@ -323,10 +347,8 @@ def main(argv=None):
         for v in a.variants.split(","):
             if v == "xla":
                 continue
-            fn = mosaic_chain(splits, tk, steps, sync=v != "nosync",
-                              scope="sys" if v == "sync_sys" else "gpu",
-                              per_slice=v == "sync_slice")
-            check(v, fn, (x, w), lambda xs: xs[-1], splits=splits, tile_k=tk, steps=steps)
+            check(v, chain_for(v, splits, tk, steps), (x, w), lambda xs: xs[-1],
+                  splits=splits, tile_k=tk, steps=steps)
     print(f"\n| variant | K splits x tile_k x steps | µs / layer | TB/s | GPU-time µs / layer | "
           f"rel |\n|---|---|---:|---:|---:|---:|")
     for r in rows:
