@@ -1173,8 +1173,8 @@ def test_mosaic_chain_benchmark_interprets_and_lowers(tmp_path):
     # launch, a GMEM-semaphore barrier between layers, the K splits' partials TMA-added): its
     # --smoke runs the chain in Mosaic GPU's interpreter in the form the interpreter supports
     # (one CTA, no split, no semaphore: its own token-major stores feed its next layer through
-    # the transposed SMEM view) against the float32 reference, and lowers every barrier form it
-    # times for an abstract H100 (the interpreter runs neither semaphores nor TMA reductions;
+    # the transposed SMEM view) against the float32 reference, and lowers its barrier forms
+    # (every variant at one tile, the correct form at every tile) for an abstract H100 (the interpreter runs neither semaphores nor TMA reductions;
     # the semaphore forms were checked on the H200, RESULTS "Rerun of 2026-12-03 (13:09)").
     rows = _smoke_rows("mosaic_chain.py", tmp_path)
     chain = _load_benchmark("gpu/mosaic_chain.py")
@@ -1182,5 +1182,5 @@ def test_mosaic_chain_benchmark_interprets_and_lowers(tmp_path):
     assert len(interp) == 2 and all(r["rel"] < 1e-2 for r in interp), interp
     lowered = [r for r in rows if "lowered" in r]
     assert {r["variant"] for r in lowered} == set(chain.VARIANTS)
-    assert len(lowered) == len(chain.VARIANTS) * len(chain.CANDS)
+    assert {(r["splits"], r["tile_k"], r["steps"]) for r in lowered} == set(chain.CANDS)
     assert all(r["lowered"] for r in lowered), [r for r in lowered if not r["lowered"]]

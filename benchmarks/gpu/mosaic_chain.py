@@ -264,15 +264,16 @@ CANDS = ((4, 128, 4), (4, 64, 8), (4, 128, 2), (4, 256, 2))  # (K splits, tile_k
 
 
 def lower_all(emit, dim: int, layers: int) -> int:
-    """Lowers each candidate (each variant) for an abstract H100; 1 if any fails."""
+    """Lowers the candidates for an abstract H100; 1 if any fails."""
     from jax.sharding import AbstractDevice, AbstractMesh
 
     dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     mesh = AbstractMesh((1,), ("x",), abstract_device=dev)
     sds = jax.ShapeDtypeStruct
     ok = []
-    for splits, tk, steps in CANDS:
-        for variant in VARIANTS:
+    for i, (splits, tk, steps) in enumerate(CANDS):
+        # every variant at the first tile, the correct form at the others (CI time)
+        for variant in VARIANTS if i == 0 else ("sync",):
             row = dict(variant=variant, splits=splits, tile_k=tk, steps=steps, dim=dim,
                        layers=layers)
             try:
