@@ -1174,8 +1174,9 @@ def test_mosaic_chain_benchmark_interprets_and_lowers(tmp_path):
     # --smoke runs the chain in Mosaic GPU's interpreter in the form the interpreter supports
     # (one CTA, no split, no semaphore: its own token-major stores feed its next layer through
     # the transposed SMEM view) against the float32 reference, and lowers its barrier forms
-    # (every variant at one tile, the correct form at every tile) for an abstract H100 (the interpreter runs neither semaphores nor TMA reductions;
-    # the semaphore forms were checked on the H200, RESULTS "Rerun of 2026-12-03 (13:09)").
+    # (every variant at one tile, the correct form at every tile) for an abstract H100 (the
+    # interpreter runs neither semaphores nor TMA reductions; the semaphore forms were checked
+    # on the H200, RESULTS "Rerun of 2026-12-03 (13:09)").
     rows = _smoke_rows("mosaic_chain.py", tmp_path)
     chain = _load_benchmark("gpu/mosaic_chain.py")
     interp = [r for r in rows if r["variant"] == "interpret"]
@@ -1184,3 +1185,16 @@ def test_mosaic_chain_benchmark_interprets_and_lowers(tmp_path):
     assert {r["variant"] for r in lowered} == set(chain.VARIANTS)
     assert {(r["splits"], r["tile_k"], r["steps"]) for r in lowered} == set(chain.CANDS)
     assert all(r["lowered"] for r in lowered), [r for r in lowered if not r["lowered"]]
+
+
+def test_mosaic_chain_refuses_a_grid_barrier_over_more_ctas_than_sms():
+    # A grid barrier over CTAs that cannot all be resident would spin forever on the GPU: the
+    # chain refuses it at trace time (8 K splits of the o shape: 256 CTAs on 132 SMs), and
+    # takes the same grid without a barrier.
+    chain = _load_benchmark("gpu/mosaic_chain.py")
+    x = jax.ShapeDtypeStruct((chain.T, 4096), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((2, 4096, 4096), jnp.bfloat16)
+    with pytest.raises(ValueError, match="needs them all resident"):
+        chain.mosaic_chain(8, 128, 4, num_sms=132).trace(x, w)
+    chain.mosaic_chain(8, 128, 4, sync=False, num_sms=132).trace(x, w)
+    chain.mosaic_chain(4, 128, 4, num_sms=132).trace(x, w)

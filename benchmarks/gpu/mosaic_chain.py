@@ -62,7 +62,8 @@ WG_N = 64  # a compute warpgroup's columns (wgmma M); a CTA's tile is 2 x 64
 
 def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                  reduce: bool = True, scope: str = "gpu", per_slice: bool = False,
-                 ablate: frozenset = frozenset(), interpret: bool = False):
+                 ablate: frozenset = frozenset(), num_sms: int | None = None,
+                 interpret: bool = False):
     """``fn(x0 [T, K] bf16, w [L, N, K] bf16) -> xs [L, T, N]``: xs[l] = x_l W_l^T, x_0 = x0,
     x_{l+1} = xs[l]. N == K (a chain).
     Each warpgroup's product is y^T = W x^T (the weight's 64-row slice as wgmma's A, x's K slice
@@ -79,7 +80,10 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
     ``ablate`` (timing only: the results are wrong) takes a link out of the chain of latencies
     between a layer's last wgmma and the next one's first, to read what each costs: "noadd"
     stores the split partials instead of TMA-adding them; "nox" loads the activations once, at
-    layer 0, and never again after the barrier."""
+    layer 0, and never again after the barrier.
+    A grid barrier needs every CTA resident at once (one a SM: the SMEM each takes), so
+    ``sync`` refuses a grid larger than ``num_sms`` (default: the GPU's; unchecked where the
+    device does not say, e.g. lowering on the CPU) instead of hanging the GPU."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -97,6 +101,11 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
             raise ValueError(f"{L} x {N} x {K} does not tile by {cta_n} / {splits} x {tile_k} "
                              f"/ {steps} steps")
         G = n_tiles * splits  # CTAs: one unit each, every layer
+        sms = num_sms or (None if interpret else getattr(jax.devices()[0], "core_count", None))
+        if sync and sms is not None and G > sms:
+            raise ValueError(f"a grid barrier over {G} CTAs ({n_tiles} column tiles x {splits} "
+                             f"K splits) needs them all resident, and the GPU has {sms} SMs: "
+                             f"use fewer K splits")
         wg_sw = plgpu.find_swizzle(tile_k * 2 * 8)
         w_tf = (plgpu.TilingTransform((8, wg_sw // 2)), plgpu.SwizzleTransform(wg_sw))
         cta = lax.axis_index("cluster_grid")
