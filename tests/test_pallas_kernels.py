@@ -1198,3 +1198,69 @@ def test_mosaic_chain_refuses_a_grid_barrier_over_more_ctas_than_sms():
         chain.mosaic_chain(8, 128, 4, num_sms=132).trace(x, w)
     chain.mosaic_chain(8, 128, 4, sync=False, num_sms=132).trace(x, w)
     chain.mosaic_chain(4, 128, 4, num_sms=132).trace(x, w)
+
+
+def test_mosaic_chain_profile_summary_reads_a_trace(tmp_path):
+    # mosaic_chain.py --profile reads Mosaic GPU's on-device profiler traces (B / E events a
+    # warpgroup, times stamped in SM cycles): a hand-made trace of two compute warpgroups over
+    # three layers, whose regions, tile waits and barrier latency are known, read back.
+    chain = _load_benchmark("gpu/mosaic_chain.py")
+
+    def events(tid, layers):
+        spans = [(name, span) for lay in layers for name, v in lay.items()
+                 for span in (v if name == "mma" else [v])]
+        ev = [dict(name=n, ph=ph, ts=t, tid=tid, pid=1)
+              for n, (b, e) in spans for ph, t in (("B", b), ("E", e))]
+        return sorted(ev, key=lambda x: (x["ts"], x["ph"] == "B"))
+
+    a = [dict(xload=(0, 1), pipe=(1, 5), mma=[(1.5, 2), (3, 3.5)], epi=(5, 6)),
+         dict(wait=(6, 7.5), xload=(7.5, 8), pipe=(8, 12), mma=[(8, 8.5), (11, 11.5)],
+              epi=(12, 13)),
+         dict(wait=(13, 14), xload=(14, 14.5), pipe=(14.5, 18), mma=[(14.5, 15), (17, 17.5)],
+              epi=(18, 19))]
+    b = [dict(a[0], epi=(5, 7)), dict(a[1], wait=(7, 7.5), epi=(12, 13.5)),
+         dict(a[2], wait=(13.5, 14))]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"displayTimeUnit": "ns",
+                                "traceEvents": events(1, a) + events(2, b)}))
+    s = chain.profile_summary(str(path), clock_ghz=1.0)
+    assert s["warpgroups"] == 2
+    assert s["barrier_first"] == pytest.approx(0.5)  # the last signal (7, 13.5) to the release
+    assert s["tile_wait_first_half"] == pytest.approx(0.0)
+    assert s["tile_wait_second_half"] == pytest.approx(2.25)  # 2.5 and 2.0
+    assert s["period"] == pytest.approx(6.25)  # 7, 6, 6.5, 5.5
+    assert s["wait"] == pytest.approx(0.75)  # 1.5, 1.0, 0.5, 0.5
+    assert s["pipe"] == pytest.approx(3.75)
+    # cycles at 2 GHz take half the time
+    assert chain.profile_summary(str(path), clock_ghz=2.0)["pipe"] == pytest.approx(1.875)
+
+
+def test_mosaic_chain_signal_forms_lower_to_the_atomics_they_name():
+    # The chain's signal forms (benchmarks/gpu/mosaic_chain.py): Pallas' semaphore_signal is a
+    # release add (the correct form); `_relaxed` a relaxed add (measured wrong in 12-17% of
+    # calls on the H200: timing only); `_relfence` a relaxed add after a release fence. The
+    # lowered kernels carry exactly those atomics per layer (the zeroing phase's signal is
+    # Pallas' release add in every form).
+    import re
+
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    chain = _load_benchmark("gpu/mosaic_chain.py")
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((1,), ("x",), abstract_device=dev)
+    x = jax.ShapeDtypeStruct((chain.T, 4096), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((2, 4096, 4096), jnp.bfloat16)
+
+    def ptx(variant):
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = chain.chain_for(variant, 4, 128, 4).trace(x, w).lower(
+                lowering_platforms=("cuda",)).as_text()
+        return (set(re.findall(r"red\.\w+\.gpu", text)),
+                set(re.findall(r"fence\.(?:release|acq_rel)\.gpu", text)))
+
+    assert ptx("sync") == ({"red.release.gpu"}, set())
+    assert ptx("sync_relaxed") == ({"red.release.gpu", "red.relaxed.gpu"}, set())
+    assert ptx("sync_relfence") == ({"red.release.gpu", "red.relaxed.gpu"},
+                                    {"fence.release.gpu"})
+    with pytest.raises(ValueError, match="unknown variant"):
+        chain.chain_for("sync_fast", 4, 128, 4)

@@ -127,6 +127,11 @@
 #   bash benchmarks/gpu/issues.sh mchain   (one GPU) the Mosaic GPU persistent chain (weight
 #                                          stream ahead of a semaphore barrier) vs XLA
 #   bash benchmarks/gpu/issues.sh mchain3  (one GPU) the chain's barrier latency, link by link
+#   bash benchmarks/gpu/issues.sh mprof    (one GPU) the chain under Mosaic GPU's profiler
+#   bash benchmarks/gpu/issues.sh mchain4  (one GPU) the chain without the per-layer zero poll
+#   bash benchmarks/gpu/issues.sh mchain5  (one GPU) the chain's signal as a relaxed atomic
+#   bash benchmarks/gpu/issues.sh mchain6  (one GPU) the release's parts; the signals stressed
+#   bash benchmarks/gpu/issues.sh mchain7  (one GPU) a release-only fence, timed and stressed
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1325,6 +1330,57 @@ mchain3)  # nvidia-h200 (one GPU), one call: the chain's barrier latency link by
     --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -10
   timeout 120 python3 benchmarks/gpu/mosaic_chain.py --dim 1024 --variants $V --cands 4x64x4 \
     --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -10 ;;
+mchain4)  # nvidia-h200 (one GPU), one call: the chain with the zeroing's poll at layer 0 only
+  # (mprof of 15:37: the epilogue's poll of the hot semaphore took ~2.3 µs a layer), against
+  # the old form, XLA and no barrier in the same process; the other tiles; 1024 x 1024 layers.
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py --variants xla,nosync,sync,sync_zerowait \
+    --cands 4x128x4 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -8
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py --variants sync,sync_slice,sync_sys \
+    --cands 4x128x4,4x64x8,4x128x2,2x128x4 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -16
+  timeout 120 python3 benchmarks/gpu/mosaic_chain.py --dim 1024 --variants xla,nosync,sync \
+    --cands 4x64x4 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -6 ;;
+mchain5)  # nvidia-h200 (one GPU), one call: the signal as a relaxed atomic add (mchain4's
+  # profile: the epilogue's 2.5 µs a layer is not the zero poll; the release add is a fence
+  # that waits for the CTA's loads in flight, the weight stream's too), XLA and no barrier in
+  # the same process; its tiles; 1024 x 1024 layers.
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py \
+    --variants xla,nosync,sync,sync_relaxed,sync_slice_relaxed \
+    --cands 4x128x4 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -9
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py --variants sync_relaxed,sync_slice_relaxed \
+    --cands 4x64x8,4x128x2,2x128x4,4x256x2 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -12
+  timeout 120 python3 benchmarks/gpu/mosaic_chain.py --dim 1024 \
+    --variants xla,nosync,sync,sync_relaxed --cands 4x64x4 --out $OUT/chain.jsonl 2>&1 \
+    | grep -v '^{' | tail -7 ;;
+mchain6)  # nvidia-h200 (one GPU), one call: which part of the release costs (a relaxed add after
+  # a proxy fence / after an acq_rel fence), then every signal form called 60 times against
+  # the reference (a stale read shows as an outlier; mchain5 saw one 3.9e-2 among 2.0e-2s).
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py \
+    --variants xla,nosync,sync,sync_relaxed,sync_proxy,sync_acqrel,sync_slice_relaxed \
+    --cands 4x128x4 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -10
+  timeout 200 python3 benchmarks/gpu/mosaic_chain.py --stress 60 \
+    --variants sync,sync_relaxed,sync_proxy,sync_slice_relaxed,sync_slice \
+    --cands 4x128x4,4x64x8 --out $OUT/stress.jsonl 2>&1 | tail -12 ;;
+mchain7)  # nvidia-h200 (one GPU), one call: the signal after PTX's release-only fence
+  # (fence.release.gpu, then a relaxed add) against Pallas' release add, timed and stressed
+  # (mchain6: a relaxed add without a release reads stale data in 7-10 calls of 60).
+  timeout 120 python3 benchmarks/gpu/mosaic_chain.py \
+    --variants xla,nosync,sync,sync_relfence,sync_slice --cands 4x128x4 \
+    --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -8
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py --stress 100 \
+    --variants sync_relfence,sync --cands 4x128x4,4x64x8 --out $OUT/stress.jsonl 2>&1 \
+    | tail -4 ;;
+mprof)  # nvidia-h200 (one GPU), one call: the chain's regions under Mosaic GPU's on-device
+  # profiler (where each warpgroup's layer goes: the barrier wait, the activations' load, the
+  # weight tiles' waits, the epilogue; and the grid's signal-to-release latency), each variant
+  # in a process of its own; the last trace of each kept (gzip).
+  for v in ${PV:-sync nosync sync_nox sync_noadd}; do
+    timeout 120 python3 benchmarks/gpu/mosaic_chain.py --profile $OUT/prof --variants $v \
+      --cands ${CAND:-4x128x4} --out $OUT/prof.jsonl 2>&1 | grep -v '^{' | tail -4
+    f=$(ls -t $OUT/prof/$v-*/*.json 2>/dev/null | head -1)
+    [ -n "$f" ] && gzip -c "$f" > $OUT/prof-$v.json.gz
+    rm -rf $OUT/prof/$v-*
+  done
+  cat $OUT/prof.jsonl ;;
 idle)  # nvidia-h200 (one GPU), one call (issue 9): the GPU's idle share of a decode step at
   # batch 256, three times (profile_step.py: the host wait, and the step replayed back to back
   # against the engine's step), then batch 1 as latency.py runs it (8 sequences, 4 steps a

@@ -25,20 +25,27 @@ program waits at the barrier with nothing in flight. Here the weight loads do no
 - the K splits' partials meet in GMEM by TMA reduce-add (bf16) into a zeroed x_{l+1}; each
   compute warpgroup signals the semaphore once its add is complete.
 
-Measured on the H200 (2026-12-03, RESULTS "Rerun of 2026-12-03 (13:09)"): correct, and 10.3-10.45
-µs a layer against XLA's chain of kernels at 11.8-11.95 (-12 to -13%); the barrier still costs
-~2.2 µs a layer over the body (8.2), and that is latency (a semaphore per K slice, fewer CTAs
-or deeper stages do not move it). The ``_noadd`` / ``_nox`` ablations read it link by link.
+Measured on the H200 (2026-12-03, RESULTS "Rerun of 2026-12-03 (13:09)" and "(15:37)"): correct,
+and 10.2-10.4 µs a layer against XLA's chain of kernels at 11.7-12.2 (-12 to -15%); the barrier
+costs ~2.0 µs a layer over the body (8.1-8.4). Under the profiler (``--profile``) the signal's
+release fence takes 2.2 µs of each epilogue (~0.6 µs of the critical path); a relaxed signal
+is faster and wrong in 12-17% of calls (``--stress``); the rest is the poll's propagation,
+the slowest CTA of each layer, and a run-ahead (4 stages) shorter than the compute side's wait.
 
 Variants: ``sync`` (correct; the semaphore's atomics at GPU scope), ``sync_sys`` (system scope,
 Pallas' default), ``sync_slice`` (a semaphore per K slice: a CTA waits only for the CTAs that
 write its slice of the next activations), ``nosync`` (no barrier: wrong results, what the
 barrier costs), against XLA's chain of dots in the same run and the float32 reference (bf16
-between layers).
+between layers). Timing only, wrong results: ``_noadd`` / ``_nox`` (ablations), ``_relaxed``
+and ``_proxy`` (the signal without its release fence: stale reads in some calls); correct
+forms of the signal's fence: ``_acqrel``, ``_relfence``; ``_zerowait`` (the zeroing polled every
+layer, the form before 15:37 on 2026-12-03).
 Figures as ``persistent_chain.py``: µs a layer by wall time of back-to-back calls, GPU time.
 
     python3 benchmarks/gpu/mosaic_chain.py [--layers 32] [--cands 4x128x4,4x64x8] [--out F]
     python3 benchmarks/gpu/mosaic_chain.py --smoke   # CPU: interpret + lowering checks
+    python3 benchmarks/gpu/mosaic_chain.py --profile DIR --variants sync --cands 4x128x4
+    python3 benchmarks/gpu/mosaic_chain.py --stress 60 --variants sync,sync_relaxed
 
 On the CPU, Mosaic GPU's interpreter runs neither semaphores nor TMA reductions, so ``--smoke``
 runs the chain interpreted in the form that needs neither (one CTA, no K split: its own stores
@@ -56,6 +63,7 @@ sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 import gpu_trace  # noqa: E402
 
+PROFILE_SPACE = 640  # ranges a warpgroup may record: 12 a layer, 32 layers, and slack
 T = 8  # token rows (the batch-1 decode bucket): wgmma's N
 WG_N = 64  # a compute warpgroup's columns (wgmma M); a CTA's tile is 2 x 64
 
@@ -63,7 +71,8 @@ WG_N = 64  # a compute warpgroup's columns (wgmma M); a CTA's tile is 2 x 64
 def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                  reduce: bool = True, scope: str = "gpu", per_slice: bool = False,
                  ablate: frozenset = frozenset(), num_sms: int | None = None,
-                 interpret: bool = False):
+                 interpret: bool = False, profile_dir: str | None = None,
+                 relaxed: bool | str = False):
     """``fn(x0 [T, K] bf16, w [L, N, K] bf16) -> xs [L, T, N]``: xs[l] = x_l W_l^T, x_0 = x0,
     x_{l+1} = xs[l]. N == K (a chain).
     Each warpgroup's product is y^T = W x^T (the weight's 64-row slice as wgmma's A, x's K slice
@@ -80,10 +89,20 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
     ``ablate`` (timing only: the results are wrong) takes a link out of the chain of latencies
     between a layer's last wgmma and the next one's first, to read what each costs: "noadd"
     stores the split partials instead of TMA-adding them; "nox" loads the activations once, at
-    layer 0, and never again after the barrier.
+    layer 0, and never again after the barrier; "zerowait" (correct, the form measured before
+    15:37 on 2026-12-03) polls the zeroing's count before every layer's add, not only layer 0's.
     A grid barrier needs every CTA resident at once (one a SM: the SMEM each takes), so
     ``sync`` refuses a grid larger than ``num_sms`` (default: the GPU's; unchecked where the
-    device does not say, e.g. lowering on the CPU) instead of hanging the GPU."""
+    device does not say, e.g. lowering on the CPU) instead of hanging the GPU.
+    ``relaxed``: the signal is a relaxed atomic add, not a release one (Pallas' only form):
+    the TMA add it publishes has completed already (``wait_smem_to_gmem(0)``), and the release
+    cost ~2.2 µs a layer here (profile of 2026-12-03 15:44). ``"proxy"`` / ``"acq_rel"``: the
+    relaxed add after ``fence.proxy.async.global`` / ``fence.acq_rel.gpu``; ``"release"``:
+    after ``fence.release.gpu`` (PTX's lighter release-only fence) (which of the
+    release's parts costs; whether the add without it ever reads stale data: ``--stress``).
+    ``profile_dir``: Mosaic GPU's on-device profiler records each warpgroup's named regions
+    (``zero``, then a layer's ``wait`` (the barrier), ``xload``, ``pipe`` with its steps'
+    ``mma``, ``epi``) and writes a trace a call there (``profile_summary`` reads it)."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -141,6 +160,7 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
             # splits add into them); every compute warpgroup signals once.
             if reduce:
                 @pl.when(is_compute)
+                @jax.named_scope("zero")
                 def _zero():
                     @pl.when(s == 0)
                     def _():
@@ -169,6 +189,7 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                     # layer has added its tile (count 2G per phase, phase 0 the zeroing).
                     if sync:
                         @pl.when(l > 0)
+                        @jax.named_scope("wait")
                         def _():
                             if per_slice:  # 2 n_tiles adds a layer land in each K slice
                                 plgpu.semaphore_wait(slice_sems.at[s], 2 * n_tiles * l,
@@ -177,43 +198,68 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                                 plgpu.semaphore_wait(sem, 2 * G * (l + 1 if reduce else l),
                                                      decrement=False, memory_scope=scope)
 
-                    @pl.when(l == 0)
-                    def _():
-                        plgpu.copy_gmem_to_smem(x0_gmem.at[:, k_slice], x_smem.at[wg],
-                                                x_bar.at[wg])
-
-                    if "nox" in ablate:  # the layer-0 activations stay
-                        pl.when(l == 0)(lambda: plgpu.barrier_wait(x_bar.at[wg]))
-                    else:
-                        @pl.when(l > 0)
+                    @jax.named_scope("xload")
+                    def xload():
+                        @pl.when(l == 0)
                         def _():
-                            plgpu.copy_gmem_to_smem(xs_gmem.at[l - 1].at[:, k_slice],
-                                                    x_smem.at[wg], x_bar.at[wg])
+                            plgpu.copy_gmem_to_smem(x0_gmem.at[:, k_slice], x_smem.at[wg],
+                                                    x_bar.at[wg])
 
-                        plgpu.barrier_wait(x_bar.at[wg])
+                        if "nox" in ablate:  # the layer-0 activations stay
+                            pl.when(l == 0)(lambda: plgpu.barrier_wait(x_bar.at[wg]))
+                        else:
+                            @pl.when(l > 0)
+                            def _():
+                                plgpu.copy_gmem_to_smem(xs_gmem.at[l - 1].at[:, k_slice],
+                                                        x_smem.at[wg], x_bar.at[wg])
+
+                            plgpu.barrier_wait(x_bar.at[wg])
+                    xload()
 
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((WG_N, T), jnp.float32))
                     def _acc(acc_ref):
-                        eval_pipeline(acc_ref)
+                        with jax.named_scope("pipe"):
+                            eval_pipeline(acc_ref)
+                        epilogue(acc_ref)
+
+                @jax.named_scope("epi")
+                def epilogue(acc_ref):
+                    with jax.named_scope("store"):
                         acc = acc_ref[...]
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         out_smem.at[wg].transpose((1, 0))[...] = acc.astype(bf16)
                         plgpu.commit_smem()
-                        if reduce and sync:  # the zeroing is done everywhere
-                            plgpu.semaphore_wait(sem, 2 * G, decrement=False, memory_scope=scope)
+                    if reduce and sync:
+                        # The zeroing is done everywhere. Only layer 0 asks: a later layer's
+                        # barrier already waited for it (the count includes phase 0). Polling
+                        # the semaphore every layer cost ~2.3 µs a layer (profile of
+                        # 2026-12-03 15:37): 256 pollers on one L2 line.
+                        zero_wait = lambda: plgpu.semaphore_wait(  # noqa: E731
+                            sem, 2 * G, decrement=False, memory_scope=scope)
+                        if "zerowait" in ablate:  # the old form, every layer
+                            zero_wait()
+                        else:
+                            pl.when(l == 0)(zero_wait)
+                    with jax.named_scope("add"):
                         plgpu.copy_smem_to_gmem(out_smem.at[wg], dst,
                                                 reduction_op="add" if reduce and "noadd"
                                                 not in ablate else None)
                         plgpu.wait_smem_to_gmem(0)  # written, not only read
-                        if sync:
-                            # the next layer's K slice these columns fall in
-                            plgpu.semaphore_signal(
-                                slice_sems.at[n_idx // (n_tiles // splits)] if per_slice
-                                else sem, 1, memory_scope=scope)
-                        else:  # one CTA: its two compute warpgroups meet (each reads both)
-                            plgpu.barrier_arrive(wg_bar)
-                            plgpu.barrier_wait(wg_bar)
+                    if sync:
+                        # the next layer's K slice these columns fall in
+                        target = (slice_sems.at[n_idx // (n_tiles // splits)] if per_slice
+                                  else sem)
+                        with jax.named_scope("signal"):
+                            if relaxed:
+                                relaxed_signal(target, scope,
+                                               None if relaxed is True else relaxed)
+                            else:
+                                plgpu.semaphore_signal(target, 1, memory_scope=scope)
+                    else:  # one CTA: its two compute warpgroups meet (each reads both)
+                        plgpu.barrier_arrive(wg_bar)
+                        plgpu.barrier_wait(wg_bar)
 
+                @jax.named_scope("mma")
                 def mma(idxs, w_smem, acc_ref):
                     (kk,) = idxs
                     plgpu.wgmma(acc_ref, w_smem.at[pl.ds(wg * WG_N, WG_N)],
@@ -238,10 +284,34 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
             grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
             num_threads=3, thread_name="wg",
             compiler_params=plgpu.CompilerParams(
-                lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+                lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                **(dict(profile_space=PROFILE_SPACE, profile_dir=profile_dir,
+                        profile_bounds_check=True) if profile_dir else {})))
         return f(x0, w)
 
     return jax.jit(fn)
+
+
+def relaxed_signal(sem, scope: str, fence: str | None = None):
+    """``semaphore_signal(sem, 1)`` as a relaxed atomic add (``red.relaxed``): no release
+    fence. Pallas emits ``red.release``; this is the same add through ``inline_mgpu``, after
+    ``fence`` ("proxy": ``fence.proxy.async.global``, the TMA writes ordered before the
+    thread's generic operations; "acq_rel": ``fence.acq_rel.gpu``, what a release implies)."""
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+    def signal(ctx, sem_ref):
+        del ctx
+        mgpu.utils.warpgroup_barrier()
+        if fence is not None:
+            ptx = {"proxy": "fence.proxy.async.global;", "acq_rel": "fence.acq_rel.gpu;",
+                   "release": "fence.release.gpu;"}[fence]
+            mgpu.utils.inline_ptx(ptx, has_side_effects=True)
+        mgpu.utils.SemaphoreRef(mgpu.utils.memref_ptr(sem_ref)).signal(
+            1, relaxed=True, memory_scope=scope)
+
+    signal(sem)
 
 
 def xla_chain(x, ws):
@@ -260,21 +330,103 @@ def reference(x, w):
     return x.astype(jnp.float32)
 
 
+def profile_summary(path: str, clock_ghz: float = 1.98) -> dict:
+    """Reads a trace ``mosaic_chain(profile_dir=...)`` wrote: per compute warpgroup and layer,
+    the µs of its regions, and across the grid each layer's barrier latency (the last
+    warpgroup's signal to the first and the median release). The profiler stamps ``%clock``
+    cycles on each CTA's ``globaltimer`` start; times are converted at ``clock_ghz``.
+    Medians over layers 1.. (layer 0 has no barrier) and warpgroups."""
+    import collections
+    import json
+    import statistics
+
+    events = json.load(open(path))["traceEvents"]
+    by_tid = collections.defaultdict(list)
+    for e in events:
+        by_tid[e["tid"]].append(e)
+    per = collections.defaultdict(list)  # metric -> values over (warpgroup, layer >= 1)
+    ends = collections.defaultdict(list)  # layer -> its warpgroups' epilogue ends
+    releases = collections.defaultdict(list)  # layer -> its warpgroups' barrier exits
+    for es in by_tid.values():
+        t0 = es[0]["ts"]
+        stack, ranges = [], []
+        for e in es:
+            t = t0 + (e["ts"] - t0) / clock_ghz
+            if e["ph"] == "B":
+                stack.append((e["name"], t))
+            else:
+                name, tb = stack.pop()
+                ranges.append((name, tb, t))
+        ranges.sort(key=lambda r: r[1])
+        layers, cur = [], None
+        for name, tb, te in ranges:
+            if name == "wait" or (name == "xload" and (cur is None or "xload" in cur)):
+                cur = {}
+                layers.append(cur)
+            if cur is None:
+                continue
+            if name == "mma":
+                cur.setdefault("mma", []).append((tb, te))
+            else:
+                cur[name] = (tb, te)
+        if not any("pipe" in lay for lay in layers):
+            continue  # the producer warpgroup records nothing
+        for l, lay in enumerate(layers):
+            if "epi" in lay:
+                ends[l].append(lay["epi"][1])
+            if "wait" in lay:
+                releases[l].append(lay["wait"][1])
+            if l == 0 or not {"pipe", "epi", "xload", "mma"} <= lay.keys():
+                continue
+            for name, v in lay.items():  # the regions, and those inside the epilogue
+                if name != "mma":
+                    per[name].append(v[1] - v[0])
+            mmas, prev = lay["mma"], lay["pipe"][0]
+            gaps = []
+            for tb, te in mmas:
+                gaps.append(tb - prev)
+                prev = te
+            half = len(gaps) // 2
+            per["tile_wait_first_half"].append(sum(gaps[:half]))
+            per["tile_wait_second_half"].append(sum(gaps[half:]))
+            per["mma_busy"].append(sum(te - tb for tb, te in mmas))
+            if "epi" in layers[l - 1]:
+                per["period"].append(lay["epi"][1] - layers[l - 1]["epi"][1])
+    out = {k: round(statistics.median(v), 3) for k, v in sorted(per.items())}
+    lat_first, lat_med, spread = [], [], []
+    for l in sorted(ends):
+        if ends[l]:
+            spread.append(max(ends[l]) - statistics.median(ends[l]))
+        if releases.get(l + 1) and ends[l]:
+            lat_first.append(min(releases[l + 1]) - max(ends[l]))
+            lat_med.append(statistics.median(releases[l + 1]) - max(ends[l]))
+    if lat_first:
+        out.update(barrier_first=round(statistics.median(lat_first), 3),
+                   barrier_median=round(statistics.median(lat_med), 3),
+                   last_signal_after_median=round(statistics.median(spread), 3))
+    out["warpgroups"] = len(ends.get(0, []))
+    return out
+
+
 # The barrier forms (see mosaic_chain): a name's parts are its options.
 VARIANTS = ("sync", "sync_sys", "sync_slice", "sync_noadd", "sync_nox", "sync_noadd_nox",
-            "nosync")
+            "sync_zerowait", "sync_relaxed", "sync_slice_relaxed", "sync_proxy", "sync_acqrel",
+            "sync_relfence", "nosync")
 
 
-def chain_for(variant: str, splits: int, tile_k: int, steps: int):
+def chain_for(variant: str, splits: int, tile_k: int, steps: int, profile_dir=None):
     """The chain of a variant's name: sync / nosync, then any of sys (system-scope atomics),
     slice (a semaphore per K slice), noadd and nox (ablations)."""
     parts = variant.split("_")
-    if parts[0] not in ("sync", "nosync") or not set(parts[1:]) <= {"sys", "slice", "noadd",
-                                                                      "nox"}:
+    if parts[0] not in ("sync", "nosync") or not set(parts[1:]) <= {
+            "sys", "slice", "noadd", "nox", "zerowait", "relaxed", "proxy", "acqrel", "relfence"}:
         raise ValueError(f"unknown variant {variant!r}")
     return mosaic_chain(splits, tile_k, steps, sync=parts[0] == "sync",
                         scope="sys" if "sys" in parts else "gpu", per_slice="slice" in parts,
-                        ablate=frozenset(parts) & {"noadd", "nox"})
+                        ablate=frozenset(parts) & {"noadd", "nox", "zerowait"},
+                        relaxed=next((f for p, f in (("proxy", "proxy"), ("acqrel", "acq_rel"),
+                                                     ("relfence", "release")) if p in parts),
+                                     "relaxed" in parts), profile_dir=profile_dir)
 
 
 CANDS = ((4, 128, 4), (4, 64, 8), (4, 128, 2), (4, 256, 2))  # (K splits, tile_k, stages)
@@ -318,6 +470,15 @@ def main(argv=None):
                          "sync_slice (a semaphore per K slice); the sync forms take the "
                          "ablations _noadd and _nox (timing only, see mosaic_chain)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="instead of timing: each variant at the first candidate under Mosaic "
+                         "GPU's on-device profiler (traces in DIR), the regions' µs printed")
+    ap.add_argument("--stress", type=int, default=0, metavar="N",
+                    help="instead of timing: each variant x candidate called N times, every "
+                         "output against the reference (a barrier that lets a stale read "
+                         "through shows as an outlier)")
+    ap.add_argument("--clock-ghz", type=float, default=1.98,
+                    help="the SM clock the profile's cycles are read at")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU: the interpreted chain (1 CTA) against the reference, and every "
                          "candidate lowered for an abstract H100")
@@ -358,6 +519,40 @@ def main(argv=None):
             row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
         emit(row)
 
+    if a.profile:
+        import glob
+        import os
+        splits, tk, steps = (int(v) for v in a.cands.split(",")[0].split("x"))
+        for v in a.variants.split(","):
+            if v == "xla":
+                continue
+            d = os.path.join(a.profile, f"{v}-{splits}x{tk}x{steps}")
+            os.makedirs(d, exist_ok=True)
+            fn = chain_for(v, splits, tk, steps, profile_dir=d)
+            for _ in range(3):
+                jax.block_until_ready(fn(x, w))
+            jax.effects_barrier()
+            last = max(glob.glob(os.path.join(d, "*.json")), key=os.path.getmtime)
+            emit(dict(variant=v, splits=splits, tile_k=tk, steps=steps, D=D, L=L,
+                      profile=profile_summary(last, a.clock_ghz)))
+        return 0
+    if a.stress:
+        for c in a.cands.split(","):
+            splits, tk, steps = (int(v) for v in c.split("x"))
+            for v in a.variants.split(","):
+                if v == "xla":
+                    continue
+                fn = chain_for(v, splits, tk, steps)
+                rels = []
+                for _ in range(a.stress):
+                    out = fn(x, w)[-1].astype(jnp.float32)
+                    rels.append(float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)))
+                rels.sort()
+                emit(dict(variant=v, splits=splits, tile_k=tk, steps=steps, D=D, L=L,
+                          calls=len(rels), rel_min=rels[0], rel_median=rels[len(rels) // 2],
+                          rel_max=rels[-1],
+                          over_1_5x_median=sum(r > 1.5 * rels[len(rels) // 2] for r in rels)))
+        return 0
     if "xla" in a.variants.split(","):
         check("xla", jax.jit(xla_chain), (x, list(w)), lambda h: h)
     for c in a.cands.split(","):
