@@ -132,6 +132,7 @@
 #   bash benchmarks/gpu/issues.sh mchain5  (one GPU) the chain's signal as a relaxed atomic
 #   bash benchmarks/gpu/issues.sh mchain6  (one GPU) the release's parts; the signals stressed
 #   bash benchmarks/gpu/issues.sh mchain7  (one GPU) a release-only fence, timed and stressed
+#   bash benchmarks/gpu/issues.sh mchain8  (one GPU) the flat pipeline's deeper run-ahead
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1369,6 +1370,18 @@ mchain7)  # nvidia-h200 (one GPU), one call: the signal after PTX's release-only
   timeout 150 python3 benchmarks/gpu/mosaic_chain.py --stress 100 \
     --variants sync_relfence,sync --cands 4x128x4,4x64x8 --out $OUT/stress.jsonl 2>&1 \
     | tail -4 ;;
+mchain8)  # nvidia-h200 (one GPU), one call: the flat pipeline (one pipeline over all layers'
+  # steps, so the run-ahead can take 5 x 32 KB or 11 x 16 KB of SMEM, not 4 x 32 KB): does
+  # a deeper run-ahead hide the barrier (mchain7's profile: the compute side is blocked ~3.7
+  # µs a layer, about what 4 stages cover)? Then the deepest correct forms stressed.
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py --variants xla,nosync,sync \
+    --cands 4x128x4 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -6
+  timeout 200 python3 benchmarks/gpu/mosaic_chain.py \
+    --variants nosync_flat,sync_flat,sync_slice_flat \
+    --cands 4x128x4,4x128x5,4x64x8,4x64x11 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -15
+  timeout 120 python3 benchmarks/gpu/mosaic_chain.py --stress 60 \
+    --variants sync_flat,sync_slice_flat --cands 4x128x5,4x64x11 --out $OUT/stress.jsonl \
+    2>&1 | tail -4 ;;
 mprof)  # nvidia-h200 (one GPU), one call: the chain's regions under Mosaic GPU's on-device
   # profiler (where each warpgroup's layer goes: the barrier wait, the activations' load, the
   # weight tiles' waits, the epilogue; and the grid's signal-to-release latency), each variant

@@ -72,7 +72,7 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                  reduce: bool = True, scope: str = "gpu", per_slice: bool = False,
                  ablate: frozenset = frozenset(), num_sms: int | None = None,
                  interpret: bool = False, profile_dir: str | None = None,
-                 relaxed: bool | str = False):
+                 relaxed: bool | str = False, flat: bool = False):
     """``fn(x0 [T, K] bf16, w [L, N, K] bf16) -> xs [L, T, N]``: xs[l] = x_l W_l^T, x_0 = x0,
     x_{l+1} = xs[l]. N == K (a chain).
     Each warpgroup's product is y^T = W x^T (the weight's 64-row slice as wgmma's A, x's K slice
@@ -100,6 +100,10 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
     relaxed add after ``fence.proxy.async.global`` / ``fence.acq_rel.gpu``; ``"release"``:
     after ``fence.release.gpu`` (PTX's lighter release-only fence) (which of the
     release's parts costs; whether the add without it ever reads stale data: ``--stress``).
+    ``flat``: one warp-specialized pipeline over all L x K/tile_k steps of a CTA (the layer's
+    barrier, activations and epilogue at its first and last steps) instead of a chained
+    pipeline a layer, so ``steps`` (the stages of run-ahead) need not divide a layer's steps
+    and can fill the SMEM (the chained form stops at 4 x 32 KB at the o shape).
     ``profile_dir``: Mosaic GPU's on-device profiler records each warpgroup's named regions
     (``zero``, then a layer's ``wait`` (the barrier), ``xload``, ``pipe`` with its steps'
     ``mma``, ``epi``) and writes a trace a call there (``profile_summary`` reads it)."""
@@ -111,12 +115,12 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
         raise ValueError("K splits need the reduce-add")
     bf16 = jnp.bfloat16
 
-    def kernel(x0_gmem, w_gmem, xs_gmem):
-        L, N, K = w_gmem.shape
+    def kernel(x0_gmem, w_gmem, xs_gmem, *, dims):
+        L, N, K = dims  # w_gmem is [L, N, K], or [L * N, K] for the flat pipeline
         cta_n, k_per = 2 * WG_N, K // splits
         n_tiles = N // cta_n
-        if (N % cta_n or K % (splits * tile_k) or (k_per // tile_k) % steps or K != N
-                or (N // cta_n) % splits):
+        if (N % cta_n or K % (splits * tile_k) or (not flat and (k_per // tile_k) % steps)
+                or K != N or (N // cta_n) % splits):
             raise ValueError(f"{L} x {N} x {K} does not tile by {cta_n} / {splits} x {tile_k} "
                              f"/ {steps} steps")
         G = n_tiles * splits  # CTAs: one unit each, every layer
@@ -143,13 +147,15 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
 
         @functools.partial(
             pl.run_scoped,
-            allocs=pipeline(ignore, ignore, 0 if L > 1 else None).get_allocations(w_gmem.at[0]),
+            **({} if flat else dict(allocs=pipeline(ignore, ignore, 0 if L > 1 else None)
+                                    .get_allocations(w_gmem.at[0]))),
             x_smem=plgpu.SMEM((2, T, k_per), bf16, transforms=w_tf),
             out_smem=plgpu.SMEM((2, T, WG_N), bf16, transforms=w_tf),
             x_bar=plgpu.Barrier(num_barriers=2),
             wg_bar=plgpu.Barrier(num_arrivals=2),
+            prev_smem=plgpu.SMEM((2, WG_N, T) if flat else (1,), jnp.float32),
             collective_axes="wg")
-        def _scope(allocs, x_smem, out_smem, x_bar, wg_bar):
+        def _scope(x_smem, out_smem, x_bar, wg_bar, prev_smem, allocs=None):
             wg = lax.axis_index("wg")
             sem = pl.get_global(plgpu.SemaphoreType.REGULAR) if sync else None
             slice_sems = (pl.get_global(plgpu.SemaphoreType.REGULAR((splits,)))
@@ -180,91 +186,134 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                     if sync:
                         plgpu.semaphore_signal(sem, 1, memory_scope=scope)
 
-            @pl.loop(0, L)
-            def _layer(l):
+            def layer_start(l):
+                # The activations of layer l: every compute warpgroup of the previous layer has
+                # added its tile (count 2G per phase, phase 0 the zeroing).
+                if sync:
+                    @pl.when(l > 0)
+                    @jax.named_scope("wait")
+                    def _():
+                        if per_slice:  # 2 n_tiles adds a layer land in each K slice
+                            plgpu.semaphore_wait(slice_sems.at[s], 2 * n_tiles * l,
+                                                 decrement=False, memory_scope=scope)
+                        else:
+                            plgpu.semaphore_wait(sem, 2 * G * (l + 1 if reduce else l),
+                                                 decrement=False, memory_scope=scope)
+
+                @jax.named_scope("xload")
+                def xload():
+                    @pl.when(l == 0)
+                    def _():
+                        plgpu.copy_gmem_to_smem(x0_gmem.at[:, k_slice], x_smem.at[wg],
+                                                x_bar.at[wg])
+
+                    if "nox" in ablate:  # the layer-0 activations stay
+                        pl.when(l == 0)(lambda: plgpu.barrier_wait(x_bar.at[wg]))
+                    else:
+                        @pl.when(l > 0)
+                        def _():
+                            plgpu.copy_gmem_to_smem(xs_gmem.at[l - 1].at[:, k_slice],
+                                                    x_smem.at[wg], x_bar.at[wg])
+
+                        plgpu.barrier_wait(x_bar.at[wg])
+                xload()
+
+            @jax.named_scope("epi")
+            def epilogue(acc_ref, l):
                 dst = xs_gmem.at[l].at[:, pl.ds(n_idx * cta_n + wg * WG_N, WG_N)]
+                with jax.named_scope("store"):
+                    acc = acc_ref[...]
+                    if flat:
+                        acc, prev_smem.at[wg][...] = acc - prev_smem.at[wg][...], acc
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    out_smem.at[wg].transpose((1, 0))[...] = acc.astype(bf16)
+                    plgpu.commit_smem()
+                if reduce and sync:
+                    # The zeroing is done everywhere. Only layer 0 asks: a later layer's
+                    # barrier already waited for it (the count includes phase 0). Polling it
+                    # every layer (the profile of 2026-12-03 15:37 suspected it) cost 0.1 µs.
+                    zero_wait = lambda: plgpu.semaphore_wait(  # noqa: E731
+                        sem, 2 * G, decrement=False, memory_scope=scope)
+                    if "zerowait" in ablate:  # the old form, every layer
+                        zero_wait()
+                    else:
+                        pl.when(l == 0)(zero_wait)
+                with jax.named_scope("add"):
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg], dst,
+                                            reduction_op="add" if reduce and "noadd"
+                                            not in ablate else None)
+                    plgpu.wait_smem_to_gmem(0)  # written, not only read
+                if sync:
+                    # the next layer's K slice these columns fall in
+                    target = (slice_sems.at[n_idx // (n_tiles // splits)] if per_slice
+                              else sem)
+                    with jax.named_scope("signal"):
+                        if relaxed:
+                            relaxed_signal(target, scope, None if relaxed is True else relaxed)
+                        else:
+                            plgpu.semaphore_signal(target, 1, memory_scope=scope)
+                else:  # one CTA: its two compute warpgroups meet (each reads both)
+                    plgpu.barrier_arrive(wg_bar)
+                    plgpu.barrier_wait(wg_bar)
+
+            @jax.named_scope("mma")
+            def mma_step(kk, w_smem, acc_ref):
+                plgpu.wgmma(acc_ref, w_smem.at[pl.ds(wg * WG_N, WG_N)],
+                            x_smem.at[wg].at[:, pl.ds(kk * tile_k, tile_k)].transpose((1, 0)))
+                plgpu.wgmma_wait(0)
+
+            if flat:
+                # One pipeline over every layer's steps: the stage count need not divide a
+                # layer's steps, so more of the SMEM can hold run-ahead.
+                S = k_per // tile_k
 
                 def ctx(eval_pipeline):
-                    # The activations of this layer: every compute warpgroup of the previous
-                    # layer has added its tile (count 2G per phase, phase 0 the zeroing).
-                    if sync:
-                        @pl.when(l > 0)
-                        @jax.named_scope("wait")
-                        def _():
-                            if per_slice:  # 2 n_tiles adds a layer land in each K slice
-                                plgpu.semaphore_wait(slice_sems.at[s], 2 * n_tiles * l,
-                                                     decrement=False, memory_scope=scope)
-                            else:
-                                plgpu.semaphore_wait(sem, 2 * G * (l + 1 if reduce else l),
-                                                     decrement=False, memory_scope=scope)
+                    layer_start(0)
 
-                    @jax.named_scope("xload")
-                    def xload():
-                        @pl.when(l == 0)
-                        def _():
-                            plgpu.copy_gmem_to_smem(x0_gmem.at[:, k_slice], x_smem.at[wg],
-                                                    x_bar.at[wg])
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((WG_N, T), jnp.float32))
+                    def _acc(acc_ref):
+                        prev_smem.at[wg][...] = acc_ref[...]  # zeros
+                        eval_pipeline(acc_ref)
 
-                        if "nox" in ablate:  # the layer-0 activations stay
-                            pl.when(l == 0)(lambda: plgpu.barrier_wait(x_bar.at[wg]))
-                        else:
-                            @pl.when(l > 0)
-                            def _():
-                                plgpu.copy_gmem_to_smem(xs_gmem.at[l - 1].at[:, k_slice],
-                                                        x_smem.at[wg], x_bar.at[wg])
+                def body(idxs, w_smem, consumed, acc_ref):
+                    (step,) = idxs
+                    l, kk = step // S, step % S
+                    mma_step(kk, w_smem, acc_ref)
+                    # The slot goes back to the producer before the layer's end and the next
+                    # layer's barrier, so every stage can run ahead while this side waits.
+                    plgpu.barrier_arrive(consumed)
 
-                            plgpu.barrier_wait(x_bar.at[wg])
-                    xload()
+                    # The accumulator runs on over every layer (the interpreter cannot store
+                    # into one); a layer's product is its value less the one it had before.
+                    @pl.when(kk == S - 1)
+                    def _():
+                        epilogue(acc_ref, l)
+                        pl.when(l < L - 1)(lambda: layer_start(l + 1))
+                    return acc_ref
+
+                plgpu.emit_pipeline_warp_specialized(
+                    body, grid=(L * S,), memory_registers=40,
+                    in_specs=[plgpu.BlockSpec(
+                        (cta_n, tile_k), lambda step: ((step // S) * n_tiles + n_idx,
+                                                       s * S + step % S),
+                        transforms=w_tf, memory_space=plgpu.SMEM)],
+                    wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
+                    compute_context=ctx, manual_consumed_barriers=True)(w_gmem)
+                return
+
+            @pl.loop(0, L)
+            def _layer(l):
+                def ctx(eval_pipeline):
+                    layer_start(l)
 
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((WG_N, T), jnp.float32))
                     def _acc(acc_ref):
                         with jax.named_scope("pipe"):
                             eval_pipeline(acc_ref)
-                        epilogue(acc_ref)
+                        epilogue(acc_ref, l)
 
-                @jax.named_scope("epi")
-                def epilogue(acc_ref):
-                    with jax.named_scope("store"):
-                        acc = acc_ref[...]
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        out_smem.at[wg].transpose((1, 0))[...] = acc.astype(bf16)
-                        plgpu.commit_smem()
-                    if reduce and sync:
-                        # The zeroing is done everywhere. Only layer 0 asks: a later layer's
-                        # barrier already waited for it (the count includes phase 0). Polling
-                        # the semaphore every layer cost ~2.3 µs a layer (profile of
-                        # 2026-12-03 15:37): 256 pollers on one L2 line.
-                        zero_wait = lambda: plgpu.semaphore_wait(  # noqa: E731
-                            sem, 2 * G, decrement=False, memory_scope=scope)
-                        if "zerowait" in ablate:  # the old form, every layer
-                            zero_wait()
-                        else:
-                            pl.when(l == 0)(zero_wait)
-                    with jax.named_scope("add"):
-                        plgpu.copy_smem_to_gmem(out_smem.at[wg], dst,
-                                                reduction_op="add" if reduce and "noadd"
-                                                not in ablate else None)
-                        plgpu.wait_smem_to_gmem(0)  # written, not only read
-                    if sync:
-                        # the next layer's K slice these columns fall in
-                        target = (slice_sems.at[n_idx // (n_tiles // splits)] if per_slice
-                                  else sem)
-                        with jax.named_scope("signal"):
-                            if relaxed:
-                                relaxed_signal(target, scope,
-                                               None if relaxed is True else relaxed)
-                            else:
-                                plgpu.semaphore_signal(target, 1, memory_scope=scope)
-                    else:  # one CTA: its two compute warpgroups meet (each reads both)
-                        plgpu.barrier_arrive(wg_bar)
-                        plgpu.barrier_wait(wg_bar)
-
-                @jax.named_scope("mma")
                 def mma(idxs, w_smem, acc_ref):
-                    (kk,) = idxs
-                    plgpu.wgmma(acc_ref, w_smem.at[pl.ds(wg * WG_N, WG_N)],
-                                x_smem.at[wg].at[:, pl.ds(kk * tile_k, tile_k)].transpose((1, 0)))
-                    plgpu.wgmma_wait(0)
+                    mma_step(idxs[0], w_smem, acc_ref)
                     return acc_ref
 
                 state = None
@@ -278,7 +327,7 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
     def fn(x0, w):
         L, N, K = w.shape
         f = plgpu.kernel(
-            kernel, out_type=jax.ShapeDtypeStruct((L, T, N), bf16),
+            functools.partial(kernel, dims=(L, N, K)), out_type=jax.ShapeDtypeStruct((L, T, N), bf16),
             grid=(N // (2 * WG_N) * splits,),
             interpret=plgpu.InterpretGPUParams() if interpret else None,
             grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
@@ -287,7 +336,7 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                 lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
                 **(dict(profile_space=PROFILE_SPACE, profile_dir=profile_dir,
                         profile_bounds_check=True) if profile_dir else {})))
-        return f(x0, w)
+        return f(x0, w.reshape(L * N, K) if flat else w)
 
     return jax.jit(fn)
 
@@ -411,7 +460,7 @@ def profile_summary(path: str, clock_ghz: float = 1.98) -> dict:
 # The barrier forms (see mosaic_chain): a name's parts are its options.
 VARIANTS = ("sync", "sync_sys", "sync_slice", "sync_noadd", "sync_nox", "sync_noadd_nox",
             "sync_zerowait", "sync_relaxed", "sync_slice_relaxed", "sync_proxy", "sync_acqrel",
-            "sync_relfence", "nosync")
+            "sync_relfence", "sync_flat", "nosync")
 
 
 def chain_for(variant: str, splits: int, tile_k: int, steps: int, profile_dir=None):
@@ -419,17 +468,21 @@ def chain_for(variant: str, splits: int, tile_k: int, steps: int, profile_dir=No
     slice (a semaphore per K slice), noadd and nox (ablations)."""
     parts = variant.split("_")
     if parts[0] not in ("sync", "nosync") or not set(parts[1:]) <= {
-            "sys", "slice", "noadd", "nox", "zerowait", "relaxed", "proxy", "acqrel", "relfence"}:
+            "sys", "slice", "noadd", "nox", "zerowait", "relaxed", "proxy", "acqrel", "relfence",
+            "flat"}:
         raise ValueError(f"unknown variant {variant!r}")
     return mosaic_chain(splits, tile_k, steps, sync=parts[0] == "sync",
                         scope="sys" if "sys" in parts else "gpu", per_slice="slice" in parts,
                         ablate=frozenset(parts) & {"noadd", "nox", "zerowait"},
                         relaxed=next((f for p, f in (("proxy", "proxy"), ("acqrel", "acq_rel"),
                                                      ("relfence", "release")) if p in parts),
-                                     "relaxed" in parts), profile_dir=profile_dir)
+                                     "relaxed" in parts), flat="flat" in parts,
+                        profile_dir=profile_dir)
 
 
 CANDS = ((4, 128, 4), (4, 64, 8), (4, 128, 2), (4, 256, 2))  # (K splits, tile_k, stages)
+# the flat pipeline's deeper run-ahead (stages that do not divide a layer's steps)
+FLAT_CANDS = ((4, 128, 5), (4, 64, 11))
 
 
 def lower_all(emit, dim: int, layers: int) -> int:
@@ -440,9 +493,10 @@ def lower_all(emit, dim: int, layers: int) -> int:
     mesh = AbstractMesh((1,), ("x",), abstract_device=dev)
     sds = jax.ShapeDtypeStruct
     ok = []
-    for i, (splits, tk, steps) in enumerate(CANDS):
+    for i, (splits, tk, steps) in enumerate(CANDS + FLAT_CANDS):
         # every variant at the first tile, the correct form at the others (CI time)
-        for variant in VARIANTS if i == 0 else ("sync",):
+        for variant in (VARIANTS if i == 0 else ("sync",) if i < len(CANDS)
+                        else ("sync_flat",)):
             row = dict(variant=variant, splits=splits, tile_k=tk, steps=steps, dim=dim,
                        layers=layers)
             try:
@@ -492,10 +546,12 @@ def main(argv=None):
         x = jax.random.normal(key, (T, D)).astype(jnp.bfloat16)
         w = (jax.random.normal(jax.random.PRNGKey(1), (L, D, D)) / D ** 0.5).astype(jnp.bfloat16)
         ref = reference(x, w)
-        for tk, steps in ((64, 2), (32, 4)):
-            xs = mosaic_chain(1, tk, steps, sync=False, reduce=False, interpret=True)(x, w)
+        for flat, tk, steps in ((False, 64, 2), (False, 32, 4), (True, 32, 3)):
+            xs = mosaic_chain(1, tk, steps, sync=False, reduce=False, interpret=True,
+                              flat=flat)(x, w)
             out = xs[-1].astype(jnp.float32)
-            emit(dict(variant="interpret", splits=1, tile_k=tk, steps=steps, dim=D, layers=L,
+            emit(dict(variant="interpret_flat" if flat else "interpret", splits=1, tile_k=tk,
+                      steps=steps, dim=D, layers=L,
                       rel=float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))))
         return lower_all(emit, 4096, 4)
     D, L = a.dim, a.layers
