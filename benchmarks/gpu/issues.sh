@@ -1381,7 +1381,8 @@ mchain8)  # nvidia-h200 (one GPU), one call: the flat pipeline (one pipeline ove
     --cands 4x128x4,4x128x5,4x64x8,4x64x11 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -15
   timeout 120 python3 benchmarks/gpu/mosaic_chain.py --stress 60 \
     --variants sync_flat,sync_slice_flat --cands 4x128x5,4x64x11 --out $OUT/stress.jsonl \
-    2>&1 | tail -4 ;;
+    2>&1 | tail -4
+  PV=sync_flat CAND=4x64x11 bash benchmarks/gpu/issues.sh mprof 2>&1 | grep -v arn | tail -2 ;;
 mprof)  # nvidia-h200 (one GPU), one call: the chain's regions under Mosaic GPU's on-device
   # profiler (where each warpgroup's layer goes: the barrier wait, the activations' load, the
   # weight tiles' waits, the epilogue; and the grid's signal-to-release latency), each variant

@@ -418,8 +418,11 @@ def profile_summary(path: str, clock_ghz: float = 1.98) -> dict:
                 cur.setdefault("mma", []).append((tb, te))
             else:
                 cur[name] = (tb, te)
-        if not any("pipe" in lay for lay in layers):
+        if not any("mma" in lay for lay in layers):
             continue  # the producer warpgroup records nothing
+        for lay in layers:  # the flat pipeline has no region around a layer's steps
+            if "pipe" not in lay and {"mma", "xload"} <= lay.keys():
+                lay["pipe"] = (lay["xload"][1], lay["mma"][-1][1])
         for l, lay in enumerate(layers):
             if "epi" in lay:
                 ends[l].append(lay["epi"][1])
