@@ -29,8 +29,9 @@ Measured on the H200 (2026-12-03, RESULTS "Rerun of 2026-12-03 (13:09)" and "(15
 and 10.2-10.4 µs a layer against XLA's chain of kernels at 11.7-12.2 (-12 to -15%); the barrier
 costs ~2.0 µs a layer over the body (8.1-8.4). Under the profiler (``--profile``) the signal's
 release fence takes 2.2 µs of each epilogue (~0.6 µs of the critical path); a relaxed signal
-is faster and wrong in 12-17% of calls (``--stress``); the rest is the poll's propagation,
-the slowest CTA of each layer, and a run-ahead (4 stages) shorter than the compute side's wait.
+is faster and wrong in 12-17% of calls (``--stress``); the rest is the poll's propagation and
+the slowest CTA of each layer. A deeper run-ahead (``_flat``, up to 11 x 16 KB) changes nothing:
+the weight stream itself slows while the fence runs.
 
 Variants: ``sync`` (correct; the semaphore's atomics at GPU scope), ``sync_sys`` (system scope,
 Pallas' default), ``sync_slice`` (a semaphore per K slice: a CTA waits only for the CTAs that
