@@ -1243,7 +1243,8 @@ def test_mosaic_chain_profile_summary_reads_a_trace(tmp_path):
 def test_mosaic_chain_signal_forms_lower_to_the_atomics_they_name():
     # The chain's signal forms (benchmarks/gpu/mosaic_chain.py): Pallas' semaphore_signal is a
     # release add (the correct form); `_relaxed` a relaxed add (measured wrong in 12-17% of
-    # calls on the H200: timing only); `_relfence` a relaxed add after a release fence. The
+    # calls on the H200: timing only); `_relfence` a relaxed add after a release fence;
+    # `_postfence` the acq_rel fence after the relaxed add (its stall, not its order). The
     # lowered kernels carry exactly those atomics per layer (the zeroing phase's signal is
     # Pallas' release add in every form).
     import re
@@ -1267,5 +1268,7 @@ def test_mosaic_chain_signal_forms_lower_to_the_atomics_they_name():
     assert ptx("sync_relaxed") == ({"red.release.gpu", "red.relaxed.gpu"}, set())
     assert ptx("sync_relfence") == ({"red.release.gpu", "red.relaxed.gpu"},
                                     {"fence.release.gpu"})
+    assert ptx("sync_postfence") == ({"red.release.gpu", "red.relaxed.gpu"},
+                                     {"fence.acq_rel.gpu"})
     with pytest.raises(ValueError, match="unknown variant"):
         chain.chain_for("sync_fast", 4, 128, 4)

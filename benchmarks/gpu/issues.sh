@@ -133,6 +133,7 @@
 #   bash benchmarks/gpu/issues.sh mchain6  (one GPU) the release's parts; the signals stressed
 #   bash benchmarks/gpu/issues.sh mchain7  (one GPU) a release-only fence, timed and stressed
 #   bash benchmarks/gpu/issues.sh mchain8  (one GPU) the flat pipeline's deeper run-ahead
+#   bash benchmarks/gpu/issues.sh mchain9  (one GPU) the release fence's stall off the path
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1383,6 +1384,15 @@ mchain8)  # nvidia-h200 (one GPU), one call: the flat pipeline (one pipeline ove
     --variants sync_flat,sync_slice_flat --cands 4x128x5,4x64x11 --out $OUT/stress.jsonl \
     2>&1 | tail -4
   PV=sync_flat CAND=4x64x11 bash benchmarks/gpu/issues.sh mprof 2>&1 | grep -v arn | tail -2 ;;
+mchain9)  # nvidia-h200 (one GPU), one call: is the release's cost its stall or its place on the
+  # path? The acq_rel fence after a relaxed add (no ordering: timing only) against the
+  # release and the relaxed add, chained and flat (11 x 16 KB of run-ahead).
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py \
+    --variants xla,nosync,sync,sync_relaxed,sync_postfence --cands 4x128x4 \
+    --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -8
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py \
+    --variants nosync_flat,sync_flat,sync_relaxed_flat,sync_postfence_flat --cands 4x64x11 \
+    --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -7 ;;
 mprof)  # nvidia-h200 (one GPU), one call: the chain's regions under Mosaic GPU's on-device
   # profiler (where each warpgroup's layer goes: the barrier wait, the activations' load, the
   # weight tiles' waits, the epilogue; and the grid's signal-to-release latency), each variant

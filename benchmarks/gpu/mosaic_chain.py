@@ -39,7 +39,8 @@ write its slice of the next activations), ``nosync`` (no barrier: wrong results,
 barrier costs), against XLA's chain of dots in the same run and the float32 reference (bf16
 between layers). Timing only, wrong results: ``_noadd`` / ``_nox`` (ablations), ``_relaxed``
 and ``_proxy`` (the signal without its release fence: stale reads in some calls); correct
-forms of the signal's fence: ``_acqrel``, ``_relfence``; ``_zerowait`` (the zeroing polled every
+forms of the signal's fence: ``_acqrel``, ``_relfence``; ``_postfence`` (the fence after a
+relaxed add: its stall without its ordering, timing only); ``_zerowait`` (the zeroing polled every
 layer, the form before 15:37 on 2026-12-03).
 Figures as ``persistent_chain.py``: µs a layer by wall time of back-to-back calls, GPU time.
 
@@ -99,8 +100,9 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
     the TMA add it publishes has completed already (``wait_smem_to_gmem(0)``), and the release
     cost ~2.2 µs a layer here (profile of 2026-12-03 15:44). ``"proxy"`` / ``"acq_rel"``: the
     relaxed add after ``fence.proxy.async.global`` / ``fence.acq_rel.gpu``; ``"release"``:
-    after ``fence.release.gpu`` (PTX's lighter release-only fence) (which of the
-    release's parts costs; whether the add without it ever reads stale data: ``--stress``).
+    after ``fence.release.gpu`` (PTX's lighter release-only fence); ``"post_acq_rel"``: the
+    relaxed add, then ``fence.acq_rel.gpu`` (the fence's stall without its ordering) (which of
+    the release's parts costs; whether the add without it ever reads stale data: ``--stress``).
     ``flat``: one warp-specialized pipeline over all L x K/tile_k steps of a CTA (the layer's
     barrier, activations and epilogue at its first and last steps) instead of a chained
     pipeline a layer, so ``steps`` (the stages of run-ahead) need not divide a layer's steps
@@ -328,7 +330,8 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
     def fn(x0, w):
         L, N, K = w.shape
         f = plgpu.kernel(
-            functools.partial(kernel, dims=(L, N, K)), out_type=jax.ShapeDtypeStruct((L, T, N), bf16),
+            functools.partial(kernel, dims=(L, N, K)),
+            out_type=jax.ShapeDtypeStruct((L, T, N), bf16),
             grid=(N // (2 * WG_N) * splits,),
             interpret=plgpu.InterpretGPUParams() if interpret else None,
             grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
@@ -354,12 +357,14 @@ def relaxed_signal(sem, scope: str, fence: str | None = None):
     def signal(ctx, sem_ref):
         del ctx
         mgpu.utils.warpgroup_barrier()
-        if fence is not None:
-            ptx = {"proxy": "fence.proxy.async.global;", "acq_rel": "fence.acq_rel.gpu;",
-                   "release": "fence.release.gpu;"}[fence]
+        ptx = {None: None, "post_acq_rel": None, "proxy": "fence.proxy.async.global;",
+               "acq_rel": "fence.acq_rel.gpu;", "release": "fence.release.gpu;"}[fence]
+        if ptx:
             mgpu.utils.inline_ptx(ptx, has_side_effects=True)
         mgpu.utils.SemaphoreRef(mgpu.utils.memref_ptr(sem_ref)).signal(
             1, relaxed=True, memory_scope=scope)
+        if fence == "post_acq_rel":  # the fence's cost without its ordering (timing only)
+            mgpu.utils.inline_ptx("fence.acq_rel.gpu;", has_side_effects=True)
 
     signal(sem)
 
@@ -464,7 +469,7 @@ def profile_summary(path: str, clock_ghz: float = 1.98) -> dict:
 # The barrier forms (see mosaic_chain): a name's parts are its options.
 VARIANTS = ("sync", "sync_sys", "sync_slice", "sync_noadd", "sync_nox", "sync_noadd_nox",
             "sync_zerowait", "sync_relaxed", "sync_slice_relaxed", "sync_proxy", "sync_acqrel",
-            "sync_relfence", "sync_flat", "nosync")
+            "sync_relfence", "sync_postfence", "sync_flat", "nosync")
 
 
 def chain_for(variant: str, splits: int, tile_k: int, steps: int, profile_dir=None):
@@ -473,13 +478,15 @@ def chain_for(variant: str, splits: int, tile_k: int, steps: int, profile_dir=No
     parts = variant.split("_")
     if parts[0] not in ("sync", "nosync") or not set(parts[1:]) <= {
             "sys", "slice", "noadd", "nox", "zerowait", "relaxed", "proxy", "acqrel", "relfence",
-            "flat"}:
+            "postfence", "flat"}:
         raise ValueError(f"unknown variant {variant!r}")
     return mosaic_chain(splits, tile_k, steps, sync=parts[0] == "sync",
                         scope="sys" if "sys" in parts else "gpu", per_slice="slice" in parts,
                         ablate=frozenset(parts) & {"noadd", "nox", "zerowait"},
                         relaxed=next((f for p, f in (("proxy", "proxy"), ("acqrel", "acq_rel"),
-                                                     ("relfence", "release")) if p in parts),
+                                                     ("relfence", "release"),
+                                                     ("postfence", "post_acq_rel"))
+                                      if p in parts),
                                      "relaxed" in parts), flat="flat" in parts,
                         profile_dir=profile_dir)
 
