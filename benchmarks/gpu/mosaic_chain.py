@@ -349,7 +349,10 @@ def relaxed_signal(sem, scope: str, fence: str | None = None):
     """``semaphore_signal(sem, 1)`` as a relaxed atomic add (``red.relaxed``): no release
     fence. Pallas emits ``red.release``; this is the same add through ``inline_mgpu``, after
     ``fence`` ("proxy": ``fence.proxy.async.global``, the TMA writes ordered before the
-    thread's generic operations; "acq_rel": ``fence.acq_rel.gpu``, what a release implies)."""
+    thread's generic operations; "acq_rel": ``fence.acq_rel.gpu``, what a release implies;
+    "release": ``fence.release.gpu``), or with "post_acq_rel" followed by
+    ``fence.acq_rel.gpu`` (the fence's cost without its ordering). Only the two release
+    fences make the add correct (``--stress`` on the H200, 2026-12-03)."""
     import jax.experimental.mosaic.gpu as mgpu
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -390,12 +393,16 @@ def profile_summary(path: str, clock_ghz: float = 1.98) -> dict:
     the µs of its regions, and across the grid each layer's barrier latency (the last
     warpgroup's signal to the first and the median release). The profiler stamps ``%clock``
     cycles on each CTA's ``globaltimer`` start; times are converted at ``clock_ghz``.
-    Medians over layers 1.. (layer 0 has no barrier) and warpgroups."""
+    Medians over layers 1.. (layer 0 has no barrier) and warpgroups. The figures within a
+    warpgroup are exact; those across CTAs (``barrier_*``, ``last_signal_after_median``) rest
+    on each CTA's start stamp, whose offsets came out as negative latencies on the H200: read
+    them as rough, and the per-warpgroup ``wait`` as the barrier's cost."""
     import collections
     import json
     import statistics
 
-    events = json.load(open(path))["traceEvents"]
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
     by_tid = collections.defaultdict(list)
     for e in events:
         by_tid[e["tid"]].append(e)
@@ -474,7 +481,9 @@ VARIANTS = ("sync", "sync_sys", "sync_slice", "sync_noadd", "sync_nox", "sync_no
 
 def chain_for(variant: str, splits: int, tile_k: int, steps: int, profile_dir=None):
     """The chain of a variant's name: sync / nosync, then any of sys (system-scope atomics),
-    slice (a semaphore per K slice), noadd and nox (ablations)."""
+    slice (a semaphore per K slice), flat (one pipeline over all layers), the signal's form
+    (relaxed, proxy, acqrel, relfence, postfence: ``relaxed`` of ``mosaic_chain``) and the
+    ablations noadd, nox, zerowait. A name outside these is a ValueError."""
     parts = variant.split("_")
     if parts[0] not in ("sync", "nosync") or not set(parts[1:]) <= {
             "sys", "slice", "noadd", "nox", "zerowait", "relaxed", "proxy", "acqrel", "relfence",
@@ -532,8 +541,10 @@ def main(argv=None):
                     help="splits x tile_k x steps, comma-separated")
     ap.add_argument("--variants", default="xla,nosync,sync,sync_sys",
                     help="xla, nosync (no barrier: wrong), sync, sync_sys (sys-scope atomics), "
-                         "sync_slice (a semaphore per K slice); the sync forms take the "
-                         "ablations _noadd and _nox (timing only, see mosaic_chain)")
+                         "sync_slice (a semaphore per K slice), _flat (one pipeline over all "
+                         "layers); the signal forms _relaxed / _proxy (wrong), _acqrel, "
+                         "_relfence, _postfence (timing only) and the ablations _noadd, _nox, "
+                         "_zerowait (see chain_for and mosaic_chain)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="instead of timing: each variant at the first candidate under Mosaic "
