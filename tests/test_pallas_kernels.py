@@ -1182,9 +1182,12 @@ def test_mosaic_chain_benchmark_interprets_and_lowers(tmp_path):
     # The flat pipeline (one pipeline over every layer's steps, the accumulator running on
     # and each layer's product taken as a difference) is interpreted too, at 3 stages of 4
     # steps a layer (a stage count the chained form refuses).
+    # The gather form (mosaic_gather.py: partials stored into a NaN-filled buffer and polled
+    # back by their readers, no signal between layers) is interpreted in its one-CTA form
+    # (its own partials polled back), at two tiles.
     interp = [r for r in rows if r["variant"].startswith("interpret")]
-    assert {r["variant"] for r in interp} == {"interpret", "interpret_flat"}
-    assert len(interp) == 3 and all(r["rel"] < 1e-2 for r in interp), interp
+    assert {r["variant"] for r in interp} == {"interpret", "interpret_flat", "interpret_gather"}
+    assert len(interp) == 5 and all(r["rel"] < 1e-2 for r in interp), interp
     lowered = [r for r in rows if "lowered" in r]
     assert {r["variant"] for r in lowered} == set(chain.VARIANTS)
     assert ({(r["splits"], r["tile_k"], r["steps"]) for r in lowered}
@@ -1213,7 +1216,7 @@ def test_mosaic_chain_profile_summary_reads_a_trace(tmp_path):
 
     def events(tid, layers):
         spans = [(name, span) for lay in layers for name, v in lay.items()
-                 for span in (v if name == "mma" else [v])]
+                 for span in (v if name in ("mma", "poll") else [v])]
         ev = [dict(name=n, ph=ph, ts=t, tid=tid, pid=1)
               for n, (b, e) in spans for ph, t in (("B", b), ("E", e))]
         return sorted(ev, key=lambda x: (x["ts"], x["ph"] == "B"))
@@ -1236,8 +1239,19 @@ def test_mosaic_chain_profile_summary_reads_a_trace(tmp_path):
     assert s["period"] == pytest.approx(6.25)  # 7, 6, 6.5, 5.5
     assert s["wait"] == pytest.approx(0.75)  # 1.5, 1.0, 0.5, 0.5
     assert s["pipe"] == pytest.approx(3.75)
+    # per warpgroup of a CTA (trace ids CTA-major from 1: ids 1 and 2 are warpgroups 0 and 1)
+    assert s["by_warpgroup"][0]["wait"] == pytest.approx(1.25)
+    assert s["by_warpgroup"][1]["wait"] == pytest.approx(0.5)
     # cycles at 2 GHz take half the time
     assert chain.profile_summary(str(path), clock_ghz=2.0)["pipe"] == pytest.approx(1.875)
+    # the gather form has no activations' load after layer 0: its layers still count
+    g = [a[0]] + [{k: v for k, v in lay.items() if k != "xload"} for lay in a[1:]]
+    g[1]["poll"] = [(6.2, 6.5), (6.5, 7.5)]  # two loads of the partials inside the wait
+    g[2]["poll"] = [(13.5, 14)]
+    path.write_text(json.dumps({"traceEvents": events(1, g)}))
+    s = chain.profile_summary(str(path), clock_ghz=1.0)
+    assert s["wait"] == pytest.approx(1.25) and s["period"] == pytest.approx(6.5)
+    assert s["polls"] == pytest.approx(1.5) and s["poll"] == pytest.approx(0.75)  # 1.0, 0.5
 
 
 def test_mosaic_chain_signal_forms_lower_to_the_atomics_they_name():

@@ -134,6 +134,9 @@
 #   bash benchmarks/gpu/issues.sh mchain7  (one GPU) a release-only fence, timed and stressed
 #   bash benchmarks/gpu/issues.sh mchain8  (one GPU) the flat pipeline's deeper run-ahead
 #   bash benchmarks/gpu/issues.sh mchain9  (one GPU) the release fence's stall off the path
+#   bash benchmarks/gpu/issues.sh mgather  (one GPU) the chain with partials polled by their
+#                                          readers: no signal between layers
+#   bash benchmarks/gpu/issues.sh mgather2 (one GPU) the gather form's polls profiled
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1393,13 +1396,35 @@ mchain9)  # nvidia-h200 (one GPU), one call: is the release's cost its stall or 
   timeout 150 python3 benchmarks/gpu/mosaic_chain.py \
     --variants nosync_flat,sync_flat,sync_relaxed_flat,sync_postfence_flat --cands 4x64x11 \
     --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -7 ;;
+mgather)  # nvidia-h200 (one GPU), one call: the chain with no signal between layers (K split
+  # partials stored into a NaN-filled buffer, polled and summed by their readers; mosaic_gather.py)
+  # stressed against the release form first, then timed beside sync / nosync / XLA, then its
+  # regions under the profiler.
+  timeout 100 python3 benchmarks/gpu/mosaic_chain.py --stress 3 --variants gather_nopoll,gather \
+    --cands 4x128x4 --out $OUT/first.jsonl 2>&1 | grep -v '^{' | tail -4
+  cat $OUT/first.jsonl; grep -q '"variant": "gather",' $OUT/first.jsonl || exit 1
+  timeout 170 python3 benchmarks/gpu/mosaic_chain.py --stress ${N:-40} --variants sync,gather \
+    --cands 4x128x4,4x64x8 --out $OUT/stress.jsonl 2>&1 | grep -v '^{' | tail -4
+  cat $OUT/stress.jsonl
+  timeout 200 python3 benchmarks/gpu/mosaic_chain.py \
+    --variants xla,nosync,sync,gather,gather_nopoll --cands 4x128x4,4x64x8 \
+    --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -14
+  PV="gather" CAND=4x128x4 PL=16 bash $0 mprof ;;
+mgather2)  # nvidia-h200 (one GPU), one call: where the gather form's wait goes (its polls
+  # counted under the profiler, 12 layers, beside the release form), and a second timing at the
+  # o shape and at 1024 x 1024.
+  PV="gather sync" CAND=4x128x4 PL=12 bash $0 mprof
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py --variants xla,nosync,sync,gather,gather_nopoll \
+    --cands 4x128x4 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -8
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py --variants xla,nosync,sync,gather --dim 1024 \
+    --cands 4x64x4 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -7 ;;
 mprof)  # nvidia-h200 (one GPU), one call: the chain's regions under Mosaic GPU's on-device
   # profiler (where each warpgroup's layer goes: the barrier wait, the activations' load, the
   # weight tiles' waits, the epilogue; and the grid's signal-to-release latency), each variant
   # in a process of its own; the last trace of each kept (gzip).
   for v in ${PV:-sync nosync sync_nox sync_noadd}; do
     timeout 120 python3 benchmarks/gpu/mosaic_chain.py --profile $OUT/prof --variants $v \
-      --cands ${CAND:-4x128x4} --out $OUT/prof.jsonl 2>&1 | grep -v '^{' | tail -4
+      --cands ${CAND:-4x128x4} --layers ${PL:-32} --out $OUT/prof.jsonl 2>&1 | grep -v '^{' | tail -4
     f=$(ls -t $OUT/prof/$v-*/*.json 2>/dev/null | head -1)
     [ -n "$f" ] && gzip -c "$f" > $OUT/prof-$v.json.gz
     rm -rf $OUT/prof/$v-*

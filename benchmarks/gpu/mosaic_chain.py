@@ -396,7 +396,11 @@ def profile_summary(path: str, clock_ghz: float = 1.98) -> dict:
     Medians over layers 1.. (layer 0 has no barrier) and warpgroups. The figures within a
     warpgroup are exact; those across CTAs (``barrier_*``, ``last_signal_after_median``) rest
     on each CTA's start stamp, whose offsets came out as negative latencies on the H200: read
-    them as rough, and the per-warpgroup ``wait`` as the barrier's cost."""
+    them as rough, and the per-warpgroup ``wait`` as the barrier's cost. ``by_warpgroup``:
+    the same medians per warpgroup of a CTA (trace ids run CTA-major, warpgroup-minor from 1:
+    the gather form's first compute warpgroup, the one that polls, is id 1, 4, 7, ...).
+    A layer needs ``pipe``, ``epi`` and its steps; ``xload`` only where the form has one. The
+    gather form's ``polls`` (loads of the partials a layer) and ``poll`` (the last one's µs)."""
     import collections
     import json
     import statistics
@@ -407,9 +411,11 @@ def profile_summary(path: str, clock_ghz: float = 1.98) -> dict:
     for e in events:
         by_tid[e["tid"]].append(e)
     per = collections.defaultdict(list)  # metric -> values over (warpgroup, layer >= 1)
+    per_wg = collections.defaultdict(lambda: collections.defaultdict(list))
     ends = collections.defaultdict(list)  # layer -> its warpgroups' epilogue ends
     releases = collections.defaultdict(list)  # layer -> its warpgroups' barrier exits
-    for es in by_tid.values():
+    for tid, es in by_tid.items():
+        wg_per = per_wg[(int(tid) - 1) % 3]
         t0 = es[0]["ts"]
         stack, ranges = [], []
         for e in es:
@@ -419,16 +425,17 @@ def profile_summary(path: str, clock_ghz: float = 1.98) -> dict:
             else:
                 name, tb = stack.pop()
                 ranges.append((name, tb, t))
-        ranges.sort(key=lambda r: r[1])
+        ranges.sort(key=lambda r: (r[1], -r[2]))  # an enclosing region first
         layers, cur = [], None
         for name, tb, te in ranges:
-            if name == "wait" or (name == "xload" and (cur is None or "xload" in cur)):
+            if (name == "wait" or (name == "xload" and (cur is None or "xload" in cur))
+                    or (name == "pipe" and (cur is None or "pipe" in cur))):
                 cur = {}
                 layers.append(cur)
             if cur is None:
                 continue
-            if name == "mma":
-                cur.setdefault("mma", []).append((tb, te))
+            if name in ("mma", "poll"):
+                cur.setdefault(name, []).append((tb, te))
             else:
                 cur[name] = (tb, te)
         if not any("mma" in lay for lay in layers):
@@ -436,28 +443,34 @@ def profile_summary(path: str, clock_ghz: float = 1.98) -> dict:
         for lay in layers:  # the flat pipeline has no region around a layer's steps
             if "pipe" not in lay and {"mma", "xload"} <= lay.keys():
                 lay["pipe"] = (lay["xload"][1], lay["mma"][-1][1])
+        record = lambda k, v: (per[k].append(v), wg_per[k].append(v))  # noqa: E731
         for l, lay in enumerate(layers):
             if "epi" in lay:
                 ends[l].append(lay["epi"][1])
             if "wait" in lay:
                 releases[l].append(lay["wait"][1])
-            if l == 0 or not {"pipe", "epi", "xload", "mma"} <= lay.keys():
+            if l == 0 or not {"pipe", "epi", "mma"} <= lay.keys():
                 continue
             for name, v in lay.items():  # the regions, and those inside the epilogue
-                if name != "mma":
-                    per[name].append(v[1] - v[0])
+                if name not in ("mma", "poll"):
+                    record(name, v[1] - v[0])
+            if "poll" in lay:  # the gather form's loads of the partials, and how many
+                record("polls", len(lay["poll"]))
+                record("poll", lay["poll"][-1][1] - lay["poll"][-1][0])
             mmas, prev = lay["mma"], lay["pipe"][0]
             gaps = []
             for tb, te in mmas:
                 gaps.append(tb - prev)
                 prev = te
             half = len(gaps) // 2
-            per["tile_wait_first_half"].append(sum(gaps[:half]))
-            per["tile_wait_second_half"].append(sum(gaps[half:]))
-            per["mma_busy"].append(sum(te - tb for tb, te in mmas))
+            record("tile_wait_first_half", sum(gaps[:half]))
+            record("tile_wait_second_half", sum(gaps[half:]))
+            record("mma_busy", sum(te - tb for tb, te in mmas))
             if "epi" in layers[l - 1]:
-                per["period"].append(lay["epi"][1] - layers[l - 1]["epi"][1])
-    out = {k: round(statistics.median(v), 3) for k, v in sorted(per.items())}
+                record("period", lay["epi"][1] - layers[l - 1]["epi"][1])
+    med = lambda d: {k: round(statistics.median(v), 3) for k, v in sorted(d.items())}  # noqa
+    out = med(per)
+    out["by_warpgroup"] = {wg: med(d) for wg, d in sorted(per_wg.items()) if d}
     lat_first, lat_med, spread = [], [], []
     for l in sorted(ends):
         if ends[l]:
@@ -476,15 +489,22 @@ def profile_summary(path: str, clock_ghz: float = 1.98) -> dict:
 # The barrier forms (see mosaic_chain): a name's parts are its options.
 VARIANTS = ("sync", "sync_sys", "sync_slice", "sync_noadd", "sync_nox", "sync_noadd_nox",
             "sync_zerowait", "sync_relaxed", "sync_slice_relaxed", "sync_proxy", "sync_acqrel",
-            "sync_relfence", "sync_postfence", "sync_flat", "nosync")
+            "sync_relfence", "sync_postfence", "sync_flat", "nosync", "gather",
+            "gather_nopoll")
 
 
 def chain_for(variant: str, splits: int, tile_k: int, steps: int, profile_dir=None):
     """The chain of a variant's name: sync / nosync, then any of sys (system-scope atomics),
     slice (a semaphore per K slice), flat (one pipeline over all layers), the signal's form
     (relaxed, proxy, acqrel, relfence, postfence: ``relaxed`` of ``mosaic_chain``) and the
-    ablations noadd, nox, zerowait. A name outside these is a ValueError."""
+    ablations noadd, nox, zerowait; or gather (``mosaic_gather.gather_chain``: no signal
+    between layers, partials polled by their readers), gather_nopoll (one load: wrong, timing
+    only). A name outside these is a ValueError."""
     parts = variant.split("_")
+    if variant in ("gather", "gather_nopoll"):
+        from mosaic_gather import gather_chain  # noqa: PLC0415 (benchmarks/gpu on the path)
+        return gather_chain(splits, tile_k, steps, poll=variant == "gather",
+                            profile_dir=profile_dir)
     if parts[0] not in ("sync", "nosync") or not set(parts[1:]) <= {
             "sys", "slice", "noadd", "nox", "zerowait", "relaxed", "proxy", "acqrel", "relfence",
             "postfence", "flat"}:
@@ -515,7 +535,7 @@ def lower_all(emit, dim: int, layers: int) -> int:
     ok = []
     for i, (splits, tk, steps) in enumerate(CANDS + FLAT_CANDS):
         # every variant at the first tile, the correct form at the others (CI time)
-        for variant in (VARIANTS if i == 0 else ("sync",) if i < len(CANDS)
+        for variant in (VARIANTS if i == 0 else ("sync", "gather") if i < len(CANDS)
                         else ("sync_flat",)):
             row = dict(variant=variant, splits=splits, tile_k=tk, steps=steps, dim=dim,
                        layers=layers)
@@ -575,6 +595,12 @@ def main(argv=None):
             emit(dict(variant="interpret_flat" if flat else "interpret", splits=1, tile_k=tk,
                       steps=steps, dim=D, layers=L,
                       rel=float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))))
+        from mosaic_gather import gather_chain  # noqa: PLC0415
+        for tk, steps in ((64, 1), (32, 2)):  # the gather form: its own partials polled back
+            out = gather_chain(1, tk, steps, sync=False, interpret=True)(x, w)[-1]
+            emit(dict(variant="interpret_gather", splits=1, tile_k=tk, steps=steps, dim=D,
+                      layers=L, rel=float(jnp.linalg.norm(out.astype(jnp.float32) - ref)
+                                          / jnp.linalg.norm(ref))))
         return lower_all(emit, 4096, 4)
     D, L = a.dim, a.layers
     x = jax.random.normal(key, (T, D)).astype(jnp.bfloat16)
