@@ -41,7 +41,9 @@ between layers). Timing only, wrong results: ``_noadd`` / ``_nox`` (ablations), 
 and ``_proxy`` (the signal without its release fence: stale reads in some calls); correct
 forms of the signal's fence: ``_acqrel``, ``_relfence``; ``_postfence`` (the fence after a
 relaxed add: its stall without its ordering, timing only); ``_zerowait`` (the zeroing polled every
-layer, the form before 15:37 on 2026-12-03).
+layer, the form before 15:37 on 2026-12-03); ``gather`` / ``gather_nopoll``: no signal between
+layers, the K splits' partials polled by their readers (``mosaic_gather.py``: correct and slower,
+11.4-11.6 against 10.2-10.5 µs a layer on 2026-12-03, RESULTS "(19:20)").
 Figures as ``persistent_chain.py``: µs a layer by wall time of back-to-back calls, GPU time.
 
     python3 benchmarks/gpu/mosaic_chain.py [--layers 32] [--cands 4x128x4,4x64x8] [--out F]
