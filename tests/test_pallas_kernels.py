@@ -1184,10 +1184,12 @@ def test_mosaic_chain_benchmark_interprets_and_lowers(tmp_path):
     # steps a layer (a stage count the chained form refuses).
     # The gather form (mosaic_gather.py: partials stored into a NaN-filled buffer and polled
     # back by their readers, no signal between layers) is interpreted in its one-CTA form
-    # (its own partials polled back), at two tiles.
+    # (its own partials polled back), at two tiles; so is the dynamic form (mosaic_dynamic.py:
+    # a layer's units claimed from a counter, here one CTA counting in SMEM), at two tiles.
     interp = [r for r in rows if r["variant"].startswith("interpret")]
-    assert {r["variant"] for r in interp} == {"interpret", "interpret_flat", "interpret_gather"}
-    assert len(interp) == 5 and all(r["rel"] < 1e-2 for r in interp), interp
+    assert {r["variant"] for r in interp} == {
+        "interpret", "interpret_flat", "interpret_gather", "interpret_dyn"}
+    assert len(interp) == 7 and all(r["rel"] < 1e-2 for r in interp), interp
     lowered = [r for r in rows if "lowered" in r]
     assert {r["variant"] for r in lowered} == set(chain.VARIANTS)
     assert ({(r["splits"], r["tile_k"], r["steps"]) for r in lowered}

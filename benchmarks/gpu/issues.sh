@@ -137,6 +137,7 @@
 #   bash benchmarks/gpu/issues.sh mgather  (one GPU) the chain with partials polled by their
 #                                          readers: no signal between layers
 #   bash benchmarks/gpu/issues.sh mgather2 (one GPU) the gather form's polls profiled
+#   bash benchmarks/gpu/issues.sh mdyn    (one GPU) the chain with a layer's units from a counter
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1410,6 +1411,22 @@ mgather)  # nvidia-h200 (one GPU), one call: the chain with no signal between la
     --variants xla,nosync,sync,gather,gather_nopoll --cands 4x128x4,4x64x8 \
     --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -14
   PV="gather" CAND=4x128x4 PL=16 bash $0 mprof ;;
+mdyn)  # nvidia-h200 (one GPU), one call: the chain with dynamic work distribution (a layer's
+  # units from a counter; mosaic_dynamic.py): a first check, stressed against the release form,
+  # then timed beside sync / nosync / XLA (grid 128 / 132, units of 1024 / 512 of K).
+  # First the configurations that hung on 2026-12-03 (RESULTS "(20:10)": units of 1024 at 4
+  # and 32 layers, of 512 at 32 layers), 5 calls each in a process of its own under a timeout.
+  timeout 100 python3 benchmarks/gpu/mosaic_dynamic.py --debug --timeout 30 --configs \
+    "4096,4,128,4,1024,128,0,5;4096,32,128,4,1024,128,0,5;4096,32,128,4,512,128,0,5" \
+    | tee $OUT/debug.txt
+  grep -q '^4096,32,128,4,1024,128,0,5 rc 0 ' $OUT/debug.txt || exit 1
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py --stress ${N:-30} \
+    --variants sync,dyn,dyn_g132,dyn_u512 --cands 4x128x4 --out $OUT/stress.jsonl 2>&1 \
+    | grep -v '^{' | tail -4
+  cat $OUT/stress.jsonl
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py \
+    --variants xla,nosync,sync,dyn_static,dyn,dyn_g132,dyn_u512,dyn_u512_g132 --cands 4x128x4 \
+    --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -10 ;;
 mgather2)  # nvidia-h200 (one GPU), one call: where the gather form's wait goes (its polls
   # counted under the profiler, 12 layers, beside the release form), and a second timing at the
   # o shape and at 1024 x 1024.

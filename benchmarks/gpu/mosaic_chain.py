@@ -492,7 +492,7 @@ def profile_summary(path: str, clock_ghz: float = 1.98) -> dict:
 VARIANTS = ("sync", "sync_sys", "sync_slice", "sync_noadd", "sync_nox", "sync_noadd_nox",
             "sync_zerowait", "sync_relaxed", "sync_slice_relaxed", "sync_proxy", "sync_acqrel",
             "sync_relfence", "sync_postfence", "sync_flat", "nosync", "gather",
-            "gather_nopoll")
+            "gather_nopoll", "dyn", "dyn_g132", "dyn_u512", "dyn_u512_g132", "dyn_static")
 
 
 def chain_for(variant: str, splits: int, tile_k: int, steps: int, profile_dir=None):
@@ -501,8 +501,19 @@ def chain_for(variant: str, splits: int, tile_k: int, steps: int, profile_dir=No
     (relaxed, proxy, acqrel, relfence, postfence: ``relaxed`` of ``mosaic_chain``) and the
     ablations noadd, nox, zerowait; or gather (``mosaic_gather.gather_chain``: no signal
     between layers, partials polled by their readers), gather_nopoll (one load: wrong, timing
-    only). A name outside these is a ValueError."""
+    only); or dyn (``mosaic_dynamic.dynamic_chain``: a layer's units taken from a counter),
+    with _uN (the unit's K chunk, default 1024), _gN (the grid, default 128) and _static
+    (claims counted in SMEM, no atomic: a debugging form). A name outside these is a
+    ValueError."""
     parts = variant.split("_")
+    if parts[0] == "dyn":  # mosaic_dynamic: units from a counter; _uN unit_k, _gN the grid
+        from mosaic_dynamic import dynamic_chain  # noqa: PLC0415
+        static = "static" in parts
+        opts = {p[0]: int(p[1:]) for p in parts[1:] if p[:1] in ("u", "g") and p[1:].isdigit()}
+        if len(opts) + static != len(parts) - 1:
+            raise ValueError(f"unknown variant {variant!r}")
+        return dynamic_chain(tile_k, steps, unit_k=opts.get("u", 1024), grid=opts.get("g", 128),
+                             static_claims=static)
     if variant in ("gather", "gather_nopoll"):
         from mosaic_gather import gather_chain  # noqa: PLC0415 (benchmarks/gpu on the path)
         return gather_chain(splits, tile_k, steps, poll=variant == "gather",
@@ -537,7 +548,7 @@ def lower_all(emit, dim: int, layers: int) -> int:
     ok = []
     for i, (splits, tk, steps) in enumerate(CANDS + FLAT_CANDS):
         # every variant at the first tile, the correct form at the others (CI time)
-        for variant in (VARIANTS if i == 0 else ("sync", "gather") if i < len(CANDS)
+        for variant in (VARIANTS if i == 0 else ("sync", "gather", "dyn_u512") if i < len(CANDS)
                         else ("sync_flat",)):
             row = dict(variant=variant, splits=splits, tile_k=tk, steps=steps, dim=dim,
                        layers=layers)
@@ -603,6 +614,17 @@ def main(argv=None):
             emit(dict(variant="interpret_gather", splits=1, tile_k=tk, steps=steps, dim=D,
                       layers=L, rel=float(jnp.linalg.norm(out.astype(jnp.float32) - ref)
                                           / jnp.linalg.norm(ref))))
+        from mosaic_dynamic import dynamic_chain  # noqa: PLC0415
+        D2 = 2 * D  # two units a layer: the ring wraps, the claims go on past the end mark
+        x2 = jax.random.normal(key, (T, D2)).astype(jnp.bfloat16)
+        w2 = (jax.random.normal(jax.random.PRNGKey(2), (L, D2, D2)) / D2 ** 0.5).astype(
+            jnp.bfloat16)
+        ref2 = reference(x2, w2)
+        for tk, steps in ((64, 3), (32, 2)):
+            out = dynamic_chain(tk, steps, unit_k=D2, interpret=True)(x2, w2)[-1]
+            emit(dict(variant="interpret_dyn", tile_k=tk, steps=steps, dim=D2, layers=L,
+                      rel=float(jnp.linalg.norm(out.astype(jnp.float32) - ref2)
+                                / jnp.linalg.norm(ref2))))
         return lower_all(emit, 4096, 4)
     D, L = a.dim, a.layers
     x = jax.random.normal(key, (T, D)).astype(jnp.bfloat16)
