@@ -10,8 +10,10 @@ K split) a CTA owns replaced by a work queue:
 - a layer's work is U = (N / 128) x (K / unit_k) units, each a 128-column tile over one
   ``unit_k`` chunk of K (``unit_k / tile_k`` weight tiles);
 - each CTA's producer warpgroup claims units with a relaxed fetch-add on the layer's counter
-  (one thread, through ``inline_mgpu``; the claimed index goes into an SMEM slot beside the
-  unit's first weight tile), streams their tiles into a ring of ``steps`` slots (a hand-written
+  (one thread, through ``inline_mgpu``; the claimed index goes into an SMEM slot of its own,
+  fill i's at i % (2 x steps): a slot is rewritten only after the producer has seen a later
+  fill consumed, so even a store the compiler moved above its own iteration's wait cannot
+  clobber an index a compute warpgroup has yet to read), streams their tiles into a ring of ``steps`` slots (a hand-written
   pipeline: full barriers completed by the TMA, consumed barriers by both compute
   warpgroups), and when the counter passes U it puts an end mark (-1) in the next slot and
   moves on to the next layer's counter, without waiting for anyone;
@@ -104,7 +106,7 @@ def dynamic_chain(tile_k: int, steps: int, *, unit_k: int = 1024, grid: int = 12
         @functools.partial(
             pl.run_scoped,
             ring=plgpu.SMEM((steps, cta_n, tile_k), bf16, transforms=tf),
-            ids=plgpu.SMEM((steps, 1), i32),
+            ids=plgpu.SMEM((2 * steps, 1), i32),  # fill i's unit at i % (2 * steps)
             ctr_smem=plgpu.SMEM((L, 1), i32),  # the interpreter's counters
             x_smem=plgpu.SMEM((T, K), bf16, transforms=xtf),
             out_smem=plgpu.SMEM((2, T, WG_N), bf16, transforms=tf),
@@ -130,13 +132,13 @@ def dynamic_chain(tile_k: int, steps: int, *, unit_k: int = 1024, grid: int = 12
                     def _(l):
                         ctr_smem[l, 0] = jnp.int32(0)
 
-                def take(l, slot):
+                def take(l, k):
                     if interpret or static_claims:
-                        ids[slot, 0] = ctr_smem[l, 0] * grid + g
+                        ids[k, 0] = ctr_smem[l, 0] * grid + g
                         ctr_smem[l, 0] = ctr_smem[l, 0] + 1
                     else:
-                        claim(ctrs.at[l], ids.at[slot])
-                    return ids[slot, 0]
+                        claim(ctrs.at[l], ids.at[k])
+                    return ids[k, 0]
 
                 def layer(l, i):
                     def unit(carry):
@@ -146,7 +148,8 @@ def dynamic_chain(tile_k: int, steps: int, *, unit_k: int = 1024, grid: int = 12
                         @pl.when(i >= steps)
                         def _():
                             plgpu.barrier_wait(consumed.at[slot])
-                        u = take(l, slot)
+                        k = i % (2 * steps)
+                        u = take(l, k)
                         going = u < U
 
                         @pl.when(going)
@@ -164,7 +167,7 @@ def dynamic_chain(tile_k: int, steps: int, *, unit_k: int = 1024, grid: int = 12
 
                         @pl.when(~going)
                         def _():
-                            ids[slot, 0] = jnp.int32(-1)  # the end mark, in place of u
+                            ids[k, 0] = jnp.int32(-1)  # the end mark, in place of u
                             plgpu.barrier_arrive(full.at[slot])
                         return jnp.where(going, i + tpu, i + 1), going
 
@@ -224,7 +227,7 @@ def dynamic_chain(tile_k: int, steps: int, *, unit_k: int = 1024, grid: int = 12
                         i, _ = carry
                         slot = i % steps
                         plgpu.barrier_wait(full.at[slot])
-                        u = ids[slot, 0]
+                        u = ids[i % (2 * steps), 0]
                         going = u >= 0
 
                         @pl.when(going)
