@@ -1413,8 +1413,8 @@ mgather)  # nvidia-h200 (one GPU), one call: the chain with no signal between la
   PV="gather" CAND=4x128x4 PL=16 bash $0 mprof ;;
 mdyn)  # nvidia-h200 (one GPU), one call: the chain with dynamic work distribution (a layer's
   # units from a counter; mosaic_dynamic.py): a first check, stressed against the release form,
-  # then timed beside sync / nosync / XLA (grid 128 / 132, units of 1024 / 512 of K).
-  # First the configurations that hung on 2026-12-03 (RESULTS "(20:10)": units of 1024 at 4
+  # then timed beside sync / nosync / XLA (grid 128 / 132, units of 1024 / 512 of K). The
+  # first check: the configurations that hung on 2026-12-03 (RESULTS "(20:10)": units of 1024 at 4
   # and 32 layers, of 512 at 32 layers), 5 calls each in a process of its own under a timeout.
   timeout 100 python3 benchmarks/gpu/mosaic_dynamic.py --debug --timeout 30 --configs \
     "4096,4,128,4,1024,128,0,5;4096,32,128,4,1024,128,0,5;4096,32,128,4,512,128,0,5" \

@@ -140,14 +140,8 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
         n_idx, s = cta % n_tiles, cta // n_tiles
         k_slice = pl.ds(s * k_per, k_per)
 
-        def pipeline(body, ctx, state=None):
-            return plgpu.emit_pipeline_warp_specialized(
-                body, grid=(k_per // tile_k,), memory_registers=40,
-                in_specs=[plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tf,
-                                          memory_space=plgpu.SMEM)],
-                wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
-                compute_context=ctx, pipeline_state=state)
-
+        pipeline = functools.partial(weight_pipeline, k_per=k_per, tile_k=tile_k,
+                                     cta_n=cta_n, steps=steps, transforms=w_tf)
         ignore = lambda *_, **__: None  # noqa: E731
 
         @functools.partial(
@@ -486,6 +480,20 @@ def profile_summary(path: str, clock_ghz: float = 1.98) -> dict:
                    last_signal_after_median=round(statistics.median(spread), 3))
     out["warpgroups"] = len(ends.get(0, []))
     return out
+
+
+def weight_pipeline(body, ctx, state=None, *, k_per, tile_k, cta_n, steps, transforms):
+    """One layer's weight stream: a warp-specialized pipeline over ``k_per // tile_k`` steps
+    of (cta_n, tile_k) tiles, the producer warpgroup's TMA ahead of two compute warpgroups
+    (``ctx`` their context, ``state`` carried from the previous layer's pipeline)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(k_per // tile_k,), memory_registers=40,
+        in_specs=[plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=transforms,
+                                  memory_space=plgpu.SMEM)],
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
+        compute_context=ctx, pipeline_state=state)
 
 
 # The barrier forms (see mosaic_chain): a name's parts are its options.

@@ -39,7 +39,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mosaic_chain import T, WG_N  # benchmarks/gpu on the path
+from mosaic_chain import T, WG_N, weight_pipeline  # benchmarks/gpu on the path
 
 # The profiler's buffer comes out of the SMEM (16 B an event a warpgroup): mosaic_chain's 640
 # would not fit beside the partials, 256 does (profile <= 20 layers: ~12 events a layer).
@@ -81,14 +81,8 @@ def gather_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
         cta = lax.axis_index("cluster_grid")
         n_idx, s = cta % n_tiles, cta // n_tiles
 
-        def pipeline(body, ctx, state=None):
-            return plgpu.emit_pipeline_warp_specialized(
-                body, grid=(k_per // tile_k,), memory_registers=40,
-                in_specs=[plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=tf,
-                                          memory_space=plgpu.SMEM)],
-                wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
-                compute_context=ctx, pipeline_state=state)
-
+        pipeline = functools.partial(weight_pipeline, k_per=k_per, tile_k=tile_k,
+                                     cta_n=cta_n, steps=steps, transforms=tf)
         ignore = lambda *_, **__: None  # noqa: E731
 
         @functools.partial(
