@@ -325,17 +325,9 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
 
     def fn(x0, w):
         L, N, K = w.shape
-        f = plgpu.kernel(
-            functools.partial(kernel, dims=(L, N, K)),
-            out_type=jax.ShapeDtypeStruct((L, T, N), bf16),
-            grid=(N // (2 * WG_N) * splits,),
-            interpret=plgpu.InterpretGPUParams() if interpret else None,
-            grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
-            num_threads=3, thread_name="wg",
-            compiler_params=plgpu.CompilerParams(
-                lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
-                **(dict(profile_space=PROFILE_SPACE, profile_dir=profile_dir,
-                        profile_bounds_check=True) if profile_dir else {})))
+        f = launch(functools.partial(kernel, dims=(L, N, K)),
+                   jax.ShapeDtypeStruct((L, T, N), bf16), N // (2 * WG_N) * splits,
+                   interpret=interpret, profile_dir=profile_dir, profile_space=PROFILE_SPACE)
         return f(x0, w.reshape(L * N, K) if flat else w)
 
     return jax.jit(fn)
@@ -494,6 +486,23 @@ def weight_pipeline(body, ctx, state=None, *, k_per, tile_k, cta_n, steps, trans
                                   memory_space=plgpu.SMEM)],
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
         compute_context=ctx, pipeline_state=state)
+
+
+def launch(body, out_type, grid: int, *, interpret: bool = False, profile_dir=None,
+           profile_space: int = 0):
+    """The chains' kernel: ``grid`` CTAs of three warpgroups (one producer, two compute) in
+    Mosaic GPU's warpgroup semantics, under the interpreter or the on-device profiler."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.kernel(
+        body, out_type=out_type, grid=(grid,),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
+        num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+            **(dict(profile_space=profile_space, profile_dir=profile_dir,
+                    profile_bounds_check=True) if profile_dir else {})))
 
 
 # The barrier forms (see mosaic_chain): a name's parts are its options.

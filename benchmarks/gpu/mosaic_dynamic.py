@@ -40,7 +40,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mosaic_chain import T, WG_N  # benchmarks/gpu on the path
+from mosaic_chain import T, WG_N, launch  # benchmarks/gpu on the path
 
 
 def claim(ctr_ref, ids_ref):
@@ -276,15 +276,8 @@ def dynamic_chain(tile_k: int, steps: int, *, unit_k: int = 1024, grid: int = 12
 
     def fn(x0, w):
         L, N, K = w.shape
-        return plgpu.kernel(
-            functools.partial(kernel, dims=(L, N, K)),
-            out_type=jax.ShapeDtypeStruct((L, T, N), bf16),
-            grid=(grid,),
-            interpret=plgpu.InterpretGPUParams() if interpret else None,
-            grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
-            num_threads=3, thread_name="wg",
-            compiler_params=plgpu.CompilerParams(
-                lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(x0, w)
+        return launch(functools.partial(kernel, dims=(L, N, K)),
+                      jax.ShapeDtypeStruct((L, T, N), bf16), grid, interpret=interpret)(x0, w)
 
     return jax.jit(fn)
 

@@ -39,7 +39,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mosaic_chain import T, WG_N, weight_pipeline  # benchmarks/gpu on the path
+from mosaic_chain import T, WG_N, launch, weight_pipeline  # benchmarks/gpu on the path
 
 # The profiler's buffer comes out of the SMEM (16 B an event a warpgroup): mosaic_chain's 640
 # would not fit beside the partials, 256 does (profile <= 20 layers: ~12 events a layer).
@@ -215,17 +215,10 @@ def gather_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
     def fn(x0, w):
         L, N, K = w.shape
         nan = jnp.full((T, WG_N), jnp.nan, bf16)
-        part = plgpu.kernel(
-            functools.partial(kernel, dims=(L, N, K)),
-            out_type=jax.ShapeDtypeStruct((L, splits, T, N), bf16),
-            grid=(N // (2 * WG_N) * splits,),
-            interpret=plgpu.InterpretGPUParams() if interpret else None,
-            grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
-            num_threads=3, thread_name="wg",
-            compiler_params=plgpu.CompilerParams(
-                lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
-                **(dict(profile_space=GATHER_PROFILE_SPACE, profile_dir=profile_dir,
-                        profile_bounds_check=True) if profile_dir else {})))(x0, nan, w)
+        part = launch(functools.partial(kernel, dims=(L, N, K)),
+                      jax.ShapeDtypeStruct((L, splits, T, N), bf16), N // (2 * WG_N) * splits,
+                      interpret=interpret, profile_dir=profile_dir,
+                      profile_space=GATHER_PROFILE_SPACE)(x0, nan, w)
         # the layers' activations (the kernel summed them in float32 as it went; the last one
         # only here)
         return part.astype(f32).sum(1).astype(bf16)
