@@ -520,7 +520,7 @@ def chain_for(variant: str, splits: int, tile_k: int, steps: int, profile_dir=No
     between layers, partials polled by their readers), gather_nopoll (one load: wrong, timing
     only); or dyn (``mosaic_dynamic.dynamic_chain``: a layer's units taken from a counter),
     with _uN (the unit's K chunk, default 1024), _gN (the grid, default 128) and _static
-    (claims counted in SMEM, no atomic: a debugging form). A name outside these is a
+    (claims counted in registers, no atomic: a debugging form). A name outside these is a
     ValueError."""
     parts = variant.split("_")
     if parts[0] == "dyn":  # mosaic_dynamic: units from a counter; _uN unit_k, _gN the grid

@@ -13,24 +13,29 @@ K split) a CTA owns replaced by a work queue:
   (one thread, through ``inline_mgpu``; the claimed index goes into an SMEM slot of its own,
   fill i's at i % (2 x steps): a slot is rewritten only after the producer has seen a later
   fill consumed, so even a store the compiler moved above its own iteration's wait cannot
-  clobber an index a compute warpgroup has yet to read), streams their tiles into a ring of ``steps`` slots (a hand-written
-  pipeline: full barriers completed by the TMA, consumed barriers by both compute
-  warpgroups), and when the counter passes U it puts an end mark (-1) in the next slot and
-  moves on to the next layer's counter, without waiting for anyone;
+  clobber an index a compute warpgroup has yet to read), streams their tiles into a ring of
+  ``steps`` slots (a hand-written pipeline: full barriers completed by the TMA, consumed
+  barriers by both compute warpgroups), and when a claim comes back past U it hands that
+  claim on as the layer's end mark (the slot's full barrier arrived on, no tiles) and moves
+  on to the next layer's counter, without waiting for anyone;
 - the two compute warpgroups (64 columns each) wait at the grid barrier for x_l, load all of
   it (8 x K: a unit may need any chunk), and take slots in order: a unit's tiles into a fresh
-  accumulator, then its partial TMA-added into x_{l+1}; at the end mark each waits for its
-  adds to land and signals the barrier (a release) once a layer;
+  accumulator, then its partial TMA-added into x_{l+1}; at the end mark (an index >= U) each
+  waits for its adds to land and signals the barrier (a release) once a layer;
 - the grid can take every SM (``grid``), since no CTA owns a share.
 
 Measured against ``sync`` (the static form) and XLA's chain in the same process:
 ``mosaic_chain.py --variants xla,sync,dyn`` (variants ``dyn``, ``dyn_g132``, ``dyn_u512``,
-``dyn_static``: the same ring with each CTA's claims counted in SMEM, no atomic). State on
-2026-12-03 (RESULTS "Rerun of 2026-12-03 (20:10)"): ``dyn_static`` is correct and timed; the
-atomic forms hung on the H200, an inline asm without side effects the likely cause (fixed in
-``claim``, not yet rerun): ``--debug`` is the first thing to run.
+``dyn_static``: the same ring with each CTA's claims counted in registers, no atomic). State on
+2026-12-03 (RESULTS "Rerun of 2026-12-03 (20:10)" and "(23:30)"): ``dyn_static`` is correct
+and timed; the atomic forms hung on the H200, with the claim's asm marked as having side
+effects too. The cause found at 23:30: in warpgroup semantics a scalar SMEM store is done by
+every thread with no barrier, and the producer wrote its end mark (-1) into the slot its
+threads had just read the claim from, so a warp that read late saw -1, took it for a unit and
+left the others (``dyn_static`` counted its claims in SMEM with the same read-then-write
+race). Now the end mark is the claim past U itself, and static claims count in registers.
 On the CPU, the interpreter runs neither atomics, semaphores nor TMA reductions: ``--smoke``
-interprets one CTA whose claims count in SMEM and whose units span all of K (so each stores
+interprets one CTA whose claims count in registers and whose units span all of K (so each stores
 its tile), against the reference; the GPU form lowers for an abstract H100.
 """
 from __future__ import annotations
@@ -74,9 +79,9 @@ def dynamic_chain(tile_k: int, steps: int, *, unit_k: int = 1024, grid: int = 12
                   num_sms: int | None = None):
     """``fn(x0 [T, K] bf16, w [L, N, K] bf16) -> xs [L, T, N]`` as ``mosaic_chain``'s, the
     layers' units handed out by a counter (module docstring). ``interpret``: one CTA, claims
-    counted in SMEM, units over all of K stored (not added), no semaphore. ``static_claims``
+    counted in registers, units over all of K stored (not added), no semaphore. ``static_claims``
     (a debugging form): the k-th claim of CTA g in a layer is unit k * grid + g, counted in
-    SMEM with no atomic, through the same ring, end marks and barrier. Refuses a grid larger
+    registers with no atomic, through the same ring, end marks and barrier. Refuses a grid larger
     than ``num_sms`` (its barrier needs every CTA resident)."""
     from jax import lax
     from jax.experimental import pallas as pl
@@ -107,7 +112,6 @@ def dynamic_chain(tile_k: int, steps: int, *, unit_k: int = 1024, grid: int = 12
             pl.run_scoped,
             ring=plgpu.SMEM((steps, cta_n, tile_k), bf16, transforms=tf),
             ids=plgpu.SMEM((2 * steps, 1), i32),  # fill i's unit at i % (2 * steps)
-            ctr_smem=plgpu.SMEM((L, 1), i32),  # the interpreter's counters
             x_smem=plgpu.SMEM((T, K), bf16, transforms=xtf),
             out_smem=plgpu.SMEM((2, T, WG_N), bf16, transforms=tf),
             full=plgpu.Barrier(num_barriers=steps),
@@ -115,7 +119,7 @@ def dynamic_chain(tile_k: int, steps: int, *, unit_k: int = 1024, grid: int = 12
             x_bar=plgpu.Barrier(),
             wg_bar=plgpu.Barrier(num_arrivals=2),
             collective_axes="wg")
-        def _scope(ring, ids, ctr_smem, x_smem, out_smem, full, consumed, x_bar, wg_bar):
+        def _scope(ring, ids, x_smem, out_smem, full, consumed, x_bar, wg_bar):
             wg = lax.axis_index("wg")
             sem = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR)
             ctrs = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR((L,)))
@@ -127,30 +131,28 @@ def dynamic_chain(tile_k: int, steps: int, *, unit_k: int = 1024, grid: int = 12
             # -- the producer: claims units, streams their weight tiles into the ring
             @pl.when(wg == 2)
             def _producer():
-                if interpret or static_claims:
-                    @pl.loop(0, L)
-                    def _(l):
-                        ctr_smem[l, 0] = jnp.int32(0)
-
-                def take(l, k):
+                def take(l, k, n_claimed):
+                    """The unit of this claim, its index stored in ``ids[k]`` for the compute
+                    warpgroups. No thread of the producer reads ``ids`` after another may have
+                    written it: every thread stores, and (warpgroup semantics) no barrier
+                    orders one warp's load before another warp's store."""
                     if interpret or static_claims:
-                        ids[k, 0] = ctr_smem[l, 0] * grid + g
-                        ctr_smem[l, 0] = ctr_smem[l, 0] + 1
-                    else:
-                        claim(ctrs.at[l], ids.at[k])
+                        u = n_claimed * grid + g
+                        ids[k, 0] = u
+                        return u
+                    claim(ctrs.at[l], ids.at[k])  # one thread stores; a barrier; all read
                     return ids[k, 0]
 
                 def layer(l, i):
                     def unit(carry):
-                        i, _ = carry
+                        i, n_claimed, _ = carry
                         slot = i % steps
 
                         @pl.when(i >= steps)
                         def _():
                             plgpu.barrier_wait(consumed.at[slot])
-                        k = i % (2 * steps)
-                        u = take(l, k)
-                        going = u < U
+                        u = take(l, i % (2 * steps), n_claimed)
+                        going = u < U  # a claim past U is the layer's end mark
 
                         @pl.when(going)
                         def _():
@@ -165,13 +167,11 @@ def dynamic_chain(tile_k: int, steps: int, *, unit_k: int = 1024, grid: int = 12
                                                     pl.ds(c * unit_k + t * tile_k, tile_k)],
                                     ring.at[s_t], full.at[s_t])
 
-                        @pl.when(~going)
-                        def _():
-                            ids[k, 0] = jnp.int32(-1)  # the end mark, in place of u
-                            plgpu.barrier_arrive(full.at[slot])
-                        return jnp.where(going, i + tpu, i + 1), going
+                        pl.when(~going)(lambda: plgpu.barrier_arrive(full.at[slot]))
+                        return jnp.where(going, i + tpu, i + 1), n_claimed + 1, going
 
-                    i, _ = lax.while_loop(lambda c: c[1], unit, (i, jnp.bool_(True)))
+                    i, _, _ = lax.while_loop(lambda c: c[2], unit,
+                                             (i, jnp.int32(0), jnp.bool_(True)))
                     return i
 
                 i_end = lax.fori_loop(0, L, layer, jnp.int32(0))
@@ -228,7 +228,7 @@ def dynamic_chain(tile_k: int, steps: int, *, unit_k: int = 1024, grid: int = 12
                         slot = i % steps
                         plgpu.barrier_wait(full.at[slot])
                         u = ids[i % (2 * steps), 0]
-                        going = u >= 0
+                        going = u < U
 
                         @pl.when(going)
                         def _():

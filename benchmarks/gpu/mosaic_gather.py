@@ -54,8 +54,8 @@ def gather_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
     K splits' partials met by their readers (module docstring). ``sync``: the semaphore that
     orders the NaN fill before every read (a grid of one CTA needs none: its own fill precedes
     its stores). ``poll=False`` loads the partials once, whatever it finds (wrong results:
-    what the poll costs, timing only). Refuses a grid larger than ``num_sms`` (the fill's barrier needs every CTA
-    resident), as ``mosaic_chain``."""
+    what the poll costs, timing only). Refuses a grid larger than ``num_sms`` (the fill's
+    barrier needs every CTA resident), as ``mosaic_chain``."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
