@@ -138,6 +138,8 @@
 #                                          readers: no signal between layers
 #   bash benchmarks/gpu/issues.sh mgather2 (one GPU) the gather form's polls profiled
 #   bash benchmarks/gpu/issues.sh mdyn    (one GPU) the chain with a layer's units from a counter
+#   bash benchmarks/gpu/issues.sh ml2     (one GPU) the chain with the next layer's weights
+#                                          prefetched into the L2
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1427,6 +1429,16 @@ mdyn)  # nvidia-h200 (one GPU), one call: the chain with dynamic work distributi
   timeout 150 python3 benchmarks/gpu/mosaic_chain.py \
     --variants xla,nosync,sync,dyn_static,dyn,dyn_g132,dyn_u512,dyn_u512_g132 --cands 4x128x4 \
     --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -10 ;;
+ml2)  # nvidia-h200 (one GPU), one call: the release form with the next layer's weights
+  # prefetched into the L2 (mosaic_chain.py sync_pfN: 4 more CTAs paced by the grid barrier;
+  # sync_selfpfN: by the compute warpgroups), stressed, then timed beside sync / nosync / XLA.
+  timeout 200 python3 benchmarks/gpu/mosaic_chain.py --stress ${N:-20} \
+    --variants sync,sync_pf4,sync_pf8,sync_selfpf8 --cands 4x128x4 --out $OUT/stress.jsonl \
+    2>&1 | grep -v '^{' | tail -4
+  cat $OUT/stress.jsonl
+  timeout 200 python3 benchmarks/gpu/mosaic_chain.py --variants \
+    xla,nosync,sync,sync_pf2,sync_pf4,sync_pf6,sync_pf8,sync_selfpf4,sync_selfpf8 \
+    --cands 4x128x4,4x64x8 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -22 ;;
 mgather2)  # nvidia-h200 (one GPU), one call: where the gather form's wait goes (its polls
   # counted under the profiler, 12 layers, beside the release form), and a second timing at the
   # o shape and at 1024 x 1024.

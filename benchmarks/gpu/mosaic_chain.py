@@ -43,7 +43,12 @@ forms of the signal's fence: ``_acqrel``, ``_relfence``; ``_postfence`` (the fen
 relaxed add: its stall without its ordering, timing only); ``_zerowait`` (the zeroing polled every
 layer, the form before 15:37 on 2026-12-03); ``gather`` / ``gather_nopoll``: no signal between
 layers, the K splits' partials polled by their readers (``mosaic_gather.py``: correct and slower,
-11.4-11.6 against 10.2-10.5 µs a layer on 2026-12-03, RESULTS "(19:20)").
+11.4-11.6 against 10.2-10.5 µs a layer on 2026-12-03, RESULTS "(19:20)"); ``dyn*``: a
+layer's units claimed from a counter (``mosaic_dynamic.py``: correct and no faster, RESULTS
+"(23:30)"); ``sync_pfN``: the release form with 4 more CTAs that prefetch the first N steps of
+every CTA's share of the next layer into the L2 as the grid enters a layer (the DRAM reads on
+through the barrier; the L2 holds 50 MB, a layer 33.5), ``sync_selfpfN`` the same prefetch by
+the compute warpgroups, tile by tile.
 Figures as ``persistent_chain.py``: µs a layer by wall time of back-to-back calls, GPU time.
 
     python3 benchmarks/gpu/mosaic_chain.py [--layers 32] [--cands 4x128x4,4x64x8] [--out F]
@@ -58,6 +63,7 @@ feed its next layer) against the reference, and lowers the GPU forms for an abst
 from __future__ import annotations
 
 import functools
+import re
 import sys
 
 import jax
@@ -76,7 +82,8 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                  reduce: bool = True, scope: str = "gpu", per_slice: bool = False,
                  ablate: frozenset = frozenset(), num_sms: int | None = None,
                  interpret: bool = False, profile_dir: str | None = None,
-                 relaxed: bool | str = False, flat: bool = False):
+                 relaxed: bool | str = False, flat: bool = False, prefetch: int = 0,
+                 prefetch_ctas: int = 4, self_prefetch: int = 0):
     """``fn(x0 [T, K] bf16, w [L, N, K] bf16) -> xs [L, T, N]``: xs[l] = x_l W_l^T, x_0 = x0,
     x_{l+1} = xs[l]. N == K (a chain).
     Each warpgroup's product is y^T = W x^T (the weight's 64-row slice as wgmma's A, x's K slice
@@ -109,6 +116,13 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
     barrier, activations and epilogue at its first and last steps) instead of a chained
     pipeline a layer, so ``steps`` (the stages of run-ahead) need not divide a layer's steps
     and can fill the SMEM (the chained form stops at 4 x 32 KB at the o shape).
+    ``prefetch``: ``prefetch_ctas`` more CTAs (the SMs the grid leaves idle: 4 of 132 at the
+    o shape) stream nothing; as the grid enters layer m (its barrier's count) they issue TMA
+    prefetches into the L2 of the first ``prefetch`` steps of every CTA's share of layer m+1
+    (all of it at ``k_per // tile_k``), so the DRAM keeps reading through the barrier and the
+    streaming SMs' TMA loads find their tiles in the L2. They signal nothing, so no release
+    fence of theirs holds their requests. ``self_prefetch``: instead, each compute warpgroup
+    prefetches its half of tile (l+1, kk) as it consumes tile (l, kk), for kk below it.
     ``profile_dir``: Mosaic GPU's on-device profiler records each warpgroup's named regions
     (``zero``, then a layer's ``wait`` (the barrier), ``xload``, ``pipe`` with its steps'
     ``mma``, ``epi``) and writes a trace a call there (``profile_summary`` reads it)."""
@@ -129,11 +143,15 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
             raise ValueError(f"{L} x {N} x {K} does not tile by {cta_n} / {splits} x {tile_k} "
                              f"/ {steps} steps")
         G = n_tiles * splits  # CTAs: one unit each, every layer
+        pf_ctas = prefetch_ctas if prefetch else 0
+        if prefetch and (not sync or flat or N % (pf_ctas * 256)):
+            raise ValueError("the L2 prefetchers pace themselves by the grid barrier of the "
+                             f"chained form, and take N / {pf_ctas} rows each in 256s")
         sms = num_sms or (None if interpret else getattr(jax.devices()[0], "core_count", None))
-        if sync and sms is not None and G > sms:
-            raise ValueError(f"a grid barrier over {G} CTAs ({n_tiles} column tiles x {splits} "
-                             f"K splits) needs them all resident, and the GPU has {sms} SMs: "
-                             f"use fewer K splits")
+        if sync and sms is not None and G + pf_ctas > sms:
+            raise ValueError(f"a grid barrier over {G + pf_ctas} CTAs ({n_tiles} column tiles x "
+                             f"{splits} K splits, {pf_ctas} prefetchers) needs them all "
+                             f"resident, and the GPU has {sms} SMs: use fewer K splits")
         wg_sw = plgpu.find_swizzle(tile_k * 2 * 8)
         w_tf = (plgpu.TilingTransform((8, wg_sw // 2)), plgpu.SwizzleTransform(wg_sw))
         cta = lax.axis_index("cluster_grid")
@@ -160,11 +178,31 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
             slice_sems = (pl.get_global(plgpu.SemaphoreType.REGULAR((splits,)))
                           if sync and per_slice else None)
             is_compute = wg < 2
+            # the grid's barrier count once every warpgroup has added layer l - 1 (phase 0 the
+            # zeroing): what layer l's activations wait for
+            entered = lambda l: 2 * G * (l + 1 if reduce else l)  # noqa: E731
+
+            if pf_ctas:
+                @pl.when((cta >= G) & (wg == 0))
+                def _prefetcher():
+                    rows = N // pf_ctas
+
+                    @pl.loop(0, L - 1)
+                    def _(m):  # the grid enters layer m: layer m + 1's first steps to the L2
+                        pl.when(m > 0)(lambda: plgpu.semaphore_wait(
+                            sem, entered(m), decrement=False, memory_scope=scope))
+                        for kk in range(min(prefetch, k_per // tile_k)):  # in reading order
+                            for sp in range(splits):
+                                @pl.loop(0, rows // 256)
+                                def _(r):
+                                    plgpu.async_prefetch(w_gmem.at[m + 1].at[
+                                        pl.ds((cta - G) * rows + r * 256, 256),
+                                        pl.ds(sp * k_per + kk * tile_k, tile_k)])
 
             # Phase 0: the split-0 CTAs zero their columns of every layer's output (the other
             # splits add into them); every compute warpgroup signals once.
             if reduce:
-                @pl.when(is_compute)
+                @pl.when((is_compute & (cta < G)) if pf_ctas else is_compute)
                 @jax.named_scope("zero")
                 def _zero():
                     @pl.when(s == 0)
@@ -196,8 +234,8 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                             plgpu.semaphore_wait(slice_sems.at[s], 2 * n_tiles * l,
                                                  decrement=False, memory_scope=scope)
                         else:
-                            plgpu.semaphore_wait(sem, 2 * G * (l + 1 if reduce else l),
-                                                 decrement=False, memory_scope=scope)
+                            plgpu.semaphore_wait(sem, entered(l), decrement=False,
+                                                 memory_scope=scope)
 
                 @jax.named_scope("xload")
                 def xload():
@@ -300,33 +338,48 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                     compute_context=ctx, manual_consumed_barriers=True)(w_gmem)
                 return
 
-            @pl.loop(0, L)
-            def _layer(l):
-                def ctx(eval_pipeline):
-                    layer_start(l)
+            def streaming():  # every CTA but the prefetchers
+                @pl.loop(0, L)
+                def _layer(l):
+                    def ctx(eval_pipeline):
+                        layer_start(l)
 
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((WG_N, T), jnp.float32))
-                    def _acc(acc_ref):
-                        with jax.named_scope("pipe"):
-                            eval_pipeline(acc_ref)
-                        epilogue(acc_ref, l)
+                        @functools.partial(pl.run_scoped,
+                                           acc_ref=plgpu.ACC((WG_N, T), jnp.float32))
+                        def _acc(acc_ref):
+                            with jax.named_scope("pipe"):
+                                eval_pipeline(acc_ref)
+                            epilogue(acc_ref, l)
 
-                def mma(idxs, w_smem, acc_ref):
-                    mma_step(idxs[0], w_smem, acc_ref)
-                    return acc_ref
+                    def mma(idxs, w_smem, acc_ref):
+                        mma_step(idxs[0], w_smem, acc_ref)
+                        if self_prefetch:  # this warpgroup's half of tile (l + 1, kk)
+                            @pl.when((l < L - 1) & (idxs[0] < self_prefetch))
+                            def _():
+                                plgpu.async_prefetch(w_gmem.at[l + 1].at[
+                                    pl.ds(n_idx * cta_n + wg * WG_N, WG_N),
+                                    pl.ds(s * k_per + idxs[0] * tile_k, tile_k)])
+                        return acc_ref
 
-                state = None
-                if L > 1:
-                    state = jnp.where(l == 0, 0, jnp.where(l == L - 1, 2, 1))
-                pipeline(mma, ctx, state)(w_gmem.at[l].at[pl.ds(n_idx * cta_n, cta_n), k_slice],
-                                          allocations=allocs)
+                    state = None
+                    if L > 1:
+                        state = jnp.where(l == 0, 0, jnp.where(l == L - 1, 2, 1))
+                    pipeline(mma, ctx, state)(
+                        w_gmem.at[l].at[pl.ds(n_idx * cta_n, cta_n), k_slice],
+                        allocations=allocs)
+
+            if pf_ctas:
+                pl.when(cta < G)(streaming)
+            else:
+                streaming()
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     def fn(x0, w):
         L, N, K = w.shape
         f = launch(functools.partial(kernel, dims=(L, N, K)),
-                   jax.ShapeDtypeStruct((L, T, N), bf16), N // (2 * WG_N) * splits,
+                   jax.ShapeDtypeStruct((L, T, N), bf16),
+                   N // (2 * WG_N) * splits + (prefetch_ctas if prefetch else 0),
                    interpret=interpret, profile_dir=profile_dir, profile_space=PROFILE_SPACE)
         return f(x0, w.reshape(L * N, K) if flat else w)
 
@@ -509,14 +562,17 @@ def launch(body, out_type, grid: int, *, interpret: bool = False, profile_dir=No
 VARIANTS = ("sync", "sync_sys", "sync_slice", "sync_noadd", "sync_nox", "sync_noadd_nox",
             "sync_zerowait", "sync_relaxed", "sync_slice_relaxed", "sync_proxy", "sync_acqrel",
             "sync_relfence", "sync_postfence", "sync_flat", "nosync", "gather",
-            "gather_nopoll", "dyn", "dyn_g132", "dyn_u512", "dyn_u512_g132", "dyn_static")
+            "gather_nopoll", "dyn", "dyn_g132", "dyn_u512", "dyn_u512_g132", "dyn_static",
+            "sync_pf4", "sync_pf8", "sync_selfpf8")
 
 
 def chain_for(variant: str, splits: int, tile_k: int, steps: int, profile_dir=None):
     """The chain of a variant's name: sync / nosync, then any of sys (system-scope atomics),
     slice (a semaphore per K slice), flat (one pipeline over all layers), the signal's form
     (relaxed, proxy, acqrel, relfence, postfence: ``relaxed`` of ``mosaic_chain``) and the
-    ablations noadd, nox, zerowait; or gather (``mosaic_gather.gather_chain``: no signal
+    ablations noadd, nox, zerowait, and pfN / selfpfN (the first N steps of each CTA's share
+    of the next layer prefetched into the L2 by 4 more CTAs / by the compute warpgroups
+    themselves); or gather (``mosaic_gather.gather_chain``: no signal
     between layers, partials polled by their readers), gather_nopoll (one load: wrong, timing
     only); or dyn (``mosaic_dynamic.dynamic_chain``: a layer's units taken from a counter),
     with _uN (the unit's K chunk, default 1024), _gN (the grid, default 128) and _static
@@ -535,7 +591,11 @@ def chain_for(variant: str, splits: int, tile_k: int, steps: int, profile_dir=No
         from mosaic_gather import gather_chain  # noqa: PLC0415 (benchmarks/gpu on the path)
         return gather_chain(splits, tile_k, steps, poll=variant == "gather",
                             profile_dir=profile_dir)
-    if parts[0] not in ("sync", "nosync") or not set(parts[1:]) <= {
+    # _pfN / _selfpfN: the first N steps of each CTA's next layer prefetched into the L2
+    pf_form = re.compile(r"(self|)pf(\d+)")
+    pf = {m[1] + "pf": int(m[2]) for m in map(pf_form.fullmatch, parts) if m}
+    if parts[0] not in ("sync", "nosync") or not {
+            p for p in parts[1:] if not pf_form.fullmatch(p)} <= {
             "sys", "slice", "noadd", "nox", "zerowait", "relaxed", "proxy", "acqrel", "relfence",
             "postfence", "flat"}:
         raise ValueError(f"unknown variant {variant!r}")
@@ -547,6 +607,7 @@ def chain_for(variant: str, splits: int, tile_k: int, steps: int, profile_dir=No
                                                      ("postfence", "post_acq_rel"))
                                       if p in parts),
                                      "relaxed" in parts), flat="flat" in parts,
+                        prefetch=pf.get("pf", 0), self_prefetch=pf.get("selfpf", 0),
                         profile_dir=profile_dir)
 
 
