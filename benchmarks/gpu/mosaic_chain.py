@@ -48,7 +48,8 @@ layer's units claimed from a counter (``mosaic_dynamic.py``: correct and no fast
 "(23:30)"); ``sync_pfN``: the release form with 4 more CTAs that prefetch the first N steps of
 every CTA's share of the next layer into the L2 as the grid enters a layer (the DRAM reads on
 through the barrier; the L2 holds 50 MB, a layer 33.5), ``sync_selfpfN`` the same prefetch by
-the compute warpgroups, tile by tile.
+the compute warpgroups, tile by tile: both slower (RESULTS "(23:59)": 4 SMs prefetch ~0.8 TB/s,
+so they set the kernel's length; prefetches from the streaming SMs cost 0.9-2 µs a layer).
 Figures as ``persistent_chain.py``: µs a layer by wall time of back-to-back calls, GPU time.
 
     python3 benchmarks/gpu/mosaic_chain.py [--layers 32] [--cands 4x128x4,4x64x8] [--out F]
