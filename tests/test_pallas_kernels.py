@@ -1185,7 +1185,8 @@ def test_mosaic_chain_benchmark_interprets_and_lowers(tmp_path):
     # The gather form (mosaic_gather.py: partials stored into a NaN-filled buffer and polled
     # back by their readers, no signal between layers) is interpreted in its one-CTA form
     # (its own partials polled back), at two tiles; so is the dynamic form (mosaic_dynamic.py:
-    # a layer's units claimed from a counter, here one CTA counting in SMEM), at two tiles.
+    # a layer's units claimed from a counter, here one CTA counting in registers), at two
+    # tiles.
     interp = [r for r in rows if r["variant"].startswith("interpret")]
     assert {r["variant"] for r in interp} == {
         "interpret", "interpret_flat", "interpret_gather", "interpret_dyn"}
@@ -1195,6 +1196,23 @@ def test_mosaic_chain_benchmark_interprets_and_lowers(tmp_path):
     assert ({(r["splits"], r["tile_k"], r["steps"]) for r in lowered}
             == set(chain.CANDS + chain.FLAT_CANDS))
     assert all(r["lowered"] for r in lowered), [r for r in lowered if not r["lowered"]]
+
+
+def test_grid_barrier_benchmark_lowers_and_refuses_what_would_hang(tmp_path):
+    # benchmarks/gpu/grid_barrier.py (the chain's barrier alone, no weights: its latency a
+    # round, with the epilogue's store / add and the activations' reload): the interpreter runs
+    # no semaphores, so --smoke lowers every form for an abstract H100; a grid over more CTAs
+    # than SMs (it would spin forever) and an unknown form are refused at trace time.
+    rows = _smoke_rows("grid_barrier.py", tmp_path)
+    gb = _load_benchmark("gpu/grid_barrier.py")
+    assert {r["form"] for r in rows} == set(gb.FORMS)
+    assert all(r["lowered"] for r in rows), rows
+    with pytest.raises(ValueError, match="needs them all resident"):
+        gb.barrier_rounds(4, 133, num_sms=132)
+    with pytest.raises(ValueError, match="unknown form"):
+        gb.barrier_rounds(4, 128, "fence", num_sms=132)
+    with pytest.raises(ValueError, match="a grid of at least 16"):
+        gb.barrier_rounds(4, 8, "add_load", num_sms=132)
 
 
 def test_mosaic_chain_refuses_a_grid_barrier_over_more_ctas_than_sms():

@@ -140,6 +140,7 @@
 #   bash benchmarks/gpu/issues.sh mdyn    (one GPU) the chain with a layer's units from a counter
 #   bash benchmarks/gpu/issues.sh ml2     (one GPU) the chain with the next layer's weights
 #                                          prefetched into the L2
+#   bash benchmarks/gpu/issues.sh mbar    (one GPU) the chain's grid barrier alone
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1439,6 +1440,13 @@ ml2)  # nvidia-h200 (one GPU), one call: the release form with the next layer's 
   timeout 200 python3 benchmarks/gpu/mosaic_chain.py --variants \
     xla,nosync,sync,sync_pf2,sync_pf4,sync_pf6,sync_pf8,sync_selfpf4,sync_selfpf8 \
     --cands 4x128x4,4x64x8 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -22 ;;
+mbar)  # nvidia-h200 (one GPU), one call: the chain's grid barrier alone, no weights
+  # (grid_barrier.py: the signal, with the epilogue's store / add, with the activations'
+  # reload), over 128 / 132 / 64 / 32 CTAs, beside the chain (sync / nosync) for scale.
+  timeout 240 python3 benchmarks/gpu/grid_barrier.py --out $OUT/barrier.jsonl 2>&1 \
+    | grep -v '^{' | tail -20
+  timeout 120 python3 benchmarks/gpu/mosaic_chain.py --variants nosync,sync --cands 4x128x4 \
+    --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -5 ;;
 mgather2)  # nvidia-h200 (one GPU), one call: where the gather form's wait goes (its polls
   # counted under the profiler, 12 layers, beside the release form), and a second timing at the
   # o shape and at 1024 x 1024.
