@@ -1199,13 +1199,15 @@ def test_mosaic_chain_benchmark_interprets_and_lowers(tmp_path):
 
 
 def test_grid_barrier_benchmark_lowers_and_refuses_what_would_hang(tmp_path):
-    # benchmarks/gpu/grid_barrier.py (the chain's barrier alone, no weights: its latency a
-    # round, with the epilogue's store / add and the activations' reload): the interpreter runs
+    # benchmarks/gpu/grid_barrier.py (the chain's barrier alone: its latency a round, with the
+    # epilogue's store / add and the activations' reload, beside a weight stream or not;
+    # RESULTS "Rerun of 2026-12-04 (00:28)"): the interpreter runs
     # no semaphores, so --smoke lowers every form for an abstract H100; a grid over more CTAs
     # than SMs (it would spin forever) and an unknown form are refused at trace time.
     rows = _smoke_rows("grid_barrier.py", tmp_path)
     gb = _load_benchmark("gpu/grid_barrier.py")
     assert {r["form"] for r in rows} == set(gb.FORMS)
+    assert ("add_load", 2) in {(r["form"], r["stream"]) for r in rows}  # beside a stream
     assert all(r["lowered"] for r in rows), rows
     with pytest.raises(ValueError, match="needs them all resident"):
         gb.barrier_rounds(4, 133, num_sms=132)

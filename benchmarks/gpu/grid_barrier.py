@@ -1,6 +1,7 @@
-"""The bare grid barrier on Mosaic GPU: what one layer boundary of the persistent chain costs
-with no weights to stream (DESIGN_NOTES "Next GPU session": the whole-layer kernel needs a
-boundary of ~1.3 µs, and every form of ``mosaic_chain.py`` pays ~2 µs).
+"""The grid barrier on Mosaic GPU alone: what one layer boundary of the persistent chain costs
+with no GEMM around it, with no weights streaming or beside an independent stream
+(DESIGN_NOTES "Next GPU session": the whole-layer kernel needs a boundary of ~1.3 µs, and
+every form of ``mosaic_chain.py`` pays ~2 µs).
 
 ``rounds`` rounds of ``mosaic_chain``'s barrier over ``grid`` CTAs of three warpgroups (one of
 which works): each round the CTA signals a GMEM semaphore (GPU scope; Pallas'
@@ -12,18 +13,27 @@ signal a CTA does, by ``form``:
 - ``add``: TMA-adds it instead (the chain's epilogue, whose writes the release publishes);
 - ``add_load``: the add, then after the barrier a TMA load of a [8, 1024] slice of the
   round's output (the chain's activations' reload), so a round is the chain's whole
-  boundary less the weights.
+  boundary less the weights;
+- ``none``: no barrier (with ``--streams``: the weight stream's own time).
+
+``--streams N``: meanwhile each CTA's producer warpgroup streams N weight tiles (128 x 128
+bf16, 4 in flight) a round from a 1 GiB buffer, depending on nothing: does a stream in flight
+slow the barrier (the chain's release fence took 2.2 µs under the profiler), and does the
+barrier hide under an independent stream? (8 tiles a round is the chain's o layer.)
 
 Timing only: the output is not initialised, so its values mean nothing. µs a round by wall time
 of back-to-back calls (a call is ``rounds`` rounds, far longer than its launch) and by GPU time.
 
     python3 benchmarks/gpu/grid_barrier.py [--rounds 256] [--grids 128,132,64,32]
+    python3 benchmarks/gpu/grid_barrier.py --grids 128 --streams 0,1,2,8 \
+        --forms none,signal,add_load
     python3 benchmarks/gpu/grid_barrier.py --smoke   # CPU: every form lowered for an H100
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import sys
 
@@ -36,14 +46,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # imported by th
 import gpu_trace  # noqa: E402
 from mosaic_chain import T, WG_N, launch  # noqa: E402
 
-FORMS = ("signal", "store", "add", "add_load")
+FORMS = ("none", "signal", "store", "add", "add_load")
 LOAD_K = 1024  # the chain's K slice of activations a CTA reloads after the barrier
+TILE = 128  # a streamed weight tile: TILE x TILE bf16, 32 KB (the chain's o-shape tile)
+STAGES = 4  # weight tiles in flight a CTA (the chain's ring)
 
 
-def barrier_rounds(rounds: int, grid: int, form: str = "signal", *, scope: str = "gpu",
-                   num_sms: int | None = None):
-    """``fn(x [T, LOAD_K] bf16) -> out [rounds, T, grid * WG_N] bf16`` (module docstring).
-    Refuses a grid larger than ``num_sms`` (default: the GPU's), which would hang."""
+def barrier_rounds(rounds: int, grid: int, form: str = "signal", *, stream: int = 0,
+                   scope: str = "gpu", num_sms: int | None = None):
+    """``fn(x [T, LOAD_K] bf16, w [R, TILE] bf16) -> out [rounds, T, grid * WG_N] bf16``
+    (module docstring). ``stream``: meanwhile the CTA's producer warpgroup streams ``stream``
+    weight tiles a round from ``w`` (R a multiple of TILE; CTA g's i-th load is tile
+    (i x grid + g) mod R / TILE, ``STAGES`` in flight), independent of the barrier: does a
+    stream in flight slow the barrier, and does the barrier hide under it? Refuses a grid
+    larger than ``num_sms`` (default: the GPU's), which would hang."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -59,16 +75,38 @@ def barrier_rounds(rounds: int, grid: int, form: str = "signal", *, scope: str =
                          f"{LOAD_K // WG_N}")
     bf16 = jnp.bfloat16
 
-    def kernel(x_gmem, out_gmem):
+    def kernel(x_gmem, w_gmem, out_gmem):
         g = lax.axis_index("cluster_grid")
+        n_w = w_gmem.shape[0] // TILE
         sw = plgpu.find_swizzle(WG_N * 2 * 8)  # the chain's SMEM layout: 8-row tiles, swizzled
         tf = (plgpu.TilingTransform((8, sw // 2)), plgpu.SwizzleTransform(sw))
 
         @functools.partial(pl.run_scoped, x_smem=plgpu.SMEM((T, LOAD_K), bf16, transforms=tf),
                            tile_smem=plgpu.SMEM((T, WG_N), bf16, transforms=tf),
-                           bar=plgpu.Barrier(), collective_axes="wg")
-        def _(x_smem, tile_smem, bar):
+                           ring=plgpu.SMEM((STAGES, TILE, TILE), bf16, transforms=tf),
+                           bar=plgpu.Barrier(), full=plgpu.Barrier(num_barriers=STAGES),
+                           collective_axes="wg")
+        def _(x_smem, tile_smem, ring, bar, full):
             sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
+
+            @pl.when(lax.axis_index("wg") == 2)
+            def _():  # the weight stream: nothing waits for it but itself
+                if not stream:
+                    return
+                n = rounds * stream
+
+                @pl.loop(0, n)
+                def _(i):
+                    slot = i % STAGES
+                    pl.when(i >= STAGES)(lambda: plgpu.barrier_wait(full.at[slot]))
+                    plgpu.copy_gmem_to_smem(
+                        w_gmem.at[pl.ds(((i * grid + g) % n_w) * TILE, TILE)], ring.at[slot],
+                        full.at[slot])
+
+                @pl.loop(0, STAGES)  # the last loads land
+                def _(k):
+                    j = n - STAGES + k
+                    pl.when(j >= 0)(lambda: plgpu.barrier_wait(full.at[j % STAGES]))
 
             @pl.when(lax.axis_index("wg") == 0)
             def _():
@@ -77,6 +115,8 @@ def barrier_rounds(rounds: int, grid: int, form: str = "signal", *, scope: str =
 
                 @pl.loop(0, rounds)
                 def _(r):
+                    if form == "none":
+                        return
                     if form != "signal":
                         plgpu.copy_smem_to_gmem(
                             tile_smem,
@@ -94,8 +134,8 @@ def barrier_rounds(rounds: int, grid: int, form: str = "signal", *, scope: str =
 
         plgpu.wait_smem_to_gmem(0)
 
-    def fn(x):
-        return launch(kernel, jax.ShapeDtypeStruct((rounds, T, grid * WG_N), bf16), grid)(x)
+    def fn(x, w):
+        return launch(kernel, jax.ShapeDtypeStruct((rounds, T, grid * WG_N), bf16), grid)(x, w)
 
     return jax.jit(fn)
 
@@ -107,6 +147,8 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=256)
     ap.add_argument("--grids", default="128,132,64,32")
+    ap.add_argument("--streams", default="0",
+                    help="weight tiles a round streamed beside the barrier (comma-separated)")
     ap.add_argument("--forms", default=",".join(FORMS))
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
@@ -119,18 +161,20 @@ def main(argv=None):
     emit = gpu_trace.jsonl_emitter(rows, a.out)
     forms = a.forms.split(",")
     x = jnp.ones((T, LOAD_K), jnp.bfloat16)
+    w_shape = (8192 * TILE * 4, TILE)  # 1 GiB: every round's tiles from the DRAM, not the L2
     if a.smoke:
         from jax.sharding import AbstractDevice, AbstractMesh
 
         dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
         mesh = AbstractMesh((1,), ("x",), abstract_device=dev)
         ok = True
-        for form in forms:
-            row = dict(form=form, grid=128, rounds=4)
+        sds = jax.ShapeDtypeStruct
+        for form, stream in [(f, int(f == "none")) for f in forms] + [("add_load", 2)]:
+            row = dict(form=form, grid=128, rounds=4, stream=stream)
             try:
                 with jax.sharding.use_abstract_mesh(mesh):
-                    barrier_rounds(4, 128, form, num_sms=132).trace(
-                        jax.ShapeDtypeStruct(x.shape, x.dtype)).lower(
+                    barrier_rounds(4, 128, form, stream=stream, num_sms=132).trace(
+                        sds(x.shape, x.dtype), sds(w_shape, jnp.bfloat16)).lower(
                             lowering_platforms=("cuda",))
                 row["lowered"] = True
             except Exception as e:
@@ -138,22 +182,29 @@ def main(argv=None):
                 ok = False
             emit(row)
         return int(not ok)
-    for grid in map(int, a.grids.split(",")):
-        for form in forms:
-            row = dict(form=form, grid=grid, rounds=a.rounds)
-            try:
-                fn = barrier_rounds(a.rounds, grid, form)
-                row["us_per_round"] = round(wall_us(fn, (x,), a.calls, a.repeats) / a.rounds, 3)
-                dev_t = gpu_trace.device_time(fn, [(x,)], calls=3)
-                if dev_t is not None:
-                    row["gpu_us_per_round"] = round(dev_t["device_us"] / a.rounds, 3)
-            except Exception as e:  # a form Mosaic refuses: say so, go on
-                row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
-            emit(row)
-    print("\n| grid | form | µs a round (wall) | GPU µs a round |\n|---:|---|---:|---:|")
+    w = jnp.ones(w_shape, jnp.bfloat16) if a.streams != "0" else jnp.ones((TILE, TILE),
+                                                                            jnp.bfloat16)
+    for grid, stream, form in itertools.product(map(int, a.grids.split(",")),
+                                                map(int, a.streams.split(",")), forms):
+        if form == "none" and not stream:
+            continue
+        row = dict(form=form, grid=grid, rounds=a.rounds, stream=stream)
+        try:
+            fn = barrier_rounds(a.rounds, grid, form, stream=stream)
+            us = wall_us(fn, (x, w), a.calls, a.repeats)
+            row["us_per_round"] = round(us / a.rounds, 3)
+            dev_t = gpu_trace.device_time(fn, [(x, w)], calls=3)
+            if dev_t is not None:
+                row["gpu_us_per_round"] = round(dev_t["device_us"] / a.rounds, 3)
+        except Exception as e:  # a form Mosaic refuses: say so, go on
+            row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        emit(row)
+    print("\n| grid | tiles a round | form | µs a round (wall) | GPU µs a round |\n"
+          "|---:|---:|---|---:|---:|")
     for r in rows:
-        print(f"| {r['grid']} | {r['form']} | {r.get('us_per_round', r.get('error', '')[:120])}"
-              f" | {r.get('gpu_us_per_round', '')} |")
+        print(f"| {r['grid']} | {r['stream']} | {r['form']} | "
+              f"{r.get('us_per_round', r.get('error', '')[:120])} | "
+              f"{r.get('gpu_us_per_round', '')} |")
     return 0
 
 

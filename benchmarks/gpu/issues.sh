@@ -1445,6 +1445,9 @@ mbar)  # nvidia-h200 (one GPU), one call: the chain's grid barrier alone, no wei
   # reload), over 128 / 132 / 64 / 32 CTAs, beside the chain (sync / nosync) for scale.
   timeout 240 python3 benchmarks/gpu/grid_barrier.py --out $OUT/barrier.jsonl 2>&1 \
     | grep -v '^{' | tail -20
+  # beside an independent weight stream of 1 / 2 / 8 tiles a round (8: the o layer's bytes)
+  timeout 240 python3 benchmarks/gpu/grid_barrier.py --grids 128 --streams 0,1,2,8 \
+    --forms none,signal,add_load --out $OUT/stream.jsonl 2>&1 | grep -v '^{' | tail -14
   timeout 120 python3 benchmarks/gpu/mosaic_chain.py --variants nosync,sync --cands 4x128x4 \
     --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -5 ;;
 mgather2)  # nvidia-h200 (one GPU), one call: where the gather form's wait goes (its polls
