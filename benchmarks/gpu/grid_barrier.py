@@ -9,6 +9,9 @@ which works): each round the CTA signals a GMEM semaphore (GPU scope; Pallas'
 signal a CTA does, by ``form``:
 
 - ``signal``: nothing (the barrier's own latency: release, propagation, poll);
+- ``relaxed``: nothing, and the signal a relaxed add with no fence (``mosaic_chain``'s
+  ``relaxed_signal``: it orders nothing, so it would be wrong around writes; timing only,
+  what the release's fence costs);
 - ``store``: TMA-stores its [8, 64] bf16 tile into the output and waits for it to land;
 - ``add``: TMA-adds it instead (the chain's epilogue, whose writes the release publishes);
 - ``add_load``: the add, then after the barrier a TMA load of a [8, 1024] slice of the
@@ -44,9 +47,9 @@ sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # imported by the tests too
 import gpu_trace  # noqa: E402
-from mosaic_chain import T, WG_N, launch  # noqa: E402
+from mosaic_chain import T, WG_N, launch, relaxed_signal  # noqa: E402
 
-FORMS = ("none", "signal", "store", "add", "add_load")
+FORMS = ("none", "signal", "relaxed", "store", "add", "add_load")
 LOAD_K = 1024  # the chain's K slice of activations a CTA reloads after the barrier
 TILE = 128  # a streamed weight tile: TILE x TILE bf16, 32 KB (the chain's o-shape tile)
 STAGES = 4  # weight tiles in flight a CTA (the chain's ring)
@@ -117,13 +120,16 @@ def barrier_rounds(rounds: int, grid: int, form: str = "signal", *, stream: int 
                 def _(r):
                     if form == "none":
                         return
-                    if form != "signal":
+                    if form not in ("signal", "relaxed"):
                         plgpu.copy_smem_to_gmem(
                             tile_smem,
                             out_gmem.at[r].at[:, pl.ds(g * WG_N, WG_N)],
                             reduction_op=None if form == "store" else "add")
                         plgpu.wait_smem_to_gmem(0)
-                    plgpu.semaphore_signal(sem, 1, memory_scope=scope)
+                    if form == "relaxed":
+                        relaxed_signal(sem, scope)
+                    else:
+                        plgpu.semaphore_signal(sem, 1, memory_scope=scope)
                     plgpu.semaphore_wait(sem, grid * (r + 1), decrement=False,
                                          memory_scope=scope)
                     if form == "add_load":
