@@ -156,6 +156,24 @@ def jsonl_emitter(rows: list, out: str | None):
     return emit
 
 
+def lower_for_h100(row: dict, fn, *args, error_chars: int = 600) -> bool:
+    """Lowers the jitted ``fn`` at ``args`` (ShapeDtypeStructs) for an abstract H100 (132
+    SMs), with no GPU present: the ``--smoke`` check of the Mosaic GPU benchmarks, whose
+    interpreter runs neither semaphores nor TMA reductions. Sets ``row["lowered"]`` (and
+    ``row["error"]``, its first ``error_chars``) and returns it."""
+    import jax  # noqa: PLC0415
+    from jax.sharding import AbstractDevice, AbstractMesh  # noqa: PLC0415
+
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    try:
+        with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=dev)):
+            fn.trace(*args).lower(lowering_platforms=("cuda",))
+        row["lowered"] = True
+    except Exception as e:  # a form Mosaic refuses: the row says why
+        row.update(lowered=False, error=f"{type(e).__name__}: {str(e)[:error_chars]}")
+    return row["lowered"]
+
+
 def rounds_by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
     """A benchmark's timed rows (those with a "variant") grouped by ``keys``, in first-seen
     order, each group's rows (its rounds) in order: for the summary table."""

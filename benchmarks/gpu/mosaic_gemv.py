@@ -198,21 +198,11 @@ def mosaic_matmul(hm, tile_n: int, tile_k: int, steps: int, wg: str):
 
 def lower_all(hm, shapes: list[str], emit) -> int:
     """``--smoke``: lowers each (shape, tile) for an abstract H100; 1 if any fails."""
-    from jax.sharding import AbstractDevice, AbstractMesh
-
-    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    mesh = AbstractMesh((1,), ("x",), abstract_device=dev)
     bf16, sds = jnp.bfloat16, jax.ShapeDtypeStruct
     ok = []
 
     def lower(row, fn, a, b):
-        try:
-            with jax.sharding.use_abstract_mesh(mesh):
-                fn.trace(a, b).lower(lowering_platforms=("cuda",))
-            row["lowered"] = True
-        except Exception as e:
-            row.update(lowered=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-        ok.append(row["lowered"])
+        ok.append(gpu_trace.lower_for_h100(row, fn, a, b, error_chars=300))
         emit(row)
 
     for name in shapes:
