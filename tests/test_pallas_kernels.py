@@ -1234,6 +1234,8 @@ def test_mosaic_chain_refuses_a_grid_barrier_over_more_ctas_than_sms():
         chain.mosaic_chain(4, 128, 4, prefetch=4, num_sms=130).trace(x, w)
     with pytest.raises(ValueError, match="pace themselves by the grid barrier"):
         chain.mosaic_chain(4, 128, 4, prefetch=4, sync=False, num_sms=132).trace(x, w)
+    with pytest.raises(ValueError, match="not the flat one"):
+        chain.mosaic_chain(4, 128, 4, self_prefetch=4, flat=True, num_sms=132).trace(x, w)
 
 
 def test_mosaic_chain_profile_summary_reads_a_trace(tmp_path):

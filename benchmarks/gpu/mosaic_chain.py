@@ -148,6 +148,8 @@ def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
         if prefetch and (not sync or flat or N % (pf_ctas * 256)):
             raise ValueError("the L2 prefetchers pace themselves by the grid barrier of the "
                              f"chained form, and take N / {pf_ctas} rows each in 256s")
+        if self_prefetch and flat:
+            raise ValueError("self_prefetch is a form of the chained pipeline, not the flat one")
         sms = num_sms or (None if interpret else getattr(jax.devices()[0], "core_count", None))
         if sync and sms is not None and G + pf_ctas > sms:
             raise ValueError(f"a grid barrier over {G + pf_ctas} CTAs ({n_tiles} column tiles x "
