@@ -1217,6 +1217,41 @@ def test_grid_barrier_benchmark_lowers_and_refuses_what_would_hang(tmp_path):
         gb.barrier_rounds(4, 8, "add_load", num_sms=132)
 
 
+def test_mosaic_pdl_benchmark_interprets_lowers_and_asks_for_pdl(tmp_path):
+    # benchmarks/gpu/mosaic_pdl.py (a Mosaic GPU kernel a layer, launched with programmatic
+    # dependent launch: the weight stream starts before griddepcontrol.wait; RESULTS "Rerun of
+    # 2026-12-04 (02:58)"): the interpreter has no griddepcontrol, so --smoke interprets the
+    # plain form (wide and narrow CTAs; at D = 256 two K splits, so every later layer sums two
+    # partials) against the float32 reference, and lowers every variant for an abstract H100.
+    rows = _smoke_rows("mosaic_pdl.py", tmp_path)
+    pdl = _load_benchmark("gpu/mosaic_pdl.py")
+    interp = [r for r in rows if r["variant"].startswith("interpret")]
+    assert len(interp) == 5 and all(r["rel"] < 1e-2 for r in interp), interp
+    assert {(r["splits"], r["variant"]) for r in interp} >= {(2, "interpret"),
+                                                             (2, "interpret_narrow")}
+    lowered = [r for r in rows if "lowered" in r]
+    assert {r["variant"] for r in lowered} == set(pdl.VARIANTS)
+    assert ({(r["splits"], r["tile_k"], r["steps"]) for r in lowered}
+            == set(pdl.CANDS + pdl.NARROW_CANDS))
+    assert all(r["lowered"] for r in lowered), [r for r in lowered if not r["lowered"]]
+    # The wait is what makes Mosaic launch the kernel with PDL (the module's uses_pdl
+    # attribute): the pdl forms carry it, the plain form does not.
+    from jax.sharding import AbstractDevice, AbstractMesh
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    sds = jax.ShapeDtypeStruct
+    args = (sds((pdl.T, 4096), jnp.bfloat16), [sds((4096, 4096), jnp.bfloat16)] * 2,
+            sds((), jnp.bfloat16))
+    for variant, uses in (("pdl_late_narrow", True), ("plain", False)):
+        with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=dev)):
+            text = pdl.chain_of(variant, 4, 128, 4).trace(*args).lower(
+                lowering_platforms=("cuda",)).as_text()
+        assert ("mosaic_gpu.uses_pdl" in text) == uses, variant
+    with pytest.raises(ValueError, match="unknown variant"):
+        pdl.chain_of("pdl_soon", 4, 128, 4)
+    with pytest.raises(ValueError, match="without the wait"):
+        pdl.pdl_layer(4, 128, 4, pdl=False, trigger="early")
+
+
 def test_mosaic_chain_refuses_a_grid_barrier_over_more_ctas_than_sms():
     # A grid barrier over CTAs that cannot all be resident would spin forever on the GPU: the
     # chain refuses it at trace time (8 K splits of the o shape: 256 CTAs on 132 SMs), and

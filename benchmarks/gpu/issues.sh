@@ -141,6 +141,8 @@
 #   bash benchmarks/gpu/issues.sh ml2     (one GPU) the chain with the next layer's weights
 #                                          prefetched into the L2
 #   bash benchmarks/gpu/issues.sh mbar    (one GPU) the chain's grid barrier alone
+#   bash benchmarks/gpu/issues.sh mpdl    (one GPU) a kernel a layer with programmatic
+#                                          dependent launch (mosaic_pdl.py)
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1450,6 +1452,20 @@ mbar)  # nvidia-h200 (one GPU), one call: the chain's grid barrier alone, no wei
     --forms none,signal,add_load --out $OUT/stream.jsonl 2>&1 | grep -v '^{' | tail -14
   timeout 120 python3 benchmarks/gpu/mosaic_chain.py --variants nosync,sync --cands 4x128x4 \
     --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -5 ;;
+mpdl)  # nvidia-h200 (one GPU), one call: a Mosaic GPU kernel a layer launched with PDL (the
+  # weight stream starts before the wait for the previous layer; _narrow: two CTAs fit an SM),
+  # stressed, then timed beside the same kernels without PDL, XLA's chain and the persistent
+  # sync form; then the main forms again with XLA's command buffers off.
+  timeout 150 python3 benchmarks/gpu/mosaic_pdl.py --stress ${N:-20} \
+    --variants pdl_early,pdl_late,pdl_early_narrow --cands 4x128x4 --narrow-cands 2x64x4 \
+    --out $OUT/stress.jsonl 2>&1 | grep -v '^{' | tail -4
+  cat $OUT/stress.jsonl
+  timeout 280 python3 benchmarks/gpu/mosaic_pdl.py --variants \
+    xla,persistent,plain,pdl_early,pdl_late,plain_xla,pdl_early_xla,plain_narrow,pdl_early_narrow \
+    --cands 4x128x4 --narrow-cands 2x64x4 --out $OUT/pdl.jsonl 2>&1 | grep -v '^{' | tail -14
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 120 python3 benchmarks/gpu/mosaic_pdl.py \
+    --variants xla,plain,pdl_early,pdl_late --cands 4x128x4 --out $OUT/pdl_nocb.jsonl 2>&1 \
+    | grep -v '^{' | tail -7 ;;
 mgather2)  # nvidia-h200 (one GPU), one call: where the gather form's wait goes (its polls
   # counted under the profiler, 12 layers, beside the release form), and a second timing at the
   # o shape and at 1024 x 1024.
