@@ -639,9 +639,62 @@ def lower_all(emit, dim: int, layers: int) -> int:
     return int(not all(ok))
 
 
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float32."""
+    return float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+
+
+def chain_checker(emit, ref, dim: int, layers: int, calls: int, repeats: int):
+    """``check(name, fn, args, final=identity, **cfg)`` for the chain benchmarks: one row of
+    ``fn(*args)`` (``final`` takes its output to the last layer's activations): the error
+    against ``ref``, µs a layer by wall time of back-to-back calls, the weight's TB/s and the
+    GPU time a layer (profiler); a form Mosaic refuses gives a row with its error."""
+    from persistent_chain import wall_us  # noqa: PLC0415 (benchmarks/gpu on the path)
+
+    wbytes = dim * dim * 2
+
+    def check(name, fn, args, final=lambda h: h, **cfg):
+        row = dict(variant=name, D=dim, L=layers, **cfg)
+        try:
+            row["rel"] = rel_err(final(fn(*args)), ref)
+            us = wall_us(fn, args, calls, repeats) / layers
+            row.update(us_per_layer=round(us, 2), tb_s=round(wbytes / (us * 1e-6) / 1e12, 2))
+            dev = gpu_trace.device_time(fn, [args], calls=3)
+            if dev is not None:
+                row.update(gpu_us_per_layer=round(dev["device_us"] / layers, 2),
+                           ops_per_layer=round(dev["ops_per_call"] / layers, 2))
+        except Exception as e:  # a candidate Mosaic refuses: say so, go on
+            row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        emit(row)
+    return check
+
+
+def stress_row(fn, args, final, ref, n: int, **cfg) -> dict:
+    """``fn(*args)`` called ``n`` times, each output (``final`` of it) against ``ref``: the
+    errors' spread and how many exceed 1.5x their median (a stale read shows there)."""
+    rels = sorted(rel_err(final(fn(*args)), ref) for _ in range(n))
+    med = rels[len(rels) // 2]
+    return dict(**cfg, calls=n, rel_min=rels[0], rel_median=med, rel_max=rels[-1],
+                over_1_5x_median=sum(r > 1.5 * med for r in rels))
+
+
+def print_chain_table(rows: list[dict], dim: int) -> None:
+    """The chain benchmarks' summary: a row a timed (or refused) variant and tile."""
+    print("\n| variant | K splits x tile_k x steps | µs / layer | TB/s | GPU-time µs / layer | "
+          "rel |\n|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        cfg = f"{r['splits']} x {r['tile_k']} x {r['steps']}" if "splits" in r else ""
+        if "us_per_layer" in r:
+            print(f"| {r['variant']} | {cfg} | {r['us_per_layer']} | {r['tb_s']} | "
+                  f"{r.get('gpu_us_per_layer')} | {r['rel']:.1e} |")
+        else:
+            print(f"| {r['variant']} | {cfg} | {r.get('error', '')[:200]} | | | |")
+    print(f"(floor at 4.64 TB/s: {dim * dim * 2 / 4.64e12 * 1e6:.2f} µs a layer)")
+
+
 def main(argv=None):
     # benchmarks/gpu is on the path (this script's folder)
-    from persistent_chain import chain_parser, wall_us  # noqa: PLC0415
+    from persistent_chain import chain_parser  # noqa: PLC0415
 
     ap = chain_parser(__doc__)
     ap.add_argument("--cands", default=",".join("x".join(map(str, c)) for c in CANDS),
@@ -704,22 +757,7 @@ def main(argv=None):
     x = jax.random.normal(key, (T, D)).astype(jnp.bfloat16)
     w = (jax.random.normal(jax.random.PRNGKey(1), (L, D, D)) / D ** 0.5).astype(jnp.bfloat16)
     ref = reference(x, w)
-    wbytes = D * D * 2
-
-    def check(name, fn, args, final, **cfg):
-        row = dict(variant=name, D=D, L=L, **cfg)
-        try:
-            out = final(fn(*args)).astype(jnp.float32)
-            row["rel"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-            us = wall_us(fn, args, a.calls, a.repeats) / L
-            row.update(us_per_layer=round(us, 2), tb_s=round(wbytes / (us * 1e-6) / 1e12, 2))
-            dev = gpu_trace.device_time(fn, [args], calls=3)
-            if dev is not None:
-                row.update(gpu_us_per_layer=round(dev["device_us"] / L, 2),
-                           ops_per_layer=round(dev["ops_per_call"] / L, 2))
-        except Exception as e:  # a candidate Mosaic refuses: say so, go on
-            row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
-        emit(row)
+    check = chain_checker(emit, ref, D, L, a.calls, a.repeats)
 
     if a.profile:
         import glob
@@ -744,16 +782,9 @@ def main(argv=None):
             for v in a.variants.split(","):
                 if v == "xla":
                     continue
-                fn = chain_for(v, splits, tk, steps)
-                rels = []
-                for _ in range(a.stress):
-                    out = fn(x, w)[-1].astype(jnp.float32)
-                    rels.append(float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)))
-                rels.sort()
-                emit(dict(variant=v, splits=splits, tile_k=tk, steps=steps, D=D, L=L,
-                          calls=len(rels), rel_min=rels[0], rel_median=rels[len(rels) // 2],
-                          rel_max=rels[-1],
-                          over_1_5x_median=sum(r > 1.5 * rels[len(rels) // 2] for r in rels)))
+                emit(stress_row(chain_for(v, splits, tk, steps), (x, w), lambda xs: xs[-1],
+                                ref, a.stress, variant=v, splits=splits, tile_k=tk,
+                                steps=steps, D=D, L=L))
         return 0
     if "xla" in a.variants.split(","):
         check("xla", jax.jit(xla_chain), (x, list(w)), lambda h: h)
@@ -764,16 +795,7 @@ def main(argv=None):
                 continue
             check(v, chain_for(v, splits, tk, steps), (x, w), lambda xs: xs[-1],
                   splits=splits, tile_k=tk, steps=steps)
-    print(f"\n| variant | K splits x tile_k x steps | µs / layer | TB/s | GPU-time µs / layer | "
-          f"rel |\n|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        cfg = f"{r['splits']} x {r['tile_k']} x {r['steps']}" if "splits" in r else ""
-        if "us_per_layer" in r:
-            print(f"| {r['variant']} | {cfg} | {r['us_per_layer']} | {r['tb_s']} | "
-                  f"{r.get('gpu_us_per_layer')} | {r['rel']:.1e} |")
-        else:
-            print(f"| {r['variant']} | {cfg} | {r.get('error', '')[:200]} | | | |")
-    print(f"(floor at 4.64 TB/s: {wbytes / 4.64e12 * 1e6:.2f} µs a layer)")
+    print_chain_table(rows, D)
     return 0
 
 

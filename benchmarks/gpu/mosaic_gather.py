@@ -35,6 +35,7 @@ poll finds them there) against the reference, and the GPU form lowers for an abs
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,65 @@ from mosaic_chain import T, WG_N, launch, weight_pipeline  # benchmarks/gpu on t
 # would not fit beside the partials, 256 does (profile <= 20 layers: ~12 events a layer).
 GATHER_PROFILE_SPACE = 256
 MAX_POLLS = 1 << 20  # loads of a layer's partials before the kernel gives up (~1 s)
+
+
+class Units(NamedTuple):
+    """A CTA's unit of a layer: its (cta_n-column tile, K split) of the weight, the K slice
+    ``k_per`` read as two halves of activations, and the weight stream's SMEM transforms."""
+    cta_n: int
+    k_per: int
+    half: int
+    n_tiles: int
+    transforms: tuple
+    n_idx: Any  # this CTA's column tile
+    s: Any  # this CTA's K split
+
+
+def layer_units(N: int, K: int, splits: int, tile_k: int, steps: int,
+                compute_wgs: int = 2) -> Units:
+    """The units of an [N, K] layer over the grid (inside a kernel: reads the CTA's index):
+    one CTA a (64 x ``compute_wgs``-column tile, K split); a layout that does not tile (the
+    steps of a K slice by ``steps`` stages, each half by ``tile_k`` and 64) is a ValueError."""
+    from jax import lax
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    cta_n, k_per = compute_wgs * WG_N, K // splits
+    half = k_per // 2
+    if (N % cta_n or K % (splits * tile_k) or (k_per // tile_k) % steps or half % tile_k
+            or half % 64):
+        raise ValueError(f"{N} x {K} does not tile by {cta_n} / {splits} x {tile_k} / "
+                         f"{steps} steps")
+    sw = plgpu.find_swizzle(tile_k * 2 * 8)
+    cta = lax.axis_index("cluster_grid")
+    n_tiles = N // cta_n
+    return Units(cta_n, k_per, half, n_tiles,
+                 (plgpu.TilingTransform((8, sw // 2)), plgpu.SwizzleTransform(sw)),
+                 cta % n_tiles, cta // n_tiles)
+
+
+def sum_partials(p_smem, x_smem, count: int):
+    """``x_smem [T, half] = sum_i p_smem[i]`` (``count`` bf16 partials [T, half]) in float32,
+    rounded to bf16, through the transposed views (8-row tiles have no register layout);
+    returns the float32 sum."""
+    acc = p_smem.at[0].transpose((1, 0))[...].astype(jnp.float32)
+    for i in range(1, count):
+        acc = acc + p_smem.at[i].transpose((1, 0))[...].astype(jnp.float32)
+    x_smem.transpose((1, 0))[...] = acc.astype(jnp.bfloat16)
+    return acc
+
+
+def mma_step(acc_ref, w_smem, x_smem, wg, step, tile_k: int, half: int):
+    """A pipeline step's product: the warpgroup's 64 rows of the step's weight tile against the
+    activations' K tile, read transposed from whichever half of ``x_smem`` holds it; waits for
+    the wgmma (the tile's slot is then free)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    kk = step * tile_k
+    plgpu.wgmma(acc_ref, w_smem.at[pl.ds(wg * WG_N, WG_N)],
+                x_smem.at[kk // half].at[:, pl.ds(kk % half, tile_k)].transpose((1, 0)))
+    plgpu.wgmma_wait(0)
+    return acc_ref
 
 
 def gather_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
@@ -64,23 +124,14 @@ def gather_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
 
     def kernel(x0_gmem, nan_gmem, w_gmem, part_gmem, *, dims):
         L, N, K = dims
-        cta_n, k_per = 2 * WG_N, K // splits
-        half = k_per // 2
-        n_tiles = N // cta_n
-        if (N % cta_n or K % (splits * tile_k) or (k_per // tile_k) % steps or K != N
-                or half % tile_k or half % 64):
-            raise ValueError(f"{L} x {N} x {K} does not tile by {cta_n} / {splits} x {tile_k} "
-                             f"/ {steps} steps")
+        if K != N:
+            raise ValueError(f"a chain's layers are square, not {N} x {K}")
+        cta_n, k_per, half, n_tiles, tf, n_idx, s = layer_units(N, K, splits, tile_k, steps)
         G = n_tiles * splits
         sms = num_sms or (None if interpret else getattr(jax.devices()[0], "core_count", None))
         if sync and sms is not None and G > sms:
             raise ValueError(f"the fill's barrier over {G} CTAs needs them all resident, and "
                              f"the GPU has {sms} SMs: use fewer K splits")
-        sw = plgpu.find_swizzle(tile_k * 2 * 8)
-        tf = (plgpu.TilingTransform((8, sw // 2)), plgpu.SwizzleTransform(sw))
-        cta = lax.axis_index("cluster_grid")
-        n_idx, s = cta % n_tiles, cta // n_tiles
-
         pipeline = functools.partial(weight_pipeline, k_per=k_per, tile_k=tile_k,
                                      cta_n=cta_n, steps=steps, transforms=tf)
         ignore = lambda *_, **__: None  # noqa: E731
@@ -155,13 +206,7 @@ def gather_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
                             bad = jnp.float32(0)
                             for h in range(2):
                                 plgpu.barrier_wait(x_bar.at[h])
-                                # via the transposed views: 8-row tiles have no register
-                                # layout
-                                acc = p_smem.at[h].at[0].transpose((1, 0))[...].astype(f32)
-                                for i in range(1, splits):
-                                    acc = acc + p_smem.at[h].at[i].transpose((1, 0))[...].astype(
-                                        f32)
-                                x_smem.at[h].transpose((1, 0))[...] = acc.astype(bf16)
+                                acc = sum_partials(p_smem.at[h], x_smem.at[h], splits)
                                 # any NaN makes the sum NaN (a reduce an axis: Mosaic's
                                 # layouts take no reduce of a 2-D array to a scalar)
                                 bad = bad + jnp.sum(jnp.sum(acc, axis=1), axis=0)
@@ -196,12 +241,7 @@ def gather_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
 
                 @jax.named_scope("mma")
                 def mma(idxs, w_smem, acc_ref):
-                    kk = idxs[0] * tile_k
-                    plgpu.wgmma(acc_ref, w_smem.at[pl.ds(wg * WG_N, WG_N)],
-                                x_smem.at[kk // half].at[:, pl.ds(kk % half, tile_k)]
-                                .transpose((1, 0)))
-                    plgpu.wgmma_wait(0)
-                    return acc_ref
+                    return mma_step(acc_ref, w_smem, x_smem, wg, idxs[0], tile_k, half)
 
                 state = None
                 if L > 1:

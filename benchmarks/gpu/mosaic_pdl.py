@@ -63,7 +63,9 @@ sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # imported by the tests too
 import gpu_trace  # noqa: E402
-from mosaic_chain import T, WG_N, launch, reference, weight_pipeline, xla_chain  # noqa: E402
+from mosaic_chain import (T, WG_N, chain_checker, launch, print_chain_table,  # noqa: E402
+                          reference, stress_row, weight_pipeline, xla_chain)
+from mosaic_gather import layer_units, mma_step, sum_partials  # noqa: E402
 
 TRIGGERS = ("early", "late", "none")
 VARIANTS = ("pdl_early", "pdl_late", "pdl_none", "plain", "pdl_early_xla", "plain_xla",
@@ -98,17 +100,7 @@ def pdl_layer(splits: int, tile_k: int, steps: int, *, pdl: bool = True,
     def kernel(pin_gmem, w_gmem, part_gmem, *, dims):
         S_in, N, K = dims
         cwgs = 1 if narrow else 2
-        cta_n, k_per = cwgs * WG_N, K // splits
-        half = k_per // 2
-        n_tiles = N // cta_n
-        if (N % cta_n or K % (splits * tile_k) or (k_per // tile_k) % steps or half % tile_k
-                or half % 64):
-            raise ValueError(f"{N} x {K} does not tile by {cta_n} / {splits} x {tile_k} / "
-                             f"{steps} steps")
-        sw = plgpu.find_swizzle(tile_k * 2 * 8)
-        tf = (plgpu.TilingTransform((8, sw // 2)), plgpu.SwizzleTransform(sw))
-        cta = lax.axis_index("cluster_grid")
-        n_idx, s = cta % n_tiles, cta // n_tiles
+        cta_n, k_per, half, _, tf, n_idx, s = layer_units(N, K, splits, tile_k, steps, cwgs)
         pipeline = functools.partial(weight_pipeline, k_per=k_per, tile_k=tile_k,
                                      cta_n=cta_n, steps=steps, transforms=tf,
                                      compute_wgs=cwgs)
@@ -154,12 +146,7 @@ def pdl_layer(splits: int, tile_k: int, steps: int, *, pdl: bool = True,
                                 plgpu.commit_smem()
                             load_partials(h)
                         plgpu.barrier_wait(x_bar.at[h])
-                        p = p_smem.at[h % cwgs]
-                        # via the transposed views: 8-row tiles have no register layout
-                        acc = p.at[0].transpose((1, 0))[...].astype(f32)
-                        for i in range(1, S_in):
-                            acc = acc + p.at[i].transpose((1, 0))[...].astype(f32)
-                        x_smem.at[h].transpose((1, 0))[...] = acc.astype(bf16)
+                        sum_partials(p_smem.at[h % cwgs], x_smem.at[h], S_in)
                     plgpu.commit_smem()
                 both_wgs()
 
@@ -174,12 +161,7 @@ def pdl_layer(splits: int, tile_k: int, steps: int, *, pdl: bool = True,
                         plgpu.griddepcontrol_launch_dependents()
 
             def mma(idxs, w_smem, acc_ref):
-                kk = idxs[0] * tile_k
-                plgpu.wgmma(acc_ref, w_smem.at[pl.ds(wg * WG_N, WG_N)],
-                            x_smem.at[kk // half].at[:, pl.ds(kk % half, tile_k)]
-                            .transpose((1, 0)))
-                plgpu.wgmma_wait(0)
-                return acc_ref
+                return mma_step(acc_ref, w_smem, x_smem, wg, idxs[0], tile_k, half)
 
             pipeline(mma, ctx)(w_gmem.at[pl.ds(n_idx * cta_n, cta_n), pl.ds(s * k_per, k_per)],
                                allocations=allocs)
@@ -232,7 +214,7 @@ def chain_of(variant: str, splits: int, tile_k: int, steps: int, interpret: bool
 
 
 def main(argv=None):
-    from persistent_chain import chain_parser, wall_us  # noqa: PLC0415
+    from persistent_chain import chain_parser  # noqa: PLC0415
 
     ap = chain_parser(__doc__)
     ap.add_argument("--cands", default=",".join("x".join(map(str, c)) for c in CANDS),
@@ -248,8 +230,9 @@ def main(argv=None):
                          "output against the reference")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true",
-                    help="CPU: the interpreted chain (1 CTA a layer) against the reference, "
-                         "and every variant lowered for an abstract H100")
+                    help="CPU: the interpreted plain chain (wide and narrow, one and two K "
+                         "splits) against the reference, and every variant lowered for an "
+                         "abstract H100")
     a = ap.parse_args(argv)
     rows = []
     emit = gpu_trace.jsonl_emitter(rows, a.out)
@@ -289,9 +272,6 @@ def main(argv=None):
     w = (jax.random.normal(jax.random.PRNGKey(1), (L, D, D)) / D ** 0.5).astype(jnp.bfloat16)
     ws = list(w)
     ref = reference(x, w)
-    wbytes = D * D * 2
-    rel = lambda out: float(jnp.linalg.norm(out.astype(jnp.float32) - ref)  # noqa: E731
-                            / jnp.linalg.norm(ref))
     parse = lambda cs: [tuple(int(v) for v in c.split("x")) for c in cs.split(",")]  # noqa
     cands, narrow_cands = parse(a.cands), parse(a.narrow_cands)
     variants = a.variants.split(",")
@@ -300,28 +280,12 @@ def main(argv=None):
 
     if a.stress:
         for v, (splits, tk, steps) in runs:
-            fn = chain_of(v, splits, tk, steps)
-            rels = sorted(rel(fn(x, ws, one)) for _ in range(a.stress))
-            med = rels[len(rels) // 2]
-            emit(dict(variant=v, splits=splits, tile_k=tk, steps=steps, D=D, L=L,
-                      calls=len(rels), rel_min=rels[0], rel_median=med, rel_max=rels[-1],
-                      over_1_5x_median=sum(r > 1.5 * med for r in rels)))
+            emit(stress_row(chain_of(v, splits, tk, steps), (x, ws, one), lambda h: h,
+                            ref, a.stress, variant=v, splits=splits, tile_k=tk,
+                            steps=steps, D=D, L=L))
         return 0
 
-    def check(name, fn, args, final=lambda h: h, **cfg):
-        row = dict(variant=name, D=D, L=L, **cfg)
-        try:
-            row["rel"] = rel(final(fn(*args)))
-            us = wall_us(fn, args, a.calls, a.repeats) / L
-            row.update(us_per_layer=round(us, 2), tb_s=round(wbytes / (us * 1e-6) / 1e12, 2))
-            dev = gpu_trace.device_time(fn, [args], calls=3)
-            if dev is not None:
-                row.update(gpu_us_per_layer=round(dev["device_us"] / L, 2),
-                           ops_per_layer=round(dev["ops_per_call"] / L, 2))
-        except Exception as e:  # a candidate Mosaic refuses: say so, go on
-            row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
-        emit(row)
-
+    check = chain_checker(emit, ref, D, L, a.calls, a.repeats)
     if "xla" in variants:
         check("xla", jax.jit(xla_chain), (x, ws))
     if "persistent" in variants:
@@ -332,16 +296,7 @@ def main(argv=None):
     for v, (splits, tk, steps) in runs:
         check(v, chain_of(v, splits, tk, steps), (x, ws, one), splits=splits, tile_k=tk,
               steps=steps)
-    print("\n| variant | K splits x tile_k x steps | µs / layer | TB/s | GPU-time µs / layer | "
-          "rel |\n|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        cfg = f"{r['splits']} x {r['tile_k']} x {r['steps']}" if "splits" in r else ""
-        if "us_per_layer" in r:
-            print(f"| {r['variant']} | {cfg} | {r['us_per_layer']} | {r['tb_s']} | "
-                  f"{r.get('gpu_us_per_layer')} | {r['rel']:.1e} |")
-        else:
-            print(f"| {r['variant']} | {cfg} | {r.get('error', '')[:200]} | | | |")
-    print(f"(floor at 4.64 TB/s: {wbytes / 4.64e12 * 1e6:.2f} µs a layer)")
+    print_chain_table(rows, D)
     return 0
 
 
