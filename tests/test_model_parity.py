@@ -313,6 +313,27 @@ def test_sharded_checkpoint_loads_like_a_single_file(llama_folder, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_device_side_transpose_and_cast_equal_the_host_path(llama_folder, dtype):
+    # The default placement puts each tensor on the device as read and transposes / casts it
+    # there (numpy's bf16 transpose was the 8B load's bottleneck); a caller's `place` gets the
+    # host-converted tensor. Both give the same params, bit for bit, from float32 files.
+    _, config = load_hf_folder_config(llama_folder)
+    tensors = _tensors(llama_folder)
+    on_device = load_params_from_tensors(None, config, tensors, dtype)
+    on_host = load_params_from_tensors(None, config, tensors, dtype,
+                                       place=lambda _name, arr: jax.device_put(arr))
+    flat_d, flat_h = nnx.to_flat_state(nnx.state(on_device)), nnx.to_flat_state(nnx.state(on_host))
+    assert [p for p, _ in flat_d] == [p for p, _ in flat_h]
+    kernels = 0
+    for (path, a), (_, b) in zip(flat_d, flat_h):
+        a, b = a.get_value(), b.get_value()
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape, path
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        kernels += "kernel" in path
+    assert kernels >= 7 * _SMALL["num_hidden_layers"]  # the transposed projections were compared
+
+
 def test_legacy_rope_theta_and_rope_scaling_in_config_json_are_read(tmp_path):
     # Llama 3.1's config.json as published: rope settings outside rope_parameters.
     cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", **_SMALL, rope_theta=500000.0,

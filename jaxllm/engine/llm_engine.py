@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxllm.config import EngineConfig, ModelConfig, resolve_dtype
 from jaxllm.engine import sampler as sampler_lib
@@ -168,9 +169,12 @@ class LLMEngine:
             backend = config.attention_backend
             if backend == "auto":  # the Pallas kernel on GPUs (benchmarks/RESULTS.md), jnp on CPU
                 backend = "reference" if jax.default_backend() == "cpu" else "pallas"
+            t0 = time.perf_counter()
             loaded = load_model(config.model, dtype=config.dtype, tokenizer=config.tokenizer,
                                 checkpoint_dir=config.checkpoint_dir, attention_backend=backend,
                                 parallel=replica, quantization=config.quantization)
+            jax.block_until_ready(nnx.state(loaded.model))  # the load's time, transfers included
+            logger.info("loaded %s in %.1f s", loaded.name, time.perf_counter() - t0)
         self.loaded = loaded
         self.model_config: ModelConfig = loaded.model_config
         self.tokenizer = loaded.tokenizer
@@ -341,8 +345,6 @@ class LLMEngine:
         # Lowers the forward and the sampler abstractly for the largest bucket with a one-page
         # cache; allocates nothing. The sampler runs after the forward, but its [S, V] logits
         # input lives across both, so the two figures are added (a safe over-estimate).
-        from flax import nnx
-
         from jaxllm.engine import model_runner as mr
 
         mc, cfg = self.model_config, self.config

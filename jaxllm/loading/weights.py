@@ -5,13 +5,18 @@ A loader produces ``(hf_name, tensor)`` pairs in HF's naming and layout
 ``load_params_from_tensors``; this module owns the one mapping from those names to the NNX
 params, the transposes, the dtype conversion and the error messages.
 
-Memory: tensors are consumed one at a time; each is converted to the target dtype on the host
-and placed on the device before the next one is read, so at most one tensor's host copies exist
-beside the model's device arrays.
+Memory: tensors are consumed one at a time; each is placed on the device as read (HF layout,
+its file's dtype) and transposed and cast there, before the next one is read, so at most one
+tensor's host copy exists beside the model's device arrays (and, on the device, one tensor's
+transient second copy). The device does the transposes because numpy's strided transpose of a
+bf16 array ran at ~170 MB/s: 94 s of a 16 GB checkpoint's load (Llama-3-8B shape, H200 host,
+2026-12-04; benchmarks/RESULTS.md). A caller's ``place`` or a sharded placement gets the
+tensor in the model's layout from the host, as before.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Union
 
@@ -153,6 +158,12 @@ def abstract_for(config: ModelConfig, dtype, attention_backend: str = "reference
                                       attention_backend=attention_backend))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _device_layout(x: jax.Array, transpose: bool, dtype: np.dtype) -> jax.Array:
+    """A placed HF tensor in the model's layout and dtype (one kernel on the device)."""
+    return (x.T if transpose else x).astype(dtype)
+
+
 def load_params_from_tensors(
     model: nnx.Module | None,
     config: ModelConfig,
@@ -186,6 +197,7 @@ def load_params_from_tensors(
     dtype = jnp.dtype(dtype)
     if model is None:
         model = _abstract_model(config, dtype)
+    on_device = place is None and parallel is None  # transposed and cast on the device
     place = place or (lambda _name, arr: jax.device_put(arr))
     parallel = bind_parallel(parallel, config)
     if parallel is not None:
@@ -216,18 +228,22 @@ def load_params_from_tensors(
             raise ValueError(
                 f"Shape mismatch for tensor {name!r}: expected {expected_hf}, got {tuple(arr.shape)} "
                 "(does config.json match the weights?).")
+        # The target dtype is the model's, except an fp8 model's e4m3 weights and float32
+        # scales, which keep their own.
+        target = (targets[path].get_value().dtype if config.quantization is not None
+                  else dtype)
+        if on_device and not isinstance(arr, LazyTensor):
+            loaded[path] = _device_layout(place(name, arr), transpose, np.dtype(target))
+            del arr
+            continue
         if transpose:
             arr = arr.T
         if isinstance(arr, LazyTensor):  # each shard read from the file as it is placed
             loaded[path] = place(name, arr.astype(dtype))
             continue
         # One host copy in the target dtype, contiguous, then onto the device; `arr` is dropped
-        # before the next tensor is read. The target dtype is the model's, except an fp8
-        # model's e4m3 weights and float32 scales, which keep their own.
-        leaf_dtype = targets[path].get_value().dtype
-        host = np.ascontiguousarray(
-            arr, dtype=leaf_dtype if config.quantization is not None else dtype
-        ).reshape(arr.shape)  # ascontiguousarray makes a 0-d scale 1-d
+        # before the next tensor is read.
+        host = np.ascontiguousarray(arr, dtype=target).reshape(arr.shape)  # 0-d stays 0-d
         del arr
         loaded[path] = place(name, host)
         del host
