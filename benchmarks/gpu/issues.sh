@@ -145,6 +145,8 @@
 #                                          dependent launch (mosaic_pdl.py)
 #   bash benchmarks/gpu/issues.sh mlpwo    (one GPU) the MLP kernel's weight-only fp8 modes in
 #                                          layer chains (GPU tests first)
+#   bash benchmarks/gpu/issues.sh serve8b  (one GPU) time to first served request from a random
+#                                          8B checkpoint on disk, cold and restarted (startup.py)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1531,4 +1533,29 @@ for line in open(sys.argv[1]):
               f" ops={r.get('ops_per_call', '-')} {r.get('error', '')[:80]}")
 PY
   show_logs 8 ;;
+serve8b)  # nvidia-h200 (one GPU), one call (issue 9: time to first served request < 2 min for
+  # the 8B shape, load from disk + compile of every bucket). Carry .whl (pydantic) and .bench.
+  # A random Llama-3-8B checkpoint written to local disk, then `jaxllm serve` on it at its
+  # defaults: cold (empty compilation cache, the page cache dropped if the container allows),
+  # then a restart in a new process over the filled cache; then fp8 (quantized at load) the same
+  # way while the call has time.
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
+  L=$OUT/logs; mkdir -p $L; C=/tmp/ckpt8b; df -h /tmp | tail -1
+  python3 benchmarks/startup.py write $C --tokenizer .bench/tokenizer || exit 1
+  drop() { sync; if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo dropped;
+           else echo "page cache not dropped (not allowed here)"; fi; }
+  for q in bf16 fp8; do
+    [ $q = fp8 ] && X="--quantization fp8" || X=""
+    [ $((T - SECONDS)) -gt 200 ] || { echo "no time left for $q"; break; }
+    NOTE="$(drop)"; echo "$q cold: $NOTE"
+    timeout $((T - SECONDS - 10)) python3 benchmarks/startup.py --out $OUT/startup.jsonl serve $C \
+      --runs 1 --cache-dir /tmp/xla-$q --log-dir $L/$q-cold --note "cold; $NOTE" -- $X
+    [ $((T - SECONDS)) -gt 90 ] || { echo "no time left for the $q restart"; break; }
+    timeout $((T - SECONDS - 10)) python3 benchmarks/startup.py --out $OUT/startup.jsonl serve $C \
+      --runs 1 --cache-dir /tmp/xla-$q --keep-cache --log-dir $L/$q-warm \
+      --note "restart, page cache warm" -- $X
+  done
+  grep -h "loaded\|sized\|compiled\|ready\|KV cache" $L/*/serve_0.log | cut -c1-200
+  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 esac

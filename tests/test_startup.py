@@ -1,0 +1,43 @@
+"""benchmarks/startup.py: the time-to-first-served-request benchmark, run on the CPU."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def test_startup_smoke_serves_a_written_checkpoint_cold_then_warm(tmp_path):
+    # A sharded random checkpoint written, served by `jaxllm serve` twice over one compilation
+    # cache: both processes answer their first completion, log every start-up phase the
+    # benchmark reads, and exit 0 on SIGTERM.
+    out = tmp_path / "rows.jsonl"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "startup.py"), "--smoke",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "shards" in r.stdout and "in 1 shards" not in r.stdout, r.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["cache"] for row in rows] == ["cold", "warm"]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["exit_code"] == 0 and row["completion_tokens"] == 8
+        assert row["programs"] > 0 and row["pages"] > 0
+        assert 0 < row["load_s"] < row["ready_s"] <= row["health_s"] <= row["first_s"]
+        assert row["compile_s"] < row["ready_s"]
+
+
+def test_parse_startup_log_reads_the_engine_and_server_lines():
+    from startup import parse_startup_log
+
+    log = ("INFO jaxllm: loaded my-model in 12.5 s\n"
+           "INFO jaxllm: fused q/k/v and gate/up projections in 0.7 s\n"
+           "INFO jaxllm: sized the KV pool in 9.1 s (largest step's temp memory 3.10 GiB)\n"
+           "INFO jaxllm: KV cache: 51234 pages of 16 tokens (bfloat16); ...\n"
+           "INFO jaxllm: compiled 52 step programs (12 token buckets) in 60.2 s\n"
+           "INFO server.cli: ready 84.0 s after start (model load + compile ...)\n")
+    assert parse_startup_log(log) == dict(load_s=12.5, fuse_s=0.7, size_s=9.1, compile_s=60.2,
+                                          ready_s=84.0, programs=52, pages=51234)
+    assert parse_startup_log("nothing here") == {}
