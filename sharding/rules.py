@@ -96,8 +96,9 @@ class TensorParallel:
 
     The loaders take it as ``parallel=``: ``adapt_config`` gives the structure to build (KV heads
     expanded when replicated), ``adapt_tensors`` expands k_proj / v_proj on the host stream, and
-    ``place`` puts each converted tensor straight into its shards (each device receives only its
-    slice of the host array; nothing whole is put on any one device).
+    ``state_path_sharding`` says where each param goes: the loader puts each tensor straight
+    into its shards (each device reads only its block; nothing whole is put on any one device;
+    jaxllm/loading/weights.py).
     """
 
     mesh: Mesh
@@ -169,11 +170,6 @@ class TensorParallel:
     def state_path_sharding(self, path: tuple, shape: tuple[int, ...]) -> NamedSharding:
         return self.sharding(param_spec(path, shape, self.tp))
 
-    def place(self, path: tuple, host: np.ndarray) -> jax.Array:
-        """One converted tensor -> a global array; each device receives only its slice."""
-        sharding = self.state_path_sharding(path, host.shape)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelSharding:
@@ -224,9 +220,6 @@ class ModelSharding:
         if "embed_tokens" in path:
             return 0
         return self.pp - 1  # final norm, lm_head
-
-    def place(self, path: tuple, host: np.ndarray) -> jax.Array:
-        return self.stages[self.stage_of_path(path)].place(path, host)
 
     def path_sharding(self, path: tuple, shape: tuple[int, ...]) -> NamedSharding:
         """Where the param at ``path`` lives: its stage's mesh, split by the rules above."""

@@ -160,9 +160,13 @@ def test_sharded_loading_reads_each_devices_slice_from_the_file(small_llama_fold
     monkeypatch.setattr(LazyTensor, "__getitem__", spy)
     replica = replica_meshes(make_mesh(1, 1, 4))[0]
     loaded = load_model(str(small_llama_folder), dtype="float32", parallel=replica)
-    # 4 devices, each read its quarter of the [E, V] lm_head and of the [E, F] gate_proj.
-    assert reads.count((64, 49152 // 4)) == 4
-    assert reads.count((64, 128 // 4)) == 2 * 2 * 4  # gate + up, 2 layers, 4 devices
+    # 4 devices, each read its quarter of the lm_head, the embedding and gate_proj, in the
+    # file's [V, E] / [F, E] layout (the lm_head's transpose runs on the devices, a block each).
+    assert reads.count((49152 // 4, 64)) == 2 * 4  # lm_head and embed_tokens
+    # gate + up, 2 layers, 4 devices; and k / v [32, 64] read whole on the host to replicate
+    # their 2 KV heads over 4 devices (the one host-side expansion), 2 layers
+    assert reads.count((128 // 4, 64)) == 2 * 2 * 4 + 2 * 2
+    assert reads.count((64, 128 // 4)) == 2 * 4  # down_proj [E, F], split on F
     assert (49152, 64) not in reads and (64, 49152) not in reads  # nothing big read whole
     w = loaded.model.lm_head.kernel[...]
     assert _shard_shapes(w) == {(64, 49152 // 4)}

@@ -5,13 +5,13 @@ A loader produces ``(hf_name, tensor)`` pairs in HF's naming and layout
 ``load_params_from_tensors``; this module owns the one mapping from those names to the NNX
 params, the transposes, the dtype conversion and the error messages.
 
-Memory: tensors are consumed one at a time; each is placed on the device as read (HF layout,
-its file's dtype) and transposed and cast there, before the next one is read, so at most one
-tensor's host copy exists beside the model's device arrays (and, on the device, one tensor's
-transient second copy). The device does the transposes because numpy's strided transpose of a
-bf16 array ran at ~170 MB/s: 94 s of a 16 GB checkpoint's load (Llama-3-8B shape, H200 host,
-2026-12-04; benchmarks/RESULTS.md). A caller's ``place`` or a sharded placement gets the
-tensor in the model's layout from the host, as before.
+Memory: tensors are consumed one at a time; each is placed on the device(s) as read (HF layout,
+its file's dtype; a sharded param's blocks each read by their device alone) and transposed and
+cast there, before the next one is read, so at most one tensor's host copy exists beside the
+model's device arrays (and, on the devices, one tensor's transient second copy). The devices do
+the transposes because numpy's strided transpose of a bf16 array ran at ~170 MB/s: 94 s of a
+16 GB checkpoint's load (Llama-3-8B shape, H200 host, 2026-12-04; benchmarks/RESULTS.md). Only a
+caller's ``place`` gets the tensor in the model's layout and dtype from the host.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm.config import ModelConfig
 
@@ -42,37 +43,20 @@ _FP8_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 
 class LazyTensor:
-    """A tensor read on demand, one slice at a time (a memory-mapped safetensors entry).
+    """A tensor read on demand, one block at a time (a memory-mapped safetensors entry).
 
-    ``reader[idx]`` reads only that block of the file (safetensors' ``get_slice``); ``.T`` and
-    ``.astype`` are lazy too, so a sharded placement reads each device's slice straight from the
-    file: no host copy of the whole tensor exists (sharding/rules.py, ``place``).
+    ``reader[idx]`` reads only that block of the file (safetensors' ``get_slice``), so a sharded
+    placement reads each device's block straight from the file, in the file's layout and dtype:
+    no host copy of the whole tensor exists (``load_params_from_tensors``).
     """
 
-    def __init__(self, reader: Any, shape: tuple[int, ...], transposed: bool = False,
-                 dtype: Any = None):
-        self._reader, self._base_shape = reader, tuple(shape)
-        self._transposed, self._dtype = transposed, dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self._base_shape[::-1] if self._transposed else self._base_shape
-
-    @property
-    def T(self) -> "LazyTensor":
-        return LazyTensor(self._reader, self._base_shape, not self._transposed, self._dtype)
-
-    def astype(self, dtype: Any) -> "LazyTensor":
-        return LazyTensor(self._reader, self._base_shape, self._transposed, dtype)
+    def __init__(self, reader: Any, shape: tuple[int, ...]):
+        self._reader, self.shape = reader, tuple(shape)
 
     def __getitem__(self, idx: Any) -> np.ndarray:
         idx = idx if isinstance(idx, tuple) else (idx,)
         idx = tuple(idx) + (slice(None),) * (len(self.shape) - len(idx))
-        if self._transposed:
-            out = np.asarray(self._reader[tuple(reversed(idx))]).T
-        else:
-            out = np.asarray(self._reader[idx])
-        return np.ascontiguousarray(out, dtype=self._dtype or out.dtype)
+        return np.ascontiguousarray(self._reader[idx])
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[()]
@@ -158,10 +142,19 @@ def abstract_for(config: ModelConfig, dtype, attention_backend: str = "reference
                                       attention_backend=attention_backend))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _device_layout(x: jax.Array, transpose: bool, dtype: np.dtype) -> jax.Array:
-    """A placed HF tensor in the model's layout and dtype (one kernel on the device)."""
-    return (x.T if transpose else x).astype(dtype)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _device_layout(x: jax.Array, transpose: bool, dtype: np.dtype,
+                   sharding: NamedSharding | None) -> jax.Array:
+    """A placed HF tensor in the model's layout and dtype, in ``sharding`` (None: one device).
+    A sharded ``x`` is split as the target mirrored, so each device transposes its own block."""
+    out = (x.T if transpose else x).astype(dtype)
+    return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
+
+
+def _mirrored(sharding: NamedSharding, ndim: int) -> NamedSharding:
+    """The sharding of a param's transpose: its PartitionSpec reversed."""
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec[::-1]))
 
 
 def load_params_from_tensors(
@@ -197,13 +190,10 @@ def load_params_from_tensors(
     dtype = jnp.dtype(dtype)
     if model is None:
         model = _abstract_model(config, dtype)
-    on_device = place is None and parallel is None  # transposed and cast on the device
-    place = place or (lambda _name, arr: jax.device_put(arr))
     parallel = bind_parallel(parallel, config)
     if parallel is not None:
         named_tensors = parallel.adapt_tensors(named_tensors)
-        place = lambda name, arr: parallel.place(  # noqa: E731
-            hf_name_to_path(name, config.quantization is not None)[0], arr)
+    host_layout = place is not None and parallel is None  # a caller's place: the model's layout
     graphdef, state = nnx.split(model)
     targets: dict[PathParts, Any] = {tuple(p): v for p, v in nnx.to_flat_state(state)}
     loaded: dict[PathParts, jax.Array] = {}
@@ -230,23 +220,26 @@ def load_params_from_tensors(
                 "(does config.json match the weights?).")
         # The target dtype is the model's, except an fp8 model's e4m3 weights and float32
         # scales, which keep their own.
-        target = (targets[path].get_value().dtype if config.quantization is not None
-                  else dtype)
-        if on_device and not isinstance(arr, LazyTensor):
-            loaded[path] = _device_layout(place(name, arr), transpose, np.dtype(target))
+        target = np.dtype(targets[path].get_value().dtype if config.quantization is not None
+                          else dtype)
+        if host_layout:
+            # One host copy in the model's layout and dtype, contiguous, for the caller's place.
+            host = np.ascontiguousarray(arr.T if transpose else arr, dtype=target)
             del arr
+            loaded[path] = place(name, host.reshape(expected))  # 0-d stays 0-d
+            del host
             continue
-        if transpose:
-            arr = arr.T
-        if isinstance(arr, LazyTensor):  # each shard read from the file as it is placed
-            loaded[path] = place(name, arr.astype(dtype))
-            continue
-        # One host copy in the target dtype, contiguous, then onto the device; `arr` is dropped
-        # before the next tensor is read.
-        host = np.ascontiguousarray(arr, dtype=target).reshape(arr.shape)  # 0-d stays 0-d
+        # Placed as the file lays it out (each device reading only its block of a sharded
+        # param, in HF's layout: the target's split mirrored), then transposed and cast there.
+        if parallel is None:
+            x, sharding = jax.device_put(np.asarray(arr)), None
+        else:
+            sharding = parallel.path_sharding(path, expected)
+            x = jax.make_array_from_callback(
+                expected_hf, _mirrored(sharding, len(expected)) if transpose else sharding,
+                lambda idx, a=arr: np.asarray(a[idx]))
         del arr
-        loaded[path] = place(name, host)
-        del host
+        loaded[path] = _device_layout(x, transpose, target, sharding)
 
     missing = [path_to_hf_name(p) for p in targets if p not in loaded]
     if missing:
