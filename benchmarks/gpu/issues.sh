@@ -1538,20 +1538,20 @@ serve8b)  # nvidia-h200 (one GPU), one call (issue 9: time to first served reque
   # A random Llama-3-8B checkpoint written to local disk, then `jaxllm serve` on it at its
   # defaults: cold (empty compilation cache, the page cache dropped if the container allows),
   # then a restart in a new process over the filled cache; then fp8 (quantized at load) the same
-  # way while the call has time.
+  # way while the call has time (Q="bf16" for bf16 only).
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
   L=$OUT/logs; mkdir -p $L; C=/tmp/ckpt8b; df -h /tmp | tail -1
   python3 benchmarks/startup.py write $C --tokenizer .bench/tokenizer || exit 1
   drop() { sync; if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo dropped;
            else echo "page cache not dropped (not allowed here)"; fi; }
-  for q in bf16 fp8; do
+  for q in ${Q:-bf16 fp8}; do
     [ $q = fp8 ] && X="--quantization fp8" || X=""
-    [ $((T - SECONDS)) -gt 200 ] || { echo "no time left for $q"; break; }
+    [ $((T - SECONDS)) -gt 100 ] || { echo "no time left for $q"; break; }
     NOTE="$(drop)"; echo "$q cold: $NOTE"
     timeout $((T - SECONDS - 10)) python3 benchmarks/startup.py --out $OUT/startup.jsonl serve $C \
       --runs 1 --cache-dir /tmp/xla-$q --log-dir $L/$q-cold --note "cold; $NOTE" -- $X
-    [ $((T - SECONDS)) -gt 90 ] || { echo "no time left for the $q restart"; break; }
+    [ $((T - SECONDS)) -gt 60 ] || { echo "no time left for the $q restart"; break; }
     timeout $((T - SECONDS - 10)) python3 benchmarks/startup.py --out $OUT/startup.jsonl serve $C \
       --runs 1 --cache-dir /tmp/xla-$q --keep-cache --log-dir $L/$q-warm \
       --note "restart, page cache warm" -- $X
