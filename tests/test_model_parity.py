@@ -334,6 +334,24 @@ def test_device_side_transpose_and_cast_equal_the_host_path(llama_folder, dtype)
     assert kernels >= 7 * _SMALL["num_hidden_layers"]  # the transposed projections were compared
 
 
+def test_a_models_own_params_reload_without_a_transpose(llama_folder, monkeypatch):
+    # model_to_hf_tensors hands a model's [in, out] kernels back as HF-layout views: the loader
+    # places the memory as it lies (no strided host copy, no device transpose) and gets the
+    # same model back.
+    from jaxllm.loading import weights
+
+    _, config = load_hf_folder_config(llama_folder)
+    model = load_params_from_tensors(None, config, _tensors(llama_folder), jnp.float32)
+    calls = []
+    original = weights._device_layout
+    monkeypatch.setattr(weights, "_device_layout",
+                        lambda x, transpose, *a: calls.append(transpose) or original(x, transpose, *a))
+    again = load_params_from_tensors(None, config, weights.model_to_hf_tensors(model), jnp.float32)
+    assert calls and not any(calls)
+    for a, b in zip(jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_legacy_rope_theta_and_rope_scaling_in_config_json_are_read(tmp_path):
     # Llama 3.1's config.json as published: rope settings outside rope_parameters.
     cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", **_SMALL, rope_theta=500000.0,

@@ -231,6 +231,11 @@ def load_params_from_tensors(
             continue
         # Placed as the file lays it out (each device reading only its block of a sharded
         # param, in HF's layout: the target's split mirrored), then transposed and cast there.
+        if (transpose and isinstance(arr, np.ndarray) and arr.ndim == 2
+                and not arr.flags.c_contiguous and arr.T.flags.c_contiguous):
+            # The model's layout already lies in memory (a model's own params handed back as
+            # HF-layout views, model_to_hf_tensors): placed as it is, nothing transposed.
+            arr, transpose, expected_hf = arr.T, False, expected
         if parallel is None:
             x, sharding = jax.device_put(np.asarray(arr)), None
         else:
