@@ -162,20 +162,28 @@ def engine_generate(engine, prompts: list[list[int]], max_tokens,
     return time.perf_counter() - t, n_out
 
 
+def hf_llama_config(shape: str, max_position_embeddings: int | None = None, **kw):
+    """transformers' LlamaConfig of SHAPES[shape] (its context raised to at least
+    ``max_position_embeddings``; ``kw`` passed on)."""
+    from transformers import LlamaConfig
+
+    s = SHAPES[shape]
+    return LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                       intermediate_size=s["intermediate_size"],
+                       num_hidden_layers=s["num_hidden_layers"],
+                       num_attention_heads=s["num_attention_heads"],
+                       num_key_value_heads=s["num_key_value_heads"], head_dim=s["head_dim"],
+                       rms_norm_eps=s["rms_norm_eps"], rope_theta=s["rope_theta"],
+                       max_position_embeddings=max(s["max_position_embeddings"],
+                                                   max_position_embeddings or 0), **kw)
+
+
 def hf_random_model(shape: str, max_position_embeddings: int | None = None):
     """HF transformers' LlamaForCausalLM with random bf16 weights in SHAPES[shape], on CUDA."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    s = SHAPES[shape]
-    cfg = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
-                      intermediate_size=s["intermediate_size"],
-                      num_hidden_layers=s["num_hidden_layers"],
-                      num_attention_heads=s["num_attention_heads"],
-                      num_key_value_heads=s["num_key_value_heads"], head_dim=s["head_dim"],
-                      rms_norm_eps=s["rms_norm_eps"], rope_theta=s["rope_theta"],
-                      max_position_embeddings=max(s["max_position_embeddings"],
-                                                  max_position_embeddings or 0))
+    cfg = hf_llama_config(shape, max_position_embeddings)
     torch.manual_seed(0)
     with torch.device("cuda"):
         return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()

@@ -4,13 +4,14 @@ the process's spawn to its first completion, with XLA's persistent compilation c
 (cold) and then again in a new process with that cache filled (a restart).
 
     python3 benchmarks/startup.py write DIR --tokenizer TOK [--shape llama3-8b] [--shard-gb 5]
-    python3 benchmarks/startup.py serve DIR [--runs 2] [--cache-dir D] [--out F] [-- SERVE ARGS]
+    python3 benchmarks/startup.py [--out F] serve DIR [--runs 2] [--cache-dir D] [-- SERVE ARGS]
     python3 benchmarks/startup.py --smoke   # CPU: the tiny shape written, then served twice
 
 ``write`` makes the HF folder ``save_pretrained`` would: config.json, safetensors shards of at
 most ``--shard-gb`` GB with their index, bf16 weights drawn N(0, 0.02) once per distinct shape
-(norms 1), and the tokenizer folder TOK copied in. Random weights in a real shape load and compile like real ones;
-a tokenizer smaller than the model's vocabulary only decodes the ids it has.
+(norms 1), and the tokenizer folder TOK copied in. Random weights in a real shape load and
+compile like real ones; a tokenizer smaller than the model's vocabulary only decodes the ids it
+has.
 
 ``serve`` runs ``python3 -m jaxllm.cli serve DIR --compilation-cache-dir D`` ``--runs`` times, one
 process after the other, D emptied before the first run unless ``--keep-cache``. Each run polls
@@ -48,7 +49,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from offline_throughput import SHAPES, append_jsonl  # noqa: E402
+from offline_throughput import SHAPES, append_jsonl, hf_llama_config  # noqa: E402
 
 # The engine's and the server's start-up log lines (jaxllm/engine/llm_engine.py, server/cli.py).
 _PHASES = {
@@ -86,20 +87,12 @@ def write_checkpoint(folder: Path, shape: str, tokenizer: Path | None, shard_gb:
     """Writes a random bf16 HF Llama folder of ``SHAPES[shape]``; returns its weight bytes."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
     s = SHAPES[shape]
     if s["architecture"] != "LlamaForCausalLM":
         raise ValueError(f"{shape}: only Llama shapes are written")
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
-                      intermediate_size=s["intermediate_size"],
-                      num_hidden_layers=s["num_hidden_layers"],
-                      num_attention_heads=s["num_attention_heads"],
-                      num_key_value_heads=s["num_key_value_heads"], head_dim=s["head_dim"],
-                      rms_norm_eps=s["rms_norm_eps"], rope_theta=s["rope_theta"],
-                      max_position_embeddings=s["max_position_embeddings"],
-                      tie_word_embeddings=s["tie_word_embeddings"], dtype="bfloat16")
+    cfg = hf_llama_config(shape, tie_word_embeddings=s["tie_word_embeddings"], dtype="bfloat16")
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(str(folder))
     names = _hf_names(s)

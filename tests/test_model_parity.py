@@ -344,8 +344,10 @@ def test_a_models_own_params_reload_without_a_transpose(llama_folder, monkeypatc
     model = load_params_from_tensors(None, config, _tensors(llama_folder), jnp.float32)
     calls = []
     original = weights._device_layout
-    monkeypatch.setattr(weights, "_device_layout",
-                        lambda x, transpose, *a: calls.append(transpose) or original(x, transpose, *a))
+    def spy(x, transpose, *args):
+        calls.append(transpose)
+        return original(x, transpose, *args)
+    monkeypatch.setattr(weights, "_device_layout", spy)
     again = load_params_from_tensors(None, config, weights.model_to_hf_tensors(model), jnp.float32)
     assert calls and not any(calls)
     for a, b in zip(jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(model))):
