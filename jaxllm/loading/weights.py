@@ -179,10 +179,12 @@ def load_params_from_tensors(
         advances. Rotary ``inv_freq`` buffers are ignored, as is ``lm_head.weight`` when
         embeddings are tied.
       dtype: the params' dtype (e.g. jnp.bfloat16).
-      place: ``(hf_name, host_array) -> jax.Array`` puts one converted tensor on the device(s);
-        default ``jax.device_put``.
+      place: ``(hf_name, host_array) -> jax.Array`` puts one tensor, converted on the host to
+        the model's layout and dtype, on the device(s). Default: the tensor goes to the default
+        device as read and is transposed and cast there (module docstring).
       parallel: a ``sharding.rules.ModelSharding``: tensors are adapted (KV heads replicated
-        when tp > KV heads) and placed into their shards by its rules (overrides ``place``).
+        when tp > KV heads) and each device reads its block of a tensor in the file's layout,
+        transposed and cast on the devices into the param's shards (overrides ``place``).
 
     Returns the concrete model. Raises ValueError naming the tensor for an unexpected name, a
     shape mismatch (expected vs got, in HF layout) or a duplicate, and listing every missing one.
