@@ -344,6 +344,7 @@ def test_a_models_own_params_reload_without_a_transpose(llama_folder, monkeypatc
     model = load_params_from_tensors(None, config, _tensors(llama_folder), jnp.float32)
     calls = []
     original = weights._device_layout
+
     def spy(x, transpose, *args):
         calls.append(transpose)
         return original(x, transpose, *args)
