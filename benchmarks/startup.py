@@ -20,7 +20,9 @@ greedy), then SIGTERMs the server, which must exit 0 (graceful shutdown). A row 
 
   first_s     spawn to the first completion's response: the time to first served request
   ready_s     the server's own "ready N s after start" (load + fuse + KV sizing + compiles)
-  load_s      the weights from the folder to the device ("loaded ... in N s")
+  load_s      the weights from the folder to the device ("loaded ... in N s"), of which
+              config_s (config.json; mostly importing transformers), weights_s (the tensors
+              read and placed) and tokenizer_s
   fuse_s, size_s, compile_s   the engine's other start-up phases, from its log
   programs, pages             the step programs compiled and the KV pages sized
   exit_code   the server's status after SIGTERM
@@ -53,7 +55,10 @@ from offline_throughput import SHAPES, append_jsonl, hf_llama_config  # noqa: E4
 
 # The engine's and the server's start-up log lines (jaxllm/engine/llm_engine.py, server/cli.py).
 _PHASES = {
-    "load_s": r"loaded .* in ([0-9.]+) s",
+    "load_s": r"loaded (?!the tokenizer).* in ([0-9.]+) s",
+    "config_s": r"read config.json in ([0-9.]+) s",
+    "weights_s": r"placed [0-9.]+ GB of weights from \d+ files in ([0-9.]+) s",
+    "tokenizer_s": r"loaded the tokenizer in ([0-9.]+) s",
     "fuse_s": r"fused q/k/v and gate/up projections in ([0-9.]+) s",
     "size_s": r"sized the KV pool in ([0-9.]+) s",
     "compile_s": r"compiled \d+ step programs \(\d+ token buckets\) in ([0-9.]+) s",

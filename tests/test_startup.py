@@ -26,18 +26,23 @@ def test_startup_smoke_serves_a_written_checkpoint_cold_then_warm(tmp_path):
         assert row["exit_code"] == 0 and row["completion_tokens"] == 8
         assert row["programs"] > 0 and row["pages"] > 0
         assert 0 < row["load_s"] < row["ready_s"] <= row["health_s"] <= row["first_s"]
+        assert row["config_s"] + row["weights_s"] + row["tokenizer_s"] <= row["load_s"]
         assert row["compile_s"] < row["ready_s"]
 
 
 def test_parse_startup_log_reads_the_engine_and_server_lines():
     from startup import parse_startup_log
 
-    log = ("INFO jaxllm: loaded my-model in 12.5 s\n"
+    log = ("INFO jaxllm: read config.json in 3.5 s; placed 16.06 GB of weights from 4 files in "
+           "2.4 s\n"
+           "INFO jaxllm: loaded the tokenizer in 0.6 s\n"
+           "INFO jaxllm: loaded my-model in 12.5 s\n"
            "INFO jaxllm: fused q/k/v and gate/up projections in 0.7 s\n"
            "INFO jaxllm: sized the KV pool in 9.1 s (largest step's temp memory 3.10 GiB)\n"
            "INFO jaxllm: KV cache: 51234 pages of 16 tokens (bfloat16); ...\n"
            "INFO jaxllm: compiled 52 step programs (12 token buckets) in 60.2 s\n"
            "INFO server.cli: ready 84.0 s after start (model load + compile ...)\n")
-    assert parse_startup_log(log) == dict(load_s=12.5, fuse_s=0.7, size_s=9.1, compile_s=60.2,
-                                          ready_s=84.0, programs=52, pages=51234)
+    assert parse_startup_log(log) == dict(
+        load_s=12.5, config_s=3.5, weights_s=2.4, tokenizer_s=0.6, fuse_s=0.7, size_s=9.1,
+        compile_s=60.2, ready_s=84.0, programs=52, pages=51234)
     assert parse_startup_log("nothing here") == {}

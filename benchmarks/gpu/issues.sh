@@ -147,6 +147,12 @@
 #                                          layer chains (GPU tests first)
 #   bash benchmarks/gpu/issues.sh serve8b  (one GPU) time to first served request from a random
 #                                          8B checkpoint on disk, cold and restarted (startup.py)
+#   bash benchmarks/gpu/issues.sh loadprobe  (one GPU) where the 8B checkpoint's load goes:
+#                                          readers and copy threads, warm and cold (load_probe.py)
+#   bash benchmarks/gpu/issues.sh readahead  (one GPU) the loader's read-ahead advice, cold and
+#                                          warm, then serve8b in the time left
+#   OLD=DIR bash benchmarks/gpu/issues.sh serveab  (one GPU) time to first served request of
+#                                          this tree against the checkout in DIR, alternating
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -159,6 +165,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 quiet() { grep -v "Compiling\|it/s\]\|bucket/s" ; }
+# The OS page cache dropped (a cold read from the disk), where the container allows it.
+drop() { sync; if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo dropped;
+         else echo "page cache not dropped (not allowed here)"; fi; }
 # The tail of each lane's log (lines without indented tables, at most N), then all logs into
 # one tarball under $OUT (few files come back from the device machine).
 show_logs() { for f in $L/*.log; do echo "=== $f"; quiet < $f | grep -v "^    \|Delay kernel" | tail -$1; done
@@ -1542,9 +1551,8 @@ serve8b)  # nvidia-h200 (one GPU), one call (issue 9: time to first served reque
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
   L=$OUT/logs; mkdir -p $L; C=/tmp/ckpt8b; df -h /tmp | tail -1
-  python3 benchmarks/startup.py write $C --tokenizer .bench/tokenizer || exit 1
-  drop() { sync; if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo dropped;
-           else echo "page cache not dropped (not allowed here)"; fi; }
+  [ -f $C/config.json ] || python3 benchmarks/startup.py write $C --tokenizer .bench/tokenizer \
+    || exit 1
   for q in ${Q:-bf16 fp8}; do
     [ $q = fp8 ] && X="--quantization fp8" || X=""
     [ $((T - SECONDS)) -gt 100 ] || { echo "no time left for $q"; break; }
@@ -1558,4 +1566,46 @@ serve8b)  # nvidia-h200 (one GPU), one call (issue 9: time to first served reque
   done
   grep -h "loaded\|sized\|compiled\|ready\|KV cache" $L/*/serve_0.log | cut -c1-200
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+loadprobe)  # nvidia-h200 (one GPU), one call (issue 9's start-up): where the load of the 8B
+  # checkpoint goes (load_probe.py): the raw rates, then the loader with safetensors' reader
+  # (before) and the memory-mapped one on 0 / 4 / 8 copy threads, page cache warm, in two
+  # alternating rounds, then cold (page cache dropped). Carry .bench.
+  C=/tmp/ckpt8b; python3 benchmarks/startup.py write $C --tokenizer .bench/tokenizer || exit 1
+  P="timeout 120 python3 benchmarks/gpu/load_probe.py $C --out $OUT/load.jsonl"
+  $P --raw
+  for r in 1 2; do for v in "safetensors 0" "mmap 0" "mmap 4" "mmap 8"; do set -- $v
+    [ $((T - SECONDS)) -gt 150 ] || { echo "no time left for round $r"; break 2; }
+    [ $r = 1 ] && [ $2 = 4 ] && X=--twice || X=""
+    $P --reader $1 --threads $2 --note "page cache warm, round $r" $X; done; done
+  for v in "mmap 4" "safetensors 0"; do set -- $v
+    [ $((T - SECONDS)) -gt 100 ] || { echo "no time left for cold $1"; break; }
+    NOTE="$(drop)"; $P --reader $1 --threads $2 --note "cold: $NOTE"; done ;;
+serveab)  # nvidia-h200 (one GPU), one call: time to first served request (bf16, the 8B
+  # checkpoint) of this tree against another checkout in $OLD (git archive REV | tar -x -C DIR,
+  # untracked so that it travels), in one call: each cold, then restarts alternating. Carry
+  # .whl and .bench.
+  [ -d "$OLD" ] || { echo "OLD=$OLD is not a checkout"; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
+  L=$OUT/logs; mkdir -p $L; C=/tmp/ckpt8b
+  python3 benchmarks/startup.py write $C --tokenizer .bench/tokenizer || exit 1
+  ab() { local tree=$1 tag=$2 run=$3; shift 3
+    [ $((T - SECONDS)) -gt 80 ] || { echo "no time left for $tag $run"; return 1; }
+    timeout $((T - SECONDS - 10)) python3 $tree/benchmarks/startup.py --out $OUT/startup.jsonl \
+      serve $C --runs 1 --cache-dir /tmp/xla-$tag --log-dir $L/$tag-$run --note "$tag $run" "$@"
+  }
+  for tag in old new; do [ $tag = old ] && tree=$OLD || tree=$PWD; drop
+    ab $tree $tag cold || break; done
+  for r in 1 2; do for tag in new old; do [ $tag = old ] && tree=$OLD || tree=$PWD
+    ab $tree $tag restart$r --keep-cache || break 2; done; done
+  grep -h "loaded\|placed\|sized\|lowered\|compiled\|ready\|KV cache" $L/*/serve_0.log \
+    | cut -c1-220
+  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+readahead)  # nvidia-h200 (one GPU), one call: the loader's read-ahead advice on and off, cold
+  # and warm (load_probe.py), then serve8b in the time left. Carry .whl and .bench.
+  C=/tmp/ckpt8b; python3 benchmarks/startup.py write $C --tokenizer .bench/tokenizer || exit 1
+  P="timeout 120 python3 benchmarks/gpu/load_probe.py $C --out $OUT/load.jsonl --threads 4"
+  for ra in 0 2048; do NOTE="$(drop)"; $P --readahead-mb $ra --note "cold: $NOTE"; done
+  for ra in 0 2048; do $P --readahead-mb $ra --note "page cache warm"; done
+  T=$((T - SECONDS)) bash $0 serve8b ;;
 esac

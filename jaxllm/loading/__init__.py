@@ -12,7 +12,9 @@ without touching the source's weights; absent -> loaded, then written there.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from typing import Any
 from jaxllm.config import ModelConfig, resolve_dtype
 from jaxllm.loading.default_model import (DEFAULT_MODEL_NAME, default_gguf_path,
                                           is_default_model)
+
+logger = logging.getLogger("jaxllm")
 
 __all__ = ["LoadedModel", "load_model", "resolve_model_source"]
 
@@ -148,7 +152,9 @@ def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
             config = model_obj.config
     elif quantization is not None:
         raise ValueError(f"quantization={quantization!r} is not supported; choose None or 'fp8'.")
+    t0 = time.perf_counter()
     tok = _load_tokenizer(tokenizer if tokenizer is not None else source)
+    logger.info("loaded the tokenizer in %.1f s", time.perf_counter() - t0)
 
     if checkpoint_dir is not None:
         refuse_replicated_kv(config)

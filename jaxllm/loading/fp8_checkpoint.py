@@ -21,9 +21,8 @@ Tensors per quantized projection (HF names, HF [out, in] layout):
 
 They load without dequantizing: the e4m3 weight goes into ``Fp8Linear.weight`` as is, a
 per-tensor scale is broadcast to the [N] per-channel vector (exact), an input scale becomes the
-layer's static activation scale. The numpy safetensors reader cannot return float8 arrays, so
-this module reads F8_E4M3 tensors from the file itself (a memory map of the raw bytes viewed as
-ml_dtypes.float8_e4m3fn).
+layer's static activation scale. ``safetensors_loader`` reads every tensor, F8_E4M3 ones
+included, as a view of the memory-mapped file (ml_dtypes.float8_e4m3fn for the weights).
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -106,56 +104,22 @@ def fp8_scheme_from_hf(quantization_config: dict | None) -> str | None:
 
 # ---- reading ---------------------------------------------------------------------------------
 
-def _header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n
-
-
-def has_fp8_tensors(files: list[Path]) -> bool:
-    return any(v.get("dtype") == "F8_E4M3" for p in files for k, v in _header(p)[0].items()
-               if k != "__metadata__")
-
-
-def iter_safetensors_fp8(files: list[Path]) -> Iterator[tuple[str, Any]]:
-    """Like ``safetensors_loader.iter_safetensors``, for files that hold F8_E4M3 tensors: those
-    come from a memory map viewed as float8_e4m3fn, the rest through safetensors."""
-    import ml_dtypes
-    from safetensors import safe_open
-
-    for path in files:
-        header, start = _header(path)
-        with safe_open(str(path), framework="numpy") as f:
-            for name in f.keys():
-                info = header[name]
-                if info["dtype"] == "F8_E4M3":
-                    def get(info=info, path=path):
-                        a, b = info["data_offsets"]
-                        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start + a,
-                                        shape=(b - a,))
-                        return raw.view(ml_dtypes.float8_e4m3fn).reshape(info["shape"])
-                    yield name, get
-                else:
-                    yield name, (lambda f=f, name=name: f.get_tensor(name))
-
-
 def read_kv_cache_scales(files: list[Path], num_layers: int
                          ) -> tuple[tuple[float, float], ...] | None:
     """Per layer (k_scale, v_scale) from ``model.layers.N.self_attn.{k,v}_scale`` (or the older
     ``{k,v}_proj.output_scale``); None when the checkpoint has none. Read before the model is
     built: the scales are static attention settings, not params."""
-    from safetensors import safe_open
+    from jaxllm.loading.safetensors_loader import mapped_tensors
 
     found: dict[tuple[int, str], float] = {}
     for path in files:
-        with safe_open(str(path), framework="numpy") as f:
-            for name in f.keys():
-                if not name.endswith(_KV_SCALE_SUFFIXES):
-                    continue
-                parts = name.split(".")
-                layer = int(parts[2])
-                kind = "k" if parts[-1] == "k_scale" or parts[-2] == "k_proj" else "v"
-                found[(layer, kind)] = float(np.asarray(f.get_tensor(name), np.float32).max())
+        for name, view in mapped_tensors(path):
+            if not name.endswith(_KV_SCALE_SUFFIXES):
+                continue
+            parts = name.split(".")
+            layer = int(parts[2])
+            kind = "k" if parts[-1] == "k_scale" or parts[-2] == "k_proj" else "v"
+            found[(layer, kind)] = float(np.asarray(view, np.float32).max())
     if not found:
         return None
     return tuple((found.get((i, "k"), 1.0), found.get((i, "v"), 1.0)) for i in range(num_layers))

@@ -1,23 +1,36 @@
 """Load a local HF model folder: config.json + ``*.safetensors`` (single file or sharded).
 
-Files are opened with ``safe_open`` (memory-mapped); tensors are read one at a time, when the
-weight mapper asks for them, so peak host memory is about one tensor, not the checkpoint.
+Each file is memory-mapped and every tensor is a numpy view of its bytes (the format: an 8-byte
+little-endian header length, a JSON header of ``{name: {dtype, shape, data_offsets}}``, then the
+data): nothing is read until a consumer touches the view, a block of it reads only that block's
+pages, and any thread can read it. safetensors' own numpy reader copies each tensor into a new
+array first (one more pass over the checkpoint on the loading thread) and has no float8 dtype;
+the views cost neither.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import mmap
 import os
+import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
+import ml_dtypes
+import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from jaxllm.config import ModelConfig, resolve_dtype
 from jaxllm.loading.hf_config import model_config_from_hf
 from jaxllm.loading.weights import LazyTensor, TensorLike, abstract_for, load_params_from_tensors
+
+logger = logging.getLogger("jaxllm")
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -41,21 +54,85 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[str, TensorLike]]:
-    """Yields ``(name, getter)`` per tensor; call the getter before advancing (the file closes after).
+# safetensors dtype names -> numpy (ml_dtypes for bfloat16 and the float8 formats).
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+           "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 
-    lazy: the getter returns a ``LazyTensor`` that reads only the slices asked for (sharded
-    loading: each device's slice comes straight from the memory-mapped file)."""
+
+# The kernel is asked to read the files this far ahead of the loader (``mapped_tensors``); the
+# loader's copies trail the reads by up to weights.LOAD_BYTES_IN_FLIGHT.
+READAHEAD_BYTES = 2 << 30
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(the file's JSON header, the offset its data starts at); ValueError for a file too short
+    or a header that is not JSON."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than its header length).")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            return json.loads(f.read(n)), 8 + n
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a safetensors file (its header is not JSON: "
+                             f"{e}).") from None
+
+
+def readahead_bytes() -> int:
+    """How far ahead of the tensor being read the kernel is asked to read the file
+    (``READAHEAD_BYTES``; the env ``JAXLLM_LOAD_READAHEAD_MB`` overrides, 0: no advice)."""
+    mb = os.environ.get("JAXLLM_LOAD_READAHEAD_MB")
+    return READAHEAD_BYTES if mb is None else int(mb) << 20
+
+
+def mapped_tensors(path: Path, readahead: int = 0) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields ``(name, view)`` for each tensor of one file in the order of its bytes: a
+    read-only numpy view of the memory-mapped file. ValueError naming the tensor for a dtype
+    this reader does not know or bytes that do not match its shape.
+
+    readahead: as each tensor is yielded the kernel is asked (``madvise(MADV_WILLNEED)``) to
+    read the file up to that many bytes past its start, so a cold read from the disk runs
+    ahead of the consumer with many requests in flight instead of a page fault at a time."""
+    header, start = read_header(path)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    data = np.frombuffer(mm, dtype=np.uint8)  # read-only; keeps the map alive
+    entries = sorted(((name, info) for name, info in header.items() if name != "__metadata__"),
+                     key=lambda e: tuple(e[1].get("data_offsets", (0, 0))))
+    advised = 0
+    for name, info in entries:
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, which "
+                             "jaxllm does not read.")
+        shape = tuple(int(d) for d in info["shape"])
+        a, b = (start + int(o) for o in info["data_offsets"])
+        if b - a != math.prod(shape) * np.dtype(dtype).itemsize or not start <= a <= b <= data.size:
+            raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) has "
+                             f"bytes [{a}, {b}) of a {data.size}-byte file: the file is truncated "
+                             "or corrupt.")
+        if readahead > 0 and a + readahead > advised and hasattr(mmap, "MADV_WILLNEED"):
+            lo = max(a, advised) // mmap.PAGESIZE * mmap.PAGESIZE
+            advised = min(data.size, a + readahead)
+            if advised > lo:
+                mm.madvise(mmap.MADV_WILLNEED, lo, advised - lo)
+        yield name, data[a:b].view(dtype).reshape(shape)
+
+
+def iter_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[str, TensorLike]]:
+    """Yields ``(name, tensor)`` per tensor of the files, in order: a view of the memory-mapped
+    file (``mapped_tensors``, read ahead by ``readahead_bytes()``), which stays valid after the
+    iterator moves on.
+
+    lazy: the tensor comes as a ``LazyTensor`` (sharded loading: each device reads its block
+    straight from the file)."""
+    ahead = readahead_bytes()
     for path in files:
-        with safe_open(str(path), framework="numpy") as f:
-            for name in f.keys():
-                if lazy:
-                    def get(f=f, name=name):
-                        sl = f.get_slice(name)
-                        return LazyTensor(sl, tuple(sl.get_shape()))
-                    yield name, get
-                else:
-                    yield name, (lambda f=f, name=name: f.get_tensor(name))
+        for name, view in mapped_tensors(path, ahead):
+            yield name, (LazyTensor(view, view.shape) if lazy else view)
 
 
 def load_hf_config(path: str | os.PathLike) -> tuple[Any, ModelConfig]:
@@ -83,22 +160,28 @@ def load_hf_folder(path: str | os.PathLike, dtype: Any = "auto",
     parallel: a ``sharding.rules.ModelSharding``; each tensor goes straight into its shards.
     """
     dtype = resolve_dtype(dtype)
+    t0 = time.perf_counter()
     _, config = load_hf_config(path)
+    t1 = time.perf_counter()
     files = safetensors_files(Path(path))
     if config.quantization == "fp8":  # pre-quantized: e4m3 weights and their scales as they are
         import dataclasses
 
-        from jaxllm.loading.fp8_checkpoint import (adapt_fp8_tensors, iter_safetensors_fp8,
-                                                   read_kv_cache_scales)
+        from jaxllm.loading.fp8_checkpoint import adapt_fp8_tensors, read_kv_cache_scales
 
         kv_scales = read_kv_cache_scales(files, config.num_hidden_layers)
         if kv_scales is not None:
             config = dataclasses.replace(config, kv_cache_scales=kv_scales)
 
-        tensors = adapt_fp8_tensors(iter_safetensors_fp8(files), config)
+        tensors = adapt_fp8_tensors(iter_safetensors(files), config)
     else:
         tensors = iter_safetensors(files, lazy=parallel is not None)
     model = load_params_from_tensors(
         abstract_for(config, dtype, attention_backend, parallel), config, tensors, dtype,
         parallel=parallel)
+    jax.block_until_ready(nnx.state(model))
+    # The config's time is mostly importing transformers (which imports torch when installed).
+    logger.info("read config.json in %.1f s; placed %.2f GB of weights from %d files in %.1f s",
+                t1 - t0, sum(f.stat().st_size for f in files) / 1e9, len(files),
+                time.perf_counter() - t1)
     return config, model
