@@ -313,14 +313,11 @@ def test_sharded_checkpoint_loads_like_a_single_file(llama_folder, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("dtype,threads", [(jnp.bfloat16, "4"), (jnp.float32, "0")])
-def test_device_side_transpose_and_cast_equal_the_host_path(llama_folder, dtype, threads,
-                                                            monkeypatch):
-    # The default placement puts each tensor on the device as read (on copy threads, or on the
-    # loading thread with 0) and transposes / casts it there (numpy's bf16 transpose was the
-    # 8B load's bottleneck); a caller's `place` gets the host-converted tensor. Both give the
-    # same params, bit for bit, from float32 files.
-    monkeypatch.setenv("JAXLLM_LOAD_THREADS", threads)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_device_side_transpose_and_cast_equal_the_host_path(llama_folder, dtype):
+    # The default placement puts each tensor on the device as read and transposes / casts it
+    # there (numpy's bf16 transpose was the 8B load's bottleneck); a caller's `place` gets the
+    # host-converted tensor. Both give the same params, bit for bit, from float32 files.
     _, config = load_hf_folder_config(llama_folder)
     tensors = _tensors(llama_folder)
     on_device = load_params_from_tensors(None, config, tensors, dtype)

@@ -148,9 +148,7 @@
 #   bash benchmarks/gpu/issues.sh serve8b  (one GPU) time to first served request from a random
 #                                          8B checkpoint on disk, cold and restarted (startup.py)
 #   bash benchmarks/gpu/issues.sh loadprobe  (one GPU) where the 8B checkpoint's load goes:
-#                                          readers and copy threads, warm and cold (load_probe.py)
-#   bash benchmarks/gpu/issues.sh readahead  (one GPU) the loader's read-ahead advice, cold and
-#                                          warm, then serve8b in the time left
+#                                          the two readers, warm and cold (load_probe.py)
 #   OLD=DIR bash benchmarks/gpu/issues.sh serveab  (one GPU) time to first served request of
 #                                          this tree against the checkout in DIR, alternating
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1568,18 +1566,19 @@ serve8b)  # nvidia-h200 (one GPU), one call (issue 9: time to first served reque
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 loadprobe)  # nvidia-h200 (one GPU), one call (issue 9's start-up): where the load of the 8B
   # checkpoint goes (load_probe.py): the raw rates, then the loader with safetensors' reader
-  # (before) and the memory-mapped one on 0 / 4 / 8 copy threads, page cache warm, in two
-  # alternating rounds, then cold (page cache dropped). Carry .bench.
+  # (before) and the memory-mapped one, page cache warm, in two alternating rounds, then cold
+  # (page cache dropped). (The rows of 2026-12-04 with 0 / 4 / 8 copy threads ran 52cbb08.)
+  # Carry .bench.
   C=/tmp/ckpt8b; python3 benchmarks/startup.py write $C --tokenizer .bench/tokenizer || exit 1
   P="timeout 120 python3 benchmarks/gpu/load_probe.py $C --out $OUT/load.jsonl"
   $P --raw
-  for r in 1 2; do for v in "safetensors 0" "mmap 0" "mmap 4" "mmap 8"; do set -- $v
+  for r in 1 2; do for v in safetensors mmap; do
     [ $((T - SECONDS)) -gt 150 ] || { echo "no time left for round $r"; break 2; }
-    [ $r = 1 ] && [ $2 = 4 ] && X=--twice || X=""
-    $P --reader $1 --threads $2 --note "page cache warm, round $r" $X; done; done
-  for v in "mmap 4" "safetensors 0"; do set -- $v
-    [ $((T - SECONDS)) -gt 100 ] || { echo "no time left for cold $1"; break; }
-    NOTE="$(drop)"; $P --reader $1 --threads $2 --note "cold: $NOTE"; done ;;
+    [ $r = 1 ] && [ $v = mmap ] && X=--twice || X=""
+    $P --reader $v --note "page cache warm, round $r" $X; done; done
+  for v in mmap safetensors; do
+    [ $((T - SECONDS)) -gt 100 ] || { echo "no time left for cold $v"; break; }
+    NOTE="$(drop)"; $P --reader $v --note "cold: $NOTE"; done ;;
 serveab)  # nvidia-h200 (one GPU), one call: time to first served request (bf16, the 8B
   # checkpoint) of this tree against another checkout in $OLD (git archive REV | tar -x -C DIR,
   # untracked so that it travels), in one call: each cold, then restarts alternating. Carry
@@ -1601,11 +1600,4 @@ serveab)  # nvidia-h200 (one GPU), one call: time to first served request (bf16,
   grep -h "loaded\|placed\|sized\|lowered\|compiled\|ready\|KV cache" $L/*/serve_0.log \
     | cut -c1-220
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
-readahead)  # nvidia-h200 (one GPU), one call: the loader's read-ahead advice on and off, cold
-  # and warm (load_probe.py), then serve8b in the time left. Carry .whl and .bench.
-  C=/tmp/ckpt8b; python3 benchmarks/startup.py write $C --tokenizer .bench/tokenizer || exit 1
-  P="timeout 120 python3 benchmarks/gpu/load_probe.py $C --out $OUT/load.jsonl --threads 4"
-  for ra in 0 2048; do NOTE="$(drop)"; $P --readahead-mb $ra --note "cold: $NOTE"; done
-  for ra in 0 2048; do $P --readahead-mb $ra --note "page cache warm"; done
-  T=$((T - SECONDS)) bash $0 serve8b ;;
 esac

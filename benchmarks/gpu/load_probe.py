@@ -1,7 +1,6 @@
 """Where a checkpoint's load goes (issue 9's start-up): one process per run, phases timed.
 
-    python3 benchmarks/gpu/load_probe.py DIR --reader {mmap,safetensors} --threads N [--twice]
-        [--readahead-mb MB]
+    python3 benchmarks/gpu/load_probe.py DIR --reader {mmap,safetensors} [--twice]
     python3 benchmarks/gpu/load_probe.py DIR --raw
     [--out F] [--note TEXT]
 
@@ -10,8 +9,8 @@ transformers' config reader), ``backend_s`` the first device op, ``config_s`` co
 ``load_s`` ``load_params_from_tensors`` into bf16 on the default device, until every param is
 ready (``load2_s`` the same again in the same process with ``--twice``: what the load costs
 without the per-shape compiles and the first transfers' set-up). ``--reader mmap`` is the
-loader's own reader (views of the memory-mapped files, ``JAXLLM_LOAD_THREADS=N`` copies on N
-threads, the kernel asked to read ``--readahead-mb`` ahead: ``JAXLLM_LOAD_READAHEAD_MB``);
+loader's own reader (views of the memory-mapped files; the rows of 2026-12-04 with
+``threads`` and ``readahead_mb`` ran 52cbb08, which had copy threads and read-ahead advice);
 ``--reader safetensors`` reads each tensor with safetensors' ``get_tensor`` on the
 loading thread, the reader before 2026-12-04 (15:00).
 
@@ -27,7 +26,6 @@ T0 = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -101,16 +99,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--reader", choices=("mmap", "safetensors"), default="mmap")
-    ap.add_argument("--threads", type=int, default=weights.LOAD_THREADS)
     ap.add_argument("--twice", action="store_true")
-    ap.add_argument("--readahead-mb", type=int)
     ap.add_argument("--raw", action="store_true")
     ap.add_argument("--out")
     ap.add_argument("--note", default="")
     args = ap.parse_args()
-    os.environ["JAXLLM_LOAD_THREADS"] = str(args.threads)
-    if args.readahead_mb is not None:
-        os.environ["JAXLLM_LOAD_READAHEAD_MB"] = str(args.readahead_mb)
     row = {"device": jax.devices()[0].device_kind, "note": args.note,
            "import_s": round(time.perf_counter() - T0, 2)}
     t = time.perf_counter()
@@ -121,8 +114,7 @@ def main() -> None:
     else:
         t = time.perf_counter()
         _, config = load_hf_config(args.folder)
-        row.update(mode="load", reader=args.reader, threads=args.threads,
-                   readahead_mb=int(os.environ.get("JAXLLM_LOAD_READAHEAD_MB", -1)),
+        row.update(mode="load", reader=args.reader,
                    config_s=round(time.perf_counter() - t, 2))
         secs, model = _load(args.folder, config, args.reader)
         row["load_s"] = round(secs, 2)

@@ -61,11 +61,6 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
            "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 
 
-# The kernel is asked to read the files this far ahead of the loader (``mapped_tensors``); the
-# loader's copies trail the reads by up to weights.LOAD_BYTES_IN_FLIGHT.
-READAHEAD_BYTES = 2 << 30
-
-
 def read_header(path: Path) -> tuple[dict, int]:
     """(the file's JSON header, the offset its data starts at); ValueError for a file too short
     or a header that is not JSON."""
@@ -81,28 +76,17 @@ def read_header(path: Path) -> tuple[dict, int]:
                              f"{e}).") from None
 
 
-def readahead_bytes() -> int:
-    """How far ahead of the tensor being read the kernel is asked to read the file
-    (``READAHEAD_BYTES``; the env ``JAXLLM_LOAD_READAHEAD_MB`` overrides, 0: no advice)."""
-    mb = os.environ.get("JAXLLM_LOAD_READAHEAD_MB")
-    return READAHEAD_BYTES if mb is None else int(mb) << 20
-
-
-def mapped_tensors(path: Path, readahead: int = 0) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields ``(name, view)`` for each tensor of one file in the order of its bytes: a
-    read-only numpy view of the memory-mapped file. ValueError naming the tensor for a dtype
-    this reader does not know or bytes that do not match its shape.
-
-    readahead: as each tensor is yielded the kernel is asked (``madvise(MADV_WILLNEED)``) to
-    read the file up to that many bytes past its start, so a cold read from the disk runs
-    ahead of the consumer with many requests in flight instead of a page fault at a time."""
+def mapped_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields ``(name, view)`` for each tensor of one file in the order of its bytes (a cold
+    load reads the file front to back): a read-only numpy view of the memory-mapped file.
+    ValueError naming the tensor for a dtype this reader does not know or bytes that do not
+    match its shape."""
     header, start = read_header(path)
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     data = np.frombuffer(mm, dtype=np.uint8)  # read-only; keeps the map alive
     entries = sorted(((name, info) for name, info in header.items() if name != "__metadata__"),
                      key=lambda e: tuple(e[1].get("data_offsets", (0, 0))))
-    advised = 0
     for name, info in entries:
         dtype = _DTYPES.get(info.get("dtype"))
         if dtype is None:
@@ -114,24 +98,17 @@ def mapped_tensors(path: Path, readahead: int = 0) -> Iterator[tuple[str, np.nda
             raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) has "
                              f"bytes [{a}, {b}) of a {data.size}-byte file: the file is truncated "
                              "or corrupt.")
-        if readahead > 0 and a + readahead > advised and hasattr(mmap, "MADV_WILLNEED"):
-            lo = max(a, advised) // mmap.PAGESIZE * mmap.PAGESIZE
-            advised = min(data.size, a + readahead)
-            if advised > lo:
-                mm.madvise(mmap.MADV_WILLNEED, lo, advised - lo)
         yield name, data[a:b].view(dtype).reshape(shape)
 
 
 def iter_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[str, TensorLike]]:
     """Yields ``(name, tensor)`` per tensor of the files, in order: a view of the memory-mapped
-    file (``mapped_tensors``, read ahead by ``readahead_bytes()``), which stays valid after the
-    iterator moves on.
+    file (``mapped_tensors``), which stays valid after the iterator moves on.
 
     lazy: the tensor comes as a ``LazyTensor`` (sharded loading: each device reads its block
     straight from the file)."""
-    ahead = readahead_bytes()
     for path in files:
-        for name, view in mapped_tensors(path, ahead):
+        for name, view in mapped_tensors(path):
             yield name, (LazyTensor(view, view.shape) if lazy else view)
 
 

@@ -5,25 +5,24 @@ A loader produces ``(hf_name, tensor)`` pairs in HF's naming and layout
 ``load_params_from_tensors``; this module owns the one mapping from those names to the NNX
 params, the transposes, the dtype conversion and the error messages.
 
-Memory: each tensor is placed on the device(s) as read (HF layout, its file's dtype; a sharded
-param's blocks each read by their device alone) and transposed and cast there. The devices do
+Memory: tensors are consumed one at a time; each is placed on the device(s) as read (HF layout,
+its file's dtype; a sharded param's blocks each read by their device alone) and transposed and
+cast there, before the next one is read, so at most one tensor's host copy exists beside the
+model's device arrays (and, on the devices, one tensor's transient second copy). The devices do
 the transposes because numpy's strided transpose of a bf16 array ran at ~170 MB/s: 94 s of a
 16 GB checkpoint's load (Llama-3-8B shape, H200 host, 2026-12-04; benchmarks/RESULTS.md). Only a
 caller's ``place`` gets the tensor in the model's layout and dtype from the host.
 
-With the default placement the host -> device copies run on a few threads (``Transfers``), so
-reading the next tensors from the file overlaps the copies of the last ones; at most
-``LOAD_BYTES_IN_FLIGHT`` of tensors wait for their copy (at least one tensor), beside the
-model's device arrays and one tensor's transient second copy on the device. Sharded placement
-and a caller's ``place`` go one tensor at a time.
+The copies stay on the loading thread, one after the other. Four copy threads placed the 8B
+checkpoint in 2.3-2.7 s against 3.9 s (H200), but the device memory in use after such a load
+varied run to run by up to ~1 GB, so the KV page count sized from it, a shape of every step
+program, changed between restarts and the restarts missed XLA's persistent compilation cache
+(compiles of 30-33 s against 18-23 s; benchmarks/RESULTS.md, 2026-12-04 (14:00)).
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures as cf
 import functools
-import os
 from collections.abc import Callable, Iterable
 from typing import Any, Union
 
@@ -149,62 +148,6 @@ def abstract_for(config: ModelConfig, dtype, attention_backend: str = "reference
                                       attention_backend=attention_backend))
 
 
-# Threads copying tensors to the device at once (default placement), and the bytes of tensors
-# waiting for a copy. JAXLLM_LOAD_THREADS overrides the threads (0: on the loading thread).
-LOAD_THREADS = 4
-LOAD_BYTES_IN_FLIGHT = 2 << 30
-
-
-def load_threads() -> int:
-    return int(os.environ.get("JAXLLM_LOAD_THREADS", LOAD_THREADS))
-
-
-class Transfers:
-    """Host -> device copies on a thread pool, finished in submission order on the caller's
-    thread: ``put(key, array, finish)`` starts ``jax.device_put(array)``; ``finish(x)`` (the
-    on-device transpose and cast) runs on the caller's thread once the copy is done, its result
-    landing in ``done[key]``. ``put`` waits for the oldest copies while more than ``max_bytes``
-    (or 2 x threads tensors) are pending; ``drain`` waits for all. A copy's error is raised by
-    the ``put`` or ``drain`` that reaches it. A context manager: leaving it cancels the copies
-    not started (an error while loading)."""
-
-    def __init__(self, threads: int, max_bytes: int = LOAD_BYTES_IN_FLIGHT):
-        self.done: dict[Any, jax.Array] = {}
-        self._pool = cf.ThreadPoolExecutor(threads, "jaxllm-load") if threads > 0 else None
-        self._limit, self._max_bytes = 2 * max(threads, 1), max_bytes
-        self._pending: collections.deque = collections.deque()
-        self._bytes = 0
-
-    def put(self, key: Any, array: np.ndarray,
-            finish: Callable[[jax.Array], jax.Array]) -> None:
-        if self._pool is None:
-            self.done[key] = finish(jax.device_put(array))
-            return
-        self._pending.append((key, self._pool.submit(jax.device_put, array), array.nbytes,
-                              finish))
-        self._bytes += array.nbytes
-        while len(self._pending) > 1 and (self._bytes > self._max_bytes
-                                          or len(self._pending) > self._limit):
-            self._finish_oldest()
-
-    def _finish_oldest(self) -> None:
-        key, future, nbytes, finish = self._pending.popleft()
-        self._bytes -= nbytes
-        self.done[key] = finish(future.result())
-
-    def drain(self) -> dict[Any, jax.Array]:
-        while self._pending:
-            self._finish_oldest()
-        return self.done
-
-    def __enter__(self) -> "Transfers":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _device_layout(x: jax.Array, transpose: bool, dtype: np.dtype,
                    sharding: NamedSharding | None) -> jax.Array:
@@ -261,27 +204,8 @@ def load_params_from_tensors(
     host_layout = place is not None and parallel is None  # a caller's place: the model's layout
     graphdef, state = nnx.split(model)
     targets: dict[PathParts, Any] = {tuple(p): v for p, v in nnx.to_flat_state(state)}
-    with Transfers(load_threads() if not host_layout and parallel is None else 0) as transfers:
-        loaded = _load_tensors(config, named_tensors, dtype, targets, transfers, place,
-                               parallel, host_layout)
+    loaded: dict[PathParts, jax.Array] = {}
 
-    missing = [path_to_hf_name(p) for p in targets if p not in loaded]
-    if missing:
-        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
-        raise ValueError(f"Missing tensors in the checkpoint: {shown}.")
-
-    new_state = nnx.from_flat_state(
-        [(p, v.replace(loaded[p])) for p, v in nnx.to_flat_state(state)])
-    return nnx.merge(graphdef, new_state)
-
-
-def _load_tensors(config: ModelConfig, named_tensors: Iterable[tuple[str, TensorLike]],
-                  dtype: np.dtype, targets: dict[PathParts, Any], transfers: Transfers,
-                  place: Callable[[str, np.ndarray], jax.Array] | None, parallel: Any,
-                  host_layout: bool) -> dict[PathParts, jax.Array]:
-    """The loop of ``load_params_from_tensors``: every tensor checked and placed; the params by
-    path (``transfers.done`` holds those of the default placement)."""
-    loaded, seen = transfers.done, set()
     for name, tensor in named_tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue
@@ -291,9 +215,8 @@ def _load_tensors(config: ModelConfig, named_tensors: Iterable[tuple[str, Tensor
                 f"Unexpected tensor {name!r}: the {config.architecture} model has no such parameter "
                 "(wrong architecture in config.json, or a checkpoint of a different model?).")
         path, transpose = mapped
-        if path in seen:
+        if path in loaded:
             raise ValueError(f"Tensor {name!r} appears twice in the checkpoint.")
-        seen.add(path)
         expected = tuple(targets[path].get_value().shape)
         expected_hf = expected[::-1] if transpose else expected
         arr = tensor() if callable(tensor) else tensor
@@ -322,13 +245,20 @@ def _load_tensors(config: ModelConfig, named_tensors: Iterable[tuple[str, Tensor
             # HF-layout views, model_to_hf_tensors): placed as it is, nothing transposed.
             arr, transpose, expected_hf = arr.T, False, expected
         if parallel is None:
-            transfers.put(path, np.asarray(arr),
-                          lambda x, t=transpose, d=target: _device_layout(x, t, d, None))
-            continue
-        sharding = parallel.path_sharding(path, expected)
-        x = jax.make_array_from_callback(
-            expected_hf, _mirrored(sharding, len(expected)) if transpose else sharding,
-            lambda idx, a=arr: np.asarray(a[idx]))
+            x, sharding = jax.device_put(np.asarray(arr)), None
+        else:
+            sharding = parallel.path_sharding(path, expected)
+            x = jax.make_array_from_callback(
+                expected_hf, _mirrored(sharding, len(expected)) if transpose else sharding,
+                lambda idx, a=arr: np.asarray(a[idx]))
         del arr
         loaded[path] = _device_layout(x, transpose, target, sharding)
-    return transfers.drain()
+
+    missing = [path_to_hf_name(p) for p in targets if p not in loaded]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        raise ValueError(f"Missing tensors in the checkpoint: {shown}.")
+
+    new_state = nnx.from_flat_state(
+        [(p, v.replace(loaded[p])) for p, v in nnx.to_flat_state(state)])
+    return nnx.merge(graphdef, new_state)
