@@ -334,6 +334,51 @@ def test_device_side_transpose_and_cast_equal_the_host_path(llama_folder, dtype)
     assert kernels >= 7 * _SMALL["num_hidden_layers"]  # the transposed projections were compared
 
 
+def _write_aligned_safetensors(path, tensors):
+    # float32 tensors with the data and every tensor at a 64-byte boundary (the alignment a
+    # CPU device_put needs to alias host memory instead of copying it).
+    header, offset = {}, 0
+    for name, arr in tensors:
+        n = arr.nbytes
+        header[name] = {"dtype": "F32", "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += -(-n // 64) * 64
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % 64)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name, arr in tensors:
+            f.seek(8 + len(raw) + header[name]["data_offsets"][0])
+            f.write(np.ascontiguousarray(arr, np.float32).tobytes())
+        f.truncate(8 + len(raw) + offset)
+
+
+def test_params_do_not_alias_the_memory_mapped_file(llama_folder, tmp_path):
+    # Tensors are views of the memory-mapped file, and a CPU device_put of aligned memory is
+    # zero-copy: every param, from the default placement or a caller's place, must own its
+    # memory, or rewriting the file in place would change the loaded model.
+    folder = tmp_path / "aligned"
+    folder.mkdir()
+    (folder / "config.json").write_text((llama_folder / "config.json").read_text())
+    path = folder / "model.safetensors"
+    _write_aligned_safetensors(path, [(n, np.asarray(t)) for n, t in _tensors(llama_folder)])
+    _, config = load_hf_folder_config(folder)
+    aliased = [n for n, v in iter_safetensors([path])
+               if jax.device_put(v).unsafe_buffer_pointer() == v.ctypes.data]
+    assert aliased  # the hazard is real for this file
+    models = [load_params_from_tensors(None, config, iter_safetensors([path]), jnp.float32),
+              load_params_from_tensors(None, config, iter_safetensors([path]), jnp.float32,
+                                       place=lambda _name, arr: jax.device_put(arr))]
+    before = [[np.array(x) for x in jax.tree.leaves(nnx.state(m))] for m in models]
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # same size, every data byte changed
+        f.seek(64)
+        f.write(b"\x7f" * (size - 64))
+    for m, old in zip(models, before):
+        for x, y in zip(jax.tree.leaves(nnx.state(m)), old):
+            np.testing.assert_array_equal(np.asarray(x), y)
+
+
 def test_a_models_own_params_reload_without_a_transpose(llama_folder, monkeypatch):
     # model_to_hf_tensors hands a model's [in, out] kernels back as HF-layout views: the loader
     # places the memory as it lies (no strided host copy, no device transpose) and gets the

@@ -233,6 +233,11 @@ def load_params_from_tensors(
         if host_layout:
             # One host copy in the model's layout and dtype, contiguous, for the caller's place.
             host = np.ascontiguousarray(arr.T if transpose else arr, dtype=target)
+            if not host.flags.writeable:
+                # Still a view of a memory-mapped file (nothing to transpose or cast): copied,
+                # since a CPU device_put would alias the file's pages, which change (or fault)
+                # if the file is rewritten.
+                host = host.copy()
             del arr
             loaded[path] = place(name, host.reshape(expected))  # 0-d stays 0-d
             del host
