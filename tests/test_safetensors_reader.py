@@ -62,7 +62,7 @@ def test_iter_safetensors_yields_lazy_blocks_that_outlive_the_iterator(mixed_fil
         np.testing.assert_array_equal(lazy[1:, :, 2:5], f.get_tensor("b.f32")[1:, :, 2:5])
 
 
-def _write_raw(path, header: dict, data: bytes) -> None:
+def _write_raw(path, header, data: bytes) -> None:
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
@@ -83,5 +83,17 @@ def test_bad_files_raise_naming_the_tensor(tmp_path):
         list(mapped_tensors(p))
     p.write_bytes(struct.pack("<Q", 3) + b"\xff{}")
     with pytest.raises(ValueError, match="header is not JSON"):
+        list(mapped_tensors(p))
+    p.write_bytes(struct.pack("<Q", 1 << 60) + b"{}")
+    with pytest.raises(ValueError, match="runs past"):
+        list(mapped_tensors(p))
+    _write_raw(p, [1, 2], b"")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        list(mapped_tensors(p))
+    _write_raw(p, {"m": {"dtype": "F32", "shape": [2]}}, bytes(8))
+    with pytest.raises(ValueError, match="'m' has a malformed header entry"):
+        list(mapped_tensors(p))
+    _write_raw(p, {"n": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8))
+    with pytest.raises(ValueError, match="'n'.*truncated or corrupt"):
         list(mapped_tensors(p))
 

@@ -62,42 +62,64 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """(the file's JSON header, the offset its data starts at); ValueError for a file too short
-    or a header that is not JSON."""
+    """(the file's JSON header, the offset its data starts at); ValueError for a file too short,
+    a header length past the file's end or a header that is not a JSON object."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise ValueError(f"{path} is not a safetensors file (shorter than its header length).")
         (n,) = struct.unpack("<Q", raw)
+        size = os.fstat(f.fileno()).st_size
+        if n > size - 8:
+            raise ValueError(f"{path} is not a safetensors file (its header length {n} runs past "
+                             f"the file's {size} bytes).")
         try:
-            return json.loads(f.read(n)), 8 + n
+            header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is not a safetensors file (its header is not JSON: "
                              f"{e}).") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object).")
+    return header, 8 + n
+
+
+def _tensor_entries(path: Path, header: dict, start: int, size: int
+                    ) -> list[tuple[str, Any, tuple[int, ...], int, int]]:
+    """(name, numpy dtype, shape, first byte, end byte) of every tensor, checked against the
+    file, in the order of their bytes."""
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES.get(info["dtype"])
+            shape = tuple(int(d) for d in info["shape"])
+            a, b = (start + int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry "
+                             f"{info!r}.") from None
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}, which "
+                             "jaxllm does not read.")
+        if (min(shape, default=0) < 0 or not start <= a <= b <= size
+                or b - a != math.prod(shape) * np.dtype(dtype).itemsize):
+            raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) has "
+                             f"bytes [{a}, {b}) of a {size}-byte file: the file is truncated "
+                             "or corrupt.")
+        entries.append((name, dtype, shape, a, b))
+    return sorted(entries, key=lambda e: e[3])
 
 
 def mapped_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Yields ``(name, view)`` for each tensor of one file in the order of its bytes (a cold
     load reads the file front to back): a read-only numpy view of the memory-mapped file.
-    ValueError naming the tensor for a dtype this reader does not know or bytes that do not
-    match its shape."""
+    ValueError naming the tensor, before any is yielded, for a malformed entry, a dtype this
+    reader does not know or bytes that do not match its shape or lie outside the file."""
     header, start = read_header(path)
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     data = np.frombuffer(mm, dtype=np.uint8)  # read-only; keeps the map alive
-    entries = sorted(((name, info) for name, info in header.items() if name != "__metadata__"),
-                     key=lambda e: tuple(e[1].get("data_offsets", (0, 0))))
-    for name, info in entries:
-        dtype = _DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, which "
-                             "jaxllm does not read.")
-        shape = tuple(int(d) for d in info["shape"])
-        a, b = (start + int(o) for o in info["data_offsets"])
-        if b - a != math.prod(shape) * np.dtype(dtype).itemsize or not start <= a <= b <= data.size:
-            raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) has "
-                             f"bytes [{a}, {b}) of a {data.size}-byte file: the file is truncated "
-                             "or corrupt.")
+    for name, dtype, shape, a, b in _tensor_entries(path, header, start, data.size):
         yield name, data[a:b].view(dtype).reshape(shape)
 
 
