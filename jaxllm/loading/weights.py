@@ -51,9 +51,10 @@ _FP8_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 class LazyTensor:
     """A tensor read on demand, one block at a time (a memory-mapped safetensors entry).
 
-    ``reader[idx]`` reads only that block of the file (safetensors' ``get_slice``), so a sharded
-    placement reads each device's block straight from the file, in the file's layout and dtype:
-    no host copy of the whole tensor exists (``load_params_from_tensors``).
+    ``reader[idx]`` reads only that block of the file (a slice of the file's memory-mapped view,
+    ``safetensors_loader.mapped_tensors``), so a sharded placement reads each device's block
+    straight from the file, in the file's layout and dtype: no host copy of the whole tensor
+    exists (``load_params_from_tensors``).
     """
 
     def __init__(self, reader: Any, shape: tuple[int, ...]):
