@@ -1561,6 +1561,11 @@ serve8b)  # nvidia-h200 (one GPU), one call (issue 9: time to first served reque
     timeout $((T - SECONDS - 10)) python3 benchmarks/startup.py --out $OUT/startup.jsonl serve $C \
       --runs 1 --cache-dir /tmp/xla-$q --keep-cache --log-dir $L/$q-warm \
       --note "restart, page cache warm" -- $X
+    # The KV page count is a shape of the step programs: a restart that sizes another count
+    # cannot take them from the compilation cache (RESULTS, 2026-12-04 13:50).
+    tail -2 $OUT/startup.jsonl | python3 -c "import json, sys
+p = [json.loads(line).get('pages') for line in sys.stdin]
+print('$q KV pages cold / restart:', p, 'equal' if p[0] == p[-1] else 'DIFFER')"
   done
   grep -h "loaded\|sized\|compiled\|ready\|KV cache" $L/*/serve_0.log | cut -c1-200
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
