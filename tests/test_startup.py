@@ -46,3 +46,25 @@ def test_parse_startup_log_reads_the_engine_and_server_lines():
         load_s=12.5, config_s=3.5, weights_s=2.4, tokenizer_s=0.6, fuse_s=0.7, size_s=9.1,
         compile_s=60.2, ready_s=84.0, programs=52, pages=51234)
     assert parse_startup_log("nothing here") == {}
+
+
+def test_load_probe_times_both_readers_on_a_written_checkpoint(tmp_path):
+    # benchmarks/gpu/load_probe.py on the CPU: a written tiny checkpoint loaded by the loader's
+    # reader (twice) and by safetensors' get_tensor, and the raw rates, one process each.
+    from startup import write_checkpoint
+
+    folder = tmp_path / "ckpt"
+    write_checkpoint(folder, "tiny", None, shard_gb=0.0005)
+    out = tmp_path / "load.jsonl"
+    probe = REPO / "benchmarks" / "gpu" / "load_probe.py"
+    for args in (["--reader", "mmap", "--twice"], ["--reader", "safetensors"], ["--raw"]):
+        r = subprocess.run([sys.executable, str(probe), str(folder), "--out", str(out), *args],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(row["mode"], row.get("reader")) for row in rows] == [
+        ("load", "mmap"), ("load", "safetensors"), ("raw", None)]
+    for row in rows[:2]:
+        assert row["load_s"] > 0 and row["config_s"] > 0 and row["load_gbs"] > 0
+    assert rows[0]["load2_s"] > 0
+    assert rows[2]["checkpoint_gb"] > 0 and rows[2]["put_views_gbs_1t"] > 0

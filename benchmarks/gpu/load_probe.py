@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxllm.loading import weights  # noqa: E402
+from offline_throughput import append_jsonl  # noqa: E402
 from jaxllm.loading.safetensors_loader import (iter_safetensors, load_hf_config,  # noqa: E402
                                                mapped_tensors, safetensors_files)
 
@@ -76,9 +77,9 @@ def _rate(fn, items, threads: int) -> float:
 
 def _raw(folder: Path) -> dict:
     views = [v for p in safetensors_files(folder) for _, v in mapped_tensors(p)]
-    row = {"checkpoint_gb": round(sum(v.nbytes for v in views) / 1e9, 2)}
-    row["read_gbs_1t"] = round(_rate(np.array, views, 1), 2)
-    row["read_gbs_8t"] = round(_rate(np.array, views, 8), 2)
+    row = {"checkpoint_gb": round(sum(v.nbytes for v in views) / 1e9, 3)}
+    row["read_gbs_1t"] = round(_rate(np.array, views, 1), 3)
+    row["read_gbs_8t"] = round(_rate(np.array, views, 8), 3)
     big = [v for v in views if v.ndim == 2]
     picked, total = [], 0
     for v in big:  # ~4 GiB of 2-d tensors
@@ -88,10 +89,10 @@ def _raw(folder: Path) -> dict:
         total += v.nbytes
     jax.block_until_ready(jax.device_put(np.ones(1024, np.float32)))
     for threads in (1, 4):
-        row[f"put_views_gbs_{threads}t"] = round(_rate(jax.device_put, picked, threads), 2)
+        row[f"put_views_gbs_{threads}t"] = round(_rate(jax.device_put, picked, threads), 3)
     host = [np.array(v) for v in picked]
     for threads in (1, 4):
-        row[f"put_host_gbs_{threads}t"] = round(_rate(jax.device_put, host, threads), 2)
+        row[f"put_host_gbs_{threads}t"] = round(_rate(jax.device_put, host, threads), 3)
     return row
 
 
@@ -105,29 +106,27 @@ def main() -> None:
     ap.add_argument("--note", default="")
     args = ap.parse_args()
     row = {"device": jax.devices()[0].device_kind, "note": args.note,
-           "import_s": round(time.perf_counter() - T0, 2)}
+           "import_s": round(time.perf_counter() - T0, 3)}
     t = time.perf_counter()
     jax.block_until_ready(jnp.zeros(8) + 1)
-    row["backend_s"] = round(time.perf_counter() - t, 2)
+    row["backend_s"] = round(time.perf_counter() - t, 3)
     if args.raw:
         row.update(mode="raw", **_raw(args.folder))
     else:
         t = time.perf_counter()
         _, config = load_hf_config(args.folder)
         row.update(mode="load", reader=args.reader,
-                   config_s=round(time.perf_counter() - t, 2))
+                   config_s=round(time.perf_counter() - t, 3))
         secs, model = _load(args.folder, config, args.reader)
-        row["load_s"] = round(secs, 2)
+        row["load_s"] = round(secs, 3)
         gb = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model))) / 1e9
-        row["load_gbs"] = round(gb / secs, 2)
+        row["load_gbs"] = round(gb / secs, 3)
         if args.twice:
             del model
-            row["load2_s"] = round(_load(args.folder, config, args.reader)[0], 2)
-        row["total_s"] = round(time.perf_counter() - T0, 2)
+            row["load2_s"] = round(_load(args.folder, config, args.reader)[0], 3)
+        row["total_s"] = round(time.perf_counter() - T0, 3)
     print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    append_jsonl(args.out, [row])
 
 
 if __name__ == "__main__":
