@@ -26,7 +26,8 @@ def test_startup_smoke_serves_a_written_checkpoint_cold_then_warm(tmp_path):
         assert row["exit_code"] == 0 and row["completion_tokens"] == 8
         assert row["programs"] > 0 and row["pages"] > 0
         assert 0 < row["load_s"] < row["ready_s"] <= row["health_s"] <= row["first_s"]
-        assert row["config_s"] + row["weights_s"] + row["tokenizer_s"] <= row["load_s"]
+        # (each logged to 0.1 s: the three rounded parts may overshoot the rounded whole)
+        assert row["config_s"] + row["weights_s"] + row["tokenizer_s"] <= row["load_s"] + 0.2
         assert row["compile_s"] < row["ready_s"]
 
 
