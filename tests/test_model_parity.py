@@ -355,8 +355,8 @@ def _write_aligned_safetensors(path, tensors):
 
 def test_params_do_not_alias_the_memory_mapped_file(llama_folder, tmp_path):
     # Tensors are views of the memory-mapped file, and a CPU device_put of aligned memory is
-    # zero-copy: every param, from the default placement or a caller's place, must own its
-    # memory, or rewriting the file in place would change the loaded model.
+    # zero-copy: every param, from the default placement, a caller's place or the sharded
+    # path, must own its memory, or rewriting the file in place would change the loaded model.
     folder = tmp_path / "aligned"
     folder.mkdir()
     (folder / "config.json").write_text((llama_folder / "config.json").read_text())
@@ -366,9 +366,14 @@ def test_params_do_not_alias_the_memory_mapped_file(llama_folder, tmp_path):
     aliased = [n for n, v in iter_safetensors([path])
                if jax.device_put(v).unsafe_buffer_pointer() == v.ctypes.data]
     assert aliased  # the hazard is real for this file
+    from sharding.mesh import make_mesh, replica_meshes
+
+    replica = replica_meshes(make_mesh(1, 1, 2))[0]  # tp 2: each device reads its block
     models = [load_params_from_tensors(None, config, iter_safetensors([path]), jnp.float32),
               load_params_from_tensors(None, config, iter_safetensors([path]), jnp.float32,
-                                       place=lambda _name, arr: jax.device_put(arr))]
+                                       place=lambda _name, arr: jax.device_put(arr)),
+              load_params_from_tensors(None, config, iter_safetensors([path], lazy=True),
+                                       jnp.float32, parallel=replica)]
     before = [[np.array(x) for x in jax.tree.leaves(nnx.state(m))] for m in models]
     size = path.stat().st_size
     with open(path, "r+b") as f:  # same size, every data byte changed

@@ -17,7 +17,7 @@ The copies stay on the loading thread, one after the other. Four copy threads pl
 checkpoint in 2.3-2.7 s against 3.9 s (H200), but the device memory in use after such a load
 varied run to run by up to ~1 GB, so the KV page count sized from it, a shape of every step
 program, changed between restarts and the restarts missed XLA's persistent compilation cache
-(compiles of 30-33 s against 18-23 s; benchmarks/RESULTS.md, 2026-12-04 (14:00)).
+(compiles of 30-33 s against 18-23 s; benchmarks/RESULTS.md, rerun of 2026-12-04 (13:50)).
 """
 
 from __future__ import annotations
