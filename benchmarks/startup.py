@@ -22,7 +22,10 @@ greedy), then SIGTERMs the server, which must exit 0 (graceful shutdown). A row 
   ready_s     the server's own "ready N s after start" (load + fuse + KV sizing + compiles)
   load_s      the weights from the folder to the device ("loaded ... in N s"), of which
               config_s (config.json; mostly importing transformers), weights_s (the tensors
-              read and placed) and tokenizer_s
+              read and placed, after the config) and tokenizer_s; ahead_gb: the GB copied to
+              the device on a thread while the config was read
+  arrays_gib, in_use_gib   device memory the KV pool was sized after: the live arrays' bytes
+              (what sizes it) and the allocator's bytes in use
   fuse_s, size_s, compile_s   the engine's other start-up phases, from its log
   programs, pages             the step programs compiled and the KV pages sized
   exit_code   the server's status after SIGTERM
@@ -58,6 +61,7 @@ _PHASES = {
     "load_s": r"loaded (?!the tokenizer).* in ([0-9.]+) s",
     "config_s": r"read config.json in ([0-9.]+) s",
     "weights_s": r"placed [0-9.]+ GB of weights from \d+ files in ([0-9.]+) s",
+    "ahead_gb": r"\(([0-9.]+) GB of them copied on a thread beside the config's read\)",
     "tokenizer_s": r"loaded the tokenizer in ([0-9.]+) s",
     "fuse_s": r"fused q/k/v and gate/up projections in ([0-9.]+) s",
     "size_s": r"sized the KV pool in ([0-9.]+) s",
@@ -65,6 +69,9 @@ _PHASES = {
     "ready_s": r"ready ([0-9.]+) s after start",
 }
 _COUNTS = {"programs": r"compiled (\d+) step programs", "pages": r"KV cache: (\d+) pages"}
+# The device memory the pool was sized after (GiB): the live arrays' and the allocator's figure.
+_MEMORY = {"arrays_gib": r"before the KV pool: arrays ([0-9.]+) GiB",
+           "in_use_gib": r"allocator in use ([0-9.]+) GiB"}
 
 
 def _hf_names(s: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -157,9 +164,10 @@ def _http(url: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int
 
 
 def parse_startup_log(text: str) -> dict:
-    """The start-up phases and counts (``_PHASES``, ``_COUNTS``) found in a server's log."""
+    """The start-up phases, memory figures and counts (``_PHASES``, ``_MEMORY``, ``_COUNTS``)
+    found in a server's log."""
     row = {}
-    for key, pat in {**_PHASES, **_COUNTS}.items():
+    for key, pat in {**_PHASES, **_MEMORY, **_COUNTS}.items():
         m = re.search(pat, text)
         if m:
             row[key] = (int if key in _COUNTS else float)(m.group(1))

@@ -773,9 +773,12 @@ def test_enforce_eager_compiles_the_step_programs_without_command_buffers(small_
 def test_kv_pool_is_sized_from_device_memory_after_the_largest_steps_temp(small_llama_folder,
                                                                            monkeypatch, caplog):
     # The GPU path of num_pages=None (a CPU has no memory_stats): the pool gets what is left of
-    # gpu_memory_utilization x the device's limit after the weights (bytes_in_use) and the
+    # gpu_memory_utilization x the device's limit after the live arrays (the weights) and the
     # largest step's temp memory (XLA's figure for the forward and sampler at the largest
-    # token bucket, compiled abstractly with a one-page cache), plus the scratch page.
+    # token bucket, compiled abstractly with a one-page cache), plus the scratch page. The
+    # arrays' bytes, not the allocator's bytes_in_use (which moves with its rounding, so the
+    # page count and with it every step program's shape would change between starts), unless
+    # the allocator holds more than a slack beyond them.
     import dataclasses
 
     from jaxllm.engine import llm_engine
@@ -789,15 +792,25 @@ def test_kv_pool_is_sized_from_device_memory_after_the_largest_steps_temp(small_
     mc = eng.model_config
     page = kv_page_bytes(mc.num_hidden_layers, 8, mc.num_key_value_heads, mc.head_dim,
                          eng.cache_dtype)
-    limit, in_use = 64 * 2**20, 3 * 2**20
+    limit, arrays = 64 * 2**20, 3 * 2**20
+    stats = {"bytes_limit": limit}
 
     class Device:
         def memory_stats(self):
-            return {"bytes_limit": limit, "bytes_in_use": in_use}
+            return dict(stats)
     monkeypatch.setattr(llm_engine.jax, "local_devices", lambda: [Device()])
+    monkeypatch.setattr(llm_engine, "device_array_bytes", lambda d: arrays)
+    monkeypatch.setattr(llm_engine, "_ALLOCATOR_SLACK_BYTES", 4 * 2**20)
     monkeypatch.setattr(eng, "config", dataclasses.replace(eng.config, num_pages=None))
-    want = int((limit * eng.config.gpu_memory_utilization - in_use - int(temp * 1.05)) // page)
-    assert eng._local_num_pages() == want + 1
+
+    def pages(used):
+        return int((limit * eng.config.gpu_memory_utilization - used - int(temp * 1.05))
+                   // page) + 1
+    for in_use in (arrays, arrays + 1, arrays + 4 * 2**20):  # rounding: the arrays' figure
+        stats["bytes_in_use"] = in_use
+        assert eng._local_num_pages() == pages(arrays) > pages(arrays + 2**20) > 1
+    stats["bytes_in_use"] = arrays + 6 * 2**20  # far beyond the arrays: the allocator's, less
+    assert eng._local_num_pages() == pages(arrays + 2 * 2**20)  # the slack
     monkeypatch.setattr(eng, "config", dataclasses.replace(eng.config,
                                                            gpu_memory_utilization=0.01))
     with pytest.raises(ValueError, match="Not enough device memory for the KV cache"):
@@ -815,6 +828,27 @@ def test_kv_pool_is_sized_from_device_memory_after_the_largest_steps_temp(small_
     with caplog.at_level("WARNING", logger="jaxllm"):
         assert eng._local_num_pages() == cpu_pages + 1
     assert "no memory statistics" in caplog.text and "--num-pages" in caplog.text
+
+
+def test_device_array_bytes_counts_each_live_arrays_shard_on_the_device():
+    import gc
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.engine.llm_engine import device_array_bytes
+
+    gc.collect()  # no other test's garbage freed in between
+    devices = jax.devices()
+    before = device_array_bytes(devices[0])
+    a = jnp.ones((1000, 3), jnp.bfloat16)  # 6,000 bytes
+    b = jax.device_put(jnp.zeros((8, 250), jnp.float32),  # 4,000 bytes on each of two
+                       jax.sharding.NamedSharding(jax.make_mesh((2,), ("x",), devices=devices[:2]),
+                                                  jax.sharding.PartitionSpec("x")))
+    assert device_array_bytes(devices[0]) - before == 6000 + 4000
+    assert device_array_bytes(devices[1]) >= 4000
+    del a, b
+    assert device_array_bytes(devices[0]) == before
 
 
 @pytest.mark.parametrize("backend", ["reference", "pallas"])

@@ -313,6 +313,55 @@ def test_sharded_checkpoint_loads_like_a_single_file(llama_folder, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_plain_checkpoints_are_copied_ahead_of_the_config_and_load_the_same(
+        llama_folder, monkeypatch, caplog):
+    # load_hf_folder copies a plain checkpoint's tensors to the device on a thread while it
+    # reads config.json (transformers' import); the params equal the loader's own path's.
+    import logging
+
+    from jaxllm.loading import safetensors_loader as sl
+
+    made = []
+
+    class Spy(sl._DevicePrefetch):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(sl, "_DevicePrefetch", Spy)
+    with caplog.at_level(logging.INFO, logger="jaxllm"):
+        _, ahead = load_hf_folder(llama_folder, "float32")
+        _, narrowed = load_hf_folder(llama_folder, "bfloat16")
+    # float32 files: copied ahead into a float32 model, not into a bfloat16 one (each copy
+    # would be twice its param).
+    assert [m.copied_bytes for m in made] == [sum(t.nbytes for _, t in _tensors(llama_folder)), 0]
+    assert "of them copied on a thread beside the config's read" in caplog.text
+    monkeypatch.setattr(sl, "_plain_checkpoint_files", lambda folder: None)
+    _, plain = load_hf_folder(llama_folder, "float32")
+    assert len(made) == 2
+    for a, b in zip(jax.tree.leaves(nnx.state(ahead)), jax.tree.leaves(nnx.state(plain))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(narrowed))} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_a_bad_config_stops_the_copies_and_raises_its_own_error(llama_folder, tmp_path):
+    import threading
+
+    folder = tmp_path / "bad_config"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((llama_folder / "model.safetensors").read_bytes())
+    (folder / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    with pytest.raises(ValueError, match="no-such-model"):
+        load_hf_folder(folder, "float32")
+    assert not [t for t in threading.enumerate() if t.name == "jaxllm-weights-prefetch"]
+    # A corrupt file under a good config: the reader's error, from the copying thread.
+    (folder / "config.json").write_text((llama_folder / "config.json").read_text())
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 8)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_hf_folder(folder, "float32")
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_device_side_transpose_and_cast_equal_the_host_path(llama_folder, dtype):
     # The default placement puts each tensor on the device as read and transposes / casts it
@@ -373,7 +422,8 @@ def test_params_do_not_alias_the_memory_mapped_file(llama_folder, tmp_path):
               load_params_from_tensors(None, config, iter_safetensors([path]), jnp.float32,
                                        place=lambda _name, arr: jax.device_put(arr)),
               load_params_from_tensors(None, config, iter_safetensors([path], lazy=True),
-                                       jnp.float32, parallel=replica)]
+                                       jnp.float32, parallel=replica),
+              load_hf_folder(folder, "float32")[1]]  # its tensors copied ahead on a thread
     before = [[np.array(x) for x in jax.tree.leaves(nnx.state(m))] for m in models]
     size = path.stat().st_size
     with open(path, "r+b") as f:  # same size, every data byte changed

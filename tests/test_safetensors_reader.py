@@ -97,3 +97,58 @@ def test_bad_files_raise_naming_the_tensor(tmp_path):
     with pytest.raises(ValueError, match="'n'.*truncated or corrupt"):
         list(mapped_tensors(p))
 
+
+
+def test_prefetch_copies_narrow_floats_ahead_in_file_order(mixed_file):
+    # What the loader copies to the device beside the config's read: floating tensors no
+    # wider than the model dtype (bf16 and float8 included), not the skipped names; the rest
+    # stay views for the loader's own path. Everything comes back in the file's order.
+    import jax
+
+    from jaxllm.loading.safetensors_loader import _DevicePrefetch
+
+    views = list(mapped_tensors(mixed_file))
+    prefetch = _DevicePrefetch([mixed_file], ml_dtypes.bfloat16, skip=("c.f16",))
+    got = list(prefetch.tensors())
+    assert [n for n, _ in got] == [n for n, _ in views]
+    ahead = {n for n, t in got if isinstance(t, jax.Array)}
+    assert ahead == {"a.bf16", "d.e4m3"}
+    assert prefetch.copied_bytes == sum(v.nbytes for n, v in views if n in ahead)
+    for (name, t), (_, v) in zip(got, views):
+        assert t.dtype == v.dtype and t.shape == v.shape, name
+        np.testing.assert_array_equal(np.asarray(t).reshape(-1).view(np.uint8),
+                                      v.reshape(-1).view(np.uint8))
+    assert list(prefetch.tensors()) == []  # each handed over once (its param replaces it)
+
+
+def test_prefetch_errors_reach_the_caller_and_cancel_stops_it(mixed_file, tmp_path):
+    from jaxllm.loading.safetensors_loader import _DevicePrefetch
+
+    bad = tmp_path / "bad.safetensors"
+    _write_raw(bad, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 64]}}, b"\0" * 16)
+    prefetch = _DevicePrefetch([mixed_file, bad], np.float32)
+    with pytest.raises(ValueError, match="'w'.*truncated or corrupt"):
+        list(prefetch.tensors())
+    prefetch = _DevicePrefetch([mixed_file], np.float32)
+    prefetch.cancel()
+    assert not prefetch._thread.is_alive() and list(prefetch.tensors()) == []
+
+
+def test_prefetch_runs_when_the_checkpoint_is_in_the_page_cache(mixed_file, monkeypatch):
+    # From a cold disk the copies would compete with transformers' import for the disk: the
+    # loader copies ahead only when the files' pages are cached (or when told to).
+    from jaxllm.loading import safetensors_loader as sl
+
+    monkeypatch.delenv("JAXLLM_LOAD_PREFETCH", raising=False)
+    assert sl.resident_fraction([mixed_file]) >= 0.9  # written moments ago
+    assert sl._prefetch_wanted([mixed_file])
+    monkeypatch.setattr(sl, "resident_fraction", lambda files: 0.5)
+    assert not sl._prefetch_wanted([mixed_file])
+    monkeypatch.setenv("JAXLLM_LOAD_PREFETCH", "1")
+    assert sl._prefetch_wanted([mixed_file])
+    monkeypatch.setenv("JAXLLM_LOAD_PREFETCH", "0")
+    monkeypatch.setattr(sl, "resident_fraction", lambda files: 1.0)
+    assert not sl._prefetch_wanted([mixed_file])
+    monkeypatch.setenv("JAXLLM_LOAD_PREFETCH", "yes")
+    with pytest.raises(ValueError, match="JAXLLM_LOAD_PREFETCH='yes'"):
+        sl._prefetch_wanted([mixed_file])

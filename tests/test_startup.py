@@ -35,17 +35,20 @@ def test_parse_startup_log_reads_the_engine_and_server_lines():
     from startup import parse_startup_log
 
     log = ("INFO jaxllm: read config.json in 3.5 s; placed 16.06 GB of weights from 4 files in "
-           "2.4 s\n"
+           "2.4 s (15.80 GB of them copied on a thread beside the config's read)\n"
            "INFO jaxllm: loaded the tokenizer in 0.6 s\n"
            "INFO jaxllm: loaded my-model in 12.5 s\n"
            "INFO jaxllm: fused q/k/v and gate/up projections in 0.7 s\n"
+           "INFO jaxllm: device memory before the KV pool: arrays 14.96 GiB, allocator in use "
+           "15.02 GiB, limit 126.00 GiB\n"
            "INFO jaxllm: sized the KV pool in 9.1 s (largest step's temp memory 3.10 GiB)\n"
            "INFO jaxllm: KV cache: 51234 pages of 16 tokens (bfloat16); ...\n"
            "INFO jaxllm: compiled 52 step programs (12 token buckets) in 60.2 s\n"
            "INFO server.cli: ready 84.0 s after start (model load + compile ...)\n")
     assert parse_startup_log(log) == dict(
-        load_s=12.5, config_s=3.5, weights_s=2.4, tokenizer_s=0.6, fuse_s=0.7, size_s=9.1,
-        compile_s=60.2, ready_s=84.0, programs=52, pages=51234)
+        load_s=12.5, config_s=3.5, weights_s=2.4, ahead_gb=15.8, tokenizer_s=0.6, fuse_s=0.7,
+        size_s=9.1, compile_s=60.2, ready_s=84.0, arrays_gib=14.96, in_use_gib=15.02,
+        programs=52, pages=51234)
     assert parse_startup_log("nothing here") == {}
 
 

@@ -1602,7 +1602,27 @@ serveab)  # nvidia-h200 (one GPU), one call: time to first served request (bf16,
     ab $tree $tag cold || break; done
   for r in 1 2; do for tag in new old; do [ $tag = old ] && tree=$OLD || tree=$PWD
     ab $tree $tag restart$r --keep-cache || break 2; done; done
-  grep -h "loaded\|placed\|sized\|lowered\|compiled\|ready\|KV cache" $L/*/serve_0.log \
+  grep -h "loaded\|placed\|sized\|lowered\|compiled\|ready\|KV cache\|device memory" \
+    $L/*/serve_0.log \
     | cut -c1-220
+  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+prefetchab)  # nvidia-h200 (one GPU), one call: the loader's copies ahead of the config's read
+  # (JAXLLM_LOAD_PREFETCH), bf16 8B checkpoint, jaxllm serve at its defaults. Cold (page cache
+  # dropped, compilation cache emptied): auto (which finds the files uncached and copies after
+  # the config) and forced on; then restarts over the filled caches alternating 0 and auto
+  # (cached: copies ahead). Carry .whl and .bench.
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
+  L=$OUT/logs; mkdir -p $L; C=/tmp/ckpt8b
+  python3 benchmarks/startup.py write $C --tokenizer .bench/tokenizer || exit 1
+  pf() { local mode=$1 run=$2; shift 2
+    [ $((T - SECONDS)) -gt 70 ] || { echo "no time left for $mode $run"; return 1; }
+    JAXLLM_LOAD_PREFETCH=$mode timeout $((T - SECONDS - 10)) python3 benchmarks/startup.py \
+      --out $OUT/startup.jsonl serve $C --runs 1 --cache-dir /tmp/xla-pf --log-dir $L/$mode-$run \
+      --note "prefetch=$mode $run" "$@"
+  }
+  for mode in auto 1; do drop; pf $mode cold || break; done
+  for r in 1 2 3; do for mode in 0 auto; do pf $mode warm$r --keep-cache || break 2; done; done
+  grep -h "placed\|device memory\|KV cache\|ready" $L/*/serve_0.log | cut -c1-200
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 esac

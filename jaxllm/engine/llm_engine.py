@@ -121,6 +121,26 @@ def _device_memory_bytes(device: Any) -> int | None:
     return int(limit / min(max(fraction, 0.05), 1.0))
 
 
+# How far the allocator's bytes in use may exceed the live arrays' before the pool is sized from
+# the allocator's figure (less this slack) instead: see device_array_bytes.
+_ALLOCATOR_SLACK_BYTES = 2 << 30
+
+
+def device_array_bytes(device: Any) -> int:
+    """Bytes of every live jax array's shard on ``device`` (the weights, and whatever arrays the
+    process holds besides). The KV pool is sized from this, not from the allocator's
+    ``bytes_in_use``: that figure also counts what the allocator rounds each block up to, which
+    depends on the order of past allocations and frees, and the page count, a shape of every
+    step program, must come out the same at every start for a restart to find its programs in
+    XLA's persistent compilation cache (benchmarks/RESULTS.md, rerun of 2026-12-04 (13:50): with
+    four copy threads the count differed by up to ~440 pages between starts)."""
+    total = 0
+    for a in jax.live_arrays():
+        if device in a.sharding.device_set:
+            total += math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+    return total
+
+
 def _place_loaded(loaded: Any, replica: Any) -> Any:
     """A model already in memory (one device), re-placed on ``replica`` by the sharding rules,
     through the loaders' own path (KV heads replicated where tp exceeds them)."""
@@ -323,7 +343,13 @@ class LLMEngine:
         activation = int(self._largest_step_temp_bytes() * 1.05)
         logger.info("sized the KV pool in %.1f s (largest step's temp memory %.2f GiB)",
                     time.perf_counter() - t0, activation / 2**30)
-        free = stats["bytes_limit"] * cfg.gpu_memory_utilization - stats["bytes_in_use"] - activation
+        arrays = device_array_bytes(device)
+        # The allocator's figure only when something beyond the arrays holds a lot of memory.
+        used = max(arrays, stats["bytes_in_use"] - _ALLOCATOR_SLACK_BYTES)
+        logger.info("device memory before the KV pool: arrays %.2f GiB, allocator in use %.2f "
+                    "GiB, limit %.2f GiB", arrays / 2**30, stats["bytes_in_use"] / 2**30,
+                    stats["bytes_limit"] / 2**30)
+        free = stats["bytes_limit"] * cfg.gpu_memory_utilization - used - activation
         n = int(free // page_bytes)
         if n < pages_per_seq:
             raise ValueError(

@@ -7,17 +7,20 @@ params, the transposes, the dtype conversion and the error messages.
 
 Memory: tensors are consumed one at a time; each is placed on the device(s) as read (HF layout,
 its file's dtype; a sharded param's blocks each read by their device alone) and transposed and
-cast there, before the next one is read, so at most one tensor's host copy exists beside the
-model's device arrays (and, on the devices, one tensor's transient second copy). The devices do
+cast there, so at most one tensor's host copy exists beside the model's device arrays (and, on
+the devices, one tensor's transient second copy). A tensor may also arrive already placed (a
+``jax.Array`` in the file's layout: the safetensors loader copies a plain checkpoint's tensors
+ahead, beside the config's read) and is then only transposed and cast. The devices do
 the transposes because numpy's strided transpose of a bf16 array ran at ~170 MB/s: 94 s of a
 16 GB checkpoint's load (Llama-3-8B shape, H200 host, 2026-12-04; benchmarks/RESULTS.md). Only a
 caller's ``place`` gets the tensor in the model's layout and dtype from the host.
 
-The copies stay on the loading thread, one after the other. Four copy threads placed the 8B
+The copies run on one thread, one after the other. Four copy threads placed the 8B
 checkpoint in 2.3-2.7 s against 3.9 s (H200), but the device memory in use after such a load
-varied run to run by up to ~1 GB, so the KV page count sized from it, a shape of every step
-program, changed between restarts and the restarts missed XLA's persistent compilation cache
-(compiles of 30-33 s against 18-23 s; benchmarks/RESULTS.md, rerun of 2026-12-04 (13:50)).
+varied run to run by up to ~1 GB, and the KV page count was then sized from the allocator's
+figure, so it changed between restarts and the restarts missed XLA's persistent compilation
+cache (compiles of 30-33 s against 18-23 s; benchmarks/RESULTS.md, rerun of 2026-12-04
+(13:50)). The engine now sizes the pool from its live arrays' bytes (``device_array_bytes``).
 """
 
 from __future__ import annotations
@@ -221,7 +224,7 @@ def load_params_from_tensors(
         expected = tuple(targets[path].get_value().shape)
         expected_hf = expected[::-1] if transpose else expected
         arr = tensor() if callable(tensor) else tensor
-        if not isinstance(arr, LazyTensor):
+        if not isinstance(arr, (LazyTensor, jax.Array)):
             arr = np.asarray(arr)
         if tuple(arr.shape) != expected_hf:
             raise ValueError(
@@ -251,7 +254,8 @@ def load_params_from_tensors(
             # HF-layout views, model_to_hf_tensors): placed as it is, nothing transposed.
             arr, transpose, expected_hf = arr.T, False, expected
         if parallel is None:
-            x, sharding = jax.device_put(np.asarray(arr)), None
+            x = arr if isinstance(arr, jax.Array) else jax.device_put(np.asarray(arr))
+            sharding = None
         else:
             sharding = parallel.path_sharding(path, expected)
             x = jax.make_array_from_callback(
