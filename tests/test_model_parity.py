@@ -360,6 +360,25 @@ def test_a_bad_config_stops_the_copies_and_raises_its_own_error(llama_folder, tm
         f.truncate(f.seek(0, 2) - 8)
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_hf_folder(folder, "float32")
+    # A tensor the model lacks, after the copies: the error names it, and the traceback (which a
+    # notebook keeps) holds no copied tensors.
+    from safetensors.numpy import save_file
+
+    tensors = dict(_tensors(llama_folder))
+    tensors["model.layers.0.mlp.experts.weight"] = np.ones(4, np.float32)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="Unexpected tensor") as info:
+        load_hf_folder(folder, "float32")
+    frames = [tb.tb_frame for tb in _walk(info.value.__traceback__)]
+    held = [v for f in frames for v in f.f_locals.values()
+            if type(v).__name__ == "_DevicePrefetch"]
+    assert held and all(not p._items for p in held)
+
+
+def _walk(tb):
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

@@ -317,9 +317,14 @@ def load_hf_folder(path: str | os.PathLike, dtype: Any = "auto",
         tensors = adapt_fp8_tensors(iter_safetensors(files), config)
     else:
         tensors = iter_safetensors(files, lazy=parallel is not None)
-    model = load_params_from_tensors(
-        abstract_for(config, dtype, attention_backend, parallel), config, tensors, dtype,
-        parallel=parallel)
+    try:
+        model = load_params_from_tensors(
+            abstract_for(config, dtype, attention_backend, parallel), config, tensors, dtype,
+            parallel=parallel)
+    except BaseException:
+        if prefetch is not None:  # a traceback kept (a notebook's) would keep the copies alive
+            prefetch.cancel()
+        raise
     jax.block_until_ready(nnx.state(model))
     # The config's time is mostly importing transformers (which imports torch when installed);
     # the weights' copies to the device overlap it (_DevicePrefetch).
