@@ -389,3 +389,50 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
     # partials (qkv_split_k 4) and applies the folded input norm's factor.
     assert outs[("", 4)] == want
     assert outs[(nofold, 4)] == want
+
+
+_RESTART_SCRIPT = """
+import json, sys
+from jaxllm import LLM, SamplingParams
+llm = LLM(sys.argv[1], dtype="bfloat16", max_model_len=64, page_size=8, num_pages=32,
+          max_num_batched_tokens=32, max_num_seqs=4, seed=0, num_scheduler_steps=2)
+prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9, 10, 11]}, {"prompt_token_ids": [3, 4]}]
+greedy = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                      use_tqdm=False)
+sampled = llm.generate(prompts, SamplingParams(temperature=0.8, top_k=5, max_tokens=4, seed=1,
+                                               logprobs=2, ignore_eos=True), use_tqdm=False)
+runner = llm.llm_engine.runner
+print(json.dumps({"greedy": [o.outputs[0].token_ids for o in greedy],
+                  "sampled": [o.outputs[0].token_ids for o in sampled],
+                  "compiled": len(runner.compile_seconds), "kept": len(runner._programs),
+                  "jit_compiles": runner.num_compiles}))
+"""
+
+
+def test_a_restart_in_a_new_process_runs_the_stored_executables(small_llama_folder, tmp_path):
+    # The executable cache (jaxllm/engine/executable_cache.py) across processes, as a server
+    # restart uses it: the second process compiles nothing, runs every step from the loaded
+    # programs and serves the tokens of a process without the cache.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(cache: str) -> dict:
+        env = {**os.environ, "JAXLLM_EXECUTABLE_CACHE_DIR": cache,
+               "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+        r = subprocess.run([sys.executable, "-c", _RESTART_SCRIPT, str(small_llama_folder)],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    plain = run("")
+    cold = run(str(tmp_path / "exec"))
+    warm = run(str(tmp_path / "exec"))
+    assert plain["kept"] == 0 and cold["compiled"] == cold["kept"] > 0
+    assert warm["compiled"] == 0 and warm["kept"] == cold["kept"] and warm["jit_compiles"] == 0
+    for r in (cold, warm):
+        assert (r["greedy"], r["sampled"]) == (plain["greedy"], plain["sampled"])

@@ -41,6 +41,8 @@ import logging
 import math
 import os
 import time
+import types
+from collections.abc import Mapping
 from typing import Any, Sequence as TypingSequence
 
 import jax
@@ -103,6 +105,13 @@ class Packed:
                 x = jax.lax.bitcast_convert_type(x, dtype)
             leaves.append(x)
         return jax.tree.unflatten(treedef, leaves)
+
+
+def _program_key(kind: str, T: int, inputs: Any, *statics: Any) -> tuple:
+    """The key a compiled program is kept under in ``ModelRunner._programs``: its kind, token
+    (or sequence) bucket, the tree structure of its packed inputs (their layouts: a sampler
+    of other penalty widths is another program) and its static arguments."""
+    return (kind, T, jax.tree.structure(inputs), *statics)
 
 
 def pack(*trees) -> tuple[np.ndarray, list[tuple]]:
@@ -386,6 +395,10 @@ def default_token_buckets(max_num_batched_tokens: int, smallest: int = 8,
 class ModelRunner:
     """Owns the params, the KV cache and the jitted step; builds StepInputs on the host."""
 
+    # Kept compiled programs (the executable cache); each runner's own dict is set with its
+    # params (the ``state`` setter). A runner without one (the pipeline's) runs the jits.
+    _programs: Mapping[tuple, Any] = types.MappingProxyType({})
+
     def __init__(self, model: nnx.Module, *, num_layers: int, num_kv_heads: int, head_dim: int,
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  token_buckets: TypingSequence[int], cache_dtype: Any, vocab_size: int,
@@ -497,6 +510,9 @@ class ModelRunner:
         self._multi, self._multi_cublas = (
             jax.jit(multi, static_argnums=(0, 6), donate_argnums=(2,), **opts)
             for opts in (self._jit_options, self._cublas_jit_options))
+        # Compiled programs the step calls run instead of the jits (filled at start-up when the
+        # executable cache is on: ``_compile_in_parallel``), by ``_program_key``.
+        self._programs: dict[tuple, Any] = {}
 
     def uses_cublas(self, T: int) -> bool:
         """Whether the programs of token bucket ``T`` compile their GEMMs for cuBLAS."""
@@ -602,32 +618,54 @@ class ModelRunner:
         if self.mesh is not None or not hasattr(getattr(self, "_forward", None), "lower"):
             return  # sharded / pipelined runners compile as they go (their programs differ)
 
-        def timed(lo):
+        cache = self._executable_cache()
+        devices = list(self._prev_tokens.devices())  # the one device every program runs on
+
+        def timed(lo, dkey, ckey):
             t = time.perf_counter()
-            lo.compile()
-            return time.perf_counter() - t
+            compiled = lo.compile()
+            secs = time.perf_counter() - t
+            if cache is not None:  # the step calls run the program kept here (cold or warm)
+                self._programs[dkey] = compiled
+                cache.store(ckey, compiled)
+            return secs
 
         variants = self.step_variants()
         n_programs = len(variants) + len(self.sampler_variants()) * len(
             {self.seq_bucket(T) for T, _ in variants}) + len(self.multi_step_variants())
         workers = max(1, min(n_programs, compile_workers()))
-        names, futures, sampled, lowering = [], [], set(), 0.0
+        names, futures, sampled, lowering, loaded = [], [], set(), 0.0, []
+        t_load = 0.0
         with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-            def submit(name, lower):
-                nonlocal lowering
+            def submit(name, dkey, jitted, *args):
+                """Loads the program from the executable cache, or lowers it here and compiles
+                it on the pool; returns its out_info."""
+                nonlocal lowering, t_load
+                ckey = None
+                if cache is not None:
+                    t = time.perf_counter()
+                    ckey = cache.key(name, args)
+                    compiled = cache.load(ckey, devices)
+                    t_load += time.perf_counter() - t
+                    if compiled is not None:
+                        self._programs[dkey] = compiled
+                        loaded.append(name)
+                        return compiled.out_info
                 t = time.perf_counter()
-                lo = lower()
+                lo = jitted.lower(*args)
                 lowering += time.perf_counter() - t
                 names.append(name)
-                futures.append(pool.submit(timed, lo))
-                return lo
+                futures.append(pool.submit(timed, lo, dkey, ckey))
+                return lo.out_info
 
             for T, decode_only in variants:
                 fwd_in, samp_in = self._device_inputs(
                     self.prepare([], [], T=T, decode_only=decode_only))
-                fwd = submit(f"forward T={T}" + (" decode-only" if decode_only else ""),
-                             lambda fwd_in=fwd_in, T=T: self.forward_for(T).lower(
-                                 self._leaves, self.kv_caches, fwd_in, self._prev_tokens))
+                out_info = submit(
+                    f"forward T={T}" + (" decode-only" if decode_only else "")
+                    + (" cublas" if self.uses_cublas(T) else ""),
+                    _program_key("forward", T, fwd_in), self.forward_for(T),
+                    self._leaves, self.kv_caches, fwd_in, self._prev_tokens)
                 # The sampler's programs depend on the sequence bucket alone: the decode-only
                 # forward and every token bucket of one sequence bucket share them (compiling
                 # them per token bucket compiled the same programs again: 16 of them at the
@@ -635,18 +673,19 @@ class ModelRunner:
                 if self.seq_bucket(T) in sampled:
                     continue
                 sampled.add(self.seq_bucket(T))
-                logits = jax.ShapeDtypeStruct(*(lambda o: (o.shape, o.dtype))(fwd.out_info[1]))
+                logits = jax.ShapeDtypeStruct(*(lambda o: (o.shape, o.dtype))(out_info[1]))
                 for nl, sort in self.sampler_variants():
                     submit(f"sampler T={T} logprobs={nl} sort={sort}",
-                           lambda nl=nl, sort=sort, samp_in=samp_in: self._sample.lower(
-                               logits, samp_in, nl, sort))
+                           _program_key("sample", logits.shape[0], samp_in, nl, sort),
+                           self._sample, logits, samp_in, nl, sort)
             for T, sort in self.multi_step_variants():
                 fwd_in, samp_in = self._device_inputs(self.prepare([], [], T=T, decode_only=True))
-                submit(f"multi-step T={T} sort={sort}",
-                       lambda fwd_in=fwd_in, samp_in=samp_in, T=T, sort=sort:
-                       self.multi_step_for(T).lower(
-                           self.num_scheduler_steps, self._leaves, self.kv_caches, fwd_in,
-                           self._prev_tokens, samp_in, sort))
+                submit(f"multi-step T={T} sort={sort}"
+                       + (" cublas" if self.uses_cublas(T) else ""),
+                       _program_key("multi", T, (fwd_in, samp_in), self.num_scheduler_steps,
+                                    sort),
+                       self.multi_step_for(T), self.num_scheduler_steps, self._leaves,
+                       self.kv_caches, fwd_in, self._prev_tokens, samp_in, sort)
             secs = [f.result() for f in futures]
         # Where a cold start goes (the compiles overlap: the slowest bounds the wall time).
         self.compile_seconds = dict(zip(names, secs))
@@ -654,6 +693,25 @@ class ModelRunner:
         logger.info("start-up: %d programs lowered in %.1f s (one thread), compiled on %d "
                     "threads; slowest compiles: %s", len(names), lowering, workers,
                     ", ".join(f"{n} {s:.1f} s" for n, s in slowest))
+        if cache is not None:
+            logger.info("executable cache (%s): %d programs loaded in %.1f s, %d compiled and "
+                        "stored", cache.root, len(loaded), t_load, len(names))
+
+    def _executable_cache(self):
+        """The executable cache (jaxllm/engine/executable_cache.py) for this runner's programs,
+        or None when it is off."""
+        from jaxllm.engine import executable_cache as ec
+
+        root = ec.cache_dir()
+        if root is None:
+            return None
+        context = "\n".join([
+            ec.static_description(self.graphdef), ec.static_description(self._treedef),
+            repr((self.num_pages, self.page_size, self.max_num_seqs, self.max_model_len,
+                  self.token_buckets, self.vocab_size, self.num_logprobs,
+                  self.num_scheduler_steps, self.decode_only_steps, self.pack_inputs,
+                  self.cublas_min_tokens, self._jit_options, self._cublas_jit_options))])
+        return ec.ExecutableCache(root, context)
 
     def _device_inputs(self, inputs: StepInputs) -> tuple[Any, Any]:
         """(forward inputs, sampler inputs) as the jitted calls take them: with ``pack_inputs``
@@ -672,10 +730,21 @@ class ModelRunner:
             ) -> sampler_lib.SamplerOutput:
         """Dispatches the forward (updating the cache) and the sampler; returns device arrays."""
         fwd_in, samp_in = self._device_inputs(inputs)
-        forward = self.forward_for(inputs.token_ids.shape[0])
+        T = inputs.token_ids.shape[0]
+        forward = self._programs.get(_program_key("forward", T, fwd_in)) if self._programs \
+            else None
+        if forward is None:
+            forward = self.forward_for(T)
         self.kv_caches, logits = forward(self._leaves, self.kv_caches, fwd_in, self._prev_tokens)
-        out, self._prev_tokens = self._sample(logits, samp_in, num_logprobs, sort)
+        out, self._prev_tokens = self._run_sample(logits, samp_in, num_logprobs, sort)
         return out
+
+    def _run_sample(self, logits, samp_in, num_logprobs: int | None, sort: bool):
+        sample = self._programs.get(_program_key(
+            "sample", logits.shape[0], samp_in, num_logprobs, sort)) if self._programs else None
+        if sample is not None:
+            return sample(logits, samp_in)
+        return self._sample(logits, samp_in, num_logprobs, sort)
 
     def run_multi(self, inputs: StepInputs, sort: bool, num_steps: int
                   ) -> sampler_lib.SamplerOutput:
@@ -685,8 +754,16 @@ class ModelRunner:
         if not inputs.md.decode_only:
             raise ValueError("multi-step runs pure decode batches only (decode_only inputs)")
         fwd_in, samp_in = self._device_inputs(inputs)
-        self.kv_caches, out, self._prev_tokens = self.multi_step_for(inputs.token_ids.shape[0])(
-            num_steps, self._leaves, self.kv_caches, fwd_in, self._prev_tokens, samp_in, sort)
+        T = inputs.token_ids.shape[0]
+        multi = self._programs.get(_program_key(
+            "multi", T, (fwd_in, samp_in), num_steps, sort)) if self._programs else None
+        if multi is not None:
+            self.kv_caches, out, self._prev_tokens = multi(
+                self._leaves, self.kv_caches, fwd_in, self._prev_tokens, samp_in)
+        else:
+            self.kv_caches, out, self._prev_tokens = self.multi_step_for(T)(
+                num_steps, self._leaves, self.kv_caches, fwd_in, self._prev_tokens, samp_in,
+                sort)
         return out
 
     # -- host side ----------------------------------------------------------------------------
@@ -819,7 +896,7 @@ class ModelRunner:
         fwd_in, samp_in = self._device_inputs(inputs)
         self.kv_caches, logits, prompt_lp = self.prompt_forward_for(inputs.token_ids.shape[0])(
             self._leaves, self.kv_caches, fwd_in, self._prev_tokens, next_ids, self.num_logprobs)
-        out, self._prev_tokens = self._sample(logits, samp_in, nl, sort)
+        out, self._prev_tokens = self._run_sample(logits, samp_in, nl, sort)
         return out, self._replicate(prompt_lp)
 
     def fetch(self, tree):
