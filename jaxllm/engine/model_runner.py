@@ -612,7 +612,11 @@ class ModelRunner:
         jitted function keeps the executable of an AOT ``lower(...).compile()`` made from the
         same arguments, so the calls of ``compile_all`` that follow find every program compiled.
         (8B shape on the H200 at 16384 tokens / 1024 sequences: 20 forwards, ~97 s of which the
-        slowest compile was 43 s when every lowering came first.)"""
+        slowest compile was 43 s when every lowering came first.)
+
+        With the executable cache on (jaxllm/engine/executable_cache.py: a GPU and a cache
+        folder) a program found there is loaded instead of lowered and compiled, each compiled
+        one is stored, and all of them are kept in ``_programs``, which the step calls run."""
         import concurrent.futures as cf
 
         if self.mesh is not None or not hasattr(getattr(self, "_forward", None), "lower"):
