@@ -129,3 +129,21 @@ def test_cache_dir_and_keys(tmp_path, monkeypatch):
     assert ec.ExecutableCache(tmp_path, "context").key("forward", (a, None, 3)) != key
     assert ec.static_description(lambda: 0).count("0x") == 0
     assert cache.load(key, jax.devices()[:1]) is None and (cache.hits, cache.misses) == (0, 1)
+
+
+def test_the_kv_sizing_figure_is_kept_too(small_llama_folder, tmp_path, monkeypatch):
+    # The KV pool's sizing compiles the largest step to read its temp memory; a restart takes
+    # the figure from the cache instead of compiling again.
+    import json
+
+    monkeypatch.setenv(ec.ENV_DIR, str(tmp_path))
+    eng = LLM(str(small_llama_folder), skip_compile_at_start=True, **KW).llm_engine
+    temp = eng._largest_step_temp_bytes()
+    (stored,) = tmp_path.glob("*.json")
+    assert json.loads(stored.read_text()) == {"value": temp} and temp > 0
+    events = _compiles()
+    assert eng._largest_step_temp_bytes() == temp and events == []
+    stored.write_text(json.dumps({"value": temp + 1}))  # what is read is the stored figure
+    assert eng._largest_step_temp_bytes() == temp + 1
+    monkeypatch.setenv(ec.ENV_DIR, "")
+    assert eng._largest_step_temp_bytes() == temp  # off: computed

@@ -154,6 +154,28 @@ class ExecutableCache:
         self.hits += 1
         return compiled
 
+    def load_value(self, key: str) -> Any:
+        """A JSON value stored under ``key`` (a figure derived from a compile), or None."""
+        import json
+
+        path = self.root / f"{key}.json"
+        try:
+            return json.loads(path.read_text())["value"] if path.is_file() else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def store_value(self, key: str, value: Any) -> None:
+        import json
+
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"value": value}, f)
+            os.replace(tmp, self.root / f"{key}.json")
+        except OSError as e:
+            logger.warning("executable cache: not storing a value (%s)", e)
+
     def store(self, key: str, compiled: jax.stages.Compiled) -> None:
         """Writes ``compiled`` under ``key``; a program that cannot be serialized is skipped
         with a warning (it compiles again at the next start)."""
