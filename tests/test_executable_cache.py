@@ -54,7 +54,7 @@ def test_a_restart_runs_the_stored_programs_and_gives_the_same_tokens(
     caplog.set_level(logging.INFO, logger="jaxllm")
     first = LLM(str(small_llama_folder), **KW)
     runner = first.llm_engine.runner
-    stored = sorted((tmp_path / "exec").glob("*.jaxexec"))
+    stored = sorted((tmp_path / "exec").rglob("*.jaxexec"))
     assert len(stored) == len(runner.compile_seconds) == len(runner._programs) > 0
     assert any(n.startswith("multi-step") for n in runner.compile_seconds)
     want = _generate(first)
@@ -78,10 +78,10 @@ def test_a_changed_shape_or_setting_misses_and_a_damaged_entry_is_compiled_again
     root = tmp_path / "exec"
     monkeypatch.setenv(ec.ENV_DIR, str(root))
     LLM(str(small_llama_folder), **KW)
-    n = len(list(root.glob("*.jaxexec")))
+    n = len(list(root.rglob("*.jaxexec")))
     # another KV pool size: other programs
     runner = LLM(str(small_llama_folder), **{**KW, "num_pages": 24}).llm_engine.runner
-    assert len(runner.compile_seconds) == n and len(list(root.glob("*.jaxexec"))) == 2 * n
+    assert len(runner.compile_seconds) == n and len(list(root.rglob("*.jaxexec"))) == 2 * n
     # an engine setting read at trace time changes the salt
     monkeypatch.setenv("JAXLLM_ATTENTION_KNOBS", '{"qkv_split_k": 1}')
     runner = LLM(str(small_llama_folder), **KW).llm_engine.runner
@@ -89,7 +89,7 @@ def test_a_changed_shape_or_setting_misses_and_a_damaged_entry_is_compiled_again
     monkeypatch.delenv("JAXLLM_ATTENTION_KNOBS")
     # damaged entries (a truncated write, a jax that cannot read them): a warning each, and
     # the programs compiled again
-    for victim in root.glob("*.jaxexec"):
+    for victim in root.rglob("*.jaxexec"):
         victim.write_bytes(b"not a pickle")
     caplog.set_level(logging.WARNING, logger="jaxllm")
     llm = LLM(str(small_llama_folder), **KW)
@@ -139,7 +139,7 @@ def test_the_kv_sizing_figure_is_kept_too(small_llama_folder, tmp_path, monkeypa
     monkeypatch.setenv(ec.ENV_DIR, str(tmp_path))
     eng = LLM(str(small_llama_folder), skip_compile_at_start=True, **KW).llm_engine
     temp = eng._largest_step_temp_bytes()
-    (stored,) = tmp_path.glob("*.json")
+    (stored,) = tmp_path.rglob("*.json")
     assert json.loads(stored.read_text()) == {"value": temp} and temp > 0
     events = _compiles()
     assert eng._largest_step_temp_bytes() == temp and events == []
@@ -147,3 +147,20 @@ def test_the_kv_sizing_figure_is_kept_too(small_llama_folder, tmp_path, monkeypa
     assert eng._largest_step_temp_bytes() == temp + 1
     monkeypatch.setenv(ec.ENV_DIR, "")
     assert eng._largest_step_temp_bytes() == temp  # off: computed
+
+
+def test_old_salt_folders_are_pruned(tmp_path):
+    import os
+    import time
+
+    now = time.time()
+    for i in range(ec.KEEP_SALTS + 3):  # older code versions' folders
+        d = tmp_path / f"old{i:02d}"
+        d.mkdir()
+        (d / "x.jaxexec").write_bytes(b"")
+        os.utime(d, (now - 1000 + i, now - 1000 + i))
+    cache = ec.ExecutableCache(tmp_path, "context")
+    kept = sorted(d.name for d in tmp_path.iterdir())
+    assert len(kept) == ec.KEEP_SALTS and cache.root.name in kept
+    # the most recent old ones survive, the oldest went
+    assert "old00" not in kept and f"old{ec.KEEP_SALTS + 2:02d}" in kept

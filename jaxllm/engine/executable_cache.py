@@ -15,6 +15,8 @@ the code makes every entry stale); then per program its name, the runner's stati
 options) and every argument's tree structure and shape / dtype / sharding. An entry that cannot
 be read or loaded is ignored (the program is lowered and compiled as without the cache);
 writes go to a temporary file renamed into place, so a reader never sees half an entry.
+Entries live in a folder per salt; the ``KEEP_SALTS`` most recently used folders are kept and
+older ones deleted, so edits of the code (each a new salt) do not fill the disk.
 
 Where: ``JAXLLM_EXECUTABLE_CACHE_DIR`` when set ("" turns it off); otherwise the folder
 ``jaxllm-executables`` inside jax's compilation cache directory when one is set (``jaxllm
@@ -100,6 +102,16 @@ def salt() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def _prune(root: Path, keep: int) -> None:
+    """Deletes the salt folders under ``root`` beyond the ``keep`` most recently used."""
+    import shutil
+
+    folders = sorted((d for d in root.iterdir() if d.is_dir()),
+                     key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in folders[keep:]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _describe(x: Any) -> str:
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         sharding = getattr(x, "sharding", None)
@@ -113,14 +125,27 @@ def static_description(obj: Any) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
 
 
+# Salt folders kept under the root (each holds the entries of one code / versions / settings
+# state); the least recently used beyond these are deleted, so a developer's edits do not pile
+# up entries no start can use again (the 8B's programs take ~30 MB a configuration).
+KEEP_SALTS = 8
+
+
 class ExecutableCache:
-    """Compiled programs under ``root``, one file per key (module docstring)."""
+    """Compiled programs under ``root/<salt>/``, one file per key (module docstring)."""
 
     def __init__(self, root: Path, context: str):
         """context: the runner's static description (what the programs close over)."""
-        self.root = Path(root)
-        self._base = hashlib.sha256((salt() + "\n" + context).encode()).hexdigest()
+        the_salt = salt()
+        self.root = Path(root) / the_salt[:16]
+        self._base = hashlib.sha256((the_salt + "\n" + context).encode()).hexdigest()
         self.hits = self.misses = 0
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.utime(self.root)  # most recently used
+            _prune(Path(root), keep=KEEP_SALTS)
+        except OSError as e:
+            logger.warning("executable cache: %s", e)
 
     def key(self, name: str, args: Any) -> str:
         """The entry of program ``name`` called with ``args`` (arrays, ShapeDtypeStructs and
@@ -168,7 +193,6 @@ class ExecutableCache:
         import json
 
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
             with os.fdopen(fd, "w") as f:
                 json.dump({"value": value}, f)
@@ -184,7 +208,6 @@ class ExecutableCache:
         tmp = None
         try:
             blob = pickle.dumps(serialize(compiled))
-            self.root.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
