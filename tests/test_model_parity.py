@@ -336,7 +336,7 @@ def test_plain_checkpoints_are_copied_ahead_of_the_config_and_load_the_same(
     # would be twice its param).
     assert [m.copied_bytes for m in made] == [sum(t.nbytes for _, t in _tensors(llama_folder)), 0]
     assert "of them copied on a thread beside the config's read" in caplog.text
-    monkeypatch.setattr(sl, "_plain_checkpoint_files", lambda folder: None)
+    monkeypatch.setattr(sl, "_plain_checkpoint", lambda folder: None)
     _, plain = load_hf_folder(llama_folder, "float32")
     assert len(made) == 2
     for a, b in zip(jax.tree.leaves(nnx.state(ahead)), jax.tree.leaves(nnx.state(plain))):

@@ -394,6 +394,7 @@ class LLMEngine:
         cublas_min = self._cublas_min_tokens()
         opts = mr.step_jit_options(cfg.enforce_eager,
                                    cublas_gemms=cublas_min is not None and T >= cublas_min)
+        fwd_in = dataclasses.replace(inputs, sampling=None)
         logits = jax.ShapeDtypeStruct((probe.seq_bucket(T), mc.vocab_size), jnp.float32)
         # A restart with the executable cache on takes the figure it stored (the two compiles
         # cost 1-2 s from XLA's cache, 7-10 s cold, for the 8B shape on the H200).
@@ -404,14 +405,13 @@ class LLMEngine:
             cache = ec.ExecutableCache(root, ec.static_description(graphdef) + "\n"
                                        + ec.static_description(treedef))
             key = cache.key("largest step's temp bytes", (
-                leaves, kv, dataclasses.replace(inputs, sampling=None), prev_tokens, logits,
-                inputs.sampling, self.max_num_seqs, cfg.max_logprobs, opts))
+                leaves, kv, fwd_in, prev_tokens, logits, inputs.sampling, self.max_num_seqs,
+                cfg.max_logprobs, opts))
             stored = cache.load_value(key)
             if isinstance(stored, int):
                 return stored
         fwd = jax.jit(mr._forward, static_argnums=(0, 1), **opts).lower(
-            graphdef, treedef, leaves, kv, dataclasses.replace(inputs, sampling=None),
-            prev_tokens).compile()
+            graphdef, treedef, leaves, kv, fwd_in, prev_tokens).compile()
         samp = jax.jit(mr._sample_padded, static_argnums=(0, 3, 4), **opts).lower(
             self.max_num_seqs, logits, inputs.sampling, cfg.max_logprobs, True).compile()
         temp = sum(int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0) or 0)

@@ -31,7 +31,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig, resolve_dtype
 from jaxllm.loading.hf_config import model_config_from_hf
-from jaxllm.loading.weights import (_IGNORED_SUFFIXES, LazyTensor, TensorLike, abstract_for,
+from jaxllm.loading.weights import (IGNORED_SUFFIXES, LazyTensor, TensorLike, abstract_for,
                                     load_params_from_tensors)
 
 logger = logging.getLogger("jaxllm")
@@ -138,8 +138,8 @@ def iter_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[st
             yield name, (LazyTensor(view, view.shape) if lazy else view)
 
 
-def _plain_checkpoint_files(folder: Path) -> list[Path] | None:
-    """The checkpoint's files when its config.json (read as plain JSON) announces no
+def _plain_checkpoint(folder: Path) -> tuple[list[Path], dict] | None:
+    """(the checkpoint's files, config.json read as plain JSON) when the config announces no
     quantization: then the tensors load as they are and can be copied ahead
     (``_DevicePrefetch``). None for anything else, a config.json that does not parse or absent
     files included: those take the loader's plain path and its errors."""
@@ -148,7 +148,9 @@ def _plain_checkpoint_files(folder: Path) -> list[Path] | None:
         files = safetensors_files(folder)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return files if isinstance(raw, dict) and not raw.get("quantization_config") else None
+    if not isinstance(raw, dict) or raw.get("quantization_config"):
+        return None
+    return files, raw
 
 
 def resident_fraction(files: list[Path]) -> float:
@@ -197,11 +199,6 @@ def _prefetch_wanted(files: list[Path]) -> bool:
     if mode != "auto":
         return mode == "1"
     return resident_fraction(files) >= PREFETCH_RESIDENT_FRACTION
-
-
-def _tied_embeddings(folder: Path) -> bool:
-    """config.json's ``tie_word_embeddings`` as plain JSON (an lm_head tensor is then unused)."""
-    return bool(json.loads((folder / "config.json").read_text()).get("tie_word_embeddings"))
 
 
 def load_hf_config(path: str | os.PathLike) -> tuple[Any, ModelConfig]:
@@ -287,11 +284,13 @@ def load_hf_folder(path: str | os.PathLike, dtype: Any = "auto",
     """
     dtype = resolve_dtype(dtype)
     t0 = time.perf_counter()
-    plain = _plain_checkpoint_files(Path(path)) if parallel is None else None
+    plain = _plain_checkpoint(Path(path)) if parallel is None else None
     prefetch = None
-    if plain and _prefetch_wanted(plain):  # tensors the loader drops are not copied ahead
-        skip = _IGNORED_SUFFIXES + (("lm_head.weight",) if _tied_embeddings(Path(path)) else ())
-        prefetch = _DevicePrefetch(plain, dtype, skip)
+    if plain and _prefetch_wanted(plain[0]):
+        # Tensors the loader drops are not copied ahead (an lm_head beside tied embeddings).
+        tied = bool(plain[1].get("tie_word_embeddings"))
+        prefetch = _DevicePrefetch(plain[0], dtype,
+                                   IGNORED_SUFFIXES + (("lm_head.weight",) if tied else ()))
     try:
         _, config = load_hf_config(path)
     except BaseException:

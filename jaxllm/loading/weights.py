@@ -42,7 +42,7 @@ TensorLike = Union[np.ndarray, Callable[[], np.ndarray]]
 PathParts = tuple[Union[str, int], ...]
 
 # Buffers HF checkpoints sometimes carry that are recomputed here from the config.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 # HF Linear weights are [out, in]; nnx.Linear kernels are [in, out].
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -184,9 +184,10 @@ def load_params_from_tensors(
         values are replaced; it is not mutated.
       config: the model's ModelConfig (for tied embeddings).
       named_tensors: ``(hf_name, tensor)`` pairs in HF names and layouts (Linear weights
-        ``[out, in]``); ``tensor`` is a numpy array (any float dtype, incl. ml_dtypes bfloat16)
-        or a zero-argument callable returning one, called at most once, before the iterator
-        advances. Rotary ``inv_freq`` buffers are ignored, as is ``lm_head.weight`` when
+        ``[out, in]``); ``tensor`` is a numpy array (any float dtype, incl. ml_dtypes bfloat16),
+        a ``jax.Array`` already on the default device in that layout (default placement only:
+        it is transposed and cast there), or a zero-argument callable returning one, called at
+        most once, before the iterator advances. Rotary ``inv_freq`` buffers are ignored, as is ``lm_head.weight`` when
         embeddings are tied.
       dtype: the params' dtype (e.g. jnp.bfloat16).
       place: ``(hf_name, host_array) -> jax.Array`` puts one tensor, converted on the host to
@@ -211,7 +212,7 @@ def load_params_from_tensors(
     loaded: dict[PathParts, jax.Array] = {}
 
     for name, tensor in named_tensors:
-        if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
+        if name.endswith(IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue
         mapped = hf_name_to_path(name, quantized=config.quantization is not None)
         if mapped is None or mapped[0] not in targets:
