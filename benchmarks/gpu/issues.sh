@@ -151,6 +151,8 @@
 #                                          the two readers, warm and cold (load_probe.py)
 #   OLD=DIR bash benchmarks/gpu/issues.sh serveab  (one GPU) time to first served request of
 #                                          this tree against the checkout in DIR, alternating
+#   bash benchmarks/gpu/issues.sh layerjit  (one GPU) the layers through one nested jit against
+#                                          the plain loop: compiled ops, lowering, latency
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1544,7 +1546,8 @@ serve8b)  # nvidia-h200 (one GPU), one call (issue 9: time to first served reque
   # the 8B shape, load from disk + compile of every bucket). Carry .whl (pydantic) and .bench.
   # A random Llama-3-8B checkpoint written to local disk, then `jaxllm serve` on it at its
   # defaults: cold (empty compilation cache, the page cache dropped if the container allows),
-  # then a restart in a new process over the filled cache; then fp8 (quantized at load) the same
+  # then restarts in new processes over the filled cache (RESTARTS="on off on": the executable
+  # cache on / off, default "on"); then fp8 (quantized at load) the same
   # way while the call has time (Q="bf16" for bf16 only).
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
@@ -1557,17 +1560,21 @@ serve8b)  # nvidia-h200 (one GPU), one call (issue 9: time to first served reque
     NOTE="$(drop)"; echo "$q cold: $NOTE"
     timeout $((T - SECONDS - 10)) python3 benchmarks/startup.py --out $OUT/startup.jsonl serve $C \
       --runs 1 --cache-dir /tmp/xla-$q --log-dir $L/$q-cold --note "cold; $NOTE" -- $X
-    [ $((T - SECONDS)) -gt 60 ] || { echo "no time left for the $q restart"; break; }
-    timeout $((T - SECONDS - 10)) python3 benchmarks/startup.py --out $OUT/startup.jsonl serve $C \
-      --runs 1 --cache-dir /tmp/xla-$q --keep-cache --log-dir $L/$q-warm \
-      --note "restart, page cache warm" -- $X
+    # Restarts with the executable cache on / off (RESTARTS="on off on": interleaved A/B).
+    for e in ${RESTARTS:-on}; do
+      [ $((T - SECONDS)) -gt 60 ] || { echo "no time left for the $q restart"; break; }
+      [ $e = off ] && E="JAXLLM_EXECUTABLE_CACHE_DIR=" || E="AB_ON=1"
+      env $E timeout $((T - SECONDS - 10)) python3 benchmarks/startup.py --out $OUT/startup.jsonl \
+        serve $C --runs 1 --cache-dir /tmp/xla-$q --keep-cache --log-dir $L/$q-warm-$e$SECONDS \
+        --note "restart, page cache warm, executable cache $e" -- $X
+    done
     # The KV page count is a shape of the step programs: a restart that sizes another count
     # cannot take them from the compilation cache (RESULTS, 2026-12-04 13:50).
-    tail -2 $OUT/startup.jsonl | python3 -c "import json, sys
+    tail -$((1 + $(echo ${RESTARTS:-on} | wc -w))) $OUT/startup.jsonl | python3 -c "import json, sys
 p = [json.loads(line).get('pages') for line in sys.stdin]
-print('$q KV pages cold / restart:', p, 'equal' if p[0] == p[-1] else 'DIFFER')"
+print('$q KV pages cold / restarts:', p, 'equal' if len(set(p)) == 1 else 'DIFFER')"
   done
-  grep -h "loaded\|sized\|compiled\|ready\|KV cache" $L/*/serve_0.log | cut -c1-200
+  grep -H "loaded\|sized\|compiled\|ready\|KV cache\|executable" $L/*/serve_0.log | cut -c1-240
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 loadprobe)  # nvidia-h200 (one GPU), one call (issue 9's start-up): where the load of the 8B
   # checkpoint goes (load_probe.py): the raw rates, then the loader with safetensors' reader
@@ -1624,5 +1631,24 @@ prefetchab)  # nvidia-h200 (one GPU), one call: the loader's copies ahead of the
   for mode in auto 1; do drop; pf $mode cold || break; done
   for r in 1 2 3; do for mode in 0 auto; do pf $mode warm$r --keep-cache || break 2; done; done
   grep -h "placed\|device memory\|KV cache\|ready" $L/*/serve_0.log | cut -c1-200
+  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+layerjit)  # nvidia-h200 (one GPU), one call (issue 9's cold start): the layers called through
+  # one nested jit (JAXLLM_LAYER_JIT=1) against the plain loop (0). First the compiled programs'
+  # ops (layer_jit_hlo.py, 4 layers of the 8B shape: the lines must match), then latency.py at
+  # 1k context and a 2k prefill, alternating 0 1 0 1, without the executable cache (each run
+  # lowers every program: the start-up line says in how long) but with the compilation cache
+  # (the second of each pair compiles from it).
+  L=$OUT/logs; mkdir -p $L
+  for v in 0 1; do
+    JAXLLM_LAYER_JIT=$v timeout 150 python3 benchmarks/gpu/layer_jit_hlo.py > $L/hlo_$v.log 2>&1
+    grep "^forward" $L/hlo_$v.log > $OUT/hlo_$v.txt || tail -5 $L/hlo_$v.log; done
+  diff $OUT/hlo_0.txt $OUT/hlo_1.txt && echo "compiled ops equal:" && cat $OUT/hlo_0.txt
+  i=0; for v in ${ORDER:-0 1 0 1}; do i=$((i + 1))
+    [ $((T - SECONDS)) -gt 130 ] || { echo "no time left for run $i"; break; }
+    JAXLLM_EXECUTABLE_CACHE_DIR= JAXLLM_LAYER_JIT=$v timeout 240 python3 benchmarks/latency.py \
+      --engine jaxllm --contexts 1024 --prefill 2048 --num-scheduler-steps 4 --repeats 5 \
+      --out $OUT/latency.jsonl > $L/lat_${i}_$v.log 2>&1
+    echo "layer jit $v: $(grep -ho "programs lowered in [0-9.]* s\|compiled [0-9]* step programs.* in [0-9.]* s\|decode ctx.*\|TTFT.*" $L/lat_${i}_$v.log | tr '\n' ';')"
+  done
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 esac

@@ -37,6 +37,7 @@ import os
 import pickle
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,7 @@ class ExecutableCache:
         self.root = Path(root) / the_salt[:16]
         self._base = hashlib.sha256((the_salt + "\n" + context).encode()).hexdigest()
         self.hits = self.misses = 0
+        self._count = threading.Lock()  # load() runs on several threads
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             os.utime(self.root)  # most recently used
@@ -164,7 +166,8 @@ class ExecutableCache:
 
         path = self._path(key)
         if not path.is_file():
-            self.misses += 1
+            with self._count:
+                self.misses += 1
             return None
         try:
             payload, in_tree, out_tree = pickle.loads(path.read_bytes())
@@ -174,9 +177,11 @@ class ExecutableCache:
         except Exception as e:  # a stale or damaged entry: compile instead
             logger.warning("executable cache: ignoring %s (%s: %s)", path.name,
                            type(e).__name__, e)
-            self.misses += 1
+            with self._count:
+                self.misses += 1
             return None
-        self.hits += 1
+        with self._count:
+            self.hits += 1
         return compiled
 
     def load_value(self, key: str) -> Any:

@@ -641,20 +641,30 @@ class ModelRunner:
         names, futures, sampled, lowering, loaded = [], [], set(), 0.0, []
         t_load = 0.0
         with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-            def submit(name, dkey, jitted, *args):
-                """Loads the program from the executable cache, or lowers it here and compiles
-                it on the pool; returns its out_info."""
-                nonlocal lowering, t_load
-                ckey = None
-                if cache is not None:
-                    t = time.perf_counter()
-                    ckey = cache.key(name, args)
-                    compiled = cache.load(ckey, devices)
-                    t_load += time.perf_counter() - t
-                    if compiled is not None:
-                        self._programs[dkey] = compiled
-                        loaded.append(name)
-                        return compiled.out_info
+            def load_all(jobs):
+                """(key, program or None) for each job (name, dkey, jitted, args): the programs
+                the executable cache holds, loaded side by side on a pool of their own (one
+                after the other, the 8B's 51 took 9 s: RESULTS "Rerun of 2026-12-04 (18:02)")
+                and not behind the compiles queued on ``pool``."""
+                nonlocal t_load
+                if cache is None:
+                    return [(None, None)] * len(jobs)
+                t = time.perf_counter()
+                keys = [cache.key(name, args) for name, _, _, args in jobs]
+                with cf.ThreadPoolExecutor(max_workers=workers) as loader:
+                    found = list(loader.map(lambda k: cache.load(k, devices), keys))
+                t_load += time.perf_counter() - t
+                return list(zip(keys, found))
+
+            def submit(job, ckey, compiled):
+                """Keeps the loaded program, or lowers the job's here and compiles it on the
+                pool; returns its out_info."""
+                nonlocal lowering
+                name, dkey, jitted, args = job
+                if compiled is not None:
+                    self._programs[dkey] = compiled
+                    loaded.append(name)
+                    return compiled.out_info
                 t = time.perf_counter()
                 lo = jitted.lower(*args)
                 lowering += time.perf_counter() - t
@@ -662,14 +672,28 @@ class ModelRunner:
                 futures.append(pool.submit(timed, lo, dkey, ckey))
                 return lo.out_info
 
+            fwd_jobs, samp_inputs, multi_jobs = [], [], []
             for T, decode_only in variants:
                 fwd_in, samp_in = self._device_inputs(
                     self.prepare([], [], T=T, decode_only=decode_only))
-                out_info = submit(
+                fwd_jobs.append((
                     f"forward T={T}" + (" decode-only" if decode_only else "")
                     + (" cublas" if self.uses_cublas(T) else ""),
                     _program_key("forward", T, fwd_in), self.forward_for(T),
-                    self._leaves, self.kv_caches, fwd_in, self._prev_tokens)
+                    (self._leaves, self.kv_caches, fwd_in, self._prev_tokens)))
+                samp_inputs.append(samp_in)
+            for T, sort in self.multi_step_variants():
+                fwd_in, samp_in = self._device_inputs(self.prepare([], [], T=T, decode_only=True))
+                multi_jobs.append((
+                    f"multi-step T={T} sort={sort}" + (" cublas" if self.uses_cublas(T) else ""),
+                    _program_key("multi", T, (fwd_in, samp_in), self.num_scheduler_steps, sort),
+                    self.multi_step_for(T),
+                    (self.num_scheduler_steps, self._leaves, self.kv_caches, fwd_in,
+                     self._prev_tokens, samp_in, sort)))
+            first = load_all(fwd_jobs + multi_jobs)
+            samp_jobs = []
+            for (T, _), job, found, samp_in in zip(variants, fwd_jobs, first, samp_inputs):
+                out_info = submit(job, *found)
                 # The sampler's programs depend on the sequence bucket alone: the decode-only
                 # forward and every token bucket of one sequence bucket share them (compiling
                 # them per token bucket compiled the same programs again: 16 of them at the
@@ -679,17 +703,13 @@ class ModelRunner:
                 sampled.add(self.seq_bucket(T))
                 logits = jax.ShapeDtypeStruct(*(lambda o: (o.shape, o.dtype))(out_info[1]))
                 for nl, sort in self.sampler_variants():
-                    submit(f"sampler T={T} logprobs={nl} sort={sort}",
-                           _program_key("sample", logits.shape[0], samp_in, nl, sort),
-                           self._sample, logits, samp_in, nl, sort)
-            for T, sort in self.multi_step_variants():
-                fwd_in, samp_in = self._device_inputs(self.prepare([], [], T=T, decode_only=True))
-                submit(f"multi-step T={T} sort={sort}"
-                       + (" cublas" if self.uses_cublas(T) else ""),
-                       _program_key("multi", T, (fwd_in, samp_in), self.num_scheduler_steps,
-                                    sort),
-                       self.multi_step_for(T), self.num_scheduler_steps, self._leaves,
-                       self.kv_caches, fwd_in, self._prev_tokens, samp_in, sort)
+                    samp_jobs.append((f"sampler T={T} logprobs={nl} sort={sort}",
+                                      _program_key("sample", logits.shape[0], samp_in, nl, sort),
+                                      self._sample, (logits, samp_in, nl, sort)))
+            for job, found in zip(samp_jobs, load_all(samp_jobs)):
+                submit(job, *found)
+            for job, found in zip(multi_jobs, first[len(fwd_jobs):]):
+                submit(job, *found)
             secs = [f.result() for f in futures]
         # Where a cold start goes (the compiles overlap: the slowest bounds the wall time).
         self.compile_seconds = dict(zip(names, secs))
