@@ -526,3 +526,37 @@ def test_logits_gemm_out_model_dtype_is_bf16_logits_cast_to_float32(tied, monkey
     monkeypatch.setenv("JAXLLM_LOGITS_GEMM_OUT", "bf16")
     with pytest.raises(ValueError, match="JAXLLM_LOGITS_GEMM_OUT"):
         model.compute_logits(hidden)
+
+
+def test_a_traced_forward_lowers_one_layer_function_and_gives_the_plain_loops_logits(
+        monkeypatch):
+    # JAXLLM_LAYER_JIT=1 (the default): the layers run through one nested jit, traced and
+    # lowered once a program and called from each layer (the cold start's lowering); the
+    # logits are the plain loop's. A bad value is refused at trace time.
+    config = ModelConfig(architecture="LlamaForCausalLM", head_dim=16,
+                         **{**_SMALL, "num_hidden_layers": 3})
+    model = LlamaForCausalLM(config, dtype=jnp.float32, rngs=nnx.Rngs(5))
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(6)
+    tok, pos, md, _ = PagedSequences(2).step([(0, rng.integers(0, 256, 7)),
+                                              (1, rng.integers(0, 256, 4))])
+    kv = init_kv_cache(config, NUM_PAGES, PAGE_SIZE, jnp.float32)
+
+    def fresh():  # a function of its own: jit's trace cache is keyed on the function
+        return jax.jit(lambda *args: _forward.__wrapped__(*args), static_argnums=0)
+
+    def lowered_and_logits(setting):
+        monkeypatch.setenv("JAXLLM_LAYER_JIT", setting)
+        fwd = fresh()
+        lowered = fwd.lower(graphdef, state, tok, pos, kv, md)
+        return lowered.as_text(), np.asarray(fwd(graphdef, state, tok, pos, kv, md)[0])
+
+    plain_text, plain = lowered_and_logits("0")
+    text, logits = lowered_and_logits("1")
+    assert "@run(" not in plain_text
+    assert text.count("func.func private @run(") == 1  # one layer lowered ...
+    assert text.count("call @run(") == 3  # ... and called from each of the 3 layers
+    np.testing.assert_allclose(logits, plain, rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv("JAXLLM_LAYER_JIT", "yes")
+    with pytest.raises(ValueError, match="JAXLLM_LAYER_JIT"):
+        fresh().lower(graphdef, state, tok, pos, kv, md)

@@ -21,7 +21,9 @@ model under ``nnx.eval_shape`` allocates nothing, which is how the loaders build
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -329,8 +331,12 @@ class LlamaForCausalLM(nnx.Module):
         inv_freq = jnp.asarray(self.inv_freq, dtype=jnp.float32)  # [D/2]
         x = self.model.embed_tokens(token_ids)
         new_caches = []
+        call = _layer_caller() if isinstance(x, jax.core.Tracer) and layer_jit() else None
         for layer, kv in zip(self.model.layers, kv_caches):
-            x, kv = layer(x, positions, inv_freq, kv, md)
+            if call is None:
+                x, kv = layer(x, positions, inv_freq, kv, md)
+            else:
+                x, kv = call(layer, x, positions, inv_freq, kv, md)
             new_caches.append(kv)
         return self.model.norm(x), new_caches
 
@@ -348,6 +354,41 @@ class LlamaForCausalLM(nnx.Module):
             w = self.lm_head.kernel[...]  # [E, V]
             logits = jnp.einsum("ne,ev->nv", hidden, w, preferred_element_type=out)
         return logits.astype(jnp.float32)
+
+
+LAYER_JIT_ENV = "JAXLLM_LAYER_JIT"
+
+
+def layer_jit() -> bool:
+    """Whether a traced forward calls its layers through one nested ``jax.jit`` (``_layer_caller``;
+    ``JAXLLM_LAYER_JIT`` = "1", the default, or "0"; read at trace time)."""
+    raw = os.environ.get(LAYER_JIT_ENV, "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"{LAYER_JIT_ENV} must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
+def _layer_caller():
+    """``call(layer, *args)``: the layer run as a nested ``jax.jit`` of (GraphDef, State, args).
+    Layers alike (one GraphDef: the same structure and static values, which holds for every
+    layer of a model without per-layer sliding windows or KV scales) with arguments alike hit
+    its trace cache, and JAX lowers the one jaxpr once into the module and calls it from each
+    layer: a program traces and lowers one layer instead of 32. XLA inlines the calls before it
+    fuses: the compiled programs have the plain loop's ops and its latency (the 8B's lowering at
+    a cold start 18.7 s against 25-32: benchmarks/RESULTS.md, "Rerun of 2026-12-04 (18:19)").
+    A new jit per forward trace: a trace reads the environment's knobs and the tensor-parallel
+    mesh of its context, and jit's trace cache, keyed on the function and the shapes, would
+    carry them over to other programs."""
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(graphdef, state, *args):
+        return nnx.merge(graphdef, state)(*args)
+
+    def call(layer, *args):
+        graphdef, state = nnx.split(layer)
+        return run(graphdef, state, *args)
+
+    return call
 
 
 LOGITS_GEMM_ENV = "JAXLLM_LOGITS_GEMM_OUT"
