@@ -26,7 +26,10 @@ greedy), then SIGTERMs the server, which must exit 0 (graceful shutdown). A row 
               the device on a thread while the config was read
   arrays_gib, in_use_gib   device memory the KV pool was sized after: the live arrays' bytes
               (what sizes it) and the allocator's bytes in use
-  fuse_s, size_s, compile_s   the engine's other start-up phases, from its log
+  fuse_s, size_s, compile_s   the engine's other start-up phases, from its log; of compile_s:
+              lowering_s (the programs traced and lowered on the main thread), compiles_sum_s
+              (the compiles' seconds summed over the threads) and exec_load_s (the programs
+              loaded from the executable cache)
   programs, pages             the step programs compiled and the KV pages sized
   exit_code   the server's status after SIGTERM
 
@@ -66,6 +69,9 @@ _PHASES = {
     "fuse_s": r"fused q/k/v and gate/up projections in ([0-9.]+) s",
     "size_s": r"sized the KV pool in ([0-9.]+) s",
     "compile_s": r"compiled \d+ step programs \(\d+ token buckets\) in ([0-9.]+) s",
+    "lowering_s": r"programs lowered in ([0-9.]+) s",
+    "compiles_sum_s": r"\(([0-9.]+) s of compiles in all\)",
+    "exec_load_s": r"programs loaded in ([0-9.]+) s",
     "ready_s": r"ready ([0-9.]+) s after start",
 }
 _COUNTS = {"programs": r"compiled (\d+) step programs", "pages": r"KV cache: (\d+) pages"}
@@ -260,7 +266,8 @@ def serve_runs(folder: Path, runs: int, cache_dir: Path | None, extra: list[str]
 
 
 def _fmt(r: dict) -> str:
-    cols = ("first_s", "ready_s", "load_s", "fuse_s", "size_s", "compile_s")
+    cols = ("first_s", "ready_s", "load_s", "fuse_s", "size_s", "compile_s", "lowering_s",
+            "compiles_sum_s", "exec_load_s")
     figs = " ".join(f"{c}={r[c]:.1f}" for c in cols if c in r)
     return (f"run {r['run']} ({r['cache']}): {figs} programs={r.get('programs')} "
             f"pages={r.get('pages')} exit={r.get('exit_code')}"

@@ -866,7 +866,10 @@ def test_attention_is_traced_once_per_step_program_and_compiles_to_the_same_ops(
     from jaxllm.models import attention
 
     # The Pallas backend (interpreted here) with a pure decode step: its static decode_only
-    # flag must stay static through the nested jit.
+    # flag must stay static through the nested jit. The layers traced one by one (the
+    # layers' own nested jit, JAXLLM_LAYER_JIT, would trace the attention once either way; the
+    # pipeline runner calls its layers one by one, so it relies on this one).
+    monkeypatch.setenv("JAXLLM_LAYER_JIT", "0")
     traced = []
     name = {"reference": "ragged_paged_attention_reference",
             "pallas": "ragged_paged_attention"}[backend]

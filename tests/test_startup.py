@@ -43,12 +43,17 @@ def test_parse_startup_log_reads_the_engine_and_server_lines():
            "15.02 GiB, limit 126.00 GiB\n"
            "INFO jaxllm: sized the KV pool in 9.1 s (largest step's temp memory 3.10 GiB)\n"
            "INFO jaxllm: KV cache: 51234 pages of 16 tokens (bfloat16); ...\n"
+           "INFO jaxllm.engine.model_runner: start-up: 51 programs lowered in 18.7 s (one "
+           "thread), compiled on 16 threads (301.5 s of compiles in all); slowest compiles: "
+           "forward T=256 37.1 s\n"
+           "INFO jaxllm.engine.model_runner: executable cache (/c/x): 0 programs loaded in 0.1 s, "
+           "51 compiled and stored\n"
            "INFO jaxllm: compiled 52 step programs (12 token buckets) in 60.2 s\n"
            "INFO server.cli: ready 84.0 s after start (model load + compile ...)\n")
     assert parse_startup_log(log) == dict(
         load_s=12.5, config_s=3.5, weights_s=2.4, ahead_gb=15.8, tokenizer_s=0.6, fuse_s=0.7,
-        size_s=9.1, compile_s=60.2, ready_s=84.0, arrays_gib=14.96, in_use_gib=15.02,
-        programs=52, pages=51234)
+        size_s=9.1, compile_s=60.2, lowering_s=18.7, compiles_sum_s=301.5, exec_load_s=0.1,
+        ready_s=84.0, arrays_gib=14.96, in_use_gib=15.02, programs=52, pages=51234)
     assert parse_startup_log("nothing here") == {}
 
 

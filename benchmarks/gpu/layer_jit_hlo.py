@@ -5,6 +5,8 @@ must match. Each line: a program, then the ops of its optimized HLO's entry comp
 
     JAXLLM_LAYER_JIT=0 python3 benchmarks/gpu/layer_jit_hlo.py [--layers 4] > a
     JAXLLM_LAYER_JIT=1 python3 benchmarks/gpu/layer_jit_hlo.py [--layers 4] > b; diff a b
+
+``--tp N`` compiles the tensor-parallel programs (the partitioner's output: collectives included).
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--attention", default="pallas")
     p.add_argument("--tokens", type=int, nargs="+", default=[8, 512])
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (on the CPU: set "
+                   "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     args = p.parse_args()
 
     import offline_throughput as ot
@@ -56,7 +60,8 @@ def main() -> None:
     loaded = ot.random_model(args.shape, args.attention)
     cfg = EngineConfig(model=None, dtype="bfloat16", max_model_len=2048, max_num_seqs=8,
                        max_num_batched_tokens=max(args.tokens), num_pages=512,
-                       token_buckets=tuple(sorted(set(args.tokens))))
+                       token_buckets=tuple(sorted(set(args.tokens))),
+                       tensor_parallel_size=args.tp)
     r = LLMEngine(cfg, loaded=loaded).runner
     for T in args.tokens:
         for decode_only in ([True, False] if T <= 8 else [False]):

@@ -715,8 +715,8 @@ class ModelRunner:
         self.compile_seconds = dict(zip(names, secs))
         slowest = sorted(self.compile_seconds.items(), key=lambda kv: -kv[1])[:4]
         logger.info("start-up: %d programs lowered in %.1f s (one thread), compiled on %d "
-                    "threads; slowest compiles: %s", len(names), lowering, workers,
-                    ", ".join(f"{n} {s:.1f} s" for n, s in slowest))
+                    "threads (%.1f s of compiles in all); slowest compiles: %s", len(names),
+                    lowering, workers, sum(secs), ", ".join(f"{n} {s:.1f} s" for n, s in slowest))
         if cache is not None:
             logger.info("executable cache (%s): %d programs loaded in %.1f s, %d compiled and "
                         "stored", cache.root, len(loaded), t_load, len(names))
