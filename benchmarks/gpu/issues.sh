@@ -1648,7 +1648,8 @@ layerjit)  # nvidia-h200 (one GPU), one call (issue 9's cold start): the layers 
     JAXLLM_EXECUTABLE_CACHE_DIR= JAXLLM_LAYER_JIT=$v timeout 240 python3 benchmarks/latency.py \
       --engine jaxllm --contexts 1024 --prefill 2048 --num-scheduler-steps 4 --repeats 5 \
       --out $OUT/latency.jsonl > $L/lat_${i}_$v.log 2>&1
-    echo "layer jit $v: $(grep -ho "programs lowered in [0-9.]* s\|compiled [0-9]* step programs.* in [0-9.]* s\|decode ctx.*\|TTFT.*" $L/lat_${i}_$v.log | tr '\n' ';')"
+    P="programs lowered in [0-9.]* s\|compiled [0-9]* step programs.* in [0-9.]* s"
+    echo "layer jit $v: $(grep -ho "$P\|decode ctx.*\|TTFT.*" $L/lat_${i}_$v.log | tr '\n' ';')"
   done
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 esac
