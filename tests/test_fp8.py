@@ -428,6 +428,17 @@ def test_large_fp8_buckets_compile_their_gemms_for_cublas(small_llama_folder, mo
     with pytest.raises(ValueError, match="JAXLLM_FP8_CUBLAS_MIN_TOKENS"):
         mr.cublas_min_tokens("gpu", "fp8")
     monkeypatch.delenv("JAXLLM_FP8_CUBLAS_MIN_TOKENS")
+    # unquantized weights: only when asked for (JAXLLM_CUBLAS_MIN_TOKENS), on a GPU
+    monkeypatch.setenv("JAXLLM_CUBLAS_MIN_TOKENS", "2048")
+    assert mr.cublas_min_tokens("gpu", None) == 2048
+    assert mr.cublas_min_tokens("cpu", None) is None
+    assert mr.cublas_min_tokens("gpu", "fp8") == mr.FP8_CUBLAS_MIN_TOKENS
+    monkeypatch.setenv("JAXLLM_CUBLAS_MIN_TOKENS", "0")
+    assert mr.cublas_min_tokens("gpu", None) is None
+    monkeypatch.setenv("JAXLLM_CUBLAS_MIN_TOKENS", "2k")
+    with pytest.raises(ValueError, match="JAXLLM_CUBLAS_MIN_TOKENS"):
+        mr.cublas_min_tokens("gpu", None)
+    monkeypatch.delenv("JAXLLM_CUBLAS_MIN_TOKENS")
 
     kw = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=32,
               max_num_batched_tokens=16, max_num_seqs=4, quantization="fp8",

@@ -153,6 +153,8 @@
 #                                          this tree against the checkout in DIR, alternating
 #   bash benchmarks/gpu/issues.sh layerjit  (one GPU) the layers through one nested jit against
 #                                          the plain loop: compiled ops, lowering, latency
+#   bash benchmarks/gpu/issues.sh coldab  (one GPU) 8B cold starts (empty caches) under settings
+#                                          that may shorten XLA's compiles (VARIANTS)
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1651,5 +1653,29 @@ layerjit)  # nvidia-h200 (one GPU), one call (issue 9's cold start): the layers 
     P="programs lowered in [0-9.]* s\|compiled [0-9]* step programs.* in [0-9.]* s"
     echo "layer jit $v: $(grep -ho "$P\|decode ctx.*\|TTFT.*" $L/lat_${i}_$v.log | tr '\n' ';')"
   done
+  tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+coldab)  # nvidia-h200 (one GPU), one call (issue 9's cold start, bound by XLA's compiles since
+  # the layer jit: RESULTS "Rerun of 2026-12-04 (18:19)"): bf16 8B `jaxllm serve` started with
+  # empty compilation and executable caches (the page cache kept: the compiles are the subject)
+  # under each of VARIANTS, space-separated environment settings ("base" = none; a variant of
+  # several settings joins them with "+"). Default: the engine as it is, bf16's buckets of >=
+  # 2048 tokens on cuBLAS, XLA's autotuning at level 1. A variant that wins must then keep its
+  # throughput and latency (offline_throughput.py / latency.py with the same setting).
+  # Carry .whl and .bench.
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
+  L=$OUT/logs; mkdir -p $L; C=/tmp/ckpt8b
+  [ -f $C/config.json ] || python3 benchmarks/startup.py write $C --tokenizer .bench/tokenizer \
+    || exit 1
+  VARIANTS=${VARIANTS:-base JAXLLM_CUBLAS_MIN_TOKENS=2048 XLA_FLAGS=--xla_gpu_autotune_level=1}
+  for v in $VARIANTS; do
+    [ $((T - SECONDS)) -gt 130 ] || { echo "no time left for $v"; break; }
+    E=$(echo "$v" | tr '+' ' '); [ "$v" = base ] && E="AB_BASE=1"
+    D=$L/$(echo "$v" | tr -c 'A-Za-z0-9\n' _)
+    env $E timeout $((T - SECONDS - 10)) python3 benchmarks/startup.py --out $OUT/startup.jsonl \
+      serve $C --runs 1 --cache-dir /tmp/xla-coldab --log-dir $D \
+      --note "cold compiles, page cache warm; $v"
+  done
+  grep -H "lowered\|ready" $L/*/serve_0.log | cut -c1-260
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
 esac

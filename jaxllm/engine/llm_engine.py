@@ -361,7 +361,8 @@ class LLMEngine:
 
     def _cublas_min_tokens(self) -> int | None:
         """Token buckets from which the step programs put their GEMMs on cuBLAS(Lt) (fp8
-        weights on a GPU: model_runner.CUBLAS_COMPILER_OPTIONS says why)."""
+        weights on a GPU: model_runner.CUBLAS_COMPILER_OPTIONS says why; others only with
+        JAXLLM_CUBLAS_MIN_TOKENS, model_runner.cublas_min_tokens)."""
         from jaxllm.engine import model_runner as mr
 
         return mr.cublas_min_tokens(jax.default_backend(),

@@ -354,20 +354,24 @@ FP8_CUBLAS_MIN_TOKENS = 32
 
 def cublas_min_tokens(backend: str, quantization: str | None) -> int | None:
     """Token buckets of at least this many rows compile their GEMMs for cuBLAS(Lt)
-    (``CUBLAS_COMPILER_OPTIONS``); None: none do. fp8 weights on a GPU only:
-    ``JAXLLM_FP8_CUBLAS_MIN_TOKENS`` when set (0: never), else ``FP8_CUBLAS_MIN_TOKENS``."""
+    (``CUBLAS_COMPILER_OPTIONS``); None: none do. On a GPU only. fp8 weights:
+    ``JAXLLM_FP8_CUBLAS_MIN_TOKENS`` when set (0: never), else ``FP8_CUBLAS_MIN_TOKENS``.
+    Other weights keep XLA's choice (cuBLAS is slower at bf16's decode sizes) unless
+    ``JAXLLM_CUBLAS_MIN_TOKENS`` says from which bucket (an A/B switch for the cold start's
+    compiles, which autotune each Triton GEMM fusion; 0 or unset: never)."""
     import os
 
-    if backend != "gpu" or quantization != "fp8":
+    if backend != "gpu":
         return None
-    raw = os.environ.get("JAXLLM_FP8_CUBLAS_MIN_TOKENS")
+    env, default = (("JAXLLM_FP8_CUBLAS_MIN_TOKENS", FP8_CUBLAS_MIN_TOKENS)
+                    if quantization == "fp8" else ("JAXLLM_CUBLAS_MIN_TOKENS", None))
+    raw = os.environ.get(env)
     if raw is None:
-        return FP8_CUBLAS_MIN_TOKENS
+        return default
     try:
         n = int(raw)
     except ValueError:
-        raise ValueError(f"JAXLLM_FP8_CUBLAS_MIN_TOKENS={raw!r}: want an integer "
-                         "(0: never)") from None
+        raise ValueError(f"{env}={raw!r}: want an integer (0: never)") from None
     return n if n > 0 else None
 
 
