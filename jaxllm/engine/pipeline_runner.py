@@ -204,6 +204,16 @@ class PipelineRunner(ModelRunner):
         self._prev_parts = None
         return out
 
+    def _warm_up(self, inputs: StepInputs, samplers: bool):
+        """``compile_all``'s run of one bucket: the stages once, then (``samplers``) every
+        sampler variant on the logits."""
+        prev, inputs = self._prev_for(inputs)
+        out = logits = self._forward(inputs, prev)
+        for nl, sort in self.sampler_variants() if samplers else ():
+            out, self._prev_tokens = self._sample(logits, inputs.sampling, nl, sort)
+        self._prev_parts = None
+        return out
+
     def _split(self, scheduled: list) -> list[list]:
         """Up to pp contiguous groups of whole sequences with about equal token counts."""
         m = min(self.pp, len(scheduled))
