@@ -160,9 +160,11 @@ class _Lease:
         return reply
 
 
-# Path -> {method: OpenAIServer route}; both front ends route by this one table.
+# Path -> {method: OpenAIServer route}; both front ends route by this one table (``route_of``).
+# A path ending in ``{name}`` takes the rest of the path there, slashes too (model ids have them).
 ROUTES: dict[str, dict[str, str]] = {
     "/v1/models": {"GET": "models"},
+    "/v1/models/{model}": {"GET": "model"},
     "/v1/completions": {"POST": "completions"},
     "/v1/chat/completions": {"POST": "chat_completions"},
     "/tokenize": {"POST": "tokenize"},
@@ -172,6 +174,17 @@ ROUTES: dict[str, dict[str, str]] = {
     "/metrics": {"GET": "metrics_route"},
     "/openapi.json": {"GET": "openapi"},
 }
+
+
+def route_of(path: str) -> dict[str, str]:
+    """{method: route name} for ``path`` (empty: no route), by ``ROUTES``."""
+    if path in ROUTES:
+        return ROUTES[path]
+    for pattern, methods in ROUTES.items():
+        head, brace, _ = pattern.partition("{")
+        if brace and path.startswith(head) and len(path) > len(head):
+            return methods
+    return {}
 
 
 def _reject_constant(name: str) -> Any:
@@ -386,7 +399,7 @@ class OpenAIServer(PromptRenderer):
         try:
             self.check_size(len(call.body))
             self.check_auth(call.path, call.headers)
-            methods = ROUTES.get(call.path, {})
+            methods = route_of(call.path)
             if call.method not in methods:
                 raise self.no_route(call.method, call.path, list(methods))
             return await getattr(self, methods[call.method])(call)
@@ -635,9 +648,15 @@ class OpenAIServer(PromptRenderer):
 
     # -- routes: info -------------------------------------------------------------------------
     async def models(self, call: Call) -> Reply:
-        cards = [P.ModelCard(id=name, root=self.engine.model_name,
-                             max_model_len=self.engine.max_model_len) for name in self.names]
-        return Reply.json(P.ModelList(data=cards).model_dump())
+        return Reply.json(P.ModelList(data=[self._card(n) for n in self.names]).model_dump())
+
+    def _card(self, name: str) -> P.ModelCard:
+        return P.ModelCard(id=name, root=self.engine.model_name,
+                           max_model_len=self.engine.max_model_len)
+
+    async def model(self, call: Call) -> Reply:
+        """One served model's card (the OpenAI SDK's ``models.retrieve``); 404 for another."""
+        return Reply.json(self._card(self._model(call.path[len("/v1/models/"):])).model_dump())
 
     async def health(self, call: Call) -> Reply:
         if getattr(self.engine, "errored", False) or not getattr(self.engine, "is_running", True):
@@ -943,7 +962,9 @@ def build_app(engine: Any, *, api_key: str | None = None,
     for path, methods in ROUTES.items():
         for method, name in methods.items():
             add = app.router.add_get if method == "GET" else partial(app.router.add_route, method)
-            add(path, _aiohttp_route(getattr(srv, name)))  # add_get answers HEAD too
+            # "{name}" takes the rest of the path, slashes too (route_of's rule).
+            add(re.sub(r"\{(\w+)\}$", r"{\1:.+}", path),
+                _aiohttp_route(getattr(srv, name)))  # add_get answers HEAD too
     return app
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -294,8 +294,18 @@ class ChatCompletionResponse(_Response):
 
 
 class DeltaMessage(_Response):
+    """A streamed chat delta. The role goes in a choice's first delta only; the later ones
+    leave the key out, as OpenAI's and vLLM's streams do (not ``"role": null``)."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_a_null_role(self, handler):
+        out = handler(self)
+        if out.get("role", "") is None:
+            del out["role"]
+        return out
 
 
 class ChatStreamChoice(_Response):
@@ -327,7 +337,7 @@ def openapi_schema(version: str) -> dict[str, Any]:
     models = [CompletionRequest, CompletionResponse, CompletionStreamResponse,
               ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse,
               TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse,
-              ModelList, ErrorResponse, VersionResponse]
+              ModelList, ModelCard, ErrorResponse, VersionResponse]
     keyed, defs = models_json_schema([(m, "validation") for m in models],
                                      ref_template="#/components/schemas/{model}")
 
@@ -357,6 +367,11 @@ def openapi_schema(version: str) -> dict[str, Any]:
 
     paths = {
         "/v1/models": get(ModelList, "List the served models"),
+        "/v1/models/{model}": {"get": {
+            "summary": "One served model", "parameters": [{
+                "name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "OK", **json_body(ModelCard)},
+                          "404": errors["404"]}}},
         "/v1/completions": post(CompletionRequest, CompletionResponse, CompletionStreamResponse,
                                 "Text completion"),
         "/v1/chat/completions": post(ChatCompletionRequest, ChatCompletionResponse,

@@ -18,7 +18,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from server.app import build_app
+from server.app import SERVER_KEY, build_app
 
 from .helpers import small_llama_folder  # noqa: F401  (fixture)
 
@@ -118,6 +118,32 @@ def test_models_lists_the_served_name_with_its_context_length(client, engine):
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
     assert models[0].model_extra["max_model_len"] == engine.max_model_len
+
+
+def test_models_retrieve_gives_each_served_name_its_card_and_404_for_others(servers, engine):
+    from server.app import Call
+
+    # Served names with a slash, as hub ids have: the SDK puts the id in the path as it is.
+    base = servers.start(build_app(engine, served_model_name=["org/tiny-llama", MODEL]))
+    c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    for name in ("org/tiny-llama", MODEL):
+        card = c.models.retrieve(name)
+        assert card.id == name and card.model_extra["max_model_len"] == engine.max_model_len
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("other-model")
+    assert e.value.body["code"] == "model_not_found" and "org/tiny-llama" in e.value.message
+    status, _, body = _post(servers, "/v1/models/", method="GET", base=base)
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, headers, _ = _post(servers, "/v1/models/" + MODEL, {}, base=base)
+    assert status == 405 and "GET" in headers["Allow"].split(",")
+    # The front end without a router of its own (Ray Serve) routes by the same table.
+    srv = build_app(engine, served_model_name=["org/tiny-llama"])[SERVER_KEY]
+    for path, status, key in (("/v1/models/org/tiny-llama", 200, "id"),
+                              ("/v1/models/nope", 404, "error")):
+        reply = servers.run(srv.handle(Call("GET", path, {})))
+        servers.run(reply.aclose())
+        assert reply.status == status and key in json.loads(reply.body)
+    assert json.loads(reply.body)["error"]["code"] == "model_not_found"
 
 
 def test_completion_reports_usage_and_length_finish(client, engine):
@@ -238,13 +264,17 @@ def test_streamed_chat_with_n_2_tags_chunks_by_index_and_ends_with_done(servers)
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     text = {0: "", 1: ""}
     finishes = {0: [], 1: []}
+    deltas = {0: [], 1: []}
     for c in chunks:
         assert c["object"] == "chat.completion.chunk"
         for ch in c["choices"]:
+            deltas[ch["index"]].append(ch["delta"])
             text[ch["index"]] += ch["delta"].get("content") or ""
             if ch["finish_reason"]:
                 finishes[ch["index"]].append(ch["finish_reason"])
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    # Each choice opens with the role; later deltas leave the key out (OpenAI's, not null).
+    for first, *rest in deltas.values():
+        assert first["role"] == "assistant" and rest and all("role" not in d for d in rest)
     assert finishes == {0: ["length"], 1: ["length"]}
     assert text[0] and text[1]
 
@@ -424,7 +454,8 @@ def test_health_version_and_openapi(servers):
     assert status == 200 and v["version"]
     status, _, spec = _post(servers, "/openapi.json", method="GET")
     assert status == 200 and spec["openapi"].startswith("3.")
-    for path in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
+    for path in ("/v1/models", "/v1/models/{model}", "/v1/completions", "/v1/chat/completions",
+                 "/tokenize",
                  "/detokenize", "/health", "/metrics"):
         assert path in spec["paths"]
     ref = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"][
