@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -49,10 +50,26 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-scheduler-steps", type=int, default=1,
                    help="decode steps run in one device program for a batch of pure decodes "
                         "(vLLM's multi-step scheduling): less host work per token (default 1)")
+    p.add_argument("--generation-config", default="auto",
+                   help="auto: the model's generation_config.json gives the sampling defaults; "
+                        "vllm: neutral defaults; or a folder holding a generation_config.json")
+    p.add_argument("--override-generation-config", type=_json_object, default=None,
+                   help='JSON of generation config fields that win over the file\'s, e.g. '
+                        '\'{"temperature": 0.5}\'')
     p.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILATION_CACHE_DIR,
                    help="keep compiled step programs here, so a restart with the same model and "
                         "flags skips most of the start-up compile (default: "
                         "$JAXLLM_COMPILATION_CACHE_DIR or ~/.cache/jaxllm/xla; '' turns it off)")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text!r}")
+    return value
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -93,7 +110,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 data_parallel_size=args.data_parallel_size,
                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
                 async_scheduling=args.async_scheduling, enforce_eager=args.enforce_eager,
-                num_scheduler_steps=args.num_scheduler_steps)
+                num_scheduler_steps=args.num_scheduler_steps,
+                generation_config=args.generation_config,
+                override_generation_config=args.override_generation_config)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -188,6 +188,11 @@ class EngineConfig:
     # no penalties, log-probs, logit_bias or min_tokens still to reach. 1 (default): one step
     # per launch.
     num_scheduler_steps: int = 1
+    # The model's generation_config.json (jaxllm/loading/generation_config.py, as vLLM's
+    # --generation-config): "auto" takes its sampling defaults, "vllm" does not, a folder path
+    # reads that folder's file instead; its eos_token_id entries stop generation in every mode.
+    generation_config: str = "auto"
+    override_generation_config: dict[str, Any] | None = None  # fields that win over the file's
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -220,6 +225,13 @@ class EngineConfig:
         if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
             raise ValueError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; choose 'auto' or 'fp8'.")
+        from jaxllm.loading.generation_config import check_generation_config
+
+        check_generation_config(self.generation_config)
+        if self.override_generation_config is not None and not isinstance(
+                self.override_generation_config, dict):
+            raise ValueError("override_generation_config must be a dict of generation config "
+                             f"fields, got {self.override_generation_config!r}.")
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(
                 f"attention_backend={self.attention_backend!r} is not supported; "

@@ -357,6 +357,9 @@ class OpenAIServer(PromptRenderer):
         self.log_stats_interval = log_stats_interval
         self.inflight = 0
         self.metrics = ServerMetrics(engine, served_model_names[0])
+        # The model's generation config defaults (fields a request does not send).
+        defaults = getattr(engine, "get_diff_sampling_param", None)
+        self.sampling_defaults: dict[str, Any] = defaults() if defaults is not None else {}
         mc = getattr(engine, "model_config", None)
         self.vocab_size = getattr(mc, "vocab_size", None) or len(engine.tokenizer)
         cfg = getattr(engine, "engine_config", None)
@@ -478,6 +481,11 @@ class OpenAIServer(PromptRenderer):
     def _sampling_params(self, req: P._SamplingFields, *, max_tokens: int | None,
                          logprobs: int | None, prompt_logprobs: int | None = None
                          ) -> SamplingParams:
+        # The model's generation config gives what the request leaves out, and caps max_tokens,
+        # as in vLLM (jaxllm/loading/generation_config.py).
+        defaults = self.sampling_defaults
+        if defaults.get("max_tokens") is not None:
+            max_tokens = min(x for x in (max_tokens, defaults["max_tokens"]) if x is not None)
         kw: dict[str, Any] = dict(
             n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
             ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logprobs=logprobs,
@@ -489,6 +497,8 @@ class OpenAIServer(PromptRenderer):
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
                      "min_p", "repetition_penalty"):
             v = getattr(req, name)
+            if v is None:
+                v = defaults.get(name)
             if v is not None:
                 kw[name] = v
         try:

@@ -72,6 +72,10 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    def get_diff_sampling_param(self) -> dict[str, Any]:
+        """The model's generation config sampling defaults (LLMEngine.get_diff_sampling_param)."""
+        return self.engine.get_diff_sampling_param()
+
     @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and self._error is None and not self._stopped

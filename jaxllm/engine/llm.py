@@ -31,6 +31,12 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` and ``chat`` use without SamplingParams: the model's generation
+        config defaults (``generation_config``, jaxllm/loading/generation_config.py), else
+        SamplingParams()."""
+        return SamplingParams(**self.llm_engine.get_diff_sampling_param())
+
     def reset_prefix_cache(self) -> bool:
         """Empties the prefix cache; False (nothing done) while requests are running, as vLLM."""
         return self.llm_engine.reset_prefix_cache()
@@ -47,7 +53,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:

@@ -16,6 +16,7 @@ import logging
 import math
 import time
 import types
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -285,6 +286,7 @@ class LLMEngine:
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self._read_generation_config()
         self._requests: dict[str, _Request] = {}
         self._inflight: _InFlight | None = None  # the dispatched step not read back yet
         self.async_scheduling = config.async_scheduling  # may be switched between steps
@@ -300,6 +302,39 @@ class LLMEngine:
             from sharding.distributed import attach_leader
 
             attach_leader(self.runner)  # followers launch every step this engine launches
+
+    # -- the model's generation config ---------------------------------------------------------
+    def _read_generation_config(self) -> None:
+        """Its sampling defaults and its stop tokens beyond the EOS ones
+        (jaxllm/loading/generation_config.py); a default that SamplingParams refuses is a
+        ValueError now, not one per request."""
+        from jaxllm.loading import generation_config as gc
+
+        cfg = self.config
+        source = getattr(self.loaded, "source", None)
+        folder = (cfg.generation_config if cfg.generation_config not in gc.MODES
+                  else source if source is not None and Path(source).is_dir() else None)
+        fields = gc.read_generation_config(folder)
+        self._diff_sampling_param = gc.sampling_defaults(fields, cfg.generation_config,
+                                                         cfg.override_generation_config)
+        try:
+            SamplingParams(**self._diff_sampling_param)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"the generation config's sampling defaults "
+                             f"{self._diff_sampling_param} are not valid: {e}") from None
+        if self._diff_sampling_param:
+            logger.warning(
+                "Default sampling parameters have been overridden by the model's generation "
+                "config: %s. Pass generation_config='vllm' (--generation-config vllm) to use "
+                "the neutral defaults.", self._diff_sampling_param)
+        vocab = self.model_config.vocab_size
+        self.generation_stop_token_ids = frozenset(
+            i for i in gc.eos_token_ids(fields) - self.eos_token_ids if 0 <= i < vocab)
+
+    def get_diff_sampling_param(self) -> dict[str, Any]:
+        """The SamplingParams defaults from the model's generation config (vLLM's name): what
+        ``LLM.generate`` uses without SamplingParams and the server for fields not sent."""
+        return dict(self._diff_sampling_param)
 
     # -- sizing -------------------------------------------------------------------------------
     def _determine_num_pages(self) -> int:
@@ -431,7 +466,7 @@ class LLMEngine:
         """Validates and queues a request. Raises ValueError for anything that can never run."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        params = params or SamplingParams()
+        params = params or SamplingParams(**self._diff_sampling_param)
         text: str | None
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenize(prompt)
@@ -447,6 +482,11 @@ class LLMEngine:
         else:
             raise TypeError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
         self._validate(ids, params)
+        extra = self.generation_stop_token_ids
+        if extra and not params.ignore_eos and not extra <= set(params.stop_token_ids or ()):
+            # The generation config's end-of-turn tokens, as vLLM adds them.
+            params = dataclasses.replace(params, stop_token_ids=sorted(
+                extra | set(params.stop_token_ids or ())))
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         else:
