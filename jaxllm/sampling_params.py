@@ -130,9 +130,10 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and v != -1 and v < 0:  # -1: the whole vocabulary, as vLLM
                 raise ValueError(f"{name} must be non-negative (or -1 for all), got {v}.")
-        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
-            raise ValueError(f"truncate_prompt_tokens must be >= 1, got "
-                             f"{self.truncate_prompt_tokens}")
+        k = self.truncate_prompt_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k == 0 or k < -1):
+            raise ValueError(f"truncate_prompt_tokens must be an integer >= 1, or -1 (the "
+                             f"model's max_model_len), got {k!r}.")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must contain only integers, got {self.stop_token_ids}.")
         if not all(isinstance(s, str) for s in self.stop):

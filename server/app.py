@@ -493,7 +493,7 @@ class OpenAIServer(PromptRenderer):
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
-            output_kind=RequestOutputKind.DELTA)
+            truncate_prompt_tokens=req.truncate_prompt_tokens, output_kind=RequestOutputKind.DELTA)
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
                      "min_p", "repetition_penalty"):
             v = getattr(req, name)
@@ -722,6 +722,7 @@ class OpenAIServer(PromptRenderer):
             echo_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
             params = self._sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
                                            prompt_logprobs=echo_lp)
+            prompts = self._truncated(prompts, params)
             rid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
             stream = lease.own(self._merge(prompts, params, rid))
             first = await self._first(stream)
@@ -730,6 +731,15 @@ class OpenAIServer(PromptRenderer):
                     req, model, rid, prompts, stream, first, t0)))
             return await self._full_completion(call, req, model, rid, prompts, stream, first,
                                                t0)
+
+    def _truncated(self, prompts: list[_Prompt], params: SamplingParams) -> list[_Prompt]:
+        """The prompts cut to their last ``truncate_prompt_tokens`` tokens (-1: max_model_len),
+        here rather than in the engine, so that usage and echo count what ran."""
+        k = params.truncate_prompt_tokens
+        if k is None:
+            return prompts
+        k = self.engine.max_model_len if k == -1 else k
+        return [p if len(p.ids) <= k else _Prompt(p.ids[-k:], None) for p in prompts]
 
     def _prompt_text(self, p: _Prompt) -> str:
         return p.text if p.text is not None else self.tokenizer.decode(p.ids)
@@ -843,6 +853,7 @@ class OpenAIServer(PromptRenderer):
                           else req.max_tokens)
             k = (req.top_logprobs or 0) if req.logprobs else None
             params = self._sampling_params(req, max_tokens=max_tokens, logprobs=k)
+            [prompt] = self._truncated([prompt], params)
             rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
             stream = lease.own(self._merge([prompt], params, rid))
             first = await self._first(stream)

@@ -82,6 +82,7 @@ class _SamplingFields(_Model):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: Int32 | None = None  # the prompt's last k tokens (-1: the context)
     request_id: str | None = None  # vLLM extra: used in the response id when given
 
 

@@ -140,6 +140,24 @@ def test_requests_that_can_never_fit_are_rejected_at_submission(small_llm):
     assert _pool_is_full(small_llm)
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(small_llm):
+    # vLLM's left truncation: the same tokens as the prompt's last k given alone; a prompt
+    # longer than the context runs cut; -1 (the context) leaves a shorter prompt as it is.
+    params = dict(temperature=0.0, max_tokens=4, ignore_eos=True)
+    ids = list(range(100, 140))
+    cut, alone, whole = small_llm.generate(
+        [{"prompt_token_ids": ids}, {"prompt_token_ids": ids[-7:]}, {"prompt_token_ids": ids}],
+        [SamplingParams(truncate_prompt_tokens=7, **params), SamplingParams(**params),
+         SamplingParams(truncate_prompt_tokens=-1, **params)], use_tqdm=False)
+    assert cut.prompt_token_ids == ids[-7:] and whole.prompt_token_ids == ids
+    assert cut.outputs[0].token_ids == alone.outputs[0].token_ids
+    long = list(range(100, 300))  # 200 tokens, over the 160-token context
+    out = small_llm.generate([{"prompt_token_ids": long}], SamplingParams(
+        truncate_prompt_tokens=150, **params), use_tqdm=False)[0]
+    assert out.prompt_token_ids == long[-150:] and len(out.outputs[0].token_ids) == 4
+    assert _pool_is_full(small_llm)
+
+
 def test_request_larger_than_the_whole_pool_is_rejected(small_llama_folder):
     llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=8,
               num_pages=4, max_num_batched_tokens=32, max_num_seqs=4,

@@ -39,6 +39,7 @@ def test_defaults_match_vllm():
     (dict(stop="x", detokenize=False), "stop"),
     (dict(stop_token_ids=[1, "2"]), "stop_token_ids"),
     (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
+    (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens"),
     (dict(logit_bias={"a": 1.0}), "logit_bias"),
 ])
 def test_invalid_value_raises_value_error_naming_the_field(kwargs, field):
@@ -50,6 +51,7 @@ def test_edges_of_the_allowed_ranges_are_accepted():
     SamplingParams(top_p=1.0, top_k=-1, min_p=1.0, presence_penalty=-2, frequency_penalty=2,
                    min_tokens=4, max_tokens=4, logprobs=0, temperature=0.0)
     SamplingParams(max_tokens=None, min_tokens=100)
+    SamplingParams(truncate_prompt_tokens=-1)  # vLLM's "the model's max_model_len"
 
 
 def test_normalization_of_stop_seed_logprobs_and_logit_bias():

@@ -167,6 +167,20 @@ def test_completion_accepts_token_ids_and_lists_of_prompts_with_echo(client):
     assert e.choices[0].text.startswith("The sky is")
 
 
+def test_truncate_prompt_tokens_runs_and_counts_the_prompts_last_tokens(client):
+    kw = dict(model=MODEL, max_tokens=3, temperature=0.0, extra_body={"ignore_eos": True})
+    ids = list(range(300, 320))
+    cut = client.completions.create(prompt=ids, echo=True, **{
+        **kw, "extra_body": {"ignore_eos": True, "truncate_prompt_tokens": 5}})
+    alone = client.completions.create(prompt=ids[-5:], echo=True, **kw)
+    assert cut.usage.prompt_tokens == 5 and cut.choices[0].text == alone.choices[0].text
+    msgs = [{"role": "user", "content": "Tell me about the sea, please."}]
+    full = client.chat.completions.create(messages=msgs, **kw)
+    chat = client.chat.completions.create(messages=msgs, **{
+        **kw, "extra_body": {"ignore_eos": True, "truncate_prompt_tokens": 4}})
+    assert full.usage.prompt_tokens > 4 and chat.usage.prompt_tokens == 4
+
+
 def test_chat_completion_applies_the_template_and_counts_usage(client, engine):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=4,
@@ -337,6 +351,7 @@ def _assert_error(status, body, expected_status, param=None):
     ({"model": MODEL, "prompt": "x", "suffix": "after"}, "suffix"),  # unsupported, said clearly
     ({"model": MODEL, "prompt": [999999]}, None),  # out-of-vocab prompt token
     ({"model": MODEL, "prompt": "", "max_tokens": 3}, "prompt"),
+    ({"model": MODEL, "prompt": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
 ])
 def test_bad_completion_requests_are_400_in_openai_shape(servers, body, param):
     status, _, resp = _post(servers, "/v1/completions", body)

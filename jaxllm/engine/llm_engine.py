@@ -481,6 +481,9 @@ class LLMEngine:
             text, ids = None, list(prompt)
         else:
             raise TypeError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
+        k = params.truncate_prompt_tokens
+        if k is not None:  # the last k tokens (vLLM's left truncation; -1: max_model_len)
+            ids = ids[-(self.max_model_len if k == -1 else k):]
         self._validate(ids, params)
         extra = self.generation_stop_token_ids
         if extra and not params.ignore_eos and not extra <= set(params.stop_token_ids or ()):
