@@ -22,7 +22,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator,
+                      model_serializer)
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -115,6 +116,19 @@ class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | list[TextContentPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """A part of another type (image_url, input_audio, file) gets one clear message
+        instead of the union's three."""
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"content parts of type {kind!r} are not supported: this "
+                                     "server serves a text-only model (send 'text' parts)")
+        return content
 
     def text(self) -> str:
         if self.content is None:

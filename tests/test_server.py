@@ -384,6 +384,15 @@ def test_unsupported_chat_features_are_400(servers):
                          ({"messages": []}, "messages")):
         status, _, body = _post(servers, "/v1/chat/completions", {**base, **extra})
         _assert_error(status, body, 400, param)
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    status, _, body = _post(servers, "/v1/chat/completions", {**base, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]})
+    _assert_error(status, body, 400, "messages")
+    assert "'image_url' are not supported" in body["error"]["message"]
+    # text parts are the text
+    status, _, body = _post(servers, "/v1/chat/completions", {**base, "max_tokens": 1, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]})
+    assert status == 200, body
     # harmless OpenAI fields are accepted
     status, _, body = _post(servers, "/v1/chat/completions",
                             {**base, "max_tokens": 1, "user": "u1", "store": False,
