@@ -16,6 +16,13 @@ DEFAULT_COMPILATION_CACHE_DIR = os.environ.get(
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags with vLLM's names (``--max-model-len``, ``--page-size`` = vLLM's block size)."""
+    p.add_argument("--tokenizer", default=None,
+                   help="another tokenizer (an HF folder or .gguf) than the model's own")
+    p.add_argument("--chat-template", default=None,
+                   help="a chat template to use instead of the tokenizer's: a file's path, or "
+                        "the Jinja template itself")
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="the most log-probs a request may ask for (logprobs, top_logprobs)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="orbax cache of the converted params (restored if present, else written)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32")
@@ -99,7 +106,8 @@ def enable_compilation_cache(path: str | None) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(checkpoint_dir=args.checkpoint_dir, dtype=args.dtype,
+    return dict(tokenizer=args.tokenizer, chat_template=args.chat_template,
+                max_logprobs=args.max_logprobs, checkpoint_dir=args.checkpoint_dir, dtype=args.dtype,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
                 num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,

@@ -193,6 +193,9 @@ class EngineConfig:
     # reads that folder's file instead; its eos_token_id entries stop generation in every mode.
     generation_config: str = "auto"
     override_generation_config: dict[str, Any] | None = None  # fields that win over the file's
+    # A chat template that replaces the tokenizer's (vLLM's --chat-template): a file's path, or
+    # the Jinja template itself. LLM.chat, the server and /tokenize all use it.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -228,6 +231,8 @@ class EngineConfig:
         from jaxllm.loading.generation_config import check_generation_config
 
         check_generation_config(self.generation_config)
+        if self.chat_template is not None:
+            chat_template_text(self.chat_template)  # a missing file fails here, not at a request
         if self.override_generation_config is not None and not isinstance(
                 self.override_generation_config, dict):
             raise ValueError("override_generation_config must be a dict of generation config "
@@ -245,3 +250,20 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+
+def chat_template_text(value: str) -> str:
+    """A chat template given as a file's path or as the template itself, as vLLM reads
+    --chat-template: an existing file is read; a string with none of a template's characters
+    ("{", "}", a newline) names a file that does not exist, a ValueError."""
+    import os
+
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"chat_template must be a file path or a Jinja template, got {value!r}.")
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if not any(c in value for c in "{}\n"):
+        raise ValueError(f"chat_template {value!r} looks like a path, but no such file exists.")
+    return value

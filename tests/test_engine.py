@@ -1226,3 +1226,32 @@ def test_multi_step_decode_runs_while_every_slot_is_taken_and_admits_after(small
     assert any(waiting for _, waiting in seen)  # launches with requests waiting for a slot
     assert all(running == 2 for running, waiting in seen if waiting)
     assert _pool_is_full(llm)
+
+
+def test_a_chat_template_given_to_the_engine_replaces_the_tokenizers(small_llama_folder,
+                                                                     tmp_path):
+    # vLLM's --chat-template: a file's path or the template itself; a path that does not exist
+    # is refused at construction; the flags reach the engine's config.
+    import argparse
+
+    from jaxllm.cli import add_engine_args, engine_kwargs
+
+    kw = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=16,
+              max_num_batched_tokens=16, max_num_seqs=2, skip_compile_at_start=True)
+    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template.replace("<<", "[["))
+    params = SamplingParams(max_tokens=1)
+    msgs = [{"role": "user", "content": "hi"}]
+    llm = LLM(str(small_llama_folder), chat_template=template, **kw)
+    assert llm.chat(msgs, params, use_tqdm=False)[0].prompt == "<<hi>>"
+    llm = LLM(str(small_llama_folder), chat_template=str(tmp_path / "t.jinja"), **kw)
+    assert llm.chat(msgs, params, use_tqdm=False)[0].prompt == "[[hi>>"
+    with pytest.raises(ValueError, match="looks like a path"):
+        LLM(str(small_llama_folder), chat_template=str(tmp_path / "missing.jinja"), **kw)
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    got = engine_kwargs(parser.parse_args(["--chat-template", "t.jinja", "--tokenizer", "tok",
+                                           "--max-logprobs", "5"]))
+    assert (got["chat_template"], got["tokenizer"], got["max_logprobs"]) == ("t.jinja", "tok", 5)
+    got = engine_kwargs(parser.parse_args([]))
+    assert (got["chat_template"], got["tokenizer"], got["max_logprobs"]) == (None, None, 20)
