@@ -107,7 +107,8 @@ def enable_compilation_cache(path: str | None) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(tokenizer=args.tokenizer, chat_template=args.chat_template,
-                max_logprobs=args.max_logprobs, checkpoint_dir=args.checkpoint_dir, dtype=args.dtype,
+                max_logprobs=args.max_logprobs, checkpoint_dir=args.checkpoint_dir,
+                dtype=args.dtype,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
                 num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
