@@ -140,6 +140,19 @@ def test_requests_that_can_never_fit_are_rejected_at_submission(small_llm):
     assert _pool_is_full(small_llm)
 
 
+def test_prompts_take_every_form_vllm_takes(small_llm):
+    # A str, a flat list of token ids (one prompt), a list of such lists, dicts, or a mix.
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    tok = small_llm.get_tokenizer()
+    ids = tok("The sea").input_ids
+    [flat] = small_llm.generate(ids, params, use_tqdm=False)
+    assert flat.prompt_token_ids == ids
+    outs = small_llm.generate(["The sea", ids, {"prompt_token_ids": ids}], params,
+                              use_tqdm=False)
+    assert [o.prompt_token_ids for o in outs] == [ids] * 3
+    assert len({tuple(o.outputs[0].token_ids) for o in outs + [flat]}) == 1
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(small_llm):
     # vLLM's left truncation: the same tokens as the prompt's last k given alone; a prompt
     # longer than the context runs cut; -1 (the context) leaves a shorter prompt as it is.

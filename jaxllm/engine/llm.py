@@ -46,11 +46,14 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generates for every prompt; returns RequestOutputs in input order.
 
-        prompts: a str, a list of str, or ``{"prompt_token_ids": [...]}`` items (or a mix).
+        prompts: a str, a list of token ids, or a list of those or of ``{"prompt_token_ids":
+          [...]}`` items (or a mix).
         sampling_params: one for all prompts, or one per prompt.
         """
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, (list, tuple)) and prompts
+                and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts)):
+            prompts = [prompts]  # one prompt: a str, a dict or a flat list of token ids
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
