@@ -1268,3 +1268,22 @@ def test_a_chat_template_given_to_the_engine_replaces_the_tokenizers(small_llama
     assert (got["chat_template"], got["tokenizer"], got["max_logprobs"]) == ("t.jinja", "tok", 5)
     got = engine_kwargs(parser.parse_args([]))
     assert (got["chat_template"], got["tokenizer"], got["max_logprobs"]) == (None, None, 20)
+
+
+def test_async_engine_answers_vllms_coroutines(small_llama_folder):
+    import asyncio
+
+    from jaxllm import AsyncEngine
+    from jaxllm.engine.async_engine import EngineDeadError
+
+    engine = AsyncEngine(model=str(small_llama_folder), dtype="float32", max_model_len=64,
+                         page_size=8, num_pages=16, max_num_batched_tokens=16, max_num_seqs=2,
+                         skip_compile_at_start=True)
+    try:
+        assert asyncio.run(engine.get_tokenizer()) is engine.tokenizer
+        assert asyncio.run(engine.get_model_config()) is engine.model_config
+        asyncio.run(engine.check_health())
+    finally:
+        engine.shutdown()
+    with pytest.raises(EngineDeadError, match="not running"):
+        asyncio.run(engine.check_health())

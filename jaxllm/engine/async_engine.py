@@ -84,6 +84,20 @@ class AsyncEngine:
     def errored(self) -> bool:
         return self._error is not None
 
+    # vLLM's AsyncLLM coroutines, for code written against it.
+    async def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    async def get_model_config(self):
+        return self.engine.model_config
+
+    async def check_health(self) -> None:
+        """Raises EngineDeadError when the step loop has failed or was shut down."""
+        if self._error is not None:
+            raise EngineDeadError(f"the engine loop has failed: {self._error!r}")
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+
     def get_stats(self) -> dict[str, Any]:
         """Snapshot for /metrics: queue sizes, KV usage, token and prefix-cache counters."""
         eng = self.engine
