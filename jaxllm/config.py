@@ -228,11 +228,12 @@ class EngineConfig:
         if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
             raise ValueError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; choose 'auto' or 'fp8'.")
+        from jaxllm.loading import read_chat_template
         from jaxllm.loading.generation_config import check_generation_config
 
         check_generation_config(self.generation_config)
         if self.chat_template is not None:
-            chat_template_text(self.chat_template)  # a missing file fails here, not at a request
+            read_chat_template(self.chat_template)  # a missing file fails here, not at a request
         if self.override_generation_config is not None and not isinstance(
                 self.override_generation_config, dict):
             raise ValueError("override_generation_config must be a dict of generation config "
@@ -250,20 +251,3 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
-
-
-def chat_template_text(value: str) -> str:
-    """A chat template given as a file's path or as the template itself, as vLLM reads
-    --chat-template: an existing file is read; a string with none of a template's characters
-    ("{", "}", a newline) names a file that does not exist, a ValueError."""
-    import os
-
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"chat_template must be a file path or a Jinja template, got {value!r}.")
-    path = os.path.expanduser(value)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    if not any(c in value for c in "{}\n"):
-        raise ValueError(f"chat_template {value!r} looks like a path, but no such file exists.")
-    return value

@@ -200,9 +200,9 @@ class LLMEngine:
         self.model_config: ModelConfig = loaded.model_config
         self.tokenizer = loaded.tokenizer
         if config.chat_template is not None and self.tokenizer is not None:
-            from jaxllm.config import chat_template_text
+            from jaxllm.loading import read_chat_template
 
-            self.tokenizer.chat_template = chat_template_text(config.chat_template)
+            self.tokenizer.chat_template = read_chat_template(config.chat_template)
         self.model_name: str = loaded.name
         mc = self.model_config
         # The placement of params and KV cache (sharding/rules.py); None: one default device.

@@ -25,7 +25,7 @@ from jaxllm.loading.default_model import (DEFAULT_MODEL_NAME, default_gguf_path,
 
 logger = logging.getLogger("jaxllm")
 
-__all__ = ["LoadedModel", "load_model", "resolve_model_source"]
+__all__ = ["LoadedModel", "load_model", "read_chat_template", "resolve_model_source"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,21 @@ def _load_tokenizer(source: str | os.PathLike) -> Any:
 
         return load_gguf_tokenizer(path)
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def read_chat_template(value: str) -> str:
+    """A chat template given as a file's path or as the template itself, as vLLM reads
+    --chat-template: an existing file is read; a string with none of a template's characters
+    ("{", "}", a newline) names a file that does not exist, a ValueError."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"chat_template must be a file path or a Jinja template, got {value!r}.")
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if not any(c in value for c in "{}\n"):
+        raise ValueError(f"chat_template {value!r} looks like a path, but no such file exists.")
+    return value
 
 
 def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
