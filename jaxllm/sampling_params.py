@@ -21,6 +21,66 @@ SAMPLING_EPS = 1e-5
 MIN_NONZERO_TEMPERATURE = 1e-2
 
 
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's StructuredOutputsParams): exactly one of
+
+    json            a JSON schema (dict, its JSON text, or a pydantic model class)
+    regex           a regular expression the whole output matches
+    choice          a list of strings; the output is one of them
+    grammar         a context-free grammar (Lark, or llama.cpp's GBNF)
+    json_object     True: any JSON object
+    structural_tag  vLLM's structural tag (JSON text or dict): {"structures": [{"begin",
+                    "schema", "end"}], "triggers": [...]}; free text in which each trigger
+                    starts a tagged JSON value
+
+    The JSON options: ``disable_any_whitespace`` (no whitespace between JSON tokens),
+    ``disable_additional_properties`` (objects with ``properties`` get
+    ``additionalProperties: false`` unless the schema says otherwise) and
+    ``whitespace_pattern`` (a regex for the whitespace allowed between JSON tokens). The
+    engine compiles the constraint when the request is added (engine/structured_output.py).
+    """
+
+    json: str | dict | type | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | dict | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, type) and hasattr(self.json, "model_json_schema"):
+            self.json = self.json.model_json_schema()  # a pydantic model class
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError(f"structured outputs choice must be a list of strings, got "
+                                 f"{self.choice!r}.")
+            self.choice = list(self.choice)
+            if not self.choice:
+                raise ValueError("structured outputs choice cannot be empty.")
+        if self.json_object is False:
+            self.json_object = None  # False asks for nothing, as an absent field
+        kinds = [k for k in _CONSTRAINTS if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise ValueError("You can only use one kind of structured outputs constraint but "
+                             f"multiple are specified: {kinds}.")
+        if not kinds:
+            raise ValueError("You must use one kind of structured outputs constraint but none "
+                             f"are specified (one of {', '.join(_CONSTRAINTS)}).")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: one of json, regex, choice, grammar, json_object,
+        structural_tag."""
+        return next(k for k in _CONSTRAINTS if getattr(self, k) is not None)
+
+
 class RequestOutputKind(enum.IntEnum):
     CUMULATIVE = 0  # every output carries everything generated so far
     DELTA = 1  # every output carries only what is new since the previous one
@@ -35,6 +95,8 @@ class SamplingParams:
     picks one (reproducible given the engine's seed). max_tokens None means "up to the model's
     context length" (the engine fills it in). logprobs=k returns the sampled token's log-prob and
     the k most likely tokens' (raw model distribution, before temperature/penalties).
+    allowed_token_ids keeps sampling to those ids; structured_outputs constrains the text to a
+    JSON schema, regex, choice or grammar (a StructuredOutputsParams, or a dict of its fields).
     """
 
     n: int = 1
@@ -58,6 +120,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict[str, Any] | None = field(default=None, compare=False)
@@ -84,6 +148,13 @@ class SamplingParams:
                 raise ValueError(
                     f"logit_bias must map token ids (int) to biases (float), got {self.logit_bias!r}"
                 ) from e
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        elif not isinstance(self.structured_outputs, (StructuredOutputsParams, type(None))):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams (or a dict "
+                             f"of its fields), got {type(self.structured_outputs).__name__}.")
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
         if not isinstance(self.output_kind, RequestOutputKind):
             self.output_kind = RequestOutputKind(self.output_kind)
         self._verify_args()
@@ -143,14 +214,22 @@ class SamplingParams:
         if self.stop and not self.detokenize:
             raise ValueError("stop strings are only supported when detokenize is True. "
                              "Set detokenize=True to use stop.")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids is not None and empty!")
+            if not all(isinstance(t, int) and not isinstance(t, bool)
+                       for t in self.allowed_token_ids):
+                raise ValueError(f"allowed_token_ids must contain only integers, got "
+                                 f"{self.allowed_token_ids}.")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}.")
 
     def verify_for_model(self, vocab_size: int, max_logprobs: int | None = None) -> None:
-        """Checks that need the model: logit_bias / stop_token_ids ids in [0, vocab_size),
-        logprobs and prompt_logprobs <= the engine's max_logprobs."""
+        """Checks that need the model: logit_bias / stop_token_ids / allowed_token_ids ids in
+        [0, vocab_size), logprobs and prompt_logprobs <= the engine's max_logprobs."""
         for name, ids in (("logit_bias", self.logit_bias or {}),
-                          ("stop_token_ids", self.stop_token_ids)):
+                          ("stop_token_ids", self.stop_token_ids),
+                          ("allowed_token_ids", self.allowed_token_ids or ())):
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
                 raise ValueError(f"token_id(s) {bad} in {name} contain out-of-vocab token ids; "

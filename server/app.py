@@ -493,7 +493,16 @@ class OpenAIServer(PromptRenderer):
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
-            truncate_prompt_tokens=req.truncate_prompt_tokens, output_kind=RequestOutputKind.DELTA)
+            truncate_prompt_tokens=req.truncate_prompt_tokens, output_kind=RequestOutputKind.DELTA,
+            allowed_token_ids=req.allowed_token_ids)
+        try:
+            so = req.structured_outputs_params()
+        except ValueError as e:
+            raise APIError(400, str(e), param=_param_in(str(e), [
+                "response_format", "structured_outputs", "guided_json", "guided_regex",
+                "guided_choice", "guided_grammar", "guided_decoding_backend"])) from None
+        if so is not None:
+            kw["structured_outputs"] = so[1]
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
                      "min_p", "repetition_penalty"):
             v = getattr(req, name)
@@ -644,7 +653,8 @@ class OpenAIServer(PromptRenderer):
         data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=False)
         return f"data: {data}\n\n".encode()
 
-    async def _first(self, stream: AsyncIterator) -> tuple[int, RequestOutput] | None:
+    async def _first(self, stream: AsyncIterator, req: P._SamplingFields
+                     ) -> tuple[int, RequestOutput] | None:
         """The first output, so that a request the engine refuses is a plain 4xx response and
         not a stream that starts and then fails."""
         try:
@@ -654,7 +664,11 @@ class OpenAIServer(PromptRenderer):
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            raise self._engine_error(e) from None
+            err = self._engine_error(e)
+            if err.param is None and "structured outputs" in err.message:
+                # The engine compiles the constraint; the field is the one the request used.
+                err.param = req.structured_outputs_field()
+            raise err from None
 
     # -- routes: info -------------------------------------------------------------------------
     async def models(self, call: Call) -> Reply:
@@ -725,7 +739,7 @@ class OpenAIServer(PromptRenderer):
             prompts = self._truncated(prompts, params)
             rid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
             stream = lease.own(self._merge(prompts, params, rid))
-            first = await self._first(stream)
+            first = await self._first(stream, req)
             if req.stream:
                 return lease.hand_off(Reply.sse(self._stream_completion(
                     req, model, rid, prompts, stream, first, t0)))
@@ -856,7 +870,7 @@ class OpenAIServer(PromptRenderer):
             [prompt] = self._truncated([prompt], params)
             rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
             stream = lease.own(self._merge([prompt], params, rid))
-            first = await self._first(stream)
+            first = await self._first(stream, req)
             if req.stream:
                 return lease.hand_off(Reply.sse(self._stream_chat(req, model, rid, stream, first,
                                                                   t0, k)))

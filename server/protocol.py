@@ -9,8 +9,13 @@ because a silently ignored field that changes semantics (``tools``, ``response_f
   ``service_tier``, ``parallel_tool_calls``, ``prediction``, ``reasoning_effort``, ...) are
   declared and ignored, so the official SDKs and LangChain work unchanged;
 - OpenAI fields we do not implement are declared too, and a request that sets them to anything
-  but their neutral value gets a 400 that says so (``suffix``, ``tools``, ``response_format``
-  other than text, ``best_of`` != n, image/audio content parts ...), see ``unsupported()``.
+  but their neutral value gets a 400 that says so (``suffix``, ``best_of`` != n, image/audio
+  content parts ...), see ``unsupported()``.
+
+Structured outputs come from ``response_format`` (json_object, json_schema, structural_tag) or
+vLLM's extras (``structured_outputs``, and the older ``guided_json`` / ``guided_regex`` /
+``guided_choice`` / ``guided_grammar``); ``structured_outputs_params()`` turns the one a request
+uses into jaxllm's StructuredOutputsParams and refuses two at once.
 
 Ranges that SamplingParams checks (temperature, top_p, penalties ...) are checked there, once;
 here we bound only what must fit the engine's int32/int64 arrays, so no input reaches the device
@@ -53,6 +58,23 @@ class ErrorResponse(_Response):
 
 
 # -- shared pieces --------------------------------------------------------------------------------
+class JsonSchemaFormat(_Model):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+    # vLLM's structural tag: tagged JSON values in free text
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
+
+
 class StreamOptions(_Model):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: usage in every chunk
@@ -85,6 +107,67 @@ class _SamplingFields(_Model):
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: Int32 | None = None  # the prompt's last k tokens (-1: the context)
     request_id: str | None = None  # vLLM extra: used in the response id when given
+    allowed_token_ids: list[TokenId] | None = None
+    # Structured outputs (structured_outputs_params)
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None  # one backend here: "guidance" (or "auto")
+
+    def structured_outputs_field(self) -> str | None:
+        """The field this request's structured outputs come from (for an error's param)."""
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        return next((name for name in ("structured_outputs", "guided_json", "guided_regex",
+                                       "guided_choice", "guided_grammar")
+                     if getattr(self, name) is not None), None)
+
+    def structured_outputs_params(self) -> tuple[str, Any] | None:
+        """(the field it came from, StructuredOutputsParams) or None. ValueError for two
+        sources at once, or one that is not a valid constraint."""
+        from jaxllm.sampling_params import StructuredOutputsParams
+
+        if self.guided_decoding_backend not in (None, "auto", "guidance", "llguidance"):
+            raise ValueError(f"guided_decoding_backend {self.guided_decoding_backend!r} is not "
+                             "available: this server's structured outputs backend is "
+                             "'guidance' (llguidance).")
+        rf = self.response_format
+        sources: dict[str, dict[str, Any]] = {}
+        if rf is not None and rf.type == "json_object":
+            sources["response_format"] = {"json_object": True}
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise ValueError("response_format of type 'json_schema' needs "
+                                 "json_schema.schema.")
+            sources["response_format"] = {"json": rf.json_schema.json_schema}
+        elif rf is not None and rf.type == "structural_tag":
+            if not rf.structures or rf.triggers is None:
+                raise ValueError("response_format of type 'structural_tag' needs structures "
+                                 "and triggers.")
+            sources["response_format"] = {"structural_tag": {"structures": rf.structures,
+                                                             "triggers": rf.triggers}}
+        if self.structured_outputs is not None:
+            sources["structured_outputs"] = dict(self.structured_outputs)
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                sources[name] = {key: getattr(self, name)}
+        if len(sources) > 1:
+            raise ValueError(f"Only one kind of structured outputs can be used per request, "
+                             f"got {', '.join(sources)}.")
+        if not sources:
+            return None
+        [(name, spec)] = sources.items()
+        if self.guided_whitespace_pattern is not None:
+            spec.setdefault("whitespace_pattern", self.guided_whitespace_pattern)
+        try:
+            return name, StructuredOutputsParams(**spec)
+        except (TypeError, ValueError) as e:  # TypeError: an unknown key in structured_outputs
+            raise ValueError(f"{name}: {e}") from None
 
 
 # -- /v1/completions ------------------------------------------------------------------------------
@@ -138,11 +221,6 @@ class ChatMessage(_Model):
         return "".join(p.text for p in self.content)
 
 
-class ResponseFormat(_Model):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Annotated[int, Field(le=INT32_MAX)] | None = None  # deprecated by OpenAI
@@ -158,7 +236,6 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: str | None = None
     modalities: list[str] | None = None
     # OpenAI fields we do not implement: 400 unless neutral.
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
@@ -170,9 +247,6 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.response_format is not None and self.response_format.type != "text":
-            return ("response_format", f"response_format type {self.response_format.type!r} is "
-                    "not supported (no guided decoding); use 'text'.")
         if self.tools:
             return "tools", "tools (function calling) are not supported by this server."
         if self.tool_choice not in (None, "none"):

@@ -332,6 +332,83 @@ def test_client_disconnect_mid_stream_aborts_and_frees_pages(servers, engine):
     assert engine.get_stats()["generation_tokens"] < 10_000  # sanity: it did not run to the end
 
 
+# -- structured outputs ---------------------------------------------------------------------------
+ITEM = {"type": "object", "properties": {"sku": {"type": "string", "maxLength": 6},
+                                         "qty": {"type": "integer", "minimum": 1,
+                                                 "maximum": 99}},
+        "required": ["sku", "qty"], "additionalProperties": False}
+# The random model would fill every gap JSON allows with whitespace until max_tokens.
+TIGHT = {"guided_whitespace_pattern": " ?"}
+
+
+def test_response_format_json_schema_and_json_object_hold_through_the_sdk(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    msgs = [{"role": "user", "content": "An order line, please."}]
+    r = client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=120, temperature=1.0, seed=5, n=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "item", "schema": ITEM,
+                                                                "strict": True}},
+        extra_body=TIGHT)
+    for ch in r.choices:
+        assert ch.finish_reason == "stop", ch
+        jsonschema.validate(json.loads(ch.message.content), ITEM)
+    r = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=120, temperature=1.0,
+                                  seed=6, extra_body={"response_format": {"type": "json_object"},
+                                                      **TIGHT})
+    if r.choices[0].finish_reason == "stop":  # an object may nest past max_tokens
+        assert isinstance(json.loads(r.choices[0].text), dict)
+    assert r.choices[0].text.startswith("{")
+
+
+def test_vllm_structured_output_extras_and_a_streamed_constrained_chat(client, engine):
+    msgs = [{"role": "user", "content": "Pick one."}]
+    for extra, check in (
+            ({"guided_choice": ["red", "green", "blue"]}, lambda t: t in ("red", "green", "blue")),
+            ({"guided_regex": "[0-9]{2}:[0-9]{2}"}, lambda t: re.fullmatch("[0-9]{2}:[0-9]{2}", t)),
+            ({"structured_outputs": {"grammar": 'root ::= "a" "b"+ "c"'}},
+             lambda t: re.fullmatch("ab+c", t)),
+            ({"guided_json": ITEM, **TIGHT}, lambda t: set(json.loads(t)) == {"sku", "qty"})):
+        r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=60,
+                                           temperature=1.0, seed=1, extra_body=extra)
+        assert check(r.choices[0].message.content), (extra, r.choices[0].message.content)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=120, temperature=1.0, seed=2, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "i", "schema": ITEM}},
+        extra_body=TIGHT)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert set(json.loads(text)) == {"sku", "qty"}
+    # allowed_token_ids (vLLM extra): every sampled token is one of them
+    tok = engine.engine.tokenizer
+    r = client.completions.create(model=MODEL, prompt="x", max_tokens=8, temperature=1.0,
+                                  logprobs=0, extra_body={"allowed_token_ids": [100, 200],
+                                                          "ignore_eos": True})
+    assert len(r.choices[0].logprobs.tokens) == 8
+    assert set(r.choices[0].logprobs.tokens) <= {tok.decode([100]), tok.decode([200])}
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"guided_regex": "[a-"}, "guided_regex"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                 "schema": {"type": "bad"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ({"structured_outputs": {"grammar": "start: nothing_defined"}}, "structured_outputs"),
+    ({"structured_outputs": {"json_object": True, "regex": "a"}}, "structured_outputs"),
+    ({"structured_outputs": {"colour": "red"}}, "structured_outputs"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, None),
+    ({"guided_choice": ["a"], "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
+    ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+])
+def test_bad_structured_outputs_are_400_and_leave_the_engine_idle(servers, engine, extra, param):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+            **extra}
+    status, _, resp = _post(servers, "/v1/chat/completions", body)
+    _assert_error(status, resp, 400, param)
+    _wait_idle(engine)
+
+
 # -- errors ---------------------------------------------------------------------------------------
 def _assert_error(status, body, expected_status, param=None):
     assert status == expected_status, body
@@ -378,7 +455,6 @@ def test_prompt_plus_max_tokens_over_the_context_is_400_with_both_numbers(client
 def test_unsupported_chat_features_are_400(servers):
     base = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
     for extra, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                         ({"response_format": {"type": "json_object"}}, "response_format"),
                          ({"top_logprobs": 2}, "top_logprobs"),
                          ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
                          ({"messages": []}, "messages")):
@@ -562,7 +638,9 @@ def test_fuzzed_requests_never_get_a_5xx(servers, engine):
               "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
               "echo", "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty",
               "min_tokens", "ignore_eos", "stop_token_ids", "best_of", "suffix",
-              "max_completion_tokens", "response_format", "tools", "tokens", "bogus"]
+              "max_completion_tokens", "response_format", "tools", "tokens", "bogus",
+              "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+              "allowed_token_ids"]
     bodies = st.dictionaries(st.sampled_from(fields), values, max_size=6)
     small = st.one_of(st.sampled_from([1, 2]), values)  # long generations only slow the fuzz
     paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize",

@@ -291,6 +291,12 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self._read_generation_config()
+        from jaxllm.engine.structured_output import StructuredOutputs
+
+        # A finished grammar allows the end-of-sequence tokens and the generation config's
+        # end-of-turn tokens (a chat model ends its reply with the latter).
+        self.structured_outputs = StructuredOutputs(
+            self.tokenizer, mc.vocab_size, self.eos_token_ids | self.generation_stop_token_ids)
         self._requests: dict[str, _Request] = {}
         self._inflight: _InFlight | None = None  # the dispatched step not read back yet
         self.async_scheduling = config.async_scheduling  # may be switched between steps
@@ -420,6 +426,7 @@ class LLMEngine:
             self.max_model_len / cfg.page_size)
         probe.max_num_seqs, probe.token_buckets = self.max_num_seqs, (T,)
         probe._knob_cache = None  # prepare() reads it; the probe has no rows to cache
+        probe.vocab_size = mc.vocab_size
         inputs = probe.prepare([], [], T=T)
         shape = (2, cfg.page_size, self.num_kv_heads, mc.head_dim)
         kv = [(jax.ShapeDtypeStruct(shape, self.cache_dtype),) * 2
@@ -489,6 +496,8 @@ class LLMEngine:
         if k is not None:  # the last k tokens (vLLM's left truncation; -1: max_model_len)
             ids = ids[-(self.max_model_len if k == -1 else k):]
         self._validate(ids, params)
+        # Compiled and checked now: a bad schema / regex / grammar fails the request here.
+        token_mask = self.structured_outputs.token_mask(params)
         extra = self.generation_stop_token_ids
         if extra and not params.ignore_eos and not extra <= set(params.stop_token_ids or ()):
             # The generation config's end-of-turn tokens, as vLLM adds them.
@@ -513,6 +522,8 @@ class LLMEngine:
                            prompt_token_ids=list(ids), output_token_ids=[], sampling_params=params,
                            arrival_time=now)
             seq.sample_seed = (seed * 1_000_003 + i) & 0x7FFFFFFF
+            if token_mask is not None:
+                seq.token_mask = token_mask if i == 0 else token_mask.fork()
             seqs.append(seq)
             procs.append(OutputProcessor(self.tokenizer, ids, params, self.eos_token_ids, index=i))
         req = _Request(request_id, text, list(ids), params, now, seqs, procs, sent=[0] * params.n)
@@ -530,6 +541,7 @@ class LLMEngine:
         bad = [t for t in ids if not (0 <= int(t) < vocab)]
         if bad:
             raise ValueError(f"Token id {bad[0]} is out of vocabulary (vocab size {vocab}).")
+        params.verify_for_model(vocab)  # logit_bias / stop / allowed token ids in the vocabulary
         n_prompt = len(ids)
         if n_prompt >= self.max_model_len:
             raise ValueError(
@@ -621,7 +633,11 @@ class LLMEngine:
         out, prompt_lp = self.runner.dispatch(sched.scheduled, rows, prompt_next_ids=next_ids,
                                               **({"num_steps": steps} if steps > 1 else {}))
         indices = self.scheduler.commit(sched, num_steps=steps)
-        read_first = any(r.params.uses_penalties for r, i in zip(rows, indices) if i is not None)
+        # Rows whose next inputs need this step's tokens on the host: penalties (token lists)
+        # and grammars (the next mask).
+        read_first = any(r.params.uses_penalties or (r.token_mask is not None
+                                                     and r.token_mask.changes_per_token)
+                         for r, i in zip(rows, indices) if i is not None)
         with_logprobs = any(r.params.logprobs is not None for r in rows)
         return _InFlight(sched, indices, out, prompt_lp, read_first, with_logprobs, steps)
 
@@ -632,8 +648,9 @@ class LLMEngine:
         waiting request could be admitted now (nothing waits, or every sequence slot is taken:
         a multi-step launch must not delay an admission that could happen), no row wants
         penalties or log-probs or is still below min_tokens (their inputs change from one token
-        to the next on the host) or has a logit_bias (its sampler width would compile another
-        multi-step program while serving), and the pool has the pages of every step's K/V
+        to the next on the host) or has a logit_bias or a token mask (its sampler width would
+        compile another multi-step program while serving; a grammar's mask changes with each
+        token too), and the pool has the pages of every step's K/V
         without preempting anything (``Scheduler.reserve_lookahead`` allocates them)."""
         k = self.runner.num_scheduler_steps
         scheduler = self.scheduler
@@ -644,7 +661,8 @@ class LLMEngine:
             params = r.params
             if (s.num_new_tokens != 1 or not s.needs_sample or s.seq.num_tokens > room
                     or params.uses_penalties or params.logprobs is not None
-                    or r.step < params.min_tokens or params.logit_bias):
+                    or r.step < params.min_tokens or params.logit_bias
+                    or r.token_mask is not None):
                 return 1
         return k if self.scheduler.reserve_lookahead(sched, k) else 1
 
@@ -679,6 +697,8 @@ class LLMEngine:
             if steps == 1:
                 token = tokens[i]
                 resolve(seq, index, token)
+                if seq.token_mask is not None:
+                    seq.token_mask.accept(token)
                 lp = None
                 if params.logprobs is not None:
                     lp = self._sample_logprobs(out, i, params.logprobs)
@@ -724,7 +744,7 @@ class LLMEngine:
         banned = () if step >= params.min_tokens else self._requests[
             seq.request_id].processors[seq.index].banned_token_ids(step)
         return sampler_lib.SamplingRow(params, seq.sample_seed, step, seq.prompt_token_ids,
-                                       seq.output_token_ids, banned)
+                                       seq.output_token_ids, banned, seq.token_mask)
 
     def _prompt_next_ids(self, sched: SchedulerOutput) -> np.ndarray | None:
         if not any(s.start_pos < s.seq.num_prompt_tokens

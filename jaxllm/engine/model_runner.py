@@ -859,7 +859,8 @@ class ModelRunner:
                                num_seqs=np.array([num_seqs], np.int32),
                                decode_only=bool(decode_only))
         sampling = sampler_lib.build_sampling_tensors(sampling_rows, pad_to=S,
-                                                      knob_cache=self._knob_cache)
+                                                      knob_cache=self._knob_cache,
+                                                      vocab_size=self.vocab_size)
         return StepInputs(token_ids=token_ids, positions=positions, md=md,
                           logits_indices=logits_indices, prev_rows=prev_rows, sampling=sampling)
 

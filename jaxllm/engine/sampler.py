@@ -1,13 +1,15 @@
 """The on-device sampler: one jittable call turns a batch's logits into next tokens.
 
 Dimension keys: S sequences (rows, padded to a bucket), V vocabulary, NB sparse logit-bias
-entries per row, N penalty token ids per row.
+entries per row, N penalty token ids per row, W = ceil(V / 32) token-bitmask words per row.
 
 Host side (numpy, every step): ``build_sampling_tensors(rows, pad_to=S)`` -> SamplingTensors.
 Device side (pure jnp, jit): ``sample(logits[S, V], tensors, num_logprobs, sort)`` ->
 SamplerOutput, a jitted call of its own after the model's forward (see engine/model_runner.py).
 
 Order of operations, as vLLM V1's Sampler:
+  0. the token bitmask (structured outputs, allowed_token_ids): tokens a row may not sample get
+     -inf (vLLM applies the grammar bitmask to the logits before its sampler too)
   1. logit_bias and bans (bans = -inf bias; the engine bans EOS/stop_token_ids until min_tokens)
   2. penalties: repetition (prompt + output tokens, vLLM's divide-positive/multiply-negative
      rule), then frequency (x count in output) and presence (x [count > 0] in output)
@@ -29,7 +31,8 @@ Cost: top_k/top_p need one descending sort of [S, V] (for V = 128k, O(S V log V)
 a log_softmax and a top-k over [S, V]: both are static variants (``sort``, ``num_logprobs``) the
 host picks per batch (``needs_sort``, ``logprobs_width``), so a greedy batch without log-probs
 does neither. A device-side ``lax.cond`` was tried first: on the GPU it still cost the sort
-(benchmarks/RESULTS.md, step profile). Penalties scatter into dense [S, V] counts only when the
+(benchmarks/RESULTS.md, step profile). The bitmask's W is 0 unless some row is constrained
+(engine/structured_output.py), so unconstrained batches do not unpack it. Penalties scatter into dense [S, V] counts only when the
 penalty arrays are non-empty (N > 0): N is a static shape, so the engine's N bucket is 0 unless
 some row in the batch uses a penalty.
 """
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +72,8 @@ class SamplingTensors:
     bias_values:       [S, NB] f32  added to the logit; -inf bans the token
     penalty_ids:       [S, N] i32  prompt + output token ids of rows with penalties (-1: padding)
     penalty_is_output: [S, N] bool True where the id is a generated (output) token
+    token_bitmask:     [S, W] i32  bit t % 32 of word t // 32 set: the row may sample token t
+                                   (W = 0 when no row is constrained; unconstrained rows: all -1)
     """
 
     temperature: jax.Array
@@ -84,6 +89,7 @@ class SamplingTensors:
     bias_values: jax.Array
     penalty_ids: jax.Array
     penalty_is_output: jax.Array
+    token_bitmask: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -108,6 +114,8 @@ class SamplingRow(NamedTuple):
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     banned_token_ids: Sequence[int] = ()  # e.g. EOS + stop_token_ids while below min_tokens
+    # engine/structured_output.TokenMask: the tokens the row may sample this step (None: all)
+    token_mask: Any = None
 
 
 def bucket_size(n: int, minimum: int) -> int:
@@ -134,8 +142,11 @@ class KnobCache:
 
 def build_sampling_tensors(rows: Sequence[SamplingRow | tuple], pad_to: int, *,
                            bias_len: int | None = None, penalty_len: int | None = None,
-                           knob_cache: KnobCache | None = None) -> SamplingTensors:
+                           knob_cache: KnobCache | None = None,
+                           vocab_size: int | None = None) -> SamplingTensors:
     """Builds the step's SamplingTensors (numpy) for ``rows`` padded to ``pad_to`` rows.
+
+    vocab_size: V, needed when a row has a token_mask (the bitmask is [S, ceil(V / 32)]).
 
     bias_len / penalty_len: the NB / N widths; by default bucketed (0 when no row needs them, else
     a power of two >= 8 / >= 64) so the jitted step sees few shapes. Pass a fixed width to pin it.
@@ -224,14 +235,39 @@ def build_sampling_tensors(rows: Sequence[SamplingRow | tuple], pad_to: int, *,
         penalty_ids[i, lp:lp + lo] = out
         penalty_is_output[i, lp:lp + lo] = True
 
+    # Token bitmask, only when some row is constrained.
+    masked = [(i, r[6]) for i, r in enumerate(rows) if len(r) > 6 and r[6] is not None]
+    if masked:
+        if vocab_size is None:
+            raise ValueError("a row with a token_mask needs build_sampling_tensors(vocab_size=)")
+        from jaxllm.engine.structured_output import TokenMask, mask_words
+
+        token_bitmask = np.full((S, mask_words(vocab_size)), -1, np.int32)
+        TokenMask.fill_rows(masked, token_bitmask)
+    else:
+        token_bitmask = np.zeros((S, 0), np.int32)
+
     return SamplingTensors(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
         seeds=seeds, steps=steps, bias_ids=bias_ids, bias_values=bias_values,
-        penalty_ids=penalty_ids, penalty_is_output=penalty_is_output)
+        penalty_ids=penalty_ids, penalty_is_output=penalty_is_output,
+        token_bitmask=token_bitmask)
 
 
 # -- device side ------------------------------------------------------------------------------
+
+def apply_token_bitmask(x: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """x[S, V] with -inf where the row's bit is clear in bitmask [S, W] (W = 0: unchanged)."""
+    if bitmask.shape[1] == 0:
+        return x
+    S, V = x.shape
+    shifts = jnp.arange(32, dtype=jnp.int32)
+    # Arithmetic shifts of int32 words; bit k of a negative word is still (w >> k) & 1.
+    bits = (bitmask[:, :, None] >> shifts) & 1  # [S, W, 32]
+    allowed = bits.reshape(S, -1)[:, :V].astype(jnp.bool_)
+    return jnp.where(allowed, x, -jnp.inf)
+
 
 def apply_bias(x: jax.Array, t: SamplingTensors) -> jax.Array:
     """x[S, V] + sparse bias (duplicates add; -inf bans). Padding entries add 0 to id 0."""
@@ -318,7 +354,8 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int | None = 0,
     logits = logits.astype(jnp.float32)
     S, V = logits.shape
 
-    x = apply_bias(logits, t)
+    x = apply_token_bitmask(logits, t.token_bitmask)
+    x = apply_bias(x, t)
     x = apply_penalties(x, t)
     greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)
     is_greedy = t.temperature < SAMPLING_EPS

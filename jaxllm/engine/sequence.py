@@ -78,6 +78,7 @@ class Sequence:
     cache_extra_keys: tuple = ()
     num_pending: int = 0
     pending_row: int = -1
+    token_mask: Any = None  # engine/structured_output.TokenMask of a constrained request
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,268 @@
+"""Structured outputs and allowed_token_ids: a per-row mask of the tokens a row may sample.
+
+Dimension keys: S sequences (rows), V vocabulary, W = ceil(V / 32) mask words.
+
+A constrained request's sequences each get a ``TokenMask`` (``StructuredOutputs.token_mask``):
+its grammar matcher and/or its fixed allowed ids. Each step the host writes the row's allowed
+tokens as a bitmask (bit t of word t // 32 set: token t may be sampled) into the sampler's
+``token_bitmask`` [S, W] int32 (``sampler.build_sampling_tensors``), and the sampler sets every
+other logit to -inf before anything else (``sampler.apply_token_bitmask``). After the step the
+engine feeds the sampled token to the matcher (``TokenMask.accept``), so a constrained row's
+token must be on the host before its next mask: the engine reads such a step back before the
+next schedule and never puts the row in a multi-step launch (engine/llm_engine.py).
+
+Backend: llguidance, vLLM's "guidance" backend. It compiles a JSON schema, regex, choice list,
+Lark or GBNF grammar in milliseconds with no per-schema preprocessing of the vocabulary, needs no
+torch (xgrammar, vLLM's default, does), and computes a mask in ~0.1-1 ms per row on the CPU
+(several rows at once on its own threads, ``LLExecutor``). The constraint is compiled and checked
+when the request is added, so a bad schema or regex is a ValueError (a 400 from the server) that
+names the problem, never an error in the step loop. When the grammar is complete, its mask allows
+only the end-of-sequence tokens, so the row stops there with finish_reason "stop".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
+
+logger = logging.getLogger("jaxllm")
+
+
+def mask_words(vocab_size: int) -> int:
+    """W: int32 words of one row's bitmask."""
+    return (vocab_size + 31) // 32
+
+
+def ids_to_bitmask(ids: Iterable[int], vocab_size: int) -> np.ndarray:
+    """[W] int32 with the bits of ``ids`` set."""
+    bits = np.zeros(mask_words(vocab_size) * 32, np.uint8)
+    bits[np.asarray(list(ids), np.int64)] = 1
+    return np.packbits(bits, bitorder="little").view(np.int32)
+
+
+def bitmask_to_ids(words: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The token ids whose bits are set in one row's [W] int32 bitmask."""
+    bits = np.unpackbits(np.ascontiguousarray(words, np.int32).view(np.uint8),
+                         bitorder="little")[:vocab_size]
+    return np.nonzero(bits)[0]
+
+
+def _no_extra_properties(schema: Any) -> None:
+    """vLLM's disable_additional_properties: every object schema with ``properties`` gets
+    ``additionalProperties: false`` unless it says otherwise (in place, through subschemas)."""
+    if isinstance(schema, list):
+        for item in schema:
+            _no_extra_properties(item)
+        return
+    if not isinstance(schema, dict):
+        return
+    for key in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"):
+        if isinstance(schema.get(key), dict):
+            for sub in schema[key].values():
+                _no_extra_properties(sub)
+    for key in ("additionalProperties", "items", "prefixItems", "allOf", "anyOf", "oneOf",
+                "not", "if", "then", "else", "contains"):
+        if isinstance(schema.get(key), (dict, list)):
+            _no_extra_properties(schema[key])
+    if "additionalProperties" not in schema and isinstance(schema.get("properties"), dict):
+        schema["additionalProperties"] = False
+
+
+def llguidance_tokenizer_json(tokenizer: Any) -> str:
+    """The HF fast tokenizer's tokenizer.json as llguidance reads it (llguidance.hf does the
+    same, but for the decoder below).
+
+    llguidance takes each token's bytes from the decoder's type: "ByteLevel" (GPT-2 style
+    byte-to-character tokens) or a "Sequence" with "ByteFallback" (sentencepiece style), and it
+    does not look for a ByteLevel inside a Sequence. transformers' GGUF conversion gives
+    byte-level BPE vocabularies (the default model's) the decoder Sequence[ByteFallback, Fuse,
+    Replace, ByteLevel], so llguidance took "Ċ" for the text "Ċ", not a newline, and let JSON
+    strings hold raw newlines (tests/test_structured_outputs.py). With a ByteLevel
+    pre-tokenizer the tokens are byte-level, so the ByteLevel decoder alone reads them right."""
+    backend = copy.copy(tokenizer.backend_tokenizer)
+    backend.no_padding()
+    backend.no_truncation()
+    spec = json.loads(backend.to_str())
+    decoder, pre = spec.get("decoder") or {}, spec.get("pre_tokenizer") or {}
+
+    def byte_level(part: dict) -> dict | None:
+        if part.get("type") == "ByteLevel":
+            return part
+        for sub in part.get("decoders") or part.get("pretokenizers") or ():
+            if sub.get("type") == "ByteLevel":
+                return sub
+        return None
+
+    if decoder.get("type") == "Sequence" and byte_level(pre) and byte_level(decoder):
+        spec["decoder"] = byte_level(decoder)
+    return json.dumps(spec)
+
+
+class StructuredOutputs:
+    """One engine's structured-output backend: the llguidance view of its tokenizer (built on
+    the first constrained request, ~0.3 s for a 49k vocabulary) and the compile / check of each
+    request's constraint."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]):
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._eos = sorted(set(eos_token_ids))
+        self._ll_tokenizer = None
+        self.executor = None  # llguidance's thread pool for the masks of a step's rows
+
+    @property
+    def ll_tokenizer(self):
+        if self._ll_tokenizer is None:
+            try:
+                import llguidance
+            except ImportError as e:
+                raise ValueError("structured outputs need the llguidance package "
+                                 "(pip install llguidance)") from e
+            n_vocab = max(self.vocab_size, len(self._tokenizer))
+            self._ll_tokenizer = llguidance.LLTokenizer(
+                llguidance_tokenizer_json(self._tokenizer), n_vocab=n_vocab,
+                eos_token=self._eos or None)
+            self.executor = llguidance.LLExecutor()
+        return self._ll_tokenizer
+
+    def grammar(self, so: StructuredOutputsParams) -> str:
+        """The llguidance grammar of ``so``, checked against the tokenizer. ValueError names
+        what is wrong with it."""
+        import llguidance
+
+        def from_schema(schema: Any) -> str:
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+            if so.disable_additional_properties:
+                schema = copy.deepcopy(schema)
+                _no_extra_properties(schema)
+            options: dict[str, Any] = {"whitespace_flexible": not so.disable_any_whitespace}
+            if so.whitespace_pattern is not None:
+                options["whitespace_pattern"] = so.whitespace_pattern
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
+
+        kind = so.kind
+        try:
+            if kind == "json":
+                grammar = from_schema(so.json)
+            elif kind == "json_object":
+                grammar = from_schema({"type": "object"})
+            elif kind == "regex":
+                grammar = llguidance.grammar_from("regex", so.regex)
+            elif kind == "choice":
+                grammar = llguidance.grammar_from("choice", so.choice)
+            elif kind == "grammar":
+                grammar = llguidance.grammar_from("grammar", so.grammar)
+            else:
+                grammar = self._structural_tag(so, from_schema)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"Invalid structured outputs {kind}: {e}") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
+        if error:
+            raise ValueError(f"Invalid structured outputs {kind}: {error}")
+        return grammar
+
+    @staticmethod
+    def _structural_tag(so: StructuredOutputsParams, from_schema) -> str:
+        import llguidance
+
+        spec = so.structural_tag
+        if isinstance(spec, str):
+            spec = json.loads(spec)
+        triggers = list(spec["triggers"])
+        tags = []
+        for s in spec["structures"]:
+            trigger = next((t for t in triggers if s["begin"].startswith(t)), None)
+            if trigger is None:
+                raise ValueError(f"the begin {s['begin']!r} starts with none of the triggers "
+                                 f"{triggers}")
+            tags.append(llguidance.StructTag(trigger=trigger, begin=s["begin"],
+                                             grammar=from_schema(s["schema"]), end=s["end"]))
+        if not tags:
+            raise ValueError("the structural tag has no structures")
+        return llguidance.StructTag.to_grammar(tags)
+
+    def token_mask(self, params: SamplingParams) -> TokenMask | None:
+        """The first sequence's TokenMask for ``params`` (None when it has no constraint);
+        siblings (n > 1) take ``TokenMask.fork()``. ValueError for a bad constraint."""
+        allowed = None
+        if params.allowed_token_ids is not None:
+            allowed = ids_to_bitmask(params.allowed_token_ids, self.vocab_size)
+        matcher = None
+        if params.structured_outputs is not None:
+            import llguidance
+
+            matcher = llguidance.LLMatcher(
+                self.ll_tokenizer, self.grammar(params.structured_outputs),
+                log_level=int(os.environ.get("LLGUIDANCE_LOG_LEVEL", "0")))
+            if matcher.is_error():
+                raise ValueError(f"Invalid structured outputs: {matcher.get_error()}")
+        if allowed is None and matcher is None:
+            return None
+        return TokenMask(self, matcher, allowed)
+
+
+class TokenMask:
+    """One sequence's constraint: an llguidance matcher (structured outputs) and/or a fixed
+    allowed-ids bitmask (allowed_token_ids); a token must pass both."""
+
+    __slots__ = ("backend", "matcher", "allowed")
+
+    def __init__(self, backend: StructuredOutputs, matcher: Any, allowed: np.ndarray | None):
+        self.backend, self.matcher, self.allowed = backend, matcher, allowed
+
+    def fork(self) -> TokenMask:
+        """A copy for a sibling sequence (n > 1): the same constraint, its own parse state."""
+        matcher = self.matcher.deep_copy() if self.matcher is not None else None
+        return TokenMask(self.backend, matcher, self.allowed)
+
+    @property
+    def changes_per_token(self) -> bool:
+        """Whether the mask depends on the tokens sampled so far (a grammar)."""
+        return self.matcher is not None
+
+    def accept(self, token: int) -> None:
+        """Advances the grammar past a sampled token. A token the grammar refuses (one the
+        mask could not stop, such as a stop token below min_tokens) leaves the matcher in its
+        error state, whose mask allows only EOS: the row ends instead of going on unchecked."""
+        m = self.matcher
+        if m is None or m.is_stopped():
+            return
+        if not m.consume_token(token) and m.is_error():
+            logger.warning("structured outputs: token %d does not fit the grammar (%s); the "
+                           "sequence ends at the next token", token, m.get_error())
+
+    @staticmethod
+    def fill_rows(items: Sequence[tuple[int, TokenMask]], out: np.ndarray) -> None:
+        """Writes each (row, mask)'s allowed tokens into ``out[row]`` ([S, W] int32, rows not
+        listed untouched). Grammar rows are computed together on llguidance's threads."""
+        if not items:
+            return
+        W = out.shape[1]
+        grammar_rows = [(i, m) for i, m in items if m.matcher is not None]
+        if grammar_rows:
+            from llguidance.numpy import fill_next_token_bitmask_par
+
+            backend = grammar_rows[0][1].backend
+            words = mask_words(backend.ll_tokenizer.vocab_size)
+            buf = np.empty((len(grammar_rows), words), np.int32)
+            fill_next_token_bitmask_par(
+                backend.executor, [(m.matcher, j) for j, (_, m) in enumerate(grammar_rows)], buf)
+            for j, (i, _) in enumerate(grammar_rows):
+                out[i] = buf[j, :W]
+        for i, m in items:
+            if m.allowed is not None:
+                if m.matcher is None:
+                    out[i] = m.allowed
+                else:
+                    out[i] &= m.allowed
