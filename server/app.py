@@ -35,6 +35,8 @@ from pydantic import BaseModel, ValidationError
 from jaxllm import RequestOutput, SamplingParams
 from jaxllm.sampling_params import RequestOutputKind
 from server import protocol as P
+from server import tools as tool_lib
+from server.tools import template_message_tool_calls
 from server.metrics import CONTENT_TYPE, ServerMetrics
 
 logger = logging.getLogger("jaxllm.server")
@@ -297,7 +299,8 @@ class PromptRenderer:
 
     def _apply_chat_template(self, messages: list[P.ChatMessage], *,
                              add_generation_prompt: bool, continue_final_message: bool = False,
-                             template_kwargs: dict | None = None) -> _Prompt:
+                             template_kwargs: dict | None = None,
+                             tools: list[dict] | None = None) -> _Prompt:
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "This model's tokenizer has no chat template; use "
@@ -312,7 +315,13 @@ class PromptRenderer:
             d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             if m.name:
                 d["name"] = m.name
+            if m.tool_calls:
+                d["tool_calls"] = template_message_tool_calls(m.tool_calls)
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
             conv.append(d)
+        if tools:
+            kwargs["tools"] = tools
         try:
             text = tok.apply_chat_template(conv, tokenize=False,
                                            add_generation_prompt=add_generation_prompt,
@@ -348,7 +357,16 @@ class PromptRenderer:
 class OpenAIServer(PromptRenderer):
     def __init__(self, engine: Any, *, api_key: str | None, served_model_names: list[str],
                  max_request_bytes: int, max_concurrent_requests: int,
-                 log_stats_interval: float | None):
+                 log_stats_interval: float | None, enable_auto_tool_choice: bool = False,
+                 tool_call_parser: str | None = None):
+        if tool_call_parser is not None and tool_call_parser not in tool_lib.TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {tool_lib.TOOL_CALL_PARSERS}, "
+                             f"got {tool_call_parser!r}.")
+        if enable_auto_tool_choice and tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser "
+                             f"({' or '.join(tool_lib.TOOL_CALL_PARSERS)}).")
+        self.enable_auto_tool_choice = enable_auto_tool_choice
+        self.tool_call_parser = tool_call_parser
         self.engine = engine
         self.api_key = api_key
         self.names = served_model_names
@@ -479,8 +497,8 @@ class OpenAIServer(PromptRenderer):
                 await lease.close()
 
     def _sampling_params(self, req: P._SamplingFields, *, max_tokens: int | None,
-                         logprobs: int | None, prompt_logprobs: int | None = None
-                         ) -> SamplingParams:
+                         logprobs: int | None, prompt_logprobs: int | None = None,
+                         tools: tool_lib.ToolPlan | None = None) -> SamplingParams:
         # The model's generation config gives what the request leaves out, and caps max_tokens,
         # as in vLLM (jaxllm/loading/generation_config.py).
         defaults = self.sampling_defaults
@@ -501,8 +519,14 @@ class OpenAIServer(PromptRenderer):
             raise APIError(400, str(e), param=_param_in(str(e), [
                 "response_format", "structured_outputs", "guided_json", "guided_regex",
                 "guided_choice", "guided_grammar", "guided_decoding_backend"])) from None
-        if so is not None:
-            kw["structured_outputs"] = so[1]
+        forced = tools.structured_outputs() if tools is not None else None
+        if forced is not None and req.guided_whitespace_pattern is not None:
+            forced.whitespace_pattern = req.guided_whitespace_pattern
+        if forced is not None and so is not None:
+            raise APIError(400, f"tool_choice {tools.mode!r} cannot be combined with "
+                           f"{so[0]}: both constrain the reply.", param="tool_choice")
+        if so is not None or forced is not None:
+            kw["structured_outputs"] = forced or so[1]
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
                      "min_p", "repetition_penalty"):
             v = getattr(req, name)
@@ -859,24 +883,48 @@ class OpenAIServer(PromptRenderer):
             model = self._model(req.model)
             if (u := req.unsupported()) is not None:
                 raise APIError(400, u[1], param=u[0])
+            try:
+                tools = tool_lib.plan(req.tools, req.tool_choice,
+                                      parallel=req.parallel_tool_calls,
+                                      enable_auto=self.enable_auto_tool_choice,
+                                      parser=self.tool_call_parser)
+            except tool_lib.ToolError as e:
+                raise APIError(400, str(e), param=e.param) from None
             prompt = self._apply_chat_template(
                 req.messages, add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
-                template_kwargs=req.chat_template_kwargs)
+                template_kwargs=req.chat_template_kwargs,
+                tools=tools.template_tools if tools is not None else None)
             max_tokens = (req.max_completion_tokens if req.max_completion_tokens is not None
                           else req.max_tokens)
             k = (req.top_logprobs or 0) if req.logprobs else None
-            params = self._sampling_params(req, max_tokens=max_tokens, logprobs=k)
+            params = self._sampling_params(req, max_tokens=max_tokens, logprobs=k, tools=tools)
             [prompt] = self._truncated([prompt], params)
             rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
             stream = lease.own(self._merge([prompt], params, rid))
             first = await self._first(stream, req)
             if req.stream:
                 return lease.hand_off(Reply.sse(self._stream_chat(req, model, rid, stream, first,
-                                                                  t0, k)))
-            return await self._full_chat(call, req, model, rid, prompt, stream, first, t0, k)
+                                                                  t0, k, tools)))
+            return await self._full_chat(call, req, model, rid, prompt, stream, first, t0, k,
+                                         tools)
 
-    async def _full_chat(self, call, req, model, rid, prompt, stream, first, t0, k):
+    @staticmethod
+    def _reply_message(text: str, finish_reason: str | None, tools: tool_lib.ToolPlan | None
+                       ) -> tuple[P.ChatResponseMessage, str | None]:
+        """The assistant message of a finished reply (its tool calls read out of the text) and
+        its finish_reason ("tool_calls" when the model chose to call: required / auto)."""
+        if tools is None or tools.mode == "none":
+            return P.ChatResponseMessage(content=text), finish_reason
+        content, calls = tools.extract(text)
+        msg = P.ChatResponseMessage(content=content, tool_calls=[
+            P.ToolCall(id=c.id, function=P.FunctionCall(name=c.name, arguments=c.arguments))
+            for c in calls])
+        if calls and tools.mode != "named" and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        return msg, finish_reason
+
+    async def _full_chat(self, call, req, model, rid, prompt, stream, first, t0, k, tools):
         choices: dict[tuple[int, int], _Choice] = {}
         item = first
         try:
@@ -890,22 +938,28 @@ class OpenAIServer(PromptRenderer):
             raise
         except Exception as e:
             raise self._engine_error(e) from None
-        result = [P.ChatChoice(
-            index=ci, message=P.ChatResponseMessage(content="".join(st.text)),
-            logprobs=self._chat_logprobs(st.token_ids, st.logprobs, k) if k is not None else None,
-            finish_reason=st.finish_reason, stop_reason=st.stop_reason)
-            for (_, ci), st in sorted(choices.items())]
+        result = []
+        for (_, ci), st in sorted(choices.items()):
+            message, finish = self._reply_message("".join(st.text), st.finish_reason, tools)
+            result.append(P.ChatChoice(
+                index=ci, message=message, finish_reason=finish, stop_reason=st.stop_reason,
+                logprobs=(self._chat_logprobs(st.token_ids, st.logprobs, k) if k is not None
+                          else None)))
         resp = P.ChatCompletionResponse(id=rid, created=int(time.time()), model=model,
                                         choices=result,
                                         usage=self._usage({0: len(prompt.ids)}, choices))
         return Reply.json(resp.model_dump())
 
-    async def _stream_chat(self, req, model, rid, stream, first, t0, k) -> AsyncIterator[bytes]:
+    async def _stream_chat(self, req, model, rid, stream, first, t0, k, tools
+                           ) -> AsyncIterator[bytes]:
         n, created = req.n, int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         choices: dict[tuple[int, int], _Choice] = {}
         prompt_lens: dict[int, int] = {}
+        # with tools, each choice's text goes through a ToolStream (server/tools.py)
+        tool_streams = ({i: tool_lib.ToolStream(tools) for i in range(n)}
+                        if tools is not None and tools.mode != "none" else None)
 
         def chunk(cs, usage=None):
             return P.ChatCompletionStreamResponse(id=rid, created=created, model=model,
@@ -923,14 +977,20 @@ class OpenAIServer(PromptRenderer):
                 cs = []
                 for idx, st, c in self._record(choices, 0, n, out, time.perf_counter(), t0):
                     new_finish = st.finish_reason is not None and not st.finish_sent
-                    if not c.text and not (k is not None and c.token_ids) and not new_finish:
+                    content, calls, finish = c.text, None, st.finish_reason
+                    if tool_streams is not None:
+                        content, calls = tool_streams[idx].feed(c.text, new_finish)
+                        if calls and tools.mode != "named" and finish == "stop":
+                            finish = "tool_calls"
+                    if (not content and not calls and not (k is not None and c.token_ids)
+                            and not new_finish):
                         continue
                     st.finish_sent = st.finish_sent or new_finish
                     cs.append(P.ChatStreamChoice(
-                        index=idx, delta=P.DeltaMessage(content=c.text),
+                        index=idx, delta=P.DeltaMessage(content=content, tool_calls=calls or None),
                         logprobs=(self._chat_logprobs(list(c.token_ids), list(c.logprobs or []), k)
                                   if k is not None else None),
-                        finish_reason=st.finish_reason if new_finish else None,
+                        finish_reason=finish if new_finish else None,
                         stop_reason=st.stop_reason if new_finish else None))
                 if cs:
                     yield self._event(chunk(cs, self._usage(prompt_lens, choices)
@@ -977,9 +1037,11 @@ def build_app(engine: Any, *, api_key: str | None = None,
               served_model_name: str | list[str] | None = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
-              log_stats_interval: float | None = 10.0) -> web.Application:
+              log_stats_interval: float | None = 10.0, enable_auto_tool_choice: bool = False,
+              tool_call_parser: str | None = None) -> web.Application:
     """The aiohttp app serving ``engine`` (an AsyncEngine). The engine is the caller's to shut
-    down; several apps may share one engine."""
+    down; several apps may share one engine. ``enable_auto_tool_choice`` and
+    ``tool_call_parser`` (server/tools.py): vLLM's flags for tool_choice "auto"."""
     if served_model_name is None:
         names = [engine.model_name]
     elif isinstance(served_model_name, str):
@@ -989,7 +1051,9 @@ def build_app(engine: Any, *, api_key: str | None = None,
     srv = OpenAIServer(engine, api_key=api_key, served_model_names=names,
                        max_request_bytes=max_request_bytes,
                        max_concurrent_requests=max_concurrent_requests,
-                       log_stats_interval=log_stats_interval)
+                       log_stats_interval=log_stats_interval,
+                       enable_auto_tool_choice=enable_auto_tool_choice,
+                       tool_call_parser=tool_call_parser)
     app = web.Application(client_max_size=max_request_bytes,
                           middlewares=[srv.error_middleware, srv.auth_middleware])
     app[SERVER_KEY] = srv

@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable
 
 from server.app import DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_MAX_REQUEST_BYTES
+from server.tools import TOOL_CALL_PARSERS
 
 logger = logging.getLogger("jaxllm.server")
 
@@ -44,6 +45,11 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
                    help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between throughput log lines (0: off)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='tool_choice "auto": the model decides to call tools, in the format '
+                        "--tool-call-parser reads (server/tools.py)")
+    p.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                   help="how tool calls are read out of a reply under tool_choice auto")
     d = p.add_argument_group("Multi-host (jax.distributed; sharding/distributed.py)")
     d.add_argument("--distributed", action="store_true",
                    help="join a jax.distributed job: process 0 serves, the others follow its steps")
@@ -90,7 +96,9 @@ def ray_app_kwargs(args: argparse.Namespace, engine_kwargs: dict, num_gpus: floa
         served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
         max_concurrent_requests=args.max_concurrent_requests,
         prefix_routing_pages=args.prefix_routing_pages,
-        num_hosts_per_replica=args.num_hosts_per_replica)
+        num_hosts_per_replica=args.num_hosts_per_replica,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser)
     if args.max_replicas is not None:
         if args.max_replicas < args.num_replicas:
             raise ValueError(f"--max-replicas ({args.max_replicas}) must be >= --num-replicas "
@@ -192,7 +200,9 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
                           served_model_name=args.served_model_name,
                           max_request_bytes=args.max_request_bytes,
                           max_concurrent_requests=args.max_concurrent_requests,
-                          log_stats_interval=args.log_stats_interval or None))
+                          log_stats_interval=args.log_stats_interval or None,
+                          enable_auto_tool_choice=args.enable_auto_tool_choice,
+                          tool_call_parser=args.tool_call_parser))
     finally:
         engine.shutdown()
     return 0

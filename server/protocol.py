@@ -195,10 +195,23 @@ class TextContentPart(_Model):
     text: str
 
 
+class FunctionCallParam(_Model):
+    name: str
+    arguments: str
+
+
+class ToolCallParam(_Model):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatMessage(_Model):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -221,6 +234,27 @@ class ChatMessage(_Model):
         return "".join(p.text for p in self.content)
 
 
+class FunctionDefinition(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Model):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Annotated[int, Field(le=INT32_MAX)] | None = None  # deprecated by OpenAI
@@ -235,9 +269,10 @@ class ChatCompletionRequest(_SamplingFields):
     prediction: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     modalities: list[str] | None = None
+    # Tool calling (server/tools.py)
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     # OpenAI fields we do not implement: 400 unless neutral.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
@@ -247,12 +282,9 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.tools:
-            return "tools", "tools (function calling) are not supported by this server."
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice", "tool_choice is not supported by this server."
         if self.functions or self.function_call not in (None, "none"):
-            return "functions", "functions / function_call are not supported by this server."
+            return "functions", ("functions / function_call (deprecated by OpenAI) are not "
+                                 "supported; use tools / tool_choice.")
         if self.audio is not None:
             return "audio", "audio output is not supported by this server."
         if self.modalities is not None and set(self.modalities) - {"text"}:
@@ -360,9 +392,21 @@ class ChatLogprobs(_Response):
     content: list[ChatLogprobToken] | None = None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)  # as vLLM: [] when none
 
 
 class ChatChoice(_Response):
@@ -382,18 +426,33 @@ class ChatCompletionResponse(_Response):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(_Response):
     """A streamed chat delta. The role goes in a choice's first delta only; the later ones
-    leave the key out, as OpenAI's and vLLM's streams do (not ``"role": null``)."""
+    leave the key out, as OpenAI's and vLLM's streams do (not ``"role": null``); tool_calls
+    appear only in the deltas that carry calls."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
-    def _without_a_null_role(self, handler):
+    def _without_null_keys(self, handler):
         out = handler(self)
-        if out.get("role", "") is None:
-            del out["role"]
+        for key in ("role", "tool_calls"):
+            if key in out and out[key] is None:
+                del out[key]
         return out
 
 

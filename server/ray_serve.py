@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from server import prefix_routing
+from server.tools import TOOL_CALL_PARSERS
 from server.app import (DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_MAX_REQUEST_BYTES, APIError,
                         Call, OpenAIServer, PromptRenderer)
 
@@ -98,7 +99,7 @@ class EngineServer:
     def __init__(self, engine_args: dict[str, Any], served_model_name: str | list[str] | None,
                  api_key: str | None, max_request_bytes: int, max_concurrent_requests: int,
                  num_hosts: int = 1, actor_options: dict[str, Any] | None = None,
-                 metrics_interval_s: float = 5.0):
+                 metrics_interval_s: float = 5.0, tool_options: dict[str, Any] | None = None):
         self.followers: list[Any] = []
         # vLLM's server batch defaults, on the leader and its followers alike.
         engine_args = {"usage_context": "server", **engine_args}
@@ -116,7 +117,7 @@ class EngineServer:
         self.server = OpenAIServer(self.engine, api_key=api_key, served_model_names=names,
                                    max_request_bytes=max_request_bytes,
                                    max_concurrent_requests=max_concurrent_requests,
-                                   log_stats_interval=None)
+                                   log_stats_interval=None, **(tool_options or {}))
         self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
         from server.ray_metrics import RayEngineMetrics
 
@@ -274,7 +275,8 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
               imbalanced_threshold: float = prefix_routing.DEFAULT_IMBALANCED_THRESHOLD,
               num_ingress_replicas: int = 1, max_retries: int = DEFAULT_MAX_RETRIES,
               health_check_period_s: float = 10.0, num_hosts_per_replica: int = 1,
-              metrics_interval_s: float = 5.0) -> serve.Application:
+              metrics_interval_s: float = 5.0, enable_auto_tool_choice: bool = False,
+              tool_call_parser: str | None = None) -> serve.Application:
     """The Serve application: ``serve.run(build_app(...))``.
 
     ``engine_args``: EngineConfig keywords (``{"model": "/path", "max_model_len": 4096}``).
@@ -289,6 +291,8 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
     ``num_hosts_per_replica`` > 1: each replica is a jax.distributed job over that many nodes
     (one placement-group bundle of ``ray_actor_options``' resources per node, STRICT_SPREAD;
     server/ray_multihost.py); size ``tensor_parallel_size`` to all its hosts' devices.
+    ``enable_auto_tool_choice`` / ``tool_call_parser``: as the aiohttp server's
+    (server/tools.py).
     """
     engine_args = dict(engine_args or {})
     from jaxllm import EngineConfig
@@ -304,6 +308,13 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
                         ("num_hosts_per_replica", num_hosts_per_replica, 1)):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}.")
+    if tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+        raise ValueError(f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, got "
+                         f"{tool_call_parser!r}.")
+    if enable_auto_tool_choice and tool_call_parser is None:
+        raise ValueError("enable_auto_tool_choice needs a tool_call_parser.")
+    tool_options = {"enable_auto_tool_choice": enable_auto_tool_choice,
+                    "tool_call_parser": tool_call_parser}
     if not metrics_interval_s > 0:
         raise ValueError(f"metrics_interval_s must be > 0, got {metrics_interval_s!r}.")
     actor_options = dict(ray_actor_options or {"num_cpus": 1})
@@ -329,7 +340,7 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
         options["num_replicas"] = 1 if num_replicas is None else num_replicas
     engine = serve.deployment(EngineServer).options(**options).bind(
         engine_args, served_model_name, api_key, max_request_bytes, max_concurrent_requests,
-        num_hosts_per_replica, actor_options, metrics_interval_s)
+        num_hosts_per_replica, actor_options, metrics_interval_s, tool_options)
     ingress = serve.deployment(OpenAIIngress).options(
         name=INGRESS_DEPLOYMENT, num_replicas=num_ingress_replicas,
         max_ongoing_requests=max(max_ongoing_requests * 4, 1024),

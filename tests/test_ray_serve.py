@@ -396,6 +396,13 @@ def test_jaxllm_serve_ray_flags_build_the_app():
     kw = ray_app_kwargs(args, engine_kwargs(args), num_gpus=1.0)
     assert kw["num_hosts_per_replica"] == 2 and kw["engine_args"]["tensor_parallel_size"] == 2
     assert isinstance(build_app(**kw), serve.Application)
+    args = parser.parse_args(["serve", "--ray", "--enable-auto-tool-choice",
+                              "--tool-call-parser", "hermes"])
+    kw = ray_app_kwargs(args, engine_kwargs(args), num_gpus=1.0)
+    assert (kw["enable_auto_tool_choice"], kw["tool_call_parser"]) == (True, "hermes")
+    assert isinstance(build_app(**kw), serve.Application)
+    with pytest.raises(ValueError, match="needs a tool_call_parser"):
+        build_app(enable_auto_tool_choice=True)
     args = parser.parse_args(["serve", "--ray", "--num-replicas", "3", "--max-replicas", "2"])
     with pytest.raises(ValueError, match=r"--max-replicas \(2\) must be >= --num-replicas \(3\)"):
         ray_app_kwargs(args, engine_kwargs(args), num_gpus=0.0)

@@ -409,6 +409,116 @@ def test_bad_structured_outputs_are_400_and_leave_the_engine_idle(servers, engin
     _wait_idle(engine)
 
 
+# -- tool calling ---------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 10},
+        "unit": {"enum": ["C", "F"]}}, "required": ["city", "unit"],
+        "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {
+        "zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def _args_fit(call, tool):
+    jsonschema = pytest.importorskip("jsonschema")
+    assert call.type == "function" and call.id.startswith("chatcmpl-tool-")
+    assert call.function.name == tool["function"]["name"]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+def test_a_named_tool_choice_returns_one_call_whose_arguments_fit_its_schema(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER, TIME], max_tokens=80, temperature=1.0,
+        seed=3, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        extra_body=TIGHT)
+    ch = r.choices[0]
+    assert ch.finish_reason == "stop" and not ch.message.content  # OpenAI's, for a forced call
+    [call] = ch.message.tool_calls
+    _args_fit(call, WEATHER)
+    # streamed: the call's id and name first, then its arguments as they come
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=80, temperature=1.0, seed=3,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True,
+        extra_body=TIGHT)
+    deltas = [tc for c in stream if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].function.name == "get_weather" and len(deltas) > 2
+    assert all(d.index == 0 and d.id is None for d in deltas[1:])
+    args = "".join(d.function.arguments or "" for d in deltas)
+    assert json.loads(args) == json.loads(call.function.arguments)  # same seed, same call
+
+
+def test_required_tool_choice_calls_listed_tools_and_ends_with_tool_calls(client):
+    tools = {"get_weather": WEATHER, "get_time": TIME}
+    kw = dict(model=MODEL, messages=ASK, tools=list(tools.values()), tool_choice="required",
+              temperature=1.0, extra_body=TIGHT)
+    # One call each (a random model would otherwise add calls until max_tokens).
+    r = client.chat.completions.create(**kw, parallel_tool_calls=False, max_tokens=100, seed=4,
+                                       n=3)
+    for ch in r.choices:
+        assert ch.finish_reason == "tool_calls" and not ch.message.content, ch
+        [call] = ch.message.tool_calls
+        _args_fit(call, tools[call.function.name])
+    # Several calls allowed: each fits its tool; a list cut short by max_tokens is text.
+    r = client.chat.completions.create(**kw, max_tokens=200, seed=5, n=4)
+    for ch in r.choices:
+        if ch.finish_reason == "tool_calls":
+            assert ch.message.tool_calls and not ch.message.content
+            for call in ch.message.tool_calls:
+                _args_fit(call, tools[call.function.name])
+        else:
+            assert ch.finish_reason == "length" and ch.message.tool_calls == []
+            assert ch.message.content.startswith("[")
+    stream = client.chat.completions.create(**kw, parallel_tool_calls=False, max_tokens=100,
+                                            seed=4, n=3, stream=True)
+    choices = [ch for c in stream for ch in c.choices]
+    calls = [tc for ch in choices if ch.index == 0 for tc in (ch.delta.tool_calls or [])]
+    assert sorted((ch.index, ch.finish_reason) for ch in choices if ch.finish_reason) == [
+        (i, "tool_calls") for i in range(3)]
+    first = client.chat.completions.create(**kw, parallel_tool_calls=False, max_tokens=100,
+                                           seed=4, n=3).choices[0].message.tool_calls[0]
+    [call] = calls
+    assert (call.index, call.function.name, json.loads(call.function.arguments)) == (
+        0, first.function.name, json.loads(first.function.arguments))  # the same seed
+
+
+def test_a_tool_conversation_round_trips_and_auto_needs_the_parser_flags(client, servers, engine):
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER],
+                                       tool_choice="none", max_tokens=5)
+    assert r.choices[0].message.tool_calls == [] and r.choices[0].message.content is not None
+    base = {"model": MODEL, "messages": ASK, "max_tokens": 3}
+    for extra, param in (
+            ({"tools": [WEATHER]}, "tool_choice"),  # auto by default; this server has no parser
+            ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
+            ({"tool_choice": "required"}, "tool_choice"),
+            ({"tools": [WEATHER], "tool_choice": {"type": "function",
+                                                  "function": {"name": "nope"}}}, "tool_choice"),
+            ({"tools": [WEATHER], "tool_choice": "required",
+              "response_format": {"type": "json_object"}}, "tool_choice"),
+            ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+            ({"functions": [{"name": "f"}]}, "functions")):
+        status, _, body = _post(servers, "/v1/chat/completions", {**base, **extra})
+        _assert_error(status, body, 400, param)
+    with pytest.raises(ValueError, match="tool-call-parser"):
+        build_app(engine, enable_auto_tool_choice=True)
+    # With the flags, "auto" runs; a random model calls nothing, so the reply is text.
+    auto = servers.start(build_app(engine, served_model_name=MODEL,
+                                   enable_auto_tool_choice=True, tool_call_parser="hermes"))
+    c = openai.OpenAI(base_url=auto + "/v1", api_key="unused", max_retries=0)
+    r = c.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=6,
+                                  temperature=0.0)
+    assert r.choices[0].message.tool_calls == [] and r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    _wait_idle(engine)
+
+
 # -- errors ---------------------------------------------------------------------------------------
 def _assert_error(status, body, expected_status, param=None):
     assert status == expected_status, body
@@ -454,7 +564,8 @@ def test_prompt_plus_max_tokens_over_the_context_is_400_with_both_numbers(client
 
 def test_unsupported_chat_features_are_400(servers):
     base = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
-    for extra, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    for extra, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]},
+                          "tool_choice"),  # "auto" without --enable-auto-tool-choice
                          ({"top_logprobs": 2}, "top_logprobs"),
                          ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
                          ({"messages": []}, "messages")):
@@ -717,6 +828,11 @@ def test_serve_parser_reads_flags_and_the_api_key_from_the_environment(monkeypat
     assert (args.model, args.port, args.api_key, args.served_model_name) == (
         "/models/x", 9000, "from-env", ["m"])
     assert parser.parse_args(["serve"]).model is None
+    args = parser.parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser",
+                              "llama3_json"])
+    assert (args.enable_auto_tool_choice, args.tool_call_parser) == (True, "llama3_json")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--tool-call-parser", "mistral"])
 
 
 def test_client_disconnect_mid_request_aborts_a_non_streamed_completion(servers, engine):

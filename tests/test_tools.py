@@ -1,0 +1,121 @@
+"""Tool calling's host side (server/tools.py): the request's plan, the "auto" parsers, and the
+stream of deltas a reply turns into, chunk by chunk. The server tests drive forced calls through
+a model; a random model never writes a call of its own, so "auto" replies are written here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server import tools as T
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def _plan(choice="auto", parser="hermes", tools=(WEATHER, TIME), parallel=None):
+    return T.plan(list(tools), choice, parallel=parallel, enable_auto=True, parser=parser)
+
+
+def _calls(calls):
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def test_plans_follow_openai_defaults_and_refuse_what_vllm_refuses():
+    assert T.plan(None, None, parallel=None, enable_auto=False, parser=None) is None
+    assert _plan(None).mode == "auto"  # tools without a choice: auto
+    assert _plan("none").mode == "none" and _plan("none").structured_outputs() is None
+    named = _plan({"type": "function", "function": {"name": "get_weather"}})
+    assert named.mode == "named"
+    assert named.structured_outputs().json == WEATHER["function"]["parameters"]
+    required = _plan("required", parallel=False).structured_outputs().json
+    assert required["maxItems"] == 1 and len(required["items"]["anyOf"]) == 2
+    # a tool without parameters takes any object
+    assert required["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object"}
+    for choice, tools, auto, match in (
+            ("auto", [WEATHER], False, "enable-auto-tool-choice"),
+            ("required", [], True, "needs tools"),
+            ({"type": "function", "function": {"name": "nope"}}, [WEATHER], True,
+             "has not been passed"),
+            ("sometimes", [WEATHER], True, "must be")):
+        with pytest.raises(T.ToolError, match=match) as e:
+            T.plan(tools, choice, parallel=None, enable_auto=auto,
+                   parser="hermes" if auto else None)
+        assert e.value.param == "tool_choice"
+
+
+def test_hermes_replies_give_their_calls_and_the_text_before_them():
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+            '\n</tool_call>\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
+    content, calls = T.parse_hermes(text)
+    assert content == "Let me check."
+    assert _calls(calls) == [("get_weather", {"city": "Oslo"}), ("get_time", {})]
+    assert T.parse_hermes("plain answer") == ("plain answer", [])
+    broken = "<tool_call>{not json</tool_call>"
+    assert T.parse_hermes(broken) == (broken, [])  # unreadable: the text, no call
+
+
+def test_llama3_json_replies_with_or_without_the_python_tag():
+    content, calls = T.parse_llama3_json(
+        '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Rome"}}; '
+        '{"name": "get_time", "parameters": {}}')
+    assert content is None
+    assert _calls(calls) == [("get_weather", {"city": "Rome"}), ("get_time", {})]
+    assert _calls(T.parse_llama3_json('{"name": "get_time", "parameters": {}}')[1]) == [
+        ("get_time", {})]
+    assert T.parse_llama3_json("It is sunny.") == ("It is sunny.", [])
+    assert T.parse_llama3_json('{"oops": 1}') == ('{"oops": 1}', [])
+
+
+def _stream(plan, chunks):
+    """Feeds the chunks (the last one finishes); returns (content sent, tool-call deltas)."""
+    s = T.ToolStream(plan)
+    sent, deltas = [], []
+    for i, c in enumerate(chunks):
+        content, calls = s.feed(c, i == len(chunks) - 1)
+        sent.append(content or "")
+        deltas += calls
+    return sent, deltas
+
+
+def test_auto_streams_text_before_a_call_and_holds_what_may_start_one():
+    chunks = ["Sure", ", checking <to", "ol_call>", '{"name": "get_time", ', '"arguments": {}}',
+              "</tool_call>"]
+    sent, deltas = _stream(_plan(), chunks)
+    assert sent[:2] == ["Sure", ", checking "]  # "<to" is held: it may open a call
+    assert "".join(sent) == "Sure, checking "
+    assert [(d["index"], d["function"]["name"], json.loads(d["function"]["arguments"]))
+            for d in deltas] == [(0, "get_time", {})]
+    # "<to" that turns out to be text goes out once it cannot open a call
+    sent, deltas = _stream(_plan(), ["a <to", "day> b", " c"])
+    assert sent == ["a ", "<today> b", " c"] and deltas == []
+    # llama3_json: a reply that starts as JSON is held whole; other text streams
+    sent, deltas = _stream(_plan(parser="llama3_json"),
+                           ['{"name": "get_weather", ', '"parameters": {"city": "X"}}'])
+    assert sent == ["", ""] and deltas[0]["function"]["name"] == "get_weather"
+    sent, _ = _stream(_plan(parser="llama3_json"), ["Hello", " there"])
+    assert sent == ["Hello", " there"]
+
+
+def test_forced_calls_stream_arguments_and_required_ones_come_whole():
+    named = _plan({"type": "function", "function": {"name": "get_weather"}})
+    sent, deltas = _stream(named, ['{"city"', ': "Lima"}'])
+    assert sent == ["", ""]
+    assert deltas[0]["id"].startswith("chatcmpl-tool-") and deltas[0]["function"] == {
+        "name": "get_weather", "arguments": ""}
+    assert "".join(d["function"]["arguments"] for d in deltas) == '{"city": "Lima"}'
+    sent, deltas = _stream(_plan("required"), ['[{"name": "get_time", ', '"parameters": {}}]'])
+    assert sent == ["", ""] and len(deltas) == 1 and deltas[0]["index"] == 0
+    # a list cut short (max_tokens) is no call: it goes out as text
+    sent, deltas = _stream(_plan("required"), ['[{"name": "get_ti'])
+    assert sent == ['[{"name": "get_ti'] and deltas == []
+
+
+def test_template_gets_tool_call_arguments_as_objects():
+    out = T.template_message_tool_calls([{"id": "c1", "type": "function", "function": {
+        "name": "f", "arguments": '{"a": 1}'}}, {"id": "c2", "type": "function", "function": {
+            "name": "g", "arguments": "not json"}}])
+    assert out[0]["function"]["arguments"] == {"a": 1}
+    assert out[1]["function"]["arguments"] == "not json"
