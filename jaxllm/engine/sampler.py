@@ -32,9 +32,9 @@ a log_softmax and a top-k over [S, V]: both are static variants (``sort``, ``num
 host picks per batch (``needs_sort``, ``logprobs_width``), so a greedy batch without log-probs
 does neither. A device-side ``lax.cond`` was tried first: on the GPU it still cost the sort
 (benchmarks/RESULTS.md, step profile). The bitmask's W is 0 unless some row is constrained
-(engine/structured_output.py), so unconstrained batches do not unpack it. Penalties scatter into dense [S, V] counts only when the
-penalty arrays are non-empty (N > 0): N is a static shape, so the engine's N bucket is 0 unless
-some row in the batch uses a penalty.
+(engine/structured_output.py), so unconstrained batches do not unpack it. Penalties scatter
+into dense [S, V] counts only when the penalty arrays are non-empty (N > 0): N is a static
+shape, so the engine's N bucket is 0 unless some row in the batch uses a penalty.
 """
 
 from __future__ import annotations
