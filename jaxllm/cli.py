@@ -63,6 +63,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override-generation-config", type=_json_object, default=None,
                    help='JSON of generation config fields that win over the file\'s, e.g. '
                         '\'{"temperature": 0.5}\'')
+    p.add_argument("--structured-outputs-config", type=_json_object, default=None,
+                   help='JSON, vLLM\'s: {"backend": "auto" | "guidance", '
+                        '"disable_any_whitespace": bool, "disable_additional_properties": bool}')
     p.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILATION_CACHE_DIR,
                    help="keep compiled step programs here, so a restart with the same model and "
                         "flags skips most of the start-up compile (default: "
@@ -121,7 +124,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 async_scheduling=args.async_scheduling, enforce_eager=args.enforce_eager,
                 num_scheduler_steps=args.num_scheduler_steps,
                 generation_config=args.generation_config,
-                override_generation_config=args.override_generation_config)
+                override_generation_config=args.override_generation_config,
+                structured_outputs_config=args.structured_outputs_config)
 
 
 def _generate(args: argparse.Namespace) -> int:

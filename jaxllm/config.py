@@ -196,6 +196,10 @@ class EngineConfig:
     # A chat template that replaces the tokenizer's (vLLM's --chat-template): a file's path, or
     # the Jinja template itself. LLM.chat, the server and /tokenize all use it.
     chat_template: str | None = None
+    # vLLM's structured outputs config (engine/structured_output.py): {"backend": "auto" |
+    # "guidance", "disable_any_whitespace": bool, "disable_additional_properties": bool}; the
+    # two options apply to every request's JSON schema, as if each request had set them.
+    structured_outputs_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -238,6 +242,10 @@ class EngineConfig:
                 self.override_generation_config, dict):
             raise ValueError("override_generation_config must be a dict of generation config "
                              f"fields, got {self.override_generation_config!r}.")
+        if self.structured_outputs_config is not None:
+            from jaxllm.engine.structured_output import check_config
+
+            check_config(self.structured_outputs_config)
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(
                 f"attention_backend={self.attention_backend!r} is not supported; "

@@ -240,3 +240,29 @@ def test_constrained_rows_survive_preemption_and_multi_step_batches(small_llama_
         else:
             assert len(c.token_ids) == 60
     assert _pool_is_full(eng)
+
+
+def test_the_engine_config_turns_json_whitespace_off_for_every_request(small_llama_folder):
+    import argparse
+
+    from jaxllm import EngineConfig
+    from jaxllm.cli import add_engine_args, engine_kwargs
+
+    for bad, match in (({"backend": "xgrammar"}, "not available"), ({"colour": 1}, "unknown"),
+                       ({"disable_any_whitespace": "yes"}, "true or false")):
+        with pytest.raises(ValueError, match=match):
+            EngineConfig(structured_outputs_config=bad)
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    kw = engine_kwargs(parser.parse_args(
+        ["--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}']))
+    assert kw["structured_outputs_config"] == {"backend": "guidance",
+                                               "disable_any_whitespace": True}
+    eng = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=8,
+              num_pages=40, max_num_batched_tokens=32, max_num_seqs=8, seed=0,
+              skip_compile_at_start=True, structured_outputs_config=kw["structured_outputs_config"])
+    # The request leaves whitespace on; the engine's setting turns it off (the random model
+    # would otherwise fill max_tokens with it, see COMPACT).
+    for c in _texts(eng, SO(json=PERSON), n=3):
+        assert c.finish_reason == "stop" and not re.search(r"\s", c.text.replace(" ", "")), c
+        jsonschema.validate(json.loads(c.text), PERSON)

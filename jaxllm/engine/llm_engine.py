@@ -296,7 +296,8 @@ class LLMEngine:
         # A finished grammar allows the end-of-sequence tokens and the generation config's
         # end-of-turn tokens (a chat model ends its reply with the latter).
         self.structured_outputs = StructuredOutputs(
-            self.tokenizer, mc.vocab_size, self.eos_token_ids | self.generation_stop_token_ids)
+            self.tokenizer, mc.vocab_size, self.eos_token_ids | self.generation_stop_token_ids,
+            config.structured_outputs_config)
         self._requests: dict[str, _Request] = {}
         self._inflight: _InFlight | None = None  # the dispatched step not read back yet
         self.async_scheduling = config.async_scheduling  # may be switched between steps

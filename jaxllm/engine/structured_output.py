@@ -105,12 +105,37 @@ def llguidance_tokenizer_json(tokenizer: Any) -> str:
     return json.dumps(spec)
 
 
+BACKENDS = ("auto", "guidance")
+CONFIG_KEYS = {"backend", "disable_any_whitespace", "disable_additional_properties"}
+
+
+def check_config(config: Any) -> None:
+    """EngineConfig.structured_outputs_config: ValueError naming what is wrong."""
+    if not isinstance(config, dict):
+        raise ValueError(f"structured_outputs_config must be a dict, got {config!r}.")
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"structured_outputs_config: unknown keys {unknown}; known: "
+                         f"{sorted(CONFIG_KEYS)}.")
+    if config.get("backend", "auto") not in BACKENDS:
+        raise ValueError(f"structured_outputs_config backend {config['backend']!r} is not "
+                         f"available; jaxllm has {BACKENDS} (llguidance).")
+    for key in ("disable_any_whitespace", "disable_additional_properties"):
+        if not isinstance(config.get(key, False), bool):
+            raise ValueError(f"structured_outputs_config {key} must be true or false.")
+
+
 class StructuredOutputs:
     """One engine's structured-output backend: the llguidance view of its tokenizer (built on
     the first constrained request, ~0.3 s for a 49k vocabulary) and the compile / check of each
-    request's constraint."""
+    request's constraint. ``config``: EngineConfig.structured_outputs_config."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]):
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int],
+                 config: dict[str, Any] | None = None):
+        config = config or {}
+        self.disable_any_whitespace = bool(config.get("disable_any_whitespace", False))
+        self.disable_additional_properties = bool(
+            config.get("disable_additional_properties", False))
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._eos = sorted(set(eos_token_ids))
@@ -143,10 +168,11 @@ class StructuredOutputs:
                     schema = json.loads(schema)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
-            if so.disable_additional_properties:
+            if so.disable_additional_properties or self.disable_additional_properties:
                 schema = copy.deepcopy(schema)
                 _no_extra_properties(schema)
-            options: dict[str, Any] = {"whitespace_flexible": not so.disable_any_whitespace}
+            options: dict[str, Any] = {"whitespace_flexible": not (
+                so.disable_any_whitespace or self.disable_any_whitespace)}
             if so.whitespace_pattern is not None:
                 options["whitespace_pattern"] = so.whitespace_pattern
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
