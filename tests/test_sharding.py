@@ -249,6 +249,30 @@ def test_pipeline_splits_a_batch_into_micro_batches_of_whole_sequences(small_lla
     assert [len(g) for g in runner._split([S(3)])] == [1]
 
 
+def test_constrained_sampling_under_tensor_and_pipeline_parallelism_matches_one_device(
+        small_llama_folder):
+    """The token bitmask rides in the replicated sampler inputs (TP) and in each pipeline
+    micro-batch's own inputs (PP)."""
+    import re
+
+    from jaxllm.sampling_params import StructuredOutputsParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=12, structured_outputs=(
+                  StructuredOutputsParams(regex="[a-z]{3,8}"))),
+              SamplingParams(temperature=0.0, max_tokens=6, allowed_token_ids=[5, 17, 300]),
+              GREEDY]
+
+    def run(llm):
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        return [o.outputs[0] for o in outs]
+
+    ref = run(_llm(model=str(small_llama_folder)))
+    assert re.fullmatch("[a-z]{3,8}", ref[0].text) and set(ref[1].token_ids) <= {5, 17, 300}
+    for kw in ({"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}):
+        got = run(_llm(model=str(small_llama_folder), **kw))
+        assert [list(c.token_ids) for c in got] == [list(c.token_ids) for c in ref], kw
+
+
 # -- data parallelism ---------------------------------------------------------------------------
 
 def test_data_parallel_replicas_on_disjoint_devices_match_one_device_and_share_the_load(
