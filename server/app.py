@@ -35,6 +35,7 @@ from pydantic import BaseModel, ValidationError
 from jaxllm import RequestOutput, SamplingParams
 from jaxllm.sampling_params import RequestOutputKind
 from server import protocol as P
+from server import responses as R
 from server import tools as tool_lib
 from server.tools import template_message_tool_calls
 from server.metrics import CONTENT_TYPE, ServerMetrics
@@ -169,6 +170,7 @@ ROUTES: dict[str, dict[str, str]] = {
     "/v1/models/{model}": {"GET": "model"},
     "/v1/completions": {"POST": "completions"},
     "/v1/chat/completions": {"POST": "chat_completions"},
+    "/v1/responses": {"POST": "responses"},
     "/tokenize": {"POST": "tokenize"},
     "/detokenize": {"POST": "detokenize"},
     "/health": {"GET": "health"},
@@ -876,30 +878,36 @@ class OpenAIServer(PromptRenderer):
         err = e if isinstance(e, APIError) else self._engine_error(e)
         return [self._event(json.dumps(err.body())), self._event("[DONE]")]
 
+    def _chat_setup(self, req: P.ChatCompletionRequest
+                    ) -> tuple[_Prompt, SamplingParams, tool_lib.ToolPlan | None, int | None]:
+        """A chat request's (prompt, params, tool plan, top-logprobs k or None); shared by
+        /v1/chat/completions and /v1/responses (which builds a chat request)."""
+        if (u := req.unsupported()) is not None:
+            raise APIError(400, u[1], param=u[0])
+        try:
+            tools = tool_lib.plan(req.tools, req.tool_choice, parallel=req.parallel_tool_calls,
+                                  enable_auto=self.enable_auto_tool_choice,
+                                  parser=self.tool_call_parser)
+        except tool_lib.ToolError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        prompt = self._apply_chat_template(
+            req.messages, add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            template_kwargs=req.chat_template_kwargs,
+            tools=tools.template_tools if tools is not None else None)
+        max_tokens = (req.max_completion_tokens if req.max_completion_tokens is not None
+                      else req.max_tokens)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._sampling_params(req, max_tokens=max_tokens, logprobs=k, tools=tools)
+        [prompt] = self._truncated([prompt], params)
+        return prompt, params, tools, k
+
     async def chat_completions(self, call: Call) -> Reply:
         async with self._admit() as lease:
             t0 = time.perf_counter()
             req: P.ChatCompletionRequest = self._parse(call, P.ChatCompletionRequest)
             model = self._model(req.model)
-            if (u := req.unsupported()) is not None:
-                raise APIError(400, u[1], param=u[0])
-            try:
-                tools = tool_lib.plan(req.tools, req.tool_choice,
-                                      parallel=req.parallel_tool_calls,
-                                      enable_auto=self.enable_auto_tool_choice,
-                                      parser=self.tool_call_parser)
-            except tool_lib.ToolError as e:
-                raise APIError(400, str(e), param=e.param) from None
-            prompt = self._apply_chat_template(
-                req.messages, add_generation_prompt=req.add_generation_prompt,
-                continue_final_message=req.continue_final_message,
-                template_kwargs=req.chat_template_kwargs,
-                tools=tools.template_tools if tools is not None else None)
-            max_tokens = (req.max_completion_tokens if req.max_completion_tokens is not None
-                          else req.max_tokens)
-            k = (req.top_logprobs or 0) if req.logprobs else None
-            params = self._sampling_params(req, max_tokens=max_tokens, logprobs=k, tools=tools)
-            [prompt] = self._truncated([prompt], params)
+            prompt, params, tools, k = self._chat_setup(req)
             rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
             stream = lease.own(self._merge([prompt], params, rid))
             first = await self._first(stream, req)
@@ -1002,6 +1010,144 @@ class OpenAIServer(PromptRenderer):
         except Exception as e:
             for event in self._stream_error(e):
                 yield event
+
+    # -- /v1/responses (server/responses.py) --------------------------------------------------
+    # The chat request's field names in errors, as the Responses API names them.
+    _RESPONSES_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens",
+                         "response_format": "text", "max_tokens": "max_output_tokens"}
+
+    async def responses(self, call: Call) -> Reply:
+        async with self._admit() as lease:
+            t0 = time.perf_counter()
+            rreq: R.ResponsesRequest = self._parse(call, R.ResponsesRequest)
+            model = self._model(rreq.model)
+            if (u := rreq.unsupported()) is not None:
+                raise APIError(400, u[1], param=u[0])
+            try:
+                try:
+                    req = P.ChatCompletionRequest.model_validate(rreq.to_chat())
+                except ValidationError as e:
+                    raise _validation_error(e) from None
+                except (ValueError, KeyError, TypeError) as e:
+                    msg = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+                    raise APIError(400, f"Invalid input: {msg}",
+                                   param="tools" if "tools" in msg else "input") from None
+                prompt, params, tools, _ = self._chat_setup(req)
+                rid = f"resp_{rreq.request_id or uuid.uuid4().hex}"
+                stream = lease.own(self._merge([prompt], params, rid))
+                first = await self._first(stream, req)
+            except APIError as e:
+                e.param = self._RESPONSES_PARAMS.get(e.param, e.param)
+                raise
+            state = R.ResponseState(rreq, model, rid)
+            if rreq.stream:
+                return lease.hand_off(Reply.sse(self._stream_response(
+                    state, tools, stream, first, t0, len(prompt.ids))))
+            choices: dict[tuple[int, int], _Choice] = {}
+            item, out = first, None
+            try:
+                while item is not None:
+                    _, out = item
+                    self._record(choices, 0, 1, out, time.perf_counter(), t0)
+                    if call.gone():
+                        return Reply(status=499)
+                    item = await anext(stream, None)
+            except (APIError, asyncio.CancelledError, ConnectionResetError):
+                raise
+            except Exception as e:
+                raise self._engine_error(e) from None
+            st = choices[(0, 0)]
+            text = "".join(st.text)
+            state.text, state.calls = text, []
+            if tools is not None and tools.mode != "none":
+                content, state.calls = tools.extract(text)
+                state.text = content or ""
+            self._finish_response(state, st, out, len(prompt.ids))
+            return Reply.json(state.body())
+
+    @staticmethod
+    def _finish_response(state: R.ResponseState, st: _Choice, out: RequestOutput | None,
+                         prompt_tokens: int) -> None:
+        state.finish_reason = st.finish_reason
+        state.set_usage(prompt_tokens, len(st.token_ids),
+                        getattr(out, "num_cached_tokens", 0) or 0)
+
+    async def _stream_response(self, state: R.ResponseState, tools, stream, first, t0,
+                               prompt_tokens: int) -> AsyncIterator[bytes]:
+        ev = R.EventWriter()
+        mid = state.msg_id
+        # "auto" text streams through a ToolStream (a call in it goes out at the end); a forced
+        # call's JSON is not text: it is held and goes out as the call.
+        auto = tool_lib.ToolStream(tools) if tools is not None and tools.mode == "auto" else None
+        held = tools is not None and tools.mode in ("named", "required")
+        opened = False
+
+        def open_message():
+            return [ev("response.output_item.added", output_index=0,
+                       item=state.message_item("in_progress", None)),
+                    ev("response.content_part.added", item_id=mid, output_index=0,
+                       content_index=0, part={"type": "output_text", "text": "",
+                                              "annotations": [], "logprobs": []})]
+
+        try:
+            yield ev("response.created", response=state.body("in_progress"))
+            yield ev("response.in_progress", response=state.body("in_progress"))
+            choices: dict[tuple[int, int], _Choice] = {}
+            item, out = first, None
+            while item is not None:
+                _, out = item
+                for _, st, c in self._record(choices, 0, 1, out, time.perf_counter(), t0):
+                    new_finish = st.finish_reason is not None and not st.finish_sent
+                    st.finish_sent = st.finish_sent or new_finish
+                    if held:
+                        continue
+                    text = c.text if auto is None else (auto.feed(c.text, new_finish)[0] or "")
+                    if not text:
+                        continue
+                    if not opened:
+                        for e in open_message():
+                            yield e
+                        opened = True
+                    state.text += text
+                    yield ev("response.output_text.delta", item_id=mid, output_index=0,
+                             content_index=0, delta=text, logprobs=[])
+                item = await anext(stream, None)
+            st = choices[(0, 0)]
+            if tools is not None and tools.mode != "none":
+                content, state.calls = tools.extract("".join(st.text))
+                if held and not state.calls:  # cut short: the text after all
+                    state.text = content or ""
+            self._finish_response(state, st, out, prompt_tokens)
+            index = 0
+            if state.text or not state.calls:
+                if not opened:
+                    for e in open_message():
+                        yield e
+                    if state.text:
+                        yield ev("response.output_text.delta", item_id=mid, output_index=0,
+                                 content_index=0, delta=state.text, logprobs=[])
+                part = state.message_item(state.status, state.text)["content"][0]
+                yield ev("response.output_text.done", item_id=mid, output_index=0,
+                         content_index=0, text=state.text, logprobs=[])
+                yield ev("response.content_part.done", item_id=mid, output_index=0,
+                         content_index=0, part=part)
+                yield ev("response.output_item.done", output_index=0,
+                         item=state.message_item(state.status, state.text))
+                index = 1
+            for i, c in enumerate(state.calls, start=index):
+                fc = state.call_item(c, "completed")
+                yield ev("response.output_item.added", output_index=i,
+                         item=state.call_item(c, "in_progress", arguments=""))
+                yield ev("response.function_call_arguments.delta", item_id=fc["id"],
+                         output_index=i, delta=c.arguments)
+                yield ev("response.function_call_arguments.done", item_id=fc["id"],
+                         output_index=i, name=c.name, arguments=c.arguments)
+                yield ev("response.output_item.done", output_index=i, item=fc)
+            kind = "response.completed" if state.status == "completed" else "response.incomplete"
+            yield ev(kind, response=state.body())
+        except Exception as e:
+            err = e if isinstance(e, APIError) else self._engine_error(e)
+            yield ev("error", code=err.code, message=err.message, param=err.param)
 
     # -- periodic log -------------------------------------------------------------------------
     async def _log_stats(self, app: web.Application):

@@ -482,8 +482,11 @@ def openapi_schema(version: str) -> dict[str, Any]:
     """An OpenAPI 3.1 document built from the models' JSON schemas."""
     from pydantic.json_schema import models_json_schema
 
+    from server.responses import ResponseObject, ResponsesRequest
+
     models = [CompletionRequest, CompletionResponse, CompletionStreamResponse,
               ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse,
+              ResponsesRequest, ResponseObject,
               TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse,
               ModelList, ModelCard, ErrorResponse, VersionResponse]
     keyed, defs = models_json_schema([(m, "validation") for m in models],
@@ -524,6 +527,8 @@ def openapi_schema(version: str) -> dict[str, Any]:
                                 "Text completion"),
         "/v1/chat/completions": post(ChatCompletionRequest, ChatCompletionResponse,
                                      ChatCompletionStreamResponse, "Chat completion"),
+        "/v1/responses": post(ResponsesRequest, ResponseObject,
+                              summary="OpenAI Responses API (text and function tools)"),
         "/tokenize": post(TokenizeRequest, TokenizeResponse, summary="Tokenize a prompt"),
         "/detokenize": post(DetokenizeRequest, DetokenizeResponse, summary="Decode token ids"),
         "/health": get(None, "200 when the engine runs, 503 when it has failed"),

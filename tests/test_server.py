@@ -519,6 +519,97 @@ def test_a_tool_conversation_round_trips_and_auto_needs_the_parser_flags(client,
     _wait_idle(engine)
 
 
+# -- /v1/responses --------------------------------------------------------------------------------
+def test_responses_api_answers_text_with_usage_and_status(client, engine):
+    r = client.responses.create(model=MODEL, input="Say hi.", instructions="Be brief.",
+                                max_output_tokens=6, temperature=0.0)
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    [msg] = r.output
+    assert msg.type == "message" and msg.role == "assistant" and msg.status == "incomplete"
+    assert r.output_text == msg.content[0].text and r.output_text
+    assert r.usage.output_tokens == 6 and r.usage.total_tokens == r.usage.input_tokens + 6
+    # the same prompt through the chat route gives the same greedy text
+    chat = client.chat.completions.create(
+        model=MODEL, max_completion_tokens=6, temperature=0.0,
+        messages=[{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "Say hi."}])
+    assert chat.choices[0].message.content == r.output_text
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    # text.format constrains it; a stop before max_output_tokens is "completed"
+    for seed in range(4):
+        r = client.responses.create(model=MODEL, input="x", max_output_tokens=20,
+                                    temperature=1.0, extra_body={"seed": seed}, text={"format": {
+                                        "type": "json_schema", "name": "answer",
+                                        "schema": {"enum": ["yes", "no"]}}})
+        assert r.status == "completed" and r.incomplete_details is None
+        assert json.loads(r.output_text) in ("yes", "no")
+    _wait_idle(engine)
+
+
+def test_responses_stream_events_in_order_and_join_to_the_text(client):
+    kw = dict(model=MODEL, input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "Tell me"}, {"type": "input_text", "text": " a story."}]}],
+        max_output_tokens=8, temperature=0.0)
+    full = client.responses.create(**kw)
+    events = list(client.responses.create(**kw, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.incomplete"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == full.output_text == events[-1].response.output_text
+    assert events[-1].response.usage.output_tokens == 8
+
+
+def test_responses_function_tools_round_trip(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER["function"][
+        "parameters"]}
+    kw = dict(model=MODEL, input="Weather in Paris?", tools=[tool], max_output_tokens=80,
+              tool_choice={"type": "function", "name": "get_weather"}, temperature=1.0,
+              extra_body={"seed": 3, **TIGHT})
+    r = client.responses.create(**kw)
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.call_id.startswith("chatcmpl-tool-") and call.id.startswith("fc_")
+    jsonschema.validate(json.loads(call.arguments), tool["parameters"])
+    events = list(client.responses.create(**kw, stream=True))
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and json.loads(done[0].arguments) == json.loads(call.arguments)
+    assert not any(e.type == "response.output_text.delta" for e in events)
+    # the call and its output go back as input
+    r2 = client.responses.create(model=MODEL, tools=[tool], tool_choice="none",
+                                 max_output_tokens=4, input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name,
+         "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "18 C, sunny"}])
+    assert r2.output[0].type == "message" and r2.output_text
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"background": True}, "background"),
+    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+    ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "bad"}}}},
+     "text"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_bad_responses_requests_are_400(servers, engine, extra, param):
+    body = {"model": MODEL, "input": "x", "max_output_tokens": 4, **extra}
+    status, _, resp = _post(servers, "/v1/responses", body)
+    _assert_error(status, resp, 400, param)
+    _wait_idle(engine)
+
+
 # -- errors ---------------------------------------------------------------------------------------
 def _assert_error(status, body, expected_status, param=None):
     assert status == expected_status, body
@@ -666,8 +757,7 @@ def test_health_version_and_openapi(servers):
     status, _, spec = _post(servers, "/openapi.json", method="GET")
     assert status == 200 and spec["openapi"].startswith("3.")
     for path in ("/v1/models", "/v1/models/{model}", "/v1/completions", "/v1/chat/completions",
-                 "/tokenize",
-                 "/detokenize", "/health", "/metrics"):
+                 "/v1/responses", "/tokenize", "/detokenize", "/health", "/metrics"):
         assert path in spec["paths"]
     ref = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"][
         "application/json"]["schema"]["$ref"]
@@ -751,11 +841,11 @@ def test_fuzzed_requests_never_get_a_5xx(servers, engine):
               "min_tokens", "ignore_eos", "stop_token_ids", "best_of", "suffix",
               "max_completion_tokens", "response_format", "tools", "tokens", "bogus",
               "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-              "allowed_token_ids"]
+              "allowed_token_ids", "input", "instructions", "text", "tool_choice"]
     bodies = st.dictionaries(st.sampled_from(fields), values, max_size=6)
     small = st.one_of(st.sampled_from([1, 2]), values)  # long generations only slow the fuzz
     paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize",
-                             "/detokenize"])
+                             "/detokenize", "/v1/responses"])
     seen = []
 
     @hypothesis.settings(max_examples=80, deadline=None, database=None,
@@ -766,10 +856,14 @@ def test_fuzzed_requests_never_get_a_5xx(servers, engine):
     def check(path, body, max_tokens, prompt, messages):
         base = {"/v1/completions": {"prompt": prompt, "max_tokens": max_tokens},
                 "/v1/chat/completions": {"messages": messages, "max_tokens": max_tokens},
-                "/tokenize": {"prompt": prompt}, "/detokenize": {"tokens": [1, 2]}}[path]
+                "/tokenize": {"prompt": prompt}, "/detokenize": {"tokens": [1, 2]},
+                "/v1/responses": {"input": messages, "max_output_tokens": max_tokens}}[path]
         body = {**base, **body}
         if "max_tokens" in base:
             body["max_tokens"] = max_tokens
+        if path == "/v1/responses":
+            body = {k: v for k, v in body.items() if k not in ("max_tokens", "prompt")}
+            body["max_output_tokens"] = max_tokens
         body.pop("stream", None)
         status, _, resp = _post(servers, path, body)
         seen.append(status)
