@@ -132,10 +132,10 @@ def engine_generate(engine, prompts: list[list[int]], max_tokens,
         dispatch = engine._dispatch
         own = "_dispatch" in vars(engine)  # an instance attribute already (else the class's)
 
-        def recording_dispatch(sched):
+        def recording_dispatch(sched, *args):
             mixed = any(s.num_new_tokens > 1 for s in sched.scheduled)
             pending.append("mixed" if mixed else "decode")
-            return dispatch(sched)
+            return dispatch(sched, *args)
 
         engine._dispatch = recording_dispatch
     t_step = t

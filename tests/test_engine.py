@@ -59,9 +59,12 @@ def test_greedy_batch_with_chunked_prefill_and_preemption_equals_each_prompt_alo
 
 def test_async_scheduling_gives_the_same_outputs_as_synchronous_steps(small_llm):
     # Async scheduling runs step k+1's schedule with placeholders for step k's tokens; every
-    # user-visible result must equal the synchronous engine's: seeded sampling, penalties (read
-    # back before the next schedule), min_tokens bans, stop tokens, log-probs, n > 1, prefix-cache
-    # hits, under preemption (24 prompts over a 24-page pool).
+    # user-visible result must equal the synchronous engine's: seeded sampling, penalties and
+    # grammars (step k read back between step k+1's forward and its sampler, or, without late
+    # sampling, before the next schedule), min_tokens bans, stop tokens, log-probs, prompt
+    # log-probs, n > 1, prefix-cache hits, under preemption (24 prompts over a 24-page pool).
+    from jaxllm.sampling_params import StructuredOutputsParams
+
     engine = small_llm.llm_engine
     vocab = engine.model_config.vocab_size
     prompts = _random_prompts(24, vocab, seed=11)
@@ -75,24 +78,42 @@ def test_async_scheduling_gives_the_same_outputs_as_synchronous_steps(small_llm)
                        stop_token_ids=list(range(0, vocab, 3))),
         SamplingParams(temperature=0.7, max_tokens=6, seed=8, logprobs=2, ignore_eos=True),
         SamplingParams(n=2, temperature=1.0, max_tokens=5, seed=9, ignore_eos=True),
+        SamplingParams(temperature=1.0, max_tokens=12, seed=10, prompt_logprobs=1,
+                       structured_outputs=StructuredOutputsParams(regex="[a-z]{2,9}")),
     ]
     params = [kinds[i % len(kinds)] for i in range(len(prompts))]
+    late_forwards = []
+    runner = engine.runner
+    real_forward = runner.dispatch_forward
+    runner.dispatch_forward = lambda *a: late_forwards.append(1) or real_forward(*a)
 
-    def run(async_scheduling):
+    def run(async_scheduling, late=True):
         engine.async_scheduling = async_scheduling
+        runner.late_sampling = late
         small_llm.reset_prefix_cache()
         try:
             outs = small_llm.generate(prompts, params, use_tqdm=False)
         finally:
             engine.async_scheduling = True
+            del runner.late_sampling  # the class's again
         assert _pool_is_full(small_llm)
         return [[(c.token_ids, c.finish_reason, c.text,
-                  None if c.logprobs is None else [sorted(d) for d in c.logprobs])
+                  None if c.logprobs is None else [sorted(d) for d in c.logprobs],
+                  None if o.prompt_logprobs is None else [
+                      d and sorted(d) for d in o.prompt_logprobs])
                  for c in o.outputs] for o in outs]
 
     preempt_before = engine.stats["num_preemptions"]
-    sync = run(False)
-    assert run(True) == sync
+    try:
+        sync = run(False)
+        assert not late_forwards
+        assert run(True) == sync
+        assert late_forwards  # the late path ran
+        n_late = len(late_forwards)
+        assert run(True, late=False) == sync
+        assert len(late_forwards) == n_late
+    finally:
+        del runner.dispatch_forward
     assert engine.stats["num_preemptions"] > preempt_before
     stopped = [o for o, p in zip(sync, params) if p.stop_token_ids]
     assert any(c[1] == "stop" and len(c[0]) >= 4 for o in stopped for c in o)
@@ -1067,7 +1088,7 @@ def test_throughput_benchmark_splits_the_run_by_step_kind(small_llm, async_sched
     dispatched = []
     real_dispatch = engine._dispatch
     try:
-        engine._dispatch = lambda sched: dispatched.append(sched) or real_dispatch(sched)
+        engine._dispatch = lambda sched, *a: dispatched.append(sched) or real_dispatch(sched, *a)
         rng = np.random.default_rng(5 + async_scheduling)  # fresh prompts: no prefix hits
         prompts = [rng.integers(0, 1000, size=30).tolist() for _ in range(4)]
         phases: dict = {}

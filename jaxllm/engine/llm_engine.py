@@ -84,7 +84,7 @@ class _InFlight:
     output_indices: list[int | None]  # per scheduled entry: its placeholder's output index
     out: Any  # sampler output (device arrays)
     prompt_lp: Any  # prompt log-probs (device arrays) or None
-    read_before_next_schedule: bool
+    needs_tokens_on_host: bool  # the next sampler inputs need its tokens (late sampling)
     with_logprobs: bool = True  # False: only out.token_ids is read back (no row wants log-probs)
     num_steps: int = 1  # > 1: a multi-step launch; out's arrays have a leading [num_steps] axis
 
@@ -606,18 +606,28 @@ class LLMEngine:
         host reads the previous step's results and turns them into outputs, so the outputs
         returned are one step behind the dispatch: scheduling and input preparation of step k+1
         overlap step k. Placeholders stand for the tokens still on the device (see
-        engine/scheduler.py). A step whose next schedule needs real token ids (a row with
-        penalties builds its token lists on the host) is read back before the next schedule.
+        engine/scheduler.py). A step whose rows' next sampler inputs need their tokens on the
+        host (penalty token lists, a grammar's mask) is read back between the next step's
+        forward and its sampler (``_dispatch``, late sampling): the device runs the forward
+        while the host reads. Where the runner cannot split a step (pipeline stages, a
+        multi-host leader) it is read back before the next schedule instead.
         """
         outputs: list[RequestOutput] = []
-        if self._inflight is not None and self._inflight.read_before_next_schedule:
-            outputs = self._read_inflight()
+        late = False
+        if self._inflight is not None and self._inflight.needs_tokens_on_host:
+            late = self.runner.late_sampling and self.runner.publisher is None
+            if not late:
+                outputs = self._read_inflight()
         sched: SchedulerOutput = self.scheduler.schedule()
         self.stats["num_preemptions"] += len(sched.preempted)
         if self.prefix_cache is not None:
             self.stats["prefix_cache_queries"] = self.prefix_cache.queries
             self.stats["prefix_cache_hits"] = self.prefix_cache.hits
-        dispatched = self._dispatch(sched) if sched.scheduled else None
+        dispatched = None
+        if sched.scheduled:
+            dispatched, read = self._dispatch(sched, late)
+            if read is not None:
+                outputs = read
         if self._inflight is not None:
             outputs = self._read_inflight()
         self._inflight = dispatched
@@ -625,22 +635,38 @@ class LLMEngine:
             outputs = self._read_inflight()
         return outputs
 
-    def _dispatch(self, sched: SchedulerOutput) -> _InFlight:
+    def _dispatch(self, sched: SchedulerOutput, late: bool = False
+                  ) -> tuple[_InFlight, list[RequestOutput] | None]:
+        """Launches ``sched``'s step; returns it in flight, and (``late``) the outputs of the
+        step before, which it reads back between this step's forward and its sampler."""
         sampling_row = self._sampling_row
-        rows = [sampling_row(s.seq) for s in sched.scheduled]
         next_ids = self._prompt_next_ids(sched)
-        steps = self._lookahead_steps(sched, rows) if next_ids is None else 1
-        # (num_steps only when > 1: the pipeline runner's dispatch has no multi-step.)
-        out, prompt_lp = self.runner.dispatch(sched.scheduled, rows, prompt_next_ids=next_ids,
-                                              **({"num_steps": steps} if steps > 1 else {}))
-        indices = self.scheduler.commit(sched, num_steps=steps)
+        outputs = None
+        if late:
+            logits, prompt_lp, host = self.runner.dispatch_forward(sched.scheduled, next_ids)
+            indices = self.scheduler.commit(sched)
+            outputs = self._read_inflight()
+            # Committed: a sampled row's own placeholder is now its last output token, so its
+            # step is the placeholder's index.
+            rows = [sampling_row(s.seq, i) for s, i in zip(sched.scheduled, indices)]
+            out = self.runner.dispatch_sampler(logits, rows, host)
+            steps = 1
+        else:
+            rows = [sampling_row(s.seq) for s in sched.scheduled]
+            steps = self._lookahead_steps(sched, rows) if next_ids is None else 1
+            # (num_steps only when > 1: the pipeline runner's dispatch has no multi-step.)
+            out, prompt_lp = self.runner.dispatch(
+                sched.scheduled, rows, prompt_next_ids=next_ids,
+                **({"num_steps": steps} if steps > 1 else {}))
+            indices = self.scheduler.commit(sched, num_steps=steps)
         # Rows whose next inputs need this step's tokens on the host: penalties (token lists)
         # and grammars (the next mask).
         read_first = any(r.params.uses_penalties or (r.token_mask is not None
                                                      and r.token_mask.changes_per_token)
                          for r, i in zip(rows, indices) if i is not None)
         with_logprobs = any(r.params.logprobs is not None for r in rows)
-        return _InFlight(sched, indices, out, prompt_lp, read_first, with_logprobs, steps)
+        return _InFlight(sched, indices, out, prompt_lp, read_first, with_logprobs,
+                         steps), outputs
 
     def _lookahead_steps(self, sched: SchedulerOutput, rows: list) -> int:
         """How many decode steps this batch runs in one launch (multi-step scheduling): the
@@ -739,13 +765,24 @@ class LLMEngine:
             outputs = [o for o in outputs if o is not None]
         return outputs
 
-    def _sampling_row(self, seq: Sequence) -> sampler_lib.SamplingRow:
+    def _sampling_row(self, seq: Sequence, committed_index: int | None = None
+                      ) -> sampler_lib.SamplingRow:
+        """The row's sampling inputs. ``committed_index``: the step was committed already and
+        the row's placeholder is output token ``committed_index`` (late sampling): the tokens
+        before it are the row's so far."""
         params = seq.sampling_params  # the request's params (add_request)
-        step = len(seq.output_token_ids)
-        banned = () if step >= params.min_tokens else self._requests[
-            seq.request_id].processors[seq.index].banned_token_ids(step)
+        output = seq.output_token_ids
+        step = len(output)
+        if committed_index is not None:
+            step = committed_index
+            if params.uses_penalties:
+                output = output[:step]
+        banned = ()
+        if step < params.min_tokens:
+            req = self._requests.get(seq.request_id)  # None: it finished in the late read
+            banned = req.processors[seq.index].banned_token_ids(step) if req else ()
         return sampler_lib.SamplingRow(params, seq.sample_seed, step, seq.prompt_token_ids,
-                                       seq.output_token_ids, banned, seq.token_mask)
+                                       output, banned, seq.token_mask)
 
     def _prompt_next_ids(self, sched: SchedulerOutput) -> np.ndarray | None:
         if not any(s.start_pos < s.seq.num_prompt_tokens

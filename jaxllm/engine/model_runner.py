@@ -812,9 +812,11 @@ class ModelRunner:
         return out
 
     # -- host side ----------------------------------------------------------------------------
-    def prepare(self, scheduled: list[ScheduledSeq], sampling_rows: list[sampler_lib.SamplingRow],
+    def prepare(self, scheduled: list[ScheduledSeq],
+                sampling_rows: list[sampler_lib.SamplingRow] | None,
                 T: int | None = None, decode_only: bool | None = None) -> StepInputs:
         """Builds padded numpy StepInputs for the scheduled sequences, in their order.
+        ``sampling_rows`` None: no sampling tensors (``dispatch_forward``: they come later).
 
         decode_only: None picks it (every sequence has one new token, and ``decode_only_steps``);
         True / False force it (start-up compile, tests). True with a longer sequence is wrong
@@ -858,9 +860,8 @@ class ModelRunner:
                                seq_lens=seq_lens, page_table=page_table,
                                num_seqs=np.array([num_seqs], np.int32),
                                decode_only=bool(decode_only))
-        sampling = sampler_lib.build_sampling_tensors(sampling_rows, pad_to=S,
-                                                      knob_cache=self._knob_cache,
-                                                      vocab_size=self.vocab_size)
+        sampling = None if sampling_rows is None else sampler_lib.build_sampling_tensors(
+            sampling_rows, pad_to=S, knob_cache=self._knob_cache, vocab_size=self.vocab_size)
         return StepInputs(token_ids=token_ids, positions=positions, md=md,
                           logits_indices=logits_indices, prev_rows=prev_rows, sampling=sampling)
 
@@ -933,6 +934,50 @@ class ModelRunner:
         if self.publisher is not None:  # multi-host leader: followers launch the same step
             self.publisher(("step", inputs, nl, sort, next_ids))
         return self.launch(inputs, nl, sort, next_ids)
+
+    # Late sampler inputs: the engine launches a step's forward before it reads the previous
+    # step back, and its sampler after (the forward takes the previous tokens on the device; only
+    # the sampler's inputs need them on the host: a grammar's mask, penalty token lists). The
+    # device runs the forward while the host reads and builds them (engine/llm_engine.py,
+    # ``_dispatch``). The pipeline runner and multi-host leaders do not split a step.
+    late_sampling = True
+
+    def dispatch_forward(self, scheduled: list[ScheduledSeq],
+                         prompt_next_ids: np.ndarray | None = None):
+        """Launches the forward of one step (one step per launch) without its sampler;
+        returns (its logits [S, V], prompt log-probs or None, both on the device; host seconds
+        spent). ``prompt_next_ids``: as ``dispatch``'s."""
+        t0 = time.perf_counter()
+        inputs = self.prepare(scheduled, None)
+        T = inputs.token_ids.shape[0]
+        fwd = dataclasses.replace(inputs, sampling=None)
+        if self.pack_inputs:
+            buf, (layout,) = pack(fwd)
+            fwd = Packed(jax.device_put(buf, self._input_sharding), layout)
+        host = time.perf_counter() - t0
+        if prompt_next_ids is None:
+            return self._run_forward(fwd, T), None, host
+        next_ids = np.full(T, -1, np.int32)
+        next_ids[:len(prompt_next_ids)] = prompt_next_ids
+        self.kv_caches, logits, prompt_lp = self.prompt_forward_for(T)(
+            self._leaves, self.kv_caches, fwd, self._prev_tokens, next_ids, self.num_logprobs)
+        return logits, self._replicate(prompt_lp), host
+
+    def dispatch_sampler(self, logits: jax.Array, sampling_rows: list[sampler_lib.SamplingRow],
+                         host_seconds: float = 0.0) -> sampler_lib.SamplerOutput:
+        """Launches the sampler of a step whose forward ``dispatch_forward`` launched."""
+        t0 = time.perf_counter()
+        sampling = sampler_lib.build_sampling_tensors(
+            sampling_rows, pad_to=logits.shape[0], knob_cache=self._knob_cache,
+            vocab_size=self.vocab_size)
+        if self.pack_inputs:
+            buf, (layout,) = pack(sampling)
+            sampling = Packed(jax.device_put(buf, self._input_sharding), layout)
+        nl = sampler_lib.logprobs_width(sampling_rows, self.num_logprobs)
+        sort = sampler_lib.needs_sort(sampling_rows, self.vocab_size)
+        self.last_host_time = host_seconds + time.perf_counter() - t0
+        out, self._prev_tokens = self._run_sample(logits, sampling, nl, sort)
+        return out
 
     def launch(self, inputs: StepInputs, nl: int | None, sort: bool,
                next_ids: np.ndarray | None = None):

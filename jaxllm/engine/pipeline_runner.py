@@ -89,6 +89,8 @@ def _assemble(rows: jax.Array, max_num_seqs: int, outs: list, tokens: list):
 class PipelineRunner(ModelRunner):
     """ModelRunner with the forward split over ``parallel.pp`` stages (see module docstring)."""
 
+    late_sampling = False  # a step is micro-batches, each forward and sampler in turn
+
     def __init__(self, model: nnx.Module, *, num_layers: int, num_kv_heads: int, head_dim: int,
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  token_buckets, cache_dtype: Any, vocab_size: int, max_logprobs: int,

@@ -8,8 +8,9 @@ tokens as a bitmask (bit t of word t // 32 set: token t may be sampled) into the
 ``token_bitmask`` [S, W] int32 (``sampler.build_sampling_tensors``), and the sampler sets every
 other logit to -inf before anything else (``sampler.apply_token_bitmask``). After the step the
 engine feeds the sampled token to the matcher (``TokenMask.accept``), so a constrained row's
-token must be on the host before its next mask: the engine reads such a step back before the
-next schedule and never puts the row in a multi-step launch (engine/llm_engine.py).
+token must be on the host before its next mask: the engine reads such a step back between the
+next step's forward and its sampler (late sampling, ``LLMEngine.step``) and never puts the row
+in a multi-step launch (engine/llm_engine.py).
 
 Backend: llguidance, vLLM's "guidance" backend. It compiles a JSON schema, regex, choice list,
 Lark or GBNF grammar in milliseconds with no per-schema preprocessing of the vocabulary, needs no
