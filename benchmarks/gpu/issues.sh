@@ -155,6 +155,8 @@
 #                                          the plain loop: compiled ops, lowering, latency
 #   bash benchmarks/gpu/issues.sh coldab  (one GPU) 8B cold starts (empty caches) under settings
 #                                          that may shorten XLA's compiles (VARIANTS)
+#   bash benchmarks/gpu/issues.sh structured  (one GPU) structured outputs and late sampling
+#                                          at batch 256 (B=...) on the 8B checkpoint
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1678,4 +1680,16 @@ coldab)  # nvidia-h200 (one GPU), one call (issue 9's cold start, bound by XLA's
   done
   grep -H "lowered\|ready" $L/*/serve_0.log | cut -c1-260
   tar czf $OUT/logs.tgz -C $OUT logs && rm -r $L ;;
+structured)  # nvidia-h200 (one GPU), one call: structured outputs and late sampling on the 8B
+  # checkpoint (random bf16 weights, SmolLM2's tokenizer) at batch B (default 256):
+  # benchmarks/structured_outputs.py --engine (free; one presence-penalty row; all rows
+  # constrained to a JSON schema; the last two also read back before the next schedule, the
+  # order before late sampling). Carry .whl (with llguidance's wheel) and .bench.
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
+  C=/tmp/ckpt8b
+  [ -f $C/config.json ] || python3 benchmarks/startup.py write $C --tokenizer .bench/tokenizer \
+    || exit 1
+  timeout $((T - SECONDS - 10)) python3 benchmarks/structured_outputs.py --engine --model $C \
+    --batch ${B:-256} --max-tokens 128 --engine-repeats 2 --json $OUT/structured.json ;;
 esac
