@@ -751,13 +751,19 @@ class OpenAIServer(PromptRenderer):
         return Reply.json({"prompt": text})
 
     # -- routes: generation -------------------------------------------------------------------
+    def _request(self, call: Call, model_cls: type[BaseModel]) -> tuple[Any, str]:
+        """The parsed request and its served model's name; a 400 for a field set that this
+        server does not implement (the model's ``unsupported()``)."""
+        req = self._parse(call, model_cls)
+        model = self._model(req.model)
+        if (u := req.unsupported()) is not None:
+            raise APIError(400, u[1], param=u[0])
+        return req, model
+
     async def completions(self, call: Call) -> Reply:
         async with self._admit() as lease:
             t0 = time.perf_counter()
-            req: P.CompletionRequest = self._parse(call, P.CompletionRequest)
-            model = self._model(req.model)
-            if (u := req.unsupported()) is not None:
-                raise APIError(400, u[1], param=u[0])
+            req, model = self._request(call, P.CompletionRequest)
             prompts = self._completion_prompts(req.prompt)
             echo_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
             params = self._sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
@@ -882,7 +888,7 @@ class OpenAIServer(PromptRenderer):
                     ) -> tuple[_Prompt, SamplingParams, tool_lib.ToolPlan | None, int | None]:
         """A chat request's (prompt, params, tool plan, top-logprobs k or None); shared by
         /v1/chat/completions and /v1/responses (which builds a chat request)."""
-        if (u := req.unsupported()) is not None:
+        if (u := req.unsupported()) is not None:  # (a response's chat request: its own fields)
             raise APIError(400, u[1], param=u[0])
         try:
             tools = tool_lib.plan(req.tools, req.tool_choice, parallel=req.parallel_tool_calls,
@@ -905,8 +911,7 @@ class OpenAIServer(PromptRenderer):
     async def chat_completions(self, call: Call) -> Reply:
         async with self._admit() as lease:
             t0 = time.perf_counter()
-            req: P.ChatCompletionRequest = self._parse(call, P.ChatCompletionRequest)
-            model = self._model(req.model)
+            req, model = self._request(call, P.ChatCompletionRequest)
             prompt, params, tools, k = self._chat_setup(req)
             rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
             stream = lease.own(self._merge([prompt], params, rid))
@@ -932,20 +937,30 @@ class OpenAIServer(PromptRenderer):
             finish_reason = "tool_calls"
         return msg, finish_reason
 
-    async def _full_chat(self, call, req, model, rid, prompt, stream, first, t0, k, tools):
+    async def _gather(self, call: Call, stream: AsyncIterator, first, n: int, t0: float
+                      ) -> tuple[dict[tuple[int, int], _Choice], RequestOutput | None] | None:
+        """A non-streamed chat's (or response's) outputs folded into per-choice states: (the
+        states, the last output), or None when the client went away."""
         choices: dict[tuple[int, int], _Choice] = {}
-        item = first
+        item, out = first, None
         try:
             while item is not None:
                 _, out = item
-                self._record(choices, 0, req.n, out, time.perf_counter(), t0)
+                self._record(choices, 0, n, out, time.perf_counter(), t0)
                 if call.gone():
-                    return Reply(status=499)
+                    return None
                 item = await anext(stream, None)
         except (APIError, asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception as e:
             raise self._engine_error(e) from None
+        return choices, out
+
+    async def _full_chat(self, call, req, model, rid, prompt, stream, first, t0, k, tools):
+        gathered = await self._gather(call, stream, first, req.n, t0)
+        if gathered is None:
+            return Reply(status=499)
+        choices, _ = gathered
         result = []
         for (_, ci), st in sorted(choices.items()):
             message, finish = self._reply_message("".join(st.text), st.finish_reason, tools)
@@ -1019,10 +1034,7 @@ class OpenAIServer(PromptRenderer):
     async def responses(self, call: Call) -> Reply:
         async with self._admit() as lease:
             t0 = time.perf_counter()
-            rreq: R.ResponsesRequest = self._parse(call, R.ResponsesRequest)
-            model = self._model(rreq.model)
-            if (u := rreq.unsupported()) is not None:
-                raise APIError(400, u[1], param=u[0])
+            rreq, model = self._request(call, R.ResponsesRequest)
             try:
                 try:
                     req = P.ChatCompletionRequest.model_validate(rreq.to_chat())
@@ -1043,19 +1055,10 @@ class OpenAIServer(PromptRenderer):
             if rreq.stream:
                 return lease.hand_off(Reply.sse(self._stream_response(
                     state, tools, stream, first, t0, len(prompt.ids))))
-            choices: dict[tuple[int, int], _Choice] = {}
-            item, out = first, None
-            try:
-                while item is not None:
-                    _, out = item
-                    self._record(choices, 0, 1, out, time.perf_counter(), t0)
-                    if call.gone():
-                        return Reply(status=499)
-                    item = await anext(stream, None)
-            except (APIError, asyncio.CancelledError, ConnectionResetError):
-                raise
-            except Exception as e:
-                raise self._engine_error(e) from None
+            gathered = await self._gather(call, stream, first, 1, t0)
+            if gathered is None:
+                return Reply(status=499)
+            choices, out = gathered
             st = choices[(0, 0)]
             text = "".join(st.text)
             state.text, state.calls = text, []
