@@ -326,6 +326,43 @@ def test_engine_multi_step_decode_serves_the_single_step_tokens_on_the_gpu(small
     assert outs[4] == outs[1]
 
 
+def test_engine_constrained_sampling_and_late_sampling_on_the_gpu(small_llama_folder):
+    """The token bitmask in the GPU sampler (structured outputs, allowed_token_ids) and late
+    sampling (a penalty / grammar row's sampler launched after the step before is read) give
+    the synchronous engine's tokens, and the grammar holds. Needs llguidance (carry its wheel
+    in .whl)."""
+    import json
+
+    pytest.importorskip("llguidance")
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.sampling_params import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"k": {"enum": ["a", "b"]},
+                                               "n": {"type": "integer", "maximum": 99}},
+              "required": ["k", "n"], "additionalProperties": False}
+    so = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    prompts = [{"prompt_token_ids": list(range(5 + i, 30 + i))} for i in range(6)]
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=40,
+                             structured_outputs=so if i % 3 == 0 else None,
+                             allowed_token_ids=[7, 70, 700] if i % 3 == 1 else None,
+                             presence_penalty=0.5 if i % 3 == 2 else 0.0, ignore_eos=i % 3 != 0)
+              for i in range(len(prompts))]
+    llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
+              num_pages=64, max_num_batched_tokens=512, max_num_seqs=8,
+              attention_backend="pallas")
+    outs = {}
+    for async_scheduling in (False, True):
+        llm.llm_engine.async_scheduling = async_scheduling
+        outs[async_scheduling] = [o.outputs[0] for o in llm.generate(prompts, params,
+                                                                     use_tqdm=False)]
+    assert [c.token_ids for c in outs[True]] == [c.token_ids for c in outs[False]]
+    for i, c in enumerate(outs[True]):
+        if i % 3 == 0:
+            assert set(json.loads(c.text)) == {"k", "n"}
+        elif i % 3 == 1:
+            assert set(c.token_ids) <= {7, 70, 700}
+
+
 @pytest.mark.parametrize("cache", [jnp.bfloat16, jnp.float8_e4m3fn])
 def test_compiled_decode_with_rope_from_the_qkv_output_matches_reference(cache):
     """The decode kernel's qkv_rope mode compiled for the GPU at Llama-3-8B's heads (32 / 8,
