@@ -35,6 +35,7 @@ from pydantic import BaseModel, ValidationError
 from jaxllm import RequestOutput, SamplingParams
 from jaxllm.sampling_params import RequestOutputKind
 from server import protocol as P
+from server import reasoning as reasoning_lib
 from server import responses as R
 from server import tools as tool_lib
 from server.tools import template_message_tool_calls
@@ -360,7 +361,11 @@ class OpenAIServer(PromptRenderer):
     def __init__(self, engine: Any, *, api_key: str | None, served_model_names: list[str],
                  max_request_bytes: int, max_concurrent_requests: int,
                  log_stats_interval: float | None, enable_auto_tool_choice: bool = False,
-                 tool_call_parser: str | None = None):
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None):
+        if reasoning_parser not in (None, *reasoning_lib.REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be one of "
+                             f"{reasoning_lib.REASONING_PARSERS}, got {reasoning_parser!r}.")
+        self.reasoning_parser = reasoning_parser
         if tool_call_parser is not None and tool_call_parser not in tool_lib.TOOL_CALL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {tool_lib.TOOL_CALL_PARSERS}, "
                              f"got {tool_call_parser!r}.")
@@ -922,15 +927,24 @@ class OpenAIServer(PromptRenderer):
             return await self._full_chat(call, req, model, rid, prompt, stream, first, t0, k,
                                          tools)
 
-    @staticmethod
-    def _reply_message(text: str, finish_reason: str | None, tools: tool_lib.ToolPlan | None
+    def _split_reasoning(self, text: str) -> tuple[str | None, str | None]:
+        """(the reply's thinking, its answer), each None when absent, under
+        --reasoning-parser; without one, (None, the text)."""
+        if self.reasoning_parser is None:
+            return None, text
+        return reasoning_lib.split_reasoning(self.reasoning_parser, text)
+
+    def _reply_message(self, text: str, finish_reason: str | None,
+                       tools: tool_lib.ToolPlan | None
                        ) -> tuple[P.ChatResponseMessage, str | None]:
-        """The assistant message of a finished reply (its tool calls read out of the text) and
-        its finish_reason ("tool_calls" when the model chose to call: required / auto)."""
+        """The assistant message of a finished reply (its thinking split off, its tool calls
+        read out of the answer) and its finish_reason ("tool_calls" when the model chose to
+        call: required / auto)."""
+        reasoning, answer = self._split_reasoning(text)
         if tools is None or tools.mode == "none":
-            return P.ChatResponseMessage(content=text), finish_reason
-        content, calls = tools.extract(text)
-        msg = P.ChatResponseMessage(content=content, tool_calls=[
+            return P.ChatResponseMessage(content=answer, reasoning=reasoning), finish_reason
+        content, calls = tools.extract(answer or "")
+        msg = P.ChatResponseMessage(content=content, reasoning=reasoning, tool_calls=[
             P.ToolCall(id=c.id, function=P.FunctionCall(name=c.name, arguments=c.arguments))
             for c in calls])
         if calls and tools.mode != "named" and finish_reason == "stop":
@@ -983,6 +997,8 @@ class OpenAIServer(PromptRenderer):
         # with tools, each choice's text goes through a ToolStream (server/tools.py)
         tool_streams = ({i: tool_lib.ToolStream(tools) for i in range(n)}
                         if tools is not None and tools.mode != "none" else None)
+        thinking = ({i: reasoning_lib.ReasoningStream(self.reasoning_parser) for i in range(n)}
+                    if self.reasoning_parser is not None else None)
 
         def chunk(cs, usage=None):
             return P.ChatCompletionStreamResponse(id=rid, created=created, model=model,
@@ -1000,17 +1016,20 @@ class OpenAIServer(PromptRenderer):
                 cs = []
                 for idx, st, c in self._record(choices, 0, n, out, time.perf_counter(), t0):
                     new_finish = st.finish_reason is not None and not st.finish_sent
-                    content, calls, finish = c.text, None, st.finish_reason
+                    content, calls, finish, reasoning = c.text, None, st.finish_reason, None
+                    if thinking is not None:
+                        reasoning, content = thinking[idx].feed(c.text, new_finish)
                     if tool_streams is not None:
-                        content, calls = tool_streams[idx].feed(c.text, new_finish)
+                        content, calls = tool_streams[idx].feed(content, new_finish)
                         if calls and tools.mode != "named" and finish == "stop":
                             finish = "tool_calls"
-                    if (not content and not calls and not (k is not None and c.token_ids)
-                            and not new_finish):
+                    if (not content and not calls and not reasoning
+                            and not (k is not None and c.token_ids) and not new_finish):
                         continue
                     st.finish_sent = st.finish_sent or new_finish
                     cs.append(P.ChatStreamChoice(
-                        index=idx, delta=P.DeltaMessage(content=content, tool_calls=calls or None),
+                        index=idx, delta=P.DeltaMessage(content=content, tool_calls=calls or None,
+                                                        reasoning=reasoning or None),
                         logprobs=(self._chat_logprobs(list(c.token_ids), list(c.logprobs or []), k)
                                   if k is not None else None),
                         finish_reason=finish if new_finish else None,
@@ -1060,10 +1079,10 @@ class OpenAIServer(PromptRenderer):
                 return Reply(status=499)
             choices, out = gathered
             st = choices[(0, 0)]
-            text = "".join(st.text)
-            state.text, state.calls = text, []
+            state.reasoning, answer = self._split_reasoning("".join(st.text))
+            state.text, state.calls = answer or "", []
             if tools is not None and tools.mode != "none":
-                content, state.calls = tools.extract(text)
+                content, state.calls = tools.extract(answer or "")
                 state.text = content or ""
             self._finish_response(state, st, out, len(prompt.ids))
             return Reply.json(state.body())
@@ -1077,20 +1096,42 @@ class OpenAIServer(PromptRenderer):
 
     async def _stream_response(self, state: R.ResponseState, tools, stream, first, t0,
                                prompt_tokens: int) -> AsyncIterator[bytes]:
+        """Output items in order: the reasoning (--reasoning-parser; sent whole once the
+        thinking ends), the message (its text as deltas), the function calls (whole, at the
+        end)."""
         ev = R.EventWriter()
         mid = state.msg_id
+        thinking = (reasoning_lib.ReasoningStream(self.reasoning_parser)
+                    if self.reasoning_parser is not None else None)
         # "auto" text streams through a ToolStream (a call in it goes out at the end); a forced
         # call's JSON is not text: it is held and goes out as the call.
         auto = tool_lib.ToolStream(tools) if tools is not None and tools.mode == "auto" else None
         held = tools is not None and tools.mode in ("named", "required")
-        opened = False
+        sent = {"reasoning": False, "message": False}
+        index = 0  # the next output item's output_index
+
+        def reasoning_events():
+            nonlocal index
+            if sent["reasoning"] or not state.reasoning:
+                return []
+            sent["reasoning"] = True
+            index += 1
+            return [ev("response.output_item.added", output_index=index - 1,
+                       item=state.reasoning_item("in_progress")),
+                    ev("response.output_item.done", output_index=index - 1,
+                       item=state.reasoning_item("completed"))]
 
         def open_message():
-            return [ev("response.output_item.added", output_index=0,
-                       item=state.message_item("in_progress", None)),
-                    ev("response.content_part.added", item_id=mid, output_index=0,
-                       content_index=0, part={"type": "output_text", "text": "",
-                                              "annotations": [], "logprobs": []})]
+            nonlocal index
+            events = reasoning_events()
+            sent["message"] = True
+            index += 1
+            return events + [
+                ev("response.output_item.added", output_index=index - 1,
+                   item=state.message_item("in_progress", None)),
+                ev("response.content_part.added", item_id=mid, output_index=index - 1,
+                   content_index=0, part={"type": "output_text", "text": "",
+                                          "annotations": [], "logprobs": []})]
 
         try:
             yield ev("response.created", response=state.body("in_progress"))
@@ -1102,41 +1143,49 @@ class OpenAIServer(PromptRenderer):
                 for _, st, c in self._record(choices, 0, 1, out, time.perf_counter(), t0):
                     new_finish = st.finish_reason is not None and not st.finish_sent
                     st.finish_sent = st.finish_sent or new_finish
+                    text = c.text
+                    if thinking is not None:
+                        reasoning, text = thinking.feed(text, new_finish)
+                        state.reasoning = (state.reasoning or "") + reasoning
                     if held:
                         continue
-                    text = c.text if auto is None else (auto.feed(c.text, new_finish)[0] or "")
+                    if auto is not None:
+                        text = auto.feed(text, new_finish)[0] or ""
                     if not text:
                         continue
-                    if not opened:
+                    if not sent["message"]:
                         for e in open_message():
                             yield e
-                        opened = True
                     state.text += text
-                    yield ev("response.output_text.delta", item_id=mid, output_index=0,
+                    yield ev("response.output_text.delta", item_id=mid, output_index=index - 1,
                              content_index=0, delta=text, logprobs=[])
                 item = await anext(stream, None)
             st = choices[(0, 0)]
+            state.reasoning = state.reasoning or None
             if tools is not None and tools.mode != "none":
-                content, state.calls = tools.extract("".join(st.text))
+                _, answer = self._split_reasoning("".join(st.text))
+                content, state.calls = tools.extract(answer or "")
                 if held and not state.calls:  # cut short: the text after all
                     state.text = content or ""
             self._finish_response(state, st, out, prompt_tokens)
-            index = 0
-            if state.text or not state.calls:
-                if not opened:
+            for e in reasoning_events():
+                yield e
+            if sent["message"] or state.text or not (state.calls or state.reasoning):
+                if not sent["message"]:
                     for e in open_message():
                         yield e
                     if state.text:
-                        yield ev("response.output_text.delta", item_id=mid, output_index=0,
-                                 content_index=0, delta=state.text, logprobs=[])
+                        yield ev("response.output_text.delta", item_id=mid,
+                                 output_index=index - 1, content_index=0, delta=state.text,
+                                 logprobs=[])
+                mi = index - 1
                 part = state.message_item(state.status, state.text)["content"][0]
-                yield ev("response.output_text.done", item_id=mid, output_index=0,
+                yield ev("response.output_text.done", item_id=mid, output_index=mi,
                          content_index=0, text=state.text, logprobs=[])
-                yield ev("response.content_part.done", item_id=mid, output_index=0,
+                yield ev("response.content_part.done", item_id=mid, output_index=mi,
                          content_index=0, part=part)
-                yield ev("response.output_item.done", output_index=0,
+                yield ev("response.output_item.done", output_index=mi,
                          item=state.message_item(state.status, state.text))
-                index = 1
             for i, c in enumerate(state.calls, start=index):
                 fc = state.call_item(c, "completed")
                 yield ev("response.output_item.added", output_index=i,
@@ -1187,10 +1236,12 @@ def build_app(engine: Any, *, api_key: str | None = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
               log_stats_interval: float | None = 10.0, enable_auto_tool_choice: bool = False,
-              tool_call_parser: str | None = None) -> web.Application:
+              tool_call_parser: str | None = None, reasoning_parser: str | None = None
+              ) -> web.Application:
     """The aiohttp app serving ``engine`` (an AsyncEngine). The engine is the caller's to shut
     down; several apps may share one engine. ``enable_auto_tool_choice`` and
-    ``tool_call_parser`` (server/tools.py): vLLM's flags for tool_choice "auto"."""
+    ``tool_call_parser`` (server/tools.py): vLLM's flags for tool_choice "auto";
+    ``reasoning_parser``: vLLM's --reasoning-parser (server/reasoning.py)."""
     if served_model_name is None:
         names = [engine.model_name]
     elif isinstance(served_model_name, str):
@@ -1202,7 +1253,7 @@ def build_app(engine: Any, *, api_key: str | None = None,
                        max_concurrent_requests=max_concurrent_requests,
                        log_stats_interval=log_stats_interval,
                        enable_auto_tool_choice=enable_auto_tool_choice,
-                       tool_call_parser=tool_call_parser)
+                       tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
     app = web.Application(client_max_size=max_request_bytes,
                           middlewares=[srv.error_middleware, srv.auth_middleware])
     app[SERVER_KEY] = srv

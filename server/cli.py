@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable
 
 from server.app import DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_MAX_REQUEST_BYTES
+from server.reasoning import REASONING_PARSERS
 from server.tools import TOOL_CALL_PARSERS
 
 logger = logging.getLogger("jaxllm.server")
@@ -50,6 +51,9 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
                         "--tool-call-parser reads (server/tools.py)")
     p.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
                    help="how tool calls are read out of a reply under tool_choice auto")
+    p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                   help="return a reasoning model's <think> part as the message's reasoning "
+                        "(server/reasoning.py)")
     d = p.add_argument_group("Multi-host (jax.distributed; sharding/distributed.py)")
     d.add_argument("--distributed", action="store_true",
                    help="join a jax.distributed job: process 0 serves, the others follow its steps")
@@ -98,7 +102,7 @@ def ray_app_kwargs(args: argparse.Namespace, engine_kwargs: dict, num_gpus: floa
         prefix_routing_pages=args.prefix_routing_pages,
         num_hosts_per_replica=args.num_hosts_per_replica,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
-        tool_call_parser=args.tool_call_parser)
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
     if args.max_replicas is not None:
         if args.max_replicas < args.num_replicas:
             raise ValueError(f"--max-replicas ({args.max_replicas}) must be >= --num-replicas "
@@ -202,7 +206,8 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
                           max_concurrent_requests=args.max_concurrent_requests,
                           log_stats_interval=args.log_stats_interval or None,
                           enable_auto_tool_choice=args.enable_auto_tool_choice,
-                          tool_call_parser=args.tool_call_parser))
+                          tool_call_parser=args.tool_call_parser,
+                          reasoning_parser=args.reasoning_parser))
     finally:
         engine.shutdown()
     return 0

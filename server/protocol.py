@@ -407,6 +407,14 @@ class ChatResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)  # as vLLM: [] when none
+    reasoning: str | None = None  # --reasoning-parser (server/reasoning.py); left out if None
+
+    @model_serializer(mode="wrap")
+    def _without_null_reasoning(self, handler):
+        out = handler(self)
+        if out.get("reasoning", "") is None:
+            del out["reasoning"]
+        return out
 
 
 class ChatChoice(_Response):
@@ -446,11 +454,12 @@ class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    reasoning: str | None = None
 
     @model_serializer(mode="wrap")
     def _without_null_keys(self, handler):
         out = handler(self)
-        for key in ("role", "tool_calls"):
+        for key in ("role", "tool_calls", "reasoning"):
             if key in out and out[key] is None:
                 del out[key]
         return out

@@ -5,8 +5,9 @@ A request becomes a chat request (``ResponsesRequest.to_chat``): ``instructions`
 message, ``input`` (a string, or a list of messages, ``function_call`` and
 ``function_call_output`` items) the messages, ``text.format`` the response_format, function
 ``tools`` / ``tool_choice`` the chat ones (server/tools.py), ``max_output_tokens`` the
-max_completion_tokens. The reply comes back as Response output items: a ``message`` with one
-``output_text`` part, and a ``function_call`` item per tool call. ``status`` is "incomplete"
+max_completion_tokens. The reply comes back as Response output items: a ``reasoning`` item
+(with ``--reasoning-parser``, server/reasoning.py), a ``message`` with one ``output_text``
+part, and a ``function_call`` item per tool call. ``status`` is "incomplete"
 (``incomplete_details.reason`` "max_output_tokens") when max_output_tokens cut the reply.
 
 Streams send OpenAI's events (``response.created``, ``response.in_progress``,
@@ -199,6 +200,8 @@ class ResponseState:
         self.req, self.model, self.id = req, model, rid
         self.created_at = int(time.time())
         self.msg_id = _id("msg")
+        self.reasoning_id = _id("rs")
+        self.reasoning: str | None = None  # --reasoning-parser: the reply's thinking
         self.text = ""
         self.calls: list[tool_lib.ToolCall] = []
         self.finish_reason: str | None = None
@@ -209,6 +212,10 @@ class ResponseState:
                                             "annotations": [], "logprobs": []}]
         return {"type": "message", "id": self.msg_id, "status": status, "role": "assistant",
                 "content": content}
+
+    def reasoning_item(self, status: str) -> dict[str, Any]:
+        return {"type": "reasoning", "id": self.reasoning_id, "summary": [], "status": status,
+                "content": [{"type": "reasoning_text", "text": self.reasoning or ""}]}
 
     @staticmethod
     def call_item(call: tool_lib.ToolCall, status: str, arguments: str | None = None
@@ -223,8 +230,8 @@ class ResponseState:
         return "incomplete" if self.finish_reason == "length" else "completed"
 
     def output(self) -> list[dict[str, Any]]:
-        items = []
-        if self.text or not self.calls:
+        items = [self.reasoning_item("completed")] if self.reasoning else []
+        if self.text or not (self.calls or self.reasoning):
             items.append(self.message_item(self.status, self.text))
         items += [self.call_item(c, "completed") for c in self.calls]
         return items

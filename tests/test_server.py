@@ -590,6 +590,32 @@ def test_responses_function_tools_round_trip(client):
     assert r2.output[0].type == "message" and r2.output_text
 
 
+def test_a_reasoning_parser_moves_the_thinking_out_of_the_content(servers, engine):
+    """--reasoning-parser deepseek_r1: a reply with no </think> is all thinking (the random
+    model writes no tags; server/reasoning.py's own tests split tagged replies)."""
+    base = servers.start(build_app(engine, served_model_name=MODEL,
+                                   reasoning_parser="deepseek_r1"))
+    c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    kw = dict(model=MODEL, messages=ASK, max_tokens=6, temperature=0.0)
+    plain = c.chat.completions.create(**kw).choices[0].message
+    main = openai.OpenAI(base_url=servers.main + "/v1", api_key="unused", max_retries=0)
+    text = main.chat.completions.create(**kw).choices[0].message.content  # no parser
+    assert plain.content is None and plain.model_extra["reasoning"] == text
+    chunks = [ch.delta for x in c.chat.completions.create(**kw, stream=True) for ch in x.choices]
+    assert "".join(d.model_extra.get("reasoning") or "" for d in chunks) == text
+    assert not any(d.content for d in chunks)
+    r = c.responses.create(model=MODEL, input=ASK[0]["content"], max_output_tokens=6,
+                           temperature=0.0)
+    assert [o.type for o in r.output] == ["reasoning"]
+    assert r.output[0].content[0].text == text
+    events = list(c.responses.create(model=MODEL, input=ASK[0]["content"],
+                                     max_output_tokens=6, temperature=0.0, stream=True))
+    assert [o.type for o in events[-1].response.output] == ["reasoning"]
+    with pytest.raises(ValueError, match="reasoning_parser"):
+        build_app(engine, reasoning_parser="granite")
+    _wait_idle(engine)
+
+
 @pytest.mark.parametrize("extra,param", [
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"background": True}, "background"),
@@ -925,6 +951,7 @@ def test_serve_parser_reads_flags_and_the_api_key_from_the_environment(monkeypat
     args = parser.parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser",
                               "llama3_json"])
     assert (args.enable_auto_tool_choice, args.tool_call_parser) == (True, "llama3_json")
+    assert parser.parse_args(["serve", "--reasoning-parser", "qwen3"]).reasoning_parser == "qwen3"
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--tool-call-parser", "mistral"])
 

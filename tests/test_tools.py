@@ -119,3 +119,39 @@ def test_template_gets_tool_call_arguments_as_objects():
             "name": "g", "arguments": "not json"}}])
     assert out[0]["function"]["arguments"] == {"a": 1}
     assert out[1]["function"]["arguments"] == "not json"
+
+
+# -- reasoning (server/reasoning.py) ------------------------------------------------------------
+from server import reasoning as Rz  # noqa: E402
+
+REPLIES = {  # text -> {parser: (reasoning, answer)}
+    "<think>\nLet me see.\n</think>\n\nIt is 4.": {"deepseek_r1": ("\nLet me see.\n", "It is 4."),
+                                                    "qwen3": ("\nLet me see.\n", "It is 4.")},
+    "Let me see.</think>It is 4.": {"deepseek_r1": ("Let me see.", "It is 4."),
+                                     "qwen3": ("Let me see.", "It is 4.")},
+    "Still thinking <and> more": {"deepseek_r1": ("Still thinking <and> more", None),
+                                  "qwen3": (None, "Still thinking <and> more")},
+    "<think>cut short": {"deepseek_r1": ("cut short", None), "qwen3": ("cut short", None)},
+    "<think></think>Just the answer <thi": {"deepseek_r1": (None, "Just the answer <thi"),
+                                            "qwen3": (None, "Just the answer <thi")},
+}
+
+
+def test_reasoning_is_split_off_the_answer_as_vllm_parsers_do():
+    for text, want in REPLIES.items():
+        for parser, (reasoning, answer) in want.items():
+            assert Rz.split_reasoning(parser, text) == (reasoning, answer), (parser, text)
+
+
+def test_streamed_reasoning_joins_to_the_split_whatever_the_chunks():
+    for text, want in REPLIES.items():
+        for parser, (reasoning, answer) in want.items():
+            if parser == "qwen3" and "</think>" in text and not text.startswith("<think>"):
+                continue  # streamed, qwen3 thinks only after an opening <think> (docstring)
+            chunkings = [[text], list(text)] + [[text[:i], text[i:]] for i in range(len(text))]
+            for chunks in chunkings:
+                s = Rz.ReasoningStream(parser)
+                parts = [s.feed(c, i == len(chunks) - 1) for i, c in enumerate(chunks)]
+                r = "".join(p[0] for p in parts)
+                a = "".join(p[1] for p in parts)
+                assert (r or None, a or None) == (reasoning or None, answer), (parser, chunks)
