@@ -180,9 +180,21 @@ async def serve(engine: Any, *, host: str, port: int, shutdown_timeout: float = 
         await runner.cleanup()
 
 
+def serve_engine_kwargs(args: argparse.Namespace, engine_kwargs: dict) -> dict:
+    """The engine's settings for ``jaxllm serve``: vLLM's server batch defaults, and the
+    reasoning parser handed to structured outputs too (a grammar then starts after the
+    thinking, as in vLLM)."""
+    kw = {**engine_kwargs, "usage_context": "server"}
+    if getattr(args, "reasoning_parser", None) is not None:
+        so = dict(kw.get("structured_outputs_config") or {})
+        so.setdefault("reasoning_parser", args.reasoning_parser)
+        kw["structured_outputs_config"] = so
+    return kw
+
+
 def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
     started_at = time.perf_counter()
-    engine_kwargs = {**engine_kwargs, "usage_context": "server"}  # vLLM's server batch defaults
+    engine_kwargs = serve_engine_kwargs(args, engine_kwargs)
     if args.ray:
         return run_ray_serve(args, engine_kwargs)
     if getattr(args, "distributed", False):

@@ -13,8 +13,9 @@ Parsers:
   ``<think>``.
 
 The answer part then goes through tool-call parsing as any reply does (server/tools.py).
-Structured outputs constrain the whole reply, thinking included (vLLM can start the grammar
-after the thinking; not done here).
+``jaxllm serve --reasoning-parser`` also hands the parser to the engine's structured outputs
+(``structured_outputs_config["reasoning_parser"]``, server/cli.py), so a grammar starts after
+the think-close token, as in vLLM; ``"enable_in_reasoning": true`` constrains the thinking too.
 """
 
 from __future__ import annotations

@@ -951,7 +951,15 @@ def test_serve_parser_reads_flags_and_the_api_key_from_the_environment(monkeypat
     args = parser.parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser",
                               "llama3_json"])
     assert (args.enable_auto_tool_choice, args.tool_call_parser) == (True, "llama3_json")
-    assert parser.parse_args(["serve", "--reasoning-parser", "qwen3"]).reasoning_parser == "qwen3"
+    args = parser.parse_args(["serve", "--reasoning-parser", "qwen3",
+                              "--structured-outputs-config", '{"disable_any_whitespace": true}'])
+    from jaxllm.cli import engine_kwargs
+    from server.cli import serve_engine_kwargs
+
+    kw = serve_engine_kwargs(args, engine_kwargs(args))
+    assert kw["structured_outputs_config"] == {"disable_any_whitespace": True,
+                                               "reasoning_parser": "qwen3"}
+    assert kw["usage_context"] == "server"
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--tool-call-parser", "mistral"])
 

@@ -266,3 +266,38 @@ def test_the_engine_config_turns_json_whitespace_off_for_every_request(small_lla
     for c in _texts(eng, SO(json=PERSON), n=3):
         assert c.finish_reason == "stop" and not re.search(r"\s", c.text.replace(" ", "")), c
         jsonschema.validate(json.loads(c.text), PERSON)
+
+
+def test_with_a_reasoning_parser_the_grammar_starts_after_the_thinking(llm, monkeypatch):
+    """vLLM's default (enable_in_reasoning off): a constrained row samples freely until the
+    think-close token, then the grammar holds; a prompt whose last think tag closes the thinking
+    starts the grammar at once. SmolLM2's tokenizer has no <think>: two of its single-token
+    specials stand in for the tags."""
+    tok = llm.get_tokenizer()
+    monkeypatch.setitem(so_lib.THINK_TAGS, "deepseek_r1", ("<repo_name>", "<file_sep>"))
+    think_open, think_close = tok.convert_tokens_to_ids(["<repo_name>", "<file_sep>"])
+    V = llm.llm_engine.model_config.vocab_size
+    backend = so_lib.StructuredOutputs(tok, V, [2], {"reasoning_parser": "deepseek_r1"})
+    params = SamplingParams(structured_outputs=SO(regex="[0-9]+"))
+    digits = {i for i in range(V) if re.fullmatch("[0-9]+", tok.decode([i]))}
+
+    def allowed(mask):
+        out = np.full((1, so_lib.mask_words(V)), -1, np.int32)  # as the sampler inits it
+        so_lib.TokenMask.fill_rows([(0, mask)], out)
+        return set(so_lib.bitmask_to_ids(out[0], V).tolist())
+
+    thinking = backend.token_mask(params, [5, 6, think_open])
+    assert len(allowed(thinking)) == V  # free while thinking
+    for t in tok("Let me think.", add_special_tokens=False).input_ids:
+        thinking.accept(t)
+    assert len(allowed(thinking)) == V
+    thinking.accept(think_close)
+    assert allowed(thinking) <= digits and allowed(thinking)  # the grammar from here
+    closed = backend.token_mask(params, [think_open, 7, think_close, 8])
+    assert allowed(closed) <= digits  # the prompt closed the thinking: at once
+    off = so_lib.StructuredOutputs(tok, V, [2], {"reasoning_parser": "deepseek_r1",
+                                                 "enable_in_reasoning": True})
+    assert allowed(off.token_mask(params, [think_open])) <= digits
+    monkeypatch.setitem(so_lib.THINK_TAGS, "deepseek_r1", ("<think>", "</think>"))
+    with pytest.raises(ValueError, match="no '<think>' token"):
+        so_lib.StructuredOutputs(tok, V, [2], {"reasoning_parser": "deepseek_r1"})

@@ -498,7 +498,7 @@ class LLMEngine:
             ids = ids[-(self.max_model_len if k == -1 else k):]
         self._validate(ids, params)
         # Compiled and checked now: a bad schema / regex / grammar fails the request here.
-        token_mask = self.structured_outputs.token_mask(params)
+        token_mask = self.structured_outputs.token_mask(params, ids)
         extra = self.generation_stop_token_ids
         if extra and not params.ignore_eos and not extra <= set(params.stop_token_ids or ()):
             # The generation config's end-of-turn tokens, as vLLM adds them.

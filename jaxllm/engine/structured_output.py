@@ -107,7 +107,11 @@ def llguidance_tokenizer_json(tokenizer: Any) -> str:
 
 
 BACKENDS = ("auto", "guidance")
-CONFIG_KEYS = {"backend", "disable_any_whitespace", "disable_additional_properties"}
+CONFIG_KEYS = {"backend", "disable_any_whitespace", "disable_additional_properties",
+               "reasoning_parser", "enable_in_reasoning"}
+# The thinking tags of the reasoning parsers (server/reasoning.py): with one set, a grammar
+# starts after the model closes its thinking, as vLLM's (unless enable_in_reasoning).
+THINK_TAGS = {"deepseek_r1": ("<think>", "</think>"), "qwen3": ("<think>", "</think>")}
 
 
 def check_config(config: Any) -> None:
@@ -121,9 +125,13 @@ def check_config(config: Any) -> None:
     if config.get("backend", "auto") not in BACKENDS:
         raise ValueError(f"structured_outputs_config backend {config['backend']!r} is not "
                          f"available; jaxllm has {BACKENDS} (llguidance).")
-    for key in ("disable_any_whitespace", "disable_additional_properties"):
+    for key in ("disable_any_whitespace", "disable_additional_properties",
+                "enable_in_reasoning"):
         if not isinstance(config.get(key, False), bool):
             raise ValueError(f"structured_outputs_config {key} must be true or false.")
+    if config.get("reasoning_parser") not in (None, *THINK_TAGS):
+        raise ValueError(f"structured_outputs_config reasoning_parser must be one of "
+                         f"{sorted(THINK_TAGS)}, got {config['reasoning_parser']!r}.")
 
 
 class StructuredOutputs:
@@ -140,6 +148,21 @@ class StructuredOutputs:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._eos = sorted(set(eos_token_ids))
+        # (think-open id, think-close id) when a grammar waits for the thinking to end
+        self.think_ids: tuple[int, int] | None = None
+        parser = config.get("reasoning_parser")
+        if parser is not None and not config.get("enable_in_reasoning", False):
+            ids = []
+            for tag in THINK_TAGS[parser]:
+                tid = tokenizer.convert_tokens_to_ids(tag)
+                if not isinstance(tid, int) or tid == tokenizer.unk_token_id or \
+                        tokenizer.convert_ids_to_tokens(tid) != tag:
+                    raise ValueError(f"structured_outputs_config reasoning_parser={parser!r}: "
+                                     f"the tokenizer has no {tag!r} token, so the end of the "
+                                     "thinking cannot be seen; set enable_in_reasoning=true "
+                                     "or leave the parser out.")
+                ids.append(tid)
+            self.think_ids = (ids[0], ids[1])
         self._ll_tokenizer = None
         self.executor = None  # llguidance's thread pool for the masks of a step's rows
 
@@ -219,9 +242,12 @@ class StructuredOutputs:
             raise ValueError("the structural tag has no structures")
         return llguidance.StructTag.to_grammar(tags)
 
-    def token_mask(self, params: SamplingParams) -> TokenMask | None:
+    def token_mask(self, params: SamplingParams, prompt_token_ids: Sequence[int] = ()
+                   ) -> TokenMask | None:
         """The first sequence's TokenMask for ``params`` (None when it has no constraint);
-        siblings (n > 1) take ``TokenMask.fork()``. ValueError for a bad constraint."""
+        siblings (n > 1) take ``TokenMask.fork()``. ValueError for a bad constraint. With a
+        reasoning parser its grammar waits for the think-close token, unless the prompt's last
+        think tag closes the thinking already (Qwen3's template with thinking off)."""
         allowed = None
         if params.allowed_token_ids is not None:
             allowed = ids_to_bitmask(params.allowed_token_ids, self.vocab_size)
@@ -236,22 +262,30 @@ class StructuredOutputs:
                 raise ValueError(f"Invalid structured outputs: {matcher.get_error()}")
         if allowed is None and matcher is None:
             return None
-        return TokenMask(self, matcher, allowed)
+        start_after = None
+        if matcher is not None and self.think_ids is not None:
+            think_open, think_close = self.think_ids
+            tags = [t for t in prompt_token_ids if t == think_open or t == think_close]
+            if not tags or tags[-1] != think_close:
+                start_after = think_close
+        return TokenMask(self, matcher, allowed, start_after)
 
 
 class TokenMask:
     """One sequence's constraint: an llguidance matcher (structured outputs) and/or a fixed
     allowed-ids bitmask (allowed_token_ids); a token must pass both."""
 
-    __slots__ = ("backend", "matcher", "allowed")
+    __slots__ = ("backend", "matcher", "allowed", "start_after")
 
-    def __init__(self, backend: StructuredOutputs, matcher: Any, allowed: np.ndarray | None):
+    def __init__(self, backend: StructuredOutputs, matcher: Any, allowed: np.ndarray | None,
+                 start_after: int | None = None):
         self.backend, self.matcher, self.allowed = backend, matcher, allowed
+        self.start_after = start_after  # the grammar waits for this token (the thinking's end)
 
     def fork(self) -> TokenMask:
         """A copy for a sibling sequence (n > 1): the same constraint, its own parse state."""
         matcher = self.matcher.deep_copy() if self.matcher is not None else None
-        return TokenMask(self.backend, matcher, self.allowed)
+        return TokenMask(self.backend, matcher, self.allowed, self.start_after)
 
     @property
     def changes_per_token(self) -> bool:
@@ -263,6 +297,10 @@ class TokenMask:
         mask could not stop, such as a stop token below min_tokens) leaves the matcher in its
         error state, whose mask allows only EOS: the row ends instead of going on unchecked."""
         m = self.matcher
+        if self.start_after is not None:  # still thinking: the grammar has not started
+            if token == self.start_after:
+                self.start_after = None
+            return
         if m is None or m.is_stopped():
             return
         if not m.consume_token(token) and m.is_error():
@@ -276,7 +314,8 @@ class TokenMask:
         if not items:
             return
         W = out.shape[1]
-        grammar_rows = [(i, m) for i, m in items if m.matcher is not None]
+        grammar_rows = [(i, m) for i, m in items
+                        if m.matcher is not None and m.start_after is None]
         if grammar_rows:
             from llguidance.numpy import fill_next_token_bitmask_par
 
@@ -289,7 +328,7 @@ class TokenMask:
                 out[i] = buf[j, :W]
         for i, m in items:
             if m.allowed is not None:
-                if m.matcher is None:
+                if m.matcher is None or m.start_after is not None:
                     out[i] = m.allowed
                 else:
                     out[i] &= m.allowed
