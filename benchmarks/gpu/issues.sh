@@ -161,7 +161,9 @@
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
 # it with tokenizer.save_pretrained) and, for scaleout, .whl (pydantic wheels, see the device
-# README).
+# README; for structured outputs and the GPU test of them also llguidance's: pip download
+# --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_31_x86_64 -d .whl
+# llguidance==1.9.1).
 # JSON lines and logs go to $OUT.
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
