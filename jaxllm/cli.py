@@ -65,7 +65,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         '\'{"temperature": 0.5}\'')
     p.add_argument("--structured-outputs-config", type=_json_object, default=None,
                    help='JSON, vLLM\'s: {"backend": "auto" | "guidance", '
-                        '"disable_any_whitespace": bool, "disable_additional_properties": bool}')
+                        '"disable_any_whitespace": bool, "disable_additional_properties": bool, '
+                        '"reasoning_parser": "deepseek_r1" | "qwen3", "enable_in_reasoning": '
+                        'bool}')
     p.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILATION_CACHE_DIR,
                    help="keep compiled step programs here, so a restart with the same model and "
                         "flags skips most of the start-up compile (default: "

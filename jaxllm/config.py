@@ -197,8 +197,10 @@ class EngineConfig:
     # the Jinja template itself. LLM.chat, the server and /tokenize all use it.
     chat_template: str | None = None
     # vLLM's structured outputs config (engine/structured_output.py): {"backend": "auto" |
-    # "guidance", "disable_any_whitespace": bool, "disable_additional_properties": bool}; the
-    # two options apply to every request's JSON schema, as if each request had set them.
+    # "guidance", "disable_any_whitespace": bool, "disable_additional_properties": bool,
+    # "reasoning_parser": "deepseek_r1" | "qwen3", "enable_in_reasoning": bool}; the two JSON
+    # options apply to every request's schema, as if each request had set them; with a
+    # reasoning parser a grammar starts after the thinking unless enable_in_reasoning.
     structured_outputs_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
