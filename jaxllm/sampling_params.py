@@ -95,8 +95,10 @@ class SamplingParams:
     picks one (reproducible given the engine's seed). max_tokens None means "up to the model's
     context length" (the engine fills it in). logprobs=k returns the sampled token's log-prob and
     the k most likely tokens' (raw model distribution, before temperature/penalties).
-    allowed_token_ids keeps sampling to those ids; structured_outputs constrains the text to a
-    JSON schema, regex, choice or grammar (a StructuredOutputsParams, or a dict of its fields).
+    allowed_token_ids keeps sampling to those ids; bad_words are words the output never
+    contains (each banned as its tokens, at the start of the text and after a space, as vLLM
+    does); structured_outputs constrains the text to a JSON schema, regex, choice or grammar (a
+    StructuredOutputsParams, or a dict of its fields).
     """
 
     n: int = 1
@@ -121,6 +123,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     structured_outputs: StructuredOutputsParams | None = None
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -155,6 +158,10 @@ class SamplingParams:
                              f"of its fields), got {type(self.structured_outputs).__name__}.")
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        elif self.bad_words is not None:
+            self.bad_words = list(self.bad_words)
         if not isinstance(self.output_kind, RequestOutputKind):
             self.output_kind = RequestOutputKind(self.output_kind)
         self._verify_args()
@@ -221,6 +228,11 @@ class SamplingParams:
                        for t in self.allowed_token_ids):
                 raise ValueError(f"allowed_token_ids must contain only integers, got "
                                  f"{self.allowed_token_ids}.")
+        if self.bad_words is not None:
+            if not all(isinstance(w, str) for w in self.bad_words):
+                raise ValueError(f"bad_words must be a list of strings, got {self.bad_words!r}.")
+            if any(not w.strip() for w in self.bad_words):
+                raise ValueError("bad_words cannot contain an empty (or all-space) string.")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}.")
 

@@ -519,7 +519,7 @@ class OpenAIServer(PromptRenderer):
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
             truncate_prompt_tokens=req.truncate_prompt_tokens, output_kind=RequestOutputKind.DELTA,
-            allowed_token_ids=req.allowed_token_ids)
+            allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words)
         try:
             so = req.structured_outputs_params()
         except ValueError as e:

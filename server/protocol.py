@@ -108,6 +108,7 @@ class _SamplingFields(_Model):
     truncate_prompt_tokens: Int32 | None = None  # the prompt's last k tokens (-1: the context)
     request_id: str | None = None  # vLLM extra: used in the response id when given
     allowed_token_ids: list[TokenId] | None = None
+    bad_words: list[StrictStr] | None = None
     # Structured outputs (structured_outputs_params)
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None

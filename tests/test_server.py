@@ -384,6 +384,12 @@ def test_vllm_structured_output_extras_and_a_streamed_constrained_chat(client, e
                                                           "ignore_eos": True})
     assert len(r.choices[0].logprobs.tokens) == 8
     assert set(r.choices[0].logprobs.tokens) <= {tok.decode([100]), tok.decode([200])}
+    # bad_words (vLLM extra): "hello" is one token, so only "Paris" is left
+    ids = [tok.encode(w, add_special_tokens=False)[0] for w in ("hello", "Paris")]
+    r = client.completions.create(model=MODEL, prompt="x", max_tokens=6, temperature=1.0,
+                                  extra_body={"allowed_token_ids": ids, "ignore_eos": True,
+                                              "bad_words": ["hello"]})
+    assert r.choices[0].text == "Paris" * 6
 
 
 @pytest.mark.parametrize("extra,param", [
@@ -400,6 +406,8 @@ def test_vllm_structured_output_extras_and_a_streamed_constrained_chat(client, e
     ({"guided_choice": ["a"], "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
     ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
     ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"bad_words": ["  "]}, "bad_words"),
+    ({"bad_words": "hello"}, "bad_words"),
 ])
 def test_bad_structured_outputs_are_400_and_leave_the_engine_idle(servers, engine, extra, param):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,

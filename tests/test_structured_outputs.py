@@ -1,4 +1,4 @@
-"""Structured outputs and allowed_token_ids (engine/structured_output.py): the token bitmask on the
+"""Structured outputs, allowed_token_ids and bad_words (engine/structured_output.py): the token bitmask on the
 device against a numpy reference, the params' validation, and a random Llama's sampled text fitting
 each kind of constraint (a random model would almost never write valid JSON by itself, so a
 constraint that did not hold would show)."""
@@ -132,6 +132,9 @@ def test_structured_outputs_params_need_exactly_one_constraint():
     assert SO(json=Item).json["required"] == ["sku", "qty"]
     with pytest.raises(ValueError, match="allowed_token_ids is not None and empty"):
         SamplingParams(allowed_token_ids=[])
+    for bad, match in (([""], "empty"), (["ok", 3], "list of strings")):
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(bad_words=bad)
     with pytest.raises(ValueError, match="out-of-vocab"):
         SamplingParams(allowed_token_ids=[3, 10**6]).verify_for_model(1000)
 
@@ -204,6 +207,42 @@ def test_allowed_token_ids_limit_every_sampled_token(llm):
     assert re.fullmatch("[12]{4}", out.outputs[0].text), out.outputs[0].text
 
 
+def _has_run(ids, run) -> bool:
+    return any(ids[i:i + len(run)] == run for i in range(len(ids) - len(run) + 1))
+
+
+def test_bad_words_never_appear_in_the_output(llm):
+    """vLLM's bad_words: a one-token word (alone or after a space) is never sampled; a word of
+    several tokens never has its last token right after the others. Sampling is kept to a few
+    ids, so without bad_words the banned runs come up often (the control)."""
+    tok = llm.get_tokenizer()
+    alone, spaced = tok.encode("blueberry", add_special_tokens=False), \
+        tok.encode(" blueberry", add_special_tokens=False)
+    assert len(alone) == len(spaced) == 2 and alone[1] == spaced[1] != alone[0]  # tokenizer
+    ids = sorted({*alone, *spaced})
+
+    def run(**kw):
+        # a high temperature: near-uniform over the ids, whatever the random model prefers
+        params = SamplingParams(n=4, temperature=50.0, seed=5, max_tokens=40, ignore_eos=True,
+                                allowed_token_ids=ids, **kw)
+        [out] = llm.generate([{"prompt_token_ids": [3, 4, 5]}], params, use_tqdm=False)
+        return [c.token_ids for c in out.outputs]
+
+    free = run()
+    assert any(_has_run(t, alone) or _has_run(t, spaced) for t in free), free
+    banned = run(bad_words=["blueberry"])
+    for t in banned:
+        assert len(t) == 40 and not _has_run(t, alone) and not _has_run(t, spaced), t
+    assert {t for row in banned for t in row} == set(ids)  # each token alone is still allowed
+    # one-token words: "hello" and " hello" are single tokens, so only "Paris" is left
+    one = [tok.encode(w, add_special_tokens=False)[0] for w in ("hello", " hello", " Paris")]
+    params = SamplingParams(n=2, temperature=50.0, seed=1, max_tokens=12, ignore_eos=True,
+                            allowed_token_ids=one, bad_words=[" hello"])
+    [out] = llm.generate([{"prompt_token_ids": [3, 4, 5]}], params, use_tqdm=False)
+    assert [c.token_ids for c in out.outputs] == [[one[2]] * 12] * 2
+    assert _pool_is_full(llm)
+
+
 def test_bad_constraints_fail_the_request_and_leave_nothing_behind(llm):
     engine = llm.llm_engine
     for so, match in ((SO(regex="[a-"), "regex"), (SO(json={"type": "nonsense"}), "json"),
@@ -213,6 +252,9 @@ def test_bad_constraints_fail_the_request_and_leave_nothing_behind(llm):
             llm.generate([{"prompt_token_ids": [1, 2]}],
                          SamplingParams(structured_outputs=so), use_tqdm=False)
         assert not engine.has_unfinished_requests() and _pool_is_full(llm)
+    for bad, match in (([""], "empty"), (["ok", 3], "list of strings")):
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(bad_words=bad)
     with pytest.raises(ValueError, match="out-of-vocab"):
         llm.generate([{"prompt_token_ids": [1, 2]}],
                      SamplingParams(allowed_token_ids=[10**7]), use_tqdm=False)

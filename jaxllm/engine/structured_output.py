@@ -1,9 +1,12 @@
-"""Structured outputs and allowed_token_ids: a per-row mask of the tokens a row may sample.
+"""Structured outputs, allowed_token_ids and bad_words: a per-row mask of the tokens a row
+may sample.
 
 Dimension keys: S sequences (rows), V vocabulary, W = ceil(V / 32) mask words.
 
 A constrained request's sequences each get a ``TokenMask`` (``StructuredOutputs.token_mask``):
-its grammar matcher and/or its fixed allowed ids. Each step the host writes the row's allowed
+its grammar matcher, its fixed allowed ids (allowed_token_ids less the one-token bad words)
+and/or its multi-token bad words (the last token of a bad word is banned when the row's output
+ends with the word's other tokens, vLLM's rule). Each step the host writes the row's allowed
 tokens as a bitmask (bit t of word t // 32 set: token t may be sampled) into the sampler's
 ``token_bitmask`` [S, W] int32 (``sampler.build_sampling_tensors``), and the sampler sets every
 other logit to -inf before anything else (``sampler.apply_token_bitmask``). After the step the
@@ -46,6 +49,13 @@ def ids_to_bitmask(ids: Iterable[int], vocab_size: int) -> np.ndarray:
     bits = np.zeros(mask_words(vocab_size) * 32, np.uint8)
     bits[np.asarray(list(ids), np.int64)] = 1
     return np.packbits(bits, bitorder="little").view(np.int32)
+
+
+def clear_bits(words: np.ndarray, ids: Iterable[int]) -> None:
+    """Clears the bits of ``ids`` in one row's [W] int32 bitmask, in place."""
+    b = words.view(np.uint8)
+    for t in ids:
+        b[t >> 3] &= ~np.uint8(1 << (t & 7))
 
 
 def bitmask_to_ids(words: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -242,6 +252,30 @@ class StructuredOutputs:
             raise ValueError("the structural tag has no structures")
         return llguidance.StructTag.to_grammar(tags)
 
+    def bad_words_token_ids(self, words: Sequence[str]) -> list[list[int]]:
+        """vLLM's tokenization of bad_words: each word alone and, when that gives the same
+        number of tokens with another first token, after a space (a word mid-text)."""
+        if self._tokenizer is None:
+            raise ValueError("bad_words need the tokenizer; the engine was started with "
+                             "skip_tokenizer_init=True.")
+        out: list[list[int]] = []
+        for word in words:
+            alone = None
+            for prefix in ("", " "):
+                ids = list(self._tokenizer.encode(prefix + word.lstrip(),
+                                                  add_special_tokens=False))
+                if not ids:
+                    continue
+                if alone is None:
+                    alone = ids
+                    out.append(ids)
+                elif ids[0] != alone[0] and len(ids) == len(alone):
+                    out.append(ids)
+        bad = [t for ids in out for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"bad_words tokenize to ids {bad} outside the model's vocabulary.")
+        return out
+
     def token_mask(self, params: SamplingParams, prompt_token_ids: Sequence[int] = ()
                    ) -> TokenMask | None:
         """The first sequence's TokenMask for ``params`` (None when it has no constraint);
@@ -251,6 +285,15 @@ class StructuredOutputs:
         allowed = None
         if params.allowed_token_ids is not None:
             allowed = ids_to_bitmask(params.allowed_token_ids, self.vocab_size)
+        bad_words: tuple[tuple[tuple[int, ...], int], ...] = ()
+        if params.bad_words:
+            ids = self.bad_words_token_ids(params.bad_words)
+            single = [w[0] for w in ids if len(w) == 1]
+            if single:  # banned at every step: folded into the fixed mask
+                if allowed is None:
+                    allowed = np.full(mask_words(self.vocab_size), -1, np.int32)
+                clear_bits(allowed, single)
+            bad_words = tuple((tuple(w[:-1]), w[-1]) for w in ids if len(w) > 1)
         matcher = None
         if params.structured_outputs is not None:
             import llguidance
@@ -260,7 +303,7 @@ class StructuredOutputs:
                 log_level=int(os.environ.get("LLGUIDANCE_LOG_LEVEL", "0")))
             if matcher.is_error():
                 raise ValueError(f"Invalid structured outputs: {matcher.get_error()}")
-        if allowed is None and matcher is None:
+        if allowed is None and matcher is None and not bad_words:
             return None
         start_after = None
         if matcher is not None and self.think_ids is not None:
@@ -268,34 +311,51 @@ class StructuredOutputs:
             tags = [t for t in prompt_token_ids if t == think_open or t == think_close]
             if not tags or tags[-1] != think_close:
                 start_after = think_close
-        return TokenMask(self, matcher, allowed, start_after)
+        return TokenMask(self, matcher, allowed, start_after, bad_words)
 
 
 class TokenMask:
-    """One sequence's constraint: an llguidance matcher (structured outputs) and/or a fixed
-    allowed-ids bitmask (allowed_token_ids); a token must pass both."""
+    """One sequence's constraint: an llguidance matcher (structured outputs), a fixed
+    allowed-ids bitmask (allowed_token_ids, less the one-token bad words) and the multi-token
+    bad words ((prefix ids, last id) pairs); a token must pass all three."""
 
-    __slots__ = ("backend", "matcher", "allowed", "start_after")
+    __slots__ = ("backend", "matcher", "allowed", "start_after", "bad_words", "recent")
 
     def __init__(self, backend: StructuredOutputs, matcher: Any, allowed: np.ndarray | None,
-                 start_after: int | None = None):
+                 start_after: int | None = None,
+                 bad_words: tuple[tuple[tuple[int, ...], int], ...] = (),
+                 recent: Sequence[int] = ()):
         self.backend, self.matcher, self.allowed = backend, matcher, allowed
         self.start_after = start_after  # the grammar waits for this token (the thinking's end)
+        self.bad_words = bad_words
+        self.recent = list(recent)  # the output's last tokens, as many as a bad word's prefix
 
     def fork(self) -> TokenMask:
         """A copy for a sibling sequence (n > 1): the same constraint, its own parse state."""
         matcher = self.matcher.deep_copy() if self.matcher is not None else None
-        return TokenMask(self.backend, matcher, self.allowed, self.start_after)
+        return TokenMask(self.backend, matcher, self.allowed, self.start_after, self.bad_words,
+                         self.recent)
 
     @property
     def changes_per_token(self) -> bool:
-        """Whether the mask depends on the tokens sampled so far (a grammar)."""
-        return self.matcher is not None
+        """Whether the mask depends on the tokens sampled so far (a grammar, or a bad word of
+        several tokens)."""
+        return self.matcher is not None or bool(self.bad_words)
+
+    def banned_now(self) -> list[int]:
+        """The last tokens of the multi-token bad words whose other tokens end the output."""
+        r = self.recent
+        return [last for prefix, last in self.bad_words
+                if len(prefix) <= len(r) and r[len(r) - len(prefix):] == list(prefix)]
 
     def accept(self, token: int) -> None:
         """Advances the grammar past a sampled token. A token the grammar refuses (one the
         mask could not stop, such as a stop token below min_tokens) leaves the matcher in its
         error state, whose mask allows only EOS: the row ends instead of going on unchecked."""
+        if self.bad_words:
+            keep = max(len(prefix) for prefix, _ in self.bad_words)
+            self.recent.append(token)
+            del self.recent[:-keep]
         m = self.matcher
         if self.start_after is not None:  # still thinking: the grammar has not started
             if token == self.start_after:
@@ -332,3 +392,5 @@ class TokenMask:
                     out[i] = m.allowed
                 else:
                     out[i] &= m.allowed
+            if m.bad_words:
+                clear_bits(out[i], m.banned_now())
