@@ -7,8 +7,10 @@ import os as _os
 _os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 from jaxllm.config import EngineConfig, ModelConfig  # noqa: E402
-from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
-from jaxllm.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
+from jaxllm.outputs import (BeamSearchOutput, CompletionOutput, Logprob,  # noqa: E402
+                            RequestOutput)
+from jaxllm.sampling_params import (BeamSearchParams, RequestOutputKind,  # noqa: E402
+                                    SamplingParams)
 
 
 def __getattr__(name):  # the engine imports JAX models; load it on first use
@@ -24,5 +26,6 @@ def __getattr__(name):  # the engine imports JAX models; load it on first use
 
 
 __all__ = ["LLM", "AsyncEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "RequestOutputKind", "EngineConfig", "ModelConfig"]
+           "RequestOutputKind", "EngineConfig", "ModelConfig", "BeamSearchParams",
+           "BeamSearchOutput"]
 __version__ = "0.1.0"

@@ -57,3 +57,24 @@ class RequestOutput:
     num_cached_tokens: int | None = None
     metrics: Any | None = None
     kv_transfer_params: dict[str, Any] | None = field(default=None, repr=False)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam (vLLM's): ``tokens`` holds the prompt and the generated tokens; ``logprobs`` one
+    dict per generated token (the step's 2 * beam_width candidates and the sampled token);
+    ``text`` (filled at the end) decodes ``tokens``, prompt included, as in vLLM."""
+
+    tokens: list[int]
+    logprobs: SampleLogprobs
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None  # "stop" (an end-of-sequence token) or "length"
+    stop_reason: int | None = None  # the stop token when it is not the tokenizer's EOS
+
+
+@dataclass
+class BeamSearchOutput:
+    """``LLM.beam_search``'s result for one prompt: the best beams, best first."""
+
+    sequences: list[BeamSearchSequence]

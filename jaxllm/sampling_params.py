@@ -276,3 +276,36 @@ class SamplingParams:
         import copy
 
         return copy.deepcopy(self)
+
+
+@dataclass
+class BeamSearchParams:
+    """Beam search parameters (vLLM's ``BeamSearchParams``), for ``LLM.beam_search`` and the
+    server's ``use_beam_search``. Each step every beam is extended by its 2 * beam_width most
+    likely next tokens and the best beam_width of those are kept, ranked by cumulative log-prob
+    over length ** length_penalty (the length counts the prompt, as in vLLM). A beam ends at an
+    end-of-sequence token (unless ignore_eos) or after max_tokens. temperature only changes the
+    one sampled token each step's request also returns, which joins the candidates (vLLM's
+    behaviour); the ranking uses the model's log-probs. include_stop_str_in_output keeps the
+    end-of-sequence token in the server's reply; skip_special_tokens applies to the text."""
+
+    beam_width: int
+    max_tokens: int | None
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        w = self.beam_width
+        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+            raise ValueError(f"beam_width must be an integer >= 1, got {w!r}.")
+        m = self.max_tokens
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
+            raise ValueError(f"max_tokens must be at least 1, got {m!r}.")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature!r}.")
+        if not isinstance(self.length_penalty, (int, float)) or isinstance(
+                self.length_penalty, bool):
+            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}.")

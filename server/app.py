@@ -33,7 +33,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from jaxllm import RequestOutput, SamplingParams
-from jaxllm.sampling_params import RequestOutputKind
+from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind
 from server import protocol as P
 from server import reasoning as reasoning_lib
 from server import responses as R
@@ -551,12 +551,46 @@ class OpenAIServer(PromptRenderer):
             raise APIError(400, str(e), param=param) from None
         return params
 
-    async def _merge(self, prompts: list[_Prompt], params: SamplingParams, base_id: str
+    @staticmethod
+    def _beam_params(req: P._SamplingFields, params: SamplingParams) -> BeamSearchParams | None:
+        """vLLM's use_beam_search: n beams; the other sampling fields are not used (as in
+        vLLM), but a constraint on the text is refused rather than dropped."""
+        if not req.use_beam_search:
+            return None
+        if params.structured_outputs is not None:
+            raise APIError(400, "use_beam_search cannot be combined with structured outputs or "
+                           "a forced tool call.", param="use_beam_search")
+        return BeamSearchParams(
+            beam_width=params.n, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos,
+            temperature=params.temperature, length_penalty=req.length_penalty,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            skip_special_tokens=params.skip_special_tokens)
+
+    async def _beam(self, prompt: dict, beam: BeamSearchParams, request_id: str,
+                    k: int | None) -> AsyncIterator[RequestOutput]:
+        """The engine's beam search, its log-probs cut to what the request asked: the chosen
+        token and the top ``k`` (None: no log-probs)."""
+        async with contextlib.aclosing(self.engine.beam_search(prompt, request_id, beam)) as g:
+            async for out in g:
+                for c in out.outputs:
+                    c.logprobs = None if k is None else [
+                        {t: v for t, v in d.items() if t == tid or (v.rank or k + 1) <= k}
+                        for tid, d in zip(c.token_ids, c.logprobs or [])]
+                yield out
+
+    async def _merge(self, prompts: list[_Prompt], params: SamplingParams, base_id: str,
+                     beam: BeamSearchParams | None = None
                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Runs one engine request per prompt; yields (prompt index, delta output) as they come.
-        Closing this generator (client gone, error) cancels and so aborts every request."""
-        gens = [self.engine.generate({"prompt_token_ids": p.ids, "prompt": p.text}, params,
-                                     base_id if len(prompts) == 1 else f"{base_id}-{i}")
+        """Runs one engine request per prompt (a beam search with ``beam``); yields (prompt
+        index, delta output) as they come. Closing this generator (client gone, error) cancels
+        and so aborts every request."""
+        def run(p: _Prompt, rid: str) -> AsyncIterator[RequestOutput]:
+            prompt = {"prompt_token_ids": p.ids, "prompt": p.text}
+            if beam is not None:
+                return self._beam(prompt, beam, rid, params.logprobs)
+            return self.engine.generate(prompt, params, rid)
+
+        gens = [run(p, base_id if len(prompts) == 1 else f"{base_id}-{i}")
                 for i, p in enumerate(prompts)]
         if len(gens) == 1:
             async with contextlib.aclosing(gens[0]) as g:
@@ -775,7 +809,8 @@ class OpenAIServer(PromptRenderer):
                                            prompt_logprobs=echo_lp)
             prompts = self._truncated(prompts, params)
             rid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
-            stream = lease.own(self._merge(prompts, params, rid))
+            beam = self._beam_params(req, params)
+            stream = lease.own(self._merge(prompts, params, rid, beam))
             first = await self._first(stream, req)
             if req.stream:
                 return lease.hand_off(Reply.sse(self._stream_completion(
@@ -919,7 +954,8 @@ class OpenAIServer(PromptRenderer):
             req, model = self._request(call, P.ChatCompletionRequest)
             prompt, params, tools, k = self._chat_setup(req)
             rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
-            stream = lease.own(self._merge([prompt], params, rid))
+            beam = self._beam_params(req, params)
+            stream = lease.own(self._merge([prompt], params, rid, beam))
             first = await self._first(stream, req)
             if req.stream:
                 return lease.hand_off(Reply.sse(self._stream_chat(req, model, rid, stream, first,

@@ -109,6 +109,9 @@ class _SamplingFields(_Model):
     request_id: str | None = None  # vLLM extra: used in the response id when given
     allowed_token_ids: list[TokenId] | None = None
     bad_words: list[StrictStr] | None = None
+    # vLLM's beam search: n beams, ranked by cum log-prob / length ** length_penalty
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     # Structured outputs (structured_outputs_params)
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,3 +68,29 @@ def fused_kv_write_on(monkeypatch, rope: bool = False, split_k: int = 1) -> list
     monkeypatch.setenv(attention.ATTENTION_KNOBS_ENV, knobs)
     jax.clear_caches()
     return traces
+
+
+def full_forward_logprobs(engine, ids):
+    """log_softmax over every position by running the model once on a private cache."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxllm.models.attention import AttentionMetadata
+
+    model = nnx.merge(engine.runner.graphdef, engine.runner.state)
+    mc = engine.model_config
+    B = 8
+    n = len(ids)
+    pages = -(-n // B)
+    shape = (pages + 1, B, mc.num_key_value_heads, mc.head_dim)
+    kv = [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+          for _ in range(mc.num_hidden_layers)]
+    pos = np.arange(n, dtype=np.int32)
+    md = AttentionMetadata(slot_mapping=(pos + B).astype(np.int32),
+                           query_start_loc=np.array([0, n], np.int32),
+                           seq_lens=np.array([n], np.int32),
+                           page_table=np.arange(1, pages + 1, dtype=np.int32)[None],
+                           num_seqs=np.array([1], np.int32))
+    hidden, _ = model(jnp.asarray(ids, jnp.int32), jnp.asarray(pos), kv, md)
+    return np.asarray(jax.nn.log_softmax(model.compute_logits(hidden), axis=-1))

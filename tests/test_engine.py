@@ -17,6 +17,7 @@ import pytest
 from jaxllm import LLM, SamplingParams
 from jaxllm.sampling_params import RequestOutputKind
 
+from .helpers import full_forward_logprobs as _full_forward_logprobs
 from .helpers import fused_kv_write_on, small_llama_folder  # noqa: F401  (fixture)
 
 
@@ -598,32 +599,6 @@ def test_logprobs_and_prompt_logprobs_agree_with_a_full_forward(small_llm):
         tok = full[pos + 1]
         assert d[tok].logprob == pytest.approx(ref[pos, tok], abs=1e-4)
         assert d[tok].rank == 1  # greedy picks the most likely token
-
-
-def _full_forward_logprobs(engine, ids):
-    """log_softmax over every position by running the model once on a private cache."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from jaxllm.models.attention import AttentionMetadata
-
-    model = nnx.merge(engine.runner.graphdef, engine.runner.state)
-    mc = engine.model_config
-    B = 8
-    n = len(ids)
-    pages = -(-n // B)
-    shape = (pages + 1, B, mc.num_key_value_heads, mc.head_dim)
-    kv = [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-          for _ in range(mc.num_hidden_layers)]
-    pos = np.arange(n, dtype=np.int32)
-    md = AttentionMetadata(slot_mapping=(pos + B).astype(np.int32),
-                           query_start_loc=np.array([0, n], np.int32),
-                           seq_lens=np.array([n], np.int32),
-                           page_table=np.arange(1, pages + 1, dtype=np.int32)[None],
-                           num_seqs=np.array([1], np.int32))
-    hidden, _ = model(jnp.asarray(ids, jnp.int32), jnp.asarray(pos), kv, md)
-    return np.asarray(jax.nn.log_softmax(model.compute_logits(hidden), axis=-1))
 
 
 def _step_outputs(engine, prompts, params, kind: RequestOutputKind, tag: str):

@@ -417,6 +417,52 @@ def test_bad_structured_outputs_are_400_and_leave_the_engine_idle(servers, engin
     _wait_idle(engine)
 
 
+# -- beam search ----------------------------------------------------------------------------------
+def test_use_beam_search_returns_the_engines_beams_on_both_routes(client, servers, engine):
+    """vLLM's use_beam_search: n beams, best first, as AsyncEngine.beam_search gives them; with
+    logprobs, the chosen token and the top k per position (not the search's 2n)."""
+    from jaxllm import BeamSearchParams
+
+    async def direct(prompt):
+        return [o async for o in engine.beam_search(
+            prompt, "direct", BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True,
+                                               temperature=1.0))][-1]
+
+    ids = engine.tokenizer("The sky is").input_ids
+    ref = servers.run(direct({"prompt_token_ids": ids}))
+    r = client.completions.create(model=MODEL, prompt="The sky is", n=3, max_tokens=5,
+                                  logprobs=1, extra_body={"use_beam_search": True,
+                                                          "ignore_eos": True})
+    assert [c.text for c in r.choices] == [c.text for c in ref.outputs]
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in r.choices)
+    assert r.usage.completion_tokens == 15
+    for c in r.choices:
+        assert len(c.logprobs.tokens) == 5 and all(len(t) <= 2 for t in c.logprobs.top_logprobs)
+    # chat: the prompt is the template's; a stream carries the same beams
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    full = client.chat.completions.create(model=MODEL, messages=msgs, n=2, max_tokens=4,
+                                          extra_body={"use_beam_search": True,
+                                                      "length_penalty": 0.5})
+    assert len(full.choices) == 2 and full.choices[0].message.content
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, n=2, max_tokens=4,
+                                            stream=True, extra_body={"use_beam_search": True,
+                                                                     "length_penalty": 0.5})
+    texts = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in full.choices]
+    # a constraint cannot ride on beam search; too many beams for max_logprobs is a 400
+    for extra, param in (({"guided_choice": ["a", "b"]}, "use_beam_search"), ({}, None)):
+        status, _, resp = _post(servers, "/v1/chat/completions", {
+            "model": MODEL, "messages": msgs, "max_tokens": 4, "use_beam_search": True,
+            "n": 2 if extra else 30, **extra})
+        _assert_error(status, resp, 400, param)
+        assert extra or "max_logprobs" in resp["error"]["message"]
+    _wait_idle(engine)
+
+
 # -- tool calling ---------------------------------------------------------------------------------
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",

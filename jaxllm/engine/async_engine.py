@@ -19,7 +19,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.engine.data_parallel import create_engine
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("jaxllm")
 
@@ -139,6 +139,43 @@ class AsyncEngine:
                 if not finished:
                     self._pending.append(("abort", request_id, None))
                     self._cv.notify()
+
+    async def beam_search(self, prompt: Any, request_id: str, params: BeamSearchParams
+                          ) -> AsyncIterator[RequestOutput]:
+        """Beam search (vLLM's ``EngineClient.beam_search``): one finished RequestOutput with a
+        CompletionOutput per beam, best first, holding the generated tokens only. Each step's
+        beams run as requests ``{request_id}-{step}-{beam}``; a cancelled consumer aborts them.
+        Raises ValueError for a request that can never run."""
+        from jaxllm.engine.beam_search import BeamSearchInstance, engine_stop_ids, step_params
+
+        eng = self.engine
+        sp = step_params(params, eng.config.max_logprobs)
+        text, ids = eng.prompt_inputs(prompt)
+        tok = eng.tokenizer
+        inst = BeamSearchInstance(ids, text, params, eos_ids=engine_stop_ids(eng),
+                                  eos_token_id=tok.eos_token_id if tok is not None else None,
+                                  max_model_len=eng.max_model_len)
+
+        async def final(p: dict, rid: str) -> RequestOutput:
+            last = None
+            async for out in self.generate(p, sp, rid):
+                last = out
+            return last
+
+        step = 0
+        while not inst.done:
+            tasks = [asyncio.ensure_future(final(p, f"{request_id}-{step}-{i}"))
+                     for i, p in enumerate(inst.prompts())]
+            try:
+                outs = await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:  # a failed or cancelled step aborts its other beams
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            inst.advance(outs)
+            step += 1
+        yield inst.request_output(request_id, tok)
 
     async def abort(self, request_id: str) -> None:
         with self._cv:

@@ -9,8 +9,8 @@ from typing import Any, Sequence as TypingSequence
 
 from jaxllm.config import EngineConfig
 from jaxllm.engine.data_parallel import create_engine
-from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+from jaxllm.outputs import BeamSearchOutput, RequestOutput
+from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 PromptType = str | dict | list[int]
 
@@ -50,11 +50,7 @@ class LLM:
           [...]}`` items (or a mix).
         sampling_params: one for all prompts, or one per prompt.
         """
-        if isinstance(prompts, (str, dict)) or (
-                isinstance(prompts, (list, tuple)) and prompts
-                and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts)):
-            prompts = [prompts]  # one prompt: a str, a dict or a flat list of token ids
-        prompts = list(prompts)
+        prompts = self._prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
@@ -65,6 +61,64 @@ class LLM:
                 raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} "
                                  "prompts: pass one, or one per prompt.")
         return self._run(prompts, params_list, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | TypingSequence[PromptType],
+                    params: BeamSearchParams, use_tqdm: bool = False,
+                    concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+        """Beam search (vLLM's ``LLM.beam_search``): the ``params.beam_width`` best sequences
+        of each prompt, best first. Each beam's ``tokens`` and ``text`` hold the prompt too, as
+        in vLLM. ``concurrency_limit``: how many prompts are searched at once (None: all).
+        jaxllm/engine/beam_search.py says how a step runs."""
+        from jaxllm.engine.beam_search import BeamSearchInstance, engine_stop_ids, step_params
+
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if concurrency_limit is not None and concurrency_limit < 1:
+            raise ValueError(f"concurrency_limit must be >= 1, got {concurrency_limit}.")
+        engine, tok = self.llm_engine, self.get_tokenizer()
+        prompts = self._prompt_list(prompts)
+        sp = step_params(params, engine.config.max_logprobs)
+        stop_ids = engine_stop_ids(engine)
+        eos = tok.eos_token_id if tok is not None else None
+        instances = []
+        for p in prompts:
+            text, ids = engine.prompt_inputs(p)
+            instances.append(BeamSearchInstance(ids, text, params, eos_ids=stop_ids,
+                                                eos_token_id=eos,
+                                                max_model_len=engine.max_model_len))
+        limit = concurrency_limit or max(len(instances), 1)
+        pbar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            # steps, an upper bound: beams that all end early finish sooner
+            pbar = tqdm(total=sum(max(i.steps_left for i in instances[s:s + limit])
+                                  for s in range(0, len(instances), limit)),
+                        desc="Beam search", unit="token")
+        try:
+            for start in range(0, len(instances), limit):
+                batch = instances[start:start + limit]
+                while live := [i for i in batch if not i.done]:
+                    reqs = [r for i in live for r in i.prompts()]
+                    outs = self._run(reqs, [sp] * len(reqs), use_tqdm=False)
+                    pos = 0
+                    for inst in live:
+                        k = len(inst.beams)
+                        inst.advance(outs[pos:pos + k])
+                        pos += k
+                    if pbar is not None:
+                        pbar.update(1)
+        finally:
+            if pbar is not None:
+                pbar.close()
+        results = []
+        for inst in instances:
+            best = inst.best()
+            for b in best:
+                b.text = tok.decode(b.tokens, skip_special_tokens=params.skip_special_tokens) \
+                    if tok is not None else None
+            results.append(BeamSearchOutput(sequences=best))
+        return results
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | TypingSequence[SamplingParams] | None = None,
@@ -88,6 +142,14 @@ class LLM:
             prompts.append({"prompt_token_ids": list(ids),
                             "prompt": tok.decode(ids, skip_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    @staticmethod
+    def _prompt_list(prompts: PromptType | TypingSequence[PromptType]) -> list[PromptType]:
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, (list, tuple)) and prompts
+                and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts)):
+            return [prompts]  # one prompt: a str, a dict or a flat list of token ids
+        return list(prompts)
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams],
              use_tqdm: bool) -> list[RequestOutput]:

@@ -472,6 +472,22 @@ class LLMEngine:
     def tokenize(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt).input_ids)
 
+    def prompt_inputs(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt: a str, a list of ids, or a dict with
+        "prompt_token_ids" (and an optional "prompt") or "prompt"."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenize(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenize(prompt["prompt"])
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise TypeError(f"prompt must be a str, a list of token ids or a dict, got "
+                        f"{type(prompt).__name__}")
+
     def add_request(self, request_id: str, prompt: str | dict | list[int],
                     params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
@@ -479,20 +495,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams(**self._diff_sampling_param)
-        text: str | None
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenize(prompt)
-        elif isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                ids, text = list(prompt["prompt_token_ids"]), prompt.get("prompt")
-            elif "prompt" in prompt:
-                text, ids = prompt["prompt"], self.tokenize(prompt["prompt"])
-            else:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        elif isinstance(prompt, (list, tuple)):
-            text, ids = None, list(prompt)
-        else:
-            raise TypeError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
+        text, ids = self.prompt_inputs(prompt)
         k = params.truncate_prompt_tokens
         if k is not None:  # the last k tokens (vLLM's left truncation; -1: max_model_len)
             ids = ids[-(self.max_model_len if k == -1 else k):]
