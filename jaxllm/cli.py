@@ -51,6 +51,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="schedule step k+1 while step k runs on the device (default on)")
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="priority: requests with a lower 'priority' value are served first "
+                        "(and preempted last), as vLLM's (default fcfs)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="compile the step programs without XLA's command buffers (its CUDA "
                         "graphs): every kernel launched on its own, as vLLM's --enforce-eager")
@@ -124,6 +127,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 data_parallel_size=args.data_parallel_size,
                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
                 async_scheduling=args.async_scheduling, enforce_eager=args.enforce_eager,
+                scheduling_policy=args.scheduling_policy,
                 num_scheduler_steps=args.num_scheduler_steps,
                 generation_config=args.generation_config,
                 override_generation_config=args.override_generation_config,

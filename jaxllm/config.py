@@ -170,6 +170,9 @@ class EngineConfig:
     # Schedule and dispatch step k+1 while step k runs on the device (vLLM's --async-scheduling);
     # False: every step waits for its results before the next is scheduled.
     async_scheduling: bool = True
+    # vLLM's --scheduling-policy: "fcfs" (first come, first served) or "priority" (each request's
+    # priority, lower first, then arrival; preemption takes the last in that order).
+    scheduling_policy: str = "fcfs"
     # Run q/k/v and gate/up as one GEMM each (jaxllm/models/fused.py), as vLLM always does;
     # False keeps the loaded separate projections (for A/B measurements).
     fuse_projections: bool = True
@@ -213,6 +216,9 @@ class EngineConfig:
         for name in ("page_size", "tensor_parallel_size", "pipeline_parallel_size",
                      "data_parallel_size", "max_logprobs", "num_scheduler_steps"):
             positive(name)
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got "
+                             f"{self.scheduling_policy!r}.")
         if self.usage_context not in USAGE_CONTEXTS:
             raise ValueError(f"usage_context must be one of {USAGE_CONTEXTS}, got "
                              f"{self.usage_context!r}.")

@@ -579,7 +579,7 @@ class OpenAIServer(PromptRenderer):
                 yield out
 
     async def _merge(self, prompts: list[_Prompt], params: SamplingParams, base_id: str,
-                     beam: BeamSearchParams | None = None
+                     beam: BeamSearchParams | None = None, priority: int = 0
                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Runs one engine request per prompt (a beam search with ``beam``); yields (prompt
         index, delta output) as they come. Closing this generator (client gone, error) cancels
@@ -588,6 +588,8 @@ class OpenAIServer(PromptRenderer):
             prompt = {"prompt_token_ids": p.ids, "prompt": p.text}
             if beam is not None:
                 return self._beam(prompt, beam, rid, params.logprobs)
+            if priority:
+                return self.engine.generate(prompt, params, rid, priority=priority)
             return self.engine.generate(prompt, params, rid)
 
         gens = [run(p, base_id if len(prompts) == 1 else f"{base_id}-{i}")
@@ -629,8 +631,8 @@ class OpenAIServer(PromptRenderer):
     def _engine_error(self, e: Exception) -> APIError:
         if isinstance(e, ValueError):
             msg = str(e)
-            param = "max_tokens" if "context length" in msg else _param_in(msg, ["prompt",
-                                                                                 "logprobs"])
+            param = "max_tokens" if "context length" in msg else _param_in(
+                msg, ["prompt", "logprobs", "priority"])
             return APIError(400, msg, param=param)
         if getattr(self.engine, "errored", False) or not getattr(self.engine, "is_running", True):
             return APIError(503, f"The engine is not available: {e}", code="engine_unavailable")
@@ -810,7 +812,7 @@ class OpenAIServer(PromptRenderer):
             prompts = self._truncated(prompts, params)
             rid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
             beam = self._beam_params(req, params)
-            stream = lease.own(self._merge(prompts, params, rid, beam))
+            stream = lease.own(self._merge(prompts, params, rid, beam, req.priority))
             first = await self._first(stream, req)
             if req.stream:
                 return lease.hand_off(Reply.sse(self._stream_completion(
@@ -955,7 +957,7 @@ class OpenAIServer(PromptRenderer):
             prompt, params, tools, k = self._chat_setup(req)
             rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
             beam = self._beam_params(req, params)
-            stream = lease.own(self._merge([prompt], params, rid, beam))
+            stream = lease.own(self._merge([prompt], params, rid, beam, req.priority))
             first = await self._first(stream, req)
             if req.stream:
                 return lease.hand_off(Reply.sse(self._stream_chat(req, model, rid, stream, first,
@@ -1101,7 +1103,7 @@ class OpenAIServer(PromptRenderer):
                                    param="tools" if "tools" in msg else "input") from None
                 prompt, params, tools, _ = self._chat_setup(req)
                 rid = f"resp_{rreq.request_id or uuid.uuid4().hex}"
-                stream = lease.own(self._merge([prompt], params, rid))
+                stream = lease.own(self._merge([prompt], params, rid, priority=req.priority))
                 first = await self._first(stream, req)
             except APIError as e:
                 e.param = self._RESPONSES_PARAMS.get(e.param, e.param)

@@ -109,6 +109,7 @@ class _SamplingFields(_Model):
     request_id: str | None = None  # vLLM extra: used in the response id when given
     allowed_token_ids: list[TokenId] | None = None
     bad_words: list[StrictStr] | None = None
+    priority: Int32 = 0  # vLLM's: with --scheduling-policy priority, lower is served first
     # vLLM's beam search: n beams, ranked by cum log-prob / length ** length_penalty
     use_beam_search: bool = False
     length_penalty: float = 1.0

@@ -95,6 +95,7 @@ class ResponsesRequest(P._Model):
     seed: int | None = Field(default=None, ge=P.INT64_MIN, le=P.INT64_MAX)
     request_id: str | None = None
     guided_whitespace_pattern: str | None = None  # for text.format and forced tool calls
+    priority: P.Int32 | None = None  # vLLM's, for --scheduling-policy priority
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.previous_response_id is not None:
@@ -116,7 +117,8 @@ class ResponsesRequest(P._Model):
         messages += _messages(self.input)
         body: dict[str, Any] = {"messages": messages, "stream": False}
         for name in ("model", "temperature", "top_p", "parallel_tool_calls", "top_k", "min_p",
-                     "repetition_penalty", "seed", "request_id", "guided_whitespace_pattern"):
+                     "repetition_penalty", "seed", "request_id", "guided_whitespace_pattern",
+                     "priority"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         if self.max_output_tokens is not None:

@@ -175,6 +175,39 @@ def test_prompts_take_every_form_vllm_takes(small_llm):
     assert len({tuple(o.outputs[0].token_ids) for o in outs + [flat]}) == 1
 
 
+def test_priority_scheduling_serves_lower_priority_values_first(small_llama_folder, small_llm):
+    llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=64, page_size=8,
+              num_pages=16, max_num_batched_tokens=32, max_num_seqs=1, seed=0,
+              scheduling_policy="priority", skip_compile_at_start=True)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    for rid, prio in (("late", 2), ("first", -1), ("mid", 0), ("mid2", 0)):
+        engine.add_request(rid, {"prompt_token_ids": [5, 6, 7]}, params, priority=prio)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == ["first", "mid", "mid2", "late"]
+    outs = llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False, priority=[1, 0])
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3]
+    with pytest.raises(ValueError, match="priorities for 2 prompts"):
+        llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False, priority=[1])
+    # the default policy refuses a priority rather than ignoring it, as vLLM
+    with pytest.raises(ValueError, match="priority scheduling is not enabled"):
+        small_llm.generate([[5, 6, 7]], params, use_tqdm=False, priority=[1])
+    assert not small_llm.llm_engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        LLM(str(small_llama_folder), scheduling_policy="lifo")
+    import argparse
+
+    from jaxllm.cli import add_engine_args, engine_kwargs
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert engine_kwargs(p.parse_args([]))["scheduling_policy"] == "fcfs"
+    assert engine_kwargs(p.parse_args(["--scheduling-policy", "priority"]))[
+        "scheduling_policy"] == "priority"
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(small_llm):
     # vLLM's left truncation: the same tokens as the prompt's last k given alone; a prompt
     # longer than the context runs cut; -1 (the context) leaves a shorter prompt as it is.

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxllm.engine.scheduler import Scheduler, SchedulerOutput
+from jaxllm.engine.scheduler import Scheduler, SchedulerOutput, priority_key
 from jaxllm.engine.sequence import Sequence, SequenceStatus
 from jaxllm.kv_cache import PagePool
 
@@ -20,18 +20,20 @@ class FakeParams:
     max_tokens: int | None = 16
 
 
-def make_seq(seq_id, prompt_len, max_tokens=16, request_id=None, index=0):
+def make_seq(seq_id, prompt_len, max_tokens=16, request_id=None, index=0, priority=0):
     prompt = [(seq_id * 31 + i) % 997 + 1 for i in range(prompt_len)]
     return Sequence(seq_id=seq_id, request_id=request_id or f"req-{seq_id}", index=index,
                     prompt_token_ids=prompt, output_token_ids=[],
-                    sampling_params=FakeParams(max_tokens), arrival_time=float(seq_id))
+                    sampling_params=FakeParams(max_tokens), arrival_time=float(seq_id),
+                    priority=priority)
 
 
 def make_scheduler(num_pages=64, page_size=4, max_num_seqs=8, max_num_batched_tokens=32,
-                   max_model_len=256, chunked=True):
+                   max_model_len=256, chunked=True, policy="fcfs"):
     return Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                      max_model_len=max_model_len, page_size=page_size,
-                     page_pool=PagePool(num_pages), enable_chunked_prefill=chunked)
+                     page_pool=PagePool(num_pages), enable_chunked_prefill=chunked,
+                     policy=policy)
 
 
 def check_step(sched: Scheduler, out: SchedulerOutput) -> None:
@@ -100,6 +102,42 @@ def test_waiting_sequences_are_admitted_first_come_first_served():
     sched.finish(seqs[0], S.FINISHED_STOPPED)
     sched.finish(seqs[2], S.FINISHED_STOPPED)
     assert list(new_tokens(step(sched))) == [3, 4]
+
+
+def test_the_priority_policy_admits_by_priority_then_arrival():
+    sched = make_scheduler(max_num_seqs=2, policy="priority")
+    seqs = [make_seq(i, prompt_len=3, priority=p) for i, p in enumerate([5, 0, 5, -1, 0])]
+    for seq in seqs:
+        sched.add(seq)
+    assert [s.seq_id for s in sched.waiting] == [3, 1, 4, 0, 2]
+    assert sorted(new_tokens(step(sched))) == [1, 3]
+    sched.finish(seqs[3], S.FINISHED_STOPPED)
+    sched.add(make_seq(5, prompt_len=3, priority=-2))  # arrives last, goes first
+    assert sorted(new_tokens(step(sched))) == [1, 5]
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        make_scheduler(policy="lifo")
+
+
+def test_the_priority_policy_preempts_the_lowest_priority_and_requeues_it_in_order():
+    """FCFS preempts the newest sequence; "priority" the one with the largest (priority,
+    arrival), which here is the older one, and puts it back behind a waiting sequence of
+    higher priority."""
+    def run(policy):
+        sched = make_scheduler(num_pages=7, page_size=4, policy=policy)  # 6 usable pages
+        a, b, c = make_seq(0, 8, priority=1), make_seq(1, 8), make_seq(2, 8)
+        sched.add(a)
+        sched.add(b)
+        step(sched)
+        sched.add(c)
+        for _ in range(5):  # the 5th: a or b needs a 4th page for position 12
+            out = step(sched)
+        return out, (a, b, c), sched
+
+    out, (a, b, c), sched = run("fcfs")
+    assert out.preempted == [b] and list(sched.waiting) == [b, c]
+    out, (a, b, c), sched = run("priority")
+    assert out.preempted == [a] and new_tokens(out) == {1: 1}
+    assert list(sched.waiting) == [c, a] and a.num_preemptions == 1
 
 
 def test_the_token_budget_and_the_sequence_limit_are_respected_every_step():
@@ -331,21 +369,23 @@ def test_scheduler_output_is_frozen():
 # ---------------------------------------------------------------------------- random mixes
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), num_pages=st.integers(4, 24),
-       chunked=st.booleans(), page_size=st.sampled_from([1, 2, 4, 8]))
+       chunked=st.booleans(), page_size=st.sampled_from([1, 2, 4, 8]),
+       policy=st.sampled_from(["fcfs", "priority"]))
 def test_random_mixes_of_finish_abort_and_preemption_leak_no_page(seed, num_pages, chunked,
-                                                                   page_size):
+                                                                   page_size, policy):
     rng = random.Random(seed)
     max_model_len = (num_pages - 1) * page_size
     sched = make_scheduler(num_pages=num_pages, page_size=page_size,
                            max_num_seqs=rng.randint(1, 6),
                            max_num_batched_tokens=max(rng.randint(1, 40), max_model_len
                                                       if not chunked else 1),
-                           max_model_len=max_model_len, chunked=chunked)
+                           max_model_len=max_model_len, chunked=chunked, policy=policy)
     next_id = 0
     for _ in range(150):
         if rng.random() < 0.3:
             prompt_len = rng.randint(1, max(1, max_model_len // 2))
-            sched.add(make_seq(next_id, prompt_len, request_id=f"req-{next_id % 7}"))
+            sched.add(make_seq(next_id, prompt_len, request_id=f"req-{next_id % 7}",
+                               priority=rng.randint(-2, 2)))
             next_id += 1
         out = step(sched, token=rng.randint(0, 99))
         for seq in list(sched.running) + list(sched.waiting):
@@ -356,6 +396,9 @@ def test_random_mixes_of_finish_abort_and_preemption_leak_no_page(seed, num_page
                 sched.finish(seq, rng.choice([S.FINISHED_STOPPED, S.FINISHED_LENGTH]))
         assert sched.page_pool.num_free_pages + sum(
             len(seq.page_ids) for seq in sched.running) == sched.page_pool.num_usable_pages
+        if policy == "priority":
+            keys = [priority_key(s) for s in sched.waiting]
+            assert keys == sorted(keys)
         del out
     for seq in list(sched.running) + list(sched.waiting):
         sched.abort(seq.request_id)
@@ -414,14 +457,15 @@ class FakeModel:
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("chunked,policy", [(True, "fcfs"), (False, "fcfs"),
+                                            (True, "priority")])
 def test_simulated_serving_with_preemption_and_aborts_matches_running_each_sequence_alone(
-        seed, chunked):
+        seed, chunked, policy):
     rng = random.Random(seed)
     page_size, num_pages, max_model_len = 4, 24, 64  # 23 pages: a handful of sequences at once
     sched = make_scheduler(num_pages=num_pages, page_size=page_size, max_num_seqs=6,
                            max_num_batched_tokens=64 if not chunked else rng.choice([8, 16, 32]),
-                           max_model_len=max_model_len, chunked=chunked)
+                           max_model_len=max_model_len, chunked=chunked, policy=policy)
     model = FakeModel(sched.page_pool, page_size)
     arrivals: dict[int, list[Sequence]] = {}
     all_seqs, next_id = [], 0
@@ -431,7 +475,7 @@ def test_simulated_serving_with_preemption_and_aborts_matches_running_each_seque
         n = rng.choice([1, 1, 2])
         for index in range(n):
             seq = Sequence(next_id, f"req-{r}", index, prompt, [], FakeParams(max_tokens),
-                           arrival_time=float(r))
+                           arrival_time=float(r), priority=r % 3)
             next_id += 1
             assert sched.can_ever_fit(seq.num_tokens + max_tokens)
             arrivals.setdefault(rng.randint(0, 60), []).append(seq)

@@ -710,10 +710,31 @@ def _assert_error(status, body, expected_status, param=None):
     ({"model": MODEL, "prompt": [999999]}, None),  # out-of-vocab prompt token
     ({"model": MODEL, "prompt": "", "max_tokens": 3}, "prompt"),
     ({"model": MODEL, "prompt": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"model": MODEL, "prompt": "x", "priority": 1}, "priority"),  # the engine runs fcfs
 ])
 def test_bad_completion_requests_are_400_in_openai_shape(servers, body, param):
     status, _, resp = _post(servers, "/v1/completions", body)
     _assert_error(status, resp, 400, param)
+
+
+def test_priority_reaches_the_engine_from_every_route(client, engine, monkeypatch):
+    """vLLM's priority field goes to the engine's add_request (the server's engine runs fcfs,
+    so the spy records it and adds the request at priority 0)."""
+    seen = []
+    real = engine.engine.add_request
+
+    def spy(rid, prompt, params=None, arrival_time=None, priority=0):
+        seen.append(priority)
+        return real(rid, prompt, params, arrival_time)
+
+    monkeypatch.setattr(engine.engine, "add_request", spy)
+    client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body={"priority": 3})
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                   max_tokens=1, extra_body={"priority": -2})
+    client.responses.create(model=MODEL, input="x", max_output_tokens=1,
+                            extra_body={"priority": 5})
+    client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    assert seen == [3, -2, 5, 0]
 
 
 def test_invalid_json_and_non_object_bodies_are_400(servers):

@@ -107,9 +107,10 @@ class AsyncEngine:
 
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, prompt: Any, sampling_params: SamplingParams | None,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, *, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Streams RequestOutputs for one request. Raises ValueError for a request that can never
-        run (before any output); a cancelled consumer aborts the request."""
+        run (before any output); a cancelled consumer aborts the request. ``priority``: with
+        scheduling_policy="priority", lower is served first."""
         if self._error is not None:
             raise EngineDeadError(f"the engine loop has failed: {self._error!r}")
         if self._stopped:
@@ -120,7 +121,7 @@ class AsyncEngine:
             if request_id in self._queues:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._queues[request_id] = (loop, queue)
-            self._pending.append(("add", request_id, (prompt, sampling_params)))
+            self._pending.append(("add", request_id, (prompt, sampling_params, priority)))
             self._cv.notify()
         finished = False
         try:
@@ -210,9 +211,9 @@ class AsyncEngine:
                     pending, self._pending = self._pending, []
                 for kind, rid, payload in pending:
                     if kind == "add":
-                        prompt, params = payload
+                        prompt, params, priority = payload
                         try:
-                            eng.add_request(rid, prompt, params)
+                            eng.add_request(rid, prompt, params, priority=priority)
                         except Exception as e:  # a bad request: its caller gets the error
                             with self._cv:
                                 self._deliver(rid, e)

@@ -104,12 +104,12 @@ class DataParallelEngine:
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, priority: int = 0) -> None:
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already in use")
         i = min(range(len(self.engines)), key=lambda j: (self._load[j], j))
         eng = self.engines[i]
-        eng.add_request(request_id, prompt, params, arrival_time)
+        eng.add_request(request_id, prompt, params, arrival_time, priority)
         req = eng._requests[request_id]
         work = len(req.prompt_token_ids) + req.params.n * (req.params.max_tokens or 0)
         self._owner[request_id] = i

@@ -43,12 +43,14 @@ class LLM:
 
     def generate(self, prompts: PromptType | TypingSequence[PromptType],
                  sampling_params: SamplingParams | TypingSequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: list[int] | None = None
+                 ) -> list[RequestOutput]:
         """Generates for every prompt; returns RequestOutputs in input order.
 
         prompts: a str, a list of token ids, or a list of those or of ``{"prompt_token_ids":
           [...]}`` items (or a mix).
         sampling_params: one for all prompts, or one per prompt.
+        priority: one per prompt, for an engine with scheduling_policy="priority" (lower first).
         """
         prompts = self._prompt_list(prompts)
         if sampling_params is None:
@@ -60,7 +62,10 @@ class LLM:
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} "
                                  "prompts: pass one, or one per prompt.")
-        return self._run(prompts, params_list, use_tqdm)
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts: pass "
+                             "one per prompt.")
+        return self._run(prompts, params_list, use_tqdm, priority)
 
     def beam_search(self, prompts: PromptType | TypingSequence[PromptType],
                     params: BeamSearchParams, use_tqdm: bool = False,
@@ -152,15 +157,16 @@ class LLM:
         return list(prompts)
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams],
-             use_tqdm: bool) -> list[RequestOutput]:
+             use_tqdm: bool, priority: list[int] | None = None) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = []
         try:
-            for prompt, params in zip(prompts, params_list):
+            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
                 if params.output_kind != RequestOutputKind.FINAL_ONLY:
                     params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
                 rid = str(next(self._counter))
-                engine.add_request(rid, prompt, params)
+                engine.add_request(rid, prompt, params,
+                                   priority=0 if priority is None else priority[i])
                 ids.append(rid)
         except Exception:
             for rid in ids:  # nothing half-submitted stays in the engine

@@ -282,7 +282,7 @@ class LLMEngine:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=mnbt,
             max_model_len=self.max_model_len, page_size=config.page_size,
             page_pool=self.page_pool, enable_chunked_prefill=config.enable_chunked_prefill,
-            prefix_cache=self.prefix_cache)
+            prefix_cache=self.prefix_cache, policy=config.scheduling_policy)
         pages_per_seq = math.ceil(self.max_model_len / config.page_size)
         logger.info("KV cache: %d pages of %d tokens (%s); max concurrency at max_model_len=%d: "
                     "%.2fx", num_pages - 1, config.page_size, self.cache_dtype, self.max_model_len,
@@ -490,10 +490,17 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | dict | list[int],
                     params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Validates and queues a request. Raises ValueError for anything that can never run."""
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        """Validates and queues a request. Raises ValueError for anything that can never run.
+        ``priority``: with scheduling_policy="priority", lower is served first (vLLM's)."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}.")
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError(f"Got priority {priority} but priority scheduling is not enabled; "
+                             "start the engine with scheduling_policy='priority' "
+                             "(--scheduling-policy priority).")
         params = params or SamplingParams(**self._diff_sampling_param)
         text, ids = self.prompt_inputs(prompt)
         k = params.truncate_prompt_tokens
@@ -526,6 +533,7 @@ class LLMEngine:
                            prompt_token_ids=list(ids), output_token_ids=[], sampling_params=params,
                            arrival_time=now)
             seq.sample_seed = (seed * 1_000_003 + i) & 0x7FFFFFFF
+            seq.priority = priority
             if token_mask is not None:
                 seq.token_mask = token_mask if i == 0 else token_mask.fork()
             seqs.append(seq)

@@ -11,6 +11,11 @@ Order within a step:
    never preempts, and nothing is admitted in a step that preempted (the pool is under pressure).
 Doing decodes first means a long prompt never starves decodes of the token budget.
 
+Policy (vLLM's --scheduling-policy): "fcfs" as above; "priority" keeps the waiting queue ordered
+by (priority, arrival time), lower values first, a preempted sequence going back to its place
+in that order, and preempts the running sequence with the largest (priority, arrival time)
+instead of the newest.
+
 Pages: before a sequence is given `num_new` tokens it owns ceil((computed + num_new) / B) pages
 (B = page size). When the pool runs dry for a running sequence the scheduler preempts by
 recompute: the newest running sequence not yet scheduled this step (possibly the one asking)
@@ -50,6 +55,7 @@ are the engine's: it calls `finish`.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass
 
@@ -58,6 +64,12 @@ from jaxllm.kv_cache.page_pool import PagePool
 from jaxllm.kv_cache.prefix_cache import PrefixCache
 
 _RUNNING = SequenceStatus.RUNNING
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
+def priority_key(seq: Sequence) -> tuple[int, float, int]:
+    """The "priority" policy's order: lower first; siblings by index."""
+    return (seq.priority, seq.arrival_time, seq.seq_id)
 _WAITING = SequenceStatus.WAITING
 
 
@@ -101,7 +113,11 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  page_size: int, page_pool: PagePool, enable_chunked_prefill: bool = True,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, policy: str = "fcfs"):
+        if policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got "
+                             f"{policy!r}.")
+        self.policy = policy
         for name, value in (("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens),
                             ("max_model_len", max_model_len), ("page_size", page_size)):
@@ -162,14 +178,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ public operations
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence (FCFS)."""
+        """Queue a new sequence (last, or in priority order)."""
         if seq.status is not _WAITING:
             raise ValueError(f"sequence {seq.seq_id} is {seq.status.name}, expected WAITING")
         if seq.num_tokens > self.max_model_len:
             raise ValueError(
                 f"sequence {seq.seq_id} has {seq.num_tokens} tokens, more than max_model_len "
                 f"({self.max_model_len}); reject it at submission (see Scheduler.fit_error)")
-        self.waiting.append(seq)
+        if self.policy == "priority":
+            self._enqueue_by_priority(seq)
+        else:
+            self.waiting.append(seq)
         self._requests.setdefault(seq.request_id, []).append(seq)
 
     def schedule(self) -> SchedulerOutput:
@@ -219,7 +238,7 @@ class Scheduler:
             scheduled_seqs.add(seq)
             budget -= num_new
 
-        # 3. Admission, FCFS. Never preempts; skipped when this step had to preempt.
+        # 3. Admission in queue order. Never preempts; skipped when this step had to preempt.
         waiting, running, cache = self.waiting, self.running, self.prefix_cache
         deferred: list[Sequence] = []  # n > 1 siblings waiting for a sibling's prompt pages
         while (not preempted and waiting and budget > 0
@@ -418,7 +437,10 @@ class Scheduler:
                 if fit > 0:
                     num_new = min(num_new, fit)
                     continue
-            victim = next(s for s in reversed(self.running) if s not in protected)
+            if self.policy == "priority":
+                victim = max((s for s in self.running if s not in protected), key=priority_key)
+            else:
+                victim = next(s for s in reversed(self.running) if s not in protected)
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
@@ -435,7 +457,15 @@ class Scheduler:
         seq.status = _WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.policy == "priority":
+            self._enqueue_by_priority(seq)
+        else:
+            self.waiting.appendleft(seq)
+
+    def _enqueue_by_priority(self, seq: Sequence) -> None:
+        """Inserts ``seq`` into the waiting queue in priority_key order (after equal keys)."""
+        keys = [priority_key(s) for s in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, priority_key(seq)), seq)
 
     def _release_pages(self, seq: Sequence) -> None:
         # Tail first: with prefix caching the tail is the least shared, so it is evicted first.

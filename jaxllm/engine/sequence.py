@@ -79,6 +79,7 @@ class Sequence:
     num_pending: int = 0
     pending_row: int = -1
     token_mask: Any = None  # engine/structured_output.TokenMask of a constrained request
+    priority: int = 0  # the "priority" scheduling policy's: lower is served first
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
