@@ -239,6 +239,7 @@ class _Choice:
     stop_reason: int | str | None = None
     finish_sent: bool = False
     started: bool = False  # streaming: the first chunk (role / echo) went out
+    prompt_logprobs: Any = None  # the prompt's, when the request asked for them
     t_first: float | None = None
     t_last: float | None = None
 
@@ -361,7 +362,9 @@ class OpenAIServer(PromptRenderer):
     def __init__(self, engine: Any, *, api_key: str | None, served_model_names: list[str],
                  max_request_bytes: int, max_concurrent_requests: int,
                  log_stats_interval: float | None, enable_auto_tool_choice: bool = False,
-                 tool_call_parser: str | None = None, reasoning_parser: str | None = None):
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+                 return_tokens_as_token_ids: bool = False):
+        self.return_tokens_as_token_ids = return_tokens_as_token_ids
         if reasoning_parser not in (None, *reasoning_lib.REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be one of "
                              f"{reasoning_lib.REASONING_PARSERS}, got {reasoning_parser!r}.")
@@ -579,13 +582,18 @@ class OpenAIServer(PromptRenderer):
                 yield out
 
     async def _merge(self, prompts: list[_Prompt], params: SamplingParams, base_id: str,
-                     beam: BeamSearchParams | None = None, priority: int = 0
+                     req: P._SamplingFields | None = None, beam: BeamSearchParams | None = None
                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Runs one engine request per prompt (a beam search with ``beam``); yields (prompt
-        index, delta output) as they come. Closing this generator (client gone, error) cancels
-        and so aborts every request."""
+        """Runs one engine request per prompt (a beam search with ``beam``), with the request's
+        priority and cache_salt; yields (prompt index, delta output) as they come. Closing
+        this generator (client gone, error) cancels and so aborts every request."""
+        priority = req.priority if req is not None else 0
+        salt = req.cache_salt if req is not None else None
+
         def run(p: _Prompt, rid: str) -> AsyncIterator[RequestOutput]:
             prompt = {"prompt_token_ids": p.ids, "prompt": p.text}
+            if salt is not None:
+                prompt["cache_salt"] = salt
             if beam is not None:
                 return self._beam(prompt, beam, rid, params.logprobs)
             if priority:
@@ -632,7 +640,7 @@ class OpenAIServer(PromptRenderer):
         if isinstance(e, ValueError):
             msg = str(e)
             param = "max_tokens" if "context length" in msg else _param_in(
-                msg, ["prompt", "logprobs", "priority"])
+                msg, ["prompt", "logprobs", "priority", "cache_salt"])
             return APIError(400, msg, param=param)
         if getattr(self.engine, "errored", False) or not getattr(self.engine, "is_running", True):
             return APIError(503, f"The engine is not available: {e}", code="engine_unavailable")
@@ -647,6 +655,8 @@ class OpenAIServer(PromptRenderer):
         for c in out.outputs:
             idx = pi * n + c.index
             st = choices.setdefault((pi, c.index), _Choice())
+            if out.prompt_logprobs is not None:
+                st.prompt_logprobs = out.prompt_logprobs
             if c.token_ids:
                 if st.t_first is None:
                     st.t_first = now
@@ -673,46 +683,64 @@ class OpenAIServer(PromptRenderer):
         return P.UsageInfo(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
 
     # -- logprobs formatting ------------------------------------------------------------------
-    def _token_str(self, tid: int, lp: Any) -> str:
+    def _token_str(self, tid: int, lp: Any, as_ids: bool = False) -> str:
+        if as_ids:  # vLLM's return_tokens_as_token_ids: ids survive what text cannot carry
+            return f"token_id:{tid}"
         return lp.decoded_token if lp is not None and lp.decoded_token is not None else (
             self._decode_token(tid))
 
+    def _as_ids(self, req: P._SamplingFields) -> bool:
+        """The request's return_tokens_as_token_ids, else the server's flag."""
+        v = req.return_tokens_as_token_ids
+        return self.return_tokens_as_token_ids if v is None else v
+
     def _completion_logprobs(self, token_ids: list[int], logprobs: list[dict | None],
-                             offset: int) -> P.CompletionLogprobs:
+                             offset: int, as_ids: bool = False) -> P.CompletionLogprobs:
         """OpenAI's legacy shape; like vLLM, top_logprobs holds the top k plus the sampled token."""
         out = P.CompletionLogprobs()
         for tid, d in zip(token_ids, logprobs):
             if d is None:  # the first prompt token has no log-prob
-                token = self._decode_token(tid)
+                token = self._token_str(tid, None, as_ids)
                 out.tokens.append(token)
                 out.token_logprobs.append(None)
                 out.top_logprobs.append(None)
             else:
                 lp = d.get(tid)
-                token = self._token_str(tid, lp)
+                token = self._token_str(tid, lp, as_ids)
                 out.tokens.append(token)
                 out.token_logprobs.append(max(lp.logprob, MIN_LOGPROB) if lp else None)
-                out.top_logprobs.append({self._token_str(t, v): max(v.logprob, MIN_LOGPROB)
+                out.top_logprobs.append({self._token_str(t, v, as_ids): max(v.logprob,
+                                                                            MIN_LOGPROB)
                                          for t, v in d.items()})
             out.text_offset.append(offset)
             offset += len(token)
         return out
 
-    def _chat_logprobs(self, token_ids: list[int], logprobs: list[dict], k: int
-                       ) -> P.ChatLogprobs:
+    def _chat_logprobs(self, token_ids: list[int], logprobs: list[dict], k: int,
+                       as_ids: bool = False) -> P.ChatLogprobs:
         content = []
         for tid, d in zip(token_ids, logprobs):
             lp = d.get(tid)
-            token = self._token_str(tid, lp)
+            token = self._token_str(tid, lp, as_ids)
             top = sorted(((v.rank, t, v) for t, v in d.items()
                           if v.rank is not None and v.rank <= k), key=lambda x: x[0])
             content.append(P.ChatLogprobToken(
                 token=token, logprob=max(lp.logprob, MIN_LOGPROB) if lp else MIN_LOGPROB,
                 bytes=list(token.encode("utf-8")),
-                top_logprobs=[P.TopLogprob(token=(s := self._token_str(t, v)),
+                top_logprobs=[P.TopLogprob(token=(s := self._token_str(t, v, as_ids)),
                                            logprob=max(v.logprob, MIN_LOGPROB),
                                            bytes=list(s.encode("utf-8"))) for _, t, v in top]))
         return P.ChatLogprobs(content=content)
+
+    def _prompt_logprobs(self, plp: Any) -> P.PromptLogprobs | None:
+        """vLLM's prompt_logprobs field: per prompt position None (the first) or {token id:
+        {logprob, rank, decoded_token}}."""
+        if plp is None:
+            return None
+        return [None if d is None else {
+            t: P.PromptLogprob(logprob=max(v.logprob, MIN_LOGPROB), rank=v.rank,
+                               decoded_token=self._token_str(t, v)) for t, v in d.items()}
+            for d in plp]
 
     # -- SSE ----------------------------------------------------------------------------------
     @staticmethod
@@ -807,18 +835,28 @@ class OpenAIServer(PromptRenderer):
             req, model = self._request(call, P.CompletionRequest)
             prompts = self._completion_prompts(req.prompt)
             echo_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-            params = self._sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                                           prompt_logprobs=echo_lp)
+            self._check_prompt_logprobs(req)
+            params = self._sampling_params(
+                req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+                prompt_logprobs=req.prompt_logprobs if req.prompt_logprobs is not None
+                else echo_lp)
             prompts = self._truncated(prompts, params)
             rid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
             beam = self._beam_params(req, params)
-            stream = lease.own(self._merge(prompts, params, rid, beam, req.priority))
+            stream = lease.own(self._merge(prompts, params, rid, req, beam))
             first = await self._first(stream, req)
             if req.stream:
                 return lease.hand_off(Reply.sse(self._stream_completion(
                     req, model, rid, prompts, stream, first, t0)))
             return await self._full_completion(call, req, model, rid, prompts, stream, first,
                                                t0)
+
+    @staticmethod
+    def _check_prompt_logprobs(req: P._SamplingFields) -> None:
+        k = req.prompt_logprobs
+        if k is not None and req.stream and (k > 0 or k == -1):
+            raise APIError(400, "prompt_logprobs are not available when stream=True.",
+                           param="prompt_logprobs")
 
     def _truncated(self, prompts: list[_Prompt], params: SamplingParams) -> list[_Prompt]:
         """The prompts cut to their last ``truncate_prompt_tokens`` tokens (-1: max_model_len),
@@ -864,12 +902,16 @@ class OpenAIServer(PromptRenderer):
                     p = prompts[pi]
                     ids = p.ids + ids
                     lp_list = list(prompt_lps.get(pi) or [None] * len(p.ids)) + lp_list
-                lps = self._completion_logprobs(ids, lp_list, offset)
+                lps = self._completion_logprobs(ids, lp_list, offset, self._as_ids(req))
             if req.echo:
                 text = self._prompt_text(prompts[pi]) + text
-            result.append(P.CompletionChoice(index=pi * n + ci, text=text, logprobs=lps,
-                                             finish_reason=st.finish_reason,
-                                             stop_reason=st.stop_reason))
+            result.append(P.CompletionChoice(
+                index=pi * n + ci, text=text, logprobs=lps, finish_reason=st.finish_reason,
+                stop_reason=st.stop_reason,
+                prompt_logprobs=(self._prompt_logprobs(st.prompt_logprobs)
+                                 if req.prompt_logprobs is not None else None),
+                prompt_token_ids=prompts[pi].ids if req.return_token_ids else None,
+                token_ids=st.token_ids if req.return_token_ids else None))
         resp = P.CompletionResponse(id=rid, created=int(time.time()), model=model, choices=result,
                                     usage=self._usage(prompt_lens, choices))
         return Reply.json(resp.model_dump())
@@ -891,23 +933,28 @@ class OpenAIServer(PromptRenderer):
                 chunk_choices = []
                 for idx, st, c in self._record(choices, pi, n, out, time.perf_counter(), t0):
                     text, ids, lps = c.text, list(c.token_ids), list(c.logprobs or [])
-                    if req.echo and not st.started:
+                    first_chunk = not st.started
+                    if req.echo and first_chunk:
                         p = prompts[pi]
                         text = self._prompt_text(p) + text
                         if req.logprobs is not None:
                             plp = out.prompt_logprobs or [None] * len(p.ids)
                             ids, lps = p.ids + ids, list(plp) + lps
-                    st.started = True
                     new_finish = st.finish_reason is not None and not st.finish_sent
-                    if not text and not (req.logprobs is not None and ids) and not new_finish:
+                    want_ids = bool(req.return_token_ids)
+                    if (not text and not (req.logprobs is not None and ids) and not new_finish
+                            and not (want_ids and (first_chunk or c.token_ids))):
                         continue
+                    st.started = True
                     st.finish_sent = st.finish_sent or new_finish
                     chunk_choices.append(P.CompletionChoice(
                         index=idx, text=text,
-                        logprobs=(self._completion_logprobs(ids, lps, 0)
+                        logprobs=(self._completion_logprobs(ids, lps, 0, self._as_ids(req))
                                   if req.logprobs is not None else None),
                         finish_reason=st.finish_reason if new_finish else None,
-                        stop_reason=st.stop_reason if new_finish else None))
+                        stop_reason=st.stop_reason if new_finish else None,
+                        prompt_token_ids=prompts[pi].ids if want_ids and first_chunk else None,
+                        token_ids=list(c.token_ids) if want_ids else None))
                 if chunk_choices:
                     yield self._event(P.CompletionStreamResponse(
                         id=rid, created=created, model=model, choices=chunk_choices,
@@ -946,7 +993,9 @@ class OpenAIServer(PromptRenderer):
         max_tokens = (req.max_completion_tokens if req.max_completion_tokens is not None
                       else req.max_tokens)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._sampling_params(req, max_tokens=max_tokens, logprobs=k, tools=tools)
+        self._check_prompt_logprobs(req)
+        params = self._sampling_params(req, max_tokens=max_tokens, logprobs=k,
+                                       prompt_logprobs=req.prompt_logprobs, tools=tools)
         [prompt] = self._truncated([prompt], params)
         return prompt, params, tools, k
 
@@ -957,11 +1006,11 @@ class OpenAIServer(PromptRenderer):
             prompt, params, tools, k = self._chat_setup(req)
             rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
             beam = self._beam_params(req, params)
-            stream = lease.own(self._merge([prompt], params, rid, beam, req.priority))
+            stream = lease.own(self._merge([prompt], params, rid, req, beam))
             first = await self._first(stream, req)
             if req.stream:
                 return lease.hand_off(Reply.sse(self._stream_chat(req, model, rid, stream, first,
-                                                                  t0, k, tools)))
+                                                                  t0, k, tools, prompt.ids)))
             return await self._full_chat(call, req, model, rid, prompt, stream, first, t0, k,
                                          tools)
 
@@ -1018,15 +1067,20 @@ class OpenAIServer(PromptRenderer):
             message, finish = self._reply_message("".join(st.text), st.finish_reason, tools)
             result.append(P.ChatChoice(
                 index=ci, message=message, finish_reason=finish, stop_reason=st.stop_reason,
-                logprobs=(self._chat_logprobs(st.token_ids, st.logprobs, k) if k is not None
-                          else None)))
-        resp = P.ChatCompletionResponse(id=rid, created=int(time.time()), model=model,
-                                        choices=result,
-                                        usage=self._usage({0: len(prompt.ids)}, choices))
+                logprobs=(self._chat_logprobs(st.token_ids, st.logprobs, k, self._as_ids(req))
+                          if k is not None else None),
+                token_ids=st.token_ids if req.return_token_ids else None))
+        first = choices.get((0, 0))
+        resp = P.ChatCompletionResponse(
+            id=rid, created=int(time.time()), model=model, choices=result,
+            usage=self._usage({0: len(prompt.ids)}, choices),
+            prompt_logprobs=(self._prompt_logprobs(first.prompt_logprobs)
+                             if req.prompt_logprobs is not None and first else None),
+            prompt_token_ids=prompt.ids if req.return_token_ids else None)
         return Reply.json(resp.model_dump())
 
-    async def _stream_chat(self, req, model, rid, stream, first, t0, k, tools
-                           ) -> AsyncIterator[bytes]:
+    async def _stream_chat(self, req, model, rid, stream, first, t0, k, tools,
+                           prompt_ids: list[int] | None = None) -> AsyncIterator[bytes]:
         n, created = req.n, int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -1038,15 +1092,19 @@ class OpenAIServer(PromptRenderer):
         thinking = ({i: reasoning_lib.ReasoningStream(self.reasoning_parser) for i in range(n)}
                     if self.reasoning_parser is not None else None)
 
-        def chunk(cs, usage=None):
+        want_ids = bool(req.return_token_ids)
+
+        def chunk(cs, usage=None, prompt_ids=None):
             return P.ChatCompletionStreamResponse(id=rid, created=created, model=model,
-                                                  choices=cs, usage=usage)
+                                                  choices=cs, usage=usage,
+                                                  prompt_token_ids=prompt_ids)
 
         try:
-            # OpenAI opens every choice with the role.
+            # OpenAI opens every choice with the role (and vLLM's prompt_token_ids here).
             yield self._event(chunk([P.ChatStreamChoice(
-                index=i, delta=P.DeltaMessage(role="assistant", content=""))
-                for i in range(n)]))
+                index=i, delta=P.DeltaMessage(role="assistant", content=""),
+                token_ids=[] if want_ids else None)
+                for i in range(n)], prompt_ids=prompt_ids if want_ids else None))
             item = first
             while item is not None:
                 _, out = item
@@ -1062,16 +1120,19 @@ class OpenAIServer(PromptRenderer):
                         if calls and tools.mode != "named" and finish == "stop":
                             finish = "tool_calls"
                     if (not content and not calls and not reasoning
-                            and not (k is not None and c.token_ids) and not new_finish):
+                            and not ((k is not None or want_ids) and c.token_ids)
+                            and not new_finish):
                         continue
                     st.finish_sent = st.finish_sent or new_finish
                     cs.append(P.ChatStreamChoice(
                         index=idx, delta=P.DeltaMessage(content=content, tool_calls=calls or None,
                                                         reasoning=reasoning or None),
-                        logprobs=(self._chat_logprobs(list(c.token_ids), list(c.logprobs or []), k)
+                        logprobs=(self._chat_logprobs(list(c.token_ids), list(c.logprobs or []), k,
+                                                      self._as_ids(req))
                                   if k is not None else None),
                         finish_reason=finish if new_finish else None,
-                        stop_reason=st.stop_reason if new_finish else None))
+                        stop_reason=st.stop_reason if new_finish else None,
+                        token_ids=list(c.token_ids) if want_ids else None))
                 if cs:
                     yield self._event(chunk(cs, self._usage(prompt_lens, choices)
                                             if continuous else None))
@@ -1103,7 +1164,7 @@ class OpenAIServer(PromptRenderer):
                                    param="tools" if "tools" in msg else "input") from None
                 prompt, params, tools, _ = self._chat_setup(req)
                 rid = f"resp_{rreq.request_id or uuid.uuid4().hex}"
-                stream = lease.own(self._merge([prompt], params, rid, priority=req.priority))
+                stream = lease.own(self._merge([prompt], params, rid, req))
                 first = await self._first(stream, req)
             except APIError as e:
                 e.param = self._RESPONSES_PARAMS.get(e.param, e.param)
@@ -1274,12 +1335,13 @@ def build_app(engine: Any, *, api_key: str | None = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
               log_stats_interval: float | None = 10.0, enable_auto_tool_choice: bool = False,
-              tool_call_parser: str | None = None, reasoning_parser: str | None = None
-              ) -> web.Application:
+              tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+              return_tokens_as_token_ids: bool = False) -> web.Application:
     """The aiohttp app serving ``engine`` (an AsyncEngine). The engine is the caller's to shut
     down; several apps may share one engine. ``enable_auto_tool_choice`` and
     ``tool_call_parser`` (server/tools.py): vLLM's flags for tool_choice "auto";
-    ``reasoning_parser``: vLLM's --reasoning-parser (server/reasoning.py)."""
+    ``reasoning_parser``: vLLM's --reasoning-parser (server/reasoning.py);
+    ``return_tokens_as_token_ids``: vLLM's flag (log-prob tokens as "token_id:{id}")."""
     if served_model_name is None:
         names = [engine.model_name]
     elif isinstance(served_model_name, str):
@@ -1291,7 +1353,8 @@ def build_app(engine: Any, *, api_key: str | None = None,
                        max_concurrent_requests=max_concurrent_requests,
                        log_stats_interval=log_stats_interval,
                        enable_auto_tool_choice=enable_auto_tool_choice,
-                       tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
+                       tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
+                       return_tokens_as_token_ids=return_tokens_as_token_ids)
     app = web.Application(client_max_size=max_request_bytes,
                           middlewares=[srv.error_middleware, srv.auth_middleware])
     app[SERVER_KEY] = srv

@@ -54,6 +54,9 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
     p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                    help="return a reasoning model's <think> part as the message's reasoning "
                         "(server/reasoning.py)")
+    p.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help='log-prob tokens as "token_id:{id}" (a request\'s '
+                        "return_tokens_as_token_ids overrides), as vLLM's")
     d = p.add_argument_group("Multi-host (jax.distributed; sharding/distributed.py)")
     d.add_argument("--distributed", action="store_true",
                    help="join a jax.distributed job: process 0 serves, the others follow its steps")
@@ -102,7 +105,8 @@ def ray_app_kwargs(args: argparse.Namespace, engine_kwargs: dict, num_gpus: floa
         prefix_routing_pages=args.prefix_routing_pages,
         num_hosts_per_replica=args.num_hosts_per_replica,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
-        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids)
     if args.max_replicas is not None:
         if args.max_replicas < args.num_replicas:
             raise ValueError(f"--max-replicas ({args.max_replicas}) must be >= --num-replicas "
@@ -219,7 +223,8 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
                           log_stats_interval=args.log_stats_interval or None,
                           enable_auto_tool_choice=args.enable_auto_tool_choice,
                           tool_call_parser=args.tool_call_parser,
-                          reasoning_parser=args.reasoning_parser))
+                          reasoning_parser=args.reasoning_parser,
+                          return_tokens_as_token_ids=args.return_tokens_as_token_ids))
     finally:
         engine.shutdown()
     return 0

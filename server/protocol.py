@@ -25,7 +25,7 @@ loop out of range.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator,
                       model_serializer)
@@ -43,6 +43,21 @@ class _Model(BaseModel):
 
 class _Response(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+class _WithExtras(_Response):
+    """A response part with vLLM's optional extras (``_EXTRAS``), left out of the JSON while
+    None, so a reply has them only when the request asked (return_token_ids, prompt_logprobs)."""
+
+    _EXTRAS: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_unset_extras(self, handler):
+        out = handler(self)
+        for name in self._EXTRAS:
+            if name in out and out[name] is None:
+                del out[name]
+        return out
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -110,6 +125,10 @@ class _SamplingFields(_Model):
     allowed_token_ids: list[TokenId] | None = None
     bad_words: list[StrictStr] | None = None
     priority: Int32 = 0  # vLLM's: with --scheduling-policy priority, lower is served first
+    prompt_logprobs: Int32 | None = None  # vLLM's: the prompt tokens' log-probs (no stream)
+    return_token_ids: bool | None = None  # vLLM's: prompt and output token ids in the reply
+    return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:{id}"
+    cache_salt: str | None = None  # vLLM's: only requests with the same salt share cached pages
     # vLLM's beam search: n beams, ranked by cum log-prob / length ** length_penalty
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -357,12 +376,27 @@ class CompletionLogprobs(_Response):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-class CompletionChoice(_Response):
+class PromptLogprob(_Response):
+    """vLLM's prompt_logprobs entry (its Logprob): one candidate token of a prompt position."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]  # the first prompt token has none
+
+
+class CompletionChoice(_WithExtras):
+    _EXTRAS = ("prompt_logprobs", "prompt_token_ids", "token_ids")
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM extra: the stop string / token that ended it
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids (a stream: first chunk only)
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(_Response):
@@ -422,21 +456,26 @@ class ChatResponseMessage(_Response):
         return out
 
 
-class ChatChoice(_Response):
+class ChatChoice(_WithExtras):
+    _EXTRAS = ("token_ids",)
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids
 
 
-class ChatCompletionResponse(_Response):
+class ChatCompletionResponse(_WithExtras):
+    _EXTRAS = ("prompt_logprobs", "prompt_token_ids")
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class DeltaFunctionCall(_Response):
@@ -470,21 +509,25 @@ class DeltaMessage(_Response):
         return out
 
 
-class ChatStreamChoice(_Response):
+class ChatStreamChoice(_WithExtras):
+    _EXTRAS = ("token_ids",)
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids: this chunk's
 
 
-class ChatCompletionStreamResponse(_Response):
+class ChatCompletionStreamResponse(_WithExtras):
+    _EXTRAS = ("prompt_token_ids",)
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: the first chunk's
 
 
 class VersionResponse(_Response):

@@ -277,8 +277,8 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
               num_ingress_replicas: int = 1, max_retries: int = DEFAULT_MAX_RETRIES,
               health_check_period_s: float = 10.0, num_hosts_per_replica: int = 1,
               metrics_interval_s: float = 5.0, enable_auto_tool_choice: bool = False,
-              tool_call_parser: str | None = None, reasoning_parser: str | None = None
-              ) -> serve.Application:
+              tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+              return_tokens_as_token_ids: bool = False) -> serve.Application:
     """The Serve application: ``serve.run(build_app(...))``.
 
     ``engine_args``: EngineConfig keywords (``{"model": "/path", "max_model_len": 4096}``).
@@ -293,8 +293,9 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
     ``num_hosts_per_replica`` > 1: each replica is a jax.distributed job over that many nodes
     (one placement-group bundle of ``ray_actor_options``' resources per node, STRICT_SPREAD;
     server/ray_multihost.py); size ``tensor_parallel_size`` to all its hosts' devices.
-    ``enable_auto_tool_choice`` / ``tool_call_parser`` / ``reasoning_parser``: as the aiohttp
-    server's (server/tools.py, server/reasoning.py).
+    ``enable_auto_tool_choice`` / ``tool_call_parser`` / ``reasoning_parser`` /
+    ``return_tokens_as_token_ids``: as the aiohttp server's (server/tools.py,
+    server/reasoning.py).
     """
     engine_args = dict(engine_args or {})
     from jaxllm import EngineConfig
@@ -319,7 +320,8 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
         raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got "
                          f"{reasoning_parser!r}.")
     tool_options = {"enable_auto_tool_choice": enable_auto_tool_choice,
-                    "tool_call_parser": tool_call_parser, "reasoning_parser": reasoning_parser}
+                    "tool_call_parser": tool_call_parser, "reasoning_parser": reasoning_parser,
+                    "return_tokens_as_token_ids": return_tokens_as_token_ids}
     if not metrics_interval_s > 0:
         raise ValueError(f"metrics_interval_s must be > 0, got {metrics_interval_s!r}.")
     actor_options = dict(ray_actor_options or {"num_cpus": 1})

@@ -96,6 +96,7 @@ class ResponsesRequest(P._Model):
     request_id: str | None = None
     guided_whitespace_pattern: str | None = None  # for text.format and forced tool calls
     priority: P.Int32 | None = None  # vLLM's, for --scheduling-policy priority
+    cache_salt: str | None = None  # vLLM's prefix-cache salt
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.previous_response_id is not None:
@@ -118,7 +119,7 @@ class ResponsesRequest(P._Model):
         body: dict[str, Any] = {"messages": messages, "stream": False}
         for name in ("model", "temperature", "top_p", "parallel_tool_calls", "top_k", "min_p",
                      "repetition_penalty", "seed", "request_id", "guided_whitespace_pattern",
-                     "priority"):
+                     "priority", "cache_salt"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         if self.max_output_tokens is not None:

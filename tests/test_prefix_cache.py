@@ -435,6 +435,31 @@ def test_num_cached_tokens_and_counters_are_exact(llms):
     _engine_all_free(on)
 
 
+def test_cache_salt_shares_pages_only_between_requests_with_the_same_salt(llms):
+    """vLLM's cache_salt (a prompt dict key): a salted prompt hits nothing an unsalted or
+    other-salted one cached, hits its own salt's pages, and gives the same tokens."""
+    from jaxllm import SamplingParams
+
+    on, _ = llms
+    assert on.reset_prefix_cache()
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    ids = list(range(3000, 3037))
+
+    def run(**salt):
+        return on.generate([{"prompt_token_ids": ids, **salt}], params, use_tqdm=False)[0]
+
+    plain = run()
+    a = run(cache_salt="tenant-a")
+    assert a.num_cached_tokens == 0 and _ids(a) == _ids(plain)
+    assert run(cache_salt="tenant-b").num_cached_tokens == 0
+    assert run(cache_salt="tenant-a").num_cached_tokens == 32
+    assert run().num_cached_tokens == 32
+    for bad in ("", 7):
+        with pytest.raises(ValueError, match="cache_salt"):
+            run(cache_salt=bad)
+    _engine_all_free(on)
+
+
 def test_second_chat_turn_hits_the_first_turns_pages_including_decoded_ones(llms):
     from jaxllm import SamplingParams
 

@@ -737,6 +737,101 @@ def test_priority_reaches_the_engine_from_every_route(client, engine, monkeypatc
     assert seen == [3, -2, 5, 0]
 
 
+def test_vllm_token_extras_prompt_logprobs_token_ids_and_ids_as_tokens(client, servers,
+                                                                          engine):
+    """prompt_logprobs (the engine's, per prompt position), return_token_ids (prompt and
+    output ids; a stream sends the prompt's first and each chunk's own ids) and
+    return_tokens_as_token_ids (per request, or the server's flag) on both routes."""
+    ids = engine.tokenizer("The sky is blue").input_ids
+    kw = dict(model=MODEL, max_tokens=5, temperature=0.0)
+    r = client.completions.create(prompt="The sky is blue", logprobs=2, **kw, extra_body={
+        "prompt_logprobs": 1, "return_token_ids": True, "return_tokens_as_token_ids": True})
+    c = r.choices[0].model_extra
+    assert c["prompt_token_ids"] == ids and len(c["token_ids"]) == 5
+    plp = c["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for tid, d in zip(ids[1:], plp[1:]):
+        assert str(tid) in d and 1 <= len(d) <= 2 and all(
+            set(v) == {"logprob", "rank", "decoded_token"} for v in d.values())
+    assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in c["token_ids"]]
+    assert all(k.startswith("token_id:") for top in r.choices[0].logprobs.top_logprobs
+               for k in top)
+    # the same prompt log-probs as the engine's own (LLMEngine prompt_logprobs)
+    from jaxllm import SamplingParams
+
+    async def direct():
+        return [o async for o in engine.generate(
+            {"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=1),
+            "plp-direct")][-1]
+    ref = servers.run(direct()).prompt_logprobs
+    for d, e in zip(plp[1:], ref[1:]):
+        assert {int(t): v["logprob"] for t, v in d.items()} == pytest.approx(
+            {t: v.logprob for t, v in e.items()}, abs=1e-5)
+    # nothing extra unless asked
+    plain = client.completions.create(prompt="The sky is blue", **kw).choices[0].model_extra
+    assert not {"prompt_logprobs", "prompt_token_ids", "token_ids"} & set(plain)
+    # a stream: prompt ids once, then each chunk's ids, adding up to the output
+    chunks = list(client.completions.create(prompt="The sky is blue", stream=True, **kw,
+                                            extra_body={"return_token_ids": True}))
+    extras = [ch.choices[0].model_extra for ch in chunks if ch.choices]
+    assert extras[0]["prompt_token_ids"] == ids
+    assert all("prompt_token_ids" not in e or e["prompt_token_ids"] is None
+               for e in extras[1:])
+    assert [t for e in extras for t in e["token_ids"]] == c["token_ids"]
+    # chat: prompt_logprobs and prompt_token_ids on the response, token_ids on the choice
+    msgs = [{"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(messages=msgs, **kw, extra_body={
+        "prompt_logprobs": 0, "return_token_ids": True})
+    ptoks = r.model_extra["prompt_token_ids"]
+    assert len(r.model_extra["prompt_logprobs"]) == len(ptoks) == r.usage.prompt_tokens
+    out_ids = r.choices[0].model_extra["token_ids"]
+    assert len(out_ids) == 5 and engine.tokenizer.decode(
+        out_ids, skip_special_tokens=True) == r.choices[0].message.content
+    chunks = list(client.chat.completions.create(messages=msgs, stream=True, **kw,
+                                                 extra_body={"return_token_ids": True}))
+    assert chunks[0].model_extra["prompt_token_ids"] == ptoks
+    assert [t for ch in chunks for x in ch.choices
+            for t in (x.model_extra.get("token_ids") or [])] == r.choices[0].model_extra[
+        "token_ids"]
+    # the server's flag, and a request turning it off
+    base = servers.start(build_app(engine, served_model_name=MODEL,
+                                   return_tokens_as_token_ids=True))
+    other = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    r = other.chat.completions.create(messages=msgs, logprobs=True, top_logprobs=1, **kw)
+    assert all(x.token.startswith("token_id:") for x in r.choices[0].logprobs.content)
+    r = other.chat.completions.create(messages=msgs, logprobs=True, **kw,
+                                      extra_body={"return_tokens_as_token_ids": False})
+    assert not any(x.token.startswith("token_id:") for x in r.choices[0].logprobs.content)
+    # prompt_logprobs cannot stream (vLLM's rule)
+    status, _, resp = _post(servers, "/v1/completions", {
+        "model": MODEL, "prompt": "x", "stream": True, "prompt_logprobs": 1})
+    _assert_error(status, resp, 400, "prompt_logprobs")
+    _wait_idle(engine)
+
+
+def test_cache_salt_reaches_the_engine_with_the_prompt(client, engine, monkeypatch):
+    seen = []
+    real = engine.engine.add_request
+
+    def spy(rid, prompt, params=None, arrival_time=None, priority=0):
+        seen.append(prompt.get("cache_salt"))
+        return real(rid, prompt, params, arrival_time, priority)
+
+    monkeypatch.setattr(engine.engine, "add_request", spy)
+    client.completions.create(model=MODEL, prompt="x", max_tokens=1,
+                              extra_body={"cache_salt": "tenant-a"})
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                   max_tokens=1, extra_body={"cache_salt": "tenant-b"})
+    client.responses.create(model=MODEL, input="x", max_output_tokens=1,
+                            extra_body={"cache_salt": "tenant-c"})
+    client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    assert seen == ["tenant-a", "tenant-b", "tenant-c", None]
+    with pytest.raises(openai.BadRequestError, match="cache_salt") as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1,
+                                  extra_body={"cache_salt": ""})
+    assert e.value.body["param"] == "cache_salt"
+
+
 def test_invalid_json_and_non_object_bodies_are_400(servers):
     for data in (b"{not json", b"[1, 2]", b'{"prompt": NaN}'):
         status, _, body = _post(servers, "/v1/completions", data=data,

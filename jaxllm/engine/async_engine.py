@@ -147,7 +147,8 @@ class AsyncEngine:
         CompletionOutput per beam, best first, holding the generated tokens only. Each step's
         beams run as requests ``{request_id}-{step}-{beam}``; a cancelled consumer aborts them.
         Raises ValueError for a request that can never run."""
-        from jaxllm.engine.beam_search import BeamSearchInstance, engine_stop_ids, step_params
+        from jaxllm.engine.beam_search import (BeamSearchInstance, cache_salt, engine_stop_ids,
+                                               step_params)
 
         eng = self.engine
         sp = step_params(params, eng.config.max_logprobs)
@@ -155,7 +156,7 @@ class AsyncEngine:
         tok = eng.tokenizer
         inst = BeamSearchInstance(ids, text, params, eos_ids=engine_stop_ids(eng),
                                   eos_token_id=tok.eos_token_id if tok is not None else None,
-                                  max_model_len=eng.max_model_len)
+                                  max_model_len=eng.max_model_len, cache_salt=cache_salt(prompt))
 
         async def final(p: dict, rid: str) -> RequestOutput:
             last = None

@@ -43,7 +43,7 @@ class BeamSearchInstance:
 
     def __init__(self, prompt_ids: list[int], prompt_text: str | None,
                  params: BeamSearchParams, *, eos_ids: Iterable[int],
-                 eos_token_id: int | None, max_model_len: int):
+                 eos_token_id: int | None, max_model_len: int, cache_salt: str | None = None):
         if not prompt_ids:
             raise ValueError("The prompt is empty; beam search needs at least one token.")
         if len(prompt_ids) >= max_model_len:
@@ -57,6 +57,7 @@ class BeamSearchInstance:
         self.steps_left = room if params.max_tokens is None else min(params.max_tokens, room)
         self.eos_ids = frozenset(eos_ids)
         self.eos_token_id = eos_token_id
+        self.cache_salt = cache_salt  # the prompt's, passed on to every step's requests
         self.beams = [BeamSearchSequence(tokens=list(prompt_ids), logprobs=[])]
         self.completed: list[BeamSearchSequence] = []
 
@@ -66,7 +67,8 @@ class BeamSearchInstance:
 
     def prompts(self) -> list[dict[str, Any]]:
         """This step's one request per live beam."""
-        return [{"prompt_token_ids": b.tokens} for b in self.beams]
+        salt = {} if self.cache_salt is None else {"cache_salt": self.cache_salt}
+        return [{"prompt_token_ids": b.tokens, **salt} for b in self.beams]
 
     def _key(self, beam: BeamSearchSequence) -> float:
         return beam_score(beam, self.eos_ids, self.params.length_penalty)
@@ -120,6 +122,10 @@ class BeamSearchInstance:
         return RequestOutput(request_id=request_id, prompt=self.prompt_text,
                              prompt_token_ids=self.prompt_ids, prompt_logprobs=None,
                              outputs=outs, finished=True)
+
+
+def cache_salt(prompt: Any) -> str | None:
+    return prompt.get("cache_salt") if isinstance(prompt, dict) else None
 
 
 def engine_stop_ids(engine: Any) -> frozenset[int]:

@@ -74,7 +74,8 @@ class LLM:
         of each prompt, best first. Each beam's ``tokens`` and ``text`` hold the prompt too, as
         in vLLM. ``concurrency_limit``: how many prompts are searched at once (None: all).
         jaxllm/engine/beam_search.py says how a step runs."""
-        from jaxllm.engine.beam_search import BeamSearchInstance, engine_stop_ids, step_params
+        from jaxllm.engine.beam_search import (BeamSearchInstance, cache_salt, engine_stop_ids,
+                                               step_params)
 
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
@@ -90,7 +91,8 @@ class LLM:
             text, ids = engine.prompt_inputs(p)
             instances.append(BeamSearchInstance(ids, text, params, eos_ids=stop_ids,
                                                 eos_token_id=eos,
-                                                max_model_len=engine.max_model_len))
+                                                max_model_len=engine.max_model_len,
+                                                cache_salt=cache_salt(p)))
         limit = concurrency_limit or max(len(instances), 1)
         pbar = None
         if use_tqdm:

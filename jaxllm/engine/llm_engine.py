@@ -474,7 +474,8 @@ class LLMEngine:
 
     def prompt_inputs(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of a prompt: a str, a list of ids, or a dict with
-        "prompt_token_ids" (and an optional "prompt") or "prompt"."""
+        "prompt_token_ids" (and an optional "prompt") or "prompt" (and an optional
+        "cache_salt", which add_request reads)."""
         if isinstance(prompt, str):
             return prompt, self.tokenize(prompt)
         if isinstance(prompt, dict):
@@ -503,6 +504,9 @@ class LLMEngine:
                              "(--scheduling-policy priority).")
         params = params or SamplingParams(**self._diff_sampling_param)
         text, ids = self.prompt_inputs(prompt)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise ValueError("cache_salt must be a non-empty string if provided.")
         k = params.truncate_prompt_tokens
         if k is not None:  # the last k tokens (vLLM's left truncation; -1: max_model_len)
             ids = ids[-(self.max_model_len if k == -1 else k):]
@@ -534,6 +538,8 @@ class LLMEngine:
                            arrival_time=now)
             seq.sample_seed = (seed * 1_000_003 + i) & 0x7FFFFFFF
             seq.priority = priority
+            if salt is not None:  # vLLM's cache_salt: only requests with this salt share pages
+                seq.cache_extra_keys = ("cache_salt", salt)
             if token_mask is not None:
                 seq.token_mask = token_mask if i == 0 else token_mask.fork()
             seqs.append(seq)
