@@ -537,6 +537,8 @@ class OpenAIServer(PromptRenderer):
                            f"{so[0]}: both constrain the reply.", param="tool_choice")
         if so is not None or forced is not None:
             kw["structured_outputs"] = forced or so[1]
+        if tools is not None and tools.keeps_special_tokens:
+            kw["skip_special_tokens"] = False  # the parser's marker is a special token
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
                      "min_p", "repetition_penalty"):
             v = getattr(req, name)

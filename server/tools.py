@@ -12,9 +12,23 @@
   it comes back as that many tool calls (finish_reason "tool_calls").
 - "auto": the model decides, in its own format, which a parser reads back (vLLM's
   ``--enable-auto-tool-choice --tool-call-parser NAME``; without them "auto" is a 400, as in
-  vLLM). Parsers: "hermes" (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``: Hermes,
-  Qwen 2.5 / 3) and "llama3_json" (a reply that is one or more ``{"name": ..., "parameters":
-  ...}`` objects, optionally after ``<|python_tag|>``, separated by ";": Llama 3.1 / 3.2).
+  vLLM). Parsers (vLLM's names and formats):
+
+  - "hermes": ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` (Hermes, Qwen 2.5 / 3);
+  - "llama3_json": a reply that is one or more ``{"name": ..., "parameters": ...}`` objects,
+    optionally after ``<|python_tag|>``, separated by ";" (Llama 3.1 / 3.2);
+  - "mistral": ``[TOOL_CALLS]`` then a JSON list of ``{"name", "arguments"}``, or (tokenizer
+    v11+) ``name{...}`` / ``name[ARGS]{...}`` per call; the marker is a special token, so such
+    requests keep special tokens in the text, and call ids are 9 alphanumerics (Mistral's
+    templates check that);
+  - "pythonic" / "llama4_pythonic": a Python list of calls with literal keyword arguments,
+    ``[get_weather(city="Oslo"), get_time()]`` (Llama 3.2 / 4; the latter optionally inside
+    ``<|python_start|>...<|python_end|>``);
+  - "granite": ``<|tool_call|>`` (or ``<tool_call>``) then a JSON list of ``{"name",
+    "arguments"}`` (IBM Granite 3);
+  - "qwen3_coder" (also "qwen3_xml"): ``<tool_call><function=NAME><parameter=P>value
+    </parameter>...</function></tool_call>``, each value converted by the tool's schema type
+    (Qwen3-Coder).
 
 Streaming: a forced call streams its arguments as they come; "required" and "auto" tool calls
 go out whole in the choice's last content chunk, once the text is complete (auto streams the
@@ -23,19 +37,28 @@ text before a tool call as content).
 
 from __future__ import annotations
 
+import ast
 import json
+import random
 import re
+import string
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from jaxllm.sampling_params import StructuredOutputsParams
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic",
+                     "granite", "qwen3_coder", "qwen3_xml")
 
 
 def tool_call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+def mistral_tool_call_id() -> str:
+    """Mistral's chat templates accept only 9 alphanumeric characters."""
+    return "".join(random.choices(string.ascii_letters + string.digits, k=9))
 
 
 class ToolError(ValueError):
@@ -113,27 +136,38 @@ class ToolPlan:
             except (ValueError, TypeError, KeyError):
                 return text, []
         if self.mode == "auto":
-            return PARSERS[self.parser](text)
+            parser = PARSERS[self.parser]
+            content, calls = parser.parse(text, self.tools)
+            if parser.make_id is not None:
+                for c in calls:
+                    c.id = parser.make_id()
+            return content, calls
         return text, []
+
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """Whether the reply's text must keep special tokens (the parser's marker is one)."""
+        return self.mode == "auto" and PARSERS[self.parser].keep_special_tokens
 
     def content_prefix(self, text: str) -> str:
         """"auto" streaming: the part of the text so far that is surely content (no tool call
         starts in it), so it can go out before the reply ends."""
         if self.mode != "auto":
             return text
-        if self.parser == "hermes":
-            at = text.find(HERMES_OPEN)
-            if at >= 0:
-                return text[:at]
-            # hold back a tail that could still grow into "<tool_call>"
-            for k in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1):
-                if HERMES_OPEN.startswith(text[-k:]):
+        markers = PARSERS[self.parser].markers
+        if PARSERS[self.parser].anywhere:  # a call may follow content: stream up to its marker
+            ats = [text.find(m) for m in markers if m in text]
+            if ats:
+                return text[:min(ats)]
+            # hold back a tail that could still grow into a marker
+            for k in range(min(max(map(len, markers)) - 1, len(text)), 0, -1):
+                if any(m.startswith(text[-k:]) for m in markers):
                     return text[:-k]
             return text
-        # llama3_json: a reply that starts as JSON is a call; anything else is content
+        # a reply that starts as a call is one; anything else is content
         stripped = text.lstrip()
-        if not stripped or stripped.startswith(("{", PYTHON_TAG)) or PYTHON_TAG.startswith(
-                stripped):
+        if not stripped or any(stripped.startswith(m) or m.startswith(stripped)
+                               for m in markers):
             return ""
         return text
 
@@ -184,7 +218,7 @@ def _call(obj: Any, args_key: str) -> ToolCall:
                     else json.dumps(args, ensure_ascii=False))
 
 
-def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
+def parse_hermes(text: str, tools: Any = None) -> tuple[str | None, list[ToolCall]]:
     at = text.find(HERMES_OPEN)
     if at < 0:
         return text, []
@@ -196,7 +230,7 @@ def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
     return content or None, calls
 
 
-def parse_llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
+def parse_llama3_json(text: str, tools: Any = None) -> tuple[str | None, list[ToolCall]]:
     body = text.strip()
     if body.startswith(PYTHON_TAG):
         body = body[len(PYTHON_TAG):].lstrip()
@@ -215,7 +249,175 @@ def parse_llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
     return None, calls
 
 
-PARSERS = {"hermes": parse_hermes, "llama3_json": parse_llama3_json}
+MISTRAL_TOOL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+
+
+def parse_mistral(text: str, tools: Any = None) -> tuple[str | None, list[ToolCall]]:
+    at = text.find(MISTRAL_TOOL_CALLS)
+    if at < 0:
+        return text, []
+    content = text[:at].strip() or None
+    decoder, calls = json.JSONDecoder(), []
+    try:
+        for part in text[at:].split(MISTRAL_TOOL_CALLS)[1:]:
+            part = part.strip()
+            if part.startswith("["):  # a JSON list of {"name", "arguments"}
+                objs, end = decoder.raw_decode(part)
+                calls += [_call(o, "arguments") for o in objs]
+                continue
+            # tokenizer v11+: name[ARGS]{...} (or name{...}); several calls each after a marker
+            name, sep, rest = part.partition(MISTRAL_ARGS)
+            if not sep:
+                brace = part.index("{")
+                name, rest = part[:brace], part[brace:]
+            args, _ = decoder.raw_decode(rest.strip())
+            if not name.strip() or not isinstance(args, dict):
+                raise ValueError("not a call")
+            calls.append(ToolCall(name.strip(), json.dumps(args, ensure_ascii=False)))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return text, []
+    return content, calls
+
+
+PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
+
+
+def _literal(node: ast.AST) -> Any:
+    """A keyword argument's value: a Python literal, or JSON's true / false / null."""
+    if isinstance(node, ast.Name) and node.id in ("true", "false", "null"):
+        return {"true": True, "false": False, "null": None}[node.id]
+    if isinstance(node, ast.Dict):
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(e) for e in node.elts]
+    return ast.literal_eval(node)
+
+
+def parse_pythonic(text: str, tools: Any = None) -> tuple[str | None, list[ToolCall]]:
+    body = text.strip()
+    if body.startswith(PYTHON_START):
+        body = body[len(PYTHON_START):]
+        if body.rstrip().endswith(PYTHON_END):
+            body = body.rstrip()[:-len(PYTHON_END)]
+        body = body.strip()
+    if not (body.startswith("[") and body.endswith("]")):
+        return text, []
+    try:
+        tree = ast.parse(body, mode="eval").body
+        if not isinstance(tree, ast.List):
+            raise ValueError("not a list")
+        calls = []
+        for node in tree.elts:
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) \
+                    or node.args:
+                raise ValueError("not a call with keyword arguments")
+            args = {kw.arg: _literal(kw.value) for kw in node.keywords}
+            calls.append(ToolCall(node.func.id, json.dumps(args, ensure_ascii=False)))
+    except (ValueError, SyntaxError, TypeError, AttributeError):
+        return text, []
+    return None, calls
+
+
+GRANITE_MARKERS = ("<|tool_call|>", "<tool_call>")
+
+
+def parse_granite(text: str, tools: Any = None) -> tuple[str | None, list[ToolCall]]:
+    body = text.strip()
+    for m in GRANITE_MARKERS:
+        if body.startswith(m):
+            body = body[len(m):].strip()
+            break
+    if not body.startswith("["):
+        return text, []
+    try:
+        objs, _ = json.JSONDecoder().raw_decode(body)
+        calls = [_call(o, "arguments") for o in objs]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return text, []
+    return None, calls
+
+
+_QWEN3_CALL = re.compile(r"<tool_call>\s*<function=([^>\n]+)>(.*?)</function>\s*"
+                         r"(?:</tool_call>|$)", re.DOTALL)
+_QWEN3_PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+
+
+def _typed(value: str, schema: dict[str, Any] | None) -> Any:
+    """A qwen3_coder parameter's text as its schema's type (vLLM's conversion): strings stay
+    text, numbers / booleans / null are parsed, objects and arrays read as JSON (or Python)."""
+    kind = (schema or {}).get("type")
+    kinds = kind if isinstance(kind, list) else [kind]
+    if value.lower() == "null":
+        return None
+    if "string" in kinds:
+        return value
+    try:
+        if "integer" in kinds:
+            return int(value)
+        if "number" in kinds:
+            f = float(value)
+            return int(f) if f.is_integer() and "." not in value and "e" not in value.lower() \
+                else f
+        if "boolean" in kinds:
+            if value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise ValueError(value)
+        return json.loads(value)
+    except ValueError:
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+
+
+def parse_qwen3_coder(text: str, tools: Any = None) -> tuple[str | None, list[ToolCall]]:
+    at = text.find(HERMES_OPEN)
+    if at < 0:
+        return text, []
+    params = {t["function"]["name"]: (t["function"].get("parameters") or {}).get(
+        "properties", {}) for t in tools or []}
+    calls = []
+    for name, body in _QWEN3_CALL.findall(text[at:]):
+        name = name.strip()
+        props = params.get(name, {})
+        args = {}
+        for key, raw in _QWEN3_PARAM.findall(body):
+            key = key.strip()
+            v = raw[1:] if raw.startswith("\n") else raw
+            v = v[:-1] if v.endswith("\n") else v
+            args[key] = _typed(v, props.get(key))
+        calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
+    if not calls:
+        return text, []
+    return text[:at].strip() or None, calls
+
+
+@dataclass(frozen=True)
+class Parser:
+    """An "auto" reply format: ``parse(text, tools)`` -> (content, calls); ``markers``: what
+    opens a call; ``anywhere``: a call may follow content (else a reply that starts with a
+    marker is a call and any other is content); ``keep_special_tokens``: the marker is a
+    special token, so the reply keeps them; ``make_id``: the call ids the model expects."""
+
+    parse: Callable[[str, Any], tuple[str | None, list[ToolCall]]]
+    markers: tuple[str, ...]
+    anywhere: bool
+    keep_special_tokens: bool = False
+    make_id: Callable[[], str] | None = None
+
+
+PARSERS = {
+    "hermes": Parser(parse_hermes, (HERMES_OPEN,), anywhere=True),
+    "llama3_json": Parser(parse_llama3_json, ("{", PYTHON_TAG), anywhere=False),
+    "mistral": Parser(parse_mistral, (MISTRAL_TOOL_CALLS,), anywhere=True,
+                      keep_special_tokens=True, make_id=mistral_tool_call_id),
+    "pythonic": Parser(parse_pythonic, ("[",), anywhere=False),
+    "llama4_pythonic": Parser(parse_pythonic, ("[", PYTHON_START), anywhere=False),
+    "granite": Parser(parse_granite, ("[",) + GRANITE_MARKERS, anywhere=False),
+    "qwen3_coder": Parser(parse_qwen3_coder, (HERMES_OPEN,), anywhere=True),
+    "qwen3_xml": Parser(parse_qwen3_coder, (HERMES_OPEN,), anywhere=True),
+}
+assert set(PARSERS) == set(TOOL_CALL_PARSERS)
 
 
 def template_message_tool_calls(tool_calls: list[Any]) -> list[dict[str, Any]]:

@@ -573,6 +573,28 @@ def test_a_tool_conversation_round_trips_and_auto_needs_the_parser_flags(client,
     _wait_idle(engine)
 
 
+def test_a_parser_whose_marker_is_a_special_token_keeps_special_tokens(servers, engine,
+                                                                       monkeypatch):
+    """mistral's [TOOL_CALLS] is a special token: under "auto" the reply keeps special tokens
+    (vLLM does the same), or the parser would never see the marker."""
+    seen = []
+    real = engine.engine.add_request
+
+    def spy(rid, prompt, params=None, arrival_time=None, priority=0):
+        seen.append(params.skip_special_tokens)
+        return real(rid, prompt, params, arrival_time, priority)
+
+    monkeypatch.setattr(engine.engine, "add_request", spy)
+    base = servers.start(build_app(engine, served_model_name=MODEL,
+                                   enable_auto_tool_choice=True, tool_call_parser="mistral"))
+    c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    for tools in ([WEATHER], None):
+        c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, temperature=0.0,
+                                  **({"tools": tools} if tools else {}))
+    assert seen == [False, True]
+    _wait_idle(engine)
+
+
 # -- /v1/responses --------------------------------------------------------------------------------
 def test_responses_api_answers_text_with_usage_and_status(client, engine):
     r = client.responses.create(model=MODEL, input="Say hi.", instructions="Be brief.",

@@ -69,6 +69,84 @@ def test_llama3_json_replies_with_or_without_the_python_tag():
     assert T.parse_llama3_json('{"oops": 1}') == ('{"oops": 1}', [])
 
 
+def test_mistral_replies_in_both_formats_with_nine_character_ids():
+    content, calls = T.parse_mistral(
+        'Checking.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Nice"}}, '
+        '{"name": "get_time", "arguments": {}}]')
+    assert content == "Checking."
+    assert _calls(calls) == [("get_weather", {"city": "Nice"}), ("get_time", {})]
+    # tokenizer v11+: name[ARGS]{...} or name{...}, one marker per call
+    _, calls = T.parse_mistral('[TOOL_CALLS]get_weather[ARGS]{"city": "Bern"}'
+                               '[TOOL_CALLS]get_time{}')
+    assert _calls(calls) == [("get_weather", {"city": "Bern"}), ("get_time", {})]
+    assert T.parse_mistral("No tools needed.") == ("No tools needed.", [])
+    assert T.parse_mistral("[TOOL_CALLS]oops")[1] == []
+    plan = _plan(parser="mistral")
+    assert plan.keeps_special_tokens and not _plan().keeps_special_tokens
+    _, calls = plan.extract('[TOOL_CALLS][{"name": "get_time", "arguments": {}}]')
+    assert len(calls[0].id) == 9 and calls[0].id.isalnum()
+
+
+def test_pythonic_replies_are_python_lists_of_calls_with_literal_arguments():
+    content, calls = T.parse_pythonic(
+        '[get_weather(city="San Francisco", days=3, metric=True, opts={"a": [1, 2]}), '
+        'get_time()]')
+    assert content is None
+    assert _calls(calls) == [("get_weather", {"city": "San Francisco", "days": 3,
+                                              "metric": True, "opts": {"a": [1, 2]}}),
+                             ("get_time", {})]
+    # JSON's literals too, and Llama 4's python tags
+    _, calls = T.parse_pythonic('<|python_start|>[f(x=true, y=null)]<|python_end|>')
+    assert _calls(calls) == [("f", {"x": True, "y": None})]
+    for text in ("The answer is 4.", "[1, 2]", "[f(1)]", "[f(x=os.system('ls'))]"):
+        assert T.parse_pythonic(text) == (text, [])  # not a list of keyword calls: text
+
+
+def test_granite_replies_after_their_marker():
+    content, calls = T.parse_granite(
+        '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Turin"}}]')
+    assert content is None and _calls(calls) == [("get_weather", {"city": "Turin"})]
+    assert _calls(T.parse_granite('[{"name": "get_time", "arguments": {}}]')[1]) == [
+        ("get_time", {})]
+    assert T.parse_granite("Hello!") == ("Hello!", [])
+
+
+def test_qwen3_coder_xml_calls_convert_values_by_the_tools_schema():
+    tool = {"type": "function", "function": {"name": "book", "parameters": {
+        "type": "object", "properties": {
+            "city": {"type": "string"}, "nights": {"type": "integer"},
+            "price": {"type": "number"}, "late": {"type": "boolean"},
+            "guests": {"type": "array"}, "code": {"type": "string"}}}}}
+    text = ("Booking now.\n<tool_call>\n<function=book>\n<parameter=city>\nNew York\n"
+            "</parameter>\n<parameter=nights>\n3\n</parameter>\n<parameter=price>\n"
+            "99.5\n</parameter>\n<parameter=late>\nTrue\n</parameter>\n"
+            '<parameter=guests>\n["Ann", "Bo"]\n</parameter>\n<parameter=code>\n007\n'
+            "</parameter>\n</function>\n</tool_call>")
+    content, calls = T.parse_qwen3_coder(text, [tool])
+    assert content == "Booking now."
+    assert _calls(calls) == [("book", {"city": "New York", "nights": 3, "price": 99.5,
+                                       "late": True, "guests": ["Ann", "Bo"], "code": "007"})]
+    assert T.parse_qwen3_coder("plain", [tool]) == ("plain", [])
+
+
+@pytest.mark.parametrize("parser,call,content", [
+    ("mistral", '[TOOL_CALLS][{"name": "get_time", "arguments": {}}]', "Sure. "),
+    ("qwen3_coder", "<tool_call>\n<function=get_time>\n</function>\n</tool_call>", "Sure. "),
+    ("pythonic", "[get_time()]", ""),
+    ("llama4_pythonic", "<|python_start|>[get_time()]<|python_end|>", ""),
+    ("granite", '<|tool_call|>[{"name": "get_time", "arguments": {}}]', ""),
+])
+def test_every_parser_streams_content_before_a_call_and_the_call_whole(parser, call, content):
+    """A call split at every character: the content before it streams, nothing of the call
+    leaks as content, and the call comes out whole at the end; a plain reply streams."""
+    text = content + call
+    sent, deltas = _stream(_plan(parser=parser), list(text))
+    assert "".join(sent).strip() == content.strip()
+    assert [d["function"]["name"] for d in deltas] == ["get_time"]
+    sent, deltas = _stream(_plan(parser=parser), list("Just text."))
+    assert "".join(sent) == "Just text." and deltas == []
+
+
 def _stream(plan, chunks):
     """Feeds the chunks (the last one finishes); returns (content sent, tool-call deltas)."""
     s = T.ToolStream(plan)
