@@ -141,6 +141,73 @@ class Reply:
         return web.Response(status=self.status, body=body, headers=self.all_headers())
 
 
+@dataclass(frozen=True)
+class CORS:
+    """vLLM's CORS options (--allowed-origins / --allowed-methods / --allowed-headers /
+    --allow-credentials; "*" allows all, vLLM's defaults) with the rules of Starlette's
+    CORSMiddleware, which vLLM serves behind: a preflight (OPTIONS with Origin and
+    Access-Control-Request-Method) is answered here, before the API key is checked, and every
+    other reply to a request with an allowed Origin names it. Transport-free, so the aiohttp
+    and the Ray Serve front ends share it."""
+
+    origins: tuple[str, ...] = ("*",)
+    methods: tuple[str, ...] = ("*",)
+    headers: tuple[str, ...] = ("*",)
+    credentials: bool = False
+
+    ALL_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+    SAFE_HEADERS = {"accept", "accept-language", "content-language", "content-type"}
+
+    def _origin(self, origin: str) -> str | None:
+        """The Access-Control-Allow-Origin value for ``origin``; None: not allowed."""
+        if "*" in self.origins:
+            return origin if self.credentials else "*"
+        return origin if origin in self.origins else None
+
+    def preflight(self, req_headers: Mapping[str, str]) -> Reply | None:
+        """The answer to a preflight request, or None when it is not one."""
+        origin = req_headers.get("Origin")
+        method = req_headers.get("Access-Control-Request-Method")
+        if origin is None or method is None:
+            return None
+        methods = self.ALL_METHODS if "*" in self.methods else self.methods
+        h = {"Vary": "Origin", "Access-Control-Max-Age": "600",
+             "Access-Control-Allow-Methods": ", ".join(methods)}
+        if self.credentials:
+            h["Access-Control-Allow-Credentials"] = "true"
+        asked = req_headers.get("Access-Control-Request-Headers", "")
+        allowed = {x.lower() for x in self.headers} | self.SAFE_HEADERS
+        bad = []
+        if self._origin(origin) is None:
+            bad.append("origin")
+        if method not in methods:
+            bad.append("method")
+        if "*" not in self.headers and any(
+                x.strip().lower() not in allowed for x in asked.split(",") if x.strip()):
+            bad.append("headers")
+        if bad:
+            return Reply(status=400, body=f"Disallowed CORS {', '.join(bad)}",
+                         content_type="text/plain", headers=h)
+        h["Access-Control-Allow-Origin"] = self._origin(origin)
+        if asked:
+            h["Access-Control-Allow-Headers"] = asked if "*" in self.headers else ", ".join(
+                sorted(allowed))
+        return Reply(status=200, body="OK", content_type="text/plain", headers=h)
+
+    def reply_headers(self, req_headers: Mapping[str, str]) -> dict[str, str]:
+        """The headers a reply to a (non-preflight) request carries."""
+        origin = req_headers.get("Origin")
+        allow = self._origin(origin) if origin is not None else None
+        if allow is None:
+            return {}
+        h = {"Access-Control-Allow-Origin": allow}
+        if allow != "*":
+            h["Vary"] = "Origin"
+        if self.credentials:
+            h["Access-Control-Allow-Credentials"] = "true"
+        return h
+
+
 class _Lease:
     """An admitted request's resources: its engine streams and admission slot. Released when the
     route returns, unless handed to a streaming Reply, which releases them in ``aclose``."""
@@ -363,8 +430,9 @@ class OpenAIServer(PromptRenderer):
                  max_request_bytes: int, max_concurrent_requests: int,
                  log_stats_interval: float | None, enable_auto_tool_choice: bool = False,
                  tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-                 return_tokens_as_token_ids: bool = False):
+                 return_tokens_as_token_ids: bool = False, cors: CORS | None = CORS()):
         self.return_tokens_as_token_ids = return_tokens_as_token_ids
+        self.cors = cors  # None: no CORS headers at all
         if reasoning_parser not in (None, *reasoning_lib.REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be one of "
                              f"{reasoning_lib.REASONING_PARSERS}, got {reasoning_parser!r}.")
@@ -427,22 +495,44 @@ class OpenAIServer(PromptRenderer):
     async def handle(self, call: Call) -> Reply:
         """The whole request path (limits, auth, routing, errors) for a front end without its
         own router: Ray Serve. The caller must ``await reply.aclose()``."""
+        if self.cors is not None and call.method == "OPTIONS":
+            pre = self.cors.preflight(call.headers)
+            if pre is not None:
+                return pre
         try:
             self.check_size(len(call.body))
             self.check_auth(call.path, call.headers)
             methods = route_of(call.path)
             if call.method not in methods:
                 raise self.no_route(call.method, call.path, list(methods))
-            return await getattr(self, methods[call.method])(call)
+            reply = await getattr(self, methods[call.method])(call)
         except APIError as e:
-            return e.reply()
+            reply = e.reply()
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("unhandled error on %s %s", call.method, call.path)
-            return internal_error().reply()
+            reply = internal_error().reply()
+        if self.cors is not None:
+            reply.headers = {**(reply.headers or {}), **self.cors.reply_headers(call.headers)}
+        return reply
 
     # -- aiohttp middlewares ------------------------------------------------------------------
+    @web.middleware
+    async def cors_middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        """Outermost: answers preflights (before auth) and names the origin on replies not
+        yet sent (a stream's go out with _aiohttp_route's headers)."""
+        if self.cors is None:
+            return await handler(request)
+        if request.method == "OPTIONS":
+            pre = self.cors.preflight(request.headers)
+            if pre is not None:
+                return pre.to_aiohttp()
+        resp = await handler(request)
+        if not resp.prepared:
+            resp.headers.update(self.cors.reply_headers(request.headers))
+        return resp
+
     @web.middleware
     async def error_middleware(self, request: web.Request, handler) -> web.StreamResponse:
         try:
@@ -1338,12 +1428,17 @@ def build_app(engine: Any, *, api_key: str | None = None,
               max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
               log_stats_interval: float | None = 10.0, enable_auto_tool_choice: bool = False,
               tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-              return_tokens_as_token_ids: bool = False) -> web.Application:
+              return_tokens_as_token_ids: bool = False,
+              allowed_origins: list[str] | None = None, allowed_methods: list[str] | None = None,
+              allowed_headers: list[str] | None = None, allow_credentials: bool = False
+              ) -> web.Application:
     """The aiohttp app serving ``engine`` (an AsyncEngine). The engine is the caller's to shut
     down; several apps may share one engine. ``enable_auto_tool_choice`` and
     ``tool_call_parser`` (server/tools.py): vLLM's flags for tool_choice "auto";
     ``reasoning_parser``: vLLM's --reasoning-parser (server/reasoning.py);
-    ``return_tokens_as_token_ids``: vLLM's flag (log-prob tokens as "token_id:{id}")."""
+    ``return_tokens_as_token_ids``: vLLM's flag (log-prob tokens as "token_id:{id}");
+    ``allowed_origins`` / ``allowed_methods`` / ``allowed_headers`` / ``allow_credentials``:
+    vLLM's CORS options (None: ["*"], as vLLM's defaults; ``cors_options``)."""
     if served_model_name is None:
         names = [engine.model_name]
     elif isinstance(served_model_name, str):
@@ -1356,9 +1451,12 @@ def build_app(engine: Any, *, api_key: str | None = None,
                        log_stats_interval=log_stats_interval,
                        enable_auto_tool_choice=enable_auto_tool_choice,
                        tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
-                       return_tokens_as_token_ids=return_tokens_as_token_ids)
+                       return_tokens_as_token_ids=return_tokens_as_token_ids,
+                       cors=cors_options(allowed_origins, allowed_methods, allowed_headers,
+                                         allow_credentials))
     app = web.Application(client_max_size=max_request_bytes,
-                          middlewares=[srv.error_middleware, srv.auth_middleware])
+                          middlewares=[srv.cors_middleware, srv.error_middleware,
+                                       srv.auth_middleware])
     app[SERVER_KEY] = srv
     app.cleanup_ctx.append(srv._log_stats)
     for path, methods in ROUTES.items():
@@ -1368,6 +1466,18 @@ def build_app(engine: Any, *, api_key: str | None = None,
             add(re.sub(r"\{(\w+)\}$", r"{\1:.+}", path),
                 _aiohttp_route(getattr(srv, name)))  # add_get answers HEAD too
     return app
+
+
+def cors_options(origins: list[str] | None = None, methods: list[str] | None = None,
+                 headers: list[str] | None = None, credentials: bool = False) -> CORS:
+    """A CORS policy from vLLM's option values (None: ["*"])."""
+    for name, v in (("allowed_origins", origins), ("allowed_methods", methods),
+                    ("allowed_headers", headers)):
+        if v is not None and (not isinstance(v, (list, tuple))
+                              or not all(isinstance(x, str) for x in v)):
+            raise ValueError(f"{name} must be a list of strings, got {v!r}.")
+    return CORS(tuple(origins or ("*",)), tuple(methods or ("*",)), tuple(headers or ("*",)),
+                bool(credentials))
 
 
 def _aiohttp_route(route: Callable[[Call], Awaitable[Reply]]):
@@ -1380,7 +1490,9 @@ def _aiohttp_route(route: Callable[[Call], Awaitable[Reply]]):
         try:
             if reply.stream is None:
                 return reply.to_aiohttp()
-            resp = web.StreamResponse(status=reply.status, headers=reply.all_headers())
+            cors = route.__self__.cors
+            resp = web.StreamResponse(status=reply.status, headers={
+                **reply.all_headers(), **(cors.reply_headers(request.headers) if cors else {})})
             await resp.prepare(request)
             with contextlib.suppress(ConnectionResetError):  # the client went away
                 async for chunk in reply.stream:

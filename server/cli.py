@@ -12,6 +12,7 @@ local one started here; SIGTERM deletes the Serve app.
 from __future__ import annotations
 
 import argparse
+import json
 import asyncio
 import logging
 import os
@@ -54,6 +55,11 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
     p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                    help="return a reasoning model's <think> part as the message's reasoning "
                         "(server/reasoning.py)")
+    c = p.add_argument_group("CORS (vLLM's options; JSON lists, default [\"*\"])")
+    c.add_argument("--allowed-origins", type=_json_list, default=None)
+    c.add_argument("--allowed-methods", type=_json_list, default=None)
+    c.add_argument("--allowed-headers", type=_json_list, default=None)
+    c.add_argument("--allow-credentials", action="store_true")
     p.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help='log-prob tokens as "token_id:{id}" (a request\'s '
                         "return_tokens_as_token_ids overrides), as vLLM's")
@@ -106,7 +112,7 @@ def ray_app_kwargs(args: argparse.Namespace, engine_kwargs: dict, num_gpus: floa
         num_hosts_per_replica=args.num_hosts_per_replica,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        return_tokens_as_token_ids=args.return_tokens_as_token_ids)
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids, **cors_kwargs(args))
     if args.max_replicas is not None:
         if args.max_replicas < args.num_replicas:
             raise ValueError(f"--max-replicas ({args.max_replicas}) must be >= --num-replicas "
@@ -147,6 +153,22 @@ def run_ray_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
     serve.delete("jaxllm")
     ray.shutdown()
     return 0
+
+
+def _json_list(text: str) -> list[str]:
+    """A CORS flag's value: a JSON list of strings, as vLLM takes it."""
+    try:
+        v = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON list, got {text!r}") from None
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text!r}")
+    return v
+
+
+def cors_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+                allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
 
 
 async def serve(engine: Any, *, host: str, port: int, shutdown_timeout: float = 30.0,
@@ -224,7 +246,8 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
                           enable_auto_tool_choice=args.enable_auto_tool_choice,
                           tool_call_parser=args.tool_call_parser,
                           reasoning_parser=args.reasoning_parser,
-                          return_tokens_as_token_ids=args.return_tokens_as_token_ids))
+                          return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                          **cors_kwargs(args)))
     finally:
         engine.shutdown()
     return 0

@@ -44,7 +44,7 @@ from server import prefix_routing
 from server.reasoning import REASONING_PARSERS
 from server.tools import TOOL_CALL_PARSERS
 from server.app import (DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_MAX_REQUEST_BYTES, APIError,
-                        Call, OpenAIServer, PromptRenderer)
+                        Call, OpenAIServer, PromptRenderer, cors_options)
 
 logger = logging.getLogger("jaxllm.server")
 
@@ -100,7 +100,7 @@ class EngineServer:
     def __init__(self, engine_args: dict[str, Any], served_model_name: str | list[str] | None,
                  api_key: str | None, max_request_bytes: int, max_concurrent_requests: int,
                  num_hosts: int = 1, actor_options: dict[str, Any] | None = None,
-                 metrics_interval_s: float = 5.0, tool_options: dict[str, Any] | None = None):
+                 metrics_interval_s: float = 5.0, server_options: dict[str, Any] | None = None):
         self.followers: list[Any] = []
         # vLLM's server batch defaults, on the leader and its followers alike.
         engine_args = {"usage_context": "server", **engine_args}
@@ -118,7 +118,7 @@ class EngineServer:
         self.server = OpenAIServer(self.engine, api_key=api_key, served_model_names=names,
                                    max_request_bytes=max_request_bytes,
                                    max_concurrent_requests=max_concurrent_requests,
-                                   log_stats_interval=None, **(tool_options or {}))
+                                   log_stats_interval=None, **(server_options or {}))
         self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
         from server.ray_metrics import RayEngineMetrics
 
@@ -278,7 +278,10 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
               health_check_period_s: float = 10.0, num_hosts_per_replica: int = 1,
               metrics_interval_s: float = 5.0, enable_auto_tool_choice: bool = False,
               tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-              return_tokens_as_token_ids: bool = False) -> serve.Application:
+              return_tokens_as_token_ids: bool = False,
+              allowed_origins: list[str] | None = None, allowed_methods: list[str] | None = None,
+              allowed_headers: list[str] | None = None, allow_credentials: bool = False
+              ) -> serve.Application:
     """The Serve application: ``serve.run(build_app(...))``.
 
     ``engine_args``: EngineConfig keywords (``{"model": "/path", "max_model_len": 4096}``).
@@ -294,8 +297,8 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
     (one placement-group bundle of ``ray_actor_options``' resources per node, STRICT_SPREAD;
     server/ray_multihost.py); size ``tensor_parallel_size`` to all its hosts' devices.
     ``enable_auto_tool_choice`` / ``tool_call_parser`` / ``reasoning_parser`` /
-    ``return_tokens_as_token_ids``: as the aiohttp server's (server/tools.py,
-    server/reasoning.py).
+    ``return_tokens_as_token_ids`` and the CORS options (``allowed_origins`` ...): as the
+    aiohttp server's (server/tools.py, server/reasoning.py, server/app.py's CORS).
     """
     engine_args = dict(engine_args or {})
     from jaxllm import EngineConfig
@@ -319,9 +322,11 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
     if reasoning_parser not in (None, *REASONING_PARSERS):
         raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got "
                          f"{reasoning_parser!r}.")
-    tool_options = {"enable_auto_tool_choice": enable_auto_tool_choice,
+    server_options = {"enable_auto_tool_choice": enable_auto_tool_choice,
                     "tool_call_parser": tool_call_parser, "reasoning_parser": reasoning_parser,
-                    "return_tokens_as_token_ids": return_tokens_as_token_ids}
+                    "return_tokens_as_token_ids": return_tokens_as_token_ids,
+                    "cors": cors_options(allowed_origins, allowed_methods, allowed_headers,
+                                         allow_credentials)}
     if not metrics_interval_s > 0:
         raise ValueError(f"metrics_interval_s must be > 0, got {metrics_interval_s!r}.")
     actor_options = dict(ray_actor_options or {"num_cpus": 1})
@@ -347,7 +352,7 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
         options["num_replicas"] = 1 if num_replicas is None else num_replicas
     engine = serve.deployment(EngineServer).options(**options).bind(
         engine_args, served_model_name, api_key, max_request_bytes, max_concurrent_requests,
-        num_hosts_per_replica, actor_options, metrics_interval_s, tool_options)
+        num_hosts_per_replica, actor_options, metrics_interval_s, server_options)
     ingress = serve.deployment(OpenAIIngress).options(
         name=INGRESS_DEPLOYMENT, num_replicas=num_ingress_replicas,
         max_ongoing_requests=max(max_ongoing_requests * 4, 1024),

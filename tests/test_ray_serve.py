@@ -403,6 +403,14 @@ def test_jaxllm_serve_ray_flags_build_the_app():
     assert isinstance(build_app(**kw), serve.Application)
     with pytest.raises(ValueError, match="needs a tool_call_parser"):
         build_app(enable_auto_tool_choice=True)
+    args = parser.parse_args(["serve", "--ray", "--allowed-origins", '["http://a.example"]',
+                              "--allow-credentials"])
+    kw = ray_app_kwargs(args, engine_kwargs(args), num_gpus=1.0)
+    assert (kw["allowed_origins"], kw["allowed_methods"], kw["allow_credentials"]) == (
+        ["http://a.example"], None, True)
+    assert isinstance(build_app(**kw), serve.Application)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--allowed-origins", "http://not-json"])
     args = parser.parse_args(["serve", "--ray", "--num-replicas", "3", "--max-replicas", "2"])
     with pytest.raises(ValueError, match=r"--max-replicas \(2\) must be >= --num-replicas \(3\)"):
         ray_app_kwargs(args, engine_kwargs(args), num_gpus=0.0)

@@ -854,6 +854,55 @@ def test_cache_salt_reaches_the_engine_with_the_prompt(client, engine, monkeypat
     assert e.value.body["param"] == "cache_salt"
 
 
+def test_cors_answers_preflights_before_auth_and_names_the_origin_on_replies(servers, engine):
+    """vLLM's CORS defaults (every origin, method and header) on the keyed server: a preflight
+    needs no key; replies (JSON, errors, streams) carry Access-Control-Allow-Origin."""
+    from server.app import Call
+
+    pre = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization, content-type"}
+    status, h, body = _post(servers, "/v1/chat/completions", base=servers.tight,
+                            method="OPTIONS", headers=pre)
+    assert status == 200 and h["Access-Control-Allow-Origin"] == "*"
+    assert h["Access-Control-Allow-Headers"] == "authorization, content-type"
+    assert "POST" in h["Access-Control-Allow-Methods"]
+    origin = {"Origin": "http://app.example"}
+    status, h, _ = _post(servers, "/v1/models", method="GET", headers=origin)
+    assert status == 200 and h["Access-Control-Allow-Origin"] == "*"
+    status, h, _ = _post(servers, "/v1/models", method="GET", base=servers.tight,
+                         headers=origin)  # no key: the 401 is readable by the page too
+    assert status == 401 and h["Access-Control-Allow-Origin"] == "*"
+    status, h, text = _post(servers, "/v1/completions", {
+        "model": MODEL, "prompt": "x", "max_tokens": 2, "stream": True}, headers=origin)
+    assert status == 200 and h["Access-Control-Allow-Origin"] == "*" and "[DONE]" in text
+    status, h, _ = _post(servers, "/v1/models", method="GET")  # no Origin: no CORS headers
+    assert "Access-Control-Allow-Origin" not in h
+    # a narrowed policy: one origin, credentials, a short header list
+    base = servers.start(build_app(engine, served_model_name=MODEL,
+                                   allowed_origins=["http://ok.example"],
+                                   allowed_headers=["Authorization"], allow_credentials=True))
+    ok = {**pre, "Origin": "http://ok.example"}
+    status, h, _ = _post(servers, "/v1/completions", base=base, method="OPTIONS", headers=ok)
+    assert status == 200 and h["Access-Control-Allow-Origin"] == "http://ok.example"
+    assert h["Access-Control-Allow-Credentials"] == "true" and h["Vary"] == "Origin"
+    for bad, what in (({**ok, "Origin": "http://evil.example"}, "origin"),
+                      ({**ok, "Access-Control-Request-Headers": "x-secret"}, "headers")):
+        status, _, text = _post(servers, "/v1/completions", base=base, method="OPTIONS",
+                                headers=bad)
+        assert status == 400 and what in text
+    status, h, _ = _post(servers, "/v1/models", method="GET", base=base,
+                         headers={"Origin": "http://evil.example"})
+    assert status == 200 and "Access-Control-Allow-Origin" not in h
+    # the Ray Serve front end goes through OpenAIServer.handle: the same answers
+    srv = build_app(engine, served_model_name=MODEL, api_key="k")[SERVER_KEY]
+    reply = servers.run(srv.handle(Call("OPTIONS", "/v1/completions", pre)))
+    assert reply.status == 200 and reply.headers["Access-Control-Allow-Origin"] == "*"
+    reply = servers.run(srv.handle(Call("GET", "/v1/models", origin)))
+    assert reply.status == 401 and reply.headers["Access-Control-Allow-Origin"] == "*"
+    with pytest.raises(ValueError, match="allowed_origins"):
+        build_app(engine, allowed_origins="*")
+
+
 def test_invalid_json_and_non_object_bodies_are_400(servers):
     for data in (b"{not json", b"[1, 2]", b'{"prompt": NaN}'):
         status, _, body = _post(servers, "/v1/completions", data=data,
