@@ -307,6 +307,7 @@ class _Choice:
     finish_sent: bool = False
     started: bool = False  # streaming: the first chunk (role / echo) went out
     prompt_logprobs: Any = None  # the prompt's, when the request asked for them
+    cached_tokens: int = 0  # the prompt's prefix-cache hit (RequestOutput.num_cached_tokens)
     t_first: float | None = None
     t_last: float | None = None
 
@@ -430,8 +431,12 @@ class OpenAIServer(PromptRenderer):
                  max_request_bytes: int, max_concurrent_requests: int,
                  log_stats_interval: float | None, enable_auto_tool_choice: bool = False,
                  tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-                 return_tokens_as_token_ids: bool = False, cors: CORS | None = CORS()):
+                 return_tokens_as_token_ids: bool = False, cors: CORS | None = CORS(),
+                 enable_prompt_tokens_details: bool = False,
+                 enable_force_include_usage: bool = False):
         self.return_tokens_as_token_ids = return_tokens_as_token_ids
+        self.enable_prompt_tokens_details = enable_prompt_tokens_details
+        self.enable_force_include_usage = enable_force_include_usage  # streams end with usage
         self.cors = cors  # None: no CORS headers at all
         if reasoning_parser not in (None, *reasoning_lib.REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be one of "
@@ -749,6 +754,7 @@ class OpenAIServer(PromptRenderer):
             st = choices.setdefault((pi, c.index), _Choice())
             if out.prompt_logprobs is not None:
                 st.prompt_logprobs = out.prompt_logprobs
+            st.cached_tokens = max(st.cached_tokens, out.num_cached_tokens or 0)
             if c.token_ids:
                 if st.t_first is None:
                     st.t_first = now
@@ -768,11 +774,18 @@ class OpenAIServer(PromptRenderer):
             self.metrics.request_finished(out.outputs[0].finish_reason if out.outputs else None)
         return res
 
-    @staticmethod
-    def _usage(prompt_lens: dict[int, int], choices: dict[tuple[int, int], _Choice]) -> P.UsageInfo:
+    def _usage(self, prompt_lens: dict[int, int], choices: dict[tuple[int, int], _Choice]
+               ) -> P.UsageInfo:
         pt = sum(prompt_lens.values())
         ct = sum(len(c.token_ids) for c in choices.values())
-        return P.UsageInfo(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
+        details = None
+        if self.enable_prompt_tokens_details:  # vLLM's flag: the prefix-cache hits
+            cached: dict[int, int] = {}
+            for (pi, _), c in choices.items():
+                cached[pi] = max(cached.get(pi, 0), c.cached_tokens)
+            details = P.PromptTokensDetails(cached_tokens=sum(cached.values()))
+        return P.UsageInfo(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct,
+                           prompt_tokens_details=details)
 
     # -- logprobs formatting ------------------------------------------------------------------
     def _token_str(self, tid: int, lp: Any, as_ids: bool = False) -> str:
@@ -1013,7 +1026,8 @@ class OpenAIServer(PromptRenderer):
         """The SSE events of a streamed completion; the front end stops iterating (and closes
         the Reply) when the client goes away."""
         n, created = req.n, int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage
+                             or self.enable_force_include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         choices: dict[tuple[int, int], _Choice] = {}
         prompt_lens: dict[int, int] = {}
@@ -1174,7 +1188,8 @@ class OpenAIServer(PromptRenderer):
     async def _stream_chat(self, req, model, rid, stream, first, t0, k, tools,
                            prompt_ids: list[int] | None = None) -> AsyncIterator[bytes]:
         n, created = req.n, int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage
+                             or self.enable_force_include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         choices: dict[tuple[int, int], _Choice] = {}
         prompt_lens: dict[int, int] = {}
@@ -1430,15 +1445,18 @@ def build_app(engine: Any, *, api_key: str | None = None,
               tool_call_parser: str | None = None, reasoning_parser: str | None = None,
               return_tokens_as_token_ids: bool = False,
               allowed_origins: list[str] | None = None, allowed_methods: list[str] | None = None,
-              allowed_headers: list[str] | None = None, allow_credentials: bool = False
-              ) -> web.Application:
+              allowed_headers: list[str] | None = None, allow_credentials: bool = False,
+              enable_prompt_tokens_details: bool = False,
+              enable_force_include_usage: bool = False) -> web.Application:
     """The aiohttp app serving ``engine`` (an AsyncEngine). The engine is the caller's to shut
     down; several apps may share one engine. ``enable_auto_tool_choice`` and
     ``tool_call_parser`` (server/tools.py): vLLM's flags for tool_choice "auto";
     ``reasoning_parser``: vLLM's --reasoning-parser (server/reasoning.py);
     ``return_tokens_as_token_ids``: vLLM's flag (log-prob tokens as "token_id:{id}");
     ``allowed_origins`` / ``allowed_methods`` / ``allowed_headers`` / ``allow_credentials``:
-    vLLM's CORS options (None: ["*"], as vLLM's defaults; ``cors_options``)."""
+    vLLM's CORS options (None: ["*"], as vLLM's defaults; ``cors_options``);
+    ``enable_prompt_tokens_details`` (usage.prompt_tokens_details.cached_tokens) and
+    ``enable_force_include_usage`` (every stream ends with a usage chunk): vLLM's flags."""
     if served_model_name is None:
         names = [engine.model_name]
     elif isinstance(served_model_name, str):
@@ -1453,7 +1471,9 @@ def build_app(engine: Any, *, api_key: str | None = None,
                        tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
                        return_tokens_as_token_ids=return_tokens_as_token_ids,
                        cors=cors_options(allowed_origins, allowed_methods, allowed_headers,
-                                         allow_credentials))
+                                         allow_credentials),
+                       enable_prompt_tokens_details=enable_prompt_tokens_details,
+                       enable_force_include_usage=enable_force_include_usage)
     app = web.Application(client_max_size=max_request_bytes,
                           middlewares=[srv.cors_middleware, srv.error_middleware,
                                        srv.auth_middleware])

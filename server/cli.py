@@ -60,6 +60,10 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
     c.add_argument("--allowed-methods", type=_json_list, default=None)
     c.add_argument("--allowed-headers", type=_json_list, default=None)
     c.add_argument("--allow-credentials", action="store_true")
+    p.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="usage.prompt_tokens_details.cached_tokens: the prefix-cache hits")
+    p.add_argument("--enable-force-include-usage", action="store_true",
+                   help="every stream ends with a usage chunk, asked for or not")
     p.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help='log-prob tokens as "token_id:{id}" (a request\'s '
                         "return_tokens_as_token_ids overrides), as vLLM's")
@@ -112,7 +116,7 @@ def ray_app_kwargs(args: argparse.Namespace, engine_kwargs: dict, num_gpus: floa
         num_hosts_per_replica=args.num_hosts_per_replica,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        return_tokens_as_token_ids=args.return_tokens_as_token_ids, **cors_kwargs(args))
+        **server_flags(args))
     if args.max_replicas is not None:
         if args.max_replicas < args.num_replicas:
             raise ValueError(f"--max-replicas ({args.max_replicas}) must be >= --num-replicas "
@@ -166,9 +170,13 @@ def _json_list(text: str) -> list[str]:
     return v
 
 
-def cors_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
-                allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
+def server_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The OpenAI server's vLLM flags, for both front ends' build_app."""
+    return dict(return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+                allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
+                enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+                enable_force_include_usage=args.enable_force_include_usage)
 
 
 async def serve(engine: Any, *, host: str, port: int, shutdown_timeout: float = 30.0,
@@ -246,8 +254,7 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
                           enable_auto_tool_choice=args.enable_auto_tool_choice,
                           tool_call_parser=args.tool_call_parser,
                           reasoning_parser=args.reasoning_parser,
-                          return_tokens_as_token_ids=args.return_tokens_as_token_ids,
-                          **cors_kwargs(args)))
+                          **server_flags(args)))
     finally:
         engine.shutdown()
     return 0

@@ -348,10 +348,16 @@ class DetokenizeResponse(_Response):
 
 
 # -- responses ------------------------------------------------------------------------------------
-class UsageInfo(_Response):
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0
+
+
+class UsageInfo(_WithExtras):
+    _EXTRAS = ("prompt_tokens_details",)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None  # --enable-prompt-tokens-details
 
 
 class ModelCard(_Response):

@@ -280,8 +280,9 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
               tool_call_parser: str | None = None, reasoning_parser: str | None = None,
               return_tokens_as_token_ids: bool = False,
               allowed_origins: list[str] | None = None, allowed_methods: list[str] | None = None,
-              allowed_headers: list[str] | None = None, allow_credentials: bool = False
-              ) -> serve.Application:
+              allowed_headers: list[str] | None = None, allow_credentials: bool = False,
+              enable_prompt_tokens_details: bool = False,
+              enable_force_include_usage: bool = False) -> serve.Application:
     """The Serve application: ``serve.run(build_app(...))``.
 
     ``engine_args``: EngineConfig keywords (``{"model": "/path", "max_model_len": 4096}``).
@@ -297,8 +298,8 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
     (one placement-group bundle of ``ray_actor_options``' resources per node, STRICT_SPREAD;
     server/ray_multihost.py); size ``tensor_parallel_size`` to all its hosts' devices.
     ``enable_auto_tool_choice`` / ``tool_call_parser`` / ``reasoning_parser`` /
-    ``return_tokens_as_token_ids`` and the CORS options (``allowed_origins`` ...): as the
-    aiohttp server's (server/tools.py, server/reasoning.py, server/app.py's CORS).
+    ``return_tokens_as_token_ids``, the CORS options (``allowed_origins`` ...),
+    ``enable_prompt_tokens_details``, ``enable_force_include_usage``: as the aiohttp server's (server/tools.py, server/reasoning.py, server/app.py's CORS).
     """
     engine_args = dict(engine_args or {})
     from jaxllm import EngineConfig
@@ -326,7 +327,9 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
                     "tool_call_parser": tool_call_parser, "reasoning_parser": reasoning_parser,
                     "return_tokens_as_token_ids": return_tokens_as_token_ids,
                     "cors": cors_options(allowed_origins, allowed_methods, allowed_headers,
-                                         allow_credentials)}
+                                         allow_credentials),
+                    "enable_prompt_tokens_details": enable_prompt_tokens_details,
+                    "enable_force_include_usage": enable_force_include_usage}
     if not metrics_interval_s > 0:
         raise ValueError(f"metrics_interval_s must be > 0, got {metrics_interval_s!r}.")
     actor_options = dict(ray_actor_options or {"num_cpus": 1})

@@ -903,6 +903,30 @@ def test_cors_answers_preflights_before_auth_and_names_the_origin_on_replies(ser
         build_app(engine, allowed_origins="*")
 
 
+def test_prompt_tokens_details_and_forced_usage_flags(client, servers, engine):
+    """--enable-prompt-tokens-details: usage counts the prompt's prefix-cache hit;
+    --enable-force-include-usage: a stream ends with usage without stream_options."""
+    base = servers.start(build_app(engine, served_model_name=MODEL,
+                                   enable_prompt_tokens_details=True,
+                                   enable_force_include_usage=True))
+    c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    prompt = " ".join(["cached words"] * 40)  # 80+ tokens: several full pages
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=2, temperature=0.0)
+    c.completions.create(**kw)
+    usage = c.completions.create(**kw).usage
+    page = engine.engine_config.page_size
+    cached = usage.prompt_tokens_details.cached_tokens
+    assert cached > 0 and cached % page == 0 and cached < usage.prompt_tokens
+    status, _, body = _post(servers, "/v1/completions", kw)  # the flag off: no details
+    assert status == 200 and set(body["usage"]) == {"prompt_tokens", "completion_tokens",
+                                                    "total_tokens"}
+    chunks = list(c.chat.completions.create(model=MODEL, max_tokens=2, stream=True,
+                                            messages=[{"role": "user", "content": prompt}]))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2
+    assert all(ch.usage is None for ch in chunks[:-1])
+    _wait_idle(engine)
+
+
 def test_invalid_json_and_non_object_bodies_are_400(servers):
     for data in (b"{not json", b"[1, 2]", b'{"prompt": NaN}'):
         status, _, body = _post(servers, "/v1/completions", data=data,
