@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import asyncio
 import logging
 import os
@@ -60,6 +61,12 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
     c.add_argument("--allowed-methods", type=_json_list, default=None)
     c.add_argument("--allowed-headers", type=_json_list, default=None)
     c.add_argument("--allow-credentials", action="store_true")
+    t = p.add_argument_group("TLS (vLLM's flags)")
+    t.add_argument("--ssl-keyfile", default=None, help="the server's private key (PEM)")
+    t.add_argument("--ssl-certfile", default=None, help="the server's certificate (PEM)")
+    t.add_argument("--ssl-ca-certs", default=None, help="CA certificates for client certificates")
+    t.add_argument("--ssl-cert-reqs", type=int, default=0, choices=[0, 1, 2],
+                   help="client certificates: 0 none, 1 optional, 2 required (Python's ssl)")
     p.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="usage.prompt_tokens_details.cached_tokens: the prefix-cache hits")
     p.add_argument("--enable-force-include-usage", action="store_true",
@@ -132,6 +139,9 @@ def ray_app_kwargs(args: argparse.Namespace, engine_kwargs: dict, num_gpus: floa
 
 def run_ray_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
     """``jaxllm serve --ray``: deploys the Serve app and waits for SIGTERM/SIGINT."""
+    if getattr(args, "ssl_certfile", None) is not None:
+        raise ValueError("--ssl-* are the aiohttp server's; with --ray, set TLS in Ray Serve's "
+                         "HTTP options (its proxy terminates the connections).")
     try:
         import ray
         from ray import serve
@@ -179,24 +189,46 @@ def server_flags(args: argparse.Namespace) -> dict[str, Any]:
                 enable_force_include_usage=args.enable_force_include_usage)
 
 
+def ssl_context(certfile: str | None, keyfile: str | None = None, ca_certs: str | None = None,
+                cert_reqs: int = 0) -> ssl.SSLContext | None:
+    """vLLM's --ssl-* flags as a server context (None: plain HTTP). ``cert_reqs``: Python's
+    ssl.CERT_NONE (0), CERT_OPTIONAL (1) or CERT_REQUIRED (2) for client certificates, checked
+    against ``ca_certs``."""
+    if certfile is None:
+        if keyfile is not None or ca_certs is not None:
+            raise ValueError("--ssl-keyfile / --ssl-ca-certs need --ssl-certfile "
+                             "(ssl_certfile).")
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(certfile, keyfile)
+    if ca_certs is not None:
+        ctx.load_verify_locations(ca_certs)
+    ctx.verify_mode = ssl.VerifyMode(cert_reqs)
+    return ctx
+
+
 async def serve(engine: Any, *, host: str, port: int, shutdown_timeout: float = 30.0,
                 stop: asyncio.Event | None = None, started_at: float | None = None,
+                ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+                ssl_ca_certs: str | None = None, ssl_cert_reqs: int = 0,
                 **app_kwargs: Any) -> None:
     """Serves until ``stop`` is set (or SIGTERM/SIGINT), then shuts down gracefully.
     ``started_at`` (a ``time.perf_counter()`` value from before the engine was built): the
-    start-up time (load + compile of every bucket) is logged when the server accepts requests."""
+    start-up time (load + compile of every bucket) is logged when the server accepts requests.
+    ``ssl_*``: HTTPS (``ssl_context``)."""
     from aiohttp import web
 
     from server.app import SERVER_KEY, build_app
 
+    tls = ssl_context(ssl_certfile, ssl_keyfile, ssl_ca_certs, ssl_cert_reqs)
     app = build_app(engine, **app_kwargs)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout,
                            access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
-    logger.info("serving %s on http://%s:%d (OpenAI API under /v1)",
-                ", ".join(app[SERVER_KEY].names), host, port)
+    logger.info("serving %s on %s://%s:%d (OpenAI API under /v1)",
+                ", ".join(app[SERVER_KEY].names), "https" if tls else "http", host, port)
     if started_at is not None:
         logger.info("ready %.1f s after start (model load + compile of every step bucket)",
                     time.perf_counter() - started_at)
@@ -254,6 +286,8 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
                           enable_auto_tool_choice=args.enable_auto_tool_choice,
                           tool_call_parser=args.tool_call_parser,
                           reasoning_parser=args.reasoning_parser,
+                          ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                          ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
                           **server_flags(args)))
     finally:
         engine.shutdown()

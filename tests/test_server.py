@@ -1200,6 +1200,54 @@ def test_serve_stops_gracefully_when_asked(engine, caplog):
     assert re.search(r"ready 4\d\.\d s after start", caplog.text), caplog.text
 
 
+def test_serve_over_tls_with_vllms_ssl_flags(engine, tmp_path):
+    """--ssl-certfile / --ssl-keyfile: the server speaks HTTPS (a self-signed certificate the
+    client trusts here); a plain-HTTP client gets no answer from it."""
+    import socket
+    import ssl
+    import subprocess
+
+    from server.cli import serve
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    async def go():
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(engine, host="127.0.0.1", port=port, stop=stop,
+                                         shutdown_timeout=2.0, served_model_name=MODEL,
+                                         ssl_certfile=str(cert), ssl_keyfile=str(key)))
+        trust = ssl.create_default_context(cafile=str(cert))
+        try:
+            for _ in range(100):
+                try:
+                    async with aiohttp.ClientSession() as s:
+                        async with s.get(f"https://127.0.0.1:{port}/v1/models",
+                                         ssl=trust) as r:
+                            assert r.status == 200 and (await r.json())["data"][0]["id"] == MODEL
+                            break
+                except aiohttp.ClientConnectorError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the TLS server never answered")
+            with pytest.raises(aiohttp.ClientError):
+                async with aiohttp.ClientSession() as s:
+                    async with s.get(f"http://127.0.0.1:{port}/v1/models") as r:
+                        await r.read()
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(go())
+    with pytest.raises(ValueError, match="ssl_certfile"):
+        asyncio.run(serve(engine, host="127.0.0.1", port=port, ssl_keyfile=str(key)))
+
+
 def test_serve_parser_reads_flags_and_the_api_key_from_the_environment(monkeypatch):
     import argparse
 
@@ -1226,7 +1274,7 @@ def test_serve_parser_reads_flags_and_the_api_key_from_the_environment(monkeypat
                                                "reasoning_parser": "qwen3"}
     assert kw["usage_context"] == "server"
     with pytest.raises(SystemExit):
-        parser.parse_args(["serve", "--tool-call-parser", "mistral"])
+        parser.parse_args(["serve", "--tool-call-parser", "jamba"])  # not written here
 
 
 def test_client_disconnect_mid_request_aborts_a_non_streamed_completion(servers, engine):
