@@ -355,10 +355,7 @@ class PromptRenderer:
                 return self._completion_prompts(req.prompt)[0].ids
             if path == "/v1/chat/completions":
                 req = self._parse(call, P.ChatCompletionRequest)
-                return self._apply_chat_template(
-                    req.messages, add_generation_prompt=req.add_generation_prompt,
-                    continue_final_message=req.continue_final_message,
-                    template_kwargs=req.chat_template_kwargs).ids
+                return self._chat_prompt(req).ids
         except APIError:
             pass
         return None
@@ -369,12 +366,24 @@ class PromptRenderer:
     def _decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
+    def _chat_prompt(self, req: P.ChatCompletionRequest, tools: list[dict] | None = None
+                     ) -> _Prompt:
+        """A chat request's prompt: its messages through the template with its options."""
+        return self._apply_chat_template(
+            req.messages, add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            template_kwargs=req.chat_template_kwargs, tools=tools,
+            chat_template=req.chat_template, documents=req.documents,
+            add_special_tokens=req.add_special_tokens)
+
     def _apply_chat_template(self, messages: list[P.ChatMessage], *,
                              add_generation_prompt: bool, continue_final_message: bool = False,
                              template_kwargs: dict | None = None,
-                             tools: list[dict] | None = None) -> _Prompt:
+                             tools: list[dict] | None = None, chat_template: str | None = None,
+                             documents: list[dict] | None = None,
+                             add_special_tokens: bool = False) -> _Prompt:
         tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
+        if chat_template is None and not getattr(tok, "chat_template", None):
             raise APIError(400, "This model's tokenizer has no chat template; use "
                            "/v1/completions.", param="messages")
         kwargs = dict(template_kwargs or {})
@@ -394,6 +403,10 @@ class PromptRenderer:
             conv.append(d)
         if tools:
             kwargs["tools"] = tools
+        if documents is not None:
+            kwargs["documents"] = documents
+        if chat_template is not None:
+            kwargs["chat_template"] = chat_template
         try:
             text = tok.apply_chat_template(conv, tokenize=False,
                                            add_generation_prompt=add_generation_prompt,
@@ -402,8 +415,9 @@ class PromptRenderer:
         except Exception as e:  # jinja's raise_exception, bad roles, bad kwargs: the client's input
             raise APIError(400, f"The chat template could not be applied to these messages: {e}",
                            param="messages") from None
-        # The template already holds the special tokens (BOS ...): do not add them twice.
-        return _Prompt(self._tokenize(text, add_special_tokens=False), text)
+        # The template already holds the special tokens (BOS ...): not added twice, unless the
+        # request asks (vLLM's add_special_tokens, default off for chat).
+        return _Prompt(self._tokenize(text, add_special_tokens=add_special_tokens), text)
 
     def _completion_prompts(self, prompt) -> list[_Prompt]:
         if isinstance(prompt, str):
@@ -433,8 +447,10 @@ class OpenAIServer(PromptRenderer):
                  tool_call_parser: str | None = None, reasoning_parser: str | None = None,
                  return_tokens_as_token_ids: bool = False, cors: CORS | None = CORS(),
                  enable_prompt_tokens_details: bool = False,
-                 enable_force_include_usage: bool = False):
+                 enable_force_include_usage: bool = False,
+                 trust_request_chat_template: bool = False):
         self.return_tokens_as_token_ids = return_tokens_as_token_ids
+        self.trust_request_chat_template = trust_request_chat_template
         self.enable_prompt_tokens_details = enable_prompt_tokens_details
         self.enable_force_include_usage = enable_force_include_usage  # streams end with usage
         self.cors = cors  # None: no CORS headers at all
@@ -1091,11 +1107,11 @@ class OpenAIServer(PromptRenderer):
                                   parser=self.tool_call_parser)
         except tool_lib.ToolError as e:
             raise APIError(400, str(e), param=e.param) from None
-        prompt = self._apply_chat_template(
-            req.messages, add_generation_prompt=req.add_generation_prompt,
-            continue_final_message=req.continue_final_message,
-            template_kwargs=req.chat_template_kwargs,
-            tools=tools.template_tools if tools is not None else None)
+        if req.chat_template is not None and not self.trust_request_chat_template:
+            raise APIError(400, "Chat template is passed with request, but "
+                           "--trust-request-chat-template is not set. Refused request with "
+                           "untrusted chat template.", param="chat_template")
+        prompt = self._chat_prompt(req, tools.template_tools if tools is not None else None)
         max_tokens = (req.max_completion_tokens if req.max_completion_tokens is not None
                       else req.max_tokens)
         k = (req.top_logprobs or 0) if req.logprobs else None
@@ -1163,14 +1179,24 @@ class OpenAIServer(PromptRenderer):
             raise self._engine_error(e) from None
         return choices, out
 
+    @staticmethod
+    def _chat_echo(req: P.ChatCompletionRequest) -> str:
+        """vLLM's chat echo: the reply starts with the last message when it is the
+        assistant's (a continued message); else nothing."""
+        last = req.messages[-1]
+        return (last.text() or "") if req.echo and last.role == "assistant" else ""
+
     async def _full_chat(self, call, req, model, rid, prompt, stream, first, t0, k, tools):
         gathered = await self._gather(call, stream, first, req.n, t0)
         if gathered is None:
             return Reply(status=499)
         choices, _ = gathered
         result = []
+        echo = self._chat_echo(req)
         for (_, ci), st in sorted(choices.items()):
             message, finish = self._reply_message("".join(st.text), st.finish_reason, tools)
+            if echo:
+                message.content = echo + (message.content or "")
             result.append(P.ChatChoice(
                 index=ci, message=message, finish_reason=finish, stop_reason=st.stop_reason,
                 logprobs=(self._chat_logprobs(st.token_ids, st.logprobs, k, self._as_ids(req))
@@ -1212,6 +1238,9 @@ class OpenAIServer(PromptRenderer):
                 index=i, delta=P.DeltaMessage(role="assistant", content=""),
                 token_ids=[] if want_ids else None)
                 for i in range(n)], prompt_ids=prompt_ids if want_ids else None))
+            if echo := self._chat_echo(req):
+                yield self._event(chunk([P.ChatStreamChoice(
+                    index=i, delta=P.DeltaMessage(content=echo)) for i in range(n)]))
             item = first
             while item is not None:
                 _, out = item
@@ -1447,7 +1476,8 @@ def build_app(engine: Any, *, api_key: str | None = None,
               allowed_origins: list[str] | None = None, allowed_methods: list[str] | None = None,
               allowed_headers: list[str] | None = None, allow_credentials: bool = False,
               enable_prompt_tokens_details: bool = False,
-              enable_force_include_usage: bool = False) -> web.Application:
+              enable_force_include_usage: bool = False,
+              trust_request_chat_template: bool = False) -> web.Application:
     """The aiohttp app serving ``engine`` (an AsyncEngine). The engine is the caller's to shut
     down; several apps may share one engine. ``enable_auto_tool_choice`` and
     ``tool_call_parser`` (server/tools.py): vLLM's flags for tool_choice "auto";
@@ -1456,7 +1486,8 @@ def build_app(engine: Any, *, api_key: str | None = None,
     ``allowed_origins`` / ``allowed_methods`` / ``allowed_headers`` / ``allow_credentials``:
     vLLM's CORS options (None: ["*"], as vLLM's defaults; ``cors_options``);
     ``enable_prompt_tokens_details`` (usage.prompt_tokens_details.cached_tokens) and
-    ``enable_force_include_usage`` (every stream ends with a usage chunk): vLLM's flags."""
+    ``enable_force_include_usage`` (every stream ends with a usage chunk),
+    ``trust_request_chat_template`` (a request may bring its own chat_template): vLLM's flags."""
     if served_model_name is None:
         names = [engine.model_name]
     elif isinstance(served_model_name, str):
@@ -1473,7 +1504,8 @@ def build_app(engine: Any, *, api_key: str | None = None,
                        cors=cors_options(allowed_origins, allowed_methods, allowed_headers,
                                          allow_credentials),
                        enable_prompt_tokens_details=enable_prompt_tokens_details,
-                       enable_force_include_usage=enable_force_include_usage)
+                       enable_force_include_usage=enable_force_include_usage,
+                       trust_request_chat_template=trust_request_chat_template)
     app = web.Application(client_max_size=max_request_bytes,
                           middlewares=[srv.cors_middleware, srv.error_middleware,
                                        srv.auth_middleware])

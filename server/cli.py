@@ -67,6 +67,9 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
     t.add_argument("--ssl-ca-certs", default=None, help="CA certificates for client certificates")
     t.add_argument("--ssl-cert-reqs", type=int, default=0, choices=[0, 1, 2],
                    help="client certificates: 0 none, 1 optional, 2 required (Python's ssl)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let a chat request bring its own chat_template (Jinja runs on the "
+                        "server: trust the clients)")
     p.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="usage.prompt_tokens_details.cached_tokens: the prefix-cache hits")
     p.add_argument("--enable-force-include-usage", action="store_true",
@@ -186,7 +189,8 @@ def server_flags(args: argparse.Namespace) -> dict[str, Any]:
                 allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
                 allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
                 enable_prompt_tokens_details=args.enable_prompt_tokens_details,
-                enable_force_include_usage=args.enable_force_include_usage)
+                enable_force_include_usage=args.enable_force_include_usage,
+                trust_request_chat_template=args.trust_request_chat_template)
 
 
 def ssl_context(certfile: str | None, keyfile: str | None = None, ca_certs: str | None = None,

@@ -304,6 +304,10 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # needs the server's --trust-request-chat-template
+    documents: list[dict[str, str]] | None = None  # for templates that take them (RAG)
+    add_special_tokens: bool = False  # on top of the template's (BOS ...)
+    echo: bool = False  # the reply starts with the last message when it is the assistant's
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.functions or self.function_call not in (None, "none"):

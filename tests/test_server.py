@@ -927,6 +927,43 @@ def test_prompt_tokens_details_and_forced_usage_flags(client, servers, engine):
     _wait_idle(engine)
 
 
+def test_request_chat_template_documents_special_tokens_and_echo(client, servers, engine):
+    """vLLM's chat extras: a request's chat_template (only with
+    --trust-request-chat-template), documents for the template, add_special_tokens, and echo
+    (the continued assistant message starts the reply)."""
+    tmpl = ("{% for d in documents or [] %}[doc {{ d.title }}: {{ d.text }}]{% endfor %}"
+            "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+    msgs = [{"role": "user", "content": "Hi"}]
+    extra = {"chat_template": tmpl, "return_token_ids": True,
+             "documents": [{"title": "A", "text": "apples"}]}
+    status, _, body = _post(servers, "/v1/chat/completions", {
+        "model": MODEL, "messages": msgs, "max_tokens": 1, **extra})
+    _assert_error(status, body, 400, "chat_template")
+    assert "trust-request-chat-template" in body["error"]["message"]
+    base = servers.start(build_app(engine, served_model_name=MODEL,
+                                   trust_request_chat_template=True))
+    c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    tok = engine.tokenizer
+    want = "[doc A: apples]<user>Hi<assistant>"
+    for special in (False, True):
+        r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1,
+                                      extra_body={**extra, "add_special_tokens": special})
+        assert r.model_extra["prompt_token_ids"] == tok(
+            want, add_special_tokens=special).input_ids
+    # echo: a continued assistant message comes back in front of the new text
+    cont = msgs + [{"role": "assistant", "content": "The answer is"}]
+    kw = dict(model=MODEL, messages=cont, max_tokens=3, temperature=0.0)
+    ex = {"continue_final_message": True, "add_generation_prompt": False}
+    plain = client.chat.completions.create(**kw, extra_body=ex).choices[0].message.content
+    echoed = client.chat.completions.create(**kw, extra_body={**ex, "echo": True})
+    assert echoed.choices[0].message.content == "The answer is" + plain
+    chunks = client.chat.completions.create(**kw, stream=True, extra_body={**ex, "echo": True})
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks
+                   if ch.choices) == "The answer is" + plain
+    _wait_idle(engine)
+
+
 def test_invalid_json_and_non_object_bodies_are_400(servers):
     for data in (b"{not json", b"[1, 2]", b'{"prompt": NaN}'):
         status, _, body = _post(servers, "/v1/completions", data=data,
