@@ -448,7 +448,11 @@ class OpenAIServer(PromptRenderer):
                  return_tokens_as_token_ids: bool = False, cors: CORS | None = CORS(),
                  enable_prompt_tokens_details: bool = False,
                  enable_force_include_usage: bool = False,
-                 trust_request_chat_template: bool = False):
+                 trust_request_chat_template: bool = False, enable_log_requests: bool = False,
+                 max_log_len: int | None = None):
+        if max_log_len is not None and max_log_len < 0:
+            raise ValueError(f"max_log_len must be >= 0, got {max_log_len}.")
+        self.enable_log_requests, self.max_log_len = enable_log_requests, max_log_len
         self.return_tokens_as_token_ids = return_tokens_as_token_ids
         self.trust_request_chat_template = trust_request_chat_template
         self.enable_prompt_tokens_details = enable_prompt_tokens_details
@@ -704,6 +708,11 @@ class OpenAIServer(PromptRenderer):
         salt = req.cache_salt if req is not None else None
 
         def run(p: _Prompt, rid: str) -> AsyncIterator[RequestOutput]:
+            if self.enable_log_requests:  # vLLM's --enable-log-requests line
+                m = self.max_log_len
+                logger.info("Received request %s: prompt: %r, params: %s, prompt_token_ids: %s",
+                            rid, p.text if m is None or p.text is None else p.text[:m],
+                            beam or params, p.ids if m is None else p.ids[:m])
             prompt = {"prompt_token_ids": p.ids, "prompt": p.text}
             if salt is not None:
                 prompt["cache_salt"] = salt
@@ -1477,7 +1486,8 @@ def build_app(engine: Any, *, api_key: str | None = None,
               allowed_headers: list[str] | None = None, allow_credentials: bool = False,
               enable_prompt_tokens_details: bool = False,
               enable_force_include_usage: bool = False,
-              trust_request_chat_template: bool = False) -> web.Application:
+              trust_request_chat_template: bool = False, enable_log_requests: bool = False,
+              max_log_len: int | None = None) -> web.Application:
     """The aiohttp app serving ``engine`` (an AsyncEngine). The engine is the caller's to shut
     down; several apps may share one engine. ``enable_auto_tool_choice`` and
     ``tool_call_parser`` (server/tools.py): vLLM's flags for tool_choice "auto";
@@ -1487,7 +1497,9 @@ def build_app(engine: Any, *, api_key: str | None = None,
     vLLM's CORS options (None: ["*"], as vLLM's defaults; ``cors_options``);
     ``enable_prompt_tokens_details`` (usage.prompt_tokens_details.cached_tokens) and
     ``enable_force_include_usage`` (every stream ends with a usage chunk),
-    ``trust_request_chat_template`` (a request may bring its own chat_template): vLLM's flags."""
+    ``trust_request_chat_template`` (a request may bring its own chat_template),
+    ``enable_log_requests`` / ``max_log_len`` (each request's prompt and params logged, cut to
+    that many characters and ids): vLLM's flags."""
     if served_model_name is None:
         names = [engine.model_name]
     elif isinstance(served_model_name, str):
@@ -1505,7 +1517,8 @@ def build_app(engine: Any, *, api_key: str | None = None,
                                          allow_credentials),
                        enable_prompt_tokens_details=enable_prompt_tokens_details,
                        enable_force_include_usage=enable_force_include_usage,
-                       trust_request_chat_template=trust_request_chat_template)
+                       trust_request_chat_template=trust_request_chat_template,
+                       enable_log_requests=enable_log_requests, max_log_len=max_log_len)
     app = web.Application(client_max_size=max_request_bytes,
                           middlewares=[srv.cors_middleware, srv.error_middleware,
                                        srv.auth_middleware])

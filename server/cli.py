@@ -67,6 +67,10 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
     t.add_argument("--ssl-ca-certs", default=None, help="CA certificates for client certificates")
     t.add_argument("--ssl-cert-reqs", type=int, default=0, choices=[0, 1, 2],
                    help="client certificates: 0 none, 1 optional, 2 required (Python's ssl)")
+    p.add_argument("--enable-log-requests", action="store_true",
+                   help="log each request's prompt and sampling params (INFO)")
+    p.add_argument("--max-log-len", type=int, default=None,
+                   help="characters / token ids of a prompt --enable-log-requests logs")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="let a chat request bring its own chat_template (Jinja runs on the "
                         "server: trust the clients)")
@@ -190,7 +194,8 @@ def server_flags(args: argparse.Namespace) -> dict[str, Any]:
                 allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
                 enable_prompt_tokens_details=args.enable_prompt_tokens_details,
                 enable_force_include_usage=args.enable_force_include_usage,
-                trust_request_chat_template=args.trust_request_chat_template)
+                trust_request_chat_template=args.trust_request_chat_template,
+                enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
 
 
 def ssl_context(certfile: str | None, keyfile: str | None = None, ca_certs: str | None = None,

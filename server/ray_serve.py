@@ -283,7 +283,8 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
               allowed_headers: list[str] | None = None, allow_credentials: bool = False,
               enable_prompt_tokens_details: bool = False,
               enable_force_include_usage: bool = False,
-              trust_request_chat_template: bool = False) -> serve.Application:
+              trust_request_chat_template: bool = False, enable_log_requests: bool = False,
+              max_log_len: int | None = None) -> serve.Application:
     """The Serve application: ``serve.run(build_app(...))``.
 
     ``engine_args``: EngineConfig keywords (``{"model": "/path", "max_model_len": 4096}``).
@@ -301,7 +302,8 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
     ``enable_auto_tool_choice`` / ``tool_call_parser`` / ``reasoning_parser`` /
     ``return_tokens_as_token_ids``, the CORS options (``allowed_origins`` ...),
     ``enable_prompt_tokens_details``, ``enable_force_include_usage``,
-    ``trust_request_chat_template``: as the aiohttp server's (server/tools.py, server/reasoning.py, server/app.py's CORS).
+    ``trust_request_chat_template``, ``enable_log_requests``, ``max_log_len``: as the aiohttp
+    server's (server/tools.py, server/reasoning.py, server/app.py's CORS).
     """
     engine_args = dict(engine_args or {})
     from jaxllm import EngineConfig
@@ -332,7 +334,8 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
                                          allow_credentials),
                     "enable_prompt_tokens_details": enable_prompt_tokens_details,
                     "enable_force_include_usage": enable_force_include_usage,
-                    "trust_request_chat_template": trust_request_chat_template}
+                    "trust_request_chat_template": trust_request_chat_template,
+                    "enable_log_requests": enable_log_requests, "max_log_len": max_log_len}
     if not metrics_interval_s > 0:
         raise ValueError(f"metrics_interval_s must be > 0, got {metrics_interval_s!r}.")
     actor_options = dict(ray_actor_options or {"num_cpus": 1})

@@ -964,6 +964,26 @@ def test_request_chat_template_documents_special_tokens_and_echo(client, servers
     _wait_idle(engine)
 
 
+def test_enable_log_requests_logs_each_prompt_cut_to_max_log_len(client, servers, engine,
+                                                                  caplog):
+    base = servers.start(build_app(engine, served_model_name=MODEL, enable_log_requests=True,
+                                   max_log_len=5))
+    c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    with caplog.at_level("INFO", logger="jaxllm.server"):
+        c.completions.create(model=MODEL, prompt="abcdefghij", max_tokens=1,
+                             extra_body={"request_id": "logme"})
+    [line] = [r.getMessage() for r in caplog.records if "Received request" in r.getMessage()]
+    assert "cmpl-logme" in line and "'abcde'" in line and "abcdef" not in line
+    assert "max_tokens=1" in line
+    caplog.clear()
+    with caplog.at_level("INFO", logger="jaxllm.server"):  # the default server logs none
+        client.completions.create(model=MODEL, prompt="abc", max_tokens=1)
+    assert not any("Received request" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="max_log_len"):
+        build_app(engine, max_log_len=-1)
+    _wait_idle(engine)
+
+
 def test_invalid_json_and_non_object_bodies_are_400(servers):
     for data in (b"{not json", b"[1, 2]", b'{"prompt": NaN}'):
         status, _, body = _post(servers, "/v1/completions", data=data,
