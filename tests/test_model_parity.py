@@ -63,6 +63,8 @@ CASES = {
     "qwen2_qkv_bias_tied_sliding_upper_layers": (transformers.Qwen2Config, dict(
         tie_word_embeddings=True, use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     "qwen3_qk_norm": (transformers.Qwen3Config, dict(head_dim=32)),
+    "phi3_packed_projections_sliding": (transformers.Phi3Config, dict(
+        sliding_window=7, pad_token_id=0)),
 }
 
 
@@ -244,7 +246,14 @@ def test_unsupported_architecture_names_the_supported_ones():
     with pytest.raises(ValueError, match="FalconForCausalLM.*Qwen3ForCausalLM"):
         model_config_from_hf(cfg)
     assert set(MODEL_REGISTRY) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                   "Qwen3ForCausalLM"}
+                                   "Qwen3ForCausalLM", "Phi3ForCausalLM"}
+    # Phi-3.5 / Phi-4-mini: longrope and partial rotary are refused, not run wrong
+    cfg = transformers.Phi3Config(**_SMALL, architectures=["Phi3ForCausalLM"],
+                                  rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                                   "short_factor": [1.0] * 8,
+                                                   "long_factor": [1.0] * 8})
+    with pytest.raises(ValueError, match="longrope"):
+        model_config_from_hf(cfg)
 
 
 def test_unsupported_rope_type_is_rejected():

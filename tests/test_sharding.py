@@ -172,6 +172,28 @@ def test_sharded_loading_reads_each_devices_slice_from_the_file(small_llama_fold
     assert _shard_shapes(w) == {(64, 49152 // 4)}
 
 
+def test_packed_phi3_weights_load_split_under_tensor_parallelism(tmp_path):
+    """Phi-3's packed qkv_proj / gate_up_proj are split as they stream in; under tp=2 each
+    device still reads only its block of each part, and the greedy tokens match one device."""
+    import torch
+    import transformers
+
+    from .helpers import save_default_tokenizer
+
+    cfg = transformers.Phi3Config(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=256,
+                                  pad_token_id=0, architectures=["Phi3ForCausalLM"])
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # clear greedy choices
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    save_default_tokenizer(tmp_path)
+    ref = _greedy(_llm(model=str(tmp_path)))
+    assert _greedy(_llm(model=str(tmp_path), tensor_parallel_size=2)) == ref
+
+
 def test_tp3_on_the_default_model_matches_one_device(default_model_f32):
     # SmolLM2-135M: 9 query heads / 3 KV heads -> 3 + 1 per device.
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 5248, 8806, 42, 198]]

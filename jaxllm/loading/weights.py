@@ -73,6 +73,58 @@ class LazyTensor:
         return out if dtype is None else out.astype(dtype)
 
 
+# Checkpoints that store projections packed (Phi-3: ``self_attn.qkv_proj``, ``mlp.gate_up_proj``)
+# are split into HF's separate names as they stream in: rows [q; k; v] and [gate; up].
+_PACKED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
+           "mlp.gate_up_proj": ("gate_proj", "up_proj")}
+
+
+class _Rows:
+    """A reader of rows [start, start + n) of a tensor (a LazyTensor's reader): a packed
+    projection's part, read one block at a time as the whole one would be."""
+
+    def __init__(self, base: Any, start: int, n: int):
+        self.base, self.start, self.n = base, start, n
+
+    def __getitem__(self, idx: tuple) -> np.ndarray:
+        first = idx[0]
+        if isinstance(first, slice):
+            a, b, step = first.indices(self.n)
+            first = slice(self.start + a, self.start + b, step)
+        else:
+            first = self.start + (first % self.n)
+        return np.asarray(self.base[(first, *idx[1:])])
+
+
+def split_packed(named_tensors: Iterable[tuple[str, TensorLike]], config: ModelConfig
+                 ) -> Iterable[tuple[str, TensorLike]]:
+    """The stream with packed projections split into their parts (``_PACKED``); other tensors
+    pass through untouched. A part of a placed ``jax.Array`` is sliced on its device."""
+    H, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    widths = {"self_attn.qkv_proj": (H * D, K * D, K * D),
+              "mlp.gate_up_proj": (config.intermediate_size,) * 2}
+    for name, tensor in named_tensors:
+        head, _, leaf = name.rpartition(".")
+        packed = next((k for k in _PACKED if head.endswith("." + k)), None)
+        if packed is None or leaf not in ("weight", "bias"):
+            yield name, tensor
+            continue
+        arr = tensor() if callable(tensor) else tensor
+        if arr.shape[0] != sum(widths[packed]):
+            raise ValueError(f"Shape mismatch for tensor {name!r}: {sum(widths[packed])} rows "
+                             f"expected ({' + '.join(map(str, widths[packed]))}), got "
+                             f"{arr.shape[0]} (does config.json match the weights?).")
+        prefix = head[: -len(packed)]
+        start = 0
+        for part, n in zip(_PACKED[packed], widths[packed]):
+            part_name = f"{prefix}{packed.split('.')[0]}.{part}.{leaf}"
+            if isinstance(arr, jax.Array):
+                yield part_name, arr[start:start + n]
+            else:
+                yield part_name, LazyTensor(_Rows(arr, start, n), (n, *arr.shape[1:]))
+            start += n
+
+
 def hf_name_to_path(name: str, quantized: bool = False) -> tuple[PathParts, bool] | None:
     """HF tensor name -> (NNX state path, needs transpose); None for names that map nowhere.
 
@@ -204,6 +256,7 @@ def load_params_from_tensors(
     if model is None:
         model = _abstract_model(config, dtype)
     parallel = bind_parallel(parallel, config)
+    named_tensors = split_packed(named_tensors, config)
     if parallel is not None:
         named_tensors = parallel.adapt_tensors(named_tensors)
     host_layout = place is not None and parallel is None  # a caller's place: the model's layout

@@ -12,6 +12,10 @@ MODEL_REGISTRY: dict[str, type[nnx.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    # Phi-3 / Phi-4: Llama's decoder with packed q/k/v and gate/up weights (split on load,
+    # loading/weights.py split_packed); longrope and partial rotary (Phi-3.5 / Phi-4-mini) are
+    # refused by loading/hf_config.py's rope checks.
+    "Phi3ForCausalLM": LlamaForCausalLM,
 }
 
 
