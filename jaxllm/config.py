@@ -63,7 +63,8 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2)."""
+    """Shape and numerics of a Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3,
+    SmolLM2, Phi-3/4, Gemma, Gemma 2)."""
 
     architecture: str
     vocab_size: int
@@ -88,7 +89,17 @@ class ModelConfig:
     # Which layers use the sliding window (Qwen2/3 apply it from max_window_layers on);
     # None: every layer does when sliding_window is set (Mistral).
     sliding_window_layers: tuple[bool, ...] | None = None
-    hidden_act: str = "silu"
+    hidden_act: str = "silu"  # "silu" (SwiGLU), or Gemma's "gelu_pytorch_tanh" / "gelu" (GeGLU)
+    # Gemma / Gemma 2 (jaxllm/models/llama.py): norms scale by (offset + weight) in float32;
+    # the embeddings are multiplied by embed_multiplier (sqrt(E)); Gemma 2's four norms a layer
+    # (sandwich_norms), its attention scale (query_pre_attn_scalar ** -0.5) and its tanh
+    # soft-caps on the attention scores and the final logits.
+    norm_weight_offset: float = 0.0
+    embed_multiplier: float | None = None
+    sandwich_norms: bool = False
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # "fp8": the attention and MLP projections are jaxllm.models.fp8.Fp8Linear (e4m3 weights,

@@ -46,12 +46,13 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.engine import sampler as sampler_lib
+from jaxllm.models.llama import embed, final_soft_cap
 from jaxllm.engine.model_runner import (ModelRunner, StepInputs, _sample_padded, _traced_over_heads,
                                         step_jit_options, zeros_kv_cache)
 
 
 def _stage_forward(treedef, graphdefs, inv_freq, first: bool, last: bool, tied: bool,
-                   leaves, kv_caches, h, positions, md, logits_indices, token_ids, prev_rows,
+                   config, leaves, kv_caches, h, positions, md, logits_indices, token_ids, prev_rows,
                    prev_tokens):
     """One stage over one micro-batch. Returns (kv_caches, hidden [T, E]) or, on the last
     stage, (kv_caches, logits [S, V] float32)."""
@@ -60,7 +61,7 @@ def _stage_forward(treedef, graphdefs, inv_freq, first: bool, last: bool, tied: 
     if first:
         from_prev = prev_tokens[jnp.maximum(prev_rows, 0)]
         ids = jnp.where(prev_rows >= 0, from_prev, token_ids)
-        h = nnx.merge(graphdefs["embed"], params["embed"])(ids)
+        h = embed(nnx.merge(graphdefs["embed"], params["embed"]), ids, config)
     new_kv = []
     for gd, p, kv in zip(graphdefs["layers"], params["layers"], kv_caches):
         h, kv = nnx.merge(gd, p)(h, positions, inv_freq, kv, md)
@@ -70,8 +71,10 @@ def _stage_forward(treedef, graphdefs, inv_freq, first: bool, last: bool, tied: 
     h = nnx.merge(graphdefs["norm"], params["norm"])(h)[logits_indices]
     w = params["head"]
     if tied:  # [V, E]
-        return new_kv, jnp.einsum("ne,ve->nv", h, w, preferred_element_type=jnp.float32)
-    return new_kv, jnp.einsum("ne,ev->nv", h, w, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("ne,ve->nv", h, w, preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("ne,ev->nv", h, w, preferred_element_type=jnp.float32)
+    return new_kv, final_soft_cap(logits, config)
 
 
 def _assemble(rows: jax.Array, max_num_seqs: int, outs: list, tokens: list):
@@ -132,7 +135,7 @@ class PipelineRunner(ModelRunner):
             leaves, treedef = jax.tree.flatten(params)
             self._stage_leaves.append(leaves)
             fn = functools.partial(_stage_forward, treedef, gds, tuple(model.inv_freq), first,
-                                   last, tied)
+                                   last, tied, model.config)
             self._fwd.append(jax.jit(_traced_over_heads(st.mesh, fn), donate_argnums=(1,),
                                      **self._jit_options))
         self._sample = jax.jit(functools.partial(_sample_padded, max_num_seqs),

@@ -256,8 +256,7 @@ class StructuredOutputs:
         """vLLM's tokenization of bad_words: each word alone and, when that gives the same
         number of tokens with another first token, after a space (a word mid-text)."""
         if self._tokenizer is None:
-            raise ValueError("bad_words need the tokenizer; the engine was started with "
-                             "skip_tokenizer_init=True.")
+            raise ValueError("bad_words need a tokenizer, and this engine has none.")
         out: list[list[int]] = []
         for word in words:
             alone = None

@@ -87,6 +87,17 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
             sliding_layers = None
 
     is_qwen2 = arch == "Qwen2ForCausalLM"
+    gemma = arch in ("GemmaForCausalLM", "Gemma2ForCausalLM")
+    gemma2 = arch == "Gemma2ForCausalLM"
+    # Gemma 2 names its activation hidden_activation (Gemma's config.json may carry both).
+    act = (getattr(hf_config, "hidden_activation", None) if gemma2 else None) or getattr(
+        hf_config, "hidden_act", "silu")
+    scalar = getattr(hf_config, "query_pre_attn_scalar", None) if gemma2 else None
+
+    def cap(name: str) -> float | None:
+        v = getattr(hf_config, name, None) if gemma2 else None
+        return float(v) if v else None
+
     attention_bias = bool(getattr(hf_config, "attention_bias", False))
     eos = getattr(hf_config, "eos_token_id", None)
     eos_ids = () if eos is None else (tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),))
@@ -117,7 +128,13 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         qk_norm=arch == "Qwen3ForCausalLM",
         sliding_window=int(sliding_window) if sliding_window is not None else None,
         sliding_window_layers=sliding_layers,
-        hidden_act=getattr(hf_config, "hidden_act", "silu"),
+        hidden_act=act,
+        norm_weight_offset=1.0 if gemma else 0.0,
+        embed_multiplier=float(hf_config.hidden_size) ** 0.5 if gemma else None,
+        sandwich_norms=gemma2,
+        attn_scale=float(scalar) ** -0.5 if scalar else None,
+        attn_logit_softcap=cap("attn_logit_softcapping"),
+        final_logit_softcap=cap("final_logit_softcapping"),
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         eos_token_ids=eos_ids,
         quantization="fp8" if fp8_scheme else None,

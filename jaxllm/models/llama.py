@@ -1,4 +1,5 @@
-"""Llama-family decoder in Flax NNX: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
+"""Llama-family decoder in Flax NNX: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2,
+Phi-3/4, Gemma, Gemma 2.
 
 One class covers the family; the differences are switches on ``ModelConfig``:
   - GQA (``num_key_value_heads < num_attention_heads``)
@@ -6,7 +7,13 @@ One class covers the family; the differences are switches on ``ModelConfig``:
   - q/k/v projection bias (Qwen2), o_proj and MLP bias (Llama configs that ask for them)
   - per-head q/k RMSNorm before rope (Qwen3; head_dim may differ from E / H)
   - sliding window attention (Mistral; Qwen2/3 on the layers their config selects)
-  - tied input/output embeddings (SmolLM2, Llama 3.2 1B/3B, small Qwens)
+  - tied input/output embeddings (SmolLM2, Llama 3.2 1B/3B, small Qwens, Gemma)
+  - Gemma: GeGLU (tanh-approximated or exact GELU), norms scaling by (1 + w) in float32,
+    embeddings multiplied by sqrt(E); Gemma 2 also: four norms a layer (the attention's and the
+    MLP's outputs normed before the residual add), its own attention scale, tanh soft-caps on
+    the attention scores and the final logits, sliding windows on alternate layers. The fused
+    fast paths that assume Llama's norm and SiLU (the norm folded into the q/k/v GEMM, the
+    normed SwiGLU kernel, fp8's SwiGLU kernel) step aside for these models.
 
 Dimension keys: T tokens (ragged batch, padded), E hidden size, H query heads, K kv heads,
 D head dim, F intermediate size, V vocab, P pages, B page size, N rows to compute logits for.
@@ -98,16 +105,31 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm over the last axis, HF style: normalise in float32, cast back, then scale."""
+    """RMSNorm over the last axis, HF style: normalise in float32, cast back, then scale.
+    ``offset`` 1 is Gemma's: scale by (1 + weight), in float32, before the cast."""
 
-    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
-        self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), dtype=dtype))
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype, offset: float = 0.0):
+        self.eps, self.offset = eps, float(offset)
+        self.weight = nnx.Param(jnp.ones((dim,), dtype=dtype) if not offset
+                                else jnp.zeros((dim,), dtype=dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * xf.astype(x.dtype)
+
+
+def _norm(config: ModelConfig, dim: int, dtype) -> RMSNorm:
+    return RMSNorm(dim, config.rms_norm_eps, dtype, config.norm_weight_offset)
+
+
+# HF activation names -> the MLP's gate activation.
+ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu,
+               "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+               "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+               "gelu": functools.partial(jax.nn.gelu, approximate=False)}
 
 
 def _linear(in_features: int, out_features: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -152,11 +174,12 @@ class LlamaAttention(nnx.Module):
             self.v_proj = _proj(config, E, K * D, config.attention_bias, dtype, rngs)
         self.o_proj = _proj(config, H * D, E, config.o_proj_bias, dtype, rngs)
         if config.qk_norm:
-            self.q_norm = RMSNorm(D, config.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(D, config.rms_norm_eps, dtype)
+            self.q_norm = _norm(config, D, dtype)
+            self.k_norm = _norm(config, D, dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.sm_scale = D ** -0.5
+        self.sm_scale = config.attn_scale if config.attn_scale is not None else D ** -0.5
+        self.soft_cap = config.attn_logit_softcap
         self.sliding_window = config.layer_sliding_window(layer_idx)
         self.attention_backend = attention_backend
         # Per-tensor scales of an fp8 KV cache (jaxllm/models/attention.py); unused otherwise.
@@ -177,7 +200,7 @@ class LlamaAttention(nnx.Module):
                 # The decode kernel applies rope and writes the new K/V itself (and, with the
                 # qkv_split_k knob, sums the GEMM's split-K partials).
                 fold = (norm is not None and qkv_norm_folds(T) and self.qkv_proj.bias is None
-                        and self.qkv_proj.input_scale is None)
+                        and self.qkv_proj.input_scale is None and not norm.offset)
                 # Folded: RMSNorm(x) @ W = r * ((x * g) @ W); XLA takes x * g as the GEMM's
                 # prologue and the kernel applies r (no norm kernel). A bias or a static fp8
                 # activation scale would not commute with r, so those keep the norm.
@@ -188,7 +211,7 @@ class LlamaAttention(nnx.Module):
                     qkv, parts = self.qkv_proj(h), 1
                 out, k_pages, v_pages = rope_write_kv_and_attend(
                     qkv, positions, inv_freq, kv_cache[0], kv_cache[1], md,
-                    sm_scale=self.sm_scale,
+                    sm_scale=self.sm_scale, soft_cap=self.soft_cap,
                     sliding_window=self.sliding_window, k_scale=self.k_scale,
                     v_scale=self.v_scale, qkv_parts=parts, dtype=x.dtype,
                     norm=(x, norm.eps) if fold else None)
@@ -211,6 +234,7 @@ class LlamaAttention(nnx.Module):
         k = apply_rope(k, positions, inv_freq)
         out, k_pages, v_pages = write_kv_and_attend(
             q, k, v, kv_cache[0], kv_cache[1], md, sm_scale=self.sm_scale,
+            soft_cap=self.soft_cap,
             sliding_window=self.sliding_window, backend=self.attention_backend,
             k_scale=self.k_scale, v_scale=self.v_scale)
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim)), (k_pages, v_pages)
@@ -218,8 +242,11 @@ class LlamaAttention(nnx.Module):
 
 class LlamaMLP(nnx.Module):
     def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
-        if config.hidden_act not in ("silu", "swish"):
-            raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; only 'silu' is.")
+        if config.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; supported: "
+                             f"{', '.join(ACTIVATIONS)}.")
+        self.swiglu = ACTIVATIONS[config.hidden_act] is jax.nn.silu
+        self.act = ACTIVATIONS[config.hidden_act]
         E, F = config.hidden_size, config.intermediate_size
         if config.fused_projections:  # one GEMM: [T, F, 2] (gate, up)
             self.gate_up_proj = _fused(config, "gate_up_proj", config.mlp_bias, dtype, rngs)
@@ -233,19 +260,19 @@ class LlamaMLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [T, E] -> [T, E]."""
         if self.gate_up_proj is not None:
-            if self.gate_up_proj.kernel is None:  # fp8: SwiGLU + quantization in one kernel
+            if self.gate_up_proj.kernel is None and self.swiglu:  # fp8: SwiGLU + quant, one kernel
                 y = fp8_swiglu_mlp(x, self.gate_up_proj, self.down_proj)
                 if y is not None:
                     return y
             gu = self.gate_up_proj(x)  # [T, F, 2]
-            return self.down_proj(jax.nn.silu(gu[..., 0]) * gu[..., 1])
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.act(gu[..., 0]) * gu[..., 1])
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
     def kernel_ok(self) -> bool:
         """Whether ``normed_swiglu_kernel`` takes this MLP: a fused gate/up without bias, E and
         F multiples of 16 (the kernel's smallest blocks; other shapes keep XLA's kernels)."""
         p = self.gate_up_proj
-        return (p is not None and p.bias is None and p.in_features % 16 == 0
+        return (self.swiglu and p is not None and p.bias is None and p.in_features % 16 == 0
                 and p.groups[0] % 16 == 0)
 
     def normed_swiglu_kernel(self, x: jax.Array, norm: "RMSNorm") -> jax.Array:
@@ -268,19 +295,30 @@ class LlamaMLP(nnx.Module):
 
 class LlamaDecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, dtype, rngs: nnx.Rngs, attention_backend: str):
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        E = config.hidden_size
+        self.input_layernorm = _norm(config, E, dtype)
         self.self_attn = LlamaAttention(config, layer_idx, dtype, rngs, attention_backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        # Llama: the MLP's input norm; Gemma 2: the attention output's (sandwich_norms).
+        self.post_attention_layernorm = _norm(config, E, dtype)
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm = _norm(config, E, dtype)
+            self.post_feedforward_layernorm = _norm(config, E, dtype)
+        else:
+            self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
         self.mlp = LlamaMLP(config, dtype, rngs)
 
     def __call__(self, x, positions, inv_freq, kv_cache, md):
         """x: [T, E] (the residual stream) -> [T, E]."""
         attn_out, kv_cache = self.self_attn(x, positions, inv_freq, kv_cache, md,
                                             norm=self.input_layernorm)
+        if self.pre_feedforward_layernorm is not None:  # Gemma 2
+            x = x + self.post_attention_layernorm(attn_out)
+            h = self.mlp(self.pre_feedforward_layernorm(x))
+            return x + self.post_feedforward_layernorm(h), kv_cache
         x = x + attn_out
-        if self.mlp.kernel_ok() and mlp_kernel_applies(
-                self.self_attn.attention_backend, x.shape[0],
-                fp8=self.mlp.gate_up_proj.kernel is None):
+        if (self.mlp.kernel_ok() and not self.post_attention_layernorm.offset
+                and mlp_kernel_applies(self.self_attn.attention_backend, x.shape[0],
+                                       fp8=self.mlp.gate_up_proj.kernel is None)):
             h = self.mlp.normed_swiglu_kernel(x, self.post_attention_layernorm)
             return x + self.mlp.down_proj(h), kv_cache
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -293,7 +331,7 @@ class LlamaModel(nnx.Module):
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.layers = nnx.List([LlamaDecoderLayer(config, i, dtype, rngs, attention_backend)
                                 for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.norm = _norm(config, config.hidden_size, dtype)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -329,7 +367,7 @@ class LlamaForCausalLM(nnx.Module):
         if len(kv_caches) != len(self.model.layers):
             raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model {len(self.model.layers)}.")
         inv_freq = jnp.asarray(self.inv_freq, dtype=jnp.float32)  # [D/2]
-        x = self.model.embed_tokens(token_ids)
+        x = embed(self.model.embed_tokens, token_ids, self.config)
         new_caches = []
         call = _layer_caller() if isinstance(x, jax.core.Tracer) and layer_jit() else None
         for layer, kv in zip(self.model.layers, kv_caches):
@@ -353,7 +391,21 @@ class LlamaForCausalLM(nnx.Module):
         else:
             w = self.lm_head.kernel[...]  # [E, V]
             logits = jnp.einsum("ne,ev->nv", hidden, w, preferred_element_type=out)
-        return logits.astype(jnp.float32)
+        return final_soft_cap(logits.astype(jnp.float32), self.config)
+
+
+def embed(embed_tokens: nnx.Embed, token_ids: jax.Array, config: ModelConfig) -> jax.Array:
+    """The token embeddings, times Gemma's sqrt(E) (in the model dtype, as HF)."""
+    x = embed_tokens(token_ids)
+    if config.embed_multiplier is not None:
+        x = x * jnp.asarray(config.embed_multiplier, x.dtype)
+    return x
+
+
+def final_soft_cap(logits: jax.Array, config: ModelConfig) -> jax.Array:
+    """Gemma 2's cap * tanh(logits / cap) on the float32 logits (none for other models)."""
+    cap = config.final_logit_softcap
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 LAYER_JIT_ENV = "JAXLLM_LAYER_JIT"

@@ -16,6 +16,10 @@ MODEL_REGISTRY: dict[str, type[nnx.Module]] = {
     # loading/weights.py split_packed); longrope and partial rotary (Phi-3.5 / Phi-4-mini) are
     # refused by loading/hf_config.py's rope checks.
     "Phi3ForCausalLM": LlamaForCausalLM,
+    # Gemma / Gemma 2: GeGLU, (1 + w) norms, scaled embeddings; Gemma 2 adds sandwich norms,
+    # its attention scale, soft-caps and sliding layers (ModelConfig's Gemma switches).
+    "GemmaForCausalLM": LlamaForCausalLM,
+    "Gemma2ForCausalLM": LlamaForCausalLM,
 }
 
 
