@@ -208,6 +208,56 @@ class CORS:
         return h
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """vLLM's OpenAI-server flags added on top of the routes (``jaxllm serve --help``; both
+    front ends' ``build_app`` take one):
+
+    - return_tokens_as_token_ids: log-prob tokens as "token_id:{id}" (a request's field wins);
+    - allowed_origins / allowed_methods / allowed_headers / allow_credentials: CORS (None:
+      ["*"], vLLM's defaults; ``CORS``);
+    - enable_prompt_tokens_details: usage.prompt_tokens_details.cached_tokens;
+    - enable_force_include_usage: every stream ends with a usage chunk;
+    - trust_request_chat_template: a chat request may bring its own chat_template;
+    - enable_log_requests / max_log_len: each request's prompt and params logged, cut to that
+      many characters and ids.
+    """
+
+    return_tokens_as_token_ids: bool = False
+    allowed_origins: tuple[str, ...] | None = None
+    allowed_methods: tuple[str, ...] | None = None
+    allowed_headers: tuple[str, ...] | None = None
+    allow_credentials: bool = False
+    enable_prompt_tokens_details: bool = False
+    enable_force_include_usage: bool = False
+    trust_request_chat_template: bool = False
+    enable_log_requests: bool = False
+    max_log_len: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+                raise ValueError(f"{name} must be a list of strings, got {v!r}.")
+            object.__setattr__(self, name, tuple(v))
+        if self.max_log_len is not None and self.max_log_len < 0:
+            raise ValueError(f"max_log_len must be >= 0, got {self.max_log_len}.")
+
+    @classmethod
+    def of(cls, options: "ServerOptions | dict[str, Any] | None") -> "ServerOptions":
+        """A ServerOptions from one, a dict of its fields (Serve config files), or None."""
+        if options is None:
+            return cls()
+        return options if isinstance(options, cls) else cls(**options)
+
+    @property
+    def cors(self) -> CORS:
+        return CORS(self.allowed_origins or ("*",), self.allowed_methods or ("*",),
+                    self.allowed_headers or ("*",), self.allow_credentials)
+
+
 class _Lease:
     """An admitted request's resources: its engine streams and admission slot. Released when the
     route returns, unless handed to a streaming Reply, which releases them in ``aclose``."""
@@ -445,19 +495,9 @@ class OpenAIServer(PromptRenderer):
                  max_request_bytes: int, max_concurrent_requests: int,
                  log_stats_interval: float | None, enable_auto_tool_choice: bool = False,
                  tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-                 return_tokens_as_token_ids: bool = False, cors: CORS | None = CORS(),
-                 enable_prompt_tokens_details: bool = False,
-                 enable_force_include_usage: bool = False,
-                 trust_request_chat_template: bool = False, enable_log_requests: bool = False,
-                 max_log_len: int | None = None):
-        if max_log_len is not None and max_log_len < 0:
-            raise ValueError(f"max_log_len must be >= 0, got {max_log_len}.")
-        self.enable_log_requests, self.max_log_len = enable_log_requests, max_log_len
-        self.return_tokens_as_token_ids = return_tokens_as_token_ids
-        self.trust_request_chat_template = trust_request_chat_template
-        self.enable_prompt_tokens_details = enable_prompt_tokens_details
-        self.enable_force_include_usage = enable_force_include_usage  # streams end with usage
-        self.cors = cors  # None: no CORS headers at all
+                 options: ServerOptions | dict[str, Any] | None = None):
+        self.options = ServerOptions.of(options)
+        self.cors: CORS | None = self.options.cors
         if reasoning_parser not in (None, *reasoning_lib.REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be one of "
                              f"{reasoning_lib.REASONING_PARSERS}, got {reasoning_parser!r}.")
@@ -708,8 +748,8 @@ class OpenAIServer(PromptRenderer):
         salt = req.cache_salt if req is not None else None
 
         def run(p: _Prompt, rid: str) -> AsyncIterator[RequestOutput]:
-            if self.enable_log_requests:  # vLLM's --enable-log-requests line
-                m = self.max_log_len
+            if self.options.enable_log_requests:  # vLLM's --enable-log-requests line
+                m = self.options.max_log_len
                 logger.info("Received request %s: prompt: %r, params: %s, prompt_token_ids: %s",
                             rid, p.text if m is None or p.text is None else p.text[:m],
                             beam or params, p.ids if m is None else p.ids[:m])
@@ -804,7 +844,7 @@ class OpenAIServer(PromptRenderer):
         pt = sum(prompt_lens.values())
         ct = sum(len(c.token_ids) for c in choices.values())
         details = None
-        if self.enable_prompt_tokens_details:  # vLLM's flag: the prefix-cache hits
+        if self.options.enable_prompt_tokens_details:  # vLLM's flag: the prefix-cache hits
             cached: dict[int, int] = {}
             for (pi, _), c in choices.items():
                 cached[pi] = max(cached.get(pi, 0), c.cached_tokens)
@@ -822,7 +862,7 @@ class OpenAIServer(PromptRenderer):
     def _as_ids(self, req: P._SamplingFields) -> bool:
         """The request's return_tokens_as_token_ids, else the server's flag."""
         v = req.return_tokens_as_token_ids
-        return self.return_tokens_as_token_ids if v is None else v
+        return self.options.return_tokens_as_token_ids if v is None else v
 
     def _completion_logprobs(self, token_ids: list[int], logprobs: list[dict | None],
                              offset: int, as_ids: bool = False) -> P.CompletionLogprobs:
@@ -1052,7 +1092,7 @@ class OpenAIServer(PromptRenderer):
         the Reply) when the client goes away."""
         n, created = req.n, int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage
-                             or self.enable_force_include_usage)
+                             or self.options.enable_force_include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         choices: dict[tuple[int, int], _Choice] = {}
         prompt_lens: dict[int, int] = {}
@@ -1116,7 +1156,7 @@ class OpenAIServer(PromptRenderer):
                                   parser=self.tool_call_parser)
         except tool_lib.ToolError as e:
             raise APIError(400, str(e), param=e.param) from None
-        if req.chat_template is not None and not self.trust_request_chat_template:
+        if req.chat_template is not None and not self.options.trust_request_chat_template:
             raise APIError(400, "Chat template is passed with request, but "
                            "--trust-request-chat-template is not set. Refused request with "
                            "untrusted chat template.", param="chat_template")
@@ -1224,7 +1264,7 @@ class OpenAIServer(PromptRenderer):
                            prompt_ids: list[int] | None = None) -> AsyncIterator[bytes]:
         n, created = req.n, int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage
-                             or self.enable_force_include_usage)
+                             or self.options.enable_force_include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         choices: dict[tuple[int, int], _Choice] = {}
         prompt_lens: dict[int, int] = {}
@@ -1481,25 +1521,12 @@ def build_app(engine: Any, *, api_key: str | None = None,
               max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
               log_stats_interval: float | None = 10.0, enable_auto_tool_choice: bool = False,
               tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-              return_tokens_as_token_ids: bool = False,
-              allowed_origins: list[str] | None = None, allowed_methods: list[str] | None = None,
-              allowed_headers: list[str] | None = None, allow_credentials: bool = False,
-              enable_prompt_tokens_details: bool = False,
-              enable_force_include_usage: bool = False,
-              trust_request_chat_template: bool = False, enable_log_requests: bool = False,
-              max_log_len: int | None = None) -> web.Application:
+              options: ServerOptions | dict[str, Any] | None = None) -> web.Application:
     """The aiohttp app serving ``engine`` (an AsyncEngine). The engine is the caller's to shut
     down; several apps may share one engine. ``enable_auto_tool_choice`` and
     ``tool_call_parser`` (server/tools.py): vLLM's flags for tool_choice "auto";
     ``reasoning_parser``: vLLM's --reasoning-parser (server/reasoning.py);
-    ``return_tokens_as_token_ids``: vLLM's flag (log-prob tokens as "token_id:{id}");
-    ``allowed_origins`` / ``allowed_methods`` / ``allowed_headers`` / ``allow_credentials``:
-    vLLM's CORS options (None: ["*"], as vLLM's defaults; ``cors_options``);
-    ``enable_prompt_tokens_details`` (usage.prompt_tokens_details.cached_tokens) and
-    ``enable_force_include_usage`` (every stream ends with a usage chunk),
-    ``trust_request_chat_template`` (a request may bring its own chat_template),
-    ``enable_log_requests`` / ``max_log_len`` (each request's prompt and params logged, cut to
-    that many characters and ids): vLLM's flags."""
+    ``options``: vLLM's other server flags (``ServerOptions``)."""
     if served_model_name is None:
         names = [engine.model_name]
     elif isinstance(served_model_name, str):
@@ -1512,13 +1539,7 @@ def build_app(engine: Any, *, api_key: str | None = None,
                        log_stats_interval=log_stats_interval,
                        enable_auto_tool_choice=enable_auto_tool_choice,
                        tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
-                       return_tokens_as_token_ids=return_tokens_as_token_ids,
-                       cors=cors_options(allowed_origins, allowed_methods, allowed_headers,
-                                         allow_credentials),
-                       enable_prompt_tokens_details=enable_prompt_tokens_details,
-                       enable_force_include_usage=enable_force_include_usage,
-                       trust_request_chat_template=trust_request_chat_template,
-                       enable_log_requests=enable_log_requests, max_log_len=max_log_len)
+                       options=options)
     app = web.Application(client_max_size=max_request_bytes,
                           middlewares=[srv.cors_middleware, srv.error_middleware,
                                        srv.auth_middleware])
@@ -1531,18 +1552,6 @@ def build_app(engine: Any, *, api_key: str | None = None,
             add(re.sub(r"\{(\w+)\}$", r"{\1:.+}", path),
                 _aiohttp_route(getattr(srv, name)))  # add_get answers HEAD too
     return app
-
-
-def cors_options(origins: list[str] | None = None, methods: list[str] | None = None,
-                 headers: list[str] | None = None, credentials: bool = False) -> CORS:
-    """A CORS policy from vLLM's option values (None: ["*"])."""
-    for name, v in (("allowed_origins", origins), ("allowed_methods", methods),
-                    ("allowed_headers", headers)):
-        if v is not None and (not isinstance(v, (list, tuple))
-                              or not all(isinstance(x, str) for x in v)):
-            raise ValueError(f"{name} must be a list of strings, got {v!r}.")
-    return CORS(tuple(origins or ("*",)), tuple(methods or ("*",)), tuple(headers or ("*",)),
-                bool(credentials))
 
 
 def _aiohttp_route(route: Callable[[Call], Awaitable[Reply]]):

@@ -130,7 +130,7 @@ def ray_app_kwargs(args: argparse.Namespace, engine_kwargs: dict, num_gpus: floa
         num_hosts_per_replica=args.num_hosts_per_replica,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        **server_flags(args))
+        options=server_options(args))
     if args.max_replicas is not None:
         if args.max_replicas < args.num_replicas:
             raise ValueError(f"--max-replicas ({args.max_replicas}) must be >= --num-replicas "
@@ -187,15 +187,14 @@ def _json_list(text: str) -> list[str]:
     return v
 
 
-def server_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The OpenAI server's vLLM flags, for both front ends' build_app."""
-    return dict(return_tokens_as_token_ids=args.return_tokens_as_token_ids,
-                allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
-                allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
-                enable_prompt_tokens_details=args.enable_prompt_tokens_details,
-                enable_force_include_usage=args.enable_force_include_usage,
-                trust_request_chat_template=args.trust_request_chat_template,
-                enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
+def server_options(args: argparse.Namespace) -> Any:
+    """The ``ServerOptions`` (server/app.py) the flags give, for both front ends' build_app."""
+    import dataclasses
+
+    from server.app import ServerOptions
+
+    return ServerOptions(**{f.name: getattr(args, f.name)
+                            for f in dataclasses.fields(ServerOptions)})
 
 
 def ssl_context(certfile: str | None, keyfile: str | None = None, ca_certs: str | None = None,
@@ -297,7 +296,7 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
                           reasoning_parser=args.reasoning_parser,
                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                           ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
-                          **server_flags(args)))
+                          options=server_options(args)))
     finally:
         engine.shutdown()
     return 0

@@ -44,7 +44,7 @@ from server import prefix_routing
 from server.reasoning import REASONING_PARSERS
 from server.tools import TOOL_CALL_PARSERS
 from server.app import (DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_MAX_REQUEST_BYTES, APIError,
-                        Call, OpenAIServer, PromptRenderer, cors_options)
+                        Call, OpenAIServer, PromptRenderer, ServerOptions)
 
 logger = logging.getLogger("jaxllm.server")
 
@@ -278,13 +278,7 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
               health_check_period_s: float = 10.0, num_hosts_per_replica: int = 1,
               metrics_interval_s: float = 5.0, enable_auto_tool_choice: bool = False,
               tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-              return_tokens_as_token_ids: bool = False,
-              allowed_origins: list[str] | None = None, allowed_methods: list[str] | None = None,
-              allowed_headers: list[str] | None = None, allow_credentials: bool = False,
-              enable_prompt_tokens_details: bool = False,
-              enable_force_include_usage: bool = False,
-              trust_request_chat_template: bool = False, enable_log_requests: bool = False,
-              max_log_len: int | None = None) -> serve.Application:
+              options: ServerOptions | dict[str, Any] | None = None) -> serve.Application:
     """The Serve application: ``serve.run(build_app(...))``.
 
     ``engine_args``: EngineConfig keywords (``{"model": "/path", "max_model_len": 4096}``).
@@ -299,11 +293,9 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
     ``num_hosts_per_replica`` > 1: each replica is a jax.distributed job over that many nodes
     (one placement-group bundle of ``ray_actor_options``' resources per node, STRICT_SPREAD;
     server/ray_multihost.py); size ``tensor_parallel_size`` to all its hosts' devices.
-    ``enable_auto_tool_choice`` / ``tool_call_parser`` / ``reasoning_parser`` /
-    ``return_tokens_as_token_ids``, the CORS options (``allowed_origins`` ...),
-    ``enable_prompt_tokens_details``, ``enable_force_include_usage``,
-    ``trust_request_chat_template``, ``enable_log_requests``, ``max_log_len``: as the aiohttp
-    server's (server/tools.py, server/reasoning.py, server/app.py's CORS).
+    ``enable_auto_tool_choice`` / ``tool_call_parser`` / ``reasoning_parser`` / ``options``
+    (``ServerOptions``, or a dict of its fields): as the aiohttp server's (server/tools.py,
+    server/reasoning.py, server/app.py).
     """
     engine_args = dict(engine_args or {})
     from jaxllm import EngineConfig
@@ -329,13 +321,7 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
                          f"{reasoning_parser!r}.")
     server_options = {"enable_auto_tool_choice": enable_auto_tool_choice,
                     "tool_call_parser": tool_call_parser, "reasoning_parser": reasoning_parser,
-                    "return_tokens_as_token_ids": return_tokens_as_token_ids,
-                    "cors": cors_options(allowed_origins, allowed_methods, allowed_headers,
-                                         allow_credentials),
-                    "enable_prompt_tokens_details": enable_prompt_tokens_details,
-                    "enable_force_include_usage": enable_force_include_usage,
-                    "trust_request_chat_template": trust_request_chat_template,
-                    "enable_log_requests": enable_log_requests, "max_log_len": max_log_len}
+                    "options": ServerOptions.of(options)}
     if not metrics_interval_s > 0:
         raise ValueError(f"metrics_interval_s must be > 0, got {metrics_interval_s!r}.")
     actor_options = dict(ray_actor_options or {"num_cpus": 1})

@@ -406,8 +406,9 @@ def test_jaxllm_serve_ray_flags_build_the_app():
     args = parser.parse_args(["serve", "--ray", "--allowed-origins", '["http://a.example"]',
                               "--allow-credentials"])
     kw = ray_app_kwargs(args, engine_kwargs(args), num_gpus=1.0)
-    assert (kw["allowed_origins"], kw["allowed_methods"], kw["allow_credentials"]) == (
-        ["http://a.example"], None, True)
+    opts = kw["options"]
+    assert (opts.allowed_origins, opts.allowed_methods, opts.allow_credentials) == (
+        ("http://a.example",), None, True)
     assert isinstance(build_app(**kw), serve.Application)
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--allowed-origins", "http://not-json"])

@@ -18,7 +18,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from server.app import SERVER_KEY, build_app
+from server.app import SERVER_KEY, ServerOptions, build_app
 
 from .helpers import small_llama_folder  # noqa: F401  (fixture)
 
@@ -817,7 +817,7 @@ def test_vllm_token_extras_prompt_logprobs_token_ids_and_ids_as_tokens(client, s
         "token_ids"]
     # the server's flag, and a request turning it off
     base = servers.start(build_app(engine, served_model_name=MODEL,
-                                   return_tokens_as_token_ids=True))
+                                   options={"return_tokens_as_token_ids": True}))
     other = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
     r = other.chat.completions.create(messages=msgs, logprobs=True, top_logprobs=1, **kw)
     assert all(x.token.startswith("token_id:") for x in r.choices[0].logprobs.content)
@@ -878,9 +878,9 @@ def test_cors_answers_preflights_before_auth_and_names_the_origin_on_replies(ser
     status, h, _ = _post(servers, "/v1/models", method="GET")  # no Origin: no CORS headers
     assert "Access-Control-Allow-Origin" not in h
     # a narrowed policy: one origin, credentials, a short header list
-    base = servers.start(build_app(engine, served_model_name=MODEL,
-                                   allowed_origins=["http://ok.example"],
-                                   allowed_headers=["Authorization"], allow_credentials=True))
+    base = servers.start(build_app(engine, served_model_name=MODEL, options=ServerOptions(
+        allowed_origins=["http://ok.example"], allowed_headers=["Authorization"],
+        allow_credentials=True)))
     ok = {**pre, "Origin": "http://ok.example"}
     status, h, _ = _post(servers, "/v1/completions", base=base, method="OPTIONS", headers=ok)
     assert status == 200 and h["Access-Control-Allow-Origin"] == "http://ok.example"
@@ -900,15 +900,14 @@ def test_cors_answers_preflights_before_auth_and_names_the_origin_on_replies(ser
     reply = servers.run(srv.handle(Call("GET", "/v1/models", origin)))
     assert reply.status == 401 and reply.headers["Access-Control-Allow-Origin"] == "*"
     with pytest.raises(ValueError, match="allowed_origins"):
-        build_app(engine, allowed_origins="*")
+        build_app(engine, options={"allowed_origins": "*"})
 
 
 def test_prompt_tokens_details_and_forced_usage_flags(client, servers, engine):
     """--enable-prompt-tokens-details: usage counts the prompt's prefix-cache hit;
     --enable-force-include-usage: a stream ends with usage without stream_options."""
-    base = servers.start(build_app(engine, served_model_name=MODEL,
-                                   enable_prompt_tokens_details=True,
-                                   enable_force_include_usage=True))
+    base = servers.start(build_app(engine, served_model_name=MODEL, options=ServerOptions(
+        enable_prompt_tokens_details=True, enable_force_include_usage=True)))
     c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
     prompt = " ".join(["cached words"] * 40)  # 80+ tokens: several full pages
     kw = dict(model=MODEL, prompt=prompt, max_tokens=2, temperature=0.0)
@@ -942,7 +941,7 @@ def test_request_chat_template_documents_special_tokens_and_echo(client, servers
     _assert_error(status, body, 400, "chat_template")
     assert "trust-request-chat-template" in body["error"]["message"]
     base = servers.start(build_app(engine, served_model_name=MODEL,
-                                   trust_request_chat_template=True))
+                                   options={"trust_request_chat_template": True}))
     c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
     tok = engine.tokenizer
     want = "[doc A: apples]<user>Hi<assistant>"
@@ -966,8 +965,9 @@ def test_request_chat_template_documents_special_tokens_and_echo(client, servers
 
 def test_enable_log_requests_logs_each_prompt_cut_to_max_log_len(client, servers, engine,
                                                                   caplog):
-    base = servers.start(build_app(engine, served_model_name=MODEL, enable_log_requests=True,
-                                   max_log_len=5))
+    base = servers.start(build_app(engine, served_model_name=MODEL,
+                                   options=ServerOptions(enable_log_requests=True,
+                                                         max_log_len=5)))
     c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
     with caplog.at_level("INFO", logger="jaxllm.server"):
         c.completions.create(model=MODEL, prompt="abcdefghij", max_tokens=1,
@@ -980,7 +980,7 @@ def test_enable_log_requests_logs_each_prompt_cut_to_max_log_len(client, servers
         client.completions.create(model=MODEL, prompt="abc", max_tokens=1)
     assert not any("Received request" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="max_log_len"):
-        build_app(engine, max_log_len=-1)
+        ServerOptions(max_log_len=-1)
     _wait_idle(engine)
 
 
@@ -1225,14 +1225,18 @@ def test_fuzzed_requests_never_get_a_5xx(servers, engine):
     assert engine.is_running
 
 
-def test_serve_stops_gracefully_when_asked(engine, caplog):
+def _free_port() -> int:
     import socket
-
-    from server.cli import serve
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def test_serve_stops_gracefully_when_asked(engine, caplog):
+    from server.cli import serve
+
+    port = _free_port()
 
     async def go():
         stop = asyncio.Event()
@@ -1260,7 +1264,6 @@ def test_serve_stops_gracefully_when_asked(engine, caplog):
 def test_serve_over_tls_with_vllms_ssl_flags(engine, tmp_path):
     """--ssl-certfile / --ssl-keyfile: the server speaks HTTPS (a self-signed certificate the
     client trusts here); a plain-HTTP client gets no answer from it."""
-    import socket
     import ssl
     import subprocess
 
@@ -1270,9 +1273,7 @@ def test_serve_over_tls_with_vllms_ssl_flags(engine, tmp_path):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
 
     async def go():
         stop = asyncio.Event()
@@ -1332,6 +1333,18 @@ def test_serve_parser_reads_flags_and_the_api_key_from_the_environment(monkeypat
     assert kw["usage_context"] == "server"
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--tool-call-parser", "jamba"])  # not written here
+    # every ServerOptions field has its flag (server_options reads them all)
+    from server.cli import server_options
+
+    args = parser.parse_args(["serve", "--enable-log-requests", "--max-log-len", "7",
+                              "--allowed-origins", '["https://a"]', "--allow-credentials",
+                              "--return-tokens-as-token-ids", "--enable-prompt-tokens-details",
+                              "--enable-force-include-usage", "--trust-request-chat-template"])
+    assert server_options(args) == ServerOptions(
+        return_tokens_as_token_ids=True, allowed_origins=("https://a",), allow_credentials=True,
+        enable_prompt_tokens_details=True, enable_force_include_usage=True,
+        trust_request_chat_template=True, enable_log_requests=True, max_log_len=7)
+    assert server_options(parser.parse_args(["serve"])) == ServerOptions()
 
 
 def test_client_disconnect_mid_request_aborts_a_non_streamed_completion(servers, engine):
