@@ -64,7 +64,7 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3,
-    SmolLM2, Phi-3/4, Gemma, Gemma 2)."""
+    SmolLM2, Phi-3/4, Gemma, Gemma 2, Gemma 3 text)."""
 
     architecture: str
     vocab_size: int
@@ -79,6 +79,8 @@ class ModelConfig:
     # HF rope scaling dict ({"rope_type": "llama3", "factor": ..., ...}) or None; stored as a tuple
     # of items so the config stays hashable.
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    # Gemma 3: the sliding-window layers' own (plain) rope base; None: every layer uses the above.
+    rope_local_theta: float | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projection bias (Qwen2; Llama's attention_bias)

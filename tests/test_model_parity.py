@@ -72,6 +72,13 @@ CASES = {
     "gemma2_sandwich_norms_softcaps_alternate_sliding": (transformers.Gemma2Config, dict(
         head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
         final_logit_softcapping=3.0, sliding_window=6)),
+    # a rope base per layer type (scaled on the full layers), q/k norms with Gemma's offset
+    "gemma3_text_local_and_global_rope_qk_norm": (transformers.Gemma3TextConfig, dict(
+        architectures=["Gemma3ForCausalLM"], head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1e6,
+                                            "factor": 2.0}})),
 }
 
 
@@ -102,7 +109,8 @@ def case(request, tmp_path_factory):
     name = request.param
     cls, overrides = CASES[name]
     hf_config = cls(**{**_SMALL, **overrides})
-    hf_config.architectures = [cls.__name__.replace("Config", "ForCausalLM")]
+    if not hf_config.architectures:
+        hf_config.architectures = [cls.__name__.replace("Config", "ForCausalLM")]
     torch.manual_seed(0)
     hf_model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
     _randomise(hf_model, seed=len(name))
@@ -263,7 +271,7 @@ def test_unsupported_architecture_names_the_supported_ones():
         model_config_from_hf(cfg)
     assert set(MODEL_REGISTRY) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                                    "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM",
-                                   "Gemma2ForCausalLM"}
+                                   "Gemma2ForCausalLM", "Gemma3ForCausalLM"}
     # Phi-3.5 / Phi-4-mini: longrope and partial rotary are refused, not run wrong
     cfg = transformers.Phi3Config(**_SMALL, architectures=["Phi3ForCausalLM"],
                                   rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,

@@ -194,6 +194,45 @@ def test_packed_phi3_weights_load_split_under_tensor_parallelism(tmp_path):
     assert _greedy(_llm(model=str(tmp_path), tensor_parallel_size=2)) == ref
 
 
+def test_gemma3_under_pipeline_and_tensor_parallelism_matches_one_device(tmp_path):
+    """Gemma 3's switches in the pipeline stages' own embed / logits code (sqrt(E) embeddings,
+    the final soft-cap) and a rope base per layer type, and Gemma's norms under tp."""
+    import torch
+    import transformers
+
+    from .helpers import save_default_tokenizer
+
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        max_position_embeddings=256, sliding_window=6, final_logit_softcapping=5.0,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1e6}},
+        architectures=["Gemma3ForCausalLM"])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.2)  # Gemma's norms scale by 1 + w
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    save_default_tokenizer(tmp_path)
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=2)
+
+    def run(**kw):  # tokens and log-probs (a soft-cap never moves an argmax; it moves these)
+        outs = _llm(model=str(tmp_path), **kw).generate(
+            [{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        return ([o.outputs[0].token_ids for o in outs],
+                [lp.logprob for o in outs for d in o.outputs[0].logprobs for lp in d.values()])
+
+    ref_ids, ref_lps = run()
+    for kw in (dict(pipeline_parallel_size=2), dict(tensor_parallel_size=2)):
+        ids, lps = run(**kw)
+        assert ids == ref_ids
+        np.testing.assert_allclose(lps, ref_lps, rtol=1e-4, atol=1e-5)
+
+
 def test_tp3_on_the_default_model_matches_one_device(default_model_f32):
     # SmolLM2-135M: 9 query heads / 3 KV heads -> 3 + 1 per device.
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 5248, 8806, 42, 198]]

@@ -51,20 +51,20 @@ from jaxllm.engine.model_runner import (ModelRunner, StepInputs, _sample_padded,
                                         step_jit_options, zeros_kv_cache)
 
 
-def _stage_forward(treedef, graphdefs, inv_freq, first: bool, last: bool, tied: bool,
+def _stage_forward(treedef, graphdefs, inv_freqs, first: bool, last: bool, tied: bool,
                    config, leaves, kv_caches, h, positions, md, logits_indices, token_ids, prev_rows,
                    prev_tokens):
     """One stage over one micro-batch. Returns (kv_caches, hidden [T, E]) or, on the last
     stage, (kv_caches, logits [S, V] float32)."""
     params = jax.tree.unflatten(treedef, leaves)
-    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    freqs = {f: jnp.asarray(f, jnp.float32) for f in set(inv_freqs)}  # per layer (Gemma 3)
     if first:
         from_prev = prev_tokens[jnp.maximum(prev_rows, 0)]
         ids = jnp.where(prev_rows >= 0, from_prev, token_ids)
         h = embed(nnx.merge(graphdefs["embed"], params["embed"]), ids, config)
     new_kv = []
-    for gd, p, kv in zip(graphdefs["layers"], params["layers"], kv_caches):
-        h, kv = nnx.merge(gd, p)(h, positions, inv_freq, kv, md)
+    for gd, p, kv, f in zip(graphdefs["layers"], params["layers"], kv_caches, inv_freqs):
+        h, kv = nnx.merge(gd, p)(h, positions, freqs[f], kv, md)
         new_kv.append(kv)
     if not last:
         return new_kv, h
@@ -134,7 +134,8 @@ class PipelineRunner(ModelRunner):
                 params["head"] = jax.device_put(head, st.state_path_sharding(path, head.shape))
             leaves, treedef = jax.tree.flatten(params)
             self._stage_leaves.append(leaves)
-            fn = functools.partial(_stage_forward, treedef, gds, tuple(model.inv_freq), first,
+            fn = functools.partial(_stage_forward, treedef, gds,
+                                   tuple(model.layer_inv_freq[i] for i in st.layers), first,
                                    last, tied, model.config)
             self._fwd.append(jax.jit(_traced_over_heads(st.mesh, fn), donate_argnums=(1,),
                                      **self._jit_options))

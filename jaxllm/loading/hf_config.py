@@ -16,11 +16,14 @@ from jaxllm.models.registry import get_model_class
 _ROPE_BASE_KEYS = ("rope_theta",)
 
 
-def _rope_settings(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, scaling dict with "rope_type" or None for plain rope)."""
-    params = getattr(hf_config, "rope_parameters", None)
-    if params and any(isinstance(v, dict) for v in params.values()):
-        raise ValueError("per-layer-type rope parameters are not supported by the Llama family loader.")
+def _rope_settings(hf_config: Any, params: dict[str, Any] | None = None
+                   ) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling dict with "rope_type" or None for plain rope). ``params``: one
+    layer type's rope parameters (Gemma 3's); default the config's own."""
+    if params is None:
+        params = getattr(hf_config, "rope_parameters", None)
+        if params and any(isinstance(v, dict) for v in params.values()):
+            raise ValueError("per-layer-type rope parameters are read by model_config_from_hf.")
     params = dict(params or {})
     legacy = getattr(hf_config, "rope_scaling", None)
     if legacy and not params.get("rope_type") and not params.get("type"):
@@ -61,7 +64,20 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
 
     from jaxllm.models.llama import SUPPORTED_ROPE_TYPES
 
-    theta, scaling = _rope_settings(hf_config)
+    # Gemma 3: rope parameters per layer type; the sliding layers' must be plain rope.
+    per_type = getattr(hf_config, "rope_parameters", None)
+    local_theta = None
+    if per_type and any(isinstance(v, dict) for v in per_type.values()):
+        if set(per_type) - {"full_attention", "sliding_attention"}:
+            raise ValueError(f"rope parameters for layer types {sorted(per_type)} are not "
+                             "supported (full_attention and sliding_attention are).")
+        if "sliding_attention" in per_type:
+            local_theta, local_scaling = _rope_settings(hf_config, per_type["sliding_attention"])
+            if local_scaling is not None:
+                raise ValueError("scaled rope on the sliding layers is not supported.")
+        theta, scaling = _rope_settings(hf_config, per_type.get("full_attention", {}))
+    else:
+        theta, scaling = _rope_settings(hf_config)
     if scaling is not None and scaling["rope_type"] not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
             f"rope_type={scaling['rope_type']!r} is not supported; supported rope types: "
@@ -87,8 +103,8 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
             sliding_layers = None
 
     is_qwen2 = arch == "Qwen2ForCausalLM"
-    gemma = arch in ("GemmaForCausalLM", "Gemma2ForCausalLM")
-    gemma2 = arch == "Gemma2ForCausalLM"
+    gemma = arch in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+    gemma2 = arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")  # and Gemma 3 after it
     # Gemma 2 names its activation hidden_activation (Gemma's config.json may carry both).
     act = (getattr(hf_config, "hidden_activation", None) if gemma2 else None) or getattr(
         hf_config, "hidden_act", "silu")
@@ -125,7 +141,8 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         attention_bias=True if is_qwen2 else attention_bias,
         o_proj_bias=False if is_qwen2 else attention_bias,
         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
-        qk_norm=arch == "Qwen3ForCausalLM",
+        qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+        rope_local_theta=local_theta,
         sliding_window=int(sliding_window) if sliding_window is not None else None,
         sliding_window_layers=sliding_layers,
         hidden_act=act,

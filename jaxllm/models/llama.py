@@ -28,6 +28,7 @@ model under ``nnx.eval_shape`` allocates nothing, which is how the loaders build
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -81,6 +82,18 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
         return np.where(is_medium, smoothed, scaled).astype(np.float32)
     raise ValueError(
         f"rope_type={rope_type!r} is not supported; supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}.")
+
+
+def layer_inv_freqs(config: ModelConfig) -> tuple[tuple[float, ...], ...]:
+    """Each layer's rope inverse frequencies: the config's rope, or, for Gemma 3's sliding
+    layers, plain rope at ``rope_local_theta``. Tuples of floats (static module data)."""
+    glob = tuple(float(f) for f in rope_inv_freq(config))
+    if config.rope_local_theta is None:
+        return (glob,) * config.num_hidden_layers
+    local = tuple(float(f) for f in rope_inv_freq(dataclasses.replace(
+        config, rope_theta=config.rope_local_theta, rope_scaling=None)))
+    return tuple(local if config.layer_sliding_window(i) is not None else glob
+                 for i in range(config.num_hidden_layers))
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
@@ -352,6 +365,7 @@ class LlamaForCausalLM(nnx.Module):
         # Validated here so an unsupported rope type fails at construction, not at first trace.
         # A tuple of floats, not an array: static module data must be hashable and array-free.
         self.inv_freq = tuple(float(f) for f in rope_inv_freq(config))
+        self.layer_inv_freq = layer_inv_freqs(config)
         self.model = LlamaModel(config, self.dtype, rngs, attention_backend)
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -366,11 +380,12 @@ class LlamaForCausalLM(nnx.Module):
         """
         if len(kv_caches) != len(self.model.layers):
             raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model {len(self.model.layers)}.")
-        inv_freq = jnp.asarray(self.inv_freq, dtype=jnp.float32)  # [D/2]
+        freqs = {f: jnp.asarray(f, dtype=jnp.float32) for f in set(self.layer_inv_freq)}  # [D/2]
         x = embed(self.model.embed_tokens, token_ids, self.config)
         new_caches = []
         call = _layer_caller() if isinstance(x, jax.core.Tracer) and layer_jit() else None
-        for layer, kv in zip(self.model.layers, kv_caches):
+        for layer, kv, f in zip(self.model.layers, kv_caches, self.layer_inv_freq):
+            inv_freq = freqs[f]
             if call is None:
                 x, kv = layer(x, positions, inv_freq, kv, md)
             else:

@@ -20,6 +20,9 @@ MODEL_REGISTRY: dict[str, type[nnx.Module]] = {
     # its attention scale, soft-caps and sliding layers (ModelConfig's Gemma switches).
     "GemmaForCausalLM": LlamaForCausalLM,
     "Gemma2ForCausalLM": LlamaForCausalLM,
+    # Gemma 3's text model (the 1B; the larger ones are Gemma3ForConditionalGeneration, with a
+    # vision tower, not built): Gemma 2's switches, q/k norms, a rope base per layer type.
+    "Gemma3ForCausalLM": LlamaForCausalLM,
 }
 
 
