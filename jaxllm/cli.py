@@ -54,6 +54,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="priority: requests with a lower 'priority' value are served first "
                         "(and preempted last), as vLLM's (default fcfs)")
+    p.add_argument("--enable-sleep-mode", action="store_true",
+                   help="let sleep / wake_up free and restore the weights' and KV cache's "
+                        "device memory (vLLM's; the server's /sleep and /wake_up routes need "
+                        "JAXLLM_SERVER_DEV_MODE=1)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="compile the step programs without XLA's command buffers (its CUDA "
                         "graphs): every kernel launched on its own, as vLLM's --enforce-eager")
@@ -128,6 +132,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
                 async_scheduling=args.async_scheduling, enforce_eager=args.enforce_eager,
                 scheduling_policy=args.scheduling_policy,
+                enable_sleep_mode=args.enable_sleep_mode,
                 num_scheduler_steps=args.num_scheduler_steps,
                 generation_config=args.generation_config,
                 override_generation_config=args.override_generation_config,

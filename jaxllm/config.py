@@ -186,6 +186,9 @@ class EngineConfig:
     # vLLM's --scheduling-policy: "fcfs" (first come, first served) or "priority" (each request's
     # priority, lower first, then arrival; preemption takes the last in that order).
     scheduling_policy: str = "fcfs"
+    # vLLM's: LLM.sleep() / wake_up() may free and restore the weights' and the KV cache's
+    # device memory (engine/llm_engine.py); off, sleep() is refused.
+    enable_sleep_mode: bool = False
     # Run q/k/v and gate/up as one GEMM each (jaxllm/models/fused.py), as vLLM always does;
     # False keeps the loaded separate projections (for A/B measurements).
     fuse_projections: bool = True

@@ -21,8 +21,10 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from jaxllm import RequestOutput, SamplingParams
+from jaxllm.errors import EngineSleepingError
 from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind
 from server import protocol as P
 from server import reasoning as reasoning_lib
@@ -96,6 +99,7 @@ class Call:
     headers: Mapping[str, str]
     body: bytes = b""
     gone: Callable[[], bool] = lambda: False
+    query: str = ""  # the URL's query string (the dev routes' parameters)
 
 
 @dataclass
@@ -295,7 +299,12 @@ ROUTES: dict[str, dict[str, str]] = {
     "/version": {"GET": "version"},
     "/metrics": {"GET": "metrics_route"},
     "/openapi.json": {"GET": "openapi"},
+    # vLLM's development routes (sleep mode), served only with JAXLLM_SERVER_DEV_MODE=1
+    "/sleep": {"POST": "sleep"},
+    "/wake_up": {"POST": "wake_up"},
+    "/is_sleeping": {"GET": "is_sleeping"},
 }
+DEV_MODE_ENV = "JAXLLM_SERVER_DEV_MODE"
 
 
 def route_of(path: str) -> dict[str, str]:
@@ -498,6 +507,7 @@ class OpenAIServer(PromptRenderer):
                  options: ServerOptions | dict[str, Any] | None = None):
         self.options = ServerOptions.of(options)
         self.cors: CORS | None = self.options.cors
+        self.dev_mode = os.environ.get(DEV_MODE_ENV, "0") == "1"
         if reasoning_parser not in (None, *reasoning_lib.REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be one of "
                              f"{reasoning_lib.REASONING_PARSERS}, got {reasoning_parser!r}.")
@@ -799,6 +809,9 @@ class OpenAIServer(PromptRenderer):
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _engine_error(self, e: Exception) -> APIError:
+        if isinstance(e, EngineSleepingError):
+            return APIError(503, str(e), code="engine_sleeping",
+                            headers={"Retry-After": "1"})
         if isinstance(e, ValueError):
             msg = str(e)
             param = "max_tokens" if "context length" in msg else _param_in(
@@ -946,6 +959,41 @@ class OpenAIServer(PromptRenderer):
     async def model(self, call: Call) -> Reply:
         """One served model's card (the OpenAI SDK's ``models.retrieve``); 404 for another."""
         return Reply.json(self._card(self._model(call.path[len("/v1/models/"):])).model_dump())
+
+    # -- vLLM's dev routes: sleep mode (LLMEngine.sleep / wake_up) ----------------------------
+    def _dev_route(self, call: Call) -> dict[str, list[str]]:
+        """The query of a dev route; 404 unless JAXLLM_SERVER_DEV_MODE=1, and the API key
+        checked as on /v1."""
+        if not self.dev_mode:
+            raise self.no_route(call.method, call.path, None)
+        self.check_auth("/v1" + call.path, call.headers)
+        return urllib.parse.parse_qs(call.query)
+
+    async def _engine_call(self, coro) -> None:
+        try:
+            await coro
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        except RuntimeError as e:  # requests still running
+            raise APIError(409, str(e), code="conflict") from None
+
+    async def sleep(self, call: Call) -> Reply:
+        q = self._dev_route(call)
+        try:
+            level = int(q.get("level", ["1"])[-1])
+        except ValueError:
+            raise APIError(400, "level must be an integer (1 or 2).", param="level") from None
+        await self._engine_call(self.engine.sleep(level))
+        return Reply(status=200)
+
+    async def wake_up(self, call: Call) -> Reply:
+        q = self._dev_route(call)
+        await self._engine_call(self.engine.wake_up(q.get("tags")))
+        return Reply(status=200)
+
+    async def is_sleeping(self, call: Call) -> Reply:
+        self._dev_route(call)
+        return Reply.json({"is_sleeping": await self.engine.is_sleeping()})
 
     async def health(self, call: Call) -> Reply:
         if getattr(self.engine, "errored", False) or not getattr(self.engine, "is_running", True):
@@ -1559,6 +1607,7 @@ def _aiohttp_route(route: Callable[[Call], Awaitable[Reply]]):
     until the client goes away, and always closes the Reply (aborting what is left)."""
     async def handler(request: web.Request) -> web.StreamResponse:
         call = Call(request.method, request.path, request.headers, await request.read(),
+                    query=request.query_string,
                     gone=lambda: _gone(request))
         reply = await route(call)
         try:

@@ -126,11 +126,12 @@ class EngineServer:
         self.metrics.start(metrics_interval_s)
 
     async def handle(self, method: str, path: str, headers: dict[str, str], body: bytes, *,
-                     route_key: bytes | None = None, avoid: tuple[str, ...] = ()
-                     ) -> AsyncIterator[dict | bytes]:
+                     route_key: bytes | None = None, avoid: tuple[str, ...] = (),
+                     query: str = "") -> AsyncIterator[dict | bytes]:
         """Yields the head ``{"status", "headers", "stream", "replica"}``, then the body (one
         bytes item) or the SSE chunks. ``route_key``/``avoid`` are read by the router only."""
-        reply = await self.server.handle(Call(method, path, CIMultiDict(headers), body))
+        reply = await self.server.handle(Call(method, path, CIMultiDict(headers), body,
+                                              query=query))
         try:
             yield {"status": reply.status, "headers": reply.all_headers(),
                    "stream": reply.stream is not None, "replica": self.replica_id}
@@ -212,7 +213,8 @@ class OpenAIIngress:
         for attempt in range(self.max_retries + 1):
             last = attempt == self.max_retries
             gen = self.engine.options(stream=True).handle.remote(
-                method, path, headers, body, route_key=key, avoid=tuple(avoid))
+                method, path, headers, body, route_key=key, avoid=tuple(avoid),
+                query=request.url.query)
             try:
                 head = await anext(gen)
                 if not head["stream"]:

@@ -28,14 +28,13 @@ def save_default_tokenizer(folder) -> None:
     tok.save_pretrained(str(folder))
 
 
-@pytest.fixture(scope="session")
-def small_llama_folder(tmp_path_factory):
-    """A 2-layer random Llama (hidden 64, GQA 4/2) with SmolLM2's tokenizer, saved like a hub model."""
+def write_small_llama(folder, seed: int = 0):
+    """Writes a 2-layer random Llama (hidden 64, GQA 4/2) with SmolLM2's tokenizer into
+    ``folder``, as a hub model is saved; ``seed`` picks its weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("small_llama")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
@@ -45,6 +44,12 @@ def small_llama_folder(tmp_path_factory):
     model.save_pretrained(str(folder), safe_serialization=True)
     save_default_tokenizer(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def small_llama_folder(tmp_path_factory):
+    """A 2-layer random Llama (hidden 64, GQA 4/2) with SmolLM2's tokenizer, saved like a hub model."""
+    return write_small_llama(tmp_path_factory.mktemp("small_llama"))
 
 
 def fused_kv_write_on(monkeypatch, rope: bool = False, split_k: int = 1) -> list:

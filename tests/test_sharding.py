@@ -233,6 +233,31 @@ def test_gemma3_under_pipeline_and_tensor_parallelism_matches_one_device(tmp_pat
         np.testing.assert_allclose(lps, ref_lps, rtol=1e-4, atol=1e-5)
 
 
+def test_sleep_and_weight_updates_under_pipeline_and_tensor_parallelism(small_llama_folder,
+                                                                         tmp_path):
+    """Sleep mode frees and restores every stage's and shard's arrays, and update_weights
+    places new weights by the sharding rules: the tokens of an engine loaded with them."""
+    from jaxllm.loading.safetensors_loader import iter_safetensors, safetensors_files
+
+    from .helpers import write_small_llama
+
+    other = write_small_llama(tmp_path / "other", seed=1)
+    want_own, want_other = _greedy(_llm(model=str(small_llama_folder))), _greedy(
+        _llm(model=str(other)))
+    for kw in (dict(pipeline_parallel_size=2), dict(tensor_parallel_size=2),
+               dict(data_parallel_size=2)):  # every replica sleeps and takes the weights
+        make = _llm_dp if "data_parallel_size" in kw else _llm
+        llm = make(model=str(small_llama_folder), enable_sleep_mode=True, **kw)
+        assert _greedy(llm) == want_own
+        llm.sleep(level=1)
+        llm.wake_up()
+        assert _greedy(llm) == want_own
+        llm.sleep(level=2)
+        llm.update_weights(iter_safetensors(safetensors_files(other)))
+        llm.wake_up()
+        assert _greedy(llm) == want_other, kw
+
+
 def test_tp3_on_the_default_model_matches_one_device(default_model_f32):
     # SmolLM2-135M: 9 query heads / 3 KV heads -> 3 + 1 per device.
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 5248, 8806, 42, 198]]

@@ -28,6 +28,18 @@ class EngineDeadError(RuntimeError):
     """The step loop failed; the engine accepts no more requests."""
 
 
+def _settle(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, result: Any,
+            err: BaseException | None) -> None:
+    """Completes ``fut`` (on its loop's thread) with ``result`` or ``err``."""
+    def done():
+        if not fut.done():
+            fut.set_exception(err) if err is not None else fut.set_result(result)
+    try:
+        loop.call_soon_threadsafe(done)
+    except RuntimeError:  # the caller's loop is closed
+        pass
+
+
 class AsyncEngine:
     """``async for out in engine.generate(prompt, params, request_id)``; ``await engine.abort(id)``.
 
@@ -179,6 +191,30 @@ class AsyncEngine:
             step += 1
         yield inst.request_output(request_id, tok)
 
+    async def _call(self, fn: Any) -> Any:
+        """Runs ``fn()`` on the step loop's thread between steps; its result or exception."""
+        if self._error is not None or self._stopped:
+            raise EngineDeadError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cv:
+            self._pending.append(("call", None, (fn, (loop, fut))))
+            self._cv.notify()
+        return await fut
+
+    # vLLM's sleep mode and an RL loop's weight sync (LLMEngine's), run between steps.
+    async def sleep(self, level: int = 1) -> None:
+        await self._call(lambda: self.engine.sleep(level))
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        await self._call(lambda: self.engine.wake_up(tags))
+
+    async def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping()
+
+    async def update_weights(self, weights) -> None:
+        await self._call(lambda: self.engine.update_weights(weights))
+
     async def abort(self, request_id: str) -> None:
         with self._cv:
             self._pending.append(("abort", request_id, None))
@@ -218,6 +254,13 @@ class AsyncEngine:
                         except Exception as e:  # a bad request: its caller gets the error
                             with self._cv:
                                 self._deliver(rid, e)
+                    elif kind == "call":  # sleep / wake_up / update_weights, between steps
+                        fn, (loop, fut) = payload
+                        try:
+                            result, err = fn(), None
+                        except Exception as e:
+                            result, err = None, e
+                        _settle(loop, fut, result, err)
                     else:
                         out = eng.abort_request(rid)
                         if out is not None:
@@ -237,3 +280,9 @@ class AsyncEngine:
             with self._cv:
                 for rid in list(self._queues):
                     self._deliver(rid, EngineDeadError(f"the engine loop has failed: {e!r}"))
+        finally:  # calls still queued (a shutdown, a failure) get an answer, not a hang
+            with self._cv:
+                pending, self._pending = self._pending, []
+            for kind, _, payload in pending:
+                if kind == "call":
+                    _settle(*payload[1], None, EngineDeadError("the engine is not running"))

@@ -132,6 +132,24 @@ class DataParallelEngine:
     def reset_prefix_cache(self) -> bool:
         return all([e.reset_prefix_cache() for e in self.engines])
 
+    # Sleep mode and weight updates act on every replica (not just the first, as __getattr__
+    # would have it).
+    def sleep(self, level: int = 1) -> None:
+        for e in self.engines:
+            e.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        for e in self.engines:
+            e.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return any(e.is_sleeping() for e in self.engines)
+
+    def update_weights(self, weights) -> None:
+        weights = list(weights)  # each replica reads them all
+        for e in self.engines:
+            e.update_weights(weights)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._owner)
 

@@ -37,6 +37,22 @@ class LLM:
         SamplingParams()."""
         return SamplingParams(**self.llm_engine.get_diff_sampling_param())
 
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode (``LLM(..., enable_sleep_mode=True)``): frees the KV cache's and
+        the weights' device memory; level 1 keeps the weights in host memory, level 2 drops
+        them. ``LLMEngine.sleep``."""
+        self.llm_engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Puts back what ``sleep`` freed ("weights" and / or "kv_cache"; default both)."""
+        self.llm_engine.wake_up(tags)
+
+    def update_weights(self, weights) -> None:
+        """New weights, without a recompile (an RL loop's weight sync): ``(hf_name, array)``
+        pairs of every tensor, as a checkpoint names and lays them out.
+        ``LLMEngine.update_weights``."""
+        self.llm_engine.update_weights(weights)
+
     def reset_prefix_cache(self) -> bool:
         """Empties the prefix cache; False (nothing done) while requests are running, as vLLM."""
         return self.llm_engine.reset_prefix_cache()

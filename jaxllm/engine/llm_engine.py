@@ -16,6 +16,7 @@ import logging
 import math
 import time
 import types
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from jaxllm.engine.detokenizer import OutputProcessor
 from jaxllm.engine.model_runner import ModelRunner, default_token_buckets, kv_page_bytes
 from jaxllm.engine.scheduler import Scheduler, SchedulerOutput
 from jaxllm.engine.sequence import Sequence, SequenceStatus
+from jaxllm.errors import EngineSleepingError
 from jaxllm.kv_cache.page_pool import PagePool
 from jaxllm.kv_cache.prefix_cache import PrefixCache
 from jaxllm.outputs import Logprob, RequestOutput
@@ -161,6 +163,9 @@ def _with_model(loaded: Any, model: Any) -> Any:
     if dataclasses.is_dataclass(loaded):
         return dataclasses.replace(loaded, model=model)
     return types.SimpleNamespace(**{**vars(loaded), "model": model})
+
+
+SLEEP_TAGS = ("weights", "kv_cache")
 
 
 class LLMEngine:
@@ -299,6 +304,7 @@ class LLMEngine:
             self.tokenizer, mc.vocab_size, self.eos_token_ids | self.generation_stop_token_ids,
             config.structured_outputs_config)
         self._requests: dict[str, _Request] = {}
+        self._sleeping: set[str] = set()  # what sleep() freed and wake_up() has not put back
         self._inflight: _InFlight | None = None  # the dispatched step not read back yet
         self.async_scheduling = config.async_scheduling  # may be switched between steps
         self._seq_counter = itertools.count()
@@ -492,8 +498,12 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | dict | list[int],
                     params: SamplingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0) -> None:
-        """Validates and queues a request. Raises ValueError for anything that can never run.
-        ``priority``: with scheduling_policy="priority", lower is served first (vLLM's)."""
+        """Validates and queues a request. Raises ValueError for anything that can never run,
+        EngineSleepingError while asleep. ``priority``: with scheduling_policy="priority",
+        lower is served first (vLLM's)."""
+        if self._sleeping:
+            raise EngineSleepingError(f"The engine is asleep ({', '.join(sorted(self._sleeping))}"
+                                      " freed): call wake_up() first.")
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not isinstance(priority, int) or isinstance(priority, bool):
@@ -596,6 +606,83 @@ class LLMEngine:
             if proc.status is None:
                 proc.status = SequenceStatus.FINISHED_ABORTED
         return self._make_output(req, final=True)
+
+    # -- sleep mode and weight updates (vLLM's, for RL loops) ---------------------------------
+    def _check_idle(self, what: str) -> None:
+        if self._requests:
+            raise RuntimeError(f"{what}: {len(self._requests)} requests are still running; "
+                               "finish or abort them first.")
+        if jax.process_count() > 1:
+            raise ValueError(f"{what} is not supported across several processes.")
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode (``enable_sleep_mode=True``): frees the device memory of the KV
+        cache and of the weights, for a training step that shares the accelerators. Level 1
+        keeps the weights in host memory (``wake_up`` puts them back); level 2 drops them
+        (``update_weights`` brings new ones; ``wake_up`` alone gives zeros). The prefix cache
+        is emptied. Refused while requests run; requests are refused while asleep."""
+        if not self.config.enable_sleep_mode:
+            raise ValueError("Sleep mode is not enabled: start the engine with "
+                             "enable_sleep_mode=True (--enable-sleep-mode).")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}.")
+        self._check_idle("sleep")
+        if self._sleeping:
+            return
+        self.reset_prefix_cache()  # the cached pages' K/V is about to go
+        self.runner.free_kv_cache()
+        self.runner.free_weights(keep_on_host=level == 1)
+        self._sleeping = set(SLEEP_TAGS)
+        logger.info("asleep (level %d): KV cache and weights freed from the device%s", level,
+                    ", weights kept in host memory" if level == 1 else "")
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Puts back what ``sleep`` freed: ``tags`` "weights" and / or "kv_cache" (default
+        both; the weights first lets an RL loop load new ones before the cache takes its
+        memory). A zeroed KV cache, and the weights from host memory (zeros after level 2)."""
+        tags = list(SLEEP_TAGS) if tags is None else list(tags)
+        bad = sorted(set(tags) - set(SLEEP_TAGS))
+        if bad:
+            raise ValueError(f"wake_up tags must be among {list(SLEEP_TAGS)}, got {bad}.")
+        if "weights" in tags and "weights" in self._sleeping:
+            self.runner.restore_weights()
+            self._sleeping.discard("weights")
+        if "kv_cache" in tags and "kv_cache" in self._sleeping:
+            self.runner.restore_kv_cache()
+            self._sleeping.discard("kv_cache")
+
+    def is_sleeping(self) -> bool:
+        """Whether anything ``sleep`` freed is still away."""
+        return bool(self._sleeping)
+
+    def update_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Runs new weights from now on, without a recompile: RL's weight sync. ``weights``:
+        every tensor of the model as its HF checkpoint names and lays them out
+        (``model.layers.0.self_attn.q_proj.weight`` [out, in], ...; numpy or JAX arrays, any
+        float dtype, cast to the model's), as the loaders read a checkpoint. They are placed
+        on the engine's devices by its sharding rules and fused as the engine runs them; the
+        old weights are freed after (briefly both are on the device, unless the engine sleeps
+        at level 2). The prefix cache is emptied (its K/V came from the old weights).
+        ValueError for a missing, unknown or misshaped tensor, and for fp8 models."""
+        from jaxllm.loading.weights import abstract_for, load_params_from_tensors
+
+        self._check_idle("update_weights")
+        mc = self.model_config
+        current = self.loaded.model
+        if mc.quantization is not None or current.config.quantization is not None:
+            raise ValueError("update_weights is not supported for fp8 models (it would have "
+                             "to quantize the new weights); run the bf16 model.")
+        model = load_params_from_tensors(
+            abstract_for(mc, current.dtype, current.attention_backend, self.replica), mc,
+            weights, current.dtype, parallel=self.replica)
+        if current.config.fused_projections:
+            from jaxllm.models.fused import fuse_projections
+
+            model = fuse_projections(model, self.parallel, consume=True)
+        self.runner.replace_weights(model)
+        self.loaded = _with_model(self.loaded, model)
+        self._sleeping.discard("weights")
+        self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> bool:
         """Empties the prefix cache. As vLLM: refused (False, with a warning) while requests hold

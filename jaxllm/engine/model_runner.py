@@ -453,6 +453,105 @@ class ModelRunner:
         self.publisher = None  # multi-host leader: sharding.distributed publishes each step
         self.last_host_time = 0.0
 
+    # -- sleep mode and weight updates (LLMEngine.sleep / wake_up / update_weights) -------------
+    # The step programs take the parameters and the KV cache as arguments, so both can be freed
+    # and put back (the same shapes, dtypes and placements) without a recompile. A pipeline
+    # runner keeps them per stage: these four accessors are what it overrides.
+    def _param_tree(self):
+        return self._leaves
+
+    def _set_param_tree(self, tree) -> None:
+        self._leaves = tree
+
+    def _kv_tree(self):
+        return self.kv_caches
+
+    def _set_kv_tree(self, tree) -> None:
+        self.kv_caches = tree
+
+    def _model_param_tree(self, model: nnx.Module):
+        """``model``'s parameters in the layout the step programs take."""
+        return jax.tree.leaves(nnx.state(model))
+
+    @staticmethod
+    def _free(tree, keep: bool) -> tuple[Any, list, list | None]:
+        """Deletes ``tree``'s arrays; returns (treedef, per-leaf (shape, dtype, sharding,
+        committed), host copies when ``keep``). An array placed by default (uncommitted) is
+        put back the same way: jit keys its programs on that too, and a committed copy would
+        compile them again."""
+        leaves, treedef = jax.tree.flatten(tree)
+        specs = [(x.shape, x.dtype, x.sharding, getattr(x, "_committed", True))
+                 for x in leaves]
+        host = [np.asarray(jax.device_get(x)) for x in leaves] if keep else None
+        seen = set()
+        for x in leaves:
+            if id(x) not in seen:
+                seen.add(id(x))
+                x.delete()
+        return treedef, specs, host
+
+    @staticmethod
+    def _rebuild(saved: tuple[Any, list, list | None]):
+        """The tree ``_free`` deleted: its host copies put back, or zeros (none were kept)."""
+        treedef, specs, host = saved
+        out = []
+        for i, (shape, dtype, sharding, committed) in enumerate(specs):
+            if not committed:  # where it was: the default device, uncommitted
+                out.append(jnp.asarray(host[i]) if host is not None
+                           else jnp.zeros(shape, dtype))
+            elif host is not None:
+                out.append(jax.device_put(host[i], sharding))
+            else:
+                out.append(jax.jit(functools.partial(jnp.zeros, shape, dtype),
+                                   out_shardings=sharding)())
+        return jax.tree.unflatten(treedef, out)
+
+    def free_weights(self, keep_on_host: bool) -> None:
+        """Frees the parameters' device memory (copied to host memory first when
+        ``keep_on_host``); ``restore_weights`` or ``replace_weights`` puts weights back."""
+        self._slept_weights = self._free(self._param_tree(), keep_on_host)
+        self._set_param_tree(None)
+
+    def restore_weights(self) -> None:
+        """The weights ``free_weights`` freed: the host copies, or zeros if none were kept."""
+        self._set_param_tree(self._rebuild(self._slept_weights))
+        self._slept_weights = None
+
+    def free_kv_cache(self) -> None:
+        self._slept_kv = self._free(self._kv_tree(), keep=False)
+        self._set_kv_tree(None)
+
+    def restore_kv_cache(self) -> None:
+        """A zeroed KV cache in the freed one's shapes and placement."""
+        self._set_kv_tree(self._rebuild(self._slept_kv))
+        self._slept_kv = None
+
+    def replace_weights(self, model: nnx.Module) -> None:
+        """Runs ``model``'s parameters from now on (LLMEngine.update_weights). ValueError unless
+        each has the shape, dtype and placement of the one it replaces (the compiled step
+        programs are kept)."""
+        new = self._model_param_tree(model)
+        old = self._param_tree()
+        if old is None:  # freed: compare with what was freed
+            treedef, specs, _ = self._slept_weights
+        else:
+            leaves, treedef = jax.tree.flatten(old)
+            specs = [(x.shape, x.dtype, x.sharding, None) for x in leaves]
+        new_leaves, new_treedef = jax.tree.flatten(new)
+        if new_treedef != treedef:
+            raise ValueError("the new weights are not the model's parameters (another structure)")
+        for x, (shape, dtype, sharding, _) in zip(new_leaves, specs):
+            if x.shape != shape or x.dtype != dtype:
+                raise ValueError(f"a new weight is {x.dtype}{list(x.shape)}, the model's "
+                                 f"{dtype}{list(shape)}")
+            if not x.sharding.is_equivalent_to(sharding, len(shape)):
+                raise ValueError(f"a new weight is placed as {x.sharding}, the model's as "
+                                 f"{sharding}")
+        if old is not None:
+            self._free(old, keep=False)
+        self._set_param_tree(new)
+        self._slept_weights = None
+
     def _set_step_shape(self, parallel, mesh, *, num_pages: int, page_size: int,
                         max_model_len: int, max_num_seqs: int, token_buckets, vocab_size: int,
                         max_logprobs: int) -> None:

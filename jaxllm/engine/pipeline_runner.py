@@ -118,20 +118,7 @@ class PipelineRunner(ModelRunner):
         self._fwd, self._stage_leaves = [], []
         for s, st in enumerate(self.stages):
             first, last = s == 0, s == self.pp - 1
-            gds: dict[str, Any] = {"layers": []}
-            params: dict[str, Any] = {"layers": []}
-            if first:
-                gds["embed"], params["embed"] = nnx.split(model.model.embed_tokens)
-            for i in st.layers:
-                gd, p = nnx.split(model.model.layers[i])
-                gds["layers"].append(gd)
-                params["layers"].append(p)
-            if last:
-                gds["norm"], params["norm"] = nnx.split(model.model.norm)
-                head = (model.model.embed_tokens.embedding if tied else model.lm_head.kernel)[...]
-                path = ("model", "embed_tokens", "embedding") if tied else ("lm_head", "kernel")
-                # A tied embedding lives on stage 0; the last stage gets its own copy.
-                params["head"] = jax.device_put(head, st.state_path_sharding(path, head.shape))
+            gds, params = self._stage_params(model, s)
             leaves, treedef = jax.tree.flatten(params)
             self._stage_leaves.append(leaves)
             fn = functools.partial(_stage_forward, treedef, gds,
@@ -149,6 +136,47 @@ class PipelineRunner(ModelRunner):
         self._prev_tokens = np.zeros((max_num_seqs,), np.int32)
         self.last_host_time = 0.0
         self.publisher = None
+
+    def _stage_params(self, model: nnx.Module, s: int) -> tuple[dict, dict]:
+        """Stage ``s``'s (graphdefs, params) of ``model``: its layers, and the embedding on the
+        first stage, the final norm and the head on the last."""
+        st = self.stages[s]
+        tied = model.config.tie_word_embeddings
+        gds: dict[str, Any] = {"layers": []}
+        params: dict[str, Any] = {"layers": []}
+        if s == 0:
+            gds["embed"], params["embed"] = nnx.split(model.model.embed_tokens)
+        for i in st.layers:
+            gd, p = nnx.split(model.model.layers[i])
+            gds["layers"].append(gd)
+            params["layers"].append(p)
+        if s == self.pp - 1:
+            gds["norm"], params["norm"] = nnx.split(model.model.norm)
+            head = (model.model.embed_tokens.embedding if tied else model.lm_head.kernel)[...]
+            path = ("model", "embed_tokens", "embedding") if tied else ("lm_head", "kernel")
+            # A tied embedding lives on stage 0; the last stage gets its own copy.
+            params["head"] = jax.device_put(head, st.state_path_sharding(path, head.shape))
+        return gds, params
+
+    # -- sleep mode and weight updates (ModelRunner's, over every stage) --------------------------
+    def _param_tree(self):
+        return self._stage_leaves
+
+    def _set_param_tree(self, tree) -> None:
+        self._stage_leaves = tree
+
+    def _kv_tree(self):
+        return self.stage_kv
+
+    def _set_kv_tree(self, tree) -> None:
+        self.stage_kv = tree
+
+    def _model_param_tree(self, model: nnx.Module):
+        return [jax.tree.leaves(self._stage_params(model, s)[1]) for s in range(self.pp)]
+
+    def replace_weights(self, model: nnx.Module) -> None:
+        super().replace_weights(model)
+        self.model = model
 
     # -- what the engine and tests read ---------------------------------------------------------
     @property
