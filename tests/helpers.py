@@ -48,7 +48,8 @@ def write_small_llama(folder, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def small_llama_folder(tmp_path_factory):
-    """A 2-layer random Llama (hidden 64, GQA 4/2) with SmolLM2's tokenizer, saved like a hub model."""
+    """A 2-layer random Llama (hidden 64, GQA 4/2) with SmolLM2's tokenizer, saved like a hub
+    model."""
     return write_small_llama(tmp_path_factory.mktemp("small_llama"))
 
 

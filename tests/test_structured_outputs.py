@@ -1,7 +1,7 @@
-"""Structured outputs, allowed_token_ids and bad_words (engine/structured_output.py): the token bitmask on the
-device against a numpy reference, the params' validation, and a random Llama's sampled text fitting
-each kind of constraint (a random model would almost never write valid JSON by itself, so a
-constraint that did not hold would show)."""
+"""Structured outputs, allowed_token_ids and bad_words (engine/structured_output.py): the token
+bitmask on the device against a numpy reference, the params' validation, and a random Llama's
+sampled text fitting each kind of constraint (a random model would almost never write valid
+JSON by itself, so a constraint that did not hold would show)."""
 
 from __future__ import annotations
 

@@ -52,8 +52,8 @@ from jaxllm.engine.model_runner import (ModelRunner, StepInputs, _sample_padded,
 
 
 def _stage_forward(treedef, graphdefs, inv_freqs, first: bool, last: bool, tied: bool,
-                   config, leaves, kv_caches, h, positions, md, logits_indices, token_ids, prev_rows,
-                   prev_tokens):
+                   config, leaves, kv_caches, h, positions, md, logits_indices, token_ids,
+                   prev_rows, prev_tokens):
     """One stage over one micro-batch. Returns (kv_caches, hidden [T, E]) or, on the last
     stage, (kv_caches, logits [S, V] float32)."""
     params = jax.tree.unflatten(treedef, leaves)
