@@ -64,7 +64,7 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3,
-    SmolLM2, Phi-3/4, Gemma, Gemma 2, Gemma 3 text)."""
+    SmolLM2, Phi-3/4, Gemma, Gemma 2, Gemma 3 text, Granite 3)."""
 
     architecture: str
     vocab_size: int
@@ -102,6 +102,11 @@ class ModelConfig:
     attn_scale: float | None = None  # None: head_dim ** -0.5
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    # Granite (IBM Granite 3): each layer's attention and MLP outputs scaled before the residual
+    # add, and the logits divided by logits_scaling (its embedding and attention multipliers
+    # are embed_multiplier and attn_scale above).
+    residual_multiplier: float | None = None
+    logits_scaling: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # "fp8": the attention and MLP projections are jaxllm.models.fp8.Fp8Linear (e4m3 weights,

@@ -79,6 +79,9 @@ CASES = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1e6,
                                             "factor": 2.0}})),
+    "granite_multipliers_tied": (transformers.GraniteConfig, dict(
+        embedding_multiplier=12.0, attention_multiplier=0.05, residual_multiplier=0.22,
+        logits_scaling=8.0, tie_word_embeddings=True)),
 }
 
 
@@ -271,7 +274,8 @@ def test_unsupported_architecture_names_the_supported_ones():
         model_config_from_hf(cfg)
     assert set(MODEL_REGISTRY) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                                    "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM",
-                                   "Gemma2ForCausalLM", "Gemma3ForCausalLM"}
+                                   "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                                   "GraniteForCausalLM"}
     # Phi-3.5 / Phi-4-mini: longrope and partial rotary are refused, not run wrong
     cfg = transformers.Phi3Config(**_SMALL, architectures=["Phi3ForCausalLM"],
                                   rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,

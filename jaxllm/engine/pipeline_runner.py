@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.engine import sampler as sampler_lib
-from jaxllm.models.llama import embed, final_soft_cap
+from jaxllm.models.llama import embed, final_logits
 from jaxllm.engine.model_runner import (ModelRunner, StepInputs, _sample_padded, _traced_over_heads,
                                         step_jit_options, zeros_kv_cache)
 
@@ -74,7 +74,7 @@ def _stage_forward(treedef, graphdefs, inv_freqs, first: bool, last: bool, tied:
         logits = jnp.einsum("ne,ve->nv", h, w, preferred_element_type=jnp.float32)
     else:
         logits = jnp.einsum("ne,ev->nv", h, w, preferred_element_type=jnp.float32)
-    return new_kv, final_soft_cap(logits, config)
+    return new_kv, final_logits(logits, config)
 
 
 def _assemble(rows: jax.Array, max_num_seqs: int, outs: list, tokens: list):

@@ -110,6 +110,11 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         hf_config, "hidden_act", "silu")
     scalar = getattr(hf_config, "query_pre_attn_scalar", None) if gemma2 else None
 
+    granite = arch == "GraniteForCausalLM"
+
+    def granite_float(name: str) -> float | None:
+        return float(getattr(hf_config, name)) if granite else None
+
     def cap(name: str) -> float | None:
         v = getattr(hf_config, name, None) if gemma2 else None
         return float(v) if v else None
@@ -147,9 +152,13 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         sliding_window_layers=sliding_layers,
         hidden_act=act,
         norm_weight_offset=1.0 if gemma else 0.0,
-        embed_multiplier=float(hf_config.hidden_size) ** 0.5 if gemma else None,
+        embed_multiplier=(float(hf_config.hidden_size) ** 0.5 if gemma
+                          else granite_float("embedding_multiplier")),
         sandwich_norms=gemma2,
-        attn_scale=float(scalar) ** -0.5 if scalar else None,
+        attn_scale=(float(scalar) ** -0.5 if scalar
+                    else granite_float("attention_multiplier")),
+        residual_multiplier=granite_float("residual_multiplier"),
+        logits_scaling=granite_float("logits_scaling"),
         attn_logit_softcap=cap("attn_logit_softcapping"),
         final_logit_softcap=cap("final_logit_softcapping"),
         bos_token_id=getattr(hf_config, "bos_token_id", None),

@@ -8,6 +8,8 @@ One class covers the family; the differences are switches on ``ModelConfig``:
   - per-head q/k RMSNorm before rope (Qwen3; head_dim may differ from E / H)
   - sliding window attention (Mistral; Qwen2/3 on the layers their config selects)
   - tied input/output embeddings (SmolLM2, Llama 3.2 1B/3B, small Qwens, Gemma)
+  - Granite 3: multipliers on the embeddings, the attention scores (its scale), each residual
+    branch, and a divisor on the logits
   - Gemma: GeGLU (tanh-approximated or exact GELU), norms scaling by (1 + w) in float32,
     embeddings multiplied by sqrt(E); Gemma 2 also: four norms a layer (the attention's and the
     MLP's outputs normed before the residual add), its own attention scale, tanh soft-caps on
@@ -318,7 +320,12 @@ class LlamaDecoderLayer(nnx.Module):
             self.post_feedforward_layernorm = _norm(config, E, dtype)
         else:
             self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
+        self.residual_multiplier = config.residual_multiplier
         self.mlp = LlamaMLP(config, dtype, rngs)
+
+    def _branch(self, h: jax.Array) -> jax.Array:
+        """A residual branch's output as it is added: Granite scales it."""
+        return h if self.residual_multiplier is None else h * self.residual_multiplier
 
     def __call__(self, x, positions, inv_freq, kv_cache, md):
         """x: [T, E] (the residual stream) -> [T, E]."""
@@ -328,13 +335,13 @@ class LlamaDecoderLayer(nnx.Module):
             x = x + self.post_attention_layernorm(attn_out)
             h = self.mlp(self.pre_feedforward_layernorm(x))
             return x + self.post_feedforward_layernorm(h), kv_cache
-        x = x + attn_out
+        x = x + self._branch(attn_out)
         if (self.mlp.kernel_ok() and not self.post_attention_layernorm.offset
                 and mlp_kernel_applies(self.self_attn.attention_backend, x.shape[0],
                                        fp8=self.mlp.gate_up_proj.kernel is None)):
             h = self.mlp.normed_swiglu_kernel(x, self.post_attention_layernorm)
-            return x + self.mlp.down_proj(h), kv_cache
-        x = x + self.mlp(self.post_attention_layernorm(x))
+            return x + self._branch(self.mlp.down_proj(h)), kv_cache
+        x = x + self._branch(self.mlp(self.post_attention_layernorm(x)))
         return x, kv_cache
 
 
@@ -406,7 +413,7 @@ class LlamaForCausalLM(nnx.Module):
         else:
             w = self.lm_head.kernel[...]  # [E, V]
             logits = jnp.einsum("ne,ev->nv", hidden, w, preferred_element_type=out)
-        return final_soft_cap(logits.astype(jnp.float32), self.config)
+        return final_logits(logits.astype(jnp.float32), self.config)
 
 
 def embed(embed_tokens: nnx.Embed, token_ids: jax.Array, config: ModelConfig) -> jax.Array:
@@ -417,8 +424,11 @@ def embed(embed_tokens: nnx.Embed, token_ids: jax.Array, config: ModelConfig) ->
     return x
 
 
-def final_soft_cap(logits: jax.Array, config: ModelConfig) -> jax.Array:
-    """Gemma 2's cap * tanh(logits / cap) on the float32 logits (none for other models)."""
+def final_logits(logits: jax.Array, config: ModelConfig) -> jax.Array:
+    """The float32 logits as the model ends them: Granite divides them by its logits_scaling,
+    Gemma 2 caps them (cap * tanh(logits / cap)); others as they are."""
+    if config.logits_scaling is not None:
+        logits = logits / config.logits_scaling
     cap = config.final_logit_softcap
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 

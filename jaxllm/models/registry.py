@@ -23,6 +23,9 @@ MODEL_REGISTRY: dict[str, type[nnx.Module]] = {
     # Gemma 3's text model (the 1B; the larger ones are Gemma3ForConditionalGeneration, with a
     # vision tower, not built): Gemma 2's switches, q/k norms, a rope base per layer type.
     "Gemma3ForCausalLM": LlamaForCausalLM,
+    # Granite 3 (dense): Llama with multipliers on the embeddings, the attention scores, each
+    # residual branch and the logits.
+    "GraniteForCausalLM": LlamaForCausalLM,
 }
 
 
