@@ -1289,6 +1289,12 @@ def test_a_chat_template_given_to_the_engine_replaces_the_tokenizers(small_llama
     msgs = [{"role": "user", "content": "hi"}]
     llm = LLM(str(small_llama_folder), chat_template=template, **kw)
     assert llm.chat(msgs, params, use_tqdm=False)[0].prompt == "<<hi>>"
+    # vLLM's LLM.chat(tools=): the template sees them
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {}}}]
+    llm.llm_engine.tokenizer.chat_template = (
+        template + "{% for t in tools or [] %}(tool {{ t['function']['name'] }}){% endfor %}")
+    assert llm.chat(msgs, params, use_tqdm=False, tools=tools)[0].prompt == (
+        "<<hi>>(tool get_time)")
     llm = LLM(str(small_llama_folder), chat_template=str(tmp_path / "t.jinja"), **kw)
     assert llm.chat(msgs, params, use_tqdm=False)[0].prompt == "[[hi>>"
     with pytest.raises(ValueError, match="looks like a path"):

@@ -147,19 +147,25 @@ class LLM:
              sampling_params: SamplingParams | TypingSequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, tools: list[dict] | None = None
+             ) -> list[RequestOutput]:
         """Generates replies to one conversation or a list of them, with the tokenizer's chat
-        template (a conversation is a list of {"role", "content"} dicts)."""
+        template (a conversation is a list of {"role", "content"} dicts). ``tools``: OpenAI
+        function tools for the template (vLLM's LLM.chat(tools=)); the reply is the model's
+        text, its tool calls in the model's own format."""
         if not messages:
             raise ValueError("messages must not be empty")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         tok = self.get_tokenizer()
+        extra = dict(chat_template_kwargs or {})
+        if tools is not None:
+            extra["tools"] = tools
         prompts = []
         for conv in conversations:
             ids = tok.apply_chat_template(
                 conv, chat_template=chat_template, tokenize=True,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
-                continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
+                continue_final_message=continue_final_message, **extra)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             prompts.append({"prompt_token_ids": list(ids),
