@@ -70,6 +70,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override-generation-config", type=_json_object, default=None,
                    help='JSON of generation config fields that win over the file\'s, e.g. '
                         '\'{"temperature": 0.5}\'')
+    p.add_argument("--runner", default="auto", choices=["auto", "generate", "pooling"],
+                   help="pooling: an embedding model (LLM.embed, /v1/embeddings) that generates "
+                        "nothing, as vLLM's --runner pooling (auto: generate)")
+    p.add_argument("--pooler-config", type=_json_object, default=None,
+                   help='the pooling runner\'s JSON, vLLM\'s: {"pooling_type": "LAST" | "MEAN" '
+                        '| "CLS", "normalize": true}')
     p.add_argument("--structured-outputs-config", type=_json_object, default=None,
                    help='JSON, vLLM\'s: {"backend": "auto" | "guidance", '
                         '"disable_any_whitespace": bool, "disable_additional_properties": bool, '
@@ -136,7 +142,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 num_scheduler_steps=args.num_scheduler_steps,
                 generation_config=args.generation_config,
                 override_generation_config=args.override_generation_config,
-                structured_outputs_config=args.structured_outputs_config)
+                structured_outputs_config=args.structured_outputs_config,
+                runner=args.runner, pooler_config=args.pooler_config)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -194,6 +194,11 @@ class EngineConfig:
     # vLLM's: LLM.sleep() / wake_up() may free and restore the weights' and the KV cache's
     # device memory (engine/llm_engine.py); off, sleep() is refused.
     enable_sleep_mode: bool = False
+    # vLLM's --runner: "generate" (the default; "auto" is the same here: every supported model
+    # is a causal LM) or "pooling" (embeddings only: engine/pooling.py), with vLLM's
+    # --pooler-config {"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": bool}.
+    runner: str = "generate"
+    pooler_config: dict[str, Any] | None = None
     # Run q/k/v and gate/up as one GEMM each (jaxllm/models/fused.py), as vLLM always does;
     # False keeps the loaded separate projections (for A/B measurements).
     fuse_projections: bool = True
@@ -237,6 +242,11 @@ class EngineConfig:
         for name in ("page_size", "tensor_parallel_size", "pipeline_parallel_size",
                      "data_parallel_size", "max_logprobs", "num_scheduler_steps"):
             positive(name)
+        if self.runner == "auto":
+            object.__setattr__(self, "runner", "generate")
+        if self.runner not in ("generate", "pooling"):
+            raise ValueError(f"runner must be 'auto', 'generate' or 'pooling', got "
+                             f"{self.runner!r}.")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got "
                              f"{self.scheduling_policy!r}.")

@@ -17,6 +17,7 @@ is a 4xx, never a 500, and no traceback ever reaches a client.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -31,11 +32,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from jaxllm import RequestOutput, SamplingParams
 from jaxllm.errors import EngineSleepingError
+from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind
 from server import protocol as P
 from server import reasoning as reasoning_lib
@@ -293,6 +296,7 @@ ROUTES: dict[str, dict[str, str]] = {
     "/v1/completions": {"POST": "completions"},
     "/v1/chat/completions": {"POST": "chat_completions"},
     "/v1/responses": {"POST": "responses"},
+    "/v1/embeddings": {"POST": "embeddings"},
     "/tokenize": {"POST": "tokenize"},
     "/detokenize": {"POST": "detokenize"},
     "/health": {"GET": "health"},
@@ -959,6 +963,42 @@ class OpenAIServer(PromptRenderer):
     async def model(self, call: Call) -> Reply:
         """One served model's card (the OpenAI SDK's ``models.retrieve``); 404 for another."""
         return Reply.json(self._card(self._model(call.path[len("/v1/models/"):])).model_dump())
+
+    async def embeddings(self, call: Call) -> Reply:
+        """OpenAI's /v1/embeddings, on an engine built with runner="pooling"
+        (jaxllm/engine/pooling.py); a 400 from a generating one, as vLLM's."""
+        async with self._admit():
+            req, model = self._request(call, P.EmbeddingRequest)
+            try:
+                prompts = self._completion_prompts(req.input)
+            except APIError:
+                raise APIError(400, "input must not be empty (nor hold an empty item).",
+                               param="input") from None
+            try:
+                params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize,
+                                       truncate_prompt_tokens=req.truncate_prompt_tokens)
+                outs = await self.engine.embed([{"prompt_token_ids": p.ids} for p in prompts],
+                                               params)
+            except ValueError as e:
+                msg = str(e)
+                raise APIError(400, msg, param=_param_in(
+                    msg, ["dimensions", "truncate_prompt_tokens", "input"])) from None
+            except (asyncio.CancelledError, APIError):
+                raise
+            except Exception as e:
+                raise self._engine_error(e) from None
+            data = []
+            for i, o in enumerate(outs):
+                v = o.outputs.embedding
+                if req.encoding_format == "base64":
+                    v = base64.b64encode(np.asarray(v, "<f4").tobytes()).decode()
+                data.append(P.EmbeddingData(embedding=v, index=i))
+            n = sum(len(o.prompt_token_ids) for o in outs)
+            resp = P.EmbeddingResponse(
+                id=f"embd-{req.request_id or uuid.uuid4().hex}", created=int(time.time()),
+                model=model, data=data,
+                usage=P.UsageInfo(prompt_tokens=n, total_tokens=n))
+            return Reply.json(resp.model_dump())
 
     # -- vLLM's dev routes: sleep mode (LLMEngine.sleep / wake_up) ----------------------------
     def _dev_route(self, call: Call) -> dict[str, list[str]]:

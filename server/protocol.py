@@ -213,6 +213,38 @@ class CompletionRequest(_SamplingFields):
         return None
 
 
+# -- /v1/embeddings (a pooling engine: jaxllm/engine/pooling.py) ----------------------------------
+class EmbeddingRequest(_Model):
+    model: str | None = None
+    input: (StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]]) = Field(
+        description="A string, a list of strings, a list of token ids or a list of such lists.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+    user: str | None = None  # accepted and ignored
+    # vLLM's extras
+    truncate_prompt_tokens: Int32 | None = None
+    normalize: bool | None = None
+    request_id: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        return None
+
+
+class EmbeddingData(_Response):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str  # base64: the little-endian float32 bytes
+    index: int
+
+
+class EmbeddingResponse(_Response):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo
+
+
 # -- /v1/chat/completions -------------------------------------------------------------------------
 class TextContentPart(_Model):
     type: Literal["text"]

@@ -215,6 +215,10 @@ class AsyncEngine:
     async def update_weights(self, weights) -> None:
         await self._call(lambda: self.engine.update_weights(weights))
 
+    async def embed(self, prompts: list[Any], params: Any = None) -> list[Any]:
+        """A pooling engine's embeddings (LLMEngine.embed), computed between steps."""
+        return await self._call(lambda: self.engine.embed(prompts, params))
+
     async def abort(self, request_id: str) -> None:
         with self._cv:
             self._pending.append(("abort", request_id, None))

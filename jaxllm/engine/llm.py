@@ -37,6 +37,14 @@ class LLM:
         SamplingParams()."""
         return SamplingParams(**self.llm_engine.get_diff_sampling_param())
 
+    def embed(self, prompts: PromptType | TypingSequence[PromptType],
+              pooling_params: Any = None, use_tqdm: bool = False) -> list[Any]:
+        """Embeddings (vLLM's ``LLM.embed``) of an engine built with ``runner="pooling"``:
+        EmbeddingRequestOutputs in input order, each ``outputs.embedding`` a list of floats.
+        ``pooling_params``: a PoolingParams (jaxllm.pooling_params), or one per prompt.
+        ``use_tqdm`` is accepted for vLLM's signature (one call embeds the whole list)."""
+        return self.llm_engine.embed(self._prompt_list(prompts), pooling_params)
+
     def sleep(self, level: int = 1) -> None:
         """vLLM's sleep mode (``LLM(..., enable_sleep_mode=True)``): frees the KV cache's and
         the weights' device memory; level 1 keeps the weights in host memory, level 2 drops

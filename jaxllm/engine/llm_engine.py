@@ -168,6 +168,21 @@ def _with_model(loaded: Any, model: Any) -> Any:
 SLEEP_TAGS = ("weights", "kv_cache")
 
 
+def _declares_matryoshka(source: Any) -> bool:
+    """Whether a model folder's config.json declares Matryoshka embeddings (vLLM's
+    is_matryoshka / matryoshka_dimensions): what lets a request ask for fewer dimensions."""
+    import json
+
+    path = Path(source) / "config.json" if source is not None else None
+    if path is None or not path.is_file():
+        return False
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(cfg.get("is_matryoshka") or cfg.get("matryoshka_dimensions"))
+
+
 class LLMEngine:
     """The synchronous engine. Not thread-safe: one driver (LLM or AsyncEngine's loop) at a time."""
 
@@ -184,6 +199,9 @@ class LLMEngine:
 
             replica = replica_meshes(make_mesh(1, pp, tp))[0]
         self.replica = replica
+        if config.runner == "pooling" and (pp > 1 or jax.process_count() > 1):
+            raise ValueError("runner='pooling' runs on one process without pipeline "
+                             "parallelism (tensor parallelism is fine).")
         if jax.process_count() > 1 and pp > 1:
             raise ValueError(
                 f"pipeline_parallel_size ({pp}) > 1 is not supported across {jax.process_count()} "
@@ -311,7 +329,11 @@ class LLMEngine:
         self._seed_rng = np.random.default_rng(config.seed)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0,
                       "prefix_cache_hits": 0, "prefix_cache_queries": 0}
-        if not config.skip_compile_at_start:
+        from jaxllm.engine.pooling import check_pooler_config
+
+        self.pooler = check_pooler_config(config.pooler_config)
+        self.is_matryoshka = _declares_matryoshka(getattr(loaded, "source", None))
+        if not config.skip_compile_at_start and config.runner != "pooling":
             secs = self.runner.compile_all()
             logger.info("compiled %d step programs (%d token buckets) in %.1f s",
                         len(self.runner.step_variants()), len(token_buckets), secs)
@@ -501,6 +523,9 @@ class LLMEngine:
         """Validates and queues a request. Raises ValueError for anything that can never run,
         EngineSleepingError while asleep. ``priority``: with scheduling_policy="priority",
         lower is served first (vLLM's)."""
+        if self.config.runner == "pooling":
+            raise ValueError("This engine is a pooling model (runner='pooling'): it embeds "
+                             "(embed, /v1/embeddings) and generates nothing.")
         if self._sleeping:
             raise EngineSleepingError(f"The engine is asleep ({', '.join(sorted(self._sleeping))}"
                                       " freed): call wake_up() first.")
@@ -606,6 +631,20 @@ class LLMEngine:
             if proc.status is None:
                 proc.status = SequenceStatus.FINISHED_ABORTED
         return self._make_output(req, final=True)
+
+    def embed(self, prompts: list[Any], params: Any = None) -> list[Any]:
+        """Embeddings of ``prompts`` (what add_request takes) with ``params`` (PoolingParams,
+        one or one per prompt): the pooling runner's work (engine/pooling.py). ValueError
+        unless the engine was built with runner="pooling", for a prompt that can never fit,
+        and for dimensions on a model that is not Matryoshka."""
+        from jaxllm.engine.pooling import embed
+
+        if self.config.runner != "pooling":
+            raise ValueError("embed() is only supported for pooling models: start the engine "
+                             "with runner='pooling' (--runner pooling).")
+        if self._sleeping:
+            raise EngineSleepingError("The engine is asleep: call wake_up() first.")
+        return embed(self, list(prompts), params, self.pooler)
 
     # -- sleep mode and weight updates (vLLM's, for RL loops) ---------------------------------
     def _check_idle(self, what: str) -> None:

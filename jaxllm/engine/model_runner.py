@@ -233,6 +233,17 @@ def _forward(graphdef, treedef, leaves, kv_caches: KVCache, inputs: StepInputs,
     return kv_caches, model.compute_logits(hidden[inputs.logits_indices])
 
 
+def _hidden_forward(graphdef, treedef, leaves, kv_caches: KVCache, inputs: StepInputs,
+                    prev_tokens: jax.Array):
+    """The model over the ragged batch; its final hidden states [T, E] (after the last norm):
+    what a pooling model (engine/pooling.py) reads instead of logits."""
+    inputs = _unpacked(inputs)
+    model = _model(graphdef, treedef, leaves)
+    hidden, kv_caches = model(_token_ids(inputs, prev_tokens), inputs.positions, kv_caches,
+                              inputs.md)
+    return kv_caches, hidden
+
+
 def _sample_padded(max_num_seqs: int, logits: jax.Array, sampling, num_logprobs: int | None,
                    sort: bool):
     """The sampler, plus its token ids padded to [max_num_seqs] (a fixed shape: the next step's
@@ -453,6 +464,13 @@ class ModelRunner:
         self.publisher = None  # multi-host leader: sharding.distributed publishes each step
         self.last_host_time = 0.0
 
+    def hidden_states(self, inputs: StepInputs) -> np.ndarray:
+        """A pooling step: the batch's final hidden states [T, E] as float32 on the host (the
+        KV cache written, as a prefill writes it)."""
+        self.kv_caches, hidden = self._hidden(self._leaves, self.kv_caches, inputs,
+                                              self._prev_tokens)
+        return np.asarray(jax.device_get(hidden), np.float32)
+
     # -- sleep mode and weight updates (LLMEngine.sleep / wake_up / update_weights) -------------
     # The step programs take the parameters and the KV cache as arguments, so both can be freed
     # and put back (the same shapes, dtypes and placements) without a recompile. A pipeline
@@ -616,6 +634,10 @@ class ModelRunner:
         # Compiled programs the step calls run instead of the jits (filled at start-up when the
         # executable cache is on: ``_compile_in_parallel``), by ``_program_key``.
         self._programs: dict[tuple, Any] = {}
+        # A pooling model's forward (engine/pooling.py): compiled per token bucket on first use.
+        self._hidden = jax.jit(_traced_over_heads(self.mesh, functools.partial(
+            _hidden_forward, self.graphdef, self._treedef)), donate_argnums=(1,),
+            **self._jit_options)
 
     def uses_cublas(self, T: int) -> bool:
         """Whether the programs of token bucket ``T`` compile their GEMMs for cuBLAS."""

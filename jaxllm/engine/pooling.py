@@ -1,0 +1,169 @@
+"""Embeddings: a decoder LLM run as a pooling model (vLLM's ``runner="pooling"``).
+
+An engine built with ``EngineConfig(runner="pooling")`` generates nothing: ``LLMEngine.embed``
+packs whole prompts into steps of at most ``max_num_batched_tokens`` tokens and
+``max_num_seqs`` sequences, runs the model's forward over each (the KV pages a prefill would
+write, taken from the engine's pool and given back after), and pools each prompt's final
+hidden states: its last token's ("LAST", vLLM's default for decoder models), its first's
+("CLS") or their mean ("MEAN"), then L2-normalizes unless told not to. A prompt longer than a
+step runs as chunks over several steps, attending to its earlier chunks through its pages, the
+chunks' pooled parts combined. The forward is compiled per token bucket on first use; the
+generation programs are not compiled at all.
+
+``pooler_config`` (vLLM's ``--pooler-config``): {"pooling_type": "LAST" | "MEAN" | "CLS",
+"normalize": bool}.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from jaxllm.outputs import EmbeddingOutput, EmbeddingRequestOutput
+from jaxllm.pooling_params import PoolingParams
+
+POOLING_TYPES = ("LAST", "MEAN", "CLS")
+
+
+def check_pooler_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    """The pooler config with its defaults (LAST, normalized); ValueError for a bad one."""
+    config = dict(config or {})
+    bad = sorted(set(config) - {"pooling_type", "normalize"})
+    if bad:
+        raise ValueError(f"pooler_config keys {bad} are not supported (pooling_type, "
+                         "normalize).")
+    kind = str(config.get("pooling_type", "LAST")).upper()
+    if kind not in POOLING_TYPES:
+        raise ValueError(f"pooler_config pooling_type must be one of {POOLING_TYPES}, got "
+                         f"{config['pooling_type']!r}.")
+    normalize = config.get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise ValueError(f"pooler_config normalize must be true or false, got {normalize!r}.")
+    return {"pooling_type": kind, "normalize": normalize}
+
+
+class _Pooled:
+    """One prompt's pooling state across its chunks."""
+
+    def __init__(self, index: int, ids: list[int], seq: Any):
+        self.index, self.ids, self.seq = index, ids, seq
+        self.start = 0  # tokens computed so far
+        self.total: np.ndarray | None = None  # MEAN: the sum of the rows so far
+        self.first: np.ndarray | None = None
+        self.last: np.ndarray | None = None
+
+    def take(self, rows: np.ndarray) -> None:
+        if self.first is None:
+            self.first = rows[0]
+        self.last = rows[-1]
+        s = rows.sum(axis=0, dtype=np.float64)
+        self.total = s if self.total is None else self.total + s
+        self.start += len(rows)
+
+    def vector(self, kind: str) -> np.ndarray:
+        if kind == "LAST":
+            return self.last.astype(np.float64)
+        if kind == "CLS":
+            return self.first.astype(np.float64)
+        return self.total / len(self.ids)
+
+
+def embed(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingParams] | None,
+          pooler: dict[str, Any]) -> list[EmbeddingRequestOutput]:
+    """``LLMEngine.embed``'s work (module docstring). ``prompts``: what add_request takes."""
+    from jaxllm.engine.scheduler import ScheduledSeq
+    from jaxllm.engine.sequence import Sequence
+
+    params_list = (list(params) if isinstance(params, (list, tuple))
+                   else [params or PoolingParams()] * len(prompts))
+    if len(params_list) != len(prompts):
+        raise ValueError(f"got {len(params_list)} PoolingParams for {len(prompts)} prompts: "
+                         "pass one, or one per prompt.")
+    hidden_size = engine.model_config.hidden_size
+    items = []
+    for prompt, p in zip(prompts, params_list):
+        _, ids = engine.prompt_inputs(prompt)
+        k = p.truncate_prompt_tokens
+        if k is not None:
+            ids = ids[-(engine.max_model_len if k == -1 else k):]
+        if not ids:
+            raise ValueError("The prompt is empty; an embedding needs at least one token.")
+        if len(ids) > engine.max_model_len:
+            raise ValueError(f"This model's maximum context length is {engine.max_model_len} "
+                             f"tokens. However, your prompt has {len(ids)} tokens. Please "
+                             "reduce the length of the prompt.")
+        bad = [t for t in ids if not 0 <= t < engine.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"token_id(s) {bad[:5]} in the prompt are out of vocabulary.")
+        if p.dimensions is not None and not engine.is_matryoshka:
+            raise ValueError("dimensions (Matryoshka truncation) is not supported by this "
+                             "model: its config declares no Matryoshka dimensions.")
+        if p.dimensions is not None and p.dimensions > hidden_size:
+            raise ValueError(f"dimensions={p.dimensions} exceeds the model's hidden size "
+                             f"{hidden_size}.")
+        if not engine.scheduler.can_ever_fit(len(ids)):
+            raise ValueError(f"The prompt needs more KV-cache pages ({len(ids)} tokens) than "
+                             "the pool holds; raise num_pages / gpu_memory_utilization.")
+        items.append(ids)
+
+    runner, pool, page_size = engine.runner, engine.page_pool, engine.config.page_size
+    budget, max_seqs = engine.max_num_batched_tokens, engine.max_num_seqs
+    counter = itertools.count()
+    waiting = deque(range(len(items)))
+    running: list[_Pooled] = []  # prompts with chunks still to run (at most one at a time)
+    vectors: list[np.ndarray | None] = [None] * len(items)
+    try:
+        while waiting or running:
+            step: list[tuple[_Pooled, int]] = []
+            tokens = 0
+            for st in running:
+                n = min(len(st.ids) - st.start, budget - tokens)
+                step.append((st, n))
+                tokens += n
+            while waiting and len(step) < max_seqs and tokens < budget:
+                ids = items[waiting[0]]
+                n = min(len(ids), budget - tokens)
+                if n < len(ids) and step:
+                    break  # a prompt longer than what is left runs from an emptier step
+                need = -(-len(ids) // page_size)
+                if need > pool.num_free_pages:
+                    break
+                i = waiting.popleft()
+                seq = Sequence(seq_id=next(counter), request_id=f"embed-{i}", index=0,
+                               prompt_token_ids=ids, output_token_ids=[],
+                               sampling_params=None, arrival_time=0.0)
+                seq.page_ids = pool.allocate(need)
+                st = _Pooled(i, ids, seq)
+                running.append(st)
+                step.append((st, n))
+                tokens += n
+            scheduled = [ScheduledSeq(st.seq, n, st.start, st.start + n == len(st.ids))
+                         for st, n in step]
+            inputs = runner.prepare(scheduled, None)
+            hidden = runner.hidden_states(inputs)
+            qsl = inputs.md.query_start_loc
+            for j, (st, n) in enumerate(step):
+                st.take(hidden[qsl[j]:qsl[j + 1]])
+                st.seq.num_computed_tokens = st.start
+                if st.start == len(st.ids):
+                    vectors[st.index] = st.vector(pooler["pooling_type"])
+                    pool.free(reversed(st.seq.page_ids))
+                    st.seq.page_ids = []
+                    running.remove(st)
+    finally:
+        for st in running:  # an error mid-way: every page goes back
+            pool.free(reversed(st.seq.page_ids))
+    outs = []
+    for i, (v, p) in enumerate(zip(vectors, params_list)):
+        if p.dimensions is not None:
+            v = v[:p.dimensions]
+        normalize = pooler["normalize"] if p.normalize is None else p.normalize
+        if normalize:
+            v = v / max(np.linalg.norm(v), 1e-12)
+        outs.append(EmbeddingRequestOutput(request_id=str(i), prompt_token_ids=items[i],
+                                           outputs=EmbeddingOutput(
+                                               embedding=v.astype(np.float32).tolist())))
+    return outs
