@@ -121,6 +121,9 @@ class ModelConfig:
     # q/k/v and gate/up as one GEMM each (jaxllm/models/fused.py). The loaders and checkpoints
     # hold the separate projections (False); the engine builds the fused model it runs.
     fused_projections: bool = False
+    # Built from a headless checkpoint (HF's LlamaModel, MistralModel, Qwen2Model, Qwen3Model:
+    # weights named without "model.", no lm_head): it can only embed (runner="pooling").
+    embedding_only: bool = False
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -194,10 +197,11 @@ class EngineConfig:
     # vLLM's: LLM.sleep() / wake_up() may free and restore the weights' and the KV cache's
     # device memory (engine/llm_engine.py); off, sleep() is refused.
     enable_sleep_mode: bool = False
-    # vLLM's --runner: "generate" (the default; "auto" is the same here: every supported model
-    # is a causal LM) or "pooling" (embeddings only: engine/pooling.py), with vLLM's
-    # --pooler-config {"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": bool}.
-    runner: str = "generate"
+    # vLLM's --runner: "generate", "pooling" (embeddings only: engine/pooling.py) or "auto":
+    # pooling for a headless checkpoint (LlamaModel, Qwen2Model, ...: no lm_head), else
+    # generate. With vLLM's --pooler-config {"pooling_type": "LAST" | "MEAN" | "CLS",
+    # "normalize": bool}.
+    runner: str = "auto"
     pooler_config: dict[str, Any] | None = None
     # Run q/k/v and gate/up as one GEMM each (jaxllm/models/fused.py), as vLLM always does;
     # False keeps the loaded separate projections (for A/B measurements).
@@ -242,9 +246,7 @@ class EngineConfig:
         for name in ("page_size", "tensor_parallel_size", "pipeline_parallel_size",
                      "data_parallel_size", "max_logprobs", "num_scheduler_steps"):
             positive(name)
-        if self.runner == "auto":
-            object.__setattr__(self, "runner", "generate")
-        if self.runner not in ("generate", "pooling"):
+        if self.runner not in ("auto", "generate", "pooling"):
             raise ValueError(f"runner must be 'auto', 'generate' or 'pooling', got "
                              f"{self.runner!r}.")
         if self.scheduling_policy not in ("fcfs", "priority"):

@@ -143,3 +143,28 @@ def test_embeddings_endpoint_speaks_openais_format(small_llama_folder, hf_hidden
     finally:
         engine.shutdown()
         gen_engine.shutdown()
+
+
+def test_a_headless_checkpoint_is_an_embedding_model_by_default(tmp_path):
+    """HF's LlamaModel (no lm_head, weights named without "model."), as embedding checkpoints
+    such as e5-mistral are saved: the engine loads it as a pooling model on its own (vLLM's
+    --runner auto) and its embeddings are HF's last hidden state; generating is refused."""
+    from .helpers import save_default_tokenizer
+
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=256,
+                                   architectures=["LlamaModel"])
+    torch.manual_seed(3)
+    hf = transformers.LlamaModel(cfg).eval()
+    hf.save_pretrained(str(tmp_path), safe_serialization=True)
+    save_default_tokenizer(tmp_path)
+    llm = LLM(str(tmp_path), **KW)
+    assert llm.llm_engine.runner_kind == "pooling"
+    [out] = llm.embed([PROMPTS[2]])
+    with torch.no_grad():
+        want = hf(torch.tensor([PROMPTS[2]])).last_hidden_state[0, -1].numpy()
+    np.testing.assert_allclose(out.outputs.embedding, _unit(want), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot generate"):
+        LLM(str(tmp_path), runner="generate", **KW)
+

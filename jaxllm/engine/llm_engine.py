@@ -199,9 +199,6 @@ class LLMEngine:
 
             replica = replica_meshes(make_mesh(1, pp, tp))[0]
         self.replica = replica
-        if config.runner == "pooling" and (pp > 1 or jax.process_count() > 1):
-            raise ValueError("runner='pooling' runs on one process without pipeline "
-                             "parallelism (tensor parallelism is fine).")
         if jax.process_count() > 1 and pp > 1:
             raise ValueError(
                 f"pipeline_parallel_size ({pp}) > 1 is not supported across {jax.process_count()} "
@@ -228,6 +225,16 @@ class LLMEngine:
             self.tokenizer.chat_template = read_chat_template(config.chat_template)
         self.model_name: str = loaded.name
         mc = self.model_config
+        # vLLM's --runner: pooling (embeddings only) when asked, or by default for a headless
+        # checkpoint, which has no lm_head to generate with.
+        if mc.embedding_only and config.runner == "generate":
+            raise ValueError(f"{loaded.name} is an embedding model ({mc.architecture} without "
+                             "its lm_head): it cannot generate; use runner='pooling'.")
+        self.runner_kind = ("pooling" if config.runner == "pooling" or mc.embedding_only
+                            else "generate")
+        if self.runner_kind == "pooling" and (pp > 1 or jax.process_count() > 1):
+            raise ValueError("runner='pooling' runs on one process without pipeline "
+                             "parallelism (tensor parallelism is fine).")
         # The placement of params and KV cache (sharding/rules.py); None: one default device.
         self.parallel = replica.for_config(mc) if replica is not None else None
         self.num_kv_heads = (self.parallel.num_kv_heads if self.parallel is not None
@@ -333,7 +340,7 @@ class LLMEngine:
 
         self.pooler = check_pooler_config(config.pooler_config)
         self.is_matryoshka = _declares_matryoshka(getattr(loaded, "source", None))
-        if not config.skip_compile_at_start and config.runner != "pooling":
+        if not config.skip_compile_at_start and self.runner_kind != "pooling":
             secs = self.runner.compile_all()
             logger.info("compiled %d step programs (%d token buckets) in %.1f s",
                         len(self.runner.step_variants()), len(token_buckets), secs)
@@ -523,7 +530,7 @@ class LLMEngine:
         """Validates and queues a request. Raises ValueError for anything that can never run,
         EngineSleepingError while asleep. ``priority``: with scheduling_policy="priority",
         lower is served first (vLLM's)."""
-        if self.config.runner == "pooling":
+        if self.runner_kind == "pooling":
             raise ValueError("This engine is a pooling model (runner='pooling'): it embeds "
                              "(embed, /v1/embeddings) and generates nothing.")
         if self._sleeping:
@@ -639,7 +646,7 @@ class LLMEngine:
         and for dimensions on a model that is not Matryoshka."""
         from jaxllm.engine.pooling import embed
 
-        if self.config.runner != "pooling":
+        if self.runner_kind != "pooling":
             raise ValueError("embed() is only supported for pooling models: start the engine "
                              "with runner='pooling' (--runner pooling).")
         if self._sleeping:

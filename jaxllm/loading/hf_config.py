@@ -43,6 +43,12 @@ def _rope_settings(hf_config: Any, params: dict[str, Any] | None = None
     return theta, scaling
 
 
+# Headless checkpoints (embedding models such as e5-mistral, gte-Qwen2): the decoder of
+# the causal LM beside each, without its lm_head.
+HEADLESS_ARCHITECTURES = {"LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
+                          "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM"}
+
+
 def _hashable(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_hashable(v) for v in value)
@@ -60,6 +66,8 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
     if not archs:
         raise ValueError("config.json has no 'architectures' entry; cannot tell which model to build.")
     arch = archs[0]
+    headless = arch in HEADLESS_ARCHITECTURES  # an embedding checkpoint (no lm_head)
+    arch = HEADLESS_ARCHITECTURES.get(arch, arch)
     get_model_class(arch)  # fails early, naming the supported architectures
 
     from jaxllm.models.llama import SUPPORTED_ROPE_TYPES
@@ -164,5 +172,6 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         eos_token_ids=eos_ids,
         quantization="fp8" if fp8_scheme else None,
+        embedding_only=headless,
         activation_scheme=fp8_scheme or "dynamic",
     )

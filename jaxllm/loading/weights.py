@@ -267,6 +267,8 @@ def load_params_from_tensors(
     for name, tensor in named_tensors:
         if name.endswith(IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue
+        if config.embedding_only and not name.startswith("model."):
+            name = "model." + name  # a headless checkpoint names the decoder's tensors bare
         mapped = hf_name_to_path(name, quantized=config.quantization is not None)
         if mapped is None or mapped[0] not in targets:
             raise ValueError(
@@ -318,6 +320,13 @@ def load_params_from_tensors(
         del arr
         loaded[path] = _device_layout(x, transpose, target, sharding)
 
+    if config.embedding_only and ("lm_head", "kernel") in targets:
+        # No lm_head in an embedding checkpoint: zeros, never read (a pooling engine takes
+        # the hidden states).
+        t = targets[("lm_head", "kernel")].get_value()
+        sharding = parallel.path_sharding(("lm_head", "kernel"), t.shape) if parallel else None
+        loaded[("lm_head", "kernel")] = jax.jit(
+            functools.partial(jnp.zeros, t.shape, t.dtype), out_shardings=sharding)()
     missing = [path_to_hf_name(p) for p in targets if p not in loaded]
     if missing:
         shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
