@@ -300,7 +300,7 @@ class _FakeEngineHandle:
     def handle(self):
         return self
 
-    def remote(self, method, path, headers, body, *, route_key, avoid):
+    def remote(self, method, path, headers, body, *, route_key, avoid, query=""):
         self.calls.append(avoid)
         step = self.script.pop(0)
 
