@@ -48,6 +48,17 @@ SHAPES = {
                  intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
                  max_position_embeddings=2048, tie_word_embeddings=False),
+    # Gemma 2's switches on the tiny shape (tests/test_gpu_lowering.py: the soft-capped,
+    # sliding-window attention and GeGLU through the GPU path).
+    "tiny-gemma2": dict(architecture="Gemma2ForCausalLM", vocab_size=1024, hidden_size=128,
+                        intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                        rope_theta=10000.0, max_position_embeddings=2048,
+                        tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh",
+                        norm_weight_offset=1.0, embed_multiplier=128 ** 0.5,
+                        sandwich_norms=True, attn_scale=32 ** -0.5, attn_logit_softcap=50.0,
+                        final_logit_softcap=30.0, sliding_window=64,
+                        sliding_window_layers=(True, False)),
 }
 
 

@@ -28,9 +28,10 @@ def _spec(tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
-@pytest.mark.parametrize("quantization,kv_cache_dtype", [(None, "auto"), ("fp8", "fp8")])
+@pytest.mark.parametrize("shape,quantization,kv_cache_dtype", [
+    ("tiny", None, "auto"), ("tiny", "fp8", "fp8"), ("tiny-gemma2", None, "auto")])
 def test_engine_step_programs_lower_for_hopper_through_the_pallas_kernels(
-        monkeypatch, quantization, kv_cache_dtype):
+        monkeypatch, shape, quantization, kv_cache_dtype):
     from jax.sharding import AbstractDevice, AbstractMesh
     from offline_throughput import random_model
 
@@ -40,7 +41,7 @@ def test_engine_step_programs_lower_for_hopper_through_the_pallas_kernels(
     engine = LLMEngine(EngineConfig(
         dtype="bfloat16", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64,
         enable_prefix_caching=False, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
-        num_scheduler_steps=2), loaded=random_model("tiny", "pallas", quantization=quantization))
+        num_scheduler_steps=2), loaded=random_model(shape, "pallas", quantization=quantization))
     runner = engine.runner
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     mesh = AbstractMesh((1,), ("x",), abstract_device=h100)
@@ -67,7 +68,9 @@ def test_engine_step_programs_lower_for_hopper_through_the_pallas_kernels(
     # Every program attends through the Triton kernel, not the interpreter's HLO.
     for key, text in texts.items():
         assert TRITON_CALL in text and "ragged_paged_attention" in text, key
-    if quantization is None:  # bf16 at <= 8 rows: the MLP's norm, gate/up and SwiGLU kernel
+    if shape == "tiny-gemma2":  # GeGLU and (1 + w) norms: XLA's MLP, not the SwiGLU kernel
+        assert not any("gate_up_swiglu" in t for t in texts.values())
+    elif quantization is None:  # bf16 at <= 8 rows: the MLP's norm, gate/up and SwiGLU kernel
         assert "gate_up_swiglu" in texts[("forward", 8, True)]
 
 
