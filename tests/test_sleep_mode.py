@@ -80,7 +80,11 @@ def test_level_two_drops_the_weights_and_update_weights_brings_new_ones(small_ll
     llm.sleep(level=2)
     llm.update_weights(_tensors(other_folder))  # weights back (new ones), the cache still away
     assert llm.llm_engine.is_sleeping()
+    llm.sleep(level=1)  # half awake (new weights, no cache): the weights go to host memory
+    assert llm.llm_engine.runner._param_tree() is None
     llm.wake_up(["kv_cache"])
+    assert llm.llm_engine.is_sleeping()  # the weights are still away
+    llm.wake_up(["weights"])
     assert _tokens(llm) == want_other
     # awake, with the old weights freed as the new ones arrive
     llm.update_weights(_tensors(small_llama_folder))

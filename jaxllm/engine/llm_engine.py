@@ -673,11 +673,11 @@ class LLMEngine:
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}.")
         self._check_idle("sleep")
-        if self._sleeping:
-            return
         self.reset_prefix_cache()  # the cached pages' K/V is about to go
-        self.runner.free_kv_cache()
-        self.runner.free_weights(keep_on_host=level == 1)
+        if "kv_cache" not in self._sleeping:  # (a half-woken engine frees what is back)
+            self.runner.free_kv_cache()
+        if "weights" not in self._sleeping:
+            self.runner.free_weights(keep_on_host=level == 1)
         self._sleeping = set(SLEEP_TAGS)
         logger.info("asleep (level %d): KV cache and weights freed from the device%s", level,
                     ", weights kept in host memory" if level == 1 else "")
