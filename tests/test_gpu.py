@@ -473,3 +473,63 @@ def test_a_restart_in_a_new_process_runs_the_stored_executables(small_llama_fold
     assert warm["compiled"] == 0 and warm["kept"] == cold["kept"] and warm["jit_compiles"] == 0
     for r in (cold, warm):
         assert (r["greedy"], r["sampled"]) == (plain["greedy"], plain["sampled"])
+
+
+_SLEEP_SCRIPT = """
+import json, subprocess, sys
+from jaxllm import LLM, SamplingParams
+
+def used_mib():  # the GPU's memory in use, as another process (a trainer) sees it
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,"
+                          "nounits", "-i", "0"], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
+
+llm = LLM(sys.argv[1], dtype="float32", max_model_len=64, page_size=16, num_pages=1 << 18,
+          max_num_batched_tokens=32, max_num_seqs=4, seed=0, enable_sleep_mode=True)
+runner = llm.llm_engine.runner
+freed = (sum(x.nbytes for x in runner._leaves)
+         + sum(k.nbytes + v.nbytes for k, v in runner.kv_caches)) / 2**20
+prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9, 10, 11]}, {"prompt_token_ids": [3, 4]}]
+greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+tokens = lambda: [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+want = tokens()
+awake = used_mib()
+llm.sleep(level=1)
+asleep = used_mib()
+llm.wake_up()
+print(json.dumps({"freed_mib": freed, "awake": awake, "asleep": asleep, "woke": used_mib(),
+                  "same_tokens": tokens() == want}))
+"""
+
+
+@pytest.mark.parametrize("allocator", ["platform", "bfc"])
+def test_sleep_gives_the_gpu_memory_back_under_the_platform_allocator(small_llama_folder,
+                                                                      allocator):
+    """What another process (a torch trainer) sees of sleep(level=1), by nvidia-smi: with
+    XLA_PYTHON_CLIENT_ALLOCATOR=platform the KV cache's and the weights' memory goes back to
+    the driver; under JAX's default (a preallocated BFC pool) it stays in this process's pool,
+    free for its own arrays only (README, sleep mode). Either way the tokens after wake_up are
+    the same."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_PYTHON_CLIENT_ALLOCATOR", None)
+    if allocator == "platform":
+        env["XLA_PYTHON_CLIENT_ALLOCATOR"] = "platform"
+    r = subprocess.run([sys.executable, "-c", _SLEEP_SCRIPT, str(small_llama_folder)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    print(allocator, got)
+    assert got["same_tokens"] and got["freed_mib"] > 2000
+    if allocator == "platform":
+        assert got["awake"] - got["asleep"] >= 0.9 * got["freed_mib"], got
+        assert got["woke"] - got["asleep"] >= 0.9 * got["freed_mib"], got
+    else:
+        assert abs(got["awake"] - got["asleep"]) < 0.1 * got["freed_mib"], got

@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import time
 import types
 from collections.abc import Iterable
@@ -109,8 +110,6 @@ def _device_memory_bytes(device: Any) -> int | None:
     """The accelerator's memory as vLLM compares it with 70 GiB: JAX's allocator limit, scaled
     back by XLA_PYTHON_CLIENT_MEM_FRACTION (JAX preallocates 75% by default) when that is how
     the limit was set."""
-    import os
-
     stats = device.memory_stats() or {}
     limit = stats.get("bytes_limit")
     if not limit:
@@ -681,6 +680,11 @@ class LLMEngine:
         self._sleeping = set(SLEEP_TAGS)
         logger.info("asleep (level %d): KV cache and weights freed from the device%s", level,
                     ", weights kept in host memory" if level == 1 else "")
+        if (jax.default_backend() != "cpu"
+                and os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "") != "platform"):
+            logger.info("the freed memory stays in this process's JAX memory pool (for its own "
+                        "arrays); to give it back to the driver, for another process, start "
+                        "with XLA_PYTHON_CLIENT_ALLOCATOR=platform")
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Puts back what ``sleep`` freed: ``tags`` "weights" and / or "kv_cache" (default
