@@ -445,6 +445,42 @@ def test_small_decode_buckets_run_one_row_programs_with_the_same_outputs(small_l
     assert _pool_is_full(llm)
 
 
+def test_penalty_and_grammar_rows_run_programs_compiled_at_start_up(small_llama_folder):
+    # On accelerators start-up also compiles the samplers of batches with penalty rows (one flat
+    # list of max_model_len's bucket) and with constrained rows (the token bitmask), so serving
+    # them compiles nothing: before, each power of two a penalty row's prompt + output passed,
+    # and each batch size a grammar batch drained through, compiled a sampler mid-run. On a CPU
+    # they are off by default (start-up stays short); the test turns them on.
+    pytest.importorskip("llguidance")
+    from jaxllm.sampling_params import StructuredOutputsParams
+
+    llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=8,
+              num_pages=96, max_num_batched_tokens=32, max_num_seqs=4, seed=0,
+              skip_compile_at_start=True)
+    runner = llm.llm_engine.runner
+    assert runner.sampler_extras() == []  # a CPU's default
+    runner.compile_sampler_extras = True
+    runner.compile_all(show_progress=False)
+    compiled = runner.num_compiles
+    vocab = llm.llm_engine.model_config.vocab_size
+    prompts = _random_prompts(4, vocab, seed=5, hi=70)
+    # prompt + output pass 64 and 128 tokens (the old per-row buckets), top_p on and off
+    pen = [SamplingParams(temperature=0.8, seed=i, max_tokens=60 + 10 * i, ignore_eos=True,
+                          presence_penalty=0.5 * (i % 2), repetition_penalty=1.2,
+                          top_p=0.9 if i < 2 else 1.0) for i in range(4)]
+    outs = llm.generate(prompts, pen, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [60, 70, 80, 90]
+    so = StructuredOutputsParams(regex="[a-z]{2,40}")
+    grammar = [SamplingParams(temperature=0.8, seed=i, max_tokens=40,
+                              structured_outputs=so if i % 2 else None,
+                              allowed_token_ids=None if i % 2 else list(range(100, 200)))
+               for i in range(4)]
+    outs = llm.generate(prompts, grammar, use_tqdm=False)
+    assert all(set(o.outputs[0].token_ids) <= set(range(100, 200)) for o in outs[::2])
+    assert runner.num_compiles == compiled
+    assert _pool_is_full(llm)
+
+
 def test_small_decode_buckets_are_checked():
     from jaxllm.config import EngineConfig
 

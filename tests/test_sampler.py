@@ -22,7 +22,7 @@ def _jitted(num_logprobs):
 def run(logits, rows, pad_to=8, num_logprobs=4):
     # Fixed widths and few row buckets keep the number of compilations (the cost here) small.
     pad_to = max(pad_to, len(rows))
-    t = S.build_sampling_tensors(rows, pad_to=pad_to, bias_len=8, penalty_len=16)
+    t = S.build_sampling_tensors(rows, pad_to=pad_to, bias_len=8, penalty_len=64)
     logits = np.asarray(logits, np.float32)
     if logits.shape[0] < t.temperature.shape[0]:
         logits = np.concatenate(
@@ -221,12 +221,31 @@ def test_logprobs_are_raw_log_softmax_with_topk_and_rank(logits):
 
 def test_penalty_and_bias_arrays_are_empty_when_unused_and_bucketed_otherwise():
     t = S.build_sampling_tensors([row(SamplingParams(), prompt=range(100), output=[1])], pad_to=4)
-    assert t.penalty_ids.shape == (4, 0) and t.bias_ids.shape == (4, 0)
-    t = S.build_sampling_tensors([row(SamplingParams(repetition_penalty=1.1), prompt=range(100),
-                                      output=[1]), row(SamplingParams(), banned=[2])], pad_to=4)
-    assert t.penalty_ids.shape == (4, 128) and t.bias_ids.shape == (4, 8)
-    assert t.penalty_is_output[0].sum() == 1 and (t.penalty_ids[1] == -1).all()
+    assert t.penalty_ids.shape == (0,) and t.bias_ids.shape == (4, 0)
+    pen = SamplingParams(repetition_penalty=1.1)
+    t = S.build_sampling_tensors([row(pen, prompt=range(100), output=[1]),
+                                  row(SamplingParams(), banned=[2])], pad_to=4)
+    assert t.penalty_ids.shape == (128,) and t.bias_ids.shape == (4, 8)
+    assert (t.penalty_rows[:101] == 0).all() and (t.penalty_rows[101:] == 4).all()  # 4: padding
+    assert t.penalty_is_output.sum() == 1 and t.penalty_is_output[100]
+    assert (t.penalty_ids[:101] == [*range(100), 1]).all()
     assert t.bias_values[1, 0] == -np.inf and t.temperature[2] == 0  # padding rows greedy
+    # One flat list for the batch: its width is the rows' total, from penalty_min up, so a
+    # long row and several short ones are the same program as long as they fit.
+    rows = [row(pen, prompt=range(300), output=range(200)), row(pen, prompt=[5]),
+            row(SamplingParams()), row(pen, prompt=[6, 7], output=[8])]
+    t = S.build_sampling_tensors(rows, pad_to=4, penalty_min=1024)
+    assert t.penalty_ids.shape == (1024,)
+    assert [int((t.penalty_rows == r).sum()) for r in range(5)] == [500, 1, 0, 3, 1024 - 504]
+    assert (t.penalty_ids[t.penalty_rows == 3] == [6, 7, 8]).all()
+    assert t.penalty_is_output[t.penalty_rows == 3].tolist() == [False, False, True]
+    assert S.build_sampling_tensors(rows * 2, pad_to=8, penalty_min=512).penalty_ids.shape == (
+        1024,)
+    with pytest.raises(ValueError, match="penalty_len=256 is smaller than the 504"):
+        S.build_sampling_tensors(rows, pad_to=4, penalty_len=256)
+    # a forced bitmask width with no constrained row: every token allowed
+    t = S.build_sampling_tensors([], pad_to=2, mask_words=3)
+    assert t.token_bitmask.shape == (2, 3) and (t.token_bitmask == -1).all()
 
 
 def test_changing_params_within_a_bucket_does_not_recompile(logits):

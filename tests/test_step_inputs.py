@@ -113,7 +113,8 @@ def test_sampling_tensors_keep_seeds_knobs_and_bans_per_row():
         assert t.steps[i] == i
     assert t.temperature[3] == 0 and t.top_p[3] == 1 and t.repetition_penalty[3] == 1
     assert t.bias_ids[0, 0] == 7 and t.bias_values[0, 0] == -np.inf
-    assert (t.penalty_ids[2, :3] == [1, 2, 3]).all() and t.penalty_is_output[2, 2]
+    mine = t.penalty_rows == 2  # row 2's entries of the batch's flat penalty list
+    assert (t.penalty_ids[mine][:3] == [1, 2, 3]).all() and t.penalty_is_output[mine][2]
 
 
 def test_knob_cache_gives_the_tensors_of_a_fresh_build_as_the_batch_changes():

@@ -461,6 +461,7 @@ class LLMEngine:
             self.max_model_len / cfg.page_size)
         probe.max_num_seqs, probe.token_buckets = self.max_num_seqs, (T,)
         probe._knob_cache = None  # prepare() reads it; the probe has no rows to cache
+        probe.penalty_min = 64  # (no rows: no penalty list)
         probe.vocab_size = mc.vocab_size
         inputs = probe.prepare([], [], T=T)
         shape = (2, cfg.page_size, self.num_kv_heads, mc.head_dim)

@@ -454,6 +454,11 @@ class ModelRunner:
         # they pass numpy StepInputs as before.
         self.pack_inputs = jax.process_count() == 1
         self._input_sharding = replicated
+        # On an accelerator a server must not stop to compile the sampler of the first penalty or
+        # grammar row of each batch size (benchmarks/RESULTS.md, 2026-12-05: 4 and 7 programs
+        # mid-run at batch 256 on the 8B); on a CPU they compile when first used, and start-up
+        # stays short.
+        self.compile_sampler_extras = jax.default_backend() != "cpu"
         # The last dispatched step's sampled ids, [max_num_seqs]: where async scheduling's
         # placeholders (StepInputs.prev_rows) take their tokens from; placed as the sampler
         # places them.
@@ -599,6 +604,12 @@ class ModelRunner:
         self.pack_inputs = False  # ModelRunner.__init__ turns it on where it applies
         self._page_rows = PageRows(2 * max_num_seqs, self.max_pages_per_seq)
         self._knob_cache = sampler_lib.KnobCache()  # the sampling knobs of the last step's rows
+        # The smallest width of a batch's penalty list (sampler.build_sampling_tensors): one
+        # row's prompt + output fits, so a penalty row is one sampler program whatever its
+        # length, and so do a few short rows (at least 1024 entries: 4 KiB an array).
+        self.penalty_min = sampler_lib.bucket_size(max(max_model_len, 1024), 64)
+        # Whether start-up also compiles the samplers of ``sampler_extras`` (ModelRunner sets it).
+        self.compile_sampler_extras = False
 
     @property
     def state(self) -> nnx.State:
@@ -711,6 +722,29 @@ class ModelRunner:
         """The (num_logprobs, sort) variants compiled at start-up for every sequence bucket."""
         return [(nl, sort) for nl in (None, self.num_logprobs) for sort in (False, True)]
 
+    def sampler_extras(self) -> list[tuple[str, bool]]:
+        """The (kind, sort) sampler programs compiled at start-up beside ``sampler_variants``'
+        for every sequence bucket, with ``compile_sampler_extras``: kind "penalty" (a batch with
+        penalty rows whose tokens fit ``penalty_min`` entries) and "mask" (a batch with a
+        constrained row: structured outputs, allowed_token_ids), without log-probs. Rarer
+        mixes (both, or with log-probs or a logit_bias) compile when first used."""
+        if not self.compile_sampler_extras:
+            return []
+        return [(kind, sort) for kind in ("penalty", "mask") for sort in (False, True)]
+
+    def _extra_sampling(self, S: int, kind: str):
+        """Neutral sampler inputs of ``S`` rows in the shapes of ``kind`` (sampler_extras), on
+        the device as a step passes them."""
+        from jaxllm.engine.structured_output import mask_words
+
+        t = sampler_lib.build_sampling_tensors(
+            [], pad_to=S, penalty_len=self.penalty_min if kind == "penalty" else None,
+            mask_words=mask_words(self.vocab_size) if kind == "mask" else None)
+        if not self.pack_inputs:
+            return t
+        buf, (layout,) = pack(t)
+        return Packed(jax.device_put(buf, self._input_sharding), layout)
+
     def compile_all(self, show_progress: bool = True) -> float:
         """Compiles the forward for every token bucket (on an all-padding batch) and the sampler
         variants of ``sampler_variants`` for every sequence bucket, then runs each once, so
@@ -764,7 +798,7 @@ class ModelRunner:
             return secs
 
         variants = self.step_variants()
-        n_programs = len(variants) + len(self.sampler_variants()) * len(
+        n_programs = len(variants) + len(self.sampler_variants() + self.sampler_extras()) * len(
             {self.seq_bucket(T) for T, _ in variants}) + len(self.multi_step_variants())
         workers = max(1, min(n_programs, compile_workers()))
         names, futures, sampled, lowering, loaded = [], [], set(), 0.0, []
@@ -835,6 +869,11 @@ class ModelRunner:
                     samp_jobs.append((f"sampler T={T} logprobs={nl} sort={sort}",
                                       _program_key("sample", logits.shape[0], samp_in, nl, sort),
                                       self._sample, (logits, samp_in, nl, sort)))
+                for kind, sort in self.sampler_extras():
+                    ex_in = self._extra_sampling(logits.shape[0], kind)
+                    samp_jobs.append((f"sampler T={T} {kind} sort={sort}",
+                                      _program_key("sample", logits.shape[0], ex_in, None, sort),
+                                      self._sample, (logits, ex_in, None, sort)))
             for job, found in zip(samp_jobs, load_all(samp_jobs)):
                 submit(job, *found)
             for job, found in zip(multi_jobs, first[len(fwd_jobs):]):
@@ -894,6 +933,9 @@ class ModelRunner:
         out = logits = self._run_forward(fwd_in, inputs.token_ids.shape[0])
         for nl, sort in self.sampler_variants() if samplers else ():
             out, self._prev_tokens = self._run_sample(logits, samp_in, nl, sort)
+        for kind, sort in self.sampler_extras() if samplers else ():
+            out, self._prev_tokens = self._run_sample(
+                logits, self._extra_sampling(logits.shape[0], kind), None, sort)
         return out
 
     def _run_forward(self, fwd_in, T: int):
@@ -982,7 +1024,8 @@ class ModelRunner:
                                num_seqs=np.array([num_seqs], np.int32),
                                decode_only=bool(decode_only))
         sampling = None if sampling_rows is None else sampler_lib.build_sampling_tensors(
-            sampling_rows, pad_to=S, knob_cache=self._knob_cache, vocab_size=self.vocab_size)
+            sampling_rows, pad_to=S, knob_cache=self._knob_cache, vocab_size=self.vocab_size,
+            penalty_min=self.penalty_min)
         return StepInputs(token_ids=token_ids, positions=positions, md=md,
                           logits_indices=logits_indices, prev_rows=prev_rows, sampling=sampling)
 
@@ -1090,7 +1133,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         sampling = sampler_lib.build_sampling_tensors(
             sampling_rows, pad_to=logits.shape[0], knob_cache=self._knob_cache,
-            vocab_size=self.vocab_size)
+            vocab_size=self.vocab_size, penalty_min=self.penalty_min)
         if self.pack_inputs:
             buf, (layout,) = pack(sampling)
             sampling = Packed(jax.device_put(buf, self._input_sharding), layout)

@@ -1,7 +1,8 @@
 """The on-device sampler: one jittable call turns a batch's logits into next tokens.
 
 Dimension keys: S sequences (rows, padded to a bucket), V vocabulary, NB sparse logit-bias
-entries per row, N penalty token ids per row, W = ceil(V / 32) token-bitmask words per row.
+entries per row, E penalty entries of the whole batch, W = ceil(V / 32) token-bitmask words per
+row.
 
 Host side (numpy, every step): ``build_sampling_tensors(rows, pad_to=S)`` -> SamplingTensors.
 Device side (pure jnp, jit): ``sample(logits[S, V], tensors, num_logprobs, sort)`` ->
@@ -33,8 +34,12 @@ host picks per batch (``needs_sort``, ``logprobs_width``), so a greedy batch wit
 does neither. A device-side ``lax.cond`` was tried first: on the GPU it still cost the sort
 (benchmarks/RESULTS.md, step profile). The bitmask's W is 0 unless some row is constrained
 (engine/structured_output.py), so unconstrained batches do not unpack it. Penalties scatter
-into dense [S, V] counts only when the penalty arrays are non-empty (N > 0): N is a static
-shape, so the engine's N bucket is 0 unless some row in the batch uses a penalty.
+into dense [S, V] counts only when the penalty arrays are non-empty (E > 0): E is a static
+shape, 0 unless some row in the batch uses a penalty. The entries are one flat list of the
+batch's (row, token) pairs, not a [S, N] block: its width is the batch's total, bucketed from
+``penalty_min`` up (the engine passes max_model_len's bucket), so one penalty row of any length
+is one program, which the engine compiles at start-up on accelerators, instead of a program
+per power of two its prompt + output passes while it is served.
 """
 
 from __future__ import annotations
@@ -70,8 +75,9 @@ class SamplingTensors:
     steps:             [S] i32   tokens generated so far; key = fold_in(key(seed), step)
     bias_ids:          [S, NB] i32  token ids to bias (padding entries: id 0 with value 0.0)
     bias_values:       [S, NB] f32  added to the logit; -inf bans the token
-    penalty_ids:       [S, N] i32  prompt + output token ids of rows with penalties (-1: padding)
-    penalty_is_output: [S, N] bool True where the id is a generated (output) token
+    penalty_rows:      [E] i32   the row of each penalty entry (S: padding, dropped)
+    penalty_ids:       [E] i32   prompt + output token ids of the rows with penalties
+    penalty_is_output: [E] bool  True where the id is a generated (output) token
     token_bitmask:     [S, W] i32  bit t % 32 of word t // 32 set: the row may sample token t
                                    (W = 0 when no row is constrained; unconstrained rows: all -1)
     """
@@ -87,6 +93,7 @@ class SamplingTensors:
     steps: jax.Array
     bias_ids: jax.Array
     bias_values: jax.Array
+    penalty_rows: jax.Array
     penalty_ids: jax.Array
     penalty_is_output: jax.Array
     token_bitmask: jax.Array
@@ -142,14 +149,18 @@ class KnobCache:
 
 def build_sampling_tensors(rows: Sequence[SamplingRow | tuple], pad_to: int, *,
                            bias_len: int | None = None, penalty_len: int | None = None,
+                           penalty_min: int = 64, mask_words: int | None = None,
                            knob_cache: KnobCache | None = None,
                            vocab_size: int | None = None) -> SamplingTensors:
     """Builds the step's SamplingTensors (numpy) for ``rows`` padded to ``pad_to`` rows.
 
     vocab_size: V, needed when a row has a token_mask (the bitmask is [S, ceil(V / 32)]).
 
-    bias_len / penalty_len: the NB / N widths; by default bucketed (0 when no row needs them, else
-    a power of two >= 8 / >= 64) so the jitted step sees few shapes. Pass a fixed width to pin it.
+    bias_len / penalty_len: the NB / E widths; by default bucketed (0 when no row needs them, else
+    a power of two >= 8 / >= ``penalty_min``) so the jitted step sees few shapes. Pass a fixed
+    width to pin it.
+    mask_words: a token bitmask of this width (every token allowed in unconstrained rows) even
+    when no row is constrained: the engine's start-up runs the constrained program so.
     knob_cache: reuse the previous call's knobs when every row has the same params object as
     then (the params must not be mutated in between; see KnobCache).
     """
@@ -220,39 +231,45 @@ def build_sampling_tensors(rows: Sequence[SamplingRow | tuple], pad_to: int, *,
         bias_ids[i, :len(ids)] = ids
         bias_values[i, :len(vals)] = vals
 
-    # Penalty token lists, only for rows that use a penalty.
+    # Penalty entries: the prompt + output tokens of the rows that use a penalty, one flat list.
     pen_rows = [i for i, p in enumerate(params) if p.uses_penalties]
-    need_n = max((len(rows[i][3]) + len(rows[i][4]) for i in pen_rows), default=0)
-    N = bucket_size(need_n, 64) if penalty_len is None else penalty_len
-    if need_n > N:
-        raise ValueError(f"penalty_len={N} is smaller than a row's {need_n} prompt+output tokens")
-    penalty_ids = np.full((S, N), -1, np.int32)
-    penalty_is_output = np.zeros((S, N), bool)
+    need_e = sum(len(rows[i][3]) + len(rows[i][4]) for i in pen_rows)
+    E = bucket_size(need_e, penalty_min) if penalty_len is None else penalty_len
+    if need_e > E:
+        raise ValueError(f"penalty_len={E} is smaller than the {need_e} prompt+output tokens of "
+                         "the rows with penalties")
+    penalty_rows = np.full(E, S, np.int32)
+    penalty_ids = np.zeros(E, np.int32)
+    penalty_is_output = np.zeros(E, bool)
+    at = 0
     for i in pen_rows:
         prompt, out = rows[i][3], rows[i][4]
         lp, lo = len(prompt), len(out)
-        penalty_ids[i, :lp] = prompt
-        penalty_ids[i, lp:lp + lo] = out
-        penalty_is_output[i, lp:lp + lo] = True
+        penalty_rows[at:at + lp + lo] = i
+        penalty_ids[at:at + lp] = prompt
+        penalty_ids[at + lp:at + lp + lo] = out
+        penalty_is_output[at + lp:at + lp + lo] = True
+        at += lp + lo
 
     # Token bitmask, only when some row is constrained.
     masked = [(i, r[6]) for i, r in enumerate(rows) if len(r) > 6 and r[6] is not None]
     if masked:
         if vocab_size is None:
             raise ValueError("a row with a token_mask needs build_sampling_tensors(vocab_size=)")
-        from jaxllm.engine.structured_output import TokenMask, mask_words
+        from jaxllm.engine.structured_output import TokenMask
+        from jaxllm.engine.structured_output import mask_words as words_for
 
-        token_bitmask = np.full((S, mask_words(vocab_size)), -1, np.int32)
+        token_bitmask = np.full((S, words_for(vocab_size)), -1, np.int32)
         TokenMask.fill_rows(masked, token_bitmask)
     else:
-        token_bitmask = np.zeros((S, 0), np.int32)
+        token_bitmask = np.full((S, mask_words or 0), -1, np.int32)
 
     return SamplingTensors(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
         seeds=seeds, steps=steps, bias_ids=bias_ids, bias_values=bias_values,
-        penalty_ids=penalty_ids, penalty_is_output=penalty_is_output,
-        token_bitmask=token_bitmask)
+        penalty_rows=penalty_rows, penalty_ids=penalty_ids,
+        penalty_is_output=penalty_is_output, token_bitmask=token_bitmask)
 
 
 # -- device side ------------------------------------------------------------------------------
@@ -279,11 +296,10 @@ def apply_bias(x: jax.Array, t: SamplingTensors) -> jax.Array:
 
 def apply_penalties(x: jax.Array, t: SamplingTensors) -> jax.Array:
     """vLLM's apply_penalties: repetition over prompt+output, frequency/presence over output."""
-    if t.penalty_ids.shape[1] == 0:
+    if t.penalty_ids.shape[0] == 0:
         return x
     S, V = x.shape
-    rows = jnp.arange(S)[:, None]
-    ids = jnp.where(t.penalty_ids < 0, V, t.penalty_ids)  # V is out of range: dropped
+    rows, ids = t.penalty_rows, t.penalty_ids  # padding: row S, out of range: dropped
     counts = jnp.zeros((S, V), jnp.float32).at[rows, ids].add(
         t.penalty_is_output.astype(jnp.float32), mode="drop")
     seen = jnp.zeros((S, V), jnp.bool_).at[rows, ids].set(True, mode="drop")
