@@ -7,6 +7,10 @@
 2. ``--engine``: an engine run of ``--batch`` prompts generating ``--max-tokens`` tokens,
    output tokens/s, median of ``--engine-repeats``, in five modes: all free; one row with a
    presence penalty; all constrained to the schema; and the last two with late sampling off.
+   Each mode runs once untimed first: a mode's first run compiles its sampler variants (the
+   penalty list's width buckets, the token bitmask), and with two timed runs the median would
+   be their mean, compiles included. ``warmup_compiles`` counts the programs a mode's first run
+   compiled (what a server compiles while serving), ``compiles`` those of the timed runs.
    A penalty or grammar row needs each step's tokens on the host before its next sampler
    inputs: with late sampling (the default) the engine launches step k+1's forward, reads step
    k back while it runs, then launches k+1's sampler; off, it reads step k back before the next
@@ -28,10 +32,12 @@ import time
 
 import numpy as np
 
-# Bounded (lengths, item counts, no extra keys), so a small model's replies end within
-# max_tokens and the engine run times whole replies.
+# Bounded (lengths, item counts, the integer's range, no extra keys), so a reply ends within
+# max_tokens, also from random weights (the engine run also disables free whitespace), and the
+# engine run times whole replies.
 SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"},
+    "name": {"type": "string", "maxLength": 24},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
     "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 3},
     "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                                  "zip": {"type": "string", "maxLength": 8}},
@@ -86,7 +92,7 @@ def engine_run(args) -> list[dict]:
     runner = llm.llm_engine.runner
     prompts = [[{"role": "user", "content": f"Describe person number {i} as JSON."}]
                for i in range(args.batch)]
-    so = StructuredOutputsParams(json=SCHEMA)
+    so = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
 
     def params(mode: str) -> list:
         return [SamplingParams(
@@ -99,6 +105,9 @@ def engine_run(args) -> list[dict]:
     for mode in ("free", "one_penalty", "one_penalty_read_first", "json_schema",
                  "json_schema_read_first"):
         runner.late_sampling = not mode.endswith("read_first")
+        compiles = runner.num_compiles
+        llm.chat(prompts, params(mode), use_tqdm=False)  # warm-up: compiles the mode's variants
+        warm_compiles, compiles = runner.num_compiles - compiles, runner.num_compiles
         rates = []
         for _ in range(args.engine_repeats):
             t0 = time.perf_counter()
@@ -106,7 +115,8 @@ def engine_run(args) -> list[dict]:
             dt = time.perf_counter() - t0
             rates.append(sum(len(o.outputs[0].token_ids) for o in res) / dt)
         out.append({"mode": mode, "batch": args.batch, "output_tok_s": statistics.median(rates),
-                    "valid_json": sum(_is_json(o.outputs[0].text) for o in res)})
+                    "valid_json": sum(_is_json(o.outputs[0].text) for o in res),
+                    "warmup_compiles": warm_compiles, "compiles": runner.num_compiles - compiles})
     del runner.late_sampling
     return out
 
@@ -158,7 +168,8 @@ def main() -> None:
               f"median of {args.engine_repeats}")
         for r in result["engine"]:
             print(f"{r['mode']:>24} {r['output_tok_s']:>10.1f} tok/s  "
-                  f"valid JSON {r['valid_json']}/{r['batch']}")
+                  f"valid JSON {r['valid_json']}/{r['batch']}  compiles: "
+                  f"{r['warmup_compiles']} warm-up, {r['compiles']} timed")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
