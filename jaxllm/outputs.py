@@ -93,3 +93,20 @@ class EmbeddingRequestOutput:
     outputs: EmbeddingOutput
     prompt_token_ids: list[int]
     finished: bool = True
+
+
+@dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    """One pair's score (vLLM's ``LLM.score``): ``outputs.score``, the cosine similarity of
+    the two texts' embeddings; ``prompt_token_ids`` the pair's tokens (the first text's, a
+    pad token where the tokenizer has one, the second's), which usage counts."""
+
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int]
+    finished: bool = True

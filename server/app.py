@@ -297,6 +297,11 @@ ROUTES: dict[str, dict[str, str]] = {
     "/v1/chat/completions": {"POST": "chat_completions"},
     "/v1/responses": {"POST": "responses"},
     "/v1/embeddings": {"POST": "embeddings"},
+    "/score": {"POST": "score"},
+    "/v1/score": {"POST": "score"},
+    "/rerank": {"POST": "rerank"},
+    "/v1/rerank": {"POST": "rerank"},
+    "/v2/rerank": {"POST": "rerank"},
     "/tokenize": {"POST": "tokenize"},
     "/detokenize": {"POST": "detokenize"},
     "/health": {"GET": "health"},
@@ -998,6 +1003,64 @@ class OpenAIServer(PromptRenderer):
                 id=f"embd-{req.request_id or uuid.uuid4().hex}", created=int(time.time()),
                 model=model, data=data,
                 usage=P.UsageInfo(prompt_tokens=n, total_tokens=n))
+            return Reply.json(resp.model_dump())
+
+    async def _scores(self, texts_1: list[str], texts_2: list[str],
+                      truncate_prompt_tokens: int | None, params: tuple[str, str]) -> list:
+        """The pair scores of a pooling engine (LLMEngine.score) for /score and /rerank;
+        ``params``: the request's names of the two sides, for the 400s."""
+        sides = []
+        for texts, name in zip((texts_1, texts_2), params):
+            if not texts or not all(texts):
+                raise APIError(400, f"{name} must not be empty (nor hold an empty text).",
+                               param=name)
+            sides.append([{"prompt_token_ids": p.ids}
+                          for p in self._completion_prompts(list(texts))])
+        try:
+            return await self.engine.score(
+                sides[0], sides[1], PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens))
+        except ValueError as e:
+            msg = str(e)
+            raise APIError(400, msg, param=_param_in(
+                msg, ["truncate_prompt_tokens", *params])) from None
+        except (asyncio.CancelledError, APIError):
+            raise
+        except Exception as e:
+            raise self._engine_error(e) from None
+
+    async def score(self, call: Call) -> Reply:
+        """vLLM's /score (/v1/score) on an embedding model: the cosine similarity of each
+        (text_1, text_2) pair's embeddings, 1:1, 1:N or N:N; a 400 from a generating engine."""
+        async with self._admit():
+            req, model = self._request(call, P.ScoreRequest)
+            one = lambda t: [t] if isinstance(t, str) else list(t)  # noqa: E731
+            outs = await self._scores(one(req.text_1), one(req.text_2),
+                                      req.truncate_prompt_tokens, ("text_1", "text_2"))
+            n = sum(len(o.prompt_token_ids) for o in outs)
+            resp = P.ScoreResponse(
+                id=f"score-{req.request_id or uuid.uuid4().hex}", created=int(time.time()),
+                model=model, usage=P.UsageInfo(prompt_tokens=n, total_tokens=n),
+                data=[P.ScoreResponseData(index=i, score=o.outputs.score)
+                      for i, o in enumerate(outs)])
+            return Reply.json(resp.model_dump())
+
+    async def rerank(self, call: Call) -> Reply:
+        """vLLM's /rerank (/v1/rerank, /v2/rerank; Jina's and Cohere's request shape): the
+        documents by their score against the query, best first, the first ``top_n`` (0: all)."""
+        async with self._admit():
+            req, model = self._request(call, P.RerankRequest)
+            outs = await self._scores([req.query], req.documents, req.truncate_prompt_tokens,
+                                      ("query", "documents"))
+            results = sorted((P.RerankResult(index=i, relevance_score=o.outputs.score,
+                                             document=P.RerankDocument(text=req.documents[i]))
+                              for i, o in enumerate(outs)),
+                             key=lambda r: -r.relevance_score)
+            if req.top_n:
+                results = results[:req.top_n]
+            n = sum(len(o.prompt_token_ids) for o in outs)
+            resp = P.RerankResponse(id=f"rerank-{req.request_id or uuid.uuid4().hex}",
+                                    model=model, results=results,
+                                    usage=P.RerankUsage(prompt_tokens=n, total_tokens=n))
             return Reply.json(resp.model_dump())
 
     # -- vLLM's dev routes: sleep mode (LLMEngine.sleep / wake_up) ----------------------------

@@ -245,6 +245,67 @@ class EmbeddingResponse(_Response):
     usage: UsageInfo
 
 
+# -- /score and /rerank (a pooling engine: cosine similarity of embeddings, as vLLM's) -------------
+class ScoreRequest(_Model):
+    model: str | None = None
+    text_1: StrictStr | list[StrictStr]
+    text_2: StrictStr | list[StrictStr]
+    truncate_prompt_tokens: Int32 | None = None
+    request_id: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        return None
+
+
+class ScoreResponseData(_Response):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(_Response):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreResponseData]
+    usage: UsageInfo
+
+
+class RerankRequest(_Model):
+    model: str | None = None
+    query: StrictStr
+    documents: list[StrictStr]
+    top_n: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0  # 0: every document
+    truncate_prompt_tokens: Int32 | None = None
+    request_id: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        return None
+
+
+class RerankDocument(_Response):
+    text: str
+
+
+class RerankResult(_Response):
+    index: int
+    document: RerankDocument
+    relevance_score: float
+
+
+class RerankUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(_Response):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
+
+
 # -- /v1/chat/completions -------------------------------------------------------------------------
 class TextContentPart(_Model):
     type: Literal["text"]
@@ -587,7 +648,8 @@ def openapi_schema(version: str) -> dict[str, Any]:
               ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse,
               ResponsesRequest, ResponseObject,
               TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse,
-              ModelList, ModelCard, ErrorResponse, VersionResponse]
+              EmbeddingRequest, EmbeddingResponse, ScoreRequest, ScoreResponse, RerankRequest,
+              RerankResponse, ModelList, ModelCard, ErrorResponse, VersionResponse]
     keyed, defs = models_json_schema([(m, "validation") for m in models],
                                      ref_template="#/components/schemas/{model}")
 
@@ -628,6 +690,14 @@ def openapi_schema(version: str) -> dict[str, Any]:
                                      ChatCompletionStreamResponse, "Chat completion"),
         "/v1/responses": post(ResponsesRequest, ResponseObject,
                               summary="OpenAI Responses API (text and function tools)"),
+        "/v1/embeddings": post(EmbeddingRequest, EmbeddingResponse,
+                               summary="Embeddings (a pooling model)"),
+        "/v1/score": post(ScoreRequest, ScoreResponse,
+                          summary="Text-pair scores: cosine similarity of embeddings (also "
+                                  "/score)"),
+        "/v1/rerank": post(RerankRequest, RerankResponse,
+                           summary="Documents ranked against a query (also /rerank, "
+                                   "/v2/rerank)"),
         "/tokenize": post(TokenizeRequest, TokenizeResponse, summary="Tokenize a prompt"),
         "/detokenize": post(DetokenizeRequest, DetokenizeResponse, summary="Decode token ids"),
         "/health": get(None, "200 when the engine runs, 503 when it has failed"),

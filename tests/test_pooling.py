@@ -58,6 +58,48 @@ def test_embeddings_match_hf_hidden_states_pooled(small_llama_folder, hf_hidden,
     assert pool_.num_free_pages == pool_.num_usable_pages  # every page back
 
 
+def _cos(u, v):
+    return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
+
+
+def test_score_is_the_cosine_similarity_of_hf_pooled_states(small_llama_folder, hf_hidden):
+    """LLM.score (vLLM's, for an embedding model): 1:N and N:N pairs, each score the cosine
+    similarity of the two prompts' pooled final hidden states; the pair's tokens joined by the
+    tokenizer's pad token; errors for empty sides and other lengths; every page back."""
+    llm = LLM(str(small_llama_folder), runner="pooling", **KW)
+    ids = [{"prompt_token_ids": p} for p in PROMPTS]
+    want = [[_cos(a[-1].astype(np.float64), b[-1].astype(np.float64)) for b in hf_hidden]
+            for a in hf_hidden]
+    one_to_n = llm.score(ids[0], ids[1:])
+    assert len(one_to_n) == 4
+    np.testing.assert_allclose([o.outputs.score for o in one_to_n], want[0][1:], **TOL)
+    pad = llm.get_tokenizer().pad_token_id
+    assert one_to_n[2].prompt_token_ids == PROMPTS[0] + ([pad] if pad is not None else []) + \
+        PROMPTS[3]
+    n_to_n = llm.score(ids[:3], ids[2:])
+    np.testing.assert_allclose([o.outputs.score for o in n_to_n],
+                               [want[0][2], want[1][3], want[2][4]], **TOL)
+    assert llm.score(ids[1], ids[1])[0].outputs.score == pytest.approx(1.0, abs=1e-6)
+    # a text pair scores as its token ids do; truncate_prompt_tokens keeps each side's last k
+    tok = llm.get_tokenizer()
+    text = llm.score("The capital of France", ["is Paris", "is Berlin"])
+    toks = llm.score({"prompt_token_ids": tok.encode("The capital of France")},
+                     [{"prompt_token_ids": tok.encode(t)} for t in ("is Paris", "is Berlin")])
+    np.testing.assert_allclose([o.outputs.score for o in text], [o.outputs.score for o in toks],
+                               rtol=1e-6)
+    cut = llm.score(ids[1], ids[2], truncate_prompt_tokens=2)[0]
+    alone = llm.score({"prompt_token_ids": PROMPTS[1][-2:]},
+                      {"prompt_token_ids": PROMPTS[2][-2:]})[0]
+    assert cut.outputs.score == pytest.approx(alone.outputs.score, rel=1e-6)
+    assert cut.prompt_token_ids == alone.prompt_token_ids
+    with pytest.raises(ValueError, match="1:1, 1:N or N:N"):
+        llm.score(ids[:2], ids[:3])
+    with pytest.raises(ValueError, match="At least one"):
+        llm.score([], ids[:1])
+    pool_ = llm.llm_engine.page_pool
+    assert pool_.num_free_pages == pool_.num_usable_pages
+
+
 def test_pooling_engines_refuse_what_they_cannot_do(small_llama_folder):
     llm = LLM(str(small_llama_folder), runner="pooling", **KW)
     with pytest.raises(ValueError, match="pooling model"):
@@ -140,6 +182,7 @@ def test_embeddings_endpoint_speaks_openais_format(small_llama_folder, hf_hidden
             g = openai.AsyncOpenAI(base_url=bases[1], api_key="x", max_retries=0)
             with pytest.raises(openai.BadRequestError, match="pooling"):
                 await g.embeddings.create(model="emb", input="hi")
+            await _score_and_rerank_routes(bases)
             with pytest.raises(openai.BadRequestError, match="pooling model"):
                 await c.completions.create(model="emb", prompt="hi", max_tokens=2)
         finally:
@@ -151,6 +194,51 @@ def test_embeddings_endpoint_speaks_openais_format(small_llama_folder, hf_hidden
     finally:
         engine.shutdown()
         gen_engine.shutdown()
+
+
+async def _score_and_rerank_routes(bases: list[str]) -> None:
+    """vLLM's /score and /rerank on the pooling server (bases[0]): scores of the text pairs'
+    embeddings, the rerank order and top_n, usage, and the 400s (bases[1] generates)."""
+    import aiohttp
+
+    root = bases[0][:-len("/v1")]
+    query, docs = "What is the capital of France?", ["Paris is.", "Berlin, surely.", "Rome"]
+    async with aiohttp.ClientSession() as http:
+        async def post(url, body, status=200):
+            async with http.post(url, json=body) as r:
+                assert r.status == status, await r.text()
+                return await r.json()
+
+        got = await post(f"{root}/score", {"model": "emb", "text_1": query, "text_2": docs})
+        assert got["object"] == "list" and [d["index"] for d in got["data"]] == [0, 1, 2]
+        assert all(d["object"] == "score" for d in got["data"])
+        scores = [d["score"] for d in got["data"]]
+        assert got["usage"]["prompt_tokens"] == got["usage"]["total_tokens"] > 0
+        again = await post(f"{bases[0]}/score", {"text_1": [query, docs[0]],
+                                                 "text_2": [docs[0], docs[0]]})
+        assert again["data"][0]["score"] == pytest.approx(scores[0], rel=1e-5)
+        assert again["data"][1]["score"] == pytest.approx(1.0, abs=1e-5)
+        for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+            r = await post(root + path, {"model": "emb", "query": query, "documents": docs,
+                                         "top_n": 2})
+            order = sorted(range(3), key=lambda i: -scores[i])[:2]
+            assert [x["index"] for x in r["results"]] == order
+            assert [x["document"]["text"] for x in r["results"]] == [docs[i] for i in order]
+            assert [x["relevance_score"] for x in r["results"]] == pytest.approx(
+                [scores[i] for i in order], rel=1e-5)
+            assert r["usage"]["total_tokens"] == got["usage"]["total_tokens"]
+        r = await post(f"{root}/rerank", {"query": query, "documents": docs})
+        assert len(r["results"]) == 3  # top_n 0: every document
+        for body, param in (({"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, None),
+                            ({"text_1": [], "text_2": "c"}, "text_1"),
+                            ({"text_1": "a", "text_2": ["c", ""]}, "text_2")):
+            err = (await post(f"{root}/score", body, 400))["error"]
+            assert err["param"] == param and err["type"] == "invalid_request_error", err
+        err = (await post(f"{root}/rerank", {"query": query, "documents": []}, 400))["error"]
+        assert err["param"] == "documents"
+        gen_root = bases[1][:-len("/v1")]
+        err = (await post(f"{gen_root}/score", {"text_1": "a", "text_2": "b"}, 400))["error"]
+        assert "score() is only supported for pooling models" in err["message"]
 
 
 def test_a_headless_checkpoint_is_an_embedding_model_by_default(tmp_path):

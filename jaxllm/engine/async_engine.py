@@ -219,6 +219,10 @@ class AsyncEngine:
         """A pooling engine's embeddings (LLMEngine.embed), computed between steps."""
         return await self._call(lambda: self.engine.embed(prompts, params))
 
+    async def score(self, data_1: Any, data_2: Any, params: Any = None) -> list[Any]:
+        """A pooling engine's pair scores (LLMEngine.score), computed between steps."""
+        return await self._call(lambda: self.engine.score(data_1, data_2, params))
+
     async def abort(self, request_id: str) -> None:
         with self._cv:
             self._pending.append(("abort", request_id, None))

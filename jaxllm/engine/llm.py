@@ -45,6 +45,21 @@ class LLM:
         ``use_tqdm`` is accepted for vLLM's signature (one call embeds the whole list)."""
         return self.llm_engine.embed(self._prompt_list(prompts), pooling_params)
 
+    def score(self, data_1: PromptType | TypingSequence[PromptType],
+              data_2: PromptType | TypingSequence[PromptType], /, *,
+              truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,
+              pooling_params: Any = None) -> list[Any]:
+        """vLLM's ``LLM.score`` for an embedding model (``runner="pooling"``): one
+        ScoringRequestOutput per pair, ``outputs.score`` the cosine similarity of the two
+        texts' embeddings. ``data_1`` is one text paired with every item of ``data_2`` (1:N),
+        or as many as ``data_2`` (N:N). ``use_tqdm`` is accepted for vLLM's signature."""
+        from jaxllm.pooling_params import PoolingParams
+
+        params = pooling_params or PoolingParams()
+        if truncate_prompt_tokens is not None:
+            params = dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
+        return self.llm_engine.score(data_1, data_2, params)
+
     def sleep(self, level: int = 1) -> None:
         """vLLM's sleep mode (``LLM(..., enable_sleep_mode=True)``): frees the KV cache's and
         the weights' device memory; level 1 keeps the weights in host memory, level 2 drops

@@ -12,6 +12,10 @@ generation programs are not compiled at all.
 
 ``pooler_config`` (vLLM's ``--pooler-config``): {"pooling_type": "LAST" | "MEAN" | "CLS",
 "normalize": bool}.
+
+``score`` (vLLM's ``LLM.score`` and its /score and /rerank routes, for an embedding model):
+the cosine similarity of two texts' embeddings, pairs 1:1, 1:N (one query against N
+documents) or N:N.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.outputs import EmbeddingOutput, EmbeddingRequestOutput
+from jaxllm.outputs import (EmbeddingOutput, EmbeddingRequestOutput, ScoringOutput,
+                            ScoringRequestOutput)
 from jaxllm.pooling_params import PoolingParams
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
@@ -167,3 +172,43 @@ def embed(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingP
                                            outputs=EmbeddingOutput(
                                                embedding=v.astype(np.float32).tolist())))
     return outs
+
+
+def _as_list(data: Any) -> list[Any]:
+    """One text or prompt (a str, a prompt dict, a flat list of token ids) or a list of them."""
+    if isinstance(data, (str, dict)) or (
+            isinstance(data, (list, tuple)) and data
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in data)):
+        return [data]
+    return list(data)
+
+
+def score(engine: Any, data_1: Any, data_2: Any,
+          params: PoolingParams | None = None) -> list[ScoringRequestOutput]:
+    """``LLMEngine.score``'s work: the cosine similarity of each pair's embeddings, one pair
+    per item of ``data_2`` (``data_1`` one item, paired with each, or as many as ``data_2``:
+    vLLM's 1:1, 1:N and N:N). ValueError for empty sides or other lengths, and as ``embed``."""
+    texts_1, texts_2 = _as_list(data_1), _as_list(data_2)
+    if not texts_1 or not texts_2:
+        raise ValueError("At least one text element must be given for each side of a score.")
+    if len(texts_1) > 1 and len(texts_1) != len(texts_2):
+        raise ValueError(f"Input lengths must be either 1:1, 1:N or N:N; got {len(texts_1)} "
+                         f"and {len(texts_2)}.")
+    outs = engine.embed(texts_1 + texts_2, params)
+    first, second = outs[:len(texts_1)], outs[len(texts_1):]
+    if len(first) == 1:
+        first = first * len(second)
+    tok = engine.tokenizer
+    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+    results = []
+    for i, (a, b) in enumerate(zip(first, second)):
+        u = np.asarray(a.outputs.embedding, np.float64)
+        v = np.asarray(b.outputs.embedding, np.float64)
+        norm = float(np.linalg.norm(u) * np.linalg.norm(v))
+        sim = float(u @ v) / norm if norm > 0 else 0.0
+        ids = list(a.prompt_token_ids) + ([pad] if pad is not None else []) + list(
+            b.prompt_token_ids)
+        results.append(ScoringRequestOutput(request_id=f"score-{i}",
+                                            outputs=ScoringOutput(score=sim),
+                                            prompt_token_ids=ids))
+    return results
