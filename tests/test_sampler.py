@@ -248,6 +248,33 @@ def test_penalty_and_bias_arrays_are_empty_when_unused_and_bucketed_otherwise():
     assert t.token_bitmask.shape == (2, 3) and (t.token_bitmask == -1).all()
 
 
+def test_penalty_tokens_grow_in_place_and_build_the_lists_tensors():
+    # PenaltyTokens (the engine keeps one per penalty sequence): the prompt + the known
+    # outputs as one array, appended to as tokens come, rebuilt if the output is not a
+    # continuation; rows that carry it build the same penalty tensors as rows of lists.
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 1000, 70).tolist()
+    pt = S.PenaltyTokens(7, prompt)
+    out = []
+    for n in range(1, 200):  # past the buffer's first size (2 x 70): it grows
+        out.append(int(rng.integers(0, 1000)))
+        assert pt.ids(out, n).tolist() == prompt + out
+    assert pt.ids(out, 150).tolist() == prompt + out[:150]  # fewer known tokens: a view
+    other = out[:120] + [5] * 30  # not a continuation: rebuilt
+    assert pt.ids(other, 150).tolist() == prompt + other
+    pen = SamplingParams(frequency_penalty=0.5)
+    lists = [row(pen, prompt=rng.integers(0, 1000, n), output=rng.integers(0, 1000, m))
+             for n, m in ((5, 0), (40, 9), (1, 30))]
+    lists.insert(1, row(SamplingParams()))
+    arrays = [r._replace(penalty_ids=S.PenaltyTokens(i, r.prompt_token_ids).ids(
+        r.output_token_ids, len(r.output_token_ids)) if r.params.uses_penalties else None)
+              for i, r in enumerate(lists)]
+    a, b = (S.build_sampling_tensors(rs, pad_to=4) for rs in (lists, arrays))
+    for f in ("penalty_rows", "penalty_ids", "penalty_is_output"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    assert (a.penalty_rows[:85] == [0] * 5 + [2] * 49 + [3] * 31).all()
+
+
 def test_changing_params_within_a_bucket_does_not_recompile(logits):
     traces = []
 

@@ -948,8 +948,15 @@ class LLMEngine:
         if step < params.min_tokens:
             req = self._requests.get(seq.request_id)  # None: it finished in the late read
             banned = req.processors[seq.index].banned_token_ids(step) if req else ()
+        penalty_ids = None
+        if params.uses_penalties:  # the row's ids as an array kept with the sequence
+            cache = seq.penalty_tokens
+            if cache is None or cache.seq_id != seq.seq_id:
+                cache = seq.penalty_tokens = sampler_lib.PenaltyTokens(seq.seq_id,
+                                                                       seq.prompt_token_ids)
+            penalty_ids = cache.ids(output, len(output))
         return sampler_lib.SamplingRow(params, seq.sample_seed, step, seq.prompt_token_ids,
-                                       output, banned, seq.token_mask)
+                                       output, banned, seq.token_mask, penalty_ids)
 
     def _prompt_next_ids(self, sched: SchedulerOutput) -> np.ndarray | None:
         if not any(s.start_pos < s.seq.num_prompt_tokens

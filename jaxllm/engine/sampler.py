@@ -123,6 +123,42 @@ class SamplingRow(NamedTuple):
     banned_token_ids: Sequence[int] = ()  # e.g. EOS + stop_token_ids while below min_tokens
     # engine/structured_output.TokenMask: the tokens the row may sample this step (None: all)
     token_mask: Any = None
+    # A penalty row's prompt + output ids as one int32 array (PenaltyTokens.ids), so the
+    # penalty list is built without converting the lists each step; None: from the lists.
+    penalty_ids: Any = None
+
+
+class PenaltyTokens:
+    """A sequence's prompt + output token ids as one int32 array that grows in place as its
+    tokens come, for the penalty list: at batch 256 with 600 tokens a row, converting every
+    penalty row's lists anew took 7.5 ms a step on the CI machine (the engine keeps one per
+    sequence that uses penalties; ``ids`` appends only the new tokens)."""
+
+    __slots__ = ("seq_id", "num_prompt", "buf", "n")
+
+    def __init__(self, seq_id: int, prompt: Sequence[int]):
+        self.seq_id = seq_id
+        self.num_prompt = len(prompt)
+        self.buf = np.empty(max(64, 2 * len(prompt)), np.int32)
+        self.buf[:len(prompt)] = prompt
+        self.n = len(prompt)
+
+    def ids(self, output: Sequence[int], n_out: int) -> np.ndarray:
+        """The prompt + ``output[:n_out]`` (known tokens only) as an array view, valid until
+        the next call."""
+        p = self.num_prompt
+        have = self.n - p
+        if have > n_out or (have and self.buf[self.n - 1] != output[have - 1]):
+            have = 0  # not a continuation of what is held: rebuild the output part
+        need = p + n_out
+        if need > len(self.buf):
+            buf = np.empty(max(need, 2 * len(self.buf)), np.int32)
+            buf[:p + have] = self.buf[:p + have]
+            self.buf = buf
+        if n_out > have:
+            self.buf[p + have:need] = output[have:n_out]
+        self.n = need
+        return self.buf[:need]
 
 
 def bucket_size(n: int, minimum: int) -> int:
@@ -231,7 +267,8 @@ def build_sampling_tensors(rows: Sequence[SamplingRow | tuple], pad_to: int, *,
         bias_ids[i, :len(ids)] = ids
         bias_values[i, :len(vals)] = vals
 
-    # Penalty entries: the prompt + output tokens of the rows that use a penalty, one flat list.
+    # Penalty entries: the prompt + output tokens of the rows that use a penalty, one flat list
+    # (a row's ids from its PenaltyTokens array when it has one, else from its lists).
     pen_rows = [i for i, p in enumerate(params) if p.uses_penalties]
     need_e = sum(len(rows[i][3]) + len(rows[i][4]) for i in pen_rows)
     E = bucket_size(need_e, penalty_min) if penalty_len is None else penalty_len
@@ -243,13 +280,16 @@ def build_sampling_tensors(rows: Sequence[SamplingRow | tuple], pad_to: int, *,
     penalty_is_output = np.zeros(E, bool)
     at = 0
     for i in pen_rows:
-        prompt, out = rows[i][3], rows[i][4]
-        lp, lo = len(prompt), len(out)
-        penalty_rows[at:at + lp + lo] = i
-        penalty_ids[at:at + lp] = prompt
-        penalty_ids[at + lp:at + lp + lo] = out
-        penalty_is_output[at + lp:at + lp + lo] = True
-        at += lp + lo
+        r = rows[i]
+        lp, n = len(r[3]), len(r[3]) + len(r[4])
+        if len(r) > 7 and r[7] is not None:
+            penalty_ids[at:at + n] = r[7]
+        else:
+            penalty_ids[at:at + lp] = r[3]
+            penalty_ids[at + lp:at + n] = r[4]
+        penalty_rows[at:at + n] = i
+        penalty_is_output[at + lp:at + n] = True
+        at += n
 
     # Token bitmask, only when some row is constrained.
     masked = [(i, r[6]) for i, r in enumerate(rows) if len(r) > 6 and r[6] is not None]

@@ -80,6 +80,8 @@ class Sequence:
     pending_row: int = -1
     token_mask: Any = None  # engine/structured_output.TokenMask of a constrained request
     priority: int = 0  # the "priority" scheduling policy's: lower is served first
+    # sampler.PenaltyTokens: the ids of a sequence that uses penalties as one growing array
+    penalty_tokens: Any = field(default=None, repr=False)
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
