@@ -290,7 +290,7 @@ class _FakeEngineHandle:
     (an exception raised before or after the head, or a list of items)."""
 
     def __init__(self, script):
-        self.script, self.calls = list(script), []
+        self.script, self.calls, self.targets = list(script), [], []
 
     def options(self, stream: bool):
         assert stream
@@ -302,6 +302,7 @@ class _FakeEngineHandle:
 
     def remote(self, method, path, headers, body, *, route_key, avoid, query=""):
         self.calls.append(avoid)
+        self.targets.append((method, path, query))
         step = self.script.pop(0)
 
         class Gen:
@@ -328,12 +329,13 @@ class _FakeEngineHandle:
         return Gen()
 
 
-def _ingress_call(script, body: dict, max_retries: int = 3):
+def _ingress_call(script, body: dict, max_retries: int = 3, path: str = "/v1/completions",
+                  query: bytes = b"", engine: _FakeEngineHandle | None = None):
     from starlette.requests import Request
 
     from server.ray_serve import OpenAIIngress
 
-    ingress = OpenAIIngress(_FakeEngineHandle(script), prefix_routing_pages=0,
+    ingress = OpenAIIngress(engine or _FakeEngineHandle(script), prefix_routing_pages=0,
                             max_retries=max_retries)
     raw = json.dumps(body).encode()
 
@@ -341,8 +343,8 @@ def _ingress_call(script, body: dict, max_retries: int = 3):
         return {"type": "http.request", "body": raw, "more_body": False}
 
     async def go():
-        req = Request({"type": "http", "method": "POST", "path": "/v1/completions",
-                       "headers": [], "query_string": b""}, receive)
+        req = Request({"type": "http", "method": "POST", "path": path,
+                       "headers": [], "query_string": query}, receive)
         resp = await ingress(req)
         if hasattr(resp, "body_iterator"):
             return resp.status_code, b"".join([c async for c in resp.body_iterator])
@@ -374,6 +376,17 @@ def test_ingress_retries_a_lost_replica_and_a_dead_engine_before_any_byte_is_sen
     status, body, calls = _ingress_call([dead, dead], {"prompt": "hi"}, max_retries=1)
     assert status == 503 and json.loads(body)["error"]["code"] == "engine_unavailable"
     assert len(calls) == 2
+
+
+def test_ingress_forwards_the_query_string_to_the_replica():
+    # vLLM's dev routes take their arguments in the query (/sleep?level=2,
+    # /wake_up?tags=weights): the ingress hands it to the replica, which puts it in the Call
+    # the OpenAI server reads (server/app.py, sleep / wake_up).
+    engine = _FakeEngineHandle([[_head(200, "r0"), b""], [_head(200, "r0"), b'{"ok": 1}']])
+    status, _, _ = _ingress_call(None, {}, path="/sleep", query=b"level=2", engine=engine)
+    assert status == 200
+    _ingress_call(None, {"prompt": "hi"}, engine=engine)
+    assert engine.targets == [("POST", "/sleep", "level=2"), ("POST", "/v1/completions", "")]
 
 
 def test_jaxllm_serve_ray_flags_build_the_app():
