@@ -219,9 +219,10 @@ class AsyncEngine:
         """A pooling engine's embeddings (LLMEngine.embed), computed between steps."""
         return await self._call(lambda: self.engine.embed(prompts, params))
 
-    async def score(self, data_1: Any, data_2: Any, params: Any = None) -> list[Any]:
+    async def score(self, texts_1: list[Any], texts_2: list[Any],
+                    params: Any = None) -> list[Any]:
         """A pooling engine's pair scores (LLMEngine.score), computed between steps."""
-        return await self._call(lambda: self.engine.score(data_1, data_2, params))
+        return await self._call(lambda: self.engine.score(texts_1, texts_2, params))
 
     async def abort(self, request_id: str) -> None:
         with self._cv:

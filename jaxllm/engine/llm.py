@@ -58,7 +58,8 @@ class LLM:
         params = pooling_params or PoolingParams()
         if truncate_prompt_tokens is not None:
             params = dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
-        return self.llm_engine.score(data_1, data_2, params)
+        return self.llm_engine.score(self._prompt_list(data_1), self._prompt_list(data_2),
+                                     params)
 
     def sleep(self, level: int = 1) -> None:
         """vLLM's sleep mode (``LLM(..., enable_sleep_mode=True)``): frees the KV cache's and

@@ -653,17 +653,18 @@ class LLMEngine:
             raise EngineSleepingError("The engine is asleep: call wake_up() first.")
         return embed(self, list(prompts), params, self.pooler)
 
-    def score(self, data_1: Any, data_2: Any, params: Any = None) -> list[Any]:
+    def score(self, texts_1: list[Any], texts_2: list[Any], params: Any = None) -> list[Any]:
         """Scores of text pairs on a pooling engine (vLLM's ``LLM.score`` for an embedding
-        model): the cosine similarity of the two embeddings, pairs 1:1, 1:N or N:N
-        (engine/pooling.py, ``score``). ValueError as ``embed``, and for other lengths."""
+        model): the cosine similarity of the two embeddings, pairs 1:1, 1:N or N:N; each list
+        holds what add_request takes (engine/pooling.py, ``score``). ValueError as ``embed``,
+        and for other lengths."""
         from jaxllm.engine.pooling import score
 
         if self.runner_kind != "pooling":
             raise ValueError("score() is only supported for pooling models (embedding models "
                              "score pairs by cosine similarity): start the engine with "
                              "runner='pooling' (--runner pooling).")
-        return score(self, data_1, data_2, params)
+        return score(self, texts_1, texts_2, params)
 
     # -- sleep mode and weight updates (vLLM's, for RL loops) ---------------------------------
     def _check_idle(self, what: str) -> None:

@@ -174,21 +174,13 @@ def embed(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingP
     return outs
 
 
-def _as_list(data: Any) -> list[Any]:
-    """One text or prompt (a str, a prompt dict, a flat list of token ids) or a list of them."""
-    if isinstance(data, (str, dict)) or (
-            isinstance(data, (list, tuple)) and data
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in data)):
-        return [data]
-    return list(data)
-
-
-def score(engine: Any, data_1: Any, data_2: Any,
+def score(engine: Any, texts_1: list[Any], texts_2: list[Any],
           params: PoolingParams | None = None) -> list[ScoringRequestOutput]:
     """``LLMEngine.score``'s work: the cosine similarity of each pair's embeddings, one pair
-    per item of ``data_2`` (``data_1`` one item, paired with each, or as many as ``data_2``:
-    vLLM's 1:1, 1:N and N:N). ValueError for empty sides or other lengths, and as ``embed``."""
-    texts_1, texts_2 = _as_list(data_1), _as_list(data_2)
+    per item of ``texts_2`` (``texts_1`` one item, paired with each, or as many as ``texts_2``:
+    vLLM's 1:1, 1:N and N:N); items are what add_request takes. ValueError for empty sides or
+    other lengths, and as ``embed``."""
+    texts_1, texts_2 = list(texts_1), list(texts_2)
     if not texts_1 or not texts_2:
         raise ValueError("At least one text element must be given for each side of a score.")
     if len(texts_1) > 1 and len(texts_1) != len(texts_2):
