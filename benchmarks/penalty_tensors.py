@@ -1,7 +1,7 @@
 """Host cost of a step's penalty list (engine/sampler.py ``build_sampling_tensors``) when every
 row uses a penalty, as a model whose generation_config sets ``repetition_penalty`` (Qwen2.5's
 1.05) makes every request do: the rows' ids from their token lists (what a row without a
-``PenaltyTokens`` array costs) against from the arrays the engine keeps per sequence, with
+``TokenArray`` costs) against from the arrays the engine keeps per sequence, with
 one new token a row between steps. The main thread's CPU time, median of ``--repeats``.
 
     python3 benchmarks/penalty_tensors.py --batch 256 --prompt 512 --output 100
@@ -31,7 +31,7 @@ def main() -> None:
     params = SamplingParams(repetition_penalty=1.05)
     prompts = [rng.integers(0, args.vocab, args.prompt).tolist() for _ in range(args.batch)]
     outs = [rng.integers(0, args.vocab, args.output).tolist() for _ in range(args.batch)]
-    kept = [S.PenaltyTokens(i, p) for i, p in enumerate(prompts)]
+    kept = [S.TokenArray(i, p) for i, p in enumerate(prompts)]
     width = S.bucket_size(args.batch * (args.prompt + args.output + args.repeats), 64)
 
     def step(with_arrays: bool) -> float:
@@ -48,7 +48,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for with_arrays in (False, True):
             times[with_arrays].append(step(with_arrays))
-    for with_arrays, label in ((False, "from the token lists"), (True, "from PenaltyTokens")):
+    for with_arrays, label in ((False, "from the token lists"), (True, "from TokenArray")):
         print(f"{args.batch} rows x {args.prompt}+{args.output} tokens, {label}: "
               f"{statistics.median(times[with_arrays]):.2f} ms a step")
 

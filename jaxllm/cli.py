@@ -81,6 +81,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         '"disable_any_whitespace": bool, "disable_additional_properties": bool, '
                         '"reasoning_parser": "deepseek_r1" | "qwen3", "enable_in_reasoning": '
                         'bool}')
+    p.add_argument("--speculative-config", type=_json_object, default=None,
+                   help='JSON, vLLM\'s: {"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 5, "prompt_lookup_min": 2} (n-gram drafts from '
+                        'the prompt and output, verified in one step; steps run synchronously)')
     p.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILATION_CACHE_DIR,
                    help="keep compiled step programs here, so a restart with the same model and "
                         "flags skips most of the start-up compile (default: "
@@ -143,6 +147,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 generation_config=args.generation_config,
                 override_generation_config=args.override_generation_config,
                 structured_outputs_config=args.structured_outputs_config,
+                speculative_config=args.speculative_config,
                 runner=args.runner, pooler_config=args.pooler_config)
 
 

@@ -235,6 +235,11 @@ class EngineConfig:
     # options apply to every request's schema, as if each request had set them; with a
     # reasoning parser a grammar starts after the thinking unless enable_in_reasoning.
     structured_outputs_config: dict[str, Any] | None = None
+    # vLLM's speculative_config (engine/spec_decode.py): {"method": "ngram",
+    # "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}: decodes
+    # take up to k drafts from n-gram lookup in their own tokens, verified in one step. Steps
+    # then run synchronously (async_scheduling off).
+    speculative_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -287,6 +292,10 @@ class EngineConfig:
             from jaxllm.engine.structured_output import check_config
 
             check_config(self.structured_outputs_config)
+        if self.speculative_config is not None:
+            from jaxllm.engine.spec_decode import SpeculativeConfig
+
+            SpeculativeConfig.from_dict(self.speculative_config)
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(
                 f"attention_backend={self.attention_backend!r} is not supported; "

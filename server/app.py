@@ -1663,6 +1663,13 @@ class OpenAIServer(PromptRenderer):
                             "KV cache %.1f%%, prefix cache hit rate %.1f%%", prompt_tps, gen_tps,
                             s["num_running"], s["num_waiting"], 100 * s["kv_cache_usage"],
                             100 * hit)
+                drafted = (s.get("spec_decode_num_draft_tokens", 0)
+                           - last.get("spec_decode_num_draft_tokens", 0))
+                if drafted:
+                    accepted = (s["spec_decode_num_accepted_tokens"]
+                                - last.get("spec_decode_num_accepted_tokens", 0))
+                    logger.info("speculative decoding: %d draft tokens, %.1f%% accepted",
+                                drafted, 100 * accepted / drafted)
             last, t_last = s, now
 
 

@@ -53,6 +53,13 @@ class _EngineCollector(Collector):
         yield counter("prompt_tokens", "Prompt tokens processed.", s.get("prompt_tokens", 0))
         yield counter("generation_tokens", "Tokens generated.", s.get("generation_tokens", 0))
         yield counter("num_preemptions", "Sequences preempted.", s.get("num_preemptions", 0))
+        if "spec_decode_num_drafts" in s:  # only with a speculative config, as vLLM
+            yield counter("spec_decode_num_drafts", "Speculative steps of a sequence with a "
+                          "draft.", s["spec_decode_num_drafts"])
+            yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed.",
+                          s["spec_decode_num_draft_tokens"])
+            yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                          s["spec_decode_num_accepted_tokens"])
 
 
 class ServerMetrics:

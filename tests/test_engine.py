@@ -492,14 +492,16 @@ def test_small_decode_buckets_are_checked():
 def test_forcing_decode_only_on_a_prefill_batch_is_refused(small_llm):
     from types import SimpleNamespace
 
+    from jaxllm.engine.scheduler import ScheduledSeq
+
     runner = small_llm.llm_engine.runner
     seq = SimpleNamespace(all_token_ids=[1, 2, 3], num_pending=0, num_tokens=3, page_ids=[1],
                           pending_row=-1)
-    prefill = [SimpleNamespace(seq=seq, start_pos=0, num_new_tokens=3)]
+    prefill = [ScheduledSeq(seq, 3, 0, True)]
     assert not runner.prepare(prefill, []).md.decode_only
     with pytest.raises(ValueError, match="3 tokens over 1 sequences"):
         runner.prepare(prefill, [], decode_only=True)
-    decode = [SimpleNamespace(seq=seq, start_pos=2, num_new_tokens=1)]
+    decode = [ScheduledSeq(seq, 1, 2, True)]
     assert runner.prepare(decode, []).md.decode_only
 
 

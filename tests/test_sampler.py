@@ -248,13 +248,13 @@ def test_penalty_and_bias_arrays_are_empty_when_unused_and_bucketed_otherwise():
     assert t.token_bitmask.shape == (2, 3) and (t.token_bitmask == -1).all()
 
 
-def test_penalty_tokens_grow_in_place_and_build_the_lists_tensors():
-    # PenaltyTokens (the engine keeps one per penalty sequence): the prompt + the known
+def test_token_arrays_grow_in_place_and_build_the_lists_tensors():
+    # TokenArray (the engine keeps one per penalty sequence): the prompt + the known
     # outputs as one array, appended to as tokens come, rebuilt if the output is not a
     # continuation; rows that carry it build the same penalty tensors as rows of lists.
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 1000, 70).tolist()
-    pt = S.PenaltyTokens(7, prompt)
+    pt = S.TokenArray(7, prompt)
     out = []
     for n in range(1, 200):  # past the buffer's first size (2 x 70): it grows
         out.append(int(rng.integers(0, 1000)))
@@ -266,7 +266,7 @@ def test_penalty_tokens_grow_in_place_and_build_the_lists_tensors():
     lists = [row(pen, prompt=rng.integers(0, 1000, n), output=rng.integers(0, 1000, m))
              for n, m in ((5, 0), (40, 9), (1, 30))]
     lists.insert(1, row(SamplingParams()))
-    arrays = [r._replace(penalty_ids=S.PenaltyTokens(i, r.prompt_token_ids).ids(
+    arrays = [r._replace(penalty_ids=S.TokenArray(i, r.prompt_token_ids).ids(
         r.output_token_ids, len(r.output_token_ids)) if r.params.uses_penalties else None)
               for i, r in enumerate(lists)]
     a, b = (S.build_sampling_tensors(rs, pad_to=4) for rs in (lists, arrays))

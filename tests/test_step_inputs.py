@@ -1,12 +1,11 @@
 """Host-side step inputs: the fast paths of ModelRunner.prepare and build_sampling_tensors give
 exactly what the plain row-by-row construction gives (no model, no device)."""
 
-from types import SimpleNamespace
-
 import numpy as np
 
 from jaxllm.engine import sampler as S
 from jaxllm.engine.model_runner import ModelRunner
+from jaxllm.engine.scheduler import ScheduledSeq
 from jaxllm.engine.sequence import PLACEHOLDER_TOKEN, Sequence
 from jaxllm.models.attention import SCRATCH_PAGE
 from jaxllm.sampling_params import SamplingParams
@@ -40,7 +39,7 @@ def _plain_page_table(seqs, S_, M):
 
 
 def _decode(seqs):
-    return [SimpleNamespace(seq=s, start_pos=s.num_tokens - 1, num_new_tokens=1) for s in seqs]
+    return [ScheduledSeq(s, 1, s.num_tokens - 1, True) for s in seqs]
 
 
 def test_decode_fast_path_matches_the_row_by_row_path_with_placeholders():

@@ -157,6 +157,8 @@
 #                                          that may shorten XLA's compiles (VARIANTS)
 #   bash benchmarks/gpu/issues.sh structured  (one GPU) structured outputs and late sampling
 #                                          at batch 256 (B=...) on the 8B checkpoint
+#   bash benchmarks/gpu/issues.sh spec     (one GPU) speculative decoding at batch 1 / 4 on
+#                                          the 8B shape: plain vs n-gram drafts, k = 2 / 4 / 8
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
 #                                          (issue 8), then 1 vs 2 replicas (issue 11)
 # Carry .bench (a saved SmolLM2 tokenizer: the GPU tests and the server benchmark need one; make
@@ -1694,4 +1696,12 @@ structured)  # nvidia-h200 (one GPU), one call: structured outputs and late samp
     || exit 1
   timeout $((T - SECONDS - 10)) python3 benchmarks/structured_outputs.py --engine --model $C \
     --batch ${B:-256} --max-tokens 128 --engine-repeats 2 --json $OUT/structured.json ;;
+spec)  # nvidia-h200 (one GPU), one call: speculative decoding (n-gram drafts) on the 8B shape,
+  # random bf16 weights, batch 1 and 4 at 1k context: plain vs k = 2 / 4 / 8, forced (every
+  # draft accepted: the ceiling) and random (nothing accepted: the cost). No wheels needed.
+  for b in 1 4; do
+    timeout $((T - SECONDS - 10)) python3 benchmarks/spec_decode.py --shape llama3-8b \
+      --batch $b --context 1024 --tokens 64 --num-speculative-tokens 2 4 8 \
+      --out $OUT/spec_decode.jsonl || exit 1
+  done ;;
 esac

@@ -90,6 +90,9 @@ class _InFlight:
     needs_tokens_on_host: bool  # the next sampler inputs need its tokens (late sampling)
     with_logprobs: bool = True  # False: only out.token_ids is read back (no row wants log-probs)
     num_steps: int = 1  # > 1: a multi-step launch; out's arrays have a leading [num_steps] axis
+    # Speculative steps: per scheduled entry, its first row of out (entries with a draft have
+    # 1 + num_spec rows); None: row i is entry i.
+    sample_rows: list[int] | None = None
 
 
 def default_batch_limits(platform: str, device_kind: str, device_bytes: int | None,
@@ -331,10 +334,25 @@ class LLMEngine:
         self._sleeping: set[str] = set()  # what sleep() freed and wake_up() has not put back
         self._inflight: _InFlight | None = None  # the dispatched step not read back yet
         self.async_scheduling = config.async_scheduling  # may be switched between steps
+        from jaxllm.engine.spec_decode import SpeculativeConfig
+
+        self.speculative = SpeculativeConfig.from_dict(config.speculative_config)
+        if self.speculative is not None:
+            if self.runner_kind == "pooling" or runner_cls is not ModelRunner:
+                raise ValueError("speculative_config needs a generating model on one pipeline "
+                                 "stage (pipeline parallelism and runner='pooling' do not "
+                                 "speculate).")
+            if self.async_scheduling:
+                logger.info("speculative decoding: steps run synchronously (a draft needs the "
+                            "previous step's tokens on the host); async_scheduling is off")
+            self.async_scheduling = False
         self._seq_counter = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0,
                       "prefix_cache_hits": 0, "prefix_cache_queries": 0}
+        if self.speculative is not None:  # vLLM's vllm:spec_decode_* counters
+            self.stats.update(spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
+                              spec_decode_num_accepted_tokens=0)
         from jaxllm.engine.pooling import check_pooler_config
 
         self.pooler = check_pooler_config(config.pooler_config)
@@ -786,6 +804,8 @@ class LLMEngine:
             late = self.runner.late_sampling and self.runner.publisher is None
             if not late:
                 outputs = self._read_inflight()
+        if self.speculative is not None and self._inflight is None:
+            self._propose_drafts()
         sched: SchedulerOutput = self.scheduler.schedule()
         self.stats["num_preemptions"] += len(sched.preempted)
         if self.prefix_cache is not None:
@@ -799,9 +819,39 @@ class LLMEngine:
         if self._inflight is not None:
             outputs = self._read_inflight()
         self._inflight = dispatched
-        if dispatched is not None and not self.async_scheduling:
-            outputs = self._read_inflight()
+        if dispatched is not None and (not self.async_scheduling
+                                       or dispatched.sample_rows is not None):
+            outputs = self._read_inflight()  # (a speculative step's rejected drafts go first)
         return outputs
+
+    def _propose_drafts(self) -> None:
+        """Sets every running sequence's n-gram draft for the next step (engine/spec_decode.py):
+        a decode whose tokens are all known, without penalties, a grammar or min_tokens still
+        to reach, gets up to num_speculative_tokens, cut to max_model_len, max_tokens and the
+        sequence slots left (each draft position is a sampled row: at most max_num_seqs
+        rows a step)."""
+        from jaxllm.engine.spec_decode import propose_ngram
+
+        spec = self.speculative
+        running = self.scheduler.running
+        slots = self.max_num_seqs - len(running)
+        room = self.max_model_len - 1
+        for seq in running:
+            draft: list[int] = []
+            n = seq.num_tokens
+            params = seq.sampling_params
+            if (slots > 0 and not seq.num_pending and seq.num_computed_tokens == n - 1
+                    and not params.uses_penalties and seq.token_mask is None
+                    and seq.num_output_tokens >= params.min_tokens):
+                k = min(spec.num_speculative_tokens, room - n, slots)
+                if params.max_tokens is not None:
+                    k = min(k, params.max_tokens - seq.num_output_tokens - 1)
+                if k > 0:
+                    output = seq.output_token_ids
+                    draft = propose_ngram(self._token_array(seq).ids(output, len(output)), k,
+                                          spec.prompt_lookup_min, spec.prompt_lookup_max)
+                    slots -= len(draft)
+            seq.spec_token_ids = draft
 
     def _dispatch(self, sched: SchedulerOutput, late: bool = False
                   ) -> tuple[_InFlight, list[RequestOutput] | None]:
@@ -810,6 +860,7 @@ class LLMEngine:
         sampling_row = self._sampling_row
         next_ids = self._prompt_next_ids(sched)
         outputs = None
+        sample_rows = None  # a speculative step: entry -> its first sampled row
         if late:
             logits, prompt_lp, host = self.runner.dispatch_forward(sched.scheduled, next_ids)
             indices = self.scheduler.commit(sched)
@@ -821,10 +872,20 @@ class LLMEngine:
             steps = 1
         else:
             rows = [sampling_row(s.seq) for s in sched.scheduled]
-            steps = self._lookahead_steps(sched, rows) if next_ids is None else 1
+            if any(s.num_spec for s in sched.scheduled):
+                steps = 1
+                sample_rows, sampled = [], []
+                for s, r in zip(sched.scheduled, rows):
+                    sample_rows.append(len(sampled))
+                    sampled.append(r)
+                    # Draft position i is sampled as the token it would be: step + i.
+                    sampled.extend(r._replace(step=r.step + i) for i in range(1, s.num_spec + 1))
+            else:
+                sampled = rows
+                steps = self._lookahead_steps(sched, rows) if next_ids is None else 1
             # (num_steps only when > 1: the pipeline runner's dispatch has no multi-step.)
             out, prompt_lp = self.runner.dispatch(
-                sched.scheduled, rows, prompt_next_ids=next_ids,
+                sched.scheduled, sampled, prompt_next_ids=next_ids,
                 **({"num_steps": steps} if steps > 1 else {}))
             indices = self.scheduler.commit(sched, num_steps=steps)
         # Rows whose next inputs need this step's tokens on the host: penalties (token lists)
@@ -834,7 +895,7 @@ class LLMEngine:
                          for r, i in zip(rows, indices) if i is not None)
         with_logprobs = any(r.params.logprobs is not None for r in rows)
         return _InFlight(sched, indices, out, prompt_lp, read_first, with_logprobs,
-                         steps), outputs
+                         steps, sample_rows), outputs
 
     def _lookahead_steps(self, sched: SchedulerOutput, rows: list) -> int:
         """How many decode steps this batch runs in one launch (multi-step scheduling): the
@@ -870,6 +931,7 @@ class LLMEngine:
         tokens = (out.token_ids if inflight.with_logprobs else out).tolist()
         steps = inflight.num_steps  # > 1: tokens is [steps][rows]
         sched = inflight.sched
+        sample_rows = inflight.sample_rows  # a speculative step: entry -> its first row
         if prompt_lp is not None:
             self._collect_prompt_logprobs(sched, prompt_lp)
         # Per-row host work of every step (benchmarks/host_overhead.py): one tolist() instead of
@@ -889,14 +951,19 @@ class LLMEngine:
             if req is None or seq.status.is_finished:
                 continue  # aborted / finished while the step ran
             params = req.params
-            if steps == 1:
-                token = tokens[i]
+            if sample_rows is not None and s.num_spec:
+                finished, status, n = self._accept_draft(req, s, index, tokens, out,
+                                                         sample_rows[i])
+                num_generated += n
+            elif steps == 1:
+                r = i if sample_rows is None else sample_rows[i]
+                token = tokens[r]
                 resolve(seq, index, token)
                 if seq.token_mask is not None:
                     seq.token_mask.accept(token)
                 lp = None
                 if params.logprobs is not None:
-                    lp = self._sample_logprobs(out, i, params.logprobs)
+                    lp = self._sample_logprobs(out, r, params.logprobs)
                 finished, status = req.processors[seq.index].process(token, lp, index + 1)
                 num_generated += 1
             else:  # the row's tokens in order; those past a stop are dropped
@@ -933,6 +1000,38 @@ class LLMEngine:
             outputs = [o for o in outputs if o is not None]
         return outputs
 
+    def _accept_draft(self, req: _Request, s: Any, index: int, tokens: list[int], out: Any,
+                      row: int) -> tuple[bool, Any, int]:
+        """A speculative entry's tokens (engine/spec_decode.py): the samples of its positions
+        in rows row .. row + num_spec; the drafts up to the first mismatch are accepted and
+        the sample there (or after the last draft) follows them. The rejected drafts'
+        placeholders and computed tokens go first. Returns (finished, status, tokens
+        emitted)."""
+        seq, k = s.seq, s.num_spec
+        draft = seq.spec_token_ids[:k]
+        sampled = tokens[row:row + k + 1]
+        accepted = 0
+        while accepted < k and sampled[accepted] == draft[accepted]:
+            accepted += 1
+        self.scheduler.reject_drafts(seq, k - accepted)
+        stats = self.stats
+        stats["spec_decode_num_drafts"] += 1
+        stats["spec_decode_num_draft_tokens"] += k
+        stats["spec_decode_num_accepted_tokens"] += accepted
+        num_logprobs = req.params.logprobs
+        process = req.processors[seq.index].process
+        finished, status, emitted = False, None, 0
+        for j in range(accepted + 1):
+            token = sampled[j]
+            self.scheduler.resolve(seq, index + j, token)
+            lp = None if num_logprobs is None else self._sample_logprobs(out, row + j,
+                                                                         num_logprobs)
+            finished, status = process(token, lp, index + j + 1)
+            emitted += 1
+            if finished:
+                break
+        return finished, status, emitted
+
     def _sampling_row(self, seq: Sequence, committed_index: int | None = None
                       ) -> sampler_lib.SamplingRow:
         """The row's sampling inputs. ``committed_index``: the step was committed already and
@@ -951,13 +1050,17 @@ class LLMEngine:
             banned = req.processors[seq.index].banned_token_ids(step) if req else ()
         penalty_ids = None
         if params.uses_penalties:  # the row's ids as an array kept with the sequence
-            cache = seq.penalty_tokens
-            if cache is None or cache.seq_id != seq.seq_id:
-                cache = seq.penalty_tokens = sampler_lib.PenaltyTokens(seq.seq_id,
-                                                                       seq.prompt_token_ids)
-            penalty_ids = cache.ids(output, len(output))
+            penalty_ids = self._token_array(seq).ids(output, len(output))
         return sampler_lib.SamplingRow(params, seq.sample_seed, step, seq.prompt_token_ids,
                                        output, banned, seq.token_mask, penalty_ids)
+
+    @staticmethod
+    def _token_array(seq: Sequence) -> sampler_lib.TokenArray:
+        """The sequence's prompt + output ids as the growing array kept with it."""
+        cache = seq.token_array
+        if cache is None or cache.seq_id != seq.seq_id:
+            cache = seq.token_array = sampler_lib.TokenArray(seq.seq_id, seq.prompt_token_ids)
+        return cache
 
     def _prompt_next_ids(self, sched: SchedulerOutput) -> np.ndarray | None:
         if not any(s.start_pos < s.seq.num_prompt_tokens

@@ -66,7 +66,8 @@ class StepInputs:
     positions:      [T]  its position in its sequence (padding: 0)
     md:             attention metadata (slot_mapping [T], query_start_loc [S+1], seq_lens [S],
                     page_table [S, M], num_seqs [1])
-    logits_indices: [S]  the token row whose logits are sampled for each sequence (padding: 0)
+    logits_indices: [S]  the token row whose logits are sampled for each sequence (padding: 0);
+                         a speculative decode has one per position of its chunk, in order
     prev_rows:      [T]  async scheduling: row of the previous step's sampled tokens that is this
                          slot's token (its id is not on the host yet); -1: use token_ids
     sampling:       per-row sampling parameters ([S]-leading arrays, see engine/sampler.py)
@@ -1058,11 +1059,14 @@ class ModelRunner:
     def _prepare_ragged(scheduled, token_ids, positions, seq_of_token, query_start_loc, seq_lens,
                         logits_indices, prev_rows) -> int:
         """``prepare``'s per-row arrays (all but the page table) for any batch (prefill chunks
-        and decodes), row by row; returns the number of real tokens."""
+        and decodes), row by row; returns the number of real tokens. A speculative decode
+        (``num_spec`` > 0) has a logits row for each of its 1 + num_spec positions, in order:
+        the sampler's rows are then not one per sequence (``logits_indices`` holds them all)."""
         off = 0
+        r = 0  # logits row
         for i, s in enumerate(scheduled):
             n, start = s.num_new_tokens, s.start_pos
-            token_ids[off:off + n] = s.seq.all_token_ids[start:start + n]
+            token_ids[off:off + n] = s.token_ids
             if s.seq.num_pending:  # its last token is still on the device (async scheduling)
                 last = s.seq.num_tokens - 1
                 if start <= last < start + n:
@@ -1073,7 +1077,16 @@ class ModelRunner:
             seq_lens[i] = start + n
             off += n
             query_start_loc[i + 1] = off
-            logits_indices[i] = off - 1
+            k = s.num_spec
+            if k:
+                if r + k >= len(logits_indices):
+                    raise ValueError(f"the step's sampled positions exceed its "
+                                     f"{len(logits_indices)} sequence slots (drafts are capped "
+                                     "by max_num_seqs)")
+                logits_indices[r:r + k + 1] = np.arange(off - k - 1, off, dtype=np.int32)
+            else:
+                logits_indices[r] = off - 1
+            r += 1 + k
         return off
 
     def dispatch(self, scheduled: list[ScheduledSeq], sampling_rows: list[sampler_lib.SamplingRow],

@@ -123,17 +123,18 @@ class SamplingRow(NamedTuple):
     banned_token_ids: Sequence[int] = ()  # e.g. EOS + stop_token_ids while below min_tokens
     # engine/structured_output.TokenMask: the tokens the row may sample this step (None: all)
     token_mask: Any = None
-    # A penalty row's prompt + output ids as one int32 array (PenaltyTokens.ids), so the
+    # A penalty row's prompt + output ids as one int32 array (TokenArray.ids), so the
     # penalty list is built without converting the lists each step; None: from the lists.
     penalty_ids: Any = None
 
 
-class PenaltyTokens:
+class TokenArray:
     """A sequence's prompt + output token ids as one int32 array that grows in place as its
-    tokens come, for the penalty list: at batch 256 with 612 tokens a row, building the list
-    from every penalty row's token lists took 6.05 ms a step on the CI machine, 2.13 from these
-    (benchmarks/penalty_tensors.py). The engine keeps one per sequence that uses penalties;
-    ``ids`` appends only the new tokens."""
+    tokens come, for the penalty list and the n-gram drafts (engine/spec_decode.py): at batch
+    256 with 612 tokens a row, building the penalty list from every penalty row's token lists
+    took 6.05 ms a step on the CI machine, 2.13 from these (benchmarks/penalty_tensors.py). The
+    engine keeps one per sequence that uses penalties or drafts; ``ids`` appends only the new
+    tokens."""
 
     __slots__ = ("seq_id", "num_prompt", "buf", "n")
 
@@ -269,7 +270,7 @@ def build_sampling_tensors(rows: Sequence[SamplingRow | tuple], pad_to: int, *,
         bias_values[i, :len(vals)] = vals
 
     # Penalty entries: the prompt + output tokens of the rows that use a penalty, one flat list
-    # (a row's ids from its PenaltyTokens array when it has one, else from its lists).
+    # (a row's ids from its TokenArray when it has one, else from its lists).
     pen_rows = [i for i, p in enumerate(params) if p.uses_penalties]
     need_e = sum(len(rows[i][3]) + len(rows[i][4]) for i in pen_rows)
     E = bucket_size(need_e, penalty_min) if penalty_len is None else penalty_len

@@ -48,6 +48,12 @@ k steps in one device program. `reserve_lookahead` then gives each sequence the 
 K/V positions (all or nothing; it never preempts), and `commit(out, num_steps=k)` appends k
 placeholders and advances computed tokens by k, so the next schedule sees one decode left.
 
+Speculative decoding (engine/spec_decode.py): a decode whose ``spec_token_ids`` the engine
+set gets 1 + len(draft) tokens (the draft cut to the token budget and to the pages it can get
+without preempting; each draft position also takes a sequence slot, as it is sampled), and
+``commit`` gives it 1 + len(draft) placeholders; ``reject_drafts`` drops those of the rejected
+drafts once the step is read.
+
 Length: no K/V is ever computed at a position >= max_model_len, and no token is sampled for a
 sequence that is already max_model_len long. Stop conditions (max_tokens, stop tokens, length)
 are the engine's: it calls `finish`.
@@ -84,12 +90,25 @@ class ScheduledSeq:
     The step computes K/V for tokens `seq.all_token_ids[start_pos : start_pos + num_new_tokens]`
     at positions start_pos.. (its pages are already allocated). When `needs_sample`, the chunk
     reaches the end of the known tokens and the logits of its last token are sampled.
+
+    A speculative decode (``num_spec`` > 0, engine/spec_decode.py) computes its last token and
+    the draft ``seq.spec_token_ids[:num_spec]`` after it (num_new_tokens = 1 + num_spec), and
+    each of those 1 + num_spec positions is sampled.
     """
 
     seq: Sequence
     num_new_tokens: int
     start_pos: int  # seq.num_computed_tokens before the step
-    needs_sample: bool  # start_pos + num_new_tokens == seq.num_tokens
+    needs_sample: bool  # start_pos + num_new_tokens - num_spec == seq.num_tokens
+    num_spec: int = 0  # draft tokens after the sequence's last token
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The ids of the tokens the step computes (a placeholder's id is not known)."""
+        start, seq = self.start_pos, self.seq
+        if self.num_spec:
+            return seq.all_token_ids[start:] + seq.spec_token_ids[:self.num_spec]
+        return seq.all_token_ids[start:start + self.num_new_tokens]
 
 
 @dataclass(frozen=True)
@@ -210,6 +229,7 @@ class Scheduler:
             (decodes if limit - seq.num_computed_tokens == 1 else prefills).append(seq)
         if prefills:
             decodes += prefills
+        num_spec_rows = 0  # draft positions sampled this step: they take sequence slots
         for seq in decodes:
             if budget == 0:
                 break
@@ -225,6 +245,11 @@ class Scheduler:
             num_new = remaining if remaining < budget else budget
             if num_new < remaining and not chunked:
                 continue
+            spec = 0
+            if seq.spec_token_ids and remaining == 1:  # a decode with a draft
+                spec = self._draft_room(seq, min(len(seq.spec_token_ids), budget - 1))
+                num_new += spec
+                num_spec_rows += spec
             need = -(-(computed + num_new) // page_size) - len(seq.page_ids)
             if need > 0:
                 if need <= pool.num_free_pages:
@@ -234,7 +259,8 @@ class Scheduler:
                                                   can_shorten=chunked and remaining > 1)
                     if num_new == 0:  # it was preempted itself
                         continue
-            scheduled.append(ScheduledSeq(seq, num_new, computed, computed + num_new == n))
+            scheduled.append(ScheduledSeq(seq, num_new, computed,
+                                          computed + num_new - spec == n, spec))
             scheduled_seqs.add(seq)
             budget -= num_new
 
@@ -242,7 +268,7 @@ class Scheduler:
         waiting, running, cache = self.waiting, self.running, self.prefix_cache
         deferred: list[Sequence] = []  # n > 1 siblings waiting for a sibling's prompt pages
         while (not preempted and waiting and budget > 0
-               and len(running) < self.max_num_seqs):
+               and len(running) + num_spec_rows < self.max_num_seqs):
             seq = waiting[0]
             if seq.num_pending:  # preempted with a token still on the device: next step
                 break
@@ -317,8 +343,10 @@ class Scheduler:
         indices: list[int | None] = []
         extra = num_steps - 1
         caching = self.prefix_cache is not None  # per row per step: no _register call without
-        for row, s in enumerate(out.scheduled):
+        row = -1  # the sampler output's row of the entry's (last) sampled token
+        for s in out.scheduled:
             seq = s.seq
+            row += 1 + s.num_spec
             if seq.status is not _RUNNING or not s.needs_sample:
                 if seq.status is _RUNNING:
                     seq.num_computed_tokens = s.start_pos + s.num_new_tokens
@@ -328,12 +356,20 @@ class Scheduler:
                 continue
             seq.num_computed_tokens = s.start_pos + s.num_new_tokens + extra
             indices.append(len(seq.output_token_ids))
-            seq.append_placeholder(row)
-            for _ in range(extra):
+            for _ in range(1 + extra + s.num_spec):
                 seq.append_placeholder(row)
             if caching:
                 self._register(seq)
         return indices
+
+    def reject_drafts(self, seq: Sequence, count: int) -> None:
+        """A speculative step's last ``count`` drafts were rejected: their placeholders go and
+        the computed tokens end before them (their K/V slots are overwritten later). Call it
+        before resolving the accepted tokens, so no page holding a rejected draft's K/V is
+        registered in the prefix cache."""
+        if count > 0 and not seq.status.is_finished:
+            seq.discard_pending(count)
+            seq.num_computed_tokens -= count
 
     def reserve_lookahead(self, out: SchedulerOutput, num_steps: int) -> bool:
         """Allocate the pages a multi-step launch of ``out``'s decodes writes: each sequence's
@@ -413,6 +449,13 @@ class Scheduler:
         cacheable = min(cacheable, seq.num_prompt_tokens // self.page_size * self.page_size)
         return any(s is not seq and s.status is _RUNNING and s.num_computed_tokens < cacheable
                    for s in siblings)
+
+    def _draft_room(self, seq: Sequence, spec: int) -> int:
+        """How many of ``spec`` draft tokens a decode takes: as many as fit the pages it owns
+        and the free ones (a draft never preempts anything)."""
+        computed = seq.num_computed_tokens
+        room = (len(seq.page_ids) + self.page_pool.num_free_pages) * self.page_size
+        return max(0, min(spec, room - computed - 1))
 
     def _scheduled(self, seq: Sequence, num_new: int) -> ScheduledSeq:
         start = seq.num_computed_tokens

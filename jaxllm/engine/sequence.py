@@ -57,8 +57,9 @@ class Sequence:
         tokens that changes the K/V, e.g. a LoRA id or a cache salt).
     num_pending: placeholder tokens at the end of the sequence: sampled by a step still running
         on the device (async scheduling), so their ids are not known on the host yet; 0 or 1,
-        or up to num_scheduler_steps after a multi-step launch. ``pending_row`` is the row of
-        that launch's sampler output that holds the last one.
+        or up to num_scheduler_steps after a multi-step launch, or 1 + its draft's length after
+        a speculative step. ``pending_row`` is the row of that launch's sampler output that
+        holds the last one.
     """
 
     seq_id: int
@@ -80,8 +81,12 @@ class Sequence:
     pending_row: int = -1
     token_mask: Any = None  # engine/structured_output.TokenMask of a constrained request
     priority: int = 0  # the "priority" scheduling policy's: lower is served first
-    # sampler.PenaltyTokens: the ids of a sequence that uses penalties as one growing array
-    penalty_tokens: Any = field(default=None, repr=False)
+    # sampler.TokenArray: the known ids of a sequence that uses penalties or speculative
+    # drafts as one growing array
+    token_array: Any = field(default=None, repr=False)
+    # The n-gram draft of the next step (engine/spec_decode.py): the scheduler gives a decode
+    # 1 + len(spec_token_ids) tokens; the engine sets it before each schedule.
+    spec_token_ids: list[int] = field(default_factory=list, repr=False)
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +111,17 @@ class Sequence:
         self.output_token_ids[output_index] = token_id
         self._all_token_ids[self.num_prompt_tokens + output_index] = token_id
         self.num_pending -= 1
+
+    def discard_pending(self, count: int) -> None:
+        """Drops the last ``count`` placeholders (a speculative step's rejected drafts)."""
+        if count <= 0:
+            return
+        if count > self.num_pending:
+            raise RuntimeError(f"sequence {self.seq_id}: {count} placeholders to drop, "
+                               f"{self.num_pending} pending")
+        del self.output_token_ids[-count:]
+        del self._all_token_ids[-count:]
+        self.num_pending -= count
 
     @property
     def num_known_tokens(self) -> int:

@@ -1,0 +1,264 @@
+"""Speculative decoding with n-gram drafts (engine/spec_decode.py): vLLM's config rules, the
+proposer, and an engine that speculates serving exactly the tokens of one that does not."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.engine.spec_decode import SpeculativeConfig, propose_ngram
+from jaxllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+from .helpers import small_llama_folder  # noqa: F401  (fixture)
+
+# A small pool and budget (as tests/test_engine.py's small_llm): chunked prefill and preemption
+# happen in the batches below.
+_KW = dict(dtype="float32", max_model_len=160, page_size=8, num_pages=24,
+           max_num_batched_tokens=32, max_num_seqs=16, seed=0)
+_SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+         "prompt_lookup_min": 1}
+
+
+@pytest.fixture(scope="module")
+def plain(small_llama_folder):
+    return LLM(str(small_llama_folder), **_KW)
+
+
+@pytest.fixture(scope="module")
+def spec(small_llama_folder):
+    return LLM(str(small_llama_folder), speculative_config=_SPEC, **_KW)
+
+
+def _pool_is_full(llm: LLM) -> bool:
+    pool = llm.llm_engine.page_pool
+    return pool.num_free_pages == pool.num_usable_pages
+
+
+def _view(outputs):
+    return [[(c.token_ids, c.finish_reason, c.text,
+              None if c.logprobs is None else [sorted(d.items()) for d in c.logprobs])
+             for c in o.outputs] for o in outputs]
+
+
+def _repetitive_prompts(n: int, vocab: int, seed: int) -> list[dict]:
+    """Prompts made of a short pattern repeated (n-gram lookup finds drafts in them), of
+    varied lengths, with one long enough to be chunked."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i in range(n):
+        pattern = rng.integers(0, vocab, size=int(rng.integers(2, 7))).tolist()
+        length = 90 if i == 0 else int(rng.integers(3, 50))
+        prompts.append({"prompt_token_ids": (pattern * 40)[:length]})
+    return prompts
+
+
+def test_speculative_config_follows_vllms_rules():
+    from jaxllm.cli import add_engine_args, engine_kwargs
+    from jaxllm.config import EngineConfig
+
+    cfg = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 3})
+    assert (cfg.prompt_lookup_min, cfg.prompt_lookup_max) == (5, 5)  # vLLM's defaults
+    cfg = SpeculativeConfig.from_dict({"model": "[ngram]", "num_speculative_tokens": 2,
+                                       "prompt_lookup_max": 4})
+    assert (cfg.method, cfg.prompt_lookup_min, cfg.prompt_lookup_max) == ("ngram", 4, 4)
+    cfg = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 2,
+                                       "prompt_lookup_min": 2})
+    assert (cfg.prompt_lookup_min, cfg.prompt_lookup_max) == (2, 2)
+    assert SpeculativeConfig.from_dict(None) is None
+    bad = [
+        ({"method": "eagle", "num_speculative_tokens": 2}, "not supported"),
+        ({"model": "some/draft-model", "num_speculative_tokens": 2}, "not supported"),
+        ({"method": "ngram", "model": "some/draft", "num_speculative_tokens": 2}, "no model"),
+        ({"method": "ngram"}, "num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": True}, "num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
+          "prompt_lookup_max": 2}, "prompt_lookup_min=4 must be <="),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 0},
+         "must be an integer > 0"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1,
+          "prompt_lookup_max": 2.5}, "prompt_lookup_max=2.5"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1},
+         "unsupported keys"),
+        ("ngram", "must be a dict"),
+    ]
+    for config, match in bad:
+        with pytest.raises(ValueError, match=match):
+            SpeculativeConfig.from_dict(config)
+        with pytest.raises(ValueError, match=match):  # LLM(...) fails before loading anything
+            EngineConfig(speculative_config=config)
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    kwargs = engine_kwargs(p.parse_args(
+        ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']))
+    assert kwargs["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3}
+    assert engine_kwargs(p.parse_args([]))["speculative_config"] is None
+
+
+def test_ngram_drafts_continue_the_longest_latest_match():
+    a = np.array
+    # The longest suffix that occurred before wins: "3 4" (n = 2) over "4" (n = 1).
+    toks = a([9, 4, 7, 3, 4, 5, 6, 1, 3, 4])
+    assert propose_ngram(toks, 3, 1, 3) == [5, 6, 1]
+    # Among occurrences of that suffix, the latest: "1 2" is followed by 8 last time.
+    assert propose_ngram(a([1, 2, 7, 7, 1, 2, 8, 9, 1, 2]), 2, 2, 2) == [8, 9]
+    # A continuation that reaches the end goes on with the draft itself: a repeating pattern
+    # drafts k tokens, not its period.
+    assert propose_ngram(a([5, 6, 5, 6, 5, 6]), 5, 2, 2) == [5, 6, 5, 6, 5]
+    assert propose_ngram(a([7, 7, 7]), 4, 1, 1) == [7, 7, 7, 7]
+    assert propose_ngram(a([1, 2, 3, 9, 1, 2]), 5, 2, 2) == [3, 9, 1, 2, 3]
+    # No match of at least prompt_lookup_min tokens: no draft.
+    assert propose_ngram(a([1, 2, 3, 4, 2, 9]), 3, 2, 3) == []
+    assert propose_ngram(a([1, 2, 3, 1]), 3, 2, 3) == []
+    assert propose_ngram(a([1, 2, 3, 1]), 3, 1, 3) == [2, 3, 1]
+    # The draft is cut to k; k <= 0 or one token: none.
+    assert propose_ngram(a([1, 2, 3, 4, 5, 1]), 2, 1, 1) == [2, 3]
+    assert propose_ngram(a([1, 2, 3, 1]), 0, 1, 1) == []
+    assert propose_ngram(a([1]), 3, 1, 1) == []
+
+
+def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
+    # Each draft position is sampled with the key of the token it would be, so greedy and
+    # seeded outputs equal plain decoding's token for token, whatever was accepted: greedy,
+    # top-k/top-p, stops and max_tokens falling inside an accepted draft, stop strings, n > 1,
+    # log-probs of every emitted token; rows that are not drafted (penalties, min_tokens still
+    # to reach, a grammar) mixed in; chunked prefill and preemption (24 pages); prefix-cache
+    # hits on pages written by speculative steps; every page back at the end.
+    engine = spec.llm_engine
+    assert engine.speculative.num_speculative_tokens == 4
+    assert not engine.async_scheduling  # drafts need the last step's tokens on the host
+    vocab = engine.model_config.vocab_size
+    prompts = _repetitive_prompts(14, vocab, seed=3)
+    stop_ids = list(range(0, vocab, 50))
+    favourite = int(prompts[2]["prompt_token_ids"][0])
+    kinds = [
+        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_k=20, top_p=0.9, max_tokens=17, seed=5,
+                       ignore_eos=True),
+        SamplingParams(temperature=1.0, max_tokens=30, seed=7, stop_token_ids=stop_ids),
+        SamplingParams(n=2, temperature=1.0, max_tokens=9, seed=9, ignore_eos=True),
+        SamplingParams(temperature=0.7, max_tokens=11, seed=2, logprobs=2, ignore_eos=True),
+        # A strong bias: the row repeats one token, every draft is accepted, and max_tokens
+        # ends inside a 5-token step.
+        SamplingParams(temperature=0.0, max_tokens=23, logit_bias={favourite: 100.0},
+                       ignore_eos=True),
+        SamplingParams(temperature=0.5, max_tokens=12, seed=4, stop=["e"], ignore_eos=True),
+        SamplingParams(temperature=1.0, max_tokens=10, seed=3, min_tokens=6, ignore_eos=True),
+        SamplingParams(temperature=0.8, max_tokens=9, seed=1, presence_penalty=0.5,
+                       repetition_penalty=1.2, ignore_eos=True),
+        SamplingParams(temperature=1.0, max_tokens=12, seed=10,
+                       structured_outputs=StructuredOutputsParams(regex="[a-z]{2,9}")),
+        # A coin between two tokens: drafts from its own history, some accepted, some not.
+        SamplingParams(temperature=1.0, max_tokens=40, seed=11, ignore_eos=True,
+                       logit_bias={favourite: 100.0, favourite + 1: 100.0}),
+    ]
+    params = [kinds[i % len(kinds)] for i in range(len(prompts))]
+    before = dict(engine.stats)
+    preempted = engine.stats["num_preemptions"]
+    got = spec.generate(prompts, params, use_tqdm=False)
+    assert _pool_is_full(spec)
+    want = plain.generate(prompts, params, use_tqdm=False)
+    assert _view(got) == _view(want)
+    stats = engine.stats
+    drafts = stats["spec_decode_num_drafts"] - before["spec_decode_num_drafts"]
+    drafted = stats["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
+    accepted = (stats["spec_decode_num_accepted_tokens"]
+                - before["spec_decode_num_accepted_tokens"])
+    assert drafts > 0 and 0 < accepted < drafted  # drafts accepted and rejected both
+    assert stats["num_preemptions"] > preempted
+    biased = got[5].outputs[0]
+    assert biased.token_ids == [favourite] * 23 and biased.finish_reason == "length"
+    assert any(c[1] == "stop" for o in _view(got) for c in o)
+
+    # Again: the prompts' pages (and the generated ones, registered as they filled during
+    # speculative steps) are hit in the prefix cache, and must hold the right K/V.
+    hits = stats["prefix_cache_hits"]
+    again = spec.generate(prompts, params, use_tqdm=False)
+    assert engine.stats["prefix_cache_hits"] > hits
+    assert _view(again) == _view(want)
+    assert _pool_is_full(spec)
+
+
+def test_speculative_steps_stream_abort_and_keep_to_the_limits(small_llama_folder, spec):
+    engine = spec.llm_engine
+    vocab = engine.model_config.vocab_size
+    prompts = _repetitive_prompts(4, vocab, seed=8)
+    tok = int(prompts[1]["prompt_token_ids"][0])
+    repeat = dict(temperature=0.0, logit_bias={tok: 100.0}, ignore_eos=True)
+
+    # What each step computes: no K/V at or past max_model_len, at most max_num_seqs sampled
+    # rows (each draft position is one), drafts only on decodes.
+    steps = []
+    real_dispatch = engine.runner.dispatch
+
+    def dispatch(scheduled, rows, **kw):
+        steps.append([(s.start_pos, s.num_new_tokens, s.num_spec) for s in scheduled])
+        assert len(rows) == sum(1 + s.num_spec for s in scheduled)
+        return real_dispatch(scheduled, rows, **kw)
+
+    engine.runner.dispatch = dispatch
+    try:
+        # A prompt ending 7 tokens before max_model_len: the last steps' drafts are cut so the
+        # sequence stops at max_model_len exactly.
+        near = {"prompt_token_ids": (prompts[1]["prompt_token_ids"] * 40)[:153]}
+        out = spec.generate([near], SamplingParams(max_tokens=None, **repeat),
+                            use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == [tok] * 7 and out.finish_reason == "length"
+        assert all(start + n <= 159 for step in steps for start, n, _ in step)
+        assert any(k for step in steps for _, _, k in step)
+
+        # Streaming: DELTA outputs carry each step's accepted tokens in order.
+        params = SamplingParams(max_tokens=19, output_kind=RequestOutputKind.DELTA, **repeat)
+        engine.add_request("delta", prompts[0], params)
+        got, sizes = [], []
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                got += o.outputs[0].token_ids
+                sizes.append(len(o.outputs[0].token_ids))
+        assert got == [tok] * 19 and max(sizes) == 5  # the token and 4 accepted drafts
+
+        # Slots: 16 running sequences leave no slot for a draft.
+        steps.clear()
+        many = [SamplingParams(max_tokens=12, **repeat)] * 16
+        outs = spec.generate([prompts[i % 4] for i in range(16)], many, use_tqdm=False)
+        assert all(o.outputs[0].token_ids == [tok] * 12 for o in outs)
+        assert all(len(step) + sum(k for _, _, k in step) <= 16 for step in steps)
+
+        # Aborts between speculative steps give every page back.
+        for i in range(3):
+            engine.add_request(f"abort-{i}", prompts[i], SamplingParams(max_tokens=40, **repeat))
+        for step in range(4):
+            engine.step()
+            if step == 2:
+                engine.abort_request("abort-1")
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        del engine.runner.dispatch
+    assert _pool_is_full(spec)
+    assert engine.scheduler.num_running == engine.scheduler.num_waiting == 0
+
+
+def test_server_metrics_export_the_speculative_counters():
+    from prometheus_client import generate_latest
+
+    from server.metrics import ServerMetrics
+
+    class _Engine:
+        stats = {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0}
+
+        def get_stats(self):
+            return dict(self.stats)
+
+    engine = _Engine()
+    text = generate_latest(ServerMetrics(engine, "m").registry).decode()
+    assert "spec_decode" not in text  # only with a speculative config, as vLLM
+    engine.stats.update(spec_decode_num_drafts=3, spec_decode_num_draft_tokens=12,
+                        spec_decode_num_accepted_tokens=7)
+    text = generate_latest(ServerMetrics(engine, "m").registry).decode()
+    assert 'jaxllm:spec_decode_num_draft_tokens_total{model_name="m"} 12.0' in text
+    assert 'jaxllm:spec_decode_num_accepted_tokens_total{model_name="m"} 7.0' in text
+    assert 'jaxllm:spec_decode_num_drafts_total{model_name="m"} 3.0' in text
