@@ -124,9 +124,10 @@ def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
     # Each draft position is sampled with the key of the token it would be, so greedy and
     # seeded outputs equal plain decoding's token for token, whatever was accepted: greedy,
     # top-k/top-p, stops and max_tokens falling inside an accepted draft, stop strings, n > 1,
-    # log-probs of every emitted token; rows that are not drafted (penalties, min_tokens still
-    # to reach, a grammar) mixed in; chunked prefill and preemption (24 pages); prefix-cache
-    # hits on pages written by speculative steps; every page back at the end.
+    # log-probs of every emitted token; drafted rows with penalties (each position's list has
+    # the draft before it) and with min_tokens reached inside a draft (the bans stop there);
+    # grammar rows (not drafted) mixed in; chunked prefill and preemption (24 pages);
+    # prefix-cache hits on pages written by speculative steps; every page back at the end.
     engine = spec.llm_engine
     assert engine.speculative.num_speculative_tokens == 4
     assert not engine.async_scheduling  # drafts need the last step's tokens on the host
@@ -154,12 +155,35 @@ def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
         # A coin between two tokens: drafts from its own history, some accepted, some not.
         SamplingParams(temperature=1.0, max_tokens=40, seed=11, ignore_eos=True,
                        logit_bias={favourite: 100.0, favourite + 1: 100.0}),
+        # The coin with penalties: a presence penalty of 0.3 still leaves the coin a coin.
+        SamplingParams(temperature=1.0, max_tokens=30, seed=12, ignore_eos=True,
+                       logit_bias={favourite: 100.0, favourite + 1: 100.0},
+                       presence_penalty=0.3, frequency_penalty=0.1, repetition_penalty=1.1),
+        # The coin with a stop token banned for 15 tokens: drafts cross min_tokens, and the
+        # first coin flip to the stop token after it ends the row.
+        SamplingParams(temperature=1.0, max_tokens=40, seed=13, min_tokens=15,
+                       stop_token_ids=[favourite + 1],
+                       logit_bias={favourite: 100.0, favourite + 1: 100.0}),
     ]
     params = [kinds[i % len(kinds)] for i in range(len(prompts))]
     before = dict(engine.stats)
     preempted = engine.stats["num_preemptions"]
-    got = spec.generate(prompts, params, use_tqdm=False)
+    drafted_rows = []  # (uses penalties, below min_tokens) of each drafted row
+    real_dispatch = engine.runner.dispatch
+
+    def dispatch(scheduled, rows, **kw):
+        drafted_rows.extend((s.seq.sampling_params.uses_penalties,
+                             s.seq.num_output_tokens < s.seq.sampling_params.min_tokens)
+                            for s in scheduled if s.num_spec)
+        return real_dispatch(scheduled, rows, **kw)
+
+    engine.runner.dispatch = dispatch
+    try:
+        got = spec.generate(prompts, params, use_tqdm=False)
+    finally:
+        del engine.runner.dispatch
     assert _pool_is_full(spec)
+    assert any(p for p, _ in drafted_rows) and any(m for _, m in drafted_rows)
     want = plain.generate(prompts, params, use_tqdm=False)
     assert _view(got) == _view(want)
     stats = engine.stats
@@ -172,6 +196,9 @@ def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
     biased = got[5].outputs[0]
     assert biased.token_ids == [favourite] * 23 and biased.finish_reason == "length"
     assert any(c[1] == "stop" for o in _view(got) for c in o)
+    banned = got[12].outputs[0]  # the coin with min_tokens: stopped by the coin, not before 15
+    assert banned.finish_reason == "stop" and 15 <= len(banned.token_ids) < 40
+    assert banned.token_ids[:15] == [favourite] * 15
 
     # Again: the prompts' pages (and the generated ones, registered as they filled during
     # speculative steps) are hit in the prefix cache, and must hold the right K/V.

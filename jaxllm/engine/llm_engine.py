@@ -826,31 +826,39 @@ class LLMEngine:
 
     def _propose_drafts(self) -> None:
         """Sets every running sequence's n-gram draft for the next step (engine/spec_decode.py):
-        a decode whose tokens are all known, without penalties, a grammar or min_tokens still
-        to reach, gets up to num_speculative_tokens, cut to max_model_len, max_tokens and the
-        sequence slots left (each draft position is a sampled row: at most max_num_seqs
-        rows a step)."""
+        a decode whose tokens are all known and that has no grammar gets up to
+        num_speculative_tokens, cut to max_model_len, max_tokens and the sequence slots left
+        (each draft position is a sampled row: at most max_num_seqs rows a step). A penalty
+        row's positions each carry its token list (+ the draft before them): its draft is cut
+        so the step's penalty list stays within the width compiled at start-up
+        (``ModelRunner.penalty_min``), or, past it already, is not drafted."""
         from jaxllm.engine.spec_decode import propose_ngram
 
         spec = self.speculative
         running = self.scheduler.running
         slots = self.max_num_seqs - len(running)
         room = self.max_model_len - 1
+        penalty_room = self.runner.penalty_min - sum(
+            s.num_tokens for s in running if s.sampling_params.uses_penalties)
         for seq in running:
             draft: list[int] = []
             n = seq.num_tokens
             params = seq.sampling_params
             if (slots > 0 and not seq.num_pending and seq.num_computed_tokens == n - 1
-                    and not params.uses_penalties and seq.token_mask is None
-                    and seq.num_output_tokens >= params.min_tokens):
+                    and seq.token_mask is None):
                 k = min(spec.num_speculative_tokens, room - n, slots)
                 if params.max_tokens is not None:
                     k = min(k, params.max_tokens - seq.num_output_tokens - 1)
+                if params.uses_penalties:  # position i adds n + i entries
+                    while k > 0 and k * n + k * (k + 1) // 2 > penalty_room:
+                        k -= 1
                 if k > 0:
                     output = seq.output_token_ids
                     draft = propose_ngram(self._token_array(seq).ids(output, len(output)), k,
                                           spec.prompt_lookup_min, spec.prompt_lookup_max)
                     slots -= len(draft)
+                    if params.uses_penalties:
+                        penalty_room -= len(draft) * n + len(draft) * (len(draft) + 1) // 2
             seq.spec_token_ids = draft
 
     def _dispatch(self, sched: SchedulerOutput, late: bool = False
@@ -878,8 +886,8 @@ class LLMEngine:
                 for s, r in zip(sched.scheduled, rows):
                     sample_rows.append(len(sampled))
                     sampled.append(r)
-                    # Draft position i is sampled as the token it would be: step + i.
-                    sampled.extend(r._replace(step=r.step + i) for i in range(1, s.num_spec + 1))
+                    if s.num_spec:
+                        sampled += self._draft_rows(s.seq, r, s.num_spec)
             else:
                 sampled = rows
                 steps = self._lookahead_steps(sched, rows) if next_ids is None else 1
@@ -1053,6 +1061,30 @@ class LLMEngine:
             penalty_ids = self._token_array(seq).ids(output, len(output))
         return sampler_lib.SamplingRow(params, seq.sample_seed, step, seq.prompt_token_ids,
                                        output, banned, seq.token_mask, penalty_ids)
+
+    def _draft_rows(self, seq: Sequence, row: sampler_lib.SamplingRow, k: int
+                    ) -> list[sampler_lib.SamplingRow]:
+        """The sampling rows of a draft's positions 1..k: each samples as the token it would be
+        (step + i; min_tokens' bans while step + i is below it; penalties over the output and
+        the draft before it). ``row``: the sequence's row, position 0."""
+        params = row.params
+        draft = seq.spec_token_ids[:k]
+        proc = None
+        rows = []
+        for i in range(1, k + 1):
+            step = row.step + i
+            banned = ()
+            if step < params.min_tokens:
+                if proc is None:
+                    proc = self._requests[seq.request_id].processors[seq.index]
+                banned = proc.banned_token_ids(step)
+            r = row._replace(step=step, banned_token_ids=banned)
+            if params.uses_penalties:
+                ids = np.concatenate([row.penalty_ids, np.asarray(draft[:i], np.int32)])
+                r = r._replace(output_token_ids=list(row.output_token_ids) + draft[:i],
+                               penalty_ids=ids)
+            rows.append(r)
+        return rows
 
     @staticmethod
     def _token_array(seq: Sequence) -> sampler_lib.TokenArray:

@@ -24,10 +24,12 @@ steps overwrite it; the prefix cache registers only pages of computed, known tok
 one holding a rejected draft's K/V (``LLMEngine._read_inflight`` rolls the computed count back
 before the accepted tokens are resolved).
 
-Not drafted (plain decodes): rows with penalties (their token lists would differ per position)
-and constrained rows (a grammar's mask per position would need the grammar advanced over the
-drafts). Speculative steps run synchronously (a draft needs the previous step's tokens on the
-host), so ``async_scheduling`` is off with a speculative config.
+Each position's sampler row is the one that token would get: min_tokens' bans while step + i
+is below it, and penalty lists over the output and the draft before it (a penalty row's draft
+is cut so the step's list stays within the width compiled at start-up). Not drafted (plain
+decodes): constrained rows (a grammar's mask per position would need the grammar advanced over
+the draft). Speculative steps run synchronously (a draft needs the previous step's tokens on
+the host), so ``async_scheduling`` is off with a speculative config.
 """
 
 from __future__ import annotations
