@@ -126,15 +126,17 @@ def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
     # top-k/top-p, stops and max_tokens falling inside an accepted draft, stop strings, n > 1,
     # log-probs of every emitted token; drafted rows with penalties (each position's list has
     # the draft before it) and with min_tokens reached inside a draft (the bans stop there);
-    # grammar rows (not drafted) mixed in; chunked prefill and preemption (24 pages);
-    # prefix-cache hits on pages written by speculative steps; every page back at the end.
+    # constrained rows (a grammar, allowed_token_ids) drafted within what the constraint
+    # allows; chunked prefill and preemption (24 pages); prefix-cache hits on pages written
+    # by speculative steps; every page back at the end.
     engine = spec.llm_engine
     assert engine.speculative.num_speculative_tokens == 4
     assert not engine.async_scheduling  # drafts need the last step's tokens on the host
     vocab = engine.model_config.vocab_size
-    prompts = _repetitive_prompts(14, vocab, seed=3)
+    prompts = _repetitive_prompts(16, vocab, seed=3)
     stop_ids = list(range(0, vocab, 50))
     favourite = int(prompts[2]["prompt_token_ids"][0])
+    (letter,) = spec.get_tokenizer().encode("a", add_special_tokens=False)
     kinds = [
         SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
         SamplingParams(temperature=0.9, top_k=20, top_p=0.9, max_tokens=17, seed=5,
@@ -164,16 +166,24 @@ def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
         SamplingParams(temperature=1.0, max_tokens=40, seed=13, min_tokens=15,
                        stop_token_ids=[favourite + 1],
                        logit_bias={favourite: 100.0, favourite + 1: 100.0}),
+        # A grammar of 2-9 letters and a bias to "a": drafts of "a" are cut where the grammar
+        # ends (9 letters), then only EOS is allowed.
+        SamplingParams(temperature=0.0, max_tokens=20, logit_bias={letter: 100.0},
+                       structured_outputs=StructuredOutputsParams(regex="[a-z]{2,9}")),
+        # The coin as a constraint: allowed_token_ids.
+        SamplingParams(temperature=1.0, max_tokens=25, seed=14, ignore_eos=True,
+                       allowed_token_ids=[favourite, favourite + 1]),
     ]
     params = [kinds[i % len(kinds)] for i in range(len(prompts))]
     before = dict(engine.stats)
     preempted = engine.stats["num_preemptions"]
-    drafted_rows = []  # (uses penalties, below min_tokens) of each drafted row
+    drafted_rows = []  # (uses penalties, below min_tokens, constrained) of each drafted row
     real_dispatch = engine.runner.dispatch
 
     def dispatch(scheduled, rows, **kw):
         drafted_rows.extend((s.seq.sampling_params.uses_penalties,
-                             s.seq.num_output_tokens < s.seq.sampling_params.min_tokens)
+                             s.seq.num_output_tokens < s.seq.sampling_params.min_tokens,
+                             s.seq.token_mask is not None)
                             for s in scheduled if s.num_spec)
         return real_dispatch(scheduled, rows, **kw)
 
@@ -183,7 +193,7 @@ def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
     finally:
         del engine.runner.dispatch
     assert _pool_is_full(spec)
-    assert any(p for p, _ in drafted_rows) and any(m for _, m in drafted_rows)
+    assert all(any(row[j] for row in drafted_rows) for j in range(3))
     want = plain.generate(prompts, params, use_tqdm=False)
     assert _view(got) == _view(want)
     stats = engine.stats
@@ -196,6 +206,7 @@ def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
     biased = got[5].outputs[0]
     assert biased.token_ids == [favourite] * 23 and biased.finish_reason == "length"
     assert any(c[1] == "stop" for o in _view(got) for c in o)
+    assert got[13].outputs[0].text == "a" * 9 and got[13].outputs[0].finish_reason == "stop"
     banned = got[12].outputs[0]  # the coin with min_tokens: stopped by the coin, not before 15
     assert banned.finish_reason == "stop" and 15 <= len(banned.token_ids) < 40
     assert banned.token_ids[:15] == [favourite] * 15
@@ -289,3 +300,18 @@ def test_server_metrics_export_the_speculative_counters():
     assert 'jaxllm:spec_decode_num_draft_tokens_total{model_name="m"} 12.0' in text
     assert 'jaxllm:spec_decode_num_accepted_tokens_total{model_name="m"} 7.0' in text
     assert 'jaxllm:spec_decode_num_drafts_total{model_name="m"} 3.0' in text
+
+
+def test_a_constraint_cuts_a_draft_where_it_stops_allowing_it():
+    from jaxllm.engine.structured_output import TokenMask, ids_to_bitmask
+
+    allowed = TokenMask(None, None, ids_to_bitmask([3, 4, 40], 64))
+    assert allowed.draft_prefix([3, 40, 4, 5, 3]) == 3
+    assert allowed.draft_prefix([7]) == 0
+    # Bad word "1 2 9": 9 is banned right after 1 2, in the draft too; the state is unchanged.
+    bad = TokenMask(None, None, None, bad_words=(((1, 2), 9),), recent=[5, 1])
+    assert bad.draft_prefix([2, 9, 1]) == 1
+    assert bad.draft_prefix([3, 9, 1, 2, 9]) == 4
+    assert bad.recent == [5, 1]
+    thinking = TokenMask(None, None, None, start_after=77)
+    assert thinking.draft_prefix([1, 2]) == 0

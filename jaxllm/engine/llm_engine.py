@@ -826,11 +826,12 @@ class LLMEngine:
 
     def _propose_drafts(self) -> None:
         """Sets every running sequence's n-gram draft for the next step (engine/spec_decode.py):
-        a decode whose tokens are all known and that has no grammar gets up to
-        num_speculative_tokens, cut to max_model_len, max_tokens and the sequence slots left
-        (each draft position is a sampled row: at most max_num_seqs rows a step). A penalty
-        row's positions each carry its token list (+ the draft before them): its draft is cut
-        so the step's penalty list stays within the width compiled at start-up
+        a decode whose tokens are all known gets up to num_speculative_tokens, cut to
+        max_model_len, max_tokens and the sequence slots left (each draft position is a sampled
+        row: at most max_num_seqs rows a step). A constrained row's draft is cut where its
+        constraint (grammar, allowed ids, bad words) stops allowing it. A penalty row's
+        positions each carry its token list (+ the draft before them): its draft is cut so the
+        step's penalty list stays within the width compiled at start-up
         (``ModelRunner.penalty_min``), or, past it already, is not drafted."""
         from jaxllm.engine.spec_decode import propose_ngram
 
@@ -844,8 +845,7 @@ class LLMEngine:
             draft: list[int] = []
             n = seq.num_tokens
             params = seq.sampling_params
-            if (slots > 0 and not seq.num_pending and seq.num_computed_tokens == n - 1
-                    and seq.token_mask is None):
+            if slots > 0 and not seq.num_pending and seq.num_computed_tokens == n - 1:
                 k = min(spec.num_speculative_tokens, room - n, slots)
                 if params.max_tokens is not None:
                     k = min(k, params.max_tokens - seq.num_output_tokens - 1)
@@ -856,6 +856,8 @@ class LLMEngine:
                     output = seq.output_token_ids
                     draft = propose_ngram(self._token_array(seq).ids(output, len(output)), k,
                                           spec.prompt_lookup_min, spec.prompt_lookup_max)
+                    if draft and seq.token_mask is not None:
+                        del draft[seq.token_mask.draft_prefix(draft):]
                     slots -= len(draft)
                     if params.uses_penalties:
                         penalty_room -= len(draft) * n + len(draft) * (len(draft) + 1) // 2
@@ -1034,6 +1036,8 @@ class LLMEngine:
             self.scheduler.resolve(seq, index + j, token)
             lp = None if num_logprobs is None else self._sample_logprobs(out, row + j,
                                                                          num_logprobs)
+            if seq.token_mask is not None:
+                seq.token_mask.accept(token)
             finished, status = process(token, lp, index + j + 1)
             emitted += 1
             if finished:
@@ -1066,10 +1070,12 @@ class LLMEngine:
                     ) -> list[sampler_lib.SamplingRow]:
         """The sampling rows of a draft's positions 1..k: each samples as the token it would be
         (step + i; min_tokens' bans while step + i is below it; penalties over the output and
-        the draft before it). ``row``: the sequence's row, position 0."""
+        the draft before it; a constraint advanced over the draft before it, on a copy).
+        ``row``: the sequence's row, position 0."""
         params = row.params
         draft = seq.spec_token_ids[:k]
         proc = None
+        mask = row.token_mask
         rows = []
         for i in range(1, k + 1):
             step = row.step + i
@@ -1079,6 +1085,10 @@ class LLMEngine:
                     proc = self._requests[seq.request_id].processors[seq.index]
                 banned = proc.banned_token_ids(step)
             r = row._replace(step=step, banned_token_ids=banned)
+            if mask is not None:
+                mask = mask.fork()
+                mask.accept(draft[i - 1])
+                r = r._replace(token_mask=mask)
             if params.uses_penalties:
                 ids = np.concatenate([row.penalty_ids, np.asarray(draft[:i], np.int32)])
                 r = r._replace(output_token_ids=list(row.output_token_ids) + draft[:i],

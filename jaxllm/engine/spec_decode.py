@@ -26,10 +26,11 @@ before the accepted tokens are resolved).
 
 Each position's sampler row is the one that token would get: min_tokens' bans while step + i
 is below it, and penalty lists over the output and the draft before it (a penalty row's draft
-is cut so the step's list stays within the width compiled at start-up). Not drafted (plain
-decodes): constrained rows (a grammar's mask per position would need the grammar advanced over
-the draft). Speculative steps run synchronously (a draft needs the previous step's tokens on
-the host), so ``async_scheduling`` is off with a speculative config.
+is cut so the step's list stays within the width compiled at start-up), and a constrained
+row's mask after the draft before it (a copy of its grammar advanced over it; the draft is cut
+where the constraint stops allowing it, ``TokenMask.draft_prefix``). Speculative steps run
+synchronously (a draft needs the previous step's tokens on the host), so ``async_scheduling``
+is off with a speculative config.
 """
 
 from __future__ import annotations

@@ -347,6 +347,32 @@ class TokenMask:
         return [last for prefix, last in self.bad_words
                 if len(prefix) <= len(r) and r[len(r) - len(prefix):] == list(prefix)]
 
+    def draft_prefix(self, draft: Sequence[int]) -> int:
+        """How many leading tokens of a speculative draft (engine/spec_decode.py) this
+        constraint allows in turn, without changing its state. 0 while a reasoning parser's
+        thinking runs (its end token starts the grammar) or once the grammar has stopped."""
+        if self.start_after is not None:
+            return 0
+        n = len(draft)
+        m = self.matcher
+        if m is not None:
+            if m.is_stopped() or m.is_error():
+                return 0
+            n = m.validate_tokens(list(draft))
+        if self.allowed is not None:
+            for i in range(n):
+                t = draft[i]
+                if not (int(self.allowed[t >> 5]) >> (t & 31)) & 1:
+                    return i
+        if self.bad_words:
+            probe = TokenMask(self.backend, None, None, bad_words=self.bad_words,
+                              recent=self.recent)
+            for i in range(n):
+                if draft[i] in probe.banned_now():
+                    return i
+                probe.accept(draft[i])
+        return n
+
     def accept(self, token: int) -> None:
         """Advances the grammar past a sampled token. A token the grammar refuses (one the
         mask could not stop, such as a stop token below min_tokens) leaves the matcher in its
