@@ -296,6 +296,13 @@ class EngineConfig:
             from jaxllm.engine.spec_decode import SpeculativeConfig
 
             SpeculativeConfig.from_dict(self.speculative_config)
+            if self.pipeline_parallel_size > 1:
+                raise ValueError("speculative_config is not supported with pipeline "
+                                 "parallelism (pipeline_parallel_size > 1); use tensor "
+                                 "parallelism.")
+            if self.runner == "pooling":
+                raise ValueError("speculative_config needs a generating model; "
+                                 "runner='pooling' generates nothing.")
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(
                 f"attention_backend={self.attention_backend!r} is not supported; "

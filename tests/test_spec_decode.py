@@ -90,6 +90,11 @@ def test_speculative_config_follows_vllms_rules():
             SpeculativeConfig.from_dict(config)
         with pytest.raises(ValueError, match=match):  # LLM(...) fails before loading anything
             EngineConfig(speculative_config=config)
+    ngram = {"method": "ngram", "num_speculative_tokens": 2}
+    with pytest.raises(ValueError, match="pipeline parallelism"):
+        EngineConfig(speculative_config=ngram, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="generating model"):
+        EngineConfig(speculative_config=ngram, runner="pooling")
     p = argparse.ArgumentParser()
     add_engine_args(p)
     kwargs = engine_kwargs(p.parse_args(

@@ -338,10 +338,9 @@ class LLMEngine:
 
         self.speculative = SpeculativeConfig.from_dict(config.speculative_config)
         if self.speculative is not None:
-            if self.runner_kind == "pooling" or runner_cls is not ModelRunner:
-                raise ValueError("speculative_config needs a generating model on one pipeline "
-                                 "stage (pipeline parallelism and runner='pooling' do not "
-                                 "speculate).")
+            if self.runner_kind == "pooling":  # (pp > 1 and runner="pooling": EngineConfig)
+                raise ValueError(f"speculative_config needs a generating model; {loaded.name} "
+                                 "is an embedding model.")
             if self.async_scheduling:
                 logger.info("speculative decoding: steps run synchronously (a draft needs the "
                             "previous step's tokens on the host); async_scheduling is off")
