@@ -103,6 +103,35 @@ def test_speculative_config_follows_vllms_rules():
     assert engine_kwargs(p.parse_args([]))["speculative_config"] is None
 
 
+def _reference_ngram(tokens, k, min_n, max_n):
+    """propose_ngram's plain version: every window compared for each n, longest first."""
+    L = len(tokens)
+    if k <= 0 or L < min_n + 1:
+        return []
+    for n in range(min(max_n, L - 1), min_n - 1, -1):
+        hits = [h for h in range(L - n) if list(tokens[h:h + n]) == list(tokens[L - n:])]
+        if hits:
+            ext = list(tokens)
+            start = hits[-1] + n
+            for j in range(k):
+                ext.append(ext[start + j])
+            return ext[L:]
+    return []
+
+
+def test_ngram_drafts_match_the_plain_search_on_random_sequences():
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        L = int(rng.integers(1, 60))
+        vocab = int(rng.choice([2, 3, 5, 50]))  # small vocabularies: many matches
+        toks = rng.integers(0, vocab, size=L).astype(np.int32)
+        lo = int(rng.integers(1, 4))
+        hi = lo + int(rng.integers(0, 4))
+        k = int(rng.integers(0, 6))
+        assert propose_ngram(toks, k, lo, hi) == _reference_ngram(toks, k, lo, hi), (
+            toks.tolist(), k, lo, hi)
+
+
 def test_ngram_drafts_continue_the_longest_latest_match():
     a = np.array
     # The longest suffix that occurred before wins: "3 4" (n = 2) over "4" (n = 1).
