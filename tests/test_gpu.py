@@ -326,6 +326,33 @@ def test_engine_multi_step_decode_serves_the_single_step_tokens_on_the_gpu(small
     assert outs[4] == outs[1]
 
 
+def test_engine_speculative_decoding_serves_the_plain_tokens_on_the_gpu(small_llama_folder):
+    """n-gram speculative decoding on the GPU (a decode's token and draft as one chunk of the
+    Pallas ragged kernel, every position sampled) gives plain decoding's tokens, in float32:
+    greedy, seeded, and coin-flip rows whose drafts are partly accepted."""
+    from jaxllm import LLM, SamplingParams
+
+    rng = np.random.default_rng(5)
+    prompts = [{"prompt_token_ids": (rng.integers(0, 49152, 4).tolist() * 20)[:int(n)]}
+               for n in rng.integers(8, 60, 6)]
+    params = [SamplingParams(temperature=0.0 if i % 3 == 0 else 1.0, seed=i, max_tokens=24,
+                             ignore_eos=True,
+                             logit_bias={100: 100.0, 101: 100.0} if i % 3 == 2 else None)
+              for i in range(len(prompts))]
+    outs, stats = {}, None
+    for spec in (None, {"method": "ngram", "num_speculative_tokens": 4,
+                        "prompt_lookup_min": 1, "prompt_lookup_max": 3}):
+        llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=16,
+                  num_pages=64, max_num_batched_tokens=512, max_num_seqs=32,
+                  attention_backend="pallas", speculative_config=spec)
+        outs[spec is None] = [o.outputs[0].token_ids
+                              for o in llm.generate(prompts, params, use_tqdm=False)]
+        stats = dict(llm.llm_engine.stats)
+        del llm
+    assert outs[False] == outs[True]
+    assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"]
+
+
 def test_engine_constrained_sampling_and_late_sampling_on_the_gpu(small_llama_folder):
     """The token bitmask in the GPU sampler (structured outputs, allowed_token_ids) and late
     sampling (a penalty / grammar row's sampler launched after the step before is read) give
