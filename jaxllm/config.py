@@ -238,7 +238,7 @@ class EngineConfig:
     # vLLM's speculative_config (engine/spec_decode.py): {"method": "ngram",
     # "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}: decodes
     # take up to k drafts from n-gram lookup in their own tokens, verified in one step. Steps
-    # then run synchronously (async_scheduling off).
+    # with a draft are read back before the next schedule (the rest stay asynchronous).
     speculative_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:

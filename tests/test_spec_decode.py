@@ -165,7 +165,7 @@ def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
     # by speculative steps; every page back at the end.
     engine = spec.llm_engine
     assert engine.speculative.num_speculative_tokens == 4
-    assert not engine.async_scheduling  # drafts need the last step's tokens on the host
+    assert engine.async_scheduling  # steps without a draft in sight still overlap
     vocab = engine.model_config.vocab_size
     prompts = _repetitive_prompts(16, vocab, seed=3)
     stop_ids = list(range(0, vocab, 50))
@@ -212,6 +212,7 @@ def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
     before = dict(engine.stats)
     preempted = engine.stats["num_preemptions"]
     drafted_rows = []  # (uses penalties, below min_tokens, constrained) of each drafted row
+    overlapped = []  # per dispatch: whether a step was in flight (async scheduling)
     real_dispatch = engine.runner.dispatch
 
     def dispatch(scheduled, rows, **kw):
@@ -219,15 +220,22 @@ def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
                              s.seq.num_output_tokens < s.seq.sampling_params.min_tokens,
                              s.seq.token_mask is not None)
                             for s in scheduled if s.num_spec)
+        overlapped.append(engine._inflight is not None)
         return real_dispatch(scheduled, rows, **kw)
 
     engine.runner.dispatch = dispatch
     try:
         got = spec.generate(prompts, params, use_tqdm=False)
+        engine.async_scheduling = False  # every step read back before the next schedule
+        spec.reset_prefix_cache()
+        synchronous = spec.generate(prompts, params, use_tqdm=False)
     finally:
+        engine.async_scheduling = True
         del engine.runner.dispatch
     assert _pool_is_full(spec)
     assert all(any(row[j] for row in drafted_rows) for j in range(3))
+    assert any(overlapped) and not all(overlapped)  # async steps and read-first ones both
+    assert _view(synchronous) == _view(got)
     want = plain.generate(prompts, params, use_tqdm=False)
     assert _view(got) == _view(want)
     stats = engine.stats

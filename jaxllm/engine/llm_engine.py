@@ -341,10 +341,9 @@ class LLMEngine:
             if self.runner_kind == "pooling":  # (pp > 1 and runner="pooling": EngineConfig)
                 raise ValueError(f"speculative_config needs a generating model; {loaded.name} "
                                  "is an embedding model.")
-            if self.async_scheduling:
-                logger.info("speculative decoding: steps run synchronously (a draft needs the "
-                            "previous step's tokens on the host); async_scheduling is off")
-            self.async_scheduling = False
+        # Speculation with async scheduling: read the step in flight before the next schedule,
+        # so drafts can be proposed (some running sequence's known tokens have a match).
+        self._spec_sync = False
         self._seq_counter = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0,
@@ -796,10 +795,18 @@ class LLMEngine:
         forward and its sampler (``_dispatch``, late sampling): the device runs the forward
         while the host reads. Where the runner cannot split a step (pipeline stages, a
         multi-host leader) it is read back before the next schedule instead.
+
+        Speculative decoding (engine/spec_decode.py) needs the tokens on the host: a step with
+        drafts is read back before the next schedule, and so is a step in flight when some
+        running sequence's known tokens have an n-gram match (``_spec_sync``), so that the next
+        step can take its draft; otherwise steps stay asynchronous.
         """
         outputs: list[RequestOutput] = []
         late = False
-        if self._inflight is not None and self._inflight.needs_tokens_on_host:
+        inflight = self._inflight
+        if inflight is not None and (inflight.sample_rows is not None or self._spec_sync):
+            outputs = self._read_inflight()  # (a speculative step's rejected drafts go first)
+        elif inflight is not None and inflight.needs_tokens_on_host:
             late = self.runner.late_sampling and self.runner.publisher is None
             if not late:
                 outputs = self._read_inflight()
@@ -818,12 +825,14 @@ class LLMEngine:
         if self._inflight is not None:
             outputs = self._read_inflight()
         self._inflight = dispatched
-        if dispatched is not None and (not self.async_scheduling
-                                       or dispatched.sample_rows is not None):
-            outputs = self._read_inflight()  # (a speculative step's rejected drafts go first)
+        if dispatched is not None and not self.async_scheduling:
+            outputs = self._read_inflight()
+        if self.speculative is not None:
+            self._spec_sync = (self._inflight is not None and self._inflight.sample_rows is None
+                               and self._propose_drafts(dry=True))
         return outputs
 
-    def _propose_drafts(self) -> None:
+    def _propose_drafts(self, dry: bool = False) -> bool:
         """Sets every running sequence's n-gram draft for the next step (engine/spec_decode.py):
         a decode whose tokens are all known gets up to num_speculative_tokens, cut to
         max_model_len, max_tokens and the sequence slots left (each draft position is a sampled
@@ -831,12 +840,19 @@ class LLMEngine:
         constraint (grammar, allowed ids, bad words) stops allowing it. A penalty row's
         positions each carry its token list (+ the draft before them): its draft is cut so the
         step's penalty list stays within the width compiled at start-up
-        (``ModelRunner.penalty_min``), or, past it already, is not drafted."""
+        (``ModelRunner.penalty_min``), or, past it already, is not drafted.
+
+        Returns whether some sequence got a draft. ``dry``: whether some sequence would get
+        one from its known tokens, with a step in flight (none is set); the engine then reads
+        that step before the next schedule."""
         from jaxllm.engine.spec_decode import propose_ngram
 
         spec = self.speculative
         running = self.scheduler.running
         slots = self.max_num_seqs - len(running)
+        if dry and slots <= 0:
+            return False
+        found = False
         room = self.max_model_len - 1
         penalty_room = self.runner.penalty_min - sum(
             s.num_tokens for s in running if s.sampling_params.uses_penalties)
@@ -844,7 +860,7 @@ class LLMEngine:
             draft: list[int] = []
             n = seq.num_tokens
             params = seq.sampling_params
-            if slots > 0 and not seq.num_pending and seq.num_computed_tokens == n - 1:
+            if slots > 0 and (dry or not seq.num_pending) and seq.num_computed_tokens == n - 1:
                 k = min(spec.num_speculative_tokens, room - n, slots)
                 if params.max_tokens is not None:
                     k = min(k, params.max_tokens - seq.num_output_tokens - 1)
@@ -853,14 +869,20 @@ class LLMEngine:
                         k -= 1
                 if k > 0:
                     output = seq.output_token_ids
-                    draft = propose_ngram(self._token_array(seq).ids(output, len(output)), k,
-                                          spec.prompt_lookup_min, spec.prompt_lookup_max)
+                    known = self._token_array(seq).ids(output, len(output) - seq.num_pending)
+                    draft = propose_ngram(known, k, spec.prompt_lookup_min,
+                                          spec.prompt_lookup_max)
                     if draft and seq.token_mask is not None:
                         del draft[seq.token_mask.draft_prefix(draft):]
+                    if draft and dry:
+                        return True
+                    found = found or bool(draft)
                     slots -= len(draft)
                     if params.uses_penalties:
                         penalty_room -= len(draft) * n + len(draft) * (len(draft) + 1) // 2
-            seq.spec_token_ids = draft
+            if not dry:
+                seq.spec_token_ids = draft
+        return found
 
     def _dispatch(self, sched: SchedulerOutput, late: bool = False
                   ) -> tuple[_InFlight, list[RequestOutput] | None]:

@@ -28,9 +28,13 @@ Each position's sampler row is the one that token would get: min_tokens' bans wh
 is below it, and penalty lists over the output and the draft before it (a penalty row's draft
 is cut so the step's list stays within the width compiled at start-up), and a constrained
 row's mask after the draft before it (a copy of its grammar advanced over it; the draft is cut
-where the constraint stops allowing it, ``TokenMask.draft_prefix``). Speculative steps run
-synchronously (a draft needs the previous step's tokens on the host), so ``async_scheduling``
-is off with a speculative config.
+where the constraint stops allowing it, ``TokenMask.draft_prefix``).
+
+Async scheduling: a draft needs the previous step's tokens on the host. A step with drafts is
+read back before the next schedule; a step without is left in flight as usual, unless some
+running sequence's known tokens already have a match (``LLMEngine._propose_drafts(dry=True)``),
+in which case it too is read first so the next step can carry the draft. Text that does not
+repeat keeps the overlap; text that does trades it for drafts.
 """
 
 from __future__ import annotations
