@@ -6,7 +6,9 @@ Workloads:
   forced  a logit_bias of +100 on one token: the model repeats it, every draft is accepted
           (the most speculation can gain at this k: k + 1 tokens a step)
   random  random prompt tokens, no bias: with random weights almost nothing is drafted or
-          accepted (what speculation costs when it does not help)
+          accepted (what speculation costs when it does not help); a real model falls into
+          a loop on them (greedy), so it speculates
+  sampled the same at temperature 1 (seeded): text that rarely repeats, with a real model too
   copy    (a real model only, ``--model``): a paragraph, then "Repeat it word for word": the
           draft comes from the prompt, as in editing / retrieval workloads
 
@@ -35,11 +37,13 @@ COPY_TEXT = ("The committee met on Tuesday to review the budget for the coming y
              "until the engineers finish their survey of the river bank.")
 
 
-def _run(engine, prompts: list[list[int]], n: int, bias: dict | None) -> float:
+def _run(engine, prompts: list[list[int]], n: int, bias: dict | None,
+         temperature: float = 0.0) -> float:
     from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False,
-                            logit_bias=bias, output_kind=RequestOutputKind.FINAL_ONLY)
+    params = SamplingParams(temperature=temperature, seed=0, max_tokens=n, ignore_eos=True,
+                            detokenize=False, logit_bias=bias,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     for i, p in enumerate(prompts):
         engine.add_request(f"r{time.perf_counter_ns()}-{i}", {"prompt_token_ids": p}, params)
     t = time.perf_counter()
@@ -48,12 +52,12 @@ def _run(engine, prompts: list[list[int]], n: int, bias: dict | None) -> float:
     return time.perf_counter() - t
 
 
-def _ms_per_token(engine, prompts, n: int, bias, repeats: int) -> float:
-    _run(engine, prompts, 1 + n, bias)  # warm-up
+def _ms_per_token(engine, prompts, n: int, bias, temperature: float, repeats: int) -> float:
+    _run(engine, prompts, 1 + n, bias, temperature)  # warm-up
     lat = []
     for _ in range(repeats):
-        t1 = _run(engine, prompts, 1, bias)
-        tn = _run(engine, prompts, 1 + n, bias)
+        t1 = _run(engine, prompts, 1, bias, temperature)
+        tn = _run(engine, prompts, 1 + n, bias, temperature)
         lat.append((tn - t1) / n * 1e3)
     return statistics.median(lat)
 
@@ -109,15 +113,15 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(0)
     random_prompts = rng.integers(0, mc.vocab_size, size=(args.batch, args.context)).tolist()
-    workloads = [("forced", random_prompts, {int(random_prompts[0][0]): 100.0}),
-                 ("random", random_prompts, None)]
+    workloads = [("forced", random_prompts, {int(random_prompts[0][0]): 100.0}, 0.0),
+                 ("random", random_prompts, None, 0.0), ("sampled", random_prompts, None, 1.0)]
     if not args.shape and loaded.tokenizer is not None:
         tok = loaded.tokenizer
         messages = [{"role": "user", "content": f"{COPY_TEXT}\n\nRepeat the text above word "
                                                  "for word."}]
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        workloads.append(("copy", [ids] * args.batch, None))
+        workloads.append(("copy", [ids] * args.batch, None, 0.0))
 
     rows = []
     plain = LLMEngine(EngineConfig(**base), loaded=loaded)
@@ -126,10 +130,10 @@ def main(argv=None) -> int:
             "method": "ngram", "num_speculative_tokens": k,
             "prompt_lookup_min": args.prompt_lookup[0],
             "prompt_lookup_max": args.prompt_lookup[1]}), loaded=loaded)
-        for label, prompts, bias in workloads:
-            ms_plain = _ms_per_token(plain, prompts, args.tokens, bias, args.repeats)
+        for label, prompts, bias, temp in workloads:
+            ms_plain = _ms_per_token(plain, prompts, args.tokens, bias, temp, args.repeats)
             s0 = dict(spec.stats)
-            ms_spec = _ms_per_token(spec, prompts, args.tokens, bias, args.repeats)
+            ms_spec = _ms_per_token(spec, prompts, args.tokens, bias, temp, args.repeats)
             drafted = spec.stats["spec_decode_num_draft_tokens"] - s0[
                 "spec_decode_num_draft_tokens"]
             accepted = spec.stats["spec_decode_num_accepted_tokens"] - s0[
