@@ -4,6 +4,7 @@ proposer, and an engine that speculates serving exactly the tokens of one that d
 from __future__ import annotations
 
 import argparse
+import re
 
 import numpy as np
 import pytest
@@ -357,3 +358,38 @@ def test_a_constraint_cuts_a_draft_where_it_stops_allowing_it():
     assert bad.recent == [5, 1]
     thinking = TokenMask(None, None, None, start_after=77)
     assert thinking.draft_prefix([1, 2]) == 0
+
+
+def test_the_server_streams_speculative_steps_and_counts_them(small_llama_folder):
+    # `jaxllm serve --speculative-config ...` end to end: the OpenAI SDK streams a completion
+    # whose steps emit several tokens at once; the text and usage match the unstreamed
+    # request's, and /metrics counts the drafts.
+    import openai
+
+    from jaxllm import AsyncEngine
+    from server.app import build_app
+
+    from .test_server import _Servers
+
+    engine = AsyncEngine(model=str(small_llama_folder), speculative_config=_SPEC, **_KW)
+    servers = _Servers()
+    try:
+        base = servers.start(build_app(engine, served_model_name="spec"))
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+        kw = dict(model="spec", prompt=prompt, max_tokens=21, temperature=0.0,
+                  logit_bias={"7": 100})
+        whole = client.completions.create(**kw)
+        chunks = list(client.completions.create(**kw, stream=True,
+                                                stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == whole.choices[0].text
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 21
+        assert len([c for c in chunks if c.choices and c.choices[0].text]) < 21  # batched
+        metrics = openai.OpenAI(base_url=base, api_key="unused").get(
+            "/metrics", cast_to=str)
+        drafted = re.search(r'spec_decode_num_accepted_tokens_total\{[^}]*\} (\S+)', metrics)
+        assert drafted and float(drafted.group(1)) >= 16
+    finally:
+        servers.close()
+        engine.shutdown()
