@@ -1,7 +1,8 @@
 """Prometheus metrics with vLLM's names under the ``jaxllm:`` prefix, one registry per app.
 
-Engine-side figures (queue sizes, KV use, token and prefix-cache counters) are read from
-``engine.get_stats()`` at scrape time by a custom collector, so the engine keeps no Prometheus
+Engine-side figures (queue sizes, KV use, token, prefix-cache and speculative-decoding counters;
+names and descriptions from jaxllm/metrics.py's tables) are read from ``engine.get_stats()`` at
+scrape time by a custom collector, so the engine keeps no Prometheus
 objects and the numbers are never stale. Latencies are measured by the server per request.
 """
 
@@ -12,6 +13,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from jaxllm.metrics import COUNTERS, GAUGES, PREFIX, SPEC_COUNTERS, VECTORS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -33,33 +36,28 @@ class _EngineCollector(Collector):
         lab = [self.model_name]
 
         def gauge(name, doc, value):
-            g = GaugeMetricFamily(f"jaxllm:{name}", doc, labels=["model_name"])
+            g = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             g.add_metric(lab, float(value))
             return g
 
         def counter(name, doc, value):
-            c = CounterMetricFamily(f"jaxllm:{name}", doc, labels=["model_name"])
+            c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             c.add_metric(lab, float(value))
             return c
 
-        yield gauge("num_requests_running", "Sequences in the running batch.", s["num_running"])
-        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", s["num_waiting"])
-        yield gauge("kv_cache_usage_perc", "Fraction of KV cache pages in use (1 = full).",
-                    s["kv_cache_usage"])
-        yield counter("prefix_cache_queries", "Tokens looked up in the prefix cache.",
-                      s.get("prefix_cache_queries", 0))
-        yield counter("prefix_cache_hits", "Tokens found in the prefix cache.",
-                      s.get("prefix_cache_hits", 0))
-        yield counter("prompt_tokens", "Prompt tokens processed.", s.get("prompt_tokens", 0))
-        yield counter("generation_tokens", "Tokens generated.", s.get("generation_tokens", 0))
-        yield counter("num_preemptions", "Sequences preempted.", s.get("num_preemptions", 0))
-        if "spec_decode_num_drafts" in s:  # only with a speculative config, as vLLM
-            yield counter("spec_decode_num_drafts", "Speculative steps of a sequence with a "
-                          "draft.", s["spec_decode_num_drafts"])
-            yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed.",
-                          s["spec_decode_num_draft_tokens"])
-            yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
-                          s["spec_decode_num_accepted_tokens"])
+        for name, key, doc in GAUGES:
+            yield gauge(name, doc, s.get(key, 0))
+        for name, key, doc in COUNTERS:
+            yield counter(name, doc, s.get(key, 0))
+        for name, key, doc in SPEC_COUNTERS:  # only with a speculative config, as vLLM
+            if key in s:
+                yield counter(name, doc, s[key])
+        for name, key, doc, label in VECTORS:
+            if key in s:
+                c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name", label])
+                for i, v in enumerate(s[key]):
+                    c.add_metric([self.model_name, str(i)], float(v))
+                yield c
 
 
 class ServerMetrics:

@@ -19,21 +19,10 @@ import logging
 import threading
 from typing import Any
 
+from jaxllm.metrics import COUNTERS, GAUGES  # (name, get_stats key, description), as /metrics
+
 logger = logging.getLogger("jaxllm.server")
 
-# (exported name, get_stats key, description)
-GAUGES = (
-    ("num_requests_running", "num_running", "Sequences in the running batch."),
-    ("num_requests_waiting", "num_waiting", "Sequences waiting to be scheduled."),
-    ("kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV cache pages in use (1 = full)."),
-)
-COUNTERS = (
-    ("prompt_tokens", "prompt_tokens", "Prompt tokens processed."),
-    ("generation_tokens", "generation_tokens", "Tokens generated."),
-    ("prefix_cache_queries", "prefix_cache_queries", "Tokens looked up in the prefix cache."),
-    ("prefix_cache_hits", "prefix_cache_hits", "Tokens found in the prefix cache."),
-    ("num_preemptions", "num_preemptions", "Sequences preempted."),
-)
 HIT_RATE = ("prefix_cache_hit_rate",
             "Prefix-cache hits / queries (tokens) since the replica started.")
 TAG_KEYS = ("model_name", "replica")

@@ -245,6 +245,21 @@ def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
     accepted = (stats["spec_decode_num_accepted_tokens"]
                 - before["spec_decode_num_accepted_tokens"])
     assert drafts > 0 and 0 < accepted < drafted  # drafts accepted and rejected both
+    # LLM.get_metrics(), as vLLM's speculative-decoding example reads it: the counters, and
+    # accepted tokens by draft position (position j accepted only after j - 1: non-increasing).
+    from jaxllm.metrics import Counter, Vector
+
+    metrics = {m.name: m for m in spec.get_metrics()}
+    assert isinstance(metrics["jaxllm:spec_decode_num_drafts"], Counter)
+    assert metrics["jaxllm:spec_decode_num_accepted_tokens"].value == stats[
+        "spec_decode_num_accepted_tokens"]
+    per_pos = metrics["jaxllm:spec_decode_num_accepted_tokens_per_pos"]
+    assert isinstance(per_pos, Vector) and len(per_pos.values) == 4
+    assert sum(per_pos.values) == stats["spec_decode_num_accepted_tokens"]
+    assert all(a >= b for a, b in zip(per_pos.values, per_pos.values[1:]))
+    assert per_pos.values[0] <= stats["spec_decode_num_drafts"]
+    assert metrics["jaxllm:generation_tokens"].value == stats["generation_tokens"]
+    assert "jaxllm:spec_decode_num_drafts" not in {m.name for m in plain.get_metrics()}
     assert stats["num_preemptions"] > preempted
     biased = got[5].outputs[0]
     assert biased.token_ids == [favourite] * 23 and biased.finish_reason == "length"
@@ -338,8 +353,11 @@ def test_server_metrics_export_the_speculative_counters():
     text = generate_latest(ServerMetrics(engine, "m").registry).decode()
     assert "spec_decode" not in text  # only with a speculative config, as vLLM
     engine.stats.update(spec_decode_num_drafts=3, spec_decode_num_draft_tokens=12,
-                        spec_decode_num_accepted_tokens=7)
+                        spec_decode_num_accepted_tokens=7,
+                        spec_decode_num_accepted_tokens_per_pos=[3, 3, 1, 0])
     text = generate_latest(ServerMetrics(engine, "m").registry).decode()
+    assert ('jaxllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="2"}'
+            ' 1.0') in text
     assert 'jaxllm:spec_decode_num_draft_tokens_total{model_name="m"} 12.0' in text
     assert 'jaxllm:spec_decode_num_accepted_tokens_total{model_name="m"} 7.0' in text
     assert 'jaxllm:spec_decode_num_drafts_total{model_name="m"} 3.0' in text

@@ -111,11 +111,11 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
 
     def get_stats(self) -> dict[str, Any]:
-        """Snapshot for /metrics: queue sizes, KV usage, token and prefix-cache counters."""
-        eng = self.engine
-        sched = eng.scheduler
-        return {"num_running": sched.num_running, "num_waiting": sched.num_waiting,
-                "kv_cache_usage": eng.page_pool.usage, **eng.stats}
+        """Snapshot for /metrics: queue sizes, KV usage, token, prefix-cache and speculative
+        counters (jaxllm/metrics.py)."""
+        from jaxllm.metrics import engine_stats
+
+        return engine_stats(self.engine)
 
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, prompt: Any, sampling_params: SamplingParams | None,

@@ -94,7 +94,10 @@ class DataParallelEngine:
         out: dict[str, Any] = {}
         for e in self.engines:
             for k, v in e.stats.items():
-                out[k] = out.get(k, 0) + v
+                if isinstance(v, list):  # per position: summed position by position
+                    out[k] = [a + b for a, b in zip(out.get(k, [0] * len(v)), v)]
+                else:
+                    out[k] = out.get(k, 0) + v
         return out
 
     @property

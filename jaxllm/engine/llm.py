@@ -77,6 +77,16 @@ class LLM:
         ``LLMEngine.update_weights``."""
         self.llm_engine.update_weights(weights)
 
+    def get_metrics(self) -> list[Any]:
+        """vLLM's ``LLM.get_metrics()``: the engine's gauges and counters now, as
+        jaxllm.metrics Counter / Gauge / Vector objects named as the server's /metrics names
+        them (``jaxllm:generation_tokens``; with a speculative config also
+        ``jaxllm:spec_decode_num_drafts``, ``..._num_draft_tokens``, ``..._num_accepted_tokens``
+        and the Vector ``..._num_accepted_tokens_per_pos``)."""
+        from jaxllm.metrics import engine_stats, read_metrics
+
+        return read_metrics(engine_stats(self.llm_engine))
+
     def reset_prefix_cache(self) -> bool:
         """Empties the prefix cache; False (nothing done) while requests are running, as vLLM."""
         return self.llm_engine.reset_prefix_cache()

@@ -349,8 +349,11 @@ class LLMEngine:
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0,
                       "prefix_cache_hits": 0, "prefix_cache_queries": 0}
         if self.speculative is not None:  # vLLM's vllm:spec_decode_* counters
-            self.stats.update(spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
-                              spec_decode_num_accepted_tokens=0)
+            self.stats.update(
+                spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
+                spec_decode_num_accepted_tokens=0,
+                spec_decode_num_accepted_tokens_per_pos=[0] * (
+                    self.speculative.num_speculative_tokens))
         from jaxllm.engine.pooling import check_pooler_config
 
         self.pooler = check_pooler_config(config.pooler_config)
@@ -1049,6 +1052,9 @@ class LLMEngine:
         stats["spec_decode_num_drafts"] += 1
         stats["spec_decode_num_draft_tokens"] += k
         stats["spec_decode_num_accepted_tokens"] += accepted
+        per_pos = stats["spec_decode_num_accepted_tokens_per_pos"]
+        for j in range(accepted):
+            per_pos[j] += 1
         num_logprobs = req.params.logprobs
         process = req.processors[seq.index].process
         finished, status, emitted = False, None, 0

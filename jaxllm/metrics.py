@@ -1,0 +1,85 @@
+"""Engine metrics: one table of names for ``LLM.get_metrics()``, the server's /metrics and the Ray
+replicas' metrics, read from the engine's counters when asked (the engine keeps no metric
+objects).
+
+Names are vLLM's under the ``jaxllm:`` prefix (vLLM's ``vllm:num_requests_running`` is
+``jaxllm:num_requests_running``); ``get_metrics`` returns vLLM's reader types (``Counter``,
+``Gauge``, ``Vector``: vllm/v1/metrics/reader.py), so vLLM's speculative-decoding example reads
+its acceptance figures the same way, under our prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+PREFIX = "jaxllm:"
+
+# (exported name, engine_stats key, description)
+GAUGES = (
+    ("num_requests_running", "num_running", "Sequences in the running batch."),
+    ("num_requests_waiting", "num_waiting", "Sequences waiting to be scheduled."),
+    ("kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV cache pages in use (1 = full)."),
+)
+COUNTERS = (
+    ("prompt_tokens", "prompt_tokens", "Prompt tokens processed."),
+    ("generation_tokens", "generation_tokens", "Tokens generated."),
+    ("prefix_cache_queries", "prefix_cache_queries", "Tokens looked up in the prefix cache."),
+    ("prefix_cache_hits", "prefix_cache_hits", "Tokens found in the prefix cache."),
+    ("num_preemptions", "num_preemptions", "Sequences preempted."),
+)
+# Only with a speculative config (as vLLM registers them).
+SPEC_COUNTERS = (
+    ("spec_decode_num_drafts", "spec_decode_num_drafts",
+     "Speculative steps of a sequence with a draft."),
+    ("spec_decode_num_draft_tokens", "spec_decode_num_draft_tokens", "Draft tokens proposed."),
+    ("spec_decode_num_accepted_tokens", "spec_decode_num_accepted_tokens",
+     "Draft tokens accepted."),
+)
+# (exported name, key, description, label): one counter per position of the list.
+VECTORS = (
+    ("spec_decode_num_accepted_tokens_per_pos", "spec_decode_num_accepted_tokens_per_pos",
+     "Draft tokens accepted, by their position in the draft.", "position"),
+)
+
+
+@dataclasses.dataclass
+class Metric:
+    name: str
+    labels: dict[str, str]
+
+
+@dataclasses.dataclass
+class Counter(Metric):
+    value: int
+
+
+@dataclasses.dataclass
+class Gauge(Metric):
+    value: float
+
+
+@dataclasses.dataclass
+class Vector(Metric):
+    values: list[int]
+
+
+def engine_stats(engine: Any) -> dict[str, Any]:
+    """The engine's gauges and counters as one dict (an LLMEngine, or a DataParallelEngine,
+    whose scheduler and pool views sum its replicas)."""
+    sched = engine.scheduler
+    return {"num_running": sched.num_running, "num_waiting": sched.num_waiting,
+            "kv_cache_usage": engine.page_pool.usage, **engine.stats}
+
+
+def read_metrics(stats: dict[str, Any], labels: dict[str, str] | None = None) -> list[Metric]:
+    """``stats`` (``engine_stats``) as vLLM's reader metrics, in the tables' order."""
+    labels = dict(labels or {})
+    out: list[Metric] = [Gauge(PREFIX + name, labels, float(stats.get(key, 0)))
+                         for name, key, _ in GAUGES]
+    out += [Counter(PREFIX + name, labels, int(stats.get(key, 0))) for name, key, _ in COUNTERS]
+    out += [Counter(PREFIX + name, labels, int(stats[key])) for name, key, _ in SPEC_COUNTERS
+            if key in stats]
+    out += [Vector(PREFIX + name, labels, [int(v) for v in stats[key]])
+            for name, key, _, _ in VECTORS if key in stats]
+    return out
