@@ -411,3 +411,24 @@ def test_the_server_streams_speculative_steps_and_counts_them(small_llama_folder
     finally:
         servers.close()
         engine.shutdown()
+
+
+def test_speculation_mixes_with_multi_step_launches(small_llama_folder, plain):
+    # num_scheduler_steps=4 with a speculative config: batches without a draft in sight run
+    # 4-step launches (left in flight, async), the others speculative steps; the tokens are
+    # still plain decoding's.
+    llm = LLM(str(small_llama_folder), speculative_config=_SPEC, num_scheduler_steps=4, **_KW)
+    vocab = llm.llm_engine.model_config.vocab_size
+    prompts = _repetitive_prompts(6, vocab, seed=5)
+    fav = int(prompts[2]["prompt_token_ids"][0])
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=30, ignore_eos=True,
+                             logit_bias={fav: 100.0, fav + 1: 100.0} if i % 2 else None)
+              for i in range(6)]
+    launches = []
+    runner = llm.llm_engine.runner
+    real = runner.run_multi
+    runner.run_multi = lambda *a, **k: launches.append(1) or real(*a, **k)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert _view(got) == _view(plain.generate(prompts, params, use_tqdm=False))
+    assert launches and llm.llm_engine.stats["spec_decode_num_accepted_tokens"] > 0
+    assert _pool_is_full(llm)
