@@ -323,6 +323,19 @@ def test_speculative_steps_stream_abort_and_keep_to_the_limits(small_llama_folde
         assert all(o.outputs[0].token_ids == [tok] * 12 for o in outs)
         assert all(len(step) + sum(k for _, _, k in step) <= 16 for step in steps)
 
+        # A draft left on a sequence is never scheduled behind a step in flight (its tokens
+        # are not known; a late-sampled step could not expand its rows).
+        engine.add_request("stale", prompts[2], SamplingParams(temperature=1.0, seed=1,
+                                                               max_tokens=12, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+            if engine._inflight is not None:
+                for seq in engine.scheduler.running:
+                    seq.spec_token_ids = [tok, tok]
+                steps.clear()
+                engine.step()
+                assert steps and not any(k for step in steps for _, _, k in step)
+
         # Aborts between speculative steps give every page back.
         for i in range(3):
             engine.add_request(f"abort-{i}", prompts[i], SamplingParams(max_tokens=40, **repeat))

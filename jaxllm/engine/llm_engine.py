@@ -813,8 +813,13 @@ class LLMEngine:
             late = self.runner.late_sampling and self.runner.publisher is None
             if not late:
                 outputs = self._read_inflight()
-        if self.speculative is not None and self._inflight is None:
-            self._propose_drafts()
+        if self.speculative is not None:
+            if self._inflight is None:
+                self._propose_drafts()
+            else:  # a step in flight: its tokens are not known, so no draft (none left over
+                for seq in self.scheduler.running:  # from a step that did not schedule it)
+                    if seq.spec_token_ids:
+                        seq.spec_token_ids = []
         sched: SchedulerOutput = self.scheduler.schedule()
         self.stats["num_preemptions"] += len(sched.preempted)
         if self.prefix_cache is not None:
