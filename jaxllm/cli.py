@@ -83,8 +83,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         'bool}')
     p.add_argument("--speculative-config", type=_json_object, default=None,
                    help='JSON, vLLM\'s: {"method": "ngram", "num_speculative_tokens": 4, '
-                        '"prompt_lookup_max": 5, "prompt_lookup_min": 2} (n-gram drafts from '
-                        'the prompt and output, verified in one step)')
+                        '"prompt_lookup_max": 5, "prompt_lookup_min": 2, '
+                        '"disable_by_batch_size": 32} (n-gram drafts from the prompt and '
+                        'output, verified in one step)')
     p.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILATION_CACHE_DIR,
                    help="keep compiled step programs here, so a restart with the same model and "
                         "flags skips most of the start-up compile (default: "

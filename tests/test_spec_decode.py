@@ -69,6 +69,8 @@ def test_speculative_config_follows_vllms_rules():
                                        "prompt_lookup_min": 2})
     assert (cfg.prompt_lookup_min, cfg.prompt_lookup_max) == (2, 2)
     assert SpeculativeConfig.from_dict(None) is None
+    assert SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 2,
+                                        "disable_by_batch_size": 8}).disable_by_batch_size == 8
     bad = [
         ({"method": "eagle", "num_speculative_tokens": 2}, "not supported"),
         ({"model": "some/draft-model", "num_speculative_tokens": 2}, "not supported"),
@@ -85,6 +87,10 @@ def test_speculative_config_follows_vllms_rules():
         ({"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1},
          "unsupported keys"),
         ("ngram", "must be a dict"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 1},
+         "disable_by_batch_size must be an integer > 1"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 4.0},
+         "disable_by_batch_size"),
     ]
     for config, match in bad:
         with pytest.raises(ValueError, match=match):
@@ -445,3 +451,36 @@ def test_speculation_mixes_with_multi_step_launches(small_llama_folder, plain):
     assert _view(got) == _view(plain.generate(prompts, params, use_tqdm=False))
     assert launches and llm.llm_engine.stats["spec_decode_num_accepted_tokens"] > 0
     assert _pool_is_full(llm)
+
+
+def test_disable_by_batch_size_drafts_only_below_it(spec):
+    # vLLM's disable_by_batch_size: no drafts while running + waiting sequences reach it.
+    import dataclasses
+
+    engine = spec.llm_engine
+    vocab = engine.model_config.vocab_size
+    prompts = _repetitive_prompts(4, vocab, seed=9)
+    tok = int(prompts[0]["prompt_token_ids"][0])
+    params = [SamplingParams(temperature=0.0, max_tokens=n, logit_bias={tok: 100.0},
+                             ignore_eos=True) for n in (6, 12, 30, 40)]
+    calls = []  # (running + waiting, whether a draft was set) of each proposal
+    real = engine._propose_drafts
+
+    def propose(dry=False):
+        found = real(dry)
+        if not dry:
+            calls.append((engine.scheduler.num_running + engine.scheduler.num_waiting, found))
+        return found
+
+    engine._propose_drafts = propose
+    original = engine.speculative
+    engine.speculative = dataclasses.replace(original, disable_by_batch_size=3)
+    try:
+        outs = spec.generate(prompts, params, use_tqdm=False)
+    finally:
+        engine.speculative = original
+        del engine._propose_drafts
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 12, 30, 40]
+    assert not any(found for n, found in calls if n >= 3)
+    assert any(found for n, found in calls if n < 3)
+    assert _pool_is_full(spec)

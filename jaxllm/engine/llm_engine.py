@@ -856,8 +856,12 @@ class LLMEngine:
         from jaxllm.engine.spec_decode import propose_ngram
 
         spec = self.speculative
-        running = self.scheduler.running
+        scheduler = self.scheduler
+        running = scheduler.running
         slots = self.max_num_seqs - len(running)
+        if (spec.disable_by_batch_size is not None
+                and len(running) + scheduler.num_waiting >= spec.disable_by_batch_size):
+            slots = 0  # a large batch: no drafts
         if dry and slots <= 0:
             return False
         found = False

@@ -58,6 +58,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int
     prompt_lookup_min: int
     method: str = "ngram"
+    # vLLM's: no drafts while this many sequences or more are running or waiting (large
+    # batches keep the GPU busy; a draft's extra positions then cost more than they save).
+    disable_by_batch_size: int | None = None
 
     @classmethod
     def from_dict(cls, config: dict[str, Any] | None) -> SpeculativeConfig | None:
@@ -68,7 +71,7 @@ class SpeculativeConfig:
         if not isinstance(config, dict):
             raise ValueError(f"speculative_config must be a dict, got {config!r}.")
         known = {"method", "model", "num_speculative_tokens", "prompt_lookup_max",
-                 "prompt_lookup_min"}
+                 "prompt_lookup_min", "disable_by_batch_size"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"speculative_config: unsupported keys {unknown}; this engine takes "
@@ -103,7 +106,12 @@ class SpeculativeConfig:
         if lo > hi:
             raise ValueError(f"speculative_config: prompt_lookup_min={lo} must be <= "
                              f"prompt_lookup_max={hi}.")
-        return cls(num_speculative_tokens=k, prompt_lookup_max=hi, prompt_lookup_min=lo)
+        off = config.get("disable_by_batch_size")
+        if off is not None and (not isinstance(off, int) or isinstance(off, bool) or off < 2):
+            raise ValueError("speculative_config: disable_by_batch_size must be an integer > 1 "
+                             f"(vLLM's rule), got {off!r}.")
+        return cls(num_speculative_tokens=k, prompt_lookup_max=hi, prompt_lookup_min=lo,
+                   disable_by_batch_size=off)
 
 
 def propose_ngram(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
