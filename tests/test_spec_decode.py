@@ -39,9 +39,12 @@ def _pool_is_full(llm: LLM) -> bool:
 
 
 def _view(outputs):
-    return [[(c.token_ids, c.finish_reason, c.text,
-              None if c.logprobs is None else [sorted(d.items()) for d in c.logprobs])
-             for c in o.outputs] for o in outputs]
+    return [([(c.token_ids, c.finish_reason, c.text,
+               None if c.logprobs is None else [sorted(d.items()) for d in c.logprobs])
+              for c in o.outputs],
+             None if o.prompt_logprobs is None else [d and sorted(d.items())
+                                                     for d in o.prompt_logprobs])
+            for o in outputs]
 
 
 def _repetitive_prompts(n: int, vocab: int, seed: int) -> list[dict]:
@@ -179,7 +182,7 @@ def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
     favourite = int(prompts[2]["prompt_token_ids"][0])
     (letter,) = spec.get_tokenizer().encode("a", add_special_tokens=False)
     kinds = [
-        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, prompt_logprobs=1),
         SamplingParams(temperature=0.9, top_k=20, top_p=0.9, max_tokens=17, seed=5,
                        ignore_eos=True),
         SamplingParams(temperature=1.0, max_tokens=30, seed=7, stop_token_ids=stop_ids),
@@ -269,7 +272,8 @@ def test_speculative_decoding_serves_the_tokens_of_plain_decoding(plain, spec):
     assert stats["num_preemptions"] > preempted
     biased = got[5].outputs[0]
     assert biased.token_ids == [favourite] * 23 and biased.finish_reason == "length"
-    assert any(c[1] == "stop" for o in _view(got) for c in o)
+    assert any(c[1] == "stop" for o, _ in _view(got) for c in o)
+    assert got[0].prompt_logprobs is not None
     assert got[13].outputs[0].text == "a" * 9 and got[13].outputs[0].finish_reason == "stop"
     banned = got[12].outputs[0]  # the coin with min_tokens: stopped by the coin, not before 15
     assert banned.finish_reason == "stop" and 15 <= len(banned.token_ids) < 40
