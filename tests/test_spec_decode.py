@@ -488,3 +488,17 @@ def test_disable_by_batch_size_drafts_only_below_it(spec):
     assert not any(found for n, found in calls if n >= 3)
     assert any(found for n, found in calls if n < 3)
     assert _pool_is_full(spec)
+
+
+def test_data_parallel_replicas_sum_the_counters_position_by_position():
+    from types import SimpleNamespace
+
+    from jaxllm.engine.data_parallel import DataParallelEngine
+
+    dp = DataParallelEngine.__new__(DataParallelEngine)
+    dp.engines = [SimpleNamespace(stats={"generation_tokens": 5, "spec_decode_num_drafts": 2,
+                                         "spec_decode_num_accepted_tokens_per_pos": [2, 1, 0]}),
+                  SimpleNamespace(stats={"generation_tokens": 7, "spec_decode_num_drafts": 1,
+                                         "spec_decode_num_accepted_tokens_per_pos": [1, 1, 1]})]
+    assert dp.stats == {"generation_tokens": 12, "spec_decode_num_drafts": 3,
+                        "spec_decode_num_accepted_tokens_per_pos": [3, 2, 1]}
