@@ -249,7 +249,6 @@ class Scheduler:
             if seq.spec_token_ids and remaining == 1:  # a decode with a draft
                 spec = self._draft_room(seq, min(len(seq.spec_token_ids), budget - 1))
                 num_new += spec
-                num_spec_rows += spec
             need = -(-(computed + num_new) // page_size) - len(seq.page_ids)
             if need > 0:
                 if need <= pool.num_free_pages:
@@ -263,6 +262,7 @@ class Scheduler:
                                           computed + num_new - spec == n, spec))
             scheduled_seqs.add(seq)
             budget -= num_new
+            num_spec_rows += spec
 
         # 3. Admission in queue order. Never preempts; skipped when this step had to preempt.
         waiting, running, cache = self.waiting, self.running, self.prefix_cache
