@@ -240,6 +240,13 @@ class EngineConfig:
     # take up to k drafts from n-gram lookup in their own tokens, verified in one step. Steps
     # with a draft are read back before the next schedule (the rest stay asynchronous).
     speculative_config: dict[str, Any] | None = None
+    # vLLM's LoRA options (jaxllm/lora): requests may name a PEFT LoRA adapter
+    # (LoRARequest); at most max_loras distinct adapters run in a step (each a device slot of
+    # rank max_lora_rank), at most max_cpu_loras (default max_loras) stay in host memory.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -303,6 +310,21 @@ class EngineConfig:
             if self.runner == "pooling":
                 raise ValueError("speculative_config needs a generating model; "
                                  "runner='pooling' generates nothing.")
+        if self.enable_lora:
+            from jaxllm.lora.manager import MAX_LORA_RANKS
+
+            positive("max_loras")
+            if self.max_lora_rank not in MAX_LORA_RANKS:
+                raise ValueError(f"max_lora_rank ({self.max_lora_rank!r}) must be one of "
+                                 f"{MAX_LORA_RANKS}.")
+            if self.max_cpu_loras is not None:
+                positive("max_cpu_loras")
+                if self.max_cpu_loras < self.max_loras:
+                    raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= "
+                                     f"max_loras ({self.max_loras}).")
+            if self.pipeline_parallel_size > 1:
+                raise ValueError("enable_lora is not supported with pipeline parallelism "
+                                 "(pipeline_parallel_size > 1); use tensor parallelism.")
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(
                 f"attention_backend={self.attention_backend!r} is not supported; "

@@ -57,6 +57,7 @@ class RequestOutput:
     num_cached_tokens: int | None = None
     metrics: Any | None = None
     kv_transfer_params: dict[str, Any] | None = field(default=None, repr=False)
+    lora_request: Any | None = None  # the request's LoRARequest (jaxllm/lora), as vLLM's
 
 
 @dataclass

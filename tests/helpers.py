@@ -100,3 +100,29 @@ def full_forward_logprobs(engine, ids):
                            num_seqs=np.array([1], np.int32))
     hidden, _ = model(jnp.asarray(ids, jnp.int32), jnp.asarray(pos), kv, md)
     return np.asarray(jax.nn.log_softmax(model.compute_logits(hidden), axis=-1))
+
+
+ALL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_peft_adapter(base_folder, out_folder, seed: int = 1, std: float = 0.3, **lora_kwargs):
+    """Writes a PEFT LoRA adapter of the HF model in ``base_folder`` into ``out_folder`` (what
+    ``peft``'s ``save_pretrained`` writes) and returns the PEFT model (torch, float32, eval),
+    the reference of its outputs. ``lora_kwargs`` go to ``peft.LoraConfig`` (r, lora_alpha,
+    target_modules, use_rslora, alpha_pattern, rank_pattern, ...). PEFT starts lora_B at zero
+    (an adapter that changes nothing); here every LoRA weight is drawn from N(0, std), so the
+    adapter changes the tokens."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32)
+    lora_kwargs.setdefault("target_modules", ALL_LORA_TARGETS)
+    peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, **lora_kwargs))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, std)
+    peft_model.save_pretrained(str(out_folder))
+    return peft_model.eval()

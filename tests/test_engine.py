@@ -1105,12 +1105,14 @@ def test_mlp_kernel_knob_serves_the_same_greedy_tokens(small_llama_folder, monke
 
     def ok(E):
         proj = FusedLinear(E, (64, 2), use_bias=False, dtype=jnp.float32)
-        return LlamaMLP.kernel_ok(types.SimpleNamespace(gate_up_proj=proj, swiglu=True))
+        return LlamaMLP.kernel_ok(types.SimpleNamespace(gate_up_proj=proj, swiglu=True,
+                                                        lora=None))
 
     assert not ok(40) and ok(48)
     # GeGLU (Gemma) keeps XLA's kernels: the kernel's epilogue is SiLU's
     proj = FusedLinear(48, (64, 2), use_bias=False, dtype=jnp.float32)
-    assert not LlamaMLP.kernel_ok(types.SimpleNamespace(gate_up_proj=proj, swiglu=False))
+    assert not LlamaMLP.kernel_ok(types.SimpleNamespace(gate_up_proj=proj, swiglu=False,
+                                                        lora=None))
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False])

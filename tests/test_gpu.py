@@ -353,6 +353,73 @@ def test_engine_speculative_decoding_serves_the_plain_tokens_on_the_gpu(small_ll
     assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"]
 
 
+def test_engine_lora_adapters_follow_the_merged_models_on_the_gpu(small_llama_folder, tmp_path):
+    """Two LoRA adapters and the base model in one batch on the GPU (the compiled Pallas
+    decode path with the q/k/v delta, the deltas' GEMMs), float32: each greedy token is the
+    argmax of the model with its adapter merged into the weights (W + scaling B A, written as
+    a plain checkpoint), within TF32's noise (XLA's float32 GEMMs on the GPU round their
+    inputs to TF32, so the two ways of computing the same sum differ in the last bits and
+    exact greedy tokens may part at a near tie), and its log-prob is the merged model's
+    (teacher-forced through prompt_logprobs). No peft on the GPU machine: the adapters are
+    written in its format here (tests/test_lora.py checks that format against peft)."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.lora import LoRARequest
+
+    base = load_file(str(small_llama_folder / "model.safetensors"))
+    rng = np.random.default_rng(7)
+    folders = {}
+    for name, r, alpha in (("a1", 8, 16), ("a2", 4, 4)):
+        adapter, merged = {}, dict(base)
+        for key, w in base.items():
+            if key.endswith("_proj.weight"):
+                a = rng.normal(0, 0.3, (r, w.shape[1])).astype(np.float32)
+                b = rng.normal(0, 0.3, (w.shape[0], r)).astype(np.float32)
+                stem = "base_model.model." + key[:-len(".weight")]
+                adapter[stem + ".lora_A.weight"], adapter[stem + ".lora_B.weight"] = a, b
+                merged[key] = (w.astype(np.float32) + alpha / r * b @ a).astype(w.dtype)
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        save_file(adapter, str(folders[name] / "adapter_model.safetensors"))
+        (folders[name] / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "bias": "none"}))
+        shutil.copytree(small_llama_folder, tmp_path / f"merged_{name}")
+        save_file(merged, str(tmp_path / f"merged_{name}" / "model.safetensors"),
+                  metadata={"format": "pt"})
+    prompts = [[11, 12, 13, 14, 15, 16, 17], [7, 8, 9], list(range(100, 110)) * 3]
+    kw = dict(dtype="float32", max_model_len=160, page_size=16, num_pages=64,
+              max_num_batched_tokens=512, max_num_seqs=32, attention_backend="pallas")
+    llm = LLM(str(small_llama_folder), enable_lora=True, max_loras=2, max_lora_rank=8, **kw)
+    reqs = {None: None, "a1": LoRARequest("a1", 1, str(folders["a1"])),
+            "a2": LoRARequest("a2", 2, str(folders["a2"]))}
+    cases = [(i, n) for i in range(len(prompts)) for n in (None, "a1", "a2")]
+    outs = llm.generate([{"prompt_token_ids": prompts[i]} for i, _ in cases],
+                        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                       logprobs=0),
+                        use_tqdm=False, lora_request=[reqs[n] for _, n in cases])
+    got = {c: o.outputs[0] for c, o in zip(cases, outs)}
+    del llm
+    for i in range(len(prompts)):
+        assert got[(i, "a1")].token_ids != got[(i, None)].token_ids != got[(i, "a2")].token_ids
+    for name in (None, "a1", "a2"):
+        ref = LLM(str(small_llama_folder if name is None else tmp_path / f"merged_{name}"), **kw)
+        for i, p in enumerate(prompts):
+            c = got[(i, name)]
+            (o,) = ref.generate([{"prompt_token_ids": p + list(c.token_ids)}],
+                                SamplingParams(max_tokens=1, prompt_logprobs=1),
+                                use_tqdm=False)
+            for j, t in enumerate(c.token_ids):
+                pos = o.prompt_logprobs[len(p) + j]  # the merged model's view of token j
+                best = max(lp.logprob for lp in pos.values())
+                assert abs(pos[t].logprob - c.logprobs[j][t].logprob) < 0.05, (name, i, j)
+                assert best - pos[t].logprob < 0.05, (name, i, j, best, pos[t].logprob)
+        del ref
+
+
 def test_engine_constrained_sampling_and_late_sampling_on_the_gpu(small_llama_folder):
     """The token bitmask in the GPU sampler (structured outputs, allowed_token_ids) and late
     sampling (a penalty / grammar row's sampler launched after the step before is read) give

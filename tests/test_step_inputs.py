@@ -69,6 +69,26 @@ def test_decode_fast_path_matches_the_row_by_row_path_with_placeholders():
         seqs, fast.md.page_table.shape[0], r.max_pages_per_seq))
 
 
+def test_lora_slots_give_each_token_its_sequences_slot():
+    """With LoRA, every token row carries its sequence's adapter slot (-1: none, and for the
+    padding rows), for prefill chunks and decodes alike; without, the field stays None."""
+    r = _runner()
+    seqs = [_seq(i, 5 + i, list(range(10 * i + 1, 10 * i + 4))) for i in range(3)]
+    for s, slot in zip(seqs, (1, -1, 0)):
+        s.lora_slot = slot
+    sched = [ScheduledSeq(seqs[0], 3, 0, False), ScheduledSeq(seqs[1], 1, 5, True),
+             ScheduledSeq(seqs[2], 7, 0, True)]
+    assert r.prepare(sched, []).lora_slots is None
+    r.lora_enabled = True
+    inputs = r.prepare(sched, [])
+    want = [1] * 3 + [-1] + [0] * 7
+    np.testing.assert_array_equal(inputs.lora_slots[:11], want)
+    assert np.all(inputs.lora_slots[11:] == -1) and len(inputs.lora_slots) == 32
+    decode = r.prepare(_decode(seqs), [])
+    np.testing.assert_array_equal(decode.lora_slots[:3], [1, -1, 0])
+    assert np.all(decode.lora_slots[3:] == -1)
+
+
 def test_page_table_rows_follow_appends_replacements_and_slot_reuse():
     r = _runner()
     rng = np.random.default_rng(0)

@@ -119,7 +119,8 @@ class AsyncEngine:
 
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, prompt: Any, sampling_params: SamplingParams | None,
-                       request_id: str, *, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: str, *, priority: int = 0,
+                       lora_request: Any = None) -> AsyncIterator[RequestOutput]:
         """Streams RequestOutputs for one request. Raises ValueError for a request that can never
         run (before any output); a cancelled consumer aborts the request. ``priority``: with
         scheduling_policy="priority", lower is served first."""
@@ -133,7 +134,8 @@ class AsyncEngine:
             if request_id in self._queues:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._queues[request_id] = (loop, queue)
-            self._pending.append(("add", request_id, (prompt, sampling_params, priority)))
+            self._pending.append(("add", request_id, (prompt, sampling_params, priority,
+                                                       lora_request)))
             self._cv.notify()
         finished = False
         try:
@@ -257,9 +259,10 @@ class AsyncEngine:
                     pending, self._pending = self._pending, []
                 for kind, rid, payload in pending:
                     if kind == "add":
-                        prompt, params, priority = payload
+                        prompt, params, priority, lora = payload
                         try:
-                            eng.add_request(rid, prompt, params, priority=priority)
+                            eng.add_request(rid, prompt, params, priority=priority,
+                                            lora_request=lora)
                         except Exception as e:  # a bad request: its caller gets the error
                             with self._cv:
                                 self._deliver(rid, e)

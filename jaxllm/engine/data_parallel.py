@@ -107,12 +107,13 @@ class DataParallelEngine:
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
+                    arrival_time: float | None = None, priority: int = 0,
+                    lora_request: Any = None) -> None:
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already in use")
         i = min(range(len(self.engines)), key=lambda j: (self._load[j], j))
         eng = self.engines[i]
-        eng.add_request(request_id, prompt, params, arrival_time, priority)
+        eng.add_request(request_id, prompt, params, arrival_time, priority, lora_request)
         req = eng._requests[request_id]
         work = len(req.prompt_token_ids) + req.params.n * (req.params.max_tokens or 0)
         self._owner[request_id] = i
@@ -134,6 +135,16 @@ class DataParallelEngine:
 
     def reset_prefix_cache(self) -> bool:
         return all([e.reset_prefix_cache() for e in self.engines])
+
+    # LoRA adapters are known to every replica (a request may go to any).
+    def add_lora(self, lora_request: Any) -> bool:
+        return all([e.add_lora(lora_request) for e in self.engines])
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return any([e.remove_lora(lora_id) for e in self.engines])
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return all([e.pin_lora(lora_id) for e in self.engines])
 
     # Sleep mode and weight updates act on every replica (not just the first, as __getattr__
     # would have it).

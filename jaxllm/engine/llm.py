@@ -93,14 +93,16 @@ class LLM:
 
     def generate(self, prompts: PromptType | TypingSequence[PromptType],
                  sampling_params: SamplingParams | TypingSequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: list[int] | None = None
-                 ) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: list[int] | None = None,
+                 lora_request: Any = None) -> list[RequestOutput]:
         """Generates for every prompt; returns RequestOutputs in input order.
 
         prompts: a str, a list of token ids, or a list of those or of ``{"prompt_token_ids":
           [...]}`` items (or a mix).
         sampling_params: one for all prompts, or one per prompt.
         priority: one per prompt, for an engine with scheduling_policy="priority" (lower first).
+        lora_request: a ``jaxllm.lora.LoRARequest`` for all prompts, or one (or None) per
+          prompt, with ``enable_lora=True``.
         """
         prompts = self._prompt_list(prompts)
         if sampling_params is None:
@@ -115,7 +117,14 @@ class LLM:
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts: pass "
                              "one per prompt.")
-        return self._run(prompts, params_list, use_tqdm, priority)
+        if isinstance(lora_request, (list, tuple)):
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts: "
+                                 "pass one, or one per prompt.")
+        else:
+            loras = [lora_request] * len(prompts)
+        return self._run(prompts, params_list, use_tqdm, priority, loras)
 
     def beam_search(self, prompts: PromptType | TypingSequence[PromptType],
                     params: BeamSearchParams, use_tqdm: bool = False,
@@ -181,8 +190,8 @@ class LLM:
              sampling_params: SamplingParams | TypingSequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template_kwargs: dict | None = None, tools: list[dict] | None = None
-             ) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, tools: list[dict] | None = None,
+             lora_request: Any = None) -> list[RequestOutput]:
         """Generates replies to one conversation or a list of them, with the tokenizer's chat
         template (a conversation is a list of {"role", "content"} dicts). ``tools``: OpenAI
         function tools for the template (vLLM's LLM.chat(tools=)); the reply is the model's
@@ -204,7 +213,8 @@ class LLM:
                 ids = ids["input_ids"]
             prompts.append({"prompt_token_ids": list(ids),
                             "prompt": tok.decode(ids, skip_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm,
+                             lora_request=lora_request)
 
     @staticmethod
     def _prompt_list(prompts: PromptType | TypingSequence[PromptType]) -> list[PromptType]:
@@ -215,7 +225,8 @@ class LLM:
         return list(prompts)
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams],
-             use_tqdm: bool, priority: list[int] | None = None) -> list[RequestOutput]:
+             use_tqdm: bool, priority: list[int] | None = None,
+             loras: list[Any] | None = None) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = []
         try:
@@ -224,7 +235,8 @@ class LLM:
                     params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
                 rid = str(next(self._counter))
                 engine.add_request(rid, prompt, params,
-                                   priority=0 if priority is None else priority[i])
+                                   priority=0 if priority is None else priority[i],
+                                   lora_request=None if loras is None else loras[i])
                 ids.append(rid)
         except Exception:
             for rid in ids:  # nothing half-submitted stays in the engine

@@ -70,6 +70,7 @@ class _Request:
     # Tokens the last DELTA output already reported, per sibling.
     sent: list[int] = dataclasses.field(default_factory=list)
     num_cached_tokens: int = 0
+    lora_request: Any = None
 
     @property
     def finished(self) -> bool:
@@ -252,6 +253,9 @@ class LLMEngine:
             self.loaded = loaded
             logger.info("fused q/k/v and gate/up projections in %.1f s",
                         time.perf_counter() - t0)
+        if config.enable_lora:
+            loaded = self._with_lora_slots(loaded)
+            self.loaded = loaded
 
         on_cpu = jax.default_backend() == "cpu"
         self.max_model_len = config.max_model_len or (
@@ -314,7 +318,16 @@ class LLMEngine:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=mnbt,
             max_model_len=self.max_model_len, page_size=config.page_size,
             page_pool=self.page_pool, enable_chunked_prefill=config.enable_chunked_prefill,
-            prefix_cache=self.prefix_cache, policy=config.scheduling_policy)
+            prefix_cache=self.prefix_cache, policy=config.scheduling_policy,
+            max_loras=config.max_loras if config.enable_lora else None)
+        self.lora = None  # jaxllm.lora.manager.LoraManager with enable_lora
+        if config.enable_lora:
+            from jaxllm.lora.manager import LoraManager
+
+            self.lora = LoraManager(self.runner, mc, max_loras=config.max_loras,
+                                    max_lora_rank=config.max_lora_rank,
+                                    max_cpu_loras=config.max_cpu_loras or config.max_loras)
+            self.runner.lora_enabled = True
         pages_per_seq = math.ceil(self.max_model_len / config.page_size)
         logger.info("KV cache: %d pages of %d tokens (%s); max concurrency at max_model_len=%d: "
                     "%.2fx", num_pages - 1, config.page_size, self.cache_dtype, self.max_model_len,
@@ -366,6 +379,54 @@ class LLMEngine:
             from sharding.distributed import attach_leader
 
             attach_leader(self.runner)  # followers launch every step this engine launches
+
+    # -- LoRA adapters (jaxllm/lora) -----------------------------------------------------------
+    def _with_lora_slots(self, loaded: Any) -> Any:
+        """``loaded`` with a copy of its model (sharing the weights; a caller's model is left
+        as it was) that has zeroed LoRA slots (jaxllm/lora/layers.py)."""
+        from jaxllm.lora.layers import attach_lora
+
+        if self.parallel is not None and self.parallel.kv_replication > 1:
+            raise ValueError(
+                f"enable_lora is not supported when tensor_parallel_size "
+                f"({self.config.tensor_parallel_size}) exceeds the model's KV heads "
+                f"({self.model_config.num_key_value_heads}): the KV heads are replicated.")
+        model = nnx.merge(*nnx.split(loaded.model))
+        attach_lora(model, model.config, self.config.max_loras, self.config.max_lora_rank,
+                    model.dtype, self.parallel.stages[0].replicated
+                    if self.parallel is not None else None)
+        return _with_model(loaded, model)
+
+    def _check_lora(self, lora_request: Any) -> None:
+        if self.lora is None:
+            raise ValueError(f"Got lora_request {lora_request} but LoRA is not enabled! Start "
+                             "the engine with enable_lora=True (--enable-lora).")
+
+    def add_lora(self, lora_request: Any) -> bool:
+        """Reads the adapter now (vLLM's): later requests naming it start without the read.
+        ValueError / FileNotFoundError for an adapter that cannot be served."""
+        self._check_lora(lora_request)
+        self.lora.add(lora_request)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forgets adapter ``lora_id``; False if it is not loaded. ValueError while a request
+        uses it."""
+        if self.lora is None:
+            return False
+        if any(s.lora_int_id == lora_id for r in self._requests.values() for s in r.seqs):
+            raise ValueError(f"LoRA adapter {lora_id} is used by running requests; abort them "
+                             "or let them finish first.")
+        return self.lora.remove(lora_id)
+
+    def list_loras(self) -> set[int]:
+        """The ids of the adapters loaded (added and not removed)."""
+        return set() if self.lora is None else self.lora.list()
+
+    def pin_lora(self, lora_id: int) -> bool:
+        """Keeps adapter ``lora_id`` in host memory past max_cpu_loras."""
+        self._check_lora(lora_id)
+        return self.lora.pin(lora_id)
 
     # -- the model's generation config ---------------------------------------------------------
     def _read_generation_config(self) -> None:
@@ -482,6 +543,7 @@ class LLMEngine:
         probe._knob_cache = None  # prepare() reads it; the probe has no rows to cache
         probe.penalty_min = 64  # (no rows: no penalty list)
         probe.vocab_size = mc.vocab_size
+        probe.lora_enabled = cfg.enable_lora  # (the model has its LoRA slots by now)
         inputs = probe.prepare([], [], T=T)
         shape = (2, cfg.page_size, self.num_kv_heads, mc.head_dim)
         kv = [(jax.ShapeDtypeStruct(shape, self.cache_dtype),) * 2
@@ -545,10 +607,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | dict | list[int],
                     params: SamplingParams | None = None,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
+                    arrival_time: float | None = None, priority: int = 0,
+                    lora_request: Any = None) -> None:
         """Validates and queues a request. Raises ValueError for anything that can never run,
         EngineSleepingError while asleep. ``priority``: with scheduling_policy="priority",
-        lower is served first (vLLM's)."""
+        lower is served first (vLLM's). ``lora_request``: a ``LoRARequest`` (with
+        enable_lora): the adapter the request runs with, read now if it is new."""
         if self.runner_kind == "pooling":
             raise ValueError("This engine is a pooling model (runner='pooling'): it embeds "
                              "(embed, /v1/embeddings) and generates nothing.")
@@ -572,6 +636,11 @@ class LLMEngine:
         if k is not None:  # the last k tokens (vLLM's left truncation; -1: max_model_len)
             ids = ids[-(self.max_model_len if k == -1 else k):]
         self._validate(ids, params)
+        lora_id = 0
+        if lora_request is not None:
+            self._check_lora(lora_request)
+            self.lora.add(lora_request)
+            lora_id = lora_request.lora_int_id
         # Compiled and checked now: a bad schema / regex / grammar fails the request here.
         token_mask = self.structured_outputs.token_mask(params, ids)
         extra = self.generation_stop_token_ids
@@ -601,11 +670,15 @@ class LLMEngine:
             seq.priority = priority
             if salt is not None:  # vLLM's cache_salt: only requests with this salt share pages
                 seq.cache_extra_keys = ("cache_salt", salt)
+            if lora_id:  # an adapter's K/V is its own: pages are shared by its requests only
+                seq.lora_int_id = lora_id
+                seq.cache_extra_keys += ("lora", lora_id)
             if token_mask is not None:
                 seq.token_mask = token_mask if i == 0 else token_mask.fork()
             seqs.append(seq)
             procs.append(OutputProcessor(self.tokenizer, ids, params, self.eos_token_ids, index=i))
-        req = _Request(request_id, text, list(ids), params, now, seqs, procs, sent=[0] * params.n)
+        req = _Request(request_id, text, list(ids), params, now, seqs, procs, sent=[0] * params.n,
+                       lora_request=lora_request)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         self._requests[request_id] = req
@@ -730,6 +803,8 @@ class LLMEngine:
         if "weights" in tags and "weights" in self._sleeping:
             self.runner.restore_weights()
             self._sleeping.discard("weights")
+            if self.lora is not None:  # (zeros after level 2) adapters are written again
+                self.lora.invalidate_slots()
         if "kv_cache" in tags and "kv_cache" in self._sleeping:
             self.runner.restore_kv_cache()
             self._sleeping.discard("kv_cache")
@@ -762,7 +837,11 @@ class LLMEngine:
             from jaxllm.models.fused import fuse_projections
 
             model = fuse_projections(model, self.parallel, consume=True)
+        if self.lora is not None:  # the new model gets slots too; adapters are written again
+            model = self._with_lora_slots(_with_model(self.loaded, model)).model
         self.runner.replace_weights(model)
+        if self.lora is not None:
+            self.lora.invalidate_slots()
         self.loaded = _with_model(self.loaded, model)
         self._sleeping.discard("weights")
         self.reset_prefix_cache()
@@ -902,6 +981,8 @@ class LLMEngine:
         step before, which it reads back between this step's forward and its sampler."""
         sampling_row = self._sampling_row
         next_ids = self._prompt_next_ids(sched)
+        if self.lora is not None:  # the step's adapters into device slots, before prepare
+            self.lora.activate(s.seq for s in sched.scheduled)
         outputs = None
         sample_rows = None  # a speculative step: entry -> its first sampled row
         if late:
@@ -1210,4 +1291,5 @@ class LLMEngine:
             completions = [proc.completion_output() for proc in req.processors]
         # Positional, in the fields' order (per request per step; see completion_output).
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
-                             req.prompt_logprobs, completions, final, req.num_cached_tokens)
+                             req.prompt_logprobs, completions, final, req.num_cached_tokens,
+                             None, None, req.lora_request)

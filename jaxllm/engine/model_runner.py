@@ -71,6 +71,8 @@ class StepInputs:
     prev_rows:      [T]  async scheduling: row of the previous step's sampled tokens that is this
                          slot's token (its id is not on the host yet); -1: use token_ids
     sampling:       per-row sampling parameters ([S]-leading arrays, see engine/sampler.py)
+    lora_slots:     [T]  with LoRA enabled: each token's adapter slot (-1: none; padding -1);
+                         None without (jaxllm/lora)
     """
 
     token_ids: jax.Array
@@ -79,6 +81,7 @@ class StepInputs:
     logits_indices: jax.Array
     prev_rows: jax.Array
     sampling: Any
+    lora_slots: Any = None
 
 
 @jax.tree_util.register_dataclass
@@ -230,7 +233,7 @@ def _forward(graphdef, treedef, leaves, kv_caches: KVCache, inputs: StepInputs,
     inputs = _unpacked(inputs)
     model = _model(graphdef, treedef, leaves)
     hidden, kv_caches = model(_token_ids(inputs, prev_tokens), inputs.positions, kv_caches,
-                              inputs.md)
+                              inputs.md, inputs.lora_slots)
     return kv_caches, model.compute_logits(hidden[inputs.logits_indices])
 
 
@@ -241,7 +244,7 @@ def _hidden_forward(graphdef, treedef, leaves, kv_caches: KVCache, inputs: StepI
     inputs = _unpacked(inputs)
     model = _model(graphdef, treedef, leaves)
     hidden, kv_caches = model(_token_ids(inputs, prev_tokens), inputs.positions, kv_caches,
-                              inputs.md)
+                              inputs.md, inputs.lora_slots)
     return kv_caches, hidden
 
 
@@ -283,7 +286,7 @@ def _multi_step(graphdef, treedef, max_num_seqs: int, page_size: int, num_steps:
         page = md.page_table[seq_of_row, jnp.minimum(positions // page_size, max_page)]
         slots = jnp.where(real_tok, page * page_size + positions % page_size, md.slot_mapping)
         step_md = dataclasses.replace(md, slot_mapping=slots, seq_lens=md.seq_lens + j * real_seq)
-        hidden, kv = model(tokens, positions, kv, step_md)
+        hidden, kv = model(tokens, positions, kv, step_md, inputs.lora_slots)
         logits = model.compute_logits(hidden[inputs.logits_indices])
         out = sampler_lib.sample(logits, dataclasses.replace(sampling, steps=sampling.steps + j),
                                  None, sort)
@@ -306,7 +309,7 @@ def _prompt_logprobs_forward(graphdef, treedef, leaves, kv_caches: KVCache, inpu
     inputs = _unpacked(inputs)
     model = _model(graphdef, treedef, leaves)
     hidden, kv_caches = model(_token_ids(inputs, prev_tokens), inputs.positions, kv_caches,
-                              inputs.md)
+                              inputs.md, inputs.lora_slots)
     logits = model.compute_logits(hidden[inputs.logits_indices])
     all_lp = jax.nn.log_softmax(model.compute_logits(hidden), axis=-1)  # [T, V]
     safe_ids = jnp.maximum(next_ids, 0)
@@ -611,6 +614,8 @@ class ModelRunner:
         self.penalty_min = sampler_lib.bucket_size(max(max_model_len, 1024), 64)
         # Whether start-up also compiles the samplers of ``sampler_extras`` (ModelRunner sets it).
         self.compile_sampler_extras = False
+        # The model has LoRA slots (jaxllm/lora): steps carry StepInputs.lora_slots.
+        self.lora_enabled = False
 
     @property
     def state(self) -> nnx.State:
@@ -1027,8 +1032,16 @@ class ModelRunner:
         sampling = None if sampling_rows is None else sampler_lib.build_sampling_tensors(
             sampling_rows, pad_to=S, knob_cache=self._knob_cache, vocab_size=self.vocab_size,
             penalty_min=self.penalty_min)
+        lora_slots = None
+        if self.lora_enabled:  # each token its sequence's slot (engine: LoraManager.activate)
+            lora_slots = np.full(T, -1, np.int32)
+            if num_seqs:
+                lora_slots[:off] = np.repeat(
+                    np.array([s.seq.lora_slot for s in scheduled], np.int32),
+                    [s.num_new_tokens for s in scheduled])
         return StepInputs(token_ids=token_ids, positions=positions, md=md,
-                          logits_indices=logits_indices, prev_rows=prev_rows, sampling=sampling)
+                          logits_indices=logits_indices, prev_rows=prev_rows, sampling=sampling,
+                          lora_slots=lora_slots)
 
     @staticmethod
     def _prepare_decode(scheduled, token_ids, positions, seq_of_token, query_start_loc, seq_lens,

@@ -33,6 +33,10 @@ computing their shared prompt pages, then hit them (admission skips them meanwhi
 requests may go first). Sequences with prompt_logprobs do not look up (the cached positions
 would have no logits), as vLLM; their pages are still cached.
 
+LoRA (``max_loras``, vLLM's): admission skips a sequence whose adapter would be one more than
+max_loras distinct adapters among the running sequences (later ones may go first); the engine
+keeps every running adapter in a device slot.
+
 Async scheduling (the engine's default): the engine schedules step k+1 while step k still runs
 on the device. It calls `commit` when it dispatches a step: computed counts advance and every
 sampling sequence gets a placeholder token (`Sequence.append_placeholder`), so the next schedule
@@ -132,7 +136,8 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  page_size: int, page_pool: PagePool, enable_chunked_prefill: bool = True,
-                 prefix_cache: PrefixCache | None = None, policy: str = "fcfs"):
+                 prefix_cache: PrefixCache | None = None, policy: str = "fcfs",
+                 max_loras: int | None = None):
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got "
                              f"{policy!r}.")
@@ -152,6 +157,9 @@ class Scheduler:
                                          or prefix_cache.page_size != page_size):
             raise ValueError("the prefix cache must index this scheduler's page pool and page size")
         self.prefix_cache = prefix_cache
+        # LoRA (vLLM's max_loras): at most this many distinct adapters among the running
+        # sequences; None: no LoRA.
+        self.max_loras = max_loras
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is the newest
         self._requests: dict[str, list[Sequence]] = {}  # request_id -> its unfinished sequences
@@ -266,12 +274,20 @@ class Scheduler:
 
         # 3. Admission in queue order. Never preempts; skipped when this step had to preempt.
         waiting, running, cache = self.waiting, self.running, self.prefix_cache
-        deferred: list[Sequence] = []  # n > 1 siblings waiting for a sibling's prompt pages
+        # Skipped for now, in order: n > 1 siblings waiting for a sibling's prompt pages, and
+        # sequences of a LoRA adapter that would be one more than max_loras running.
+        deferred: list[Sequence] = []
+        loras = (None if self.max_loras is None
+                 else {s.lora_int_id for s in running if s.lora_int_id})
         while (not preempted and waiting and budget > 0
                and len(running) + num_spec_rows < self.max_num_seqs):
             seq = waiting[0]
             if seq.num_pending:  # preempted with a token still on the device: next step
                 break
+            if (loras is not None and seq.lora_int_id and seq.lora_int_id not in loras
+                    and len(loras) >= self.max_loras):
+                deferred.append(waiting.popleft())
+                continue
             limit = self._token_limit(seq)
             hit: list[int] = []
             lookup = cache is not None and getattr(seq.sampling_params, "prompt_logprobs",
@@ -293,6 +309,8 @@ class Scheduler:
             waiting.popleft()
             seq.status = _RUNNING
             running.append(seq)
+            if loras is not None and seq.lora_int_id:
+                loras.add(seq.lora_int_id)
             if hit:
                 pool.acquire(hit)
                 seq.page_ids = hit

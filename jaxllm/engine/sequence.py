@@ -87,6 +87,10 @@ class Sequence:
     # The n-gram draft of the next step (engine/spec_decode.py): the scheduler gives a decode
     # 1 + len(spec_token_ids) tokens; the engine sets it before each schedule.
     spec_token_ids: list[int] = field(default_factory=list, repr=False)
+    # LoRA (jaxllm/lora): the adapter's lora_int_id (0: none), and the device slot the engine
+    # put it in for the next step (-1: none).
+    lora_int_id: int = 0
+    lora_slot: int = -1
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

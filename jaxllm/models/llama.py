@@ -200,49 +200,78 @@ class LlamaAttention(nnx.Module):
         # Per-tensor scales of an fp8 KV cache (jaxllm/models/attention.py); unused otherwise.
         self.k_scale, self.v_scale = (config.kv_cache_scales[layer_idx]
                                       if config.kv_cache_scales else (1.0, 1.0))
+        self.lora = None  # jaxllm.lora.layers.LoraModules once the engine enables LoRA
+
+    def _lora_qkv(self, x: jax.Array, slots: jax.Array) -> jax.Array:
+        """The LoRA deltas of q, k and v in the fused layout [T, K, (G + 2) * D]."""
+        T, K, D = x.shape[0], self.num_kv_heads, self.head_dim
+        return jnp.concatenate([self.lora.delta("q_proj", x, slots).reshape(T, K, -1),
+                                self.lora.delta("k_proj", x, slots).reshape(T, K, D),
+                                self.lora.delta("v_proj", x, slots).reshape(T, K, D)], axis=-1)
+
+    def _o_proj(self, out: jax.Array, lora_slots: jax.Array | None) -> jax.Array:
+        y = self.o_proj(out)
+        if lora_slots is not None and self.lora is not None:
+            y = y + self.lora.delta("o_proj", out, lora_slots)
+        return y
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  kv_cache: tuple[jax.Array, jax.Array], md: AttentionMetadata,
-                 norm: "RMSNorm | None" = None
+                 norm: "RMSNorm | None" = None, lora_slots: jax.Array | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x: [T, E] -> [T, E]; kv_cache: (k_pages, v_pages) each [P, B, K, D], returned updated.
         ``norm``: the layer's input RMSNorm, applied to x here first (or, in small decode steps
         on the decode kernel's rope path, folded into the q/k/v GEMM and the decode kernel:
-        ``qkv_norm_folds``)."""
+        ``qkv_norm_folds``). ``lora_slots`` [T]: each token's LoRA slot (-1: none), with
+        ``self.lora`` set; the projections add their adapters' deltas (jaxllm/lora)."""
         T, D = x.shape[0], self.head_dim
+        if self.lora is None:
+            lora_slots = None
+        lora = lora_slots is not None
         if self.qkv_proj is not None:
             if self.q_norm is None and qkv_rope_applies(self.attention_backend, md, T):
                 # The decode kernel applies rope and writes the new K/V itself (and, with the
-                # qkv_split_k knob, sums the GEMM's split-K partials).
+                # qkv_split_k knob, sums the GEMM's split-K partials). With LoRA the normed
+                # input is needed (the adapters read it) and the GEMM runs whole.
                 fold = (norm is not None and qkv_norm_folds(T) and self.qkv_proj.bias is None
-                        and self.qkv_proj.input_scale is None and not norm.offset)
+                        and self.qkv_proj.input_scale is None and not norm.offset
+                        and not lora)
                 # Folded: RMSNorm(x) @ W = r * ((x * g) @ W); XLA takes x * g as the GEMM's
                 # prologue and the kernel applies r (no norm kernel). A bias or a static fp8
                 # activation scale would not commute with r, so those keep the norm.
                 h = x * norm.weight[...] if fold else (x if norm is None else norm(x))
-                parts = qkv_split_k_parts(T)
+                parts = qkv_split_k_parts(T) if not lora else 1
                 qkv = self.qkv_proj.split_k(h, parts) if parts > 1 else None
                 if qkv is None:
                     qkv, parts = self.qkv_proj(h), 1
+                    if lora:
+                        qkv = qkv + self._lora_qkv(h, lora_slots)
                 out, k_pages, v_pages = rope_write_kv_and_attend(
                     qkv, positions, inv_freq, kv_cache[0], kv_cache[1], md,
                     sm_scale=self.sm_scale, soft_cap=self.soft_cap,
                     sliding_window=self.sliding_window, k_scale=self.k_scale,
                     v_scale=self.v_scale, qkv_parts=parts, dtype=x.dtype,
                     norm=(x, norm.eps) if fold else None)
-                return (self.o_proj(out.reshape(T, self.num_heads * self.head_dim)),
+                return (self._o_proj(out.reshape(T, self.num_heads * self.head_dim), lora_slots),
                         (k_pages, v_pages))
         if norm is not None:
             x = norm(x)
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)  # [T, K, (G + 2) * D]: per KV head its G q heads, k, v
+            if lora:
+                qkv = qkv + self._lora_qkv(x, lora_slots)
             GD = qkv.shape[-1] - 2 * D
             q = qkv[:, :, :GD].reshape(T, self.num_heads, D)
             k, v = qkv[:, :, GD:GD + D], qkv[:, :, GD + D:]
         else:
-            q = self.q_proj(x).reshape(T, self.num_heads, D)
-            k = self.k_proj(x).reshape(T, self.num_kv_heads, D)
-            v = self.v_proj(x).reshape(T, self.num_kv_heads, D)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            if lora:
+                q = q + self.lora.delta("q_proj", x, lora_slots)
+                k = k + self.lora.delta("k_proj", x, lora_slots)
+                v = v + self.lora.delta("v_proj", x, lora_slots)
+            q = q.reshape(T, self.num_heads, D)
+            k = k.reshape(T, self.num_kv_heads, D)
+            v = v.reshape(T, self.num_kv_heads, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, inv_freq)
@@ -252,7 +281,8 @@ class LlamaAttention(nnx.Module):
             soft_cap=self.soft_cap,
             sliding_window=self.sliding_window, backend=self.attention_backend,
             k_scale=self.k_scale, v_scale=self.v_scale)
-        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim)), (k_pages, v_pages)
+        return (self._o_proj(out.reshape(T, self.num_heads * self.head_dim), lora_slots),
+                (k_pages, v_pages))
 
 
 class LlamaMLP(nnx.Module):
@@ -271,9 +301,12 @@ class LlamaMLP(nnx.Module):
             self.gate_proj = _proj(config, E, F, config.mlp_bias, dtype, rngs)
             self.up_proj = _proj(config, E, F, config.mlp_bias, dtype, rngs)
         self.down_proj = _proj(config, F, E, config.mlp_bias, dtype, rngs)
+        self.lora = None  # jaxllm.lora.layers.LoraModules once the engine enables LoRA
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [T, E] -> [T, E]."""
+    def __call__(self, x: jax.Array, lora_slots: jax.Array | None = None) -> jax.Array:
+        """x: [T, E] -> [T, E]. ``lora_slots`` [T]: as ``LlamaAttention``'s."""
+        if lora_slots is not None and self.lora is not None:
+            return self._lora_call(x, lora_slots)
         if self.gate_up_proj is not None:
             if self.gate_up_proj.kernel is None and self.swiglu:  # fp8: SwiGLU + quant, one kernel
                 y = fp8_swiglu_mlp(x, self.gate_up_proj, self.down_proj)
@@ -283,12 +316,23 @@ class LlamaMLP(nnx.Module):
             return self.down_proj(self.act(gu[..., 0]) * gu[..., 1])
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
+    def _lora_call(self, x: jax.Array, slots: jax.Array) -> jax.Array:
+        """The MLP with each projection's LoRA delta added (XLA's GEMMs, no fused kernel)."""
+        dg, du = self.lora.delta("gate_proj", x, slots), self.lora.delta("up_proj", x, slots)
+        if self.gate_up_proj is not None:
+            gu = self.gate_up_proj(x) + jnp.stack([dg, du], axis=-1)  # [T, F, 2]
+            g, u = gu[..., 0], gu[..., 1]
+        else:
+            g, u = self.gate_proj(x) + dg, self.up_proj(x) + du
+        h = self.act(g) * u
+        return self.down_proj(h) + self.lora.delta("down_proj", h, slots)
+
     def kernel_ok(self) -> bool:
         """Whether ``normed_swiglu_kernel`` takes this MLP: a fused gate/up without bias, E and
         F multiples of 16 (the kernel's smallest blocks; other shapes keep XLA's kernels)."""
         p = self.gate_up_proj
         return (self.swiglu and p is not None and p.bias is None and p.in_features % 16 == 0
-                and p.groups[0] % 16 == 0)
+                and p.groups[0] % 16 == 0 and self.lora is None)
 
     def normed_swiglu_kernel(self, x: jax.Array, norm: "RMSNorm") -> jax.Array:
         """silu(gate(n)) * up(n) with n = norm(x), in one Pallas kernel
@@ -327,13 +371,13 @@ class LlamaDecoderLayer(nnx.Module):
         """A residual branch's output as it is added: Granite scales it."""
         return h if self.residual_multiplier is None else h * self.residual_multiplier
 
-    def __call__(self, x, positions, inv_freq, kv_cache, md):
-        """x: [T, E] (the residual stream) -> [T, E]."""
+    def __call__(self, x, positions, inv_freq, kv_cache, md, lora_slots=None):
+        """x: [T, E] (the residual stream) -> [T, E]. ``lora_slots``: see LlamaAttention."""
         attn_out, kv_cache = self.self_attn(x, positions, inv_freq, kv_cache, md,
-                                            norm=self.input_layernorm)
+                                            norm=self.input_layernorm, lora_slots=lora_slots)
         if self.pre_feedforward_layernorm is not None:  # Gemma 2
             x = x + self.post_attention_layernorm(attn_out)
-            h = self.mlp(self.pre_feedforward_layernorm(x))
+            h = self.mlp(self.pre_feedforward_layernorm(x), lora_slots)
             return x + self.post_feedforward_layernorm(h), kv_cache
         x = x + self._branch(attn_out)
         if (self.mlp.kernel_ok() and not self.post_attention_layernorm.offset
@@ -341,7 +385,7 @@ class LlamaDecoderLayer(nnx.Module):
                                        fp8=self.mlp.gate_up_proj.kernel is None)):
             h = self.mlp.normed_swiglu_kernel(x, self.post_attention_layernorm)
             return x + self._branch(self.mlp.down_proj(h)), kv_cache
-        x = x + self._branch(self.mlp(self.post_attention_layernorm(x)))
+        x = x + self._branch(self.mlp(self.post_attention_layernorm(x), lora_slots))
         return x, kv_cache
 
 
@@ -380,8 +424,10 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = _linear(config.hidden_size, config.vocab_size, False, self.dtype, rngs)
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: KVCache,
-                 md: AttentionMetadata) -> tuple[jax.Array, KVCache]:
-        """token_ids, positions: [T] int32; kv_caches: per layer (k, v) [P, B, K, D].
+                 md: AttentionMetadata, lora_slots: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache]:
+        """token_ids, positions: [T] int32; kv_caches: per layer (k, v) [P, B, K, D];
+        lora_slots: [T] int32 each token's LoRA slot (-1: none), or None (no LoRA in the model).
 
         Returns hidden [T, E] after the final norm, and the caches with this step's K/V written.
         """
@@ -394,9 +440,9 @@ class LlamaForCausalLM(nnx.Module):
         for layer, kv, f in zip(self.model.layers, kv_caches, self.layer_inv_freq):
             inv_freq = freqs[f]
             if call is None:
-                x, kv = layer(x, positions, inv_freq, kv, md)
+                x, kv = layer(x, positions, inv_freq, kv, md, lora_slots)
             else:
-                x, kv = call(layer, x, positions, inv_freq, kv, md)
+                x, kv = call(layer, x, positions, inv_freq, kv, md, lora_slots)
             new_caches.append(kv)
         return self.model.norm(x), new_caches
 
