@@ -86,6 +86,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         '"prompt_lookup_max": 5, "prompt_lookup_min": 2, '
                         '"disable_by_batch_size": 32} (n-gram drafts from the prompt and '
                         'output, verified in one step)')
+    lora = p.add_argument_group("LoRA adapters (vLLM's flags; jaxllm/lora)")
+    lora.add_argument("--enable-lora", action="store_true",
+                      help="serve PEFT LoRA adapters beside the base model (the server's "
+                           "--lora-modules, or a request's LoRARequest)")
+    lora.add_argument("--max-loras", type=int, default=1,
+                      help="distinct adapters in one step (each a device slot; default 1)")
+    lora.add_argument("--max-lora-rank", type=int, default=16,
+                      help="the largest adapter rank served: 1, 8, 16, 32, 64, 128, 256, 320 "
+                           "or 512 (default 16)")
+    lora.add_argument("--max-cpu-loras", type=int, default=None,
+                      help="adapters kept in host memory (default: --max-loras)")
     p.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILATION_CACHE_DIR,
                    help="keep compiled step programs here, so a restart with the same model and "
                         "flags skips most of the start-up compile (default: "
@@ -149,7 +160,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 override_generation_config=args.override_generation_config,
                 structured_outputs_config=args.structured_outputs_config,
                 speculative_config=args.speculative_config,
-                runner=args.runner, pooler_config=args.pooler_config)
+                runner=args.runner, pooler_config=args.pooler_config,
+                enable_lora=args.enable_lora, max_loras=args.max_loras,
+                max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -190,10 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         from server import cli as server_cli  # the server adds `jaxllm serve`
     except ImportError:
         server_cli = None
+    serve_parser = None
     if server_cli is not None:
-        server_cli.add_serve_parser(sub, add_engine_args)
+        serve_parser = server_cli.add_serve_parser(sub, add_engine_args)
 
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        server_cli.check_serve_args(serve_parser, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     enable_compilation_cache(getattr(args, "compilation_cache_dir", None))
     try:

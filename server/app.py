@@ -44,6 +44,8 @@ from server import protocol as P
 from server import reasoning as reasoning_lib
 from server import responses as R
 from server import tools as tool_lib
+from server.lora import (LoraError, LoraModels, LoRAModulePath, lora_modules_of,
+                         runtime_lora_updating_allowed)
 from server.tools import template_message_tool_calls
 from server.metrics import CONTENT_TYPE, ServerMetrics
 
@@ -227,7 +229,10 @@ class ServerOptions:
     - enable_force_include_usage: every stream ends with a usage chunk;
     - trust_request_chat_template: a chat request may bring its own chat_template;
     - enable_log_requests / max_log_len: each request's prompt and params logged, cut to that
-      many characters and ids.
+      many characters and ids;
+    - lora_modules: LoRA adapters served by name (``--lora-modules``; server/lora.py), each
+      a LoRAModulePath, a dict of its fields or vLLM's flag text; the engine needs
+      enable_lora.
     """
 
     return_tokens_as_token_ids: bool = False
@@ -240,8 +245,10 @@ class ServerOptions:
     trust_request_chat_template: bool = False
     enable_log_requests: bool = False
     max_log_len: int | None = None
+    lora_modules: tuple[LoRAModulePath, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_modules", lora_modules_of(self.lora_modules))
         for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
             v = getattr(self, name)
             if v is None:
@@ -297,6 +304,9 @@ ROUTES: dict[str, dict[str, str]] = {
     "/v1/chat/completions": {"POST": "chat_completions"},
     "/v1/responses": {"POST": "responses"},
     "/v1/embeddings": {"POST": "embeddings"},
+    # vLLM's runtime LoRA routes, served only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1
+    "/v1/load_lora_adapter": {"POST": "load_lora_adapter"},
+    "/v1/unload_lora_adapter": {"POST": "unload_lora_adapter"},
     "/score": {"POST": "score"},
     "/v1/score": {"POST": "score"},
     "/rerank": {"POST": "rerank"},
@@ -537,6 +547,13 @@ class OpenAIServer(PromptRenderer):
         self.log_stats_interval = log_stats_interval
         self.inflight = 0
         self.metrics = ServerMetrics(engine, served_model_names[0])
+        # LoRA adapters, served by their names beside the base names (server/lora.py).
+        self.loras = LoraModels(engine, served_model_names, self.options.lora_modules)
+        self.runtime_lora_updating = runtime_lora_updating_allowed()
+        if self.runtime_lora_updating:  # vLLM's warning: anyone may swap the weights served
+            logger.warning("LoRA dynamic loading & unloading is enabled in the API server "
+                           "(/v1/load_lora_adapter, /v1/unload_lora_adapter). This should "
+                           "ONLY be used for local development!")
         # The model's generation config defaults (fields a request does not send).
         defaults = getattr(engine, "get_diff_sampling_param", None)
         self.sampling_defaults: dict[str, Any] = defaults() if defaults is not None else {}
@@ -650,11 +667,13 @@ class OpenAIServer(PromptRenderer):
 
     # -- helpers ------------------------------------------------------------------------------
     def _model(self, name: str | None) -> str:
+        """The served model a request names: a base name or a LoRA adapter's; 404 else."""
         if name is None:
             return self.names[0]
-        if name not in self.names:
+        if name not in self.names and self.loras.get(name) is None:
+            served = self.names + list(self.loras.requests)
             raise APIError(404, f"The model `{name}` does not exist; this server serves "
-                           f"{', '.join(self.names)}.", param="model", code="model_not_found")
+                           f"{', '.join(served)}.", param="model", code="model_not_found")
         return name
 
     @contextlib.asynccontextmanager
@@ -731,11 +750,16 @@ class OpenAIServer(PromptRenderer):
         return params
 
     @staticmethod
-    def _beam_params(req: P._SamplingFields, params: SamplingParams) -> BeamSearchParams | None:
+    def _beam_params(req: P._SamplingFields, params: SamplingParams, lora: Any = None
+                     ) -> BeamSearchParams | None:
         """vLLM's use_beam_search: n beams; the other sampling fields are not used (as in
-        vLLM), but a constraint on the text is refused rather than dropped."""
+        vLLM), but a constraint on the text is refused rather than dropped, and so is a LoRA
+        adapter (the engine's beam search runs the base model)."""
         if not req.use_beam_search:
             return None
+        if lora is not None:
+            raise APIError(400, f"use_beam_search is not supported with a LoRA adapter "
+                           f"(model `{lora.lora_name}`).", param="use_beam_search")
         if params.structured_outputs is not None:
             raise APIError(400, "use_beam_search cannot be combined with structured outputs or "
                            "a forced tool call.", param="use_beam_search")
@@ -758,11 +782,12 @@ class OpenAIServer(PromptRenderer):
                 yield out
 
     async def _merge(self, prompts: list[_Prompt], params: SamplingParams, base_id: str,
-                     req: P._SamplingFields | None = None, beam: BeamSearchParams | None = None
-                     ) -> AsyncIterator[tuple[int, RequestOutput]]:
+                     req: P._SamplingFields | None = None, beam: BeamSearchParams | None = None,
+                     lora: Any = None) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Runs one engine request per prompt (a beam search with ``beam``), with the request's
-        priority and cache_salt; yields (prompt index, delta output) as they come. Closing
-        this generator (client gone, error) cancels and so aborts every request."""
+        priority and cache_salt, and the LoRA adapter its model names (``lora``, a
+        LoRARequest); yields (prompt index, delta output) as they come. Closing this generator
+        (client gone, error) cancels and so aborts every request."""
         priority = req.priority if req is not None else 0
         salt = req.cache_salt if req is not None else None
 
@@ -777,9 +802,12 @@ class OpenAIServer(PromptRenderer):
                 prompt["cache_salt"] = salt
             if beam is not None:
                 return self._beam(prompt, beam, rid, params.logprobs)
+            kw: dict[str, Any] = {}  # only what is set: engines without LoRA take no such kwarg
             if priority:
-                return self.engine.generate(prompt, params, rid, priority=priority)
-            return self.engine.generate(prompt, params, rid)
+                kw["priority"] = priority
+            if lora is not None:
+                kw["lora_request"] = lora
+            return self.engine.generate(prompt, params, rid, **kw)
 
         gens = [run(p, base_id if len(prompts) == 1 else f"{base_id}-{i}")
                 for i, p in enumerate(prompts)]
@@ -826,6 +854,8 @@ class OpenAIServer(PromptRenderer):
             param = "max_tokens" if "context length" in msg else _param_in(
                 msg, ["prompt", "logprobs", "priority", "cache_salt"])
             return APIError(400, msg, param=param)
+        if isinstance(e, FileNotFoundError):  # a LoRA adapter's folder, read at its first use
+            return APIError(400, str(e), param="model")
         if getattr(self.engine, "errored", False) or not getattr(self.engine, "is_running", True):
             return APIError(503, f"The engine is not available: {e}", code="engine_unavailable")
         logger.exception("engine request failed", exc_info=e)
@@ -959,9 +989,16 @@ class OpenAIServer(PromptRenderer):
 
     # -- routes: info -------------------------------------------------------------------------
     async def models(self, call: Call) -> Reply:
-        return Reply.json(P.ModelList(data=[self._card(n) for n in self.names]).model_dump())
+        """The base names, then one card per LoRA adapter (as vLLM lists them)."""
+        names = self.names + list(self.loras.requests)
+        return Reply.json(P.ModelList(data=[self._card(n) for n in names]).model_dump())
 
     def _card(self, name: str) -> P.ModelCard:
+        """A base model's card, or an adapter's: ``root`` its path, ``parent`` its base."""
+        lora = self.loras.get(name) if name not in self.names else None
+        if lora is not None:
+            return P.ModelCard(id=name, root=lora.lora_path, parent=self.loras.parent(lora),
+                               max_model_len=self.engine.max_model_len)
         return P.ModelCard(id=name, root=self.engine.model_name,
                            max_model_len=self.engine.max_model_len)
 
@@ -1098,6 +1135,39 @@ class OpenAIServer(PromptRenderer):
         self._dev_route(call)
         return Reply.json({"is_sleeping": await self.engine.is_sleeping()})
 
+    # -- vLLM's runtime LoRA routes (server/lora.py) ------------------------------------------
+    def _lora_route(self, call: Call) -> None:
+        """404, as an unknown route, unless VLLM_ALLOW_RUNTIME_LORA_UPDATING (or
+        JAXLLM_ALLOW_RUNTIME_LORA_UPDATING) was "1" / "true" when the server started."""
+        if not self.runtime_lora_updating:
+            raise self.no_route(call.method, call.path, None)
+
+    @staticmethod
+    async def _lora_call(coro) -> Any:
+        try:
+            return await coro
+        except LoraError as e:
+            raise APIError(e.status, e.message, param=e.param, code=e.code) from None
+
+    async def load_lora_adapter(self, call: Call) -> Reply:
+        """vLLM's: reads the adapter into the engine and serves it by ``lora_name``; 200 with
+        vLLM's plain-text message."""
+        self._lora_route(call)
+        req = self._parse(call, P.LoadLoRAAdapterRequest)
+        lora = await self._lora_call(self.loras.load(req.lora_name, req.lora_path,
+                                                     replace=req.load_inplace))
+        return Reply(body=f"Success: LoRA adapter '{lora.lora_name}' added successfully.",
+                     content_type="text/plain")
+
+    async def unload_lora_adapter(self, call: Call) -> Reply:
+        """vLLM's: stops serving an adapter (by ``lora_name`` or ``lora_int_id``) and frees it
+        in the engine; 200 with vLLM's plain-text message."""
+        self._lora_route(call)
+        req = self._parse(call, P.UnloadLoRAAdapterRequest)
+        lora = await self._lora_call(self.loras.unload(req.lora_name, req.lora_int_id))
+        return Reply(body=f"Success: LoRA adapter '{lora.lora_name}' removed successfully.",
+                     content_type="text/plain")
+
     async def health(self, call: Call) -> Reply:
         if getattr(self.engine, "errored", False) or not getattr(self.engine, "is_running", True):
             raise APIError(503, "The engine is not running.", code="engine_unavailable")
@@ -1141,11 +1211,16 @@ class OpenAIServer(PromptRenderer):
         return Reply.json({"prompt": text})
 
     # -- routes: generation -------------------------------------------------------------------
-    def _request(self, call: Call, model_cls: type[BaseModel]) -> tuple[Any, str]:
+    def _request(self, call: Call, model_cls: type[BaseModel], *, adapters: bool = False
+                 ) -> tuple[Any, str]:
         """The parsed request and its served model's name; a 400 for a field set that this
-        server does not implement (the model's ``unsupported()``)."""
+        server does not implement (the model's ``unsupported()``), and for a LoRA adapter's
+        name on a route that does not run adapters (not ``adapters``: the pooling routes)."""
         req = self._parse(call, model_cls)
         model = self._model(req.model)
+        if not adapters and model not in self.names:
+            raise APIError(400, f"`{model}` is a LoRA adapter; {call.path} serves only the base "
+                           f"model ({', '.join(self.names)}).", param="model")
         if (u := req.unsupported()) is not None:
             raise APIError(400, u[1], param=u[0])
         return req, model
@@ -1153,7 +1228,8 @@ class OpenAIServer(PromptRenderer):
     async def completions(self, call: Call) -> Reply:
         async with self._admit() as lease:
             t0 = time.perf_counter()
-            req, model = self._request(call, P.CompletionRequest)
+            req, model = self._request(call, P.CompletionRequest, adapters=True)
+            lora = self.loras.get(model)
             prompts = self._completion_prompts(req.prompt)
             echo_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
             self._check_prompt_logprobs(req)
@@ -1163,8 +1239,8 @@ class OpenAIServer(PromptRenderer):
                 else echo_lp)
             prompts = self._truncated(prompts, params)
             rid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
-            beam = self._beam_params(req, params)
-            stream = lease.own(self._merge(prompts, params, rid, req, beam))
+            beam = self._beam_params(req, params, lora)
+            stream = lease.own(self._merge(prompts, params, rid, req, beam, lora))
             first = await self._first(stream, req)
             if req.stream:
                 return lease.hand_off(Reply.sse(self._stream_completion(
@@ -1324,11 +1400,12 @@ class OpenAIServer(PromptRenderer):
     async def chat_completions(self, call: Call) -> Reply:
         async with self._admit() as lease:
             t0 = time.perf_counter()
-            req, model = self._request(call, P.ChatCompletionRequest)
+            req, model = self._request(call, P.ChatCompletionRequest, adapters=True)
+            lora = self.loras.get(model)
             prompt, params, tools, k = self._chat_setup(req)
             rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
-            beam = self._beam_params(req, params)
-            stream = lease.own(self._merge([prompt], params, rid, req, beam))
+            beam = self._beam_params(req, params, lora)
+            stream = lease.own(self._merge([prompt], params, rid, req, beam, lora))
             first = await self._first(stream, req)
             if req.stream:
                 return lease.hand_off(Reply.sse(self._stream_chat(req, model, rid, stream, first,
@@ -1488,7 +1565,8 @@ class OpenAIServer(PromptRenderer):
     async def responses(self, call: Call) -> Reply:
         async with self._admit() as lease:
             t0 = time.perf_counter()
-            rreq, model = self._request(call, R.ResponsesRequest)
+            rreq, model = self._request(call, R.ResponsesRequest, adapters=True)
+            lora = self.loras.get(model)
             try:
                 try:
                     req = P.ChatCompletionRequest.model_validate(rreq.to_chat())
@@ -1500,7 +1578,7 @@ class OpenAIServer(PromptRenderer):
                                    param="tools" if "tools" in msg else "input") from None
                 prompt, params, tools, _ = self._chat_setup(req)
                 rid = f"resp_{rreq.request_id or uuid.uuid4().hex}"
-                stream = lease.own(self._merge([prompt], params, rid, req))
+                stream = lease.own(self._merge([prompt], params, rid, req, lora=lora))
                 first = await self._first(stream, req)
             except APIError as e:
                 e.param = self._RESPONSES_PARAMS.get(e.param, e.param)
@@ -1703,6 +1781,8 @@ def build_app(engine: Any, *, api_key: str | None = None,
                                        srv.auth_middleware])
     app[SERVER_KEY] = srv
     app.cleanup_ctx.append(srv._log_stats)
+    # The --lora-modules are read before the server accepts requests: a bad one stops it.
+    app.on_startup.append(lambda _: srv.loras.preload())
     for path, methods in ROUTES.items():
         for method, name in methods.items():
             add = app.router.add_get if method == "GET" else partial(app.router.add_route, method)

@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable
 
 from server.app import DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_MAX_REQUEST_BYTES
+from server.lora import lora_modules_of
 from server.reasoning import REASONING_PARSERS
 from server.tools import TOOL_CALL_PARSERS
 
@@ -41,6 +42,12 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
                    help="require 'Authorization: Bearer KEY' on /v1 routes (env JAXLLM_API_KEY)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients use (default: the model's name)")
+    p.add_argument("--lora-modules", nargs="+", action=_LoraModules, default=None,
+                   metavar="MODULE",
+                   help="LoRA adapters served as models of their own (needs --enable-lora): "
+                        "name=path, or JSON '{\"name\": ..., \"path\": ..., "
+                        "\"base_model_name\": ...}' (vLLM's formats); "
+                        "/v1/load_lora_adapter adds more with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
     p.add_argument("--max-concurrent-requests", type=int, default=DEFAULT_MAX_CONCURRENT_REQUESTS,
                    help="requests in flight before answering 429")
@@ -113,6 +120,25 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
                    help="leading prompt pages hashed for replica affinity (0: load only)")
     add_engine_args(p)
     return p
+
+
+class _LoraModules(argparse.Action):
+    """``--lora-modules`` (vLLM's formats, server/lora.py): the entries as LoRAModulePaths,
+    those of a repeated flag added to the earlier ones; an argparse error names a bad one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            modules = lora_modules_of([*(getattr(namespace, self.dest) or ()), *values])
+        except ValueError as e:
+            parser.error(f"{option_string}: {e}")
+        setattr(namespace, self.dest, list(modules))
+
+
+def check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks across ``jaxllm serve`` flags that argparse cannot make, before anything loads
+    (vLLM's: --lora-modules needs --enable-lora)."""
+    if getattr(args, "lora_modules", None) and not getattr(args, "enable_lora", False):
+        parser.error("--lora-modules needs --enable-lora (the engine's LoRA slots).")
 
 
 def ray_app_kwargs(args: argparse.Namespace, engine_kwargs: dict, num_gpus: float

@@ -444,6 +444,23 @@ class DetokenizeResponse(_Response):
     prompt: str
 
 
+# -- /v1/load_lora_adapter, /v1/unload_lora_adapter (server/lora.py) ------------------------------
+class LoadLoRAAdapterRequest(_Model):
+    """vLLM's /v1/load_lora_adapter body. Both names are checked by the route, so that a
+    missing one gets vLLM's message; ``load_inplace``: replace a loaded adapter's weights."""
+
+    lora_name: StrictStr | None = None
+    lora_path: StrictStr | None = None
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapterRequest(_Model):
+    """vLLM's /v1/unload_lora_adapter body: the adapter by name or by id."""
+
+    lora_name: StrictStr | None = None
+    lora_int_id: StrictInt | None = None
+
+
 # -- responses ------------------------------------------------------------------------------------
 class PromptTokensDetails(_Response):
     cached_tokens: int = 0

@@ -580,9 +580,9 @@ def test_a_parser_whose_marker_is_a_special_token_keeps_special_tokens(servers, 
     seen = []
     real = engine.engine.add_request
 
-    def spy(rid, prompt, params=None, arrival_time=None, priority=0):
+    def spy(rid, prompt, params=None, arrival_time=None, priority=0, lora_request=None):
         seen.append(params.skip_special_tokens)
-        return real(rid, prompt, params, arrival_time, priority)
+        return real(rid, prompt, params, arrival_time, priority, lora_request)
 
     monkeypatch.setattr(engine.engine, "add_request", spy)
     base = servers.start(build_app(engine, served_model_name=MODEL,
@@ -745,9 +745,9 @@ def test_priority_reaches_the_engine_from_every_route(client, engine, monkeypatc
     seen = []
     real = engine.engine.add_request
 
-    def spy(rid, prompt, params=None, arrival_time=None, priority=0):
+    def spy(rid, prompt, params=None, arrival_time=None, priority=0, lora_request=None):
         seen.append(priority)
-        return real(rid, prompt, params, arrival_time)
+        return real(rid, prompt, params, arrival_time, lora_request=lora_request)
 
     monkeypatch.setattr(engine.engine, "add_request", spy)
     client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body={"priority": 3})
@@ -835,9 +835,9 @@ def test_cache_salt_reaches_the_engine_with_the_prompt(client, engine, monkeypat
     seen = []
     real = engine.engine.add_request
 
-    def spy(rid, prompt, params=None, arrival_time=None, priority=0):
+    def spy(rid, prompt, params=None, arrival_time=None, priority=0, lora_request=None):
         seen.append(prompt.get("cache_salt"))
-        return real(rid, prompt, params, arrival_time, priority)
+        return real(rid, prompt, params, arrival_time, priority, lora_request)
 
     monkeypatch.setattr(engine.engine, "add_request", spy)
     client.completions.create(model=MODEL, prompt="x", max_tokens=1,
