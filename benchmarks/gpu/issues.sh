@@ -1697,11 +1697,24 @@ structured)  # nvidia-h200 (one GPU), one call: structured outputs and late samp
   timeout $((T - SECONDS - 10)) python3 benchmarks/structured_outputs.py --engine --model $C \
     --batch ${B:-256} --max-tokens 128 --engine-repeats 2 --json $OUT/structured.json ;;
 spec)  # nvidia-h200 (one GPU), one call: speculative decoding (n-gram drafts) on the 8B shape,
-  # random bf16 weights, batch 1 and 4 at 1k context: plain vs k = 2 / 4 / 8, forced (every
-  # draft accepted: the ceiling) and random (nothing accepted: the cost). No wheels needed.
-  for b in 1 4; do
-    timeout $((T - SECONDS - 10)) python3 benchmarks/spec_decode.py --shape llama3-8b \
-      --batch $b --context 1024 --tokens 64 --num-speculative-tokens 2 4 8 \
-      --out $OUT/spec_decode.jsonl || exit 1
-  done ;;
+  # random bf16 weights, batch 1 at 1k context: plain vs k = 2 / 4 / 8, forced (every draft
+  # accepted: the ceiling), random (nothing accepted: the cost) and sampled; then the GPU tests
+  # (the speculative one included), bf16 batch-1 latency (4 steps a launch: no regression from
+  # the speculative changes) and batch 4 at k = 4 if time is left. Carry .bench and .whl.
+  L=$OUT/logs; mkdir -p $L
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
+  timeout $((T - SECONDS - 10)) python3 benchmarks/spec_decode.py --shape llama3-8b \
+    --batch 1 --context 1024 --tokens 64 --num-speculative-tokens 2 4 8 \
+    --out $OUT/spec_decode.jsonl 2>&1 | quiet | grep -v '^\[' | tail -12
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 200 python3 -m pytest -q -m gpu \
+    -p no:cacheprovider tests/test_gpu.py > $L/gpu_tests.log 2>&1
+  grep -v "^\s*$" $L/gpu_tests.log | tail -8
+  timeout 90 $LAT1K --num-scheduler-steps 4 > $L/lat_bf16_k4.log 2>&1
+  grep -h "ms/token" $L/lat_bf16_k4.log
+  [ $((T - SECONDS)) -gt 120 ] && timeout $((T - SECONDS - 10)) python3 \
+    benchmarks/spec_decode.py --shape llama3-8b --batch 4 --context 1024 --tokens 64 \
+    --num-speculative-tokens 4 --out $OUT/spec_decode.jsonl 2>&1 | quiet | grep -v '^\[' \
+    | tail -6
+  show_logs 6 ;;
 esac
