@@ -157,6 +157,8 @@
 #                                          that may shorten XLA's compiles (VARIANTS)
 #   bash benchmarks/gpu/issues.sh structured  (one GPU) structured outputs and late sampling
 #                                          at batch 256 (B=...) on the 8B checkpoint
+#   bash benchmarks/gpu/issues.sh h100verdict (nvidia-h100-x1) issue 9's throughput beside HF
+#                                          and batch 1, on the H100
 #   bash benchmarks/gpu/issues.sh spec     (one GPU) speculative decoding at batch 1 / 4 on
 #                                          the 8B shape: plain vs n-gram drafts, k = 2 / 4 / 8
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1696,6 +1698,18 @@ structured)  # nvidia-h200 (one GPU), one call: structured outputs and late samp
     || exit 1
   timeout $((T - SECONDS - 10)) python3 benchmarks/structured_outputs.py --engine --model $C \
     --batch ${B:-256} --max-tokens 128 --engine-repeats 2 --json $OUT/structured.json ;;
+h100verdict)  # nvidia-h100-x1, one call (issue 9 on the H100 it names): offline throughput,
+  # 1,000 x 512/128 at the defaults, jaxllm then HF transformers' generate (the peer) in the
+  # same call; then bf16 batch-1 latency against the same run's roofline. No wheels needed.
+  L=$OUT/logs; mkdir -p $L
+  timeout 220 $TP > $L/tp_bf16.log 2>&1
+  grep -h "start-up\|tok/s" $L/tp_bf16.log | cut -c1-300
+  timeout $((T - SECONDS - 100)) python3 benchmarks/throughput.py --engine hf --workload fixed \
+    --repeats 1 --out $OUT/results.jsonl > $L/tp_hf.log 2>&1
+  grep -h "tok/s" $L/tp_hf.log | cut -c1-300
+  timeout 90 $LAT1K --num-scheduler-steps 4 > $L/lat_bf16.log 2>&1
+  grep -h "decode ctx" $L/lat_bf16.log
+  show_logs 6 ;;
 spec)  # nvidia-h200 (one GPU), one call: speculative decoding (n-gram drafts) on the 8B shape,
   # random bf16 weights, batch 1 at 1k context: plain vs k = 2 / 4 / 8, forced (every draft
   # accepted: the ceiling), random (nothing accepted: the cost) and sampled; then the GPU tests
