@@ -96,6 +96,19 @@ def test_adapters_in_one_batch_give_pefts_tokens_and_logprobs(small_llama_folder
         want = [lp[len(_PROMPTS[i]) - 1 + j, t] for j, t in enumerate(reference[(i, name)])]
         mine = [d[t].logprob for d, t in zip(o.outputs[0].logprobs, reference[(i, name)])]
         np.testing.assert_allclose(mine, want, atol=2e-4)
+    # Prompt log-probs run the adapter too: PEFT's log-probs of a prompt that is a1's reply.
+    from jaxllm import SamplingParams
+
+    ids = _PROMPTS[0] + reference[(0, "a1")]
+    (o,) = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1,
+                                                                    prompt_logprobs=0),
+                        use_tqdm=False, lora_request=_requests(adapters, ["a1"]))
+    with torch.no_grad():
+        lp = torch.log_softmax(adapters["a1"][1](input_ids=torch.tensor([ids])).logits[0],
+                               -1).numpy()
+    np.testing.assert_allclose([o.prompt_logprobs[k][t].logprob for k, t in enumerate(ids)
+                                if k], [lp[k - 1, t] for k, t in enumerate(ids) if k],
+                               atol=2e-4)
     # Finished requests gave their pages back; the adapters stay loaded.
     eng = llm.llm_engine
     assert eng.page_pool.num_free_pages == eng.page_pool.num_usable_pages
@@ -223,12 +236,15 @@ def test_packed_qkv_and_gate_up_adapters_split_like_the_weights(small_llama_fold
                                atol=1e-5)
 
 
-def test_tensor_parallel_adapters_give_pefts_tokens(small_llama_folder, adapters, reference):
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2),
+                                      dict(data_parallel_size=2)], ids=["tp2", "dp2"])
+def test_parallel_engines_serve_pefts_tokens(small_llama_folder, adapters, reference, parallel):
     """tensor_parallel_size=2 (the slots replicated, the deltas added to the sharded
-    projections): PEFT's tokens."""
+    projections) and data_parallel_size=2 (each replica its own slots; the second replica's
+    weights copied from the first without its slots): PEFT's tokens."""
     from jaxllm import LLM
 
-    llm = LLM(str(small_llama_folder), **{**_KW, "tensor_parallel_size": 2})
+    llm = LLM(str(small_llama_folder), **{**_KW, **parallel})
     cases = [(0, "a1"), (1, "a2"), (3, None), (3, "a1")]
     outs = _generate(llm, adapters, cases)
     assert [o.outputs[0].token_ids for o in outs] == [reference[c] for c in cases]

@@ -180,6 +180,8 @@ def model_to_hf_tensors(model: nnx.Module):
 
     for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         path = tuple(path)
+        if "lora" in path:  # an engine's LoRA slots (jaxllm/lora): not the checkpoint's
+            continue
         if len(path) > 1 and path[-2] in FUSED_LINEARS:  # split back into HF's projections
             host = np.asarray(jax.device_get(v.get_value()))
             for part_path, arr in unfuse_tensor(path, host, model.config):
