@@ -66,10 +66,24 @@ class Vector(Metric):
 
 def engine_stats(engine: Any) -> dict[str, Any]:
     """The engine's gauges and counters as one dict (an LLMEngine, or a DataParallelEngine,
-    whose scheduler and pool views sum its replicas)."""
+    whose scheduler and pool views sum its replicas); with LoRA also ``lora_info``:
+    (max_loras, (time, running adapters, waiting adapters))."""
     sched = engine.scheduler
-    return {"num_running": sched.num_running, "num_waiting": sched.num_waiting,
-            "kv_cache_usage": engine.page_pool.usage, **engine.stats}
+    out = {"num_running": sched.num_running, "num_waiting": sched.num_waiting,
+           "kv_cache_usage": engine.page_pool.usage, **engine.stats}
+    if engine.config.enable_lora:
+        out["lora_info"] = (engine.config.max_loras,
+                            engine.lora_requests_info or (0.0, "", ""))
+    return out
+
+
+def lora_info_labels(info: tuple) -> tuple[float, dict[str, str]]:
+    """vLLM's ``lora_requests_info`` gauge from ``engine_stats``' ``lora_info``: its value
+    (the time of the last schedule) and labels (max_lora, the waiting and the running
+    adapters' names, comma-joined)."""
+    max_loras, (when, running, waiting) = info
+    return when, {"max_lora": str(max_loras), "waiting_lora_adapters": waiting,
+                  "running_lora_adapters": running}
 
 
 def read_metrics(stats: dict[str, Any], labels: dict[str, str] | None = None) -> list[Metric]:
@@ -82,4 +96,7 @@ def read_metrics(stats: dict[str, Any], labels: dict[str, str] | None = None) ->
             if key in stats]
     out += [Vector(PREFIX + name, labels, [int(v) for v in stats[key]])
             for name, key, _, _ in VECTORS if key in stats]
+    if "lora_info" in stats:  # only with LoRA, as vLLM registers it
+        when, lab = lora_info_labels(stats["lora_info"])
+        out.append(Gauge(PREFIX + "lora_requests_info", {**labels, **lab}, when))
     return out

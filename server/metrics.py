@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from jaxllm.metrics import COUNTERS, GAUGES, PREFIX, SPEC_COUNTERS, VECTORS
+from jaxllm.metrics import COUNTERS, GAUGES, PREFIX, SPEC_COUNTERS, VECTORS, lora_info_labels
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -58,6 +58,13 @@ class _EngineCollector(Collector):
                 for i, v in enumerate(s[key]):
                     c.add_metric([self.model_name, str(i)], float(v))
                 yield c
+        if "lora_info" in s:  # vLLM's, only with LoRA: the adapters as labels
+            when, lab = lora_info_labels(s["lora_info"])
+            g = GaugeMetricFamily(PREFIX + "lora_requests_info",
+                                  "Running and waiting LoRA adapters (labels); the value is the "
+                                  "time they were read.", labels=["model_name", *lab])
+            g.add_metric([self.model_name, *lab.values()], when)
+            yield g
 
 
 class ServerMetrics:

@@ -351,3 +351,32 @@ def test_bad_adapters_and_options_are_refused_with_clear_errors(small_llama_fold
     with pytest.raises(ValueError, match="LoRA is not enabled"):
         plain.generate([_PROMPTS[0]], sp, use_tqdm=False,
                        lora_request=LoRARequest("a1", 1, adapters["a1"][0]))
+
+
+def test_lora_requests_info_names_the_running_and_waiting_adapters(small_llama_folder,
+                                                                   adapters):
+    """vLLM's lora_requests_info gauge (get_metrics; /metrics reads the same stats): with one
+    slot, a1 runs and a2 waits (it would be a second adapter), then a2 runs; none after."""
+    from jaxllm import LLM, SamplingParams
+
+    llm = LLM(str(small_llama_folder), **{**_KW, "max_loras": 1})
+    eng = llm.llm_engine
+
+    def info():
+        (g,) = [m for m in llm.get_metrics() if m.name == "jaxllm:lora_requests_info"]
+        return g.labels["running_lora_adapters"], g.labels["waiting_lora_adapters"], g
+
+    assert info()[:2] == ("", "") and info()[2].labels["max_lora"] == "1"
+    sp = SamplingParams(max_tokens=3, ignore_eos=True)
+    for i, lora in enumerate(_requests(adapters, ["a1", "a2", None])):
+        eng.add_request(str(i), _PROMPTS[i], sp, lora_request=lora)
+    eng.step()
+    assert info()[:2] == ("a1", "a2")
+    seen = set()
+    while eng.has_unfinished_requests():
+        eng.step()
+        seen.add(info()[:2])
+    assert ("a2", "") in seen and info()[:2] == ("", "")
+    assert info()[2].value > 0
+    plain = LLM(str(small_llama_folder), **{**_KW, "enable_lora": False})
+    assert not [m for m in plain.get_metrics() if "lora" in m.name]

@@ -128,6 +128,13 @@ def test_a_lora_module_completes_with_the_peft_models_greedy_tokens(client, serv
 
     assert asyncio.run(together()) == [adapters["sql-lora"][1], base, adapters["chat-lora"][1],
                                        adapters["sql-lora"][1]]
+    # /metrics: vLLM's lora_requests_info gauge, the adapters as labels (none running now)
+    import urllib.request
+
+    with urllib.request.urlopen(servers.main + "/metrics") as r:
+        text = r.read().decode()
+    (line,) = [x for x in text.splitlines() if x.startswith("jaxllm:lora_requests_info{")]
+    assert 'running_lora_adapters=""' in line and 'max_lora="2"' in line, line
 
 
 def test_each_module_name_reaches_the_engine_as_one_lora_request_from_every_route(

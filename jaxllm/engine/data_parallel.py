@@ -101,6 +101,16 @@ class DataParallelEngine:
         return out
 
     @property
+    def lora_requests_info(self) -> tuple[float, str, str] | None:
+        """The replicas' adapters together (their latest time, the union of the names)."""
+        infos = [e.lora_requests_info for e in self.engines if e.lora_requests_info is not None]
+        if not infos:
+            return None
+        def union(i):
+            return ",".join(sorted({n for info in infos for n in info[i].split(",") if n}))
+        return max(i[0] for i in infos), union(1), union(2)
+
+    @property
     def outstanding_work(self) -> list[int]:
         """Per replica: estimated tokens still to process for its unfinished requests."""
         return list(self._load)

@@ -321,6 +321,8 @@ class LLMEngine:
             prefix_cache=self.prefix_cache, policy=config.scheduling_policy,
             max_loras=config.max_loras if config.enable_lora else None)
         self.lora = None  # jaxllm.lora.manager.LoraManager with enable_lora
+        # (time, running adapters, waiting adapters) as of the last step, with enable_lora
+        self.lora_requests_info: tuple[float, str, str] | None = None
         if config.enable_lora:
             from jaxllm.lora.manager import LoraManager
 
@@ -917,6 +919,9 @@ class LLMEngine:
         if self.speculative is not None:
             self._spec_sync = (self._inflight is not None and self._inflight.sample_rows is None
                                and self._propose_drafts(dry=True))
+        if self.lora is not None:  # vLLM's lora_requests_info, read by /metrics's thread
+            self.lora_requests_info = (time.time(), self.lora.names_in(self.scheduler.running),
+                                       self.lora.names_in(self.scheduler.waiting))
         return outputs
 
     def _propose_drafts(self, dry: bool = False) -> bool:

@@ -109,6 +109,12 @@ class LoraManager:
     def list(self) -> set[int]:
         return set(self.requests)
 
+    def names_in(self, seqs: Iterable[Any]) -> str:
+        """The adapters of ``seqs``, their names sorted and comma-joined (vLLM's labels of
+        lora_requests_info)."""
+        ids = {s.lora_int_id for s in seqs if s.lora_int_id}
+        return ",".join(sorted(self.requests[i].lora_name for i in ids if i in self.requests))
+
     def _evict_cpu(self, keep: int) -> None:
         """Drops least recently used adapters from host memory down to max_cpu_loras, but
         not ``keep`` (the one just asked for), pinned ones or those in a slot (they may have
