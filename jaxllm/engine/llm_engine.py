@@ -388,6 +388,9 @@ class LLMEngine:
         as it was) that has zeroed LoRA slots (jaxllm/lora/layers.py)."""
         from jaxllm.lora.layers import attach_lora
 
+        if jax.process_count() > 1:  # slots are written by the leader's host only
+            raise ValueError("enable_lora is not supported across several processes "
+                             "(jax.distributed); serve LoRA from one host.")
         if self.parallel is not None and self.parallel.kv_replication > 1:
             raise ValueError(
                 f"enable_lora is not supported when tensor_parallel_size "
