@@ -750,16 +750,12 @@ class OpenAIServer(PromptRenderer):
         return params
 
     @staticmethod
-    def _beam_params(req: P._SamplingFields, params: SamplingParams, lora: Any = None
+    def _beam_params(req: P._SamplingFields, params: SamplingParams
                      ) -> BeamSearchParams | None:
         """vLLM's use_beam_search: n beams; the other sampling fields are not used (as in
-        vLLM), but a constraint on the text is refused rather than dropped, and so is a LoRA
-        adapter (the engine's beam search runs the base model)."""
+        vLLM), but a constraint on the text is refused rather than dropped."""
         if not req.use_beam_search:
             return None
-        if lora is not None:
-            raise APIError(400, f"use_beam_search is not supported with a LoRA adapter "
-                           f"(model `{lora.lora_name}`).", param="use_beam_search")
         if params.structured_outputs is not None:
             raise APIError(400, "use_beam_search cannot be combined with structured outputs or "
                            "a forced tool call.", param="use_beam_search")
@@ -770,10 +766,13 @@ class OpenAIServer(PromptRenderer):
             skip_special_tokens=params.skip_special_tokens)
 
     async def _beam(self, prompt: dict, beam: BeamSearchParams, request_id: str,
-                    k: int | None) -> AsyncIterator[RequestOutput]:
-        """The engine's beam search, its log-probs cut to what the request asked: the chosen
-        token and the top ``k`` (None: no log-probs)."""
-        async with contextlib.aclosing(self.engine.beam_search(prompt, request_id, beam)) as g:
+                    k: int | None, lora: Any = None) -> AsyncIterator[RequestOutput]:
+        """The engine's beam search (under the LoRA adapter ``lora``, when given), its
+        log-probs cut to what the request asked: the chosen token and the top ``k`` (None: no
+        log-probs)."""
+        kw = {} if lora is None else {"lora_request": lora}
+        async with contextlib.aclosing(self.engine.beam_search(prompt, request_id, beam,
+                                                               **kw)) as g:
             async for out in g:
                 for c in out.outputs:
                     c.logprobs = None if k is None else [
@@ -801,7 +800,7 @@ class OpenAIServer(PromptRenderer):
             if salt is not None:
                 prompt["cache_salt"] = salt
             if beam is not None:
-                return self._beam(prompt, beam, rid, params.logprobs)
+                return self._beam(prompt, beam, rid, params.logprobs, lora)
             kw: dict[str, Any] = {}  # only what is set: engines without LoRA take no such kwarg
             if priority:
                 kw["priority"] = priority
@@ -1239,7 +1238,7 @@ class OpenAIServer(PromptRenderer):
                 else echo_lp)
             prompts = self._truncated(prompts, params)
             rid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
-            beam = self._beam_params(req, params, lora)
+            beam = self._beam_params(req, params)
             stream = lease.own(self._merge(prompts, params, rid, req, beam, lora))
             first = await self._first(stream, req)
             if req.stream:
@@ -1404,7 +1403,7 @@ class OpenAIServer(PromptRenderer):
             lora = self.loras.get(model)
             prompt, params, tools, k = self._chat_setup(req)
             rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
-            beam = self._beam_params(req, params, lora)
+            beam = self._beam_params(req, params)
             stream = lease.own(self._merge([prompt], params, rid, req, beam, lora))
             first = await self._first(stream, req)
             if req.stream:

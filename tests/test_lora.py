@@ -408,3 +408,69 @@ def test_fp8_weights_with_an_adapter_err_like_fp8_without_one(small_llama_folder
         errs[name] = max(abs(o.prompt_logprobs[k][t].logprob - float(want[k - 1, t]))
                          for k, t in enumerate(ids) if k)
     assert errs["a1"] <= 2 * errs[None] + 0.05, errs
+
+
+def _peft_beams(model, prompt, width, steps):
+    """Beam search written out plainly over the PEFT model's full forwards (vLLM's rule: 2 x
+    width candidates a beam, ranked by cumulative log-prob over the whole length, no EOS)."""
+    beams = [(list(prompt), 0.0)]
+    for _ in range(steps):
+        cands = []
+        for toks, cum in beams:
+            with torch.no_grad():
+                lp = torch.log_softmax(model(input_ids=torch.tensor([toks])).logits[0, -1],
+                                       -1).numpy()
+            for t in np.argsort(-lp)[:2 * width]:
+                cands.append((toks + [int(t)], cum + float(lp[t])))
+        beams = sorted(cands, key=lambda b: b[1] / len(b[0]), reverse=True)[:width]
+    return beams
+
+
+def test_beam_search_runs_each_prompts_adapter(small_llama_folder, adapters):
+    """LLM.beam_search(lora_request=[...]) and AsyncEngine.beam_search(lora_request=) (the
+    server's use_beam_search) search with the adapter: the beams and cumulative log-probs of a
+    plain search over the PEFT model's forwards, one adapter per prompt, the base model
+    beside them. The same prompt's beams differ between the adapters, so a search that ran
+    the base model would fail."""
+    import asyncio
+
+    from jaxllm import LLM, AsyncEngine, BeamSearchParams
+
+    width, steps = 2, 3
+    params = BeamSearchParams(beam_width=width, max_tokens=steps, ignore_eos=True)
+    base = adapters["a1"][1]
+    names = ["a1", None, "a2", "a1"]
+    prompts = [_PROMPTS[0], _PROMPTS[0], _PROMPTS[0], _PROMPTS[1]]
+    refs = []
+    for name, prompt in zip(names, prompts):
+        if name is None:
+            with base.disable_adapter():
+                refs.append(_peft_beams(base, prompt, width, steps))
+        else:
+            refs.append(_peft_beams(adapters[name][1], prompt, width, steps))
+    assert refs[0][0][0] != refs[1][0][0] != refs[2][0][0]
+
+    llm = LLM(str(small_llama_folder), **_KW)
+    outs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params,
+                           lora_request=_requests(adapters, names), concurrency_limit=3)
+    for out, ref in zip(outs, refs):
+        assert [s.tokens for s in out.sequences] == [r[0] for r in ref]
+        np.testing.assert_allclose([s.cum_logprob for s in out.sequences],
+                                   [r[1] for r in ref], rtol=1e-4)
+    eng = llm.llm_engine
+    assert eng.page_pool.num_free_pages == eng.page_pool.num_usable_pages
+    with pytest.raises(ValueError, match="got 1 LoRA requests for 2 prompts"):
+        llm.beam_search([{"prompt_token_ids": p} for p in prompts[:2]], params,
+                        lora_request=_requests(adapters, ["a1"]))
+
+    engine = AsyncEngine(model=str(small_llama_folder), **_KW)
+    try:
+        async def search():
+            [lora] = _requests(adapters, ["a2"])
+            return [o async for o in engine.beam_search({"prompt_token_ids": prompts[2]}, "b",
+                                                        params, lora_request=lora)]
+        [out] = asyncio.run(search())
+        assert [prompts[2] + c.token_ids for c in out.outputs] == [r[0] for r in refs[2]]
+        assert out.lora_request.lora_name == "a2"
+    finally:
+        engine.shutdown()

@@ -200,10 +200,24 @@ def test_unknown_models_are_404_and_tokenize_takes_adapter_names(client, servers
     # routes that do not run adapters say so rather than answer with the base model
     msg = _error(*_send(servers, "/v1/embeddings", {"model": "sql-lora", "input": "x"}), 400)
     assert "is a LoRA adapter" in msg
-    msg = _error(*_send(servers, "/v1/completions", {
-        "model": "sql-lora", "prompt": "x", "max_tokens": 2, "use_beam_search": True,
-        "n": 2}), 400)
-    assert "use_beam_search is not supported with a LoRA adapter" in msg
+
+
+def test_beam_search_runs_the_adapter_the_model_names(servers, adapters):
+    """use_beam_search with an adapter's name searches with the adapter (vLLM passes the
+    request's LoRARequest to its beam search): one beam is the PEFT model's greedy tokens,
+    and two beams start from them where the base model's do not."""
+    def beams(model, n):
+        status, body = _send(servers, "/v1/completions", {
+            "model": model, "prompt": PROMPT_IDS, "max_tokens": N_TOKENS, "n": n,
+            "use_beam_search": True, "ignore_eos": True, "return_token_ids": True})
+        assert status == 200, body
+        assert body["model"] == model and len(body["choices"]) == n
+        return [c["token_ids"] for c in body["choices"]]
+
+    for name in ("sql-lora", "chat-lora", MODEL):
+        assert beams(name, 1) == [adapters[None if name == MODEL else name][1]]
+    two = beams("sql-lora", 2)
+    assert two != beams(MODEL, 2) and len({tuple(t) for t in two}) == 2
 
 
 # -- runtime loading ------------------------------------------------------------------------------

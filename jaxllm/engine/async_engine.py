@@ -155,12 +155,13 @@ class AsyncEngine:
                     self._pending.append(("abort", request_id, None))
                     self._cv.notify()
 
-    async def beam_search(self, prompt: Any, request_id: str, params: BeamSearchParams
-                          ) -> AsyncIterator[RequestOutput]:
+    async def beam_search(self, prompt: Any, request_id: str, params: BeamSearchParams,
+                          lora_request: Any = None) -> AsyncIterator[RequestOutput]:
         """Beam search (vLLM's ``EngineClient.beam_search``): one finished RequestOutput with a
         CompletionOutput per beam, best first, holding the generated tokens only. Each step's
-        beams run as requests ``{request_id}-{step}-{beam}``; a cancelled consumer aborts them.
-        Raises ValueError for a request that can never run."""
+        beams run as requests ``{request_id}-{step}-{beam}`` (under ``lora_request``'s adapter,
+        when given); a cancelled consumer aborts them. Raises ValueError for a request that
+        can never run."""
         from jaxllm.engine.beam_search import (BeamSearchInstance, cache_salt, engine_stop_ids,
                                                step_params)
 
@@ -174,7 +175,7 @@ class AsyncEngine:
 
         async def final(p: dict, rid: str) -> RequestOutput:
             last = None
-            async for out in self.generate(p, sp, rid):
+            async for out in self.generate(p, sp, rid, lora_request=lora_request):
                 last = out
             return last
 
@@ -191,7 +192,9 @@ class AsyncEngine:
                 raise
             inst.advance(outs)
             step += 1
-        yield inst.request_output(request_id, tok)
+        out = inst.request_output(request_id, tok)
+        out.lora_request = lora_request
+        yield out
 
     async def _call(self, fn: Any) -> Any:
         """Runs ``fn()`` on the step loop's thread between steps; its result or exception."""

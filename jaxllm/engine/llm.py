@@ -117,22 +117,27 @@ class LLM:
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts: pass "
                              "one per prompt.")
+        return self._run(prompts, params_list, use_tqdm, priority,
+                         self._lora_list(lora_request, len(prompts)))
+
+    @staticmethod
+    def _lora_list(lora_request: Any, n: int) -> list[Any]:
+        """One LoRARequest (or None) per prompt, from one for all or a list of n."""
         if isinstance(lora_request, (list, tuple)):
-            loras = list(lora_request)
-            if len(loras) != len(prompts):
-                raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts: "
+            if len(lora_request) != n:
+                raise ValueError(f"got {len(lora_request)} LoRA requests for {n} prompts: "
                                  "pass one, or one per prompt.")
-        else:
-            loras = [lora_request] * len(prompts)
-        return self._run(prompts, params_list, use_tqdm, priority, loras)
+            return list(lora_request)
+        return [lora_request] * n
 
     def beam_search(self, prompts: PromptType | TypingSequence[PromptType],
-                    params: BeamSearchParams, use_tqdm: bool = False,
+                    params: BeamSearchParams, lora_request: Any = None, use_tqdm: bool = False,
                     concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
         """Beam search (vLLM's ``LLM.beam_search``): the ``params.beam_width`` best sequences
         of each prompt, best first. Each beam's ``tokens`` and ``text`` hold the prompt too, as
-        in vLLM. ``concurrency_limit``: how many prompts are searched at once (None: all).
-        jaxllm/engine/beam_search.py says how a step runs."""
+        in vLLM. ``lora_request``: a LoRARequest for all prompts, or one (or None) per prompt
+        (with enable_lora). ``concurrency_limit``: how many prompts are searched at once (None:
+        all). jaxllm/engine/beam_search.py says how a step runs."""
         from jaxllm.engine.beam_search import (BeamSearchInstance, cache_salt, engine_stop_ids,
                                                step_params)
 
@@ -142,6 +147,7 @@ class LLM:
             raise ValueError(f"concurrency_limit must be >= 1, got {concurrency_limit}.")
         engine, tok = self.llm_engine, self.get_tokenizer()
         prompts = self._prompt_list(prompts)
+        loras = self._lora_list(lora_request, len(prompts))
         sp = step_params(params, engine.config.max_logprobs)
         stop_ids = engine_stop_ids(engine)
         eos = tok.eos_token_id if tok is not None else None
@@ -164,11 +170,13 @@ class LLM:
         try:
             for start in range(0, len(instances), limit):
                 batch = instances[start:start + limit]
-                while live := [i for i in batch if not i.done]:
-                    reqs = [r for i in live for r in i.prompts()]
-                    outs = self._run(reqs, [sp] * len(reqs), use_tqdm=False)
+                while live := [(i, loras[start + j]) for j, i in enumerate(batch)
+                               if not i.done]:
+                    reqs = [r for i, _ in live for r in i.prompts()]
+                    outs = self._run(reqs, [sp] * len(reqs), use_tqdm=False,
+                                     loras=[lora for i, lora in live for _ in i.beams])
                     pos = 0
-                    for inst in live:
+                    for inst, _ in live:
                         k = len(inst.beams)
                         inst.advance(outs[pos:pos + k])
                         pos += k
