@@ -1019,7 +1019,7 @@ class OpenAIServer(PromptRenderer):
                 params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize,
                                        truncate_prompt_tokens=req.truncate_prompt_tokens)
                 outs = await self.engine.embed([{"prompt_token_ids": p.ids} for p in prompts],
-                                               params)
+                                               params, **self._lora_kw(model))
             except ValueError as e:
                 msg = str(e)
                 raise APIError(400, msg, param=_param_in(
@@ -1041,10 +1041,18 @@ class OpenAIServer(PromptRenderer):
                 usage=P.UsageInfo(prompt_tokens=n, total_tokens=n))
             return Reply.json(resp.model_dump())
 
+    def _lora_kw(self, model: str) -> dict[str, Any]:
+        """``lora_request=`` for the adapter ``model`` names; {} for a base name (engines
+        without LoRA take no such keyword)."""
+        lora = self.loras.get(model)
+        return {} if lora is None else {"lora_request": lora}
+
     async def _scores(self, texts_1: list[str], texts_2: list[str],
-                      truncate_prompt_tokens: int | None, params: tuple[str, str]) -> list:
-        """The pair scores of a pooling engine (LLMEngine.score) for /score and /rerank;
-        ``params``: the request's names of the two sides, for the 400s."""
+                      truncate_prompt_tokens: int | None, params: tuple[str, str],
+                      model: str) -> list:
+        """The pair scores of a pooling engine (LLMEngine.score) for /score and /rerank, under
+        the adapter ``model`` names (if it names one); ``params``: the request's names of the
+        two sides, for the 400s."""
         sides = []
         for texts, name in zip((texts_1, texts_2), params):
             if not texts or not all(texts):
@@ -1054,7 +1062,8 @@ class OpenAIServer(PromptRenderer):
                           for p in self._completion_prompts(list(texts))])
         try:
             return await self.engine.score(
-                sides[0], sides[1], PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens))
+                sides[0], sides[1], PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens),
+                **self._lora_kw(model))
         except ValueError as e:
             msg = str(e)
             raise APIError(400, msg, param=_param_in(
@@ -1071,7 +1080,8 @@ class OpenAIServer(PromptRenderer):
             req, model = self._request(call, P.ScoreRequest)
             one = lambda t: [t] if isinstance(t, str) else list(t)  # noqa: E731
             outs = await self._scores(one(req.text_1), one(req.text_2),
-                                      req.truncate_prompt_tokens, ("text_1", "text_2"))
+                                      req.truncate_prompt_tokens, ("text_1", "text_2"),
+                                      model)
             n = sum(len(o.prompt_token_ids) for o in outs)
             resp = P.ScoreResponse(
                 id=f"score-{req.request_id or uuid.uuid4().hex}", created=int(time.time()),
@@ -1086,7 +1096,7 @@ class OpenAIServer(PromptRenderer):
         async with self._admit():
             req, model = self._request(call, P.RerankRequest)
             outs = await self._scores([req.query], req.documents, req.truncate_prompt_tokens,
-                                      ("query", "documents"))
+                                      ("query", "documents"), model)
             results = sorted((P.RerankResult(index=i, relevance_score=o.outputs.score,
                                              document=P.RerankDocument(text=req.documents[i]))
                               for i, o in enumerate(outs)),
@@ -1210,16 +1220,12 @@ class OpenAIServer(PromptRenderer):
         return Reply.json({"prompt": text})
 
     # -- routes: generation -------------------------------------------------------------------
-    def _request(self, call: Call, model_cls: type[BaseModel], *, adapters: bool = False
-                 ) -> tuple[Any, str]:
-        """The parsed request and its served model's name; a 400 for a field set that this
-        server does not implement (the model's ``unsupported()``), and for a LoRA adapter's
-        name on a route that does not run adapters (not ``adapters``: the pooling routes)."""
+    def _request(self, call: Call, model_cls: type[BaseModel]) -> tuple[Any, str]:
+        """The parsed request and its served model's name (a base name or a LoRA adapter's:
+        ``self.loras.get(model)``); a 400 for a field set that this server does not implement
+        (the model's ``unsupported()``)."""
         req = self._parse(call, model_cls)
         model = self._model(req.model)
-        if not adapters and model not in self.names:
-            raise APIError(400, f"`{model}` is a LoRA adapter; {call.path} serves only the base "
-                           f"model ({', '.join(self.names)}).", param="model")
         if (u := req.unsupported()) is not None:
             raise APIError(400, u[1], param=u[0])
         return req, model
@@ -1227,7 +1233,7 @@ class OpenAIServer(PromptRenderer):
     async def completions(self, call: Call) -> Reply:
         async with self._admit() as lease:
             t0 = time.perf_counter()
-            req, model = self._request(call, P.CompletionRequest, adapters=True)
+            req, model = self._request(call, P.CompletionRequest)
             lora = self.loras.get(model)
             prompts = self._completion_prompts(req.prompt)
             echo_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
@@ -1399,7 +1405,7 @@ class OpenAIServer(PromptRenderer):
     async def chat_completions(self, call: Call) -> Reply:
         async with self._admit() as lease:
             t0 = time.perf_counter()
-            req, model = self._request(call, P.ChatCompletionRequest, adapters=True)
+            req, model = self._request(call, P.ChatCompletionRequest)
             lora = self.loras.get(model)
             prompt, params, tools, k = self._chat_setup(req)
             rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
@@ -1564,7 +1570,7 @@ class OpenAIServer(PromptRenderer):
     async def responses(self, call: Call) -> Reply:
         async with self._admit() as lease:
             t0 = time.perf_counter()
-            rreq, model = self._request(call, R.ResponsesRequest, adapters=True)
+            rreq, model = self._request(call, R.ResponsesRequest)
             lora = self.loras.get(model)
             try:
                 try:

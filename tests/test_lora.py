@@ -3,6 +3,7 @@ own outputs (HF transformers + peft, torch, float32, CPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -474,3 +475,54 @@ def test_beam_search_runs_each_prompts_adapter(small_llama_folder, adapters):
         assert out.lora_request.lora_name == "a2"
     finally:
         engine.shutdown()
+
+
+def test_embeddings_and_scores_run_each_prompts_adapter(small_llama_folder, adapters):
+    """A pooling engine (runner="pooling") with LoRA: LLM.embed(lora_request=[...]) gives each
+    prompt the PEFT model's last-token final hidden state (normalized) under its adapter, the
+    base model's beside them; max_loras=1 splits the batch into steps of one adapter each;
+    LLM.score(lora_request=) is the cosine of two such states. Every page goes back."""
+    from jaxllm import LLM
+    from jaxllm.lora import manager
+
+    def peft_last(name, prompt):
+        model = adapters["a1" if name is None else name][1]
+        with torch.no_grad(), (model.disable_adapter() if name is None
+                               else contextlib.nullcontext()):
+            h = model.base_model.model.model(torch.tensor([prompt])).last_hidden_state
+        return h[0, -1].numpy().astype(np.float64)
+
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    names = ["a1", None, "a2", "a1"]
+    prompts = [_PROMPTS[0], _PROMPTS[0], _PROMPTS[0], _PROMPTS[3]]
+    refs = [unit(peft_last(n, p)) for n, p in zip(names, prompts)]
+    assert not np.allclose(refs[0], refs[1], atol=1e-2)  # the adapters move the state
+    steps = []
+    real = manager.LoraManager.activate
+
+    def activate(self, seqs):
+        seqs = list(seqs)
+        steps.append({s.lora_int_id for s in seqs})
+        return real(self, seqs)
+
+    llm = LLM(str(small_llama_folder), runner="pooling", **{**_KW, "max_loras": 1})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(manager.LoraManager, "activate", activate)
+        outs = llm.embed([{"prompt_token_ids": p} for p in prompts],
+                         lora_request=_requests(adapters, names))
+    for o, ref in zip(outs, refs):
+        np.testing.assert_allclose(o.outputs.embedding, ref, rtol=1e-4, atol=1e-5)
+    assert steps == [{1, 0}, {2}, {1}]  # FIFO, one adapter (and the base) a step
+    [sc] = llm.score({"prompt_token_ids": prompts[0]}, [{"prompt_token_ids": prompts[3]}],
+                     lora_request=_requests(adapters, ["a1"])[0])
+    assert sc.outputs.score == pytest.approx(float(refs[0] @ refs[3]), abs=1e-5)
+    eng = llm.llm_engine
+    assert eng.page_pool.num_free_pages == eng.page_pool.num_usable_pages
+    with pytest.raises(ValueError, match="got 1 LoRA requests for 2 prompts"):
+        llm.embed([{"prompt_token_ids": p} for p in prompts[:2]],
+                  lora_request=_requests(adapters, ["a1"]))
+    plain = LLM(str(small_llama_folder), runner="pooling",
+                **{**_KW, "enable_lora": False})
+    with pytest.raises(ValueError, match="LoRA is not enabled"):
+        plain.embed([{"prompt_token_ids": prompts[0]}], lora_request=_requests(adapters,
+                                                                              ["a1"])[0])

@@ -10,6 +10,7 @@ its adapters are real PEFT adapters, and the PEFT torch model is the reference o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import openai
@@ -197,9 +198,63 @@ def test_unknown_models_are_404_and_tokenize_takes_adapter_names(client, servers
     assert status == 200 and body["prompt"] == "Hi there"
     _error(*_send(servers, "/tokenize", {"model": "nope", "prompt": "x"}), 404,
            "model_not_found")
-    # routes that do not run adapters say so rather than answer with the base model
+    # a generating engine embeds nothing, under an adapter's name as under the base's
     msg = _error(*_send(servers, "/v1/embeddings", {"model": "sql-lora", "input": "x"}), 400)
-    assert "is a LoRA adapter" in msg
+    assert "only supported for pooling models" in msg
+
+
+def test_pooling_routes_run_the_adapter_the_model_names(small_llama_folder, adapters):
+    """On a pooling engine with LoRA, /v1/embeddings, /score and /rerank under an adapter's
+    name embed with it (vLLM passes the request's LoRARequest to its pooling runs): the PEFT
+    model's last-token final hidden state, normalized; the base name, the base model's."""
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jaxllm import AsyncEngine
+
+    base = AutoModelForCausalLM.from_pretrained(str(small_llama_folder), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, adapters["sql-lora"][0]).eval()
+    texts = ["Hi there", "The capital of France is", "SELECT name FROM users"]
+
+    def ref(prompt, lora: bool):
+        with torch.no_grad(), (contextlib.nullcontext() if lora else peft.disable_adapter()):
+            h = peft.base_model.model.model(torch.tensor([prompt])).last_hidden_state[0, -1]
+        return (h / h.norm()).numpy().astype(np.float64)
+
+    eng = AsyncEngine(model=str(small_llama_folder), runner="pooling", dtype="float32",
+                      max_model_len=64, page_size=8, num_pages=32, max_num_batched_tokens=32,
+                      max_num_seqs=4, enable_lora=True, max_loras=1)
+    s = _Servers()
+    try:
+        url = s.start(build_app(eng, served_model_name=MODEL, options=ServerOptions(
+            lora_modules=[f"sql-lora={adapters['sql-lora'][0]}"])))
+
+        def post(path, body):
+            status, _, out = _post(s, path, body, base=url)
+            assert status == 200, out
+            return out
+
+        scores = {}
+        for model, lora in (("sql-lora", True), (MODEL, False)):
+            refs = [ref(post("/tokenize", {"model": model, "prompt": t})["tokens"], lora)
+                    for t in texts]
+            body = post("/v1/embeddings", {"model": model, "input": texts})
+            assert body["model"] == model
+            for d, r in zip(body["data"], refs):
+                np.testing.assert_allclose(d["embedding"], r, atol=2e-5)
+            want = [float(refs[0] @ r) for r in refs[1:]]
+            body = post("/score", {"model": model, "text_1": texts[0], "text_2": texts[1:]})
+            scores[model] = [d["score"] for d in body["data"]]
+            np.testing.assert_allclose(scores[model], want, atol=2e-5)
+            body = post("/rerank", {"model": model, "query": texts[0], "documents": texts[1:]})
+            np.testing.assert_allclose(sorted(r["relevance_score"] for r in body["results"]),
+                                       sorted(want), atol=2e-5)
+        assert not np.allclose(scores["sql-lora"], scores[MODEL], atol=1e-3)
+    finally:
+        s.close()
+        eng.shutdown()
 
 
 def test_beam_search_runs_the_adapter_the_model_names(servers, adapters):

@@ -220,14 +220,17 @@ class AsyncEngine:
     async def update_weights(self, weights) -> None:
         await self._call(lambda: self.engine.update_weights(weights))
 
-    async def embed(self, prompts: list[Any], params: Any = None) -> list[Any]:
+    async def embed(self, prompts: list[Any], params: Any = None, lora_request: Any = None
+                    ) -> list[Any]:
         """A pooling engine's embeddings (LLMEngine.embed), computed between steps."""
-        return await self._call(lambda: self.engine.embed(prompts, params))
+        return await self._call(lambda: self.engine.embed(prompts, params,
+                                                          lora_request=lora_request))
 
     async def score(self, texts_1: list[Any], texts_2: list[Any],
-                    params: Any = None) -> list[Any]:
+                    params: Any = None, lora_request: Any = None) -> list[Any]:
         """A pooling engine's pair scores (LLMEngine.score), computed between steps."""
-        return await self._call(lambda: self.engine.score(texts_1, texts_2, params))
+        return await self._call(lambda: self.engine.score(texts_1, texts_2, params,
+                                                          lora_request=lora_request))
 
     async def abort(self, request_id: str) -> None:
         with self._cv:

@@ -38,28 +38,33 @@ class LLM:
         return SamplingParams(**self.llm_engine.get_diff_sampling_param())
 
     def embed(self, prompts: PromptType | TypingSequence[PromptType],
-              pooling_params: Any = None, use_tqdm: bool = False) -> list[Any]:
+              pooling_params: Any = None, use_tqdm: bool = False,
+              lora_request: Any = None) -> list[Any]:
         """Embeddings (vLLM's ``LLM.embed``) of an engine built with ``runner="pooling"``:
         EmbeddingRequestOutputs in input order, each ``outputs.embedding`` a list of floats.
         ``pooling_params``: a PoolingParams (jaxllm.pooling_params), or one per prompt.
-        ``use_tqdm`` is accepted for vLLM's signature (one call embeds the whole list)."""
-        return self.llm_engine.embed(self._prompt_list(prompts), pooling_params)
+        ``lora_request``: a LoRARequest for all prompts, or one (or None) per prompt (with
+        enable_lora). ``use_tqdm`` is accepted for vLLM's signature (one call embeds the
+        whole list)."""
+        return self.llm_engine.embed(self._prompt_list(prompts), pooling_params,
+                                     lora_request=lora_request)
 
     def score(self, data_1: PromptType | TypingSequence[PromptType],
               data_2: PromptType | TypingSequence[PromptType], /, *,
               truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,
-              pooling_params: Any = None) -> list[Any]:
+              pooling_params: Any = None, lora_request: Any = None) -> list[Any]:
         """vLLM's ``LLM.score`` for an embedding model (``runner="pooling"``): one
         ScoringRequestOutput per pair, ``outputs.score`` the cosine similarity of the two
         texts' embeddings. ``data_1`` is one text paired with every item of ``data_2`` (1:N),
-        or as many as ``data_2`` (N:N). ``use_tqdm`` is accepted for vLLM's signature."""
+        or as many as ``data_2`` (N:N); both embedded with ``lora_request``'s adapter (one
+        LoRARequest, with enable_lora). ``use_tqdm`` is accepted for vLLM's signature."""
         from jaxllm.pooling_params import PoolingParams
 
         params = pooling_params or PoolingParams()
         if truncate_prompt_tokens is not None:
             params = dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
         return self.llm_engine.score(self._prompt_list(data_1), self._prompt_list(data_2),
-                                     params)
+                                     params, lora_request=lora_request)
 
     def sleep(self, level: int = 1) -> None:
         """vLLM's sleep mode (``LLM(..., enable_sleep_mode=True)``): frees the KV cache's and

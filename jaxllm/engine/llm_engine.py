@@ -736,11 +736,13 @@ class LLMEngine:
                 proc.status = SequenceStatus.FINISHED_ABORTED
         return self._make_output(req, final=True)
 
-    def embed(self, prompts: list[Any], params: Any = None) -> list[Any]:
+    def embed(self, prompts: list[Any], params: Any = None, lora_request: Any = None
+              ) -> list[Any]:
         """Embeddings of ``prompts`` (what add_request takes) with ``params`` (PoolingParams,
-        one or one per prompt): the pooling runner's work (engine/pooling.py). ValueError
-        unless the engine was built with runner="pooling", for a prompt that can never fit,
-        and for dimensions on a model that is not Matryoshka."""
+        one or one per prompt) and ``lora_request`` (a LoRARequest, or one or None per prompt;
+        with enable_lora): the pooling runner's work (engine/pooling.py). ValueError unless
+        the engine was built with runner="pooling", for a prompt that can never fit, for
+        dimensions on a model that is not Matryoshka, and for an adapter add_lora refuses."""
         from jaxllm.engine.pooling import embed
 
         if self.runner_kind != "pooling":
@@ -748,9 +750,10 @@ class LLMEngine:
                              "with runner='pooling' (--runner pooling).")
         if self._sleeping:
             raise EngineSleepingError("The engine is asleep: call wake_up() first.")
-        return embed(self, list(prompts), params, self.pooler)
+        return embed(self, list(prompts), params, self.pooler, lora_request)
 
-    def score(self, texts_1: list[Any], texts_2: list[Any], params: Any = None) -> list[Any]:
+    def score(self, texts_1: list[Any], texts_2: list[Any], params: Any = None,
+              lora_request: Any = None) -> list[Any]:
         """Scores of text pairs on a pooling engine (vLLM's ``LLM.score`` for an embedding
         model): the cosine similarity of the two embeddings, pairs 1:1, 1:N or N:N; each list
         holds what add_request takes (engine/pooling.py, ``score``). ValueError as ``embed``,
@@ -761,7 +764,7 @@ class LLMEngine:
             raise ValueError("score() is only supported for pooling models (embedding models "
                              "score pairs by cosine similarity): start the engine with "
                              "runner='pooling' (--runner pooling).")
-        return score(self, texts_1, texts_2, params)
+        return score(self, texts_1, texts_2, params, lora_request)
 
     # -- sleep mode and weight updates (vLLM's, for RL loops) ---------------------------------
     def _check_idle(self, what: str) -> None:

@@ -76,17 +76,32 @@ class _Pooled:
         return self.total / len(self.ids)
 
 
+def _per_prompt(value: Any, n: int, what: str) -> list[Any]:
+    """One ``value`` per prompt: a list of n as it is, else the one value n times."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"got {len(value)} {what} for {n} prompts: pass one, or one per "
+                             "prompt.")
+        return list(value)
+    return [value] * n
+
+
 def embed(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingParams] | None,
-          pooler: dict[str, Any]) -> list[EmbeddingRequestOutput]:
-    """``LLMEngine.embed``'s work (module docstring). ``prompts``: what add_request takes."""
+          pooler: dict[str, Any], lora_request: Any = None) -> list[EmbeddingRequestOutput]:
+    """``LLMEngine.embed``'s work (module docstring). ``prompts``: what add_request takes;
+    ``lora_request``: a LoRARequest for all, or one (or None) per prompt (with enable_lora).
+    A step holds the prompts of at most max_loras distinct adapters, as the scheduler's."""
     from jaxllm.engine.scheduler import ScheduledSeq
     from jaxllm.engine.sequence import Sequence
 
-    params_list = (list(params) if isinstance(params, (list, tuple))
-                   else [params or PoolingParams()] * len(prompts))
-    if len(params_list) != len(prompts):
-        raise ValueError(f"got {len(params_list)} PoolingParams for {len(prompts)} prompts: "
-                         "pass one, or one per prompt.")
+    params_list = [p or PoolingParams() for p in _per_prompt(params, len(prompts),
+                                                              "PoolingParams")]
+    loras = _per_prompt(lora_request, len(prompts), "LoRA requests")
+    lora_ids = [0] * len(prompts)
+    for i, lora in enumerate(loras):
+        if lora is not None:  # read (and checked) now, before any step runs
+            engine.add_lora(lora)
+            lora_ids[i] = lora.lora_int_id
     hidden_size = engine.model_config.hidden_size
     items = []
     for prompt, p in zip(prompts, params_list):
@@ -128,18 +143,24 @@ def embed(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingP
                 n = min(len(st.ids) - st.start, budget - tokens)
                 step.append((st, n))
                 tokens += n
+            adapters = {st.seq.lora_int_id for st in running} - {0}
             while waiting and len(step) < max_seqs and tokens < budget:
-                ids = items[waiting[0]]
+                ids, lora_id = items[waiting[0]], lora_ids[waiting[0]]
                 n = min(len(ids), budget - tokens)
                 if n < len(ids) and step:
                     break  # a prompt longer than what is left runs from an emptier step
                 need = -(-len(ids) // page_size)
                 if need > pool.num_free_pages:
                     break
+                if lora_id and lora_id not in adapters:
+                    if len(adapters) == engine.config.max_loras:
+                        break  # another adapter waits for a step with a free slot
+                    adapters.add(lora_id)
                 i = waiting.popleft()
                 seq = Sequence(seq_id=next(counter), request_id=f"embed-{i}", index=0,
                                prompt_token_ids=ids, output_token_ids=[],
                                sampling_params=None, arrival_time=0.0)
+                seq.lora_int_id = lora_id
                 seq.page_ids = pool.allocate(need)
                 st = _Pooled(i, ids, seq)
                 running.append(st)
@@ -147,6 +168,8 @@ def embed(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingP
                 tokens += n
             scheduled = [ScheduledSeq(st.seq, n, st.start, st.start + n == len(st.ids))
                          for st, n in step]
+            if engine.lora is not None:  # the step's adapters into device slots
+                engine.lora.activate([st.seq for st, _ in step])
             inputs = runner.prepare(scheduled, None)
             hidden = runner.hidden_states(inputs)
             qsl = inputs.md.query_start_loc
@@ -175,18 +198,20 @@ def embed(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingP
 
 
 def score(engine: Any, texts_1: list[Any], texts_2: list[Any],
-          params: PoolingParams | None = None) -> list[ScoringRequestOutput]:
+          params: PoolingParams | None = None, lora_request: Any = None
+          ) -> list[ScoringRequestOutput]:
     """``LLMEngine.score``'s work: the cosine similarity of each pair's embeddings, one pair
     per item of ``texts_2`` (``texts_1`` one item, paired with each, or as many as ``texts_2``:
-    vLLM's 1:1, 1:N and N:N); items are what add_request takes. ValueError for empty sides or
-    other lengths, and as ``embed``."""
+    vLLM's 1:1, 1:N and N:N); items are what add_request takes; both sides embedded with
+    ``lora_request``'s adapter (one LoRARequest or None). ValueError for empty sides or other
+    lengths, and as ``embed``."""
     texts_1, texts_2 = list(texts_1), list(texts_2)
     if not texts_1 or not texts_2:
         raise ValueError("At least one text element must be given for each side of a score.")
     if len(texts_1) > 1 and len(texts_1) != len(texts_2):
         raise ValueError(f"Input lengths must be either 1:1, 1:N or N:N; got {len(texts_1)} "
                          f"and {len(texts_2)}.")
-    outs = engine.embed(texts_1 + texts_2, params)
+    outs = engine.embed(texts_1 + texts_2, params, lora_request=lora_request)
     first, second = outs[:len(texts_1)], outs[len(texts_1):]
     if len(first) == 1:
         first = first * len(second)
