@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import append_jsonl, random_model  # noqa: E402
+from offline_throughput import append_jsonl, bench_model  # noqa: E402
+from spec_decode import ms_per_token  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,31 +62,6 @@ def write_random_adapter(folder: Path, config, rank: int, seed: int) -> None:
         "use_dora": False, "modules_to_save": None}))
 
 
-def _run(engine, prompts: list[list[int]], n: int, loras: list) -> float:
-    from jaxllm.sampling_params import RequestOutputKind, SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
-    for i, (p, lora) in enumerate(zip(prompts, loras)):
-        kw = {} if lora is None else {"lora_request": lora}
-        engine.add_request(f"r{time.perf_counter_ns()}-{i}", {"prompt_token_ids": p}, params,
-                           **kw)
-    t = time.perf_counter()
-    while engine.has_unfinished_requests():
-        engine.step()
-    return time.perf_counter() - t
-
-
-def ms_per_token(engine, prompts, loras, n: int, repeats: int) -> float:
-    _run(engine, prompts, 1 + n, loras)  # warm-up (compiles; reads and writes the adapters)
-    lat = []
-    for _ in range(repeats):
-        t1 = _run(engine, prompts, 1, loras)
-        tn = _run(engine, prompts, 1 + n, loras)
-        lat.append((tn - t1) / n * 1e3)
-    return statistics.median(lat)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default=None, help="random weights in this shape (e.g. llama3-8b)")
@@ -109,19 +84,7 @@ def main(argv=None) -> int:
     from jaxllm.engine.llm_engine import LLMEngine
     from jaxllm.lora import LoRARequest
 
-    on_cpu = jax.default_backend() == "cpu"
-    attention = args.attention
-    if attention == "auto":
-        attention = "reference" if on_cpu else "pallas"
-    if args.shape:
-        loaded, name = random_model(args.shape, attention), args.shape
-    else:
-        from jaxllm.loading import load_model
-
-        loaded = load_model(None if args.model in (None, "default") else args.model,
-                            dtype="float32" if on_cpu else "bfloat16",
-                            attention_backend=attention)
-        name = loaded.name
+    loaded, name, on_cpu = bench_model(args.shape, args.model, args.attention)
     mc = loaded.model_config
     tmp = Path(tempfile.mkdtemp(prefix="jaxllm-lora-bench-"))
     requests = []
@@ -151,7 +114,7 @@ def main(argv=None) -> int:
         for label, engine, loras in cases:
             if label == "lora, mixed" and b == 1:
                 continue
-            ms = ms_per_token(engine, prompts, loras, args.tokens, args.repeats)
+            ms = ms_per_token(engine, prompts, args.tokens, args.repeats, loras=loras)
             rows.append(dict(bench="lora", model=name, case=label, batch=b,
                              context=args.context, tokens=args.tokens, rank=args.rank,
                              max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,

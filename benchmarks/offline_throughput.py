@@ -119,6 +119,25 @@ def random_model(shape: str, attention: str, *, tokenizer=None, vocab_size: int 
                                  name=f"random-{shape}")
 
 
+def bench_model(shape: str | None, model: str | None, attention: str = "auto"):
+    """(loaded model, its name, on_cpu) for a benchmark's ``--shape`` / ``--model``: random
+    weights in SHAPES[shape], else ``model`` loaded ('default' or None: SmolLM2-135M), in
+    float32 on a CPU and bf16 on a GPU. ``attention`` "auto": the reference on a CPU, Pallas
+    on a GPU."""
+    import jax
+
+    on_cpu = jax.default_backend() == "cpu"
+    if attention == "auto":
+        attention = "reference" if on_cpu else "pallas"
+    if shape:
+        return random_model(shape, attention), shape, on_cpu
+    from jaxllm.loading import load_model
+
+    loaded = load_model(None if model in (None, "default") else model,
+                        dtype="float32" if on_cpu else "bfloat16", attention_backend=attention)
+    return loaded, loaded.name, on_cpu
+
+
 def engine_generate(engine, prompts: list[list[int]], max_tokens,
                     phases: dict | None = None) -> tuple[float, int]:
     """Submits every prompt at once (greedy, ignore_eos, no detokenization) and steps the engine

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import append_jsonl, random_model  # noqa: E402
+from offline_throughput import append_jsonl, bench_model  # noqa: E402
 
 COPY_TEXT = ("The committee met on Tuesday to review the budget for the coming year. After a "
              "long discussion, the members agreed to raise the library's funding by ten "
@@ -37,27 +37,33 @@ COPY_TEXT = ("The committee met on Tuesday to review the budget for the coming y
              "until the engineers finish their survey of the river bank.")
 
 
-def _run(engine, prompts: list[list[int]], n: int, bias: dict | None,
-         temperature: float = 0.0) -> float:
+def run_batch(engine, prompts: list[list[int]], n: int, bias: dict | None = None,
+              temperature: float = 0.0, loras: list | None = None) -> float:
+    """Seconds to generate ``n`` tokens for every prompt at once (``loras``: a LoRARequest
+    or None per prompt)."""
     from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
     params = SamplingParams(temperature=temperature, seed=0, max_tokens=n, ignore_eos=True,
                             detokenize=False, logit_bias=bias,
                             output_kind=RequestOutputKind.FINAL_ONLY)
     for i, p in enumerate(prompts):
-        engine.add_request(f"r{time.perf_counter_ns()}-{i}", {"prompt_token_ids": p}, params)
+        kw = {} if loras is None or loras[i] is None else {"lora_request": loras[i]}
+        engine.add_request(f"r{time.perf_counter_ns()}-{i}", {"prompt_token_ids": p}, params,
+                           **kw)
     t = time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()
     return time.perf_counter() - t
 
 
-def _ms_per_token(engine, prompts, n: int, bias, temperature: float, repeats: int) -> float:
-    _run(engine, prompts, 1 + n, bias, temperature)  # warm-up
+def ms_per_token(engine, prompts, n: int, repeats: int, **kw) -> float:
+    """Decode ms/token: (time(1 + n tokens) - time(1 token)) / n, median of ``repeats``, after
+    a warm-up run (``kw``: run_batch's)."""
+    run_batch(engine, prompts, 1 + n, **kw)
     lat = []
     for _ in range(repeats):
-        t1 = _run(engine, prompts, 1, bias, temperature)
-        tn = _run(engine, prompts, 1 + n, bias, temperature)
+        t1 = run_batch(engine, prompts, 1, **kw)
+        tn = run_batch(engine, prompts, 1 + n, **kw)
         lat.append((tn - t1) / n * 1e3)
     return statistics.median(lat)
 
@@ -83,20 +89,7 @@ def main(argv=None) -> int:
     from jaxllm.config import EngineConfig
     from jaxllm.engine.llm_engine import LLMEngine
 
-    on_cpu = jax.default_backend() == "cpu"
-    attention = args.attention
-    if attention == "auto":
-        attention = "reference" if on_cpu else "pallas"
-    if args.shape:
-        loaded = random_model(args.shape, attention)
-        name = args.shape
-    else:
-        from jaxllm.loading import load_model
-
-        loaded = load_model(None if args.model in (None, "default") else args.model,
-                            dtype="float32" if on_cpu else "bfloat16",
-                            attention_backend=attention)
-        name = loaded.name
+    loaded, name, on_cpu = bench_model(args.shape, args.model, args.attention)
     mc = loaded.model_config
     max_len = args.context + max(len(COPY_TEXT), args.tokens) + 64
     page_size = 16
@@ -131,9 +124,10 @@ def main(argv=None) -> int:
             "prompt_lookup_min": args.prompt_lookup[0],
             "prompt_lookup_max": args.prompt_lookup[1]}), loaded=loaded)
         for label, prompts, bias, temp in workloads:
-            ms_plain = _ms_per_token(plain, prompts, args.tokens, bias, temp, args.repeats)
+            kw = dict(bias=bias, temperature=temp)
+            ms_plain = ms_per_token(plain, prompts, args.tokens, args.repeats, **kw)
             s0 = dict(spec.stats)
-            ms_spec = _ms_per_token(spec, prompts, args.tokens, bias, temp, args.repeats)
+            ms_spec = ms_per_token(spec, prompts, args.tokens, args.repeats, **kw)
             drafted = spec.stats["spec_decode_num_draft_tokens"] - s0[
                 "spec_decode_num_draft_tokens"]
             accepted = spec.stats["spec_decode_num_accepted_tokens"] - s0[

@@ -159,6 +159,8 @@
 #                                          at batch 256 (B=...) on the 8B checkpoint
 #   bash benchmarks/gpu/issues.sh h100verdict (nvidia-h100-x1) issue 9's throughput beside HF
 #                                          and batch 1, on the H100
+#   bash benchmarks/gpu/issues.sh lora     (one GPU) LoRA's decode cost on the 8B shape, then
+#                                          the GPU tests
 #   bash benchmarks/gpu/issues.sh spec     (one GPU) speculative decoding at batch 1 / 4 on
 #                                          the 8B shape: plain vs n-gram drafts, k = 2 / 4 / 8
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1710,6 +1712,19 @@ h100verdict)  # nvidia-h100-x1, one call (issue 9 on the H100 it names): offline
   timeout 90 $LAT1K --num-scheduler-steps 4 > $L/lat_bf16.log 2>&1
   grep -h "decode ctx" $L/lat_bf16.log
   show_logs 6 ;;
+lora)  # one GPU, one call: LoRA's decode cost on the 8B shape (benchmarks/lora.py: plain
+  # engine, LoRA engine with no adapter / one / 4 mixed, rank 16 on every projection, batch 1
+  # and 32 at 1k context), then the GPU tests (the LoRA one included). Carry .bench and .whl.
+  L=$OUT/logs; mkdir -p $L
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
+  timeout 300 python3 benchmarks/lora.py --shape llama3-8b --batch 1 32 --context 1024 \
+    --tokens 32 --out $OUT/lora.jsonl > $L/lora.log 2>&1
+  echo "rc=$?"; quiet < $L/lora.log | grep -v '^\[' | tail -9
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
+    -q -m gpu -p no:cacheprovider tests/test_gpu.py > $L/gpu_tests.log 2>&1
+  grep -v "^\s*$" $L/gpu_tests.log | tail -8
+  show_logs 4 ;;
 spec)  # nvidia-h200 (one GPU), one call: speculative decoding (n-gram drafts) on the 8B shape,
   # random bf16 weights, batch 1 at 1k context: plain vs k = 2 / 4 / 8, forced (every draft
   # accepted: the ceiling), random (nothing accepted: the cost) and sampled; then the GPU tests

@@ -15,6 +15,17 @@ from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind, Sampling
 PromptType = str | dict | list[int]
 
 
+def per_prompt(value: Any, n: int, what: str) -> list[Any]:
+    """One ``value`` per prompt: a list (or tuple) of n as it is, else the one value n times;
+    ValueError naming ``what`` for a list of another length."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"got {len(value)} {what} for {n} prompts: pass one, or one per "
+                             "prompt.")
+        return list(value)
+    return [value] * n
+
+
 class LLM:
     """An engine for offline generation: ``LLM().generate(prompts, SamplingParams(...))``.
 
@@ -112,28 +123,12 @@ class LLM:
         prompts = self._prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        if isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompts)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} "
-                                 "prompts: pass one, or one per prompt.")
+        params_list = per_prompt(sampling_params, len(prompts), "SamplingParams")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts: pass "
                              "one per prompt.")
         return self._run(prompts, params_list, use_tqdm, priority,
-                         self._lora_list(lora_request, len(prompts)))
-
-    @staticmethod
-    def _lora_list(lora_request: Any, n: int) -> list[Any]:
-        """One LoRARequest (or None) per prompt, from one for all or a list of n."""
-        if isinstance(lora_request, (list, tuple)):
-            if len(lora_request) != n:
-                raise ValueError(f"got {len(lora_request)} LoRA requests for {n} prompts: "
-                                 "pass one, or one per prompt.")
-            return list(lora_request)
-        return [lora_request] * n
+                         per_prompt(lora_request, len(prompts), "LoRA requests"))
 
     def beam_search(self, prompts: PromptType | TypingSequence[PromptType],
                     params: BeamSearchParams, lora_request: Any = None, use_tqdm: bool = False,
@@ -152,7 +147,7 @@ class LLM:
             raise ValueError(f"concurrency_limit must be >= 1, got {concurrency_limit}.")
         engine, tok = self.llm_engine, self.get_tokenizer()
         prompts = self._prompt_list(prompts)
-        loras = self._lora_list(lora_request, len(prompts))
+        loras = per_prompt(lora_request, len(prompts), "LoRA requests")
         sp = step_params(params, engine.config.max_logprobs)
         stop_ids = engine_stop_ids(engine)
         eos = tok.eos_token_id if tok is not None else None

@@ -76,27 +76,18 @@ class _Pooled:
         return self.total / len(self.ids)
 
 
-def _per_prompt(value: Any, n: int, what: str) -> list[Any]:
-    """One ``value`` per prompt: a list of n as it is, else the one value n times."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"got {len(value)} {what} for {n} prompts: pass one, or one per "
-                             "prompt.")
-        return list(value)
-    return [value] * n
-
-
 def embed(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingParams] | None,
           pooler: dict[str, Any], lora_request: Any = None) -> list[EmbeddingRequestOutput]:
     """``LLMEngine.embed``'s work (module docstring). ``prompts``: what add_request takes;
     ``lora_request``: a LoRARequest for all, or one (or None) per prompt (with enable_lora).
     A step holds the prompts of at most max_loras distinct adapters, as the scheduler's."""
+    from jaxllm.engine.llm import per_prompt
     from jaxllm.engine.scheduler import ScheduledSeq
     from jaxllm.engine.sequence import Sequence
 
-    params_list = [p or PoolingParams() for p in _per_prompt(params, len(prompts),
+    params_list = [p or PoolingParams() for p in per_prompt(params, len(prompts),
                                                               "PoolingParams")]
-    loras = _per_prompt(lora_request, len(prompts), "LoRA requests")
+    loras = per_prompt(lora_request, len(prompts), "LoRA requests")
     lora_ids = [0] * len(prompts)
     for i, lora in enumerate(loras):
         if lora is not None:  # read (and checked) now, before any step runs
