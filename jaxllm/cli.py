@@ -33,8 +33,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per step; default: vLLM's for the device (8192 for the server "
                         "on an H100/H200, 2048 on smaller GPUs, 1024 on the CPU)")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--page-size", "--block-size", type=int, default=16,
+                   help="tokens a KV page holds (--block-size: vLLM's name)")
+    p.add_argument("--num-pages", "--num-gpu-blocks-override", type=int, default=None,
+                   help="KV pages in the pool (default: sized from --gpu-memory-utilization; "
+                        "--num-gpu-blocks-override: vLLM's name)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted so vLLM command lines run; no effect: jaxllm builds each "
+                        "architecture itself and runs no code from a checkpoint")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)

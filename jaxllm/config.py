@@ -247,6 +247,11 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # vLLM's names for two of the fields above, so its keyword arguments work as they are:
+    # block_size is page_size (tokens a KV page holds), num_gpu_blocks_override is num_pages.
+    # Taken into those fields here and then None.
+    block_size: int | None = None
+    num_gpu_blocks_override: int | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -254,6 +259,15 @@ class EngineConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}.")
 
+        for alias, name, default in (("block_size", "page_size", 16),
+                                     ("num_gpu_blocks_override", "num_pages", None)):
+            v = getattr(self, alias)
+            if v is not None:
+                if getattr(self, name) not in (default, v):
+                    raise ValueError(f"{alias}={v} and {name}={getattr(self, name)} disagree: "
+                                     f"{alias} is vLLM's name for {name}; pass one.")
+                object.__setattr__(self, name, v)
+                object.__setattr__(self, alias, None)
         resolve_dtype(self.dtype)
         for name in ("page_size", "tensor_parallel_size", "pipeline_parallel_size",
                      "data_parallel_size", "max_logprobs", "num_scheduler_steps"):

@@ -55,6 +55,11 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
                    help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between throughput log lines (0: off)")
+    p.add_argument("--disable-log-stats", action="store_true",
+                   help="no throughput log lines (vLLM's; --log-stats-interval 0)")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="accepted for vLLM's older command lines: requests are not logged "
+                        "unless --enable-log-requests")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='tool_choice "auto": the model decides to call tools, in the format '
                         "--tool-call-parser reads (server/tools.py)")
@@ -316,7 +321,8 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
                           served_model_name=args.served_model_name,
                           max_request_bytes=args.max_request_bytes,
                           max_concurrent_requests=args.max_concurrent_requests,
-                          log_stats_interval=args.log_stats_interval or None,
+                          log_stats_interval=None if args.disable_log_stats else
+                          (args.log_stats_interval or None),
                           enable_auto_tool_choice=args.enable_auto_tool_choice,
                           tool_call_parser=args.tool_call_parser,
                           reasoning_parser=args.reasoning_parser,

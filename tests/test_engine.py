@@ -1365,3 +1365,36 @@ def test_async_engine_answers_vllms_coroutines(small_llama_folder):
         engine.shutdown()
     with pytest.raises(EngineDeadError, match="not running"):
         asyncio.run(engine.check_health())
+
+
+def test_vllms_names_for_the_page_size_and_count_are_taken(small_llama_folder):
+    """vLLM's block_size / num_gpu_blocks_override (and their flags --block-size /
+    --num-gpu-blocks-override) set page_size / num_pages, so its keyword arguments and command
+    lines work as they are; set both ways differently, a ValueError names the clash. The
+    engine built with them has those pages."""
+    import argparse
+
+    from jaxllm import LLM
+    from jaxllm.cli import add_engine_args, engine_kwargs
+    from jaxllm.config import EngineConfig
+
+    c = EngineConfig(block_size=32, num_gpu_blocks_override=40)
+    assert (c.page_size, c.num_pages, c.block_size, c.num_gpu_blocks_override) == (
+        32, 40, None, None)
+    assert EngineConfig(page_size=8, block_size=8).page_size == 8
+    with pytest.raises(ValueError, match="block_size=32 and page_size=8 disagree"):
+        EngineConfig(page_size=8, block_size=32)
+    with pytest.raises(ValueError, match="num_gpu_blocks_override=4 and num_pages=8 disagree"):
+        EngineConfig(num_pages=8, num_gpu_blocks_override=4)
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        EngineConfig(block_size=24)
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    kw = engine_kwargs(p.parse_args(["--block-size", "8", "--num-gpu-blocks-override", "24",
+                                     "--trust-remote-code"]))
+    assert (kw["page_size"], kw["num_pages"]) == (8, 24)
+    llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=64, block_size=8,
+              num_gpu_blocks_override=24, max_num_batched_tokens=64, max_num_seqs=4,
+              skip_compile_at_start=True)
+    pool = llm.llm_engine.page_pool
+    assert llm.llm_engine.config.page_size == 8 and pool.num_usable_pages == 24
