@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     B = max(args.batch)
     max_len = args.context + args.tokens + 16
     page_size = 16
-    buckets = tuple(b for b in (8, 16, 32, 64, 128, 256) if b < 2 * B) + (
+    # token buckets: the decode steps' (8 up to 2 x the batch) and one for the prompt
+    buckets = tuple(b for b in (8, 16, 32, 64, 128, 256) if b == 8 or b < 2 * B) + (
         max(256, args.context),)
     base = dict(model=None, dtype="float32" if on_cpu else "bfloat16", max_model_len=max_len,
                 max_num_seqs=max(8, B), num_pages=B * (max_len // page_size + 2) + 8,
