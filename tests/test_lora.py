@@ -526,3 +526,42 @@ def test_embeddings_and_scores_run_each_prompts_adapter(small_llama_folder, adap
     with pytest.raises(ValueError, match="LoRA is not enabled"):
         plain.embed([{"prompt_token_ids": prompts[0]}], lora_request=_requests(adapters,
                                                                               ["a1"])[0])
+
+
+def test_a_projections_lora_delta_reads_its_slots_as_stored():
+    """The delta's two GEMMs take the slots as laid out (a [in, L, R], b [L, R, out] reshape
+    to row-major [in, L * R] and [L * R, out]): the compiled program holds the two dots, the
+    mask and the final cast, and no copy, transpose or convert of the slot arrays (the former
+    [L, in, R] layout cost a transpose of a and a convert of b in every projection of every
+    step). The delta itself equals a per-token reference."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxllm.lora.layers import LoraPair
+
+    pair = LoraPair(64, 48, 3, 8, jnp.float32)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((64, 3, 8)).astype(np.float32)
+    b = rng.standard_normal((3, 8, 48)).astype(np.float32)
+    pair.a[...], pair.b[...] = jnp.asarray(a), jnp.asarray(b)
+    graphdef, state = nnx.split(pair)
+    fn = jax.jit(lambda st, x, s: nnx.merge(graphdef, st)(x, s))
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    slots = np.array([0, -1, 2, 1, 2], np.int32)
+    got = np.asarray(fn(state, x, slots))
+    want = np.stack([np.zeros(48, np.float32) if s < 0 else x[t] @ a[:, s] @ b[s]
+                     for t, s in enumerate(slots)])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    hlo = fn.lower(state, x, slots).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    slot_params = set(re.findall(r"(%\S+) = f32\[\d+,\d+,\d+\]\S* parameter\(", entry))
+    assert len(slot_params) == 2, entry
+    for line in entry.splitlines():
+        if "parameter(" in line or "bitcast(" in line:
+            continue
+        ops = re.findall(r"%[\w.-]+", line.split("=", 1)[1]) if "=" in line else []
+        assert not (set(ops) & slot_params and ("copy" in line or "convert" in line
+                                    or "transpose" in line)), line

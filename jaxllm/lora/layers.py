@@ -1,20 +1,23 @@
 """LoRA in the model: each layer's adapter slots, and the delta every projection adds.
 
 ``attach_lora(model, max_loras, max_rank)`` gives each attention and MLP block a
-``lora`` module holding, per projection of ``peft.TARGETS``, ``a [L, in, R]`` and
+``lora`` module holding, per projection of ``peft.TARGETS``, ``a [in, L, R]`` and
 ``b [L, R, out]`` (L = max_loras slots, R = max_lora_rank; an adapter of rank r < R fills
 the first r columns, zeros the rest; the scaling is folded into b). They are params of the
 model like any other (``ModelRunner`` passes them to every program), so loading an adapter
-into a slot replaces two arrays per projection and compiles nothing.
+into a slot replaces two arrays per projection and compiles nothing. Both are laid out so
+that ``A_all = a.reshape(in, L * R)`` and ``B_all = b.reshape(L * R, out)`` are plain
+row-major matrices: the GEMMs take them as stored, no transpose or cast a step.
 
 A step gives each token its sequence's slot (``StepInputs.lora_slots``, -1: none) and a
 projection adds, for every token at once,
 
     delta = mask(x @ A_all) @ B_all       (x @ A_all: [T, L * R]; mask keeps the token's slot)
 
-two small dense GEMMs instead of a gather of per-token weights (vLLM's punica
-shrink / expand kernels): the work grows with L * R, a few dozen columns at vLLM's defaults
-(max_loras 1, rank 16), and a batch of mixed adapters is one program.
+two small dense GEMMs in the model's dtype (float32 accumulation) instead of a gather of
+per-token weights (vLLM's punica shrink / expand kernels): the work grows with L * R, a few
+dozen columns at vLLM's defaults (max_loras 1, rank 16), and a batch of mixed adapters is
+one program.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ from jaxllm.config import ModelConfig
 from jaxllm.lora.peft import TARGETS, target_dims
 
 
+# The axis of each side's slots (a [in, L, R], b [L, R, out]): where a slot is written.
+SLOT_AXIS = {"a": 1, "b": 0}
+
+
 class LoraPair(nnx.Module):
-    """One projection's slots: ``a [L, in, R]``, ``b [L, R, out]`` (scaling in b)."""
+    """One projection's slots: ``a [in, L, R]``, ``b [L, R, out]`` (scaling in b)."""
 
     def __init__(self, in_features: int, out_features: int, max_loras: int, max_rank: int,
                  dtype, sharding=None):
@@ -36,18 +43,20 @@ class LoraPair(nnx.Module):
             x = jnp.zeros(shape, dtype)
             return x if sharding is None else jax.device_put(x, sharding)
 
-        self.a = nnx.Param(zeros((max_loras, in_features, max_rank)))
+        self.a = nnx.Param(zeros((in_features, max_loras, max_rank)))
         self.b = nnx.Param(zeros((max_loras, max_rank, out_features)))
 
     def __call__(self, x: jax.Array, slots: jax.Array) -> jax.Array:
-        """x [T, in], slots [T] int32 (-1: no adapter) -> delta [T, out] in x's dtype. The
-        shrink accumulates in float32 and the expand runs in float32 (R is small)."""
+        """x [T, in], slots [T] int32 (-1: no adapter) -> delta [T, out] in x's dtype: two
+        GEMMs in x's dtype accumulating in float32, the shrink's output masked to each token's
+        slot and rounded to x's dtype between them."""
         a, b = self.a[...], self.b[...]
-        L = a.shape[0]
-        xa = jnp.einsum("ti,lir->tlr", x, a.astype(x.dtype),
-                        preferred_element_type=jnp.float32)
-        xa = jnp.where((slots[:, None] == jnp.arange(L, dtype=slots.dtype))[:, :, None], xa, 0.0)
-        return jnp.einsum("tlr,lro->to", xa, b.astype(jnp.float32)).astype(x.dtype)
+        I, L, R = a.shape
+        xa = jnp.dot(x, a.reshape(I, L * R).astype(x.dtype), preferred_element_type=jnp.float32)
+        mine = slots[:, None] == jnp.arange(L * R, dtype=slots.dtype) // R  # [T, L * R]
+        xa = jnp.where(mine, xa, 0.0).astype(x.dtype)
+        return jnp.dot(xa, b.reshape(L * R, -1).astype(x.dtype),
+                       preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 class LoraModules(nnx.Module):

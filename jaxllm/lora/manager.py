@@ -15,6 +15,7 @@ still running on the device keeps reading the arrays it was launched with.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from typing import Any, Iterable
 
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.lora.layers import lora_param_path
+from jaxllm.lora.layers import SLOT_AXIS, lora_param_path
 from jaxllm.lora.peft import TARGETS, LoraAdapter, load_peft_adapter
 from jaxllm.lora.request import LoRARequest
 
@@ -32,10 +33,10 @@ logger = logging.getLogger(__name__)
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-@jax.jit
-def _write_slot(leaves: list, values: list, slot: jax.Array) -> list:
-    return [jax.lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), slot, 0)
-            for x, v in zip(leaves, values)]
+@functools.partial(jax.jit, static_argnums=3)
+def _write_slot(leaves: list, values: list, slot: jax.Array, axes: tuple[int, ...]) -> list:
+    return [jax.lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), slot, axis)
+            for x, v, axis in zip(leaves, values, axes)]
 
 
 class LoraManager:
@@ -158,7 +159,8 @@ class LoraManager:
         for layer, module, side in self._order:
             a_b = adapter.weights.get((layer, module))
             leaf = self.runner._leaves[self._leaf_index[len(values)]]
-            shape = leaf.shape[1:]
+            shape = list(leaf.shape)
+            del shape[SLOT_AXIS[side]]  # one slot's [in, R] or [R, out]
             v = np.zeros(shape, np.float32)
             if a_b is not None:
                 w = a_b[0] if side == "a" else a_b[1]
@@ -169,7 +171,8 @@ class LoraManager:
             values.append(v)
         assert all(v.shape[-1 if s == "a" else 0] == R for v, (_, _, s) in zip(values, self._order))
         leaves = [self.runner._leaves[i] for i in self._leaf_index]
-        new = _write_slot(leaves, values, np.int32(slot))
+        new = _write_slot(leaves, values, np.int32(slot),
+                          tuple(SLOT_AXIS[side] for _, _, side in self._order))
         for i, x in zip(self._leaf_index, new):
             self.runner._leaves[i] = x
         self._slots[slot] = int_id
