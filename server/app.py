@@ -39,6 +39,7 @@ from pydantic import BaseModel, ValidationError
 from jaxllm import RequestOutput, SamplingParams
 from jaxllm.errors import EngineSleepingError
 from jaxllm.pooling_params import PoolingParams
+from jaxllm.profiler import profiler_dir
 from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind
 from server import protocol as P
 from server import reasoning as reasoning_lib
@@ -318,6 +319,9 @@ ROUTES: dict[str, dict[str, str]] = {
     "/version": {"GET": "version"},
     "/metrics": {"GET": "metrics_route"},
     "/openapi.json": {"GET": "openapi"},
+    # vLLM's profiler routes, served only with JAXLLM_PROFILER_DIR / VLLM_TORCH_PROFILER_DIR
+    "/start_profile": {"POST": "start_profile"},
+    "/stop_profile": {"POST": "stop_profile"},
     # vLLM's development routes (sleep mode), served only with JAXLLM_SERVER_DEV_MODE=1
     "/sleep": {"POST": "sleep"},
     "/wake_up": {"POST": "wake_up"},
@@ -527,6 +531,7 @@ class OpenAIServer(PromptRenderer):
         self.options = ServerOptions.of(options)
         self.cors: CORS | None = self.options.cors
         self.dev_mode = os.environ.get(DEV_MODE_ENV, "0") == "1"
+        self.profiling = profiler_dir() is not None  # vLLM: the routes exist only then
         if reasoning_parser not in (None, *reasoning_lib.REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be one of "
                              f"{reasoning_lib.REASONING_PARSERS}, got {reasoning_parser!r}.")
@@ -1143,6 +1148,24 @@ class OpenAIServer(PromptRenderer):
     async def is_sleeping(self, call: Call) -> Reply:
         self._dev_route(call)
         return Reply.json({"is_sleeping": await self.engine.is_sleeping()})
+
+    # -- vLLM's profiler routes (jaxllm/profiler.py) ------------------------------------------
+    def _profile_route(self, call: Call) -> None:
+        """404 unless a profiler folder was set when the server started; the API key checked
+        as on /v1."""
+        if not self.profiling:
+            raise self.no_route(call.method, call.path, None)
+        self.check_auth("/v1" + call.path, call.headers)
+
+    async def start_profile(self, call: Call) -> Reply:
+        self._profile_route(call)
+        await self._engine_call(self.engine.start_profile())
+        return Reply(status=200)
+
+    async def stop_profile(self, call: Call) -> Reply:
+        self._profile_route(call)
+        await self._engine_call(self.engine.stop_profile())
+        return Reply(status=200)
 
     # -- vLLM's runtime LoRA routes (server/lora.py) ------------------------------------------
     def _lora_route(self, call: Call) -> None:

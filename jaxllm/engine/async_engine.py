@@ -214,6 +214,14 @@ class AsyncEngine:
     async def wake_up(self, tags: list[str] | None = None) -> None:
         await self._call(lambda: self.engine.wake_up(tags))
 
+    async def start_profile(self) -> None:
+        """LLMEngine.start_profile, between steps (the trace starts at a step boundary)."""
+        await self._call(self.engine.start_profile)
+
+    async def stop_profile(self) -> None:
+        """LLMEngine.stop_profile, between steps."""
+        await self._call(self.engine.stop_profile)
+
     async def is_sleeping(self) -> bool:
         return self.engine.is_sleeping()
 

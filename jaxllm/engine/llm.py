@@ -103,6 +103,17 @@ class LLM:
 
         return read_metrics(engine_stats(self.llm_engine))
 
+    def start_profile(self) -> None:
+        """vLLM's profiler: records a jax.profiler trace (every kernel of every step, and the
+        host) into $JAXLLM_PROFILER_DIR or $VLLM_TORCH_PROFILER_DIR until ``stop_profile``
+        writes it (TensorBoard / XProf files). RuntimeError when neither variable is set or
+        a profile already runs (jaxllm/profiler.py)."""
+        self.llm_engine.start_profile()
+
+    def stop_profile(self) -> None:
+        """Stops the profile ``start_profile`` began and writes its trace."""
+        self.llm_engine.stop_profile()
+
     def reset_prefix_cache(self) -> bool:
         """Empties the prefix cache; False (nothing done) while requests are running, as vLLM."""
         return self.llm_engine.reset_prefix_cache()

@@ -865,6 +865,20 @@ class LLMEngine:
             return False
         return True
 
+    # vLLM's profiler API (jaxllm/profiler.py: a jax.profiler trace of the whole process).
+    def start_profile(self) -> None:
+        """Starts a trace into $JAXLLM_PROFILER_DIR (or VLLM_TORCH_PROFILER_DIR); RuntimeError
+        when neither is set or a profile already runs."""
+        from jaxllm.profiler import start_profile
+
+        start_profile()
+
+    def stop_profile(self) -> None:
+        """Stops the trace and writes it; RuntimeError when none runs."""
+        from jaxllm.profiler import stop_profile
+
+        stop_profile()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
