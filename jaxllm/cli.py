@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import decimal
 import json
 import logging
 import os
@@ -12,6 +13,29 @@ from pathlib import Path
 # Where `jaxllm` keeps compiled step programs between runs (XLA's persistent compilation cache).
 DEFAULT_COMPILATION_CACHE_DIR = os.environ.get(
     "JAXLLM_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "jaxllm" / "xla"))
+
+
+_DECIMAL = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9}
+_BINARY = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
+
+
+def human_readable_int(text: str) -> int:
+    """vLLM's lengths on the command line: an integer, or a number with a suffix, k / m / g
+    decimal (25.6k = 25,600) and K / M / G binary (32K = 32,768, whole numbers only)."""
+    t = text.strip()
+    try:
+        if t[-1:] in _DECIMAL:
+            value = decimal.Decimal(t[:-1]) * _DECIMAL[t[-1]]
+            if not value.is_finite() or value != value.to_integral_value():
+                raise ValueError
+            return int(value)
+        if t[-1:] in _BINARY:
+            return int(t[:-1]) * _BINARY[t[-1]]
+        return int(t)
+    except (ValueError, decimal.InvalidOperation):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number of tokens (e.g. 8192, 8k = 8000, 8K = 8192, "
+            "25.6k = 25600)") from None
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -26,11 +50,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-dir", default=None,
                    help="orbax cache of the converted params (restored if present, else written)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32")
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=human_readable_int, default=None,
+                   help="context length in tokens (default: the model's); as vLLM, 32k = "
+                        "32000 and 32K = 32768")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="default: vLLM's for the device (1024 on an H100/H200, 256 on smaller "
                         "GPUs and the CPU)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+    p.add_argument("--max-num-batched-tokens", type=human_readable_int, default=None,
                    help="tokens per step; default: vLLM's for the device (8192 for the server "
                         "on an H100/H200, 2048 on smaller GPUs, 1024 on the CPU)")
     p.add_argument("--page-size", "--block-size", type=int, default=16,

@@ -1398,3 +1398,22 @@ def test_vllms_names_for_the_page_size_and_count_are_taken(small_llama_folder):
               skip_compile_at_start=True)
     pool = llm.llm_engine.page_pool
     assert llm.llm_engine.config.page_size == 8 and pool.num_usable_pages == 24
+
+
+def test_token_counts_on_the_command_line_take_vllms_suffixes():
+    """--max-model-len / --max-num-batched-tokens as vLLM reads them: k / m / g decimal, K / M /
+    G binary; anything else is argparse's usage error, naming the value."""
+    import argparse
+
+    from jaxllm.cli import add_engine_args, engine_kwargs
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    for text, want in (("8192", 8192), ("32k", 32000), ("32K", 32768), ("25.6k", 25600),
+                       ("1m", 10 ** 6), ("1M", 2 ** 20), ("2G", 2 ** 31)):
+        kw = engine_kwargs(p.parse_args(["--max-model-len", text,
+                                         "--max-num-batched-tokens", text]))
+        assert kw["max_model_len"] == kw["max_num_batched_tokens"] == want, text
+    for bad in ("1.5K", "25.6505k", "lots", "8kk", "nank", ""):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--max-model-len", bad])
