@@ -1417,3 +1417,22 @@ def test_token_counts_on_the_command_line_take_vllms_suffixes():
     for bad in ("1.5K", "25.6505k", "lots", "8kk", "nank", ""):
         with pytest.raises(SystemExit):
             p.parse_args(["--max-model-len", bad])
+
+
+def test_sampling_params_come_one_for_all_or_one_per_prompt_in_any_iterable(small_llm):
+    """generate's sampling_params: one for all, or one per prompt as a list, a tuple or any
+    iterable (a generator too, as before the per-prompt helper); another count is a
+    ValueError naming both counts, and nothing is left in the engine."""
+    from jaxllm import SamplingParams
+
+    prompts = [[5, 6, 7], [8, 9]]
+    lens = (2, 3)
+    per = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lens]
+    for form in (per, tuple(per), (p for p in per)):
+        outs = small_llm.generate(prompts, form, use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in outs] == list(lens)
+    outs = small_llm.generate(prompts, per[0], use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [2, 2]
+    with pytest.raises(ValueError, match="got 3 SamplingParams for 2 prompts"):
+        small_llm.generate(prompts, per + per[:1], use_tqdm=False)
+    assert not small_llm.llm_engine.has_unfinished_requests()

@@ -134,6 +134,8 @@ class LLM:
         prompts = self._prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
+        if not isinstance(sampling_params, SamplingParams):  # any iterable of them
+            sampling_params = list(sampling_params)
         params_list = per_prompt(sampling_params, len(prompts), "SamplingParams")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts: pass "
