@@ -10,6 +10,9 @@ each at ``--batch`` sequences of prompt length ``--context``, greedy:
   lora, 1      every request under one adapter
   lora, mixed  the requests spread over max_loras adapters (one step serves them all)
 
+``--impl`` times other formulations of the delta beside the engine's (``flat``), each in its
+own LoRA engine over the same slots (a benchmark-only A/B: ``IMPLS``).
+
 decode ms/token = (time(1 + N tokens) - time(1 token)) / N, median of ``--repeats``: the
 time of a decode step (all ``--batch`` sequences advance one token).
 
@@ -62,6 +65,40 @@ def write_random_adapter(folder: Path, config, rank: int, seed: int) -> None:
         "use_dora": False, "modules_to_save": None}))
 
 
+def _impls():
+    """Formulations of ``LoraPair.__call__`` over its stored slots (a [I, L, R], b [L, R, O]);
+    ``flat`` is the engine's own."""
+    import jax.numpy as jnp
+
+    from jaxllm.lora.layers import LoraPair
+
+    def slots_mask(slots, L):
+        return (slots[:, None] == jnp.arange(L, dtype=slots.dtype))[:, :, None]  # [T, L, 1]
+
+    def einsum32(self, x, slots):  # the first form: 3-D shrink, float32 expand
+        a, b = self.a[...], self.b[...]
+        xa = jnp.einsum("ti,ilr->tlr", x, a, preferred_element_type=jnp.float32)
+        xa = jnp.where(slots_mask(slots, a.shape[1]), xa, 0.0)
+        return jnp.einsum("tlr,lro->to", xa, b.astype(jnp.float32)).astype(x.dtype)
+
+    def einsum16(self, x, slots):  # 3-D shrink, expand in x's dtype
+        a, b = self.a[...], self.b[...]
+        xa = jnp.einsum("ti,ilr->tlr", x, a, preferred_element_type=jnp.float32)
+        xa = jnp.where(slots_mask(slots, a.shape[1]), xa, 0.0).astype(x.dtype)
+        return jnp.einsum("tlr,lro->to", xa, b,
+                          preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def flat32(self, x, slots):  # 2-D shrink, float32 expand
+        a, b = self.a[...], self.b[...]
+        I, L, R = a.shape
+        xa = jnp.dot(x, a.reshape(I, L * R), preferred_element_type=jnp.float32)
+        xa = jnp.where(slots[:, None] == jnp.arange(L * R, dtype=slots.dtype) // R, xa, 0.0)
+        return jnp.dot(xa, b.reshape(L * R, -1).astype(jnp.float32)).astype(x.dtype)
+
+    return {"flat": LoraPair.__call__, "einsum32": einsum32, "einsum16": einsum16,
+            "flat32": flat32}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default=None, help="random weights in this shape (e.g. llama3-8b)")
@@ -74,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16, help="the adapters' rank")
     ap.add_argument("--max-loras", type=int, default=4)
     ap.add_argument("--max-lora-rank", type=int, default=16)
+    ap.add_argument("--impl", nargs="+", default=["flat"],
+                    help="formulations of the delta to time (" + " ".join(_impls()) + ")")
     ap.add_argument("--out", default=None, help="append JSON rows here")
     args = ap.parse_args(argv)
 
@@ -102,31 +141,46 @@ def main(argv=None) -> int:
                 max_num_seqs=max(8, B), num_pages=B * (max_len // page_size + 2) + 8,
                 page_size=page_size, enable_prefix_caching=False,
                 max_num_batched_tokens=max(256, args.context), token_buckets=buckets)
+    from jaxllm.lora.layers import LoraPair
+
+    impls, flat = _impls(), LoraPair.__call__
     plain = LLMEngine(EngineConfig(**base), loaded=loaded)
-    lora = LLMEngine(EngineConfig(**base, enable_lora=True, max_loras=args.max_loras,
-                                  max_lora_rank=args.max_lora_rank), loaded=loaded)
     rng = np.random.default_rng(0)
+    prompts = {b: rng.integers(0, mc.vocab_size, size=(b, args.context)).tolist()
+               for b in args.batch}
     rows = []
+
+    def time_case(label, engine, b, loras, impl="-"):
+        ms = ms_per_token(engine, prompts[b], args.tokens, args.repeats, loras=loras)
+        rows.append(dict(bench="lora", model=name, case=label, impl=impl, batch=b,
+                         context=args.context, tokens=args.tokens, rank=args.rank,
+                         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                         adapters=len({x.lora_int_id for x in loras if x is not None}),
+                         device=jax.devices()[0].device_kind, ms_per_token=ms,
+                         date=time.strftime("%Y-%m-%d %H:%M")))
+
     for b in args.batch:
-        prompts = rng.integers(0, mc.vocab_size, size=(b, args.context)).tolist()
-        cases = [("plain", plain, [None] * b), ("lora, base", lora, [None] * b),
-                 ("lora, 1", lora, [requests[0]] * b),
-                 ("lora, mixed", lora, [requests[i % len(requests)] for i in range(b)])]
-        for label, engine, loras in cases:
-            if label == "lora, mixed" and b == 1:
-                continue
-            ms = ms_per_token(engine, prompts, args.tokens, args.repeats, loras=loras)
-            rows.append(dict(bench="lora", model=name, case=label, batch=b,
-                             context=args.context, tokens=args.tokens, rank=args.rank,
-                             max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                             adapters=len({x.lora_int_id for x in loras if x is not None}),
-                             device=jax.devices()[0].device_kind, ms_per_token=ms,
-                             date=time.strftime("%Y-%m-%d %H:%M")))
-    first = {r["batch"]: r["ms_per_token"] for r in rows if r["case"] == "plain"}
-    print(f"{'case':>12} {'batch':>5} {'adapters':>8} {'ms/step':>8} {'vs plain':>8}")
+        time_case("plain", plain, b, [None] * b)
+    for impl in args.impl:
+        LoraPair.__call__ = impls[impl]  # traced by this engine's programs (compiled at start)
+        lora = LLMEngine(EngineConfig(**base, enable_lora=True, max_loras=args.max_loras,
+                                      max_lora_rank=args.max_lora_rank), loaded=loaded)
+        for b in args.batch:
+            time_case("lora, base", lora, b, [None] * b, impl)
+            time_case("lora, 1", lora, b, [requests[0]] * b, impl)
+            if b > 1:
+                time_case("lora, mixed", lora, b, [requests[i % len(requests)]
+                                                   for i in range(b)], impl)
+        del lora
+        LoraPair.__call__ = flat
+    if len(args.impl) > 1:  # the plain engine again: drift over the run
+        for b in args.batch:
+            time_case("plain", plain, b, [None] * b)
+    first = {r["batch"]: r["ms_per_token"] for r in reversed(rows) if r["case"] == "plain"}
+    print(f"{'case':>12} {'impl':>9} {'batch':>5} {'adapters':>8} {'ms/step':>8} {'vs plain':>8}")
     for r in rows:
-        print(f"{r['case']:>12} {r['batch']:>5} {r['adapters']:>8} {r['ms_per_token']:>8.2f} "
-              f"{r['ms_per_token'] / first[r['batch']]:>7.2f}x")
+        print(f"{r['case']:>12} {r['impl']:>9} {r['batch']:>5} {r['adapters']:>8} "
+              f"{r['ms_per_token']:>8.2f} {r['ms_per_token'] / first[r['batch']]:>7.2f}x")
     append_jsonl(args.out, rows)
     print(json.dumps(rows))
     return 0

@@ -161,6 +161,8 @@
 #                                          and batch 1, on the H100
 #   bash benchmarks/gpu/issues.sh lora     (one GPU) LoRA's decode cost on the 8B shape, then
 #                                          the GPU tests
+#   bash benchmarks/gpu/issues.sh lora2    (nvidia-h100-x1) the LoRA delta's formulations
+#                                          (lora.py --impl) A/B, then batch 256's GPU idle share
 #   bash benchmarks/gpu/issues.sh spec     (one GPU) speculative decoding at batch 1 / 4 on
 #                                          the 8B shape: plain vs n-gram drafts, k = 2 / 4 / 8
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1724,6 +1726,15 @@ lora)  # one GPU, one call: LoRA's decode cost on the 8B shape (benchmarks/lora.
   JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
     -q -m gpu -p no:cacheprovider tests/test_gpu.py > $L/gpu_tests.log 2>&1
   grep -v "^\s*$" $L/gpu_tests.log | tail -8
+  show_logs 4 ;;
+lora2)  # nvidia-h100-x1, one call: LoRA's decode cost under four formulations of the delta
+  # (benchmarks/lora.py --impl: each its own LoRA engine over the same slots, the plain engine
+  # timed first and last), then one profile of the batch-256 decode step (issue 9's host idle).
+  L=$OUT/logs; mkdir -p $L
+  timeout 340 python3 benchmarks/lora.py --shape llama3-8b --batch 1 32 --context 1024 \
+    --tokens 32 --impl flat einsum32 einsum16 flat32 --out $OUT/lora.jsonl > $L/lora.log 2>&1
+  echo "rc=$?"; quiet < $L/lora.log | grep -v '^\[' | tail -22
+  idle256 1
   show_logs 4 ;;
 spec)  # nvidia-h200 (one GPU), one call: speculative decoding (n-gram drafts) on the 8B shape,
   # random bf16 weights, batch 1 at 1k context: plain vs k = 2 / 4 / 8, forced (every draft
