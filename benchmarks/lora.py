@@ -6,7 +6,9 @@ Two engines over one loaded model (the same base weights, each with its own smal
 (q/k/v/o, gate/up/down) are written to a temporary folder and read as any adapter is. Rows,
 each at ``--batch`` sequences of prompt length ``--context``, greedy:
   plain        the engine without LoRA
-  lora, base   the LoRA engine, no request naming an adapter (the slots' cost alone)
+  lora, base   the LoRA engine, no request naming an adapter: with specialize_lora (the
+               default) its steps run the programs without the LoRA path; with
+               ``--no-specialize-lora`` the LoRA path's cost alone
   lora, 1      every request under one adapter
   lora, mixed  the requests spread over max_loras adapters (one step serves them all)
 
@@ -111,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16, help="the adapters' rank")
     ap.add_argument("--max-loras", type=int, default=4)
     ap.add_argument("--max-lora-rank", type=int, default=16)
+    ap.add_argument("--specialize-lora", action=argparse.BooleanOptionalAction, default=True,
+                    help="the LoRA engine's specialize_lora (default on, as the engine's)")
     ap.add_argument("--impl", nargs="+", default=["flat"],
                     help="formulations of the delta to time (" + " ".join(_impls()) + ")")
     ap.add_argument("--out", default=None, help="append JSON rows here")
@@ -155,6 +159,7 @@ def main(argv=None) -> int:
         rows.append(dict(bench="lora", model=name, case=label, impl=impl, batch=b,
                          context=args.context, tokens=args.tokens, rank=args.rank,
                          max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                         specialize_lora=args.specialize_lora,
                          adapters=len({x.lora_int_id for x in loras if x is not None}),
                          device=jax.devices()[0].device_kind, ms_per_token=ms,
                          date=time.strftime("%Y-%m-%d %H:%M")))
@@ -164,7 +169,8 @@ def main(argv=None) -> int:
     for impl in args.impl:
         LoraPair.__call__ = impls[impl]  # traced by this engine's programs (compiled at start)
         lora = LLMEngine(EngineConfig(**base, enable_lora=True, max_loras=args.max_loras,
-                                      max_lora_rank=args.max_lora_rank), loaded=loaded)
+                                      max_lora_rank=args.max_lora_rank,
+                                      specialize_lora=args.specialize_lora), loaded=loaded)
         for b in args.batch:
             time_case("lora, base", lora, b, [None] * b, impl)
             time_case("lora, 1", lora, b, [requests[0]] * b, impl)

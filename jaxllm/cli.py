@@ -129,6 +129,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                            "or 512 (default 16)")
     lora.add_argument("--max-cpu-loras", type=int, default=None,
                       help="adapters kept in host memory (default: --max-loras)")
+    lora.add_argument("--specialize-lora", action=argparse.BooleanOptionalAction, default=True,
+                      help="steps without an adapter run programs without the LoRA path (the "
+                           "start-up compiles both sets; vLLM's cudagraph_specialize_lora)")
     p.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILATION_CACHE_DIR,
                    help="keep compiled step programs here, so a restart with the same model and "
                         "flags skips most of the start-up compile (default: "
@@ -194,7 +197,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 speculative_config=args.speculative_config,
                 runner=args.runner, pooler_config=args.pooler_config,
                 enable_lora=args.enable_lora, max_loras=args.max_loras,
-                max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras)
+                max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+                specialize_lora=args.specialize_lora)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -247,6 +247,10 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # With enable_lora, steps where no running sequence has an adapter run a second set of
+    # step programs without the LoRA path (as fast as an engine without LoRA; the start-up
+    # compiles both sets). vLLM's compilation_config.cudagraph_specialize_lora (default on).
+    specialize_lora: bool = True
     # vLLM's names for two of the fields above, so its keyword arguments work as they are:
     # block_size is page_size (tokens a KV page holds), num_gpu_blocks_override is num_pages.
     # Taken into those fields here and then None.

@@ -151,6 +151,53 @@ def test_adapters_under_the_engines_paths(small_llama_folder, adapters, referenc
         assert llm.llm_engine.stats["spec_decode_num_draft_tokens"] > 0
 
 
+@pytest.mark.parametrize("specialize", [True, False], ids=["specialized", "one_set"])
+def test_adapter_free_steps_run_the_programs_without_lora(small_llama_folder, adapters,
+                                                          reference, specialize, monkeypatch):
+    """With specialize_lora (vLLM's cudagraph_specialize_lora, the default) the start-up
+    compiles the step programs twice, with and without the LoRA path, and a step runs the
+    second exactly when none of its sequences has an adapter: base-only batches, and the base
+    requests' steps after the adapters' requests finished. Off, every step carries the slots.
+    Either way the tokens are PEFT's and serving compiles nothing more."""
+    from jaxllm import LLM
+    from jaxllm.engine.model_runner import ModelRunner
+
+    kinds = []  # per step: "lora" / "plain", and whether a sequence had an adapter
+    real = ModelRunner.prepare
+
+    def prepare(self, scheduled, *args, **kw):
+        inputs = real(self, scheduled, *args, **kw)
+        if scheduled:
+            kinds.append(("plain" if inputs.lora_slots is None else "lora",
+                          any(s.seq.lora_slot >= 0 for s in scheduled)))
+        return inputs
+
+    llm = LLM(str(small_llama_folder), **{**_KW, "skip_compile_at_start": False,
+                                          "max_num_seqs": 4, "specialize_lora": specialize})
+    runner = llm.llm_engine.runner
+    assert len(runner.step_programs()) == len(runner.step_variants()) * (2 if specialize else 1)
+    compiled = runner.num_compiles
+    assert runner._forward._cache_size() == len(runner.step_programs())
+    monkeypatch.setattr(ModelRunner, "prepare", prepare)
+    from jaxllm import SamplingParams
+
+    outs = _generate(llm, adapters, [(0, None), (1, None)])  # base only
+    assert [o.outputs[0].token_ids for o in outs] == [reference[(0, None)], reference[(1, None)]]
+    # a1's request stops after 3 tokens; the base requests decode on without it.
+    cases = [(1, "a1"), (2, None), (3, None)]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, _N, _N)]
+    outs = llm.generate([{"prompt_token_ids": _PROMPTS[i]} for i, _ in cases], params,
+                        use_tqdm=False, lora_request=_requests(adapters, [n for _, n in cases]))
+    assert [o.outputs[0].token_ids for o in outs] == [reference[(1, "a1")][:3],
+                                                      reference[(2, None)], reference[(3, None)]]
+    assert runner.num_compiles == compiled
+    if specialize:
+        assert all(kind == ("lora" if adapter else "plain") for kind, adapter in kinds)
+        assert {k for k, _ in kinds} == {"lora", "plain"}
+    else:
+        assert {k for k, _ in kinds} == {"lora"}
+
+
 def test_prefix_cache_pages_are_shared_by_one_adapters_requests_only(small_llama_folder,
                                                                      adapters, reference):
     """An adapter's K/V is its own: a repeated prompt hits the cache under the same adapter

@@ -409,6 +409,9 @@ def test_serve_reads_lora_flags_in_vllms_formats_and_refuses_bad_ones(capsys):
     assert (kw["enable_lora"], kw["max_loras"], kw["max_lora_rank"], kw["max_cpu_loras"]) == (
         True, 4, 64, 8)
     assert engine_kwargs(parser.parse_args(["serve"]))["enable_lora"] is False
+    assert kw["specialize_lora"] is True
+    assert engine_kwargs(parser.parse_args(["serve", "--enable-lora", "--no-specialize-lora"])
+                         )["specialize_lora"] is False
     for bad, said in ((["nopath"], "expected name=path"), (["a="], "expected name=path"),
                       (["{oops"], "invalid JSON"), (['{"name": "a"}'], "'path'"),
                       (['{"name": "a", "path": "/p", "rank": 8}'], "unknown field"),

@@ -2,6 +2,7 @@
 exactly what the plain row-by-row construction gives (no model, no device)."""
 
 import numpy as np
+import pytest
 
 from jaxllm.engine import sampler as S
 from jaxllm.engine.model_runner import ModelRunner
@@ -71,7 +72,9 @@ def test_decode_fast_path_matches_the_row_by_row_path_with_placeholders():
 
 def test_lora_slots_give_each_token_its_sequences_slot():
     """With LoRA, every token row carries its sequence's adapter slot (-1: none, and for the
-    padding rows), for prefill chunks and decodes alike; without, the field stays None."""
+    padding rows), for prefill chunks and decodes alike; without, the field stays None. A
+    step where no sequence has an adapter carries none either (it runs the programs without
+    the LoRA path), unless specialize_lora is off; forcing it off under an adapter is refused."""
     r = _runner()
     seqs = [_seq(i, 5 + i, list(range(10 * i + 1, 10 * i + 4))) for i in range(3)]
     for s, slot in zip(seqs, (1, -1, 0)):
@@ -87,6 +90,17 @@ def test_lora_slots_give_each_token_its_sequences_slot():
     decode = r.prepare(_decode(seqs), [])
     np.testing.assert_array_equal(decode.lora_slots[:3], [1, -1, 0])
     assert np.all(decode.lora_slots[3:] == -1)
+    with pytest.raises(ValueError, match="has a LoRA adapter"):
+        r.prepare(sched, [], lora=False)
+    for s in seqs:
+        s.lora_slot = -1
+    assert r.prepare(sched, []).lora_slots is None
+    assert r.prepare(_decode(seqs), []).lora_slots is None
+    np.testing.assert_array_equal(r.prepare(sched, [], lora=True).lora_slots, [-1] * 32)
+    assert r.lora_variants() == (True, False)
+    r.specialize_lora = False
+    np.testing.assert_array_equal(r.prepare(sched, []).lora_slots, [-1] * 32)
+    assert r.lora_variants() == (True,)
 
 
 def test_page_table_rows_follow_appends_replacements_and_slot_reuse():

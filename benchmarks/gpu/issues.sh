@@ -163,6 +163,8 @@
 #                                          the GPU tests
 #   bash benchmarks/gpu/issues.sh lora2    (nvidia-h100-x1) the LoRA delta's formulations
 #                                          (lora.py --impl) A/B, then batch 256's GPU idle share
+#   bash benchmarks/gpu/issues.sh lora3    (nvidia-h100-x1) LoRA's decode cost with
+#                                          specialize_lora, then the LoRA GPU test
 #   bash benchmarks/gpu/issues.sh spec     (one GPU) speculative decoding at batch 1 / 4 on
 #                                          the 8B shape: plain vs n-gram drafts, k = 2 / 4 / 8
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1736,6 +1738,19 @@ lora2)  # nvidia-h100-x1, one call: LoRA's decode cost under four formulations o
   echo "rc=$?"; quiet < $L/lora.log | grep -v '^\[' | tail -22
   idle256 1
   show_logs 4 ;;
+lora3)  # nvidia-h100-x1, one call: LoRA's decode cost with specialize_lora (adapter-free steps
+  # run the programs without the LoRA path; the adapters' steps the LoRA path, as before),
+  # then the LoRA GPU test. Carry .bench and .whl.
+  L=$OUT/logs; mkdir -p $L
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
+  timeout 300 python3 benchmarks/lora.py --shape llama3-8b --batch 1 32 --context 1024 \
+    --tokens 32 --out $OUT/lora.jsonl > $L/lora.log 2>&1
+  echo "rc=$?"; quiet < $L/lora.log | grep -v '^\[' | tail -8
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
+    -q -m gpu -p no:cacheprovider tests/test_gpu.py -k lora > $L/gpu_tests.log 2>&1
+  grep -v "^\s*$" $L/gpu_tests.log | tail -4
+  show_logs 3 ;;
 spec)  # nvidia-h200 (one GPU), one call: speculative decoding (n-gram drafts) on the 8B shape,
   # random bf16 weights, batch 1 at 1k context: plain vs k = 2 / 4 / 8, forced (every draft
   # accepted: the ceiling), random (nothing accepted: the cost) and sampled; then the GPU tests

@@ -330,6 +330,7 @@ class LLMEngine:
                                     max_lora_rank=config.max_lora_rank,
                                     max_cpu_loras=config.max_cpu_loras or config.max_loras)
             self.runner.lora_enabled = True
+            self.runner.specialize_lora = config.specialize_lora
         pages_per_seq = math.ceil(self.max_model_len / config.page_size)
         logger.info("KV cache: %d pages of %d tokens (%s); max concurrency at max_model_len=%d: "
                     "%.2fx", num_pages - 1, config.page_size, self.cache_dtype, self.max_model_len,
@@ -376,7 +377,7 @@ class LLMEngine:
         if not config.skip_compile_at_start and self.runner_kind != "pooling":
             secs = self.runner.compile_all()
             logger.info("compiled %d step programs (%d token buckets) in %.1f s",
-                        len(self.runner.step_variants()), len(token_buckets), secs)
+                        len(self.runner.step_programs()), len(token_buckets), secs)
         if jax.process_count() > 1 and jax.process_index() == 0:
             from sharding.distributed import attach_leader
 
@@ -549,7 +550,7 @@ class LLMEngine:
         probe.penalty_min = 64  # (no rows: no penalty list)
         probe.vocab_size = mc.vocab_size
         probe.lora_enabled = cfg.enable_lora  # (the model has its LoRA slots by now)
-        inputs = probe.prepare([], [], T=T)
+        inputs = probe.prepare([], [], T=T, lora=True)  # (with LoRA: its larger program)
         shape = (2, cfg.page_size, self.num_kv_heads, mc.head_dim)
         kv = [(jax.ShapeDtypeStruct(shape, self.cache_dtype),) * 2
               for _ in range(mc.num_hidden_layers)]

@@ -616,6 +616,9 @@ class ModelRunner:
         self.compile_sampler_extras = False
         # The model has LoRA slots (jaxllm/lora): steps carry StepInputs.lora_slots.
         self.lora_enabled = False
+        # With LoRA, a step where no sequence has an adapter runs the programs without the
+        # LoRA path (EngineConfig.specialize_lora; the engine sets it before start-up compile).
+        self.specialize_lora = True
 
     @property
     def state(self) -> nnx.State:
@@ -715,6 +718,19 @@ class ModelRunner:
             variants += [(T, True) for T in self.token_buckets if T <= self.token_bucket(n)]
         return variants
 
+    def lora_variants(self) -> tuple[bool, ...]:
+        """Whether each set of the step programs above has the LoRA path: (False,) without
+        LoRA, (True, False) with LoRA and ``specialize_lora`` (adapter-free steps run the
+        second set: vLLM's cudagraph_specialize_lora), (True,) otherwise."""
+        if not self.lora_enabled:
+            return (False,)
+        return (True, False) if self.specialize_lora else (True,)
+
+    def step_programs(self) -> list[tuple[int, bool, bool]]:
+        """The (token bucket T, decode_only, lora) forward programs compiled at start-up:
+        ``step_variants`` for each of ``lora_variants``."""
+        return [(T, d, lora) for lora in self.lora_variants() for T, d in self.step_variants()]
+
     def multi_step_variants(self) -> list[tuple[int, bool]]:
         """The (token bucket T, sort) multi-step decode programs compiled at start-up (with
         ``num_scheduler_steps`` > 1): one per bucket a pure decode step lands in, with and
@@ -763,15 +779,16 @@ class ModelRunner:
         t0 = time.perf_counter()
         self._compile_in_parallel()
         sampled = set()  # the sampler's programs depend on the sequence bucket alone
-        for T, decode_only in tqdm(self.step_variants(), desc="Compiling step buckets",
-                                   disable=not show_progress, unit="program"):
-            inputs = self.prepare([], [], T=T, decode_only=decode_only)
+        for T, decode_only, lora in tqdm(self.step_programs(), desc="Compiling step buckets",
+                                         disable=not show_progress, unit="program"):
+            inputs = self.prepare([], [], T=T, decode_only=decode_only, lora=lora)
             jax.block_until_ready(self._warm_up(inputs, self.seq_bucket(T) not in sampled))
             sampled.add(self.seq_bucket(T))
-        for T, sort in self.multi_step_variants():
-            out = self.run_multi(self.prepare([], [], T=T, decode_only=True), sort,
-                                 self.num_scheduler_steps)
-            jax.block_until_ready(out)
+        for lora in self.lora_variants():
+            for T, sort in self.multi_step_variants():
+                out = self.run_multi(self.prepare([], [], T=T, decode_only=True, lora=lora),
+                                     sort, self.num_scheduler_steps)
+                jax.block_until_ready(out)
         return time.perf_counter() - t0
 
     def _compile_in_parallel(self) -> None:
@@ -803,9 +820,11 @@ class ModelRunner:
                 cache.store(ckey, compiled)
             return secs
 
-        variants = self.step_variants()
+        variants = self.step_programs()
+        multi_variants = [(T, sort, lora) for lora in self.lora_variants()
+                          for T, sort in self.multi_step_variants()]
         n_programs = len(variants) + len(self.sampler_variants() + self.sampler_extras()) * len(
-            {self.seq_bucket(T) for T, _ in variants}) + len(self.multi_step_variants())
+            {self.seq_bucket(T) for T, _, _ in variants}) + len(multi_variants)
         workers = max(1, min(n_programs, compile_workers()))
         names, futures, sampled, lowering, loaded = [], [], set(), 0.0, []
         t_load = 0.0
@@ -842,26 +861,28 @@ class ModelRunner:
                 return lo.out_info
 
             fwd_jobs, samp_inputs, multi_jobs = [], [], []
-            for T, decode_only in variants:
+            for T, decode_only, lora in variants:
                 fwd_in, samp_in = self._device_inputs(
-                    self.prepare([], [], T=T, decode_only=decode_only))
+                    self.prepare([], [], T=T, decode_only=decode_only, lora=lora))
                 fwd_jobs.append((
                     f"forward T={T}" + (" decode-only" if decode_only else "")
-                    + (" cublas" if self.uses_cublas(T) else ""),
+                    + (" lora" if lora else "") + (" cublas" if self.uses_cublas(T) else ""),
                     _program_key("forward", T, fwd_in), self.forward_for(T),
                     (self._leaves, self.kv_caches, fwd_in, self._prev_tokens)))
                 samp_inputs.append(samp_in)
-            for T, sort in self.multi_step_variants():
-                fwd_in, samp_in = self._device_inputs(self.prepare([], [], T=T, decode_only=True))
+            for T, sort, lora in multi_variants:
+                fwd_in, samp_in = self._device_inputs(
+                    self.prepare([], [], T=T, decode_only=True, lora=lora))
                 multi_jobs.append((
-                    f"multi-step T={T} sort={sort}" + (" cublas" if self.uses_cublas(T) else ""),
+                    f"multi-step T={T} sort={sort}" + (" lora" if lora else "")
+                    + (" cublas" if self.uses_cublas(T) else ""),
                     _program_key("multi", T, (fwd_in, samp_in), self.num_scheduler_steps, sort),
                     self.multi_step_for(T),
                     (self.num_scheduler_steps, self._leaves, self.kv_caches, fwd_in,
                      self._prev_tokens, samp_in, sort)))
             first = load_all(fwd_jobs + multi_jobs)
             samp_jobs = []
-            for (T, _), job, found, samp_in in zip(variants, fwd_jobs, first, samp_inputs):
+            for (T, _, _), job, found, samp_in in zip(variants, fwd_jobs, first, samp_inputs):
                 out_info = submit(job, *found)
                 # The sampler's programs depend on the sequence bucket alone: the decode-only
                 # forward and every token bucket of one sequence bucket share them (compiling
@@ -983,13 +1004,19 @@ class ModelRunner:
     # -- host side ----------------------------------------------------------------------------
     def prepare(self, scheduled: list[ScheduledSeq],
                 sampling_rows: list[sampler_lib.SamplingRow] | None,
-                T: int | None = None, decode_only: bool | None = None) -> StepInputs:
+                T: int | None = None, decode_only: bool | None = None,
+                lora: bool | None = None) -> StepInputs:
         """Builds padded numpy StepInputs for the scheduled sequences, in their order.
         ``sampling_rows`` None: no sampling tensors (``dispatch_forward``: they come later).
 
         decode_only: None picks it (every sequence has one new token, and ``decode_only_steps``);
         True / False force it (start-up compile, tests). True with a longer sequence is wrong
-        results with the Pallas kernel, so it is refused."""
+        results with the Pallas kernel, so it is refused.
+
+        lora (with ``lora_enabled``): whether the step carries ``lora_slots`` and so runs the
+        programs with the LoRA path. None picks it: yes when a sequence has an adapter or
+        ``specialize_lora`` is off. True / False force it (start-up compile); False with a
+        sequence under an adapter is refused. Without ``lora_enabled`` it is ignored."""
         n_tokens = sum(s.num_new_tokens for s in scheduled)
         pure_decode = n_tokens == len(scheduled) and all(s.num_new_tokens == 1 for s in scheduled)
         if decode_only is None:
@@ -1033,7 +1060,12 @@ class ModelRunner:
             sampling_rows, pad_to=S, knob_cache=self._knob_cache, vocab_size=self.vocab_size,
             penalty_min=self.penalty_min)
         lora_slots = None
-        if self.lora_enabled:  # each token its sequence's slot (engine: LoraManager.activate)
+        adapters = self.lora_enabled and any(s.seq.lora_slot >= 0 for s in scheduled)
+        if lora is None:
+            lora = adapters or not self.specialize_lora
+        elif adapters and not lora:
+            raise ValueError("lora=False, but a scheduled sequence has a LoRA adapter")
+        if self.lora_enabled and lora:  # each token its sequence's slot (LoraManager.activate)
             lora_slots = np.full(T, -1, np.int32)
             if num_seqs:
                 lora_slots[:off] = np.repeat(

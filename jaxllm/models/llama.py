@@ -327,12 +327,14 @@ class LlamaMLP(nnx.Module):
         h = self.act(g) * u
         return self.down_proj(h) + self.lora.delta("down_proj", h, slots)
 
-    def kernel_ok(self) -> bool:
+    def kernel_ok(self, lora_slots: jax.Array | None = None) -> bool:
         """Whether ``normed_swiglu_kernel`` takes this MLP: a fused gate/up without bias, E and
-        F multiples of 16 (the kernel's smallest blocks; other shapes keep XLA's kernels)."""
+        F multiples of 16 (the kernel's smallest blocks; other shapes keep XLA's kernels), and
+        no LoRA delta to add (``lora_slots`` None: a step where no sequence has an adapter
+        runs the kernel in a LoRA engine too)."""
         p = self.gate_up_proj
         return (self.swiglu and p is not None and p.bias is None and p.in_features % 16 == 0
-                and p.groups[0] % 16 == 0 and self.lora is None)
+                and p.groups[0] % 16 == 0 and (self.lora is None or lora_slots is None))
 
     def normed_swiglu_kernel(self, x: jax.Array, norm: "RMSNorm") -> jax.Array:
         """silu(gate(n)) * up(n) with n = norm(x), in one Pallas kernel
@@ -380,7 +382,7 @@ class LlamaDecoderLayer(nnx.Module):
             h = self.mlp(self.pre_feedforward_layernorm(x), lora_slots)
             return x + self.post_feedforward_layernorm(h), kv_cache
         x = x + self._branch(attn_out)
-        if (self.mlp.kernel_ok() and not self.post_attention_layernorm.offset
+        if (self.mlp.kernel_ok(lora_slots) and not self.post_attention_layernorm.offset
                 and mlp_kernel_applies(self.self_attn.attention_backend, x.shape[0],
                                        fp8=self.mlp.gate_up_proj.kernel is None)):
             h = self.mlp.normed_swiglu_kernel(x, self.post_attention_layernorm)
