@@ -233,7 +233,9 @@ class ServerOptions:
       many characters and ids;
     - lora_modules: LoRA adapters served by name (``--lora-modules``; server/lora.py), each
       a LoRAModulePath, a dict of its fields or vLLM's flag text; the engine needs
-      enable_lora.
+      enable_lora;
+    - enable_request_id_headers: every reply carries ``X-Request-Id``, the request's own
+      header or a new id (vLLM's ``--enable-request-id-headers``).
     """
 
     return_tokens_as_token_ids: bool = False
@@ -247,6 +249,7 @@ class ServerOptions:
     enable_log_requests: bool = False
     max_log_len: int | None = None
     lora_modules: tuple[LoRAModulePath, ...] = ()
+    enable_request_id_headers: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_modules", lora_modules_of(self.lora_modules))
@@ -604,6 +607,7 @@ class OpenAIServer(PromptRenderer):
         if self.cors is not None and call.method == "OPTIONS":
             pre = self.cors.preflight(call.headers)
             if pre is not None:
+                pre.headers = {**(pre.headers or {}), **self.request_id_header(call.headers)}
                 return pre
         try:
             self.check_size(len(call.body))
@@ -619,24 +623,40 @@ class OpenAIServer(PromptRenderer):
         except Exception:
             logger.exception("unhandled error on %s %s", call.method, call.path)
             reply = internal_error().reply()
-        if self.cors is not None:
-            reply.headers = {**(reply.headers or {}), **self.cors.reply_headers(call.headers)}
+        reply.headers = {**(reply.headers or {}), **self.reply_headers(call.headers)}
         return reply
+
+    def request_id_header(self, req_headers: Mapping[str, str]) -> dict[str, str]:
+        """With enable_request_id_headers: ``X-Request-Id``, the request's or a new one."""
+        if not self.options.enable_request_id_headers:
+            return {}
+        return {"X-Request-Id": req_headers.get("X-Request-Id") or uuid.uuid4().hex}
+
+    def reply_headers(self, req_headers: Mapping[str, str]) -> dict[str, str]:
+        """The headers the server adds to a (non-preflight) reply: CORS and X-Request-Id."""
+        cors = self.cors.reply_headers(req_headers) if self.cors is not None else {}
+        return {**cors, **self.request_id_header(req_headers)}
+
+    @staticmethod
+    def _base_id(call: Call, body_id: str | None) -> str:
+        """A request's id as vLLM forms it: its X-Request-Id header, else the body's
+        request_id, else a new one (the reply's id is a prefix and this)."""
+        return call.headers.get("X-Request-Id") or body_id or uuid.uuid4().hex
 
     # -- aiohttp middlewares ------------------------------------------------------------------
     @web.middleware
-    async def cors_middleware(self, request: web.Request, handler) -> web.StreamResponse:
-        """Outermost: answers preflights (before auth) and names the origin on replies not
-        yet sent (a stream's go out with _aiohttp_route's headers)."""
-        if self.cors is None:
-            return await handler(request)
-        if request.method == "OPTIONS":
+    async def headers_middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        """Outermost: answers CORS preflights (before auth) and adds ``reply_headers`` to
+        replies not yet sent (a stream's go out with _aiohttp_route's)."""
+        if self.cors is not None and request.method == "OPTIONS":
             pre = self.cors.preflight(request.headers)
             if pre is not None:
-                return pre.to_aiohttp()
+                resp = pre.to_aiohttp()
+                resp.headers.update(self.request_id_header(request.headers))
+                return resp
         resp = await handler(request)
         if not resp.prepared:
-            resp.headers.update(self.cors.reply_headers(request.headers))
+            resp.headers.update(self.reply_headers(request.headers))
         return resp
 
     @web.middleware
@@ -1041,7 +1061,7 @@ class OpenAIServer(PromptRenderer):
                 data.append(P.EmbeddingData(embedding=v, index=i))
             n = sum(len(o.prompt_token_ids) for o in outs)
             resp = P.EmbeddingResponse(
-                id=f"embd-{req.request_id or uuid.uuid4().hex}", created=int(time.time()),
+                id=f"embd-{self._base_id(call, req.request_id)}", created=int(time.time()),
                 model=model, data=data,
                 usage=P.UsageInfo(prompt_tokens=n, total_tokens=n))
             return Reply.json(resp.model_dump())
@@ -1089,7 +1109,7 @@ class OpenAIServer(PromptRenderer):
                                       model)
             n = sum(len(o.prompt_token_ids) for o in outs)
             resp = P.ScoreResponse(
-                id=f"score-{req.request_id or uuid.uuid4().hex}", created=int(time.time()),
+                id=f"score-{self._base_id(call, req.request_id)}", created=int(time.time()),
                 model=model, usage=P.UsageInfo(prompt_tokens=n, total_tokens=n),
                 data=[P.ScoreResponseData(index=i, score=o.outputs.score)
                       for i, o in enumerate(outs)])
@@ -1109,7 +1129,7 @@ class OpenAIServer(PromptRenderer):
             if req.top_n:
                 results = results[:req.top_n]
             n = sum(len(o.prompt_token_ids) for o in outs)
-            resp = P.RerankResponse(id=f"rerank-{req.request_id or uuid.uuid4().hex}",
+            resp = P.RerankResponse(id=f"rerank-{self._base_id(call, req.request_id)}",
                                     model=model, results=results,
                                     usage=P.RerankUsage(prompt_tokens=n, total_tokens=n))
             return Reply.json(resp.model_dump())
@@ -1266,7 +1286,7 @@ class OpenAIServer(PromptRenderer):
                 prompt_logprobs=req.prompt_logprobs if req.prompt_logprobs is not None
                 else echo_lp)
             prompts = self._truncated(prompts, params)
-            rid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
+            rid = f"cmpl-{self._base_id(call, req.request_id)}"
             beam = self._beam_params(req, params)
             stream = lease.own(self._merge(prompts, params, rid, req, beam, lora))
             first = await self._first(stream, req)
@@ -1431,7 +1451,7 @@ class OpenAIServer(PromptRenderer):
             req, model = self._request(call, P.ChatCompletionRequest)
             lora = self.loras.get(model)
             prompt, params, tools, k = self._chat_setup(req)
-            rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
+            rid = f"chatcmpl-{self._base_id(call, req.request_id)}"
             beam = self._beam_params(req, params)
             stream = lease.own(self._merge([prompt], params, rid, req, beam, lora))
             first = await self._first(stream, req)
@@ -1605,7 +1625,7 @@ class OpenAIServer(PromptRenderer):
                     raise APIError(400, f"Invalid input: {msg}",
                                    param="tools" if "tools" in msg else "input") from None
                 prompt, params, tools, _ = self._chat_setup(req)
-                rid = f"resp_{rreq.request_id or uuid.uuid4().hex}"
+                rid = f"resp_{self._base_id(call, rreq.request_id)}"
                 stream = lease.own(self._merge([prompt], params, rid, req, lora=lora))
                 first = await self._first(stream, req)
             except APIError as e:
@@ -1805,7 +1825,7 @@ def build_app(engine: Any, *, api_key: str | None = None,
                        tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
                        options=options)
     app = web.Application(client_max_size=max_request_bytes,
-                          middlewares=[srv.cors_middleware, srv.error_middleware,
+                          middlewares=[srv.headers_middleware, srv.error_middleware,
                                        srv.auth_middleware])
     app[SERVER_KEY] = srv
     app.cleanup_ctx.append(srv._log_stats)
@@ -1831,9 +1851,8 @@ def _aiohttp_route(route: Callable[[Call], Awaitable[Reply]]):
         try:
             if reply.stream is None:
                 return reply.to_aiohttp()
-            cors = route.__self__.cors
             resp = web.StreamResponse(status=reply.status, headers={
-                **reply.all_headers(), **(cors.reply_headers(request.headers) if cors else {})})
+                **reply.all_headers(), **route.__self__.reply_headers(request.headers)})
             await resp.prepare(request)
             with contextlib.suppress(ConnectionResetError):  # the client went away
                 async for chunk in reply.stream:

@@ -79,6 +79,9 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
     t.add_argument("--ssl-ca-certs", default=None, help="CA certificates for client certificates")
     t.add_argument("--ssl-cert-reqs", type=int, default=0, choices=[0, 1, 2],
                    help="client certificates: 0 none, 1 optional, 2 required (Python's ssl)")
+    p.add_argument("--enable-request-id-headers", action="store_true",
+                   help="every reply carries X-Request-Id: the request's own header, or a new "
+                        "id (a request's X-Request-Id always names it, as vLLM's)")
     p.add_argument("--enable-log-requests", action="store_true",
                    help="log each request's prompt and sampling params (INFO)")
     p.add_argument("--max-log-len", type=int, default=None,

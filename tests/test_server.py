@@ -903,6 +903,49 @@ def test_cors_answers_preflights_before_auth_and_names_the_origin_on_replies(ser
         build_app(engine, options={"allowed_origins": "*"})
 
 
+def test_x_request_id_names_the_request_and_comes_back_with_the_flag(client, servers, engine):
+    """vLLM's request ids: a request's X-Request-Id header is its id (the reply's id is the
+    route's prefix and it; the header wins over the body's request_id); with
+    --enable-request-id-headers every reply (JSON, stream, error, preflight, both front ends)
+    carries X-Request-Id, the request's own or a new one. Without the flag, no such header."""
+    from server.app import Call
+
+    hdr = {"X-Request-Id": "trace-7"}
+    c = client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_headers=hdr)
+    assert c.id == "cmpl-trace-7"
+    chat = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1,
+        extra_headers={"X-Request-Id": "trace-8"}, extra_body={"request_id": "body-id"})
+    assert chat.parse().id == "chatcmpl-trace-8" and "X-Request-Id" not in chat.headers
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=1,
+                                     extra_body={"request_id": "body-id"}).id == "cmpl-body-id"
+    r = client.responses.create(model=MODEL, input="x", max_output_tokens=1, extra_headers=hdr)
+    assert r.id == "resp_trace-7"
+
+    base = servers.start(build_app(engine, served_model_name=MODEL, options=ServerOptions(
+        enable_request_id_headers=True)))
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    status, h, out = _post(servers, "/v1/completions", body, base=base, headers=hdr)
+    assert status == 200 and h["X-Request-Id"] == "trace-7" and out["id"] == "cmpl-trace-7"
+    status, h, out = _post(servers, "/v1/completions", body, base=base)
+    assert status == 200 and re.fullmatch(r"[0-9a-f]{32}", h["X-Request-Id"])
+    status, h, text = _post(servers, "/v1/completions", {**body, "stream": True}, base=base,
+                            headers=hdr)
+    assert status == 200 and h["X-Request-Id"] == "trace-7" and "[DONE]" in text
+    status, h, err = _post(servers, "/v1/completions", {**body, "model": "nope"}, base=base,
+                           headers=hdr)
+    assert status == 404 and h["X-Request-Id"] == "trace-7" and "error" in err
+    status, h, _ = _post(servers, "/v1/completions", base=base, method="OPTIONS", headers={
+        **hdr, "Origin": "http://a.example", "Access-Control-Request-Method": "POST"})
+    assert status == 200 and h["X-Request-Id"] == "trace-7"
+    srv = build_app(engine, served_model_name=MODEL, options=ServerOptions(
+        enable_request_id_headers=True))[SERVER_KEY]
+    reply = servers.run(srv.handle(Call("GET", "/v1/models", hdr)))
+    assert reply.status == 200 and reply.headers["X-Request-Id"] == "trace-7"
+    reply = servers.run(srv.handle(Call("GET", "/v1/nowhere", {})))
+    assert reply.status == 404 and re.fullmatch(r"[0-9a-f]{32}", reply.headers["X-Request-Id"])
+
+
 def test_prompt_tokens_details_and_forced_usage_flags(client, servers, engine):
     """--enable-prompt-tokens-details: usage counts the prompt's prefix-cache hit;
     --enable-force-include-usage: a stream ends with usage without stream_options."""
@@ -1339,11 +1382,13 @@ def test_serve_parser_reads_flags_and_the_api_key_from_the_environment(monkeypat
     args = parser.parse_args(["serve", "--enable-log-requests", "--max-log-len", "7",
                               "--allowed-origins", '["https://a"]', "--allow-credentials",
                               "--return-tokens-as-token-ids", "--enable-prompt-tokens-details",
-                              "--enable-force-include-usage", "--trust-request-chat-template"])
+                              "--enable-force-include-usage", "--trust-request-chat-template",
+                              "--enable-request-id-headers"])
     assert server_options(args) == ServerOptions(
         return_tokens_as_token_ids=True, allowed_origins=("https://a",), allow_credentials=True,
         enable_prompt_tokens_details=True, enable_force_include_usage=True,
-        trust_request_chat_template=True, enable_log_requests=True, max_log_len=7)
+        trust_request_chat_template=True, enable_log_requests=True, max_log_len=7,
+        enable_request_id_headers=True)
     assert server_options(parser.parse_args(["serve"])) == ServerOptions()
 
 
