@@ -45,6 +45,25 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestStateStats:
+    """A request's timings (vLLM's V1 ``RequestStateStats``, ``RequestOutput.metrics``).
+    ``arrival_time`` is wall-clock (``time.time()``, or the caller's ``arrival_time``); the
+    ``*_ts`` are ``time.monotonic()`` on the engine's host, 0.0 until they happen: queued (the
+    request added), scheduled (its first sequence first admitted to the running batch), the
+    first and the latest output token (the host had their ids). ``first_token_latency``:
+    seconds from arrival to the first token. The engine updates one object per request; an
+    output refers to it, so read it when the output comes."""
+
+    num_generation_tokens: int = 0
+    arrival_time: float = 0.0
+    queued_ts: float = 0.0
+    scheduled_ts: float = 0.0
+    first_token_ts: float = 0.0
+    last_token_ts: float = 0.0
+    first_token_latency: float = 0.0
+
+
+@dataclass
 class RequestOutput:
     """All samples of one request, as streamed or at the end (see SamplingParams.output_kind)."""
 
@@ -55,7 +74,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int | None = None
-    metrics: Any | None = None
+    metrics: RequestStateStats | None = None  # the request's timings
     kv_transfer_params: dict[str, Any] | None = field(default=None, repr=False)
     lora_request: Any | None = None  # the request's LoRARequest (jaxllm/lora), as vLLM's
 

@@ -912,7 +912,9 @@ class OpenAIServer(PromptRenderer):
             res.append((idx, st, c))
         if out.finished:
             self.metrics.e2e.observe(now - t0)
-            self.metrics.request_finished(out.outputs[0].finish_reason if out.outputs else None)
+            self.metrics.request_finished(
+                out.outputs[0].finish_reason if out.outputs else None, out.metrics,
+                len(out.prompt_token_ids) if out.prompt_token_ids is not None else None, n)
         return res
 
     def _usage(self, prompt_lens: dict[int, int], choices: dict[tuple[int, int], _Choice]

@@ -25,6 +25,29 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+N_BUCKETS = (1, 2, 5, 10, 20)
+# A finished request's phases (vLLM's names): from its RequestStateStats, seconds between
+# (name, start field, end field, description).
+PHASES = (
+    ("request_queue_time", "queued_ts", "scheduled_ts", "Time in the waiting queue."),
+    ("request_prefill_time", "scheduled_ts", "first_token_ts",
+     "Time from first scheduled to the first token."),
+    ("request_decode_time", "first_token_ts", "last_token_ts",
+     "Time from the first token to the last."),
+    ("request_inference_time", "scheduled_ts", "last_token_ts",
+     "Time from first scheduled to the last token."),
+)
+
+
+def buckets_1_2_5(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``limit`` (vLLM's token-count buckets)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
 
 
 class _EngineCollector(Collector):
@@ -86,10 +109,34 @@ class ServerMetrics:
         self._success = Counter("jaxllm:request_success", "Requests finished, by finish reason.",
                                 labelnames=["model_name", "finished_reason"],
                                 registry=self.registry)
+        self.phases = [(Histogram(f"jaxllm:{name}_seconds", doc, buckets=E2E_BUCKETS, **lab)
+                        .labels(model_name), start, end) for name, start, end, doc in PHASES]
+        tokens = buckets_1_2_5(getattr(engine, "max_model_len", None) or 1 << 20)
+        self.prompt_tokens = Histogram("jaxllm:request_prompt_tokens",
+                                       "Prompt tokens of each finished request.",
+                                       buckets=tokens, **lab).labels(model_name)
+        self.generation_tokens = Histogram("jaxllm:request_generation_tokens",
+                                           "Tokens generated for each finished request.",
+                                           buckets=tokens, **lab).labels(model_name)
+        self.params_n = Histogram("jaxllm:request_params_n", "The n of each finished request.",
+                                  buckets=N_BUCKETS, **lab).labels(model_name)
         self.model_name = model_name
 
-    def request_finished(self, finish_reason: str | None) -> None:
+    def request_finished(self, finish_reason: str | None, stats: Any = None,
+                         prompt_tokens: int | None = None, n: int = 1) -> None:
+        """Counts a finished request; with its ``RequestStateStats`` (``RequestOutput.metrics``)
+        also its phases, token counts and n, as vLLM's histograms."""
         self._success.labels(self.model_name, finish_reason or "unknown").inc()
+        if stats is None or not stats.scheduled_ts:
+            return
+        for hist, start, end in self.phases:
+            t0, t1 = getattr(stats, start), getattr(stats, end)
+            if t0 and t1:  # (no first token: an abort before it; its phases are not observed)
+                hist.observe(max(0.0, t1 - t0))
+        if prompt_tokens is not None:
+            self.prompt_tokens.observe(prompt_tokens)
+        self.generation_tokens.observe(stats.num_generation_tokens)
+        self.params_n.observe(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

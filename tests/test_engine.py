@@ -208,6 +208,29 @@ def test_priority_scheduling_serves_lower_priority_values_first(small_llama_fold
         "scheduling_policy"] == "priority"
 
 
+def test_request_outputs_carry_their_timings(small_llm):
+    """``RequestOutput.metrics`` is vLLM's RequestStateStats: arrival (wall clock), queued,
+    first scheduled, first and last token (monotonic, in that order) and the tokens
+    generated over all samples. With 8 sequence slots, the 9th and 10th requests are
+    scheduled only after one of the first 8 has its last token."""
+    import time
+
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    t0 = time.time()
+    outs = small_llm.generate([[5 + i, 6, 7] for i in range(10)], params, use_tqdm=False)
+    for o in outs:
+        m = o.metrics
+        assert m.num_generation_tokens == 4
+        assert t0 <= m.arrival_time <= time.time()
+        assert 0 < m.queued_ts <= m.scheduled_ts <= m.first_token_ts <= m.last_token_ts
+        assert 0 <= m.first_token_latency <= time.time() - t0
+    first_done = min(o.metrics.last_token_ts for o in outs[:8])
+    assert all(o.metrics.scheduled_ts >= first_done for o in outs[8:])
+    (o,) = small_llm.generate([[5, 6, 7]], SamplingParams(n=2, max_tokens=3, ignore_eos=True,
+                                                          seed=1), use_tqdm=False)
+    assert o.metrics.num_generation_tokens == 6 and o.metrics.first_token_ts > 0
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(small_llm):
     # vLLM's left truncation: the same tokens as the prompt's last k given alone; a prompt
     # longer than the context runs cut; -1 (the context) leaves a shorter prompt as it is.

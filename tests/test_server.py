@@ -1174,15 +1174,27 @@ def test_metrics_expose_vllm_names_and_counters_move(servers, client):
                  "jaxllm:time_per_output_token_seconds_count",
                  "jaxllm:e2e_request_latency_seconds_count"):
         assert name in text, name
-    client.completions.create(model=MODEL, prompt="count me", max_tokens=3, temperature=0.0,
-                              extra_body={"ignore_eos": True})
+    out = client.completions.create(model=MODEL, prompt="count me", max_tokens=3, n=2,
+                                    temperature=0.0, extra_body={"ignore_eos": True})
     _, after = scrape()
-    assert after["jaxllm:generation_tokens_total"] >= before["jaxllm:generation_tokens_total"] + 3
+
+    def moved(name):
+        return after[name] - before.get(name, 0.0)
+
+    assert moved("jaxllm:generation_tokens_total") >= 6
     assert after["jaxllm:prompt_tokens_total"] > before["jaxllm:prompt_tokens_total"]
-    assert (after["jaxllm:e2e_request_latency_seconds_count"]
-            == before["jaxllm:e2e_request_latency_seconds_count"] + 1)
-    assert (after["jaxllm:time_to_first_token_seconds_count"]
-            == before["jaxllm:time_to_first_token_seconds_count"] + 1)
+    assert moved("jaxllm:e2e_request_latency_seconds_count") == 1
+    assert moved("jaxllm:time_to_first_token_seconds_count") == 2  # one per sample
+    # vLLM's per-request histograms, from the request's RequestStateStats
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert moved(f"jaxllm:request_{phase}_time_seconds_count") == 1, phase
+    inference = moved("jaxllm:request_inference_time_seconds_sum")
+    parts = moved("jaxllm:request_prefill_time_seconds_sum") + moved(
+        "jaxllm:request_decode_time_seconds_sum")
+    assert inference > 0 and abs(inference - parts) < 1e-6
+    assert moved("jaxllm:request_generation_tokens_sum") == 6
+    assert moved("jaxllm:request_prompt_tokens_sum") == out.usage.prompt_tokens
+    assert moved("jaxllm:request_params_n_sum") == 2
 
 
 # -- load, fuzz, lifecycle ------------------------------------------------------------------------

@@ -165,6 +165,7 @@
 #                                          (lora.py --impl) A/B, then batch 256's GPU idle share
 #   bash benchmarks/gpu/issues.sh lora3    (nvidia-h100-x1) LoRA's decode cost with
 #                                          specialize_lora, then the LoRA GPU test
+#   bash benchmarks/gpu/issues.sh gpuall   (one GPU) every GPU test, nothing else
 #   bash benchmarks/gpu/issues.sh spec     (one GPU) speculative decoding at batch 1 / 4 on
 #                                          the 8B shape: plain vs n-gram drafts, k = 2 / 4 / 8
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -1750,6 +1751,15 @@ lora3)  # nvidia-h100-x1, one call: LoRA's decode cost with specialize_lora (ada
   JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
     -q -m gpu -p no:cacheprovider tests/test_gpu.py -k lora > $L/gpu_tests.log 2>&1
   grep -v "^\s*$" $L/gpu_tests.log | tail -4
+  show_logs 3 ;;
+gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
+  # and .whl.
+  L=$OUT/logs; mkdir -p $L
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
+    -q -m gpu -p no:cacheprovider tests/test_gpu.py > $L/gpu_tests.log 2>&1
+  echo "rc=$?"; grep -v "^\s*$" $L/gpu_tests.log | tail -8
   show_logs 3 ;;
 spec)  # nvidia-h200 (one GPU), one call: speculative decoding (n-gram drafts) on the 8B shape,
   # random bf16 weights, batch 1 at 1k context: plain vs k = 2 / 4 / 8, forced (every draft

@@ -35,7 +35,7 @@ from jaxllm.engine.sequence import Sequence, SequenceStatus
 from jaxllm.errors import EngineSleepingError
 from jaxllm.kv_cache.page_pool import PagePool
 from jaxllm.kv_cache.prefix_cache import PrefixCache
-from jaxllm.outputs import Logprob, RequestOutput
+from jaxllm.outputs import Logprob, RequestOutput, RequestStateStats
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("jaxllm")
@@ -71,6 +71,7 @@ class _Request:
     sent: list[int] = dataclasses.field(default_factory=list)
     num_cached_tokens: int = 0
     lora_request: Any = None
+    stats: RequestStateStats = dataclasses.field(default_factory=RequestStateStats)
 
     @property
     def finished(self) -> bool:
@@ -684,7 +685,8 @@ class LLMEngine:
             seqs.append(seq)
             procs.append(OutputProcessor(self.tokenizer, ids, params, self.eos_token_ids, index=i))
         req = _Request(request_id, text, list(ids), params, now, seqs, procs, sent=[0] * params.n,
-                       lora_request=lora_request)
+                       lora_request=lora_request, stats=RequestStateStats(
+                           arrival_time=now, queued_ts=time.monotonic()))
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         self._requests[request_id] = req
@@ -1093,6 +1095,7 @@ class LLMEngine:
         outputs: list = []
         grouped: dict[str, int] | None = None  # n > 1: request id -> its slot in outputs
         num_generated = 0
+        now = time.monotonic()  # the tokens' time (RequestStateStats)
         for i, (s, index) in enumerate(zip(sched.scheduled, inflight.output_indices)):
             if index is None:
                 continue  # no sample
@@ -1127,6 +1130,10 @@ class LLMEngine:
                         break
             if finished:
                 finish(seq, status)
+            if index == 0 and not req.stats.first_token_ts:  # a request's first token
+                req.stats.first_token_ts = now
+                req.stats.first_token_latency = time.time() - req.arrival_time
+            req.stats.last_token_ts = now
             if len(req.seqs) == 1:
                 # FINAL_ONLY before the end: no output, so none is built.
                 if finished or params.output_kind != _FINAL_ONLY:
@@ -1307,6 +1314,12 @@ class LLMEngine:
         if kind == _FINAL_ONLY and not final:
             return None
         req.num_cached_tokens = req.seqs[0].num_cached_tokens  # the prompt's hit (first sibling)
+        stats, procs = req.stats, req.processors  # (per request per step: kept cheap)
+        if not stats.scheduled_ts:
+            stats.scheduled_ts = min((s.scheduled_ts for s in req.seqs if s.scheduled_ts),
+                                     default=0.0)
+        stats.num_generation_tokens = (len(procs[0].output_token_ids) if len(procs) == 1 else
+                                       sum(len(p.output_token_ids) for p in procs))
         if kind == _DELTA:
             completions = []
             sent = req.sent
@@ -1318,4 +1331,4 @@ class LLMEngine:
         # Positional, in the fields' order (per request per step; see completion_output).
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
                              req.prompt_logprobs, completions, final, req.num_cached_tokens,
-                             None, None, req.lora_request)
+                             stats, None, req.lora_request)

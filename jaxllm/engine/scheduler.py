@@ -66,6 +66,7 @@ are the engine's: it calls `finish`.
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -309,6 +310,8 @@ class Scheduler:
             waiting.popleft()
             seq.status = _RUNNING
             running.append(seq)
+            if not seq.scheduled_ts:  # the first admission (RequestStateStats.scheduled_ts)
+                seq.scheduled_ts = time.monotonic()
             if loras is not None and seq.lora_int_id:
                 loras.add(seq.lora_int_id)
             if hit:

@@ -91,6 +91,8 @@ class Sequence:
     # put it in for the next step (-1: none).
     lora_int_id: int = 0
     lora_slot: int = -1
+    # time.monotonic() when the scheduler first admitted it to the running batch (0.0: not yet)
+    scheduled_ts: float = 0.0
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
