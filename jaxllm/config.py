@@ -124,6 +124,12 @@ class ModelConfig:
     # Built from a headless checkpoint (HF's LlamaModel, MistralModel, Qwen2Model, Qwen3Model:
     # weights named without "model.", no lm_head): it can only embed (runner="pooling").
     embedding_only: bool = False
+    # A sequence classifier (HF's LlamaForSequenceClassification, ...): its head ``score``
+    # [hidden, num_labels] over the last token's final hidden state, and the labels' names
+    # (config.json's id2label, in index order). 0: not a classifier. Classifiers are
+    # embedding_only too (no lm_head).
+    num_labels: int = 0
+    id2label: tuple[str, ...] = ()
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

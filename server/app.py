@@ -308,6 +308,7 @@ ROUTES: dict[str, dict[str, str]] = {
     "/v1/chat/completions": {"POST": "chat_completions"},
     "/v1/responses": {"POST": "responses"},
     "/v1/embeddings": {"POST": "embeddings"},
+    "/classify": {"POST": "classify"},
     # vLLM's runtime LoRA routes, served only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1
     "/v1/load_lora_adapter": {"POST": "load_lora_adapter"},
     "/v1/unload_lora_adapter": {"POST": "unload_lora_adapter"},
@@ -1066,6 +1067,42 @@ class OpenAIServer(PromptRenderer):
                 id=f"embd-{self._base_id(call, req.request_id)}", created=int(time.time()),
                 model=model, data=data,
                 usage=P.UsageInfo(prompt_tokens=n, total_tokens=n))
+            return Reply.json(resp.model_dump())
+
+    async def classify(self, call: Call) -> Reply:
+        """vLLM's /classify on a sequence classification model (LLMEngine.classify): each
+        input's class probabilities and its most likely label; a 400 from other models."""
+        async with self._admit():
+            req, model = self._request(call, P.ClassificationRequest)
+            try:
+                prompts = self._completion_prompts(req.input)
+            except APIError:
+                raise APIError(400, "input must not be empty (nor hold an empty item).",
+                               param="input") from None
+            try:
+                params = PoolingParams(truncate_prompt_tokens=req.truncate_prompt_tokens)
+                outs = await self.engine.classify([{"prompt_token_ids": p.ids} for p in prompts],
+                                                  params, **self._lora_kw(model))
+            except ValueError as e:
+                msg = str(e)
+                raise APIError(400, msg, param=_param_in(
+                    msg, ["truncate_prompt_tokens", "input"])) from None
+            except (asyncio.CancelledError, APIError):
+                raise
+            except Exception as e:
+                raise self._engine_error(e) from None
+            labels = getattr(getattr(self.engine, "model_config", None), "id2label", ())
+            data = []
+            for i, o in enumerate(outs):
+                probs = o.outputs.probs
+                best = int(np.argmax(probs))
+                data.append(P.ClassificationData(
+                    index=i, label=labels[best] if best < len(labels) else None, probs=probs,
+                    num_classes=len(probs)))
+            n = sum(len(o.prompt_token_ids) for o in outs)
+            resp = P.ClassificationResponse(
+                id=f"classify-{self._base_id(call, req.request_id)}", created=int(time.time()),
+                model=model, data=data, usage=P.UsageInfo(prompt_tokens=n, total_tokens=n))
             return Reply.json(resp.model_dump())
 
     def _lora_kw(self, model: str) -> dict[str, Any]:

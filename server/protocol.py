@@ -245,6 +245,35 @@ class EmbeddingResponse(_Response):
     usage: UsageInfo
 
 
+# -- /classify (a sequence classifier, vLLM's classify task) --------------------------------------
+class ClassificationRequest(_Model):
+    model: str | None = None
+    input: (StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]]) = Field(
+        description="A string, a list of strings, a list of token ids or a list of such lists.")
+    user: str | None = None  # accepted and ignored
+    truncate_prompt_tokens: Int32 | None = None
+    request_id: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        return None
+
+
+class ClassificationData(_Response):
+    index: int
+    label: str | None
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(_Response):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ClassificationData]
+    usage: UsageInfo
+
+
 # -- /score and /rerank (a pooling engine: cosine similarity of embeddings, as vLLM's) -------------
 class ScoreRequest(_Model):
     model: str | None = None
@@ -665,8 +694,9 @@ def openapi_schema(version: str) -> dict[str, Any]:
               ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse,
               ResponsesRequest, ResponseObject,
               TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse,
-              EmbeddingRequest, EmbeddingResponse, ScoreRequest, ScoreResponse, RerankRequest,
-              RerankResponse, ModelList, ModelCard, ErrorResponse, VersionResponse]
+              EmbeddingRequest, EmbeddingResponse, ClassificationRequest, ClassificationResponse,
+              ScoreRequest, ScoreResponse, RerankRequest, RerankResponse, ModelList, ModelCard,
+              ErrorResponse, VersionResponse]
     keyed, defs = models_json_schema([(m, "validation") for m in models],
                                      ref_template="#/components/schemas/{model}")
 
@@ -709,6 +739,8 @@ def openapi_schema(version: str) -> dict[str, Any]:
                               summary="OpenAI Responses API (text and function tools)"),
         "/v1/embeddings": post(EmbeddingRequest, EmbeddingResponse,
                                summary="Embeddings (a pooling model)"),
+        "/classify": post(ClassificationRequest, ClassificationResponse,
+                          summary="Class probabilities (a sequence classification model)"),
         "/v1/score": post(ScoreRequest, ScoreResponse,
                           summary="Text-pair scores: cosine similarity of embeddings (also "
                                   "/score)"),

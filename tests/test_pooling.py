@@ -264,3 +264,104 @@ def test_a_headless_checkpoint_is_an_embedding_model_by_default(tmp_path):
     with pytest.raises(ValueError, match="cannot generate"):
         LLM(str(tmp_path), runner="generate", **KW)
 
+
+
+def _write_classifier(folder, num_labels: int, seed: int):
+    """HF's LlamaForSequenceClassification (random, head scaled so the classes differ), saved
+    as a hub checkpoint; returns the HF model."""
+    from .helpers import save_default_tokenizer
+
+    labels = {i: f"class_{i}" for i in range(num_labels)}
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_labels=num_labels, id2label=labels, label2id={v: k for k, v in labels.items()},
+        pad_token_id=0, architectures=["LlamaForSequenceClassification"])
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        hf.score.weight.mul_(30.0)
+    hf.save_pretrained(str(folder), safe_serialization=True)
+    save_default_tokenizer(folder)
+    return hf
+
+
+def test_a_sequence_classifier_gives_hfs_probabilities(small_llama_folder, tmp_path):
+    """HF's LlamaForSequenceClassification loads as a pooling model on its own (vLLM's
+    classify task): LLM.classify's probabilities are the softmax of HF's logits (a prompt
+    longer than a step runs in chunks; truncate_prompt_tokens keeps the last tokens), a
+    one-label model's the sigmoid of its logit; /classify answers with the likeliest
+    label's name. Other models, embedding options and bad inputs are refused."""
+    import asyncio
+
+    from aiohttp import ClientSession, web
+
+    from jaxllm import AsyncEngine
+    from server.app import build_app
+
+    hf = _write_classifier(tmp_path / "c3", 3, seed=4)
+    llm = LLM(str(tmp_path / "c3"), **KW)
+    eng = llm.llm_engine
+    assert eng.runner_kind == "pooling"
+    assert eng.model_config.id2label == ("class_0", "class_1", "class_2")
+    outs = llm.classify([{"prompt_token_ids": p} for p in PROMPTS])
+    with torch.no_grad():
+        want = [torch.softmax(hf(torch.tensor([p])).logits[0], -1).numpy() for p in PROMPTS]
+    for o, p, w in zip(outs, PROMPTS, want):
+        assert o.prompt_token_ids == p and o.outputs.num_classes == 3
+        np.testing.assert_allclose(o.outputs.probs, w, **RAW_TOL)
+    assert len({int(np.argmax(w)) for w in want}) > 1  # the head separates the prompts
+    [cut] = llm.classify({"prompt_token_ids": PROMPTS[1]},
+                         pooling_params=PoolingParams(truncate_prompt_tokens=5))
+    np.testing.assert_allclose(cut.outputs.probs, llm.classify([PROMPTS[1][-5:]])[0].outputs.probs,
+                               **RAW_TOL)
+    assert eng.page_pool.num_free_pages == eng.page_pool.num_usable_pages
+    with pytest.raises(ValueError, match="normalize apply to embeddings"):
+        llm.classify([PROMPTS[0]], pooling_params=PoolingParams(normalize=True))
+    with pytest.raises(ValueError, match="cannot generate"):
+        LLM(str(tmp_path / "c3"), runner="generate", **KW)
+    hf1 = _write_classifier(tmp_path / "c1", 1, seed=5)
+    [one] = LLM(str(tmp_path / "c1"), **KW).classify([PROMPTS[2]])
+    with torch.no_grad():
+        np.testing.assert_allclose(one.outputs.probs, torch.sigmoid(
+            hf1(torch.tensor([PROMPTS[2]])).logits[0]).numpy(), **RAW_TOL)
+    emb = LLM(str(small_llama_folder), runner="pooling", **KW)
+    with pytest.raises(ValueError, match="needs a sequence classification model"):
+        emb.classify([PROMPTS[0]])
+
+    engine = AsyncEngine(model=str(tmp_path / "c3"), **KW)
+
+    async def go():
+        r = web.AppRunner(build_app(engine, served_model_name="cls"))
+        await r.setup()
+        site = web.TCPSite(r, "127.0.0.1", 0)
+        await site.start()
+        base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            async with ClientSession() as s:
+                async def post(body, status):
+                    async with s.post(base + "/classify", json=body) as resp:
+                        assert resp.status == status, await resp.text()
+                        return await resp.json()
+
+                body = await post({"model": "cls", "input": PROMPTS[:2]}, 200)
+                assert body["object"] == "list" and body["id"].startswith("classify-")
+                assert body["usage"]["prompt_tokens"] == 3 + 37
+                for i, (d, w) in enumerate(zip(body["data"], want)):
+                    assert d["index"] == i and d["num_classes"] == 3
+                    assert d["label"] == f"class_{int(np.argmax(w))}"
+                    np.testing.assert_allclose(d["probs"], w, **RAW_TOL)
+                text = await post({"input": "hello there"}, 200)
+                assert len(text["data"]) == 1 and abs(sum(text["data"][0]["probs"]) - 1) < 1e-6
+                for bad, what in (({"input": []}, "input"), ({"input": [[]]}, "input"),
+                                  ({"input": "x", "dimensions": 4}, "dimensions"),
+                                  ({"input": [999999]}, "vocabulary")):
+                    err = (await post(bad, 400))["error"]
+                    assert what in err["message"], (bad, err)
+        finally:
+            await r.cleanup()
+
+    try:
+        asyncio.run(go())
+    finally:
+        engine.shutdown()

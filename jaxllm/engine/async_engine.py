@@ -234,6 +234,12 @@ class AsyncEngine:
         return await self._call(lambda: self.engine.embed(prompts, params,
                                                           lora_request=lora_request))
 
+    async def classify(self, prompts: list[Any], params: Any = None, lora_request: Any = None
+                       ) -> list[Any]:
+        """A sequence classifier's class probabilities (LLMEngine.classify), between steps."""
+        return await self._call(lambda: self.engine.classify(prompts, params,
+                                                             lora_request=lora_request))
+
     async def score(self, texts_1: list[Any], texts_2: list[Any],
                     params: Any = None, lora_request: Any = None) -> list[Any]:
         """A pooling engine's pair scores (LLMEngine.score), computed between steps."""

@@ -60,6 +60,18 @@ class LLM:
         return self.llm_engine.embed(self._prompt_list(prompts), pooling_params,
                                      lora_request=lora_request)
 
+    def classify(self, prompts: PromptType | TypingSequence[PromptType], *,
+                 use_tqdm: bool = True, pooling_params: Any = None,
+                 lora_request: Any = None) -> list[Any]:
+        """Class probabilities (vLLM's ``LLM.classify``) of a sequence classification model
+        (config.json's architecture ``LlamaForSequenceClassification``, ``Qwen2...``, ...:
+        loaded as a pooling model on its own): ClassificationRequestOutputs in input order,
+        each ``outputs.probs`` the softmax of the labels' logits (a one-label model: the
+        sigmoid of its logit); the labels' names are ``llm.llm_engine.model_config.id2label``.
+        ``pooling_params`` (truncate_prompt_tokens) and ``lora_request`` as ``embed``'s."""
+        return self.llm_engine.classify(self._prompt_list(prompts), pooling_params,
+                                        lora_request=lora_request)
+
     def score(self, data_1: PromptType | TypingSequence[PromptType],
               data_2: PromptType | TypingSequence[PromptType], /, *,
               truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,

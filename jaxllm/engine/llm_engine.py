@@ -755,6 +755,21 @@ class LLMEngine:
             raise EngineSleepingError("The engine is asleep: call wake_up() first.")
         return embed(self, list(prompts), params, self.pooler, lora_request)
 
+    def classify(self, prompts: list[Any], params: Any = None, lora_request: Any = None
+                 ) -> list[Any]:
+        """Class probabilities of ``prompts`` on a sequence classifier (vLLM's
+        ``LLM.classify``; engine/pooling.py, ``classify``); ``params`` and ``lora_request`` as
+        ``embed``'s. ValueError for a model that is not a classifier, and as ``embed``."""
+        from jaxllm.engine.pooling import classify
+
+        if not self.model_config.num_labels:
+            raise ValueError(f"classify() needs a sequence classification model (e.g. "
+                             f"LlamaForSequenceClassification); {self.model_name} is "
+                             f"{self.model_config.architecture}.")
+        if self._sleeping:
+            raise EngineSleepingError("The engine is asleep: call wake_up() first.")
+        return classify(self, list(prompts), params, lora_request)
+
     def score(self, texts_1: list[Any], texts_2: list[Any], params: Any = None,
               lora_request: Any = None) -> list[Any]:
         """Scores of text pairs on a pooling engine (vLLM's ``LLM.score`` for an embedding

@@ -16,6 +16,11 @@ generation programs are not compiled at all.
 ``score`` (vLLM's ``LLM.score`` and its /score and /rerank routes, for an embedding model):
 the cosine similarity of two texts' embeddings, pairs 1:1, 1:N (one query against N
 documents) or N:N.
+
+``classify`` (vLLM's ``LLM.classify`` and /classify, for a sequence classifier such as HF's
+LlamaForSequenceClassification): the head ``score`` on each prompt's last token's final
+hidden state (unnormalized LAST pooling, whatever the pooler config says), then softmax, or
+the sigmoid of a single-label model's one logit, as vLLM's classifier pooler.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.outputs import (EmbeddingOutput, EmbeddingRequestOutput, ScoringOutput,
-                            ScoringRequestOutput)
+from jaxllm.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
+                            EmbeddingRequestOutput, ScoringOutput, ScoringRequestOutput)
 from jaxllm.pooling_params import PoolingParams
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
@@ -85,8 +90,7 @@ def embed(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingP
     from jaxllm.engine.scheduler import ScheduledSeq
     from jaxllm.engine.sequence import Sequence
 
-    params_list = [p or PoolingParams() for p in per_prompt(params, len(prompts),
-                                                              "PoolingParams")]
+    params_list = per_prompt_params(params, len(prompts))
     loras = per_prompt(lora_request, len(prompts), "LoRA requests")
     lora_ids = [0] * len(prompts)
     for i, lora in enumerate(loras):
@@ -220,3 +224,40 @@ def score(engine: Any, texts_1: list[Any], texts_2: list[Any],
                                             outputs=ScoringOutput(score=sim),
                                             prompt_token_ids=ids))
     return results
+
+
+def classify(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingParams] | None,
+             lora_request: Any = None) -> list[ClassificationRequestOutput]:
+    """``LLMEngine.classify``'s work (module docstring): ``embed``'s last-token states through
+    the model's classifier head, in float32. ValueError as ``embed``, and for a dimensions or
+    normalize setting (a classifier has neither)."""
+    import jax
+
+    for p in per_prompt_params(params, len(prompts)):
+        if p.dimensions is not None or p.normalize is not None:
+            raise ValueError("dimensions and normalize apply to embeddings, not to "
+                             "classification.")
+    raw = embed(engine, prompts, params, {"pooling_type": "LAST", "normalize": False},
+                lora_request)
+    head = engine.runner.state["score"]["kernel"][...]
+    w = np.asarray(jax.device_get(head), np.float64)  # [hidden, num_labels]
+    outs = []
+    for i, o in enumerate(raw):
+        logits = np.asarray(o.outputs.embedding, np.float64) @ w
+        if logits.shape[0] == 1:
+            probs = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            e = np.exp(logits - logits.max())
+            probs = e / e.sum()
+        outs.append(ClassificationRequestOutput(
+            request_id=str(i), outputs=ClassificationOutput(probs=probs.tolist()),
+            prompt_token_ids=o.prompt_token_ids))
+    return outs
+
+
+def per_prompt_params(params: PoolingParams | list[PoolingParams] | None, n: int
+                      ) -> list[PoolingParams]:
+    """One PoolingParams per prompt (None: the defaults)."""
+    from jaxllm.engine.llm import per_prompt
+
+    return [p or PoolingParams() for p in per_prompt(params, n, "PoolingParams")]

@@ -47,6 +47,14 @@ def _rope_settings(hf_config: Any, params: dict[str, Any] | None = None
 # the causal LM beside each, without its lm_head.
 HEADLESS_ARCHITECTURES = {"LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
                           "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM"}
+# Sequence classifiers (vLLM's classify task): the decoder of the causal LM and a linear head
+# ``score`` on the last token's final hidden state, no lm_head.
+CLASSIFIER_ARCHITECTURES = {
+    "LlamaForSequenceClassification": "LlamaForCausalLM",
+    "MistralForSequenceClassification": "MistralForCausalLM",
+    "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
+    "Qwen3ForSequenceClassification": "Qwen3ForCausalLM",
+}
 
 
 def _hashable(value: Any) -> Any:
@@ -67,7 +75,16 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         raise ValueError("config.json has no 'architectures' entry; cannot tell which model to build.")
     arch = archs[0]
     headless = arch in HEADLESS_ARCHITECTURES  # an embedding checkpoint (no lm_head)
-    arch = HEADLESS_ARCHITECTURES.get(arch, arch)
+    classifier = arch in CLASSIFIER_ARCHITECTURES
+    arch = HEADLESS_ARCHITECTURES.get(arch, CLASSIFIER_ARCHITECTURES.get(arch, arch))
+    num_labels, id2label = 0, ()
+    if classifier:
+        num_labels = int(getattr(hf_config, "num_labels", 0) or 0)
+        if num_labels < 1:
+            raise ValueError(f"{archs[0]} needs num_labels >= 1 in config.json.")
+        names = getattr(hf_config, "id2label", None) or {}
+        id2label = tuple(str(names.get(i, names.get(str(i), f"LABEL_{i}")))
+                         for i in range(num_labels))
     get_model_class(arch)  # fails early, naming the supported architectures
 
     from jaxllm.models.llama import SUPPORTED_ROPE_TYPES
@@ -172,6 +189,8 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         eos_token_ids=eos_ids,
         quantization="fp8" if fp8_scheme else None,
-        embedding_only=headless,
+        embedding_only=headless or classifier,
+        num_labels=num_labels,
+        id2label=id2label,
         activation_scheme=fp8_scheme or "dynamic",
     )

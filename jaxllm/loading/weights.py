@@ -45,7 +45,8 @@ PathParts = tuple[Union[str, int], ...]
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 # HF Linear weights are [out, in]; nnx.Linear kernels are [in, out].
-_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                 "lm_head", "score")  # score: a sequence classifier's head
 # The projections of an fp8 model (jaxllm/models/fp8.py: weight [out, in] e4m3, weight_scale,
 # input_scale): mapped by their own names, with quantized=True.
 _FP8_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -269,7 +270,8 @@ def load_params_from_tensors(
     for name, tensor in named_tensors:
         if name.endswith(IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue
-        if config.embedding_only and not name.startswith("model."):
+        if (config.embedding_only and not name.startswith("model.")
+                and not (config.num_labels and name.startswith("score."))):
             name = "model." + name  # a headless checkpoint names the decoder's tensors bare
         mapped = hf_name_to_path(name, quantized=config.quantization is not None)
         if mapped is None or mapped[0] not in targets:

@@ -424,6 +424,9 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = None
         else:
             self.lm_head = _linear(config.hidden_size, config.vocab_size, False, self.dtype, rngs)
+        # A sequence classifier's head (config.num_labels): read by engine/pooling.classify.
+        self.score = (_linear(config.hidden_size, config.num_labels, False, self.dtype, rngs)
+                      if config.num_labels else None)
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: KVCache,
                  md: AttentionMetadata, lora_slots: jax.Array | None = None
