@@ -1122,7 +1122,8 @@ class OpenAIServer(PromptRenderer):
             if not texts or not all(texts):
                 raise APIError(400, f"{name} must not be empty (nor hold an empty text).",
                                param=name)
-            sides.append([{"prompt_token_ids": p.ids}
+            # The texts too: a cross-encoder encodes each pair's texts together.
+            sides.append([{"prompt_token_ids": p.ids, "prompt": p.text}
                           for p in self._completion_prompts(list(texts))])
         try:
             return await self.engine.score(

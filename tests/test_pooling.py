@@ -365,3 +365,63 @@ def test_a_sequence_classifier_gives_hfs_probabilities(small_llama_folder, tmp_p
         asyncio.run(go())
     finally:
         engine.shutdown()
+
+
+def test_a_one_label_classifier_scores_pairs_as_a_cross_encoder(tmp_path):
+    """vLLM's rerankers: on a one-label sequence classifier, LLM.score (1:N and N:N) and
+    /rerank give each pair the sigmoid of HF's logit over the tokenizer's pair encoding; a
+    classifier of several labels refuses to score."""
+    import asyncio
+
+    from aiohttp import ClientSession, web
+
+    from jaxllm import AsyncEngine
+    from server.app import build_app
+
+    hf = _write_classifier(tmp_path / "c1", 1, seed=6)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "c1"))
+    query, docs = "what is jax", ["a numerics library", "a river in europe", "jax"]
+
+    def want(q, d):
+        ids = tok(q, text_pair=d)["input_ids"]
+        with torch.no_grad():
+            return float(torch.sigmoid(hf(torch.tensor([ids])).logits[0, 0]))
+
+    llm = LLM(str(tmp_path / "c1"), **KW)
+    got = llm.score(query, docs)
+    np.testing.assert_allclose([o.outputs.score for o in got], [want(query, d) for d in docs],
+                               **RAW_TOL)
+    assert got[0].prompt_token_ids == tok(query, text_pair=docs[0])["input_ids"]
+    pairs = llm.score(["a", "b"], ["c", "d"])
+    np.testing.assert_allclose([o.outputs.score for o in pairs], [want("a", "c"), want("b", "d")],
+                               **RAW_TOL)
+    _write_classifier(tmp_path / "c3", 3, seed=7)
+    with pytest.raises(ValueError, match="one-label model"):
+        LLM(str(tmp_path / "c3"), **KW).score("a", "b")
+
+    engine = AsyncEngine(model=str(tmp_path / "c1"), **KW)
+
+    async def go():
+        r = web.AppRunner(build_app(engine, served_model_name="rr"))
+        await r.setup()
+        site = web.TCPSite(r, "127.0.0.1", 0)
+        await site.start()
+        base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            async with ClientSession() as s:
+                async with s.post(base + "/rerank", json={"query": query,
+                                                          "documents": docs}) as resp:
+                    assert resp.status == 200, await resp.text()
+                    body = await resp.json()
+        finally:
+            await r.cleanup()
+        scores = {x["index"]: x["relevance_score"] for x in body["results"]}
+        np.testing.assert_allclose([scores[i] for i in range(3)],
+                                   [want(query, d) for d in docs], **RAW_TOL)
+        ranked = [x["relevance_score"] for x in body["results"]]
+        assert ranked == sorted(ranked, reverse=True)
+
+    try:
+        asyncio.run(go())
+    finally:
+        engine.shutdown()

@@ -772,10 +772,11 @@ class LLMEngine:
 
     def score(self, texts_1: list[Any], texts_2: list[Any], params: Any = None,
               lora_request: Any = None) -> list[Any]:
-        """Scores of text pairs on a pooling engine (vLLM's ``LLM.score`` for an embedding
-        model): the cosine similarity of the two embeddings, pairs 1:1, 1:N or N:N; each list
-        holds what add_request takes (engine/pooling.py, ``score``). ValueError as ``embed``,
-        and for other lengths."""
+        """Scores of text pairs on a pooling engine (vLLM's ``LLM.score``): for an embedding
+        model the cosine similarity of the two embeddings, for a one-label sequence classifier
+        (a cross-encoder) the sigmoid of its logit over the pair as one prompt; pairs 1:1, 1:N
+        or N:N; each list holds what add_request takes (engine/pooling.py, ``score``).
+        ValueError as ``embed``, for other lengths, and for a classifier of several labels."""
         from jaxllm.engine.pooling import score
 
         if self.runner_kind != "pooling":

@@ -20,7 +20,9 @@ documents) or N:N.
 ``classify`` (vLLM's ``LLM.classify`` and /classify, for a sequence classifier such as HF's
 LlamaForSequenceClassification): the head ``score`` on each prompt's last token's final
 hidden state (unnormalized LAST pooling, whatever the pooler config says), then softmax, or
-the sigmoid of a single-label model's one logit, as vLLM's classifier pooler.
+the sigmoid of a single-label model's one logit, as vLLM's classifier pooler. On a one-label
+classifier ``score`` cross-encodes: each pair is one prompt (the tokenizer's pair encoding)
+and its score that sigmoid, as vLLM's rerankers.
 """
 
 from __future__ import annotations
@@ -206,6 +208,8 @@ def score(engine: Any, texts_1: list[Any], texts_2: list[Any],
     if len(texts_1) > 1 and len(texts_1) != len(texts_2):
         raise ValueError(f"Input lengths must be either 1:1, 1:N or N:N; got {len(texts_1)} "
                          f"and {len(texts_2)}.")
+    if engine.model_config.num_labels:
+        return _cross_encode(engine, texts_1, texts_2, params, lora_request)
     outs = engine.embed(texts_1 + texts_2, params, lora_request=lora_request)
     first, second = outs[:len(texts_1)], outs[len(texts_1):]
     if len(first) == 1:
@@ -261,3 +265,29 @@ def per_prompt_params(params: PoolingParams | list[PoolingParams] | None, n: int
     from jaxllm.engine.llm import per_prompt
 
     return [p or PoolingParams() for p in per_prompt(params, n, "PoolingParams")]
+
+
+def _cross_encode(engine: Any, texts_1: list[Any], texts_2: list[Any],
+                  params: PoolingParams | None, lora_request: Any) -> list[ScoringRequestOutput]:
+    """``score`` on a one-label sequence classifier (a cross-encoder, as vLLM's rerankers):
+    each pair as one prompt, the tokenizer's pair encoding of the two texts (token-id inputs:
+    the two lists joined), its score the sigmoid of the classifier's logit."""
+    n = engine.model_config.num_labels
+    if n != 1:
+        raise ValueError(f"score() on a sequence classifier needs a one-label model (a "
+                         f"cross-encoder); this one has {n} labels: use classify().")
+    if len(texts_1) == 1:
+        texts_1 = texts_1 * len(texts_2)
+    tok = engine.tokenizer
+    prompts = []
+    for a, b in zip(texts_1, texts_2):
+        (text_a, ids_a), (text_b, ids_b) = engine.prompt_inputs(a), engine.prompt_inputs(b)
+        if text_a is not None and text_b is not None and tok is not None:
+            ids = list(tok(text_a, text_pair=text_b)["input_ids"])
+        else:
+            ids = ids_a + ids_b
+        prompts.append({"prompt_token_ids": ids})
+    return [ScoringRequestOutput(request_id=f"score-{i}",
+                                 outputs=ScoringOutput(score=o.outputs.probs[0]),
+                                 prompt_token_ids=o.prompt_token_ids)
+            for i, o in enumerate(classify(engine, prompts, params, lora_request))]
