@@ -81,7 +81,8 @@ class LLM:
         texts' embeddings; for a one-label sequence classifier (a cross-encoder reranker) the
         sigmoid of its logit over the pair encoded as one prompt. ``data_1`` is one text
         paired with every item of ``data_2`` (1:N), or as many as ``data_2`` (N:N); both run
-        with ``lora_request``'s adapter (one LoRARequest, with enable_lora). ``use_tqdm`` is accepted for vLLM's signature."""
+        with ``lora_request``'s adapter (one LoRARequest, with enable_lora). ``use_tqdm`` is
+        accepted for vLLM's signature."""
         from jaxllm.pooling_params import PoolingParams
 
         params = pooling_params or PoolingParams()
