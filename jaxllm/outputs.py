@@ -51,8 +51,7 @@ class RequestStateStats:
     ``*_ts`` are ``time.monotonic()`` on the engine's host, 0.0 until they happen: queued (the
     request added), scheduled (its first sequence first admitted to the running batch), the
     first and the latest output token (the host had their ids). ``first_token_latency``:
-    seconds from arrival to the first token. The engine updates one object per request; an
-    output refers to it, so read it when the output comes."""
+    seconds from arrival to the first token. Each output holds its own copy, as of its step."""
 
     num_generation_tokens: int = 0
     arrival_time: float = 0.0

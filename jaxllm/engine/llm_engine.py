@@ -1334,8 +1334,12 @@ class LLMEngine:
         if not stats.scheduled_ts:
             stats.scheduled_ts = min((s.scheduled_ts for s in req.seqs if s.scheduled_ts),
                                      default=0.0)
-        stats.num_generation_tokens = (len(procs[0].output_token_ids) if len(procs) == 1 else
-                                       sum(len(p.output_token_ids) for p in procs))
+        # The output's own copy (what a caller holds never changes), built positionally.
+        metrics = RequestStateStats(
+            len(procs[0].output_token_ids) if len(procs) == 1 else
+            sum(len(p.output_token_ids) for p in procs), stats.arrival_time, stats.queued_ts,
+            stats.scheduled_ts, stats.first_token_ts, stats.last_token_ts,
+            stats.first_token_latency)
         if kind == _DELTA:
             completions = []
             sent = req.sent
@@ -1347,4 +1351,4 @@ class LLMEngine:
         # Positional, in the fields' order (per request per step; see completion_output).
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
                              req.prompt_logprobs, completions, final, req.num_cached_tokens,
-                             stats, None, req.lora_request)
+                             metrics, None, req.lora_request)
