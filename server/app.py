@@ -1038,24 +1038,10 @@ class OpenAIServer(PromptRenderer):
         (jaxllm/engine/pooling.py); a 400 from a generating one, as vLLM's."""
         async with self._admit():
             req, model = self._request(call, P.EmbeddingRequest)
-            try:
-                prompts = self._completion_prompts(req.input)
-            except APIError:
-                raise APIError(400, "input must not be empty (nor hold an empty item).",
-                               param="input") from None
-            try:
-                params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize,
-                                       truncate_prompt_tokens=req.truncate_prompt_tokens)
-                outs = await self.engine.embed([{"prompt_token_ids": p.ids} for p in prompts],
-                                               params, **self._lora_kw(model))
-            except ValueError as e:
-                msg = str(e)
-                raise APIError(400, msg, param=_param_in(
-                    msg, ["dimensions", "truncate_prompt_tokens", "input"])) from None
-            except (asyncio.CancelledError, APIError):
-                raise
-            except Exception as e:
-                raise self._engine_error(e) from None
+            outs = await self._pool("embed", req.input, lambda: PoolingParams(
+                dimensions=req.dimensions, normalize=req.normalize,
+                truncate_prompt_tokens=req.truncate_prompt_tokens), model,
+                ["dimensions", "truncate_prompt_tokens", "input"])
             data = []
             for i, o in enumerate(outs):
                 v = o.outputs.embedding
@@ -1074,23 +1060,9 @@ class OpenAIServer(PromptRenderer):
         input's class probabilities and its most likely label; a 400 from other models."""
         async with self._admit():
             req, model = self._request(call, P.ClassificationRequest)
-            try:
-                prompts = self._completion_prompts(req.input)
-            except APIError:
-                raise APIError(400, "input must not be empty (nor hold an empty item).",
-                               param="input") from None
-            try:
-                params = PoolingParams(truncate_prompt_tokens=req.truncate_prompt_tokens)
-                outs = await self.engine.classify([{"prompt_token_ids": p.ids} for p in prompts],
-                                                  params, **self._lora_kw(model))
-            except ValueError as e:
-                msg = str(e)
-                raise APIError(400, msg, param=_param_in(
-                    msg, ["truncate_prompt_tokens", "input"])) from None
-            except (asyncio.CancelledError, APIError):
-                raise
-            except Exception as e:
-                raise self._engine_error(e) from None
+            outs = await self._pool("classify", req.input, lambda: PoolingParams(
+                truncate_prompt_tokens=req.truncate_prompt_tokens), model,
+                ["truncate_prompt_tokens", "input"])
             labels = getattr(getattr(self.engine, "model_config", None), "id2label", ())
             data = []
             for i, o in enumerate(outs):
@@ -1104,6 +1076,27 @@ class OpenAIServer(PromptRenderer):
                 id=f"classify-{self._base_id(call, req.request_id)}", created=int(time.time()),
                 model=model, data=data, usage=P.UsageInfo(prompt_tokens=n, total_tokens=n))
             return Reply.json(resp.model_dump())
+
+    async def _pool(self, method: str, inputs: Any, params: Callable[[], PoolingParams],
+                    model: str, names: list[str]) -> list:
+        """A pooling engine's ``method`` ("embed" / "classify") over a request's ``input`` (a
+        400 when empty) with ``params()``, under the adapter ``model`` names (if it names
+        one); a ValueError is a 400 naming the first of ``names`` its message mentions."""
+        try:
+            prompts = self._completion_prompts(inputs)
+        except APIError:
+            raise APIError(400, "input must not be empty (nor hold an empty item).",
+                           param="input") from None
+        try:
+            return await getattr(self.engine, method)(
+                [{"prompt_token_ids": p.ids} for p in prompts], params(), **self._lora_kw(model))
+        except ValueError as e:
+            msg = str(e)
+            raise APIError(400, msg, param=_param_in(msg, names)) from None
+        except (asyncio.CancelledError, APIError):
+            raise
+        except Exception as e:
+            raise self._engine_error(e) from None
 
     def _lora_kw(self, model: str) -> dict[str, Any]:
         """``lora_request=`` for the adapter ``model`` names; {} for a base name (engines

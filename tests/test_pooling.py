@@ -5,6 +5,7 @@ not, prompts packed into steps and a prompt longer than a step run in chunks."""
 from __future__ import annotations
 
 import base64
+import contextlib
 
 import jax
 import numpy as np
@@ -266,6 +267,23 @@ def test_a_headless_checkpoint_is_an_embedding_model_by_default(tmp_path):
 
 
 
+@contextlib.asynccontextmanager
+async def _served(engine, name: str):
+    """The server's app over ``engine`` on a free local port; yields its base URL."""
+    from aiohttp import web
+
+    from server.app import build_app
+
+    r = web.AppRunner(build_app(engine, served_model_name=name))
+    await r.setup()
+    site = web.TCPSite(r, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    finally:
+        await r.cleanup()
+
+
 def _write_classifier(folder, num_labels: int, seed: int):
     """HF's LlamaForSequenceClassification (random, head scaled so the classes differ), saved
     as a hub checkpoint; returns the HF model."""
@@ -294,10 +312,9 @@ def test_a_sequence_classifier_gives_hfs_probabilities(small_llama_folder, tmp_p
     label's name. Other models, embedding options and bad inputs are refused."""
     import asyncio
 
-    from aiohttp import ClientSession, web
+    from aiohttp import ClientSession
 
     from jaxllm import AsyncEngine
-    from server.app import build_app
 
     hf = _write_classifier(tmp_path / "c3", 3, seed=4)
     llm = LLM(str(tmp_path / "c3"), **KW)
@@ -332,12 +349,7 @@ def test_a_sequence_classifier_gives_hfs_probabilities(small_llama_folder, tmp_p
     engine = AsyncEngine(model=str(tmp_path / "c3"), **KW)
 
     async def go():
-        r = web.AppRunner(build_app(engine, served_model_name="cls"))
-        await r.setup()
-        site = web.TCPSite(r, "127.0.0.1", 0)
-        await site.start()
-        base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        try:
+        async with _served(engine, "cls") as base:
             async with ClientSession() as s:
                 async def post(body, status):
                     async with s.post(base + "/classify", json=body) as resp:
@@ -358,8 +370,6 @@ def test_a_sequence_classifier_gives_hfs_probabilities(small_llama_folder, tmp_p
                                   ({"input": [999999]}, "vocabulary")):
                     err = (await post(bad, 400))["error"]
                     assert what in err["message"], (bad, err)
-        finally:
-            await r.cleanup()
 
     try:
         asyncio.run(go())
@@ -373,10 +383,9 @@ def test_a_one_label_classifier_scores_pairs_as_a_cross_encoder(tmp_path):
     classifier of several labels refuses to score."""
     import asyncio
 
-    from aiohttp import ClientSession, web
+    from aiohttp import ClientSession
 
     from jaxllm import AsyncEngine
-    from server.app import build_app
 
     hf = _write_classifier(tmp_path / "c1", 1, seed=6)
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "c1"))
@@ -402,19 +411,11 @@ def test_a_one_label_classifier_scores_pairs_as_a_cross_encoder(tmp_path):
     engine = AsyncEngine(model=str(tmp_path / "c1"), **KW)
 
     async def go():
-        r = web.AppRunner(build_app(engine, served_model_name="rr"))
-        await r.setup()
-        site = web.TCPSite(r, "127.0.0.1", 0)
-        await site.start()
-        base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        try:
-            async with ClientSession() as s:
-                async with s.post(base + "/rerank", json={"query": query,
-                                                          "documents": docs}) as resp:
-                    assert resp.status == 200, await resp.text()
-                    body = await resp.json()
-        finally:
-            await r.cleanup()
+        async with _served(engine, "rr") as base, ClientSession() as s:
+            async with s.post(base + "/rerank", json={"query": query,
+                                                      "documents": docs}) as resp:
+                assert resp.status == 200, await resp.text()
+                body = await resp.json()
         scores = {x["index"]: x["relevance_score"] for x in body["results"]}
         np.testing.assert_allclose([scores[i] for i in range(3)],
                                    [want(query, d) for d in docs], **RAW_TOL)
