@@ -199,6 +199,15 @@ idle256() { for i in $(seq $1); do [ $((T - SECONDS)) -gt 170 ] || break
     timeout 160 python3 benchmarks/profile_step.py --context 1024 --steps 20 --top 6 \
       --batch 256 --out-dir /tmp/p256 --out $OUT/results.jsonl > $L/prof256_r$i.log 2>&1
     echo "rc=$?"; grep -A3 "^batch " $L/prof256_r$i.log | cut -c1-260; done; }
+# wheels: installs the carried .whl (pydantic, llguidance) for this call's python.
+wheels() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+             --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site; }
+# gpu_tests LINES [ARGS]: tests/test_gpu.py (pytest ARGS) until T's last 10 s, its last LINES
+# lines shown (carry .bench: the saved tokenizer).
+gpu_tests() { local n=$1; shift
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
+    -q -m gpu -p no:cacheprovider tests/test_gpu.py "$@" > $L/gpu_tests.log 2>&1
+  echo "rc=$?"; grep -v "^\s*$" $L/gpu_tests.log | tail -$n; }
 # swiglu_sweep FACTOR LINES [ARGS]: the SwiGLU kernel's sweep (swiglu_quant.py ARGS; its last
 # LINES lines shown), then BEST = its fastest tile at 16384 x bf16 if under FACTOR x XLA's time.
 swiglu_sweep() { local f=$1 n=$2; shift 2
@@ -1721,14 +1730,11 @@ lora)  # one GPU, one call: LoRA's decode cost on the 8B shape (benchmarks/lora.
   # engine, LoRA engine with no adapter / one / 4 mixed, rank 16 on every projection, batch 1
   # and 32 at 1k context), then the GPU tests (the LoRA one included). Carry .bench and .whl.
   L=$OUT/logs; mkdir -p $L
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
+  wheels || exit 1
   timeout 300 python3 benchmarks/lora.py --shape llama3-8b --batch 1 32 --context 1024 \
     --tokens 32 --out $OUT/lora.jsonl > $L/lora.log 2>&1
   echo "rc=$?"; quiet < $L/lora.log | grep -v '^\[' | tail -9
-  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
-    -q -m gpu -p no:cacheprovider tests/test_gpu.py > $L/gpu_tests.log 2>&1
-  grep -v "^\s*$" $L/gpu_tests.log | tail -8
+  gpu_tests 8
   show_logs 4 ;;
 lora2)  # nvidia-h100-x1, one call: LoRA's decode cost under four formulations of the delta
   # (benchmarks/lora.py --impl: each its own LoRA engine over the same slots, the plain engine
@@ -1743,23 +1749,17 @@ lora3)  # nvidia-h100-x1, one call: LoRA's decode cost with specialize_lora (ada
   # run the programs without the LoRA path; the adapters' steps the LoRA path, as before),
   # then the LoRA GPU test. Carry .bench and .whl.
   L=$OUT/logs; mkdir -p $L
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
+  wheels || exit 1
   timeout 300 python3 benchmarks/lora.py --shape llama3-8b --batch 1 32 --context 1024 \
     --tokens 32 --out $OUT/lora.jsonl > $L/lora.log 2>&1
   echo "rc=$?"; quiet < $L/lora.log | grep -v '^\[' | tail -8
-  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
-    -q -m gpu -p no:cacheprovider tests/test_gpu.py -k lora > $L/gpu_tests.log 2>&1
-  grep -v "^\s*$" $L/gpu_tests.log | tail -4
+  gpu_tests 4 -k lora
   show_logs 3 ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.
   L=$OUT/logs; mkdir -p $L
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit 1
-  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
-    -q -m gpu -p no:cacheprovider tests/test_gpu.py > $L/gpu_tests.log 2>&1
-  echo "rc=$?"; grep -v "^\s*$" $L/gpu_tests.log | tail -8
+  wheels || exit 1
+  gpu_tests 8
   show_logs 3 ;;
 spec)  # nvidia-h200 (one GPU), one call: speculative decoding (n-gram drafts) on the 8B shape,
   # random bf16 weights, batch 1 at 1k context: plain vs k = 2 / 4 / 8, forced (every draft
