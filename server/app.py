@@ -27,7 +27,7 @@ import re
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -527,7 +527,8 @@ class PromptRenderer:
 
 
 class OpenAIServer(PromptRenderer):
-    def __init__(self, engine: Any, *, api_key: str | None, served_model_names: list[str],
+    def __init__(self, engine: Any, *, api_key: str | Sequence[str] | None,
+                 served_model_names: list[str],
                  max_request_bytes: int, max_concurrent_requests: int,
                  log_stats_interval: float | None, enable_auto_tool_choice: bool = False,
                  tool_call_parser: str | None = None, reasoning_parser: str | None = None,
@@ -549,7 +550,9 @@ class OpenAIServer(PromptRenderer):
         self.enable_auto_tool_choice = enable_auto_tool_choice
         self.tool_call_parser = tool_call_parser
         self.engine = engine
-        self.api_key = api_key
+        # vLLM's --api-key: one key or several, any of which opens the /v1 routes.
+        keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
+        self.api_keys = tuple(f"Bearer {k}".encode() for k in keys if k)
         self.names = served_model_names
         self.max_request_bytes = max_request_bytes
         self.max_concurrent = max_concurrent_requests
@@ -586,10 +589,12 @@ class OpenAIServer(PromptRenderer):
                            f"limit is {self.max_request_bytes}.", code="request_too_large")
 
     def check_auth(self, path: str, headers: Mapping[str, str]) -> None:
-        if self.api_key is not None and path.startswith("/v1"):
+        if self.api_keys and path.startswith("/v1"):
             got = headers.get("Authorization", "").encode()
-            want = f"Bearer {self.api_key}".encode()
-            if not hmac.compare_digest(got, want):
+            ok = False
+            for want in self.api_keys:  # every key compared: no early exit to time
+                ok |= hmac.compare_digest(got, want)
+            if not ok:
                 raise APIError(401, "Invalid or missing API key: send 'Authorization: Bearer "
                                "<key>'.", code="invalid_api_key",
                                headers={"WWW-Authenticate": "Bearer"})
@@ -1832,7 +1837,7 @@ class OpenAIServer(PromptRenderer):
             last, t_last = s, now
 
 
-def build_app(engine: Any, *, api_key: str | None = None,
+def build_app(engine: Any, *, api_key: str | Sequence[str] | None = None,
               served_model_name: str | list[str] | None = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,

@@ -38,8 +38,10 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("JAXLLM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (env JAXLLM_API_KEY)")
+    env_key = os.environ.get("JAXLLM_API_KEY") or os.environ.get("VLLM_API_KEY")
+    p.add_argument("--api-key", nargs="+", default=[env_key] if env_key else None,
+                   metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 routes, one "
+                   "of these keys (env JAXLLM_API_KEY, or vLLM's VLLM_API_KEY)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients use (default: the model's name)")
     p.add_argument("--lora-modules", nargs="+", action=_LoraModules, default=None,

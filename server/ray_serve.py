@@ -98,7 +98,8 @@ class EngineServer:
     """One engine replica: an AsyncEngine and the OpenAI routes over it."""
 
     def __init__(self, engine_args: dict[str, Any], served_model_name: str | list[str] | None,
-                 api_key: str | None, max_request_bytes: int, max_concurrent_requests: int,
+                 api_key: str | list[str] | None, max_request_bytes: int,
+                 max_concurrent_requests: int,
                  num_hosts: int = 1, actor_options: dict[str, Any] | None = None,
                  metrics_interval_s: float = 5.0, server_options: dict[str, Any] | None = None):
         self.followers: list[Any] = []
@@ -271,7 +272,8 @@ def build_app(engine_args: dict[str, Any] | None = None, *, num_replicas: int | 
               ray_actor_options: dict[str, Any] | None = None,
               max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS,
               max_queued_requests: int = -1,
-              served_model_name: str | list[str] | None = None, api_key: str | None = None,
+              served_model_name: str | list[str] | None = None,
+              api_key: str | list[str] | None = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
               prefix_routing_pages: int = prefix_routing.DEFAULT_ROUTING_PAGES,

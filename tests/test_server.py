@@ -1083,7 +1083,7 @@ def test_unknown_route_is_404_and_wrong_method_is_405_in_json(servers):
     assert "POST" in headers["Allow"]
 
 
-def test_api_key_guards_v1_routes_only(servers):
+def test_api_key_guards_v1_routes_only(servers, engine):
     status, _, body = _post(servers, "/v1/models", method="GET", base=servers.tight)
     _assert_error(status, body, 401)
     status, _, body = _post(servers, "/v1/models", method="GET", base=servers.tight,
@@ -1096,6 +1096,13 @@ def test_api_key_guards_v1_routes_only(servers):
                       max_retries=0).models.list()
     status, _, _ = _post(servers, "/health", method="GET", base=servers.tight)
     assert status == 200
+    # vLLM's several keys: any of them opens the routes
+    base = servers.start(build_app(engine, served_model_name=MODEL,
+                                   api_key=["first", "second"]))
+    for key, status in (("first", 200), ("second", 200), ("third", 401), ("", 401)):
+        got, _, _ = _post(servers, "/v1/models", method="GET", base=base,
+                          headers={"Authorization": f"Bearer {key}"})
+        assert got == status, key
 
 
 def test_body_over_the_limit_is_413(servers):
@@ -1372,7 +1379,13 @@ def test_serve_parser_reads_flags_and_the_api_key_from_the_environment(monkeypat
     add_serve_parser(parser.add_subparsers(dest="command"), add_engine_args)
     args = parser.parse_args(["serve", "/models/x", "--port", "9000", "--served-model-name", "m"])
     assert (args.model, args.port, args.api_key, args.served_model_name) == (
-        "/models/x", 9000, "from-env", ["m"])
+        "/models/x", 9000, ["from-env"], ["m"])
+    monkeypatch.delenv("JAXLLM_API_KEY")
+    monkeypatch.setenv("VLLM_API_KEY", "vllm-env")  # vLLM's variable, when ours is unset
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"), add_engine_args)
+    assert parser.parse_args(["serve"]).api_key == ["vllm-env"]
+    assert parser.parse_args(["serve", "--api-key", "a", "b"]).api_key == ["a", "b"]
     assert parser.parse_args(["serve"]).model is None
     args = parser.parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser",
                               "llama3_json"])
