@@ -36,6 +36,14 @@ SPEC_COUNTERS = (
     ("spec_decode_num_accepted_tokens", "spec_decode_num_accepted_tokens",
      "Draft tokens accepted."),
 )
+# Histograms the engine counts (exported name, key, description, bucket upper bounds):
+# ``stats[key + "_buckets"]`` the count of each bucket and one over the last (not cumulative),
+# ``stats[key + "_sum"]`` the sum of the values.
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+HISTOGRAMS = (
+    ("iteration_tokens_total", "iteration_tokens", "Tokens per engine step (prompt and "
+     "generation, before padding).", ITERATION_TOKEN_BUCKETS),
+)
 # (exported name, key, description, label): one counter per position of the list.
 VECTORS = (
     ("spec_decode_num_accepted_tokens_per_pos", "spec_decode_num_accepted_tokens_per_pos",
@@ -62,6 +70,25 @@ class Gauge(Metric):
 @dataclasses.dataclass
 class Vector(Metric):
     values: list[int]
+
+
+@dataclasses.dataclass
+class Histogram(Metric):
+    """vLLM's reader Histogram: ``buckets`` upper bound (as a string, "+Inf" last) ->
+    cumulative count."""
+
+    count: int
+    sum: float
+    buckets: dict[str, int]
+
+
+def histogram_buckets(counts: list[int], bounds: tuple) -> dict[str, int]:
+    """Per-bucket counts (``HISTOGRAMS``' layout) as cumulative counts by upper bound."""
+    out, total = {}, 0
+    for bound, c in zip([*map(str, bounds), "+Inf"], counts):
+        total += c
+        out[bound] = total
+    return out
 
 
 def engine_stats(engine: Any) -> dict[str, Any]:
@@ -96,6 +123,11 @@ def read_metrics(stats: dict[str, Any], labels: dict[str, str] | None = None) ->
             if key in stats]
     out += [Vector(PREFIX + name, labels, [int(v) for v in stats[key]])
             for name, key, _, _ in VECTORS if key in stats]
+    for name, key, _, bounds in HISTOGRAMS:
+        if key + "_buckets" in stats:
+            counts = stats[key + "_buckets"]
+            out.append(Histogram(PREFIX + name, labels, int(sum(counts)),
+                                 float(stats[key + "_sum"]), histogram_buckets(counts, bounds)))
     if "lora_info" in stats:  # only with LoRA, as vLLM registers it
         when, lab = lora_info_labels(stats["lora_info"])
         out.append(Gauge(PREFIX + "lora_requests_info", {**labels, **lab}, when))

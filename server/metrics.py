@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from jaxllm.metrics import COUNTERS, GAUGES, PREFIX, SPEC_COUNTERS, VECTORS, lora_info_labels
+from jaxllm.metrics import (COUNTERS, GAUGES, HISTOGRAMS, PREFIX, SPEC_COUNTERS, VECTORS,
+                            histogram_buckets, lora_info_labels)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -70,6 +71,12 @@ class _EngineCollector(Collector):
 
         for name, key, doc in GAUGES:
             yield gauge(name, doc, s.get(key, 0))
+        for name, key, doc, bounds in HISTOGRAMS:
+            if key + "_buckets" in s:
+                h = HistogramMetricFamily(PREFIX + name, doc, labels=["model_name"])
+                h.add_metric(lab, list(histogram_buckets(s[key + "_buckets"], bounds).items()),
+                             float(s[key + "_sum"]))
+                yield h
         for name, key, doc in COUNTERS:
             yield counter(name, doc, s.get(key, 0))
         for name, key, doc in SPEC_COUNTERS:  # only with a speculative config, as vLLM

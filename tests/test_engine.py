@@ -231,6 +231,25 @@ def test_request_outputs_carry_their_timings(small_llm):
     assert o.metrics.num_generation_tokens == 6 and o.metrics.first_token_ts > 0
 
 
+def test_iteration_tokens_histogram_counts_each_steps_tokens(small_llm):
+    """vLLM's iteration_tokens_total (LLM.get_metrics' Histogram, cumulative buckets): one
+    5-token prompt and 3 tokens out are three steps, of 5, 1 and 1 tokens."""
+    from jaxllm.metrics import Histogram
+
+    def hist():
+        (h,) = [m for m in small_llm.get_metrics() if m.name == "jaxllm:iteration_tokens_total"]
+        assert isinstance(h, Histogram) and h.buckets["+Inf"] == h.count
+        return h
+
+    before = hist()
+    small_llm.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=3, ignore_eos=True),
+                       use_tqdm=False)
+    after = hist()
+    assert (after.count - before.count, after.sum - before.sum) == (3, 7)
+    assert after.buckets["1"] - before.buckets["1"] == 2
+    assert after.buckets["8"] - before.buckets["8"] == 3
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(small_llm):
     # vLLM's left truncation: the same tokens as the prompt's last k given alone; a prompt
     # longer than the context runs cut; -1 (the context) leaves a shorter prompt as it is.

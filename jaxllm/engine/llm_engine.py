@@ -9,6 +9,7 @@ The LLM (batch) and AsyncEngine (server) front-ends both drive this class.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import itertools
@@ -35,6 +36,7 @@ from jaxllm.engine.sequence import Sequence, SequenceStatus
 from jaxllm.errors import EngineSleepingError
 from jaxllm.kv_cache.page_pool import PagePool
 from jaxllm.kv_cache.prefix_cache import PrefixCache
+from jaxllm.metrics import ITERATION_TOKEN_BUCKETS
 from jaxllm.outputs import Logprob, RequestOutput, RequestStateStats
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -364,7 +366,10 @@ class LLMEngine:
         self._seq_counter = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 0,
-                      "prefix_cache_hits": 0, "prefix_cache_queries": 0}
+                      "prefix_cache_hits": 0, "prefix_cache_queries": 0,
+                      # vLLM's iteration_tokens_total histogram (jaxllm/metrics.py HISTOGRAMS)
+                      "iteration_tokens_buckets": [0] * (len(ITERATION_TOKEN_BUCKETS) + 1),
+                      "iteration_tokens_sum": 0}
         if self.speculative is not None:  # vLLM's vllm:spec_decode_* counters
             self.stats.update(
                 spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
@@ -1062,6 +1067,10 @@ class LLMEngine:
                                                      and r.token_mask.changes_per_token)
                          for r, i in zip(rows, indices) if i is not None)
         with_logprobs = any(r.params.logprobs is not None for r in rows)
+        n = sched.num_batched_tokens  # each of the launch's steps, for iteration_tokens_total
+        self.stats["iteration_tokens_buckets"][
+            bisect.bisect_left(ITERATION_TOKEN_BUCKETS, n)] += steps
+        self.stats["iteration_tokens_sum"] += n * steps
         return _InFlight(sched, indices, out, prompt_lp, read_first, with_logprobs,
                          steps, sample_rows), outputs
 
