@@ -103,30 +103,27 @@ class ServerMetrics:
     def __init__(self, engine: Any, model_name: str):
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineCollector(engine, model_name))
-        lab = dict(labelnames=["model_name"], registry=self.registry)
-        self.ttft = Histogram("jaxllm:time_to_first_token_seconds",
-                              "Time to first token (request arrival to first token out).",
-                              buckets=TTFT_BUCKETS, **lab).labels(model_name)
-        self.tpot = Histogram("jaxllm:time_per_output_token_seconds",
-                              "Mean time per output token after the first, per sequence.",
-                              buckets=TPOT_BUCKETS, **lab).labels(model_name)
-        self.e2e = Histogram("jaxllm:e2e_request_latency_seconds",
-                             "End-to-end request latency (arrival to last token).",
-                             buckets=E2E_BUCKETS, **lab).labels(model_name)
+        def hist(name: str, doc: str, buckets) -> Any:
+            return Histogram(f"jaxllm:{name}", doc, labelnames=["model_name"], buckets=buckets,
+                             registry=self.registry).labels(model_name)
+
+        self.ttft = hist("time_to_first_token_seconds",
+                         "Time to first token (request arrival to first token out).", TTFT_BUCKETS)
+        self.tpot = hist("time_per_output_token_seconds",
+                         "Mean time per output token after the first, per sequence.", TPOT_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds",
+                        "End-to-end request latency (arrival to last token).", E2E_BUCKETS)
         self._success = Counter("jaxllm:request_success", "Requests finished, by finish reason.",
                                 labelnames=["model_name", "finished_reason"],
                                 registry=self.registry)
-        self.phases = [(Histogram(f"jaxllm:{name}_seconds", doc, buckets=E2E_BUCKETS, **lab)
-                        .labels(model_name), start, end) for name, start, end, doc in PHASES]
+        self.phases = [(hist(f"{name}_seconds", doc, E2E_BUCKETS), start, end)
+                       for name, start, end, doc in PHASES]
         tokens = buckets_1_2_5(getattr(engine, "max_model_len", None) or 1 << 20)
-        self.prompt_tokens = Histogram("jaxllm:request_prompt_tokens",
-                                       "Prompt tokens of each finished request.",
-                                       buckets=tokens, **lab).labels(model_name)
-        self.generation_tokens = Histogram("jaxllm:request_generation_tokens",
-                                           "Tokens generated for each finished request.",
-                                           buckets=tokens, **lab).labels(model_name)
-        self.params_n = Histogram("jaxllm:request_params_n", "The n of each finished request.",
-                                  buckets=N_BUCKETS, **lab).labels(model_name)
+        self.prompt_tokens = hist("request_prompt_tokens",
+                                  "Prompt tokens of each finished request.", tokens)
+        self.generation_tokens = hist("request_generation_tokens",
+                                      "Tokens generated for each finished request.", tokens)
+        self.params_n = hist("request_params_n", "The n of each finished request.", N_BUCKETS)
         self.model_name = model_name
 
     def request_finished(self, finish_reason: str | None, stats: Any = None,
