@@ -239,10 +239,10 @@ lat_knobs_ab() { for q in bf16 fp8; do
       > $L/lat_${q}_k4_$2.log 2>&1
   done; }
 # Batch-1 latency (4 steps a launch) at the defaults (d) against JAXLLM_ATTENTION_KNOBS=$1
-# (tag $2), bf16 and fp8, in $3 rounds that alternate which goes first; each run under a
+# (tag $2), bf16 and fp8 (LAT_Q: the ones to run), in $3 rounds that alternate which goes first; each run under a
 # timeout of $4 s, none started with less than $5 s of $T left. Logs: $L/lat_{bf16,fp8}_{d,$2}_r<i>.log.
 lat_rounds() { for i in $(seq 1 $3); do
-    for q in bf16 fp8; do [ $((T - SECONDS)) -gt $5 ] || break
+    for q in ${LAT_Q:-bf16 fp8}; do [ $((T - SECONDS)) -gt $5 ] || break
       QA=""; [ $q = fp8 ] && QA="--quantization fp8"
       for v in $([ $((i % 2)) = 1 ] && echo "d $2" || echo "$2 d"); do
         K=""; [ $v = $2 ] && K=$1
@@ -1754,6 +1754,35 @@ lora3)  # nvidia-h100-x1, one call: LoRA's decode cost with specialize_lora (ada
     --tokens 32 --out $OUT/lora.jsonl > $L/lora.log 2>&1
   echo "rc=$?"; quiet < $L/lora.log | grep -v '^\[' | tail -8
   gpu_tests 4 -k lora
+  show_logs 3 ;;
+h100fp8)  # nvidia-h100-x1, one call (issues 6 and 5 on the H100 they name): the fp8 batch-1
+  # step kernel by kernel (profile, 4 steps a launch), fp8 batch 1 at the defaults against the
+  # MLP kernel in W8A8 (`mlp_kernel`: the H200 found it 1% slower, its W8A8 reads e4m3 at ~3.4
+  # TB/s, the H100's whole bandwidth), alternating rounds; then the skinny fp8 GEMMs against
+  # XLA's bf16 GEMM in GPU time (issue 5's small-M target).
+  L=$OUT/logs; mkdir -p $L
+  timeout 90 python3 benchmarks/profile_step.py --context 1024 --steps 6 --top 16 --batch 1 \
+    --max-num-seqs 8 --num-scheduler-steps 4 --quantization fp8 --out-dir /tmp/po \
+    --out $OUT/results.jsonl > $L/prof_fp8_d.log 2>&1
+  grep -A18 "^batch " $L/prof_fp8_d.log | cut -c1-120
+  LAT_Q=fp8 lat_rounds '{"mlp_kernel": true}' mk 2 70 200
+  timeout $((T - SECONDS - 15)) python3 benchmarks/gpu/skinny_gemm.py --impls pallas_w8a8 \
+    --budget $((T - SECONDS - 120)) --out $OUT/skinny.jsonl > $L/skinny.log 2>&1
+  echo "rc=$?"; grep "best=\|impl=xla" $L/skinny.log | cut -c1-200
+  show_logs 3 ;;
+h100k)  # nvidia-h100-x1, one call (issues 5 and 6 on the H100): the skinny GEMM's in-kernel
+  # split-K sum (GPU test, then the W8A8 sweep with and without it against XLA), then offline
+  # throughput (1,000 x 512/128 at the defaults) bf16, fp8, fp8 + fp8 KV. Carry .bench, .whl.
+  L=$OUT/logs; mkdir -p $L
+  wheels || exit 1
+  gpu_tests 3 -k skinny; T0=$SECONDS
+  timeout 230 python3 benchmarks/gpu/skinny_gemm.py --impls pallas_w8a8,pallas_w8a8_inline \
+    --budget 170 --out $OUT/skinny.jsonl > $L/skinny.log 2>&1
+  echo "rc=$? $((SECONDS - T0)) s"; sed -n '/== summary/,$p' $L/skinny.log
+  timeout 130 $TP > $L/tp_bf16.log 2>&1
+  timeout 130 $TP --quantization fp8 > $L/tp_fp8.log 2>&1
+  timeout $((T - SECONDS - 15)) $TP --quantization fp8 --kv-cache-dtype fp8 > $L/tp_fp8kv.log 2>&1
+  grep -h "sized\|KV pages\|start-up\|tok/s" $L/tp_*.log | cut -c1-300
   show_logs 3 ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.
