@@ -110,17 +110,13 @@ def _block_m(M: int) -> int:
     return max(16, 1 << (M - 1).bit_length())  # tensor-core dots take >= 16 rows
 
 
-def _kernel(x_ref, w_ref, *rest, M, block_m, block_n, block_k, k_per_split, split_k, w_layout,
-            fp8_dot, has_ws, has_xs, has_res, inline, interpret):
+def _kernel(x_ref, w_ref, *rest, M, block_m, block_n, block_k, k_per_split, w_layout, fp8_dot,
+            has_ws, has_xs, has_res):
     refs = list(rest)
     ws_ref = refs.pop(0) if has_ws else None
     xs_ref = refs.pop(0) if has_xs else None
     res_ref = refs.pop(0) if has_res else None
-    if inline:
-        refs.pop(0)  # the tickets as passed in: aliased to tick_ref
-        o_ref, part_ref, tick_ref = refs
-    else:
-        (o_ref,) = refs
+    (o_ref,) = refs
     j = pl.program_id(0)
     sp = pl.program_id(1)
     rm = jnp.arange(block_m, dtype=jnp.int32)
@@ -149,59 +145,23 @@ def _kernel(x_ref, w_ref, *rest, M, block_m, block_n, block_k, k_per_split, spli
     if has_xs:
         acc = acc * plgpu.load(xs_ref.at[rm], mask=row_ok, other=0.0)[:, None]
 
-    def finish(acc):  # the product rounded as the projection's output, then the residual
-        y = acc.astype(o_ref.dtype)
-        if has_res:
-            r = plgpu.load(res_ref.at[rm[:, None], rn[None, :]], mask=row_ok[:, None], other=0)
-            y = (y.astype(jnp.float32) + r.astype(jnp.float32)).astype(o_ref.dtype)
-        plgpu.store(o_ref.at[rm[:, None], rn[None, :]], y, mask=row_ok[:, None])
-
-    if not inline:
-        if split_k == 1:
-            finish(acc)
-        else:
-            rows = sp * M + rm
-            plgpu.store(o_ref.at[rows[:, None], rn[None, :]], acc, mask=row_ok[:, None])
-        return
-    # The split-K sum in this kernel: each program stores its partial, then takes a ticket for
-    # its column block (an acq_rel atomic at GPU scope, after a CTA barrier so that every
-    # thread's stores come before its release); the program that draws the last ticket sums
-    # the split_k partials in a fixed order (the same bits whichever program is last), writes
-    # the output and puts the ticket counter back to 0 for the next call.
+    y = acc.astype(o_ref.dtype)
+    if has_res:  # split_k == 1: the product rounded as the projection's output, then the add
+        r = plgpu.load(res_ref.at[rm[:, None], rn[None, :]], mask=row_ok[:, None], other=0)
+        y = (y.astype(jnp.float32) + r.astype(jnp.float32)).astype(o_ref.dtype)
     rows = sp * M + rm
-    plgpu.store(part_ref.at[rows[:, None], rn[None, :]], acc, mask=row_ok[:, None])
-    if not interpret:  # the interpreter runs programs one after another and has no barrier
-        plgpu.debug_barrier()
-    ticket = plgpu.atomic_add(tick_ref, j, jnp.int32(1))
-
-    @pl.when(ticket == split_k - 1)
-    def _():
-        plgpu.atomic_add(tick_ref, j, jnp.int32(-split_k))  # back to 0 (all have drawn)
-        total = jnp.zeros((block_m, block_n), jnp.float32)
-        for s_ in range(split_k):
-            r_ = s_ * M + rm
-            # A plain load: this program has not read these lines before, so its L1 holds
-            # no stale copy (JAX 0.11's ".cg" modifier does not lower: its table has "cg").
-            total = total + plgpu.load(part_ref.at[r_[:, None], rn[None, :]],
-                                       mask=row_ok[:, None], other=0.0)
-        finish(total)
+    plgpu.store(o_ref.at[rows[:, None], rn[None, :]], y, mask=row_ok[:, None])
 
 
 @functools.partial(jax.jit, static_argnames=("w_layout", "out_dtype", "block_n", "block_k",
                                              "split_k", "num_warps", "num_stages", "interpret"))
-def skinny_matmul(x, w, w_scale=None, x_scale=None, residual=None, tickets=None, *,
-                  w_layout: str = "nk", out_dtype=None, block_n: int = 64, block_k: int = 256,
-                  split_k: int = 1, num_warps: int = 4, num_stages: int = 4,
-                  interpret: bool = False):
+def skinny_matmul(x, w, w_scale=None, x_scale=None, residual=None, *, w_layout: str = "nk",
+                  out_dtype=None, block_n: int = 64, block_k: int = 256, split_k: int = 1,
+                  num_warps: int = 4, num_stages: int = 4, interpret: bool = False) -> jax.Array:
     """Pallas (Triton) ``skinny_matmul_reference`` for M <= 64 rows (see the module docstring).
 
     ``out_dtype``: default x's dtype (bf16 for an e4m3 x). Blocks are powers of two >= 16.
-    ``residual`` [M, N] (``out_dtype``): added in the epilogue; needs ``split_k`` 1 or
-    ``tickets``.
-    ``tickets``: int32 [>= N / block_n], all zeros (``skinny_tickets``), with ``split_k`` > 1:
-    the split-K partials are summed inside the kernel (the last program of each column block
-    to finish sums them), so the call is one kernel; returns ``(out, tickets)``, the tickets
-    zeros again, to pass to the next call (donated, no copy) or drop.
+    ``residual`` [M, N] (``out_dtype``; ``split_k`` must be 1): added in the epilogue.
     """
     if w_layout not in ("nk", "kn"):
         raise ValueError(f"w_layout must be 'nk' or 'kn', got {w_layout!r}")
@@ -236,17 +196,9 @@ def skinny_matmul(x, w, w_scale=None, x_scale=None, residual=None, tickets=None,
     if x_scale is not None and x_scale.shape != (M,):
         raise ValueError(f"x_scale must be [{M}], got {x_scale.shape}")
     out_dtype = jnp.dtype(out_dtype or (jnp.bfloat16 if fp8_dot else x.dtype))
-    inline = tickets is not None
-    if inline:
-        if split_k == 1:
-            raise ValueError("tickets are for split_k > 1 (the in-kernel split-K sum)")
-        if tickets.dtype != jnp.int32 or tickets.ndim != 1 or tickets.shape[0] < N // block_n:
-            raise ValueError(f"tickets must be int32 [>= {N // block_n}] (N / block_n), got "
-                             f"{tickets.dtype} {tickets.shape}")
     if residual is not None:
-        if split_k != 1 and not inline:
-            raise ValueError(f"a residual needs split_k == 1 (whole-K programs) or tickets, "
-                             f"got split_k {split_k}")
+        if split_k != 1:
+            raise ValueError(f"a residual needs split_k == 1 (whole-K programs), got {split_k}")
         if residual.shape != (M, N) or residual.dtype != out_dtype:
             raise ValueError(f"residual must be [{M}, {N}] {out_dtype}, got "
                              f"{residual.shape} {residual.dtype}")
@@ -266,36 +218,18 @@ def skinny_matmul(x, w, w_scale=None, x_scale=None, residual=None, tickets=None,
         operands.append(residual)
     kernel = functools.partial(
         _kernel, M=M, block_m=block_m, block_n=block_n, block_k=block_k,
-        k_per_split=k_per_split, split_k=split_k, w_layout=w_layout, fp8_dot=fp8_dot,
-        has_ws=w_scale is not None, has_xs=x_scale is not None, has_res=residual is not None,
-        inline=inline, interpret=interpret)
-    name = (f"skinny_matmul_{w_layout}_{block_n}x{block_k}_s{split_k}"
-            + ("_inline" if inline else "") + ("_res" if residual is not None else ""))
-    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    if inline:
-        operands.append(tickets)
-        out, _, tickets = pl.pallas_call(
-            kernel, grid=(N // block_n, split_k),
-            out_shape=(jax.ShapeDtypeStruct((M, N), out_dtype),
-                       jax.ShapeDtypeStruct((split_k * M, N), jnp.float32),
-                       jax.ShapeDtypeStruct(tickets.shape, jnp.int32)),
-            input_output_aliases={len(operands) - 1: 2},
-            compiler_params=params, interpret=interpret, name=name,
-        )(*operands)
-        return out, tickets
+        k_per_split=k_per_split, w_layout=w_layout, fp8_dot=fp8_dot,
+        has_ws=w_scale is not None, has_xs=x_scale is not None, has_res=residual is not None)
     part_dtype = out_dtype if split_k == 1 else jnp.float32
     out = pl.pallas_call(
         kernel,
         grid=(N // block_n, split_k),
         out_shape=jax.ShapeDtypeStruct((split_k * M, N), part_dtype),
-        compiler_params=params, interpret=interpret, name=name,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"skinny_matmul_{w_layout}_{block_n}x{block_k}_s{split_k}"
+             + ("_res" if residual is not None else ""),
     )(*operands)
     if split_k == 1:
         return out
     return out.reshape(split_k, M, N).sum(axis=0).astype(out_dtype)
-
-
-def skinny_tickets(N: int, block_n: int) -> jax.Array:
-    """The zeroed ticket counters ``skinny_matmul(..., tickets=)`` takes for an N-wide output in
-    ``block_n`` column blocks (every call leaves them zeros again)."""
-    return jnp.zeros((N // block_n,), jnp.int32)

@@ -99,9 +99,6 @@ def _kernel_calls():
          (S((8, E), bf16), S((Q, E), e4m3), S((Q,), f32))),
         ("skinny_w8a8", p(sk.skinny_matmul, block_n=32, block_k=128),
          (S((8, E), e4m3), S((Q, E), e4m3), S((Q,), f32), S((8,), f32))),
-        ("skinny_w8a8_inline_sum", p(sk.skinny_matmul, block_n=64, block_k=256, split_k=4),
-         (S((8, E), e4m3), S((Q, E), e4m3), S((Q,), f32), S((8,), f32), None,
-          S((Q // 64,), jnp.int32))),
         ("skinny_residual", p(sk.skinny_matmul, w_layout="kn", split_k=1, **dict(zip(
             ("block_n", "block_k", "num_warps", "num_stages"), sk.RESIDUAL_GEMM_BLOCKS))),
          (S((8, E), bf16), S((E, E), bf16), None, None, S((8, E), bf16))),

@@ -902,53 +902,6 @@ def test_skinny_matmul_matches_reference_for_bf16_w8a16_and_w8a8(M, split_k):
     assert _rel_err(got, exact) < 0.08
 
 
-@pytest.mark.parametrize("M,split_k", [(1, 2), (5, 4), (40, 2)])
-def test_skinny_matmul_sums_split_k_in_the_kernel_with_tickets(M, split_k):
-    """skinny_matmul(..., tickets=) (interpret mode): the split-K partials summed inside the
-    kernel by the last program of each column block equal the two-kernel form (partials, then
-    XLA's sum) bit for bit, for W8A8 / W8A16 / bf16 and with a residual; the tickets come back
-    zeros (the next call's), so back-to-back calls give the same output."""
-    from pallas_kernels.skinny_matmul import skinny_matmul, skinny_tickets
-
-    rng = np.random.default_rng(700 + M)
-    K, N = 512, 96
-    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((K, N)) * 0.05, jnp.bfloat16)
-    wq, ws = quantize_weight_per_channel(w)
-    wq_nk = jnp.asarray(wq.T)
-    xq, xs = quantize_activation_per_token(x)
-    kw = dict(block_n=32, block_k=64, split_k=split_k, interpret=True)
-    tickets = skinny_tickets(N, 32)
-    for args, extra in (((xq, wq_nk, ws, xs), dict(out_dtype=jnp.float32)),
-                        ((x, wq_nk, ws), {}), ((x, w), dict(w_layout="kn"))):
-        two_kernels = skinny_matmul(*args, **extra, **kw)
-        got, tickets = skinny_matmul(*args, tickets=tickets, **extra, **kw)
-        assert got.shape == (M, N) and got.dtype == two_kernels.dtype
-        np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                      np.asarray(two_kernels, np.float32))
-        np.testing.assert_array_equal(np.asarray(tickets), 0)
-        again, tickets = skinny_matmul(*args, tickets=tickets, **extra, **kw)
-        np.testing.assert_array_equal(np.asarray(again, np.float32), np.asarray(got, np.float32))
-    assert _rel_err(got, np.asarray(x, np.float32) @ np.asarray(w, np.float32)) < 1e-2
-    r = jnp.asarray(rng.standard_normal((M, N)) * 4, jnp.bfloat16)
-    got, _ = skinny_matmul(x, w, residual=r, tickets=tickets, w_layout="kn", **kw)
-    model = r + skinny_matmul(x, w, w_layout="kn", **kw)
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(model, np.float32))
-
-
-def test_skinny_matmul_tickets_are_checked():
-    from pallas_kernels.skinny_matmul import skinny_matmul
-
-    x, w = jnp.ones((4, 128), jnp.bfloat16), jnp.ones((128, 64), jnp.bfloat16)
-    kw = dict(w_layout="kn", block_n=32, block_k=64, interpret=True)
-    with pytest.raises(ValueError, match="split_k > 1"):
-        skinny_matmul(x, w, tickets=jnp.zeros((2,), jnp.int32), **kw)
-    with pytest.raises(ValueError, match="tickets must be int32 \\[>= 2\\]"):
-        skinny_matmul(x, w, tickets=jnp.zeros((1,), jnp.int32), split_k=2, **kw)
-    with pytest.raises(ValueError, match="tickets must be int32"):
-        skinny_matmul(x, w, tickets=jnp.zeros((2,), jnp.float32), split_k=2, **kw)
-
-
 @pytest.mark.parametrize("M,dtype", [(1, jnp.bfloat16), (7, jnp.bfloat16), (16, jnp.float32)])
 def test_skinny_matmul_residual_epilogue_matches_the_models_add(M, dtype):
     """skinny_matmul(..., residual=r) (interpret mode; the o / down projections' residual GEMM,
@@ -980,7 +933,7 @@ def test_skinny_matmul_residual_needs_whole_k_programs_and_its_shape():
 
     x, w = jnp.ones((4, 128), jnp.bfloat16), jnp.ones((128, 64), jnp.bfloat16)
     kw = dict(w_layout="kn", block_n=32, block_k=64, interpret=True)
-    with pytest.raises(ValueError, match="split_k == 1 .* or tickets"):
+    with pytest.raises(ValueError, match="split_k == 1"):
         skinny_matmul(x, w, residual=jnp.ones((4, 64), jnp.bfloat16), split_k=2, **kw)
     with pytest.raises(ValueError, match="residual must be \\[4, 64\\] bfloat16"):
         skinny_matmul(x, w, residual=jnp.ones((4, 64), jnp.float32), **kw)
@@ -1017,14 +970,12 @@ def test_skinny_matmul_rejects_what_it_does_not_take():
 
 def test_skinny_gemm_sweep_runs_and_picks_a_correct_config(tmp_path):
     # benchmarks/gpu/skinny_gemm.py --smoke (tiny shapes, interpret mode, host wall time): the
-    # baselines and the swept W8A8 configs (split-K summed by XLA, and in the kernel) run and
-    # match the reference, repeat their bits, and the sweep's best config at M = 16 is one of
-    # the correct ones, reused at M = 1.
+    # baselines and the swept W8A8 configs run, match the reference and repeat their bits, and
+    # the sweep's best config at M = 16 is one of the correct ones, reused at M = 1.
     out = tmp_path / "s.jsonl"
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu" / "skinny_gemm.py"), "--smoke",
-         "--impls", "pallas_w8a8,pallas_w8a8_inline", "--ms", "16,1", "--out", str(out)],
-        capture_output=True,
+         "--impls", "pallas_w8a8", "--ms", "16,1", "--out", str(out)], capture_output=True,
         text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu",
                                      "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr[-2000:]
@@ -1033,17 +984,13 @@ def test_skinny_gemm_sweep_runs_and_picks_a_correct_config(tmp_path):
     cases = [r for r in rows if "best" not in r]
     assert cases and all(r.get("ok") for r in cases), [r for r in cases if not r.get("ok")]
     assert {r["impl"] for r in cases} == {"xla_bf16", "xla_w8a16", "xla_w8a16_f16", "xla_fp8",
-                                          "pallas_w8a8", "pallas_w8a8_inline"}
+                                          "pallas_w8a8"}
     assert all(r["repeat_equal"] for r in cases)
-    assert all(r["config"]["split_k"] > 1 for r in cases if r["impl"] == "pallas_w8a8_inline")
     for shape in ("qkv", "o"):
-        for impl in ("pallas_w8a8", "pallas_w8a8_inline"):
-            (best16,) = [r for r in rows if "best" in r and r["shape"] == shape
-                         and r["M"] == 16 and r["impl"] == impl]
-            assert best16["best"] in [r["config"] for r in cases
-                                      if r["shape"] == shape and r["impl"] == impl]
-            assert any("best" in r and r["shape"] == shape and r["M"] == 1
-                       and r["impl"] == impl for r in rows)
+        (best16,) = [r for r in rows if "best" in r and r["shape"] == shape and r["M"] == 16]
+        assert best16["best"] in [r["config"] for r in cases
+                                  if r["shape"] == shape and r["impl"] == "pallas_w8a8"]
+        assert any("best" in r and r["shape"] == shape and r["M"] == 1 for r in rows)
 
 
 def test_residual_gemm_benchmark_checks_each_config_and_times_both_variants(tmp_path):

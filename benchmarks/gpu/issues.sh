@@ -1773,6 +1773,8 @@ h100fp8)  # nvidia-h100-x1, one call (issues 6 and 5 on the H100 they name): the
 h100k)  # nvidia-h100-x1, one call (issues 5 and 6 on the H100): the skinny GEMM's in-kernel
   # split-K sum (GPU test, then the W8A8 sweep with and without it against XLA), then offline
   # throughput (1,000 x 512/128 at the defaults) bf16, fp8, fp8 + fp8 KV. Carry .bench, .whl.
+  # Run 2026-12-05 18:25; the in-kernel sum (pallas_w8a8_inline) was no faster and was removed
+  # after it (RESULTS), so the sweep now times pallas_w8a8 alone.
   L=$OUT/logs; mkdir -p $L
   wheels || exit 1
   gpu_tests 3 -k skinny; T0=$SECONDS

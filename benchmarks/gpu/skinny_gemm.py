@@ -33,7 +33,7 @@ from pallas_kernels.fp8_matmul import (FP8, fp8_matmul_xla,  # noqa: E402
                                        quantize_activation_per_token,
                                        quantize_weight_per_channel)
 from pallas_kernels.skinny_matmul import (skinny_fits, skinny_matmul,  # noqa: E402
-                                          skinny_matmul_reference, skinny_tickets)
+                                          skinny_matmul_reference)
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096)}
@@ -44,18 +44,6 @@ PEAK_BW = 4.3e12
 
 def _skinny(*a, **k):
     return skinny_matmul(*a, interpret=SMOKE, **k)
-
-
-def _inline(fn, N, cfg):
-    """``fn(*args, tickets) -> (out, tickets)`` as ``call(*args) -> out``: the tickets made once
-    and donated to each call (as a step would carry them), so no call copies them."""
-    f = jax.jit(fn, donate_argnums=4)
-    state = [skinny_tickets(N, cfg["block_n"])]
-
-    def call(*args):
-        out, state[0] = f(*args, state[0])
-        return out
-    return call
 
 
 def configs(K, N, w_itemsize):
@@ -118,8 +106,8 @@ def main():
             rec["rel_err"] = rel_err(out, ref)
             rec["ok"] = rec["rel_err"] < 2e-2
             dev = gpu_trace.device_time(fn, sets, calls=20) if not SMOKE else None
-            # The same inputs after the timed calls give the same bits (a race in an in-kernel
-            # sum would not).
+            # The same inputs after the timed calls give the same bits (a kernel that reads what
+            # another program has not yet written would not).
             rec["repeat_equal"] = bool(jnp.array_equal(fn(*sets[0]), out))
             rec["ok"] = rec["ok"] and rec["repeat_equal"]
             if dev is None:  # no GPU in the trace (--smoke on the CPU): host wall time
@@ -184,10 +172,6 @@ def main():
                 "pallas_w8a8": (lambda cfg: (lambda xq, xs, q, s: _skinny(xq, q, s, xs,
                                                                                  **cfg)),
                                 sets_8, ref_8, 1),
-                # The split-K sum inside the kernel (tickets): one kernel a call.
-                "pallas_w8a8_inline": (lambda cfg: _inline(
-                    lambda xq, xs, q, s, t: _skinny(xq, q, s, xs, tickets=t, **cfg), N, cfg),
-                    sets_8, ref_8, 1),
             }
             for impl, (mk, sets, ref, itemsize) in variants.items():
                 if impl not in args.impls.split(","):
@@ -200,8 +184,6 @@ def main():
                         cands = configs(K, N, itemsize)[:2]
                     else:
                         cands = configs(K, N, itemsize)
-                    if impl.endswith("_inline"):  # the in-kernel sum is for split K
-                        cands = [c for c in cands if c["split_k"] > 1]
                     recs = [case(name, M, K, N, impl, c, mk(c), sets, ref, K * N * itemsize)
                             for c in cands if skinny_fits(M, K, N, **{k: c[k] for k in (
                                 "block_n", "block_k", "split_k")})]
@@ -230,7 +212,7 @@ def main():
     # Summary: best device time per (shape, M, impl); speed-up over XLA bf16.
     print("\n== summary: device us (weight TB/s), speed-up over xla_bf16 ==")
     impls = ["xla_bf16", "xla_w8a16", "xla_w8a16_f16", "xla_fp8", "pallas_bf16", "pallas_w8a16",
-             "pallas_w8a8", "pallas_w8a8_inline"]
+             "pallas_w8a8"]
     print("shape M " + " ".join(impls))
     table = {}
     for r in rows:
