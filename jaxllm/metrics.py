@@ -36,13 +36,31 @@ SPEC_COUNTERS = (
     ("spec_decode_num_accepted_tokens", "spec_decode_num_accepted_tokens",
      "Draft tokens accepted."),
 )
+
+
+def buckets_1_2_5(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``limit`` (vLLM's token-count buckets)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
+
+
 # Histograms the engine counts (exported name, key, description, bucket upper bounds):
 # ``stats[key + "_buckets"]`` the count of each bucket and one over the last (not cumulative),
 # ``stats[key + "_sum"]`` the sum of the values.
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# vLLM's max_tokens buckets are 1-2-5 up to max_model_len; one fixed table here (to 10^6, past
+# any context this engine serves), so that data-parallel replicas' counts add bucket by bucket.
+MAX_TOKENS_BUCKETS = buckets_1_2_5(10 ** 6)
 HISTOGRAMS = (
     ("iteration_tokens_total", "iteration_tokens", "Tokens per engine step (prompt and "
      "generation, before padding).", ITERATION_TOKEN_BUCKETS),
+    ("request_params_max_tokens", "request_params_max_tokens", "The max_tokens of each finished "
+     "request (the engine's, where the request left it to the context).", MAX_TOKENS_BUCKETS),
 )
 # (exported name, key, description, label): one counter per position of the list.
 VECTORS = (

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from jaxllm.metrics import (COUNTERS, GAUGES, HISTOGRAMS, PREFIX, SPEC_COUNTERS, VECTORS,
-                            histogram_buckets, lora_info_labels)
+                            buckets_1_2_5, histogram_buckets, lora_info_labels)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -38,17 +38,6 @@ PHASES = (
     ("request_inference_time", "scheduled_ts", "last_token_ts",
      "Time from first scheduled to the last token."),
 )
-
-
-def buckets_1_2_5(limit: int) -> tuple[int, ...]:
-    """1, 2, 5, 10, 20, 50, ... up to ``limit`` (vLLM's token-count buckets)."""
-    out, scale = [], 1
-    while True:
-        for m in (1, 2, 5):
-            if m * scale > limit:
-                return tuple(out)
-            out.append(m * scale)
-        scale *= 10
 
 
 class _EngineCollector(Collector):

@@ -250,6 +250,29 @@ def test_iteration_tokens_histogram_counts_each_steps_tokens(small_llm):
     assert after.buckets["8"] - before.buckets["8"] == 3
 
 
+def test_request_params_max_tokens_histogram_counts_each_finished_request(small_llm):
+    """vLLM's request_params_max_tokens (LLM.get_metrics' Histogram): one count per finished
+    request at its max_tokens, an unset max_tokens counted as the room the context leaves
+    (max_model_len minus the prompt), as the engine resolves it; n samples are one request."""
+    from jaxllm.metrics import Histogram
+
+    def hist():
+        (h,) = [m for m in small_llm.get_metrics()
+                if m.name == "jaxllm:request_params_max_tokens"]
+        assert isinstance(h, Histogram) and h.buckets["+Inf"] == h.count
+        return h
+
+    before = hist()
+    room = small_llm.llm_engine.max_model_len - 4
+    small_llm.generate([[5, 6, 7, 8], [9, 10, 11, 12]],
+                       [SamplingParams(max_tokens=3, n=2, ignore_eos=True, seed=0),
+                        SamplingParams(max_tokens=None, temperature=0.0)], use_tqdm=False)
+    after = hist()
+    assert (after.count - before.count, after.sum - before.sum) == (2, 3 + room)
+    assert after.buckets["5"] - before.buckets["5"] == 1  # 3 <= 5; room > 5
+    assert after.buckets["+Inf"] - before.buckets["+Inf"] == 2
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(small_llm):
     # vLLM's left truncation: the same tokens as the prompt's last k given alone; a prompt
     # longer than the context runs cut; -1 (the context) leaves a shorter prompt as it is.

@@ -1202,6 +1202,8 @@ def test_metrics_expose_vllm_names_and_counters_move(servers, client):
     assert moved("jaxllm:request_generation_tokens_sum") == 6
     assert moved("jaxllm:request_prompt_tokens_sum") == out.usage.prompt_tokens
     assert moved("jaxllm:request_params_n_sum") == 2
+    assert moved("jaxllm:request_params_max_tokens_sum") == 3  # the request's, not per sample
+    assert moved("jaxllm:request_params_max_tokens_count") == 1
     assert moved("jaxllm:iteration_tokens_total_count") >= 3  # a prefill and two decodes
     assert moved("jaxllm:iteration_tokens_total_sum") >= out.usage.prompt_tokens + 2
 

@@ -36,7 +36,7 @@ from jaxllm.engine.sequence import Sequence, SequenceStatus
 from jaxllm.errors import EngineSleepingError
 from jaxllm.kv_cache.page_pool import PagePool
 from jaxllm.kv_cache.prefix_cache import PrefixCache
-from jaxllm.metrics import ITERATION_TOKEN_BUCKETS
+from jaxllm.metrics import ITERATION_TOKEN_BUCKETS, MAX_TOKENS_BUCKETS
 from jaxllm.outputs import Logprob, RequestOutput, RequestStateStats
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -369,7 +369,10 @@ class LLMEngine:
                       "prefix_cache_hits": 0, "prefix_cache_queries": 0,
                       # vLLM's iteration_tokens_total histogram (jaxllm/metrics.py HISTOGRAMS)
                       "iteration_tokens_buckets": [0] * (len(ITERATION_TOKEN_BUCKETS) + 1),
-                      "iteration_tokens_sum": 0}
+                      "iteration_tokens_sum": 0,
+                      # and request_params_max_tokens (each finished request's, _count_finished)
+                      "request_params_max_tokens_buckets": [0] * (len(MAX_TOKENS_BUCKETS) + 1),
+                      "request_params_max_tokens_sum": 0}
         if self.speculative is not None:  # vLLM's vllm:spec_decode_* counters
             self.stats.update(
                 spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
@@ -731,11 +734,20 @@ class LLMEngine:
                 raise ValueError(f"{name}={k} exceeds max_logprobs={self.config.max_logprobs}; "
                                  "ask for fewer or start the engine with a larger max_logprobs.")
 
+    def _count_finished(self, req: _Request) -> None:
+        """vLLM's request_params_max_tokens: a request that finished or was aborted, by its
+        max_tokens (as add_request resolved it: the room left in the context when unset)."""
+        m = req.params.max_tokens or 0
+        self.stats["request_params_max_tokens_buckets"][
+            bisect.bisect_left(MAX_TOKENS_BUCKETS, m)] += 1
+        self.stats["request_params_max_tokens_sum"] += m
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Aborts a request; its pages go back to the pool. Unknown ids are ignored."""
         req = self._requests.pop(request_id, None)
         if req is None:
             return None
+        self._count_finished(req)
         self.scheduler.abort(request_id)
         for seq, proc in zip(req.seqs, req.processors):
             if not seq.status.is_finished:
@@ -1165,6 +1177,7 @@ class LLMEngine:
                     outputs.append(make_output(req, finished))
                     if finished:
                         del requests[req.request_id]
+                        self._count_finished(req)
             else:
                 if grouped is None:
                     grouped = {}
@@ -1179,6 +1192,7 @@ class LLMEngine:
                 outputs[slot] = make_output(req, final=done)
                 if done:
                     del requests[request_id]
+                    self._count_finished(req)
             outputs = [o for o in outputs if o is not None]
         return outputs
 
