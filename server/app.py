@@ -320,6 +320,9 @@ ROUTES: dict[str, dict[str, str]] = {
     "/tokenize": {"POST": "tokenize"},
     "/detokenize": {"POST": "detokenize"},
     "/health": {"GET": "health"},
+    # vLLM's SageMaker routes: /ping is /health; /invocations picks a route by the body's shape
+    "/ping": {"GET": "health", "POST": "health"},
+    "/invocations": {"POST": "invocations"},
     "/version": {"GET": "version"},
     "/metrics": {"GET": "metrics_route"},
     "/openapi.json": {"GET": "openapi"},
@@ -418,18 +421,24 @@ class PromptRenderer:
 
     @staticmethod
     def _parse(call: Call, model: type[BaseModel]) -> Any:
-        try:
-            obj = json.loads(call.body, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as e:
-            raise APIError(400, f"The request body is not valid JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise APIError(400, "The request body must be a JSON object.")
+        obj = OpenAIServer._json_object(call)
         try:
             return model.model_validate(obj)
         except ValidationError as e:
             raise _validation_error(e) from None
         except RecursionError:
             raise APIError(400, "The request body is nested too deeply.") from None
+
+    @staticmethod
+    def _json_object(call: Call) -> dict[str, Any]:
+        """The request body as a JSON object; a 400 for anything else."""
+        try:
+            obj = json.loads(call.body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, f"The request body is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise APIError(400, "The request body must be a JSON object.")
+        return obj
 
     def first_prompt_ids(self, path: str, body: bytes) -> list[int] | None:
         """The token ids of a completion's (first) or a chat request's prompt; None for other
@@ -1262,6 +1271,39 @@ class OpenAIServer(PromptRenderer):
         if getattr(self.engine, "errored", False) or not getattr(self.engine, "is_running", True):
             raise APIError(503, "The engine is not running.", code="engine_unavailable")
         return Reply(status=200)
+
+    def _invocation_routes(self) -> list[tuple[str, type[BaseModel]]]:
+        """The routes /invocations may pick for this model, in vLLM's order: chat and
+        completions on a generating engine; embeddings (or, on a sequence classifier,
+        classify), score and rerank on a pooling one."""
+        if getattr(self.engine, "runner_kind", "generate") != "pooling":
+            return [("chat_completions", P.ChatCompletionRequest),
+                    ("completions", P.CompletionRequest)]
+        if getattr(getattr(self.engine, "model_config", None), "num_labels", 0):
+            first = [("classify", P.ClassificationRequest)]
+        else:
+            first = [("embeddings", P.EmbeddingRequest)]
+        return first + [("score", P.ScoreRequest), ("rerank", P.RerankRequest)]
+
+    async def invocations(self, call: Call) -> Reply:
+        """vLLM's /invocations (the SageMaker entry point): the body goes to the first route,
+        of those this model serves, whose request model it validates as; failing that, to the
+        first whose required fields it has (so that route's 400 names what is wrong: our
+        models refuse unknown fields, vLLM's ignore them); a 400 naming the request types
+        when neither. Outside /v1, so no API key is asked, as in vLLM."""
+        obj = self._json_object(call)
+        routes = self._invocation_routes()
+        for route, model in routes:
+            try:
+                model.model_validate(obj)
+            except (ValidationError, RecursionError):
+                continue
+            return await getattr(self, route)(call)
+        for route, model in routes:
+            if all(k in obj for k, f in model.model_fields.items() if f.is_required()):
+                return await getattr(self, route)(call)
+        raise APIError(400, "Cannot find suitable handler for request. Expected one of: "
+                            f"{[m.__name__ for _, m in routes]}")
 
     async def version(self, call: Call) -> Reply:
         return Reply.json({"version": self.server_version})

@@ -750,6 +750,15 @@ def openapi_schema(version: str) -> dict[str, Any]:
         "/tokenize": post(TokenizeRequest, TokenizeResponse, summary="Tokenize a prompt"),
         "/detokenize": post(DetokenizeRequest, DetokenizeResponse, summary="Decode token ids"),
         "/health": get(None, "200 when the engine runs, 503 when it has failed"),
+        "/ping": get(None, "/health for SageMaker (GET or POST)"),
+        "/invocations": {"post": {
+            "summary": "SageMaker: a chat, completion, embeddings, classify, score or rerank "
+                       "body, sent to the first route of the model's that takes it",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "anyOf": [ref(m) for m in (ChatCompletionRequest, CompletionRequest,
+                                           EmbeddingRequest, ClassificationRequest,
+                                           ScoreRequest, RerankRequest)]}}}},
+            "responses": {"200": {"description": "the chosen route's answer"}, **errors}}},
         "/version": get(VersionResponse, "Server version"),
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
             "description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

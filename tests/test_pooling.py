@@ -184,6 +184,7 @@ def test_embeddings_endpoint_speaks_openais_format(small_llama_folder, hf_hidden
             with pytest.raises(openai.BadRequestError, match="pooling"):
                 await g.embeddings.create(model="emb", input="hi")
             await _score_and_rerank_routes(bases)
+            await _invocations_on_a_pooling_model(bases[0][:-len("/v1")])
             with pytest.raises(openai.BadRequestError, match="pooling model"):
                 await c.completions.create(model="emb", prompt="hi", max_tokens=2)
         finally:
@@ -195,6 +196,34 @@ def test_embeddings_endpoint_speaks_openais_format(small_llama_folder, hf_hidden
     finally:
         engine.shutdown()
         gen_engine.shutdown()
+
+
+async def _invocations_on_a_pooling_model(base: str) -> None:
+    """vLLM's /invocations on an embedding model: an input body is embeddings (the same
+    vectors as /v1/embeddings), a text pair a score, a query with documents a rerank; a chat
+    body is a 400 naming the request types this model takes."""
+    from aiohttp import ClientSession
+
+    async with ClientSession() as s:
+        async def post(path, body, status=200):
+            async with s.post(base + path, json=body) as resp:
+                assert resp.status == status, await resp.text()
+                return await resp.json()
+
+        body = {"model": "emb", "input": PROMPTS[:2], "encoding_format": "float"}
+        got, want = await post("/invocations", body), await post("/v1/embeddings", body)
+        assert got["object"] == "list" and len(got["data"]) == 2
+        for g, w in zip(got["data"], want["data"]):
+            np.testing.assert_allclose(g["embedding"], w["embedding"], rtol=1e-6, atol=1e-7)
+        pair = {"text_1": "a cat", "text_2": "a dog"}
+        got, want = await post("/invocations", pair), await post("/score", pair)
+        assert got["data"][0]["score"] == pytest.approx(want["data"][0]["score"], abs=1e-6)
+        ranked = await post("/invocations", {"query": "cat", "documents": ["a cat", "a car"]})
+        assert len(ranked["results"]) == 2
+        err = (await post("/invocations", {"messages": [{"role": "user", "content": "hi"}]},
+                          400))["error"]["message"]
+        assert "Cannot find suitable handler" in err and "EmbeddingRequest" in err
+        assert "ChatCompletionRequest" not in err
 
 
 async def _score_and_rerank_routes(bases: list[str]) -> None:
@@ -351,10 +380,13 @@ def test_a_sequence_classifier_gives_hfs_probabilities(small_llama_folder, tmp_p
     async def go():
         async with _served(engine, "cls") as base:
             async with ClientSession() as s:
-                async def post(body, status):
-                    async with s.post(base + "/classify", json=body) as resp:
+                async def post_to(path, body, status=200):
+                    async with s.post(base + path, json=body) as resp:
                         assert resp.status == status, await resp.text()
                         return await resp.json()
+
+                async def post(body, status):
+                    return await post_to("/classify", body, status)
 
                 body = await post({"model": "cls", "input": PROMPTS[:2]}, 200)
                 assert body["object"] == "list" and body["id"].startswith("classify-")
@@ -365,6 +397,9 @@ def test_a_sequence_classifier_gives_hfs_probabilities(small_llama_folder, tmp_p
                     np.testing.assert_allclose(d["probs"], w, **RAW_TOL)
                 text = await post({"input": "hello there"}, 200)
                 assert len(text["data"]) == 1 and abs(sum(text["data"][0]["probs"]) - 1) < 1e-6
+                via = await post_to("/invocations", {"model": "cls", "input": PROMPTS[:2]})
+                assert via["id"].startswith("classify-") and [
+                    d["label"] for d in via["data"]] == [d["label"] for d in body["data"]]
                 for bad, what in (({"input": []}, "input"), ({"input": [[]]}, "input"),
                                   ({"input": "x", "dimensions": 4}, "dimensions"),
                                   ({"input": [999999]}, "vocabulary")):

@@ -1155,11 +1155,41 @@ def test_health_version_and_openapi(servers):
     status, _, spec = _post(servers, "/openapi.json", method="GET")
     assert status == 200 and spec["openapi"].startswith("3.")
     for path in ("/v1/models", "/v1/models/{model}", "/v1/completions", "/v1/chat/completions",
-                 "/v1/responses", "/tokenize", "/detokenize", "/health", "/metrics"):
+                 "/v1/responses", "/tokenize", "/detokenize", "/health", "/metrics", "/ping",
+                 "/invocations"):
         assert path in spec["paths"]
     ref = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"][
         "application/json"]["schema"]["$ref"]
     assert ref.split("/")[-1] in spec["components"]["schemas"]
+
+
+def test_sagemaker_ping_and_invocations_route_by_the_bodys_shape(servers):
+    """vLLM's SageMaker routes: /ping (GET and POST) is /health; /invocations sends a chat
+    body to chat completions and a completion body to completions, and answers a body no
+    generation route takes (an embeddings one) or not JSON with a 400."""
+    for method in ("GET", "POST"):
+        status, _, _ = _post(servers, "/ping", method=method)
+        assert status == 200, method
+    status, _, chat = _post(servers, "/invocations", {
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "temperature": 0.0})
+    assert status == 200 and chat["object"] == "chat.completion", chat
+    assert chat["usage"]["completion_tokens"] == 2
+    status, _, cmpl = _post(servers, "/invocations", {
+        "model": MODEL, "prompt": "hello", "max_tokens": 3, "temperature": 0.0,
+        "ignore_eos": True})
+    assert status == 200 and cmpl["object"] == "text_completion", cmpl
+    status, _, direct = _post(servers, "/v1/completions", {
+        "model": MODEL, "prompt": "hello", "max_tokens": 3, "temperature": 0.0,
+        "ignore_eos": True})
+    assert cmpl["choices"][0]["text"] == direct["choices"][0]["text"]
+    status, _, err = _post(servers, "/invocations", {"model": MODEL, "input": "hi"})
+    assert status == 400 and "Cannot find suitable handler" in err["error"]["message"]
+    assert "ChatCompletionRequest" in err["error"]["message"]
+    status, _, err = _post(servers, "/invocations", {"prompt": "hi", "max_tokns": 2})
+    assert status == 400 and "max_tokns" in err["error"]["message"]  # the completions 400
+    status, _, err = _post(servers, "/invocations", data=b"{not json")
+    assert status == 400 and "not valid JSON" in err["error"]["message"]
 
 
 def test_metrics_expose_vllm_names_and_counters_move(servers, client):

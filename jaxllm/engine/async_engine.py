@@ -77,6 +77,11 @@ class AsyncEngine:
         return self.engine.model_config
 
     @property
+    def runner_kind(self) -> str:
+        """"generate" or "pooling" (the engine's)."""
+        return self.engine.runner_kind
+
+    @property
     def engine_config(self) -> EngineConfig:
         return self.engine.config
 
