@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from jaxllm.config import LOGPROBS_MODES
+
 # Where `jaxllm` keeps compiled step programs between runs (XLA's persistent compilation cache).
 DEFAULT_COMPILATION_CACHE_DIR = os.environ.get(
     "JAXLLM_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "jaxllm" / "xla"))
@@ -47,6 +49,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "the Jinja template itself")
     p.add_argument("--max-logprobs", type=int, default=20,
                    help="the most log-probs a request may ask for (logprobs, top_logprobs)")
+    p.add_argument("--logprobs-mode", default="raw_logprobs", choices=LOGPROBS_MODES,
+                   help="what sampled tokens' log-probs are, as vLLM's: the model's own "
+                        "(raw_logprobs, the default; raw_logits), or those of the "
+                        "distribution each token was drawn from after penalties, temperature, "
+                        "min_p, top-k and top-p (processed_logprobs, processed_logits)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="orbax cache of the converted params (restored if present, else written)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32")
@@ -176,7 +183,8 @@ def enable_compilation_cache(path: str | None) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(tokenizer=args.tokenizer, chat_template=args.chat_template,
-                max_logprobs=args.max_logprobs, checkpoint_dir=args.checkpoint_dir,
+                max_logprobs=args.max_logprobs, logprobs_mode=args.logprobs_mode,
+                checkpoint_dir=args.checkpoint_dir,
                 dtype=args.dtype,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,

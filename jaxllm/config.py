@@ -152,6 +152,10 @@ USAGE_CONTEXTS = ("llm", "server")
 
 
 # Defaults as in vLLM where they make sense on this project's machines.
+# vLLM's logprobs modes (EngineConfig.logprobs_mode; engine/sampler.py says what each is).
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything ``LLM(...)`` and ``jaxllm serve`` accept; validated once, here."""
@@ -181,6 +185,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     seed: int = 0
     max_logprobs: int = 20
+    # vLLM's logprobs_mode: what sampled tokens' log-probs are ("raw_logprobs", "raw_logits",
+    # "processed_logprobs", "processed_logits"; engine/sampler.py). Prompt log-probs stay raw.
+    logprobs_mode: str = "raw_logprobs"
     attention_backend: str = "auto"  # "auto" | "reference" | "pallas"
     # Compiled token buckets; None derives powers of two up to the limits above. A step's
     # sequence slots follow from its token bucket: min(bucket, max_num_seqs).
@@ -282,6 +289,9 @@ class EngineConfig:
         for name in ("page_size", "tensor_parallel_size", "pipeline_parallel_size",
                      "data_parallel_size", "max_logprobs", "num_scheduler_steps"):
             positive(name)
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got "
+                             f"{self.logprobs_mode!r}.")
         if self.runner not in ("auto", "generate", "pooling"):
             raise ValueError(f"runner must be 'auto', 'generate' or 'pooling', got "
                              f"{self.runner!r}.")

@@ -273,6 +273,41 @@ def test_request_params_max_tokens_histogram_counts_each_finished_request(small_
     assert after.buckets["+Inf"] - before.buckets["+Inf"] == 2
 
 
+def test_logprobs_mode_processed_gives_the_sampled_distributions_logprobs(small_llm,
+                                                                         small_llama_folder):
+    """vLLM's logprobs_mode: "processed_logprobs" are of the distribution each token was drawn
+    from (tempered, top-k cut: the 3 kept tokens' probabilities sum to 1, the rest -inf),
+    "raw_logprobs" (the default) of the model's own; the same seed samples the same tokens in
+    both. A mode vLLM does not have is refused."""
+    import argparse
+    import math
+
+    from jaxllm.cli import add_engine_args, engine_kwargs
+
+    params = SamplingParams(temperature=0.7, top_k=3, logprobs=5, max_tokens=4, seed=11,
+                            ignore_eos=True)
+    processed = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=8,
+                    num_pages=24, max_num_seqs=8, seed=0, skip_compile_at_start=True,
+                    logprobs_mode="processed_logprobs")
+    (p,) = processed.generate([[5, 6, 7]], params, use_tqdm=False)
+    (r,) = small_llm.generate([[5, 6, 7]], params, use_tqdm=False)
+    assert p.outputs[0].token_ids == r.outputs[0].token_ids
+    for tok, plp, rlp in zip(p.outputs[0].token_ids, p.outputs[0].logprobs, r.outputs[0].logprobs):
+        finite = [v.logprob for v in plp.values() if math.isfinite(v.logprob)]
+        assert len(finite) == 3 and abs(sum(math.exp(x) for x in finite) - 1) < 1e-4
+        assert math.isfinite(plp[tok].logprob) and plp[tok].rank <= 3
+        assert sum(math.exp(v.logprob) for v in rlp.values()) < 1 - 1e-4
+    with pytest.raises(ValueError, match="logprobs_mode must be one of"):
+        LLM(str(small_llama_folder), logprobs_mode="logits")
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert engine_kwargs(parser.parse_args([]))["logprobs_mode"] == "raw_logprobs"
+    assert engine_kwargs(parser.parse_args(["--logprobs-mode", "processed_logits"]))[
+        "logprobs_mode"] == "processed_logits"
+    with pytest.raises(SystemExit):  # argparse's choices
+        parser.parse_args(["--logprobs-mode", "logits"])
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(small_llm):
     # vLLM's left truncation: the same tokens as the prompt's last k given alone; a prompt
     # longer than the context runs cut; -1 (the context) leaves a shorter prompt as it is.

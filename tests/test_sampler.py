@@ -219,6 +219,44 @@ def test_logprobs_are_raw_log_softmax_with_topk_and_rank(logits):
     assert run(lg, rows, num_logprobs=0).topk_ids.shape == (8, 0)
 
 
+def test_logprobs_modes_read_raw_or_processed_logits_as_vllm(logits):
+    """vLLM's logprobs_mode: raw_logits are the logits; processed_* are what each row was
+    sampled from: a greedy row's logits after its penalties, a random row's also tempered and
+    top-k cut (cut tokens -inf); ranks and the top-k follow the same values. The tokens do not
+    depend on the mode."""
+    rng = np.random.default_rng(5)
+    lg = rng.standard_normal((2, V)).astype(np.float32)
+    rows = [row(SamplingParams(temperature=0.0, presence_penalty=2.0), output=[3]),
+            row(SamplingParams(temperature=0.5, top_k=5), seed=1)]
+    t = S.build_sampling_tensors(rows, pad_to=2, bias_len=8, penalty_len=64)
+    outs = {m: jax.device_get(jax.jit(S.sample, static_argnums=(2, 3, 4))(lg, t, 4, True, m))
+            for m in ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")}
+    toks = outs["raw_logprobs"].token_ids
+    for o in outs.values():
+        np.testing.assert_array_equal(o.token_ids, toks)
+    greedy = lg[0].copy()
+    greedy[3] -= 2.0  # the presence penalty on the token already generated
+    tempered = lg[1] / 0.5
+    kept = np.argsort(-tempered)[:5]
+    cut = np.full(V, -np.inf, np.float32)
+    cut[kept] = tempered[kept]
+    lse = lambda x: np.log(np.sum(np.exp(x[np.isfinite(x)])))  # noqa: E731
+    want = {"raw_logits": [lg[0], lg[1]], "processed_logits": [greedy, cut]}
+    want["raw_logprobs"] = [x - lse(x) for x in want["raw_logits"]]
+    want["processed_logprobs"] = [x - lse(x) for x in want["processed_logits"]]
+    for mode, rows_want in want.items():
+        o = outs[mode]
+        for i, w in enumerate(rows_want):
+            tok = toks[i]
+            np.testing.assert_allclose(o.logprobs[i], w[tok], rtol=1e-5, atol=1e-5)
+            assert o.ranks[i] == np.sum(w >= w[tok]), mode
+            order = np.argsort(-w, kind="stable")[:4]
+            np.testing.assert_array_equal(np.sort(o.topk_ids[i]), np.sort(order))
+            np.testing.assert_allclose(o.topk_logprobs[i], w[o.topk_ids[i]], rtol=1e-5,
+                                       atol=1e-5)
+    assert np.isneginf(outs["processed_logprobs"].topk_logprobs[1]).sum() == 0  # 5 kept >= 4
+
+
 def test_penalty_and_bias_arrays_are_empty_when_unused_and_bucketed_otherwise():
     t = S.build_sampling_tensors([row(SamplingParams(), prompt=range(100), output=[1])], pad_to=4)
     assert t.penalty_ids.shape == (0,) and t.bias_ids.shape == (4, 0)

@@ -304,7 +304,8 @@ class LLMEngine:
             max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
             token_buckets=token_buckets, cache_dtype=self.cache_dtype, vocab_size=mc.vocab_size,
             max_logprobs=config.max_logprobs, parallel=self.parallel,
-            enforce_eager=config.enforce_eager, cublas_min_tokens=self._cublas_min_tokens())
+            enforce_eager=config.enforce_eager, cublas_min_tokens=self._cublas_min_tokens(),
+            logprobs_mode=config.logprobs_mode)
         self.runner.small_decode_buckets = tuple(config.small_decode_buckets)
         steps = config.num_scheduler_steps
         if steps > 1 and (runner_cls is not ModelRunner or jax.process_count() > 1):

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.config import LOGPROBS_MODES
 from jaxllm.engine import sampler as sampler_lib
 from jaxllm.engine.scheduler import ScheduledSeq
 from jaxllm.models.attention import SCRATCH_PAGE, AttentionMetadata, KVCache, heads_sharded
@@ -249,11 +250,11 @@ def _hidden_forward(graphdef, treedef, leaves, kv_caches: KVCache, inputs: StepI
 
 
 def _sample_padded(max_num_seqs: int, logits: jax.Array, sampling, num_logprobs: int | None,
-                   sort: bool):
+                   sort: bool, logprobs_mode: str = "raw_logprobs"):
     """The sampler, plus its token ids padded to [max_num_seqs] (a fixed shape: the next step's
     forward reads them, whatever this step's bucket was). ``sampling``: SamplingTensors, or a
     Packed of them."""
-    out = sampler_lib.sample(logits, _unpacked(sampling), num_logprobs, sort)
+    out = sampler_lib.sample(logits, _unpacked(sampling), num_logprobs, sort, logprobs_mode)
     return out, jnp.pad(out.token_ids, (0, max_num_seqs - out.token_ids.shape[0]))
 
 
@@ -422,7 +423,7 @@ class ModelRunner:
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  token_buckets: TypingSequence[int], cache_dtype: Any, vocab_size: int,
                  max_logprobs: int, parallel: Any = None, enforce_eager: bool = False,
-                 cublas_min_tokens: int | None = None):
+                 cublas_min_tokens: int | None = None, logprobs_mode: str = "raw_logprobs"):
         # parallel: a sharding.rules.ModelSharding with one stage (tensor parallelism): the params
         # are already in their shards; the KV cache is split by KV head, attention per shard.
         # cublas_min_tokens: token buckets of at least this many rows are compiled with
@@ -435,7 +436,7 @@ class ModelRunner:
                              num_pages=num_pages, page_size=page_size,
                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                              token_buckets=token_buckets, vocab_size=vocab_size,
-                             max_logprobs=max_logprobs)
+                             max_logprobs=max_logprobs, logprobs_mode=logprobs_mode)
         self.graphdef, self.state = nnx.split(model)
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.kv_caches: KVCache = zeros_kv_cache(
@@ -448,7 +449,8 @@ class ModelRunner:
         # own devices, see fetch).
         replicated = (jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
                       if self.mesh is not None else None)
-        self._sample = jax.jit(functools.partial(_sample_padded, max_num_seqs),
+        self._sample = jax.jit(functools.partial(_sample_padded, max_num_seqs,
+                                                 logprobs_mode=self.logprobs_mode),
                                static_argnums=(2, 3), out_shardings=replicated,
                                **self._jit_options)
         self._replicate = (jax.jit(lambda x: x, out_shardings=replicated) if replicated is not None
@@ -581,7 +583,7 @@ class ModelRunner:
 
     def _set_step_shape(self, parallel, mesh, *, num_pages: int, page_size: int,
                         max_model_len: int, max_num_seqs: int, token_buckets, vocab_size: int,
-                        max_logprobs: int) -> None:
+                        max_logprobs: int, logprobs_mode: str = "raw_logprobs") -> None:
         """The fields every runner (this one and the pipeline's) builds its steps from."""
         self.parallel = parallel
         self.mesh = mesh
@@ -595,6 +597,10 @@ class ModelRunner:
         # One fixed k for every step: a different k per step would recompile; top-k of 20 per row
         # is negligible next to the lm_head.
         self.num_logprobs = max_logprobs
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got "
+                             f"{logprobs_mode!r}")
+        self.logprobs_mode = logprobs_mode  # what the sampler's log-probs are (sampler.py)
         # Pure decode steps run the decode-only forward (module docstring). False: every step
         # runs the general forward (for A/B measurements and tests; switch it before start-up
         # compile to skip compiling the decode-only programs, or at any time to stop using them).
@@ -927,7 +933,7 @@ class ModelRunner:
         context = "\n".join([
             ec.static_description(self.graphdef), ec.static_description(self._treedef),
             repr((self.num_pages, self.page_size, self.max_num_seqs, self.max_model_len,
-                  self.token_buckets, self.vocab_size, self.num_logprobs,
+                  self.token_buckets, self.vocab_size, self.num_logprobs, self.logprobs_mode,
                   self.num_scheduler_steps, self.decode_only_steps, self.pack_inputs,
                   self.cublas_min_tokens, self._jit_options, self._cublas_jit_options))])
         return ec.ExecutableCache(root, context)

@@ -98,7 +98,7 @@ class PipelineRunner(ModelRunner):
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  token_buckets, cache_dtype: Any, vocab_size: int, max_logprobs: int,
                  parallel: Any, enforce_eager: bool = False,
-                 cublas_min_tokens: int | None = None):
+                 cublas_min_tokens: int | None = None, logprobs_mode: str = "raw_logprobs"):
         self._jit_options = step_jit_options(enforce_eager, parallel.tp > 1)
         # Every stage program keeps XLA's GEMM choice (one jit per stage serves all buckets):
         # fp8 under pipeline parallelism still autotunes its large buckets' Triton GEMMs.
@@ -107,7 +107,7 @@ class PipelineRunner(ModelRunner):
         self._set_step_shape(parallel, None, num_pages=num_pages, page_size=page_size,
                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                              token_buckets=token_buckets, vocab_size=vocab_size,
-                             max_logprobs=max_logprobs)
+                             max_logprobs=max_logprobs, logprobs_mode=logprobs_mode)
         self.stages = parallel.stages
         self.pp = len(self.stages)
         self.model = model
@@ -126,7 +126,8 @@ class PipelineRunner(ModelRunner):
                                    last, tied, model.config)
             self._fwd.append(jax.jit(_traced_over_heads(st.mesh, fn), donate_argnums=(1,),
                                      **self._jit_options))
-        self._sample = jax.jit(functools.partial(_sample_padded, max_num_seqs),
+        self._sample = jax.jit(functools.partial(_sample_padded, max_num_seqs,
+                                                 logprobs_mode=self.logprobs_mode),
                                static_argnums=(2, 3), **self._jit_options)
         self._assemble = jax.jit(_assemble, static_argnums=(1,))
         self._prev_parts = None  # last step's per-micro-batch (row start, stop, tokens)

@@ -21,7 +21,12 @@ Order of operations, as vLLM V1's Sampler:
 
 Log-probs are of the *raw* model distribution (log_softmax of the logits before any of the
 above), vLLM V1's default ``logprobs_mode="raw_logprobs"``. rank = #tokens whose log-prob is
->= the sampled token's (vLLM's batched_count_greater_than), so the argmax has rank 1.
+>= the sampled token's (vLLM's batched_count_greater_than), so the argmax has rank 1. The
+engine's ``logprobs_mode`` (vLLM's; jaxllm.config.LOGPROBS_MODES) picks another: "raw_logits" (the logits
+themselves), "processed_logprobs" / "processed_logits" (what the row was sampled from: after
+steps 0-2 for a greedy row, after 0-7 (temperature, min_p, top-k / top-p; cut tokens -inf) for
+a random one, as vLLM's sampler returns them). Ranks and the top-k are read from the same
+values.
 
 Reproducibility: a row's key is ``fold_in(key(seed), step)`` with step = number of tokens the
 sequence has generated so far, and its noise is drawn over [V] from that key alone, so a seeded
@@ -399,7 +404,7 @@ def logprobs_width(rows: list[SamplingRow], max_logprobs: int) -> int | None:
 
 
 def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int | None = 0,
-           sort: bool = True) -> SamplerOutput:
+           sort: bool = True, logprobs_mode: str = "raw_logprobs") -> SamplerOutput:
     """Samples one token per row of logits [S, V] (f32).
 
     Static arguments (each value is its own compile variant):
@@ -408,6 +413,7 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int | None = 0,
       sort          apply top_k/top_p (one [S, V] sort); False skips it, for batches where no
                     row uses them (see ``needs_sort``). With True, rows with top_k off and
                     top_p = 1 are left unchanged.
+      logprobs_mode what the log-probs are (module docstring).
     """
     logits = logits.astype(jnp.float32)
     S, V = logits.shape
@@ -415,6 +421,7 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int | None = 0,
     x = apply_token_bitmask(logits, t.token_bitmask)
     x = apply_bias(x, t)
     x = apply_penalties(x, t)
+    penalized = x
     greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)
     is_greedy = t.temperature < SAMPLING_EPS
 
@@ -431,11 +438,16 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int | None = 0,
         return SamplerOutput(token_ids=token_ids, logprobs=zeros, ranks=zeros.astype(jnp.int32),
                              topk_ids=jnp.zeros((S, 0), jnp.int32),
                              topk_logprobs=jnp.zeros((S, 0), jnp.float32))
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    lp = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)  # [S, 1]
-    ranks = jnp.sum(raw_logprobs >= lp, axis=-1).astype(jnp.int32)
+    if logprobs_mode.startswith("processed"):  # what each row was sampled from
+        values = jnp.where(is_greedy[:, None], penalized, x)
+    else:
+        values = logits
+    if logprobs_mode.endswith("logprobs"):
+        values = jax.nn.log_softmax(values, axis=-1)
+    lp = jnp.take_along_axis(values, token_ids[:, None], axis=-1)  # [S, 1]
+    ranks = jnp.sum(values >= lp, axis=-1).astype(jnp.int32)
     if num_logprobs > 0:
-        topk_lp, topk_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
+        topk_lp, topk_ids = jax.lax.top_k(values, num_logprobs)
         topk_ids = topk_ids.astype(jnp.int32)
     else:
         topk_lp = jnp.zeros((S, 0), jnp.float32)
