@@ -307,6 +307,8 @@ ROUTES: dict[str, dict[str, str]] = {
     "/v1/completions": {"POST": "completions"},
     "/v1/chat/completions": {"POST": "chat_completions"},
     "/v1/responses": {"POST": "responses"},
+    # stored responses (VLLM_ENABLE_RESPONSES_API_STORE=1; server/responses.py)
+    "/v1/responses/{response_id}": {"GET": "retrieve_response", "DELETE": "delete_response"},
     "/v1/embeddings": {"POST": "embeddings"},
     "/classify": {"POST": "classify"},
     # vLLM's runtime LoRA routes, served only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1
@@ -571,6 +573,8 @@ class OpenAIServer(PromptRenderer):
         # LoRA adapters, served by their names beside the base names (server/lora.py).
         self.loras = LoraModels(engine, served_model_names, self.options.lora_modules)
         self.runtime_lora_updating = runtime_lora_updating_allowed()
+        # vLLM's in-memory Responses store, off unless its variable is set (server/responses.py)
+        self.response_store = R.ResponseStore() if R.store_enabled() else None
         if self.runtime_lora_updating:  # vLLM's warning: anyone may swap the weights served
             logger.warning("LoRA dynamic loading & unloading is enabled in the API server "
                            "(/v1/load_lora_adapter, /v1/unload_lora_adapter). This should "
@@ -1695,9 +1699,11 @@ class OpenAIServer(PromptRenderer):
             t0 = time.perf_counter()
             rreq, model = self._request(call, R.ResponsesRequest)
             lora = self.loras.get(model)
+            previous = self._previous_messages(rreq.previous_response_id)
             try:
                 try:
-                    req = P.ChatCompletionRequest.model_validate(rreq.to_chat())
+                    chat = rreq.to_chat(previous)
+                    req = P.ChatCompletionRequest.model_validate(chat)
                 except ValidationError as e:
                     raise _validation_error(e) from None
                 except (ValueError, KeyError, TypeError) as e:
@@ -1711,7 +1717,9 @@ class OpenAIServer(PromptRenderer):
             except APIError as e:
                 e.param = self._RESPONSES_PARAMS.get(e.param, e.param)
                 raise
-            state = R.ResponseState(rreq, model, rid)
+            keep = self.response_store is not None and rreq.store is not False
+            state = R.ResponseState(rreq, model, rid, stored=keep)
+            state.messages = chat["messages"] if keep else None
             if rreq.stream:
                 return lease.hand_off(Reply.sse(self._stream_response(
                     state, tools, stream, first, t0, len(prompt.ids))))
@@ -1728,12 +1736,50 @@ class OpenAIServer(PromptRenderer):
             self._finish_response(state, st, out, len(prompt.ids))
             return Reply.json(state.body())
 
-    @staticmethod
-    def _finish_response(state: R.ResponseState, st: _Choice, out: RequestOutput | None,
+    def _finish_response(self, state: R.ResponseState, st: _Choice, out: RequestOutput | None,
                          prompt_tokens: int) -> None:
+        """The reply's end: its status and usage; the store keeps it (with its conversation)
+        when the request asked to."""
         state.finish_reason = st.finish_reason
         state.set_usage(prompt_tokens, len(st.token_ids),
                         getattr(out, "num_cached_tokens", 0) or 0)
+        if state.stored and self.response_store is not None:
+            self.response_store.put(state.body(),
+                                    [*state.messages, state.assistant_message()])
+
+    def _stored_response(self, rid: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A stored response (body, conversation); a 404 when there is none by that id."""
+        found = self.response_store.get(rid) if self.response_store is not None else None
+        if found is None:
+            hint = "" if self.response_store is not None else (
+                " (this server stores no responses: start it with "
+                "VLLM_ENABLE_RESPONSES_API_STORE=1 to keep them)")
+            raise APIError(404, f"Response with id '{rid}' not found.{hint}",
+                           param="response_id", code="response_not_found")
+        return found
+
+    def _previous_messages(self, rid: str | None) -> list[dict[str, Any]]:
+        """previous_response_id's conversation as chat messages ([] without one)."""
+        if rid is None:
+            return []
+        try:
+            return self._stored_response(rid)[1]
+        except APIError as e:
+            e.param = "previous_response_id"
+            raise
+
+    async def retrieve_response(self, call: Call) -> Reply:
+        """OpenAI's ``GET /v1/responses/{id}`` (the SDK's ``responses.retrieve``): a stored
+        response as it was returned."""
+        rid = call.path[len("/v1/responses/"):]
+        return Reply.json(self._stored_response(rid)[0])
+
+    async def delete_response(self, call: Call) -> Reply:
+        """OpenAI's ``DELETE /v1/responses/{id}``: forgets a stored response (404: none)."""
+        rid = call.path[len("/v1/responses/"):]
+        self._stored_response(rid)
+        self.response_store.pop(rid)
+        return Reply.json({"id": rid, "object": "response.deleted", "deleted": True})
 
     async def _stream_response(self, state: R.ResponseState, tools, stream, first, t0,
                                prompt_tokens: int) -> AsyncIterator[bytes]:

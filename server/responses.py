@@ -15,14 +15,22 @@ Streams send OpenAI's events (``response.created``, ``response.in_progress``,
 ..., ``response.completed``), each with its ``sequence_number``; function calls go out whole
 when the reply ends (``response.function_call_arguments.delta`` once, then ``.done``).
 
-Not kept: responses are not stored (``store`` is accepted; the response says ``store: false``),
-so ``previous_response_id``, ``conversation`` and ``background`` are 400s, as are tools other
-than functions (web search, file search ...), and image / file inputs.
+Stored responses (vLLM's ``VLLM_ENABLE_RESPONSES_API_STORE=1``, or ``JAXLLM_...``; off by
+default, as in vLLM, where ``store`` is then ignored): a response with ``store`` (OpenAI's
+default true) is kept in memory with its conversation (``ResponseStore``), so ``GET`` /
+``DELETE /v1/responses/{id}`` find it and a later request's ``previous_response_id`` continues
+it (its messages, then the new input; the previous ``instructions`` are not carried over, as
+OpenAI says). vLLM's store never forgets; this one keeps the latest ``STORE_CAPACITY``.
+Without the store, ``previous_response_id`` is a 404 (nothing is found), as in vLLM.
+Not kept: ``conversation`` and ``background`` are 400s, as are tools other than functions (web
+search, file search ...), and image / file inputs.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 import time
 import uuid
 from typing import Any, Literal
@@ -72,7 +80,8 @@ class ResponsesRequest(P._Model):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    # accepted, no effect on the tokens (as in the chat route)
+    # accepted, no effect on the tokens (as in the chat route); store: kept when the server
+    # stores responses (None: OpenAI's default, true)
     store: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
@@ -83,8 +92,8 @@ class ResponsesRequest(P._Model):
     include: list[str] | None = None
     reasoning: dict[str, Any] | None = None
     stream_options: dict[str, Any] | None = None
-    # refused unless neutral (nothing is stored; no background runs)
-    previous_response_id: str | None = None
+    previous_response_id: str | None = None  # a stored response (ResponseStore) to continue
+    # refused unless neutral (no conversations, no background runs)
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
     top_logprobs: int | None = None
@@ -99,9 +108,6 @@ class ResponsesRequest(P._Model):
     cache_salt: str | None = None  # vLLM's prefix-cache salt
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.previous_response_id is not None:
-            return ("previous_response_id", "previous_response_id is not supported: this "
-                    "server stores no responses; send the whole conversation as input.")
         if self.conversation is not None:
             return "conversation", "conversation is not supported: this server stores nothing."
         if self.background:
@@ -110,11 +116,14 @@ class ResponsesRequest(P._Model):
             return "top_logprobs", "top_logprobs is not supported on /v1/responses."
         return None
 
-    def to_chat(self) -> dict[str, Any]:
-        """The equivalent chat request's body (ValueError: an input or tool it cannot map)."""
+    def to_chat(self, previous: list[dict[str, Any]] = ()) -> dict[str, Any]:
+        """The equivalent chat request's body (ValueError: an input or tool it cannot map),
+        after the ``previous`` conversation's messages (``previous_response_id``; its system
+        message dropped: instructions are not carried over)."""
         messages: list[dict[str, Any]] = []
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
+        messages += [m for m in previous if m.get("role") != "system"]
         messages += _messages(self.input)
         body: dict[str, Any] = {"messages": messages, "stream": False}
         for name in ("model", "temperature", "top_p", "parallel_tool_calls", "top_k", "min_p",
@@ -196,11 +205,46 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-class ResponseState:
-    """The Response object of one request, built as its reply arrives."""
+STORE_ENVS = ("VLLM_ENABLE_RESPONSES_API_STORE", "JAXLLM_ENABLE_RESPONSES_API_STORE")
+STORE_CAPACITY = 10_000  # responses kept; the oldest beyond it are forgotten
 
-    def __init__(self, req: ResponsesRequest, model: str, rid: str):
+
+def store_enabled() -> bool:
+    """vLLM's reading of its variable: "1" or "true" (any case) turns the store on."""
+    return any(os.environ.get(name, "0").strip().lower() in ("1", "true")
+               for name in STORE_ENVS)
+
+
+class ResponseStore:
+    """Stored responses by id: the Response body and its conversation as chat messages (the
+    request's, then the reply's assistant turn), the latest ``capacity`` of them."""
+
+    def __init__(self, capacity: int = STORE_CAPACITY):
+        self.capacity = capacity
+        self._items: collections.OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]]
+        self._items = collections.OrderedDict()
+
+    def put(self, body: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+        self._items[body["id"]] = (body, messages)
+        self._items.move_to_end(body["id"])
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, rid: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        return self._items.get(rid)
+
+    def pop(self, rid: str) -> bool:
+        return self._items.pop(rid, None) is not None
+
+
+class ResponseState:
+    """The Response object of one request, built as its reply arrives. ``stored``: the body
+    says ``store: true`` (the server keeps it once done)."""
+
+    def __init__(self, req: ResponsesRequest, model: str, rid: str, stored: bool = False):
         self.req, self.model, self.id = req, model, rid
+        self.stored = stored
+        self.messages: list[dict[str, Any]] | None = None  # the chat messages sent (if stored)
         self.created_at = int(time.time())
         self.msg_id = _id("msg")
         self.reasoning_id = _id("rs")
@@ -257,8 +301,18 @@ class ResponseState:
             "tool_choice": req.tool_choice if req.tool_choice is not None else (
                 "auto" if req.tools else "none"),
             "tools": req.tools or [], "text": {"format": fmt}, "truncation": "disabled",
-            "store": False, "usage": self.usage if done else None,
+            "store": self.stored, "previous_response_id": req.previous_response_id,
+            "usage": self.usage if done else None,
         }
+
+    def assistant_message(self) -> dict[str, Any]:
+        """The reply as the chat message a continuation sends back (its text and calls)."""
+        msg: dict[str, Any] = {"role": "assistant",
+                               "content": self.text or (None if self.calls else "")}
+        if self.calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.name, "arguments": c.arguments}} for c in self.calls]
+        return msg
 
     def set_usage(self, prompt_tokens: int, output_tokens: int, cached: int) -> None:
         self.usage = {"input_tokens": prompt_tokens,

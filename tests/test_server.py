@@ -692,8 +692,63 @@ def test_a_reasoning_parser_moves_the_thinking_out_of_the_content(servers, engin
     _wait_idle(engine)
 
 
+def test_stored_responses_continue_by_previous_response_id(servers, engine, monkeypatch):
+    """vLLM's VLLM_ENABLE_RESPONSES_API_STORE=1: a response (store: OpenAI's default true) is
+    kept with its conversation: GET returns it, previous_response_id continues it (the same
+    tokens as the chat route over the whole conversation, without the earlier instructions),
+    a streamed one is kept too, store=False is not, DELETE forgets. Without the store,
+    previous_response_id and GET are 404s that say how to turn it on."""
+    status, _, resp = _post(servers, "/v1/responses", {
+        "model": MODEL, "input": "x", "max_output_tokens": 4, "previous_response_id": "resp_1"})
+    _assert_error(status, resp, 404, "previous_response_id")
+    assert "VLLM_ENABLE_RESPONSES_API_STORE=1" in resp["error"]["message"]
+    status, _, resp = _post(servers, "/v1/responses/resp_1", method="GET")
+    _assert_error(status, resp, 404)
+    monkeypatch.setenv("VLLM_ENABLE_RESPONSES_API_STORE", "1")
+    base = servers.start(build_app(engine, served_model_name=MODEL))
+    c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    kw = dict(model=MODEL, max_output_tokens=4, temperature=0.0)
+    r1 = c.responses.create(input="My name is Ada.", instructions="Be brief.", **kw)
+    assert r1.store is True
+    got = c.responses.retrieve(r1.id)
+    assert (got.id, got.output_text, got.usage.output_tokens) == (r1.id, r1.output_text, 4)
+    r2 = c.responses.create(input="What is my name?", previous_response_id=r1.id, **kw)
+    assert r2.previous_response_id == r1.id
+    chat = c.chat.completions.create(model=MODEL, max_completion_tokens=4, temperature=0.0,
+                                     messages=[{"role": "user", "content": "My name is Ada."},
+                                               {"role": "assistant", "content": r1.output_text},
+                                               {"role": "user", "content": "What is my name?"}])
+    assert r2.output_text == chat.choices[0].message.content
+    assert r2.usage.input_tokens == chat.usage.prompt_tokens
+    events = list(c.responses.create(input="And again?", previous_response_id=r2.id,
+                                     stream=True, **kw))
+    final = events[-1].response
+    assert c.responses.retrieve(final.id).output_text == final.output_text == "".join(
+        e.delta for e in events if e.type == "response.output_text.delta")
+    r4 = c.responses.create(input="Forget me.", store=False, **kw)
+    assert r4.store is False
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(r4.id)
+    c.responses.delete(r1.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(r1.id)
+    with pytest.raises(openai.NotFoundError, match="previous_response_id|not found"):
+        c.responses.create(input="x", previous_response_id=r1.id, **kw)
+    assert c.responses.retrieve(r2.id).id == r2.id  # the others stay
+    _wait_idle(engine)
+
+
+def test_the_response_store_keeps_the_latest_responses():
+    from server.responses import ResponseStore
+
+    store = ResponseStore(capacity=2)
+    for i in range(3):
+        store.put({"id": f"resp_{i}"}, [{"role": "user", "content": str(i)}])
+    assert store.get("resp_0") is None and store.get("resp_2")[1][0]["content"] == "2"
+    assert store.pop("resp_1") and not store.pop("resp_1") and store.get("resp_1") is None
+
+
 @pytest.mark.parametrize("extra,param", [
-    ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"background": True}, "background"),
     ({"tools": [{"type": "web_search"}]}, "tools"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
