@@ -308,7 +308,8 @@ ROUTES: dict[str, dict[str, str]] = {
     "/v1/chat/completions": {"POST": "chat_completions"},
     "/v1/responses": {"POST": "responses"},
     # stored responses (VLLM_ENABLE_RESPONSES_API_STORE=1; server/responses.py)
-    "/v1/responses/{response_id}": {"GET": "retrieve_response", "DELETE": "delete_response"},
+    "/v1/responses/{response_id}": {"GET": "retrieve_response", "DELETE": "delete_response",
+                                     "POST": "cancel_response"},  # POST .../{id}/cancel
     "/v1/embeddings": {"POST": "embeddings"},
     "/classify": {"POST": "classify"},
     # vLLM's runtime LoRA routes, served only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1
@@ -575,6 +576,7 @@ class OpenAIServer(PromptRenderer):
         self.runtime_lora_updating = runtime_lora_updating_allowed()
         # vLLM's in-memory Responses store, off unless its variable is set (server/responses.py)
         self.response_store = R.ResponseStore() if R.store_enabled() else None
+        self._background: dict[str, asyncio.Task] = {}  # running background responses by id
         if self.runtime_lora_updating:  # vLLM's warning: anyone may swap the weights served
             logger.warning("LoRA dynamic loading & unloading is enabled in the API server "
                            "(/v1/load_lora_adapter, /v1/unload_lora_adapter). This should "
@@ -1699,6 +1701,8 @@ class OpenAIServer(PromptRenderer):
             t0 = time.perf_counter()
             rreq, model = self._request(call, R.ResponsesRequest)
             lora = self.loras.get(model)
+            if rreq.background:
+                self._check_background(rreq)
             previous = self._previous_messages(rreq.previous_response_id)
             try:
                 try:
@@ -1723,18 +1727,60 @@ class OpenAIServer(PromptRenderer):
             if rreq.stream:
                 return lease.hand_off(Reply.sse(self._stream_response(
                     state, tools, stream, first, t0, len(prompt.ids))))
+            if rreq.background:
+                body = state.body("in_progress")
+                self.response_store.put(body, [])
+                lease.handed_off = True  # the task releases it
+                self._background[rid] = asyncio.ensure_future(self._run_in_background(
+                    state, tools, stream, first, t0, len(prompt.ids), lease))
+                return Reply.json(body)
             gathered = await self._gather(call, stream, first, 1, t0)
             if gathered is None:
                 return Reply(status=499)
-            choices, out = gathered
-            st = choices[(0, 0)]
-            state.reasoning, answer = self._split_reasoning("".join(st.text))
-            state.text, state.calls = answer or "", []
-            if tools is not None and tools.mode != "none":
-                content, state.calls = tools.extract(answer or "")
-                state.text = content or ""
-            self._finish_response(state, st, out, len(prompt.ids))
+            self._complete_response(state, tools, *gathered, len(prompt.ids))
             return Reply.json(state.body())
+
+    def _complete_response(self, state: R.ResponseState, tools, choices, out,
+                           prompt_tokens: int) -> None:
+        """A whole (not streamed) reply into the Response: thinking, text, calls, usage."""
+        st = choices[(0, 0)]
+        state.reasoning, answer = self._split_reasoning("".join(st.text))
+        state.text, state.calls = answer or "", []
+        if tools is not None and tools.mode != "none":
+            content, state.calls = tools.extract(answer or "")
+            state.text = content or ""
+        self._finish_response(state, st, out, prompt_tokens)
+
+    def _check_background(self, rreq: R.ResponsesRequest) -> None:
+        """A 400 for a background request this server cannot keep (as vLLM's)."""
+        if self.response_store is None:
+            raise APIError(400, "background responses need the response store: start the "
+                                "server with VLLM_ENABLE_RESPONSES_API_STORE=1.",
+                           param="background")
+        if rreq.store is False:
+            raise APIError(400, "background responses are stored: store must not be false.",
+                           param="store")
+        if rreq.stream:
+            raise APIError(400, "background responses are not streamed here; poll GET "
+                                "/v1/responses/{id} instead.", param="stream")
+
+    async def _run_in_background(self, state: R.ResponseState, tools, stream, first, t0,
+                                 prompt_tokens: int, lease: _Lease) -> None:
+        """A background response's generation, detached from its connection: stored when it
+        ends (done, failed with its error, or cancelled); the admission slot and the engine
+        request are released either way."""
+        try:
+            choices, out = await self._gather(Call("POST", "", {}), stream, first, 1, t0)
+            self._complete_response(state, tools, choices, out, prompt_tokens)
+        except asyncio.CancelledError:
+            self.response_store.put(state.body("cancelled"), [])
+        except Exception as e:  # noqa: BLE001 - a failure is the response's status, not a crash
+            err = e if isinstance(e, APIError) else self._engine_error(e)
+            state.error = {"code": err.code or err.type, "message": err.message}
+            self.response_store.put(state.body("failed"), [])
+        finally:
+            self._background.pop(state.id, None)
+            await lease.close()
 
     def _finish_response(self, state: R.ResponseState, st: _Choice, out: RequestOutput | None,
                          prompt_tokens: int) -> None:
@@ -1772,6 +1818,21 @@ class OpenAIServer(PromptRenderer):
         """OpenAI's ``GET /v1/responses/{id}`` (the SDK's ``responses.retrieve``): a stored
         response as it was returned."""
         rid = call.path[len("/v1/responses/"):]
+        return Reply.json(self._stored_response(rid)[0])
+
+    async def cancel_response(self, call: Call) -> Reply:
+        """OpenAI's ``POST /v1/responses/{id}/cancel``: stops a running background response;
+        returns it cancelled. 400 for one that is not running (done, or not background)."""
+        rid, slash, action = call.path[len("/v1/responses/"):].rpartition("/")
+        if not slash or action != "cancel":
+            raise self.no_route(call.method, call.path, None)
+        self._stored_response(rid)
+        task = self._background.get(rid)
+        if task is None:
+            raise APIError(400, f"Response '{rid}' is not a running background response: only "
+                                "those can be cancelled.", param="response_id")
+        task.cancel()
+        await asyncio.wait([task])
         return Reply.json(self._stored_response(rid)[0])
 
     async def delete_response(self, call: Call) -> Reply:

@@ -737,6 +737,13 @@ def openapi_schema(version: str) -> dict[str, Any]:
                                      ChatCompletionStreamResponse, "Chat completion"),
         "/v1/responses": post(ResponsesRequest, ResponseObject,
                               summary="OpenAI Responses API (text and function tools)"),
+        "/v1/responses/{response_id}": {"get": {
+            "summary": "A stored response (VLLM_ENABLE_RESPONSES_API_STORE=1; also DELETE, "
+                       "and POST .../cancel for a background one)",
+            "parameters": [{"name": "response_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "OK", **json_body(ResponseObject)},
+                          "404": errors["404"]}}},
         "/v1/embeddings": post(EmbeddingRequest, EmbeddingResponse,
                                summary="Embeddings (a pooling model)"),
         "/classify": post(ClassificationRequest, ClassificationResponse,

@@ -22,8 +22,12 @@ default true) is kept in memory with its conversation (``ResponseStore``), so ``
 it (its messages, then the new input; the previous ``instructions`` are not carried over, as
 OpenAI says). vLLM's store never forgets; this one keeps the latest ``STORE_CAPACITY``.
 Without the store, ``previous_response_id`` is a 404 (nothing is found), as in vLLM.
-Not kept: ``conversation`` and ``background`` are 400s, as are tools other than functions (web
-search, file search ...), and image / file inputs.
+With the store, ``background: true`` (vLLM's and OpenAI's background mode) answers at once
+with the response ``in_progress`` and generates detached from the connection; ``GET`` shows its
+status until it is ``completed`` / ``incomplete`` (or ``failed``, with its ``error``), and
+``POST /v1/responses/{id}/cancel`` stops it (``cancelled``). Not with ``stream``.
+Not kept: ``conversation`` is a 400, as are tools other than functions (web search, file
+search ...), and image / file inputs.
 """
 
 from __future__ import annotations
@@ -93,9 +97,9 @@ class ResponsesRequest(P._Model):
     reasoning: dict[str, Any] | None = None
     stream_options: dict[str, Any] | None = None
     previous_response_id: str | None = None  # a stored response (ResponseStore) to continue
-    # refused unless neutral (no conversations, no background runs)
+    background: bool | None = None  # with the store only (the route checks)
+    # refused unless neutral (no conversations)
     conversation: str | dict[str, Any] | None = None
-    background: bool | None = None
     top_logprobs: int | None = None
     # vLLM's sampling extras
     top_k: P.Int32 | None = None
@@ -110,8 +114,6 @@ class ResponsesRequest(P._Model):
     def unsupported(self) -> tuple[str, str] | None:
         if self.conversation is not None:
             return "conversation", "conversation is not supported: this server stores nothing."
-        if self.background:
-            return "background", "background responses are not supported."
         if self.top_logprobs:
             return "top_logprobs", "top_logprobs is not supported on /v1/responses."
         return None
@@ -245,6 +247,7 @@ class ResponseState:
         self.req, self.model, self.id = req, model, rid
         self.stored = stored
         self.messages: list[dict[str, Any]] | None = None  # the chat messages sent (if stored)
+        self.error: dict[str, str] | None = None  # a failed background response's
         self.created_at = int(time.time())
         self.msg_id = _id("msg")
         self.reasoning_id = _id("rs")
@@ -291,7 +294,8 @@ class ResponseState:
                if req.text is not None and req.text.format is not None else {"type": "text"})
         return {
             "id": self.id, "object": "response", "created_at": self.created_at,
-            "status": status, "model": self.model, "error": None,
+            "status": status, "model": self.model, "error": self.error,
+            "background": bool(req.background),
             "incomplete_details": ({"reason": "max_output_tokens"}
                                    if status == "incomplete" else None),
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,

@@ -735,7 +735,29 @@ def test_stored_responses_continue_by_previous_response_id(servers, engine, monk
     with pytest.raises(openai.NotFoundError, match="previous_response_id|not found"):
         c.responses.create(input="x", previous_response_id=r1.id, **kw)
     assert c.responses.retrieve(r2.id).id == r2.id  # the others stay
-    _wait_idle(engine)
+    # background: answered at once, generated detached, polled; cancelled mid-way
+    bg = c.responses.create(input="My name is Ada.", background=True, **kw)
+    assert bg.status == "in_progress" and bg.background is True and bg.output == []
+    deadline = time.time() + 60
+    while (got := c.responses.retrieve(bg.id)).status == "in_progress":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert got.status == "incomplete" and got.usage.output_tokens == 4
+    assert got.output_text == c.responses.create(input="My name is Ada.", **kw).output_text
+    with pytest.raises(openai.BadRequestError, match="not a running background"):
+        c.responses.cancel(bg.id)
+    # ~200 tokens of a random model (an EOS ~1 in 49k a token): far longer than the cancel
+    long = c.responses.create(input="Count.", background=True, model=MODEL,
+                              max_output_tokens=200)
+    stopped = c.responses.cancel(long.id)
+    assert stopped.status == "cancelled" and c.responses.retrieve(long.id).status == "cancelled"
+    _wait_idle(engine)  # its engine request ended and gave its pages back
+    for extra in ({"stream": True}, {"store": False}):
+        status, _, resp = _post(servers, "/v1/responses", {
+            "model": MODEL, "input": "x", "background": True, **extra}, base=base)
+        _assert_error(status, resp, 400, next(iter(extra)))
+    status, _, resp = _post(servers, f"/v1/responses/{r2.id}/stop", {}, base=base)
+    assert status == 404
 
 
 def test_the_response_store_keeps_the_latest_responses():
