@@ -43,6 +43,7 @@ from jaxllm.profiler import profiler_dir
 from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind
 from server import protocol as P
 from server import reasoning as reasoning_lib
+from server import anthropic as A
 from server import responses as R
 from server import tools as tool_lib
 from server.lora import (LoraError, LoraModels, LoRAModulePath, lora_modules_of,
@@ -88,6 +89,17 @@ class APIError(Exception):
 
     def response(self) -> web.Response:
         return self.reply().to_aiohttp()
+
+
+class AnthropicAPIError(APIError):
+    """An APIError of the Anthropic routes, in Anthropic's error shape."""
+
+    @classmethod
+    def of(cls, e: APIError) -> "AnthropicAPIError":
+        return cls(e.status, e.message, param=e.param, code=e.code, headers=e.headers)
+
+    def body(self) -> dict[str, Any]:
+        return A.error_body(self.status, self.message)
 
 
 def internal_error() -> APIError:
@@ -311,6 +323,9 @@ ROUTES: dict[str, dict[str, str]] = {
     "/v1/responses/{response_id}": {"GET": "retrieve_response", "DELETE": "delete_response",
                                      "POST": "cancel_response"},  # POST .../{id}/cancel
     "/v1/embeddings": {"POST": "embeddings"},
+    # Anthropic's Messages API (server/anthropic.py), as vLLM serves it
+    "/v1/messages": {"POST": "messages"},
+    "/v1/messages/count_tokens": {"POST": "count_tokens"},
     "/classify": {"POST": "classify"},
     # vLLM's runtime LoRA routes, served only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1
     "/v1/load_lora_adapter": {"POST": "load_lora_adapter"},
@@ -605,7 +620,11 @@ class OpenAIServer(PromptRenderer):
 
     def check_auth(self, path: str, headers: Mapping[str, str]) -> None:
         if self.api_keys and path.startswith("/v1"):
-            got = headers.get("Authorization", "").encode()
+            got = headers.get("Authorization", "")
+            key = headers.get("x-api-key") or headers.get("X-Api-Key")
+            if not got and key and path.startswith("/v1/messages"):  # the anthropic SDK's header
+                got = f"Bearer {key}"
+            got = got.encode()
             ok = False
             for want in self.api_keys:  # every key compared: no early exit to time
                 ok |= hmac.compare_digest(got, want)
@@ -1739,6 +1758,152 @@ class OpenAIServer(PromptRenderer):
                 return Reply(status=499)
             self._complete_response(state, tools, *gathered, len(prompt.ids))
             return Reply.json(state.body())
+
+    # -- Anthropic's Messages API (server/anthropic.py) ----------------------------------------
+    def _anthropic_chat(self, areq: A.MessagesRequest | A.CountTokensRequest
+                        ) -> P.ChatCompletionRequest:
+        """The chat request a Messages request is (a 400 for what does not map)."""
+        try:
+            return P.ChatCompletionRequest.model_validate(areq.to_chat())
+        except ValidationError as e:
+            raise _validation_error(e) from None
+        except (ValueError, KeyError, TypeError) as e:
+            msg = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            raise APIError(400, f"Invalid request: {msg}",
+                           param="tools" if "tool" in msg else "messages") from None
+
+    async def messages(self, call: Call) -> Reply:
+        """Anthropic's ``POST /v1/messages`` (the anthropic SDK's ``messages.create``), as a
+        chat request; errors in Anthropic's shape."""
+        try:
+            async with self._admit() as lease:
+                t0 = time.perf_counter()
+                areq, model = self._request(call, A.MessagesRequest)
+                lora = self.loras.get(model)
+                req = self._anthropic_chat(areq)
+                prompt, params, tools, _ = self._chat_setup(req)
+                rid = f"msg_{self._base_id(call, areq.request_id)}"
+                stream = lease.own(self._merge([prompt], params, rid, req, lora=lora))
+                first = await self._first(stream, req)
+                if areq.stream:
+                    return lease.hand_off(Reply.sse(self._stream_messages(
+                        model, rid, tools, stream, first, t0, len(prompt.ids))))
+                gathered = await self._gather(call, stream, first, 1, t0)
+                if gathered is None:
+                    return Reply(status=499)
+                choices, out = gathered
+                st = choices[(0, 0)]
+                reasoning, text, calls = self._reply_parts(st, tools)
+                content = ([{"type": "thinking", "thinking": reasoning, "signature": ""}]
+                           if reasoning else [])
+                if text or not (calls or reasoning):
+                    content.append({"type": "text", "text": text})
+                content += [A.tool_use_block(c) for c in calls]
+                reason, sequence = A.stop_reason(st.finish_reason, st.stop_reason, bool(calls))
+                return Reply.json(A.message_body(
+                    rid, model, content, reason, sequence, len(prompt.ids), len(st.token_ids),
+                    getattr(out, "num_cached_tokens", 0) or 0))
+        except APIError as e:
+            raise AnthropicAPIError.of(e) from None
+
+    async def count_tokens(self, call: Call) -> Reply:
+        """Anthropic's ``POST /v1/messages/count_tokens``: the prompt tokens a Messages
+        request would take (its system, messages and tools through the chat template)."""
+        try:
+            areq, _ = self._request(call, A.CountTokensRequest)
+            req = self._anthropic_chat(areq)
+            if req.tools:  # counted as sent, whatever the choice (no tool-choice checks here)
+                req = req.model_copy(update={"tool_choice": "none"})
+            prompt, _, _, _ = self._chat_setup(req)
+            return Reply.json({"input_tokens": len(prompt.ids)})
+        except APIError as e:
+            raise AnthropicAPIError.of(e) from None
+
+    def _reply_parts(self, st: _Choice, tools) -> tuple[str | None, str, list]:
+        """A finished reply's (thinking, text, tool calls)."""
+        reasoning, answer = self._split_reasoning("".join(st.text))
+        text, calls = answer or "", []
+        if tools is not None and tools.mode != "none":
+            content, calls = tools.extract(answer or "")
+            text = content or ""
+        return reasoning, text, calls
+
+    async def _stream_messages(self, model: str, rid: str, tools, stream, first, t0,
+                               prompt_tokens: int) -> AsyncIterator[bytes]:
+        """A Messages stream: a thinking block (--reasoning-parser) as it comes, the text
+        block's deltas, then each tool call whole (one input_json_delta), then message_delta
+        with the stop reason and message_stop."""
+        thinking = (reasoning_lib.ReasoningStream(self.reasoning_parser)
+                    if self.reasoning_parser is not None else None)
+        auto = tool_lib.ToolStream(tools) if tools is not None and tools.mode == "auto" else None
+        held = tools is not None and tools.mode in ("named", "required")
+        block: list[Any] = [None, 0]  # the open block's kind and index (next index when None)
+
+        def to_block(kind: str, start: dict[str, Any]) -> list[bytes]:
+            events = []
+            if block[0] == kind:
+                return events
+            if block[0] is not None:
+                events.append(A.event("content_block_stop", index=block[1]))
+                block[1] += 1
+            block[0] = kind
+            events.append(A.event("content_block_start", index=block[1], content_block=start))
+            return events
+
+        try:
+            yield A.event("message_start", message=A.message_body(
+                rid, model, [], None, None, prompt_tokens, 0))
+            choices: dict[tuple[int, int], _Choice] = {}
+            item, out = first, None
+            while item is not None:
+                _, out = item
+                for _, st, c in self._record(choices, 0, 1, out, time.perf_counter(), t0):
+                    new_finish = st.finish_reason is not None and not st.finish_sent
+                    st.finish_sent = st.finish_sent or new_finish
+                    text = c.text
+                    if thinking is not None:
+                        reasoning, text = thinking.feed(text, new_finish)
+                        if reasoning:
+                            for e in to_block("thinking", {"type": "thinking", "thinking": "",
+                                                           "signature": ""}):
+                                yield e
+                            yield A.event("content_block_delta", index=block[1], delta={
+                                "type": "thinking_delta", "thinking": reasoning})
+                    if held:
+                        continue
+                    if auto is not None:
+                        text = auto.feed(text, new_finish)[0] or ""
+                    if text:
+                        for e in to_block("text", {"type": "text", "text": ""}):
+                            yield e
+                        yield A.event("content_block_delta", index=block[1],
+                                      delta={"type": "text_delta", "text": text})
+                item = await anext(stream, None)
+            st = choices[(0, 0)]
+            _, text, calls = self._reply_parts(st, tools)
+            if held and not calls and text:  # a forced call cut short: the text after all
+                for e in to_block("text", {"type": "text", "text": ""}):
+                    yield e
+                yield A.event("content_block_delta", index=block[1],
+                              delta={"type": "text_delta", "text": text})
+            if block[0] is not None:
+                yield A.event("content_block_stop", index=block[1])
+                block[1] += 1
+            for c in calls:
+                start = dict(A.tool_use_block(c), input={})
+                yield A.event("content_block_start", index=block[1], content_block=start)
+                yield A.event("content_block_delta", index=block[1], delta={
+                    "type": "input_json_delta", "partial_json": c.arguments})
+                yield A.event("content_block_stop", index=block[1])
+                block[1] += 1
+            reason, sequence = A.stop_reason(st.finish_reason, st.stop_reason, bool(calls))
+            yield A.event("message_delta", delta={"stop_reason": reason,
+                                                  "stop_sequence": sequence},
+                          usage={"output_tokens": len(st.token_ids)})
+            yield A.event("message_stop")
+        except Exception as e:
+            err = e if isinstance(e, APIError) else self._engine_error(e)
+            yield A.event("error", error=A.error_body(err.status, err.message)["error"])
 
     def _complete_response(self, state: R.ResponseState, tools, choices, out,
                            prompt_tokens: int) -> None:

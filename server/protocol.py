@@ -744,6 +744,13 @@ def openapi_schema(version: str) -> dict[str, Any]:
                             "schema": {"type": "string"}}],
             "responses": {"200": {"description": "OK", **json_body(ResponseObject)},
                           "404": errors["404"]}}},
+        "/v1/messages": {"post": {
+            "summary": "Anthropic's Messages API (server/anthropic.py); also "
+                       "/v1/messages/count_tokens",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"type": "object"}}}},
+            "responses": {"200": {"description": "an Anthropic Message, or its events "
+                                                 "(stream)"}}}},
         "/v1/embeddings": post(EmbeddingRequest, EmbeddingResponse,
                                summary="Embeddings (a pooling model)"),
         "/classify": post(ClassificationRequest, ClassificationResponse,

@@ -687,6 +687,15 @@ def test_a_reasoning_parser_moves_the_thinking_out_of_the_content(servers, engin
     events = list(c.responses.create(model=MODEL, input=ASK[0]["content"],
                                      max_output_tokens=6, temperature=0.0, stream=True))
     assert [o.type for o in events[-1].response.output] == ["reasoning"]
+    anthropic = pytest.importorskip("anthropic")
+    ac = anthropic.Anthropic(base_url=base, api_key="unused", max_retries=0)
+    akw = dict(model=MODEL, messages=ASK, max_tokens=6, extra_body={"temperature": 0.0})
+    [think] = ac.messages.create(**akw).content
+    assert think.type == "thinking" and think.thinking == text
+    aevents = list(ac.messages.create(**akw, stream=True))
+    assert aevents[1].content_block.type == "thinking"
+    assert "".join(e.delta.thinking for e in aevents
+                   if e.type == "content_block_delta") == text
     with pytest.raises(ValueError, match="reasoning_parser"):
         build_app(engine, reasoning_parser="granite")
     _wait_idle(engine)
@@ -758,6 +767,80 @@ def test_stored_responses_continue_by_previous_response_id(servers, engine, monk
         _assert_error(status, resp, 400, next(iter(extra)))
     status, _, resp = _post(servers, f"/v1/responses/{r2.id}/stop", {}, base=base)
     assert status == 404
+
+
+def test_anthropic_messages_through_the_sdk(servers, engine):
+    """Anthropic's Messages API (server/anthropic.py) through the anthropic SDK: the same
+    greedy text and prompt tokens as the chat route over the same system and user turn,
+    max_tokens / stop_sequence stop reasons, a stream whose deltas join to the text,
+    count_tokens, a forced tool call's tool_use block (round-tripped with its tool_result),
+    the SDK's x-api-key on a keyed server, and Anthropic's error shape."""
+    anthropic = pytest.importorskip("anthropic")
+    jsonschema = pytest.importorskip("jsonschema")
+    c = anthropic.Anthropic(base_url=servers.main, api_key="unused", max_retries=0)
+    oa = openai.OpenAI(base_url=servers.main + "/v1", api_key="unused", max_retries=0)
+    kw = dict(model=MODEL, max_tokens=8, system="Be brief.", extra_body={"temperature": 0.0},
+              messages=[{"role": "user", "content": "Say hi."}])
+    m = c.messages.create(**kw)
+    assert m.type == "message" and m.role == "assistant" and m.id.startswith("msg_")
+    assert m.stop_reason == "max_tokens" and m.usage.output_tokens == 8
+    chat = oa.chat.completions.create(
+        model=MODEL, max_completion_tokens=8, temperature=0.0,
+        messages=[{"role": "system", "content": "Be brief."}, *kw["messages"]])
+    [block] = m.content
+    assert block.type == "text" and block.text == chat.choices[0].message.content
+    assert m.usage.input_tokens == chat.usage.prompt_tokens
+    assert c.messages.count_tokens(model=MODEL, system="Be brief.",
+                                   messages=kw["messages"]).input_tokens == m.usage.input_tokens
+    stop = block.text[len(block.text) // 2:][:3]
+    cut = c.messages.create(**{**kw, "stop_sequences": [stop]})
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
+    assert cut.content[0].text == block.text[:block.text.index(stop)]
+    events = list(c.messages.create(**kw, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["message_start", "content_block_start"]
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == block.text
+    assert events[-2].delta.stop_reason == "max_tokens" and events[-2].usage.output_tokens == 8
+    tool = {"name": "get_weather", "description": "Weather in a city",
+            "input_schema": WEATHER["function"]["parameters"]}
+    tkw = dict(model=MODEL, max_tokens=80, tools=[tool],
+               tool_choice={"type": "tool", "name": "get_weather"},
+               messages=[{"role": "user", "content": "Weather in Paris?"}],
+               extra_body={"seed": 3, "temperature": 1.0, **TIGHT})
+    called = c.messages.create(**tkw)
+    [use] = [b for b in called.content if b.type == "tool_use"]
+    assert called.stop_reason == "tool_use" and use.name == "get_weather"
+    jsonschema.validate(use.input, tool["input_schema"])
+    streamed = list(c.messages.create(**tkw, stream=True))
+    parts = [e.delta.partial_json for e in streamed if e.type == "content_block_delta"]
+    assert len(parts) == 1 and json.loads(parts[0]) == use.input
+    reply = c.messages.create(model=MODEL, max_tokens=4, tools=[tool],
+                              tool_choice={"type": "none"}, messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": use.id,
+                                           "name": use.name, "input": use.input}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                      "content": "18 C, sunny"}]}])
+    assert reply.content[0].type == "text" and reply.stop_reason == "max_tokens"
+    for seed in range(3):  # output_config.format: a JSON schema the reply follows
+        fmt = c.messages.create(model=MODEL, max_tokens=20, messages=kw["messages"],
+                                output_config={"format": {"type": "json_schema", "schema": {
+                                    "enum": ["yes", "no"]}}},
+                                extra_body={"seed": seed, "temperature": 1.0})
+        assert json.loads(fmt.content[0].text) in ("yes", "no")
+    keyed = anthropic.Anthropic(base_url=servers.tight, api_key=API_KEY, max_retries=0)
+    assert keyed.messages.create(**{**kw, "max_tokens": 2}).usage.output_tokens == 2
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=servers.tight, api_key="wrong",
+                            max_retries=0).messages.create(**kw)
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        c.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": "http://x"}}]}])
+    assert bad.value.body["type"] == "error"
+    assert bad.value.body["error"]["type"] == "invalid_request_error"
+    assert "not supported" in bad.value.body["error"]["message"]
+    _wait_idle(engine)
 
 
 def test_the_response_store_keeps_the_latest_responses():
