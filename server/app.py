@@ -1724,15 +1724,7 @@ class OpenAIServer(PromptRenderer):
                 self._check_background(rreq)
             previous = self._previous_messages(rreq.previous_response_id)
             try:
-                try:
-                    chat = rreq.to_chat(previous)
-                    req = P.ChatCompletionRequest.model_validate(chat)
-                except ValidationError as e:
-                    raise _validation_error(e) from None
-                except (ValueError, KeyError, TypeError) as e:
-                    msg = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-                    raise APIError(400, f"Invalid input: {msg}",
-                                   param="tools" if "tools" in msg else "input") from None
+                chat, req = self._as_chat(lambda: rreq.to_chat(previous), "input")
                 prompt, params, tools, _ = self._chat_setup(req)
                 rid = f"resp_{self._base_id(call, rreq.request_id)}"
                 stream = lease.own(self._merge([prompt], params, rid, req, lora=lora))
@@ -1759,18 +1751,23 @@ class OpenAIServer(PromptRenderer):
             self._complete_response(state, tools, *gathered, len(prompt.ids))
             return Reply.json(state.body())
 
-    # -- Anthropic's Messages API (server/anthropic.py) ----------------------------------------
-    def _anthropic_chat(self, areq: A.MessagesRequest | A.CountTokensRequest
-                        ) -> P.ChatCompletionRequest:
-        """The chat request a Messages request is (a 400 for what does not map)."""
+    @staticmethod
+    def _as_chat(build: Callable[[], dict[str, Any]], param: str
+                 ) -> tuple[dict[str, Any], P.ChatCompletionRequest]:
+        """The chat request another API's request translates to (``build()``: its body, as
+        /v1/responses and /v1/messages make it) and its body; a 400 for what does not map,
+        naming "tools" or ``param``."""
         try:
-            return P.ChatCompletionRequest.model_validate(areq.to_chat())
+            chat = build()
+            return chat, P.ChatCompletionRequest.model_validate(chat)
         except ValidationError as e:
             raise _validation_error(e) from None
         except (ValueError, KeyError, TypeError) as e:
             msg = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-            raise APIError(400, f"Invalid request: {msg}",
-                           param="tools" if "tool" in msg else "messages") from None
+            raise APIError(400, f"Invalid input: {msg}",
+                           param="tools" if "tools" in msg else param) from None
+
+    # -- Anthropic's Messages API (server/anthropic.py) ----------------------------------------
 
     async def messages(self, call: Call) -> Reply:
         """Anthropic's ``POST /v1/messages`` (the anthropic SDK's ``messages.create``), as a
@@ -1780,7 +1777,7 @@ class OpenAIServer(PromptRenderer):
                 t0 = time.perf_counter()
                 areq, model = self._request(call, A.MessagesRequest)
                 lora = self.loras.get(model)
-                req = self._anthropic_chat(areq)
+                _, req = self._as_chat(areq.to_chat, "messages")
                 prompt, params, tools, _ = self._chat_setup(req)
                 rid = f"msg_{self._base_id(call, areq.request_id)}"
                 stream = lease.own(self._merge([prompt], params, rid, req, lora=lora))
@@ -1811,7 +1808,7 @@ class OpenAIServer(PromptRenderer):
         request would take (its system, messages and tools through the chat template)."""
         try:
             areq, _ = self._request(call, A.CountTokensRequest)
-            req = self._anthropic_chat(areq)
+            _, req = self._as_chat(areq.to_chat, "messages")
             if req.tools:  # counted as sent, whatever the choice (no tool-choice checks here)
                 req = req.model_copy(update={"tool_choice": "none"})
             prompt, _, _, _ = self._chat_setup(req)
@@ -1828,14 +1825,41 @@ class OpenAIServer(PromptRenderer):
             text = content or ""
         return reasoning, text, calls
 
+    async def _reply_pieces(self, stream, first, t0, tools, choices: dict, last: list
+                            ) -> AsyncIterator[tuple[str, str]]:
+        """A one-choice stream's new text, in order, as ("reasoning", piece) (the thinking,
+        split off under --reasoning-parser) and ("text", piece): under tools a call's text is
+        held back ("auto": until it is known not to be one; a forced call: all of it).
+        ``choices`` gets the choice's state (``_record``), ``last`` the last output."""
+        thinking = (reasoning_lib.ReasoningStream(self.reasoning_parser)
+                    if self.reasoning_parser is not None else None)
+        auto = tool_lib.ToolStream(tools) if tools is not None and tools.mode == "auto" else None
+        held = tools is not None and tools.mode in ("named", "required")
+        item = first
+        while item is not None:
+            _, out = item
+            last[:] = [out]
+            for _, st, c in self._record(choices, 0, 1, out, time.perf_counter(), t0):
+                new_finish = st.finish_reason is not None and not st.finish_sent
+                st.finish_sent = st.finish_sent or new_finish
+                text = c.text
+                if thinking is not None:
+                    reasoning, text = thinking.feed(text, new_finish)
+                    if reasoning:
+                        yield "reasoning", reasoning
+                if held:
+                    continue
+                if auto is not None:
+                    text = auto.feed(text, new_finish)[0] or ""
+                if text:
+                    yield "text", text
+            item = await anext(stream, None)
+
     async def _stream_messages(self, model: str, rid: str, tools, stream, first, t0,
                                prompt_tokens: int) -> AsyncIterator[bytes]:
         """A Messages stream: a thinking block (--reasoning-parser) as it comes, the text
         block's deltas, then each tool call whole (one input_json_delta), then message_delta
         with the stop reason and message_stop."""
-        thinking = (reasoning_lib.ReasoningStream(self.reasoning_parser)
-                    if self.reasoning_parser is not None else None)
-        auto = tool_lib.ToolStream(tools) if tools is not None and tools.mode == "auto" else None
         held = tools is not None and tools.mode in ("named", "required")
         block: list[Any] = [None, 0]  # the open block's kind and index (next index when None)
 
@@ -1854,31 +1878,14 @@ class OpenAIServer(PromptRenderer):
             yield A.event("message_start", message=A.message_body(
                 rid, model, [], None, None, prompt_tokens, 0))
             choices: dict[tuple[int, int], _Choice] = {}
-            item, out = first, None
-            while item is not None:
-                _, out = item
-                for _, st, c in self._record(choices, 0, 1, out, time.perf_counter(), t0):
-                    new_finish = st.finish_reason is not None and not st.finish_sent
-                    st.finish_sent = st.finish_sent or new_finish
-                    text = c.text
-                    if thinking is not None:
-                        reasoning, text = thinking.feed(text, new_finish)
-                        if reasoning:
-                            for e in to_block("thinking", {"type": "thinking", "thinking": "",
-                                                           "signature": ""}):
-                                yield e
-                            yield A.event("content_block_delta", index=block[1], delta={
-                                "type": "thinking_delta", "thinking": reasoning})
-                    if held:
-                        continue
-                    if auto is not None:
-                        text = auto.feed(text, new_finish)[0] or ""
-                    if text:
-                        for e in to_block("text", {"type": "text", "text": ""}):
-                            yield e
-                        yield A.event("content_block_delta", index=block[1],
-                                      delta={"type": "text_delta", "text": text})
-                item = await anext(stream, None)
+            async for kind, piece in self._reply_pieces(stream, first, t0, tools, choices, []):
+                start, delta = ({"type": "thinking", "thinking": "", "signature": ""},
+                                {"type": "thinking_delta", "thinking": piece}) \
+                    if kind == "reasoning" else ({"type": "text", "text": ""},
+                                                 {"type": "text_delta", "text": piece})
+                for e in to_block(kind, start):
+                    yield e
+                yield A.event("content_block_delta", index=block[1], delta=delta)
             st = choices[(0, 0)]
             _, text, calls = self._reply_parts(st, tools)
             if held and not calls and text:  # a forced call cut short: the text after all
@@ -2014,11 +2021,7 @@ class OpenAIServer(PromptRenderer):
         end)."""
         ev = R.EventWriter()
         mid = state.msg_id
-        thinking = (reasoning_lib.ReasoningStream(self.reasoning_parser)
-                    if self.reasoning_parser is not None else None)
-        # "auto" text streams through a ToolStream (a call in it goes out at the end); a forced
-        # call's JSON is not text: it is held and goes out as the call.
-        auto = tool_lib.ToolStream(tools) if tools is not None and tools.mode == "auto" else None
+        # A forced call's JSON is not text: held back (_reply_pieces), it goes out as the call.
         held = tools is not None and tools.mode in ("named", "required")
         sent = {"reasoning": False, "message": False}
         index = 0  # the next output item's output_index
@@ -2050,29 +2053,18 @@ class OpenAIServer(PromptRenderer):
             yield ev("response.created", response=state.body("in_progress"))
             yield ev("response.in_progress", response=state.body("in_progress"))
             choices: dict[tuple[int, int], _Choice] = {}
-            item, out = first, None
-            while item is not None:
-                _, out = item
-                for _, st, c in self._record(choices, 0, 1, out, time.perf_counter(), t0):
-                    new_finish = st.finish_reason is not None and not st.finish_sent
-                    st.finish_sent = st.finish_sent or new_finish
-                    text = c.text
-                    if thinking is not None:
-                        reasoning, text = thinking.feed(text, new_finish)
-                        state.reasoning = (state.reasoning or "") + reasoning
-                    if held:
-                        continue
-                    if auto is not None:
-                        text = auto.feed(text, new_finish)[0] or ""
-                    if not text:
-                        continue
-                    if not sent["message"]:
-                        for e in open_message():
-                            yield e
-                    state.text += text
-                    yield ev("response.output_text.delta", item_id=mid, output_index=index - 1,
-                             content_index=0, delta=text, logprobs=[])
-                item = await anext(stream, None)
+            last: list = [None]
+            async for kind, text in self._reply_pieces(stream, first, t0, tools, choices, last):
+                if kind == "reasoning":
+                    state.reasoning = (state.reasoning or "") + text
+                    continue
+                if not sent["message"]:
+                    for e in open_message():
+                        yield e
+                state.text += text
+                yield ev("response.output_text.delta", item_id=mid, output_index=index - 1,
+                         content_index=0, delta=text, logprobs=[])
+            out = last[0]
             st = choices[(0, 0)]
             state.reasoning = state.reasoning or None
             if tools is not None and tools.mode != "none":
