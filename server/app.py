@@ -10,8 +10,9 @@ Every generation request asks the engine for DELTA outputs, one per step, even w
 wants a single JSON answer: the server then sees each step, so it can time the first token, notice
 a client that went away within a step, and abort.
 
-Errors are always ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape); bad input
-is a 4xx, never a 500, and no traceback ever reaches a client.
+Errors are ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape; the Anthropic
+routes' in Anthropic's, ``AnthropicAPIError``); bad input is a 4xx, never a 500, and no traceback
+ever reaches a client.
 """
 
 from __future__ import annotations
