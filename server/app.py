@@ -1982,10 +1982,14 @@ class OpenAIServer(PromptRenderer):
         if rid is None:
             return []
         try:
-            return self._stored_response(rid)[1]
+            body, messages = self._stored_response(rid)
         except APIError as e:
             e.param = "previous_response_id"
             raise
+        if body["status"] == "in_progress":
+            raise APIError(400, f"Response '{rid}' is still in progress: continue it once it "
+                                "is done.", param="previous_response_id")
+        return messages
 
     async def retrieve_response(self, call: Call) -> Reply:
         """OpenAI's ``GET /v1/responses/{id}`` (the SDK's ``responses.retrieve``): a stored

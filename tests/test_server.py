@@ -758,6 +758,8 @@ def test_stored_responses_continue_by_previous_response_id(servers, engine, monk
     # ~200 tokens of a random model (an EOS ~1 in 49k a token): far longer than the cancel
     long = c.responses.create(input="Count.", background=True, model=MODEL,
                               max_output_tokens=200)
+    with pytest.raises(openai.BadRequestError, match="still in progress"):
+        c.responses.create(input="x", previous_response_id=long.id, **kw)
     stopped = c.responses.cancel(long.id)
     assert stopped.status == "cancelled" and c.responses.retrieve(long.id).status == "cancelled"
     _wait_idle(engine)  # its engine request ended and gave its pages back
