@@ -1726,7 +1726,7 @@ class OpenAIServer(PromptRenderer):
             previous = self._previous_messages(rreq.previous_response_id)
             try:
                 chat, req = self._as_chat(lambda: rreq.to_chat(previous), "input")
-                prompt, params, tools, _ = self._chat_setup(req)
+                prompt, params, tools, k = self._chat_setup(req)
                 rid = f"resp_{self._base_id(call, rreq.request_id)}"
                 stream = lease.own(self._merge([prompt], params, rid, req, lora=lora))
                 first = await self._first(stream, req)
@@ -1736,6 +1736,7 @@ class OpenAIServer(PromptRenderer):
             keep = self.response_store is not None and rreq.store is not False
             state = R.ResponseState(rreq, model, rid, stored=keep)
             state.messages = chat["messages"] if keep else None
+            state.k = k
             if rreq.stream:
                 return lease.hand_off(Reply.sse(self._stream_response(
                     state, tools, stream, first, t0, len(prompt.ids))))
@@ -1962,6 +1963,9 @@ class OpenAIServer(PromptRenderer):
         state.finish_reason = st.finish_reason
         state.set_usage(prompt_tokens, len(st.token_ids),
                         getattr(out, "num_cached_tokens", 0) or 0)
+        if state.k is not None:  # the chat route's log-probs, as the Responses API words them
+            state.logprobs = [e.model_dump() for e in self._chat_logprobs(
+                st.token_ids, st.logprobs, state.k).content]
         if state.stored and self.response_store is not None:
             self.response_store.put(state.body(),
                                     [*state.messages, state.assistant_message()])
@@ -2091,7 +2095,7 @@ class OpenAIServer(PromptRenderer):
                 mi = index - 1
                 part = state.message_item(state.status, state.text)["content"][0]
                 yield ev("response.output_text.done", item_id=mid, output_index=mi,
-                         content_index=0, text=state.text, logprobs=[])
+                         content_index=0, text=state.text, logprobs=state.logprobs)
                 yield ev("response.content_part.done", item_id=mid, output_index=mi,
                          content_index=0, part=part)
                 yield ev("response.output_item.done", output_index=mi,

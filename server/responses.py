@@ -5,7 +5,8 @@ A request becomes a chat request (``ResponsesRequest.to_chat``): ``instructions`
 message, ``input`` (a string, or a list of messages, ``function_call`` and
 ``function_call_output`` items) the messages, ``text.format`` the response_format, function
 ``tools`` / ``tool_choice`` the chat ones (server/tools.py), ``max_output_tokens`` the
-max_completion_tokens. The reply comes back as Response output items: a ``reasoning`` item
+max_completion_tokens, ``top_logprobs`` / ``include: ["message.output_text.logprobs"]`` the
+chat's logprobs (the output text part's ``logprobs``; in a stream, on its ``done`` events). The reply comes back as Response output items: a ``reasoning`` item
 (with ``--reasoning-parser``, server/reasoning.py), a ``message`` with one ``output_text``
 part, and a ``function_call`` item per tool call. ``status`` is "incomplete"
 (``incomplete_details.reason`` "max_output_tokens") when max_output_tokens cut the reply.
@@ -47,6 +48,10 @@ from server import tools as tool_lib
 
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+# OpenAI's include entry that asks for the output text's log-probs.
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
 class TextFormat(P._Model):
@@ -100,7 +105,7 @@ class ResponsesRequest(P._Model):
     background: bool | None = None  # with the store only (the route checks)
     # refused unless neutral (no conversations)
     conversation: str | dict[str, Any] | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     # vLLM's sampling extras
     top_k: P.Int32 | None = None
     min_p: float | None = None
@@ -114,9 +119,13 @@ class ResponsesRequest(P._Model):
     def unsupported(self) -> tuple[str, str] | None:
         if self.conversation is not None:
             return "conversation", "conversation is not supported: this server stores nothing."
-        if self.top_logprobs:
-            return "top_logprobs", "top_logprobs is not supported on /v1/responses."
         return None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """The output text's log-probs were asked for (OpenAI's ``include`` entry, or a
+        ``top_logprobs`` width)."""
+        return self.top_logprobs is not None or LOGPROBS_INCLUDE in (self.include or ())
 
     def to_chat(self, previous: list[dict[str, Any]] = ()) -> dict[str, Any]:
         """The equivalent chat request's body (ValueError: an input or tool it cannot map),
@@ -135,6 +144,9 @@ class ResponsesRequest(P._Model):
                 body[name] = getattr(self, name)
         if self.max_output_tokens is not None:
             body["max_completion_tokens"] = self.max_output_tokens
+        if self.wants_logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = self.top_logprobs or 0
         fmt = self.text.format if self.text is not None else None
         if fmt is not None and fmt.type == "json_object":
             body["response_format"] = {"type": "json_object"}
@@ -248,6 +260,8 @@ class ResponseState:
         self.stored = stored
         self.messages: list[dict[str, Any]] | None = None  # the chat messages sent (if stored)
         self.error: dict[str, str] | None = None  # a failed background response's
+        self.logprobs: list[dict[str, Any]] = []  # the output text's (when asked for)
+        self.k: int | None = None  # their top-k width (None: not asked for)
         self.created_at = int(time.time())
         self.msg_id = _id("msg")
         self.reasoning_id = _id("rs")
@@ -259,7 +273,7 @@ class ResponseState:
 
     def message_item(self, status: str, text: str | None = None) -> dict[str, Any]:
         content = [] if text is None else [{"type": "output_text", "text": text,
-                                            "annotations": [], "logprobs": []}]
+                                            "annotations": [], "logprobs": self.logprobs}]
         return {"type": "message", "id": self.msg_id, "status": status, "role": "assistant",
                 "content": content}
 

@@ -640,6 +640,33 @@ def test_responses_stream_events_in_order_and_join_to_the_text(client):
     assert events[-1].response.usage.output_tokens == 8
 
 
+def test_responses_log_probs_are_the_chat_routes(client):
+    """top_logprobs / include ["message.output_text.logprobs"]: the output text part's
+    logprobs, a token each with its top alternatives, equal the chat route's for the same
+    conversation; in a stream, on the text's done event and in the final response."""
+    kw = dict(model=MODEL, input="Say hi.", max_output_tokens=4, temperature=0.0)
+    r = client.responses.create(**kw, top_logprobs=2,
+                                include=["message.output_text.logprobs"])
+    chat = client.chat.completions.create(
+        model=MODEL, max_completion_tokens=4, temperature=0.0, logprobs=True, top_logprobs=2,
+        messages=[{"role": "user", "content": "Say hi."}])
+    want = chat.choices[0].logprobs.content
+    got = r.output[0].content[0].logprobs
+    assert len(got) == 4 and "".join(e.token for e in got) == r.output_text
+    for g, w in zip(got, want):
+        assert (g.token, g.logprob) == (w.token, w.logprob) and len(g.top_logprobs) == 2
+        assert [t.token for t in g.top_logprobs] == [t.token for t in w.top_logprobs]
+    only = client.responses.create(**kw, include=["message.output_text.logprobs"])
+    assert [e.logprob for e in only.output[0].content[0].logprobs] == [e.logprob for e in got]
+    assert only.output[0].content[0].logprobs[0].top_logprobs == []
+    assert client.responses.create(**kw).output[0].content[0].logprobs == []
+    events = list(client.responses.create(**kw, top_logprobs=2, stream=True))
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert [e.logprob for e in done.logprobs] == [e.logprob for e in got]
+    assert [e.logprob for e in events[-1].response.output[0].content[0].logprobs] == [
+        e.logprob for e in got]
+
+
 def test_responses_function_tools_round_trip(client):
     jsonschema = pytest.importorskip("jsonschema")
     tool = {"type": "function", "name": "get_weather", "parameters": WEATHER["function"][
@@ -865,6 +892,7 @@ def test_the_response_store_keeps_the_latest_responses():
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "bad"}}}},
      "text"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"top_logprobs": 21}, "top_logprobs"),
     ({"bogus": 1}, "bogus"),
 ])
 def test_bad_responses_requests_are_400(servers, engine, extra, param):
