@@ -7,8 +7,9 @@ import os as _os
 _os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 from jaxllm.config import EngineConfig, ModelConfig  # noqa: E402
-from jaxllm.outputs import (BeamSearchOutput, CompletionOutput, Logprob,  # noqa: E402
-                            RequestOutput)
+from jaxllm.outputs import (BeamSearchOutput, ClassificationRequestOutput,  # noqa: E402
+                            CompletionOutput, EmbeddingRequestOutput, Logprob,
+                            PoolingRequestOutput, RequestOutput, ScoringRequestOutput)
 from jaxllm.sampling_params import (BeamSearchParams, RequestOutputKind,  # noqa: E402
                                     SamplingParams)
 
@@ -27,5 +28,6 @@ def __getattr__(name):  # the engine imports JAX models; load it on first use
 
 __all__ = ["LLM", "AsyncEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
            "RequestOutputKind", "EngineConfig", "ModelConfig", "BeamSearchParams",
-           "BeamSearchOutput"]
+           "BeamSearchOutput", "PoolingRequestOutput", "EmbeddingRequestOutput",
+           "ClassificationRequestOutput", "ScoringRequestOutput"]
 __version__ = "0.1.0"

@@ -137,6 +137,25 @@ class ClassificationRequestOutput:
 
 
 @dataclass
+class PoolingOutput:
+    """``LLM.encode``'s result for one prompt (vLLM's): ``data``, a float32 array: [E] (embed),
+    [num_labels] (classify), [tokens, E] (token_embed) or [tokens, num_labels]
+    (token_classify)."""
+
+    data: Any
+
+
+@dataclass
+class PoolingRequestOutput:
+    """One prompt's ``LLM.encode`` output (vLLM's)."""
+
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+@dataclass
 class ScoringOutput:
     score: float
 

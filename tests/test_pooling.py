@@ -59,6 +59,55 @@ def test_embeddings_match_hf_hidden_states_pooled(small_llama_folder, hf_hidden,
     assert pool_.num_free_pages == pool_.num_usable_pages  # every page back
 
 
+def test_encode_pools_every_token_or_the_prompt_as_vllms_tasks(small_llama_folder, hf_hidden):
+    """vLLM's LLM.encode: "token_embed" is every prompt token's final hidden state (each row
+    normalized; raw with normalize=False), HF's own, across chunks (a 37-token prompt in
+    16-token steps); "embed" is LLM.embed's vector; a classifier's "token_classify" is HF's
+    per-token head probabilities and "classify" LLM.classify's; no task, or another model's,
+    is refused."""
+    from jaxllm import PoolingRequestOutput
+
+    llm = LLM(str(small_llama_folder), runner="pooling", **KW)
+    outs = llm.encode([{"prompt_token_ids": p} for p in PROMPTS], pooling_task="token_embed")
+    for o, p, h in zip(outs, PROMPTS, hf_hidden):
+        assert isinstance(o, PoolingRequestOutput) and o.prompt_token_ids == p
+        assert o.outputs.data.shape == (len(p), h.shape[1])
+        np.testing.assert_allclose(o.outputs.data, h / np.linalg.norm(h, axis=1, keepdims=True),
+                                   **TOL)
+    [raw] = llm.encode({"prompt_token_ids": PROMPTS[1]}, PoolingParams(normalize=False),
+                       pooling_task="token_embed")
+    np.testing.assert_allclose(raw.outputs.data, hf_hidden[1], **RAW_TOL)
+    [cut] = llm.encode({"prompt_token_ids": PROMPTS[1]}, pooling_task="token_embed",
+                       truncate_prompt_tokens=5)
+    assert cut.prompt_token_ids == PROMPTS[1][-5:] and cut.outputs.data.shape[0] == 5
+    [one] = llm.encode({"prompt_token_ids": PROMPTS[2]}, pooling_task="embed")
+    np.testing.assert_allclose(one.outputs.data, llm.embed(
+        {"prompt_token_ids": PROMPTS[2]})[0].outputs.embedding, rtol=1e-6)
+    for task in (None, "classify", "reward"):
+        with pytest.raises(ValueError, match="needs pooling_task"):
+            llm.encode([PROMPTS[0]], pooling_task=task)
+    pool_ = llm.llm_engine.page_pool
+    assert pool_.num_free_pages == pool_.num_usable_pages
+
+
+def test_encode_classifies_every_token_on_a_classifier(tmp_path):
+    hf = _write_classifier(tmp_path / "c3", 3, seed=8)
+    llm = LLM(str(tmp_path / "c3"), **KW)
+    outs = llm.encode([{"prompt_token_ids": p} for p in PROMPTS[:3]],
+                      pooling_task="token_classify")
+    with torch.no_grad():
+        for o, p in zip(outs, PROMPTS):
+            hidden = hf.model(torch.tensor([p])).last_hidden_state
+            want = torch.softmax(hf.score(hidden)[0], -1).numpy()
+            assert o.outputs.data.shape == (len(p), 3)
+            np.testing.assert_allclose(o.outputs.data, want, **RAW_TOL)
+    [c] = llm.encode({"prompt_token_ids": PROMPTS[1]}, pooling_task="classify")
+    np.testing.assert_allclose(c.outputs.data, llm.classify(
+        {"prompt_token_ids": PROMPTS[1]})[0].outputs.probs, rtol=1e-6)
+    with pytest.raises(ValueError, match="needs pooling_task"):
+        llm.encode([PROMPTS[0]], pooling_task="token_embed")
+
+
 def _cos(u, v):
     return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
 

@@ -60,6 +60,31 @@ class LLM:
         return self.llm_engine.embed(self._prompt_list(prompts), pooling_params,
                                      lora_request=lora_request)
 
+    def encode(self, prompts: PromptType | TypingSequence[PromptType],
+               pooling_params: Any = None, *, use_tqdm: bool = True, lora_request: Any = None,
+               pooling_task: str | None = None, truncate_prompt_tokens: int | None = None
+               ) -> list[Any]:
+        """vLLM's ``LLM.encode`` on a pooling model: PoolingRequestOutputs in input order,
+        each ``outputs.data`` a float32 array of ``pooling_task``: "embed" ([E], as
+        ``embed``), "token_embed" (every prompt token's final hidden state, [tokens, E], each
+        row normalized unless ``normalize=False``), and on a sequence classifier "classify"
+        ([num_labels], as ``classify``) or "token_classify" (every token's class
+        probabilities). ``pooling_task`` is required (vLLM's current rule: it names what the
+        model should pool). ``pooling_params``, ``lora_request`` as ``embed``'s;
+        ``truncate_prompt_tokens`` keeps each prompt's last tokens; ``use_tqdm`` is accepted
+        for vLLM's signature."""
+        from jaxllm.pooling_params import PoolingParams
+
+        params = pooling_params
+        if truncate_prompt_tokens is not None:
+            def cut(p):
+                return dataclasses.replace(p or PoolingParams(),
+                                           truncate_prompt_tokens=truncate_prompt_tokens)
+            params = ([cut(p) for p in params] if isinstance(params, (list, tuple))
+                      else cut(params))
+        return self.llm_engine.encode(self._prompt_list(prompts), params,
+                                      lora_request=lora_request, pooling_task=pooling_task)
+
     def classify(self, prompts: PromptType | TypingSequence[PromptType], *,
                  use_tqdm: bool = True, pooling_params: Any = None,
                  lora_request: Any = None) -> list[Any]:

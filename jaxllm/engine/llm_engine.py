@@ -773,6 +773,21 @@ class LLMEngine:
             raise EngineSleepingError("The engine is asleep: call wake_up() first.")
         return embed(self, list(prompts), params, self.pooler, lora_request)
 
+    def encode(self, prompts: list[Any], params: Any = None, lora_request: Any = None,
+               pooling_task: str | None = None) -> list[Any]:
+        """vLLM's ``LLM.encode`` (engine/pooling.py, ``encode``): PoolingRequestOutputs of
+        ``pooling_task`` ("embed" / "token_embed", or "classify" / "token_classify" on a
+        sequence classifier); ``params`` and ``lora_request`` as ``embed``'s. ValueError for
+        another task, and as ``embed``."""
+        from jaxllm.engine.pooling import encode
+
+        if self.runner_kind != "pooling":
+            raise ValueError("encode() is only supported for pooling models: start the engine "
+                             "with runner='pooling' (--runner pooling).")
+        if self._sleeping:
+            raise EngineSleepingError("The engine is asleep: call wake_up() first.")
+        return encode(self, list(prompts), params, self.pooler, pooling_task, lora_request)
+
     def classify(self, prompts: list[Any], params: Any = None, lora_request: Any = None
                  ) -> list[Any]:
         """Class probabilities of ``prompts`` on a sequence classifier (vLLM's

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from jaxllm.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
-                            EmbeddingRequestOutput, ScoringOutput, ScoringRequestOutput)
+                            EmbeddingRequestOutput, PoolingOutput, PoolingRequestOutput,
+                            ScoringOutput, ScoringRequestOutput)
 from jaxllm.pooling_params import PoolingParams
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
@@ -58,14 +59,15 @@ def check_pooler_config(config: dict[str, Any] | None) -> dict[str, Any]:
 
 
 class _Pooled:
-    """One prompt's pooling state across its chunks."""
+    """One prompt's pooling state across its chunks ("ALL" keeps every row)."""
 
-    def __init__(self, index: int, ids: list[int], seq: Any):
+    def __init__(self, index: int, ids: list[int], seq: Any, keep_all: bool = False):
         self.index, self.ids, self.seq = index, ids, seq
         self.start = 0  # tokens computed so far
         self.total: np.ndarray | None = None  # MEAN: the sum of the rows so far
         self.first: np.ndarray | None = None
         self.last: np.ndarray | None = None
+        self.rows: list[np.ndarray] | None = [] if keep_all else None
 
     def take(self, rows: np.ndarray) -> None:
         if self.first is None:
@@ -73,9 +75,14 @@ class _Pooled:
         self.last = rows[-1]
         s = rows.sum(axis=0, dtype=np.float64)
         self.total = s if self.total is None else self.total + s
+        if self.rows is not None:
+            self.rows.append(np.asarray(rows))
         self.start += len(rows)
 
     def vector(self, kind: str) -> np.ndarray:
+        """The pooled state [E] (ALL: every token's, [tokens, E])."""
+        if kind == "ALL":
+            return np.concatenate(self.rows).astype(np.float64)
         if kind == "LAST":
             return self.last.astype(np.float64)
         if kind == "CLS":
@@ -88,6 +95,18 @@ def embed(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingP
     """``LLMEngine.embed``'s work (module docstring). ``prompts``: what add_request takes;
     ``lora_request``: a LoRARequest for all, or one (or None) per prompt (with enable_lora).
     A step holds the prompts of at most max_loras distinct adapters, as the scheduler's."""
+    items, vectors = pooled_states(engine, prompts, params, pooler, lora_request)
+    return [EmbeddingRequestOutput(request_id=str(i), prompt_token_ids=ids,
+                                   outputs=EmbeddingOutput(embedding=v.tolist()))
+            for i, (ids, v) in enumerate(zip(items, vectors))]
+
+
+def pooled_states(engine: Any, prompts: list[Any],
+                  params: PoolingParams | list[PoolingParams] | None, pooler: dict[str, Any],
+                  lora_request: Any = None) -> tuple[list[list[int]], list[np.ndarray]]:
+    """(each prompt's token ids, its pooled final hidden state as float32: [E], or [tokens,
+    E] for pooling_type "ALL"), cut to ``dimensions`` and L2-normalized (each row for ALL) as
+    the params and ``pooler`` say: ``embed``'s work before its output objects."""
     from jaxllm.engine.llm import per_prompt
     from jaxllm.engine.scheduler import ScheduledSeq
     from jaxllm.engine.sequence import Sequence
@@ -159,7 +178,7 @@ def embed(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingP
                                sampling_params=None, arrival_time=0.0)
                 seq.lora_int_id = lora_id
                 seq.page_ids = pool.allocate(need)
-                st = _Pooled(i, ids, seq)
+                st = _Pooled(i, ids, seq, keep_all=pooler["pooling_type"] == "ALL")
                 running.append(st)
                 step.append((st, n))
                 tokens += n
@@ -182,16 +201,14 @@ def embed(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingP
         for st in running:  # an error mid-way: every page goes back
             pool.free(reversed(st.seq.page_ids))
     outs = []
-    for i, (v, p) in enumerate(zip(vectors, params_list)):
+    for v, p in zip(vectors, params_list):
         if p.dimensions is not None:
-            v = v[:p.dimensions]
+            v = v[..., :p.dimensions]
         normalize = pooler["normalize"] if p.normalize is None else p.normalize
         if normalize:
-            v = v / max(np.linalg.norm(v), 1e-12)
-        outs.append(EmbeddingRequestOutput(request_id=str(i), prompt_token_ids=items[i],
-                                           outputs=EmbeddingOutput(
-                                               embedding=v.astype(np.float32).tolist())))
-    return outs
+            v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+        outs.append(v.astype(np.float32))
+    return items, outs
 
 
 def score(engine: Any, texts_1: list[Any], texts_2: list[Any],
@@ -235,28 +252,68 @@ def classify(engine: Any, prompts: list[Any], params: PoolingParams | list[Pooli
     """``LLMEngine.classify``'s work (module docstring): ``embed``'s last-token states through
     the model's classifier head, in float32. ValueError as ``embed``, and for a dimensions or
     normalize setting (a classifier has neither)."""
+    _no_embedding_options(params, len(prompts))
+    items, states = pooled_states(engine, prompts, params,
+                                  {"pooling_type": "LAST", "normalize": False}, lora_request)
+    return [ClassificationRequestOutput(
+        request_id=str(i), outputs=ClassificationOutput(probs=_class_probs(engine, h).tolist()),
+        prompt_token_ids=ids) for i, (ids, h) in enumerate(zip(items, states))]
+
+
+# vLLM's pooling tasks LLM.encode runs, by the kind of model (a sequence classifier or not).
+ENCODE_TASKS = {False: ("embed", "token_embed"), True: ("classify", "token_classify")}
+
+
+def encode(engine: Any, prompts: list[Any], params: PoolingParams | list[PoolingParams] | None,
+           pooler: dict[str, Any], task: str | None, lora_request: Any = None
+           ) -> list[PoolingRequestOutput]:
+    """``LLMEngine.encode``'s work (vLLM's ``LLM.encode``): ``task`` "embed" / "classify" as
+    ``embed`` / ``classify`` give them, "token_embed" every prompt token's final hidden state
+    ([tokens, E], each row normalized as an embedding is), "token_classify" every token's
+    class probabilities through the classifier head ([tokens, num_labels]); each output's
+    ``outputs.data`` a float32 array. ValueError for a task the model has not (vLLM's sets:
+    ``ENCODE_TASKS``) or none."""
+    tasks = ENCODE_TASKS[bool(engine.model_config.num_labels)]
+    if task not in tasks:
+        raise ValueError(f"LLM.encode needs pooling_task, one of {tasks} for this model; got "
+                         f"{task!r}.")
+    if task == "embed":
+        results = [(o.prompt_token_ids, o.outputs.embedding)
+                   for o in embed(engine, prompts, params, pooler, lora_request)]
+    elif task == "classify":
+        results = [(o.prompt_token_ids, o.outputs.probs)
+                   for o in classify(engine, prompts, params, lora_request)]
+    elif task == "token_embed":
+        results = list(zip(*pooled_states(engine, prompts, params,
+                                          dict(pooler, pooling_type="ALL"), lora_request)))
+    else:
+        _no_embedding_options(params, len(prompts))
+        items, states = pooled_states(engine, prompts, params,
+                                      {"pooling_type": "ALL", "normalize": False}, lora_request)
+        results = [(ids, _class_probs(engine, h)) for ids, h in zip(items, states)]
+    return [PoolingRequestOutput(request_id=str(i), prompt_token_ids=list(ids),
+                                 outputs=PoolingOutput(data=np.asarray(data, np.float32)))
+            for i, (ids, data) in enumerate(results)]
+
+
+def _class_probs(engine: Any, hidden: np.ndarray) -> np.ndarray:
+    """The classifier head over final hidden states [..., E]: softmax of the labels' logits,
+    or the sigmoid of a one-label model's logit, in float64 (vLLM's classifier pooler)."""
     import jax
 
-    for p in per_prompt_params(params, len(prompts)):
+    w = np.asarray(jax.device_get(engine.runner.state["score"]["kernel"][...]), np.float64)
+    logits = np.asarray(hidden, np.float64) @ w
+    if logits.shape[-1] == 1:
+        return 1.0 / (1.0 + np.exp(-logits))
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _no_embedding_options(params: PoolingParams | list[PoolingParams] | None, n: int) -> None:
+    for p in per_prompt_params(params, n):
         if p.dimensions is not None or p.normalize is not None:
             raise ValueError("dimensions and normalize apply to embeddings, not to "
                              "classification.")
-    raw = embed(engine, prompts, params, {"pooling_type": "LAST", "normalize": False},
-                lora_request)
-    head = engine.runner.state["score"]["kernel"][...]
-    w = np.asarray(jax.device_get(head), np.float64)  # [hidden, num_labels]
-    outs = []
-    for i, o in enumerate(raw):
-        logits = np.asarray(o.outputs.embedding, np.float64) @ w
-        if logits.shape[0] == 1:
-            probs = 1.0 / (1.0 + np.exp(-logits))
-        else:
-            e = np.exp(logits - logits.max())
-            probs = e / e.sum()
-        outs.append(ClassificationRequestOutput(
-            request_id=str(i), outputs=ClassificationOutput(probs=probs.tolist()),
-            prompt_token_ids=o.prompt_token_ids))
-    return outs
 
 
 def per_prompt_params(params: PoolingParams | list[PoolingParams] | None, n: int
