@@ -328,6 +328,7 @@ ROUTES: dict[str, dict[str, str]] = {
     "/v1/messages": {"POST": "messages"},
     "/v1/messages/count_tokens": {"POST": "count_tokens"},
     "/classify": {"POST": "classify"},
+    "/pooling": {"POST": "pooling"},  # vLLM's generic pooling route (LLM.encode's tasks)
     # vLLM's runtime LoRA routes, served only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1
     "/v1/load_lora_adapter": {"POST": "load_lora_adapter"},
     "/v1/unload_lora_adapter": {"POST": "unload_lora_adapter"},
@@ -1117,11 +1118,37 @@ class OpenAIServer(PromptRenderer):
                 model=model, data=data, usage=P.UsageInfo(prompt_tokens=n, total_tokens=n))
             return Reply.json(resp.model_dump())
 
+    async def pooling(self, call: Call) -> Reply:
+        """vLLM's /pooling: LLM.encode's ``task`` (default every token's: token_embed, or
+        token_classify on a sequence classifier) over each input; ``data`` nested float lists
+        (or base64 of the flattened float32 bytes)."""
+        async with self._admit():
+            req, model = self._request(call, P.PoolingRequest)
+            classifier = getattr(getattr(self.engine, "model_config", None), "num_labels", 0)
+            task = req.task or ("token_classify" if classifier else "token_embed")
+            outs = await self._pool("encode", req.input, lambda: PoolingParams(
+                dimensions=req.dimensions, normalize=req.normalize,
+                truncate_prompt_tokens=req.truncate_prompt_tokens), model,
+                ["pooling_task", "dimensions", "truncate_prompt_tokens", "input"],
+                pooling_task=task)
+            data = []
+            for i, o in enumerate(outs):
+                v = np.asarray(o.outputs.data, "<f4")
+                data.append(P.PoolingData(index=i, data=(
+                    base64.b64encode(v.tobytes()).decode() if req.encoding_format == "base64"
+                    else v.tolist())))
+            n = sum(len(o.prompt_token_ids) for o in outs)
+            resp = P.PoolingResponse(
+                id=f"pool-{self._base_id(call, req.request_id)}", created=int(time.time()),
+                model=model, data=data, usage=P.UsageInfo(prompt_tokens=n, total_tokens=n))
+            return Reply.json(resp.model_dump())
+
     async def _pool(self, method: str, inputs: Any, params: Callable[[], PoolingParams],
-                    model: str, names: list[str]) -> list:
-        """A pooling engine's ``method`` ("embed" / "classify") over a request's ``input`` (a
-        400 when empty) with ``params()``, under the adapter ``model`` names (if it names
-        one); a ValueError is a 400 naming the first of ``names`` its message mentions."""
+                    model: str, names: list[str], **kw: Any) -> list:
+        """A pooling engine's ``method`` ("embed" / "classify" / "encode", with ``kw``) over a
+        request's ``input`` (a 400 when empty) with ``params()``, under the adapter ``model``
+        names (if it names one); a ValueError is a 400 naming the first of ``names`` its
+        message mentions."""
         try:
             prompts = self._completion_prompts(inputs)
         except APIError:
@@ -1129,7 +1156,8 @@ class OpenAIServer(PromptRenderer):
                            param="input") from None
         try:
             return await getattr(self.engine, method)(
-                [{"prompt_token_ids": p.ids} for p in prompts], params(), **self._lora_kw(model))
+                [{"prompt_token_ids": p.ids} for p in prompts], params(), **self._lora_kw(model),
+                **kw)
         except ValueError as e:
             msg = str(e)
             raise APIError(400, msg, param=_param_in(msg, names)) from None
@@ -1301,7 +1329,7 @@ class OpenAIServer(PromptRenderer):
     def _invocation_routes(self) -> list[tuple[str, type[BaseModel]]]:
         """The routes /invocations may pick for this model, in vLLM's order: chat and
         completions on a generating engine; embeddings (or, on a sequence classifier,
-        classify), score and rerank on a pooling one."""
+        classify), score, rerank and pooling on a pooling one."""
         if getattr(self.engine, "runner_kind", "generate") != "pooling":
             return [("chat_completions", P.ChatCompletionRequest),
                     ("completions", P.CompletionRequest)]
@@ -1309,7 +1337,8 @@ class OpenAIServer(PromptRenderer):
             first = [("classify", P.ClassificationRequest)]
         else:
             first = [("embeddings", P.EmbeddingRequest)]
-        return first + [("score", P.ScoreRequest), ("rerank", P.RerankRequest)]
+        return first + [("score", P.ScoreRequest), ("rerank", P.RerankRequest),
+                        ("pooling", P.PoolingRequest)]
 
     async def invocations(self, call: Call) -> Reply:
         """vLLM's /invocations (the SageMaker entry point): the body goes to the first route,

@@ -230,6 +230,28 @@ class EmbeddingRequest(_Model):
         return None
 
 
+class PoolingRequest(EmbeddingRequest):
+    """vLLM's /pooling: ``task`` names what to pool (LLM.encode's pooling_task); left out,
+    every token's ("token_embed", or "token_classify" on a sequence classifier)."""
+
+    task: Literal["embed", "token_embed", "classify", "token_classify"] | None = None
+
+
+class PoolingData(_Response):
+    object: Literal["pooling"] = "pooling"
+    data: Any  # nested float lists ([E] or [tokens, E]), or base64 of the float32 bytes
+    index: int
+
+
+class PoolingResponse(_Response):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[PoolingData]
+    usage: UsageInfo
+
+
 class EmbeddingData(_Response):
     object: Literal["embedding"] = "embedding"
     embedding: list[float] | str  # base64: the little-endian float32 bytes
@@ -695,6 +717,7 @@ def openapi_schema(version: str) -> dict[str, Any]:
               ResponsesRequest, ResponseObject,
               TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse,
               EmbeddingRequest, EmbeddingResponse, ClassificationRequest, ClassificationResponse,
+              PoolingRequest, PoolingResponse,
               ScoreRequest, ScoreResponse, RerankRequest, RerankResponse, ModelList, ModelCard,
               ErrorResponse, VersionResponse]
     keyed, defs = models_json_schema([(m, "validation") for m in models],
@@ -755,6 +778,9 @@ def openapi_schema(version: str) -> dict[str, Any]:
                                summary="Embeddings (a pooling model)"),
         "/classify": post(ClassificationRequest, ClassificationResponse,
                           summary="Class probabilities (a sequence classification model)"),
+        "/pooling": post(PoolingRequest, PoolingResponse,
+                         summary="vLLM's pooling tasks (LLM.encode): every token's states by "
+                                 "default, or task embed / classify / token_*"),
         "/v1/score": post(ScoreRequest, ScoreResponse,
                           summary="Text-pair scores: cosine similarity of embeddings (also "
                                   "/score)"),

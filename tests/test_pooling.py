@@ -269,6 +269,25 @@ async def _invocations_on_a_pooling_model(base: str) -> None:
         assert got["data"][0]["score"] == pytest.approx(want["data"][0]["score"], abs=1e-6)
         ranked = await post("/invocations", {"query": "cat", "documents": ["a cat", "a car"]})
         assert len(ranked["results"]) == 2
+        # vLLM's /pooling: every token's state by default, a task named, base64, and as
+        # /invocations' last route (a body with a task is no embeddings request)
+        pooled = await post("/pooling", {"model": "emb", "input": [PROMPTS[0], PROMPTS[2]]})
+        assert pooled["id"].startswith("pool-") and pooled["data"][0]["object"] == "pooling"
+        assert pooled["usage"]["prompt_tokens"] == 3 + 5
+        for d, p in zip(pooled["data"], (PROMPTS[0], PROMPTS[2])):
+            rows = np.asarray(d["data"])
+            assert rows.shape == (len(p), 64)
+            np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-5)
+        task = {"input": [PROMPTS[2]], "task": "embed"}
+        last = (await post("/pooling", task))["data"][0]["data"]
+        np.testing.assert_allclose(last, pooled["data"][1]["data"][-1], rtol=1e-5, atol=1e-6)
+        via = (await post("/invocations", task))["data"][0]["data"]
+        np.testing.assert_allclose(via, last, rtol=1e-6)
+        b64 = (await post("/pooling", {**task, "encoding_format": "base64"}))["data"][0]
+        np.testing.assert_allclose(np.frombuffer(base64.b64decode(b64["data"]), "<f4"), last,
+                                   rtol=1e-6)
+        bad = (await post("/pooling", {"input": "x", "task": "classify"}, 400))["error"]
+        assert "needs pooling_task" in bad["message"]
         err = (await post("/invocations", {"messages": [{"role": "user", "content": "hi"}]},
                           400))["error"]["message"]
         assert "Cannot find suitable handler" in err and "EmbeddingRequest" in err
@@ -446,6 +465,9 @@ def test_a_sequence_classifier_gives_hfs_probabilities(small_llama_folder, tmp_p
                     np.testing.assert_allclose(d["probs"], w, **RAW_TOL)
                 text = await post({"input": "hello there"}, 200)
                 assert len(text["data"]) == 1 and abs(sum(text["data"][0]["probs"]) - 1) < 1e-6
+                tokens = await post_to("/pooling", {"input": [PROMPTS[1]]})  # token_classify
+                np.testing.assert_allclose(np.asarray(tokens["data"][0]["data"])[-1], want[1],
+                                           **RAW_TOL)
                 via = await post_to("/invocations", {"model": "cls", "input": PROMPTS[:2]})
                 assert via["id"].startswith("classify-") and [
                     d["label"] for d in via["data"]] == [d["label"] for d in body["data"]]

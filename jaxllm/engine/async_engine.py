@@ -239,6 +239,12 @@ class AsyncEngine:
         return await self._call(lambda: self.engine.embed(prompts, params,
                                                           lora_request=lora_request))
 
+    async def encode(self, prompts: list[Any], params: Any = None, lora_request: Any = None,
+                     pooling_task: str | None = None) -> list[Any]:
+        """A pooling engine's LLMEngine.encode (vLLM's pooling tasks), between steps."""
+        return await self._call(lambda: self.engine.encode(
+            prompts, params, lora_request=lora_request, pooling_task=pooling_task))
+
     async def classify(self, prompts: list[Any], params: Any = None, lora_request: Any = None
                        ) -> list[Any]:
         """A sequence classifier's class probabilities (LLMEngine.classify), between steps."""
