@@ -6,9 +6,10 @@ message, ``input`` (a string, or a list of messages, ``function_call`` and
 ``function_call_output`` items) the messages, ``text.format`` the response_format, function
 ``tools`` / ``tool_choice`` the chat ones (server/tools.py), ``max_output_tokens`` the
 max_completion_tokens, ``top_logprobs`` / ``include: ["message.output_text.logprobs"]`` the
-chat's logprobs (the output text part's ``logprobs``; in a stream, on its ``done`` events). The reply comes back as Response output items: a ``reasoning`` item
-(with ``--reasoning-parser``, server/reasoning.py), a ``message`` with one ``output_text``
-part, and a ``function_call`` item per tool call. ``status`` is "incomplete"
+chat's logprobs (the output text part's ``logprobs``; in a stream, on its ``done`` events).
+The reply comes back as Response output items: a ``reasoning`` item (with
+``--reasoning-parser``, server/reasoning.py), a ``message`` with one ``output_text`` part,
+and a ``function_call`` item per tool call. ``status`` is "incomplete"
 (``incomplete_details.reason`` "max_output_tokens") when max_output_tokens cut the reply.
 
 Streams send OpenAI's events (``response.created``, ``response.in_progress``,

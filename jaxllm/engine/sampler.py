@@ -22,11 +22,11 @@ Order of operations, as vLLM V1's Sampler:
 Log-probs are of the *raw* model distribution (log_softmax of the logits before any of the
 above), vLLM V1's default ``logprobs_mode="raw_logprobs"``. rank = #tokens whose log-prob is
 >= the sampled token's (vLLM's batched_count_greater_than), so the argmax has rank 1. The
-engine's ``logprobs_mode`` (vLLM's; jaxllm.config.LOGPROBS_MODES) picks another: "raw_logits" (the logits
-themselves), "processed_logprobs" / "processed_logits" (what the row was sampled from: after
-steps 0-2 for a greedy row, after 0-7 (temperature, min_p, top-k / top-p; cut tokens -inf) for
-a random one, as vLLM's sampler returns them). Ranks and the top-k are read from the same
-values.
+engine's ``logprobs_mode`` (vLLM's; jaxllm.config.LOGPROBS_MODES) picks another: "raw_logits"
+(the logits themselves), "processed_logprobs" / "processed_logits" (what the row was sampled
+from: after steps 0-2 for a greedy row, after 0-7 (temperature, min_p, top-k / top-p; cut
+tokens -inf) for a random one, as vLLM's sampler returns them). Ranks and the top-k are read
+from the same values.
 
 Reproducibility: a row's key is ``fold_in(key(seed), step)`` with step = number of tokens the
 sequence has generated so far, and its noise is drawn over [V] from that key alone, so a seeded
