@@ -13,7 +13,8 @@ call (its ``input`` the parsed arguments), and ``stop_reason`` end_turn / max_to
 stop_sequence (with the string) / tool_use. Streams send Anthropic's events (message_start,
 content_block_start / _delta / _stop, message_delta, message_stop); a tool call goes out whole
 at the end (one ``input_json_delta``). Errors have Anthropic's shape (``{"type": "error",
-"error": {"type", "message"}}``). ``output_config.format`` (a JSON schema) constrains the
+"error": {"type", "message"}}``), the 401 of a wrong key included; only a body over the
+server's size limit is refused (413) in OpenAI's shape, before any route runs. ``output_config.format`` (a JSON schema) constrains the
 reply. ``cache_control`` marks, ``thinking`` and ``output_config.effort`` settings, ``speed``
 and the other routing fields of the current SDK are accepted and have no effect (the prefix
 cache is automatic); image and document blocks, ``mcp_servers`` and ``container`` are 400s (a

@@ -631,9 +631,10 @@ class OpenAIServer(PromptRenderer):
             for want in self.api_keys:  # every key compared: no early exit to time
                 ok |= hmac.compare_digest(got, want)
             if not ok:
-                raise APIError(401, "Invalid or missing API key: send 'Authorization: Bearer "
-                               "<key>'.", code="invalid_api_key",
-                               headers={"WWW-Authenticate": "Bearer"})
+                cls = AnthropicAPIError if path.startswith("/v1/messages") else APIError
+                raise cls(401, "Invalid or missing API key: send 'Authorization: Bearer "
+                          "<key>' (or, on /v1/messages, 'x-api-key: <key>').",
+                          code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     @staticmethod
     def no_route(method: str, path: str, allowed: list[str] | None) -> APIError:
@@ -2022,6 +2023,9 @@ class OpenAIServer(PromptRenderer):
         if body["status"] == "in_progress":
             raise APIError(400, f"Response '{rid}' is still in progress: continue it once it "
                                 "is done.", param="previous_response_id")
+        if body["status"] not in ("completed", "incomplete"):  # cancelled / failed: no reply
+            raise APIError(400, f"Response '{rid}' is {body['status']}: it has no reply to "
+                                "continue from.", param="previous_response_id")
         return messages
 
     async def retrieve_response(self, call: Call) -> Reply:

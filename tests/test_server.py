@@ -789,6 +789,8 @@ def test_stored_responses_continue_by_previous_response_id(servers, engine, monk
         c.responses.create(input="x", previous_response_id=long.id, **kw)
     stopped = c.responses.cancel(long.id)
     assert stopped.status == "cancelled" and c.responses.retrieve(long.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError, match="is cancelled"):
+        c.responses.create(input="x", previous_response_id=long.id, **kw)
     _wait_idle(engine)  # its engine request ended and gave its pages back
     for extra in ({"stream": True}, {"store": False}):
         status, _, resp = _post(servers, "/v1/responses", {
@@ -860,9 +862,10 @@ def test_anthropic_messages_through_the_sdk(servers, engine):
         assert json.loads(fmt.content[0].text) in ("yes", "no")
     keyed = anthropic.Anthropic(base_url=servers.tight, api_key=API_KEY, max_retries=0)
     assert keyed.messages.create(**{**kw, "max_tokens": 2}).usage.output_tokens == 2
-    with pytest.raises(anthropic.AuthenticationError):
+    with pytest.raises(anthropic.AuthenticationError) as denied:
         anthropic.Anthropic(base_url=servers.tight, api_key="wrong",
                             max_retries=0).messages.create(**kw)
+    assert denied.value.body["error"]["type"] == "authentication_error"
     with pytest.raises(anthropic.BadRequestError) as bad:
         c.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "url", "url": "http://x"}}]}])
