@@ -19,6 +19,11 @@ copies when one copy would sit in the 50 MB L2):
            [N, K]), the engine's fp8 projection on bf16 activations (engine_fp8_linear:
            quantization included, weight-only at <= 16 rows on a GPU), Pallas fp8 (block
            sweep); TFLOP/s and GB/s.
+  block_gemm (not in the default set) block-wise fp8 weights (128 x 128 tile scales, Qwen3-FP8
+           / DeepSeek-V3 checkpoints) at the gemm section's M x (K, N): the bf16 XLA dot, the
+           engine's two forms (block_w8a16: e4m3 dequantized in the dot's operand; block_w8a8:
+           per-token-group activation quantization + the Pallas block kernel, a small block
+           sweep) and the kernel alone on quantized inputs; TFLOP/s and GB/s.
   gemm_options (not in the default set) the bf16 projections of one layer and the logits GEMM
            (M {1,8,64,256}), and the engine's fp8 projection (M {8,64,4096}), compiled under
            per-program XLA options (GEMM_OPTIONS: cuBLAS instead of Triton, the exhaustive
@@ -62,10 +67,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.fp8_matmul import (  # noqa: E402
+    E4M3_MAX,
+    fp8_block_matmul,
+    fp8_block_matmul_reference,
     fp8_matmul,
     fp8_matmul_reference,
     fp8_matmul_xla,
     quantize_activation_per_token,
+    quantize_activation_per_token_group,
     quantize_weight_per_channel,
 )
 from pallas_kernels.ragged_paged_attention import (  # noqa: E402
@@ -680,6 +689,70 @@ def bench_gemm(budget_s):
         del w, ws, wq, wq_t
 
 
+BLOCK_GEMM_CONFIGS = [dict(block_m=16, block_n=64), dict(block_m=16, block_n=128),
+                      dict(block_m=64, block_n=128), dict(block_m=128, block_n=128, num_warps=8),
+                      dict(block_m=64, block_n=128, num_stages=4)]
+
+
+def _block_quantize(w, bk):
+    """w [N, K] -> (e4m3 [N, K], scales [N, KB]) in bk x bk tiles, as a block-wise checkpoint
+    holds them once loaded (each tile's absmax -> 448; its scale repeated over its rows)."""
+    N, K = w.shape
+    NB, KB = -(-N // bk), -(-K // bk)
+    tiles = jnp.pad(w.astype(jnp.float32), ((0, NB * bk - N), (0, KB * bk - K)))
+    amax = jnp.max(jnp.abs(tiles.reshape(NB, bk, KB, bk)), axis=(1, 3))
+    rows = jnp.repeat(jnp.where(amax > 0, amax / E4M3_MAX, 1.0), bk, axis=0)[:N]
+    q = w.astype(jnp.float32) / jnp.repeat(rows, bk, axis=1)[:, :K]
+    return q.astype(jnp.float8_e4m3fn), rows
+
+
+def bench_block_gemm(budget_s):
+    """block_gemm: which form the engine should run block-wise fp8 checkpoints in
+    (jaxllm.models.fp8.block_fp8_linear; the default w8a16 is unmeasured against w8a8)."""
+    print("== block_gemm: block-wise fp8 (tile scales) vs bf16 ==", flush=True)
+    from jaxllm.models import fp8 as fp8_mod
+
+    bk = 128 if not SMOKE else 32
+    bf16 = jax.jit(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32)
+                   .astype(jnp.bfloat16))
+    w8a16 = jax.jit(functools.partial(fp8_mod.block_fp8_linear_w8a16, block_k=bk))
+    for K, N in GEMM_KN:
+        KB = -(-K // bk)
+        n_rot = max(1, min(4, math.ceil(3 * L2_BYTES / (K * N))))
+        ws = [jax.random.normal(jax.random.key(K + N + i), (N, K), jnp.bfloat16) * 0.02
+              for i in range(n_rot)]
+        wq, wsc = zip(*(_block_quantize(w, bk) for w in ws))
+        for M in GEMM_M:
+            shape = dict(M=M, K=K, N=N, block_k=bk)
+            x = jax.random.normal(jax.random.key(M), (M, K), jnp.bfloat16)
+            xq, xs = quantize_activation_per_token_group(x, bk)
+            flops = 2 * M * K * N
+            b16 = M * K * 2 + K * N * 2 + M * N * 2
+            b8 = M * K + K * N + N * KB * 4 + M * N * 2
+            ref = fp8_block_matmul_reference(xq, xs, wq[0], wsc[0], bk)
+            ref16 = fp8_block_matmul_reference(x, jnp.ones((M, KB)), wq[0], wsc[0], bk)
+            run_case("block_gemm", shape, "xla_bf16", "", bf16, [(x, w) for w in ws],
+                     bytes_=b16, flops=flops, peak_flops=PEAK_BF16)
+            run_case("block_gemm", shape, "block_w8a16", "", w8a16,
+                     [(x, q, s) for q, s in zip(wq, wsc)], ref=ref16, bytes_=b8, flops=flops,
+                     peak_flops=PEAK_BF16, tol=1e-2)
+            for i, cfg in enumerate(BLOCK_GEMM_CONFIGS):
+                if i > 0 and time.time() - T0 > budget_s:
+                    break
+                if cfg["block_m"] > max(16, 2 * M):
+                    continue
+                f = jax.jit(functools.partial(fp8_mod.block_fp8_linear_w8a8, block_k=bk, **cfg))
+                run_case("block_gemm", shape, "block_w8a8", cfg, f,
+                         [(x, q, s) for q, s in zip(wq, wsc)], ref=ref, bytes_=b8, flops=flops,
+                         peak_flops=PEAK_FP8, tol=1e-2)
+                k = functools.partial(fp8_block_matmul, block_k=bk, interpret=SMOKE, **cfg)
+                run_case("block_gemm", shape, "pallas_fp8_block", cfg, k,
+                         [(xq, xs, q, s) for q, s in zip(wq, wsc)], ref=ref, bytes_=b8,
+                         flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
+            del x, xq, xs, ref, ref16
+        del ws, wq, wsc
+
+
 # Per-program XLA options the step's GEMMs could be compiled with (issue 9: at batch 1 the q/k/v
 # and o GEMMs read at 3.2 TB/s under XLA's Triton split-K configs; issue 6: the fp8 GEMM
 # fusions' autotuning at 16384 tokens took 306 s). Compared in one process, since the H200's read
@@ -999,9 +1072,9 @@ def main():
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
     ap.add_argument("--sections", "--only", dest="sections", default="decode,lm_head,gemm,prefill,mixed",
                     help="comma-separated: decode,lm_head,gemm,prefill,mixed,backends,"
-                         "gemm_options (backends: the Triton vs Mosaic GPU comparison; "
-                         "gemm_options: XLA options for the step's GEMMs; neither is in the "
-                         "default set)")
+                         "gemm_options,block_gemm (backends: the Triton vs Mosaic GPU "
+                         "comparison; gemm_options: XLA options for the step's GEMMs; "
+                         "block_gemm: block-wise fp8 weights; none is in the default set)")
     ap.add_argument("--decode-shapes", default=None,
                     help="decode shapes to run instead of the full list, e.g. 8x4096,64x4096")
     ap.add_argument("--budget", type=float, default=300.0,
@@ -1050,7 +1123,8 @@ def main():
     PEAK_BW = args.peak_bw or (4.3e12 if "H200" in kind else PEAK_BW)
     print(f"jax {jax.__version__} on {kind}; pct_bw of {PEAK_BW / 1e12:.1f} TB/s", flush=True)
     only = args.sections.split(",")
-    known = {"decode", "lm_head", "gemm", "prefill", "mixed", "backends", "gemm_options"}
+    known = {"decode", "lm_head", "gemm", "prefill", "mixed", "backends", "gemm_options",
+             "block_gemm"}
     unknown = set(only) - known
     if unknown:
         ap.error(f"unknown --sections {sorted(unknown)}; choose from {','.join(sorted(known))}")
@@ -1090,6 +1164,8 @@ def main():
         bench_backends(rng)
     if "gemm_options" in only:
         bench_gemm_options(args.budget)
+    if "block_gemm" in only:
+        bench_block_gemm(args.budget)
     summarize()
 
 

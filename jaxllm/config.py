@@ -115,6 +115,10 @@ class ModelConfig:
     # fp8 activations: "dynamic" (per-token scales at run time) or "static" (the checkpoint's
     # per-tensor input_scale).
     activation_scheme: str = "dynamic"
+    # A block-wise fp8 checkpoint's [block_n, block_k] (HF's weight_block_size: one scale per
+    # block_n x block_k tile of a weight). Fp8Linear then holds one scale per output channel and
+    # block of block_k input features, weight_scale [O, ceil(I / block_k)] (jaxllm/models/fp8.py).
+    weight_block_size: tuple[int, int] | None = None
     # Per layer (k_scale, v_scale) of an fp8 KV cache, from a checkpoint that calibrated them
     # (compressed-tensors kv_cache_scheme); None: 1.0 (jaxllm/models/attention.py).
     kv_cache_scales: tuple[tuple[float, float], ...] | None = None

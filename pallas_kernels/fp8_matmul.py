@@ -12,7 +12,8 @@ trusted one), ``fp8_matmul_xla`` (``dot_general`` on fp8 operands with an fp32 r
 hands to cuBLASLt's fp8 GEMM on Hopper, then the scales) and ``fp8_matmul`` (Pallas kernel: tiles
 over M and N, a loop over K, the dot on the fp8 tensor cores, scales applied once on the fp32
 accumulator; optional split-K so decode shapes (small M) still spread over every SM).
-benchmarks/kernels.py decides which one the engine uses per shape.
+benchmarks/kernels.py decides which one the engine uses per shape. The block-scaled variant
+(``fp8_block_matmul``, scales per K block on both operands) is at the end of the file.
 """
 
 from __future__ import annotations
@@ -177,3 +178,97 @@ def fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, out_dtype=jnp.bfloat16, *, block_
     if split_k == 1:
         return out[:M, :N]
     return out.reshape(split_k, M_pad, N_pad)[:, :M, :N].sum(axis=0).astype(out_dtype)
+
+
+# ---- block-wise scales (DeepSeek-V3 / Qwen3-FP8 checkpoints) -----------------------------------
+#
+#   x: [M, K] e4m3, one scale per row and group of ``block_k`` input features: x_scale [M, KB]
+#   w: [N, K] e4m3 (HF layout), one scale per output channel and K block: w_scale [N, KB]
+#      (a checkpoint's [ceil(N/bn), KB] tile scales with each row repeated over its bn channels)
+#   out[m, n] = sum_kb x_scale[m, kb] w_scale[n, kb] (x_fp8[m, kb-th block] . w_fp8[n, same]),
+#   KB = ceil(K / block_k): vLLM's W8A8 block fp8 linear (activations per token group).
+
+def quantize_activation_per_token_group(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] -> (x_fp8 [M, K], scale [M, ceil(K / group)] fp32): dynamic, each row's groups
+    of ``group`` features scaled on their own absmax (the last group may be short)."""
+    M, K = x.shape
+    KB = -(-K // group)
+    xf = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, KB * group - K))).reshape(M, KB, group)
+    amax = jnp.max(jnp.abs(xf), axis=2)
+    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+    q = jnp.clip(xf / scale[:, :, None], -E4M3_MAX, E4M3_MAX).astype(FP8)
+    return q.reshape(M, KB * group)[:, :K], scale
+
+
+def _expand_k(scale: jax.Array, block_k: int, K: int) -> jax.Array:
+    return jnp.repeat(scale.astype(jnp.float32), block_k, axis=1,
+                      total_repeat_length=scale.shape[1] * block_k)[:, :K]
+
+
+def fp8_block_matmul_reference(x_fp8, x_scale, w_fp8, w_scale, block_k: int,
+                               out_dtype=jnp.bfloat16) -> jax.Array:
+    """Both operands dequantized with their block scales to fp32, fp32 matmul (HIGHEST), cast:
+    x_fp8 [M, K], x_scale [M, KB], w_fp8 [N, K], w_scale [N, KB] -> [M, N]."""
+    K = x_fp8.shape[1]
+    x = x_fp8.astype(jnp.float32) * _expand_k(x_scale, block_k, K)
+    w = w_fp8.astype(jnp.float32) * _expand_k(w_scale, block_k, K)
+    return jnp.dot(x, w.T, precision=jax.lax.Precision.HIGHEST).astype(out_dtype)
+
+
+def _fp8_block_matmul_kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, *, block_m, block_n, block_k,
+                             n_kb):
+    # Operands padded to whole blocks outside (as _fp8_matmul_kernel: no masked fp8 load).
+    i, j = pl.program_id(0), pl.program_id(1)
+    rm = i * block_m + jnp.arange(block_m, dtype=jnp.int32)
+    rn = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    k_off = jnp.arange(block_k, dtype=jnp.int32)
+
+    def body(kb, acc):
+        rk = kb * block_k + k_off
+        x = plgpu.load(x_ref.at[rm[:, None], rk[None, :]])
+        w = plgpu.load(w_ref.at[rn[:, None], rk[None, :]]).T
+        part = jnp.dot(x, w, preferred_element_type=jnp.float32)
+        xs = plgpu.load(xs_ref.at[rm, kb])
+        ws = plgpu.load(ws_ref.at[rn, kb])
+        return acc + part * xs[:, None] * ws[None, :]
+
+    acc = jax.lax.fori_loop(0, n_kb, body, jnp.zeros((block_m, block_n), jnp.float32))
+    plgpu.store(o_ref.at[rm[:, None], rn[None, :]], acc.astype(o_ref.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "out_dtype", "block_m", "block_n",
+                                             "num_warps", "num_stages", "interpret"))
+def fp8_block_matmul(x_fp8, x_scale, w_fp8, w_scale, block_k: int, out_dtype=jnp.bfloat16, *,
+                     block_m: int = 64, block_n: int = 128, num_warps: int = 4,
+                     num_stages: int = 3, interpret: bool = False) -> jax.Array:
+    """Pallas W8A8 matmul with block scales (the contract above): x_fp8 [M, K], x_scale
+    [M, KB], w_fp8 [N, K], w_scale [N, KB] -> [M, N] ``out_dtype``; each K block's fp8 dot
+    accumulates in fp32 and is scaled by its row's and channel's scales before the sum.
+
+    The kernel's K step is ``block_k`` (a power of two >= 16: 128 in the published
+    checkpoints); M, N, K need not be multiples of the blocks (zero-padded, output sliced).
+    """
+    M, K = x_fp8.shape
+    N, KB = w_scale.shape
+    if block_k < 16 or block_k & (block_k - 1):
+        raise ValueError(f"block_k={block_k}: the kernel's K step must be a power of two >= 16.")
+    if KB != -(-K // block_k) or x_scale.shape != (M, KB):
+        raise ValueError(f"block scales {x_scale.shape} / {w_scale.shape} do not fit K={K} in "
+                         f"blocks of {block_k}.")
+    M_pad = pl.cdiv(M, block_m) * block_m
+    N_pad = pl.cdiv(N, block_n) * block_n
+    x_p = _pad_to(x_fp8, (M_pad, KB * block_k))
+    w_p = _pad_to(w_fp8, (N_pad, KB * block_k))
+    xs_p = _pad_to(x_scale.astype(jnp.float32), (M_pad, KB))
+    ws_p = _pad_to(w_scale.astype(jnp.float32), (N_pad, KB))
+    kernel = functools.partial(_fp8_block_matmul_kernel, block_m=block_m, block_n=block_n,
+                               block_k=block_k, n_kb=KB)
+    out = pl.pallas_call(
+        kernel,
+        grid=(M_pad // block_m, N_pad // block_n),
+        out_shape=jax.ShapeDtypeStruct((M_pad, N_pad), out_dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"fp8_block_matmul_{block_m}x{block_n}x{block_k}",
+    )(x_p, w_p, xs_p, ws_p)
+    return out[:M, :N]

@@ -4,7 +4,9 @@ Megatron layout over the ``tp`` mesh axis:
   q/k/v, gate/up   column-parallel: kernel [E, out] split on out (each shard owns whole heads)
   qkv, gate_up     fused (jaxllm/models/fused.py): kernel [E, A, C] split on A (KV heads with
                    their query heads; intermediate channels); fp8 weight [A, C, E] and
-                   bias / weight_scale [A, C] likewise on A
+                   bias / weight_scale [A, C] likewise on A (block-wise fp8: weight_scale
+                   [A, C, KB] on A; Fp8Linear's [out, KB] on out, or on KB row-parallel, which
+                   must keep whole K blocks a shard)
   o, down          row-parallel:    kernel [in, E] split on in; the partial sums meet in one
                                     all-reduce per block (attention, MLP), inserted by XLA's SPMD
                                     partitioner where the row-parallel matmul's output is needed
@@ -77,6 +79,8 @@ def param_spec(path: tuple, shape: tuple[int, ...], tp: int) -> P:
         return P(TP, None) if len(shape) == 2 else P()  # input_scale [] whole
     if path[-1] == "weight" and owner in COLUMN + ROW:  # fp8 weight: [out, in] (HF layout)
         return P(TP, None) if owner in COLUMN else P(None, TP)
+    if path[-1] == "weight_scale" and len(shape) == 2:  # block-wise fp8: [out, in blocks]
+        return P(TP, None) if owner in COLUMN else P(None, TP)
     if owner in COLUMN:  # kernel [E, out], bias / per-channel scale [out]
         if len(shape) == 2:
             return P(None, TP)
@@ -126,6 +130,16 @@ class TensorParallel:
         if c.intermediate_size % tp:
             raise ValueError(
                 f"tensor_parallel_size ({tp}) must divide intermediate_size ({c.intermediate_size}).")
+        if c.weight_block_size:  # a row-parallel shard must hold whole K blocks of scales
+            bk = c.weight_block_size[1]
+            for name, k in (("o_proj", c.num_attention_heads * c.head_dim),
+                            ("down_proj", c.intermediate_size)):
+                if (k // tp) % bk:
+                    raise ValueError(
+                        f"tensor_parallel_size ({tp}) splits {name}'s {k} input features into "
+                        f"{k // tp} a shard, not a multiple of the checkpoint's weight block "
+                        f"({bk}): its block scales cannot be split; use a tensor_parallel_size "
+                        f"that keeps whole blocks.")
         if c.vocab_size % tp:
             logger.warning("vocab_size %d is not divisible by tensor_parallel_size %d: the "
                            "embedding and lm_head are replicated, not vocab-parallel.",

@@ -134,6 +134,35 @@ def test_compiled_pallas_fp8_matmul_matches_reference(M):
         assert _rel_err(got, ref) < 1e-3, kw
 
 
+@pytest.mark.parametrize("M", [1, 40, 256])
+def test_compiled_block_fp8_matmul_and_both_block_forms_match_reference(M, monkeypatch):
+    """The block-scaled W8A8 kernel compiled for the GPU, and a block-wise Fp8Linear's two forms
+    (w8a16, w8a8), on fresh random operands with 128 x 128 tile scales and a ragged K."""
+    from jaxllm.models import fp8 as fp8_mod
+    from pallas_kernels.fp8_matmul import (fp8_block_matmul, fp8_block_matmul_reference,
+                                           quantize_activation_per_token_group)
+
+    rng = np.random.default_rng(M)
+    N, K, bk = 1000, 704, 128  # K: five whole blocks and a half one
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    w = jnp.asarray(np.clip(rng.standard_normal((N, K)) * 100, -448, 448),
+                    jnp.float32).astype(jnp.float8_e4m3fn)  # e4m3fn: NaN beyond 448
+    ws = jnp.asarray(np.repeat(rng.uniform(1e-4, 1e-3, size=(8, 6)), 128, 0)[:N], jnp.float32)
+    xq, xs = quantize_activation_per_token_group(x, bk)
+    ref = fp8_block_matmul_reference(xq, xs, w, ws, bk, jnp.float32)
+    for kw in (dict(block_m=16, block_n=64), dict(block_m=64, block_n=128)):
+        got = fp8_block_matmul(xq, xs, w, ws, bk, jnp.float32, **kw)
+        assert _rel_err(got, ref) < 1e-3, kw
+    lin = fp8_mod.Fp8Linear(K, N, use_bias=False, dtype=jnp.bfloat16, block_k=bk)
+    lin.weight.set_value(w)
+    lin.weight_scale.set_value(ws)
+    exact = fp8_block_matmul_reference(x.astype(jnp.float32), jnp.ones((M, 6)), w, ws, bk,
+                                       jnp.float32)
+    assert _rel_err(jax.jit(lambda a: lin(a))(x), exact) < 1e-2  # w8a16: bf16 weights
+    monkeypatch.setenv(fp8_mod.BLOCK_GEMM_ENV, "w8a8")
+    assert _rel_err(jax.jit(lambda a: lin(a))(x), ref) < 1e-2
+
+
 @pytest.mark.parametrize("M", [1, 8, 64])
 def test_compiled_skinny_matmul_matches_reference(M):
     """The skinny matmul compiled for the GPU (bf16 [K, N], W8A16 and W8A8 over [N, K] e4m3,

@@ -1052,6 +1052,23 @@ def test_decode_sweep_of_several_heads_a_program_runs_and_feeds_the_fp8_table(tm
     assert len(entry) == 3 and entry[2] == 2
 
 
+def test_block_gemm_section_runs_every_form_of_a_block_fp8_projection_correct(tmp_path):
+    # kernels.py --sections block_gemm (tiny shapes, interpret mode): the bf16 peer, the
+    # engine's w8a16 and w8a8 forms and the kernel alone all run, each within its tolerance of
+    # the reference, for the next GPU session to time.
+    out = tmp_path / "k.jsonl"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke", "--sections",
+         "block_gemm", "--loop-reps", "0", "--out", str(out)], capture_output=True, text=True,
+        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["impl"] for r in rows} == {"xla_bf16", "block_w8a16", "block_w8a8",
+                                         "pallas_fp8_block"}
+    assert not [r for r in rows if "error" in r or r.get("ok") is False]
+    assert all("rel_err" in r for r in rows if r["impl"] != "xla_bf16")
+
+
 def test_table_from_a_sweep_ranks_by_device_time_where_every_row_has_it(tmp_path):
     bench = _load_benchmark()
     # Two decode configs of one shape: A is faster by host wall time (loop), B by GPU time.

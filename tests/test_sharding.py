@@ -270,7 +270,8 @@ def test_tp3_on_the_default_model_matches_one_device(default_model_f32):
     assert _greedy(llm, prompts) == ref
 
 
-@pytest.mark.parametrize("source,tp", [("quantize", 2), ("quantize", 4), ("checkpoint", 4)])
+@pytest.mark.parametrize("source,tp", [("quantize", 2), ("quantize", 4), ("checkpoint", 4),
+                                       ("block", 4)])
 def test_fp8_under_tensor_parallelism_matches_fp8_on_one_device(small_llama_folder, tmp_path,
                                                                   source, tp):
     # quantization="fp8" converts the sharded model in place: each shard's weights and
@@ -278,12 +279,17 @@ def test_fp8_under_tensor_parallelism_matches_fp8_on_one_device(small_llama_fold
     # row-parallel input's per-token scale is a max over every shard's heads. tp=4 replicates
     # the 2 KV heads first (for a pre-quantized per-tensor checkpoint with static activation
     # scales, its broadcast weight scales too; q/k/v's differing input scales fuse to their
-    # max). Same scales, same products: the same greedy tokens.
+    # max). A block-wise checkpoint's scales [out, K blocks] split with their weight: on out
+    # (column-parallel, fused), on the K blocks (row-parallel, whole blocks a shard).
+    # Same scales, same products: the same greedy tokens.
+    from jaxllm.loading.fp8_checkpoint import write_fp8_checkpoint
+
     if source == "quantize":
         kw = dict(model=str(small_llama_folder), quantization="fp8")
+    elif source == "block":
+        kw = dict(model=str(write_fp8_checkpoint(small_llama_folder, tmp_path / "blk", fmt="fp8",
+                                                 strategy="block", block_size=(16, 16))))
     else:
-        from jaxllm.loading.fp8_checkpoint import write_fp8_checkpoint
-
         scales = {f"model.layers.{i}.{m}.{p}": (3.0 + j) / 448 for i in range(2)
                   for m, ps in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                                 ("mlp", ("gate_proj", "up_proj", "down_proj")))
@@ -299,8 +305,20 @@ def test_fp8_under_tensor_parallelism_matches_fp8_on_one_device(small_llama_fold
     assert qkv.dtype == jax.numpy.float8_e4m3fn
     assert _shard_shapes(qkv) == {(Kb // tp, (H // Kb + 2) * D, E)}
     assert _shard_shapes(layer["mlp"]["down_proj"]["weight"][...]) == {(E, F // tp)}
-    assert _shard_shapes(layer["mlp"]["down_proj"]["weight_scale"][...]) == {(E,)}
+    down_scale = {(E,)} if source != "block" else {(E, F // 16 // tp)}
+    assert _shard_shapes(layer["mlp"]["down_proj"]["weight_scale"][...]) == down_scale
     assert _greedy(llm) == ref
+
+
+def test_block_fp8_checkpoint_refuses_a_tp_that_splits_its_k_blocks(small_llama_folder,
+                                                                     tmp_path):
+    from jaxllm.loading.fp8_checkpoint import write_fp8_checkpoint
+
+    folder = write_fp8_checkpoint(small_llama_folder, tmp_path / "blk", fmt="compressed-tensors",
+                                  strategy="block", block_size=(16, 32))
+    # o_proj's 64 input features in 4 shards of 16: half a block of 32 each
+    with pytest.raises(ValueError, match=r"o_proj.*16.*weight block \(32\)"):
+        _llm(model=str(folder), tensor_parallel_size=4)
 
 
 # -- pipeline parallelism -----------------------------------------------------------------------

@@ -148,10 +148,10 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
     eos = getattr(hf_config, "eos_token_id", None)
     eos_ids = () if eos is None else (tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),))
 
-    from jaxllm.loading.fp8_checkpoint import fp8_scheme_from_hf
+    from jaxllm.loading.fp8_checkpoint import fp8_format_from_hf
 
     # A pre-quantized fp8 checkpoint (compressed-tensors / fp8 quantization_config).
-    fp8_scheme = fp8_scheme_from_hf(getattr(hf_config, "quantization_config", None))
+    fp8_scheme, fp8_block = fp8_format_from_hf(getattr(hf_config, "quantization_config", None))
 
     return ModelConfig(
         architecture=arch,
@@ -193,4 +193,5 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         num_labels=num_labels,
         id2label=id2label,
         activation_scheme=fp8_scheme or "dynamic",
+        weight_block_size=fp8_block,
     )

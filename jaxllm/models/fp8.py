@@ -7,11 +7,15 @@ Dimension keys: T tokens, I input features, O output features.
                                        cuBLASLt's fp8 GEMM takes without a transpose)
   weight_scale  [O]    float32         per output channel (a per-tensor checkpoint scale is
                                        broadcast to every channel at load)
+                [O, KB] float32        block-wise checkpoints (``block_k`` set): per output
+                                       channel and block of ``block_k`` input features, KB =
+                                       ceil(I / block_k) (each [bn, bk] tile's scale repeated
+                                       over its bn channels at load)
   input_scale   []     float32         only with static activation scales; None when dynamic
   bias          [O]    model dtype     when the layer has one
 Activations are quantized per token at run time (dynamic), or with the static ``input_scale``;
 ``pallas_kernels.fp8_matmul.fp8_matmul_xla`` runs the fp8 x fp8 -> fp32 dot and applies the
-scales once to the fp32 accumulator.
+scales once to the fp32 accumulator. Block-wise weights run W8A16 (``block_fp8_linear``).
 
 Which layers: the attention projections and the MLP (``quantize_model``; fused ones too,
 ``jaxllm.models.fused``); embeddings, norms and the lm_head stay in the model dtype, as vLLM does.
@@ -29,8 +33,9 @@ from flax import nnx
 from jaxllm.config import gemm_out_dtype_from_env
 from jaxllm.models.attention import heads_mesh
 from jaxllm.models.fused import FUSED_LINEARS
-from pallas_kernels.fp8_matmul import (E4M3_MAX, FP8, fp8_matmul_xla,
-                                       quantize_activation_per_token)
+from pallas_kernels.fp8_matmul import (E4M3_MAX, FP8, fp8_block_matmul, fp8_matmul_xla,
+                                       quantize_activation_per_token,
+                                       quantize_activation_per_token_group)
 from pallas_kernels.silu_mul_quant import fits as silu_mul_quant_fits
 from pallas_kernels.silu_mul_quant import silu_mul_quant
 
@@ -46,10 +51,11 @@ class Fp8Linear(nnx.Module):
     """y[T, O] = dequant(quant(x[T, I]) @ weight.T) + bias, fp32 accumulation, y in x's dtype."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype,
-                 static_input_scale: bool = False):
-        self.in_features, self.out_features = in_features, out_features
+                 static_input_scale: bool = False, block_k: int | None = None):
+        self.in_features, self.out_features, self.block_k = in_features, out_features, block_k
         self.weight = nnx.Param(jnp.zeros((out_features, in_features), FP8))
-        self.weight_scale = nnx.Param(jnp.ones((out_features,), jnp.float32))
+        self.weight_scale = nnx.Param(jnp.ones(scale_shape(out_features, in_features, block_k),
+                                               jnp.float32))
         self.input_scale = nnx.Param(jnp.ones((), jnp.float32)) if static_input_scale else None
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
@@ -57,7 +63,7 @@ class Fp8Linear(nnx.Module):
         lead = x.shape[:-1]
         scale = None if self.input_scale is None else self.input_scale.get_value()
         y = fp8_linear(x.reshape(-1, self.in_features), self.weight[...], self.weight_scale[...],
-                       scale)
+                       scale, block_k=self.block_k)
         if self.bias is not None:
             y = y + self.bias[...]
         return y.reshape(*lead, self.out_features)
@@ -105,14 +111,22 @@ def fp8_gemm_out_dtype(model_dtype) -> jnp.dtype:
     return gemm_out_dtype_from_env(FP8_GEMM_OUT_ENV, model_dtype, default="model")
 
 
+def scale_shape(out_features: int, in_features: int, block_k: int | None) -> tuple[int, ...]:
+    """weight_scale's shape: [O] per channel, [O, ceil(I / block_k)] block-wise."""
+    return (out_features,) if block_k is None else (out_features, -(-in_features // block_k))
+
+
 def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
-               input_scale: jax.Array | None) -> jax.Array:
+               input_scale: jax.Array | None, *, block_k: int | None = None) -> jax.Array:
     """x [T, I] (model dtype), weight [O, I] e4m3, weight_scale [O] -> [T, O] in x's dtype.
 
     Activations quantized per token (``input_scale`` None) or with the static per-tensor scale
     ``input_scale`` [] (a 0-d value: ``[...]`` of a 0-d Variable is [1]); weight-only (no
-    activation quantization) when T <= ``weight_only_max_tokens()``.
+    activation quantization) when T <= ``weight_only_max_tokens()``. With ``block_k``,
+    weight_scale is [O, ceil(I / block_k)] and the layer runs ``block_fp8_linear``.
     """
+    if block_k is not None:
+        return block_fp8_linear(x, weight, weight_scale, block_k)
     if x.shape[0] <= weight_only_max_tokens():
         acc = jax.lax.dot_general(x, weight.astype(x.dtype), (((1,), (1,)), ((), ())),
                                   preferred_element_type=jnp.float32)
@@ -120,6 +134,71 @@ def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     xq, xs = _quantize_input(x, input_scale)
     return fp8_matmul_xla(xq, xs, weight, weight_scale, out_dtype=x.dtype, w_transposed=True,
                           acc_dtype=fp8_gemm_out_dtype(x.dtype))
+
+
+def dequantize_blockwise(weight: jax.Array, weight_scale: jax.Array, block_k: int,
+                         dtype=jnp.float32) -> jax.Array:
+    """weight [O, I] e4m3, weight_scale [O, ceil(I / block_k)] -> [O, I] in ``dtype``: each
+    value times the scale of its channel's block of ``block_k`` input features (in fp32, one
+    rounding to ``dtype``)."""
+    I, KB = weight.shape[1], weight_scale.shape[1]
+    scale = jnp.repeat(weight_scale.astype(jnp.float32), block_k, axis=1,
+                       total_repeat_length=KB * block_k)[:, :I]
+    return (weight.astype(jnp.float32) * scale).astype(dtype)
+
+
+BLOCK_GEMM_ENV = "JAXLLM_FP8_BLOCK_GEMM"
+BLOCK_GEMM_MODES = ("w8a16", "w8a8")
+
+
+def block_gemm_mode() -> str:
+    """How block-wise fp8 projections run: ``JAXLLM_FP8_BLOCK_GEMM`` = "w8a16" (the default) or
+    "w8a8" (``block_fp8_linear``). Read at trace time."""
+    import os
+
+    raw = os.environ.get(BLOCK_GEMM_ENV, "w8a16")
+    if raw not in BLOCK_GEMM_MODES:
+        raise ValueError(f"{BLOCK_GEMM_ENV} must be one of {BLOCK_GEMM_MODES}, got {raw!r}.")
+    return raw
+
+
+def block_fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
+                     block_k: int) -> jax.Array:
+    """A block-wise fp8 projection: x [T, I], weight [O, I] e4m3, weight_scale [O, KB] -> [T, O]
+    in x's dtype, fp32 accumulation. Two ways (``block_gemm_mode()``):
+
+      w8a16 (default): x @ dequantize_blockwise(weight).T. The dequantization is elementwise on
+        the GEMM's operand, which XLA can fuse into the GEMM (the weight read once, in e4m3).
+      w8a8: vLLM's W8A8 block linear: x quantized per token and group of ``block_k`` features
+        (``quantize_activation_per_token_group``), ``pallas_kernels.fp8_matmul.
+        fp8_block_matmul`` (fp8 tensor cores, each K block's product scaled before the sum).
+
+    Why w8a16 is the default: XLA has no dot whose scales vary along K, so W8A8 needs the Pallas
+    kernel, whose speed against w8a16 is not measured on the GPU yet (docs/DESIGN_NOTES.md
+    "FP8", block-wise checkpoints; ``benchmarks/kernels.py --sections block_gemm``); w8a16 keeps
+    the activations exact, so its quality bounds W8A8's from above."""
+    if block_gemm_mode() == "w8a8":
+        return block_fp8_linear_w8a8(x, weight, weight_scale, block_k)
+    return block_fp8_linear_w8a16(x, weight, weight_scale, block_k)
+
+
+def block_fp8_linear_w8a16(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
+                           block_k: int) -> jax.Array:
+    """``block_fp8_linear``'s w8a16 form."""
+    w = dequantize_blockwise(weight, weight_scale, block_k, x.dtype)
+    acc = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return acc.astype(x.dtype)
+
+
+def block_fp8_linear_w8a8(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
+                          block_k: int, **blocks) -> jax.Array:
+    """``block_fp8_linear``'s w8a8 form; ``blocks``: the kernel's block_m / block_n / num_warps /
+    num_stages (default: block_m the power of two >= T in [16, 64], the kernel's others)."""
+    xq, xs = quantize_activation_per_token_group(x, block_k)
+    T = x.shape[0]
+    blocks.setdefault("block_m", min(64, max(16, 1 << (T - 1).bit_length())))
+    return fp8_block_matmul(xq, xs, weight, weight_scale, block_k, x.dtype,
+                            interpret=jax.default_backend() != "gpu", **blocks)
 
 
 def _quantize_input(x: jax.Array, input_scale: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -175,13 +254,15 @@ def fp8_swiglu_mlp(x: jax.Array, gate_up, down) -> jax.Array | None:
     fused gate/up GEMM's raw output once; None where that path does not apply, and the caller
     runs the layers one by one:
       - the layers are not a ``FusedLinear`` gate/up in fp8 and an ``Fp8Linear`` down, or have
-        a bias, or the down projection has a static input scale (pre-quantized checkpoints);
+        a bias, or block-wise scales, or the down projection has a static input scale
+        (pre-quantized checkpoints);
       - the step runs weight-only (T <= ``weight_only_max_tokens()``: no activation
         quantization to fuse);
       - under tensor parallelism (each shard holds a slice of F, and the per-token max spans F);
       - ``fused_swiglu_enabled()`` says no.
     x [T, E] -> [T, E] in x's dtype."""
     if (getattr(gate_up, "weight", None) is None or not isinstance(down, Fp8Linear)
+            or gate_up.block_k is not None or down.block_k is not None
             or gate_up.bias is not None or down.bias is not None
             or down.input_scale is not None or x.shape[0] <= weight_only_max_tokens()
             or heads_mesh() is not None or not fused_swiglu_enabled()

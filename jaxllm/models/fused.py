@@ -16,7 +16,8 @@ each shard's slice is contiguous (``sharding/rules.py``: one local GEMM per shar
 
 Params, dense: ``kernel [I, A, C]`` (nnx.Linear's [in, out] with out split in two axes),
 ``bias [A, C]``. fp8: ``weight [A, C, I]`` e4m3 (HF's [out, in], I contiguous, as
-``Fp8Linear``), ``weight_scale [A, C]`` per output channel, ``input_scale []`` with static
+``Fp8Linear``), ``weight_scale [A, C]`` per output channel (``[A, C, KB]`` per channel and K
+block in a block-wise checkpoint: laid out as the weight), ``input_scale []`` with static
 activation scales (the max of the fused layers' scales, as vLLM does), ``bias [A, C]``.
 
 The loaders and orbax checkpoints keep HF's separate projections; ``fuse_projections`` builds the
@@ -61,15 +62,16 @@ class FusedLinear(nnx.Module):
 
     def __init__(self, in_features: int, groups: tuple[int, int], *, use_bias: bool, dtype,
                  fp8: bool = False, static_input_scale: bool = False,
-                 rngs: nnx.Rngs | None = None):
-        self.in_features, self.groups = in_features, tuple(groups)
+                 block_k: int | None = None, rngs: nnx.Rngs | None = None):
+        self.in_features, self.groups, self.block_k = in_features, tuple(groups), block_k
         A, C = self.groups
         if fp8:
             from pallas_kernels.fp8_matmul import FP8
 
             self.kernel = None
             self.weight = nnx.Param(jnp.zeros((A, C, in_features), FP8))
-            self.weight_scale = nnx.Param(jnp.ones((A, C), jnp.float32))
+            blocks = () if block_k is None else (-(-in_features // block_k),)
+            self.weight_scale = nnx.Param(jnp.ones((A, C, *blocks), jnp.float32))
             self.input_scale = nnx.Param(jnp.ones((), jnp.float32)) if static_input_scale else None
         else:
             rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -88,8 +90,9 @@ class FusedLinear(nnx.Module):
             from jaxllm.models.fp8 import fp8_linear
 
             scale = None if self.input_scale is None else self.input_scale.get_value()
+            ws = self.weight_scale[...]
             y = fp8_linear(x, self.weight[...].reshape(A * C, I),
-                           self.weight_scale[...].reshape(A * C), scale)
+                           ws.reshape(A * C, *ws.shape[2:]), scale, block_k=self.block_k)
         y = y.reshape(T, A, C)
         if self.bias is not None:
             y = y + self.bias[...]
@@ -100,9 +103,10 @@ class FusedLinear(nnx.Module):
         input features (rows p * T + t), whose sum is ``__call__(x)`` before its rounding to x's
         dtype; the consumer sums them (the decode kernel's ``qkv_parts``), so the GEMM's own
         split-K sum is no kernel of its own. None where it does not apply: a bias, ``parts``
-        not dividing I, or fp8 activations (W8A8 above ``weight_only_max_tokens``)."""
+        not dividing I, block-wise fp8 scales, or fp8 activations (W8A8 above
+        ``weight_only_max_tokens``)."""
         (A, C), I, T = self.groups, self.in_features, x.shape[0]
-        if self.bias is not None or I % parts:
+        if self.bias is not None or I % parts or self.block_k is not None:
             return None
         xs = x.reshape(T, parts, I // parts)
         if self.kernel is not None:
@@ -126,6 +130,8 @@ class FusedLinear(nnx.Module):
 def _fuse_leaf(name: str, leaf: str, parts: list[jax.Array], widths: tuple[int, ...],
                A: int) -> jax.Array:
     """The fused value of one leaf from its parts' values (separate layouts, see the docstring)."""
+    if leaf == "weight_scale" and parts[0].ndim == 2:  # block-wise [O, KB]: as the weight
+        leaf = "weight"
     if leaf == "input_scale":
         return functools.reduce(jnp.maximum, parts)
     if name == "gate_up_proj":  # parts share every axis: stack a new C axis
@@ -142,16 +148,17 @@ def unfuse_tensor(path: tuple, value: np.ndarray, config: Any) -> list[tuple[tup
     """A fused param -> its parts' (path, value) in the separate layouts (inverse of fusing)."""
     owner, leaf = path[-2], path[-1]
     widths = part_widths(owner, config)
+    kind = "weight" if leaf == "weight_scale" and value.ndim == 3 else leaf  # block-wise
     if leaf == "input_scale":
         return [(path[:-2] + (p, leaf), value) for p in PARTS[owner]]
     if owner == "gate_up_proj":
-        axis = {"kernel": -1, "weight": 1}.get(leaf, -1)
+        axis = {"kernel": -1, "weight": 1}.get(kind, -1)
         pieces = [np.take(value, i, axis=axis) for i in range(2)]
     else:
         bounds = np.cumsum(widths)[:-1]
-        axis = {"kernel": 2, "weight": 1}.get(leaf, 1)
-        pieces = [p.reshape(p.shape[0], -1) if leaf == "kernel"
-                  else p.reshape(-1, p.shape[-1]) if leaf == "weight" else p.reshape(-1)
+        axis = {"kernel": 2, "weight": 1}.get(kind, 1)
+        pieces = [p.reshape(p.shape[0], -1) if kind == "kernel"
+                  else p.reshape(-1, p.shape[-1]) if kind == "weight" else p.reshape(-1)
                   for p in np.split(value, bounds, axis=axis)]
     return [(path[:-2] + (p, leaf), v) for p, v in zip(PARTS[owner], pieces)]
 

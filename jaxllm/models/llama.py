@@ -152,6 +152,11 @@ def _linear(in_features: int, out_features: int, bias: bool, dtype, rngs: nnx.Rn
                       kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
+def _block_k(config: ModelConfig) -> int | None:
+    """The K block of a block-wise fp8 checkpoint's weight scales (jaxllm/models/fp8.py)."""
+    return config.weight_block_size[1] if config.weight_block_size else None
+
+
 def _proj(config: ModelConfig, in_features: int, out_features: int, bias: bool, dtype,
           rngs: nnx.Rngs) -> nnx.Module:
     """An attention or MLP projection: dense, or fp8 when the config is quantized."""
@@ -159,7 +164,8 @@ def _proj(config: ModelConfig, in_features: int, out_features: int, bias: bool, 
         from jaxllm.models.fp8 import Fp8Linear
 
         return Fp8Linear(in_features, out_features, use_bias=bias, dtype=dtype,
-                         static_input_scale=config.activation_scheme == "static")
+                         static_input_scale=config.activation_scheme == "static",
+                         block_k=_block_k(config))
     return _linear(in_features, out_features, bias, dtype, rngs)
 
 
@@ -169,7 +175,8 @@ def _fused(config: ModelConfig, name: str, bias: bool, dtype, rngs: nnx.Rngs) ->
 
     return FusedLinear(config.hidden_size, fused_shape(name, config), use_bias=bias, dtype=dtype,
                        fp8=config.quantization == "fp8",
-                       static_input_scale=config.activation_scheme == "static", rngs=rngs)
+                       static_input_scale=config.activation_scheme == "static",
+                       block_k=_block_k(config), rngs=rngs)
 
 
 class LlamaAttention(nnx.Module):
@@ -328,12 +335,14 @@ class LlamaMLP(nnx.Module):
         return self.down_proj(h) + self.lora.delta("down_proj", h, slots)
 
     def kernel_ok(self, lora_slots: jax.Array | None = None) -> bool:
-        """Whether ``normed_swiglu_kernel`` takes this MLP: a fused gate/up without bias, E and
+        """Whether ``normed_swiglu_kernel`` takes this MLP: a fused gate/up without bias (nor
+        block-wise fp8 scales), E and
         F multiples of 16 (the kernel's smallest blocks; other shapes keep XLA's kernels), and
         no LoRA delta to add (``lora_slots`` None: a step where no sequence has an adapter
         runs the kernel in a LoRA engine too)."""
         p = self.gate_up_proj
-        return (self.swiglu and p is not None and p.bias is None and p.in_features % 16 == 0
+        return (self.swiglu and p is not None and p.bias is None and p.block_k is None
+                and p.in_features % 16 == 0
                 and p.groups[0] % 16 == 0 and (self.lora is None or lora_slots is None))
 
     def normed_swiglu_kernel(self, x: jax.Array, norm: "RMSNorm") -> jax.Array:
