@@ -878,6 +878,46 @@ def test_engine_serves_a_block_fp8_checkpoint_with_fused_projections(small_llama
         np.testing.assert_array_equal(x.astype(np.float32), got[name].astype(np.float32))
 
 
+_STATIC_SCALES = {f"model.layers.{i}.{m}.{p}": (3.0 + j) / 448 for i in range(2)
+                  for m, ps in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                ("mlp", ("gate_proj", "up_proj", "down_proj")))
+                  for j, p in enumerate(ps)}
+
+
+@pytest.mark.parametrize("algo,modelopt,same_as", [
+    ("FP8", dict(strategy="tensor", activation_scheme="static", input_scales=_STATIC_SCALES,
+                 kv_cache_scales=(0.5, 0.25)),
+     dict(fmt="fp8", strategy="tensor", activation_scheme="static",
+          input_scales=_STATIC_SCALES, kv_cache_scales=(0.5, 0.25))),
+    ("FP8_PER_CHANNEL_PER_TOKEN", dict(strategy="channel"),
+     dict(fmt="compressed-tensors", strategy="channel")),
+    ("FP8_PB_WO", dict(strategy="block"), dict(fmt="fp8", strategy="block"))])
+def test_modelopt_checkpoint_loads_like_the_same_tensors_in_another_format(
+        small_llama_folder, tmp_path, algo, modelopt, same_as):
+    """A ModelOpt export (hf_quant_config.json beside an unquantized config.json; per-tensor
+    static, per-channel dynamic or 128 x 128 block-scaled [NB, 1, KB, 1] weights; KV scales
+    named self_attn.k_proj.k_scale) loads to the same model as the same quantized tensors in
+    the fp8 / compressed-tensors formats: equal log-probs, the same KV cache scales."""
+    import json
+
+    from jaxllm.loading import load_model
+    from jaxllm.loading.fp8_checkpoint import write_fp8_checkpoint
+
+    folder = write_fp8_checkpoint(small_llama_folder, tmp_path / "mo", fmt="modelopt",
+                                  **modelopt)
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert json.loads((folder / "hf_quant_config.json").read_text())["quantization"][
+        "quant_algo"] == algo
+    got = load_model(str(folder), dtype="float32")
+    want = load_model(str(write_fp8_checkpoint(small_llama_folder, tmp_path / "ref", **same_as)),
+                      dtype="float32")
+    for field in ("quantization", "activation_scheme", "weight_block_size", "kv_cache_scales"):
+        assert getattr(got.model_config, field) == getattr(want.model_config, field), field
+    seqs = _random_seqs(n=2, seed=6)
+    for a, b in zip(batch_logprobs(got.model, seqs), batch_logprobs(want.model, seqs)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_unsupported_quantization_configs_are_refused_with_the_reason():
     from jaxllm.loading.fp8_checkpoint import fp8_format_from_hf, fp8_scheme_from_hf
 
@@ -891,6 +931,15 @@ def test_unsupported_quantization_configs_are_refused_with_the_reason():
                             "activation_scheme": "static"})
     with pytest.raises(ValueError, match="e5m2"):
         fp8_format_from_hf({"quant_method": "fp8", "fmt": "e5m2"})
+    # ModelOpt, in config.json's form and hf_quant_config.json's
+    assert fp8_format_from_hf({"quant_method": "modelopt", "quant_algo": "fp8",
+                               "ignore": ["lm_head"]}) == ("static", None)
+    with pytest.raises(ValueError, match="NVFP4.*FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO"):
+        fp8_format_from_hf({"quant_method": "modelopt",
+                            "quantization": {"quant_algo": "NVFP4"}})
+    with pytest.raises(ValueError, match="only lm_head"):
+        fp8_format_from_hf({"quant_method": "modelopt", "quantization": {
+            "quant_algo": "FP8", "exclude_modules": ["lm_head", "model.layers.0.mlp*"]}})
     with pytest.raises(ValueError, match="awq"):
         fp8_scheme_from_hf({"quant_method": "awq"})
     with pytest.raises(ValueError, match="float 8-bit"):

@@ -16,6 +16,14 @@ Two config.json formats are read (checked against vLLM's loaders; docs/DESIGN_NO
     "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic" | "static",
                             "weight_block_size": [128, 128]?}
 
+  modelopt (NVIDIA TensorRT Model Optimizer, e.g. nvidia/Llama-3.1-8B-Instruct-FP8):
+    hf_quant_config.json {"producer": {...}, "quantization": {"quant_algo": "FP8",
+      "kv_cache_quant_algo": "FP8" | null, "exclude_modules": ["lm_head"]}}, or config.json
+    "quantization_config": {"quant_method": "modelopt", "quant_algo": ..., "ignore": [...]}
+    quant_algo FP8: per-tensor weight and static input scales; FP8_PER_CHANNEL_PER_TOKEN:
+    weight_scale [N], dynamic per-token activations; FP8_PB_WO: 128 x 128 block scales
+    [N/128, 1, K/128, 1], dynamic activations. KV scales: self_attn.{k,v}_proj.{k,v}_scale.
+
 Tensors per quantized projection (HF names, HF [out, in] layout):
   <proj>.weight        float8_e4m3fn [N, K]
   <proj>.weight_scale  float32 (or bf16) [N, 1] per channel, [] / [1] per tensor
@@ -47,7 +55,10 @@ logger = logging.getLogger("jaxllm")
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KV_SCALE_SUFFIXES = ("self_attn.k_scale", "self_attn.v_scale", "k_proj.output_scale",
-                      "v_proj.output_scale")
+                      "v_proj.output_scale", "k_proj.k_scale", "v_proj.v_scale")
+# ModelOpt's quant_algo -> (activation scheme, weight block); FP8_PB_WO's block is fixed.
+_MODELOPT_ALGOS = {"FP8": ("static", None), "FP8_PER_CHANNEL_PER_TOKEN": ("dynamic", None),
+                   "FP8_PB_WO": ("dynamic", (128, 128))}
 
 
 def _ignored_ok(ignore: Iterable[str]) -> None:
@@ -129,9 +140,36 @@ def fp8_format_from_hf(quantization_config: dict | None
             raise ValueError("compressed-tensors block weights with static activation scales are "
                              "not supported; expected dynamic group activations (FP8_BLOCK).")
         return scheme, block
+    if method == "modelopt":
+        q = qc.get("quantization") if isinstance(qc.get("quantization"), dict) else qc
+        algo = str(q.get("quant_algo") or "").upper()
+        if algo not in _MODELOPT_ALGOS:
+            raise ValueError(
+                f"ModelOpt quant_algo={q.get('quant_algo')!r} is not supported; jaxllm reads "
+                f"{', '.join(_MODELOPT_ALGOS)}.")
+        kv = q.get("kv_cache_quant_algo")
+        if kv is not None and str(kv).upper() != "FP8":
+            raise ValueError(f"ModelOpt kv_cache_quant_algo={kv!r}: only FP8 (or none) is "
+                             "supported.")
+        _ignored_ok(q.get("exclude_modules") or q.get("ignore") or ())
+        return _MODELOPT_ALGOS[algo]
     raise ValueError(
         f"quantization_config quant_method={method!r} is not supported; jaxllm reads "
-        "'compressed-tensors' (float8) and 'fp8' checkpoints.")
+        "'compressed-tensors' (float8), 'fp8' and 'modelopt' (FP8) checkpoints.")
+
+
+def modelopt_quantization_config(folder: str | os.PathLike) -> dict | None:
+    """A ModelOpt export's hf_quant_config.json as a quantization_config ({"quant_method":
+    "modelopt", **its "quantization"}); None without one. Read when config.json has no
+    quantization_config (the classic export keeps it only there, as vLLM reads it)."""
+    path = Path(folder) / "hf_quant_config.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    q = data.get("quantization")
+    if not isinstance(q, dict):
+        raise ValueError(f"{path}: expected a 'quantization' object (a ModelOpt export).")
+    return {"quant_method": "modelopt", **q}
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -172,6 +210,8 @@ def block_scales_per_channel(arr: np.ndarray, out_features: int, in_features: in
     each tile's scale repeated over its bn output channels (no value changes)."""
     bn, bk = block
     want = (-(-out_features // bn), -(-in_features // bk))
+    if arr.ndim == 4 and arr.shape[1] == arr.shape[3] == 1:  # ModelOpt's [NB, 1, KB, 1]
+        arr = arr.reshape(arr.shape[0], arr.shape[2])
     if tuple(arr.shape) != want:
         raise ValueError(f"{name}: expected block scales of shape {want} (a [{out_features}, "
                          f"{in_features}] weight in [{bn}, {bk}] blocks), got {arr.shape}.")
@@ -228,7 +268,9 @@ def write_fp8_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
                          kv_cache_scales: tuple[float, float] | None = None,
                          block_size: tuple[int, int] = (128, 128)) -> Path:
     """Quantizes the projections of the HF folder ``src`` into a pre-quantized fp8 folder ``dst``
-    in ``fmt`` ("compressed-tensors" or "fp8"), as llm-compressor / AutoFP8 publish them.
+    in ``fmt`` ("compressed-tensors" or "fp8", as llm-compressor / AutoFP8 publish them, or
+    "modelopt", as NVIDIA's Model Optimizer exports them: hf_quant_config.json, config.json
+    untouched; "tensor" needs static activations, "channel" dynamic ones, "block" 128 x 128).
 
     strategy: "channel" (weight_scale [N, 1]; compressed-tensors only), "tensor" (scalar) or
     "block" (one scale per ``block_size`` = [bn, bk] tile, [ceil(N/bn), ceil(K/bk)]: fp8's
@@ -249,8 +291,16 @@ def write_fp8_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
 
     from jaxllm.loading.safetensors_loader import safetensors_files
 
-    if fmt not in ("compressed-tensors", "fp8"):
-        raise ValueError(f"fmt={fmt!r}: choose 'compressed-tensors' or 'fp8'.")
+    if fmt not in ("compressed-tensors", "fp8", "modelopt"):
+        raise ValueError(f"fmt={fmt!r}: choose 'compressed-tensors', 'fp8' or 'modelopt'.")
+    if fmt == "modelopt":
+        algo = {v: k for k, v in _MODELOPT_ALGOS.items()}.get(
+            ({"tensor": "static"}.get(strategy, "dynamic"),
+             tuple(block_size) if strategy == "block" else None))
+        if algo is None or activation_scheme != _MODELOPT_ALGOS[algo][0]:
+            raise ValueError(f"modelopt writes strategy 'tensor' with static activations "
+                             f"(FP8), 'channel' dynamic (FP8_PER_CHANNEL_PER_TOKEN) or 'block' "
+                             f"128 x 128 (FP8_PB_WO); not {strategy!r} / {activation_scheme!r}.")
     if strategy not in ("channel", "tensor", "block") or (fmt == "fp8" and strategy == "channel"):
         raise ValueError(f"strategy={strategy!r} is not written in the {fmt} format "
                          "(fp8: 'tensor' or 'block'; compressed-tensors: 'channel', 'tensor' or "
@@ -289,7 +339,11 @@ def write_fp8_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
                     out[name] = q
                     leaf = "weight_scale_inv" if strategy == "block" and fmt == "fp8" \
                         else "weight_scale"
-                    out[name[:-len("weight")] + leaf] = scale.float().contiguous()
+                    scale = scale.float()
+                    if fmt == "modelopt":  # [N] per channel, [NB, 1, KB, 1] per block
+                        scale = scale.reshape(-1) if strategy == "channel" else \
+                            scale[:, None, :, None] if strategy == "block" else scale
+                    out[name[:-len("weight")] + leaf] = scale.contiguous()
                     if activation_scheme == "static":
                         prefix = name[:-len(".weight")]
                         s = (input_scales or {}).get(prefix, 1.0)
@@ -298,10 +352,20 @@ def write_fp8_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
                     out[name] = t.contiguous()
                 if kv_cache_scales is not None and name.endswith("self_attn.q_proj.weight"):
                     prefix = name[:-len("q_proj.weight")]
-                    out[prefix + "k_scale"] = torch.tensor(kv_cache_scales[0], dtype=torch.float32)
-                    out[prefix + "v_scale"] = torch.tensor(kv_cache_scales[1], dtype=torch.float32)
+                    k, v = ("k_proj.k_scale", "v_proj.v_scale") if fmt == "modelopt" \
+                        else ("k_scale", "v_scale")
+                    out[prefix + k] = torch.tensor(kv_cache_scales[0], dtype=torch.float32)
+                    out[prefix + v] = torch.tensor(kv_cache_scales[1], dtype=torch.float32)
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
+    if fmt == "modelopt":
+        shutil.copy(src / "config.json", dst / "config.json")
+        (dst / "hf_quant_config.json").write_text(json.dumps({
+            "producer": {"name": "modelopt", "version": "0.37.0"},
+            "quantization": {"quant_algo": algo,
+                             "kv_cache_quant_algo": "FP8" if kv_cache_scales else None,
+                             "exclude_modules": ["lm_head"]}}, indent=2))
+        return dst
     if fmt == "fp8":
         qc = {"quant_method": "fp8", "activation_scheme": activation_scheme}
         if strategy == "block":

@@ -140,15 +140,17 @@ def iter_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[st
 
 def _plain_checkpoint(folder: Path) -> tuple[list[Path], dict] | None:
     """(the checkpoint's files, config.json read as plain JSON) when the config announces no
-    quantization: then the tensors load as they are and can be copied ahead
-    (``_DevicePrefetch``). None for anything else, a config.json that does not parse or absent
-    files included: those take the loader's plain path and its errors."""
+    quantization (nor does a ModelOpt hf_quant_config.json): then the tensors load as they are
+    and can be copied ahead (``_DevicePrefetch``). None for anything else, a config.json that
+    does not parse or absent files included: those take the loader's plain path and its
+    errors."""
     try:
         raw = json.loads((folder / "config.json").read_text())
         files = safetensors_files(folder)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not isinstance(raw, dict) or raw.get("quantization_config"):
+    if (not isinstance(raw, dict) or raw.get("quantization_config")
+            or (folder / "hf_quant_config.json").exists()):  # a ModelOpt export
         return None
     return files, raw
 
@@ -215,6 +217,12 @@ def load_hf_config(path: str | os.PathLike) -> tuple[Any, ModelConfig]:
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if getattr(hf_config, "quantization_config", None) is None:
+        from jaxllm.loading.fp8_checkpoint import modelopt_quantization_config
+
+        qc = modelopt_quantization_config(folder)  # a ModelOpt export's hf_quant_config.json
+        if qc is not None:
+            hf_config.quantization_config = qc
     return hf_config, model_config_from_hf(hf_config)
 
 
