@@ -878,6 +878,39 @@ def test_engine_serves_a_block_fp8_checkpoint_with_fused_projections(small_llama
         np.testing.assert_array_equal(x.astype(np.float32), got[name].astype(np.float32))
 
 
+def test_block_fp8_checkpoint_with_wrong_scales_is_refused_by_name(small_llama_folder,
+                                                                    tmp_path):
+    """A block scale of the wrong shape, or block scales under a config without
+    weight_block_size, is a ValueError naming the tensor, not a crash or a silent misread."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from jaxllm.loading import load_model
+    from jaxllm.loading.fp8_checkpoint import write_fp8_checkpoint
+
+    folder = write_fp8_checkpoint(small_llama_folder, tmp_path / "blk", fmt="fp8",
+                                  strategy="block", block_size=(16, 32))
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    name = "model.layers.1.mlp.up_proj.weight_scale_inv"
+    good = tensors[name]
+    tensors[name] = torch.ones(good.shape[0], good.shape[1] + 1)
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=r"up_proj.weight_scale_inv: expected block scales of "
+                                         r"shape \(8, 2\).*\[128, 64\] weight in \[16, 32\]"):
+        load_model(str(folder), dtype="float32")
+    tensors[name] = good
+    save_file(tensors, str(path))
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]["weight_block_size"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="weight_scale_inv: a block-wise scale.*no "
+                                         "weight_block_size"):
+        load_model(str(folder), dtype="float32")
+
+
 _STATIC_SCALES = {f"model.layers.{i}.{m}.{p}": (3.0 + j) / 448 for i in range(2)
                   for m, ps in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                                 ("mlp", ("gate_proj", "up_proj", "down_proj")))
