@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from jaxllm.config import LOGPROBS_MODES
+from jaxllm.config import LOGPROBS_MODES, QUANTIZATION_METHODS
 
 # Where `jaxllm` keeps compiled step programs between runs (XLA's persistent compilation cache).
 DEFAULT_COMPILATION_CACHE_DIR = os.environ.get(
@@ -81,10 +81,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="independent engine replicas, each on tp x pp devices")
-    p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
+    p.add_argument("--quantization", "-q", default=None,
+                   choices=[m for m in QUANTIZATION_METHODS if m],
                    help="fp8: e4m3 attention/MLP weights (per-channel scales) and per-token "
                         "activations, quantized at load; pre-quantized fp8 checkpoints are "
-                        "detected from config.json without this flag")
+                        "detected from config.json without this flag (compressed-tensors, "
+                        "modelopt: load a checkpoint of that format, refuse any other)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                    help="fp8: e4m3 KV pages (about twice the pages in the same memory)")
     p.add_argument("--seed", type=int, default=0)

@@ -115,6 +115,9 @@ class ModelConfig:
     # fp8 activations: "dynamic" (per-token scales at run time) or "static" (the checkpoint's
     # per-tensor input_scale).
     activation_scheme: str = "dynamic"
+    # A pre-quantized checkpoint's format, its quantization_config's quant_method ("fp8",
+    # "compressed-tensors", "modelopt"); None for dense weights and quantization at load.
+    quant_method: str | None = None
     # A block-wise fp8 checkpoint's [block_n, block_k] (HF's weight_block_size: one scale per
     # block_n x block_k tile of a weight). Fp8Linear then holds one scale per output channel and
     # block of block_k input features, weight_scale [O, ceil(I / block_k)] (jaxllm/models/fp8.py).
@@ -157,6 +160,11 @@ USAGE_CONTEXTS = ("llm", "server")
 
 # Defaults as in vLLM where they make sense on this project's machines.
 # vLLM's logprobs modes (EngineConfig.logprobs_mode; engine/sampler.py says what each is).
+# EngineConfig.quantization, as vLLM names them: None (the checkpoint decides: dense, or
+# loaded as its quantization_config says), "fp8" (quantize a dense checkpoint at load; a
+# pre-quantized one loads as it is), or a pre-quantized checkpoint's format, which must then
+# be the checkpoint's (vLLM's check; jaxllm.loading.check_quantization_matches).
+QUANTIZATION_METHODS = (None, "fp8", "compressed-tensors", "modelopt")
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 
 
@@ -318,8 +326,9 @@ class EngineConfig:
         if not (0.0 < self.gpu_memory_utilization <= 1.0):
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
-        if self.quantization not in (None, "fp8"):
-            raise ValueError(f"quantization={self.quantization!r} is not supported; choose None or 'fp8'.")
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization={self.quantization!r} is not supported; choose "
+                             f"{', '.join(map(repr, QUANTIZATION_METHODS))}.")
         if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
             raise ValueError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; choose 'auto' or 'fp8'.")

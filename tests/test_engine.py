@@ -589,6 +589,16 @@ def test_small_decode_buckets_are_checked():
             EngineConfig(model=None, small_decode_buckets=bad)
 
 
+def test_quantization_takes_vllms_names_and_refuses_others():
+    from jaxllm.config import EngineConfig
+
+    for ok in (None, "fp8", "compressed-tensors", "modelopt"):
+        assert EngineConfig(model=None, quantization=ok).quantization == ok
+    with pytest.raises(ValueError, match="quantization='awq' is not supported; choose None, "
+                                         "'fp8', 'compressed-tensors', 'modelopt'"):
+        EngineConfig(model=None, quantization="awq")
+
+
 def test_forcing_decode_only_on_a_prefill_batch_is_refused(small_llm):
     from types import SimpleNamespace
 

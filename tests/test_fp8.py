@@ -949,6 +949,17 @@ def test_modelopt_checkpoint_loads_like_the_same_tensors_in_another_format(
     seqs = _random_seqs(n=2, seed=6)
     for a, b in zip(batch_logprobs(got.model, seqs), batch_logprobs(want.model, seqs)):
         np.testing.assert_array_equal(a, b)
+    assert got.model_config.quant_method == "modelopt"
+    if algo == "FP8_PER_CHANNEL_PER_TOKEN":
+        # vLLM's quantization names: a checkpoint's own format loads, another is refused
+        # before any weight is read, as is a format's name for a dense checkpoint
+        named = load_model(str(folder), dtype="float32", quantization="modelopt")
+        assert named.model_config.quant_method == "modelopt"
+        with pytest.raises(ValueError, match=r"model config \(modelopt\) does not match the "
+                                             r"quantization method .* \(compressed-tensors\)"):
+            load_model(str(folder), dtype="float32", quantization="compressed-tensors")
+        with pytest.raises(ValueError, match=r"model config \(None\) does not match"):
+            load_model(str(small_llama_folder), dtype="float32", quantization="modelopt")
 
 
 def test_unsupported_quantization_configs_are_refused_with_the_reason():

@@ -88,6 +88,16 @@ def read_chat_template(value: str) -> str:
     return value
 
 
+def check_quantization_matches(config: ModelConfig, quantization: str) -> None:
+    """ValueError unless the checkpoint of ``config`` is pre-quantized in the format
+    ``quantization`` names (vLLM's check, and its message)."""
+    if config.quant_method != quantization:
+        raise ValueError(
+            f"Quantization method specified in the model config ({config.quant_method}) does "
+            f"not match the quantization method specified in the `quantization` argument "
+            f"({quantization}).")
+
+
 def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
                tokenizer: str | os.PathLike | None = None, *,
                checkpoint_dir: str | os.PathLike | None = None,
@@ -102,7 +112,9 @@ def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
     parallel: a ``sharding.rules.ModelSharding``: params are loaded straight into their shards
       (each device receives only its slice), KV heads replicated when tp exceeds them.
     quantization: "fp8" quantizes the attention and MLP projections at load
-      (``jaxllm.models.fp8``); a pre-quantized fp8 checkpoint is loaded as fp8 whatever this says.
+      (``jaxllm.models.fp8``); a pre-quantized fp8 checkpoint is loaded as it is with None or
+      "fp8". A checkpoint format's name ("compressed-tensors", "modelopt") loads a checkpoint
+      of that format and refuses any other (``check_quantization_matches``), as vLLM does.
     """
     from jaxllm.loading import checkpoint as ckpt
 
@@ -120,8 +132,14 @@ def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
                 f"the model's {config.num_key_value_heads} KV heads (they are replicated); drop "
                 "checkpoint_dir or use a tensor_parallel_size that divides the KV heads.")
 
+    # A format's name loads what None loads (the checkpoint as it is; one orbax key for both),
+    # once the checkpoint is known to be in that format.
+    fmt = quantization if quantization not in (None, "fp8") else None
+    quantization = None if fmt else quantization
     if checkpoint_dir is not None and ckpt.is_checkpoint(checkpoint_dir):
         meta = ckpt.read_metadata(checkpoint_dir)
+        if fmt:
+            check_quantization_matches(meta.model_config, fmt)
         if (meta.source != source_id or meta.dtype != jdtype.name
                 or meta.quantization != quantization):
             raise ValueError(
@@ -149,13 +167,18 @@ def load_model(model: str | os.PathLike | None = None, dtype: Any = "auto",
         return LoadedModel(meta.model_config, model_obj, tok, name, source)
 
     if kind == "gguf":
+        if fmt:
+            raise ValueError(f"quantization={fmt!r} names a safetensors checkpoint format; "
+                             f"{source} is a GGUF file (loaded dense).")
         from jaxllm.loading.gguf_loader import load_gguf
 
         config, model_obj, _ = load_gguf(source, jdtype, attention_backend=attention_backend,
                                          parallel=parallel)
     else:
-        from jaxllm.loading.safetensors_loader import load_hf_folder
+        from jaxllm.loading.safetensors_loader import load_hf_config, load_hf_folder
 
+        if fmt:  # before any weight is read
+            check_quantization_matches(load_hf_config(source)[1], fmt)
         config, model_obj = load_hf_folder(source, jdtype, attention_backend=attention_backend,
                                            parallel=parallel)
     if quantization == "fp8" or config.quantization is not None:

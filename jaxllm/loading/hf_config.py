@@ -151,7 +151,10 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
     from jaxllm.loading.fp8_checkpoint import fp8_format_from_hf
 
     # A pre-quantized fp8 checkpoint (compressed-tensors / fp8 quantization_config).
-    fp8_scheme, fp8_block = fp8_format_from_hf(getattr(hf_config, "quantization_config", None))
+    qc = getattr(hf_config, "quantization_config", None)
+    fp8_scheme, fp8_block = fp8_format_from_hf(qc)
+    if fp8_scheme and not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc)
 
     return ModelConfig(
         architecture=arch,
@@ -194,4 +197,5 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         id2label=id2label,
         activation_scheme=fp8_scheme or "dynamic",
         weight_block_size=fp8_block,
+        quant_method=str(qc["quant_method"]) if fp8_scheme else None,
     )
