@@ -24,7 +24,9 @@ Which layers: the attention projections and the MLP (``quantize_model``; fused o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -140,10 +142,15 @@ def dequantize_blockwise(weight: jax.Array, weight_scale: jax.Array, block_k: in
                          dtype=jnp.float32) -> jax.Array:
     """weight [O, I] e4m3, weight_scale [O, ceil(I / block_k)] -> [O, I] in ``dtype``: each
     value times the scale of its channel's block of ``block_k`` input features (in fp32, one
-    rounding to ``dtype``)."""
-    I, KB = weight.shape[1], weight_scale.shape[1]
-    scale = jnp.repeat(weight_scale.astype(jnp.float32), block_k, axis=1,
-                       total_repeat_length=KB * block_k)[:, :I]
+    rounding to ``dtype``). With whole blocks (every published shape) the scale broadcasts over
+    a [O, KB, block_k] view: a reshape and a multiply, no gather, for XLA to fuse into the
+    GEMM's operand."""
+    (O, I), KB = weight.shape, weight_scale.shape[1]
+    scale = weight_scale.astype(jnp.float32)
+    if I == KB * block_k:
+        w = weight.reshape(O, KB, block_k).astype(jnp.float32) * scale[:, :, None]
+        return w.reshape(O, I).astype(dtype)
+    scale = jnp.repeat(scale, block_k, axis=1, total_repeat_length=KB * block_k)[:, :I]
     return (weight.astype(jnp.float32) * scale).astype(dtype)
 
 
@@ -285,15 +292,28 @@ def fp8_swiglu_mlp(x: jax.Array, gate_up, down) -> jax.Array | None:
                           w_transposed=True, acc_dtype=gemm_out)
 
 
-@jax.jit
-def _quantize_kernel(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("block",))
+def _quantize_kernel(kernel: jax.Array, block: tuple[int, int] | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
     """A dense kernel [I, *out] (nnx.Linear's [I, O], or a fused [I, A, C]) -> (weight
-    [*out, I] e4m3, scale [*out] fp32): each output channel's absmax maps to 448."""
+    [*out, I] e4m3, scale [*out]): each output channel's absmax maps to 448. With ``block`` =
+    (bn, bk): each bn x bk tile's absmax (tiles of the [O, I] matrix, out flattened), scale
+    [*out, ceil(I / bk)] (the tile's scale on each of its rows), as block-wise checkpoints."""
     w = jnp.moveaxis(kernel.astype(jnp.float32), 0, -1)  # [*out, I]
-    amax = jnp.max(jnp.abs(w), axis=-1)
-    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
-    q = jnp.clip(w / scale[..., None], -E4M3_MAX, E4M3_MAX).astype(FP8)
-    return q, scale
+    if block is None:
+        amax = jnp.max(jnp.abs(w), axis=-1)
+        scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+        q = jnp.clip(w / scale[..., None], -E4M3_MAX, E4M3_MAX).astype(FP8)
+        return q, scale
+    out, I = w.shape[:-1], w.shape[-1]
+    (bn, bk), O = block, math.prod(out)
+    NB, KB = -(-O // bn), -(-I // bk)
+    tiles = jnp.pad(jnp.abs(w.reshape(O, I)), ((0, NB * bn - O), (0, KB * bk - I)))
+    amax = jnp.max(tiles.reshape(NB, bn, KB, bk), axis=(1, 3))
+    scale = jnp.repeat(jnp.where(amax > 0, amax / E4M3_MAX, 1.0), bn, axis=0)[:O]  # [O, KB]
+    full = jnp.repeat(scale, bk, axis=1)[:, :I]
+    q = jnp.clip(w.reshape(O, I) / full, -E4M3_MAX, E4M3_MAX).astype(FP8)
+    return q.reshape(*out, I), scale.reshape(*out, KB)
 
 
 def check_fp8_supported(what: str = "quantization='fp8'") -> None:
@@ -316,8 +336,13 @@ def check_fp8_supported(what: str = "quantization='fp8'") -> None:
                        "slow and meant for tests; the speed-up needs an fp8 GPU.", what)
 
 
-def quantize_model(model: nnx.Module) -> nnx.Module:
+def quantize_model(model: nnx.Module, weight_block_size: tuple[int, int] | None = None
+                   ) -> nnx.Module:
     """A dense Llama-family model -> the same model with fp8 projections (dynamic activations).
+
+    ``weight_block_size`` (bn, bk): scales per bn x bk tile, as a block-wise checkpoint holds
+    them (what ``write_fp8_checkpoint(strategy="block")`` would give, without the files); the
+    default: per output channel.
 
     Builds the fp8 structure abstractly (``config.quantization = "fp8"``), quantizes each
     projection's kernel on the device one at a time and moves every other param over as is.
@@ -327,7 +352,12 @@ def quantize_model(model: nnx.Module) -> nnx.Module:
     config = model.config
     if config.quantization is not None:
         raise ValueError(f"the model is already quantized ({config.quantization!r}).")
-    fp8_config = dataclasses.replace(config, quantization="fp8", activation_scheme="dynamic")
+    block = tuple(weight_block_size) if weight_block_size else None
+    if config.fused_projections and block:
+        raise ValueError("quantize_model(weight_block_size=...) takes the unfused model "
+                         "(tiles are over each projection's own rows).")
+    fp8_config = dataclasses.replace(config, quantization="fp8", activation_scheme="dynamic",
+                                     weight_block_size=block)
     cls = type(model)
     abstract = nnx.eval_shape(lambda: cls(fp8_config, dtype=model.dtype, rngs=nnx.Rngs(0),
                                           attention_backend=model.attention_backend))
@@ -340,7 +370,7 @@ def quantize_model(model: nnx.Module) -> nnx.Module:
         if owner and owner[-1] in QUANTIZED_LINEARS + FUSED_LINEARS and leaf in ("weight",
                                                                                "weight_scale"):
             if owner not in quantized:
-                quantized[owner] = _quantize_kernel(src[owner + ("kernel",)].get_value())
+                quantized[owner] = _quantize_kernel(src[owner + ("kernel",)].get_value(), block)
             new.append((path, var.replace(quantized[owner][leaf == "weight_scale"])))
         else:
             new.append((path, var.replace(src[path].get_value())))
