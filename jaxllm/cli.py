@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from jaxllm.config import LOGPROBS_MODES, QUANTIZATION_METHODS
+from jaxllm.config import KV_CACHE_DTYPES, LOGPROBS_MODES, QUANTIZATION_METHODS
 
 # Where `jaxllm` keeps compiled step programs between runs (XLA's persistent compilation cache).
 DEFAULT_COMPILATION_CACHE_DIR = os.environ.get(
@@ -87,8 +87,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "activations, quantized at load; pre-quantized fp8 checkpoints are "
                         "detected from config.json without this flag (compressed-tensors, "
                         "modelopt: load a checkpoint of that format, refuse any other)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
-                   help="fp8: e4m3 KV pages (about twice the pages in the same memory)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="fp8 (= fp8_e4m3): e4m3 KV pages, about twice the pages in the same "
+                        "memory; fp8_e5m2: e5m2 pages (wider range, less precision)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="schedule step k+1 while step k runs on the device (default on)")

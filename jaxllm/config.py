@@ -165,6 +165,10 @@ USAGE_CONTEXTS = ("llm", "server")
 # pre-quantized one loads as it is), or a pre-quantized checkpoint's format, which must then
 # be the checkpoint's (vLLM's check; jaxllm.loading.check_quantization_matches).
 QUANTIZATION_METHODS = (None, "fp8", "compressed-tensors", "modelopt")
+# EngineConfig.kv_cache_dtype, as vLLM names them: "auto" (the model dtype), "fp8" (=
+# "fp8_e4m3": e4m3 pages with per-layer scales), "fp8_e5m2" (e5m2 pages: float16's range, one
+# mantissa bit less). jaxllm.models.attention.FP8_KV_CACHE_DTYPES maps them to dtypes.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 
 
@@ -329,9 +333,10 @@ class EngineConfig:
         if self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization={self.quantization!r} is not supported; choose "
                              f"{', '.join(map(repr, QUANTIZATION_METHODS))}.")
-        if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
-                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; choose 'auto' or 'fp8'.")
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; choose "
+                f"{', '.join(map(repr, KV_CACHE_DTYPES))}.")
         from jaxllm.loading import read_chat_template
         from jaxllm.loading.generation_config import check_generation_config
 

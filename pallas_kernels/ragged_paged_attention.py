@@ -93,7 +93,7 @@ def _attend_tokens(q, t, k_pages, v_pages, seq_lens, page_table, query_start_loc
     pages = page_table[seq_id]  # [T, M]
     k_ctx = k_pages[pages].reshape(T, L, K, D)
     v_ctx = v_pages[pages].reshape(T, L, K, D)
-    if k_ctx.dtype == jnp.float8_e4m3fn:  # an fp8 cache is read upcast to q's dtype
+    if is_fp8_pages(k_ctx.dtype):  # an fp8 cache is read upcast to q's dtype
         k_ctx, v_ctx = k_ctx.astype(q.dtype), v_ctx.astype(q.dtype)
     qg = q.reshape(T, K, G, D).astype(k_ctx.dtype)
     # Inputs stay in the cache dtype with float32 accumulation: upcasting the gathered [T, L, K, D]
@@ -231,14 +231,23 @@ def rope_tables(angles: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate([c, c], axis=-1), jnp.concatenate([-s, s], axis=-1)
 
 
+# The page dtypes of an fp8 cache: e4m3 (kv_cache_dtype "fp8" / "fp8_e4m3") and e5m2
+# ("fp8_e5m2": two mantissa bits, five exponent bits, the range of float16).
+FP8_PAGE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
+
+def is_fp8_pages(dtype) -> bool:
+    return jnp.dtype(dtype) in FP8_PAGE_DTYPES
+
+
 def to_cache_dtype(x, dtype, scale: float):
-    """x (the model's dtype) as a cache of ``dtype`` stores it: an e4m3 cache divides by its
-    per-tensor ``scale`` and clips first (e4m3fn has no infinity: an out-of-range value would
-    become NaN). The engine's scatter (``jaxllm.models.attention``) and this kernel's fused K/V
-    write both use it."""
-    if jnp.dtype(dtype) == jnp.dtype(jnp.float8_e4m3fn):
-        e4m3_max = float(jnp.finfo(jnp.float8_e4m3fn).max)
-        return jnp.clip(x.astype(jnp.float32) / scale, -e4m3_max, e4m3_max).astype(dtype)
+    """x (the model's dtype) as a cache of ``dtype`` stores it: an fp8 cache divides by its
+    per-tensor ``scale`` and clips to its range first (e4m3fn has no infinity: an out-of-range
+    value would become NaN; e5m2's would become infinite). The engine's scatter
+    (``jaxllm.models.attention``) and this kernel's fused K/V write both use it."""
+    if is_fp8_pages(dtype):
+        top = float(jnp.finfo(dtype).max)
+        return jnp.clip(x.astype(jnp.float32) / scale, -top, top).astype(dtype)
     return x.astype(dtype)
 
 
@@ -547,7 +556,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         raise ValueError(f"heads_per_program {hp} must divide the {K} KV heads and needs "
                          f"block_q 1 (the decode launch), got block_q {block_q}")
     split_pages = split_pages and num_splits > 1
-    fp8_pages = k2.dtype == jnp.float8_e4m3fn
+    fp8_pages = is_fp8_pages(k2.dtype)
     rows = max(16, _next_pow2(block_q * G * hp))
     nb = blk_tok0.shape[0]
     seq_is_block = blk_seq is None
@@ -962,9 +971,9 @@ def ragged_paged_attention(
     if decode_combine not in DECODE_COMBINE_CHOICES:
         raise ValueError(f"decode_combine must be None or one of {DECODE_COMBINE_CHOICES}, got "
                          f"{decode_combine!r}")
-    if decode_split_pages and k_pages.dtype == jnp.float8_e4m3fn:
+    if decode_split_pages and is_fp8_pages(k_pages.dtype):
         # Its masked page loads need a fill value of the pages' dtype, which Triton cannot
-        # build for e4m3 (H200, 2026-12-01: a lowering error, not a result).
+        # build for e4m3 (H200, 2026-12-01: a lowering error, not a result; e5m2 untried).
         raise ValueError("decode_split_pages needs bf16 / float32 pages; the fp8 cache splits "
                          "by key blocks (decode_split_pages=False)")
     if decode_only:
@@ -982,7 +991,7 @@ def ragged_paged_attention(
         if k_new.dtype != k_pages.dtype or v_new.dtype != v_pages.dtype:
             raise ValueError(f"new_kv k/v must be in the cache dtype {k_pages.dtype}, got "
                              f"{k_new.dtype} and {v_new.dtype}")
-    dcfg = decode_block_config(S, M, B, fp8_pages=k_pages.dtype == jnp.float8_e4m3fn)
+    dcfg = decode_block_config(S, M, B, fp8_pages=is_fp8_pages(k_pages.dtype))
     pcfg = prefill_block_config(T, H, K)
     block_q = pcfg["block_q"] if block_q is None else block_q
     pages_per_block = pcfg["pages_per_block"] if pages_per_block is None else pages_per_block

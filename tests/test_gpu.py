@@ -59,15 +59,16 @@ def test_engine_greedy_outputs_are_the_same_with_pallas_and_reference_attention(
     assert outs["pallas"] == outs["reference"]
 
 
+@pytest.mark.parametrize("pages", [jnp.float8_e4m3fn, jnp.float8_e5m2])
 @pytest.mark.parametrize("kinds", [("decode",) * 6, ("decode", "chunk", "prefill")])
-def test_compiled_pallas_attention_reads_fp8_pages_like_the_reference(kinds):
-    """fp8 KV pages (e4m3) upcast in the kernel as they are loaded: the compiled kernel equals
-    the reference over the same fp8 pages."""
+def test_compiled_pallas_attention_reads_fp8_pages_like_the_reference(kinds, pages):
+    """fp8 KV pages (e4m3, e5m2) upcast in the kernel as they are loaded: the compiled kernel
+    equals the reference over the same fp8 pages."""
     rng = np.random.default_rng(len(kinds))
     T, S, M, B, H, K, D = 256, 8, 16, 16, 32, 8, 128
     (q, kp, vp, *rest), n_real = _random_batch(rng, kinds=kinds, T=T, S=S, M=M, B=B,
                                                P=S * M + 2, H=H, K=K, D=D, dtype=jnp.bfloat16)
-    kp, vp = kp.astype(jnp.float8_e4m3fn), vp.astype(jnp.float8_e4m3fn)
+    kp, vp = kp.astype(pages), vp.astype(pages)
     kw = dict(sm_scale=D ** -0.5)
     out = jax.jit(functools.partial(ragged_paged_attention, **kw))(q, kp, vp, *rest)
     ref = jax.jit(functools.partial(ragged_paged_attention_reference, **kw))(q, kp, vp, *rest)

@@ -286,14 +286,14 @@ class LLMEngine:
             token_buckets = tuple(token_buckets) + (mnbt,)
 
         self.cache_dtype = resolve_dtype(config.dtype)
-        if config.kv_cache_dtype in ("fp8", "fp8_e4m3"):
-            # e4m3 pages, per-layer scales (jaxllm/models/attention.py): half the bytes of a
+        if config.kv_cache_dtype != "auto":
+            # fp8 pages, per-layer scales (jaxllm/models/attention.py): half the bytes of a
             # bf16 page, so about twice the pages in the same memory.
-            from jaxllm.models.attention import FP8_KV_DTYPE
+            from jaxllm.models.attention import FP8_KV_CACHE_DTYPES
             from jaxllm.models.fp8 import check_fp8_supported
 
             check_fp8_supported(f"kv_cache_dtype={config.kv_cache_dtype!r}")
-            self.cache_dtype = jnp.dtype(FP8_KV_DTYPE)
+            self.cache_dtype = jnp.dtype(FP8_KV_CACHE_DTYPES[config.kv_cache_dtype])
         num_pages = self._determine_num_pages()
         runner_cls = ModelRunner
         if self.parallel is not None and self.parallel.pp > 1:

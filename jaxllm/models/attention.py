@@ -5,11 +5,12 @@ layer, each ``[P, B, K, D]`` (pages, page size, kv heads, head dim) in the cache
 a scratch page that is never handed to a sequence: padding tokens write there and padding
 page-table entries point there. ``slot = page * B + offset``.
 
-FP8 cache (``kv_cache_dtype="fp8"``): pages are float8_e4m3fn holding ``k / k_scale`` and
-``v / v_scale``, with one static float scale per layer for K and one for V (vLLM's scheme; 1.0
-unless a checkpoint gives them). A per-tensor scale folds out of the attention exactly:
-q.(k_scale k8) = k_scale (q.k8) goes into sm_scale, and sum p (v_scale v8) = v_scale (sum p v8)
-multiplies the output, so the kernels only upcast the pages they read; no scale arrays travel.
+FP8 cache (``kv_cache_dtype="fp8"``): pages are float8_e4m3fn (``"fp8_e5m2"``: float8_e5m2)
+holding ``k / k_scale`` and ``v / v_scale``, with one static float scale per layer for K and one
+for V (vLLM's scheme; 1.0 unless a checkpoint gives them). A per-tensor scale folds out of the
+attention exactly: q.(k_scale k8) = k_scale (q.k8) goes into sm_scale, and sum p (v_scale v8) =
+v_scale (sum p v8) multiplies the output, so the kernels only upcast the pages they read; no
+scale arrays travel.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels.ragged_paged_attention import (
     DECODE_COMBINE_CHOICES,
     FP8_KV_DOT_CHOICES,
+    is_fp8_pages,
     ragged_paged_attention,
     ragged_paged_attention_reference,
 )
@@ -43,6 +45,9 @@ SCRATCH_PAGE = 0
 KVCache = list[tuple[jax.Array, jax.Array]]
 
 FP8_KV_DTYPE = jnp.float8_e4m3fn
+# EngineConfig.kv_cache_dtype (vLLM's names) -> the pages' dtype; "auto": the model dtype.
+FP8_KV_CACHE_DTYPES = {"fp8": FP8_KV_DTYPE, "fp8_e4m3": FP8_KV_DTYPE,
+                       "fp8_e5m2": jnp.float8_e5m2}
 
 
 # Knobs of the Pallas kernel (block sizes, variants), overriding its defaults in every attention call
@@ -116,7 +121,8 @@ def _kernel_args(knobs) -> tuple[tuple[str, object], ...]:
 
 
 def is_fp8(dtype) -> bool:
-    return jnp.dtype(dtype) == jnp.dtype(FP8_KV_DTYPE)
+    """Whether a cache of ``dtype`` is an fp8 one (e4m3 or e5m2 pages)."""
+    return is_fp8_pages(dtype)
 
 
 @jax.tree_util.register_dataclass
