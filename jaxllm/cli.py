@@ -87,6 +87,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "activations, quantized at load; pre-quantized fp8 checkpoints are "
                         "detected from config.json without this flag (compressed-tensors, "
                         "modelopt: load a checkpoint of that format, refuse any other)")
+    p.add_argument("--calculate-kv-scales", action="store_true",
+                   help="with an fp8 KV cache: per-layer K/V scales computed at start-up "
+                        "(max |k| / 200, max |v| / 100 over a calibration text) instead of "
+                        "the checkpoint's or 1.0")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="fp8 (= fp8_e4m3): e4m3 KV pages, about twice the pages in the same "
                         "memory; fp8_e5m2: e5m2 pages (wider range, less precision)")
@@ -197,7 +201,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 tensor_parallel_size=args.tensor_parallel_size,
                 pipeline_parallel_size=args.pipeline_parallel_size,
                 data_parallel_size=args.data_parallel_size,
-                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
+                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                calculate_kv_scales=args.calculate_kv_scales, seed=args.seed,
                 async_scheduling=args.async_scheduling, enforce_eager=args.enforce_eager,
                 scheduling_policy=args.scheduling_policy,
                 enable_sleep_mode=args.enable_sleep_mode,

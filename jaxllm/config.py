@@ -199,6 +199,9 @@ class EngineConfig:
     data_parallel_size: int = 1
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
+    # vLLM's calculate_kv_scales: an fp8 cache's per-layer K/V scales computed at start-up
+    # (jaxllm/engine/kv_scales.py) instead of the checkpoint's (or 1.0). One device per replica.
+    calculate_kv_scales: bool = False
     seed: int = 0
     max_logprobs: int = 20
     # vLLM's logprobs_mode: what sampled tokens' log-probs are ("raw_logprobs", "raw_logits",
@@ -333,6 +336,11 @@ class EngineConfig:
         if self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization={self.quantization!r} is not supported; choose "
                              f"{', '.join(map(repr, QUANTIZATION_METHODS))}.")
+        if self.calculate_kv_scales and (self.tensor_parallel_size > 1
+                                         or self.pipeline_parallel_size > 1):
+            raise ValueError("calculate_kv_scales is not supported with tensor or pipeline "
+                             "parallelism yet (its calibration forward runs on one device); "
+                             "drop it, or give the checkpoint's scales.")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; choose "

@@ -1787,13 +1787,14 @@ h100k)  # nvidia-h100-x1, one call (issues 5 and 6 on the H100): the skinny GEMM
   grep -h "sized\|KV pages\|start-up\|tok/s" $L/tp_*.log | cut -c1-300
   show_logs 3 ;;
 h100next)  # nvidia-h100-x1, one call (written 2026-12-05 late, when no GPU was lent; not run
-  # yet): the block-wise fp8 GPU test, then the block forms' sweep (w8a16, the engine's default,
+  # yet): the block-wise fp8 and fp8-pages GPU tests (e5m2 pages compiled for the first time),
+  # then the block forms' sweep (w8a16, the engine's default,
   # against w8a8 and the bf16 dot: which form block-wise checkpoints should run at which M),
   # then issue 5's two H100 rows not yet read in GPU time: the decode-attention grid and the
   # fp8 GEMMs (M = 256 / 4096 are its last rows). Carry .bench and .whl.
   L=$OUT/logs; mkdir -p $L
   wheels || exit 1
-  gpu_tests 3 -k block_fp8
+  gpu_tests 3 -k "block_fp8 or fp8_pages"
   timeout 170 python3 benchmarks/kernels.py --sections block_gemm --budget 120 --device-time \
     --loop-reps 0 --out $OUT/results.jsonl > $L/block_gemm.log 2>&1
   echo "rc=$?"; sed -n '/== best per shape/,$p' $L/block_gemm.log | cut -c1-220

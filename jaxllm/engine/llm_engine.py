@@ -294,6 +294,13 @@ class LLMEngine:
 
             check_fp8_supported(f"kv_cache_dtype={config.kv_cache_dtype!r}")
             self.cache_dtype = jnp.dtype(FP8_KV_CACHE_DTYPES[config.kv_cache_dtype])
+        if config.calculate_kv_scales:
+            if config.kv_cache_dtype == "auto":
+                logger.warning("calculate_kv_scales is for an fp8 KV cache; kv_cache_dtype="
+                               "'auto' keeps the model dtype, so it does nothing")
+            else:
+                self._calculate_kv_scales()
+                loaded, mc = self.loaded, self.model_config
         num_pages = self._determine_num_pages()
         runner_cls = ModelRunner
         if self.parallel is not None and self.parallel.pp > 1:
@@ -478,6 +485,20 @@ class LLMEngine:
         return dict(self._diff_sampling_param)
 
     # -- sizing -------------------------------------------------------------------------------
+    def _calculate_kv_scales(self) -> None:
+        """vLLM's calculate_kv_scales (jaxllm/engine/kv_scales.py): the fp8 cache's per-layer
+        scales from one calibration forward, set on the model before anything compiles."""
+        from jaxllm.engine import kv_scales
+
+        ids = kv_scales.calibration_token_ids(self.tokenizer, self.model_config.vocab_size)
+        scales = kv_scales.calculate_kv_scales(self.loaded.model, ids[:self.max_model_len])
+        # A new module tree over the same arrays: a caller's model keeps its own scales.
+        model = nnx.merge(*nnx.split(self.loaded.model))
+        kv_scales.set_kv_scales(model, scales)
+        self.model_config = dataclasses.replace(self.model_config, kv_cache_scales=scales)
+        self.loaded = dataclasses.replace(self.loaded, model=model,
+                                          model_config=self.model_config)
+
     def _determine_num_pages(self) -> int:
         """Usable pages + 1 scratch page: explicit, or from free device memory after weights.
         Several processes (multi-host) all take the leader's figure."""
