@@ -590,7 +590,18 @@ def test_small_decode_buckets_are_checked():
 
 
 def test_quantization_takes_vllms_names_and_refuses_others():
+    import argparse
+
+    from jaxllm.cli import add_engine_args, engine_kwargs
     from jaxllm.config import EngineConfig
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    kw = engine_kwargs(p.parse_args(["-q", "modelopt", "--kv-cache-dtype", "fp8_e5m2",
+                                     "--calculate-kv-scales"]))
+    assert (kw["quantization"], kw["kv_cache_dtype"], kw["calculate_kv_scales"]) == (
+        "modelopt", "fp8_e5m2", True)
+    assert engine_kwargs(p.parse_args([]))["calculate_kv_scales"] is False
 
     for ok in (None, "fp8", "compressed-tensors", "modelopt"):
         assert EngineConfig(model=None, quantization=ok).quantization == ok

@@ -400,6 +400,22 @@ def test_data_parallel_replicas_on_disjoint_devices_match_one_device_and_share_t
     assert _greedy(llm) == small_reference
 
 
+def test_data_parallel_replicas_calculate_their_kv_scales_on_their_own_devices(
+        small_llama_folder):
+    # calculate_kv_scales' calibration forward runs where each replica's params are (the second
+    # replica's device is not the default one): both get the same scales, and serve with them.
+    llm = _llm_dp(model=str(small_llama_folder), data_parallel_size=2, kv_cache_dtype="fp8",
+                  calculate_kv_scales=True)
+    one = _llm(model=str(small_llama_folder), kv_cache_dtype="fp8", calculate_kv_scales=True)
+    engines = llm.llm_engine.engines
+    scales = {e.model_config.kv_cache_scales for e in engines}
+    assert scales == {one.llm_engine.model_config.kv_cache_scales}
+    assert 1.0 not in {s for layer in scales.pop() for s in layer}
+    devices = [e.runner.kv_caches[0][0].devices() for e in engines]
+    assert devices[0] != devices[1]
+    assert _greedy(llm) == _greedy(one)
+
+
 # -- multi-host ---------------------------------------------------------------------------------
 
 def test_distributed_args_come_from_flags_or_env_and_name_what_is_missing(monkeypatch):

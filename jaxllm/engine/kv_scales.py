@@ -85,15 +85,20 @@ def kv_amax(model: nnx.Module, token_ids: list[int], page_size: int = 16
     n = len(token_ids)
     pages = -(-n // page_size)
     shape = (pages + 1, page_size, mc.num_key_value_heads, mc.head_dim)  # + the scratch page
-    kv = [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
-          for _ in range(mc.num_hidden_layers)]
+    # Where the params are (a data-parallel replica's own device), not the default device.
+    device = next(iter(jax.tree.leaves(nnx.state(model))[0].devices()))
+    with jax.default_device(device):
+        kv = [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
+              for _ in range(mc.num_hidden_layers)]
     pos = np.arange(n, dtype=np.int32)
     md = AttentionMetadata(slot_mapping=(page_size + pos).astype(np.int32),
                            query_start_loc=np.array([0, n], np.int32),
                            seq_lens=np.array([n], np.int32),
                            page_table=np.arange(1, pages + 1, dtype=np.int32)[None, :],
                            num_seqs=np.array([1], np.int32))
-    out = _forward(model, jnp.asarray(token_ids, jnp.int32), jnp.asarray(pos), kv, md)
+    md = jax.device_put(md, device)
+    ids = jax.device_put(np.asarray(token_ids, np.int32), device)
+    out = _forward(model, ids, jax.device_put(pos, device), kv, md)
     return [(float(k), float(v)) for k, v in jax.device_get(out)]
 
 
