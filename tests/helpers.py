@@ -82,23 +82,11 @@ def full_forward_logprobs(engine, ids):
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxllm.models.attention import AttentionMetadata
+    from jaxllm.engine.kv_scales import one_sequence_inputs
 
     model = nnx.merge(engine.runner.graphdef, engine.runner.state)
-    mc = engine.model_config
-    B = 8
-    n = len(ids)
-    pages = -(-n // B)
-    shape = (pages + 1, B, mc.num_key_value_heads, mc.head_dim)
-    kv = [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-          for _ in range(mc.num_hidden_layers)]
-    pos = np.arange(n, dtype=np.int32)
-    md = AttentionMetadata(slot_mapping=(pos + B).astype(np.int32),
-                           query_start_loc=np.array([0, n], np.int32),
-                           seq_lens=np.array([n], np.int32),
-                           page_table=np.arange(1, pages + 1, dtype=np.int32)[None],
-                           num_seqs=np.array([1], np.int32))
-    hidden, _ = model(jnp.asarray(ids, jnp.int32), jnp.asarray(pos), kv, md)
+    kv, pos, md = one_sequence_inputs(engine.model_config, len(ids), 8, jnp.float32)
+    hidden, _ = model(jnp.asarray(ids, jnp.int32), pos, kv, md)
     return np.asarray(jax.nn.log_softmax(model.compute_logits(hidden), axis=-1))
 
 

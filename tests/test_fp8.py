@@ -98,6 +98,20 @@ def quality(ref_model, model, seqs, cache_dtype=jnp.float32, with_ppl: bool = Fa
     return out + (float(np.exp(np.concatenate(diff).mean())),) if with_ppl else out
 
 
+def assert_greedy_is_the_models_argmax(llm, model, prompts, cache_dtype, max_tokens=6):
+    """``llm``'s greedy tokens for ``prompts`` equal the argmax of a teacher-forced forward of
+    ``model`` over a ``cache_dtype`` cache (the engine's chunked, paged steps change nothing)."""
+    from jaxllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+                        use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        toks = o.outputs[0].token_ids
+        lp = batch_logprobs(model, [p + toks[:-1]], cache_dtype)[0]
+        assert list(lp[len(p) - 1:].argmax(-1)) == list(toks)
+
+
 # -- units ----------------------------------------------------------------------------------------
 
 def test_fp8_linear_matches_the_dequantized_reference_and_keeps_weights_in_hf_layout():
@@ -402,7 +416,7 @@ def test_engine_fp8_weights_and_fp8_kv_generate_what_the_fp8_model_predicts(smal
     """End to end: LLM(quantization="fp8", kv_cache_dtype="fp8") greedy tokens equal the argmax
     of a teacher-forced forward of the same fp8 model with an fp8 cache (the engine's chunked,
     paged steps change nothing), and the fp8 cache holds twice the pages in the same budget."""
-    from jaxllm import LLM, SamplingParams
+    from jaxllm import LLM
     from jaxllm.engine.model_runner import kv_page_bytes
 
     kw = dict(dtype="float32", max_model_len=96, page_size=8, max_num_batched_tokens=16,
@@ -415,15 +429,9 @@ def test_engine_fp8_weights_and_fp8_kv_generate_what_the_fp8_model_predicts(smal
     assert kv_page_bytes(mc.num_hidden_layers, 8, mc.num_key_value_heads, mc.head_dim,
                          eng.cache_dtype) * 4 == kv_page_bytes(
         mc.num_hidden_layers, 8, mc.num_key_value_heads, mc.head_dim, jnp.float32)
-    prompts = _random_seqs(n=3, lo=10, hi=30, seed=1)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
-                        use_tqdm=False)
     model = nnx.merge(eng.runner.graphdef, eng.runner.state)
-    for p, o in zip(prompts, outs):
-        toks = o.outputs[0].token_ids
-        lp = batch_logprobs(model, [p + toks[:-1]], FP8_KV_DTYPE)[0]
-        assert list(lp[len(p) - 1:].argmax(-1)) == list(toks)
+    assert_greedy_is_the_models_argmax(llm, model, _random_seqs(n=3, lo=10, hi=30, seed=1),
+                                       FP8_KV_DTYPE)
 
 
 def test_engine_fp8_e5m2_kv_cache_generates_what_the_model_predicts(small_llama_folder,
@@ -431,22 +439,16 @@ def test_engine_fp8_e5m2_kv_cache_generates_what_the_model_predicts(small_llama_
     """kv_cache_dtype="fp8_e5m2" (vLLM's name): e5m2 pages, as many as e4m3's in the same
     budget; greedy tokens equal the teacher-forced forward over an e5m2 cache, whose log-prob
     error against the float32 cache stays within twice e4m3's bound (one mantissa bit less)."""
-    from jaxllm import LLM, SamplingParams
+    from jaxllm import LLM
 
     kw = dict(dtype="float32", max_model_len=96, page_size=8, max_num_batched_tokens=16,
               max_num_seqs=4, skip_compile_at_start=True)
     llm = LLM(str(small_llama_folder), kv_cache_dtype="fp8_e5m2", **kw)
     eng = llm.llm_engine
     assert eng.runner.kv_caches[0][0].dtype == jnp.float8_e5m2
-    prompts = _random_seqs(n=3, lo=10, hi=30, seed=8)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
-                        use_tqdm=False)
     model = nnx.merge(eng.runner.graphdef, eng.runner.state)
-    for p, o in zip(prompts, outs):
-        toks = o.outputs[0].token_ids
-        lp = batch_logprobs(model, [p + toks[:-1]], jnp.float8_e5m2)[0]
-        assert list(lp[len(p) - 1:].argmax(-1)) == list(toks)
+    assert_greedy_is_the_models_argmax(llm, model, _random_seqs(n=3, lo=10, hi=30, seed=8),
+                                       jnp.float8_e5m2)
     # Measured over 4 prompt seeds: mean |dlp| 0.072-0.084, agreement 0.89-0.95 (e4m3 on the
     # same: 0.039-0.042, 0.94-0.97)
     err, agree = quality(small_dense, small_dense, _random_seqs(), jnp.float8_e5m2)
@@ -482,7 +484,7 @@ def test_calculate_kv_scales_takes_each_layers_maximum_and_rescues_wide_keys(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from jaxllm import LLM, SamplingParams
+    from jaxllm import LLM
     from jaxllm.engine import kv_scales
     from jaxllm.loading import load_model
 
@@ -510,14 +512,8 @@ def test_calculate_kv_scales_takes_each_layers_maximum_and_rescues_wide_keys(
     err1, _ = quality(plain, plain, seqs, FP8_KV_DTYPE)
     # measured: 0.050 / 0.96 calibrated, 1.34 mean |dlp| clipped at 448 with scale 1.0
     assert err1 > 10 * err, (err1, err)
-    prompts = _random_seqs(n=2, lo=10, hi=30, seed=10)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
-                        use_tqdm=False)
-    for p, o in zip(prompts, outs):
-        toks = o.outputs[0].token_ids
-        lp = batch_logprobs(served, [p + toks[:-1]], FP8_KV_DTYPE)[0]
-        assert list(lp[len(p) - 1:].argmax(-1)) == list(toks)
+    assert_greedy_is_the_models_argmax(llm, served, _random_seqs(n=2, lo=10, hi=30, seed=10),
+                                       FP8_KV_DTYPE, max_tokens=5)
     # vLLM's env vars set the headroom
     monkeypatch.setenv("K_SCALE_CONSTANT", "400")
     halved = kv_scales.calculate_kv_scales(plain, ids)
@@ -972,7 +968,7 @@ def test_engine_serves_a_block_fp8_checkpoint_with_fused_projections(small_llama
     """The engine fuses q/k/v and gate/up of a block-wise checkpoint (their [out, K block]
     scales fused as the weights are): its greedy tokens are the argmax of the unfused model's
     forward; an orbax checkpoint restores the same e4m3 weights and block scales."""
-    from jaxllm import LLM, SamplingParams
+    from jaxllm import LLM
     from jaxllm.loading import load_model
     from jaxllm.loading.fp8_checkpoint import write_fp8_checkpoint
 
@@ -985,15 +981,9 @@ def test_engine_serves_a_block_fp8_checkpoint_with_fused_projections(small_llama
     state = llm.llm_engine.runner.state["model"]["layers"][0]
     assert state["self_attn"]["qkv_proj"]["weight_scale"][...].shape == (2, (2 + 2) * 16, 2)
     assert state["mlp"]["gate_up_proj"]["weight_scale"][...].shape == (128, 2, 2)
-    prompts = _random_seqs(n=3, lo=10, hi=30, seed=5)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
-                        use_tqdm=False)
     unfused = load_model(str(folder), dtype="float32").model
-    for p, o in zip(prompts, outs):
-        toks = o.outputs[0].token_ids
-        lp = batch_logprobs(unfused, [p + toks[:-1]])[0]
-        assert list(lp[len(p) - 1:].argmax(-1)) == list(toks)
+    assert_greedy_is_the_models_argmax(llm, unfused, _random_seqs(n=3, lo=10, hi=30, seed=5),
+                                       jnp.float32)
     saved = _host_tensors(unfused)
     restored = load_model(str(folder), dtype="float32", checkpoint_dir=ckpt)
     assert restored.model_config.weight_block_size == (16, 32)

@@ -77,28 +77,34 @@ def _forward(model, ids, pos, kv, md):
             for k, v in kv]
 
 
-def kv_amax(model: nnx.Module, token_ids: list[int], page_size: int = 16
-            ) -> list[tuple[float, float]]:
-    """Per layer (max |k|, max |v|) over the K/V the model writes for ``token_ids`` (one
-    sequence, one prefill, a page cache of its own in the model's dtype)."""
-    mc = model.config
-    n = len(token_ids)
+def one_sequence_inputs(config, n: int, page_size: int, dtype, device=None):
+    """(kv caches, positions, AttentionMetadata) for one sequence of ``n`` tokens prefilled at
+    once into a page cache of its own (page 0 the scratch page, the sequence on pages 1..),
+    on ``device`` (default: the default device)."""
     pages = -(-n // page_size)
-    shape = (pages + 1, page_size, mc.num_key_value_heads, mc.head_dim)  # + the scratch page
-    # Where the params are (a data-parallel replica's own device), not the default device.
-    device = next(iter(jax.tree.leaves(nnx.state(model))[0].devices()))
+    shape = (pages + 1, page_size, config.num_key_value_heads, config.head_dim)
     with jax.default_device(device):
-        kv = [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
-              for _ in range(mc.num_hidden_layers)]
+        kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+              for _ in range(config.num_hidden_layers)]
     pos = np.arange(n, dtype=np.int32)
     md = AttentionMetadata(slot_mapping=(page_size + pos).astype(np.int32),
                            query_start_loc=np.array([0, n], np.int32),
                            seq_lens=np.array([n], np.int32),
                            page_table=np.arange(1, pages + 1, dtype=np.int32)[None, :],
                            num_seqs=np.array([1], np.int32))
-    md = jax.device_put(md, device)
+    return kv, jax.device_put(pos, device), jax.device_put(md, device)
+
+
+def kv_amax(model: nnx.Module, token_ids: list[int], page_size: int = 16
+            ) -> list[tuple[float, float]]:
+    """Per layer (max |k|, max |v|) over the K/V the model writes for ``token_ids`` (one
+    sequence, one prefill, a page cache of its own in the model's dtype)."""
+    # Where the params are (a data-parallel replica's own device), not the default device.
+    device = next(iter(jax.tree.leaves(nnx.state(model))[0].devices()))
+    kv, pos, md = one_sequence_inputs(model.config, len(token_ids), page_size, model.dtype,
+                                      device)
     ids = jax.device_put(np.asarray(token_ids, np.int32), device)
-    out = _forward(model, ids, jax.device_put(pos, device), kv, md)
+    out = _forward(model, ids, pos, kv, md)
     return [(float(k), float(v)) for k, v in jax.device_get(out)]
 
 
