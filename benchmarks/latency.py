@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import (SHAPES, _prompts, append_jsonl, hf_random_model,  # noqa: E402
-                                log_engine_startup, parse_buckets, random_model)
+from offline_throughput import (  # noqa: E402
+    SHAPES, _prompts, append_jsonl, fp8_weight_block_arg, hf_random_model, log_engine_startup,
+    parse_buckets, random_model)
 
 CONTEXTS = [128, 512, 1024, 2048, 4096, 8192]
 PREFILLS = [512, 1024, 2048, 4096, 8192]
@@ -91,7 +92,7 @@ def run_jaxllm(args) -> list[dict]:
                                        else {"nbytes": 1 << 24}))
     bw = max(probes.values())
     loaded = random_model(args.shape, args.attention, fused=not args.no_fuse,
-                          quantization=args.quantization)
+                          quantization=args.quantization, fp8_weight_block=args.fp8_weight_block)
     mc = loaded.model_config
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(loaded.model)))
     max_prefill = max(args.prefill)
@@ -127,6 +128,7 @@ def run_jaxllm(args) -> list[dict]:
     common = dict(engine="jaxllm" + (" (sync steps)" if args.sync else "")
                   + (" (separate projections)" if args.no_fuse else "")
                   + (f" {args.quantization}" if args.quantization else "")
+                  + (" block %dx%d" % args.fp8_weight_block if args.fp8_weight_block else "")
                   + (" fp8-kv" if args.kv_cache_dtype == "fp8" else "")
                   + (" (enforce_eager)" if args.enforce_eager else "")
                   + (f" ({args.num_scheduler_steps} steps a launch)"
@@ -250,6 +252,9 @@ def main(argv=None) -> int:
                    help="jaxllm with separate q/k/v and gate/up GEMMs (before fused projections)")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="jaxllm with fp8 projections, quantized at load")
+    p.add_argument("--fp8-weight-block", type=fp8_weight_block_arg, default=None,
+                   metavar="BN,BK", help="with --quantization fp8: block-wise weight scales "
+                   "(e.g. 128,128: a Qwen3-FP8-style checkpoint) instead of per channel")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--small-decode-buckets", type=parse_buckets, default=(),
                    help="EngineConfig.small_decode_buckets: comma-separated sequence counts, "

@@ -83,7 +83,8 @@ def log_engine_startup() -> None:
 
 
 def random_model(shape: str, attention: str, *, tokenizer=None, vocab_size: int | None = None,
-                 fused: bool = True, quantization: str | None = None):
+                 fused: bool = True, quantization: str | None = None,
+                 fp8_weight_block: tuple[int, int] | None = None):
     """A LoadedModel-like namespace with random bf16 weights in SHAPES[shape] (no files): what
     every benchmark here runs (random weights in a real shape time like real ones).
 
@@ -92,7 +93,9 @@ def random_model(shape: str, attention: str, *, tokenizer=None, vocab_size: int 
     the caller would hold a second copy of the projections. False: separate projections (run
     them with ``EngineConfig(fuse_projections=False)``). ``quantization="fp8"``: quantized here,
     as the engine quantizes at load (W8A8, per-channel weight scales; the bf16 weights are freed
-    layer by layer); run it with ``EngineConfig(quantization="fp8")``."""
+    layer by layer); run it with ``EngineConfig(quantization="fp8")``. ``fp8_weight_block``
+    (bn, bk) with it: block-wise scales instead, as a Qwen3-FP8-style checkpoint loads
+    (quantized unfused, then fused: the tiles are over each projection's own rows)."""
     import dataclasses
     import types
 
@@ -105,18 +108,32 @@ def random_model(shape: str, attention: str, *, tokenizer=None, vocab_size: int 
     mc = ModelConfig(**SHAPES[shape])
     if vocab_size is not None:
         mc = dataclasses.replace(mc, vocab_size=vocab_size)
-    built = dataclasses.replace(mc, fused_projections=fused)
+    if fp8_weight_block and quantization != "fp8":
+        raise ValueError("fp8_weight_block needs quantization='fp8'")
+    built = dataclasses.replace(mc, fused_projections=fused and not fp8_weight_block)
     model = get_model_class(mc.architecture)(built, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
                                             attention_backend=attention)
     if quantization == "fp8":
         from jaxllm.models.fp8 import quantize_model
+        from jaxllm.models.fused import fuse_projections
 
-        model = quantize_model(model)
+        model = quantize_model(model, fp8_weight_block)
+        if fused and fp8_weight_block:
+            model = fuse_projections(model, consume=True)
         mc = model.config  # says quantization="fp8", which the engine checks
     elif quantization is not None:
         raise ValueError(f"quantization={quantization!r}: only 'fp8'")
     return types.SimpleNamespace(model_config=mc, model=model, tokenizer=tokenizer,
                                  name=f"random-{shape}")
+
+
+def fp8_weight_block_arg(text: str) -> tuple[int, int]:
+    """argparse type of --fp8-weight-block: "BN,BK" -> (BN, BK)."""
+    try:
+        bn, bk = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BN,BK (e.g. 128,128), got {text!r}") from None
+    return bn, bk
 
 
 def bench_model(shape: str | None, model: str | None, attention: str = "auto"):

@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import (SHAPES, engine_generate, hf_random_model,  # noqa: E402
-                                log_engine_startup, random_model)
+from offline_throughput import (SHAPES, engine_generate, fp8_weight_block_arg,  # noqa: E402
+                                hf_random_model, log_engine_startup, random_model)
 
 
 def workload(name: str, n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -68,7 +68,8 @@ def run_jaxllm(args) -> dict:
     from jaxllm.config import EngineConfig
     from jaxllm.engine.llm_engine import LLMEngine
 
-    loaded = random_model(args.shape, args.attention, quantization=args.quantization)
+    loaded = random_model(args.shape, args.attention, quantization=args.quantization,
+                          fp8_weight_block=args.fp8_weight_block)
     reqs = workload(args.workload, args.num_prompts, loaded.model_config.vocab_size)
     cfg = EngineConfig(model=None, dtype="bfloat16",
                        max_model_len=max(len(p) + o for p, o in reqs) + 8,
@@ -100,6 +101,7 @@ def run_jaxllm(args) -> dict:
     recompiles = engine.runner.num_compiles - compiles
     return _row(args, "jaxllm" + (" (sync steps)" if args.sync else "")
                 + (f" {args.quantization}" if args.quantization else "")
+                + (" block %dx%d" % args.fp8_weight_block if args.fp8_weight_block else "")
                 + (" fp8-kv" if args.kv_cache_dtype == "fp8" else "")
                 + (" (enforce_eager)" if args.enforce_eager else "")
                 + (f" ({args.num_scheduler_steps} steps a launch)"
@@ -178,6 +180,9 @@ def main(argv=None) -> int:
     p.add_argument("--sync", action="store_true", help="jaxllm without async scheduling")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="jaxllm with fp8 projections, quantized at load")
+    p.add_argument("--fp8-weight-block", type=fp8_weight_block_arg, default=None,
+                   metavar="BN,BK", help="with --quantization fp8: block-wise weight scales "
+                   "(e.g. 128,128: a Qwen3-FP8-style checkpoint) instead of per channel")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--enforce-eager", action="store_true",
                    help="jaxllm without XLA command buffers (EngineConfig.enforce_eager)")

@@ -1026,6 +1026,30 @@ def test_block_fp8_checkpoint_with_wrong_scales_is_refused_by_name(small_llama_f
         load_model(str(folder), dtype="float32")
 
 
+def test_benchmarks_random_block_fp8_model_is_the_fused_block_model():
+    """benchmarks' random_model(quantization="fp8", fp8_weight_block=...) (what latency.py /
+    throughput.py --fp8-weight-block time): block scales, fused as the engine serves them;
+    "BN,BK" parsed, anything else refused."""
+    import argparse
+
+    from .test_pallas_kernels import _load_benchmark
+
+    bench = _load_benchmark("offline_throughput.py")
+    loaded = bench.random_model("tiny", "reference", quantization="fp8",
+                                fp8_weight_block=(32, 32))
+    mc = loaded.model_config
+    assert (mc.quantization, mc.weight_block_size, mc.fused_projections) == ("fp8", (32, 32),
+                                                                              True)
+    qkv = loaded.model.model.layers[0].self_attn.qkv_proj
+    A, C = qkv.groups
+    assert qkv.weight_scale.shape == (A, C, -(-mc.hidden_size // 32))
+    assert bench.fp8_weight_block_arg("128,64") == (128, 64)
+    with pytest.raises(argparse.ArgumentTypeError, match="BN,BK"):
+        bench.fp8_weight_block_arg("128")
+    with pytest.raises(ValueError, match="needs quantization='fp8'"):
+        bench.random_model("tiny", "reference", fp8_weight_block=(32, 32))
+
+
 _STATIC_SCALES = {f"model.layers.{i}.{m}.{p}": (3.0 + j) / 448 for i in range(2)
                   for m, ps in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                                 ("mlp", ("gate_proj", "up_proj", "down_proj")))

@@ -1805,6 +1805,25 @@ h100next)  # nvidia-h100-x1, one call (written 2026-12-05 late, when no GPU was 
     --budget $((T - SECONDS - 60)) --device-time --out $OUT/results.jsonl > $L/gemm.log 2>&1
   echo "rc=$?"; sed -n '/== best per shape/,$p' $L/gemm.log | cut -c1-220
   show_logs 3 ;;
+h100block)  # nvidia-h100-x1, one call (written 2026-12-05 late, when no GPU was lent; not run
+  # yet): a Qwen3-FP8-style model (128 x 128 block scales, random weights, 8B shape) in the
+  # engine against per-channel fp8: batch-1 latency, two alternating rounds of per-channel,
+  # block W8A16 (the default) and block W8A8 (JAXLLM_FP8_BLOCK_GEMM=w8a8), then offline
+  # throughput (1,000 x 512/128) of the two block forms. Carry nothing.
+  L=$OUT/logs; mkdir -p $L
+  B="--fp8-weight-block 128,128"
+  for i in 1 2; do
+    timeout 100 $LAT1K --num-scheduler-steps 4 --quantization fp8 > $L/lat_ch_r$i.log 2>&1
+    timeout 110 $LAT1K --num-scheduler-steps 4 --quantization fp8 $B > $L/lat_b16_r$i.log 2>&1
+    JAXLLM_FP8_BLOCK_GEMM=w8a8 timeout 110 $LAT1K --num-scheduler-steps 4 --quantization fp8 \
+      $B > $L/lat_b8_r$i.log 2>&1
+  done
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
+  timeout 150 $TP --quantization fp8 $B > $L/tp_b16.log 2>&1
+  JAXLLM_FP8_BLOCK_GEMM=w8a8 timeout $((T - SECONDS - 15)) $TP --quantization fp8 $B \
+    > $L/tp_b8.log 2>&1
+  grep -h "tok/s" $L/tp_*.log | cut -c1-300
+  show_logs 3 ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.
   L=$OUT/logs; mkdir -p $L
