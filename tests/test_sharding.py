@@ -273,7 +273,7 @@ def test_tp3_on_the_default_model_matches_one_device(default_model_f32):
 @pytest.mark.parametrize("source,tp", [("quantize", 2), ("quantize", 4), ("checkpoint", 4),
                                        ("block", 4)])
 def test_fp8_under_tensor_parallelism_matches_fp8_on_one_device(small_llama_folder, tmp_path,
-                                                                  source, tp):
+                                                                  source, tp, monkeypatch):
     # quantization="fp8" converts the sharded model in place: each shard's weights and
     # per-channel scales land in the fp8 layout's shards (row-parallel scales whole), and the
     # row-parallel input's per-token scale is a max over every shard's heads. tp=4 replicates
@@ -308,6 +308,9 @@ def test_fp8_under_tensor_parallelism_matches_fp8_on_one_device(small_llama_fold
     down_scale = {(E,)} if source != "block" else {(E, F // 16 // tp)}
     assert _shard_shapes(layer["mlp"]["down_proj"]["weight_scale"][...]) == down_scale
     assert _greedy(llm) == ref
+    if source == "block":  # the W8A8 block kernel is one device's: sharded, w8a16 runs
+        monkeypatch.setenv("JAXLLM_FP8_BLOCK_GEMM", "w8a8")
+        assert _greedy(_llm(tensor_parallel_size=tp, **kw)) == ref
 
 
 def test_block_fp8_checkpoint_refuses_a_tp_that_splits_its_k_blocks(small_llama_folder,

@@ -180,11 +180,15 @@ def block_fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
         (``quantize_activation_per_token_group``), ``pallas_kernels.fp8_matmul.
         fp8_block_matmul`` (fp8 tensor cores, each K block's product scaled before the sum).
 
+    w8a8 runs on one device; under tensor parallelism the layer runs w8a16.
+
     Why w8a16 is the default: XLA has no dot whose scales vary along K, so W8A8 needs the Pallas
     kernel, whose speed against w8a16 is not measured on the GPU yet (docs/DESIGN_NOTES.md
     "FP8", block-wise checkpoints; ``benchmarks/kernels.py --sections block_gemm``); w8a16 keeps
     the activations exact, so its quality bounds W8A8's from above."""
-    if block_gemm_mode() == "w8a8":
+    # Under tensor parallelism the Pallas kernel would see whole operands (a custom call XLA
+    # cannot split): w8a16 there, whose dot XLA partitions.
+    if block_gemm_mode() == "w8a8" and heads_mesh() is None:
         return block_fp8_linear_w8a8(x, weight, weight_scale, block_k)
     return block_fp8_linear_w8a16(x, weight, weight_scale, block_k)
 
