@@ -200,7 +200,7 @@ class EngineConfig:
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
     # vLLM's calculate_kv_scales: an fp8 cache's per-layer K/V scales computed at start-up
-    # (jaxllm/engine/kv_scales.py) instead of the checkpoint's (or 1.0). One device per replica.
+    # (jaxllm/engine/kv_scales.py) instead of the checkpoint's (or 1.0). Not with pp > 1 yet.
     calculate_kv_scales: bool = False
     seed: int = 0
     max_logprobs: int = 20
@@ -336,10 +336,9 @@ class EngineConfig:
         if self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization={self.quantization!r} is not supported; choose "
                              f"{', '.join(map(repr, QUANTIZATION_METHODS))}.")
-        if self.calculate_kv_scales and (self.tensor_parallel_size > 1
-                                         or self.pipeline_parallel_size > 1):
-            raise ValueError("calculate_kv_scales is not supported with tensor or pipeline "
-                             "parallelism yet (its calibration forward runs on one device); "
+        if self.calculate_kv_scales and self.pipeline_parallel_size > 1:
+            raise ValueError("calculate_kv_scales is not supported with pipeline parallelism "
+                             "yet (its calibration forward runs the layers in one program); "
                              "drop it, or give the checkpoint's scales.")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(

@@ -521,8 +521,8 @@ def test_calculate_kv_scales_takes_each_layers_maximum_and_rescues_wide_keys(
     monkeypatch.setenv("K_SCALE_CONSTANT", "-1")
     with pytest.raises(ValueError, match="K_SCALE_CONSTANT must be > 0"):
         kv_scales.calculate_kv_scales(plain, ids)
-    with pytest.raises(ValueError, match="calculate_kv_scales is not supported with tensor"):
-        LLM(str(folder), calculate_kv_scales=True, tensor_parallel_size=2, **kw)
+    with pytest.raises(ValueError, match="calculate_kv_scales is not supported with pipeline"):
+        LLM(str(folder), calculate_kv_scales=True, pipeline_parallel_size=2, **kw)
 
 
 def test_large_fp8_buckets_compile_their_gemms_for_cublas(small_llama_folder, monkeypatch):

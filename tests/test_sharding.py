@@ -403,20 +403,26 @@ def test_data_parallel_replicas_on_disjoint_devices_match_one_device_and_share_t
     assert _greedy(llm) == small_reference
 
 
-def test_data_parallel_replicas_calculate_their_kv_scales_on_their_own_devices(
+def test_calculate_kv_scales_under_data_and_tensor_parallelism_match_one_device(
         small_llama_folder):
     # calculate_kv_scales' calibration forward runs where each replica's params are (the second
-    # replica's device is not the default one): both get the same scales, and serve with them.
-    llm = _llm_dp(model=str(small_llama_folder), data_parallel_size=2, kv_cache_dtype="fp8",
-                  calculate_kv_scales=True)
-    one = _llm(model=str(small_llama_folder), kv_cache_dtype="fp8", calculate_kv_scales=True)
+    # replica's devices are not the default one), sharded on KV heads under tp (tp 4 replicates
+    # the 2 KV heads): every engine gets one device's scales and serves its tokens.
+    kw = dict(model=str(small_llama_folder), kv_cache_dtype="fp8", calculate_kv_scales=True)
+    one = _llm(**kw)
+    want = np.array(one.llm_engine.model_config.kv_cache_scales)
+    assert 1.0 not in want
+    llm = _llm_dp(data_parallel_size=2, tensor_parallel_size=2, **kw)
     engines = llm.llm_engine.engines
-    scales = {e.model_config.kv_cache_scales for e in engines}
-    assert scales == {one.llm_engine.model_config.kv_cache_scales}
-    assert 1.0 not in {s for layer in scales.pop() for s in layer}
-    devices = [e.runner.kv_caches[0][0].devices() for e in engines]
-    assert devices[0] != devices[1]
+    for e in engines:
+        np.testing.assert_allclose(np.array(e.model_config.kv_cache_scales), want, rtol=1e-6)
+    devices = [e.runner.kv_caches[0][0].sharding.device_set for e in engines]
+    assert not devices[0] & devices[1]
     assert _greedy(llm) == _greedy(one)
+    tp4 = _llm(tensor_parallel_size=4, **kw)
+    np.testing.assert_allclose(np.array(tp4.llm_engine.model_config.kv_cache_scales), want,
+                               rtol=1e-6)
+    assert _greedy(tp4) == _greedy(one)
 
 
 # -- multi-host ---------------------------------------------------------------------------------

@@ -70,51 +70,67 @@ def calibration_token_ids(tokenizer, vocab_size: int) -> list[int]:
     return [int(i) for i in np.linspace(1, vocab_size - 1, 256)]
 
 
-@nnx.jit
-def _forward(model, ids, pos, kv, md):
+def _amax_forward(model, ids, pos, kv, md):
     _, kv = model(ids, pos, kv, md)
     return [(jnp.max(jnp.abs(k.astype(jnp.float32))), jnp.max(jnp.abs(v.astype(jnp.float32))))
             for k, v in kv]
 
 
-def one_sequence_inputs(config, n: int, page_size: int, dtype, device=None):
+def one_sequence_inputs(config, n: int, page_size: int, dtype, place=None, kv_place=None):
     """(kv caches, positions, AttentionMetadata) for one sequence of ``n`` tokens prefilled at
-    once into a page cache of its own (page 0 the scratch page, the sequence on pages 1..),
-    on ``device`` (default: the default device)."""
+    once into a page cache of its own (page 0 the scratch page, the sequence on pages 1..).
+    ``place`` / ``kv_place``: a device or sharding for the inputs / the caches (default: the
+    default device; the caches where the inputs go)."""
     pages = -(-n // page_size)
     shape = (pages + 1, page_size, config.num_key_value_heads, config.head_dim)
-    with jax.default_device(device):
-        kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-              for _ in range(config.num_hidden_layers)]
+    kv_place = place if kv_place is None else kv_place
+    kv = [(jax.device_put(jnp.zeros(shape, dtype), kv_place),
+           jax.device_put(jnp.zeros(shape, dtype), kv_place))
+          for _ in range(config.num_hidden_layers)]
     pos = np.arange(n, dtype=np.int32)
     md = AttentionMetadata(slot_mapping=(page_size + pos).astype(np.int32),
                            query_start_loc=np.array([0, n], np.int32),
                            seq_lens=np.array([n], np.int32),
                            page_table=np.arange(1, pages + 1, dtype=np.int32)[None, :],
                            num_seqs=np.array([1], np.int32))
-    return kv, jax.device_put(pos, device), jax.device_put(md, device)
+    return kv, jax.device_put(pos, place), jax.device_put(md, place)
 
 
-def kv_amax(model: nnx.Module, token_ids: list[int], page_size: int = 16
+def kv_amax(model: nnx.Module, token_ids: list[int], page_size: int = 16, parallel=None
             ) -> list[tuple[float, float]]:
     """Per layer (max |k|, max |v|) over the K/V the model writes for ``token_ids`` (one
-    sequence, one prefill, a page cache of its own in the model's dtype)."""
-    # Where the params are (a data-parallel replica's own device), not the default device.
-    device = next(iter(jax.tree.leaves(nnx.state(model))[0].devices()))
+    sequence, one prefill, a page cache of its own in the model's dtype). ``parallel``: the
+    model's ``sharding.rules.ModelSharding`` under tensor parallelism (one stage): the cache
+    split on KV heads as the engine's, the attention run per head shard."""
+    from jaxllm.models.attention import heads_sharded
+
+    if parallel is None:  # where the params are (a data-parallel replica's own device)
+        place = kv_place = next(iter(jax.tree.leaves(nnx.state(model))[0].devices()))
+        mesh = None
+    else:
+        stage = parallel.stages[0]
+        mesh, kv_place = stage.mesh, stage.kv_sharding
+        place = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     kv, pos, md = one_sequence_inputs(model.config, len(token_ids), page_size, model.dtype,
-                                      device)
-    ids = jax.device_put(np.asarray(token_ids, np.int32), device)
-    out = _forward(model, ids, pos, kv, md)
+                                      place, kv_place)
+    ids = jax.device_put(np.asarray(token_ids, np.int32), place)
+    # A jit of its own each call: a traced shard_map holds the mesh it was traced under.
+    forward = nnx.jit(_amax_forward)
+    if mesh is None:
+        out = forward(model, ids, pos, kv, md)
+    else:
+        with heads_sharded(mesh):
+            out = forward(model, ids, pos, kv, md)
     return [(float(k), float(v)) for k, v in jax.device_get(out)]
 
 
-def calculate_kv_scales(model: nnx.Module, token_ids: list[int]
+def calculate_kv_scales(model: nnx.Module, token_ids: list[int], parallel=None
                         ) -> tuple[tuple[float, float], ...]:
     """Per layer (k_scale, v_scale) = (max|k| / K_SCALE_CONSTANT, max|v| / V_SCALE_CONSTANT)
-    over ``token_ids`` (1.0 where a maximum is 0)."""
+    over ``token_ids`` (1.0 where a maximum is 0); ``parallel`` as ``kv_amax``'s."""
     kc, vc = scale_constants()
     scales = tuple((k / kc if k > 0 else 1.0, v / vc if v > 0 else 1.0)
-                   for k, v in kv_amax(model, token_ids))
+                   for k, v in kv_amax(model, token_ids, parallel=parallel))
     ks, vs = [s[0] for s in scales], [s[1] for s in scales]
     logger.info("calculate_kv_scales over %d calibration tokens: k_scale %.3g-%.3g, v_scale "
                 "%.3g-%.3g", len(token_ids), min(ks), max(ks), min(vs), max(vs))

@@ -491,7 +491,8 @@ class LLMEngine:
         from jaxllm.engine import kv_scales
 
         ids = kv_scales.calibration_token_ids(self.tokenizer, self.model_config.vocab_size)
-        scales = kv_scales.calculate_kv_scales(self.loaded.model, ids[:self.max_model_len])
+        scales = kv_scales.calculate_kv_scales(self.loaded.model, ids[:self.max_model_len],
+                                               self.parallel)
         # A new module tree over the same arrays: a caller's model keeps its own scales.
         model = nnx.merge(*nnx.split(self.loaded.model))
         kv_scales.set_kv_scales(model, scales)
