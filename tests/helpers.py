@@ -90,6 +90,19 @@ def full_forward_logprobs(engine, ids):
     return np.asarray(jax.nn.log_softmax(model.compute_logits(hidden), axis=-1))
 
 
+def cli_engine_kwargs(*argv: str) -> dict:
+    """The EngineConfig keyword arguments ``jaxllm serve / generate`` make of the engine flags
+    ``argv`` (jaxllm.cli.add_engine_args + engine_kwargs); a bad flag or value is argparse's
+    SystemExit."""
+    import argparse
+
+    from jaxllm.cli import add_engine_args, engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    return engine_kwargs(parser.parse_args(list(argv)))
+
+
 ALL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

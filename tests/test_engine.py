@@ -18,7 +18,7 @@ from jaxllm import LLM, SamplingParams
 from jaxllm.sampling_params import RequestOutputKind
 
 from .helpers import full_forward_logprobs as _full_forward_logprobs
-from .helpers import fused_kv_write_on, small_llama_folder  # noqa: F401  (fixture)
+from .helpers import cli_engine_kwargs, fused_kv_write_on, small_llama_folder  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -197,15 +197,8 @@ def test_priority_scheduling_serves_lower_priority_values_first(small_llama_fold
     assert not small_llm.llm_engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="scheduling_policy"):
         LLM(str(small_llama_folder), scheduling_policy="lifo")
-    import argparse
-
-    from jaxllm.cli import add_engine_args, engine_kwargs
-
-    p = argparse.ArgumentParser()
-    add_engine_args(p)
-    assert engine_kwargs(p.parse_args([]))["scheduling_policy"] == "fcfs"
-    assert engine_kwargs(p.parse_args(["--scheduling-policy", "priority"]))[
-        "scheduling_policy"] == "priority"
+    assert cli_engine_kwargs()["scheduling_policy"] == "fcfs"
+    assert cli_engine_kwargs("--scheduling-policy", "priority")["scheduling_policy"] == "priority"
 
 
 def test_request_outputs_carry_their_timings(small_llm):
@@ -279,10 +272,7 @@ def test_logprobs_mode_processed_gives_the_sampled_distributions_logprobs(small_
     from (tempered, top-k cut: the 3 kept tokens' probabilities sum to 1, the rest -inf),
     "raw_logprobs" (the default) of the model's own; the same seed samples the same tokens in
     both. A mode vLLM does not have is refused."""
-    import argparse
     import math
-
-    from jaxllm.cli import add_engine_args, engine_kwargs
 
     params = SamplingParams(temperature=0.7, top_k=3, logprobs=5, max_tokens=4, seed=11,
                             ignore_eos=True)
@@ -299,13 +289,11 @@ def test_logprobs_mode_processed_gives_the_sampled_distributions_logprobs(small_
         assert sum(math.exp(v.logprob) for v in rlp.values()) < 1 - 1e-4
     with pytest.raises(ValueError, match="logprobs_mode must be one of"):
         LLM(str(small_llama_folder), logprobs_mode="logits")
-    parser = argparse.ArgumentParser()
-    add_engine_args(parser)
-    assert engine_kwargs(parser.parse_args([]))["logprobs_mode"] == "raw_logprobs"
-    assert engine_kwargs(parser.parse_args(["--logprobs-mode", "processed_logits"]))[
-        "logprobs_mode"] == "processed_logits"
+    assert cli_engine_kwargs()["logprobs_mode"] == "raw_logprobs"
+    assert cli_engine_kwargs("--logprobs-mode", "processed_logits")["logprobs_mode"] == (
+        "processed_logits")
     with pytest.raises(SystemExit):  # argparse's choices
-        parser.parse_args(["--logprobs-mode", "logits"])
+        cli_engine_kwargs("--logprobs-mode", "logits")
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(small_llm):
@@ -590,18 +578,15 @@ def test_small_decode_buckets_are_checked():
 
 
 def test_quantization_takes_vllms_names_and_refuses_others():
-    import argparse
-
-    from jaxllm.cli import add_engine_args, engine_kwargs
     from jaxllm.config import EngineConfig
 
-    p = argparse.ArgumentParser()
-    add_engine_args(p)
-    kw = engine_kwargs(p.parse_args(["-q", "modelopt", "--kv-cache-dtype", "fp8_e5m2",
-                                     "--calculate-kv-scales"]))
+    kw = cli_engine_kwargs("-q", "modelopt", "--kv-cache-dtype", "fp8_e5m2",
+                           "--calculate-kv-scales")
     assert (kw["quantization"], kw["kv_cache_dtype"], kw["calculate_kv_scales"]) == (
         "modelopt", "fp8_e5m2", True)
-    assert engine_kwargs(p.parse_args([]))["calculate_kv_scales"] is False
+    assert cli_engine_kwargs()["calculate_kv_scales"] is False
+    with pytest.raises(SystemExit):  # argparse's choices
+        cli_engine_kwargs("-q", "awq")
 
     for ok in (None, "fp8", "compressed-tensors", "modelopt"):
         assert EngineConfig(model=None, quantization=ok).quantization == ok
@@ -961,9 +946,6 @@ def test_enforce_eager_compiles_the_step_programs_without_command_buffers(small_
     # vLLM's enforce_eager: the forward and the sampler are compiled with XLA's command buffers
     # (its CUDA graphs) off. Same tokens; the option reaches the compile (a misspelt option name
     # fails it); `jaxllm serve/generate --enforce-eager` sets it; off by default.
-    import argparse
-
-    from jaxllm.cli import add_engine_args, engine_kwargs
     from jaxllm.engine import model_runner
 
     kw = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=16,
@@ -983,10 +965,8 @@ def test_enforce_eager_compiles_the_step_programs_without_command_buffers(small_
     with pytest.raises(Exception, match="xla_gpu_no_such_option"):
         broken.generate(prompt, params, use_tqdm=False)
 
-    p = argparse.ArgumentParser()
-    add_engine_args(p)
-    assert engine_kwargs(p.parse_args(["--enforce-eager"]))["enforce_eager"] is True
-    assert engine_kwargs(p.parse_args([]))["enforce_eager"] is False
+    assert cli_engine_kwargs("--enforce-eager")["enforce_eager"] is True
+    assert cli_engine_kwargs()["enforce_eager"] is False
 
 
 def test_kv_pool_is_sized_from_device_memory_after_the_largest_steps_temp(small_llama_folder,
@@ -1438,10 +1418,6 @@ def test_a_chat_template_given_to_the_engine_replaces_the_tokenizers(small_llama
                                                                      tmp_path):
     # vLLM's --chat-template: a file's path or the template itself; a path that does not exist
     # is refused at construction; the flags reach the engine's config.
-    import argparse
-
-    from jaxllm.cli import add_engine_args, engine_kwargs
-
     kw = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=16,
               max_num_batched_tokens=16, max_num_seqs=2, skip_compile_at_start=True)
     template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
@@ -1460,12 +1436,10 @@ def test_a_chat_template_given_to_the_engine_replaces_the_tokenizers(small_llama
     assert llm.chat(msgs, params, use_tqdm=False)[0].prompt == "[[hi>>"
     with pytest.raises(ValueError, match="looks like a path"):
         LLM(str(small_llama_folder), chat_template=str(tmp_path / "missing.jinja"), **kw)
-    parser = argparse.ArgumentParser()
-    add_engine_args(parser)
-    got = engine_kwargs(parser.parse_args(["--chat-template", "t.jinja", "--tokenizer", "tok",
-                                           "--max-logprobs", "5"]))
+    got = cli_engine_kwargs("--chat-template", "t.jinja", "--tokenizer", "tok",
+                            "--max-logprobs", "5")
     assert (got["chat_template"], got["tokenizer"], got["max_logprobs"]) == ("t.jinja", "tok", 5)
-    got = engine_kwargs(parser.parse_args([]))
+    got = cli_engine_kwargs()
     assert (got["chat_template"], got["tokenizer"], got["max_logprobs"]) == (None, None, 20)
 
 
@@ -1493,10 +1467,7 @@ def test_vllms_names_for_the_page_size_and_count_are_taken(small_llama_folder):
     --num-gpu-blocks-override) set page_size / num_pages, so its keyword arguments and command
     lines work as they are; set both ways differently, a ValueError names the clash. The
     engine built with them has those pages."""
-    import argparse
-
     from jaxllm import LLM
-    from jaxllm.cli import add_engine_args, engine_kwargs
     from jaxllm.config import EngineConfig
 
     c = EngineConfig(block_size=32, num_gpu_blocks_override=40)
@@ -1509,10 +1480,8 @@ def test_vllms_names_for_the_page_size_and_count_are_taken(small_llama_folder):
         EngineConfig(num_pages=8, num_gpu_blocks_override=4)
     with pytest.raises(ValueError, match="page_size must be a power of two"):
         EngineConfig(block_size=24)
-    p = argparse.ArgumentParser()
-    add_engine_args(p)
-    kw = engine_kwargs(p.parse_args(["--block-size", "8", "--num-gpu-blocks-override", "24",
-                                     "--trust-remote-code"]))
+    kw = cli_engine_kwargs("--block-size", "8", "--num-gpu-blocks-override", "24",
+                           "--trust-remote-code")
     assert (kw["page_size"], kw["num_pages"]) == (8, 24)
     llm = LLM(str(small_llama_folder), dtype="float32", max_model_len=64, block_size=8,
               num_gpu_blocks_override=24, max_num_batched_tokens=64, max_num_seqs=4,
@@ -1524,20 +1493,13 @@ def test_vllms_names_for_the_page_size_and_count_are_taken(small_llama_folder):
 def test_token_counts_on_the_command_line_take_vllms_suffixes():
     """--max-model-len / --max-num-batched-tokens as vLLM reads them: k / m / g decimal, K / M /
     G binary; anything else is argparse's usage error, naming the value."""
-    import argparse
-
-    from jaxllm.cli import add_engine_args, engine_kwargs
-
-    p = argparse.ArgumentParser()
-    add_engine_args(p)
     for text, want in (("8192", 8192), ("32k", 32000), ("32K", 32768), ("25.6k", 25600),
                        ("1m", 10 ** 6), ("1M", 2 ** 20), ("2G", 2 ** 31)):
-        kw = engine_kwargs(p.parse_args(["--max-model-len", text,
-                                         "--max-num-batched-tokens", text]))
+        kw = cli_engine_kwargs("--max-model-len", text, "--max-num-batched-tokens", text)
         assert kw["max_model_len"] == kw["max_num_batched_tokens"] == want, text
     for bad in ("1.5K", "25.6505k", "lots", "8kk", "nank", ""):
         with pytest.raises(SystemExit):
-            p.parse_args(["--max-model-len", bad])
+            cli_engine_kwargs("--max-model-len", bad)
 
 
 def test_sampling_params_come_one_for_all_or_one_per_prompt_in_any_iterable(small_llm):

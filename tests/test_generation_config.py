@@ -12,7 +12,7 @@ import pytest
 from jaxllm import LLM, SamplingParams
 from jaxllm.loading import generation_config as gc
 
-from .helpers import small_llama_folder  # noqa: F401  (fixture)
+from .helpers import cli_engine_kwargs, small_llama_folder  # noqa: F401
 
 KW = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=16,
           max_num_batched_tokens=16, max_num_seqs=2, skip_compile_at_start=True)
@@ -137,18 +137,12 @@ def test_the_server_fills_fields_not_sent_and_caps_max_tokens(small_llama_folder
 
 
 def test_serve_flags_reach_the_engine_config():
-    import argparse
-
-    from jaxllm.cli import add_engine_args, engine_kwargs
-
-    parser = argparse.ArgumentParser()
-    add_engine_args(parser)
-    kw = engine_kwargs(parser.parse_args([]))
+    kw = cli_engine_kwargs()
     assert (kw["generation_config"], kw["override_generation_config"]) == ("auto", None)
-    kw = engine_kwargs(parser.parse_args([
-        "--generation-config", "vllm", "--override-generation-config", '{"temperature": 0.5}']))
+    kw = cli_engine_kwargs("--generation-config", "vllm", "--override-generation-config",
+                           '{"temperature": 0.5}')
     assert (kw["generation_config"], kw["override_generation_config"]) == (
         "vllm", {"temperature": 0.5})
     for bad in ("{temperature: 0.5}", "[1]"):
         with pytest.raises(SystemExit):
-            parser.parse_args(["--override-generation-config", bad])
+            cli_engine_kwargs("--override-generation-config", bad)

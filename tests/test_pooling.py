@@ -16,7 +16,7 @@ import transformers
 from jaxllm import LLM, SamplingParams
 from jaxllm.pooling_params import PoolingParams
 
-from .helpers import small_llama_folder  # noqa: F401  (fixture)
+from .helpers import cli_engine_kwargs, small_llama_folder  # noqa: F401
 
 KW = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=16,
           max_num_batched_tokens=16, max_num_seqs=4, seed=0)
@@ -172,16 +172,9 @@ def test_pooling_engines_refuse_what_they_cannot_do(small_llama_folder):
     with pytest.raises(ValueError, match="only supported for pooling models"):
         gen.embed([[1, 2, 3]])
     # the flags reach the engine's config
-    import argparse
-
-    from jaxllm.cli import add_engine_args, engine_kwargs
-
-    p = argparse.ArgumentParser()
-    add_engine_args(p)
-    got = engine_kwargs(p.parse_args(["--runner", "pooling", "--pooler-config",
-                                      '{"pooling_type": "MEAN"}']))
+    got = cli_engine_kwargs("--runner", "pooling", "--pooler-config", '{"pooling_type": "MEAN"}')
     assert (got["runner"], got["pooler_config"]) == ("pooling", {"pooling_type": "MEAN"})
-    assert engine_kwargs(p.parse_args([]))["runner"] == "auto"
+    assert cli_engine_kwargs()["runner"] == "auto"
 
 
 def test_embeddings_endpoint_speaks_openais_format(small_llama_folder, hf_hidden):

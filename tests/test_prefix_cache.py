@@ -19,7 +19,7 @@ from jaxllm.engine.sequence import Sequence, SequenceStatus
 from jaxllm.kv_cache import PagePool
 from jaxllm.kv_cache.prefix_cache import PrefixCache, encode_key, hash_page_tokens, root_hash
 
-from .helpers import small_llama_folder  # noqa: F401  (fixture)
+from .helpers import cli_engine_kwargs, small_llama_folder  # noqa: F401
 from .test_scheduler import STOP_TOKEN_MOD, FakeModel, FakeParams, run_alone
 
 S = SequenceStatus
@@ -346,15 +346,10 @@ def test_random_admissions_and_releases_keep_index_pool_and_contents_consistent(
 
 
 def test_cli_flag_reaches_the_engine_config():
-    import argparse
-
-    from jaxllm.cli import add_engine_args, engine_kwargs
     from jaxllm.config import EngineConfig
 
-    p = argparse.ArgumentParser()
-    add_engine_args(p)
-    assert EngineConfig(**engine_kwargs(p.parse_args([]))).enable_prefix_caching
-    off = engine_kwargs(p.parse_args(["--no-enable-prefix-caching"]))
+    assert EngineConfig(**cli_engine_kwargs()).enable_prefix_caching
+    off = cli_engine_kwargs("--no-enable-prefix-caching")
     assert not EngineConfig(**off).enable_prefix_caching
 
 

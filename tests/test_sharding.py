@@ -408,10 +408,16 @@ def test_calculate_kv_scales_under_data_and_tensor_parallelism_match_one_device(
     # calculate_kv_scales' calibration forward runs where each replica's params are (the second
     # replica's devices are not the default one), sharded on KV heads under tp (tp 4 replicates
     # the 2 KV heads): every engine gets one device's scales and serves its tokens.
+    from jaxllm.engine import kv_scales
+    from jaxllm.loading import load_model
+
     kw = dict(model=str(small_llama_folder), kv_cache_dtype="fp8", calculate_kv_scales=True)
     one = _llm(**kw)
     want = np.array(one.llm_engine.model_config.kv_cache_scales)
-    assert 1.0 not in want
+    plain = load_model(str(small_llama_folder), dtype="float32")  # outside any engine
+    ids = kv_scales.calibration_token_ids(plain.tokenizer, plain.model_config.vocab_size)
+    np.testing.assert_allclose(want, kv_scales.calculate_kv_scales(plain.model, ids),
+                               rtol=1e-6)
     llm = _llm_dp(data_parallel_size=2, tensor_parallel_size=2, **kw)
     engines = llm.llm_engine.engines
     for e in engines:

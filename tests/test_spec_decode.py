@@ -3,7 +3,6 @@ proposer, and an engine that speculates serving exactly the tokens of one that d
 
 from __future__ import annotations
 
-import argparse
 import re
 
 import numpy as np
@@ -13,7 +12,7 @@ from jaxllm import LLM, SamplingParams
 from jaxllm.engine.spec_decode import SpeculativeConfig, propose_ngram
 from jaxllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-from .helpers import small_llama_folder  # noqa: F401  (fixture)
+from .helpers import cli_engine_kwargs, small_llama_folder  # noqa: F401
 
 # A small pool and budget (as tests/test_engine.py's small_llm): chunked prefill and preemption
 # happen in the batches below.
@@ -60,7 +59,6 @@ def _repetitive_prompts(n: int, vocab: int, seed: int) -> list[dict]:
 
 
 def test_speculative_config_follows_vllms_rules():
-    from jaxllm.cli import add_engine_args, engine_kwargs
     from jaxllm.config import EngineConfig
 
     cfg = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 3})
@@ -105,12 +103,10 @@ def test_speculative_config_follows_vllms_rules():
         EngineConfig(speculative_config=ngram, pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="generating model"):
         EngineConfig(speculative_config=ngram, runner="pooling")
-    p = argparse.ArgumentParser()
-    add_engine_args(p)
-    kwargs = engine_kwargs(p.parse_args(
-        ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']))
+    kwargs = cli_engine_kwargs("--speculative-config",
+                               '{"method": "ngram", "num_speculative_tokens": 3}')
     assert kwargs["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3}
-    assert engine_kwargs(p.parse_args([]))["speculative_config"] is None
+    assert cli_engine_kwargs()["speculative_config"] is None
 
 
 def _reference_ngram(tokens, k, min_n, max_n):

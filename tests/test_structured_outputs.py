@@ -18,7 +18,7 @@ from jaxllm.engine import sampler as S
 from jaxllm.engine import structured_output as so_lib
 from jaxllm.sampling_params import StructuredOutputsParams as SO
 
-from .helpers import small_llama_folder  # noqa: F401  (fixture)
+from .helpers import cli_engine_kwargs, small_llama_folder  # noqa: F401
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -285,19 +285,14 @@ def test_constrained_rows_survive_preemption_and_multi_step_batches(small_llama_
 
 
 def test_the_engine_config_turns_json_whitespace_off_for_every_request(small_llama_folder):
-    import argparse
-
     from jaxllm import EngineConfig
-    from jaxllm.cli import add_engine_args, engine_kwargs
 
     for bad, match in (({"backend": "xgrammar"}, "not available"), ({"colour": 1}, "unknown"),
                        ({"disable_any_whitespace": "yes"}, "true or false")):
         with pytest.raises(ValueError, match=match):
             EngineConfig(structured_outputs_config=bad)
-    parser = argparse.ArgumentParser()
-    add_engine_args(parser)
-    kw = engine_kwargs(parser.parse_args(
-        ["--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}']))
+    kw = cli_engine_kwargs("--structured-outputs-config",
+                           '{"backend": "guidance", "disable_any_whitespace": true}')
     assert kw["structured_outputs_config"] == {"backend": "guidance",
                                                "disable_any_whitespace": True}
     eng = LLM(str(small_llama_folder), dtype="float32", max_model_len=160, page_size=8,
