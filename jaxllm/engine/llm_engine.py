@@ -484,7 +484,6 @@ class LLMEngine:
         ``LLM.generate`` uses without SamplingParams and the server for fields not sent."""
         return dict(self._diff_sampling_param)
 
-    # -- sizing -------------------------------------------------------------------------------
     def _calculate_kv_scales(self) -> None:
         """vLLM's calculate_kv_scales (jaxllm/engine/kv_scales.py): the fp8 cache's per-layer
         scales from one calibration forward, set on the model before anything compiles."""
@@ -500,6 +499,7 @@ class LLMEngine:
         self.loaded = dataclasses.replace(self.loaded, model=model,
                                           model_config=self.model_config)
 
+    # -- sizing -------------------------------------------------------------------------------
     def _determine_num_pages(self) -> int:
         """Usable pages + 1 scratch page: explicit, or from free device memory after weights.
         Several processes (multi-host) all take the leader's figure."""
