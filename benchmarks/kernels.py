@@ -51,6 +51,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -692,6 +693,11 @@ def bench_gemm(budget_s):
 BLOCK_GEMM_CONFIGS = [dict(block_m=16, block_n=64), dict(block_m=16, block_n=128),
                       dict(block_m=64, block_n=128), dict(block_m=128, block_n=128, num_warps=8),
                       dict(block_m=64, block_n=128, num_stages=4)]
+# The skinny kernel's tiles for block scales at M <= 64 (block_n, block_k, split_k, num_warps,
+# num_stages; the engine's JAXLLM_FP8_BLOCK_SKINNY), its default first.
+BLOCK_SKINNY_CONFIGS = [(64, 256, 4, 4, 4), (64, 128, 4, 4, 4), (32, 256, 4, 4, 4),
+                        (64, 256, 8, 4, 4), (128, 256, 2, 4, 3), (64, 512, 2, 4, 3),
+                        (32, 128, 8, 4, 4), (64, 256, 2, 4, 4)]
 
 
 def _block_quantize(w, bk):
@@ -708,14 +714,31 @@ def _block_quantize(w, bk):
 
 def bench_block_gemm(budget_s):
     """block_gemm: which form the engine should run block-wise fp8 checkpoints in
-    (jaxllm.models.fp8.block_fp8_linear; the default w8a16 is unmeasured against w8a8)."""
+    (jaxllm.models.fp8.block_fp8_linear): XLA's dot over the dequantized weight
+    (``xla_block_w8a16``), the engine's forms (``block_w8a16`` / ``block_w8a8``: the skinny
+    kernel at M <= 64 on a GPU, ``BLOCK_SKINNY_CONFIGS[0]``), the skinny kernel's tiles alone
+    (``skinny_block_w8a16`` / ``skinny_block_w8a8``, M <= 64) and ``fp8_block_matmul``'s
+    (M > 64), against XLA's bf16 dot."""
     print("== block_gemm: block-wise fp8 (tile scales) vs bf16 ==", flush=True)
     from jaxllm.models import fp8 as fp8_mod
+    from pallas_kernels.skinny_matmul import skinny_fits, skinny_matmul
 
     bk = 128 if not SMOKE else 32
+    skinny_cfgs = BLOCK_SKINNY_CONFIGS if not SMOKE else [(32, 64, 2, 4, 2), (64, 32, 4, 4, 2)]
     bf16 = jax.jit(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32)
                    .astype(jnp.bfloat16))
-    w8a16 = jax.jit(functools.partial(fp8_mod.block_fp8_linear_w8a16, block_k=bk))
+
+    @jax.jit
+    def xla_w8a16(x, q, s):
+        w = fp8_mod.dequantize_blockwise(q, s, bk, x.dtype)
+        return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+
+    engine = {}
+    if not SMOKE:  # the engine's own tile; on a CPU the smoke run keeps XLA's forms
+        os.environ[fp8_mod.BLOCK_SKINNY_ENV] = ",".join(map(str, BLOCK_SKINNY_CONFIGS[0]))
+    for name, f in (("block_w8a16", fp8_mod.block_fp8_linear_w8a16),
+                    ("block_w8a8", fp8_mod.block_fp8_linear_w8a8)):
+        engine[name] = jax.jit(functools.partial(f, block_k=bk))
     for K, N in GEMM_KN:
         KB = -(-K // bk)
         n_rot = max(1, min(4, math.ceil(3 * L2_BYTES / (K * N))))
@@ -731,20 +754,33 @@ def bench_block_gemm(budget_s):
             b8 = M * K + K * N + N * KB * 4 + M * N * 2
             ref = fp8_block_matmul_reference(xq, xs, wq[0], wsc[0], bk)
             ref16 = fp8_block_matmul_reference(x, jnp.ones((M, KB)), wq[0], wsc[0], bk)
+            sets16 = [(x, q, s) for q, s in zip(wq, wsc)]
+            sets8 = [(xq, q, s, xs) for q, s in zip(wq, wsc)]
             run_case("block_gemm", shape, "xla_bf16", "", bf16, [(x, w) for w in ws],
                      bytes_=b16, flops=flops, peak_flops=PEAK_BF16)
-            run_case("block_gemm", shape, "block_w8a16", "", w8a16,
-                     [(x, q, s) for q, s in zip(wq, wsc)], ref=ref16, bytes_=b8, flops=flops,
-                     peak_flops=PEAK_BF16, tol=1e-2)
+            run_case("block_gemm", shape, "xla_block_w8a16", "", xla_w8a16, sets16, ref=ref16,
+                     bytes_=b8, flops=flops, peak_flops=PEAK_BF16, tol=1e-2)
+            for name, r in (("block_w8a16", ref16), ("block_w8a8", ref)):
+                run_case("block_gemm", shape, name, "", engine[name], sets16, ref=r,
+                         bytes_=b8, flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
+            if M <= 64:
+                for i, (bn, tk, sk, nw, ns) in enumerate(skinny_cfgs):
+                    if i > 0 and time.time() - T0 > budget_s:
+                        break
+                    if not skinny_fits(M, K, N, block_n=bn, block_k=tk, split_k=sk):
+                        continue
+                    cfg = dict(block_n=bn, block_k=tk, split_k=sk, num_warps=nw,
+                               num_stages=ns)
+                    f = functools.partial(skinny_matmul, scale_block_k=bk, interpret=SMOKE,
+                                          **cfg)
+                    run_case("block_gemm", shape, "skinny_block_w8a16", cfg, f, sets16,
+                             ref=ref16, bytes_=b8, flops=flops, peak_flops=PEAK_BF16, tol=1e-2)
+                    run_case("block_gemm", shape, "skinny_block_w8a8", cfg, f, sets8, ref=ref,
+                             bytes_=b8, flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
+                continue
             for i, cfg in enumerate(BLOCK_GEMM_CONFIGS):
                 if i > 0 and time.time() - T0 > budget_s:
                     break
-                if cfg["block_m"] > max(16, 2 * M):
-                    continue
-                f = jax.jit(functools.partial(fp8_mod.block_fp8_linear_w8a8, block_k=bk, **cfg))
-                run_case("block_gemm", shape, "block_w8a8", cfg, f,
-                         [(x, q, s) for q, s in zip(wq, wsc)], ref=ref, bytes_=b8, flops=flops,
-                         peak_flops=PEAK_FP8, tol=1e-2)
                 k = functools.partial(fp8_block_matmul, block_k=bk, interpret=SMOKE, **cfg)
                 run_case("block_gemm", shape, "pallas_fp8_block", cfg, k,
                          [(xq, xs, q, s) for q, s in zip(wq, wsc)], ref=ref, bytes_=b8,
@@ -1067,7 +1103,7 @@ def bench_backends(rng):
 
 def main():
     global OUT, LOOP_REPS, PEAK_BW, DEVICE_TIME, DECODE_SHAPES, KV_DTYPE, FP8_KV_DOT
-    global DECODE_VARIANTS
+    global DECODE_VARIANTS, GEMM_M
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
     ap.add_argument("--sections", "--only", dest="sections", default="decode,lm_head,gemm,prefill,mixed",
@@ -1077,6 +1113,9 @@ def main():
                          "block_gemm: block-wise fp8 weights; none is in the default set)")
     ap.add_argument("--decode-shapes", default=None,
                     help="decode shapes to run instead of the full list, e.g. 8x4096,64x4096")
+    ap.add_argument("--gemm-ms", default=None,
+                    help="comma-separated M values for the gemm / block_gemm sections "
+                         "(default: %s)" % ",".join(map(str, GEMM_M)))
     ap.add_argument("--budget", type=float, default=300.0,
                     help="seconds after which sweeps keep only their first config")
     ap.add_argument("--loop-reps", type=int, default=8,
@@ -1116,6 +1155,11 @@ def main():
         ap.error(f"--fp8-kv-dot: unknown {bad}; choices: auto, {', '.join(FP8_KV_DOT_CHOICES)}")
     if args.smoke:
         _smoke()
+    if args.gemm_ms:
+        try:
+            GEMM_M = [int(m) for m in args.gemm_ms.split(",")]
+        except ValueError:
+            ap.error(f"--gemm-ms: comma-separated integers, got {args.gemm_ms!r}")
     OUT = args.out
     if OUT:
         Path(OUT).parent.mkdir(parents=True, exist_ok=True)

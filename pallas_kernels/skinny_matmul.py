@@ -66,6 +66,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.fp8_matmul import _expand_k
+
 FP8 = jnp.float8_e4m3fn
 MAX_ROWS = 64  # one block of rows: beyond this the GEMM is no longer skinny
 # Shared memory a Hopper (H100 / H200) block may take; the pipeline holds num_stages x and w
@@ -81,13 +83,20 @@ def smem_bytes(M: int, x_dtype, w_dtype, *, block_n: int, block_k: int,
 
 
 def skinny_matmul_reference(x, w, w_scale=None, x_scale=None, *, w_layout: str = "nk",
-                            out_dtype=None, residual=None) -> jax.Array:
+                            out_dtype=None, residual=None, scale_block_k=None) -> jax.Array:
     """Dequantize to float32, float32 matmul at HIGHEST precision, cast (then + residual, in
-    float32, cast again): [M, N]."""
+    float32, cast again): [M, N]. With ``scale_block_k`` the scales are per K block (w_scale
+    [N, KB], x_scale [M, KB]) and multiply the operands before the dot."""
     out_dtype = out_dtype or (jnp.bfloat16 if x.dtype == FP8 else x.dtype)
     wf = w.astype(jnp.float32)
-    wf = wf.T if w_layout == "nk" else wf
+    wf = wf.T if w_layout == "nk" else wf  # [K, N]
     xf = x.astype(jnp.float32)
+    if scale_block_k:
+        K = xf.shape[1]
+        wf = wf * _expand_k(w_scale, scale_block_k, K).T
+        if x_scale is not None:
+            xf = xf * _expand_k(x_scale, scale_block_k, K)
+        w_scale = x_scale = None
     if x_scale is not None:
         xf = xf * x_scale.astype(jnp.float32)[:, None]
     y = jnp.dot(xf, wf, precision=jax.lax.Precision.HIGHEST)
@@ -111,12 +120,26 @@ def skinny_fits(M: int, K: int, N: int, *, block_n: int, block_k: int, split_k: 
     return 1 <= M <= MAX_ROWS and N % block_n == 0 and K % (block_k * split_k) == 0
 
 
+def _check_scale_block(scale_block_k, K, block_k, w_scale) -> tuple[int, ...]:
+    """The scales' trailing shape: () per channel / token, (K / scale_block_k,) block-wise."""
+    if scale_block_k is None:
+        return ()
+    if scale_block_k < 16 or scale_block_k & (scale_block_k - 1):
+        raise ValueError(f"scale_block_k must be a power of two >= 16, got {scale_block_k}")
+    if block_k % scale_block_k or K % scale_block_k:
+        raise ValueError(f"block_k ({block_k}) and K ({K}) must be multiples of scale_block_k "
+                         f"({scale_block_k}): a tile holds whole scale blocks")
+    if w_scale is None:
+        raise ValueError("scale_block_k needs w_scale [N, K / scale_block_k]")
+    return (K // scale_block_k,)
+
+
 def _block_m(M: int) -> int:
     return max(16, 1 << (M - 1).bit_length())  # tensor-core dots take >= 16 rows
 
 
 def _kernel(x_ref, w_ref, *rest, M, block_m, block_n, block_k, k_per_split, w_layout, fp8_dot,
-            has_ws, has_xs, has_res):
+            has_ws, has_xs, has_res, scale_block_k=None):
     refs = list(rest)
     ws_ref = refs.pop(0) if has_ws else None
     xs_ref = refs.pop(0) if has_xs else None
@@ -127,27 +150,40 @@ def _kernel(x_ref, w_ref, *rest, M, block_m, block_n, block_k, k_per_split, w_la
     rm = jnp.arange(block_m, dtype=jnp.int32)
     row_ok = rm < M
     rn = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
-    k_off = jnp.arange(block_k, dtype=jnp.int32)
+    # Block scales (scale_block_k): each tile is scale_block_k-wide sub-blocks, each sub-block's
+    # product scaled by its K block's scales before the sum; else one dot a tile.
+    sub_k = scale_block_k or block_k
+    k_off = jnp.arange(sub_k, dtype=jnp.int32)
     k0 = sp * k_per_split
 
     def body(kb, acc):
-        rk = k0 + kb * block_k + k_off
-        x = plgpu.load(x_ref.at[rm[:, None], rk[None, :]], mask=row_ok[:, None], other=0)
-        if fp8_dot:  # e4m3 passed as int8 bits: a masked load takes an int8 fill, not an e4m3
-            x = jax.lax.bitcast_convert_type(x, FP8)
-        if w_layout == "nk":
-            w = plgpu.load(w_ref.at[rn[:, None], rk[None, :]]).T  # [block_k, block_n]
-        else:
-            w = plgpu.load(w_ref.at[rk[:, None], rn[None, :]])
-        if not fp8_dot:
-            w = w.astype(x.dtype)
-        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+        for sub in range(block_k // sub_k):  # static: one dot a sub-block
+            start = k0 + kb * block_k + sub * sub_k
+            rk = start + k_off
+            x = plgpu.load(x_ref.at[rm[:, None], rk[None, :]], mask=row_ok[:, None], other=0)
+            if fp8_dot:  # e4m3 passed as int8 bits: a masked load takes an int8 fill
+                x = jax.lax.bitcast_convert_type(x, FP8)
+            if w_layout == "nk":
+                w = plgpu.load(w_ref.at[rn[:, None], rk[None, :]]).T  # [sub_k, block_n]
+            else:
+                w = plgpu.load(w_ref.at[rk[:, None], rn[None, :]])
+            if not fp8_dot:
+                w = w.astype(x.dtype)
+            part = jnp.dot(x, w, preferred_element_type=jnp.float32)
+            if scale_block_k:
+                blk = start // sub_k
+                part = part * plgpu.load(ws_ref.at[rn, blk])[None, :]
+                if has_xs:
+                    part = part * plgpu.load(xs_ref.at[rm, blk], mask=row_ok,
+                                             other=0.0)[:, None]
+            acc = acc + part
+        return acc
 
     acc = jax.lax.fori_loop(0, k_per_split // block_k, body,
                             jnp.zeros((block_m, block_n), jnp.float32))
-    if has_ws:
+    if has_ws and not scale_block_k:
         acc = acc * plgpu.load(ws_ref.at[rn])[None, :]
-    if has_xs:
+    if has_xs and not scale_block_k:
         acc = acc * plgpu.load(xs_ref.at[rm], mask=row_ok, other=0.0)[:, None]
 
     y = acc.astype(o_ref.dtype)
@@ -159,14 +195,19 @@ def _kernel(x_ref, w_ref, *rest, M, block_m, block_n, block_k, k_per_split, w_la
 
 
 @functools.partial(jax.jit, static_argnames=("w_layout", "out_dtype", "block_n", "block_k",
-                                             "split_k", "num_warps", "num_stages", "interpret"))
+                                             "split_k", "num_warps", "num_stages", "interpret",
+                                             "scale_block_k"))
 def skinny_matmul(x, w, w_scale=None, x_scale=None, residual=None, *, w_layout: str = "nk",
                   out_dtype=None, block_n: int = 64, block_k: int = 256, split_k: int = 1,
-                  num_warps: int = 4, num_stages: int = 4, interpret: bool = False) -> jax.Array:
+                  num_warps: int = 4, num_stages: int = 4, scale_block_k: int | None = None,
+                  interpret: bool = False) -> jax.Array:
     """Pallas (Triton) ``skinny_matmul_reference`` for M <= 64 rows (see the module docstring).
 
     ``out_dtype``: default x's dtype (bf16 for an e4m3 x). Blocks are powers of two >= 16.
     ``residual`` [M, N] (``out_dtype``; ``split_k`` must be 1): added in the epilogue.
+    ``scale_block_k``: block-wise scales (the published block-fp8 checkpoints): w_scale
+    [N, K / scale_block_k] and x_scale [M, K / scale_block_k] (or None: a bf16 x, W8A16), each
+    K block's product scaled before the sum; ``block_k`` a multiple of it.
     """
     if w_layout not in ("nk", "kn"):
         raise ValueError(f"w_layout must be 'nk' or 'kn', got {w_layout!r}")
@@ -196,10 +237,11 @@ def skinny_matmul(x, w, w_scale=None, x_scale=None, residual=None, *, w_layout: 
         raise ValueError("an e4m3 x needs an e4m3 w and x_scale (W8A8)")
     if x_scale is not None and not fp8_dot:
         raise ValueError("x_scale is for an e4m3 x; scale a bf16 x before the call")
-    if w_scale is not None and w_scale.shape != (N,):
-        raise ValueError(f"w_scale must be [{N}], got {w_scale.shape}")
-    if x_scale is not None and x_scale.shape != (M,):
-        raise ValueError(f"x_scale must be [{M}], got {x_scale.shape}")
+    scale_cols = _check_scale_block(scale_block_k, K, block_k, w_scale)
+    if w_scale is not None and w_scale.shape != (N, *scale_cols):
+        raise ValueError(f"w_scale must be {[N, *scale_cols]}, got {list(w_scale.shape)}")
+    if x_scale is not None and x_scale.shape != (M, *scale_cols):
+        raise ValueError(f"x_scale must be {[M, *scale_cols]}, got {list(x_scale.shape)}")
     out_dtype = jnp.dtype(out_dtype or (jnp.bfloat16 if fp8_dot else x.dtype))
     if residual is not None:
         if split_k != 1:
@@ -224,7 +266,8 @@ def skinny_matmul(x, w, w_scale=None, x_scale=None, residual=None, *, w_layout: 
     kernel = functools.partial(
         _kernel, M=M, block_m=block_m, block_n=block_n, block_k=block_k,
         k_per_split=k_per_split, w_layout=w_layout, fp8_dot=fp8_dot,
-        has_ws=w_scale is not None, has_xs=x_scale is not None, has_res=residual is not None)
+        has_ws=w_scale is not None, has_xs=x_scale is not None, has_res=residual is not None,
+        scale_block_k=scale_block_k)
     part_dtype = out_dtype if split_k == 1 else jnp.float32
     out = pl.pallas_call(
         kernel,

@@ -893,6 +893,55 @@ def test_block_fp8_linear_runs_w8a16_or_w8a8_as_asked(monkeypatch):
         lin(x)
 
 
+
+def test_block_fp8_linear_runs_small_steps_through_the_skinny_kernel(monkeypatch):
+    """With a skinny tile (JAXLLM_FP8_BLOCK_SKINNY; the GPU's default, interpret mode here) a
+    block-wise projection of <= 64 rows runs the skinny kernel, W8A16 and W8A8, and equals the
+    XLA forms it replaces; shapes the tile does not fit (a ragged K block, > 64 rows, a K the
+    tile's splits do not divide) keep XLA's dot; a malformed tile is a clear error."""
+    from jaxllm.models import fp8 as fp8_mod
+
+    rng = np.random.default_rng(7)
+    O, bk = 64, 32
+    calls = []
+    real = fp8_mod.skinny_matmul
+    monkeypatch.setattr(fp8_mod, "skinny_matmul",
+                        lambda *a, **k: calls.append(k["split_k"]) or real(*a, **k))
+
+    def operands(T, I):
+        x = jnp.asarray(rng.normal(size=(T, I)), jnp.bfloat16)
+        w = jnp.asarray(np.clip(rng.normal(size=(O, I)) * 50, -448, 448),
+                        jnp.float32).astype(jnp.float8_e4m3fn)
+        ws = jnp.asarray(rng.uniform(1e-3, 0.1, size=(O, -(-I // bk))), jnp.float32)
+        return x, w, ws
+
+    def both_forms(x, w, ws):
+        monkeypatch.delenv(fp8_mod.BLOCK_SKINNY_ENV, raising=False)  # CPU: XLA's forms
+        want = [fp8_mod.block_fp8_linear_w8a16(x, w, ws, bk),
+                fp8_mod.block_fp8_linear_w8a8(x, w, ws, bk, block_m=16)]
+        monkeypatch.setenv(fp8_mod.BLOCK_SKINNY_ENV, "32,64,4,4,2")
+        got = [fp8_mod.block_fp8_linear_w8a16(x, w, ws, bk),
+               fp8_mod.block_fp8_linear_w8a8(x, w, ws, bk)]
+        for g, r in zip(got, want):
+            assert g.dtype == x.dtype and g.shape == r.shape
+            assert np.linalg.norm(np.asarray(g, np.float32) - np.asarray(r, np.float32)) \
+                < 1e-2 * np.linalg.norm(np.asarray(r, np.float32))
+
+    both_forms(*operands(5, 256))  # 256 = 4 splits of one 64-wide tile
+    assert calls == [4, 4]
+    calls.clear()
+    both_forms(*operands(3, 128))  # 128: split_k halved to 2
+    assert calls == [2, 2]
+    calls.clear()
+    for T, I in ((3, 80), (65, 256)):  # a ragged last K block; not skinny
+        both_forms(*operands(T, I))
+    assert calls == []
+    monkeypatch.setenv(fp8_mod.BLOCK_SKINNY_ENV, "64,256")
+    with pytest.raises(ValueError, match="five integers"):
+        fp8_mod.block_skinny_tile()
+    monkeypatch.setenv(fp8_mod.BLOCK_SKINNY_ENV, "0")
+    assert fp8_mod.block_skinny_tile() is None
+
 def _hf_logprobs(folder, seqs, *, quantized_activations: bool):
     """transformers' reading of a pre-quantized folder (dequantized on the CPU), log-softmax per
     sequence; ``quantized_activations`` False turns compressed-tensors' activation fake

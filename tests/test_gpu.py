@@ -191,6 +191,37 @@ def test_compiled_skinny_matmul_matches_reference(M):
                                                      out_dtype=jnp.float32)) < 1e-3
 
 
+@pytest.mark.parametrize("M", [1, 8, 64])
+def test_compiled_block_fp8_skinny_matches_reference(M):
+    """The skinny matmul with 128-wide block scales compiled for the GPU, W8A16 and W8A8, at
+    the engine's default tile and the q/k/v and down shapes; and a block-wise Fp8Linear of M
+    rows (the engine's decode form on a GPU) against the dequantized fp32 reference."""
+    from jaxllm.models import fp8 as fp8_mod
+    from pallas_kernels.fp8_matmul import (fp8_block_matmul_reference,
+                                           quantize_activation_per_token_group)
+    from pallas_kernels.skinny_matmul import skinny_matmul
+
+    rng = np.random.default_rng(M)
+    bn, tk, sk, nw, ns = fp8_mod.BLOCK_SKINNY_TILE
+    for K, N in ((4096, 6144), (14336, 4096)):
+        x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+        w = jnp.asarray(np.clip(rng.standard_normal((N, K)) * 100, -448, 448),
+                        jnp.float32).astype(jnp.float8_e4m3fn)
+        ws = jnp.asarray(rng.uniform(1e-4, 1e-3, size=(N, K // 128)), jnp.float32)
+        exact = fp8_block_matmul_reference(x.astype(jnp.float32), jnp.ones((M, K // 128)), w,
+                                           ws, 128, jnp.float32)
+        kw = dict(block_n=bn, block_k=tk, split_k=sk, num_warps=nw, num_stages=ns,
+                  scale_block_k=128, out_dtype=jnp.float32)
+        assert _rel_err(skinny_matmul(x, w, ws, **kw), exact) < 1e-2
+        xq, xs = quantize_activation_per_token_group(x, 128)
+        ref = fp8_block_matmul_reference(xq, xs, w, ws, 128, jnp.float32)
+        assert _rel_err(skinny_matmul(xq, w, ws, xs, **kw), ref) < 1e-3
+        lin = fp8_mod.Fp8Linear(K, N, use_bias=False, dtype=jnp.bfloat16, block_k=128)
+        lin.weight.set_value(w)
+        lin.weight_scale.set_value(ws)
+        assert _rel_err(jax.jit(lambda a: lin(a))(x), exact) < 1e-2
+
+
 @pytest.mark.parametrize("M", [1, 8, 40])
 def test_compiled_fused_mlp_kernels_match_reference(M):
     """pallas_kernels.fused_mlp compiled for the GPU at the Llama-3-8B MLP (E 4096, F 14336):

@@ -26,6 +26,7 @@ import pytest
 
 from pallas_kernels.fp8_matmul import (
     E4M3_MAX,
+    fp8_block_matmul_reference,
     fp8_matmul,
     fp8_matmul_reference,
     fp8_matmul_xla,
@@ -902,6 +903,58 @@ def test_skinny_matmul_matches_reference_for_bf16_w8a16_and_w8a8(M, split_k):
     assert _rel_err(got, exact) < 0.08
 
 
+@pytest.mark.parametrize("M,split_k,tile_k", [(1, 2, 64), (7, 1, 32), (16, 4, 32), (33, 2, 64)])
+def test_skinny_matmul_block_scales_match_the_block_reference(M, split_k, tile_k):
+    """skinny_matmul(..., scale_block_k=32) (interpret mode), fresh random operands: e4m3
+    weights with one scale per (channel, 32-wide K block) under bf16 rows (W8A16: the published
+    block-fp8 checkpoints at decode) and under e4m3 rows with per-(row, group) scales (W8A8);
+    tiles of one or two scale blocks, K split over programs, rows beyond M masked."""
+    from pallas_kernels.fp8_matmul import quantize_activation_per_token_group
+    from pallas_kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
+
+    rng = np.random.default_rng(500 + M)
+    K, N, sb = 256, 96, 32
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    w = jnp.asarray(np.clip(rng.standard_normal((N, K)) * 100, -448, 448),
+                    jnp.float32).astype(jnp.float8_e4m3fn)
+    ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(N, K // sb)), jnp.float32)
+    kw = dict(block_n=32, block_k=tile_k, split_k=split_k, scale_block_k=sb, interpret=True)
+    exact = fp8_block_matmul_reference(x.astype(jnp.float32), jnp.ones((M, K // sb)), w, ws,
+                                       sb, jnp.float32)
+    got = skinny_matmul(x, w, ws, **kw)  # W8A16
+    assert got.shape == (M, N) and got.dtype == jnp.bfloat16
+    assert _rel_err(got, exact) < 1e-2
+    assert _rel_err(skinny_matmul_reference(x, w, ws, scale_block_k=sb), exact) < 1e-2
+    # A per-channel scale in place of the blocks' is wrong by far: the K blocks are scaled.
+    assert _rel_err(skinny_matmul(x, w, ws[:, 0], **{**kw, "scale_block_k": None}), exact) > 0.3
+    xq, xs = quantize_activation_per_token_group(x, sb)
+    got = skinny_matmul(xq, w, ws, xs, out_dtype=jnp.float32, **kw)  # W8A8
+    ref = fp8_block_matmul_reference(xq, xs, w, ws, sb, jnp.float32)
+    assert _rel_err(got, ref) < 1e-5
+    assert _rel_err(skinny_matmul_reference(xq, w, ws, xs, out_dtype=jnp.float32,
+                                            scale_block_k=sb), ref) < 1e-6
+    assert _rel_err(got, exact) < 0.08
+
+
+def test_skinny_matmul_block_scales_refuse_what_they_do_not_fit():
+    from pallas_kernels.skinny_matmul import skinny_matmul
+
+    x = jnp.ones((4, 128), jnp.bfloat16)
+    w = jnp.ones((64, 128), jnp.float8_e4m3fn)
+    kw = dict(block_n=32, block_k=64, interpret=True)
+    with pytest.raises(ValueError, match="multiples of scale_block_k"):  # 64-wide tile, 128 blocks
+        skinny_matmul(x, w, jnp.ones((64, 1)), scale_block_k=128, **kw)
+    with pytest.raises(ValueError, match="needs w_scale"):
+        skinny_matmul(x, w, scale_block_k=32, **kw)
+    with pytest.raises(ValueError, match="power of two"):
+        skinny_matmul(x, w, jnp.ones((64, 5)), scale_block_k=24, **kw)
+    with pytest.raises(ValueError, match="w_scale must be \\[64, 4\\]"):
+        skinny_matmul(x, w, jnp.ones((64,)), scale_block_k=32, **kw)
+    with pytest.raises(ValueError, match="x_scale must be \\[4, 4\\]"):
+        skinny_matmul(x.astype(jnp.float8_e4m3fn), w, jnp.ones((64, 4)), jnp.ones((4,)),
+                      scale_block_k=32, **kw)
+
+
 @pytest.mark.parametrize("M,dtype", [(1, jnp.bfloat16), (7, jnp.bfloat16), (16, jnp.float32)])
 def test_skinny_matmul_residual_epilogue_matches_the_models_add(M, dtype):
     """skinny_matmul(..., residual=r) (interpret mode; the o / down projections' residual GEMM,
@@ -1054,17 +1107,21 @@ def test_decode_sweep_of_several_heads_a_program_runs_and_feeds_the_fp8_table(tm
 
 def test_block_gemm_section_runs_every_form_of_a_block_fp8_projection_correct(tmp_path):
     # kernels.py --sections block_gemm (tiny shapes, interpret mode): the bf16 peer, the
-    # engine's w8a16 and w8a8 forms and the kernel alone all run, each within its tolerance of
-    # the reference, for the next GPU session to time.
+    # dequantized weight under XLA's dot, the engine's w8a16 and w8a8 forms, the skinny kernel's
+    # tiles (M <= 64) and the block kernel alone (M > 64) all run, each within its tolerance of
+    # the reference, for the GPU session to time.
     out = tmp_path / "k.jsonl"
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke", "--sections",
-         "block_gemm", "--loop-reps", "0", "--out", str(out)], capture_output=True, text=True,
+         "block_gemm", "--loop-reps", "0", "--gemm-ms", "1,80", "--out", str(out)],
+        capture_output=True, text=True,
         timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {r["impl"] for r in rows} == {"xla_bf16", "block_w8a16", "block_w8a8",
-                                         "pallas_fp8_block"}
+    assert {r["impl"] for r in rows} == {"xla_bf16", "xla_block_w8a16", "block_w8a16",
+                                         "block_w8a8", "skinny_block_w8a16",
+                                         "skinny_block_w8a8", "pallas_fp8_block"}
+    assert {r["M"] for r in rows if r["impl"].startswith("skinny")} == {1}  # M <= 64 only
     assert not [r for r in rows if "error" in r or r.get("ok") is False]
     assert all("rel_err" in r for r in rows if r["impl"] != "xla_bf16")
 

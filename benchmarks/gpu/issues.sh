@@ -1824,6 +1824,58 @@ h100block)  # nvidia-h100-x1, one call (written 2026-12-05 late, when no GPU was
     > $L/tp_b8.log 2>&1
   grep -h "tok/s" $L/tp_*.log | cut -c1-300
   show_logs 3 ;;
+block1)  # nvidia-h200 (one GPU), one call (2026-12-05 23:50, when the H100 was not lent): the
+  # block-wise fp8 and fp8-pages GPU tests, the block forms' GEMM sweep (which form block-wise
+  # checkpoints run at which M: forms compared in one process, so any card decides it), then
+  # batch-1 latency of per-channel fp8, block W8A16 and block W8A8 (one round). Carry .bench, .whl.
+  L=$OUT/logs; mkdir -p $L
+  wheels || exit 1
+  gpu_tests 3 -k "block_fp8 or fp8_pages"
+  timeout 170 python3 benchmarks/kernels.py --sections block_gemm --budget 120 --device-time \
+    --loop-reps 0 --out $OUT/results.jsonl > $L/block_gemm.log 2>&1
+  echo "rc=$?"; sed -n '/== best per shape/,$p' $L/block_gemm.log | cut -c1-220
+  B="--fp8-weight-block 128,128"
+  timeout 100 $LAT1K --num-scheduler-steps 4 --quantization fp8 > $L/lat_ch_r1.log 2>&1
+  timeout 110 $LAT1K --num-scheduler-steps 4 --quantization fp8 $B > $L/lat_b16_r1.log 2>&1
+  JAXLLM_FP8_BLOCK_GEMM=w8a8 timeout $((T - SECONDS - 15)) $LAT1K --num-scheduler-steps 4 \
+    --quantization fp8 $B > $L/lat_b8_r1.log 2>&1
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
+  show_logs 3 ;;
+block2)  # nvidia-h200 (one GPU), one call, after block1: a second latency round (the other order)
+  # and offline throughput (1,000 x 512/128) of per-channel fp8 and the two block forms.
+  L=$OUT/logs; mkdir -p $L
+  B="--fp8-weight-block 128,128"
+  JAXLLM_FP8_BLOCK_GEMM=w8a8 timeout 110 $LAT1K --num-scheduler-steps 4 --quantization fp8 \
+    $B > $L/lat_b8_r2.log 2>&1
+  timeout 110 $LAT1K --num-scheduler-steps 4 --quantization fp8 $B > $L/lat_b16_r2.log 2>&1
+  timeout 100 $LAT1K --num-scheduler-steps 4 --quantization fp8 > $L/lat_ch_r2.log 2>&1
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
+  timeout 110 $TP --quantization fp8 > $L/tp_ch.log 2>&1
+  timeout 120 $TP --quantization fp8 $B > $L/tp_b16.log 2>&1
+  JAXLLM_FP8_BLOCK_GEMM=w8a8 timeout $((T - SECONDS - 15)) $TP --quantization fp8 $B \
+    > $L/tp_b8.log 2>&1
+  for f in $L/tp_*.log; do echo "$f $(grep -h "tok/s" $f | cut -c1-250)"; done
+  show_logs 3 ;;
+blockfix)  # one GPU, one call (2026-12-06): block-wise fp8 at decode through the skinny kernel
+  # with block scales (the XLA form wrote the dequantized weight: 14.6 ms/token at batch 1 on
+  # the H100 against per-channel fp8's 3.6). In priority order, for a short budget: its GPU
+  # tests, the M <= 64 sweep (skinny tiles vs XLA's forms vs bf16), batch-1 latency block
+  # W8A16 / per-channel / block W8A8, block W8A16 throughput. Carry .bench and .whl.
+  L=$OUT/logs; mkdir -p $L
+  wheels || exit 1
+  gpu_tests 3 -k "block_fp8"
+  timeout 150 python3 benchmarks/kernels.py --sections block_gemm --gemm-ms 1,16,64 \
+    --budget 100 --device-time --loop-reps 0 --out $OUT/results.jsonl > $L/block_gemm.log 2>&1
+  echo "rc=$?"; sed -n '/== best per shape/,$p' $L/block_gemm.log | cut -c1-220
+  B="--fp8-weight-block 128,128"
+  timeout 110 $LAT1K --num-scheduler-steps 4 --quantization fp8 $B > $L/lat_b16.log 2>&1
+  timeout 100 $LAT1K --num-scheduler-steps 4 --quantization fp8 > $L/lat_ch.log 2>&1
+  JAXLLM_FP8_BLOCK_GEMM=w8a8 timeout 110 $LAT1K --num-scheduler-steps 4 --quantization fp8 \
+    $B > $L/lat_b8.log 2>&1
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
+  timeout $((T - SECONDS - 15)) $TP --quantization fp8 $B > $L/tp_b16.log 2>&1
+  for f in $L/tp_*.log; do echo "$f $(grep -h "tok/s" $f | cut -c1-250)"; done
+  show_logs 3 ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.
   L=$OUT/logs; mkdir -p $L

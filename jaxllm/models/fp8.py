@@ -39,6 +39,7 @@ from pallas_kernels.fp8_matmul import (E4M3_MAX, FP8, fp8_block_matmul, fp8_matm
                                        quantize_activation_per_token,
                                        quantize_activation_per_token_group)
 from pallas_kernels.silu_mul_quant import fits as silu_mul_quant_fits
+from pallas_kernels.skinny_matmul import skinny_fits, skinny_matmul
 from pallas_kernels.silu_mul_quant import silu_mul_quant
 
 logger = logging.getLogger("jaxllm")
@@ -193,9 +194,69 @@ def block_fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     return block_fp8_linear_w8a16(x, weight, weight_scale, block_k)
 
 
+BLOCK_SKINNY_ENV = "JAXLLM_FP8_BLOCK_SKINNY"
+# The skinny kernel's (block_n, tile K, split_k, num_warps, num_stages) for block-wise fp8
+# projections of <= 64 token rows on a GPU. Why a kernel at all: XLA does not fuse the block
+# dequantization into its GEMM below ~4096 rows, so w8a16 wrote and re-read the whole weight in
+# bf16 (H100, 2026-12-06: 53 against bf16's 22 us for the q/k/v shape at M = 1, batch-1 decode
+# 14.6 ms/token against per-channel fp8's 3.6; benchmarks/RESULTS.md).
+BLOCK_SKINNY_TILE = (64, 256, 4, 4, 4)
+
+
+def block_skinny_tile() -> tuple[int, int, int, int, int] | None:
+    """``JAXLLM_FP8_BLOCK_SKINNY``: "0" (XLA's dot at every size), "block_n,block_k,split_k,
+    warps,stages" (sweeps; also runs the kernel in interpret mode on a CPU), or unset:
+    ``BLOCK_SKINNY_TILE`` on a GPU, off elsewhere. Read at trace time."""
+    import os
+
+    raw = os.environ.get(BLOCK_SKINNY_ENV)
+    if raw is None:
+        return BLOCK_SKINNY_TILE if jax.default_backend() == "gpu" else None
+    if raw == "0":
+        return None
+    try:
+        tile = tuple(int(v) for v in raw.split(","))
+    except ValueError:
+        tile = ()
+    if len(tile) != 5:
+        raise ValueError(f"{BLOCK_SKINNY_ENV} must be 0 or 'block_n,block_k,split_k,warps,"
+                         f"stages' (five integers), got {raw!r}.")
+    return tile
+
+
+def _block_skinny(x: jax.Array, weight: jax.Array, weight_scale: jax.Array, block_k: int,
+                  x_scale: jax.Array | None = None) -> jax.Array | None:
+    """A block-wise fp8 projection of <= 64 rows through ``skinny_matmul`` (each K block's
+    product scaled in the kernel, the weight read once in e4m3): W8A16 for a bf16 x, W8A8 with
+    an e4m3 x and its per-group ``x_scale``. None where it does not apply (no tile, tensor
+    parallelism, a ragged last K block, shapes the tile does not divide): the caller's XLA
+    form then. ``split_k`` is halved until the tile divides K."""
+    tile = block_skinny_tile()
+    if tile is None or heads_mesh() is not None:
+        return None
+    block_n, tile_k, split_k, num_warps, num_stages = tile
+    (T, K), N = x.shape, weight.shape[0]
+    if weight_scale.shape[1] * block_k != K or tile_k % block_k:
+        return None
+    while split_k > 1 and not skinny_fits(T, K, N, block_n=block_n, block_k=tile_k,
+                                          split_k=split_k):
+        split_k //= 2
+    if not skinny_fits(T, K, N, block_n=block_n, block_k=tile_k, split_k=split_k):
+        return None
+    return skinny_matmul(x, weight, weight_scale, x_scale, out_dtype=jnp.bfloat16
+                         if x_scale is not None else x.dtype, block_n=block_n, block_k=tile_k,
+                         split_k=split_k, num_warps=num_warps, num_stages=num_stages,
+                         scale_block_k=block_k, interpret=jax.default_backend() != "gpu")
+
+
 def block_fp8_linear_w8a16(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
                            block_k: int) -> jax.Array:
-    """``block_fp8_linear``'s w8a16 form."""
+    """``block_fp8_linear``'s w8a16 form: the skinny kernel at <= 64 rows where it applies
+    (``_block_skinny``), else XLA's dot over ``dequantize_blockwise`` (fused into the GEMM at
+    prefill sizes)."""
+    y = _block_skinny(x, weight, weight_scale, block_k)
+    if y is not None:
+        return y
     w = dequantize_blockwise(weight, weight_scale, block_k, x.dtype)
     acc = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return acc.astype(x.dtype)
@@ -203,9 +264,14 @@ def block_fp8_linear_w8a16(x: jax.Array, weight: jax.Array, weight_scale: jax.Ar
 
 def block_fp8_linear_w8a8(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
                           block_k: int, **blocks) -> jax.Array:
-    """``block_fp8_linear``'s w8a8 form; ``blocks``: the kernel's block_m / block_n / num_warps /
-    num_stages (default: block_m the power of two >= T in [16, 64], the kernel's others)."""
+    """``block_fp8_linear``'s w8a8 form: per-group activation quantization, then the skinny
+    kernel at <= 64 rows where it applies (unless ``blocks`` are given), else
+    ``fp8_block_matmul``; ``blocks``: that kernel's block_m / block_n / num_warps / num_stages
+    (default: block_m the power of two >= T in [16, 64], the kernel's others)."""
     xq, xs = quantize_activation_per_token_group(x, block_k)
+    y = None if blocks else _block_skinny(xq, weight, weight_scale, block_k, xs)
+    if y is not None:
+        return y.astype(x.dtype)
     T = x.shape[0]
     blocks.setdefault("block_m", min(64, max(16, 1 << (T - 1).bit_length())))
     return fp8_block_matmul(xq, xs, weight, weight_scale, block_k, x.dtype,
