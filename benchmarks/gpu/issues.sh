@@ -1858,24 +1858,28 @@ block2)  # nvidia-h200 (one GPU), one call, after block1: a second latency round
   show_logs 3 ;;
 blockfix)  # one GPU, one call (2026-12-06): block-wise fp8 at decode through the skinny kernel
   # with block scales (the XLA form wrote the dequantized weight: 14.6 ms/token at batch 1 on
-  # the H100 against per-channel fp8's 3.6). In priority order, for a short budget: its GPU
-  # tests, the M <= 64 sweep (skinny tiles vs XLA's forms vs bf16), batch-1 latency block
-  # W8A16 / per-channel / block W8A8, block W8A16 throughput. Carry .bench and .whl.
+  # the H100 against per-channel fp8's 3.6). In priority order, each step only while T leaves
+  # room: its GPU tests, batch-1 latency block W8A16 / per-channel / block W8A8, the M <= 64
+  # sweep (skinny tiles vs XLA's forms vs bf16), block W8A16 throughput. Carry .bench, .whl.
   L=$OUT/logs; mkdir -p $L
   wheels || exit 1
+  room() { [ $((T - SECONDS)) -gt $1 ]; }
   gpu_tests 3 -k "block_fp8"
-  timeout 150 python3 benchmarks/kernels.py --sections block_gemm --gemm-ms 1,16,64 \
-    --budget 100 --device-time --loop-reps 0 --out $OUT/results.jsonl > $L/block_gemm.log 2>&1
-  echo "rc=$?"; sed -n '/== best per shape/,$p' $L/block_gemm.log | cut -c1-220
   B="--fp8-weight-block 128,128"
-  timeout 110 $LAT1K --num-scheduler-steps 4 --quantization fp8 $B > $L/lat_b16.log 2>&1
-  timeout 100 $LAT1K --num-scheduler-steps 4 --quantization fp8 > $L/lat_ch.log 2>&1
-  JAXLLM_FP8_BLOCK_GEMM=w8a8 timeout 110 $LAT1K --num-scheduler-steps 4 --quantization fp8 \
-    $B > $L/lat_b8.log 2>&1
+  room 60 && timeout 80 $LAT1K --num-scheduler-steps 4 --quantization fp8 $B \
+    > $L/lat_b16.log 2>&1
+  room 50 && timeout 70 $LAT1K --num-scheduler-steps 4 --quantization fp8 > $L/lat_ch.log 2>&1
+  room 60 && JAXLLM_FP8_BLOCK_GEMM=w8a8 timeout 80 $LAT1K --num-scheduler-steps 4 \
+    --quantization fp8 $B > $L/lat_b8.log 2>&1
   for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
-  timeout $((T - SECONDS - 15)) $TP --quantization fp8 $B > $L/tp_b16.log 2>&1
+  room 60 && timeout $((T - SECONDS - 10)) python3 benchmarks/kernels.py --sections \
+    block_gemm --gemm-ms 1,16,64 --budget $(((T - SECONDS) / 3)) --device-time --loop-reps 0 \
+    --out $OUT/results.jsonl > $L/block_gemm.log 2>&1
+  echo "rc=$?"
+  room 120 && timeout $((T - SECONDS - 10)) $TP --quantization fp8 $B > $L/tp_b16.log 2>&1
   for f in $L/tp_*.log; do echo "$f $(grep -h "tok/s" $f | cut -c1-250)"; done
-  show_logs 3 ;;
+  grep "impl=" $L/block_gemm.log | grep -v "error" | sed 's/ gbps=.*device_us=/ dev=/' \
+    | cut -c1-160 ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.
   L=$OUT/logs; mkdir -p $L

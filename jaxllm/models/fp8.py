@@ -175,18 +175,22 @@ def block_fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     """A block-wise fp8 projection: x [T, I], weight [O, I] e4m3, weight_scale [O, KB] -> [T, O]
     in x's dtype, fp32 accumulation. Two ways (``block_gemm_mode()``):
 
-      w8a16 (default): x @ dequantize_blockwise(weight).T. The dequantization is elementwise on
-        the GEMM's operand, which XLA can fuse into the GEMM (the weight read once, in e4m3).
+      w8a16 (default): at <= 64 rows on a GPU the skinny kernel with block scales (the e4m3
+        weight upcast and each K block's product scaled in registers: ``_block_skinny``), else
+        x @ dequantize_blockwise(weight).T through XLA (which fuses the dequantization into the
+        GEMM only from ~4096 rows; below, it writes the weight once in bf16 first).
       w8a8: vLLM's W8A8 block linear: x quantized per token and group of ``block_k`` features
-        (``quantize_activation_per_token_group``), ``pallas_kernels.fp8_matmul.
-        fp8_block_matmul`` (fp8 tensor cores, each K block's product scaled before the sum).
+        (``quantize_activation_per_token_group``), then the skinny kernel at <= 64 rows or
+        ``pallas_kernels.fp8_matmul.fp8_block_matmul`` (fp8 tensor cores, each K block's
+        product scaled before the sum).
 
-    w8a8 runs on one device; under tensor parallelism the layer runs w8a16.
+    Both run their Pallas kernels on one device only; under tensor parallelism the layer runs
+    XLA's w8a16 (XLA cannot split a custom call).
 
-    Why w8a16 is the default: XLA has no dot whose scales vary along K, so W8A8 needs the Pallas
-    kernel, whose speed against w8a16 is not measured on the GPU yet (docs/DESIGN_NOTES.md
-    "FP8", block-wise checkpoints; ``benchmarks/kernels.py --sections block_gemm``); w8a16 keeps
-    the activations exact, so its quality bounds W8A8's from above."""
+    Why w8a16 is the default: it keeps the activations exact (its quality bounds W8A8's from
+    above) and needs no quantization kernel a projection; ``fp8_block_matmul`` loses to XLA's
+    w8a16 at every M >= 256 on the H100 (0.2-0.5x of bf16 against 0.7-0.9x; benchmarks/
+    RESULTS.md, 2026-12-06)."""
     # Under tensor parallelism the Pallas kernel would see whole operands (a custom call XLA
     # cannot split): w8a16 there, whose dot XLA partitions.
     if block_gemm_mode() == "w8a8" and heads_mesh() is None:
