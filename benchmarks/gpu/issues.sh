@@ -1786,8 +1786,8 @@ h100k)  # nvidia-h100-x1, one call (issues 5 and 6 on the H100): the skinny GEMM
   timeout $((T - SECONDS - 15)) $TP --quantization fp8 --kv-cache-dtype fp8 > $L/tp_fp8kv.log 2>&1
   grep -h "sized\|KV pages\|start-up\|tok/s" $L/tp_*.log | cut -c1-300
   show_logs 3 ;;
-h100next)  # nvidia-h100-x1, one call (written 2026-12-05 late, when no GPU was lent; not run
-  # yet): the block-wise fp8 and fp8-pages GPU tests (e5m2 pages compiled for the first time),
+h100next)  # nvidia-h100-x1, one call (run 2026-12-06 00:00; RESULTS): the block-wise fp8
+  # and fp8-pages GPU tests (e5m2 pages compiled for the first time),
   # then the block forms' sweep (w8a16, the engine's default,
   # against w8a8 and the bf16 dot: which form block-wise checkpoints should run at which M),
   # then issue 5's two H100 rows not yet read in GPU time: the decode-attention grid and the
@@ -1805,44 +1805,8 @@ h100next)  # nvidia-h100-x1, one call (written 2026-12-05 late, when no GPU was 
     --budget $((T - SECONDS - 60)) --device-time --out $OUT/results.jsonl > $L/gemm.log 2>&1
   echo "rc=$?"; sed -n '/== best per shape/,$p' $L/gemm.log | cut -c1-220
   show_logs 3 ;;
-h100block)  # nvidia-h100-x1, one call (written 2026-12-05 late, when no GPU was lent; not run
-  # yet): a Qwen3-FP8-style model (128 x 128 block scales, random weights, 8B shape) in the
-  # engine against per-channel fp8: batch-1 latency, two alternating rounds of per-channel,
-  # block W8A16 (the default) and block W8A8 (JAXLLM_FP8_BLOCK_GEMM=w8a8), then offline
-  # throughput (1,000 x 512/128) of the two block forms. Carry nothing.
-  L=$OUT/logs; mkdir -p $L
-  B="--fp8-weight-block 128,128"
-  for i in 1 2; do
-    timeout 100 $LAT1K --num-scheduler-steps 4 --quantization fp8 > $L/lat_ch_r$i.log 2>&1
-    timeout 110 $LAT1K --num-scheduler-steps 4 --quantization fp8 $B > $L/lat_b16_r$i.log 2>&1
-    JAXLLM_FP8_BLOCK_GEMM=w8a8 timeout 110 $LAT1K --num-scheduler-steps 4 --quantization fp8 \
-      $B > $L/lat_b8_r$i.log 2>&1
-  done
-  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
-  timeout 150 $TP --quantization fp8 $B > $L/tp_b16.log 2>&1
-  JAXLLM_FP8_BLOCK_GEMM=w8a8 timeout $((T - SECONDS - 15)) $TP --quantization fp8 $B \
-    > $L/tp_b8.log 2>&1
-  grep -h "tok/s" $L/tp_*.log | cut -c1-300
-  show_logs 3 ;;
-block1)  # nvidia-h200 (one GPU), one call (2026-12-05 23:50, when the H100 was not lent): the
-  # block-wise fp8 and fp8-pages GPU tests, the block forms' GEMM sweep (which form block-wise
-  # checkpoints run at which M: forms compared in one process, so any card decides it), then
-  # batch-1 latency of per-channel fp8, block W8A16 and block W8A8 (one round). Carry .bench, .whl.
-  L=$OUT/logs; mkdir -p $L
-  wheels || exit 1
-  gpu_tests 3 -k "block_fp8 or fp8_pages"
-  timeout 170 python3 benchmarks/kernels.py --sections block_gemm --budget 120 --device-time \
-    --loop-reps 0 --out $OUT/results.jsonl > $L/block_gemm.log 2>&1
-  echo "rc=$?"; sed -n '/== best per shape/,$p' $L/block_gemm.log | cut -c1-220
-  B="--fp8-weight-block 128,128"
-  timeout 100 $LAT1K --num-scheduler-steps 4 --quantization fp8 > $L/lat_ch_r1.log 2>&1
-  timeout 110 $LAT1K --num-scheduler-steps 4 --quantization fp8 $B > $L/lat_b16_r1.log 2>&1
-  JAXLLM_FP8_BLOCK_GEMM=w8a8 timeout $((T - SECONDS - 15)) $LAT1K --num-scheduler-steps 4 \
-    --quantization fp8 $B > $L/lat_b8_r1.log 2>&1
-  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
-  show_logs 3 ;;
-block2)  # nvidia-h200 (one GPU), one call, after block1: a second latency round (the other order)
-  # and offline throughput (1,000 x 512/128) of per-channel fp8 and the two block forms.
+block2)  # one GPU, one call (run on the H100 2026-12-06 00:10; RESULTS): batch-1 latency and
+  # offline throughput (1,000 x 512/128) of per-channel fp8 and the two block forms.
   L=$OUT/logs; mkdir -p $L
   B="--fp8-weight-block 128,128"
   JAXLLM_FP8_BLOCK_GEMM=w8a8 timeout 110 $LAT1K --num-scheduler-steps 4 --quantization fp8 \
