@@ -200,7 +200,8 @@ def quantize_activation_per_token_group(x: jax.Array, group: int) -> tuple[jax.A
     return q.reshape(M, KB * group)[:, :K], scale
 
 
-def _expand_k(scale: jax.Array, block_k: int, K: int) -> jax.Array:
+def expand_k_blocks(scale: jax.Array, block_k: int, K: int) -> jax.Array:
+    """Per-K-block scales [R, KB] -> per-feature [R, K] (float32), each repeated block_k times."""
     return jnp.repeat(scale.astype(jnp.float32), block_k, axis=1,
                       total_repeat_length=scale.shape[1] * block_k)[:, :K]
 
@@ -210,8 +211,8 @@ def fp8_block_matmul_reference(x_fp8, x_scale, w_fp8, w_scale, block_k: int,
     """Both operands dequantized with their block scales to fp32, fp32 matmul (HIGHEST), cast:
     x_fp8 [M, K], x_scale [M, KB], w_fp8 [N, K], w_scale [N, KB] -> [M, N]."""
     K = x_fp8.shape[1]
-    x = x_fp8.astype(jnp.float32) * _expand_k(x_scale, block_k, K)
-    w = w_fp8.astype(jnp.float32) * _expand_k(w_scale, block_k, K)
+    x = x_fp8.astype(jnp.float32) * expand_k_blocks(x_scale, block_k, K)
+    w = w_fp8.astype(jnp.float32) * expand_k_blocks(w_scale, block_k, K)
     return jnp.dot(x, w.T, precision=jax.lax.Precision.HIGHEST).astype(out_dtype)
 
 

@@ -49,7 +49,10 @@ W8A8 is the fastest fp8 GEMM at M = 1 and 16 in 7 of 8 cases, 1.22-1.81x XLA's b
 4096 x 28672 gate/up shape 1.67-1.81x), but its bf16 and W8A16 modes are no faster than XLA's
 own GEMMs. The engine's fp8 steps of <= 16 rows run W8A16 through XLA (no activation
 quantization kernels: the batch-1 fp8 step is bound by the host's launches), so the engine does
-not call this kernel.
+not call this kernel for per-channel weights. It does for block-wise fp8 checkpoints
+(``scale_block_k``: one scale per channel and K block) at <= 64 rows, where XLA's alternative
+writes the dequantized weight in bf16 before its GEMM (H100, 2026-12-06, RESULTS.md:
+0.36-0.46x of the bf16 GEMM); this block-scaled form is not yet timed on a GPU.
 H100 (2026-12-05 night, RESULTS.md): with e4m3 rows loaded masked (as int8 bits, no pad kernel)
 W8A8 is the fastest fp8 GEMM at M = 1 in every shape, 1.58-1.80x XLA's bf16 GEMM (>= 1.7x for
 gate/up at M = 1-16, q/k/v and down at 16). Summing the split-K partials inside the kernel (the
@@ -66,7 +69,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.fp8_matmul import _expand_k
+from pallas_kernels.fp8_matmul import expand_k_blocks
 
 FP8 = jnp.float8_e4m3fn
 MAX_ROWS = 64  # one block of rows: beyond this the GEMM is no longer skinny
@@ -93,9 +96,9 @@ def skinny_matmul_reference(x, w, w_scale=None, x_scale=None, *, w_layout: str =
     xf = x.astype(jnp.float32)
     if scale_block_k:
         K = xf.shape[1]
-        wf = wf * _expand_k(w_scale, scale_block_k, K).T
+        wf = wf * expand_k_blocks(w_scale, scale_block_k, K).T
         if x_scale is not None:
-            xf = xf * _expand_k(x_scale, scale_block_k, K)
+            xf = xf * expand_k_blocks(x_scale, scale_block_k, K)
         w_scale = x_scale = None
     if x_scale is not None:
         xf = xf * x_scale.astype(jnp.float32)[:, None]

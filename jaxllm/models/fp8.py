@@ -39,8 +39,8 @@ from pallas_kernels.fp8_matmul import (E4M3_MAX, FP8, fp8_block_matmul, fp8_matm
                                        quantize_activation_per_token,
                                        quantize_activation_per_token_group)
 from pallas_kernels.silu_mul_quant import fits as silu_mul_quant_fits
-from pallas_kernels.skinny_matmul import skinny_fits, skinny_matmul
 from pallas_kernels.silu_mul_quant import silu_mul_quant
+from pallas_kernels.skinny_matmul import skinny_fits, skinny_matmul
 
 logger = logging.getLogger("jaxllm")
 
@@ -229,10 +229,10 @@ def block_skinny_tile() -> tuple[int, int, int, int, int] | None:
 
 
 def _block_skinny(x: jax.Array, weight: jax.Array, weight_scale: jax.Array, block_k: int,
-                  x_scale: jax.Array | None = None) -> jax.Array | None:
+                  x_scale: jax.Array | None = None, out_dtype=None) -> jax.Array | None:
     """A block-wise fp8 projection of <= 64 rows through ``skinny_matmul`` (each K block's
     product scaled in the kernel, the weight read once in e4m3): W8A16 for a bf16 x, W8A8 with
-    an e4m3 x and its per-group ``x_scale``. None where it does not apply (no tile, tensor
+    an e4m3 x and its per-group ``x_scale``; ``out_dtype`` default x's dtype. None where it does not apply (no tile, tensor
     parallelism, a ragged last K block, shapes the tile does not divide): the caller's XLA
     form then. ``split_k`` is halved until the tile divides K."""
     tile = block_skinny_tile()
@@ -247,10 +247,10 @@ def _block_skinny(x: jax.Array, weight: jax.Array, weight_scale: jax.Array, bloc
         split_k //= 2
     if not skinny_fits(T, K, N, block_n=block_n, block_k=tile_k, split_k=split_k):
         return None
-    return skinny_matmul(x, weight, weight_scale, x_scale, out_dtype=jnp.bfloat16
-                         if x_scale is not None else x.dtype, block_n=block_n, block_k=tile_k,
-                         split_k=split_k, num_warps=num_warps, num_stages=num_stages,
-                         scale_block_k=block_k, interpret=jax.default_backend() != "gpu")
+    return skinny_matmul(x, weight, weight_scale, x_scale, out_dtype=out_dtype or x.dtype,
+                         block_n=block_n, block_k=tile_k, split_k=split_k,
+                         num_warps=num_warps, num_stages=num_stages, scale_block_k=block_k,
+                         interpret=jax.default_backend() != "gpu")
 
 
 def block_fp8_linear_w8a16(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
@@ -273,9 +273,9 @@ def block_fp8_linear_w8a8(x: jax.Array, weight: jax.Array, weight_scale: jax.Arr
     ``fp8_block_matmul``; ``blocks``: that kernel's block_m / block_n / num_warps / num_stages
     (default: block_m the power of two >= T in [16, 64], the kernel's others)."""
     xq, xs = quantize_activation_per_token_group(x, block_k)
-    y = None if blocks else _block_skinny(xq, weight, weight_scale, block_k, xs)
+    y = None if blocks else _block_skinny(xq, weight, weight_scale, block_k, xs, x.dtype)
     if y is not None:
-        return y.astype(x.dtype)
+        return y
     T = x.shape[0]
     blocks.setdefault("block_m", min(64, max(16, 1 << (T - 1).bit_length())))
     return fp8_block_matmul(xq, xs, weight, weight_scale, block_k, x.dtype,
