@@ -232,9 +232,9 @@ def _block_skinny(x: jax.Array, weight: jax.Array, weight_scale: jax.Array, bloc
                   x_scale: jax.Array | None = None, out_dtype=None) -> jax.Array | None:
     """A block-wise fp8 projection of <= 64 rows through ``skinny_matmul`` (each K block's
     product scaled in the kernel, the weight read once in e4m3): W8A16 for a bf16 x, W8A8 with
-    an e4m3 x and its per-group ``x_scale``; ``out_dtype`` default x's dtype. None where it does not apply (no tile, tensor
-    parallelism, a ragged last K block, shapes the tile does not divide): the caller's XLA
-    form then. ``split_k`` is halved until the tile divides K."""
+    an e4m3 x and its per-group ``x_scale``; ``out_dtype`` default x's dtype. None where it
+    does not apply (no tile, tensor parallelism, a ragged last K block, shapes the tile does
+    not divide): the caller's XLA form then. ``split_k`` is halved until the tile divides K."""
     tile = block_skinny_tile()
     if tile is None or heads_mesh() is not None:
         return None
