@@ -148,7 +148,31 @@ def test_latency_script_rows_carry_the_same_run_roofline(tmp_path):
     assert dec["roofline_ms"] == pytest.approx(
         dec["weight_bytes"] / (dec["copy_bandwidth_gbs"] * 1e9) * 1e3)
     assert dec["roofline_fraction"] == pytest.approx(dec["roofline_ms"] / dec["ms_per_token"])
-    assert "% of the" in run.stdout
+    # SmolLM2 ties its embeddings (the table is the lm_head, read every step): the bytes a step
+    # reads are all the weights plus the 32-token context's bf16 K/V (30 layers, 3 KV heads x 64).
+    assert dec["read_bytes"] == dec["weight_bytes"] + 32 * 30 * 2 * 3 * 64 * 2
+    assert dec["read_roofline_fraction"] == pytest.approx(
+        dec["read_bytes"] / (dec["copy_bandwidth_gbs"] * 1e9) / (dec["ms_per_token"] * 1e-3))
+    assert "% of the" in run.stdout and "of the bytes a step reads" in run.stdout
+
+
+def test_decode_read_bytes_leave_out_an_untied_embedding_table():
+    # The stricter batch-1 floor: a step gathers one row of an untied input embedding table, so
+    # its bytes are not read; a tied table is the lm_head and is. K/V: per token, layer, K and V.
+    import jax
+    from flax import nnx
+    from latency import decode_read_bytes
+    from offline_throughput import random_model
+
+    loaded = random_model("tiny", "reference")
+    model, mc = loaded.model, loaded.model_config
+    total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    table = model.model.embed_tokens.embedding.value.nbytes
+    assert table == 1024 * 128 * 2 and model.lm_head is not None
+    assert decode_read_bytes(model, mc, total, 0, 2) == total - table
+    assert decode_read_bytes(model, mc, total, 100, 1) == total - table + 100 * 2 * 2 * 2 * 32
+    model.lm_head = None  # tied: the table is read as the lm_head
+    assert decode_read_bytes(model, mc, total, 0, 2) == total
 
 
 @pytest.mark.parametrize("k", [1, 2])
