@@ -1103,7 +1103,7 @@ def bench_backends(rng):
 
 def main():
     global OUT, LOOP_REPS, PEAK_BW, DEVICE_TIME, DECODE_SHAPES, KV_DTYPE, FP8_KV_DOT
-    global DECODE_VARIANTS, GEMM_M
+    global DECODE_VARIANTS, GEMM_M, GEMM_KN
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
     ap.add_argument("--sections", "--only", dest="sections", default="decode,lm_head,gemm,prefill,mixed",
@@ -1116,6 +1116,9 @@ def main():
     ap.add_argument("--gemm-ms", default=None,
                     help="comma-separated M values for the gemm / block_gemm sections "
                          "(default: %s)" % ",".join(map(str, GEMM_M)))
+    ap.add_argument("--gemm-kn", default=None,
+                    help="comma-separated KxN weight shapes for the gemm / block_gemm sections "
+                         "(default: %s)" % ",".join(f"{k}x{n}" for k, n in GEMM_KN))
     ap.add_argument("--budget", type=float, default=300.0,
                     help="seconds after which sweeps keep only their first config")
     ap.add_argument("--loop-reps", type=int, default=8,
@@ -1160,6 +1163,13 @@ def main():
             GEMM_M = [int(m) for m in args.gemm_ms.split(",")]
         except ValueError:
             ap.error(f"--gemm-ms: comma-separated integers, got {args.gemm_ms!r}")
+    if args.gemm_kn:
+        try:
+            GEMM_KN = [tuple(int(d) for d in kn.split("x")) for kn in args.gemm_kn.split(",")]
+            if any(len(kn) != 2 for kn in GEMM_KN):
+                raise ValueError
+        except ValueError:
+            ap.error(f"--gemm-kn: comma-separated KxN pairs, got {args.gemm_kn!r}")
     OUT = args.out
     if OUT:
         Path(OUT).parent.mkdir(parents=True, exist_ok=True)

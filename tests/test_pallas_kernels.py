@@ -1109,11 +1109,12 @@ def test_block_gemm_section_runs_every_form_of_a_block_fp8_projection_correct(tm
     # kernels.py --sections block_gemm (tiny shapes, interpret mode): the bf16 peer, the
     # dequantized weight under XLA's dot, the engine's w8a16 and w8a8 forms, the skinny kernel's
     # tiles (M <= 64) and the block kernel alone (M > 64) all run, each within its tolerance of
-    # the reference, for the GPU session to time.
+    # the reference, for the GPU session to time; --gemm-ms / --gemm-kn pick the shapes.
     out = tmp_path / "k.jsonl"
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke", "--sections",
-         "block_gemm", "--loop-reps", "0", "--gemm-ms", "1,80", "--out", str(out)],
+         "block_gemm", "--loop-reps", "0", "--gemm-ms", "1,80", "--gemm-kn", "256x128", "--out",
+         str(out)],
         capture_output=True, text=True,
         timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr[-2000:]
@@ -1122,6 +1123,7 @@ def test_block_gemm_section_runs_every_form_of_a_block_fp8_projection_correct(tm
                                          "block_w8a8", "skinny_block_w8a16",
                                          "skinny_block_w8a8", "pallas_fp8_block"}
     assert {r["M"] for r in rows if r["impl"].startswith("skinny")} == {1}  # M <= 64 only
+    assert {(r["K"], r["N"]) for r in rows} == {(256, 128)}
     assert not [r for r in rows if "error" in r or r.get("ok") is False]
     assert all("rel_err" in r for r in rows if r["impl"] != "xla_bf16")
 

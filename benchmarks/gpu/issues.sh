@@ -1844,6 +1844,19 @@ blockfix)  # one GPU, one call (2026-12-06): block-wise fp8 at decode through th
   for f in $L/tp_*.log; do echo "$f $(grep -h "tok/s" $f | cut -c1-250)"; done
   grep "impl=" $L/block_gemm.log | grep -v "error" | sed 's/ gbps=.*device_us=/ dev=/' \
     | cut -c1-160 ;;
+gemmrows)  # one GPU, one call (2026-12-06): issue 5's GEMM rows the H100 call of 2026-12-06
+  # 00:00 cut, gate/up and down at M = 64 .. 4096 (bf16, cuBLASLt fp8, the engine's fp8_linear,
+  # Pallas fp8_matmul's sweep), then bf16 and fp8 batch-1 latency (the stricter floor beside
+  # the roofline: the bytes a step reads). Carry .bench, .whl.
+  L=$OUT/logs; mkdir -p $L
+  timeout $((T - 170)) python3 benchmarks/kernels.py --sections gemm --gemm-kn \
+    4096x28672,14336x4096 --gemm-ms 64,256,1024,4096 --budget $((T / 3)) --device-time \
+    --loop-reps 0 --out $OUT/results.jsonl > $L/gemm.log 2>&1
+  echo "rc=$?"
+  timeout 75 $LAT1K --num-scheduler-steps 4 > $L/lat_bf16.log 2>&1
+  timeout 70 $LAT1K --num-scheduler-steps 4 --quantization fp8 > $L/lat_fp8.log 2>&1
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
+  grep -E "^gemm |best pallas|cases," $L/gemm.log | cut -c1-250 ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.
   L=$OUT/logs; mkdir -p $L
