@@ -694,10 +694,10 @@ BLOCK_GEMM_CONFIGS = [dict(block_m=16, block_n=64), dict(block_m=16, block_n=128
                       dict(block_m=64, block_n=128), dict(block_m=128, block_n=128, num_warps=8),
                       dict(block_m=64, block_n=128, num_stages=4)]
 # The skinny kernel's tiles for block scales at M <= 64 (block_n, block_k, split_k, num_warps,
-# num_stages; the engine's JAXLLM_FP8_BLOCK_SKINNY), its default first.
-BLOCK_SKINNY_CONFIGS = [(64, 256, 4, 4, 4), (64, 128, 4, 4, 4), (32, 256, 4, 4, 4),
-                        (64, 256, 8, 4, 4), (128, 256, 2, 4, 3), (64, 512, 2, 4, 3),
-                        (32, 128, 8, 4, 4), (64, 256, 2, 4, 4)]
+# num_stages; the engine's JAXLLM_FP8_BLOCK_SKINNY), its default (BLOCK_SKINNY_TILE) first.
+BLOCK_SKINNY_CONFIGS = [(32, 128, 4, 4, 4), (64, 128, 4, 4, 4), (64, 256, 4, 4, 4),
+                        (32, 256, 4, 4, 4), (64, 256, 8, 4, 4), (128, 256, 2, 4, 3),
+                        (64, 512, 2, 4, 3), (32, 128, 8, 4, 4), (64, 256, 2, 4, 4)]
 
 
 def _block_quantize(w, bk):
@@ -716,7 +716,7 @@ def bench_block_gemm(budget_s):
     """block_gemm: which form the engine should run block-wise fp8 checkpoints in
     (jaxllm.models.fp8.block_fp8_linear): XLA's dot over the dequantized weight
     (``xla_block_w8a16``), the engine's forms (``block_w8a16`` / ``block_w8a8``: the skinny
-    kernel at M <= 64 on a GPU, ``BLOCK_SKINNY_CONFIGS[0]``), the skinny kernel's tiles alone
+    kernel at M <= 64 on a GPU, ``BLOCK_SKINNY_TILE``), the skinny kernel's tiles alone
     (``skinny_block_w8a16`` / ``skinny_block_w8a8``, M <= 64) and ``fp8_block_matmul``'s
     (M > 64), against XLA's bf16 dot."""
     print("== block_gemm: block-wise fp8 (tile scales) vs bf16 ==", flush=True)
@@ -735,7 +735,7 @@ def bench_block_gemm(budget_s):
 
     engine = {}
     if not SMOKE:  # the engine's own tile; on a CPU the smoke run keeps XLA's forms
-        os.environ[fp8_mod.BLOCK_SKINNY_ENV] = ",".join(map(str, BLOCK_SKINNY_CONFIGS[0]))
+        os.environ[fp8_mod.BLOCK_SKINNY_ENV] = ",".join(map(str, fp8_mod.BLOCK_SKINNY_TILE))
     for name, f in (("block_w8a16", fp8_mod.block_fp8_linear_w8a16),
                     ("block_w8a8", fp8_mod.block_fp8_linear_w8a8)):
         engine[name] = jax.jit(functools.partial(f, block_k=bk))

@@ -880,8 +880,9 @@ def test_block_fp8_linear_runs_w8a16_or_w8a8_as_asked(monkeypatch):
     lin.weight.set_value(w)
     lin.weight_scale.set_value(ws)
     dense = np.asarray(w, np.float32) * np.repeat(np.asarray(ws), bk, 1)[:, :I]
+    # "auto" on a CPU (no skinny tile): w8a16, the activations exact.
     np.testing.assert_allclose(np.asarray(lin(x)), np.asarray(x) @ dense.T, rtol=1e-5,
-                               atol=1e-5)  # w8a16 (default): activations exact
+                               atol=1e-5)
     monkeypatch.setenv(fp8_mod.BLOCK_GEMM_ENV, "w8a8")
     xq, xs = quantize_activation_per_token_group(x, bk)
     np.testing.assert_allclose(np.asarray(lin(x)),
@@ -941,6 +942,40 @@ def test_block_fp8_linear_runs_small_steps_through_the_skinny_kernel(monkeypatch
         fp8_mod.block_skinny_tile()
     monkeypatch.setenv(fp8_mod.BLOCK_SKINNY_ENV, "0")
     assert fp8_mod.block_skinny_tile() is None
+
+
+def test_block_fp8_linear_auto_takes_w8a8_above_the_weight_only_rows_where_skinny_runs(
+        monkeypatch):
+    """The default block form ("auto"): w8a16 at <= weight_only_max_tokens() rows, w8a8 from
+    there to 64 rows where the skinny kernel runs (its w8a16 upcast is 1.2-1.7x slower at 64
+    rows on the H100), w8a16 (XLA's dequantized dot) above 64 rows, without a skinny tile (a
+    CPU's default) and under an explicit mode."""
+    from jaxllm.models import fp8 as fp8_mod
+
+    forms = []
+    for name in ("block_fp8_linear_w8a16", "block_fp8_linear_w8a8"):
+        monkeypatch.setattr(fp8_mod, name, lambda *a, _n=name[-5:]: forms.append(_n))
+    w = jnp.zeros((64, 256), jnp.float8_e4m3fn)
+    ws = jnp.ones((64, 2), jnp.float32)
+
+    def picks(*rows):
+        forms.clear()
+        for T in rows:
+            fp8_mod.block_fp8_linear(jnp.zeros((T, 256), jnp.bfloat16), w, ws, 128)
+        return forms
+
+    monkeypatch.delenv(fp8_mod.BLOCK_GEMM_ENV, raising=False)
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "16")
+    monkeypatch.setenv(fp8_mod.BLOCK_SKINNY_ENV, "32,128,4,4,4")
+    assert fp8_mod.block_gemm_mode() == "auto"
+    assert picks(1, 16, 17, 64, 65, 512) == ["w8a16"] * 2 + ["_w8a8"] * 2 + ["w8a16"] * 2
+    monkeypatch.setenv(fp8_mod.BLOCK_SKINNY_ENV, "0")  # no skinny kernel: XLA's w8a16
+    assert picks(1, 17, 64) == ["w8a16"] * 3
+    monkeypatch.setenv(fp8_mod.BLOCK_SKINNY_ENV, "32,128,4,4,4")
+    monkeypatch.setenv(fp8_mod.BLOCK_GEMM_ENV, "w8a16")
+    assert picks(1, 17, 64) == ["w8a16"] * 3
+    monkeypatch.setenv(fp8_mod.BLOCK_GEMM_ENV, "w8a8")
+    assert picks(1, 17, 512) == ["_w8a8"] * 3
 
 def _hf_logprobs(folder, seqs, *, quantized_activations: bool):
     """transformers' reading of a pre-quantized folder (dequantized on the CPU), log-softmax per

@@ -40,6 +40,7 @@ from pallas_kernels.fp8_matmul import (E4M3_MAX, FP8, fp8_block_matmul, fp8_matm
                                        quantize_activation_per_token_group)
 from pallas_kernels.silu_mul_quant import fits as silu_mul_quant_fits
 from pallas_kernels.silu_mul_quant import silu_mul_quant
+from pallas_kernels.skinny_matmul import MAX_ROWS as SKINNY_MAX_ROWS
 from pallas_kernels.skinny_matmul import skinny_fits, skinny_matmul
 
 logger = logging.getLogger("jaxllm")
@@ -156,15 +157,15 @@ def dequantize_blockwise(weight: jax.Array, weight_scale: jax.Array, block_k: in
 
 
 BLOCK_GEMM_ENV = "JAXLLM_FP8_BLOCK_GEMM"
-BLOCK_GEMM_MODES = ("w8a16", "w8a8")
+BLOCK_GEMM_MODES = ("auto", "w8a16", "w8a8")
 
 
 def block_gemm_mode() -> str:
-    """How block-wise fp8 projections run: ``JAXLLM_FP8_BLOCK_GEMM`` = "w8a16" (the default) or
-    "w8a8" (``block_fp8_linear``). Read at trace time."""
+    """How block-wise fp8 projections run: ``JAXLLM_FP8_BLOCK_GEMM`` = "auto" (the default),
+    "w8a16" or "w8a8" (``block_fp8_linear``). Read at trace time."""
     import os
 
-    raw = os.environ.get(BLOCK_GEMM_ENV, "w8a16")
+    raw = os.environ.get(BLOCK_GEMM_ENV, "auto")
     if raw not in BLOCK_GEMM_MODES:
         raise ValueError(f"{BLOCK_GEMM_ENV} must be one of {BLOCK_GEMM_MODES}, got {raw!r}.")
     return raw
@@ -173,10 +174,10 @@ def block_gemm_mode() -> str:
 def block_fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
                      block_k: int) -> jax.Array:
     """A block-wise fp8 projection: x [T, I], weight [O, I] e4m3, weight_scale [O, KB] -> [T, O]
-    in x's dtype, fp32 accumulation. Two ways (``block_gemm_mode()``):
+    in x's dtype, fp32 accumulation. Two forms (``block_gemm_mode()`` picks):
 
-      w8a16 (default): at <= 64 rows on a GPU the skinny kernel with block scales (the e4m3
-        weight upcast and each K block's product scaled in registers: ``_block_skinny``), else
+      w8a16: at <= 64 rows on a GPU the skinny kernel with block scales (the e4m3 weight
+        upcast and each K block's product scaled in registers: ``_block_skinny``), else
         x @ dequantize_blockwise(weight).T through XLA (which fuses the dequantization into the
         GEMM only from ~4096 rows; below, it writes the weight once in bf16 first).
       w8a8: vLLM's W8A8 block linear: x quantized per token and group of ``block_k`` features
@@ -184,17 +185,22 @@ def block_fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
         ``pallas_kernels.fp8_matmul.fp8_block_matmul`` (fp8 tensor cores, each K block's
         product scaled before the sum).
 
-    Both run their Pallas kernels on one device only; under tensor parallelism the layer runs
-    XLA's w8a16 (XLA cannot split a custom call).
+    "auto" (the default) runs w8a16 except for steps of ``weight_only_max_tokens()`` < T <= 64
+    rows where the skinny kernel runs (a GPU), which take w8a8: what per-channel fp8 does
+    (weight-only at <= 16 rows, W8A8 above). Both forms run their Pallas kernels on one device
+    only; under tensor parallelism the layer runs XLA's w8a16 (XLA cannot split a custom call).
 
-    Why w8a16 is the default: it keeps the activations exact (its quality bounds W8A8's from
-    above) and needs no quantization kernel a projection; ``fp8_block_matmul`` loses to XLA's
-    w8a16 at every M >= 256 on the H100 (0.2-0.5x of bf16 against 0.7-0.9x; benchmarks/
-    RESULTS.md, 2026-12-06)."""
-    # Under tensor parallelism the Pallas kernel would see whole operands (a custom call XLA
-    # cannot split): w8a16 there, whose dot XLA partitions.
-    if block_gemm_mode() == "w8a8" and heads_mesh() is None:
-        return block_fp8_linear_w8a8(x, weight, weight_scale, block_k)
+    Measured on the H100 (benchmarks/RESULTS.md, 2026-12-06 03:30): at 1-16 rows the two skinny
+    forms are within 0-9% of each other per GEMM and batch-1 decode takes 4.24 / 4.22 ms/token
+    (w8a16 / w8a8); at 64 rows the w8a16 kernel (its e4m3 -> bf16 upcast of a 64-row tile's
+    weight) takes 1.2-1.7x the w8a8 one, quantization included (gate/up 172.6 against 102.5
+    µs). Above 64 rows w8a16: ``fp8_block_matmul`` loses to XLA's w8a16 at every M >= 256
+    (0.2-0.5x of bf16 against 0.7-0.9x)."""
+    if heads_mesh() is None:
+        mode, T = block_gemm_mode(), x.shape[0]
+        if mode == "w8a8" or (mode == "auto" and weight_only_max_tokens() < T <= SKINNY_MAX_ROWS
+                              and block_skinny_tile() is not None):
+            return block_fp8_linear_w8a8(x, weight, weight_scale, block_k)
     return block_fp8_linear_w8a16(x, weight, weight_scale, block_k)
 
 
@@ -203,8 +209,10 @@ BLOCK_SKINNY_ENV = "JAXLLM_FP8_BLOCK_SKINNY"
 # projections of <= 64 token rows on a GPU. Why a kernel at all: XLA does not fuse the block
 # dequantization into its GEMM below ~4096 rows, so w8a16 wrote and re-read the whole weight in
 # bf16 (H100, 2026-12-06: 53 against bf16's 22 us for the q/k/v shape at M = 1, batch-1 decode
-# 14.6 ms/token against per-channel fp8's 3.6; benchmarks/RESULTS.md).
-BLOCK_SKINNY_TILE = (64, 256, 4, 4, 4)
+# 14.6 ms/token against per-channel fp8's 3.6; benchmarks/RESULTS.md). The tile: batch-1
+# decode on the H100 (2026-12-06 03:30, 4 steps a launch, 1k context) 4.24 ms/token with this
+# one against 4.29-6.16 with seven others (64 x 256 x 4 splits, the first guess: 4.63).
+BLOCK_SKINNY_TILE = (32, 128, 4, 4, 4)
 
 
 def block_skinny_tile() -> tuple[int, int, int, int, int] | None:
