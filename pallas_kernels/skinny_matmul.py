@@ -48,11 +48,11 @@ Measured (H200, 2026-12-01 20:27 rerun, ``benchmarks/gpu/skinny_gemm.py``, GPU t
 W8A8 is the fastest fp8 GEMM at M = 1 and 16 in 7 of 8 cases, 1.22-1.81x XLA's bf16 GEMM (the
 4096 x 28672 gate/up shape 1.67-1.81x), but its bf16 and W8A16 modes are no faster than XLA's
 own GEMMs. The engine's fp8 steps of <= 16 rows run W8A16 through XLA (no activation
-quantization kernels: the batch-1 fp8 step is bound by the host's launches), so the engine does
-not call this kernel for per-channel weights. It does for block-wise fp8 checkpoints
-(``scale_block_k``: one scale per channel and K block) at <= 64 rows, where XLA's alternative
-writes the dequantized weight in bf16 before its GEMM (H100, 2026-12-06, RESULTS.md:
-0.36-0.46x of the bf16 GEMM); this block-scaled form is not yet timed on a GPU.
+quantization kernels), so the engine does not call this kernel for per-channel weights. It does
+for block-wise fp8 checkpoints (``scale_block_k``: one scale per channel and K block) at <= 64
+rows, where XLA's alternative writes the dequantized weight in bf16 before its GEMM: on the
+H100 (2026-12-06 03:25, RESULTS.md) 1.1-1.5x the bf16 GEMM at 1-16 rows against XLA's
+0.35-0.49x, batch-1 decode of a block-wise model 4.24 ms/token against 14.63.
 H100 (2026-12-05 night, RESULTS.md): with e4m3 rows loaded masked (as int8 bits, no pad kernel)
 W8A8 is the fastest fp8 GEMM at M = 1 in every shape, 1.58-1.80x XLA's bf16 GEMM (>= 1.7x for
 gate/up at M = 1-16, q/k/v and down at 16). Summing the split-K partials inside the kernel (the

@@ -1128,6 +1128,18 @@ def test_block_gemm_section_runs_every_form_of_a_block_fp8_projection_correct(tm
     assert all("rel_err" in r for r in rows if r["impl"] != "xla_bf16")
 
 
+@pytest.mark.parametrize("flag, value", [("--gemm-kn", "4096"), ("--gemm-kn", "4096xN"),
+                                         ("--gemm-ms", "1,x")])
+def test_kernels_script_refuses_malformed_gemm_shapes(flag, value):
+    # --gemm-kn takes KxN pairs, --gemm-ms integers: anything else is a usage error (exit 2)
+    # naming the flag, before any kernel runs.
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke", "--sections",
+         "gemm", flag, value], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    assert run.returncode == 2 and flag in run.stderr, run.stderr[-1000:]
+
+
 def test_table_from_a_sweep_ranks_by_device_time_where_every_row_has_it(tmp_path):
     bench = _load_benchmark()
     # Two decode configs of one shape: A is faster by host wall time (loop), B by GPU time.
