@@ -698,6 +698,24 @@ BLOCK_GEMM_CONFIGS = [dict(block_m=16, block_n=64), dict(block_m=16, block_n=128
 BLOCK_SKINNY_CONFIGS = [(32, 128, 4, 4, 4), (64, 128, 4, 4, 4), (64, 256, 4, 4, 4),
                         (32, 256, 4, 4, 4), (64, 256, 8, 4, 4), (128, 256, 2, 4, 3),
                         (64, 512, 2, 4, 3), (32, 128, 8, 4, 4), (64, 256, 2, 4, 4)]
+# The Mosaic GPU block kernel's (tile_m, steps) (pallas_kernels/fp8_block_mgpu.py; the engine's
+# JAXLLM_FP8_BLOCK_MGPU), its default (fp8_block_mgpu.DEFAULT_TILE) first.
+BLOCK_MGPU_CONFIGS = [(128, 4), (64, 6), (128, 6), (32, 8), (256, 3), (64, 4)]
+# XLA's compile options the block W8A16 form is also timed under at M > 64: the engine compiles
+# its fp8 steps of >= 32 tokens with cuBLAS GEMMs (model_runner.CUBLAS_COMPILER_OPTIONS), under
+# which the dequantized weight is always written first; without a cuBLAS fallback XLA must keep
+# the dequantization inside its Triton GEMM fusion.
+BLOCK_XLA_OPTIONS = {"cublas": {"xla_gpu_enable_triton_gemm": False},
+                     "triton": {"xla_gpu_cublas_fallback": False}}
+BLOCK_TRITON = True  # --block-skip-triton: fp8_block_matmul's sweep at M > 64 left out
+BLOCK_IMPLS: set[str] | None = None  # --block-impls: the block_gemm rows to run (None: all)
+
+
+def _block_case(shape, impl, *args, **kw):
+    """run_case for the block_gemm section, unless --block-impls leaves ``impl`` out (the
+    bf16 baseline always runs: every row is read against it)."""
+    if BLOCK_IMPLS is None or impl in BLOCK_IMPLS or impl == "xla_bf16":
+        run_case("block_gemm", shape, impl, *args, **kw)
 
 
 def _block_quantize(w, bk):
@@ -717,10 +735,12 @@ def bench_block_gemm(budget_s):
     (jaxllm.models.fp8.block_fp8_linear): XLA's dot over the dequantized weight
     (``xla_block_w8a16``), the engine's forms (``block_w8a16`` / ``block_w8a8``: the skinny
     kernel at M <= 64 on a GPU, ``BLOCK_SKINNY_TILE``), the skinny kernel's tiles alone
-    (``skinny_block_w8a16`` / ``skinny_block_w8a8``, M <= 64) and ``fp8_block_matmul``'s
-    (M > 64), against XLA's bf16 dot."""
+    (``skinny_block_w8a16`` / ``skinny_block_w8a8``, M <= 64), ``fp8_block_matmul``'s (M > 64)
+    and the Mosaic GPU kernel's (``mgpu_block_w8a8``, ``BLOCK_MGPU_CONFIGS``, M >= 64), against
+    XLA's bf16 dot; at M > 64 XLA's w8a16 form under ``BLOCK_XLA_OPTIONS`` too."""
     print("== block_gemm: block-wise fp8 (tile scales) vs bf16 ==", flush=True)
     from jaxllm.models import fp8 as fp8_mod
+    from pallas_kernels.fp8_block_mgpu import fp8_block_matmul_mgpu
     from pallas_kernels.skinny_matmul import skinny_fits, skinny_matmul
 
     bk = 128 if not SMOKE else 32
@@ -728,10 +748,11 @@ def bench_block_gemm(budget_s):
     bf16 = jax.jit(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32)
                    .astype(jnp.bfloat16))
 
-    @jax.jit
-    def xla_w8a16(x, q, s):
+    def xla_w8a16_fn(x, q, s):
         w = fp8_mod.dequantize_blockwise(q, s, bk, x.dtype)
         return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+
+    xla_w8a16 = jax.jit(xla_w8a16_fn)
 
     engine = {}
     if not SMOKE:  # the engine's own tile; on a CPU the smoke run keeps XLA's forms
@@ -756,13 +777,28 @@ def bench_block_gemm(budget_s):
             ref16 = fp8_block_matmul_reference(x, jnp.ones((M, KB)), wq[0], wsc[0], bk)
             sets16 = [(x, q, s) for q, s in zip(wq, wsc)]
             sets8 = [(xq, q, s, xs) for q, s in zip(wq, wsc)]
-            run_case("block_gemm", shape, "xla_bf16", "", bf16, [(x, w) for w in ws],
-                     bytes_=b16, flops=flops, peak_flops=PEAK_BF16)
-            run_case("block_gemm", shape, "xla_block_w8a16", "", xla_w8a16, sets16, ref=ref16,
-                     bytes_=b8, flops=flops, peak_flops=PEAK_BF16, tol=1e-2)
+            _block_case(shape, "xla_bf16", "", bf16, [(x, w) for w in ws],
+                        bytes_=b16, flops=flops, peak_flops=PEAK_BF16)
+            _block_case(shape, "xla_block_w8a16", "", xla_w8a16, sets16, ref=ref16,
+                        bytes_=b8, flops=flops, peak_flops=PEAK_BF16, tol=1e-2)
             for name, r in (("block_w8a16", ref16), ("block_w8a8", ref)):
-                run_case("block_gemm", shape, name, "", engine[name], sets16, ref=r,
-                         bytes_=b8, flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
+                _block_case(shape, name, "", engine[name], sets16, ref=r,
+                            bytes_=b8, flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
+            if M >= 64 and not SMOKE:  # the Mosaic kernel's K step is 128 (bk of the smoke: 32)
+                for i, (tm, steps) in enumerate(BLOCK_MGPU_CONFIGS):
+                    if i > 0 and time.time() - T0 > budget_s:
+                        break
+                    f = jax.jit(lambda xq, q, s, xs, tm=tm, st=steps: fp8_block_matmul_mgpu(
+                        xq, xs, q, s, bk, jnp.bfloat16, tile_m=tm, steps=st))
+                    _block_case(shape, "mgpu_block_w8a8",
+                                dict(tile_m=tm, steps=steps), f, sets8, ref=ref, bytes_=b8,
+                                flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
+            if M > 64:
+                for name, opts in BLOCK_XLA_OPTIONS.items():
+                    f = jax.jit(xla_w8a16_fn, compiler_options=opts)
+                    _block_case(shape, "xla_block_w8a16", dict(options=name), f,
+                                sets16, ref=ref16, bytes_=b8, flops=flops, peak_flops=PEAK_BF16,
+                                tol=1e-2)
             if M <= 64:
                 for i, (bn, tk, sk, nw, ns) in enumerate(skinny_cfgs):
                     if i > 0 and time.time() - T0 > budget_s:
@@ -773,18 +809,18 @@ def bench_block_gemm(budget_s):
                                num_stages=ns)
                     f = functools.partial(skinny_matmul, scale_block_k=bk, interpret=SMOKE,
                                           **cfg)
-                    run_case("block_gemm", shape, "skinny_block_w8a16", cfg, f, sets16,
-                             ref=ref16, bytes_=b8, flops=flops, peak_flops=PEAK_BF16, tol=1e-2)
-                    run_case("block_gemm", shape, "skinny_block_w8a8", cfg, f, sets8, ref=ref,
-                             bytes_=b8, flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
+                    _block_case(shape, "skinny_block_w8a16", cfg, f, sets16,
+                                ref=ref16, bytes_=b8, flops=flops, peak_flops=PEAK_BF16, tol=1e-2)
+                    _block_case(shape, "skinny_block_w8a8", cfg, f, sets8, ref=ref,
+                                bytes_=b8, flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
                 continue
-            for i, cfg in enumerate(BLOCK_GEMM_CONFIGS):
+            for i, cfg in enumerate(BLOCK_GEMM_CONFIGS if BLOCK_TRITON else []):
                 if i > 0 and time.time() - T0 > budget_s:
                     break
                 k = functools.partial(fp8_block_matmul, block_k=bk, interpret=SMOKE, **cfg)
-                run_case("block_gemm", shape, "pallas_fp8_block", cfg, k,
-                         [(xq, xs, q, s) for q, s in zip(wq, wsc)], ref=ref, bytes_=b8,
-                         flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
+                _block_case(shape, "pallas_fp8_block", cfg, k,
+                            [(xq, xs, q, s) for q, s in zip(wq, wsc)], ref=ref, bytes_=b8,
+                            flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
             del x, xq, xs, ref, ref16
         del ws, wq, wsc
 
@@ -1103,7 +1139,7 @@ def bench_backends(rng):
 
 def main():
     global OUT, LOOP_REPS, PEAK_BW, DEVICE_TIME, DECODE_SHAPES, KV_DTYPE, FP8_KV_DOT
-    global DECODE_VARIANTS, GEMM_M, GEMM_KN
+    global DECODE_VARIANTS, GEMM_M, GEMM_KN, BLOCK_TRITON, BLOCK_IMPLS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
     ap.add_argument("--sections", "--only", dest="sections", default="decode,lm_head,gemm,prefill,mixed",
@@ -1140,6 +1176,11 @@ def main():
     ap.add_argument("--decode-variants", default="all", choices=["all", "hp"],
                     help="decode configs: all, or hp (the table entry and the several-KV-heads-"
                          "a-program configs alone)")
+    ap.add_argument("--block-skip-triton", action="store_true",
+                    help="block_gemm: leave out fp8_block_matmul's (Triton) sweep at M > 64")
+    ap.add_argument("--block-impls", default=None,
+                    help="block_gemm: comma-separated impls to run (e.g. mgpu_block_w8a8, "
+                         "xla_block_w8a16); xla_bf16 always runs")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     args = ap.parse_args()
@@ -1147,6 +1188,8 @@ def main():
         print_table(args.print_table, "fp8" if args.kv_dtype == "fp8" else None)
         return
     LOOP_REPS = args.loop_reps
+    BLOCK_TRITON = not args.block_skip_triton
+    BLOCK_IMPLS = set(args.block_impls.split(",")) if args.block_impls else None
     DEVICE_TIME = args.device_time
     KV_DTYPE = args.kv_dtype
     DECODE_VARIANTS = args.decode_variants

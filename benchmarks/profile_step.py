@@ -47,8 +47,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_trace import host_top, summarize  # noqa: E402
-from offline_throughput import (SHAPES, append_jsonl, log_engine_startup,  # noqa: E402
-                                parse_buckets, random_model)
+from offline_throughput import (SHAPES, append_jsonl, fp8_weight_block_arg,  # noqa: E402
+                                log_engine_startup, parse_buckets, random_model)
 
 
 # A fetch that returns within this found its step already done: the GPU may have waited for the
@@ -173,6 +173,9 @@ def main(argv=None) -> int:
                    help="numpy step inputs, one transfer per array (A/B of the packed buffer)")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: W8A8 projections, quantized at load (where fp8 decode time goes)")
+    p.add_argument("--fp8-weight-block", type=fp8_weight_block_arg, default=None,
+                   help="with --quantization fp8: block-wise weight scales 'BN,BK' (the "
+                        "Qwen3-FP8 / DeepSeek checkpoint format), e.g. 128,128")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--no-fuse", action="store_true",
                    help="separate q/k/v and gate/up GEMMs (the layout before fused projections)")
@@ -206,7 +209,7 @@ def main(argv=None) -> int:
     if args.prefill_tokens is not None:
         return profile_prefill(args)
     loaded = random_model(args.shape, args.attention, fused=not args.no_fuse,
-                          quantization=args.quantization)
+                          quantization=args.quantization, fp8_weight_block=args.fp8_weight_block)
     mc = loaded.model_config
     max_b = max(args.batch)
     if args.max_num_seqs is not None and args.max_num_seqs < max_b:
@@ -283,7 +286,7 @@ def main(argv=None) -> int:
                    enforce_eager=args.enforce_eager,
                    packed_inputs=engine.runner.pack_inputs, fused=not args.no_fuse,
                    fp8_weight_only_max_tokens=weight_only_max_tokens(),
-                   quantization=args.quantization,
+                   quantization=args.quantization, fp8_weight_block=args.fp8_weight_block,
                    kv_cache_dtype=args.kv_cache_dtype, wall_ms=wall, wall_mean_ms=wall_mean,
                    wall_max_ms=wall_max,
                    wall_profiled_ms=wall_profiled, **summ,
@@ -321,7 +324,7 @@ def profile_prefill(args) -> int:
         raise SystemExit(f"--prefill-tokens {n_tok} must be a multiple of --context {ctx}")
     per_step = n_tok // ctx
     loaded = random_model(args.shape, args.attention, fused=not args.no_fuse,
-                          quantization=args.quantization)
+                          quantization=args.quantization, fp8_weight_block=args.fp8_weight_block)
     mc = loaded.model_config
     cfg = EngineConfig(dtype="bfloat16", max_model_len=ctx + 8, max_num_seqs=max(per_step, 8),
                        max_num_batched_tokens=n_tok, enable_prefix_caching=False,

@@ -1857,6 +1857,36 @@ gemmrows)  # one GPU, one call (2026-12-06): issue 5's GEMM rows the H100 call o
   timeout 70 $LAT1K --num-scheduler-steps 4 --quantization fp8 > $L/lat_fp8.log 2>&1
   for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
   grep -E "^gemm |best pallas|cases," $L/gemm.log | cut -c1-250 ;;
+blockmgpu)  # one GPU, one call (2026-12-06): the Mosaic GPU block-scaled W8A8 kernel
+  # (pallas_kernels/fp8_block_mgpu.py) at M = 128 .. 4096 against XLA's w8a16 form (default,
+  # cuBLAS as the engine compiles >= 32 tokens, Triton without a cuBLAS fallback) and bf16; its
+  # GPU tests and the block skinny tests first (K: pytest -k, default block_fp8; MS: the M
+  # values; IMPLS: kernels.py --block-impls). Carry .bench, .whl.
+  L=$OUT/logs; mkdir -p $L
+  wheels || exit 1
+  room() { [ $((T - SECONDS)) -gt $1 ]; }
+  gpu_tests 4 -k "${K:-block_fp8}"
+  room 60 && JAXLLM_FP8_BLOCK_MGPU=128,4 timeout $((T - SECONDS - 10)) python3 \
+    benchmarks/kernels.py --sections block_gemm --gemm-ms ${MS:-128,256,1024,4096} \
+    --block-skip-triton --budget $(((T - SECONDS) / 2)) --device-time --loop-reps 0 \
+    ${IMPLS:+--block-impls $IMPLS} --out $OUT/results.jsonl > $L/block_gemm.log 2>&1
+  echo "rc=$?"
+  grep "impl=" $L/block_gemm.log | grep -v "error" | sed 's/ gbps=.*device_us=/ dev=/' \
+    | cut -c1-170 | grep -v "skinny_block" ;;
+blocktp)  # one GPU, one call (2026-12-06): block-wise fp8 offline throughput (1,000 x 512/128)
+  # with the Mosaic GPU kernel above 64 rows against XLA's w8a16 form, then batch-1 block
+  # latency and its step profile. Carry .bench, .whl.
+  L=$OUT/logs; mkdir -p $L
+  room() { [ $((T - SECONDS)) -gt $1 ]; }
+  B="--fp8-weight-block 128,128"
+  JAXLLM_FP8_BLOCK_MGPU=${TILE:-128,4} timeout 200 $TP --quantization fp8 $B \
+    > $L/tp_mgpu.log 2>&1
+  room 150 && JAXLLM_FP8_BLOCK_MGPU=0 timeout 200 $TP --quantization fp8 $B > $L/tp_xla.log 2>&1
+  tp_rows
+  room 80 && timeout 90 python3 benchmarks/profile_step.py --context 1024 --steps 6 --batch 1 \
+    --max-num-seqs 8 --num-scheduler-steps 4 --quantization fp8 $B --out-dir /tmp/prof \
+    --out $OUT/results.jsonl > $L/prof_b1.log 2>&1
+  show_logs 24 ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.
   L=$OUT/logs; mkdir -p $L
