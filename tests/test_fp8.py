@@ -938,7 +938,8 @@ def test_block_fp8_linear_runs_small_steps_through_the_skinny_kernel(monkeypatch
         both_forms(*operands(T, I))
     assert calls == []
     monkeypatch.setenv(fp8_mod.BLOCK_SKINNY_ENV, "64,256")
-    with pytest.raises(ValueError, match="five integers"):
+    with pytest.raises(ValueError,
+                       match="0 or 'block_n,block_k,split_k,warps,stages' \\(5 integers\\)"):
         fp8_mod.block_skinny_tile()
     monkeypatch.setenv(fp8_mod.BLOCK_SKINNY_ENV, "0")
     assert fp8_mod.block_skinny_tile() is None
@@ -976,6 +977,60 @@ def test_block_fp8_linear_auto_takes_w8a8_above_the_weight_only_rows_where_skinn
     assert picks(1, 17, 64) == ["w8a16"] * 3
     monkeypatch.setenv(fp8_mod.BLOCK_GEMM_ENV, "w8a8")
     assert picks(1, 17, 512) == ["_w8a8"] * 3
+    # With the Mosaic GPU block kernel (JAXLLM_FP8_BLOCK_MGPU), "auto" takes w8a8 above 64 rows
+    # too, where the shapes fit it (K in whole 128-blocks, N a multiple of 128).
+    monkeypatch.setenv(fp8_mod.BLOCK_GEMM_ENV, "auto")
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "128,4")
+    w, ws = jnp.zeros((128, 256), jnp.float8_e4m3fn), jnp.ones((128, 2), jnp.float32)
+    assert picks(1, 17, 64, 65, 4096) == ["w8a16"] + ["_w8a8"] * 4
+    w = jnp.zeros((96, 256), jnp.float8_e4m3fn)  # N = 96: not the kernel's
+    ws = jnp.ones((96, 2), jnp.float32)
+    assert picks(65, 512) == ["w8a16"] * 2
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "auto")  # the GPU's default: tile by shape
+    assert picks(65, 512) == ["w8a16"] * 2  # still N = 96
+    w, ws = jnp.zeros((128, 256), jnp.float8_e4m3fn), jnp.ones((128, 2), jnp.float32)
+    assert picks(16, 65, 512) == ["w8a16"] + ["_w8a8"] * 2
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "0")
+    assert fp8_mod.block_mgpu_tile() is None
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "128")
+    with pytest.raises(ValueError, match="0, auto or 'tile_m,steps' \\(2 integers\\)"):
+        fp8_mod.block_mgpu_tile()
+
+
+def test_block_fp8_linear_runs_large_steps_through_the_mosaic_kernel(monkeypatch):
+    """With a Mosaic GPU tile (JAXLLM_FP8_BLOCK_MGPU; interpreted here) a block-wise w8a8
+    projection of more than 64 rows runs fp8_block_matmul_mgpu and equals the Triton block
+    kernel it replaces; <= 64 rows and shapes the kernel does not take keep their paths."""
+    from jaxllm.models import fp8 as fp8_mod
+    from pallas_kernels.fp8_matmul import (fp8_block_matmul_reference,
+                                           quantize_activation_per_token_group)
+
+    rng = np.random.default_rng(11)
+    calls = []
+    real = fp8_mod.fp8_block_matmul_mgpu
+    monkeypatch.setattr(fp8_mod, "fp8_block_matmul_mgpu",
+                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setenv(fp8_mod.BLOCK_SKINNY_ENV, "0")
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "auto")
+    for T, O, I in ((72, 128, 256), (40, 128, 256), (72, 96, 256)):
+        x = jnp.asarray(rng.normal(size=(T, I)), jnp.bfloat16)
+        w = jnp.asarray(np.clip(rng.normal(size=(O, I)) * 50, -448, 448),
+                        jnp.float32).astype(jnp.float8_e4m3fn)
+        ws = jnp.asarray(rng.uniform(1e-3, 0.1, size=(O, I // 128)), jnp.float32)
+        got = fp8_mod.block_fp8_linear_w8a8(x, w, ws, 128)
+        xq, xs = quantize_activation_per_token_group(x, 128)
+        ref = fp8_block_matmul_reference(xq, xs, w, ws, 128, jnp.float32)
+        assert got.dtype == x.dtype and got.shape == (T, O)
+        assert np.linalg.norm(np.asarray(got, np.float32) - np.asarray(ref)) \
+            < 1e-2 * np.linalg.norm(np.asarray(ref))
+    assert calls == [(72, 256)]  # 40 rows: not above 64; N = 96: not a multiple of 128
+    # A float32 model (the CPU tests' dtype) keeps the Triton kernel: the Mosaic one writes
+    # 16-bit outputs only.
+    x32 = jnp.asarray(rng.normal(size=(72, 256)), jnp.float32)
+    fp8_mod.block_fp8_linear_w8a8(x32, w[:128] if w.shape[0] >= 128 else
+                                  jnp.ones((128, 256), jnp.float8_e4m3fn),
+                                  jnp.ones((128, 2), jnp.float32), 128)
+    assert calls == [(72, 256)]
 
 def _hf_logprobs(folder, seqs, *, quantized_activations: bool):
     """transformers' reading of a pre-quantized folder (dequantized on the CPU), log-softmax per

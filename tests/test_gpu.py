@@ -159,6 +159,8 @@ def test_compiled_block_fp8_matmul_and_both_block_forms_match_reference(M, monke
     lin.weight_scale.set_value(ws)
     exact = fp8_block_matmul_reference(x.astype(jnp.float32), jnp.ones((M, 6)), w, ws, bk,
                                        jnp.float32)
+    # Each form asked for by name ("auto", the default, picks by M: its own test).
+    monkeypatch.setenv(fp8_mod.BLOCK_GEMM_ENV, "w8a16")
     assert _rel_err(jax.jit(lambda a: lin(a))(x), exact) < 1e-2  # w8a16: bf16 weights
     monkeypatch.setenv(fp8_mod.BLOCK_GEMM_ENV, "w8a8")
     assert _rel_err(jax.jit(lambda a: lin(a))(x), ref) < 1e-2
@@ -222,6 +224,36 @@ def test_compiled_block_fp8_skinny_matches_reference(M):
         # The default ("auto"): w8a16 at <= 16 rows, w8a8 above.
         want = exact if M <= fp8_mod.weight_only_max_tokens() else ref
         assert _rel_err(jax.jit(lambda a: lin(a))(x), want) < 1e-2
+
+
+@pytest.mark.parametrize("M", [72, 256, 1000])
+def test_compiled_block_fp8_mgpu_matches_reference(M, monkeypatch):
+    """The Mosaic GPU block-scaled W8A8 kernel compiled for the GPU at the q/k/v and down
+    shapes, its default tile and a smaller one, on fresh random operands with per-(channel, K
+    block) weight scales; and a block-wise Fp8Linear of M rows under w8a8 with the kernel on."""
+    from jaxllm.models import fp8 as fp8_mod
+    from pallas_kernels.fp8_block_mgpu import DEFAULT_TILE, fp8_block_matmul_mgpu
+    from pallas_kernels.fp8_matmul import (fp8_block_matmul_reference,
+                                           quantize_activation_per_token_group)
+
+    rng = np.random.default_rng(M)
+    for K, N in ((4096, 6144), (14336, 4096)):
+        x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+        w = jnp.asarray(np.clip(rng.standard_normal((N, K)) * 100, -448, 448),
+                        jnp.float32).astype(jnp.float8_e4m3fn)
+        ws = jnp.asarray(rng.uniform(1e-4, 1e-3, size=(N, K // 128)), jnp.float32)
+        xq, xs = quantize_activation_per_token_group(x, 128)
+        ref = fp8_block_matmul_reference(xq, xs, w, ws, 128, jnp.float32)
+        for tm, steps in (DEFAULT_TILE, (32, 8)):
+            got = fp8_block_matmul_mgpu(xq, xs, w, ws, tile_m=tm, steps=steps)
+            assert got.dtype == jnp.bfloat16
+            assert _rel_err(got, ref) < 5e-3, (K, N, tm, steps)  # one bf16 rounding
+        lin = fp8_mod.Fp8Linear(K, N, use_bias=False, dtype=jnp.bfloat16, block_k=128)
+        lin.weight.set_value(w)
+        lin.weight_scale.set_value(ws)
+        monkeypatch.setenv(fp8_mod.BLOCK_GEMM_ENV, "w8a8")
+        monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, ",".join(map(str, DEFAULT_TILE)))
+        assert _rel_err(jax.jit(lambda a: lin(a))(x), ref) < 1e-2
 
 
 @pytest.mark.parametrize("M", [1, 8, 40])

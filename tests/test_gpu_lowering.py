@@ -133,3 +133,31 @@ def test_standalone_pallas_kernels_lower_for_hopper():
         except Exception as e:  # collect all, then fail with every kernel that did not lower
             failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
     assert not failed, failed
+
+
+def test_mosaic_block_fp8_kernel_lowers_for_hopper_at_the_8b_shapes():
+    # pallas_kernels/fp8_block_mgpu.py (Mosaic GPU: TMA, fp8 wgmma) at the Llama-3-8B
+    # projections and the tiles its benchmark sweeps: each lowers to one Mosaic GPU call for an
+    # abstract H100 (its math is checked by the interpreter in test_pallas_kernels.py, its
+    # compile and speed on the GPU).
+    import functools
+    import re
+
+    import jax.numpy as jnp
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    from pallas_kernels.fp8_block_mgpu import DEFAULT_TILE, fp8_block_matmul_mgpu
+
+    S, e4m3, f32 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn, jnp.float32
+    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((1,), ("x",), abstract_device=h100)
+    for (M, K, N), (tm, steps) in zip(
+            [(1024, 4096, 6144), (256, 14336, 4096), (72, 4096, 28672)],
+            [DEFAULT_TILE, (64, 6), (32, 8)]):
+        fn = jax.jit(functools.partial(fp8_block_matmul_mgpu, tile_m=tm, steps=steps,
+                                       num_sms=132))
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = fn.trace(S((M, K), e4m3), S((M, K // 128), f32), S((N, K), e4m3),
+                            S((N, K // 128), f32)).lower(lowering_platforms=("cuda",)).as_text()
+        assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1, (M, K, N)
+

@@ -936,6 +936,78 @@ def test_skinny_matmul_block_scales_match_the_block_reference(M, split_k, tile_k
     assert _rel_err(got, exact) < 0.08
 
 
+@pytest.mark.parametrize("M,K,N,tile_m,steps", [
+    (5, 256, 128, 128, 2),    # one ragged token tile (5 rows padded to 32), one weight tile
+    (40, 384, 256, 32, 2),    # 2 x 2 tiles (40 rows padded to 64), three K blocks
+    (72, 256, 640, 32, 3),    # 3 x 5 = 15 tiles over 4 CTAs: the tile loop wraps
+    (40, 256, 256, None, None),  # pick_tile's choice: (32, 8), the most tiles in 4 CTAs
+])
+def test_fp8_block_mgpu_kernel_matches_the_block_reference(M, K, N, tile_m, steps):
+    """fp8_block_matmul_mgpu (Mosaic GPU's interpreter: TMA pipeline, fp8 wgmma, the per-K-
+    block promotion) on fresh random operands equals both operands dequantized with their
+    block scales and multiplied in fp32; scales that vary per row / channel and K block, so a
+    scale applied to the wrong block, row or channel shows."""
+    from pallas_kernels.fp8_block_mgpu import fp8_block_matmul_mgpu
+    from pallas_kernels.fp8_matmul import quantize_activation_per_token_group
+
+    rng = np.random.default_rng(M * 7 + N)
+    x = jnp.asarray(rng.standard_normal((M, K)) * rng.uniform(0.1, 10, size=(M, 1)),
+                    jnp.float32)
+    w = jnp.asarray(np.clip(rng.standard_normal((N, K)) * 100, -448, 448),
+                    jnp.float32).astype(jnp.float8_e4m3fn)
+    ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(N, K // 128)), jnp.float32)
+    xq, xs = quantize_activation_per_token_group(x, 128)
+    ref = fp8_block_matmul_reference(xq, xs, w, ws, 128, jnp.float32)
+    got = fp8_block_matmul_mgpu(xq, xs, w, ws, tile_m=tile_m, steps=steps, interpret=True)
+    assert got.shape == (M, N) and got.dtype == jnp.bfloat16
+    # The float32 reference rounded to bf16, but for a few values one ulp apart (the sums'
+    # order differs at rounding boundaries).
+    assert _rel_err(got, ref.astype(jnp.bfloat16)) < 1e-4
+    assert _rel_err(got, ref) < 3e-3
+    assert fp8_block_matmul_mgpu(xq, xs, w, ws, out_dtype=jnp.float16, tile_m=tile_m,
+                                 steps=steps, interpret=True).dtype == jnp.float16
+    # One K block's weight scales rolled to the next channel: the output must move.
+    ws_wrong = ws.at[:, 1].set(jnp.roll(ws[:, 1], 1))
+    assert _rel_err(fp8_block_matmul_mgpu(xq, xs, w, ws_wrong, tile_m=tile_m, steps=steps,
+                                          interpret=True), ref) > 1e-2
+
+
+def test_fp8_block_mgpu_tile_pick_follows_the_h100_sweep():
+    """pick_tile at the Llama-3-8B projections on 132 SMs gives each shape's fastest tile of the
+    H100 sweep (benchmarks/RESULTS.md, 2026-12-06): narrow N at 128 rows takes smaller token
+    tiles (more CTAs busy), wide N and >= 1024 rows the 128-token tile."""
+    from pallas_kernels.fp8_block_mgpu import DEFAULT_TILE, pick_tile
+
+    assert pick_tile(128, 4096, 132) == (32, 8)   # o: 14.7 µs against 22.9 at (128, 4)
+    assert pick_tile(128, 6144, 132) == (64, 4)   # q/k/v: 18.3 against 23.5
+    assert pick_tile(128, 28672, 132) == DEFAULT_TILE  # gate/up: 56.1, the fastest
+    for N in (4096, 6144, 28672):
+        assert pick_tile(1024, N, 132) == DEFAULT_TILE  # the fastest at 1024 and 4096 rows
+    assert pick_tile(40, 256, 4) == (32, 8)
+
+
+def test_fp8_block_mgpu_kernel_refuses_what_it_does_not_take():
+    from pallas_kernels.fp8_block_mgpu import fp8_block_matmul_mgpu
+
+    e4m3, f32 = jnp.float8_e4m3fn, jnp.float32
+    x, w = jnp.ones((8, 256), e4m3), jnp.ones((128, 256), e4m3)
+    xs, ws = jnp.ones((8, 2), f32), jnp.ones((128, 2), f32)
+    with pytest.raises(ValueError, match="takes 128 only"):
+        fp8_block_matmul_mgpu(x, jnp.ones((8, 4), f32), w, jnp.ones((128, 4), f32), 64)
+    with pytest.raises(ValueError, match="N=96"):
+        fp8_block_matmul_mgpu(x, xs, w[:96], ws[:96])
+    with pytest.raises(ValueError, match="K=200"):
+        fp8_block_matmul_mgpu(x[:, :200], xs, w[:, :200], ws)
+    with pytest.raises(ValueError, match="tile_m=48"):
+        fp8_block_matmul_mgpu(x, xs, w, ws, tile_m=48, steps=4)
+    with pytest.raises(ValueError, match="do not fit"):
+        fp8_block_matmul_mgpu(x, xs[:, :1], w, ws)
+    with pytest.raises(ValueError, match="together"):
+        fp8_block_matmul_mgpu(x, xs, w, ws, tile_m=32)
+    with pytest.raises(ValueError, match="out_dtype=float32"):
+        fp8_block_matmul_mgpu(x, xs, w, ws, out_dtype=f32)
+
+
 def test_skinny_matmul_block_scales_refuse_what_they_do_not_fit():
     from pallas_kernels.skinny_matmul import skinny_matmul
 

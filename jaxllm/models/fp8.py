@@ -35,6 +35,8 @@ from flax import nnx
 from jaxllm.config import gemm_out_dtype_from_env
 from jaxllm.models.attention import heads_mesh
 from jaxllm.models.fused import FUSED_LINEARS
+from pallas_kernels.fp8_block_mgpu import check_shapes as check_mgpu_shapes
+from pallas_kernels.fp8_block_mgpu import fp8_block_matmul_mgpu
 from pallas_kernels.fp8_matmul import (E4M3_MAX, FP8, fp8_block_matmul, fp8_matmul_xla,
                                        quantize_activation_per_token,
                                        quantize_activation_per_token_group)
@@ -181,25 +183,30 @@ def block_fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
         x @ dequantize_blockwise(weight).T through XLA (which fuses the dequantization into the
         GEMM only from ~4096 rows; below, it writes the weight once in bf16 first).
       w8a8: vLLM's W8A8 block linear: x quantized per token and group of ``block_k`` features
-        (``quantize_activation_per_token_group``), then the skinny kernel at <= 64 rows or
-        ``pallas_kernels.fp8_matmul.fp8_block_matmul`` (fp8 tensor cores, each K block's
-        product scaled before the sum).
+        (``quantize_activation_per_token_group``), then the skinny kernel at <= 64 rows, the
+        Mosaic GPU kernel above (``_block_mgpu``: fp8 wgmma, each K block's product promoted to
+        float32 with its scales; 16-bit models, 128-wide K blocks, N a multiple of 128), or
+        else ``pallas_kernels.fp8_matmul.fp8_block_matmul`` (Triton).
 
-    "auto" (the default) runs w8a16 except for steps of ``weight_only_max_tokens()`` < T <= 64
-    rows where the skinny kernel runs (a GPU), which take w8a8: what per-channel fp8 does
-    (weight-only at <= 16 rows, W8A8 above). Both forms run their Pallas kernels on one device
-    only; under tensor parallelism the layer runs XLA's w8a16 (XLA cannot split a custom call).
+    "auto" (the default) runs w8a16 at <= ``weight_only_max_tokens()`` rows and w8a8 above
+    wherever a kernel of ours takes the step (the skinny one to 64 rows, the Mosaic one above:
+    a GPU), else w8a16: what per-channel fp8 does (weight-only at <= 16 rows, W8A8 above).
+    Both forms run their Pallas kernels on one device only; under tensor parallelism the layer
+    runs XLA's w8a16 (XLA cannot split a custom call).
 
     Measured on the H100 (benchmarks/RESULTS.md, 2026-12-06 03:30): at 1-16 rows the two skinny
     forms are within 0-9% of each other per GEMM and batch-1 decode takes 4.24 / 4.22 ms/token
     (w8a16 / w8a8); at 64 rows the w8a16 kernel (its e4m3 -> bf16 upcast of a 64-row tile's
     weight) takes 1.2-1.7x the w8a8 one, quantization included (gate/up 172.6 against 102.5
-    µs). Above 64 rows w8a16: ``fp8_block_matmul`` loses to XLA's w8a16 at every M >= 256
-    (0.2-0.5x of bf16 against 0.7-0.9x)."""
+    µs). Above 64 rows (05:45): the Mosaic kernel takes 0.44-0.93x of XLA's w8a16 time per
+    GEMM (the Triton ``fp8_block_matmul`` 2-5x), offline throughput 5,273 -> 5,869 tok/s."""
     if heads_mesh() is None:
         mode, T = block_gemm_mode(), x.shape[0]
         if mode == "w8a8" or (mode == "auto" and weight_only_max_tokens() < T <= SKINNY_MAX_ROWS
                               and block_skinny_tile() is not None):
+            return block_fp8_linear_w8a8(x, weight, weight_scale, block_k)
+        if mode == "auto" and _mgpu_applies(T, x.shape[1], weight, weight_scale, block_k,
+                                            x.dtype):
             return block_fp8_linear_w8a8(x, weight, weight_scale, block_k)
     return block_fp8_linear_w8a16(x, weight, weight_scale, block_k)
 
@@ -215,25 +222,36 @@ BLOCK_SKINNY_ENV = "JAXLLM_FP8_BLOCK_SKINNY"
 BLOCK_SKINNY_TILE = (32, 128, 4, 4, 4)
 
 
-def block_skinny_tile() -> tuple[int, int, int, int, int] | None:
-    """``JAXLLM_FP8_BLOCK_SKINNY``: "0" (XLA's dot at every size), "block_n,block_k,split_k,
-    warps,stages" (sweeps; also runs the kernel in interpret mode on a CPU), or unset:
-    ``BLOCK_SKINNY_TILE`` on a GPU, off elsewhere. Read at trace time."""
+def _kernel_tile_env(env: str, default, fields: tuple[str, ...], words: tuple[str, ...] = ()):
+    """A kernel's tile from the environment variable ``env``, read at trace time: unset ->
+    ``default`` on a GPU, None elsewhere; "0" -> None (off); one of ``words`` as it is; else
+    ``len(fields)`` comma-separated integers (a ValueError that names the expected form)."""
     import os
 
-    raw = os.environ.get(BLOCK_SKINNY_ENV)
+    raw = os.environ.get(env)
     if raw is None:
-        return BLOCK_SKINNY_TILE if jax.default_backend() == "gpu" else None
+        return default if jax.default_backend() == "gpu" else None
     if raw == "0":
         return None
+    if raw in words:
+        return raw
     try:
         tile = tuple(int(v) for v in raw.split(","))
     except ValueError:
         tile = ()
-    if len(tile) != 5:
-        raise ValueError(f"{BLOCK_SKINNY_ENV} must be 0 or 'block_n,block_k,split_k,warps,"
-                         f"stages' (five integers), got {raw!r}.")
+    if len(tile) != len(fields):
+        choices = ", ".join(("0",) + words)
+        raise ValueError(f"{env} must be {choices} or '{','.join(fields)}' ({len(fields)} "
+                         f"integers), got {raw!r}.")
     return tile
+
+
+def block_skinny_tile() -> tuple[int, int, int, int, int] | None:
+    """``JAXLLM_FP8_BLOCK_SKINNY``: "0" (XLA's dot at every size), "block_n,block_k,split_k,
+    warps,stages" (sweeps; also runs the kernel in interpret mode on a CPU), or unset:
+    ``BLOCK_SKINNY_TILE`` on a GPU, off elsewhere. Read at trace time."""
+    return _kernel_tile_env(BLOCK_SKINNY_ENV, BLOCK_SKINNY_TILE,
+                            ("block_n", "block_k", "split_k", "warps", "stages"))
 
 
 def _block_skinny(x: jax.Array, weight: jax.Array, weight_scale: jax.Array, block_k: int,
@@ -261,6 +279,54 @@ def _block_skinny(x: jax.Array, weight: jax.Array, weight_scale: jax.Array, bloc
                          interpret=jax.default_backend() != "gpu")
 
 
+BLOCK_MGPU_ENV = "JAXLLM_FP8_BLOCK_MGPU"
+# Block-wise fp8 projections of more than 64 token rows on a GPU run the Mosaic GPU block
+# kernel (pallas_kernels/fp8_block_mgpu.py) with its tile picked by shape ("auto":
+# fp8_block_mgpu.pick_tile). Why: XLA's w8a16 form writes the dequantized weight in bf16 before
+# its GEMM below ~4096 rows; H100, 2026-12-06 (benchmarks/RESULTS.md): per GEMM at 128-4096
+# rows the kernel (quantization included) took 0.44-0.93x of that form's time, and the offline
+# throughput of a block-wise checkpoint rose from 5,273 to 5,869-5,906 output tok/s.
+BLOCK_MGPU_TILE: str | tuple[int, int] | None = "auto"
+
+
+def block_mgpu_tile() -> str | tuple[int, int] | None:
+    """``JAXLLM_FP8_BLOCK_MGPU``: "0" (off: XLA's w8a16 form above 64 rows), "auto" (the tile
+    by shape), "tile_m,steps" (sweeps; on a CPU it runs Mosaic GPU's interpreter), or unset:
+    ``BLOCK_MGPU_TILE`` on a GPU, off elsewhere. Read at trace time."""
+    return _kernel_tile_env(BLOCK_MGPU_ENV, BLOCK_MGPU_TILE, ("tile_m", "steps"), ("auto",))
+
+
+def _mgpu_applies(T: int, K: int, weight: jax.Array, weight_scale: jax.Array,
+                  block_k: int, out_dtype) -> bool:
+    """Whether ``_block_mgpu`` takes a [T, K] x [N, K] projection (see there)."""
+    tile = block_mgpu_tile()
+    if tile is None or heads_mesh() is not None or T <= SKINNY_MAX_ROWS:
+        return False
+    if weight_scale.shape[1] * block_k != K:
+        return False
+    try:
+        check_mgpu_shapes(T, K, weight.shape[0], block_k,
+                          32 if tile == "auto" else tile[0], out_dtype)
+    except ValueError:
+        return False
+    return True
+
+
+def _block_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: jax.Array,
+                block_k: int, out_dtype) -> jax.Array | None:
+    """A block-wise W8A8 projection of more than 64 rows through the Mosaic GPU kernel
+    (``fp8_block_matmul_mgpu``), or None where it does not apply (no tile, tensor parallelism,
+    what it does not take: K blocks other than 128, N not a multiple of 128, a float32
+    model)."""
+    if not _mgpu_applies(*xq.shape, weight, weight_scale, block_k, out_dtype):
+        return None
+    tile = block_mgpu_tile()
+    tile_m, steps = (None, None) if tile == "auto" else tile
+    return fp8_block_matmul_mgpu(xq, xs, weight, weight_scale, block_k, out_dtype,
+                                 tile_m=tile_m, steps=steps,
+                                 interpret=jax.default_backend() != "gpu")
+
+
 def block_fp8_linear_w8a16(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
                            block_k: int) -> jax.Array:
     """``block_fp8_linear``'s w8a16 form: the skinny kernel at <= 64 rows where it applies
@@ -277,11 +343,15 @@ def block_fp8_linear_w8a16(x: jax.Array, weight: jax.Array, weight_scale: jax.Ar
 def block_fp8_linear_w8a8(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
                           block_k: int, **blocks) -> jax.Array:
     """``block_fp8_linear``'s w8a8 form: per-group activation quantization, then the skinny
-    kernel at <= 64 rows where it applies (unless ``blocks`` are given), else
-    ``fp8_block_matmul``; ``blocks``: that kernel's block_m / block_n / num_warps / num_stages
+    kernel at <= 64 rows or the Mosaic GPU kernel above where they apply (unless ``blocks``
+    are given), else ``fp8_block_matmul``; ``blocks``: that kernel's block_m / block_n / num_warps / num_stages
     (default: block_m the power of two >= T in [16, 64], the kernel's others)."""
     xq, xs = quantize_activation_per_token_group(x, block_k)
-    y = None if blocks else _block_skinny(xq, weight, weight_scale, block_k, xs, x.dtype)
+    y = None
+    if not blocks:
+        y = _block_skinny(xq, weight, weight_scale, block_k, xs, x.dtype)
+        if y is None:
+            y = _block_mgpu(xq, xs, weight, weight_scale, block_k, x.dtype)
     if y is not None:
         return y
     T = x.shape[0]
