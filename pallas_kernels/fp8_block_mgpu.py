@@ -92,12 +92,15 @@ def check_shapes(M: int, K: int, N: int, block_k: int, tile_m: int,
 def fp8_block_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Array,
                           w_scale: jax.Array, block_k: int = BLOCK_K, out_dtype=jnp.bfloat16, *,
                           tile_m: int | None = None, steps: int | None = None,
-                          num_sms: int | None = None, interpret: bool = False) -> jax.Array:
+                          k_blocks: int = 1, num_sms: int | None = None,
+                          interpret: bool = False) -> jax.Array:
     """x_fp8 [M, K], x_scale [M, KB], w_fp8 [N, K], w_scale [N, KB] -> [M, N] ``out_dtype``
     (the module's contract). ``tile_m``: tokens a tile (clipped to M rounded up to 32);
-    ``steps``: K blocks in flight (both None: ``pick_tile``); ``num_sms``: CTAs (default: the
-    GPU's SMs; 4 when interpreted); ``interpret``: Mosaic GPU's interpreter (any platform,
-    slow)."""
+    ``steps``: pipeline steps in flight (both None: ``pick_tile``); ``k_blocks``: 128-wide K
+    blocks a pipeline step (1, or 2: both blocks' wgmmas issued, then the first promoted while
+    the second runs, the overlap DeepGEMM gets; K a multiple of 256; not yet timed);
+    ``num_sms``: CTAs (default: the GPU's SMs; 4 when interpreted); ``interpret``: Mosaic
+    GPU's interpreter (any platform, slow)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -109,6 +112,10 @@ def fp8_block_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Array
     if w_fp8.shape != (N, K) or KB != K // BLOCK_K or x_scale.shape != (M, KB):
         raise ValueError(f"shapes x {x_fp8.shape}, x_scale {x_scale.shape}, w {w_fp8.shape}, "
                          f"w_scale {w_scale.shape} do not fit K={K} in blocks of {BLOCK_K}.")
+    if k_blocks not in (1, 2) or KB % k_blocks:
+        raise ValueError(f"k_blocks={k_blocks}: 1, or 2 with K a multiple of {2 * BLOCK_K} "
+                         f"(K={K}).")
+    tk = k_blocks * BLOCK_K
     if num_sms is None:
         # The GPU's SMs; an H100's 132 where the default device has no count (lowering for an
         # abstract GPU on a CPU host): only the tile choice depends on it.
@@ -134,14 +141,14 @@ def fp8_block_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Array
     def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, out_gmem):
         def pipeline(body, ctx):
             return plgpu.emit_pipeline_warp_specialized(
-                body, grid=(KB,), memory_registers=40,
+                body, grid=(KB // k_blocks,), memory_registers=40,
                 in_specs=[
-                    plgpu.BlockSpec((tm, BLOCK_K), lambda k: (0, k), transforms=fp8_tf,
+                    plgpu.BlockSpec((tm, tk), lambda k: (0, k), transforms=fp8_tf,
                                     memory_space=plgpu.SMEM),
-                    plgpu.BlockSpec((CTA_ROWS, BLOCK_K), lambda k: (0, k), transforms=fp8_tf,
+                    plgpu.BlockSpec((CTA_ROWS, tk), lambda k: (0, k), transforms=fp8_tf,
                                     memory_space=plgpu.SMEM),
-                    plgpu.BlockSpec((1, tm), lambda k: (k, 0), memory_space=plgpu.SMEM),
-                    plgpu.BlockSpec((1, 2, WG_ROWS), lambda k: (k, 0, 0),
+                    plgpu.BlockSpec((k_blocks, tm), lambda k: (k, 0), memory_space=plgpu.SMEM),
+                    plgpu.BlockSpec((k_blocks, 2, WG_ROWS), lambda k: (k, 0, 0),
                                     memory_space=plgpu.SMEM),
                 ],
                 wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps,
@@ -176,17 +183,26 @@ def fp8_block_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Array
                         out_gmem.at[m_slice, pl.ds(n_idx * CTA_ROWS + wg * WG_ROWS, WG_ROWS)])
 
                 def body(_, x_smem, w_smem, xs_smem, ws_smem, acc):
-                    def mma(part_ref):
-                        plgpu.wgmma(part_ref, w_smem.at[wg_rows], x_smem.transpose((1, 0)))
-                        plgpu.wgmma_wait(0)
-                        return part_ref[...]
+                    def mma(*parts):
+                        # Every block's wgmma in flight, then each promoted as it completes
+                        # (wait_n: how many may still run), the next one running meanwhile.
+                        for j, part in enumerate(parts):
+                            ks = pl.ds(j * BLOCK_K, BLOCK_K)
+                            plgpu.wgmma(part, w_smem.at[wg_rows, ks],
+                                        x_smem.at[:, ks].transpose((1, 0)))
+                        out = acc
+                        for j, part in enumerate(parts):
+                            val = plgpu.wgmma_accumulator_load(part, wait_n=k_blocks - 1 - j)
+                            ws = plgpu.load(ws_smem.at[j, wg], (),
+                                            layout=plgpu.Layout.WGMMA.reduce(1))
+                            xs = plgpu.load(xs_smem.at[j], (),
+                                            layout=plgpu.Layout.WGMMA.reduce(0))
+                            out = out + val * (lax.broadcast_in_dim(ws, (WG_ROWS, tm), [0])
+                                               * lax.broadcast_in_dim(xs, (WG_ROWS, tm), [1]))
+                        return out
 
-                    part = pl.run_scoped(mma, plgpu.ACC((WG_ROWS, tm), jnp.float32))
-                    ws = plgpu.load(ws_smem.at[0, wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                    xs = plgpu.load(xs_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                    scale = (lax.broadcast_in_dim(ws, (WG_ROWS, tm), [0])
-                             * lax.broadcast_in_dim(xs, (WG_ROWS, tm), [1]))
-                    return acc + part * scale
+                    return pl.run_scoped(
+                        mma, *[plgpu.ACC((WG_ROWS, tm), jnp.float32)] * k_blocks)
 
                 pipeline(body, ctx)(x_gmem.at[m_slice, :], w_gmem.at[n_slice, :],
                                     xs_gmem.at[:, m_slice],

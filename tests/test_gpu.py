@@ -244,10 +244,11 @@ def test_compiled_block_fp8_mgpu_matches_reference(M, monkeypatch):
         ws = jnp.asarray(rng.uniform(1e-4, 1e-3, size=(N, K // 128)), jnp.float32)
         xq, xs = quantize_activation_per_token_group(x, 128)
         ref = fp8_block_matmul_reference(xq, xs, w, ws, 128, jnp.float32)
-        for tm, steps in (DEFAULT_TILE, (32, 8)):
-            got = fp8_block_matmul_mgpu(xq, xs, w, ws, tile_m=tm, steps=steps)
+        for tm, steps, k_blocks in ((*DEFAULT_TILE, 1), (32, 8, 1), (128, 2, 2)):
+            got = fp8_block_matmul_mgpu(xq, xs, w, ws, tile_m=tm, steps=steps,
+                                        k_blocks=k_blocks)
             assert got.dtype == jnp.bfloat16
-            assert _rel_err(got, ref) < 5e-3, (K, N, tm, steps)  # one bf16 rounding
+            assert _rel_err(got, ref) < 5e-3, (K, N, tm, steps, k_blocks)  # one bf16 rounding
         lin = fp8_mod.Fp8Linear(K, N, use_bias=False, dtype=jnp.bfloat16, block_k=128)
         lin.weight.set_value(w)
         lin.weight_scale.set_value(ws)

@@ -936,13 +936,14 @@ def test_skinny_matmul_block_scales_match_the_block_reference(M, split_k, tile_k
     assert _rel_err(got, exact) < 0.08
 
 
-@pytest.mark.parametrize("M,K,N,tile_m,steps", [
-    (5, 256, 128, 128, 2),    # one ragged token tile (5 rows padded to 32), one weight tile
-    (40, 384, 256, 32, 2),    # 2 x 2 tiles (40 rows padded to 64), three K blocks
-    (72, 256, 640, 32, 3),    # 3 x 5 = 15 tiles over 4 CTAs: the tile loop wraps
-    (40, 256, 256, None, None),  # pick_tile's choice: (32, 8), the most tiles in 4 CTAs
+@pytest.mark.parametrize("M,K,N,tile_m,steps,k_blocks", [
+    (5, 256, 128, 128, 2, 1),    # one ragged token tile (5 rows padded to 32), one weight tile
+    (40, 384, 256, 32, 2, 1),    # 2 x 2 tiles (40 rows padded to 64), three K blocks
+    (72, 256, 640, 32, 3, 1),    # 3 x 5 = 15 tiles over 4 CTAs: the tile loop wraps
+    (40, 256, 256, None, None, 1),  # pick_tile's choice: (32, 8), the most tiles in 4 CTAs
+    (40, 768, 256, 32, 2, 2),    # two K blocks a step (their wgmmas in flight together)
 ])
-def test_fp8_block_mgpu_kernel_matches_the_block_reference(M, K, N, tile_m, steps):
+def test_fp8_block_mgpu_kernel_matches_the_block_reference(M, K, N, tile_m, steps, k_blocks):
     """fp8_block_matmul_mgpu (Mosaic GPU's interpreter: TMA pipeline, fp8 wgmma, the per-K-
     block promotion) on fresh random operands equals both operands dequantized with their
     block scales and multiplied in fp32; scales that vary per row / channel and K block, so a
@@ -958,18 +959,18 @@ def test_fp8_block_mgpu_kernel_matches_the_block_reference(M, K, N, tile_m, step
     ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(N, K // 128)), jnp.float32)
     xq, xs = quantize_activation_per_token_group(x, 128)
     ref = fp8_block_matmul_reference(xq, xs, w, ws, 128, jnp.float32)
-    got = fp8_block_matmul_mgpu(xq, xs, w, ws, tile_m=tile_m, steps=steps, interpret=True)
+    kw = dict(tile_m=tile_m, steps=steps, k_blocks=k_blocks, interpret=True)
+    got = fp8_block_matmul_mgpu(xq, xs, w, ws, **kw)
     assert got.shape == (M, N) and got.dtype == jnp.bfloat16
     # The float32 reference rounded to bf16, but for a few values one ulp apart (the sums'
     # order differs at rounding boundaries).
     assert _rel_err(got, ref.astype(jnp.bfloat16)) < 1e-4
     assert _rel_err(got, ref) < 3e-3
-    assert fp8_block_matmul_mgpu(xq, xs, w, ws, out_dtype=jnp.float16, tile_m=tile_m,
-                                 steps=steps, interpret=True).dtype == jnp.float16
+    assert fp8_block_matmul_mgpu(xq, xs, w, ws, out_dtype=jnp.float16, **kw).dtype \
+        == jnp.float16
     # One K block's weight scales rolled to the next channel: the output must move.
     ws_wrong = ws.at[:, 1].set(jnp.roll(ws[:, 1], 1))
-    assert _rel_err(fp8_block_matmul_mgpu(xq, xs, w, ws_wrong, tile_m=tile_m, steps=steps,
-                                          interpret=True), ref) > 1e-2
+    assert _rel_err(fp8_block_matmul_mgpu(xq, xs, w, ws_wrong, **kw), ref) > 1e-2
 
 
 def test_fp8_block_mgpu_tile_pick_follows_the_h100_sweep():
@@ -1004,6 +1005,9 @@ def test_fp8_block_mgpu_kernel_refuses_what_it_does_not_take():
         fp8_block_matmul_mgpu(x, xs[:, :1], w, ws)
     with pytest.raises(ValueError, match="together"):
         fp8_block_matmul_mgpu(x, xs, w, ws, tile_m=32)
+    with pytest.raises(ValueError, match="k_blocks=2"):  # K = 384: three blocks
+        fp8_block_matmul_mgpu(jnp.ones((8, 384), e4m3), jnp.ones((8, 3), f32),
+                              jnp.ones((128, 384), e4m3), jnp.ones((128, 3), f32), k_blocks=2)
     with pytest.raises(ValueError, match="out_dtype=float32"):
         fp8_block_matmul_mgpu(x, xs, w, ws, out_dtype=f32)
 
