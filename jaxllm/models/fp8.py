@@ -198,7 +198,7 @@ def block_fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     forms are within 0-9% of each other per GEMM and batch-1 decode takes 4.24 / 4.22 ms/token
     (w8a16 / w8a8); at 64 rows the w8a16 kernel (its e4m3 -> bf16 upcast of a 64-row tile's
     weight) takes 1.2-1.7x the w8a8 one, quantization included (gate/up 172.6 against 102.5
-    µs). Above 64 rows (05:45): the Mosaic kernel takes 0.44-0.93x of XLA's w8a16 time per
+    µs). Above 64 rows (05:45): the Mosaic kernel takes 0.26-0.91x of XLA's w8a16 time per
     GEMM (the Triton ``fp8_block_matmul`` 2-5x), offline throughput 5,273 -> 5,869 tok/s."""
     if heads_mesh() is None:
         mode, T = block_gemm_mode(), x.shape[0]
@@ -284,7 +284,7 @@ BLOCK_MGPU_ENV = "JAXLLM_FP8_BLOCK_MGPU"
 # kernel (pallas_kernels/fp8_block_mgpu.py) with its tile picked by shape ("auto":
 # fp8_block_mgpu.pick_tile). Why: XLA's w8a16 form writes the dequantized weight in bf16 before
 # its GEMM below ~4096 rows; H100, 2026-12-06 (benchmarks/RESULTS.md): per GEMM at 128-4096
-# rows the kernel (quantization included) took 0.44-0.93x of that form's time, and the offline
+# rows the kernel (quantization included) took 0.26-0.91x of that form's time, and the offline
 # throughput of a block-wise checkpoint rose from 5,273 to 5,869-5,906 output tok/s.
 BLOCK_MGPU_TILE: str | tuple[int, int] | None = "auto"
 
