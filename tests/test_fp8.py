@@ -980,7 +980,7 @@ def test_block_fp8_linear_auto_takes_w8a8_above_the_weight_only_rows_where_skinn
     # With the Mosaic GPU block kernel (JAXLLM_FP8_BLOCK_MGPU), "auto" takes w8a8 above 64 rows
     # too, where the shapes fit it (K in whole 128-blocks, N a multiple of 128).
     monkeypatch.setenv(fp8_mod.BLOCK_GEMM_ENV, "auto")
-    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "128,4")
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "128,4,1")
     w, ws = jnp.zeros((128, 256), jnp.float8_e4m3fn), jnp.ones((128, 2), jnp.float32)
     assert picks(1, 17, 64, 65, 4096) == ["w8a16"] + ["_w8a8"] * 4
     w = jnp.zeros((96, 256), jnp.float8_e4m3fn)  # N = 96: not the kernel's
@@ -992,8 +992,8 @@ def test_block_fp8_linear_auto_takes_w8a8_above_the_weight_only_rows_where_skinn
     assert picks(16, 65, 512) == ["w8a16"] + ["_w8a8"] * 2
     monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "0")
     assert fp8_mod.block_mgpu_tile() is None
-    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "128")
-    with pytest.raises(ValueError, match="0, auto or 'tile_m,steps' \\(2 integers\\)"):
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "128,4")
+    with pytest.raises(ValueError, match="0, auto or 'tile_m,steps,k_blocks' \\(3 integers\\)"):
         fp8_mod.block_mgpu_tile()
 
 
@@ -1024,13 +1024,24 @@ def test_block_fp8_linear_runs_large_steps_through_the_mosaic_kernel(monkeypatch
         assert np.linalg.norm(np.asarray(got, np.float32) - np.asarray(ref)) \
             < 1e-2 * np.linalg.norm(np.asarray(ref))
     assert calls == [(72, 256)]  # 40 rows: not above 64; N = 96: not a multiple of 128
+    # An explicit tile with two K blocks a step (the A/B form of JAXLLM_FP8_BLOCK_MGPU).
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "32,2,2")
+    x = jnp.asarray(rng.normal(size=(72, 256)), jnp.bfloat16)
+    w = jnp.asarray(np.clip(rng.normal(size=(128, 256)) * 50, -448, 448),
+                    jnp.float32).astype(jnp.float8_e4m3fn)
+    ws = jnp.asarray(rng.uniform(1e-3, 0.1, size=(128, 2)), jnp.float32)
+    xq, xs = quantize_activation_per_token_group(x, 128)
+    ref = np.asarray(fp8_block_matmul_reference(xq, xs, w, ws, 128, jnp.float32))
+    got = np.asarray(fp8_mod.block_fp8_linear_w8a8(x, w, ws, 128), np.float32)
+    assert np.linalg.norm(got - ref) < 1e-2 * np.linalg.norm(ref)
+    assert calls == [(72, 256)] * 2
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "auto")
     # A float32 model (the CPU tests' dtype) keeps the Triton kernel: the Mosaic one writes
     # 16-bit outputs only.
     x32 = jnp.asarray(rng.normal(size=(72, 256)), jnp.float32)
-    fp8_mod.block_fp8_linear_w8a8(x32, w[:128] if w.shape[0] >= 128 else
-                                  jnp.ones((128, 256), jnp.float8_e4m3fn),
-                                  jnp.ones((128, 2), jnp.float32), 128)
-    assert calls == [(72, 256)]
+    assert fp8_mod.block_fp8_linear_w8a8(x32, w, ws, 128).dtype == jnp.float32
+    assert calls == [(72, 256)] * 2  # no third call
+
 
 def _hf_logprobs(folder, seqs, *, quantized_activations: bool):
     """transformers' reading of a pre-quantized folder (dequantized on the CPU), log-softmax per

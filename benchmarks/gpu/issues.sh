@@ -1866,7 +1866,7 @@ blockmgpu)  # one GPU, one call (2026-12-06): the Mosaic GPU block-scaled W8A8 k
   wheels || exit 1
   room() { [ $((T - SECONDS)) -gt $1 ]; }
   gpu_tests 4 -k "${K:-block_fp8}"
-  room 60 && JAXLLM_FP8_BLOCK_MGPU=128,4 timeout $((T - SECONDS - 10)) python3 \
+  room 60 && JAXLLM_FP8_BLOCK_MGPU=128,4,1 timeout $((T - SECONDS - 10)) python3 \
     benchmarks/kernels.py --sections block_gemm --gemm-ms ${MS:-128,256,1024,4096} \
     --block-skip-triton --budget $(((T - SECONDS) / 2)) --device-time --loop-reps 0 \
     ${IMPLS:+--block-impls $IMPLS} --out $OUT/results.jsonl > $L/block_gemm.log 2>&1
@@ -1874,12 +1874,12 @@ blockmgpu)  # one GPU, one call (2026-12-06): the Mosaic GPU block-scaled W8A8 k
   grep "impl=" $L/block_gemm.log | grep -v "error" | sed 's/ gbps=.*device_us=/ dev=/' \
     | cut -c1-170 | grep -v "skinny_block" ;;
 blocktp)  # one GPU, one call (2026-12-06): block-wise fp8 offline throughput (1,000 x 512/128)
-  # with the Mosaic GPU kernel above 64 rows against XLA's w8a16 form, then batch-1 block
-  # latency and its step profile. Carry .bench, .whl.
+  # with the Mosaic GPU kernel above 64 rows (TILE: JAXLLM_FP8_BLOCK_MGPU, default auto)
+  # against XLA's w8a16 form, then the block batch-1 step's profile. Carry .bench, .whl.
   L=$OUT/logs; mkdir -p $L
   room() { [ $((T - SECONDS)) -gt $1 ]; }
   B="--fp8-weight-block 128,128"
-  JAXLLM_FP8_BLOCK_MGPU=${TILE:-128,4} timeout 200 $TP --quantization fp8 $B \
+  JAXLLM_FP8_BLOCK_MGPU=${TILE:-auto} timeout 200 $TP --quantization fp8 $B \
     > $L/tp_mgpu.log 2>&1
   room 150 && JAXLLM_FP8_BLOCK_MGPU=0 timeout 200 $TP --quantization fp8 $B > $L/tp_xla.log 2>&1
   tp_rows

@@ -286,14 +286,16 @@ BLOCK_MGPU_ENV = "JAXLLM_FP8_BLOCK_MGPU"
 # its GEMM below ~4096 rows; H100, 2026-12-06 (benchmarks/RESULTS.md): per GEMM at 128-4096
 # rows the kernel (quantization included) took 0.26-0.91x of that form's time, and the offline
 # throughput of a block-wise checkpoint rose from 5,273 to 5,869-5,906 output tok/s.
-BLOCK_MGPU_TILE: str | tuple[int, int] | None = "auto"
+BLOCK_MGPU_TILE: str | tuple[int, int, int] | None = "auto"
 
 
-def block_mgpu_tile() -> str | tuple[int, int] | None:
+def block_mgpu_tile() -> str | tuple[int, int, int] | None:
     """``JAXLLM_FP8_BLOCK_MGPU``: "0" (off: XLA's w8a16 form above 64 rows), "auto" (the tile
-    by shape), "tile_m,steps" (sweeps; on a CPU it runs Mosaic GPU's interpreter), or unset:
-    ``BLOCK_MGPU_TILE`` on a GPU, off elsewhere. Read at trace time."""
-    return _kernel_tile_env(BLOCK_MGPU_ENV, BLOCK_MGPU_TILE, ("tile_m", "steps"), ("auto",))
+    by shape, 1 K block a step), "tile_m,steps,k_blocks" (sweeps and A/B runs, e.g. 128,2,2;
+    on a CPU it runs Mosaic GPU's interpreter), or unset: ``BLOCK_MGPU_TILE`` on a GPU, off
+    elsewhere. Read at trace time."""
+    return _kernel_tile_env(BLOCK_MGPU_ENV, BLOCK_MGPU_TILE, ("tile_m", "steps", "k_blocks"),
+                            ("auto",))
 
 
 def _mgpu_applies(T: int, K: int, weight: jax.Array, weight_scale: jax.Array,
@@ -321,9 +323,9 @@ def _block_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: j
     if not _mgpu_applies(*xq.shape, weight, weight_scale, block_k, out_dtype):
         return None
     tile = block_mgpu_tile()
-    tile_m, steps = (None, None) if tile == "auto" else tile
+    tile_m, steps, k_blocks = (None, None, 1) if tile == "auto" else tile
     return fp8_block_matmul_mgpu(xq, xs, weight, weight_scale, block_k, out_dtype,
-                                 tile_m=tile_m, steps=steps,
+                                 tile_m=tile_m, steps=steps, k_blocks=k_blocks,
                                  interpret=jax.default_backend() != "gpu")
 
 
