@@ -711,6 +711,8 @@ BLOCK_XLA_OPTIONS = {"cublas": {"xla_gpu_enable_triton_gemm": False},
                      "triton": {"xla_gpu_cublas_fallback": False}}
 BLOCK_TRITON = True  # --block-skip-triton: fp8_block_matmul's sweep at M > 64 left out
 BLOCK_IMPLS: set[str] | None = None  # --block-impls: the block_gemm rows to run (None: all)
+BLOCK_IMPL_NAMES = ("xla_bf16", "xla_block_w8a16", "block_w8a16", "block_w8a8", "mgpu_block_w8a8",
+                    "skinny_block_w8a16", "skinny_block_w8a8", "pallas_fp8_block")
 
 
 def _block_case(shape, impl, *args, **kw):
@@ -1193,6 +1195,9 @@ def main():
     LOOP_REPS = args.loop_reps
     BLOCK_TRITON = not args.block_skip_triton
     BLOCK_IMPLS = set(args.block_impls.split(",")) if args.block_impls else None
+    if BLOCK_IMPLS is not None and BLOCK_IMPLS - set(BLOCK_IMPL_NAMES):
+        ap.error(f"--block-impls: unknown {sorted(BLOCK_IMPLS - set(BLOCK_IMPL_NAMES))}; "
+                 f"choose from {','.join(BLOCK_IMPL_NAMES)}")
     DEVICE_TIME = args.device_time
     KV_DTYPE = args.kv_dtype
     DECODE_VARIANTS = args.decode_variants

@@ -1035,6 +1035,11 @@ def test_block_fp8_linear_runs_large_steps_through_the_mosaic_kernel(monkeypatch
     got = np.asarray(fp8_mod.block_fp8_linear_w8a8(x, w, ws, 128), np.float32)
     assert np.linalg.norm(got - ref) < 1e-2 * np.linalg.norm(ref)
     assert calls == [(72, 256)] * 2
+    # Three K blocks do not pair: that tile leaves the step to the Triton kernel.
+    x3 = jnp.asarray(rng.normal(size=(72, 384)), jnp.bfloat16)
+    fp8_mod.block_fp8_linear_w8a8(x3, jnp.ones((128, 384), jnp.float8_e4m3fn),
+                                  jnp.ones((128, 3), jnp.float32), 128)
+    assert calls == [(72, 256)] * 2
     monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "auto")
     # A float32 model (the CPU tests' dtype) keeps the Triton kernel: the Mosaic one writes
     # 16-bit outputs only.

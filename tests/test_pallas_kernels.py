@@ -1205,10 +1205,11 @@ def test_block_gemm_section_runs_every_form_of_a_block_fp8_projection_correct(tm
 
 
 @pytest.mark.parametrize("flag, value", [("--gemm-kn", "4096"), ("--gemm-kn", "4096xN"),
-                                         ("--gemm-ms", "1,x")])
+                                         ("--gemm-ms", "1,x"),
+                                         ("--block-impls", "mgpu_block_w8a8,mosaic")])
 def test_kernels_script_refuses_malformed_gemm_shapes(flag, value):
-    # --gemm-kn takes KxN pairs, --gemm-ms integers: anything else is a usage error (exit 2)
-    # naming the flag, before any kernel runs.
+    # --gemm-kn takes KxN pairs, --gemm-ms integers, --block-impls the section's row names:
+    # anything else is a usage error (exit 2) naming the flag, before any kernel runs.
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke", "--sections",
          "gemm", flag, value], capture_output=True, text=True, timeout=300,

@@ -306,6 +306,8 @@ def _mgpu_applies(T: int, K: int, weight: jax.Array, weight_scale: jax.Array,
         return False
     if weight_scale.shape[1] * block_k != K:
         return False
+    if tile != "auto" and (tile[2] not in (1, 2) or weight_scale.shape[1] % tile[2]):
+        return False  # k_blocks: 1, or 2 over an even number of K blocks
     try:
         check_mgpu_shapes(T, K, weight.shape[0], block_k,
                           32 if tile == "auto" else tile[0], out_dtype)
@@ -346,8 +348,9 @@ def block_fp8_linear_w8a8(x: jax.Array, weight: jax.Array, weight_scale: jax.Arr
                           block_k: int, **blocks) -> jax.Array:
     """``block_fp8_linear``'s w8a8 form: per-group activation quantization, then the skinny
     kernel at <= 64 rows or the Mosaic GPU kernel above where they apply (unless ``blocks``
-    are given), else ``fp8_block_matmul``; ``blocks``: that kernel's block_m / block_n / num_warps / num_stages
-    (default: block_m the power of two >= T in [16, 64], the kernel's others)."""
+    are given), else ``fp8_block_matmul``; ``blocks``: that kernel's block_m / block_n /
+    num_warps / num_stages (default: block_m the power of two >= T in [16, 64], the kernel's
+    others)."""
     xq, xs = quantize_activation_per_token_group(x, block_k)
     y = None
     if not blocks:
