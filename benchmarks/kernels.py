@@ -698,11 +698,14 @@ BLOCK_GEMM_CONFIGS = [dict(block_m=16, block_n=64), dict(block_m=16, block_n=128
 BLOCK_SKINNY_CONFIGS = [(32, 128, 4, 4, 4), (64, 128, 4, 4, 4), (64, 256, 4, 4, 4),
                         (32, 256, 4, 4, 4), (64, 256, 8, 4, 4), (128, 256, 2, 4, 3),
                         (64, 512, 2, 4, 3), (32, 128, 8, 4, 4), (64, 256, 2, 4, 4)]
-# The Mosaic GPU block kernel's (tile_m, steps, k_blocks) (pallas_kernels/fp8_block_mgpu.py; the
-# engine's JAXLLM_FP8_BLOCK_MGPU), its default (fp8_block_mgpu.DEFAULT_TILE) first; k_blocks 2:
-# two K blocks a step, the first promoted while the second's wgmma runs (untimed until swept).
-BLOCK_MGPU_CONFIGS = [(128, 4, 1), (128, 2, 2), (64, 3, 2), (64, 4, 1), (32, 8, 1),
-                      (64, 6, 1), (128, 6, 1), (256, 3, 1)]
+# The Mosaic GPU block kernel's (tile_m, steps, k_blocks, group_m, cluster_m)
+# (pallas_kernels/fp8_block_mgpu.py; the engine's JAXLLM_FP8_BLOCK_MGPU), its default
+# (fp8_block_mgpu.DEFAULT_TILE) first; k_blocks 2: two K blocks a step, the first promoted
+# while the second's wgmma runs; group_m: token tiles a group of the tile order; cluster_m 2:
+# two CTAs share the weight tile by TMA multicast. --mgpu-configs replaces the list.
+BLOCK_MGPU_CONFIGS = [(128, 2, 2, 8, 2), (128, 4, 1, 0, 1), (128, 4, 1, 8, 2),
+                      (128, 2, 2, 8, 1), (64, 4, 1, 0, 1), (32, 8, 1, 0, 1), (64, 4, 2, 0, 1),
+                      (32, 8, 1, 0, 2), (128, 6, 1, 0, 1), (256, 3, 1, 0, 1)]
 # XLA's compile options the block W8A16 form is also timed under at M > 64: the engine compiles
 # its fp8 steps of >= 32 tokens with cuBLAS GEMMs (model_runner.CUBLAS_COMPILER_OPTIONS), under
 # which the dequantized weight is always written first; without a cuBLAS fallback XLA must keep
@@ -789,14 +792,13 @@ def bench_block_gemm(budget_s):
                 _block_case(shape, name, "", engine[name], sets16, ref=r,
                             bytes_=b8, flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
             if M >= 64 and not SMOKE:  # the Mosaic kernel's K step is 128 (bk of the smoke: 32)
-                for i, (tm, steps, kb2) in enumerate(BLOCK_MGPU_CONFIGS):
+                for i, (tm, steps, kb2, gm, cm) in enumerate(BLOCK_MGPU_CONFIGS):
                     if i > 0 and time.time() - T0 > budget_s:
                         break
-                    f = jax.jit(lambda xq, q, s, xs, tm=tm, st=steps, kb2=kb2:
-                                fp8_block_matmul_mgpu(xq, xs, q, s, bk, jnp.bfloat16, tile_m=tm,
-                                                      steps=st, k_blocks=kb2))
-                    _block_case(shape, "mgpu_block_w8a8",
-                                dict(tile_m=tm, steps=steps, k_blocks=kb2), f, sets8, ref=ref,
+                    cfg = dict(tile_m=tm, steps=steps, k_blocks=kb2, group_m=gm, cluster_m=cm)
+                    f = jax.jit(lambda xq, q, s, xs, cfg=cfg:
+                                fp8_block_matmul_mgpu(xq, xs, q, s, bk, jnp.bfloat16, **cfg))
+                    _block_case(shape, "mgpu_block_w8a8", cfg, f, sets8, ref=ref,
                                 bytes_=b8, flops=flops, peak_flops=PEAK_FP8, tol=1e-2)
             if M > 64:
                 for name, opts in BLOCK_XLA_OPTIONS.items():
@@ -1144,7 +1146,7 @@ def bench_backends(rng):
 
 def main():
     global OUT, LOOP_REPS, PEAK_BW, DEVICE_TIME, DECODE_SHAPES, KV_DTYPE, FP8_KV_DOT
-    global DECODE_VARIANTS, GEMM_M, GEMM_KN, BLOCK_TRITON, BLOCK_IMPLS
+    global DECODE_VARIANTS, GEMM_M, GEMM_KN, BLOCK_TRITON, BLOCK_IMPLS, BLOCK_MGPU_CONFIGS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON lines output path (appended)")
     ap.add_argument("--sections", "--only", dest="sections", default="decode,lm_head,gemm,prefill,mixed",
@@ -1186,6 +1188,9 @@ def main():
     ap.add_argument("--block-impls", default=None,
                     help="block_gemm: comma-separated impls to run (e.g. mgpu_block_w8a8, "
                          "xla_block_w8a16); xla_bf16 always runs")
+    ap.add_argument("--mgpu-configs", default=None,
+                    help="block_gemm: the Mosaic kernel's configs instead of BLOCK_MGPU_CONFIGS, "
+                         "'tile_m,steps,k_blocks,group_m,cluster_m' separated by ';'")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     args = ap.parse_args()
@@ -1198,6 +1203,15 @@ def main():
     if BLOCK_IMPLS is not None and BLOCK_IMPLS - set(BLOCK_IMPL_NAMES):
         ap.error(f"--block-impls: unknown {sorted(BLOCK_IMPLS - set(BLOCK_IMPL_NAMES))}; "
                  f"choose from {','.join(BLOCK_IMPL_NAMES)}")
+    if args.mgpu_configs:
+        try:
+            BLOCK_MGPU_CONFIGS = [tuple(int(v) for v in c.split(","))
+                                  for c in args.mgpu_configs.split(";")]
+        except ValueError:
+            BLOCK_MGPU_CONFIGS = []
+        if not BLOCK_MGPU_CONFIGS or any(len(c) != 5 for c in BLOCK_MGPU_CONFIGS):
+            ap.error("--mgpu-configs: 'tile_m,steps,k_blocks,group_m,cluster_m' separated by "
+                     f"';', got {args.mgpu_configs!r}")
     DEVICE_TIME = args.device_time
     KV_DTYPE = args.kv_dtype
     DECODE_VARIANTS = args.decode_variants

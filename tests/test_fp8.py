@@ -992,9 +992,18 @@ def test_block_fp8_linear_auto_takes_w8a8_above_the_weight_only_rows_where_skinn
     assert picks(16, 65, 512) == ["w8a16"] + ["_w8a8"] * 2
     monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "0")
     assert fp8_mod.block_mgpu_tile() is None
-    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "128,4")
-    with pytest.raises(ValueError, match="0, auto or 'tile_m,steps,k_blocks' \\(3 integers\\)"):
-        fp8_mod.block_mgpu_tile()
+    # The tile order's two fields may be left out (no grouping, no cluster).
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "128,4,1")
+    assert fp8_mod.block_mgpu_tile() == (128, 4, 1, 0, 1)
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "128,4,1,8")
+    assert fp8_mod.block_mgpu_tile() == (128, 4, 1, 8, 1)
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "128,4,1,8,2")
+    assert fp8_mod.block_mgpu_tile() == (128, 4, 1, 8, 2)
+    form = "0, auto or 'tile_m,steps,k_blocks\\[,group_m\\]\\[,cluster_m\\]' \\(3 to 5 integers\\)"
+    for bad in ("128,4", "128,4,1,8,2,1", "128,x,1"):
+        monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, bad)
+        with pytest.raises(ValueError, match=form):
+            fp8_mod.block_mgpu_tile()
 
 
 def test_block_fp8_linear_runs_large_steps_through_the_mosaic_kernel(monkeypatch):
@@ -1035,17 +1044,23 @@ def test_block_fp8_linear_runs_large_steps_through_the_mosaic_kernel(monkeypatch
     got = np.asarray(fp8_mod.block_fp8_linear_w8a8(x, w, ws, 128), np.float32)
     assert np.linalg.norm(got - ref) < 1e-2 * np.linalg.norm(ref)
     assert calls == [(72, 256)] * 2
+    # A grouped tile order over a cluster of two CTAs sharing each weight tile (same values).
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "32,2,1,2,2")
+    got = np.asarray(fp8_mod.block_fp8_linear_w8a8(x, w, ws, 128), np.float32)
+    assert np.linalg.norm(got - ref) < 1e-2 * np.linalg.norm(ref)
+    assert calls == [(72, 256)] * 3
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "32,2,2")
     # Three K blocks do not pair: that tile leaves the step to the Triton kernel.
     x3 = jnp.asarray(rng.normal(size=(72, 384)), jnp.bfloat16)
     fp8_mod.block_fp8_linear_w8a8(x3, jnp.ones((128, 384), jnp.float8_e4m3fn),
                                   jnp.ones((128, 3), jnp.float32), 128)
-    assert calls == [(72, 256)] * 2
+    assert calls == [(72, 256)] * 3
     monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "auto")
     # A float32 model (the CPU tests' dtype) keeps the Triton kernel: the Mosaic one writes
     # 16-bit outputs only.
     x32 = jnp.asarray(rng.normal(size=(72, 256)), jnp.float32)
     assert fp8_mod.block_fp8_linear_w8a8(x32, w, ws, 128).dtype == jnp.float32
-    assert calls == [(72, 256)] * 2  # no third call
+    assert calls == [(72, 256)] * 3  # no fourth call
 
 
 def _hf_logprobs(folder, seqs, *, quantized_activations: bool):

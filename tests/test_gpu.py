@@ -244,16 +244,18 @@ def test_compiled_block_fp8_mgpu_matches_reference(M, monkeypatch):
         ws = jnp.asarray(rng.uniform(1e-4, 1e-3, size=(N, K // 128)), jnp.float32)
         xq, xs = quantize_activation_per_token_group(x, 128)
         ref = fp8_block_matmul_reference(xq, xs, w, ws, 128, jnp.float32)
-        for tm, steps, k_blocks in ((*DEFAULT_TILE, 1), (32, 8, 1), (128, 2, 2)):
+        for cfg in (DEFAULT_TILE, (128, 4, 1, 0, 1), (32, 8, 1, 0, 1), (128, 2, 2, 0, 1),
+                    (128, 4, 1, 2, 2), (64, 4, 2, 1, 2)):
+            tm, steps, k_blocks, group_m, cluster_m = cfg
             got = fp8_block_matmul_mgpu(xq, xs, w, ws, tile_m=tm, steps=steps,
-                                        k_blocks=k_blocks)
+                                        k_blocks=k_blocks, group_m=group_m, cluster_m=cluster_m)
             assert got.dtype == jnp.bfloat16
-            assert _rel_err(got, ref) < 5e-3, (K, N, tm, steps, k_blocks)  # one bf16 rounding
+            assert _rel_err(got, ref) < 5e-3, (K, N, cfg)  # one bf16 rounding
         lin = fp8_mod.Fp8Linear(K, N, use_bias=False, dtype=jnp.bfloat16, block_k=128)
         lin.weight.set_value(w)
         lin.weight_scale.set_value(ws)
         monkeypatch.setenv(fp8_mod.BLOCK_GEMM_ENV, "w8a8")
-        monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, ",".join(map(str, (*DEFAULT_TILE, 1))))
+        monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, ",".join(map(str, DEFAULT_TILE)))
         assert _rel_err(jax.jit(lambda a: lin(a))(x), ref) < 1e-2
 
 

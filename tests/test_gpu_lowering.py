@@ -151,11 +151,14 @@ def test_mosaic_block_fp8_kernel_lowers_for_hopper_at_the_8b_shapes():
     S, e4m3, f32 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn, jnp.float32
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     mesh = AbstractMesh((1,), ("x",), abstract_device=h100)
-    for (M, K, N), (tm, steps, k_blocks) in zip(
-            [(1024, 4096, 6144), (256, 14336, 4096), (72, 4096, 28672), (1024, 4096, 4096)],
-            [(*DEFAULT_TILE, 1), (64, 6, 1), (32, 8, 1), (128, 2, 2)]):
+    for (M, K, N), (tm, steps, k_blocks, group_m, cluster_m) in zip(
+            [(1024, 4096, 6144), (256, 14336, 4096), (72, 4096, 28672), (1024, 4096, 4096),
+             (16384, 4096, 28672), (4096, 4096, 4096)],
+            [DEFAULT_TILE, (64, 6, 1, 0, 1), (32, 8, 1, 0, 1), (128, 2, 2, 0, 1),
+             (128, 4, 1, 8, 2), (128, 2, 2, 16, 1)]):
         fn = jax.jit(functools.partial(fp8_block_matmul_mgpu, tile_m=tm, steps=steps,
-                                       k_blocks=k_blocks, num_sms=132))
+                                       k_blocks=k_blocks, group_m=group_m,
+                                       cluster_m=cluster_m, num_sms=132))
         with jax.sharding.use_abstract_mesh(mesh):
             text = fn.trace(S((M, K), e4m3), S((M, K // 128), f32), S((N, K), e4m3),
                             S((N, K // 128), f32)).lower(lowering_platforms=("cuda",)).as_text()

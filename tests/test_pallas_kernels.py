@@ -936,14 +936,19 @@ def test_skinny_matmul_block_scales_match_the_block_reference(M, split_k, tile_k
     assert _rel_err(got, exact) < 0.08
 
 
-@pytest.mark.parametrize("M,K,N,tile_m,steps,k_blocks", [
-    (5, 256, 128, 128, 2, 1),    # one ragged token tile (5 rows padded to 32), one weight tile
-    (40, 384, 256, 32, 2, 1),    # 2 x 2 tiles (40 rows padded to 64), three K blocks
-    (72, 256, 640, 32, 3, 1),    # 3 x 5 = 15 tiles over 4 CTAs: the tile loop wraps
-    (40, 256, 256, None, None, 1),  # pick_tile's choice: (32, 8), the most tiles in 4 CTAs
-    (40, 768, 256, 32, 2, 2),    # two K blocks a step (their wgmmas in flight together)
+@pytest.mark.parametrize("M,K,N,tile_m,steps,k_blocks,group_m,cluster_m", [
+    (5, 256, 128, 128, 2, 1, 0, 1),  # one ragged token tile (5 rows padded to 32), one weight tile
+    (40, 384, 256, 32, 2, 1, 0, 1),  # 2 x 2 tiles (40 rows padded to 64), three K blocks
+    (72, 256, 640, 32, 3, 1, 0, 1),  # 3 x 5 = 15 tiles over 4 CTAs: the tile loop wraps
+    (40, 256, 256, None, None, None, None, None),  # pick_tile: (32, 8), most tiles in 4 CTAs
+    (300, 512, 256, None, None, None, None, None),  # pick_tile: DEFAULT_TILE (k2, groups, cluster)
+    (40, 768, 256, 32, 2, 2, 0, 1),  # two K blocks a step (their wgmmas in flight together)
+    (72, 256, 640, 32, 3, 1, 2, 1),  # snake order in groups of 2 token tiles, the last of 1
+    (72, 256, 384, 32, 2, 1, 0, 2),  # clusters of 2 CTAs (72 rows padded to 2 x 64), multicast
+    (100, 512, 384, 32, 2, 2, 1, 2),  # both, with two K blocks a step
 ])
-def test_fp8_block_mgpu_kernel_matches_the_block_reference(M, K, N, tile_m, steps, k_blocks):
+def test_fp8_block_mgpu_kernel_matches_the_block_reference(M, K, N, tile_m, steps, k_blocks,
+                                                           group_m, cluster_m):
     """fp8_block_matmul_mgpu (Mosaic GPU's interpreter: TMA pipeline, fp8 wgmma, the per-K-
     block promotion) on fresh random operands equals both operands dequantized with their
     block scales and multiplied in fp32; scales that vary per row / channel and K block, so a
@@ -959,7 +964,8 @@ def test_fp8_block_mgpu_kernel_matches_the_block_reference(M, K, N, tile_m, step
     ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(N, K // 128)), jnp.float32)
     xq, xs = quantize_activation_per_token_group(x, 128)
     ref = fp8_block_matmul_reference(xq, xs, w, ws, 128, jnp.float32)
-    kw = dict(tile_m=tile_m, steps=steps, k_blocks=k_blocks, interpret=True)
+    kw = dict(tile_m=tile_m, steps=steps, k_blocks=k_blocks, group_m=group_m,
+              cluster_m=cluster_m, interpret=True)
     got = fp8_block_matmul_mgpu(xq, xs, w, ws, **kw)
     assert got.shape == (M, N) and got.dtype == jnp.bfloat16
     # The float32 reference rounded to bf16, but for a few values one ulp apart (the sums'
@@ -975,16 +981,20 @@ def test_fp8_block_mgpu_kernel_matches_the_block_reference(M, K, N, tile_m, step
 
 def test_fp8_block_mgpu_tile_pick_follows_the_h100_sweep():
     """pick_tile at the Llama-3-8B projections on 132 SMs gives each shape's fastest tile of the
-    H100 sweep (benchmarks/RESULTS.md, 2026-12-06): narrow N at 128 rows takes smaller token
-    tiles (more CTAs busy), wide N and >= 1024 rows the 128-token tile."""
-    from pallas_kernels.fp8_block_mgpu import DEFAULT_TILE, pick_tile
+    H100 sweeps (benchmarks/RESULTS.md, 2026-12-06): narrow N at 128 rows takes smaller token
+    tiles (more CTAs busy), wide N and >= 1024 rows the 128-token tile with two K blocks a
+    step, grouped tile order and 2-CTA clusters (one K block a step where K blocks are odd)."""
+    from pallas_kernels.fp8_block_mgpu import DEFAULT_TILE, ODD_K_TILE, pick_tile
 
-    assert pick_tile(128, 4096, 132) == (32, 8)   # o: 14.7 µs against 22.9 at (128, 4)
-    assert pick_tile(128, 6144, 132) == (64, 4)   # q/k/v: 18.3 against 23.5
-    assert pick_tile(128, 28672, 132) == DEFAULT_TILE  # gate/up: 56.1, the fastest
-    for N in (4096, 6144, 28672):
-        assert pick_tile(1024, N, 132) == DEFAULT_TILE  # the fastest at 1024 and 4096 rows
-    assert pick_tile(40, 256, 4) == (32, 8)
+    assert DEFAULT_TILE == (128, 2, 2, 8, 2) and ODD_K_TILE == (128, 4, 1, 8, 2)
+    assert pick_tile(128, 4096, 32, 132) == (32, 8, 1, 0, 1)  # o: 14.7 µs against 22.9
+    assert pick_tile(128, 6144, 32, 132) == (64, 4, 1, 0, 1)  # q/k/v: 18.3 against 23.5
+    assert pick_tile(128, 28672, 32, 132) == DEFAULT_TILE  # gate/up: 128-token tiles fill it
+    for M in (1024, 4096, 16384):
+        for N, KB in ((4096, 32), (6144, 32), (28672, 32), (4096, 112)):
+            assert pick_tile(M, N, KB, 132) == DEFAULT_TILE
+    assert pick_tile(1024, 4096, 35, 132) == ODD_K_TILE
+    assert pick_tile(40, 256, 2, 4) == (32, 8, 1, 0, 1)
 
 
 def test_fp8_block_mgpu_kernel_refuses_what_it_does_not_take():
@@ -1008,6 +1018,10 @@ def test_fp8_block_mgpu_kernel_refuses_what_it_does_not_take():
     with pytest.raises(ValueError, match="k_blocks=2"):  # K = 384: three blocks
         fp8_block_matmul_mgpu(jnp.ones((8, 384), e4m3), jnp.ones((8, 3), f32),
                               jnp.ones((128, 384), e4m3), jnp.ones((128, 3), f32), k_blocks=2)
+    with pytest.raises(ValueError, match="group_m=-1"):
+        fp8_block_matmul_mgpu(x, xs, w, ws, group_m=-1)
+    with pytest.raises(ValueError, match="cluster_m=4"):
+        fp8_block_matmul_mgpu(x, xs, w, ws, cluster_m=4)
     with pytest.raises(ValueError, match="out_dtype=float32"):
         fp8_block_matmul_mgpu(x, xs, w, ws, out_dtype=f32)
 
@@ -1206,10 +1220,13 @@ def test_block_gemm_section_runs_every_form_of_a_block_fp8_projection_correct(tm
 
 @pytest.mark.parametrize("flag, value", [("--gemm-kn", "4096"), ("--gemm-kn", "4096xN"),
                                          ("--gemm-ms", "1,x"),
-                                         ("--block-impls", "mgpu_block_w8a8,mosaic")])
+                                         ("--block-impls", "mgpu_block_w8a8,mosaic"),
+                                         ("--mgpu-configs", "128,4,1;64,4,1,0,1"),
+                                         ("--mgpu-configs", "128,4,1,8,x")])
 def test_kernels_script_refuses_malformed_gemm_shapes(flag, value):
-    # --gemm-kn takes KxN pairs, --gemm-ms integers, --block-impls the section's row names:
-    # anything else is a usage error (exit 2) naming the flag, before any kernel runs.
+    # --gemm-kn takes KxN pairs, --gemm-ms integers, --block-impls the section's row names,
+    # --mgpu-configs five integers a config: anything else is a usage error (exit 2) naming
+    # the flag, before any kernel runs.
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke", "--sections",
          "gemm", flag, value], capture_output=True, text=True, timeout=300,

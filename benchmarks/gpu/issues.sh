@@ -1873,6 +1873,42 @@ blockmgpu)  # one GPU, one call (2026-12-06): the Mosaic GPU block-scaled W8A8 k
   echo "rc=$?"
   grep "impl=" $L/block_gemm.log | grep -v "error" | sed 's/ gbps=.*device_us=/ dev=/' \
     | cut -c1-170 | grep -v "skinny_block" ;;
+blockorder)  # one GPU, one call (2026-12-06): the Mosaic GPU block kernel's tile order
+  # (group_m), 2-CTA clusters sharing the weight tile (cluster_m) and two K blocks a step
+  # (k_blocks) at the prompt steps' 16,384 rows (MS), every 8B shape, the kernel alone
+  # (CONFIGS: kernels.py --mgpu-configs); its GPU tests first (K: pytest -k). Carry .bench,
+  # .whl.
+  L=$OUT/logs; mkdir -p $L
+  wheels || exit 1
+  gpu_tests 4 -k "${K:-block_fp8_mgpu}"
+  C=${CONFIGS:-"128,4,1,0,1;128,2,2,0,1;128,4,1,8,1;128,4,1,16,1;128,4,1,0,2;128,4,1,8,2;128,2,2,8,2;128,2,2,16,2"}
+  room() { [ $((T - SECONDS)) -gt $1 ]; }
+  room 60 && timeout $((T - SECONDS - 10)) python3 benchmarks/kernels.py --sections block_gemm \
+    --gemm-ms ${MS:-16384} --block-skip-triton --budget $((T - SECONDS)) --device-time \
+    --loop-reps 0 --block-impls mgpu_block_w8a8 --mgpu-configs "$C" \
+    --out $OUT/results.jsonl > $L/block_order.log 2>&1
+  echo "rc=$?"
+  grep "impl=" $L/block_order.log | grep -v "error" | sed 's/ gbps=.*device_us=/ dev=/' \
+    | cut -c1-200
+  grep -i "error\|Traceback" $L/block_order.log | head -5 ;;
+blockorder2)  # one GPU, one call (2026-12-06): blockorder's sweep at the decode steps' rows
+  # (MS, default 1024,4096; CONFIGS), then block-wise fp8 offline throughput (1,000 x 512/128)
+  # with the kernel at TILE (default 128,2,2,8,2) against its tile by shape (auto). Carry .bench.
+  L=$OUT/logs; mkdir -p $L
+  room() { [ $((T - SECONDS)) -gt $1 ]; }
+  C=${CONFIGS:-"128,4,1,0,1;128,2,2,8,2;128,4,1,8,2;128,2,2,8,1"}
+  timeout 150 python3 benchmarks/kernels.py --sections block_gemm --gemm-ms ${MS:-1024,4096} \
+    --block-skip-triton --budget 140 --device-time --loop-reps 0 --block-impls mgpu_block_w8a8 \
+    --mgpu-configs "$C" --out $OUT/results.jsonl > $L/block_order.log 2>&1
+  echo "rc=$?"
+  grep "impl=" $L/block_order.log | grep -v "error" | sed 's/ gbps=.*device_us=/ dev=/' \
+    | sed 's/block_gemm: //; s/block_k=128 impl=//; s/ rel_err.*time_us=/ wall=/' | cut -c1-160
+  B="--fp8-weight-block 128,128"
+  room 200 && JAXLLM_FP8_BLOCK_MGPU=${TILE:-128,2,2,8,2} timeout 200 $TP --quantization fp8 $B \
+    > $L/tp_tile.log 2>&1
+  room 200 && JAXLLM_FP8_BLOCK_MGPU=auto timeout 200 $TP --quantization fp8 $B \
+    > $L/tp_auto.log 2>&1
+  tp_rows; show_logs 4 ;;
 blocktp)  # one GPU, one call (2026-12-06): block-wise fp8 offline throughput (1,000 x 512/128)
   # with the Mosaic GPU kernel above 64 rows (TILE: JAXLLM_FP8_BLOCK_MGPU, default auto)
   # against XLA's w8a16 form, then the block batch-1 step's profile. Carry .bench, .whl.

@@ -222,10 +222,12 @@ BLOCK_SKINNY_ENV = "JAXLLM_FP8_BLOCK_SKINNY"
 BLOCK_SKINNY_TILE = (32, 128, 4, 4, 4)
 
 
-def _kernel_tile_env(env: str, default, fields: tuple[str, ...], words: tuple[str, ...] = ()):
+def _kernel_tile_env(env: str, default, fields: tuple[str, ...], words: tuple[str, ...] = (),
+                     optional: tuple[int, ...] = ()):
     """A kernel's tile from the environment variable ``env``, read at trace time: unset ->
     ``default`` on a GPU, None elsewhere; "0" -> None (off); one of ``words`` as it is; else
-    ``len(fields)`` comma-separated integers (a ValueError that names the expected form)."""
+    ``len(fields)`` comma-separated integers, of which the last ``len(optional)`` may be left
+    out (they then take these values); a ValueError that names the expected form."""
     import os
 
     raw = os.environ.get(env)
@@ -239,11 +241,14 @@ def _kernel_tile_env(env: str, default, fields: tuple[str, ...], words: tuple[st
         tile = tuple(int(v) for v in raw.split(","))
     except ValueError:
         tile = ()
-    if len(tile) != len(fields):
+    n_req = len(fields) - len(optional)
+    if not n_req <= len(tile) <= len(fields) or not tile:
         choices = ", ".join(("0",) + words)
-        raise ValueError(f"{env} must be {choices} or '{','.join(fields)}' ({len(fields)} "
-                         f"integers), got {raw!r}.")
-    return tile
+        form = ",".join(fields[:n_req]) + "".join(f"[,{f}]" for f in fields[n_req:])
+        count = f"{len(fields)}" if not optional else f"{n_req} to {len(fields)}"
+        raise ValueError(f"{env} must be {choices} or '{form}' ({count} integers), "
+                         f"got {raw!r}.")
+    return tile + tuple(optional[len(tile) - n_req:])
 
 
 def block_skinny_tile() -> tuple[int, int, int, int, int] | None:
@@ -285,17 +290,20 @@ BLOCK_MGPU_ENV = "JAXLLM_FP8_BLOCK_MGPU"
 # fp8_block_mgpu.pick_tile). Why: XLA's w8a16 form writes the dequantized weight in bf16 before
 # its GEMM below ~4096 rows; H100, 2026-12-06 (benchmarks/RESULTS.md): per GEMM at 128-4096
 # rows the kernel (quantization included) took 0.26-0.91x of that form's time, and the offline
-# throughput of a block-wise checkpoint rose from 5,273 to 5,869-5,906 output tok/s.
-BLOCK_MGPU_TILE: str | tuple[int, int, int] | None = "auto"
+# throughput of a block-wise checkpoint rose from 5,273 to 5,869-5,906 output tok/s; with the
+# grouped tile order, 2-CTA clusters and two K blocks a step (08:40) to 6,811.
+BLOCK_MGPU_TILE: str | tuple[int, int, int, int, int] | None = "auto"
 
 
-def block_mgpu_tile() -> str | tuple[int, int, int] | None:
+def block_mgpu_tile() -> str | tuple[int, int, int, int, int] | None:
     """``JAXLLM_FP8_BLOCK_MGPU``: "0" (off: XLA's w8a16 form above 64 rows), "auto" (the tile
-    by shape, 1 K block a step), "tile_m,steps,k_blocks" (sweeps and A/B runs, e.g. 128,2,2;
-    on a CPU it runs Mosaic GPU's interpreter), or unset: ``BLOCK_MGPU_TILE`` on a GPU, off
-    elsewhere. Read at trace time."""
-    return _kernel_tile_env(BLOCK_MGPU_ENV, BLOCK_MGPU_TILE, ("tile_m", "steps", "k_blocks"),
-                            ("auto",))
+    by shape: ``fp8_block_mgpu.pick_tile``), "tile_m,steps,k_blocks[,
+    group_m,cluster_m]" (sweeps and A/B runs, e.g. 128,2,2 or 128,4,1,8,2; group_m / cluster_m
+    default 0 / 1; on a CPU it runs Mosaic GPU's interpreter), or unset: ``BLOCK_MGPU_TILE``
+    on a GPU, off elsewhere. Read at trace time."""
+    return _kernel_tile_env(BLOCK_MGPU_ENV, BLOCK_MGPU_TILE,
+                            ("tile_m", "steps", "k_blocks", "group_m", "cluster_m"), ("auto",),
+                            optional=(0, 1))
 
 
 def _mgpu_applies(T: int, K: int, weight: jax.Array, weight_scale: jax.Array,
@@ -306,7 +314,8 @@ def _mgpu_applies(T: int, K: int, weight: jax.Array, weight_scale: jax.Array,
         return False
     if weight_scale.shape[1] * block_k != K:
         return False
-    if tile != "auto" and (tile[2] not in (1, 2) or weight_scale.shape[1] % tile[2]):
+    if tile != "auto" and (tile[2] not in (1, 2) or weight_scale.shape[1] % tile[2]
+                           or tile[3] < 0 or tile[4] not in (1, 2)):
         return False  # k_blocks: 1, or 2 over an even number of K blocks
     try:
         check_mgpu_shapes(T, K, weight.shape[0], block_k,
@@ -325,10 +334,10 @@ def _block_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: j
     if not _mgpu_applies(*xq.shape, weight, weight_scale, block_k, out_dtype):
         return None
     tile = block_mgpu_tile()
-    tile_m, steps, k_blocks = (None, None, 1) if tile == "auto" else tile
+    tile_m, steps, k_blocks, group_m, cluster_m = (None,) * 5 if tile == "auto" else tile
     return fp8_block_matmul_mgpu(xq, xs, weight, weight_scale, block_k, out_dtype,
-                                 tile_m=tile_m, steps=steps, k_blocks=k_blocks,
-                                 interpret=jax.default_backend() != "gpu")
+                                 tile_m=tile_m, steps=steps, k_blocks=k_blocks, group_m=group_m,
+                                 cluster_m=cluster_m, interpret=jax.default_backend() != "gpu")
 
 
 def block_fp8_linear_w8a16(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
