@@ -714,8 +714,11 @@ BLOCK_XLA_OPTIONS = {"cublas": {"xla_gpu_enable_triton_gemm": False},
                      "triton": {"xla_gpu_cublas_fallback": False}}
 BLOCK_TRITON = True  # --block-skip-triton: fp8_block_matmul's sweep at M > 64 left out
 BLOCK_IMPLS: set[str] | None = None  # --block-impls: the block_gemm rows to run (None: all)
-BLOCK_IMPL_NAMES = ("xla_bf16", "xla_block_w8a16", "block_w8a16", "block_w8a8", "mgpu_block_w8a8",
-                    "skinny_block_w8a16", "skinny_block_w8a8", "pallas_fp8_block")
+BLOCK_IMPL_NAMES = ("xla_bf16", "xla_block_w8a16", "xla_block_batched", "block_w8a16",
+                    "block_w8a8", "mgpu_block_w8a8", "skinny_block_w8a16", "skinny_block_w8a8",
+                    "pallas_fp8_block")
+# xla_block_batched runs where its [KB, M, N] float32 partials stay small next to the weight.
+BATCHED_MAX_M = 16
 
 
 def _block_case(shape, impl, *args, **kw):
@@ -740,7 +743,8 @@ def _block_quantize(w, bk):
 def bench_block_gemm(budget_s):
     """block_gemm: which form the engine should run block-wise fp8 checkpoints in
     (jaxllm.models.fp8.block_fp8_linear): XLA's dot over the dequantized weight
-    (``xla_block_w8a16``), the engine's forms (``block_w8a16`` / ``block_w8a8``: the skinny
+    (``xla_block_w8a16``), XLA's dot batched over the K blocks with the scales applied to each
+    block's product (``xla_block_batched``, M <= ``BATCHED_MAX_M``), the engine's forms (``block_w8a16`` / ``block_w8a8``: the skinny
     kernel at M <= 64 on a GPU, ``BLOCK_SKINNY_TILE``), the skinny kernel's tiles alone
     (``skinny_block_w8a16`` / ``skinny_block_w8a8``, M <= 64), ``fp8_block_matmul``'s (M > 64)
     and the Mosaic GPU kernel's (``mgpu_block_w8a8``, ``BLOCK_MGPU_CONFIGS``, M >= 64), against
@@ -760,6 +764,20 @@ def bench_block_gemm(budget_s):
         return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
 
     xla_w8a16 = jax.jit(xla_w8a16_fn)
+
+    def xla_batched_fn(x, q, s):
+        # The block scales out of the weight: one dot a K block (a dot_general batched over
+        # the KB blocks, the e4m3 weight upcast in it as in per-channel fp8's weight-only
+        # GEMM), each block's [M, N] product scaled by its weight scales, summed. No
+        # dequantized weight is written (XLA's w8a16 form writes it in bf16 below ~4096
+        # rows); the cost is KB x M x N float32 partials.
+        (M, K), N, KB = x.shape, q.shape[0], s.shape[1]
+        parts = jax.lax.dot_general(
+            x.reshape(M, KB, K // KB), q.reshape(N, KB, K // KB).astype(x.dtype),
+            (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.float32)  # [KB, M, N]
+        return jnp.einsum("bmn,nb->mn", parts, s.astype(jnp.float32)).astype(x.dtype)
+
+    xla_batched = jax.jit(xla_batched_fn)
 
     engine = {}
     if not SMOKE:  # the engine's own tile; on a CPU the smoke run keeps XLA's forms
@@ -788,6 +806,9 @@ def bench_block_gemm(budget_s):
                         bytes_=b16, flops=flops, peak_flops=PEAK_BF16)
             _block_case(shape, "xla_block_w8a16", "", xla_w8a16, sets16, ref=ref16,
                         bytes_=b8, flops=flops, peak_flops=PEAK_BF16, tol=1e-2)
+            if M <= BATCHED_MAX_M and K % bk == 0:
+                _block_case(shape, "xla_block_batched", "", xla_batched, sets16, ref=ref16,
+                            bytes_=b8, flops=flops, peak_flops=PEAK_BF16, tol=1e-2)
             for name, r in (("block_w8a16", ref16), ("block_w8a8", ref)):
                 _block_case(shape, name, "", engine[name], sets16, ref=r,
                             bytes_=b8, flops=flops, peak_flops=PEAK_FP8, tol=1e-2)

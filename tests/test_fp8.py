@@ -1006,6 +1006,19 @@ def test_block_fp8_linear_auto_takes_w8a8_above_the_weight_only_rows_where_skinn
             fp8_mod.block_mgpu_tile()
 
 
+def test_mosaic_block_kernel_is_asked_for_on_hopper_alone():
+    # wgmma and TMA multicast are Hopper's (sm_90): an Ada GPU (fp8 tensor cores, no wgmma) or
+    # a Blackwell one keeps the Triton block kernel / XLA's forms; a CPU interprets it.
+    from jaxllm.models.fp8 import mosaic_kernel_runs_on
+
+    assert mosaic_kernel_runs_on("gpu", "9.0")
+    assert not mosaic_kernel_runs_on("gpu", "8.9")
+    assert not mosaic_kernel_runs_on("gpu", "10.0")
+    assert not mosaic_kernel_runs_on("gpu", "12.0")
+    assert not mosaic_kernel_runs_on("gpu", None)
+    assert mosaic_kernel_runs_on("cpu", None)
+
+
 def test_block_fp8_linear_runs_large_steps_through_the_mosaic_kernel(monkeypatch):
     """With a Mosaic GPU tile (JAXLLM_FP8_BLOCK_MGPU; interpreted here) a block-wise w8a8
     projection of more than 64 rows runs fp8_block_matmul_mgpu and equals the Triton block

@@ -1197,9 +1197,10 @@ def test_decode_sweep_of_several_heads_a_program_runs_and_feeds_the_fp8_table(tm
 
 def test_block_gemm_section_runs_every_form_of_a_block_fp8_projection_correct(tmp_path):
     # kernels.py --sections block_gemm (tiny shapes, interpret mode): the bf16 peer, the
-    # dequantized weight under XLA's dot, the engine's w8a16 and w8a8 forms, the skinny kernel's
-    # tiles (M <= 64) and the block kernel alone (M > 64) all run, each within its tolerance of
-    # the reference, for the GPU session to time; --gemm-ms / --gemm-kn pick the shapes.
+    # dequantized weight under XLA's dot (and batched over the K blocks at M <= 16), the
+    # engine's w8a16 and w8a8 forms, the skinny kernel's tiles (M <= 64) and the block kernel
+    # alone (M > 64) all run, each within its tolerance of the reference, for the GPU session
+    # to time; --gemm-ms / --gemm-kn pick the shapes.
     out = tmp_path / "k.jsonl"
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke", "--sections",
@@ -1209,10 +1210,11 @@ def test_block_gemm_section_runs_every_form_of_a_block_fp8_projection_correct(tm
         timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {r["impl"] for r in rows} == {"xla_bf16", "xla_block_w8a16", "block_w8a16",
-                                         "block_w8a8", "skinny_block_w8a16",
+    assert {r["impl"] for r in rows} == {"xla_bf16", "xla_block_w8a16", "xla_block_batched",
+                                         "block_w8a16", "block_w8a8", "skinny_block_w8a16",
                                          "skinny_block_w8a8", "pallas_fp8_block"}
     assert {r["M"] for r in rows if r["impl"].startswith("skinny")} == {1}  # M <= 64 only
+    assert {r["M"] for r in rows if r["impl"] == "xla_block_batched"} == {1}  # M <= 16 only
     assert {(r["K"], r["N"]) for r in rows} == {(256, 128)}
     assert not [r for r in rows if "error" in r or r.get("ok") is False]
     assert all("rel_err" in r for r in rows if r["impl"] != "xla_bf16")

@@ -306,12 +306,25 @@ def block_mgpu_tile() -> str | tuple[int, int, int, int, int] | None:
                             optional=(0, 1))
 
 
+def mosaic_kernel_runs_on(platform: str, compute_capability) -> bool:
+    """Whether the Mosaic GPU block kernel runs on this device: Hopper (compute capability 9.x:
+    its wgmma and TMA multicast exist there alone; Ada has fp8 tensor cores but no wgmma,
+    Blackwell's tensor cores take other instructions), or any non-GPU platform, where it is
+    interpreted."""
+    if platform != "gpu":
+        return True
+    return str(compute_capability).split(".")[0] == "9"
+
+
 def _mgpu_applies(T: int, K: int, weight: jax.Array, weight_scale: jax.Array,
                   block_k: int, out_dtype) -> bool:
     """Whether ``_block_mgpu`` takes a [T, K] x [N, K] projection (see there)."""
     tile = block_mgpu_tile()
     if tile is None or heads_mesh() is not None or T <= SKINNY_MAX_ROWS:
         return False
+    dev = jax.devices()[0]
+    if not mosaic_kernel_runs_on(dev.platform, getattr(dev, "compute_capability", None)):
+        return False  # the Triton block kernel / XLA's forms instead
     if weight_scale.shape[1] * block_k != K:
         return False
     if tile != "auto" and (tile[2] not in (1, 2) or weight_scale.shape[1] % tile[2]
@@ -329,8 +342,8 @@ def _block_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: j
                 block_k: int, out_dtype) -> jax.Array | None:
     """A block-wise W8A8 projection of more than 64 rows through the Mosaic GPU kernel
     (``fp8_block_matmul_mgpu``), or None where it does not apply (no tile, tensor parallelism,
-    what it does not take: K blocks other than 128, N not a multiple of 128, a float32
-    model)."""
+    a GPU other than Hopper, what it does not take: K blocks other than 128, N not a multiple
+    of 128, a float32 model)."""
     if not _mgpu_applies(*xq.shape, weight, weight_scale, block_k, out_dtype):
         return None
     tile = block_mgpu_tile()
