@@ -22,8 +22,8 @@ float32 accumulator (the product transposed, y^T = W x^T: the weight's rows are 
 tokens its N, both operands K-major as they lie, as fp8 wgmma requires), then adds it into its
 running sum scaled by the outer product of the block's weight and token scales (the
 "promotion" to float32 that keeps the block scales exact). The tile is stored token-major
-through a transposed view of its shared-memory buffer. Where 128-token tiles fill the GPU
-(``pick_tile``) a step holds two K blocks, the first promoted while the second's wgmma runs;
+through a transposed view of its shared-memory buffer. From 1,024 rows, where 128-token
+tiles fill the GPU (``pick_tile``), a step holds two K blocks, the first promoted while the second's wgmma runs;
 the CTAs take the tiles in groups of 8 token tiles (L2 reuse), and two CTAs of a cluster
 share each weight tile by TMA multicast: 0.70-0.75x of the first version's time at 16,384
 rows (H100, 2026-12-06 08:40).
@@ -68,23 +68,29 @@ BLOCK_K = 128  # the K step: one scale block, 128 bytes of e4m3 (one swizzle row
 # throughput of a block-wise checkpoint 5,947 -> 6,811 / 6,827 tok/s.
 DEFAULT_TILE = (128, 2, 2, 8, 2)
 ODD_K_TILE = (128, 4, 1, 8, 2)  # K in an odd number of 128-blocks: one K block a step
-# The tiles ``pick_tile`` chooses among where 128-token tiles leave SMs idle (H100 sweep of
-# 2026-12-06 05:45: at M = 128 the o shape ran 14.7 µs with (32, 8) against 22.9 with (128,
-# 4), q/k/v 18.3 with (64, 4) against 23.5). Neither grouping (one group at these sizes), nor
-# clusters (padding) nor two K blocks a step were timed there.
+# Below this many rows (none of them swept with the new arguments; a cluster pads M to 256
+# rows, which at 65-1023 rows can be a third of the work) the first version's tile holds.
+DEFAULT_TILE_MIN_ROWS = 1024
+# The tiles ``pick_tile`` chooses among below DEFAULT_TILE_MIN_ROWS (H100 sweep of 2026-12-06
+# 05:45: at M = 128 the o shape ran 14.7 µs with (32, 8) against 22.9 with (128, 4), q/k/v
+# 18.3 with (64, 4) against 23.5, gate/up 56.1 with (128, 4), the fastest). Neither grouping
+# (one group at these sizes), nor clusters nor two K blocks a step were timed there.
 TILE_CHOICES = ((128, 4, 1, 0, 1), (64, 4, 1, 0, 1), (32, 8, 1, 0, 1))
 
 
 def pick_tile(M: int, N: int, KB: int, num_sms: int) -> tuple[int, int, int, int, int]:
     """The tile (module comment) for an [M, K] x [N, K] GEMM of KB 128-wide K blocks:
-    ``DEFAULT_TILE`` (``ODD_K_TILE`` for an odd KB) where 128-token tiles fill the SMs, else
-    the choice of ``TILE_CHOICES`` with the most tiles that still fit one wave (a narrow N at a
-    small M leaves most SMs idle with 128-token tiles: the o projection at 128 rows has 32
-    tiles of 128 x 128 for 132 SMs)."""
+    ``DEFAULT_TILE`` (``ODD_K_TILE`` for an odd KB) from ``DEFAULT_TILE_MIN_ROWS`` rows where
+    128-token tiles fill the SMs; below, the choice of ``TILE_CHOICES`` with the most tiles
+    that still fit one wave, or its 128-token tile where even that one fills them (a narrow N
+    at a small M leaves most SMs idle with 128-token tiles: the o projection at 128 rows has
+    32 tiles of 128 x 128 for 132 SMs)."""
     def tiles(tm):
         return (N // CTA_ROWS) * -(-M // tm)
 
     if tiles(DEFAULT_TILE[0]) >= num_sms:
+        if M < DEFAULT_TILE_MIN_ROWS:
+            return TILE_CHOICES[0]
         return DEFAULT_TILE if KB % 2 == 0 else ODD_K_TILE
     fits = [t for t in TILE_CHOICES if tiles(t[0]) <= num_sms]
     return max(fits, key=lambda t: tiles(t[0]))

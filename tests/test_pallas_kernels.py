@@ -941,7 +941,7 @@ def test_skinny_matmul_block_scales_match_the_block_reference(M, split_k, tile_k
     (40, 384, 256, 32, 2, 1, 0, 1),  # 2 x 2 tiles (40 rows padded to 64), three K blocks
     (72, 256, 640, 32, 3, 1, 0, 1),  # 3 x 5 = 15 tiles over 4 CTAs: the tile loop wraps
     (40, 256, 256, None, None, None, None, None),  # pick_tile: (32, 8), most tiles in 4 CTAs
-    (300, 512, 256, None, None, None, None, None),  # pick_tile: DEFAULT_TILE (k2, groups, cluster)
+    (300, 512, 256, 128, 2, 2, 8, 2),  # DEFAULT_TILE's arguments (300 rows padded to 512)
     (40, 768, 256, 32, 2, 2, 0, 1),  # two K blocks a step (their wgmmas in flight together)
     (72, 256, 640, 32, 3, 1, 2, 1),  # snake order in groups of 2 token tiles, the last of 1
     (72, 256, 384, 32, 2, 1, 0, 2),  # clusters of 2 CTAs (72 rows padded to 2 x 64), multicast
@@ -989,12 +989,15 @@ def test_fp8_block_mgpu_tile_pick_follows_the_h100_sweep():
     assert DEFAULT_TILE == (128, 2, 2, 8, 2) and ODD_K_TILE == (128, 4, 1, 8, 2)
     assert pick_tile(128, 4096, 32, 132) == (32, 8, 1, 0, 1)  # o: 14.7 µs against 22.9
     assert pick_tile(128, 6144, 32, 132) == (64, 4, 1, 0, 1)  # q/k/v: 18.3 against 23.5
-    assert pick_tile(128, 28672, 32, 132) == DEFAULT_TILE  # gate/up: 128-token tiles fill it
+    # gate/up at 128 / 512 rows: 128-token tiles fill the SMs; below 1,024 rows (not swept
+    # with the new arguments) the first version's tile (56.1 µs at 128 rows, the fastest).
+    assert pick_tile(128, 28672, 32, 132) == pick_tile(512, 28672, 32, 132) == (128, 4, 1, 0, 1)
     for M in (1024, 4096, 16384):
         for N, KB in ((4096, 32), (6144, 32), (28672, 32), (4096, 112)):
             assert pick_tile(M, N, KB, 132) == DEFAULT_TILE
     assert pick_tile(1024, 4096, 35, 132) == ODD_K_TILE
     assert pick_tile(40, 256, 2, 4) == (32, 8, 1, 0, 1)
+    assert pick_tile(300, 256, 4, 4) == (128, 4, 1, 0, 1)
 
 
 def test_fp8_block_mgpu_kernel_refuses_what_it_does_not_take():
