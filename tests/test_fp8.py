@@ -1019,6 +1019,22 @@ def test_mosaic_block_kernel_is_asked_for_on_hopper_alone():
     assert mosaic_kernel_runs_on("cpu", None)
 
 
+def test_block_fp8_projection_on_an_ada_gpu_keeps_the_triton_kernel(monkeypatch):
+    # The engine's check itself: with the kernel asked for ("auto"), a shape it takes is
+    # claimed on this CPU (interpreted) and refused on a device reporting compute capability
+    # 8.9, so the step falls back instead of failing to compile wgmma.
+    import types
+
+    from jaxllm.models import fp8 as fp8_mod
+
+    monkeypatch.setenv(fp8_mod.BLOCK_MGPU_ENV, "auto")
+    w, ws = jnp.zeros((128, 256), jnp.float8_e4m3fn), jnp.ones((128, 2), jnp.float32)
+    assert fp8_mod._mgpu_applies(72, 256, w, ws, 128, jnp.bfloat16)
+    ada = types.SimpleNamespace(platform="gpu", compute_capability="8.9")
+    monkeypatch.setattr(fp8_mod.jax, "devices", lambda *a: [ada])
+    assert not fp8_mod._mgpu_applies(72, 256, w, ws, 128, jnp.bfloat16)
+
+
 def test_block_fp8_linear_runs_large_steps_through_the_mosaic_kernel(monkeypatch):
     """With a Mosaic GPU tile (JAXLLM_FP8_BLOCK_MGPU; interpreted here) a block-wise w8a8
     projection of more than 64 rows runs fp8_block_matmul_mgpu and equals the Triton block
