@@ -1035,6 +1035,73 @@ def test_block_fp8_projection_on_an_ada_gpu_keeps_the_triton_kernel(monkeypatch)
     assert not fp8_mod._mgpu_applies(72, 256, w, ws, 128, jnp.bfloat16)
 
 
+def test_fp8_linear_runs_decode_rows_through_the_mosaic_skinny_kernel(monkeypatch):
+    """With a skinny Mosaic tile (JAXLLM_FP8_SKINNY_MGPU; interpreted here) a per-channel W8A8
+    projection of <= 64 rows runs fp8_skinny_matmul_mgpu and equals XLA's fp8 dot it replaces
+    (per-token and static per-tensor activation scales); more rows, weight-only steps, shapes
+    it does not take and a GPU other than Hopper keep their paths."""
+    import types
+
+    from jaxllm.models import fp8 as fp8_mod
+
+    from .test_pallas_kernels import _rel_err
+
+    rng = np.random.default_rng(12)
+    calls = []
+    real = fp8_mod.fp8_skinny_mgpu.fp8_skinny_matmul_mgpu
+    monkeypatch.setattr(fp8_mod.fp8_skinny_mgpu, "fp8_skinny_matmul_mgpu",
+                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    w = jnp.asarray(np.clip(rng.standard_normal((128, 256)) * 100, -448, 448),
+                    jnp.float32).astype(jnp.float8_e4m3fn)
+    ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(128,)), jnp.float32)
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "4")
+
+    def both(T, scale=None, weight=w, wscale=ws):
+        x = jnp.asarray(rng.standard_normal((T, weight.shape[1])), jnp.bfloat16)
+        monkeypatch.setenv(fp8_mod.SKINNY_MGPU_ENV, "256,2")
+        got = fp8_mod.fp8_linear(x, weight, wscale, scale)
+        monkeypatch.setenv(fp8_mod.SKINNY_MGPU_ENV, "0")
+        return got, fp8_mod.fp8_linear(x, weight, wscale, scale)
+
+    for T in (5, 8, 64):
+        got, xla = both(T)
+        assert got.shape == (T, 128) and got.dtype == jnp.bfloat16
+        assert calls[-1] == (T, 256)
+        assert _rel_err(got, xla) < 1e-2  # each rounded once to bf16, XLA's before its scales
+    got, xla = both(16, scale=jnp.asarray([0.05], jnp.float32))  # a static checkpoint scale
+    assert calls[-1] == (16, 256) and _rel_err(got, xla) < 1e-2
+    n = len(calls)
+    both(65)  # more rows than measured: XLA's fp8 dot
+    both(4)  # weight-only
+    both(8, weight=w[:96], wscale=ws[:96])  # N = 96
+    both(8, weight=w[:, :192], wscale=ws)  # K = 192: not a multiple of 128
+    assert len(calls) == n
+    ada = types.SimpleNamespace(platform="gpu", compute_capability="8.9")
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_ENV, "256,2")
+    xq = jnp.zeros((8, 256), jnp.float8_e4m3fn)
+    assert fp8_mod._skinny_mgpu(xq, jnp.ones((8,)), w, ws, jnp.bfloat16) is not None
+    monkeypatch.setattr(fp8_mod.jax, "devices", lambda *a: [ada])
+    assert fp8_mod._skinny_mgpu(xq, jnp.ones((8,)), w, ws, jnp.bfloat16) is None
+
+
+def test_skinny_mosaic_tile_env(monkeypatch):
+    from jaxllm.models import fp8 as fp8_mod
+
+    monkeypatch.delenv(fp8_mod.SKINNY_MGPU_ENV, raising=False)
+    assert fp8_mod.skinny_mgpu_tile() is None  # a CPU: off unless asked for
+    monkeypatch.setattr(fp8_mod.jax, "default_backend", lambda: "gpu")
+    assert fp8_mod.skinny_mgpu_tile() == fp8_mod.SKINNY_MGPU_TILE == (512, 3)
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_ENV, "0")
+    assert fp8_mod.skinny_mgpu_tile() is None
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_ENV, "256,4")
+    assert fp8_mod.skinny_mgpu_tile() == (256, 4)
+    for bad in ("256", "256,4,1", "auto"):
+        monkeypatch.setenv(fp8_mod.SKINNY_MGPU_ENV, bad)
+        with pytest.raises(ValueError, match="JAXLLM_FP8_SKINNY_MGPU must be 0 or "
+                                             "'tile_k,steps' \\(2 integers\\)"):
+            fp8_mod.skinny_mgpu_tile()
+
+
 def test_block_fp8_linear_runs_large_steps_through_the_mosaic_kernel(monkeypatch):
     """With a Mosaic GPU tile (JAXLLM_FP8_BLOCK_MGPU; interpreted here) a block-wise w8a8
     projection of more than 64 rows runs fp8_block_matmul_mgpu and equals the Triton block

@@ -259,6 +259,35 @@ def test_compiled_block_fp8_mgpu_matches_reference(M, monkeypatch):
         assert _rel_err(jax.jit(lambda a: lin(a))(x), ref) < 1e-2
 
 
+@pytest.mark.parametrize("M", [1, 5, 8, 16, 64])
+def test_compiled_fp8_skinny_mgpu_matches_reference(M):
+    """The Mosaic GPU per-channel W8A8 kernel for decode rows compiled for the GPU at the q/k/v
+    and down shapes and every tile of its sweep, on fresh random operands with per-channel
+    and per-token scales: rows padded to 8 and, where M is not a multiple of 8, read and
+    written past M by TMA (``oob_rows``); a repeat gives the same bits."""
+    from pallas_kernels.fp8_matmul import quantize_activation_per_token
+    from pallas_kernels.fp8_skinny_mgpu import TILES, fp8_skinny_matmul_mgpu
+
+    rng = np.random.default_rng(M + 100)
+    for K, N in ((4096, 6144), (14336, 4096)):
+        x = jnp.asarray(rng.standard_normal((M, K)) * rng.uniform(0.1, 10, size=(M, 1)),
+                        jnp.bfloat16)
+        w = jnp.asarray(np.clip(rng.standard_normal((N, K)) * 100, -448, 448),
+                        jnp.float32).astype(jnp.float8_e4m3fn)
+        ws = jnp.asarray(rng.uniform(1e-4, 1e-3, size=(N,)), jnp.float32)
+        xq, xs = quantize_activation_per_token(x)
+        ref = ((xq.astype(jnp.float32) @ w.astype(jnp.float32).T) * xs.reshape(M, 1)
+               * ws[None, :])
+        for tk, steps in TILES:
+            for oob in ((False, True) if M % 8 else (False,)):
+                f = jax.jit(functools.partial(fp8_skinny_matmul_mgpu, tile_k=tk, steps=steps,
+                                              oob_rows=oob))
+                got = f(xq, xs, w, ws)
+                assert got.shape == (M, N) and got.dtype == jnp.bfloat16
+                assert _rel_err(got, ref) < 5e-3, (K, N, tk, steps, oob)  # one bf16 rounding
+                assert jnp.array_equal(f(xq, xs, w, ws), got)
+
+
 @pytest.mark.parametrize("M", [1, 8, 40])
 def test_compiled_fused_mlp_kernels_match_reference(M):
     """pallas_kernels.fused_mlp compiled for the GPU at the Llama-3-8B MLP (E 4096, F 14336):

@@ -164,3 +164,30 @@ def test_mosaic_block_fp8_kernel_lowers_for_hopper_at_the_8b_shapes():
                             S((N, K // 128), f32)).lower(lowering_platforms=("cuda",)).as_text()
         assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1, (M, K, N)
 
+
+
+def test_mosaic_skinny_fp8_kernel_lowers_for_hopper_at_the_8b_shapes():
+    # pallas_kernels/fp8_skinny_mgpu.py (Mosaic GPU: TMA, fp8 wgmma; the engine's per-channel
+    # W8A8 projections of <= 64 rows on Hopper) at the Llama-3-8B projections, the rows the
+    # engine's buckets and issue 5's table take, and every tile of its sweep: one Mosaic GPU
+    # call each, no pad or slice around it at M = 1 (the rows past M are TMA's out-of-bounds).
+    import functools
+    import re
+
+    import jax.numpy as jnp
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    from pallas_kernels.fp8_skinny_mgpu import TILES, fp8_skinny_matmul_mgpu
+
+    S, e4m3, f32 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn, jnp.float32
+    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((1,), ("x",), abstract_device=h100)
+    for (K, N), M, (tile_k, steps) in zip(
+            [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)] * 2,
+            [1, 8, 16, 64, 64, 1, 8, 16], TILES * 2):
+        fn = jax.jit(functools.partial(fp8_skinny_matmul_mgpu, tile_k=tile_k, steps=steps))
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = fn.trace(S((M, K), e4m3), S((M,), f32), S((N, K), e4m3),
+                            S((N,), f32)).lower(lowering_platforms=("cuda",)).as_text()
+        assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1, (M, K, N)
+        assert "stablehlo.pad" not in text and "stablehlo.slice" not in text, (M, K, N)

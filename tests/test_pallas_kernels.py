@@ -979,6 +979,64 @@ def test_fp8_block_mgpu_kernel_matches_the_block_reference(M, K, N, tile_m, step
     assert _rel_err(fp8_block_matmul_mgpu(xq, xs, w, ws_wrong, **kw), ref) > 1e-2
 
 
+@pytest.mark.parametrize("M,K,N,tile_k,steps,oob_rows", [
+    (8, 256, 128, 128, 2, False),  # two weight tiles, two K steps
+    (5, 512, 192, 256, 4, False),  # 5 rows padded to 8; steps clipped to the two K steps
+    (5, 512, 192, 256, 2, True),  # the same rows read and written past M (no pad)
+    (16, 384, 64, 128, 8, False),  # one weight tile, three K steps, 8 steps asked
+    (64, 512, 128, 512, 3, False),  # 64 tokens (wgmma's N), one K step
+])
+def test_fp8_skinny_mgpu_kernel_matches_the_reference(M, K, N, tile_k, steps, oob_rows):
+    """fp8_skinny_matmul_mgpu (Mosaic GPU's interpreter: the TMA pipeline, the transposed fp8
+    wgmma, the scales and the token-major store) on fresh random operands equals both operands
+    dequantized and multiplied in fp32; scales that vary per token and channel, so a scale
+    applied to the wrong row or column shows."""
+    from pallas_kernels.fp8_matmul import quantize_activation_per_token
+    from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu
+
+    rng = np.random.default_rng(M * 11 + N)
+    x = jnp.asarray(rng.standard_normal((M, K)) * rng.uniform(0.1, 10, size=(M, 1)),
+                    jnp.float32)
+    w = jnp.asarray(np.clip(rng.standard_normal((N, K)) * 100, -448, 448),
+                    jnp.float32).astype(jnp.float8_e4m3fn)
+    ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(N,)), jnp.float32)
+    xq, xs = quantize_activation_per_token(x)
+    ref = fp8_matmul_reference(xq, xs, w, ws, jnp.float32, w_transposed=True)
+    kw = dict(tile_k=tile_k, steps=steps, oob_rows=oob_rows, interpret=True)
+    got = fp8_skinny_matmul_mgpu(xq, xs, w, ws, **kw)
+    assert got.shape == (M, N) and got.dtype == jnp.bfloat16
+    assert _rel_err(got, ref.astype(jnp.bfloat16)) < 1e-4
+    assert _rel_err(got, ref) < 3e-3
+    assert fp8_skinny_matmul_mgpu(xq, xs.reshape(M, 1), w, ws, out_dtype=jnp.float16,
+                                  **kw).dtype == jnp.float16
+    # Scales moved by one channel / one token: the output must move.
+    assert _rel_err(fp8_skinny_matmul_mgpu(xq, xs, w, jnp.roll(ws, 1), **kw), ref) > 1e-2
+    if M > 1:
+        assert _rel_err(fp8_skinny_matmul_mgpu(xq, jnp.roll(xs, 1), w, ws, **kw), ref) > 1e-2
+
+
+def test_fp8_skinny_mgpu_kernel_refuses_what_it_does_not_take():
+    from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu
+
+    e4m3, f32 = jnp.float8_e4m3fn, jnp.float32
+    x, w = jnp.ones((8, 256), e4m3), jnp.ones((128, 256), e4m3)
+    xs, ws = jnp.ones((8,), f32), jnp.ones((128,), f32)
+    with pytest.raises(ValueError, match="tile_k=96"):
+        fp8_skinny_matmul_mgpu(x, xs, w, ws, tile_k=96)
+    with pytest.raises(ValueError, match="N=96"):
+        fp8_skinny_matmul_mgpu(x, xs, w[:96], ws[:96])
+    with pytest.raises(ValueError, match="K=256 must be a multiple of tile_k=512"):
+        fp8_skinny_matmul_mgpu(x, xs, w, ws, tile_k=512)
+    with pytest.raises(ValueError, match="M=300"):
+        fp8_skinny_matmul_mgpu(jnp.ones((300, 256), e4m3), jnp.ones((300,), f32), w, ws)
+    with pytest.raises(ValueError, match="do not fit"):
+        fp8_skinny_matmul_mgpu(x, xs[:4], w, ws)
+    with pytest.raises(ValueError, match="steps=0"):
+        fp8_skinny_matmul_mgpu(x, xs, w, ws, steps=0)
+    with pytest.raises(ValueError, match="out_dtype=float32"):
+        fp8_skinny_matmul_mgpu(x, xs, w, ws, out_dtype=f32)
+
+
 def test_fp8_block_mgpu_tile_pick_follows_the_h100_sweep():
     """pick_tile at the Llama-3-8B projections on 132 SMs gives each shape's fastest tile of the
     H100 sweeps (benchmarks/RESULTS.md, 2026-12-06): narrow N at 128 rows takes smaller token

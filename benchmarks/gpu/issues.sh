@@ -1923,6 +1923,51 @@ blocktp)  # one GPU, one call (2026-12-06): block-wise fp8 offline throughput (1
     --max-num-seqs 8 --num-scheduler-steps 4 --quantization fp8 $B --out-dir /tmp/prof \
     --out $OUT/results.jsonl > $L/prof_b1.log 2>&1
   show_logs 24 ;;
+mgpuskinny)  # one GPU, one call (2026-12-06): issue 5's fp8 GEMMs at M <= 64 through the Mosaic
+  # GPU per-channel W8A8 kernel (pallas_kernels/fp8_skinny_mgpu.py: TMA pipeline, no split-K):
+  # its GPU test first (a wrong TMA bound hangs: own timeout), then skinny_gemm.py's XLA rows,
+  # the Triton skinny kernel's sweep and the Mosaic kernel's tiles at every M (IMPLS).
+  L=$OUT/logs; mkdir -p $L
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+    -k skinny_mgpu > $L/gpu_tests.log 2>&1
+  echo "rc=$?"; grep -v "^\s*$" $L/gpu_tests.log | tail -6
+  timeout $((T - SECONDS - 10)) python3 benchmarks/gpu/skinny_gemm.py \
+    --impls ${IMPLS:-mgpu_w8a8,pallas_w8a8} --budget ${BUDGET:-120} --ms ${MS:-16,64,1,8} \
+    --out $OUT/skinny.jsonl > $L/skinny.log 2>&1
+  echo "rc=$?"; grep "best=" $L/skinny.log | cut -c1-200; sed -n '/== summary/,$p' $L/skinny.log
+  show_logs 3 ;;
+mgpub1)  # one GPU, one call (2026-12-06): the engine with the Mosaic skinny kernel for its W8A8
+  # steps of <= 64 rows: the kernel's and the fp8 engine's GPU tests, then fp8 batch 1 (issue
+  # 6) at the defaults (W8A16 through XLA at <= 16 rows) against W8A8 at every step
+  # (JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS=0: the batch-1 GEMMs through the kernel), alternating
+  # rounds (R, default 2). Carry .bench.
+  L=$OUT/logs; mkdir -p $L
+  gpu_tests 4 -k "skinny_mgpu or engine_fp8"
+  for i in $(seq 1 ${R:-2}); do
+    for v in $([ $((i % 2)) = 1 ] && echo "d w8a8" || echo "w8a8 d"); do
+      [ $((T - SECONDS)) -gt 110 ] || break
+      if [ $v = w8a8 ]; then export JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS=0
+      else unset JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS; fi
+      timeout 150 $LAT1K --quantization fp8 --num-scheduler-steps 4 > $L/lat_fp8_${v}_r$i.log 2>&1
+    done; done
+  unset JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f)"; done
+  show_logs 3 ;;
+mgpub64)  # one GPU, one call (2026-12-06): the fp8 decode steps of 32 / 64 rows (W8A8) with the
+  # Mosaic skinny kernel (the default) against XLA's fp8 dot (cuBLASLt; JAXLLM_FP8_SKINNY_MGPU
+  # =0), step profiles at 1k context, 4 steps a launch, alternating (BATCHES, default 64 32).
+  L=$OUT/logs; mkdir -p $L
+  for b in ${BATCHES:-64 32}; do
+    for v in $([ $b = 64 ] && echo "d off" || echo "off d"); do
+      [ $((T - SECONDS)) -gt 100 ] || break
+      if [ $v = off ]; then export JAXLLM_FP8_SKINNY_MGPU=0; else unset JAXLLM_FP8_SKINNY_MGPU; fi
+      timeout 120 python3 benchmarks/profile_step.py --context 1024 --steps 6 --top 8 \
+        --batch $b --max-num-seqs $b --num-scheduler-steps 4 --quantization fp8 \
+        --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_b${b}_$v.log 2>&1
+    done; done
+  unset JAXLLM_FP8_SKINNY_MGPU
+  for f in $L/prof_*.log; do echo "== $f"; grep -A9 "^batch " $f | cut -c1-130; done
+  show_logs 2 ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.
   L=$OUT/logs; mkdir -p $L

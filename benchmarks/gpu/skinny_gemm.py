@@ -9,6 +9,9 @@ For the Llama-3-8B projections (fused q/k/v 4096 x 6144, o 4096 x 4096, fused ga
                 JAXLLM_FP8_WEIGHT_ONLY_DOT=float16 in bcdde9a: no faster, removed)
   xla_fp8       fp8 x fp8 dot over the [N, K] weight, x pre-quantized (cuBLASLt; issue 5's peer)
   pallas_*      the kernel: bf16 [K, N], W8A16 [N, K], W8A8 [N, K]
+  mgpu_w8a8     pallas_kernels/fp8_skinny_mgpu.py (Mosaic GPU: TMA, fp8 wgmma, no split-K),
+                every (tile_k, steps) of its TILES at every M, and with ``oob_rows`` (rows
+                read and written past M by TMA instead of padded) where M is not a multiple of 8
 Each Pallas variant is swept over blocks and K splits at M = 16 (block of 16 rows: M = 1..16
 time the same) and, for W8A8 and bf16, M = 64; the best config is then timed at the other M.
 GPU time from the profiler (``benchmarks/gpu_trace.device_time``: the union of the call's
@@ -34,6 +37,7 @@ from pallas_kernels.fp8_matmul import (FP8, fp8_matmul_xla,  # noqa: E402
                                        quantize_weight_per_channel)
 from pallas_kernels.skinny_matmul import (skinny_fits, skinny_matmul,  # noqa: E402
                                           skinny_matmul_reference)
+from pallas_kernels import fp8_skinny_mgpu  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096)}
@@ -173,6 +177,22 @@ def main():
                                                                                  **cfg)),
                                 sets_8, ref_8, 1),
             }
+            if "mgpu_w8a8" in args.impls.split(","):
+                cands = [dict(tile_k=tk, steps=st) for tk, st in fp8_skinny_mgpu.TILES
+                         if K % tk == 0]
+                if M % 8:
+                    cands += [dict(c, oob_rows=True) for c in cands]
+                recs = [case(name, M, K, N, "mgpu_w8a8", c, jax.jit(
+                    lambda xq, xs, q, s, c=c: fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
+                        xq, xs, q, s, interpret=SMOKE, **c)), sets_8, ref_8, K * N)
+                        for c in cands]
+                good = [r for r in recs if r.get("ok")]
+                if good:
+                    top = min(good, key=lambda r: r["device_us"])
+                    emit(dict(shape=name, M=M, impl="mgpu_w8a8", best=top["config"],
+                              device_us=top["device_us"],
+                              vs_xla_bf16=base["xla_bf16"].get("device_us", float("nan"))
+                              / top["device_us"]))
             for impl, (mk, sets, ref, itemsize) in variants.items():
                 if impl not in args.impls.split(","):
                     continue
@@ -212,7 +232,7 @@ def main():
     # Summary: best device time per (shape, M, impl); speed-up over XLA bf16.
     print("\n== summary: device us (weight TB/s), speed-up over xla_bf16 ==")
     impls = ["xla_bf16", "xla_w8a16", "xla_w8a16_f16", "xla_fp8", "pallas_bf16", "pallas_w8a16",
-             "pallas_w8a8"]
+             "pallas_w8a8", "mgpu_w8a8"]
     print("shape M " + " ".join(impls))
     table = {}
     for r in rows:

@@ -37,6 +37,7 @@ from jaxllm.models.attention import heads_mesh
 from jaxllm.models.fused import FUSED_LINEARS
 from pallas_kernels.fp8_block_mgpu import check_shapes as check_mgpu_shapes
 from pallas_kernels.fp8_block_mgpu import fp8_block_matmul_mgpu
+from pallas_kernels import fp8_skinny_mgpu
 from pallas_kernels.fp8_matmul import (E4M3_MAX, FP8, fp8_block_matmul, fp8_matmul_xla,
                                        quantize_activation_per_token,
                                        quantize_activation_per_token_group)
@@ -138,8 +139,64 @@ def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
                                   preferred_element_type=jnp.float32)
         return (acc * weight_scale.astype(jnp.float32)[None, :]).astype(x.dtype)
     xq, xs = _quantize_input(x, input_scale)
+    y = _skinny_mgpu(xq, xs, weight, weight_scale, x.dtype)
+    if y is not None:
+        return y
     return fp8_matmul_xla(xq, xs, weight, weight_scale, out_dtype=x.dtype, w_transposed=True,
                           acc_dtype=fp8_gemm_out_dtype(x.dtype))
+
+
+SKINNY_MGPU_ENV = "JAXLLM_FP8_SKINNY_MGPU"
+# Per-channel W8A8 projections of <= 64 token rows on a Hopper GPU run the Mosaic GPU skinny
+# kernel (pallas_kernels/fp8_skinny_mgpu.py: each CTA streams 64 whole weight rows through a
+# TMA pipeline, no split-K sum). H100, 2026-12-06 11:45 (benchmarks/RESULTS.md): at M = 64,
+# where the engine's steps were W8A8 through cuBLASLt, q/k/v / o / gate/up / down took 11.1 /
+# 8.4 / 45.1 / 23.2 µs against cuBLASLt's 13.9 / 11.7 / 45.5 / 28.5.
+SKINNY_MGPU_TILE = fp8_skinny_mgpu.DEFAULT_TILE
+SKINNY_MGPU_MAX_ROWS = 64  # the rows measured; the kernel takes up to 256
+
+
+def skinny_mgpu_tile() -> tuple[int, int] | None:
+    """``JAXLLM_FP8_SKINNY_MGPU``: "0" (off: XLA's fp8 dot), "tile_k,steps" (sweeps and A/B
+    runs; on a CPU it runs Mosaic GPU's interpreter), or unset: ``SKINNY_MGPU_TILE`` on a GPU,
+    off elsewhere. Read at trace time."""
+    return _kernel_tile_env(SKINNY_MGPU_ENV, SKINNY_MGPU_TILE, ("tile_k", "steps"))
+
+
+def _skinny_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: jax.Array,
+                 out_dtype) -> jax.Array | None:
+    """A per-channel W8A8 projection of <= ``SKINNY_MGPU_MAX_ROWS`` rows through
+    ``fp8_skinny_matmul_mgpu``, or None where it does not apply (no tile, tensor parallelism, a
+    GPU other than Hopper, shapes it does not take: N not a multiple of 64, K not a multiple
+    of 128, a float32 model). ``xs``: per-token [T] / [T, 1], or a static per-tensor scale
+    (broadcast over the rows). tile_k is halved until it divides K, steps lowered until the
+    buffers fit."""
+    tile = skinny_mgpu_tile()
+    (T, K), N = xq.shape, weight.shape[0]
+    if tile is None or heads_mesh() is not None or T > SKINNY_MGPU_MAX_ROWS:
+        return None
+    dev = jax.devices()[0]
+    if not mosaic_kernel_runs_on(dev.platform, getattr(dev, "compute_capability", None)):
+        return None
+    tile_k, steps = tile
+    while tile_k > 128 and K % tile_k:
+        tile_k //= 2
+    steps = min(steps, max(1, K // tile_k))
+    while steps > 1 and fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps) \
+            > fp8_skinny_mgpu.SMEM_BYTES:
+        steps -= 1
+    try:
+        fp8_skinny_mgpu.check_shapes(T, K, N, tile_k, out_dtype)
+    except ValueError:
+        return None
+    if fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps) > fp8_skinny_mgpu.SMEM_BYTES:
+        return None
+    xs = xs.astype(jnp.float32).reshape(-1)
+    if xs.size != T:
+        xs = jnp.broadcast_to(xs[:1], (T,))  # a static per-tensor scale
+    return fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
+        xq, xs, weight, weight_scale, out_dtype, tile_k=tile_k, steps=steps,
+        interpret=jax.default_backend() != "gpu")
 
 
 def dequantize_blockwise(weight: jax.Array, weight_scale: jax.Array, block_k: int,

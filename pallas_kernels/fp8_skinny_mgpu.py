@@ -1,0 +1,184 @@
+"""Per-channel W8A8 fp8 GEMM for decode-sized batches (M <= 64 rows) in Mosaic GPU (TMA, wgmma).
+
+The contract of ``fp8_matmul.fp8_matmul_reference`` with the weight as the engine holds it:
+
+  x: [M, K] e4m3 with one scale per row, x_scale [M] (or [M, 1]) float32
+  w: [N, K] e4m3 (HF's [out, in], K contiguous) with one scale per output channel, w_scale [N]
+  out[m, n] = x_scale[m] w_scale[n] (x_fp8[m] . w_fp8[n]), accumulated in float32
+
+Why: at M <= 64 a GEMM is a read of its weight, and issue 5 asks fp8 to be >= 1.7x XLA's bf16
+dot there. The Triton-lowered skinny kernel (``skinny_matmul``) splits K over programs and
+leaves the partial sums to a second kernel (~1.3 µs a call), and each of its programs keeps
+only as many bytes in flight as its pipelined loads; with 3.15 TB/s to spread over 132 SMs the
+o projection's 16.8 MB of e4m3 take 5.3 µs, and its best call took 8.7 (H100, RESULTS
+2026-12-05 night). Here each CTA reads 64 whole weight rows, all of K, through a TMA pipeline
+``steps`` tiles deep (a producer warpgroup runs ahead of one wgmma warpgroup), so there is no
+split-K sum and no second kernel: the output tile is scaled and stored by the CTA that owns it.
+
+The product is transposed, y^T = W x^T: the weight's 64 rows are wgmma's M, the tokens its N
+(M rounded up to 8; both operands K-major as they lie, as fp8 wgmma needs), and the [64, tm]
+float32 tile is stored token-major through a transposed view of its shared-memory buffer.
+A grid of N / 64 CTAs (64 for the o and down projections, 96 for q/k/v, 448 for gate/up).
+
+Limits (ValueError): N a multiple of 64, K a multiple of ``tile_k`` (a multiple of 128: one
+128-byte swizzle row of e4m3), 1 <= M <= 256 (wgmma's N), a 16-bit output, the pipeline's
+buffers within ``SMEM_BYTES``. Where M is not a multiple of 8 the token tile's extra rows are
+read as zeros and not stored (TMA's out-of-bounds handling; ``oob_rows``).
+
+Measured on the H100 (2026-12-06 11:45, benchmarks/RESULTS.md; GPU time a call, activations
+quantized beforehand as in the other fp8 rows of that table): 1.76-2.20x XLA's bf16 dot at
+M = 1, 8, 16 and 64 for the four Llama-3-8B projections (o at M = 1: 7.4 against 13.8 µs; the
+Triton skinny kernel 8.5, cuBLASLt's fp8 GEMM 9.3), 2.0-2.9 TB/s of e4m3 weight.
+
+Tested on the CPU by Mosaic GPU's interpreter against ``fp8_matmul_reference``
+(tests/test_pallas_kernels.py), lowered for an abstract H100 (tests/test_gpu_lowering.py), and
+compiled and timed on the GPU (tests/test_gpu.py, ``benchmarks/gpu/skinny_gemm.py --impls
+mgpu_w8a8``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ROWS = 64  # weight rows a CTA owns: wgmma's M
+MAX_TOKENS = 256  # wgmma's largest N
+# (tile_k, steps): K bytes of each weight row a pipeline step, steps in flight. Each step's
+# weight tile is ROWS x tile_k bytes (32 KB at 512), so 3 steps keep 96 KB in flight an SM.
+# H100 sweep of 2026-12-06 11:45 (benchmarks/RESULTS.md): the more bytes in flight the faster;
+# (512, 3) the fastest or within 0.2 µs of it at every Llama-3-8B projection and M in 1, 8,
+# 16, 64 (e.g. o at M = 8: 8.30 / 8.20 / 7.72 / 7.51 µs for the four TILES in order).
+DEFAULT_TILE = (512, 3)
+TILES = ((128, 8), (256, 4), (256, 6), (512, 3))
+SMEM_BYTES = 200 * 1024  # the pipeline buffers' limit (Hopper: 227 KB a CTA, less the rest)
+
+
+def check_shapes(M: int, K: int, N: int, tile_k: int, out_dtype=jnp.bfloat16) -> None:
+    """Raises ValueError unless the kernel takes this GEMM (module docstring, Limits)."""
+    if tile_k % 128 or tile_k <= 0:
+        raise ValueError(f"tile_k={tile_k}: a positive multiple of 128 (one swizzle row of "
+                         "e4m3).")
+    if K % tile_k or N % ROWS:
+        raise ValueError(f"K={K} must be a multiple of tile_k={tile_k} and N={N} of {ROWS} for "
+                         "the Mosaic GPU skinny fp8 kernel.")
+    if not 1 <= M <= MAX_TOKENS:
+        raise ValueError(f"M={M}: 1 to {MAX_TOKENS} rows (the tokens are wgmma's N).")
+    if jnp.dtype(out_dtype).itemsize != 2:
+        raise ValueError(f"out_dtype={jnp.dtype(out_dtype).name}: the Mosaic GPU skinny kernel "
+                         "writes bfloat16 or float16 (a float32 tile's transposed store has no "
+                         "layout).")
+
+
+def pipeline_bytes(M: int, tile_k: int, steps: int) -> int:
+    """Shared memory of the pipeline's buffers: ``steps`` weight and token tiles."""
+    return steps * (ROWS + -(-M // 8) * 8) * tile_k
+
+
+def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Array,
+                           w_scale: jax.Array, out_dtype=jnp.bfloat16, *,
+                           tile_k: int | None = None, steps: int | None = None,
+                           oob_rows: bool = True, interpret: bool = False) -> jax.Array:
+    """x_fp8 [M, K], x_scale [M] or [M, 1], w_fp8 [N, K], w_scale [N] -> [M, N] ``out_dtype``
+    (the module's contract). ``tile_k`` / ``steps``: K bytes of a pipeline step and steps in
+    flight (default ``DEFAULT_TILE``; clipped to the K steps there are; their buffers within
+    ``SMEM_BYTES``); ``oob_rows``: where M is not a multiple of 8, TMA reads the token tile's
+    rows past M as zeros and drops their stores (the default: no pad and slice around the
+    call; H100 at M = 1: o 7.44 µs against 10.76 padded), else the rows are padded;
+    ``interpret``: Mosaic GPU's interpreter (any platform, slow)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    M, K = x_fp8.shape
+    N = w_fp8.shape[0]
+    tile_k = DEFAULT_TILE[0] if tile_k is None else tile_k
+    steps = DEFAULT_TILE[1] if steps is None else steps
+    check_shapes(M, K, N, tile_k, out_dtype)
+    if w_fp8.shape != (N, K) or w_scale.size != N or x_scale.size != M:
+        raise ValueError(f"shapes x {x_fp8.shape}, x_scale {x_scale.shape}, w {w_fp8.shape}, "
+                         f"w_scale {w_scale.shape} do not fit [M, K] x [N, K].")
+    if steps < 1:
+        raise ValueError(f"steps={steps}: at least 1.")
+    k_steps = K // tile_k
+    steps = min(steps, k_steps)
+    if pipeline_bytes(M, tile_k, steps) > SMEM_BYTES:
+        raise ValueError(f"tile_k={tile_k} x steps={steps} at M={M}: "
+                         f"{pipeline_bytes(M, tile_k, steps)} bytes of pipeline buffers, more "
+                         f"than {SMEM_BYTES}.")
+    tm = -(-M // 8) * 8
+    xs = x_scale.reshape(M).astype(jnp.float32)
+    if tm != M and not oob_rows:
+        xs = jnp.pad(xs, (0, tm - M))
+        x_fp8 = jnp.pad(x_fp8, ((0, tm - M), (0, 0)))
+    ws = w_scale.reshape(N // ROWS, ROWS).astype(jnp.float32)
+    out_isz = jnp.dtype(out_dtype).itemsize
+    fp8_tf = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+    out_swizzle = plgpu.find_swizzle(ROWS * out_isz * 8)
+    out_tf = (plgpu.TilingTransform((8, out_swizzle // out_isz)),
+              plgpu.SwizzleTransform(out_swizzle))
+
+    def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, out_gmem):
+        n_idx = lax.axis_index("n")
+
+        def pipeline(body, ctx):
+            return plgpu.emit_pipeline_warp_specialized(
+                body, grid=(k_steps,), memory_registers=40,
+                in_specs=[
+                    plgpu.BlockSpec((tm, tile_k), lambda k: (0, k), transforms=fp8_tf,
+                                    memory_space=plgpu.SMEM),
+                    plgpu.BlockSpec((ROWS, tile_k), lambda k: (0, k), transforms=fp8_tf,
+                                    memory_space=plgpu.SMEM),
+                ],
+                wg_axis="wg", num_compute_wgs=1, max_concurrent_steps=steps,
+                compute_context=ctx)
+
+        ignore = lambda *_, **__: None  # noqa: E731
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+            out_smem=plgpu.SMEM((tm, ROWS), out_dtype, transforms=out_tf),
+            ws_smem=plgpu.SMEM((ROWS,), jnp.float32),
+            xs_smem=plgpu.SMEM((tm,), jnp.float32),
+            bars=plgpu.Barrier(num_arrivals=1, num_barriers=2),
+            collective_axes="wg")
+        def _scope(allocs, out_smem, ws_smem, xs_smem, bars):
+            def ctx(eval_pipeline):
+                # The scales' copies run beside the weight stream; waited for at the end.
+                plgpu.copy_gmem_to_smem(ws_gmem.at[n_idx], ws_smem, bars.at[0])
+                plgpu.copy_gmem_to_smem(xs_gmem.at[pl.ds(0, tm)], xs_smem, bars.at[1])
+
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, tm), jnp.float32))
+                def _acc(acc_ref):
+                    eval_pipeline(acc_ref)
+                    acc = acc_ref[...]
+                    plgpu.barrier_wait(bars.at[0])
+                    plgpu.barrier_wait(bars.at[1])
+                    w_s = plgpu.load(ws_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
+                    x_s = plgpu.load(xs_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+                    val = acc * (lax.broadcast_in_dim(w_s, (ROWS, tm), [0])
+                                 * lax.broadcast_in_dim(x_s, (ROWS, tm), [1]))
+                    out_smem.transpose((1, 0))[...] = val.astype(out_dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(out_smem,
+                                            out_gmem.at[pl.ds(0, tm), pl.ds(n_idx * ROWS, ROWS)])
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            def body(_, x_smem, w_smem, acc_ref):
+                plgpu.wgmma(acc_ref, w_smem, x_smem.transpose((1, 0)))
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            pipeline(body, ctx)(x_gmem, w_gmem.at[pl.ds(n_idx * ROWS, ROWS), :],
+                                allocations=allocs)
+
+    f = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((M if oob_rows else tm, N), out_dtype),
+        grid=(N // ROWS,), grid_names=("n",), num_threads=2, thread_name="wg",
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    out = f(x_fp8, w_fp8, xs, ws)
+    return out[:M] if out.shape[0] != M else out
