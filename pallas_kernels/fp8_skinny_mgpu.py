@@ -72,9 +72,9 @@ def check_shapes(M: int, K: int, N: int, tile_k: int, out_dtype=jnp.bfloat16) ->
                          "layout).")
 
 
-def pipeline_bytes(M: int, tile_k: int, steps: int) -> int:
+def pipeline_bytes(M: int, tile_k: int, steps: int, x_itemsize: int = 1) -> int:
     """Shared memory of the pipeline's buffers: ``steps`` weight and token tiles."""
-    return steps * (ROWS + -(-M // 8) * 8) * tile_k
+    return steps * (ROWS + -(-M // 8) * 8 * x_itemsize) * tile_k
 
 
 def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Array,
@@ -82,7 +82,9 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Arra
                            tile_k: int | None = None, steps: int | None = None,
                            oob_rows: bool = True, interpret: bool = False) -> jax.Array:
     """x_fp8 [M, K], x_scale [M] or [M, 1], w_fp8 [N, K], w_scale [N] -> [M, N] ``out_dtype``
-    (the module's contract). ``tile_k`` / ``steps``: K bytes of a pipeline step and steps in
+    (the module's contract). ``x_scale`` None: weight-only (W8A16), x in float16 (or bfloat16
+    where the GPU's PTX converts e4m3 to it) and each e4m3 weight chunk upcast to x's dtype in
+    registers, the A operand of a 16-bit wgmma. ``tile_k`` / ``steps``: K bytes of a pipeline step and steps in
     flight (default ``DEFAULT_TILE``; clipped to the K steps there are; their buffers within
     ``SMEM_BYTES``); ``oob_rows``: where M is not a multiple of 8, TMA reads the token tile's
     rows past M as zeros and drops their stores (the default: no pad and slice around the
@@ -96,25 +98,33 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Arra
     tile_k = DEFAULT_TILE[0] if tile_k is None else tile_k
     steps = DEFAULT_TILE[1] if steps is None else steps
     check_shapes(M, K, N, tile_k, out_dtype)
-    if w_fp8.shape != (N, K) or w_scale.size != N or x_scale.size != M:
+    weight_only = x_scale is None
+    x_isz = jnp.dtype(x_fp8.dtype).itemsize
+    if weight_only and x_fp8.dtype not in (jnp.float16, jnp.bfloat16):
+        raise ValueError(f"x {x_fp8.dtype}: weight-only (x_scale None) takes a 16-bit x.")
+    if not weight_only and x_isz != 1:
+        raise ValueError(f"x {x_fp8.dtype}: W8A8 takes an e4m3 x with its x_scale.")
+    if w_fp8.shape != (N, K) or w_scale.size != N or (not weight_only and x_scale.size != M):
         raise ValueError(f"shapes x {x_fp8.shape}, x_scale {x_scale.shape}, w {w_fp8.shape}, "
                          f"w_scale {w_scale.shape} do not fit [M, K] x [N, K].")
     if steps < 1:
         raise ValueError(f"steps={steps}: at least 1.")
     k_steps = K // tile_k
     steps = min(steps, k_steps)
-    if pipeline_bytes(M, tile_k, steps) > SMEM_BYTES:
+    if pipeline_bytes(M, tile_k, steps, x_isz) > SMEM_BYTES:
         raise ValueError(f"tile_k={tile_k} x steps={steps} at M={M}: "
-                         f"{pipeline_bytes(M, tile_k, steps)} bytes of pipeline buffers, more "
-                         f"than {SMEM_BYTES}.")
+                         f"{pipeline_bytes(M, tile_k, steps, x_isz)} bytes of pipeline buffers, "
+                         f"more than {SMEM_BYTES}.")
     tm = -(-M // 8) * 8
-    xs = x_scale.reshape(M).astype(jnp.float32)
+    xs = (jnp.ones((M,), jnp.float32) if weight_only
+          else x_scale.reshape(M).astype(jnp.float32))
     if tm != M and not oob_rows:
         xs = jnp.pad(xs, (0, tm - M))
         x_fp8 = jnp.pad(x_fp8, ((0, tm - M), (0, 0)))
     ws = w_scale.reshape(N // ROWS, ROWS).astype(jnp.float32)
     out_isz = jnp.dtype(out_dtype).itemsize
     fp8_tf = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+    x_tf = (plgpu.TilingTransform((8, 128 // x_isz)), plgpu.SwizzleTransform(128))
     out_swizzle = plgpu.find_swizzle(ROWS * out_isz * 8)
     out_tf = (plgpu.TilingTransform((8, out_swizzle // out_isz)),
               plgpu.SwizzleTransform(out_swizzle))
@@ -126,7 +136,7 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Arra
             return plgpu.emit_pipeline_warp_specialized(
                 body, grid=(k_steps,), memory_registers=40,
                 in_specs=[
-                    plgpu.BlockSpec((tm, tile_k), lambda k: (0, k), transforms=fp8_tf,
+                    plgpu.BlockSpec((tm, tile_k), lambda k: (0, k), transforms=x_tf,
                                     memory_space=plgpu.SMEM),
                     plgpu.BlockSpec((ROWS, tile_k), lambda k: (0, k), transforms=fp8_tf,
                                     memory_space=plgpu.SMEM),
@@ -143,23 +153,28 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Arra
             ws_smem=plgpu.SMEM((ROWS,), jnp.float32),
             xs_smem=plgpu.SMEM((tm,), jnp.float32),
             bars=plgpu.Barrier(num_arrivals=1, num_barriers=2),
+            a_smem=plgpu.SMEM((ROWS, 128) if weight_only and interpret else (8, 128),
+                              x_fp8.dtype, transforms=x_tf),
             collective_axes="wg")
-        def _scope(allocs, out_smem, ws_smem, xs_smem, bars):
+        def _scope(allocs, out_smem, ws_smem, xs_smem, bars, a_smem):
             def ctx(eval_pipeline):
                 # The scales' copies run beside the weight stream; waited for at the end.
                 plgpu.copy_gmem_to_smem(ws_gmem.at[n_idx], ws_smem, bars.at[0])
-                plgpu.copy_gmem_to_smem(xs_gmem.at[pl.ds(0, tm)], xs_smem, bars.at[1])
+                if not weight_only:
+                    plgpu.copy_gmem_to_smem(xs_gmem.at[pl.ds(0, tm)], xs_smem, bars.at[1])
 
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, tm), jnp.float32))
                 def _acc(acc_ref):
                     eval_pipeline(acc_ref)
                     acc = acc_ref[...]
                     plgpu.barrier_wait(bars.at[0])
-                    plgpu.barrier_wait(bars.at[1])
                     w_s = plgpu.load(ws_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
-                    x_s = plgpu.load(xs_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
-                    val = acc * (lax.broadcast_in_dim(w_s, (ROWS, tm), [0])
-                                 * lax.broadcast_in_dim(x_s, (ROWS, tm), [1]))
+                    scale = lax.broadcast_in_dim(w_s, (ROWS, tm), [0])
+                    if not weight_only:
+                        plgpu.barrier_wait(bars.at[1])
+                        x_s = plgpu.load(xs_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+                        scale = scale * lax.broadcast_in_dim(x_s, (ROWS, tm), [1])
+                    val = acc * scale
                     out_smem.transpose((1, 0))[...] = val.astype(out_dtype)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(out_smem,
@@ -167,8 +182,25 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Arra
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
             def body(_, x_smem, w_smem, acc_ref):
-                plgpu.wgmma(acc_ref, w_smem, x_smem.transpose((1, 0)))
-                plgpu.wgmma_wait(0)
+                if not weight_only:
+                    plgpu.wgmma(acc_ref, w_smem, x_smem.transpose((1, 0)))
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+                # W8A16: each 128-wide K chunk of the e4m3 tile upcast in registers (A).
+                for c in range(tile_k // 128):
+                    ks = pl.ds(c * 128, 128)
+                    # e4m3 -> float16 is one instruction a pair; bfloat16 only from float16
+                    # (exact: every e4m3 value is a float16 and a bfloat16) with this ptxas.
+                    a = w_smem.at[:, ks][...].astype(jnp.float16).astype(x_fp8.dtype)
+                    if interpret:
+                        # Mosaic GPU's interpreter takes wgmma operands from shared memory
+                        # only: the upcast chunk goes through a scratch buffer there (the GPU
+                        # test covers the register form).
+                        a_smem[...] = a
+                        plgpu.commit_smem()
+                        a = a_smem
+                    plgpu.wgmma(acc_ref, a, x_smem.at[:, ks].transpose((1, 0)))
+                    plgpu.wgmma_wait(0)
                 return acc_ref
 
             pipeline(body, ctx)(x_gmem, w_gmem.at[pl.ds(n_idx * ROWS, ROWS), :],

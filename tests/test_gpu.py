@@ -264,7 +264,8 @@ def test_compiled_fp8_skinny_mgpu_matches_reference(M):
     """The Mosaic GPU per-channel W8A8 kernel for decode rows compiled for the GPU at the q/k/v
     and down shapes and every tile of its sweep, on fresh random operands with per-channel
     and per-token scales: rows padded to 8 and, where M is not a multiple of 8, read and
-    written past M by TMA (``oob_rows``); a repeat gives the same bits."""
+    written past M by TMA (``oob_rows``); its weight-only form at <= 16 rows; a repeat gives
+    the same bits."""
     from pallas_kernels.fp8_matmul import quantize_activation_per_token
     from pallas_kernels.fp8_skinny_mgpu import TILES, fp8_skinny_matmul_mgpu
 
@@ -286,6 +287,17 @@ def test_compiled_fp8_skinny_mgpu_matches_reference(M):
                 assert got.shape == (M, N) and got.dtype == jnp.bfloat16
                 assert _rel_err(got, ref) < 5e-3, (K, N, tk, steps, oob)  # one bf16 rounding
                 assert jnp.array_equal(f(xq, xs, w, ws), got)
+        if M > 16:
+            continue
+        # Weight-only (W8A16: the e4m3 chunk upcast in registers, wgmma's A operand).
+        ref16 = (x.astype(jnp.float32) @ w.astype(jnp.float32).T) * ws[None, :]
+        for tk, steps in TILES:
+            f = jax.jit(lambda a, b, c, tk=tk, steps=steps: fp8_skinny_matmul_mgpu(
+                a, None, b, c, tile_k=tk, steps=steps))
+            got = f(x, w, ws)
+            assert got.shape == (M, N) and got.dtype == jnp.bfloat16
+            assert _rel_err(got, ref16) < 5e-3, (K, N, tk, steps, "w8a16")
+            assert jnp.array_equal(f(x, w, ws), got)
 
 
 @pytest.mark.parametrize("M", [1, 8, 40])

@@ -1015,6 +1015,30 @@ def test_fp8_skinny_mgpu_kernel_matches_the_reference(M, K, N, tile_k, steps, oo
         assert _rel_err(fp8_skinny_matmul_mgpu(xq, jnp.roll(xs, 1), w, ws, **kw), ref) > 1e-2
 
 
+@pytest.mark.parametrize("M,K,N,tile_k,steps,dtype", [
+    (8, 256, 128, 128, 2, jnp.float16),  # two weight tiles, two K steps
+    (5, 512, 192, 256, 4, jnp.bfloat16),  # rows past M read as zeros; two 128 chunks a step
+    (16, 384, 64, 128, 3, jnp.bfloat16),
+])
+def test_fp8_skinny_mgpu_weight_only_matches_the_reference(M, K, N, tile_k, steps, dtype):
+    """fp8_skinny_matmul_mgpu weight-only (x_scale None: the e4m3 weight upcast to x's 16-bit
+    dtype chunk by chunk, a 16-bit wgmma; interpreted, the chunk goes through shared memory)
+    equals x times the dequantized weight in fp32, exactly but for the output's rounding."""
+    from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu
+
+    rng = np.random.default_rng(M * 13 + N)
+    x = jnp.asarray(rng.standard_normal((M, K)) * rng.uniform(0.1, 10, size=(M, 1)), dtype)
+    w = jnp.asarray(np.clip(rng.standard_normal((N, K)) * 100, -448, 448),
+                    jnp.float32).astype(jnp.float8_e4m3fn)
+    ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(N,)), jnp.float32)
+    ref = (x.astype(jnp.float32) @ w.astype(jnp.float32).T) * ws[None, :]
+    got = fp8_skinny_matmul_mgpu(x, None, w, ws, tile_k=tile_k, steps=steps, interpret=True)
+    assert got.shape == (M, N) and got.dtype == jnp.bfloat16
+    assert _rel_err(got, ref.astype(jnp.bfloat16)) < 1e-4
+    assert _rel_err(fp8_skinny_matmul_mgpu(x, None, w, jnp.roll(ws, 1), tile_k=tile_k,
+                                           steps=steps, interpret=True), ref) > 1e-2
+
+
 def test_fp8_skinny_mgpu_kernel_refuses_what_it_does_not_take():
     from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu
 
@@ -1028,13 +1052,21 @@ def test_fp8_skinny_mgpu_kernel_refuses_what_it_does_not_take():
     with pytest.raises(ValueError, match="K=256 must be a multiple of tile_k=512"):
         fp8_skinny_matmul_mgpu(x, xs, w, ws, tile_k=512)
     with pytest.raises(ValueError, match="M=300"):
-        fp8_skinny_matmul_mgpu(jnp.ones((300, 256), e4m3), jnp.ones((300,), f32), w, ws)
+        fp8_skinny_matmul_mgpu(jnp.ones((300, 256), e4m3), jnp.ones((300,), f32), w, ws,
+                               tile_k=256)
     with pytest.raises(ValueError, match="do not fit"):
-        fp8_skinny_matmul_mgpu(x, xs[:4], w, ws)
+        fp8_skinny_matmul_mgpu(x, xs[:4], w, ws, tile_k=256)
     with pytest.raises(ValueError, match="steps=0"):
-        fp8_skinny_matmul_mgpu(x, xs, w, ws, steps=0)
+        fp8_skinny_matmul_mgpu(x, xs, w, ws, tile_k=256, steps=0)
     with pytest.raises(ValueError, match="out_dtype=float32"):
-        fp8_skinny_matmul_mgpu(x, xs, w, ws, out_dtype=f32)
+        fp8_skinny_matmul_mgpu(x, xs, w, ws, out_dtype=f32, tile_k=256)
+    with pytest.raises(ValueError, match="weight-only .* takes a 16-bit x"):
+        fp8_skinny_matmul_mgpu(x, None, w, ws, tile_k=256)
+    with pytest.raises(ValueError, match="W8A8 takes an e4m3 x"):
+        fp8_skinny_matmul_mgpu(jnp.ones((8, 256), jnp.bfloat16), xs, w, ws, tile_k=256)
+    with pytest.raises(ValueError, match="bytes of pipeline buffers"):  # 64 bf16 rows
+        fp8_skinny_matmul_mgpu(jnp.ones((64, 2048), jnp.bfloat16), None,
+                               jnp.ones((128, 2048), e4m3), ws, tile_k=512, steps=3)
 
 
 def test_fp8_block_mgpu_tile_pick_follows_the_h100_sweep():

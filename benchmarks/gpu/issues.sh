@@ -1968,6 +1968,27 @@ mgpub64)  # one GPU, one call (2026-12-06): the fp8 decode steps of 32 / 64 rows
   unset JAXLLM_FP8_SKINNY_MGPU
   for f in $L/prof_*.log; do echo "== $f"; grep -A9 "^batch " $f | cut -c1-130; done
   show_logs 2 ;;
+mgpuw16)  # one GPU, one call (2026-12-06): the Mosaic skinny kernel's weight-only form (W8A16:
+  # the e4m3 chunks upcast in registers, wgmma's A operand): its GPU test, then fp8 batch 1
+  # (issue 6) with it (the default at <= 16 rows) against XLA's W8A16 (JAXLLM_FP8_SKINNY_MGPU
+  # =0), alternating rounds (R, default 2), then skinny_gemm.py's rows at M <= 16. Carry .bench.
+  L=$OUT/logs; mkdir -p $L
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+    -k skinny_mgpu > $L/gpu_tests.log 2>&1
+  echo "rc=$?"; grep -v "^\s*$" $L/gpu_tests.log | tail -4
+  for i in $(seq 1 ${R:-2}); do
+    for v in $([ $((i % 2)) = 1 ] && echo "d xla" || echo "xla d"); do
+      [ $((T - SECONDS)) -gt 90 ] || break
+      if [ $v = xla ]; then export JAXLLM_FP8_SKINNY_MGPU=0; else unset JAXLLM_FP8_SKINNY_MGPU; fi
+      timeout 100 $LAT1K --quantization fp8 --num-scheduler-steps 4 > $L/lat_fp8_${v}_r$i.log 2>&1
+    done; done
+  unset JAXLLM_FP8_SKINNY_MGPU
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f | cut -c1-150)"; done
+  timeout $((T - SECONDS - 5)) python3 benchmarks/gpu/skinny_gemm.py --impls ${IMPLS:-mgpu_w8a16} \
+    --ms ${MS:-1,8,16} --out $OUT/skinny.jsonl > $L/skinny.log 2>&1
+  echo "rc=$?"; sed -n '/== summary/,$p' $L/skinny.log | grep -v " 64 "
+  grep "best=" $L/skinny.log | cut -c1-160
+  show_logs 2 ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.
   L=$OUT/logs; mkdir -p $L

@@ -12,6 +12,8 @@ For the Llama-3-8B projections (fused q/k/v 4096 x 6144, o 4096 x 4096, fused ga
   mgpu_w8a8     pallas_kernels/fp8_skinny_mgpu.py (Mosaic GPU: TMA, fp8 wgmma, no split-K),
                 every (tile_k, steps) of its TILES at every M, and with ``oob_rows`` (rows
                 read and written past M by TMA instead of padded) where M is not a multiple of 8
+  mgpu_w8a16    the same kernel weight-only (x_scale None: bf16 rows, the e4m3 weight upcast
+                in registers), M <= 16
 Each Pallas variant is swept over blocks and K splits at M = 16 (block of 16 rows: M = 1..16
 time the same) and, for W8A8 and bf16, M = 64; the best config is then timed at the other M.
 GPU time from the profiler (``benchmarks/gpu_trace.device_time``: the union of the call's
@@ -193,6 +195,20 @@ def main():
                               device_us=top["device_us"],
                               vs_xla_bf16=base["xla_bf16"].get("device_us", float("nan"))
                               / top["device_us"]))
+            if "mgpu_w8a16" in args.impls.split(",") and M <= 16:
+                cands = [dict(tile_k=tk, steps=st) for tk, st in fp8_skinny_mgpu.TILES
+                         if K % tk == 0]
+                recs = [case(name, M, K, N, "mgpu_w8a16", c, jax.jit(
+                    lambda x, q, s, c=c: fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
+                        x, None, q, s, interpret=SMOKE, **c)), sets_w, ref_w, K * N)
+                        for c in cands]
+                good = [r for r in recs if r.get("ok")]
+                if good:
+                    top = min(good, key=lambda r: r["device_us"])
+                    emit(dict(shape=name, M=M, impl="mgpu_w8a16", best=top["config"],
+                              device_us=top["device_us"],
+                              vs_xla_bf16=base["xla_bf16"].get("device_us", float("nan"))
+                              / top["device_us"]))
             for impl, (mk, sets, ref, itemsize) in variants.items():
                 if impl not in args.impls.split(","):
                     continue
@@ -232,7 +248,7 @@ def main():
     # Summary: best device time per (shape, M, impl); speed-up over XLA bf16.
     print("\n== summary: device us (weight TB/s), speed-up over xla_bf16 ==")
     impls = ["xla_bf16", "xla_w8a16", "xla_w8a16_f16", "xla_fp8", "pallas_bf16", "pallas_w8a16",
-             "pallas_w8a8", "mgpu_w8a8"]
+             "pallas_w8a8", "mgpu_w8a8", "mgpu_w8a16"]
     print("shape M " + " ".join(impls))
     table = {}
     for r in rows:

@@ -135,6 +135,9 @@ def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     if block_k is not None:
         return block_fp8_linear(x, weight, weight_scale, block_k)
     if x.shape[0] <= weight_only_max_tokens():
+        y = _skinny_mgpu(x, None, weight, weight_scale, x.dtype)
+        if y is not None:
+            return y
         acc = jax.lax.dot_general(x, weight.astype(x.dtype), (((1,), (1,)), ((), ())),
                                   preferred_element_type=jnp.float32)
         return (acc * weight_scale.astype(jnp.float32)[None, :]).astype(x.dtype)
@@ -163,14 +166,14 @@ def skinny_mgpu_tile() -> tuple[int, int] | None:
     return _kernel_tile_env(SKINNY_MGPU_ENV, SKINNY_MGPU_TILE, ("tile_k", "steps"))
 
 
-def _skinny_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: jax.Array,
-                 out_dtype) -> jax.Array | None:
-    """A per-channel W8A8 projection of <= ``SKINNY_MGPU_MAX_ROWS`` rows through
+def _skinny_mgpu(xq: jax.Array, xs: jax.Array | None, weight: jax.Array,
+                 weight_scale: jax.Array, out_dtype) -> jax.Array | None:
+    """A per-channel fp8 projection of <= ``SKINNY_MGPU_MAX_ROWS`` rows through
     ``fp8_skinny_matmul_mgpu``, or None where it does not apply (no tile, tensor parallelism, a
     GPU other than Hopper, shapes it does not take: N not a multiple of 64, K not a multiple
-    of 128, a float32 model). ``xs``: per-token [T] / [T, 1], or a static per-tensor scale
-    (broadcast over the rows). tile_k is halved until it divides K, steps lowered until the
-    buffers fit."""
+    of 128, a float32 model). W8A8 with ``xs`` per-token [T] / [T, 1] or a static per-tensor
+    scale (broadcast over the rows); weight-only (W8A16) with ``xs`` None and a 16-bit
+    ``xq``. tile_k is halved until it divides K, steps lowered until the buffers fit."""
     tile = skinny_mgpu_tile()
     (T, K), N = xq.shape, weight.shape[0]
     if tile is None or heads_mesh() is not None or T > SKINNY_MGPU_MAX_ROWS:
@@ -182,18 +185,23 @@ def _skinny_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: 
     while tile_k > 128 and K % tile_k:
         tile_k //= 2
     steps = min(steps, max(1, K // tile_k))
-    while steps > 1 and fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps) \
+    x_isz = jnp.dtype(xq.dtype).itemsize
+    while steps > 1 and fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps, x_isz) \
             > fp8_skinny_mgpu.SMEM_BYTES:
         steps -= 1
     try:
         fp8_skinny_mgpu.check_shapes(T, K, N, tile_k, out_dtype)
     except ValueError:
         return None
-    if fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps) > fp8_skinny_mgpu.SMEM_BYTES:
+    if fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps, x_isz) > fp8_skinny_mgpu.SMEM_BYTES:
         return None
-    xs = xs.astype(jnp.float32).reshape(-1)
-    if xs.size != T:
-        xs = jnp.broadcast_to(xs[:1], (T,))  # a static per-tensor scale
+    if xs is None:
+        if xq.dtype not in (jnp.bfloat16, jnp.float16):
+            return None
+    else:
+        xs = xs.astype(jnp.float32).reshape(-1)
+        if xs.size != T:
+            xs = jnp.broadcast_to(xs[:1], (T,))  # a static per-tensor scale
     return fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
         xq, xs, weight, weight_scale, out_dtype, tile_k=tile_k, steps=steps,
         interpret=jax.default_backend() != "gpu")
