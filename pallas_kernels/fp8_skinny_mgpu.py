@@ -25,10 +25,16 @@ Limits (ValueError): N a multiple of 64, K a multiple of ``tile_k`` (a multiple 
 buffers within ``SMEM_BYTES``. Where M is not a multiple of 8 the token tile's extra rows are
 read as zeros and not stored (TMA's out-of-bounds handling; ``oob_rows``).
 
-Measured on the H100 (2026-12-06 11:45, benchmarks/RESULTS.md; GPU time a call, activations
+Measured on the H100 (2026-12-06 11:15, benchmarks/RESULTS.md; GPU time a call, activations
 quantized beforehand as in the other fp8 rows of that table): 1.76-2.20x XLA's bf16 dot at
 M = 1, 8, 16 and 64 for the four Llama-3-8B projections (o at M = 1: 7.4 against 13.8 µs; the
 Triton skinny kernel 8.5, cuBLASLt's fp8 GEMM 9.3), 2.0-2.9 TB/s of e4m3 weight.
+
+Weight-only form (``x_scale`` None, W8A16): x in bf16 / float16 and each 128-wide chunk of the
+e4m3 tile upcast in registers (through float16: this ptxas converts e4m3 to float16 only) as
+the A operand of a 16-bit wgmma. Correct, but slower on the H100 (o at M = 8: 10.7 µs of
+kernel against the W8A8 form's 7.5 and XLA's W8A16 GEMM's 9.2; each chunk's wgmma is waited
+for before the next upcast), so the engine keeps XLA's W8A16 GEMM for its weight-only steps.
 
 Tested on the CPU by Mosaic GPU's interpreter against ``fp8_matmul_reference``
 (tests/test_pallas_kernels.py), lowered for an abstract H100 (tests/test_gpu_lowering.py), and
@@ -48,7 +54,7 @@ ROWS = 64  # weight rows a CTA owns: wgmma's M
 MAX_TOKENS = 256  # wgmma's largest N
 # (tile_k, steps): K bytes of each weight row a pipeline step, steps in flight. Each step's
 # weight tile is ROWS x tile_k bytes (32 KB at 512), so 3 steps keep 96 KB in flight an SM.
-# H100 sweep of 2026-12-06 11:45 (benchmarks/RESULTS.md): the more bytes in flight the faster;
+# H100 sweep of 2026-12-06 11:15 (benchmarks/RESULTS.md): the more bytes in flight the faster;
 # (512, 3) the fastest or within 0.2 µs of it at every Llama-3-8B projection and M in 1, 8,
 # 16, 64 (e.g. o at M = 8: 8.30 / 8.20 / 7.72 / 7.51 µs for the four TILES in order).
 DEFAULT_TILE = (512, 3)
@@ -82,9 +88,9 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Arra
                            tile_k: int | None = None, steps: int | None = None,
                            oob_rows: bool = True, interpret: bool = False) -> jax.Array:
     """x_fp8 [M, K], x_scale [M] or [M, 1], w_fp8 [N, K], w_scale [N] -> [M, N] ``out_dtype``
-    (the module's contract). ``x_scale`` None: weight-only (W8A16), x in float16 (or bfloat16
-    where the GPU's PTX converts e4m3 to it) and each e4m3 weight chunk upcast to x's dtype in
-    registers, the A operand of a 16-bit wgmma. ``tile_k`` / ``steps``: K bytes of a pipeline step and steps in
+    (the module's contract). ``x_scale`` None: weight-only (W8A16), x in bfloat16 or float16,
+    each e4m3 weight chunk upcast to x's dtype in registers (the module's docstring).
+    ``tile_k`` / ``steps``: K bytes of a pipeline step and steps in
     flight (default ``DEFAULT_TILE``; clipped to the K steps there are; their buffers within
     ``SMEM_BYTES``); ``oob_rows``: where M is not a multiple of 8, TMA reads the token tile's
     rows past M as zeros and drops their stores (the default: no pad and slice around the
@@ -116,10 +122,12 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Arra
                          f"{pipeline_bytes(M, tile_k, steps, x_isz)} bytes of pipeline buffers, "
                          f"more than {SMEM_BYTES}.")
     tm = -(-M // 8) * 8
-    xs = (jnp.ones((M,), jnp.float32) if weight_only
+    # Weight-only: the kernel never reads this operand; w_scale's bytes stand in for it (a
+    # constant of ones would be a fill kernel of its own before the call).
+    xs = (w_scale.reshape(-1).astype(jnp.float32) if weight_only
           else x_scale.reshape(M).astype(jnp.float32))
     if tm != M and not oob_rows:
-        xs = jnp.pad(xs, (0, tm - M))
+        xs = xs if weight_only else jnp.pad(xs, (0, tm - M))
         x_fp8 = jnp.pad(x_fp8, ((0, tm - M), (0, 0)))
     ws = w_scale.reshape(N // ROWS, ROWS).astype(jnp.float32)
     out_isz = jnp.dtype(out_dtype).itemsize

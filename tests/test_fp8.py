@@ -1038,8 +1038,8 @@ def test_block_fp8_projection_on_an_ada_gpu_keeps_the_triton_kernel(monkeypatch)
 def test_fp8_linear_runs_decode_rows_through_the_mosaic_skinny_kernel(monkeypatch):
     """With a skinny Mosaic tile (JAXLLM_FP8_SKINNY_MGPU; interpreted here) a per-channel W8A8
     projection of <= 64 rows runs fp8_skinny_matmul_mgpu and equals XLA's fp8 dot it replaces
-    (per-token and static per-tensor activation scales), and weight-only steps its W8A16 form;
-    more rows, shapes it does not take and a GPU other than Hopper keep their paths."""
+    (per-token and static per-tensor activation scales); more rows, weight-only steps, shapes
+    it does not take and a GPU other than Hopper keep their paths."""
     import types
 
     from jaxllm.models import fp8 as fp8_mod
@@ -1075,9 +1075,10 @@ def test_fp8_linear_runs_decode_rows_through_the_mosaic_skinny_kernel(monkeypatc
     both(8, weight=w[:96], wscale=ws[:96])  # N = 96
     both(8, weight=w[:, :192], wscale=ws)  # K = 192: not a multiple of 128
     assert len(calls) == n
-    # Weight-only steps (<= 4 rows here) run the kernel's W8A16 form: bf16 rows, no scale.
-    got, xla = both(4)
-    assert calls[-1] == (4, 256) and _rel_err(got, xla) < 1e-2
+    # Weight-only steps (<= 4 rows here) keep XLA's W8A16 GEMM (the kernel's weight-only form
+    # measured slower in the engine).
+    both(4)
+    assert len(calls) == n
     ada = types.SimpleNamespace(platform="gpu", compute_capability="8.9")
     monkeypatch.setenv(fp8_mod.SKINNY_MGPU_ENV, "256,2")
     xq = jnp.zeros((8, 256), jnp.float8_e4m3fn)

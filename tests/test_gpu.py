@@ -16,7 +16,7 @@ from pallas_kernels.ragged_paged_attention import (ragged_paged_attention,
                                                    ragged_paged_attention_reference)
 
 from .helpers import small_llama_folder  # noqa: F401  (fixture)
-from .test_pallas_kernels import _random_batch, _rel_err
+from .test_pallas_kernels import _fp8_skinny_operands, _random_batch, _rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -271,11 +271,7 @@ def test_compiled_fp8_skinny_mgpu_matches_reference(M):
 
     rng = np.random.default_rng(M + 100)
     for K, N in ((4096, 6144), (14336, 4096)):
-        x = jnp.asarray(rng.standard_normal((M, K)) * rng.uniform(0.1, 10, size=(M, 1)),
-                        jnp.bfloat16)
-        w = jnp.asarray(np.clip(rng.standard_normal((N, K)) * 100, -448, 448),
-                        jnp.float32).astype(jnp.float8_e4m3fn)
-        ws = jnp.asarray(rng.uniform(1e-4, 1e-3, size=(N,)), jnp.float32)
+        x, w, ws = _fp8_skinny_operands(rng, M, K, N, jnp.bfloat16, 1e-3)
         xq, xs = quantize_activation_per_token(x)
         ref = ((xq.astype(jnp.float32) @ w.astype(jnp.float32).T) * xs.reshape(M, 1)
                * ws[None, :])

@@ -979,6 +979,17 @@ def test_fp8_block_mgpu_kernel_matches_the_block_reference(M, K, N, tile_m, step
     assert _rel_err(fp8_block_matmul_mgpu(xq, xs, w, ws_wrong, **kw), ref) > 1e-2
 
 
+def _fp8_skinny_operands(rng, M: int, K: int, N: int, x_dtype, w_scale_max: float = 1e-2):
+    """Random operands of the skinny fp8 kernel: x [M, K] with rows of very different
+    magnitudes (so a per-token scale matters), an e4m3 weight [N, K] over its range, and
+    per-channel scales [N]."""
+    x = jnp.asarray(rng.standard_normal((M, K)) * rng.uniform(0.1, 10, size=(M, 1)), x_dtype)
+    w = jnp.asarray(np.clip(rng.standard_normal((N, K)) * 100, -448, 448),
+                    jnp.float32).astype(jnp.float8_e4m3fn)
+    ws = jnp.asarray(rng.uniform(w_scale_max / 100, w_scale_max, size=(N,)), jnp.float32)
+    return x, w, ws
+
+
 @pytest.mark.parametrize("M,K,N,tile_k,steps,oob_rows", [
     (8, 256, 128, 128, 2, False),  # two weight tiles, two K steps
     (5, 512, 192, 256, 4, False),  # 5 rows padded to 8; steps clipped to the two K steps
@@ -994,12 +1005,7 @@ def test_fp8_skinny_mgpu_kernel_matches_the_reference(M, K, N, tile_k, steps, oo
     from pallas_kernels.fp8_matmul import quantize_activation_per_token
     from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu
 
-    rng = np.random.default_rng(M * 11 + N)
-    x = jnp.asarray(rng.standard_normal((M, K)) * rng.uniform(0.1, 10, size=(M, 1)),
-                    jnp.float32)
-    w = jnp.asarray(np.clip(rng.standard_normal((N, K)) * 100, -448, 448),
-                    jnp.float32).astype(jnp.float8_e4m3fn)
-    ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(N,)), jnp.float32)
+    x, w, ws = _fp8_skinny_operands(np.random.default_rng(M * 11 + N), M, K, N, jnp.float32)
     xq, xs = quantize_activation_per_token(x)
     ref = fp8_matmul_reference(xq, xs, w, ws, jnp.float32, w_transposed=True)
     kw = dict(tile_k=tile_k, steps=steps, oob_rows=oob_rows, interpret=True)
@@ -1026,11 +1032,7 @@ def test_fp8_skinny_mgpu_weight_only_matches_the_reference(M, K, N, tile_k, step
     equals x times the dequantized weight in fp32, exactly but for the output's rounding."""
     from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu
 
-    rng = np.random.default_rng(M * 13 + N)
-    x = jnp.asarray(rng.standard_normal((M, K)) * rng.uniform(0.1, 10, size=(M, 1)), dtype)
-    w = jnp.asarray(np.clip(rng.standard_normal((N, K)) * 100, -448, 448),
-                    jnp.float32).astype(jnp.float8_e4m3fn)
-    ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(N,)), jnp.float32)
+    x, w, ws = _fp8_skinny_operands(np.random.default_rng(M * 13 + N), M, K, N, dtype)
     ref = (x.astype(jnp.float32) @ w.astype(jnp.float32).T) * ws[None, :]
     got = fp8_skinny_matmul_mgpu(x, None, w, ws, tile_k=tile_k, steps=steps, interpret=True)
     assert got.shape == (M, N) and got.dtype == jnp.bfloat16

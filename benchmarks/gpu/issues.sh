@@ -1970,8 +1970,10 @@ mgpub64)  # one GPU, one call (2026-12-06): the fp8 decode steps of 32 / 64 rows
   show_logs 2 ;;
 mgpuw16)  # one GPU, one call (2026-12-06): the Mosaic skinny kernel's weight-only form (W8A16:
   # the e4m3 chunks upcast in registers, wgmma's A operand): its GPU test, then fp8 batch 1
-  # (issue 6) with it (the default at <= 16 rows) against XLA's W8A16 (JAXLLM_FP8_SKINNY_MGPU
-  # =0), alternating rounds (R, default 2), then skinny_gemm.py's rows at M <= 16. Carry .bench.
+  # (issue 6) with it against XLA's W8A16 (JAXLLM_FP8_SKINNY_MGPU=0), alternating rounds (R,
+  # default 2), then skinny_gemm.py's rows at M <= 16. Run at c7f57fb, whose engine took the
+  # form at <= 16 rows (measured slower, taken out after: restore that call before an A/B).
+  # Carry .bench.
   L=$OUT/logs; mkdir -p $L
   timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
     -k skinny_mgpu > $L/gpu_tests.log 2>&1

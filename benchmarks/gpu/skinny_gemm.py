@@ -179,36 +179,28 @@ def main():
                                                                                  **cfg)),
                                 sets_8, ref_8, 1),
             }
+
+            def mgpu_sweep(impl, cands, weight_only, sets, ref):
+                """The Mosaic kernel at every tile in ``cands``; its best row emitted."""
+                recs = [case(name, M, K, N, impl, c, jax.jit(
+                    lambda x, *a, c=c: fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
+                        x, *((None,) + a if weight_only else a), interpret=SMOKE, **c)),
+                    sets, ref, K * N) for c in cands]
+                good = [r for r in recs if r.get("ok")]
+                if good:
+                    top = min(good, key=lambda r: r["device_us"])
+                    emit(dict(shape=name, M=M, impl=impl, best=top["config"],
+                              device_us=top["device_us"],
+                              vs_xla_bf16=base["xla_bf16"].get("device_us", float("nan"))
+                              / top["device_us"]))
+
+            tiles = [dict(tile_k=tk, steps=st) for tk, st in fp8_skinny_mgpu.TILES
+                     if K % tk == 0]
             if "mgpu_w8a8" in args.impls.split(","):
-                cands = [dict(tile_k=tk, steps=st) for tk, st in fp8_skinny_mgpu.TILES
-                         if K % tk == 0]
-                if M % 8:
-                    cands += [dict(c, oob_rows=True) for c in cands]
-                recs = [case(name, M, K, N, "mgpu_w8a8", c, jax.jit(
-                    lambda xq, xs, q, s, c=c: fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
-                        xq, xs, q, s, interpret=SMOKE, **c)), sets_8, ref_8, K * N)
-                        for c in cands]
-                good = [r for r in recs if r.get("ok")]
-                if good:
-                    top = min(good, key=lambda r: r["device_us"])
-                    emit(dict(shape=name, M=M, impl="mgpu_w8a8", best=top["config"],
-                              device_us=top["device_us"],
-                              vs_xla_bf16=base["xla_bf16"].get("device_us", float("nan"))
-                              / top["device_us"]))
+                oob = [dict(c, oob_rows=True) for c in tiles] if M % 8 else []
+                mgpu_sweep("mgpu_w8a8", tiles + oob, False, sets_8, ref_8)
             if "mgpu_w8a16" in args.impls.split(",") and M <= 16:
-                cands = [dict(tile_k=tk, steps=st) for tk, st in fp8_skinny_mgpu.TILES
-                         if K % tk == 0]
-                recs = [case(name, M, K, N, "mgpu_w8a16", c, jax.jit(
-                    lambda x, q, s, c=c: fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
-                        x, None, q, s, interpret=SMOKE, **c)), sets_w, ref_w, K * N)
-                        for c in cands]
-                good = [r for r in recs if r.get("ok")]
-                if good:
-                    top = min(good, key=lambda r: r["device_us"])
-                    emit(dict(shape=name, M=M, impl="mgpu_w8a16", best=top["config"],
-                              device_us=top["device_us"],
-                              vs_xla_bf16=base["xla_bf16"].get("device_us", float("nan"))
-                              / top["device_us"]))
+                mgpu_sweep("mgpu_w8a16", tiles, True, sets_w, ref_w)
             for impl, (mk, sets, ref, itemsize) in variants.items():
                 if impl not in args.impls.split(","):
                     continue

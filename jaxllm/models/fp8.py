@@ -135,9 +135,11 @@ def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     if block_k is not None:
         return block_fp8_linear(x, weight, weight_scale, block_k)
     if x.shape[0] <= weight_only_max_tokens():
-        y = _skinny_mgpu(x, None, weight, weight_scale, x.dtype)
-        if y is not None:
-            return y
+        # XLA's W8A16 GEMM, not the skinny Mosaic kernel's weight-only form: batch 1 on the
+        # H100 (2026-12-06 11:45) took 3.98-4.02 ms/token with that form against 3.48-3.49
+        # (its register upcast and a wgmma wait per 128-wide chunk: o at 8 rows 11.6 µs
+        # against XLA's 9.2), and its W8A8 form's gain goes to the activations' quantization
+        # kernels (3.91-3.92 against 3.62-3.63, 11:25).
         acc = jax.lax.dot_general(x, weight.astype(x.dtype), (((1,), (1,)), ((), ())),
                                   preferred_element_type=jnp.float32)
         return (acc * weight_scale.astype(jnp.float32)[None, :]).astype(x.dtype)
@@ -152,7 +154,7 @@ def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
 SKINNY_MGPU_ENV = "JAXLLM_FP8_SKINNY_MGPU"
 # Per-channel W8A8 projections of <= 64 token rows on a Hopper GPU run the Mosaic GPU skinny
 # kernel (pallas_kernels/fp8_skinny_mgpu.py: each CTA streams 64 whole weight rows through a
-# TMA pipeline, no split-K sum). H100, 2026-12-06 11:45 (benchmarks/RESULTS.md): at M = 64,
+# TMA pipeline, no split-K sum). H100, 2026-12-06 11:15 (benchmarks/RESULTS.md): at M = 64,
 # where the engine's steps were W8A8 through cuBLASLt, q/k/v / o / gate/up / down took 11.1 /
 # 8.4 / 45.1 / 23.2 µs against cuBLASLt's 13.9 / 11.7 / 45.5 / 28.5.
 SKINNY_MGPU_TILE = fp8_skinny_mgpu.DEFAULT_TILE
@@ -166,14 +168,14 @@ def skinny_mgpu_tile() -> tuple[int, int] | None:
     return _kernel_tile_env(SKINNY_MGPU_ENV, SKINNY_MGPU_TILE, ("tile_k", "steps"))
 
 
-def _skinny_mgpu(xq: jax.Array, xs: jax.Array | None, weight: jax.Array,
-                 weight_scale: jax.Array, out_dtype) -> jax.Array | None:
-    """A per-channel fp8 projection of <= ``SKINNY_MGPU_MAX_ROWS`` rows through
+def _skinny_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: jax.Array,
+                 out_dtype) -> jax.Array | None:
+    """A per-channel W8A8 projection of <= ``SKINNY_MGPU_MAX_ROWS`` rows through
     ``fp8_skinny_matmul_mgpu``, or None where it does not apply (no tile, tensor parallelism, a
     GPU other than Hopper, shapes it does not take: N not a multiple of 64, K not a multiple
-    of 128, a float32 model). W8A8 with ``xs`` per-token [T] / [T, 1] or a static per-tensor
-    scale (broadcast over the rows); weight-only (W8A16) with ``xs`` None and a 16-bit
-    ``xq``. tile_k is halved until it divides K, steps lowered until the buffers fit."""
+    of 128, a float32 model). ``xs``: per-token [T] / [T, 1], or a static per-tensor scale
+    (broadcast over the rows). tile_k is halved until it divides K, steps lowered until the
+    buffers fit."""
     tile = skinny_mgpu_tile()
     (T, K), N = xq.shape, weight.shape[0]
     if tile is None or heads_mesh() is not None or T > SKINNY_MGPU_MAX_ROWS:
@@ -185,23 +187,18 @@ def _skinny_mgpu(xq: jax.Array, xs: jax.Array | None, weight: jax.Array,
     while tile_k > 128 and K % tile_k:
         tile_k //= 2
     steps = min(steps, max(1, K // tile_k))
-    x_isz = jnp.dtype(xq.dtype).itemsize
-    while steps > 1 and fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps, x_isz) \
+    while steps > 1 and fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps) \
             > fp8_skinny_mgpu.SMEM_BYTES:
         steps -= 1
     try:
         fp8_skinny_mgpu.check_shapes(T, K, N, tile_k, out_dtype)
     except ValueError:
         return None
-    if fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps, x_isz) > fp8_skinny_mgpu.SMEM_BYTES:
+    if fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps) > fp8_skinny_mgpu.SMEM_BYTES:
         return None
-    if xs is None:
-        if xq.dtype not in (jnp.bfloat16, jnp.float16):
-            return None
-    else:
-        xs = xs.astype(jnp.float32).reshape(-1)
-        if xs.size != T:
-            xs = jnp.broadcast_to(xs[:1], (T,))  # a static per-tensor scale
+    xs = xs.astype(jnp.float32).reshape(-1)
+    if xs.size != T:
+        xs = jnp.broadcast_to(xs[:1], (T,))  # a static per-tensor scale
     return fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
         xq, xs, weight, weight_scale, out_dtype, tile_k=tile_k, steps=steps,
         interpret=jax.default_backend() != "gpu")
