@@ -83,7 +83,7 @@ def pipeline_bytes(M: int, tile_k: int, steps: int, x_itemsize: int = 1) -> int:
     return steps * (ROWS + -(-M // 8) * 8 * x_itemsize) * tile_k
 
 
-def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Array,
+def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: jax.Array,
                            w_scale: jax.Array, out_dtype=jnp.bfloat16, *,
                            tile_k: int | None = None, steps: int | None = None,
                            oob_rows: bool = True, interpret: bool = False) -> jax.Array:
@@ -111,7 +111,8 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Arra
     if not weight_only and x_isz != 1:
         raise ValueError(f"x {x_fp8.dtype}: W8A8 takes an e4m3 x with its x_scale.")
     if w_fp8.shape != (N, K) or w_scale.size != N or (not weight_only and x_scale.size != M):
-        raise ValueError(f"shapes x {x_fp8.shape}, x_scale {x_scale.shape}, w {w_fp8.shape}, "
+        raise ValueError(f"shapes x {x_fp8.shape}, x_scale {getattr(x_scale, 'shape', None)}, "
+                         f"w {w_fp8.shape}, "
                          f"w_scale {w_scale.shape} do not fit [M, K] x [N, K].")
     if steps < 1:
         raise ValueError(f"steps={steps}: at least 1.")
@@ -136,6 +137,11 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Arra
     out_swizzle = plgpu.find_swizzle(ROWS * out_isz * 8)
     out_tf = (plgpu.TilingTransform((8, out_swizzle // out_isz)),
               plgpu.SwizzleTransform(out_swizzle))
+    # Mosaic GPU's interpreter takes wgmma operands from shared memory only: interpreted, the
+    # weight-only form's upcast chunk goes through this scratch buffer (the GPU test covers
+    # the register form).
+    scratch = ({"a_smem": plgpu.SMEM((ROWS, 128), x_fp8.dtype, transforms=x_tf)}
+               if weight_only and interpret else {})
 
     def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, out_gmem):
         n_idx = lax.axis_index("n")
@@ -161,10 +167,8 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Arra
             ws_smem=plgpu.SMEM((ROWS,), jnp.float32),
             xs_smem=plgpu.SMEM((tm,), jnp.float32),
             bars=plgpu.Barrier(num_arrivals=1, num_barriers=2),
-            a_smem=plgpu.SMEM((ROWS, 128) if weight_only and interpret else (8, 128),
-                              x_fp8.dtype, transforms=x_tf),
-            collective_axes="wg")
-        def _scope(allocs, out_smem, ws_smem, xs_smem, bars, a_smem):
+            collective_axes="wg", **scratch)
+        def _scope(allocs, out_smem, ws_smem, xs_smem, bars, a_smem=None):
             def ctx(eval_pipeline):
                 # The scales' copies run beside the weight stream; waited for at the end.
                 plgpu.copy_gmem_to_smem(ws_gmem.at[n_idx], ws_smem, bars.at[0])
@@ -200,10 +204,7 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array, w_fp8: jax.Arra
                     # e4m3 -> float16 is one instruction a pair; bfloat16 only from float16
                     # (exact: every e4m3 value is a float16 and a bfloat16) with this ptxas.
                     a = w_smem.at[:, ks][...].astype(jnp.float16).astype(x_fp8.dtype)
-                    if interpret:
-                        # Mosaic GPU's interpreter takes wgmma operands from shared memory
-                        # only: the upcast chunk goes through a scratch buffer there (the GPU
-                        # test covers the register form).
+                    if a_smem is not None:  # interpreted (``scratch``)
                         a_smem[...] = a
                         plgpu.commit_smem()
                         a = a_smem

@@ -1062,6 +1062,8 @@ def test_fp8_skinny_mgpu_kernel_refuses_what_it_does_not_take():
         fp8_skinny_matmul_mgpu(x, xs, w, ws, tile_k=256, steps=0)
     with pytest.raises(ValueError, match="out_dtype=float32"):
         fp8_skinny_matmul_mgpu(x, xs, w, ws, out_dtype=f32, tile_k=256)
+    with pytest.raises(ValueError, match="x_scale None, .* do not fit"):  # weight-only
+        fp8_skinny_matmul_mgpu(jnp.ones((8, 256), jnp.bfloat16), None, w, ws[:64], tile_k=256)
     with pytest.raises(ValueError, match="weight-only .* takes a 16-bit x"):
         fp8_skinny_matmul_mgpu(x, None, w, ws, tile_k=256)
     with pytest.raises(ValueError, match="W8A8 takes an e4m3 x"):

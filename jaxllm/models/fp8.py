@@ -137,8 +137,8 @@ def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     if x.shape[0] <= weight_only_max_tokens():
         # XLA's W8A16 GEMM, not the skinny Mosaic kernel's weight-only form: batch 1 on the
         # H100 (2026-12-06 11:45) took 3.98-4.02 ms/token with that form against 3.48-3.49
-        # (its register upcast and a wgmma wait per 128-wide chunk: o at 8 rows 11.6 µs
-        # against XLA's 9.2), and its W8A8 form's gain goes to the activations' quantization
+        # (its register upcast and a wgmma wait per 128-wide chunk: o at 8 rows 10.7 µs of
+        # kernel against XLA's 9.2), and its W8A8 form's gain goes to the activations' quantization
         # kernels (3.91-3.92 against 3.62-3.63, 11:25).
         acc = jax.lax.dot_general(x, weight.astype(x.dtype), (((1,), (1,)), ((), ())),
                                   preferred_element_type=jnp.float32)
