@@ -32,9 +32,18 @@ Triton skinny kernel 8.5, cuBLASLt's fp8 GEMM 9.3), 2.0-2.9 TB/s of e4m3 weight.
 
 Weight-only form (``x_scale`` None, W8A16): x in bf16 / float16 and each 128-wide chunk of the
 e4m3 tile upcast in registers (through float16: this ptxas converts e4m3 to float16 only) as
-the A operand of a 16-bit wgmma. Correct, but slower on the H100 (o at M = 8: 10.7 µs of
-kernel against the W8A8 form's 7.5 and XLA's W8A16 GEMM's 9.2; each chunk's wgmma is waited
-for before the next upcast), so the engine keeps XLA's W8A16 GEMM for its weight-only steps.
+the A operand of a 16-bit wgmma, each chunk's wgmma waited for before that warpgroup's next
+upcast (a register operand has no fence after the wgmma is issued, so its registers must not
+be reused early). ``compute_wgs`` warpgroups share a step's chunks, so one's upcast runs
+beside another's wgmma: H100 at M = 1 (2026-12-06 evening), o 10.77 -> 9.65 µs and q/k/v
+11.62 -> 11.34 with two, below XLA's W8A16 GEMM (10.87, 13.82). Batch 1 through it was
+slower than through XLA's GEMMs all the same (3.81 against 3.47 ms/token), so the engine
+keeps XLA's for its weight-only steps unless ``JAXLLM_FP8_SKINNY_MGPU_WO`` asks.
+
+``residual``: the epilogue adds a [M, N] tile (the model's residual stream) to the rounded
+product, read by TMA beside the weight stream: the o / down projections' ``x + proj(h)``
+without an add kernel after the GEMM (the engine's W8A8 steps of <= 64 rows; batch-32 fp8
+decode step 5.41 -> 5.33 ms of GPU time on the H100).
 
 Tested on the CPU by Mosaic GPU's interpreter against ``fp8_matmul_reference``
 (tests/test_pallas_kernels.py), lowered for an abstract H100 (tests/test_gpu_lowering.py), and
@@ -86,7 +95,9 @@ def pipeline_bytes(M: int, tile_k: int, steps: int, x_itemsize: int = 1) -> int:
 def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: jax.Array,
                            w_scale: jax.Array, out_dtype=jnp.bfloat16, *,
                            tile_k: int | None = None, steps: int | None = None,
-                           oob_rows: bool = True, interpret: bool = False) -> jax.Array:
+                           oob_rows: bool = True, compute_wgs: int = 1,
+                           residual: jax.Array | None = None,
+                           interpret: bool = False) -> jax.Array:
     """x_fp8 [M, K], x_scale [M] or [M, 1], w_fp8 [N, K], w_scale [N] -> [M, N] ``out_dtype``
     (the module's contract). ``x_scale`` None: weight-only (W8A16), x in bfloat16 or float16,
     each e4m3 weight chunk upcast to x's dtype in registers (the module's docstring).
@@ -95,7 +106,12 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     ``SMEM_BYTES``); ``oob_rows``: where M is not a multiple of 8, TMA reads the token tile's
     rows past M as zeros and drops their stores (the default: no pad and slice around the
     call; H100 at M = 1: o 7.44 µs against 10.76 padded), else the rows are padded;
-    ``interpret``: Mosaic GPU's interpreter (any platform, slow)."""
+    ``compute_wgs``: the weight-only form's compute warpgroups (1, 2 or 4 dividing tile_k /
+    128): warpgroup g upcasts and multiplies chunks g, g + compute_wgs, ... of each step into
+    an accumulator of its own, summed through shared memory at the end, so the upcasts of one
+    run beside another's wgmma; ``residual`` [M, N] in ``out_dtype``: returned is residual +
+    the product rounded to ``out_dtype`` (the model's ``x + proj(h)``, its tile read by TMA
+    beside the weight stream); ``interpret``: Mosaic GPU's interpreter (any platform, slow)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -127,9 +143,14 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     # constant of ones would be a fill kernel of its own before the call).
     xs = (w_scale.reshape(-1).astype(jnp.float32) if weight_only
           else x_scale.reshape(M).astype(jnp.float32))
+    if residual is not None and (residual.shape != (M, N) or residual.dtype != out_dtype):
+        raise ValueError(f"residual {residual.shape} {residual.dtype}: the output's [M, N] "
+                         f"= [{M}, {N}] in {jnp.dtype(out_dtype).name}.")
     if tm != M and not oob_rows:
         xs = xs if weight_only else jnp.pad(xs, (0, tm - M))
         x_fp8 = jnp.pad(x_fp8, ((0, tm - M), (0, 0)))
+        if residual is not None:
+            residual = jnp.pad(residual, ((0, tm - M), (0, 0)))
     ws = w_scale.reshape(N // ROWS, ROWS).astype(jnp.float32)
     out_isz = jnp.dtype(out_dtype).itemsize
     fp8_tf = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
@@ -140,11 +161,27 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     # Mosaic GPU's interpreter takes wgmma operands from shared memory only: interpreted, the
     # weight-only form's upcast chunk goes through this scratch buffer (the GPU test covers
     # the register form).
-    scratch = ({"a_smem": plgpu.SMEM((ROWS, 128), x_fp8.dtype, transforms=x_tf)}
+    wgs = compute_wgs
+    chunks = tile_k // 128
+    if wgs < 1 or chunks % wgs or (wgs > 1 and not weight_only):
+        raise ValueError(f"compute_wgs={wgs}: the weight-only form's warpgroups split each "
+                         f"step's {chunks} 128-wide chunks evenly (the W8A8 form takes 1).")
+    # Mosaic GPU's interpreter takes wgmma operands from shared memory only: interpreted, the
+    # weight-only form's upcast chunk goes through this scratch buffer, one a warpgroup (the
+    # GPU test covers the register form).
+    scratch = ({"a_smem": plgpu.SMEM((wgs, ROWS, 128), x_fp8.dtype, transforms=x_tf)}
                if weight_only and interpret else {})
+    if wgs > 1:  # the other warpgroups' partial sums, added by warpgroup 0
+        scratch.update(red_smem=plgpu.SMEM((wgs - 1, ROWS, tm), jnp.float32),
+                       red_bar=plgpu.Barrier(num_arrivals=wgs - 1))
 
-    def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, out_gmem):
+    if residual is not None:  # the residual's tile, added to the rounded product
+        scratch.update(res_smem=plgpu.SMEM((tm, ROWS), out_dtype, transforms=out_tf))
+
+    def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, *refs):
+        res_gmem, out_gmem = refs if residual is not None else (None,) + refs
         n_idx = lax.axis_index("n")
+        out_block = (pl.ds(0, tm), pl.ds(n_idx * ROWS, ROWS))
 
         def pipeline(body, ctx):
             return plgpu.emit_pipeline_warp_specialized(
@@ -155,7 +192,7 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                     plgpu.BlockSpec((ROWS, tile_k), lambda k: (0, k), transforms=fp8_tf,
                                     memory_space=plgpu.SMEM),
                 ],
-                wg_axis="wg", num_compute_wgs=1, max_concurrent_steps=steps,
+                wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=steps,
                 compute_context=ctx)
 
         ignore = lambda *_, **__: None  # noqa: E731
@@ -166,48 +203,79 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
             out_smem=plgpu.SMEM((tm, ROWS), out_dtype, transforms=out_tf),
             ws_smem=plgpu.SMEM((ROWS,), jnp.float32),
             xs_smem=plgpu.SMEM((tm,), jnp.float32),
-            bars=plgpu.Barrier(num_arrivals=1, num_barriers=2),
+            bars=plgpu.Barrier(num_arrivals=1, num_barriers=3),
             collective_axes="wg", **scratch)
-        def _scope(allocs, out_smem, ws_smem, xs_smem, bars, a_smem=None):
-            def ctx(eval_pipeline):
-                # The scales' copies run beside the weight stream; waited for at the end.
-                plgpu.copy_gmem_to_smem(ws_gmem.at[n_idx], ws_smem, bars.at[0])
+        def _scope(allocs, out_smem, ws_smem, xs_smem, bars, a_smem=None, red_smem=None,
+                   red_bar=None, res_smem=None):
+            wg = lax.axis_index("wg") if wgs > 1 else 0
+
+            def epilogue(acc):
+                plgpu.barrier_wait(bars.at[0])
+                w_s = plgpu.load(ws_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
+                scale = lax.broadcast_in_dim(w_s, (ROWS, tm), [0])
                 if not weight_only:
-                    plgpu.copy_gmem_to_smem(xs_gmem.at[pl.ds(0, tm)], xs_smem, bars.at[1])
+                    plgpu.barrier_wait(bars.at[1])
+                    x_s = plgpu.load(xs_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+                    scale = scale * lax.broadcast_in_dim(x_s, (ROWS, tm), [1])
+                val = (acc * scale).astype(out_dtype)
+                if res_smem is not None:  # the model's x + proj(h), in out_dtype
+                    plgpu.barrier_wait(bars.at[2])
+                    val = val + res_smem.transpose((1, 0))[...]
+                out_smem.transpose((1, 0))[...] = val
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[out_block])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            def ctx(eval_pipeline):
+                # The scales' copies run beside the weight stream (issued by warpgroup 0,
+                # which alone stores the tile); waited for at the end.
+                @pl.when(wg == 0)
+                def _():
+                    plgpu.copy_gmem_to_smem(ws_gmem.at[n_idx], ws_smem, bars.at[0])
+                    if not weight_only:
+                        plgpu.copy_gmem_to_smem(xs_gmem.at[pl.ds(0, tm)], xs_smem, bars.at[1])
+                    if res_smem is not None:
+                        plgpu.copy_gmem_to_smem(res_gmem.at[out_block], res_smem, bars.at[2])
 
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, tm), jnp.float32))
                 def _acc(acc_ref):
                     eval_pipeline(acc_ref)
                     acc = acc_ref[...]
-                    plgpu.barrier_wait(bars.at[0])
-                    w_s = plgpu.load(ws_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
-                    scale = lax.broadcast_in_dim(w_s, (ROWS, tm), [0])
-                    if not weight_only:
-                        plgpu.barrier_wait(bars.at[1])
-                        x_s = plgpu.load(xs_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
-                        scale = scale * lax.broadcast_in_dim(x_s, (ROWS, tm), [1])
-                    val = acc * scale
-                    out_smem.transpose((1, 0))[...] = val.astype(out_dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(out_smem,
-                                            out_gmem.at[pl.ds(0, tm), pl.ds(n_idx * ROWS, ROWS)])
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    if wgs == 1:
+                        epilogue(acc)
+                        return
+
+                    @pl.when(wg != 0)
+                    def _():
+                        red_smem.at[wg - 1][...] = acc
+                        plgpu.commit_smem()
+                        plgpu.barrier_arrive(red_bar)
+
+                    @pl.when(wg == 0)
+                    def _():
+                        plgpu.barrier_wait(red_bar)
+                        total = acc
+                        for i in range(wgs - 1):
+                            total = total + plgpu.load(red_smem.at[i], (),
+                                                       layout=plgpu.Layout.WGMMA)
+                        epilogue(total)
 
             def body(_, x_smem, w_smem, acc_ref):
                 if not weight_only:
                     plgpu.wgmma(acc_ref, w_smem, x_smem.transpose((1, 0)))
                     plgpu.wgmma_wait(0)
                     return acc_ref
-                # W8A16: each 128-wide K chunk of the e4m3 tile upcast in registers (A).
-                for c in range(tile_k // 128):
-                    ks = pl.ds(c * 128, 128)
+                # W8A16: each 128-wide K chunk of the e4m3 tile upcast in registers (A); with
+                # several compute warpgroups, warpgroup g takes chunks g, g + wgs, ...
+                for j in range(chunks // wgs):
+                    ks = pl.ds((j * wgs + wg) * 128, 128)
                     # e4m3 -> float16 is one instruction a pair; bfloat16 only from float16
                     # (exact: every e4m3 value is a float16 and a bfloat16) with this ptxas.
                     a = w_smem.at[:, ks][...].astype(jnp.float16).astype(x_fp8.dtype)
                     if a_smem is not None:  # interpreted (``scratch``)
-                        a_smem[...] = a
+                        a_smem.at[wg][...] = a
                         plgpu.commit_smem()
-                        a = a_smem
+                        a = a_smem.at[wg]
                     plgpu.wgmma(acc_ref, a, x_smem.at[:, ks].transpose((1, 0)))
                     plgpu.wgmma_wait(0)
                 return acc_ref
@@ -217,9 +285,9 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
 
     f = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((M if oob_rows else tm, N), out_dtype),
-        grid=(N // ROWS,), grid_names=("n",), num_threads=2, thread_name="wg",
+        grid=(N // ROWS,), grid_names=("n",), num_threads=wgs + 1, thread_name="wg",
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    out = f(x_fp8, w_fp8, xs, ws)
+    out = f(x_fp8, w_fp8, xs, ws, *(() if residual is None else (residual,)))
     return out[:M] if out.shape[0] != M else out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -1085,6 +1086,108 @@ def test_fp8_linear_runs_decode_rows_through_the_mosaic_skinny_kernel(monkeypatc
     assert fp8_mod._skinny_mgpu(xq, jnp.ones((8,)), w, ws, jnp.bfloat16) is not None
     monkeypatch.setattr(fp8_mod.jax, "devices", lambda *a: [ada])
     assert fp8_mod._skinny_mgpu(xq, jnp.ones((8,)), w, ws, jnp.bfloat16) is None
+
+
+def test_weight_only_steps_take_the_mosaic_kernel_when_asked_and_residuals_fold_in(monkeypatch):
+    """JAXLLM_FP8_SKINNY_MGPU_WO ("tile_k,steps,compute_wgs"; unset: off, XLA's W8A16 GEMM)
+    runs the engine's weight-only steps through the skinny Mosaic kernel's weight-only form
+    (interpreted here): the same bits as XLA's W8A16 GEMM here, and a residual added in its
+    epilogue equals ``residual + y`` (JAXLLM_FP8_SKINNY_RESIDUAL=0: added after the kernel), in
+    both forms (W8A8 too); a fused q/k/v then runs whole (no split-K partials); bad values of
+    either variable are ValueErrors naming it."""
+    from jaxllm.models import fp8 as fp8_mod
+    from jaxllm.models.fused import FusedLinear
+
+    rng = np.random.default_rng(21)
+    calls = []
+    real = fp8_mod.fp8_skinny_mgpu.fp8_skinny_matmul_mgpu
+    monkeypatch.setattr(fp8_mod.fp8_skinny_mgpu, "fp8_skinny_matmul_mgpu",
+                        lambda *a, **k: calls.append((a[1] is None, k.get("compute_wgs"),
+                                                      k.get("residual") is not None))
+                        or real(*a, **k))
+    w = jnp.asarray(np.clip(rng.standard_normal((128, 512)) * 100, -448, 448),
+                    jnp.float32).astype(jnp.float8_e4m3fn)
+    ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(128,)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.bfloat16)
+    res = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "4")
+    monkeypatch.delenv(fp8_mod.SKINNY_MGPU_WO_ENV, raising=False)
+    assert fp8_mod.skinny_mgpu_wo_tile() is None
+    xla = fp8_mod.fp8_linear(x, w, ws, None)
+    assert calls == []
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_WO_ENV, "512,2,2")
+    assert fp8_mod.skinny_mgpu_wo_tile() == (512, 2, 2)
+    got = fp8_mod.fp8_linear(x, w, ws, None)
+    assert calls == [(True, 2, False)] and jnp.array_equal(got, xla)
+    fused = fp8_mod.fp8_linear(x, w, ws, None, residual=res)
+    assert calls[-1] == (True, 2, True) and jnp.array_equal(fused, res + got)
+    monkeypatch.setenv(fp8_mod.SKINNY_RESIDUAL_ENV, "0")
+    assert jnp.array_equal(fp8_mod.fp8_linear(x, w, ws, None, residual=res), fused)
+    assert calls[-1] == (True, 2, False)
+    # W8A8 (above the weight-only rows, the W8A8 tile set): the same residual handling.
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_ENV, "256,2")
+    x8 = jnp.asarray(rng.standard_normal((8, 512)), jnp.bfloat16)
+    res8 = jnp.asarray(rng.standard_normal((8, 128)), jnp.bfloat16)
+    after = fp8_mod.fp8_linear(x8, w, ws, None, residual=res8)
+    assert calls[-1] == (False, None, False)
+    monkeypatch.setenv(fp8_mod.SKINNY_RESIDUAL_ENV, "1")
+    assert jnp.array_equal(fp8_mod.fp8_linear(x8, w, ws, None, residual=res8), after)
+    assert calls[-1] == (False, None, True)
+    # A fused q/k/v in a weight-only step runs whole through the kernel: no split-K partials.
+    qkv = FusedLinear(512, (2, 64), use_bias=False, dtype=jnp.bfloat16, fp8=True)
+    assert qkv.split_k(x, 4) is None
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_WO_ENV, "0")
+    assert qkv.split_k(x, 4).shape == (12, 2, 64)
+    for env, bad in ((fp8_mod.SKINNY_MGPU_WO_ENV, "512,2"), (fp8_mod.SKINNY_RESIDUAL_ENV, "2")):
+        monkeypatch.setenv(env, bad)
+        with pytest.raises(ValueError, match=env):
+            fp8_mod.fp8_linear(x, w, ws, None, residual=res)
+        monkeypatch.delenv(env)
+
+
+def test_fp8_decoder_layers_fold_their_residual_adds_into_the_skinny_kernel(monkeypatch):
+    """A bf16 fp8 Llama (the benchmarks' tiny shape) run on one sequence with the skinny
+    Mosaic kernels on (interpreted; W8A8 at 6 rows, then weight-only): the o and down
+    projections take the residual stream into the kernel's epilogue, and the hidden states are
+    bit for bit those of the residual added after the kernel."""
+    import sys
+
+    from flax import nnx
+
+    from jaxllm.engine.kv_scales import one_sequence_inputs
+    from jaxllm.models import fp8 as fp8_mod
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from offline_throughput import random_model
+
+    loaded = random_model("tiny", "reference", quantization="fp8")
+    graphdef, state = nnx.split(loaded.model)
+    ids = jnp.asarray(np.random.default_rng(5).integers(3, 1024, size=6), jnp.int32)
+    kv, pos, md = one_sequence_inputs(loaded.model_config, 6, 8, jnp.bfloat16)
+    residuals = []
+    real = fp8_mod.fp8_skinny_mgpu.fp8_skinny_matmul_mgpu
+    monkeypatch.setattr(fp8_mod.fp8_skinny_mgpu, "fp8_skinny_matmul_mgpu",
+                        lambda *a, **k: residuals.append(k.get("residual") is not None)
+                        or real(*a, **k))
+
+    def hidden():
+        model = nnx.merge(graphdef, state)
+        return model(ids, pos, kv, md)[0]
+
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "0")
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_ENV, "128,2")
+    for wo in ("0", "4"):
+        monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", wo)
+        monkeypatch.setenv(fp8_mod.SKINNY_MGPU_WO_ENV, "256,2,2")
+        monkeypatch.setenv(fp8_mod.SKINNY_RESIDUAL_ENV, "0")
+        residuals.clear()
+        want = hidden()
+        assert len(residuals) == 8 and not any(residuals)  # 2 layers x 4 GEMMs
+        monkeypatch.setenv(fp8_mod.SKINNY_RESIDUAL_ENV, "1")
+        residuals.clear()
+        got = hidden()
+        assert residuals == [False, True, False, True] * 2  # q/k/v, o, gate/up, down
+        assert got.dtype == jnp.bfloat16 and jnp.array_equal(got, want)
 
 
 def test_skinny_mosaic_tile_env(monkeypatch):

@@ -264,8 +264,8 @@ def test_compiled_fp8_skinny_mgpu_matches_reference(M):
     """The Mosaic GPU per-channel W8A8 kernel for decode rows compiled for the GPU at the q/k/v
     and down shapes and every tile of its sweep, on fresh random operands with per-channel
     and per-token scales: rows padded to 8 and, where M is not a multiple of 8, read and
-    written past M by TMA (``oob_rows``); its weight-only form at <= 16 rows; a repeat gives
-    the same bits."""
+    written past M by TMA (``oob_rows``); its weight-only form at <= 16 rows (one, two and four
+    compute warpgroups); a repeat gives the same bits."""
     from pallas_kernels.fp8_matmul import quantize_activation_per_token
     from pallas_kernels.fp8_skinny_mgpu import TILES, fp8_skinny_matmul_mgpu
 
@@ -285,15 +285,40 @@ def test_compiled_fp8_skinny_mgpu_matches_reference(M):
                 assert jnp.array_equal(f(xq, xs, w, ws), got)
         if M > 16:
             continue
-        # Weight-only (W8A16: the e4m3 chunk upcast in registers, wgmma's A operand).
+        # Weight-only (W8A16: the e4m3 chunk upcast in registers, wgmma's A operand), with one
+        # compute warpgroup at every tile and with two / four sharing a step's chunks.
         ref16 = (x.astype(jnp.float32) @ w.astype(jnp.float32).T) * ws[None, :]
-        for tk, steps in TILES:
-            f = jax.jit(lambda a, b, c, tk=tk, steps=steps: fp8_skinny_matmul_mgpu(
-                a, None, b, c, tile_k=tk, steps=steps))
+        for (tk, steps), wgs in [(t, 1) for t in TILES] + [((256, 6), 2), ((512, 3), 2),
+                                                           ((512, 3), 4)]:
+            f = jax.jit(lambda a, b, c, tk=tk, steps=steps, wgs=wgs: fp8_skinny_matmul_mgpu(
+                a, None, b, c, tile_k=tk, steps=steps, compute_wgs=wgs))
             got = f(x, w, ws)
             assert got.shape == (M, N) and got.dtype == jnp.bfloat16
-            assert _rel_err(got, ref16) < 5e-3, (K, N, tk, steps, "w8a16")
+            assert _rel_err(got, ref16) < 5e-3, (K, N, tk, steps, wgs, "w8a16")
             assert jnp.array_equal(f(x, w, ws), got)
+
+
+@pytest.mark.parametrize("M", [1, 5, 32, 64])
+def test_compiled_fp8_skinny_mgpu_residual_epilogue_adds_the_rounded_product(M):
+    """The Mosaic skinny kernel's residual epilogue compiled for the GPU (W8A8 at the engine's
+    tile; weight-only at two compute warpgroups where M <= 16) at the o / down shapes: bit for
+    bit residual + the product without it, the engine's ``x + proj(h)``."""
+    from pallas_kernels.fp8_matmul import quantize_activation_per_token
+    from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu
+
+    rng = np.random.default_rng(M + 300)
+    for K, N in ((4096, 4096), (14336, 4096)):
+        x, w, ws = _fp8_skinny_operands(rng, M, K, N, jnp.bfloat16, 1e-3)
+        res = jnp.asarray(rng.standard_normal((M, N)), jnp.bfloat16)
+        xq, xs = quantize_activation_per_token(x)
+        forms = [(xq, xs, 1)] + ([(x, None, 2)] if M <= 16 else [])
+        for a, s, wgs in forms:
+            f = jax.jit(lambda a, s, w, ws, r, wgs=wgs: fp8_skinny_matmul_mgpu(
+                a, s, w, ws, compute_wgs=wgs, residual=r))
+            g = jax.jit(lambda a, s, w, ws, wgs=wgs: fp8_skinny_matmul_mgpu(
+                a, s, w, ws, compute_wgs=wgs))
+            got = f(a, s, w, ws, res)
+            assert got.shape == (M, N) and jnp.array_equal(got, res + g(a, s, w, ws)), (K, wgs)
 
 
 @pytest.mark.parametrize("M", [1, 8, 40])

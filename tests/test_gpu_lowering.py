@@ -193,10 +193,17 @@ def test_mosaic_skinny_fp8_kernel_lowers_for_hopper_at_the_8b_shapes():
         assert "stablehlo.pad" not in text and "stablehlo.slice" not in text, (M, K, N)
         if M > 16:
             continue
-        # Weight-only: bf16 rows, the e4m3 chunks upcast in registers (through float16).
-        fn = jax.jit(lambda x, w, s, tile_k=tile_k, steps=steps: fp8_skinny_matmul_mgpu(
-            x, None, w, s, tile_k=tile_k, steps=steps))
+        # Weight-only: bf16 rows, the e4m3 chunks upcast in registers (through float16), by
+        # one compute warpgroup or by as many as the step's 128-wide chunks allow (up to 4),
+        # the residual added in the epilogue: still one Mosaic call and no add around it.
+        wgs = min(4, tile_k // 128)
+        fn = jax.jit(lambda x, w, s, r, tile_k=tile_k, steps=steps, wgs=wgs:
+                     (fp8_skinny_matmul_mgpu(x, None, w, s, tile_k=tile_k, steps=steps),
+                      fp8_skinny_matmul_mgpu(x, None, w, s, tile_k=tile_k, steps=steps,
+                                             compute_wgs=wgs, residual=r)))
         with jax.sharding.use_abstract_mesh(mesh):
-            text = fn.trace(S((M, K), jnp.bfloat16), S((N, K), e4m3),
-                            S((N,), f32)).lower(lowering_platforms=("cuda",)).as_text()
-        assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1, (M, K, N, "w8a16")
+            text = fn.trace(S((M, K), jnp.bfloat16), S((N, K), e4m3), S((N,), f32),
+                            S((M, N), jnp.bfloat16)).lower(
+                                lowering_platforms=("cuda",)).as_text()
+        assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 2, (M, K, N, "w8a16")
+        assert "stablehlo.add" not in text, (M, K, N, "w8a16")

@@ -1021,24 +1021,54 @@ def test_fp8_skinny_mgpu_kernel_matches_the_reference(M, K, N, tile_k, steps, oo
         assert _rel_err(fp8_skinny_matmul_mgpu(xq, jnp.roll(xs, 1), w, ws, **kw), ref) > 1e-2
 
 
-@pytest.mark.parametrize("M,K,N,tile_k,steps,dtype", [
-    (8, 256, 128, 128, 2, jnp.float16),  # two weight tiles, two K steps
-    (5, 512, 192, 256, 4, jnp.bfloat16),  # rows past M read as zeros; two 128 chunks a step
-    (16, 384, 64, 128, 3, jnp.bfloat16),
+@pytest.mark.parametrize("M,K,N,tile_k,steps,dtype,wgs", [
+    (8, 256, 128, 128, 2, jnp.float16, 1),  # two weight tiles, two K steps
+    (5, 512, 192, 256, 4, jnp.bfloat16, 1),  # rows past M read as zeros; two 128 chunks a step
+    (16, 384, 64, 128, 3, jnp.bfloat16, 1),
+    (5, 512, 128, 256, 2, jnp.bfloat16, 2),  # two compute warpgroups, a chunk each a step
+    (3, 1024, 64, 512, 2, jnp.float16, 4),  # four, one chunk each of a 512-wide step
 ])
-def test_fp8_skinny_mgpu_weight_only_matches_the_reference(M, K, N, tile_k, steps, dtype):
+def test_fp8_skinny_mgpu_weight_only_matches_the_reference(M, K, N, tile_k, steps, dtype, wgs):
     """fp8_skinny_matmul_mgpu weight-only (x_scale None: the e4m3 weight upcast to x's 16-bit
-    dtype chunk by chunk, a 16-bit wgmma; interpreted, the chunk goes through shared memory)
+    dtype chunk by chunk, a 16-bit wgmma; interpreted, the chunk goes through shared memory),
+    with its chunks shared by ``wgs`` compute warpgroups (their partial sums added at the end),
     equals x times the dequantized weight in fp32, exactly but for the output's rounding."""
     from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu
 
     x, w, ws = _fp8_skinny_operands(np.random.default_rng(M * 13 + N), M, K, N, dtype)
     ref = (x.astype(jnp.float32) @ w.astype(jnp.float32).T) * ws[None, :]
-    got = fp8_skinny_matmul_mgpu(x, None, w, ws, tile_k=tile_k, steps=steps, interpret=True)
+    kw = dict(tile_k=tile_k, steps=steps, compute_wgs=wgs, interpret=True)
+    got = fp8_skinny_matmul_mgpu(x, None, w, ws, **kw)
     assert got.shape == (M, N) and got.dtype == jnp.bfloat16
     assert _rel_err(got, ref.astype(jnp.bfloat16)) < 1e-4
-    assert _rel_err(fp8_skinny_matmul_mgpu(x, None, w, jnp.roll(ws, 1), tile_k=tile_k,
-                                           steps=steps, interpret=True), ref) > 1e-2
+    assert _rel_err(fp8_skinny_matmul_mgpu(x, None, w, jnp.roll(ws, 1), **kw), ref) > 1e-2
+
+
+@pytest.mark.parametrize("M,weight_only,oob_rows,wgs", [
+    (5, True, True, 2), (5, False, False, 1), (8, False, True, 1)])
+def test_fp8_skinny_mgpu_residual_epilogue_adds_the_rounded_product(M, weight_only, oob_rows,
+                                                                    wgs):
+    """``residual``: the kernel returns residual + the product rounded to the output dtype, bit
+    for bit the model's ``x + proj(h)`` (W8A8 and weight-only; rows past M read as zeros and
+    dropped, or padded); a residual of another shape or dtype is refused."""
+    from pallas_kernels.fp8_matmul import quantize_activation_per_token
+    from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu
+
+    rng = np.random.default_rng(M * 17 + wgs)
+    x, w, ws = _fp8_skinny_operands(rng, M, 512, 128, jnp.bfloat16)
+    xs = None
+    if not weight_only:
+        x, xs = quantize_activation_per_token(x)
+    res = jnp.asarray(rng.standard_normal((M, 128)) * 10, jnp.bfloat16)
+    kw = dict(tile_k=256, steps=2, oob_rows=oob_rows, compute_wgs=wgs, interpret=True)
+    y = fp8_skinny_matmul_mgpu(x, xs, w, ws, **kw)
+    got = fp8_skinny_matmul_mgpu(x, xs, w, ws, residual=res, **kw)
+    assert got.shape == (M, 128) and jnp.array_equal(got, res + y)
+    assert not jnp.array_equal(got, y)
+    with pytest.raises(ValueError, match="residual"):
+        fp8_skinny_matmul_mgpu(x, xs, w, ws, residual=res.astype(jnp.float32), **kw)
+    with pytest.raises(ValueError, match="residual"):
+        fp8_skinny_matmul_mgpu(x, xs, w, ws, residual=res[:, :64], **kw)
 
 
 def test_fp8_skinny_mgpu_kernel_refuses_what_it_does_not_take():
@@ -1058,6 +1088,10 @@ def test_fp8_skinny_mgpu_kernel_refuses_what_it_does_not_take():
                                tile_k=256)
     with pytest.raises(ValueError, match="do not fit"):
         fp8_skinny_matmul_mgpu(x, xs[:4], w, ws, tile_k=256)
+    with pytest.raises(ValueError, match="compute_wgs=3"):  # 2 chunks a step, not 3
+        fp8_skinny_matmul_mgpu(x.astype(jnp.bfloat16), None, w, ws, tile_k=256, compute_wgs=3)
+    with pytest.raises(ValueError, match="compute_wgs=2"):  # the W8A8 form takes one
+        fp8_skinny_matmul_mgpu(x, xs, w, ws, tile_k=256, compute_wgs=2)
     with pytest.raises(ValueError, match="steps=0"):
         fp8_skinny_matmul_mgpu(x, xs, w, ws, tile_k=256, steps=0)
     with pytest.raises(ValueError, match="out_dtype=float32"):

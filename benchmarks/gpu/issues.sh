@@ -1991,6 +1991,66 @@ mgpuw16)  # one GPU, one call (2026-12-06): the Mosaic skinny kernel's weight-on
   echo "rc=$?"; sed -n '/== summary/,$p' $L/skinny.log | grep -v " 64 "
   grep "best=" $L/skinny.log | cut -c1-160
   show_logs 2 ;;
+mgpuwgs)  # one GPU, one call (2026-12-06 evening): the skinny Mosaic kernel's weight-only form
+  # at 1, 2 and 4 compute warpgroups (each takes its share of a step's 128-wide chunks: the
+  # register upcast no longer serialized on one warpgroup), bf16 and float16 rows, against
+  # XLA's W8A16 and the kernel's W8A8 form: its GPU test, then skinny_gemm.py at M = 1, 8.
+  L=$OUT/logs; mkdir -p $L
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+    -k skinny_mgpu > $L/gpu_tests.log 2>&1
+  echo "rc=$?"; grep -v "^\s*$" $L/gpu_tests.log | tail -4
+  timeout $((T - SECONDS - 5)) python3 benchmarks/gpu/skinny_gemm.py \
+    --impls ${IMPLS:-mgpu_w8a16,mgpu_w8a16_f16,mgpu_w8a8} --mgpu-tiles "${TILES:-512,3;256,6}" \
+    --ms ${MS:-1,8} --out $OUT/skinny.jsonl > $L/skinny.log 2>&1
+  echo "rc=$?"; sed -n '/== summary/,$p' $L/skinny.log | grep -v " 64 \| 16 "
+  grep "best=" $L/skinny.log | cut -c1-160
+  show_logs 2 ;;
+woab)  # one GPU, one call (2026-12-06 evening): fp8 batch 1 (issue 6) with the skinny Mosaic
+  # kernel's weight-only form at 2 / 4 compute warpgroups (JAXLLM_FP8_SKINNY_MGPU_WO, the o /
+  # down residual adds in its epilogue) against XLA's W8A16 (the default), VARIANTS in turn,
+  # R rounds (default 1), then skinny_gemm.py's weight-only rows at MS (default 1) if time is
+  # left.
+  L=$OUT/logs; mkdir -p $L
+  for i in $(seq 1 ${R:-1}); do
+    for v in ${VARIANTS:-xla 512,3,2 512,3,4}; do
+      [ $((T - SECONDS)) -gt 100 ] || break
+      unset JAXLLM_FP8_SKINNY_MGPU_WO
+      [ $v = xla ] || export JAXLLM_FP8_SKINNY_MGPU_WO=$v
+      timeout 120 $LAT1K --quantization fp8 --num-scheduler-steps 4 > $L/lat_fp8_${v}_r$i.log 2>&1
+    done; done
+  unset JAXLLM_FP8_SKINNY_MGPU_WO
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f | cut -c1-150)"; done
+  [ $((T - SECONDS)) -gt 60 ] && timeout $((T - SECONDS - 5)) python3 \
+    benchmarks/gpu/skinny_gemm.py --impls ${IMPLS:-mgpu_w8a16,mgpu_w8a16_f16,mgpu_w8a8} \
+    --mgpu-tiles "${TILES:-512,3;256,6}" --ms ${MS:-1} --out $OUT/skinny.jsonl > $L/skinny.log 2>&1
+  echo "rc=$?"; sed -n '/== summary/,$p' $L/skinny.log | grep -v " 64 \| 16 \| 8 "
+  grep "best=" $L/skinny.log | cut -c1-160
+  show_logs 2 ;;
+resab)  # one GPU, one call (2026-12-06 evening): the o / down residual adds in the skinny
+  # Mosaic kernel's epilogue (the default) against an XLA add after it
+  # (JAXLLM_FP8_SKINNY_RESIDUAL=0) in the fp8 decode steps of 32 / 64 rows (BATCHES), step
+  # profiles at 1k context; the epilogue's GPU test first; then the weight-only form's rows at
+  # M = 1 for the o, gate/up and down shapes (skinny_gemm.py) if time is left.
+  L=$OUT/logs; mkdir -p $L
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+    -k residual_epilogue > $L/gpu_tests.log 2>&1
+  echo "rc=$?"; grep -v "^\s*$" $L/gpu_tests.log | tail -4
+  for b in ${BATCHES:-32}; do
+    for v in on off; do
+      [ $((T - SECONDS)) -gt 100 ] || break
+      export JAXLLM_FP8_SKINNY_RESIDUAL=$([ $v = on ] && echo 1 || echo 0)
+      timeout 120 python3 benchmarks/profile_step.py --context 1024 --steps 6 --top 8 \
+        --batch $b --max-num-seqs $b --num-scheduler-steps 4 --quantization fp8 \
+        --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_b${b}_$v.log 2>&1
+    done; done
+  unset JAXLLM_FP8_SKINNY_RESIDUAL
+  for f in $L/prof_*.log; do echo "== $f"; grep -A9 "^batch " $f | cut -c1-130; done
+  [ $((T - SECONDS)) -gt 40 ] && timeout $((T - SECONDS - 5)) python3 \
+    benchmarks/gpu/skinny_gemm.py --impls mgpu_w8a16 --shapes ${SHAPES:-o,down,gate_up} \
+    --mgpu-tiles "512,3" --ms 1 --out $OUT/skinny.jsonl > $L/skinny.log 2>&1
+  grep -h "device_us" $L/skinny.log | grep -v best \
+    | sed 's/ rel_err=[^ ]*//; s/ ops_per_call.*weight/ weight/' | cut -c1-170
+  show_logs 2 ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.
   L=$OUT/logs; mkdir -p $L

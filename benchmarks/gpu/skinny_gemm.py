@@ -13,7 +13,8 @@ For the Llama-3-8B projections (fused q/k/v 4096 x 6144, o 4096 x 4096, fused ga
                 every (tile_k, steps) of its TILES at every M, and with ``oob_rows`` (rows
                 read and written past M by TMA instead of padded) where M is not a multiple of 8
   mgpu_w8a16    the same kernel weight-only (x_scale None: bf16 rows, the e4m3 weight upcast
-                in registers), M <= 16
+                in registers), M <= 16, at 1, 2 and 4 compute warpgroups
+  mgpu_w8a16_f16  the same with float16 rows (cast before the call)
 Each Pallas variant is swept over blocks and K splits at M = 16 (block of 16 rows: M = 1..16
 time the same) and, for W8A8 and bf16, M = 64; the best config is then timed at the other M.
 GPU time from the profiler (``benchmarks/gpu_trace.device_time``: the union of the call's
@@ -88,6 +89,9 @@ def main():
                     help="the Pallas variants to sweep")
     ap.add_argument("--ms", default="16,64,1,8", help="rows; 16 and 64 are swept, others reuse")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    ap.add_argument("--mgpu-tiles", default=None,
+                    help="the Mosaic kernel's (tile_k,steps) to sweep, e.g. '512,3;256,6' "
+                         "(default: all of its TILES)")
     args = ap.parse_args()
     global SMOKE
     SMOKE = args.smoke
@@ -127,6 +131,8 @@ def main():
         emit(rec)
         return rec
 
+    mgpu_tiles = (fp8_skinny_mgpu.TILES if args.mgpu_tiles is None else
+                  [tuple(int(v) for v in t.split(",")) for t in args.mgpu_tiles.split(";")])
     for name in args.shapes.split(","):
         K, N = SHAPES[name]
         key = jax.random.key(K * 7 + N)
@@ -194,13 +200,20 @@ def main():
                               vs_xla_bf16=base["xla_bf16"].get("device_us", float("nan"))
                               / top["device_us"]))
 
-            tiles = [dict(tile_k=tk, steps=st) for tk, st in fp8_skinny_mgpu.TILES
-                     if K % tk == 0]
+            tiles = [dict(tile_k=tk, steps=st) for tk, st in mgpu_tiles if K % tk == 0]
             if "mgpu_w8a8" in args.impls.split(","):
                 oob = [dict(c, oob_rows=True) for c in tiles] if M % 8 else []
                 mgpu_sweep("mgpu_w8a8", tiles + oob, False, sets_8, ref_8)
+            # The weight-only form at 1, 2 and 4 compute warpgroups (each takes its share of a
+            # step's 128-wide chunks), with bf16 rows and with float16 rows (one e4m3 ->
+            # float16 instruction a pair; the rows cast before the timed call).
+            wo = [dict(c, compute_wgs=g) for c in tiles for g in (1, 2, 4)
+                  if (c["tile_k"] // 128) % g == 0]
             if "mgpu_w8a16" in args.impls.split(",") and M <= 16:
-                mgpu_sweep("mgpu_w8a16", tiles, True, sets_w, ref_w)
+                mgpu_sweep("mgpu_w8a16", wo, True, sets_w, ref_w)
+            if "mgpu_w8a16_f16" in args.impls.split(",") and M <= 16:
+                sets_h = [(x.astype(jnp.float16), q, s) for q, s in wq]
+                mgpu_sweep("mgpu_w8a16_f16", wo, True, sets_h, ref_w)
             for impl, (mk, sets, ref, itemsize) in variants.items():
                 if impl not in args.impls.split(","):
                     continue
@@ -240,7 +253,7 @@ def main():
     # Summary: best device time per (shape, M, impl); speed-up over XLA bf16.
     print("\n== summary: device us (weight TB/s), speed-up over xla_bf16 ==")
     impls = ["xla_bf16", "xla_w8a16", "xla_w8a16_f16", "xla_fp8", "pallas_bf16", "pallas_w8a16",
-             "pallas_w8a8", "mgpu_w8a8", "mgpu_w8a16"]
+             "pallas_w8a8", "mgpu_w8a8", "mgpu_w8a16", "mgpu_w8a16_f16"]
     print("shape M " + " ".join(impls))
     table = {}
     for r in rows:

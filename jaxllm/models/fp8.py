@@ -66,14 +66,20 @@ class Fp8Linear(nnx.Module):
         self.input_scale = nnx.Param(jnp.ones((), jnp.float32)) if static_input_scale else None
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, residual: jax.Array | None = None) -> jax.Array:
+        """``residual`` (x's leading shape, out_features, x's dtype): returns residual + the
+        layer's output, as the model adds it (the skinny Mosaic kernel adds it in its epilogue
+        where it runs the GEMM: no add kernel of its own)."""
         lead = x.shape[:-1]
         scale = None if self.input_scale is None else self.input_scale.get_value()
+        res = None if residual is None or self.bias is not None else \
+            residual.reshape(-1, self.out_features)
         y = fp8_linear(x.reshape(-1, self.in_features), self.weight[...], self.weight_scale[...],
-                       scale, block_k=self.block_k)
+                       scale, block_k=self.block_k, residual=res)
         if self.bias is not None:
             y = y + self.bias[...]
-        return y.reshape(*lead, self.out_features)
+        y = y.reshape(*lead, self.out_features)
+        return residual + y if residual is not None and res is None else y
 
 
 # Token rows up to which fp8 projections run weight-only on a GPU, unless
@@ -124,31 +130,34 @@ def scale_shape(out_features: int, in_features: int, block_k: int | None) -> tup
 
 
 def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
-               input_scale: jax.Array | None, *, block_k: int | None = None) -> jax.Array:
-    """x [T, I] (model dtype), weight [O, I] e4m3, weight_scale [O] -> [T, O] in x's dtype.
+               input_scale: jax.Array | None, *, block_k: int | None = None,
+               residual: jax.Array | None = None) -> jax.Array:
+    """x [T, I] (model dtype), weight [O, I] e4m3, weight_scale [O] -> [T, O] in x's dtype;
+    ``residual`` [T, O] in x's dtype: residual + that (the product rounded first), added in the
+    skinny Mosaic kernel's epilogue where it runs the GEMM, else after it.
 
     Activations quantized per token (``input_scale`` None) or with the static per-tensor scale
     ``input_scale`` [] (a 0-d value: ``[...]`` of a 0-d Variable is [1]); weight-only (no
     activation quantization) when T <= ``weight_only_max_tokens()``. With ``block_k``,
     weight_scale is [O, ceil(I / block_k)] and the layer runs ``block_fp8_linear``.
     """
+    add = (lambda y: y) if residual is None else (lambda y: residual + y)  # noqa: E731
+    res = residual if skinny_residual_enabled() else None  # else added after the kernel
     if block_k is not None:
-        return block_fp8_linear(x, weight, weight_scale, block_k)
+        return add(block_fp8_linear(x, weight, weight_scale, block_k))
     if x.shape[0] <= weight_only_max_tokens():
-        # XLA's W8A16 GEMM, not the skinny Mosaic kernel's weight-only form: batch 1 on the
-        # H100 (2026-12-06 11:45) took 3.98-4.02 ms/token with that form against 3.48-3.49
-        # (its register upcast and a wgmma wait per 128-wide chunk: o at 8 rows 10.7 µs of
-        # kernel against XLA's 9.2), and its W8A8 form's gain goes to the activations' quantization
-        # kernels (3.91-3.92 against 3.62-3.63, 11:25).
+        y = _skinny_mgpu_weight_only(x, weight, weight_scale, res)
+        if y is not None:
+            return y if res is not None else add(y)
         acc = jax.lax.dot_general(x, weight.astype(x.dtype), (((1,), (1,)), ((), ())),
                                   preferred_element_type=jnp.float32)
-        return (acc * weight_scale.astype(jnp.float32)[None, :]).astype(x.dtype)
+        return add((acc * weight_scale.astype(jnp.float32)[None, :]).astype(x.dtype))
     xq, xs = _quantize_input(x, input_scale)
-    y = _skinny_mgpu(xq, xs, weight, weight_scale, x.dtype)
+    y = _skinny_mgpu(xq, xs, weight, weight_scale, x.dtype, res)
     if y is not None:
-        return y
-    return fp8_matmul_xla(xq, xs, weight, weight_scale, out_dtype=x.dtype, w_transposed=True,
-                          acc_dtype=fp8_gemm_out_dtype(x.dtype))
+        return y if res is not None else add(y)
+    return add(fp8_matmul_xla(xq, xs, weight, weight_scale, out_dtype=x.dtype,
+                              w_transposed=True, acc_dtype=fp8_gemm_out_dtype(x.dtype)))
 
 
 SKINNY_MGPU_ENV = "JAXLLM_FP8_SKINNY_MGPU"
@@ -168,8 +177,74 @@ def skinny_mgpu_tile() -> tuple[int, int] | None:
     return _kernel_tile_env(SKINNY_MGPU_ENV, SKINNY_MGPU_TILE, ("tile_k", "steps"))
 
 
+SKINNY_RESIDUAL_ENV = "JAXLLM_FP8_SKINNY_RESIDUAL"
+
+
+def skinny_residual_enabled() -> bool:
+    """``JAXLLM_FP8_SKINNY_RESIDUAL`` = "0" adds the o / down projections' residual after the
+    skinny Mosaic kernel (an XLA fusion) instead of in its epilogue ("1", the default: H100,
+    2026-12-06 evening, the batch-32 fp8 decode step 5.41 -> 5.33 ms of GPU time, 524 -> 508
+    ops; benchmarks/RESULTS.md). Read at trace time."""
+    import os
+
+    raw = os.environ.get(SKINNY_RESIDUAL_ENV, "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"{SKINNY_RESIDUAL_ENV} must be 0 or 1, got {raw!r}.")
+    return raw == "1"
+
+
+SKINNY_MGPU_WO_ENV = "JAXLLM_FP8_SKINNY_MGPU_WO"
+# The engine's weight-only fp8 steps (<= weight_only_max_tokens() rows) keep XLA's W8A16 GEMM
+# unless this is set. H100 (benchmarks/RESULTS.md), batch 1 at 1k context: the skinny Mosaic
+# kernel's weight-only form took 3.98-4.02 ms/token with one compute warpgroup against XLA's
+# 3.48-3.49 (2026-12-06 11:45), and 3.81 with two against 3.47 (14:15), though two make its
+# o and q/k/v GEMMs faster than XLA's alone (9.65 / 11.34 against 10.87 / 13.82 µs).
+SKINNY_MGPU_WO_TILE: tuple[int, int, int] | None = None
+
+
+def skinny_mgpu_wo_tile() -> tuple[int, int, int] | None:
+    """``JAXLLM_FP8_SKINNY_MGPU_WO``: "0" (XLA's W8A16 GEMM), "tile_k,steps,compute_wgs" (the
+    skinny Mosaic kernel's weight-only form for the engine's weight-only steps; on a CPU it
+    runs Mosaic GPU's interpreter), or unset: ``SKINNY_MGPU_WO_TILE``. Read at trace time."""
+    return _kernel_tile_env(SKINNY_MGPU_WO_ENV, SKINNY_MGPU_WO_TILE,
+                            ("tile_k", "steps", "compute_wgs"))
+
+
+def _skinny_mgpu_weight_only(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
+                             residual: jax.Array | None = None) -> jax.Array | None:
+    """A per-channel weight-only projection through ``fp8_skinny_matmul_mgpu`` (x_scale None),
+    or None where it does not apply: no tile (``skinny_mgpu_wo_tile``), tensor parallelism, a
+    GPU other than Hopper, shapes or a dtype it does not take (float32 rows)."""
+    tile = skinny_mgpu_wo_tile()
+    (T, K), N = x.shape, weight.shape[0]
+    if tile is None or heads_mesh() is not None or x.dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    dev = jax.devices()[0]
+    if not mosaic_kernel_runs_on(dev.platform, getattr(dev, "compute_capability", None)):
+        return None
+    tile_k, steps, wgs = tile
+    while tile_k > 128 and K % tile_k:
+        tile_k //= 2
+    while wgs > 1 and (tile_k // 128) % wgs:
+        wgs //= 2
+    steps = min(steps, max(1, K // tile_k))
+    x_isz = x.dtype.itemsize
+    while steps > 1 and fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps, x_isz) \
+            > fp8_skinny_mgpu.SMEM_BYTES:
+        steps -= 1
+    try:
+        fp8_skinny_mgpu.check_shapes(T, K, N, tile_k, x.dtype)
+    except ValueError:
+        return None
+    if fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps, x_isz) > fp8_skinny_mgpu.SMEM_BYTES:
+        return None
+    return fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
+        x, None, weight, weight_scale, x.dtype, tile_k=tile_k, steps=steps, compute_wgs=wgs,
+        residual=residual, interpret=jax.default_backend() != "gpu")
+
+
 def _skinny_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: jax.Array,
-                 out_dtype) -> jax.Array | None:
+                 out_dtype, residual: jax.Array | None = None) -> jax.Array | None:
     """A per-channel W8A8 projection of <= ``SKINNY_MGPU_MAX_ROWS`` rows through
     ``fp8_skinny_matmul_mgpu``, or None where it does not apply (no tile, tensor parallelism, a
     GPU other than Hopper, shapes it does not take: N not a multiple of 64, K not a multiple
@@ -200,7 +275,7 @@ def _skinny_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: 
     if xs.size != T:
         xs = jnp.broadcast_to(xs[:1], (T,))  # a static per-tensor scale
     return fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
-        xq, xs, weight, weight_scale, out_dtype, tile_k=tile_k, steps=steps,
+        xq, xs, weight, weight_scale, out_dtype, tile_k=tile_k, steps=steps, residual=residual,
         interpret=jax.default_backend() != "gpu")
 
 

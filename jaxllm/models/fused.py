@@ -103,8 +103,9 @@ class FusedLinear(nnx.Module):
         input features (rows p * T + t), whose sum is ``__call__(x)`` before its rounding to x's
         dtype; the consumer sums them (the decode kernel's ``qkv_parts``), so the GEMM's own
         split-K sum is no kernel of its own. None where it does not apply: a bias, ``parts``
-        not dividing I, block-wise fp8 scales, or fp8 activations (W8A8 above
-        ``weight_only_max_tokens``)."""
+        not dividing I, block-wise fp8 scales, fp8 activations (W8A8 above
+        ``weight_only_max_tokens``), or weight-only steps that ``JAXLLM_FP8_SKINNY_MGPU_WO``
+        sends to the skinny Mosaic kernel (the whole GEMM goes there)."""
         (A, C), I, T = self.groups, self.in_features, x.shape[0]
         if self.bias is not None or I % parts or self.block_k is not None:
             return None
@@ -113,10 +114,10 @@ class FusedLinear(nnx.Module):
             w = self.kernel[...].astype(x.dtype).reshape(parts, I // parts, A * C)
             y = jnp.einsum("tpk,pkn->ptn", xs, w, preferred_element_type=jnp.float32)
         else:
-            from jaxllm.models.fp8 import weight_only_max_tokens
+            from jaxllm.models.fp8 import skinny_mgpu_wo_tile, weight_only_max_tokens
 
-            if T > weight_only_max_tokens():
-                return None
+            if T > weight_only_max_tokens() or skinny_mgpu_wo_tile() is not None:
+                return None  # W8A8, or the whole GEMM in the skinny Mosaic kernel
             w = self.weight[...].reshape(A * C, parts, I // parts).astype(x.dtype)
             y = jnp.einsum("tpk,npk->ptn", xs, w, preferred_element_type=jnp.float32)
             y = y * self.weight_scale[...].reshape(A * C).astype(jnp.float32)

@@ -179,6 +179,17 @@ def _fused(config: ModelConfig, name: str, bias: bool, dtype, rngs: nnx.Rngs) ->
                        block_k=_block_k(config), rngs=rngs)
 
 
+def proj_add(proj: nnx.Module, h: jax.Array, residual: jax.Array) -> jax.Array:
+    """residual + proj(h), the projection's output rounded to the model dtype first: an fp8
+    projection adds it in the skinny Mosaic kernel's epilogue where that kernel runs its GEMM
+    (``Fp8Linear``'s ``residual``: no add kernel of its own), others after the GEMM."""
+    from jaxllm.models.fp8 import Fp8Linear
+
+    if isinstance(proj, Fp8Linear):
+        return proj(h, residual=residual)
+    return residual + proj(h)
+
+
 class LlamaAttention(nnx.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, dtype, rngs: nnx.Rngs,
                  attention_backend: str):
@@ -216,21 +227,28 @@ class LlamaAttention(nnx.Module):
                                 self.lora.delta("k_proj", x, slots).reshape(T, K, D),
                                 self.lora.delta("v_proj", x, slots).reshape(T, K, D)], axis=-1)
 
-    def _o_proj(self, out: jax.Array, lora_slots: jax.Array | None) -> jax.Array:
+    def _o_proj(self, out: jax.Array, lora_slots: jax.Array | None,
+                residual: jax.Array | None = None) -> jax.Array:
+        """o_proj(out) (+ its LoRA delta); ``residual`` + that where given."""
+        lora = lora_slots is not None and self.lora is not None
+        if residual is not None and not lora:
+            return proj_add(self.o_proj, out, residual)
         y = self.o_proj(out)
-        if lora_slots is not None and self.lora is not None:
+        if lora:
             y = y + self.lora.delta("o_proj", out, lora_slots)
-        return y
+        return y if residual is None else residual + y
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  kv_cache: tuple[jax.Array, jax.Array], md: AttentionMetadata,
-                 norm: "RMSNorm | None" = None, lora_slots: jax.Array | None = None
+                 norm: "RMSNorm | None" = None, lora_slots: jax.Array | None = None,
+                 residual: jax.Array | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x: [T, E] -> [T, E]; kv_cache: (k_pages, v_pages) each [P, B, K, D], returned updated.
         ``norm``: the layer's input RMSNorm, applied to x here first (or, in small decode steps
         on the decode kernel's rope path, folded into the q/k/v GEMM and the decode kernel:
         ``qkv_norm_folds``). ``lora_slots`` [T]: each token's LoRA slot (-1: none), with
-        ``self.lora`` set; the projections add their adapters' deltas (jaxllm/lora)."""
+        ``self.lora`` set; the projections add their adapters' deltas (jaxllm/lora).
+        ``residual`` [T, E]: returned is residual + the attention's output (``proj_add``)."""
         T, D = x.shape[0], self.head_dim
         if self.lora is None:
             lora_slots = None
@@ -259,8 +277,8 @@ class LlamaAttention(nnx.Module):
                     sliding_window=self.sliding_window, k_scale=self.k_scale,
                     v_scale=self.v_scale, qkv_parts=parts, dtype=x.dtype,
                     norm=(x, norm.eps) if fold else None)
-                return (self._o_proj(out.reshape(T, self.num_heads * self.head_dim), lora_slots),
-                        (k_pages, v_pages))
+                return (self._o_proj(out.reshape(T, self.num_heads * self.head_dim),
+                                     lora_slots, residual), (k_pages, v_pages))
         if norm is not None:
             x = norm(x)
         if self.qkv_proj is not None:
@@ -288,8 +306,8 @@ class LlamaAttention(nnx.Module):
             soft_cap=self.soft_cap,
             sliding_window=self.sliding_window, backend=self.attention_backend,
             k_scale=self.k_scale, v_scale=self.v_scale)
-        return (self._o_proj(out.reshape(T, self.num_heads * self.head_dim), lora_slots),
-                (k_pages, v_pages))
+        return (self._o_proj(out.reshape(T, self.num_heads * self.head_dim), lora_slots,
+                             residual), (k_pages, v_pages))
 
 
 class LlamaMLP(nnx.Module):
@@ -310,18 +328,23 @@ class LlamaMLP(nnx.Module):
         self.down_proj = _proj(config, F, E, config.mlp_bias, dtype, rngs)
         self.lora = None  # jaxllm.lora.layers.LoraModules once the engine enables LoRA
 
-    def __call__(self, x: jax.Array, lora_slots: jax.Array | None = None) -> jax.Array:
-        """x: [T, E] -> [T, E]. ``lora_slots`` [T]: as ``LlamaAttention``'s."""
+    def __call__(self, x: jax.Array, lora_slots: jax.Array | None = None,
+                 residual: jax.Array | None = None) -> jax.Array:
+        """x: [T, E] -> [T, E]. ``lora_slots`` [T]: as ``LlamaAttention``'s. ``residual``
+        [T, E]: returned is residual + the MLP's output (``proj_add``)."""
+        add = (lambda y: y) if residual is None else (lambda y: residual + y)  # noqa: E731
         if lora_slots is not None and self.lora is not None:
-            return self._lora_call(x, lora_slots)
+            return add(self._lora_call(x, lora_slots))
         if self.gate_up_proj is not None:
             if self.gate_up_proj.kernel is None and self.swiglu:  # fp8: SwiGLU + quant, one kernel
                 y = fp8_swiglu_mlp(x, self.gate_up_proj, self.down_proj)
                 if y is not None:
-                    return y
+                    return add(y)
             gu = self.gate_up_proj(x)  # [T, F, 2]
-            return self.down_proj(self.act(gu[..., 0]) * gu[..., 1])
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            h = self.act(gu[..., 0]) * gu[..., 1]
+        else:
+            h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h) if residual is None else proj_add(self.down_proj, h, residual)
 
     def _lora_call(self, x: jax.Array, slots: jax.Array) -> jax.Array:
         """The MLP with each projection's LoRA delta added (XLA's GEMMs, no fused kernel)."""
@@ -384,18 +407,26 @@ class LlamaDecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, inv_freq, kv_cache, md, lora_slots=None):
         """x: [T, E] (the residual stream) -> [T, E]. ``lora_slots``: see LlamaAttention."""
+        # The residual adds go into the o / down projections (``proj_add``: the skinny
+        # Mosaic kernel's epilogue for fp8) unless a multiplier or a norm stands between.
+        plain = self.pre_feedforward_layernorm is None and self.residual_multiplier is None
         attn_out, kv_cache = self.self_attn(x, positions, inv_freq, kv_cache, md,
-                                            norm=self.input_layernorm, lora_slots=lora_slots)
+                                            norm=self.input_layernorm, lora_slots=lora_slots,
+                                            residual=x if plain else None)
         if self.pre_feedforward_layernorm is not None:  # Gemma 2
             x = x + self.post_attention_layernorm(attn_out)
             h = self.mlp(self.pre_feedforward_layernorm(x), lora_slots)
             return x + self.post_feedforward_layernorm(h), kv_cache
-        x = x + self._branch(attn_out)
+        x = attn_out if plain else x + self._branch(attn_out)
         if (self.mlp.kernel_ok(lora_slots) and not self.post_attention_layernorm.offset
                 and mlp_kernel_applies(self.self_attn.attention_backend, x.shape[0],
                                        fp8=self.mlp.gate_up_proj.kernel is None)):
             h = self.mlp.normed_swiglu_kernel(x, self.post_attention_layernorm)
+            if plain:
+                return proj_add(self.mlp.down_proj, h, x), kv_cache
             return x + self._branch(self.mlp.down_proj(h)), kv_cache
+        if plain:
+            return self.mlp(self.post_attention_layernorm(x), lora_slots, residual=x), kv_cache
         x = x + self._branch(self.mlp(self.post_attention_layernorm(x), lora_slots))
         return x, kv_cache
 
