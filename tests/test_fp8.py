@@ -1089,9 +1089,10 @@ def test_fp8_linear_runs_decode_rows_through_the_mosaic_skinny_kernel(monkeypatc
 
 
 def test_weight_only_steps_take_the_mosaic_kernel_when_asked_and_residuals_fold_in(monkeypatch):
-    """JAXLLM_FP8_SKINNY_MGPU_WO ("tile_k,steps,compute_wgs"; unset: off, XLA's W8A16 GEMM)
-    runs the engine's weight-only steps through the skinny Mosaic kernel's weight-only form
-    (interpreted here): the same bits as XLA's W8A16 GEMM here, and a residual added in its
+    """JAXLLM_FP8_SKINNY_MGPU_WO ("tile_k,steps,compute_wgs[,residual_only]"; unset: off,
+    XLA's W8A16 GEMM) runs the engine's weight-only steps through the skinny Mosaic kernel's
+    weight-only form (interpreted here; residual_only 1: the projections given a residual
+    alone): the same bits as XLA's W8A16 GEMM here, and a residual added in its
     epilogue equals ``residual + y`` (JAXLLM_FP8_SKINNY_RESIDUAL=0: added after the kernel), in
     both forms (W8A8 too); a fused q/k/v then runs whole (no split-K partials); bad values of
     either variable are ValueErrors naming it."""
@@ -1115,8 +1116,14 @@ def test_weight_only_steps_take_the_mosaic_kernel_when_asked_and_residuals_fold_
     assert fp8_mod.skinny_mgpu_wo_tile() is None
     xla = fp8_mod.fp8_linear(x, w, ws, None)
     assert calls == []
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_WO_ENV, "512,2,2,1")  # o / down projections only
+    assert fp8_mod.skinny_mgpu_wo_tile() == (512, 2, 2, 1)
+    assert jnp.array_equal(fp8_mod.fp8_linear(x, w, ws, None), xla) and calls == []
+    assert jnp.array_equal(fp8_mod.fp8_linear(x, w, ws, None, residual=res), res + xla)
+    assert calls == [(True, 2, True)]
+    calls.clear()
     monkeypatch.setenv(fp8_mod.SKINNY_MGPU_WO_ENV, "512,2,2")
-    assert fp8_mod.skinny_mgpu_wo_tile() == (512, 2, 2)
+    assert fp8_mod.skinny_mgpu_wo_tile() == (512, 2, 2, 0)
     got = fp8_mod.fp8_linear(x, w, ws, None)
     assert calls == [(True, 2, False)] and jnp.array_equal(got, xla)
     fused = fp8_mod.fp8_linear(x, w, ws, None, residual=res)
@@ -1133,12 +1140,15 @@ def test_weight_only_steps_take_the_mosaic_kernel_when_asked_and_residuals_fold_
     monkeypatch.setenv(fp8_mod.SKINNY_RESIDUAL_ENV, "1")
     assert jnp.array_equal(fp8_mod.fp8_linear(x8, w, ws, None, residual=res8), after)
     assert calls[-1] == (False, None, True)
-    # A fused q/k/v in a weight-only step runs whole through the kernel: no split-K partials.
+    # A fused q/k/v in a weight-only step runs whole through the kernel: no split-K partials
+    # (unless the kernel takes the o / down projections alone).
     qkv = FusedLinear(512, (2, 64), use_bias=False, dtype=jnp.bfloat16, fp8=True)
     assert qkv.split_k(x, 4) is None
-    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_WO_ENV, "0")
-    assert qkv.split_k(x, 4).shape == (12, 2, 64)
-    for env, bad in ((fp8_mod.SKINNY_MGPU_WO_ENV, "512,2"), (fp8_mod.SKINNY_RESIDUAL_ENV, "2")):
+    for off in ("0", "512,2,2,1"):
+        monkeypatch.setenv(fp8_mod.SKINNY_MGPU_WO_ENV, off)
+        assert qkv.split_k(x, 4).shape == (12, 2, 64)
+    for env, bad in ((fp8_mod.SKINNY_MGPU_WO_ENV, "512,2"), (fp8_mod.SKINNY_RESIDUAL_ENV, "2"),
+                     (fp8_mod.SKINNY_MGPU_WO_ENV, "512,2,2,1,1")):
         monkeypatch.setenv(env, bad)
         with pytest.raises(ValueError, match=env):
             fp8_mod.fp8_linear(x, w, ws, None, residual=res)

@@ -2012,7 +2012,7 @@ woab)  # one GPU, one call (2026-12-06 evening): fp8 batch 1 (issue 6) with the 
   # left.
   L=$OUT/logs; mkdir -p $L
   for i in $(seq 1 ${R:-1}); do
-    for v in ${VARIANTS:-xla 512,3,2 512,3,4}; do
+    for v in ${VARIANTS:-xla 512,3,2 512,3,4}; do  # tile_k,steps,compute_wgs[,residual_only]
       [ $((T - SECONDS)) -gt 100 ] || break
       unset JAXLLM_FP8_SKINNY_MGPU_WO
       [ $v = xla ] || export JAXLLM_FP8_SKINNY_MGPU_WO=$v
@@ -2051,6 +2051,19 @@ resab)  # one GPU, one call (2026-12-06 evening): the o / down residual adds in 
   grep -h "device_us" $L/skinny.log | grep -v best \
     | sed 's/ rel_err=[^ ]*//; s/ ops_per_call.*weight/ weight/' | cut -c1-170
   show_logs 2 ;;
+wob1prof)  # one GPU, one call (2026-12-06 evening): where batch 1 through the skinny Mosaic
+  # kernel's weight-only form (JAXLLM_FP8_SKINNY_MGPU_WO=512,3,2) loses 0.34 ms a token to
+  # XLA's W8A16 GEMMs: the fp8 batch-1 step profiled (1k context, 4 steps a launch, top 16
+  # kernels) with the variable, then without. Logs straight into $OUT (a cut call keeps them).
+  for v in ${VARIANTS:-512,3,2 xla}; do
+    [ $((T - SECONDS)) -gt 60 ] || break
+    unset JAXLLM_FP8_SKINNY_MGPU_WO
+    [ $v = xla ] || export JAXLLM_FP8_SKINNY_MGPU_WO=$v
+    timeout $((T - SECONDS - 5)) python3 benchmarks/profile_step.py --context 1024 --steps 6 \
+      --top 16 --batch 1 --max-num-seqs 1 --num-scheduler-steps 4 --quantization fp8 \
+      --out-dir /tmp/po --out $OUT/results.jsonl > $OUT/prof_b1_$v.log 2>&1
+    echo "== $v"; grep -A17 "^batch " $OUT/prof_b1_$v.log | cut -c1-120
+  done ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.
   L=$OUT/logs; mkdir -p $L

@@ -146,7 +146,7 @@ def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     if block_k is not None:
         return add(block_fp8_linear(x, weight, weight_scale, block_k))
     if x.shape[0] <= weight_only_max_tokens():
-        y = _skinny_mgpu_weight_only(x, weight, weight_scale, res)
+        y = _skinny_mgpu_weight_only(x, weight, weight_scale, res, residual is not None)
         if y is not None:
             return y if res is not None else add(y)
         acc = jax.lax.dot_general(x, weight.astype(x.dtype), (((1,), (1,)), ((), ())),
@@ -199,30 +199,44 @@ SKINNY_MGPU_WO_ENV = "JAXLLM_FP8_SKINNY_MGPU_WO"
 # kernel's weight-only form took 3.98-4.02 ms/token with one compute warpgroup against XLA's
 # 3.48-3.49 (2026-12-06 11:45), and 3.81 with two against 3.47 (14:15), though two make its
 # o and q/k/v GEMMs faster than XLA's alone (9.65 / 11.34 against 10.87 / 13.82 µs).
-SKINNY_MGPU_WO_TILE: tuple[int, int, int] | None = None
+SKINNY_MGPU_WO_TILE: tuple[int, int, int, int] | None = None
 
 
-def skinny_mgpu_wo_tile() -> tuple[int, int, int] | None:
-    """``JAXLLM_FP8_SKINNY_MGPU_WO``: "0" (XLA's W8A16 GEMM), "tile_k,steps,compute_wgs" (the
-    skinny Mosaic kernel's weight-only form for the engine's weight-only steps; on a CPU it
-    runs Mosaic GPU's interpreter), or unset: ``SKINNY_MGPU_WO_TILE``. Read at trace time."""
+def skinny_mgpu_wo_tile() -> tuple[int, int, int, int] | None:
+    """``JAXLLM_FP8_SKINNY_MGPU_WO``: "0" (XLA's W8A16 GEMM), "tile_k,steps,compute_wgs[,
+    residual_only]" (the skinny Mosaic kernel's weight-only form for the engine's weight-only
+    steps, at every projection, or with residual_only 1 at the o / down projections alone,
+    those that add the residual stream; on a CPU it runs Mosaic GPU's interpreter), or unset:
+    ``SKINNY_MGPU_WO_TILE``. Read at trace time."""
     return _kernel_tile_env(SKINNY_MGPU_WO_ENV, SKINNY_MGPU_WO_TILE,
-                            ("tile_k", "steps", "compute_wgs"))
+                            ("tile_k", "steps", "compute_wgs", "residual_only"), optional=(0,))
+
+
+def skinny_mgpu_wo_takes_all() -> bool:
+    """Whether ``JAXLLM_FP8_SKINNY_MGPU_WO`` sends every weight-only projection to the skinny
+    Mosaic kernel (not only the o / down ones)."""
+    tile = skinny_mgpu_wo_tile()
+    return tile is not None and not tile[3]
 
 
 def _skinny_mgpu_weight_only(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
-                             residual: jax.Array | None = None) -> jax.Array | None:
-    """A per-channel weight-only projection through ``fp8_skinny_matmul_mgpu`` (x_scale None),
-    or None where it does not apply: no tile (``skinny_mgpu_wo_tile``), tensor parallelism, a
-    GPU other than Hopper, shapes or a dtype it does not take (float32 rows)."""
+                             residual: jax.Array | None = None, adds_residual: bool = False
+                             ) -> jax.Array | None:
+    """A per-channel weight-only projection through ``fp8_skinny_matmul_mgpu`` (x_scale None;
+    ``residual`` added in its epilogue), or None where it does not apply: no tile
+    (``skinny_mgpu_wo_tile``), a projection that does not add the residual stream
+    (``adds_residual`` False) when the tile says residual_only, tensor parallelism, a GPU other
+    than Hopper, shapes or a dtype it does not take (float32 rows)."""
     tile = skinny_mgpu_wo_tile()
     (T, K), N = x.shape, weight.shape[0]
     if tile is None or heads_mesh() is not None or x.dtype not in (jnp.bfloat16, jnp.float16):
         return None
+    if tile[3] and not adds_residual:
+        return None
     dev = jax.devices()[0]
     if not mosaic_kernel_runs_on(dev.platform, getattr(dev, "compute_capability", None)):
         return None
-    tile_k, steps, wgs = tile
+    tile_k, steps, wgs, _ = tile
     while tile_k > 128 and K % tile_k:
         tile_k //= 2
     while wgs > 1 and (tile_k // 128) % wgs:

@@ -114,9 +114,9 @@ class FusedLinear(nnx.Module):
             w = self.kernel[...].astype(x.dtype).reshape(parts, I // parts, A * C)
             y = jnp.einsum("tpk,pkn->ptn", xs, w, preferred_element_type=jnp.float32)
         else:
-            from jaxllm.models.fp8 import skinny_mgpu_wo_tile, weight_only_max_tokens
+            from jaxllm.models.fp8 import skinny_mgpu_wo_takes_all, weight_only_max_tokens
 
-            if T > weight_only_max_tokens() or skinny_mgpu_wo_tile() is not None:
+            if T > weight_only_max_tokens() or skinny_mgpu_wo_takes_all():
                 return None  # W8A8, or the whole GEMM in the skinny Mosaic kernel
             w = self.weight[...].reshape(A * C, parts, I // parts).astype(x.dtype)
             y = jnp.einsum("tpk,npk->ptn", xs, w, preferred_element_type=jnp.float32)
