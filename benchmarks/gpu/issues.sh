@@ -202,6 +202,11 @@ idle256() { for i in $(seq $1); do [ $((T - SECONDS)) -gt 170 ] || break
 # wheels: installs the carried .whl (pydantic, llguidance) for this call's python.
 wheels() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
              --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site; }
+# prof_fp8 B NAME: profile_step.py's fp8 decode step of B rows at 1k context, 4 steps a launch
+# (its top 8 kernels), into $L/prof_NAME.log.
+prof_fp8() { timeout 120 python3 benchmarks/profile_step.py --context 1024 --steps 6 --top 8 \
+  --batch $1 --max-num-seqs $1 --num-scheduler-steps 4 --quantization fp8 --out-dir /tmp/po \
+  --out $OUT/results.jsonl > $L/prof_$2.log 2>&1; }
 # gpu_tests LINES [ARGS]: tests/test_gpu.py (pytest ARGS) until T's last 10 s, its last LINES
 # lines shown (carry .bench: the saved tokenizer).
 gpu_tests() { local n=$1; shift
@@ -1961,9 +1966,7 @@ mgpub64)  # one GPU, one call (2026-12-06): the fp8 decode steps of 32 / 64 rows
     for v in $([ $b = 64 ] && echo "d off" || echo "off d"); do
       [ $((T - SECONDS)) -gt 100 ] || break
       if [ $v = off ]; then export JAXLLM_FP8_SKINNY_MGPU=0; else unset JAXLLM_FP8_SKINNY_MGPU; fi
-      timeout 120 python3 benchmarks/profile_step.py --context 1024 --steps 6 --top 8 \
-        --batch $b --max-num-seqs $b --num-scheduler-steps 4 --quantization fp8 \
-        --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_b${b}_$v.log 2>&1
+      prof_fp8 $b b${b}_$v
     done; done
   unset JAXLLM_FP8_SKINNY_MGPU
   for f in $L/prof_*.log; do echo "== $f"; grep -A9 "^batch " $f | cut -c1-130; done
@@ -2039,9 +2042,7 @@ resab)  # one GPU, one call (2026-12-06 evening): the o / down residual adds in 
     for v in on off; do
       [ $((T - SECONDS)) -gt 100 ] || break
       export JAXLLM_FP8_SKINNY_RESIDUAL=$([ $v = on ] && echo 1 || echo 0)
-      timeout 120 python3 benchmarks/profile_step.py --context 1024 --steps 6 --top 8 \
-        --batch $b --max-num-seqs $b --num-scheduler-steps 4 --quantization fp8 \
-        --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_b${b}_$v.log 2>&1
+      prof_fp8 $b b${b}_$v
     done; done
   unset JAXLLM_FP8_SKINNY_RESIDUAL
   for f in $L/prof_*.log; do echo "== $f"; grep -A9 "^batch " $f | cut -c1-130; done
