@@ -1089,10 +1089,11 @@ def test_fp8_linear_runs_decode_rows_through_the_mosaic_skinny_kernel(monkeypatc
 
 
 def test_weight_only_steps_take_the_mosaic_kernel_when_asked_and_residuals_fold_in(monkeypatch):
-    """JAXLLM_FP8_SKINNY_MGPU_WO ("tile_k,steps,compute_wgs[,residual_only]"; unset: off,
-    XLA's W8A16 GEMM) runs the engine's weight-only steps through the skinny Mosaic kernel's
-    weight-only form (interpreted here; residual_only 1: the projections given a residual
-    alone): the same bits as XLA's W8A16 GEMM here, and a residual added in its
+    """JAXLLM_FP8_SKINNY_MGPU_WO ("tile_k,steps,compute_wgs[,residual_only[,f16]]"; unset:
+    off, XLA's W8A16 GEMM) runs the engine's weight-only steps through the skinny Mosaic
+    kernel's weight-only form (interpreted here; residual_only 1: the projections given a
+    residual alone; f16 1: float16 rows, clipped to its range, bf16 out): the same bits as
+    XLA's W8A16 GEMM here (float16 rows: within an output rounding), and a residual added in its
     epilogue equals ``residual + y`` (JAXLLM_FP8_SKINNY_RESIDUAL=0: added after the kernel), in
     both forms (W8A8 too); a fused q/k/v then runs whole (no split-K partials); bad values of
     either variable are ValueErrors naming it."""
@@ -1117,13 +1118,21 @@ def test_weight_only_steps_take_the_mosaic_kernel_when_asked_and_residuals_fold_
     xla = fp8_mod.fp8_linear(x, w, ws, None)
     assert calls == []
     monkeypatch.setenv(fp8_mod.SKINNY_MGPU_WO_ENV, "512,2,2,1")  # o / down projections only
-    assert fp8_mod.skinny_mgpu_wo_tile() == (512, 2, 2, 1)
+    assert fp8_mod.skinny_mgpu_wo_tile() == (512, 2, 2, 1, 0)
     assert jnp.array_equal(fp8_mod.fp8_linear(x, w, ws, None), xla) and calls == []
     assert jnp.array_equal(fp8_mod.fp8_linear(x, w, ws, None, residual=res), res + xla)
     assert calls == [(True, 2, True)]
     calls.clear()
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_WO_ENV, "512,2,2,0,1")  # float16 rows
+    f16 = fp8_mod.fp8_linear(x, w, ws, None)
+    assert calls == [(True, 2, False)] and f16.dtype == jnp.bfloat16
+    assert float(jnp.max(jnp.abs(f16.astype(jnp.float32) - xla.astype(jnp.float32)))) <= \
+        float(jnp.max(jnp.abs(xla.astype(jnp.float32)))) * 2 ** -7  # an output rounding
+    big = fp8_mod.fp8_linear(x.at[0, 0].set(1e6), w, ws, None)  # past float16: clipped
+    assert bool(jnp.all(jnp.isfinite(big.astype(jnp.float32))))
+    calls.clear()
     monkeypatch.setenv(fp8_mod.SKINNY_MGPU_WO_ENV, "512,2,2")
-    assert fp8_mod.skinny_mgpu_wo_tile() == (512, 2, 2, 0)
+    assert fp8_mod.skinny_mgpu_wo_tile() == (512, 2, 2, 0, 0)
     got = fp8_mod.fp8_linear(x, w, ws, None)
     assert calls == [(True, 2, False)] and jnp.array_equal(got, xla)
     fused = fp8_mod.fp8_linear(x, w, ws, None, residual=res)
@@ -1148,7 +1157,7 @@ def test_weight_only_steps_take_the_mosaic_kernel_when_asked_and_residuals_fold_
         monkeypatch.setenv(fp8_mod.SKINNY_MGPU_WO_ENV, off)
         assert qkv.split_k(x, 4).shape == (12, 2, 64)
     for env, bad in ((fp8_mod.SKINNY_MGPU_WO_ENV, "512,2"), (fp8_mod.SKINNY_RESIDUAL_ENV, "2"),
-                     (fp8_mod.SKINNY_MGPU_WO_ENV, "512,2,2,1,1")):
+                     (fp8_mod.SKINNY_MGPU_WO_ENV, "512,2,2,1,1,1")):
         monkeypatch.setenv(env, bad)
         with pytest.raises(ValueError, match=env):
             fp8_mod.fp8_linear(x, w, ws, None, residual=res)

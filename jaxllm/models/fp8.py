@@ -199,17 +199,20 @@ SKINNY_MGPU_WO_ENV = "JAXLLM_FP8_SKINNY_MGPU_WO"
 # kernel's weight-only form took 3.98-4.02 ms/token with one compute warpgroup against XLA's
 # 3.48-3.49 (2026-12-06 11:45), and 3.81 with two against 3.47 (14:15), though two make its
 # o and q/k/v GEMMs faster than XLA's alone (9.65 / 11.34 against 10.87 / 13.82 µs).
-SKINNY_MGPU_WO_TILE: tuple[int, int, int, int] | None = None
+SKINNY_MGPU_WO_TILE: tuple[int, int, int, int, int] | None = None
 
 
-def skinny_mgpu_wo_tile() -> tuple[int, int, int, int] | None:
+def skinny_mgpu_wo_tile() -> tuple[int, int, int, int, int] | None:
     """``JAXLLM_FP8_SKINNY_MGPU_WO``: "0" (XLA's W8A16 GEMM), "tile_k,steps,compute_wgs[,
-    residual_only]" (the skinny Mosaic kernel's weight-only form for the engine's weight-only
-    steps, at every projection, or with residual_only 1 at the o / down projections alone,
-    those that add the residual stream; on a CPU it runs Mosaic GPU's interpreter), or unset:
+    residual_only[,f16]]" (the skinny Mosaic kernel's weight-only form for the engine's
+    weight-only steps, at every projection, or with residual_only 1 at the o / down
+    projections alone, those that add the residual stream; f16 1: the rows cast to float16
+    first, within its range, for the one-instruction e4m3 -> float16 upcast, the cast left to
+    XLA to fuse into the rows' producer; on a CPU it runs Mosaic GPU's interpreter), or unset:
     ``SKINNY_MGPU_WO_TILE``. Read at trace time."""
     return _kernel_tile_env(SKINNY_MGPU_WO_ENV, SKINNY_MGPU_WO_TILE,
-                            ("tile_k", "steps", "compute_wgs", "residual_only"), optional=(0,))
+                            ("tile_k", "steps", "compute_wgs", "residual_only", "f16"),
+                            optional=(0, 0))
 
 
 def skinny_mgpu_wo_takes_all() -> bool:
@@ -236,7 +239,10 @@ def _skinny_mgpu_weight_only(x: jax.Array, weight: jax.Array, weight_scale: jax.
     dev = jax.devices()[0]
     if not mosaic_kernel_runs_on(dev.platform, getattr(dev, "compute_capability", None)):
         return None
-    tile_k, steps, wgs, _ = tile
+    tile_k, steps, wgs, _, f16 = tile
+    out_dtype = x.dtype
+    if f16 and x.dtype == jnp.bfloat16:  # 65280: the largest bfloat16 below float16's max
+        x = jnp.clip(x, -65280, 65280).astype(jnp.float16)
     while tile_k > 128 and K % tile_k:
         tile_k //= 2
     while wgs > 1 and (tile_k // 128) % wgs:
@@ -247,13 +253,13 @@ def _skinny_mgpu_weight_only(x: jax.Array, weight: jax.Array, weight_scale: jax.
             > fp8_skinny_mgpu.SMEM_BYTES:
         steps -= 1
     try:
-        fp8_skinny_mgpu.check_shapes(T, K, N, tile_k, x.dtype)
+        fp8_skinny_mgpu.check_shapes(T, K, N, tile_k, out_dtype)
     except ValueError:
         return None
     if fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps, x_isz) > fp8_skinny_mgpu.SMEM_BYTES:
         return None
     return fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
-        x, None, weight, weight_scale, x.dtype, tile_k=tile_k, steps=steps, compute_wgs=wgs,
+        x, None, weight, weight_scale, out_dtype, tile_k=tile_k, steps=steps, compute_wgs=wgs,
         residual=residual, interpret=jax.default_backend() != "gpu")
 
 
