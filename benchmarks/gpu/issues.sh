@@ -2009,17 +2009,20 @@ mgpuwgs)  # one GPU, one call (2026-12-06 evening): the skinny Mosaic kernel's w
   grep "best=" $L/skinny.log | cut -c1-160
   show_logs 2 ;;
 woab)  # one GPU, one call (2026-12-06 evening): fp8 batch 1 (issue 6) with the skinny Mosaic
-  # kernel's weight-only form at 2 / 4 compute warpgroups (JAXLLM_FP8_SKINNY_MGPU_WO, the o /
-  # down residual adds in its epilogue) against XLA's W8A16 (the default), VARIANTS in turn,
+  # kernel's weight-only form (JAXLLM_FP8_SKINNY_MGPU_WO: compute warpgroups, o / down alone,
+  # float16 rows; the o / down residual adds in its epilogue) against XLA's W8A16 (the
+  # default, "xla"), VARIANTS in turn,
   # R rounds (default 1), then skinny_gemm.py's weight-only rows at MS (default 1) if time is
   # left.
   L=$OUT/logs; mkdir -p $L
   for i in $(seq 1 ${R:-1}); do
-    for v in ${VARIANTS:-xla 512,3,2 512,3,4}; do  # tile_k,steps,compute_wgs[,residual_only]
+    # tile_k,steps,compute_wgs[,residual_only[,f16]]; run on 2026-12-06 evening as
+    # "xla 512,3,2 512,3,4" (the last compile ran past the old 120 s) and "512,3,2,0,1 xla".
+    for v in ${VARIANTS:-512,3,2,1,1 512,3,4,0,1 xla}; do
       [ $((T - SECONDS)) -gt 100 ] || break
       unset JAXLLM_FP8_SKINNY_MGPU_WO
       [ $v = xla ] || export JAXLLM_FP8_SKINNY_MGPU_WO=$v
-      timeout 120 $LAT1K --quantization fp8 --num-scheduler-steps 4 > $L/lat_fp8_${v}_r$i.log 2>&1
+      timeout 240 $LAT1K --quantization fp8 --num-scheduler-steps 4 > $L/lat_fp8_${v}_r$i.log 2>&1
     done; done
   unset JAXLLM_FP8_SKINNY_MGPU_WO
   for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f | cut -c1-150)"; done
@@ -2053,10 +2056,10 @@ resab)  # one GPU, one call (2026-12-06 evening): the o / down residual adds in 
     | sed 's/ rel_err=[^ ]*//; s/ ops_per_call.*weight/ weight/' | cut -c1-170
   show_logs 2 ;;
 wob1prof)  # one GPU, one call (2026-12-06 evening): where batch 1 through the skinny Mosaic
-  # kernel's weight-only form (JAXLLM_FP8_SKINNY_MGPU_WO=512,3,2) loses 0.34 ms a token to
+  # kernel's weight-only form (JAXLLM_FP8_SKINNY_MGPU_WO=512,3,2,0,1) loses 0.14 ms a token to
   # XLA's W8A16 GEMMs: the fp8 batch-1 step profiled (1k context, 4 steps a launch, top 16
   # kernels) with the variable, then without. Logs straight into $OUT (a cut call keeps them).
-  for v in ${VARIANTS:-512,3,2 xla}; do
+  for v in ${VARIANTS:-512,3,2,0,1 xla}; do
     [ $((T - SECONDS)) -gt 60 ] || break
     unset JAXLLM_FP8_SKINNY_MGPU_WO
     [ $v = xla ] || export JAXLLM_FP8_SKINNY_MGPU_WO=$v
