@@ -69,6 +69,7 @@ MAX_TOKENS = 256  # wgmma's largest N
 DEFAULT_TILE = (512, 3)
 TILES = ((128, 8), (256, 4), (256, 6), (512, 3))
 SMEM_BYTES = 200 * 1024  # the pipeline buffers' limit (Hopper: 227 KB a CTA, less the rest)
+CTA_SMEM_BYTES = 227 * 1024  # Hopper's shared memory a CTA: the pipeline and the epilogue's
 
 
 def check_shapes(M: int, K: int, N: int, tile_k: int, out_dtype=jnp.bfloat16) -> None:
@@ -158,9 +159,6 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     out_swizzle = plgpu.find_swizzle(ROWS * out_isz * 8)
     out_tf = (plgpu.TilingTransform((8, out_swizzle // out_isz)),
               plgpu.SwizzleTransform(out_swizzle))
-    # Mosaic GPU's interpreter takes wgmma operands from shared memory only: interpreted, the
-    # weight-only form's upcast chunk goes through this scratch buffer (the GPU test covers
-    # the register form).
     wgs = compute_wgs
     chunks = tile_k // 128
     if wgs < 1 or chunks % wgs or (wgs > 1 and not weight_only):
@@ -177,6 +175,14 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
 
     if residual is not None:  # the residual's tile, added to the rounded product
         scratch.update(res_smem=plgpu.SMEM((tm, ROWS), out_dtype, transforms=out_tf))
+    # The epilogue's buffers (output and residual tiles, the other warpgroups' sums, scales and
+    # barriers: 1 KB) beside the pipeline's must fit the CTA's shared memory.
+    total = (pipeline_bytes(M, tile_k, steps, x_isz) + 1024 + (wgs - 1) * ROWS * tm * 4
+             + tm * ROWS * out_isz * (1 if residual is None else 2))
+    if total > CTA_SMEM_BYTES:
+        raise ValueError(f"M={M}, tile_k={tile_k} x steps={steps}"
+                         f"{'' if residual is None else ' and a residual'}: {total} bytes of "
+                         f"shared memory, more than a CTA's {CTA_SMEM_BYTES}.")
 
     def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, *refs):
         res_gmem, out_gmem = refs if residual is not None else (None,) + refs

@@ -1092,6 +1092,12 @@ def test_fp8_skinny_mgpu_kernel_refuses_what_it_does_not_take():
         fp8_skinny_matmul_mgpu(x.astype(jnp.bfloat16), None, w, ws, tile_k=256, compute_wgs=3)
     with pytest.raises(ValueError, match="compute_wgs=2"):  # the W8A8 form takes one
         fp8_skinny_matmul_mgpu(x, xs, w, ws, tile_k=256, compute_wgs=2)
+    # 200 KB of pipeline at 256 rows fits alone, not with the output and residual tiles.
+    x256, xs256 = jnp.ones((256, 1024), e4m3), jnp.ones((256,), f32)
+    w1k = jnp.ones((128, 1024), e4m3)
+    with pytest.raises(ValueError, match="and a residual: .* more than a CTA's 232448"):
+        fp8_skinny_matmul_mgpu(x256, xs256, w1k, ws, tile_k=128, steps=5,
+                               residual=jnp.ones((256, 128), jnp.bfloat16))
     with pytest.raises(ValueError, match="steps=0"):
         fp8_skinny_matmul_mgpu(x, xs, w, ws, tile_k=256, steps=0)
     with pytest.raises(ValueError, match="out_dtype=float32"):
