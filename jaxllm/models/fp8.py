@@ -222,6 +222,25 @@ def skinny_mgpu_wo_takes_all() -> bool:
     return tile is not None and not tile[3]
 
 
+def _fit_skinny_tile(T: int, K: int, N: int, tile_k: int, steps: int, out_dtype,
+                     x_itemsize: int) -> tuple[int, int] | None:
+    """The skinny Mosaic kernel's (tile_k, steps) for a [T, K] x [N, K] GEMM: tile_k halved
+    until it divides K, steps lowered until the pipeline's buffers fit ``SMEM_BYTES``; None
+    where the kernel does not take the shapes (``fp8_skinny_mgpu.check_shapes``)."""
+    while tile_k > 128 and K % tile_k:
+        tile_k //= 2
+    steps = min(steps, max(1, K // tile_k))
+    fits = lambda st: fp8_skinny_mgpu.pipeline_bytes(  # noqa: E731
+        T, tile_k, st, x_itemsize) <= fp8_skinny_mgpu.SMEM_BYTES
+    while steps > 1 and not fits(steps):
+        steps -= 1
+    try:
+        fp8_skinny_mgpu.check_shapes(T, K, N, tile_k, out_dtype)
+    except ValueError:
+        return None
+    return (tile_k, steps) if fits(steps) else None
+
+
 def _skinny_mgpu_weight_only(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
                              residual: jax.Array | None = None, adds_residual: bool = False
                              ) -> jax.Array | None:
@@ -243,21 +262,12 @@ def _skinny_mgpu_weight_only(x: jax.Array, weight: jax.Array, weight_scale: jax.
     out_dtype = x.dtype
     if f16 and x.dtype == jnp.bfloat16:  # 65280: the largest bfloat16 below float16's max
         x = jnp.clip(x, -65280, 65280).astype(jnp.float16)
-    while tile_k > 128 and K % tile_k:
-        tile_k //= 2
+    fit = _fit_skinny_tile(T, K, N, tile_k, steps, out_dtype, x.dtype.itemsize)
+    if fit is None:
+        return None
+    tile_k, steps = fit
     while wgs > 1 and (tile_k // 128) % wgs:
         wgs //= 2
-    steps = min(steps, max(1, K // tile_k))
-    x_isz = x.dtype.itemsize
-    while steps > 1 and fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps, x_isz) \
-            > fp8_skinny_mgpu.SMEM_BYTES:
-        steps -= 1
-    try:
-        fp8_skinny_mgpu.check_shapes(T, K, N, tile_k, out_dtype)
-    except ValueError:
-        return None
-    if fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps, x_isz) > fp8_skinny_mgpu.SMEM_BYTES:
-        return None
     return fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
         x, None, weight, weight_scale, out_dtype, tile_k=tile_k, steps=steps, compute_wgs=wgs,
         residual=residual, interpret=jax.default_backend() != "gpu")
@@ -278,19 +288,10 @@ def _skinny_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: 
     dev = jax.devices()[0]
     if not mosaic_kernel_runs_on(dev.platform, getattr(dev, "compute_capability", None)):
         return None
-    tile_k, steps = tile
-    while tile_k > 128 and K % tile_k:
-        tile_k //= 2
-    steps = min(steps, max(1, K // tile_k))
-    while steps > 1 and fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps) \
-            > fp8_skinny_mgpu.SMEM_BYTES:
-        steps -= 1
-    try:
-        fp8_skinny_mgpu.check_shapes(T, K, N, tile_k, out_dtype)
-    except ValueError:
+    fit = _fit_skinny_tile(T, K, N, *tile, out_dtype, 1)
+    if fit is None:
         return None
-    if fp8_skinny_mgpu.pipeline_bytes(T, tile_k, steps) > fp8_skinny_mgpu.SMEM_BYTES:
-        return None
+    tile_k, steps = fit
     xs = xs.astype(jnp.float32).reshape(-1)
     if xs.size != T:
         xs = jnp.broadcast_to(xs[:1], (T,))  # a static per-tensor scale
