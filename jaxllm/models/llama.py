@@ -410,14 +410,15 @@ class LlamaDecoderLayer(nnx.Module):
         # The residual adds go into the o / down projections (``proj_add``: the skinny
         # Mosaic kernel's epilogue for fp8) unless a multiplier or a norm stands between.
         plain = self.pre_feedforward_layernorm is None and self.residual_multiplier is None
-        attn_out, kv_cache = self.self_attn(x, positions, inv_freq, kv_cache, md,
-                                            norm=self.input_layernorm, lora_slots=lora_slots,
-                                            residual=x if plain else None)
+        # plain: the attention returns x + its output (the new residual stream), else its output.
+        attn, kv_cache = self.self_attn(x, positions, inv_freq, kv_cache, md,
+                                        norm=self.input_layernorm, lora_slots=lora_slots,
+                                        residual=x if plain else None)
         if self.pre_feedforward_layernorm is not None:  # Gemma 2
-            x = x + self.post_attention_layernorm(attn_out)
+            x = x + self.post_attention_layernorm(attn)
             h = self.mlp(self.pre_feedforward_layernorm(x), lora_slots)
             return x + self.post_feedforward_layernorm(h), kv_cache
-        x = attn_out if plain else x + self._branch(attn_out)
+        x = attn if plain else x + self._branch(attn)
         if (self.mlp.kernel_ok(lora_slots) and not self.post_attention_layernorm.offset
                 and mlp_kernel_applies(self.self_attn.attention_backend, x.shape[0],
                                        fp8=self.mlp.gate_up_proj.kernel is None)):
