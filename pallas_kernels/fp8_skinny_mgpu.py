@@ -70,6 +70,7 @@ DEFAULT_TILE = (512, 3)
 TILES = ((128, 8), (256, 4), (256, 6), (512, 3))
 SMEM_BYTES = 200 * 1024  # the pipeline buffers' limit (Hopper: 227 KB a CTA, less the rest)
 CTA_SMEM_BYTES = 227 * 1024  # Hopper's shared memory a CTA: the pipeline and the epilogue's
+E4M3_MAX = 448.0
 
 
 def check_shapes(M: int, K: int, N: int, tile_k: int, out_dtype=jnp.bfloat16) -> None:
@@ -93,11 +94,39 @@ def pipeline_bytes(M: int, tile_k: int, steps: int, x_itemsize: int = 1) -> int:
     return steps * (ROWS + -(-M // 8) * 8 * x_itemsize) * tile_k
 
 
+def cta_smem_bytes(M: int, tile_k: int, steps: int, x_itemsize: int = 1, *,
+                   compute_wgs: int = 1, out_itemsize: int = 2, residual: bool = False,
+                   quantize_x: bool = False) -> int:
+    """A CTA's shared memory (at most ``CTA_SMEM_BYTES``): the pipeline's buffers and the
+    epilogue's (output and residual tiles, the other warpgroups' sums, scales and barriers:
+    1 KB), and with ``quantize_x`` two steps' e4m3 rows and scales."""
+    tm = -(-M // 8) * 8
+    return (pipeline_bytes(M, tile_k, steps, x_itemsize) + 1024
+            + (compute_wgs - 1) * ROWS * tm * 4
+            + tm * ROWS * out_itemsize * (2 if residual else 1)
+            + (2 * tm * (tile_k + 4) if quantize_x else 0))
+
+
+def quantize_x_reference(x: jax.Array, w_fp8: jax.Array, w_scale: jax.Array, tile_k: int,
+                         out_dtype=jnp.bfloat16) -> jax.Array:
+    """The contract of ``quantize_x``: x [M, K] (16-bit) quantized to e4m3 per token and block
+    of ``tile_k`` features (each block's absmax maps to 448,
+    ``fp8_matmul.quantize_activation_per_token_group``), times the per-channel e4m3 weight, in
+    float32 (HIGHEST), rounded to ``out_dtype``."""
+    from pallas_kernels.fp8_matmul import (fp8_block_matmul_reference,
+                                           quantize_activation_per_token_group)
+
+    xq, xs = quantize_activation_per_token_group(x, tile_k)
+    ws = jnp.broadcast_to(w_scale.reshape(-1, 1).astype(jnp.float32), (w_fp8.shape[0],
+                                                                         xs.shape[1]))
+    return fp8_block_matmul_reference(xq, xs, w_fp8, ws, tile_k, out_dtype)
+
+
 def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: jax.Array,
                            w_scale: jax.Array, out_dtype=jnp.bfloat16, *,
                            tile_k: int | None = None, steps: int | None = None,
                            oob_rows: bool = True, compute_wgs: int = 1,
-                           residual: jax.Array | None = None,
+                           residual: jax.Array | None = None, quantize_x: bool = False,
                            interpret: bool = False) -> jax.Array:
     """x_fp8 [M, K], x_scale [M] or [M, 1], w_fp8 [N, K], w_scale [N] -> [M, N] ``out_dtype``
     (the module's contract). ``x_scale`` None: weight-only (W8A16), x in bfloat16 or float16,
@@ -112,7 +141,9 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     an accumulator of its own, summed through shared memory at the end, so the upcasts of one
     run beside another's wgmma; ``residual`` [M, N] in ``out_dtype``: returned is residual +
     the product rounded to ``out_dtype`` (the model's ``x + proj(h)``, its tile read by TMA
-    beside the weight stream); ``interpret``: Mosaic GPU's interpreter (any platform, slow)."""
+    beside the weight stream); ``quantize_x`` (with ``x_scale`` None and a 16-bit x): W8A8
+    with the rows quantized here, per token and ``tile_k`` block (``quantize_x_reference``);
+    ``interpret``: Mosaic GPU's interpreter (any platform, slow)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -121,13 +152,16 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     tile_k = DEFAULT_TILE[0] if tile_k is None else tile_k
     steps = DEFAULT_TILE[1] if steps is None else steps
     check_shapes(M, K, N, tile_k, out_dtype)
-    weight_only = x_scale is None
+    weight_only = x_scale is None and not quantize_x
     x_isz = jnp.dtype(x_fp8.dtype).itemsize
-    if weight_only and x_fp8.dtype not in (jnp.float16, jnp.bfloat16):
-        raise ValueError(f"x {x_fp8.dtype}: weight-only (x_scale None) takes a 16-bit x.")
-    if not weight_only and x_isz != 1:
+    if x_scale is None and x_fp8.dtype not in (jnp.float16, jnp.bfloat16):
+        raise ValueError(f"x {x_fp8.dtype}: weight-only (x_scale None) takes a 16-bit x, as "
+                         "does quantize_x.")
+    if quantize_x and x_scale is not None:
+        raise ValueError("quantize_x: the kernel computes the rows' scales (x_scale None).")
+    if x_scale is not None and x_isz != 1:
         raise ValueError(f"x {x_fp8.dtype}: W8A8 takes an e4m3 x with its x_scale.")
-    if w_fp8.shape != (N, K) or w_scale.size != N or (not weight_only and x_scale.size != M):
+    if w_fp8.shape != (N, K) or w_scale.size != N or (x_scale is not None and x_scale.size != M):
         raise ValueError(f"shapes x {x_fp8.shape}, x_scale {getattr(x_scale, 'shape', None)}, "
                          f"w {w_fp8.shape}, "
                          f"w_scale {w_scale.shape} do not fit [M, K] x [N, K].")
@@ -142,13 +176,13 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     tm = -(-M // 8) * 8
     # Weight-only: the kernel never reads this operand; w_scale's bytes stand in for it (a
     # constant of ones would be a fill kernel of its own before the call).
-    xs = (w_scale.reshape(-1).astype(jnp.float32) if weight_only
+    xs = (w_scale.reshape(-1).astype(jnp.float32) if x_scale is None
           else x_scale.reshape(M).astype(jnp.float32))
     if residual is not None and (residual.shape != (M, N) or residual.dtype != out_dtype):
         raise ValueError(f"residual {residual.shape} {residual.dtype}: the output's [M, N] "
                          f"= [{M}, {N}] in {jnp.dtype(out_dtype).name}.")
     if tm != M and not oob_rows:
-        xs = xs if weight_only else jnp.pad(xs, (0, tm - M))
+        xs = xs if x_scale is None else jnp.pad(xs, (0, tm - M))
         x_fp8 = jnp.pad(x_fp8, ((0, tm - M), (0, 0)))
         if residual is not None:
             residual = jnp.pad(residual, ((0, tm - M), (0, 0)))
@@ -169,16 +203,20 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     # GPU test covers the register form).
     scratch = ({"a_smem": plgpu.SMEM((wgs, ROWS, 128), x_fp8.dtype, transforms=x_tf)}
                if weight_only and interpret else {})
+    if quantize_x:  # a step's rows in e4m3, the B operand of its wgmma
+        # Two of each (step parity): a warpgroup past one step's barrier may write the next
+        # step's while another still reads this step's scales (the barrier after the writes
+        # orders the step after that).
+        scratch.update(xq_smem=plgpu.SMEM((2, tm, tile_k), jnp.float8_e4m3fn, transforms=fp8_tf),
+                       xqs_smem=plgpu.SMEM((2, tm), jnp.float32))
     if wgs > 1:  # the other warpgroups' partial sums, added by warpgroup 0
         scratch.update(red_smem=plgpu.SMEM((wgs - 1, ROWS, tm), jnp.float32),
                        red_bar=plgpu.Barrier(num_arrivals=wgs - 1))
 
     if residual is not None:  # the residual's tile, added to the rounded product
         scratch.update(res_smem=plgpu.SMEM((tm, ROWS), out_dtype, transforms=out_tf))
-    # The epilogue's buffers (output and residual tiles, the other warpgroups' sums, scales and
-    # barriers: 1 KB) beside the pipeline's must fit the CTA's shared memory.
-    total = (pipeline_bytes(M, tile_k, steps, x_isz) + 1024 + (wgs - 1) * ROWS * tm * 4
-             + tm * ROWS * out_isz * (1 if residual is None else 2))
+    total = cta_smem_bytes(M, tile_k, steps, x_isz, compute_wgs=wgs, out_itemsize=out_isz,
+                           residual=residual is not None, quantize_x=quantize_x)
     if total > CTA_SMEM_BYTES:
         raise ValueError(f"M={M}, tile_k={tile_k} x steps={steps}"
                          f"{'' if residual is None else ' and a residual'}: {total} bytes of "
@@ -212,14 +250,14 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
             bars=plgpu.Barrier(num_arrivals=1, num_barriers=3),
             collective_axes="wg", **scratch)
         def _scope(allocs, out_smem, ws_smem, xs_smem, bars, a_smem=None, red_smem=None,
-                   red_bar=None, res_smem=None):
+                   red_bar=None, res_smem=None, xq_smem=None, xqs_smem=None):
             wg = lax.axis_index("wg") if wgs > 1 else 0
 
             def epilogue(acc):
                 plgpu.barrier_wait(bars.at[0])
                 w_s = plgpu.load(ws_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
                 scale = lax.broadcast_in_dim(w_s, (ROWS, tm), [0])
-                if not weight_only:
+                if x_scale is not None:
                     plgpu.barrier_wait(bars.at[1])
                     x_s = plgpu.load(xs_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
                     scale = scale * lax.broadcast_in_dim(x_s, (ROWS, tm), [1])
@@ -238,10 +276,15 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                 @pl.when(wg == 0)
                 def _():
                     plgpu.copy_gmem_to_smem(ws_gmem.at[n_idx], ws_smem, bars.at[0])
-                    if not weight_only:
+                    if x_scale is not None:
                         plgpu.copy_gmem_to_smem(xs_gmem.at[pl.ds(0, tm)], xs_smem, bars.at[1])
                     if res_smem is not None:
                         plgpu.copy_gmem_to_smem(res_gmem.at[out_block], res_smem, bars.at[2])
+
+                if quantize_x:  # the rows' scales applied step by step: a register sum
+                    epilogue(eval_pipeline(plgpu.layout_cast(
+                        jnp.full((ROWS, tm), 0, jnp.float32), plgpu.Layout.WGMMA)))
+                    return
 
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, tm), jnp.float32))
                 def _acc(acc_ref):
@@ -266,7 +309,31 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                                                        layout=plgpu.Layout.WGMMA)
                         epilogue(total)
 
-            def body(_, x_smem, w_smem, acc_ref):
+            def body(idx, x_smem, w_smem, acc_ref):
+                if quantize_x:
+                    # The step's [tm, tile_k] rows (16-bit) quantized per token: its absmax
+                    # over the step's K block maps to 448 (as quantize_activation_per_token_
+                    # group), the e4m3 rows stored for the wgmma, whose product is then scaled
+                    # back token by token into the running sum (acc_ref: a register value).
+                    xt = plgpu.load(x_smem.transpose((1, 0)), (),
+                                    layout=plgpu.Layout.WGMMA_TRANSPOSED)
+                    xt = xt.astype(jnp.float32)
+                    amax = jnp.max(jnp.abs(xt), axis=0)
+                    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+                    q = xt / lax.broadcast_in_dim(scale, (tile_k, tm), [1])
+                    buf = lax.rem(idx[0], 2)
+                    xq_smem.at[buf].transpose((1, 0))[...] = q.astype(jnp.float8_e4m3fn)
+                    xqs_smem.at[buf][...] = scale  # to the accumulator's layout through SMEM
+                    plgpu.commit_smem()
+
+                    def mma(part):
+                        plgpu.wgmma(part, w_smem, xq_smem.at[buf].transpose((1, 0)))
+                        x_s = plgpu.load(xqs_smem.at[buf], (),
+                                         layout=plgpu.Layout.WGMMA.reduce(0))
+                        val = plgpu.wgmma_accumulator_load(part, wait_n=0)
+                        return acc_ref + val * lax.broadcast_in_dim(x_s, (ROWS, tm), [1])
+
+                    return pl.run_scoped(mma, plgpu.ACC((ROWS, tm), jnp.float32))
                 if not weight_only:
                     plgpu.wgmma(acc_ref, w_smem, x_smem.transpose((1, 0)))
                     plgpu.wgmma_wait(0)

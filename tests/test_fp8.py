@@ -1164,6 +1164,58 @@ def test_weight_only_steps_take_the_mosaic_kernel_when_asked_and_residuals_fold_
         monkeypatch.delenv(env)
 
 
+def test_small_steps_quantize_their_rows_inside_the_skinny_kernel_when_asked(monkeypatch):
+    """JAXLLM_FP8_SKINNY_MGPU_QX ("tile_k,steps,max_rows"; unset: off) runs fp8 projections of
+    <= max_rows rows W8A8 through the skinny Mosaic kernel with the rows quantized inside it
+    (interpreted here), ahead of the weight-only form those rows would take: its product is
+    ``quantize_x_reference``'s (per token and tile_k block), the residual added in its
+    epilogue; more rows, or a static input scale (a pre-quantized checkpoint's), keep their
+    forms; a fused q/k/v it takes runs whole; bad values are ValueErrors naming it."""
+    from jaxllm.models import fp8 as fp8_mod
+    from jaxllm.models.fused import FusedLinear
+    from pallas_kernels.fp8_skinny_mgpu import quantize_x_reference
+
+    rng = np.random.default_rng(23)
+    calls = []
+    real = fp8_mod.fp8_skinny_mgpu.fp8_skinny_matmul_mgpu
+    monkeypatch.setattr(fp8_mod.fp8_skinny_mgpu, "fp8_skinny_matmul_mgpu",
+                        lambda *a, **k: calls.append((k.get("quantize_x", False),
+                                                      k.get("residual") is not None))
+                        or real(*a, **k))
+    w = jnp.asarray(np.clip(rng.standard_normal((128, 512)) * 100, -448, 448),
+                    jnp.float32).astype(jnp.float8_e4m3fn)
+    ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(128,)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.bfloat16)
+    res = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "4")
+    monkeypatch.delenv(fp8_mod.SKINNY_MGPU_QX_ENV, raising=False)
+    assert fp8_mod.skinny_mgpu_qx_tile() is None and not fp8_mod.skinny_mgpu_qx_takes(1)
+    w8a16 = fp8_mod.fp8_linear(x, w, ws, None)
+    assert calls == []
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_QX_ENV, "256,2,3")
+    assert fp8_mod.skinny_mgpu_qx_tile() == (256, 2, 3)
+    got = fp8_mod.fp8_linear(x, w, ws, None)
+    assert calls == [(True, False)] and got.dtype == jnp.bfloat16
+    ref = quantize_x_reference(x, w, ws, 256).astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref))) <= \
+        float(jnp.max(jnp.abs(ref))) * 2 ** -7  # an output rounding
+    assert not jnp.array_equal(got, w8a16)  # e4m3 rows, not bf16
+    assert jnp.array_equal(fp8_mod.fp8_linear(x, w, ws, None, residual=res), res + got)
+    assert calls[-1] == (True, True)
+    calls.clear()
+    x4 = jnp.asarray(rng.standard_normal((4, 512)), jnp.bfloat16)  # past max_rows
+    fp8_mod.fp8_linear(x4, w, ws, None)
+    fp8_mod.fp8_linear(x, w, ws, jnp.float32(0.05))  # a static input scale
+    assert calls == []
+    # A fused q/k/v of a step the kernel takes runs whole: no split-K partials.
+    qkv = FusedLinear(512, (2, 64), use_bias=False, dtype=jnp.bfloat16, fp8=True)
+    assert qkv.split_k(x, 4) is None and qkv.split_k(x4, 4).shape == (16, 2, 64)
+    for bad in ("256,2", "256,2,65", "256,2,0"):
+        monkeypatch.setenv(fp8_mod.SKINNY_MGPU_QX_ENV, bad)
+        with pytest.raises(ValueError, match=fp8_mod.SKINNY_MGPU_QX_ENV):
+            fp8_mod.fp8_linear(x, w, ws, None)
+
+
 def test_fp8_decoder_layers_fold_their_residual_adds_into_the_skinny_kernel(monkeypatch):
     """A bf16 fp8 Llama (the benchmarks' tiny shape) run on one sequence with the skinny
     Mosaic kernels on (interpreted; W8A8 at 6 rows, then weight-only): the o and down
@@ -1207,6 +1259,18 @@ def test_fp8_decoder_layers_fold_their_residual_adds_into_the_skinny_kernel(monk
         got = hidden()
         assert residuals == [False, True, False, True] * 2  # q/k/v, o, gate/up, down
         assert got.dtype == jnp.bfloat16 and jnp.array_equal(got, want)
+    # The rows quantized inside the kernel (JAXLLM_FP8_SKINNY_MGPU_QX): every projection
+    # there, the residuals in its epilogue, hidden states near W8A8's with XLA's quantization.
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "0")
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_ENV, "0")
+    w8a8 = hidden()
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_QX_ENV, "128,2,8")
+    residuals.clear()
+    qx = hidden()
+    assert residuals == [False, True, False, True] * 2
+    err = jnp.linalg.norm((qx - w8a8).astype(jnp.float32)) / jnp.linalg.norm(
+        w8a8.astype(jnp.float32))
+    assert 0 < float(err) < 0.05, float(err)
 
 
 def test_skinny_mosaic_tile_env(monkeypatch):

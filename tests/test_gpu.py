@@ -321,6 +321,30 @@ def test_compiled_fp8_skinny_mgpu_residual_epilogue_adds_the_rounded_product(M):
             assert got.shape == (M, N) and jnp.array_equal(got, res + g(a, s, w, ws)), (K, wgs)
 
 
+@pytest.mark.parametrize("M", [1, 5, 16, 64])
+def test_compiled_fp8_skinny_mgpu_quantizes_its_rows_per_token_and_k_step(M):
+    """The Mosaic skinny kernel's ``quantize_x`` form compiled for the GPU (bf16 rows quantized
+    to e4m3 in the kernel per token and K step, the fp8 wgmma, the product scaled back step by
+    step) at the four Llama-3-8B projections' shapes: ``quantize_x_reference`` up to the
+    output's rounding, rows past M (TMA's out-of-bounds) included, the residual epilogue bit
+    for bit, a repeat the same bits."""
+    from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu, quantize_x_reference
+
+    rng = np.random.default_rng(M + 400)
+    for K, N in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)):
+        x, w, ws = _fp8_skinny_operands(rng, M, K, N, jnp.bfloat16, 1e-3)
+        res = jnp.asarray(rng.standard_normal((M, N)), jnp.bfloat16)
+        for tk, steps in ((512, 3), (256, 4)):
+            f = jax.jit(lambda a, b, c, r=None, tk=tk, steps=steps: fp8_skinny_matmul_mgpu(
+                a, None, b, c, tile_k=tk, steps=steps, quantize_x=True, residual=r))
+            got = f(x, w, ws)
+            assert got.shape == (M, N) and got.dtype == jnp.bfloat16
+            ref = quantize_x_reference(x, w, ws, tk, jnp.float32)
+            assert _rel_err(got, ref) < 5e-3, (K, N, tk, steps)  # one bf16 rounding
+            assert jnp.array_equal(f(x, w, ws), got)
+            assert jnp.array_equal(f(x, w, ws, res), res + got), (K, N, tk, "residual")
+
+
 @pytest.mark.parametrize("M", [1, 8, 40])
 def test_compiled_fused_mlp_kernels_match_reference(M):
     """pallas_kernels.fused_mlp compiled for the GPU at the Llama-3-8B MLP (E 4096, F 14336):

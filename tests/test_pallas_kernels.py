@@ -1071,6 +1071,43 @@ def test_fp8_skinny_mgpu_residual_epilogue_adds_the_rounded_product(M, weight_on
         fp8_skinny_matmul_mgpu(x, xs, w, ws, residual=res[:, :64], **kw)
 
 
+@pytest.mark.parametrize("M,K,N,tile_k,steps,oob_rows,with_res", [
+    (1, 512, 128, 128, 2, True, True),  # batch 1: seven zero rows past M, four K steps
+    (5, 512, 192, 256, 4, False, False),  # rows padded to 8; steps clipped to the two K steps
+    (16, 384, 64, 128, 3, True, True),
+])
+def test_fp8_skinny_mgpu_quantizes_its_rows_per_token_and_k_step(M, K, N, tile_k, steps,
+                                                                  oob_rows, with_res):
+    """``quantize_x``: 16-bit rows quantized to e4m3 inside the kernel, per token and K step
+    (the step's absmax maps to 448), the fp8 product scaled back step by step: equals
+    ``quantize_x_reference`` (the same quantization outside, both dequantized and multiplied in
+    fp32) up to the output's rounding, with the residual added as the other forms add it; a
+    row scaled up in one K block changes only its own quantization."""
+    from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu, quantize_x_reference
+
+    rng = np.random.default_rng(M * 19 + K)
+    x, w, ws = _fp8_skinny_operands(rng, M, K, N, jnp.bfloat16)
+    # Blocks of very different magnitude: one scale per row over all of K would lose the small.
+    x = x * jnp.asarray(np.repeat(rng.uniform(1e-3, 10, (M, K // tile_k)), tile_k, axis=1),
+                        jnp.bfloat16)
+    kw = dict(tile_k=tile_k, steps=steps, oob_rows=oob_rows, quantize_x=True, interpret=True)
+    ref = quantize_x_reference(x, w, ws, tile_k, jnp.float32)
+    got = fp8_skinny_matmul_mgpu(x, None, w, ws, **kw)
+    assert got.shape == (M, N) and got.dtype == jnp.bfloat16
+    assert _rel_err(got, ref.astype(jnp.bfloat16)) < 1e-4
+    exact = (x.astype(jnp.float32) @ w.astype(jnp.float32).T) * ws[None, :]
+    assert _rel_err(got, exact) < 5e-2  # e4m3 rows: ~2^-4 relative a value
+    if with_res:
+        res = jnp.asarray(rng.standard_normal((M, N)) * 10, jnp.bfloat16)
+        assert jnp.array_equal(fp8_skinny_matmul_mgpu(x, None, w, ws, residual=res, **kw),
+                               res + got)
+    assert _rel_err(fp8_skinny_matmul_mgpu(x, None, w, jnp.roll(ws, 1), **kw), ref) > 1e-2
+    with pytest.raises(ValueError, match="quantize_x: the kernel computes"):
+        fp8_skinny_matmul_mgpu(x.astype(jnp.float8_e4m3fn), jnp.ones((M,)), w, ws, **kw)
+    with pytest.raises(ValueError, match="compute_wgs=2"):  # one compute warpgroup
+        fp8_skinny_matmul_mgpu(x, None, w, ws, compute_wgs=2, **kw)
+
+
 def test_fp8_skinny_mgpu_kernel_refuses_what_it_does_not_take():
     from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu
 

@@ -2059,15 +2059,38 @@ wob1prof)  # one GPU, one call (2026-12-06 evening): where batch 1 through the s
   # kernel's weight-only form (JAXLLM_FP8_SKINNY_MGPU_WO=512,3,2,0,1) loses 0.14 ms a token to
   # XLA's W8A16 GEMMs: the fp8 batch-1 step profiled (1k context, 4 steps a launch, top 16
   # kernels) with the variable, then without. Logs straight into $OUT (a cut call keeps them).
+  # VAR: another variable to set to each of VARIANTS (e.g. JAXLLM_FP8_SKINNY_MGPU_QX).
+  VAR=${VAR:-JAXLLM_FP8_SKINNY_MGPU_WO}
   for v in ${VARIANTS:-512,3,2,0,1 xla}; do
     [ $((T - SECONDS)) -gt 60 ] || break
-    unset JAXLLM_FP8_SKINNY_MGPU_WO
-    [ $v = xla ] || export JAXLLM_FP8_SKINNY_MGPU_WO=$v
+    unset $VAR
+    [ $v = xla ] || export "$VAR=$v"
     timeout $((T - SECONDS - 5)) python3 benchmarks/profile_step.py --context 1024 --steps 6 \
       --top 16 --batch 1 --max-num-seqs 1 --num-scheduler-steps 4 --quantization fp8 \
       --out-dir /tmp/po --out $OUT/results.jsonl > $OUT/prof_b1_$v.log 2>&1
     echo "== $v"; grep -A17 "^batch " $OUT/prof_b1_$v.log | cut -c1-120
-  done ;;
+  done; unset $VAR ;;
+qxab)  # one GPU, one call (2026-12-06 night): fp8 batch 1 (issue 6) with the rows quantized
+  # inside the skinny Mosaic kernel (JAXLLM_FP8_SKINNY_MGPU_QX=tile_k,steps,max_rows: W8A8 at
+  # every projection of <= max_rows rows, no quantization kernel before it) against XLA's
+  # W8A16 GEMMs (the default, "xla"): first the kernel at MS rows beside XLA's GEMMs
+  # (skinny_gemm.py: checked against its reference, GPU time), then batch 1, VARIANTS in turn,
+  # R rounds (default 1).
+  L=$OUT/logs; mkdir -p $L
+  timeout ${TS:-150} python3 benchmarks/gpu/skinny_gemm.py --impls ${IMPLS:-mgpu_w8a8_qx,mgpu_w8a8} \
+    --mgpu-tiles "${TILES:-512,3}" --ms ${MS:-1} --out $OUT/skinny.jsonl > $L/skinny.log 2>&1
+  echo "rc=$?"; sed -n '/== summary/,$p' $L/skinny.log
+  grep "qx" $L/skinny.log | grep -v "best=" | cut -c1-180
+  for i in $(seq 1 ${R:-1}); do
+    for v in ${VARIANTS:-xla 512,3,16}; do
+      [ $((T - SECONDS)) -gt 100 ] || break
+      unset JAXLLM_FP8_SKINNY_MGPU_QX
+      [ $v = xla ] || export JAXLLM_FP8_SKINNY_MGPU_QX=$v
+      timeout 240 $LAT1K --quantization fp8 --num-scheduler-steps 4 > $L/lat_fp8_${v}_r$i.log 2>&1
+    done; done
+  unset JAXLLM_FP8_SKINNY_MGPU_QX
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f | cut -c1-150)"; done
+  show_logs 2 ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.
   L=$OUT/logs; mkdir -p $L

@@ -211,6 +211,13 @@ def main():
                   if (c["tile_k"] // 128) % g == 0]
             if "mgpu_w8a16" in args.impls.split(",") and M <= 16:
                 mgpu_sweep("mgpu_w8a16", wo, True, sets_w, ref_w)
+            # W8A8 with the bf16 rows quantized inside the kernel (quantize_x: per token and
+            # tile_k block), against its own reference (that quantization outside, fp32).
+            if "mgpu_w8a8_qx" in args.impls.split(","):
+                for c in tiles:
+                    ref_q = fp8_skinny_mgpu.quantize_x_reference(x, wq[0][0], wq[0][1],
+                                                                 c["tile_k"], jnp.float32)
+                    mgpu_sweep("mgpu_w8a8_qx", [dict(c, quantize_x=True)], True, sets_w, ref_q)
             if "mgpu_w8a16_f16" in args.impls.split(",") and M <= 16:
                 sets_h = [(x.astype(jnp.float16), q, s) for q, s in wq]
                 mgpu_sweep("mgpu_w8a16_f16", wo, True, sets_h, ref_w)
@@ -253,7 +260,7 @@ def main():
     # Summary: best device time per (shape, M, impl); speed-up over XLA bf16.
     print("\n== summary: device us (weight TB/s), speed-up over xla_bf16 ==")
     impls = ["xla_bf16", "xla_w8a16", "xla_w8a16_f16", "xla_fp8", "pallas_bf16", "pallas_w8a16",
-             "pallas_w8a8", "mgpu_w8a8", "mgpu_w8a16", "mgpu_w8a16_f16"]
+             "pallas_w8a8", "mgpu_w8a8", "mgpu_w8a8_qx", "mgpu_w8a16", "mgpu_w8a16_f16"]
     print("shape M " + " ".join(impls))
     table = {}
     for r in rows:

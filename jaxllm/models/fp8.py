@@ -145,6 +145,10 @@ def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     res = residual if skinny_residual_enabled() else None  # else added after the kernel
     if block_k is not None:
         return add(block_fp8_linear(x, weight, weight_scale, block_k))
+    if input_scale is None:  # rows quantized inside the skinny kernel (JAXLLM_FP8_SKINNY_MGPU_QX)
+        y = _skinny_mgpu_quantize_x(x, weight, weight_scale, res)
+        if y is not None:
+            return y if res is not None else add(y)
     if x.shape[0] <= weight_only_max_tokens():
         y = _skinny_mgpu_weight_only(x, weight, weight_scale, res, residual is not None)
         if y is not None:
@@ -222,16 +226,54 @@ def skinny_mgpu_wo_takes_all() -> bool:
     return tile is not None and not tile[3]
 
 
+SKINNY_MGPU_QX_ENV = "JAXLLM_FP8_SKINNY_MGPU_QX"
+# Off by default until measured in the engine (batch 1 is where it was built for: the
+# activations' quantization kernels of W8A8 gone, so the skinny kernel's fp8 wgmma can replace
+# XLA's W8A16 GEMM there without the ~2 small kernels a projection that made W8A8 at batch 1
+# slower, 3.91 against 3.63 ms/token on the H100, 2026-12-06 11:15).
+SKINNY_MGPU_QX_TILE: tuple[int, int, int] | None = None
+
+
+def skinny_mgpu_qx_tile() -> tuple[int, int, int] | None:
+    """``JAXLLM_FP8_SKINNY_MGPU_QX``: "0" (off), or "tile_k,steps,max_rows": fp8 projections of
+    at most max_rows token rows (<= ``SKINNY_MGPU_MAX_ROWS``) run W8A8 through the skinny
+    Mosaic kernel with their 16-bit rows quantized inside it (``quantize_x``: per token and
+    tile_k block of features, no quantization kernel before the GEMM), in place of the
+    weight-only or the XLA-quantized W8A8 form those rows would take; unset:
+    ``SKINNY_MGPU_QX_TILE``. Read at trace time; on a CPU it runs Mosaic GPU's interpreter."""
+    tile = _kernel_tile_env(SKINNY_MGPU_QX_ENV, SKINNY_MGPU_QX_TILE,
+                            ("tile_k", "steps", "max_rows"))
+    if tile is not None and not 1 <= tile[2] <= SKINNY_MGPU_MAX_ROWS:
+        raise ValueError(f"{SKINNY_MGPU_QX_ENV}: max_rows={tile[2]} must be 1 to "
+                         f"{SKINNY_MGPU_MAX_ROWS}.")
+    return tile
+
+
+def skinny_mgpu_qx_takes(num_tokens: int) -> bool:
+    """Whether ``JAXLLM_FP8_SKINNY_MGPU_QX`` sends fp8 projections of ``num_tokens`` rows to the
+    skinny Mosaic kernel's ``quantize_x`` form (where its shapes fit)."""
+    tile = skinny_mgpu_qx_tile()
+    return tile is not None and num_tokens <= tile[2]
+
+
 def _fit_skinny_tile(T: int, K: int, N: int, tile_k: int, steps: int, out_dtype,
-                     x_itemsize: int) -> tuple[int, int] | None:
+                     x_itemsize: int, *, residual: bool = False, quantize_x: bool = False
+                     ) -> tuple[int, int] | None:
     """The skinny Mosaic kernel's (tile_k, steps) for a [T, K] x [N, K] GEMM: tile_k halved
-    until it divides K, steps lowered until the pipeline's buffers fit ``SMEM_BYTES``; None
-    where the kernel does not take the shapes (``fp8_skinny_mgpu.check_shapes``)."""
+    until it divides K, steps lowered until the pipeline's buffers fit ``SMEM_BYTES`` and the
+    CTA's (with the epilogue's, ``residual``, ``quantize_x``) ``CTA_SMEM_BYTES``; None where
+    the kernel does not take the shapes (``fp8_skinny_mgpu.check_shapes``)."""
     while tile_k > 128 and K % tile_k:
         tile_k //= 2
     steps = min(steps, max(1, K // tile_k))
-    fits = lambda st: fp8_skinny_mgpu.pipeline_bytes(  # noqa: E731
-        T, tile_k, st, x_itemsize) <= fp8_skinny_mgpu.SMEM_BYTES
+
+    def fits(st: int) -> bool:
+        cta = fp8_skinny_mgpu.cta_smem_bytes(
+            T, tile_k, st, x_itemsize, out_itemsize=jnp.dtype(out_dtype).itemsize,
+            residual=residual, quantize_x=quantize_x)
+        return (fp8_skinny_mgpu.pipeline_bytes(T, tile_k, st, x_itemsize)
+                <= fp8_skinny_mgpu.SMEM_BYTES and cta <= fp8_skinny_mgpu.CTA_SMEM_BYTES)
+
     while steps > 1 and not fits(steps):
         steps -= 1
     try:
@@ -262,7 +304,8 @@ def _skinny_mgpu_weight_only(x: jax.Array, weight: jax.Array, weight_scale: jax.
     out_dtype = x.dtype
     if f16 and x.dtype == jnp.bfloat16:  # 65280: the largest bfloat16 below float16's max
         x = jnp.clip(x, -65280, 65280).astype(jnp.float16)
-    fit = _fit_skinny_tile(T, K, N, tile_k, steps, out_dtype, x.dtype.itemsize)
+    fit = _fit_skinny_tile(T, K, N, tile_k, steps, out_dtype, x.dtype.itemsize,
+                           residual=residual is not None)
     if fit is None:
         return None
     tile_k, steps = fit
@@ -271,6 +314,29 @@ def _skinny_mgpu_weight_only(x: jax.Array, weight: jax.Array, weight_scale: jax.
     return fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
         x, None, weight, weight_scale, out_dtype, tile_k=tile_k, steps=steps, compute_wgs=wgs,
         residual=residual, interpret=jax.default_backend() != "gpu")
+
+
+def _skinny_mgpu_quantize_x(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
+                            residual: jax.Array | None = None) -> jax.Array | None:
+    """A per-channel projection through ``fp8_skinny_matmul_mgpu(..., quantize_x=True)`` (W8A8,
+    x's rows quantized in the kernel; ``residual`` added in its epilogue), or None where it does
+    not apply: ``skinny_mgpu_qx_takes`` says no, tensor parallelism, a GPU other than Hopper,
+    shapes or a dtype it does not take (float32 rows)."""
+    (T, K), N = x.shape, weight.shape[0]
+    if (not skinny_mgpu_qx_takes(T) or heads_mesh() is not None
+            or x.dtype not in (jnp.bfloat16, jnp.float16)):
+        return None
+    dev = jax.devices()[0]
+    if not mosaic_kernel_runs_on(dev.platform, getattr(dev, "compute_capability", None)):
+        return None
+    tile_k, steps, _ = skinny_mgpu_qx_tile()
+    fit = _fit_skinny_tile(T, K, N, tile_k, steps, x.dtype, x.dtype.itemsize,
+                           residual=residual is not None, quantize_x=True)
+    if fit is None:
+        return None
+    return fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
+        x, None, weight, weight_scale, x.dtype, tile_k=fit[0], steps=fit[1], residual=residual,
+        quantize_x=True, interpret=jax.default_backend() != "gpu")
 
 
 def _skinny_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: jax.Array,
@@ -288,7 +354,7 @@ def _skinny_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: 
     dev = jax.devices()[0]
     if not mosaic_kernel_runs_on(dev.platform, getattr(dev, "compute_capability", None)):
         return None
-    fit = _fit_skinny_tile(T, K, N, *tile, out_dtype, 1)
+    fit = _fit_skinny_tile(T, K, N, *tile, out_dtype, 1, residual=residual is not None)
     if fit is None:
         return None
     tile_k, steps = fit

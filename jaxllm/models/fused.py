@@ -104,8 +104,8 @@ class FusedLinear(nnx.Module):
         dtype; the consumer sums them (the decode kernel's ``qkv_parts``), so the GEMM's own
         split-K sum is no kernel of its own. None where it does not apply: a bias, ``parts``
         not dividing I, block-wise fp8 scales, fp8 activations (W8A8 above
-        ``weight_only_max_tokens``), or weight-only steps that ``JAXLLM_FP8_SKINNY_MGPU_WO``
-        sends to the skinny Mosaic kernel (the whole GEMM goes there)."""
+        ``weight_only_max_tokens``), or steps that ``JAXLLM_FP8_SKINNY_MGPU_WO`` / ``_QX``
+        send to the skinny Mosaic kernel (the whole GEMM goes there)."""
         (A, C), I, T = self.groups, self.in_features, x.shape[0]
         if self.bias is not None or I % parts or self.block_k is not None:
             return None
@@ -114,9 +114,11 @@ class FusedLinear(nnx.Module):
             w = self.kernel[...].astype(x.dtype).reshape(parts, I // parts, A * C)
             y = jnp.einsum("tpk,pkn->ptn", xs, w, preferred_element_type=jnp.float32)
         else:
-            from jaxllm.models.fp8 import skinny_mgpu_wo_takes_all, weight_only_max_tokens
+            from jaxllm.models.fp8 import (skinny_mgpu_qx_takes, skinny_mgpu_wo_takes_all,
+                                           weight_only_max_tokens)
 
-            if T > weight_only_max_tokens() or skinny_mgpu_wo_takes_all():
+            if (T > weight_only_max_tokens() or skinny_mgpu_wo_takes_all()
+                    or (self.input_scale is None and skinny_mgpu_qx_takes(T))):
                 return None  # W8A8, or the whole GEMM in the skinny Mosaic kernel
             w = self.weight[...].reshape(A * C, parts, I // parts).astype(x.dtype)
             y = jnp.einsum("tpk,npk->ptn", xs, w, preferred_element_type=jnp.float32)
