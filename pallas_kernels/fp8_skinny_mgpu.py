@@ -108,18 +108,28 @@ def cta_smem_bytes(M: int, tile_k: int, steps: int, x_itemsize: int = 1, *,
 
 
 def quantize_x_reference(x: jax.Array, w_fp8: jax.Array, w_scale: jax.Array, tile_k: int,
-                         out_dtype=jnp.bfloat16) -> jax.Array:
+                         out_dtype=jnp.bfloat16, norm: tuple[jax.Array, float] | None = None
+                         ) -> jax.Array:
     """The contract of ``quantize_x``: x [M, K] (16-bit) quantized to e4m3 per token and block
     of ``tile_k`` features (each block's absmax maps to 448,
     ``fp8_matmul.quantize_activation_per_token_group``), times the per-channel e4m3 weight, in
-    float32 (HIGHEST), rounded to ``out_dtype``."""
+    float32 (HIGHEST), rounded to ``out_dtype``. ``norm`` = (g, eps): x * g quantized instead
+    (float32), the product scaled by each token's 1 / sqrt(mean(x^2) + eps) before the
+    rounding (RMSNorm(x) with weight g, folded)."""
     from pallas_kernels.fp8_matmul import (fp8_block_matmul_reference,
                                            quantize_activation_per_token_group)
 
-    xq, xs = quantize_activation_per_token_group(x, tile_k)
+    xf = x.astype(jnp.float32)
+    if norm is not None:
+        xf = xf * norm[0].astype(jnp.float32)[None, :]
+    xq, xs = quantize_activation_per_token_group(xf, tile_k)
     ws = jnp.broadcast_to(w_scale.reshape(-1, 1).astype(jnp.float32), (w_fp8.shape[0],
                                                                          xs.shape[1]))
-    return fp8_block_matmul_reference(xq, xs, w_fp8, ws, tile_k, out_dtype)
+    y = fp8_block_matmul_reference(xq, xs, w_fp8, ws, tile_k, jnp.float32)
+    if norm is not None:
+        x32 = x.astype(jnp.float32)
+        y = y * lax.rsqrt(jnp.mean(x32 * x32, axis=1, keepdims=True) + norm[1])
+    return y.astype(out_dtype)
 
 
 def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: jax.Array,
@@ -127,6 +137,7 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                            tile_k: int | None = None, steps: int | None = None,
                            oob_rows: bool = True, compute_wgs: int = 1,
                            residual: jax.Array | None = None, quantize_x: bool = False,
+                           norm: tuple[jax.Array, float] | None = None,
                            interpret: bool = False) -> jax.Array:
     """x_fp8 [M, K], x_scale [M] or [M, 1], w_fp8 [N, K], w_scale [N] -> [M, N] ``out_dtype``
     (the module's contract). ``x_scale`` None: weight-only (W8A16), x in bfloat16 or float16,
@@ -143,6 +154,9 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     the product rounded to ``out_dtype`` (the model's ``x + proj(h)``, its tile read by TMA
     beside the weight stream); ``quantize_x`` (with ``x_scale`` None and a 16-bit x): W8A8
     with the rows quantized here, per token and ``tile_k`` block (``quantize_x_reference``);
+    ``norm`` = (g [K], eps) (with ``quantize_x``): the product of RMSNorm(x) with weight g
+    instead of x's, the norm folded in: the rows times g are quantized, and each token's
+    1 / rms(x) (its sum of squares gathered step by step) scales the product in the epilogue;
     ``interpret``: Mosaic GPU's interpreter (any platform, slow)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -159,6 +173,9 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                          "does quantize_x.")
     if quantize_x and x_scale is not None:
         raise ValueError("quantize_x: the kernel computes the rows' scales (x_scale None).")
+    if norm is not None and (not quantize_x or norm[0].shape != (K,)):
+        raise ValueError(f"norm: (g [K] = [{K}], eps) with quantize_x, got g "
+                         f"{getattr(norm[0], 'shape', None)}, quantize_x={quantize_x}.")
     if x_scale is not None and x_isz != 1:
         raise ValueError(f"x {x_fp8.dtype}: W8A8 takes an e4m3 x with its x_scale.")
     if w_fp8.shape != (N, K) or w_scale.size != N or (x_scale is not None and x_scale.size != M):
@@ -174,6 +191,7 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                          f"{pipeline_bytes(M, tile_k, steps, x_isz)} bytes of pipeline buffers, "
                          f"more than {SMEM_BYTES}.")
     tm = -(-M // 8) * 8
+    norm_eps = None if norm is None else float(norm[1])
     # Weight-only: the kernel never reads this operand; w_scale's bytes stand in for it (a
     # constant of ones would be a fill kernel of its own before the call).
     xs = (w_scale.reshape(-1).astype(jnp.float32) if x_scale is None
@@ -209,6 +227,8 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
         # orders the step after that).
         scratch.update(xq_smem=plgpu.SMEM((2, tm, tile_k), jnp.float8_e4m3fn, transforms=fp8_tf),
                        xqs_smem=plgpu.SMEM((2, tm), jnp.float32))
+    if norm is not None:  # the rows' sums of squares, to the accumulator's layout
+        scratch.update(ss_smem=plgpu.SMEM((tm,), jnp.float32))
     if wgs > 1:  # the other warpgroups' partial sums, added by warpgroup 0
         scratch.update(red_smem=plgpu.SMEM((wgs - 1, ROWS, tm), jnp.float32),
                        red_bar=plgpu.Barrier(num_arrivals=wgs - 1))
@@ -223,7 +243,10 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                          f"shared memory, more than a CTA's {CTA_SMEM_BYTES}.")
 
     def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, *refs):
-        res_gmem, out_gmem = refs if residual is not None else (None,) + refs
+        refs = list(refs)
+        res_gmem = refs.pop(0) if residual is not None else None
+        g_gmem = refs.pop(0) if norm is not None else None
+        (out_gmem,) = refs
         n_idx = lax.axis_index("n")
         out_block = (pl.ds(0, tm), pl.ds(n_idx * ROWS, ROWS))
 
@@ -235,7 +258,9 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                                     memory_space=plgpu.SMEM),
                     plgpu.BlockSpec((ROWS, tile_k), lambda k: (0, k), transforms=fp8_tf,
                                     memory_space=plgpu.SMEM),
-                ],
+                ] + ([plgpu.BlockSpec((tile_k // 128, 128), lambda k: (k, 0),
+                                      memory_space=plgpu.SMEM)]  # TMA: <= 256 a dimension
+                     if norm is not None else []),
                 wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=steps,
                 compute_context=ctx)
 
@@ -243,14 +268,15 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
 
         @functools.partial(
             pl.run_scoped,
-            allocs=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+            allocs=pipeline(ignore, ignore).get_allocations(
+                x_gmem, w_gmem, *(() if g_gmem is None else (g_gmem,))),
             out_smem=plgpu.SMEM((tm, ROWS), out_dtype, transforms=out_tf),
             ws_smem=plgpu.SMEM((ROWS,), jnp.float32),
             xs_smem=plgpu.SMEM((tm,), jnp.float32),
             bars=plgpu.Barrier(num_arrivals=1, num_barriers=3),
             collective_axes="wg", **scratch)
         def _scope(allocs, out_smem, ws_smem, xs_smem, bars, a_smem=None, red_smem=None,
-                   red_bar=None, res_smem=None, xq_smem=None, xqs_smem=None):
+                   red_bar=None, res_smem=None, xq_smem=None, xqs_smem=None, ss_smem=None):
             wg = lax.axis_index("wg") if wgs > 1 else 0
 
             def epilogue(acc):
@@ -282,8 +308,19 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                         plgpu.copy_gmem_to_smem(res_gmem.at[out_block], res_smem, bars.at[2])
 
                 if quantize_x:  # the rows' scales applied step by step: a register sum
-                    epilogue(eval_pipeline(plgpu.layout_cast(
-                        jnp.full((ROWS, tm), 0, jnp.float32), plgpu.Layout.WGMMA)))
+                    acc = plgpu.layout_cast(jnp.full((ROWS, tm), 0, jnp.float32),
+                                            plgpu.Layout.WGMMA)
+                    if norm is None:
+                        epilogue(eval_pipeline(acc))
+                        return
+                    acc, ss = eval_pipeline((acc, plgpu.layout_cast(
+                        jnp.full((tm,), 0, jnp.float32),
+                        plgpu.Layout.WGMMA_TRANSPOSED.reduce(0))))
+                    ss_smem[...] = ss
+                    plgpu.commit_smem()
+                    ss = plgpu.load(ss_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+                    r = lax.rsqrt(ss / K + norm_eps)
+                    epilogue(acc * lax.broadcast_in_dim(r, (ROWS, tm), [1]))
                     return
 
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, tm), jnp.float32))
@@ -309,7 +346,10 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                                                        layout=plgpu.Layout.WGMMA)
                         epilogue(total)
 
-            def body(idx, x_smem, w_smem, acc_ref):
+            def body(idx, x_smem, w_smem, *rest):
+                *g_smem, acc_ref = rest
+                if norm is not None:
+                    acc_ref, ss = acc_ref
                 if quantize_x:
                     # The step's [tm, tile_k] rows (16-bit) quantized per token: its absmax
                     # over the step's K block maps to 448 (as quantize_activation_per_token_
@@ -318,6 +358,14 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                     xt = plgpu.load(x_smem.transpose((1, 0)), (),
                                     layout=plgpu.Layout.WGMMA_TRANSPOSED)
                     xt = xt.astype(jnp.float32)
+                    if norm is not None:  # RMSNorm folded: x * g quantized, 1 / rms(x) later
+                        ss = ss + jnp.sum(xt * xt, axis=0)
+                        g_layout = plgpu.Layout.WGMMA_TRANSPOSED.reduce(1)
+                        if interpret:  # the interpreter takes no reshaped ref
+                            g = g_smem[0][...].reshape(tile_k)
+                        else:
+                            g = plgpu.load(g_smem[0].reshape(tile_k), (), layout=g_layout)
+                        xt = xt * lax.broadcast_in_dim(g.astype(jnp.float32), (tile_k, tm), [0])
                     amax = jnp.max(jnp.abs(xt), axis=0)
                     scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
                     q = xt / lax.broadcast_in_dim(scale, (tile_k, tm), [1])
@@ -333,7 +381,8 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                         val = plgpu.wgmma_accumulator_load(part, wait_n=0)
                         return acc_ref + val * lax.broadcast_in_dim(x_s, (ROWS, tm), [1])
 
-                    return pl.run_scoped(mma, plgpu.ACC((ROWS, tm), jnp.float32))
+                    acc = pl.run_scoped(mma, plgpu.ACC((ROWS, tm), jnp.float32))
+                    return acc if norm is None else (acc, ss)
                 if not weight_only:
                     plgpu.wgmma(acc_ref, w_smem, x_smem.transpose((1, 0)))
                     plgpu.wgmma_wait(0)
@@ -354,7 +403,7 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                 return acc_ref
 
             pipeline(body, ctx)(x_gmem, w_gmem.at[pl.ds(n_idx * ROWS, ROWS), :],
-                                allocations=allocs)
+                                *(() if g_gmem is None else (g_gmem,)), allocations=allocs)
 
     f = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((M if oob_rows else tm, N), out_dtype),
@@ -362,5 +411,6 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    out = f(x_fp8, w_fp8, xs, ws, *(() if residual is None else (residual,)))
+    out = f(x_fp8, w_fp8, xs, ws, *(() if residual is None else (residual,)),
+            *(() if norm is None else (norm[0].reshape(K // 128, 128),)))
     return out[:M] if out.shape[0] != M else out

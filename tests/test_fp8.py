@@ -1193,7 +1193,7 @@ def test_small_steps_quantize_their_rows_inside_the_skinny_kernel_when_asked(mon
     w8a16 = fp8_mod.fp8_linear(x, w, ws, None)
     assert calls == []
     monkeypatch.setenv(fp8_mod.SKINNY_MGPU_QX_ENV, "256,2,3")
-    assert fp8_mod.skinny_mgpu_qx_tile() == (256, 2, 3)
+    assert fp8_mod.skinny_mgpu_qx_tile() == (256, 2, 3, 1)
     got = fp8_mod.fp8_linear(x, w, ws, None)
     assert calls == [(True, False)] and got.dtype == jnp.bfloat16
     ref = quantize_x_reference(x, w, ws, 256).astype(jnp.float32)
@@ -1210,7 +1210,27 @@ def test_small_steps_quantize_their_rows_inside_the_skinny_kernel_when_asked(mon
     # A fused q/k/v of a step the kernel takes runs whole: no split-K partials.
     qkv = FusedLinear(512, (2, 64), use_bias=False, dtype=jnp.bfloat16, fp8=True)
     assert qkv.split_k(x, 4) is None and qkv.split_k(x4, 4).shape == (16, 2, 64)
-    for bad in ("256,2", "256,2,65", "256,2,0"):
+    # Its input RMSNorm folded in (norm=(g, eps)): the kernel's norm form; where the kernel
+    # does not take the step, the model's RMSNorm applied first.
+    from jaxllm.models.llama import RMSNorm, rms_norm
+
+    qkv.weight.set_value(w.reshape(2, 64, 512))
+    qkv.weight_scale.set_value(ws.reshape(2, 64))
+    g = jnp.asarray(1 + 0.3 * rng.standard_normal(512), jnp.bfloat16)
+    calls.clear()
+    folded = qkv(x, norm=(g, 1e-5)).reshape(3, 128)
+    assert calls == [(True, False)]
+    ref = quantize_x_reference(x, w, ws, 256, jnp.float32, norm=(g, 1e-5))
+    assert float(jnp.max(jnp.abs(folded.astype(jnp.float32) - ref))) <= \
+        float(jnp.max(jnp.abs(ref))) * 2 ** -7
+    assert fp8_mod.qx_norm_folds(qkv, RMSNorm(512, 1e-5, jnp.bfloat16), 3)
+    assert not fp8_mod.qx_norm_folds(qkv, RMSNorm(512, 1e-5, jnp.bfloat16, offset=1.0), 3)
+    assert not fp8_mod.qx_norm_folds(qkv, RMSNorm(512, 1e-5, jnp.bfloat16), 4)
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_QX_ENV, "256,2,3,0")  # the norms not folded
+    assert not fp8_mod.qx_norm_folds(qkv, RMSNorm(512, 1e-5, jnp.bfloat16), 3)
+    monkeypatch.setenv(fp8_mod.SKINNY_MGPU_QX_ENV, "256,2,3")
+    assert jnp.array_equal(qkv(x4, norm=(g, 1e-5)), qkv(rms_norm(x4, g, 1e-5)))
+    for bad in ("256,2", "256,2,65", "256,2,0", "256,2,3,1,1"):
         monkeypatch.setenv(fp8_mod.SKINNY_MGPU_QX_ENV, bad)
         with pytest.raises(ValueError, match=fp8_mod.SKINNY_MGPU_QX_ENV):
             fp8_mod.fp8_linear(x, w, ws, None)
@@ -1237,9 +1257,10 @@ def test_fp8_decoder_layers_fold_their_residual_adds_into_the_skinny_kernel(monk
     kv, pos, md = one_sequence_inputs(loaded.model_config, 6, 8, jnp.bfloat16)
     residuals = []
     real = fp8_mod.fp8_skinny_mgpu.fp8_skinny_matmul_mgpu
+    norms = []
     monkeypatch.setattr(fp8_mod.fp8_skinny_mgpu, "fp8_skinny_matmul_mgpu",
                         lambda *a, **k: residuals.append(k.get("residual") is not None)
-                        or real(*a, **k))
+                        or norms.append(k.get("norm") is not None) or real(*a, **k))
 
     def hidden():
         model = nnx.merge(graphdef, state)
@@ -1260,14 +1281,17 @@ def test_fp8_decoder_layers_fold_their_residual_adds_into_the_skinny_kernel(monk
         assert residuals == [False, True, False, True] * 2  # q/k/v, o, gate/up, down
         assert got.dtype == jnp.bfloat16 and jnp.array_equal(got, want)
     # The rows quantized inside the kernel (JAXLLM_FP8_SKINNY_MGPU_QX): every projection
-    # there, the residuals in its epilogue, hidden states near W8A8's with XLA's quantization.
+    # there, the residuals in its epilogue, the q/k/v and gate/up input norms folded in,
+    # hidden states near W8A8's with XLA's quantization.
     monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "0")
     monkeypatch.setenv(fp8_mod.SKINNY_MGPU_ENV, "0")
     w8a8 = hidden()
     monkeypatch.setenv(fp8_mod.SKINNY_MGPU_QX_ENV, "128,2,8")
     residuals.clear()
+    norms.clear()
     qx = hidden()
     assert residuals == [False, True, False, True] * 2
+    assert norms == [True, False, True, False] * 2
     err = jnp.linalg.norm((qx - w8a8).astype(jnp.float32)) / jnp.linalg.norm(
         w8a8.astype(jnp.float32))
     assert 0 < float(err) < 0.05, float(err)

@@ -327,7 +327,8 @@ def test_compiled_fp8_skinny_mgpu_quantizes_its_rows_per_token_and_k_step(M):
     to e4m3 in the kernel per token and K step, the fp8 wgmma, the product scaled back step by
     step) at the four Llama-3-8B projections' shapes: ``quantize_x_reference`` up to the
     output's rounding, rows past M (TMA's out-of-bounds) included, the residual epilogue bit
-    for bit, a repeat the same bits."""
+    for bit, a repeat the same bits; with the RMSNorm folded in at the q/k/v and gate/up
+    shapes."""
     from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu, quantize_x_reference
 
     rng = np.random.default_rng(M + 400)
@@ -343,6 +344,14 @@ def test_compiled_fp8_skinny_mgpu_quantizes_its_rows_per_token_and_k_step(M):
             assert _rel_err(got, ref) < 5e-3, (K, N, tk, steps)  # one bf16 rounding
             assert jnp.array_equal(f(x, w, ws), got)
             assert jnp.array_equal(f(x, w, ws, res), res + got), (K, N, tk, "residual")
+        if K != 4096:
+            continue
+        # The layer's RMSNorm folded in (q/k/v and gate/up read normed rows).
+        g = jnp.asarray(1 + 0.3 * rng.standard_normal(K), jnp.bfloat16)
+        got = jax.jit(lambda a, b, c, g: fp8_skinny_matmul_mgpu(
+            a, None, b, c, quantize_x=True, norm=(g, 1e-5)))(x, w, ws, g)
+        ref = quantize_x_reference(x, w, ws, 512, jnp.float32, norm=(g, 1e-5))
+        assert _rel_err(got, ref) < 5e-3, (K, N, "norm")
 
 
 @pytest.mark.parametrize("M", [1, 8, 40])

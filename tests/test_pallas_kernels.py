@@ -1102,6 +1102,18 @@ def test_fp8_skinny_mgpu_quantizes_its_rows_per_token_and_k_step(M, K, N, tile_k
         assert jnp.array_equal(fp8_skinny_matmul_mgpu(x, None, w, ws, residual=res, **kw),
                                res + got)
     assert _rel_err(fp8_skinny_matmul_mgpu(x, None, w, jnp.roll(ws, 1), **kw), ref) > 1e-2
+    # The layer's RMSNorm folded in (norm=(g, eps)): x * g quantized, 1 / rms(x) applied to
+    # the product; near the product of the normed rows rounded to bf16 as the model has them.
+    g = jnp.asarray(1 + 0.5 * rng.standard_normal(K), jnp.bfloat16)
+    normed = fp8_skinny_matmul_mgpu(x, None, w, ws, norm=(g, 1e-5), **kw)
+    ref_n = quantize_x_reference(x, w, ws, tile_k, jnp.float32, norm=(g, 1e-5))
+    assert _rel_err(normed, ref_n.astype(jnp.bfloat16)) < 1e-4
+    xf = x.astype(jnp.float32)
+    rms = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=1, keepdims=True) + 1e-5))
+    model = g * rms.astype(jnp.bfloat16)
+    assert _rel_err(normed, quantize_x_reference(model, w, ws, tile_k, jnp.float32)) < 3e-2
+    with pytest.raises(ValueError, match="norm"):
+        fp8_skinny_matmul_mgpu(x, None, w, ws, norm=(g[:128], 1e-5), **kw)
     with pytest.raises(ValueError, match="quantize_x: the kernel computes"):
         fp8_skinny_matmul_mgpu(x.astype(jnp.float8_e4m3fn), jnp.ones((M,)), w, ws, **kw)
     with pytest.raises(ValueError, match="compute_wgs=2"):  # one compute warpgroup

@@ -2082,7 +2082,7 @@ qxab)  # one GPU, one call (2026-12-06 night): fp8 batch 1 (issue 6) with the ro
   echo "rc=$?"; sed -n '/== summary/,$p' $L/skinny.log
   grep "qx" $L/skinny.log | grep -v "best=" | cut -c1-180
   for i in $(seq 1 ${R:-1}); do
-    for v in ${VARIANTS:-xla 512,3,16}; do
+    for v in ${VARIANTS:-xla 512,3,16 512,3,16,0}; do
       [ $((T - SECONDS)) -gt 100 ] || break
       unset JAXLLM_FP8_SKINNY_MGPU_QX
       [ $v = xla ] || export JAXLLM_FP8_SKINNY_MGPU_QX=$v
@@ -2090,6 +2090,9 @@ qxab)  # one GPU, one call (2026-12-06 night): fp8 batch 1 (issue 6) with the ro
     done; done
   unset JAXLLM_FP8_SKINNY_MGPU_QX
   for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f | cut -c1-150)"; done
+  [ $((T - SECONDS)) -gt 40 ] && timeout $((T - SECONDS - 10)) python3 -m pytest -q -m gpu \
+    -p no:cacheprovider tests/test_gpu.py -k quantizes_its_rows > $L/gpu_tests.log 2>&1
+  echo "rc=$?"; grep -v "^\s*$" $L/gpu_tests.log | tail -4
   show_logs 2 ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.

@@ -131,7 +131,8 @@ def scale_shape(out_features: int, in_features: int, block_k: int | None) -> tup
 
 def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
                input_scale: jax.Array | None, *, block_k: int | None = None,
-               residual: jax.Array | None = None) -> jax.Array:
+               residual: jax.Array | None = None,
+               norm: tuple[jax.Array, float] | None = None) -> jax.Array:
     """x [T, I] (model dtype), weight [O, I] e4m3, weight_scale [O] -> [T, O] in x's dtype;
     ``residual`` [T, O] in x's dtype: residual + that (the product rounded first), added in the
     skinny Mosaic kernel's epilogue where it runs the GEMM, else after it.
@@ -140,9 +141,20 @@ def fp8_linear(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     ``input_scale`` [] (a 0-d value: ``[...]`` of a 0-d Variable is [1]); weight-only (no
     activation quantization) when T <= ``weight_only_max_tokens()``. With ``block_k``,
     weight_scale is [O, ceil(I / block_k)] and the layer runs ``block_fp8_linear``.
+    ``norm`` = (g [I], eps): the input is RMSNorm(x) with weight g, folded into the skinny
+    kernel's ``quantize_x`` form where it takes the step (``qx_norm_folds``), else applied
+    first as the model's ``RMSNorm`` applies it.
     """
     add = (lambda y: y) if residual is None else (lambda y: residual + y)  # noqa: E731
     res = residual if skinny_residual_enabled() else None  # else added after the kernel
+    if norm is not None:
+        if input_scale is None and block_k is None:
+            y = _skinny_mgpu_quantize_x(x, weight, weight_scale, res, norm=norm)
+            if y is not None:
+                return y if res is not None else add(y)
+        from jaxllm.models.llama import rms_norm
+
+        x = rms_norm(x, norm[0], norm[1])
     if block_k is not None:
         return add(block_fp8_linear(x, weight, weight_scale, block_k))
     if input_scale is None:  # rows quantized inside the skinny kernel (JAXLLM_FP8_SKINNY_MGPU_QX)
@@ -231,18 +243,20 @@ SKINNY_MGPU_QX_ENV = "JAXLLM_FP8_SKINNY_MGPU_QX"
 # activations' quantization kernels of W8A8 gone, so the skinny kernel's fp8 wgmma can replace
 # XLA's W8A16 GEMM there without the ~2 small kernels a projection that made W8A8 at batch 1
 # slower, 3.91 against 3.63 ms/token on the H100, 2026-12-06 11:15).
-SKINNY_MGPU_QX_TILE: tuple[int, int, int] | None = None
+SKINNY_MGPU_QX_TILE: tuple[int, int, int, int] | None = None
 
 
-def skinny_mgpu_qx_tile() -> tuple[int, int, int] | None:
-    """``JAXLLM_FP8_SKINNY_MGPU_QX``: "0" (off), or "tile_k,steps,max_rows": fp8 projections of
-    at most max_rows token rows (<= ``SKINNY_MGPU_MAX_ROWS``) run W8A8 through the skinny
-    Mosaic kernel with their 16-bit rows quantized inside it (``quantize_x``: per token and
-    tile_k block of features, no quantization kernel before the GEMM), in place of the
-    weight-only or the XLA-quantized W8A8 form those rows would take; unset:
-    ``SKINNY_MGPU_QX_TILE``. Read at trace time; on a CPU it runs Mosaic GPU's interpreter."""
+def skinny_mgpu_qx_tile() -> tuple[int, int, int, int] | None:
+    """``JAXLLM_FP8_SKINNY_MGPU_QX``: "0" (off), or "tile_k,steps,max_rows[,norm]": fp8
+    projections of at most max_rows token rows (<= ``SKINNY_MGPU_MAX_ROWS``) run W8A8 through
+    the skinny Mosaic kernel with their 16-bit rows quantized inside it (``quantize_x``: per
+    token and tile_k block of features, no quantization kernel before the GEMM), in place of
+    the weight-only or the XLA-quantized W8A8 form those rows would take, and (norm 1, the
+    default) the q/k/v and gate/up GEMMs take their input RMSNorm in (``qx_norm_folds``);
+    unset: ``SKINNY_MGPU_QX_TILE``. Read at trace time; on a CPU it runs Mosaic GPU's
+    interpreter."""
     tile = _kernel_tile_env(SKINNY_MGPU_QX_ENV, SKINNY_MGPU_QX_TILE,
-                            ("tile_k", "steps", "max_rows"))
+                            ("tile_k", "steps", "max_rows", "norm"), optional=(1,))
     if tile is not None and not 1 <= tile[2] <= SKINNY_MGPU_MAX_ROWS:
         raise ValueError(f"{SKINNY_MGPU_QX_ENV}: max_rows={tile[2]} must be 1 to "
                          f"{SKINNY_MGPU_MAX_ROWS}.")
@@ -317,11 +331,13 @@ def _skinny_mgpu_weight_only(x: jax.Array, weight: jax.Array, weight_scale: jax.
 
 
 def _skinny_mgpu_quantize_x(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
-                            residual: jax.Array | None = None) -> jax.Array | None:
+                            residual: jax.Array | None = None,
+                            norm: tuple[jax.Array, float] | None = None) -> jax.Array | None:
     """A per-channel projection through ``fp8_skinny_matmul_mgpu(..., quantize_x=True)`` (W8A8,
-    x's rows quantized in the kernel; ``residual`` added in its epilogue), or None where it does
-    not apply: ``skinny_mgpu_qx_takes`` says no, tensor parallelism, a GPU other than Hopper,
-    shapes or a dtype it does not take (float32 rows)."""
+    x's rows quantized in the kernel; ``residual`` added in its epilogue; ``norm`` = (g, eps):
+    RMSNorm folded in), or None where it does not apply: ``skinny_mgpu_qx_takes`` says no,
+    tensor parallelism, a GPU other than Hopper, shapes or a dtype it does not take (float32
+    rows)."""
     (T, K), N = x.shape, weight.shape[0]
     if (not skinny_mgpu_qx_takes(T) or heads_mesh() is not None
             or x.dtype not in (jnp.bfloat16, jnp.float16)):
@@ -329,14 +345,25 @@ def _skinny_mgpu_quantize_x(x: jax.Array, weight: jax.Array, weight_scale: jax.A
     dev = jax.devices()[0]
     if not mosaic_kernel_runs_on(dev.platform, getattr(dev, "compute_capability", None)):
         return None
-    tile_k, steps, _ = skinny_mgpu_qx_tile()
+    tile_k, steps = skinny_mgpu_qx_tile()[:2]
     fit = _fit_skinny_tile(T, K, N, tile_k, steps, x.dtype, x.dtype.itemsize,
                            residual=residual is not None, quantize_x=True)
     if fit is None:
         return None
     return fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
         x, None, weight, weight_scale, x.dtype, tile_k=fit[0], steps=fit[1], residual=residual,
-        quantize_x=True, interpret=jax.default_backend() != "gpu")
+        quantize_x=True, norm=norm, interpret=jax.default_backend() != "gpu")
+
+
+def qx_norm_folds(proj, norm, num_tokens: int) -> bool:
+    """Whether a fused fp8 projection (q/k/v, gate/up) of a ``num_tokens``-row step takes its
+    input RMSNorm ``norm`` folded in (``FusedLinear(x, norm=(g, eps))``): per-channel e4m3
+    weights without bias or static input scale, a plain (offset 0) norm, and
+    ``JAXLLM_FP8_SKINNY_MGPU_QX`` sending the step to the skinny kernel's ``quantize_x`` form
+    (on a GPU that cannot run it, the projection applies the norm first)."""
+    return (norm is not None and not norm.offset and getattr(proj, "kernel", 0) is None
+            and proj.bias is None and proj.input_scale is None and proj.block_k is None
+            and skinny_mgpu_qx_takes(num_tokens) and bool(skinny_mgpu_qx_tile()[3]))
 
 
 def _skinny_mgpu(xq: jax.Array, xs: jax.Array, weight: jax.Array, weight_scale: jax.Array,

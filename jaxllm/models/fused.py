@@ -80,10 +80,14 @@ class FusedLinear(nnx.Module):
             self.weight = self.weight_scale = self.input_scale = None
         self.bias = nnx.Param(jnp.zeros((A, C), dtype)) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, norm: tuple[jax.Array, float] | None = None) -> jax.Array:
         """x [T, I] -> [T, A, C] in x's dtype. The weight is viewed as 2-D ([I, A*C] / [A*C, I]):
-        a bitcast, and per tp shard a contiguous block (A is the split axis)."""
+        a bitcast, and per tp shard a contiguous block (A is the split axis). ``norm`` = (g,
+        eps), fp8 only: the layer's input is RMSNorm(x) with weight g (``fp8_linear``'s
+        ``norm``: folded into the skinny kernel where it runs, see ``qx_norm_folds``)."""
         (A, C), I, T = self.groups, self.in_features, x.shape[0]
+        if norm is not None and self.kernel is not None:
+            raise ValueError("FusedLinear(norm=...) folds the norm into fp8 layers only.")
         if self.kernel is not None:
             y = jnp.dot(x, self.kernel[...].astype(x.dtype).reshape(I, A * C))
         else:
@@ -92,7 +96,8 @@ class FusedLinear(nnx.Module):
             scale = None if self.input_scale is None else self.input_scale.get_value()
             ws = self.weight_scale[...]
             y = fp8_linear(x, self.weight[...].reshape(A * C, I),
-                           ws.reshape(A * C, *ws.shape[2:]), scale, block_k=self.block_k)
+                           ws.reshape(A * C, *ws.shape[2:]), scale, block_k=self.block_k,
+                           norm=norm)
         y = y.reshape(T, A, C)
         if self.bias is not None:
             y = y + self.bias[...]

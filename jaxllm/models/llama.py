@@ -44,7 +44,7 @@ from jaxllm.config import ModelConfig, gemm_out_dtype_from_env
 from jaxllm.models.attention import (AttentionMetadata, KVCache, mlp_kernel_applies,
                                      qkv_norm_folds, qkv_rope_applies, qkv_split_k_parts,
                                      rope_write_kv_and_attend, write_kv_and_attend)
-from jaxllm.models.fp8 import fp8_swiglu_mlp
+from jaxllm.models.fp8 import fp8_swiglu_mlp, qx_norm_folds
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -129,11 +129,20 @@ class RMSNorm(nnx.Module):
                                 else jnp.zeros((dim,), dtype=dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         if self.offset:
+            xf = _rms_normalized(x, self.eps)
             return (xf * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
-        return self.weight[...] * xf.astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def _rms_normalized(x: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """``RMSNorm`` without offset as a function: normalise in float32, cast back, scale."""
+    return weight * _rms_normalized(x, eps).astype(x.dtype)
 
 
 def _norm(config: ModelConfig, dim: int, dtype) -> RMSNorm:
@@ -263,10 +272,14 @@ class LlamaAttention(nnx.Module):
                         and not lora)
                 # Folded: RMSNorm(x) @ W = r * ((x * g) @ W); XLA takes x * g as the GEMM's
                 # prologue and the kernel applies r (no norm kernel). A bias or a static fp8
-                # activation scale would not commute with r, so those keep the norm.
-                h = x * norm.weight[...] if fold else (x if norm is None else norm(x))
-                parts = qkv_split_k_parts(T) if not lora else 1
-                qkv = self.qkv_proj.split_k(h, parts) if parts > 1 else None
+                # activation scale would not commute with r, so those keep the norm. An fp8
+                # q/k/v in the skinny kernel's quantize_x form takes the whole norm in.
+                if not lora and qx_norm_folds(self.qkv_proj, norm, T):
+                    qkv, parts, fold = self.qkv_proj(x, norm=(norm.weight[...], norm.eps)), 1, 0
+                else:
+                    h = x * norm.weight[...] if fold else (x if norm is None else norm(x))
+                    parts = qkv_split_k_parts(T) if not lora else 1
+                    qkv = self.qkv_proj.split_k(h, parts) if parts > 1 else None
                 if qkv is None:
                     qkv, parts = self.qkv_proj(h), 1
                     if lora:
@@ -279,10 +292,12 @@ class LlamaAttention(nnx.Module):
                     norm=(x, norm.eps) if fold else None)
                 return (self._o_proj(out.reshape(T, self.num_heads * self.head_dim),
                                      lora_slots, residual), (k_pages, v_pages))
-        if norm is not None:
+        qx = self.qkv_proj is not None and not lora and qx_norm_folds(self.qkv_proj, norm, T)
+        if norm is not None and not qx:
             x = norm(x)
         if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)  # [T, K, (G + 2) * D]: per KV head its G q heads, k, v
+            # [T, K, (G + 2) * D]: per KV head its G q heads, k, v
+            qkv = self.qkv_proj(x, norm=(norm.weight[...], norm.eps)) if qx else self.qkv_proj(x)
             if lora:
                 qkv = qkv + self._lora_qkv(x, lora_slots)
             GD = qkv.shape[-1] - 2 * D
@@ -329,18 +344,28 @@ class LlamaMLP(nnx.Module):
         self.lora = None  # jaxllm.lora.layers.LoraModules once the engine enables LoRA
 
     def __call__(self, x: jax.Array, lora_slots: jax.Array | None = None,
-                 residual: jax.Array | None = None) -> jax.Array:
+                 residual: jax.Array | None = None, norm: "RMSNorm | None" = None
+                 ) -> jax.Array:
         """x: [T, E] -> [T, E]. ``lora_slots`` [T]: as ``LlamaAttention``'s. ``residual``
-        [T, E]: returned is residual + the MLP's output (``proj_add``)."""
+        [T, E]: returned is residual + the MLP's output (``proj_add``). ``norm``: the MLP's
+        input RMSNorm, applied to x here first (folded into an fp8 gate/up GEMM where the
+        skinny kernel's quantize_x form takes the step: ``qx_norm_folds``)."""
         add = (lambda y: y) if residual is None else (lambda y: residual + y)  # noqa: E731
-        if lora_slots is not None and self.lora is not None:
+        lora = lora_slots is not None and self.lora is not None
+        fold = norm is not None and not lora and qx_norm_folds(self.gate_up_proj, norm,
+                                                               x.shape[0])
+        if norm is not None and not fold:
+            x = norm(x)
+        if lora:
             return add(self._lora_call(x, lora_slots))
         if self.gate_up_proj is not None:
-            if self.gate_up_proj.kernel is None and self.swiglu:  # fp8: SwiGLU + quant, one kernel
+            if self.gate_up_proj.kernel is None and self.swiglu and not fold:
+                # fp8: SwiGLU + quant, one kernel
                 y = fp8_swiglu_mlp(x, self.gate_up_proj, self.down_proj)
                 if y is not None:
                     return add(y)
-            gu = self.gate_up_proj(x)  # [T, F, 2]
+            gu = self.gate_up_proj(x, **({"norm": (norm.weight[...], norm.eps)} if fold
+                                         else {}))  # [T, F, 2]
             h = self.act(gu[..., 0]) * gu[..., 1]
         else:
             h = self.act(self.gate_proj(x)) * self.up_proj(x)
@@ -427,8 +452,9 @@ class LlamaDecoderLayer(nnx.Module):
                 return proj_add(self.mlp.down_proj, h, x), kv_cache
             return x + self._branch(self.mlp.down_proj(h)), kv_cache
         if plain:
-            return self.mlp(self.post_attention_layernorm(x), lora_slots, residual=x), kv_cache
-        x = x + self._branch(self.mlp(self.post_attention_layernorm(x), lora_slots))
+            return self.mlp(x, lora_slots, residual=x,
+                            norm=self.post_attention_layernorm), kv_cache
+        x = x + self._branch(self.mlp(x, lora_slots, norm=self.post_attention_layernorm))
         return x, kv_cache
 
 
