@@ -111,18 +111,23 @@ def quantize_x_reference(x: jax.Array, w_fp8: jax.Array, w_scale: jax.Array, til
                          out_dtype=jnp.bfloat16, norm: tuple[jax.Array, float] | None = None
                          ) -> jax.Array:
     """The contract of ``quantize_x``: x [M, K] (16-bit) quantized to e4m3 per token and block
-    of ``tile_k`` features (each block's absmax maps to 448,
-    ``fp8_matmul.quantize_activation_per_token_group``), times the per-channel e4m3 weight, in
+    of ``tile_k`` features (each block's absmax maps to 448, as
+    ``fp8_matmul.quantize_activation_per_token_group`` but times 448 / absmax instead of
+    divided by absmax / 448: one reciprocal a token in the kernel, not a division a value),
+    times the per-channel e4m3 weight, in
     float32 (HIGHEST), rounded to ``out_dtype``. ``norm`` = (g, eps): x * g quantized instead
     (float32), the product scaled by each token's 1 / sqrt(mean(x^2) + eps) before the
     rounding (RMSNorm(x) with weight g, folded)."""
-    from pallas_kernels.fp8_matmul import (fp8_block_matmul_reference,
-                                           quantize_activation_per_token_group)
+    from pallas_kernels.fp8_matmul import fp8_block_matmul_reference
 
     xf = x.astype(jnp.float32)
     if norm is not None:
         xf = xf * norm[0].astype(jnp.float32)[None, :]
-    xq, xs = quantize_activation_per_token_group(xf, tile_k)
+    M, K = xf.shape
+    amax = jnp.max(jnp.abs(xf.reshape(M, K // tile_k, tile_k)), axis=2)
+    xs = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)  # [M, K // tile_k]
+    inv = jnp.repeat(jnp.where(amax > 0, E4M3_MAX / amax, 1.0), tile_k, axis=1)
+    xq = jnp.clip(xf * inv, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
     ws = jnp.broadcast_to(w_scale.reshape(-1, 1).astype(jnp.float32), (w_fp8.shape[0],
                                                                          xs.shape[1]))
     y = fp8_block_matmul_reference(xq, xs, w_fp8, ws, tile_k, jnp.float32)
@@ -314,9 +319,9 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                         epilogue(eval_pipeline(acc))
                         return
                     acc, ss = eval_pipeline((acc, plgpu.layout_cast(
-                        jnp.full((tm,), 0, jnp.float32),
-                        plgpu.Layout.WGMMA_TRANSPOSED.reduce(0))))
-                    ss_smem[...] = ss
+                        jnp.full((tile_k, tm), 0, jnp.float32),
+                        plgpu.Layout.WGMMA_TRANSPOSED)))
+                    ss_smem[...] = jnp.sum(ss, axis=0)  # one cross-warp sum, at the end
                     plgpu.commit_smem()
                     ss = plgpu.load(ss_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
                     r = lax.rsqrt(ss / K + norm_eps)
@@ -355,20 +360,24 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                     # over the step's K block maps to 448 (as quantize_activation_per_token_
                     # group), the e4m3 rows stored for the wgmma, whose product is then scaled
                     # back token by token into the running sum (acc_ref: a register value).
-                    xt = plgpu.load(x_smem.transpose((1, 0)), (),
-                                    layout=plgpu.Layout.WGMMA_TRANSPOSED)
-                    xt = xt.astype(jnp.float32)
-                    if norm is not None:  # RMSNorm folded: x * g quantized, 1 / rms(x) later
-                        ss = ss + jnp.sum(xt * xt, axis=0)
+                    xt16 = plgpu.load(x_smem.transpose((1, 0)), (),
+                                      layout=plgpu.Layout.WGMMA_TRANSPOSED)
+                    xt = xt16.astype(jnp.float32)
+                    if norm is None:  # the absmax of 16-bit values: exact in 16 bits (paired)
+                        amax = jnp.max(jnp.abs(xt16), axis=0).astype(jnp.float32)
+                    else:  # RMSNorm folded: x * g quantized, 1 / rms(x) at the end
+                        ss = ss + xt * xt  # summed over K once, after the last step
                         g_layout = plgpu.Layout.WGMMA_TRANSPOSED.reduce(1)
                         if interpret:  # the interpreter takes no reshaped ref
                             g = g_smem[0][...].reshape(tile_k)
                         else:
                             g = plgpu.load(g_smem[0].reshape(tile_k), (), layout=g_layout)
                         xt = xt * lax.broadcast_in_dim(g.astype(jnp.float32), (tile_k, tm), [0])
-                    amax = jnp.max(jnp.abs(xt), axis=0)
+                        amax = jnp.max(jnp.abs(xt), axis=0)
+                    # A reciprocal a token, then a multiply a value (no division a value).
                     scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
-                    q = xt / lax.broadcast_in_dim(scale, (tile_k, tm), [1])
+                    q = xt * lax.broadcast_in_dim(jnp.where(amax > 0, E4M3_MAX / amax, 1.0),
+                                                  (tile_k, tm), [1])
                     buf = lax.rem(idx[0], 2)
                     xq_smem.at[buf].transpose((1, 0))[...] = q.astype(jnp.float8_e4m3fn)
                     xqs_smem.at[buf][...] = scale  # to the accumulator's layout through SMEM
