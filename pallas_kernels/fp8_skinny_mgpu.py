@@ -96,21 +96,15 @@ def pipeline_bytes(M: int, tile_k: int, steps: int, x_itemsize: int = 1) -> int:
 
 def cta_smem_bytes(M: int, tile_k: int, steps: int, x_itemsize: int = 1, *,
                    compute_wgs: int = 1, out_itemsize: int = 2, residual: bool = False,
-                   quantize_x: bool = False, prologue_k: int = 0, norm: bool = False) -> int:
+                   quantize_x: bool = False) -> int:
     """A CTA's shared memory (at most ``CTA_SMEM_BYTES``): the pipeline's buffers and the
     epilogue's (output and residual tiles, the other warpgroups' sums, scales and barriers:
-    1 KB), and with ``quantize_x`` two steps' e4m3 rows and scales; ``prologue_k`` = K (the
-    ``prologue`` form): no rows in the pipeline, instead all K of them in e4m3 with a scale a
-    step, two 16-bit staging blocks, and with ``norm`` the norm weight [K]."""
+    1 KB), and with ``quantize_x`` two steps' e4m3 rows and scales."""
     tm = -(-M // 8) * 8
-    if prologue_k:
-        rows = (tm * prologue_k + prologue_k // tile_k * tm * 4 + 2 * tm * tile_k * 2
-                + (2 * prologue_k if norm else 0) + steps * ROWS * tile_k)
-    else:
-        rows = (pipeline_bytes(M, tile_k, steps, x_itemsize)
-                + (2 * tm * (tile_k + 4) if quantize_x else 0))
-    return (rows + 1024 + (compute_wgs - 1) * ROWS * tm * 4
-            + tm * ROWS * out_itemsize * (2 if residual else 1))
+    return (pipeline_bytes(M, tile_k, steps, x_itemsize) + 1024
+            + (compute_wgs - 1) * ROWS * tm * 4
+            + tm * ROWS * out_itemsize * (2 if residual else 1)
+            + (2 * tm * (tile_k + 4) if quantize_x else 0))
 
 
 def quantize_x_reference(x: jax.Array, w_fp8: jax.Array, w_scale: jax.Array, tile_k: int,
@@ -149,7 +143,6 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                            oob_rows: bool = True, compute_wgs: int = 1,
                            residual: jax.Array | None = None, quantize_x: bool = False,
                            norm: tuple[jax.Array, float] | None = None,
-                           prologue: bool | None = None,
                            interpret: bool = False) -> jax.Array:
     """x_fp8 [M, K], x_scale [M] or [M, 1], w_fp8 [N, K], w_scale [N] -> [M, N] ``out_dtype``
     (the module's contract). ``x_scale`` None: weight-only (W8A16), x in bfloat16 or float16,
@@ -169,10 +162,6 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     ``norm`` = (g [K], eps) (with ``quantize_x``): the product of RMSNorm(x) with weight g
     instead of x's, the norm folded in: the rows times g are quantized, and each token's
     1 / rms(x) (its sum of squares gathered step by step) scales the product in the epilogue;
-    ``prologue`` (``quantize_x``): all the rows quantized once before the weight stream's
-    steps (the CTA's e4m3 copy of x, [tm, K], held in shared memory; the steps then run the
-    W8A8 form's body plus the scale) rather than each step's block inside its step; None:
-    where that copy fits (``cta_smem_bytes``); the same result either way;
     ``interpret``: Mosaic GPU's interpreter (any platform, slow)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -202,14 +191,7 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
         raise ValueError(f"steps={steps}: at least 1.")
     k_steps = K // tile_k
     steps = min(steps, k_steps)
-    if prologue is None:
-        prologue = quantize_x and cta_smem_bytes(
-            M, tile_k, steps, out_itemsize=jnp.dtype(out_dtype).itemsize,
-            residual=residual is not None, prologue_k=K,
-            norm=norm is not None) <= CTA_SMEM_BYTES
-    if prologue and not quantize_x:
-        raise ValueError("prologue: a form of quantize_x.")
-    if not prologue and pipeline_bytes(M, tile_k, steps, x_isz) > SMEM_BYTES:
+    if pipeline_bytes(M, tile_k, steps, x_isz) > SMEM_BYTES:
         raise ValueError(f"tile_k={tile_k} x steps={steps} at M={M}: "
                          f"{pipeline_bytes(M, tile_k, steps, x_isz)} bytes of pipeline buffers, "
                          f"more than {SMEM_BYTES}.")
@@ -244,16 +226,7 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     # GPU test covers the register form).
     scratch = ({"a_smem": plgpu.SMEM((wgs, ROWS, 128), x_fp8.dtype, transforms=x_tf)}
                if weight_only and interpret else {})
-    if prologue:  # every step's rows in e4m3 and their scales; the 16-bit rows staged
-        scratch.update(xq_smem=plgpu.SMEM((k_steps, tm, tile_k), jnp.float8_e4m3fn,
-                                          transforms=fp8_tf),
-                       xqs_smem=plgpu.SMEM((k_steps, tm), jnp.float32),
-                       stage_smem=plgpu.SMEM((2, tm, tile_k), x_fp8.dtype, transforms=x_tf),
-                       stage_bars=plgpu.Barrier(num_arrivals=1, num_barriers=2))
-        if norm is not None:
-            scratch.update(g_smem=plgpu.SMEM((K // 128, 128), norm[0].dtype),
-                           g_bar=plgpu.Barrier(num_arrivals=1))
-    elif quantize_x:  # a step's rows in e4m3, the B operand of its wgmma
+    if quantize_x:  # a step's rows in e4m3, the B operand of its wgmma
         # Two of each (step parity): a warpgroup past one step's barrier may write the next
         # step's while another still reads this step's scales (the barrier after the writes
         # orders the step after that).
@@ -268,8 +241,7 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     if residual is not None:  # the residual's tile, added to the rounded product
         scratch.update(res_smem=plgpu.SMEM((tm, ROWS), out_dtype, transforms=out_tf))
     total = cta_smem_bytes(M, tile_k, steps, x_isz, compute_wgs=wgs, out_itemsize=out_isz,
-                           residual=residual is not None, quantize_x=quantize_x,
-                           prologue_k=K if prologue else 0, norm=norm is not None)
+                           residual=residual is not None, quantize_x=quantize_x)
     if total > CTA_SMEM_BYTES:
         raise ValueError(f"M={M}, tile_k={tile_k} x steps={steps}"
                          f"{'' if residual is None else ' and a residual'}: {total} bytes of "
@@ -282,23 +254,18 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
         (out_gmem,) = refs
         n_idx = lax.axis_index("n")
         out_block = (pl.ds(0, tm), pl.ds(n_idx * ROWS, ROWS))
-        # What the pipeline streams: the rows (unless the prologue form holds them), the
-        # CTA's weight rows, the norm weight (the step-by-step form).
-        pipe_in = (() if prologue else (x_gmem,)) + (
-            w_gmem.at[pl.ds(n_idx * ROWS, ROWS), :],) + (
-            (g_gmem,) if norm is not None and not prologue else ())
 
         def pipeline(body, ctx):
             return plgpu.emit_pipeline_warp_specialized(
                 body, grid=(k_steps,), memory_registers=40,
-                in_specs=([] if prologue else [
+                in_specs=[
                     plgpu.BlockSpec((tm, tile_k), lambda k: (0, k), transforms=x_tf,
-                                    memory_space=plgpu.SMEM)]) + [
+                                    memory_space=plgpu.SMEM),
                     plgpu.BlockSpec((ROWS, tile_k), lambda k: (0, k), transforms=fp8_tf,
                                     memory_space=plgpu.SMEM),
                 ] + ([plgpu.BlockSpec((tile_k // 128, 128), lambda k: (k, 0),
                                       memory_space=plgpu.SMEM)]  # TMA: <= 256 a dimension
-                     if norm is not None and not prologue else []),
+                     if norm is not None else []),
                 wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=steps,
                 compute_context=ctx)
 
@@ -306,70 +273,16 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
 
         @functools.partial(
             pl.run_scoped,
-            allocs=pipeline(ignore, ignore).get_allocations(*pipe_in),
+            allocs=pipeline(ignore, ignore).get_allocations(
+                x_gmem, w_gmem, *(() if g_gmem is None else (g_gmem,))),
             out_smem=plgpu.SMEM((tm, ROWS), out_dtype, transforms=out_tf),
             ws_smem=plgpu.SMEM((ROWS,), jnp.float32),
             xs_smem=plgpu.SMEM((tm,), jnp.float32),
             bars=plgpu.Barrier(num_arrivals=1, num_barriers=3),
             collective_axes="wg", **scratch)
         def _scope(allocs, out_smem, ws_smem, xs_smem, bars, a_smem=None, red_smem=None,
-                   red_bar=None, res_smem=None, xq_smem=None, xqs_smem=None, ss_smem=None,
-                   stage_smem=None, stage_bars=None, g_smem=None, g_bar=None):
+                   red_bar=None, res_smem=None, xq_smem=None, xqs_smem=None, ss_smem=None):
             wg = lax.axis_index("wg") if wgs > 1 else 0
-
-            def quantize(xt16, g):
-                """A block of rows, transposed ([tile_k, tm], 16-bit), to e4m3 per token: its
-                absmax maps to 448 (a reciprocal a token, a multiply a value); with ``g`` (the
-                folded norm's weight, [tile_k]) x * g is quantized. -> (e4m3 block, scales
-                [tm], the block in float32 for the norm's sums of squares)."""
-                xt = xt16.astype(jnp.float32)
-                if g is None:  # the absmax of 16-bit values: exact in 16 bits (paired)
-                    amax = jnp.max(jnp.abs(xt16), axis=0).astype(jnp.float32)
-                    xg = xt
-                else:
-                    xg = xt * lax.broadcast_in_dim(g.astype(jnp.float32), (tile_k, tm), [0])
-                    amax = jnp.max(jnp.abs(xg), axis=0)
-                scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
-                q = xg * lax.broadcast_in_dim(jnp.where(amax > 0, E4M3_MAX / amax, 1.0),
-                                              (tile_k, tm), [1])
-                return q.astype(jnp.float8_e4m3fn), scale, xt
-
-            def load_g(ref):
-                """The norm weight's [tile_k // 128, 128] block as [tile_k], in the layout of
-                a transposed block's rows."""
-                if interpret:  # the interpreter takes no reshaped ref
-                    return ref[...].reshape(tile_k)
-                return plgpu.load(ref.reshape(tile_k), (),
-                                  layout=plgpu.Layout.WGMMA_TRANSPOSED.reduce(1))
-
-            def quantize_all():
-                """The prologue form: every step's block of rows quantized before the steps
-                (staged two at a time by TMA), the e4m3 blocks and scales kept for them.
-                -> the rows' sums of squares [tile_k, tm] (norm), else None."""
-                def stage(c):
-                    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(0, tm), pl.ds(c * tile_k, tile_k)],
-                                            stage_smem.at[c % 2], stage_bars.at[c % 2])
-
-                stage(0)
-                if norm is not None:
-                    plgpu.copy_gmem_to_smem(g_gmem, g_smem, g_bar)
-                    plgpu.barrier_wait(g_bar)
-                ss = None
-                for c in range(k_steps):
-                    if c + 1 < k_steps:
-                        stage(c + 1)
-                    plgpu.barrier_wait(stage_bars.at[c % 2])
-                    xt16 = plgpu.load(stage_smem.at[c % 2].transpose((1, 0)), (),
-                                      layout=plgpu.Layout.WGMMA_TRANSPOSED)
-                    g = None if norm is None else load_g(
-                        g_smem.at[pl.ds(c * (tile_k // 128), tile_k // 128)])
-                    q, scale, xt = quantize(xt16, g)
-                    if norm is not None:
-                        ss = xt * xt if ss is None else ss + xt * xt
-                    xq_smem.at[c].transpose((1, 0))[...] = q
-                    xqs_smem.at[c][...] = scale
-                    plgpu.commit_smem()  # also: every thread is done with the staged block
-                return ss
 
             def epilogue(acc):
                 plgpu.barrier_wait(bars.at[0])
@@ -402,18 +315,12 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                 if quantize_x:  # the rows' scales applied step by step: a register sum
                     acc = plgpu.layout_cast(jnp.full((ROWS, tm), 0, jnp.float32),
                                             plgpu.Layout.WGMMA)
-                    if prologue:  # the producer streams the first weight steps meanwhile
-                        ss = quantize_all()
-                        acc = eval_pipeline(acc)
-                    elif norm is None:
-                        acc, ss = eval_pipeline(acc), None
-                    else:
-                        acc, ss = eval_pipeline((acc, plgpu.layout_cast(
-                            jnp.full((tile_k, tm), 0, jnp.float32),
-                            plgpu.Layout.WGMMA_TRANSPOSED)))
                     if norm is None:
-                        epilogue(acc)
+                        epilogue(eval_pipeline(acc))
                         return
+                    acc, ss = eval_pipeline((acc, plgpu.layout_cast(
+                        jnp.full((tile_k, tm), 0, jnp.float32),
+                        plgpu.Layout.WGMMA_TRANSPOSED)))
                     ss_smem[...] = jnp.sum(ss, axis=0)  # one cross-warp sum, at the end
                     plgpu.commit_smem()
                     ss = plgpu.load(ss_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
@@ -444,19 +351,8 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                                                        layout=plgpu.Layout.WGMMA)
                         epilogue(total)
 
-            def body(idx, *refs):
-                if prologue:  # the step's rows quantized already
-                    w_smem, acc_ref = refs
-
-                    def mma_q(part):
-                        plgpu.wgmma(part, w_smem, xq_smem.at[idx[0]].transpose((1, 0)))
-                        x_s = plgpu.load(xqs_smem.at[idx[0]], (),
-                                         layout=plgpu.Layout.WGMMA.reduce(0))
-                        val = plgpu.wgmma_accumulator_load(part, wait_n=0)
-                        return acc_ref + val * lax.broadcast_in_dim(x_s, (ROWS, tm), [1])
-
-                    return pl.run_scoped(mma_q, plgpu.ACC((ROWS, tm), jnp.float32))
-                x_smem, w_smem, *g_ref, acc_ref = refs
+            def body(idx, x_smem, w_smem, *rest):
+                *g_smem, acc_ref = rest
                 if norm is not None:
                     acc_ref, ss = acc_ref
                 if quantize_x:
@@ -466,11 +362,24 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                     # back token by token into the running sum (acc_ref: a register value).
                     xt16 = plgpu.load(x_smem.transpose((1, 0)), (),
                                       layout=plgpu.Layout.WGMMA_TRANSPOSED)
-                    q, scale, xt = quantize(xt16, None if norm is None else load_g(g_ref[0]))
-                    if norm is not None:  # summed over K once, after the last step
-                        ss = ss + xt * xt
+                    xt = xt16.astype(jnp.float32)
+                    if norm is None:  # the absmax of 16-bit values: exact in 16 bits (paired)
+                        amax = jnp.max(jnp.abs(xt16), axis=0).astype(jnp.float32)
+                    else:  # RMSNorm folded: x * g quantized, 1 / rms(x) at the end
+                        ss = ss + xt * xt  # summed over K once, after the last step
+                        g_layout = plgpu.Layout.WGMMA_TRANSPOSED.reduce(1)
+                        if interpret:  # the interpreter takes no reshaped ref
+                            g = g_smem[0][...].reshape(tile_k)
+                        else:
+                            g = plgpu.load(g_smem[0].reshape(tile_k), (), layout=g_layout)
+                        xt = xt * lax.broadcast_in_dim(g.astype(jnp.float32), (tile_k, tm), [0])
+                        amax = jnp.max(jnp.abs(xt), axis=0)
+                    # A reciprocal a token, then a multiply a value (no division a value).
+                    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+                    q = xt * lax.broadcast_in_dim(jnp.where(amax > 0, E4M3_MAX / amax, 1.0),
+                                                  (tile_k, tm), [1])
                     buf = lax.rem(idx[0], 2)
-                    xq_smem.at[buf].transpose((1, 0))[...] = q
+                    xq_smem.at[buf].transpose((1, 0))[...] = q.astype(jnp.float8_e4m3fn)
                     xqs_smem.at[buf][...] = scale  # to the accumulator's layout through SMEM
                     plgpu.commit_smem()
 
@@ -502,7 +411,8 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                     plgpu.wgmma_wait(0)
                 return acc_ref
 
-            pipeline(body, ctx)(*pipe_in, allocations=allocs)
+            pipeline(body, ctx)(x_gmem, w_gmem.at[pl.ds(n_idx * ROWS, ROWS), :],
+                                *(() if g_gmem is None else (g_gmem,)), allocations=allocs)
 
     f = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((M if oob_rows else tm, N), out_dtype),

@@ -352,10 +352,6 @@ def test_compiled_fp8_skinny_mgpu_quantizes_its_rows_per_token_and_k_step(M):
             assert _rel_err(got, ref) < 5e-3, (K, N, tk, steps)  # one bf16 rounding
             assert jnp.array_equal(f(x, w, ws), got)
             assert jnp.array_equal(f(x, w, ws, res), res + got), (K, N, tk, "residual")
-            # Each step's block quantized inside its step: the same bits as the prologue form.
-            step = jax.jit(lambda a, b, c, tk=tk, steps=steps: fp8_skinny_matmul_mgpu(
-                a, None, b, c, tile_k=tk, steps=steps, quantize_x=True, prologue=False))
-            assert _rel_err(step(x, w, ws), ref) < 5e-3, (K, N, tk, steps, "per step")
         if K != 4096:
             continue
         # The layer's RMSNorm folded in (q/k/v and gate/up read normed rows).

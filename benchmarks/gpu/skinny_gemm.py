@@ -213,16 +213,11 @@ def main():
                 mgpu_sweep("mgpu_w8a16", wo, True, sets_w, ref_w)
             # W8A8 with the bf16 rows quantized inside the kernel (quantize_x: per token and
             # tile_k block), against its own reference (that quantization outside, fp32).
-            # Both of its forms: each step's block quantized inside its step, and all the rows
-            # quantized before the steps (the prologue form, where its copy of x fits).
             if "mgpu_w8a8_qx" in args.impls.split(","):
                 for c in tiles:
                     ref_q = fp8_skinny_mgpu.quantize_x_reference(x, wq[0][0], wq[0][1],
                                                                  c["tile_k"], jnp.float32)
-                    forms = [False] + [True] * (fp8_skinny_mgpu.cta_smem_bytes(
-                        M, c["tile_k"], c["steps"], prologue_k=K) <= fp8_skinny_mgpu.CTA_SMEM_BYTES)
-                    mgpu_sweep("mgpu_w8a8_qx", [dict(c, quantize_x=True, prologue=p)
-                                                for p in forms], True, sets_w, ref_q)
+                    mgpu_sweep("mgpu_w8a8_qx", [dict(c, quantize_x=True)], True, sets_w, ref_q)
             if "mgpu_w8a16_f16" in args.impls.split(",") and M <= 16:
                 sets_h = [(x.astype(jnp.float16), q, s) for q, s in wq]
                 mgpu_sweep("mgpu_w8a16_f16", wo, True, sets_h, ref_w)

@@ -350,19 +350,9 @@ def _skinny_mgpu_quantize_x(x: jax.Array, weight: jax.Array, weight_scale: jax.A
                            residual=residual is not None, quantize_x=True)
     if fit is None:
         return None
-    tile_k, want = fit[0], min(steps, K // fit[0])
-    # The prologue form (the rows quantized once, before the steps: no 16-bit rows in the
-    # pipeline) where its copy of the rows fits beside two weight steps or more (or the one
-    # there is); else each step's block inside its step, at the fitted steps.
-    pro = [st for st in range(want, 0, -1) if st >= min(2, want)
-           and fp8_skinny_mgpu.cta_smem_bytes(
-               T, tile_k, st, out_itemsize=x.dtype.itemsize, residual=residual is not None,
-               prologue_k=K, norm=norm is not None) <= fp8_skinny_mgpu.CTA_SMEM_BYTES]
-    prologue, steps = (True, pro[0]) if pro else (False, fit[1])
     return fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
-        x, None, weight, weight_scale, x.dtype, tile_k=tile_k, steps=steps, residual=residual,
-        quantize_x=True, norm=norm, prologue=prologue,
-        interpret=jax.default_backend() != "gpu")
+        x, None, weight, weight_scale, x.dtype, tile_k=fit[0], steps=fit[1], residual=residual,
+        quantize_x=True, norm=norm, interpret=jax.default_backend() != "gpu")
 
 
 def qx_norm_folds(proj, norm, num_tokens: int) -> bool:
