@@ -45,6 +45,24 @@ product, read by TMA beside the weight stream: the o / down projections' ``x + p
 without an add kernel after the GEMM (the engine's W8A8 steps of <= 64 rows; batch-32 fp8
 decode step 5.41 -> 5.33 ms of GPU time on the H100).
 
+``quantize_x`` (x_scale None, 16-bit x): W8A8 with the rows quantized inside the kernel, so a
+batch-1 step needs no quantization kernel before each projection (the ~2 small kernels a
+projection that made W8A8 at batch 1 slower than XLA's W8A16 GEMM). Each step quantizes its
+block of rows, per token (the block's absmax maps to 448; ``quantize_x_reference``), and
+scales its fp8 product back into a float32 running sum (a fresh accumulator a step). The
+block is read transposed ([tile_k, tm]) in the WGMMA_TRANSPOSED register layout, the one in
+which Mosaic GPU stores 8-bit values through a transposed view (the WGMMA layout's 8-bit
+transposed store finds no layout); the scales move to the accumulator's layout through
+shared memory. ``norm`` folds the layer's RMSNorm in: x * g is quantized and each token's
+1 / rms(x) (its squares summed over K) scales the product in the epilogue. H100 at M = 1
+(2026-12-06 night, benchmarks/RESULTS.md): q/k/v 10.6-10.9, o 8.6-8.8, gate/up 41.0-43.0,
+down 22.9-23.1 µs (the pre-quantized W8A8 form 10.0 / 7.5 / 39.8-40.3 / 21.3-21.4, XLA's
+W8A16 GEMM 13.8 / 10.4 / 45.8-47.0 / 25.5-25.9); batch 1 through it ties XLA's W8A16 GEMMs
+in the engine at best, so it is off there (``JAXLLM_FP8_SKINNY_MGPU_QX``). All the rows
+quantized once before the steps (a "prologue" form, tried the same night, removed) was
+slower at every shape: the producer runs only ``steps`` ahead while the compute warpgroup
+quantizes.
+
 Tested on the CPU by Mosaic GPU's interpreter against ``fp8_matmul_reference``
 (tests/test_pallas_kernels.py), lowered for an abstract H100 (tests/test_gpu_lowering.py), and
 compiled and timed on the GPU (tests/test_gpu.py, ``benchmarks/gpu/skinny_gemm.py --impls
