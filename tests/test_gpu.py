@@ -352,6 +352,11 @@ def test_compiled_fp8_skinny_mgpu_quantizes_its_rows_per_token_and_k_step(M):
             assert _rel_err(got, ref) < 5e-3, (K, N, tk, steps)  # one bf16 rounding
             assert jnp.array_equal(f(x, w, ws), got)
             assert jnp.array_equal(f(x, w, ws, res), res + got), (K, N, tk, "residual")
+        if M <= 16:  # on two compute warpgroups, each its half of a step (its own scales)
+            f2 = jax.jit(lambda a, b, c: fp8_skinny_matmul_mgpu(
+                a, None, b, c, tile_k=1024, steps=2, quantize_x=True, compute_wgs=2))
+            ref2 = quantize_x_reference(x, w, ws, 512, jnp.float32)
+            assert _rel_err(f2(x, w, ws), ref2) < 5e-3, (K, N, "two warpgroups")
         if K != 4096:
             continue
         # The layer's RMSNorm folded in (q/k/v and gate/up read normed rows).

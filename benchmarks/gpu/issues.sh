@@ -2078,11 +2078,11 @@ qxab)  # one GPU, one call (2026-12-06 night): fp8 batch 1 (issue 6) with the ro
   # R rounds (default 1).
   L=$OUT/logs; mkdir -p $L
   timeout ${TS:-150} python3 benchmarks/gpu/skinny_gemm.py --impls ${IMPLS:-mgpu_w8a8_qx,mgpu_w8a8} \
-    --mgpu-tiles "${TILES:-512,3}" --ms ${MS:-1} --out $OUT/skinny.jsonl > $L/skinny.log 2>&1
+    --mgpu-tiles "${TILES:-1024,2;512,3}" --ms ${MS:-1} --out $OUT/skinny.jsonl > $L/skinny.log 2>&1
   echo "rc=$?"; sed -n '/== summary/,$p' $L/skinny.log
   grep "qx" $L/skinny.log | grep -v "best=" | cut -c1-180
   for i in $(seq 1 ${R:-1}); do
-    for v in ${VARIANTS:-xla 512,3,16 512,3,16,0}; do
+    for v in ${VARIANTS:-xla 1024,2,16 1024,2,16,1,2}; do
       [ $((T - SECONDS)) -gt 100 ] || break
       unset JAXLLM_FP8_SKINNY_MGPU_QX
       [ $v = xla ] || export JAXLLM_FP8_SKINNY_MGPU_QX=$v
