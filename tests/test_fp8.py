@@ -1088,6 +1088,26 @@ def test_fp8_linear_runs_decode_rows_through_the_mosaic_skinny_kernel(monkeypatc
     assert fp8_mod._skinny_mgpu(xq, jnp.ones((8,)), w, ws, jnp.bfloat16) is None
 
 
+def _skinny_linear_case(monkeypatch, seed: int, record):
+    """A projection's operands for the skinny-kernel knob tests (e4m3 weight [128, 512] with
+    channel scales, 3 bf16 rows, a residual), weight-only up to 4 rows, and every call of the
+    skinny Mosaic kernel passed to ``record(args, kwargs)`` before it runs.
+    -> (rng, w, ws, x, res)."""
+    from jaxllm.models import fp8 as fp8_mod
+
+    rng = np.random.default_rng(seed)
+    real = fp8_mod.fp8_skinny_mgpu.fp8_skinny_matmul_mgpu
+    monkeypatch.setattr(fp8_mod.fp8_skinny_mgpu, "fp8_skinny_matmul_mgpu",
+                        lambda *a, **k: record(a, k) or real(*a, **k))
+    w = jnp.asarray(np.clip(rng.standard_normal((128, 512)) * 100, -448, 448),
+                    jnp.float32).astype(jnp.float8_e4m3fn)
+    ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(128,)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.bfloat16)
+    res = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "4")
+    return rng, w, ws, x, res
+
+
 def test_weight_only_steps_take_the_mosaic_kernel_when_asked_and_residuals_fold_in(monkeypatch):
     """JAXLLM_FP8_SKINNY_MGPU_WO ("tile_k,steps,compute_wgs[,residual_only[,f16]]"; unset:
     off, XLA's W8A16 GEMM) runs the engine's weight-only steps through the skinny Mosaic
@@ -1100,19 +1120,10 @@ def test_weight_only_steps_take_the_mosaic_kernel_when_asked_and_residuals_fold_
     from jaxllm.models import fp8 as fp8_mod
     from jaxllm.models.fused import FusedLinear
 
-    rng = np.random.default_rng(21)
     calls = []
-    real = fp8_mod.fp8_skinny_mgpu.fp8_skinny_matmul_mgpu
-    monkeypatch.setattr(fp8_mod.fp8_skinny_mgpu, "fp8_skinny_matmul_mgpu",
-                        lambda *a, **k: calls.append((a[1] is None, k.get("compute_wgs"),
-                                                      k.get("residual") is not None))
-                        or real(*a, **k))
-    w = jnp.asarray(np.clip(rng.standard_normal((128, 512)) * 100, -448, 448),
-                    jnp.float32).astype(jnp.float8_e4m3fn)
-    ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(128,)), jnp.float32)
-    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.bfloat16)
-    res = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
-    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "4")
+    rng, w, ws, x, res = _skinny_linear_case(
+        monkeypatch, 21, lambda a, k: calls.append((a[1] is None, k.get("compute_wgs"),
+                                                    k.get("residual") is not None)))
     monkeypatch.delenv(fp8_mod.SKINNY_MGPU_WO_ENV, raising=False)
     assert fp8_mod.skinny_mgpu_wo_tile() is None
     xla = fp8_mod.fp8_linear(x, w, ws, None)
@@ -1175,19 +1186,10 @@ def test_small_steps_quantize_their_rows_inside_the_skinny_kernel_when_asked(mon
     from jaxllm.models.fused import FusedLinear
     from pallas_kernels.fp8_skinny_mgpu import quantize_x_reference
 
-    rng = np.random.default_rng(23)
     calls = []
-    real = fp8_mod.fp8_skinny_mgpu.fp8_skinny_matmul_mgpu
-    monkeypatch.setattr(fp8_mod.fp8_skinny_mgpu, "fp8_skinny_matmul_mgpu",
-                        lambda *a, **k: calls.append((k.get("quantize_x", False),
-                                                      k.get("residual") is not None))
-                        or real(*a, **k))
-    w = jnp.asarray(np.clip(rng.standard_normal((128, 512)) * 100, -448, 448),
-                    jnp.float32).astype(jnp.float8_e4m3fn)
-    ws = jnp.asarray(rng.uniform(1e-4, 1e-2, size=(128,)), jnp.float32)
-    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.bfloat16)
-    res = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
-    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "4")
+    rng, w, ws, x, res = _skinny_linear_case(
+        monkeypatch, 23, lambda a, k: calls.append((k.get("quantize_x", False),
+                                                    k.get("residual") is not None)))
     monkeypatch.delenv(fp8_mod.SKINNY_MGPU_QX_ENV, raising=False)
     assert fp8_mod.skinny_mgpu_qx_tile() is None and not fp8_mod.skinny_mgpu_qx_takes(1)
     w8a16 = fp8_mod.fp8_linear(x, w, ws, None)

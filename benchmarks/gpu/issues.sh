@@ -207,6 +207,19 @@ wheels() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cach
 prof_fp8() { timeout 120 python3 benchmarks/profile_step.py --context 1024 --steps 6 --top 8 \
   --batch $1 --max-num-seqs $1 --num-scheduler-steps 4 --quantization fp8 --out-dir /tmp/po \
   --out $OUT/results.jsonl > $L/prof_$2.log 2>&1; }
+# fp8_b1_ab VAR "VARIANTS": fp8 batch 1 at 1k context (4 steps a launch) with VAR set to each
+# of VARIANTS in turn ("xla": unset), R rounds (default 1), while T leaves 100 s; the
+# ms/token lines shown.
+fp8_b1_ab() { local var=$1 v i
+  for i in $(seq 1 ${R:-1}); do
+    for v in $2; do
+      [ $((T - SECONDS)) -gt 100 ] || break
+      unset $var
+      [ $v = xla ] || export "$var=$v"
+      timeout 240 $LAT1K --quantization fp8 --num-scheduler-steps 4 > $L/lat_fp8_${v}_r$i.log 2>&1
+    done; done
+  unset $var
+  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f | cut -c1-150)"; done; }
 # gpu_tests LINES [ARGS]: tests/test_gpu.py (pytest ARGS) until T's last 10 s, its last LINES
 # lines shown (carry .bench: the saved tokenizer).
 gpu_tests() { local n=$1; shift
@@ -2015,17 +2028,9 @@ woab)  # one GPU, one call (2026-12-06 evening): fp8 batch 1 (issue 6) with the 
   # R rounds (default 1), then skinny_gemm.py's weight-only rows at MS (default 1) if time is
   # left.
   L=$OUT/logs; mkdir -p $L
-  for i in $(seq 1 ${R:-1}); do
-    # tile_k,steps,compute_wgs[,residual_only[,f16]]; run on 2026-12-06 evening as
-    # "xla 512,3,2 512,3,4" (the last compile ran past the old 120 s) and "512,3,2,0,1 xla".
-    for v in ${VARIANTS:-512,3,2,1,1 512,3,4,0,1 xla}; do
-      [ $((T - SECONDS)) -gt 100 ] || break
-      unset JAXLLM_FP8_SKINNY_MGPU_WO
-      [ $v = xla ] || export JAXLLM_FP8_SKINNY_MGPU_WO=$v
-      timeout 240 $LAT1K --quantization fp8 --num-scheduler-steps 4 > $L/lat_fp8_${v}_r$i.log 2>&1
-    done; done
-  unset JAXLLM_FP8_SKINNY_MGPU_WO
-  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f | cut -c1-150)"; done
+  # tile_k,steps,compute_wgs[,residual_only[,f16]]; run on 2026-12-06 evening as
+  # "xla 512,3,2 512,3,4" (the last compile ran past the old 120 s) and "512,3,2,0,1 xla".
+  fp8_b1_ab JAXLLM_FP8_SKINNY_MGPU_WO "${VARIANTS:-512,3,2,1,1 512,3,4,0,1 xla}"
   [ $((T - SECONDS)) -gt 60 ] && timeout $((T - SECONDS - 5)) python3 \
     benchmarks/gpu/skinny_gemm.py --impls ${IMPLS:-mgpu_w8a16,mgpu_w8a16_f16,mgpu_w8a8} \
     --mgpu-tiles "${TILES:-512,3;256,6}" --ms ${MS:-1} --out $OUT/skinny.jsonl > $L/skinny.log 2>&1
@@ -2081,15 +2086,7 @@ qxab)  # one GPU, one call (2026-12-06 night): fp8 batch 1 (issue 6) with the ro
     --mgpu-tiles "${TILES:-1024,2;512,3}" --ms ${MS:-1} --out $OUT/skinny.jsonl > $L/skinny.log 2>&1
   echo "rc=$?"; sed -n '/== summary/,$p' $L/skinny.log
   grep "qx" $L/skinny.log | grep -v "best=" | cut -c1-180
-  for i in $(seq 1 ${R:-1}); do
-    for v in ${VARIANTS:-xla 1024,2,16 1024,2,16,1,2}; do
-      [ $((T - SECONDS)) -gt 100 ] || break
-      unset JAXLLM_FP8_SKINNY_MGPU_QX
-      [ $v = xla ] || export JAXLLM_FP8_SKINNY_MGPU_QX=$v
-      timeout 240 $LAT1K --quantization fp8 --num-scheduler-steps 4 > $L/lat_fp8_${v}_r$i.log 2>&1
-    done; done
-  unset JAXLLM_FP8_SKINNY_MGPU_QX
-  for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f | cut -c1-150)"; done
+  fp8_b1_ab JAXLLM_FP8_SKINNY_MGPU_QX "${VARIANTS:-xla 1024,2,16 1024,2,16,1,2}"
   [ $((T - SECONDS)) -gt 40 ] && timeout $((T - SECONDS - 10)) python3 -m pytest -q -m gpu \
     -p no:cacheprovider tests/test_gpu.py -k quantizes_its_rows > $L/gpu_tests.log 2>&1
   echo "rc=$?"; grep -v "^\s*$" $L/gpu_tests.log | tail -4
