@@ -403,9 +403,9 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                     acc_ref, ss = acc_ref
                 if quantize_x:
                     # The step's [tm, tile_k] rows (16-bit) quantized per token: its absmax
-                    # over the step's K block maps to 448 (as quantize_activation_per_token_
-                    # group), the e4m3 rows stored for the wgmma, whose product is then scaled
-                    # back token by token into the running sum (acc_ref: a register value).
+                    # over the step's K block maps to 448 (quantize_x_reference), the e4m3
+                    # rows stored for the wgmma, whose product is then scaled back token by
+                    # token into the running sum (acc_ref: a register value).
                     # With several compute warpgroups, warpgroup g takes the step's g-th block
                     # of tk features, with scales of its own.
                     blk = (lambda r: r.at[:, pl.ds(wg * tk, tk)]) if wgs > 1 else (lambda r: r)

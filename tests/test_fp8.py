@@ -1238,7 +1238,7 @@ def test_small_steps_quantize_their_rows_inside_the_skinny_kernel_when_asked(mon
     assert not fp8_mod.qx_norm_folds(qkv, RMSNorm(512, 1e-5, jnp.bfloat16), 3)
     monkeypatch.setenv(fp8_mod.SKINNY_MGPU_QX_ENV, "256,2,3")
     assert jnp.array_equal(qkv(x4, norm=(g, 1e-5)), qkv(rms_norm(x4, g, 1e-5)))
-    for bad in ("256,2", "256,2,65", "256,2,0", "256,2,3,1,1,1"):
+    for bad in ("256,2", "256,2,65", "256,2,0", "256,2,3,1,1,1", "256,2,3,2", "256,2,3,1,3"):
         monkeypatch.setenv(fp8_mod.SKINNY_MGPU_QX_ENV, bad)
         with pytest.raises(ValueError, match=fp8_mod.SKINNY_MGPU_QX_ENV):
             fp8_mod.fp8_linear(x, w, ws, None)

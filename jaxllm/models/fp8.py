@@ -261,6 +261,9 @@ def skinny_mgpu_qx_tile() -> tuple[int, int, int, int, int] | None:
     if tile is not None and not 1 <= tile[2] <= SKINNY_MGPU_MAX_ROWS:
         raise ValueError(f"{SKINNY_MGPU_QX_ENV}: max_rows={tile[2]} must be 1 to "
                          f"{SKINNY_MGPU_MAX_ROWS}.")
+    if tile is not None and (tile[3] not in (0, 1) or tile[4] not in (1, 2, 4)):
+        raise ValueError(f"{SKINNY_MGPU_QX_ENV}: norm={tile[3]} must be 0 or 1 and "
+                         f"wgs={tile[4]} 1, 2 or 4.")
     return tile
 
 

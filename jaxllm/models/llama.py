@@ -275,7 +275,7 @@ class LlamaAttention(nnx.Module):
                 # activation scale would not commute with r, so those keep the norm. An fp8
                 # q/k/v in the skinny kernel's quantize_x form takes the whole norm in.
                 if not lora and qx_norm_folds(self.qkv_proj, norm, T):
-                    qkv, parts, fold = self.qkv_proj(x, norm=(norm.weight[...], norm.eps)), 1, 0
+                    qkv, parts, fold = self.qkv_proj(x, norm=(norm.weight[...], norm.eps)), 1, False
                 else:
                     h = x * norm.weight[...] if fold else (x if norm is None else norm(x))
                     parts = qkv_split_k_parts(T) if not lora else 1
@@ -297,7 +297,7 @@ class LlamaAttention(nnx.Module):
             x = norm(x)
         if self.qkv_proj is not None:
             # [T, K, (G + 2) * D]: per KV head its G q heads, k, v
-            qkv = self.qkv_proj(x, norm=(norm.weight[...], norm.eps)) if qx else self.qkv_proj(x)
+            qkv = self.qkv_proj(x, norm=(norm.weight[...], norm.eps) if qx else None)
             if lora:
                 qkv = qkv + self._lora_qkv(x, lora_slots)
             GD = qkv.shape[-1] - 2 * D
@@ -364,8 +364,8 @@ class LlamaMLP(nnx.Module):
                 y = fp8_swiglu_mlp(x, self.gate_up_proj, self.down_proj)
                 if y is not None:
                     return add(y)
-            gu = self.gate_up_proj(x, **({"norm": (norm.weight[...], norm.eps)} if fold
-                                         else {}))  # [T, F, 2]
+            gu = self.gate_up_proj(  # [T, F, 2]
+                x, norm=(norm.weight[...], norm.eps) if fold else None)
             h = self.act(gu[..., 0]) * gu[..., 1]
         else:
             h = self.act(self.gate_proj(x)) * self.up_proj(x)
