@@ -61,11 +61,10 @@ W8A16 GEMM 13.8 / 10.4 / 45.8-47.0 / 25.5-25.9); batch 1 through it ties XLA's W
 in the engine at best, so it is off there (``JAXLLM_FP8_SKINNY_MGPU_QX``). All the rows
 quantized once before the steps (a "prologue" form, tried the same night, removed) was
 slower at every shape: the producer runs only ``steps`` ahead while the compute warpgroup
-quantizes. ``compute_wgs`` 2 or 4 split each step's block between as many compute
-warpgroups (each its own scales and accumulator, summed at the end): the per-step chain,
-which the kernel's time is, shortens (untimed; written for the next GPU session). Interpreted,
-that form needs several host devices (``--xla_force_host_platform_device_count``, as
-tests/conftest.py sets): with one, the interpreter's callbacks hang.
+quantizes. It runs on one compute warpgroup: a form that split each step's block between two
+(each its own scales and accumulator, summed at the end) was slower on the H100 (q/k/v at M =
+1 10.96 against 10.74 µs; batch 1 3.63 against 3.59 ms/token) and off by 3% from its
+reference in the GPU test (2026-12-06, 20:00 UTC), so it was removed.
 
 Tested on the CPU by Mosaic GPU's interpreter against ``fp8_matmul_reference``
 (tests/test_pallas_kernels.py), lowered for an abstract H100 (tests/test_gpu_lowering.py), and
@@ -126,7 +125,7 @@ def cta_smem_bytes(M: int, tile_k: int, steps: int, x_itemsize: int = 1, *,
     return (pipeline_bytes(M, tile_k, steps, x_itemsize) + 1024
             + (compute_wgs - 1) * ROWS * tm * 4
             + tm * ROWS * out_itemsize * (2 if residual else 1)
-            + (2 * tm * (tile_k + 4 * compute_wgs) if quantize_x else 0))
+            + (2 * tm * (tile_k + 4) if quantize_x else 0))
 
 
 def quantize_x_reference(x: jax.Array, w_fp8: jax.Array, w_scale: jax.Array, tile_k: int,
@@ -177,13 +176,12 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     ``compute_wgs``: the weight-only form's compute warpgroups (1, 2 or 4 dividing tile_k /
     128): warpgroup g upcasts and multiplies chunks g, g + compute_wgs, ... of each step into
     an accumulator of its own, summed through shared memory at the end, so the upcasts of one
-    run beside another's wgmma; with ``quantize_x`` warpgroup g quantizes and multiplies the
-    g-th block of tile_k / compute_wgs features of each step (the rows' scales per such
-    block); ``residual`` [M, N] in ``out_dtype``: returned is residual +
+    run beside another's wgmma (the W8A8 and ``quantize_x`` forms take 1);
+    ``residual`` [M, N] in ``out_dtype``: returned is residual +
     the product rounded to ``out_dtype`` (the model's ``x + proj(h)``, its tile read by TMA
     beside the weight stream); ``quantize_x`` (with ``x_scale`` None and a 16-bit x): W8A8
-    with the rows quantized here, per token and block of ``tile_k`` / ``compute_wgs``
-    features (``quantize_x_reference``);
+    with the rows quantized here, per token and block of ``tile_k`` features
+    (``quantize_x_reference``);
     ``norm`` = (g [K], eps) (with ``quantize_x``): the product of RMSNorm(x) with weight g
     instead of x's, the norm folded in: the rows times g are quantized, and each token's
     1 / rms(x) (its sum of squares gathered step by step) scales the product in the epilogue;
@@ -243,26 +241,24 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
               plgpu.SwizzleTransform(out_swizzle))
     wgs = compute_wgs
     chunks = tile_k // 128
-    if wgs < 1 or chunks % wgs or (wgs > 1 and not (weight_only or quantize_x)):
-        raise ValueError(f"compute_wgs={wgs}: the weight-only and quantize_x forms' warpgroups "
-                         f"split each step's {chunks} 128-wide chunks evenly (the W8A8 form "
-                         "takes 1).")
-    tk = tile_k // wgs  # quantize_x: the K block a warpgroup quantizes a step (its scale's)
+    if wgs < 1 or chunks % wgs or (wgs > 1 and not weight_only):
+        raise ValueError(f"compute_wgs={wgs}: the weight-only form's warpgroups split each "
+                         f"step's {chunks} 128-wide chunks evenly (the W8A8 and quantize_x "
+                         "forms take 1).")
     # Mosaic GPU's interpreter takes wgmma operands from shared memory only: interpreted, the
     # weight-only form's upcast chunk goes through this scratch buffer, one a warpgroup (the
     # GPU test covers the register form).
     scratch = ({"a_smem": plgpu.SMEM((wgs, ROWS, 128), x_fp8.dtype, transforms=x_tf)}
                if weight_only and interpret else {})
     if quantize_x:  # a step's rows in e4m3, the B operand of its wgmma
-        # Two of each (step parity): a warpgroup past one step's barrier may write the next
-        # step's while another still reads this step's scales (the barrier after the writes
-        # orders the step after that).
-        # With several compute warpgroups, one set each.
-        scratch.update(xq_smem=plgpu.SMEM((wgs, 2, tm, tk), jnp.float8_e4m3fn,
+        # Two of each (step parity): the warpgroup's threads past one step's barrier may write
+        # the next step's while others still read this step's scales (the barrier after the
+        # writes orders the step after that).
+        scratch.update(xq_smem=plgpu.SMEM((2, tm, tile_k), jnp.float8_e4m3fn,
                                           transforms=fp8_tf),
-                       xqs_smem=plgpu.SMEM((wgs, 2, tm), jnp.float32))
-    if norm is not None:  # the rows' sums of squares (a warpgroup's), to the acc's layout
-        scratch.update(ss_smem=plgpu.SMEM((wgs, tm), jnp.float32))
+                       xqs_smem=plgpu.SMEM((2, tm), jnp.float32))
+    if norm is not None:  # the rows' sums of squares, to the accumulator's layout
+        scratch.update(ss_smem=plgpu.SMEM((tm,), jnp.float32))
     if wgs > 1:  # the other warpgroups' partial sums, added by warpgroup 0
         scratch.update(red_smem=plgpu.SMEM((wgs - 1, ROWS, tm), jnp.float32),
                        red_bar=plgpu.Barrier(num_arrivals=wgs - 1))
@@ -348,26 +344,15 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                         acc = eval_pipeline(acc)
                     else:
                         acc, ss = eval_pipeline((acc, plgpu.layout_cast(
-                            jnp.full((tk, tm), 0, jnp.float32),
+                            jnp.full((tile_k, tm), 0, jnp.float32),
                             plgpu.Layout.WGMMA_TRANSPOSED)))
-                        ss_smem.at[wg][...] = jnp.sum(ss, axis=0)  # one cross-warp sum
+                        ss_smem[...] = jnp.sum(ss, axis=0)  # one cross-warp sum
                         plgpu.commit_smem()
-
-                    def finish(total):
-                        if norm is not None:  # 1 / rms(x), every warpgroup's squares summed
-                            ss = plgpu.load(ss_smem.at[0], (),
-                                            layout=plgpu.Layout.WGMMA.reduce(0))
-                            for i in range(1, wgs):
-                                ss = ss + plgpu.load(ss_smem.at[i], (),
-                                                     layout=plgpu.Layout.WGMMA.reduce(0))
-                            r = lax.rsqrt(ss / K + norm_eps)
-                            total = total * lax.broadcast_in_dim(r, (ROWS, tm), [1])
-                        epilogue(total)
-
-                    if wgs == 1:
-                        finish(acc)
-                        return
-                    reduce_wgs(acc, finish)
+                        # 1 / rms(x) scales the product before the epilogue's rounding.
+                        ss = plgpu.load(ss_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+                        r = lax.rsqrt(ss / K + norm_eps)
+                        acc = acc * lax.broadcast_in_dim(r, (ROWS, tm), [1])
+                    epilogue(acc)
                     return
 
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, tm), jnp.float32))
@@ -406,10 +391,7 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                     # over the step's K block maps to 448 (quantize_x_reference), the e4m3
                     # rows stored for the wgmma, whose product is then scaled back token by
                     # token into the running sum (acc_ref: a register value).
-                    # With several compute warpgroups, warpgroup g takes the step's g-th block
-                    # of tk features, with scales of its own.
-                    blk = (lambda r: r.at[:, pl.ds(wg * tk, tk)]) if wgs > 1 else (lambda r: r)
-                    xt16 = plgpu.load(blk(x_smem).transpose((1, 0)), (),
+                    xt16 = plgpu.load(x_smem.transpose((1, 0)), (),
                                       layout=plgpu.Layout.WGMMA_TRANSPOSED)
                     xt = xt16.astype(jnp.float32)
                     if norm is None:  # the absmax of 16-bit values: exact in 16 bits (paired)
@@ -417,27 +399,26 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                     else:  # RMSNorm folded: x * g quantized, 1 / rms(x) at the end
                         ss = ss + xt * xt  # summed over K once, after the last step
                         g_layout = plgpu.Layout.WGMMA_TRANSPOSED.reduce(1)
-                        g_ref = g_smem[0].at[pl.ds(wg * (tk // 128), tk // 128)] if wgs > 1 \
-                            else g_smem[0]
                         if interpret:  # the interpreter takes no reshaped ref
-                            g = g_ref[...].reshape(tk)
+                            g = g_smem[0][...].reshape(tile_k)
                         else:
-                            g = plgpu.load(g_ref.reshape(tk), (), layout=g_layout)
-                        xt = xt * lax.broadcast_in_dim(g.astype(jnp.float32), (tk, tm), [0])
+                            g = plgpu.load(g_smem[0].reshape(tile_k), (), layout=g_layout)
+                        xt = xt * lax.broadcast_in_dim(g.astype(jnp.float32), (tile_k, tm),
+                                                       [0])
                         amax = jnp.max(jnp.abs(xt), axis=0)
                     # A reciprocal a token, then a multiply a value (no division a value).
                     scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
                     q = xt * lax.broadcast_in_dim(jnp.where(amax > 0, E4M3_MAX / amax, 1.0),
-                                                  (tk, tm), [1])
+                                                  (tile_k, tm), [1])
                     buf = lax.rem(idx[0], 2)
-                    xq = xq_smem.at[wg, buf]
+                    xq = xq_smem.at[buf]
                     xq.transpose((1, 0))[...] = q.astype(jnp.float8_e4m3fn)
-                    xqs_smem.at[wg, buf][...] = scale  # to the accumulator's layout via SMEM
+                    xqs_smem.at[buf][...] = scale  # to the accumulator's layout via SMEM
                     plgpu.commit_smem()
 
                     def mma(part):
-                        plgpu.wgmma(part, blk(w_smem), xq.transpose((1, 0)))
-                        x_s = plgpu.load(xqs_smem.at[wg, buf], (),
+                        plgpu.wgmma(part, w_smem, xq.transpose((1, 0)))
+                        x_s = plgpu.load(xqs_smem.at[buf], (),
                                          layout=plgpu.Layout.WGMMA.reduce(0))
                         val = plgpu.wgmma_accumulator_load(part, wait_n=0)
                         return acc_ref + val * lax.broadcast_in_dim(x_s, (ROWS, tm), [1])

@@ -343,7 +343,7 @@ def test_compiled_fp8_skinny_mgpu_quantizes_its_rows_per_token_and_k_step(M):
     for K, N in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)):
         x, w, ws = _fp8_skinny_operands(rng, M, K, N, jnp.bfloat16, 1e-3)
         res = jnp.asarray(rng.standard_normal((M, N)), jnp.bfloat16)
-        for tk, steps in (fit(512, 3), fit(256, 4)):
+        for tk, steps in (fit(512, 3), fit(256, 4), fit(1024, 2)):
             f = jax.jit(lambda a, b, c, r=None, tk=tk, steps=steps: fp8_skinny_matmul_mgpu(
                 a, None, b, c, tile_k=tk, steps=steps, quantize_x=True, residual=r))
             got = f(x, w, ws)
@@ -352,11 +352,6 @@ def test_compiled_fp8_skinny_mgpu_quantizes_its_rows_per_token_and_k_step(M):
             assert _rel_err(got, ref) < 5e-3, (K, N, tk, steps)  # one bf16 rounding
             assert jnp.array_equal(f(x, w, ws), got)
             assert jnp.array_equal(f(x, w, ws, res), res + got), (K, N, tk, "residual")
-        if M <= 16:  # on two compute warpgroups, each its half of a step (its own scales)
-            f2 = jax.jit(lambda a, b, c: fp8_skinny_matmul_mgpu(
-                a, None, b, c, tile_k=1024, steps=2, quantize_x=True, compute_wgs=2))
-            ref2 = quantize_x_reference(x, w, ws, 512, jnp.float32)
-            assert _rel_err(f2(x, w, ws), ref2) < 5e-3, (K, N, "two warpgroups")
         if K != 4096:
             continue
         # The layer's RMSNorm folded in (q/k/v and gate/up read normed rows).

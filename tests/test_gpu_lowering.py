@@ -209,9 +209,9 @@ def test_mosaic_skinny_fp8_kernel_lowers_for_hopper_at_the_8b_shapes():
         assert "stablehlo.add" not in text, (M, K, N, "w8a16")
         # The rows quantized in the kernel (quantize_x): one Mosaic call, no quantization
         # (no reduce) or add around it.
-        fn = jax.jit(lambda x, w, s, r, tile_k=tile_k, steps=steps, wgs=min(2, tile_k // 128):
+        fn = jax.jit(lambda x, w, s, r, tile_k=tile_k, steps=steps:
                      fp8_skinny_matmul_mgpu(x, None, w, s, tile_k=tile_k, steps=steps,
-                                            quantize_x=True, compute_wgs=wgs, residual=r))
+                                            quantize_x=True, residual=r))
         with jax.sharding.use_abstract_mesh(mesh):
             text = fn.trace(S((M, K), jnp.bfloat16), S((N, K), e4m3), S((N,), f32),
                             S((M, N), jnp.bfloat16)).lower(

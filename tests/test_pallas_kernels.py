@@ -1071,18 +1071,16 @@ def test_fp8_skinny_mgpu_residual_epilogue_adds_the_rounded_product(M, weight_on
         fp8_skinny_matmul_mgpu(x, xs, w, ws, residual=res[:, :64], **kw)
 
 
-@pytest.mark.parametrize("M,K,N,tile_k,steps,oob_rows,with_res,wgs", [
-    (1, 512, 128, 128, 2, True, True, 1),  # batch 1: seven zero rows past M, four K steps
-    (5, 512, 192, 256, 4, False, False, 1),  # rows padded to 8; steps clipped to the two
-    (16, 384, 64, 128, 3, True, True, 1),
-    (1, 1024, 128, 256, 2, True, True, 2),  # two compute warpgroups, 128 features each a step
-    (5, 1024, 64, 512, 2, False, False, 4),  # four
+@pytest.mark.parametrize("M,K,N,tile_k,steps,oob_rows,with_res", [
+    (1, 512, 128, 128, 2, True, True),  # batch 1: seven zero rows past M, four K steps
+    (5, 512, 192, 256, 4, False, False),  # rows padded to 8; steps clipped to the two
+    (16, 384, 64, 128, 3, True, True),
 ])
 def test_fp8_skinny_mgpu_quantizes_its_rows_per_token_and_k_step(M, K, N, tile_k, steps,
-                                                                  oob_rows, with_res, wgs):
+                                                                  oob_rows, with_res):
     """``quantize_x``: 16-bit rows quantized to e4m3 inside the kernel, per token and K block
-    (a step's, or with ``wgs`` compute warpgroups each one's share of it: the block's absmax
-    maps to 448), the fp8 product scaled back block by block: equals ``quantize_x_reference``
+    (a step's: the block's absmax maps to 448), the fp8 product scaled back block by block:
+    equals ``quantize_x_reference``
     (the same quantization outside, both dequantized and multiplied in fp32) up to the
     output's rounding, with the residual added as the other forms add it and the RMSNorm
     folded in as the model's norm before the GEMM."""
@@ -1093,9 +1091,8 @@ def test_fp8_skinny_mgpu_quantizes_its_rows_per_token_and_k_step(M, K, N, tile_k
     # Blocks of very different magnitude: one scale per row over all of K would lose the small.
     x = x * jnp.asarray(np.repeat(rng.uniform(1e-3, 10, (M, K // tile_k)), tile_k, axis=1),
                         jnp.bfloat16)
-    kw = dict(tile_k=tile_k, steps=steps, oob_rows=oob_rows, quantize_x=True, compute_wgs=wgs,
-              interpret=True)
-    block = tile_k // wgs
+    kw = dict(tile_k=tile_k, steps=steps, oob_rows=oob_rows, quantize_x=True, interpret=True)
+    block = tile_k
     ref = quantize_x_reference(x, w, ws, block, jnp.float32)
     got = fp8_skinny_matmul_mgpu(x, None, w, ws, **kw)
     assert got.shape == (M, N) and got.dtype == jnp.bfloat16
@@ -1121,8 +1118,8 @@ def test_fp8_skinny_mgpu_quantizes_its_rows_per_token_and_k_step(M, K, N, tile_k
         fp8_skinny_matmul_mgpu(x, None, w, ws, norm=(g[:128], 1e-5), **kw)
     with pytest.raises(ValueError, match="quantize_x: the kernel computes"):
         fp8_skinny_matmul_mgpu(x.astype(jnp.float8_e4m3fn), jnp.ones((M,)), w, ws, **kw)
-    with pytest.raises(ValueError, match="compute_wgs=3"):  # not dividing the step's chunks
-        fp8_skinny_matmul_mgpu(x, None, w, ws, **dict(kw, compute_wgs=3))
+    with pytest.raises(ValueError, match="compute_wgs=2"):  # one compute warpgroup only
+        fp8_skinny_matmul_mgpu(x, None, w, ws, **dict(kw, compute_wgs=2))
 
 
 def test_fp8_skinny_mgpu_kernel_refuses_what_it_does_not_take():

@@ -213,17 +213,12 @@ def main():
                 mgpu_sweep("mgpu_w8a16", wo, True, sets_w, ref_w)
             # W8A8 with the bf16 rows quantized inside the kernel (quantize_x: per token and
             # tile_k block), against its own reference (that quantization outside, fp32).
-            # On 1, 2 and 4 compute warpgroups (each quantizes its share of a step: its own
-            # scales, so its own reference).
             if "mgpu_w8a8_qx" in args.impls.split(","):
                 for c in tiles:
-                    for g in (1, 2, 4):
-                        if (c["tile_k"] // 128) % g:
-                            continue
-                        ref_q = fp8_skinny_mgpu.quantize_x_reference(
-                            x, wq[0][0], wq[0][1], c["tile_k"] // g, jnp.float32)
-                        mgpu_sweep("mgpu_w8a8_qx", [dict(c, quantize_x=True, compute_wgs=g)],
-                                   True, sets_w, ref_q)
+                    ref_q = fp8_skinny_mgpu.quantize_x_reference(
+                        x, wq[0][0], wq[0][1], c["tile_k"], jnp.float32)
+                    mgpu_sweep("mgpu_w8a8_qx", [dict(c, quantize_x=True)], True, sets_w,
+                               ref_q)
             if "mgpu_w8a16_f16" in args.impls.split(",") and M <= 16:
                 sets_h = [(x.astype(jnp.float16), q, s) for q, s in wq]
                 mgpu_sweep("mgpu_w8a16_f16", wo, True, sets_h, ref_w)

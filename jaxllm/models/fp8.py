@@ -243,27 +243,25 @@ SKINNY_MGPU_QX_ENV = "JAXLLM_FP8_SKINNY_MGPU_QX"
 # activations' quantization kernels of W8A8 gone, so the skinny kernel's fp8 wgmma can replace
 # XLA's W8A16 GEMM there without the ~2 small kernels a projection that made W8A8 at batch 1
 # slower, 3.91 against 3.63 ms/token on the H100, 2026-12-06 11:15).
-SKINNY_MGPU_QX_TILE: tuple[int, int, int, int, int] | None = None
+SKINNY_MGPU_QX_TILE: tuple[int, int, int, int] | None = None
 
 
-def skinny_mgpu_qx_tile() -> tuple[int, int, int, int, int] | None:
-    """``JAXLLM_FP8_SKINNY_MGPU_QX``: "0" (off), or "tile_k,steps,max_rows[,norm[,wgs]]": fp8
+def skinny_mgpu_qx_tile() -> tuple[int, int, int, int] | None:
+    """``JAXLLM_FP8_SKINNY_MGPU_QX``: "0" (off), or "tile_k,steps,max_rows[,norm]": fp8
     projections of at most max_rows token rows (<= ``SKINNY_MGPU_MAX_ROWS``) run W8A8 through
     the skinny Mosaic kernel with their 16-bit rows quantized inside it (``quantize_x``: per
     token and tile_k block of features, no quantization kernel before the GEMM), in place of
     the weight-only or the XLA-quantized W8A8 form those rows would take, and (norm 1, the
-    default) the q/k/v and gate/up GEMMs take their input RMSNorm in (``qx_norm_folds``), on
-    wgs compute warpgroups (default 1; each quantizes and multiplies its share of a step);
+    default) the q/k/v and gate/up GEMMs take their input RMSNorm in (``qx_norm_folds``);
     unset: ``SKINNY_MGPU_QX_TILE``. Read at trace time; on a CPU it runs Mosaic GPU's
     interpreter."""
     tile = _kernel_tile_env(SKINNY_MGPU_QX_ENV, SKINNY_MGPU_QX_TILE,
-                            ("tile_k", "steps", "max_rows", "norm", "wgs"), optional=(1, 1))
+                            ("tile_k", "steps", "max_rows", "norm"), optional=(1,))
     if tile is not None and not 1 <= tile[2] <= SKINNY_MGPU_MAX_ROWS:
         raise ValueError(f"{SKINNY_MGPU_QX_ENV}: max_rows={tile[2]} must be 1 to "
                          f"{SKINNY_MGPU_MAX_ROWS}.")
-    if tile is not None and (tile[3] not in (0, 1) or tile[4] not in (1, 2, 4)):
-        raise ValueError(f"{SKINNY_MGPU_QX_ENV}: norm={tile[3]} must be 0 or 1 and "
-                         f"wgs={tile[4]} 1, 2 or 4.")
+    if tile is not None and tile[3] not in (0, 1):
+        raise ValueError(f"{SKINNY_MGPU_QX_ENV}: norm={tile[3]} must be 0 or 1.")
     return tile
 
 
@@ -275,8 +273,8 @@ def skinny_mgpu_qx_takes(num_tokens: int) -> bool:
 
 
 def _fit_skinny_tile(T: int, K: int, N: int, tile_k: int, steps: int, out_dtype,
-                     x_itemsize: int, *, residual: bool = False, quantize_x: bool = False,
-                     compute_wgs: int = 1) -> tuple[int, int] | None:
+                     x_itemsize: int, *, residual: bool = False, quantize_x: bool = False
+                     ) -> tuple[int, int] | None:
     """The skinny Mosaic kernel's (tile_k, steps) for a [T, K] x [N, K] GEMM: tile_k halved
     until it divides K, steps lowered until the pipeline's buffers fit ``SMEM_BYTES`` and the
     CTA's (with the epilogue's, ``residual``, ``quantize_x``) ``CTA_SMEM_BYTES``; None where
@@ -288,7 +286,7 @@ def _fit_skinny_tile(T: int, K: int, N: int, tile_k: int, steps: int, out_dtype,
     def fits(st: int) -> bool:
         cta = fp8_skinny_mgpu.cta_smem_bytes(
             T, tile_k, st, x_itemsize, out_itemsize=jnp.dtype(out_dtype).itemsize,
-            residual=residual, quantize_x=quantize_x, compute_wgs=compute_wgs)
+            residual=residual, quantize_x=quantize_x)
         return (fp8_skinny_mgpu.pipeline_bytes(T, tile_k, st, x_itemsize)
                 <= fp8_skinny_mgpu.SMEM_BYTES and cta <= fp8_skinny_mgpu.CTA_SMEM_BYTES)
 
@@ -349,16 +347,14 @@ def _skinny_mgpu_quantize_x(x: jax.Array, weight: jax.Array, weight_scale: jax.A
     dev = jax.devices()[0]
     if not mosaic_kernel_runs_on(dev.platform, getattr(dev, "compute_capability", None)):
         return None
-    tile_k, steps, _, _, wgs = skinny_mgpu_qx_tile()
+    tile_k, steps, _, _ = skinny_mgpu_qx_tile()
     fit = _fit_skinny_tile(T, K, N, tile_k, steps, x.dtype, x.dtype.itemsize,
-                           residual=residual is not None, quantize_x=True, compute_wgs=wgs)
+                           residual=residual is not None, quantize_x=True)
     if fit is None:
         return None
-    while wgs > 1 and (fit[0] // 128) % wgs:
-        wgs //= 2
     return fp8_skinny_mgpu.fp8_skinny_matmul_mgpu(
         x, None, weight, weight_scale, x.dtype, tile_k=fit[0], steps=fit[1], residual=residual,
-        quantize_x=True, norm=norm, compute_wgs=wgs, interpret=jax.default_backend() != "gpu")
+        quantize_x=True, norm=norm, interpret=jax.default_backend() != "gpu")
 
 
 def qx_norm_folds(proj, norm, num_tokens: int) -> bool:
