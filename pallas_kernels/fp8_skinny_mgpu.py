@@ -362,25 +362,22 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
                     if wgs == 1:
                         epilogue(acc)
                         return
-                    reduce_wgs(acc, epilogue)
 
-            def reduce_wgs(acc, then):
-                """Several compute warpgroups: the others' sums handed to warpgroup 0 through
-                shared memory; it adds them to its own and runs ``then`` on the total."""
-                @pl.when(wg != 0)
-                def _():
-                    red_smem.at[wg - 1][...] = acc
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(red_bar)
+                    # The other warpgroups' sums handed to warpgroup 0 through shared memory.
+                    @pl.when(wg != 0)
+                    def _():
+                        red_smem.at[wg - 1][...] = acc
+                        plgpu.commit_smem()
+                        plgpu.barrier_arrive(red_bar)
 
-                @pl.when(wg == 0)
-                def _():
-                    plgpu.barrier_wait(red_bar)
-                    total = acc
-                    for i in range(wgs - 1):
-                        total = total + plgpu.load(red_smem.at[i], (),
-                                                   layout=plgpu.Layout.WGMMA)
-                    then(total)
+                    @pl.when(wg == 0)
+                    def _():
+                        plgpu.barrier_wait(red_bar)
+                        total = acc
+                        for i in range(wgs - 1):
+                            total = total + plgpu.load(red_smem.at[i], (),
+                                                       layout=plgpu.Layout.WGMMA)
+                        epilogue(total)
 
             def body(idx, x_smem, w_smem, *rest):
                 *g_smem, acc_ref = rest
