@@ -89,6 +89,33 @@ def summarize(trace_path: Path, num_steps: int, top: int) -> dict:
                 top_calls={k: calls[k] / num_steps for k, _ in ranked})
 
 
+def layer_sites(events: list[tuple[str, float, float]], anchor: str = "ragged_paged_attention"
+                ) -> list[tuple[int, str, float, int]]:
+    """The ops of one decoder layer by their place around the layer's attention call: (offset
+    from the attention op, the op group most often there, its mean µs, how many layers agreed).
+
+    The GPU events in start order are cut at each op whose group contains ``anchor`` (one a
+    layer); the windows of the most common length (a layer's ops; the windows that take in the
+    embedding, logits or sampler differ and are left out) are lined up op by op. This tells the
+    projections apart where they share a kernel name (XLA's ``gemm_fusion_dot_#``, every Mosaic
+    GPU kernel's ``kernel_mosaic_gpu_kernel``), which the per-name totals of ``summarize`` can
+    not."""
+    evs = sorted(events, key=lambda e: e[1])
+    marks = [i for i, (n, _, _) in enumerate(evs) if anchor in n]
+    wins = [evs[a:b] for a, b in zip(marks, marks[1:])]
+    if not wins:
+        return []
+    length = collections.Counter(len(w) for w in wins).most_common(1)[0][0]
+    wins = [w for w in wins if len(w) == length]
+    out = []
+    for j in range(length):
+        groups = collections.Counter(op_group(w[j][0]) for w in wins)
+        name, n = groups.most_common(1)[0]
+        us = [w[j][2] for w in wins if op_group(w[j][0]) == name]
+        out.append((j, name, sum(us) / len(us), n))
+    return out
+
+
 def per_call(events: list[tuple[str, float, float]], calls: int) -> dict | None:
     """Device time of one call from the GPU events of ``calls`` calls: ``device_us`` (GPU busy,
     the union of the ops' intervals), ``ops_per_call``, and the op group that took longest

@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_trace import host_top, summarize  # noqa: E402
+from gpu_trace import gpu_events, host_top, layer_sites, summarize  # noqa: E402
 from offline_throughput import (SHAPES, append_jsonl, fp8_weight_block_arg,  # noqa: E402
                                 log_engine_startup, parse_buckets, random_model)
 
@@ -181,6 +182,9 @@ def main(argv=None) -> int:
                    help="separate q/k/v and gate/up GEMMs (the layout before fused projections)")
     p.add_argument("--keep-trace", type=Path, default=None,
                    help="copy each batch's Perfetto trace to KEEP_TRACE_b<batch>.json.gz")
+    p.add_argument("--layer-sites", action="store_true",
+                   help="also print a decoder layer's ops in order, from its attention call "
+                        "(gpu_trace.layer_sites: tells apart GEMMs of one kernel name)")
     p.add_argument("--host-top", type=int, default=0,
                    help="also print the N longest host-side trace events per step")
     p.add_argument("--max-num-seqs", type=int, default=None,
@@ -277,6 +281,8 @@ def main(argv=None) -> int:
             shutil.copy(trace, f"{args.keep_trace}_b{batch}.json.gz")
         if args.host_top:
             summ["host_top"] = host_top(trace, args.steps * k, args.host_top)
+        if args.layer_sites:
+            summ["layer_sites"] = layer_sites(gpu_events(trace)[0])
         for rid in ids:
             engine.abort_request(rid)
         row = dict(shape=args.shape, device=jax.devices()[0].device_kind, batch=batch,
@@ -293,7 +299,8 @@ def main(argv=None) -> int:
                    idle_pct=100 * max(0.0, 1 - summ["gpu_busy_ms"] / wall),
                    host_wait_ms=wait, host_work_ms=wall - wait, host_bound_steps=host_bound,
                    replay_ms=replay, replay_idle_pct=100 * max(0.0, 1 - replay / wall),
-                   steps=args.steps, num_scheduler_steps=k)
+                   steps=args.steps, num_scheduler_steps=k,
+                   attention_knobs=os.environ.get("JAXLLM_ATTENTION_KNOBS", ""))
         rows.append(row)
         print(f"batch {batch}: wall {wall:.2f} ms (mean {wall_mean:.2f}, max {wall_max:.1f}; "
               f"{wall_profiled:.2f} profiled), GPU busy "
@@ -306,6 +313,8 @@ def main(argv=None) -> int:
             print(f"    {ms:8.3f} ms {summ['top_calls'][name]:6.1f}x  {name[:110]}")
         for name, ms, n in summ.get("host_top", []):
             print(f"    host {ms:8.3f} ms {n:7.1f}x  {name[:100]}")
+        for j, name, us, n in summ.get("layer_sites", []):
+            print(f"    layer op {j:2d} {us:8.2f} us ({n} layers)  {name[:100]}")
     append_jsonl(args.out, rows)
     return 0
 

@@ -68,6 +68,28 @@ def test_step_summary_counts_each_op_group_per_step(tmp_path):
     assert got["kernels_per_step"] == 3 and got["gpu_busy_ms"] == 0.06
 
 
+def test_layer_sites_line_up_each_layers_ops_from_its_attention_call():
+    # Two layers of [attention, gemm (o), add, gemm (gate/up), gemm (down), gemm (q/k/v)] and a
+    # step's tail (logits, sampler) after the last layer's ops: the tail's longer window is left
+    # out, and the three GEMMs of one kernel name keep their own places and times.
+    layer = [("ragged_paged_attention_bq1", 7), ("gemm_fusion_dot_1", 9), ("loop_add_fusion_2", 2),
+             ("gemm_fusion_dot_3", 40), ("gemm_fusion_dot_4", 20), ("gemm_fusion_dot_5", 11)]
+    names = ["input_fusion_0"] + [n for n, _ in layer] * 3 + ["gemm_fusion_dot", "sample_9"]
+    durs = [1] + [d for _, d in layer] * 3 + [300, 5]
+    durs[1 + 6 + 3] = 44  # the second layer's gate/up is slower: its place's mean moves
+    evs, t = [], 0
+    for n, d in zip(names, durs):
+        evs.append((n, t, d))
+        t += d + 1
+    got = gpu_trace.layer_sites(evs[::-1])  # any order in: sorted by start
+    assert [(j, name, n) for j, name, _, n in got] == [
+        (0, "ragged_paged_attention_bq#", 2), (1, "gemm_fusion_dot_#", 2),
+        (2, "loop_add_fusion_#", 2), (3, "gemm_fusion_dot_#", 2), (4, "gemm_fusion_dot_#", 2),
+        (5, "gemm_fusion_dot_#", 2)]
+    assert [us for _, _, us, _ in got] == [7, 9, 2, 42, 20, 11]
+    assert gpu_trace.layer_sites([("gemm_fusion_dot", 0, 5)]) == []
+
+
 def test_device_time_on_a_platform_without_gpu_ops_is_none():
     f = lambda x: (x * 2).sum()  # noqa: E731
     assert gpu_trace.device_time(f, [(jnp.ones(8),)], calls=2) is None
