@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.l2_prefetch import as_chunks, l2_prefetch, prefetch_layout, program_chunks
+
 
 def ragged_paged_attention_reference(
     q: jax.Array,
@@ -256,7 +258,8 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
                  dummy_row, out_by_block, split_pages, masked_tail_only=False, kv_write=False,
                  num_tokens=0, exact_rows=False, seq_is_block=False, fp8_kv_dot=None,
                  heads_per_program=1, qkv_rope=False, k_scale=1.0, v_scale=1.0, qkv_parts=1,
-                 qkv_dtype=None, norm_eps=None, norm_dim=0, spread_blocks=0, spread_single=False):
+                 qkv_dtype=None, norm_eps=None, norm_dim=0, spread_blocks=0, spread_single=False,
+                 prefetch=None):
     # Inputs: blk_seq [nb] (left out with seq_is_block: block b is sequence slot b, as in the
     # decode launch), blk_tok0 / blk_ntok / blk_pos0 [nb], the page table, q, k and v pages.
     if seq_is_block:
@@ -265,6 +268,12 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     else:
         (blk_seq_ref, blk_tok0_ref, blk_ntok_ref, blk_pos0_ref, page_table_ref, q_ref, k_ref,
          v_ref, *refs) = refs
+    # prefetch (static: chunk bytes, chunks, chunks a program, lanes, "start" / "end"): the
+    # next ref is an array viewed as [chunks, chunk] whose bytes the
+    # programs stream into the L2 (see l2_prefetch in ragged_paged_attention).
+    pf_ref = None
+    if prefetch is not None:
+        pf_ref, *refs = refs
     # kv_write (decode launch only): refs start with slot [T], k_new / v_new [T, K*D] (cache
     # dtype) and end with the page outputs (aliased to k_ref / v_ref). The new token's K/V is
     # not in the pages yet: page reads stop before its position, split 0 adds it to its softmax
@@ -291,6 +300,16 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
     b = pl.program_id(0)
     h = pl.program_id(1)  # KV heads h * hp .. h * hp + hp - 1
     sp = pl.program_id(2)
+
+    def issue_prefetch():
+        # Program p takes chunks [p * per, (p + 1) * per), lanes at a time; fire and forget.
+        chunk, n_chunks, per, lanes, _ = prefetch
+        p = (b * (num_heads // group // heads_per_program) + h) * num_splits + sp
+        for c, live in program_chunks(p, per, lanes, n_chunks):
+            l2_prefetch(pf_ref.at[c, jnp.zeros_like(c)], live, chunk)
+
+    if prefetch is not None and prefetch[4] == "start":
+        issue_prefetch()
     G, H, D, B = group, num_heads, head_dim, page_size
     bk = pages_per_block * B
     # heads_per_program hp > 1 (decode launch): the program's rows are the hp * G query heads of
@@ -474,6 +493,8 @@ def _attn_kernel(*refs, block_q, rows, group, num_heads, head_dim,
         carry = jax.lax.fori_loop(it_lo, mid, functools.partial(body, masked=False), carry)
         it_lo = mid
     acc, m, l = jax.lax.fori_loop(it_lo, it_hi, body, carry)
+    if prefetch is not None and prefetch[4] == "end":
+        issue_prefetch()
 
     if kv_write:
         new, s_new, v_new = new_token()
@@ -523,7 +544,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
             num_stages, interpret, out_dtype, out_by_block=False, split_pages=False,
             masked_tail_only=False, kv_write=None, exact_rows=False, fp8_kv_dot="query",
             heads_per_program=1, qkv_rope=None, qkv_parts=1, qkv_norm=None, spread=False,
-            combine="reduce", single=False):
+            combine="reduce", single=False, l2_prefetch=None, l2_prefetch_at="start"):
     """One pallas_call over len(blk_tok0) query blocks.
 
     ``blk_seq`` None: block b is sequence slot b (the decode launch), and the kernel takes its
@@ -549,7 +570,9 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     (several splits, not spread): the split combine's form, one of ``DECODE_COMBINE_CHOICES``.
     ``single`` (with ``spread``): the caller promises one live sequence, in slot 0 (static: no
     count of the live slots in the kernel, and ``_single_combine`` merges every program's
-    partial into slot 0's rows)."""
+    partial into slot 0's rows). ``l2_prefetch`` (an array; not with ``interpret``): the
+    programs stream its bytes into the L2 at their start or after their K/V loop
+    (``l2_prefetch_at``), see ragged_paged_attention."""
     G = H // K
     hp = heads_per_program
     if K % hp or (hp > 1 and block_q != 1):
@@ -563,6 +586,13 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
     exact_rows = exact_rows and out_by_block
     spread = spread and num_splits > 1 and seq_is_block and out_by_block and block_q == 1
     n_rows = (nb * block_q if out_by_block else T) * H + 1
+    pf_args, prefetch = (), None
+    if l2_prefetch is not None and not interpret:
+        programs, lanes = nb * (K // hp) * num_splits, 32 * num_warps
+        chunk, n_chunks, per = prefetch_layout(l2_prefetch.size * l2_prefetch.dtype.itemsize,
+                                               l2_prefetch.dtype.itemsize, programs, lanes)
+        pf_args = (as_chunks(l2_prefetch, chunk),)
+        prefetch = (chunk, n_chunks, per, lanes, l2_prefetch_at)
     kernel = functools.partial(
         _attn_kernel, block_q=block_q, rows=rows, group=G, num_heads=H, head_dim=D, page_size=B,
         pages_per_block=pages_per_block, num_splits=num_splits, sm_scale=sm_scale,
@@ -575,7 +605,7 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
         v_scale=1.0 if qkv_rope is None else float(qkv_rope[1]), qkv_parts=qkv_parts,
         qkv_dtype=out_dtype, norm_eps=None if qkv_norm is None else float(qkv_norm[1]),
         norm_dim=0 if qkv_norm is None else qkv_norm[0].shape[1],
-        spread_blocks=nb if spread else 0, spread_single=spread and single)
+        spread_blocks=nb if spread else 0, spread_single=spread and single, prefetch=prefetch)
     if num_splits == 1:
         out_shape = (jax.ShapeDtypeStruct((n_rows, D), out_dtype),)
     else:
@@ -602,9 +632,10 @@ def _launch(q2, k2, v2, page_table, blk_seq, blk_tok0, blk_ntok, blk_pos0, *, T,
               + ("_kvw" if kv_write is not None else "") + ("_rope" if qkv_rope else "")
               + (f"_sk{qkv_parts}" if qkv_parts > 1 else "") + ("_nf" if qkv_norm else "")
               + (f"_hp{hp}" if hp > 1 else "") + ("_sp" if spread else "")
-              + ("1" if spread and single else "")),
+              + ("1" if spread and single else "")
+              + (f"_pf{l2_prefetch_at[0]}" if prefetch is not None else "")),
     )(*(() if seq_is_block else (blk_seq,)), blk_tok0, blk_ntok, blk_pos0, page_table, q2, k2,
-      v2, *extra)
+      v2, *pf_args, *extra)
     pages = ()
     if kv_write is not None:
         *res, k_new_pages, v_new_pages = res
@@ -813,6 +844,11 @@ def prefill_block_config(num_tokens: int, num_heads: int, num_kv_heads: int) -> 
     return dict(block_q=max(1, bq * g_cls // G), pages_per_block=ppb)
 
 
+# Where the decode programs issue ``l2_prefetch``: before anything else, or after their K/V
+# loop (the prefetch's DRAM traffic then does not queue ahead of the K/V reads).
+L2_PREFETCH_AT = ("start", "end")
+
+
 def ragged_paged_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -846,6 +882,8 @@ def ragged_paged_attention(
     qkv_dtype=None,
     qkv_norm: tuple[jax.Array, float] | None = None,
     fp8_kv_dot: str = FP8_KV_DOT_DEFAULT,
+    l2_prefetch: jax.Array | None = None,
+    l2_prefetch_at: str = "start",
     interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Pallas (Triton) ragged paged attention; same contract and result as the reference.
@@ -921,7 +959,18 @@ def ragged_paged_attention(
     the kernel multiplies each token's q/k/v (the partials' float32 sum) by r, computed from
     x's row, before rounding and rope: the norm's own kernel is gone. Needs a projection
     without bias (a bias would be scaled by r too).
+
+    ``l2_prefetch`` (any array whose byte size is a multiple of 16; the GPU only: ignored with
+    ``interpret``): the decode launch's programs stream its bytes into the L2 (Hopper's bulk
+    prefetch, ``pallas_kernels.l2_prefetch``), each its share, issued at the program's start
+    or after its K/V loop (``l2_prefetch_at``: one of ``L2_PREFETCH_AT``); nothing waits for
+    it and the result does not change. For the weight of the GEMM that reads this call's
+    output (the o projection): at small batches the kernel is bound by latency, not by the
+    DRAM, which idles under it; the GEMM then finds its weight in the L2.
     """
+    if l2_prefetch_at not in L2_PREFETCH_AT:
+        raise ValueError(f"l2_prefetch_at must be one of {L2_PREFETCH_AT}, got "
+                         f"{l2_prefetch_at!r}")
     if qkv_rope is not None:
         if new_kv is None or new_kv[0] is not None or new_kv[1] is not None:
             raise ValueError("qkv_rope needs new_kv=(None, None, slot_mapping): the kernel "
@@ -1076,7 +1125,8 @@ def ragged_paged_attention(
                        qkv_rope=None if qkv_rope is None else qkv_rope[1:],
                        qkv_parts=qkv_parts, qkv_norm=qkv_norm,
                        spread=(decode_spread or decode_single) and decode_only,
-                       single=decode_single, combine=decode_combine, **common)
+                       single=decode_single, combine=decode_combine, l2_prefetch=l2_prefetch,
+                       l2_prefetch_at=l2_prefetch_at, **common)
         if kv_write is not None:
             rows, k2_new, v2_new = rows
             new_pages = (k2_new.reshape(P, B, K, D), v2_new.reshape(P, B, K, D))

@@ -713,6 +713,17 @@ def test_compiled_decode_with_rope_from_the_qkv_output_matches_reference(cache):
                                             want_v.reshape(P, B, K, D), sl, pt, qsl, ns,
                                             sm_scale=D ** -0.5)
     assert _rel_err(got[:5].astype(jnp.float32), want[:5].astype(jnp.float32)) < 2e-2
+    # The L2 prefetch of an fp8 o weight (l2_prefetch, either place) changes nothing: the same
+    # bits out and in the pages (and it compiles: the bulk prefetch is Hopper PTX).
+    w = jnp.asarray(rng.standard_normal((4096, 4096)), jnp.float8_e4m3fn)
+    for at in ("start", "end"):
+        pf, pf_k, pf_v = jax.jit(functools.partial(
+            ragged_paged_attention, sm_scale=D ** -0.5, decode_only=True, l2_prefetch_at=at,
+            qkv_rope=(angles, 1.0, 1.0)))(qkv, kp, vp, sl, pt, qsl, ns, l2_prefetch=w,
+                                            new_kv=(None, None, jnp.asarray(slots)))
+        for a, b in ((pf, got), (pf_k, got_k), (pf_v, got_v)):
+            np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                          np.asarray(b.astype(jnp.float32)))
 
 
 def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_folder,
@@ -725,8 +736,9 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
     off = '{"fused_qkv_rope": false}'
     on = '{"fused_qkv_rope": true, "qkv_split_k": 1}'
     nofold = '{"fold_input_norm": false}'  # the input RMSNorm kernel kept
+    pf = '{"l2_prefetch_o": "start"}'  # the o weight streamed into the L2 by the decode kernel
     outs = _greedy_under_knobs(small_llama_folder, monkeypatch, 5,
-                               ((off, 1), (on, 1), (on, 4), ("", 4), (nofold, 4)))
+                               ((off, 1), (on, 1), (on, 4), ("", 4), (nofold, 4), (pf, 4)))
     want = outs[(off, 1)]
     assert outs[(on, 1)] == want
     assert outs[(on, 4)] == want
@@ -734,6 +746,7 @@ def test_engine_fused_qkv_rope_serves_the_default_tokens_on_the_gpu(small_llama_
     # partials (qkv_split_k 4) and applies the folded input norm's factor.
     assert outs[("", 4)] == want
     assert outs[(nofold, 4)] == want
+    assert outs[(pf, 4)] == want
 
 
 _RESTART_SCRIPT = """

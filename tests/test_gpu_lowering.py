@@ -22,21 +22,26 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+PREFETCH_ASM = "cp.async.bulk.prefetch.L2.global"  # pallas_kernels/l2_prefetch.py
 
 
 def _spec(tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
-@pytest.mark.parametrize("shape,quantization,kv_cache_dtype", [
-    ("tiny", None, "auto"), ("tiny", "fp8", "fp8"), ("tiny-gemma2", None, "auto")])
+@pytest.mark.parametrize("shape,quantization,kv_cache_dtype,knobs", [
+    ("tiny", None, "auto", ""), ("tiny", "fp8", "fp8", ""), ("tiny-gemma2", None, "auto", ""),
+    ("tiny", "fp8", "auto", '{"l2_prefetch_o": "start"}')])
 def test_engine_step_programs_lower_for_hopper_through_the_pallas_kernels(
-        monkeypatch, shape, quantization, kv_cache_dtype):
+        monkeypatch, shape, quantization, kv_cache_dtype, knobs):
     from jax.sharding import AbstractDevice, AbstractMesh
     from offline_throughput import random_model
 
     from jaxllm.config import EngineConfig
     from jaxllm.engine.llm_engine import LLMEngine
+    from jaxllm.models.attention import ATTENTION_KNOBS_ENV
+
+    monkeypatch.setenv(ATTENTION_KNOBS_ENV, knobs)
 
     engine = LLMEngine(EngineConfig(
         dtype="bfloat16", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64,
@@ -68,6 +73,13 @@ def test_engine_step_programs_lower_for_hopper_through_the_pallas_kernels(
     # Every program attends through the Triton kernel, not the interpreter's HLO.
     for key, text in texts.items():
         assert TRITON_CALL in text and "ragged_paged_attention" in text, key
+    # The l2_prefetch_o knob: the decode kernel of the rope path (the decode-only steps)
+    # streams the o weight into the L2; nowhere without it.
+    prefetching = {k for k, t in texts.items() if PREFETCH_ASM in t}
+    if knobs:
+        assert prefetching == {k for k in texts if k[0] == "multi" or k[2]}, sorted(texts)
+    else:
+        assert not prefetching
     if shape == "tiny-gemma2":  # GeGLU and (1 + w) norms: XLA's MLP, not the SwiGLU kernel
         assert not any("gate_up_swiglu" in t for t in texts.values())
     elif quantization is None:  # bf16 at <= 8 rows: the MLP's norm, gate/up and SwiGLU kernel

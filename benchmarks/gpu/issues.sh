@@ -2104,6 +2104,51 @@ qxcheck)  # one GPU, one call (for the session after 2026-12-06 night): the quan
   fp8_b1_ab JAXLLM_FP8_SKINNY_MGPU_WO "${VARIANTS:-xla 512,3,2,1,1 512,3,2,1,0}"
   [ $((T - SECONDS)) -gt 60 ] && gpu_tests 6 -k "not quantizes_its_rows"
   show_logs 2 ;;
+qxsites)  # one GPU, one call (2026-12-06 late): the quantize_x GPU test (after the
+  # two-warpgroup form's removal), then the fp8 batch-1 step profiled with a layer's ops in
+  # order (profile_step.py --layer-sites: the four projections apart, where the per-name totals
+  # lump them) for each of VARIANTS: xla (the default), qx=QX (JAXLLM_FP8_SKINNY_MGPU_QX),
+  # wo=WO (JAXLLM_FP8_SKINNY_MGPU_WO). The step's wall (no profiler) is each one's ms/token.
+  # Where the quantize_x form's in-engine GEMMs lose ~8 us a layer to their microbenchmark.
+  # Carry .bench and .whl.
+  L=$OUT/logs; mkdir -p $L
+  wheels || exit 1
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 150 python3 -m pytest -q -rA -m gpu \
+    -p no:cacheprovider tests/test_gpu.py -k quantizes_its_rows > $L/gpu_qx.log 2>&1
+  echo "rc=$?"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" $L/gpu_qx.log | tail -6
+  for v in ${VARIANTS:-xla qx=1024,2,16 wo=512,3,2,1,1}; do
+    [ $((T - SECONDS)) -gt 70 ] || break
+    unset JAXLLM_FP8_SKINNY_MGPU_QX JAXLLM_FP8_SKINNY_MGPU_WO
+    case $v in qx=*) export JAXLLM_FP8_SKINNY_MGPU_QX=${v#qx=} ;;
+      wo=*) export JAXLLM_FP8_SKINNY_MGPU_WO=${v#wo=} ;; esac
+    timeout $((T - SECONDS - 5)) python3 benchmarks/profile_step.py --context 1024 --steps 6 \
+      --top 12 --batch 1 --max-num-seqs 1 --num-scheduler-steps 4 --quantization fp8 \
+      --layer-sites --out-dir /tmp/po --out $OUT/results.jsonl > $L/prof_${v%%=*}.log 2>&1
+    echo "== $v"; grep -A40 "^batch " $L/prof_${v%%=*}.log | cut -c1-110
+  done; unset JAXLLM_FP8_SKINNY_MGPU_QX JAXLLM_FP8_SKINNY_MGPU_WO ;;
+pfab)  # one GPU, one call (2026-12-06 late): the decode kernel streaming the o weight into
+  # the L2 under its latency-bound work (JAXLLM_ATTENTION_KNOBS {"l2_prefetch_o": AT}): the GPU
+  # tests that compile it (the kernel's bits with and without, the engine's greedy tokens), then
+  # the batch-1 step profiled with a layer's ops in order (the attention's and the o GEMM's
+  # time) for each AT of VARIANTS (off = the default), fp8 then bf16 (BF16_VARIANTS). The
+  # step's wall (no profiler) is each one's ms/token. Carry .bench and .whl.
+  L=$OUT/logs; mkdir -p $L
+  wheels || exit 1
+  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 200 python3 -m pytest -q -rA -m gpu \
+    -p no:cacheprovider tests/test_gpu.py -k "rope_from_the_qkv_output or fused_qkv_rope_serves" \
+    > $L/gpu_pf.log 2>&1
+  echo "rc=$?"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error" $L/gpu_pf.log | tail -8
+  for qv in $(for v in ${VARIANTS:-off start end}; do echo fp8:$v; done) \
+            $(for v in ${BF16_VARIANTS:-off start}; do echo bf16:$v; done); do
+    [ $((T - SECONDS)) -gt 60 ] || break
+    q=${qv%%:*}; at=${qv#*:}
+    export JAXLLM_ATTENTION_KNOBS="{\"l2_prefetch_o\": \"$at\"}"
+    timeout $((T - SECONDS - 5)) python3 benchmarks/profile_step.py --context 1024 --steps 6 \
+      --top 6 --batch 1 --max-num-seqs 1 --num-scheduler-steps 4 \
+      $([ $q = fp8 ] && echo --quantization fp8) --layer-sites --out-dir /tmp/po \
+      --out $OUT/results.jsonl > $L/prof_${q}_$at.log 2>&1
+    echo "== $q $at"; grep -A20 "^batch " $L/prof_${q}_$at.log | cut -c1-110
+  done; unset JAXLLM_ATTENTION_KNOBS ;;
 gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
   # and .whl.
   L=$OUT/logs; mkdir -p $L

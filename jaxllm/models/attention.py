@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels.ragged_paged_attention import (
     DECODE_COMBINE_CHOICES,
     FP8_KV_DOT_CHOICES,
+    L2_PREFETCH_AT,
     is_fp8_pages,
     ragged_paged_attention,
     ragged_paged_attention_reference,
@@ -63,7 +64,8 @@ _BOOL_KNOBS = ("decode_split_pages", "decode_spread", "masked_tail_only", "fused
 # batch-1 A/B runs.
 # Knobs with a fixed set of string values.
 _CHOICE_KNOBS = {"fp8_kv_dot": ("auto",) + FP8_KV_DOT_CHOICES,
-                 "decode_combine": DECODE_COMBINE_CHOICES}
+                 "decode_combine": DECODE_COMBINE_CHOICES,
+                 "l2_prefetch_o": ("off",) + L2_PREFETCH_AT}
 _KNOB_NAMES = _INT_KNOBS + _BOOL_KNOBS + tuple(_CHOICE_KNOBS)
 # Not arguments of the kernel: write_kv_and_attend's choice (decode-only steps write the new
 # K/V inside the decode kernel instead of two scatters a layer), and the model's (the decode
@@ -81,8 +83,15 @@ _FOLD_INPUT_NORM = "fold_input_norm"
 # The model's MLP in small steps: its RMSNorm, gate/up GEMM and SwiGLU in one Pallas kernel
 # (``mlp_kernel_applies``).
 _MLP_KERNEL = "mlp_kernel"
+# On the rope path: the decode kernel streams the o projection's weight into the L2 under its
+# own latency-bound work ("start" / "end": where its programs issue the prefetch; "off", the
+# default: not at all). See ``rope_write_kv_and_attend``'s ``prefetch``. Off by measurement
+# (H100, 2026-12-06, batch 1; benchmarks/RESULTS.md): the o GEMM gains ~1.7 µs a layer from
+# the L2 and the decode kernel loses 2.1-2.7: fp8 3.50 / 3.53 against 3.50 ms/token, bf16 5.57
+# against 5.57.
+_L2_PREFETCH_O = "l2_prefetch_o"
 _NOT_KERNEL_ARGS = (_FUSED_KV_WRITE, _FUSED_QKV_ROPE, _QKV_SPLIT_K, _FOLD_INPUT_NORM,
-                    _MLP_KERNEL)
+                    _MLP_KERNEL, _L2_PREFETCH_O)
 
 
 def attention_kernel_knobs() -> tuple[tuple[str, object], ...]:
@@ -389,7 +398,8 @@ def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax
                              sm_scale: float,
                              sliding_window: int | None = None, soft_cap: float | None = None,
                              k_scale: float = 1.0, v_scale: float = 1.0, qkv_parts: int = 1,
-                             dtype=None, norm: tuple[jax.Array, float] | None = None
+                             dtype=None, norm: tuple[jax.Array, float] | None = None,
+                             prefetch: jax.Array | None = None
                              ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``apply_rope`` on the query heads and the keys of ``qkv`` ([T, K, (G + 2) * D], the fused
     projection's output: per KV head its G query heads, its key, its value), then
@@ -402,9 +412,15 @@ def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax
     summed in the kernel and rounded to ``dtype`` (the model's; the output's). ``norm=(x,
     eps)``: ``qkv`` is the projection of x * g (the layer's input RMSNorm folded into the
     GEMM), and the kernel scales each token's q/k/v by rsqrt(mean(x^2) + eps) (the kernel's
-    ``qkv_norm``)."""
+    ``qkv_norm``). ``prefetch``: the o projection's weight, which the kernel streams into the L2
+    (its ``l2_prefetch``) when the ``l2_prefetch_o`` knob says where (``JAXLLM_ATTENTION_KNOBS``;
+    off by default), on one device (a head-sharded call would need the weight replicated)."""
     dtype = qkv.dtype if dtype is None else jnp.dtype(dtype)
-    kernel_knobs = _kernel_args(attention_kernel_knobs())
+    knobs = attention_kernel_knobs()
+    kernel_knobs = _kernel_args(knobs)
+    pf_at = dict(knobs).get(_L2_PREFETCH_O, "off")
+    if pf_at == "off" or _HEAD_MESH.get() is not None:
+        prefetch = None
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     scaled = is_fp8(k_pages.dtype) and (k_scale != 1.0 or v_scale != 1.0)
 
@@ -412,10 +428,10 @@ def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax
 
     def attend(k_pages, v_pages, qkv, angles, md, norm_x=None):
         return _paged_attention_rope(
-            qkv, angles, k_pages, v_pages, md, norm_x,
+            qkv, angles, k_pages, v_pages, md, norm_x, prefetch,
             sm_scale=sm_scale * (k_scale if scaled else 1.0), sliding_window=sliding_window,
             soft_cap=soft_cap, knobs=kernel_knobs, scales=(float(k_scale), float(v_scale)),
-            parts=qkv_parts, dtype=dtype, norm_eps=norm_eps)
+            parts=qkv_parts, dtype=dtype, norm_eps=norm_eps, prefetch_at=pf_at)
     out, k_pages, v_pages = _per_head_shard(attend, 2, 1, None)(
         k_pages, v_pages, qkv, angles, md, *(() if norm_x is None else (norm_x,)))
     if scaled:  # the per-tensor scales fold out as in paged_attention
@@ -424,17 +440,19 @@ def rope_write_kv_and_attend(qkv: jax.Array, positions: jax.Array, inv_freq: jax
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "knobs",
-                                             "scales", "parts", "dtype", "norm_eps"))
-def _paged_attention_rope(qkv, angles, k_pages, v_pages, md, norm_x=None, *, sm_scale,
-                          sliding_window, soft_cap, knobs, scales, parts=1, dtype=None,
-                          norm_eps=None):
+                                             "scales", "parts", "dtype", "norm_eps",
+                                             "prefetch_at"))
+def _paged_attention_rope(qkv, angles, k_pages, v_pages, md, norm_x=None, prefetch=None, *,
+                          sm_scale, sliding_window, soft_cap, knobs, scales, parts=1,
+                          dtype=None, norm_eps=None, prefetch_at="start"):
     # Nested jit for the same reason as _paged_attention (one trace per step program).
     return ragged_paged_attention(
         qkv, k_pages, v_pages, md.seq_lens, md.page_table, md.query_start_loc, md.num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, decode_only=True,
         new_kv=(None, None, md.slot_mapping), qkv_rope=(angles, *scales), qkv_parts=parts,
         qkv_dtype=dtype if parts > 1 else None, interpret=jax.default_backend() != "gpu",
-        qkv_norm=None if norm_x is None else (norm_x, norm_eps), **dict(knobs))
+        qkv_norm=None if norm_x is None else (norm_x, norm_eps), l2_prefetch=prefetch,
+        l2_prefetch_at="start" if prefetch_at == "off" else prefetch_at, **dict(knobs))
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: AttentionMetadata,

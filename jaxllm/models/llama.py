@@ -236,6 +236,15 @@ class LlamaAttention(nnx.Module):
                                 self.lora.delta("k_proj", x, slots).reshape(T, K, D),
                                 self.lora.delta("v_proj", x, slots).reshape(T, K, D)], axis=-1)
 
+    def _o_weight(self) -> jax.Array | None:
+        """The o projection's weight (fp8 ``weight`` or dense ``kernel``): what the decode
+        kernel may stream into the L2 ahead of the o GEMM (the ``l2_prefetch_o`` knob)."""
+        for name in ("weight", "kernel"):
+            w = getattr(self.o_proj, name, None)
+            if isinstance(w, nnx.Param):
+                return w[...]
+        return None
+
     def _o_proj(self, out: jax.Array, lora_slots: jax.Array | None,
                 residual: jax.Array | None = None) -> jax.Array:
         """o_proj(out) (+ its LoRA delta); ``residual`` + that where given."""
@@ -289,7 +298,7 @@ class LlamaAttention(nnx.Module):
                     sm_scale=self.sm_scale, soft_cap=self.soft_cap,
                     sliding_window=self.sliding_window, k_scale=self.k_scale,
                     v_scale=self.v_scale, qkv_parts=parts, dtype=x.dtype,
-                    norm=(x, norm.eps) if fold else None)
+                    norm=(x, norm.eps) if fold else None, prefetch=self._o_weight())
                 return (self._o_proj(out.reshape(T, self.num_heads * self.head_dim),
                                      lora_slots, residual), (k_pages, v_pages))
         qx = self.qkv_proj is not None and not lora and qx_norm_folds(self.qkv_proj, norm, T)
