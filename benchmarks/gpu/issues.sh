@@ -2091,19 +2091,6 @@ qxab)  # one GPU, one call (2026-12-06 night): fp8 batch 1 (issue 6) with the ro
     -p no:cacheprovider tests/test_gpu.py -k quantizes_its_rows > $L/gpu_tests.log 2>&1
   echo "rc=$?"; grep -v "^\s*$" $L/gpu_tests.log | tail -4
   show_logs 2 ;;
-qxcheck)  # one GPU, one call (for the session after 2026-12-06 night): the quantize_x GPU test
-  # after the two-warpgroup form's removal (never rerun: cut twice), then fp8 batch 1 at XLA's
-  # W8A16 against the weight-only kernel at o / down only with the residual in its epilogue
-  # (JAXLLM_FP8_SKINNY_MGPU_WO=512,3,2,1,1 float16 rows, 512,3,2,1,0 bf16: never timed),
-  # R rounds (default 1), then the rest of tests/test_gpu.py until T. Carry .bench and .whl.
-  L=$OUT/logs; mkdir -p $L
-  wheels || exit 1
-  JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 150 python3 -m pytest -q -rA -m gpu \
-    -p no:cacheprovider tests/test_gpu.py -k quantizes_its_rows > $L/gpu_qx.log 2>&1
-  echo "rc=$?"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" $L/gpu_qx.log | tail -6
-  fp8_b1_ab JAXLLM_FP8_SKINNY_MGPU_WO "${VARIANTS:-xla 512,3,2,1,1 512,3,2,1,0}"
-  [ $((T - SECONDS)) -gt 60 ] && gpu_tests 6 -k "not quantizes_its_rows"
-  show_logs 2 ;;
 qxsites)  # one GPU, one call (2026-12-06 late): the quantize_x GPU test (after the
   # two-warpgroup form's removal), then the fp8 batch-1 step profiled with a layer's ops in
   # order (profile_step.py --layer-sites: the four projections apart, where the per-name totals
