@@ -38,6 +38,12 @@ def l2_prefetch(ref_view, live, nbytes: int) -> None:
     if not isinstance(nbytes, int) or nbytes < 16 or nbytes % 16:
         raise ValueError(f"nbytes must be a positive multiple of 16, got {nbytes!r}")
     ref, transforms = state_primitives.get_ref_and_transforms(ref_view, None, "l2_prefetch")
+    if len(transforms) != 1 or not isinstance(transforms[0], indexing.NDIndexer):
+        raise ValueError("l2_prefetch takes a ref indexed once by index arrays, e.g. "
+                         f"w.at[rows, cols]; got {len(transforms)} transforms")
+    want = tuple(transforms[0].get_indexer_shape())
+    if tuple(jnp.shape(live)) != want:
+        raise ValueError(f"live must have the indices' shape {want}, got {jnp.shape(live)}")
     args_flat, args_tree = tree_util.tree_flatten((ref, transforms, live))
     l2_prefetch_p.bind(*args_flat, args_tree=args_tree, nbytes=nbytes)
 
@@ -55,10 +61,8 @@ def _lowering(ctx: lowering.LoweringRuleContext, *args_flat, args_tree, nbytes):
     block_info, *_ = ctx.block_infos
     ptr, indexers, live = args_tree.unflatten(args_flat)
     *_, live_aval = args_tree.unflatten(ctx.avals_in)
-    indexers = list(indexers)
-    if len(indexers) != 1 or not isinstance(indexers[0], indexing.NDIndexer):
-        raise NotImplementedError("l2_prefetch takes a ref indexed once (ref.at[...])")
-    ptrs = lowering._compute_pointers_from_indices(ptr, block_info, indexers[0])
+    (indexer,) = indexers  # l2_prefetch checked: one NDIndexer
+    ptrs = lowering._compute_pointers_from_indices(ptr, block_info, indexer)
     live = lowering._ensure_ir_value(live, live_aval)
     shape = ir.RankedTensorType(ptrs.type).shape
     i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
@@ -78,14 +82,16 @@ def prefetch_layout(nbytes_total: int, itemsize: int, programs: int, lanes: int
     (``itemsize`` a value) into prefetches: (chunk bytes, chunks, chunks a program). The chunk
     is a power of two of 16 bytes to 64 KB that divides the array, the smallest with which each
     program's lanes cover its share in one round where the array allows. ValueError if no
-    16-byte multiple divides it."""
+    16-byte multiple divides it, or if it holds 2^31 values or more."""
     if nbytes_total % 16 or nbytes_total <= 0:
         raise ValueError(f"an L2 prefetch needs a multiple of 16 bytes, got {nbytes_total}")
+    if nbytes_total // itemsize >= 2 ** 31:  # the kernel's element offsets are int32
+        raise ValueError(f"an L2 prefetch takes fewer than 2^31 elements, got "
+                         f"{nbytes_total // itemsize}")
     need = -(-nbytes_total // (programs * lanes))
     chunk = 16
     while chunk < min(need, 65536) and nbytes_total % (2 * chunk) == 0:
         chunk *= 2
-    chunk = max(chunk, itemsize)
     chunks = nbytes_total // chunk
     return chunk, chunks, -(-chunks // programs)
 

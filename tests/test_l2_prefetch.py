@@ -40,11 +40,27 @@ def test_every_chunk_of_the_array_is_prefetched_by_exactly_one_lane(nbytes, item
         assert per <= lanes
 
 
-def test_bad_sizes_are_refused():
+def test_bad_sizes_and_bad_indexing_are_refused():
+    from jax.experimental import pallas as pl
+
     with pytest.raises(ValueError, match="multiple of 16"):
         prefetch_layout(4100, 1, 4, 32)
+    with pytest.raises(ValueError, match="2\\^31"):
+        prefetch_layout(2 ** 31, 1, 4, 32)
     with pytest.raises(ValueError, match="multiple of 16"):
         l2_prefetch(None, None, 24)
+
+    def trace(body):  # the kernel traced (interpret: the CPU) with a [64, 64] fp8 ref
+        call = pl.pallas_call(body, out_shape=jax.ShapeDtypeStruct((8,), jnp.float32),
+                              interpret=True)
+        return jax.make_jaxpr(call)(jnp.ones((64, 64), jnp.float8_e4m3fn))
+
+    rows = jnp.arange(8, dtype=jnp.int32)
+    with pytest.raises(ValueError, match="indexed once"):
+        trace(lambda w_ref, o_ref: l2_prefetch(w_ref, jnp.ones(8, jnp.int32), 64))
+    with pytest.raises(ValueError, match="indices' shape"):
+        trace(lambda w_ref, o_ref: l2_prefetch(w_ref.at[rows, rows * 0], jnp.ones(4, jnp.int32),
+                                               64))
 
 
 def test_decode_kernel_refuses_an_unknown_prefetch_place_and_the_interpreter_ignores_it():

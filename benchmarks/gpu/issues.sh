@@ -2096,7 +2096,8 @@ qxsites)  # one GPU, one call (2026-12-06 late): the quantize_x GPU test (after 
   # order (profile_step.py --layer-sites: the four projections apart, where the per-name totals
   # lump them) for each of VARIANTS: xla (the default), qx=QX (JAXLLM_FP8_SKINNY_MGPU_QX),
   # wo=WO (JAXLLM_FP8_SKINNY_MGPU_WO). The step's wall (no profiler) is each one's ms/token.
-  # Where the quantize_x form's in-engine GEMMs lose ~8 us a layer to their microbenchmark.
+  # Found (2026-12-06 22:00): each quantize_x call costs no more than XLA's GEMM plus the small
+  # kernel it absorbs; the form loses XLA's launch overlap (RESULTS).
   # Carry .bench and .whl.
   L=$OUT/logs; mkdir -p $L
   wheels || exit 1
