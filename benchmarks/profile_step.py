@@ -300,7 +300,8 @@ def main(argv=None) -> int:
                    host_wait_ms=wait, host_work_ms=wall - wait, host_bound_steps=host_bound,
                    replay_ms=replay, replay_idle_pct=100 * max(0.0, 1 - replay / wall),
                    steps=args.steps, num_scheduler_steps=k,
-                   attention_knobs=os.environ.get("JAXLLM_ATTENTION_KNOBS", ""))
+                   attention_knobs=os.environ.get("JAXLLM_ATTENTION_KNOBS", ""),
+                   xla_flags=os.environ.get("XLA_FLAGS", ""))
         rows.append(row)
         print(f"batch {batch}: wall {wall:.2f} ms (mean {wall_mean:.2f}, max {wall_max:.1f}; "
               f"{wall_profiled:.2f} profiled), GPU busy "

@@ -2143,6 +2143,28 @@ gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Car
   wheels || exit 1
   gpu_tests 8
   show_logs 3 ;;
+xlaflags2)  # one GPU, one call (2026-12-07): XLA options found in this jaxlib's flag list and
+  # never timed in the engine (the 2026-12-02 `xlaflags` call covered the fusion ones): the
+  # fp8 batch-1 step profiled with a layer's ops in order (profile_step.py --layer-sites) for
+  # each of FLAGS (';'-separated XLA_FLAGS values, "base" = none), the step's wall (no
+  # profiler) being each one's ms/token. GPUALL=1 runs all of tests/test_gpu.py first. Carry
+  # .bench and .whl.
+  L=$OUT/logs; mkdir -p $L
+  wheels || exit 1
+  [ "${GPUALL:-0}" = 1 ] && gpu_tests 4
+  X=--xla_gpu_experimental
+  IFS=';' read -ra FL <<< "${FLAGS:-base;$X""_gemm_fusion_v2=true}"
+  i=0
+  for f in "${FL[@]}"; do
+    i=$((i + 1)); [ $((T - SECONDS)) -gt 80 ] || break
+    [ "$f" = base ] && f=""
+    echo "$f" > $L/prof_$i.log
+    XLA_FLAGS="$f" timeout $((T - SECONDS - 5)) python3 benchmarks/profile_step.py \
+      --context 1024 --steps 6 --top 12 --batch 1 --max-num-seqs 1 --num-scheduler-steps 4 \
+      --quantization fp8 --layer-sites --out-dir /tmp/px$i --out $OUT/results.jsonl \
+      >> $L/prof_$i.log 2>&1
+    echo "== $i '$f' rc=$?"; grep -A40 "^batch " $L/prof_$i.log | cut -c1-110
+  done ;;
 spec)  # nvidia-h200 (one GPU), one call: speculative decoding (n-gram drafts) on the 8B shape,
   # random bf16 weights, batch 1 at 1k context: plain vs k = 2 / 4 / 8, forced (every draft
   # accepted: the ceiling), random (nothing accepted: the cost) and sampled; then the GPU tests
