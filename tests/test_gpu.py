@@ -262,20 +262,24 @@ def test_compiled_block_fp8_mgpu_matches_reference(M, monkeypatch):
 @pytest.mark.parametrize("M", [1, 5, 8, 16, 64])
 def test_compiled_fp8_skinny_mgpu_matches_reference(M):
     """The Mosaic GPU per-channel W8A8 kernel for decode rows compiled for the GPU at the q/k/v
-    and down shapes and every tile of its sweep, on fresh random operands with per-channel
-    and per-token scales: rows padded to 8 and, where M is not a multiple of 8, read and
-    written past M by TMA (``oob_rows``); its weight-only form at <= 16 rows (one, two and four
-    compute warpgroups); a repeat gives the same bits."""
+    and down shapes, on fresh random operands with per-channel and per-token scales: rows
+    padded to 8 and, where M is not a multiple of 8, read and written past M by TMA
+    (``oob_rows``); its weight-only form at <= 16 rows (one, two and four compute
+    warpgroups); a repeat gives the same bits. Every tile of the sweep and every warpgroup
+    form at M = 5 (rows past M, the case with the most paths); the engine's tile (and two
+    warpgroups weight-only) at the other M: each form is a Mosaic compile on the host, and
+    every tile at every M made this test ~100 compiles, past a device call's limit."""
     from pallas_kernels.fp8_matmul import quantize_activation_per_token
-    from pallas_kernels.fp8_skinny_mgpu import TILES, fp8_skinny_matmul_mgpu
+    from pallas_kernels.fp8_skinny_mgpu import DEFAULT_TILE, TILES, fp8_skinny_matmul_mgpu
 
+    every = M == 5
     rng = np.random.default_rng(M + 100)
     for K, N in ((4096, 6144), (14336, 4096)):
         x, w, ws = _fp8_skinny_operands(rng, M, K, N, jnp.bfloat16, 1e-3)
         xq, xs = quantize_activation_per_token(x)
         ref = ((xq.astype(jnp.float32) @ w.astype(jnp.float32).T) * xs.reshape(M, 1)
                * ws[None, :])
-        for tk, steps in TILES:
+        for tk, steps in (TILES if every else (DEFAULT_TILE,)):
             for oob in ((False, True) if M % 8 else (False,)):
                 f = jax.jit(functools.partial(fp8_skinny_matmul_mgpu, tile_k=tk, steps=steps,
                                               oob_rows=oob))
@@ -288,8 +292,9 @@ def test_compiled_fp8_skinny_mgpu_matches_reference(M):
         # Weight-only (W8A16: the e4m3 chunk upcast in registers, wgmma's A operand), with one
         # compute warpgroup at every tile and with two / four sharing a step's chunks.
         ref16 = (x.astype(jnp.float32) @ w.astype(jnp.float32).T) * ws[None, :]
-        for (tk, steps), wgs in [(t, 1) for t in TILES] + [((256, 6), 2), ((512, 3), 2),
-                                                           ((512, 3), 4)]:
+        forms = ([(t, 1) for t in TILES] + [((256, 6), 2), ((512, 3), 2), ((512, 3), 4)]
+                 if every else [(DEFAULT_TILE, 1), ((512, 3), 2)])
+        for (tk, steps), wgs in forms:
             f = jax.jit(lambda a, b, c, tk=tk, steps=steps, wgs=wgs: fp8_skinny_matmul_mgpu(
                 a, None, b, c, tile_k=tk, steps=steps, compute_wgs=wgs))
             got = f(x, w, ws)

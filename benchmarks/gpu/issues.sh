@@ -222,10 +222,14 @@ fp8_b1_ab() { local var=$1 v i
   for f in $L/lat_*.log; do echo "$f $(grep -h "ms/token" $f | cut -c1-150)"; done; }
 # gpu_tests LINES [ARGS]: tests/test_gpu.py (pytest ARGS) until T's last 10 s, its last LINES
 # lines shown (carry .bench: the saved tokenizer).
+# Verbose, so a run cut by the limit still names every test it finished and the one it was in.
 gpu_tests() { local n=$1; shift
   JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout $((T - SECONDS - 10)) python3 -m pytest \
-    -q -m gpu -p no:cacheprovider tests/test_gpu.py "$@" > $L/gpu_tests.log 2>&1
-  echo "rc=$?"; grep -v "^\s*$" $L/gpu_tests.log | tail -$n; }
+    -v -m gpu -p no:cacheprovider ${GPU_TEST_IDS:-tests/test_gpu.py} "$@" > $L/gpu_tests.log 2>&1
+  echo "rc=$? (124: cut by the limit)"
+  echo "passed $(grep -c ' PASSED' $L/gpu_tests.log), failed $(grep -c ' FAILED' $L/gpu_tests.log)"
+  grep -E " (FAILED|ERROR)" $L/gpu_tests.log | head -10
+  grep -v "^\s*$" $L/gpu_tests.log | tail -$n; }
 # swiglu_sweep FACTOR LINES [ARGS]: the SwiGLU kernel's sweep (swiglu_quant.py ARGS; its last
 # LINES lines shown), then BEST = its fastest tile at 16384 x bf16 if under FACTOR x XLA's time.
 swiglu_sweep() { local f=$1 n=$2; shift 2
@@ -2137,11 +2141,19 @@ pfab)  # one GPU, one call (2026-12-06 late): the decode kernel streaming the o 
       --out $OUT/results.jsonl > $L/prof_${q}_$at.log 2>&1
     echo "== $q $at"; grep -A20 "^batch " $L/prof_${q}_$at.log | cut -c1-110
   done; unset JAXLLM_ATTENTION_KNOBS ;;
-gpuall)  # one GPU, one call: all of tests/test_gpu.py (~260 s on the H100). Carry .bench
-  # and .whl.
+gpuall)  # one GPU: tests/test_gpu.py, PART=i/n (default 1/1) of its tests in collection
+  # order, so the file can be run over several calls: on 2026-12-07 the whole file (70 tests)
+  # no longer fit one call (the first 37 took ~400 s on the H100; the Mosaic GPU kernels'
+  # tests compile a kernel per tile and form on the host). PART=1/3, 2/3, 3/3: three calls.
+  # Carry .bench and .whl.
   L=$OUT/logs; mkdir -p $L
   wheels || exit 1
-  gpu_tests 8
+  IFS=/ read -r PI PN <<< "${PART:-1/1}"
+  python3 -m pytest --collect-only -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>/dev/null \
+    | grep "::" > /tmp/gpu_ids.txt
+  NT=$(wc -l < /tmp/gpu_ids.txt); A=$(( (PI - 1) * NT / PN + 1 )); B=$(( PI * NT / PN ))
+  echo "part $PI/$PN: tests $A..$B of $NT"
+  GPU_TEST_IDS=$(sed -n "${A},${B}p" /tmp/gpu_ids.txt | tr '\n' ' ') gpu_tests 4
   show_logs 3 ;;
 xlaflags2)  # one GPU, one call (2026-12-07): XLA options found in this jaxlib's flag list and
   # never timed in the engine (the 2026-12-02 `xlaflags` call covered the fusion ones): the
