@@ -268,7 +268,7 @@ def test_compiled_fp8_skinny_mgpu_matches_reference(M):
     warpgroups); a repeat gives the same bits. Every tile of the sweep and every warpgroup
     form at M = 5 (rows past M, the case with the most paths); the engine's tile (and two
     warpgroups weight-only) at the other M: each form is a Mosaic compile on the host, and
-    every tile at every M made this test ~100 compiles, past a device call's limit."""
+    every tile at every M made this test ~112 compiles, past a device call's limit."""
     from pallas_kernels.fp8_matmul import quantize_activation_per_token
     from pallas_kernels.fp8_skinny_mgpu import DEFAULT_TILE, TILES, fp8_skinny_matmul_mgpu
 
@@ -289,8 +289,9 @@ def test_compiled_fp8_skinny_mgpu_matches_reference(M):
                 assert jnp.array_equal(f(xq, xs, w, ws), got)
         if M > 16:
             continue
-        # Weight-only (W8A16: the e4m3 chunk upcast in registers, wgmma's A operand), with one
-        # compute warpgroup at every tile and with two / four sharing a step's chunks.
+        # Weight-only (W8A16: the e4m3 chunk upcast in registers, wgmma's A operand): one
+        # compute warpgroup at every tile and two / four sharing a step's chunks at M = 5; one
+        # at the engine's tile and two elsewhere.
         ref16 = (x.astype(jnp.float32) @ w.astype(jnp.float32).T) * ws[None, :]
         forms = ([(t, 1) for t in TILES] + [((256, 6), 2), ((512, 3), 2), ((512, 3), 4)]
                  if every else [(DEFAULT_TILE, 1), ((512, 3), 2)])

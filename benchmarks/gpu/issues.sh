@@ -2149,6 +2149,8 @@ gpuall)  # one GPU: tests/test_gpu.py, PART=i/n (default 1/1) of its tests in co
   L=$OUT/logs; mkdir -p $L
   wheels || exit 1
   IFS=/ read -r PI PN <<< "${PART:-1/1}"
+  [[ "$PN" =~ ^[1-9][0-9]*$ && "$PI" =~ ^[1-9][0-9]*$ && $PI -le $PN ]] \
+    || { echo "PART must be i/n with 1 <= i <= n, got '$PART'"; exit 2; }
   python3 -m pytest --collect-only -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>/dev/null \
     | grep "::" > /tmp/gpu_ids.txt
   NT=$(wc -l < /tmp/gpu_ids.txt); A=$(( (PI - 1) * NT / PN + 1 )); B=$(( PI * NT / PN ))
@@ -2159,13 +2161,13 @@ xlaflags2)  # one GPU, one call (2026-12-07): XLA options found in this jaxlib's
   # never timed in the engine (the 2026-12-02 `xlaflags` call covered the fusion ones): the
   # fp8 batch-1 step profiled with a layer's ops in order (profile_step.py --layer-sites) for
   # each of FLAGS (';'-separated XLA_FLAGS values, "base" = none), the step's wall (no
-  # profiler) being each one's ms/token. GPUALL=1 runs all of tests/test_gpu.py first. Carry
-  # .bench and .whl.
+  # profiler) being each one's ms/token. Found (2026-12-07, H100): gemm_fusion_v2, the
+  # block-level rewriter and warp specialization leave the step as it is (RESULTS). Carry
+  # .whl.
   L=$OUT/logs; mkdir -p $L
   wheels || exit 1
-  [ "${GPUALL:-0}" = 1 ] && gpu_tests 4
   X=--xla_gpu_experimental
-  IFS=';' read -ra FL <<< "${FLAGS:-base;$X""_gemm_fusion_v2=true}"
+  IFS=';' read -ra FL <<< "${FLAGS:-base;${X}_gemm_fusion_v2=true}"
   i=0
   for f in "${FL[@]}"; do
     i=$((i + 1)); [ $((T - SECONDS)) -gt 80 ] || break
