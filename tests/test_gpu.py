@@ -860,3 +860,25 @@ def test_sleep_gives_the_gpu_memory_back_under_the_platform_allocator(small_llam
         assert got["woke"] - got["asleep"] >= 0.9 * got["freed_mib"], got
     else:
         assert abs(got["awake"] - got["asleep"]) < 0.1 * got["freed_mib"], got
+
+
+@pytest.mark.parametrize("M", [1, 5, 8])
+def test_compiled_fp8_mlp_mgpu_matches_reference(M):
+    # The split-F MLP kernel compiled at the Llama-3-8B MLP: the TMA reductions into the
+    # output (which the interpreter replaces by stored partial sums) and both rings on the GPU.
+    from pallas_kernels.fp8_mlp_mgpu import fp8_mlp_mgpu, fp8_mlp_reference
+
+    H, F = 4096, 14336
+    rng = np.random.default_rng(M)
+    x = jnp.asarray(rng.standard_normal((M, H)), jnp.bfloat16)
+    k = jax.random.split(jax.random.key(M), 2)
+    wgu = jnp.clip(jax.random.normal(k[0], (F, 2, H)) * 64, -448, 448).astype(
+        jnp.float8_e4m3fn)
+    wd = jnp.clip(jax.random.normal(k[1], (H, F)) * 64, -448, 448).astype(jnp.float8_e4m3fn)
+    gs, us = (jnp.asarray(rng.uniform(0.5, 1.5, F) / 64 / 64, jnp.float32) for _ in range(2))
+    ds = jnp.asarray(rng.uniform(0.5, 1.5, H) / 64 / 120, jnp.float32)
+    res = jnp.asarray(rng.standard_normal((M, H)), jnp.float32)
+    ref = fp8_mlp_reference(x, wgu, gs, us, wd, ds, res)
+    got = jax.jit(fp8_mlp_mgpu)(x, wgu, gs, us, wd, ds, res)
+    assert _rel_err(got - res, ref - res) < 1e-4
+    assert _rel_err(jax.jit(fp8_mlp_mgpu)(x, wgu, gs, us, wd, ds), ref - res) < 1e-4

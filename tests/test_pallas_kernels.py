@@ -1021,6 +1021,42 @@ def test_fp8_skinny_mgpu_kernel_matches_the_reference(M, K, N, tile_k, steps, oo
         assert _rel_err(fp8_skinny_matmul_mgpu(xq, jnp.roll(xs, 1), w, ws, **kw), ref) > 1e-2
 
 
+@pytest.mark.parametrize("M,H,F,cfg,dtype,init", [
+    (1, 512, 384, dict(dn_rows=128), jnp.bfloat16, True),  # 3 CTAs, 4 steps a ring
+    (5, 512, 256, dict(tile_k=256, gu_steps=1, dn_steps=3), jnp.bfloat16, False),
+    (16, 256, 128, dict(dn_rows=64, dn_steps=1), jnp.float16, True),
+])
+def test_fp8_mlp_mgpu_kernel_matches_the_reference(M, H, F, cfg, dtype, init):
+    """fp8_mlp_mgpu (Mosaic GPU's interpreter: both TMA rings, the in-kernel quantization of x
+    and of the SwiGLU's output, the per-CTA partial sums) on fresh random operands equals
+    fp8_mlp_reference; the reference is the MLP itself up to the activations' e4m3 rounding;
+    swapped gate / up scales move the output."""
+    from pallas_kernels.fp8_mlp_mgpu import fp8_mlp_mgpu, fp8_mlp_reference
+
+    rng = np.random.default_rng(M * 13 + H + F)
+    e4m3 = lambda a: jnp.asarray(np.clip(a * 64, -448, 448), jnp.float32).astype(  # noqa: E731
+        jnp.float8_e4m3fn)
+    x = jnp.asarray(rng.standard_normal((M, H)) * rng.uniform(0.2, 5, size=(M, 1)), dtype)
+    wgu, wd = e4m3(rng.standard_normal((F, 2, H))), e4m3(rng.standard_normal((H, F)))
+    gs, us = (jnp.asarray(rng.uniform(0.5, 1.5, F) / 64 / np.sqrt(H), jnp.float32)
+              for _ in range(2))
+    ds = jnp.asarray(rng.uniform(0.5, 1.5, H) / 64 / np.sqrt(F), jnp.float32)
+    res = jnp.asarray(rng.standard_normal((M, H)), jnp.float32) if init else None
+    tile_k = cfg.get("tile_k", 128)
+    ref = fp8_mlp_reference(x, wgu, gs, us, wd, ds, res, tile_k=tile_k)
+    got = fp8_mlp_mgpu(x, wgu, gs, us, wd, ds, res, interpret=True, **cfg)
+    assert got.shape == (M, H) and got.dtype == jnp.float32
+    assert _rel_err(got, ref) < 1e-5
+    # The reference is the MLP: dequantized weights, float32 activations (no e4m3 rounding).
+    xf = x.astype(jnp.float32)
+    g = xf @ (wgu[:, 0].astype(jnp.float32) * gs[:, None]).T
+    u = xf @ (wgu[:, 1].astype(jnp.float32) * us[:, None]).T
+    exact = (jax.nn.silu(g) * u) @ (wd.astype(jnp.float32) * ds[:, None]).T
+    mlp = ref if res is None else ref - res
+    assert 1e-3 < _rel_err(mlp, exact) < 0.1
+    assert _rel_err(fp8_mlp_mgpu(x, wgu, us, gs, wd, ds, res, interpret=True, **cfg), ref) > 1e-2
+
+
 @pytest.mark.parametrize("M,K,N,tile_k,steps,dtype,wgs", [
     (8, 256, 128, 128, 2, jnp.float16, 1),  # two weight tiles, two K steps
     (5, 512, 192, 256, 4, jnp.bfloat16, 1),  # rows past M read as zeros; two 128 chunks a step
