@@ -88,6 +88,22 @@ def check_shapes(M: int, H: int, F: int, block_f: int, tile_k: int, gu_steps: in
                          f"{CTA_SMEM_BYTES}: fewer steps in flight.")
 
 
+def fit_config(M: int, H: int, F: int, x_itemsize: int = 2, **overrides) -> dict:
+    """``DEFAULT_CONFIG`` with ``overrides`` (None: the default) fitted to the shapes: dn_rows
+    halved (to 64) until it divides H, the steps in flight clipped to the steps there are;
+    then ``check_shapes`` (ValueError where the kernel does not take them)."""
+    cfg = dict(DEFAULT_CONFIG)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    while cfg["dn_rows"] > ROWS and H % cfg["dn_rows"]:
+        cfg["dn_rows"] //= 2
+    if cfg["tile_k"] > 0 and H % cfg["tile_k"] == 0:
+        cfg["gu_steps"] = min(cfg["gu_steps"], H // cfg["tile_k"])
+    if cfg["dn_rows"] > 0 and H % cfg["dn_rows"] == 0:
+        cfg["dn_steps"] = min(cfg["dn_steps"], H // cfg["dn_rows"])
+    check_shapes(M, H, F, x_itemsize=x_itemsize, **cfg)
+    return cfg
+
+
 def _quantize_blocks(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
     """x [M, K] float32 -> (e4m3 values as float32, scales [M, K // block]): each (row, block)
     absmax maps to 448 (times 448 / absmax, as the kernel computes it)."""
@@ -134,12 +150,6 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    cfg = dict(DEFAULT_CONFIG)
-    cfg.update({k: v for k, v in dict(block_f=block_f, tile_k=tile_k, gu_steps=gu_steps,
-                                      dn_rows=dn_rows, dn_steps=dn_steps).items()
-                if v is not None})
-    block_f, tile_k, gu_steps, dn_rows, dn_steps = (
-        cfg["block_f"], cfg["tile_k"], cfg["gu_steps"], cfg["dn_rows"], cfg["dn_steps"])
     M, H = x.shape
     F = w_gu.shape[0]
     if x.dtype not in (jnp.bfloat16, jnp.float16):
@@ -152,12 +162,11 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
                          f"[F], [F], [H] with F={F}, H={H}.")
     if init is not None and init.shape != (M, H):
         raise ValueError(f"init {init.shape}: [M, H] = [{M}, {H}].")
-    k_steps = H // tile_k if tile_k and H % tile_k == 0 else 0
-    gu_steps = min(gu_steps, max(k_steps, 1))
-    n_dn = H // dn_rows if dn_rows and H % dn_rows == 0 else 0
-    dn_steps = min(dn_steps, max(n_dn, 1))
-    check_shapes(M, H, F, block_f, tile_k, gu_steps, dn_rows, dn_steps,
-                 jnp.dtype(x.dtype).itemsize)
+    cfg = fit_config(M, H, F, jnp.dtype(x.dtype).itemsize, block_f=block_f, tile_k=tile_k,
+                     gu_steps=gu_steps, dn_rows=dn_rows, dn_steps=dn_steps)
+    block_f, tile_k, gu_steps, dn_rows, dn_steps = (
+        cfg["block_f"], cfg["tile_k"], cfg["gu_steps"], cfg["dn_rows"], cfg["dn_steps"])
+    k_steps, n_dn = H // tile_k, H // dn_rows
     tm = -(-M // 8) * 8
     n_cta = F // block_f
     rt, dt = block_f // ROWS, dn_rows // ROWS  # 64-row tiles of a gate (up) / down step

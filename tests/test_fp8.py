@@ -1300,6 +1300,55 @@ def test_fp8_decoder_layers_fold_their_residual_adds_into_the_skinny_kernel(monk
     assert 0 < float(err) < 0.05, float(err)
 
 
+def test_fp8_mlp_runs_as_one_mosaic_kernel_when_asked(monkeypatch):
+    """JAXLLM_FP8_MLP_MGPU ("max_rows"; unset: off) runs a bf16 fp8 Llama's MLP of <= max_rows
+    rows as one Mosaic GPU kernel (fp8_mlp_mgpu, interpreted here) with the residual as its
+    sum's start: the tiny model's hidden states near the layer-by-layer W8A8 path's; a step of
+    more rows keeps the layers; bad values are ValueErrors naming it."""
+    import sys
+
+    from flax import nnx
+
+    from jaxllm.engine.kv_scales import one_sequence_inputs
+    from jaxllm.models import fp8 as fp8_mod
+    from pallas_kernels import fp8_mlp_mgpu as kern
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from offline_throughput import random_model
+
+    loaded = random_model("tiny", "reference", quantization="fp8")
+    graphdef, state = nnx.split(loaded.model)
+    calls = []
+    real = kern.fp8_mlp_mgpu
+    monkeypatch.setattr(kern, "fp8_mlp_mgpu",
+                        lambda *a, **k: calls.append((a[0].shape, a[6] is not None))
+                        or real(*a, **k))
+
+    def hidden(n):
+        ids = jnp.asarray(np.random.default_rng(5).integers(3, 1024, size=n), jnp.int32)
+        kv, pos, md = one_sequence_inputs(loaded.model_config, n, 8, jnp.bfloat16)
+        return nnx.merge(graphdef, state)(ids, pos, kv, md)[0].astype(jnp.float32)
+
+    monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "0")  # W8A8 by XLA's kernels
+    monkeypatch.delenv(fp8_mod.MLP_MGPU_ENV, raising=False)
+    assert fp8_mod.mlp_mgpu_max_rows() is None
+    want = hidden(6)
+    assert calls == []
+    monkeypatch.setenv(fp8_mod.MLP_MGPU_ENV, "6")
+    assert fp8_mod.mlp_mgpu_max_rows() == 6
+    got = hidden(6)
+    assert calls == [((6, 128), True)] * 2  # both layers, the residual in the kernel
+    err = jnp.linalg.norm(got - want) / jnp.linalg.norm(want)
+    assert 0 < float(err) < 0.05, float(err)
+    calls.clear()
+    hidden(7)
+    assert calls == []
+    for bad in ("17", "0,1", "x"):
+        monkeypatch.setenv(fp8_mod.MLP_MGPU_ENV, bad)
+        with pytest.raises(ValueError, match=fp8_mod.MLP_MGPU_ENV):
+            fp8_mod.mlp_mgpu_max_rows()
+
+
 def test_skinny_mosaic_tile_env(monkeypatch):
     from jaxllm.models import fp8 as fp8_mod
 

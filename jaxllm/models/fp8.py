@@ -299,6 +299,62 @@ def _fit_skinny_tile(T: int, K: int, N: int, tile_k: int, steps: int, out_dtype,
     return (tile_k, steps) if fits(steps) else None
 
 
+MLP_MGPU_ENV = "JAXLLM_FP8_MLP_MGPU"
+# Off by default until measured in the engine: the batch-1 MLP as one Mosaic GPU kernel
+# (pallas_kernels/fp8_mlp_mgpu.py) in place of XLA's weight-only gate/up GEMM, SwiGLU and down
+# GEMM.
+MLP_MGPU_MAX_ROWS: int | None = None
+
+
+def mlp_mgpu_max_rows() -> int | None:
+    """``JAXLLM_FP8_MLP_MGPU``: "0" (off), or "max_rows" (1 to
+    ``fp8_mlp_mgpu.MAX_TOKENS``): fp8 MLPs of at most that many token rows run as one Mosaic
+    GPU kernel (``fp8_mlp``); unset: ``MLP_MGPU_MAX_ROWS`` on a GPU. Read at trace time; on a
+    CPU it runs Mosaic GPU's interpreter."""
+    from pallas_kernels.fp8_mlp_mgpu import MAX_TOKENS
+
+    raw = _kernel_tile_env(MLP_MGPU_ENV, None if MLP_MGPU_MAX_ROWS is None
+                           else (MLP_MGPU_MAX_ROWS,), ("max_rows",))
+    if raw is not None and not 1 <= raw[0] <= MAX_TOKENS:
+        raise ValueError(f"{MLP_MGPU_ENV}: max_rows={raw[0]} must be 1 to {MAX_TOKENS}.")
+    return None if raw is None else raw[0]
+
+
+def fp8_mlp(x: jax.Array, gate_up, down, residual: jax.Array | None = None
+            ) -> jax.Array | None:
+    """Llama's MLP, ``residual + down(silu(gate(x)) * up(x))`` (``residual`` None: no add), as
+    one Mosaic GPU kernel (``pallas_kernels.fp8_mlp_mgpu``: W8A8, x quantized inside it; the
+    residual is the float32 sum's start), or None where it does not apply: off or more rows
+    than ``mlp_mgpu_max_rows``, layers that are not an fp8 ``FusedLinear`` gate/up and an
+    ``Fp8Linear`` down without bias, block-wise scales or static input scales, tensor
+    parallelism, a GPU other than Hopper, shapes the kernel does not take, a float32 x.
+    x [T, E] -> [T, E] in x's dtype."""
+    from pallas_kernels import fp8_mlp_mgpu as kern
+
+    max_rows = mlp_mgpu_max_rows()
+    T = x.shape[0]
+    if (max_rows is None or T > max_rows or getattr(gate_up, "weight", None) is None
+            or not isinstance(down, Fp8Linear) or gate_up.groups[1] != 2
+            or gate_up.block_k is not None or down.block_k is not None
+            or gate_up.bias is not None or down.bias is not None
+            or gate_up.input_scale is not None or down.input_scale is not None
+            or heads_mesh() is not None or x.dtype not in (jnp.bfloat16, jnp.float16)):
+        return None
+    dev = jax.devices()[0]
+    if not mosaic_kernel_runs_on(dev.platform, getattr(dev, "compute_capability", None)):
+        return None
+    F, E = gate_up.groups[0], gate_up.in_features
+    try:
+        kern.fit_config(T, E, F, x.dtype.itemsize)
+    except ValueError:
+        return None
+    ws = gate_up.weight_scale[...]
+    y = kern.fp8_mlp_mgpu(x, gate_up.weight[...], ws[:, 0], ws[:, 1], down.weight[...],
+                          down.weight_scale[...], residual,
+                          interpret=jax.default_backend() != "gpu")
+    return y.astype(x.dtype)
+
+
 def _skinny_mgpu_weight_only(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
                              residual: jax.Array | None = None, adds_residual: bool = False
                              ) -> jax.Array | None:

@@ -44,7 +44,7 @@ from jaxllm.config import ModelConfig, gemm_out_dtype_from_env
 from jaxllm.models.attention import (AttentionMetadata, KVCache, mlp_kernel_applies,
                                      qkv_norm_folds, qkv_rope_applies, qkv_split_k_parts,
                                      rope_write_kv_and_attend, write_kv_and_attend)
-from jaxllm.models.fp8 import fp8_swiglu_mlp, qx_norm_folds
+from jaxllm.models.fp8 import fp8_mlp, fp8_swiglu_mlp, qx_norm_folds
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -369,6 +369,10 @@ class LlamaMLP(nnx.Module):
             return add(self._lora_call(x, lora_slots))
         if self.gate_up_proj is not None:
             if self.gate_up_proj.kernel is None and self.swiglu and not fold:
+                # fp8, few rows: the whole MLP in one Mosaic GPU kernel (JAXLLM_FP8_MLP_MGPU)
+                y = fp8_mlp(x, self.gate_up_proj, self.down_proj, residual)
+                if y is not None:
+                    return y
                 # fp8: SwiGLU + quant, one kernel
                 y = fp8_swiglu_mlp(x, self.gate_up_proj, self.down_proj)
                 if y is not None:
