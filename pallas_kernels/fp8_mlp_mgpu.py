@@ -51,22 +51,26 @@ MAX_TOKENS = 16
 CTA_SMEM_BYTES = 227 * 1024
 # block_f channels a CTA (F / block_f CTAs: 112 for Llama-3-8B's 14336), tile_k H columns a
 # gate/up step, gu_steps gate/up steps in flight, dn_rows down rows a step, dn_steps in flight.
-DEFAULT_CONFIG = dict(block_f=128, tile_k=128, gu_steps=3, dn_rows=256, dn_steps=2)
+DEFAULT_CONFIG = dict(block_f=128, tile_k=128, gu_steps=3, dn_rows=256, dn_steps=2,
+                      down_t=False)
 
 
 def smem_bytes(M: int, block_f: int, tile_k: int, gu_steps: int, dn_rows: int, dn_steps: int,
-               x_itemsize: int = 2) -> int:
+               x_itemsize: int = 2, down_t: bool = False) -> int:
     """A CTA's shared memory: the two pipelines' buffers, the quantized rows, the output's
-    staging tiles (two) and ~1 KB of scales and barriers."""
+    staging tiles (two) and ~1 KB of scales and barriers. ``down_t``: the SwiGLU's rows
+    padded to wgmma's 64 (the down GEMM's A operand) and [64, dn_rows] output tiles."""
     tm = -(-M // 8) * 8
+    ta = ROWS if down_t else tm  # the down GEMM's token rows
     return (gu_steps * (tm * tile_k * x_itemsize + 2 * block_f * tile_k)
             + dn_steps * (dn_rows * block_f + dn_rows * 4)
-            + 2 * tm * tile_k + tm * block_f * (x_itemsize + 1) + 2 * dn_rows * tm * 4
-            + 2 * block_f * 4 + 1024)
+            + 2 * tm * tile_k + tm * block_f * x_itemsize + ta * block_f
+            + 2 * dn_rows * ta * 4 + 2 * block_f * 4 + 1024)
 
 
 def check_shapes(M: int, H: int, F: int, block_f: int, tile_k: int, gu_steps: int,
-                 dn_rows: int, dn_steps: int, x_itemsize: int = 2) -> None:
+                 dn_rows: int, dn_steps: int, x_itemsize: int = 2,
+                 down_t: bool = False) -> None:
     """Raises ValueError unless the kernel takes this MLP at this config."""
     if not 1 <= M <= MAX_TOKENS:
         raise ValueError(f"M={M}: 1 to {MAX_TOKENS} token rows.")
@@ -82,7 +86,7 @@ def check_shapes(M: int, H: int, F: int, block_f: int, tile_k: int, gu_steps: in
                          f"dividing H={H}.")
     if gu_steps < 1 or dn_steps < 1:
         raise ValueError(f"gu_steps={gu_steps}, dn_steps={dn_steps}: at least 1 each.")
-    total = smem_bytes(M, block_f, tile_k, gu_steps, dn_rows, dn_steps, x_itemsize)
+    total = smem_bytes(M, block_f, tile_k, gu_steps, dn_rows, dn_steps, x_itemsize, down_t)
     if total > CTA_SMEM_BYTES:
         raise ValueError(f"{total} bytes of shared memory at M={M}, more than a CTA's "
                          f"{CTA_SMEM_BYTES}: fewer steps in flight.")
@@ -94,6 +98,8 @@ def fit_config(M: int, H: int, F: int, x_itemsize: int = 2, **overrides) -> dict
     then ``check_shapes`` (ValueError where the kernel does not take them)."""
     cfg = dict(DEFAULT_CONFIG)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
+    if cfg["down_t"]:  # a [64, dn_rows] float32 accumulator: 128 columns at most
+        cfg["dn_rows"] = min(cfg["dn_rows"], 128)
     while cfg["dn_rows"] > ROWS and H % cfg["dn_rows"]:
         cfg["dn_rows"] //= 2
     if cfg["tile_k"] > 0 and H % cfg["tile_k"] == 0:
@@ -143,10 +149,15 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
                  w_down: jax.Array, down_scale: jax.Array, init: jax.Array | None = None, *,
                  block_f: int | None = None, tile_k: int | None = None,
                  gu_steps: int | None = None, dn_rows: int | None = None,
-                 dn_steps: int | None = None, interpret: bool = False) -> jax.Array:
+                 dn_steps: int | None = None, down_t: bool | None = None,
+                 interpret: bool = False) -> jax.Array:
     """The module's contract: [M, H] float32 = init + down(silu(gate(x)) * up(x)). Config
-    arguments default to ``DEFAULT_CONFIG``; ``interpret``: Mosaic GPU's interpreter (any
-    platform, slow; partial sums summed by XLA instead of TMA reductions)."""
+    arguments default to ``DEFAULT_CONFIG``; ``down_t``: the down GEMM transposed (the
+    SwiGLU's quantized rows, padded with zeros to 64, as wgmma's A; the down tile as its B),
+    so each step's output tile is [tm, dn_rows] and reduced into an [M, H] output directly
+    (the rows past M dropped by TMA) instead of [dn_rows, 8] tiles of a transposed one, 8x
+    the bytes at M = 1; ``interpret``: Mosaic GPU's interpreter (any platform, slow; partial
+    sums summed by XLA instead of TMA reductions)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -163,9 +174,10 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
     if init is not None and init.shape != (M, H):
         raise ValueError(f"init {init.shape}: [M, H] = [{M}, {H}].")
     cfg = fit_config(M, H, F, jnp.dtype(x.dtype).itemsize, block_f=block_f, tile_k=tile_k,
-                     gu_steps=gu_steps, dn_rows=dn_rows, dn_steps=dn_steps)
-    block_f, tile_k, gu_steps, dn_rows, dn_steps = (
-        cfg["block_f"], cfg["tile_k"], cfg["gu_steps"], cfg["dn_rows"], cfg["dn_steps"])
+                     gu_steps=gu_steps, dn_rows=dn_rows, dn_steps=dn_steps, down_t=down_t)
+    block_f, tile_k, gu_steps, dn_rows, dn_steps, down_t = (
+        cfg["block_f"], cfg["tile_k"], cfg["gu_steps"], cfg["dn_rows"], cfg["dn_steps"],
+        cfg["down_t"])
     k_steps, n_dn = H // tile_k, H // dn_rows
     tm = -(-M // 8) * 8
     n_cta = F // block_f
@@ -181,8 +193,10 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
     x16_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     wgmma_l, wgmma_t = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA_TRANSPOSED
 
-    def bcast(v, dim):
-        return lax.broadcast_in_dim(v, (ROWS, tm), [dim])
+    ta = ROWS if down_t else tm  # the down GEMM's token rows (down_t: wgmma's A, padded)
+
+    def bcast(v, dim, shape=(ROWS, tm)):
+        return lax.broadcast_in_dim(v, shape, [dim])
 
     def quantize_t(vt):
         """vt [K, tm] 16-bit (WGMMA_TRANSPOSED) -> (e4m3 [K, tm], scale [tm]) per token."""
@@ -207,9 +221,9 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
             xqs_smem=plgpu.SMEM((2, tm), f32),
             sc_smem=plgpu.SMEM((2, block_f), f32),
             hs_smem=plgpu.SMEM((tm, block_f), xdt, transforms=x16_tf),
-            hq_smem=plgpu.SMEM((tm, block_f), e4m3, transforms=fp8_tf),
-            hqs_smem=plgpu.SMEM((tm,), f32),
-            o_smem=plgpu.SMEM((2, dn_rows, tm), f32),
+            hq_smem=plgpu.SMEM((ta, block_f), e4m3, transforms=fp8_tf),
+            hqs_smem=plgpu.SMEM((ta,), f32),
+            o_smem=plgpu.SMEM((2, ta, dn_rows) if down_t else (2, dn_rows, tm), f32),
             gu_full=plgpu.Barrier(num_arrivals=3, num_barriers=gu_steps),
             gu_free=plgpu.Barrier(num_arrivals=1, num_barriers=gu_steps),
             dn_full=plgpu.Barrier(num_arrivals=2, num_barriers=dn_steps),
@@ -313,10 +327,48 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
                 plgpu.commit_smem()
                 ht = plgpu.load(hs_smem.transpose((1, 0)), (), layout=wgmma_t)
                 hq, h_scale = quantize_t(ht)
-                hq_smem.transpose((1, 0))[...] = hq
-                hqs_smem[...] = h_scale
+                hq_smem.at[pl.ds(0, tm)].transpose((1, 0))[...] = hq
+                hqs_smem.at[pl.ds(0, tm)][...] = h_scale
+                if down_t:  # A's rows past tm: zeros, with a scale of 1
+                    for r in range(tm, ROWS, 8):
+                        hq_smem.at[pl.ds(r, 8)].transpose((1, 0))[...] = plgpu.layout_cast(
+                            jnp.full((block_f, 8), 0, e4m3), wgmma_t)
+                        hqs_smem.at[pl.ds(r, 8)][...] = plgpu.layout_cast(
+                            jnp.full((8,), 1, f32), wgmma_t.reduce(0))
                 plgpu.commit_smem()
-                h_s = bcast(plgpu.load(hqs_smem, (), layout=wgmma_l.reduce(0)), 1)
+                if down_t:
+                    h_s = bcast(plgpu.load(hqs_smem, (), layout=wgmma_l.reduce(1)), 0,
+                                (ROWS, dn_rows))
+                else:
+                    h_s = bcast(plgpu.load(hqs_smem, (), layout=wgmma_l.reduce(0)), 1)
+
+                def dn_step_t(j, carry):
+                    """down_t: out[:tm, j's rows] += hq [64, block_f] . wd tile^T."""
+                    slot = lax.rem(j, dn_steps)
+                    plgpu.barrier_wait(dn_full.at[slot])
+
+                    def mma(part):
+                        plgpu.wgmma(part, hq_smem, wd_smem.at[slot].transpose((1, 0)))
+                        return plgpu.wgmma_accumulator_load(part, wait_n=0)
+
+                    v = pl.run_scoped(mma, plgpu.ACC((ROWS, dn_rows), f32))
+                    buf = lax.rem(j, 2)
+                    if not interpret:  # the reduction two steps ago has read o_smem[buf]
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                    d_s = plgpu.load(ds_smem.at[slot], (), layout=wgmma_l.reduce(0))
+                    o_smem.at[buf][...] = v * bcast(d_s, 1, (ROWS, dn_rows)) * h_s
+                    plgpu.barrier_arrive(dn_free.at[slot])
+                    plgpu.commit_smem()
+                    cols = pl.ds(j * dn_rows, dn_rows)
+                    if interpret:
+                        plgpu.copy_smem_to_gmem(o_smem.at[buf, pl.ds(0, tm)],
+                                                out_gmem.at[c, :, cols])
+                        plgpu.wait_smem_to_gmem(0)
+                    else:
+                        plgpu.copy_smem_to_gmem(o_smem.at[buf, pl.ds(0, tm)],
+                                                out_gmem.at[pl.ds(0, tm), cols],
+                                                reduction_op="add")
+                    return carry
 
                 def dn_step(j, carry):
                     slot = lax.rem(j, dn_steps)
@@ -347,22 +399,30 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
                                                 reduction_op="add")
                     return carry
 
-                lax.fori_loop(0, n_dn, dn_step, 0)
+                lax.fori_loop(0, n_dn, dn_step_t if down_t else dn_step, 0)
                 plgpu.wait_smem_to_gmem(0)
 
-    init_t = (jnp.zeros((H, tm), f32) if init is None
-              else jnp.pad(init.astype(f32).T, ((0, 0), (0, tm - M))))
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
     operands = (x, wgu2, gs, us, w_down, ds)
+    kernel = functools.partial(plgpu.kernel, body, grid=(n_cta,), grid_names=("f",),
+                               num_threads=2, thread_name="wg", compiler_params=params)
+    if down_t:  # the output as it is returned, [M, H]
+        start = jnp.zeros((M, H), f32) if init is None else init.astype(f32)
+        if interpret:
+            parts = kernel(out_type=jax.ShapeDtypeStruct((n_cta, tm, H), f32),
+                           interpret=plgpu.InterpretGPUParams())(*operands)
+            return start + jnp.sum(parts, axis=0)[:M]
+        acc = jax.new_ref(start)
+        kernel(out_type=())(*operands, acc)
+        return acc[...]
+    init_t = (jnp.zeros((H, tm), f32) if init is None
+              else jnp.pad(init.astype(f32).T, ((0, 0), (0, tm - M))))
     if interpret:
-        parts = plgpu.kernel(
-            body, out_type=jax.ShapeDtypeStruct((n_cta, H, tm), f32), grid=(n_cta,),
-            grid_names=("f",), num_threads=2, thread_name="wg",
-            interpret=plgpu.InterpretGPUParams(), compiler_params=params)(*operands)
+        parts = kernel(out_type=jax.ShapeDtypeStruct((n_cta, H, tm), f32),
+                       interpret=plgpu.InterpretGPUParams())(*operands)
         out_t = init_t + jnp.sum(parts, axis=0)
     else:
         acc = jax.new_ref(init_t)
-        plgpu.kernel(body, out_type=(), grid=(n_cta,), grid_names=("f",), num_threads=2,
-                     thread_name="wg", compiler_params=params)(*operands, acc)
+        kernel(out_type=())(*operands, acc)
         out_t = acc[...]
     return out_t[:, :M].T

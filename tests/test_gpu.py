@@ -862,8 +862,9 @@ def test_sleep_gives_the_gpu_memory_back_under_the_platform_allocator(small_llam
         assert abs(got["awake"] - got["asleep"]) < 0.1 * got["freed_mib"], got
 
 
-@pytest.mark.parametrize("M", [1, 5, 8])
-def test_compiled_fp8_mlp_mgpu_matches_reference(M):
+@pytest.mark.parametrize("M,down_t", [(1, False), (5, False), (8, False), (1, True),
+                                      (5, True)])
+def test_compiled_fp8_mlp_mgpu_matches_reference(M, down_t):
     # The split-F MLP kernel compiled at the Llama-3-8B MLP: the TMA reductions into the
     # output (which the interpreter replaces by stored partial sums) and both rings on the GPU.
     from pallas_kernels.fp8_mlp_mgpu import fp8_mlp_mgpu, fp8_mlp_reference
@@ -879,6 +880,7 @@ def test_compiled_fp8_mlp_mgpu_matches_reference(M):
     ds = jnp.asarray(rng.uniform(0.5, 1.5, H) / 64 / 120, jnp.float32)
     res = jnp.asarray(rng.standard_normal((M, H)), jnp.float32)
     ref = fp8_mlp_reference(x, wgu, gs, us, wd, ds, res)
-    got = jax.jit(fp8_mlp_mgpu)(x, wgu, gs, us, wd, ds, res)
+    kern = jax.jit(functools.partial(fp8_mlp_mgpu, down_t=down_t))
+    got = kern(x, wgu, gs, us, wd, ds, res)
     assert _rel_err(got - res, ref - res) < 1e-4
-    assert _rel_err(jax.jit(fp8_mlp_mgpu)(x, wgu, gs, us, wd, ds), ref - res) < 1e-4
+    assert _rel_err(kern(x, wgu, gs, us, wd, ds), ref - res) < 1e-4

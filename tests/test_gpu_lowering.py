@@ -234,7 +234,9 @@ def test_mosaic_skinny_fp8_kernel_lowers_for_hopper_at_the_8b_shapes():
 
 def test_mosaic_fp8_mlp_kernel_lowers_for_hopper_at_the_8b_shapes():
     # pallas_kernels/fp8_mlp_mgpu.py (Mosaic GPU: two TMA rings, fp8 wgmma, TMA reductions
-    # into the output) at the Llama-3-8B MLP and 1, 8 and 16 rows: one Mosaic GPU call each.
+    # into the output) at the Llama-3-8B MLP and 1, 8 and 16 rows, both forms of its down
+    # GEMM: one Mosaic GPU call each.
+    import functools
     import re
 
     import jax.numpy as jnp
@@ -246,10 +248,10 @@ def test_mosaic_fp8_mlp_kernel_lowers_for_hopper_at_the_8b_shapes():
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     mesh = AbstractMesh((1,), ("x",), abstract_device=h100)
     H, F = 4096, 14336
-    for M in (1, 8, 16):
+    for M, down_t in ((1, False), (8, False), (16, False), (1, True), (16, True)):
         with jax.sharding.use_abstract_mesh(mesh):
-            text = jax.jit(fp8_mlp_mgpu).trace(
+            text = jax.jit(functools.partial(fp8_mlp_mgpu, down_t=down_t)).trace(
                 S((M, H), jnp.bfloat16), S((F, 2, H), e4m3), S((F,), f32), S((F,), f32),
                 S((H, F), e4m3), S((H,), f32), S((M, H), f32)).lower(
                     lowering_platforms=("cuda",)).as_text()
-        assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1, M
+        assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1, (M, down_t)

@@ -1025,6 +1025,8 @@ def test_fp8_skinny_mgpu_kernel_matches_the_reference(M, K, N, tile_k, steps, oo
     (1, 512, 384, dict(dn_rows=128), jnp.bfloat16, True),  # 3 CTAs, 4 steps a ring
     (5, 512, 256, dict(tile_k=256, gu_steps=1, dn_steps=3), jnp.bfloat16, False),
     (16, 256, 128, dict(dn_rows=64, dn_steps=1), jnp.float16, True),
+    (1, 512, 384, dict(down_t=True), jnp.bfloat16, True),  # the down GEMM transposed
+    (5, 256, 256, dict(down_t=True, dn_rows=64, dn_steps=3), jnp.bfloat16, False),
 ])
 def test_fp8_mlp_mgpu_kernel_matches_the_reference(M, H, F, cfg, dtype, init):
     """fp8_mlp_mgpu (Mosaic GPU's interpreter: both TMA rings, the in-kernel quantization of x

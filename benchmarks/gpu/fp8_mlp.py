@@ -13,13 +13,14 @@ output starts from, the pad of x's rows, the output's transpose).
   mgpu       the kernel, then the residual add; ``mgpu_init``: the residual as the kernel's
              starting sum (no add after it); ``mgpu[cfg]``: a config of the sweep
 
-First a correctness check on the GPU against ``fp8_mlp_reference`` (M = 1, 5 and 8), then the
-table. Rows to ``--out`` (JSON lines).
+First a correctness check on the GPU against ``fp8_mlp_reference`` (M = 1, 5 and 8; the
+transposed down GEMM, ``down_t``, at 1 and 5), then the table. Rows to ``--out`` (JSON lines).
 
     python3 benchmarks/gpu/fp8_mlp.py [--out FILE] [--ms 1,8] [--layers 12] [--budget S]
         [--cfgs '[{"gu_steps": 4}]']
 """
 import argparse
+import functools
 import json
 import sys
 import time
@@ -89,15 +90,16 @@ def main():
 
     # Correctness on the GPU: one layer against the reference (float32, HIGHEST).
     p = layers[0]
-    for M in (1, 5, 8):
+    for M, down_t in ((1, False), (5, False), (8, False), (1, True), (5, True)):
         x = jax.random.normal(keys[-1], (M, H), jnp.float32).astype(jnp.bfloat16)
         init = jax.random.normal(keys[-1], (M, H), jnp.float32)
-        y = jax.jit(fp8_mlp_mgpu)(x, p["wgu"], p["gs"], p["us"], p["wd"], p["ds"], init)
+        y = jax.jit(functools.partial(fp8_mlp_mgpu, down_t=down_t))(
+            x, p["wgu"], p["gs"], p["us"], p["wd"], p["ds"], init)
         r = jax.jit(fp8_mlp_reference)(x, p["wgu"], p["gs"], p["us"], p["wd"], p["ds"], init)
         err = float(jnp.max(jnp.abs(y - r)))
         scale = float(jnp.max(jnp.abs(r - init)))
-        emit(dict(kind="check", M=M, max_err=err, out_absmax=scale, rel=err / scale,
-                  ok=err <= 2e-3 * scale, device=dev))
+        emit(dict(kind="check", M=M, down_t=down_t, max_err=err, out_absmax=scale,
+                  rel=err / scale, ok=err <= 2e-3 * scale, device=dev))
 
     cfgs = [("mgpu", DEFAULT_CONFIG, False), ("mgpu_init", DEFAULT_CONFIG, True)]
     cfgs += [(f"mgpu{json.dumps(c, sort_keys=True)}", {**DEFAULT_CONFIG, **c}, False)

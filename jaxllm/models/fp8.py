@@ -306,18 +306,28 @@ MLP_MGPU_ENV = "JAXLLM_FP8_MLP_MGPU"
 MLP_MGPU_MAX_ROWS: int | None = None
 
 
-def mlp_mgpu_max_rows() -> int | None:
-    """``JAXLLM_FP8_MLP_MGPU``: "0" (off), or "max_rows" (1 to
-    ``fp8_mlp_mgpu.MAX_TOKENS``): fp8 MLPs of at most that many token rows run as one Mosaic
-    GPU kernel (``fp8_mlp``); unset: ``MLP_MGPU_MAX_ROWS`` on a GPU. Read at trace time; on a
-    CPU it runs Mosaic GPU's interpreter."""
+def mlp_mgpu_config() -> tuple[int, int] | None:
+    """``JAXLLM_FP8_MLP_MGPU``: "0" (off), or "max_rows[,down_t]" (max_rows 1 to
+    ``fp8_mlp_mgpu.MAX_TOKENS``; down_t 0 or 1, default 0: the kernel's ``down_t`` form): fp8
+    MLPs of at most max_rows token rows run as one Mosaic GPU kernel (``fp8_mlp``); unset:
+    ``MLP_MGPU_MAX_ROWS`` on a GPU. Read at trace time; on a CPU it runs Mosaic GPU's
+    interpreter."""
     from pallas_kernels.fp8_mlp_mgpu import MAX_TOKENS
 
     raw = _kernel_tile_env(MLP_MGPU_ENV, None if MLP_MGPU_MAX_ROWS is None
-                           else (MLP_MGPU_MAX_ROWS,), ("max_rows",))
+                           else (MLP_MGPU_MAX_ROWS, 0), ("max_rows", "down_t"),
+                           optional=(0,))
     if raw is not None and not 1 <= raw[0] <= MAX_TOKENS:
         raise ValueError(f"{MLP_MGPU_ENV}: max_rows={raw[0]} must be 1 to {MAX_TOKENS}.")
-    return None if raw is None else raw[0]
+    if raw is not None and raw[1] not in (0, 1):
+        raise ValueError(f"{MLP_MGPU_ENV}: down_t={raw[1]} must be 0 or 1.")
+    return raw
+
+
+def mlp_mgpu_max_rows() -> int | None:
+    """The rows ``JAXLLM_FP8_MLP_MGPU`` sends to the one-kernel MLP at most (None: off)."""
+    cfg = mlp_mgpu_config()
+    return None if cfg is None else cfg[0]
 
 
 def fp8_mlp(x: jax.Array, gate_up, down, residual: jax.Array | None = None
@@ -331,9 +341,9 @@ def fp8_mlp(x: jax.Array, gate_up, down, residual: jax.Array | None = None
     x [T, E] -> [T, E] in x's dtype."""
     from pallas_kernels import fp8_mlp_mgpu as kern
 
-    max_rows = mlp_mgpu_max_rows()
+    cfg = mlp_mgpu_config()
     T = x.shape[0]
-    if (max_rows is None or T > max_rows or getattr(gate_up, "weight", None) is None
+    if (cfg is None or T > cfg[0] or getattr(gate_up, "weight", None) is None
             or not isinstance(down, Fp8Linear) or gate_up.groups[1] != 2
             or gate_up.block_k is not None or down.block_k is not None
             or gate_up.bias is not None or down.bias is not None
@@ -345,12 +355,12 @@ def fp8_mlp(x: jax.Array, gate_up, down, residual: jax.Array | None = None
         return None
     F, E = gate_up.groups[0], gate_up.in_features
     try:
-        kern.fit_config(T, E, F, x.dtype.itemsize)
+        kern.fit_config(T, E, F, x.dtype.itemsize, down_t=bool(cfg[1]))
     except ValueError:
         return None
     ws = gate_up.weight_scale[...]
     y = kern.fp8_mlp_mgpu(x, gate_up.weight[...], ws[:, 0], ws[:, 1], down.weight[...],
-                          down.weight_scale[...], residual,
+                          down.weight_scale[...], residual, down_t=bool(cfg[1]),
                           interpret=jax.default_backend() != "gpu")
     return y.astype(x.dtype)
 
