@@ -10,8 +10,9 @@ output starts from, the pad of x's rows, the output's transpose).
 
   xla        the engine's path at <= 16 rows (``jaxllm.models.fp8.fp8_linear`` weight-only:
              the e4m3 weight upcast inside XLA's dot, the scale after), SwiGLU, residual add
-  mgpu       the kernel, then the residual add; ``mgpu_init``: the residual as the kernel's
-             starting sum (no add after it); ``mgpu[cfg]``: a config of the sweep
+  mgpu       the kernel, the residual as its sum's start (as the engine calls it);
+             ``mgpu_t``: its transposed down GEMM (``down_t``); ``mgpu{cfg}``: a config of
+             the sweep (overrides of ``DEFAULT_CONFIG``)
 
 First a correctness check on the GPU against ``fp8_mlp_reference`` (M = 1, 5 and 8; the
 transposed down GEMM, ``down_t``, at 1 and 5), then the table. Rows to ``--out`` (JSON lines).
@@ -101,8 +102,8 @@ def main():
         emit(dict(kind="check", M=M, down_t=down_t, max_err=err, out_absmax=scale,
                   rel=err / scale, ok=err <= 2e-3 * scale, device=dev))
 
-    cfgs = [("mgpu", DEFAULT_CONFIG, False), ("mgpu_init", DEFAULT_CONFIG, True)]
-    cfgs += [(f"mgpu{json.dumps(c, sort_keys=True)}", {**DEFAULT_CONFIG, **c}, False)
+    cfgs = [("mgpu", DEFAULT_CONFIG, True), ("mgpu_t", {**DEFAULT_CONFIG, "down_t": True}, True)]
+    cfgs += [(f"mgpu{json.dumps(c, sort_keys=True)}", {**DEFAULT_CONFIG, **c}, True)
              for c in json.loads(args.cfgs)]
     for M in [int(m) for m in args.ms.split(",")]:
         x = jax.random.normal(keys[-1], (M, H), jnp.float32).astype(jnp.bfloat16)

@@ -2184,8 +2184,8 @@ mlpmgpu)  # one GPU, one call (2026-12-07): the batch-1 fp8 MLP as one Mosaic GP
   # the engine's XLA kernels at MS rows (benchmarks/gpu/fp8_mlp.py, CFGS: a JSON list of
   # config overrides also timed), then fp8 batch 1 in the engine with it
   # (JAXLLM_FP8_MLP_MGPU=8: latency.py's batch-1 steps are 8 rows; "8,1": its transposed
-  # down GEMM) and without ("xla"), VARIANTS in turn, R rounds, in the last ENGINE_S seconds
-  # (default 260). Carry .whl.
+  # down GEMM; unset: the faster of the two in the chain) and without ("xla"), VARIANTS in
+  # turn, R rounds, in the last ENGINE_S seconds (default 260). Carry .whl.
   L=$OUT/logs; mkdir -p $L
   wheels || exit 1
   timeout $((T - SECONDS - ${ENGINE_S:-260})) python3 benchmarks/gpu/fp8_mlp.py \
@@ -2193,7 +2193,11 @@ mlpmgpu)  # one GPU, one call (2026-12-07): the batch-1 fp8 MLP as one Mosaic GP
     --out $OUT/fp8_mlp.jsonl > $L/fp8_mlp.log 2>&1
   echo "rc=$?"; grep -v "^WARNING\|^I0000\|^E0000" $L/fp8_mlp.log | grep -v '"kind": "time"' \
     | tail -24
-  fp8_b1_ab JAXLLM_FP8_MLP_MGPU "${VARIANTS:-xla 8 8,1}" ;;
+  # VARIANTS unset: "xla" and the faster form at 8 rows in the chain above
+  FORM=$(python3 -c "import json,sys; r={x['impl']: x['us_per_layer'] for x in map(json.loads,
+open(sys.argv[1])) if x.get('M') == 8 and 'us_per_layer' in x}; print('8,1' if
+r.get('mgpu_t', 1e9) < r.get('mgpu', 1e9) else '8')" $OUT/fp8_mlp.jsonl)
+  fp8_b1_ab JAXLLM_FP8_MLP_MGPU "${VARIANTS:-xla $FORM}" ;;
 spec)  # nvidia-h200 (one GPU), one call: speculative decoding (n-gram drafts) on the 8B shape,
   # random bf16 weights, batch 1 at 1k context: plain vs k = 2 / 4 / 8, forced (every draft
   # accepted: the ceiling), random (nothing accepted: the cost) and sampled; then the GPU tests
