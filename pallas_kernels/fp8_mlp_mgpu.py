@@ -29,12 +29,16 @@ quantized inside the kernel per (token, ``tile_k`` block of H) (each block's abs
 and so its last bits, vary from run to run.
 
 Rows: x's [tm, tile_k] boxes are read by TMA past x's M rows (zeros there: no pad of x).
-Layout: the output is accumulated transposed, [H, tm] float32 (tm = M rounded up to 8, wgmma's
-smallest N), each down step's [dn_rows, tm] tile added by one TMA reduction; the wrapper
-returns its first M columns transposed.
+Layout: by default the output is accumulated transposed, [H, tm] float32 (tm = M rounded up
+to 8, wgmma's smallest N), each down step's [dn_rows, tm] tile added by one TMA reduction; the
+wrapper returns its first M columns transposed. ``down_t`` computes the down GEMM the other
+way round (the quantized SwiGLU rows, zero-padded to 64, as wgmma's A) and adds [tm, dn_rows]
+tiles into the [M, H] output itself (the rows past M dropped by TMA): 1/8 of the bytes reduced
+at M = 1, for a 64-row product.
 
 Under Mosaic GPU's interpreter (``interpret=True``, the CPU tests) TMA reductions do not exist:
-each CTA stores its partial sum to an [F / block_f, H, tm] output that XLA sums.
+each CTA stores its partial sum to an [F / block_f, H, tm] output ([F / block_f, tm, H] with
+``down_t``) that XLA sums.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def check_shapes(M: int, H: int, F: int, block_f: int, tile_k: int, gu_steps: in
     """Raises ValueError unless the kernel takes this MLP at this config."""
     if not 1 <= M <= MAX_TOKENS:
         raise ValueError(f"M={M}: 1 to {MAX_TOKENS} token rows.")
-    if block_f % ROWS or block_f > 256 or block_f != 128:
+    if block_f != 128:
         raise ValueError(f"block_f={block_f}: 128 (one 128-byte swizzle row of the down "
                          "weight's e4m3 columns).")
     if F % block_f:

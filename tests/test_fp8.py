@@ -1331,11 +1331,11 @@ def test_fp8_mlp_runs_as_one_mosaic_kernel_when_asked(monkeypatch):
 
     monkeypatch.setenv("JAXLLM_FP8_WEIGHT_ONLY_MAX_TOKENS", "0")  # W8A8 by XLA's kernels
     monkeypatch.delenv(fp8_mod.MLP_MGPU_ENV, raising=False)
-    assert fp8_mod.mlp_mgpu_max_rows() is None
+    assert fp8_mod.mlp_mgpu_config() is None
     want = hidden(6)
     assert calls == []
     monkeypatch.setenv(fp8_mod.MLP_MGPU_ENV, "6")
-    assert fp8_mod.mlp_mgpu_max_rows() == 6
+    assert fp8_mod.mlp_mgpu_config() == (6, 0)
     got = hidden(6)
     assert calls == [((6, 128), True)] * 2  # both layers, the residual in the kernel
     err = jnp.linalg.norm(got - want) / jnp.linalg.norm(want)
@@ -1350,7 +1350,7 @@ def test_fp8_mlp_runs_as_one_mosaic_kernel_when_asked(monkeypatch):
     for bad in ("17", "0,1", "x", "6,2", "6,1,1"):
         monkeypatch.setenv(fp8_mod.MLP_MGPU_ENV, bad)
         with pytest.raises(ValueError, match=fp8_mod.MLP_MGPU_ENV):
-            fp8_mod.mlp_mgpu_max_rows()
+            fp8_mod.mlp_mgpu_config()
 
 
 def test_skinny_mosaic_tile_env(monkeypatch):

@@ -324,18 +324,12 @@ def mlp_mgpu_config() -> tuple[int, int] | None:
     return raw
 
 
-def mlp_mgpu_max_rows() -> int | None:
-    """The rows ``JAXLLM_FP8_MLP_MGPU`` sends to the one-kernel MLP at most (None: off)."""
-    cfg = mlp_mgpu_config()
-    return None if cfg is None else cfg[0]
-
-
 def fp8_mlp(x: jax.Array, gate_up, down, residual: jax.Array | None = None
             ) -> jax.Array | None:
     """Llama's MLP, ``residual + down(silu(gate(x)) * up(x))`` (``residual`` None: no add), as
     one Mosaic GPU kernel (``pallas_kernels.fp8_mlp_mgpu``: W8A8, x quantized inside it; the
     residual is the float32 sum's start), or None where it does not apply: off or more rows
-    than ``mlp_mgpu_max_rows``, layers that are not an fp8 ``FusedLinear`` gate/up and an
+    than ``mlp_mgpu_config``'s max_rows, layers that are not an fp8 ``FusedLinear`` gate/up and an
     ``Fp8Linear`` down without bias, block-wise scales or static input scales, tensor
     parallelism, a GPU other than Hopper, shapes the kernel does not take, a float32 x.
     x [T, E] -> [T, E] in x's dtype."""
