@@ -1059,6 +1059,21 @@ def test_fp8_mlp_mgpu_kernel_matches_the_reference(M, H, F, cfg, dtype, init):
     assert _rel_err(fp8_mlp_mgpu(x, wgu, us, gs, wd, ds, res, interpret=True, **cfg), ref) > 1e-2
 
 
+def test_fp8_mlp_mgpu_config_fit_counts_shared_memory_as_mosaic_lays_it_out():
+    """At the Llama-3-8B MLP the default forms fit a CTA's 227 KB for 1-16 rows, and four
+    gate/up steps in flight do not: on the H100 (2026-12-07) that config passed the old
+    estimate and failed to compile, 1128 bytes over (Mosaic starts each buffer at 1 KB)."""
+    from pallas_kernels.fp8_mlp_mgpu import CTA_SMEM_BYTES, fit_config, smem_bytes
+
+    for M in (1, 8, 16):
+        for down_t in (False, True):
+            cfg = fit_config(M, 4096, 14336, down_t=down_t)
+            assert smem_bytes(M, x_itemsize=2, **cfg) <= CTA_SMEM_BYTES
+    assert smem_bytes(1, 128, 128, 4, 256, 2) > CTA_SMEM_BYTES
+    with pytest.raises(ValueError, match="fewer steps in flight"):
+        fit_config(1, 4096, 14336, gu_steps=4)
+
+
 @pytest.mark.parametrize("M,K,N,tile_k,steps,dtype,wgs", [
     (8, 256, 128, 128, 2, jnp.float16, 1),  # two weight tiles, two K steps
     (5, 512, 192, 256, 4, jnp.bfloat16, 1),  # rows past M read as zeros; two 128 chunks a step

@@ -56,6 +56,17 @@ def xla_mlp(x, p):
     return x + fp8_linear(jax.nn.silu(gu[..., 0]) * gu[..., 1], p["wd"], p["ds"], None)
 
 
+def f32_mlp(x, p, init):
+    """The MLP nothing quantizes but the weights: x and h in float32 (what both the kernel and
+    its reference approximate; their distances to it say whether a gap between them is noise)."""
+    hi = jax.lax.Precision.HIGHEST
+    w = p["wgu"].astype(jnp.float32) * p["gus"][:, :, None]
+    gu = jnp.einsum("mh,fch->mfc", x.astype(jnp.float32), w, precision=hi)
+    h = jax.nn.silu(gu[..., 0]) * gu[..., 1]
+    wd = p["wd"].astype(jnp.float32) * p["ds"][:, None]
+    return init + jnp.einsum("mf,hf->mh", h, wd, precision=hi)
+
+
 def mgpu_mlp(cfg, init):
     def run(x, p):
         y = fp8_mlp_mgpu(x, p["wgu"], p["gs"], p["us"], p["wd"], p["ds"],
@@ -80,6 +91,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--budget", type=float, default=400)
     ap.add_argument("--cfgs", default="[]", help="JSON list of config overrides to time too")
+    ap.add_argument("--check-only", action="store_true", help="the check rows, no timing")
     args = ap.parse_args()
     t0 = time.time()
     rows = []
@@ -97,10 +109,22 @@ def main():
         y = jax.jit(functools.partial(fp8_mlp_mgpu, down_t=down_t))(
             x, p["wgu"], p["gs"], p["us"], p["wd"], p["ds"], init)
         r = jax.jit(fp8_mlp_reference)(x, p["wgu"], p["gs"], p["us"], p["wd"], p["ds"], init)
+        t = jax.jit(f32_mlp)(x, p, init)
         err = float(jnp.max(jnp.abs(y - r)))
         scale = float(jnp.max(jnp.abs(r - init)))
+
+        def rms(v):
+            return float(jnp.sqrt(jnp.mean(jnp.square(v))))
+        out_rms = rms(t - init)
         emit(dict(kind="check", M=M, down_t=down_t, max_err=err, out_absmax=scale,
-                  rel=err / scale, ok=err <= 2e-3 * scale, device=dev))
+                  rel=err / scale, ok=err <= 2e-3 * scale,
+                  rms_rel_vs_ref=rms(y - r) / out_rms,
+                  kernel_rms_rel_vs_f32=rms(y - t) / out_rms,
+                  ref_rms_rel_vs_f32=rms(r - t) / out_rms,
+                  kernel_max_rel_vs_f32=float(jnp.max(jnp.abs(y - t))) / scale,
+                  ref_max_rel_vs_f32=float(jnp.max(jnp.abs(r - t))) / scale, device=dev))
+    if args.check_only:
+        return
 
     cfgs = [("mgpu", DEFAULT_CONFIG, True), ("mgpu_t", {**DEFAULT_CONFIG, "down_t": True}, True)]
     cfgs += [(f"mgpu{json.dumps(c, sort_keys=True)}", {**DEFAULT_CONFIG, **c}, True)
