@@ -867,6 +867,13 @@ def test_sleep_gives_the_gpu_memory_back_under_the_platform_allocator(small_llam
 def test_compiled_fp8_mlp_mgpu_matches_reference(M, down_t):
     # The split-F MLP kernel compiled at the Llama-3-8B MLP: the TMA reductions into the
     # output (which the interpreter replaces by stored partial sums) and both rings on the GPU.
+    # Its reference is not bit-exact on the GPU: the fp8 tensor cores accumulate each 128-column
+    # product with fewer bits than float32, and the SwiGLU's e4m3 requantization turns those
+    # small differences into whole e4m3 steps of a few of its values. On the H100 (2026-12-07,
+    # fp8_mlp.py --check-only) kernel and reference differed by ~1% (norm), and each was 4.2-4.3%
+    # from the unquantized float32 MLP, the kernel within 1% of the reference's distance. So:
+    # the kernel is as close to the MLP as its reference (a defect is far from both), and near
+    # the reference.
     from pallas_kernels.fp8_mlp_mgpu import fp8_mlp_mgpu, fp8_mlp_reference
 
     H, F = 4096, 14336
@@ -882,5 +889,14 @@ def test_compiled_fp8_mlp_mgpu_matches_reference(M, down_t):
     ref = fp8_mlp_reference(x, wgu, gs, us, wd, ds, res)
     kern = jax.jit(functools.partial(fp8_mlp_mgpu, down_t=down_t))
     got = kern(x, wgu, gs, us, wd, ds, res)
-    assert _rel_err(got - res, ref - res) < 1e-4
-    assert _rel_err(kern(x, wgu, gs, us, wd, ds), ref - res) < 1e-4
+    hi = jax.lax.Precision.HIGHEST
+    gu = jnp.einsum("mh,fch->mfc", x.astype(jnp.float32),
+                    wgu.astype(jnp.float32) * jnp.stack([gs, us], 1)[:, :, None], precision=hi)
+    exact = jnp.einsum("mf,hf->mh", jax.nn.silu(gu[..., 0]) * gu[..., 1],
+                       wd.astype(jnp.float32) * ds[:, None], precision=hi)
+    ref_dist = _rel_err(ref - res, exact)
+    assert 1e-3 < ref_dist < 0.1  # the e4m3 activations' rounding, not more
+    assert _rel_err(got - res, exact) < 1.05 * ref_dist
+    assert _rel_err(got - res, ref - res) < 0.03
+    # Without the residual: the same sum (the TMA adds' order only)
+    assert _rel_err(kern(x, wgu, gs, us, wd, ds), got - res) < 1e-4

@@ -116,11 +116,13 @@ def main():
         def rms(v):
             return float(jnp.sqrt(jnp.mean(jnp.square(v))))
         out_rms = rms(t - init)
+        k_dist, r_dist = rms(y - t) / out_rms, rms(r - t) / out_rms
+        # ok: as close to the MLP as the reference, and near it (tests/test_gpu.py's bound;
+        # not bit-exact: the fp8 tensor cores' accumulation and the e4m3 requantization)
         emit(dict(kind="check", M=M, down_t=down_t, max_err=err, out_absmax=scale,
-                  rel=err / scale, ok=err <= 2e-3 * scale,
+                  rel=err / scale, ok=k_dist < 1.05 * r_dist and rms(y - r) / out_rms < 0.03,
                   rms_rel_vs_ref=rms(y - r) / out_rms,
-                  kernel_rms_rel_vs_f32=rms(y - t) / out_rms,
-                  ref_rms_rel_vs_f32=rms(r - t) / out_rms,
+                  kernel_rms_rel_vs_f32=k_dist, ref_rms_rel_vs_f32=r_dist,
                   kernel_max_rel_vs_f32=float(jnp.max(jnp.abs(y - t))) / scale,
                   ref_max_rel_vs_f32=float(jnp.max(jnp.abs(r - t))) / scale, device=dev))
     if args.check_only:
