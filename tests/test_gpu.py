@@ -259,49 +259,56 @@ def test_compiled_block_fp8_mgpu_matches_reference(M, monkeypatch):
         assert _rel_err(jax.jit(lambda a: lin(a))(x), ref) < 1e-2
 
 
-@pytest.mark.parametrize("M", [1, 5, 8, 16, 64])
-def test_compiled_fp8_skinny_mgpu_matches_reference(M):
-    """The Mosaic GPU per-channel W8A8 kernel for decode rows compiled for the GPU at the q/k/v
-    and down shapes, on fresh random operands with per-channel and per-token scales: rows
-    padded to 8 and, where M is not a multiple of 8, read and written past M by TMA
-    (``oob_rows``); its weight-only form at <= 16 rows (one, two and four compute
-    warpgroups); a repeat gives the same bits. Every tile of the sweep and every warpgroup
-    form at M = 5 (rows past M, the case with the most paths); the engine's tile (and two
-    warpgroups weight-only) at the other M: each form is a Mosaic compile on the host, and
-    every tile at every M made this test ~112 compiles, past a device call's limit."""
-    from pallas_kernels.fp8_matmul import quantize_activation_per_token
-    from pallas_kernels.fp8_skinny_mgpu import DEFAULT_TILE, TILES, fp8_skinny_matmul_mgpu
+def _skinny_mgpu_cases():
+    """(M, tile, compute warpgroups; 0: W8A8) for the skinny kernel's GPU test: every tile of
+    the sweep and every warpgroup form at M = 5 (rows past M, the case with the most paths),
+    the engine's tile (and two warpgroups weight-only where M <= 16) at the other M. One case
+    a test: each form is a Mosaic compile on the host (~10 s), and one test over all of them
+    ran past a device call's limit with nothing to say which form it was in (2026-12-07)."""
+    from pallas_kernels.fp8_skinny_mgpu import DEFAULT_TILE, TILES
 
-    every = M == 5
+    cases = [(5, t, 0) for t in TILES] + [(5, t, 1) for t in TILES]
+    cases += [(5, (256, 6), 2), (5, (512, 3), 2), (5, (512, 3), 4)]
+    for M in (1, 8, 16, 64):
+        cases.append((M, DEFAULT_TILE, 0))
+        if M <= 16:
+            cases += [(M, DEFAULT_TILE, 1), (M, (512, 3), 2)]
+    return cases
+
+
+@pytest.mark.parametrize("M,tile,wgs", _skinny_mgpu_cases())
+def test_compiled_fp8_skinny_mgpu_matches_reference(M, tile, wgs):
+    """The Mosaic GPU per-channel W8A8 kernel for decode rows (``wgs`` 0) or its weight-only
+    form on ``wgs`` compute warpgroups, compiled for the GPU at the q/k/v and down shapes, on
+    fresh random operands with per-channel and per-token scales: rows padded to 8 and, where M
+    is not a multiple of 8, read and written past M by TMA (``oob_rows``); a repeat gives the
+    same bits."""
+    from pallas_kernels.fp8_matmul import quantize_activation_per_token
+    from pallas_kernels.fp8_skinny_mgpu import fp8_skinny_matmul_mgpu
+
+    tk, steps = tile
     rng = np.random.default_rng(M + 100)
     for K, N in ((4096, 6144), (14336, 4096)):
         x, w, ws = _fp8_skinny_operands(rng, M, K, N, jnp.bfloat16, 1e-3)
-        xq, xs = quantize_activation_per_token(x)
-        ref = ((xq.astype(jnp.float32) @ w.astype(jnp.float32).T) * xs.reshape(M, 1)
-               * ws[None, :])
-        for tk, steps in (TILES if every else (DEFAULT_TILE,)):
-            for oob in ((False, True) if M % 8 else (False,)):
-                f = jax.jit(functools.partial(fp8_skinny_matmul_mgpu, tile_k=tk, steps=steps,
-                                              oob_rows=oob))
-                got = f(xq, xs, w, ws)
-                assert got.shape == (M, N) and got.dtype == jnp.bfloat16
-                assert _rel_err(got, ref) < 5e-3, (K, N, tk, steps, oob)  # one bf16 rounding
-                assert jnp.array_equal(f(xq, xs, w, ws), got)
-        if M > 16:
-            continue
-        # Weight-only (W8A16: the e4m3 chunk upcast in registers, wgmma's A operand): one
-        # compute warpgroup at every tile and two / four sharing a step's chunks at M = 5; one
-        # at the engine's tile and two elsewhere.
-        ref16 = (x.astype(jnp.float32) @ w.astype(jnp.float32).T) * ws[None, :]
-        forms = ([(t, 1) for t in TILES] + [((256, 6), 2), ((512, 3), 2), ((512, 3), 4)]
-                 if every else [(DEFAULT_TILE, 1), ((512, 3), 2)])
-        for (tk, steps), wgs in forms:
-            f = jax.jit(lambda a, b, c, tk=tk, steps=steps, wgs=wgs: fp8_skinny_matmul_mgpu(
+        if wgs:  # weight-only (W8A16: the e4m3 chunk upcast in registers, wgmma's A operand)
+            ref16 = (x.astype(jnp.float32) @ w.astype(jnp.float32).T) * ws[None, :]
+            f = jax.jit(lambda a, b, c: fp8_skinny_matmul_mgpu(
                 a, None, b, c, tile_k=tk, steps=steps, compute_wgs=wgs))
             got = f(x, w, ws)
             assert got.shape == (M, N) and got.dtype == jnp.bfloat16
-            assert _rel_err(got, ref16) < 5e-3, (K, N, tk, steps, wgs, "w8a16")
+            assert _rel_err(got, ref16) < 5e-3, (K, N, "w8a16")
             assert jnp.array_equal(f(x, w, ws), got)
+            continue
+        xq, xs = quantize_activation_per_token(x)
+        ref = ((xq.astype(jnp.float32) @ w.astype(jnp.float32).T) * xs.reshape(M, 1)
+               * ws[None, :])
+        for oob in ((False, True) if M % 8 else (False,)):
+            f = jax.jit(functools.partial(fp8_skinny_matmul_mgpu, tile_k=tk, steps=steps,
+                                          oob_rows=oob))
+            got = f(xq, xs, w, ws)
+            assert got.shape == (M, N) and got.dtype == jnp.bfloat16
+            assert _rel_err(got, ref) < 5e-3, (K, N, oob)  # one bf16 rounding
+            assert jnp.array_equal(f(xq, xs, w, ws), got)
 
 
 @pytest.mark.parametrize("M", [1, 5, 32, 64])
