@@ -173,10 +173,13 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
     ``SMEM_BYTES``); ``oob_rows``: where M is not a multiple of 8, TMA reads the token tile's
     rows past M as zeros and drops their stores (the default: no pad and slice around the
     call; H100 at M = 1: o 7.44 µs against 10.76 padded), else the rows are padded;
-    ``compute_wgs``: the weight-only form's compute warpgroups (1, 2 or 4 dividing tile_k /
+    ``compute_wgs``: the weight-only form's compute warpgroups (1 or 2 dividing tile_k /
     128): warpgroup g upcasts and multiplies chunks g, g + compute_wgs, ... of each step into
     an accumulator of its own, summed through shared memory at the end, so the upcasts of one
-    run beside another's wgmma (the W8A8 and ``quantize_x`` forms take 1);
+    run beside another's wgmma (the W8A8 and ``quantize_x`` forms take 1). Four passed the
+    interpreter and never finished on the H100 (2026-12-07: its GPU test at M = 5, tile
+    512 x 3, ran 140 s without a result where the other forms take ~50 s, compile included),
+    so it is refused;
     ``residual`` [M, N] in ``out_dtype``: returned is residual +
     the product rounded to ``out_dtype`` (the model's ``x + proj(h)``, its tile read by TMA
     beside the weight stream); ``quantize_x`` (with ``x_scale`` None and a 16-bit x): W8A8
@@ -241,10 +244,10 @@ def fp8_skinny_matmul_mgpu(x_fp8: jax.Array, x_scale: jax.Array | None, w_fp8: j
               plgpu.SwizzleTransform(out_swizzle))
     wgs = compute_wgs
     chunks = tile_k // 128
-    if wgs < 1 or chunks % wgs or (wgs > 1 and not weight_only):
-        raise ValueError(f"compute_wgs={wgs}: the weight-only form's warpgroups split each "
+    if wgs not in (1, 2) or chunks % wgs or (wgs > 1 and not weight_only):
+        raise ValueError(f"compute_wgs={wgs}: 1, or 2 in the weight-only form, splitting each "
                          f"step's {chunks} 128-wide chunks evenly (the W8A8 and quantize_x "
-                         "forms take 1).")
+                         "forms take 1; 4 did not finish on the H100).")
     # Mosaic GPU's interpreter takes wgmma operands from shared memory only: interpreted, the
     # weight-only form's upcast chunk goes through this scratch buffer, one a warpgroup (the
     # GPU test covers the register form).

@@ -1168,7 +1168,8 @@ def test_weight_only_steps_take_the_mosaic_kernel_when_asked_and_residuals_fold_
         monkeypatch.setenv(fp8_mod.SKINNY_MGPU_WO_ENV, off)
         assert qkv.split_k(x, 4).shape == (12, 2, 64)
     for env, bad in ((fp8_mod.SKINNY_MGPU_WO_ENV, "512,2"), (fp8_mod.SKINNY_RESIDUAL_ENV, "2"),
-                     (fp8_mod.SKINNY_MGPU_WO_ENV, "512,2,2,1,1,1")):
+                     (fp8_mod.SKINNY_MGPU_WO_ENV, "512,2,2,1,1,1"),
+                     (fp8_mod.SKINNY_MGPU_WO_ENV, "512,2,4")):
         monkeypatch.setenv(env, bad)
         with pytest.raises(ValueError, match=env):
             fp8_mod.fp8_linear(x, w, ws, None, residual=res)

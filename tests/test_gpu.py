@@ -268,7 +268,7 @@ def _skinny_mgpu_cases():
     from pallas_kernels.fp8_skinny_mgpu import DEFAULT_TILE, TILES
 
     cases = [(5, t, 0) for t in TILES] + [(5, t, 1) for t in TILES]
-    cases += [(5, (256, 6), 2), (5, (512, 3), 2), (5, (512, 3), 4)]
+    cases += [(5, (256, 6), 2), (5, (512, 3), 2)]  # 4 warpgroups: refused (the kernel's doc)
     for M in (1, 8, 16, 64):
         cases.append((M, DEFAULT_TILE, 0))
         if M <= 16:

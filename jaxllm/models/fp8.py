@@ -226,9 +226,12 @@ def skinny_mgpu_wo_tile() -> tuple[int, int, int, int, int] | None:
     first, within its range, for the one-instruction e4m3 -> float16 upcast, the cast left to
     XLA to fuse into the rows' producer; on a CPU it runs Mosaic GPU's interpreter), or unset:
     ``SKINNY_MGPU_WO_TILE``. Read at trace time."""
-    return _kernel_tile_env(SKINNY_MGPU_WO_ENV, SKINNY_MGPU_WO_TILE,
+    tile = _kernel_tile_env(SKINNY_MGPU_WO_ENV, SKINNY_MGPU_WO_TILE,
                             ("tile_k", "steps", "compute_wgs", "residual_only", "f16"),
                             optional=(0, 0))
+    if tile is not None and tile[2] not in (1, 2):  # the kernel's forms run on the GPU
+        raise ValueError(f"{SKINNY_MGPU_WO_ENV}: compute_wgs={tile[2]} must be 1 or 2.")
+    return tile
 
 
 def skinny_mgpu_wo_takes_all() -> bool:
