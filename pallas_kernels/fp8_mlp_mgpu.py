@@ -68,18 +68,14 @@ def smem_bytes(M: int, block_f: int, tile_k: int, gu_steps: int, dn_rows: int, d
                x_itemsize: int = 2, down_t: bool = False) -> int:
     """A CTA's shared memory as Mosaic GPU lays it out: each buffer (the two pipelines', the
     quantized rows, the scales, the output's two staging tiles) from a 1 KB boundary, then
-    2 KB for the barriers. ``x_itemsize`` 1: x pre-quantized (``fp8_mlp_mgpu``'s ``x_scale``).
-    ``down_t``: the SwiGLU's rows padded to wgmma's 64 (the down GEMM's
+    2 KB for the barriers. ``down_t``: the SwiGLU's rows padded to wgmma's 64 (the down GEMM's
     A operand) and [64, dn_rows] output tiles. (Without the 1 KB rounding a config 1128 bytes
     over the H100's 227 KB passed this check and failed to compile: 2026-12-07.)"""
     tm = -(-M // 8) * 8
     ta = ROWS if down_t else tm  # the down GEMM's token rows
-    # x_itemsize 1: x pre-quantized (e4m3, a scale a token): no quantized copy of its steps,
-    # its [tm] scales instead
-    quant = (2 * tm * tile_k, 2 * tm * 4) if x_itemsize > 1 else (tm * 4,)
     buffers = (gu_steps * tm * tile_k * x_itemsize, gu_steps * block_f * tile_k,
                gu_steps * block_f * tile_k, dn_steps * dn_rows * block_f, dn_steps * dn_rows * 4,
-               *quant, 2 * block_f * 4, tm * block_f * 2,
+               2 * tm * tile_k, 2 * tm * 4, 2 * block_f * 4, tm * block_f * x_itemsize,
                ta * block_f, ta * 4, 2 * dn_rows * ta * 4)
     return sum(-(-b // 1024) * 1024 for b in buffers) + 2048
 
@@ -140,27 +136,19 @@ def _quantize_blocks(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
 def fp8_mlp_reference(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array,
                       up_scale: jax.Array, w_down: jax.Array, down_scale: jax.Array,
                       init: jax.Array | None = None, *, block_f: int = 128,
-                      tile_k: int = 128, x_scale: jax.Array | None = None,
-                      h_dtype=jnp.bfloat16) -> jax.Array:
-    """The kernel's contract (module docstring, Numerics) in float32 at HIGHEST precision.
-    ``x_scale`` [M]: x is e4m3, pre-quantized with that scale a token (the SwiGLU's output then
-    rounded to ``h_dtype``, else to x's dtype)."""
+                      tile_k: int = 128) -> jax.Array:
+    """The kernel's contract (module docstring, Numerics) in float32 at HIGHEST precision."""
     hi = lax.Precision.HIGHEST
     M, H = x.shape
     F = w_gu.shape[0]
-    if x_scale is None:
-        xq, xs = _quantize_blocks(x.astype(jnp.float32), tile_k)  # [M, H], [M, H / tile_k]
-        h_dtype = x.dtype
-    else:  # one block of H a token
-        xq, xs = x.astype(jnp.float32), x_scale.astype(jnp.float32).reshape(M, 1)
-        tile_k = H
+    xq, xs = _quantize_blocks(x.astype(jnp.float32), tile_k)  # [M, H], [M, H / tile_k]
     nb = H // tile_k
     w = w_gu.astype(jnp.float32).reshape(F, 2, nb, tile_k)
     part = jnp.einsum("mbk,fcbk->mfcb", xq.reshape(M, nb, tile_k), w, precision=hi)
     gu = jnp.sum(part * xs[:, None, None, :], axis=-1)  # [M, F, 2]
     g = gu[..., 0] * gate_scale.astype(jnp.float32)
     u = gu[..., 1] * up_scale.astype(jnp.float32)
-    h = (g / (1.0 + jnp.exp(-g)) * u).astype(h_dtype).astype(jnp.float32)
+    h = (g / (1.0 + jnp.exp(-g)) * u).astype(x.dtype).astype(jnp.float32)
     hq, hs = _quantize_blocks(h, block_f)  # [M, F], [M, F / block_f]
     nc = F // block_f
     wd = w_down.astype(jnp.float32).reshape(H, nc, block_f)
@@ -174,33 +162,21 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
                  block_f: int | None = None, tile_k: int | None = None,
                  gu_steps: int | None = None, dn_rows: int | None = None,
                  dn_steps: int | None = None, down_t: bool | None = None,
-                 x_scale: jax.Array | None = None, h_dtype=jnp.bfloat16,
                  interpret: bool = False) -> jax.Array:
     """The module's contract: [M, H] float32 = init + down(silu(gate(x)) * up(x)). Config
     arguments default to ``DEFAULT_CONFIG``; ``down_t``: the down GEMM transposed (the
     SwiGLU's quantized rows, padded with zeros to 64, as wgmma's A; the down tile as its B),
     so each step's output tile is [tm, dn_rows] and reduced into an [M, H] output directly
     (the rows past M dropped by TMA) instead of [dn_rows, 8] tiles of a transposed one, 8x
-    the bytes at M = 1; ``x_scale`` [M] float32: x is e4m3, quantized beforehand with one scale
-    a token (``fp8_matmul.quantize_activation_per_token``): no quantization a step, the
-    gate/up products summed over all of H in the tensor cores' accumulators, scaled once at
-    the end (the SwiGLU's output rounded to ``h_dtype``); ``interpret``: Mosaic GPU's interpreter (any platform, slow; partial
+    the bytes at M = 1; ``interpret``: Mosaic GPU's interpreter (any platform, slow; partial
     sums summed by XLA instead of TMA reductions)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     M, H = x.shape
     F = w_gu.shape[0]
-    x_pre = x_scale is not None
-    if x_pre:
-        if x.dtype != jnp.float8_e4m3fn or x_scale.size != M:
-            raise ValueError(f"x {x.dtype} with x_scale {x_scale.shape}: a pre-quantized x is "
-                             f"e4m3 with one scale a token ([{M}]).")
-        if jnp.dtype(h_dtype) not in (jnp.bfloat16, jnp.float16):
-            raise ValueError(f"h_dtype {h_dtype}: bfloat16 or float16.")
-    elif x.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"x {x.dtype}: a 16-bit x (bfloat16 or float16), or e4m3 with "
-                         "x_scale.")
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"x {x.dtype}: a 16-bit x (bfloat16 or float16).")
     if w_gu.shape != (F, 2, H) or w_down.shape != (H, F):
         raise ValueError(f"w_gu {w_gu.shape} / w_down {w_down.shape}: [F, 2, H] and [H, F] "
                          f"with H={H} (x's columns).")
@@ -219,7 +195,7 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
     n_cta = F // block_f
     rt, dt = block_f // ROWS, dn_rows // ROWS  # 64-row tiles of a gate (up) / down step
     f32, e4m3 = jnp.float32, jnp.float8_e4m3fn
-    xdt = jnp.dtype(h_dtype) if x_pre else x.dtype  # the SwiGLU output's rounding
+    xdt = x.dtype
     wgu2 = w_gu.reshape(F, 2 * H)  # row f: gate's H bytes, then up's
     gs = gate_scale.reshape(n_cta, block_f).astype(f32)
     us = up_scale.reshape(n_cta, block_f).astype(f32)
@@ -242,25 +218,19 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
         q = vt.astype(f32) * lax.broadcast_in_dim(inv, vt.shape, [1])
         return q.astype(e4m3), scale
 
-    # x's steps as TMA lands them: e4m3 (pre-quantized) or 16-bit, quantized a step
-    x_ring = (plgpu.SMEM((gu_steps, tm, tile_k), e4m3, transforms=fp8_tf) if x_pre else
-              plgpu.SMEM((gu_steps, tm, tile_k), xdt, transforms=x16_tf))
-    quant = (dict(xs_smem=plgpu.SMEM((tm,), f32)) if x_pre else
-             dict(xq_smem=plgpu.SMEM((2, tm, tile_k), e4m3, transforms=fp8_tf),
-                  xqs_smem=plgpu.SMEM((2, tm), f32)))
-
-    def body(x_gmem, wgu_gmem, gs_gmem, us_gmem, wd_gmem, ds_gmem, *rest):
-        *xs_gmem, out_gmem = rest
+    def body(x_gmem, wgu_gmem, gs_gmem, us_gmem, wd_gmem, ds_gmem, out_gmem):
         c = lax.axis_index("f")
         wg = lax.axis_index("wg")
 
         @functools.partial(
             pl.run_scoped,
-            x_smem=x_ring,
+            x_smem=plgpu.SMEM((gu_steps, tm, tile_k), xdt, transforms=x16_tf),
             g_smem=plgpu.SMEM((gu_steps, block_f, tile_k), e4m3, transforms=fp8_tf),
             u_smem=plgpu.SMEM((gu_steps, block_f, tile_k), e4m3, transforms=fp8_tf),
             wd_smem=plgpu.SMEM((dn_steps, dn_rows, block_f), e4m3, transforms=fp8_tf),
             ds_smem=plgpu.SMEM((dn_steps, dn_rows), f32),
+            xq_smem=plgpu.SMEM((2, tm, tile_k), e4m3, transforms=fp8_tf),
+            xqs_smem=plgpu.SMEM((2, tm), f32),
             sc_smem=plgpu.SMEM((2, block_f), f32),
             hs_smem=plgpu.SMEM((tm, block_f), xdt, transforms=x16_tf),
             hq_smem=plgpu.SMEM((ta, block_f), e4m3, transforms=fp8_tf),
@@ -270,11 +240,11 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
             gu_free=plgpu.Barrier(num_arrivals=1, num_barriers=gu_steps),
             dn_full=plgpu.Barrier(num_arrivals=2, num_barriers=dn_steps),
             dn_free=plgpu.Barrier(num_arrivals=1, num_barriers=dn_steps),
-            sc_bar=plgpu.Barrier(num_arrivals=3 if x_pre else 2),
-            collective_axes="wg", **quant)
-        def _scope(x_smem, g_smem, u_smem, wd_smem, ds_smem, sc_smem, hs_smem, hq_smem,
-                   hqs_smem, o_smem, gu_full, gu_free, dn_full, dn_free, sc_bar,
-                   xs_smem=None, xq_smem=None, xqs_smem=None):
+            sc_bar=plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg")
+        def _scope(x_smem, g_smem, u_smem, wd_smem, ds_smem, xq_smem, xqs_smem, sc_smem,
+                   hs_smem, hq_smem, hqs_smem, o_smem, gu_full, gu_free, dn_full, dn_free,
+                   sc_bar):
             rows = pl.ds(c * block_f, block_f)
 
             @pl.when(wg == 1)
@@ -325,8 +295,6 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
             def _consumer():
                 plgpu.copy_gmem_to_smem(gs_gmem.at[c], sc_smem.at[0], sc_bar)
                 plgpu.copy_gmem_to_smem(us_gmem.at[c], sc_smem.at[1], sc_bar)
-                if x_pre:
-                    plgpu.copy_gmem_to_smem(xs_gmem[0], xs_smem, sc_bar)
                 zero = plgpu.layout_cast(jnp.full((ROWS, tm), 0, f32), wgmma_l)
 
                 def gu_step(k, accs):
@@ -355,33 +323,11 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
                     plgpu.barrier_arrive(gu_free.at[slot])
                     return new
 
-                def gu_pre(*acc_refs):
-                    """x pre-quantized: the steps' products summed in the accumulators."""
-                    def step(k, refs):
-                        slot = lax.rem(k, gu_steps)
-                        plgpu.barrier_wait(gu_full.at[slot])
-                        for i, ref in enumerate(refs):
-                            w = (g_smem if i < rt else u_smem).at[slot,
-                                                                 pl.ds((i % rt) * ROWS, ROWS)]
-                            plgpu.wgmma(ref, w, x_smem.at[slot].transpose((1, 0)))
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(gu_free.at[slot])
-                        return refs
-
-                    refs = lax.fori_loop(0, k_steps, step, acc_refs)
-                    return tuple(r[...] for r in refs)
-
-                if x_pre:
-                    accs = pl.run_scoped(gu_pre, *[plgpu.ACC((ROWS, tm), f32)] * (2 * rt))
-                else:
-                    accs = lax.fori_loop(0, k_steps, gu_step, (zero,) * (2 * rt))
+                accs = lax.fori_loop(0, k_steps, gu_step, (zero,) * (2 * rt))
 
                 # SwiGLU in registers, rounded to x's dtype, then quantized per token for the
                 # down GEMM's B operand ([tm, block_f] e4m3, K-major).
                 plgpu.barrier_wait(sc_bar)
-                if x_pre:  # the tokens' scales, once
-                    x_s = bcast(plgpu.load(xs_smem, (), layout=wgmma_l.reduce(0)), 1)
-                    accs = tuple(a * x_s for a in accs)
                 for i in range(rt):
                     cols = pl.ds(i * ROWS, ROWS)
                     g = accs[i] * bcast(plgpu.load(sc_smem.at[0, cols], (),
@@ -470,8 +416,6 @@ def fp8_mlp_mgpu(x: jax.Array, w_gu: jax.Array, gate_scale: jax.Array, up_scale:
 
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
     operands = (x, wgu2, gs, us, w_down, ds)
-    if x_pre:  # [tm]: the scales of the rows past M are never used (their products are 0)
-        operands += (jnp.pad(x_scale.reshape(M).astype(f32), (0, tm - M)),)
     kernel = functools.partial(plgpu.kernel, body, grid=(n_cta,), grid_names=("f",),
                                num_threads=2, thread_name="wg", compiler_params=params)
     if down_t:  # the output as it is returned, [M, H]

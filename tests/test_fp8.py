@@ -1336,27 +1336,19 @@ def test_fp8_mlp_runs_as_one_mosaic_kernel_when_asked(monkeypatch):
     want = hidden(6)
     assert calls == []
     monkeypatch.setenv(fp8_mod.MLP_MGPU_ENV, "6")
-    assert fp8_mod.mlp_mgpu_config() == (6, 0, 0)
+    assert fp8_mod.mlp_mgpu_config() == (6, 0)
     got = hidden(6)
     assert calls == [((6, 128), True)] * 2  # both layers, the residual in the kernel
     err = jnp.linalg.norm(got - want) / jnp.linalg.norm(want)
     assert 0 < float(err) < 0.05, float(err)
     monkeypatch.setenv(fp8_mod.MLP_MGPU_ENV, "6,1")  # the transposed down GEMM
-    assert fp8_mod.mlp_mgpu_config() == (6, 1, 0)
+    assert fp8_mod.mlp_mgpu_config() == (6, 1)
     got_t = hidden(6)
     assert float(jnp.linalg.norm(got_t - got) / jnp.linalg.norm(got)) < 1e-2
-    # x quantized per token before the kernel (e4m3 rows with their scales into it)
-    monkeypatch.setenv(fp8_mod.MLP_MGPU_ENV, "6,0,1")
-    assert fp8_mod.mlp_mgpu_config() == (6, 0, 1)
-    calls.clear()
-    got_p = hidden(6)
-    assert calls == [((6, 128), True)] * 2
-    err = float(jnp.linalg.norm(got_p - want) / jnp.linalg.norm(want))
-    assert 0 < err < 0.05, err
     calls.clear()
     hidden(7)
     assert calls == []
-    for bad in ("17", "0,1", "x", "6,2", "6,1,2", "6,1,1,1"):
+    for bad in ("17", "0,1", "x", "6,2", "6,1,1"):
         monkeypatch.setenv(fp8_mod.MLP_MGPU_ENV, bad)
         with pytest.raises(ValueError, match=fp8_mod.MLP_MGPU_ENV):
             fp8_mod.mlp_mgpu_config()

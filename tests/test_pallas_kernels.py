@@ -1059,43 +1059,6 @@ def test_fp8_mlp_mgpu_kernel_matches_the_reference(M, H, F, cfg, dtype, init):
     assert _rel_err(fp8_mlp_mgpu(x, wgu, us, gs, wd, ds, res, interpret=True, **cfg), ref) > 1e-2
 
 
-@pytest.mark.parametrize("M,H,F,cfg,init", [
-    (1, 512, 384, dict(dn_rows=128), True),  # 3 CTAs, 4 gate/up steps through 3 slots
-    (5, 256, 256, dict(down_t=True, dn_rows=64, dn_steps=3), False),
-    (16, 256, 128, dict(dn_rows=64, dn_steps=1, gu_steps=1), True),
-])
-def test_fp8_mlp_mgpu_takes_x_quantized_per_token(M, H, F, cfg, init):
-    """fp8_mlp_mgpu with x_scale (x e4m3, one scale a token, quantized before the kernel; the
-    gate/up products summed over all of H in the accumulators) equals its reference, lands
-    near the per-block form, and each token's scale reaches that token's output row."""
-    from pallas_kernels.fp8_matmul import quantize_activation_per_token
-    from pallas_kernels.fp8_mlp_mgpu import fp8_mlp_mgpu, fp8_mlp_reference
-
-    rng = np.random.default_rng(M * 7 + H + F)
-    e4m3 = lambda a: jnp.asarray(np.clip(a * 64, -448, 448), jnp.float32).astype(  # noqa: E731
-        jnp.float8_e4m3fn)
-    x = jnp.asarray(rng.standard_normal((M, H)) * rng.uniform(0.2, 5, size=(M, 1)),
-                    jnp.bfloat16)
-    wgu, wd = e4m3(rng.standard_normal((F, 2, H))), e4m3(rng.standard_normal((H, F)))
-    gs, us = (jnp.asarray(rng.uniform(0.5, 1.5, F) / 64 / np.sqrt(H), jnp.float32)
-              for _ in range(2))
-    ds = jnp.asarray(rng.uniform(0.5, 1.5, H) / 64 / np.sqrt(F), jnp.float32)
-    res = jnp.asarray(rng.standard_normal((M, H)), jnp.float32) if init else None
-    xq, xs = quantize_activation_per_token(x)
-    ref = fp8_mlp_reference(xq, wgu, gs, us, wd, ds, res, x_scale=xs)
-    got = fp8_mlp_mgpu(xq, wgu, gs, us, wd, ds, res, x_scale=xs, interpret=True, **cfg)
-    assert got.shape == (M, H) and got.dtype == jnp.float32
-    assert _rel_err(got, ref) < 1e-5
-    blocks = fp8_mlp_reference(x, wgu, gs, us, wd, ds, res)  # x quantized per 128 columns
-    assert 1e-4 < _rel_err(got, blocks) < 0.1
-    if M > 1:  # a token's scale belongs to its own row
-        moved = fp8_mlp_mgpu(xq, wgu, gs, us, wd, ds, res, x_scale=jnp.roll(xs, 1),
-                             interpret=True, **cfg)
-        assert _rel_err(moved, ref) > 1e-2
-    with pytest.raises(ValueError, match="pre-quantized"):
-        fp8_mlp_mgpu(x, wgu, gs, us, wd, ds, res, x_scale=xs, interpret=True)
-
-
 def test_fp8_mlp_mgpu_config_fit_counts_shared_memory_as_mosaic_lays_it_out():
     """At the Llama-3-8B MLP the default forms fit a CTA's 227 KB for 1-16 rows, and four
     gate/up steps in flight do not: on the H100 (2026-12-07) that config passed the old
@@ -1104,9 +1067,8 @@ def test_fp8_mlp_mgpu_config_fit_counts_shared_memory_as_mosaic_lays_it_out():
 
     for M in (1, 8, 16):
         for down_t in (False, True):
-            for itemsize in (2, 1):  # 16-bit x, or x pre-quantized
-                cfg = fit_config(M, 4096, 14336, itemsize, down_t=down_t)
-                assert smem_bytes(M, x_itemsize=itemsize, **cfg) <= CTA_SMEM_BYTES
+            cfg = fit_config(M, 4096, 14336, down_t=down_t)
+            assert smem_bytes(M, x_itemsize=2, **cfg) <= CTA_SMEM_BYTES
     assert smem_bytes(1, 128, 128, 4, 256, 2) > CTA_SMEM_BYTES
     with pytest.raises(ValueError, match="fewer steps in flight"):
         fit_config(1, 4096, 14336, gu_steps=4)

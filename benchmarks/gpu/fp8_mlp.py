@@ -12,14 +12,10 @@ output starts from, the pad of x's rows, the output's transpose).
              the e4m3 weight upcast inside XLA's dot, the scale after), SwiGLU, residual add
   mgpu       the kernel, the residual as its sum's start (as the engine calls it);
              ``mgpu_t``: its transposed down GEMM (``down_t``); ``mgpu{cfg}``: a config of
-             the sweep (overrides of ``DEFAULT_CONFIG``; ``"x_pre": true`` is the next form)
-  mgpu_pre   x quantized per token by XLA before the kernel (its ``x_scale`` form: no
-             quantization a gate/up step, the products summed in the accumulators; the
-             quantization's kernels are in the time)
+             the sweep (overrides of ``DEFAULT_CONFIG``)
 
 First a correctness check on the GPU against ``fp8_mlp_reference`` (M = 1, 5 and 8; the
-transposed down GEMM, ``down_t``, at 1 and 5; the ``x_scale`` form at 1, 8 and 5 with
-``down_t``), then the table. Rows to ``--out`` (JSON lines).
+transposed down GEMM, ``down_t``, at 1 and 5), then the table. Rows to ``--out`` (JSON lines).
 
     python3 benchmarks/gpu/fp8_mlp.py [--out FILE] [--ms 1,8] [--layers 12] [--budget S]
         [--cfgs '[{"gu_steps": 4}]']
@@ -37,7 +33,6 @@ sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 import gpu_trace  # noqa: E402
 from jaxllm.models.fp8 import fp8_linear  # noqa: E402
-from pallas_kernels.fp8_matmul import quantize_activation_per_token  # noqa: E402
 from pallas_kernels.fp8_mlp_mgpu import (DEFAULT_CONFIG, fp8_mlp_mgpu,  # noqa: E402
                                          fp8_mlp_reference)
 
@@ -73,14 +68,9 @@ def f32_mlp(x, p, init):
 
 
 def mgpu_mlp(cfg, init):
-    cfg = dict(cfg)
-    x_pre = cfg.pop("x_pre", False)
-
     def run(x, p):
-        xin, xs = quantize_activation_per_token(x) if x_pre else (x, None)
-        y = fp8_mlp_mgpu(xin, p["wgu"], p["gs"], p["us"], p["wd"], p["ds"],
-                         x.astype(jnp.float32) if init else None, x_scale=xs,
-                         h_dtype=x.dtype, **cfg)
+        y = fp8_mlp_mgpu(x, p["wgu"], p["gs"], p["us"], p["wd"], p["ds"],
+                         x.astype(jnp.float32) if init else None, **cfg)
         return y.astype(x.dtype) if init else x + y.astype(x.dtype)
     return run
 
@@ -113,16 +103,12 @@ def main():
 
     # Correctness on the GPU: one layer against the reference (float32, HIGHEST).
     p = layers[0]
-    for M, down_t, x_pre in ((1, False, False), (5, False, False), (8, False, False),
-                             (1, True, False), (5, True, False), (1, False, True),
-                             (8, False, True), (5, True, True)):
+    for M, down_t in ((1, False), (5, False), (8, False), (1, True), (5, True)):
         x = jax.random.normal(keys[-1], (M, H), jnp.float32).astype(jnp.bfloat16)
         init = jax.random.normal(keys[-1], (M, H), jnp.float32)
-        xin, xs = quantize_activation_per_token(x) if x_pre else (x, None)
         y = jax.jit(functools.partial(fp8_mlp_mgpu, down_t=down_t))(
-            xin, p["wgu"], p["gs"], p["us"], p["wd"], p["ds"], init, x_scale=xs)
-        r = jax.jit(fp8_mlp_reference)(xin, p["wgu"], p["gs"], p["us"], p["wd"], p["ds"], init,
-                                       x_scale=xs)
+            x, p["wgu"], p["gs"], p["us"], p["wd"], p["ds"], init)
+        r = jax.jit(fp8_mlp_reference)(x, p["wgu"], p["gs"], p["us"], p["wd"], p["ds"], init)
         t = jax.jit(f32_mlp)(x, p, init)
         err = float(jnp.max(jnp.abs(y - r)))
         scale = float(jnp.max(jnp.abs(r - init)))
@@ -133,8 +119,7 @@ def main():
         k_dist, r_dist = rms(y - t) / out_rms, rms(r - t) / out_rms
         # ok: as close to the MLP as the reference, and near it (tests/test_gpu.py's bound;
         # not bit-exact: the fp8 tensor cores' accumulation and the e4m3 requantization)
-        emit(dict(kind="check", M=M, down_t=down_t, x_pre=x_pre, max_err=err,
-                  out_absmax=scale,
+        emit(dict(kind="check", M=M, down_t=down_t, max_err=err, out_absmax=scale,
                   rel=err / scale, ok=k_dist < 1.05 * r_dist and rms(y - r) / out_rms < 0.03,
                   rms_rel_vs_ref=rms(y - r) / out_rms,
                   kernel_rms_rel_vs_f32=k_dist, ref_rms_rel_vs_f32=r_dist,
@@ -143,8 +128,7 @@ def main():
     if args.check_only:
         return
 
-    cfgs = [("mgpu", DEFAULT_CONFIG, True), ("mgpu_t", {**DEFAULT_CONFIG, "down_t": True}, True),
-            ("mgpu_pre", {**DEFAULT_CONFIG, "x_pre": True}, True)]
+    cfgs = [("mgpu", DEFAULT_CONFIG, True), ("mgpu_t", {**DEFAULT_CONFIG, "down_t": True}, True)]
     cfgs += [(f"mgpu{json.dumps(c, sort_keys=True)}", {**DEFAULT_CONFIG, **c}, True)
              for c in json.loads(args.cfgs)]
     for M in [int(m) for m in args.ms.split(",")]:

@@ -2184,9 +2184,8 @@ mlpmgpu)  # one GPU, one call (2026-12-07): the batch-1 fp8 MLP as one Mosaic GP
   # the engine's XLA kernels at MS rows (benchmarks/gpu/fp8_mlp.py, CFGS: a JSON list of
   # config overrides also timed), then fp8 batch 1 in the engine with it
   # (JAXLLM_FP8_MLP_MGPU=8: latency.py's batch-1 steps are 8 rows; "8,1": its transposed
-  # down GEMM; "8,0,1": x quantized per token before it; unset: the fastest of the three in
-  # the chain) and without ("xla"), VARIANTS in turn, R rounds, in the last ENGINE_S seconds
-  # (default 260). Carry .whl.
+  # down GEMM; unset: the faster of the two in the chain) and without ("xla"), VARIANTS in
+  # turn, R rounds, in the last ENGINE_S seconds (default 260). Carry .whl.
   L=$OUT/logs; mkdir -p $L
   wheels || exit 1
   timeout $((T - SECONDS - ${ENGINE_S:-260})) python3 benchmarks/gpu/fp8_mlp.py \
@@ -2197,8 +2196,8 @@ mlpmgpu)  # one GPU, one call (2026-12-07): the batch-1 fp8 MLP as one Mosaic GP
   # VARIANTS unset: "xla" and the faster form at 8 rows in the chain above, if it beats xla
   FORM=$(python3 -c "import json,sys; r={x['impl']: x['us_per_layer'] for x in map(json.loads,
 open(sys.argv[1])) if x.get('M') == 8 and 'us_per_layer' in x}; f=min(('8', r.get('mgpu',
-1e9)), ('8,1', r.get('mgpu_t', 1e9)), ('8,0,1', r.get('mgpu_pre', 1e9)), key=lambda v: v[1]);
-print(f[0] if f[1] < r.get('xla', 0) else '')" $OUT/fp8_mlp.jsonl)
+1e9)), ('8,1', r.get('mgpu_t', 1e9)), key=lambda v: v[1]); print(f[0] if f[1] < r.get('xla',
+0) else '')" $OUT/fp8_mlp.jsonl)
   [ -n "${VARIANTS}${FORM}" ] || { echo "the kernel is not faster than XLA's: no engine run"; }
   [ -n "${VARIANTS}${FORM}" ] && fp8_b1_ab JAXLLM_FP8_MLP_MGPU "${VARIANTS:-xla $FORM}" ;;
 spec)  # nvidia-h200 (one GPU), one call: speculative decoding (n-gram drafts) on the 8B shape,

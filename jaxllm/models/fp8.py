@@ -309,32 +309,29 @@ MLP_MGPU_ENV = "JAXLLM_FP8_MLP_MGPU"
 MLP_MGPU_MAX_ROWS: int | None = None
 
 
-def mlp_mgpu_config() -> tuple[int, int, int] | None:
-    """``JAXLLM_FP8_MLP_MGPU``: "0" (off), or "max_rows[,down_t[,x_pre]]" (max_rows 1 to
-    ``fp8_mlp_mgpu.MAX_TOKENS``; down_t 0 or 1, default 0: the kernel's ``down_t`` form;
-    x_pre 0 or 1, default 0: 1 quantizes x per token before the kernel, its ``x_scale`` form):
-    fp8 MLPs of at most max_rows token rows run as one Mosaic GPU kernel (``fp8_mlp``); unset:
+def mlp_mgpu_config() -> tuple[int, int] | None:
+    """``JAXLLM_FP8_MLP_MGPU``: "0" (off), or "max_rows[,down_t]" (max_rows 1 to
+    ``fp8_mlp_mgpu.MAX_TOKENS``; down_t 0 or 1, default 0: the kernel's ``down_t`` form): fp8
+    MLPs of at most max_rows token rows run as one Mosaic GPU kernel (``fp8_mlp``); unset:
     ``MLP_MGPU_MAX_ROWS`` on a GPU. Read at trace time; on a CPU it runs Mosaic GPU's
     interpreter."""
     from pallas_kernels.fp8_mlp_mgpu import MAX_TOKENS
 
     raw = _kernel_tile_env(MLP_MGPU_ENV, None if MLP_MGPU_MAX_ROWS is None
-                           else (MLP_MGPU_MAX_ROWS, 0, 0), ("max_rows", "down_t", "x_pre"),
-                           optional=(0, 0))
+                           else (MLP_MGPU_MAX_ROWS, 0), ("max_rows", "down_t"),
+                           optional=(0,))
     if raw is not None and not 1 <= raw[0] <= MAX_TOKENS:
         raise ValueError(f"{MLP_MGPU_ENV}: max_rows={raw[0]} must be 1 to {MAX_TOKENS}.")
-    for name, v in zip(("down_t", "x_pre"), (raw or (0, 0, 0))[1:]):
-        if v not in (0, 1):
-            raise ValueError(f"{MLP_MGPU_ENV}: {name}={v} must be 0 or 1.")
+    if raw is not None and raw[1] not in (0, 1):
+        raise ValueError(f"{MLP_MGPU_ENV}: down_t={raw[1]} must be 0 or 1.")
     return raw
 
 
 def fp8_mlp(x: jax.Array, gate_up, down, residual: jax.Array | None = None
             ) -> jax.Array | None:
     """Llama's MLP, ``residual + down(silu(gate(x)) * up(x))`` (``residual`` None: no add), as
-    one Mosaic GPU kernel (``pallas_kernels.fp8_mlp_mgpu``: W8A8, x quantized inside it, or
-    per token before it with ``mlp_mgpu_config``'s x_pre; the residual is the float32 sum's
-    start), or None where it does not apply: off or more rows
+    one Mosaic GPU kernel (``pallas_kernels.fp8_mlp_mgpu``: W8A8, x quantized inside it; the
+    residual is the float32 sum's start), or None where it does not apply: off or more rows
     than ``mlp_mgpu_config``'s max_rows, layers that are not an fp8 ``FusedLinear`` gate/up and an
     ``Fp8Linear`` down without bias, block-wise scales or static input scales, tensor
     parallelism, a GPU other than Hopper, shapes the kernel does not take, a float32 x.
@@ -354,22 +351,14 @@ def fp8_mlp(x: jax.Array, gate_up, down, residual: jax.Array | None = None
     if not mosaic_kernel_runs_on(dev.platform, getattr(dev, "compute_capability", None)):
         return None
     F, E = gate_up.groups[0], gate_up.in_features
-    x_pre = bool(cfg[2])
     try:
-        kern.fit_config(T, E, F, 1 if x_pre else x.dtype.itemsize, down_t=bool(cfg[1]))
+        kern.fit_config(T, E, F, x.dtype.itemsize, down_t=bool(cfg[1]))
     except ValueError:
         return None
     ws = gate_up.weight_scale[...]
-    xs = None
-    if x_pre:
-        from pallas_kernels.fp8_matmul import quantize_activation_per_token
-
-        xin, xs = quantize_activation_per_token(x)
-    else:
-        xin = x
-    y = kern.fp8_mlp_mgpu(xin, gate_up.weight[...], ws[:, 0], ws[:, 1], down.weight[...],
-                          down.weight_scale[...], residual, down_t=bool(cfg[1]), x_scale=xs,
-                          h_dtype=x.dtype, interpret=jax.default_backend() != "gpu")
+    y = kern.fp8_mlp_mgpu(x, gate_up.weight[...], ws[:, 0], ws[:, 1], down.weight[...],
+                          down.weight_scale[...], residual, down_t=bool(cfg[1]),
+                          interpret=jax.default_backend() != "gpu")
     return y.astype(x.dtype)
 
 
