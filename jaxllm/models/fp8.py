@@ -303,9 +303,9 @@ def _fit_skinny_tile(T: int, K: int, N: int, tile_k: int, steps: int, out_dtype,
 
 
 MLP_MGPU_ENV = "JAXLLM_FP8_MLP_MGPU"
-# Off by default until measured in the engine: the batch-1 MLP as one Mosaic GPU kernel
-# (pallas_kernels/fp8_mlp_mgpu.py) in place of XLA's weight-only gate/up GEMM, SwiGLU and down
-# GEMM.
+# Off by measurement: the batch-1 MLP as one Mosaic GPU kernel (pallas_kernels/fp8_mlp_mgpu.py)
+# in place of XLA's weight-only gate/up GEMM, SwiGLU and down GEMM took fp8 batch 1 from 3.51 to
+# 3.73 ms/token on the H100 (2026-12-07, benchmarks/RESULTS.md).
 MLP_MGPU_MAX_ROWS: int | None = None
 
 
