@@ -2145,6 +2145,7 @@ gpuall)  # one GPU: tests/test_gpu.py, PART=i/n (default 1/1) of its tests in co
   # order, so the file can be run over several calls: on 2026-12-07 the whole file (70 tests)
   # no longer fit one call (the first 37 took ~400 s on the H100; the Mosaic GPU kernels'
   # tests compile a kernel per tile and form on the host). PART=1/3, 2/3, 3/3: three calls.
+  # FROM=ID: the tests from the first whose id contains ID on (before PART splits them).
   # Carry .bench and .whl.
   L=$OUT/logs; mkdir -p $L
   wheels || exit 1
@@ -2153,6 +2154,11 @@ gpuall)  # one GPU: tests/test_gpu.py, PART=i/n (default 1/1) of its tests in co
     || { echo "PART must be i/n with 1 <= i <= n, got '$PART'"; exit 2; }
   python3 -m pytest --collect-only -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>/dev/null \
     | grep "::" > /tmp/gpu_ids.txt
+  if [ -n "$FROM" ]; then
+    F0=$(grep -nF -- "$FROM" /tmp/gpu_ids.txt | head -1 | cut -d: -f1)
+    [ -n "$F0" ] || { echo "FROM='$FROM' names no test"; exit 2; }
+    [ $F0 -gt 1 ] && sed -i "1,$((F0 - 1))d" /tmp/gpu_ids.txt
+  fi
   NT=$(wc -l < /tmp/gpu_ids.txt); A=$(( (PI - 1) * NT / PN + 1 )); B=$(( PI * NT / PN ))
   echo "part $PI/$PN: tests $A..$B of $NT"
   GPU_TEST_IDS=$(sed -n "${A},${B}p" /tmp/gpu_ids.txt | tr '\n' ' ') gpu_tests 4
