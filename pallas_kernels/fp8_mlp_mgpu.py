@@ -23,10 +23,11 @@ the activation, so the producer issues them while the gate/up tiles are still be
 Measured (H100, 2026-12-07, benchmarks/RESULTS.md): 67.7 µs a layer at 8 rows against XLA's
 66.0 (68.4-68.6 against 73.0 at 1 row), and fp8 batch 1 in the engine 3.73 against 3.51
 ms/token (the residual's transposes in and out cost kernels there), so the engine leaves it
-off. x quantized per token before the kernel (no quantization a step) was no faster. On the GPU it is ~1% (norm)
-from ``fp8_mlp_reference`` and as close as the reference to the unquantized MLP (4.25% against
-4.22% at M = 1): the fp8 tensor cores accumulate with fewer bits than float32, and the
-SwiGLU's e4m3 requantization turns that into whole e4m3 steps of a few values.
+off. x quantized per token before the kernel (no quantization a step) was no faster. On the
+GPU it is ~1% (norm) from ``fp8_mlp_reference`` and as close as the reference to the
+unquantized MLP (4.25% against 4.22% at M = 1): the fp8 tensor cores accumulate with fewer
+bits than float32, and the SwiGLU's e4m3 requantization turns that into whole e4m3 steps of a
+few values.
 
 Numerics (``fp8_mlp_reference`` is the contract): W8A8 on the fp8 tensor cores. x is
 quantized inside the kernel per (token, ``tile_k`` block of H) (each block's absmax maps to

@@ -229,7 +229,7 @@ def skinny_mgpu_wo_tile() -> tuple[int, int, int, int, int] | None:
     tile = _kernel_tile_env(SKINNY_MGPU_WO_ENV, SKINNY_MGPU_WO_TILE,
                             ("tile_k", "steps", "compute_wgs", "residual_only", "f16"),
                             optional=(0, 0))
-    if tile is not None and tile[2] not in (1, 2):  # the kernel's forms run on the GPU
+    if tile is not None and tile[2] not in (1, 2):  # 4 never finished on the H100
         raise ValueError(f"{SKINNY_MGPU_WO_ENV}: compute_wgs={tile[2]} must be 1 or 2.")
     return tile
 
