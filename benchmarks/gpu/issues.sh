@@ -166,6 +166,8 @@
 #   bash benchmarks/gpu/issues.sh lora3    (nvidia-h100-x1) LoRA's decode cost with
 #                                          specialize_lora, then the LoRA GPU test
 #   bash benchmarks/gpu/issues.sh gpuall   (one GPU) every GPU test, nothing else
+#   bash benchmarks/gpu/issues.sh b1table  (one GPU) the batch-1 decode attention call over the
+#                                          decode table's sweep, then an fp8 batch-1 A/B
 #   bash benchmarks/gpu/issues.sh spec     (one GPU) speculative decoding at batch 1 / 4 on
 #                                          the 8B shape: plain vs n-gram drafts, k = 2 / 4 / 8
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -283,9 +285,10 @@ prof_knobs_ab() { for q in bf16 fp8; do QA=""; [ $q = fp8 ] && QA="--quantizatio
   for f in $L/prof_*.log; do echo "== $f"; grep -A16 "^batch " $f | cut -c1-110; done
   lat_rounds "$1" $2 2 60 50; }
 # benchmarks/gpu/decode_b1.py (the batch-1 decode attention call alone) with the arguments given,
-# its rows to $OUT/decode_b1.jsonl, its log to $L/decode_b1.log; prints its table.
-decode_b1() { timeout 330 python3 benchmarks/gpu/decode_b1.py "$@" --out $OUT/decode_b1.jsonl \
-    > $L/decode_b1.log 2>&1
+# its rows to $OUT/decode_b1.jsonl, its log to $L/decode_b1.log; prints its table (DB1_S: its
+# time limit, default 330 s).
+decode_b1() { timeout ${DB1_S:-330} python3 benchmarks/gpu/decode_b1.py "$@" \
+    --out $OUT/decode_b1.jsonl > $L/decode_b1.log 2>&1
   sed -n '/^variant/,$p' $L/decode_b1.log; }
 # Offline throughput, 1,000 x 512/128, once (the modes add batch limits / quantization).
 TP="python3 benchmarks/throughput.py --engine jaxllm --workload fixed --repeats 1 --out $OUT/results.jsonl"
@@ -2185,6 +2188,18 @@ xlaflags2)  # one GPU, one call (2026-12-07): XLA options found in this jaxlib's
       >> $L/prof_$i.log 2>&1
     echo "== $i '$f' rc=$?"; grep -A40 "^batch " $L/prof_$i.log | cut -c1-110
   done ;;
+b1table)  # one GPU (2026-12-07, issue 6): the batch-1 decode attention call alone over the
+  # decode table's sweep (decode_b1.py --full, R rounds, default 2; the table was tuned on the
+  # H200), then, with KNOBS (JAXLLM_ATTENTION_KNOBS JSON; unset: decode_b1's best_knobs, if
+  # not the table's) fp8 batch 1 at the defaults against KNOBS, alternating, while time is
+  # left (SKIP_SWEEP=1: the A/B only).
+  L=$OUT/logs; mkdir -p $L
+  if [ -z "$SKIP_SWEEP" ]; then decode_b1 --full --rounds ${R:-2}; fi
+  K=${KNOBS:-$(grep -h '"best_knobs"' $L/decode_b1.log 2>/dev/null | tail -1 \
+      | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["best_knobs"]))')}
+  echo "knobs: $K"
+  if [ -n "$K" ] && [ "$K" != "{}" ]; then LAT_Q=fp8 lat_rounds "$K" k ${AB_ROUNDS:-2} 170 140; fi
+  show_logs 8 ;;
 mlpmgpu)  # one GPU, one call (2026-12-07): the batch-1 fp8 MLP as one Mosaic GPU kernel split
   # over F (pallas_kernels/fp8_mlp_mgpu.py): its GPU check and the Llama-3-8B MLP chain against
   # the engine's XLA kernels at MS rows (benchmarks/gpu/fp8_mlp.py, CFGS: a JSON list of
