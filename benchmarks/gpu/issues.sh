@@ -2190,9 +2190,10 @@ xlaflags2)  # one GPU, one call (2026-12-07): XLA options found in this jaxlib's
   done ;;
 b1table)  # one GPU (2026-12-07, issue 6): the batch-1 decode attention call alone over the
   # decode table's sweep (decode_b1.py --full, R rounds, default 2; the table was tuned on the
-  # H200), then, with KNOBS (JAXLLM_ATTENTION_KNOBS JSON; unset: decode_b1's best_knobs, if
-  # not the table's) fp8 batch 1 at the defaults against KNOBS, alternating, while time is
-  # left (SKIP_SWEEP=1: the A/B only).
+  # H200), then, with KNOBS (JAXLLM_ATTENTION_KNOBS JSON; unset: decode_b1's best_knobs;
+  # '{}' skips it) fp8 batch 1 at the defaults against KNOBS, alternating, while time is left
+  # (SKIP_SWEEP=1: the A/B only). best_knobs can be the table's own values spelled out (as on
+  # the H100 on 2026-12-07): pass KNOBS='{}' then.
   L=$OUT/logs; mkdir -p $L
   if [ -z "$SKIP_SWEEP" ]; then decode_b1 --full --rounds ${R:-2}; fi
   K=${KNOBS:-$(grep -h '"best_knobs"' $L/decode_b1.log 2>/dev/null | tail -1 \
