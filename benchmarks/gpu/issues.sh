@@ -168,6 +168,8 @@
 #   bash benchmarks/gpu/issues.sh gpuall   (one GPU) every GPU test, nothing else
 #   bash benchmarks/gpu/issues.sh b1table  (one GPU) the batch-1 decode attention call over the
 #                                          decode table's sweep, then an fp8 batch-1 A/B
+#   bash benchmarks/gpu/issues.sh h100chain (one GPU) the persistent o chain and the grid
+#                                          barrier alone on the machine it runs on
 #   bash benchmarks/gpu/issues.sh spec     (one GPU) speculative decoding at batch 1 / 4 on
 #                                          the 8B shape: plain vs n-gram drafts, k = 2 / 4 / 8
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -2201,6 +2203,16 @@ b1table)  # one GPU (2026-12-07, issue 6): the batch-1 decode attention call alo
   echo "knobs: $K"
   if [ -n "$K" ] && [ "$K" != "{}" ]; then LAT_Q=fp8 lat_rounds "$K" k ${AB_ROUNDS:-2} 170 140; fi
   show_logs 8 ;;
+h100chain)  # one GPU, one call (2026-12-07, issue 6): mosaic_chain.py's persistent o chain
+  # (xla / nosync / sync at 4x128x4) and grid_barrier.py (the barrier alone, then beside an
+  # o layer's stream), both measured on the H200 only (2026-12-03 / 04), on this machine: the
+  # whole-layer kernel's bar for fp8 batch 1 on an H100 (DESIGN_NOTES).
+  timeout 150 python3 benchmarks/gpu/mosaic_chain.py --variants xla,nosync,sync \
+    --cands 4x128x4 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -8
+  timeout 150 python3 benchmarks/gpu/grid_barrier.py --grids 128,132 --out $OUT/barrier.jsonl \
+    2>&1 | grep -v '^{' | tail -10
+  timeout 150 python3 benchmarks/gpu/grid_barrier.py --grids 128 --streams 0,8 \
+    --forms none,signal,add_load --out $OUT/stream.jsonl 2>&1 | grep -v '^{' | tail -8 ;;
 mlpmgpu)  # one GPU, one call (2026-12-07): the batch-1 fp8 MLP as one Mosaic GPU kernel split
   # over F (pallas_kernels/fp8_mlp_mgpu.py): its GPU check and the Llama-3-8B MLP chain against
   # the engine's XLA kernels at MS rows (benchmarks/gpu/fp8_mlp.py, CFGS: a JSON list of
