@@ -1628,6 +1628,31 @@ def test_mosaic_chain_benchmark_interprets_and_lowers(tmp_path):
     assert all(r["lowered"] for r in lowered), [r for r in lowered if not r["lowered"]]
 
 
+def test_mosaic_chain_fp8_benchmark_interprets_and_lowers(tmp_path):
+    # benchmarks/gpu/mosaic_chain_fp8.py (the persistent o chain over e4m3 weights, W8A8 with
+    # the activations quantized per token inside the kernel after each barrier; step 1 of the
+    # whole-layer kernel's plan for issue 6): --smoke interprets the one-CTA form over 3 layers
+    # against its float32 reference (the same quantization of each K slice, the same rounding
+    # of each partial to bf16), and lowers every variant at every tile for an abstract H100.
+    rows = _smoke_rows("mosaic_chain_fp8.py", tmp_path)
+    fp8c = _load_benchmark("gpu/mosaic_chain_fp8.py")
+    (interp,) = [r for r in rows if r["variant"] == "interpret"]
+    assert interp["layers"] == 3 and interp["rel"] < 1e-2, interp
+    lowered = [r for r in rows if "lowered" in r]
+    assert ({(r["variant"], r["splits"], r["tile_k"], r["steps"]) for r in lowered}
+            == {(v, *c) for v in fp8c.VARIANTS for c in fp8c.CANDS})
+    assert all(r["lowered"] for r in lowered), [r for r in lowered if not r["lowered"]]
+    # the reference's quantization is what the kernel is checked against: it is not the
+    # unquantized product (a chain that skipped the activations' quantization would differ)
+    x, w, ws = fp8c.make_inputs(128, 2)
+    exact = x.astype(jnp.float32)
+    for layer in range(2):
+        exact = (exact @ (w[layer].astype(jnp.float32) * ws[layer][:, None]).T).astype(
+            jnp.bfloat16).astype(jnp.float32)
+    rel = float(jnp.linalg.norm(fp8c.reference(x, w, ws, 1) - exact) / jnp.linalg.norm(exact))
+    assert 1e-3 < rel < 0.1, rel
+
+
 def test_grid_barrier_benchmark_lowers_and_refuses_what_would_hang(tmp_path):
     # benchmarks/gpu/grid_barrier.py (the chain's barrier alone: its latency a round, with the
     # epilogue's store / add and the activations' reload, beside a weight stream or not;

@@ -170,6 +170,8 @@
 #                                          decode table's sweep, then an fp8 batch-1 A/B
 #   bash benchmarks/gpu/issues.sh h100chain (one GPU) the persistent o chain and the grid
 #                                          barrier alone on the machine it runs on
+#   bash benchmarks/gpu/issues.sh fp8chain (one GPU) the persistent o chain over fp8 weights,
+#                                          W8A8 with the activations quantized inside
 #   bash benchmarks/gpu/issues.sh spec     (one GPU) speculative decoding at batch 1 / 4 on
 #                                          the 8B shape: plain vs n-gram drafts, k = 2 / 4 / 8
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -2213,6 +2215,21 @@ h100chain)  # one GPU, one call (2026-12-07, issue 6): mosaic_chain.py's persist
     2>&1 | grep -v '^{' | tail -10
   timeout 150 python3 benchmarks/gpu/grid_barrier.py --grids 128 --streams 0,8 \
     --forms none,signal,add_load --out $OUT/stream.jsonl 2>&1 | grep -v '^{' | tail -8 ;;
+fp8chain)  # one GPU, one call (2026-12-07, issue 6): step 1 of the whole-layer kernel's plan
+  # (DESIGN_NOTES): mosaic_chain_fp8.py's o chain over e4m3 weights (the activations quantized
+  # per token in the kernel after each barrier) against XLA's chain of the engine's batch-1 fp8
+  # projection; each form in a process of its own under a timeout (a wrong barrier hangs), then
+  # the correct form called N times against its reference; first the bf16 chain beside it
+  # (mosaic_chain.py, the same machine's boundary and body over bf16 weights).
+  timeout 100 python3 benchmarks/gpu/mosaic_chain.py --variants xla,nosync,sync \
+    --cands 4x128x4 --out $OUT/chain.jsonl 2>&1 | grep -v '^{' | tail -5
+  F=benchmarks/gpu/mosaic_chain_fp8.py
+  timeout 150 python3 $F --variants xla,sync --cands ${CANDS:-4x256x4} --out $OUT/fp8chain.jsonl \
+    2>&1 | grep -v '^{' | tail -6
+  timeout 120 python3 $F --variants nosync,sync_noq --cands ${CANDS:-4x256x4} \
+    --out $OUT/fp8chain.jsonl 2>&1 | grep -v '^{' | tail -6
+  timeout 120 python3 $F --stress ${N:-20} --variants sync --cands ${CANDS:-4x256x4} \
+    --out $OUT/fp8stress.jsonl 2>&1 | tail -2 ;;
 mlpmgpu)  # one GPU, one call (2026-12-07): the batch-1 fp8 MLP as one Mosaic GPU kernel split
   # over F (pallas_kernels/fp8_mlp_mgpu.py): its GPU check and the Llama-3-8B MLP chain against
   # the engine's XLA kernels at MS rows (benchmarks/gpu/fp8_mlp.py, CFGS: a JSON list of
