@@ -1653,6 +1653,44 @@ def test_mosaic_chain_fp8_benchmark_interprets_and_lowers(tmp_path):
     assert 1e-3 < rel < 0.1, rel
 
 
+def test_mosaic_mlp_fp8_benchmark_interprets_and_lowers(tmp_path):
+    # benchmarks/gpu/mosaic_mlp_fp8.py (the persistent fp8 MLP pair, gate/up | down with a
+    # grid barrier after each, the RMSNorm, the SwiGLU and the activations' quantization
+    # inside; step 2 of the whole-layer kernel's plan for issue 6): --smoke interprets the
+    # one-CTA form over 2 layers, with the norm and without, each layer's output, gate/up and
+    # sums of squares against the float32 reference of its own input, and lowers every variant
+    # at every candidate for an abstract H100.
+    rows = _smoke_rows("mosaic_mlp_fp8.py", tmp_path)
+    mlp = _load_benchmark("gpu/mosaic_mlp_fp8.py")
+    interp = {r["norm"]: r for r in rows if r["variant"] == "interpret"}
+    assert set(interp) == {True, False}
+    for r in interp.values():  # exact up to float32 reassociation: it rounds where they do
+        assert r["layers"] == 2 and r["layer_rel"] < 1e-3 and r["gu_rel"] < 1e-3, r
+    assert interp[True]["ssq_rel"] < 1e-5
+    lowered = [r for r in rows if "lowered" in r]
+    assert ({(r["variant"], r["G"], r["tile_k"], r["steps"], r["chunk"]) for r in lowered}
+            == {(v, *c) for v in mlp.VARIANTS for c in mlp.CANDS})
+    assert all(r["lowered"] for r in lowered), [r for r in lowered if not r["lowered"]]
+    # the reference is the layer's MLP up to the quantizations (not something else the kernel
+    # could match by accident), and its runs' split does not change the sum
+    x, g, w_gu, s_gu, w_dn, s_dn = mlp.make_inputs(256, 512, 1)
+    f32 = jnp.float32
+    hn = x.astype(f32) * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(f32)), -1, keepdims=True)
+                                       + mlp.EPS) * g[0].astype(f32)
+    gu = (hn @ (w_gu[0].astype(f32) * s_gu[0][:, None]).T).reshape(mlp.T, 512 // 64, 2, 64)
+    gate, up = gu[:, :, 0].reshape(mlp.T, 512), gu[:, :, 1].reshape(mlp.T, 512)
+    exact = x.astype(f32) + (jax.nn.silu(gate) * up) @ (
+        w_dn[0].astype(f32) * s_dn[0][:, None]).T
+    layer = (x, g[0], w_gu[0], s_gu[0], w_dn[0], s_dn[0])
+    one = mlp.reference_layer(*layer, G=1, splits_a=1, chunk=128)[0].astype(f32)
+    runs = mlp.reference_layer(*layer, G=4, splits_a=1, chunk=128)[0].astype(f32)
+    nonorm = mlp.reference_layer(*layer, G=1, splits_a=1, chunk=128, norm=False)[0]
+    dist = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
+    assert 1e-3 < dist(one, exact) < 0.05 and 1e-3 < dist(runs, exact) < 0.05
+    assert 0 < dist(runs, one) < 5e-3  # 2 runs a tile: bf16 partials
+    assert dist(nonorm.astype(f32), exact) > 0.1  # the norm is in the reference
+
+
 def test_grid_barrier_benchmark_lowers_and_refuses_what_would_hang(tmp_path):
     # benchmarks/gpu/grid_barrier.py (the chain's barrier alone: its latency a round, with the
     # epilogue's store / add and the activations' reload, beside a weight stream or not;

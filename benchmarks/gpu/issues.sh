@@ -172,6 +172,8 @@
 #                                          barrier alone on the machine it runs on
 #   bash benchmarks/gpu/issues.sh fp8chain (one GPU) the persistent o chain over fp8 weights,
 #                                          W8A8 with the activations quantized inside
+#   bash benchmarks/gpu/issues.sh mlpchain (one GPU) the persistent fp8 MLP pair (gate/up | down,
+#                                          a grid barrier after each) against XLA's MLP
 #   bash benchmarks/gpu/issues.sh spec     (one GPU) speculative decoding at batch 1 / 4 on
 #                                          the 8B shape: plain vs n-gram drafts, k = 2 / 4 / 8
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -2230,6 +2232,21 @@ fp8chain)  # one GPU, one call (2026-12-07, issue 6): step 1 of the whole-layer 
     --out $OUT/fp8chain.jsonl 2>&1 | grep -v '^{' | tail -6
   timeout 120 python3 $F --stress ${N:-20} --variants sync --cands ${CANDS:-4x256x4} \
     --out $OUT/fp8stress.jsonl 2>&1 | tail -2 ;;
+mlpchain)  # one GPU, one call (2026-12-07, issue 6): step 2 of the whole-layer kernel's plan
+  # (DESIGN_NOTES): mosaic_mlp_fp8.py's persistent MLP pair over e4m3 weights against XLA's
+  # chain of the engine's batch-1 fp8 MLP (with the RMSNorm, and without: `_nonorm`), each
+  # form in a process of its own under a timeout (a wrong barrier hangs); first the gate/up
+  # diagnosis (each layer's against the reference and its alternatives), last the correct
+  # form called N times, every layer against the reference of its own input.
+  F=benchmarks/gpu/mosaic_mlp_fp8.py
+  C=${CANDS:-128x256x2x512,112x256x4x1024,112x128x8x1024}
+  timeout 100 python3 $F --diagnose --layers 4 --cands $C --out $OUT/mlpdiag.jsonl 2>&1 \
+    | grep '^{' | cut -c1-900
+  timeout 180 python3 $F --variants xla,xla_nonorm,sync,sync_nonorm --cands $C \
+    --out $OUT/mlpchain.jsonl 2>&1 | grep -v '^{' | tail -10
+  timeout 120 python3 $F --variants nosync,nosync_noq --cands $C --out $OUT/mlpchain.jsonl \
+    2>&1 | grep -v '^{' | tail -9
+  timeout 150 python3 $F --stress ${N:-5} --cands $C --out $OUT/mlpstress.jsonl 2>&1 | tail -4 ;;
 mlpmgpu)  # one GPU, one call (2026-12-07): the batch-1 fp8 MLP as one Mosaic GPU kernel split
   # over F (pallas_kernels/fp8_mlp_mgpu.py): its GPU check and the Llama-3-8B MLP chain against
   # the engine's XLA kernels at MS rows (benchmarks/gpu/fp8_mlp.py, CFGS: a JSON list of
