@@ -40,6 +40,7 @@ fp8_linear`` weight-only, SwiGLU, residual add) and the float32 ``reference`` of
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 
@@ -63,7 +64,7 @@ SPLITS_A = 4
 # 1024 and B's chunk): 128 CTAs take 512-wide chunks (896 / 128), so 64 KB of weight in
 # flight a CTA; 112 CTAs take 1024-wide chunks (448 / 112), so 128 KB.
 CANDS = ((128, 256, 2, 512), (112, 256, 4, 1024), (112, 128, 8, 1024))
-VARIANTS = ("sync", "sync_nonorm", "nosync", "nosync_noq")
+VARIANTS = ("sync", "sync_nonorm", "nosync", "nosync_noq", "sync_pieces")
 
 
 def plan(G: int, h: int, f: int, splits_a: int, chunk: int) -> dict:
@@ -79,7 +80,7 @@ def plan(G: int, h: int, f: int, splits_a: int, chunk: int) -> dict:
 
 def mlp_chain(G: int, tile_k: int, steps: int, chunk: int, *, splits_a: int = SPLITS_A,
               sync: bool = True, quantize_every_layer: bool = True, norm: bool = True,
-              interpret: bool = False):
+              a_pieces: bool = False, interpret: bool = False):
     """``fn(x0 [T, H] bf16, g [L, H] bf16, w_gu [L, 2F, H] e4m3, s_gu [L, 2F] f32,
     w_dn [L, H, F] e4m3, s_dn [L, H] f32) -> (xs [L, T, H] bf16, gu [L, 2, T, F] bf16,
     ssq [L, T] f32)``: xs[l] = x_{l+1} = x_l + MLP(RMSNorm(x_l) g[l]) (x_0 = x0), gu[l] layer
@@ -101,7 +102,11 @@ def mlp_chain(G: int, tile_k: int, steps: int, chunk: int, *, splits_a: int = SP
     The bf16 activations go through one staging buffer a CTA, [2, T, chunk]: gate/up's K
     slice of x (one or two pieces of ``chunk``) and down's chunks of gate and up; the first
     compute warpgroup issues its TMA loads, both quantize from it into their own e4m3 copy
-    (the second tells the first when it has read a chunk, before the next is loaded)."""
+    (the second tells the first when it has read a chunk, before the next is loaded). Where
+    gate/up's K slice is wider than a chunk it has a buffer of its own, [T, K slice]
+    (``a_pieces``: staged as two chunk-wide pieces instead, the form whose gate/up was
+    3.3e-2 from its reference on the H100 at 14:58 while the one-piece forms were at 3.6e-3:
+    kept for ``--diagnose``)."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -119,12 +124,14 @@ def mlp_chain(G: int, tile_k: int, steps: int, chunk: int, *, splits_a: int = SP
         L, h, f = dims
         p = plan(G, h, f, splits_a, chunk)
         ga, na, k_a, nb, cpt = p["ga"], p["na"], p["k_a"], p["nb"], p["cpt"]
-        pieces_a = k_a // chunk
-        g_box = min(chunk, 256)  # the norm weight's TMA copies: one dimension, <= 256
+        pieces_a = k_a // chunk if a_pieces else 1  # x's K slice as staged pieces
+        own_a = not a_pieces and k_a != chunk  # gate/up's staging a buffer of its own
+        g_w = k_a // pieces_a  # a piece's width
+        g_box = min(g_w, 256)  # the norm weight's TMA copies: one dimension, <= 256
         if (k_a % (tile_k * steps) or chunk % (tile_k * steps) or tile_k % 128
-                or k_a not in (chunk, 2 * chunk)):
+                or (a_pieces and k_a not in (chunk, 2 * chunk))):
             raise ValueError(f"{k_a} (gate/up) and {chunk} (down) must split into whole "
-                             f"rounds of {steps} steps of {tile_k}, and {k_a} be 1 or 2 chunks")
+                             f"rounds of {steps} steps of {tile_k} (pieces: 1 or 2 chunks)")
         sms = None if interpret else getattr(jax.devices()[0], "core_count", None)
         if sync and sms is not None and G > sms:
             raise ValueError(f"a grid barrier over {G} CTAs needs them all resident; the GPU "
@@ -139,7 +146,8 @@ def mlp_chain(G: int, tile_k: int, steps: int, chunk: int, *, splits_a: int = SP
             pl.run_scoped,
             allocs=pipeline(ignore, ignore, 0, k_per=k_a).get_allocations(wgu_gmem.at[0]),
             stage_smem=plgpu.SMEM((2, T, chunk), bf16, transforms=b16_tf),
-            x8_smem=plgpu.SMEM((2, T, k_a), e4m3, transforms=fp8_tf),  # [wg]: A's | B's
+            x8_smem=plgpu.SMEM((2, T, max(k_a, chunk)), e4m3, transforms=fp8_tf),  # A's | B's
+            xa_smem=plgpu.SMEM((T, k_a if own_a else 64), bf16, transforms=b16_tf),
             xsc_smem=plgpu.SMEM((2, 2, T), f32),  # [A | B, wg, token]
             ws_smem=plgpu.SMEM((2, WG_N), f32),
             tot_smem=plgpu.SMEM((2, WG_N, T), f32),
@@ -150,12 +158,12 @@ def mlp_chain(G: int, tile_k: int, steps: int, chunk: int, *, splits_a: int = SP
             ws_bar=plgpu.Barrier(num_barriers=2),
             res_bar=plgpu.Barrier(num_barriers=2),
             wg_bar=plgpu.Barrier(num_arrivals=2),
-            g_smem=plgpu.SMEM((2, 2, chunk), bf16),  # [wg, piece]: the norm's weight
+            g_smem=plgpu.SMEM((2, pieces_a, g_w), bf16),  # [wg, piece]: the norm's weight
             ssq_smem=plgpu.SMEM((2, T), f32),  # [wg]: A's sums of squares | B's read
-            g_bar=plgpu.Barrier(num_arrivals=chunk // g_box, num_barriers=4),
+            g_bar=plgpu.Barrier(num_arrivals=g_w // g_box, num_barriers=4),
             ssq_bar=plgpu.Barrier(num_barriers=2),
             collective_axes="wg")
-        def _scope(allocs, stage_smem, x8_smem, xsc_smem, ws_smem, tot_smem, res_smem,
+        def _scope(allocs, stage_smem, x8_smem, xa_smem, xsc_smem, ws_smem, tot_smem, res_smem,
                    out_smem, stage_bar, read_bar, ws_bar, res_bar, wg_bar, g_smem, ssq_smem,
                    g_bar, ssq_bar):
             wg = lax.axis_index("wg")
@@ -207,16 +215,16 @@ def mlp_chain(G: int, tile_k: int, steps: int, chunk: int, *, splits_a: int = SP
                     if sync:
                         plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
 
-            def staged(i):
-                """Piece i of the staging buffer, landed, as [chunk, T] (transposed view)."""
+            def staged(i, swiglu):
+                """Piece i of the staging, landed, as [width, T] (a transposed view)."""
                 plgpu.barrier_wait(stage_bar.at[i])
-                return stage_smem.at[i].transpose((1, 0))
+                return (xa_smem if own_a and not swiglu else stage_smem.at[i]).transpose((1, 0))
 
             def quantize(srcs, sc_ref, l, swiglu=False):
                 """The staged pieces (gate/up: x's K slice, times the norm's weight; down:
                 SwiGLU(gate, up) of one chunk, each times the token's norm factor) -> this
                 warpgroup's e4m3 copy, each token's absmax to 448."""
-                srcs = [staged(i) for i in srcs]
+                srcs = [staged(i, swiglu) for i in srcs]
                 if norm and not swiglu:
                     for i in range(len(srcs)):
                         plgpu.barrier_wait(g_bar.at[2 * wg + i])
@@ -246,7 +254,8 @@ def mlp_chain(G: int, tile_k: int, steps: int, chunk: int, *, splits_a: int = SP
                                                           for v in vs])
                     inv = jnp.where(amax > 0, E4M3_MAX / amax, 1.0)
                     for i, v in enumerate(vs):
-                        x8_smem.at[wg].at[:, pl.ds(i * chunk, chunk)].transpose((1, 0))[...] = (
+                        w = v.shape[0]
+                        x8_smem.at[wg].at[:, pl.ds(i * w, w)].transpose((1, 0))[...] = (
                             v * lax.broadcast_in_dim(inv, v.shape, [1])).astype(e4m3)
                     sc_ref[...] = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
                     plgpu.commit_smem()
@@ -306,14 +315,15 @@ def mlp_chain(G: int, tile_k: int, steps: int, chunk: int, *, splits_a: int = SP
                             @pl.when(wg == 0)
                             def _():
                                 for i in range(pieces_a):
-                                    x_src(l, pl.ds(s_a * k_a + i * chunk, chunk),
-                                          lambda src, i=i: plgpu.copy_gmem_to_smem(
-                                              src, stage_smem.at[i], stage_bar.at[i]))
+                                    dst = xa_smem if own_a else stage_smem.at[i]
+                                    x_src(l, pl.ds(s_a * k_a + i * g_w, g_w),
+                                          lambda src, i=i, dst=dst: plgpu.copy_gmem_to_smem(
+                                              src, dst, stage_bar.at[i]))
                             if norm:  # the norm's weight over the K slice
                                 for i in range(pieces_a):
-                                    for b in range(chunk // g_box):  # TMA: <= 256 a dim
+                                    for b in range(g_w // g_box):  # TMA: <= 256 a dim
                                         plgpu.copy_gmem_to_smem(
-                                            g_gmem.at[l, pl.ds(s_a * k_a + i * chunk
+                                            g_gmem.at[l, pl.ds(s_a * k_a + i * g_w
                                                                + b * g_box, g_box)],
                                             g_smem.at[wg, i, pl.ds(b * g_box, g_box)],
                                             g_bar.at[2 * wg + i])
@@ -442,7 +452,9 @@ def reference_layer(x, g, w_gu, s_gu, w_dn, s_dn, gu=None, *, G: int, splits_a: 
                     chunk: int, norm: bool = True, qa_width: int | None = None):
     """One layer as the kernel computes it, in float32: x [T, H] bf16 -> (x + MLP(RMSNorm(x)
     g) [T, H] bf16, gu [2, T, F] bf16, ssq [T]). Gate/up: x * g, each K split's slice
-    quantized per token (``qa_width`` another width, 0 none: the diagnosis' alternatives),
+    quantized per token (``qa_width`` another width, 0 none, -1 each chunk by its own absmax
+    but scaled back by the slice's, -2 the slice's scale from its first chunk, the rest
+    clipped: the diagnosis' alternatives),
     each split's partial rounded to bf16, summed; down: gate and up times the tokens'
     rsqrt(ssq / H + eps), the SwiGLU quantized per (token, chunk), each CTA's run of chunks
     of a tile summed in float32, times the rows' scales, the residual added to the run of
@@ -457,7 +469,16 @@ def reference_layer(x, g, w_gu, s_gu, w_dn, s_dn, gu=None, *, G: int, splits_a: 
     ssq = jnp.sum(xf * xf, axis=1)
     xa = xf * g.astype(f32) if norm else xf
     qa = p["k_a"] if qa_width is None else qa_width
-    if qa:
+    if qa == -1:  # diagnosis: each chunk quantized by its own absmax, scaled by the slice's
+        q, _ = _quantized(xa, chunk)
+        _, sc = _quantized(xa, p["k_a"])
+        xa = (q.reshape(T, -1, p["k_a"]) * sc).reshape(T, h)
+    elif qa == -2:  # diagnosis: the slice's scale from its first chunk only, clipped
+        parts = xa.reshape(T, -1, p["k_a"])
+        amax = jnp.max(jnp.abs(parts[:, :, :chunk]), axis=2, keepdims=True)
+        q = jnp.clip(parts * (E4M3_MAX / amax), -E4M3_MAX, E4M3_MAX)
+        xa = (q.astype(jnp.float8_e4m3fn).astype(f32) * (amax / E4M3_MAX)).reshape(T, h)
+    elif qa:
         q, sc = _quantized(xa, qa)
         xa = (q * sc).reshape(T, h)
     y = jnp.einsum("tsk,nsk->tsn", xa.reshape(T, splits_a, p["k_a"]),
@@ -540,7 +561,7 @@ def chain_for(variant: str, G: int, tile_k: int, steps: int, chunk: int):
         raise ValueError(f"unknown variant {variant!r}: one of {VARIANTS}")
     return mlp_chain(G, tile_k, steps, chunk, sync=variant.startswith("sync"),
                      quantize_every_layer=not variant.endswith("_noq"),
-                     norm=not variant.endswith("_nonorm"))
+                     norm=not variant.endswith("_nonorm"), a_pieces=variant == "sync_pieces")
 
 
 def main(argv=None):
@@ -565,15 +586,19 @@ def main(argv=None):
     rows = []
     emit = gpu_trace.jsonl_emitter(rows, a.out)
     if a.smoke:
-        h, f, L, chunk = 256, 256, 2, 128  # gate/up's K slice: two staged pieces
+        h, f, L = 256, 256, 2
         args = make_inputs(h, f, L)
-        for norm in (True, False):
+        # gate/up's K slice (256) in a buffer of its own, with and without the norm; as two
+        # staged pieces; in the staging itself (one 256-wide chunk)
+        for norm, chunk, pieces in ((True, 128, False), (False, 128, False), (True, 128, True),
+                                    (True, 256, False)):
             outs = mlp_chain(1, 128, 1, chunk, splits_a=1, sync=False, norm=norm,
-                             interpret=True)(*args)
+                             a_pieces=pieces, interpret=True)(*args)
             out_rel, gu_rel, ssq_rel = layer_rel(outs, *args, G=1, splits_a=1, chunk=chunk,
                                                  norm=norm)
-            emit(dict(variant="interpret", norm=norm, G=1, dim=h, ffn=f, layers=L,
-                      layer_rel=out_rel, gu_rel=gu_rel, ssq_rel=ssq_rel if norm else None))
+            emit(dict(variant="interpret", norm=norm, chunk=chunk, a_pieces=pieces, G=1,
+                      dim=h, ffn=f, layers=L, layer_rel=out_rel, gu_rel=gu_rel,
+                      ssq_rel=ssq_rel if norm else None))
         sds = jax.ShapeDtypeStruct
         ok = []
         for G, tk, steps, chunk in CANDS:
@@ -598,13 +623,16 @@ def main(argv=None):
         return dict(G=G, splits_a=SPLITS_A, chunk=chunk, norm=not variant.endswith("_nonorm"))
 
     if a.diagnose:
-        for G, tk, steps, chunk in cands:
-            outs = chain_for("sync", G, tk, steps, chunk)(*args)
+        for (G, tk, steps, chunk), v in itertools.product(cands, ("sync", "sync_pieces")):
+            if v == "sync_pieces" and H // SPLITS_A == chunk:
+                continue  # one piece: the same kernel as sync
+            outs = chain_for(v, G, tk, steps, chunk)(*args)
             cfg = cfg_of("sync", G, chunk)
-            alts = {"k_slice": None, "per_chunk": chunk, "unquantized": 0}
+            alts = {"k_slice": None, "per_chunk": chunk, "unquantized": 0,
+                    "chunk_amax_slice_scale": -1, "first_chunk_amax_clipped": -2}
             errs = {n: [e[1] for e in layer_errs(outs, *args, **cfg, qa_width=q)]
                     for n, q in alts.items()}
-            emit(dict(kind="diagnose", G=G, tile_k=tk, steps=steps, chunk=chunk,
+            emit(dict(kind="diagnose", variant=v, G=G, tile_k=tk, steps=steps, chunk=chunk,
                       **{f"gu_rel_{n}": [round(e, 5) for e in v] for n, v in errs.items()},
                       out_rel=[round(e[0], 5) for e in layer_errs(outs, *args, **cfg)]))
         return 0
