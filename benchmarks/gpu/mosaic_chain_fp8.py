@@ -299,20 +299,9 @@ def chain_for(variant: str, splits: int, tile_k: int, steps: int):
 
 
 def main(argv=None):
-    from persistent_chain import chain_parser, wall_us  # noqa: PLC0415
+    from persistent_chain import mosaic_parser, wall_us  # noqa: PLC0415
 
-    ap = chain_parser(__doc__)
-    ap.add_argument("--cands", default=",".join("x".join(map(str, c)) for c in CANDS),
-                    help="splits x tile_k x stages, comma-separated")
-    ap.add_argument("--variants", default="xla," + ",".join(VARIANTS))
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--stress", type=int, default=0, metavar="N",
-                    help="instead of timing: each variant x candidate called N times, every "
-                         "output against the reference")
-    ap.add_argument("--smoke", action="store_true",
-                    help="CPU: the interpreted one-CTA chain against the reference, and every "
-                         "variant lowered for an abstract H100")
-    a = ap.parse_args(argv)
+    a = mosaic_parser(__doc__, CANDS, VARIANTS, "splits x tile_k x stages").parse_args(argv)
     rows = []
     emit = gpu_trace.jsonl_emitter(rows, a.out)
     if a.smoke:

@@ -567,23 +567,13 @@ def chain_for(variant: str, G: int, tile_k: int, steps: int, chunk: int):
 
 
 def main(argv=None):
-    from persistent_chain import chain_parser, wall_us  # noqa: PLC0415
+    from persistent_chain import mosaic_parser, wall_us  # noqa: PLC0415
 
-    ap = chain_parser(__doc__)
+    ap = mosaic_parser(__doc__, CANDS, VARIANTS, "CTAs x tile_k x stages x down chunk")
     ap.add_argument("--ffn", type=int, default=F)
-    ap.add_argument("--cands", default=",".join("x".join(map(str, c)) for c in CANDS),
-                    help="CTAs x tile_k x stages x down chunk, comma-separated")
-    ap.add_argument("--variants", default="xla," + ",".join(VARIANTS))
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--stress", type=int, default=0, metavar="N",
-                    help="instead of timing: each candidate called N times, every layer "
-                         "against the reference of its input")
     ap.add_argument("--diagnose", action="store_true",
                     help="instead of timing: each candidate's gate/up a layer against the "
                          "reference and its alternatives (x quantized per chunk, or not)")
-    ap.add_argument("--smoke", action="store_true",
-                    help="CPU: the interpreted one-CTA form against the reference, and every "
-                         "candidate lowered for an abstract H100")
     a = ap.parse_args(argv)
     rows = []
     emit = gpu_trace.jsonl_emitter(rows, a.out)

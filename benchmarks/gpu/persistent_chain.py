@@ -195,6 +195,23 @@ def chain_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def mosaic_parser(doc: str, cands, variants, cands_help: str) -> argparse.ArgumentParser:
+    """``chain_parser`` and the options of the Mosaic GPU chain benchmarks with a CPU smoke
+    and a stress mode (``mosaic_chain_fp8.py``, ``mosaic_mlp_fp8.py``)."""
+    ap = chain_parser(doc)
+    ap.add_argument("--cands", default=",".join("x".join(map(str, c)) for c in cands),
+                    help=f"{cands_help}, comma-separated")
+    ap.add_argument("--variants", default="xla," + ",".join(variants))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--stress", type=int, default=0, metavar="N",
+                    help="instead of timing: each candidate called N times (the variants "
+                         "given, or the correct form), every output against its reference")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU: the interpreted one-CTA form against its reference, and every "
+                         "variant lowered for an abstract H100")
+    return ap
+
+
 def main(argv=None):
     ap = chain_parser(__doc__)
     ap.add_argument("--cands", default="32x256x4x4,32x256x4x6,32x128x4x6,16x256x4x4",
