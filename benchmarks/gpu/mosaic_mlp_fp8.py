@@ -440,13 +440,21 @@ def mlp_chain(G: int, tile_k: int, steps: int, chunk: int, *, splits_a: int = SP
     return jax.jit(fn)
 
 
+def _rounded(v, dtype):
+    """v rounded to ``dtype`` and back to float32, a rounding XLA keeps: on the GPU its
+    default ``xla_allow_excess_precision`` drops a float32 -> narrow -> float32 round trip
+    (the H100 at 16:00: this reference's gate/up came out unquantized, 2.6e-2 from every
+    kernel form, its alternatives equal to it), so the narrow value passes a barrier."""
+    return jax.lax.optimization_barrier(v.astype(dtype)).astype(jnp.float32)
+
+
 def _quantized(v, width: int):
     """v [T, K] float32 quantized per (token, ``width`` columns) as the kernel does:
     (e4m3 values as float32 [T, K / width, width], scales [T, K / width, 1])."""
     parts = v.reshape(T, -1, width)
     amax = jnp.max(jnp.abs(parts), axis=2, keepdims=True)
     inv = jnp.where(amax > 0, E4M3_MAX / amax, 1.0)
-    q = (parts * inv).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    q = _rounded(parts * inv, jnp.float8_e4m3fn)
     return q, jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
 
 
@@ -479,14 +487,14 @@ def reference_layer(x, g, w_gu, s_gu, w_dn, s_dn, gu=None, *, G: int, splits_a: 
         parts = xa.reshape(T, -1, p["k_a"])
         amax = jnp.max(jnp.abs(parts[:, :, :chunk]), axis=2, keepdims=True)
         q = jnp.clip(parts * (E4M3_MAX / amax), -E4M3_MAX, E4M3_MAX)
-        xa = (q.astype(jnp.float8_e4m3fn).astype(f32) * (amax / E4M3_MAX)).reshape(T, h)
+        xa = (_rounded(q, jnp.float8_e4m3fn) * (amax / E4M3_MAX)).reshape(T, h)
     elif qa:
         q, sc = _quantized(xa, qa)
         xa = (q * sc).reshape(T, h)
     y = jnp.einsum("tsk,nsk->tsn", xa.reshape(T, splits_a, p["k_a"]),
                    w_gu.astype(f32).reshape(2 * f, splits_a, p["k_a"]),
                    precision="highest") * s_gu.astype(f32)
-    gu_ref = jnp.sum(y.astype(jnp.bfloat16).astype(f32), axis=1).astype(jnp.bfloat16)
+    gu_ref = jnp.sum(_rounded(y, jnp.bfloat16), axis=1).astype(jnp.bfloat16)
     gu_ref = gu_ref.reshape(T, f // WG_N, 2, WG_N).transpose(2, 0, 1, 3).reshape(2, T, f)
     gate, up = (gu_ref if gu is None else gu).astype(f32)
     if norm:
@@ -502,7 +510,7 @@ def reference_layer(x, g, w_gu, s_gu, w_dn, s_dn, gu=None, *, G: int, splits_a: 
     onehot = jnp.asarray(seg[:, None, :] == np.arange(seg.max() + 1)[None, :, None], f32)
     runs = jnp.einsum("tch,crh->trh", yb, onehot, precision="highest") * s_dn.astype(f32)
     runs = runs.at[:, 0].add(xf)  # run 0 of a tile holds its chunk 0
-    out = jnp.sum(runs.astype(jnp.bfloat16).astype(f32), axis=1)
+    out = jnp.sum(_rounded(runs, jnp.bfloat16), axis=1)
     return out.astype(jnp.bfloat16), gu_ref, ssq
 
 
