@@ -261,6 +261,8 @@ def mlp_chain(G: int, tile_k: int, steps: int, chunk: int, *, splits_a: int = SP
                         def _():
                             ssq_smem.at[0, :T][...] = sq
                             plgpu.commit_smem()
+                            if sync:  # layer 0's add after ssq's zeroing (H200, 17:34)
+                                pl.when(l == 0)(lambda: wait_for(0))
                             plgpu.copy_smem_to_gmem(ssq_smem.at[0, :T], ssq_gmem.at[l],
                                                     reduction_op="add" if reduce else None)
                         vs = [v * lax.broadcast_in_dim(
