@@ -1694,6 +1694,87 @@ def test_mosaic_mlp_fp8_benchmark_interprets_and_lowers(tmp_path):
     assert dist(nonorm.astype(f32), exact) > 0.1  # the norm is in the reference
 
 
+def test_mosaic_mlp_fp8_benchmark_refuses_what_it_cannot_split():
+    # mosaic_mlp_fp8.py's refusals (a clear ValueError, never a wrong split or a hang): shapes
+    # its CTAs do not divide, a one-CTA form asked for a K split or a grid barrier, K slices
+    # that do not split into whole rounds of the pipeline's stages.
+    mlp = _load_benchmark("gpu/mosaic_mlp_fp8.py")
+    assert mlp.plan(128, 4096, 14336, 4, 512)["nb"] == 7  # the H100's candidate divides
+    for bad in ((128, 4096, 14336, 3, 512), (128, 4096, 14336, 4, 1000),
+                (96, 4096, 14336, 4, 512), (128, 4000, 14336, 4, 512)):
+        with pytest.raises(ValueError, match="do not split"):
+            mlp.plan(*bad)
+    for kw in (dict(sync=True), dict(sync=False, splits_a=2)):
+        with pytest.raises(ValueError, match="one-CTA form"):
+            mlp.mlp_chain(1, 128, 1, 128, **kw)
+    sds = jax.ShapeDtypeStruct
+    row = {}  # 1024-wide K slices cannot take rounds of 3 steps of 256
+    assert not _load_benchmark("gpu_trace.py").lower_for_h100(
+        row, mlp.mlp_chain(112, 256, 3, 1024), sds((mlp.T, mlp.H), jnp.bfloat16),
+        sds((1, mlp.H), jnp.bfloat16), sds((1, 2 * mlp.F, mlp.H), jnp.float8_e4m3fn),
+        sds((1, 2 * mlp.F), jnp.float32), sds((1, mlp.H, mlp.F), jnp.float8_e4m3fn),
+        sds((1, mlp.H), jnp.float32))
+    assert "whole rounds of 3 steps" in row["error"], row
+
+
+def test_mosaic_attn_fp8_benchmark_interprets_and_lowers(tmp_path):
+    # benchmarks/gpu/mosaic_attn_fp8.py (the persistent fp8 attention half: q/k/v with the
+    # RMSNorm folded in | rope, paged attention partials and the new token's K/V | o with the
+    # partials' combine and the residual, a grid barrier after each; step 3a of the whole-layer
+    # kernel's plan for issue 6): --smoke interprets the one-CTA form over 2 layers at a
+    # 100-position context (two blocks of pages, the second short and masked), every phase
+    # against the float32 reference of the kernel's own input to it, and lowers the grid forms
+    # for an abstract H100.
+    rows = _smoke_rows("mosaic_attn_fp8.py", tmp_path)
+    attn = _load_benchmark("gpu/mosaic_attn_fp8.py")
+    (r,) = [r for r in rows if r["variant"] == "interpret"]
+    # rounds where the reference does; the attention's P and partials are bf16 (2e-3); x_{l+1}
+    # sums a tile's pairs in float32 here, the reference rounds each (the grid's TMA adds)
+    assert r["qkv"] < 1e-3 and r["ssq"] < 1e-5 and r["kv"] < 1e-3, r
+    assert r["attn"] < 1e-2 and r["out"] < 5e-3, r
+    lowered = [r for r in rows if "lowered" in r]
+    assert ({(r["variant"], r["G"], r["tile_k"], r["steps"]) for r in lowered}
+            == {(v, *c) for v in attn.VARIANTS for c in attn.CANDS})
+    assert all(r["lowered"] for r in lowered), [r for r in lowered if not r["lowered"]]
+    # the references are attention and o (not something the kernel could match by accident):
+    # natural-base softmax attention of roped, RMS-normed q over the pages and the new k / v
+    args = attn.make_inputs(1, 40, h=512, n_pt=16)
+    x, g, w_qkv, s_qkv, w_o, s_o, kp, vp, pt, pos, rope = args
+    f32 = jnp.float32
+    qkv, ssq = attn.reference_qkv(x, g[0], w_qkv[0], s_qkv[0], splits_q=1)
+    hn = x.astype(f32) * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(f32)), -1, keepdims=True)
+                                       + attn.EPS) * g[0].astype(f32)
+    exact_qkv = (hn @ (w_qkv[0].astype(f32) * s_qkv[0][:, None]).T).reshape(attn.T, -1, 128)
+    inv = jax.lax.rsqrt(ssq[0] / 512 + attn.EPS)
+    dist = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
+    assert 1e-3 < dist(qkv.astype(f32) * inv, exact_qkv) < 5e-2  # e4m3's error, no more
+
+    def rot(v):  # HF's rotate_half rope at position 40
+        ang = 40 * 500000.0 ** (-jnp.arange(0, 128, 2) / 128)
+        c, s_ = jnp.concatenate([jnp.cos(ang)] * 2), jnp.concatenate([jnp.sin(ang)] * 2)
+        return v * c + jnp.concatenate([-v[..., 64:], v[..., :64]], -1) * s_
+
+    row = qkv[0].astype(f32) * inv
+    q, k_new, v_new = rot(row[:32]), rot(row[32:40]), row[40:48]
+    idx = jnp.arange(40)
+    k = jnp.concatenate([kp[0][pt[idx // 16], idx % 16].astype(f32), k_new[None]])
+    v = jnp.concatenate([vp[0][pt[idx // 16], idx % 16].astype(f32), v_new[None]])
+    p = jax.nn.softmax(jnp.einsum("hd,phd->hp", q, jnp.repeat(k, 4, 1)) / jnp.sqrt(128.0), -1)
+    exact = jnp.einsum("hp,phd->hd", p, jnp.repeat(v, 4, 1))
+    out, kv = attn.reference_attention(qkv, ssq, kp[0], vp[0], pt, 40, rope, nh=32, h=512)
+    assert dist(out, exact) < 1e-2 and dist(kv[0].astype(f32), k_new) < 1e-2
+    o_exact = x.astype(f32).at[0].add((w_o[0].astype(f32) * s_o[0][:, None]) @ exact.reshape(-1))
+    assert 1e-4 < dist(attn.reference_o(x, out, w_o[0], s_o[0]).astype(f32), o_exact) < 2e-2
+    # and its refusals: a KV-head count its [8, 128] tiles do not take, a grid that does not
+    # divide the work, a one-CTA form with a grid barrier
+    with pytest.raises(ValueError, match="do not split"):
+        attn.plan(128, 4096, 64, 16, 8)
+    with pytest.raises(ValueError, match="do not split"):
+        attn.plan(96, 4096, 32, 8, 8)
+    with pytest.raises(ValueError, match="one-CTA form"):
+        attn.attn_chain(1, 128, 1, splits_q=1, sync=True)
+
+
 def test_grid_barrier_benchmark_lowers_and_refuses_what_would_hang(tmp_path):
     # benchmarks/gpu/grid_barrier.py (the chain's barrier alone: its latency a round, with the
     # epilogue's store / add and the activations' reload, beside a weight stream or not;

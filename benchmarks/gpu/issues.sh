@@ -174,6 +174,9 @@
 #                                          W8A8 with the activations quantized inside
 #   bash benchmarks/gpu/issues.sh mlpchain (one GPU) the persistent fp8 MLP pair (gate/up | down,
 #                                          a grid barrier after each) against XLA's MLP
+#   bash benchmarks/gpu/issues.sh attnchain (one GPU) the persistent fp8 attention half (q/k/v |
+#                                          attention | o, a grid barrier after each) against
+#                                          the engine's
 #   bash benchmarks/gpu/issues.sh spec     (one GPU) speculative decoding at batch 1 / 4 on
 #                                          the 8B shape: plain vs n-gram drafts, k = 2 / 4 / 8
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -2247,6 +2250,19 @@ mlpchain)  # one GPU, one call (2026-12-07, issue 6): step 2 of the whole-layer 
   timeout 120 python3 $F --variants nosync,nosync_noq --cands $C --out $OUT/mlpchain.jsonl \
     2>&1 | grep -v '^{' | tail -9
   timeout 150 python3 $F --stress ${N:-5} --cands $C --out $OUT/mlpstress.jsonl 2>&1 | tail -4 ;;
+attnchain)  # one GPU, one call (2026-12-07, issue 6): step 3a of the whole-layer kernel's plan
+  # (DESIGN_NOTES): mosaic_attn_fp8.py's persistent attention half (q/k/v with the norm |
+  # rope, paged attention partials | o with their combine) against the engine's own attention
+  # half (attn_half_engine.py), each in a process of its own under a timeout (a wrong barrier
+  # hangs); last the correct form called N times, every phase against its reference.
+  F=benchmarks/gpu/mosaic_attn_fp8.py
+  C=${CANDS:-128x256x2,128x128x4}
+  timeout 150 python3 benchmarks/gpu/attn_half_engine.py --layers 32 --ctx ${CTX:-1024} \
+    --trace --out $OUT/attnengine.jsonl 2>&1 | grep -v '^{' | tail -3
+  timeout 200 python3 $F --variants sync,nosync --cands $C --ctx ${CTX:-1024} \
+    --out $OUT/attnchain.jsonl 2>&1 | grep -v '^{\|Deprecat\|plgpu.load' | tail -8
+  timeout 150 python3 $F --stress ${N:-3} --cands $C --ctx ${CTX:-1024} \
+    --out $OUT/attnstress.jsonl 2>&1 | grep '^{' ;;
 mlpmgpu)  # one GPU, one call (2026-12-07): the batch-1 fp8 MLP as one Mosaic GPU kernel split
   # over F (pallas_kernels/fp8_mlp_mgpu.py): its GPU check and the Llama-3-8B MLP chain against
   # the engine's XLA kernels at MS rows (benchmarks/gpu/fp8_mlp.py, CFGS: a JSON list of
