@@ -282,10 +282,16 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
-            def inv_rms(l):
-                """Token 0's rsqrt(mean(x_l^2) + eps): the layer's sums of squares, complete
-                after the Q barrier."""
+            def load_token(l, heads):
+                """Issues the loads of token 0's ``heads`` of q/k/v ([8, D] rows into this
+                warpgroup's q buffer) and the layer's sums of squares (complete after the Q
+                barrier); ``token_factor`` waits for them."""
+                plgpu.copy_gmem_to_smem(qkv_gmem.at[l, 0, heads], q_smem.at[wg], q_bar.at[wg])
                 plgpu.copy_gmem_to_smem(ssq_gmem.at[l], ssq_smem.at[wg, :T], ssq_bar.at[wg])
+
+            def token_factor():
+                """Token 0's rsqrt(mean(x_l^2) + eps), once ``load_token``'s loads landed."""
+                plgpu.barrier_wait(q_bar.at[wg])
                 plgpu.barrier_wait(ssq_bar.at[wg])
                 return lax.rsqrt(ssq_smem[wg, 0] * (1.0 / h) + EPS)
 
@@ -363,11 +369,7 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
                 split's pages, merged with the other warpgroup's by column, stored."""
                 pair, s = ua // S, lax.rem(ua, S)
                 kh = 2 * pair + wg
-                plgpu.copy_gmem_to_smem(qkv_gmem.at[l, 0, pl.ds(8 * pair, 8)], q_smem.at[wg],
-                                        q_bar.at[wg])
-                plgpu.barrier_wait(q_bar.at[wg])
-                factor = inv_rms(l)
-                roped(q_smem.at[wg], factor * (log2e / math.sqrt(D)), True)
+                load_token(l, pl.ds(8 * pair, 8))
                 pos = pos_smem[0]
                 old_pages = (pos + PAGE - 1) // PAGE
                 pps = (old_pages + S - 1) // S  # pages a split
@@ -377,7 +379,7 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
                 nblk = jnp.maximum(end - first + BLK // PAGE - 1, 0) // (BLK // PAGE)
                 rows, cols = iotas()
 
-                def block(b, carry):
+                def load_block(b):  # its pages' K and V; kv_bar counts the skipped ones too
                     for i in range(BLK // PAGE):
                         pg = first + b * (BLK // PAGE) + i
 
@@ -393,9 +395,16 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
                         def _():
                             plgpu.barrier_arrive(kv_bar.at[wg])
                             plgpu.barrier_arrive(kv_bar.at[wg])
+
+                pl.when(nblk > 0)(lambda: load_block(0))  # beside q's and the factor's loads
+                roped(q_smem.at[wg], token_factor() * (log2e / math.sqrt(D)), True)
+
+                def block(b, carry):
                     plgpu.barrier_wait(kv_bar.at[wg])
                     start = (first + b * (BLK // PAGE)) * PAGE
-                    return attend(k_smem.at[wg], v_smem.at[wg], rows + start < lim, carry)
+                    carry = attend(k_smem.at[wg], v_smem.at[wg], rows + start < lim, carry)
+                    pl.when(b + 1 < nblk)(lambda: load_block(b + 1))  # the buffers are read
+                    return carry
                 carry = lax.fori_loop(0, nblk, block, softmax_init())
                 mine = plgpu.broadcasted_iota(jnp.int32, (8,), 0, layout=WGL.reduce(0)) // 4 == wg
                 halves, lse = finish_partial(carry, mine)
@@ -424,32 +433,36 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
                     plgpu.copy_smem_to_gmem(lse_smem.at[0, :8], lse_gmem.at[l, pair, s])
                 both_wgs()  # o_smem[1] read: the second may go on to its next unit
 
-                @pl.when((s == 0) & (wg == 0))  # the new token: its own partial, slot S
-                def _():
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for i, buf in enumerate((k_smem, v_smem)):
-                        plgpu.copy_gmem_to_smem(
-                            qkv_gmem.at[l, 0, pl.ds(nh + i * kvh, kvh)],
-                            buf.at[wg, pl.ds(0, 8)], new_bar)
-                    plgpu.barrier_wait(new_bar)
-                    roped(k_smem.at[wg, pl.ds(0, 8)], factor, True)
-                    roped(v_smem.at[wg, pl.ds(0, 8)], factor, False)
 
-                    @pl.when(pair == 0)
-                    def _():
-                        for i, buf in enumerate((k_smem, v_smem)):
-                            plgpu.copy_smem_to_gmem(buf.at[wg, pl.ds(0, 8)], kvn_gmem.at[l, i])
-                    # each q column attends to its own KV head's row only
-                    carry = attend(k_smem.at[wg], v_smem.at[wg],
-                                   rows == 2 * pair + cols // 4, softmax_init())
-                    halves, lse = finish_partial(carry, None)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    store_tile(o_smem.at[0], halves)
-                    lse_smem.at[0, :8][...] = lse
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem.at[0], po_gmem.at[l, pair, S])
-                    plgpu.copy_smem_to_gmem(lse_smem.at[0, :8], lse_gmem.at[l, pair, S])
-                    plgpu.wait_smem_to_gmem(0)
+            def new_token(l, pair):
+                """Pair ``pair``'s partial of the new token (slot S; the first compute
+                warpgroup): every KV head's new k (roped) and v, normed, as rows 0..7 of a
+                block, each q column attending to its own KV head's row only; pair 0's also
+                stores them (``kv_new``)."""
+                load_token(l, pl.ds(8 * pair, 8))
+                for i, buf in enumerate((k_smem, v_smem)):
+                    plgpu.copy_gmem_to_smem(qkv_gmem.at[l, 0, pl.ds(nh + i * kvh, kvh)],
+                                            buf.at[wg, pl.ds(0, 8)], new_bar)
+                factor = token_factor()
+                roped(q_smem.at[wg], factor * (log2e / math.sqrt(D)), True)
+                plgpu.barrier_wait(new_bar)
+                roped(k_smem.at[wg, pl.ds(0, 8)], factor, True)
+                roped(v_smem.at[wg, pl.ds(0, 8)], factor, False)
+
+                @pl.when(pair == 0)
+                def _():
+                    for i, buf in enumerate((k_smem, v_smem)):
+                        plgpu.copy_smem_to_gmem(buf.at[wg, pl.ds(0, 8)], kvn_gmem.at[l, i])
+                rows, cols = iotas()
+                carry = attend(k_smem.at[wg], v_smem.at[wg], rows == 2 * pair + cols // 4,
+                               softmax_init())
+                halves, lse = finish_partial(carry, None)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                store_tile(o_smem.at[0], halves)
+                lse_smem.at[0, :8][...] = lse
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[0], po_gmem.at[l, pair, S])
+                plgpu.copy_smem_to_gmem(lse_smem.at[0, :8], lse_gmem.at[l, pair, S])
 
             def combine(l, pair):
                 """Pair ``pair``'s partials -> this warpgroup's block-diagonal e4m3 operand
@@ -558,6 +571,15 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
                             for i in range(na):
                                 ua = cta + G * i
                                 pl.when(ua < pairs * S)(lambda ua=ua: attention(l, ua))
+                            # the new token's partials: CTAs with no attention unit (grid),
+                            # or the one CTA after its attention units
+                            if G >= pairs * S + pairs:
+                                un = cta - pairs * S
+                                pl.when((wg == 0) & (un >= 0) & (un < pairs))(
+                                    lambda: new_token(l, un))
+                            else:
+                                for pr in range(pairs):
+                                    pl.when(wg == 0)(lambda pr=pr: new_token(l, pr))
                             finish_phase()
                             if sync:
                                 wait_for(3 * l + 2)
