@@ -75,7 +75,7 @@ BLK = 64  # positions a block (wgmma's M)
 SPLITS_Q = 8
 # (CTAs, tile_k, stages): q/k/v's K slice (512) and o's (1024) split into whole rounds
 CANDS = ((128, 256, 2), (128, 128, 4))
-VARIANTS = ("sync", "nosync")
+VARIANTS = ("sync", "nosync", "sync_noattn")
 
 
 def plan(G: int, h: int, nh: int, kvh: int, splits_q: int) -> dict:
@@ -101,14 +101,16 @@ def rope_tables(pos: int, d: int = D, theta: float = THETA):
 
 
 def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, sync: bool = True,
-               interpret: bool = False):
+               attend: bool = True, interpret: bool = False):
     """``fn(x0 [T, H] bf16, g [L, H] bf16, w_qkv [L, R, H] e4m3, s_qkv [L, R] f32,
     w_o [L, H, NH D] e4m3, s_o [L, H] f32, k_pages / v_pages [L, P, 16, KVH, D] bf16,
     page_table [n] int32, pos [1] int32, rope [2, D / 2] f32) -> (xs [L, T, H] bf16,
     qkv [L, T, NH + 2 KVH, D] bf16, ssq [L, T] f32, po [L, pairs, S + 1, 8, D] bf16,
     lse [L, pairs, S + 1, 8] f32, kv_new [L, 2, KVH, D] bf16)`` (module docstring). ``G`` 1
     (``sync`` False): the one-CTA form the interpreter runs (stores instead of TMA adds, its
-    warpgroups meeting at a CTA barrier between phases)."""
+    warpgroups meeting at a CTA barrier between phases). ``attend`` False (timing only, wrong
+    results): no attention units and no new token's partials, the barrier after them kept (o
+    combines whatever partials the buffers hold): what the attention phase's work costs."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -568,12 +570,14 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
                         def _():
                             if sync:
                                 wait_for(3 * l + 1)
-                            for i in range(na):
+                            for i in range(na if attend else 0):
                                 ua = cta + G * i
                                 pl.when(ua < pairs * S)(lambda ua=ua: attention(l, ua))
                             # the new token's partials: CTAs with no attention unit (grid),
                             # or the one CTA after its attention units
-                            if G >= pairs * S + pairs:
+                            if not attend:
+                                pass
+                            elif G >= pairs * S + pairs:
                                 un = cta - pairs * S
                                 pl.when((wg == 0) & (un >= 0) & (un < pairs))(
                                     lambda: new_token(l, un))
@@ -791,6 +795,13 @@ def make_inputs(L: int, ctx: int, *, h: int = H, nh: int = NH, kvh: int = KVH,
             pt.astype(jnp.int32), jnp.array([ctx], jnp.int32), rope_tables(ctx))
 
 
+def chain_for(variant: str, G: int, tile_k: int, steps: int):
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: one of {VARIANTS}")
+    return attn_chain(G, tile_k, steps, sync=variant.startswith("sync"),
+                      attend=not variant.endswith("_noattn"))
+
+
 def main(argv=None):
     from persistent_chain import mosaic_parser, wall_us  # noqa: PLC0415
 
@@ -813,8 +824,7 @@ def main(argv=None):
         for G, tk, steps in CANDS:
             for v in VARIANTS:
                 row = dict(variant=v, G=G, tile_k=tk, steps=steps, layers=2)
-                ok.append(gpu_trace.lower_for_h100(
-                    row, attn_chain(G, tk, steps, sync=v == "sync"), *shapes))
+                ok.append(gpu_trace.lower_for_h100(row, chain_for(v, G, tk, steps), *shapes))
                 emit(row)
         # out: the one-CTA form sums a tile's pairs in float32, the reference (the grid's
         # TMA adds) rounds each to bf16 first: ~1e-3 apart
@@ -844,7 +854,7 @@ def main(argv=None):
 
     if a.stress:
         for G, tk, steps in cands:
-            fn = attn_chain(G, tk, steps)
+            fn = chain_for("sync", G, tk, steps)
             rels = [layer_rel(fn(*args), *args, splits_q=SPLITS_Q) for _ in range(a.stress)]
             emit(dict(variant="sync", G=G, tile_k=tk, steps=steps, calls=a.stress,
                       **{f"{k}_max": max(r[k] for r in rels) for k in rels[0]}))
@@ -855,7 +865,7 @@ def main(argv=None):
     for G, tk, steps in cands:
         for v in a.variants.split(","):
             if v != "xla":
-                timed(v, attn_chain(G, tk, steps, sync=v == "sync"), args,
+                timed(v, chain_for(v, G, tk, steps), args,
                       dict(G=G, tile_k=tk, steps=steps), check=v == "sync")
     print("\n| variant | CTAs x tile_k x stages | µs / layer | TB/s | GPU µs / layer | errors |"
           "\n|---|---|---:|---:|---:|---|")
