@@ -2259,7 +2259,7 @@ attnchain)  # one GPU, one call (2026-12-07, issue 6): step 3a of the whole-laye
   C=${CANDS:-128x256x2,128x128x4}
   timeout 150 python3 benchmarks/gpu/attn_half_engine.py --layers 32 --ctx ${CTX:-1024} \
     --trace --out $OUT/attnengine.jsonl 2>&1 | grep -v '^{' | tail -3
-  timeout 240 python3 $F --variants sync,nosync,sync_noattn --cands $C --ctx ${CTX:-1024} \
+  timeout 300 python3 $F --variants sync,nosync,sync_noattn,sync_perlayer --cands $C --ctx ${CTX:-1024} \
     --out $OUT/attnchain.jsonl 2>&1 | grep -v '^{\|Deprecat\|plgpu.load' | tail -8
   timeout 150 python3 $F --stress ${N:-3} --cands $C --ctx ${CTX:-1024} \
     --out $OUT/attnstress.jsonl 2>&1 | grep '^{' ;;

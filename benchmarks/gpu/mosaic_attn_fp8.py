@@ -75,7 +75,8 @@ BLK = 64  # positions a block (wgmma's M)
 SPLITS_Q = 8
 # (CTAs, tile_k, stages): q/k/v's K slice (512) and o's (1024) split into whole rounds
 CANDS = ((128, 256, 2), (128, 128, 4))
-VARIANTS = ("sync", "nosync", "sync_noattn")
+VARIANTS = ("sync", "nosync", "sync_noattn", "sync_perlayer")
+LAYERED = 7  # the inputs a layer of its own: g, w_qkv, s_qkv, w_o, s_o, k_pages, v_pages
 
 
 def plan(G: int, h: int, nh: int, kvh: int, splits_q: int) -> dict:
@@ -795,9 +796,24 @@ def make_inputs(L: int, ctx: int, *, h: int = H, nh: int = NH, kvh: int = KVH,
             pt.astype(jnp.int32), jnp.array([ctx], jnp.int32), rope_tables(ctx))
 
 
+def layered(variant: str, args):
+    """The chain's arguments for ``variant``: sync_perlayer's per-layer lists
+    (arrays or ShapeDtypeStructs), the stacked ones as they are for the others."""
+    if variant != "sync_perlayer":
+        return list(args)
+    split = lambda v: ([jax.ShapeDtypeStruct(v.shape[1:], v.dtype)] * v.shape[0]  # noqa: E731
+                       if isinstance(v, jax.ShapeDtypeStruct) else list(v))
+    return [args[0], *[split(v) for v in args[1:1 + LAYERED]], *args[1 + LAYERED:]]
+
+
 def chain_for(variant: str, G: int, tile_k: int, steps: int):
+    """The kernel of a variant's name; ``sync_perlayer``: the sync form launched once a layer
+    (``persistent_chain.per_layer_launches``: its inputs x0, per-layer lists, the rest)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: one of {VARIANTS}")
+    if variant == "sync_perlayer":
+        from persistent_chain import per_layer_launches  # noqa: PLC0415
+        return per_layer_launches(chain_for("sync", G, tile_k, steps), LAYERED)
     return attn_chain(G, tile_k, steps, sync=variant.startswith("sync"),
                       attend=not variant.endswith("_noattn"))
 
@@ -824,7 +840,8 @@ def main(argv=None):
         for G, tk, steps in CANDS:
             for v in VARIANTS:
                 row = dict(variant=v, G=G, tile_k=tk, steps=steps, layers=2)
-                ok.append(gpu_trace.lower_for_h100(row, chain_for(v, G, tk, steps), *shapes))
+                ok.append(gpu_trace.lower_for_h100(row, chain_for(v, G, tk, steps),
+                                                   *layered(v, shapes)))
                 emit(row)
         # out: the one-CTA form sums a tile's pairs in float32, the reference (the grid's
         # TMA adds) rounds each to bf16 first: ~1e-3 apart
@@ -865,8 +882,8 @@ def main(argv=None):
     for G, tk, steps in cands:
         for v in a.variants.split(","):
             if v != "xla":
-                timed(v, chain_for(v, G, tk, steps), args,
-                      dict(G=G, tile_k=tk, steps=steps), check=v == "sync")
+                timed(v, chain_for(v, G, tk, steps), layered(v, args),
+                      dict(G=G, tile_k=tk, steps=steps), check=v in ("sync", "sync_perlayer"))
     print("\n| variant | CTAs x tile_k x stages | µs / layer | TB/s | GPU µs / layer | errors |"
           "\n|---|---|---:|---:|---:|---|")
     for r in rows:

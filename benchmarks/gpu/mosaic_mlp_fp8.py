@@ -78,7 +78,7 @@ SPLITS_A = 4
 # 1024 and B's chunk): 128 CTAs take 512-wide chunks (896 / 128), so 64 KB of weight in
 # flight a CTA; 112 CTAs take 1024-wide chunks (448 / 112), so 128 KB.
 CANDS = ((128, 256, 2, 512), (112, 256, 4, 1024), (112, 128, 8, 1024))
-VARIANTS = ("sync", "sync_nonorm", "nosync", "nosync_noq", "sync_pieces")
+VARIANTS = ("sync", "sync_nonorm", "nosync", "nosync_noq", "sync_pieces", "sync_perlayer")
 
 
 def plan(G: int, h: int, f: int, splits_a: int, chunk: int) -> dict:
@@ -583,8 +583,13 @@ def make_inputs(h: int, f: int, L: int, seed: int = 0):
 
 
 def chain_for(variant: str, G: int, tile_k: int, steps: int, chunk: int):
+    """The kernel of a variant's name; ``sync_perlayer``: the sync form launched once a layer
+    (``persistent_chain.per_layer_launches``: its inputs x0 and per-layer lists)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: one of {VARIANTS}")
+    if variant == "sync_perlayer":
+        from persistent_chain import per_layer_launches  # noqa: PLC0415
+        return per_layer_launches(chain_for("sync", G, tile_k, steps, chunk), 5)
     return mlp_chain(G, tile_k, steps, chunk, sync=variant.startswith("sync"),
                      quantize_every_layer=not variant.endswith("_noq"),
                      norm=not variant.endswith("_nonorm"), a_pieces=variant == "sync_pieces")
@@ -620,11 +625,13 @@ def main(argv=None):
         for G, tk, steps, chunk in CANDS:
             for v in VARIANTS:
                 row = dict(variant=v, G=G, tile_k=tk, steps=steps, chunk=chunk, layers=2)
+                shapes = [sds((2, H), jnp.bfloat16), sds((2, 2 * F, H), jnp.float8_e4m3fn),
+                          sds((2, 2 * F), jnp.float32), sds((2, H, F), jnp.float8_e4m3fn),
+                          sds((2, H), jnp.float32)]
+                if v == "sync_perlayer":  # per-layer lists
+                    shapes = [[sds(s.shape[1:], s.dtype)] * 2 for s in shapes]
                 ok.append(gpu_trace.lower_for_h100(
-                    row, chain_for(v, G, tk, steps, chunk), sds((T, H), jnp.bfloat16),
-                    sds((2, H), jnp.bfloat16), sds((2, 2 * F, H), jnp.float8_e4m3fn),
-                    sds((2, 2 * F), jnp.float32), sds((2, H, F), jnp.float8_e4m3fn),
-                    sds((2, H), jnp.float32)))
+                    row, chain_for(v, G, tk, steps, chunk), sds((T, H), jnp.bfloat16), *shapes))
                 emit(row)
         worst = max(max(r["layer_rel"], r["gu_rel"], r["ssq_rel"] or 0) for r in rows
                     if r["variant"] == "interpret")
@@ -689,7 +696,8 @@ def main(argv=None):
     for G, tk, steps, chunk in cands:
         for v in a.variants.split(","):
             if not v.startswith("xla"):
-                check(v, chain_for(v, G, tk, steps, chunk), args,
+                check(v, chain_for(v, G, tk, steps, chunk),
+                      (args[0], *per_layer) if v == "sync_perlayer" else args,
                       dict(G=G, tile_k=tk, steps=steps, chunk=chunk))
     print("\n| variant | CTAs x tile_k x stages x chunk | µs / layer | TB/s | GPU-time µs / layer "
           "| layer rel | gate/up rel |\n|---|---|---:|---:|---:|---:|---:|")

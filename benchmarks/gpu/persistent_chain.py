@@ -184,6 +184,24 @@ def wall_us(fn, args, calls: int, repeats: int) -> float:
     return statistics.median(ts)
 
 
+def per_layer_launches(chain, n_layered: int):
+    """A persistent chain kernel (``chain(x0, *stacked, *shared)``, every stacked input's
+    leading dim the layers, the first output x after each layer) as one launch a layer
+    (L = 1) inside one jit: ``fn(x0, *layered, *shared)``, ``layered`` the ``n_layered``
+    stacked inputs as lists of per-layer arrays (a layer's [1, ...] view of its own array is
+    a bitcast, where a slice of a stacked one would be a copy), each launch's x feeding the
+    next; the outputs stacked over the layers. What the engine's batch-1 forward would run
+    calling the kernel a layer, its weights a layer's arrays."""
+    def fn(x0, *args):
+        layered, shared = args[:n_layered], args[n_layered:]
+        x, outs = x0, []
+        for l in range(len(layered[0])):
+            outs.append(chain(x, *[a[l][None] for a in layered], *shared))
+            x = outs[-1][0][0]
+        return tuple(jnp.concatenate(parts) for parts in zip(*outs))
+    return jax.jit(fn)
+
+
 def chain_parser(doc: str) -> argparse.ArgumentParser:
     """The options every chain benchmark takes (this one and ``mosaic_chain.py``)."""
     ap = argparse.ArgumentParser(description=doc,
