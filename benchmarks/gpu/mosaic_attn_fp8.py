@@ -25,10 +25,12 @@ three phases a layer:
   (the K block is wgmma's A, as a weight tile is), an online base-2 softmax down the
   positions, ``O^T += V_blk^T P^T``. The two warpgroups' partials merge by column (each its
   own KV head's columns; the other's lse set to -inf) into one [8, 128] tile and its lse,
-  stored to ``po`` / ``lse`` [L, pairs, S + 1, ...]. Split 0's CTA also makes the new token's
-  partial (slot S): the new k and v of every KV head (normed, k roped) as a block of 8 rows,
-  each q column masked to its own KV head's row; CTA 0 stores them to ``kv_new`` (the
-  benchmark's stand-in for the page write: the same bytes, a [2, 8, 128] store).
+  stored to ``po`` / ``lse`` [L, pairs, S + 1, ...]. With 128 CTAs, 64 attend (S = 16
+  splits a pair); of the other 64, one a pair makes the pair's partial of the new token
+  (slot S): the new k and v of every KV head (normed, k roped) as a block of 8 rows, each q
+  column masked to its own KV head's row; pair 0's stores them to ``kv_new`` (the
+  benchmark's stand-in for the page write: the same bytes, a [2, 8, 128] store). A split's
+  first pages load beside q's and the RMS factor's loads, the next block's after a block.
 - **O, o + residual**: units of (128-row tile, K slice = pair p: its 8 heads, 1024 wide). Each
   compute warpgroup loads pair p's S + 1 partial tiles, combines them (weights
   exp2(lse - max)), quantizes each head by its own absmax (per (token, head) scales) into a
@@ -38,6 +40,10 @@ three phases a layer:
   TMA-adds into x_{l+1} (zeroed first).
 
 One warp-specialized weight pipeline a unit, chained over the whole kernel (``pipeline_state``).
+Variants: ``sync`` (correct), ``nosync`` (no barrier: wrong, the body), ``sync_noattn`` (no
+attention work, the barrier kept: what the attention phase costs), ``sync_perlayer`` (the
+sync form launched once a layer: the engine-integration route, DESIGN_NOTES); the engine's
+own attention half is ``attn_half_engine.py`` (``issues.sh attnchain`` runs both).
 Checks (``layer_errs``): each phase against the float32 reference of the kernel's own input to
 it (teacher-forced: q/k/v from x_l, the attention from the kernel's q/k/v, x_{l+1} from the
 kernel's partials). ``--smoke`` (CPU): the one-CTA form interpreted at a small shape, the grid
