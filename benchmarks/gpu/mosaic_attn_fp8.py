@@ -187,15 +187,16 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
             q_bar=plgpu.Barrier(num_barriers=2),
             kv_bar=plgpu.Barrier(num_arrivals=2 * (BLK // PAGE), num_barriers=2),
             new_bar=plgpu.Barrier(num_arrivals=2),
-            part_bar=plgpu.Barrier(num_arrivals=2, num_barriers=2),
+            part_bar=plgpu.Barrier(num_arrivals=2),
             merge_bar=plgpu.Barrier(num_arrivals=1),
             const_bar=plgpu.Barrier(num_arrivals=3),
             wg_bar=plgpu.Barrier(num_arrivals=2),
             collective_axes="wg")
         def _scope(allocs, stage_smem, x8_smem, q_smem, k_smem, v_smem, p_smem, o_smem,
                    part_smem, res_smem, tot_smem, out_smem, plse_smem, lse_smem, xsc_smem,
-                   ws_smem, g_smem, ssq_smem, rope_smem, pt_smem, pos_smem, stage_bar, g_bar, ws_bar, res_bar,
-                   ssq_bar, q_bar, kv_bar, new_bar, part_bar, merge_bar, const_bar, wg_bar):
+                   ws_smem, g_smem, ssq_smem, rope_smem, pt_smem, pos_smem, stage_bar, g_bar,
+                   ws_bar, res_bar, ssq_bar, q_bar, kv_bar, new_bar, part_bar, merge_bar,
+                   const_bar, wg_bar):
             wg = lax.axis_index("wg")
             sem = pl.get_global(plgpu.SemaphoreType.REGULAR) if sync else None
             done = lambda phases: 2 * G * (phases + 1)  # noqa: E731
@@ -478,9 +479,9 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
                 (x8_smem[wg], [8, 1024]) and its per-head scales (xsc_smem[1, wg])."""
                 @pl.when(wg == 0)
                 def _():
-                    plgpu.copy_gmem_to_smem(po_gmem.at[l, pair], part_smem, part_bar.at[0])
-                    plgpu.copy_gmem_to_smem(lse_gmem.at[l, pair], plse_smem, part_bar.at[0])
-                plgpu.barrier_wait(part_bar.at[0])
+                    plgpu.copy_gmem_to_smem(po_gmem.at[l, pair], part_smem, part_bar)
+                    plgpu.copy_gmem_to_smem(lse_gmem.at[l, pair], plse_smem, part_bar)
+                plgpu.barrier_wait(part_bar)
                 lse_of = lambda i: plgpu.load(plse_smem.at[i], (), layout=WGT.reduce(0))  # noqa
                 big = functools.reduce(jnp.maximum, [lse_of(i) for i in range(npart)])
                 num, den = None, None

@@ -36,9 +36,10 @@ Variants: ``sync`` (correct), ``sync_nonorm`` (correct: x + MLP(x), no norm), ``
 barrier: wrong, the body's stream), ``nosync_noq`` (also the activations quantized at layer 0
 only: what the SwiGLU and the quantization cost), ``sync_pieces`` (gate/up's K slice staged
 as two chunk-wide pieces: for ``--diagnose``), ``sync_perlayer`` (the sync form launched once
-a layer, ``persistent_chain.per_layer_launches``: the engine-integration route), against XLA's chain of the engine's batch-1
-fp8 MLP on the same weights (``rms_norm``, ``jaxllm.models.fp8.fp8_linear`` weight-only,
-SwiGLU, residual add; ``xla_nonorm`` without the norm) and the float32 ``reference_layer``
+a layer, ``persistent_chain.per_layer_launches``: the engine-integration route), against
+XLA's chain of the engine's batch-1 fp8 MLP on the same weights (``rms_norm``,
+``jaxllm.models.fp8.fp8_linear`` weight-only, SwiGLU, residual add; ``xla_nonorm`` without
+the norm) and the float32 ``reference_layer``
 of this W8A8 (``layer_rel``: each layer's output against the reference of the kernel's own
 gate/up, and gate/up against the reference of the layer's input: the checks that decide).
 
