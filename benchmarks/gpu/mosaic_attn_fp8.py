@@ -71,9 +71,8 @@ sys.path.insert(0, "benchmarks")
 sys.path.insert(0, "benchmarks/gpu")
 import gpu_trace  # noqa: E402
 from mosaic_chain import T, WG_N, launch, rel_err, weight_pipeline  # noqa: E402
+from mosaic_mlp_fp8 import E4M3_MAX, EPS, _rounded  # noqa: E402  (its roundings, step 2's)
 
-E4M3_MAX = 448.0
-EPS = 1e-5  # Llama-3's rms_norm_eps
 THETA = 500000.0  # Llama-3's rope theta
 H, NH, KVH, D = 4096, 32, 8, 128  # Llama-3-8B
 PAGE = 16  # positions a page
@@ -662,12 +661,6 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
                  rope.astype(f32))
 
     return jax.jit(fn)
-
-
-def _rounded(v, dtype):
-    """v rounded to ``dtype`` and back to float32, past XLA's excess precision (a barrier:
-    ``mosaic_mlp_fp8._rounded``)."""
-    return jax.lax.optimization_barrier(v.astype(dtype)).astype(jnp.float32)
 
 
 def _rope(x, rope):
