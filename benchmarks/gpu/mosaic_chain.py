@@ -73,10 +73,9 @@ import jax.numpy as jnp
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 import gpu_trace  # noqa: E402
+from pallas_kernels.fp8_decode_mgpu import T, WG_N, launch, weight_pipeline  # noqa: E402
 
 PROFILE_SPACE = 640  # ranges a warpgroup may record: 12 a layer, 32 layers, and slack
-T = 8  # token rows (the batch-1 decode bucket): wgmma's N
-WG_N = 64  # a compute warpgroup's columns (wgmma M); a CTA's tile is 2 x 64
 
 
 def mosaic_chain(splits: int, tile_k: int, steps: int, *, sync: bool = True,
@@ -528,40 +527,6 @@ def profile_summary(path: str, clock_ghz: float = 1.98) -> dict:
                    last_signal_after_median=round(statistics.median(spread), 3))
     out["warpgroups"] = len(ends.get(0, []))
     return out
-
-
-def weight_pipeline(body, ctx, state=None, *, k_per, tile_k, cta_n, steps, transforms,
-                    compute_wgs: int = 2):
-    """One layer's weight stream: a warp-specialized pipeline over ``k_per // tile_k`` steps
-    of (cta_n, tile_k) tiles, the producer warpgroup's TMA ahead of ``compute_wgs`` compute
-    warpgroups (``ctx`` their context, ``state`` carried from the previous layer's
-    pipeline)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(k_per // tile_k,), memory_registers=40,
-        in_specs=[plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=transforms,
-                                  memory_space=plgpu.SMEM)],
-        wg_axis="wg", num_compute_wgs=compute_wgs, max_concurrent_steps=steps,
-        compute_context=ctx, pipeline_state=state)
-
-
-def launch(body, out_type, grid: int, *, interpret: bool = False, profile_dir=None,
-           profile_space: int = 0, compute_wgs: int = 2):
-    """The chains' kernel: ``grid`` CTAs of one producer and ``compute_wgs`` compute
-    warpgroups in Mosaic GPU's warpgroup semantics, under the interpreter or the on-device
-    profiler."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    return plgpu.kernel(
-        body, out_type=out_type, grid=(grid,),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-        grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
-        num_threads=compute_wgs + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
-            **(dict(profile_space=profile_space, profile_dir=profile_dir,
-                    profile_bounds_check=True) if profile_dir else {})))
 
 
 # The barrier forms (see mosaic_chain): a name's parts are its options.
