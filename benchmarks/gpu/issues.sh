@@ -177,6 +177,9 @@
 #   bash benchmarks/gpu/issues.sh attnchain (one GPU) the persistent fp8 attention half (q/k/v |
 #                                          attention | o, a grid barrier after each) against
 #                                          the engine's
+#   bash benchmarks/gpu/issues.sh b1mgpu   (one GPU) the engine's batch-1 fp8 step with each
+#                                          layer as two Mosaic GPU kernels (JAXLLM_FP8_B1_MGPU):
+#                                          its GPU check, then batch 1 with and without it
 #   bash benchmarks/gpu/issues.sh spec     (one GPU) speculative decoding at batch 1 / 4 on
 #                                          the 8B shape: plain vs n-gram drafts, k = 2 / 4 / 8
 #   bash benchmarks/gpu/issues.sh multi    tp2 / pp2 on the 8B shape and tp2 on the 70B shape
@@ -2284,6 +2287,21 @@ open(sys.argv[1])) if x.get('M') == 8 and 'us_per_layer' in x}; f=min(('8', r.ge
 0) else '')" $OUT/fp8_mlp.jsonl)
   [ -n "${VARIANTS}${FORM}" ] || { echo "the kernel is not faster than XLA's: no engine run"; }
   [ -n "${VARIANTS}${FORM}" ] && fp8_b1_ab JAXLLM_FP8_MLP_MGPU "${VARIANTS:-xla $FORM}" ;;
+b1mgpu)  # one GPU, one call (2026-12-07, issue 6's per-layer route): the engine's batch-1 fp8
+  # step with each layer as pallas_kernels/fp8_decode_mgpu.py's attention half and MLP pair
+  # (jaxllm/models/b1_mgpu.py, JAXLLM_FP8_B1_MGPU=1). First tests/test_b1_mgpu.py on the GPU
+  # (the grid forms in the model's forward against the step's exact math, at Llama-3-8B's
+  # residual; twice: a race shows as a flaky run) under a timeout (a wrong barrier hangs), then
+  # fp8 batch 1 at 1k context with the knob ("1") and without ("xla"), VARIANTS in turn, R
+  # rounds. Carry .whl.
+  L=$OUT/logs; mkdir -p $L
+  wheels || exit 1
+  for i in 1 2; do
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_b1_mgpu.py \
+      > $L/b1_tests_$i.log 2>&1
+    echo "tests, run $i: rc=$?"; grep -v "^\s*$" $L/b1_tests_$i.log | tail -6
+  done
+  fp8_b1_ab JAXLLM_FP8_B1_MGPU "${VARIANTS:-xla 1}" ;;
 spec)  # nvidia-h200 (one GPU), one call: speculative decoding (n-gram drafts) on the 8B shape,
   # random bf16 weights, batch 1 at 1k context: plain vs k = 2 / 4 / 8, forced (every draft
   # accepted: the ceiling), random (nothing accepted: the cost) and sampled; then the GPU tests

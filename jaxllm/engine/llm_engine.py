@@ -37,6 +37,7 @@ from jaxllm.errors import EngineSleepingError
 from jaxllm.kv_cache.page_pool import PagePool
 from jaxllm.kv_cache.prefix_cache import PrefixCache
 from jaxllm.metrics import ITERATION_TOKEN_BUCKETS, MAX_TOKENS_BUCKETS
+from jaxllm.models.b1_mgpu import b1_mgpu_enabled
 from jaxllm.outputs import Logprob, RequestOutput, RequestStateStats
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -314,6 +315,10 @@ class LLMEngine:
             enforce_eager=config.enforce_eager, cublas_min_tokens=self._cublas_min_tokens(),
             logprobs_mode=config.logprobs_mode)
         self.runner.small_decode_buckets = tuple(config.small_decode_buckets)
+        if b1_mgpu_enabled() and mc.quantization == "fp8":
+            # a decode step of one sequence gets a 1-row program, the one the batch-1 Mosaic
+            # kernels run (jaxllm/models/b1_mgpu.py; their slot count is static)
+            self.runner.small_decode_buckets += (1,)
         steps = config.num_scheduler_steps
         if steps > 1 and (runner_cls is not ModelRunner or jax.process_count() > 1):
             logger.warning("num_scheduler_steps=%d is not supported with pipeline parallelism "

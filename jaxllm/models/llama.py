@@ -44,6 +44,7 @@ from jaxllm.config import ModelConfig, gemm_out_dtype_from_env
 from jaxllm.models.attention import (AttentionMetadata, KVCache, mlp_kernel_applies,
                                      qkv_norm_folds, qkv_rope_applies, qkv_split_k_parts,
                                      rope_write_kv_and_attend, write_kv_and_attend)
+from jaxllm.models.b1_mgpu import b1_forward, b1_mgpu_applies
 from jaxllm.models.fp8 import fp8_mlp, fp8_swiglu_mlp, qx_norm_folds
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -520,6 +521,9 @@ class LlamaForCausalLM(nnx.Module):
             raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model {len(self.model.layers)}.")
         freqs = {f: jnp.asarray(f, dtype=jnp.float32) for f in set(self.layer_inv_freq)}  # [D/2]
         x = embed(self.model.embed_tokens, token_ids, self.config)
+        if lora_slots is None and b1_mgpu_applies(self, x, kv_caches, md):
+            x, new_caches = b1_forward(self, x, positions, kv_caches, md)  # JAXLLM_FP8_B1_MGPU
+            return self.model.norm(x), new_caches
         new_caches = []
         call = _layer_caller() if isinstance(x, jax.core.Tracer) and layer_jit() else None
         for layer, kv, f in zip(self.model.layers, kv_caches, self.layer_inv_freq):
