@@ -2293,7 +2293,7 @@ b1mgpu)  # one GPU, one call (2026-12-07, issue 6's per-layer route): the engine
   # (the grid forms in the model's forward against the step's exact math, at Llama-3-8B's
   # residual; twice: a race shows as a flaky run) under a timeout (a wrong barrier hangs), then
   # fp8 batch 1 at 1k context with the knob ("1") and without ("xla"), VARIANTS in turn, R
-  # rounds. Carry .whl.
+  # rounds, and the knob's step profiled if time is left. Carry .whl.
   L=$OUT/logs; mkdir -p $L
   wheels || exit 1
   for i in 1 2; do
@@ -2301,7 +2301,10 @@ b1mgpu)  # one GPU, one call (2026-12-07, issue 6's per-layer route): the engine
       > $L/b1_tests_$i.log 2>&1
     echo "tests, run $i: rc=$?"; grep -v "^\s*$" $L/b1_tests_$i.log | tail -6
   done
-  fp8_b1_ab JAXLLM_FP8_B1_MGPU "${VARIANTS:-xla 1}" ;;
+  fp8_b1_ab JAXLLM_FP8_B1_MGPU "${VARIANTS:-xla 1}"
+  # where the step's GPU time goes with the knob (its top kernels), while 130 s are left
+  [ $((T - SECONDS)) -gt 130 ] && (export JAXLLM_FP8_B1_MGPU=1; prof_fp8 1 b1mgpu) \
+    && grep -v "^WARNING\|^I0000" $L/prof_b1mgpu.log | tail -12 ;;
 spec)  # nvidia-h200 (one GPU), one call: speculative decoding (n-gram drafts) on the 8B shape,
   # random bf16 weights, batch 1 at 1k context: plain vs k = 2 / 4 / 8, forced (every draft
   # accepted: the ceiling), random (nothing accepted: the cost) and sampled; then the GPU tests
