@@ -36,11 +36,12 @@ import jax.numpy as jnp
 B1_MGPU_ENV = "JAXLLM_FP8_B1_MGPU"
 ROWS = 8  # the kernels' token rows (wgmma's N); the live token is row 0
 HEAD_DIM, KV_HEADS, Q_HEADS = 128, 8, 32  # the kernels' attention shape
-# The grid forms: (CTAs, tile_k, stages) of the attention half, (CTAs, tile_k, stages, down
-# chunk) of the MLP pair: the candidates the benchmarks lead with (benchmarks/gpu/
-# mosaic_attn_fp8.py, mosaic_mlp_fp8.py).
-GPU_ATTN = (128, 256, 2)
-GPU_MLP = (128, 256, 2, 512)
+# The kernels' forms: (CTAs, tile_k, stages, K splits of q/k/v) of the attention half,
+# (CTAs, tile_k, stages, down chunk, K splits of gate/up) of the MLP pair. On a GPU the grid
+# forms the benchmarks lead with (benchmarks/gpu/mosaic_attn_fp8.py, mosaic_mlp_fp8.py), the
+# one-CTA forms elsewhere (interpreted).
+GPU_ATTN, GPU_MLP = (128, 256, 2, 8), (128, 256, 2, 512, 4)
+CPU_ATTN, CPU_MLP = (1, 128, 1, 1), (1, 128, 1, 128, 1)
 
 
 def b1_mgpu_enabled() -> bool:
@@ -61,16 +62,12 @@ def _kernels(gpu: bool, eps: float):
     interpreted forms elsewhere."""
     from pallas_kernels.fp8_decode_mgpu import attn_chain, mlp_chain
 
-    if gpu:
-        G, tk, steps = GPU_ATTN
-        attn = attn_chain(G, tk, steps, sync=True, qkv_order="kv_groups", eps=eps)
-        G, tk, steps, chunk = GPU_MLP
-        mlp = mlp_chain(G, tk, steps, chunk, sync=True, gu_layout="pairs", eps=eps)
-    else:
-        attn = attn_chain(1, 128, 1, splits_q=1, sync=False, qkv_order="kv_groups", eps=eps,
-                          interpret=True)
-        mlp = mlp_chain(1, 128, 1, 128, splits_a=1, sync=False, gu_layout="pairs", eps=eps,
-                        interpret=True)
+    G, tk, steps, splits = GPU_ATTN if gpu else CPU_ATTN
+    attn = attn_chain(G, tk, steps, splits_q=splits, sync=gpu, qkv_order="kv_groups", eps=eps,
+                      interpret=not gpu)
+    G, tk, steps, chunk, splits = GPU_MLP if gpu else CPU_MLP
+    mlp = mlp_chain(G, tk, steps, chunk, splits_a=splits, sync=gpu, gu_layout="pairs", eps=eps,
+                    interpret=not gpu)
     return attn, mlp
 
 
@@ -134,13 +131,11 @@ def _splits(layer, hidden: int) -> bool:
     from pallas_kernels.fp8_decode_mgpu import attn_plan, mlp_plan
 
     F = layer.mlp.gate_up_proj.groups[0]
+    (ga, _, _, splits_q), (gm, _, _, chunk, splits_a) = ((GPU_ATTN, GPU_MLP) if _on_gpu()
+                                                         else (CPU_ATTN, CPU_MLP))
     try:
-        if _on_gpu():
-            attn_plan(GPU_ATTN[0], hidden, Q_HEADS, KV_HEADS, 8)
-            mlp_plan(GPU_MLP[0], hidden, F, 4, GPU_MLP[3])
-        else:
-            attn_plan(1, hidden, Q_HEADS, KV_HEADS, 1)
-            mlp_plan(1, hidden, F, 1, 128)
+        attn_plan(ga, hidden, Q_HEADS, KV_HEADS, splits_q)
+        mlp_plan(gm, hidden, F, splits_a, chunk)
     except ValueError:
         return False
     return True
