@@ -36,7 +36,9 @@ CONFIG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128,
                      intermediate_size=2048 if ON_GPU else 256, num_hidden_layers=2,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                      rms_norm_eps=1e-5, rope_theta=500000.0)
-B, P, M = 16, 12, 8  # page size, pages in the pool (0: scratch), page-table width
+# page size, pages in the pool (0: scratch), page-table width (264: the kernel stages it in
+# two TMA boxes, 256 + 8)
+B, P, M = 16, 12, 264
 PROMPT = 37  # tokens in the cache before the decode step: 3 pages, the last one part full
 
 
