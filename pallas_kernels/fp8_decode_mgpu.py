@@ -31,7 +31,7 @@ at position ``pos``; three phases a layer:
   partials merge by column into one [8, 128] tile and its lse, stored to ``po`` / ``lse``
   [L, pairs, S + 1, ...]. With 128 CTAs 64 attend (S = 16 splits a pair); of the others, one
   a pair makes the pair's partial of the new token (slot S) from the new k (roped) and v,
-  which pair 0's stores to ``kv_new`` (the page write's stand-in).
+  which pair 0's stores to ``kv_new`` and, with ``write_pages``, into the pages.
 - **O, o + residual**: units of (128-row tile, K slice = pair p's 8 heads, 1024 wide): each
   compute warpgroup combines pair p's S + 1 partials, quantizes each head by its own absmax
   into a block-diagonal [8, 1024] e4m3 operand (row r holds head r in columns 128 r..), so
@@ -341,7 +341,7 @@ def rope_tables(pos: int, d: int = D, theta: float = THETA):
 
 def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, sync: bool = True,
                attend: bool = True, qkv_order: str = "heads", eps: float = EPS,
-               interpret: bool = False):
+               write_pages: bool = False, interpret: bool = False):
     """``fn(x0 [T, H] bf16, g [L, H] bf16, w_qkv [L, R, H] e4m3, s_qkv [L, R] f32,
     w_o [L, H, NH D] e4m3, s_o [L, H] f32, k_pages / v_pages [L, P, 16, KVH, D] bf16,
     page_table [n] int32, pos [1] int32, rope [2, D / 2] f32) -> (xs [L, T, H] bf16,
@@ -356,7 +356,11 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
     or "kv_groups", the engine's fused layout (``jaxllm/models/fused.py``: per KV head its
     4 q heads, its k, its v), whose 128-row tiles (a head each) the Q phase adds into their
     heads' places in ``qkv``. ``eps``: the RMSNorm's. The page table: a multiple of 8 entries,
-    at most ``MAX_PAGE_TABLE`` (staged in SMEM in TMA boxes of 256)."""
+    at most ``MAX_PAGE_TABLE`` (staged in SMEM in TMA boxes of 256). ``write_pages``: the new
+    token's k and v also go into the pages at position ``pos`` (the slot its page-table entry
+    names), in place (the pages are mutable refs in the kernel, so XLA aliases them to two
+    more outputs, the updated ``k_pages`` / ``v_pages``): the engine's K/V write, no kernel
+    of its own."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -631,7 +635,8 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
                 """Pair ``pair``'s partial of the new token (slot S; the first compute
                 warpgroup): every KV head's new k (roped) and v, normed, as rows 0..7 of a
                 block, each q column attending to its own KV head's row only; pair 0's also
-                stores them (``kv_new``)."""
+                stores them (``kv_new``; with ``write_pages`` also at ``pos`` in the
+                pages)."""
                 load_token(l, pl.ds(8 * pair, 8))
                 for i, buf in enumerate((k_smem, v_smem)):
                     plgpu.copy_gmem_to_smem(qkv_gmem.at[l, 0, pl.ds(nh + i * kvh, kvh)],
@@ -646,6 +651,12 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
                 def _():
                     for i, buf in enumerate((k_smem, v_smem)):
                         plgpu.copy_smem_to_gmem(buf.at[wg, pl.ds(0, 8)], kvn_gmem.at[l, i])
+                    if write_pages:  # nobody reads position pos: the partials read < pos
+                        pos = pos_smem[0]
+                        page, off = pt_smem[pos // PAGE], lax.rem(pos, PAGE)
+                        for i, buf in enumerate((k_smem, v_smem)):
+                            plgpu.copy_smem_to_gmem(buf.at[wg, pl.ds(0, 8)],
+                                                    (kp_gmem, vp_gmem)[i].at[l, page, off])
                 rows, cols = iotas()
                 carry = attend(k_smem.at[wg], v_smem.at[wg], rows == 2 * pair + cols // 4,
                                softmax_init())
@@ -805,6 +816,8 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     def fn(x0, g, w_qkv, s_qkv, w_o, s_o, k_pages, v_pages, page_table, pos, rope):
+        if k_pages.shape[2] != PAGE:
+            raise ValueError(f"pages of {k_pages.shape[2]} positions: the kernel's are {PAGE}")
         L, R, h = w_qkv.shape
         kvh = k_pages.shape[3]
         nh = R // D - 2 * kvh
@@ -818,10 +831,13 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
         n_pt = page_table.shape[0]
         k = launch(functools.partial(kernel, dims=(L, h, nh, kvh, n_pt)), out, G,
                    interpret=interpret)
-        return k(x0, g.astype(bf16), w_qkv, s_qkv.reshape(L, R // WG_N, WG_N).astype(f32), w_o,
-                 s_o.reshape(L, h // WG_N, WG_N).astype(f32), k_pages, v_pages,
+        pages = (jax.new_ref(k_pages), jax.new_ref(v_pages)) if write_pages else (
+            k_pages, v_pages)
+        outs = k(x0, g.astype(bf16), w_qkv, s_qkv.reshape(L, R // WG_N, WG_N).astype(f32), w_o,
+                 s_o.reshape(L, h // WG_N, WG_N).astype(f32), *pages,
                  page_table.astype(jnp.int32), jnp.broadcast_to(pos.astype(jnp.int32), (8,)),
                  rope.astype(f32))
+        return (*outs, *(ref[...] for ref in pages)) if write_pages else outs
 
     return jax.jit(fn)
 

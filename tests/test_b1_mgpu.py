@@ -181,6 +181,8 @@ def test_b1_mgpu_takes_only_what_it_computes(model, prefilled, monkeypatch):
     assert not b1_mgpu_applies(model, jnp.zeros((9, CONFIG.hidden_size), jnp.bfloat16), kv, one)
     fp8_kv = [(k.astype(jnp.float8_e4m3fn), v.astype(jnp.float8_e4m3fn)) for k, v in kv]
     assert not b1_mgpu_applies(model, x, fp8_kv, one)
+    pages_of_8 = [(k.reshape(-1, 8, *k.shape[2:]), v.reshape(-1, 8, *v.shape[2:])) for k, v in kv]
+    assert not b1_mgpu_applies(model, x, pages_of_8, one)  # the kernel's pages hold 16
     monkeypatch.setenv(B1_MGPU_ENV, "yes")
     with pytest.raises(ValueError, match=B1_MGPU_ENV):
         b1_mgpu_applies(model, x, kv, one)
@@ -214,10 +216,10 @@ def test_b1_mgpu_grid_forms_lower_for_an_h100():
 @pytest.mark.timeout(400)
 def test_engine_runs_one_sequences_decode_steps_through_the_kernels(tmp_path, monkeypatch):
     """With the knob on, ``LLM(quantization="fp8")`` of a model of the kernels' shape gets the
-    1-row decode bucket and runs a lone sequence's decode steps through ``b1_forward`` (two
-    sequences at once keep XLA's layers); each generated token's log-prob is within the fp8
-    paths' distance of a teacher-forced forward of the same engine's model, and every page
-    comes back."""
+    1-row decode bucket and runs a lone sequence's decode steps through ``b1_forward``, one
+    step a launch and four (the multi-step scan), while two sequences at once keep XLA's
+    layers; each generated token's log-prob is within the fp8 paths' distance of a
+    teacher-forced forward of the same engine's model, and every page comes back."""
     import torch
     from transformers import LlamaConfig
     from transformers import LlamaForCausalLM as HFLlama
@@ -244,12 +246,12 @@ def test_engine_runs_one_sequences_decode_steps_through_the_kernels(tmp_path, mo
     monkeypatch.setattr(llama, "b1_forward",
                         lambda *a, **k: (runs.append(a[1].shape[0]), real(*a, **k))[1])
     llm = LLM(str(tmp_path), quantization="fp8", dtype="bfloat16", max_model_len=64,
-              page_size=16, max_num_seqs=4, skip_compile_at_start=True)
+              page_size=16, max_num_seqs=4, num_scheduler_steps=4, skip_compile_at_start=True)
     eng = llm.llm_engine
     assert 1 in eng.runner._small_decode_buckets()
     sp = SamplingParams(max_tokens=4, temperature=0.0, logprobs=0)
     (out,) = llm.generate(["The capital of France is"], sp, use_tqdm=False)
-    assert runs == [1]  # the 1-row decode program, traced once
+    assert runs == [1]  # the 1-row decode program (log-probs: one step a launch)
     ids = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
     ref = full_forward_logprobs(eng, ids)
     n = len(out.prompt_token_ids)
@@ -258,6 +260,12 @@ def test_engine_runs_one_sequences_decode_steps_through_the_kernels(tmp_path, mo
     # wrong path is off by nats
     for i, (tok, lp) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
         assert abs(lp[tok].logprob - ref[n - 1 + i, tok]) < 0.5, (i, lp[tok], ref[n - 1 + i])
+    # without log-probs, the 4 decode steps after the prompt's in one launch: the kernels in
+    # the multi-step scan, writing each step's K/V in place; the same tokens
+    (again,) = llm.generate(["The capital of France is"],
+                            SamplingParams(max_tokens=5, temperature=0.0), use_tqdm=False)
+    assert runs == [1, 1]
+    assert list(again.outputs[0].token_ids)[:4] == list(out.outputs[0].token_ids)
     llm.generate(["Hello", "Paris is"], SamplingParams(max_tokens=3), use_tqdm=False)
-    assert runs == [1]  # two sequences: the 8-row program, XLA's layers
+    assert runs == [1, 1]  # two sequences: the 8-row program, XLA's layers
     assert eng.page_pool.num_free_pages == eng.page_pool.num_usable_pages

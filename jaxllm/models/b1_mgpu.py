@@ -6,8 +6,8 @@ launches of ``pallas_kernels.fp8_decode_mgpu``'s kernels instead of XLA's ~10 ke
 
 - ``attn_chain`` (L = 1): the input RMSNorm folded into the W8A8 q/k/v GEMM, rope, the paged
   attention of the live token over its pages plus its own new k/v, the o GEMM and the
-  residual: x + o(attn(...)), and the new token's normed, roped k and v (``kv_new``), which
-  XLA writes into the layer's pages at the token's slot (one dynamic-update-slice a layer);
+  residual: x + o(attn(...)); it also writes the new token's normed, roped k and v into the
+  layer's pages at the token's slot, in place (``write_pages``: the pages are aliased);
 - ``mlp_chain`` (L = 1): the post-attention RMSNorm folded into the W8A8 gate/up GEMM, the
   SwiGLU and its quantization folded into the down GEMM's activation load, the residual.
 
@@ -64,7 +64,7 @@ def _kernels(gpu: bool, eps: float):
 
     G, tk, steps, splits = GPU_ATTN if gpu else CPU_ATTN
     attn = attn_chain(G, tk, steps, splits_q=splits, sync=gpu, qkv_order="kv_groups", eps=eps,
-                      interpret=not gpu)
+                      write_pages=True, interpret=not gpu)
     G, tk, steps, chunk, splits = GPU_MLP if gpu else CPU_MLP
     mlp = mlp_chain(G, tk, steps, chunk, splits_a=splits, sync=gpu, gu_layout="pairs", eps=eps,
                     interpret=not gpu)
@@ -105,7 +105,7 @@ def b1_mgpu_applies(model, x: jax.Array, kv_caches, md) -> bool:
     for each of the grid's CTAs or the interpreter, and shapes the kernels split."""
     from jaxllm.models.attention import heads_mesh
     from jaxllm.models.fp8 import mosaic_kernel_runs_on
-    from pallas_kernels.fp8_decode_mgpu import MAX_PAGE_TABLE
+    from pallas_kernels.fp8_decode_mgpu import MAX_PAGE_TABLE, PAGE
 
     if not b1_mgpu_enabled() or not md.decode_only or md.page_table.shape[0] != 1:
         return False
@@ -113,7 +113,8 @@ def b1_mgpu_applies(model, x: jax.Array, kv_caches, md) -> bool:
         return False
     if md.page_table.shape[1] > MAX_PAGE_TABLE:
         return False
-    if any(k.dtype != jnp.bfloat16 or v.dtype != jnp.bfloat16 for k, v in kv_caches):
+    if any(k.dtype != jnp.bfloat16 or v.dtype != jnp.bfloat16 or k.shape[1] != PAGE
+           for k, v in kv_caches):
         return False
     dev = jax.devices()[0]
     if not mosaic_kernel_runs_on(dev.platform, getattr(dev, "compute_capability", None)):
@@ -144,7 +145,8 @@ def _splits(layer, hidden: int) -> bool:
 def b1_forward(model, x: jax.Array, positions: jax.Array, kv_caches, md):
     """The layers of a step ``b1_mgpu_applies`` admits: x [T, E] (the embeddings; row 0 the
     live token, the others padding) -> (x after the last layer [T, E], the caches with the
-    token's K/V written at ``md.slot_mapping[0]``)."""
+    token's K/V written in its slot, ``md.slot_mapping[0]``: the page-table entry of its
+    position, where the attention kernel writes them in place)."""
     layers = model.model.layers
     T, E = x.shape
     eps = float(layers[0].input_layernorm.eps)
@@ -162,7 +164,6 @@ def b1_forward(model, x: jax.Array, positions: jax.Array, kv_caches, md):
     gu_scales = jnp.stack([layer.mlp.gate_up_proj.weight_scale[...] for layer in layers])
     gu_scales = jnp.swapaxes(gu_scales, 1, 2)
     h = jnp.pad(x, ((0, ROWS - T), (0, 0))) if T < ROWS else x
-    slot = md.slot_mapping[0]
     new_caches = []
     for i, (layer, (k_pages, v_pages)) in enumerate(zip(layers, kv_caches)):
         attn, mlp = layer.self_attn, layer.mlp
@@ -172,13 +173,8 @@ def b1_forward(model, x: jax.Array, positions: jax.Array, kv_caches, md):
                        qkv.weight[...].reshape(1, A * C, E), qkv.weight_scale[...].reshape(1, -1),
                        attn.o_proj.weight[...][None], attn.o_proj.weight_scale[...][None],
                        k_pages[None], v_pages[None], pt, pos, rope)
-        h, kv_new = outs[0][0], outs[-1][0]  # [ROWS, E], [2, K, D]
-        P, B = k_pages.shape[:2]
-        k_pages = k_pages.reshape(P * B, *k_pages.shape[2:]).at[slot].set(
-            kv_new[0]).reshape(k_pages.shape)
-        v_pages = v_pages.reshape(P * B, *v_pages.shape[2:]).at[slot].set(
-            kv_new[1]).reshape(v_pages.shape)
-        new_caches.append((k_pages, v_pages))
+        h = outs[0][0]  # [ROWS, E]
+        new_caches.append((outs[-2][0], outs[-1][0]))  # the token's K/V written in place
         gu = mlp.gate_up_proj
         h = mlp_fn(h, layer.post_attention_layernorm.weight[...][None], gu.weight[...][None],
                    gu_scales, mlp.down_proj.weight[...][None],
