@@ -425,7 +425,7 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
             g_smem=plgpu.SMEM((k_q,), bf16),
             ssq_smem=plgpu.SMEM((2, 32), f32),  # [wg, :T]
             rope_smem=plgpu.SMEM((2, D // 2), f32),
-            pt_smem=plgpu.SMEM((n_pt,), jnp.int32),
+            pt_smem=plgpu.SMEM((-(-n_pt // 32) * 32,), jnp.int32),  # 128-byte multiple
             pos_smem=plgpu.SMEM((8,), jnp.int32),
             stage_bar=plgpu.Barrier(num_arrivals=1),
             g_bar=plgpu.Barrier(num_arrivals=max(1, k_q // 256)),
@@ -455,7 +455,9 @@ def attn_chain(G: int, tile_k: int, steps: int, *, splits_q: int = SPLITS_Q, syn
                 @pl.when(wg == 0)  # the step's constants, once
                 def _():
                     if pt_boxes == 1:
-                        plgpu.copy_gmem_to_smem(pt_gmem, pt_smem, const_bar)
+                        plgpu.copy_gmem_to_smem(
+                            pt_gmem, pt_smem if n_pt % 32 == 0 else pt_smem.at[pl.ds(0, n_pt)],
+                            const_bar)
                     for b in range(pt_boxes if pt_boxes > 1 else 0):  # TMA: <= 256 a dim
                         n = min(256, n_pt - 256 * b)
                         plgpu.copy_gmem_to_smem(pt_gmem.at[pl.ds(256 * b, n)],

@@ -2291,14 +2291,15 @@ b1mgpu)  # one GPU, one call (2026-12-07, issue 6's per-layer route): the engine
   # step with each layer as pallas_kernels/fp8_decode_mgpu.py's attention half and MLP pair
   # (jaxllm/models/b1_mgpu.py, JAXLLM_FP8_B1_MGPU=1). First tests/test_b1_mgpu.py on the GPU
   # (the grid forms in the model's forward against the step's exact math, at Llama-3-8B's
-  # residual; twice: a race shows as a flaky run) under a timeout (a wrong barrier hangs), then
-  # fp8 batch 1 at 1k context with the knob ("1") and without ("xla"), VARIANTS in turn, R
-  # rounds, and the knob's step profiled if time is left. Carry .whl.
+  # residual; TESTS times, default 2: a race shows as a flaky run) under a timeout (a wrong
+  # barrier hangs), then fp8 batch 1 at 1k context with the knob ("1") and without ("xla"),
+  # VARIANTS in turn, R rounds, and the knob's step profiled if time is left. Carry .whl and
+  # .bench.
   L=$OUT/logs; mkdir -p $L
   wheels || exit 1
-  for i in 1 2; do
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_b1_mgpu.py \
-      > $L/b1_tests_$i.log 2>&1
+  for i in $(seq 1 ${TESTS:-2}); do
+    JAXLLM_TEST_TOKENIZER=$PWD/.bench/tokenizer timeout 200 python3 -m pytest -q \
+      -p no:cacheprovider tests/test_b1_mgpu.py > $L/b1_tests_$i.log 2>&1
     echo "tests, run $i: rc=$?"; grep -v "^\s*$" $L/b1_tests_$i.log | tail -6
   done
   fp8_b1_ab JAXLLM_FP8_B1_MGPU "${VARIANTS:-xla 1}"
