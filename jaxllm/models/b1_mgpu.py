@@ -22,8 +22,9 @@ Off by default: ``JAXLLM_FP8_B1_MGPU`` = "1" turns it on (read at trace time). W
 engine adds the 1-row decode bucket (``ModelRunner.small_decode_buckets``), so a decode step of
 one sequence runs this path. On a GPU the kernels' grid forms run (Hopper only: wgmma, TMA
 and a grid barrier over 128 resident CTAs); elsewhere their one-CTA forms, interpreted (the
-CPU tests). Issue 6's measurement of this route is the next GPU session's (DESIGN_NOTES).
-"""
+CPU tests). Not for use yet: on its first H100 run (2026-12-07) the attention kernel's grid
+form gave wrong attention partials, and the step took 3.95 against XLA's 3.48 ms a token
+(benchmarks/RESULTS.md; DESIGN_NOTES says what to look at first)."""
 
 from __future__ import annotations
 
